@@ -1,0 +1,79 @@
+#pragma once
+// ModelSpec: the memory- and time-relevant part of a Hugging Face config.json.
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+namespace mst {
+
+// The architectures mst-plan models by their real differences. Anything else that
+// looks like a Llama (SwiGLU MLP, RMSNorm, RoPE) is accepted as Llama with a warning.
+enum class Family { Llama, Mistral, Qwen2, Gemma2 };
+std::string to_string(Family f);
+
+struct ParameterCounts {
+    std::int64_t embedding = 0;  // token embedding table, V x d
+    std::int64_t attention = 0;  // q, k, v, o projections (+ biases), all layers
+    std::int64_t mlp = 0;        // gate, up, down projections, all layers
+    std::int64_t norm = 0;       // every RMSNorm weight, final norm included
+    std::int64_t lm_head = 0;    // 0 when tied to the embedding
+    std::int64_t total() const { return embedding + attention + mlp + norm + lm_head; }
+};
+
+struct ModelSpec {
+    std::string name;          // catalog name, or the file stem for a path
+    std::string display_name;  // "_mst.display_name" or the name
+    std::string source;        // file it was read from
+    std::string model_type;    // as written in config.json
+    Family family = Family::Llama;
+
+    std::int64_t hidden_size = 0;        // d
+    std::int64_t intermediate_size = 0;  // I
+    std::int64_t num_layers = 0;         // L
+    std::int64_t num_heads = 0;          // nh
+    std::int64_t num_kv_heads = 0;       // nkv (GQA); = nh when absent
+    std::int64_t head_dim = 0;           // hd; d / nh when absent
+    std::int64_t vocab_size = 0;         // V
+    std::int64_t max_position_embeddings = 0;
+    bool tie_word_embeddings = false;
+    std::string torch_dtype = "bfloat16";
+    std::string hidden_act = "silu";
+    double rms_norm_eps = 1e-6;
+
+    bool qkv_bias = false;  // Qwen2 always; Llama with attention_bias
+    bool o_bias = false;    // Llama attention_bias
+    bool mlp_bias = false;  // Llama mlp_bias
+
+    // Sliding-window attention: window in tokens and which layers use it.
+    std::optional<std::int64_t> sliding_window;
+    std::vector<bool> sliding_layers;  // size L; true where the layer attends locally
+
+    // Gemma-2 specifics (recorded; soft-capping changes the attention kernel,
+    // final soft-capping adds a tanh over the logits).
+    std::optional<double> attn_logit_softcapping;
+    std::optional<double> final_logit_softcapping;
+    std::optional<double> query_pre_attn_scalar;
+    int norms_per_layer = 2;  // Gemma-2 has pre- and post- norms around attention and MLP: 4
+
+    std::optional<std::int64_t> published_parameters;  // "_mst.published_parameters"
+    std::string published_parameters_source;
+    std::vector<std::string> warnings;  // what was assumed while parsing
+
+    std::int64_t q_dim() const { return num_heads * head_dim; }
+    std::int64_t kv_dim() const { return num_kv_heads * head_dim; }
+    ParameterCounts parameters() const;
+    // Parameters of one decoder layer (attention + MLP + its norms).
+    std::int64_t layer_parameters() const;
+};
+
+// Parses a config.json document; `where` names the file in error messages.
+ModelSpec parse_model(const nlohmann::json& config, const std::string& where, const std::string& name);
+ModelSpec load_model_file(const std::filesystem::path& path);
+
+nlohmann::json to_json(const ModelSpec& m);
+
+}  // namespace mst

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what is missing (Debian packages), configures and builds mst-plan.
+# Sourced by scripts/mst-plan and scripts/test; safe to run again (a no-op when up to date).
+#   MST_BUILD_DIR   build folder (default: <repo>/build)
+#   CI=true         warnings are errors
+set -euo pipefail
+
+MST_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+MST_BUILD_DIR="${MST_BUILD_DIR:-$MST_ROOT/build}"
+
+mst_packages=(cmake ninja-build g++ libcli11-dev nlohmann-json3-dev libfmt-dev libeigen3-dev doctest-dev
+              libyaml-cpp-dev libtomlplusplus-dev)
+
+mst_install_missing() {
+    local missing=()
+    for p in "${mst_packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "mst-plan: installing ${missing[*]}" >&2
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
+}
+
+# mst_build <build-dir> [extra cmake args...]: configure once, then incremental builds.
+mst_build() {
+    local dir="$1"; shift
+    local werror=OFF
+    [ "${CI:-}" = "true" ] && werror=ON
+    if [ ! -f "$dir/build.ninja" ]; then
+        cmake -S "$MST_ROOT" -B "$dir" -G Ninja -DMST_WARNINGS_AS_ERRORS="$werror" "$@" >&2
+    fi
+    cmake --build "$dir" --parallel "$(nproc)" >&2
+}
+
+mst_install_missing

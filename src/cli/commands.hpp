@@ -1,0 +1,12 @@
+#pragma once
+// Each subcommand registers itself on the app; its callback calls one library
+// function and prints the result. No business logic lives in the CLI.
+#include <CLI/CLI.hpp>
+
+#include "output.hpp"
+
+namespace mst::cli {
+
+void add_catalog_commands(CLI::App& app, const GlobalOptions& global);  // models, gpus, show, devices
+
+}  // namespace mst::cli

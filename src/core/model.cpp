@@ -1,0 +1,194 @@
+#include "mst/model.hpp"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "json_read.hpp"
+#include "mst/error.hpp"
+#include "mst/units.hpp"
+
+namespace mst {
+
+std::string to_string(Family f) {
+    switch (f) {
+        case Family::Llama: return "llama";
+        case Family::Mistral: return "mistral";
+        case Family::Qwen2: return "qwen2";
+        case Family::Gemma2: return "gemma2";
+    }
+    return "?";
+}
+
+namespace {
+
+// Bounds that reject typos and absurd values without excluding any real model:
+// the largest public models have d = 16384-25600, L <= 126, V <= 262144.
+constexpr std::int64_t kMaxHidden = 1 << 20;
+constexpr std::int64_t kMaxIntermediate = 1 << 23;
+constexpr std::int64_t kMaxLayers = 10'000;
+constexpr std::int64_t kMaxHeads = 1 << 14;
+constexpr std::int64_t kMaxVocab = 1 << 24;
+constexpr std::int64_t kMaxPositions = std::int64_t{1} << 40;
+
+Family family_of(const std::string& model_type, std::vector<std::string>& warnings) {
+    if (model_type == "llama") return Family::Llama;
+    if (model_type == "mistral") return Family::Mistral;
+    if (model_type == "qwen2") return Family::Qwen2;
+    if (model_type == "gemma2") return Family::Gemma2;
+    warnings.push_back(fmt::format(
+        "unknown model_type '{}': assumed Llama-shaped (RMSNorm, RoPE, SwiGLU MLP, bias only where "
+        "attention_bias/mlp_bias say, no sliding window unless sliding_window is set)",
+        model_type));
+    return Family::Llama;
+}
+
+}  // namespace
+
+ModelSpec parse_model(const nlohmann::json& config, const std::string& where, const std::string& name) {
+    detail::JsonReader r(config, where);
+    ModelSpec m;
+    m.name = name;
+    m.display_name = name;
+    m.source = where;
+
+    if (r.has("_mst")) {
+        auto meta = r.object("_mst");
+        if (auto v = meta.opt_string("display_name")) m.display_name = *v;
+        if (auto v = meta.opt_integer("published_parameters", 1, std::int64_t{1} << 50)) m.published_parameters = *v;
+        if (auto v = meta.opt_string("published_parameters_source")) m.published_parameters_source = *v;
+    }
+
+    m.model_type = r.opt_string("model_type").value_or("");
+    if (m.model_type.empty()) {
+        m.warnings.push_back("no model_type: assumed Llama-shaped");
+    }
+    m.family = m.model_type.empty() ? Family::Llama : family_of(m.model_type, m.warnings);
+
+    m.hidden_size = r.integer("hidden_size", 1, kMaxHidden);
+    m.intermediate_size = r.integer("intermediate_size", 1, kMaxIntermediate);
+    m.num_layers = r.integer("num_hidden_layers", 1, kMaxLayers);
+    m.num_heads = r.integer("num_attention_heads", 1, kMaxHeads);
+    m.num_kv_heads = r.opt_integer("num_key_value_heads", 1, kMaxHeads).value_or(m.num_heads);
+    m.vocab_size = r.integer("vocab_size", 1, kMaxVocab);
+    m.max_position_embeddings = r.opt_integer("max_position_embeddings", 1, kMaxPositions).value_or(0);
+
+    if (m.num_heads % m.num_kv_heads != 0)
+        r.fail("num_key_value_heads", fmt::format("expected a divisor of num_attention_heads ({}), got {}",
+                                                  m.num_heads, m.num_kv_heads));
+    if (auto hd = r.opt_integer("head_dim", 1, kMaxHidden)) {
+        m.head_dim = *hd;
+    } else {
+        if (m.hidden_size % m.num_heads != 0)
+            r.fail("num_attention_heads", fmt::format("expected a divisor of hidden_size ({}) when head_dim is absent, got {}",
+                                                      m.hidden_size, m.num_heads));
+        m.head_dim = m.hidden_size / m.num_heads;
+    }
+
+    // Gemma-2 ties embeddings by default (its config omits the key), all others untie.
+    m.tie_word_embeddings = r.opt_boolean("tie_word_embeddings").value_or(m.family == Family::Gemma2);
+    m.torch_dtype = r.opt_string("torch_dtype").value_or(r.opt_string("dtype").value_or("bfloat16"));
+    m.hidden_act = r.opt_string("hidden_activation").value_or(r.opt_string("hidden_act").value_or("silu"));
+    m.rms_norm_eps = r.opt_number("rms_norm_eps", 0.0, 1.0).value_or(1e-6);
+
+    const bool attention_bias = r.opt_boolean("attention_bias").value_or(false);
+    m.qkv_bias = attention_bias || m.family == Family::Qwen2;  // Qwen2 hard-codes q/k/v bias
+    m.o_bias = attention_bias;
+    m.mlp_bias = r.opt_boolean("mlp_bias").value_or(false);
+
+    // Which layers attend within a sliding window.
+    m.sliding_layers.assign(static_cast<std::size_t>(m.num_layers), false);
+    m.sliding_window = r.opt_integer("sliding_window", 1, kMaxPositions);
+    if (m.sliding_window) {
+        if (r.has("layer_types")) {
+            const auto& types = r.raw("layer_types");
+            if (!types.is_array() || static_cast<std::int64_t>(types.size()) != m.num_layers)
+                r.fail("layer_types", fmt::format("expected an array of {} strings", m.num_layers));
+            for (std::size_t i = 0; i < types.size(); ++i)
+                m.sliding_layers[i] = types[i].is_string() && types[i].get<std::string>() == "sliding_attention";
+        } else if (m.family == Family::Gemma2) {
+            // Gemma-2 alternates local (sliding) and global layers, starting with local.
+            for (std::size_t i = 0; i < m.sliding_layers.size(); i += 2) m.sliding_layers[i] = true;
+        } else if (m.family == Family::Qwen2) {
+            // Qwen2: sliding only when use_sliding_window, for layers >= max_window_layers.
+            if (r.opt_boolean("use_sliding_window").value_or(false)) {
+                const auto first = r.opt_integer("max_window_layers", 0, kMaxLayers).value_or(0);
+                for (std::int64_t i = first; i < m.num_layers; ++i) m.sliding_layers[static_cast<std::size_t>(i)] = true;
+            }
+        } else {
+            m.sliding_layers.assign(m.sliding_layers.size(), true);  // Mistral and Llama-shaped
+        }
+    }
+
+    m.attn_logit_softcapping = r.opt_number("attn_logit_softcapping", 0.0, 1e9);
+    m.final_logit_softcapping = r.opt_number("final_logit_softcapping", 0.0, 1e9);
+    m.query_pre_attn_scalar = r.opt_number("query_pre_attn_scalar", 0.0, 1e9);
+    if (m.family == Family::Gemma2) m.norms_per_layer = 4;
+
+    // Every size the simulator multiplies must stay representable for any sequence we accept.
+    (void)checked_product({m.vocab_size, m.hidden_size, 8}, "vocab_size x hidden_size");
+    return m;
+}
+
+ModelSpec load_model_file(const std::filesystem::path& path) {
+    return parse_model(detail::read_json_file(path), path.string(), path.stem().string());
+}
+
+ParameterCounts ModelSpec::parameters() const {
+    ParameterCounts p;
+    const std::int64_t d = hidden_size;
+    p.embedding = checked_mul(vocab_size, d);
+    const std::int64_t attn = d * q_dim() + 2 * d * kv_dim() + q_dim() * d + (qkv_bias ? q_dim() + 2 * kv_dim() : 0) +
+                              (o_bias ? d : 0);
+    const std::int64_t mlp_l = 3 * d * intermediate_size + (mlp_bias ? 2 * intermediate_size + d : 0);
+    p.attention = checked_mul(attn, num_layers);
+    p.mlp = checked_mul(mlp_l, num_layers);
+    p.norm = norms_per_layer * d * num_layers + d;
+    p.lm_head = tie_word_embeddings ? 0 : checked_mul(vocab_size, d);
+    return p;
+}
+
+std::int64_t ModelSpec::layer_parameters() const {
+    const auto p = parameters();
+    return (p.attention + p.mlp) / num_layers + norms_per_layer * hidden_size;
+}
+
+nlohmann::json to_json(const ModelSpec& m) {
+    const auto p = m.parameters();
+    nlohmann::json j = {
+        {"name", m.name},
+        {"display_name", m.display_name},
+        {"source", m.source},
+        {"model_type", m.model_type},
+        {"family", to_string(m.family)},
+        {"hidden_size", m.hidden_size},
+        {"intermediate_size", m.intermediate_size},
+        {"num_hidden_layers", m.num_layers},
+        {"num_attention_heads", m.num_heads},
+        {"num_key_value_heads", m.num_kv_heads},
+        {"head_dim", m.head_dim},
+        {"vocab_size", m.vocab_size},
+        {"tie_word_embeddings", m.tie_word_embeddings},
+        {"max_position_embeddings", m.max_position_embeddings},
+        {"torch_dtype", m.torch_dtype},
+        {"hidden_act", m.hidden_act},
+        {"qkv_bias", m.qkv_bias},
+        {"parameters",
+         {{"embedding", p.embedding},
+          {"attention", p.attention},
+          {"mlp", p.mlp},
+          {"norm", p.norm},
+          {"lm_head", p.lm_head},
+          {"total", p.total()}}},
+        {"warnings", m.warnings},
+    };
+    j["sliding_window"] = m.sliding_window ? nlohmann::json(*m.sliding_window) : nlohmann::json(nullptr);
+    std::int64_t n_sliding = 0;
+    for (bool s : m.sliding_layers) n_sliding += s ? 1 : 0;
+    j["sliding_layers"] = n_sliding;
+    if (m.attn_logit_softcapping) j["attn_logit_softcapping"] = *m.attn_logit_softcapping;
+    if (m.final_logit_softcapping) j["final_logit_softcapping"] = *m.final_logit_softcapping;
+    if (m.published_parameters) j["published_parameters"] = *m.published_parameters;
+    return j;
+}
+
+}  // namespace mst

@@ -1,0 +1,22 @@
+# Runs the real binary and checks exit codes and the one-line error format.
+# Invoked by ctest: cmake -DMST=<binary> -DDATA=<tests/data> -P cli_test.cmake
+function(expect_run code pattern)
+  execute_process(COMMAND ${MST} ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL code)
+    message(FATAL_ERROR "mst-plan ${ARGN}: exit ${rc}, expected ${code}\nstdout: ${out}\nstderr: ${err}")
+  endif()
+  if(NOT "${out}${err}" MATCHES "${pattern}")
+    message(FATAL_ERROR "mst-plan ${ARGN}: output does not match '${pattern}'\nstdout: ${out}\nstderr: ${err}")
+  endif()
+endfunction()
+
+expect_run(0 "8030261248 \\(8.03 B\\)" show llama-3-8b)
+expect_run(0 "\"total\": 8030261248" --json show llama-3-8b)
+expect_run(0 "h100-sxm-80gb" gpus)
+expect_run(0 "gemma-2-27b" models)
+expect_run(0 "mst-plan [0-9]+\\.[0-9]+\\.[0-9]+" --version)
+expect_run(2 "^error: [^\n]*missing_hidden_size.json: hidden_size: [^\n]*\n$" show ${DATA}/broken/missing_hidden_size.json)
+expect_run(2 "^error: [^\n]*truncated.json: json: expected valid JSON" show ${DATA}/broken/truncated.json)
+expect_run(2 "^error: nope: model: expected a catalog name" show nope)
+expect_run(2 "^error: " frobnicate)
+expect_run(0 "warning: .*falcon-like" show ${DATA}/unknown_type_llama_shaped.json)

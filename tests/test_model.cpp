@@ -1,0 +1,122 @@
+#include <doctest/doctest.h>
+
+#include <filesystem>
+#include <map>
+
+#include "mst/catalog.hpp"
+#include "mst/model.hpp"
+#include "test_support.hpp"
+
+using namespace mst;
+
+TEST_CASE("every catalog model parses, with the fields the simulator needs") {
+    const auto names = model_names();
+    // The twelve public models the project promises plus the two test models.
+    CHECK(names.size() >= 14);
+    for (const auto& n : names) {
+        CAPTURE(n);
+        const ModelSpec m = find_model(n);
+        CHECK(m.hidden_size > 0);
+        CHECK(m.num_heads % m.num_kv_heads == 0);
+        CHECK(m.head_dim > 0);
+        CHECK(m.sliding_layers.size() == static_cast<std::size_t>(m.num_layers));
+        CHECK(m.warnings.empty());
+    }
+}
+
+// Published totals (model cards / safetensors metadata), typed here from those
+// sources and not read from our files, so a wrong config value fails the test.
+TEST_CASE("parameter counts match the published totals") {
+    const std::map<std::string, std::int64_t> published = {
+        {"llama-2-7b", 6'738'415'616},    {"llama-2-13b", 13'015'864'320}, {"llama-3-8b", 8'030'261'248},
+        {"llama-3.1-8b", 8'030'261'248},  {"llama-3.1-70b", 70'553'706'496}, {"mistral-7b-v0.1", 7'241'732'096},
+        {"qwen2-7b", 7'615'616'512},      {"qwen2.5-7b", 7'615'616'512},   {"qwen2.5-14b", 14'770'033'664},
+        {"gemma-2-2b", 2'614'341'888},    {"gemma-2-9b", 9'241'705'984},   {"gemma-2-27b", 27'227'128'320},
+    };
+    for (const auto& [name, count] : published) {
+        CAPTURE(name);
+        const auto total = find_model(name).parameters().total();
+        const double rel = static_cast<double>(total - count) / static_cast<double>(count);
+        CHECK(std::abs(rel) <= 0.005);  // the bound; all are in fact exact
+        CHECK(total == count);
+    }
+}
+
+TEST_CASE("Llama-3-8B parameters by component, derived by hand") {
+    const auto p = find_model("llama-3-8b").parameters();
+    // d = 4096, I = 14336, V = 128256, L = 32, 32 heads, 8 KV heads of 128.
+    CHECK(p.embedding == 128256LL * 4096);
+    CHECK(p.lm_head == 128256LL * 4096);
+    CHECK(p.attention == 32LL * (4096LL * 4096 * 2 + 4096LL * 1024 * 2));
+    CHECK(p.mlp == 32LL * 3 * 4096 * 14336);
+    CHECK(p.norm == 32LL * 2 * 4096 + 4096);
+}
+
+TEST_CASE("family differences are recorded, not flattened into Llama") {
+    const ModelSpec qwen = find_model("qwen2-7b");
+    CHECK(qwen.family == Family::Qwen2);
+    CHECK(qwen.qkv_bias);
+    CHECK_FALSE(qwen.o_bias);
+    // Released Qwen2 configs set use_sliding_window false: no layer is local.
+    for (bool s : qwen.sliding_layers) CHECK_FALSE(s);
+
+    const ModelSpec gemma = find_model("gemma-2-9b");
+    CHECK(gemma.family == Family::Gemma2);
+    CHECK(gemma.tie_word_embeddings);
+    CHECK(gemma.head_dim == 256);  // explicit: 16 x 256 != 3584
+    CHECK(gemma.norms_per_layer == 4);
+    REQUIRE(gemma.attn_logit_softcapping.has_value());
+    CHECK(*gemma.attn_logit_softcapping == 50.0);
+    CHECK(*gemma.final_logit_softcapping == 30.0);
+    CHECK(*gemma.sliding_window == 4096);
+    CHECK(gemma.sliding_layers[0]);  // local, global, local, ...
+    CHECK_FALSE(gemma.sliding_layers[1]);
+
+    const ModelSpec mistral = find_model("mistral-7b-v0.1");
+    CHECK(mistral.family == Family::Mistral);
+    CHECK(*mistral.sliding_window == 4096);
+    for (bool s : mistral.sliding_layers) CHECK(s);
+}
+
+TEST_CASE("catalog names are case-insensitive and paths are accepted") {
+    CHECK(find_model("Llama-3-8B").hidden_size == 4096);
+    const auto path = (data_dir() / "models" / "tiny-llama.json").string();
+    CHECK(find_model(path).hidden_size == 64);
+    const auto msg = test::expect_user_error([] { (void)find_model("llama-9-1t"); });
+    CHECK(msg.find("llama-3-8b") != std::string::npos);  // the message lists what exists
+}
+
+TEST_CASE("tiny test model: parameter count by hand") {
+    const auto p = find_model("tiny-llama").parameters();
+    // d 64, I 176, L 2, 4 heads x 16, 2 KV heads, V 256, untied.
+    const std::int64_t attn = 64 * 64 + 2 * 64 * 32 + 64 * 64;
+    const std::int64_t mlp = 3 * 64 * 176;
+    CHECK(p.total() == 256 * 64 * 2 + 2 * (attn + mlp + 2 * 64) + 64);
+}
+
+TEST_CASE("an unknown but Llama-shaped model_type is accepted with a warning naming the assumption") {
+    const ModelSpec m = load_model_file(test::data("unknown_type_llama_shaped.json"));
+    REQUIRE(m.warnings.size() == 1);
+    CHECK(m.warnings[0].find("falcon-like") != std::string::npos);
+    CHECK(m.warnings[0].find("Llama-shaped") != std::string::npos);
+}
+
+TEST_CASE("broken config files give one line naming the file and the field") {
+    const std::map<std::string, std::string> field_of = {
+        {"missing_hidden_size", "hidden_size"},  {"string_hidden_size", "hidden_size"},
+        {"zero_hidden_size", "hidden_size"},     {"absurd_layers", "num_hidden_layers"},
+        {"heads_not_dividing", "num_attention_heads"}, {"kv_not_dividing", "num_key_value_heads"},
+        {"negative_intermediate", "intermediate_size"}, {"fractional_layers", "num_hidden_layers"},
+        {"string_tie", "tie_word_embeddings"},   {"missing_vocab", "vocab_size"},
+        {"truncated", "json"},                   {"not_an_object", "(top level)"},
+    };
+    for (const auto& [file, field] : field_of) {
+        CAPTURE(file);
+        const std::string path = test::data("broken/" + file + ".json");
+        const auto msg = test::expect_user_error([&] { (void)load_model_file(path); });
+        CHECK(msg.rfind(path + ": " + field + ": ", 0) == 0);
+        CHECK(msg.find('\n') == std::string::npos);
+    }
+    const auto missing = test::expect_user_error([] { (void)load_model_file("/nonexistent/config.json"); });
+    CHECK(missing.rfind("/nonexistent/config.json: file: ", 0) == 0);
+}
