@@ -8,5 +8,6 @@
 namespace mst::cli {
 
 void add_catalog_commands(CLI::App& app, const GlobalOptions& global);  // models, gpus, show, devices
+void add_estimate_command(CLI::App& app, const GlobalOptions& global);
 
 }  // namespace mst::cli

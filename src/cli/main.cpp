@@ -16,7 +16,8 @@ int main(int argc, char** argv) {
         "  mst-plan models\n"
         "  mst-plan gpus\n"
         "  mst-plan show llama-3-8b\n"
-        "  mst-plan show path/to/config.json --json\n",
+        "  mst-plan show path/to/config.json --json\n"
+        "  mst-plan estimate --model llama-3-8b --gpu a100-80gb --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 16\n",
         "mst-plan"};
     app.set_version_flag("--version", std::string("mst-plan ") + MST_VERSION);
     app.require_subcommand(1);
@@ -25,6 +26,7 @@ int main(int argc, char** argv) {
     app.add_flag("--json", global.json, "Print JSON instead of tables");
 
     add_catalog_commands(app, global);
+    add_estimate_command(app, global);
 
     try {
         app.parse(argc, argv);

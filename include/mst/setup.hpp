@@ -1,0 +1,108 @@
+#pragma once
+// TrainingSetup: every knob of one training step that changes its memory or time.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "mst/model.hpp"
+
+namespace mst {
+
+// Where parameters, gradients and optimizer states live and in which dtype.
+enum class Precision {
+    PureBf16,    // params, grads (and by default optimizer states) in bf16: the MsT benchmark
+    Bf16Master,  // bf16 params for compute, fp32 master copy and fp32 grads: DeepSpeed/Megatron
+    AmpFp32,     // fp32 params and grads, bf16 autocast for matmuls: PyTorch AMP
+};
+
+enum class Optimizer { AdamW, AdamW8bit, SgdMomentum };
+enum class StateDtype { Fp32, Bf16 };
+
+enum class Attention {
+    Flash,  // FlashAttention-2 / SDPA flash: saves output and logsumexp, O(S) memory
+    Eager,  // materialises S x S scores and probabilities (Hugging Face "eager")
+};
+
+// How the MLP is split into mini-sequences when mlp_chunks > 1.
+enum class MlpImpl {
+    Loop,   // MsT reference: a loop over chunks under autograd; every chunk's saved tensors live until backward
+    Tiled,  // DeepSpeed ALST TiledMLP: forward without autograd, saves only the input, recomputes in backward
+};
+
+// How the LM head + loss is split when lm_chunks > 1.
+enum class LmHeadImpl {
+    Recompute,     // MsT reference: saves the hidden chunk, recomputes logits in backward
+    FusedForward,  // Liger FLCE / ALST tiled logits: gradients computed inside forward, held until backward
+};
+
+struct TrainingSetup {
+    std::int64_t micro_batch = 1;
+    std::int64_t seq_len = 4096;      // tokens per sequence (before sequence parallelism)
+    std::int64_t grad_accum = 1;      // micro-steps per optimizer step
+    bool padded = false;              // padded batches need a 4-D mask with eager attention; packed ones do not
+
+    Precision precision = Precision::PureBf16;
+    Optimizer optimizer = Optimizer::AdamW;
+    std::optional<StateDtype> state_dtype;  // default: bf16 for PureBf16, fp32 otherwise
+    bool optimizer_in_backward = false;     // step each parameter in its gradient hook
+
+    Attention attention = Attention::Flash;
+
+    std::int64_t mlp_chunks = 1;  // M_mlp; 1 = unchunked
+    MlpImpl mlp_impl = MlpImpl::Loop;
+    std::int64_t lm_chunks = 1;   // M_lm; 1 = unchunked (Hugging Face loss with fp32 upcast)
+    LmHeadImpl lm_impl = LmHeadImpl::Recompute;
+
+    std::vector<bool> checkpoint;  // per decoder layer; empty = none
+    bool offload_checkpoints = false;
+
+    std::int64_t dp = 1;          // data-parallel degree
+    int zero_stage = 0;           // 0..3 (3 = FSDP full shard)
+    int zero3_prefetch = 1;       // layers all-gathered ahead under ZeRO-3
+    std::int64_t sp = 1;          // Ulysses sequence-parallel degree
+
+    StateDtype effective_state_dtype() const {
+        return state_dtype.value_or(precision == Precision::PureBf16 ? StateDtype::Bf16 : StateDtype::Fp32);
+    }
+    bool checkpointed(std::int64_t layer) const {
+        return layer >= 0 && static_cast<std::size_t>(layer) < checkpoint.size() && checkpoint[static_cast<std::size_t>(layer)];
+    }
+    std::int64_t checkpointed_count() const;
+    std::int64_t tokens() const { return micro_batch * seq_len; }           // per data-parallel rank
+    std::int64_t local_tokens() const { return micro_batch * seq_len / sp; } // per rank outside attention
+};
+
+// Checkpoint placement from a user's words: "none", "all", "every:K", "first:K",
+// "last:K", "spread:K" (K layers evenly spaced) or a list "0,2,5-9".
+std::vector<bool> parse_checkpoint_spec(const std::string& spec, std::int64_t num_layers, const std::string& where);
+std::string describe_checkpoints(const std::vector<bool>& checkpoint);
+
+// Checks the setup against the model: one UserError naming the knob when it is impossible.
+void validate(const TrainingSetup& setup, const ModelSpec& model);
+
+// Sizes of mini-sequence chunks: `chunks` parts of `tokens`, differing by at most one,
+// the larger ones first, so no token is ever dropped.
+std::vector<std::int64_t> chunk_sizes(std::int64_t tokens, std::int64_t chunks);
+
+// Setup files (--setup FILE.json); the schema is in README.md.
+TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const std::string& where);
+TrainingSetup load_setup_file(const std::string& path, const ModelSpec& model);
+nlohmann::json to_json(const TrainingSetup& s);
+
+std::string to_string(Precision p);
+std::string to_string(Optimizer o);
+std::string to_string(StateDtype d);
+std::string to_string(Attention a);
+std::string to_string(MlpImpl i);
+std::string to_string(LmHeadImpl i);
+Precision parse_precision(const std::string& s, const std::string& where);
+Optimizer parse_optimizer(const std::string& s, const std::string& where);
+StateDtype parse_state_dtype(const std::string& s, const std::string& where);
+Attention parse_attention(const std::string& s, const std::string& where);
+MlpImpl parse_mlp_impl(const std::string& s, const std::string& where);
+LmHeadImpl parse_lm_impl(const std::string& s, const std::string& where);
+
+}  // namespace mst

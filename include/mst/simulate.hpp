@@ -1,0 +1,32 @@
+#pragma once
+// The simulator: walks the op sequence of one training step of a decoder-only
+// transformer and predicts every allocation and free (see docs/memory-model.md).
+#include <string>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "mst/gpu.hpp"
+#include "mst/model.hpp"
+#include "mst/setup.hpp"
+#include "mst/timeline.hpp"
+
+namespace mst {
+
+// The predicted timeline of one optimizer step (validate(setup, model) first).
+Timeline simulate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
+
+// Everything `estimate` prints: the timeline and its views.
+struct Estimate {
+    Timeline timeline;
+    Summary summary;
+    AllocatorReplay allocator;  // torch-style allocated / reserved peaks
+    bytes_t usable_bytes = 0;   // GPU memory the process can reserve
+    bytes_t context_bytes = 0;  // CUDA context, outside the allocator
+    bytes_t headroom_bytes = 0; // usable - peak reserved (negative: does not fit)
+    bool fits = false;
+};
+
+Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
+nlohmann::json to_json(const Estimate& e, const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
+
+}  // namespace mst

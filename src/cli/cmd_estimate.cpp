@@ -1,0 +1,116 @@
+// estimate: the predicted memory of one training step, op by op.
+#include <fstream>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "commands.hpp"
+#include "mst/catalog.hpp"
+#include "mst/error.hpp"
+#include "mst/simulate.hpp"
+#include "mst/svg.hpp"
+#include "setup_options.hpp"
+
+namespace mst::cli {
+
+namespace {
+
+struct EstimateArgs {
+    std::string model, gpu = "h100-sxm-80gb", timeline_file, svg_file;
+    SetupOptions setup;
+};
+
+void write_file(const std::string& path, const std::string& text) {
+    std::ofstream out(path);
+    if (!out) fail(path, "file", "expected a writable path");
+    out << text;
+}
+
+std::string describe_setup(const TrainingSetup& s) {
+    std::string mst = fmt::format("MLP {} chunk{}{}, LM head {} chunk{}{}", s.mlp_chunks, s.mlp_chunks > 1 ? "s" : "",
+                                  s.mlp_chunks > 1 ? " (" + to_string(s.mlp_impl) + ")" : "", s.lm_chunks,
+                                  s.lm_chunks > 1 ? "s" : "", s.lm_chunks > 1 ? " (" + to_string(s.lm_impl) + ")" : "");
+    return fmt::format(
+        "seq {} x micro-batch {} (x{} accumulation), {}, {} ({} states){}, {} attention\n"
+        "MsT: {}; checkpoint: {}{}; dp {}, ZeRO {}, sp {}",
+        s.seq_len, s.micro_batch, s.grad_accum, to_string(s.precision), to_string(s.optimizer),
+        to_string(s.effective_state_dtype()), s.optimizer_in_backward ? " stepped in backward" : "", to_string(s.attention),
+        mst, describe_checkpoints(s.checkpoint), s.offload_checkpoints ? " (offloaded to host)" : "", s.dp, s.zero_stage, s.sp);
+}
+
+// Per-layer view with runs of equal layers folded: "0-31  1.23 GiB each".
+void print_layers(const Summary& s) {
+    Table t({"layers", "saved + checkpoint per layer"});
+    for (std::size_t i = 0; i < s.layer_saved.size();) {
+        std::size_t j = i;
+        while (j + 1 < s.layer_saved.size() && s.layer_saved[j + 1] == s.layer_saved[i]) ++j;
+        t.row({j == i ? fmt::format("{}", i) : fmt::format("{}-{}", i, j), format_bytes(s.layer_saved[i])});
+        i = j + 1;
+    }
+    t.print();
+}
+
+void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
+    const ModelSpec model = find_model(a.model);
+    for (const auto& w : model.warnings) warn(fmt::format("{}: {}", model.source, w));
+    const GpuProfile gpu = find_gpu(a.gpu);
+    const TrainingSetup setup = a.setup.build(model);
+    const Estimate e = estimate(model, setup, gpu);
+
+    if (!a.timeline_file.empty()) write_file(a.timeline_file, to_json(e.timeline).dump() + "\n");
+    if (!a.svg_file.empty())
+        write_file(a.svg_file, timeline_svg(e.timeline, fmt::format("{} on {}: seq {}, predicted memory over one step",
+                                                                   model.display_name, gpu.display_name, setup.seq_len)));
+    if (g.json) return print_json(to_json(e, model, setup, gpu));
+
+    const Summary& s = e.summary;
+    fmt::print("{} on {}\n{}\n\n", model.display_name, gpu.display_name, describe_setup(setup));
+    Table t({"memory", "at peak", "largest in step"});
+    for (int c = 0; c < kCategoryCount; ++c) {
+        const auto i = static_cast<std::size_t>(c);
+        if (s.category_max[i] == 0) continue;
+        t.row({to_string(static_cast<Category>(c)), format_bytes(s.peak.by_category[i]), format_bytes(s.category_max[i])});
+    }
+    t.rule();
+    t.row({"peak, requested bytes", format_bytes(s.peak.bytes), ""});
+    t.row({"peak allocated (allocator blocks)", format_bytes(e.allocator.peak_allocated), ""});
+    t.row({"peak reserved (allocator segments)", format_bytes(e.allocator.peak_reserved), ""});
+    t.row({"+ CUDA context", format_bytes(e.context_bytes), ""});
+    t.row({"= device memory used", format_bytes(e.allocator.peak_reserved + e.context_bytes), ""});
+    t.print();
+    if (s.peak.event >= 0) {
+        const Event& ev = e.timeline.events[static_cast<std::size_t>(s.peak.event)];
+        fmt::print("\npeak at {} ({}), {}{}, micro-step {}, allocating '{}'\n", ev.op, to_string(ev.phase),
+                   ev.layer >= 0 ? "layer " : "outside the layers", ev.layer >= 0 ? std::to_string(ev.layer) : "",
+                   ev.micro_step, ev.name);
+    }
+    fmt::print("phase peaks: forward {}, recompute {}, backward {}, optimizer {}\n",
+               format_bytes(s.phase_peak[static_cast<std::size_t>(Phase::Forward)]),
+               format_bytes(s.phase_peak[static_cast<std::size_t>(Phase::Recompute)]),
+               format_bytes(s.phase_peak[static_cast<std::size_t>(Phase::Backward)]),
+               format_bytes(s.phase_peak[static_cast<std::size_t>(Phase::Optimizer)]));
+    if (s.host_peak > 0) fmt::print("host memory for offloaded checkpoints: {}\n", format_bytes(s.host_peak));
+    fmt::print("{}: usable {} (total {} - context - {} reserve), headroom {}\n\n",
+               e.fits ? "FITS" : "DOES NOT FIT", format_bytes(e.usable_bytes), format_bytes(gpu.memory_total_bytes),
+               format_bytes(gpu.reserved_overhead_bytes), format_bytes(e.headroom_bytes));
+    print_layers(s);
+}
+
+}  // namespace
+
+void add_estimate_command(CLI::App& app, const GlobalOptions& global) {
+    auto args = std::make_shared<EstimateArgs>();
+    auto* cmd = app.add_subcommand("estimate",
+                                   "Predict the memory of one training step, op by op\n"
+                                   "  mst-plan estimate --model llama-3-8b --gpu a100-80gb --seq 8192\n"
+                                   "  mst-plan estimate --model llama-3-8b --gpu h100-sxm-80gb --seq 65536 "
+                                   "--checkpoint all --mlp-chunks 8 --lm-chunks 32 --svg step.svg");
+    cmd->add_option("--model", args->model, "Catalog name or path to a config.json")->required();
+    cmd->add_option("--gpu", args->gpu, "GPU profile name or path")->capture_default_str();
+    cmd->add_option("--timeline", args->timeline_file, "Write the full event list as JSON");
+    cmd->add_option("--svg", args->svg_file, "Write a plot of memory over the step");
+    args->setup.add_to(*cmd);
+    cmd->callback([&global, args] { run_estimate(global, *args); });
+}
+
+}  // namespace mst::cli

@@ -1,0 +1,33 @@
+#pragma once
+// The training-setup knobs shared by estimate, measure and recommend: each is a
+// command-line option, and --setup FILE.json gives the same knobs from a file
+// (options given on the command line win).
+#include <memory>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "mst/model.hpp"
+#include "mst/setup.hpp"
+
+namespace mst::cli {
+
+class SetupOptions {
+public:
+    void add_to(CLI::App& cmd);
+    TrainingSetup build(const ModelSpec& model) const;  // validated
+
+private:
+    CLI::App* cmd_ = nullptr;
+    std::string setup_file;
+    std::int64_t seq = 4096, batch = 1, grad_accum = 1, dp = 1, sp = 1;
+    std::int64_t mlp_chunks = 1, lm_chunks = 1, mlp_chunk_tokens = 0, lm_chunk_tokens = 0;
+    int zero = 0, zero3_prefetch = 1;
+    std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention = "flash";
+    std::string mlp_impl = "loop", lm_impl = "recompute", checkpoint = "none";
+    bool padded = false, offload = false, opt_in_backward = false;
+
+    bool given(const char* name) const;
+};
+
+}  // namespace mst::cli

@@ -1,0 +1,266 @@
+#include "mst/setup.hpp"
+
+#include <algorithm>
+#include <charconv>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "json_read.hpp"
+#include "mst/error.hpp"
+#include "mst/units.hpp"
+
+namespace mst {
+
+// ---- names ------------------------------------------------------------------
+
+namespace {
+
+template <class E, std::size_t N>
+E parse_enum(const std::string& s, const std::string& where, const char* field,
+             const std::pair<const char*, E> (&names)[N]) {
+    std::string known;
+    for (const auto& [name, value] : names) {
+        if (s == name) return value;
+        known += known.empty() ? name : fmt::format(", {}", name);
+    }
+    fail(where, field, fmt::format("expected one of {}, got '{}'", known, s));
+}
+
+template <class E, std::size_t N>
+std::string enum_name(E e, const std::pair<const char*, E> (&names)[N]) {
+    for (const auto& [name, value] : names)
+        if (value == e) return name;
+    return "?";
+}
+
+constexpr std::pair<const char*, Precision> kPrecisions[] = {
+    {"pure-bf16", Precision::PureBf16}, {"bf16-master", Precision::Bf16Master}, {"amp", Precision::AmpFp32}};
+constexpr std::pair<const char*, Optimizer> kOptimizers[] = {
+    {"adamw", Optimizer::AdamW}, {"adamw-8bit", Optimizer::AdamW8bit}, {"sgd", Optimizer::SgdMomentum}};
+constexpr std::pair<const char*, StateDtype> kStateDtypes[] = {{"fp32", StateDtype::Fp32}, {"bf16", StateDtype::Bf16}};
+constexpr std::pair<const char*, Attention> kAttentions[] = {{"flash", Attention::Flash}, {"eager", Attention::Eager}};
+constexpr std::pair<const char*, MlpImpl> kMlpImpls[] = {{"loop", MlpImpl::Loop}, {"tiled", MlpImpl::Tiled}};
+constexpr std::pair<const char*, LmHeadImpl> kLmImpls[] = {{"recompute", LmHeadImpl::Recompute},
+                                                           {"fused", LmHeadImpl::FusedForward}};
+
+}  // namespace
+
+std::string to_string(Precision p) { return enum_name(p, kPrecisions); }
+std::string to_string(Optimizer o) { return enum_name(o, kOptimizers); }
+std::string to_string(StateDtype d) { return enum_name(d, kStateDtypes); }
+std::string to_string(Attention a) { return enum_name(a, kAttentions); }
+std::string to_string(MlpImpl i) { return enum_name(i, kMlpImpls); }
+std::string to_string(LmHeadImpl i) { return enum_name(i, kLmImpls); }
+Precision parse_precision(const std::string& s, const std::string& w) { return parse_enum(s, w, "precision", kPrecisions); }
+Optimizer parse_optimizer(const std::string& s, const std::string& w) { return parse_enum(s, w, "optimizer", kOptimizers); }
+StateDtype parse_state_dtype(const std::string& s, const std::string& w) {
+    return parse_enum(s, w, "optimizer_state_dtype", kStateDtypes);
+}
+Attention parse_attention(const std::string& s, const std::string& w) { return parse_enum(s, w, "attention", kAttentions); }
+MlpImpl parse_mlp_impl(const std::string& s, const std::string& w) { return parse_enum(s, w, "mlp_impl", kMlpImpls); }
+LmHeadImpl parse_lm_impl(const std::string& s, const std::string& w) { return parse_enum(s, w, "lm_impl", kLmImpls); }
+
+// ---- checkpoint placement -----------------------------------------------------
+
+std::int64_t TrainingSetup::checkpointed_count() const {
+    return std::count(checkpoint.begin(), checkpoint.end(), true);
+}
+
+namespace {
+
+std::int64_t parse_int(const std::string& text, const std::string& where, const std::string& spec) {
+    std::int64_t v = 0;
+    const auto* end = text.data() + text.size();
+    auto [ptr, ec] = std::from_chars(text.data(), end, v);
+    if (ec != std::errc() || ptr != end || text.empty())
+        fail(where, "checkpoint", fmt::format("expected none, all, every:K, first:K, last:K, spread:K or a list like 0,2,5-9; got '{}'", spec));
+    return v;
+}
+
+}  // namespace
+
+std::vector<bool> parse_checkpoint_spec(const std::string& spec, std::int64_t num_layers, const std::string& where) {
+    const auto L = static_cast<std::size_t>(num_layers);
+    std::vector<bool> out(L, false);
+    if (spec == "none" || spec.empty()) return out;
+    if (spec == "all") return std::vector<bool>(L, true);
+    const auto colon = spec.find(':');
+    if (colon != std::string::npos) {
+        const std::string kind = spec.substr(0, colon);
+        const std::int64_t k = parse_int(spec.substr(colon + 1), where, spec);
+        if (k < 0 || (kind != "every" && k > num_layers) || (kind == "every" && k == 0))
+            fail(where, "checkpoint", fmt::format("'{}': K out of range for {} layers", spec, num_layers));
+        if (kind == "every") {
+            for (std::size_t i = 0; i < L; i += static_cast<std::size_t>(k)) out[i] = true;
+        } else if (kind == "first") {
+            for (std::int64_t i = 0; i < k; ++i) out[static_cast<std::size_t>(i)] = true;
+        } else if (kind == "last") {
+            for (std::int64_t i = num_layers - k; i < num_layers; ++i) out[static_cast<std::size_t>(i)] = true;
+        } else if (kind == "spread") {
+            // K layers at evenly spaced positions: i * L / K for i < K.
+            for (std::int64_t i = 0; i < k; ++i) out[static_cast<std::size_t>(i * num_layers / k)] = true;
+        } else {
+            parse_int("x", where, spec);  // reports the accepted forms
+        }
+        return out;
+    }
+    std::size_t pos = 0;
+    while (pos <= spec.size()) {
+        const auto comma = std::min(spec.find(',', pos), spec.size());
+        const std::string item = spec.substr(pos, comma - pos);
+        const auto dash = item.find('-');
+        const std::int64_t lo = parse_int(item.substr(0, dash), where, spec);
+        const std::int64_t hi = dash == std::string::npos ? lo : parse_int(item.substr(dash + 1), where, spec);
+        if (lo < 0 || hi >= num_layers || lo > hi)
+            fail(where, "checkpoint", fmt::format("layer range '{}' outside 0..{}", item, num_layers - 1));
+        for (std::int64_t i = lo; i <= hi; ++i) out[static_cast<std::size_t>(i)] = true;
+        pos = comma + 1;
+    }
+    return out;
+}
+
+std::string describe_checkpoints(const std::vector<bool>& checkpoint) {
+    const auto n = std::count(checkpoint.begin(), checkpoint.end(), true);
+    if (n == 0) return "none";
+    if (static_cast<std::size_t>(n) == checkpoint.size()) return "all";
+    std::string out;
+    for (std::size_t i = 0; i < checkpoint.size(); ++i) {
+        if (!checkpoint[i]) continue;
+        std::size_t j = i;
+        while (j + 1 < checkpoint.size() && checkpoint[j + 1]) ++j;
+        if (!out.empty()) out += ",";
+        out += j == i ? fmt::format("{}", i) : fmt::format("{}-{}", i, j);
+        i = j;
+    }
+    return out;
+}
+
+// ---- validation ---------------------------------------------------------------
+
+std::vector<std::int64_t> chunk_sizes(std::int64_t tokens, std::int64_t chunks) {
+    std::vector<std::int64_t> sizes(static_cast<std::size_t>(chunks), tokens / chunks);
+    for (std::int64_t i = 0; i < tokens % chunks; ++i) ++sizes[static_cast<std::size_t>(i)];
+    return sizes;
+}
+
+void validate(const TrainingSetup& s, const ModelSpec& m) {
+    const std::string w = "setup";
+    auto positive = [&](const char* field, std::int64_t v) {
+        if (v < 1) fail(w, field, fmt::format("expected a positive integer, got {}", v));
+    };
+    positive("micro_batch", s.micro_batch);
+    positive("seq_len", s.seq_len);
+    positive("grad_accum", s.grad_accum);
+    positive("dp", s.dp);
+    positive("sp", s.sp);
+    positive("mlp_chunks", s.mlp_chunks);
+    positive("lm_chunks", s.lm_chunks);
+    (void)checked_product({s.micro_batch, s.seq_len, m.vocab_size, 8}, "micro_batch x seq_len x vocab_size");
+    if (s.seq_len % s.sp != 0)
+        fail(w, "sp", fmt::format("expected a divisor of seq_len ({}), got {}", s.seq_len, s.sp));
+    if (m.num_heads % s.sp != 0 || m.num_kv_heads % s.sp != 0)
+        fail(w, "sp", fmt::format("expected a divisor of both num_attention_heads ({}) and num_key_value_heads ({}) "
+                                  "(Ulysses splits heads across ranks), got {}",
+                                  m.num_heads, m.num_kv_heads, s.sp));
+    const std::int64_t tokens = s.local_tokens();
+    if (s.mlp_chunks > tokens)
+        fail(w, "mlp_chunks", fmt::format("expected at most the tokens per rank ({}), got {}", tokens, s.mlp_chunks));
+    if (s.lm_chunks > tokens)
+        fail(w, "lm_chunks", fmt::format("expected at most the tokens per rank ({}), got {}", tokens, s.lm_chunks));
+    if (s.zero_stage < 0 || s.zero_stage > 3) fail(w, "zero_stage", fmt::format("expected 0, 1, 2 or 3, got {}", s.zero_stage));
+    if (s.zero3_prefetch < 0 || s.zero3_prefetch > 8)
+        fail(w, "zero3_prefetch", fmt::format("expected 0..8 layers, got {}", s.zero3_prefetch));
+    if (!s.checkpoint.empty() && static_cast<std::int64_t>(s.checkpoint.size()) != m.num_layers)
+        fail(w, "checkpoint", fmt::format("expected one entry per layer ({}), got {}", m.num_layers, s.checkpoint.size()));
+    if (s.offload_checkpoints && s.checkpointed_count() == 0)
+        fail(w, "offload_checkpoints", "expected some checkpointed layers to offload (set checkpoint)");
+    if (s.optimizer_in_backward && s.grad_accum > 1)
+        fail(w, "optimizer_in_backward", "cannot step inside backward with grad_accum > 1 (the gradients must accumulate first)");
+    if (s.optimizer_in_backward && s.zero_stage >= 2)
+        fail(w, "optimizer_in_backward", "not supported with ZeRO stage 2/3 (gradients are reduce-scattered per bucket)");
+}
+
+// ---- JSON ---------------------------------------------------------------------
+
+TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const std::string& where) {
+    detail::JsonReader r(j, where);
+    TrainingSetup s;
+    constexpr std::int64_t kMax = std::int64_t{1} << 40;
+    s.micro_batch = r.opt_integer("micro_batch", 1, kMax).value_or(s.micro_batch);
+    s.seq_len = r.opt_integer("seq_len", 1, kMax).value_or(s.seq_len);
+    s.grad_accum = r.opt_integer("grad_accum", 1, 1 << 20).value_or(s.grad_accum);
+    s.padded = r.opt_boolean("padded").value_or(false);
+    if (auto v = r.opt_string("precision")) s.precision = parse_precision(*v, where);
+    if (auto v = r.opt_string("optimizer")) s.optimizer = parse_optimizer(*v, where);
+    if (auto v = r.opt_string("optimizer_state_dtype")) s.state_dtype = parse_state_dtype(*v, where);
+    s.optimizer_in_backward = r.opt_boolean("optimizer_in_backward").value_or(false);
+    if (auto v = r.opt_string("attention")) s.attention = parse_attention(*v, where);
+    s.dp = r.opt_integer("dp", 1, 1 << 20).value_or(1);
+    s.sp = r.opt_integer("sp", 1, 1 << 20).value_or(1);
+    s.zero_stage = static_cast<int>(r.opt_integer("zero_stage", 0, 3).value_or(0));
+    s.zero3_prefetch = static_cast<int>(r.opt_integer("zero3_prefetch", 0, 8).value_or(1));
+
+    const std::int64_t tokens = std::max<std::int64_t>(1, s.micro_batch * s.seq_len / s.sp);
+    auto chunks = [&](const char* count_key, const char* tokens_key) -> std::int64_t {
+        if (r.has(count_key) && r.has(tokens_key))
+            r.fail(tokens_key, fmt::format("give either {} or {}, not both", count_key, tokens_key));
+        if (auto t = r.opt_integer(tokens_key, 1, kMax)) return ceil_div(tokens, *t);
+        return r.opt_integer(count_key, 1, kMax).value_or(1);
+    };
+    s.mlp_chunks = chunks("mlp_chunks", "mlp_chunk_tokens");
+    s.lm_chunks = chunks("lm_chunks", "lm_chunk_tokens");
+    if (auto v = r.opt_string("mlp_impl")) s.mlp_impl = parse_mlp_impl(*v, where);
+    if (auto v = r.opt_string("lm_impl")) s.lm_impl = parse_lm_impl(*v, where);
+
+    if (r.has("checkpoint")) {
+        const auto& c = r.raw("checkpoint");
+        if (c.is_string()) {
+            s.checkpoint = parse_checkpoint_spec(c.get<std::string>(), model.num_layers, where);
+        } else if (c.is_array()) {
+            s.checkpoint.assign(static_cast<std::size_t>(model.num_layers), false);
+            for (const auto& e : c) {
+                if (!e.is_number_integer() || e.get<std::int64_t>() < 0 || e.get<std::int64_t>() >= model.num_layers)
+                    r.fail("checkpoint", fmt::format("expected layer indices in 0..{}", model.num_layers - 1));
+                s.checkpoint[e.get<std::size_t>()] = true;
+            }
+        } else {
+            r.fail("checkpoint", "expected a string (none, all, spread:K, ...) or an array of layer indices");
+        }
+    }
+    s.offload_checkpoints = r.opt_boolean("offload_checkpoints").value_or(false);
+    return s;
+}
+
+TrainingSetup load_setup_file(const std::string& path, const ModelSpec& model) {
+    return parse_setup(detail::read_json_file(path), model, path);
+}
+
+nlohmann::json to_json(const TrainingSetup& s) {
+    std::vector<std::int64_t> layers;
+    for (std::size_t i = 0; i < s.checkpoint.size(); ++i)
+        if (s.checkpoint[i]) layers.push_back(static_cast<std::int64_t>(i));
+    return {
+        {"micro_batch", s.micro_batch},
+        {"seq_len", s.seq_len},
+        {"grad_accum", s.grad_accum},
+        {"padded", s.padded},
+        {"precision", to_string(s.precision)},
+        {"optimizer", to_string(s.optimizer)},
+        {"optimizer_state_dtype", to_string(s.effective_state_dtype())},
+        {"optimizer_in_backward", s.optimizer_in_backward},
+        {"attention", to_string(s.attention)},
+        {"mlp_chunks", s.mlp_chunks},
+        {"mlp_impl", to_string(s.mlp_impl)},
+        {"lm_chunks", s.lm_chunks},
+        {"lm_impl", to_string(s.lm_impl)},
+        {"checkpoint", layers},
+        {"offload_checkpoints", s.offload_checkpoints},
+        {"dp", s.dp},
+        {"zero_stage", s.zero_stage},
+        {"zero3_prefetch", s.zero3_prefetch},
+        {"sp", s.sp},
+    };
+}
+
+}  // namespace mst

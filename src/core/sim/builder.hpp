@@ -1,0 +1,173 @@
+#pragma once
+// StepBuilder: the simulator's state while it walks one training step.
+//
+// Tensors are reference counted the way PyTorch's are: an allocation starts with
+// one holder (the code that produced it); `save` adds a holder when autograd is
+// recording (a tensor an op keeps for its backward); `drop` removes one, and the
+// last drop frees the memory. Writing every op as "allocate outputs, save what the
+// backward needs, drop the inputs" makes the no-grad forward of a checkpointed
+// layer, the recompute and the normal forward come out of the same code.
+#include <cstdint>
+#include <vector>
+
+#include "mst/gpu.hpp"
+#include "mst/model.hpp"
+#include "mst/setup.hpp"
+#include "mst/timeline.hpp"
+
+namespace mst::sim {
+
+struct T {
+    std::int64_t id = -1;
+    bool valid() const { return id >= 0; }
+};
+
+// One parameter tensor (bias folded into its weight) and its gradient's life.
+struct Param {
+    const char* name = "";
+    std::int32_t layer = -1;
+    std::int64_t numel = 0;
+    T weight;                 // the stored parameter (a shard under ZeRO-3)
+    T grad;                   // full gradient, live between its first write and the step (or reduce)
+    T amp_copy;               // AmpFp32: the autocast cache's bf16 copy, while cached
+    std::vector<T> amp_saved; // AmpFp32: that copy, once per op that saved it for backward
+};
+
+// Parameter indices of one decoder layer.
+struct LayerParams {
+    int norm1, q, k, v, o, post_attn_norm = -1, norm2, post_ff_norm = -1, gate, up, down;
+};
+
+// What one layer's forward left for its backward.
+struct MlpChunk {
+    T g, u, m;
+    std::int64_t tokens = 0;
+};
+struct LayerSaved {
+    T x, h1, rstd1;
+    T q, k, v, o, lse;                       // flash
+    T k_rep, v_rep, probs32, probs, scores_tanh;  // eager
+    T o_seq;                                 // Ulysses: o back in sequence layout
+    T a, rstd_pa;                            // Gemma-2 post-attention norm
+    T x2, h2, rstd2;
+    std::vector<MlpChunk> mlp;               // Loop: one entry per chunk
+    T y, rstd_pf;                            // Gemma-2 post-feed-forward norm
+};
+
+struct HeadSaved {
+    T x_last, hf, rstd_f;
+    T logp;              // standard: fp32 log-probabilities
+    T logits_tanh;       // standard + final soft-capping
+    T dhf, grad_partial; // fused-in-forward: gradients computed in forward
+};
+
+class StepBuilder {
+public:
+    StepBuilder(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
+    Timeline run();
+
+private:
+    // ---- tensor table -------------------------------------------------------
+    T alloc(const char* name, bytes_t bytes, Category category, Device device = Device::Gpu);
+    // An activation: SavedActivation when autograd records and `saved`, else Transient.
+    T act(const char* name, bytes_t bytes, bool saved);
+    void save(T t);   // autograd keeps t for backward (no-op without grad)
+    bool drop(T& t);  // one holder lets go; frees at the last (returns true); resets the handle
+    void at(const char* op) { op_ = op; }
+
+    // ---- sizes ----------------------------------------------------------------
+    bytes_t elems(std::int64_t rows, std::int64_t cols, int bytes_per_element) const;
+    bytes_t bf16(std::int64_t rows, std::int64_t cols) const { return elems(rows, cols, 2); }
+    bytes_t f32(std::int64_t rows, std::int64_t cols) const { return elems(rows, cols, 4); }
+    // The residual stream and norm outputs: fp32 under AMP (fp32 embedding, fp32 adds), else bf16.
+    bytes_t res(std::int64_t rows, std::int64_t cols) const { return elems(rows, cols, rb_); }
+
+    // ---- parameters and their state -------------------------------------------
+    void build_params();
+    void init_state();                  // weights, master copy, optimizer states, workspace
+    void grad_write(int p);             // a weight-gradient GEMM writes into p's gradient
+    void grad_done(int p);              // p's gradient is complete for this micro-step
+    void use_weight(int p);             // a forward op reads p (AMP: autocast copy, saved)
+    void release_weight(int p);         // that op's backward is done with it
+    void clear_autocast_cache();
+    void gather_unit(int unit);         // ZeRO-3: all-gather a unit's parameters (unit -1 = embedding, L = head)
+    void enter_unit(int unit, int dir); // gather it and prefetch the next ones in direction dir
+    void release_unit(int unit);
+    bytes_t unit_bytes(int unit) const;
+    int zero_stage() const;             // the stage in effect (0 when dp == 1)
+    // AMP: a linear's fp32 input is cast to a bf16 copy that the linear saves.
+    T cast_for_matmul(T& x, std::int64_t cols);
+    T uncast_grad(T& g, std::int64_t cols);  // the cast's backward: bf16 grad -> fp32
+
+    // ---- ops (attention.cpp, mlp.cpp, lm_head.cpp) ---------------------------
+    T layer_forward(int l, T x, LayerSaved& sv, Category out_category);
+    void layer_backward(int l, LayerSaved& sv, T dres);
+    void attention_forward(int l, T h1, LayerSaved& sv, T& attn_out);
+    T attention_backward(int l, LayerSaved& sv, T d_attn_out);  // returns dh1
+    T mlp_forward(int l, T h2, LayerSaved& sv);                   // returns y
+    T mlp_backward(int l, LayerSaved& sv, T dy);                  // returns dh2
+    void mlp_chunk_forward(const LayerParams& lp, std::int64_t n, T& y, MlpChunk* keep);
+    std::int64_t attention_masks() const;  // eager: 4-D masks the model builds (full and/or sliding)
+    // RMSNorm: output of `bpe` bytes per element; rstd (fp32, one per token) kept for backward.
+    T norm_forward(T& rstd, int bpe, bool output_saved);  // the caller saves the input
+    T norm_backward(int p, T& rstd, T& x_saved, int bpe);  // returns d(norm input)
+    T saved(T t);   // save(t) and return the handle backward drops (invalid without grad)
+    T hold(T t);    // an extra holder regardless of grad mode (the checkpoint's reference)
+
+    T embedding_forward(Category out_category);
+    void embedding_backward(T& dres);
+    void head_forward(T x_last, HeadSaved& hs);
+    T head_backward(HeadSaved& hs);  // returns the residual-stream gradient buffer
+
+    void micro_step(int micro);
+    void optimizer_step();
+
+    const ModelSpec& m_;
+    const TrainingSetup& s_;
+    const GpuProfile& gpu_;
+
+    // bytes per element
+    int pw_ = 2;   // parameter storage
+    int pg_ = 2;   // gradient
+    int rb_ = 2;   // residual stream / norm outputs
+    std::int64_t tokens_ = 0;  // per rank outside attention (B * S / sp)
+
+    std::vector<Param> params_;
+    std::vector<LayerParams> layer_params_;
+    int embed_ = -1, final_norm_ = -1, lm_head_ = -1;  // lm_head_ == embed_ when tied
+    std::vector<int> autocast_cache_;                   // params whose copy the cache holds
+    std::vector<T> gathered_;                           // ZeRO-3: per unit (index unit + 1)
+
+    // tensor table and the timeline being written
+    struct Live {
+        bytes_t bytes;
+        int refs;
+        Category category;
+        Device device;
+        const char* name;
+    };
+    std::vector<Live> table_;
+    Timeline tl_;
+    bool grad_ = true;
+    Phase phase_ = Phase::Init;
+    std::int32_t layer_ = -1;
+    std::int32_t micro_ = 0;
+    const char* op_ = "";
+
+    friend class NoGrad;
+};
+
+// torch.no_grad() for the duration of a scope.
+class NoGrad {
+public:
+    explicit NoGrad(StepBuilder& b) : b_(b), prev_(b.grad_) { b_.grad_ = false; }
+    ~NoGrad() { b_.grad_ = prev_; }
+    NoGrad(const NoGrad&) = delete;
+    NoGrad& operator=(const NoGrad&) = delete;
+
+private:
+    StepBuilder& b_;
+    bool prev_;
+};
+
+}  // namespace mst::sim

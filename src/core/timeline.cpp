@@ -1,0 +1,286 @@
+#include "mst/timeline.hpp"
+
+#include <cassert>
+#include <map>
+#include <set>
+#include <tuple>
+#include <unordered_map>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "json_read.hpp"
+#include "mst/error.hpp"
+
+namespace mst {
+
+namespace {
+constexpr const char* kPhaseNames[kPhaseCount] = {"init", "forward", "recompute", "backward", "optimizer"};
+constexpr const char* kCategoryNames[kCategoryCount] = {"weights", "master_weights", "gradients",
+                                                        "optimizer_state", "saved_activation", "transient",
+                                                        "checkpoint", "offloaded", "workspace"};
+constexpr const char* kTimelineFormat = "mst-timeline/1";
+}  // namespace
+
+std::string to_string(Phase p) { return kPhaseNames[static_cast<int>(p)]; }
+std::string to_string(Category c) { return kCategoryNames[static_cast<int>(c)]; }
+std::string to_string(Device d) { return d == Device::Gpu ? "gpu" : "host"; }
+
+Phase parse_phase(const std::string& s, const std::string& where) {
+    for (int i = 0; i < kPhaseCount; ++i)
+        if (s == kPhaseNames[i]) return static_cast<Phase>(i);
+    fail(where, "phase", fmt::format("expected init, forward, recompute, backward or optimizer, got '{}'", s));
+}
+
+Category parse_category(const std::string& s, const std::string& where) {
+    for (int i = 0; i < kCategoryCount; ++i)
+        if (s == kCategoryNames[i]) return static_cast<Category>(i);
+    fail(where, "category", fmt::format("expected a memory category (weights, gradients, ...), got '{}'", s));
+}
+
+// ---- views ---------------------------------------------------------------------
+
+std::vector<bytes_t> live_curve(const Timeline& t) {
+    std::vector<bytes_t> out;
+    out.reserve(t.events.size());
+    bytes_t live = 0;
+    for (const Event& e : t.events) {
+        if (e.device == Device::Gpu) live += e.alloc ? e.bytes : -e.bytes;
+        out.push_back(live);
+    }
+    return out;
+}
+
+Summary summarize(const Timeline& t, std::int64_t num_layers) {
+    Summary s;
+    s.layer_saved.assign(static_cast<std::size_t>(std::max<std::int64_t>(num_layers, 0)), 0);
+    CategoryBytes live_cat{};
+    bytes_t live = 0, host = 0;
+    // Tensors allocated in the forward of the current micro-step, for the per-layer view.
+    std::unordered_map<std::int64_t, const Event*> forward_live;
+    int snapshot_micro = -1;
+
+    for (std::size_t i = 0; i < t.events.size(); ++i) {
+        const Event& e = t.events[i];
+        if (e.phase != Phase::Forward && e.micro_step > snapshot_micro && e.phase != Phase::Init &&
+            !forward_live.empty()) {
+            // First event after this micro-step's forward: what each layer left behind.
+            std::fill(s.layer_saved.begin(), s.layer_saved.end(), 0);
+            for (const auto& [id, a] : forward_live)
+                if (a->layer >= 0 && a->layer < num_layers &&
+                    (a->category == Category::SavedActivation || a->category == Category::Checkpoint))
+                    s.layer_saved[static_cast<std::size_t>(a->layer)] += a->bytes;
+            forward_live.clear();
+            snapshot_micro = e.micro_step;
+        }
+        if (e.device == Device::Host) {
+            host += e.alloc ? e.bytes : -e.bytes;
+            s.host_peak = std::max(s.host_peak, host);
+            continue;
+        }
+        const auto c = static_cast<std::size_t>(e.category);
+        const bytes_t delta = e.alloc ? e.bytes : -e.bytes;
+        live += delta;
+        live_cat[c] += delta;
+        s.category_max[c] = std::max(s.category_max[c], live_cat[c]);
+        s.largest_transient = std::max(s.largest_transient, live_cat[static_cast<std::size_t>(Category::Transient)]);
+        auto& ph = s.phase_peak[static_cast<std::size_t>(e.phase)];
+        ph = std::max(ph, live);
+        if (live > s.peak.bytes) {
+            s.peak.bytes = live;
+            s.peak.event = static_cast<std::int64_t>(i);
+            s.peak.by_category = live_cat;
+        }
+        if (e.phase == Phase::Forward) {
+            if (e.alloc) forward_live[e.tensor] = &e;
+            else forward_live.erase(e.tensor);
+        }
+    }
+    s.end_bytes = live;
+    return s;
+}
+
+// ---- caching allocator model ---------------------------------------------------
+
+namespace {
+
+class CachingAllocatorModel {
+public:
+    explicit CachingAllocatorModel(const AllocatorConstants& c) : c_(c) {}
+
+    void allocate(std::int64_t tensor, bytes_t requested) {
+        if (requested <= 0) return;  // PyTorch hands out no block for empty tensors
+        const bytes_t size = round_up(std::max(requested, c_.round_bytes), c_.round_bytes);
+        const bool small = size <= c_.small_size_bytes;
+        auto& pool = free_[small ? 0 : 1];
+        auto it = pool.lower_bound({size, -1, -1});
+        if (it == pool.end()) {
+            const bytes_t seg = small ? c_.small_segment_bytes
+                                      : (size < c_.min_large_alloc_bytes ? c_.large_min_segment_bytes
+                                                                         : round_up(size, c_.large_segment_round_bytes));
+            const auto id = static_cast<std::int64_t>(segments_.size());
+            segments_.push_back({{0, Block{seg, true}}});
+            reserved_ += seg;
+            it = pool.insert({seg, id, 0}).first;
+        }
+        const auto [block_size, seg, offset] = *it;
+        pool.erase(it);
+        auto& blocks = segments_[static_cast<std::size_t>(seg)];
+        const bytes_t remaining = block_size - size;
+        // PyTorch splits a small block when a minimum block remains, a large one only above kSmallSize.
+        const bool split = small ? remaining >= c_.round_bytes : remaining > c_.small_size_bytes;
+        bytes_t used = block_size;
+        if (split) {
+            used = size;
+            blocks[offset + size] = Block{remaining, true};
+            pool.insert({remaining, seg, offset + size});
+        }
+        blocks[offset] = Block{used, false};
+        where_[tensor] = {seg, offset, small};
+        allocated_ += used;
+    }
+
+    void release(std::int64_t tensor) {
+        auto w = where_.find(tensor);
+        if (w == where_.end()) return;
+        const auto [seg, offset, small] = w->second;
+        where_.erase(w);
+        auto& pool = free_[small ? 0 : 1];
+        auto& blocks = segments_[static_cast<std::size_t>(seg)];
+        auto it = blocks.find(offset);
+        allocated_ -= it->second.size;
+        it->second.free = true;
+        // Merge with the free neighbours in the same segment.
+        auto next = std::next(it);
+        if (next != blocks.end() && next->second.free) {
+            pool.erase({next->second.size, seg, next->first});
+            it->second.size += next->second.size;
+            blocks.erase(next);
+        }
+        if (it != blocks.begin()) {
+            auto prev = std::prev(it);
+            if (prev->second.free) {
+                pool.erase({prev->second.size, seg, prev->first});
+                prev->second.size += it->second.size;
+                blocks.erase(it);
+                it = prev;
+            }
+        }
+        pool.insert({it->second.size, seg, it->first});
+    }
+
+    bytes_t allocated() const { return allocated_; }
+    bytes_t reserved() const { return reserved_; }
+
+private:
+    struct Block {
+        bytes_t size;
+        bool free;
+    };
+    struct Where {
+        std::int64_t seg;
+        bytes_t offset;
+        bool small;
+    };
+    AllocatorConstants c_;
+    std::vector<std::map<bytes_t, Block>> segments_;
+    std::set<std::tuple<bytes_t, std::int64_t, bytes_t>> free_[2];  // (size, segment, offset): best fit first
+    std::unordered_map<std::int64_t, Where> where_;
+    bytes_t allocated_ = 0, reserved_ = 0;
+};
+
+}  // namespace
+
+AllocatorReplay replay_caching_allocator(const Timeline& t, const AllocatorConstants& constants) {
+    CachingAllocatorModel model(constants);
+    AllocatorReplay r;
+    r.reserved_after.reserve(t.events.size());
+    r.allocated_after.reserve(t.events.size());
+    for (const Event& e : t.events) {
+        if (e.device == Device::Gpu) {
+            if (e.alloc) model.allocate(e.tensor, e.bytes);
+            else model.release(e.tensor);
+        }
+        r.peak_allocated = std::max(r.peak_allocated, model.allocated());
+        r.peak_reserved = std::max(r.peak_reserved, model.reserved());
+        r.reserved_after.push_back(model.reserved());
+        r.allocated_after.push_back(model.allocated());
+    }
+    return r;
+}
+
+// ---- consistency and JSON --------------------------------------------------------
+
+void check_consistent(const Timeline& t) {
+    std::unordered_map<std::int64_t, bytes_t> live;
+    for (std::size_t i = 0; i < t.events.size(); ++i) {
+        const Event& e = t.events[i];
+        if (e.alloc) {
+            if (e.bytes < 0 || !live.emplace(e.tensor, e.bytes).second)
+                throw std::logic_error(fmt::format("timeline event {}: tensor {} allocated twice or with negative size", i, e.tensor));
+        } else {
+            auto it = live.find(e.tensor);
+            if (it == live.end() || it->second != e.bytes)
+                throw std::logic_error(fmt::format("timeline event {}: free of tensor {} ({}) that is not live with that size", i, e.tensor, e.name));
+            live.erase(it);
+        }
+    }
+}
+
+nlohmann::json to_json(const Timeline& t) {
+    nlohmann::json events = nlohmann::json::array();
+    for (const Event& e : t.events)
+        events.push_back({e.alloc ? "alloc" : "free", e.tensor, e.bytes, to_string(e.category), to_string(e.device),
+                          to_string(e.phase), e.layer, e.micro_step, e.op, e.name});
+    return {{"format", kTimelineFormat},
+            {"source", t.source},
+            {"model", t.model},
+            {"micro_steps", t.micro_steps},
+            {"micro_steps_recorded", t.micro_steps_recorded},
+            {"columns", {"kind", "tensor", "bytes", "category", "device", "phase", "layer", "micro_step", "op", "name"}},
+            {"events", events}};
+}
+
+Timeline timeline_from_json(const nlohmann::json& j, const std::string& where) {
+    detail::JsonReader r(j, where);
+    if (r.string("format") != kTimelineFormat) r.fail("format", fmt::format("expected \"{}\"", kTimelineFormat));
+    Timeline t;
+    t.source = r.string("source");
+    t.model = r.string("model");
+    t.micro_steps = static_cast<std::int32_t>(r.integer("micro_steps", 1, 1 << 20));
+    t.micro_steps_recorded = static_cast<std::int32_t>(r.integer("micro_steps_recorded", 1, 1 << 20));
+    const auto& events = r.raw("events");
+    if (!events.is_array()) r.fail("events", "expected an array");
+    t.events.reserve(events.size());
+    for (std::size_t i = 0; i < events.size(); ++i) {
+        const auto& a = events[i];
+        const std::string field = fmt::format("events[{}]", i);
+        if (!a.is_array() || a.size() != 10) fail(where, field, "expected an array of 10 columns");
+        try {
+            Event e;
+            const auto kind = a[0].get<std::string>();
+            if (kind != "alloc" && kind != "free") fail(where, field, "expected kind alloc or free");
+            e.alloc = kind == "alloc";
+            e.tensor = a[1].get<std::int64_t>();
+            e.bytes = a[2].get<std::int64_t>();
+            e.category = parse_category(a[3].get<std::string>(), where + ": " + field);
+            e.device = a[4].get<std::string>() == "host" ? Device::Host : Device::Gpu;
+            e.phase = parse_phase(a[5].get<std::string>(), where + ": " + field);
+            e.layer = a[6].get<std::int32_t>();
+            e.micro_step = a[7].get<std::int32_t>();
+            e.op = a[8].get<std::string>();
+            e.name = a[9].get<std::string>();
+            t.events.push_back(std::move(e));
+        } catch (const nlohmann::json::exception&) {
+            fail(where, field, "expected [kind, tensor, bytes, category, device, phase, layer, micro_step, op, name]");
+        }
+    }
+    try {
+        check_consistent(t);
+    } catch (const std::logic_error& e) {
+        fail(where, "events", e.what());
+    }
+    return t;
+}
+
+}  // namespace mst

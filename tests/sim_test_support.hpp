@@ -1,0 +1,59 @@
+#pragma once
+// Helpers for simulator tests: small setups and views of a timeline restricted to
+// some events.
+#include <functional>
+
+#include "mst/gpu.hpp"
+#include "mst/setup.hpp"
+#include "mst/timeline.hpp"
+
+namespace mst::test {
+
+// A GPU profile without a cuBLAS workspace, so that hand counts need not include it.
+inline GpuProfile test_gpu() {
+    GpuProfile g;
+    g.name = "test";
+    g.memory_total_bytes = 80 * kGiB;
+    g.calibration.cublas_workspace_bytes = 0;
+    return g;
+}
+
+inline TrainingSetup tiny_setup(std::int64_t seq) {
+    TrainingSetup s;
+    s.seq_len = seq;
+    return s;
+}
+
+// Largest live bytes of `category` right after any event matching `pred`.
+inline bytes_t max_live_during(const Timeline& t, Category category, const std::function<bool(const Event&)>& pred) {
+    bytes_t live = 0, best = 0;
+    for (const Event& e : t.events) {
+        if (e.device == Device::Gpu && e.category == category) live += e.alloc ? e.bytes : -e.bytes;
+        if (pred(e)) best = std::max(best, live);
+    }
+    return best;
+}
+
+// How far live GPU bytes rise above their level before the first matching event,
+// over the first contiguous run of matching events.
+inline bytes_t block_growth(const Timeline& t, const std::function<bool(const Event&)>& pred) {
+    bytes_t live = 0, base = 0, best = 0;
+    bool inside = false, done = false;
+    for (const Event& e : t.events) {
+        const bool match = pred(e);
+        if (match && !inside && !done) inside = true, base = live;
+        if (!match && inside) inside = false, done = true;
+        if (e.device == Device::Gpu) live += e.alloc ? e.bytes : -e.bytes;
+        if (inside) best = std::max(best, live - base);
+    }
+    return best;
+}
+
+inline bytes_t live_at_end(const Timeline& t, Category category) {
+    bytes_t live = 0;
+    for (const Event& e : t.events)
+        if (e.device == Device::Gpu && e.category == category) live += e.alloc ? e.bytes : -e.bytes;
+    return live;
+}
+
+}  // namespace mst::test
