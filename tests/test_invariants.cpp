@@ -1,0 +1,264 @@
+// Properties of the simulator checked over many random models and setups.
+#include <doctest/doctest.h>
+
+#include <random>
+
+#include <nlohmann/json.hpp>
+
+#include "mst/catalog.hpp"
+#include "mst/model.hpp"
+#include "mst/simulate.hpp"
+#include "sim_test_support.hpp"
+#include "test_support.hpp"
+
+using namespace mst;
+using namespace mst::test;
+
+namespace {
+
+struct Random {
+    std::mt19937_64 rng;
+    explicit Random(std::uint64_t seed) : rng(seed) {}
+    std::int64_t in(std::int64_t lo, std::int64_t hi) { return std::uniform_int_distribution<std::int64_t>(lo, hi)(rng); }
+    bool coin() { return in(0, 1) == 1; }
+    template <class T, std::size_t N>
+    T pick(const T (&xs)[N]) { return xs[static_cast<std::size_t>(in(0, N - 1))]; }
+};
+
+ModelSpec random_model(Random& r) {
+    const std::int64_t heads = r.pick({2, 4, 8});
+    const std::int64_t head_dim = r.pick({8, 16});
+    const std::int64_t d = heads * head_dim;
+    const char* types[] = {"llama", "qwen2", "mistral", "gemma2"};
+    const std::string type = r.pick(types);
+    nlohmann::json j = {{"model_type", type},
+                        {"hidden_size", d},
+                        {"intermediate_size", d * r.in(2, 4)},
+                        {"num_hidden_layers", r.in(1, 4)},
+                        {"num_attention_heads", heads},
+                        {"num_key_value_heads", heads / r.pick({1, 2})},
+                        {"vocab_size", r.in(64, 512)}};
+    if (type == "gemma2") {
+        j["attn_logit_softcapping"] = 50.0;
+        j["final_logit_softcapping"] = 30.0;
+        j["sliding_window"] = 32;
+    }
+    if (type == "mistral") j["sliding_window"] = 32;
+    return parse_model(j, "random", type);
+}
+
+TrainingSetup random_setup(Random& r, const ModelSpec& m) {
+    TrainingSetup s;
+    s.micro_batch = r.in(1, 2);
+    s.sp = r.pick({1, 1, 2});
+    if (m.num_kv_heads % s.sp != 0) s.sp = 1;
+    s.seq_len = s.sp * r.in(8, 96);
+    s.precision = r.pick({Precision::PureBf16, Precision::Bf16Master, Precision::AmpFp32});
+    s.optimizer = r.pick({Optimizer::AdamW, Optimizer::AdamW8bit, Optimizer::SgdMomentum});
+    s.attention = r.pick({Attention::Flash, Attention::Eager});
+    s.mlp_chunks = r.in(1, 5);
+    s.mlp_impl = r.pick({MlpImpl::Loop, MlpImpl::Tiled});
+    s.lm_chunks = r.in(1, 5);
+    s.lm_impl = r.pick({LmHeadImpl::Recompute, LmHeadImpl::FusedForward});
+    s.checkpoint.resize(static_cast<std::size_t>(m.num_layers));
+    for (std::size_t i = 0; i < s.checkpoint.size(); ++i) s.checkpoint[i] = r.coin();
+    s.offload_checkpoints = s.checkpointed_count() > 0 && r.coin();
+    s.dp = r.pick({1, 2, 4});
+    s.zero_stage = static_cast<int>(r.in(0, 3));
+    s.grad_accum = r.pick({1, 1, 3});
+    s.optimizer_in_backward = s.grad_accum == 1 && s.zero_stage < 2 && r.in(0, 3) == 0;
+    validate(s, m);
+    return s;
+}
+
+bytes_t peak(const ModelSpec& m, const TrainingSetup& s) {
+    return summarize(simulate(m, s, test_gpu()), m.num_layers).peak.bytes;
+}
+
+// Live saved + checkpoint bytes when the first micro-step's backward begins.
+bytes_t saved_at_forward_end(const Timeline& t) {
+    bytes_t live = 0;
+    for (const Event& e : t.events) {
+        if (e.phase == Phase::Backward) break;
+        if (e.device == Device::Gpu && (e.category == Category::SavedActivation || e.category == Category::Checkpoint))
+            live += e.alloc ? e.bytes : -e.bytes;
+    }
+    return live;
+}
+
+bool same_events(const Timeline& a, const Timeline& b) {
+    if (a.events.size() != b.events.size()) return false;
+    for (std::size_t i = 0; i < a.events.size(); ++i) {
+        const Event &x = a.events[i], &y = b.events[i];
+        if (x.alloc != y.alloc || x.bytes != y.bytes || x.category != y.category || x.op != y.op || x.name != y.name ||
+            x.phase != y.phase || x.layer != y.layer)
+            return false;
+    }
+    return true;
+}
+
+constexpr int kCases = 300;
+
+}  // namespace
+
+TEST_CASE("every random setup yields a consistent timeline that ends with only persistent state") {
+    Random r(1);
+    for (int i = 0; i < kCases; ++i) {
+        const ModelSpec m = random_model(r);
+        const TrainingSetup s = random_setup(r, m);
+        CAPTURE(i);
+        const Timeline t = simulate(m, s, test_gpu());
+        REQUIRE_NOTHROW(check_consistent(t));
+        bytes_t after_init = 0, live = 0;
+        for (const Event& e : t.events) {
+            if (e.device == Device::Gpu) live += e.alloc ? e.bytes : -e.bytes;
+            if (e.phase == Phase::Init) after_init = live;
+        }
+        CHECK(live == after_init);
+        for (Category c : {Category::SavedActivation, Category::Transient, Category::Checkpoint, Category::Offloaded})
+            CHECK(live_at_end(t, c) == 0);
+    }
+}
+
+TEST_CASE("with M = 1 the MsT implementation makes no difference: it is the unchunked timeline") {
+    Random r(2);
+    for (int i = 0; i < kCases; ++i) {
+        const ModelSpec m = random_model(r);
+        TrainingSetup s = random_setup(r, m);
+        CAPTURE(i);
+        s.mlp_chunks = 1;
+        s.lm_chunks = 1;
+        s.mlp_impl = MlpImpl::Loop;
+        s.lm_impl = LmHeadImpl::Recompute;
+        const Timeline a = simulate(m, s, test_gpu());
+        s.mlp_impl = MlpImpl::Tiled;
+        s.lm_impl = LmHeadImpl::FusedForward;
+        CHECK(same_events(a, simulate(m, s, test_gpu())));
+    }
+}
+
+// Chunk sizes ceil(T/M) never grow with M, and every M-dependent buffer of the tiled
+// MLP and of the recompute LM head is one chunk's: their peak never rises with M.
+// The fused LM head holds a V x d gradient from forward, so only from M = 2 on.
+// The MsT loop MLP is NOT monotone: its chunks' saved tensors are released one chunk
+// at a time in backward, so a gradient buffer allocated during the first chunk's
+// backward can meet (M-1)/M of the saved g, u, m, which M = 1 had already freed
+// (see "the loop MLP can raise the peak" below). What holds for the loop is that
+// its saved activations do not depend on M.
+// The property needs the long-sequence regime MsT is for, T >= 4 (d + I) tokens per
+// rank: for shorter ones, weight gradients (d x I) allocated lazily during the first
+// chunk's backward can outweigh what chunking saves (n x I per temporary).
+TEST_CASE("the peak never rises when M grows (tiled MLP, recompute and fused LM head)") {
+    Random r(3);
+    for (int i = 0; i < kCases; ++i) {
+        const ModelSpec m = random_model(r);
+        TrainingSetup s = random_setup(r, m);
+        s.seq_len = s.sp * ceil_div(4 * (m.hidden_size + m.intermediate_size) * r.in(1, 3), s.micro_batch);
+        CAPTURE(i);
+        const std::string model_json = to_json(m).dump();
+        CAPTURE(model_json);
+        const std::int64_t tokens = s.local_tokens();
+        auto check_monotone = [&](std::int64_t& knob, std::int64_t first) {
+            bytes_t prev = INT64_MAX;
+            for (std::int64_t M = first; M <= std::min<std::int64_t>(tokens, 9); ++M) {
+                knob = M;
+                const std::string setup_json = to_json(s).dump();
+                CAPTURE(setup_json);
+                const bytes_t p = peak(m, s);
+                CHECK(p <= prev);
+                prev = p;
+            }
+            knob = 1;
+        };
+        s.mlp_impl = MlpImpl::Tiled;
+        check_monotone(s.mlp_chunks, 1);
+        s.lm_impl = LmHeadImpl::Recompute;
+        check_monotone(s.lm_chunks, 1);
+        s.lm_impl = LmHeadImpl::FusedForward;
+        check_monotone(s.lm_chunks, 2);
+    }
+}
+
+TEST_CASE("the loop MLP saves the same activations for every M") {
+    Random r(6);
+    for (int i = 0; i < kCases; ++i) {
+        const ModelSpec m = random_model(r);
+        TrainingSetup s = random_setup(r, m);
+        CAPTURE(i);
+        s.mlp_impl = MlpImpl::Loop;
+        s.mlp_chunks = 1;
+        const bytes_t base = saved_at_forward_end(simulate(m, s, test_gpu()));
+        for (std::int64_t M = 2; M <= std::min<std::int64_t>(s.local_tokens(), 6); ++M) {
+            s.mlp_chunks = M;
+            CHECK(saved_at_forward_end(simulate(m, s, test_gpu())) == base);
+        }
+    }
+}
+
+TEST_CASE("the loop MLP can raise the peak: a counterexample found by the property test") {
+    // A small Gemma-2-shaped model, optimizer in backward: each layer's weight gradients
+    // are allocated inside its MLP backward. With M = 1 the up_proj gradient arrives
+    // after g, u, m are gone; with M = 2 the other chunk's g, u, m are still saved
+    // then (3/2 n I elements more) while dg, du are half as large: the peak, set at
+    // that allocation, rises with M.
+    const ModelSpec m = load_model_file(data("loop_counterexample_model.json"));
+    TrainingSetup s = load_setup_file(data("loop_counterexample_setup.json"), m);
+    REQUIRE(s.mlp_impl == MlpImpl::Loop);
+    const bytes_t one = peak(m, s);
+    s.mlp_chunks = 2;
+    CHECK(peak(m, s) > one);
+}
+
+TEST_CASE("checkpointing more layers never raises the saved activations") {
+    Random r(4);
+    for (int i = 0; i < kCases; ++i) {
+        const ModelSpec m = random_model(r);
+        TrainingSetup s = random_setup(r, m);
+        s.offload_checkpoints = false;
+        CAPTURE(i);
+        s.checkpoint.assign(static_cast<std::size_t>(m.num_layers), false);
+        bytes_t prev = saved_at_forward_end(simulate(m, s, test_gpu()));
+        // Add layers one at a time in a random order.
+        std::vector<std::size_t> order(s.checkpoint.size());
+        for (std::size_t k = 0; k < order.size(); ++k) order[k] = k;
+        std::shuffle(order.begin(), order.end(), r.rng);
+        for (std::size_t l : order) {
+            s.checkpoint[l] = true;
+            const bytes_t now = saved_at_forward_end(simulate(m, s, test_gpu()));
+            CHECK(now <= prev);
+            prev = now;
+        }
+    }
+}
+
+TEST_CASE("ZeRO-3 over N ranks divides the parameter state by N (up to per-tensor rounding)") {
+    Random r(5);
+    for (int i = 0; i < 100; ++i) {
+        const ModelSpec m = random_model(r);
+        TrainingSetup s = random_setup(r, m);
+        s.optimizer_in_backward = false;
+        // bitsandbytes keeps fp32 states for tensors under 4096 values: shards cross that line.
+        if (s.optimizer == Optimizer::AdamW8bit) s.optimizer = Optimizer::AdamW;
+        CAPTURE(i);
+        auto init_bytes = [&](std::int64_t dp, int stage) {
+            s.dp = dp;
+            s.zero_stage = stage;
+            bytes_t live = 0;
+            for (const Event& e : simulate(m, s, test_gpu()).events) {
+                if (e.phase != Phase::Init) break;
+                live += e.bytes;
+            }
+            return live;
+        };
+        const bytes_t one = init_bytes(1, 0);
+        // Stage 0 keeps no gradient shards at init; stage 3 does: add the full gradients to compare.
+        const bytes_t grads = m.parameters().total() * (s.precision == Precision::PureBf16 ? 2 : 4);
+        for (std::int64_t N : {2, 4, 8}) {
+            CAPTURE(N);
+            const bytes_t sharded = init_bytes(N, 3);
+            const std::int64_t tensors = 2 + 9 * m.num_layers + 4 * (m.family == Family::Gemma2 ? m.num_layers : 0);
+            CHECK(sharded * N >= one + grads);
+            CHECK(sharded * N - (one + grads) <= N * tensors * 8 * 5);  // < one element per tensor and state
+        }
+    }
+}
