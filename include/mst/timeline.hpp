@@ -71,6 +71,7 @@ struct Peak {
 struct Summary {
     Peak peak;                                     // GPU, requested bytes
     std::array<bytes_t, kPhaseCount> phase_peak{};  // GPU peak reached within each phase
+    std::array<bool, kPhaseCount> phase_seen{};     // whether the phase has any event
     CategoryBytes category_max{};                   // largest live bytes of each category at any time
     bytes_t host_peak = 0;                          // offloaded bytes on the host
     bytes_t end_bytes = 0;                          // live GPU bytes at the end (persistent state)

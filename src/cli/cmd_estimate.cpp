@@ -84,11 +84,13 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
                    ev.layer >= 0 ? "layer " : "outside the layers", ev.layer >= 0 ? std::to_string(ev.layer) : "",
                    ev.micro_step, ev.name);
     }
-    fmt::print("phase peaks: forward {}, recompute {}, backward {}, optimizer {}\n",
-               format_bytes(s.phase_peak[static_cast<std::size_t>(Phase::Forward)]),
-               format_bytes(s.phase_peak[static_cast<std::size_t>(Phase::Recompute)]),
-               format_bytes(s.phase_peak[static_cast<std::size_t>(Phase::Backward)]),
-               format_bytes(s.phase_peak[static_cast<std::size_t>(Phase::Optimizer)]));
+    std::string phases;
+    for (Phase p : {Phase::Forward, Phase::Recompute, Phase::Backward, Phase::Optimizer}) {
+        const auto i = static_cast<std::size_t>(p);
+        if (!s.phase_seen[i]) continue;
+        phases += fmt::format("{}{} {}", phases.empty() ? "" : ", ", to_string(p), format_bytes(s.phase_peak[i]));
+    }
+    fmt::print("phase peaks: {}\n", phases);
     if (s.host_peak > 0) fmt::print("host memory for offloaded checkpoints: {}\n", format_bytes(s.host_peak));
     fmt::print("{}: usable {} (total {} - context - {} reserve), headroom {}\n\n",
                e.fits ? "FITS" : "DOES NOT FIT", format_bytes(e.usable_bytes), format_bytes(gpu.memory_total_bytes),

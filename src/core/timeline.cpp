@@ -84,6 +84,7 @@ Summary summarize(const Timeline& t, std::int64_t num_layers) {
         live_cat[c] += delta;
         s.category_max[c] = std::max(s.category_max[c], live_cat[c]);
         s.largest_transient = std::max(s.largest_transient, live_cat[static_cast<std::size_t>(Category::Transient)]);
+        s.phase_seen[static_cast<std::size_t>(e.phase)] = true;
         auto& ph = s.phase_peak[static_cast<std::size_t>(e.phase)];
         ph = std::max(ph, live);
         if (live > s.peak.bytes) {

@@ -148,7 +148,9 @@ nlohmann::json to_json(const Estimate& e, const ModelSpec& model, const Training
         by_category[to_string(static_cast<Category>(c))] = s.peak.by_category[static_cast<std::size_t>(c)];
         category_max[to_string(static_cast<Category>(c))] = s.category_max[static_cast<std::size_t>(c)];
     }
-    for (int p = 0; p < kPhaseCount; ++p) phase_peak[to_string(static_cast<Phase>(p))] = s.phase_peak[static_cast<std::size_t>(p)];
+    for (int p = 0; p < kPhaseCount; ++p)
+        if (s.phase_seen[static_cast<std::size_t>(p)])
+            phase_peak[to_string(static_cast<Phase>(p))] = s.phase_peak[static_cast<std::size_t>(p)];
     nlohmann::json peak = {{"bytes", s.peak.bytes},
                            {"allocated_bytes", e.allocator.peak_allocated},
                            {"reserved_bytes", e.allocator.peak_reserved},

@@ -1,0 +1,43 @@
+#pragma once
+// Plan: a training setup for one model on a GPU cluster, with what mst-plan predicts
+// for it. `recommend` writes plans (--json / --out PLAN.json), `emit` turns a plan
+// into trainer configs.
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "mst/model.hpp"
+#include "mst/setup.hpp"
+#include "mst/units.hpp"
+
+namespace mst {
+
+struct Prediction {
+    bytes_t peak_allocated_bytes = 0;  // torch.cuda.max_memory_allocated
+    bytes_t peak_reserved_bytes = 0;   // torch.cuda.max_memory_reserved
+    bytes_t usable_bytes = 0;          // what the GPU profile leaves a process
+    bytes_t headroom_bytes = 0;        // usable - reserved - safety margin
+    bytes_t host_bytes = 0;            // pinned host memory for offloaded checkpoints
+    double step_seconds = 0;           // one optimizer step (all micro-steps)
+    double tokens_per_second = 0;      // per GPU
+    double mfu = 0;                    // model FLOPs utilisation, 0..1
+    std::string peak_at;               // "loss (backward)", ...
+};
+
+struct Plan {
+    std::string model;      // catalog name or path of the config.json
+    std::string gpu;        // profile name or path
+    std::int64_t gpus = 1;  // total GPUs: dp * sp
+    TrainingSetup setup;
+    Prediction prediction;
+    std::string why;  // one paragraph: what limits the plan, what was traded
+};
+
+nlohmann::json to_json(const Plan& p);
+// `model` resolves the setup's per-layer fields; `where` names the file in errors.
+Plan plan_from_json(const nlohmann::json& j, const ModelSpec& model, const std::string& where);
+// Reads a plan file, finding its model in the catalog (or at its path).
+Plan load_plan_file(const std::string& path, ModelSpec* model_out = nullptr);
+
+}  // namespace mst
