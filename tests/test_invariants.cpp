@@ -262,3 +262,20 @@ TEST_CASE("ZeRO-3 over N ranks divides the parameter state by N (up to per-tenso
         }
     }
 }
+
+TEST_CASE("the tuner's fast path reports exactly the peaks of the recorded timeline") {
+    Random r(7);
+    GpuProfile gpu = test_gpu();
+    gpu.calibration.cublas_workspace_bytes = 8 * kMiB;
+    for (int i = 0; i < 100; ++i) {
+        const ModelSpec m = random_model(r);
+        const TrainingSetup s = random_setup(r, m);
+        CAPTURE(i);
+        const Estimate e = estimate(m, s, gpu);
+        const MemoryPeaks p = simulate_peaks(m, s, gpu);
+        CHECK(p.peak_bytes == e.summary.peak.bytes);
+        CHECK(p.peak_allocated_bytes == e.allocator.peak_allocated);
+        CHECK(p.peak_reserved_bytes == e.allocator.peak_reserved);
+        CHECK(p.host_peak_bytes == e.summary.host_peak);
+    }
+}

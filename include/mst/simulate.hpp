@@ -15,6 +15,15 @@ namespace mst {
 // The predicted timeline of one optimizer step (validate(setup, model) first).
 Timeline simulate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
 
+// Only the peaks, without keeping the events: what the tuner evaluates thousands of times.
+struct MemoryPeaks {
+    bytes_t peak_bytes = 0;            // requested bytes
+    bytes_t peak_allocated_bytes = 0;  // caching-allocator blocks
+    bytes_t peak_reserved_bytes = 0;   // caching-allocator segments
+    bytes_t host_peak_bytes = 0;       // offloaded checkpoints
+};
+MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
+
 // Everything `estimate` prints: the timeline and its views.
 struct Estimate {
     Timeline timeline;

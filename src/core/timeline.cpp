@@ -1,14 +1,12 @@
 #include "mst/timeline.hpp"
 
 #include <cassert>
-#include <map>
-#include <set>
-#include <tuple>
 #include <unordered_map>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "caching_allocator.hpp"
 #include "json_read.hpp"
 #include "mst/error.hpp"
 
@@ -103,97 +101,8 @@ Summary summarize(const Timeline& t, std::int64_t num_layers) {
 
 // ---- caching allocator model ---------------------------------------------------
 
-namespace {
-
-class CachingAllocatorModel {
-public:
-    explicit CachingAllocatorModel(const AllocatorConstants& c) : c_(c) {}
-
-    void allocate(std::int64_t tensor, bytes_t requested) {
-        if (requested <= 0) return;  // PyTorch hands out no block for empty tensors
-        const bytes_t size = round_up(std::max(requested, c_.round_bytes), c_.round_bytes);
-        const bool small = size <= c_.small_size_bytes;
-        auto& pool = free_[small ? 0 : 1];
-        auto it = pool.lower_bound({size, -1, -1});
-        if (it == pool.end()) {
-            const bytes_t seg = small ? c_.small_segment_bytes
-                                      : (size < c_.min_large_alloc_bytes ? c_.large_min_segment_bytes
-                                                                         : round_up(size, c_.large_segment_round_bytes));
-            const auto id = static_cast<std::int64_t>(segments_.size());
-            segments_.push_back({{0, Block{seg, true}}});
-            reserved_ += seg;
-            it = pool.insert({seg, id, 0}).first;
-        }
-        const auto [block_size, seg, offset] = *it;
-        pool.erase(it);
-        auto& blocks = segments_[static_cast<std::size_t>(seg)];
-        const bytes_t remaining = block_size - size;
-        // PyTorch splits a small block when a minimum block remains, a large one only above kSmallSize.
-        const bool split = small ? remaining >= c_.round_bytes : remaining > c_.small_size_bytes;
-        bytes_t used = block_size;
-        if (split) {
-            used = size;
-            blocks[offset + size] = Block{remaining, true};
-            pool.insert({remaining, seg, offset + size});
-        }
-        blocks[offset] = Block{used, false};
-        where_[tensor] = {seg, offset, small};
-        allocated_ += used;
-    }
-
-    void release(std::int64_t tensor) {
-        auto w = where_.find(tensor);
-        if (w == where_.end()) return;
-        const auto [seg, offset, small] = w->second;
-        where_.erase(w);
-        auto& pool = free_[small ? 0 : 1];
-        auto& blocks = segments_[static_cast<std::size_t>(seg)];
-        auto it = blocks.find(offset);
-        allocated_ -= it->second.size;
-        it->second.free = true;
-        // Merge with the free neighbours in the same segment.
-        auto next = std::next(it);
-        if (next != blocks.end() && next->second.free) {
-            pool.erase({next->second.size, seg, next->first});
-            it->second.size += next->second.size;
-            blocks.erase(next);
-        }
-        if (it != blocks.begin()) {
-            auto prev = std::prev(it);
-            if (prev->second.free) {
-                pool.erase({prev->second.size, seg, prev->first});
-                prev->second.size += it->second.size;
-                blocks.erase(it);
-                it = prev;
-            }
-        }
-        pool.insert({it->second.size, seg, it->first});
-    }
-
-    bytes_t allocated() const { return allocated_; }
-    bytes_t reserved() const { return reserved_; }
-
-private:
-    struct Block {
-        bytes_t size;
-        bool free;
-    };
-    struct Where {
-        std::int64_t seg;
-        bytes_t offset;
-        bool small;
-    };
-    AllocatorConstants c_;
-    std::vector<std::map<bytes_t, Block>> segments_;
-    std::set<std::tuple<bytes_t, std::int64_t, bytes_t>> free_[2];  // (size, segment, offset): best fit first
-    std::unordered_map<std::int64_t, Where> where_;
-    bytes_t allocated_ = 0, reserved_ = 0;
-};
-
-}  // namespace
-
 AllocatorReplay replay_caching_allocator(const Timeline& t, const AllocatorConstants& constants) {
-    CachingAllocatorModel model(constants);
+    detail::CachingAllocatorModel model(constants);
     AllocatorReplay r;
     r.reserved_after.reserve(t.events.size());
     r.allocated_after.reserve(t.events.size());

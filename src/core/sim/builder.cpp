@@ -9,8 +9,8 @@
 
 namespace mst::sim {
 
-StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu)
-    : m_(model), s_(setup), gpu_(gpu) {
+StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool record)
+    : m_(model), s_(setup), gpu_(gpu), record_(record), allocator_(gpu.calibration.allocator) {
     switch (s_.precision) {
         case Precision::PureBf16: pw_ = 2, pg_ = 2, rb_ = 2; break;
         case Precision::Bf16Master: pw_ = 2, pg_ = 4, rb_ = 2; break;
@@ -29,7 +29,8 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
 T StepBuilder::alloc(const char* name, bytes_t bytes, Category category, Device device) {
     const T t{static_cast<std::int64_t>(table_.size())};
     table_.push_back({bytes, 1, category, device, name});
-    tl_.events.push_back(Event{true, t.id, bytes, category, device, phase_, layer_, micro_, op_, name});
+    if (record_) tl_.events.push_back(Event{true, t.id, bytes, category, device, phase_, layer_, micro_, op_, name});
+    account(t.id, bytes, device, true);
     return t;
 }
 
@@ -46,9 +47,28 @@ bool StepBuilder::drop(T& t) {
     Live& l = table_[static_cast<std::size_t>(t.id)];
     if (l.refs <= 0) throw std::logic_error(fmt::format("simulator: tensor {} ({}) dropped after free", t.id, l.name));
     const bool freed = --l.refs == 0;
-    if (freed) tl_.events.push_back(Event{false, t.id, l.bytes, l.category, l.device, phase_, layer_, micro_, op_, l.name});
+    if (freed) {
+        if (record_) tl_.events.push_back(Event{false, t.id, l.bytes, l.category, l.device, phase_, layer_, micro_, op_, l.name});
+        account(t.id, l.bytes, l.device, false);
+    }
     t = T{};
     return freed;
+}
+
+// Running peaks for the fast path (the recorded timeline gets the same from its views).
+void StepBuilder::account(std::int64_t id, bytes_t bytes, Device device, bool alloc) {
+    if (record_) return;
+    if (device == Device::Host) {
+        host_live_ += alloc ? bytes : -bytes;
+        peaks_.host_peak_bytes = std::max(peaks_.host_peak_bytes, host_live_);
+        return;
+    }
+    live_ += alloc ? bytes : -bytes;
+    peaks_.peak_bytes = std::max(peaks_.peak_bytes, live_);
+    if (alloc) allocator_.allocate(id, bytes);
+    else allocator_.release(id);
+    peaks_.peak_allocated_bytes = std::max(peaks_.peak_allocated_bytes, allocator_.allocated());
+    peaks_.peak_reserved_bytes = std::max(peaks_.peak_reserved_bytes, allocator_.reserved());
 }
 
 T StepBuilder::saved(T t) {

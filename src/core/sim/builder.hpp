@@ -10,8 +10,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "../caching_allocator.hpp"
 #include "mst/gpu.hpp"
 #include "mst/model.hpp"
+#include "mst/simulate.hpp"
 #include "mst/setup.hpp"
 #include "mst/timeline.hpp"
 
@@ -63,8 +65,10 @@ struct HeadSaved {
 
 class StepBuilder {
 public:
-    StepBuilder(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
+    // record: keep every event (simulate); otherwise only the running peaks (the tuner's fast path).
+    StepBuilder(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool record);
     Timeline run();
+    MemoryPeaks peaks() const { return peaks_; }
 
 private:
     // ---- tensor table -------------------------------------------------------
@@ -148,6 +152,11 @@ private:
     };
     std::vector<Live> table_;
     Timeline tl_;
+    bool record_ = true;
+    bytes_t live_ = 0, host_live_ = 0;
+    MemoryPeaks peaks_;
+    detail::CachingAllocatorModel allocator_;
+    void account(std::int64_t id, bytes_t bytes, Device device, bool alloc);
     bool grad_ = true;
     Phase phase_ = Phase::Init;
     std::int32_t layer_ = -1;

@@ -126,7 +126,14 @@ namespace mst {
 
 Timeline simulate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu) {
     validate(setup, model);
-    return sim::StepBuilder(model, setup, gpu).run();
+    return sim::StepBuilder(model, setup, gpu, true).run();
+}
+
+MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu) {
+    validate(setup, model);
+    sim::StepBuilder b(model, setup, gpu, false);
+    b.run();
+    return b.peaks();
 }
 
 Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu) {

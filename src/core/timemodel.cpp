@@ -1,0 +1,274 @@
+#include "mst/timemodel.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include <fmt/format.h>
+
+#include "mst/units.hpp"
+
+namespace mst {
+
+double causal_pairs(std::int64_t seq_len, std::int64_t window) {
+    const double S = static_cast<double>(seq_len);
+    if (window <= 0 || window >= seq_len) return S * (S + 1) / 2;
+    const double w = static_cast<double>(window);
+    return w * (w + 1) / 2 + (S - w) * w;  // the first w queries see t+1 keys, the rest w
+}
+
+namespace {
+
+class Roofline {
+public:
+    explicit Roofline(const GpuProfile& g)
+        : flops_per_s_(g.bf16_dense_tflops * 1e12), bytes_per_s_(g.hbm_gbps * 1e9), cal_(g.calibration) {}
+
+    // A kernel: compute- or memory-bound, never faster than one launch.
+    double kernel(double flops, double bytes, double efficiency) const {
+        const double t = std::max(flops / (flops_per_s_ * efficiency), bytes / (bytes_per_s_ * cal_.memory_bound_efficiency));
+        return std::max(t, cal_.kernel_launch_seconds);
+    }
+    double peak_flops() const { return flops_per_s_; }
+    const Calibration& cal() const { return cal_; }
+
+private:
+    double flops_per_s_, bytes_per_s_;
+    Calibration cal_;
+};
+
+// Accumulates ops of one micro-step into named rows and into phases.
+class Ledger {
+public:
+    explicit Ledger(const Roofline& r) : r_(r) {}
+
+    // `count` identical kernels.
+    double add(const std::string& name, double flops, double bytes, double efficiency, double count = 1) {
+        const double t = count * r_.kernel(flops, bytes, efficiency);
+        auto it = std::find_if(ops_.begin(), ops_.end(), [&](const OpTime& o) { return o.name == name; });
+        if (it == ops_.end()) it = ops_.insert(ops_.end(), OpTime{name, 0, 0, 0, 0});
+        it->flops += count * flops;
+        it->bytes += count * bytes;
+        it->kernels += count;
+        it->seconds += t;
+        return t;
+    }
+    // C[m, n] = A[m, k] B[k, n] in bf16 with fp32 accumulation.
+    double gemm(const std::string& name, double m, double n, double k, double count = 1) {
+        return add(name, 2 * m * n * k, 2 * (m * k + k * n + m * n), r_.cal().gemm_efficiency, count);
+    }
+    double memory(const std::string& name, double bytes, double count = 1) {
+        return add(name, 0, bytes, 1.0, count);
+    }
+    std::vector<OpTime> take() { return std::move(ops_); }
+
+private:
+    const Roofline& r_;
+    std::vector<OpTime> ops_;
+};
+
+double link_gbps(const GpuProfile& g, const ClusterShape& c, std::int64_t group, std::int64_t stride) {
+    // A group of `group` ranks spaced `stride` apart stays inside one node when it fits.
+    if (group * stride <= c.gpus_per_node) return g.nvlink_gbps > 0 ? g.nvlink_gbps : g.host_link_gbps;
+    return c.network_gbps;
+}
+
+}  // namespace
+
+StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& gpu, const ClusterShape& cluster) {
+    const Roofline roof(gpu);
+    const Calibration& cal = gpu.calibration;
+    StepTime out;
+
+    const double T = static_cast<double>(s.local_tokens());
+    const double d = static_cast<double>(m.hidden_size), I = static_cast<double>(m.intermediate_size);
+    const double V = static_cast<double>(m.vocab_size), L = static_cast<double>(m.num_layers);
+    const double qd = static_cast<double>(m.q_dim()), kvd = static_cast<double>(m.kv_dim());
+    const double rb = s.precision == Precision::AmpFp32 ? 4 : 2;  // residual stream bytes per element
+    const double heads_local = static_cast<double>(m.num_heads / s.sp);
+    const double B = static_cast<double>(s.micro_batch);
+    const bool gemma = m.family == Family::Gemma2;
+    const double norms = gemma ? 4 : 2;
+
+    // ---- one layer, forward ------------------------------------------------------------
+    // Layers with a sliding window see fewer keys; average the attention pairs over layers.
+    double pairs = 0;
+    for (std::int64_t l = 0; l < m.num_layers; ++l)
+        pairs += causal_pairs(s.seq_len, m.sliding_layers[static_cast<std::size_t>(l)] && m.sliding_window ? *m.sliding_window : 0);
+    pairs /= L;
+
+    auto layer_forward = [&](Ledger& g, const char* tag) {
+        double t = 0;
+        const std::string sfx = fmt::format(" ({})", tag);
+        t += g.memory("norm" + sfx, T * d * (2 * rb) + T * 4, norms);
+        t += g.gemm("attn.qkv" + sfx, T, qd + 2 * kvd, d);
+        t += g.memory("attn.rope" + sfx, 2 * T * (qd + kvd) * 2);
+        const double attn_flops = 4 * B * heads_local * static_cast<double>(m.head_dim) * pairs;
+        if (s.attention == Attention::Flash) {
+            t += g.add("attention" + sfx, attn_flops, 2 * T * (2 * qd + 2 * kvd), cal.attention_efficiency);
+        } else {
+            // Scores, scaling, mask, fp32 softmax, bf16 cast, PV: about 30 bytes per score element.
+            const double scores = B * heads_local * static_cast<double>(s.seq_len) * static_cast<double>(s.seq_len);
+            t += g.add("attention" + sfx, attn_flops, 30 * scores, cal.gemm_efficiency, 6);
+        }
+        t += g.gemm("attn.o_proj" + sfx, T, d, qd);
+        t += g.memory("residual" + sfx, 3 * T * d * rb, 2);
+        // MLP per mini-sequence: each chunk re-reads the weights and launches its own kernels.
+        const auto sizes = chunk_sizes(s.local_tokens(), s.mlp_chunks);
+        for (std::int64_t n64 : sizes) {
+            const double n = static_cast<double>(n64);
+            t += g.gemm("mlp.gate_up" + sfx, n, 2 * I, d);
+            t += g.memory("mlp.act" + sfx, 3 * n * I * 2);
+            t += g.gemm("mlp.down" + sfx, n, d, I);
+        }
+        return t;
+    };
+    auto mlp_forward_only = [&](Ledger& g, const char* tag) {
+        double t = 0;
+        const std::string sfx = fmt::format(" ({})", tag);
+        for (std::int64_t n64 : chunk_sizes(s.local_tokens(), s.mlp_chunks)) {
+            const double n = static_cast<double>(n64);
+            t += g.gemm("mlp.gate_up" + sfx, n, 2 * I, d) + g.memory("mlp.act" + sfx, 3 * n * I * 2) +
+                 g.gemm("mlp.down" + sfx, n, d, I);
+        }
+        return t;
+    };
+    auto layer_backward = [&](Ledger& g) {
+        double t = 0;
+        t += g.memory("norm (bwd)", T * d * (3 * rb) + T * 4, norms);
+        t += g.gemm("attn.qkv (bwd)", T, d, qd + 2 * kvd) + g.gemm("attn.qkv (bwd)", qd + 2 * kvd, d, T);
+        t += g.memory("attn.rope (bwd)", 2 * T * (qd + kvd) * 2);
+        const double attn_flops = 2.5 * 4 * B * heads_local * static_cast<double>(m.head_dim) * pairs;  // FA2: 5 GEMMs vs 2
+        if (s.attention == Attention::Flash) {
+            t += g.add("attention (bwd)", attn_flops, 2 * T * (4 * qd + 4 * kvd) + T * qd * 4, cal.attention_efficiency);
+        } else {
+            const double scores = B * heads_local * static_cast<double>(s.seq_len) * static_cast<double>(s.seq_len);
+            t += g.add("attention (bwd)", attn_flops, 40 * scores, cal.gemm_efficiency, 8);
+        }
+        t += g.gemm("attn.o_proj (bwd)", T, qd, d) + g.gemm("attn.o_proj (bwd)", d, qd, T);
+        t += g.memory("residual (bwd)", 3 * T * d * rb, 2);
+        for (std::int64_t n64 : chunk_sizes(s.local_tokens(), s.mlp_chunks)) {
+            const double n = static_cast<double>(n64);
+            t += g.gemm("mlp.down (bwd)", n, I, d) + g.gemm("mlp.down (bwd)", d, I, n);
+            t += g.memory("mlp.act (bwd)", 5 * n * I * 2);
+            t += g.gemm("mlp.gate_up (bwd)", n, d, 2 * I) + g.gemm("mlp.gate_up (bwd)", 2 * I, d, n);
+        }
+        return t;
+    };
+
+    // Every layer costs the same (sliding windows are averaged into `pairs`): time one, scale by L.
+    Ledger layer(roof);
+    const double fwd = L * layer_forward(layer, "fwd");
+    const double bwd = L * layer_backward(layer);
+    for (const auto& op : layer.take())
+        out.ops.push_back(OpTime{op.name, op.flops * L, op.bytes * L, op.kernels * L, op.seconds * L});
+    const double ckpt = static_cast<double>(s.checkpointed_count());
+
+    // ---- embedding, final norm, LM head + loss ---------------------------------------
+    Ledger head(roof);
+    double head_fwd = head.memory("embedding (fwd)", T * d * rb + T * 8);
+    double head_bwd = head.memory("embedding (bwd)", T * d * (rb + 4));
+    head_fwd += head.memory("final_norm (fwd)", T * d * 2 * rb);
+    head_bwd += head.memory("final_norm (bwd)", T * d * 3 * rb);
+    if (s.lm_chunks == 1) {
+        head_fwd += head.gemm("lm_head (fwd)", T, V, d);
+        // upcast (2 -> 4), log-softmax (read twice, write), NLL: about 18 bytes per logit
+        head_fwd += head.memory("loss (fwd)", 18 * T * V, 3);
+        // NLL grad (4), log-softmax grad (8 -> 4), cast (4 -> 2): about 22 bytes per logit
+        head_bwd += head.memory("loss (bwd)", 22 * T * V, 3);
+        head_bwd += head.gemm("lm_head (bwd)", T, d, V) + head.gemm("lm_head (bwd)", V, d, T);
+        if (m.final_logit_softcapping) {
+            head_fwd += head.memory("lm_head.softcap (fwd)", 12 * T * V, 3);
+            head_bwd += head.memory("lm_head.softcap (bwd)", 16 * T * V, 3);
+        }
+    } else {
+        for (std::int64_t n64 : chunk_sizes(s.local_tokens(), s.lm_chunks)) {
+            const double n = static_cast<double>(n64);
+            head_fwd += head.gemm("lm_head (fwd)", n, V, d);
+            if (s.lm_impl == LmHeadImpl::Recompute) {
+                head_fwd += head.memory("loss (fwd)", 18 * n * V, 3);
+                head_bwd += head.gemm("lm_head (recompute)", n, V, d);
+                head_bwd += head.memory("loss (bwd)", 12 * n * V, 2);  // upcast, softmax - onehot in place, cast
+                head_bwd += head.gemm("lm_head (bwd)", n, d, V) + head.gemm("lm_head (bwd)", V, d, n);
+            } else {
+                // Fused: softmax-CE forward and gradient in one pass, both GEMMs inside forward.
+                head_fwd += head.memory("loss (fwd, fused)", 6 * n * V);
+                head_fwd += head.gemm("lm_head (bwd in fwd)", n, d, V) + head.gemm("lm_head (bwd in fwd)", V, d, n);
+            }
+        }
+    }
+    for (const auto& op : head.take()) out.ops.push_back(op);
+
+    out.forward_seconds = fwd + head_fwd;
+    out.backward_seconds = bwd + head_bwd;
+    // Recompute: each checkpointed layer's forward again; the tiled MLP's forward once more per layer.
+    {
+        Ledger tmp(roof);
+        const double lr = layer_forward(tmp, "recompute");
+        const bool tiled = s.mlp_chunks > 1 && s.mlp_impl == MlpImpl::Tiled;
+        const double extra = tiled ? mlp_forward_only(tmp, "recompute") : 0;
+        out.recompute_seconds = ckpt * lr + L * extra;
+    }
+
+    // ---- optimizer -------------------------------------------------------------------
+    const double P = static_cast<double>(m.parameters().total());
+    const int zero = s.dp > 1 ? s.zero_stage : 0;
+    const double p_local = zero >= 1 ? P / static_cast<double>(s.dp) : P;
+    const double pw = s.precision == Precision::AmpFp32 ? 4 : 2, pg = s.precision == Precision::PureBf16 ? 2 : 4;
+    const double sd = s.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
+    double per_param = 0;  // bytes read + written per parameter by the update
+    switch (s.optimizer) {
+        case Optimizer::AdamW: per_param = pw + pg + 2 * sd + pw + 2 * sd; break;
+        case Optimizer::AdamW8bit: per_param = pw + pg + 2 + pw + 2; break;
+        case Optimizer::SgdMomentum: per_param = pw + pg + sd + pw + sd; break;
+    }
+    if (s.precision == Precision::Bf16Master) per_param += 8;
+    out.optimizer_seconds = p_local * per_param / (gpu.hbm_gbps * 1e9 * cal.memory_bound_efficiency);
+
+    // ---- offload: each checkpoint goes to the host after its layer and comes back before its
+    // recompute; a transfer hides behind one layer's compute.
+    if (s.offload_checkpoints && gpu.host_link_gbps > 0) {
+        const double transfer = T * d * rb / (gpu.host_link_gbps * 1e9 * cal.memory_bound_efficiency);
+        const double layer_fwd = fwd / L, layer_bwd = (bwd + out.recompute_seconds) / L;
+        out.offload_exposed_seconds = ckpt * (std::max(0.0, transfer - layer_fwd) + std::max(0.0, transfer - layer_bwd));
+    }
+
+    // ---- communication ---------------------------------------------------------------
+    const double ga = static_cast<double>(s.grad_accum);
+    double overlapped = 0, exposed = 0;
+    if (s.dp > 1) {
+        const double N = static_cast<double>(s.dp);
+        const double bw = link_gbps(gpu, cluster, s.dp, s.sp) * 1e9;
+        const double ring = (N - 1) / N;
+        const double grad_bytes = P * pg, param_bytes = P * pw;
+        double per_step = 0;
+        if (zero <= 1) per_step = 2 * ring * grad_bytes / bw;                       // all-reduce once per step
+        else if (zero == 2) per_step = ga * ring * grad_bytes / bw + ring * param_bytes / bw;  // RS per micro-step, AG after step
+        else per_step = ga * ((2 + ckpt / L) * ring * param_bytes + ring * grad_bytes) / bw;  // AG fwd, bwd, recompute; RS
+        overlapped += per_step;
+    }
+    if (s.sp > 1) {
+        // Ulysses all-to-all of q, k, v and o (and their gradients) per layer and pass.
+        const double p = static_cast<double>(s.sp);
+        const double bw = link_gbps(gpu, cluster, s.sp, 1) * 1e9;
+        const double bytes = (p - 1) / p * T * (2 * qd + 2 * kvd) * 2;
+        exposed += ga * (2 * L + ckpt) * bytes / bw;
+    }
+    out.comm_seconds = overlapped + exposed;
+    const double compute = ga * (out.forward_seconds + out.backward_seconds + out.recompute_seconds);
+    out.comm_exposed_seconds = exposed + std::max(0.0, overlapped - compute);
+
+    out.step_seconds = compute + ga * out.offload_exposed_seconds + out.optimizer_seconds + out.comm_exposed_seconds;
+
+    // ---- model FLOPs (no recompute): 6 N per token for the matmul weights (the embedding
+    // lookup is not a matmul, the LM head is), plus causal attention 3 x 4 x hd x pairs per head.
+    const auto pc = m.parameters();
+    const double n_matmul = static_cast<double>(pc.attention + pc.mlp) + V * d;
+    const double tokens_gpu = ga * T;
+    const double attn = 12.0 * static_cast<double>(m.head_dim) * heads_local * B * pairs * L;
+    out.model_flops = 6 * n_matmul * tokens_gpu + ga * attn;
+    out.tokens_per_second = tokens_gpu / out.step_seconds;
+    out.mfu = out.model_flops / (out.step_seconds * roof.peak_flops());
+    return out;
+}
+
+}  // namespace mst
