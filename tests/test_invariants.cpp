@@ -267,9 +267,12 @@ TEST_CASE("the tuner's fast path reports exactly the peaks of the recorded timel
     Random r(7);
     GpuProfile gpu = test_gpu();
     gpu.calibration.cublas_workspace_bytes = 8 * kMiB;
-    for (int i = 0; i < 100; ++i) {
+    for (int i = 0; i < 200; ++i) {
         const ModelSpec m = random_model(r);
-        const TrainingSetup s = random_setup(r, m);
+        TrainingSetup s = random_setup(r, m);
+        // Many chunks, so that the fast path's skipped repeats are exercised.
+        if (r.coin()) s.mlp_chunks = std::min<std::int64_t>(s.local_tokens(), r.in(3, 40));
+        if (r.coin()) s.lm_chunks = std::min<std::int64_t>(s.local_tokens(), r.in(3, 40));
         CAPTURE(i);
         const Estimate e = estimate(m, s, gpu);
         const MemoryPeaks p = simulate_peaks(m, s, gpu);

@@ -22,7 +22,10 @@ struct MemoryPeaks {
     bytes_t peak_reserved_bytes = 0;   // caching-allocator segments
     bytes_t host_peak_bytes = 0;       // offloaded checkpoints
 };
-MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
+// Without `allocator`, only peak_bytes and host_peak_bytes are filled (several times faster):
+// enough to rule a setup out, since reserved >= allocated >= requested.
+MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu,
+                           bool allocator = true);
 
 // Everything `estimate` prints: the timeline and its views.
 struct Estimate {

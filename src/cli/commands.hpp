@@ -9,5 +9,6 @@ namespace mst::cli {
 
 void add_catalog_commands(CLI::App& app, const GlobalOptions& global);  // models, gpus, show, devices
 void add_estimate_command(CLI::App& app, const GlobalOptions& global);
+void add_tuner_commands(CLI::App& app, const GlobalOptions& global);  // recommend, max-seq, bench tuner
 
 }  // namespace mst::cli

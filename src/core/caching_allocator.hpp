@@ -47,15 +47,15 @@ public:
             pool.insert({remaining, seg, offset + size});
         }
         blocks[offset] = Block{used, false};
-        where_[tensor] = {seg, offset, small};
+        where(tensor) = {seg, offset, small};
         allocated_ += used;
     }
 
     void release(std::int64_t tensor) {
-        auto w = where_.find(tensor);
-        if (w == where_.end()) return;
-        const auto [seg, offset, small] = w->second;
-        where_.erase(w);
+        Where& w = where(tensor);
+        if (w.seg < 0) return;
+        const auto [seg, offset, small] = w;
+        w.seg = -1;
         auto& pool = free_[small ? 0 : 1];
         auto& blocks = segments_[static_cast<std::size_t>(seg)];
         auto it = blocks.find(offset);
@@ -89,14 +89,23 @@ private:
         bool free;
     };
     struct Where {
-        std::int64_t seg;
-        bytes_t offset;
-        bool small;
+        std::int64_t seg = -1;  // -1: not allocated
+        bytes_t offset = 0;
+        bool small = false;
     };
+    // Tensor ids are dense in timelines mst-plan writes; others fall back to a hash map.
+    Where& where(std::int64_t tensor) {
+        if (tensor >= 0 && tensor < (std::int64_t{1} << 24)) {
+            if (static_cast<std::size_t>(tensor) >= dense_.size()) dense_.resize(static_cast<std::size_t>(tensor) * 2 + 16);
+            return dense_[static_cast<std::size_t>(tensor)];
+        }
+        return sparse_[tensor];
+    }
     AllocatorConstants c_;
     std::vector<std::map<bytes_t, Block>> segments_;
     std::set<std::tuple<bytes_t, std::int64_t, bytes_t>> free_[2];  // (size, segment, offset): best fit first
-    std::unordered_map<std::int64_t, Where> where_;
+    std::vector<Where> dense_;
+    std::unordered_map<std::int64_t, Where> sparse_;
     bytes_t allocated_ = 0, reserved_ = 0;
 };
 

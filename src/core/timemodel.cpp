@@ -18,6 +18,15 @@ double causal_pairs(std::int64_t seq_len, std::int64_t window) {
 
 namespace {
 
+// chunk_sizes() as (size, how many) pairs: at most two distinct sizes.
+std::vector<std::pair<double, double>> chunk_groups(std::int64_t tokens, std::int64_t chunks) {
+    const std::int64_t q = tokens / chunks, r = tokens % chunks;
+    std::vector<std::pair<double, double>> g;
+    if (r > 0) g.push_back({static_cast<double>(q + 1), static_cast<double>(r)});
+    if (chunks - r > 0 && q > 0) g.push_back({static_cast<double>(q), static_cast<double>(chunks - r)});
+    return g;
+}
+
 class Roofline {
 public:
     explicit Roofline(const GpuProfile& g)
@@ -113,23 +122,19 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         t += g.gemm("attn.o_proj" + sfx, T, d, qd);
         t += g.memory("residual" + sfx, 3 * T * d * rb, 2);
         // MLP per mini-sequence: each chunk re-reads the weights and launches its own kernels.
-        const auto sizes = chunk_sizes(s.local_tokens(), s.mlp_chunks);
-        for (std::int64_t n64 : sizes) {
-            const double n = static_cast<double>(n64);
-            t += g.gemm("mlp.gate_up" + sfx, n, 2 * I, d);
-            t += g.memory("mlp.act" + sfx, 3 * n * I * 2);
-            t += g.gemm("mlp.down" + sfx, n, d, I);
+        for (const auto& [n, count] : chunk_groups(s.local_tokens(), s.mlp_chunks)) {
+            t += g.gemm("mlp.gate_up" + sfx, n, 2 * I, d, count);
+            t += g.memory("mlp.act" + sfx, 3 * n * I * 2, count);
+            t += g.gemm("mlp.down" + sfx, n, d, I, count);
         }
         return t;
     };
     auto mlp_forward_only = [&](Ledger& g, const char* tag) {
         double t = 0;
         const std::string sfx = fmt::format(" ({})", tag);
-        for (std::int64_t n64 : chunk_sizes(s.local_tokens(), s.mlp_chunks)) {
-            const double n = static_cast<double>(n64);
-            t += g.gemm("mlp.gate_up" + sfx, n, 2 * I, d) + g.memory("mlp.act" + sfx, 3 * n * I * 2) +
-                 g.gemm("mlp.down" + sfx, n, d, I);
-        }
+        for (const auto& [n, count] : chunk_groups(s.local_tokens(), s.mlp_chunks))
+            t += g.gemm("mlp.gate_up" + sfx, n, 2 * I, d, count) + g.memory("mlp.act" + sfx, 3 * n * I * 2, count) +
+                 g.gemm("mlp.down" + sfx, n, d, I, count);
         return t;
     };
     auto layer_backward = [&](Ledger& g) {
@@ -146,11 +151,10 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         }
         t += g.gemm("attn.o_proj (bwd)", T, qd, d) + g.gemm("attn.o_proj (bwd)", d, qd, T);
         t += g.memory("residual (bwd)", 3 * T * d * rb, 2);
-        for (std::int64_t n64 : chunk_sizes(s.local_tokens(), s.mlp_chunks)) {
-            const double n = static_cast<double>(n64);
-            t += g.gemm("mlp.down (bwd)", n, I, d) + g.gemm("mlp.down (bwd)", d, I, n);
-            t += g.memory("mlp.act (bwd)", 5 * n * I * 2);
-            t += g.gemm("mlp.gate_up (bwd)", n, d, 2 * I) + g.gemm("mlp.gate_up (bwd)", 2 * I, d, n);
+        for (const auto& [n, count] : chunk_groups(s.local_tokens(), s.mlp_chunks)) {
+            t += g.gemm("mlp.down (bwd)", n, I, d, count) + g.gemm("mlp.down (bwd)", d, I, n, count);
+            t += g.memory("mlp.act (bwd)", 5 * n * I * 2, count);
+            t += g.gemm("mlp.gate_up (bwd)", n, d, 2 * I, count) + g.gemm("mlp.gate_up (bwd)", 2 * I, d, n, count);
         }
         return t;
     };
@@ -181,18 +185,17 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
             head_bwd += head.memory("lm_head.softcap (bwd)", 16 * T * V, 3);
         }
     } else {
-        for (std::int64_t n64 : chunk_sizes(s.local_tokens(), s.lm_chunks)) {
-            const double n = static_cast<double>(n64);
-            head_fwd += head.gemm("lm_head (fwd)", n, V, d);
+        for (const auto& [n, count] : chunk_groups(s.local_tokens(), s.lm_chunks)) {
+            head_fwd += head.gemm("lm_head (fwd)", n, V, d, count);
             if (s.lm_impl == LmHeadImpl::Recompute) {
-                head_fwd += head.memory("loss (fwd)", 18 * n * V, 3);
-                head_bwd += head.gemm("lm_head (recompute)", n, V, d);
-                head_bwd += head.memory("loss (bwd)", 12 * n * V, 2);  // upcast, softmax - onehot in place, cast
-                head_bwd += head.gemm("lm_head (bwd)", n, d, V) + head.gemm("lm_head (bwd)", V, d, n);
+                head_fwd += head.memory("loss (fwd)", 18 * n * V, 3 * count);
+                head_bwd += head.gemm("lm_head (recompute)", n, V, d, count);
+                head_bwd += head.memory("loss (bwd)", 12 * n * V, 2 * count);  // upcast, softmax - onehot in place, cast
+                head_bwd += head.gemm("lm_head (bwd)", n, d, V, count) + head.gemm("lm_head (bwd)", V, d, n, count);
             } else {
                 // Fused: softmax-CE forward and gradient in one pass, both GEMMs inside forward.
-                head_fwd += head.memory("loss (fwd, fused)", 6 * n * V);
-                head_fwd += head.gemm("lm_head (bwd in fwd)", n, d, V) + head.gemm("lm_head (bwd in fwd)", V, d, n);
+                head_fwd += head.memory("loss (fwd, fused)", 6 * n * V, count);
+                head_fwd += head.gemm("lm_head (bwd in fwd)", n, d, V, count) + head.gemm("lm_head (bwd in fwd)", V, d, n, count);
             }
         }
     }

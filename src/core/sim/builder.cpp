@@ -9,8 +9,9 @@
 
 namespace mst::sim {
 
-StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool record)
-    : m_(model), s_(setup), gpu_(gpu), record_(record), allocator_(gpu.calibration.allocator) {
+StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool record,
+                         bool allocator)
+    : m_(model), s_(setup), gpu_(gpu), record_(record), model_allocator_(allocator), allocator_(gpu.calibration.allocator) {
     switch (s_.precision) {
         case Precision::PureBf16: pw_ = 2, pg_ = 2, rb_ = 2; break;
         case Precision::Bf16Master: pw_ = 2, pg_ = 4, rb_ = 2; break;
@@ -65,6 +66,7 @@ void StepBuilder::account(std::int64_t id, bytes_t bytes, Device device, bool al
     }
     live_ += alloc ? bytes : -bytes;
     peaks_.peak_bytes = std::max(peaks_.peak_bytes, live_);
+    if (!model_allocator_) return;
     if (alloc) allocator_.allocate(id, bytes);
     else allocator_.release(id);
     peaks_.peak_allocated_bytes = std::max(peaks_.peak_allocated_bytes, allocator_.allocated());
@@ -79,6 +81,15 @@ T StepBuilder::saved(T t) {
 T StepBuilder::hold(T t) {
     if (t.valid()) ++table_[static_cast<std::size_t>(t.id)].refs;
     return t;
+}
+
+std::vector<std::int64_t> StepBuilder::transient_chunks(std::int64_t chunks) const {
+    std::vector<std::int64_t> sizes = chunk_sizes(tokens_, chunks);
+    if (record_) return sizes;
+    std::vector<std::int64_t> kept;
+    for (std::size_t i = 0; i < sizes.size(); ++i)
+        if (i < 2 || sizes[i] != sizes[i - 1] || sizes[i] != sizes[i - 2]) kept.push_back(sizes[i]);
+    return kept;
 }
 
 bytes_t StepBuilder::elems(std::int64_t rows, std::int64_t cols, int bytes_per_element) const {

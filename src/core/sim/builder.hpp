@@ -66,7 +66,8 @@ struct HeadSaved {
 class StepBuilder {
 public:
     // record: keep every event (simulate); otherwise only the running peaks (the tuner's fast path).
-    StepBuilder(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool record);
+    StepBuilder(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool record,
+                bool allocator = true);
     Timeline run();
     MemoryPeaks peaks() const { return peaks_; }
 
@@ -123,6 +124,14 @@ private:
     void head_forward(T x_last, HeadSaved& hs);
     T head_backward(HeadSaved& hs);  // returns the residual-stream gradient buffer
 
+    // The chunk sizes of a loop whose iterations each free all they allocate (tiled MLP, LM head).
+    // Recording, all of them. For peaks only, a third and later chunk of the same size is
+    // dropped: it repeats the second exactly (same bytes, and the caching allocator hands
+    // back the blocks the second one freed), so it cannot raise a peak; first-chunk effects
+    // (gradient buffers, preallocated outputs) happen in the first. A test holds the two
+    // paths equal.
+    std::vector<std::int64_t> transient_chunks(std::int64_t chunks) const;
+
     void micro_step(int micro);
     void optimizer_step();
 
@@ -153,6 +162,7 @@ private:
     std::vector<Live> table_;
     Timeline tl_;
     bool record_ = true;
+    bool model_allocator_ = true;  // fast path: replay the caching allocator online
     bytes_t live_ = 0, host_live_ = 0;
     MemoryPeaks peaks_;
     detail::CachingAllocatorModel allocator_;

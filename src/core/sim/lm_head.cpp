@@ -80,7 +80,7 @@ void StepBuilder::head_forward(T x_last, HeadSaved& hs) {
         return;
     }
 
-    const auto chunks = chunk_sizes(tokens_, s_.lm_chunks);
+    const auto chunks = transient_chunks(s_.lm_chunks);
     if (!fused) {
         hs.hf = saved(hin);
         NoGrad no_grad(*this);
@@ -148,7 +148,7 @@ T StepBuilder::head_backward(HeadSaved& hs) {
         T w_copy;  // AMP: the recompute's own bf16 weight copy
         if (s_.precision == Precision::AmpFp32)
             w_copy = alloc("autocast_bf16", checked_mul(params_[static_cast<std::size_t>(lm_head_)].numel, 2), Category::Weights);
-        for (std::int64_t n : chunk_sizes(tokens_, s_.lm_chunks)) {
+        for (std::int64_t n : transient_chunks(s_.lm_chunks)) {
             T lc = alloc("logits", bf16(n, V), Category::Transient);
             T lf = alloc("logits_fp32", f32(n, V), Category::Transient);
             drop(lc);

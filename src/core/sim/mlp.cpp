@@ -47,7 +47,7 @@ T StepBuilder::mlp_forward(int l, T h2, LayerSaved& sv) {
     if (s_.mlp_chunks > 1 && s_.mlp_impl == MlpImpl::Tiled) {
         sv.h2 = saved(hin);
         NoGrad no_grad(*this);
-        for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) mlp_chunk_forward(lp, n, y, nullptr);
+        for (std::int64_t n : transient_chunks(s_.mlp_chunks)) mlp_chunk_forward(lp, n, y, nullptr);
     } else {
         for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
             MlpChunk c;
@@ -86,7 +86,7 @@ T StepBuilder::mlp_backward(int l, LayerSaved& sv, T dy) {
     };
 
     if (s_.mlp_chunks > 1 && s_.mlp_impl == MlpImpl::Tiled) {
-        for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
+        for (std::int64_t n : transient_chunks(s_.mlp_chunks)) {
             at("mlp.recompute");
             use_weight(lp.gate);
             use_weight(lp.up);

@@ -129,9 +129,9 @@ Timeline simulate(const ModelSpec& model, const TrainingSetup& setup, const GpuP
     return sim::StepBuilder(model, setup, gpu, true).run();
 }
 
-MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu) {
+MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool allocator) {
     validate(setup, model);
-    sim::StepBuilder b(model, setup, gpu, false);
+    sim::StepBuilder b(model, setup, gpu, false, allocator);
     b.run();
     return b.peaks();
 }

@@ -1,0 +1,91 @@
+#pragma once
+// The tuner: searches the setups that fit and picks the fastest (`recommend`), and
+// finds the longest sequence each strategy fits (`max-seq`).
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mst/gpu.hpp"
+#include "mst/model.hpp"
+#include "mst/plan.hpp"
+#include "mst/setup.hpp"
+#include "mst/simulate.hpp"
+#include "mst/timemodel.hpp"
+
+namespace mst {
+
+// Knobs the user fixed (`--pin key=value`); unset ones are searched.
+struct Pins {
+    std::optional<std::int64_t> mlp_chunks, lm_chunks, sp, micro_batch, checkpoint_count;
+    std::optional<int> zero_stage;
+    std::optional<MlpImpl> mlp_impl;
+    std::optional<LmHeadImpl> lm_impl;
+    std::optional<bool> offload;
+    std::optional<std::vector<bool>> checkpoint;  // an explicit placement
+};
+// "M_mlp=8", "zero=3", "checkpoint=spread:8", "offload=yes", ... into `pins`.
+void parse_pin(const std::string& text, const ModelSpec& model, Pins& pins);
+
+struct TuneRequest {
+    ModelSpec model;
+    GpuProfile gpu;
+    std::int64_t gpus = 1;
+    std::int64_t seq_len = 4096;
+    std::optional<std::int64_t> tokens_per_step;  // global; micro-batch and accumulation reach it
+    TrainingSetup base;   // precision, optimizer, attention ...: not searched
+    Pins pins;
+    bool allow_offload = true;
+    bool allow_optimizer_in_backward = false;
+    double safety_margin = 0.03;                 // fraction of usable memory kept free
+    bytes_t host_bytes_per_gpu = 128 * kGiB;     // pinned host memory an offloading rank may use
+    ClusterShape cluster;
+};
+
+struct Candidate {
+    TrainingSetup setup;
+    MemoryPeaks memory;
+    StepTime time;
+};
+
+struct Recommendation {
+    bool found = false;
+    Candidate best;
+    std::vector<Candidate> pareto;  // fitting setups no other beats in both memory and speed, by memory
+    std::string why;
+    std::int64_t simulations = 0;
+    bytes_t budget_bytes = 0;       // usable memory minus the safety margin
+};
+
+Recommendation recommend(const TuneRequest& request);
+Plan to_plan(const Recommendation& r, const TuneRequest& request, const std::string& model_ref, const std::string& gpu_ref);
+
+// ---- max-seq -------------------------------------------------------------------------
+struct Strategy {
+    std::string name;
+    TrainingSetup setup;  // seq_len and chunk counts are set per length tried
+    bool mst = false;     // MsT chunks of hidden_size tokens (the ALST / HF heuristic)
+};
+
+struct MaxSeqRow {
+    std::string strategy;
+    std::int64_t max_seq = 0;  // 0: not even the shortest length fits
+    MemoryPeaks memory;        // at max_seq
+    TrainingSetup setup;       // at max_seq
+};
+
+struct MaxSeqResult {
+    std::vector<MaxSeqRow> rows;
+    bytes_t budget_bytes = 0;
+    bytes_t persistent_bytes = 0;     // weights, master, gradients, optimizer states, workspace
+    std::int64_t checkpoint_floor_seq = 0;  // the length at which one checkpoint per layer fills what is left
+};
+
+// The strategies side by side: no checkpointing, full checkpointing, + MsT, + offload,
+// + sequence parallelism (when gpus > 1). `user` adds a row under the user's own knobs.
+MaxSeqResult max_seq(const TuneRequest& request, const std::optional<TrainingSetup>& user);
+
+// Longest multiple of `granule` tokens that fits `budget` under `strategy` (0 when none).
+std::int64_t longest_fitting(const ModelSpec& model, const GpuProfile& gpu, const Strategy& strategy,
+                             bytes_t budget, bytes_t host_budget, std::int64_t granule, MaxSeqRow* row = nullptr);
+
+}  // namespace mst

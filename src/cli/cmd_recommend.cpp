@@ -1,0 +1,262 @@
+// recommend, max-seq, bench tuner: the tuner's commands.
+#include <chrono>
+#include <fstream>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "commands.hpp"
+#include "mst/catalog.hpp"
+#include "mst/error.hpp"
+#include "mst/tune.hpp"
+#include "setup_options.hpp"
+
+namespace mst::cli {
+
+namespace {
+
+// Options every tuner command shares: the cluster, the fixed training choices, pins.
+struct TunerArgs {
+    std::string model, gpu = "h100-sxm-80gb", out;
+    std::int64_t gpus = 1, seq = 0, tokens_per_step = 0;
+    std::vector<std::string> pins, allows;
+    double margin = 0.03, host_gib = 128;
+    std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention = "flash";
+
+    // training_knobs: --seq, --precision, ... here (recommend), or from SetupOptions (max-seq).
+    void add_to(CLI::App& cmd, bool training_knobs) {
+        cmd.add_option("--model", model, "Catalog name or path to a config.json")->required();
+        cmd.add_option("--gpu", gpu, "GPU profile name or path")->capture_default_str();
+        cmd.add_option("--gpus", gpus, "Number of GPUs (data x sequence parallel)")->capture_default_str();
+        cmd.add_option("--margin", margin, "Fraction of usable memory kept free")->capture_default_str();
+        cmd.add_option("--host-gib", host_gib, "Pinned host memory per GPU for offloaded checkpoints (GiB)")->capture_default_str();
+        cmd.add_option("--allow", allows, "offload=yes|no, optimizer-in-backward=yes|no (default: offload yes, the other no)");
+        if (!training_knobs) return;
+        cmd.add_option("--seq", seq, "Sequence length in tokens")->capture_default_str();
+        cmd.add_option("--precision", precision, "pure-bf16 | bf16-master | amp")->capture_default_str();
+        cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
+        cmd.add_option("--optimizer-state-dtype", state_dtype, "fp32 | bf16");
+        cmd.add_option("--attention", attention, "flash | eager")->capture_default_str();
+    }
+
+    TuneRequest request() const {
+        TuneRequest rq;
+        rq.model = find_model(model);
+        for (const auto& w : rq.model.warnings) warn(fmt::format("{}: {}", rq.model.source, w));
+        rq.gpu = find_gpu(gpu);
+        rq.gpus = gpus;
+        if (gpus < 1) fail("command line", "gpus", fmt::format("expected a positive count, got {}", gpus));
+        if (margin < 0 || margin >= 1) fail("command line", "margin", fmt::format("expected a fraction in [0, 1), got {}", margin));
+        rq.safety_margin = margin;
+        rq.host_bytes_per_gpu = static_cast<bytes_t>(host_gib * static_cast<double>(kGiB));
+        rq.base.precision = parse_precision(precision, "command line");
+        rq.base.optimizer = parse_optimizer(optimizer, "command line");
+        if (!state_dtype.empty()) rq.base.state_dtype = parse_state_dtype(state_dtype, "command line");
+        rq.base.attention = parse_attention(attention, "command line");
+        if (seq > 0) rq.seq_len = seq;
+        if (tokens_per_step > 0) rq.tokens_per_step = tokens_per_step;
+        for (const auto& p : pins) parse_pin(p, rq.model, rq.pins);
+        for (const auto& a : allows) {
+            const auto eq = a.find('=');
+            const std::string key = a.substr(0, eq), value = eq == std::string::npos ? "" : a.substr(eq + 1);
+            bool yes = false;
+            if (value == "yes" || value == "true") yes = true;
+            else if (value != "no" && value != "false") fail("--allow", key, fmt::format("expected yes or no, got '{}'", value));
+            if (key == "offload") rq.allow_offload = yes;
+            else if (key == "optimizer-in-backward") rq.allow_optimizer_in_backward = yes;
+            else fail("--allow", key, "expected offload or optimizer-in-backward");
+        }
+        return rq;
+    }
+};
+
+std::string describe_chunks(const TrainingSetup& s) {
+    auto one = [](std::int64_t m, const std::string& impl) { return m == 1 ? std::string("1") : fmt::format("{} ({})", m, impl); };
+    return fmt::format("MLP {}, LM head {}", one(s.mlp_chunks, to_string(s.mlp_impl)), one(s.lm_chunks, to_string(s.lm_impl)));
+}
+
+std::string wrap(const std::string& text, std::size_t width) {
+    std::string out, line;
+    std::size_t pos = 0;
+    while (pos < text.size()) {
+        std::size_t next = text.find(' ', pos);
+        if (next == std::string::npos) next = text.size();
+        const std::string word = text.substr(pos, next - pos);
+        if (!line.empty() && line.size() + 1 + word.size() > width) out += line + "\n", line.clear();
+        line += (line.empty() ? "" : " ") + word;
+        pos = next + 1;
+    }
+    return out + line + "\n";
+}
+
+void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
+    const TuneRequest rq = a.request();
+    const auto t0 = std::chrono::steady_clock::now();
+    const Recommendation r = recommend(rq);
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (!r.found) {
+        throw UserError(fmt::format("{}: no setup fits {} tokens on {} x {} within {} (try more GPUs, --allow offload=yes, "
+                                    "a shorter --seq or fewer pins)",
+                                    rq.model.name, rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes)));
+    }
+    const Plan plan = to_plan(r, rq, a.model, a.gpu);
+    if (!a.out.empty()) {
+        std::ofstream f(a.out);
+        if (!f) fail(a.out, "file", "expected a writable path");
+        f << to_json(plan).dump(2) << "\n";
+    }
+    if (g.json) {
+        nlohmann::json front = nlohmann::json::array();
+        for (const auto& c : r.pareto)
+            front.push_back({{"setup", to_json(c.setup)},
+                             {"peak_reserved_bytes", c.memory.peak_reserved_bytes},
+                             {"tokens_per_second", c.time.tokens_per_second},
+                             {"mfu", c.time.mfu}});
+        return print_json({{"plan", to_json(plan)}, {"pareto", front}, {"simulations", r.simulations}, {"search_ms", ms}});
+    }
+    const TrainingSetup& s = r.best.setup;
+    fmt::print("{} on {} x {}, sequence {} tokens\n\n", rq.model.display_name, rq.gpus, rq.gpu.display_name, rq.seq_len);
+    Table t({"recommended", ""});
+    t.row({"mini-sequences", describe_chunks(s)});
+    t.row({"checkpointing", s.checkpointed_count() == 0 ? "none"
+                                                         : fmt::format("{} of {} layers ({}){}", s.checkpointed_count(),
+                                                                       rq.model.num_layers, describe_checkpoints(s.checkpoint),
+                                                                       s.offload_checkpoints ? ", offloaded to host" : "")});
+    t.row({"parallelism", fmt::format("dp {} (ZeRO {}), Ulysses sp {}", s.dp, s.zero_stage, s.sp)});
+    t.row({"batch", fmt::format("micro-batch {} x {} accumulation x dp {} = {} tokens per step", s.micro_batch, s.grad_accum,
+                                s.dp, s.micro_batch * s.grad_accum * s.dp * s.seq_len)});
+    t.row({"optimizer", fmt::format("{} ({} states){}, {}", to_string(s.optimizer), to_string(s.effective_state_dtype()),
+                                    s.optimizer_in_backward ? ", stepped in backward" : "", to_string(s.precision))});
+    t.row({"memory", fmt::format("{} allocated, {} reserved of {} budget", format_bytes(r.best.memory.peak_allocated_bytes),
+                                 format_bytes(r.best.memory.peak_reserved_bytes), format_bytes(r.budget_bytes))});
+    t.row({"throughput", fmt::format("{:.0f} tokens/s per GPU, MFU {:.1f} %, {:.2f} s per step", r.best.time.tokens_per_second,
+                                     100 * r.best.time.mfu, r.best.time.step_seconds)});
+    t.print();
+    fmt::print("\nwhy: {}\n", wrap(r.why, 100));
+    if (r.pareto.size() > 1) {
+        Table p({"reserved", "tokens/s", "MFU", "mini-sequences", "checkpoint", "offload", "dp/zero/sp"});
+        for (const auto& c : r.pareto)
+            p.row({format_bytes(c.memory.peak_reserved_bytes), fmt::format("{:.0f}", c.time.tokens_per_second),
+                   fmt::format("{:.1f} %", 100 * c.time.mfu), describe_chunks(c.setup),
+                   fmt::format("{}/{}", c.setup.checkpointed_count(), rq.model.num_layers), c.setup.offload_checkpoints ? "yes" : "no",
+                   fmt::format("{}/{}/{}", c.setup.dp, c.setup.zero_stage, c.setup.sp)});
+        fmt::print("memory-vs-throughput front (runner-ups):\n");
+        p.print();
+    }
+    fmt::print("\nsearched with {} simulations in {:.0f} ms{}\n", r.simulations, ms, a.out.empty() ? "" : "; plan written to " + a.out);
+}
+
+void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions& knobs, bool user_knobs) {
+    TuneRequest rq = a.request();
+    rq.base = knobs.build(rq.model);  // precision, optimizer, attention, micro-batch ...
+    std::optional<TrainingSetup> user;
+    if (user_knobs) user = rq.base;
+    const MaxSeqResult r = max_seq(rq, user);
+    if (g.json) {
+        nlohmann::json rows = nlohmann::json::array();
+        for (const auto& row : r.rows)
+            rows.push_back({{"strategy", row.strategy},
+                            {"max_seq", row.max_seq},
+                            {"peak_reserved_bytes", row.memory.peak_reserved_bytes},
+                            {"host_bytes", row.memory.host_peak_bytes},
+                            {"setup", to_json(row.setup)}});
+        return print_json({{"model", rq.model.name},
+                           {"gpu", rq.gpu.name},
+                           {"gpus", rq.gpus},
+                           {"budget_bytes", r.budget_bytes},
+                           {"persistent_bytes", r.persistent_bytes},
+                           {"checkpoint_floor_seq", r.checkpoint_floor_seq},
+                           {"rows", rows}});
+    }
+    fmt::print("{} on {} x {} ({}, {}): longest sequence per strategy (micro-batch {})\n\n", rq.model.display_name, rq.gpus,
+               rq.gpu.display_name, to_string(rq.base.precision), to_string(rq.base.optimizer), rq.base.micro_batch);
+    const std::int64_t base = r.rows.empty() ? 0 : r.rows.front().max_seq;
+    Table t({"strategy", "max seq", "vs none", "reserved at max", "host"});
+    for (const auto& row : r.rows)
+        t.row({row.strategy, row.max_seq > 0 ? fmt::format("{}", row.max_seq) : "does not fit",
+               base > 0 && row.max_seq > 0 ? fmt::format("{:.1f}x", static_cast<double>(row.max_seq) / static_cast<double>(base)) : "-",
+               row.max_seq > 0 ? format_bytes(row.memory.peak_reserved_bytes) : "-",
+               row.memory.host_peak_bytes > 0 ? format_bytes(row.memory.host_peak_bytes) : "-"});
+    t.print();
+    fmt::print("\nbudget {} ({} safety margin); weights, gradients and optimizer states take {}, leaving {}.\n"
+               "One checkpoint per layer fills what is left at {} tokens: beyond that only offload or sequence "
+               "parallelism help.\n",
+               format_bytes(r.budget_bytes), fmt::format("{:.0f} %", 100 * rq.safety_margin), format_bytes(r.persistent_bytes),
+               format_bytes(r.budget_bytes - r.persistent_bytes), r.checkpoint_floor_seq);
+    fmt::print("MsT rows chunk the MLP and LM head in mini-sequences of hidden_size tokens; lengths are multiples of 1024 "
+               "tokens (x sp).\n");
+}
+
+void run_bench_tuner(const GlobalOptions& g) {
+    struct Case {
+        const char* model;
+        const char* gpu;
+        std::int64_t gpus, seq;
+    };
+    const Case cases[] = {{"llama-3-8b", "a100-80gb", 1, 32768},
+                          {"llama-3-8b", "h100-sxm-80gb", 1, 65536},
+                          {"llama-3-8b", "h100-sxm-80gb", 8, 262144},
+                          {"llama-3.1-70b", "h100-sxm-80gb", 64, 131072}};
+    nlohmann::json out = nlohmann::json::array();
+    Table t({"model", "gpus", "seq", "simulations", "ms", "target ms"});
+    for (const auto& c : cases) {
+        TuneRequest rq;
+        rq.model = find_model(c.model);
+        rq.gpu = find_gpu(c.gpu);
+        rq.gpus = c.gpus;
+        rq.seq_len = c.seq;
+        const auto t0 = std::chrono::steady_clock::now();
+        const Recommendation r = recommend(rq);
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        const double target = c.gpus == 1 ? 1000 : 10000;
+        t.row({c.model, std::to_string(c.gpus), std::to_string(c.seq), std::to_string(r.simulations), fmt::format("{:.0f}", ms),
+               fmt::format("{:.0f}", target)});
+        out.push_back({{"model", c.model}, {"gpus", c.gpus}, {"seq", c.seq}, {"simulations", r.simulations},
+                       {"ms", ms}, {"target_ms", target}, {"found", r.found}});
+    }
+    if (g.json) return print_json(out);
+    t.print();
+}
+
+}  // namespace
+
+void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
+    auto rec = std::make_shared<TunerArgs>();
+    auto* cmd = app.add_subcommand("recommend",
+                                   "Find the fastest setup that fits: mini-sequence counts, checkpoint placement, offload,\n"
+                                   "micro-batch and parallel layout, with the reasoning\n"
+                                   "  mst-plan recommend --model llama-3-8b --gpu a100-80gb --seq 32768\n"
+                                   "  mst-plan recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 262144 --out plan.json\n"
+                                   "  mst-plan recommend --model llama-3-8b --seq 65536 --pin M_lm=32 --allow offload=no");
+    rec->seq = 8192;
+    rec->add_to(*cmd, true);
+    cmd->add_option("--tokens-per-step", rec->tokens_per_step, "Global tokens per optimizer step (micro-batch x accumulation x dp)");
+    cmd->add_option("--pin", rec->pins, "Fix a knob: M_mlp=8, M_lm=32, mlp_impl=tiled, lm_impl=fused, checkpoint=16|all|0-7, "
+                                        "offload=no, sp=4, zero=3, micro_batch=2");
+    cmd->add_option("--out", rec->out, "Write the plan as JSON (input of `mst-plan emit`)");
+    cmd->callback([&global, rec] { run_recommend(global, *rec); });
+
+    auto ms = std::make_shared<TunerArgs>();
+    auto knobs = std::make_shared<SetupOptions>();
+    auto* mcmd = app.add_subcommand("max-seq",
+                                    "The longest sequence that fits, per strategy: none, checkpointing, + MsT, + offload,\n"
+                                    "+ sequence parallel; with knobs (--checkpoint, --mlp-chunks, ...) also under yours\n"
+                                    "  mst-plan max-seq --model llama-3-8b --gpu a100-80gb\n"
+                                    "  mst-plan max-seq --model llama-3-8b --gpu h100-sxm-80gb --gpus 8");
+    ms->add_to(*mcmd, false);
+    knobs->add_to(*mcmd);  // the training knobs; checkpoint/chunk knobs add a "your setup" row
+    mcmd->callback([&global, ms, knobs, mcmd] {
+        bool user = false;
+        for (const char* k : {"--setup", "--mlp-chunks", "--lm-chunks", "--mlp-chunk-tokens", "--lm-chunk-tokens",
+                              "--checkpoint", "--offload", "--sp", "--zero", "--dp"})
+            user = user || mcmd->count(k) > 0;
+        run_max_seq(global, *ms, *knobs, user);
+    });
+
+    auto* bench = app.add_subcommand("bench", "Benchmarks that print ratios against their targets");
+    bench->require_subcommand(1);
+    bench->add_subcommand("tuner", "Time `recommend` on one GPU (target < 1 s) and on 8 and 64 GPUs (target < 10 s)")
+        ->callback([&global] { run_bench_tuner(global); });
+}
+
+}  // namespace mst::cli

@@ -1,0 +1,479 @@
+#include "mst/tune.hpp"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <map>
+#include <tuple>
+
+#include <fmt/format.h>
+
+#include "mst/error.hpp"
+
+namespace mst {
+
+// ---- pins ------------------------------------------------------------------------------
+
+namespace {
+
+std::int64_t pin_int(const std::string& key, const std::string& value, std::int64_t lo, std::int64_t hi) {
+    std::size_t used = 0;
+    std::int64_t v = 0;
+    try {
+        v = std::stoll(value, &used);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    if (used != value.size() || v < lo || v > hi)
+        fail("--pin", key, fmt::format("expected an integer in [{}, {}], got '{}'", lo, hi, value));
+    return v;
+}
+
+bool pin_bool(const std::string& where, const std::string& key, const std::string& value) {
+    if (value == "yes" || value == "true" || value == "on" || value == "1") return true;
+    if (value == "no" || value == "false" || value == "off" || value == "0") return false;
+    fail(where, key, fmt::format("expected yes or no, got '{}'", value));
+}
+
+}  // namespace
+
+void parse_pin(const std::string& text, const ModelSpec& model, Pins& pins) {
+    const auto eq = text.find('=');
+    if (eq == std::string::npos || eq == 0)
+        fail("--pin", text, "expected KEY=VALUE (keys: M_mlp, M_lm, mlp_impl, lm_impl, checkpoint, offload, sp, zero, micro_batch)");
+    const std::string key = text.substr(0, eq), value = text.substr(eq + 1);
+    constexpr std::int64_t kBig = std::int64_t{1} << 30;
+    if (key == "M_mlp" || key == "mlp_chunks") pins.mlp_chunks = pin_int(key, value, 1, kBig);
+    else if (key == "M_lm" || key == "lm_chunks") pins.lm_chunks = pin_int(key, value, 1, kBig);
+    else if (key == "mlp_impl") pins.mlp_impl = parse_mlp_impl(value, "--pin");
+    else if (key == "lm_impl") pins.lm_impl = parse_lm_impl(value, "--pin");
+    else if (key == "sp") pins.sp = pin_int(key, value, 1, kBig);
+    else if (key == "zero") pins.zero_stage = static_cast<int>(pin_int(key, value, 0, 3));
+    else if (key == "micro_batch") pins.micro_batch = pin_int(key, value, 1, kBig);
+    else if (key == "offload") pins.offload = pin_bool("--pin", key, value);
+    else if (key == "checkpoint") {
+        // A plain number is a count (the tuner places them); anything else is a placement.
+        const bool count = !value.empty() && std::all_of(value.begin(), value.end(), [](char ch) {
+            return std::isdigit(static_cast<unsigned char>(ch)) != 0;
+        });
+        if (count) pins.checkpoint_count = pin_int(key, value, 0, model.num_layers);
+        else pins.checkpoint = parse_checkpoint_spec(value, model.num_layers, "--pin");
+    } else {
+        fail("--pin", key, "expected one of M_mlp, M_lm, mlp_impl, lm_impl, checkpoint, offload, sp, zero, micro_batch");
+    }
+}
+
+// ---- recommend -------------------------------------------------------------------------
+
+namespace {
+
+// Below this a chunk's GEMMs stop filling a large GPU (and the MsT paper's chunks are thousands of tokens).
+constexpr std::int64_t kMinChunkTokens = 1024;
+constexpr std::int64_t kMaxChunks = 1024;
+// Setups up to this much slower than the best so far are still evaluated: they are the runner-ups.
+constexpr double kRunnerUpSlack = 1.15;
+
+// Chunk counts worth trying: 1 and powers of two down to chunks of kMinChunkTokens.
+std::vector<std::int64_t> chunk_options(std::int64_t tokens, std::optional<std::int64_t> pinned) {
+    if (pinned) return {*pinned};
+    std::vector<std::int64_t> out{1};
+    for (std::int64_t m = 2; m <= kMaxChunks && tokens / m >= kMinChunkTokens; m *= 2) out.push_back(m);
+    return out;
+}
+
+// Checkpoint the first k layers: they are differentiated last, when the other layers'
+// saved activations are already gone, so their recompute adds least to the peak.
+std::vector<bool> first_layers(std::int64_t k, std::int64_t layers) {
+    std::vector<bool> v(static_cast<std::size_t>(layers), false);
+    for (std::int64_t i = 0; i < k; ++i) v[static_cast<std::size_t>(i)] = true;
+    return v;
+}
+
+class Search {
+public:
+    Search(const TuneRequest& rq, bytes_t budget) : rq_(rq), budget_(budget) {}
+
+    // Within one outer choice a setup is known by its checkpoints and chunk counts: the
+    // binary searches probe the same ones more than once.
+    bool fits(const TrainingSetup& s, MemoryPeaks* out = nullptr) {
+        const auto key = std::make_tuple(s.checkpoint, s.mlp_chunks, s.lm_chunks);
+        if (auto it = memo_.find(key); it != memo_.end()) {
+            if (out) *out = it->second.second;
+            return it->second.first;
+        }
+        MemoryPeaks p;
+        const bool ok = simulate_fits(s, &p);
+        memo_.emplace(key, std::make_pair(ok, p));
+        if (out) *out = p;
+        return ok;
+    }
+
+    bool simulate_fits(const TrainingSetup& s, MemoryPeaks* out) {
+        ++sims_;
+        // Requested bytes first: over budget there means reserved is too (and it is cheaper).
+        const MemoryPeaks quick = simulate_peaks(rq_.model, s, rq_.gpu, false);
+        if (quick.peak_bytes > budget_ || quick.host_peak_bytes > rq_.host_bytes_per_gpu) return false;
+        const MemoryPeaks p = simulate_peaks(rq_.model, s, rq_.gpu);
+        if (out) *out = p;
+        return p.peak_reserved_bytes <= budget_ && p.host_peak_bytes <= rq_.host_bytes_per_gpu;
+    }
+    double seconds(const TrainingSetup& s) const { return predict_time(rq_.model, s, rq_.gpu, rq_.cluster).step_seconds; }
+
+    // Searches checkpoint count and chunk counts for one choice of the outer knobs.
+    void inner(const TrainingSetup& outer) {
+        memo_.clear();
+        const std::int64_t L = rq_.model.num_layers, tokens = outer.local_tokens();
+        const auto mlp_opts = chunk_options(tokens, rq_.pins.mlp_chunks);
+        const auto lm_opts = chunk_options(tokens, rq_.pins.lm_chunks);
+        auto with = [&](std::int64_t k, std::int64_t mm, std::int64_t ml, const std::vector<bool>* placement = nullptr) {
+            TrainingSetup t = outer;
+            t.checkpoint = placement ? *placement : first_layers(k, L);
+            t.offload_checkpoints = outer.offload_checkpoints && t.checkpointed_count() > 0;
+            t.mlp_chunks = mm;
+            t.lm_chunks = ml;
+            return t;
+        };
+        // The fastest this outer choice could be: no recompute, best chunking.
+        auto fastest_at = [&](std::int64_t k, const std::vector<bool>* placement) {
+            double best = 1e300;
+            for (auto mm : mlp_opts)
+                for (auto ml : lm_opts) best = std::min(best, seconds(with(k, mm, ml, placement)));
+            return best;
+        };
+        std::vector<std::pair<std::int64_t, const std::vector<bool>*>> ks;
+        if (rq_.pins.checkpoint) {
+            ks.push_back({0, &*rq_.pins.checkpoint});
+        } else if (rq_.pins.checkpoint_count) {
+            ks.push_back({*rq_.pins.checkpoint_count, nullptr});
+        } else {
+            if (best_ && fastest_at(0, nullptr) >= best_->time.step_seconds * kRunnerUpSlack) return;  // cannot compete
+            if (!fits(with(L, mlp_opts.back(), lm_opts.back()))) return;
+            std::int64_t lo = 0, hi = L;  // fewest checkpointed layers that fit with the most chunks
+            while (lo < hi) {
+                const std::int64_t mid = (lo + hi) / 2;
+                if (fits(with(mid, mlp_opts.back(), lm_opts.back()))) hi = mid;
+                else lo = mid + 1;
+            }
+            for (std::int64_t k = lo, step = 1; k <= L; k = (k == L ? L + 1 : std::min(L, k + step)), step *= 2)
+                ks.push_back({k, nullptr});
+        }
+        // More checkpoints never need more chunks: each k searches below the previous k's counts.
+        std::size_t lm_hi = lm_opts.size() - 1, mlp_hi = mlp_opts.size() - 1;
+        bool first = true;
+        for (const auto& [k, placement] : ks) {
+            // Time grows with k: stop once even the best chunking cannot compete (the first k of
+            // each outer choice may trail by kRunnerUpSlack, to offer runner-ups).
+            if (best_ && fastest_at(k, placement) >= best_->time.step_seconds * (first ? kRunnerUpSlack : 1.0)) break;
+            first = false;
+            // Fewest LM-head chunks that fit with the most MLP chunks, then fewest MLP chunks.
+            const auto smallest = [&](const std::vector<std::int64_t>& opts, std::size_t hi, auto make) -> std::optional<std::size_t> {
+                if (!fits(make(opts[hi]))) return std::nullopt;
+                std::size_t lo = 0;
+                while (lo < hi) {
+                    const std::size_t mid = (lo + hi) / 2;
+                    if (fits(make(opts[mid]))) hi = mid;
+                    else lo = mid + 1;
+                }
+                return lo;
+            };
+            const auto il = smallest(lm_opts, lm_hi, [&](std::int64_t ml) { return with(k, mlp_opts[mlp_hi], ml, placement); });
+            if (!il) continue;
+            const auto im = smallest(mlp_opts, mlp_hi, [&](std::int64_t mm) { return with(k, mm, lm_opts[*il], placement); });
+            if (!im) continue;
+            lm_hi = *il, mlp_hi = *im;
+            // More chunks than needed still fit; keep the fastest (verified below).
+            TrainingSetup pick = with(k, mlp_opts[*im], lm_opts[*il], placement);
+            double pick_s = seconds(pick);
+            for (std::size_t a = *im; a < mlp_opts.size(); ++a)
+                for (std::size_t b = *il; b < lm_opts.size(); ++b) {
+                    TrainingSetup t = with(k, mlp_opts[a], lm_opts[b], placement);
+                    const double ts = seconds(t);
+                    if (ts < pick_s * (1 - 1e-9)) pick = t, pick_s = ts;
+                }
+            MemoryPeaks mem;
+            if (!fits(pick, &mem)) {
+                pick = with(k, mlp_opts[*im], lm_opts[*il], placement);
+                if (!fits(pick, &mem)) continue;  // the loop MLP is not monotone in M
+            }
+            consider(Candidate{pick, mem, predict_time(rq_.model, pick, rq_.gpu, rq_.cluster)});
+            if (*il == 0 && *im == 0) break;  // fits unchunked: more checkpoints only cost time
+        }
+    }
+
+    void consider(Candidate c) {
+        evaluated_.push_back(c);
+        const double t = c.time.step_seconds;
+        if (!best_) {
+            best_ = c;
+            return;
+        }
+        const double bt = best_->time.step_seconds;
+        // Faster wins; within 0.5 % prefer the simpler parallel layout, then more headroom.
+        if (t < bt * 0.995 ||
+            (t <= bt * 1.005 && (c.setup.zero_stage < best_->setup.zero_stage ||
+                                 (c.setup.zero_stage == best_->setup.zero_stage &&
+                                  c.memory.peak_reserved_bytes < best_->memory.peak_reserved_bytes))))
+            best_ = c;
+    }
+
+    std::optional<Candidate> best_;
+    std::vector<Candidate> evaluated_;
+    std::int64_t sims_ = 0;
+
+private:
+    const TuneRequest& rq_;
+    bytes_t budget_;
+    std::map<std::tuple<std::vector<bool>, std::int64_t, std::int64_t>, std::pair<bool, MemoryPeaks>> memo_;
+};
+
+std::vector<Candidate> pareto_front(std::vector<Candidate> all) {
+    std::sort(all.begin(), all.end(), [](const Candidate& a, const Candidate& b) {
+        return a.memory.peak_reserved_bytes < b.memory.peak_reserved_bytes ||
+               (a.memory.peak_reserved_bytes == b.memory.peak_reserved_bytes && a.time.step_seconds < b.time.step_seconds);
+    });
+    std::vector<Candidate> front;
+    double best_tps = -1;
+    for (auto& c : all)
+        if (c.time.tokens_per_second > best_tps * 1.001) {
+            best_tps = c.time.tokens_per_second;
+            front.push_back(std::move(c));
+        }
+    return front;
+}
+
+std::string percent(double x) { return fmt::format("{:.0f} %", 100 * x); }
+
+std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget) {
+    const ModelSpec& m = rq.model;
+    const TrainingSetup& s = best.setup;
+    const Estimate e = estimate(m, s, rq.gpu);
+    const Summary& sum = e.summary;
+    auto cat = [&](Category c) { return sum.peak.by_category[static_cast<std::size_t>(c)]; };
+    const bytes_t state = cat(Category::Weights) + cat(Category::MasterWeights) + cat(Category::OptimizerState) +
+                          sum.category_max[static_cast<std::size_t>(Category::Gradients)];
+    const Event& at = e.timeline.events[static_cast<std::size_t>(sum.peak.event)];
+    std::string why = fmt::format(
+        "Weights, gradients and optimizer states take {} of the {} budget (what the {} leaves a process, less a {} "
+        "safety margin). ",
+        format_bytes(state), format_bytes(budget), rq.gpu.display_name, percent(rq.safety_margin));
+    why += fmt::format("The peak ({} reserved) comes in {} at {}{}, where saved activations hold {} and transients {}. ",
+                       format_bytes(e.allocator.peak_reserved), to_string(at.phase), at.op,
+                       at.layer >= 0 ? fmt::format(" of layer {}", at.layer) : "", format_bytes(cat(Category::SavedActivation)),
+                       format_bytes(cat(Category::Transient)));
+    // What each technique buys here: the same plan without it.
+    auto without = [&](auto change) {
+        TrainingSetup t = s;
+        change(t);
+        return simulate_peaks(m, t, rq.gpu).peak_reserved_bytes;
+    };
+    if (s.mlp_chunks > 1 || s.lm_chunks > 1) {
+        const bytes_t no_mst = without([](TrainingSetup& t) { t.mlp_chunks = 1, t.lm_chunks = 1; });
+        why += fmt::format("Mini-sequences (MLP x{}, LM head x{}) keep the logits and MLP intermediates small: without "
+                           "them the peak would be {}{}. ",
+                           s.mlp_chunks, s.lm_chunks, format_bytes(no_mst), no_mst > budget ? ", over budget" : "");
+    }
+    const std::int64_t k = s.checkpointed_count();
+    if (k > 0) {
+        const bytes_t no_ckpt = without([](TrainingSetup& t) { t.checkpoint.clear(), t.offload_checkpoints = false; });
+        const double total = best.time.forward_seconds + best.time.backward_seconds + best.time.recompute_seconds;
+        why += fmt::format("Checkpointing {} of {} layers ({}) trades {} of compute for recomputation; without it the "
+                           "peak would be {}{}. ",
+                           k, m.num_layers, describe_checkpoints(s.checkpoint), percent(best.time.recompute_seconds / total),
+                           format_bytes(no_ckpt), no_ckpt > budget ? ", over budget" : "");
+    } else {
+        why += "Every layer keeps its activations: no recomputation is needed. ";
+    }
+    if (s.offload_checkpoints)
+        why += fmt::format("Checkpoints go to host memory ({} pinned per GPU); {} of transfer time per step is not hidden. ",
+                           format_bytes(best.memory.host_peak_bytes),
+                           fmt::format("{:.1f} ms", 1e3 * best.time.offload_exposed_seconds * static_cast<double>(s.grad_accum)));
+    if (s.sp > 1)
+        why += fmt::format("Ulysses sequence parallelism over {} GPUs gives each rank {} tokens outside attention; its "
+                           "all-to-all costs {:.1f} ms per step. ",
+                           s.sp, s.local_tokens(), 1e3 * best.time.comm_exposed_seconds);
+    if (s.dp > 1)
+        why += fmt::format("Data parallelism over {} GPUs with ZeRO stage {}. ", s.dp, s.zero_stage);
+    why += fmt::format("Predicted: {:.0f} tokens/s per GPU, MFU {}.", best.time.tokens_per_second, percent(best.time.mfu));
+    return why;
+}
+
+}  // namespace
+
+Recommendation recommend(const TuneRequest& rq) {
+    const ModelSpec& m = rq.model;
+    Recommendation out;
+    out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
+    if (rq.gpus < 1) fail("recommend", "gpus", fmt::format("expected a positive count, got {}", rq.gpus));
+    Search search(rq, out.budget_bytes);
+
+    std::vector<std::int64_t> sps;
+    for (std::int64_t sp = 1; sp <= rq.gpus; ++sp) {
+        if (rq.pins.sp && sp != *rq.pins.sp) continue;
+        if (rq.gpus % sp == 0 && m.num_heads % sp == 0 && m.num_kv_heads % sp == 0 && rq.seq_len % sp == 0) sps.push_back(sp);
+    }
+    if (sps.empty())
+        fail("recommend", "sp", fmt::format("no sequence-parallel degree divides the GPUs ({}), heads ({}), KV heads ({}) and "
+                                            "sequence ({}) together{}",
+                                            rq.gpus, m.num_heads, m.num_kv_heads, rq.seq_len, rq.pins.sp ? " with the pinned sp" : ""));
+    for (std::int64_t sp : sps) {
+        const std::int64_t dp = rq.gpus / sp;
+        std::vector<int> zeros = dp > 1 ? std::vector<int>{0, 2, 3} : std::vector<int>{0};
+        if (rq.pins.zero_stage) zeros = {*rq.pins.zero_stage};
+        // Micro-batch and accumulation: reach the tokens per step when asked, else one sequence.
+        std::vector<std::pair<std::int64_t, std::int64_t>> batches;  // (micro_batch, grad_accum)
+        if (rq.tokens_per_step) {
+            const std::int64_t per_rank_seqs = std::max<std::int64_t>(1, ceil_div(*rq.tokens_per_step, rq.seq_len * dp));
+            for (std::int64_t b = 1; b <= per_rank_seqs; b *= 2) {
+                if (rq.pins.micro_batch && b != *rq.pins.micro_batch) continue;
+                batches.push_back({b, ceil_div(per_rank_seqs, b)});
+            }
+            if (batches.empty() && rq.pins.micro_batch) batches.push_back({*rq.pins.micro_batch, 1});
+        } else {
+            batches.push_back({rq.pins.micro_batch.value_or(rq.base.micro_batch), rq.base.grad_accum});
+        }
+        for (int zero : zeros)
+            for (const auto& [b, ga] : batches)
+                for (bool offload : {false, true}) {
+                    if (offload && (!rq.allow_offload || (rq.pins.offload && !*rq.pins.offload))) continue;
+                    if (!offload && rq.pins.offload && *rq.pins.offload) continue;
+                    for (MlpImpl mi : {MlpImpl::Loop, MlpImpl::Tiled}) {
+                        if (rq.pins.mlp_impl && mi != *rq.pins.mlp_impl) continue;
+                        for (LmHeadImpl li : {LmHeadImpl::Recompute, LmHeadImpl::FusedForward}) {
+                            if (rq.pins.lm_impl && li != *rq.pins.lm_impl) continue;
+                            for (bool in_bwd : {false, true}) {
+                                if (in_bwd && (!rq.allow_optimizer_in_backward || ga > 1 || (dp > 1 && zero >= 2))) continue;
+                                TrainingSetup s = rq.base;
+                                s.seq_len = rq.seq_len;
+                                s.sp = sp, s.dp = dp, s.zero_stage = zero;
+                                s.micro_batch = b, s.grad_accum = ga;
+                                s.offload_checkpoints = offload;
+                                s.mlp_impl = mi, s.lm_impl = li;
+                                s.optimizer_in_backward = in_bwd || rq.base.optimizer_in_backward;
+                                if (s.optimizer_in_backward && (s.grad_accum > 1 || (dp > 1 && zero >= 2))) continue;
+                                search.inner(s);
+                            }
+                        }
+                    }
+                }
+    }
+    out.simulations = search.sims_;
+    if (!search.best_) return out;
+    out.found = true;
+    out.best = *search.best_;
+    out.pareto = pareto_front(search.evaluated_);
+    out.why = explain(rq, out.best, out.budget_bytes);
+    return out;
+}
+
+Plan to_plan(const Recommendation& r, const TuneRequest& rq, const std::string& model_ref, const std::string& gpu_ref) {
+    Plan p;
+    p.model = model_ref;
+    p.gpu = gpu_ref;
+    p.gpus = rq.gpus;
+    p.setup = r.best.setup;
+    Prediction& x = p.prediction;
+    x.peak_allocated_bytes = r.best.memory.peak_allocated_bytes;
+    x.peak_reserved_bytes = r.best.memory.peak_reserved_bytes;
+    x.usable_bytes = rq.gpu.usable_bytes();
+    x.headroom_bytes = r.budget_bytes - r.best.memory.peak_reserved_bytes;
+    x.host_bytes = r.best.memory.host_peak_bytes;
+    x.step_seconds = r.best.time.step_seconds;
+    x.tokens_per_second = r.best.time.tokens_per_second;
+    x.mfu = r.best.time.mfu;
+    p.why = r.why;
+    return p;
+}
+
+// ---- max-seq ---------------------------------------------------------------------------
+
+std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const Strategy& st, bytes_t budget,
+                             bytes_t host_budget, std::int64_t granule, MaxSeqRow* row) {
+    auto at = [&](std::int64_t S, MaxSeqRow* r) {
+        TrainingSetup t = st.setup;
+        t.seq_len = S;
+        if (st.mst) {
+            // MsT chunks of hidden_size tokens: the ALST TiledMLP and HF integration heuristic.
+            const std::int64_t chunks = std::max<std::int64_t>(1, ceil_div(t.local_tokens(), m.hidden_size));
+            t.mlp_chunks = chunks;
+            t.lm_chunks = chunks;
+        }
+        const MemoryPeaks p = simulate_peaks(m, t, gpu);
+        const bool ok = p.peak_reserved_bytes <= budget && p.host_peak_bytes <= host_budget;
+        if (ok && r) r->memory = p, r->setup = t, r->max_seq = S;
+        return ok;
+    };
+    if (!at(granule, row)) return 0;
+    constexpr std::int64_t kLimit = std::int64_t{1} << 26;  // 64M tokens
+    std::int64_t lo = granule, hi = granule;
+    while (hi < kLimit && at(hi * 2, row)) hi *= 2;
+    lo = hi, hi = std::min(hi * 2, kLimit + granule);  // lo fits, hi does not (or the limit)
+    while (hi - lo > granule) {
+        const std::int64_t mid = (lo + hi) / 2 / granule * granule;
+        if (mid <= lo) break;
+        if (at(mid, row)) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
+MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& user) {
+    const ModelSpec& m = rq.model;
+    const std::int64_t L = m.num_layers;
+    MaxSeqResult out;
+    out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
+
+    TrainingSetup base = rq.base;
+    base.dp = rq.gpus;
+    base.zero_stage = rq.gpus > 1 ? 3 : 0;
+    base.sp = 1;
+    base.mlp_chunks = base.lm_chunks = 1;
+    base.checkpoint.clear();
+    base.offload_checkpoints = false;
+
+    std::vector<Strategy> strategies;
+    strategies.push_back({"no checkpointing", base, false});
+    TrainingSetup ckpt = base;
+    ckpt.checkpoint.assign(static_cast<std::size_t>(L), true);
+    strategies.push_back({"full checkpointing", ckpt, false});
+    strategies.push_back({"checkpointing + MsT", ckpt, true});
+    TrainingSetup off = ckpt;
+    off.offload_checkpoints = true;
+    if (rq.allow_offload) strategies.push_back({"checkpointing + MsT + offload", off, true});
+    std::int64_t sp = 1;
+    for (std::int64_t c = rq.gpus; c > 1; --c)
+        if (rq.gpus % c == 0 && m.num_heads % c == 0 && m.num_kv_heads % c == 0) {
+            sp = c;
+            break;
+        }
+    if (sp > 1) {
+        TrainingSetup par = rq.allow_offload ? off : ckpt;
+        par.sp = sp;
+        par.dp = rq.gpus / sp;
+        par.zero_stage = par.dp > 1 ? 3 : 0;
+        strategies.push_back({fmt::format("+ Ulysses sequence parallel (sp {})", sp), par, true});
+    }
+    if (user) strategies.push_back({"your setup", *user, false});
+
+    for (const auto& st : strategies) {
+        MaxSeqRow row;
+        row.strategy = st.name;
+        const std::int64_t granule = 1024 * st.setup.sp;
+        longest_fitting(m, rq.gpu, st, out.budget_bytes, rq.host_bytes_per_gpu, granule, &row);
+        out.rows.push_back(row);
+    }
+
+    // The floor: persistent state, and the length at which one checkpoint per layer fills the rest.
+    TrainingSetup probe = ckpt;
+    probe.seq_len = 1024;
+    const Estimate e = estimate(m, probe, rq.gpu);
+    const auto& mx = e.summary.category_max;
+    out.persistent_bytes = mx[static_cast<std::size_t>(Category::Weights)] + mx[static_cast<std::size_t>(Category::MasterWeights)] +
+                           mx[static_cast<std::size_t>(Category::Gradients)] +
+                           mx[static_cast<std::size_t>(Category::OptimizerState)] + mx[static_cast<std::size_t>(Category::Workspace)];
+    const bytes_t left = out.budget_bytes - out.persistent_bytes;
+    const std::int64_t bytes_per_token = L * m.hidden_size * (base.precision == Precision::AmpFp32 ? 4 : 2) * base.micro_batch;
+    out.checkpoint_floor_seq = left > 0 ? left / bytes_per_token : 0;
+    return out;
+}
+
+}  // namespace mst

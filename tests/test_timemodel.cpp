@@ -1,0 +1,80 @@
+#include <doctest/doctest.h>
+
+#include "mst/catalog.hpp"
+#include "mst/timemodel.hpp"
+
+using namespace mst;
+
+namespace {
+const OpTime& op(const StepTime& t, const std::string& name) {
+    for (const auto& o : t.ops)
+        if (o.name == name) return o;
+    FAIL("no op " << name);
+    return t.ops.front();
+}
+}  // namespace
+
+TEST_CASE("causal attention pairs, with and without a sliding window") {
+    CHECK(causal_pairs(4, 0) == 10);  // 1 + 2 + 3 + 4
+    CHECK(causal_pairs(5, 2) == 9);   // 1 + 2 + 2 + 2 + 2
+    CHECK(causal_pairs(5, 8) == 15);  // a window longer than the sequence changes nothing
+}
+
+TEST_CASE("a large GEMM is compute-bound: FLOPs over peak times the GEMM efficiency") {
+    const ModelSpec m = find_model("llama-3-8b");
+    const GpuProfile g = find_gpu("h100-sxm-80gb");
+    TrainingSetup s;
+    s.seq_len = 8192;
+    const StepTime t = predict_time(m, s, g);
+    // gate and up projections, forward, all 32 layers: 2 * T * d * 2I FLOPs each.
+    const double flops = 32.0 * 2 * 8192 * 4096 * (2 * 14336);
+    const OpTime& gu = op(t, "mlp.gate_up (fwd)");
+    CHECK(gu.flops == doctest::Approx(flops).epsilon(1e-12));
+    CHECK(gu.seconds == doctest::Approx(flops / (989.4e12 * g.calibration.gemm_efficiency)).epsilon(1e-9));
+}
+
+TEST_CASE("MsT chunks cost kernel launches and weight re-reads, nothing at long sequences") {
+    const ModelSpec m = find_model("llama-3-8b");
+    const GpuProfile g = find_gpu("h100-sxm-80gb");
+    TrainingSetup s;
+    s.seq_len = 65536;
+    s.checkpoint.assign(32, true);
+    const double one = predict_time(m, s, g).step_seconds;
+    s.mlp_chunks = 16;  // 4096-token chunks: still compute-bound
+    const StepTime t16 = predict_time(m, s, g);
+    CHECK(op(t16, "mlp.gate_up (fwd)").kernels == 32 * 16);
+    CHECK(t16.step_seconds == doctest::Approx(one).epsilon(1e-3));
+    s.mlp_chunks = 4096;  // 16-token chunks: each re-reads the weights, memory-bound
+    CHECK(predict_time(m, s, g).step_seconds > 1.2 * one);
+}
+
+TEST_CASE("recompute costs one more forward per checkpointed layer") {
+    const ModelSpec m = find_model("small-llama");
+    const GpuProfile g = find_gpu("a100-80gb");
+    TrainingSetup s;
+    s.seq_len = 4096;
+    const StepTime none = predict_time(m, s, g);
+    s.checkpoint = {true, true, false, false};
+    const StepTime two = predict_time(m, s, g);
+    // The layer forward is the whole forward minus embedding, final norm and LM head.
+    double head = 0;
+    for (const auto& o : none.ops)
+        if (o.name.rfind("embedding (fwd)", 0) == 0 || o.name.rfind("final_norm (fwd)", 0) == 0 ||
+            o.name.rfind("lm_head (fwd)", 0) == 0 || o.name.rfind("loss (fwd)", 0) == 0)
+            head += o.seconds;
+    CHECK(two.recompute_seconds == doctest::Approx(2.0 / 4.0 * (none.forward_seconds - head)).epsilon(1e-9));
+}
+
+TEST_CASE("MFU counts 6 N FLOPs per token plus causal attention, and no recompute") {
+    const ModelSpec m = find_model("tiny-llama");
+    const GpuProfile g = find_gpu("a100-80gb");
+    TrainingSetup s;
+    s.seq_len = 128;
+    const StepTime t = predict_time(m, s, g);
+    // Matmul weights: attention 2 * 12288 + MLP 2 * 33792 + LM head 256 * 64.
+    const double n = 2 * 12288 + 2 * 33792 + 256 * 64;
+    // Attention: 3 (fwd + bwd) x 4 x hd x pairs per head: 12 * 16 * 4 heads * (128 * 129 / 2) * 2 layers.
+    const double attn = 12.0 * 16 * 4 * (128.0 * 129 / 2) * 2;
+    CHECK(t.model_flops == doctest::Approx(6 * n * 128 + attn).epsilon(1e-12));
+    CHECK(t.mfu == doctest::Approx(t.model_flops / (t.step_seconds * 312e12)).epsilon(1e-12));
+}

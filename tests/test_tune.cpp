@@ -1,0 +1,106 @@
+#include <doctest/doctest.h>
+#include <fmt/format.h>
+
+#include "mst/catalog.hpp"
+#include "mst/tune.hpp"
+#include "sim_test_support.hpp"
+#include "test_support.hpp"
+
+using namespace mst;
+
+namespace {
+TuneRequest request(const char* model, const char* gpu, std::int64_t gpus, std::int64_t seq) {
+    TuneRequest rq;
+    rq.model = find_model(model);
+    rq.gpu = find_gpu(gpu);
+    rq.gpus = gpus;
+    rq.seq_len = seq;
+    return rq;
+}
+}  // namespace
+
+TEST_CASE("when the plain setup fits, the tuner keeps it: no checkpointing, no chunks") {
+    const Recommendation r = recommend(request("tiny-llama", "a100-80gb", 1, 1024));
+    REQUIRE(r.found);
+    CHECK(r.best.setup.checkpointed_count() == 0);
+    CHECK(r.best.setup.mlp_chunks == 1);
+    CHECK(r.best.setup.lm_chunks == 1);
+    CHECK_FALSE(r.best.setup.offload_checkpoints);
+}
+
+TEST_CASE("Llama-3-8B on an A100 80GB at 32k tokens needs checkpointing and MsT, and the plan fits") {
+    const TuneRequest rq = request("llama-3-8b", "a100-80gb", 1, 32768);
+    const Recommendation r = recommend(rq);
+    REQUIRE(r.found);
+    CHECK(r.best.setup.checkpointed_count() > 0);
+    CHECK((r.best.setup.mlp_chunks > 1 || r.best.setup.lm_chunks > 1));
+    // Re-simulated from scratch, the plan is within the budget.
+    const Estimate e = estimate(rq.model, r.best.setup, rq.gpu);
+    CHECK(e.allocator.peak_reserved <= r.budget_bytes);
+    CHECK(r.why.find("Checkpointing") != std::string::npos);
+    CHECK(r.why.find("Mini-sequences") != std::string::npos);
+    // Every runner-up fits too, and the front is sorted by memory with rising throughput.
+    for (std::size_t i = 0; i < r.pareto.size(); ++i) {
+        CHECK(r.pareto[i].memory.peak_reserved_bytes <= r.budget_bytes);
+        if (i > 0) CHECK(r.pareto[i].time.tokens_per_second > r.pareto[i - 1].time.tokens_per_second);
+    }
+}
+
+TEST_CASE("Llama-3-8B on 8 x H100 at 256k tokens uses sequence parallelism") {
+    const Recommendation r = recommend(request("llama-3-8b", "h100-sxm-80gb", 8, 262144));
+    REQUIRE(r.found);
+    CHECK(r.best.setup.sp > 1);
+    CHECK(r.best.setup.sp * r.best.setup.dp == 8);
+}
+
+TEST_CASE("pins are honoured and impossible requests say so") {
+    TuneRequest rq = request("llama-3-8b", "a100-80gb", 1, 32768);
+    parse_pin("M_lm=32", rq.model, rq.pins);
+    parse_pin("offload=no", rq.model, rq.pins);
+    parse_pin("mlp_impl=tiled", rq.model, rq.pins);
+    const Recommendation r = recommend(rq);
+    REQUIRE(r.found);
+    CHECK(r.best.setup.lm_chunks == 32);
+    CHECK_FALSE(r.best.setup.offload_checkpoints);
+    CHECK(r.best.setup.mlp_impl == MlpImpl::Tiled);
+
+    // 70B parameters in bf16 with AdamW need about 560 GB: one RTX 4090 cannot.
+    CHECK_FALSE(recommend(request("llama-3.1-70b", "rtx-4090-24gb", 1, 4096)).found);
+    CHECK(test::expect_user_error([&] { parse_pin("M_lm=zero", rq.model, rq.pins); }).rfind("--pin: M_lm: ", 0) == 0);
+    CHECK(test::expect_user_error([&] { parse_pin("colour=blue", rq.model, rq.pins); }).rfind("--pin: colour: ", 0) == 0);
+}
+
+TEST_CASE("checkpointing the first layers peaks no higher than checkpointing the last ones") {
+    // The first layers are differentiated last, after the others' saved activations are gone.
+    const ModelSpec m = find_model("small-llama");
+    for (std::int64_t k = 1; k < m.num_layers; ++k) {
+        CAPTURE(k);
+        TrainingSetup s;
+        s.seq_len = 2048;
+        s.checkpoint = parse_checkpoint_spec(fmt::format("first:{}", k), m.num_layers, "t");
+        const bytes_t first = simulate_peaks(m, s, test::test_gpu()).peak_bytes;
+        s.checkpoint = parse_checkpoint_spec(fmt::format("last:{}", k), m.num_layers, "t");
+        CHECK(first <= simulate_peaks(m, s, test::test_gpu()).peak_bytes);
+    }
+}
+
+TEST_CASE("max-seq: each technique fits at least as long a sequence, and the answer is tight") {
+    const TuneRequest rq = request("llama-3-8b", "a100-80gb", 1, 4096);
+    const MaxSeqResult r = max_seq(rq, std::nullopt);
+    REQUIRE(r.rows.size() == 4);
+    for (std::size_t i = 1; i < r.rows.size(); ++i) CHECK(r.rows[i].max_seq >= r.rows[i - 1].max_seq);
+    CHECK(r.rows[0].max_seq > 0);
+    // Tight: the found length fits and 1024 tokens more does not.
+    for (const auto& row : r.rows) {
+        CAPTURE(row.strategy);
+        TrainingSetup s = row.setup;
+        CHECK(simulate_peaks(rq.model, s, rq.gpu).peak_reserved_bytes <= r.budget_bytes);
+        s.seq_len += 1024;
+        if (row.strategy.find("MsT") != std::string::npos) {
+            s.mlp_chunks = ceil_div(s.local_tokens(), rq.model.hidden_size);
+            s.lm_chunks = s.mlp_chunks;
+        }
+        const MemoryPeaks over = simulate_peaks(rq.model, s, rq.gpu);
+        CHECK((over.peak_reserved_bytes > r.budget_bytes || over.host_peak_bytes > rq.host_bytes_per_gpu));
+    }
+}
