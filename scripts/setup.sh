@@ -35,4 +35,13 @@ mst_build() {
     cmake --build "$dir" --parallel "$(nproc)" >&2
 }
 
+mst_install_missing_python() {
+    # pytest runs the trainer-side module's tests (python/tests); torch is optional there.
+    if ! python3 -m pytest --version >/dev/null 2>&1; then
+        echo "mst-plan: installing pytest" >&2
+        python3 -m pip install -q pytest >&2
+    fi
+}
+
 mst_install_missing
+mst_install_missing_python

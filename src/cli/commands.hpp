@@ -10,5 +10,6 @@ namespace mst::cli {
 void add_catalog_commands(CLI::App& app, const GlobalOptions& global);  // models, gpus, show, devices
 void add_estimate_command(CLI::App& app, const GlobalOptions& global);
 void add_tuner_commands(CLI::App& app, const GlobalOptions& global);  // recommend, max-seq, bench tuner
+void add_emit_command(CLI::App& app, const GlobalOptions& global);
 
 }  // namespace mst::cli

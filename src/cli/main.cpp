@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
     add_catalog_commands(app, global);
     add_estimate_command(app, global);
     add_tuner_commands(app, global);
+    add_emit_command(app, global);
 
     try {
         app.parse(argc, argv);

@@ -12,6 +12,10 @@
 
 namespace mst {
 
+namespace {
+constexpr std::int64_t kMaxChunks = 1024;  // mini-sequences per block, at most
+}
+
 // ---- pins ------------------------------------------------------------------------------
 
 namespace {
@@ -69,7 +73,6 @@ namespace {
 
 // Below this a chunk's GEMMs stop filling a large GPU (and the MsT paper's chunks are thousands of tokens).
 constexpr std::int64_t kMinChunkTokens = 1024;
-constexpr std::int64_t kMaxChunks = 1024;
 // Setups up to this much slower than the best so far are still evaluated: they are the runner-ups.
 constexpr double kRunnerUpSlack = 1.15;
 
@@ -392,8 +395,9 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
         TrainingSetup t = st.setup;
         t.seq_len = S;
         if (st.mst) {
-            // MsT chunks of hidden_size tokens: the ALST TiledMLP and HF integration heuristic.
-            const std::int64_t chunks = std::max<std::int64_t>(1, ceil_div(t.local_tokens(), m.hidden_size));
+            // MsT chunks of hidden_size tokens (the ALST TiledMLP and HF integration heuristic),
+            // at most kMaxChunks of them.
+            const std::int64_t chunks = std::clamp<std::int64_t>(ceil_div(t.local_tokens(), m.hidden_size), 1, kMaxChunks);
             t.mlp_chunks = chunks;
             t.lm_chunks = chunks;
         }

@@ -1,0 +1,43 @@
+#pragma once
+// emit: a Plan written as the config files a real trainer reads. One small module
+// per format under src/core/emit/, each citing the trainer's documentation for its
+// keys; all of them are printers over the same Plan.
+//
+//   hf-mst      mst_config.json  read by python/mst_hf, which patches a transformers model
+//   deepspeed   ds_config.json   DeepSpeed engine config (ZeRO, bf16, Ulysses SP degree)
+//   axolotl     axolotl.yaml     fragment of an Axolotl config (+ ds_config.json when the
+//                                plan needs DeepSpeed: ZeRO > 0 or bf16 master weights)
+//   torchtitan  torchtitan.toml  fragment of a torchtitan job config
+//
+// What a trainer cannot say, decided the same way for every format:
+//  * It cannot train the way the plan says: precision mode, optimizer type or
+//    state dtype, stepping inside backward, or a combination the trainer rejects.
+//    -> UserError "<format>: setup.<knob>: expected ..., got ...". These change
+//    the numbers the model trains on, or the persistent memory (weights, gradients,
+//    optimizer states) the prediction is built on, so no comment makes the file honest.
+//  * A memory technique has no key, or only a coarser one: MsT chunk counts,
+//    per-layer checkpoint placement, checkpoint offload, attention kernel, the
+//    flavour of sequence parallelism. -> the nearest key is written, plus a comment
+//    (YAML, TOML) or an entry of "mst_plan_notes" (JSON) that says what the plan
+//    assumed and whether the trainer's memory lands above or below the prediction.
+#include <string>
+#include <vector>
+
+#include "mst/model.hpp"
+#include "mst/plan.hpp"
+
+namespace mst {
+
+struct EmittedFile {
+    std::string name;     // file name without a directory: "ds_config.json"
+    std::string content;  // the whole file, ending in a newline
+};
+
+// The format names emit() accepts, in the order `emit --help` lists them.
+std::vector<std::string> emit_formats();
+
+// The files of one format for a plan whose model is `model`. The plan's setup is
+// validated first; an unknown format is "emit: format: expected one of ...".
+std::vector<EmittedFile> emit(const Plan& plan, const ModelSpec& model, const std::string& format);
+
+}  // namespace mst

@@ -1,0 +1,317 @@
+"""The hf-mst/1 configuration that ``mst-plan emit --format hf-mst`` writes.
+
+Pure Python on purpose: a launcher can read and check a config before it
+imports torch. Every problem is reported as one :class:`ConfigError` (a
+``ValueError``) naming the source, the field and what was expected, e.g.
+``mst_config.json: mlp.chunks: expected a positive integer, got 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Tuple, Union
+
+FORMAT = "hf-mst/1"
+
+PRECISIONS = ("pure-bf16", "bf16-master", "amp")
+ATTENTIONS = ("flash", "eager")
+MLP_IMPLS = ("loop", "tiled")
+LM_HEAD_IMPLS = ("recompute", "fused")
+OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
+STATE_DTYPES = ("fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the source and field."""
+
+
+@dataclass(frozen=True)
+class MlpConfig:
+    """MLP mini-sequences: ``chunks`` parts of the tokens, ``impl`` loop or tiled."""
+
+    chunks: int
+    impl: str
+
+
+@dataclass(frozen=True)
+class LmHeadConfig:
+    """LM head + loss mini-sequences: ``impl`` recompute or fused."""
+
+    chunks: int
+    impl: str
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer kind, dtype of its states, and whether it steps inside backward."""
+
+    name: str
+    state_dtype: str
+    in_backward: bool
+
+
+@dataclass(frozen=True)
+class Predicted:
+    """What mst-plan predicted for this setup, to compare a measured run against."""
+
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    tokens_per_second: float
+
+
+@dataclass(frozen=True)
+class MstConfig:
+    """One training setup, as planned by mst-plan (schema ``hf-mst/1``)."""
+
+    model: str
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    precision: str
+    attention: str
+    mlp: MlpConfig
+    lm_head: LmHeadConfig
+    checkpoint_layers: Tuple[int, ...]
+    offload_checkpoints: bool
+    optimizer: OptimizerConfig
+    data_parallel: int
+    sequence_parallel: int
+    zero_stage: int
+    predicted: Predicted
+    format: str = FORMAT
+
+    @property
+    def tokens_per_rank(self) -> int:
+        """Tokens one rank's MLP and LM head see per micro-step: B * S / SP."""
+        return self.micro_batch * self.seq_len // self.sequence_parallel
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON object this config was read from (same keys, same order)."""
+        return {
+            "format": self.format,
+            "model": self.model,
+            "seq_len": self.seq_len,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "precision": self.precision,
+            "attention": self.attention,
+            "mlp": dataclasses.asdict(self.mlp),
+            "lm_head": dataclasses.asdict(self.lm_head),
+            "checkpoint_layers": list(self.checkpoint_layers),
+            "offload_checkpoints": self.offload_checkpoints,
+            "optimizer": dataclasses.asdict(self.optimizer),
+            "data_parallel": self.data_parallel,
+            "sequence_parallel": self.sequence_parallel,
+            "zero_stage": self.zero_stage,
+            "predicted": dataclasses.asdict(self.predicted),
+        }
+
+    def to_json(self) -> str:
+        """The config as indented JSON text; ``load_config`` reads it back."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+def chunk_sizes(tokens: int, chunks: int) -> List[int]:
+    """Split ``tokens`` into ``chunks`` parts that differ by at most one.
+
+    The larger parts come first and the parts add up to ``tokens``, so no token
+    is ever dropped (the C++ ``mst::chunk_sizes`` rule). Raises ``ValueError``
+    when ``chunks`` exceeds ``tokens``: a part would be empty.
+    """
+    if not _is_int(tokens) or tokens < 1:
+        raise ValueError(f"chunk_sizes: tokens: expected a positive integer, got {tokens!r}")
+    if not _is_int(chunks) or chunks < 1:
+        raise ValueError(f"chunk_sizes: chunks: expected a positive integer, got {chunks!r}")
+    if chunks > tokens:
+        raise ValueError(f"chunk_sizes: chunks: expected at most the tokens ({tokens}), got {chunks}")
+    base, extra = divmod(tokens, chunks)
+    return [base + 1 if i < extra else base for i in range(chunks)]
+
+
+def chunk_spans(tokens: int, chunks: int) -> List[Tuple[int, int]]:
+    """``(start, end)`` of every part that :func:`chunk_sizes` makes, in order."""
+    spans = []
+    start = 0
+    for size in chunk_sizes(tokens, chunks):
+        spans.append((start, start + size))
+        start += size
+    return spans
+
+
+def load_config(source: Union[str, "os.PathLike[str]", Mapping[str, Any]]) -> MstConfig:
+    """Read and validate an hf-mst/1 config from a JSON file path or a mapping.
+
+    Raises :class:`ConfigError` (a ``ValueError``) on the first problem, with a
+    message ``<source>: <field>: <what was expected>``.
+    """
+    if isinstance(source, Mapping):
+        return _parse(source, "config")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"load_config: expected a path or a mapping, got {type(source).__name__}")
+    where = os.fspath(source)
+    try:
+        with open(where, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read the file: {e.strerror or e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    return _parse(data, where)
+
+
+# ---- validation -------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    # JSON true/false arrive as bool, a subclass of int: never a count.
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Reader:
+    """Reads the fields of one JSON object, failing with the field's full path."""
+
+    def __init__(self, obj: Any, where: str, prefix: str = "") -> None:
+        self.where = where
+        self.prefix = prefix
+        if not isinstance(obj, Mapping):
+            self.fail("", f"expected a JSON object, got {_show(obj)}")
+        self.obj = obj
+
+    def fail(self, key: str, what: str) -> None:
+        field = self.prefix + key
+        raise ConfigError(f"{self.where}: {field}: {what}" if field else f"{self.where}: {what}")
+
+    def get(self, key: str) -> Any:
+        if key not in self.obj:
+            self.fail(key, "missing (required)")
+        return self.obj[key]
+
+    def child(self, key: str) -> "_Reader":
+        value = self.get(key)
+        if not isinstance(value, Mapping):
+            self.fail(key, f"expected a JSON object, got {_show(value)}")
+        return _Reader(value, self.where, f"{self.prefix}{key}.")
+
+    def int_range(self, key: str, low: int, high: Union[int, None] = None) -> int:
+        v = self.get(key)
+        if not _is_int(v) or v < low or (high is not None and v > high):
+            if high is not None:
+                expected = f"an integer from {low} to {high}"
+            elif low == 1:
+                expected = "a positive integer"
+            elif low == 0:
+                expected = "a non-negative integer"
+            else:
+                expected = f"an integer of at least {low}"
+            self.fail(key, f"expected {expected}, got {_show(v)}")
+        return v
+
+    def number(self, key: str) -> float:
+        v = self.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0 or v == float("inf"):
+            self.fail(key, f"expected a non-negative number, got {_show(v)}")
+        return v
+
+    def boolean(self, key: str) -> bool:
+        v = self.get(key)
+        if not isinstance(v, bool):
+            self.fail(key, f"expected true or false, got {_show(v)}")
+        return v
+
+    def choice(self, key: str, choices: Tuple[str, ...]) -> str:
+        v = self.get(key)
+        if not isinstance(v, str) or v not in choices:
+            listed = ", ".join(f'"{c}"' for c in choices)
+            self.fail(key, f"expected one of {listed}, got {_show(v)}")
+        return v
+
+    def text(self, key: str) -> str:
+        v = self.get(key)
+        if not isinstance(v, str) or not v.strip():
+            self.fail(key, f"expected a non-empty string, got {_show(v)}")
+        return v
+
+
+def _show(v: Any) -> str:
+    """A value as the user wrote it in JSON, cut short if long."""
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _parse(data: Any, where: str) -> MstConfig:
+    r = _Reader(data, where)
+    fmt = r.get("format")
+    if fmt != FORMAT:
+        r.fail("format", f'expected "{FORMAT}", got {_show(fmt)}')
+
+    model = r.text("model")
+    seq_len = r.int_range("seq_len", 1)
+    micro_batch = r.int_range("micro_batch", 1)
+    grad_accum = r.int_range("grad_accum", 1)
+    precision = r.choice("precision", PRECISIONS)
+    attention = r.choice("attention", ATTENTIONS)
+    data_parallel = r.int_range("data_parallel", 1)
+    sequence_parallel = r.int_range("sequence_parallel", 1)
+    if seq_len % sequence_parallel != 0:
+        r.fail("sequence_parallel", f"expected a divisor of seq_len ({seq_len}), got {sequence_parallel}")
+    zero_stage = r.int_range("zero_stage", 0, 3)
+    tokens = micro_batch * seq_len // sequence_parallel
+
+    def chunks(reader: _Reader) -> int:
+        n = reader.int_range("chunks", 1)
+        if n > tokens:
+            reader.fail("chunks", f"expected at most the tokens per rank "
+                                  f"(micro_batch x seq_len / sequence_parallel = {tokens}), got {n}")
+        return n
+
+    m = r.child("mlp")
+    mlp = MlpConfig(chunks=chunks(m), impl=m.choice("impl", MLP_IMPLS))
+    h = r.child("lm_head")
+    lm_head = LmHeadConfig(chunks=chunks(h), impl=h.choice("impl", LM_HEAD_IMPLS))
+
+    layers = r.get("checkpoint_layers")
+    if not isinstance(layers, list) or not all(_is_int(i) and i >= 0 for i in layers):
+        r.fail("checkpoint_layers", f"expected a list of non-negative layer indices, got {_show(layers)}")
+    if len(set(layers)) != len(layers):
+        r.fail("checkpoint_layers", f"expected each layer at most once, got {_show(layers)}")
+    offload = r.boolean("offload_checkpoints")
+
+    o = r.child("optimizer")
+    optimizer = OptimizerConfig(
+        name=o.choice("name", OPTIMIZERS),
+        state_dtype=o.choice("state_dtype", STATE_DTYPES),
+        in_backward=o.boolean("in_backward"),
+    )
+
+    p = r.child("predicted")
+    predicted = Predicted(
+        peak_allocated_bytes=p.int_range("peak_allocated_bytes", 0),
+        peak_reserved_bytes=p.int_range("peak_reserved_bytes", 0),
+        tokens_per_second=p.number("tokens_per_second"),
+    )
+
+    return MstConfig(
+        model=model,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        precision=precision,
+        attention=attention,
+        mlp=mlp,
+        lm_head=lm_head,
+        checkpoint_layers=tuple(sorted(layers)),
+        offload_checkpoints=offload,
+        optimizer=optimizer,
+        data_parallel=data_parallel,
+        sequence_parallel=sequence_parallel,
+        zero_stage=zero_stage,
+        predicted=predicted,
+    )

@@ -1,0 +1,143 @@
+"""MLP mini-sequences: run a decoder layer's MLP over the tokens in chunks.
+
+The MLP (gate/up -> act(gate) * up -> down) acts on every token on its own, so
+any split of the tokens gives the same result. Chunks are taken over the
+flattened tokens of a micro-batch, ``T = B * S`` (what mst-plan's simulator
+calls the tokens per rank), with the sizes of :func:`mst_hf.config.chunk_sizes`.
+
+* ``loop`` (MsT reference): each chunk runs under autograd and the outputs are
+  concatenated; no custom backward. Every chunk's intermediates ([n, I] each)
+  stay saved until backward, so the saved bytes equal the unchunked MLP; what
+  shrinks by the chunk count is a no-grad forward (a checkpointed layer's first
+  pass) and the backward's gradient temporaries.
+* ``tiled`` (DeepSpeed ALST TiledMLP): an autograd Function whose forward runs
+  the chunks without autograd and saves only the input x [T, d]; its backward
+  recomputes each chunk with autograd, writes the chunk's input gradient into a
+  preallocated dx [T, d] and adds up the parameter gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ._torch import AutocastState, ForwardPatch, autocast_as, autocast_state
+from .config import MLP_IMPLS, chunk_spans
+
+Span = Tuple[int, int]
+MlpFn = Callable[[Tensor], Tensor]
+
+
+def _spans(tokens: int, chunks: int) -> List[Span]:
+    # Fewer tokens than chunks (a decoding step, a short eval batch): one token per chunk.
+    return chunk_spans(tokens, min(chunks, tokens))
+
+
+def _run_no_grad(fn: MlpFn, x: Tensor, spans: Sequence[Span]) -> Tensor:
+    """x: [T, d] -> y: [T, d_out], written chunk by chunk into one preallocated y."""
+    y: Optional[Tensor] = None
+    for start, end in spans:
+        part = fn(x[start:end])  # [n, d_out]
+        if y is None:
+            y = part.new_empty((x.shape[0], part.shape[-1]))
+        y[start:end] = part
+        del part
+    assert y is not None
+    return y
+
+
+def loop_mlp(fn: MlpFn, x: Tensor, chunks: int) -> Tensor:
+    """MsT reference loop. x: [..., d] -> [..., d_out]; ``fn`` is the MLP's own forward.
+
+    With autograd on, the chunk outputs are joined with ``torch.cat`` (its
+    backward only slices the gradient); without it they are written into one
+    preallocated output.
+    """
+    flat = x.reshape(-1, x.shape[-1])  # [T, d]
+    if flat.shape[0] == 0:
+        return fn(x)
+    spans = _spans(flat.shape[0], chunks)
+    if torch.is_grad_enabled():
+        y = torch.cat([fn(flat[start:end]) for start, end in spans], dim=0)
+    else:
+        y = _run_no_grad(fn, flat, spans)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class _TiledMlp(torch.autograd.Function):
+    """Forward without autograd saving only x; backward recomputes chunk by chunk.
+
+    Inputs: fn (the MLP forward), spans, the autocast state, x [T, d], then the
+    MLP's trainable parameters. They are inputs so that their gradients leave
+    this node once per backward, summed over the chunks (as post-accumulate-grad
+    hooks, DDP and optimizer-in-backward expect), rather than from a nested
+    backward per chunk. They are kept on ctx, not saved: a checkpoint's
+    recompute hands saved tensors back detached.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, fn: MlpFn, spans: List[Span], amp: AutocastState,
+                x: Tensor, *params: Tensor) -> Tensor:
+        ctx.fn, ctx.spans, ctx.amp, ctx.params = fn, spans, amp, params
+        ctx.save_for_backward(x)
+        return _run_no_grad(fn, x, spans)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
+        # dy: [T, d_out] -> dx: [T, d], and one gradient per parameter.
+        (x,) = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[3]
+        need_params = ctx.needs_input_grad[4:]
+        wanted = [p for p, need in zip(ctx.params, need_params) if need]
+        dx = torch.empty_like(x) if need_x else None
+        sums: List[Optional[Tensor]] = [None] * len(wanted)
+        for start, end in ctx.spans:
+            xc = x[start:end].detach().requires_grad_(need_x)
+            with torch.enable_grad(), autocast_as(x.device.type, ctx.amp):
+                yc = ctx.fn(xc)  # [n, d_out]
+            inputs = ([xc] if need_x else []) + wanted
+            grads = list(torch.autograd.grad(yc, inputs, dy[start:end], allow_unused=True))
+            del yc
+            if need_x:
+                dx[start:end] = grads.pop(0)
+            for i, g in enumerate(grads):
+                if g is None:
+                    continue
+                if sums[i] is None:
+                    sums[i] = g  # the first chunk's gradient becomes the sum
+                else:
+                    sums[i].add_(g)
+            del grads
+        it = iter(sums)
+        return (None, None, None, dx) + tuple(next(it) if need else None for need in need_params)
+
+
+def tiled_mlp(fn: MlpFn, module: nn.Module, x: Tensor, chunks: int) -> Tensor:
+    """ALST TiledMLP. x: [..., d] -> [..., d_out]; ``module`` owns the parameters ``fn`` uses."""
+    flat = x.reshape(-1, x.shape[-1])  # [T, d]
+    params = tuple(p for p in module.parameters() if p.requires_grad)
+    if flat.shape[0] == 0 or not torch.is_grad_enabled() or not (flat.requires_grad or params):
+        return loop_mlp(fn, x, chunks)
+    spans = _spans(flat.shape[0], chunks)
+    y = _TiledMlp.apply(fn, spans, autocast_state(flat.device.type), flat, *params)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class ChunkedMlpForward(ForwardPatch):
+    """Replacement ``forward`` of a decoder layer's MLP: hidden [B, S, d] -> [B, S, d]."""
+
+    def __init__(self, mlp: nn.Module, chunks: int, impl: str) -> None:
+        if impl not in MLP_IMPLS:
+            raise ValueError(f"mlp.impl: expected one of {', '.join(MLP_IMPLS)}, got {impl!r}")
+        super().__init__(mlp)
+        self.chunks = chunks
+        self.impl = impl
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args or kwargs:  # an MLP that takes more than the hidden states: not ours to split
+            return self.inner(x, *args, **kwargs)
+        if self.impl == "tiled":
+            return tiled_mlp(self.inner, self.module, x, self.chunks)
+        return loop_mlp(self.inner, x, self.chunks)

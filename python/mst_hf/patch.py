@@ -1,0 +1,221 @@
+"""``apply``: patch a Hugging Face causal LM in place for an hf-mst config.
+
+What changes (nothing else does):
+
+* ``model.model.layers[i].mlp.forward`` runs in ``mlp.chunks`` mini-sequences
+  (:mod:`mst_hf.mlp`) when ``mlp.chunks > 1``.
+* ``model.model.layers[i].forward`` is checkpointed for every ``i`` in
+  ``checkpoint_layers`` (:mod:`mst_hf.checkpoint`), its saved input offloaded
+  to CPU with ``offload_checkpoints``.
+* When ``lm_head.chunks > 1``, ``model.forward`` called with ``labels`` (or
+  ``shift_labels``) computes the loss in mini-sequences (:mod:`mst_hf.loss`)
+  and returns ``loss`` with ``logits=None``. It runs the model's own forward
+  without labels and with ``use_cache=False`` while ``lm_head`` only hands
+  over its input [B, S, d] (returning an empty [B, S, 0] placeholder), so the
+  other arguments and outputs behave as before. Without labels the model is
+  untouched (generation, evaluation of logits).
+* With ``checkpoint_layers``, ``model.forward`` in training (``model.train()``
+  and autograd on) passes ``use_cache=False``, as Hugging Face's own gradient
+  checkpointing does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import warnings
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._torch import ForwardPatch, check_param_dtypes
+from .checkpoint import CheckpointedForward
+from .config import MstConfig, load_config
+from .loss import IGNORE_INDEX, causal_lm_loss
+from .mlp import ChunkedMlpForward
+
+_APPLIED = "_mst_hf_config"
+ConfigLike = Union[MstConfig, str, "os.PathLike[str]", Mapping[str, Any]]
+
+
+class _CapturingHeadForward(ForwardPatch):
+    """``lm_head.forward`` that, while armed, keeps its input instead of computing logits."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__(head)
+        self.armed = False
+        self.hidden: Optional[Tensor] = None
+
+    def __call__(self, hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not self.armed:
+            return self.inner(hidden, *args, **kwargs)
+        self.hidden = hidden  # [B, S, d]
+        return hidden.new_empty((*hidden.shape[:-1], 0))
+
+
+class _Argument:
+    """One named argument of a forward, found among the keywords or at its position."""
+
+    def __init__(self, forward: Any, name: str) -> None:
+        names = list(inspect.signature(forward).parameters)
+        self.name = name
+        self.position = names.index(name) if name in names else None
+
+    def pop(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Any, Tuple[Any, ...]]:
+        """(value or None, args with the positional value, if any, set to None); kwargs lose the name."""
+        value = kwargs.pop(self.name, None)
+        if value is None and self.position is not None and len(args) > self.position:
+            value = args[self.position]
+            args = args[:self.position] + (None,) + args[self.position + 1:]
+        return value, args
+
+    def set(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], value: Any) -> Tuple[Any, ...]:
+        """args, with the value put where the caller passed it (kwargs when it did not)."""
+        if self.position is not None and len(args) > self.position:
+            return args[:self.position] + (value,) + args[self.position + 1:]
+        kwargs[self.name] = value
+        return args
+
+
+class _TrainingForward(ForwardPatch):
+    """``model.forward`` for training under the config.
+
+    * With checkpointed layers, training runs without a KV cache (a cache would
+      be written again by each layer's backward replay and would keep the
+      layers' keys and values alive), as Hugging Face's gradient checkpointing.
+    * With a chunked LM head (``head`` set) and labels, the loss is computed in
+      mini-sequences from lm_head's input and returned with ``logits=None``.
+    """
+
+    def __init__(self, model: nn.Module, head: Optional[_CapturingHeadForward], chunks: int, impl: str,
+                 checkpointing: bool) -> None:
+        super().__init__(model)
+        self.head = head
+        self.chunks = chunks
+        self.impl = impl
+        self.checkpointing = checkpointing
+        self.labels = _Argument(self.inner, "labels")
+        self.use_cache = _Argument(self.inner, "use_cache")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        training = self.module.training and torch.is_grad_enabled()
+        if self.checkpointing and training:
+            args = self.use_cache.set(args, kwargs, False)
+        if self.head is None:
+            return self.inner(*args, **kwargs)
+        labels, args_without = self.labels.pop(args, kwargs)
+        shift_labels = kwargs.pop("shift_labels", None)
+        if labels is None and shift_labels is None:
+            return self.inner(*args, **kwargs)
+        args = self.use_cache.set(args_without, kwargs, False)  # a loss needs no KV cache
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
+        self.head.armed = True
+        try:
+            out = self.inner(*args, **kwargs)
+            hidden = self.head.hidden
+        finally:
+            self.head.armed = False
+            self.head.hidden = None
+        if hidden is None:
+            raise RuntimeError("mst_hf: the model's forward did not call lm_head, so its loss cannot be "
+                               "computed in mini-sequences")
+        config = getattr(self.module, "config", None)
+        loss = causal_lm_loss(hidden, self.head.module.weight, labels, chunks=self.chunks, impl=self.impl,
+                              softcap=getattr(config, "final_logit_softcapping", None),
+                              ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
+                              shift_labels=shift_labels)
+        if isinstance(out, tuple):  # return_dict=False: (loss, *outputs without logits)
+            return (loss,) + tuple(out[1:])
+        return dataclasses.replace(out, loss=loss, logits=None)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"mst_hf.apply: expected a causal LM with decoder layers at model.model.layers "
+                         f"(Llama, Mistral, Qwen2, Gemma-2), got {type(model).__name__}")
+    return layers
+
+
+def _check_lm_head(model: nn.Module, config: MstConfig) -> nn.Linear:
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise ValueError("mst_hf.apply: lm_head.chunks: expected model.lm_head to be an nn.Linear without bias, "
+                         f"got {type(head).__name__}")
+    if getattr(getattr(model, "config", None), "pretraining_tp", 1) > 1:
+        raise ValueError("mst_hf.apply: lm_head.chunks: the model's forward splits lm_head itself "
+                         "(config.pretraining_tp > 1); set config.pretraining_tp = 1")
+    if config.zero_stage == 3:
+        raise ValueError("mst_hf.apply: zero_stage: ZeRO-3 gathers lm_head's weight only inside its own "
+                         "forward, so the chunked loss cannot read it; use zero_stage <= 2 or lm_head.chunks 1")
+    return head
+
+
+def _check_attention(model: nn.Module, config: MstConfig) -> None:
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl is None:
+        return
+    if config.attention == "eager" and impl != "eager":
+        warnings.warn(f'mst_hf: the config plans "eager" attention but the model uses "{impl}": memory will be '
+                      f"lower than predicted", stacklevel=3)
+    if config.attention == "flash" and impl == "eager":
+        warnings.warn('mst_hf: the config plans "flash" attention but the model uses "eager", which holds '
+                      "[B, heads, S, S] scores: load it with attn_implementation=\"flash_attention_2\" "
+                      "(or \"sdpa\")", stacklevel=3)
+
+
+def apply(model: nn.Module, config: ConfigLike) -> nn.Module:
+    """Patch ``model`` in place for ``config`` (an MstConfig, a path, or a dict); return it.
+
+    Checks everything before changing anything, and raises ValueError when the
+    model does not fit the config (parameter dtypes, layer indices, lm_head)
+    and RuntimeError when the model was already patched.
+    """
+    cfg = config if isinstance(config, MstConfig) else load_config(config)
+    if getattr(model, _APPLIED, None) is not None:
+        raise RuntimeError("mst_hf.apply: this model is already patched (apply runs once per model; "
+                           "load a fresh model to use another config)")
+    layers = _decoder_layers(model)
+    check_param_dtypes(model, cfg.precision, "mst_hf.apply")
+    bad = [i for i in cfg.checkpoint_layers if i >= len(layers)]
+    if bad:
+        raise ValueError(f"mst_hf.apply: checkpoint_layers: expected layer indices below {len(layers)} "
+                         f"(the model's decoder layers), got {bad}")
+    if cfg.checkpoint_layers and getattr(model, "is_gradient_checkpointing", False):
+        raise ValueError("mst_hf.apply: checkpoint_layers: Hugging Face gradient checkpointing is on for every "
+                         "layer; call model.gradient_checkpointing_disable() so checkpoint_layers decides")
+    if cfg.mlp.chunks > 1:
+        missing = [i for i, layer in enumerate(layers) if not isinstance(getattr(layer, "mlp", None), nn.Module)]
+        if missing:
+            raise ValueError(f"mst_hf.apply: mlp.chunks: decoder layers {missing} have no .mlp module")
+    head = _check_lm_head(model, cfg) if cfg.lm_head.chunks > 1 else None
+    _check_attention(model, cfg)
+
+    for i, layer in enumerate(layers):
+        if cfg.mlp.chunks > 1:
+            ChunkedMlpForward(layer.mlp, cfg.mlp.chunks, cfg.mlp.impl).install()
+        if i in cfg.checkpoint_layers:
+            CheckpointedForward(layer, cfg.offload_checkpoints).install()
+    capture = None
+    if head is not None:
+        capture = _CapturingHeadForward(head)
+        capture.install()
+    if capture is not None or cfg.checkpoint_layers:
+        _TrainingForward(model, capture, cfg.lm_head.chunks, cfg.lm_head.impl, bool(cfg.checkpoint_layers)).install()
+    setattr(model, _APPLIED, cfg)
+    return model
+
+
+def applied_config(model: nn.Module) -> Optional[MstConfig]:
+    """The config ``apply`` patched ``model`` with, or None."""
+    return getattr(model, _APPLIED, None)
+
+
+def autocast(config: MstConfig, device_type: str = "cuda") -> "torch.autocast":
+    """The autocast region a forward runs in: bf16 autocast for ``amp``, disabled otherwise."""
+    if config.precision == "amp":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device_type, enabled=False)

@@ -1,0 +1,242 @@
+"""A patched Hugging Face model trains exactly like the unpatched one.
+
+Tiny random Llama and Gemma-2 models (hidden 64, 2 layers, vocab 128) in fp32,
+so precision "amp" (fp32 parameters; no autocast is entered here). Tolerance
+fp32 rtol 1e-5, atol 1e-6: chunking and recomputation only reorder fp32 sums
+over at most 26 tokens or 128 classes (errors of a few 1e-7 relative), while a
+real mistake (a dropped token, a wrong scale or softcap) moves results by 1e-2.
+"""
+
+import copy
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import mst_hf  # noqa: E402
+from mst_hf.checkpoint import CheckpointedForward  # noqa: E402
+
+RTOL, ATOL = 1e-5, 1e-6
+B, S, VOCAB = 2, 13, 128  # 26 tokens: chunks of 3, 5 and 7 leave an uneven last chunk
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).float().train()
+
+
+def tiny_gemma2():
+    # A small softcap so that tanh is far from linear at these logit sizes (Gemma-2 uses 30).
+    config = transformers.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=64,
+        final_logit_softcapping=0.5, attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.Gemma2ForCausalLM(config).float().train()
+
+
+MODELS = {"llama": tiny_llama, "gemma2": tiny_gemma2}
+
+
+def mst_config(mlp=(1, "loop"), lm_head=(1, "recompute"), checkpoint=(), offload=False, **overrides):
+    data = {
+        "format": "hf-mst/1", "model": "tiny", "seq_len": S, "micro_batch": B, "grad_accum": 1,
+        "precision": "amp", "attention": "eager",
+        "mlp": {"chunks": mlp[0], "impl": mlp[1]},
+        "lm_head": {"chunks": lm_head[0], "impl": lm_head[1]},
+        "checkpoint_layers": list(checkpoint), "offload_checkpoints": offload,
+        "optimizer": {"name": "adamw", "state_dtype": "fp32", "in_backward": False},
+        "data_parallel": 1, "sequence_parallel": 1, "zero_stage": 0,
+        "predicted": {"peak_allocated_bytes": 0, "peak_reserved_bytes": 0, "tokens_per_second": 0},
+    }
+    data.update(overrides)
+    return mst_hf.load_config(data)
+
+
+def batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (B, S), generator=g)
+    labels = ids.clone()
+    labels[0, 4:7] = -100  # e.g. a masked prompt
+    labels[1, -2:] = -100  # padding at the end
+    return ids, labels
+
+
+def loss_and_grads(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training(family, config):
+    base = MODELS[family]()
+    patched = mst_hf.apply(copy.deepcopy(base), config)
+    ids, labels = batch()
+    ref_loss, ref_grads = loss_and_grads(base, ids, labels)
+    loss, grads = loss_and_grads(patched, ids, labels)
+    close(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        close(grads[name], g)
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("impl", ["loop", "tiled"])
+@pytest.mark.parametrize("chunks", [2, 3, 5])
+def test_mlp_mini_sequences_train_like_the_original(family, impl, chunks):
+    assert_same_training(family, mst_config(mlp=(chunks, impl)))
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("impl", ["recompute", "fused"])
+@pytest.mark.parametrize("chunks", [2, 3, 7])
+def test_lm_head_mini_sequences_train_like_the_original(family, impl, chunks):
+    assert_same_training(family, mst_config(lm_head=(chunks, impl)))
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("mlp,lm_head", [((3, "loop"), (7, "recompute")), ((5, "tiled"), (3, "fused")),
+                                         ((2, "tiled"), (2, "recompute"))])
+@pytest.mark.parametrize("checkpoint,offload", [((), False), ((0, 1), False), ((1,), False), ((0, 1), True)])
+def test_everything_together_with_and_without_checkpointing(family, mlp, lm_head, checkpoint, offload):
+    assert_same_training(family, mst_config(mlp=mlp, lm_head=lm_head, checkpoint=checkpoint, offload=offload))
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_checkpointing_alone_trains_like_the_original(family):
+    assert_same_training(family, mst_config(checkpoint=(0,)))
+
+
+def test_only_the_listed_layers_are_checkpointed():
+    model = mst_hf.apply(tiny_llama(), mst_config(checkpoint=(1,)))
+    layers = model.model.layers
+    assert "forward" not in vars(layers[0])
+    assert isinstance(vars(layers[1])["forward"], CheckpointedForward)
+
+
+def test_chunks_of_one_leave_the_model_untouched():
+    model = mst_hf.apply(tiny_llama(), mst_config())
+    assert "forward" not in vars(model)
+    assert "forward" not in vars(model.lm_head)
+    assert all("forward" not in vars(layer.mlp) and "forward" not in vars(layer) for layer in model.model.layers)
+    assert mst_hf.applied_config(model) == mst_config()
+
+
+def test_the_patched_loss_returns_no_logits_and_keeps_other_outputs():
+    base = tiny_llama()
+    patched = mst_hf.apply(copy.deepcopy(base), mst_config(lm_head=(3, "recompute")))
+    ids, labels = batch()
+    out = patched(input_ids=ids, labels=labels, output_hidden_states=True)
+    ref = base(input_ids=ids, labels=labels, output_hidden_states=True)
+    assert out.logits is None
+    close(out.loss, ref.loss)
+    assert len(out.hidden_states) == len(ref.hidden_states)
+    loss, *rest = patched(input_ids=ids, labels=labels, return_dict=False)
+    close(loss, ref.loss)
+
+
+def test_without_labels_the_model_still_returns_logits():
+    base = tiny_llama().eval()
+    patched = mst_hf.apply(copy.deepcopy(base), mst_config(mlp=(3, "tiled"), lm_head=(3, "fused")))
+    ids, _ = batch()
+    with torch.no_grad():
+        close(patched(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_num_items_in_batch_is_honoured_like_hugging_face():
+    base = tiny_llama()
+    patched = mst_hf.apply(copy.deepcopy(base), mst_config(lm_head=(7, "fused")))
+    ids, labels = batch()
+    ref = base(input_ids=ids, labels=labels).loss
+    valid = int((labels[:, 1:] != -100).sum())
+    out = patched(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(2 * valid)).loss
+    close(out, ref / 2)
+
+
+def test_a_deep_copy_of_a_patched_model_runs_on_its_own_weights():
+    patched = mst_hf.apply(tiny_llama(), mst_config(mlp=(3, "loop"), lm_head=(3, "recompute"), checkpoint=(0,)))
+    twin = copy.deepcopy(patched)
+    assert twin.forward.module is twin
+    assert twin.model.layers[0].mlp.forward.module is twin.model.layers[0].mlp
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    ids, labels = batch()
+    assert not torch.allclose(twin(input_ids=ids, labels=labels).loss, patched(input_ids=ids, labels=labels).loss)
+
+
+def test_applying_twice_is_refused():
+    model = mst_hf.apply(tiny_llama(), mst_config(mlp=(2, "loop")))
+    with pytest.raises(RuntimeError, match="already patched"):
+        mst_hf.apply(model, mst_config(mlp=(2, "loop")))
+
+
+def test_a_model_in_the_wrong_dtype_is_refused_before_any_change():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match='precision: "pure-bf16" trains bfloat16 parameters.*float32'):
+        mst_hf.apply(model, mst_config(mlp=(2, "loop"), precision="pure-bf16",
+                                       optimizer={"name": "adamw", "state_dtype": "bf16", "in_backward": False}))
+    assert "forward" not in vars(model.model.layers[0].mlp)
+    assert mst_hf.applied_config(model) is None
+
+
+def test_a_checkpoint_layer_beyond_the_model_is_refused():
+    with pytest.raises(ValueError, match=r"checkpoint_layers: expected layer indices below 2 .*got \[2\]"):
+        mst_hf.apply(tiny_llama(), mst_config(checkpoint=(0, 2)))
+
+
+def test_hugging_face_checkpointing_of_all_layers_is_refused():
+    model = tiny_llama()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient_checkpointing_disable"):
+        mst_hf.apply(model, mst_config(checkpoint=(0,)))
+
+
+def test_zero3_with_a_chunked_lm_head_is_refused():
+    with pytest.raises(ValueError, match="zero_stage: ZeRO-3"):
+        mst_hf.apply(tiny_llama(), mst_config(lm_head=(2, "fused"), zero_stage=3))
+
+
+def test_an_attention_mismatch_warns():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mst_hf.apply(tiny_llama(), mst_config(attention="flash"))
+    assert any('plans "flash" attention' in str(w.message) for w in caught)
+
+
+def test_apply_reads_a_config_file(tmp_path):
+    path = tmp_path / "mst_config.json"
+    path.write_text(mst_config(mlp=(2, "tiled")).to_json())
+    model = mst_hf.apply(tiny_llama(), path)
+    assert mst_hf.applied_config(model).mlp.impl == "tiled"
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "register_post_accumulate_grad_hook"),
+                    reason="needs torch >= 2.1 (post-accumulate-grad hooks)")
+@pytest.mark.parametrize("family", MODELS)
+def test_optimizer_in_backward_on_a_patched_model_matches_a_normal_adamw_step(family):
+    patches = dict(mlp=(3, "tiled"), lm_head=(7, "fused"), checkpoint=(0,))
+    in_backward = {"name": "adamw", "state_dtype": "fp32", "in_backward": True}
+    base = MODELS[family]()
+    normal = mst_hf.apply(copy.deepcopy(base), mst_config(**patches))
+    stepped = mst_hf.apply(copy.deepcopy(base), mst_config(**patches, optimizer=in_backward))
+    opt_normal = mst_hf.make_optimizer(normal, mst_hf.applied_config(normal), lr=1e-3, weight_decay=0.01)
+    opt_stepped = mst_hf.make_optimizer(stepped, mst_hf.applied_config(stepped), lr=1e-3, weight_decay=0.01)
+    ids, labels = batch()
+    normal(input_ids=ids, labels=labels).loss.backward()
+    opt_normal.step()
+    stepped(input_ids=ids, labels=labels).loss.backward()
+    opt_stepped.step()
+    assert all(p.grad is None for p in stepped.parameters())
+    for (name, a), b in zip(stepped.named_parameters(), normal.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)

@@ -1,0 +1,77 @@
+// emit: a plan (mst-plan/1 JSON) written as the config files of a trainer.
+#include <filesystem>
+#include <fstream>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>  // fmt::join
+#include <nlohmann/json.hpp>
+
+#include "commands.hpp"
+#include "mst/emit.hpp"
+#include "mst/error.hpp"
+
+namespace mst::cli {
+
+namespace {
+
+struct EmitArgs {
+    std::string plan_file, format, out_dir;
+};
+
+void write_file(const std::filesystem::path& path, const std::string& text) {
+    std::ofstream out(path, std::ios::binary);
+    out << text;
+    out.close();
+    if (!out) fail(path.string(), "file", "expected a writable path");
+}
+
+void run_emit(const GlobalOptions& g, const EmitArgs& a) {
+    ModelSpec model;
+    const Plan plan = load_plan_file(a.plan_file, &model);
+    for (const auto& w : model.warnings) warn(fmt::format("{}: {}", model.source, w));
+    const std::vector<EmittedFile> files = emit(plan, model, a.format);
+
+    if (a.out_dir.empty()) {
+        if (files.size() != 1) {
+            std::vector<std::string> names;
+            for (const auto& f : files) names.push_back(f.name);
+            fail("command line", "out",
+                 fmt::format("expected a directory (--out DIR): format {} writes {} files for this plan ({})", a.format,
+                             files.size(), fmt::join(names, ", ")));
+        }
+        fmt::print("{}", files.front().content);
+        return;
+    }
+
+    const std::filesystem::path dir(a.out_dir);
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec || !std::filesystem::is_directory(dir)) fail(a.out_dir, "out", "expected a directory that can be created");
+    std::vector<std::string> written;
+    for (const auto& f : files) {
+        const std::filesystem::path path = dir / f.name;
+        write_file(path, f.content);
+        written.push_back(path.string());
+    }
+    if (g.json) return print_json({{"files", written}});
+    for (const auto& p : written) fmt::print("{}\n", p);
+}
+
+}  // namespace
+
+void add_emit_command(CLI::App& app, const GlobalOptions& global) {
+    auto args = std::make_shared<EmitArgs>();
+    auto* cmd = app.add_subcommand("emit",
+                                   "Write a plan as the config files of a trainer\n"
+                                   "  mst-plan emit --plan plan.json --format deepspeed > ds_config.json\n"
+                                   "  mst-plan emit --plan plan.json --format axolotl --out configs/");
+    cmd->add_option("--plan", args->plan_file, "Plan file (mst-plan/1 JSON, as recommend --out writes)")->required();
+    cmd->add_option("--format", args->format, fmt::format("Trainer format: {}", fmt::join(emit_formats(), " | ")))
+        ->required();
+    cmd->add_option("--out", args->out_dir,
+                    "Write the files into this directory (created if missing) and print their paths; "
+                    "without it a one-file format prints the file");
+    cmd->callback([&global, args] { run_emit(global, *args); });
+}
+
+}  // namespace mst::cli

@@ -1,0 +1,169 @@
+// deepspeed: ds_config.json for the DeepSpeed engine.
+//
+// Keys: https://www.deepspeed.ai/docs/config-json/ (batch size, bf16, zero_optimization,
+// activation_checkpointing, optimizer, gradient_clipping). Checked against the code:
+//  * deepspeed/runtime/config.py: with Ulysses SP the engine's world size is
+//    world / sequence_parallel_size, so train_batch_size = micro x accum x dp; the
+//    top-level "sequence_parallel_size" is what ALST configs and DeepSpeed's own
+//    Ulysses tests set (tests/unit/ulysses_alst/test_ulysses_sp_hf.py), see
+//    https://www.deepspeed.ai/tutorials/ulysses-alst-sequence-parallelism/.
+//  * Top-level keys are read one by one by name (get_scalar_param, param_dict.get),
+//    so an extra top-level key is ignored; the sub-blocks are pydantic models that
+//    forbid unknown fields. Hence our explanations live in one top-level array,
+//    "mst_plan_notes", and every sub-block holds DeepSpeed's own keys only.
+//  * deepspeed/runtime/precision_config.py: bf16.bf16_master_weights_and_grads and
+//    bf16.bf16_optimizer_states (bf16 masters need ZeRO 1-3); "torch_autocast" keeps
+//    fp32 parameters and autocasts matmuls (our "amp").
+// The MsT chunking, attention kernel and which layers get checkpointed live in the
+// model code, not in this file: each gets a note saying where to apply it.
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "emit/emitters.hpp"
+#include "mst/error.hpp"
+
+namespace mst::emit_detail {
+
+namespace {
+
+constexpr const char* kWhere = "deepspeed";
+
+// Where a plan's mini-sequences go when the trainer is DeepSpeed: the model code.
+std::string mlp_note(const TrainingSetup& s) {
+    const std::string where =
+        s.mlp_impl == MlpImpl::Tiled
+            ? fmt::format("ALST TiledMLP (deepspeed.runtime.sequence_parallel.ulysses_sp.TiledMLP, shards={}; "
+                          "Arctic Training's tiled_mlp_compute: true picks its own shard count) or python/mst_hf",
+                          s.mlp_chunks)
+            : fmt::format("python/mst_hf (the MsT loop); ALST TiledMLP with shards={} uses no more memory",
+                          s.mlp_chunks);
+    return fmt::format("MLP: {} mini-sequences ({}) have no DeepSpeed config key; apply them in the model with {}. "
+                       "Without them memory exceeds the prediction.",
+                       s.mlp_chunks, to_string(s.mlp_impl), where);
+}
+
+std::string lm_note(const TrainingSetup& s) {
+    const std::string where = s.lm_impl == LmHeadImpl::FusedForward
+                                  ? "ALST TiledFusedLogitsLoss (deepspeed.runtime.sequence_parallel.ulysses_sp), "
+                                    "Liger fused linear cross-entropy or python/mst_hf"
+                                  : "python/mst_hf (MsT: logits recomputed per chunk in backward)";
+    return fmt::format("LM head + loss: {} mini-sequences ({}) have no DeepSpeed config key; apply them in the model "
+                       "with {}. Without them memory exceeds the prediction.",
+                       s.lm_chunks, to_string(s.lm_impl), where);
+}
+
+std::string checkpoint_note(const TrainingSetup& s, const ModelSpec& model) {
+    std::string note = fmt::format(
+        "activation checkpointing: the plan checkpoints {}. This block configures deepspeed.checkpointing; the "
+        "model decides which layers it wraps: wrap exactly these (python/mst_hf does)",
+        describe_placement(s, model));
+    if (s.checkpointed_count() < model.num_layers)
+        note += ", or all of them (transformers' gradient_checkpointing_enable(): less memory, more recompute)";
+    if (s.offload_checkpoints)
+        note += ". cpu_checkpointing offloads only checkpoints taken through deepspeed.checkpointing (Arctic "
+                "Training: activation_checkpoint_cpu_offload: true)";
+    return note + ".";
+}
+
+}  // namespace
+
+std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model) {
+    const TrainingSetup& s = plan.setup;
+    std::vector<std::string> notes = plan_header(plan);
+
+    if (s.optimizer_in_backward)
+        fail(kWhere, "setup.optimizer_in_backward",
+             "expected false (DeepSpeed steps the optimizer after backward, never inside a gradient hook), got true");
+    const bool states_bf16 = s.effective_state_dtype() == StateDtype::Bf16;
+    const bool states_matter = s.optimizer != Optimizer::AdamW8bit;  // 8-bit states have no fp32/bf16 choice
+
+    nlohmann::ordered_json j;
+    // train_batch_size must equal micro x accum x (world / sp); DeepSpeed asserts it.
+    j["train_batch_size"] = s.micro_batch * s.grad_accum * s.dp;
+    j["train_micro_batch_size_per_gpu"] = s.micro_batch;
+    j["gradient_accumulation_steps"] = s.grad_accum;
+    j["gradient_clipping"] = 1.0;
+
+    switch (s.precision) {
+        case Precision::PureBf16:
+            if (s.zero_stage == 0)
+                fail(kWhere, "setup.precision",
+                     "expected bf16-master or amp with zero_stage 0 (DeepSpeed keeps bf16 master weights only "
+                     "under ZeRO 1-3), got pure-bf16");
+            j["bf16"] = {{"enabled", true},
+                         {"bf16_master_weights_and_grads", true},
+                         {"bf16_optimizer_states", states_bf16}};
+            notes.push_back(
+                "bf16_master_weights_and_grads and bf16_optimizer_states need a DeepSpeed release that has them "
+                "(deepspeed/runtime/precision_config.py); older releases reject the keys.");
+            break;
+        case Precision::Bf16Master:
+        case Precision::AmpFp32:
+            if (states_matter && states_bf16)
+                fail(kWhere, "setup.optimizer_state_dtype",
+                     fmt::format("expected fp32 with precision {} (DeepSpeed keeps bf16 optimizer states only with "
+                                 "bf16 master weights, precision pure-bf16), got bf16",
+                                 to_string(s.precision)));
+            if (s.precision == Precision::Bf16Master)
+                j["bf16"] = {{"enabled", true}};  // bf16 compute, fp32 master weights and states in the optimizer
+            else
+                j["torch_autocast"] = {{"enabled", true}, {"dtype", "bfloat16"}};
+            break;
+    }
+
+    nlohmann::ordered_json zero = {{"stage", s.zero_stage}};
+    // The plan counts ZeRO-3 prefetch in layers; DeepSpeed counts parameter elements.
+    if (s.zero_stage == 3) zero["stage3_prefetch_bucket_size"] = s.zero3_prefetch * model.layer_parameters();
+    j["zero_optimization"] = zero;
+
+    if (s.checkpointed_count() > 0) {
+        // partition_activations splits checkpoints across tensor-parallel ranks, and
+        // contiguous_memory_optimization needs it: neither applies without TP.
+        j["activation_checkpointing"] = {{"partition_activations", false},
+                                         {"cpu_checkpointing", s.offload_checkpoints},
+                                         {"contiguous_memory_optimization", false},
+                                         {"number_checkpoints", s.checkpointed_count()}};
+        notes.push_back(checkpoint_note(s, model));
+    }
+
+    switch (s.optimizer) {
+        case Optimizer::AdamW:
+            j["optimizer"] = {{"type", "AdamW"},
+                              {"params", {{"lr", "auto"}, {"betas", "auto"}, {"eps", "auto"}, {"weight_decay", "auto"}}}};
+            break;
+        case Optimizer::SgdMomentum:
+            // Any non-zero momentum allocates the buffer the plan counts; 0.9 is the usual value.
+            j["optimizer"] = {{"type", "SGD"}, {"params", {{"lr", "auto"}, {"momentum", 0.9}, {"weight_decay", "auto"}}}};
+            break;
+        case Optimizer::AdamW8bit:
+            // DeepSpeed has no bitsandbytes optimizer type: the client passes its own.
+            if (s.zero_stage > 0) j["zero_allow_untested_optimizer"] = true;
+            notes.push_back(
+                "optimizer: adamw-8bit has no DeepSpeed optimizer type, so the block is left out: pass bitsandbytes "
+                "AdamW8bit as the client optimizer (the Hugging Face Trainer does with optim=adamw_bnb_8bit).");
+            break;
+    }
+    if (j.contains("optimizer"))
+        notes.push_back(
+            "optimizer params \"auto\" are filled in by the Hugging Face Trainer / Accelerate integration; with "
+            "deepspeed.initialize alone, write numbers.");
+
+    if (s.sp > 1) {
+        j["sequence_parallel_size"] = s.sp;
+        notes.push_back(fmt::format(
+            "sequence_parallel_size {} (Ulysses): DeepSpeed counts train_batch_size over data-parallel ranks only "
+            "({} GPUs / {} = {}); wire the model with UlyssesSPAttentionHF.register_with_transformers or accelerate's "
+            "ParallelismConfig(sp_backend=\"deepspeed\", sp_size={}).",
+            s.sp, s.dp * s.sp, s.sp, s.dp, s.sp));
+    }
+    if (s.mlp_chunks > 1) notes.push_back(mlp_note(s));
+    if (s.lm_chunks > 1) notes.push_back(lm_note(s));
+    notes.push_back(fmt::format("attention: {}; set it when loading the model (attn_implementation=\"{}\").",
+                                to_string(s.attention),
+                                s.attention == Attention::Flash ? "flash_attention_2" : "eager"));
+
+    j["mst_plan_notes"] = notes;
+    return {{"ds_config.json", j.dump(2) + "\n"}};
+}
+
+}  // namespace mst::emit_detail

@@ -1,0 +1,92 @@
+// emit: dispatch to one module per trainer format, and the helpers they share.
+#include <algorithm>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>  // fmt::join
+
+#include "emit/emitters.hpp"
+#include "mst/error.hpp"
+#include "mst/units.hpp"
+
+namespace mst {
+
+namespace {
+
+using Emitter = std::vector<EmittedFile> (*)(const Plan&, const ModelSpec&);
+
+struct Format {
+    const char* name;
+    Emitter emit;
+};
+
+constexpr Format kFormats[] = {
+    {"hf-mst", emit_detail::emit_hf_mst},
+    {"deepspeed", emit_detail::emit_deepspeed},
+    {"axolotl", emit_detail::emit_axolotl},
+    {"torchtitan", emit_detail::emit_torchtitan},
+};
+
+}  // namespace
+
+std::vector<std::string> emit_formats() {
+    std::vector<std::string> names;
+    for (const Format& f : kFormats) names.emplace_back(f.name);
+    return names;
+}
+
+std::vector<EmittedFile> emit(const Plan& plan, const ModelSpec& model, const std::string& format) {
+    for (const Format& f : kFormats) {
+        if (format != f.name) continue;
+        // A plan built in code (not read from a file) has not been checked yet; the
+        // emitters index layers and divide by degrees on the strength of this.
+        validate(plan.setup, model);
+        return f.emit(plan, model);
+    }
+    fail("emit", "format", fmt::format("expected one of {}, got '{}'", fmt::join(emit_formats(), ", "), format));
+}
+
+namespace emit_detail {
+
+std::vector<std::int64_t> checkpoint_layers(const TrainingSetup& s) {
+    std::vector<std::int64_t> layers;
+    for (std::size_t i = 0; i < s.checkpoint.size(); ++i)
+        if (s.checkpoint[i]) layers.push_back(static_cast<std::int64_t>(i));
+    return layers;
+}
+
+std::string describe_placement(const TrainingSetup& s, const ModelSpec& model) {
+    return fmt::format("{} of {} layers ({})", s.checkpointed_count(), model.num_layers, describe_checkpoints(s.checkpoint));
+}
+
+std::vector<std::string> plan_header(const Plan& plan) {
+    const TrainingSetup& s = plan.setup;
+    const Prediction& p = plan.prediction;
+    return {
+        fmt::format("mst-plan: {} on {} x {} (dp {} x sp {}), seq {}, micro-batch {}, grad-accum {}", plan.model,
+                    plan.gpus, plan.gpu, s.dp, s.sp, s.seq_len, s.micro_batch, s.grad_accum),
+        fmt::format("predicted per GPU: peak {} allocated, {} reserved; {:.0f} tokens/s",
+                    format_bytes(p.peak_allocated_bytes), format_bytes(p.peak_reserved_bytes), p.tokens_per_second),
+    };
+}
+
+std::vector<std::string> wrap(const std::string& text, std::size_t width) {
+    std::vector<std::string> lines;
+    std::string line;
+    std::size_t pos = 0;
+    while (pos < text.size()) {
+        const std::size_t space = std::min(text.find(' ', pos), text.size());
+        const std::string word = text.substr(pos, space - pos);
+        pos = space + 1;
+        if (!line.empty() && line.size() + 1 + word.size() > width) {
+            lines.push_back(line);
+            line.clear();
+        }
+        line += line.empty() ? word : " " + word;
+    }
+    if (!line.empty()) lines.push_back(line);
+    return lines;
+}
+
+}  // namespace emit_detail
+
+}  // namespace mst

@@ -1,0 +1,42 @@
+// hf-mst: mst_config.json, the plan as python/mst_hf reads it to patch a
+// transformers model (MsT MLP and LM-head chunking, checkpoint placement, offload)
+// and set up its optimizer and parallelism. Schema "hf-mst/1", owned by this
+// project; every knob of the plan has a field, so this format never refuses a plan.
+#include <nlohmann/json.hpp>
+
+#include "emit/emitters.hpp"
+
+namespace mst::emit_detail {
+
+std::vector<EmittedFile> emit_hf_mst(const Plan& plan, const ModelSpec& /*model*/) {
+    const TrainingSetup& s = plan.setup;
+    // ordered_json keeps the schema's field order, so a person reads the file top-down
+    // in the same order as the documentation.
+    const nlohmann::ordered_json j = {
+        {"format", "hf-mst/1"},
+        {"model", plan.model},
+        {"seq_len", s.seq_len},
+        {"micro_batch", s.micro_batch},
+        {"grad_accum", s.grad_accum},
+        {"precision", to_string(s.precision)},
+        {"attention", to_string(s.attention)},
+        {"mlp", {{"chunks", s.mlp_chunks}, {"impl", to_string(s.mlp_impl)}}},
+        {"lm_head", {{"chunks", s.lm_chunks}, {"impl", to_string(s.lm_impl)}}},
+        {"checkpoint_layers", checkpoint_layers(s)},
+        {"offload_checkpoints", s.offload_checkpoints},
+        {"optimizer",
+         {{"name", to_string(s.optimizer)},
+          {"state_dtype", to_string(s.effective_state_dtype())},
+          {"in_backward", s.optimizer_in_backward}}},
+        {"data_parallel", s.dp},
+        {"sequence_parallel", s.sp},
+        {"zero_stage", s.zero_stage},
+        {"predicted",
+         {{"peak_allocated_bytes", plan.prediction.peak_allocated_bytes},
+          {"peak_reserved_bytes", plan.prediction.peak_reserved_bytes},
+          {"tokens_per_second", plan.prediction.tokens_per_second}}},
+    };
+    return {{"mst_config.json", j.dump(2) + "\n"}};
+}
+
+}  // namespace mst::emit_detail

@@ -1,0 +1,306 @@
+#pragma once
+// The CPU backend's op kernels: forward and backward of every op of a Llama-family
+// (and Gemma-2) decoder training step, plus the optimizer steps.
+//
+// Contract shared by every kernel (it is what lets the executor *measure* memory):
+//  * A kernel never allocates a tensor. Every input, output, saved tensor and workspace
+//    is a caller-provided buffer (pointer + storage dtype, shapes as arguments), so the
+//    executor allocates each one through its tracking allocator. Scratch is O(1): fixed
+//    size arrays on the stack, bounded by the constants below, at most ~100 KiB (flash
+//    attention backward: six float[kAttnTile][kMaxHeadDim] tiles, 96 KiB; GEMM: three tiles,
+//    80 KiB). Eigen's products run on those stack tiles with `noalias()`, so Eigen allocates
+//    nothing either: its packing buffers for tiles this small live on the stack, under
+//    EIGEN_STACK_ALLOCATION_LIMIT. No kernel calls malloc.
+//  * Storage dtype is float32 or bf16 per buffer, chosen by the caller; arithmetic is
+//    always float32 with float32 accumulation. Statistics (rstd, logsumexp, delta) and
+//    workspaces are always float32 (`float*`).
+//  * Layouts are row-major, PyTorch's: activations [rows, features] with rows = B*S
+//    (row b*S + t), heads packed along features (column h*hd + e), weights [out, in].
+//  * A violated contract (bad shape, an id out of range) is a bug of the caller: the
+//    kernel throws std::logic_error naming the kernel and the broken condition.
+//
+// Every kernel has a plain reference next to it in `namespace reference` (naive loops,
+// double accumulation, may allocate: test-only), in the same .cpp file.
+#include <cstdint>
+#include <cstring>
+
+#include <Eigen/Core>
+
+namespace mst::exec::cpu {
+
+using bf16 = Eigen::bfloat16;
+
+enum class DType : std::uint8_t { F32, BF16 };
+
+constexpr std::int64_t dtype_bytes(DType t) { return t == DType::F32 ? 4 : 2; }
+
+// A caller-owned buffer: where it is and how its elements are stored. The converting
+// constructors let typed pointers (std::vector<float>::data()) be passed directly.
+struct Tensor {
+    void* data = nullptr;
+    DType dtype = DType::F32;
+    Tensor() = default;
+    Tensor(void* p, DType t) : data(p), dtype(t) {}
+    Tensor(float* p) : data(p), dtype(DType::F32) {}  // NOLINT(google-explicit-constructor)
+    Tensor(bf16* p) : data(p), dtype(DType::BF16) {}  // NOLINT(google-explicit-constructor)
+    explicit operator bool() const { return data != nullptr; }
+};
+
+struct ConstTensor {
+    const void* data = nullptr;
+    DType dtype = DType::F32;
+    ConstTensor() = default;
+    ConstTensor(const void* p, DType t) : data(p), dtype(t) {}
+    ConstTensor(Tensor t) : data(t.data), dtype(t.dtype) {}           // NOLINT(google-explicit-constructor)
+    ConstTensor(const float* p) : data(p), dtype(DType::F32) {}       // NOLINT(google-explicit-constructor)
+    ConstTensor(const bf16* p) : data(p), dtype(DType::BF16) {}       // NOLINT(google-explicit-constructor)
+    explicit operator bool() const { return data != nullptr; }
+};
+
+// ---- element access: one dtype switch per call; blocks keep inner loops tight ----------
+inline float load(ConstTensor t, std::int64_t i) {
+    return t.dtype == DType::F32 ? static_cast<const float*>(t.data)[i]
+                                 : static_cast<float>(static_cast<const bf16*>(t.data)[i]);
+}
+inline void store(Tensor t, std::int64_t i, float v) {
+    if (t.dtype == DType::F32)
+        static_cast<float*>(t.data)[i] = v;
+    else
+        static_cast<bf16*>(t.data)[i] = bf16(v);  // round to nearest even
+}
+// dst[0..n) = t[i0..i0+n) as float
+inline void load_block(ConstTensor t, std::int64_t i0, std::int64_t n, float* dst) {
+    if (t.dtype == DType::F32) {
+        std::memcpy(dst, static_cast<const float*>(t.data) + i0, static_cast<std::size_t>(n) * sizeof(float));
+    } else {
+        const bf16* p = static_cast<const bf16*>(t.data) + i0;
+        for (std::int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(p[j]);
+    }
+}
+// t[i0..i0+n) = src[0..n), rounded to the storage dtype
+inline void store_block(Tensor t, std::int64_t i0, std::int64_t n, const float* src) {
+    if (t.dtype == DType::F32) {
+        std::memcpy(static_cast<float*>(t.data) + i0, src, static_cast<std::size_t>(n) * sizeof(float));
+    } else {
+        bf16* p = static_cast<bf16*>(t.data) + i0;
+        for (std::int64_t j = 0; j < n; ++j) p[j] = bf16(src[j]);
+    }
+}
+
+namespace detail {
+// A broken kernel contract is a caller bug: throws std::logic_error("<kernel>: <what>").
+[[noreturn]] void contract_violation(const char* kernel, const char* what);
+inline void require(bool ok, const char* kernel, const char* what) {
+    if (!ok) contract_violation(kernel, what);
+}
+}  // namespace detail
+
+// ---- scratch bounds (the O(1) stack scratch every kernel documents) --------------------
+inline constexpr std::int64_t kBlock = 256;         // elementwise/row kernels: float[kBlock] blocks
+inline constexpr std::int64_t kMaxHeadDim = 256;    // RoPE and attention tiles hold float[tile][kMaxHeadDim]
+inline constexpr std::int64_t kAttnTile = 16;       // flash attention: query and key tile rows
+inline constexpr std::int64_t kGemmTileM = 64;      // GEMM output tile rows
+inline constexpr std::int64_t kGemmTileN = 64;      // GEMM output tile columns
+inline constexpr std::int64_t kGemmTileK = 128;     // GEMM reduction block
+inline constexpr std::int64_t kIgnoreIndex = -100;  // labels to skip (PyTorch's ignore_index)
+
+// ---- elementwise helpers ----------------------------------------------------------------
+// out[n] = in[n] (dtype conversion, e.g. the bf16 copy of an fp32 weight under AMP)
+void cast(Tensor out, ConstTensor in, std::int64_t n);
+// out[n] = in[n] * s (Gemma's embedding scale sqrt(d); its backward is the same call)
+void scale(Tensor out, ConstTensor in, std::int64_t n, float s);
+// out[n] = 0
+void zero(Tensor out, std::int64_t n);
+
+// ---- linear (GEMM), PyTorch layout: y = x W^T ---------------------------------------------
+// out[n,o] (+)= in[n,i] W[o,i]^T.   `accumulate` adds into out (beta = 1), else overwrites.
+void linear_forward(Tensor out, ConstTensor in, ConstTensor W, std::int64_t n, std::int64_t i, std::int64_t o,
+                    bool accumulate = false);
+// din[n,i] (+)= dout[n,o] W[o,i]. Accumulate to sum the input gradients of q, k and v.
+void linear_backward_input(Tensor din, ConstTensor dout, ConstTensor W, std::int64_t n, std::int64_t i,
+                           std::int64_t o, bool accumulate = false);
+// dW[o,i] (+)= dout[n,o]^T in[n,i]. Accumulate across mini-sequences / micro-batches.
+void linear_backward_weight(Tensor dW, ConstTensor dout, ConstTensor in, std::int64_t n, std::int64_t i,
+                            std::int64_t o, bool accumulate);
+
+// ---- embedding -------------------------------------------------------------------------------
+// out[n,d] = table[ids[n], :], table [V,d]
+void embedding_forward(Tensor out, ConstTensor table, const std::int64_t* ids, std::int64_t n, std::int64_t d,
+                       std::int64_t V);
+// dtable[V,d] += scatter of dout[n,d] by ids[n] (accumulates; repeated ids add up)
+void embedding_backward(Tensor dtable, ConstTensor dout, const std::int64_t* ids, std::int64_t n, std::int64_t d,
+                        std::int64_t V);
+
+// ---- RMSNorm ---------------------------------------------------------------------------------
+enum class NormKind : std::uint8_t {
+    Llama,  // y = x * rstd * w
+    Gemma,  // y = x * rstd * (1 + w)
+};
+// y[n,d] = x[n,d] * rstd[n] * g(w[d]), rstd = 1/sqrt(mean(x^2) + eps), saved as fp32
+// (rstd may be nullptr: no-grad forward).
+void rmsnorm_forward(Tensor y, float* rstd, ConstTensor x, ConstTensor w, std::int64_t n, std::int64_t d, float eps,
+                     NormKind kind);
+// dx[n,d] = rstd * (g*dy - xhat * mean(g*dy*xhat)), xhat = x*rstd; dw[d] += sum_rows dy*xhat
+// (dw may be empty: frozen weight). dx may alias dy.
+void rmsnorm_backward(Tensor dx, Tensor dw, ConstTensor dy, ConstTensor x, ConstTensor w, const float* rstd,
+                      std::int64_t n, std::int64_t d, NormKind kind);
+
+// ---- RoPE (Hugging Face Llama rotate_half convention) --------------------------------------
+// x[B*S, heads*hd] in place: position of row b*S+t is t; inv_freq[i] = theta^(-2i/hd) (fp32,
+// as HF), for i < hd/2: (x_i, x_{i+hd/2}) is rotated by angle t*inv_freq[i].
+// `inverse` rotates by -angle: the backward (the rotation is orthogonal).
+void rope_apply(Tensor x, std::int64_t B, std::int64_t S, std::int64_t heads, std::int64_t hd, float theta,
+                bool inverse);
+// q[B*S, nh*hd], k[B*S, nkv*hd] rotated in place
+void rope_forward(Tensor q, Tensor k, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
+                  std::int64_t hd, float theta);
+// dq[B*S, nh*hd], dk[B*S, nkv*hd] rotated back in place
+void rope_backward(Tensor dq, Tensor dk, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
+                   std::int64_t hd, float theta);
+
+// ---- attention: causal, GQA, optional sliding window and logit soft-capping ----------------
+// q, o [B*S, nh*hd]; k, v [B*S, nkv*hd]; query head h reads kv head h / (nh/nkv) (HF repeat_kv).
+// Score s(t,u) = q_t.k_u * scale, then (softcap > 0) s = softcap * tanh(s / softcap), masked
+// unless u <= t and (window == 0 or t - u < window).
+struct AttentionConfig {
+    std::int64_t B = 1, S = 1, nh = 1, nkv = 1, hd = 1;
+    float scale = 1.0f;       // 1/sqrt(hd) for Llama (default_scale), query_pre_attn_scalar^-0.5 for Gemma-2
+    std::int64_t window = 0;  // 0: full causal; else attend to u in [t-window+1, t]
+    float softcap = 0.0f;     // 0: none
+};
+float default_scale(std::int64_t hd);  // 1/sqrt(hd)
+
+// Workspace sizes, in floats (the executor allocates them as fp32 buffers).
+std::int64_t flash_lse_floats(const AttentionConfig& c);              // lse [B, nh, S]
+std::int64_t flash_dq_workspace_floats(const AttentionConfig& c);     // dq accumulator [B*S, nh*hd]
+std::int64_t flash_delta_workspace_floats(const AttentionConfig& c);  // delta [B, nh, S]
+std::int64_t eager_scores_floats(const AttentionConfig& c);           // probs32 / dscores [B, nh, S, S]
+
+// Flash (tiled, online softmax, never S x S): o[B*S, nh*hd], lse[B, nh, S] (fp32, natural log).
+void flash_attention_forward(Tensor o, float* lse, ConstTensor q, ConstTensor k, ConstTensor v,
+                             const AttentionConfig& c);
+// FlashAttention-2 backward: recomputes scores per tile from q, k and lse.
+// dq[B*S, nh*hd], dk, dv[B*S, nkv*hd] (overwritten); dout, o [B*S, nh*hd]; lse [B, nh, S].
+// Workspaces: dq_ws fp32 [B*S, nh*hd] (the dq accumulator; may be dq's own storage when dq is
+// fp32), delta_ws fp32 [B, nh, S] (rowsum(dout * o)).
+void flash_attention_backward(Tensor dq, Tensor dk, Tensor dv, float* dq_ws, float* delta_ws, ConstTensor dout,
+                              ConstTensor q, ConstTensor k, ConstTensor v, ConstTensor o, const float* lse,
+                              const AttentionConfig& c);
+// Eager, mirroring Hugging Face eager attention: probs32 fp32 [B, nh, S, S] (softmax in fp32,
+// masked entries 0), probs [B, nh, S, S] in the storage dtype (the copy the PV matmul reads
+// and saves), scores_tanh [B, nh, S, S] (tanh(s/softcap), saved by HF for the backward; required
+// when softcap > 0, ignored otherwise). o[B*S, nh*hd] = probs @ v.
+void eager_attention_forward(Tensor o, float* probs32, Tensor probs, Tensor scores_tanh, ConstTensor q,
+                             ConstTensor k, ConstTensor v, const AttentionConfig& c);
+// Backward from the saved probabilities. dq, dk, dv as in flash; dscores_ws fp32 [B, nh, S, S]
+// holds the score gradient (as HF's backward materialises it).
+void eager_attention_backward(Tensor dq, Tensor dk, Tensor dv, float* dscores_ws, ConstTensor dout, ConstTensor q,
+                              ConstTensor k, ConstTensor v, const float* probs32, ConstTensor probs,
+                              ConstTensor scores_tanh, const AttentionConfig& c);
+
+// HF repeat_kv for eager GQA: out[B*S, nh*hd] holds kv head h / (nh/nkv) of in[B*S, nkv*hd] at
+// head h (rows = B*S). Eager attention reads GQA heads directly; these let the executor mirror
+// HF's repeated K/V copies (then run attention with nkv = nh) and measure them.
+void repeat_kv_forward(Tensor out, ConstTensor in, std::int64_t rows, std::int64_t nh, std::int64_t nkv,
+                       std::int64_t hd);
+// din[B*S, nkv*hd] = sum of dout[B*S, nh*hd] over the nh/nkv copies of each kv head
+void repeat_kv_backward(Tensor din, ConstTensor dout, std::int64_t rows, std::int64_t nh, std::int64_t nkv,
+                        std::int64_t hd);
+
+// ---- gated MLP activation -------------------------------------------------------------------
+enum class GatedAct : std::uint8_t {
+    Silu,      // Llama SwiGLU: silu(g) * u
+    GeluTanh,  // Gemma GeGLU: gelu_tanh(g) * u
+};
+// m[n] = act(g[n]) * u[n]   (n = rows * intermediate)
+void swiglu_forward(Tensor m, ConstTensor g, ConstTensor u, std::int64_t n, GatedAct act);
+// dg[n] = dm * u * act'(g), du[n] = dm * act(g); dg may alias g and du may alias u.
+void swiglu_backward(Tensor dg, Tensor du, ConstTensor dm, ConstTensor g, ConstTensor u, std::int64_t n,
+                     GatedAct act);
+
+// ---- residual --------------------------------------------------------------------------------
+// out[n] = a[n] + b[n]
+void residual_forward(Tensor out, ConstTensor a, ConstTensor b, std::int64_t n);
+// a[n] += b[n] (the backward of a residual branch adds its input gradient into the stream)
+void residual_accumulate(Tensor a, ConstTensor b, std::int64_t n);
+
+// ---- logit soft-capping (Gemma-2 final logits) ------------------------------------------------
+// y[n] = cap * tanh(x[n] / cap)
+void softcap_forward(Tensor y, ConstTensor x, std::int64_t n, float cap);
+// dx[n] = dy * (1 - (y/cap)^2), from the saved output y; dx may alias dy.
+void softcap_backward(Tensor dx, ConstTensor dy, ConstTensor y, std::int64_t n, float cap);
+
+// ---- cross-entropy over V classes, labels == kIgnoreIndex skipped ---------------------------
+std::int64_t count_valid_labels(const std::int64_t* labels, std::int64_t n);
+// Hugging Face style: logp[n,V] fp32 = log_softmax(float(logits[n,V])); logp may be the fp32
+// logits buffer itself. Returns the loss SUM over rows with a valid label of -logp[label] (divide
+// by the global valid count for the mean; sums of row chunks add up to the unchunked sum).
+double cross_entropy_forward(float* logp, ConstTensor logits, const std::int64_t* labels, std::int64_t n,
+                             std::int64_t V);
+// dlogits[n,V] = (exp(logp) - onehot(label)) * scale, 0 on ignored rows (scale = dloss, 1/count
+// for a mean). dlogits may be the logp buffer itself.
+void cross_entropy_backward(Tensor dlogits, const float* logp, const std::int64_t* labels, std::int64_t n,
+                            std::int64_t V, float scale);
+// Fused (MsT / Liger): logits[n,V] in/out. With z = softcap > 0 ? softcap*tanh(x/softcap) : x,
+// row_loss[n] (fp32, may be nullptr) = lse(z) - z[label] (0 on ignored rows) and the logits are
+// overwritten with d(scale * sum loss)/dx = (softmax(z) - onehot) * scale * dz/dx.
+// Returns the loss sum. No [n,V] buffer besides the logits themselves.
+double cross_entropy_fused(Tensor logits, float* row_loss, const std::int64_t* labels, std::int64_t n,
+                           std::int64_t V, float scale, float softcap);
+
+// ---- optimizers (per tensor, n elements) ------------------------------------------------------
+struct AdamWConfig {
+    float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.01f;
+};
+// PyTorch AdamW (decoupled decay, bias correction), step = 1 on the first call:
+// p *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+// p -= lr/(1-b1^step) * m / (sqrt(v)/sqrt(1-b2^step) + eps).
+// param, m, v [n]: fp32 or bf16 each; grad [n].
+void adamw_step(Tensor param, ConstTensor grad, Tensor m, Tensor v, std::int64_t n, const AdamWConfig& c,
+                std::int64_t step);
+struct SgdConfig {
+    float lr = 1e-2f, momentum = 0.0f, dampening = 0.0f, weight_decay = 0.0f;
+    bool nesterov = false;
+};
+// PyTorch SGD: g += wd*p; buf = step == 1 ? g : momentum*buf + (1-dampening)*g;
+// g = nesterov ? g + momentum*buf : buf; p -= lr*g. buf [n] may be empty when momentum == 0.
+void sgd_step(Tensor param, ConstTensor grad, Tensor momentum_buf, std::int64_t n, const SgdConfig& c,
+              std::int64_t step);
+
+// ---- references: naive loops, double accumulation, may allocate (test-only) -----------------
+namespace reference {
+void linear_forward(Tensor out, ConstTensor in, ConstTensor W, std::int64_t n, std::int64_t i, std::int64_t o,
+                    bool accumulate = false);
+void linear_backward_input(Tensor din, ConstTensor dout, ConstTensor W, std::int64_t n, std::int64_t i,
+                           std::int64_t o, bool accumulate = false);
+void linear_backward_weight(Tensor dW, ConstTensor dout, ConstTensor in, std::int64_t n, std::int64_t i,
+                            std::int64_t o, bool accumulate);
+void embedding_forward(Tensor out, ConstTensor table, const std::int64_t* ids, std::int64_t n, std::int64_t d,
+                       std::int64_t V);
+void embedding_backward(Tensor dtable, ConstTensor dout, const std::int64_t* ids, std::int64_t n, std::int64_t d,
+                        std::int64_t V);
+void rmsnorm_forward(Tensor y, float* rstd, ConstTensor x, ConstTensor w, std::int64_t n, std::int64_t d, float eps,
+                     NormKind kind);
+void rmsnorm_backward(Tensor dx, Tensor dw, ConstTensor dy, ConstTensor x, ConstTensor w, const float* rstd,
+                      std::int64_t n, std::int64_t d, NormKind kind);
+void rope_apply(Tensor x, std::int64_t B, std::int64_t S, std::int64_t heads, std::int64_t hd, float theta,
+                bool inverse);
+// Full S x S scores per (b, h), softmax in double: o[B*S, nh*hd], lse[B, nh, S] (lse may be nullptr).
+void attention_forward(Tensor o, float* lse, ConstTensor q, ConstTensor k, ConstTensor v, const AttentionConfig& c);
+// Recomputes everything from q, k, v: dq, dk, dv.
+void attention_backward(Tensor dq, Tensor dk, Tensor dv, ConstTensor dout, ConstTensor q, ConstTensor k,
+                        ConstTensor v, const AttentionConfig& c);
+void swiglu_forward(Tensor m, ConstTensor g, ConstTensor u, std::int64_t n, GatedAct act);
+void swiglu_backward(Tensor dg, Tensor du, ConstTensor dm, ConstTensor g, ConstTensor u, std::int64_t n,
+                     GatedAct act);
+double cross_entropy_forward(float* logp, ConstTensor logits, const std::int64_t* labels, std::int64_t n,
+                             std::int64_t V);
+void cross_entropy_backward(Tensor dlogits, const float* logp, const std::int64_t* labels, std::int64_t n,
+                            std::int64_t V, float scale);
+void adamw_step(Tensor param, ConstTensor grad, Tensor m, Tensor v, std::int64_t n, const AdamWConfig& c,
+                std::int64_t step);
+void sgd_step(Tensor param, ConstTensor grad, Tensor momentum_buf, std::int64_t n, const SgdConfig& c,
+              std::int64_t step);
+}  // namespace reference
+
+}  // namespace mst::exec::cpu
