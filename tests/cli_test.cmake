@@ -34,3 +34,22 @@ expect_run(2 "^error: --pin: colour: expected one of" recommend --model tiny-lla
 expect_run(2 "^error: --allow: offload: expected yes or no" recommend --model tiny-llama --seq 1024 --allow offload=maybe)
 expect_run(0 "checkpointing \\+ MsT" max-seq --model tiny-llama --gpu rtx-4090-24gb)
 expect_run(0 "your setup" max-seq --model tiny-llama --gpu rtx-4090-24gb --checkpoint all --mlp-chunks 2)
+# Every broken file: exit code 2 and one line naming the file.
+file(GLOB broken_files ${DATA}/broken/*.json)
+foreach(f ${broken_files})
+  get_filename_component(name ${f} NAME)
+  if(name MATCHES "^gpu_")
+    continue()
+  endif()
+  expect_run(2 "^error: [^\n]*${name}: [a-z_()]+[a-z_ ()]*: [^\n]*\n$" show ${f})
+endforeach()
+# 10M tokens x 256k vocabulary: sizes stay exact in 64 bits (4 x 10^7 x 2.56 x 10^5 = 10^13 bytes of fp32 logits).
+expect_run(0 "DOES NOT FIT" estimate --model gemma-2-2b --gpu h100-sxm-80gb --seq 10000000)
+expect_run(0 "\"format\": \"hf-mst/1\"" emit --plan ${DATA}/../golden/plan_llama3_8b.json --format hf-mst)
+expect_run(2 "^error: [^\n]*nope.json: file: " emit --plan ${DATA}/nope.json --format hf-mst)
+expect_run(2 "^error: [^\n]*truncated.json: json: " emit --plan ${DATA}/broken/truncated.json --format deepspeed)
+expect_run(2 "^error: [^\n]*format: expected one of" emit --plan ${DATA}/../golden/plan_llama3_8b.json --format megatron)
+# recommend -> plan file -> emit, end to end.
+expect_run(0 "plan written to" recommend --model tiny-llama --gpu a100-80gb --seq 2048 --precision bf16-master --out ${OUT}/plan.json)
+expect_run(0 "train_micro_batch_size_per_gpu" emit --plan ${OUT}/plan.json --format deepspeed)
+expect_run(0 "seq_len = 2048" emit --plan ${OUT}/plan.json --format torchtitan)
