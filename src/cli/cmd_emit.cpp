@@ -18,13 +18,6 @@ struct EmitArgs {
     std::string plan_file, format, out_dir;
 };
 
-void write_file(const std::filesystem::path& path, const std::string& text) {
-    std::ofstream out(path, std::ios::binary);
-    out << text;
-    out.close();
-    if (!out) fail(path.string(), "file", "expected a writable path");
-}
-
 void run_emit(const GlobalOptions& g, const EmitArgs& a) {
     ModelSpec model;
     const Plan plan = load_plan_file(a.plan_file, &model);
@@ -50,7 +43,7 @@ void run_emit(const GlobalOptions& g, const EmitArgs& a) {
     std::vector<std::string> written;
     for (const auto& f : files) {
         const std::filesystem::path path = dir / f.name;
-        write_file(path, f.content);
+        write_text_file(path.string(), f.content);
         written.push_back(path.string());
     }
     if (g.json) return print_json({{"files", written}});

@@ -20,12 +20,6 @@ struct EstimateArgs {
     SetupOptions setup;
 };
 
-void write_file(const std::string& path, const std::string& text) {
-    std::ofstream out(path);
-    if (!out) fail(path, "file", "expected a writable path");
-    out << text;
-}
-
 std::string describe_setup(const TrainingSetup& s) {
     std::string mst = fmt::format("MLP {} chunk{}{}, LM head {} chunk{}{}", s.mlp_chunks, s.mlp_chunks > 1 ? "s" : "",
                                   s.mlp_chunks > 1 ? " (" + to_string(s.mlp_impl) + ")" : "", s.lm_chunks,
@@ -57,9 +51,9 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
     const TrainingSetup setup = a.setup.build(model);
     const Estimate e = estimate(model, setup, gpu);
 
-    if (!a.timeline_file.empty()) write_file(a.timeline_file, to_json(e.timeline).dump() + "\n");
+    if (!a.timeline_file.empty()) write_text_file(a.timeline_file, to_json(e.timeline).dump() + "\n");
     if (!a.svg_file.empty())
-        write_file(a.svg_file, timeline_svg(e.timeline, fmt::format("{} on {}: seq {}, predicted memory over one step",
+        write_text_file(a.svg_file, timeline_svg(e.timeline, fmt::format("{} on {}: seq {}, predicted memory over one step",
                                                                    model.display_name, gpu.display_name, setup.seq_len)));
     if (g.json) return print_json(to_json(e, model, setup, gpu));
 

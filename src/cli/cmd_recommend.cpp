@@ -100,11 +100,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     rq.model.name, rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes)));
     }
     const Plan plan = to_plan(r, rq, a.model, a.gpu);
-    if (!a.out.empty()) {
-        std::ofstream f(a.out);
-        if (!f) fail(a.out, "file", "expected a writable path");
-        f << to_json(plan).dump(2) << "\n";
-    }
+    if (!a.out.empty()) write_text_file(a.out, to_json(plan).dump(2) + "\n");
     if (g.json) {
         nlohmann::json front = nlohmann::json::array();
         for (const auto& c : r.pareto)

@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <fstream>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+
+#include "mst/error.hpp"
 
 namespace mst::cli {
 
@@ -34,6 +37,13 @@ std::string Table::str() const {
 void Table::print() const { std::fputs(str().c_str(), stdout); }
 
 void print_json(const nlohmann::json& j) { std::puts(j.dump(2).c_str()); }
+
+void write_text_file(const std::string& path, const std::string& text) {
+    std::ofstream out(path, std::ios::binary);
+    out << text;
+    out.close();
+    if (!out) fail(path, "file", "expected a writable path");
+}
 
 void warn(const std::string& message) { fmt::print(stderr, "warning: {}\n", message); }
 

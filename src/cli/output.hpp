@@ -26,6 +26,8 @@ private:
 };
 
 void print_json(const nlohmann::json& j);
+// Writes `text` to `path`; an unwritable path is a user error naming it.
+void write_text_file(const std::string& path, const std::string& text);
 void warn(const std::string& message);  // "warning: ..." on stderr
 
 }  // namespace mst::cli

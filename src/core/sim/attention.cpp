@@ -13,6 +13,14 @@ T StepBuilder::norm_forward(T& rstd, int bpe, bool output_saved) {
     return out;
 }
 
+T StepBuilder::post_norm_forward(const char* op, T x, T& saved_input, T& rstd) {
+    at(op);
+    T out = norm_forward(rstd, 2, false);
+    saved_input = saved(x);
+    drop(x);
+    return out;
+}
+
 T StepBuilder::norm_backward(int p, T& rstd, T& x_saved, int bpe) {
     T dx = alloc("d_norm_in", elems(tokens_, m_.hidden_size, bpe), Category::Transient);
     grad_write(p);
@@ -39,13 +47,7 @@ T StepBuilder::layer_forward(int l, T x, LayerSaved& sv, Category out_category) 
     sv.x = saved(x);
     T a;
     attention_forward(l, h1, sv, a);
-    if (gemma) {
-        at("attn.post_norm");
-        T an = norm_forward(sv.rstd_pa, 2, false);
-        sv.a = saved(a);
-        drop(a);
-        a = an;
-    }
+    if (gemma) a = post_norm_forward("attn.post_norm", a, sv.a, sv.rstd_pa);
     at("attn.residual");
     T x2 = act("x2", res(tokens_, d), true);
     drop(a);
@@ -55,13 +57,7 @@ T StepBuilder::layer_forward(int l, T x, LayerSaved& sv, Category out_category) 
     T h2 = norm_forward(sv.rstd2, rb_, rb_ == 2);
     sv.x2 = saved(x2);
     T y = mlp_forward(l, h2, sv);
-    if (gemma) {
-        at("mlp.post_norm");
-        T yn = norm_forward(sv.rstd_pf, 2, false);
-        sv.y = saved(y);
-        drop(y);
-        y = yn;
-    }
+    if (gemma) y = post_norm_forward("mlp.post_norm", y, sv.y, sv.rstd_pf);
     at("mlp.residual");
     T out = alloc("x_out", res(tokens_, d), out_category);
     drop(y);

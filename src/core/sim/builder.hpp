@@ -116,6 +116,8 @@ private:
     // RMSNorm: output of `bpe` bytes per element; rstd (fp32, one per token) kept for backward.
     T norm_forward(T& rstd, int bpe, bool output_saved);  // the caller saves the input
     T norm_backward(int p, T& rstd, T& x_saved, int bpe);  // returns d(norm input)
+    // Gemma-2's norm on a branch output (bf16), saving its input: returns the normed tensor.
+    T post_norm_forward(const char* op, T x, T& saved_input, T& rstd);
     T saved(T t);   // save(t) and return the handle backward drops (invalid without grad)
     T hold(T t);    // an extra holder regardless of grad mode (the checkpoint's reference)
 
