@@ -78,3 +78,29 @@ TEST_CASE("MFU counts 6 N FLOPs per token plus causal attention, and no recomput
     CHECK(t.model_flops == doctest::Approx(6 * n * 128 + attn).epsilon(1e-12));
     CHECK(t.mfu == doctest::Approx(t.model_flops / (t.step_seconds * 312e12)).epsilon(1e-12));
 }
+
+TEST_CASE("the Hugging Face loss moves about 18 bytes per logit in forward and 22 in backward, in 3 kernels each") {
+    const ModelSpec m = find_model("llama-3-8b");
+    const GpuProfile g = find_gpu("h100-sxm-80gb");
+    TrainingSetup s;
+    s.seq_len = 8192;
+    const StepTime t = predict_time(m, s, g);
+    const double logits = 8192.0 * 128256;
+    CHECK(op(t, "loss (fwd)").bytes == doctest::Approx(18 * logits).epsilon(1e-12));
+    CHECK(op(t, "loss (fwd)").kernels == 3);
+    CHECK(op(t, "loss (bwd)").bytes == doctest::Approx(22 * logits).epsilon(1e-12));
+    // Memory-bound: bytes over HBM bandwidth times its efficiency.
+    CHECK(op(t, "loss (fwd)").seconds == doctest::Approx(18 * logits / (3350e9 * g.calibration.memory_bound_efficiency)).epsilon(1e-9));
+}
+
+TEST_CASE("eager attention does the same FLOPs as flash, plus about 30 bytes per score element") {
+    const ModelSpec m = find_model("tiny-llama");
+    const GpuProfile g = find_gpu("a100-80gb");
+    TrainingSetup s;
+    s.seq_len = 512;
+    const double flash = op(predict_time(m, s, g), "attention (fwd)").flops;
+    s.attention = Attention::Eager;
+    const OpTime eager = op(predict_time(m, s, g), "attention (fwd)");
+    CHECK(eager.flops == doctest::Approx(flash).epsilon(1e-12));
+    CHECK(eager.bytes == doctest::Approx(30.0 * 4 * 512 * 512 * 2).epsilon(1e-12));  // 4 heads, 2 layers
+}

@@ -68,6 +68,10 @@ public:
     double memory(const std::string& name, double bytes, double count = 1) {
         return add(name, 0, bytes, 1.0, count);
     }
+    // One op of `kernels` launches that together do `flops` and move `bytes`.
+    double split(const std::string& name, double flops, double bytes, double efficiency, double kernels) {
+        return add(name, flops / kernels, bytes / kernels, efficiency, kernels);
+    }
     std::vector<OpTime> take() { return std::move(ops_); }
 
 private:
@@ -117,7 +121,7 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         } else {
             // Scores, scaling, mask, fp32 softmax, bf16 cast, PV: about 30 bytes per score element.
             const double scores = B * heads_local * static_cast<double>(s.seq_len) * static_cast<double>(s.seq_len);
-            t += g.add("attention" + sfx, attn_flops, 30 * scores, cal.gemm_efficiency, 6);
+            t += g.split("attention" + sfx, attn_flops, 30 * scores, cal.gemm_efficiency, 6);
         }
         t += g.gemm("attn.o_proj" + sfx, T, d, qd);
         t += g.memory("residual" + sfx, 3 * T * d * rb, 2);
@@ -147,7 +151,7 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
             t += g.add("attention (bwd)", attn_flops, 2 * T * (4 * qd + 4 * kvd) + T * qd * 4, cal.attention_efficiency);
         } else {
             const double scores = B * heads_local * static_cast<double>(s.seq_len) * static_cast<double>(s.seq_len);
-            t += g.add("attention (bwd)", attn_flops, 40 * scores, cal.gemm_efficiency, 8);
+            t += g.split("attention (bwd)", attn_flops, 40 * scores, cal.gemm_efficiency, 8);
         }
         t += g.gemm("attn.o_proj (bwd)", T, qd, d) + g.gemm("attn.o_proj (bwd)", d, qd, T);
         t += g.memory("residual (bwd)", 3 * T * d * rb, 2);
@@ -176,21 +180,22 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     if (s.lm_chunks == 1) {
         head_fwd += head.gemm("lm_head (fwd)", T, V, d);
         // upcast (2 -> 4), log-softmax (read twice, write), NLL: about 18 bytes per logit
-        head_fwd += head.memory("loss (fwd)", 18 * T * V, 3);
+        head_fwd += head.split("loss (fwd)", 0, 18 * T * V, 1, 3);
         // NLL grad (4), log-softmax grad (8 -> 4), cast (4 -> 2): about 22 bytes per logit
-        head_bwd += head.memory("loss (bwd)", 22 * T * V, 3);
+        head_bwd += head.split("loss (bwd)", 0, 22 * T * V, 1, 3);
         head_bwd += head.gemm("lm_head (bwd)", T, d, V) + head.gemm("lm_head (bwd)", V, d, T);
         if (m.final_logit_softcapping) {
-            head_fwd += head.memory("lm_head.softcap (fwd)", 12 * T * V, 3);
-            head_bwd += head.memory("lm_head.softcap (bwd)", 16 * T * V, 3);
+            head_fwd += head.split("lm_head.softcap (fwd)", 0, 12 * T * V, 1, 3);
+            head_bwd += head.split("lm_head.softcap (bwd)", 0, 16 * T * V, 1, 3);
         }
     } else {
         for (const auto& [n, count] : chunk_groups(s.local_tokens(), s.lm_chunks)) {
             head_fwd += head.gemm("lm_head (fwd)", n, V, d, count);
             if (s.lm_impl == LmHeadImpl::Recompute) {
-                head_fwd += head.memory("loss (fwd)", 18 * n * V, 3 * count);
+                head_fwd += head.split("loss (fwd)", 0, 18 * n * V * count, 1, 3 * count);
                 head_bwd += head.gemm("lm_head (recompute)", n, V, d, count);
-                head_bwd += head.memory("loss (bwd)", 12 * n * V, 2 * count);  // upcast, softmax - onehot in place, cast
+                // upcast, softmax - onehot in place, cast: about 12 bytes per logit
+                head_bwd += head.split("loss (bwd)", 0, 12 * n * V * count, 1, 2 * count);
                 head_bwd += head.gemm("lm_head (bwd)", n, d, V, count) + head.gemm("lm_head (bwd)", V, d, n, count);
             } else {
                 // Fused: softmax-CE forward and gradient in one pass, both GEMMs inside forward.
