@@ -25,10 +25,21 @@ mst_install_missing() {
 }
 
 # mst_build <build-dir> [extra cmake args...]: configure once, then incremental builds.
+# With MST_QUIET=1 the build's output goes to <build-dir>/build.log and shows only on failure.
 mst_build() {
     local dir="$1"; shift
     local werror=OFF
     [ "${CI:-}" = "true" ] && werror=ON
+    if [ "${MST_QUIET:-0}" = "1" ]; then
+        [ -f "$dir/build.ninja" ] || echo "mst-plan: first build into $dir (about a minute)..." >&2
+        mkdir -p "$dir"
+        if ! { [ -f "$dir/build.ninja" ] || cmake -S "$MST_ROOT" -B "$dir" -G Ninja -DMST_WARNINGS_AS_ERRORS="$werror" "$@"; } \
+                > "$dir/build.log" 2>&1 || ! cmake --build "$dir" --parallel "$(nproc)" >> "$dir/build.log" 2>&1; then
+            cat "$dir/build.log" >&2
+            return 1
+        fi
+        return 0
+    fi
     if [ ! -f "$dir/build.ninja" ]; then
         cmake -S "$MST_ROOT" -B "$dir" -G Ninja -DMST_WARNINGS_AS_ERRORS="$werror" "$@" >&2
     fi
