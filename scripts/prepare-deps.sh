@@ -42,6 +42,6 @@ cp "$libdir/libyaml-cpp.a" "$dest/lib/"
     for p in libcli11-dev nlohmann-json3-dev libfmt-dev libeigen3-dev doctest-dev libtomlplusplus-dev libyaml-cpp-dev; do
         dpkg-query -W -f='${Package} ${Version}\n' "$p" 2>/dev/null || echo "$p ?"
     done
-    echo "compiler that built libyaml-cpp.a's users here: $(g++ --version | head -n 1)"
+    echo "g++ here: $(g++ --version | head -n 1)"
 } > "$dest/VERSIONS"
 echo "prepare-deps: $(du -sh "$dest" | cut -f1) in $dest" >&2
