@@ -63,8 +63,10 @@ void CUPTIAPI buffer_completed(CUcontext, std::uint32_t, std::uint8_t* buffer, s
 }  // namespace
 
 CuptiRecorder& CuptiRecorder::instance() {
-    static CuptiRecorder recorder;
-    return recorder;
+    // Never destroyed: CUPTI may hand back its last buffers while the process exits, after
+    // static destructors have run.
+    static CuptiRecorder* recorder = new CuptiRecorder();
+    return *recorder;
 }
 
 MemInfo CuptiRecorder::read_mem_info() {
@@ -95,8 +97,12 @@ bool CuptiRecorder::start(std::size_t buffer_bytes) {
         mem_before_ = read_mem_info();
         return false;
     };
-    CUptiResult r = cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed);
-    if (r != CUPTI_SUCCESS) return unavailable("cuptiActivityRegisterCallbacks: " + cupti_error(r));
+    CUptiResult r = CUPTI_SUCCESS;
+    if (!callbacks_registered_) {  // once per process; start() after stop() only re-enables the kinds
+        r = cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed);
+        if (r != CUPTI_SUCCESS) return unavailable("cuptiActivityRegisterCallbacks: " + cupti_error(r));
+        callbacks_registered_ = true;
+    }
     std::size_t enabled = 0;
     for (const Kind& k : kKinds) {
         r = cuptiActivityEnable(k.kind);
@@ -267,10 +273,6 @@ MeasuredTimeline CuptiRecorder::measured_timeline(const DeviceAllocator& allocat
         out.note = why;
         return out;
     };
-    if (records.empty())
-        return own_log((status_.rfind("CUPTI recording", 0) == 0 ? std::string("CUPTI delivered no memory records")
-                                                                 : status_) +
-                       ": timeline from the allocator's own log");
     if (allocator.mode() == DeviceAllocator::Mode::Caching) {
         std::int64_t allocs = 0;
         for (const MemoryRecord& r : records) allocs += r.allocation ? 1 : 0;
@@ -278,6 +280,10 @@ MeasuredTimeline CuptiRecorder::measured_timeline(const DeviceAllocator& allocat
                        "mapped " + std::to_string(allocator.stats().segment_maps) +
                        "), not tensors: timeline from the allocator's own log");
     }
+    if (records.empty())
+        return own_log((status_.rfind("CUPTI recording", 0) == 0 ? std::string("CUPTI delivered no memory records")
+                                                                 : status_) +
+                       ": timeline from the allocator's own log");
 
     std::stable_sort(records.begin(), records.end(),
                      [](const MemoryRecord& a, const MemoryRecord& b) { return a.timestamp_ns < b.timestamp_ns; });

@@ -118,6 +118,7 @@ private:
     static MemInfo read_mem_info();
 
     bool active_ = false;
+    bool callbacks_registered_ = false;
     std::string status_ = "not started";
     std::size_t buffer_bytes_ = 8u << 20;
     mutable std::mutex mutex_;  // the callbacks may run on CUPTI's worker thread
