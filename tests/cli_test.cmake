@@ -53,3 +53,16 @@ expect_run(2 "^error: [^\n]*format: expected one of" emit --plan ${DATA}/../gold
 expect_run(0 "plan written to" recommend --model tiny-llama --gpu a100-80gb --seq 2048 --precision bf16-master --out ${OUT}/plan.json)
 expect_run(0 "train_micro_batch_size_per_gpu" emit --plan ${OUT}/plan.json --format deepspeed)
 expect_run(0 "seq_len = 2048" emit --plan ${OUT}/plan.json --format torchtitan)
+# bench kernels: on a GPU it runs (a small case here); without CUDA in the build or without a
+# device it is one line and exit code 2, never a crash. bench tuner stays registered beside it.
+execute_process(COMMAND ${MST} bench kernels --model tiny-llama --seq 256 --chunks 2 --reps 1 --warmup 0
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(rc EQUAL 0)
+  if(NOT out MATCHES "keep >= 0.95 of the unchunked throughput")
+    message(FATAL_ERROR "bench kernels ran but printed no summary\nstdout: ${out}\nstderr: ${err}")
+  endif()
+elseif(NOT (rc EQUAL 2 AND "${out}${err}" MATCHES "^error: bench kernels: [^\n]*\n$"))
+  message(FATAL_ERROR "bench kernels: exit ${rc}, expected 0 (GPU) or 2 with one error line\nstdout: ${out}\nstderr: ${err}")
+endif()
+expect_run(0 "Time `recommend`" bench --help)
+expect_run(0 "--chunks" bench kernels --help)

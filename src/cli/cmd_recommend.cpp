@@ -1,4 +1,4 @@
-// recommend, max-seq, bench tuner: the tuner's commands.
+// recommend, max-seq, bench tuner: the tuner's commands (`bench` itself: cmd_bench.cpp).
 #include <chrono>
 #include <fstream>
 
@@ -249,9 +249,10 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
         run_max_seq(global, *ms, *knobs, user);
     });
 
-    auto* bench = app.add_subcommand("bench", "Benchmarks that print ratios against their targets");
-    bench->require_subcommand(1);
-    bench->add_subcommand("tuner", "Time `recommend` on one GPU (target < 1 s) and on 8 and 64 GPUs (target < 10 s)")
+}
+
+void add_bench_tuner_command(CLI::App& bench, const GlobalOptions& global) {
+    bench.add_subcommand("tuner", "Time `recommend` on one GPU (target < 1 s) and on 8 and 64 GPUs (target < 10 s)")
         ->callback([&global] { run_bench_tuner(global); });
 }
 

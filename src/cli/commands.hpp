@@ -9,7 +9,12 @@ namespace mst::cli {
 
 void add_catalog_commands(CLI::App& app, const GlobalOptions& global);  // models, gpus, show, devices
 void add_estimate_command(CLI::App& app, const GlobalOptions& global);
-void add_tuner_commands(CLI::App& app, const GlobalOptions& global);  // recommend, max-seq, bench tuner
+void add_tuner_commands(CLI::App& app, const GlobalOptions& global);  // recommend, max-seq
 void add_emit_command(CLI::App& app, const GlobalOptions& global);
+void add_bench_commands(CLI::App& app, const GlobalOptions& global);  // bench tuner, bench kernels
+
+// The `bench` subcommands, each registered on the `bench` parent by the file that owns it.
+void add_bench_tuner_command(CLI::App& bench, const GlobalOptions& global);    // cmd_recommend.cpp
+void add_bench_kernels_command(CLI::App& bench, const GlobalOptions& global);  // cmd_bench_kernels.cpp
 
 }  // namespace mst::cli

@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
     add_estimate_command(app, global);
     add_tuner_commands(app, global);
     add_emit_command(app, global);
+    add_bench_commands(app, global);
 
     try {
         app.parse(argc, argv);

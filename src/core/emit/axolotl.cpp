@@ -19,6 +19,17 @@
 //    adamw_bnb_8bit, sgd); its sgd is torch.optim.SGD without momentum.
 //  * normalize_config: bf16: true loads the weights in bf16 (torch_dtype), so
 //    "pure-bf16" is bf16 alone and fp32 master weights come from DeepSpeed's bf16 optimizer.
+#ifdef MST_NO_YAML
+// Built without yaml-cpp (cmake/deps.cmake, MST_WITH_YAML): the format is unavailable.
+#include "emit/emitters.hpp"
+#include "mst/error.hpp"
+
+namespace mst::emit_detail {
+std::vector<EmittedFile> emit_axolotl(const Plan&, const ModelSpec&) {
+    throw UserError("axolotl: format: this mst-plan was built without yaml-cpp; rebuild with yaml-cpp for axolotl.yaml");
+}
+}  // namespace mst::emit_detail
+#else
 #include <stdexcept>
 
 #include <yaml-cpp/yaml.h>
@@ -157,3 +168,4 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
 }
 
 }  // namespace mst::emit_detail
+#endif  // MST_NO_YAML

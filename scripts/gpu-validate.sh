@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# One run on a GPU machine (H100/H200, no package registry): configure and build the CUDA
+# backend from the carried .deps/ folder, run the CUDA tests (kernels vs their CPU twins,
+# allocator, CUPTI) and the rest of the suite, time `mst-plan bench kernels`, and, once the
+# executor's `measure --backend cuda` exists, the measure + compare matrix. Results go to $OUT.
+#
+#   Here, first:   scripts/prepare-deps.sh          (fills .deps/: headers, doctest's CMake
+#                                                    module, libyaml-cpp.a; about 11 MiB)
+#   On the GPU:    the device tool's run, carry [".deps"], command
+#                    bash scripts/gpu-validate.sh
+#   Rehearsal:     OUT=/tmp/gv bash scripts/gpu-validate.sh --dry-run
+#                  (every step that needs no GPU: configure and build from .deps/ alone, the
+#                  CUDA tests must report "skipped" (exit 77), `bench kernels` must refuse with
+#                  one line and exit code 2)
+#
+# Options: --dry-run, --build-dir DIR (default build-gpu, or build-gpu-dryrun), --jobs N,
+#          --bench-args "..." (extra arguments for bench kernels, e.g. "--seq 16384 --reps 3").
+# Budget: about 5 minutes on an H100 (build ~2, tests ~1, bench ~1); each GPU step has a timeout.
+#
+# $OUT receives at most 7 files, none in subfolders (the device tool returns 8 at most):
+#   summary.txt        environment, every step's status and time, the bench table
+#   build.log          configure + build output
+#   cuda_tests.log     the CUDA test runner's output, per suite
+#   cuda_tests.xml     the same as JUnit XML (the device suites together)
+#   ctest.log          the whole ctest suite (python excluded: it is not this backend's)
+#   bench_kernels.json `mst-plan bench kernels` result (mst-plan's JSON)
+#   measure.jsonl      the measure + compare matrix, one JSON document per line (when measure exists)
+#
+# Dependencies: cmake/deps.cmake takes CLI11, nlohmann_json, fmt, Eigen, doctest and toml++
+# header-only from .deps/ (-DMST_USE_DEPS_DIR=ON, so the rehearsal here uses exactly what the GPU
+# machine gets), and yaml-cpp from .deps/lib/libyaml-cpp.a; if that static library does not link
+# with the GPU machine's compiler, the script rebuilds with -DMST_WITH_YAML=OFF (only the
+# axolotl emitter and its tests drop out).
+set -uo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+dry_run=0
+build_dir=""
+jobs="$(nproc 2>/dev/null || echo 4)"
+bench_args=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --dry-run) dry_run=1 ;;
+    --build-dir) build_dir="$2"; shift ;;
+    --jobs) jobs="$2"; shift ;;
+    --bench-args) bench_args="$2"; shift ;;
+    -h | --help) sed -n '2,36p' "$0"; exit 0 ;;
+    *) echo "gpu-validate: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+OUT="${OUT:-$root/out/gpu-validate}"
+mkdir -p "$OUT"
+[ -n "$build_dir" ] || build_dir="$root/build-gpu$([ $dry_run = 1 ] && echo -dryrun)"
+summary="$OUT/summary.txt"
+: >"$summary"
+failures=0
+t_start=$(date +%s)
+
+say() { echo "$*" | tee -a "$summary"; }
+# step NAME STATUS SECONDS [DETAIL]
+step() {
+    local line
+    line=$(printf '%-22s %-8s %5ss  %s' "$1" "$2" "$3" "${4:-}")
+    say "$line"
+    [ "$2" = FAIL ] && failures=$((failures + 1))
+    return 0
+}
+elapsed() { echo $(($(date +%s) - $1)); }
+
+say "mst-plan gpu-validate $(date -u +%Y-%m-%dT%H:%M:%SZ)$([ $dry_run = 1 ] && echo ' (dry run: no GPU steps)')"
+say "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (+ local changes)')"
+
+# ---- environment --------------------------------------------------------------------------
+command -v nvcc >/dev/null 2>&1 || export PATH="/usr/local/cuda/bin:$PATH"
+{
+    echo "--- environment"
+    uname -srm
+    (. /etc/os-release 2>/dev/null && echo "$PRETTY_NAME")
+    g++ --version 2>&1 | head -n 1
+    cmake --version 2>&1 | head -n 1
+    ninja --version 2>&1 | sed 's/^/ninja /'
+    nvcc --version 2>&1 | tail -n 2 | head -n 1
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1
+    else
+        echo "nvidia-smi: not found"
+    fi
+    [ -f .deps/VERSIONS ] && sed 's/^/deps: /' .deps/VERSIONS
+    echo "---"
+} >>"$summary" 2>&1
+
+# ---- dependencies ---------------------------------------------------------------------------
+t=$(date +%s)
+if [ ! -f .deps/include/CLI/CLI.hpp ]; then
+    if [ -f /usr/include/CLI/CLI.hpp ] && bash scripts/prepare-deps.sh >>"$summary" 2>&1; then
+        step deps ok "$(elapsed $t)" "made .deps/ from this machine's packages"
+    else
+        step deps FAIL "$(elapsed $t)" ".deps/ is missing: run scripts/prepare-deps.sh where the packages are and carry .deps"
+        exit 1
+    fi
+else
+    step deps ok "$(elapsed $t)" ".deps/ present ($(du -sh .deps | cut -f1))"
+fi
+
+# ---- configure and build --------------------------------------------------------------------
+configure() {  # configure <dir> [extra cmake args]
+    local dir="$1"; shift
+    cmake -S "$root" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMST_WITH_CUDA=ON -DMST_USE_DEPS_DIR=ON \
+        -DMST_DEPS_DIR="$root/.deps" -DCMAKE_CUDA_ARCHITECTURES=90 -DMST_WARNINGS_AS_ERRORS=OFF "$@"
+}
+t=$(date +%s)
+yaml_note="yaml-cpp from .deps/lib"
+if ! { configure "$build_dir" && ninja -C "$build_dir" -j "$jobs"; } >"$OUT/build.log" 2>&1; then
+    say "build with the carried yaml-cpp failed (tail of build.log below); retrying without yaml-cpp"
+    tail -n 15 "$OUT/build.log" >>"$summary"
+    yaml_note="without yaml-cpp (axolotl emitter off)"
+    rm -rf "$build_dir"
+    if ! { configure "$build_dir" -DMST_WITH_YAML=OFF && ninja -C "$build_dir" -j "$jobs"; } >>"$OUT/build.log" 2>&1; then
+        step build FAIL "$(elapsed $t)" "see build.log"
+        tail -n 30 "$OUT/build.log" >>"$summary"
+        exit 1
+    fi
+fi
+step build ok "$(elapsed $t)" "$yaml_note, sm_90, $build_dir"
+MST="$build_dir/src/mst-plan"
+TESTS="$build_dir/tests/cuda/mst_cuda_tests"
+
+# ---- the device ----------------------------------------------------------------------------
+devices_json="$("$MST" --json devices 2>&1)"
+device_name="$(printf '%s' "$devices_json" | python3 -c 'import json,sys
+d = json.load(sys.stdin).get("devices", [])
+print(d[0]["name"] if d else "")' 2>/dev/null)"
+if [ -n "$device_name" ]; then
+    say "device: $device_name"
+else
+    say "device: none ($(printf '%s' "$devices_json" | tr '\n' ' ' | cut -c1-200))"
+fi
+if [ $dry_run = 0 ] && [ -z "$device_name" ]; then
+    step device FAIL 0 "no usable CUDA device on the GPU machine"
+fi
+case "$device_name" in
+*H200*) gpu_profile=h200-141gb ;;
+*H100*PCIe* | *H100*PCIE*) gpu_profile=h100-pcie-80gb ;;
+*H100*) gpu_profile=h100-sxm-80gb ;;
+*A100*40GB*) gpu_profile=a100-40gb ;;
+*A100*) gpu_profile=a100-80gb ;;
+*) gpu_profile=h100-sxm-80gb ;;
+esac
+
+# ---- CUDA tests -------------------------------------------------------------------------------
+: >"$OUT/cuda_tests.log"
+t=$(date +%s)
+echo "=== host suite (no device needed)" >>"$OUT/cuda_tests.log"
+if "$TESTS" --test-suite=host >>"$OUT/cuda_tests.log" 2>&1; then
+    step cuda.host ok "$(elapsed $t)"
+else
+    step cuda.host FAIL "$(elapsed $t)" "see cuda_tests.log"
+fi
+for suite in kernels allocator cupti; do
+    t=$(date +%s)
+    echo "=== $suite suite" >>"$OUT/cuda_tests.log"
+    timeout 300 "$TESTS" --requires-device --test-suite="$suite" >>"$OUT/cuda_tests.log" 2>&1
+    rc=$?
+    if [ $dry_run = 1 ]; then
+        if [ $rc = 77 ]; then step "cuda.$suite" ok "$(elapsed $t)" "skipped without a device (exit 77), as expected"
+        else step "cuda.$suite" FAIL "$(elapsed $t)" "expected exit 77 without a device, got $rc"; fi
+    else
+        case $rc in
+        0) step "cuda.$suite" ok "$(elapsed $t)" "$(grep -E '^\[doctest\] test cases' "$OUT/cuda_tests.log" | tail -n 1 | tr -s ' ')" ;;
+        77) step "cuda.$suite" FAIL "$(elapsed $t)" "skipped: the runner found no device" ;;
+        124) step "cuda.$suite" FAIL "$(elapsed $t)" "timed out after 300 s" ;;
+        *) step "cuda.$suite" FAIL "$(elapsed $t)" "exit $rc, see cuda_tests.log" ;;
+        esac
+    fi
+done
+if [ $dry_run = 0 ] && [ -n "$device_name" ]; then
+    timeout 300 "$TESTS" --requires-device --test-suite=kernels,allocator,cupti --reporters=junit \
+        --out="$OUT/cuda_tests.xml" >/dev/null 2>&1 || true
+fi
+
+# ---- the whole suite ----------------------------------------------------------------------------
+t=$(date +%s)
+if timeout 420 ctest --test-dir "$build_dir" -E '^python$' -j "$jobs" --output-on-failure >"$OUT/ctest.log" 2>&1; then
+    step ctest ok "$(elapsed $t)" "$(grep -E 'tests passed' "$OUT/ctest.log" | tail -n 1)"
+else
+    step ctest FAIL "$(elapsed $t)" "$(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -n 1), see ctest.log"
+fi
+
+# ---- bench kernels ---------------------------------------------------------------------------------
+t=$(date +%s)
+# shellcheck disable=SC2086
+timeout 300 "$MST" bench kernels --gpu "$gpu_profile" --out "$OUT/bench_kernels.json" $bench_args >"$OUT/bench.txt" 2>&1
+rc=$?
+if [ $dry_run = 1 ]; then
+    if [ $rc = 2 ] && grep -q '^error: bench kernels: ' "$OUT/bench.txt"; then
+        step bench.kernels ok "$(elapsed $t)" "refused without a device: $(head -n 1 "$OUT/bench.txt" | cut -c1-100)"
+    else
+        step bench.kernels FAIL "$(elapsed $t)" "expected one error line and exit 2, got exit $rc"
+    fi
+else
+    if [ $rc = 0 ]; then step bench.kernels ok "$(elapsed $t)" "profile $gpu_profile; $(tail -n 1 "$OUT/bench.txt")"
+    else step bench.kernels FAIL "$(elapsed $t)" "exit $rc: $(tail -n 1 "$OUT/bench.txt")"; fi
+fi
+{ echo "--- bench kernels"; cat "$OUT/bench.txt"; echo "---"; } >>"$summary"
+rm -f "$OUT/bench.txt"
+
+# ---- measure + compare matrix (the executor's CUDA backend) --------------------------------------
+# >>> MEASURE MATRIX: runs only once `mst-plan measure --help` lists --backend (the executor
+# >>> being built on another branch). The flags below follow DESIGN.md's pipeline
+# >>> (execute(setup, backend) -> measured Timeline -> compare(predicted, measured)); adjust them
+# >>> to the real CLI when it lands. Each case appends one JSON document to measure.jsonl.
+t=$(date +%s)
+if "$MST" measure --help 2>&1 | grep -q -- '--backend'; then
+    if [ $dry_run = 1 ] || [ -z "$device_name" ]; then
+        step measure.matrix skip "$(elapsed $t)" "measure exists; needs a device"
+    else
+        : >"$OUT/measure.jsonl"
+        cases=(
+            "--model tiny-llama --seq 1024"
+            "--model tiny-llama --seq 4096 --checkpoint all --mlp-chunks 4 --lm-chunks 4"
+            "--model llama-3-8b --seq 4096 --layers 2"
+            "--model llama-3-8b --seq 16384 --layers 2 --checkpoint all --mlp-chunks 4 --lm-chunks 16"
+        )
+        ok=0
+        for c in "${cases[@]}"; do
+            # shellcheck disable=SC2086
+            if timeout 120 "$MST" --json measure --backend cuda $c --out "$build_dir/measured.json" >/dev/null 2>>"$summary" &&
+                timeout 60 "$MST" --json compare --measured "$build_dir/measured.json" $c >"$build_dir/compare.json" 2>>"$summary"; then
+                python3 -c 'import json,sys
+print(json.dumps({"case": sys.argv[1], "compare": json.load(open(sys.argv[2]))}))' "$c" "$build_dir/compare.json" >>"$OUT/measure.jsonl"
+                ok=$((ok + 1))
+            else
+                echo "{\"case\": \"$c\", \"error\": \"measure or compare failed (see summary.txt)\"}" >>"$OUT/measure.jsonl"
+            fi
+        done
+        if [ $ok = ${#cases[@]} ]; then step measure.matrix ok "$(elapsed $t)" "$ok cases"
+        else step measure.matrix FAIL "$(elapsed $t)" "$ok of ${#cases[@]} cases ran"; fi
+    fi
+else
+    step measure.matrix skip "$(elapsed $t)" "mst-plan measure --backend not built yet"
+fi
+# <<< MEASURE MATRIX
+
+say "total $(elapsed "$t_start") s, $failures failed step(s); results in $OUT"
+[ $failures = 0 ]
