@@ -694,6 +694,22 @@ TEST_CASE("cross-entropy (HF style): fast equals the reference; backward equals 
     CHECK(fd_error(logits, grad, mean_loss, 80, 703, kLogitEps) < 1e-3);
 }
 
+TEST_CASE("cross-entropy: nll_loss then log_softmax backward (HF's unfused path) equals the fused backward") {
+    const std::int64_t n = 5, V = 37;
+    const Vec logits = randn(n * V, 41, 2.0f);
+    std::vector<std::int64_t> labels = {3, kIgnoreIndex, 36, 0, 17};
+    Vec logp(static_cast<std::size_t>(n * V)), grad(logp.size()), dlogp(logp.size()), dx(logp.size());
+    cross_entropy_forward(logp.data(), logits.data(), labels.data(), n, V);
+    cross_entropy_backward(grad.data(), logp.data(), labels.data(), n, V, 0.25f);
+    nll_loss_backward(dlogp.data(), labels.data(), n, V, 0.25f);
+    CHECK(dlogp[3] == -0.25f);  // row 0, label 3
+    CHECK(std::count(dlogp.begin(), dlogp.end(), 0.0f) == n * V - 4);
+    log_softmax_backward(dx.data(), dlogp.data(), logp.data(), n, V);
+    CHECK(rel_err(dx, grad) < 1e-6);
+    log_softmax_backward(dlogp.data(), dlogp.data(), logp.data(), n, V);  // in place
+    CHECK(dlogp == dx);
+}
+
 TEST_CASE("cross-entropy (fused): gradient equals the HF-style backward, with and without soft-capping") {
     const std::int64_t n = 12, V = 300;  // V > kBlock: the online logsumexp spans blocks
     const Vec logits = randn(n * V, 711, 3.0f);

@@ -241,6 +241,13 @@ double cross_entropy_forward(float* logp, ConstTensor logits, const std::int64_t
 // for a mean). dlogits may be the logp buffer itself.
 void cross_entropy_backward(Tensor dlogits, const float* logp, const std::int64_t* labels, std::int64_t n,
                             std::int64_t V, float scale);
+// The same backward in PyTorch's two unfused steps, as Hugging Face's M = 1 loss runs it
+// (loss = nll_loss(log_softmax(float(logits)))): nll_loss's backward writes the dense
+// gradient of the log-probabilities, dlogp[n,V] fp32 = -scale at each valid label, 0
+// elsewhere; log_softmax's backward turns it into the logits' gradient,
+// dx[n,V] fp32 = dy - exp(logp) * rowsum(dy). Chained they equal cross_entropy_backward.
+void nll_loss_backward(float* dlogp, const std::int64_t* labels, std::int64_t n, std::int64_t V, float scale);
+void log_softmax_backward(float* dx, const float* dy, const float* logp, std::int64_t n, std::int64_t V);
 // Fused (MsT / Liger): logits[n,V] in/out. With z = softcap > 0 ? softcap*tanh(x/softcap) : x,
 // row_loss[n] (fp32, may be nullptr) = lse(z) - z[label] (0 on ignored rows) and the logits are
 // overwritten with d(scale * sum loss)/dx = (softmax(z) - onehot) * scale * dz/dx.
