@@ -9,6 +9,9 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "mst/execute.hpp"
+#include "mst/model.hpp"
+#include "mst/setup.hpp"
 #include "mst/timeline.hpp"
 
 namespace mst {
@@ -39,5 +42,31 @@ struct Comparison {
 
 Comparison compare_timelines(const Timeline& predicted, const Timeline& measured, std::int64_t num_layers);
 nlohmann::json to_json(const Comparison& c);
+
+// ---- the files compare reads ----------------------------------------------------------
+
+// A measurement (`mst-plan measure --out DIR` writes DIR/measured.json):
+// {"format": "mst-measure/1", "backend", "model", "model_path", "seed", "workspace_bytes",
+//  "setup": to_json(setup), "timeline": to_json(timeline), "summary": {...}}.
+nlohmann::json measurement_json(const MeasuredStep& step, const std::string& backend, const ModelSpec& model,
+                                const TrainingSetup& setup, std::uint64_t seed, bytes_t workspace_bytes);
+
+// A timeline file (mst-timeline/1, `estimate --timeline`) or a measurement file.
+struct StepFile {
+    std::string path;
+    std::string format;               // "mst-timeline/1" or "mst-measure/1"
+    Timeline timeline;
+    std::string setup_json;           // measurement: to_json(setup), serialised; empty for a timeline
+    std::string model_path;           // measurement: the config.json it ran
+    bytes_t workspace_bytes = 0;      // measurement: the fixed workspace it allocated
+};
+StepFile load_step_file(const std::string& path);  // UserError naming the file and field on bad input
+
+// UserError unless both describe the same step: same model, same micro-steps, and the same
+// setup when both files record one.
+void check_same_step(const StepFile& predicted, const StepFile& measured);
+
+// The simulator's prediction for the model and setup a measurement recorded.
+Timeline predict_measured(const StepFile& measured);
 
 }  // namespace mst

@@ -11,5 +11,7 @@ void add_catalog_commands(CLI::App& app, const GlobalOptions& global);  // model
 void add_estimate_command(CLI::App& app, const GlobalOptions& global);
 void add_tuner_commands(CLI::App& app, const GlobalOptions& global);  // recommend, max-seq, bench tuner
 void add_emit_command(CLI::App& app, const GlobalOptions& global);
+void add_measure_command(CLI::App& app, const GlobalOptions& global);  // run a step on a backend
+void add_compare_command(CLI::App& app, const GlobalOptions& global);  // predicted vs measured
 
 }  // namespace mst::cli
