@@ -146,11 +146,22 @@ void Step::build_params() {
     lm_head_ = m_.tie_word_embeddings ? embed_ : add("lm_head", -1, m_.vocab_size, d);  // [V, d]
 }
 
+// SplitMix64 (Steele, Lea, Flood 2014): fast, and the same numbers on every standard
+// library (std::*_distribution are implementation-defined).
+std::uint64_t Step::random() {
+    std::uint64_t z = (rng_ += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
 // Persistent state before the step, steady state (the optimizer's states already exist):
-// weights with random values (matrices N(0, 0.02), norm gains 1), master copy, states at 0.
+// weights with random values (matrices uniform with standard deviation 0.02, norm gains 1),
+// master copy, states at 0.
 void Step::init_state() {
     alloc_.set_phase(Phase::Init);
-    std::normal_distribution<float> normal(0.0f, 0.02f);
+    const float half_width = 0.02f * std::sqrt(3.0f);  // U(-a, a) has standard deviation a / sqrt(3)
+    auto uniform = [&] { return half_width * (2.0f * static_cast<float>(random() >> 40) / 16777216.0f - 1.0f); };
     float block[cpu::kBlock];
     at("init.weights");
     for (Param& p : params_) {
@@ -158,7 +169,7 @@ void Step::init_state() {
         p.weight = alloc(p.name.c_str(), p.numel(), pw_, Category::Weights);
         for (std::int64_t i0 = 0; i0 < p.numel(); i0 += cpu::kBlock) {
             const std::int64_t nb = std::min(cpu::kBlock, p.numel() - i0);
-            for (std::int64_t j = 0; j < nb; ++j) block[j] = p.rows == 1 ? 1.0f : normal(rng_);
+            for (std::int64_t j = 0; j < nb; ++j) block[j] = p.rows == 1 ? 1.0f : uniform();
             cpu::store_block(p.weight.t(), i0, nb, block);
         }
     }
@@ -298,11 +309,11 @@ void Step::micro_step(int micro) {
     at("inputs");
     ids_ = Ten{std::make_shared<Buffer>(alloc_.allocate("input_ids", T_ * 8, Category::SavedActivation)), DType::F32};
     labels_ = Ten{std::make_shared<Buffer>(alloc_.allocate("labels", T_ * 8, Category::SavedActivation)), DType::F32};
-    std::uniform_int_distribution<std::int64_t> token(0, m_.vocab_size - 1);
+    auto token = [&] { return static_cast<std::int64_t>(random() % static_cast<std::uint64_t>(m_.vocab_size)); };
     auto* ids = static_cast<std::int64_t*>(ids_.buf->data());
     auto* labels = static_cast<std::int64_t*>(labels_.buf->data());
-    for (std::int64_t i = 0; i < T_; ++i) ids[i] = token(rng_);
-    for (std::int64_t i = 0; i < T_; ++i) labels[i] = token(rng_);
+    for (std::int64_t i = 0; i < T_; ++i) ids[i] = token();
+    for (std::int64_t i = 0; i < T_; ++i) labels[i] = token();
     const std::int64_t valid = cpu::count_valid_labels(labels, T_);
     loss_scale_ = 1.0f / static_cast<float>(valid * s_.grad_accum);  // mean over tokens, over grad_accum micro-steps
     loss_rows_ += valid;

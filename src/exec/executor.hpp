@@ -10,7 +10,6 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -149,7 +148,8 @@ private:
     float loss_scale_ = 1;  // d(loss)/d(row loss): 1 / (valid tokens * grad_accum)
     double loss_sum_ = 0;   // summed row losses over the executed micro-steps
     std::int64_t loss_rows_ = 0;
-    std::mt19937_64 rng_;
+    std::uint64_t rng_ = 0;  // SplitMix64 state
+    std::uint64_t random();
     bool grad_ = true;
     MeasuredStep result_;
 
