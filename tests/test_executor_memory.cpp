@@ -12,6 +12,7 @@
 #include "mst/execute.hpp"
 #include "mst/simulate.hpp"
 #include "sim_test_support.hpp"
+#include "test_support.hpp"
 
 using namespace mst;
 using namespace mst::test;
@@ -107,7 +108,33 @@ const MatrixCase kMatrix[] = {
          s.checkpoint.assign(static_cast<std::size_t>(L), true), s.offload_checkpoints = true;
          s.mlp_chunks = 2, s.mlp_impl = MlpImpl::Tiled, s.lm_chunks = 3;
      }},
+    {"eager attention", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.attention = Attention::Eager; }},
+    {"eager, checkpoint all (the masks are kept as checkpoint inputs)", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t L) {
+         s.attention = Attention::Eager, s.checkpoint.assign(static_cast<std::size_t>(L), true);
+     }},
+    {"eager, AMP, loop M=2, recompute M=2", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) {
+         s.attention = Attention::Eager, s.precision = Precision::AmpFp32, s.mlp_chunks = 2, s.lm_chunks = 2;
+     }},
+    {"eager, micro-batch 2, checkpoint layer 1 offloaded", "tiny-llama", 16, [](TrainingSetup& s, std::int64_t) {
+         s.attention = Attention::Eager, s.micro_batch = 2, s.checkpoint = {false, true}, s.offload_checkpoints = true;
+     }},
+    {"sliding window + tied embeddings, flash", "tiny_sliding_tied.json", 32, [](TrainingSetup&, std::int64_t) {}},
+    {"sliding window + tied embeddings, eager (two masks), checkpoint all, fused M=2", "tiny_sliding_tied.json", 32,
+     [](TrainingSetup& s, std::int64_t L) {
+         s.attention = Attention::Eager, s.checkpoint.assign(static_cast<std::size_t>(L), true);
+         s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward;
+     }},
+    {"tied embeddings, optimizer in backward, recompute M=3", "tiny_sliding_tied.json", 32, [](TrainingSetup& s, std::int64_t) {
+         s.optimizer_in_backward = true, s.lm_chunks = 3;
+     }},
+    {"tied embeddings, grad_accum 2, fused M=2, AMP", "tiny_sliding_tied.json", 32, [](TrainingSetup& s, std::int64_t) {
+         s.grad_accum = 2, s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward, s.precision = Precision::AmpFp32;
+     }},
     {"default", "small-llama", 12, [](TrainingSetup&, std::int64_t) {}},
+    {"eager, bf16 master, tiled M=2, fused M=2", "small-llama", 12, [](TrainingSetup& s, std::int64_t) {
+         s.attention = Attention::Eager, s.precision = Precision::Bf16Master;
+         s.mlp_chunks = 2, s.mlp_impl = MlpImpl::Tiled, s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward;
+     }},
     {"checkpoint spread:2, loop M=4, recompute M=4", "small-llama", 12, [](TrainingSetup& s, std::int64_t L) {
          s.checkpoint = parse_checkpoint_spec("spread:2", L, "test"), s.mlp_chunks = 4, s.lm_chunks = 4;
      }},
@@ -135,7 +162,8 @@ int run_matrix(const char* model) {
         if (std::string(c.model) != model) continue;
         CAPTURE(c.name);
         CAPTURE(c.model);
-        const ModelSpec m = find_model(c.model);
+        const std::string name = c.model;
+        const ModelSpec m = find_model(name.ends_with(".json") ? data(name) : name);
         TrainingSetup s = tiny_setup(c.seq);
         c.knobs(s, m.num_layers);
         check_exact(m, s);
@@ -147,9 +175,13 @@ int run_matrix(const char* model) {
 }  // namespace
 
 TEST_CASE("CPU executor: the simulator predicts every measured allocation and free, byte for byte (tiny-llama matrix)") {
-    CHECK(run_matrix("tiny-llama") == 25);
+    CHECK(run_matrix("tiny-llama") == 29);
+}
+
+TEST_CASE("CPU executor: ... (sliding-window model with tied embeddings)") {
+    CHECK(run_matrix("tiny_sliding_tied.json") == 4);
 }
 
 TEST_CASE("CPU executor: the simulator predicts every measured allocation and free, byte for byte (small-llama matrix)") {
-    CHECK(run_matrix("small-llama") == 6);
+    CHECK(run_matrix("small-llama") == 7);
 }

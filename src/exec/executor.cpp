@@ -45,8 +45,6 @@ void check_supported(const ModelSpec& m, const TrainingSetup& s) {
     if (s.sp > 1) fail(w, "sp", "the CPU executor runs one process; sequence parallelism (sp > 1) cannot run on it");
     if (s.optimizer == Optimizer::AdamW8bit)
         fail(w, "optimizer", "the CPU executor has no 8-bit AdamW (bitsandbytes' blockwise quantisation); use adamw or sgd");
-    if (s.attention == Attention::Eager)
-        fail(w, "attention", "the CPU executor runs flash attention only");
     if (m.qkv_bias || m.o_bias || m.mlp_bias)
         fail(m.name, "attention_bias", "the CPU executor has no bias kernels (q/k/v, o or MLP biases)");
     if (m.family == Family::Gemma2)
@@ -318,6 +316,23 @@ void Step::micro_step(int micro) {
     loss_scale_ = 1.0f / static_cast<float>(valid * s_.grad_accum);  // mean over tokens, over grad_accum micro-steps
     loss_rows_ += valid;
 
+    // Eager attention: the model builds 4-D additive masks [B, 1, S, S], one per kind of layer
+    // (full, sliding); checkpointed layers receive them as inputs, so the checkpoints keep them
+    // until backward.
+    const bool any_checkpoint = s_.checkpointed_count() > 0;
+    if (s_.attention == Attention::Eager) {
+        bool any_full = false, any_sliding = false;
+        for (std::int32_t l = 0; l < L; ++l) (attention_config(l).window > 0 ? any_sliding : any_full) = true;
+        const Category mask_category = any_checkpoint ? Category::Checkpoint : Category::Transient;
+        for (Ten* mask : {&mask_full_, &mask_sliding_}) {
+            const bool sliding = mask == &mask_sliding_;
+            if (!(sliding ? any_sliding : any_full)) continue;
+            at("attn.mask");
+            *mask = alloc("causal_mask", B_ * S_ * S_, act_, mask_category);
+            cpu::causal_mask_fill(mask->t(), B_, S_, sliding ? *m_.sliding_window : 0);
+        }
+    }
+
     Ten x = embedding_forward(input_category(0));
     std::vector<LayerSaved> saved(static_cast<std::size_t>(L));
     std::vector<Ten> checkpoint(static_cast<std::size_t>(L)), host(static_cast<std::size_t>(L));
@@ -345,6 +360,7 @@ void Step::micro_step(int micro) {
     alloc_.set_layer(-1);
     at("forward.end");
     clear_autocast_cache();
+    if (!any_checkpoint) drop(mask_full_), drop(mask_sliding_);
 
     alloc_.set_phase(Phase::Backward);
     Ten dres = head_backward(head);  // the residual-stream gradient, accumulated in place
@@ -376,6 +392,7 @@ void Step::micro_step(int micro) {
     embedding_backward(dres);
     at("backward.end");
     drop(dres), drop(ids_);
+    drop(mask_full_), drop(mask_sliding_);
 }
 
 void Step::optimizer_step() {

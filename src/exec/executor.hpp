@@ -61,7 +61,8 @@ struct MlpChunk {
 // What one layer's forward leaves for its backward.
 struct LayerSaved {
     Ten x, h1, rstd1;            // layer input [T,d], norm output [T,d], rstd [T] fp32
-    Ten q, k, v, o, lse;         // q, o [T,q_dim]; k, v [T,kv_dim]; lse [B,nh,S] fp32
+    Ten q, k, v, o, lse;         // flash: q, o [T,q_dim]; k, v [T,kv_dim]; lse [B,nh,S] fp32
+    Ten k_rep, v_rep, probs32, probs;  // eager: k, v repeated to nh heads [T,q_dim]; probabilities [B,nh,S,S]
     Ten o_seq;                   // the o_proj input (o)
     Ten x2, h2, rstd2;           // residual [T,d], MLP input [T,d] (Tiled), rstd [T]
     std::vector<MlpChunk> mlp;   // Loop: one entry per mini-sequence
@@ -110,6 +111,8 @@ private:
     void layer_backward(int l, LayerSaved& sv, const Ten& dres);
     Ten attention_forward(int l, Ten h1, LayerSaved& sv);
     Ten attention_backward(int l, LayerSaved& sv, const Ten& d_out);
+    Ten eager_forward(int l, Ten q, Ten k, Ten v, LayerSaved& sv);
+    void eager_backward(int l, Ten d_o, LayerSaved& sv, Ten& dq, Ten& dk, Ten& dv);
     Ten mlp_forward(int l, Ten h2, LayerSaved& sv);
     Ten mlp_backward(int l, LayerSaved& sv, const Ten& dy);
     void mlp_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t row0, std::int64_t n, Ten& y,
@@ -144,6 +147,7 @@ private:
     std::vector<int> autocast_cache_;                   // params whose copy the cache holds, in order
 
     Ten workspace_;        // options.workspace_bytes, for the whole step
+    Ten mask_full_, mask_sliding_;  // eager: the additive 4-D masks [B,1,S,S] of this micro-step
     Ten ids_, labels_;     // this micro-step's tokens and targets [T] int64
     float loss_scale_ = 1;  // d(loss)/d(row loss): 1 / (valid tokens * grad_accum)
     double loss_sum_ = 0;   // summed row losses over the executed micro-steps

@@ -104,12 +104,17 @@ Ten Step::attention_forward(int l, Ten h1, LayerSaved& sv) {
     sv.h1 = saved(hin);
     drop(hin);
 
-    at("attn.flash");
-    Ten o = act("o", T_ * qd, act_, true);
-    Ten lse = act("lse", cpu::flash_lse_floats(c), DType::F32, true);
-    cpu::flash_attention_forward(o.t(), lse.f32(), q.t(), k.t(), v.t(), c);
-    sv.q = saved(q), sv.k = saved(k), sv.v = saved(v), sv.o = saved(o), sv.lse = saved(lse);
-    drop(q), drop(k), drop(v), drop(lse);
+    Ten o;
+    if (s_.attention == Attention::Flash) {
+        at("attn.flash");
+        o = act("o", T_ * qd, act_, true);
+        Ten lse = act("lse", cpu::flash_lse_floats(c), DType::F32, true);
+        cpu::flash_attention_forward(o.t(), lse.f32(), q.t(), k.t(), v.t(), c);
+        sv.q = saved(q), sv.k = saved(k), sv.v = saved(v), sv.o = saved(o), sv.lse = saved(lse);
+        drop(q), drop(k), drop(v), drop(lse);
+    } else {
+        o = eager_forward(l, std::move(q), std::move(k), std::move(v), sv);
+    }
 
     at("attn.o_proj");
     const cpu::Tensor wo = use_weight(lp.o);
@@ -134,18 +139,23 @@ Ten Step::attention_backward(int l, LayerSaved& sv, const Ten& d_out) {
     drop(sv.o_seq);
     grad_done(lp.o);
 
-    // FlashAttention-2 backward: the fp32 dq accumulator and delta = rowsum(dO * O) workspaces.
-    at("attn.flash");
-    Ten dq_acc = alloc("dq_accum_fp32", cpu::flash_dq_workspace_floats(c), DType::F32, Category::Transient);
-    Ten delta = alloc("softmax_d", cpu::flash_delta_workspace_floats(c), DType::F32, Category::Transient);
-    Ten dq = alloc("dq", T_ * qd, act_, Category::Transient);
-    Ten dk = alloc("dk", T_ * kvd, act_, Category::Transient);
-    Ten dv = alloc("dv", T_ * kvd, act_, Category::Transient);
-    cpu::flash_attention_backward(dq.t(), dk.t(), dv.t(), dq_acc.f32(), delta.f32(), d_o.t(), sv.q.t(), sv.k.t(),
-                                  sv.v.t(), sv.o.t(), sv.lse.f32(), c);
+    Ten dq, dk, dv;
+    if (s_.attention == Attention::Flash) {
+        // FlashAttention-2 backward: the fp32 dq accumulator and delta = rowsum(dO * O) workspaces.
+        at("attn.flash");
+        Ten dq_acc = alloc("dq_accum_fp32", cpu::flash_dq_workspace_floats(c), DType::F32, Category::Transient);
+        Ten delta = alloc("softmax_d", cpu::flash_delta_workspace_floats(c), DType::F32, Category::Transient);
+        dq = alloc("dq", T_ * qd, act_, Category::Transient);
+        dk = alloc("dk", T_ * kvd, act_, Category::Transient);
+        dv = alloc("dv", T_ * kvd, act_, Category::Transient);
+        cpu::flash_attention_backward(dq.t(), dk.t(), dv.t(), dq_acc.f32(), delta.f32(), d_o.t(), sv.q.t(), sv.k.t(),
+                                      sv.v.t(), sv.o.t(), sv.lse.f32(), c);
+        drop(dq_acc), drop(delta), drop(d_o);
+        drop(sv.q), drop(sv.k), drop(sv.v), drop(sv.o), drop(sv.lse);
+    } else {
+        eager_backward(l, std::move(d_o), sv, dq, dk, dv);
+    }
     cpu::rope_backward(dq.t(), dk.t(), B_, S_, m_.num_heads, m_.num_kv_heads, m_.head_dim, static_cast<float>(m_.rope_theta));
-    drop(dq_acc), drop(delta), drop(d_o);
-    drop(sv.q), drop(sv.k), drop(sv.v), drop(sv.o), drop(sv.lse);
 
     at("attn.qkv");
     Ten dh = alloc("d_h1", T_ * d, act_, Category::Transient);
@@ -160,6 +170,88 @@ Ten Step::attention_backward(int l, LayerSaved& sv, const Ten& d_out) {
     drop(dq), drop(dk), drop(dv), drop(sv.h1);
     for (int p : {lp.q, lp.k, lp.v}) grad_done(p);
     return uncast_grad(std::move(dh), d);
+}
+
+// Hugging Face eager attention op by op: q, k, v [T, *] (post-RoPE, owned) -> o [T, q_dim].
+// repeat_kv copies (GQA), scores = q k^T, scaled, plus the additive mask, softmax in fp32
+// (saved), its storage-dtype copy (saved by the PV product), o = probs v.
+// Every S x S tensor is [B, nh, S, S] over all (t, u), masked or not, as HF materialises it.
+Ten Step::eager_forward(int l, Ten q, Ten k, Ten v, LayerSaved& sv) {
+    const std::int64_t qd = m_.q_dim(), nh = m_.num_heads, hd = m_.head_dim;
+    const std::int64_t ss = B_ * nh * S_ * S_;
+    const cpu::AttentionConfig c = attention_config(l);
+    at("attn.eager");
+    Ten k_rep, v_rep;
+    if (m_.num_kv_heads < nh) {
+        k_rep = act("k_rep", T_ * qd, act_, true);
+        v_rep = act("v_rep", T_ * qd, act_, true);
+        cpu::repeat_kv_forward(k_rep.t(), k.t(), T_, nh, m_.num_kv_heads, hd);
+        cpu::repeat_kv_forward(v_rep.t(), v.t(), T_, nh, m_.num_kv_heads, hd);
+        drop(k), drop(v);
+    } else {
+        k_rep = std::move(k), v_rep = std::move(v);
+    }
+    Ten scores = act("scores", ss, act_, false);
+    cpu::attention_scores(scores.t(), q.t(), k_rep.t(), B_, S_, nh, hd);
+    sv.q = saved(q), sv.k_rep = saved(k_rep);
+    drop(q), drop(k_rep);
+    Ten scaled = act("scores_scaled", ss, act_, false);
+    cpu::scale(scaled.t(), scores.t(), ss, c.scale);
+    drop(scores);
+    Ten masked = act("scores_masked", ss, act_, false);
+    const Ten& mask = c.window > 0 ? mask_sliding_ : mask_full_;
+    for (std::int64_t bh = 0; bh < B_ * nh; ++bh)  // the [B, 1, S, S] mask broadcast over heads
+        cpu::residual_forward(masked.at(bh * S_ * S_), scaled.at(bh * S_ * S_), mask.at((bh / nh) * S_ * S_), S_ * S_);
+    drop(scaled);
+    Ten p32 = act("probs_fp32", ss, DType::F32, true);
+    cpu::softmax_forward(p32.f32(), masked.t(), B_ * nh * S_, S_);
+    drop(masked);
+    Ten p = act("probs", ss, act_, true);
+    cpu::cast(p.t(), p32.t(), ss);
+    sv.probs32 = saved(p32);
+    drop(p32);
+    Ten o = act("o", T_ * qd, act_, true);
+    cpu::attention_apply(o.t(), p.t(), v_rep.t(), B_, S_, nh, hd);
+    sv.probs = saved(p), sv.v_rep = saved(v_rep);
+    drop(p), drop(v_rep);
+    return o;
+}
+
+// The backward of eager_forward from d_o [T, q_dim] (owned): dq [T, q_dim], dk, dv [T, kv_dim].
+void Step::eager_backward(int l, Ten d_o, LayerSaved& sv, Ten& dq, Ten& dk, Ten& dv) {
+    const std::int64_t qd = m_.q_dim(), kvd = m_.kv_dim(), nh = m_.num_heads, hd = m_.head_dim;
+    const std::int64_t ss = B_ * nh * S_ * S_;
+    const cpu::AttentionConfig c = attention_config(l);
+    at("attn.eager");
+    Ten dp = alloc("d_probs", ss, act_, Category::Transient);  // d_o v^T
+    cpu::attention_scores(dp.t(), d_o.t(), sv.v_rep.t(), B_, S_, nh, hd);
+    Ten dv_rep = alloc("d_v_rep", T_ * qd, act_, Category::Transient);  // probs^T d_o
+    cpu::attention_apply_transposed(dv_rep.t(), sv.probs.t(), d_o.t(), B_, S_, nh, hd);
+    drop(d_o), drop(sv.probs), drop(sv.v_rep);
+    Ten dp32 = alloc("d_probs_fp32", ss, DType::F32, Category::Transient);  // the storage cast's backward
+    cpu::cast(dp32.t(), dp.t(), ss);
+    drop(dp);
+    Ten ds = alloc("d_scores", ss, act_, Category::Transient);
+    cpu::softmax_backward(ds.t(), dp32.f32(), sv.probs32.f32(), B_ * nh * S_, S_);
+    drop(dp32), drop(sv.probs32);
+    Ten unscaled = alloc("d_scores_unscaled", ss, act_, Category::Transient);  // the mask passes it through
+    cpu::scale(unscaled.t(), ds.t(), ss, c.scale);
+    drop(ds);
+    dq = alloc("dq", T_ * qd, act_, Category::Transient);
+    cpu::attention_apply(dq.t(), unscaled.t(), sv.k_rep.t(), B_, S_, nh, hd);
+    Ten dk_rep = alloc("d_k_rep", T_ * qd, act_, Category::Transient);
+    cpu::attention_apply_transposed(dk_rep.t(), unscaled.t(), sv.q.t(), B_, S_, nh, hd);
+    drop(unscaled), drop(sv.q), drop(sv.k_rep);
+    if (m_.num_kv_heads < nh) {  // repeat_kv's backward sums the head groups
+        dk = alloc("dk", T_ * kvd, act_, Category::Transient);
+        cpu::repeat_kv_backward(dk.t(), dk_rep.t(), T_, nh, m_.num_kv_heads, hd);
+        drop(dk_rep);
+        dv = alloc("dv", T_ * kvd, act_, Category::Transient);
+        cpu::repeat_kv_backward(dv.t(), dv_rep.t(), T_, nh, m_.num_kv_heads, hd);
+        drop(dv_rep);
+    } else {
+        dk = std::move(dk_rep), dv = std::move(dv_rep);
+    }
 }
 
 // One mini-sequence of n tokens from row row0 of hin [T, d]: g, u [n, I] = hin W^T,
