@@ -130,6 +130,21 @@ const MatrixCase kMatrix[] = {
     {"tied embeddings, grad_accum 2, fused M=2, AMP", "tiny_sliding_tied.json", 32, [](TrainingSetup& s, std::int64_t) {
          s.grad_accum = 2, s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward, s.precision = Precision::AmpFp32;
      }},
+    {"Gemma-2: post-norms, embedding scale, final soft-capping (M = 1)", "tiny_gemma2.json", 32, [](TrainingSetup&, std::int64_t) {}},
+    {"Gemma-2: eager with soft-capped scores, two masks, checkpoint all", "tiny_gemma2.json", 32, [](TrainingSetup& s, std::int64_t L) {
+         s.attention = Attention::Eager, s.checkpoint.assign(static_cast<std::size_t>(L), true);
+     }},
+    {"Gemma-2: AMP, loop M=2, recompute M=3", "tiny_gemma2.json", 32, [](TrainingSetup& s, std::int64_t) {
+         s.precision = Precision::AmpFp32, s.mlp_chunks = 2, s.lm_chunks = 3;
+     }},
+    {"Gemma-2: grad_accum 2, fused M=2, eager", "tiny_gemma2.json", 32, [](TrainingSetup& s, std::int64_t) {
+         s.grad_accum = 2, s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward, s.attention = Attention::Eager;
+     }},
+    {"Gemma-2: bf16 master, optimizer in backward, tiled M=3, checkpoint layer 0 offloaded", "tiny_gemma2.json", 32,
+     [](TrainingSetup& s, std::int64_t) {
+         s.precision = Precision::Bf16Master, s.optimizer_in_backward = true, s.mlp_chunks = 3, s.mlp_impl = MlpImpl::Tiled;
+         s.checkpoint = {true, false}, s.offload_checkpoints = true;
+     }},
     {"default", "small-llama", 12, [](TrainingSetup&, std::int64_t) {}},
     {"eager, bf16 master, tiled M=2, fused M=2", "small-llama", 12, [](TrainingSetup& s, std::int64_t) {
          s.attention = Attention::Eager, s.precision = Precision::Bf16Master;
@@ -180,6 +195,10 @@ TEST_CASE("CPU executor: the simulator predicts every measured allocation and fr
 
 TEST_CASE("CPU executor: ... (sliding-window model with tied embeddings)") {
     CHECK(run_matrix("tiny_sliding_tied.json") == 4);
+}
+
+TEST_CASE("CPU executor: ... (Gemma-2 shaped model: post-norms, soft-capping, sliding window, tied)") {
+    CHECK(run_matrix("tiny_gemma2.json") == 5);
 }
 
 TEST_CASE("CPU executor: the simulator predicts every measured allocation and free, byte for byte (small-llama matrix)") {

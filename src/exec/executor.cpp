@@ -47,10 +47,8 @@ void check_supported(const ModelSpec& m, const TrainingSetup& s) {
         fail(w, "optimizer", "the CPU executor has no 8-bit AdamW (bitsandbytes' blockwise quantisation); use adamw or sgd");
     if (m.qkv_bias || m.o_bias || m.mlp_bias)
         fail(m.name, "attention_bias", "the CPU executor has no bias kernels (q/k/v, o or MLP biases)");
-    if (m.family == Family::Gemma2)
-        fail(m.name, "model_type", "the CPU executor runs Llama-family models without Gemma-2's extra norms");
-    if (m.hidden_act != "silu")
-        fail(m.name, "hidden_act", fmt::format("the CPU executor implements silu, got '{}'", m.hidden_act));
+    if (m.hidden_act != "silu" && m.hidden_act != "gelu_pytorch_tanh")
+        fail(m.name, "hidden_act", fmt::format("the CPU executor implements silu and gelu_pytorch_tanh, got '{}'", m.hidden_act));
     if (m.head_dim > cpu::kMaxHeadDim)
         fail(m.name, "head_dim", fmt::format("the CPU kernels take head_dim <= {}", cpu::kMaxHeadDim));
 }
@@ -92,8 +90,10 @@ std::vector<std::int64_t> Step::chunks(std::int64_t count) const {
 cpu::AttentionConfig Step::attention_config(int l) const {
     cpu::AttentionConfig c;
     c.B = B_, c.S = S_, c.nh = m_.num_heads, c.nkv = m_.num_kv_heads, c.hd = m_.head_dim;
-    c.scale = cpu::default_scale(m_.head_dim);
+    c.scale = m_.query_pre_attn_scalar ? static_cast<float>(1.0 / std::sqrt(*m_.query_pre_attn_scalar))
+                                       : cpu::default_scale(m_.head_dim);
     if (m_.sliding_window && m_.sliding_layers[static_cast<std::size_t>(l)]) c.window = *m_.sliding_window;
+    if (m_.attn_logit_softcapping) c.softcap = static_cast<float>(*m_.attn_logit_softcapping);
     return c;
 }
 
@@ -114,6 +114,9 @@ Step::Step(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t see
     sd_ = s_.effective_state_dtype() == StateDtype::Fp32 ? DType::F32 : DType::BF16;
     if (opt_.storage_fp32) act_ = res_ = pw_ = pg_ = sd_ = DType::F32;
     B_ = s_.micro_batch, S_ = s_.seq_len, T_ = B_ * S_;
+    gemma_ = m_.family == Family::Gemma2;
+    norm_kind_ = gemma_ ? cpu::NormKind::Gemma : cpu::NormKind::Llama;  // gain w or 1 + w
+    gated_ = m_.hidden_act == "silu" ? cpu::GatedAct::Silu : cpu::GatedAct::GeluTanh;
     result_.timeline.micro_steps = static_cast<std::int32_t>(s_.grad_accum);
     build_params();
 }
@@ -134,7 +137,9 @@ void Step::build_params() {
         lp.k = add("k_proj", l, m_.kv_dim(), d);                                // [kv_dim, d]
         lp.v = add("v_proj", l, m_.kv_dim(), d);                                // [kv_dim, d]
         lp.o = add("o_proj", l, d, m_.q_dim());                                 // [d, q_dim]
-        lp.norm2 = add("post_attention_norm", l, 1, d);                         // [d]
+        if (gemma_) lp.post_attn_norm = add("post_attention_norm", l, 1, d);    // [d]
+        lp.norm2 = add(gemma_ ? "pre_feedforward_norm" : "post_attention_norm", l, 1, d);  // [d]
+        if (gemma_) lp.post_ff_norm = add("post_feedforward_norm", l, 1, d);    // [d]
         lp.gate = add("gate_proj", l, I, d);                                    // [I, d]
         lp.up = add("up_proj", l, I, d);                                        // [I, d]
         lp.down = add("down_proj", l, d, I);                                    // [d, I]
@@ -154,7 +159,8 @@ std::uint64_t Step::random() {
 }
 
 // Persistent state before the step, steady state (the optimizer's states already exist):
-// weights with random values (matrices uniform with standard deviation 0.02, norm gains 1),
+// weights with random values (matrices uniform with standard deviation 0.02, norm gains 1:
+// a Llama weight of 1, a Gemma weight of 0),
 // master copy, states at 0.
 void Step::init_state() {
     alloc_.set_phase(Phase::Init);
@@ -167,7 +173,8 @@ void Step::init_state() {
         p.weight = alloc(p.name.c_str(), p.numel(), pw_, Category::Weights);
         for (std::int64_t i0 = 0; i0 < p.numel(); i0 += cpu::kBlock) {
             const std::int64_t nb = std::min(cpu::kBlock, p.numel() - i0);
-            for (std::int64_t j = 0; j < nb; ++j) block[j] = p.rows == 1 ? 1.0f : uniform();
+            const float gain = norm_kind_ == cpu::NormKind::Gemma ? 0.0f : 1.0f;
+            for (std::int64_t j = 0; j < nb; ++j) block[j] = p.rows == 1 ? gain : uniform();
             cpu::store_block(p.weight.t(), i0, nb, block);
         }
     }

@@ -49,7 +49,8 @@ struct Param {
 };
 
 struct LayerParams {
-    int norm1 = -1, q = -1, k = -1, v = -1, o = -1, norm2 = -1, gate = -1, up = -1, down = -1;
+    int norm1 = -1, q = -1, k = -1, v = -1, o = -1, post_attn_norm = -1, norm2 = -1, post_ff_norm = -1;
+    int gate = -1, up = -1, down = -1;  // post_*_norm: Gemma-2 only
 };
 
 // What one MLP mini-sequence (Loop) keeps for its backward.
@@ -63,6 +64,9 @@ struct LayerSaved {
     Ten x, h1, rstd1;            // layer input [T,d], norm output [T,d], rstd [T] fp32
     Ten q, k, v, o, lse;         // flash: q, o [T,q_dim]; k, v [T,kv_dim]; lse [B,nh,S] fp32
     Ten k_rep, v_rep, probs32, probs;  // eager: k, v repeated to nh heads [T,q_dim]; probabilities [B,nh,S,S]
+    Ten scores_tanh;             // eager with soft-capping (Gemma-2): tanh(scores / cap) [B,nh,S,S]
+    Ten a, rstd_pa;              // Gemma-2: attention output [T,d] (the post-attention norm's input), rstd
+    Ten y, rstd_pf;              // Gemma-2: MLP output [T,d] (the post-feed-forward norm's input), rstd
     Ten o_seq;                   // the o_proj input (o)
     Ten x2, h2, rstd2;           // residual [T,d], MLP input [T,d] (Tiled), rstd [T]
     std::vector<MlpChunk> mlp;   // Loop: one entry per mini-sequence
@@ -71,6 +75,7 @@ struct LayerSaved {
 struct HeadSaved {
     Ten x_last, hf, rstd_f;  // last layer output, final-norm output (matmul input), rstd
     Ten logp;                // M = 1: fp32 log-probabilities [T,V]
+    Ten logits_tanh;         // M = 1 with final soft-capping: tanh(logits / cap) [T,V]
     Ten dhf, grad_partial;   // fused: d_hidden [T,d] and a separate lm_head gradient, from forward
 };
 
@@ -105,8 +110,11 @@ private:
     void capture_gradient(const Param& P);
 
     // ---- ops ---------------------------------------------------------------------
-    Ten norm_forward(int p, const Ten& x, Ten& rstd, bool output_saved);
-    Ten norm_backward(int p, Ten& rstd, Ten& x_saved, const Ten& dy);
+    Ten norm_forward(int p, const Ten& x, Ten& rstd, bool output_saved, cpu::DType out_dtype);
+    Ten norm_backward(int p, Ten& rstd, Ten& x_saved, const Ten& dy, cpu::DType dx_dtype);
+    // Soft-capping as HF writes it, three ops: x / cap, tanh (saved), * cap; and its backward.
+    Ten softcap_forward(const char* prefix, Ten x, std::int64_t n, float cap, Ten& tanh_saved);
+    Ten softcap_backward(const char* prefix, Ten dy, std::int64_t n, float cap, Ten& tanh_saved);
     Ten layer_forward(int l, Ten x, LayerSaved& sv, Category out_category);
     void layer_backward(int l, LayerSaved& sv, const Ten& dres);
     Ten attention_forward(int l, Ten h1, LayerSaved& sv);
@@ -118,6 +126,7 @@ private:
     void mlp_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t row0, std::int64_t n, Ten& y,
                            MlpChunk* keep);
     Ten embedding_forward(Category out_category);
+    float embedding_scale() const;
     void embedding_backward(const Ten& dres);
     void head_forward(Ten x_last, HeadSaved& hs);
     Ten head_backward(HeadSaved& hs);
@@ -140,6 +149,8 @@ private:
     bool amp_ = false;
     std::int64_t B_ = 1, S_ = 1, T_ = 1;  // micro-batch, sequence, tokens
     cpu::GatedAct gated_ = cpu::GatedAct::Silu;
+    cpu::NormKind norm_kind_ = cpu::NormKind::Llama;
+    bool gemma_ = false;  // Gemma-2: post-norms, sqrt(d) embedding scale, soft-capping
 
     std::vector<Param> params_;
     std::vector<LayerParams> layer_params_;

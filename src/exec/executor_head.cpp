@@ -11,6 +11,7 @@
 //  * Fused (Liger FLCE / ALST tiled logits): per chunk bf16 logits turned into their gradient
 //    in place inside forward; d_hidden and the weight gradient are held until backward.
 #include <cassert>
+#include <cmath>
 
 #include "executor.hpp"
 
@@ -22,21 +23,42 @@ namespace {
 const std::int64_t* i64(const Ten& t) { return static_cast<const std::int64_t*>(t.buf->data()); }
 }  // namespace
 
-// x [T, d] = embed_tokens[ids]
+// x [T, d] = embed_tokens[ids] (Gemma-2: times sqrt(d), a new tensor)
 Ten Step::embedding_forward(Category out_category) {
     alloc_.set_layer(-1);
     at("embedding");
     const std::int64_t d = m_.hidden_size;
-    Ten x = alloc("embeddings", T_ * d, res_, out_category);
+    Ten x = alloc("embeddings", T_ * d, res_, gemma_ ? Category::Transient : out_category);
     cpu::embedding_forward(x.t(), params_[static_cast<std::size_t>(embed_)].weight.t(), i64(ids_), T_, d, m_.vocab_size);
+    if (gemma_) {
+        at("embedding.scale");
+        Ten scaled = alloc("embeddings_scaled", T_ * d, res_, out_category);
+        cpu::scale(scaled.t(), x.t(), T_ * d, embedding_scale());
+        drop(x);
+        x = std::move(scaled);
+    }
     return x;
 }
 
-// dres [T, d] scatter-added into the table's gradient [V, d]
+// HF Gemma multiplies by sqrt(d) rounded to the activations' dtype.
+float Step::embedding_scale() const {
+    const float s = std::sqrt(static_cast<float>(m_.hidden_size));
+    return res_ == DType::BF16 ? static_cast<float>(cpu::bf16(s)) : s;
+}
+
+// dres [T, d] scatter-added into the table's gradient [V, d] (Gemma-2: through the scale first)
 void Step::embedding_backward(const Ten& dres) {
     alloc_.set_layer(-1);
+    const std::int64_t d = m_.hidden_size;
+    Ten scaled;
+    if (gemma_) {
+        at("embedding.scale");
+        scaled = alloc("d_embeddings", T_ * d, res_, Category::Transient);
+        cpu::scale(scaled.t(), dres.t(), T_ * d, embedding_scale());
+    }
     at("embedding");
-    cpu::embedding_backward(grad_write(embed_), dres.t(), i64(ids_), T_, m_.hidden_size, m_.vocab_size);
+    cpu::embedding_backward(grad_write(embed_), gemma_ ? scaled.t() : dres.t(), i64(ids_), T_, d, m_.vocab_size);
+    drop(scaled);
     grad_done(embed_);
 }
 
@@ -46,11 +68,12 @@ void Step::head_forward(Ten x_last, HeadSaved& hs) {
     const bool chunked = s_.lm_chunks > 1;
     const bool fused = chunked && s_.lm_impl == LmHeadImpl::FusedForward;
     const std::int64_t* labels = i64(labels_);
+    const float softcap = m_.final_logit_softcapping ? static_cast<float>(*m_.final_logit_softcapping) : 0.0f;
 
     at("final_norm");
     // The hidden states are saved by the head's matmul, except by the fused head (it
     // finishes their gradient in forward) and under AMP (the matmul saves their bf16 cast).
-    Ten hf = norm_forward(final_norm_, x_last, hs.rstd_f, !amp_ && !fused);
+    Ten hf = norm_forward(final_norm_, x_last, hs.rstd_f, !amp_ && !fused, res_);
     hs.x_last = saved(x_last);
     drop(x_last);
     Ten hin = cast_for_matmul(std::move(hf), d);
@@ -62,6 +85,10 @@ void Step::head_forward(Ten x_last, HeadSaved& hs) {
         cpu::linear_forward(logits.t(), hin.t(), w, T_, d, V);
         hs.hf = saved(hin);
         drop(hin);
+        if (softcap > 0.0f) {  // Gemma-2: logits = tanh(logits / cap) * cap
+            at("lm_head.softcap");
+            logits = softcap_forward("logits", std::move(logits), T_ * V, softcap, hs.logits_tanh);
+        }
         at("loss");
         Ten up = act("logits_fp32", T_ * V, DType::F32, false);  // logits.float()
         cpu::cast(up.t(), logits.t(), T_ * V);
@@ -86,6 +113,7 @@ void Step::head_forward(Ten x_last, HeadSaved& hs) {
             Ten lf = alloc("logits_fp32", n * V, DType::F32, Category::Transient);
             cpu::cast(lf.t(), lc.t(), n * V);
             drop(lc);
+            if (softcap > 0.0f) cpu::softcap_forward(lf.t(), lf.t(), n * V, softcap);  // in place, fp32
             at("loss");
             Ten lp = alloc("log_probs", n * V, DType::F32, Category::Transient);
             loss_sum_ += cpu::cross_entropy_forward(lp.f32(), lf.t(), labels + row0, n, V);
@@ -119,7 +147,7 @@ void Step::head_forward(Ten x_last, HeadSaved& hs) {
     for (std::int64_t n : chunks(s_.lm_chunks)) {
         Ten lc = alloc("logits", n * V, act_, Category::Transient);
         cpu::linear_forward(lc.t(), hin.at(row0 * d), w, n, d, V);
-        loss_sum_ += cpu::cross_entropy_fused(lc.t(), nullptr, labels + row0, n, V, loss_scale_, 0.0f);
+        loss_sum_ += cpu::cross_entropy_fused(lc.t(), nullptr, labels + row0, n, V, loss_scale_, softcap);
         cpu::linear_backward_input(hs.dhf.at(row0 * d), lc.t(), w, n, d, V);
         cpu::linear_backward_weight(dw, lc.t(), hin.at(row0 * d), n, d, V, true);
         drop(lc);
@@ -133,6 +161,7 @@ Ten Step::head_backward(HeadSaved& hs) {
     alloc_.set_layer(-1);
     const std::int64_t d = m_.hidden_size, V = m_.vocab_size;
     const std::int64_t* labels = i64(labels_);
+    const float softcap = m_.final_logit_softcapping ? static_cast<float>(*m_.final_logit_softcapping) : 0.0f;
     Ten dh;
     if (s_.lm_chunks == 1) {
         at("loss");
@@ -145,6 +174,11 @@ Ten Step::head_backward(HeadSaved& hs) {
         Ten gl = alloc("d_logits", T_ * V, act_, Category::Transient);  // the .float() cast's backward
         cpu::cast(gl.t(), glf.t(), T_ * V);
         drop(glf);
+        if (hs.logits_tanh) {
+            at("lm_head.softcap");
+            gl = softcap_backward("d_logits", std::move(gl), T_ * V, softcap, hs.logits_tanh);
+            at("lm_head");
+        }
         dh = alloc("d_hidden", T_ * d, act_, Category::Transient);
         cpu::linear_backward_input(dh.t(), gl.t(), backward_weight(lm_head_), T_, d, V);
         cpu::linear_backward_weight(grad_write(lm_head_), gl.t(), hs.hf.t(), T_, d, V, true);
@@ -168,7 +202,7 @@ Ten Step::head_backward(HeadSaved& hs) {
             cpu::cast(lf.t(), lc.t(), n * V);
             drop(lc);
             // softmax - one-hot, scaled, in place in the fp32 logits
-            cpu::cross_entropy_fused(lf.t(), nullptr, labels + row0, n, V, loss_scale_, 0.0f);
+            cpu::cross_entropy_fused(lf.t(), nullptr, labels + row0, n, V, loss_scale_, softcap);
             Ten gc = alloc("d_logits", n * V, act_, Category::Transient);
             cpu::cast(gc.t(), lf.t(), n * V);
             drop(lf);
@@ -189,7 +223,7 @@ Ten Step::head_backward(HeadSaved& hs) {
     if (!m_.tie_word_embeddings) grad_done(lm_head_);
     dh = uncast_grad(std::move(dh), d);
     at("final_norm");
-    Ten dres = norm_backward(final_norm_, hs.rstd_f, hs.x_last, dh);
+    Ten dres = norm_backward(final_norm_, hs.rstd_f, hs.x_last, dh, res_);
     drop(dh);
     return dres;
 }

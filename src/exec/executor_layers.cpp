@@ -5,6 +5,7 @@
 // Shapes: x, x2, h1, h2, y [T, d]; q, o [T, q_dim]; k, v [T, kv_dim]; lse [B, nh, S] fp32;
 // g, u, m [n, I] per mini-sequence of n tokens; rstd [T] fp32.
 #include <cassert>
+#include <string>
 
 #include "executor.hpp"
 
@@ -12,24 +13,24 @@ namespace mst::exec {
 
 using cpu::DType;
 
-// RMSNorm: out [T, d] in the residual dtype; rstd [T] fp32 kept for backward (none without
-// grad). The caller saves the input.
-Ten Step::norm_forward(int p, const Ten& x, Ten& rstd, bool output_saved) {
+// RMSNorm: out [T, d]; rstd [T] fp32 kept for backward (none without grad). The caller
+// saves the input.
+Ten Step::norm_forward(int p, const Ten& x, Ten& rstd, bool output_saved, DType out_dtype) {
     const std::int64_t d = m_.hidden_size;
-    Ten out = act("norm_out", T_ * d, res_, output_saved);
+    Ten out = act("norm_out", T_ * d, out_dtype, output_saved);
     rstd = grad_ ? alloc("rstd", T_, DType::F32, Category::SavedActivation) : Ten{};
     cpu::rmsnorm_forward(out.t(), rstd ? rstd.f32() : nullptr, x.t(), params_[static_cast<std::size_t>(p)].weight.t(), T_,
-                         d, static_cast<float>(m_.rms_norm_eps), cpu::NormKind::Llama);
+                         d, static_cast<float>(m_.rms_norm_eps), norm_kind_);
     return out;
 }
 
 // dx [T, d] from dy [T, d], the saved input and rstd; the gain's gradient accumulates.
-Ten Step::norm_backward(int p, Ten& rstd, Ten& x_saved, const Ten& dy) {
+Ten Step::norm_backward(int p, Ten& rstd, Ten& x_saved, const Ten& dy, DType dx_dtype) {
     const std::int64_t d = m_.hidden_size;
-    Ten dx = alloc("d_norm_in", T_ * d, res_, Category::Transient);
+    Ten dx = alloc("d_norm_in", T_ * d, dx_dtype, Category::Transient);
     const cpu::Tensor dw = grad_write(p);
     cpu::rmsnorm_backward(dx.t(), dw, dy.t(), x_saved.t(), params_[static_cast<std::size_t>(p)].weight.t(), rstd.f32(),
-                          T_, d, cpu::NormKind::Llama);
+                          T_, d, norm_kind_);
     drop(rstd);
     drop(x_saved);
     grad_done(p);
@@ -43,9 +44,16 @@ Ten Step::layer_forward(int l, Ten x, LayerSaved& sv, Category out_category) {
 
     at("attn.norm");
     // Without AMP the QKV matmul saves the norm output; under AMP it saves its bf16 cast.
-    Ten h1 = norm_forward(lp.norm1, x, sv.rstd1, !amp_);
+    Ten h1 = norm_forward(lp.norm1, x, sv.rstd1, !amp_, res_);
     sv.x = saved(x);
     Ten a = attention_forward(l, std::move(h1), sv);
+    if (gemma_) {  // the post-attention norm: bf16 in, bf16 out, saves its input
+        at("attn.post_norm");
+        Ten an = norm_forward(lp.post_attn_norm, a, sv.rstd_pa, false, act_);
+        sv.a = saved(a);
+        drop(a);
+        a = std::move(an);
+    }
     at("attn.residual");
     Ten x2 = act("x2", T_ * d, res_, true);  // x + attn_out, saved by the second norm
     cpu::residual_forward(x2.t(), x.t(), a.t(), T_ * d);
@@ -53,9 +61,16 @@ Ten Step::layer_forward(int l, Ten x, LayerSaved& sv, Category out_category) {
     drop(x);
 
     at("mlp.norm");
-    Ten h2 = norm_forward(lp.norm2, x2, sv.rstd2, !amp_);
+    Ten h2 = norm_forward(lp.norm2, x2, sv.rstd2, !amp_, res_);
     sv.x2 = saved(x2);
     Ten y = mlp_forward(l, std::move(h2), sv);
+    if (gemma_) {
+        at("mlp.post_norm");
+        Ten yn = norm_forward(lp.post_ff_norm, y, sv.rstd_pf, false, act_);
+        sv.y = saved(y);
+        drop(y);
+        y = std::move(yn);
+    }
     at("mlp.residual");
     Ten out = alloc("x_out", T_ * d, res_, out_category);
     cpu::residual_forward(out.t(), x2.t(), y.t(), T_ * d);
@@ -70,16 +85,29 @@ void Step::layer_backward(int l, LayerSaved& sv, const Ten& dres) {
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
     const std::int64_t d = m_.hidden_size;
 
-    Ten dh2 = mlp_backward(l, sv, dres);
+    // Gemma-2: the branches end in post-norms, whose input gradients the branches read.
+    Ten dy_post;
+    if (gemma_) {
+        at("mlp.post_norm");
+        dy_post = norm_backward(lp.post_ff_norm, sv.rstd_pf, sv.y, dres, act_);
+    }
+    Ten dh2 = mlp_backward(l, sv, gemma_ ? dy_post : dres);
+    drop(dy_post);
     at("mlp.norm");
-    Ten dx = norm_backward(lp.norm2, sv.rstd2, sv.x2, dh2);
+    Ten dx = norm_backward(lp.norm2, sv.rstd2, sv.x2, dh2, res_);
     drop(dh2);
     cpu::residual_accumulate(dres.t(), dx.t(), T_ * d);
     drop(dx);
 
-    Ten dh1 = attention_backward(l, sv, dres);
+    Ten da_post;
+    if (gemma_) {
+        at("attn.post_norm");
+        da_post = norm_backward(lp.post_attn_norm, sv.rstd_pa, sv.a, dres, act_);
+    }
+    Ten dh1 = attention_backward(l, sv, gemma_ ? da_post : dres);
+    drop(da_post);
     at("attn.norm");
-    dx = norm_backward(lp.norm1, sv.rstd1, sv.x, dh1);
+    dx = norm_backward(lp.norm1, sv.rstd1, sv.x, dh1, res_);
     drop(dh1);
     cpu::residual_accumulate(dres.t(), dx.t(), T_ * d);
     drop(dx);
@@ -118,7 +146,7 @@ Ten Step::attention_forward(int l, Ten h1, LayerSaved& sv) {
 
     at("attn.o_proj");
     const cpu::Tensor wo = use_weight(lp.o);
-    Ten a = act("attn_out", T_ * d, act_, false);
+    Ten a = act("attn_out", T_ * d, act_, gemma_);  // Gemma-2: saved by the post-attention norm
     cpu::linear_forward(a.t(), o.t(), wo, T_, qd, d);
     sv.o_seq = saved(o);
     drop(o);
@@ -172,6 +200,38 @@ Ten Step::attention_backward(int l, LayerSaved& sv, const Ten& d_out) {
     return uncast_grad(std::move(dh), d);
 }
 
+// Soft-capping as Hugging Face writes it (Gemma-2): x / cap, tanh (saved for backward), * cap,
+// each a new tensor of n elements. Returns the capped tensor; `x` is let go.
+Ten Step::softcap_forward(const char* prefix, Ten x, std::int64_t n, float cap, Ten& tanh_saved) {
+    const std::string p = prefix;
+    Ten div = act((p + "_div").c_str(), n, act_, false);
+    cpu::scale(div.t(), x.t(), n, 1.0f / cap);
+    drop(x);
+    Ten th = act((p + "_tanh").c_str(), n, act_, true);
+    cpu::softcap_forward(th.t(), div.t(), n, 1.0f);  // 1 * tanh(x / 1)
+    drop(div);
+    Ten capped = act((p + "_capped").c_str(), n, act_, false);
+    cpu::scale(capped.t(), th.t(), n, cap);
+    tanh_saved = saved(th);
+    drop(th);
+    return capped;
+}
+
+// Its backward from dy (the capped tensor's gradient, let go): * cap, * (1 - tanh^2), / cap.
+Ten Step::softcap_backward(const char* prefix, Ten dy, std::int64_t n, float cap, Ten& tanh_saved) {
+    const std::string p = prefix;
+    Ten t1 = alloc((p + "_capped").c_str(), n, act_, Category::Transient);
+    cpu::scale(t1.t(), dy.t(), n, cap);
+    drop(dy);
+    Ten t2 = alloc((p + "_tanh").c_str(), n, act_, Category::Transient);
+    cpu::softcap_backward(t2.t(), t1.t(), tanh_saved.t(), n, 1.0f);
+    drop(t1), drop(tanh_saved);
+    Ten dx = alloc((p + "_div").c_str(), n, act_, Category::Transient);
+    cpu::scale(dx.t(), t2.t(), n, 1.0f / cap);
+    drop(t2);
+    return dx;
+}
+
 // Hugging Face eager attention op by op: q, k, v [T, *] (post-RoPE, owned) -> o [T, q_dim].
 // repeat_kv copies (GQA), scores = q k^T, scaled, plus the additive mask, softmax in fp32
 // (saved), its storage-dtype copy (saved by the PV product), o = probs v.
@@ -198,6 +258,7 @@ Ten Step::eager_forward(int l, Ten q, Ten k, Ten v, LayerSaved& sv) {
     Ten scaled = act("scores_scaled", ss, act_, false);
     cpu::scale(scaled.t(), scores.t(), ss, c.scale);
     drop(scores);
+    if (c.softcap > 0.0f) scaled = softcap_forward("scores", std::move(scaled), ss, c.softcap, sv.scores_tanh);
     Ten masked = act("scores_masked", ss, act_, false);
     const Ten& mask = c.window > 0 ? mask_sliding_ : mask_full_;
     for (std::int64_t bh = 0; bh < B_ * nh; ++bh)  // the [B, 1, S, S] mask broadcast over heads
@@ -234,6 +295,7 @@ void Step::eager_backward(int l, Ten d_o, LayerSaved& sv, Ten& dq, Ten& dk, Ten&
     Ten ds = alloc("d_scores", ss, act_, Category::Transient);
     cpu::softmax_backward(ds.t(), dp32.f32(), sv.probs32.f32(), B_ * nh * S_, S_);
     drop(dp32), drop(sv.probs32);
+    if (c.softcap > 0.0f) ds = softcap_backward("d_scores", std::move(ds), ss, c.softcap, sv.scores_tanh);
     Ten unscaled = alloc("d_scores_unscaled", ss, act_, Category::Transient);  // the mask passes it through
     cpu::scale(unscaled.t(), ds.t(), ss, c.scale);
     drop(ds);
@@ -272,7 +334,7 @@ void Step::mlp_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t
     drop(g), drop(u);
     at("mlp.down");
     const cpu::Tensor wd = use_weight(lp.down);
-    if (!y) y = act("y", T_ * d, act_, false);
+    if (!y) y = act("y", T_ * d, act_, gemma_);  // Gemma-2: saved by the post-feed-forward norm
     cpu::linear_forward(y.at(row0 * d), m.t(), wd, n, I, d);
     if (keep) keep->m = saved(m), keep->row0 = row0, keep->tokens = n;
     drop(m);
