@@ -204,3 +204,52 @@ TEST_CASE("CPU executor: ... (Gemma-2 shaped model: post-norms, soft-capping, sl
 TEST_CASE("CPU executor: the simulator predicts every measured allocation and free, byte for byte (small-llama matrix)") {
     CHECK(run_matrix("small-llama") == 7);
 }
+
+TEST_CASE("CPU executor: a fixed workspace is allocated at init like the simulator's cuBLAS workspace") {
+    const ModelSpec m = find_model("tiny-llama");
+    const TrainingSetup s = tiny_setup(16);
+    GpuProfile gpu = test_gpu();
+    gpu.calibration.cublas_workspace_bytes = 3 * kMiB;
+    ExecuteOptions o;
+    o.workspace_bytes = 3 * kMiB;
+    const Comparison c = compare_timelines(simulate(m, s, gpu), execute_cpu(m, s, 1, o).timeline, m.num_layers);
+    CHECK(c.identical());
+}
+
+TEST_CASE("CPU executor: what one CPU process cannot run is refused with one line naming the knob") {
+    const ModelSpec m = find_model("tiny-llama");
+    auto refused = [&](TrainingSetup s) { return expect_user_error([&] { execute_cpu(m, s, 1); }); };
+    TrainingSetup s = tiny_setup(16);
+    s.dp = 2;
+    CHECK(refused(s).starts_with("setup: dp: "));
+    s = tiny_setup(16);
+    s.dp = 2, s.zero_stage = 3;
+    CHECK(refused(s).starts_with("setup: dp: "));
+    s = tiny_setup(16);
+    s.zero_stage = 1;
+    CHECK(refused(s).starts_with("setup: zero_stage: "));
+    s = tiny_setup(16);
+    s.sp = 2;
+    CHECK(refused(s).starts_with("setup: sp: "));
+    s = tiny_setup(16);
+    s.optimizer = Optimizer::AdamW8bit;
+    CHECK(refused(s).starts_with("setup: optimizer: "));
+    const std::string qwen = expect_user_error([] { execute_cpu(find_model("qwen2-7b"), tiny_setup(16), 1); });
+    CHECK(qwen.find("attention_bias") != std::string::npos);
+    CHECK(qwen.find('\n') == std::string::npos);
+}
+
+TEST_CASE("CPU executor: the same seed gives the same step; timings cover the ops") {
+    const ModelSpec m = find_model("tiny-llama");
+    const MeasuredStep a = execute_cpu(m, tiny_setup(16), 5), b = execute_cpu(m, tiny_setup(16), 5);
+    const MeasuredStep c = execute_cpu(m, tiny_setup(16), 6);
+    CHECK(a.loss == b.loss);
+    CHECK(a.loss != c.loss);
+    CHECK(a.wall_seconds > 0);
+    bool has_flash = false;
+    for (const auto& [op, seconds] : a.op_seconds) {
+        CHECK(seconds >= 0);
+        has_flash = has_flash || op == "attn.flash";
+    }
+    CHECK(has_flash);
+}
