@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <random>
 #include <stdexcept>
 #include <vector>
@@ -543,6 +544,43 @@ TEST_CASE("attention: eager over HF's repeated K/V equals eager GQA, and repeat_
     CHECK(rel_err(dv, want.dv) < 1e-6);
 }
 
+TEST_CASE("attention op by op (HF eager: scores, scale, mask, softmax, probs v) equals the fused eager kernel") {
+    for (const AttentionConfig c : {cfg(2, 37, 4, 4, 16), cfg(1, 45, 3, 3, 8, 7)}) {  // full causal; sliding window
+        CAPTURE(c.window);
+        const AttnData a = attn_data(c, 610);
+        const AttnOut want = run_eager(c, a);
+        const std::int64_t ss = c.B * c.nh * c.S * c.S, rows = c.B * c.nh * c.S;
+        Vec scores(static_cast<std::size_t>(ss)), masked(scores.size()), p32(scores.size()), o(a.q.size());
+        Vec mask(static_cast<std::size_t>(c.B * c.S * c.S));
+        causal_mask_fill(mask.data(), c.B, c.S, c.window);
+        CHECK(mask[1] == std::numeric_limits<float>::lowest());  // t = 0 does not see u = 1
+        CHECK(mask[static_cast<std::size_t>(c.S)] == 0.0f);      // t = 1 sees u = 0
+        attention_scores(scores.data(), a.q.data(), a.k.data(), c.B, c.S, c.nh, c.hd);
+        scale(scores.data(), scores.data(), ss, c.scale);
+        for (std::int64_t bh = 0; bh < c.B * c.nh; ++bh)
+            residual_forward(masked.data() + bh * c.S * c.S, scores.data() + bh * c.S * c.S,
+                             mask.data() + (bh / c.nh) * c.S * c.S, c.S * c.S);
+        softmax_forward(p32.data(), masked.data(), rows, c.S);
+        attention_apply(o.data(), p32.data(), a.v.data(), c.B, c.S, c.nh, c.hd);
+        CHECK(rel_err(o, want.o) < 1e-6);
+        // backward: d_probs = dout v^T, dv = probs^T dout, d_scores = softmax', dq = ds k, dk = ds^T q
+        Vec dp(scores.size()), ds(scores.size()), dq(a.q.size()), dk(a.k.size()), dv(a.v.size());
+        attention_scores(dp.data(), a.dout.data(), a.v.data(), c.B, c.S, c.nh, c.hd);
+        attention_apply_transposed(dv.data(), p32.data(), a.dout.data(), c.B, c.S, c.nh, c.hd);
+        softmax_backward(ds.data(), dp.data(), p32.data(), rows, c.S);
+        scale(ds.data(), ds.data(), ss, c.scale);
+        attention_apply(dq.data(), ds.data(), a.k.data(), c.B, c.S, c.nh, c.hd);
+        attention_apply_transposed(dk.data(), ds.data(), a.q.data(), c.B, c.S, c.nh, c.hd);
+        CHECK(rel_err(dq, want.dq) < 1e-5);
+        CHECK(rel_err(dk, want.dk) < 1e-5);
+        CHECK(rel_err(dv, want.dv) < 1e-6);
+    }
+    BVec mask_bf16(9);
+    causal_mask_fill(mask_bf16.data(), 1, 3, 0);
+    CHECK(std::isfinite(static_cast<float>(mask_bf16[1])));  // finfo(bf16).min, not -inf
+    CHECK(static_cast<float>(mask_bf16[1]) < -3e38f);
+}
+
 TEST_CASE("attention: bf16 storage agrees with fp32, flash and eager") {
     const AttentionConfig c = cfg(2, 37, 4, 2, 16, 12, 4.0f);
     AttnData a = attn_data(c, 500);
@@ -692,6 +730,22 @@ TEST_CASE("cross-entropy (HF style): fast equals the reference; backward equals 
         return cross_entropy_forward(lp.data(), logits.data(), labels.data(), n, V) / count;
     };
     CHECK(fd_error(logits, grad, mean_loss, 80, 703, kLogitEps) < 1e-3);
+}
+
+TEST_CASE("cross-entropy: nll_loss then log_softmax backward (HF's unfused path) equals the fused backward") {
+    const std::int64_t n = 5, V = 37;
+    const Vec logits = randn(n * V, 41, 2.0f);
+    std::vector<std::int64_t> labels = {3, kIgnoreIndex, 36, 0, 17};
+    Vec logp(static_cast<std::size_t>(n * V)), grad(logp.size()), dlogp(logp.size()), dx(logp.size());
+    cross_entropy_forward(logp.data(), logits.data(), labels.data(), n, V);
+    cross_entropy_backward(grad.data(), logp.data(), labels.data(), n, V, 0.25f);
+    nll_loss_backward(dlogp.data(), labels.data(), n, V, 0.25f);
+    CHECK(dlogp[3] == -0.25f);  // row 0, label 3
+    CHECK(std::count(dlogp.begin(), dlogp.end(), 0.0f) == n * V - 4);
+    log_softmax_backward(dx.data(), dlogp.data(), logp.data(), n, V);
+    CHECK(rel_err(dx, grad) < 1e-6);
+    log_softmax_backward(dlogp.data(), dlogp.data(), logp.data(), n, V);  // in place
+    CHECK(dlogp == dx);
 }
 
 TEST_CASE("cross-entropy (fused): gradient equals the HF-style backward, with and without soft-capping") {

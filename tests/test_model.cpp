@@ -120,3 +120,9 @@ TEST_CASE("broken config files give one line naming the file and the field") {
     const auto missing = test::expect_user_error([] { (void)load_model_file("/nonexistent/config.json"); });
     CHECK(missing.rfind("/nonexistent/config.json: file: ", 0) == 0);
 }
+
+TEST_CASE("rope_theta is read from config.json, 10000 when absent (the HF default)") {
+    CHECK(find_model("small-llama").rope_theta == 500000.0);
+    CHECK(find_model("tiny-llama").rope_theta == 10000.0);
+    CHECK(find_model("llama-3-8b").rope_theta == 500000.0);
+}

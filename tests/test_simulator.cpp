@@ -200,3 +200,26 @@ TEST_CASE("optimizer in backward holds only the gradients of the block being dif
     // MLP backward): 3 * 2 * d * I = 67584 bytes, more than the lm_head's 2 * V * d = 32768.
     CHECK(sum.category_max[static_cast<std::size_t>(Category::Gradients)] == 3 * 2 * 64 * 176);
 }
+
+TEST_CASE("Gemma-2: the embedding's scatter-add reads d_embeddings, so it lives until the table's gradient exists") {
+    // With untied embeddings the table's gradient is first written by the scatter-add of the
+    // scaled token gradients: d_embeddings [T, d] (2dT = 8192 bytes at T = 64) and the table's
+    // gradient [V, d] (2Vd = 32768) must be live together.
+    ModelSpec m = find_model(std::string(MST_TEST_DATA_DIR) + "/tiny_gemma2.json");
+    m.tie_word_embeddings = false;
+    const Timeline t = simulate(m, tiny_setup(64), test_gpu());
+    bool scaled_live = false, checked = false;
+    for (const Event& e : t.events) {
+        if (e.phase != Phase::Backward || e.name != "d_embeddings") {
+            if (e.phase == Phase::Backward && e.alloc && e.name == "embed_tokens" && e.category == Category::Gradients) {
+                CHECK(scaled_live);
+                CHECK(e.bytes == 2 * 256 * 64);
+                checked = true;
+            }
+            continue;
+        }
+        CHECK(e.bytes == 2 * 64 * 64);
+        scaled_live = e.alloc;
+    }
+    CHECK(checked);
+}

@@ -43,6 +43,7 @@ struct ModelSpec {
     std::string torch_dtype = "bfloat16";
     std::string hidden_act = "silu";
     double rms_norm_eps = 1e-6;
+    double rope_theta = 10000.0;  // RoPE base (changes values, not memory or time)
 
     bool qkv_bias = false;  // Qwen2 always; Llama with attention_bias
     bool o_bias = false;    // Llama attention_bias

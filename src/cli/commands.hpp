@@ -11,6 +11,8 @@ void add_catalog_commands(CLI::App& app, const GlobalOptions& global);  // model
 void add_estimate_command(CLI::App& app, const GlobalOptions& global);
 void add_tuner_commands(CLI::App& app, const GlobalOptions& global);  // recommend, max-seq
 void add_emit_command(CLI::App& app, const GlobalOptions& global);
+void add_measure_command(CLI::App& app, const GlobalOptions& global);  // run a step on a backend
+void add_compare_command(CLI::App& app, const GlobalOptions& global);  // predicted vs measured
 void add_bench_commands(CLI::App& app, const GlobalOptions& global);  // bench tuner, bench kernels
 
 // The `bench` subcommands, each registered on the `bench` parent by the file that owns it.

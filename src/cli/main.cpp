@@ -17,7 +17,9 @@ int main(int argc, char** argv) {
         "  mst-plan gpus\n"
         "  mst-plan show llama-3-8b\n"
         "  mst-plan show path/to/config.json --json\n"
-        "  mst-plan estimate --model llama-3-8b --gpu a100-80gb --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 16\n",
+        "  mst-plan estimate --model llama-3-8b --gpu a100-80gb --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 16\n"
+        "  mst-plan measure --backend cpu --model tiny-llama --seq 256 --mlp-chunks 4 --out run1\n"
+        "  mst-plan compare --run run1/measured.json\n",
         "mst-plan"};
     app.set_version_flag("--version", std::string("mst-plan ") + MST_VERSION);
     app.require_subcommand(1);
@@ -30,6 +32,8 @@ int main(int argc, char** argv) {
     add_tuner_commands(app, global);
     add_emit_command(app, global);
     add_bench_commands(app, global);
+    add_measure_command(app, global);
+    add_compare_command(app, global);
 
     try {
         app.parse(argc, argv);

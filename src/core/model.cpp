@@ -89,6 +89,7 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
     m.torch_dtype = r.opt_string("torch_dtype").value_or(r.opt_string("dtype").value_or("bfloat16"));
     m.hidden_act = r.opt_string("hidden_activation").value_or(r.opt_string("hidden_act").value_or("silu"));
     m.rms_norm_eps = r.opt_number("rms_norm_eps", 0.0, 1.0).value_or(1e-6);
+    m.rope_theta = r.opt_number("rope_theta", 1.0, 1e12).value_or(10000.0);
 
     const bool attention_bias = r.opt_boolean("attention_bias").value_or(false);
     m.qkv_bias = attention_bias || m.family == Family::Qwen2;  // Qwen2 hard-codes q/k/v bias

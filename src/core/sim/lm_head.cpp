@@ -32,13 +32,14 @@ T StepBuilder::embedding_forward(Category out_category) {
 void StepBuilder::embedding_backward(T& dres) {
     layer_ = -1;
     (void)dres;
+    T scaled;  // Gemma: the gradient through the sqrt(d) scale, a new tensor
     if (m_.family == Family::Gemma2) {
         at("embedding.scale");
-        T t = alloc("d_embeddings", res(tokens_, m_.hidden_size), Category::Transient);
-        drop(t);  // scattered into the gradient right away
+        scaled = alloc("d_embeddings", res(tokens_, m_.hidden_size), Category::Transient);
     }
     at("embedding");
     grad_write(embed_);  // scatter-add of the token gradients into the table's gradient
+    drop(scaled);        // read by the scatter: it lives until the table's gradient exists
     grad_done(embed_);
 }
 

@@ -207,6 +207,29 @@ void repeat_kv_forward(Tensor out, ConstTensor in, std::int64_t rows, std::int64
 void repeat_kv_backward(Tensor din, ConstTensor dout, std::int64_t rows, std::int64_t nh, std::int64_t nkv,
                         std::int64_t hd);
 
+// ---- attention op by op (Hugging Face eager, unfused) ------------------------------------------
+// The eager path as separate ops, each writing a new buffer, so an executor can run (and measure)
+// the tensors HF's eager attention materialises: scores = q k^T, scaled, masked, softmax in fp32,
+// its storage-dtype copy, o = probs v; and the backward's d_probs, d_scores ... Every op reads and
+// writes all S x S entries (masking is the additive mask, as in HF). Heads of a, x, out are packed
+// [B*S, nh*hd] (after repeat_kv: nh heads on both sides); p, scores [B, nh, S, S].
+// scores[b,h,t,u] = a[b*S+t, h*hd ..] . b[b*S+u, h*hd ..]   (q k^T; dout v^T)
+void attention_scores(Tensor scores, ConstTensor a, ConstTensor b, std::int64_t B, std::int64_t S, std::int64_t nh,
+                      std::int64_t hd);
+// out[b*S+t, h*hd ..] = sum_u p[b,h,t,u] x[b*S+u, h*hd ..]   (probs v; dscores k)
+void attention_apply(Tensor out, ConstTensor p, ConstTensor x, std::int64_t B, std::int64_t S, std::int64_t nh,
+                     std::int64_t hd);
+// out[b*S+u, h*hd ..] = sum_t p[b,h,t,u] x[b*S+t, h*hd ..]   (probs^T dout; dscores^T q)
+void attention_apply_transposed(Tensor out, ConstTensor p, ConstTensor x, std::int64_t B, std::int64_t S,
+                                std::int64_t nh, std::int64_t hd);
+// mask[B, 1, S, S] additive: 0 where query t sees key u (u <= t, and t - u < window unless window
+// is 0), else the storage dtype's lowest finite value (HF's torch.finfo(dtype).min).
+void causal_mask_fill(Tensor mask, std::int64_t B, std::int64_t S, std::int64_t window);
+// y[rows, cols] fp32 = softmax of each row of x (any storage dtype)
+void softmax_forward(float* y, ConstTensor x, std::int64_t rows, std::int64_t cols);
+// dx[rows, cols] = y * (dy - rowsum(y * dy)) from softmax's fp32 output y and fp32 gradient dy
+void softmax_backward(Tensor dx, const float* dy, const float* y, std::int64_t rows, std::int64_t cols);
+
 // ---- gated MLP activation -------------------------------------------------------------------
 enum class GatedAct : std::uint8_t {
     Silu,      // Llama SwiGLU: silu(g) * u
@@ -241,6 +264,13 @@ double cross_entropy_forward(float* logp, ConstTensor logits, const std::int64_t
 // for a mean). dlogits may be the logp buffer itself.
 void cross_entropy_backward(Tensor dlogits, const float* logp, const std::int64_t* labels, std::int64_t n,
                             std::int64_t V, float scale);
+// The same backward in PyTorch's two unfused steps, as Hugging Face's M = 1 loss runs it
+// (loss = nll_loss(log_softmax(float(logits)))): nll_loss's backward writes the dense
+// gradient of the log-probabilities, dlogp[n,V] fp32 = -scale at each valid label, 0
+// elsewhere; log_softmax's backward turns it into the logits' gradient,
+// dx[n,V] fp32 = dy - exp(logp) * rowsum(dy). Chained they equal cross_entropy_backward.
+void nll_loss_backward(float* dlogp, const std::int64_t* labels, std::int64_t n, std::int64_t V, float scale);
+void log_softmax_backward(float* dx, const float* dy, const float* logp, std::int64_t n, std::int64_t V);
 // Fused (MsT / Liger): logits[n,V] in/out. With z = softcap > 0 ? softcap*tanh(x/softcap) : x,
 // row_loss[n] (fp32, may be nullptr) = lse(z) - z[label] (0 on ignored rows) and the logits are
 // overwritten with d(scale * sum loss)/dx = (softmax(z) - onehot) * scale * dz/dx.

@@ -68,6 +68,24 @@ void cross_entropy_backward(Tensor dlogits, const float* logp, const std::int64_
     }
 }
 
+// dlogp[n,V] = -scale at (r, labels[r]) for valid rows, else 0
+void nll_loss_backward(float* dlogp, const std::int64_t* labels, std::int64_t n, std::int64_t V, float scale) {
+    detail::require(V > 0 && n >= 0, "nll_loss_backward", "need V > 0 and n >= 0");
+    std::fill(dlogp, dlogp + n * V, 0.0f);
+    for (std::int64_t r = 0; r < n; ++r)
+        if (valid_label("nll_loss_backward", labels[r], V)) dlogp[r * V + labels[r]] = -scale;
+}
+
+// dx[n,V] = dy - exp(logp) * rowsum(dy); dx may alias dy
+void log_softmax_backward(float* dx, const float* dy, const float* logp, std::int64_t n, std::int64_t V) {
+    detail::require(V > 0 && n >= 0, "log_softmax_backward", "need V > 0 and n >= 0");
+    for (std::int64_t r = 0; r < n; ++r) {
+        float sum = 0.0f;
+        for (std::int64_t j = 0; j < V; ++j) sum += dy[r * V + j];
+        for (std::int64_t j = 0; j < V; ++j) dx[r * V + j] = dy[r * V + j] - std::exp(logp[r * V + j]) * sum;
+    }
+}
+
 // logits[n,V] in place -> gradient; row_loss[n] (nullable); returns the loss sum
 double cross_entropy_fused(Tensor logits, float* row_loss, const std::int64_t* labels, std::int64_t n,
                            std::int64_t V, float scale, float softcap) {

@@ -1,0 +1,72 @@
+#pragma once
+// Predicted vs measured: two timelines of the same step (simulator vs an executor, or
+// any two) compared by their views -- peak, per-phase peaks, per-category maxima -- and
+// event by event, down to the first event where they diverge.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "mst/execute.hpp"
+#include "mst/model.hpp"
+#include "mst/setup.hpp"
+#include "mst/timeline.hpp"
+
+namespace mst {
+
+// Two events are the same when every field is (kind, tensor id, bytes, category,
+// device, phase, layer, micro-step, op and tensor name).
+bool same_event(const Event& a, const Event& b);
+
+// Index of the first event that differs, or where the shorter timeline ends; nullopt when
+// both have the same events.
+std::optional<std::int64_t> first_divergence(const Timeline& predicted, const Timeline& measured);
+
+struct CompareRow {
+    std::string label;  // "peak", "phase forward", "category gradients", "host peak"
+    bytes_t predicted = 0, measured = 0;
+    bytes_t error() const { return measured - predicted; }  // absolute, bytes
+    double relative() const;                                // error / predicted (0 when both are 0)
+};
+
+struct Comparison {
+    std::vector<CompareRow> rows;  // peak first, then phases, categories, host
+    std::int64_t predicted_events = 0, measured_events = 0;
+    std::optional<std::int64_t> divergence;  // first differing event
+    std::optional<Event> predicted_event, measured_event;  // at the divergence (absent past an end)
+    bool identical() const { return !divergence; }
+    bytes_t peak_error() const { return rows.front().error(); }
+};
+
+Comparison compare_timelines(const Timeline& predicted, const Timeline& measured, std::int64_t num_layers);
+nlohmann::json to_json(const Comparison& c);
+
+// ---- the files compare reads ----------------------------------------------------------
+
+// A measurement (`mst-plan measure --out DIR` writes DIR/measured.json):
+// {"format": "mst-measure/1", "backend", "model", "model_path", "seed", "workspace_bytes",
+//  "setup": to_json(setup), "timeline": to_json(timeline), "summary": {...}}.
+nlohmann::json measurement_json(const MeasuredStep& step, const std::string& backend, const ModelSpec& model,
+                                const TrainingSetup& setup, std::uint64_t seed, bytes_t workspace_bytes);
+
+// A timeline file (mst-timeline/1, `estimate --timeline`) or a measurement file.
+struct StepFile {
+    std::string path;
+    std::string format;               // "mst-timeline/1" or "mst-measure/1"
+    Timeline timeline;
+    std::string setup_json;           // measurement: to_json(setup), serialised; empty for a timeline
+    std::string model_path;           // measurement: the config.json it ran
+    bytes_t workspace_bytes = 0;      // measurement: the fixed workspace it allocated
+};
+StepFile load_step_file(const std::string& path);  // UserError naming the file and field on bad input
+
+// UserError unless both describe the same step: same model, same micro-steps, and the same
+// setup when both files record one.
+void check_same_step(const StepFile& predicted, const StepFile& measured);
+
+// The simulator's prediction for the model and setup a measurement recorded.
+Timeline predict_measured(const StepFile& measured);
+
+}  // namespace mst

@@ -1,0 +1,89 @@
+// compare: predicted vs measured memory of one step, from two timeline or measurement
+// files, or from one measurement re-simulated (--run).
+#include <fstream>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "commands.hpp"
+#include "mst/compare.hpp"
+#include "mst/catalog.hpp"
+#include "mst/error.hpp"
+#include "mst/svg.hpp"
+
+namespace mst::cli {
+
+namespace {
+
+struct CompareArgs {
+    std::vector<std::string> files;
+    std::string run_file, svg_file;
+};
+
+std::string describe(const std::optional<Event>& e) {
+    if (!e) return "(no more events)";
+    return fmt::format("{} '{}' (tensor {}) {} bytes, {}, {}, {}, micro-step {}, op {}", e->alloc ? "alloc" : "free", e->name,
+                       e->tensor, e->bytes, to_string(e->category), to_string(e->phase),
+                       e->layer >= 0 ? fmt::format("layer {}", e->layer) : std::string("outside the layers"),
+                       e->micro_step, e->op);
+}
+
+void run_compare(const GlobalOptions& g, const CompareArgs& a) {
+    StepFile predicted, measured;
+    if (!a.run_file.empty()) {
+        if (!a.files.empty()) fail("compare", "--run", "give either --run MEASURED.json or two files, not both");
+        measured = load_step_file(a.run_file);
+        predicted.path = "simulator";
+        predicted.format = "mst-timeline/1";
+        predicted.timeline = predict_measured(measured);
+        predicted.setup_json = measured.setup_json;
+    } else {
+        if (a.files.size() != 2) fail("compare", "files", "expected PREDICTED.json MEASURED.json, or --run MEASURED.json");
+        predicted = load_step_file(a.files[0]);
+        measured = load_step_file(a.files[1]);
+    }
+    check_same_step(predicted, measured);
+    std::int64_t layers = 0;
+    for (const Timeline* t : {&predicted.timeline, &measured.timeline})
+        for (const Event& e : t->events) layers = std::max<std::int64_t>(layers, e.layer + 1);
+    const Comparison c = compare_timelines(predicted.timeline, measured.timeline, layers);
+
+    if (!a.svg_file.empty()) {
+        std::ofstream out(a.svg_file);
+        if (!out) fail(a.svg_file, "file", "expected a writable path");
+        out << overlay_svg(predicted.timeline, measured.timeline,
+                           fmt::format("{}: predicted ({}) vs measured ({})", measured.timeline.model,
+                                       predicted.timeline.source, measured.timeline.source));
+    }
+    if (g.json) return print_json(to_json(c));
+
+    fmt::print("{}: predicted ({}, {} events) vs measured ({}, {} events)\n\n", measured.timeline.model,
+               predicted.timeline.source, c.predicted_events, measured.timeline.source, c.measured_events);
+    Table t({"", "predicted", "measured", "error", "relative"});
+    for (const CompareRow& r : c.rows)
+        t.row({r.label, std::to_string(r.predicted), std::to_string(r.measured), fmt::format("{:+d}", r.error()),
+               fmt::format("{:+.3f}%", 100.0 * r.relative())});
+    t.print();
+    if (c.identical()) {
+        fmt::print("\ntimelines identical: every allocation and free matches\n");
+    } else {
+        fmt::print("\nfirst divergence at event {}:\n  predicted: {}\n  measured:  {}\n", *c.divergence,
+                   describe(c.predicted_event), describe(c.measured_event));
+    }
+}
+
+}  // namespace
+
+void add_compare_command(CLI::App& app, const GlobalOptions& global) {
+    auto args = std::make_shared<CompareArgs>();
+    auto* cmd = app.add_subcommand("compare",
+                                   "Compare predicted and measured memory of one step (timeline or measure files)\n"
+                                   "  mst-plan compare predicted.json run1/measured.json --svg overlay.svg\n"
+                                   "  mst-plan compare --run run1/measured.json");
+    cmd->add_option("files", args->files, "PREDICTED.json MEASURED.json: timelines (estimate --timeline) or measurements");
+    cmd->add_option("--run", args->run_file, "Re-simulate the model and setup of this measurement and compare");
+    cmd->add_option("--svg", args->svg_file, "Write both memory curves overlaid");
+    cmd->callback([&global, args] { run_compare(global, *args); });
+}
+
+}  // namespace mst::cli

@@ -1,0 +1,91 @@
+// measure: run one real training step on a backend and record its memory timeline.
+#include <filesystem>
+#include <fstream>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "commands.hpp"
+#include "mst/catalog.hpp"
+#include "mst/compare.hpp"
+#include "mst/error.hpp"
+#include "mst/execute.hpp"
+#include "setup_options.hpp"
+
+namespace mst::cli {
+
+namespace {
+
+struct MeasureArgs {
+    std::string backend = "cpu", model, out_dir;
+    std::uint64_t seed = 0;
+    std::int64_t workspace_bytes = 0;
+    SetupOptions setup;
+};
+
+void run_measure(const GlobalOptions& g, const MeasureArgs& a) {
+    if (a.backend == "cuda")
+        fail("--backend", "cuda", "this build has no CUDA backend (the CUDA executor is not part of it); use --backend cpu");
+    if (a.backend != "cpu") fail("--backend", a.backend, "expected cpu or cuda");
+    if (a.workspace_bytes < 0) fail("--workspace-bytes", "value", "expected a non-negative byte count");
+    const ModelSpec model = find_model(a.model);
+    for (const auto& w : model.warnings) warn(fmt::format("{}: {}", model.source, w));
+    const TrainingSetup setup = a.setup.build(model);
+    ExecuteOptions options;
+    options.workspace_bytes = a.workspace_bytes;
+    const MeasuredStep step = execute_cpu(model, setup, a.seed, options);
+    const nlohmann::json j = measurement_json(step, a.backend, model, setup, a.seed, a.workspace_bytes);
+
+    std::string written;
+    if (!a.out_dir.empty()) {
+        std::error_code ec;
+        std::filesystem::create_directories(a.out_dir, ec);
+        const std::string path = (std::filesystem::path(a.out_dir) / "measured.json").string();
+        std::ofstream out(path);
+        if (!out) fail(a.out_dir, "--out", "expected a writable directory");
+        out << j.dump() << "\n";
+        written = path;
+    }
+    if (g.json) return print_json(j["summary"]);
+
+    const Summary s = summarize(step.timeline, model.num_layers);
+    fmt::print("{} on the CPU backend: seq {} x micro-batch {}, {} events, loss {:.4f}, {:.3f} s\n", model.display_name,
+               setup.seq_len, setup.micro_batch, step.timeline.events.size(), step.loss, step.wall_seconds);
+    Table t({"measured", "bytes", ""});
+    t.row({"peak", std::to_string(s.peak.bytes), format_bytes(s.peak.bytes)});
+    for (int p = 0; p < kPhaseCount; ++p) {
+        const auto i = static_cast<std::size_t>(p);
+        if (s.phase_seen[i])
+            t.row({"peak in " + to_string(static_cast<Phase>(p)), std::to_string(s.phase_peak[i]), format_bytes(s.phase_peak[i])});
+    }
+    if (s.host_peak > 0) t.row({"host (offloaded)", std::to_string(s.host_peak), format_bytes(s.host_peak)});
+    t.print();
+    // The slowest ops, for a feel of where the time goes on this backend.
+    auto ops = step.op_seconds;
+    std::sort(ops.begin(), ops.end(), [](const auto& x, const auto& y) { return x.second > y.second; });
+    std::string slow;
+    for (std::size_t i = 0; i < ops.size() && i < 4; ++i)
+        slow += fmt::format("{}{} {:.3f} s", i ? ", " : "", ops[i].first, ops[i].second);
+    fmt::print("slowest ops: {}\n", slow);
+    if (!written.empty()) fmt::print("wrote {}\n", written);
+}
+
+}  // namespace
+
+void add_measure_command(CLI::App& app, const GlobalOptions& global) {
+    auto args = std::make_shared<MeasureArgs>();
+    auto* cmd = app.add_subcommand("measure",
+                                   "Run one real training step on a backend and record its memory timeline\n"
+                                   "  mst-plan measure --backend cpu --model tiny-llama --seq 256 --mlp-chunks 4 --out run1\n"
+                                   "  mst-plan compare --run run1/measured.json");
+    cmd->add_option("--backend", args->backend, "cpu (the reference backend) or cuda")->capture_default_str();
+    cmd->add_option("--model", args->model, "Catalog name or path to a config.json")->required();
+    cmd->add_option("--out", args->out_dir, "Write DIR/measured.json (setup, timeline and summary)");
+    cmd->add_option("--seed", args->seed, "Seed of the random weights and tokens")->capture_default_str();
+    cmd->add_option("--workspace-bytes", args->workspace_bytes, "A fixed workspace allocated at init (the cuBLAS workspace's equivalent)")
+        ->capture_default_str();
+    args->setup.add_to(*cmd);
+    cmd->callback([&global, args] { run_measure(global, *args); });
+}
+
+}  // namespace mst::cli

@@ -1,0 +1,180 @@
+#include "mst/compare.hpp"
+
+#include <filesystem>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "json_read.hpp"
+#include "mst/catalog.hpp"
+#include "mst/error.hpp"
+#include "mst/simulate.hpp"
+
+namespace mst {
+
+namespace {
+constexpr const char* kMeasureFormat = "mst-measure/1";
+constexpr const char* kTimelineFormat = "mst-timeline/1";
+}  // namespace
+
+bool same_event(const Event& a, const Event& b) {
+    return a.alloc == b.alloc && a.tensor == b.tensor && a.bytes == b.bytes && a.category == b.category &&
+           a.device == b.device && a.phase == b.phase && a.layer == b.layer && a.micro_step == b.micro_step &&
+           a.op == b.op && a.name == b.name;
+}
+
+std::optional<std::int64_t> first_divergence(const Timeline& predicted, const Timeline& measured) {
+    const std::size_t n = std::min(predicted.events.size(), measured.events.size());
+    for (std::size_t i = 0; i < n; ++i)
+        if (!same_event(predicted.events[i], measured.events[i])) return static_cast<std::int64_t>(i);
+    if (predicted.events.size() != measured.events.size()) return static_cast<std::int64_t>(n);
+    return std::nullopt;
+}
+
+double CompareRow::relative() const {
+    if (predicted == 0) return measured == 0 ? 0.0 : 1.0;
+    return static_cast<double>(error()) / static_cast<double>(predicted);
+}
+
+Comparison compare_timelines(const Timeline& predicted, const Timeline& measured, std::int64_t num_layers) {
+    const Summary p = summarize(predicted, num_layers), m = summarize(measured, num_layers);
+    Comparison c;
+    c.rows.push_back({"peak", p.peak.bytes, m.peak.bytes});
+    for (int i = 0; i < kPhaseCount; ++i) {
+        const auto k = static_cast<std::size_t>(i);
+        if (p.phase_seen[k] || m.phase_seen[k])
+            c.rows.push_back({"phase " + to_string(static_cast<Phase>(i)), p.phase_peak[k], m.phase_peak[k]});
+    }
+    for (int i = 0; i < kCategoryCount; ++i) {
+        const auto k = static_cast<std::size_t>(i);
+        if (p.category_max[k] || m.category_max[k])
+            c.rows.push_back({"category " + to_string(static_cast<Category>(i)), p.category_max[k], m.category_max[k]});
+    }
+    if (p.host_peak || m.host_peak) c.rows.push_back({"host peak", p.host_peak, m.host_peak});
+    c.rows.push_back({"end (persistent)", p.end_bytes, m.end_bytes});
+    c.predicted_events = static_cast<std::int64_t>(predicted.events.size());
+    c.measured_events = static_cast<std::int64_t>(measured.events.size());
+    c.divergence = first_divergence(predicted, measured);
+    if (c.divergence) {
+        const auto i = static_cast<std::size_t>(*c.divergence);
+        if (i < predicted.events.size()) c.predicted_event = predicted.events[i];
+        if (i < measured.events.size()) c.measured_event = measured.events[i];
+    }
+    return c;
+}
+
+namespace {
+nlohmann::json event_json(const std::optional<Event>& e) {
+    if (!e) return nullptr;
+    return {{"kind", e->alloc ? "alloc" : "free"}, {"tensor", e->tensor},     {"bytes", e->bytes},
+            {"category", to_string(e->category)},  {"device", to_string(e->device)}, {"phase", to_string(e->phase)},
+            {"layer", e->layer},                   {"micro_step", e->micro_step}, {"op", e->op},
+            {"name", e->name}};
+}
+}  // namespace
+
+nlohmann::json to_json(const Comparison& c) {
+    nlohmann::json rows = nlohmann::json::array();
+    for (const CompareRow& r : c.rows)
+        rows.push_back({{"label", r.label},
+                        {"predicted_bytes", r.predicted},
+                        {"measured_bytes", r.measured},
+                        {"error_bytes", r.error()},
+                        {"relative_error", r.relative()}});
+    nlohmann::json j = {{"rows", rows},
+                        {"predicted_events", c.predicted_events},
+                        {"measured_events", c.measured_events},
+                        {"identical", c.identical()}};
+    if (c.divergence)
+        j["first_divergence"] = {{"index", *c.divergence},
+                                 {"predicted", event_json(c.predicted_event)},
+                                 {"measured", event_json(c.measured_event)}};
+    else
+        j["first_divergence"] = nullptr;
+    return j;
+}
+
+// ---- files ---------------------------------------------------------------------------
+
+nlohmann::json measurement_json(const MeasuredStep& step, const std::string& backend, const ModelSpec& model,
+                                const TrainingSetup& setup, std::uint64_t seed, bytes_t workspace_bytes) {
+    const Summary s = summarize(step.timeline, model.num_layers);
+    nlohmann::json phases = nlohmann::json::object(), categories = nlohmann::json::object();
+    for (int i = 0; i < kPhaseCount; ++i)
+        if (s.phase_seen[static_cast<std::size_t>(i)])
+            phases[to_string(static_cast<Phase>(i))] = s.phase_peak[static_cast<std::size_t>(i)];
+    for (int i = 0; i < kCategoryCount; ++i)
+        categories[to_string(static_cast<Category>(i))] = s.category_max[static_cast<std::size_t>(i)];
+    nlohmann::json ops = nlohmann::json::array();
+    for (const auto& [op, seconds] : step.op_seconds) ops.push_back({op, seconds});
+    return {{"format", kMeasureFormat},
+            {"backend", backend},
+            {"model", model.name},
+            {"model_path", model.source},
+            {"seed", seed},
+            {"workspace_bytes", workspace_bytes},
+            {"setup", to_json(setup)},
+            {"timeline", to_json(step.timeline)},
+            {"summary",
+             {{"peak_bytes", s.peak.bytes},
+              {"phase_peak_bytes", phases},
+              {"category_max_bytes", categories},
+              {"host_peak_bytes", s.host_peak},
+              {"persistent_bytes", s.end_bytes},
+              {"loss", step.loss},
+              {"wall_seconds", step.wall_seconds},
+              {"op_seconds", ops}}}};
+}
+
+StepFile load_step_file(const std::string& path) {
+    const nlohmann::json j = detail::read_json_file(path);
+    detail::JsonReader r(j, path);
+    StepFile f;
+    f.path = path;
+    f.format = r.string("format");
+    if (f.format == kTimelineFormat) {
+        f.timeline = timeline_from_json(j, path);
+    } else if (f.format == kMeasureFormat) {
+        f.timeline = timeline_from_json(r.raw("timeline"), path + ": timeline");
+        const auto& setup = r.raw("setup");
+        if (!setup.is_object()) r.fail("setup", "expected the setup object measure wrote");
+        f.setup_json = setup.dump();
+        f.model_path = r.string("model_path");
+        f.workspace_bytes = r.integer("workspace_bytes", 0, std::int64_t{1} << 50);
+    } else {
+        r.fail("format", fmt::format("expected \"{}\" or \"{}\", got \"{}\"", kTimelineFormat, kMeasureFormat, f.format));
+    }
+    return f;
+}
+
+void check_same_step(const StepFile& predicted, const StepFile& measured) {
+    const std::string both = predicted.path + " vs " + measured.path;
+    if (predicted.timeline.model != measured.timeline.model)
+        fail(both, "model", fmt::format("expected the same model, got '{}' and '{}'", predicted.timeline.model,
+                                        measured.timeline.model));
+    if (predicted.timeline.micro_steps != measured.timeline.micro_steps)
+        fail(both, "micro_steps", fmt::format("expected the same gradient accumulation, got {} and {}",
+                                              predicted.timeline.micro_steps, measured.timeline.micro_steps));
+    if (!predicted.setup_json.empty() && !measured.setup_json.empty() && predicted.setup_json != measured.setup_json) {
+        const auto p = nlohmann::json::parse(predicted.setup_json), m = nlohmann::json::parse(measured.setup_json);
+        std::string keys;
+        for (const auto& [key, value] : p.items())
+            if (!m.contains(key) || m[key] != value) keys += (keys.empty() ? "" : ", ") + key;
+        fail(both, "setup", fmt::format("expected the same setup, they differ in {}", keys.empty() ? "their keys" : keys));
+    }
+}
+
+Timeline predict_measured(const StepFile& measured) {
+    if (measured.setup_json.empty()) fail(measured.path, "format", "expected a measurement (mst-measure/1) to re-simulate");
+    const std::string model_ref =
+        !measured.model_path.empty() && std::filesystem::exists(measured.model_path) ? measured.model_path : measured.timeline.model;
+    const ModelSpec model = find_model(model_ref);
+    const TrainingSetup setup = parse_setup(nlohmann::json::parse(measured.setup_json), model, measured.path + ": setup");
+    validate(setup, model);
+    GpuProfile gpu;  // only the fixed workspace shapes the timeline
+    gpu.name = "measured";
+    gpu.calibration.cublas_workspace_bytes = measured.workspace_bytes;
+    return simulate(model, setup, gpu);
+}
+
+}  // namespace mst

@@ -1,0 +1,183 @@
+// MsT changes memory, not math: a step with mini-sequences (every MLP and LM-head
+// implementation, M in {1, 2, 3, 4, 8}, with and without checkpointing) computes the same
+// loss and the same gradient of every parameter as the unchunked step.
+//
+// The runs store every tensor in fp32 (ExecuteOptions::storage_fp32), so the only
+// differences left are fp32 rounding in a different order: a chunked weight gradient is a
+// sum of M partial GEMM sums instead of one; the chunked LM head computes the log-sum-exp
+// online per row where the unchunked one writes log-softmax out; checkpointing recomputes
+// bit-identical values. Each reordered sum has at most T (< 40) or V (4096) fp32 terms, so
+// its rounding is ~ sqrt(terms) * 6e-8 relative, <= 4e-6 and in practice ~1e-7; 1e-5 keeps an
+// order of magnitude of margin while a dropped or double-counted token (1/T > 2.5e-2 of the
+// loss) or a wrong chunk offset fails by orders of magnitude. Errors are norm-wise,
+// max|a - b| / max|b| over a tensor (element-wise relative errors are meaningless where a
+// gradient entry cancels to ~0).
+// Sequences are prime (37, 11) so that every M > 1 splits them unevenly.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "mst/catalog.hpp"
+#include "mst/execute.hpp"
+#include "sim_test_support.hpp"
+#include "test_support.hpp"
+
+using namespace mst;
+
+namespace {
+
+constexpr double kTolerance = 1e-5;
+
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+    REQUIRE(a.size() == b.size());
+    double num = 0.0, den = 0.0;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        num = std::max(num, std::fabs(double(a[i]) - double(b[i])));
+        den = std::max(den, std::fabs(double(b[i])));
+    }
+    return den == 0.0 ? num : num / den;
+}
+
+MeasuredStep run_fp32(const ModelSpec& m, const TrainingSetup& s) {
+    ExecuteOptions o;
+    o.storage_fp32 = true;
+    o.capture = true;
+    return execute_cpu(m, s, 11, o);
+}
+
+// Every chunked variant, with or without checkpointing every layer, against the unchunked
+// step without checkpointing; returns the worst error seen.
+double check_chunked_equals_unchunked(const char* model, std::int64_t seq, bool checkpoint) {
+    const ModelSpec m = find_model(model);
+    TrainingSetup base;
+    base.seq_len = seq;
+    const MeasuredStep ref = run_fp32(m, base);
+    REQUIRE(ref.gradients.size() == static_cast<std::size_t>(9 * m.num_layers + 3));  // every parameter
+    double worst = 0.0;
+    for (bool tiled_fused : {false, true})
+        for (std::int64_t M : {1, 2, 3, 4, 8}) {
+            TrainingSetup s = base;
+            s.mlp_chunks = s.lm_chunks = M;
+            s.mlp_impl = tiled_fused ? MlpImpl::Tiled : MlpImpl::Loop;
+            s.lm_impl = tiled_fused ? LmHeadImpl::FusedForward : LmHeadImpl::Recompute;
+            if (checkpoint) s.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
+            CAPTURE(model);
+            CAPTURE(M);
+            CAPTURE(checkpoint);
+            CAPTURE(to_string(s.mlp_impl));
+            CAPTURE(to_string(s.lm_impl));
+            const MeasuredStep r = run_fp32(m, s);
+            const double loss_err = std::fabs(r.loss - ref.loss) / std::fabs(ref.loss);
+            CHECK(loss_err <= kTolerance);
+            worst = std::max(worst, loss_err);
+            REQUIRE(r.gradients.size() == ref.gradients.size());
+            for (std::size_t i = 0; i < r.gradients.size(); ++i) {
+                CAPTURE(r.gradients[i].name);
+                REQUIRE(r.gradients[i].name == ref.gradients[i].name);
+                const double e = rel_err(r.gradients[i].values, ref.gradients[i].values);
+                CHECK(e <= kTolerance);
+                worst = std::max(worst, e);
+            }
+        }
+    return worst;
+}
+
+}  // namespace
+
+TEST_CASE("numerics: tiny-llama, chunked steps (loop/recompute and tiled/fused, M = 1..8) equal the unchunked step") {
+    MESSAGE("worst relative error ", check_chunked_equals_unchunked("tiny-llama", 37, false));
+}
+
+TEST_CASE("numerics: tiny-llama, chunked steps with every layer checkpointed equal the unchunked step") {
+    MESSAGE("worst relative error ", check_chunked_equals_unchunked("tiny-llama", 37, true));
+}
+
+TEST_CASE("numerics: small-llama, chunked steps equal the unchunked step") {
+    MESSAGE("worst relative error ", check_chunked_equals_unchunked("small-llama", 11, false));
+}
+
+TEST_CASE("numerics: small-llama, chunked steps with every layer checkpointed equal the unchunked step") {
+    MESSAGE("worst relative error ", check_chunked_equals_unchunked("small-llama", 11, true));
+}
+
+TEST_CASE("numerics: M = 1 is the unchunked step exactly, whatever the implementation") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup base;
+    base.seq_len = 37;
+    const MeasuredStep ref = run_fp32(m, base);
+    TrainingSetup s = base;
+    s.mlp_impl = MlpImpl::Tiled;
+    s.lm_impl = LmHeadImpl::FusedForward;
+    const MeasuredStep r = run_fp32(m, s);
+    CHECK(r.loss == ref.loss);
+    for (std::size_t i = 0; i < r.gradients.size(); ++i) CHECK(r.gradients[i].values == ref.gradients[i].values);
+}
+
+TEST_CASE("numerics: the loss is the mean cross-entropy of random weights, near log(V)") {
+    // Weights ~ N(0, 0.02) make the logits nearly uniform: the loss is log(V) to a few percent.
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s;
+    s.seq_len = 37;
+    const MeasuredStep r = run_fp32(m, s);
+    CHECK(r.loss == doctest::Approx(std::log(256.0)).epsilon(0.02));
+}
+
+TEST_CASE("numerics: eager attention (op by op) computes the same step as flash attention (GQA, sliding window, tied)") {
+    const ModelSpec m = find_model(mst::test::data("tiny_sliding_tied.json"));
+    TrainingSetup flash;
+    flash.seq_len = 37;
+    TrainingSetup eager = flash;
+    eager.attention = Attention::Eager;
+    const MeasuredStep a = run_fp32(m, flash), b = run_fp32(m, eager);
+    CHECK(std::fabs(a.loss - b.loss) / a.loss <= kTolerance);
+    REQUIRE(a.gradients.size() == b.gradients.size());
+    for (std::size_t i = 0; i < a.gradients.size(); ++i) {
+        CAPTURE(a.gradients[i].name);
+        CHECK(rel_err(b.gradients[i].values, a.gradients[i].values) <= kTolerance);
+    }
+}
+
+TEST_CASE("numerics: tied embeddings, chunked LM heads equal the unchunked step (both heads write the embedding's gradient)") {
+    const ModelSpec m = find_model(mst::test::data("tiny_sliding_tied.json"));
+    TrainingSetup base;
+    base.seq_len = 37;
+    const MeasuredStep ref = run_fp32(m, base);
+    for (LmHeadImpl impl : {LmHeadImpl::Recompute, LmHeadImpl::FusedForward}) {
+        TrainingSetup s = base;
+        s.lm_chunks = 3;
+        s.lm_impl = impl;
+        CAPTURE(to_string(impl));
+        const MeasuredStep r = run_fp32(m, s);
+        CHECK(std::fabs(r.loss - ref.loss) / ref.loss <= kTolerance);
+        for (std::size_t i = 0; i < r.gradients.size(); ++i) {
+            CAPTURE(r.gradients[i].name);
+            CHECK(rel_err(r.gradients[i].values, ref.gradients[i].values) <= kTolerance);
+        }
+    }
+}
+
+TEST_CASE("numerics: Gemma-2 shape (soft-capping, post-norms, GeGLU), chunked and eager steps equal the unchunked flash step") {
+    const ModelSpec m = find_model(mst::test::data("tiny_gemma2.json"));
+    TrainingSetup base;
+    base.seq_len = 37;
+    const MeasuredStep ref = run_fp32(m, base);
+    auto variant = [&](const char* name, auto knobs) {
+        TrainingSetup s = base;
+        knobs(s);
+        CAPTURE(name);
+        const MeasuredStep r = run_fp32(m, s);
+        CHECK(std::fabs(r.loss - ref.loss) / ref.loss <= kTolerance);
+        REQUIRE(r.gradients.size() == ref.gradients.size());
+        for (std::size_t i = 0; i < r.gradients.size(); ++i) {
+            CAPTURE(r.gradients[i].name);
+            CHECK(rel_err(r.gradients[i].values, ref.gradients[i].values) <= kTolerance);
+        }
+    };
+    variant("loop M=3, recompute M=3", [](TrainingSetup& s) { s.mlp_chunks = s.lm_chunks = 3; });
+    variant("tiled M=4, fused M=4, checkpoint all", [](TrainingSetup& s) {
+        s.mlp_chunks = s.lm_chunks = 4, s.mlp_impl = MlpImpl::Tiled, s.lm_impl = LmHeadImpl::FusedForward;
+        s.checkpoint = {true, true};
+    });
+    variant("eager attention", [](TrainingSetup& s) { s.attention = Attention::Eager; });
+}
