@@ -93,3 +93,6 @@ expect_run(2 "^error: [^\n]*truncated.json: json: expected valid JSON" compare $
 expect_run(2 "^error: [^\n]*missing_hidden_size.json: format: " compare ${WORK}/m1/measured.json ${DATA}/broken/missing_hidden_size.json)
 expect_run(2 "^error: compare: files: expected PREDICTED.json MEASURED.json" compare ${WORK}/m1/measured.json)
 expect_run(2 "^error: [^\n]*predicted.json: format: expected a measurement" compare --run ${WORK}/predicted.json)
+# A trainer's peaks-only measurement (scripts/torch_crosscheck.py) compares by --run.
+expect_run(0 "peaks only.*peak allocated +[0-9]+ +40000000" compare --run ${DATA}/torch_measure_tiny.json --gpu h100-sxm-80gb)
+expect_run(2 "^error: [^\n]*torch_measure_tiny.json: timeline: [^\n]*--run" compare ${DATA}/torch_measure_tiny.json ${DATA}/torch_measure_tiny.json)

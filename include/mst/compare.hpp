@@ -10,6 +10,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include "mst/execute.hpp"
+#include "mst/gpu.hpp"
 #include "mst/model.hpp"
 #include "mst/setup.hpp"
 #include "mst/timeline.hpp"
@@ -52,10 +53,18 @@ nlohmann::json measurement_json(const MeasuredStep& step, const std::string& bac
                                 const TrainingSetup& setup, std::uint64_t seed, bytes_t workspace_bytes);
 
 // A timeline file (mst-timeline/1, `estimate --timeline`) or a measurement file.
+// What a trainer reports without a timeline (scripts/torch_crosscheck.py: "timeline": null):
+// torch.cuda.max_memory_allocated / max_memory_reserved of a steady-state step.
+struct MeasuredPeaks {
+    bytes_t allocated = 0;
+    bytes_t reserved = 0;
+};
+
 struct StepFile {
     std::string path;
     std::string format;               // "mst-timeline/1" or "mst-measure/1"
-    Timeline timeline;
+    Timeline timeline;                // events empty for a peaks-only measurement
+    std::optional<MeasuredPeaks> peaks;  // a peaks-only measurement (backend "torch")
     std::string setup_json;           // measurement: to_json(setup), serialised; empty for a timeline
     std::string model_path;           // measurement: the config.json it ran
     bytes_t workspace_bytes = 0;      // measurement: the fixed workspace it allocated
@@ -68,5 +77,9 @@ void check_same_step(const StepFile& predicted, const StepFile& measured);
 
 // The simulator's prediction for the model and setup a measurement recorded.
 Timeline predict_measured(const StepFile& measured);
+
+// A peaks-only measurement against the simulator's allocated and reserved peaks for the
+// same model and setup on `gpu` (whose cuBLAS workspace a real trainer allocates too).
+std::vector<CompareRow> compare_peaks(const StepFile& measured, const GpuProfile& gpu);
 
 }  // namespace mst

@@ -1,7 +1,5 @@
 // compare: predicted vs measured memory of one step, from two timeline or measurement
 // files, or from one measurement re-simulated (--run).
-#include <fstream>
-
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
@@ -17,8 +15,28 @@ namespace {
 
 struct CompareArgs {
     std::vector<std::string> files;
-    std::string run_file, svg_file;
+    std::string run_file, svg_file, gpu = "h100-sxm-80gb";
 };
+
+// A trainer's run recorded only its peaks: compare them with the simulator's allocator peaks.
+void run_compare_peaks(const GlobalOptions& g, const CompareArgs& a, const StepFile& measured) {
+    const GpuProfile gpu = find_gpu(a.gpu);
+    const auto rows = compare_peaks(measured, gpu);
+    if (g.json) {
+        nlohmann::json out = nlohmann::json::array();
+        for (const CompareRow& r : rows)
+            out.push_back({{"label", r.label}, {"predicted", r.predicted}, {"measured", r.measured},
+                           {"error", r.error()}, {"relative", r.relative()}});
+        return print_json({{"model", measured.timeline.model}, {"gpu", gpu.name}, {"rows", out}});
+    }
+    fmt::print("{}: predicted (simulator, {}) vs measured ({}, peaks only)\n\n", measured.timeline.model, gpu.name,
+               measured.timeline.source);
+    Table t({"", "predicted", "measured", "error", "relative"});
+    for (const CompareRow& r : rows)
+        t.row({r.label, std::to_string(r.predicted), std::to_string(r.measured), fmt::format("{:+d}", r.error()),
+               fmt::format("{:+.3f}%", 100.0 * r.relative())});
+    t.print();
+}
 
 std::string describe(const std::optional<Event>& e) {
     if (!e) return "(no more events)";
@@ -33,6 +51,7 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
     if (!a.run_file.empty()) {
         if (!a.files.empty()) fail("compare", "--run", "give either --run MEASURED.json or two files, not both");
         measured = load_step_file(a.run_file);
+        if (measured.peaks) return run_compare_peaks(g, a, measured);
         predicted.path = "simulator";
         predicted.format = "mst-timeline/1";
         predicted.timeline = predict_measured(measured);
@@ -41,6 +60,9 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
         if (a.files.size() != 2) fail("compare", "files", "expected PREDICTED.json MEASURED.json, or --run MEASURED.json");
         predicted = load_step_file(a.files[0]);
         measured = load_step_file(a.files[1]);
+        if (predicted.peaks || measured.peaks)
+            fail(measured.peaks ? measured.path : predicted.path, "timeline",
+                 "a peaks-only measurement compares with --run FILE (it has no events to diff)");
     }
     check_same_step(predicted, measured);
     std::int64_t layers = 0;
@@ -48,13 +70,10 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
         for (const Event& e : t->events) layers = std::max<std::int64_t>(layers, e.layer + 1);
     const Comparison c = compare_timelines(predicted.timeline, measured.timeline, layers);
 
-    if (!a.svg_file.empty()) {
-        std::ofstream out(a.svg_file);
-        if (!out) fail(a.svg_file, "file", "expected a writable path");
-        out << overlay_svg(predicted.timeline, measured.timeline,
-                           fmt::format("{}: predicted ({}) vs measured ({})", measured.timeline.model,
-                                       predicted.timeline.source, measured.timeline.source));
-    }
+    if (!a.svg_file.empty())
+        write_text_file(a.svg_file, overlay_svg(predicted.timeline, measured.timeline,
+                                                fmt::format("{}: predicted ({}) vs measured ({})", measured.timeline.model,
+                                                            predicted.timeline.source, measured.timeline.source)));
     if (g.json) return print_json(to_json(c));
 
     fmt::print("{}: predicted ({}, {} events) vs measured ({}, {} events)\n\n", measured.timeline.model,
@@ -83,6 +102,9 @@ void add_compare_command(CLI::App& app, const GlobalOptions& global) {
     cmd->add_option("files", args->files, "PREDICTED.json MEASURED.json: timelines (estimate --timeline) or measurements");
     cmd->add_option("--run", args->run_file, "Re-simulate the model and setup of this measurement and compare");
     cmd->add_option("--svg", args->svg_file, "Write both memory curves overlaid");
+    cmd->add_option("--gpu", args->gpu, "GPU profile for peaks-only measurements (a trainer's run: its cuBLAS workspace "
+                                        "and allocator)")
+        ->capture_default_str();
     cmd->callback([&global, args] { run_compare(global, *args); });
 }
 

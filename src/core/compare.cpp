@@ -135,7 +135,17 @@ StepFile load_step_file(const std::string& path) {
     if (f.format == kTimelineFormat) {
         f.timeline = timeline_from_json(j, path);
     } else if (f.format == kMeasureFormat) {
-        f.timeline = timeline_from_json(r.raw("timeline"), path + ": timeline");
+        if (j.contains("timeline") && j.at("timeline").is_null()) {
+            // A trainer's run (torch): the model, the setup and the summary's peaks.
+            if (!r.has("summary")) r.fail("summary", "expected the run's peaks (this run recorded none: out of memory?)");
+            auto s = r.object("summary");
+            constexpr std::int64_t kMax = std::int64_t{1} << 50;
+            f.peaks = MeasuredPeaks{s.integer("peak_allocated_bytes", 0, kMax), s.integer("peak_reserved_bytes", 0, kMax)};
+            f.timeline.source = r.opt_string("backend").value_or("torch");
+            f.timeline.model = r.string("model");
+        } else {
+            f.timeline = timeline_from_json(r.raw("timeline"), path + ": timeline");
+        }
         const auto& setup = r.raw("setup");
         if (!setup.is_object()) r.fail("setup", "expected the setup object measure wrote");
         f.setup_json = setup.dump();
@@ -164,17 +174,35 @@ void check_same_step(const StepFile& predicted, const StepFile& measured) {
     }
 }
 
-Timeline predict_measured(const StepFile& measured) {
+namespace {
+
+// The model and setup a measurement ran, as the simulator reads them.
+std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured) {
     if (measured.setup_json.empty()) fail(measured.path, "format", "expected a measurement (mst-measure/1) to re-simulate");
     const std::string model_ref =
         !measured.model_path.empty() && std::filesystem::exists(measured.model_path) ? measured.model_path : measured.timeline.model;
-    const ModelSpec model = find_model(model_ref);
-    const TrainingSetup setup = parse_setup(nlohmann::json::parse(measured.setup_json), model, measured.path + ": setup");
+    ModelSpec model = find_model(model_ref);
+    TrainingSetup setup = parse_setup(nlohmann::json::parse(measured.setup_json), model, measured.path + ": setup");
     validate(setup, model);
+    return {std::move(model), std::move(setup)};
+}
+
+}  // namespace
+
+Timeline predict_measured(const StepFile& measured) {
+    const auto [model, setup] = measured_step(measured);
     GpuProfile gpu;  // only the fixed workspace shapes the timeline
     gpu.name = "measured";
     gpu.calibration.cublas_workspace_bytes = measured.workspace_bytes;
     return simulate(model, setup, gpu);
+}
+
+std::vector<CompareRow> compare_peaks(const StepFile& measured, const GpuProfile& gpu) {
+    if (!measured.peaks) fail(measured.path, "timeline", "expected a peaks-only measurement (\"timeline\": null)");
+    const auto [model, setup] = measured_step(measured);
+    const MemoryPeaks p = simulate_peaks(model, setup, gpu);
+    return {CompareRow{"peak allocated", p.peak_allocated_bytes, measured.peaks->allocated},
+            CompareRow{"peak reserved", p.peak_reserved_bytes, measured.peaks->reserved}};
 }
 
 }  // namespace mst
