@@ -1,6 +1,5 @@
 // emit: a plan (mst-plan/1 JSON) written as the config files of a trainer.
 #include <filesystem>
-#include <fstream>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>  // fmt::join

@@ -1,5 +1,4 @@
 // estimate: the predicted memory of one training step, op by op.
-#include <fstream>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>

@@ -1,6 +1,5 @@
 // recommend, max-seq, bench tuner: the tuner's commands (`bench` itself: cmd_bench.cpp).
 #include <chrono>
-#include <fstream>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>

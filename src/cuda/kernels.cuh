@@ -26,35 +26,16 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include "mst/tensor_view.hpp"
+
 namespace mst::cuda {
 
 using bf16 = __nv_bfloat16;
 
-enum class DType : std::uint8_t { F32, BF16 };
-
-constexpr std::int64_t dtype_bytes(DType t) { return t == DType::F32 ? 4 : 2; }
-
-// A caller-owned device buffer and how its elements are stored.
-struct Tensor {
-    void* data = nullptr;
-    DType dtype = DType::F32;
-    Tensor() = default;
-    Tensor(void* p, DType t) : data(p), dtype(t) {}
-    Tensor(float* p) : data(p), dtype(DType::F32) {}  // NOLINT(google-explicit-constructor)
-    Tensor(bf16* p) : data(p), dtype(DType::BF16) {}  // NOLINT(google-explicit-constructor)
-    explicit operator bool() const { return data != nullptr; }
-};
-
-struct ConstTensor {
-    const void* data = nullptr;
-    DType dtype = DType::F32;
-    ConstTensor() = default;
-    ConstTensor(const void* p, DType t) : data(p), dtype(t) {}
-    ConstTensor(Tensor t) : data(t.data), dtype(t.dtype) {}      // NOLINT(google-explicit-constructor)
-    ConstTensor(const float* p) : data(p), dtype(DType::F32) {}  // NOLINT(google-explicit-constructor)
-    ConstTensor(const bf16* p) : data(p), dtype(DType::BF16) {}  // NOLINT(google-explicit-constructor)
-    explicit operator bool() const { return data != nullptr; }
-};
+using mst::DType;
+using mst::dtype_bytes;
+using Tensor = mst::BasicTensor<bf16>;            // a caller-owned buffer and its storage dtype
+using ConstTensor = mst::BasicConstTensor<bf16>;
 
 inline constexpr std::int64_t kMaxHeadDim = 256;    // attention and RoPE: head_dim <= this
 inline constexpr std::int64_t kIgnoreIndex = -100;  // labels to skip (PyTorch's ignore_index)

@@ -26,36 +26,16 @@
 
 #include <Eigen/Core>
 
+#include "mst/tensor_view.hpp"
+
 namespace mst::exec::cpu {
 
 using bf16 = Eigen::bfloat16;
 
-enum class DType : std::uint8_t { F32, BF16 };
-
-constexpr std::int64_t dtype_bytes(DType t) { return t == DType::F32 ? 4 : 2; }
-
-// A caller-owned buffer: where it is and how its elements are stored. The converting
-// constructors let typed pointers (std::vector<float>::data()) be passed directly.
-struct Tensor {
-    void* data = nullptr;
-    DType dtype = DType::F32;
-    Tensor() = default;
-    Tensor(void* p, DType t) : data(p), dtype(t) {}
-    Tensor(float* p) : data(p), dtype(DType::F32) {}  // NOLINT(google-explicit-constructor)
-    Tensor(bf16* p) : data(p), dtype(DType::BF16) {}  // NOLINT(google-explicit-constructor)
-    explicit operator bool() const { return data != nullptr; }
-};
-
-struct ConstTensor {
-    const void* data = nullptr;
-    DType dtype = DType::F32;
-    ConstTensor() = default;
-    ConstTensor(const void* p, DType t) : data(p), dtype(t) {}
-    ConstTensor(Tensor t) : data(t.data), dtype(t.dtype) {}           // NOLINT(google-explicit-constructor)
-    ConstTensor(const float* p) : data(p), dtype(DType::F32) {}       // NOLINT(google-explicit-constructor)
-    ConstTensor(const bf16* p) : data(p), dtype(DType::BF16) {}       // NOLINT(google-explicit-constructor)
-    explicit operator bool() const { return data != nullptr; }
-};
+using mst::DType;
+using mst::dtype_bytes;
+using Tensor = mst::BasicTensor<bf16>;            // a caller-owned buffer and its storage dtype
+using ConstTensor = mst::BasicConstTensor<bf16>;
 
 // ---- element access: one dtype switch per call; blocks keep inner loops tight ----------
 inline float load(ConstTensor t, std::int64_t i) {
