@@ -1,6 +1,5 @@
 // measure: run one real training step on a backend and record its memory timeline.
 #include <filesystem>
-#include <fstream>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -41,9 +40,7 @@ void run_measure(const GlobalOptions& g, const MeasureArgs& a) {
         std::error_code ec;
         std::filesystem::create_directories(a.out_dir, ec);
         const std::string path = (std::filesystem::path(a.out_dir) / "measured.json").string();
-        std::ofstream out(path);
-        if (!out) fail(a.out_dir, "--out", "expected a writable directory");
-        out << j.dump() << "\n";
+        write_text_file(path, j.dump() + "\n");
         written = path;
     }
     if (g.json) return print_json(j["summary"]);
