@@ -81,10 +81,9 @@ void Step::at(const char* op) {
 }
 
 std::vector<std::int64_t> Step::chunks(std::int64_t count) const {
-    // count parts of T tokens, differing by at most one, the larger first: none dropped
-    std::vector<std::int64_t> sizes;
-    for (std::int64_t i = 0; i < count; ++i) sizes.push_back(T_ / count + (i < T_ % count ? 1 : 0));
-    return sizes;
+    // What M means is the setup's definition (count parts of T tokens, differing by at most
+    // one, the larger first, none dropped), not a size rule of the simulator.
+    return chunk_sizes(T_, count);
 }
 
 cpu::AttentionConfig Step::attention_config(int l) const {
