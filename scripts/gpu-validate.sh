@@ -207,39 +207,38 @@ fi
 rm -f "$OUT/bench.txt"
 
 # ---- measure + compare matrix (the executor's CUDA backend) --------------------------------------
-# >>> MEASURE MATRIX: runs only once `mst-plan measure --help` lists --backend (the executor
-# >>> being built on another branch). The flags below follow DESIGN.md's pipeline
-# >>> (execute(setup, backend) -> measured Timeline -> compare(predicted, measured)); adjust them
-# >>> to the real CLI when it lands. Each case appends one JSON document to measure.jsonl.
+# >>> MEASURE MATRIX: `measure --backend cuda` + `compare --run` per case, once the CUDA
+# >>> executor exists (issue 6; until then measure says "no CUDA backend" and the step is
+# >>> skipped with that reason). Each case appends one JSON document to measure.jsonl.
 t=$(date +%s)
-if "$MST" measure --help 2>&1 | grep -q -- '--backend'; then
-    if [ $dry_run = 1 ] || [ -z "$device_name" ]; then
-        step measure.matrix skip "$(elapsed $t)" "measure exists; needs a device"
-    else
-        : >"$OUT/measure.jsonl"
-        cases=(
-            "--model tiny-llama --seq 1024"
-            "--model tiny-llama --seq 4096 --checkpoint all --mlp-chunks 4 --lm-chunks 4"
-            "--model llama-3-8b --seq 4096 --layers 2"
-            "--model llama-3-8b --seq 16384 --layers 2 --checkpoint all --mlp-chunks 4 --lm-chunks 16"
-        )
-        ok=0
-        for c in "${cases[@]}"; do
-            # shellcheck disable=SC2086
-            if timeout 120 "$MST" --json measure --backend cuda $c --out "$build_dir/measured.json" >/dev/null 2>>"$summary" &&
-                timeout 60 "$MST" --json compare --measured "$build_dir/measured.json" $c >"$build_dir/compare.json" 2>>"$summary"; then
-                python3 -c 'import json,sys
-print(json.dumps({"case": sys.argv[1], "compare": json.load(open(sys.argv[2]))}))' "$c" "$build_dir/compare.json" >>"$OUT/measure.jsonl"
-                ok=$((ok + 1))
-            else
-                echo "{\"case\": \"$c\", \"error\": \"measure or compare failed (see summary.txt)\"}" >>"$OUT/measure.jsonl"
-            fi
-        done
-        if [ $ok = ${#cases[@]} ]; then step measure.matrix ok "$(elapsed $t)" "$ok cases"
-        else step measure.matrix FAIL "$(elapsed $t)" "$ok of ${#cases[@]} cases ran"; fi
-    fi
+probe=$("$MST" measure --backend cuda --model tiny-llama --seq 8 --out "$build_dir/probe" 2>&1 >/dev/null || true)
+if echo "$probe" | grep -q "no CUDA backend"; then
+    step measure.matrix skip "$(elapsed $t)" "measure --backend cuda: no CUDA executor in this build yet"
+elif [ $dry_run = 1 ] || [ -z "$device_name" ]; then
+    step measure.matrix skip "$(elapsed $t)" "needs a device"
 else
-    step measure.matrix skip "$(elapsed $t)" "mst-plan measure --backend not built yet"
+    : >"$OUT/measure.jsonl"
+    cases=(
+        "--model tiny-llama --seq 1024"
+        "--model tiny-llama --seq 4096 --checkpoint all --mlp-chunks 4 --lm-chunks 4"
+        "--model small-llama --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 16"
+    )
+    ok=0
+    i=0
+    for c in "${cases[@]}"; do
+        i=$((i + 1))
+        # shellcheck disable=SC2086
+        if timeout 120 "$MST" --json measure --backend cuda $c --out "$build_dir/m$i" >/dev/null 2>>"$summary" &&
+            timeout 60 "$MST" --json compare --run "$build_dir/m$i/measured.json" >"$build_dir/compare$i.json" 2>>"$summary"; then
+            python3 -c 'import json,sys
+print(json.dumps({"case": sys.argv[1], "compare": json.load(open(sys.argv[2]))}))' "$c" "$build_dir/compare$i.json" >>"$OUT/measure.jsonl"
+            ok=$((ok + 1))
+        else
+            echo "{\"case\": \"$c\", \"error\": \"measure or compare failed (see summary.txt)\"}" >>"$OUT/measure.jsonl"
+        fi
+    done
+    if [ $ok = ${#cases[@]} ]; then step measure.matrix ok "$(elapsed $t)" "$ok cases"
+    else step measure.matrix FAIL "$(elapsed $t)" "$ok of ${#cases[@]} cases ran"; fi
 fi
 # <<< MEASURE MATRIX
 
