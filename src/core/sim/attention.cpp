@@ -13,6 +13,27 @@ T StepBuilder::norm_forward(T& rstd, int bpe, bool output_saved) {
     return out;
 }
 
+T StepBuilder::softcap_forward(T x, bytes_t bytes, const SoftcapNames& names, T& saved_tanh) {
+    T div = act(names[0], bytes, false);
+    drop(x);
+    T th = act(names[1], bytes, true);
+    drop(div);
+    T capped = act(names[2], bytes, false);
+    saved_tanh = saved(th);
+    drop(th);
+    return capped;
+}
+
+T StepBuilder::softcap_backward(T g, bytes_t bytes, const SoftcapNames& names, T& saved_tanh) {
+    T t1 = alloc(names[0], bytes, Category::Transient);  // the * cap backward
+    drop(g);
+    T t2 = alloc(names[1], bytes, Category::Transient);  // tanh backward, from its saved output
+    drop(t1), drop(saved_tanh);
+    T dx = alloc(names[2], bytes, Category::Transient);  // the / cap backward
+    drop(t2);
+    return dx;
+}
+
 T StepBuilder::post_norm_forward(const char* op, T x, T& saved_input, T& rstd) {
     at(op);
     T out = norm_forward(rstd, 2, false);
@@ -151,13 +172,7 @@ void StepBuilder::attention_forward(int l, T h1, LayerSaved& sv, T& attn_out) {
         drop(scores);
         scores = scaled;
         if (m_.attn_logit_softcapping) {  // Gemma-2: tanh(s / cap) * cap, tanh saves its output
-            T div = act("scores_div", bf16(rows, cols), false);
-            drop(scores);
-            T th = act("scores_tanh", bf16(rows, cols), true);
-            drop(div);
-            scores = act("scores_capped", bf16(rows, cols), false);
-            sv.scores_tanh = saved(th);
-            drop(th);
+            scores = softcap_forward(scores, bf16(rows, cols), {"scores_div", "scores_tanh", "scores_capped"}, sv.scores_tanh);
         }
         T masked = act("scores_masked", bf16(rows, cols), false);
         drop(scores);
@@ -225,12 +240,7 @@ T StepBuilder::attention_backward(int l, LayerSaved& sv, T d_out) {
         T ds = alloc("d_scores", bf16(rows, cols), Category::Transient);
         drop(dp32), drop(sv.probs32);
         if (m_.attn_logit_softcapping) {
-            T t1 = alloc("d_scores_capped", bf16(rows, cols), Category::Transient);
-            drop(ds);
-            T t2 = alloc("d_scores_tanh", bf16(rows, cols), Category::Transient);
-            drop(t1), drop(sv.scores_tanh);
-            ds = alloc("d_scores_div", bf16(rows, cols), Category::Transient);
-            drop(t2);
+            ds = softcap_backward(ds, bf16(rows, cols), {"d_scores_capped", "d_scores_tanh", "d_scores_div"}, sv.scores_tanh);
         }
         T unscaled = alloc("d_scores_unscaled", bf16(rows, cols), Category::Transient);
         drop(ds);

@@ -7,6 +7,7 @@
 // last drop frees the memory. Writing every op as "allocate outputs, save what the
 // backward needs, drop the inputs" makes the no-grad forward of a checkpointed
 // layer, the recompute and the normal forward come out of the same code.
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -116,6 +117,11 @@ private:
     // RMSNorm: output of `bpe` bytes per element; rstd (fp32, one per token) kept for backward.
     T norm_forward(T& rstd, int bpe, bool output_saved);  // the caller saves the input
     T norm_backward(int p, T& rstd, T& x_saved, int bpe);  // returns d(norm input)
+    // Gemma-2's soft-capping, tanh(x / cap) * cap, as the three bf16 ops eager PyTorch runs
+    // (the tanh saves its output); names are {div, tanh, capped} and their gradients.
+    using SoftcapNames = std::array<const char*, 3>;
+    T softcap_forward(T x, bytes_t bytes, const SoftcapNames& names, T& saved_tanh);
+    T softcap_backward(T g, bytes_t bytes, const SoftcapNames& names, T& saved_tanh);
     // Gemma-2's norm on a branch output (bf16), saving its input: returns the normed tensor.
     T post_norm_forward(const char* op, T x, T& saved_input, T& rstd);
     T saved(T t);   // save(t) and return the handle backward drops (invalid without grad)

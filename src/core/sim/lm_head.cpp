@@ -63,13 +63,7 @@ void StepBuilder::head_forward(T x_last, HeadSaved& hs) {
         drop(hin);
         if (m_.final_logit_softcapping) {  // Gemma-2: logits = tanh(logits / cap) * cap
             at("lm_head.softcap");
-            T div = act("logits_div", bf16(tokens_, V), false);
-            drop(logits);
-            T th = act("logits_tanh", bf16(tokens_, V), true);
-            drop(div);
-            logits = act("logits_capped", bf16(tokens_, V), false);
-            hs.logits_tanh = saved(th);
-            drop(th);
+            logits = softcap_forward(logits, bf16(tokens_, V), {"logits_div", "logits_tanh", "logits_capped"}, hs.logits_tanh);
         }
         at("loss");
         T up = act("logits_fp32", f32(tokens_, V), false);
@@ -131,12 +125,7 @@ T StepBuilder::head_backward(HeadSaved& hs) {
         drop(glf);
         if (hs.logits_tanh.valid()) {
             at("lm_head.softcap");
-            T t1 = alloc("d_logits_capped", bf16(tokens_, V), Category::Transient);
-            drop(gl);
-            T t2 = alloc("d_logits_tanh", bf16(tokens_, V), Category::Transient);
-            drop(t1), drop(hs.logits_tanh);
-            gl = alloc("d_logits_div", bf16(tokens_, V), Category::Transient);
-            drop(t2);
+            gl = softcap_backward(gl, bf16(tokens_, V), {"d_logits_capped", "d_logits_tanh", "d_logits_div"}, hs.logits_tanh);
             at("lm_head");
         }
         dh = alloc("d_hidden", bf16(tokens_, d), Category::Transient);
