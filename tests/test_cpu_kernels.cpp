@@ -235,6 +235,60 @@ TEST_CASE("residual add, accumulate, cast and scale") {
     CHECK(std::all_of(s.begin(), s.end(), [](float v) { return v == 0.0f; }));
 }
 
+TEST_CASE("fill_uniform: element i is the (i+1)-th splitmix64 output from the key, uniform from -h up to h") {
+    // Key 0: element 0 is splitmix64's first output from seed 0, the published 0xE220A8397B1DCDAF;
+    // its top 24 bits 0xE220A8 = 14819496 give u = 14819496 / 2^24 and, with h = 1,
+    // 2u - 1 = 12861776 / 2^24 (exact in fp32).
+    Vec x(3);
+    fill_uniform(x.data(), 3, 1.0f, 0);
+    CHECK(x[0] == 12861776.0f / 16777216.0f);
+    // Key 42, h = 0.02f: z = 0xBDD732262FEB6E95, top 24 bits 12441394, 2u - 1 = 8105572 / 2^23;
+    // 0.02f times that, rounded once to fp32, is 0x1.3c9fb8p-7 (Python: struct-rounded product).
+    fill_uniform(x.data(), 3, 0.02f, 42);
+    CHECK(x[0] == 0x1.3c9fb8p-7f);
+    CHECK(x[1] == -0x1.bdc324p-7f);
+
+    // Counter-based: a shorter fill is a prefix of a longer one; another key gives other values.
+    const std::int64_t n = 100000;
+    const float h = 0.05f;
+    Vec big(static_cast<std::size_t>(n)), other(big.size());
+    fill_uniform(big.data(), n, h, 1234);
+    fill_uniform(other.data(), n, h, 1235);
+    Vec prefix(1000);
+    fill_uniform(prefix.data(), 1000, h, 1234);
+    CHECK(std::equal(prefix.begin(), prefix.end(), big.begin()));
+    std::int64_t same = 0;  // 24-bit values: a position agrees by chance with probability 2^-24
+    for (std::size_t i = 0; i < big.size(); ++i) same += big[i] == other[i] ? 1 : 0;
+    CHECK(same < 5);
+
+    // Uniform on [-h, h): mean 0 (sd of the sample mean h / sqrt(3 n) = 1.8e-3 h) and standard
+    // deviation h / sqrt(3) (sample sd's relative sd ~1.4e-3 here); bounds 5 and 7 sigmas.
+    double sum = 0.0, sq = 0.0;
+    for (float v : big) {
+        sum += v;
+        sq += double(v) * v;
+    }
+    const double count = static_cast<double>(n), mean = sum / count, sd = std::sqrt(sq / count - mean * mean);
+    CHECK(std::fabs(mean) < 0.01 * h);
+    CHECK(sd == doctest::Approx(h / std::sqrt(3.0)).epsilon(0.01));
+    CHECK(std::all_of(big.begin(), big.end(), [h](float v) { return v >= -h && v < h; }));
+
+    // bf16 storage holds the fp32 values rounded once (round to nearest even)
+    BVec b(big.size());
+    fill_uniform(b.data(), n, h, 1234);
+    CHECK(to_f32(b) == bf16_exact(big));
+}
+
+TEST_CASE("fill: every element takes the value, in either storage") {
+    Vec x(300, 1.0f);
+    fill(x.data(), 299, -2.5f);  // n > kBlock, and the last element untouched
+    CHECK(std::count(x.begin(), x.end(), -2.5f) == 299);
+    CHECK(x[299] == 1.0f);
+    BVec b(300);
+    fill(b.data(), 300, 0.1f);
+    CHECK(std::all_of(b.begin(), b.end(), [](bf16 v) { return static_cast<float>(v) == static_cast<float>(bf16(0.1f)); }));
+}
+
 TEST_CASE("soft-capping: cap * tanh(x / cap) and its backward from the saved output") {
     const std::int64_t n = 40;
     const float cap = 2.5f;

@@ -91,6 +91,16 @@ void cast(Tensor out, ConstTensor in, std::int64_t n);
 void scale(Tensor out, ConstTensor in, std::int64_t n, float s);
 // out[n] = 0
 void zero(Tensor out, std::int64_t n);
+// out[i] = value for i < n
+void fill(Tensor out, std::int64_t n, float value);
+// out[i] = half_width * (2 u_i - 1), uniform in [-half_width, half_width), for i < n, with
+// u_i = (splitmix64(key + (i + 1) * 0x9E3779B97F4A7C15) >> 40) / 2^24, splitmix64's finaliser
+// z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9; z = (z ^ (z >> 27)) * 0x94D049BB133111EB; z ^= z >> 31
+// (element i is the (i+1)-th output of a splitmix64 generator seeded with key). Counter-based:
+// element i depends on (key, i) only, so every backend and any split of the work write the same
+// values. u is exact in fp32 (24 bits) and so is 2u - 1; the product rounds once, then the
+// storage dtype rounds once: the CUDA twin writes the same bits.
+void fill_uniform(Tensor out, std::int64_t n, float half_width, std::uint64_t key);
 
 // ---- linear (GEMM), PyTorch layout: y = x W^T ---------------------------------------------
 // out[n,o] (+)= in[n,i] W[o,i]^T.   `accumulate` adds into out (beta = 1), else overwrites.

@@ -1,4 +1,4 @@
-// Elementwise ops (cast, scale, residual, soft-capping) and the embedding.
+// Elementwise ops (cast, scale, fills, residual, soft-capping) and the embedding.
 // Scratch: float[kBlock] blocks on the stack.
 #include "kernels.hpp"
 
@@ -39,6 +39,33 @@ void scale(Tensor out, ConstTensor in, std::int64_t n, float s) {
 // out[n] = 0 (all-zero bits are 0.0 in fp32 and bf16 alike)
 void zero(Tensor out, std::int64_t n) {
     std::memset(out.data, 0, static_cast<std::size_t>(n * dtype_bytes(out.dtype)));
+}
+
+// out[n] = value
+void fill(Tensor out, std::int64_t n, float value) {
+    detail::require(n >= 0, "fill", "n must be >= 0");
+    float buf[kBlock];
+    std::fill(buf, buf + kBlock, value);
+    for (std::int64_t i0 = 0; i0 < n; i0 += kBlock) store_block(out, i0, std::min(kBlock, n - i0), buf);
+}
+
+// out[n] uniform in [-half_width, half_width) from (key, i): see kernels.hpp
+void fill_uniform(Tensor out, std::int64_t n, float half_width, std::uint64_t key) {
+    detail::require(n >= 0, "fill_uniform", "n must be >= 0");
+    float buf[kBlock];
+    for (std::int64_t i0 = 0; i0 < n; i0 += kBlock) {
+        const std::int64_t nb = std::min(kBlock, n - i0);
+        for (std::int64_t j = 0; j < nb; ++j) {
+            const auto i = static_cast<std::uint64_t>(i0 + j);
+            std::uint64_t z = key + (i + 1) * 0x9E3779B97F4A7C15ull;  // wraps mod 2^64, as splitmix64
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+            z ^= z >> 31;
+            const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // 24 bits: exact
+            buf[j] = half_width * (2.0f * u - 1.0f);                              // 2u - 1 exact: one rounding
+        }
+        store_block(out, i0, nb, buf);
+    }
 }
 
 // out[n] = a[n] + b[n]
