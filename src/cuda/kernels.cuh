@@ -47,6 +47,12 @@ void cast(Tensor out, ConstTensor in, std::int64_t n, cudaStream_t stream = null
 void scale(Tensor out, ConstTensor in, std::int64_t n, float s, cudaStream_t stream = nullptr);
 // out[n] = 0
 void zero(Tensor out, std::int64_t n, cudaStream_t stream = nullptr);
+// out[i] = value for i < n
+void fill(Tensor out, std::int64_t n, float value, cudaStream_t stream = nullptr);
+// out[i] = half_width * (2 u_i - 1), u_i = (splitmix64(key + (i + 1) * 0x9E3779B97F4A7C15) >> 40)
+// / 2^24: the CPU kernel's counter-based formula (kernels.hpp), evaluated with the same fp32
+// operations, so both backends write the same bits for the same (key, i), whatever the grid.
+void fill_uniform(Tensor out, std::int64_t n, float half_width, std::uint64_t key, cudaStream_t stream = nullptr);
 
 // ---- embedding -------------------------------------------------------------------------------
 // out[n,d] = table[ids[n], :], table [V,d]; ids int64 on the device

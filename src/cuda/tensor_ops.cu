@@ -1,4 +1,4 @@
-// Elementwise ops (cast, scale, residual, soft-capping), the embedding and repeat_kv: the
+// Elementwise ops (cast, scale, fills, residual, soft-capping), the embedding and repeat_kv: the
 // device twins of src/exec/cpu/tensor_ops.cpp and attention.cpp's repeat_kv. Memory-bound
 // grid-stride loops, one element per thread per step; the dtype branch is uniform.
 #include <cmath>
@@ -30,6 +30,28 @@ __global__ void scale_kernel(Tensor out, ConstTensor in, std::int64_t n, float s
     for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
          i += std::int64_t(gridDim.x) * blockDim.x)
         st(out, i, ld(in, i) * s);
+}
+
+// out[n] = value
+__global__ void fill_kernel(Tensor out, std::int64_t n, float value) {
+    for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
+         i += std::int64_t(gridDim.x) * blockDim.x)
+        st(out, i, value);
+}
+
+// out[n] = half_width * (2 u_i - 1) from splitmix64(key + (i + 1) * golden); see kernels.hpp.
+// u and 2u - 1 are exact in fp32 (an FMA contraction of 2u - 1 changes nothing), the product
+// rounds once and st() rounds to the storage dtype as the CPU does: bitwise the CPU's values.
+__global__ void fill_uniform_kernel(Tensor out, std::int64_t n, float half_width, std::uint64_t key) {
+    for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
+         i += std::int64_t(gridDim.x) * blockDim.x) {
+        std::uint64_t z = key + (static_cast<std::uint64_t>(i) + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
+        st(out, i, half_width * (2.0f * u - 1.0f));
+    }
 }
 
 // out[n] = a[n] + b[n]
@@ -124,6 +146,24 @@ void zero(Tensor out, std::int64_t n, cudaStream_t stream) {
     detail::require(n >= 0, "zero", "n must be >= 0");
     if (n == 0) return;
     detail::check(cudaMemsetAsync(out.data, 0, static_cast<std::size_t>(n * dtype_bytes(out.dtype)), stream), "zero");
+}
+
+// out[n] = value
+void fill(Tensor out, std::int64_t n, float value, cudaStream_t stream) {
+    detail::require(n >= 0, "fill", "n must be >= 0");
+    if (n == 0) return;
+    detail::require(static_cast<bool>(out), "fill", "out is required");
+    fill_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, n, value);
+    detail::check_launch("fill");
+}
+
+// out[n] uniform in [-half_width, half_width) from (key, i)
+void fill_uniform(Tensor out, std::int64_t n, float half_width, std::uint64_t key, cudaStream_t stream) {
+    detail::require(n >= 0, "fill_uniform", "n must be >= 0");
+    if (n == 0) return;
+    detail::require(static_cast<bool>(out), "fill_uniform", "out is required");
+    fill_uniform_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, n, half_width, key);
+    detail::check_launch("fill_uniform");
 }
 
 // out[n] = a[n] + b[n]

@@ -77,6 +77,24 @@ TEST_CASE("cuda elementwise: cast, scale, residual and soft-cap equal the CPU ke
     }
 }
 
+TEST_CASE("cuda fill_uniform and fill: bitwise the CPU kernels' values, fp32 and bf16") {
+    MST_REQUIRE_DEVICE();
+    const std::int64_t n = 100003;  // not a multiple of the block size
+    const std::uint64_t key = 0xFEDCBA9876543210ull;  // high bits set: the 64-bit wrap-around matters
+    for (cpu::DType t : kDtypes) {
+        CAPTURE(int(t));
+        Pair w(Vec(n, 0.0f), t), c(Vec(n, 0.0f), t);
+        cpu::fill_uniform(w.cpu(), n, 0.02f, key);
+        gpu::fill_uniform(w.gpu(), n, 0.02f, key);
+        const Vec got = w.gpu_values(), want = w.cpu_values();
+        CHECK(got == want);  // counter-based, one rounding each: the same bits, not merely close
+        CHECK(std::count(want.begin(), want.end(), 0.0f) < 10);  // the CPU side really wrote values
+        cpu::fill(c.cpu(), n, -0.3f);
+        gpu::fill(c.gpu(), n, -0.3f);
+        CHECK(c.gpu_values() == c.cpu_values());
+    }
+}
+
 TEST_CASE("cuda embedding: gathers rows and scatter-adds the gradients of repeated ids") {
     MST_REQUIRE_DEVICE();
     const std::int64_t V = 50, d = 300, n = 40;
@@ -438,6 +456,7 @@ TEST_CASE("cuda kernels: a broken contract throws before anything is launched") 
                          std::logic_error);
     CHECK_THROWS_WITH_AS(gpu::rope_apply({}, 1, 1, 1, 7, 1e4f, false), "rope_apply: head_dim must be even and <= kMaxHeadDim",
                          std::logic_error);
+    CHECK_THROWS_WITH_AS(gpu::fill_uniform({}, -1, 1.0f, 0), "fill_uniform: n must be >= 0", std::logic_error);
 }
 
 }  // TEST_SUITE
