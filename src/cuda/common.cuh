@@ -123,6 +123,16 @@ __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
     if (m == -INFINITY) return {m, 0.0f};
     return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};  // expf(-inf) = 0 for an empty side
 }
+// The state after one more element z
+__device__ __forceinline__ MaxSum online_add(MaxSum a, float z) {
+    if (z > a.m) {
+        a.s = a.s * expf(a.m - z) + 1.0f;  // expf(-inf) = 0 on the first element
+        a.m = z;
+    } else {
+        a.s += expf(z - a.m);
+    }
+    return a;
+}
 __device__ __forceinline__ MaxSum warp_combine(MaxSum v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {

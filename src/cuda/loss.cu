@@ -18,6 +18,7 @@ namespace mst::cuda {
 
 using detail::ld;
 using detail::MaxSum;
+using detail::online_add;
 using detail::st;
 
 namespace {
@@ -43,16 +44,6 @@ __device__ __forceinline__ void store_n(T* p, const float* in) {
         from_float(p, in[0]);
     else
         detail::store16(p, in);
-}
-
-__device__ __forceinline__ MaxSum online_add(MaxSum a, float z) {
-    if (z > a.m) {
-        a.s = a.s * expf(a.m - z) + 1.0f;  // expf(-inf) = 0 on the first element
-        a.m = z;
-    } else {
-        a.s += expf(z - a.m);
-    }
-    return a;
 }
 
 // labels[n] != kIgnoreIndex, counted into *count
