@@ -117,6 +117,33 @@ void repeat_kv_forward(Tensor out, ConstTensor in, std::int64_t rows, std::int64
 void repeat_kv_backward(Tensor din, ConstTensor dout, std::int64_t rows, std::int64_t nh, std::int64_t nkv,
                         std::int64_t hd, cudaStream_t stream = nullptr);
 
+// ---- attention op by op (Hugging Face eager, unfused) ------------------------------------------
+// The CPU's eager ops (kernels.hpp) one by one, each writing a new buffer, for an executor at
+// small S. Heads of a, b, x, out are packed [B*S, nh*hd] (after repeat_kv: nh heads on both
+// sides); p, scores [B, nh, S, S]. The three products run one block per 32 x 32 output tile of
+// one (b, h), fp32 accumulation over tiles of 32 in shared memory; B*nh and S/32 must each be
+// <= 65535 (grid z and y).
+// scores[b,h,t,u] = a[b*S+t, h*hd ..] . b[b*S+u, h*hd ..]   (q k^T; dout v^T)
+void attention_scores(Tensor scores, ConstTensor a, ConstTensor b, std::int64_t B, std::int64_t S, std::int64_t nh,
+                      std::int64_t hd, cudaStream_t stream = nullptr);
+// out[b*S+t, h*hd ..] = sum_u p[b,h,t,u] x[b*S+u, h*hd ..]   (probs v; dscores k)
+void attention_apply(Tensor out, ConstTensor p, ConstTensor x, std::int64_t B, std::int64_t S, std::int64_t nh,
+                     std::int64_t hd, cudaStream_t stream = nullptr);
+// out[b*S+u, h*hd ..] = sum_t p[b,h,t,u] x[b*S+t, h*hd ..]   (probs^T dout; dscores^T q)
+void attention_apply_transposed(Tensor out, ConstTensor p, ConstTensor x, std::int64_t B, std::int64_t S,
+                                std::int64_t nh, std::int64_t hd, cudaStream_t stream = nullptr);
+// mask[B, 1, S, S] additive: 0 where query t sees key u (u <= t, and t - u < window unless window
+// is 0), else the storage dtype's lowest finite value (-FLT_MAX; bf16: -3.3895314e38).
+void causal_mask_fill(Tensor mask, std::int64_t B, std::int64_t S, std::int64_t window,
+                      cudaStream_t stream = nullptr);
+// y[rows, cols] fp32 = softmax of each row of x (any storage dtype); one block per row.
+// y may be x's own storage when x is fp32.
+void softmax_forward(float* y, ConstTensor x, std::int64_t rows, std::int64_t cols, cudaStream_t stream = nullptr);
+// dx[rows, cols] = y * (dy - rowsum(y * dy)) from softmax's fp32 output y and fp32 gradient dy;
+// one block per row. dx may be dy's own storage when dx is fp32.
+void softmax_backward(Tensor dx, const float* dy, const float* y, std::int64_t rows, std::int64_t cols,
+                      cudaStream_t stream = nullptr);
+
 // ---- gated MLP activation -------------------------------------------------------------------
 enum class GatedAct : std::uint8_t {
     Silu,      // Llama SwiGLU: silu(g) * u

@@ -17,6 +17,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "cuda/gemm.cuh"
@@ -241,6 +242,90 @@ TEST_CASE("cuda repeat_kv: copies kv heads and sums their gradients") {
     }
 }
 
+TEST_CASE("cuda eager attention ops: scores, apply and apply-transposed equal the CPU kernels") {
+    MST_REQUIRE_DEVICE();
+    struct Case {
+        std::int64_t B, S, nh, hd;
+    };
+    // S = 37, 70 and hd = 20, 40 are no multiples of the 32-wide tiles: partial tiles both ways
+    for (const Case cs : {Case{2, 37, 3, 20}, Case{1, 70, 2, 40}})
+        for (cpu::DType t : kDtypes) {
+            CAPTURE(cs.S);
+            CAPTURE(cs.hd);
+            CAPTURE(int(t));
+            const std::int64_t B = cs.B, S = cs.S, nh = cs.nh, hd = cs.hd;
+            const std::int64_t nx = B * S * nh * hd, np = B * nh * S * S;
+            Pair a(input(nx, 201, t), t), b(input(nx, 202, t), t), scores(Vec(np, 0.0f), t);
+            cpu::attention_scores(scores.cpu(), a.cpu(), b.cpu(), B, S, nh, hd);
+            gpu::attention_scores(scores.gpu(), a.gpu(), b.gpu(), B, S, nh, hd);
+            CHECK(rel_err(scores.gpu_values(), scores.cpu_values()) <= tol(t, 1e-4));
+
+            // p with causal zeros, as probabilities have (the CPU skips them; adding 0 is exact)
+            Vec pv = input(np, 203, t);
+            for (std::int64_t i = 0; i < np; ++i)
+                if (i % S > (i / S) % S) pv[static_cast<std::size_t>(i)] = 0.0f;
+            Pair p(pv, t), out(Vec(nx, 0.0f), t), out_t(Vec(nx, 0.0f), t);
+            cpu::attention_apply(out.cpu(), p.cpu(), b.cpu(), B, S, nh, hd);
+            gpu::attention_apply(out.gpu(), p.gpu(), b.gpu(), B, S, nh, hd);
+            CHECK(rel_err(out.gpu_values(), out.cpu_values()) <= tol(t, 1e-4));
+            cpu::attention_apply_transposed(out_t.cpu(), p.cpu(), a.cpu(), B, S, nh, hd);
+            gpu::attention_apply_transposed(out_t.gpu(), p.gpu(), a.gpu(), B, S, nh, hd);
+            CHECK(rel_err(out_t.gpu_values(), out_t.cpu_values()) <= tol(t, 1e-4));
+        }
+}
+
+TEST_CASE("cuda causal mask: zeros and the dtype's lowest finite value, bitwise the CPU's") {
+    MST_REQUIRE_DEVICE();
+    const std::int64_t B = 2, S = 37;
+    for (cpu::DType t : kDtypes)
+        for (std::int64_t window : {0, 5}) {
+            CAPTURE(int(t));
+            CAPTURE(window);
+            Pair mask(Vec(B * S * S, 1.0f), t);
+            cpu::causal_mask_fill(mask.cpu(), B, S, window);
+            gpu::causal_mask_fill(mask.gpu(), B, S, window);
+            const Vec got = mask.gpu_values();
+            CHECK(got == mask.cpu_values());
+            CHECK(got[1] == (t == cpu::DType::F32 ? std::numeric_limits<float>::lowest() : -3.3895314e38f));  // t=0 misses u=1
+            CHECK(got[static_cast<std::size_t>(S)] == 0.0f);  // t = 1 sees u = 0
+        }
+}
+
+TEST_CASE("cuda softmax: forward and backward over rows equal the CPU kernels") {
+    MST_REQUIRE_DEVICE();
+    for (cpu::DType t : kDtypes) {
+        CAPTURE(int(t));
+        // 1000 columns: several per thread; 37 columns with the causal mask added, as HF's
+        // eager scores: masked entries come out exactly 0 on both sides
+        const std::int64_t rows = 13, cols = 1000, S = 37;
+        Pair x(input(rows * cols, 211, t, 3.0f), t), y(Vec(rows * cols, 0.0f), cpu::DType::F32);
+        cpu::softmax_forward(static_cast<float*>(y.cpu().data), x.cpu(), rows, cols);
+        gpu::softmax_forward(static_cast<float*>(y.gpu().data), x.gpu(), rows, cols);
+        CHECK(rel_err(y.gpu_values(), y.cpu_values()) <= 1e-4);
+
+        const float lowest = t == cpu::DType::F32 ? std::numeric_limits<float>::lowest() : -3.38953139e38f;
+        Vec sv = input(S * S, 212, t, 2.0f);
+        for (std::int64_t r = 0; r < S; ++r)
+            for (std::int64_t u = r + 1; u < S; ++u) sv[static_cast<std::size_t>(r * S + u)] = lowest;
+        Pair masked(sv, t), pm(Vec(S * S, 0.0f), cpu::DType::F32);
+        cpu::softmax_forward(static_cast<float*>(pm.cpu().data), masked.cpu(), S, S);
+        gpu::softmax_forward(static_cast<float*>(pm.gpu().data), masked.gpu(), S, S);
+        const Vec pg = pm.gpu_values();
+        CHECK(rel_err(pg, pm.cpu_values()) <= 1e-4);
+        CHECK(pg[1] == 0.0f);
+        CHECK(pg[0] == 1.0f);  // row 0 sees only itself
+
+        // backward from the CPU's y (the same bytes up), dx in the storage dtype
+        Pair y_saved(y.cpu_values(), cpu::DType::F32), dy(randn(rows * cols, 213), cpu::DType::F32),
+            dx(Vec(rows * cols, 0.0f), t);
+        cpu::softmax_backward(dx.cpu(), static_cast<const float*>(dy.cpu().data),
+                              static_cast<const float*>(y_saved.cpu().data), rows, cols);
+        gpu::softmax_backward(dx.gpu(), static_cast<const float*>(dy.gpu().data),
+                              static_cast<const float*>(y_saved.gpu().data), rows, cols);
+        CHECK(rel_err(dx.gpu_values(), dx.cpu_values()) <= tol(t, 1e-4));
+    }
+}
+
 TEST_CASE("cuda SwiGLU and GeGLU: forward and backward equal the CPU kernels, vectorised and tail") {
     MST_REQUIRE_DEVICE();
     const std::int64_t n = 8 * 1000 + 5;  // bf16: 1000 16-byte vectors, then a tail of 5
@@ -455,6 +540,10 @@ TEST_CASE("cuda kernels: a broken contract throws before anything is launched") 
     CHECK_THROWS_WITH_AS(gpu::adamw_step({}, {}, {}, {}, 4, gpu::AdamWConfig{}, 0), "adamw_step: step counts from 1",
                          std::logic_error);
     CHECK_THROWS_WITH_AS(gpu::rope_apply({}, 1, 1, 1, 7, 1e4f, false), "rope_apply: head_dim must be even and <= kMaxHeadDim",
+                         std::logic_error);
+    CHECK_THROWS_WITH_AS(gpu::attention_scores({}, {}, {}, 1, 4, 2, gpu::kMaxHeadDim + 1),
+                         "attention_scores: head_dim must be in (0, kMaxHeadDim]", std::logic_error);
+    CHECK_THROWS_WITH_AS(gpu::softmax_forward(nullptr, {}, 4, 0), "softmax_forward: need rows >= 0 and cols > 0",
                          std::logic_error);
     CHECK_THROWS_WITH_AS(gpu::fill_uniform({}, -1, 1.0f, 0), "fill_uniform: n must be >= 0", std::logic_error);
 }
