@@ -180,6 +180,15 @@ void cross_entropy_forward(float* logp, ConstTensor logits, const std::int64_t* 
 // dlogits[n,V] = (exp(logp) - onehot(label)) * scale, 0 on ignored rows; may overwrite logp.
 void cross_entropy_backward(Tensor dlogits, const float* logp, const std::int64_t* labels, std::int64_t n,
                             std::int64_t V, float scale, cudaStream_t stream = nullptr);
+// PyTorch's two unfused steps of that backward, as Hugging Face's M = 1 loss runs it:
+// nll_loss's backward, dlogp[n,V] fp32 = -scale at each valid label, 0 elsewhere (and on
+// ignored rows; a label out of range makes its row NaN), grid-stride over n*V ...
+void nll_loss_backward(float* dlogp, const std::int64_t* labels, std::int64_t n, std::int64_t V, float scale,
+                       cudaStream_t stream = nullptr);
+// ... then log_softmax's, dx[n,V] fp32 = dy - exp(logp) * rowsum(dy), one block per row; dx may
+// be dy itself. Chained they equal cross_entropy_backward.
+void log_softmax_backward(float* dx, const float* dy, const float* logp, std::int64_t n, std::int64_t V,
+                          cudaStream_t stream = nullptr);
 // Fused (MsT / Liger), one block per row, one read pass and one read-write pass over the
 // row: with z = softcap > 0 ? softcap*tanh(x/softcap) : x, row_loss[n] (fp32, nullable) =
 // lse(z) - z[label] (0 on ignored rows), *loss_sum (double, device, nullable) += the rows'

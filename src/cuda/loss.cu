@@ -1,6 +1,7 @@
 // Cross-entropy over V classes, rows whose label is kIgnoreIndex skipped: the device twin of
 // src/exec/cpu/loss.cpp.
-//  * Hugging Face style: logp [n, V] fp32 written out, the backward forms softmax - onehot.
+//  * Hugging Face style: logp [n, V] fp32 written out, the backward forms softmax - onehot (or,
+//    unfused as PyTorch runs it, nll_loss's dense gradient then log_softmax's backward).
 //  * Fused (MsT / Liger): one block per row; pass 1 reads the row once with an online max/sum
 //    (per-thread running max m and sum s of exp(z - m), then merged across the block), giving
 //    lse; pass 2 reads it again and overwrites it with (softmax - onehot) * scale * dz/dx. The
@@ -87,6 +88,29 @@ __global__ void ce_backward_kernel(Tensor dlogits, const float* logp, const std:
             g = label >= 0 && label < V ? (expf(logp[i]) - (j == label ? 1.0f : 0.0f)) * scale : NAN;
         st(dlogits, i, g);
     }
+}
+
+// dlogp[r, j] = -scale where j is the row's valid label, else 0 (NaN rows for a bad label);
+// grid-stride over n*V
+__global__ void nll_backward_kernel(float* dlogp, const std::int64_t* labels, std::int64_t n, std::int64_t V,
+                                    float scale) {
+    for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n * V;
+         i += std::int64_t(gridDim.x) * blockDim.x) {
+        const std::int64_t r = i / V, j = i - r * V, label = labels[r];
+        float g = 0.0f;
+        if (label != kIgnoreIndex) g = label >= 0 && label < V ? (j == label ? -scale : 0.0f) : NAN;
+        dlogp[i] = g;
+    }
+}
+
+// dx[r, :] = dy - exp(logp) * rowsum(dy); one block per row, dx may be dy
+__global__ void log_softmax_backward_kernel(float* dx, const float* dy, const float* logp, std::int64_t V) {
+    __shared__ float red[32];
+    const std::int64_t base = std::int64_t(blockIdx.x) * V;
+    float sum = 0.0f;
+    for (std::int64_t j = threadIdx.x; j < V; j += blockDim.x) sum += dy[base + j];
+    sum = detail::block_sum(sum, red);  // synchronises: every read of dy precedes the writes
+    for (std::int64_t j = threadIdx.x; j < V; j += blockDim.x) dx[base + j] = dy[base + j] - expf(logp[base + j]) * sum;
 }
 
 // Fused: one block per row of logits[n, V] (T = float or bf16), N elements per access.
@@ -192,6 +216,27 @@ void cross_entropy_backward(Tensor dlogits, const float* logp, const std::int64_
     if (n == 0) return;
     ce_backward_kernel<<<detail::grid_for(n * V), detail::kThreads, 0, stream>>>(dlogits, logp, labels, n, V, scale);
     detail::check_launch("cross_entropy_backward");
+}
+
+// dlogp[n,V] = -scale at (r, labels[r]) for valid rows, else 0
+void nll_loss_backward(float* dlogp, const std::int64_t* labels, std::int64_t n, std::int64_t V, float scale,
+                       cudaStream_t stream) {
+    check_rows("nll_loss_backward", n, V);
+    if (n == 0) return;
+    detail::require(dlogp != nullptr && labels != nullptr, "nll_loss_backward", "dlogp and labels are required");
+    nll_backward_kernel<<<detail::grid_for(n * V), detail::kThreads, 0, stream>>>(dlogp, labels, n, V, scale);
+    detail::check_launch("nll_loss_backward");
+}
+
+// dx[n,V] = dy - exp(logp) * rowsum(dy); dx may alias dy
+void log_softmax_backward(float* dx, const float* dy, const float* logp, std::int64_t n, std::int64_t V,
+                          cudaStream_t stream) {
+    check_rows("log_softmax_backward", n, V);
+    if (n == 0) return;
+    detail::require(dx != nullptr && dy != nullptr && logp != nullptr, "log_softmax_backward",
+                    "dx, dy and logp are required");
+    log_softmax_backward_kernel<<<static_cast<unsigned>(n), kRowThreads, 0, stream>>>(dx, dy, logp, V);
+    detail::check_launch("log_softmax_backward");
 }
 
 // logits[n,V] in place -> gradient; row_loss[n], *loss_sum (nullable)

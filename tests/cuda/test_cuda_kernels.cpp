@@ -326,6 +326,39 @@ TEST_CASE("cuda softmax: forward and backward over rows equal the CPU kernels") 
     }
 }
 
+TEST_CASE("cuda unfused cross-entropy backward: nll_loss then log_softmax equal the CPU kernels") {
+    MST_REQUIRE_DEVICE();
+    const std::int64_t n = 9, V = 1001;
+    auto labels = random_ids(n, V, 221);
+    labels[2] = labels[6] = cpu::kIgnoreIndex;
+    labels[4] = V - 1;
+    const DeviceArray<std::int64_t> labels_dev(labels);
+    for (cpu::DType t : kDtypes) {  // the logits' storage; log-probabilities and gradients are fp32
+        CAPTURE(int(t));
+        Pair logits(input(n * V, 222, t, 3.0f), t);
+        Vec logp(static_cast<std::size_t>(n * V));
+        cpu::cross_entropy_forward(logp.data(), logits.cpu(), labels.data(), n, V);
+        Pair lp(logp, cpu::DType::F32), dlogp(Vec(n * V, 7.0f), cpu::DType::F32), dx(Vec(n * V, 0.0f), cpu::DType::F32);
+        auto* dlogp_h = static_cast<float*>(dlogp.cpu().data);
+        auto* dlogp_d = static_cast<float*>(dlogp.gpu().data);
+        cpu::nll_loss_backward(dlogp_h, labels.data(), n, V, 0.125f);
+        gpu::nll_loss_backward(dlogp_d, labels_dev.get(), n, V, 0.125f);
+        const Vec g = dlogp.gpu_values();
+        CHECK(g == dlogp.cpu_values());  // -scale or 0: exact
+        CHECK(g[static_cast<std::size_t>(4 * V + V - 1)] == -0.125f);
+        CHECK(std::count(g.begin(), g.end(), 0.0f) == n * V - (n - 2));  // ignored rows are all zero
+
+        const auto* logp_h = static_cast<const float*>(lp.cpu().data);
+        const auto* logp_d = static_cast<const float*>(lp.gpu().data);
+        cpu::log_softmax_backward(static_cast<float*>(dx.cpu().data), dlogp_h, logp_h, n, V);
+        gpu::log_softmax_backward(static_cast<float*>(dx.gpu().data), dlogp_d, logp_d, n, V);
+        CHECK(rel_err(dx.gpu_values(), dx.cpu_values()) <= 1e-5);
+        // in place over dy, as the executor may run it
+        gpu::log_softmax_backward(dlogp_d, dlogp_d, logp_d, n, V);
+        CHECK(rel_err(dlogp.gpu_values(), dx.gpu_values()) == 0.0);
+    }
+}
+
 TEST_CASE("cuda SwiGLU and GeGLU: forward and backward equal the CPU kernels, vectorised and tail") {
     MST_REQUIRE_DEVICE();
     const std::int64_t n = 8 * 1000 + 5;  // bf16: 1000 16-byte vectors, then a tail of 5
