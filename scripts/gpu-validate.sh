@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One run on a GPU machine (H100/H200, no package registry): configure and build the CUDA
 # backend from the carried .deps/ folder, run the CUDA tests (kernels vs their CPU twins,
-# allocator, CUPTI) and the rest of the suite, time `mst-plan bench kernels`, and, once the
-# executor's `measure --backend cuda` exists, the measure + compare matrix. Results go to $OUT.
+# allocator, CUPTI, the CUDA executor) and the rest of the suite, time `mst-plan bench kernels`,
+# and run the measure + compare matrix (`measure --backend cuda`). Results go to $OUT.
 #
 #   Here, first:   scripts/prepare-deps.sh          (fills .deps/: headers, doctest's CMake
 #                                                    module, libyaml-cpp.a; about 11 MiB)
@@ -10,21 +10,23 @@
 #                    bash scripts/gpu-validate.sh
 #   Rehearsal:     OUT=/tmp/gv bash scripts/gpu-validate.sh --dry-run
 #                  (every step that needs no GPU: configure and build from .deps/ alone, the
-#                  CUDA tests must report "skipped" (exit 77), `bench kernels` must refuse with
-#                  one line and exit code 2)
+#                  CUDA tests must report "skipped" (exit 77), `bench kernels` and
+#                  `measure --backend cuda` must refuse with one line and exit code 2)
 #
 # Options: --dry-run, --build-dir DIR (default build-gpu, or build-gpu-dryrun), --jobs N,
 #          --bench-args "..." (extra arguments for bench kernels, e.g. "--seq 16384 --reps 3").
-# Budget: about 5 minutes on an H100 (build ~2, tests ~1, bench ~1); each GPU step has a timeout.
+# Budget: about 8 minutes on an H100 (build ~2, tests ~2, bench ~1, measure ~2); each GPU step
+# has a timeout.
 #
-# $OUT receives at most 7 files, none in subfolders (the device tool returns 8 at most):
+# $OUT receives at most 8 files, none in subfolders (the device tool returns 8 at most):
 #   summary.txt        environment, every step's status and time, the bench table
 #   build.log          configure + build output
 #   cuda_tests.log     the CUDA test runner's output, per suite
 #   cuda_tests.xml     the same as JUnit XML (the device suites together)
 #   ctest.log          the whole ctest suite (python excluded: it is not this backend's)
 #   bench_kernels.json `mst-plan bench kernels` result (mst-plan's JSON)
-#   measure.jsonl      the measure + compare matrix, one JSON document per line (when measure exists)
+#   measure.jsonl      the measure + compare matrix, one JSON document per line
+#   measured.tar.gz    each case's measured.json, compare.json and output, and the cut model config
 #
 # Dependencies: cmake/deps.cmake takes CLI11, nlohmann_json, fmt, Eigen, doctest and toml++
 # header-only from .deps/ (-DMST_USE_DEPS_DIR=ON, so the rehearsal here uses exactly what the GPU
@@ -158,7 +160,7 @@ if "$TESTS" --test-suite=host >>"$OUT/cuda_tests.log" 2>&1; then
 else
     step cuda.host FAIL "$(elapsed $t)" "see cuda_tests.log"
 fi
-for suite in kernels allocator cupti; do
+for suite in kernels allocator cupti executor; do
     t=$(date +%s)
     echo "=== $suite suite" >>"$OUT/cuda_tests.log"
     timeout 300 "$TESTS" --requires-device --test-suite="$suite" >>"$OUT/cuda_tests.log" 2>&1
@@ -176,7 +178,7 @@ for suite in kernels allocator cupti; do
     fi
 done
 if [ $dry_run = 0 ] && [ -n "$device_name" ]; then
-    timeout 300 "$TESTS" --requires-device --test-suite=kernels,allocator,cupti --reporters=junit \
+    timeout 300 "$TESTS" --requires-device --test-suite=kernels,allocator,cupti,executor --reporters=junit \
         --out="$OUT/cuda_tests.xml" >/dev/null 2>&1 || true
 fi
 
@@ -207,40 +209,80 @@ fi
 rm -f "$OUT/bench.txt"
 
 # ---- measure + compare matrix (the executor's CUDA backend) --------------------------------------
-# >>> MEASURE MATRIX: `measure --backend cuda` + `compare --run` per case, once the CUDA
-# >>> executor exists (issue 6; until then measure says "no CUDA backend" and the step is
-# >>> skipped with that reason). Each case appends one JSON document to measure.jsonl.
+# One real step per case through `measure --backend cuda` (CUPTI-recorded, exact allocator unless
+# the case says caching), re-simulated by `compare --run`: tiny, small, Llama-3-8B cut to 4 layers
+# (its real shapes: d 4096, I 14336, V 128256) at 8k and 32k over several M and checkpoint
+# settings, and the full 32-layer Llama-3-8B when the simulator says it fits the device. Every case
+# sets the 32 MiB cuBLAS workspace Hopper gets from PyTorch, so prediction and measurement hold
+# the same fixed buffer. One JSON line per case goes to measure.jsonl (the comparison and the
+# device report); the measurements themselves, with the cut model's config, go to
+# measured.tar.gz, so `mst-plan compare --run` can be re-run on them anywhere.
 t=$(date +%s)
-probe=$("$MST" measure --backend cuda --model tiny-llama --seq 8 --out "$build_dir/probe" 2>&1 >/dev/null || true)
-if echo "$probe" | grep -q "no CUDA backend"; then
-    step measure.matrix skip "$(elapsed $t)" "measure --backend cuda: no CUDA executor in this build yet"
-elif [ $dry_run = 1 ] || [ -z "$device_name" ]; then
-    step measure.matrix skip "$(elapsed $t)" "needs a device"
+if [ $dry_run = 1 ] || [ -z "$device_name" ]; then
+    probe=$("$MST" measure --backend cuda --model tiny-llama --seq 8 2>&1 >/dev/null)
+    rc=$?
+    if [ $rc = 2 ] && echo "$probe" | grep -q "no usable CUDA device"; then
+        step measure.matrix ok "$(elapsed $t)" "refused without a device: $(echo "$probe" | head -n 1 | cut -c1-100)"
+    else
+        step measure.matrix FAIL "$(elapsed $t)" "expected 'no usable CUDA device' and exit 2, got exit $rc"
+    fi
 else
-    : >"$OUT/measure.jsonl"
+    mdir="$build_dir/measured"
+    rm -rf "$mdir" && mkdir -p "$mdir"
+    python3 - "$root/models/llama-3-8b.json" "$mdir/llama-3-8b-4layers.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["num_hidden_layers"] = 4
+c.pop("_mst", None)  # its published parameter counts are the 32-layer model's
+json.dump(c, open(sys.argv[2], "w"), indent=2)
+PY
+    cut="$mdir/llama-3-8b-4layers.json"
     cases=(
-        "--model tiny-llama --seq 1024"
-        "--model tiny-llama --seq 4096 --checkpoint all --mlp-chunks 4 --lm-chunks 4"
-        "--model small-llama --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 16"
+        "tiny-default|--model tiny-llama --seq 1024"
+        "tiny-ckpt-mst4|--model tiny-llama --seq 4096 --checkpoint all --mlp-chunks 4 --lm-chunks 4"
+        "tiny-eager-amp-fused|--model tiny-llama --seq 1024 --attention eager --precision amp --lm-chunks 2 --lm-impl fused"
+        "small-ckpt-mst|--model small-llama --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 16"
+        "small-offload-tiled-fused|--model small-llama --seq 8192 --checkpoint all --offload --mlp-chunks 8 --mlp-impl tiled --lm-chunks 8 --lm-impl fused"
+        "l3-8b-4l-8k|--model $cut --seq 8192"
+        "l3-8b-4l-8k-ckpt-mst|--model $cut --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 8"
+        "l3-8b-4l-8k-master-fused|--model $cut --seq 8192 --precision bf16-master --checkpoint all --mlp-chunks 4 --mlp-impl tiled --lm-chunks 8 --lm-impl fused"
+        "l3-8b-4l-32k-ckpt-mst|--model $cut --seq 32768 --checkpoint all --mlp-chunks 8 --lm-chunks 16"
+        "l3-8b-4l-8k-caching|--model $cut --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 8 --allocator caching"
     )
+    full="--model llama-3-8b --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 8"
+    # shellcheck disable=SC2086
+    if "$MST" --json estimate $full --gpu "$gpu_profile" | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["fits"] else 1)'; then
+        cases+=("l3-8b-32l-8k-ckpt-mst|$full")
+    else
+        say "measure: the full-depth Llama-3-8B case does not fit $gpu_profile by the simulator; left out"
+    fi
+    : >"$OUT/measure.jsonl"
     ok=0
-    i=0
-    for c in "${cases[@]}"; do
-        i=$((i + 1))
+    for entry in "${cases[@]}"; do
+        name="${entry%%|*}"
+        args="${entry#*|}"
+        mkdir -p "$mdir/$name"
         # shellcheck disable=SC2086
-        if timeout 120 "$MST" --json measure --backend cuda $c --out "$build_dir/m$i" >/dev/null 2>>"$summary" &&
-            timeout 60 "$MST" --json compare --run "$build_dir/m$i/measured.json" >"$build_dir/compare$i.json" 2>>"$summary"; then
-            python3 -c 'import json,sys
-print(json.dumps({"case": sys.argv[1], "compare": json.load(open(sys.argv[2]))}))' "$c" "$build_dir/compare$i.json" >>"$OUT/measure.jsonl"
+        if timeout 150 "$MST" measure --backend cuda $args --workspace-bytes 33554432 --out "$mdir/$name" >"$mdir/$name/measure.txt" 2>&1 &&
+            timeout 60 "$MST" --json compare --run "$mdir/$name/measured.json" >"$mdir/$name/compare.json" 2>>"$mdir/$name/measure.txt"; then
+            python3 - "$name" "$args" "$mdir/$name" >>"$OUT/measure.jsonl" <<'PY'
+import json, sys
+name, args, d = sys.argv[1], sys.argv[2], sys.argv[3]
+m = json.load(open(d + "/measured.json"))
+print(json.dumps({"case": name, "args": args, "device": m.get("device"), "loss": m["summary"]["loss"],
+                  "wall_seconds": m["summary"]["wall_seconds"], "compare": json.load(open(d + "/compare.json"))}))
+PY
             ok=$((ok + 1))
+            say "measure $name: $(grep -E '^executor log vs measured' "$mdir/$name/measure.txt" | cut -c1-120)"
         else
-            echo "{\"case\": \"$c\", \"error\": \"measure or compare failed (see summary.txt)\"}" >>"$OUT/measure.jsonl"
+            echo "{\"case\": \"$name\", \"error\": \"measure or compare failed: $(tail -n 1 "$mdir/$name/measure.txt" | tr -d '"\\' | cut -c1-300)\"}" >>"$OUT/measure.jsonl"
+            say "measure $name: FAILED: $(tail -n 1 "$mdir/$name/measure.txt" | cut -c1-200)"
         fi
     done
+    tar -czf "$OUT/measured.tar.gz" -C "$mdir" . 2>>"$summary"
     if [ $ok = ${#cases[@]} ]; then step measure.matrix ok "$(elapsed $t)" "$ok cases"
     else step measure.matrix FAIL "$(elapsed $t)" "$ok of ${#cases[@]} cases ran"; fi
 fi
-# <<< MEASURE MATRIX
 
 say "total $(elapsed "$t_start") s, $failures failed step(s); results in $OUT"
 [ $failures = 0 ]

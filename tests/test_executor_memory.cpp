@@ -11,6 +11,7 @@
 #include "mst/compare.hpp"
 #include "mst/execute.hpp"
 #include "mst/simulate.hpp"
+#include "executor_matrix.hpp"
 #include "sim_test_support.hpp"
 #include "test_support.hpp"
 
@@ -49,126 +50,6 @@ TEST_CASE("CPU executor: the default setup (pure bf16, AdamW, flash, unchunked) 
 }
 
 namespace {
-
-struct MatrixCase {
-    const char* name;
-    const char* model;
-    std::int64_t seq;
-    void (*knobs)(TrainingSetup&, std::int64_t layers);
-};
-
-// Knobs varied one or a few at a time: MsT chunk counts (even and uneven splits) and
-// implementations, checkpointing none / all / some, offload, precision policies,
-// optimizers and their state dtype, micro-batch, gradient accumulation, optimizer in backward.
-const MatrixCase kMatrix[] = {
-    {"mlp loop M=2", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.mlp_chunks = 2; }},
-    {"mlp loop M=3 (uneven)", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.mlp_chunks = 3; }},
-    {"mlp tiled M=4", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.mlp_chunks = 4, s.mlp_impl = MlpImpl::Tiled; }},
-    {"mlp tiled M=5 (uneven)", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.mlp_chunks = 5, s.mlp_impl = MlpImpl::Tiled; }},
-    {"lm recompute M=2", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.lm_chunks = 2; }},
-    {"lm recompute M=5 (uneven)", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.lm_chunks = 5; }},
-    {"lm fused M=4", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.lm_chunks = 4, s.lm_impl = LmHeadImpl::FusedForward; }},
-    {"checkpoint all", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t L) { s.checkpoint.assign(static_cast<std::size_t>(L), true); }},
-    {"checkpoint all, offloaded", "tiny-llama", 32,
-     [](TrainingSetup& s, std::int64_t L) { s.checkpoint.assign(static_cast<std::size_t>(L), true), s.offload_checkpoints = true; }},
-    {"checkpoint layer 1 only", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.checkpoint = {false, true}; }},
-    {"checkpoint layer 0 only, offloaded, mlp loop M=2", "tiny-llama", 32,
-     [](TrainingSetup& s, std::int64_t) { s.checkpoint = {true, false}, s.offload_checkpoints = true, s.mlp_chunks = 2; }},
-    {"checkpoint all, tiled M=4, fused M=4", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t L) {
-         s.checkpoint.assign(static_cast<std::size_t>(L), true);
-         s.mlp_chunks = 4, s.mlp_impl = MlpImpl::Tiled, s.lm_chunks = 4, s.lm_impl = LmHeadImpl::FusedForward;
-     }},
-    {"bf16 + fp32 master", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.precision = Precision::Bf16Master; }},
-    {"AMP", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.precision = Precision::AmpFp32; }},
-    {"AMP, checkpoint all, loop M=2, recompute M=2", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t L) {
-         s.precision = Precision::AmpFp32, s.checkpoint.assign(static_cast<std::size_t>(L), true);
-         s.mlp_chunks = 2, s.lm_chunks = 2;
-     }},
-    {"AMP, tiled M=3, fused M=2", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) {
-         s.precision = Precision::AmpFp32, s.mlp_chunks = 3, s.mlp_impl = MlpImpl::Tiled;
-         s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward;
-     }},
-    {"SGD with momentum", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.optimizer = Optimizer::SgdMomentum; }},
-    {"pure bf16 with fp32 AdamW states", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.state_dtype = StateDtype::Fp32; }},
-    {"grad_accum 2", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.grad_accum = 2; }},
-    {"grad_accum 4, fused M=2 (a separate lm_head gradient in micro-step 2)", "tiny-llama", 32,
-     [](TrainingSetup& s, std::int64_t) { s.grad_accum = 4, s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward; }},
-    {"optimizer in backward", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.optimizer_in_backward = true; }},
-    {"optimizer in backward, AMP, checkpoint all, fused M=2", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t L) {
-         s.optimizer_in_backward = true, s.precision = Precision::AmpFp32;
-         s.checkpoint.assign(static_cast<std::size_t>(L), true), s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward;
-     }},
-    {"micro-batch 2", "tiny-llama", 16, [](TrainingSetup& s, std::int64_t) { s.micro_batch = 2, s.mlp_chunks = 3, s.lm_chunks = 3; }},
-    {"bf16 master, SGD, checkpoint last layer offloaded", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) {
-         s.precision = Precision::Bf16Master, s.optimizer = Optimizer::SgdMomentum;
-         s.checkpoint = {false, true}, s.offload_checkpoints = true;
-     }},
-    {"AMP, grad_accum 3, offloaded checkpoints, tiled M=2, recompute M=3", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t L) {
-         s.precision = Precision::AmpFp32, s.grad_accum = 3;
-         s.checkpoint.assign(static_cast<std::size_t>(L), true), s.offload_checkpoints = true;
-         s.mlp_chunks = 2, s.mlp_impl = MlpImpl::Tiled, s.lm_chunks = 3;
-     }},
-    {"eager attention", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) { s.attention = Attention::Eager; }},
-    {"eager, checkpoint all (the masks are kept as checkpoint inputs)", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t L) {
-         s.attention = Attention::Eager, s.checkpoint.assign(static_cast<std::size_t>(L), true);
-     }},
-    {"eager, AMP, loop M=2, recompute M=2", "tiny-llama", 32, [](TrainingSetup& s, std::int64_t) {
-         s.attention = Attention::Eager, s.precision = Precision::AmpFp32, s.mlp_chunks = 2, s.lm_chunks = 2;
-     }},
-    {"eager, micro-batch 2, checkpoint layer 1 offloaded", "tiny-llama", 16, [](TrainingSetup& s, std::int64_t) {
-         s.attention = Attention::Eager, s.micro_batch = 2, s.checkpoint = {false, true}, s.offload_checkpoints = true;
-     }},
-    {"sliding window + tied embeddings, flash", "tiny_sliding_tied.json", 32, [](TrainingSetup&, std::int64_t) {}},
-    {"sliding window + tied embeddings, eager (two masks), checkpoint all, fused M=2", "tiny_sliding_tied.json", 32,
-     [](TrainingSetup& s, std::int64_t L) {
-         s.attention = Attention::Eager, s.checkpoint.assign(static_cast<std::size_t>(L), true);
-         s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward;
-     }},
-    {"tied embeddings, optimizer in backward, recompute M=3", "tiny_sliding_tied.json", 32, [](TrainingSetup& s, std::int64_t) {
-         s.optimizer_in_backward = true, s.lm_chunks = 3;
-     }},
-    {"tied embeddings, grad_accum 2, fused M=2, AMP", "tiny_sliding_tied.json", 32, [](TrainingSetup& s, std::int64_t) {
-         s.grad_accum = 2, s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward, s.precision = Precision::AmpFp32;
-     }},
-    {"Gemma-2: post-norms, embedding scale, final soft-capping (M = 1)", "tiny_gemma2.json", 32, [](TrainingSetup&, std::int64_t) {}},
-    {"Gemma-2: eager with soft-capped scores, two masks, checkpoint all", "tiny_gemma2.json", 32, [](TrainingSetup& s, std::int64_t L) {
-         s.attention = Attention::Eager, s.checkpoint.assign(static_cast<std::size_t>(L), true);
-     }},
-    {"Gemma-2: AMP, loop M=2, recompute M=3", "tiny_gemma2.json", 32, [](TrainingSetup& s, std::int64_t) {
-         s.precision = Precision::AmpFp32, s.mlp_chunks = 2, s.lm_chunks = 3;
-     }},
-    {"Gemma-2: grad_accum 2, fused M=2, eager", "tiny_gemma2.json", 32, [](TrainingSetup& s, std::int64_t) {
-         s.grad_accum = 2, s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward, s.attention = Attention::Eager;
-     }},
-    {"Gemma-2: bf16 master, optimizer in backward, tiled M=3, checkpoint layer 0 offloaded", "tiny_gemma2.json", 32,
-     [](TrainingSetup& s, std::int64_t) {
-         s.precision = Precision::Bf16Master, s.optimizer_in_backward = true, s.mlp_chunks = 3, s.mlp_impl = MlpImpl::Tiled;
-         s.checkpoint = {true, false}, s.offload_checkpoints = true;
-     }},
-    {"default", "small-llama", 12, [](TrainingSetup&, std::int64_t) {}},
-    {"eager, bf16 master, tiled M=2, fused M=2", "small-llama", 12, [](TrainingSetup& s, std::int64_t) {
-         s.attention = Attention::Eager, s.precision = Precision::Bf16Master;
-         s.mlp_chunks = 2, s.mlp_impl = MlpImpl::Tiled, s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward;
-     }},
-    {"checkpoint spread:2, loop M=4, recompute M=4", "small-llama", 12, [](TrainingSetup& s, std::int64_t L) {
-         s.checkpoint = parse_checkpoint_spec("spread:2", L, "test"), s.mlp_chunks = 4, s.lm_chunks = 4;
-     }},
-    {"AMP, checkpoint all offloaded, tiled M=3, fused M=3", "small-llama", 12, [](TrainingSetup& s, std::int64_t L) {
-         s.precision = Precision::AmpFp32, s.checkpoint.assign(static_cast<std::size_t>(L), true), s.offload_checkpoints = true;
-         s.mlp_chunks = 3, s.mlp_impl = MlpImpl::Tiled, s.lm_chunks = 3, s.lm_impl = LmHeadImpl::FusedForward;
-     }},
-    {"bf16 master, optimizer in backward, loop M=2", "small-llama", 12, [](TrainingSetup& s, std::int64_t) {
-         s.precision = Precision::Bf16Master, s.optimizer_in_backward = true, s.mlp_chunks = 2;
-     }},
-    {"grad_accum 2, checkpoint all, fused M=8", "small-llama", 12, [](TrainingSetup& s, std::int64_t L) {
-         s.grad_accum = 2, s.checkpoint.assign(static_cast<std::size_t>(L), true);
-         s.lm_chunks = 8, s.lm_impl = LmHeadImpl::FusedForward;
-     }},
-    {"SGD, AMP, micro-batch 2, checkpoint first:1", "small-llama", 6, [](TrainingSetup& s, std::int64_t L) {
-         s.optimizer = Optimizer::SgdMomentum, s.precision = Precision::AmpFp32, s.micro_batch = 2;
-         s.checkpoint = parse_checkpoint_spec("first:1", L, "test");
-     }},
-};
 
 // Runs the matrix cases on `model`; returns how many.
 int run_matrix(const char* model) {

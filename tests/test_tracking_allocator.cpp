@@ -5,20 +5,23 @@
 #include <cstdint>
 #include <utility>
 
+#include "../src/exec/cpu_backend.hpp"
 #include "../src/exec/tracking_allocator.hpp"
 
 using namespace mst;
 using mst::exec::Buffer;
+using mst::exec::CpuBackend;
 using mst::exec::TrackingAllocator;
 
 TEST_CASE("tracking allocator: events carry the context, exact bytes, and the free repeats the allocation's tags") {
-    TrackingAllocator a("cpu", "tiny");
+    CpuBackend cpu;
+    TrackingAllocator a(cpu, "tiny");
     a.set_phase(Phase::Forward);
     a.set_layer(3);
     a.set_micro_step(1);
     a.set_op("mlp.gate_up");
     Buffer g = a.allocate("g", 1001, Category::SavedActivation);
-    CHECK(reinterpret_cast<std::uintptr_t>(g.data()) % TrackingAllocator::kAlignment == 0);
+    CHECK(reinterpret_cast<std::uintptr_t>(g.data()) % CpuBackend::kAlignment == 0);
     CHECK(a.live_bytes() == 1001);
     a.set_phase(Phase::Backward);
     a.set_op("mlp.act");
@@ -37,7 +40,8 @@ TEST_CASE("tracking allocator: events carry the context, exact bytes, and the fr
 }
 
 TEST_CASE("tracking allocator: a moved buffer frees once, where its last owner lets go; host memory is separate") {
-    TrackingAllocator a("cpu", "tiny");
+    CpuBackend cpu;
+    TrackingAllocator a(cpu, "tiny");
     {
         Buffer x = a.allocate("x", 64, Category::Checkpoint);
         Buffer h = a.allocate("checkpoint", 64, Category::Offloaded, Device::Host);
@@ -59,7 +63,8 @@ TEST_CASE("tracking allocator: a moved buffer frees once, where its last owner l
 }
 
 TEST_CASE("tracking allocator: after finish() the step's persistent buffers free without being recorded") {
-    TrackingAllocator a("cpu", "tiny");
+    CpuBackend cpu;
+    TrackingAllocator a(cpu, "tiny");
     Buffer w = a.allocate("weights", 128, Category::Weights);
     const Timeline t = a.finish();
     w.reset();

@@ -3,6 +3,7 @@
 // backend and record every allocation and free in a Timeline (the simulator's format),
 // so that `compare` can diff a prediction against a measurement.
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -32,8 +33,29 @@ struct NamedValues {
     std::vector<float> values;
 };
 
+// What the CUDA backend reports besides the timeline: where its events came from and what the
+// device said about memory the timeline cannot show.
+struct DeviceReport {
+    std::string device;         // "NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB"
+    std::string allocator;      // "exact (cudaMallocAsync ...)" / "caching (...)"
+    std::string recorder;       // CUPTI's status
+    std::string timeline_note;  // where the measured events came from, with CUPTI's counters
+    bool from_cupti = false;    // the device events are CUPTI's MEMORY2 records
+    std::int64_t dropped_records = 0, unmatched_records = 0, size_mismatches = 0;
+    // The measured device events equal the executor's own log, event by event (kind, bytes,
+    // name, category, op, layer, phase); else the first difference.
+    bool matches_executor_log = false;
+    std::string first_difference;
+    bytes_t peak_allocated = 0, peak_reserved = 0;  // the device allocator's (caching: PyTorch's view)
+    // cudaMemGetInfo: device memory in use before the step (the context, cuBLAS, the runtime)
+    // and after it (the persistent state still alive), and the device's total.
+    bytes_t used_before = 0, used_after = 0, total = 0;
+    std::int64_t kernels = 0;     // CUPTI kernel records
+    double kernel_seconds = 0;    // their summed durations
+};
+
 struct MeasuredStep {
-    Timeline timeline;  // source "cpu"
+    Timeline timeline;  // source "cpu" or "cuda"
     // Mean cross-entropy per token, averaged over the executed micro-steps.
     double loss = 0;
     // Wall seconds spent in each op (the timeline's op names), in first-seen order.
@@ -41,6 +63,7 @@ struct MeasuredStep {
     double wall_seconds = 0;
     std::vector<NamedValues> gradients;   // options.capture
     std::vector<NamedValues> parameters;  // options.capture
+    std::optional<DeviceReport> device;   // the CUDA backend's
 };
 
 // One optimizer step on the CPU reference backend: random weights and tokens from
@@ -49,5 +72,19 @@ struct MeasuredStep {
 // (dp, ZeRO, sp) or needs a kernel the backend does not have.
 MeasuredStep execute_cpu(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t seed,
                          const ExecuteOptions& options = {});
+
+struct CudaOptions {
+    // PyTorch's caching allocator (the timeline is its per-tensor log; peak_reserved is what
+    // torch.cuda.max_memory_reserved reports) instead of one cudaMallocAsync per tensor (which
+    // CUPTI records tensor by tensor).
+    bool caching_allocator = false;
+    bool cupti = true;  // false: the allocator's own log, without CUPTI
+};
+
+// The same step, by the same executor, on the local GPU through the CUDA kernels: the same
+// weights (counter-based), tokens, buffers and order as execute_cpu with the same seed. A
+// UserError when this build has no CUDA backend or the machine no usable device.
+MeasuredStep execute_cuda(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t seed,
+                          const ExecuteOptions& options = {}, const CudaOptions& cuda = {});
 
 }  // namespace mst

@@ -16,23 +16,27 @@ namespace mst::cli {
 namespace {
 
 struct MeasureArgs {
-    std::string backend = "cpu", model, out_dir;
+    std::string backend = "cpu", model, out_dir, allocator = "exact";
+    bool no_cupti = false;
     std::uint64_t seed = 0;
     std::int64_t workspace_bytes = 0;
     SetupOptions setup;
 };
 
 void run_measure(const GlobalOptions& g, const MeasureArgs& a) {
-    if (a.backend == "cuda")
-        fail("--backend", "cuda", "this build has no CUDA backend (the CUDA executor is not part of it); use --backend cpu");
-    if (a.backend != "cpu") fail("--backend", a.backend, "expected cpu or cuda");
+    if (a.backend != "cpu" && a.backend != "cuda") fail("--backend", a.backend, "expected cpu or cuda");
+    if (a.allocator != "exact" && a.allocator != "caching") fail("--allocator", a.allocator, "expected exact or caching");
     if (a.workspace_bytes < 0) fail("--workspace-bytes", "value", "expected a non-negative byte count");
     const ModelSpec model = find_model(a.model);
     for (const auto& w : model.warnings) warn(fmt::format("{}: {}", model.source, w));
     const TrainingSetup setup = a.setup.build(model);
     ExecuteOptions options;
     options.workspace_bytes = a.workspace_bytes;
-    const MeasuredStep step = execute_cpu(model, setup, a.seed, options);
+    CudaOptions cuda;
+    cuda.caching_allocator = a.allocator == "caching";
+    cuda.cupti = !a.no_cupti;
+    const MeasuredStep step =
+        a.backend == "cuda" ? execute_cuda(model, setup, a.seed, options, cuda) : execute_cpu(model, setup, a.seed, options);
     const nlohmann::json j = measurement_json(step, a.backend, model, setup, a.seed, a.workspace_bytes);
 
     std::string written;
@@ -46,8 +50,16 @@ void run_measure(const GlobalOptions& g, const MeasureArgs& a) {
     if (g.json) return print_json(j["summary"]);
 
     const Summary s = summarize(step.timeline, model.num_layers);
-    fmt::print("{} on the CPU backend: seq {} x micro-batch {}, {} events, loss {:.4f}, {:.3f} s\n", model.display_name,
-               setup.seq_len, setup.micro_batch, step.timeline.events.size(), step.loss, step.wall_seconds);
+    fmt::print("{} on the {} backend: seq {} x micro-batch {}, {} events, loss {:.4f}, {:.3f} s\n", model.display_name,
+               a.backend == "cuda" ? "CUDA" : "CPU", setup.seq_len, setup.micro_batch, step.timeline.events.size(),
+               step.loss, step.wall_seconds);
+    if (step.device) {
+        const DeviceReport& d = *step.device;
+        fmt::print("device: {}\nallocator: {}\nrecorder: {}\nevents: {}\n", d.device, d.allocator, d.recorder,
+                   d.timeline_note);
+        fmt::print("executor log vs measured device events: {}\n",
+                   d.matches_executor_log ? "equal, event by event" : "DIFFERENT: " + d.first_difference);
+    }
     Table t({"measured", "bytes", ""});
     t.row({"peak", std::to_string(s.peak.bytes), format_bytes(s.peak.bytes)});
     for (int p = 0; p < kPhaseCount; ++p) {
@@ -56,6 +68,13 @@ void run_measure(const GlobalOptions& g, const MeasureArgs& a) {
             t.row({"peak in " + to_string(static_cast<Phase>(p)), std::to_string(s.phase_peak[i]), format_bytes(s.phase_peak[i])});
     }
     if (s.host_peak > 0) t.row({"host (offloaded)", std::to_string(s.host_peak), format_bytes(s.host_peak)});
+    if (step.device) {
+        const DeviceReport& d = *step.device;
+        t.row({"allocator: peak allocated", std::to_string(d.peak_allocated), format_bytes(d.peak_allocated)});
+        t.row({"allocator: peak reserved", std::to_string(d.peak_reserved), format_bytes(d.peak_reserved)});
+        t.row({"device in use before the step", std::to_string(d.used_before), format_bytes(d.used_before)});
+        t.row({"device in use after the step", std::to_string(d.used_after), format_bytes(d.used_after)});
+    }
     t.print();
     // The slowest ops, for a feel of where the time goes on this backend.
     auto ops = step.op_seconds;
@@ -75,7 +94,12 @@ void add_measure_command(CLI::App& app, const GlobalOptions& global) {
                                    "Run one real training step on a backend and record its memory timeline\n"
                                    "  mst-plan measure --backend cpu --model tiny-llama --seq 256 --mlp-chunks 4 --out run1\n"
                                    "  mst-plan compare --run run1/measured.json");
-    cmd->add_option("--backend", args->backend, "cpu (the reference backend) or cuda")->capture_default_str();
+    cmd->add_option("--backend", args->backend, "cpu (the reference backend) or cuda (the local GPU)")->capture_default_str();
+    cmd->add_option("--allocator", args->allocator,
+                    "cuda: exact (one cudaMallocAsync per tensor, recorded by CUPTI) or caching (PyTorch's caching "
+                    "allocator: allocated and reserved)")
+        ->capture_default_str();
+    cmd->add_flag("--no-cupti", args->no_cupti, "cuda: take the timeline from the allocator's own log, without CUPTI");
     cmd->add_option("--model", args->model, "Catalog name or path to a config.json")->required();
     cmd->add_option("--out", args->out_dir, "Write DIR/measured.json (setup, timeline and summary)");
     cmd->add_option("--seed", args->seed, "Seed of the random weights and tokens")->capture_default_str();

@@ -107,8 +107,30 @@ nlohmann::json measurement_json(const MeasuredStep& step, const std::string& bac
         categories[to_string(static_cast<Category>(i))] = s.category_max[static_cast<std::size_t>(i)];
     nlohmann::json ops = nlohmann::json::array();
     for (const auto& [op, seconds] : step.op_seconds) ops.push_back({op, seconds});
+    nlohmann::json device = nullptr;
+    if (step.device) {
+        const DeviceReport& d = *step.device;
+        device = {{"device", d.device},
+                  {"allocator", d.allocator},
+                  {"recorder", d.recorder},
+                  {"timeline_note", d.timeline_note},
+                  {"from_cupti", d.from_cupti},
+                  {"dropped_records", d.dropped_records},
+                  {"unmatched_records", d.unmatched_records},
+                  {"size_mismatches", d.size_mismatches},
+                  {"matches_executor_log", d.matches_executor_log},
+                  {"first_difference", d.first_difference},
+                  {"peak_allocated_bytes", d.peak_allocated},
+                  {"peak_reserved_bytes", d.peak_reserved},
+                  {"used_before_bytes", d.used_before},
+                  {"used_after_bytes", d.used_after},
+                  {"total_bytes", d.total},
+                  {"kernels", d.kernels},
+                  {"kernel_seconds", d.kernel_seconds}};
+    }
     return {{"format", kMeasureFormat},
             {"backend", backend},
+            {"device", device},
             {"model", model.name},
             {"model_path", model.source},
             {"seed", seed},

@@ -54,13 +54,17 @@ struct GemmContext::Impl {
     std::map<Key, Plan> plans;
 
     ~Impl() {
+        clear_plans();
+        if (handle) cublasLtDestroy(handle);
+    }
+    void clear_plans() {
         for (auto& [key, p] : plans) {
             cublasLtMatrixLayoutDestroy(p.a);
             cublasLtMatrixLayoutDestroy(p.b);
             cublasLtMatrixLayoutDestroy(p.d);
             cublasLtMatmulDescDestroy(p.desc);
         }
-        if (handle) cublasLtDestroy(handle);
+        plans.clear();
     }
 
     // D (m x n, column-major, ld m) = op(A) op(B) + beta D; A stored ta ? k x m : m x k (ld = rows),
@@ -133,6 +137,13 @@ GemmContext::GemmContext(void* workspace, std::size_t workspace_bytes) : impl_(s
 }
 
 GemmContext::~GemmContext() = default;
+
+void GemmContext::set_workspace(void* workspace, std::size_t workspace_bytes) {
+    detail::require(workspace != nullptr || workspace_bytes == 0, "GemmContext::set_workspace", "a workspace of workspace_bytes");
+    impl_->clear_plans();  // the heuristic chose each plan's algorithm for the old workspace size
+    impl_->workspace = workspace;
+    impl_->workspace_bytes = workspace_bytes;
+}
 
 // out[n,o] (+)= in[n,i] W[o,i]^T
 void linear_forward(GemmContext& ctx, Tensor out, ConstTensor in, ConstTensor W, std::int64_t n, std::int64_t i,

@@ -22,6 +22,8 @@ public:
     // workspace: device buffer of workspace_bytes (>= 0; more lets cuBLASLt pick split-K kernels)
     GemmContext(void* workspace, std::size_t workspace_bytes);
     ~GemmContext();
+    // A new workspace (the old one's plans are dropped); the handle stays.
+    void set_workspace(void* workspace, std::size_t workspace_bytes);
     GemmContext(const GemmContext&) = delete;
     GemmContext& operator=(const GemmContext&) = delete;
 

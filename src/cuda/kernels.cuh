@@ -26,7 +26,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
-#include "mst/tensor_view.hpp"
+#include "mst/kernel_types.hpp"
 
 namespace mst::cuda {
 
@@ -34,11 +34,16 @@ using bf16 = __nv_bfloat16;
 
 using mst::DType;
 using mst::dtype_bytes;
+using mst::AdamWConfig;
+using mst::AttentionConfig;
+using mst::GatedAct;
+using mst::kIgnoreIndex;
+using mst::NormKind;
+using mst::SgdConfig;
 using Tensor = mst::BasicTensor<bf16>;            // a caller-owned buffer and its storage dtype
 using ConstTensor = mst::BasicConstTensor<bf16>;
 
 inline constexpr std::int64_t kMaxHeadDim = 256;    // attention and RoPE: head_dim <= this
-inline constexpr std::int64_t kIgnoreIndex = -100;  // labels to skip (PyTorch's ignore_index)
 
 // ---- elementwise helpers ----------------------------------------------------------------
 // out[n] = in[n] (dtype conversion)
@@ -64,10 +69,6 @@ void embedding_backward(Tensor dtable, ConstTensor dout, const std::int64_t* ids
                         std::int64_t V, cudaStream_t stream = nullptr);
 
 // ---- RMSNorm ---------------------------------------------------------------------------------
-enum class NormKind : std::uint8_t {
-    Llama,  // y = x * rstd * w
-    Gemma,  // y = x * rstd * (1 + w)
-};
 // y[n,d] = x[n,d] * rstd[n] * g(w[d]); rstd[n] fp32 (nullable). One warp per row.
 void rmsnorm_forward(Tensor y, float* rstd, ConstTensor x, ConstTensor w, std::int64_t n, std::int64_t d, float eps,
                      NormKind kind, cudaStream_t stream = nullptr);
@@ -89,12 +90,6 @@ void rope_backward(Tensor dq, Tensor dk, std::int64_t B, std::int64_t S, std::in
 // Same function as the CPU's: q, o [B*S, nh*hd]; k, v [B*S, nkv*hd]; query head h reads kv
 // head h / (nh/nkv); score s = q.k * scale, soft-capped when softcap > 0, visible when u <= t
 // and (window == 0 or t - u < window).
-struct AttentionConfig {
-    std::int64_t B = 1, S = 1, nh = 1, nkv = 1, hd = 1;
-    float scale = 1.0f;
-    std::int64_t window = 0;
-    float softcap = 0.0f;
-};
 float default_scale(std::int64_t hd);                                 // 1/sqrt(hd)
 std::int64_t flash_lse_floats(const AttentionConfig& c);              // lse [B, nh, S]
 std::int64_t flash_dq_workspace_floats(const AttentionConfig& c);     // dq accumulator [B*S, nh*hd]
@@ -145,10 +140,6 @@ void softmax_backward(Tensor dx, const float* dy, const float* y, std::int64_t r
                       cudaStream_t stream = nullptr);
 
 // ---- gated MLP activation -------------------------------------------------------------------
-enum class GatedAct : std::uint8_t {
-    Silu,      // Llama SwiGLU: silu(g) * u
-    GeluTanh,  // Gemma GeGLU: gelu_tanh(g) * u
-};
 // m[n] = act(g[n]) * u[n]   (n = rows * intermediate)
 void swiglu_forward(Tensor m, ConstTensor g, ConstTensor u, std::int64_t n, GatedAct act,
                     cudaStream_t stream = nullptr);
@@ -197,9 +188,6 @@ void cross_entropy_fused(Tensor logits, float* row_loss, double* loss_sum, const
                          std::int64_t n, std::int64_t V, float scale, float softcap, cudaStream_t stream = nullptr);
 
 // ---- optimizers -------------------------------------------------------------------------------
-struct AdamWConfig {
-    float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.01f;
-};
 // One parameter tensor of an AdamW step: param, m, v [n] (fp32 or bf16 each), grad [n].
 struct AdamWTensor {
     Tensor param;
@@ -217,10 +205,6 @@ void adamw_step(const AdamWTensor* tensors, std::int64_t count, const AdamWConfi
 void adamw_step(Tensor param, ConstTensor grad, Tensor m, Tensor v, std::int64_t n, const AdamWConfig& c,
                 std::int64_t step, cudaStream_t stream = nullptr);
 
-struct SgdConfig {
-    float lr = 1e-2f, momentum = 0.0f, dampening = 0.0f, weight_decay = 0.0f;
-    bool nesterov = false;
-};
 struct SgdTensor {
     Tensor param;
     ConstTensor grad;

@@ -15,10 +15,11 @@
 // kv_dim = nkv*hd. Activations are rows of [T, features], row b*S + t.
 #include "executor.hpp"
 
+#include "cpu_backend.hpp"
+
 #include <algorithm>
 #include <cassert>
 #include <cmath>
-#include <cstring>
 #include <stdexcept>
 #include <utility>
 
@@ -28,8 +29,6 @@
 
 namespace mst::exec {
 
-using cpu::DType;
-
 float* Ten::f32() const {
     if (dtype != DType::F32) throw std::logic_error("executor: an fp32 buffer was expected");
     return static_cast<float*>(buf->data());
@@ -37,20 +36,20 @@ float* Ten::f32() const {
 
 namespace {
 
-// The knobs and model features one CPU process with these kernels cannot run.
-void check_supported(const ModelSpec& m, const TrainingSetup& s) {
-    const std::string w = "setup";
-    if (s.dp > 1) fail(w, "dp", "the CPU executor runs one process; data parallelism (dp > 1) cannot run on it");
-    if (s.zero_stage > 0) fail(w, "zero_stage", "ZeRO shards over data-parallel ranks; the CPU executor runs one process (use 0)");
-    if (s.sp > 1) fail(w, "sp", "the CPU executor runs one process; sequence parallelism (sp > 1) cannot run on it");
+// The knobs and model features one process with these kernels cannot run.
+void check_supported(const ModelSpec& m, const TrainingSetup& s, const Backend& b) {
+    const std::string w = "setup", who = "the " + b.name() + " executor";
+    if (s.dp > 1) fail(w, "dp", who + " runs one process; data parallelism (dp > 1) cannot run on it");
+    if (s.zero_stage > 0) fail(w, "zero_stage", "ZeRO shards over data-parallel ranks; " + who + " runs one process (use 0)");
+    if (s.sp > 1) fail(w, "sp", who + " runs one process; sequence parallelism (sp > 1) cannot run on it");
     if (s.optimizer == Optimizer::AdamW8bit)
-        fail(w, "optimizer", "the CPU executor has no 8-bit AdamW (bitsandbytes' blockwise quantisation); use adamw or sgd");
+        fail(w, "optimizer", who + " has no 8-bit AdamW (bitsandbytes' blockwise quantisation); use adamw or sgd");
     if (m.qkv_bias || m.o_bias || m.mlp_bias)
-        fail(m.name, "attention_bias", "the CPU executor has no bias kernels (q/k/v, o or MLP biases)");
+        fail(m.name, "attention_bias", who + " has no bias kernels (q/k/v, o or MLP biases)");
     if (m.hidden_act != "silu" && m.hidden_act != "gelu_pytorch_tanh")
-        fail(m.name, "hidden_act", fmt::format("the CPU executor implements silu and gelu_pytorch_tanh, got '{}'", m.hidden_act));
-    if (m.head_dim > cpu::kMaxHeadDim)
-        fail(m.name, "head_dim", fmt::format("the CPU kernels take head_dim <= {}", cpu::kMaxHeadDim));
+        fail(m.name, "hidden_act", fmt::format("{} implements silu and gelu_pytorch_tanh, got '{}'", who, m.hidden_act));
+    if (m.head_dim > b.max_head_dim())
+        fail(m.name, "head_dim", fmt::format("the {} kernels take head_dim <= {}", b.name(), b.max_head_dim()));
 }
 
 }  // namespace
@@ -58,7 +57,7 @@ void check_supported(const ModelSpec& m, const TrainingSetup& s) {
 // ---- tensors ---------------------------------------------------------------------------
 
 Ten Step::alloc(const char* name, std::int64_t numel, DType dtype, Category category, Device device) {
-    const bytes_t bytes = checked_mul(numel, cpu::dtype_bytes(dtype), "tensor size");
+    const bytes_t bytes = checked_mul(numel, dtype_bytes(dtype), "tensor size");
     return Ten{std::make_shared<Buffer>(alloc_.allocate(name, bytes, category, device)), dtype};
 }
 
@@ -67,6 +66,7 @@ Ten Step::act(const char* name, std::int64_t numel, DType dtype, bool saved_by_o
 }
 
 void Step::at(const char* op) {
+    b_.synchronize();  // an asynchronous backend's op ends when its kernels do
     const auto now = std::chrono::steady_clock::now();
     if (!op_.empty()) {
         const double seconds = std::chrono::duration<double>(now - op_start_).count();
@@ -86,11 +86,11 @@ std::vector<std::int64_t> Step::chunks(std::int64_t count) const {
     return chunk_sizes(T_, count);
 }
 
-cpu::AttentionConfig Step::attention_config(int l) const {
-    cpu::AttentionConfig c;
+AttentionConfig Step::attention_config(int l) const {
+    AttentionConfig c;
     c.B = B_, c.S = S_, c.nh = m_.num_heads, c.nkv = m_.num_kv_heads, c.hd = m_.head_dim;
     c.scale = m_.query_pre_attn_scalar ? static_cast<float>(1.0 / std::sqrt(*m_.query_pre_attn_scalar))
-                                       : cpu::default_scale(m_.head_dim);
+                                       : 1.0f / std::sqrt(static_cast<float>(m_.head_dim));
     if (m_.sliding_window && m_.sliding_layers[static_cast<std::size_t>(l)]) c.window = *m_.sliding_window;
     if (m_.attn_logit_softcapping) c.softcap = static_cast<float>(*m_.attn_logit_softcapping);
     return c;
@@ -98,10 +98,11 @@ cpu::AttentionConfig Step::attention_config(int l) const {
 
 // ---- parameters ------------------------------------------------------------------------
 
-Step::Step(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t seed, const ExecuteOptions& options)
-    : m_(model), s_(setup), opt_(options), alloc_("cpu", model.name), rng_(seed) {
+Step::Step(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t seed, const ExecuteOptions& options,
+           Backend& backend)
+    : m_(model), s_(setup), opt_(options), b_(backend), alloc_(backend, model.name), rng_(seed) {
     validate(setup, model);
-    check_supported(model, setup);
+    check_supported(model, setup, backend);
     switch (s_.precision) {
         case Precision::PureBf16: pw_ = DType::BF16, pg_ = DType::BF16; break;
         case Precision::Bf16Master: pw_ = DType::BF16, pg_ = DType::F32; break;
@@ -114,8 +115,8 @@ Step::Step(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t see
     if (opt_.storage_fp32) act_ = res_ = pw_ = pg_ = sd_ = DType::F32;
     B_ = s_.micro_batch, S_ = s_.seq_len, T_ = B_ * S_;
     gemma_ = m_.family == Family::Gemma2;
-    norm_kind_ = gemma_ ? cpu::NormKind::Gemma : cpu::NormKind::Llama;  // gain w or 1 + w
-    gated_ = m_.hidden_act == "silu" ? cpu::GatedAct::Silu : cpu::GatedAct::GeluTanh;
+    norm_kind_ = gemma_ ? NormKind::Gemma : NormKind::Llama;  // gain w or 1 + w
+    gated_ = m_.hidden_act == "silu" ? GatedAct::Silu : GatedAct::GeluTanh;
     result_.timeline.micro_steps = static_cast<std::int32_t>(s_.grad_accum);
     build_params();
 }
@@ -159,30 +160,29 @@ std::uint64_t Step::random() {
 
 // Persistent state before the step, steady state (the optimizer's states already exist):
 // weights with random values (matrices uniform with standard deviation 0.02, norm gains 1:
-// a Llama weight of 1, a Gemma weight of 0),
-// master copy, states at 0.
+// a Llama weight of 1, a Gemma weight of 0), master copy, states at 0. The values are
+// counter-based (fill_uniform: parameter p's element i depends on the seed, p and i only), so
+// every backend starts from the same weights.
 void Step::init_state() {
     alloc_.set_phase(Phase::Init);
     const float half_width = 0.02f * std::sqrt(3.0f);  // U(-a, a) has standard deviation a / sqrt(3)
-    auto uniform = [&] { return half_width * (2.0f * static_cast<float>(random() >> 40) / 16777216.0f - 1.0f); };
-    float block[cpu::kBlock];
+    const std::uint64_t weights_key = random();
     at("init.weights");
-    for (Param& p : params_) {
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+        Param& p = params_[i];
         alloc_.set_layer(p.layer);
         p.weight = alloc(p.name.c_str(), p.numel(), pw_, Category::Weights);
-        for (std::int64_t i0 = 0; i0 < p.numel(); i0 += cpu::kBlock) {
-            const std::int64_t nb = std::min(cpu::kBlock, p.numel() - i0);
-            const float gain = norm_kind_ == cpu::NormKind::Gemma ? 0.0f : 1.0f;
-            for (std::int64_t j = 0; j < nb; ++j) block[j] = p.rows == 1 ? gain : uniform();
-            cpu::store_block(p.weight.t(), i0, nb, block);
-        }
+        if (p.rows == 1)
+            b_.fill(p.weight.t(), p.numel(), norm_kind_ == NormKind::Gemma ? 0.0f : 1.0f);
+        else
+            b_.fill_uniform(p.weight.t(), p.numel(), half_width, weights_key + (i << 40));
     }
     if (s_.precision == Precision::Bf16Master) {
         at("init.master_weights");
         for (Param& p : params_) {
             alloc_.set_layer(p.layer);
             p.master = alloc(p.name.c_str(), p.numel(), DType::F32, Category::MasterWeights);
-            cpu::cast(p.master.t(), p.weight.t(), p.numel());
+            b_.cast(p.master.t(), p.weight.t(), p.numel());
         }
     }
     at("init.optimizer_state");
@@ -191,11 +191,11 @@ void Step::init_state() {
         if (s_.optimizer == Optimizer::AdamW) {
             p.state1 = alloc("exp_avg", p.numel(), sd_, Category::OptimizerState);
             p.state2 = alloc("exp_avg_sq", p.numel(), sd_, Category::OptimizerState);
-            cpu::zero(p.state2.t(), p.numel());
+            b_.zero(p.state2.t(), p.numel());
         } else {
             p.state1 = alloc("momentum", p.numel(), sd_, Category::OptimizerState);
         }
-        cpu::zero(p.state1.t(), p.numel());
+        b_.zero(p.state1.t(), p.numel());
     }
     alloc_.set_layer(-1);
     if (opt_.workspace_bytes > 0) {  // raw bytes, no dtype: the cuBLAS-workspace equivalent
@@ -203,17 +203,18 @@ void Step::init_state() {
         workspace_ = Ten{std::make_shared<Buffer>(alloc_.allocate("cublas_workspace", opt_.workspace_bytes,
                                                                   Category::Workspace)),
                          DType::F32};
+        b_.set_workspace(workspace_.buf->data(), static_cast<std::size_t>(opt_.workspace_bytes));
     }
 }
 
-cpu::Tensor Step::grad_write(int p) {
+Tensor Step::grad_write(int p) {
     Param& P = params_[static_cast<std::size_t>(p)];
     if (!P.grad) {  // first write of this step: every weight-gradient kernel accumulates into it
         const auto layer = alloc_.layer();
         alloc_.set_layer(P.layer);
         P.grad = alloc(P.name.c_str(), P.numel(), pg_, Category::Gradients);
         alloc_.set_layer(layer);
-        cpu::zero(P.grad.t(), P.numel());
+        b_.zero(P.grad.t(), P.numel());
     }
     return P.grad.t();
 }
@@ -233,19 +234,19 @@ void Step::grad_done(int p) {
 
 // AMP: the autocast cache keeps one bf16 copy of each fp32 weight for the rest of the
 // autocast region, and every matmul that used it under autograd saves it for backward.
-cpu::Tensor Step::use_weight(int p) {
+Tensor Step::use_weight(int p) {
     Param& P = params_[static_cast<std::size_t>(p)];
     if (!amp_) return P.weight.t();
     if (!P.amp_copy) {
         P.amp_copy = alloc("autocast_bf16", P.numel(), opt_.storage_fp32 ? DType::F32 : DType::BF16, Category::Weights);
-        cpu::cast(P.amp_copy.t(), P.weight.t(), P.numel());
+        b_.cast(P.amp_copy.t(), P.weight.t(), P.numel());
         autocast_cache_.push_back(p);
     }
     if (grad_) P.amp_saved.push_back(P.amp_copy);
     return P.amp_copy.t();
 }
 
-cpu::Tensor Step::backward_weight(int p) {
+Tensor Step::backward_weight(int p) {
     const Param& P = params_[static_cast<std::size_t>(p)];
     return amp_ ? P.amp_saved.back().t() : P.weight.t();
 }
@@ -266,7 +267,7 @@ void Step::clear_autocast_cache() {
 Ten Step::cast_for_matmul(Ten x, std::int64_t cols) {
     if (!amp_) return x;
     Ten c = act("autocast_input_bf16", T_ * cols, opt_.storage_fp32 ? DType::F32 : DType::BF16, true);
-    cpu::cast(c.t(), x.t(), T_ * cols);
+    b_.cast(c.t(), x.t(), T_ * cols);
     drop(x);
     return c;
 }
@@ -274,7 +275,7 @@ Ten Step::cast_for_matmul(Ten x, std::int64_t cols) {
 Ten Step::uncast_grad(Ten g, std::int64_t cols) {
     if (!amp_) return g;
     Ten f = alloc("grad_fp32", T_ * cols, DType::F32, Category::Transient);
-    cpu::cast(f.t(), g.t(), T_ * cols);
+    b_.cast(f.t(), g.t(), T_ * cols);
     drop(g);
     return f;
 }
@@ -283,19 +284,19 @@ void Step::capture_gradient(const Param& P) {
     if (!opt_.capture) return;
     NamedValues v{P.layer >= 0 ? fmt::format("layers.{}.{}", P.layer, P.name) : P.name,
                   std::vector<float>(static_cast<std::size_t>(P.numel()))};
-    cpu::cast(v.values.data(), P.grad.t(), P.numel());
+    b_.to_host(v.values.data(), P.grad.t(), P.numel());
     result_.gradients.push_back(std::move(v));
 }
 
 // A fused update in place, without temporaries: the fp32 master under Bf16Master (then
 // rounded into the bf16 weight), else the weight itself.
 void Step::optimizer_update(Param& P) {
-    const cpu::Tensor target = P.master ? P.master.t() : P.weight.t();
+    const Tensor target = P.master ? P.master.t() : P.weight.t();
     if (s_.optimizer == Optimizer::AdamW)
-        cpu::adamw_step(target, P.grad.t(), P.state1.t(), P.state2.t(), P.numel(), cpu::AdamWConfig{}, 1);
+        b_.adamw_step(target, P.grad.t(), P.state1.t(), P.state2.t(), P.numel(), AdamWConfig{}, 1);
     else
-        cpu::sgd_step(target, P.grad.t(), P.state1.t(), P.numel(), cpu::SgdConfig{1e-2f, 0.9f, 0.0f, 0.0f, false}, 1);
-    if (P.master) cpu::cast(P.weight.t(), P.master.t(), P.numel());
+        b_.sgd_step(target, P.grad.t(), P.state1.t(), P.numel(), SgdConfig{1e-2f, 0.9f, 0.0f, 0.0f, false}, 1);
+    if (P.master) b_.cast(P.weight.t(), P.master.t(), P.numel());
 }
 
 // ---- the step ----------------------------------------------------------------------------
@@ -314,11 +315,13 @@ void Step::micro_step(int micro) {
     ids_ = Ten{std::make_shared<Buffer>(alloc_.allocate("input_ids", T_ * 8, Category::SavedActivation)), DType::F32};
     labels_ = Ten{std::make_shared<Buffer>(alloc_.allocate("labels", T_ * 8, Category::SavedActivation)), DType::F32};
     auto token = [&] { return static_cast<std::int64_t>(random() % static_cast<std::uint64_t>(m_.vocab_size)); };
-    auto* ids = static_cast<std::int64_t*>(ids_.buf->data());
-    auto* labels = static_cast<std::int64_t*>(labels_.buf->data());
-    for (std::int64_t i = 0; i < T_; ++i) ids[i] = token();
-    for (std::int64_t i = 0; i < T_; ++i) labels[i] = token();
-    const std::int64_t valid = cpu::count_valid_labels(labels, T_);
+    std::vector<std::int64_t> ids(static_cast<std::size_t>(T_)), labels(static_cast<std::size_t>(T_));
+    for (auto& id : ids) id = token();
+    for (auto& label : labels) label = token();
+    b_.copy(ids_.buf->data(), ids.data(), ids.size() * sizeof(std::int64_t));
+    b_.copy(labels_.buf->data(), labels.data(), labels.size() * sizeof(std::int64_t));
+    const auto valid = static_cast<std::int64_t>(
+        std::count_if(labels.begin(), labels.end(), [](std::int64_t label) { return label != kIgnoreIndex; }));
     loss_scale_ = 1.0f / static_cast<float>(valid * s_.grad_accum);  // mean over tokens, over grad_accum micro-steps
     loss_rows_ += valid;
 
@@ -335,7 +338,7 @@ void Step::micro_step(int micro) {
             if (!(sliding ? any_sliding : any_full)) continue;
             at("attn.mask");
             *mask = alloc("causal_mask", B_ * S_ * S_, act_, mask_category);
-            cpu::causal_mask_fill(mask->t(), B_, S_, sliding ? *m_.sliding_window : 0);
+            b_.causal_mask_fill(mask->t(), B_, S_, sliding ? *m_.sliding_window : 0);
         }
     }
 
@@ -354,7 +357,7 @@ void Step::micro_step(int micro) {
             if (s_.offload_checkpoints) {
                 at("checkpoint.offload");
                 host[i] = alloc("checkpoint", T_ * d, res_, Category::Offloaded, Device::Host);
-                std::memcpy(host[i].buf->data(), checkpoint[i].buf->data(), static_cast<std::size_t>(host[i].buf->bytes()));
+                b_.copy(host[i].buf->data(), checkpoint[i].buf->data(), static_cast<std::size_t>(host[i].buf->bytes()));
                 drop(checkpoint[i]);
             }
         } else {
@@ -378,7 +381,7 @@ void Step::micro_step(int micro) {
             if (s_.offload_checkpoints) {
                 at("checkpoint.reload");
                 checkpoint[i] = alloc("checkpoint", T_ * d, res_, Category::Checkpoint);
-                std::memcpy(checkpoint[i].buf->data(), host[i].buf->data(), static_cast<std::size_t>(host[i].buf->bytes()));
+                b_.copy(checkpoint[i].buf->data(), host[i].buf->data(), static_cast<std::size_t>(host[i].buf->bytes()));
                 drop(host[i]);
             }
             // Reentrant checkpointing: the layer's forward again, under autograd; its output
@@ -422,12 +425,12 @@ MeasuredStep Step::run() {
     optimizer_step();
     at("");  // charge the last op its time
     result_.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    result_.loss = loss_sum_ / static_cast<double>(loss_rows_);
+    result_.loss = b_.loss_sum() / static_cast<double>(loss_rows_);
     if (opt_.capture)
         for (const Param& p : params_) {
             NamedValues v{p.layer >= 0 ? fmt::format("layers.{}.{}", p.layer, p.name) : p.name,
                           std::vector<float>(static_cast<std::size_t>(p.numel()))};
-            cpu::cast(v.values.data(), p.weight.t(), p.numel());
+            b_.to_host(v.values.data(), p.weight.t(), p.numel());
             result_.parameters.push_back(std::move(v));
         }
     const std::int32_t micro_steps = result_.timeline.micro_steps;
@@ -444,7 +447,8 @@ namespace mst {
 
 MeasuredStep execute_cpu(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t seed,
                          const ExecuteOptions& options) {
-    return exec::Step(model, setup, seed, options).run();
+    exec::CpuBackend cpu;
+    return exec::Step(model, setup, seed, options, cpu).run();
 }
 
 }  // namespace mst

@@ -1,5 +1,5 @@
 #pragma once
-// The CPU executor's state while it runs one training step (see executor.cpp).
+// The executor's state while it runs one training step on a backend (see executor.cpp).
 //
 // Tensors are shared handles on tracked buffers, so lifetimes are PyTorch's: the code
 // that produced a tensor holds it, every op that keeps it for its backward holds a
@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/kernels.hpp"
+#include "backend.hpp"
 #include "mst/execute.hpp"
 #include "mst/model.hpp"
 #include "mst/setup.hpp"
@@ -24,13 +24,13 @@ namespace mst::exec {
 // A tensor: its storage dtype and a holder of its buffer (empty: none).
 struct Ten {
     std::shared_ptr<Buffer> buf;
-    cpu::DType dtype = cpu::DType::F32;
+    DType dtype = DType::F32;
 
     explicit operator bool() const { return buf != nullptr; }
-    cpu::Tensor t() const { return {buf->data(), dtype}; }
+    Tensor t() const { return {buf->data(), dtype}; }
     // A view starting `elements` into the buffer (a row block of a chunk).
-    cpu::Tensor at(std::int64_t elements) const {
-        return {static_cast<char*>(buf->data()) + elements * cpu::dtype_bytes(dtype), dtype};
+    Tensor at(std::int64_t elements) const {
+        return {static_cast<char*>(buf->data()) + elements * dtype_bytes(dtype), dtype};
     }
     float* f32() const;  // the buffer as fp32 (a bug when it is not)
 };
@@ -81,16 +81,18 @@ struct HeadSaved {
 
 class Step {
 public:
-    Step(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t seed, const ExecuteOptions& options);
+    // `backend` runs the kernels and provides the memory; it must outlive the step.
+    Step(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t seed, const ExecuteOptions& options,
+         Backend& backend);
     MeasuredStep run();
 
 private:
     // ---- tensors ---------------------------------------------------------------
-    Ten alloc(const char* name, std::int64_t numel, cpu::DType dtype, Category category,
+    Ten alloc(const char* name, std::int64_t numel, DType dtype, Category category,
               Device device = Device::Gpu);
     Buffer& raw(const Ten& t) { return *t.buf; }
     // An activation: SavedActivation when autograd records and an op saves it, else Transient.
-    Ten act(const char* name, std::int64_t numel, cpu::DType dtype, bool saved);
+    Ten act(const char* name, std::int64_t numel, DType dtype, bool saved);
     Ten saved(const Ten& t) const { return grad_ ? t : Ten{}; }  // a holder for backward (none without grad)
     static void drop(Ten& t) { t.buf.reset(); }
     void at(const char* op);  // the op the next events belong to; also charges wall time to ops
@@ -98,10 +100,10 @@ private:
     // ---- parameters and their state ----------------------------------------------
     void build_params();
     void init_state();
-    cpu::Tensor grad_write(int p);        // p's gradient buffer, allocated (zeroed) at its first write
+    Tensor grad_write(int p);        // p's gradient buffer, allocated (zeroed) at its first write
     void grad_done(int p);                // p's gradient is complete for this micro-step
-    cpu::Tensor use_weight(int p);        // the weight a forward matmul reads (AMP: the autocast copy)
-    cpu::Tensor backward_weight(int p);   // the weight that op's backward reads
+    Tensor use_weight(int p);        // the weight a forward matmul reads (AMP: the autocast copy)
+    Tensor backward_weight(int p);   // the weight that op's backward reads
     void release_weight(int p);           // that backward is done with it
     void clear_autocast_cache();
     Ten cast_for_matmul(Ten x, std::int64_t cols);  // AMP: a bf16 copy of an fp32 activation
@@ -110,8 +112,8 @@ private:
     void capture_gradient(const Param& P);
 
     // ---- ops ---------------------------------------------------------------------
-    Ten norm_forward(int p, const Ten& x, Ten& rstd, bool output_saved, cpu::DType out_dtype);
-    Ten norm_backward(int p, Ten& rstd, Ten& x_saved, const Ten& dy, cpu::DType dx_dtype);
+    Ten norm_forward(int p, const Ten& x, Ten& rstd, bool output_saved, DType out_dtype);
+    Ten norm_backward(int p, Ten& rstd, Ten& x_saved, const Ten& dy, DType dx_dtype);
     // Soft-capping as HF writes it, three ops: x / cap, tanh (saved), * cap; and its backward.
     Ten softcap_forward(const char* prefix, Ten x, std::int64_t n, float cap, Ten& tanh_saved);
     Ten softcap_backward(const char* prefix, Ten dy, std::int64_t n, float cap, Ten& tanh_saved);
@@ -130,7 +132,7 @@ private:
     void embedding_backward(const Ten& dres);
     void head_forward(Ten x_last, HeadSaved& hs);
     Ten head_backward(HeadSaved& hs);
-    cpu::AttentionConfig attention_config(int l) const;
+    AttentionConfig attention_config(int l) const;
     std::vector<std::int64_t> chunks(std::int64_t count) const;  // mini-sequence sizes of T tokens
 
     void micro_step(int micro);
@@ -139,17 +141,18 @@ private:
     const ModelSpec& m_;
     const TrainingSetup& s_;
     const ExecuteOptions& opt_;
+    Backend& b_;
     TrackingAllocator alloc_;  // declared before every Ten so that it outlives them
 
-    cpu::DType act_ = cpu::DType::BF16;  // activations
-    cpu::DType res_ = cpu::DType::BF16;  // residual stream and norm outputs (fp32 under AMP)
-    cpu::DType pw_ = cpu::DType::BF16;   // parameters
-    cpu::DType pg_ = cpu::DType::BF16;   // gradients
-    cpu::DType sd_ = cpu::DType::BF16;   // optimizer states
+    DType act_ = DType::BF16;  // activations
+    DType res_ = DType::BF16;  // residual stream and norm outputs (fp32 under AMP)
+    DType pw_ = DType::BF16;   // parameters
+    DType pg_ = DType::BF16;   // gradients
+    DType sd_ = DType::BF16;   // optimizer states
     bool amp_ = false;
     std::int64_t B_ = 1, S_ = 1, T_ = 1;  // micro-batch, sequence, tokens
-    cpu::GatedAct gated_ = cpu::GatedAct::Silu;
-    cpu::NormKind norm_kind_ = cpu::NormKind::Llama;
+    GatedAct gated_ = GatedAct::Silu;
+    NormKind norm_kind_ = NormKind::Llama;
     bool gemma_ = false;  // Gemma-2: post-norms, sqrt(d) embedding scale, soft-capping
 
     std::vector<Param> params_;
@@ -161,7 +164,6 @@ private:
     Ten mask_full_, mask_sliding_;  // eager: the additive 4-D masks [B,1,S,S] of this micro-step
     Ten ids_, labels_;     // this micro-step's tokens and targets [T] int64
     float loss_scale_ = 1;  // d(loss)/d(row loss): 1 / (valid tokens * grad_accum)
-    double loss_sum_ = 0;   // summed row losses over the executed micro-steps
     std::int64_t loss_rows_ = 0;
     std::uint64_t rng_ = 0;  // SplitMix64 state
     std::uint64_t random();

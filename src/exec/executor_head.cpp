@@ -17,8 +17,6 @@
 
 namespace mst::exec {
 
-using cpu::DType;
-
 namespace {
 const std::int64_t* i64(const Ten& t) { return static_cast<const std::int64_t*>(t.buf->data()); }
 }  // namespace
@@ -29,11 +27,11 @@ Ten Step::embedding_forward(Category out_category) {
     at("embedding");
     const std::int64_t d = m_.hidden_size;
     Ten x = alloc("embeddings", T_ * d, res_, gemma_ ? Category::Transient : out_category);
-    cpu::embedding_forward(x.t(), params_[static_cast<std::size_t>(embed_)].weight.t(), i64(ids_), T_, d, m_.vocab_size);
+    b_.embedding_forward(x.t(), params_[static_cast<std::size_t>(embed_)].weight.t(), i64(ids_), T_, d, m_.vocab_size);
     if (gemma_) {
         at("embedding.scale");
         Ten scaled = alloc("embeddings_scaled", T_ * d, res_, out_category);
-        cpu::scale(scaled.t(), x.t(), T_ * d, embedding_scale());
+        b_.scale(scaled.t(), x.t(), T_ * d, embedding_scale());
         drop(x);
         x = std::move(scaled);
     }
@@ -43,7 +41,7 @@ Ten Step::embedding_forward(Category out_category) {
 // HF Gemma multiplies by sqrt(d) rounded to the activations' dtype.
 float Step::embedding_scale() const {
     const float s = std::sqrt(static_cast<float>(m_.hidden_size));
-    return res_ == DType::BF16 ? static_cast<float>(cpu::bf16(s)) : s;
+    return res_ == DType::BF16 ? round_to_bf16(s) : s;
 }
 
 // dres [T, d] scatter-added into the table's gradient [V, d] (Gemma-2: through the scale first)
@@ -54,10 +52,10 @@ void Step::embedding_backward(const Ten& dres) {
     if (gemma_) {
         at("embedding.scale");
         scaled = alloc("d_embeddings", T_ * d, res_, Category::Transient);
-        cpu::scale(scaled.t(), dres.t(), T_ * d, embedding_scale());
+        b_.scale(scaled.t(), dres.t(), T_ * d, embedding_scale());
     }
     at("embedding");
-    cpu::embedding_backward(grad_write(embed_), gemma_ ? scaled.t() : dres.t(), i64(ids_), T_, d, m_.vocab_size);
+    b_.embedding_backward(grad_write(embed_), gemma_ ? scaled.t() : dres.t(), i64(ids_), T_, d, m_.vocab_size);
     drop(scaled);
     grad_done(embed_);
 }
@@ -80,9 +78,9 @@ void Step::head_forward(Ten x_last, HeadSaved& hs) {
 
     if (!chunked) {
         at("lm_head");
-        const cpu::Tensor w = use_weight(lm_head_);
+        const Tensor w = use_weight(lm_head_);
         Ten logits = act("logits", T_ * V, act_, false);  // [T, V]
-        cpu::linear_forward(logits.t(), hin.t(), w, T_, d, V);
+        b_.linear_forward(logits.t(), hin.t(), w, T_, d, V);
         hs.hf = saved(hin);
         drop(hin);
         if (softcap > 0.0f) {  // Gemma-2: logits = tanh(logits / cap) * cap
@@ -91,9 +89,9 @@ void Step::head_forward(Ten x_last, HeadSaved& hs) {
         }
         at("loss");
         Ten up = act("logits_fp32", T_ * V, DType::F32, false);  // logits.float()
-        cpu::cast(up.t(), logits.t(), T_ * V);
+        b_.cast(up.t(), logits.t(), T_ * V);
         Ten logp = act("log_probs", T_ * V, DType::F32, true);  // log_softmax, saved by nll_loss
-        loss_sum_ += cpu::cross_entropy_forward(logp.f32(), up.t(), labels, T_, V);
+        b_.cross_entropy_forward(logp.f32(), up.t(), labels, T_, V);
         drop(up);
         hs.logp = saved(logp);
         drop(logp);
@@ -104,19 +102,19 @@ void Step::head_forward(Ten x_last, HeadSaved& hs) {
     if (!fused) {
         hs.hf = saved(hin);
         NoGrad no_grad(*this);
-        const cpu::Tensor w = use_weight(lm_head_);
+        const Tensor w = use_weight(lm_head_);
         std::int64_t row0 = 0;
         for (std::int64_t n : chunks(s_.lm_chunks)) {
             at("lm_head");
             Ten lc = alloc("logits", n * V, act_, Category::Transient);
-            cpu::linear_forward(lc.t(), hin.at(row0 * d), w, n, d, V);
+            b_.linear_forward(lc.t(), hin.at(row0 * d), w, n, d, V);
             Ten lf = alloc("logits_fp32", n * V, DType::F32, Category::Transient);
-            cpu::cast(lf.t(), lc.t(), n * V);
+            b_.cast(lf.t(), lc.t(), n * V);
             drop(lc);
-            if (softcap > 0.0f) cpu::softcap_forward(lf.t(), lf.t(), n * V, softcap);  // in place, fp32
+            if (softcap > 0.0f) b_.softcap_forward(lf.t(), lf.t(), n * V, softcap);  // in place, fp32
             at("loss");
             Ten lp = alloc("log_probs", n * V, DType::F32, Category::Transient);
-            loss_sum_ += cpu::cross_entropy_forward(lp.f32(), lf.t(), labels + row0, n, V);
+            b_.cross_entropy_forward(lp.f32(), lf.t(), labels + row0, n, V);
             drop(lp), drop(lf);
             row0 += n;
         }
@@ -125,7 +123,7 @@ void Step::head_forward(Ten x_last, HeadSaved& hs) {
     }
 
     at("lm_head.fused");
-    cpu::Tensor w;
+    Tensor w;
     {
         NoGrad no_grad(*this);
         w = use_weight(lm_head_);
@@ -135,10 +133,10 @@ void Step::head_forward(Ten x_last, HeadSaved& hs) {
     // The op returns its weight gradient as an output that autograd hands to the parameter in
     // backward: the first time it becomes the gradient; when one exists (accumulation) it is a
     // separate buffer, added in backward.
-    cpu::Tensor dw;
+    Tensor dw;
     if (P.grad) {
         hs.grad_partial = alloc("lm_head_grad", P.numel(), pg_, Category::Gradients);
-        cpu::zero(hs.grad_partial.t(), P.numel());
+        b_.zero(hs.grad_partial.t(), P.numel());
         dw = hs.grad_partial.t();
     } else {
         dw = grad_write(lm_head_);
@@ -146,10 +144,10 @@ void Step::head_forward(Ten x_last, HeadSaved& hs) {
     std::int64_t row0 = 0;
     for (std::int64_t n : chunks(s_.lm_chunks)) {
         Ten lc = alloc("logits", n * V, act_, Category::Transient);
-        cpu::linear_forward(lc.t(), hin.at(row0 * d), w, n, d, V);
-        loss_sum_ += cpu::cross_entropy_fused(lc.t(), nullptr, labels + row0, n, V, loss_scale_, softcap);
-        cpu::linear_backward_input(hs.dhf.at(row0 * d), lc.t(), w, n, d, V);
-        cpu::linear_backward_weight(dw, lc.t(), hin.at(row0 * d), n, d, V, true);
+        b_.linear_forward(lc.t(), hin.at(row0 * d), w, n, d, V);
+        b_.cross_entropy_fused(lc.t(), labels + row0, n, V, loss_scale_, softcap, true);
+        b_.linear_backward_input(hs.dhf.at(row0 * d), lc.t(), w, n, d, V);
+        b_.linear_backward_weight(dw, lc.t(), hin.at(row0 * d), n, d, V, true);
         drop(lc);
         row0 += n;
     }
@@ -166,13 +164,13 @@ Ten Step::head_backward(HeadSaved& hs) {
     if (s_.lm_chunks == 1) {
         at("loss");
         Ten glp = alloc("d_log_probs", T_ * V, DType::F32, Category::Transient);
-        cpu::nll_loss_backward(glp.f32(), labels, T_, V, loss_scale_);
+        b_.nll_loss_backward(glp.f32(), labels, T_, V, loss_scale_);
         Ten glf = alloc("d_logits_fp32", T_ * V, DType::F32, Category::Transient);
-        cpu::log_softmax_backward(glf.f32(), glp.f32(), hs.logp.f32(), T_, V);
+        b_.log_softmax_backward(glf.f32(), glp.f32(), hs.logp.f32(), T_, V);
         drop(glp), drop(hs.logp);
         at("lm_head");
         Ten gl = alloc("d_logits", T_ * V, act_, Category::Transient);  // the .float() cast's backward
-        cpu::cast(gl.t(), glf.t(), T_ * V);
+        b_.cast(gl.t(), glf.t(), T_ * V);
         drop(glf);
         if (hs.logits_tanh) {
             at("lm_head.softcap");
@@ -180,8 +178,8 @@ Ten Step::head_backward(HeadSaved& hs) {
             at("lm_head");
         }
         dh = alloc("d_hidden", T_ * d, act_, Category::Transient);
-        cpu::linear_backward_input(dh.t(), gl.t(), backward_weight(lm_head_), T_, d, V);
-        cpu::linear_backward_weight(grad_write(lm_head_), gl.t(), hs.hf.t(), T_, d, V, true);
+        b_.linear_backward_input(dh.t(), gl.t(), backward_weight(lm_head_), T_, d, V);
+        b_.linear_backward_weight(grad_write(lm_head_), gl.t(), hs.hf.t(), T_, d, V, true);
         release_weight(lm_head_);
         drop(gl), drop(hs.hf);
     } else if (s_.lm_impl == LmHeadImpl::Recompute) {
@@ -191,23 +189,23 @@ Ten Step::head_backward(HeadSaved& hs) {
         Ten w_copy;  // AMP: the recompute's own bf16 weight copy
         if (amp_) {
             w_copy = alloc("autocast_bf16", P.numel(), opt_.storage_fp32 ? DType::F32 : DType::BF16, Category::Weights);
-            cpu::cast(w_copy.t(), P.weight.t(), P.numel());
+            b_.cast(w_copy.t(), P.weight.t(), P.numel());
         }
-        const cpu::Tensor w = amp_ ? w_copy.t() : P.weight.t();
+        const Tensor w = amp_ ? w_copy.t() : P.weight.t();
         std::int64_t row0 = 0;
         for (std::int64_t n : chunks(s_.lm_chunks)) {
             Ten lc = alloc("logits", n * V, act_, Category::Transient);
-            cpu::linear_forward(lc.t(), hs.hf.at(row0 * d), w, n, d, V);
+            b_.linear_forward(lc.t(), hs.hf.at(row0 * d), w, n, d, V);
             Ten lf = alloc("logits_fp32", n * V, DType::F32, Category::Transient);
-            cpu::cast(lf.t(), lc.t(), n * V);
+            b_.cast(lf.t(), lc.t(), n * V);
             drop(lc);
             // softmax - one-hot, scaled, in place in the fp32 logits
-            cpu::cross_entropy_fused(lf.t(), nullptr, labels + row0, n, V, loss_scale_, softcap);
+            b_.cross_entropy_fused(lf.t(), labels + row0, n, V, loss_scale_, softcap, false);
             Ten gc = alloc("d_logits", n * V, act_, Category::Transient);
-            cpu::cast(gc.t(), lf.t(), n * V);
+            b_.cast(gc.t(), lf.t(), n * V);
             drop(lf);
-            cpu::linear_backward_input(dh.at(row0 * d), gc.t(), w, n, d, V);
-            cpu::linear_backward_weight(grad_write(lm_head_), gc.t(), hs.hf.at(row0 * d), n, d, V, true);
+            b_.linear_backward_input(dh.at(row0 * d), gc.t(), w, n, d, V);
+            b_.linear_backward_weight(grad_write(lm_head_), gc.t(), hs.hf.at(row0 * d), n, d, V, true);
             drop(gc);
             row0 += n;
         }
@@ -217,7 +215,7 @@ Ten Step::head_backward(HeadSaved& hs) {
         at("lm_head.fused");
         dh = std::move(hs.dhf);  // computed in forward
         if (hs.grad_partial)
-            cpu::residual_accumulate(grad_write(lm_head_), hs.grad_partial.t(), params_[static_cast<std::size_t>(lm_head_)].numel());
+            b_.residual_accumulate(grad_write(lm_head_), hs.grad_partial.t(), params_[static_cast<std::size_t>(lm_head_)].numel());
         drop(hs.grad_partial);
     }
     if (!m_.tie_word_embeddings) grad_done(lm_head_);

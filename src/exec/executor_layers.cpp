@@ -11,15 +11,13 @@
 
 namespace mst::exec {
 
-using cpu::DType;
-
 // RMSNorm: out [T, d]; rstd [T] fp32 kept for backward (none without grad). The caller
 // saves the input.
 Ten Step::norm_forward(int p, const Ten& x, Ten& rstd, bool output_saved, DType out_dtype) {
     const std::int64_t d = m_.hidden_size;
     Ten out = act("norm_out", T_ * d, out_dtype, output_saved);
     rstd = grad_ ? alloc("rstd", T_, DType::F32, Category::SavedActivation) : Ten{};
-    cpu::rmsnorm_forward(out.t(), rstd ? rstd.f32() : nullptr, x.t(), params_[static_cast<std::size_t>(p)].weight.t(), T_,
+    b_.rmsnorm_forward(out.t(), rstd ? rstd.f32() : nullptr, x.t(), params_[static_cast<std::size_t>(p)].weight.t(), T_,
                          d, static_cast<float>(m_.rms_norm_eps), norm_kind_);
     return out;
 }
@@ -28,8 +26,8 @@ Ten Step::norm_forward(int p, const Ten& x, Ten& rstd, bool output_saved, DType 
 Ten Step::norm_backward(int p, Ten& rstd, Ten& x_saved, const Ten& dy, DType dx_dtype) {
     const std::int64_t d = m_.hidden_size;
     Ten dx = alloc("d_norm_in", T_ * d, dx_dtype, Category::Transient);
-    const cpu::Tensor dw = grad_write(p);
-    cpu::rmsnorm_backward(dx.t(), dw, dy.t(), x_saved.t(), params_[static_cast<std::size_t>(p)].weight.t(), rstd.f32(),
+    const Tensor dw = grad_write(p);
+    b_.rmsnorm_backward(dx.t(), dw, dy.t(), x_saved.t(), params_[static_cast<std::size_t>(p)].weight.t(), rstd.f32(),
                           T_, d, norm_kind_);
     drop(rstd);
     drop(x_saved);
@@ -56,7 +54,7 @@ Ten Step::layer_forward(int l, Ten x, LayerSaved& sv, Category out_category) {
     }
     at("attn.residual");
     Ten x2 = act("x2", T_ * d, res_, true);  // x + attn_out, saved by the second norm
-    cpu::residual_forward(x2.t(), x.t(), a.t(), T_ * d);
+    b_.residual_forward(x2.t(), x.t(), a.t(), T_ * d);
     drop(a);
     drop(x);
 
@@ -73,7 +71,7 @@ Ten Step::layer_forward(int l, Ten x, LayerSaved& sv, Category out_category) {
     }
     at("mlp.residual");
     Ten out = alloc("x_out", T_ * d, res_, out_category);
-    cpu::residual_forward(out.t(), x2.t(), y.t(), T_ * d);
+    b_.residual_forward(out.t(), x2.t(), y.t(), T_ * d);
     drop(y);
     drop(x2);
     return out;
@@ -96,7 +94,7 @@ void Step::layer_backward(int l, LayerSaved& sv, const Ten& dres) {
     at("mlp.norm");
     Ten dx = norm_backward(lp.norm2, sv.rstd2, sv.x2, dh2, res_);
     drop(dh2);
-    cpu::residual_accumulate(dres.t(), dx.t(), T_ * d);
+    b_.residual_accumulate(dres.t(), dx.t(), T_ * d);
     drop(dx);
 
     Ten da_post;
@@ -109,7 +107,7 @@ void Step::layer_backward(int l, LayerSaved& sv, const Ten& dres) {
     at("attn.norm");
     dx = norm_backward(lp.norm1, sv.rstd1, sv.x, dh1, res_);
     drop(dh1);
-    cpu::residual_accumulate(dres.t(), dx.t(), T_ * d);
+    b_.residual_accumulate(dres.t(), dx.t(), T_ * d);
     drop(dx);
 }
 
@@ -117,18 +115,18 @@ void Step::layer_backward(int l, LayerSaved& sv, const Ten& dres) {
 Ten Step::attention_forward(int l, Ten h1, LayerSaved& sv) {
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
     const std::int64_t d = m_.hidden_size, qd = m_.q_dim(), kvd = m_.kv_dim();
-    const cpu::AttentionConfig c = attention_config(l);
+    const AttentionConfig c = attention_config(l);
 
     at("attn.qkv");
     Ten hin = cast_for_matmul(std::move(h1), d);
-    const cpu::Tensor wq = use_weight(lp.q), wk = use_weight(lp.k), wv = use_weight(lp.v);
+    const Tensor wq = use_weight(lp.q), wk = use_weight(lp.k), wv = use_weight(lp.v);
     Ten q = act("q", T_ * qd, act_, true);
     Ten k = act("k", T_ * kvd, act_, true);
     Ten v = act("v", T_ * kvd, act_, true);
-    cpu::linear_forward(q.t(), hin.t(), wq, T_, d, qd);
-    cpu::linear_forward(k.t(), hin.t(), wk, T_, d, kvd);
-    cpu::linear_forward(v.t(), hin.t(), wv, T_, d, kvd);
-    cpu::rope_forward(q.t(), k.t(), B_, S_, m_.num_heads, m_.num_kv_heads, m_.head_dim, static_cast<float>(m_.rope_theta));
+    b_.linear_forward(q.t(), hin.t(), wq, T_, d, qd);
+    b_.linear_forward(k.t(), hin.t(), wk, T_, d, kvd);
+    b_.linear_forward(v.t(), hin.t(), wv, T_, d, kvd);
+    b_.rope_forward(q.t(), k.t(), B_, S_, m_.num_heads, m_.num_kv_heads, m_.head_dim, static_cast<float>(m_.rope_theta));
     sv.h1 = saved(hin);
     drop(hin);
 
@@ -136,8 +134,8 @@ Ten Step::attention_forward(int l, Ten h1, LayerSaved& sv) {
     if (s_.attention == Attention::Flash) {
         at("attn.flash");
         o = act("o", T_ * qd, act_, true);
-        Ten lse = act("lse", cpu::flash_lse_floats(c), DType::F32, true);
-        cpu::flash_attention_forward(o.t(), lse.f32(), q.t(), k.t(), v.t(), c);
+        Ten lse = act("lse", b_.flash_lse_floats(c), DType::F32, true);
+        b_.flash_attention_forward(o.t(), lse.f32(), q.t(), k.t(), v.t(), c);
         sv.q = saved(q), sv.k = saved(k), sv.v = saved(v), sv.o = saved(o), sv.lse = saved(lse);
         drop(q), drop(k), drop(v), drop(lse);
     } else {
@@ -145,9 +143,9 @@ Ten Step::attention_forward(int l, Ten h1, LayerSaved& sv) {
     }
 
     at("attn.o_proj");
-    const cpu::Tensor wo = use_weight(lp.o);
+    const Tensor wo = use_weight(lp.o);
     Ten a = act("attn_out", T_ * d, act_, gemma_);  // Gemma-2: saved by the post-attention norm
-    cpu::linear_forward(a.t(), o.t(), wo, T_, qd, d);
+    b_.linear_forward(a.t(), o.t(), wo, T_, qd, d);
     sv.o_seq = saved(o);
     drop(o);
     return a;
@@ -157,12 +155,12 @@ Ten Step::attention_forward(int l, Ten h1, LayerSaved& sv) {
 Ten Step::attention_backward(int l, LayerSaved& sv, const Ten& d_out) {
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
     const std::int64_t d = m_.hidden_size, qd = m_.q_dim(), kvd = m_.kv_dim();
-    const cpu::AttentionConfig c = attention_config(l);
+    const AttentionConfig c = attention_config(l);
 
     at("attn.o_proj");
     Ten d_o = alloc("d_o", T_ * qd, act_, Category::Transient);
-    cpu::linear_backward_input(d_o.t(), d_out.t(), backward_weight(lp.o), T_, qd, d);
-    cpu::linear_backward_weight(grad_write(lp.o), d_out.t(), sv.o_seq.t(), T_, qd, d, true);
+    b_.linear_backward_input(d_o.t(), d_out.t(), backward_weight(lp.o), T_, qd, d);
+    b_.linear_backward_weight(grad_write(lp.o), d_out.t(), sv.o_seq.t(), T_, qd, d, true);
     release_weight(lp.o);
     drop(sv.o_seq);
     grad_done(lp.o);
@@ -171,28 +169,28 @@ Ten Step::attention_backward(int l, LayerSaved& sv, const Ten& d_out) {
     if (s_.attention == Attention::Flash) {
         // FlashAttention-2 backward: the fp32 dq accumulator and delta = rowsum(dO * O) workspaces.
         at("attn.flash");
-        Ten dq_acc = alloc("dq_accum_fp32", cpu::flash_dq_workspace_floats(c), DType::F32, Category::Transient);
-        Ten delta = alloc("softmax_d", cpu::flash_delta_workspace_floats(c), DType::F32, Category::Transient);
+        Ten dq_acc = alloc("dq_accum_fp32", b_.flash_dq_workspace_floats(c), DType::F32, Category::Transient);
+        Ten delta = alloc("softmax_d", b_.flash_delta_workspace_floats(c), DType::F32, Category::Transient);
         dq = alloc("dq", T_ * qd, act_, Category::Transient);
         dk = alloc("dk", T_ * kvd, act_, Category::Transient);
         dv = alloc("dv", T_ * kvd, act_, Category::Transient);
-        cpu::flash_attention_backward(dq.t(), dk.t(), dv.t(), dq_acc.f32(), delta.f32(), d_o.t(), sv.q.t(), sv.k.t(),
+        b_.flash_attention_backward(dq.t(), dk.t(), dv.t(), dq_acc.f32(), delta.f32(), d_o.t(), sv.q.t(), sv.k.t(),
                                       sv.v.t(), sv.o.t(), sv.lse.f32(), c);
         drop(dq_acc), drop(delta), drop(d_o);
         drop(sv.q), drop(sv.k), drop(sv.v), drop(sv.o), drop(sv.lse);
     } else {
         eager_backward(l, std::move(d_o), sv, dq, dk, dv);
     }
-    cpu::rope_backward(dq.t(), dk.t(), B_, S_, m_.num_heads, m_.num_kv_heads, m_.head_dim, static_cast<float>(m_.rope_theta));
+    b_.rope_backward(dq.t(), dk.t(), B_, S_, m_.num_heads, m_.num_kv_heads, m_.head_dim, static_cast<float>(m_.rope_theta));
 
     at("attn.qkv");
     Ten dh = alloc("d_h1", T_ * d, act_, Category::Transient);
-    cpu::linear_backward_input(dh.t(), dq.t(), backward_weight(lp.q), T_, d, qd);
-    cpu::linear_backward_input(dh.t(), dk.t(), backward_weight(lp.k), T_, d, kvd, true);
-    cpu::linear_backward_input(dh.t(), dv.t(), backward_weight(lp.v), T_, d, kvd, true);
+    b_.linear_backward_input(dh.t(), dq.t(), backward_weight(lp.q), T_, d, qd);
+    b_.linear_backward_input(dh.t(), dk.t(), backward_weight(lp.k), T_, d, kvd, true);
+    b_.linear_backward_input(dh.t(), dv.t(), backward_weight(lp.v), T_, d, kvd, true);
     const std::pair<int, const Ten*> projections[] = {{lp.q, &dq}, {lp.k, &dk}, {lp.v, &dv}};
     for (const auto& [p, dp] : projections) {
-        cpu::linear_backward_weight(grad_write(p), dp->t(), sv.h1.t(), T_, d, params_[static_cast<std::size_t>(p)].rows, true);
+        b_.linear_backward_weight(grad_write(p), dp->t(), sv.h1.t(), T_, d, params_[static_cast<std::size_t>(p)].rows, true);
         release_weight(p);
     }
     drop(dq), drop(dk), drop(dv), drop(sv.h1);
@@ -205,13 +203,13 @@ Ten Step::attention_backward(int l, LayerSaved& sv, const Ten& d_out) {
 Ten Step::softcap_forward(const char* prefix, Ten x, std::int64_t n, float cap, Ten& tanh_saved) {
     const std::string p = prefix;
     Ten div = act((p + "_div").c_str(), n, act_, false);
-    cpu::scale(div.t(), x.t(), n, 1.0f / cap);
+    b_.scale(div.t(), x.t(), n, 1.0f / cap);
     drop(x);
     Ten th = act((p + "_tanh").c_str(), n, act_, true);
-    cpu::softcap_forward(th.t(), div.t(), n, 1.0f);  // 1 * tanh(x / 1)
+    b_.softcap_forward(th.t(), div.t(), n, 1.0f);  // 1 * tanh(x / 1)
     drop(div);
     Ten capped = act((p + "_capped").c_str(), n, act_, false);
-    cpu::scale(capped.t(), th.t(), n, cap);
+    b_.scale(capped.t(), th.t(), n, cap);
     tanh_saved = saved(th);
     drop(th);
     return capped;
@@ -221,13 +219,13 @@ Ten Step::softcap_forward(const char* prefix, Ten x, std::int64_t n, float cap, 
 Ten Step::softcap_backward(const char* prefix, Ten dy, std::int64_t n, float cap, Ten& tanh_saved) {
     const std::string p = prefix;
     Ten t1 = alloc((p + "_capped").c_str(), n, act_, Category::Transient);
-    cpu::scale(t1.t(), dy.t(), n, cap);
+    b_.scale(t1.t(), dy.t(), n, cap);
     drop(dy);
     Ten t2 = alloc((p + "_tanh").c_str(), n, act_, Category::Transient);
-    cpu::softcap_backward(t2.t(), t1.t(), tanh_saved.t(), n, 1.0f);
+    b_.softcap_backward(t2.t(), t1.t(), tanh_saved.t(), n, 1.0f);
     drop(t1), drop(tanh_saved);
     Ten dx = alloc((p + "_div").c_str(), n, act_, Category::Transient);
-    cpu::scale(dx.t(), t2.t(), n, 1.0f / cap);
+    b_.scale(dx.t(), t2.t(), n, 1.0f / cap);
     drop(t2);
     return dx;
 }
@@ -239,40 +237,40 @@ Ten Step::softcap_backward(const char* prefix, Ten dy, std::int64_t n, float cap
 Ten Step::eager_forward(int l, Ten q, Ten k, Ten v, LayerSaved& sv) {
     const std::int64_t qd = m_.q_dim(), nh = m_.num_heads, hd = m_.head_dim;
     const std::int64_t ss = B_ * nh * S_ * S_;
-    const cpu::AttentionConfig c = attention_config(l);
+    const AttentionConfig c = attention_config(l);
     at("attn.eager");
     Ten k_rep, v_rep;
     if (m_.num_kv_heads < nh) {
         k_rep = act("k_rep", T_ * qd, act_, true);
         v_rep = act("v_rep", T_ * qd, act_, true);
-        cpu::repeat_kv_forward(k_rep.t(), k.t(), T_, nh, m_.num_kv_heads, hd);
-        cpu::repeat_kv_forward(v_rep.t(), v.t(), T_, nh, m_.num_kv_heads, hd);
+        b_.repeat_kv_forward(k_rep.t(), k.t(), T_, nh, m_.num_kv_heads, hd);
+        b_.repeat_kv_forward(v_rep.t(), v.t(), T_, nh, m_.num_kv_heads, hd);
         drop(k), drop(v);
     } else {
         k_rep = std::move(k), v_rep = std::move(v);
     }
     Ten scores = act("scores", ss, act_, false);
-    cpu::attention_scores(scores.t(), q.t(), k_rep.t(), B_, S_, nh, hd);
+    b_.attention_scores(scores.t(), q.t(), k_rep.t(), B_, S_, nh, hd);
     sv.q = saved(q), sv.k_rep = saved(k_rep);
     drop(q), drop(k_rep);
     Ten scaled = act("scores_scaled", ss, act_, false);
-    cpu::scale(scaled.t(), scores.t(), ss, c.scale);
+    b_.scale(scaled.t(), scores.t(), ss, c.scale);
     drop(scores);
     if (c.softcap > 0.0f) scaled = softcap_forward("scores", std::move(scaled), ss, c.softcap, sv.scores_tanh);
     Ten masked = act("scores_masked", ss, act_, false);
     const Ten& mask = c.window > 0 ? mask_sliding_ : mask_full_;
     for (std::int64_t bh = 0; bh < B_ * nh; ++bh)  // the [B, 1, S, S] mask broadcast over heads
-        cpu::residual_forward(masked.at(bh * S_ * S_), scaled.at(bh * S_ * S_), mask.at((bh / nh) * S_ * S_), S_ * S_);
+        b_.residual_forward(masked.at(bh * S_ * S_), scaled.at(bh * S_ * S_), mask.at((bh / nh) * S_ * S_), S_ * S_);
     drop(scaled);
     Ten p32 = act("probs_fp32", ss, DType::F32, true);
-    cpu::softmax_forward(p32.f32(), masked.t(), B_ * nh * S_, S_);
+    b_.softmax_forward(p32.f32(), masked.t(), B_ * nh * S_, S_);
     drop(masked);
     Ten p = act("probs", ss, act_, true);
-    cpu::cast(p.t(), p32.t(), ss);
+    b_.cast(p.t(), p32.t(), ss);
     sv.probs32 = saved(p32);
     drop(p32);
     Ten o = act("o", T_ * qd, act_, true);
-    cpu::attention_apply(o.t(), p.t(), v_rep.t(), B_, S_, nh, hd);
+    b_.attention_apply(o.t(), p.t(), v_rep.t(), B_, S_, nh, hd);
     sv.probs = saved(p), sv.v_rep = saved(v_rep);
     drop(p), drop(v_rep);
     return o;
@@ -282,34 +280,34 @@ Ten Step::eager_forward(int l, Ten q, Ten k, Ten v, LayerSaved& sv) {
 void Step::eager_backward(int l, Ten d_o, LayerSaved& sv, Ten& dq, Ten& dk, Ten& dv) {
     const std::int64_t qd = m_.q_dim(), kvd = m_.kv_dim(), nh = m_.num_heads, hd = m_.head_dim;
     const std::int64_t ss = B_ * nh * S_ * S_;
-    const cpu::AttentionConfig c = attention_config(l);
+    const AttentionConfig c = attention_config(l);
     at("attn.eager");
     Ten dp = alloc("d_probs", ss, act_, Category::Transient);  // d_o v^T
-    cpu::attention_scores(dp.t(), d_o.t(), sv.v_rep.t(), B_, S_, nh, hd);
+    b_.attention_scores(dp.t(), d_o.t(), sv.v_rep.t(), B_, S_, nh, hd);
     Ten dv_rep = alloc("d_v_rep", T_ * qd, act_, Category::Transient);  // probs^T d_o
-    cpu::attention_apply_transposed(dv_rep.t(), sv.probs.t(), d_o.t(), B_, S_, nh, hd);
+    b_.attention_apply_transposed(dv_rep.t(), sv.probs.t(), d_o.t(), B_, S_, nh, hd);
     drop(d_o), drop(sv.probs), drop(sv.v_rep);
     Ten dp32 = alloc("d_probs_fp32", ss, DType::F32, Category::Transient);  // the storage cast's backward
-    cpu::cast(dp32.t(), dp.t(), ss);
+    b_.cast(dp32.t(), dp.t(), ss);
     drop(dp);
     Ten ds = alloc("d_scores", ss, act_, Category::Transient);
-    cpu::softmax_backward(ds.t(), dp32.f32(), sv.probs32.f32(), B_ * nh * S_, S_);
+    b_.softmax_backward(ds.t(), dp32.f32(), sv.probs32.f32(), B_ * nh * S_, S_);
     drop(dp32), drop(sv.probs32);
     if (c.softcap > 0.0f) ds = softcap_backward("d_scores", std::move(ds), ss, c.softcap, sv.scores_tanh);
     Ten unscaled = alloc("d_scores_unscaled", ss, act_, Category::Transient);  // the mask passes it through
-    cpu::scale(unscaled.t(), ds.t(), ss, c.scale);
+    b_.scale(unscaled.t(), ds.t(), ss, c.scale);
     drop(ds);
     dq = alloc("dq", T_ * qd, act_, Category::Transient);
-    cpu::attention_apply(dq.t(), unscaled.t(), sv.k_rep.t(), B_, S_, nh, hd);
+    b_.attention_apply(dq.t(), unscaled.t(), sv.k_rep.t(), B_, S_, nh, hd);
     Ten dk_rep = alloc("d_k_rep", T_ * qd, act_, Category::Transient);
-    cpu::attention_apply_transposed(dk_rep.t(), unscaled.t(), sv.q.t(), B_, S_, nh, hd);
+    b_.attention_apply_transposed(dk_rep.t(), unscaled.t(), sv.q.t(), B_, S_, nh, hd);
     drop(unscaled), drop(sv.q), drop(sv.k_rep);
     if (m_.num_kv_heads < nh) {  // repeat_kv's backward sums the head groups
         dk = alloc("dk", T_ * kvd, act_, Category::Transient);
-        cpu::repeat_kv_backward(dk.t(), dk_rep.t(), T_, nh, m_.num_kv_heads, hd);
+        b_.repeat_kv_backward(dk.t(), dk_rep.t(), T_, nh, m_.num_kv_heads, hd);
         drop(dk_rep);
         dv = alloc("dv", T_ * kvd, act_, Category::Transient);
-        cpu::repeat_kv_backward(dv.t(), dv_rep.t(), T_, nh, m_.num_kv_heads, hd);
+        b_.repeat_kv_backward(dv.t(), dv_rep.t(), T_, nh, m_.num_kv_heads, hd);
         drop(dv_rep);
     } else {
         dk = std::move(dk_rep), dv = std::move(dv_rep);
@@ -322,20 +320,20 @@ void Step::mlp_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t
                              MlpChunk* keep) {
     const std::int64_t d = m_.hidden_size, I = m_.intermediate_size;
     at("mlp.gate_up");
-    const cpu::Tensor wg = use_weight(lp.gate), wu = use_weight(lp.up);
+    const Tensor wg = use_weight(lp.gate), wu = use_weight(lp.up);
     Ten g = act("g", n * I, act_, true);
     Ten u = act("u", n * I, act_, true);
-    cpu::linear_forward(g.t(), hin.at(row0 * d), wg, n, d, I);
-    cpu::linear_forward(u.t(), hin.at(row0 * d), wu, n, d, I);
+    b_.linear_forward(g.t(), hin.at(row0 * d), wg, n, d, I);
+    b_.linear_forward(u.t(), hin.at(row0 * d), wu, n, d, I);
     at("mlp.act");
     Ten m = act("m", n * I, act_, true);
-    cpu::swiglu_forward(m.t(), g.t(), u.t(), n * I, gated_);
+    b_.swiglu_forward(m.t(), g.t(), u.t(), n * I, gated_);
     if (keep) keep->g = saved(g), keep->u = saved(u);
     drop(g), drop(u);
     at("mlp.down");
-    const cpu::Tensor wd = use_weight(lp.down);
+    const Tensor wd = use_weight(lp.down);
     if (!y) y = act("y", T_ * d, act_, gemma_);  // Gemma-2: saved by the post-feed-forward norm
-    cpu::linear_forward(y.at(row0 * d), m.t(), wd, n, I, d);
+    b_.linear_forward(y.at(row0 * d), m.t(), wd, n, I, d);
     if (keep) keep->m = saved(m), keep->row0 = row0, keep->tokens = n;
     drop(m);
 }
@@ -378,21 +376,21 @@ Ten Step::mlp_backward(int l, LayerSaved& sv, const Ten& dy) {
     auto chunk_backward = [&](std::int64_t row0, std::int64_t n, Ten& g, Ten& u, Ten& m, const Ten& h2) {
         at("mlp.down");
         Ten dm = alloc("dm", n * I, act_, Category::Transient);
-        cpu::linear_backward_input(dm.t(), dy.at(row0 * d), backward_weight(lp.down), n, I, d);
-        cpu::linear_backward_weight(grad_write(lp.down), dy.at(row0 * d), m.t(), n, I, d, true);
+        b_.linear_backward_input(dm.t(), dy.at(row0 * d), backward_weight(lp.down), n, I, d);
+        b_.linear_backward_weight(grad_write(lp.down), dy.at(row0 * d), m.t(), n, I, d, true);
         release_weight(lp.down);
         drop(m);
         at("mlp.act");
         Ten dg = alloc("dg", n * I, act_, Category::Transient);
         Ten du = alloc("du", n * I, act_, Category::Transient);
-        cpu::swiglu_backward(dg.t(), du.t(), dm.t(), g.t(), u.t(), n * I, gated_);
+        b_.swiglu_backward(dg.t(), du.t(), dm.t(), g.t(), u.t(), n * I, gated_);
         drop(dm), drop(g), drop(u);
         at("mlp.gate_up");
         if (!dh2) dh2 = alloc("dh2", T_ * d, act_, Category::Transient);
-        cpu::linear_backward_input(dh2.at(row0 * d), dg.t(), backward_weight(lp.gate), n, d, I);
-        cpu::linear_backward_input(dh2.at(row0 * d), du.t(), backward_weight(lp.up), n, d, I, true);
-        cpu::linear_backward_weight(grad_write(lp.gate), dg.t(), h2.at(row0 * d), n, d, I, true);
-        cpu::linear_backward_weight(grad_write(lp.up), du.t(), h2.at(row0 * d), n, d, I, true);
+        b_.linear_backward_input(dh2.at(row0 * d), dg.t(), backward_weight(lp.gate), n, d, I);
+        b_.linear_backward_input(dh2.at(row0 * d), du.t(), backward_weight(lp.up), n, d, I, true);
+        b_.linear_backward_weight(grad_write(lp.gate), dg.t(), h2.at(row0 * d), n, d, I, true);
+        b_.linear_backward_weight(grad_write(lp.up), du.t(), h2.at(row0 * d), n, d, I, true);
         release_weight(lp.gate);
         release_weight(lp.up);
         drop(dg), drop(du);
@@ -402,13 +400,13 @@ Ten Step::mlp_backward(int l, LayerSaved& sv, const Ten& dy) {
         std::int64_t row0 = 0;
         for (std::int64_t n : chunks(s_.mlp_chunks)) {
             at("mlp.recompute");  // the chunk's forward again, without saving anything
-            const cpu::Tensor wg = use_weight(lp.gate), wu = use_weight(lp.up);
+            const Tensor wg = use_weight(lp.gate), wu = use_weight(lp.up);
             Ten g = alloc("g", n * I, act_, Category::Transient);
             Ten u = alloc("u", n * I, act_, Category::Transient);
             Ten m = alloc("m", n * I, act_, Category::Transient);
-            cpu::linear_forward(g.t(), sv.h2.at(row0 * d), wg, n, d, I);
-            cpu::linear_forward(u.t(), sv.h2.at(row0 * d), wu, n, d, I);
-            cpu::swiglu_forward(m.t(), g.t(), u.t(), n * I, gated_);
+            b_.linear_forward(g.t(), sv.h2.at(row0 * d), wg, n, d, I);
+            b_.linear_forward(u.t(), sv.h2.at(row0 * d), wu, n, d, I);
+            b_.swiglu_forward(m.t(), g.t(), u.t(), n * I, gated_);
             use_weight(lp.down);
             chunk_backward(row0, n, g, u, m, sv.h2);
             row0 += n;

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cassert>
-#include <new>
 #include <utility>
 
 namespace mst::exec {
@@ -33,8 +32,8 @@ void Buffer::reset() {
     id_ = -1;
 }
 
-TrackingAllocator::TrackingAllocator(std::string source, std::string model) {
-    timeline_.source = std::move(source);
+TrackingAllocator::TrackingAllocator(Backend& memory, std::string model) : memory_(memory) {
+    timeline_.source = memory.name();
     timeline_.model = std::move(model);
 }
 
@@ -42,12 +41,11 @@ TrackingAllocator::~TrackingAllocator() { assert(live_count_ == 0 && "a Buffer o
 
 Buffer TrackingAllocator::allocate(const std::string& name, bytes_t bytes, Category category, Device device) {
     assert(bytes >= 0);
-    // operator new never returns null for a size of 0, so every Buffer is non-empty.
-    void* p = ::operator new(static_cast<std::size_t>(bytes), std::align_val_t{kAlignment});
     const auto id = static_cast<std::int64_t>(entries_.size());
+    Event e{true, id, bytes, category, device, phase_, layer_, micro_, op_, name};
+    void* p = memory_.map(e);
     entries_.push_back(Entry{name, category, device});
-    if (recording_)
-        timeline_.events.push_back(Event{true, id, bytes, category, device, phase_, layer_, micro_, op_, name});
+    if (recording_) timeline_.events.push_back(std::move(e));
     const int d = device == Device::Gpu ? 0 : 1;
     live_[d] += bytes;
     peak_[d] = std::max(peak_[d], live_[d]);
@@ -56,12 +54,12 @@ Buffer TrackingAllocator::allocate(const std::string& name, bytes_t bytes, Categ
 }
 
 void TrackingAllocator::release(Buffer& b) {
-    const Entry& e = entries_[static_cast<std::size_t>(b.id_)];
-    if (recording_)
-        timeline_.events.push_back(Event{false, b.id_, b.bytes_, e.category, e.device, phase_, layer_, micro_, op_, e.name});
-    live_[e.device == Device::Gpu ? 0 : 1] -= b.bytes_;
+    const Entry& entry = entries_[static_cast<std::size_t>(b.id_)];
+    Event e{false, b.id_, b.bytes_, entry.category, entry.device, phase_, layer_, micro_, op_, entry.name};
+    memory_.unmap(b.data_, e);
+    live_[entry.device == Device::Gpu ? 0 : 1] -= b.bytes_;
     --live_count_;
-    ::operator delete(b.data_, std::align_val_t{kAlignment});
+    if (recording_) timeline_.events.push_back(std::move(e));
 }
 
 Timeline TrackingAllocator::finish() {

@@ -1,6 +1,7 @@
 #pragma once
 // TrackingAllocator: the executor's only source of tensor memory. Every buffer is
-// aligned heap memory, tagged with what it is (name, category, device) and where the
+// the backend's memory (Backend::map: aligned host memory on the CPU, device memory on CUDA),
+// tagged with what it is (name, category, device) and where the
 // step is (phase, layer, micro-step, op: the allocator's current context), and every
 // allocation and free is written to an mst::Timeline in the simulator's format, with
 // the exact requested bytes. That timeline is what `compare` diffs against a prediction.
@@ -11,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "backend.hpp"
 #include "mst/timeline.hpp"
 
 namespace mst::exec {
@@ -44,24 +46,25 @@ private:
 
 class TrackingAllocator {
 public:
-    static constexpr std::size_t kAlignment = 64;  // a cache line; Eigen's widest vectors need 32
-
-    TrackingAllocator(std::string source, std::string model);
+    // Buffers come from `memory` (which must outlive the allocator); the timeline's source is
+    // its name.
+    TrackingAllocator(Backend& memory, std::string model);
     // Buffers must not outlive their allocator: a live one at destruction is a bug.
     ~TrackingAllocator();
     TrackingAllocator(const TrackingAllocator&) = delete;
     TrackingAllocator& operator=(const TrackingAllocator&) = delete;
 
     // The context stamped on every following event.
-    void set_phase(Phase p) { phase_ = p; }
-    void set_layer(std::int32_t layer) { layer_ = layer; }
-    void set_micro_step(std::int32_t micro) { micro_ = micro; }
-    void set_op(std::string op) { op_ = std::move(op); }
+    // (the backend hears of each change: its own logs and markers carry the same context)
+    void set_phase(Phase p) { phase_ = p, context_changed(); }
+    void set_layer(std::int32_t layer) { layer_ = layer, context_changed(); }
+    void set_micro_step(std::int32_t micro) { micro_ = micro, context_changed(); }
+    void set_op(std::string op) { op_ = std::move(op), context_changed(); }
     Phase phase() const { return phase_; }
     std::int32_t layer() const { return layer_; }
     const std::string& op() const { return op_; }
 
-    // `bytes` of uninitialised memory, aligned to kAlignment.
+    // `bytes` of uninitialised backend memory.
     Buffer allocate(const std::string& name, bytes_t bytes, Category category, Device device = Device::Gpu);
 
     bytes_t live_bytes(Device device = Device::Gpu) const { return live_[device == Device::Gpu ? 0 : 1]; }
@@ -76,12 +79,14 @@ public:
 private:
     friend class Buffer;
     void release(Buffer& b);
+    void context_changed() { memory_.set_context(op_, layer_, phase_, micro_); }
 
     struct Entry {  // what a free event repeats from its allocation
         std::string name;
         Category category;
         Device device;
     };
+    Backend& memory_;
     std::vector<Entry> entries_;  // by tensor id
     Timeline timeline_;
     bool recording_ = true;

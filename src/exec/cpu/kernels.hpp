@@ -26,7 +26,7 @@
 
 #include <Eigen/Core>
 
-#include "mst/tensor_view.hpp"
+#include "mst/kernel_types.hpp"
 
 namespace mst::exec::cpu {
 
@@ -34,6 +34,12 @@ using bf16 = Eigen::bfloat16;
 
 using mst::DType;
 using mst::dtype_bytes;
+using mst::AdamWConfig;
+using mst::AttentionConfig;
+using mst::GatedAct;
+using mst::kIgnoreIndex;
+using mst::NormKind;
+using mst::SgdConfig;
 using Tensor = mst::BasicTensor<bf16>;            // a caller-owned buffer and its storage dtype
 using ConstTensor = mst::BasicConstTensor<bf16>;
 
@@ -82,7 +88,6 @@ inline constexpr std::int64_t kAttnTile = 16;       // flash attention: query an
 inline constexpr std::int64_t kGemmTileM = 64;      // GEMM output tile rows
 inline constexpr std::int64_t kGemmTileN = 64;      // GEMM output tile columns
 inline constexpr std::int64_t kGemmTileK = 128;     // GEMM reduction block
-inline constexpr std::int64_t kIgnoreIndex = -100;  // labels to skip (PyTorch's ignore_index)
 
 // ---- elementwise helpers ----------------------------------------------------------------
 // out[n] = in[n] (dtype conversion, e.g. the bf16 copy of an fp32 weight under AMP)
@@ -122,10 +127,6 @@ void embedding_backward(Tensor dtable, ConstTensor dout, const std::int64_t* ids
                         std::int64_t V);
 
 // ---- RMSNorm ---------------------------------------------------------------------------------
-enum class NormKind : std::uint8_t {
-    Llama,  // y = x * rstd * w
-    Gemma,  // y = x * rstd * (1 + w)
-};
 // y[n,d] = x[n,d] * rstd[n] * g(w[d]), rstd = 1/sqrt(mean(x^2) + eps), saved as fp32
 // (rstd may be nullptr: no-grad forward).
 void rmsnorm_forward(Tensor y, float* rstd, ConstTensor x, ConstTensor w, std::int64_t n, std::int64_t d, float eps,
@@ -152,12 +153,6 @@ void rope_backward(Tensor dq, Tensor dk, std::int64_t B, std::int64_t S, std::in
 // q, o [B*S, nh*hd]; k, v [B*S, nkv*hd]; query head h reads kv head h / (nh/nkv) (HF repeat_kv).
 // Score s(t,u) = q_t.k_u * scale, then (softcap > 0) s = softcap * tanh(s / softcap), masked
 // unless u <= t and (window == 0 or t - u < window).
-struct AttentionConfig {
-    std::int64_t B = 1, S = 1, nh = 1, nkv = 1, hd = 1;
-    float scale = 1.0f;       // 1/sqrt(hd) for Llama (default_scale), query_pre_attn_scalar^-0.5 for Gemma-2
-    std::int64_t window = 0;  // 0: full causal; else attend to u in [t-window+1, t]
-    float softcap = 0.0f;     // 0: none
-};
 float default_scale(std::int64_t hd);  // 1/sqrt(hd)
 
 // Workspace sizes, in floats (the executor allocates them as fp32 buffers).
@@ -221,10 +216,6 @@ void softmax_forward(float* y, ConstTensor x, std::int64_t rows, std::int64_t co
 void softmax_backward(Tensor dx, const float* dy, const float* y, std::int64_t rows, std::int64_t cols);
 
 // ---- gated MLP activation -------------------------------------------------------------------
-enum class GatedAct : std::uint8_t {
-    Silu,      // Llama SwiGLU: silu(g) * u
-    GeluTanh,  // Gemma GeGLU: gelu_tanh(g) * u
-};
 // m[n] = act(g[n]) * u[n]   (n = rows * intermediate)
 void swiglu_forward(Tensor m, ConstTensor g, ConstTensor u, std::int64_t n, GatedAct act);
 // dg[n] = dm * u * act'(g), du[n] = dm * act(g); dg may alias g and du may alias u.
@@ -269,19 +260,12 @@ double cross_entropy_fused(Tensor logits, float* row_loss, const std::int64_t* l
                            std::int64_t V, float scale, float softcap);
 
 // ---- optimizers (per tensor, n elements) ------------------------------------------------------
-struct AdamWConfig {
-    float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.01f;
-};
 // PyTorch AdamW (decoupled decay, bias correction), step = 1 on the first call:
 // p *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
 // p -= lr/(1-b1^step) * m / (sqrt(v)/sqrt(1-b2^step) + eps).
 // param, m, v [n]: fp32 or bf16 each; grad [n].
 void adamw_step(Tensor param, ConstTensor grad, Tensor m, Tensor v, std::int64_t n, const AdamWConfig& c,
                 std::int64_t step);
-struct SgdConfig {
-    float lr = 1e-2f, momentum = 0.0f, dampening = 0.0f, weight_decay = 0.0f;
-    bool nesterov = false;
-};
 // PyTorch SGD: g += wd*p; buf = step == 1 ? g : momentum*buf + (1-dampening)*g;
 // g = nesterov ? g + momentum*buf : buf; p -= lr*g. buf [n] may be empty when momentum == 0.
 void sgd_step(Tensor param, ConstTensor grad, Tensor momentum_buf, std::int64_t n, const SgdConfig& c,

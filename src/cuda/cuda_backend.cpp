@@ -1,0 +1,352 @@
+// The CUDA backend of the executor, and execute_cuda: the executor of src/exec (the same code
+// that runs on the CPU backend and is checked there event by event against the simulator)
+// driving the CUDA kernels, cuBLASLt GEMMs and a DeviceAllocator watched by CUPTI.
+//
+// One measured step:
+//  1. CUPTI starts before the CUDA context exists (CuptiRecorder::start), then the backend's
+//     own bookkeeping is set up -- the cuBLASLt handle and an 8-byte loss accumulator -- and
+//     those records are cleared: the step's timeline holds the step's tensors only.
+//  2. The executor runs the step; every buffer is one DeviceAllocator allocation (exact mode:
+//     one cudaMallocAsync each), host buffers (offloaded checkpoints) are pinned host memory.
+//     Each executor context change opens a CUPTI op marker, so every record carries its op.
+//  3. The recorder stops before the persistent state is freed, and the measured timeline is
+//     built from CUPTI's records (or the allocator's log, see cupti_recorder.cuh). When its
+//     device events equal the executor's own log event by event, the step's timeline is that
+//     log (the same device events, plus the host events CUPTI does not attribute); otherwise
+//     it is CUPTI's, and the report names the first difference.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "cuda/cupti_recorder.cuh"
+#include "cuda/device_allocator.cuh"
+#include "cuda/gemm.cuh"
+#include "cuda/kernels.cuh"
+#include "executor.hpp"
+#include "mst/error.hpp"
+#include "mst/execute.hpp"
+
+namespace mst {
+
+namespace {
+
+using exec::ConstTensor;
+using exec::Tensor;
+
+cuda::Tensor g(Tensor t) { return {t.data, t.dtype}; }
+cuda::ConstTensor g(ConstTensor t) { return {t.data, t.dtype}; }
+
+void check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        throw std::runtime_error(fmt::format("cuda backend: {}: {}: {}", what, cudaGetErrorName(e), cudaGetErrorString(e)));
+    }
+}
+
+class CudaBackend final : public exec::Backend {
+public:
+    CudaBackend(cuda::DeviceAllocator::Mode mode, cuda::CuptiRecorder* recorder)
+        : recorder_(recorder),
+          allocator_(mode, cuda::cuda_segment_source(mode == cuda::DeviceAllocator::Mode::Exact, nullptr)) {
+        check(cudaMalloc(&loss_, sizeof(double)), "cudaMalloc of the loss accumulator");
+        check(cudaMemset(loss_, 0, sizeof(double)), "cudaMemset of the loss accumulator");
+        gemm_ = std::make_unique<cuda::GemmContext>(nullptr, 0);
+        if (recorder_ && recorder_->active()) allocator_.set_clock([r = recorder_] { return r->now_ns(); });
+    }
+    ~CudaBackend() override {
+        cudaDeviceSynchronize();
+        cudaFree(loss_);
+    }
+    CudaBackend(const CudaBackend&) = delete;
+    CudaBackend& operator=(const CudaBackend&) = delete;
+
+    cuda::DeviceAllocator& allocator() { return allocator_; }
+
+    std::string name() const override { return "cuda"; }
+    std::int64_t max_head_dim() const override { return cuda::kMaxHeadDim; }
+
+    void* map(const Event& e) override {
+        if (e.device == Device::Host) {
+            void* p = nullptr;
+            check(cudaMallocHost(&p, static_cast<std::size_t>(std::max<bytes_t>(e.bytes, 1))), "cudaMallocHost");
+            return p;
+        }
+        allocator_.set_context(e.op, e.layer, e.phase, e.micro_step);
+        void* p = allocator_.allocate(e.bytes, e.name, e.category, Device::Gpu);
+        if (!p) throw std::logic_error("cuda backend: a tensor of 0 bytes (" + e.name + ")");
+        return p;
+    }
+    void unmap(void* p, const Event& e) override {
+        if (e.device == Device::Host) {
+            check(cudaStreamSynchronize(nullptr), "synchronising before freeing pinned memory");
+            check(cudaFreeHost(p), "cudaFreeHost");
+            return;
+        }
+        allocator_.set_context(e.op, e.layer, e.phase, e.micro_step);
+        allocator_.release(p);
+    }
+    void set_context(const std::string& op, std::int32_t layer, Phase phase, std::int32_t micro_step) override {
+        if (recorder_ && recorder_->active()) recorder_->begin_op(op, layer, phase, micro_step);
+    }
+    void copy(void* dst, const void* src, std::size_t bytes) override {
+        check(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault), "cudaMemcpy");
+    }
+    void to_host(float* dst, ConstTensor src, std::int64_t n) override {
+        const auto count = static_cast<std::size_t>(n);
+        if (src.dtype == DType::F32) {
+            check(cudaMemcpy(dst, src.data, count * sizeof(float), cudaMemcpyDeviceToHost), "download");
+            return;
+        }
+        std::vector<std::uint16_t> raw(count);
+        check(cudaMemcpy(raw.data(), src.data, count * 2, cudaMemcpyDeviceToHost), "download");
+        for (std::size_t i = 0; i < count; ++i) {
+            const std::uint32_t bits = std::uint32_t(raw[i]) << 16;  // a bf16 is the top half of a float
+            std::memcpy(dst + i, &bits, sizeof bits);
+        }
+    }
+    void set_workspace(void* p, std::size_t bytes) override { gemm_->set_workspace(p, bytes); }
+    void synchronize() override { check(cudaStreamSynchronize(nullptr), "a kernel of the previous op"); }
+
+    void cast(Tensor out, ConstTensor in, std::int64_t n) override { cuda::cast(g(out), g(in), n); }
+    void scale(Tensor out, ConstTensor in, std::int64_t n, float s) override { cuda::scale(g(out), g(in), n, s); }
+    void zero(Tensor out, std::int64_t n) override { cuda::zero(g(out), n); }
+    void fill(Tensor out, std::int64_t n, float value) override { cuda::fill(g(out), n, value); }
+    void fill_uniform(Tensor out, std::int64_t n, float half_width, std::uint64_t key) override {
+        cuda::fill_uniform(g(out), n, half_width, key);
+    }
+    void linear_forward(Tensor out, ConstTensor in, ConstTensor W, std::int64_t n, std::int64_t i, std::int64_t o,
+                        bool accumulate) override {
+        cuda::linear_forward(*gemm_, g(out), g(in), g(W), n, i, o, accumulate);
+    }
+    void linear_backward_input(Tensor din, ConstTensor dout, ConstTensor W, std::int64_t n, std::int64_t i,
+                               std::int64_t o, bool accumulate) override {
+        cuda::linear_backward_input(*gemm_, g(din), g(dout), g(W), n, i, o, accumulate);
+    }
+    void linear_backward_weight(Tensor dW, ConstTensor dout, ConstTensor in, std::int64_t n, std::int64_t i,
+                                std::int64_t o, bool accumulate) override {
+        cuda::linear_backward_weight(*gemm_, g(dW), g(dout), g(in), n, i, o, accumulate);
+    }
+    void embedding_forward(Tensor out, ConstTensor table, const std::int64_t* ids, std::int64_t n, std::int64_t d,
+                           std::int64_t V) override {
+        cuda::embedding_forward(g(out), g(table), ids, n, d, V);
+    }
+    void embedding_backward(Tensor dtable, ConstTensor dout, const std::int64_t* ids, std::int64_t n, std::int64_t d,
+                            std::int64_t V) override {
+        cuda::embedding_backward(g(dtable), g(dout), ids, n, d, V);
+    }
+    void rmsnorm_forward(Tensor y, float* rstd, ConstTensor x, ConstTensor w, std::int64_t n, std::int64_t d,
+                         float eps, NormKind kind) override {
+        cuda::rmsnorm_forward(g(y), rstd, g(x), g(w), n, d, eps, kind);
+    }
+    void rmsnorm_backward(Tensor dx, Tensor dw, ConstTensor dy, ConstTensor x, ConstTensor w, const float* rstd,
+                          std::int64_t n, std::int64_t d, NormKind kind) override {
+        cuda::rmsnorm_backward(g(dx), g(dw), g(dy), g(x), g(w), rstd, n, d, kind);
+    }
+    void rope_forward(Tensor q, Tensor k, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
+                      std::int64_t hd, float theta) override {
+        cuda::rope_forward(g(q), g(k), B, S, nh, nkv, hd, theta);
+    }
+    void rope_backward(Tensor dq, Tensor dk, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
+                       std::int64_t hd, float theta) override {
+        cuda::rope_backward(g(dq), g(dk), B, S, nh, nkv, hd, theta);
+    }
+    std::int64_t flash_lse_floats(const AttentionConfig& c) const override { return cuda::flash_lse_floats(c); }
+    std::int64_t flash_dq_workspace_floats(const AttentionConfig& c) const override {
+        return cuda::flash_dq_workspace_floats(c);
+    }
+    std::int64_t flash_delta_workspace_floats(const AttentionConfig& c) const override {
+        return cuda::flash_delta_workspace_floats(c);
+    }
+    void flash_attention_forward(Tensor o, float* lse, ConstTensor q, ConstTensor k, ConstTensor v,
+                                 const AttentionConfig& c) override {
+        cuda::flash_attention_forward(g(o), lse, g(q), g(k), g(v), c);
+    }
+    void flash_attention_backward(Tensor dq, Tensor dk, Tensor dv, float* dq_ws, float* delta_ws, ConstTensor dout,
+                                  ConstTensor q, ConstTensor k, ConstTensor v, ConstTensor o, const float* lse,
+                                  const AttentionConfig& c) override {
+        cuda::flash_attention_backward(g(dq), g(dk), g(dv), dq_ws, delta_ws, g(dout), g(q), g(k), g(v), g(o), lse, c);
+    }
+    void repeat_kv_forward(Tensor out, ConstTensor in, std::int64_t rows, std::int64_t nh, std::int64_t nkv,
+                           std::int64_t hd) override {
+        cuda::repeat_kv_forward(g(out), g(in), rows, nh, nkv, hd);
+    }
+    void repeat_kv_backward(Tensor din, ConstTensor dout, std::int64_t rows, std::int64_t nh, std::int64_t nkv,
+                            std::int64_t hd) override {
+        cuda::repeat_kv_backward(g(din), g(dout), rows, nh, nkv, hd);
+    }
+    void attention_scores(Tensor scores, ConstTensor a, ConstTensor b, std::int64_t B, std::int64_t S,
+                          std::int64_t nh, std::int64_t hd) override {
+        cuda::attention_scores(g(scores), g(a), g(b), B, S, nh, hd);
+    }
+    void attention_apply(Tensor out, ConstTensor p, ConstTensor x, std::int64_t B, std::int64_t S, std::int64_t nh,
+                         std::int64_t hd) override {
+        cuda::attention_apply(g(out), g(p), g(x), B, S, nh, hd);
+    }
+    void attention_apply_transposed(Tensor out, ConstTensor p, ConstTensor x, std::int64_t B, std::int64_t S,
+                                    std::int64_t nh, std::int64_t hd) override {
+        cuda::attention_apply_transposed(g(out), g(p), g(x), B, S, nh, hd);
+    }
+    void causal_mask_fill(Tensor mask, std::int64_t B, std::int64_t S, std::int64_t window) override {
+        cuda::causal_mask_fill(g(mask), B, S, window);
+    }
+    void softmax_forward(float* y, ConstTensor x, std::int64_t rows, std::int64_t cols) override {
+        cuda::softmax_forward(y, g(x), rows, cols);
+    }
+    void softmax_backward(Tensor dx, const float* dy, const float* y, std::int64_t rows, std::int64_t cols) override {
+        cuda::softmax_backward(g(dx), dy, y, rows, cols);
+    }
+    void swiglu_forward(Tensor m, ConstTensor gt, ConstTensor u, std::int64_t n, GatedAct act) override {
+        cuda::swiglu_forward(g(m), g(gt), g(u), n, act);
+    }
+    void swiglu_backward(Tensor dg, Tensor du, ConstTensor dm, ConstTensor gt, ConstTensor u, std::int64_t n,
+                         GatedAct act) override {
+        cuda::swiglu_backward(g(dg), g(du), g(dm), g(gt), g(u), n, act);
+    }
+    void residual_forward(Tensor out, ConstTensor a, ConstTensor b, std::int64_t n) override {
+        cuda::residual_forward(g(out), g(a), g(b), n);
+    }
+    void residual_accumulate(Tensor a, ConstTensor b, std::int64_t n) override { cuda::residual_accumulate(g(a), g(b), n); }
+    void softcap_forward(Tensor y, ConstTensor x, std::int64_t n, float cap) override {
+        cuda::softcap_forward(g(y), g(x), n, cap);
+    }
+    void softcap_backward(Tensor dx, ConstTensor dy, ConstTensor y, std::int64_t n, float cap) override {
+        cuda::softcap_backward(g(dx), g(dy), g(y), n, cap);
+    }
+    void cross_entropy_forward(float* logp, ConstTensor logits, const std::int64_t* labels, std::int64_t n,
+                               std::int64_t V) override {
+        cuda::cross_entropy_forward(logp, g(logits), labels, n, V, loss_);
+    }
+    void nll_loss_backward(float* dlogp, const std::int64_t* labels, std::int64_t n, std::int64_t V,
+                           float scale) override {
+        cuda::nll_loss_backward(dlogp, labels, n, V, scale);
+    }
+    void log_softmax_backward(float* dx, const float* dy, const float* logp, std::int64_t n, std::int64_t V) override {
+        cuda::log_softmax_backward(dx, dy, logp, n, V);
+    }
+    void cross_entropy_fused(Tensor logits, const std::int64_t* labels, std::int64_t n, std::int64_t V, float scale,
+                             float softcap, bool count_loss) override {
+        cuda::cross_entropy_fused(g(logits), nullptr, count_loss ? loss_ : nullptr, labels, n, V, scale, softcap);
+    }
+    double loss_sum() override {
+        double sum = 0;
+        check(cudaMemcpy(&sum, loss_, sizeof sum, cudaMemcpyDeviceToHost), "reading the loss");
+        return sum;
+    }
+    void adamw_step(Tensor param, ConstTensor grad, Tensor m, Tensor v, std::int64_t n, const AdamWConfig& c,
+                    std::int64_t step) override {
+        cuda::adamw_step(g(param), g(grad), g(m), g(v), n, c, step);
+    }
+    void sgd_step(Tensor param, ConstTensor grad, Tensor momentum_buf, std::int64_t n, const SgdConfig& c,
+                  std::int64_t step) override {
+        cuda::sgd_step(g(param), g(grad), g(momentum_buf), n, c, step);
+    }
+
+private:
+    cuda::CuptiRecorder* recorder_;
+    cuda::DeviceAllocator allocator_;
+    std::unique_ptr<cuda::GemmContext> gemm_;
+    double* loss_ = nullptr;
+};
+
+// The first difference between the device events of the executor's log and the measured
+// timeline (tensor ids may differ; everything else must not), or "" when they are equal.
+std::string first_difference(const Timeline& log, const Timeline& measured) {
+    std::vector<const Event*> a, b;
+    for (const Event& e : log.events)
+        if (e.device == Device::Gpu) a.push_back(&e);
+    for (const Event& e : measured.events)
+        if (e.device == Device::Gpu) b.push_back(&e);
+    auto show = [](const Event& e) {
+        return fmt::format("{} {} '{}' {} B ({}, op {}, layer {}, {})", e.alloc ? "alloc" : "free", to_string(e.category),
+                           e.name, e.bytes, to_string(e.phase), e.op, e.layer, e.micro_step);
+    };
+    for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+        const Event &x = *a[i], &y = *b[i];
+        if (x.alloc != y.alloc || x.bytes != y.bytes || x.name != y.name || x.category != y.category || x.op != y.op ||
+            x.layer != y.layer || x.phase != y.phase || x.micro_step != y.micro_step)
+            return fmt::format("device event {}: executor {}, measured {}", i, show(x), show(y));
+    }
+    if (a.size() != b.size())
+        return fmt::format("the executor logged {} device events, the measurement has {}", a.size(), b.size());
+    return "";
+}
+
+std::string describe_device() {
+    int device = 0;
+    cudaDeviceProp prop{};
+    if (cudaGetDevice(&device) != cudaSuccess || cudaGetDeviceProperties(&prop, device) != cudaSuccess) return "unknown";
+    return fmt::format("{}, sm_{}{}, {:.1f} GiB", prop.name, prop.major, prop.minor,
+                       static_cast<double>(prop.totalGlobalMem) / double(1ull << 30));
+}
+
+}  // namespace
+
+MeasuredStep execute_cuda(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t seed,
+                          const ExecuteOptions& options, const CudaOptions& cuda_options) {
+    if (options.storage_fp32) fail("execute", "storage_fp32", "the CUDA backend runs the precision policy's dtypes");
+    int count = 0;
+    const cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess || count == 0) {
+        cudaGetLastError();
+        fail("--backend", "cuda",
+             fmt::format("no usable CUDA device on this machine ({}); use --backend cpu",
+                         err != cudaSuccess ? std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err)
+                                            : std::string("cudaGetDeviceCount found none")));
+    }
+
+    cuda::CuptiRecorder& recorder = cuda::CuptiRecorder::instance();
+    if (cuda_options.cupti) recorder.start();  // before the context exists (false: its status says why)
+    const auto mode = cuda_options.caching_allocator ? cuda::DeviceAllocator::Mode::Caching : cuda::DeviceAllocator::Mode::Exact;
+    CudaBackend backend(mode, cuda_options.cupti ? &recorder : nullptr);
+    if (recorder.active()) {
+        recorder.flush();
+        recorder.clear();  // the backend's own set-up is not the step's
+    }
+
+    DeviceReport report;
+    report.device = describe_device();
+    report.allocator = backend.allocator().describe();
+    report.recorder = cuda_options.cupti ? recorder.status() : "CUPTI off (--no-cupti): the allocator's own log";
+
+    exec::Step step(model, setup, seed, options, backend);  // destroyed before the backend
+    MeasuredStep result = step.run();
+    if (cuda_options.cupti) recorder.stop();  // before the persistent state is freed
+
+    const cuda::MeasuredTimeline measured = recorder.measured_timeline(backend.allocator(), model.name);
+    report.from_cupti = measured.from_cupti;
+    report.timeline_note = measured.note;
+    report.unmatched_records = measured.unmatched_records;
+    report.size_mismatches = measured.size_mismatches;
+    report.dropped_records = static_cast<std::int64_t>(recorder.dropped_records());
+    report.first_difference = first_difference(result.timeline, measured.timeline);
+    report.matches_executor_log = report.first_difference.empty();
+    const auto& stats = backend.allocator().stats();
+    report.peak_allocated = stats.peak_allocated;
+    report.peak_reserved = stats.peak_reserved;
+    const cuda::MemInfo& before = recorder.mem_before();
+    const cuda::MemInfo& after = recorder.mem_after();
+    if (before.valid) report.used_before = before.used_bytes(), report.total = before.total_bytes;
+    if (after.valid) report.used_after = after.used_bytes();
+    for (const cuda::KernelRecord& k : recorder.kernels()) {
+        ++report.kernels;
+        report.kernel_seconds += static_cast<double>(k.end_ns - k.start_ns) * 1e-9;
+    }
+    if (!report.matches_executor_log) {  // the measurement stands; the executor's intent does not
+        Timeline t = measured.timeline;
+        t.micro_steps = result.timeline.micro_steps;
+        t.micro_steps_recorded = result.timeline.micro_steps_recorded;
+        result.timeline = std::move(t);
+    }
+    result.timeline.source = "cuda";
+    result.device = std::move(report);
+    recorder.clear();
+    return result;
+}
+
+}  // namespace mst
