@@ -82,14 +82,20 @@ public:
         if (!p) throw std::logic_error("cuda backend: a tensor of 0 bytes (" + e.name + ")");
         return p;
     }
+    // Called from buffer destructors, so it never throws: a failure (after a device fault every
+    // CUDA call fails) is kept and thrown by the next synchronize() or loss_sum().
     void unmap(void* p, const Event& e) override {
-        if (e.device == Device::Host) {
-            check(cudaStreamSynchronize(nullptr), "synchronising before freeing pinned memory");
-            check(cudaFreeHost(p), "cudaFreeHost");
-            return;
+        try {
+            if (e.device == Device::Host) {
+                check(cudaStreamSynchronize(nullptr), "synchronising before freeing pinned memory");
+                check(cudaFreeHost(p), "cudaFreeHost");
+                return;
+            }
+            allocator_.set_context(e.op, e.layer, e.phase, e.micro_step);
+            allocator_.release(p);
+        } catch (const std::exception& ex) {
+            if (deferred_error_.empty()) deferred_error_ = std::string("freeing '") + e.name + "': " + ex.what();
         }
-        allocator_.set_context(e.op, e.layer, e.phase, e.micro_step);
-        allocator_.release(p);
     }
     void set_context(const std::string& op, std::int32_t layer, Phase phase, std::int32_t micro_step) override {
         if (recorder_ && recorder_->active()) recorder_->begin_op(op, layer, phase, micro_step);
@@ -100,18 +106,21 @@ public:
     void to_host(float* dst, ConstTensor src, std::int64_t n) override {
         const auto count = static_cast<std::size_t>(n);
         if (src.dtype == DType::F32) {
-            check(cudaMemcpy(dst, src.data, count * sizeof(float), cudaMemcpyDeviceToHost), "download");
+            check(cudaMemcpy(dst, src.data, count * sizeof(float), cudaMemcpyDefault), "download");
             return;
         }
         std::vector<std::uint16_t> raw(count);
-        check(cudaMemcpy(raw.data(), src.data, count * 2, cudaMemcpyDeviceToHost), "download");
+        check(cudaMemcpy(raw.data(), src.data, count * 2, cudaMemcpyDefault), "download");
         for (std::size_t i = 0; i < count; ++i) {
             const std::uint32_t bits = std::uint32_t(raw[i]) << 16;  // a bf16 is the top half of a float
             std::memcpy(dst + i, &bits, sizeof bits);
         }
     }
     void set_workspace(void* p, std::size_t bytes) override { gemm_->set_workspace(p, bytes); }
-    void synchronize() override { check(cudaStreamSynchronize(nullptr), "a kernel of the previous op"); }
+    void synchronize() override {
+        check(cudaStreamSynchronize(nullptr), "a kernel of the previous op");
+        if (!deferred_error_.empty()) throw std::runtime_error("cuda backend: " + deferred_error_);
+    }
 
     void cast(Tensor out, ConstTensor in, std::int64_t n) override { cuda::cast(g(out), g(in), n); }
     void scale(Tensor out, ConstTensor in, std::int64_t n, float s) override { cuda::scale(g(out), g(in), n, s); }
@@ -234,8 +243,9 @@ public:
         cuda::cross_entropy_fused(g(logits), nullptr, count_loss ? loss_ : nullptr, labels, n, V, scale, softcap);
     }
     double loss_sum() override {
+        synchronize();
         double sum = 0;
-        check(cudaMemcpy(&sum, loss_, sizeof sum, cudaMemcpyDeviceToHost), "reading the loss");
+        check(cudaMemcpy(&sum, loss_, sizeof sum, cudaMemcpyDefault), "reading the loss");
         return sum;
     }
     void adamw_step(Tensor param, ConstTensor grad, Tensor m, Tensor v, std::int64_t n, const AdamWConfig& c,
@@ -252,6 +262,7 @@ private:
     cuda::DeviceAllocator allocator_;
     std::unique_ptr<cuda::GemmContext> gemm_;
     double* loss_ = nullptr;
+    std::string deferred_error_;  // the first failure of unmap()
 };
 
 // The first difference between the device events of the executor's log and the measured
@@ -277,6 +288,17 @@ std::string first_difference(const Timeline& log, const Timeline& measured) {
     return "";
 }
 
+// cudaMemGetInfo's used bytes (0 when it fails); *total its total.
+bytes_t device_memory_in_use(bytes_t* total) {
+    std::size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    if (total) *total = static_cast<bytes_t>(total_bytes);
+    return static_cast<bytes_t>(total_bytes - free_bytes);
+}
+
 std::string describe_device() {
     int device = 0;
     cudaDeviceProp prop{};
@@ -300,8 +322,17 @@ MeasuredStep execute_cuda(const ModelSpec& model, const TrainingSetup& setup, st
                                             : std::string("cudaGetDeviceCount found none")));
     }
 
+    validate(setup, model);  // refused setups never start CUPTI or a context
     cuda::CuptiRecorder& recorder = cuda::CuptiRecorder::instance();
     if (cuda_options.cupti) recorder.start();  // before the context exists (false: its status says why)
+    struct RecorderGuard {  // leaves the process-wide recorder stopped and empty, whatever happens
+        cuda::CuptiRecorder& r;
+        bool on;
+        ~RecorderGuard() {
+            if (on) r.stop();
+            r.clear();
+        }
+    } guard{recorder, cuda_options.cupti};
     const auto mode = cuda_options.caching_allocator ? cuda::DeviceAllocator::Mode::Caching : cuda::DeviceAllocator::Mode::Exact;
     CudaBackend backend(mode, cuda_options.cupti ? &recorder : nullptr);
     if (recorder.active()) {
@@ -309,6 +340,7 @@ MeasuredStep execute_cuda(const ModelSpec& model, const TrainingSetup& setup, st
         recorder.clear();  // the backend's own set-up is not the step's
     }
 
+    const bytes_t used_before = cuda_options.cupti ? 0 : device_memory_in_use(nullptr);
     DeviceReport report;
     report.device = describe_device();
     report.allocator = backend.allocator().describe();
@@ -317,6 +349,7 @@ MeasuredStep execute_cuda(const ModelSpec& model, const TrainingSetup& setup, st
     exec::Step step(model, setup, seed, options, backend);  // destroyed before the backend
     MeasuredStep result = step.run();
     if (cuda_options.cupti) recorder.stop();  // before the persistent state is freed
+    guard.on = false;
 
     const cuda::MeasuredTimeline measured = recorder.measured_timeline(backend.allocator(), model.name);
     report.from_cupti = measured.from_cupti;
@@ -329,10 +362,14 @@ MeasuredStep execute_cuda(const ModelSpec& model, const TrainingSetup& setup, st
     const auto& stats = backend.allocator().stats();
     report.peak_allocated = stats.peak_allocated;
     report.peak_reserved = stats.peak_reserved;
-    const cuda::MemInfo& before = recorder.mem_before();
-    const cuda::MemInfo& after = recorder.mem_after();
-    if (before.valid) report.used_before = before.used_bytes(), report.total = before.total_bytes;
-    if (after.valid) report.used_after = after.used_bytes();
+    if (cuda_options.cupti) {
+        const cuda::MemInfo& before = recorder.mem_before();
+        const cuda::MemInfo& after = recorder.mem_after();
+        if (before.valid) report.used_before = before.used_bytes(), report.total = before.total_bytes;
+        if (after.valid) report.used_after = after.used_bytes();
+    } else {
+        report.used_before = used_before, report.used_after = device_memory_in_use(&report.total);
+    }
     for (const cuda::KernelRecord& k : recorder.kernels()) {
         ++report.kernels;
         report.kernel_seconds += static_cast<double>(k.end_ns - k.start_ns) * 1e-9;
@@ -345,7 +382,6 @@ MeasuredStep execute_cuda(const ModelSpec& model, const TrainingSetup& setup, st
     }
     result.timeline.source = "cuda";
     result.device = std::move(report);
-    recorder.clear();
     return result;
 }
 

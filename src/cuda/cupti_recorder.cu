@@ -285,8 +285,15 @@ MeasuredTimeline CuptiRecorder::measured_timeline(const DeviceAllocator& allocat
                                                                  : status_) +
                        ": timeline from the allocator's own log");
 
-    std::stable_sort(records.begin(), records.end(),
-                     [](const MemoryRecord& a, const MemoryRecord& b) { return a.timestamp_ns < b.timestamp_ns; });
+    // API-call order: the correlation ids of one thread's calls increase with the calls, whereas
+    // a stream-ordered release may carry the stream's time rather than the call's (which would
+    // put a free after the allocation that reuses its address). Timestamps order records only
+    // when some record has no correlation id.
+    const bool correlated = std::all_of(records.begin(), records.end(),
+                                        [](const MemoryRecord& r) { return r.correlation_id != 0; });
+    std::stable_sort(records.begin(), records.end(), [correlated](const MemoryRecord& a, const MemoryRecord& b) {
+        return correlated ? a.correlation_id < b.correlation_id : a.timestamp_ns < b.timestamp_ns;
+    });
     std::unordered_map<std::uint32_t, std::uint64_t> marker_of;  // correlation id -> marker index + 1
     for (const auto& [corr, ext] : external) marker_of[corr] = ext;
     // The marker of a record: CUPTI's correlation first, else the time range that holds it.

@@ -112,6 +112,58 @@ TEST_CASE("CUPTI recorder on a device: MEMORY2 records match the exact allocator
     CHECK(rec.mem_after().valid);
 }
 
+// The executor's exact mode: cudaMallocAsync/cudaFreeAsync from the stream-ordered pool, buffers
+// down to 8 bytes, and a free followed by an allocation that may reuse its address. CUPTI must
+// give one device record per call, with the requested bytes, in the calls' order, so that the
+// measured timeline is the allocator's log event by event.
+TEST_CASE("CUPTI recorder with cudaMallocAsync: one record per call, requested bytes, in call order") {
+    MST_REQUIRE_DEVICE();
+    CuptiRecorder& rec = CuptiRecorder::instance();
+    if (!rec.start()) {
+        MESSAGE("CUPTI could not record here: " << rec.status());
+        return;
+    }
+    {
+        DeviceAllocator a(DeviceAllocator::Mode::Exact, mst::cuda::cuda_segment_source(true));
+        a.set_clock([&rec] { return rec.now_ns(); });
+        rec.flush();
+        rec.clear();
+        rec.begin_op("op.a", 0, mst::Phase::Forward);
+        a.set_context("op.a", 0, mst::Phase::Forward);
+        void* x = a.allocate(8, "x", mst::Category::Transient);
+        void* y = a.allocate(128, "y", mst::Category::SavedActivation);
+        rec.begin_op("op.b", 1, mst::Phase::Backward);
+        a.set_context("op.b", 1, mst::Phase::Backward);
+        a.release(y);
+        void* z = a.allocate(128, "z", mst::Category::Transient);  // may take y's address
+        void* w = a.allocate(256, "w", mst::Category::Gradients);
+        a.release(x);
+        a.release(z);
+        a.release(w);
+        rec.end_op();
+        rec.flush();
+        const mst::cuda::MeasuredTimeline t = rec.measured_timeline(a, "test");
+        INFO(t.note);
+        CHECK(t.from_cupti);
+        CHECK(t.unmatched_records == 0);
+        CHECK(t.size_mismatches == 0);
+        REQUIRE(t.timeline.events.size() == a.timeline().events.size());
+        for (std::size_t i = 0; i < t.timeline.events.size(); ++i) {
+            const mst::Event &m = t.timeline.events[i], &l = a.timeline().events[i];
+            CAPTURE(i);
+            CHECK(m.alloc == l.alloc);
+            CHECK(m.name == l.name);
+            CHECK(m.bytes == l.bytes);
+            CHECK(m.op == l.op);
+            CHECK(m.layer == l.layer);
+            CHECK(m.phase == l.phase);
+        }
+        CHECK(rec.dropped_records() == 0);
+    }
+    rec.stop();
+    rec.clear();
+}
+
 TEST_CASE("CUPTI recorder with the caching allocator: segments only, the timeline is the allocator's log") {
     MST_REQUIRE_DEVICE();
     CuptiRecorder& rec = CuptiRecorder::instance();
