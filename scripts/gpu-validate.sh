@@ -14,7 +14,9 @@
 #                  `measure --backend cuda` must refuse with one line and exit code 2)
 #
 # Options: --dry-run, --build-dir DIR (default build-gpu, or build-gpu-dryrun), --jobs N,
-#          --bench-args "..." (extra arguments for bench kernels, e.g. "--seq 16384 --reps 3").
+#          --bench-args "..." (extra arguments for bench kernels, e.g. "--seq 16384 --reps 3"),
+#          --budget-s N (default 480: no measure case starts after N seconds from the start; the
+#          cases left are listed as skipped in measure.jsonl).
 # Budget: about 8 minutes on an H100 (build ~2, tests ~2, bench ~1, measure ~2); each GPU step
 # has a timeout.
 #
@@ -40,12 +42,14 @@ dry_run=0
 build_dir=""
 jobs="$(nproc 2>/dev/null || echo 4)"
 bench_args=""
+budget_s=480
 while [ $# -gt 0 ]; do
     case "$1" in
     --dry-run) dry_run=1 ;;
     --build-dir) build_dir="$2"; shift ;;
     --jobs) jobs="$2"; shift ;;
     --bench-args) bench_args="$2"; shift ;;
+    --budget-s) budget_s="$2"; shift ;;
     -h | --help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "gpu-validate: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -235,61 +239,106 @@ c.pop("_mst", None)  # its published parameter counts are the 32-layer model's
 json.dump(c, open(sys.argv[2], "w"), indent=2)
 PY
     cut="$mdir/llama-3-8b-4layers.json"
+    # Cheapest first: the time budget cuts the expensive tail, never the basics.
     cases=(
         "tiny-default|--model tiny-llama --seq 1024"
         "tiny-ckpt-mst4|--model tiny-llama --seq 4096 --checkpoint all --mlp-chunks 4 --lm-chunks 4"
         "tiny-eager-amp-fused|--model tiny-llama --seq 1024 --attention eager --precision amp --lm-chunks 2 --lm-impl fused"
         "small-ckpt-mst|--model small-llama --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 16"
         "small-offload-tiled-fused|--model small-llama --seq 8192 --checkpoint all --offload --mlp-chunks 8 --mlp-impl tiled --lm-chunks 8 --lm-impl fused"
-        "l3-8b-4l-8k|--model $cut --seq 8192"
-        "l3-8b-4l-8k-ckpt-mst|--model $cut --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 8"
         "l3-8b-4l-8k-master-fused|--model $cut --seq 8192 --precision bf16-master --checkpoint all --mlp-chunks 4 --mlp-impl tiled --lm-chunks 8 --lm-impl fused"
-        "l3-8b-4l-32k-ckpt-mst|--model $cut --seq 32768 --checkpoint all --mlp-chunks 8 --lm-chunks 16"
-        "l3-8b-4l-8k-caching|--model $cut --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 8 --allocator caching"
+        "l3-8b-4l-8k-caching|--model $cut --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 4 --allocator caching"
     )
-    full="--model llama-3-8b --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 8"
-    # shellcheck disable=SC2086
-    fits=$("$MST" --json estimate $full --gpu "$gpu_profile" 2>&1 | python3 -c 'import json,sys
-try: print("yes" if json.load(sys.stdin)["fits"] else "no")
-except Exception as e: print("estimate failed")')
-    if [ "$fits" = yes ]; then
-        cases+=("l3-8b-32l-8k-ckpt-mst|$full")
-    else
-        say "measure: the full-depth Llama-3-8B case is left out ($gpu_profile, simulator: fits = $fits)"
-    fi
+    # Llama-3-8B shapes, 4 layers: S in {8k, 32k, 64k} x M_mlp = M_lm in {1, 4, 16} x checkpointing off/on
+    for seq in 8192 32768 65536; do
+        for m in 1 4 16; do
+            for ck in none all; do
+                cases+=("l3-8b-4l-$((seq / 1024))k-m$m-ckpt-$ck|--model $cut --seq $seq --mlp-chunks $m --lm-chunks $m --checkpoint $ck")
+            done
+        done
+        [ $seq = 8192 ] && cases+=("l3-8b-32l-8k-ckpt-m4|--model llama-3-8b --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 4")
+    done
+    # The edge: full-depth Llama-3-8B at the longest sequence `max-seq` predicts for each strategy
+    # on this GPU, measured with the caching allocator (max-seq budgets reserved memory).
+    "$MST" --json max-seq --model llama-3-8b --gpu "$gpu_profile" >"$mdir/max_seq.json" 2>>"$summary"
+    while IFS='|' read -r name file; do
+        [ -n "$name" ] && cases+=("$name|--model llama-3-8b --setup $file --allocator caching")
+    done < <(python3 - "$mdir/max_seq.json" "$mdir" <<'PY'
+import json, re, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+for r in rows:
+    if r["max_seq"] <= 0 or r["setup"].get("offload_checkpoints"):
+        continue  # the offload edge needs 90k+ tokens of attention: beyond one call's budget
+    name = "l3-8b-32l-edge-" + re.sub("[^a-z]+", "-", r["strategy"].lower()).strip("-") + "-" + str(r["max_seq"])
+    path = f"{sys.argv[2]}/{name}.setup.json"
+    json.dump(r["setup"], open(path, "w"))
+    print(f"{name}|{path}")
+PY
+)
     : >"$OUT/measure.jsonl"
-    ok=0     # cases that ran
+    ok=0     # cases that ran to the end
+    oom=0    # ... or stopped out of memory (exit 4): recorded with the simulator's verdict
     agree=0  # ... whose timeline equals the prediction and whose device events equal the executor's log
+    skipped=0
     for entry in "${cases[@]}"; do
         name="${entry%%|*}"
         args="${entry#*|}"
-        mkdir -p "$mdir/$name"
-        # shellcheck disable=SC2086
-        if timeout 150 "$MST" measure --backend cuda $args --workspace-bytes 33554432 --out "$mdir/$name" >"$mdir/$name/measure.txt" 2>&1 &&
-            timeout 60 "$MST" --json compare --run "$mdir/$name/measured.json" >"$mdir/$name/compare.json" 2>>"$mdir/$name/measure.txt"; then
-            python3 - "$name" "$args" "$mdir/$name" >>"$OUT/measure.jsonl" <<'PY'
-import json, sys
-name, args, d = sys.argv[1], sys.argv[2], sys.argv[3]
-m = json.load(open(d + "/measured.json"))
-c = json.load(open(d + "/compare.json"))
-dev = m.get("device") or {}
-print(json.dumps({"case": name, "args": args, "device": dev, "loss": m["summary"]["loss"],
-                  "wall_seconds": m["summary"]["wall_seconds"], "compare": c}))
-sys.exit(0 if c.get("identical") and dev.get("matches_executor_log") else 3)
-PY
-            rc=$?
-            ok=$((ok + 1))
-            [ $rc = 0 ] && agree=$((agree + 1))
-            say "measure $name: $([ $rc = 0 ] && echo 'equal to the prediction' || echo 'DIFFERS (see measure.jsonl)'); $(grep -E '^executor log vs measured' "$mdir/$name/measure.txt" | cut -c1-100)"
-        else
-            python3 -c 'import json,sys; print(json.dumps({"case": sys.argv[1], "error": sys.argv[2][-400:]}))' \
-                "$name" "$(tail -n 3 "$mdir/$name/measure.txt")" >>"$OUT/measure.jsonl"
-            say "measure $name: FAILED: $(tail -n 1 "$mdir/$name/measure.txt" | cut -c1-200)"
+        left=$((budget_s - $(elapsed "$t_start")))
+        if [ $left -lt 20 ]; then
+            skipped=$((skipped + 1))
+            python3 -c 'import json,sys; print(json.dumps({"case": sys.argv[1], "args": sys.argv[2], "skipped": "time budget"}))' \
+                "$name" "$args" >>"$OUT/measure.jsonl"
+            continue
         fi
+        mkdir -p "$mdir/$name"
+        # the simulator's verdict on this GPU (its profile holds the same 32 MiB cuBLAS workspace)
+        # shellcheck disable=SC2046
+        "$MST" --json estimate $(echo "$args" | sed 's/--allocator [a-z]*//') --gpu "$gpu_profile" \
+            >"$mdir/$name/estimate.json" 2>/dev/null
+        # shellcheck disable=SC2086
+        timeout "$left" "$MST" measure --backend cuda $args --workspace-bytes 33554432 --out "$mdir/$name" >"$mdir/$name/measure.txt" 2>&1
+        rc=$?
+        if [ $rc = 0 ]; then
+            timeout 60 "$MST" --json compare --run "$mdir/$name/measured.json" --svg "$mdir/$name/overlay.svg" \
+                >"$mdir/$name/compare.json" 2>>"$mdir/$name/measure.txt" || rc=5
+        fi
+        python3 - "$name" "$args" "$mdir/$name" "$rc" >>"$OUT/measure.jsonl" <<'PY'
+import json, sys
+name, args, d, rc = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+def load(f):
+    try: return json.load(open(d + "/" + f))
+    except Exception: return None
+est = load("estimate.json") or {}
+out = {"case": name, "args": args, "exit": rc,
+       "predicted": {"fits": est.get("fits"), "peak": (est.get("peak") or {}).get("bytes"),
+                     "peak_reserved": (est.get("peak") or {}).get("reserved_bytes")}}
+tail = open(d + "/measure.txt").read().strip().splitlines()[-3:]
+if rc == 0:
+    m, c = load("measured.json"), load("compare.json")
+    dev = m.get("device") or {}
+    out.update({"device": dev, "loss": m["summary"]["loss"], "wall_seconds": m["summary"]["wall_seconds"], "compare": c})
+    print(json.dumps(out))
+    sys.exit(0 if c.get("identical") and dev.get("matches_executor_log") else 3)
+out["error"] = "\n".join(tail)[-600:]
+if rc == 4: out["measured"] = "out of memory"
+print(json.dumps(out))
+sys.exit(4 if rc == 4 else 1)
+PY
+        verdict=$?
+        case $verdict in
+        0) ok=$((ok + 1)); agree=$((agree + 1)); say "measure $name: equal to the prediction; $(grep -E '^executor log vs measured' "$mdir/$name/measure.txt" | cut -c1-90)" ;;
+        3) ok=$((ok + 1)); say "measure $name: DIFFERS from the prediction (see measure.jsonl)" ;;
+        4) oom=$((oom + 1)); say "measure $name: out of memory ($(grep -o '"fits": [a-z]*' "$mdir/$name/estimate.json" | head -n 1))" ;;
+        *) say "measure $name: FAILED (exit $rc): $(tail -n 1 "$mdir/$name/measure.txt" | cut -c1-160)" ;;
+        esac
     done
     tar -czf "$OUT/measured.tar.gz" -C "$mdir" . 2>>"$summary"
-    if [ $agree = ${#cases[@]} ]; then step measure.matrix ok "$(elapsed $t)" "$agree cases equal to the prediction"
-    else step measure.matrix FAIL "$(elapsed $t)" "$ok of ${#cases[@]} cases ran, $agree equal to the prediction"; fi
+    ran=$((ok + oom))
+    if [ $agree = $ok ] && [ $ran = $((${#cases[@]} - skipped)) ]; then
+        step measure.matrix ok "$(elapsed $t)" "$agree equal to the prediction, $oom out of memory, $skipped left for time"
+    else
+        step measure.matrix FAIL "$(elapsed $t)" "$ran of $((${#cases[@]} - skipped)) ran, $agree equal, $oom out of memory, $skipped left for time"
+    fi
 fi
 
 say "total $(elapsed "$t_start") s, $failures failed step(s); results in $OUT"

@@ -96,3 +96,6 @@ expect_run(2 "^error: [^\n]*predicted.json: format: expected a measurement" comp
 # A trainer's peaks-only measurement (scripts/torch_crosscheck.py) compares by --run.
 expect_run(0 "peaks only.*peak allocated +[0-9]+ +40000000" compare --run ${DATA}/torch_measure_tiny.json --gpu h100-sxm-80gb)
 expect_run(2 "^error: [^\n]*torch_measure_tiny.json: timeline: [^\n]*--run" compare ${DATA}/torch_measure_tiny.json ${DATA}/torch_measure_tiny.json)
+# report: the validation table of measurements
+expect_run(2 "^error: report: measurements: expected at least one mst-measure/1 file" report ${DATA}/tiny_gemma2.json)
+expect_run(0 "\\| `[^`]*m1/measured.json` \\| tiny-llama \\| cpu \\| seq 32, [^|]*\\| [^|]*\\+0.000 %[^|]*\\| - \\| - \\| identical \\|" report ${WORK}/m1)

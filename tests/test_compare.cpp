@@ -1,8 +1,15 @@
 // compare_timelines: the views and the first divergence, on timelines altered by hand.
 #include <doctest/doctest.h>
 
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
 #include "mst/catalog.hpp"
 #include "mst/compare.hpp"
+#include "mst/execute.hpp"
+#include "mst/report.hpp"
 #include "mst/simulate.hpp"
 #include "sim_test_support.hpp"
 
@@ -47,4 +54,41 @@ TEST_CASE("compare: a missing last event diverges where the shorter timeline end
     CHECK(*c.divergence == static_cast<std::int64_t>(measured.events.size()));
     CHECK(c.predicted_event);
     CHECK(!c.measured_event);
+}
+
+TEST_CASE("report: committed measurements re-simulate to their own rows; a measurement that is off is an outlier") {
+    namespace fs = std::filesystem;
+    const fs::path dir = fs::temp_directory_path() / "mst_report_test";
+    fs::remove_all(dir);
+    fs::create_directories(dir / "good");
+    fs::create_directories(dir / "doubled");
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s;
+    s.seq_len = 64, s.mlp_chunks = 2, s.lm_chunks = 2;
+    s.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
+    const MeasuredStep step = execute_cpu(m, s, 3);
+    nlohmann::json j = measurement_json(step, "cpu", m, s, 3, 0);
+    std::ofstream(dir / "good" / "measured.json") << j.dump();
+    for (auto& e : j["timeline"]["events"]) e[2] = e[2].get<std::int64_t>() * 2;  // [kind, tensor, bytes, ...]: every tensor twice its size
+    std::ofstream(dir / "doubled" / "measured.json") << j.dump();
+    std::ofstream(dir / "not_a_measurement.json") << R"({"format": "something else"})";
+
+    const std::vector<ReportRow> rows = build_report({dir.string()}, find_gpu("h100-sxm-80gb"));
+    REQUIRE(rows.size() == 2);  // path order: doubled, good
+    const ReportRow& doubled = rows[0];
+    const ReportRow& good = rows[1];
+    CHECK(good.identical == std::optional<bool>(true));
+    CHECK(good.peak.error() == 0);
+    CHECK(good.peak.measured == summarize(step.timeline, m.num_layers).peak.bytes);
+    CHECK(good.setup == "seq 64, pure-bf16, flash, MLP 2 loop, LM head 2 recompute, checkpoint 2/2");
+    CHECK(doubled.identical == std::optional<bool>(false));
+    CHECK(doubled.peak.measured == 2 * doubled.peak.predicted);
+    CHECK(doubled.peak.relative() == doctest::Approx(1.0));
+    const auto outliers = report_outliers(rows, 0.01, 0.02);
+    REQUIRE(outliers.size() == 1);
+    CHECK(outliers[0]->file == doubled.file);
+    const std::string md = report_markdown(rows, "mst-plan report X");
+    CHECK(md.find("| `" + good.file + "` | tiny-llama | cpu |") != std::string::npos);
+    CHECK(md.find("+100.000 %") != std::string::npos);
+    fs::remove_all(dir);
 }

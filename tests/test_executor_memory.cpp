@@ -5,12 +5,17 @@
 // from the kernel it feeds, never from the simulator's rules (src/exec/executor.cpp).
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <stdexcept>
+
 #include <fmt/format.h>
 
 #include "mst/catalog.hpp"
 #include "mst/compare.hpp"
 #include "mst/execute.hpp"
 #include "mst/simulate.hpp"
+#include "../src/exec/cpu_backend.hpp"
+#include "../src/exec/executor.hpp"
 #include "executor_matrix.hpp"
 #include "sim_test_support.hpp"
 #include "test_support.hpp"
@@ -133,4 +138,61 @@ TEST_CASE("CPU executor: the same seed gives the same step; timings cover the op
         has_flash = has_flash || op == "attn.flash";
     }
     CHECK(has_flash);
+}
+
+namespace {
+
+// The CPU backend with a device-memory limit: map() fails like cudaMallocAsync would once the
+// live GPU bytes would pass `limit`.
+class LimitedBackend : public exec::CpuBackend {
+public:
+    explicit LimitedBackend(bytes_t limit) : limit_(limit) {}
+    void* map(const Event& e) override {
+        if (e.device == Device::Gpu) {
+            if (live_ + e.bytes > limit_) throw std::runtime_error("out of memory (test limit)");
+            live_ += e.bytes;
+        }
+        return CpuBackend::map(e);
+    }
+    void unmap(void* p, const Event& e) override {
+        if (e.device == Device::Gpu) live_ -= e.bytes;
+        CpuBackend::unmap(p, e);
+    }
+
+private:
+    bytes_t limit_, live_ = 0;
+};
+
+}  // namespace
+
+TEST_CASE("executor out of memory: the step stops at the allocation the simulator puts at the peak") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = tiny_setup(32);
+    s.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true), s.mlp_chunks = 2, s.lm_chunks = 3;
+    const Timeline predicted = simulate(m, s, test_gpu());
+    // The simulator's first event that reaches the peak, and the live bytes just before it.
+    const std::vector<bytes_t> live = live_curve(predicted);
+    const bytes_t peak = *std::max_element(live.begin(), live.end());
+    const auto at = static_cast<std::size_t>(std::find(live.begin(), live.end(), peak) - live.begin());
+    const Event& first_peak = predicted.events[at];
+    REQUIRE(first_peak.alloc);
+
+    ExecuteOptions o;
+    LimitedBackend fits(peak);
+    CHECK_NOTHROW(exec::Step(m, s, 7, o, fits).run());
+    LimitedBackend short_by_one(peak - 1);
+    try {
+        exec::Step(m, s, 7, o, short_by_one).run();
+        FAIL("expected an OutOfMemoryError");
+    } catch (const OutOfMemoryError& e) {
+        CHECK(e.request.name == first_peak.name);
+        CHECK(e.request.op == first_peak.op);
+        CHECK(e.request.layer == first_peak.layer);
+        CHECK(e.request.phase == first_peak.phase);
+        CHECK(e.request.bytes == first_peak.bytes);
+        CHECK(e.live_bytes == peak - first_peak.bytes);
+        const std::string msg = e.what();
+        CHECK(msg.starts_with("out of gpu memory: allocating '" + first_peak.name + "'"));
+        CHECK(msg.find('\n') == std::string::npos);
+    }
 }

@@ -4,6 +4,7 @@
 // event by event, down to the first event where they diverge.
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,8 @@ nlohmann::json to_json(const Comparison& c);
 
 // ---- the files compare reads ----------------------------------------------------------
 
+inline constexpr const char* kMeasureFormat = "mst-measure/1";
+
 // A measurement (`mst-plan measure --out DIR` writes DIR/measured.json):
 // {"format": "mst-measure/1", "backend", "model", "model_path", "seed", "workspace_bytes",
 //  "setup": to_json(setup), "timeline": to_json(timeline), "summary": {...}}.
@@ -68,12 +71,20 @@ struct StepFile {
     std::string setup_json;           // measurement: to_json(setup), serialised; empty for a timeline
     std::string model_path;           // measurement: the config.json it ran
     bytes_t workspace_bytes = 0;      // measurement: the fixed workspace it allocated
+    // measurement on the CUDA backend: the device report's GPU, allocator and reserved peak
+    std::string device, allocator;
+    std::optional<bytes_t> device_peak_reserved;
 };
 StepFile load_step_file(const std::string& path);  // UserError naming the file and field on bad input
 
 // UserError unless both describe the same step: same model, same micro-steps, and the same
 // setup when both files record one.
 void check_same_step(const StepFile& predicted, const StepFile& measured);
+
+// The model and setup a measurement ran. The model is its model_path when that file exists, else
+// a file of that name beside the measurement or in a folder above it (a config committed with
+// results measured elsewhere), else the catalog entry of the model's name.
+std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured);
 
 // The simulator's prediction for the model and setup a measurement recorded.
 Timeline predict_measured(const StepFile& measured);

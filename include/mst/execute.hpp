@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "mst/error.hpp"
 #include "mst/model.hpp"
 #include "mst/setup.hpp"
 #include "mst/timeline.hpp"
@@ -26,6 +27,15 @@ struct ExecuteOptions {
     // Return every parameter's gradient (as the optimizer receives it) and value after
     // the step, as fp32 copies made outside the tracked memory.
     bool capture = false;
+};
+
+// A real step ran out of backend memory: the allocation that failed (its name, bytes, op, layer,
+// phase) and the bytes live on the device at that moment. `mst-plan measure` exits with code 4.
+class OutOfMemoryError : public UserError {
+public:
+    OutOfMemoryError(const Event& request, bytes_t live_bytes, const std::string& cause);
+    Event request;
+    bytes_t live_bytes = 0;
 };
 
 struct NamedValues {

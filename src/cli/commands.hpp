@@ -13,6 +13,7 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global);  // recomme
 void add_emit_command(CLI::App& app, const GlobalOptions& global);
 void add_measure_command(CLI::App& app, const GlobalOptions& global);  // run a step on a backend
 void add_compare_command(CLI::App& app, const GlobalOptions& global);  // predicted vs measured
+void add_report_command(CLI::App& app, const GlobalOptions& global);   // the validation table
 void add_bench_commands(CLI::App& app, const GlobalOptions& global);  // bench tuner, bench kernels
 
 // The `bench` subcommands, each registered on the `bench` parent by the file that owns it.

@@ -6,6 +6,7 @@
 
 #include "commands.hpp"
 #include "mst/error.hpp"
+#include "mst/execute.hpp"
 
 int main(int argc, char** argv) {
     using namespace mst::cli;
@@ -34,6 +35,7 @@ int main(int argc, char** argv) {
     add_bench_commands(app, global);
     add_measure_command(app, global);
     add_compare_command(app, global);
+    add_report_command(app, global);
 
     try {
         app.parse(argc, argv);
@@ -47,6 +49,9 @@ int main(int argc, char** argv) {
         // Usage mistakes: one line and exit code 2, like every other user error.
         fmt::print(stderr, "error: {}\nRun with --help for usage.\n", e.what());
         return 2;
+    } catch (const mst::OutOfMemoryError& e) {  // a real step that did not fit (measure)
+        fmt::print(stderr, "error: {}\n", e.what());
+        return 4;
     } catch (const mst::UserError& e) {
         fmt::print(stderr, "error: {}\n", e.what());
         return 2;

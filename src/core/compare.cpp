@@ -13,7 +13,6 @@
 namespace mst {
 
 namespace {
-constexpr const char* kMeasureFormat = "mst-measure/1";
 constexpr const char* kTimelineFormat = "mst-timeline/1";
 }  // namespace
 
@@ -173,6 +172,12 @@ StepFile load_step_file(const std::string& path) {
         f.setup_json = setup.dump();
         f.model_path = r.string("model_path");
         f.workspace_bytes = r.integer("workspace_bytes", 0, std::int64_t{1} << 50);
+        if (j.contains("device") && j.at("device").is_object()) {
+            auto d = r.object("device");
+            f.device = d.opt_string("device").value_or("");
+            f.allocator = d.opt_string("allocator").value_or("");
+            if (d.has("peak_reserved_bytes")) f.device_peak_reserved = d.integer("peak_reserved_bytes", 0, std::int64_t{1} << 50);
+        }
     } else {
         r.fail("format", fmt::format("expected \"{}\" or \"{}\", got \"{}\"", kTimelineFormat, kMeasureFormat, f.format));
     }
@@ -198,18 +203,29 @@ void check_same_step(const StepFile& predicted, const StepFile& measured) {
 
 namespace {
 
-// The model and setup a measurement ran, as the simulator reads them.
+// model_path as recorded, else its file name beside the measurement or in a folder above it.
+std::string resolve_model_path(const StepFile& measured) {
+    namespace fs = std::filesystem;
+    if (measured.model_path.empty()) return "";
+    if (fs::exists(measured.model_path)) return measured.model_path;
+    const fs::path name = fs::path(measured.model_path).filename();
+    for (fs::path dir = fs::absolute(measured.path).parent_path(); !dir.empty(); dir = dir.parent_path()) {
+        if (fs::exists(dir / name)) return (dir / name).string();
+        if (dir == dir.parent_path()) break;
+    }
+    return "";
+}
+
+}  // namespace
+
 std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured) {
     if (measured.setup_json.empty()) fail(measured.path, "format", "expected a measurement (mst-measure/1) to re-simulate");
-    const std::string model_ref =
-        !measured.model_path.empty() && std::filesystem::exists(measured.model_path) ? measured.model_path : measured.timeline.model;
-    ModelSpec model = find_model(model_ref);
+    const std::string path = resolve_model_path(measured);
+    ModelSpec model = find_model(path.empty() ? measured.timeline.model : path);
     TrainingSetup setup = parse_setup(nlohmann::json::parse(measured.setup_json), model, measured.path + ": setup");
     validate(setup, model);
     return {std::move(model), std::move(setup)};
 }
-
-}  // namespace
 
 Timeline predict_measured(const StepFile& measured) {
     const auto [model, setup] = measured_step(measured);

@@ -5,7 +5,7 @@
 
 namespace mst::exec {
 
-class CpuBackend final : public Backend {
+class CpuBackend : public Backend {
 public:
     static constexpr std::size_t kAlignment = 64;  // a cache line; Eigen's widest vectors need 32
 

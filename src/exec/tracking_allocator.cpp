@@ -1,7 +1,11 @@
 #include "tracking_allocator.hpp"
 
+#include "mst/execute.hpp"
+
 #include <algorithm>
 #include <cassert>
+#include <new>
+#include <stdexcept>
 #include <utility>
 
 namespace mst::exec {
@@ -43,7 +47,14 @@ Buffer TrackingAllocator::allocate(const std::string& name, bytes_t bytes, Categ
     assert(bytes >= 0);
     const auto id = static_cast<std::int64_t>(entries_.size());
     Event e{true, id, bytes, category, device, phase_, layer_, micro_, op_, name};
-    void* p = memory_.map(e);
+    void* p = nullptr;
+    try {
+        p = memory_.map(e);
+    } catch (const std::runtime_error& error) {  // the backend is out of memory
+        throw OutOfMemoryError(e, live_bytes(device), error.what());
+    } catch (const std::bad_alloc& error) {
+        throw OutOfMemoryError(e, live_bytes(device), error.what());
+    }
     entries_.push_back(Entry{name, category, device});
     if (recording_) timeline_.events.push_back(std::move(e));
     const int d = device == Device::Gpu ? 0 : 1;
@@ -68,3 +79,13 @@ Timeline TrackingAllocator::finish() {
 }
 
 }  // namespace mst::exec
+
+namespace mst {
+
+OutOfMemoryError::OutOfMemoryError(const Event& e, bytes_t live, const std::string& cause)
+    : UserError("out of " + to_string(e.device) + " memory: allocating '" + e.name + "' (" + format_bytes(e.bytes) +
+                ") in " + e.op + " (layer " + std::to_string(e.layer) + ", " + to_string(e.phase) + ", micro-step " +
+                std::to_string(e.micro_step) + ") with " + format_bytes(live) + " live: " + cause),
+      request(e), live_bytes(live) {}
+
+}  // namespace mst

@@ -1,0 +1,87 @@
+// report: the validation table of every committed measurement (results/README.md), and the
+// check CI runs on it.
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "commands.hpp"
+#include "output.hpp"
+#include "mst/catalog.hpp"
+#include "mst/error.hpp"
+#include "mst/report.hpp"
+
+namespace mst::cli {
+
+namespace {
+
+struct ReportArgs {
+    std::vector<std::string> roots;
+    std::string out_file, gpu = "h100-sxm-80gb";
+    bool check = false;
+    double max_peak_percent = 1.0, max_phase_percent = 2.0;
+};
+
+void run_report(const GlobalOptions& g, const ReportArgs& a) {
+    const std::vector<ReportRow> rows = build_report(a.roots, find_gpu(a.gpu));
+    if (rows.empty()) fail("report", "measurements", "expected at least one mst-measure/1 file under the given paths");
+    std::string command = "mst-plan report";
+    for (const std::string& r : a.roots) command += " " + r;
+    const std::string md = report_markdown(rows, command);
+    if (!a.out_file.empty()) {
+        write_text_file(a.out_file, md);
+        fmt::print("wrote {} ({} measurements)\n", a.out_file, rows.size());
+    } else if (g.json) {
+        nlohmann::json out = nlohmann::json::array();
+        for (const ReportRow& r : rows)
+            out.push_back({{"file", r.file},
+                           {"model", r.model},
+                           {"backend", r.backend},
+                           {"device", r.device},
+                           {"setup", r.setup},
+                           {"peak_predicted_bytes", r.peak.predicted},
+                           {"peak_measured_bytes", r.peak.measured},
+                           {"peak_relative_error", r.peak.relative()},
+                           {"worst_phase", r.worst_phase},
+                           {"worst_phase_relative_error", r.worst_phase_error},
+                           {"reserved_predicted_bytes", r.reserved ? nlohmann::json(r.reserved->predicted) : nullptr},
+                           {"reserved_measured_bytes", r.reserved ? nlohmann::json(r.reserved->measured) : nullptr},
+                           {"identical", r.identical ? nlohmann::json(*r.identical) : nullptr}});
+        print_json(out);
+    } else {
+        fmt::print("{}", md);
+    }
+    if (!a.check) return;
+    const auto outliers = report_outliers(rows, a.max_peak_percent / 100.0, a.max_phase_percent / 100.0);
+    if (outliers.empty()) {
+        if (!g.json) fmt::print("check: all {} measurements within {} % of the predicted peak and {} % per phase\n",
+                                rows.size(), a.max_peak_percent, a.max_phase_percent);
+        return;
+    }
+    std::string files;
+    for (const ReportRow* r : outliers) files += (files.empty() ? "" : ", ") + r->file;
+    fail("report", "check",
+         fmt::format("expected every measurement within {} % of the predicted peak and {} % per phase; {} of {} are "
+                     "not: {}",
+                     a.max_peak_percent, a.max_phase_percent, outliers.size(), rows.size(), files));
+}
+
+}  // namespace
+
+void add_report_command(CLI::App& app, const GlobalOptions& global) {
+    auto args = std::make_shared<ReportArgs>();
+    auto* cmd = app.add_subcommand("report",
+                                   "Re-simulate every measurement under the given folders and tabulate predicted vs measured\n"
+                                   "  mst-plan report results --out results/README.md\n"
+                                   "  mst-plan report results --check");
+    cmd->add_option("paths", args->roots, "Measurement files (mst-measure/1) or folders holding them")->required();
+    cmd->add_option("--out", args->out_file, "Write the Markdown table to FILE");
+    cmd->add_option("--gpu", args->gpu, "GPU profile of trainers' peaks-only runs (their cuBLAS workspace and allocator)")
+        ->capture_default_str();
+    cmd->add_flag("--check", args->check, "Exit 2 when a measurement is off by more than the limits below");
+    cmd->add_option("--max-peak-error", args->max_peak_percent, "Limit on the peak's relative error, percent")
+        ->capture_default_str();
+    cmd->add_option("--max-phase-error", args->max_phase_percent, "Limit on any phase peak's relative error, percent")
+        ->capture_default_str();
+    cmd->callback([&global, args] { run_report(global, *args); });
+}
+
+}  // namespace mst::cli
