@@ -249,20 +249,16 @@ PY
         "l3-8b-4l-8k-master-fused|--model $cut --seq 8192 --precision bf16-master --checkpoint all --mlp-chunks 4 --mlp-impl tiled --lm-chunks 8 --lm-impl fused"
         "l3-8b-4l-8k-caching|--model $cut --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 4 --allocator caching"
     )
-    # Llama-3-8B shapes, 4 layers: S in {8k, 32k, 64k} x M_mlp = M_lm in {1, 4, 16} x checkpointing off/on
-    for seq in 8192 32768 65536; do
-        for m in 1 4 16; do
-            for ck in none all; do
-                cases+=("l3-8b-4l-$((seq / 1024))k-m$m-ckpt-$ck|--model $cut --seq $seq --mlp-chunks $m --lm-chunks $m --checkpoint $ck")
-            done
-        done
-        [ $seq = 8192 ] && cases+=("l3-8b-32l-8k-ckpt-m4|--model llama-3-8b --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 4")
-    done
     # The edge: full-depth Llama-3-8B at the longest sequence `max-seq` predicts for each strategy
-    # on this GPU, measured with the caching allocator (max-seq budgets reserved memory).
+    # on this GPU, measured with the caching allocator (max-seq budgets reserved memory). Edges up
+    # to 16k tokens are cheap and run early; the longer ones run last, if time is left.
     "$MST" --json max-seq --model llama-3-8b --gpu "$gpu_profile" >"$mdir/max_seq.json" 2>>"$summary"
-    while IFS='|' read -r name file; do
-        [ -n "$name" ] && cases+=("$name|--model llama-3-8b --setup $file --allocator caching")
+    early_edges=()
+    late_edges=()
+    while IFS='|' read -r name seq file; do
+        [ -n "$name" ] || continue
+        if [ "$seq" -le 16384 ]; then early_edges+=("$name|--model llama-3-8b --setup $file --allocator caching")
+        else late_edges+=("$name|--model llama-3-8b --setup $file --allocator caching"); fi
     done < <(python3 - "$mdir/max_seq.json" "$mdir" <<'PY'
 import json, re, sys
 rows = json.load(open(sys.argv[1]))["rows"]
@@ -272,9 +268,23 @@ for r in rows:
     name = "l3-8b-32l-edge-" + re.sub("[^a-z]+", "-", r["strategy"].lower()).strip("-") + "-" + str(r["max_seq"])
     path = f"{sys.argv[2]}/{name}.setup.json"
     json.dump(r["setup"], open(path, "w"))
-    print(f"{name}|{path}")
+    print(f"{name}|{r['max_seq']}|{path}")
 PY
 )
+    # Llama-3-8B shapes, 4 layers: S in {8k, 32k, 64k} x M_mlp = M_lm in {1, 4, 16} x checkpointing
+    # off/on; after the 8k block, the full 32 layers at 8k and the cheap edges.
+    for seq in 8192 32768 65536; do
+        for m in 1 4 16; do
+            for ck in none all; do
+                cases+=("l3-8b-4l-$((seq / 1024))k-m$m-ckpt-$ck|--model $cut --seq $seq --mlp-chunks $m --lm-chunks $m --checkpoint $ck")
+            done
+        done
+        if [ $seq = 8192 ]; then
+            cases+=("l3-8b-32l-8k-ckpt-m4|--model llama-3-8b --seq 8192 --checkpoint all --mlp-chunks 4 --lm-chunks 4")
+            [ ${#early_edges[@]} -gt 0 ] && cases+=("${early_edges[@]}")
+        fi
+    done
+    [ ${#late_edges[@]} -gt 0 ] && cases+=("${late_edges[@]}")
     : >"$OUT/measure.jsonl"
     ok=0     # cases that ran to the end
     oom=0    # ... or stopped out of memory (exit 4): recorded with the simulator's verdict
