@@ -271,6 +271,7 @@ for r in rows:
     print(f"{name}|{r['max_seq']}|{path}")
 PY
 )
+    [ $((${#early_edges[@]} + ${#late_edges[@]})) -gt 0 ] || say "measure: no max-seq edge cases (see max_seq.json)"
     # Llama-3-8B shapes, 4 layers: S in {8k, 32k, 64k} x M_mlp = M_lm in {1, 4, 16} x checkpointing
     # off/on; after the 8k block, the full 32 layers at 8k and the cheap edges.
     for seq in 8192 32768 65536; do
@@ -287,7 +288,8 @@ PY
     [ ${#late_edges[@]} -gt 0 ] && cases+=("${late_edges[@]}")
     : >"$OUT/measure.jsonl"
     ok=0     # cases that ran to the end
-    oom=0    # ... or stopped out of memory (exit 4): recorded with the simulator's verdict
+    oom=0    # ... or stopped out of memory (exit 4) where the simulator said it would not fit
+    oom_mispredicted=0  # ... or out of memory where the simulator said it fits: a misprediction
     agree=0  # ... whose timeline equals the prediction and whose device events equal the executor's log
     skipped=0
     for entry in "${cases[@]}"; do
@@ -306,12 +308,22 @@ PY
         "$MST" --json estimate $(echo "$args" | sed 's/--allocator [a-z]*//') --gpu "$gpu_profile" \
             >"$mdir/$name/estimate.json" 2>/dev/null
         # shellcheck disable=SC2086
-        timeout "$left" "$MST" measure --backend cuda $args --workspace-bytes 33554432 --out "$mdir/$name" >"$mdir/$name/measure.txt" 2>&1
+        timeout -k 10 "$left" "$MST" measure --backend cuda $args --workspace-bytes 33554432 --out "$mdir/$name" \
+            >"$mdir/$name/measure.txt" 2>&1
         rc=$?
         if [ $rc = 0 ]; then
             timeout 60 "$MST" --json compare --run "$mdir/$name/measured.json" --svg "$mdir/$name/overlay.svg" \
                 >"$mdir/$name/compare.json" 2>>"$mdir/$name/measure.txt" || rc=5
         fi
+        if [ $rc = 124 ] || [ $rc = 137 ]; then  # the time budget ran out during this case
+            rm -rf "$mdir/$name"
+            skipped=$((skipped + 1))
+            python3 -c 'import json,sys; print(json.dumps({"case": sys.argv[1], "args": sys.argv[2], "skipped": "time budget (stopped while running)"}))' \
+                "$name" "$args" >>"$OUT/measure.jsonl"
+            say "measure $name: stopped by the time budget"
+            continue
+        fi
+        find "$mdir/$name" -name '*.json' -size 0 -delete  # an output a failed command left empty
         python3 - "$name" "$args" "$mdir/$name" "$rc" >>"$OUT/measure.jsonl" <<'PY'
 import json, sys
 name, args, d, rc = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -323,31 +335,35 @@ out = {"case": name, "args": args, "exit": rc,
        "predicted": {"fits": est.get("fits"), "peak": (est.get("peak") or {}).get("bytes"),
                      "peak_reserved": (est.get("peak") or {}).get("reserved_bytes")}}
 tail = open(d + "/measure.txt").read().strip().splitlines()[-3:]
-if rc == 0:
-    m, c = load("measured.json"), load("compare.json")
+m, c = load("measured.json"), load("compare.json")
+if rc == 0 and m is not None and c is not None:
     dev = m.get("device") or {}
     out.update({"device": dev, "loss": m["summary"]["loss"], "wall_seconds": m["summary"]["wall_seconds"], "compare": c})
     print(json.dumps(out))
     sys.exit(0 if c.get("identical") and dev.get("matches_executor_log") else 3)
-out["error"] = "\n".join(tail)[-600:]
-if rc == 4: out["measured"] = "out of memory"
+out["error"] = "\n".join(tail)[-600:] or "no measurement or comparison was written"
+if rc == 4:  # out of memory: expected where the simulator said it does not fit, a misprediction where it said it fits
+    out["measured"] = "out of memory"
+    print(json.dumps(out))
+    sys.exit(4 if est.get("fits") is False else 6)
 print(json.dumps(out))
-sys.exit(4 if rc == 4 else 1)
+sys.exit(1)
 PY
         verdict=$?
         case $verdict in
         0) ok=$((ok + 1)); agree=$((agree + 1)); say "measure $name: equal to the prediction; $(grep -E '^executor log vs measured' "$mdir/$name/measure.txt" | cut -c1-90)" ;;
         3) ok=$((ok + 1)); say "measure $name: DIFFERS from the prediction (see measure.jsonl)" ;;
-        4) oom=$((oom + 1)); say "measure $name: out of memory ($(grep -o '"fits": [a-z]*' "$mdir/$name/estimate.json" | head -n 1))" ;;
+        4) oom=$((oom + 1)); say "measure $name: out of memory, as the simulator predicted (fits: false)" ;;
+        6) oom_mispredicted=$((oom_mispredicted + 1)); say "measure $name: OUT OF MEMORY where the simulator predicted it fits" ;;
         *) say "measure $name: FAILED (exit $rc): $(tail -n 1 "$mdir/$name/measure.txt" | cut -c1-160)" ;;
         esac
     done
     tar -czf "$OUT/measured.tar.gz" -C "$mdir" . 2>>"$summary"
     ran=$((ok + oom))
     if [ $agree = $ok ] && [ $ran = $((${#cases[@]} - skipped)) ]; then
-        step measure.matrix ok "$(elapsed $t)" "$agree equal to the prediction, $oom out of memory, $skipped left for time"
+        step measure.matrix ok "$(elapsed $t)" "$agree equal to the prediction, $oom out of memory as predicted, $skipped left for time"
     else
-        step measure.matrix FAIL "$(elapsed $t)" "$ran of $((${#cases[@]} - skipped)) ran, $agree equal, $oom out of memory, $skipped left for time"
+        step measure.matrix FAIL "$(elapsed $t)" "$ran of $((${#cases[@]} - skipped)) as predicted ($agree equal, $oom out of memory), $oom_mispredicted out of memory though predicted to fit, $skipped left for time"
     fi
 fi
 

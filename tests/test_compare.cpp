@@ -4,6 +4,9 @@
 #include <filesystem>
 #include <fstream>
 
+#include <fmt/format.h>
+#include <unistd.h>
+
 #include <nlohmann/json.hpp>
 
 #include "mst/catalog.hpp"
@@ -56,9 +59,9 @@ TEST_CASE("compare: a missing last event diverges where the shorter timeline end
     CHECK(!c.measured_event);
 }
 
-TEST_CASE("report: committed measurements re-simulate to their own rows; a measurement that is off is an outlier") {
+TEST_CASE("report: committed measurements re-simulate to their own rows, a measurement that is off is an outlier") {
     namespace fs = std::filesystem;
-    const fs::path dir = fs::temp_directory_path() / "mst_report_test";
+    const fs::path dir = fs::temp_directory_path() / fmt::format("mst_report_test_{}", ::getpid());
     fs::remove_all(dir);
     fs::create_directories(dir / "good");
     fs::create_directories(dir / "doubled");
@@ -72,9 +75,14 @@ TEST_CASE("report: committed measurements re-simulate to their own rows; a measu
     for (auto& e : j["timeline"]["events"]) e[2] = e[2].get<std::int64_t>() * 2;  // [kind, tensor, bytes, ...]: every tensor twice its size
     std::ofstream(dir / "doubled" / "measured.json") << j.dump();
     std::ofstream(dir / "not_a_measurement.json") << R"({"format": "something else"})";
+    std::ofstream(dir / "killed_while_writing.json") << R"({"format": "mst-measure/1", "timel)";
 
-    const std::vector<ReportRow> rows = build_report({dir.string()}, find_gpu("h100-sxm-80gb"));
-    REQUIRE(rows.size() == 2);  // path order: doubled, good
+    std::vector<std::string> unreadable;
+    const std::vector<ReportRow> rows =
+        build_report({dir.string(), (dir / "good" / "measured.json").string()}, find_gpu("h100-sxm-80gb"), &unreadable);
+    REQUIRE(rows.size() == 2);  // path order: doubled, good (given twice, reported once)
+    REQUIRE(unreadable.size() == 1);
+    CHECK(unreadable[0].ends_with("killed_while_writing.json"));
     const ReportRow& doubled = rows[0];
     const ReportRow& good = rows[1];
     CHECK(good.identical == std::optional<bool>(true));
@@ -84,7 +92,7 @@ TEST_CASE("report: committed measurements re-simulate to their own rows; a measu
     CHECK(doubled.identical == std::optional<bool>(false));
     CHECK(doubled.peak.measured == 2 * doubled.peak.predicted);
     CHECK(doubled.peak.relative() == doctest::Approx(1.0));
-    const auto outliers = report_outliers(rows, 0.01, 0.02);
+    const auto outliers = report_outliers(rows, ReportLimits{});
     REQUIRE(outliers.size() == 1);
     CHECK(outliers[0]->file == doubled.file);
     const std::string md = report_markdown(rows, "mst-plan report X");

@@ -400,7 +400,7 @@ TEST_CASE("rope: rotates pair (i, i + hd/2) by t * theta^(-2i/hd)") {
     CHECK(x[2] == 0.0f);
 }
 
-TEST_CASE("rope: fast equals the reference; backward inverts forward and equals finite differences") {
+TEST_CASE("rope: fast equals the reference, backward inverts forward and equals finite differences") {
     const std::int64_t B = 2, S = 13, nh = 3, nkv = 1, hd = 16;
     const Vec q0 = bf16_exact(randn(B * S * nh * hd, 91)), k0 = randn(B * S * nkv * hd, 92);
     Vec q = q0, k = k0, q_ref = q0;
@@ -759,7 +759,7 @@ TEST_CASE("cross-entropy: uniform logits by hand") {
     CHECK(count_valid_labels(labels.data(), n) == 1);
 }
 
-TEST_CASE("cross-entropy (HF style): fast equals the reference; backward equals finite differences") {
+TEST_CASE("cross-entropy (HF style): fast equals the reference, backward equals finite differences") {
     const std::int64_t n = 12, V = 97;
     Vec logits = randn(n * V, 701, 2.0f);
     const auto labels = ce_labels(n, V, 702);
@@ -897,7 +897,7 @@ TEST_CASE("adamw: the first step moves each weight by lr * sign(g) after decay")
     CHECK(v[1] == doctest::Approx(0.001f * 16.0f));
 }
 
-TEST_CASE("adamw: fast equals the reference over steps; bf16 params and states agree with fp32") {
+TEST_CASE("adamw: fast equals the reference over steps, bf16 params and states agree with fp32") {
     const std::int64_t n = 700;
     const AdamWConfig c{3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f};
     Vec p = bf16_exact(randn(n, 801)), m(n, 0.0f), v(n, 0.0f);
@@ -921,7 +921,7 @@ TEST_CASE("adamw: fast equals the reference over steps; bf16 params and states a
     CHECK(rel_err(pmix, p) < 1e-2);
 }
 
-TEST_CASE("sgd: momentum and Nesterov by hand; fast equals the reference") {
+TEST_CASE("sgd: momentum and Nesterov by hand, fast equals the reference") {
     // Constant gradient g: buf_1 = g, buf_2 = 0.9 g + g = 1.9 g.
     SgdConfig c;
     c.lr = 0.1f;

@@ -125,7 +125,7 @@ TEST_CASE("CPU executor: what one CPU process cannot run is refused with one lin
     CHECK(qwen.find('\n') == std::string::npos);
 }
 
-TEST_CASE("CPU executor: the same seed gives the same step; timings cover the ops") {
+TEST_CASE("CPU executor: the same seed gives the same step, timings cover the ops") {
     const ModelSpec m = find_model("tiny-llama");
     const MeasuredStep a = execute_cpu(m, tiny_setup(16), 5), b = execute_cpu(m, tiny_setup(16), 5);
     const MeasuredStep c = execute_cpu(m, tiny_setup(16), 6);
@@ -142,14 +142,14 @@ TEST_CASE("CPU executor: the same seed gives the same step; timings cover the op
 
 namespace {
 
-// The CPU backend with a device-memory limit: map() fails like cudaMallocAsync would once the
-// live GPU bytes would pass `limit`.
+// The CPU backend with a device-memory limit: map() fails like the CUDA backend's once the live
+// GPU bytes would pass `limit`.
 class LimitedBackend : public exec::CpuBackend {
 public:
     explicit LimitedBackend(bytes_t limit) : limit_(limit) {}
     void* map(const Event& e) override {
         if (e.device == Device::Gpu) {
-            if (live_ + e.bytes > limit_) throw std::runtime_error("out of memory (test limit)");
+            if (live_ + e.bytes > limit_) throw exec::BackendOutOfMemory("out of memory (test limit)");
             live_ += e.bytes;
         }
         return CpuBackend::map(e);

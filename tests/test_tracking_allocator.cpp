@@ -39,7 +39,7 @@ TEST_CASE("tracking allocator: events carry the context, exact bytes, and the fr
     CHECK((e1.phase == Phase::Backward && e1.op == "mlp.act"));
 }
 
-TEST_CASE("tracking allocator: a moved buffer frees once, where its last owner lets go; host memory is separate") {
+TEST_CASE("tracking allocator: a moved buffer frees once, where its last owner lets go, host memory is separate") {
     CpuBackend cpu;
     TrackingAllocator a(cpu, "tiny");
     {

@@ -81,9 +81,10 @@ StepFile load_step_file(const std::string& path);  // UserError naming the file 
 // setup when both files record one.
 void check_same_step(const StepFile& predicted, const StepFile& measured);
 
-// The model and setup a measurement ran. The model is its model_path when that file exists, else
-// a file of that name beside the measurement or in a folder above it (a config committed with
-// results measured elsewhere), else the catalog entry of the model's name.
+// The model and setup a measurement ran. The model is a file of its model_path's name beside the
+// measurement or in a folder above it (a config committed with results measured elsewhere), else
+// in the catalog's models folder, else model_path as recorded, else the catalog entry of the
+// model's name.
 std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured);
 
 // The simulator's prediction for the model and setup a measurement recorded.

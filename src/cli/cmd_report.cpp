@@ -17,14 +17,18 @@ struct ReportArgs {
     std::vector<std::string> roots;
     std::string out_file, gpu = "h100-sxm-80gb";
     bool check = false;
-    double max_peak_percent = 1.0, max_phase_percent = 2.0;
+    double max_peak_percent = 100 * ReportLimits{}.peak, max_phase_percent = 100 * ReportLimits{}.phase;
+    double max_trainer_percent = 100 * ReportLimits{}.trainer_peak;
 };
 
 void run_report(const GlobalOptions& g, const ReportArgs& a) {
-    const std::vector<ReportRow> rows = build_report(a.roots, find_gpu(a.gpu));
+    std::vector<std::string> unreadable;
+    const std::vector<ReportRow> rows = build_report(a.roots, find_gpu(a.gpu), &unreadable);
+    for (const std::string& f : unreadable) warn(f + ": not valid JSON: left out of the report");
     if (rows.empty()) fail("report", "measurements", "expected at least one mst-measure/1 file under the given paths");
     std::string command = "mst-plan report";
     for (const std::string& r : a.roots) command += " " + r;
+    if (a.gpu != ReportArgs{}.gpu) command += " --gpu " + a.gpu;
     const std::string md = report_markdown(rows, command);
     if (!a.out_file.empty()) {
         write_text_file(a.out_file, md);
@@ -50,7 +54,8 @@ void run_report(const GlobalOptions& g, const ReportArgs& a) {
         fmt::print("{}", md);
     }
     if (!a.check) return;
-    const auto outliers = report_outliers(rows, a.max_peak_percent / 100.0, a.max_phase_percent / 100.0);
+    const auto outliers = report_outliers(
+        rows, ReportLimits{a.max_peak_percent / 100.0, a.max_phase_percent / 100.0, a.max_trainer_percent / 100.0});
     if (outliers.empty()) {
         if (!g.json) fmt::print("check: all {} measurements within {} % of the predicted peak and {} % per phase\n",
                                 rows.size(), a.max_peak_percent, a.max_phase_percent);
@@ -80,6 +85,9 @@ void add_report_command(CLI::App& app, const GlobalOptions& global) {
     cmd->add_option("--max-peak-error", args->max_peak_percent, "Limit on the peak's relative error, percent")
         ->capture_default_str();
     cmd->add_option("--max-phase-error", args->max_phase_percent, "Limit on any phase peak's relative error, percent")
+        ->capture_default_str();
+    cmd->add_option("--max-trainer-error", args->max_trainer_percent,
+                    "Limit on a trainer's (peaks-only) allocated peak error, percent")
         ->capture_default_str();
     cmd->callback([&global, args] { run_report(global, *args); });
 }

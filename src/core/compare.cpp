@@ -203,16 +203,21 @@ void check_same_step(const StepFile& predicted, const StepFile& measured) {
 
 namespace {
 
-// model_path as recorded, else its file name beside the measurement or in a folder above it.
+// The config a measurement ran, looked up where this checkout has it first: a file of that name
+// beside the measurement or in a folder above it (a config committed with results measured
+// elsewhere), then the catalog's models folder, then model_path as recorded (a file on the machine
+// that measured); "" when none exists (the caller then asks the catalog for the model's name).
 std::string resolve_model_path(const StepFile& measured) {
     namespace fs = std::filesystem;
     if (measured.model_path.empty()) return "";
-    if (fs::exists(measured.model_path)) return measured.model_path;
+    std::error_code ec;
     const fs::path name = fs::path(measured.model_path).filename();
-    for (fs::path dir = fs::absolute(measured.path).parent_path(); !dir.empty(); dir = dir.parent_path()) {
-        if (fs::exists(dir / name)) return (dir / name).string();
+    for (fs::path dir = fs::absolute(measured.path, ec).parent_path(); !dir.empty(); dir = dir.parent_path()) {
+        if (fs::is_regular_file(dir / name, ec)) return (dir / name).string();
         if (dir == dir.parent_path()) break;
     }
+    if (fs::is_regular_file(data_dir() / "models" / name, ec)) return (data_dir() / "models" / name).string();
+    if (fs::is_regular_file(measured.model_path, ec)) return measured.model_path;
     return "";
 }
 

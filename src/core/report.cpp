@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 
 #include <fmt/format.h>
 
@@ -20,20 +21,30 @@ std::string describe(const TrainingSetup& s, std::int64_t layers) {
     auto chunks = [](std::int64_t m, const std::string& impl) { return m == 1 ? std::string("1") : fmt::format("{} {}", m, impl); };
     std::int64_t checkpointed = 0;
     for (bool c : s.checkpoint) checkpointed += c ? 1 : 0;
-    return fmt::format("seq {}{}, {}, {}{}, MLP {}, LM head {}, checkpoint {}/{}{}", s.seq_len,
-                       s.micro_batch > 1 ? fmt::format(" x {}", s.micro_batch) : "", to_string(s.precision),
-                       to_string(s.attention), s.grad_accum > 1 ? fmt::format(", accumulation {}", s.grad_accum) : "",
-                       chunks(s.mlp_chunks, to_string(s.mlp_impl)), chunks(s.lm_chunks, to_string(s.lm_impl)), checkpointed,
-                       layers, s.offload_checkpoints && checkpointed ? " offloaded" : "");
+    std::string text = fmt::format("seq {}{}, {}, {}", s.seq_len, s.micro_batch > 1 ? fmt::format(" x {}", s.micro_batch) : "",
+                                   to_string(s.precision), to_string(s.attention));
+    if (s.optimizer != Optimizer::AdamW) text += ", " + to_string(s.optimizer);
+    if (s.optimizer_in_backward) text += ", optimizer in backward";
+    if (s.grad_accum > 1) text += fmt::format(", accumulation {}", s.grad_accum);
+    if (s.dp > 1 || s.zero_stage > 0 || s.sp > 1) text += fmt::format(", dp {} ZeRO {} sp {}", s.dp, s.zero_stage, s.sp);
+    text += fmt::format(", MLP {}, LM head {}, checkpoint {}/{}{}", chunks(s.mlp_chunks, to_string(s.mlp_impl)),
+                        chunks(s.lm_chunks, to_string(s.lm_impl)), checkpointed, layers,
+                        s.offload_checkpoints && checkpointed ? " offloaded" : "");
+    return text;
 }
 
-std::vector<std::string> measurement_files(const std::vector<std::string>& roots) {
+std::vector<std::string> measurement_files(const std::vector<std::string>& roots, std::vector<std::string>* unreadable) {
     namespace fs = std::filesystem;
     std::vector<std::string> files;
     auto consider = [&](const fs::path& p) {
         if (p.extension() != ".json") return;
-        const nlohmann::json j = detail::read_json_file(p.string());
-        if (j.is_object() && j.value("format", "") == kMeasureFormat) files.push_back(p.string());
+        std::ifstream in(p);
+        const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+        if (j.is_discarded()) {
+            if (unreadable) unreadable->push_back(p.string());
+        } else if (j.is_object() && j.value("format", "") == kMeasureFormat) {
+            files.push_back(p.lexically_normal().string());
+        }
     };
     for (const std::string& root : roots) {
         if (!fs::exists(root)) fail(root, "file", "expected a measurement file or a folder of them");
@@ -45,6 +56,7 @@ std::vector<std::string> measurement_files(const std::vector<std::string>& roots
         }
     }
     std::sort(files.begin(), files.end());
+    files.erase(std::unique(files.begin(), files.end()), files.end());
     return files;
 }
 
@@ -56,9 +68,10 @@ std::string compare_cell(const CompareRow& r) {
 
 }  // namespace
 
-std::vector<ReportRow> build_report(const std::vector<std::string>& roots, const GpuProfile& trainer_gpu) {
+std::vector<ReportRow> build_report(const std::vector<std::string>& roots, const GpuProfile& trainer_gpu,
+                                    std::vector<std::string>* unreadable) {
     std::vector<ReportRow> rows;
-    for (const std::string& path : measurement_files(roots)) {
+    for (const std::string& path : measurement_files(roots, unreadable)) {
         const StepFile f = load_step_file(path);
         const auto [model, setup] = measured_step(f);
         ReportRow row;
@@ -93,12 +106,14 @@ std::vector<ReportRow> build_report(const std::vector<std::string>& roots, const
     return rows;
 }
 
-std::vector<const ReportRow*> report_outliers(const std::vector<ReportRow>& rows, double max_peak, double max_phase) {
+std::vector<const ReportRow*> report_outliers(const std::vector<ReportRow>& rows, const ReportLimits& limits) {
     std::vector<const ReportRow*> out;
     for (const ReportRow& r : rows) {
-        const bool reserved_off = r.reserved && std::fabs(r.reserved->relative()) > max_peak;
-        if (std::fabs(r.peak.relative()) > max_peak || std::fabs(r.worst_phase_error) > max_phase || reserved_off)
-            out.push_back(&r);
+        const bool off = r.peaks_only ? std::fabs(r.peak.relative()) > limits.trainer_peak
+                                      : std::fabs(r.peak.relative()) > limits.peak ||
+                                            std::fabs(r.worst_phase_error) > limits.phase ||
+                                            (r.reserved && std::fabs(r.reserved->relative()) > limits.peak);
+        if (off) out.push_back(&r);
     }
     return out;
 }

@@ -74,11 +74,21 @@ public:
     void* map(const Event& e) override {
         if (e.device == Device::Host) {
             void* p = nullptr;
-            check(cudaMallocHost(&p, static_cast<std::size_t>(std::max<bytes_t>(e.bytes, 1))), "cudaMallocHost");
+            const cudaError_t err = cudaMallocHost(&p, static_cast<std::size_t>(std::max<bytes_t>(e.bytes, 1)));
+            if (err == cudaErrorMemoryAllocation) {
+                cudaGetLastError();
+                throw exec::BackendOutOfMemory(std::string("cudaMallocHost: ") + cudaGetErrorString(err));
+            }
+            check(err, "cudaMallocHost");
             return p;
         }
         allocator_.set_context(e.op, e.layer, e.phase, e.micro_step);
-        void* p = allocator_.allocate(e.bytes, e.name, e.category, Device::Gpu);
+        void* p = nullptr;
+        try {
+            p = allocator_.allocate(e.bytes, e.name, e.category, Device::Gpu);
+        } catch (const cuda::DeviceOutOfMemory& oom) {
+            throw exec::BackendOutOfMemory(oom.what());
+        }
         if (!p) throw std::logic_error("cuda backend: a tensor of 0 bytes (" + e.name + ")");
         return p;
     }

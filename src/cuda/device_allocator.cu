@@ -45,9 +45,13 @@ public:
         void* p = nullptr;
         const cudaError_t e = async_ ? cudaMallocAsync(&p, bytes, stream_) : cudaMalloc(&p, bytes);
         if (e != cudaSuccess) {
-            cudaGetLastError();  // an allocation failure is not sticky; clear it
-            throw std::runtime_error(std::string(async_ ? "cudaMallocAsync" : "cudaMalloc") + " of " +
-                                     std::to_string(bytes) + " bytes: " + cuda_error(e));
+            const std::string what = std::string(async_ ? "cudaMallocAsync" : "cudaMalloc") + " of " +
+                                     std::to_string(bytes) + " bytes: " + cuda_error(e);
+            if (e == cudaErrorMemoryAllocation) {
+                cudaGetLastError();  // an allocation failure is not sticky; clear it
+                throw DeviceOutOfMemory(what);
+            }
+            throw std::runtime_error(what);  // a sticky error from an earlier fault, a bad device, ...
         }
         return p;
     }
@@ -71,7 +75,7 @@ class HostSource final : public SegmentSource {
 public:
     void* map(std::size_t bytes) override {
         void* p = std::aligned_alloc(512, (bytes + 511) / 512 * 512);
-        if (!p) throw std::runtime_error("host memory: out of memory");
+        if (!p) throw DeviceOutOfMemory("host memory: out of memory");
         return p;
     }
     void unmap(void* p, std::size_t) override { std::free(p); }
@@ -205,7 +209,7 @@ std::int64_t DeviceAllocator::map_segment(bytes_t size, bool small) {
     void* base = nullptr;
     try {
         base = source_->map(std::size_t(seg));
-    } catch (const std::runtime_error&) {
+    } catch (const DeviceOutOfMemory&) {
         // PyTorch frees the cached, wholly free segments and tries once more before failing
         empty_cache();
         base = source_->map(std::size_t(seg));

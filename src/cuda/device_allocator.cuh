@@ -25,6 +25,7 @@
 #include <map>
 #include <memory>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -37,7 +38,13 @@
 
 namespace mst::cuda {
 
-// Where memory comes from. map() throws std::runtime_error when it cannot (out of memory).
+// A SegmentSource that is out of memory (any other failure is a plain std::runtime_error).
+class DeviceOutOfMemory : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+// Where memory comes from. map() throws DeviceOutOfMemory when it cannot (out of memory).
 class SegmentSource {
 public:
     virtual ~SegmentSource() = default;
@@ -84,7 +91,7 @@ public:
     void set_clock(std::function<std::uint64_t()> clock);
 
     // A buffer of `bytes` (> 0) for tensor `name` of `category`; nullptr for bytes == 0 (no event,
-    // like PyTorch's empty tensors). Throws std::runtime_error when the source is out of memory.
+    // like PyTorch's empty tensors). Throws DeviceOutOfMemory when the source is out of memory.
     void* allocate(bytes_t bytes, const std::string& name, Category category, Device device = Device::Gpu);
     // Frees a buffer from allocate() (nullptr: no-op). A pointer it did not hand out is a bug:
     // std::logic_error.

@@ -13,7 +13,9 @@
 // no kernel has to hand a device scalar back to the host in the middle of a step.
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <string>
+#include <utility>
 
 #include "mst/kernel_types.hpp"
 #include "mst/timeline.hpp"
@@ -23,6 +25,17 @@ namespace mst::exec {
 struct AnyBf16;  // the executor never touches elements: a tensor is a pointer and a dtype
 using Tensor = BasicTensor<AnyBf16>;
 using ConstTensor = BasicConstTensor<AnyBf16>;
+
+// What Backend::map throws when the backend is out of memory (and only then: any other failure is
+// a std::runtime_error): a std::bad_alloc with the backend's reason.
+class BackendOutOfMemory : public std::bad_alloc {
+public:
+    explicit BackendOutOfMemory(std::string why) : why_(std::move(why)) {}
+    const char* what() const noexcept override { return why_.c_str(); }
+
+private:
+    std::string why_;
+};
 
 class Backend {
 public:
@@ -35,7 +48,8 @@ public:
     // ---- memory -----------------------------------------------------------------------------
     // Memory for the event `e` about to be recorded (its name, bytes, category, device and
     // context): Device::Gpu is the backend's working memory, Device::Host host memory the
-    // backend can copy to and from (pinned for CUDA). Throws std::runtime_error when out of memory.
+    // backend can copy to and from (pinned for CUDA). Throws a std::bad_alloc (BackendOutOfMemory)
+    // when out of memory, a std::runtime_error on any other failure.
     virtual void* map(const Event& e) = 0;
     virtual void unmap(void* p, const Event& e) = 0;
     // The executor's context changed (the next events and kernels belong to it).

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cassert>
 #include <new>
-#include <stdexcept>
 #include <utility>
 
 namespace mst::exec {
@@ -50,9 +49,7 @@ Buffer TrackingAllocator::allocate(const std::string& name, bytes_t bytes, Categ
     void* p = nullptr;
     try {
         p = memory_.map(e);
-    } catch (const std::runtime_error& error) {  // the backend is out of memory
-        throw OutOfMemoryError(e, live_bytes(device), error.what());
-    } catch (const std::bad_alloc& error) {
+    } catch (const std::bad_alloc& error) {  // out of memory (BackendOutOfMemory, or operator new's)
         throw OutOfMemoryError(e, live_bytes(device), error.what());
     }
     entries_.push_back(Entry{name, category, device});
