@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
 #include <fmt/format.h>
@@ -29,6 +30,7 @@
 #include "cuda/gemm.cuh"
 #include "cuda/kernels.cuh"
 #include "executor.hpp"
+#include "mst/compare.hpp"
 #include "mst/error.hpp"
 #include "mst/execute.hpp"
 
@@ -275,38 +277,36 @@ private:
     std::string deferred_error_;  // the first failure of unmap()
 };
 
-// The first difference between the device events of the executor's log and the measured
-// timeline (tensor ids may differ; everything else must not), or "" when they are equal.
+// The device events of `t`, tensor ids renumbered in allocation order: two timelines that
+// allocate and free the same tensors in the same order then agree event by event, whatever ids
+// their recorders gave (CUPTI's, the allocator's, the executor's with its host buffers).
+Timeline device_events(const Timeline& t) {
+    Timeline out;
+    std::unordered_map<std::int64_t, std::int64_t> id;
+    for (const Event& e : t.events) {
+        if (e.device != Device::Gpu) continue;
+        Event d = e;
+        d.tensor = e.alloc ? (id[e.tensor] = static_cast<std::int64_t>(id.size())) : id.at(e.tensor);
+        out.events.push_back(std::move(d));
+    }
+    return out;
+}
+
+// The first difference (compare's same_event) between the device events of the executor's log
+// and of the measured timeline, or "" when they are equal.
 std::string first_difference(const Timeline& log, const Timeline& measured) {
-    std::vector<const Event*> a, b;
-    for (const Event& e : log.events)
-        if (e.device == Device::Gpu) a.push_back(&e);
-    for (const Event& e : measured.events)
-        if (e.device == Device::Gpu) b.push_back(&e);
-    auto show = [](const Event& e) {
+    const Timeline a = device_events(log), b = device_events(measured);
+    const std::optional<std::int64_t> i = first_divergence(a, b);
+    if (!i) return "";
+    const auto k = static_cast<std::size_t>(*i);
+    auto show = [](const std::vector<Event>& events, std::size_t at) {
+        if (at >= events.size()) return std::string("(end)");
+        const Event& e = events[at];
         return fmt::format("{} {} '{}' {} B ({}, op {}, layer {}, {})", e.alloc ? "alloc" : "free", to_string(e.category),
                            e.name, e.bytes, to_string(e.phase), e.op, e.layer, e.micro_step);
     };
-    for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
-        const Event &x = *a[i], &y = *b[i];
-        if (x.alloc != y.alloc || x.bytes != y.bytes || x.name != y.name || x.category != y.category || x.op != y.op ||
-            x.layer != y.layer || x.phase != y.phase || x.micro_step != y.micro_step)
-            return fmt::format("device event {}: executor {}, measured {}", i, show(x), show(y));
-    }
-    if (a.size() != b.size())
-        return fmt::format("the executor logged {} device events, the measurement has {}", a.size(), b.size());
-    return "";
-}
-
-// cudaMemGetInfo's used bytes (0 when it fails); *total its total.
-bytes_t device_memory_in_use(bytes_t* total) {
-    std::size_t free_bytes = 0, total_bytes = 0;
-    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
-        cudaGetLastError();
-        return 0;
-    }
-    if (total) *total = static_cast<bytes_t>(total_bytes);
-    return static_cast<bytes_t>(total_bytes - free_bytes);
+    return fmt::format("device event {} of {} / {}: executor {}, measured {}", k, a.events.size(), b.events.size(),
+                       show(a.events, k), show(b.events, k));
 }
 
 std::string describe_device() {
@@ -350,7 +350,7 @@ MeasuredStep execute_cuda(const ModelSpec& model, const TrainingSetup& setup, st
         recorder.clear();  // the backend's own set-up is not the step's
     }
 
-    const bytes_t used_before = cuda_options.cupti ? 0 : device_memory_in_use(nullptr);
+    const cuda::MemInfo before_no_cupti = cuda_options.cupti ? cuda::MemInfo{} : cuda::CuptiRecorder::read_mem_info();
     DeviceReport report;
     report.device = describe_device();
     report.allocator = backend.allocator().describe();
@@ -372,14 +372,11 @@ MeasuredStep execute_cuda(const ModelSpec& model, const TrainingSetup& setup, st
     const auto& stats = backend.allocator().stats();
     report.peak_allocated = stats.peak_allocated;
     report.peak_reserved = stats.peak_reserved;
-    if (cuda_options.cupti) {
-        const cuda::MemInfo& before = recorder.mem_before();
-        const cuda::MemInfo& after = recorder.mem_after();
-        if (before.valid) report.used_before = before.used_bytes(), report.total = before.total_bytes;
-        if (after.valid) report.used_after = after.used_bytes();
-    } else {
-        report.used_before = used_before, report.used_after = device_memory_in_use(&report.total);
-    }
+    // cudaMemGetInfo around the step: the recorder reads it at start and stop, else we do here
+    const cuda::MemInfo before = cuda_options.cupti ? recorder.mem_before() : before_no_cupti;
+    const cuda::MemInfo after = cuda_options.cupti ? recorder.mem_after() : cuda::CuptiRecorder::read_mem_info();
+    if (before.valid) report.used_before = before.used_bytes(), report.total = before.total_bytes;
+    if (after.valid) report.used_after = after.used_bytes();
     for (const cuda::KernelRecord& k : recorder.kernels()) {
         ++report.kernels;
         report.kernel_seconds += static_cast<double>(k.end_ns - k.start_ns) * 1e-9;

@@ -113,9 +113,11 @@ public:
     void on_buffer(std::uint8_t* buffer, std::size_t valid_bytes);
     std::size_t buffer_bytes() const { return buffer_bytes_; }
 
+    // cudaMemGetInfo now (valid = false, with the reason, when it fails)
+    static MemInfo read_mem_info();
+
 private:
     CuptiRecorder() = default;
-    static MemInfo read_mem_info();
 
     bool active_ = false;
     bool callbacks_registered_ = false;
