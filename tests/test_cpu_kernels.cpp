@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "../src/exec/cpu/kernels.hpp"
+#include "test_support.hpp"
 
 using namespace mst::exec::cpu;
 namespace ref = mst::exec::cpu::reference;
@@ -64,16 +65,7 @@ Vec to_f32(const BVec& b) {
 // v rounded to bf16 and back: values both an fp32 and a bf16 run can hold exactly
 Vec bf16_exact(const Vec& v) { return to_f32(to_bf16(v)); }
 
-// max|a - b| / max|b|
-double rel_err(const Vec& a, const Vec& b) {
-    REQUIRE(a.size() == b.size());
-    double num = 0.0, den = 0.0;
-    for (std::size_t i = 0; i < a.size(); ++i) {
-        num = std::max(num, std::fabs(double(a[i]) - double(b[i])));
-        den = std::max(den, std::fabs(double(b[i])));
-    }
-    return den == 0.0 ? num : num / den;
-}
+using mst::test::rel_err;
 
 double dot(const Vec& a, const Vec& w) {
     double s = 0.0;

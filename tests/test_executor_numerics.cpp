@@ -24,20 +24,12 @@
 #include "test_support.hpp"
 
 using namespace mst;
+using mst::test::rel_err;
 
 namespace {
 
 constexpr double kTolerance = 1e-5;
 
-double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
-    REQUIRE(a.size() == b.size());
-    double num = 0.0, den = 0.0;
-    for (std::size_t i = 0; i < a.size(); ++i) {
-        num = std::max(num, std::fabs(double(a[i]) - double(b[i])));
-        den = std::max(den, std::fabs(double(b[i])));
-    }
-    return den == 0.0 ? num : num / den;
-}
 
 MeasuredStep run_fp32(const ModelSpec& m, const TrainingSetup& s) {
     ExecuteOptions o;

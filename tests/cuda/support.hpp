@@ -16,6 +16,7 @@
 
 #include "cuda/kernels.cuh"
 #include "exec/cpu/kernels.hpp"
+#include "../test_support.hpp"
 
 namespace mst::cuda_test {
 
@@ -61,18 +62,7 @@ inline std::vector<std::int64_t> random_ids(std::int64_t n, std::int64_t V, unsi
     return ids;
 }
 
-// max|a - b| / max|b| (norm-wise: element-wise relative errors blow up where values cancel);
-// NaN anywhere fails.
-inline double rel_err(const Vec& a, const Vec& b) {
-    REQUIRE(a.size() == b.size());
-    double num = 0.0, den = 0.0;
-    for (std::size_t i = 0; i < a.size(); ++i) {
-        if (std::isnan(a[i]) || std::isnan(b[i])) return INFINITY;
-        num = std::max(num, std::fabs(double(a[i]) - double(b[i])));
-        den = std::max(den, std::fabs(double(b[i])));
-    }
-    return den == 0.0 ? num : num / den;
-}
+using mst::test::rel_err;
 
 inline void cuda_ok(cudaError_t e, const char* what) {
     INFO(what << ": " << cudaGetErrorString(e));
