@@ -33,6 +33,17 @@ struct AttentionConfig {
     float softcap = 0.0f;     // 0: none
 };
 
+// Why `c` is not an attention configuration kernels taking head_dim <= max_head_dim can run, or
+// nullptr: the contract check both backends' attention kernels share.
+inline const char* attention_config_error(const AttentionConfig& c, std::int64_t max_head_dim) {
+    if (!(c.B >= 0 && c.S >= 0)) return "B and S must be non-negative";
+    if (!(c.nh > 0 && c.nkv > 0 && c.nh % c.nkv == 0)) return "nkv must divide nh";
+    if (!(c.hd > 0 && c.hd <= max_head_dim)) return "head_dim must be in (0, kMaxHeadDim]";
+    if (!(c.window >= 0)) return "window must be >= 0 (0: none)";
+    if (!(c.softcap >= 0.0f)) return "softcap must be >= 0 (0: none)";
+    return nullptr;
+}
+
 struct AdamWConfig {
     float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0.01f;
 };

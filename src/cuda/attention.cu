@@ -300,11 +300,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 void check_attention(const char* kernel, const AttentionConfig& c) {
-    detail::require(c.B >= 0 && c.S >= 0, kernel, "B and S must be non-negative");
-    detail::require(c.nh > 0 && c.nkv > 0 && c.nh % c.nkv == 0, kernel, "nkv must divide nh");
-    detail::require(c.hd > 0 && c.hd <= kMaxHeadDim, kernel, "head_dim must be in (0, kMaxHeadDim]");
-    detail::require(c.window >= 0, kernel, "window must be >= 0 (0: none)");
-    detail::require(c.softcap >= 0.0f, kernel, "softcap must be >= 0 (0: none)");
+    const char* why = attention_config_error(c, kMaxHeadDim);
+    detail::require(why == nullptr, kernel, why);
     detail::require(c.B < 65536 && c.nh < 65536, kernel, "B and nh index grid dimensions: < 65536");
 }
 

@@ -34,11 +34,8 @@ using StridedMap = Eigen::Map<RowMat, 0, Eigen::OuterStride<>>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 void check_attention(const char* kernel, const AttentionConfig& c) {
-    detail::require(c.B >= 0 && c.S >= 0, kernel, "B and S must be non-negative");
-    detail::require(c.nh > 0 && c.nkv > 0 && c.nh % c.nkv == 0, kernel, "nkv must divide nh");
-    detail::require(c.hd > 0 && c.hd <= kMaxHeadDim, kernel, "head_dim must be in (0, kMaxHeadDim]");
-    detail::require(c.window >= 0, kernel, "window must be >= 0 (0: none)");
-    detail::require(c.softcap >= 0.0f, kernel, "softcap must be >= 0 (0: none)");
+    const char* why = attention_config_error(c, kMaxHeadDim);
+    detail::require(why == nullptr, kernel, why);
 }
 
 std::int64_t q_off(const AttentionConfig& c, std::int64_t b, std::int64_t t, std::int64_t h) {
