@@ -8,12 +8,10 @@ tiny Llama on the CPU (no CUDA memory statistics there: the peaks are null).
 """
 
 import copy
-import importlib.util
 import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,15 +23,7 @@ SCRIPT = REPO / "scripts" / "torch_crosscheck.py"
 MATRIX = REPO / "scripts" / "torch_matrix.json"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("torch_crosscheck", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["torch_crosscheck"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-tc = _load_script()
+from mst_referee import cli, jobs, records, train
 
 
 def _binary():
@@ -62,7 +52,7 @@ def llama_plan(**setup):
 
 
 def test_single_run_options_and_defaults():
-    a = tc.parse_args(["llama-3-8b", "--plan", "p.json", "--out", "r.json"])
+    a = cli.parse_args(["llama-3-8b", "--plan", "p.json", "--out", "r.json"])
     assert (a.model, a.plan, a.out) == ("llama-3-8b", Path("p.json"), Path("r.json"))
     assert (a.steps, a.warmup, a.seed, a.lr, a.loss_check) == (3, 1, 0, 1e-5, False)
     assert a.mst_plan == REPO / "build" / "src" / "mst-plan"
@@ -70,18 +60,18 @@ def test_single_run_options_and_defaults():
 
 
 def test_the_model_may_come_from_the_plan():
-    a = tc.parse_args(["--plan", "p.json", "--out", "r.json", "--layers", "8", "--steps", "2", "--loss-check",
+    a = cli.parse_args(["--plan", "p.json", "--out", "r.json", "--layers", "8", "--steps", "2", "--loss-check",
                        "--mst-plan", "/opt/mst-plan", "--seed", "7"])
     assert a.model is None and a.layers == 8 and a.steps == 2 and a.loss_check and a.seed == 7
     assert a.mst_plan == Path("/opt/mst-plan")
 
 
 def test_matrix_options():
-    a = tc.parse_args(["--matrix", "m.json", "--out-dir", "results/h100-sxm-80gb/torch", "--only", "llama*",
+    a = cli.parse_args(["--matrix", "m.json", "--out-dir", "results/h100-sxm-80gb/torch", "--only", "llama*",
                        "--only", "qwen*", "--max-seconds", "420", "--skip-existing"])
     assert a.matrix == Path("m.json") and a.out_dir == Path("results/h100-sxm-80gb/torch")
     assert a.only == ["llama*", "qwen*"] and a.max_seconds == 420 and a.skip_existing
-    assert tc.parse_args(["--matrix", "m.json", "--list"]).list
+    assert cli.parse_args(["--matrix", "m.json", "--list"]).list
 
 
 @pytest.mark.parametrize("argv", [
@@ -98,7 +88,7 @@ def test_matrix_options():
 ])
 def test_bad_command_lines_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        tc.parse_args(argv)
+        cli.parse_args(argv)
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
 
@@ -106,7 +96,7 @@ def test_bad_command_lines_exit_2(argv, capsys):
 def test_a_user_error_is_one_line_and_exit_code_2(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(llama_plan(dp=2)))
-    assert tc.main(["--plan", str(plan), "--out", str(tmp_path / "r.json"), "--convert", "python"]) == 2
+    assert cli.main(["--plan", str(plan), "--out", str(tmp_path / "r.json"), "--convert", "python"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and "dp: expected 1" in err
 
@@ -115,26 +105,26 @@ def test_a_user_error_is_one_line_and_exit_code_2(tmp_path, capsys):
 
 
 def test_a_catalog_name_is_models_name_json():
-    assert tc.resolve_model("llama-3-8b") == ("llama-3-8b", REPO / "models" / "llama-3-8b.json")
+    assert jobs.resolve_model("llama-3-8b") == ("llama-3-8b", REPO / "models" / "llama-3-8b.json")
 
 
 def test_a_path_names_the_model_by_its_stem(tmp_path):
     path = tmp_path / "my-model.json"
     path.write_text("{}")
-    assert tc.resolve_model(str(path)) == ("my-model", path)
+    assert jobs.resolve_model(str(path)) == ("my-model", path)
 
 
 def test_an_unknown_model_lists_the_catalog():
-    with pytest.raises(tc.CrosscheckError, match="expected a catalog name .*llama-3-8b.*got 'llama-9'"):
-        tc.resolve_model("llama-9")
-    with pytest.raises(tc.CrosscheckError, match="no such file"):
-        tc.resolve_model("nowhere/config.json")
+    with pytest.raises(jobs.CrosscheckError, match="expected a catalog name .*llama-3-8b.*got 'llama-9'"):
+        jobs.resolve_model("llama-9")
+    with pytest.raises(jobs.CrosscheckError, match="no such file"):
+        jobs.resolve_model("nowhere/config.json")
 
 
 def test_mst_block_is_removed_and_nothing_else():
-    raw = tc.load_model_config(REPO / "models" / "gemma-2-9b.json")
+    raw = jobs.load_model_config(REPO / "models" / "gemma-2-9b.json")
     before = copy.deepcopy(raw)
-    hf = tc.hf_config_dict(raw)
+    hf = jobs.hf_config_dict(raw)
     assert "_mst" not in hf and "_mst" in raw
     assert hf == {k: v for k, v in before.items() if k != "_mst"}
     assert raw == before  # the caller's dict is untouched
@@ -144,15 +134,15 @@ def test_mst_block_is_removed_and_nothing_else():
 def test_layers_cut_the_model_and_its_per_layer_lists():
     raw = {"model_type": "qwen2", "num_hidden_layers": 4, "vocab_size": 8, "hidden_size": 4,
            "layer_types": ["full_attention"] * 4, "_mst": {"name": "x"}}
-    hf = tc.hf_config_dict(raw, 2)
+    hf = jobs.hf_config_dict(raw, 2)
     assert hf["num_hidden_layers"] == 2 and hf["layer_types"] == ["full_attention"] * 2 and "_mst" not in hf
-    with pytest.raises(tc.CrosscheckError, match="expected 1 to 4"):
-        tc.hf_config_dict(raw, 5)
+    with pytest.raises(jobs.CrosscheckError, match="expected 1 to 4"):
+        jobs.hf_config_dict(raw, 5)
 
 
 def test_a_cut_model_is_a_config_mst_plan_reads():
-    raw = tc.load_model_config(REPO / "models" / "llama-3-8b.json")
-    cut = tc.reduced_model_config(raw, "llama-3-8b", "models/llama-3-8b.json", 8)
+    raw = jobs.load_model_config(REPO / "models" / "llama-3-8b.json")
+    cut = jobs.reduced_model_config(raw, "llama-3-8b", "models/llama-3-8b.json", 8)
     assert cut["num_hidden_layers"] == 8
     assert cut["_mst"]["name"] == "llama-3-8b-8layers"
     assert cut["_mst"]["display_name"] == "Llama-3-8B (8 of 32 layers)"
@@ -175,7 +165,7 @@ def test_a_cut_model_is_a_config_mst_plan_reads():
     ([3, 1, 3], 4, [1, 3]),
 ])
 def test_checkpoint_placements_read_as_mst_plan_reads_them(spec, layers, expected):
-    assert tc.checkpoint_layers_from_spec(spec, layers) == expected
+    assert jobs.checkpoint_layers_from_spec(spec, layers) == expected
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -183,24 +173,24 @@ def test_checkpoint_placements_read_as_mst_plan_reads_them(spec, layers, expecte
     ("2-9", "outside 0..7"), ([8], "expected layer indices in 0..7"), (3, "expected a string"),
 ])
 def test_bad_checkpoint_placements(spec, message):
-    with pytest.raises(tc.CrosscheckError, match=message):
-        tc.checkpoint_layers_from_spec(spec, 8)
+    with pytest.raises(jobs.CrosscheckError, match=message):
+        jobs.checkpoint_layers_from_spec(spec, 8)
 
 
 def test_knobs_take_mst_plans_defaults():
-    s = tc.normalize_setup({"seq_len": 8192}, 32)
+    s = jobs.normalize_setup({"seq_len": 8192}, 32)
     assert s == {"micro_batch": 1, "seq_len": 8192, "grad_accum": 1, "padded": False, "precision": "pure-bf16",
                  "optimizer": "adamw", "optimizer_state_dtype": "bf16", "optimizer_in_backward": False,
                  "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
                  "checkpoint": [], "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1,
                  "sp": 1}
-    assert tc.normalize_setup({"precision": "bf16-master"}, 32)["optimizer_state_dtype"] == "fp32"
-    assert tc.normalize_setup({"precision": "amp"}, 32)["optimizer_state_dtype"] == "fp32"
+    assert jobs.normalize_setup({"precision": "bf16-master"}, 32)["optimizer_state_dtype"] == "fp32"
+    assert jobs.normalize_setup({"precision": "amp"}, 32)["optimizer_state_dtype"] == "fp32"
 
 
 def test_chunk_tokens_become_chunk_counts():
     # 2 x 10000 tokens in chunks of at most 3000 tokens: ceil(20000 / 3000) = 7 chunks.
-    s = tc.normalize_setup({"seq_len": 10000, "micro_batch": 2, "mlp_chunk_tokens": 3000, "lm_chunk_tokens": 20000},
+    s = jobs.normalize_setup({"seq_len": 10000, "micro_batch": 2, "mlp_chunk_tokens": 3000, "lm_chunk_tokens": 20000},
                            4)
     assert (s["mlp_chunks"], s["lm_chunks"]) == (7, 1)
     assert "mlp_chunk_tokens" not in s
@@ -218,23 +208,23 @@ def test_chunk_tokens_become_chunk_counts():
     ({"seq_len": 100, "sp": 3}, "sp", "divisor of seq_len"),
 ])
 def test_bad_knobs_name_the_field(knobs, field, message):
-    with pytest.raises(tc.CrosscheckError) as e:
-        tc.normalize_setup(knobs, 4, "m.json: run")
+    with pytest.raises(jobs.CrosscheckError) as e:
+        jobs.normalize_setup(knobs, 4, "m.json: run")
     assert str(e.value).startswith(f"m.json: run: {field}: ") and message in str(e.value)
 
 
 @pytest.mark.parametrize("key, value, message", [
     ("dp", 2, "one GPU"), ("sp", 2, "one GPU"), ("zero_stage", 1, "one GPU"), ("padded", True, "without padding")])
 def test_the_crosscheck_is_one_gpu_without_padding(key, value, message):
-    with pytest.raises(tc.CrosscheckError, match=f"{key}: expected .*{message}"):
-        tc.check_runnable({key: value})
-    tc.check_runnable({})
+    with pytest.raises(jobs.CrosscheckError, match=f"{key}: expected .*{message}"):
+        jobs.check_runnable({key: value})
+    jobs.check_runnable({})
 
 
 def test_a_setup_becomes_the_hf_mst_config_emit_writes():
-    setup = tc.normalize_setup({"seq_len": 16384, "checkpoint": "first:3", "mlp_chunks": 4, "lm_chunks": 16,
+    setup = jobs.normalize_setup({"seq_len": 16384, "checkpoint": "first:3", "mlp_chunks": 4, "lm_chunks": 16,
                                 "lm_impl": "fused", "precision": "bf16-master", "offload_checkpoints": True}, 32)
-    cfg = tc.hf_mst_config("llama-3-8b", setup, 32, {"peak_allocated_bytes": 5, "peak_reserved_bytes": 6,
+    cfg = jobs.hf_mst_config("llama-3-8b", setup, 32, {"peak_allocated_bytes": 5, "peak_reserved_bytes": 6,
                                                     "tokens_per_second": 7.5})
     assert cfg == {
         "format": "hf-mst/1", "model": "llama-3-8b", "seq_len": 16384, "micro_batch": 1, "grad_accum": 1,
@@ -247,24 +237,24 @@ def test_a_setup_becomes_the_hf_mst_config_emit_writes():
 
 
 def test_hf_mst_back_to_a_setup():
-    setup = tc.normalize_setup({"seq_len": 4096, "checkpoint": [1, 3], "mlp_chunks": 2, "mlp_impl": "tiled",
+    setup = jobs.normalize_setup({"seq_len": 4096, "checkpoint": [1, 3], "mlp_chunks": 2, "mlp_impl": "tiled",
                                 "optimizer": "sgd", "precision": "amp", "grad_accum": 4}, 4)
-    back = tc.setup_from_hf_mst(mst_hf.load_config(tc.hf_mst_config("m", setup, 4)))
+    back = jobs.setup_from_hf_mst(mst_hf.load_config(jobs.hf_mst_config("m", setup, 4)))
     assert back == setup
 
 
 def test_a_plan_cut_to_fewer_layers_keeps_the_first_layers_checkpoints():
-    setup, notes = tc.setup_for_layers(llama_plan(checkpoint=[0, 5, 9, 31])["setup"], 32, 8)
+    setup, notes = jobs.setup_for_layers(llama_plan(checkpoint=[0, 5, 9, 31])["setup"], 32, 8)
     assert setup["checkpoint"] == [0, 5] and notes == ["checkpoint: 4 of 32 layers planned, 2 of the first 8 kept"]
-    same, notes = tc.setup_for_layers({"checkpoint": "all"}, 32, 8)
+    same, notes = jobs.setup_for_layers({"checkpoint": "all"}, 32, 8)
     assert same["checkpoint"] == list(range(8)) and notes  # "all" stays all
-    untouched, notes = tc.setup_for_layers(llama_plan()["setup"], 32, 32)
+    untouched, notes = jobs.setup_for_layers(llama_plan()["setup"], 32, 32)
     assert untouched == llama_plan()["setup"] and notes == []
 
 
 def test_a_plan_job_records_the_setup_verbatim_and_the_prediction():
     plan = llama_plan()
-    job = tc.make_job(None, plan=plan, convert="python")
+    job = jobs.make_job(None, plan=plan, convert="python")
     assert job.setup == plan["setup"] and job.prediction == plan["prediction"]
     assert (job.model, job.model_path, job.layers, job.full_layers) == ("llama-3-8b", "models/llama-3-8b.json", 32, 32)
     assert job.mst_config["predicted"]["peak_allocated_bytes"] == 65712301056
@@ -273,7 +263,7 @@ def test_a_plan_job_records_the_setup_verbatim_and_the_prediction():
 
 
 def test_a_cut_job_records_the_cut_model(tmp_path):
-    job = tc.make_job("llama-3-8b", knobs={"checkpoint": "all", "mlp_chunks": 4}, seq=8192, layers=8,
+    job = jobs.make_job("llama-3-8b", knobs={"checkpoint": "all", "mlp_chunks": 4}, seq=8192, layers=8,
                       derived_dir=tmp_path / "results")
     assert job.layers == 8 and job.full_layers == 32
     assert job.setup["checkpoint"] == list(range(8)) and job.setup["seq_len"] == 8192
@@ -285,15 +275,15 @@ def test_a_cut_job_records_the_cut_model(tmp_path):
 
 
 def test_a_plan_for_another_sequence_length_is_refused():
-    with pytest.raises(tc.CrosscheckError, match="the plan is for seq_len 16384, the run asks for 4096"):
-        tc.make_job(None, plan=llama_plan(), seq=4096, convert="python")
+    with pytest.raises(jobs.CrosscheckError, match="the plan is for seq_len 16384, the run asks for 4096"):
+        jobs.make_job(None, plan=llama_plan(), seq=4096, convert="python")
 
 
 def test_an_hf_mst_config_runs_as_it_is(tmp_path):
-    cfg = tc.hf_mst_config("llama-3-8b", tc.normalize_setup({"seq_len": 2048, "lm_chunks": 4}, 32), 32)
+    cfg = jobs.hf_mst_config("llama-3-8b", jobs.normalize_setup({"seq_len": 2048, "lm_chunks": 4}, 32), 32)
     path = tmp_path / "mst_config.json"
     path.write_text(json.dumps(cfg))
-    job = tc.make_job(None, hf_config_file=path)
+    job = jobs.make_job(None, hf_config_file=path)
     assert job.mst_config == cfg and job.hf_config_source == "hf-config" and job.model == "llama-3-8b"
     assert job.setup["lm_chunks"] == 4 and job.setup["seq_len"] == 2048
 
@@ -303,9 +293,9 @@ def test_plans_convert_through_the_binary_as_through_python(tmp_path):
     for plan in (llama_plan(), llama_plan(checkpoint=[0, 3], lm_impl="fused", precision="bf16-master",
                                           optimizer_state_dtype="fp32", offload_checkpoints=True)):
         for layers in (None, 8):
-            with_binary = tc.make_job(None, plan=plan, layers=layers, convert="binary", mst_plan=_binary(),
+            with_binary = jobs.make_job(None, plan=plan, layers=layers, convert="binary", mst_plan=_binary(),
                                       derived_dir=tmp_path)
-            in_python = tc.make_job(None, plan=plan, layers=layers, convert="python", derived_dir=tmp_path)
+            in_python = jobs.make_job(None, plan=plan, layers=layers, convert="python", derived_dir=tmp_path)
             assert with_binary.hf_config_source == "mst-plan emit"
             assert with_binary.mst_config == in_python.mst_config
 
@@ -321,11 +311,11 @@ def fake_summary(device="NVIDIA H100 80GB HBM3"):
 
 
 def test_the_measurement_has_the_format_mst_plan_reads(tmp_path):
-    job = tc.make_job(None, plan=llama_plan(), convert="python")
-    record = tc.measurement(job, fake_summary())
-    tc.validate_measurement(record)
+    job = jobs.make_job(None, plan=llama_plan(), convert="python")
+    record = records.measurement(job, fake_summary())
+    records.validate_measurement(record)
     out = tmp_path / "deep" / "run.json"
-    tc.write_json(out, record)
+    jobs.write_json(out, record)
     back = json.loads(out.read_text())
     assert back == record and out.read_text().endswith("\n")
     assert {k: back[k] for k in ("format", "backend", "model", "model_path", "seed", "workspace_bytes", "timeline")} \
@@ -337,9 +327,9 @@ def test_the_measurement_has_the_format_mst_plan_reads(tmp_path):
 
 
 def test_an_out_of_memory_run_is_a_record_without_summary():
-    job = tc.make_job(None, plan=llama_plan(), convert="python")
-    record = tc.measurement(job, None, {"kind": "oom", "message": "CUDA out of memory", "during": "warm-up step 0"})
-    tc.validate_measurement(record)
+    job = jobs.make_job(None, plan=llama_plan(), convert="python")
+    record = records.measurement(job, None, {"kind": "oom", "message": "CUDA out of memory", "during": "warm-up step 0"})
+    records.validate_measurement(record)
     assert record["error"] == "oom" and record["summary"] is None and record["error_detail"]["during"]
 
 
@@ -355,31 +345,31 @@ def test_an_out_of_memory_run_is_a_record_without_summary():
     (lambda r: r.update(error="oom", error_detail={}), "summary: expected null"),
 ])
 def test_the_writer_refuses_a_broken_record(change, message):
-    record = tc.measurement(tc.make_job(None, plan=llama_plan(), convert="python"), fake_summary())
+    record = records.measurement(jobs.make_job(None, plan=llama_plan(), convert="python"), fake_summary())
     change(record)
     with pytest.raises(ValueError, match=message):
-        tc.validate_measurement(record)
+        records.validate_measurement(record)
 
 
 def test_the_cpu_records_no_peaks():
-    record = tc.measurement(tc.make_job(None, plan=llama_plan(), convert="python"), fake_summary("cpu"))
-    tc.validate_measurement(record)
+    record = records.measurement(jobs.make_job(None, plan=llama_plan(), convert="python"), fake_summary("cpu"))
+    records.validate_measurement(record)
 
 
 def test_loss_agreement_is_the_largest_relative_difference():
-    assert tc.loss_agreement([10.0, 5.0], [10.0, 4.0]) == pytest.approx(0.25)
-    assert tc.LOSS_RTOL == 2 ** -7  # two units of bf16 rounding
+    assert records.loss_agreement([10.0, 5.0], [10.0, 4.0]) == pytest.approx(0.25)
+    assert jobs.LOSS_RTOL == 2 ** -7  # two units of bf16 rounding
 
 
 def test_the_unpatched_twin_is_written_beside_the_run():
     out = Path("results/x/llama.s4k.json")
-    assert tc.record_path(out, {"run": "llama.s4k"}, "llama.s4k") == out
-    assert tc.record_path(out, {"run": "llama.s4k.unpatched"}, "llama.s4k") == Path("results/x/llama.s4k.unpatched.json")
+    assert records.record_path(out, {"run": "llama.s4k"}, "llama.s4k") == out
+    assert records.record_path(out, {"run": "llama.s4k.unpatched"}, "llama.s4k") == Path("results/x/llama.s4k.unpatched.json")
 
 
 def test_the_unpatched_twin_trains_the_setup_without_mst_or_checkpoints():
-    job = tc.make_job(None, plan=llama_plan(), convert="python")
-    twin = tc.unpatched_job(job)
+    job = jobs.make_job(None, plan=llama_plan(), convert="python")
+    twin = train.unpatched_job(job)
     assert twin.name == "llama-3-8b.unpatched"
     assert (twin.setup["mlp_chunks"], twin.setup["lm_chunks"], twin.setup["checkpoint"]) == (1, 1, [])
     assert twin.mst_config["checkpoint_layers"] == [] and twin.mst_config["lm_head"]["chunks"] == 1
@@ -391,11 +381,11 @@ def test_the_unpatched_twin_trains_the_setup_without_mst_or_checkpoints():
 
 def test_the_matrix_resolves_every_run():
     data = json.loads(MATRIX.read_text())
-    jobs = tc.load_matrix(MATRIX)
-    assert len(jobs) == len(data["runs"]) >= 20
-    names = [j.name for j in jobs]
+    runs = jobs.load_matrix(MATRIX)
+    assert len(runs) == len(data["runs"]) >= 20
+    names = [j.name for j in runs]
     assert len(set(names)) == len(names)
-    for job, entry in zip(jobs, data["runs"]):
+    for job, entry in zip(runs, data["runs"]):
         if "plan" in entry:  # a plan `recommend` wrote, next to the matrix
             plan = json.loads((MATRIX.parent / entry["plan"]).read_text())
             assert job.setup == plan["setup"] and job.prediction == plan["prediction"]
@@ -409,33 +399,34 @@ def test_the_matrix_resolves_every_run():
 
 
 def test_the_matrix_covers_the_issue():
-    jobs = tc.load_matrix(MATRIX)
+    runs = jobs.load_matrix(MATRIX)
     models = {"llama-3-8b", "qwen2-7b", "mistral-7b-v0.1", "gemma-2-9b"}
-    assert {j.model for j in jobs} == models
-    assert {j.setup["seq_len"] for j in jobs} >= {4096, 16384, 32768}
+    assert {j.model for j in runs} == models
+    assert {j.setup["seq_len"] for j in runs} >= {4096, 16384, 32768}
     # Per model: with and without MsT, with and without checkpointing (a loss check's unpatched
     # twin runs without either).
     for model in models:
-        runs = [j for j in jobs if j.model == model]
-        kinds = {(j.setup["mlp_chunks"] > 1 or j.setup["lm_chunks"] > 1, bool(j.setup["checkpoint"])) for j in runs}
-        kinds |= {(False, False) for j in runs if j.loss_check}
+        of_model = [j for j in runs if j.model == model]
+        kinds = {(j.setup["mlp_chunks"] > 1 or j.setup["lm_chunks"] > 1, bool(j.setup["checkpoint"]))
+                 for j in of_model}
+        kinds |= {(False, False) for j in of_model if j.loss_check}
         assert {m for m, _ in kinds} == {True, False}, model
         assert {c for _, c in kinds} == {True, False}, model
-    assert any(j.loss_check for j in jobs)
-    assert any(j.layers == j.full_layers for j in jobs if j.model == "llama-3-8b")
+    assert any(j.loss_check for j in runs)
+    assert any(j.layers == j.full_layers for j in runs if j.model == "llama-3-8b")
 
 
 def test_matrix_mistakes_name_the_run(tmp_path):
     def check(runs, message):
         path = tmp_path / "m.json"
         path.write_text(json.dumps({"format": "mst-torch-matrix/1", "runs": runs}))
-        with pytest.raises(tc.CrosscheckError, match=message):
-            tc.load_matrix(path)
+        with pytest.raises(jobs.CrosscheckError, match=message):
+            jobs.load_matrix(path)
 
     ok = {"name": "a", "model": "tiny-llama", "seq": 64, "setup": {}}
     path = tmp_path / "ok.json"
     path.write_text(json.dumps({"format": "mst-torch-matrix/1", "runs": [ok]}))
-    assert [j.name for j in tc.load_matrix(path)] == ["a"]
+    assert [j.name for j in jobs.load_matrix(path)] == ["a"]
     check([ok, ok], "runs\\[1\\]: name: 'a' appears twice")
     check([dict(ok, name="a/b")], "file-name-safe")
     check([dict(ok, sequence=64)], "runs\\[0\\]: sequence: unknown key")
@@ -453,7 +444,7 @@ def test_a_matrix_run_may_reference_a_plan_file(tmp_path):
     path = tmp_path / "m.json"
     path.write_text(json.dumps({"format": "mst-torch-matrix/1",
                                 "runs": [{"name": "p", "plan": "plans/p.json", "layers": 4}]}))
-    (job,) = tc.load_matrix(path, derived_dir=tmp_path)
+    (job,) = jobs.load_matrix(path, derived_dir=tmp_path)
     assert job.model == "llama-3-8b" and job.layers == 4 and job.setup["checkpoint"] == [0, 1, 2, 3]
 
 
@@ -461,7 +452,7 @@ def test_a_matrix_run_may_reference_a_plan_file(tmp_path):
 def test_the_matrix_setups_are_what_mst_plan_reads(tmp_path):
     """The Python mirror of parse_setup and of the hf-mst emitter agrees with the binary on every run."""
     binary = _binary()
-    for job in tc.load_matrix(MATRIX, derived_dir=tmp_path):
+    for job in jobs.load_matrix(MATRIX, derived_dir=tmp_path):
         model = job.model
         if job.derived_config is not None:
             model = str(tmp_path / f"{job.name}.config.json")
@@ -474,7 +465,7 @@ def test_the_matrix_setups_are_what_mst_plan_reads(tmp_path):
         plan = {"format": "mst-plan/1", "model": model, "gpu": "h100-sxm-80gb", "gpus": 1, "setup": job.setup}
         if job.prediction:
             plan["prediction"] = job.prediction
-        emitted = tc.emit_hf_mst_with_binary(binary, plan)
+        emitted = jobs.emit_hf_mst_with_binary(binary, plan)
         assert emitted == dict(job.mst_config, model=model), job.name
 
 
@@ -486,7 +477,7 @@ def test_the_committed_plans_are_plans_mst_plan_reads():
     for path in plans:
         out = subprocess.run([str(_binary()), "emit", "--plan", str(path), "--format", "hf-mst"],
                              capture_output=True, text=True, check=True)
-        job = tc.make_job(None, plan=json.loads(path.read_text()), convert="python")
+        job = jobs.make_job(None, plan=json.loads(path.read_text()), convert="python")
         assert json.loads(out.stdout) == job.mst_config, path.name
 
 
@@ -503,19 +494,19 @@ def test_a_tiny_llama_trains_on_the_cpu_and_matches_the_unpatched_losses(tmp_pat
     knobs = tmp_path / "knobs.json"
     knobs.write_text(json.dumps({"checkpoint": [1], "mlp_chunks": 3, "lm_chunks": 5, "precision": "pure-bf16"}))
     out = tmp_path / "run.json"
-    assert tc.main(["tiny-llama", "--setup", str(knobs), "--seq", "48", "--steps", "2", "--device", "cpu",
+    assert cli.main(["tiny-llama", "--setup", str(knobs), "--seq", "48", "--steps", "2", "--device", "cpu",
                     "--loss-check", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
-    tc.validate_measurement(record)
+    records.validate_measurement(record)
     s = record["summary"]
     assert s["device"] == "cpu" and s["peak_allocated_bytes"] is None and s["peak_reserved_bytes"] is None
     assert len(s["losses"]) == 3 and all(math.isfinite(x) for x in s["losses"])  # warm-up + 2
     assert abs(s["losses"][0] - math.log(256)) < 1.0  # random weights, random tokens over 256 ids
-    assert s["loss_check_passed"] and s["loss_max_rel_diff"] <= tc.LOSS_RTOL
+    assert s["loss_check_passed"] and s["loss_max_rel_diff"] <= jobs.LOSS_RTOL
     assert s["layers"] == 2 and s["tokens_per_step"] == 48 and s["tokens_per_second"] > 0
     assert record["setup"]["checkpoint"] == [1] and record["hf_mst"]["mlp"]["chunks"] == 3
     twin = json.loads((tmp_path / "run.unpatched.json").read_text())
-    tc.validate_measurement(twin)
+    records.validate_measurement(twin)
     assert twin["summary"]["losses"] == s["losses_unpatched"]
     assert twin["setup"]["mlp_chunks"] == 1 and twin["setup"]["checkpoint"] == []
 
@@ -531,17 +522,17 @@ def test_the_matrix_runs_each_entry_and_goes_on_past_out_of_memory(tmp_path, mon
             {"name": "amp", "model": "tiny-llama", "seq": 16, "setup": {"precision": "amp", "grad_accum": 2,
                                                                          "lm_chunks": 3, "lm_impl": "fused"}},
         ]}))
-    real_train = tc.train
+    real_train = train.train
 
-    def train(job, patched, device, progress):
+    def fake_oom(job, patched, device, progress):
         if job.name == "oom":
             progress.stage = "warm-up step 0"
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_train(job, patched, device, progress)
 
-    monkeypatch.setattr(tc, "train", train)
+    monkeypatch.setattr(train, "train", fake_oom)
     out_dir = tmp_path / "results"
-    assert tc.main(["--matrix", str(matrix), "--out-dir", str(out_dir), "--device", "cpu"]) == 0
+    assert cli.main(["--matrix", str(matrix), "--out-dir", str(out_dir), "--device", "cpu"]) == 0
     cut = json.loads((out_dir / "cut.json").read_text())
     assert cut["summary"]["layers"] == 1 and cut["setup"]["checkpoint"] == [0]
     assert cut["model_path"].endswith("configs/tiny-llama-1layers.json")
@@ -551,5 +542,5 @@ def test_the_matrix_runs_each_entry_and_goes_on_past_out_of_memory(tmp_path, mon
     amp = json.loads((out_dir / "amp.json").read_text())
     assert amp["summary"]["dtype"] == "float32" and amp["summary"]["tokens_per_step"] == 32
     for record in (cut, oom, amp):
-        tc.validate_measurement(record)
+        records.validate_measurement(record)
     assert "oom: oom during warm-up step 0" in capsys.readouterr().err
