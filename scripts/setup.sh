@@ -42,6 +42,8 @@ mst_build() {
     fi
     if [ ! -f "$dir/build.ninja" ]; then
         cmake -S "$MST_ROOT" -B "$dir" -G Ninja -DMST_WARNINGS_AS_ERRORS="$werror" "$@" >&2
+    elif [ $# -gt 0 ]; then
+        cmake "$dir" "$@" > /dev/null  # options given again (a new MST_PYTHON) take effect
     fi
     cmake --build "$dir" --parallel "$(nproc)" >&2
 }

@@ -144,7 +144,8 @@ TEST_CASE("emit hf-mst: mst_config.json carries every knob of the plan") {
     for (std::int64_t i = 0; i < 32; i += 2) even_layers.push_back(i);
     CHECK(j["checkpoint_layers"].get<std::vector<std::int64_t>>() == even_layers);
     CHECK(j["offload_checkpoints"] == false);
-    CHECK(j["optimizer"] == nlohmann::json{{"name", "adamw"}, {"state_dtype", "fp32"}, {"in_backward", false}});
+    CHECK(j["optimizer"] ==
+          nlohmann::json{{"name", "adamw"}, {"state_dtype", "fp32"}, {"in_backward", false}, {"impl", "fused"}});
     CHECK(j["data_parallel"] == 4);
     CHECK(j["sequence_parallel"] == 2);
     CHECK(j["zero_stage"] == 3);

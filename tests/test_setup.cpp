@@ -39,9 +39,12 @@ TEST_CASE("setup JSON round-trips and chunk sizes in tokens convert to counts") 
     const ModelSpec m = find_model("llama-3-8b");
     const nlohmann::json j = {{"seq_len", 32768}, {"micro_batch", 2},       {"precision", "bf16-master"},
                               {"mlp_chunk_tokens", 4096}, {"lm_chunks", 16}, {"lm_impl", "fused"},
-                              {"checkpoint", "spread:8"}, {"offload_checkpoints", true}, {"dp", 8}, {"zero_stage", 3}};
+                              {"checkpoint", "spread:8"}, {"offload_checkpoints", true}, {"dp", 8}, {"zero_stage", 3},
+                              {"optimizer_impl", "for-loop"}};
     const TrainingSetup s = parse_setup(j, m, "s.json");
     CHECK(s.mlp_chunks == 16);  // 2 * 32768 tokens / 4096
+    CHECK(s.optimizer_impl == OptimizerImpl::ForLoop);
+    CHECK(parse_setup(nlohmann::json::object(), m, "s.json").optimizer_impl == OptimizerImpl::Foreach);  // torch's default
     CHECK(s.checkpointed_count() == 8);
     const TrainingSetup back = parse_setup(to_json(s), m, "back");
     CHECK(to_json(back) == to_json(s));

@@ -21,6 +21,14 @@ enum class Precision {
 enum class Optimizer { AdamW, AdamW8bit, SgdMomentum };
 enum class StateDtype { Fp32, Bf16 };
 
+// Which of torch's implementations steps AdamW or SGD (torch/optim/adamw.py): a variant of
+// the trainer's code, so it matters to the hf runtime's temporaries only.
+enum class OptimizerImpl {
+    Foreach,  // _multi_tensor_*: list-wide kernels; torch's default for CUDA tensors
+    Fused,    // _fused_*: one kernel per parameter group, updating in place
+    ForLoop,  // _single_tensor_*: one parameter at a time (foreach=False)
+};
+
 enum class Attention {
     Flash,  // FlashAttention-2 / SDPA flash: saves output and logsumexp, O(S) memory
     Eager,  // materialises S x S scores and probabilities (Hugging Face "eager")
@@ -48,6 +56,7 @@ struct TrainingSetup {
     Optimizer optimizer = Optimizer::AdamW;
     std::optional<StateDtype> state_dtype;  // default: bf16 for PureBf16, fp32 otherwise
     bool optimizer_in_backward = false;     // step each parameter in its gradient hook
+    OptimizerImpl optimizer_impl = OptimizerImpl::Foreach;
 
     Attention attention = Attention::Flash;
 
@@ -95,12 +104,14 @@ nlohmann::json to_json(const TrainingSetup& s);
 std::string to_string(Precision p);
 std::string to_string(Optimizer o);
 std::string to_string(StateDtype d);
+std::string to_string(OptimizerImpl i);
 std::string to_string(Attention a);
 std::string to_string(MlpImpl i);
 std::string to_string(LmHeadImpl i);
 Precision parse_precision(const std::string& s, const std::string& where);
 Optimizer parse_optimizer(const std::string& s, const std::string& where);
 StateDtype parse_state_dtype(const std::string& s, const std::string& where);
+OptimizerImpl parse_optimizer_impl(const std::string& s, const std::string& where);
 Attention parse_attention(const std::string& s, const std::string& where);
 MlpImpl parse_mlp_impl(const std::string& s, const std::string& where);
 LmHeadImpl parse_lm_impl(const std::string& s, const std::string& where);

@@ -21,6 +21,7 @@ ATTENTIONS = ("flash", "eager")
 MLP_IMPLS = ("loop", "tiled")
 LM_HEAD_IMPLS = ("recompute", "fused")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
+OPTIMIZER_IMPLS = ("foreach", "fused", "for-loop")
 STATE_DTYPES = ("fp32", "bf16")
 
 
@@ -46,11 +47,14 @@ class LmHeadConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """Optimizer kind, dtype of its states, and whether it steps inside backward."""
+    """Optimizer kind, dtype of its states, whether it steps inside backward, and which of
+    torch's implementations steps it (``foreach``: torch's default on GPUs, one temporary per
+    state list; ``fused``: one kernel, no temporaries; ``for-loop``: one parameter at a time)."""
 
     name: str
     state_dtype: str
     in_backward: bool
+    impl: str = "fused"
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,8 @@ def _parse(data: Any, where: str) -> MstConfig:
         name=o.choice("name", OPTIMIZERS),
         state_dtype=o.choice("state_dtype", STATE_DTYPES),
         in_backward=o.boolean("in_backward"),
+        # Files written before the field existed were planned for a fused step.
+        impl=o.choice("impl", OPTIMIZER_IMPLS) if "impl" in o.obj else "fused",
     )
 
     p = r.child("predicted")

@@ -1,9 +1,13 @@
 """The optimizer that an hf-mst config plans for.
 
-* ``adamw``: ``torch.optim.AdamW`` (``fused=True`` when every parameter is on CUDA).
+* ``adamw``: ``torch.optim.AdamW``;
 * ``adamw-8bit``: ``bitsandbytes.optim.AdamW8bit`` (blockwise 8-bit states;
-  tensors under 4096 elements keep 32-bit states).
+  tensors under 4096 elements keep 32-bit states);
 * ``sgd``: ``torch.optim.SGD`` with momentum.
+
+``optimizer.impl`` picks torch's implementation (AdamW and SGD): ``foreach`` (torch's
+default for CUDA tensors: list-wide kernels, whose temporaries cover a whole state list at
+once), ``fused`` (one kernel, no temporaries) or ``for-loop`` (one parameter at a time).
 
 torch keeps optimizer states in the dtype of the tensors it updates. So with
 ``pure-bf16`` the parameters are bf16 and so are the states; with
@@ -26,7 +30,7 @@ accumulation over micro-steps cannot work this way, so ``grad_accum`` must be 1.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -38,15 +42,15 @@ Factory = Callable[[List[Tensor]], torch.optim.Optimizer]
 _HOOK_API = "register_post_accumulate_grad_hook"
 
 
-def _factory(config: MstConfig, params: Sequence[Tensor], lr: float, weight_decay: float,
-             betas: Tuple[float, float], eps: float, momentum: float) -> Factory:
+def _factory(config: MstConfig, lr: float, weight_decay: float, betas: Tuple[float, float], eps: float,
+             momentum: float) -> Factory:
     """A function that builds the configured optimizer over a list of tensors."""
     name = config.optimizer.name
+    impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[config.optimizer.impl]
     if name == "adamw":
-        extra = {"fused": True} if all(p.is_cuda for p in params) else {}
-        return lambda ps: torch.optim.AdamW(ps, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **extra)
+        return lambda ps: torch.optim.AdamW(ps, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **impl)
     if name == "sgd":
-        return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, weight_decay=weight_decay, **impl)
     try:
         import bitsandbytes as bnb
     except ImportError as e:
@@ -242,7 +246,7 @@ def make_optimizer(model: nn.Module, config: MstConfig, *, lr: float, weight_dec
     if config.optimizer.in_backward and config.grad_accum != 1:
         raise ValueError(f"make_optimizer: grad_accum: optimizer.in_backward steps in every backward, "
                          f"so gradients cannot be accumulated; expected 1, got {config.grad_accum}")
-    factory = _factory(config, params, lr, weight_decay, betas, eps, momentum)
+    factory = _factory(config, lr, weight_decay, betas, eps, momentum)
     master = config.precision == "bf16-master"
     if config.optimizer.in_backward:
         return _in_backward(params, factory, master)

@@ -22,7 +22,7 @@ GOOD = {
     "lm_head": {"chunks": 16, "impl": "recompute"},
     "checkpoint_layers": [0, 1, 2, 3],
     "offload_checkpoints": False,
-    "optimizer": {"name": "adamw", "state_dtype": "bf16", "in_backward": True},
+    "optimizer": {"name": "adamw", "state_dtype": "bf16", "in_backward": True, "impl": "foreach"},
     "data_parallel": 1,
     "sequence_parallel": 1,
     "zero_stage": 0,
@@ -61,6 +61,17 @@ def test_a_good_config_loads_every_field():
     assert c.predicted.peak_allocated_bytes == 51539607552
     assert c.predicted.tokens_per_second == 3512.5
     assert c.tokens_per_rank == 32768
+
+
+def test_the_optimizer_implementation_is_read_and_defaults_to_fused_for_older_files():
+    assert load_config(GOOD).optimizer.impl == "foreach"
+    older = copy.deepcopy(GOOD)
+    del older["optimizer"]["impl"]  # written before the field existed: planned with a fused step
+    assert load_config(older).optimizer.impl == "fused"
+    bad = copy.deepcopy(GOOD)
+    bad["optimizer"]["impl"] = "multi-tensor"
+    with pytest.raises(ConfigError, match='config: optimizer.impl: expected one of "foreach", "fused", "for-loop"'):
+        load_config(bad)
 
 
 def test_the_config_is_frozen():
@@ -143,7 +154,10 @@ def _leaf_fields(data, prefix=""):
             yield from _leaf_fields(value, f"{prefix}{key}.")
 
 
-@pytest.mark.parametrize("field", list(_leaf_fields(GOOD)))
+OPTIONAL = {"optimizer.impl"}  # older files lack it (tested above)
+
+
+@pytest.mark.parametrize("field", [f for f in _leaf_fields(GOOD) if f not in OPTIONAL])
 def test_every_field_is_required(field):
     with pytest.raises(ValueError, match=f"^config: {field}: missing"):
         load_config(with_field(field, REMOVE))

@@ -181,7 +181,7 @@ def test_knobs_take_mst_plans_defaults():
     s = jobs.normalize_setup({"seq_len": 8192}, 32)
     assert s == {"micro_batch": 1, "seq_len": 8192, "grad_accum": 1, "padded": False, "precision": "pure-bf16",
                  "optimizer": "adamw", "optimizer_state_dtype": "bf16", "optimizer_in_backward": False,
-                 "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
+                 "optimizer_impl": "foreach", "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
                  "checkpoint": [], "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1,
                  "sp": 1}
     assert jobs.normalize_setup({"precision": "bf16-master"}, 32)["optimizer_state_dtype"] == "fp32"
@@ -223,14 +223,15 @@ def test_the_crosscheck_is_one_gpu_without_padding(key, value, message):
 
 def test_a_setup_becomes_the_hf_mst_config_emit_writes():
     setup = jobs.normalize_setup({"seq_len": 16384, "checkpoint": "first:3", "mlp_chunks": 4, "lm_chunks": 16,
-                                "lm_impl": "fused", "precision": "bf16-master", "offload_checkpoints": True}, 32)
+                                "lm_impl": "fused", "precision": "bf16-master", "offload_checkpoints": True,
+                                "optimizer_impl": "for-loop"}, 32)
     cfg = jobs.hf_mst_config("llama-3-8b", setup, 32, {"peak_allocated_bytes": 5, "peak_reserved_bytes": 6,
                                                     "tokens_per_second": 7.5})
     assert cfg == {
         "format": "hf-mst/1", "model": "llama-3-8b", "seq_len": 16384, "micro_batch": 1, "grad_accum": 1,
         "precision": "bf16-master", "attention": "flash", "mlp": {"chunks": 4, "impl": "loop"},
         "lm_head": {"chunks": 16, "impl": "fused"}, "checkpoint_layers": [0, 1, 2], "offload_checkpoints": True,
-        "optimizer": {"name": "adamw", "state_dtype": "fp32", "in_backward": False},
+        "optimizer": {"name": "adamw", "state_dtype": "fp32", "in_backward": False, "impl": "for-loop"},
         "data_parallel": 1, "sequence_parallel": 1, "zero_stage": 0,
         "predicted": {"peak_allocated_bytes": 5, "peak_reserved_bytes": 6, "tokens_per_second": 7.5}}
     assert mst_hf.load_config(cfg).to_dict() == cfg  # mst_hf reads it as written

@@ -51,13 +51,14 @@ class TinyLm(torch.nn.Module):
         return causal_lm_loss(h, self.embed.weight, ids, chunks=5, impl="recompute")
 
 
-def config(precision="amp", name="adamw", in_backward=False, state_dtype=None, grad_accum=1):
+def config(precision="amp", name="adamw", in_backward=False, state_dtype=None, grad_accum=1, impl="foreach"):
     return mst_hf.load_config({
         "format": "hf-mst/1", "model": "tiny", "seq_len": TOKENS, "micro_batch": 1, "grad_accum": grad_accum,
         "precision": precision, "attention": "flash",
         "mlp": {"chunks": 1, "impl": "loop"}, "lm_head": {"chunks": 1, "impl": "recompute"},
         "checkpoint_layers": [], "offload_checkpoints": False,
-        "optimizer": {"name": name, "state_dtype": state_dtype or STATE_OF[precision], "in_backward": in_backward},
+        "optimizer": {"name": name, "state_dtype": state_dtype or STATE_OF[precision], "in_backward": in_backward,
+                      "impl": impl},
         "data_parallel": 1, "sequence_parallel": 1, "zero_stage": 0,
         "predicted": {"peak_allocated_bytes": 0, "peak_reserved_bytes": 0, "tokens_per_second": 0},
     })
@@ -85,6 +86,20 @@ def test_adamw_is_torch_adamw_with_states_in_the_parameter_dtype():
     train_step(model, opt)
     states = [s for s in opt.state.values()]
     assert states and all(s["exp_avg"].dtype == torch.bfloat16 for s in states)
+
+
+@pytest.mark.parametrize("name, impl, flags", [
+    ("adamw", "foreach", {"foreach": True, "fused": None}),
+    ("adamw", "fused", {"foreach": None, "fused": True}),
+    ("adamw", "for-loop", {"foreach": False, "fused": None}),
+    ("sgd", "foreach", {"foreach": True, "fused": None}),
+    ("sgd", "for-loop", {"foreach": False, "fused": None}),
+])
+def test_the_implementation_is_the_one_the_config_names(name, impl, flags):
+    # torch picks its implementation from these two flags (torch/optim/adamw.py, sgd.py); the
+    # plan's memory differs by it (foreach holds a copy of a whole state list at once).
+    opt = mst_hf.make_optimizer(tiny(), config(name=name, impl=impl), lr=1e-2)
+    assert {k: opt.defaults[k] for k in flags} == flags
 
 
 def test_sgd_has_momentum():

@@ -18,6 +18,8 @@ void SetupOptions::add_to(CLI::App& cmd) {
     cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
     cmd.add_option("--optimizer-state-dtype", state_dtype, "fp32 | bf16 (default: bf16 for pure-bf16, else fp32)");
     cmd.add_flag("--optimizer-in-backward", opt_in_backward, "Step each parameter in its gradient hook");
+    cmd.add_option("--optimizer-impl", optimizer_impl, "foreach (torch's default on GPUs) | fused | for-loop")
+        ->capture_default_str();
     cmd.add_option("--attention", attention, "flash | eager")->capture_default_str();
     cmd.add_option("--mlp-chunks", mlp_chunks, "MsT mini-sequences for the MLP (M_mlp; 1 = unchunked)")->capture_default_str();
     cmd.add_option("--mlp-chunk-tokens", mlp_chunk_tokens, "Alternatively: MLP chunk size in tokens");
@@ -48,6 +50,7 @@ TrainingSetup SetupOptions::build(const ModelSpec& model) const {
     if (given("--optimizer")) s.optimizer = parse_optimizer(optimizer, w);
     if (given("--optimizer-state-dtype")) s.state_dtype = parse_state_dtype(state_dtype, w);
     if (given("--optimizer-in-backward")) s.optimizer_in_backward = true;
+    if (given("--optimizer-impl")) s.optimizer_impl = parse_optimizer_impl(optimizer_impl, w);
     if (given("--attention")) s.attention = parse_attention(attention, w);
     if (given("--mlp-impl")) s.mlp_impl = parse_mlp_impl(mlp_impl, w);
     if (given("--lm-impl")) s.lm_impl = parse_lm_impl(lm_impl, w);

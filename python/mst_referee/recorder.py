@@ -1,0 +1,362 @@
+"""Every storage a PyTorch training step allocates and frees, in order.
+
+``StorageRecorder`` is a ``TorchDispatchMode``: it sees the output of every aten op,
+tracks each new untyped storage by weak reference (the free is the moment the storage
+dies, exactly as a caching allocator gets the block back) and writes one event per
+allocation and per free, in the format of mst-plan's timelines (``mst-timeline/1``
+events): kind, tensor id (allocation order), bytes, category, device, phase, decoder
+layer, micro-step, op and name. It works the same on real and on fake tensors
+(``FakeTensorMode``: every tensor has its real shape, dtype and lifetime, no storage),
+which is how the full-size step of an 8B model is observed on a CPU.
+
+Where each event comes from:
+
+* phase: set by the driver (``forward``, ``backward``, ``optimizer``); a module's
+  forward that runs while the autograd engine runs is ``recompute`` (a checkpointed
+  layer's replay, a tiled MLP's per-chunk recompute).
+* layer and op: in forward and recompute, the innermost module whose forward is
+  running (global module hooks; ``always_call`` so that the early stop of non-reentrant
+  checkpointing, an exception, keeps the stack right). In backward, the module that
+  created the autograd node being evaluated (a node-creation hook tags every node).
+* name: the aten op (``mm``, ``_to_copy``, ...); for a free, the op running when the
+  storage died ("-" between ops).
+* category: decided when the step ends, from what each storage turned out to be
+  (see :meth:`StorageRecorder.timeline`).
+
+Two things differ between this observation and a plain GPU run, and are corrected here:
+
+1. While any dispatch mode is active (and every fake tensor is a tensor subclass),
+   autograd's ``InputBuffer`` sums two gradients of one tensor out of place
+   (``old + new``) where a plain run adds in place (``old.add_(new)``) whenever the
+   buffer holds the last reference to ``old``
+   (torch/csrc/autograd/input_buffer.cpp, ``accumulate``). Such an add is recognised
+   (an ``aten.add.Tensor`` of two same-shaped tensors issued by the engine between
+   node applications, not inside a module's forward or a Python Function's backward)
+   and, when ``old`` dies right after it (so the buffer did hold the last reference),
+   the pair "allocate the sum, free old" is recorded as what the plain run does:
+   nothing; the sum continues old's tensor id.
+2. The storages that existed before recording starts (weights, optimizer states) are
+   registered by the driver as ``init`` allocations, in a fixed order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from torch.autograd.graph import node_creation_hook
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+PHASES = ("init", "forward", "recompute", "backward", "optimizer")
+CATEGORIES = ("weights", "master_weights", "gradients", "optimizer_state", "saved_activation", "transient",
+              "checkpoint", "offloaded", "workspace")
+
+_ADD = torch.ops.aten.add.Tensor
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+_MODULE_KEY = "mst_referee_module"
+
+
+_host_depth = [0]
+
+
+@contextlib.contextmanager
+def host_memory() -> Iterator[None]:
+    """Storages created inside are host memory (an offloaded copy), not device memory."""
+    _host_depth[0] += 1
+    try:
+        yield
+    finally:
+        _host_depth[0] -= 1
+
+
+def layer_of(path: str) -> int:
+    """The decoder layer a module path belongs to (``model.layers.7.mlp`` -> 7), or -1."""
+    m = _LAYER.search(path)
+    return int(m.group(1)) if m else -1
+
+
+@dataclass
+class _Storage:
+    """A storage being tracked: its tensor id and what is known about it."""
+
+    tensor: int
+    nbytes: int
+    phase: str                     # phase of the allocation
+    device: str = "gpu"
+    category: Optional[str] = None  # fixed at registration or by what the step shows
+    freed_phase: Optional[str] = None
+
+
+@dataclass
+class Event:
+    alloc: bool
+    tensor: int
+    bytes: int
+    device: str
+    phase: str
+    layer: int
+    micro_step: int
+    op: str
+    name: str
+    category: str = ""
+
+    def to_list(self) -> List[Any]:
+        return ["alloc" if self.alloc else "free", self.tensor, self.bytes, self.category, self.device, self.phase,
+                self.layer, self.micro_step, self.op, self.name]
+
+
+@dataclass
+class _PendingSum:
+    """An InputBuffer sum recorded out of place, waiting to see whether old dies next."""
+
+    key: int               # the sum's storage, by id
+    storage: _Storage
+    old: _Storage          # the old gradient's storage (no reference to the storage itself: it must die)
+    event: Event           # the sum's allocation event, not yet written
+
+
+class StorageRecorder(TorchDispatchMode):
+    """Records the allocations and frees of every storage created while it is active.
+
+    Use ``with recorder.tracking(model): ...`` around the whole measured region (it installs
+    the module and node hooks), and inside it the recorder itself as a dispatch mode.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: List[Event] = []
+        self.phase = "forward"
+        self.micro_step = 0
+        self.recording = True            # False: new storages are ignored (unrecorded micro-steps)
+        self.corrected_sums = 0          # InputBuffer sums recorded as in place
+        self._live: Dict[int, Tuple[weakref.ref, _Storage]] = {}
+        self._all: List[_Storage] = []
+        self._modules: Dict[int, str] = {}
+        self._stack: List[str] = []
+        self._op = "-"
+        self._pending: Optional[_PendingSum] = None
+        self._closed = False
+
+    # ---- context ----------------------------------------------------------------------
+
+    def _module(self) -> str:
+        if self._stack:
+            return self._stack[-1]
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            return node.metadata.get(_MODULE_KEY, "")
+        return ""
+
+    def _phase(self) -> str:
+        if self._stack and torch._C._current_graph_task_id() != -1:
+            return "recompute"
+        return self.phase
+
+    def _event(self, alloc: bool, s: _Storage, name: str) -> Event:
+        module = self._module()
+        return Event(alloc, s.tensor, s.nbytes, s.device, self._phase(), layer_of(module), self.micro_step,
+                     module or "-", name)
+
+    # ---- hooks --------------------------------------------------------------------------
+
+    class _Tracking:
+        def __init__(self, recorder: "StorageRecorder", model: torch.nn.Module) -> None:
+            self.r, self.model = recorder, model
+            self.handles: List[Any] = []
+            self.creation = node_creation_hook(self._tag)
+
+        def _pre(self, module: torch.nn.Module, args: Any) -> None:
+            path = self.r._modules.get(id(module))
+            if path is not None:
+                self.r._stack.append(path)
+
+        def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+            path = self.r._modules.get(id(module))
+            if path is not None and self.r._stack and self.r._stack[-1] == path:
+                self.r._stack.pop()
+
+        def _tag(self, node: Any) -> None:
+            meta = node.metadata
+            if _MODULE_KEY not in meta:
+                meta[_MODULE_KEY] = self.r._module()
+
+        def __enter__(self) -> "StorageRecorder":
+            self.r._modules = {id(m): name for name, m in self.model.named_modules() if name}
+            self.handles = [register_module_forward_pre_hook(self._pre),
+                            register_module_forward_hook(self._post, always_call=True)]
+            self.creation.__enter__()
+            return self.r
+
+        def __exit__(self, *exc: Any) -> None:
+            self.creation.__exit__(*exc)
+            for h in self.handles:
+                h.remove()
+            self.r._stack.clear()
+
+    def tracking(self, model: torch.nn.Module) -> "StorageRecorder._Tracking":
+        """Module and autograd-node hooks that give each event its module and layer."""
+        return StorageRecorder._Tracking(self, model)
+
+    # ---- storages -----------------------------------------------------------------------
+
+    def register(self, tensors: Iterable[Tuple[str, Optional[torch.Tensor]]], category: str, op: str) -> None:
+        """Storages that exist before recording starts (``(name, tensor)`` pairs, the name a module
+        path such as ``model.layers.3.mlp.up_proj.weight``): ``init`` allocations in this order."""
+        for name, t in tensors:
+            if t is None:
+                continue
+            st = t.untyped_storage()
+            if id(st) in self._live or st.nbytes() == 0:
+                continue
+            s = self._track(st, "init", "gpu", category)
+            self.events.append(Event(True, s.tensor, s.nbytes, "gpu", "init", layer_of(name), 0, op, name))
+
+    def _track(self, st: Any, phase: str, device: str = "gpu", category: Optional[str] = None) -> _Storage:
+        s = _Storage(len(self._all), st.nbytes(), phase, device, category)
+        self._all.append(s)
+        key = id(st)
+
+        def died(_ref: Any, key: int = key, s: _Storage = s) -> None:
+            self._died(key, s)
+
+        self._live[key] = (weakref.ref(st, died), s)
+        return s
+
+    def _died(self, key: int, s: _Storage) -> None:
+        if self._closed:
+            return
+        entry = self._live.get(key)
+        if entry is None or entry[1] is not s:
+            return
+        del self._live[key]
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            if pending.old is s:
+                # The buffer held the last reference: a plain run adds in place. The sum takes
+                # over old's tensor id; neither the sum's allocation nor old's free happened.
+                self._retarget(pending, s)
+                self.corrected_sums += 1
+                return
+            self._write(pending.event)
+        s.freed_phase = self._phase()
+        self._write(self._event(False, s, self._op))
+
+    def _retarget(self, pending: _PendingSum, old: _Storage) -> None:
+        assert pending.storage.tensor == len(self._all) - 1, "referee: the sum was not the last allocation"
+        self._all.pop()
+        ref, _ = self._live[pending.key]
+        key = pending.key
+
+        def died(_ref: Any, key: int = key, s: _Storage = old) -> None:
+            self._died(key, s)
+
+        self._live[key] = (weakref.ref(ref(), died), old)
+
+    def _write(self, e: Event) -> None:
+        self.events.append(e)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._write(pending.event)
+
+    # ---- the dispatch mode ----------------------------------------------------------------
+
+    def _is_buffer_sum(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
+        if func is not _ADD or kwargs or len(args) != 2 or self._stack:
+            return False
+        a, b = args
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+            return False
+        if a._is_view():
+            return False  # a view shares its storage with its base: the plain run adds out of place too
+        if torch._C._current_graph_task_id() == -1 or torch.is_grad_enabled():
+            return False
+        node = torch._C._current_autograd_node()
+        # A Python Function's backward runs its own code (whose adds are real ones).
+        return node is not None and not isinstance(node, torch.autograd.function.BackwardCFunction)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        self._flush()
+        name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
+        old = None
+        if self._is_buffer_sum(func, args, kwargs):
+            entry = self._live.get(id(args[0].untyped_storage()))
+            old = entry[1] if entry is not None else None
+        previous_op, self._op = self._op, name
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self._op = previous_op
+        if not self.recording:
+            return out
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            entry = self._live.get(id(st))
+            if entry is not None and entry[0]() is st:
+                if st.nbytes() != entry[1].nbytes:
+                    raise RuntimeError(f"referee: {name} resized a tracked storage "
+                                       f"({entry[1].nbytes} -> {st.nbytes()} bytes)")
+                continue
+            if st.nbytes() == 0:
+                continue  # no memory: a caching allocator hands out nothing for 0 bytes
+            device = "host" if _host_depth[0] else "gpu"
+            s = self._track(st, self._phase(), device)
+            e = self._event(True, s, name)
+            if old is not None:
+                self._pending = _PendingSum(id(st), s, old, e)
+            else:
+                self._write(e)
+        return out
+
+    # ---- the result ----------------------------------------------------------------------
+
+    def mark(self, tensors: Iterable[torch.Tensor], category: str) -> None:
+        """Storages that turned out to be ``category`` (gradients, checkpoints)."""
+        for t in tensors:
+            if t is None:
+                continue
+            entry = self._live.get(id(t.untyped_storage()))
+            if entry is not None and entry[1].category is None:
+                entry[1].category = category
+
+    def close(self) -> None:
+        """The step is over: what dies from now on (the model, the optimizer) is not recorded."""
+        self._flush()
+        self._closed = True
+
+    def timeline(self) -> List[Event]:
+        """The events with their categories.
+
+        A storage's category is the one it was registered or marked with; otherwise an
+        allocation of the forward or recompute phase that was still alive when its phase
+        ended is a saved activation (autograd kept it for backward), and everything else
+        is transient.
+        """
+        self._flush()
+        for e in self.events:
+            s = self._all[e.tensor] if e.tensor < len(self._all) else None
+            if s is None:
+                raise AssertionError(f"referee: event names unknown tensor {e.tensor}")
+            e.category = _category(s)
+        return self.events
+
+
+def _category(s: _Storage) -> str:
+    if s.category is not None:
+        return s.category
+    if s.device == "host":
+        return "offloaded"
+    if s.phase in ("forward", "recompute") and s.freed_phase != s.phase:
+        return "saved_activation"
+    return "transient"
