@@ -19,11 +19,14 @@
 namespace mst {
 
 // Two events are the same when every field is (kind, tensor id, bytes, category,
-// device, phase, layer, micro-step, op and tensor name).
-bool same_event(const Event& a, const Event& b);
+// device, phase, layer, micro-step, op and tensor name); with `names` false, all but the op
+// and the tensor name.
+bool same_event(const Event& a, const Event& b, bool names = true);
 
 // Index of the first event that differs, or where the shorter timeline ends; nullopt when
-// both have the same events.
+// both have the same events. Against the referee (source "referee": the real PyTorch step,
+// whose events name aten ops and module paths, not the simulator's ops) the op and tensor
+// names are not compared.
 std::optional<std::int64_t> first_divergence(const Timeline& predicted, const Timeline& measured);
 
 struct CompareRow {

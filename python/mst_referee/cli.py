@@ -42,7 +42,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="mst-plan binary that converts a plan (default build/src/mst-plan)")
     p.add_argument("--convert", choices=("auto", "binary", "python"), default="auto",
                    help="plan -> hf-mst conversion: the binary when it exists (auto), or the Python mirror")
-    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--device", default=None,
+                   help="cuda (default when available), cpu, or fake: the referee (full size on fake tensors, "
+                        "every storage allocation and free recorded)")
     p.add_argument("--out", type=Path, help="result file (one run)")
     p.add_argument("--out-dir", type=Path, help="result folder (matrix): one NAME.json per run")
     p.add_argument("--only", action="append", default=[], metavar="PATTERN",
@@ -82,6 +84,13 @@ def _device(requested: Optional[str]) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise CrosscheckError(f"--device {requested}: this torch sees no CUDA device")
+    if requested == "fake":
+        from .fake import fake_available
+        ok, why = fake_available()
+        if not ok:
+            raise CrosscheckError(f"--device fake: {why}")
+    elif requested != "cpu" and not requested.startswith("cuda"):
+        raise CrosscheckError(f"--device: expected cuda, cpu or fake, got '{requested}'")
     return requested
 
 

@@ -37,6 +37,10 @@ Two things differ between this observation and a plain GPU run, and are correcte
    nothing; the sum continues old's tensor id.
 2. The storages that existed before recording starts (weights, optimizer states) are
    registered by the driver as ``init`` allocations, in a fixed order.
+
+Not recorded: constants made from Python data (``torch.tensor(1.0)``: ``aten.lift_fresh`` on
+fake tensors), which the code the referee runs keeps on the host (torch.optim's step
+increment); and zero-byte storages.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ CATEGORIES = ("weights", "master_weights", "gradients", "optimizer_state", "save
               "checkpoint", "offloaded", "workspace")
 
 _ADD = torch.ops.aten.add.Tensor
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 _MODULE_KEY = "mst_referee_module"
 
@@ -128,8 +133,11 @@ class StorageRecorder(TorchDispatchMode):
     the module and node hooks), and inside it the recorder itself as a dispatch mode.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, correct_buffer_sums: bool = True) -> None:
+        """``correct_buffer_sums=False`` records InputBuffer sums as they happen under the mode
+        (out of place), as every dispatch-mode tracker (MemTracker) sees them."""
         super().__init__()
+        self.correct_buffer_sums = correct_buffer_sums
         self.events: List[Event] = []
         self.phase = "forward"
         self.micro_step = 0
@@ -288,7 +296,7 @@ class StorageRecorder(TorchDispatchMode):
         self._flush()
         name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
         old = None
-        if self._is_buffer_sum(func, args, kwargs):
+        if self.correct_buffer_sums and self._is_buffer_sum(func, args, kwargs):
             entry = self._live.get(id(args[0].untyped_storage()))
             old = entry[1] if entry is not None else None
         previous_op, self._op = self._op, name
@@ -298,6 +306,7 @@ class StorageRecorder(TorchDispatchMode):
             self._op = previous_op
         if not self.recording:
             return out
+        inputs = None
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
@@ -310,6 +319,13 @@ class StorageRecorder(TorchDispatchMode):
                 continue
             if st.nbytes() == 0:
                 continue  # no memory: a caching allocator hands out nothing for 0 bytes
+            if inputs is None:
+                inputs = {id(a.untyped_storage()) for a in tree_flatten((args, kwargs))[0]
+                          if isinstance(a, torch.Tensor)}
+            if id(st) in inputs:
+                continue  # an in-place op on a storage that is not tracked (host memory): no allocation
+            if func is _LIFT_FRESH:
+                continue  # a constant from Python data (torch.tensor(1.0) in torch.optim): a host scalar
             device = "host" if _host_depth[0] else "gpu"
             s = self._track(st, self._phase(), device)
             e = self._event(True, s, name)

@@ -15,17 +15,20 @@ SUMMARY_REQUIRED = {
 }
 
 
-def measurement(job: Job, summary: Optional[Dict[str, Any]], error: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The mst-measure/1 record of a run: what mst-plan reads, with a null timeline."""
+def measurement(job: Job, summary: Optional[Dict[str, Any]], error: Optional[Dict[str, Any]] = None,
+                timeline: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The mst-measure/1 record of a run: what mst-plan reads. A trainer's run on a device
+    (backend "torch") has a null timeline and its peaks in the summary; the referee's
+    (backend "referee") has the full timeline of the step it recorded."""
     out: Dict[str, Any] = {
         "format": MEASURE_FORMAT,
-        "backend": "torch",
+        "backend": "torch" if timeline is None else "referee",
         "model": job.model,
         "model_path": job.model_path,
         "seed": job.seed,
-        "workspace_bytes": 0,
+        "workspace_bytes": 0,  # the referee sees no cuBLAS workspace; a trainer's peaks include it
         "setup": job.setup,
-        "timeline": None,
+        "timeline": timeline,
         "summary": summary,
         "run": job.name,
         "hf_mst": job.mst_config,
@@ -49,8 +52,9 @@ def validate_measurement(obj: Any) -> None:
         bad("expected a JSON object")
     if obj.get("format") != MEASURE_FORMAT:
         bad(f'format: expected "{MEASURE_FORMAT}"')
-    if obj.get("backend") != "torch":
-        bad('backend: expected "torch"')
+    backend = obj.get("backend")
+    if backend not in ("torch", "referee"):
+        bad('backend: expected "torch" or "referee"')
     for key in ("model", "model_path"):
         if not isinstance(obj.get(key), str) or not obj[key]:
             bad(f"{key}: expected a non-empty string")
@@ -59,8 +63,8 @@ def validate_measurement(obj: Any) -> None:
             bad(f"{key}: expected a non-negative integer")
     if not isinstance(obj.get("setup"), dict) or "seq_len" not in obj["setup"]:
         bad("setup: expected the setup object")
-    if "timeline" not in obj or obj["timeline"] is not None:
-        bad("timeline: expected null (torch records peaks only)")
+    if "timeline" not in obj or (obj["timeline"] is not None) != (backend == "referee"):
+        bad("timeline: expected the recorded events from the referee, null from torch (peaks only)")
     summary = obj.get("summary")
     if "error" in obj:
         if summary is not None:
@@ -70,6 +74,9 @@ def validate_measurement(obj: Any) -> None:
         return
     if not isinstance(summary, dict):
         bad("summary: expected an object")
+    if backend == "referee":
+        _validate_referee(obj, bad)
+        return
     for key, types in SUMMARY_REQUIRED.items():
         if key not in summary or isinstance(summary[key], bool) or not isinstance(summary[key], types):
             bad(f"summary.{key}: expected {' or '.join(t.__name__ for t in types)}")
@@ -87,6 +94,30 @@ def validate_measurement(obj: Any) -> None:
         for key in ("loss_max_rel_diff", "loss_rtol", "loss_check_passed"):
             if key not in summary:
                 bad(f"summary.{key}: expected with losses_unpatched")
+
+
+REFEREE_SUMMARY = ("peak_bytes", "phase_peak_bytes", "category_max_bytes", "host_peak_bytes", "persistent_bytes",
+                   "corrected_sums", "seconds", "torch", "transformers", "attn_implementation", "layers")
+
+
+def _validate_referee(obj: Dict[str, Any], bad: Any) -> None:
+    t = obj["timeline"]
+    if not isinstance(t, dict) or t.get("format") != "mst-timeline/1" or not isinstance(t.get("events"), list):
+        bad("timeline: expected an mst-timeline/1 object with events")
+    live: Dict[int, int] = {}
+    for i, e in enumerate(t["events"]):
+        if not isinstance(e, list) or len(e) != 10 or e[0] not in ("alloc", "free") or not _is_int(e[2]) or e[2] < 0:
+            bad(f"timeline.events[{i}]: expected [kind, tensor, bytes, category, device, phase, layer, micro_step, "
+                f"op, name]")
+        if e[0] == "alloc":
+            if e[1] in live:
+                bad(f"timeline.events[{i}]: tensor {e[1]} allocated twice")
+            live[e[1]] = e[2]
+        elif live.pop(e[1], None) != e[2]:
+            bad(f"timeline.events[{i}]: free of tensor {e[1]} that is not live with {e[2]} bytes")
+    missing = [k for k in REFEREE_SUMMARY if k not in obj["summary"]]
+    if missing:
+        bad(f"summary.{missing[0]}: expected in a referee record")
 
 
 def loss_agreement(patched: Sequence[float], unpatched: Sequence[float]) -> float:
@@ -110,6 +141,9 @@ def describe(record: Mapping[str, Any]) -> str:
         return f"{name}: {record['error']} during {d.get('during', '?')}: {d.get('message', '')[:120]}"
     s = record["summary"]
     gib = 1024 ** 3
+    if record["backend"] == "referee":
+        return (f"{name}: referee peak {s['peak_bytes'] / gib:.3f} GiB ({s['events']} events, "
+                f"{s['corrected_sums']} in-place gradient sums, {s['seconds']:.1f} s)")
     mem = ("peak allocated {:.2f} GiB, reserved {:.2f} GiB".format(s["peak_allocated_bytes"] / gib,
                                                                     s["peak_reserved_bytes"] / gib)
            if s["peak_allocated_bytes"] is not None else "no CUDA memory stats (CPU)")

@@ -17,6 +17,7 @@ import mst_hf
 
 from .jobs import LOSS_RTOL, REPO_ROOT, Job, hf_mst_config, write_json
 from .records import loss_agreement, measurement
+from .step import run_step
 
 
 def import_torch() -> Tuple[Any, Any]:
@@ -73,8 +74,22 @@ def build_model(job: Job, attn: str, device: str) -> Any:
     # Build on the device (torch >= 2.0): 8B random weights initialised on the host take minutes.
     where = torch.device(device) if device != "cpu" and hasattr(torch.device, "__enter__") else contextlib.nullcontext()
     with where:
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, **{dtype_kw: dtype})
-    model = model.to(device=device)
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn,
+                                                                  **{dtype_kw: dtype})
+        except ValueError:
+            if attn != "sdpa":
+                raise
+            # transformers refuses SDPA for some architectures (Gemma-2: SDPA has no logit
+            # soft-capping). Its memory is what the plan's "flash" means (output and logsumexp
+            # saved, O(S)), as FlashAttention-2 is where it runs on a GPU: build with eager and
+            # switch the attention function.
+            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                                  **{dtype_kw: dtype})
+            model.config._attn_implementation = "sdpa"
+    # Only when needed: a no-op .to() on fake tensors would still swap every parameter.
+    if any(p.device != torch.device(device) for p in model.parameters()):
+        model = model.to(device=device)
     if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
         model = model.to(dtype)
     if hasattr(model, "gradient_checkpointing_disable"):
@@ -89,14 +104,14 @@ def weights_fingerprint(model: Any) -> float:
         return float(sum(p.detach().reshape(-1)[:4096].double().sum().item() for p in model.parameters()))
 
 
-def make_batches(job: Job, vocab: int, device: str) -> List[Any]:
-    """Random token ids [micro_batch, seq_len] for every micro-step of every step, seeded."""
+def make_batches(job: Job, vocab: int) -> List[Any]:
+    """Random token ids [micro_batch, seq_len] on the host for every micro-step of every step, seeded
+    (each micro-step copies its batch to the device, as a data loader's batch is)."""
     torch, _ = import_torch()
     g = torch.Generator().manual_seed(job.seed + 1)
     cfg = job.mst_config
     count = (job.warmup + job.steps) * cfg["grad_accum"]
-    return [torch.randint(0, vocab, (cfg["micro_batch"], cfg["seq_len"]), generator=g).to(device)
-            for _ in range(count)]
+    return [torch.randint(0, vocab, (cfg["micro_batch"], cfg["seq_len"]), generator=g) for _ in range(count)]
 
 
 class _StepClock:
@@ -145,8 +160,7 @@ def train(job: Job, patched: bool, device: str, progress: _Progress) -> Dict[str
     if patched:
         mst_hf.apply(model, cfg)
     optimizer = mst_hf.make_optimizer(model, cfg, lr=job.lr)
-    batches = make_batches(job, job.hf_config["vocab_size"], device)
-    device_type = "cuda" if cuda else "cpu"
+    batches = make_batches(job, job.hf_config["vocab_size"])
     losses: List[float] = []
     seconds: List[float] = []
     persistent = retries = None
@@ -164,17 +178,7 @@ def train(job: Job, patched: bool, device: str, progress: _Progress) -> Dict[str
             torch.cuda.reset_peak_memory_stats()
             retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         with _StepClock(torch, device) as clock:
-            total = None
-            for micro in range(cfg.grad_accum):
-                ids = batches[step * cfg.grad_accum + micro]
-                with mst_hf.autocast(cfg, device_type=device_type):
-                    # Only the loss outlives the forward (as in Trainer.compute_loss): an unpatched
-                    # model's logits are freed before backward.
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                (loss / cfg.grad_accum if cfg.grad_accum > 1 else loss).backward()
-                total = loss.detach().float() if total is None else total + loss.detach().float()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            total = run_step(model, optimizer, cfg, batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum], device)
         losses.append(float(total.item()) / cfg.grad_accum)
         if measured:
             seconds.append(clock.seconds)
@@ -285,6 +289,18 @@ def summarize(job: Job, result: Mapping[str, Any], device: str) -> Dict[str, Any
     }
 
 
+def referee_record(job: Job) -> Dict[str, Any]:
+    """The referee's record of a job: its step on fake tensors with the full timeline."""
+    from .referee import describe_versions, referee_step, summarize_events, timeline
+
+    result = referee_step(job)
+    summary = summarize_events(result["events"])
+    summary.update(corrected_sums=result["corrected_sums"], seconds=result["seconds"],
+                   attn_implementation=result["attn_implementation"], layers=job.layers, device="fake",
+                   events=len(result["events"]), **describe_versions())
+    return measurement(job, summary, timeline=timeline(job, result))
+
+
 def run_job(job: Job, device: str) -> Tuple[List[Dict[str, Any]], bool]:
     """Run one job; with loss_check also its unpatched twin. Returns (records, ok).
 
@@ -295,6 +311,8 @@ def run_job(job: Job, device: str) -> Tuple[List[Dict[str, Any]], bool]:
     if job.derived_config is not None:
         write_json(REPO_ROOT / job.model_path if not Path(job.model_path).is_absolute() else Path(job.model_path),
                    job.derived_config)
+    if device == "fake":
+        return [referee_record(job)], True
     result, error = guarded_train(job, True, device)
     if error is not None:
         return [measurement(job, None, error)], True

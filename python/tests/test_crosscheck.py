@@ -335,7 +335,7 @@ def test_an_out_of_memory_run_is_a_record_without_summary():
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda r: r.update(timeline={"events": []}), "timeline: expected null"),
+    (lambda r: r.update(timeline={"events": []}), "timeline: expected the recorded events from the referee, null from torch"),
     (lambda r: r.update(format="mst-timeline/1"), "format"),
     (lambda r: r["summary"].update(peak_allocated_bytes=None), "expected bytes on a GPU"),
     (lambda r: r["summary"].update(device="cpu"), "null on the CPU"),

@@ -16,16 +16,17 @@ namespace {
 constexpr const char* kTimelineFormat = "mst-timeline/1";
 }  // namespace
 
-bool same_event(const Event& a, const Event& b) {
+bool same_event(const Event& a, const Event& b, bool names) {
     return a.alloc == b.alloc && a.tensor == b.tensor && a.bytes == b.bytes && a.category == b.category &&
            a.device == b.device && a.phase == b.phase && a.layer == b.layer && a.micro_step == b.micro_step &&
-           a.op == b.op && a.name == b.name;
+           (!names || (a.op == b.op && a.name == b.name));
 }
 
 std::optional<std::int64_t> first_divergence(const Timeline& predicted, const Timeline& measured) {
+    const bool names = predicted.source != "referee" && measured.source != "referee";
     const std::size_t n = std::min(predicted.events.size(), measured.events.size());
     for (std::size_t i = 0; i < n; ++i)
-        if (!same_event(predicted.events[i], measured.events[i])) return static_cast<std::int64_t>(i);
+        if (!same_event(predicted.events[i], measured.events[i], names)) return static_cast<std::int64_t>(i);
     if (predicted.events.size() != measured.events.size()) return static_cast<std::int64_t>(n);
     return std::nullopt;
 }

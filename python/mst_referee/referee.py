@@ -1,0 +1,197 @@
+"""The referee: a job's real training step at full size on fake tensors, every storage recorded.
+
+The model of the job is built from its ``config.json`` under :func:`mst_referee.fake.session`,
+patched by ``mst_hf.apply`` and given ``mst_hf.make_optimizer``'s optimizer exactly as a GPU
+run is; warm-up steps create the optimizer's states, then one optimizer step (its first two
+micro-steps, as mst-plan's timelines hold) is recorded by :class:`StorageRecorder`.
+
+What exists before the recorded step is registered as its ``init`` allocations, in this order:
+the parameters and buffers (``model.named_parameters()``, then ``named_buffers()``), the fp32
+master copies (precision bf16-master), the optimizer states per parameter (the optimizer's
+own order). An optimizer's ``step`` counter is device memory only in torch's fused
+implementation; the others keep it on the host and it is left out.
+
+Categories the recorder cannot see by itself are marked as the step shows them: a
+checkpointed decoder layer's input (the hidden states it receives in forward) is a
+checkpoint; a parameter's (or master's) ``.grad`` is a gradient.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import mst_hf
+
+from .jobs import Job
+from .step import Observer, run_step
+
+
+def _optimizers(optimizer: Any) -> List[Any]:
+    """The torch optimizers behind what make_optimizer returned, in their stepping order."""
+    if isinstance(optimizer, mst_hf.InBackwardOptimizer):
+        return list(optimizer.optimizers.values())
+    if isinstance(optimizer, mst_hf.MasterWeightOptimizer):
+        return [optimizer.inner]
+    return [optimizer]
+
+
+def _state_tensors(optimizer: Any, names: Dict[int, str]) -> Iterator[Tuple[str, Any]]:
+    import torch
+
+    for opt in _optimizers(optimizer):
+        fused = any(g.get("fused") for g in opt.param_groups)
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for key, value in opt.state.get(p, {}).items():
+                    if not isinstance(value, torch.Tensor) or (key == "step" and not fused):
+                        continue
+                    yield f"{names.get(id(p), 'param')}.{key}", value
+
+
+class _Recording(Observer):
+    """Sets the recorder's phase and micro-step; micro-steps after the second are not recorded
+    (they repeat the second, as in mst-plan's timelines)."""
+
+    def __init__(self, recorder: Any, model: Any, masters: Dict[int, Any]) -> None:
+        self.r, self.model, self.masters = recorder, model, masters
+
+    def phase(self, name: str, micro_step: int) -> None:
+        self.r.recording = micro_step < 2 or name == "optimizer"
+        self.r.micro_step = min(micro_step, 1)
+        self.r.phase = name
+        if name == "optimizer":
+            self.r.mark(self._grads(), "gradients")
+
+    def _grads(self) -> Iterable[Any]:
+        for p in self.model.parameters():
+            yield p.grad
+            master = self.masters.get(id(p))
+            if master is not None:
+                yield master.grad
+
+
+def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
+    """Build, patch and train the job's model on fake tensors; return the recorded step.
+
+    Returns {"events": [...], "corrected_sums", "attn_implementation", "seconds",
+    "micro_steps", "micro_steps_recorded"}.
+    """
+    import torch
+
+    from .fake import flash_stand_in, session
+    from .recorder import StorageRecorder
+    from .train import build_model, pick_attn_implementation
+
+    t0 = time.monotonic()
+    cfg = mst_hf.load_config(job.mst_config)
+    if cfg.optimizer.name == "adamw-8bit":
+        raise ValueError("referee: optimizer: adamw-8bit (bitsandbytes) has no fake-tensor implementation; "
+                         "the referee runs adamw and sgd")
+    attn, _ = pick_attn_implementation(cfg.attention, "cpu")
+    with session():
+        model = build_model(job, attn, "cpu")
+        attn = flash_stand_in(model, attn)
+        mst_hf.apply(model, cfg)
+        optimizer = mst_hf.make_optimizer(model, cfg, lr=job.lr)
+        g = torch.Generator().manual_seed(job.seed + 1)
+
+        def batches() -> List[Any]:
+            return [torch.randint(0, job.hf_config["vocab_size"], (cfg.micro_batch, cfg.seq_len), generator=g)
+                    for _ in range(cfg.grad_accum)]
+
+        for _ in range(max(job.warmup, 1)):  # the optimizer creates its states in the first step
+            run_step(model, optimizer, cfg, batches(), "fake", keep_loss=False)
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        masters: Dict[int, Any] = {}
+        if isinstance(optimizer, mst_hf.MasterWeightOptimizer):
+            masters = {id(p): m for p, m in zip(optimizer.params, optimizer.masters)}
+        recorder = StorageRecorder(correct_buffer_sums)
+        recorder.register(model.named_parameters(), "weights", "init.weights")
+        recorder.register(model.named_buffers(), "weights", "init.buffers")
+        recorder.register(((names[pid] + ".master", m) for pid, m in masters.items()), "master_weights",
+                          "init.master_weights")
+        recorder.register(_state_tensors(optimizer, names), "optimizer_state", "init.optimizer_state")
+
+        layers = model.model.layers
+        hooks = [layers[i].register_forward_pre_hook(_mark_checkpoint(recorder)) for i in cfg.checkpoint_layers]
+        hooks += [p.register_post_accumulate_grad_hook(_mark_gradient(recorder)) for p in model.parameters()
+                  if p.requires_grad]
+        step_batches = batches()  # host memory: made before recording starts
+        try:
+            with recorder.tracking(model), recorder:
+                run_step(model, optimizer, cfg, step_batches, "fake", _Recording(recorder, model, masters),
+                         keep_loss=False)
+            recorder.close()
+        finally:
+            for h in hooks:
+                h.remove()
+        events = recorder.timeline()
+        del model, optimizer
+    return {"events": [e.to_list() for e in events], "corrected_sums": recorder.corrected_sums,
+            "attn_implementation": attn, "seconds": time.monotonic() - t0,
+            "micro_steps": cfg.grad_accum, "micro_steps_recorded": min(cfg.grad_accum, 2)}
+
+
+def _mark_checkpoint(recorder: Any) -> Any:
+    def hook(module: Any, args: Tuple[Any, ...]) -> None:
+        if recorder.phase == "forward" and args:
+            recorder.mark([args[0]], "checkpoint")
+    return hook
+
+
+def _mark_gradient(recorder: Any) -> Any:
+    def hook(param: Any) -> None:
+        recorder.mark([param.grad], "gradients")
+    return hook
+
+
+def summarize_events(events: List[List[Any]]) -> Dict[str, Any]:
+    """Peak, per-phase peaks, per-category maxima, host peak and what stays live: the views
+    mst-plan's ``summarize`` computes from the same events."""
+    live: Dict[int, Tuple[int, str, str]] = {}
+    gpu = host = peak = 0
+    phase_peak: Dict[str, int] = {}
+    by_category: Dict[str, int] = {}
+    category_max: Dict[str, int] = {}
+    host_peak = 0
+    for kind, tensor, nbytes, category, device, phase, *_ in events:
+        if kind == "alloc":
+            live[tensor] = (nbytes, category, device)
+            if device == "host":
+                host += nbytes
+            else:
+                gpu += nbytes
+                by_category[category] = by_category.get(category, 0) + nbytes
+        else:
+            nbytes, category, device = live.pop(tensor)
+            if device == "host":
+                host -= nbytes
+            else:
+                gpu -= nbytes
+                by_category[category] -= nbytes
+        peak = max(peak, gpu)
+        host_peak = max(host_peak, host)
+        phase_peak[phase] = max(phase_peak.get(phase, 0), gpu)
+        for c, b in by_category.items():
+            category_max[c] = max(category_max.get(c, 0), b)
+    return {"peak_bytes": peak, "phase_peak_bytes": phase_peak, "category_max_bytes": category_max,
+            "host_peak_bytes": host_peak, "persistent_bytes": gpu}
+
+
+def timeline(job: Job, result: Dict[str, Any]) -> Dict[str, Any]:
+    """The recorded step as an mst-timeline/1 object (what ``mst-plan compare`` reads)."""
+    # mst-plan names a model by its config file's stem (the catalog name, or a cut copy's name).
+    return {"format": "mst-timeline/1", "source": "referee", "model": Path(job.model_path).stem,
+            "micro_steps": result["micro_steps"], "micro_steps_recorded": result["micro_steps_recorded"],
+            "columns": ["kind", "tensor", "bytes", "category", "device", "phase", "layer", "micro_step", "op", "name"],
+            "events": result["events"]}
+
+
+def describe_versions() -> Dict[str, Optional[str]]:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}

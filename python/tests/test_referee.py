@@ -1,0 +1,209 @@
+"""The referee (python/mst_referee): the real step on fake tensors, every storage recorded.
+
+What stands behind its numbers, each checked here:
+* a plain CPU step of the same job, with no dispatch mode at all, measured by torch.profiler,
+  allocates the referee's events in the referee's order, byte for byte (what the profiler sees
+  beyond them is kernel scratch freed inside its op, or Python scalars outside every op);
+* PyTorch's own tracker (MemTracker) reports the same peak as the referee without its one
+  correction, apart from the host step counters MemTracker also counts;
+* the correction itself (autograd's InputBuffer sums in place in a plain run) on graphs small
+  enough to state by hand.
+"""
+
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from mst_referee import jobs, referee, validate  # noqa: E402
+from mst_referee.recorder import StorageRecorder, host_memory  # noqa: E402
+
+TINY = "tiny-llama"
+SLIDING_TIED = str(jobs.REPO_ROOT / "tests" / "data" / "tiny_sliding_tied.json")
+GEMMA2 = str(jobs.REPO_ROOT / "tests" / "data" / "tiny_gemma2.json")
+
+
+def job(model, seq=16, **knobs):
+    return jobs.make_job(model, knobs=knobs, seq=seq, convert="python")
+
+
+def non_init(events):
+    return [e for e in events if e[5] != "init"]
+
+
+# ---- the referee equals a plain CPU step ------------------------------------------------
+
+PLAIN_STEP_CASES = [
+    (TINY, {}),
+    (TINY, {"checkpoint": "all", "mlp_chunks": 4, "lm_chunks": 4}),
+    (TINY, {"checkpoint": [1], "mlp_chunks": 3, "mlp_impl": "tiled", "lm_chunks": 3, "lm_impl": "fused"}),
+    (TINY, {"attention": "eager", "checkpoint": "all"}),
+    (TINY, {"grad_accum": 2, "micro_batch": 2}),
+    (TINY, {"precision": "bf16-master", "optimizer_impl": "for-loop"}),
+    (TINY, {"precision": "amp", "lm_chunks": 2}),
+    (TINY, {"optimizer": "sgd", "optimizer_impl": "foreach"}),
+    (TINY, {"optimizer_impl": "fused", "optimizer_in_backward": True}),
+    (SLIDING_TIED, {"checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2}),
+    (GEMMA2, {"mlp_chunks": 2, "lm_chunks": 3}),
+    (GEMMA2, {"attention": "eager"}),
+]
+
+
+@pytest.mark.parametrize("model, knobs", PLAIN_STEP_CASES, ids=[f"{m.split('/')[-1]}-{k}" for m, k in PLAIN_STEP_CASES])
+def test_a_plain_cpu_step_allocates_the_referees_events_byte_for_byte(model, knobs):
+    j = job(model, **knobs)
+    recorded = non_init(referee.referee_step(j)["events"])
+    alignment = validate.align(validate.profile_plain_step(j), recorded)
+    assert alignment.problems == []
+    assert alignment.matched == alignment.referee_events == len(recorded) > 100
+    # What the profile holds beyond the referee is scratch and scalars: small, short-lived.
+    assert alignment.profiled_events > alignment.matched
+
+
+def test_the_referee_records_the_same_step_on_real_and_on_fake_tensors():
+    # The same recorder on real tensors (the model built for real, no fake session) sees the
+    # same events: fake tensors change nothing but the cost.
+    from mst_referee.step import run_step
+    from mst_referee.train import build_model
+
+    import mst_hf
+
+    j = job(TINY, checkpoint="all", mlp_chunks=2)
+    fake = referee.referee_step(j)["events"]
+    cfg = mst_hf.load_config(j.mst_config)
+    model = build_model(j, "sdpa", "cpu")
+    mst_hf.apply(model, cfg)
+    optimizer = mst_hf.make_optimizer(model, cfg, lr=j.lr)
+    g = torch.Generator().manual_seed(j.seed + 1)
+    batch = [torch.randint(0, j.hf_config["vocab_size"], (1, 16), generator=g)]
+    run_step(model, optimizer, cfg, batch, "cpu", keep_loss=False)
+    batch = [torch.randint(0, j.hf_config["vocab_size"], (1, 16), generator=g)]
+    recorder = StorageRecorder()
+    with recorder.tracking(model), recorder:
+        run_step(model, optimizer, cfg, batch, "cpu", keep_loss=False)
+    recorder.close()
+    real = [e.to_list() for e in recorder.timeline()]
+    # Without the driver's registrations and phase marks, compare what does not depend on them.
+    assert [(e[0], e[2], e[9]) for e in non_init(fake)] == [(e[0], e[2], e[9]) for e in real]
+
+
+# ---- PyTorch's MemTracker -----------------------------------------------------------------
+
+@pytest.mark.parametrize("knobs, host_counters", [
+    # torch's foreach AdamW keeps one float32 step counter per parameter on the host; tiny-llama has
+    # 21 parameters: the embedding, 9 per layer (4 attention, 3 MLP, 2 norms) x 2, the final norm, lm_head.
+    ({}, 21),
+    ({"optimizer_impl": "fused", "checkpoint": "all"}, 0),  # fused keeps them on the device (registered)
+    ({"optimizer": "sgd", "mlp_chunks": 2}, 0),  # SGD has none
+])
+def test_memtracker_reports_the_uncorrected_peak(knobs, host_counters):
+    j = job(TINY, **knobs)
+    uncorrected = referee.summarize_events(referee.referee_step(j, correct_buffer_sums=False)["events"])
+    assert validate.memtracker_peak(j) == uncorrected["peak_bytes"] + 4 * host_counters
+
+
+# ---- the InputBuffer correction -----------------------------------------------------------
+
+class _Phases:
+    """A stand-in for the recorder's phase marks when a test runs without one."""
+
+    phase = "forward"
+
+
+def _record(fn, correct=True):
+    recorder = StorageRecorder(correct_buffer_sums=correct)
+    with recorder:
+        fn(recorder)
+    recorder.close()
+    return recorder
+
+
+def _profile(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(_Phases())
+    return validate.profiled_allocations(prof)
+
+
+def test_two_gradients_of_one_tensor_are_summed_in_place_as_in_a_plain_run():
+    x0 = torch.randn(1000, requires_grad=True)
+
+    def step(r):
+        x0.grad = None
+        r.phase = "forward"
+        x = x0 * 2  # 4000 bytes; its gradient arrives twice (from sin and from cos)
+        y = (x.sin() + x.cos()).sum()
+        r.phase = "backward"
+        y.backward()
+
+    # A plain run: cos's gradient (4000 bytes) is added into sin's in place (aten::add_).
+    plain = _profile(step)
+    recorder = _record(step)
+    assert recorder.corrected_sums == 1
+    assert validate.align(plain, [e.to_list() for e in recorder.timeline()]).exact
+    uncorrected = _record(step, correct=False)
+    sums = [e for e in uncorrected.timeline() if e.alloc and e.name == "add" and e.phase == "backward"]
+    assert [e.bytes for e in sums] == [4000]  # under the mode the sum is a new 4000-byte tensor
+    assert not validate.align(plain, [e.to_list() for e in uncorrected.timeline()]).exact
+
+
+def test_a_gradient_that_is_a_view_is_summed_out_of_place_as_in_a_plain_run():
+    x0 = torch.randn(12, requires_grad=True)
+
+    def step(r):
+        x0.grad = None
+        r.phase = "forward"
+        x = x0.reshape(3, 4) * 2
+        # Each branch's gradient reaches x as the view that reshape's backward makes of it.
+        y = (x.reshape(12).sin() + x.reshape(12).cos()).sum()
+        r.phase = "backward"
+        y.backward()
+
+    plain = _profile(step)
+    recorder = _record(step)
+    assert recorder.corrected_sums == 0
+    assert validate.align(plain, [e.to_list() for e in recorder.timeline()]).exact
+    sums = [e for e in recorder.timeline() if e.alloc and e.name == "add" and e.phase == "backward"]
+    assert [e.bytes for e in sums] == [48]  # the plain run allocates the sum too
+
+
+def test_host_memory_is_recorded_as_host():
+    recorder = StorageRecorder()
+    with recorder:
+        with host_memory():
+            h = torch.empty(10)
+        d = h.clone()
+        del h, d
+    recorder.close()
+    assert [(e.alloc, e.device, e.bytes) for e in recorder.timeline()] == [
+        (True, "host", 40), (True, "gpu", 40), (False, "host", 40), (False, "gpu", 40)]
+    assert [e.category for e in recorder.timeline()][:2] == ["offloaded", "transient"]
+
+
+# ---- records -------------------------------------------------------------------------------
+
+def test_a_referee_record_holds_the_full_timeline(tmp_path):
+    from mst_referee import cli
+
+    out = tmp_path / "run.json"
+    knobs = tmp_path / "knobs.json"
+    knobs.write_text(json.dumps({"checkpoint": "all", "lm_chunks": 2}))
+    assert cli.main([TINY, "--setup", str(knobs), "--seq", "32", "--device", "fake", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["backend"] == "referee" and record["workspace_bytes"] == 0
+    t = record["timeline"]
+    assert t["format"] == "mst-timeline/1" and t["model"] == "tiny-llama" and t["micro_steps"] == 1
+    kinds = {e[0] for e in t["events"]}
+    assert kinds == {"alloc", "free"}
+    phases = {e[5] for e in t["events"]}
+    assert phases == {"init", "forward", "recompute", "backward", "optimizer"}
+    categories = {e[3] for e in t["events"]}
+    assert {"weights", "optimizer_state", "gradients", "checkpoint", "saved_activation", "transient"} <= categories
+    s = record["summary"]
+    assert s["peak_bytes"] == referee.summarize_events(t["events"])["peak_bytes"]
+    assert s["events"] == len(t["events"]) and s["corrected_sums"] > 0 and math.isfinite(s["seconds"])
+    # Every decoder layer's input is a checkpoint (2 layers), and each checkpoint is freed in backward.
+    checkpoints = [e for e in t["events"] if e[0] == "alloc" and e[3] == "checkpoint"]
+    assert [e[5] for e in checkpoints] == ["forward", "forward"]
