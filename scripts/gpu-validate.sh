@@ -252,7 +252,7 @@ PY
     # The edge: full-depth Llama-3-8B at the longest sequence `max-seq` predicts for each strategy
     # on this GPU, measured with the caching allocator (max-seq budgets reserved memory). Edges up
     # to 16k tokens are cheap and run early; the longer ones run last, if time is left.
-    "$MST" --json max-seq --model llama-3-8b --gpu "$gpu_profile" >"$mdir/max_seq.json" 2>>"$summary"
+    "$MST" --json max-seq --model llama-3-8b --gpu "$gpu_profile" --runtime kernels >"$mdir/max_seq.json" 2>>"$summary"
     early_edges=()
     late_edges=()
     while IFS='|' read -r name seq file; do
@@ -305,7 +305,7 @@ PY
         mkdir -p "$mdir/$name"
         # the simulator's verdict on this GPU (its profile holds the same 32 MiB cuBLAS workspace)
         # shellcheck disable=SC2046
-        "$MST" --json estimate $(echo "$args" | sed 's/--allocator [a-z]*//') --gpu "$gpu_profile" \
+        "$MST" --json estimate $(echo "$args" | sed 's/--allocator [a-z]*//') --gpu "$gpu_profile" --runtime kernels \
             >"$mdir/$name/estimate.json" 2>/dev/null
         # shellcheck disable=SC2086
         timeout -k 10 "$left" "$MST" measure --backend cuda $args --workspace-bytes 33554432 --out "$mdir/$name" \

@@ -18,8 +18,17 @@ inline GpuProfile test_gpu() {
     return g;
 }
 
-inline TrainingSetup tiny_setup(std::int64_t seq) {
+// The kernels runtime (mst-plan's executor): the hand counts, invariants and executor
+// comparisons of these tests are derived for its op rules; the hf runtime has its own tests
+// against the referee (python/tests/test_referee.py).
+inline TrainingSetup kernels_setup() {
     TrainingSetup s;
+    s.runtime = Runtime::Kernels;
+    return s;
+}
+
+inline TrainingSetup tiny_setup(std::int64_t seq) {
+    TrainingSetup s = kernels_setup();
     s.seq_len = seq;
     return s;
 }

@@ -66,7 +66,7 @@ TEST_CASE("report: committed measurements re-simulate to their own rows, a measu
     fs::create_directories(dir / "good");
     fs::create_directories(dir / "doubled");
     const ModelSpec m = find_model("tiny-llama");
-    TrainingSetup s;
+    TrainingSetup s = kernels_setup();
     s.seq_len = 64, s.mlp_chunks = 2, s.lm_chunks = 2;
     s.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
     const MeasuredStep step = execute_cpu(m, s, 3);

@@ -4,6 +4,7 @@
 #include "mst/catalog.hpp"
 #include "mst/compare.hpp"
 #include "mst/simulate.hpp"
+#include "sim_test_support.hpp"
 #include "test_support.hpp"
 
 using namespace mst;
@@ -17,11 +18,13 @@ TEST_CASE("a peaks-only measurement compares its allocated and reserved peaks wi
     const auto rows = compare_peaks(f, gpu);
     REQUIRE(rows.size() == 2);
     // The measured side is the file's numbers; the predicted side is the simulation of the
-    // setup the file names, on the profile given (its 32 MiB cuBLAS workspace included).
+    // setup the file names, on the profile given (its 32 MiB cuBLAS workspace included). A
+    // trainer's file without a runtime ran transformers + PyTorch: the hf runtime.
     CHECK(rows[0].measured == 40'000'000);
     CHECK(rows[1].measured == 44'040'192);
     const ModelSpec m = find_model("tiny-llama");
     TrainingSetup s;
+    CHECK(s.runtime == Runtime::Hf);
     s.seq_len = 256, s.mlp_chunks = 2, s.lm_chunks = 4, s.checkpoint = {true, true};
     const MemoryPeaks p = simulate_peaks(m, s, gpu);
     CHECK(rows[0].predicted == p.peak_allocated_bytes);

@@ -24,6 +24,7 @@
 #include "test_support.hpp"
 
 using namespace mst;
+using mst::test::kernels_setup;
 using mst::test::rel_err;
 
 namespace {
@@ -42,7 +43,7 @@ MeasuredStep run_fp32(const ModelSpec& m, const TrainingSetup& s) {
 // step without checkpointing; returns the worst error seen.
 double check_chunked_equals_unchunked(const char* model, std::int64_t seq, bool checkpoint) {
     const ModelSpec m = find_model(model);
-    TrainingSetup base;
+    TrainingSetup base = kernels_setup();
     base.seq_len = seq;
     const MeasuredStep ref = run_fp32(m, base);
     REQUIRE(ref.gradients.size() == static_cast<std::size_t>(9 * m.num_layers + 3));  // every parameter
@@ -95,7 +96,7 @@ TEST_CASE("numerics: small-llama, chunked steps with every layer checkpointed eq
 
 TEST_CASE("numerics: M = 1 is the unchunked step exactly, whatever the implementation") {
     const ModelSpec m = find_model("tiny-llama");
-    TrainingSetup base;
+    TrainingSetup base = kernels_setup();
     base.seq_len = 37;
     const MeasuredStep ref = run_fp32(m, base);
     TrainingSetup s = base;
@@ -109,7 +110,7 @@ TEST_CASE("numerics: M = 1 is the unchunked step exactly, whatever the implement
 TEST_CASE("numerics: the loss is the mean cross-entropy of random weights, near log(V)") {
     // Weights ~ N(0, 0.02) make the logits nearly uniform: the loss is log(V) to a few percent.
     const ModelSpec m = find_model("tiny-llama");
-    TrainingSetup s;
+    TrainingSetup s = kernels_setup();
     s.seq_len = 37;
     const MeasuredStep r = run_fp32(m, s);
     CHECK(r.loss == doctest::Approx(std::log(256.0)).epsilon(0.02));
@@ -117,7 +118,7 @@ TEST_CASE("numerics: the loss is the mean cross-entropy of random weights, near 
 
 TEST_CASE("numerics: eager attention (op by op) computes the same step as flash attention (GQA, sliding window, tied)") {
     const ModelSpec m = find_model(mst::test::data("tiny_sliding_tied.json"));
-    TrainingSetup flash;
+    TrainingSetup flash = kernels_setup();
     flash.seq_len = 37;
     TrainingSetup eager = flash;
     eager.attention = Attention::Eager;
@@ -132,7 +133,7 @@ TEST_CASE("numerics: eager attention (op by op) computes the same step as flash 
 
 TEST_CASE("numerics: tied embeddings, chunked LM heads equal the unchunked step (both heads write the embedding's gradient)") {
     const ModelSpec m = find_model(mst::test::data("tiny_sliding_tied.json"));
-    TrainingSetup base;
+    TrainingSetup base = kernels_setup();
     base.seq_len = 37;
     const MeasuredStep ref = run_fp32(m, base);
     for (LmHeadImpl impl : {LmHeadImpl::Recompute, LmHeadImpl::FusedForward}) {
@@ -151,7 +152,7 @@ TEST_CASE("numerics: tied embeddings, chunked LM heads equal the unchunked step 
 
 TEST_CASE("numerics: Gemma-2 shape (soft-capping, post-norms, GeGLU), chunked and eager steps equal the unchunked flash step") {
     const ModelSpec m = find_model(mst::test::data("tiny_gemma2.json"));
-    TrainingSetup base;
+    TrainingSetup base = kernels_setup();
     base.seq_len = 37;
     const MeasuredStep ref = run_fp32(m, base);
     auto variant = [&](const char* name, auto knobs) {

@@ -48,7 +48,7 @@ ModelSpec random_model(Random& r) {
 }
 
 TrainingSetup random_setup(Random& r, const ModelSpec& m) {
-    TrainingSetup s;
+    TrainingSetup s = kernels_setup();
     s.micro_batch = r.in(1, 2);
     s.sp = r.pick({1, 1, 2});
     if (m.num_kv_heads % s.sp != 0) s.sp = 1;

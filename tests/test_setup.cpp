@@ -4,9 +4,11 @@
 
 #include "mst/catalog.hpp"
 #include "mst/setup.hpp"
+#include "sim_test_support.hpp"
 #include "test_support.hpp"
 
 using namespace mst;
+using mst::test::kernels_setup;
 
 namespace {
 std::string layers(const std::vector<bool>& v) {
@@ -44,7 +46,7 @@ TEST_CASE("setup JSON round-trips and chunk sizes in tokens convert to counts") 
     const TrainingSetup s = parse_setup(j, m, "s.json");
     CHECK(s.mlp_chunks == 16);  // 2 * 32768 tokens / 4096
     CHECK(s.optimizer_impl == OptimizerImpl::ForLoop);
-    CHECK(parse_setup(nlohmann::json::object(), m, "s.json").optimizer_impl == OptimizerImpl::Foreach);  // torch's default
+    CHECK(parse_setup(nlohmann::json::object(), m, "s.json").optimizer_impl == OptimizerImpl::Fused);  // the HF Trainer's default (torch >= 2.8)
     CHECK(s.checkpointed_count() == 8);
     const TrainingSetup back = parse_setup(to_json(s), m, "back");
     CHECK(to_json(back) == to_json(s));
@@ -53,7 +55,7 @@ TEST_CASE("setup JSON round-trips and chunk sizes in tokens convert to counts") 
 TEST_CASE("impossible setups are one-line errors naming the knob") {
     const ModelSpec m = find_model("llama-3-8b");  // 32 heads, 8 KV heads
     auto error_for = [&](auto mutate) {
-        TrainingSetup s;
+        TrainingSetup s = kernels_setup();
         mutate(s);
         return test::expect_user_error([&] { validate(s, m); });
     };

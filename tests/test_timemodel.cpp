@@ -2,8 +2,10 @@
 
 #include "mst/catalog.hpp"
 #include "mst/timemodel.hpp"
+#include "sim_test_support.hpp"
 
 using namespace mst;
+using mst::test::kernels_setup;
 
 namespace {
 const OpTime& op(const StepTime& t, const std::string& name) {
@@ -23,7 +25,7 @@ TEST_CASE("causal attention pairs, with and without a sliding window") {
 TEST_CASE("a large GEMM is compute-bound: FLOPs over peak times the GEMM efficiency") {
     const ModelSpec m = find_model("llama-3-8b");
     const GpuProfile g = find_gpu("h100-sxm-80gb");
-    TrainingSetup s;
+    TrainingSetup s = kernels_setup();
     s.seq_len = 8192;
     const StepTime t = predict_time(m, s, g);
     // gate and up projections, forward, all 32 layers: 2 * T * d * 2I FLOPs each.
@@ -36,7 +38,7 @@ TEST_CASE("a large GEMM is compute-bound: FLOPs over peak times the GEMM efficie
 TEST_CASE("MsT chunks cost kernel launches and weight re-reads, nothing at long sequences") {
     const ModelSpec m = find_model("llama-3-8b");
     const GpuProfile g = find_gpu("h100-sxm-80gb");
-    TrainingSetup s;
+    TrainingSetup s = kernels_setup();
     s.seq_len = 65536;
     s.checkpoint.assign(32, true);
     const double one = predict_time(m, s, g).step_seconds;
@@ -51,7 +53,7 @@ TEST_CASE("MsT chunks cost kernel launches and weight re-reads, nothing at long 
 TEST_CASE("recompute costs one more forward per checkpointed layer") {
     const ModelSpec m = find_model("small-llama");
     const GpuProfile g = find_gpu("a100-80gb");
-    TrainingSetup s;
+    TrainingSetup s = kernels_setup();
     s.seq_len = 4096;
     const StepTime none = predict_time(m, s, g);
     s.checkpoint = {true, true, false, false};
@@ -68,7 +70,7 @@ TEST_CASE("recompute costs one more forward per checkpointed layer") {
 TEST_CASE("MFU counts 6 N FLOPs per token plus causal attention, and no recompute") {
     const ModelSpec m = find_model("tiny-llama");
     const GpuProfile g = find_gpu("a100-80gb");
-    TrainingSetup s;
+    TrainingSetup s = kernels_setup();
     s.seq_len = 128;
     const StepTime t = predict_time(m, s, g);
     // Matmul weights: attention 2 * 12288 + MLP 2 * 33792 + LM head 256 * 64.
@@ -82,7 +84,7 @@ TEST_CASE("MFU counts 6 N FLOPs per token plus causal attention, and no recomput
 TEST_CASE("the Hugging Face loss moves about 18 bytes per logit in forward and 22 in backward, in 3 kernels each") {
     const ModelSpec m = find_model("llama-3-8b");
     const GpuProfile g = find_gpu("h100-sxm-80gb");
-    TrainingSetup s;
+    TrainingSetup s = kernels_setup();
     s.seq_len = 8192;
     const StepTime t = predict_time(m, s, g);
     const double logits = 8192.0 * 128256;
@@ -96,7 +98,7 @@ TEST_CASE("the Hugging Face loss moves about 18 bytes per logit in forward and 2
 TEST_CASE("eager attention does the same FLOPs as flash, plus about 30 bytes per score element") {
     const ModelSpec m = find_model("tiny-llama");
     const GpuProfile g = find_gpu("a100-80gb");
-    TrainingSetup s;
+    TrainingSetup s = kernels_setup();
     s.seq_len = 512;
     const double flash = op(predict_time(m, s, g), "attention (fwd)").flops;
     s.attention = Attention::Eager;

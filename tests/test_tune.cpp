@@ -7,6 +7,7 @@
 #include "test_support.hpp"
 
 using namespace mst;
+using mst::test::kernels_setup;
 
 namespace {
 TuneRequest request(const char* model, const char* gpu, std::int64_t gpus, std::int64_t seq) {
@@ -75,7 +76,7 @@ TEST_CASE("checkpointing the first layers peaks no higher than checkpointing the
     const ModelSpec m = find_model("small-llama");
     for (std::int64_t k = 1; k < m.num_layers; ++k) {
         CAPTURE(k);
-        TrainingSetup s;
+        TrainingSetup s = kernels_setup();
         s.seq_len = 2048;
         s.checkpoint = parse_checkpoint_spec(fmt::format("first:{}", k), m.num_layers, "t");
         const bytes_t first = simulate_peaks(m, s, test::test_gpu()).peak_bytes;

@@ -72,6 +72,7 @@ struct StepFile {
     Timeline timeline;                // events empty for a peaks-only measurement
     std::optional<MeasuredPeaks> peaks;  // a peaks-only measurement (backend "torch")
     std::string setup_json;           // measurement: to_json(setup), serialised; empty for a timeline
+    std::string backend;              // measurement: cpu, cuda (mst-plan's kernels), torch or referee (Hugging Face)
     std::string model_path;           // measurement: the config.json it ran
     bytes_t workspace_bytes = 0;      // measurement: the fixed workspace it allocated
     // measurement on the CUDA backend: the device report's GPU, allocator and reserved peak

@@ -21,10 +21,19 @@ enum class Precision {
 enum class Optimizer { AdamW, AdamW8bit, SgdMomentum };
 enum class StateDtype { Fp32, Bf16 };
 
+// Whose code runs the step. The op graph is the same; what each op allocates is not.
+enum class Runtime {
+    Hf,       // Hugging Face transformers + PyTorch (what users train with, directly or through
+              // Axolotl/TRL/DeepSpeed): fp32 norm upcasts, saved activation outputs, rotary
+              // tables, torch.cat in the loop MLP, autograd's gradient buffers, torch.optim's
+              // temporaries; proven against the referee (python/mst_referee)
+    Kernels,  // mst-plan's own executor (measure --backend cpu|cuda): minimal temporaries
+};
+
 // Which of torch's implementations steps AdamW or SGD (torch/optim/adamw.py): a variant of
 // the trainer's code, so it matters to the hf runtime's temporaries only.
 enum class OptimizerImpl {
-    Foreach,  // _multi_tensor_*: list-wide kernels; torch's default for CUDA tensors
+    Foreach,  // _multi_tensor_*: list-wide kernels; torch.optim's default for CUDA tensors (one temporary per parameter)
     Fused,    // _fused_*: one kernel per parameter group, updating in place
     ForLoop,  // _single_tensor_*: one parameter at a time (foreach=False)
 };
@@ -56,7 +65,7 @@ struct TrainingSetup {
     Optimizer optimizer = Optimizer::AdamW;
     std::optional<StateDtype> state_dtype;  // default: bf16 for PureBf16, fp32 otherwise
     bool optimizer_in_backward = false;     // step each parameter in its gradient hook
-    OptimizerImpl optimizer_impl = OptimizerImpl::Foreach;
+    OptimizerImpl optimizer_impl = OptimizerImpl::Fused;  // the HF Trainer's adamw_torch_fused, torchtitan's default
 
     Attention attention = Attention::Flash;
 
@@ -64,6 +73,8 @@ struct TrainingSetup {
     MlpImpl mlp_impl = MlpImpl::Loop;
     std::int64_t lm_chunks = 1;   // M_lm; 1 = unchunked (Hugging Face loss with fp32 upcast)
     LmHeadImpl lm_impl = LmHeadImpl::Recompute;
+
+    Runtime runtime = Runtime::Hf;
 
     std::vector<bool> checkpoint;  // per decoder layer; empty = none
     bool offload_checkpoints = false;
@@ -105,6 +116,7 @@ std::string to_string(Precision p);
 std::string to_string(Optimizer o);
 std::string to_string(StateDtype d);
 std::string to_string(OptimizerImpl i);
+std::string to_string(Runtime r);
 std::string to_string(Attention a);
 std::string to_string(MlpImpl i);
 std::string to_string(LmHeadImpl i);
@@ -112,6 +124,7 @@ Precision parse_precision(const std::string& s, const std::string& where);
 Optimizer parse_optimizer(const std::string& s, const std::string& where);
 StateDtype parse_state_dtype(const std::string& s, const std::string& where);
 OptimizerImpl parse_optimizer_impl(const std::string& s, const std::string& where);
+Runtime parse_runtime(const std::string& s, const std::string& where);
 Attention parse_attention(const std::string& s, const std::string& where);
 MlpImpl parse_mlp_impl(const std::string& s, const std::string& where);
 LmHeadImpl parse_lm_impl(const std::string& s, const std::string& where);

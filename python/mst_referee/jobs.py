@@ -40,6 +40,7 @@ LOSS_RTOL = 2.0 ** -7
 PRECISIONS = ("pure-bf16", "bf16-master", "amp")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
 OPTIMIZER_IMPLS = ("foreach", "fused", "for-loop")
+RUNTIMES = ("hf", "kernels")
 STATE_DTYPES = ("fp32", "bf16")
 ATTENTIONS = ("flash", "eager")
 MLP_IMPLS = ("loop", "tiled")
@@ -48,7 +49,8 @@ LM_IMPLS = ("recompute", "fused")
 # Keys of mst-plan's setup JSON (src/core/setup.cpp parse_setup), with their defaults.
 SETUP_DEFAULTS: Dict[str, Any] = {
     "micro_batch": 1, "seq_len": 4096, "grad_accum": 1, "padded": False,
-    "precision": "pure-bf16", "optimizer": "adamw", "optimizer_in_backward": False, "optimizer_impl": "foreach",
+    "precision": "pure-bf16", "optimizer": "adamw", "optimizer_in_backward": False, "optimizer_impl": "fused",
+    "runtime": "hf",
     "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
     "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1, "sp": 1,
 }
@@ -273,6 +275,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     choice("precision", PRECISIONS)
     choice("optimizer", OPTIMIZERS)
     choice("optimizer_impl", OPTIMIZER_IMPLS)
+    choice("runtime", RUNTIMES)
     choice("attention", ATTENTIONS)
     choice("mlp_impl", MLP_IMPLS)
     choice("lm_impl", LM_IMPLS)
@@ -305,7 +308,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     if s["optimizer_in_backward"] and s["zero_stage"] >= 2:
         fail(where, "optimizer_in_backward", "not supported with ZeRO stage 2/3")
     order = ("micro_batch", "seq_len", "grad_accum", "padded", "precision", "optimizer", "optimizer_state_dtype",
-             "optimizer_in_backward", "optimizer_impl", "attention", "mlp_chunks", "mlp_impl", "lm_chunks", "lm_impl",
+             "optimizer_in_backward", "optimizer_impl", "runtime", "attention", "mlp_chunks", "mlp_impl", "lm_chunks", "lm_impl",
              "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "sp")
     return {k: s[k] for k in order}
 
@@ -319,6 +322,8 @@ def check_runnable(setup: Mapping[str, Any], where: str = "setup") -> None:
                              f"got {json.dumps(setup.get(key))}")
     if setup.get("padded", False):
         fail(where, "padded", "expected false: the cross-check trains packed random tokens, without padding")
+    if setup.get("runtime", "hf") != "hf":
+        fail(where, "runtime", f"expected hf: the cross-check runs Hugging Face's code, got {json.dumps(setup['runtime'])}")
 
 
 def hf_mst_config(model: str, setup: Mapping[str, Any], num_layers: int,
@@ -357,7 +362,7 @@ def setup_from_hf_mst(cfg: "mst_hf.MstConfig") -> Dict[str, Any]:
         "micro_batch": cfg.micro_batch, "seq_len": cfg.seq_len, "grad_accum": cfg.grad_accum,
         "precision": cfg.precision, "optimizer": cfg.optimizer.name,
         "optimizer_state_dtype": cfg.optimizer.state_dtype, "optimizer_in_backward": cfg.optimizer.in_backward,
-        "optimizer_impl": cfg.optimizer.impl,
+        "optimizer_impl": cfg.optimizer.impl, "runtime": "hf",
         "attention": cfg.attention, "mlp_chunks": cfg.mlp.chunks, "mlp_impl": cfg.mlp.impl,
         "lm_chunks": cfg.lm_head.chunks, "lm_impl": cfg.lm_head.impl,
         "checkpoint": list(cfg.checkpoint_layers), "offload_checkpoints": cfg.offload_checkpoints,

@@ -11,15 +11,15 @@ which is how the full-size step of an 8B model is observed on a CPU.
 
 Where each event comes from:
 
-* phase: set by the driver (``forward``, ``backward``, ``optimizer``); a module's
-  forward that runs while the autograd engine runs is ``recompute`` (a checkpointed
-  layer's replay, a tiled MLP's per-chunk recompute).
+* phase: set by the driver (``forward``, ``backward``, ``optimizer``); forward code that a
+  backward runs with grad mode on is ``recompute`` (checkpointing's replay of a layer, a tiled
+  MLP's per-chunk replay).
 * layer and op: in forward and recompute, the innermost module whose forward is
   running (global module hooks; ``always_call`` so that the early stop of non-reentrant
   checkpointing, an exception, keeps the stack right). In backward, the module that
   created the autograd node being evaluated (a node-creation hook tags every node).
-* name: the aten op (``mm``, ``_to_copy``, ...); for a free, the op running when the
-  storage died ("-" between ops).
+* name: the aten op and the tensor it made (``mm bf16[16, 64]``); for a free, the op running
+  when the storage died ("-" between ops).
 * category: decided when the step ends, from what each storage turned out to be
   (see :meth:`StorageRecorder.timeline`).
 
@@ -63,6 +63,8 @@ CATEGORIES = ("weights", "master_weights", "gradients", "optimizer_state", "save
 
 _ADD = torch.ops.aten.add.Tensor
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.int64: "i64",
+           torch.int32: "i32", torch.bool: "bool", torch.uint8: "u8"}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 _MODULE_KEY = "mst_referee_module"
 
@@ -162,7 +164,9 @@ class StorageRecorder(TorchDispatchMode):
         return ""
 
     def _phase(self) -> str:
-        if self._stack and torch._C._current_graph_task_id() != -1:
+        # Backward formulas run with grad mode off; forward code run by a backward (checkpointing's
+        # recomputation, a tiled MLP's per-chunk replay) turns it on.
+        if torch._C._current_graph_task_id() != -1 and torch.is_grad_enabled():
             return "recompute"
         return self.phase
 
@@ -328,7 +332,7 @@ class StorageRecorder(TorchDispatchMode):
                 continue  # a constant from Python data (torch.tensor(1.0) in torch.optim): a host scalar
             device = "host" if _host_depth[0] else "gpu"
             s = self._track(st, self._phase(), device)
-            e = self._event(True, s, name)
+            e = self._event(True, s, f"{name} {_DTYPES.get(t.dtype, str(t.dtype))}{list(t.shape)}")
             if old is not None:
                 self._pending = _PendingSum(id(st), s, old, e)
             else:

@@ -90,10 +90,15 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         raise ValueError("referee: optimizer: adamw-8bit (bitsandbytes) has no fake-tensor implementation; "
                          "the referee runs adamw and sgd")
     attn, _ = pick_attn_implementation(cfg.attention, "cpu")
+    marking: Dict[str, Any] = {"recorder": None}  # the gradient marks reach the recorder once it records
     with session():
         model = build_model(job, attn, "cpu")
         attn = flash_stand_in(model, attn)
         mst_hf.apply(model, cfg)
+        # Registered before make_optimizer's: a hook that steps the optimizer in backward frees the
+        # gradient, so this one must see it first.
+        hooks = [p.register_post_accumulate_grad_hook(_mark_gradient(marking)) for p in model.parameters()
+                 if p.requires_grad]
         optimizer = mst_hf.make_optimizer(model, cfg, lr=job.lr)
         g = torch.Generator().manual_seed(job.seed + 1)
 
@@ -108,17 +113,19 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         masters: Dict[int, Any] = {}
         if isinstance(optimizer, mst_hf.MasterWeightOptimizer):
             masters = {id(p): m for p, m in zip(optimizer.params, optimizer.masters)}
+        elif isinstance(optimizer, mst_hf.InBackwardOptimizer):  # each parameter's optimizer steps its master
+            masters = {id(p): opt.param_groups[0]["params"][0] for p, opt in optimizer.optimizers.items()
+                       if opt.param_groups[0]["params"][0] is not p}
+        names.update({id(m): names[pid] + ".master" for pid, m in masters.items()})
         recorder = StorageRecorder(correct_buffer_sums)
         recorder.register(model.named_parameters(), "weights", "init.weights")
         recorder.register(model.named_buffers(), "weights", "init.buffers")
-        recorder.register(((names[pid] + ".master", m) for pid, m in masters.items()), "master_weights",
-                          "init.master_weights")
+        recorder.register(((names[id(m)], m) for m in masters.values()), "master_weights", "init.master_weights")
         recorder.register(_state_tensors(optimizer, names), "optimizer_state", "init.optimizer_state")
 
         layers = model.model.layers
-        hooks = [layers[i].register_forward_pre_hook(_mark_checkpoint(recorder)) for i in cfg.checkpoint_layers]
-        hooks += [p.register_post_accumulate_grad_hook(_mark_gradient(recorder)) for p in model.parameters()
-                  if p.requires_grad]
+        hooks += [layers[i].register_forward_pre_hook(_mark_checkpoint(recorder)) for i in cfg.checkpoint_layers]
+        marking["recorder"] = recorder
         step_batches = batches()  # host memory: made before recording starts
         try:
             with recorder.tracking(model), recorder:
@@ -142,9 +149,10 @@ def _mark_checkpoint(recorder: Any) -> Any:
     return hook
 
 
-def _mark_gradient(recorder: Any) -> Any:
+def _mark_gradient(marking: Dict[str, Any]) -> Any:
     def hook(param: Any) -> None:
-        recorder.mark([param.grad], "gradients")
+        if marking["recorder"] is not None:
+            marking["recorder"].mark([param.grad], "gradients")
     return hook
 
 

@@ -141,7 +141,7 @@ def align(profiled: Sequence[_Alloc], referee: Sequence[Sequence[Any]]) -> Align
         r = referee[j] if j < len(referee) else None
         problem = ""
         if a.kind == "alloc":
-            if r is not None and r[0] == "alloc" and r[2] == a.nbytes and a.made_by(r[9]):
+            if r is not None and r[0] == "alloc" and r[2] == a.nbytes and a.made_by(r[9].split(" ")[0]):
                 if scratch(i):
                     choices.append((i, j, dict(tensor_of), passed_over | {i}))
                 tensor_of = dict(tensor_of)

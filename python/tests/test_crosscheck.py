@@ -181,7 +181,7 @@ def test_knobs_take_mst_plans_defaults():
     s = jobs.normalize_setup({"seq_len": 8192}, 32)
     assert s == {"micro_batch": 1, "seq_len": 8192, "grad_accum": 1, "padded": False, "precision": "pure-bf16",
                  "optimizer": "adamw", "optimizer_state_dtype": "bf16", "optimizer_in_backward": False,
-                 "optimizer_impl": "foreach", "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
+                 "optimizer_impl": "fused", "runtime": "hf", "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
                  "checkpoint": [], "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1,
                  "sp": 1}
     assert jobs.normalize_setup({"precision": "bf16-master"}, 32)["optimizer_state_dtype"] == "fp32"

@@ -105,7 +105,7 @@ void add_measure_command(CLI::App& app, const GlobalOptions& global) {
     cmd->add_option("--seed", args->seed, "Seed of the random weights and tokens")->capture_default_str();
     cmd->add_option("--workspace-bytes", args->workspace_bytes, "A fixed workspace allocated at init (the cuBLAS workspace's equivalent)")
         ->capture_default_str();
-    args->setup.add_to(*cmd);
+    args->setup.add_to(*cmd, "kernels");  // the executor runs mst-plan's kernels
     cmd->callback([&global, args] { run_measure(global, *args); });
 }
 

@@ -7,8 +7,9 @@
 
 namespace mst::cli {
 
-void SetupOptions::add_to(CLI::App& cmd) {
+void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd_ = &cmd;
+    runtime = default_runtime;
     cmd.add_option("--setup", setup_file, "Setup JSON file with the knobs below (see README); options given here override it");
     cmd.add_option("--seq", seq, "Sequence length in tokens")->capture_default_str();
     cmd.add_option("--batch", batch, "Micro-batch size (sequences per micro-step)")->capture_default_str();
@@ -18,7 +19,9 @@ void SetupOptions::add_to(CLI::App& cmd) {
     cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
     cmd.add_option("--optimizer-state-dtype", state_dtype, "fp32 | bf16 (default: bf16 for pure-bf16, else fp32)");
     cmd.add_flag("--optimizer-in-backward", opt_in_backward, "Step each parameter in its gradient hook");
-    cmd.add_option("--optimizer-impl", optimizer_impl, "foreach (torch's default on GPUs) | fused | for-loop")
+    cmd.add_option("--optimizer-impl", optimizer_impl, "fused (the HF Trainer's and torchtitan's default) | foreach (torch.optim's default on GPUs) | for-loop")
+        ->capture_default_str();
+    cmd.add_option("--runtime", runtime, "hf (transformers + PyTorch: what users run) | kernels (mst-plan's executor)")
         ->capture_default_str();
     cmd.add_option("--attention", attention, "flash | eager")->capture_default_str();
     cmd.add_option("--mlp-chunks", mlp_chunks, "MsT mini-sequences for the MLP (M_mlp; 1 = unchunked)")->capture_default_str();
@@ -51,6 +54,7 @@ TrainingSetup SetupOptions::build(const ModelSpec& model) const {
     if (given("--optimizer-state-dtype")) s.state_dtype = parse_state_dtype(state_dtype, w);
     if (given("--optimizer-in-backward")) s.optimizer_in_backward = true;
     if (given("--optimizer-impl")) s.optimizer_impl = parse_optimizer_impl(optimizer_impl, w);
+    if (given("--runtime") || setup_file.empty()) s.runtime = parse_runtime(runtime, w);
     if (given("--attention")) s.attention = parse_attention(attention, w);
     if (given("--mlp-impl")) s.mlp_impl = parse_mlp_impl(mlp_impl, w);
     if (given("--lm-impl")) s.lm_impl = parse_lm_impl(lm_impl, w);

@@ -168,8 +168,13 @@ StepFile load_step_file(const std::string& path) {
         } else {
             f.timeline = timeline_from_json(r.raw("timeline"), path + ": timeline");
         }
-        const auto& setup = r.raw("setup");
+        auto setup = r.raw("setup");
         if (!setup.is_object()) r.fail("setup", "expected the setup object measure wrote");
+        // Measurements written before the runtime knob existed: the executors (cpu, cuda) run
+        // mst-plan's kernels, a trainer's run (torch) and the referee run Hugging Face's code.
+        f.backend = r.opt_string("backend").value_or("");
+        if (!setup.contains("runtime"))
+            setup["runtime"] = to_string(f.backend == "cpu" || f.backend == "cuda" ? Runtime::Kernels : Runtime::Hf);
         f.setup_json = setup.dump();
         f.model_path = r.string("model_path");
         f.workspace_bytes = r.integer("workspace_bytes", 0, std::int64_t{1} << 50);

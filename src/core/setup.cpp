@@ -39,6 +39,7 @@ constexpr std::pair<const char*, Precision> kPrecisions[] = {
 constexpr std::pair<const char*, Optimizer> kOptimizers[] = {
     {"adamw", Optimizer::AdamW}, {"adamw-8bit", Optimizer::AdamW8bit}, {"sgd", Optimizer::SgdMomentum}};
 constexpr std::pair<const char*, StateDtype> kStateDtypes[] = {{"fp32", StateDtype::Fp32}, {"bf16", StateDtype::Bf16}};
+constexpr std::pair<const char*, Runtime> kRuntimes[] = {{"hf", Runtime::Hf}, {"kernels", Runtime::Kernels}};
 constexpr std::pair<const char*, OptimizerImpl> kOptimizerImpls[] = {
     {"foreach", OptimizerImpl::Foreach}, {"fused", OptimizerImpl::Fused}, {"for-loop", OptimizerImpl::ForLoop}};
 constexpr std::pair<const char*, Attention> kAttentions[] = {{"flash", Attention::Flash}, {"eager", Attention::Eager}};
@@ -52,6 +53,8 @@ std::string to_string(Precision p) { return enum_name(p, kPrecisions); }
 std::string to_string(Optimizer o) { return enum_name(o, kOptimizers); }
 std::string to_string(StateDtype d) { return enum_name(d, kStateDtypes); }
 std::string to_string(OptimizerImpl i) { return enum_name(i, kOptimizerImpls); }
+std::string to_string(Runtime r) { return enum_name(r, kRuntimes); }
+Runtime parse_runtime(const std::string& s, const std::string& w) { return parse_enum(s, w, "runtime", kRuntimes); }
 std::string to_string(Attention a) { return enum_name(a, kAttentions); }
 std::string to_string(MlpImpl i) { return enum_name(i, kMlpImpls); }
 std::string to_string(LmHeadImpl i) { return enum_name(i, kLmImpls); }
@@ -202,6 +205,7 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     if (auto v = r.opt_string("optimizer_state_dtype")) s.state_dtype = parse_state_dtype(*v, where);
     s.optimizer_in_backward = r.opt_boolean("optimizer_in_backward").value_or(false);
     if (auto v = r.opt_string("optimizer_impl")) s.optimizer_impl = parse_optimizer_impl(*v, where);
+    if (auto v = r.opt_string("runtime")) s.runtime = parse_runtime(*v, where);
     if (auto v = r.opt_string("attention")) s.attention = parse_attention(*v, where);
     s.dp = r.opt_integer("dp", 1, 1 << 20).value_or(1);
     s.sp = r.opt_integer("sp", 1, 1 << 20).value_or(1);
@@ -257,6 +261,7 @@ nlohmann::json to_json(const TrainingSetup& s) {
         {"optimizer_state_dtype", to_string(s.effective_state_dtype())},
         {"optimizer_in_backward", s.optimizer_in_backward},
         {"optimizer_impl", to_string(s.optimizer_impl)},
+        {"runtime", to_string(s.runtime)},
         {"attention", to_string(s.attention)},
         {"mlp_chunks", s.mlp_chunks},
         {"mlp_impl", to_string(s.mlp_impl)},

@@ -276,3 +276,346 @@ T StepBuilder::attention_backward(int l, LayerSaved& sv, T d_out) {
 }
 
 }  // namespace mst::sim
+
+// ---- hf runtime: transformers' RMSNorm, attention and decoder layer ------------------------
+//
+// transformers/models/llama/modeling_llama.py (Mistral and Qwen2 share it) run on PyTorch:
+// every aten op's output is a tensor of its own, held as long as a Python name, a temporary
+// or an autograd node holds it. Shapes: [T, d] is [B, S, d] flattened; the attention heads
+// are [B, H, S, D] (T x H*D elements), the rotary tables [1, S, D].
+
+namespace mst::sim {
+
+// LlamaRMSNorm.forward on the [T, d] bf16 input (borrowed):
+//   a = x.to(fp32); v = a.pow(2).mean(-1, keepdim); n = a * rsqrt(v + eps); return w * n.to(bf16)
+T StepBuilder::hf_norm_forward(int p, HfNorm& sv) {
+    const std::int64_t d = m_.hidden_size;
+    T a = act("norm.upcast", f32(tokens_, d), false);
+    T pw = act("norm.pow", f32(tokens_, d), false);
+    sv.a_pow = saved(a);
+    T v = act("norm.variance", f32(tokens_, 1), false);
+    drop(pw);
+    T e = act("norm.variance_eps", f32(tokens_, 1), false);
+    T r = act("norm.rsqrt", f32(tokens_, 1), false);
+    sv.r_rsqrt = saved(r);  // rsqrt's backward reads its result
+    drop(e);
+    T n = act("norm.normed_fp32", f32(tokens_, d), false);
+    sv.a_mul = saved(a);
+    sv.r_mul = saved(r);
+    drop(r);  // the rsqrt temporary dies with the expression
+    drop(a);  // hidden_states = n
+    T c = act("norm.normed", bf16(tokens_, d), false);
+    use_weight(p);
+    T out = act("norm_out", bf16(tokens_, d), false);
+    sv.c = saved(c);
+    drop(c);
+    drop(n), drop(v);  // the locals, at return
+    return out;
+}
+
+T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack) {
+    const std::int64_t d = m_.hidden_size;
+    // MulBackward0 (w * c): the gradient of c, then w's (reduced to [d] by validate_outputs)
+    T gc = alloc("d_normed", bf16(tokens_, d), Category::Transient);
+    T gw_full = alloc("d_norm_weight_full", bf16(tokens_, d), Category::Transient);
+    T gw;
+    node_end({&sv.c}, &g, [&] {
+        gw = grad_out(p);
+        drop(gw_full);
+    });
+    release_weight(p);
+    add_grad(p, gw, true, true);
+    // ToCopyBackward0 (n.to(bf16))
+    T gn = alloc("d_normed_fp32", f32(tokens_, d), Category::Transient);
+    node_end({}, &gc);
+    // MulBackward0 (a * r): the gradient of r (reduced to [T, 1]), then a's
+    T gr_full = alloc("d_rsqrt_full", f32(tokens_, d), Category::Transient);
+    T ga = alloc("d_upcast", f32(tokens_, d), Category::Transient);
+    T gr;
+    node_end({&sv.a_mul, &sv.r_mul}, &gn, [&] {
+        gr = alloc("d_rsqrt", f32(tokens_, 1), Category::Transient);
+        drop(gr_full);
+    });
+    // RsqrtBackward0: -0.5 * grad * r^3
+    T cube = alloc("d_rsqrt.pow", f32(tokens_, 1), Category::Transient);
+    T half = alloc("d_rsqrt.mul", f32(tokens_, 1), Category::Transient);
+    T ge = alloc("d_variance", f32(tokens_, 1), Category::Transient);
+    drop(half), drop(cube);
+    node_end({&sv.r_rsqrt}, &gr);
+    // AddBackward0 (v + eps) passes ge on; MeanBackward1 spreads it over d
+    T gp = alloc("d_pow", f32(tokens_, d), Category::Transient);
+    node_end({}, &ge);
+    // PowBackward0: grad * 2 * a
+    T ap = alloc("d_pow.pow", f32(tokens_, d), Category::Transient);
+    T two = alloc("d_pow.mul", f32(tokens_, d), Category::Transient);
+    T ga2 = alloc("d_upcast_2", f32(tokens_, d), Category::Transient);
+    drop(two), drop(ap);
+    node_end({&sv.a_pow}, &gp);
+    if (last_unpack) hf_release_frame();
+    accumulate(ga, ga2, false);
+    // ToCopyBackward0 (x.to(fp32))
+    T gx = alloc("d_norm_in", bf16(tokens_, d), Category::Transient);
+    node_end({}, &ga);
+    return gx;
+}
+
+// apply_rotary_pos_emb on one of q, k ([T, dim] as [B, heads, S, D]):
+//   x * cos + cat(-x2, x1) * sin; each product saves its table.
+T StepBuilder::hf_rope_forward(T x, std::int64_t dim, T& cos_saved, T& sin_saved) {
+    (void)x;  // read, not owned
+    T xc = act("rope.x_cos", bf16(tokens_, dim), false);
+    cos_saved = saved(hf_cos_);
+    T neg = act("rope.neg", bf16(tokens_, dim / 2), false);
+    T cat = act("rope.rotated", bf16(tokens_, dim), false);
+    drop(neg);
+    T rs = act("rope.rotated_sin", bf16(tokens_, dim), false);
+    sin_saved = saved(hf_sin_);
+    drop(cat);
+    T out = act("rope.out", bf16(tokens_, dim), false);
+    drop(xc), drop(rs);
+    return out;
+}
+
+T StepBuilder::hf_rope_backward(T d, std::int64_t dim, T& cos_saved, T& sin_saved) {
+    T d_cos = hold(d);  // AddBackward0 hands the gradient to both products
+    // MulBackward0 (rotated * sin)
+    T gr = alloc("d_rope.rotated", bf16(tokens_, dim), Category::Transient);
+    node_end({&sin_saved}, &d);
+    // CatBackward0 narrows gr into the halves' gradients (views); NegBackward0 on the first
+    T half1 = hold(gr), half2 = hold(gr);
+    drop(gr);
+    T gneg = alloc("d_rope.neg", bf16(tokens_, dim / 2), Category::Transient);
+    node_end({}, &half1);
+    // SliceBackward0 (x2 = x[..., D/2:], then x1 = x[..., :D/2]): zeros of x's shape, the half copied in
+    T gx = alloc("d_rope.slice_x2", bf16(tokens_, dim), Category::Transient);
+    node_end({}, &gneg);
+    T gx1 = alloc("d_rope.slice_x1", bf16(tokens_, dim), Category::Transient);
+    node_end({}, &half2);
+    accumulate(gx, gx1, false);
+    // MulBackward0 (x * cos)
+    T gc = alloc("d_rope.x_cos", bf16(tokens_, dim), Category::Transient);
+    node_end({&cos_saved}, &d_cos);
+    accumulate(gx, gc, false);
+    return gx;
+}
+
+// LlamaAttention.forward with SDPA (the plan's flash: PyTorch's flash kernel on a GPU; GQA
+// without repeat_kv, as transformers passes enable_gqa when there is no mask).
+// weights: what the attention returns besides its output (eager: the probabilities), which the
+// decoder layer's `_` holds until it returns.
+void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weights) {
+    const LayerParams& lp = layer_params_[static_cast<std::size_t>(layer_)];
+    const std::int64_t d = m_.hidden_size, qd = m_.q_dim(), kvd = m_.kv_dim();
+    at("attn.qkv");
+    use_weight(lp.q);
+    T q = act("q", bf16(tokens_, qd), false);
+    sv.h1_q = saved(h1);
+    use_weight(lp.k);
+    T k = act("k", bf16(tokens_, kvd), false);
+    sv.h1_k = saved(h1);
+    use_weight(lp.v);
+    T v = act("v", bf16(tokens_, kvd), false);
+    sv.h1_v = saved(h1);
+    at("attn.rope");
+    T qe = hf_rope_forward(q, qd, sv.cos_q, sv.sin_q);
+    T ke = hf_rope_forward(k, kvd, sv.cos_k, sv.sin_k);
+    drop(q), drop(k);  // query_states, key_states = the rotated ones
+    if (s_.attention == Attention::Eager) {
+        hf_eager_forward(sv, qe, ke, v, attn_out, weights);
+        return;
+    }
+    at("attn.sdpa");
+    T o = act("o", bf16(tokens_, qd), false);
+    T lse = act("lse", f32(tokens_, m_.num_heads), false);  // [B, H, S] fp32
+    sv.q_sdpa = saved(qe);
+    sv.k_sdpa = saved(ke);
+    sv.v_sdpa = saved(v);
+    sv.o_sdpa = saved(o);
+    sv.lse = saved(lse);
+    drop(lse);  // scaled_dot_product_attention returns only the output
+    at("attn.o_proj");
+    use_weight(lp.o);
+    attn_out = act("attn_out", bf16(tokens_, d), false);
+    sv.o_oproj = saved(o);
+    drop(o), drop(qe), drop(ke), drop(v);  // the attention's locals, at return
+}
+
+T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
+    const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
+    const std::int64_t d = m_.hidden_size, qd = m_.q_dim(), kvd = m_.kv_dim();
+    at("attn.o_proj");
+    T gwo = grad_out(lp.o);
+    T d_o = alloc("d_o", bf16(tokens_, qd), Category::Transient);
+    node_end({&sv.o_oproj}, &d_out);
+    release_weight(lp.o);
+    add_grad(lp.o, gwo, true, true);
+    T dq, dk, dv;
+    if (s_.attention == Attention::Eager) {
+        hf_eager_backward(sv, d_o, dq, dk, dv);
+    } else {
+        at("attn.sdpa");
+        dq = alloc("dq", bf16(tokens_, qd), Category::Transient);
+        dk = alloc("dk", bf16(tokens_, kvd), Category::Transient);
+        dv = alloc("dv", bf16(tokens_, kvd), Category::Transient);
+        node_end({&sv.k_sdpa, &sv.q_sdpa, &sv.v_sdpa, &sv.lse, &sv.o_sdpa}, &d_o);
+    }
+    at("attn.rope");  // k's products ran after q's in forward: their backward runs first
+    T gk = hf_rope_backward(dk, kvd, sv.cos_k, sv.sin_k);
+    T gq = hf_rope_backward(dq, qd, sv.cos_q, sv.sin_q);
+    at("attn.qkv");
+    if (s_.attention == Attention::Eager) {  // [B, heads, S, D] contiguous: the reshape back copies
+        T dv2 = alloc("d_v_contiguous", bf16(tokens_, kvd), Category::Transient);
+        drop(dv);
+        dv = dv2;
+    }
+    // SDPA's v gradient is in v's layout: the transpose back and the reshape are views
+    T gwv = grad_out(lp.v);
+    T dh = alloc("d_h1_v", bf16(tokens_, d), Category::Transient);
+    node_end({&sv.h1_v}, &dv);
+    release_weight(lp.v);
+    add_grad(lp.v, gwv, true, true);
+    // k's and q's are contiguous as [B, heads, S, D]: the reshape to [T, heads * D] copies
+    T gk2 = alloc("d_k_contiguous", bf16(tokens_, kvd), Category::Transient);
+    drop(gk);
+    T gwk = grad_out(lp.k);
+    T dhk = alloc("d_h1_k", bf16(tokens_, d), Category::Transient);
+    node_end({&sv.h1_k}, &gk2);
+    release_weight(lp.k);
+    accumulate(dh, dhk, true);  // input first (both views of their GEMM's output), then the weight
+    add_grad(lp.k, gwk, true, true);
+    T gq2 = alloc("d_q_contiguous", bf16(tokens_, qd), Category::Transient);
+    drop(gq);
+    T gwq = grad_out(lp.q);
+    T dhq = alloc("d_h1_q", bf16(tokens_, d), Category::Transient);
+    node_end({&sv.h1_q}, &gq2);
+    release_weight(lp.q);
+    accumulate(dh, dhq, false);
+    add_grad(lp.q, gwq, true, true);
+    return dh;
+}
+
+// eager_attention_forward (modeling_llama.py) on the rotated q, k and v ([B, heads, S, D]):
+// repeat_kv copies k and v to all heads (GQA), scores = q @ k^T [B*H, S, S] bf16, times the
+// scaling, plus the mask, softmax in fp32 (saved) cast back to bf16 (saved by P @ v), the
+// output made contiguous as [B, S, H, D] (saved by o_proj). k, v and their repeats die at return.
+// The rotated q keeps the projection's [B, S, H, D] memory order: with B > 1, matmul's reshape
+// to [B*H, S, D] must copy it (and the copy is what the GEMM saves); likewise the gradient of the
+// output in backward.
+void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T& weights) {
+    const LayerParams& lp = layer_params_[static_cast<std::size_t>(layer_)];
+    const std::int64_t d = m_.hidden_size, qd = m_.q_dim();
+    const std::int64_t rows = s_.micro_batch * (m_.num_heads / s_.sp), cols = checked_mul(s_.seq_len, s_.seq_len);
+    const bool gqa = m_.num_kv_heads < m_.num_heads;
+    at("attn.eager");
+    T k_rep = gqa ? act("k_rep", bf16(tokens_, qd), false) : hold(ke);
+    T v_rep = gqa ? act("v_rep", bf16(tokens_, qd), false) : hold(v);
+    T q = s_.micro_batch > 1 ? act("q_contiguous", bf16(tokens_, qd), false) : hold(qe);
+    T scores = act("scores", bf16(rows, cols), false);
+    sv.q_bmm = saved(q), sv.k_rep = saved(k_rep);
+    drop(q);
+    T scaled = act("scores_scaled", bf16(rows, cols), false);
+    drop(scores);
+    T masked = act("scores_masked", bf16(rows, cols), false);
+    drop(scaled);
+    T up = act("scores_fp32", f32(rows, cols), false);
+    T p32 = act("probs_fp32", f32(rows, cols), false);
+    sv.probs32 = saved(p32);
+    drop(up);
+    T p = act("probs", bf16(rows, cols), false);
+    drop(p32), drop(masked);  // attn_weights = the probabilities
+    T ob = act("pv", bf16(tokens_, qd), false);
+    sv.probs = saved(p), sv.v_rep = saved(v_rep);
+    T o = act("o", bf16(tokens_, qd), false);  // transpose(1, 2).contiguous()
+    drop(ob);
+    drop(k_rep), drop(v_rep);  // eager_attention_forward returns (the probabilities with the output)
+    weights = p;
+    at("attn.o_proj");
+    use_weight(lp.o);
+    attn_out = act("attn_out", bf16(tokens_, d), false);
+    sv.o_oproj = saved(o);
+    drop(o), drop(qe), drop(ke), drop(v);  // the attention's locals, at return
+}
+
+// d_o: the o_proj input's gradient (consumed); out: the rotated q's and k's and v's gradients.
+void StepBuilder::hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
+    const std::int64_t qd = m_.q_dim(), kvd = m_.kv_dim();
+    const std::int64_t rows = s_.micro_batch * (m_.num_heads / s_.sp), cols = checked_mul(s_.seq_len, s_.seq_len);
+    const bool gqa = m_.num_kv_heads < m_.num_heads;
+    at("attn.eager");
+    if (s_.micro_batch > 1) {  // the reshape of the transposed gradient copies it
+        T c = alloc("d_o_contiguous", bf16(tokens_, qd), Category::Transient);
+        node_end({}, &d_o);
+        d_o = c;
+    }
+    T gv = alloc("d_v_rep", bf16(tokens_, qd), Category::Transient);  // BmmBackward0 (P @ v)
+    T gp = alloc("d_probs", bf16(rows, cols), Category::Transient);
+    node_end({&sv.v_rep, &sv.probs}, &d_o);
+    T g32 = alloc("d_probs_fp32", f32(rows, cols), Category::Transient);  // ToCopyBackward0
+    node_end({}, &gp);
+    T gs = alloc("d_scores_fp32", f32(rows, cols), Category::Transient);  // SoftmaxBackward0
+    node_end({&sv.probs32}, &g32);
+    T gb = alloc("d_scores_masked", bf16(rows, cols), Category::Transient);  // ToCopyBackward0
+    node_end({}, &gs);
+    T gm = alloc("d_scores", bf16(rows, cols), Category::Transient);  // MulBackward0 (the scaling)
+    node_end({}, &gb);
+    T gk = alloc("d_k_rep", bf16(tokens_, qd), Category::Transient);  // BmmBackward0 (q @ k^T)
+    dq = alloc("dq", bf16(tokens_, qd), Category::Transient);
+    node_end({&sv.k_rep, &sv.q_bmm}, &gm);
+    if (gqa) {  // repeat_kv's expand: its gradient sums the head groups
+        dv = alloc("dv", bf16(tokens_, kvd), Category::Transient);
+        node_end({}, &gv);
+        dk = alloc("dk", bf16(tokens_, kvd), Category::Transient);
+        node_end({}, &gk);
+    } else {
+        dv = gv, dk = gk;
+    }
+}
+
+// LlamaDecoderLayer.forward on x [T, d] (borrowed: the model's loop variable holds it):
+//   h = norm1(x); x2 = x + attn(h); h = norm2(x2); return x2 + mlp(h).
+// stop_after_last_save: checkpointing's recomputation stops once the last tensor the layer's
+// forward saved (down_proj's input) is recomputed; unwinding then drops the Python references.
+T StepBuilder::hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last_save) {
+    (void)x;
+    layer_ = l;
+    const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
+    const std::int64_t d = m_.hidden_size;
+    at("attn.norm");
+    T h1 = hf_norm_forward(lp.norm1, sv.hf.n1);
+    T y, weights;
+    hf_attention_forward(sv.hf, h1, y, weights);
+    at("attn.residual");
+    drop(h1);  // hidden_states = the attention's output
+    T x2 = act("x2", bf16(tokens_, d), false);
+    drop(y);
+    at("mlp.norm");
+    T h2 = hf_norm_forward(lp.norm2, sv.hf.n2);
+    T y2 = hf_mlp_forward(lp, h2, sv.hf, stop_after_last_save);
+    if (!y2.valid()) {  // the frames' locals go when checkpointing has caught the stop
+        phase_ = Phase::Backward;
+        drop(h2), drop(x2), drop(weights);
+        return T{};
+    }
+    drop(h2);  // hidden_states = the MLP's output
+    at("mlp.residual");
+    T out = act("x_out", bf16(tokens_, d), false);
+    drop(y2), drop(x2), drop(weights);
+    return out;
+}
+
+// dres: the residual stream's gradient buffer (the layer output's gradient; this layer's input
+// gradient is added into it). The residual adds hand it to their branch without a copy.
+void StepBuilder::hf_layer_backward(int l, LayerSaved& sv, T& dres) {
+    layer_ = l;
+    const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
+    T dh2 = hf_mlp_backward(lp, sv.hf, hold(dres));
+    at("mlp.norm");
+    T dx2 = hf_norm_backward(lp.norm2, sv.hf.n2, dh2);
+    accumulate(dres, dx2, false);
+    T dh1 = hf_attention_backward(l, sv.hf, hold(dres));
+    at("attn.norm");
+    T dx = hf_norm_backward(lp.norm1, sv.hf.n1, dh1, recomputed_);
+    accumulate(dres, dx, false);
+}
+
+}  // namespace mst::sim

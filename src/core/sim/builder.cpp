@@ -18,6 +18,8 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
         case Precision::AmpFp32: pw_ = 4, pg_ = 4, rb_ = 4; break;
     }
     tokens_ = s_.local_tokens();
+    hf_ = s_.runtime == Runtime::Hf;
+    if (hf_) pg_ = pw_;  // autograd's gradients are in the parameters' dtype; fp32 masters keep their own
     tl_.source = "simulator";
     tl_.model = m_.name;
     tl_.micro_steps = static_cast<std::int32_t>(s_.grad_accum);
@@ -101,7 +103,9 @@ bytes_t StepBuilder::elems(std::int64_t rows, std::int64_t cols, int bytes_per_e
 void StepBuilder::build_params() {
     const std::int64_t d = m_.hidden_size, I = m_.intermediate_size;
     auto add = [&](const char* name, std::int32_t layer, std::int64_t numel) {
-        params_.push_back(Param{name, layer, numel, {}, {}, {}, {}});
+        Param p;
+        p.name = name, p.layer = layer, p.numel = numel;
+        params_.push_back(std::move(p));
         return static_cast<int>(params_.size() - 1);
     };
     embed_ = add("embed_tokens", -1, m_.vocab_size * d);
@@ -123,6 +127,21 @@ void StepBuilder::build_params() {
     final_norm_ = add("final_norm", -1, d);
     lm_head_ = m_.tie_word_embeddings ? embed_ : add("lm_head", -1, m_.vocab_size * d);
     gathered_.assign(static_cast<std::size_t>(m_.num_layers + 2), T{});
+
+    // model.parameters() of a transformers causal LM: the embedding; per layer the attention's
+    // q, k, v, o, the MLP's gate, up, down, then the norms; the final norm; lm_head unless tied.
+    if (!hf_) {
+        for (int p = 0; p < static_cast<int>(params_.size()); ++p) order_.push_back(p);
+        return;
+    }
+    order_.push_back(embed_);
+    for (const LayerParams& lp : layer_params_) {
+        for (int p : {lp.q, lp.k, lp.v, lp.o, lp.gate, lp.up, lp.down, lp.norm1, lp.post_attn_norm, lp.norm2,
+                      lp.post_ff_norm})
+            if (p >= 0) order_.push_back(p);
+    }
+    order_.push_back(final_norm_);
+    if (!m_.tie_word_embeddings) order_.push_back(lm_head_);
 }
 
 // Persistent state, allocated before the step (steady state: step >= 2, so the
@@ -136,23 +155,35 @@ void StepBuilder::init_state() {
     const int sd = s_.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
 
     at("init.weights");
-    for (auto& p : params_) {
+    for (int i : order_) {
+        Param& p = params_[static_cast<std::size_t>(i)];
         layer_ = p.layer;
         p.weight = alloc(p.name, checked_mul(part(p.numel, shard_params), pw_), Category::Weights);
     }
+    if (hf_) {  // the rotary embedding's buffers, inv_freq and original_inv_freq: [D / 2] fp32 each
+        at("init.buffers");
+        layer_ = -1;
+        for (const char* name : {"inv_freq", "original_inv_freq"}) alloc(name, elems(m_.head_dim / 2, 1, 4), Category::Weights);
+    }
     if (s_.precision == Precision::Bf16Master) {
         at("init.master_weights");
-        for (auto& p : params_) {
+        for (int i : order_) {
+            const Param& p = params_[static_cast<std::size_t>(i)];
             layer_ = p.layer;
             alloc(p.name, checked_mul(part(p.numel, shard_optim), 4), Category::MasterWeights);
         }
     }
     at("init.optimizer_state");
-    for (auto& p : params_) {
+    for (int i : order_) {
+        const Param& p = params_[static_cast<std::size_t>(i)];
         layer_ = p.layer;
         const std::int64_t n = part(p.numel, shard_optim);
+        // torch's fused implementations keep the step counter on the device (a 0-dim fp32 tensor);
+        // the others keep it on the host.
+        const bool step_on_device = hf_ && s_.optimizer_impl == OptimizerImpl::Fused && s_.optimizer == Optimizer::AdamW;
         switch (s_.optimizer) {
             case Optimizer::AdamW:
+                if (step_on_device) alloc("step", 4, Category::OptimizerState);
                 alloc("exp_avg", checked_mul(n, sd), Category::OptimizerState);
                 alloc("exp_avg_sq", checked_mul(n, sd), Category::OptimizerState);
                 break;
@@ -176,7 +207,8 @@ void StepBuilder::init_state() {
     }
     if (shard_grads) {
         at("init.gradient_shards");
-        for (auto& p : params_) {
+        for (int i : order_) {
+            const Param& p = params_[static_cast<std::size_t>(i)];
             layer_ = p.layer;
             alloc(p.name, checked_mul(part(p.numel, true), pg_), Category::Gradients);
         }
@@ -202,6 +234,10 @@ void StepBuilder::grad_write(int p) {
 void StepBuilder::grad_done(int p) {
     Param& P = params_[static_cast<std::size_t>(p)];
     assert(P.grad.valid());
+    if (hf_) {
+        hf_grad_hooks(p);
+        return;
+    }
     if (s_.optimizer_in_backward) {
         const char* op = op_;
         at("optimizer.step_in_backward");  // the step runs in the gradient hook, then the gradient goes
@@ -297,6 +333,98 @@ void StepBuilder::release_unit(int unit) {
 // Gathers `unit` and the next `zero3_prefetch` units in execution order (dir +1 forward, -1 backward).
 void StepBuilder::enter_unit(int unit, int dir) {
     for (int k = 0; k <= s_.zero3_prefetch; ++k) gather_unit(unit + dir * k);
+}
+
+}  // namespace mst::sim
+
+// ---- hf runtime: autograd's bookkeeping --------------------------------------------------------
+
+namespace mst::sim {
+
+T StepBuilder::grad_out(int p) {
+    const Param& P = params_[static_cast<std::size_t>(p)];
+    return alloc("weight_grad", checked_mul(P.numel, pg_), Category::Transient);
+}
+
+void StepBuilder::add_grad(int p, T g, bool view, bool last) {
+    Param& P = params_[static_cast<std::size_t>(p)];
+    if (!P.pending.valid()) {
+        P.pending = g, P.pending_view = view;
+    } else {
+        accumulate(P.pending, g, P.pending_view);
+        P.pending_view = false;
+    }
+    if (!last) return;
+    T buffer = std::exchange(P.pending, T{});
+    if (!P.grad.valid()) {  // AccumulateGrad steals it
+        P.grad = buffer;
+        table_[static_cast<std::size_t>(buffer.id)].category = Category::Gradients;
+        grad_done(p);
+        return;
+    }
+    drop(buffer);  // .grad += buffer
+    if (s_.grad_accum > 1) grad_done(p);
+}
+
+void StepBuilder::accumulate(T& acc, T g, bool acc_is_view) {
+    if (acc_is_view) {
+        T sum = alloc("grad_sum", table_[static_cast<std::size_t>(acc.id)].bytes, Category::Transient);
+        drop(acc);
+        acc = sum;
+    }
+    drop(g);
+}
+
+// mst_hf's hooks, run as AccumulateGrad finishes: optimizer in backward steps the parameter (its
+// fp32 master with bf16-master) and frees its gradient; bf16-master otherwise moves the bf16
+// gradient into the master's fp32 one (MasterWeightOptimizer._fold_grad). ZeRO 2/3 reduce-scatters.
+void StepBuilder::hf_grad_hooks(int p) {
+    Param& P = params_[static_cast<std::size_t>(p)];
+    const char* op = op_;
+    const bool master = s_.precision == Precision::Bf16Master;
+    if (s_.optimizer_in_backward) {
+        at("optimizer.step_in_backward");
+        // the master's fp32 gradient lives only while this one parameter steps
+        T mg = master ? alloc("master_grad", checked_mul(P.numel, 4), Category::Transient) : T{};
+        hf_step_temporaries(checked_mul(P.numel, s_.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2));
+        drop(mg);
+        drop(P.grad);
+    } else if (master) {
+        at("optimizer.fold_grad");
+        if (!P.master_grad.valid()) P.master_grad = alloc("master_grad", checked_mul(P.numel, 4), Category::Gradients);
+        drop(P.grad);
+    } else if (zero_stage() >= 2) {
+        at("zero.reduce_scatter");
+        drop(P.grad);
+    }
+    at(op);
+}
+
+void StepBuilder::hf_release_frame() {
+    for (T& t : hf_frame_) drop(t);
+    hf_frame_.clear();
+}
+
+// A forward or recompute allocation that outlived its phase is a saved activation (autograd, a
+// checkpoint's frame or the trainer kept it); every other one is transient. The referee
+// (python/mst_referee/recorder.py) classifies by the same rule.
+void StepBuilder::hf_classify() {
+    std::vector<Phase> freed(table_.size(), Phase::Init);
+    std::vector<bool> was_freed(table_.size(), false);
+    for (const Event& e : tl_.events)
+        if (!e.alloc) freed[static_cast<std::size_t>(e.tensor)] = e.phase, was_freed[static_cast<std::size_t>(e.tensor)] = true;
+    std::vector<Category> category(table_.size());
+    for (const Event& e : tl_.events) {
+        const auto i = static_cast<std::size_t>(e.tensor);
+        if (!e.alloc) continue;
+        Category c = table_[i].category;
+        if (c == Category::Transient || c == Category::SavedActivation) {
+            const bool activation = e.phase == Phase::Forward || e.phase == Phase::Recompute;
+            c = activation && (!was_freed[i] || freed[i] != e.phase) ? Category::SavedActivation : Category::Transient;
+        }
+        category[i] = c;
+    }
+    for (Event& e : tl_.events) e.category = category[static_cast<std::size_t>(e.tensor)];
 }
 
 }  // namespace mst::sim

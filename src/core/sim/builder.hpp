@@ -9,6 +9,8 @@
 // layer, the recompute and the normal forward come out of the same code.
 #include <array>
 #include <cstdint>
+#include <initializer_list>
+#include <iterator>
 #include <vector>
 
 #include "../caching_allocator.hpp"
@@ -32,6 +34,9 @@ struct Param {
     std::int64_t numel = 0;
     T weight;                 // the stored parameter (a shard under ZeRO-3)
     T grad;                   // full gradient, live between its first write and the step (or reduce)
+    T master_grad;            // hf bf16-master: the fp32 gradient of its master copy (mst_hf's hooks)
+    T pending;                // hf: gradients waiting in its AccumulateGrad node's input buffer
+    bool pending_view = false;
     T amp_copy;               // AmpFp32: the autocast cache's bf16 copy, while cached
     std::vector<T> amp_saved; // AmpFp32: that copy, once per op that saved it for backward
 };
@@ -41,12 +46,43 @@ struct LayerParams {
     int norm1, q, k, v, o, post_attn_norm = -1, norm2, post_ff_norm = -1, gate, up, down;
 };
 
+// hf runtime: what autograd and Python hold for one Hugging Face RMSNorm, one handle per
+// holder (each node that saved the tensor drops its own).
+struct HfNorm {
+    T a_pow, a_mul;    // the fp32 upcast, saved by pow and by the mul with rsqrt
+    T r_rsqrt, r_mul;  // rsqrt of the variance, saved by rsqrt (its result) and by that mul
+    T c;               // the normalised bf16 copy, saved by the weight mul
+};
+
+// hf runtime: one MLP chunk's saved tensors (the whole block when unchunked).
+struct HfMlpChunk {
+    T x_gate, x_up;  // the block input (a view of it per chunk), saved by gate_proj and up_proj
+    T g;             // gate_proj output, saved by the activation
+    T s, u;          // activation and up_proj outputs, saved by their product
+    T m;             // the product, saved by down_proj
+    T y;             // the chunk's output, held by the list torch.cat joins (loop)
+    std::int64_t tokens = 0;
+};
+
+// hf runtime: what one decoder layer's forward left for its backward.
+struct HfLayer {
+    HfNorm n1, n2;
+    T h1_q, h1_k, h1_v;                        // the attention input, saved by q, k, v projections
+    T cos_q, sin_q, cos_k, sin_k;              // the rotary tables, saved by RoPE's muls
+    T q_sdpa, k_sdpa, v_sdpa, o_sdpa, lse;     // saved by scaled_dot_product_attention
+    T q_bmm, k_rep, v_rep, probs32, probs;     // eager: saved by the two batched GEMMs and the softmax
+    T o_oproj;                                 // its output, saved by o_proj
+    std::vector<HfMlpChunk> mlp;
+    T x_tiled;                                 // tiled MLP: the input its Function saved
+};
+
 // What one layer's forward left for its backward.
 struct MlpChunk {
     T g, u, m;
     std::int64_t tokens = 0;
 };
 struct LayerSaved {
+    HfLayer hf;  // the hf runtime's holders; the fields below are the kernels runtime's
     T x, h1, rstd1;
     T q, k, v, o, lse;                       // flash
     T k_rep, v_rep, probs32, probs, scores_tanh;  // eager
@@ -58,6 +94,12 @@ struct LayerSaved {
 };
 
 struct HeadSaved {
+    HfNorm hf_norm;        // hf: the final norm's holders
+    T hf_logits_in;        // hf: the final norm output saved by lm_head (unchunked head)
+    T hf_pad, hf_weight;   // hf: padded labels (nll_loss's target) and nll_loss's total_weight
+    T hf_lp_nll;           // hf: the log-probabilities, saved by nll_loss (log_softmax's own hold is logp)
+    T hf_loss, hf_root;    // hf: the loss the trainer holds; backward()'s grad_tensors (ones)
+    T hf_targets, hf_denominator;  // hf chunked loss: shifted targets and the mean's denominator
     T x_last, hf, rstd_f;
     T logp;              // standard: fp32 log-probabilities
     T logits_tanh;       // standard + final soft-capping
@@ -143,6 +185,62 @@ private:
     void micro_step(int micro);
     void optimizer_step();
 
+    // ---- hf runtime (Hugging Face transformers + PyTorch) ------------------------------------
+    // Each op block holds its hf rule next to its kernels rule. Tensors are held the way
+    // CPython and autograd hold them: an allocation's holder is the Python reference (or
+    // temporary) that received it, `saved` adds one holder per autograd node that saved it,
+    // and a layer's input is borrowed (its caller's variable holds it until the layer returns).
+    T hf_norm_forward(int p, HfNorm& sv);  // Hugging Face RMSNorm of the [T, d] input: returns its output
+    // g: the output's gradient (consumed); returns the input's gradient. last_unpack: its pow's
+    // backward is the last node to unpack a checkpointed layer's tensors (the frame dies there).
+    T hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack = false);
+    T hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last_save);
+    void hf_layer_backward(int l, LayerSaved& sv, T& dres);
+    void hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weights);
+    T hf_attention_backward(int l, HfLayer& sv, T d_out);  // returns the input's gradient
+    void hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T& weights);
+    void hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv);
+    T hf_rope_forward(T x, std::int64_t dim, T& cos_saved, T& sin_saved);
+    T hf_rope_backward(T d, std::int64_t dim, T& cos_saved, T& sin_saved);
+    T hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save);
+    T hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);
+    T hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);
+    void hf_model_tensors();            // position ids, the packed-sequence check, rotary tables
+    void hf_head_forward(T x_last, HeadSaved& hs);
+    T hf_head_backward(HeadSaved& hs);  // returns the residual-stream gradient
+    void hf_chunk_loss(std::int64_t n, bool with_grad, T& z, T& loss);
+    T hf_chunk_backward(std::int64_t n);
+    void hf_chunked_loss_forward(T h, HeadSaved& hs);
+    T hf_chunked_loss_backward(HeadSaved& hs, T grad_in);
+    void hf_optimizer_step();
+    void hf_release_frame();            // a checkpointed layer's frame dies (its inputs are freed)
+    void hf_grad_hooks(int p);          // p's post-accumulate-grad hooks (python/mst_hf/optim.py)
+    void hf_step_temporaries(bytes_t state_bytes);  // what torch.optim allocates stepping one parameter
+    // The end of an autograd node's evaluation (torch/csrc/autograd/engine.cpp): tensors its
+    // apply unpacked die with apply when checkpointing recomputed them (nothing else holds them;
+    // in reverse unpack order); then validate_outputs reduces broadcast gradients (`reduce`);
+    // then the node's input gradient is released; then, otherwise, its saved variables, in
+    // `saved`'s order (the node's release_variables).
+    template <class Reduce>
+    void node_end(std::initializer_list<T*> saved, T* grad_in, Reduce reduce) {
+        if (recomputed_)
+            for (auto it = std::rbegin(saved); it != std::rend(saved); ++it) drop(**it);
+        reduce();
+        if (grad_in) drop(*grad_in);
+        if (!recomputed_)
+            for (T* t : saved) drop(*t);
+    }
+    void node_end(std::initializer_list<T*> saved, T* grad_in) { node_end(saved, grad_in, [] {}); }
+    // autograd's InputBuffer: a second gradient of one tensor is added into the first in place,
+    // unless the first is a view (its storage is shared with a base): then the sum is a new tensor.
+    void accumulate(T& acc, T g, bool acc_is_view);
+    T grad_out(int p);  // the output of a gradient op for p ([out, in] for a weight)
+    // One more gradient of p reaches its AccumulateGrad node's input buffer (a weight's: the
+    // transpose of its GEMM's output, a view); the last one (`last`) lets the node run: it makes
+    // the buffer p's .grad (or adds it into .grad in place) and runs p's hooks.
+    void add_grad(int p, T g, bool view, bool last);
+    void hf_classify();                 // saved vs transient activations, by what outlived its phase
+
     const ModelSpec& m_;
     const TrainingSetup& s_;
     const GpuProfile& gpu_;
@@ -154,6 +252,7 @@ private:
     std::int64_t tokens_ = 0;  // per rank outside attention (B * S / sp)
 
     std::vector<Param> params_;
+    std::vector<int> order_;  // params_ in the order the runtime holds them (hf: model.parameters())
     std::vector<LayerParams> layer_params_;
     int embed_ = -1, final_norm_ = -1, lm_head_ = -1;  // lm_head_ == embed_ when tied
     std::vector<int> autocast_cache_;                   // params whose copy the cache holds
@@ -176,6 +275,12 @@ private:
     detail::CachingAllocatorModel allocator_;
     void account(std::int64_t id, bytes_t bytes, Device device, bool alloc);
     bool grad_ = true;
+    bool hf_ = false;          // s_.runtime == Runtime::Hf
+    bool recomputed_ = false;  // hf backward of a checkpointed layer: its saved tensors were recomputed
+    T hf_cos_, hf_sin_;        // hf: the rotary tables of this micro-step [1, S, head_dim] bf16
+    T hf_positions_, hf_embeddings_;  // hf: cache_position and the embeddings, held by the model's forward
+    T hf_mask_;                       // hf eager: the 4-D additive causal mask [B, 1, S, S] bf16
+    std::vector<T> hf_frame_;  // hf: what the checkpointed layer being backpropagated keeps (its inputs)
     Phase phase_ = Phase::Init;
     std::int32_t layer_ = -1;
     std::int32_t micro_ = 0;

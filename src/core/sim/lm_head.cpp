@@ -13,11 +13,14 @@
 //    computed inside forward and held until backward; the hidden states are not saved.
 #include "builder.hpp"
 
+#include <utility>
+
 namespace mst::sim {
 
 T StepBuilder::embedding_forward(Category out_category) {
     layer_ = -1;
     at("embedding");
+    if (hf_) return act("embeddings", bf16(tokens_, m_.hidden_size), false);
     const bool gemma = m_.family == Family::Gemma2;
     T x = alloc("embeddings", res(tokens_, m_.hidden_size), gemma ? Category::Transient : out_category);
     if (gemma) {  // Gemma scales the embeddings by sqrt(d): a new tensor
@@ -31,6 +34,13 @@ T StepBuilder::embedding_forward(Category out_category) {
 
 void StepBuilder::embedding_backward(T& dres) {
     layer_ = -1;
+    if (hf_) {  // EmbeddingBackward0: the table's gradient from the residual stream's
+        at("embedding");
+        T g = grad_out(embed_);
+        node_end({}, &dres);
+        add_grad(embed_, g, false, true);
+        return;
+    }
     (void)dres;
     T scaled;  // Gemma: the gradient through the sqrt(d) scale, a new tensor
     if (m_.family == Family::Gemma2) {
@@ -162,6 +172,259 @@ T StepBuilder::head_backward(HeadSaved& hs) {
     T dres = norm_backward(final_norm_, hs.rstd_f, hs.x_last, rb_);
     drop(dh);
     return dres;
+}
+
+}  // namespace mst::sim
+
+// ---- hf runtime: the model's own tensors, the final norm, lm_head and ForCausalLMLoss -------
+//
+// LlamaModel.forward (transformers 5.24) builds, before the layers: cache_position
+// (arange [S] int64), the packed-sequence check of masking_utils (position ids [1, S] expanded
+// to the batch: is each row one sequence?) and the rotary tables cos, sin [1, S, D] (computed
+// in fp32, cast to bf16; RoPE's products save them). It holds the embeddings and
+// cache_position until it returns.
+
+namespace mst::sim {
+
+void StepBuilder::hf_model_tensors() {
+    const std::int64_t B = s_.micro_batch, S = s_.seq_len, D = m_.head_dim;
+    at("model.positions");
+    T arange = act("arange", elems(S, 1, 8), false);
+    hf_positions_ = act("cache_position", elems(S, 1, 8), false);
+    drop(arange);
+    at("model.packed_check");  // find_packed_sequence_indices on [B, S] positions
+    T first = act("first_minus_1", elems(B, 1, 8), false);
+    T prepended = act("prepended", elems(B, S + 1, 8), false);
+    T diff = act("diff", elems(B, S, 8), false);
+    drop(prepended);
+    T starts = act("starts", elems(B, S, 1), false);
+    T ids = act("sequence_ids", elems(B, S, 8), false);
+    drop(starts);
+    T last = act("last_is_0", elems(B, 1, 1), false);
+    T all = act("all", 1, false);
+    drop(last), drop(all), drop(first), drop(diff), drop(ids);
+    if (s_.attention == Attention::Eager) {  // masking_utils: eager gets a materialised additive mask
+        at("model.mask");
+        T b = act("batch_idx", elems(B, 1, 8), false), h = act("head_idx", 8, false);
+        T qa = act("q_arange", elems(S, 1, 8), false), q = act("q_idx", elems(S, 1, 8), false);
+        drop(qa);
+        T ka = act("kv_arange", elems(S, 1, 8), false), k = act("kv_idx", elems(S, 1, 8), false);
+        drop(ka);
+        T causal = act("causal", elems(S, S, 1), false);  // [1, 1, S, S] bool
+        drop(b), drop(h), drop(q), drop(k);
+        T zero = act("zero", 2, false), min = act("min", 2, false);
+        hf_mask_ = act("causal_mask", bf16(B, checked_mul(S, S)), false);
+        drop(min), drop(zero), drop(causal);
+    }
+    at("model.rotary");  // LlamaRotaryEmbedding.forward for position ids [1, S]
+    T pos = act("positions_fp32", elems(S, 1, 4), false);
+    T freqs = act("freqs", f32(S, D / 2), false);
+    drop(pos);
+    T emb = act("emb", f32(S, D), false);
+    T c = act("cos_fp32", f32(S, D), false);
+    T cs = act("cos_scaled", f32(S, D), false);
+    drop(c);
+    T sn = act("sin_fp32", f32(S, D), false);
+    T ss = act("sin_scaled", f32(S, D), false);
+    drop(sn);
+    hf_cos_ = act("cos", bf16(S, D), false);
+    hf_sin_ = act("sin", bf16(S, D), false);
+    drop(freqs), drop(emb), drop(cs), drop(ss);
+}
+
+// LlamaForCausalLM.forward's head and Hugging Face's ForCausalLMLoss (loss/loss_utils.py):
+// logits = lm_head(h) [T, V] bf16; upcast to fp32; labels padded by one ignore_index and shifted;
+// cross_entropy = log_softmax [T, V] fp32 (saved) + nll_loss (the loss and its total_weight).
+// x_last: the last layer's output, owned (the model's loop variable, rebound by the norm).
+void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
+    layer_ = -1;
+    const std::int64_t V = m_.vocab_size;
+    at("final_norm");
+    T h = hf_norm_forward(final_norm_, hs.hf_norm);
+    drop(x_last);
+    drop(hf_cos_), drop(hf_sin_), drop(hf_positions_), drop(hf_embeddings_), drop(hf_mask_);  // LlamaModel.forward returns
+    if (s_.lm_chunks > 1) {
+        hf_chunked_loss_forward(h, hs);
+        return;
+    }
+    at("lm_head");
+    use_weight(lm_head_);
+    T logits = act("logits", bf16(tokens_, V), false);
+    hs.hf_logits_in = saved(h);
+    drop(h);
+    at("loss");
+    T up = act("logits_fp32", f32(tokens_, V), false);
+    T pad = act("labels_padded", elems(s_.micro_batch, s_.seq_len + 1, 8), false);
+    // shift_labels = pad[..., 1:].contiguous(): a copy unless there is one row
+    hs.hf_pad = s_.micro_batch > 1 ? act("labels_shifted", elems(tokens_, 1, 8), false) : hold(pad);
+    T lp = act("log_probs", f32(tokens_, V), false);
+    hs.logp = saved(lp);
+    hs.hf_loss = act("loss", 4, false);  // held by the trainer until its backward is done
+    hs.hf_weight = act("total_weight", 4, false);
+    hs.hf_lp_nll = saved(lp);
+    drop(lp);
+    drop(up), drop(pad);  // the loss function's locals
+    drop(logits);         // the trainer keeps only the loss of the model's output
+    if (s_.grad_accum > 1) {  // loss / grad_accum
+        T scaled = act("loss_scaled", 4, false);
+        drop(hs.hf_loss);
+        hs.hf_loss = scaled;
+    }
+}
+
+T StepBuilder::hf_head_backward(HeadSaved& hs) {
+    layer_ = -1;
+    const std::int64_t d = m_.hidden_size, V = m_.vocab_size;
+    at("loss");
+    hs.hf_root = alloc("d_loss", 4, Category::Transient);  // backward()'s grad_tensors, held until it returns
+    T root = hold(hs.hf_root);
+    if (s_.grad_accum > 1) {  // DivBackward0
+        T g = alloc("d_loss_unscaled", 4, Category::Transient);
+        node_end({}, &root);
+        root = g;
+    }
+    if (s_.lm_chunks > 1) {
+        T dh = hf_chunked_loss_backward(hs, root);
+        at("final_norm");
+        return hf_norm_backward(final_norm_, hs.hf_norm, dh);
+    }
+    T glp = alloc("d_log_probs", f32(tokens_, V), Category::Transient);  // NllLossBackward0
+    node_end({&hs.hf_lp_nll, &hs.hf_pad, &hs.hf_weight}, &root);
+    T glf = alloc("d_logits_fp32", f32(tokens_, V), Category::Transient);  // LogSoftmaxBackward0
+    node_end({&hs.logp}, &glp);
+    at("lm_head");
+    T gl = alloc("d_logits", bf16(tokens_, V), Category::Transient);  // ToCopyBackward0
+    node_end({}, &glf);
+    T gw = grad_out(lm_head_);
+    T dh = alloc("d_hidden", bf16(tokens_, d), Category::Transient);
+    node_end({&hs.hf_logits_in}, &gl);
+    release_weight(lm_head_);
+    add_grad(lm_head_, gw, true, !m_.tie_word_embeddings);  // tied: the embedding's gradient joins it
+    at("final_norm");
+    return hf_norm_backward(final_norm_, hs.hf_norm, dh);
+}
+
+}  // namespace mst::sim
+
+// ---- hf runtime: python/mst_hf's chunked LM head + loss (mst_hf/loss.py) ---------------------
+//
+// The model's lm_head hands its input over; causal_lm_loss pads the labels, counts the targets
+// (the mean's denominator) and runs one autograd Function over [T, d] in chunks of n tokens.
+// Per chunk: z = linear(h, w).float() [n, V] fp32 (the bf16 GEMM output dies), then the loss's
+// per-token tensors; with gradients, z becomes d(loss)/d(logits) in place, and g = z.to(bf16)
+// feeds the two gradient GEMMs (d_hidden's rows written in place, d_weight accumulated in place).
+// recompute (MsT): forward without gradients saves hidden, targets, denominator; backward runs
+// every chunk again with gradients. fused (Liger): forward computes the gradients and saves them.
+
+namespace mst::sim {
+
+void StepBuilder::hf_chunk_loss(std::int64_t n, bool with_grad, T& z, T& loss) {
+    const std::int64_t V = m_.vocab_size;
+    T logits = alloc("logits", bf16(n, V), Category::Transient);
+    z = alloc("logits_fp32", f32(n, V), Category::Transient);
+    drop(logits);
+    T valid = alloc("valid", elems(n, 1, 1), Category::Transient);
+    T invalid = alloc("invalid", elems(n, 1, 1), Category::Transient);
+    T safe = alloc("safe_targets", elems(n, 1, 8), Category::Transient);
+    drop(invalid);
+    T picked = alloc("picked", f32(n, 1), Category::Transient);
+    T peak = alloc("peak", f32(n, 1), Category::Transient);
+    T total = alloc("sum_exp", f32(n, 1), Category::Transient);
+    T lg = alloc("log_sum_exp_part", f32(n, 1), Category::Transient);
+    T lse = alloc("log_sum_exp", f32(n, 1), Category::Transient);
+    drop(lg);
+    T diff = alloc("token_loss", f32(n, 1), Category::Transient);
+    T invalid2 = alloc("invalid", elems(n, 1, 1), Category::Transient);
+    T masked = alloc("token_loss_masked", f32(n, 1), Category::Transient);
+    drop(diff), drop(invalid2);
+    loss = alloc("chunk_loss", 4, Category::Transient);
+    drop(masked);
+    T weight;
+    if (with_grad) {  // softmax - one-hot, scaled, in place in z
+        weight = alloc("valid_fp32", f32(n, 1), Category::Transient);
+        T neg = alloc("minus_valid", f32(n, 1), Category::Transient);
+        drop(neg);
+        T scaled = alloc("valid_scaled", f32(n, 1), Category::Transient);
+        drop(scaled);
+    }
+    drop(valid), drop(safe), drop(picked), drop(peak), drop(total), drop(lse), drop(weight);
+}
+
+// One chunk's loss and gradients (_chunk_backward): the loss of the chunk, returned.
+T StepBuilder::hf_chunk_backward(std::int64_t n) {
+    T z, loss;
+    hf_chunk_loss(n, true, z, loss);
+    T g = alloc("d_logits", bf16(n, m_.vocab_size), Category::Transient);
+    drop(z);
+    drop(g);  // at return
+    return loss;
+}
+
+void StepBuilder::hf_chunked_loss_forward(T h, HeadSaved& hs) {
+    const std::int64_t d = m_.hidden_size, V = m_.vocab_size;
+    const bool fused = s_.lm_impl == LmHeadImpl::FusedForward;
+    const auto chunks = chunk_sizes(tokens_, s_.lm_chunks);
+    at("loss");
+    T pad = act("labels_padded", elems(s_.micro_batch, s_.seq_len + 1, 8), false);
+    T targets = s_.micro_batch > 1 ? act("targets", elems(tokens_, 1, 8), false) : hold(pad);  // reshape(-1)
+    T valid = act("valid", elems(tokens_, 1, 1), false);
+    T count = act("count", 8, false);
+    drop(valid);
+    T denominator = act("denominator", 4, false);
+    drop(count);
+    at("lm_head.chunked");
+    if (!fused) {
+        hs.hf_logits_in = saved(h), hs.hf_targets = saved(targets), hs.hf_denominator = saved(denominator);
+        T total = act("loss_sum", 4, false);
+        for (std::int64_t n : chunks) {
+            T z, loss;
+            hf_chunk_loss(n, false, z, loss);
+            drop(loss), drop(z);  // total += loss; del z
+        }
+        hs.hf_loss = act("loss", 4, false);
+        drop(total);
+    } else {
+        T scale = act("scale", 4, false);
+        hs.dhf = act("d_hidden", bf16(tokens_, d), false);
+        hs.grad_partial = act("d_weight", checked_mul(params_[static_cast<std::size_t>(lm_head_)].numel, pg_), false);
+        T total = act("loss_sum", 4, false);
+        for (std::int64_t n : chunks) {
+            T loss = hf_chunk_backward(n);
+            drop(loss);
+        }
+        hs.hf_loss = act("loss", 4, false);
+        drop(scale), drop(total);
+    }
+    (void)V;
+    drop(pad), drop(targets), drop(denominator);  // causal_lm_loss returns
+    drop(h);  // and the training forward's hidden
+    if (s_.grad_accum > 1) {  // loss / grad_accum
+        T scaled = act("loss_scaled", 4, false);
+        drop(hs.hf_loss);
+        hs.hf_loss = scaled;
+    }
+}
+
+T StepBuilder::hf_chunked_loss_backward(HeadSaved& hs, T grad_in) {
+    const std::int64_t d = m_.hidden_size;
+    at("lm_head.chunked");
+    T dh, dw;
+    if (s_.lm_impl == LmHeadImpl::FusedForward) {  // scaled in place
+        dh = std::exchange(hs.dhf, T{}), dw = std::exchange(hs.grad_partial, T{});
+        node_end({}, &grad_in);
+    } else {
+        T scale = alloc("scale", 4, Category::Transient);
+        dh = alloc("d_hidden", bf16(tokens_, d), Category::Transient);
+        dw = alloc("d_weight", checked_mul(params_[static_cast<std::size_t>(lm_head_)].numel, pg_), Category::Transient);
+        for (std::int64_t n : chunk_sizes(tokens_, s_.lm_chunks)) {
+            T loss = hf_chunk_backward(n);
+            drop(loss);
+        }
+        drop(scale);
+        node_end({&hs.hf_logits_in, &hs.hf_targets, &hs.hf_denominator}, &grad_in);
+    }
+    add_grad(lm_head_, dw, false, !m_.tie_word_embeddings);
+    return dh;
 }
 
 }  // namespace mst::sim

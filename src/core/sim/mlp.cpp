@@ -14,6 +14,9 @@
 //    only h2; backward recomputes each chunk's g, u, m, then runs its backward.
 #include "builder.hpp"
 
+#include <array>
+#include <utility>
+
 namespace mst::sim {
 
 void StepBuilder::mlp_chunk_forward(const LayerParams& lp, std::int64_t n, T& y, MlpChunk* keep) {
@@ -110,6 +113,251 @@ T StepBuilder::mlp_backward(int l, LayerSaved& sv, T dy) {
     }
     for (int p : {lp.down, lp.gate, lp.up}) grad_done(p);
     return uncast_grad(dh2, d);
+}
+
+}  // namespace mst::sim
+
+// ---- hf runtime: LlamaMLP (down(act(gate(x)) * up(x))) and python/mst_hf's mini-sequences ----
+//
+// Per chunk of n tokens: g = gate(x) [n, I] (saved by act), s = act(g) (saved by the product),
+// u = up(x) (saved by the product), m = s * u (saved by down), y = down(m) [n, d].
+// Loop (mst_hf.mlp.loop_mlp, MsT): each chunk under autograd, the outputs held by a list until
+// torch.cat joins them [T, d]. Unchunked, it is the loop's single chunk without the cat.
+// Tiled (mst_hf.mlp.tiled_mlp, ALST): an autograd Function that saves only its input and runs
+// the chunks without autograd into one preallocated output; its backward replays each chunk
+// with autograd and runs a nested torch.autograd.grad over it.
+
+namespace mst::sim {
+
+T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save) {
+    const std::int64_t d = m_.hidden_size, I = m_.intermediate_size;
+    const bool chunked = s_.mlp_chunks > 1;
+    sv.mlp.clear();
+    if (chunked && s_.mlp_impl == MlpImpl::Tiled) {
+        at("mlp.tiled");
+        const Phase outer = phase_;
+        if (phase_ == Phase::Recompute) phase_ = Phase::Backward;  // grad mode is off inside the Function
+        T y;
+        {
+            NoGrad no_grad(*this);  // a Function's forward runs without autograd
+            for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
+                at("mlp.gate_up");
+                use_weight(lp.gate);
+                T g = act("g", bf16(n, I), false);
+                at("mlp.act");
+                T s = act("s", bf16(n, I), false);
+                drop(g);
+                at("mlp.gate_up");
+                use_weight(lp.up);
+                T u = act("u", bf16(n, I), false);
+                at("mlp.act");
+                T m = act("m", bf16(n, I), false);
+                drop(s), drop(u);
+                at("mlp.down");
+                use_weight(lp.down);
+                T part = act("y_chunk", bf16(n, d), false);
+                drop(m);
+                at("mlp.tiled");
+                if (!y.valid()) y = act("y", bf16(tokens_, d), false);  // part.new_empty((T, d))
+                drop(part);  // copied into its rows
+            }
+        }
+        phase_ = outer;
+        // ctx.save_for_backward(x) takes effect as the Function returns: the layer's last saved
+        // tensor, where checkpointing's recomputation stops (the output dies unwinding).
+        sv.x_tiled = saved(h2);
+        if (stop_after_last_save) {
+            drop(y);
+            return T{};
+        }
+        return y;
+    }
+    for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
+        HfMlpChunk c;
+        c.tokens = n;
+        at("mlp.gate_up");
+        use_weight(lp.gate);
+        T g = act("g", bf16(n, I), false);
+        c.x_gate = saved(h2);
+        at("mlp.act");
+        T s = act("s", bf16(n, I), false);
+        c.g = saved(g);
+        drop(g);
+        at("mlp.gate_up");
+        use_weight(lp.up);
+        T u = act("u", bf16(n, I), false);
+        c.x_up = saved(h2);
+        at("mlp.act");
+        T m = act("m", bf16(n, I), false);
+        c.s = saved(s);
+        c.u = saved(u);
+        drop(s), drop(u);
+        at("mlp.down");
+        use_weight(lp.down);
+        c.m = saved(m);
+        sv.mlp.push_back(c);
+        if (stop_after_last_save && sv.mlp.size() == static_cast<std::size_t>(s_.mlp_chunks)) {
+            // The recomputation stops here: unwinding frees the evaluation stack (the call's argument,
+            // the chunks' outputs so far, last first) while the recomputation still runs.
+            drop(m);
+            for (auto it = sv.mlp.rbegin(); it != sv.mlp.rend(); ++it) drop(it->y);
+            return T{};
+        }
+        sv.mlp.back().y = act("y", bf16(n, d), false);
+        drop(m);
+    }
+    if (!chunked) return std::exchange(sv.mlp.back().y, T{});
+    at("mlp.cat");
+    T y = act("y", bf16(tokens_, d), false);
+    for (auto it = sv.mlp.rbegin(); it != sv.mlp.rend(); ++it) drop(it->y);  // the list dies, last item first
+    return y;
+}
+
+// dy: the block output's gradient (consumed); returns the input's gradient. Autograd runs the
+// chunks' nodes in reverse creation order. Unchunked, the input is [B, S, d] and each linear's
+// input gradient is a view of its GEMM's output (the sum of gate's and up's is a new tensor);
+// a chunk is a [n, d] slice (no view on the way: summed in place), whose SliceBackward0 makes a
+// zero-filled [T, d] gradient with the chunk copied in (the chunks' are summed in place). Each
+// weight's gradients wait in its AccumulateGrad node's buffer until the last chunk's arrives.
+T StepBuilder::hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
+    const std::int64_t d = m_.hidden_size, I = m_.intermediate_size;
+    const bool chunked = s_.mlp_chunks > 1;
+    if (chunked && s_.mlp_impl == MlpImpl::Tiled) return hf_tiled_mlp_backward(lp, sv, dy);
+    std::vector<T> views;  // CatBackward0: one narrow view of dy per chunk
+    if (chunked) {
+        for (std::size_t i = 0; i < sv.mlp.size(); ++i) views.push_back(hold(dy));
+        drop(dy);
+    } else {
+        views.push_back(dy);
+    }
+    T dx;
+    for (std::size_t i = sv.mlp.size(); i-- > 0;) {
+        HfMlpChunk& c = sv.mlp[i];
+        const std::int64_t n = c.tokens;
+        const bool last = i == 0;
+        at("mlp.down");
+        T gwd = grad_out(lp.down);
+        T gm = alloc("d_m", bf16(n, I), Category::Transient);
+        node_end({&c.m}, &views[i]);
+        release_weight(lp.down);
+        add_grad(lp.down, gwd, true, last);
+        at("mlp.act");
+        T gu = alloc("d_u", bf16(n, I), Category::Transient);
+        T gs = alloc("d_s", bf16(n, I), Category::Transient);
+        node_end({&c.u, &c.s}, &gm);
+        at("mlp.gate_up");
+        T gwu = grad_out(lp.up);
+        T dxc = alloc("d_x_up", bf16(n, d), Category::Transient);
+        node_end({&c.x_up}, &gu);
+        release_weight(lp.up);
+        add_grad(lp.up, gwu, true, last);
+        at("mlp.act");
+        T gg = alloc("d_g", bf16(n, I), Category::Transient);
+        node_end({&c.g}, &gs);
+        at("mlp.gate_up");
+        T gwg = grad_out(lp.gate);
+        T dxg = alloc("d_x_gate", bf16(n, d), Category::Transient);
+        node_end({&c.x_gate}, &gg);
+        release_weight(lp.gate);
+        accumulate(dxc, dxg, !chunked);  // a node's outputs reach their buffers in order: input, weight
+        add_grad(lp.gate, gwg, true, last);
+        if (!chunked) {
+            dx = dxc;
+            break;
+        }
+        at("mlp.chunk");
+        T full = alloc("d_x_chunk", bf16(tokens_, d), Category::Transient);  // SliceBackward0
+        node_end({}, &dxc);
+        if (dx.valid()) accumulate(dx, full, false);
+        else dx = full;
+    }
+    sv.mlp.clear();
+    return dx;
+}
+
+}  // namespace mst::sim
+
+namespace mst::sim {
+
+// _TiledMlp.backward: dx = empty_like(x); per chunk in order, the chunk replayed with autograd
+// (y_c = mlp(x_c), x_c a detached view), its nested backward (torch.autograd.grad for x_c and
+// the weights), y_c deleted, dx[chunk] = x_c's gradient; the first chunk's weight gradients
+// become the sums, later ones are added in place (the loop variable keeps the last one alive
+// until it is rebound). The sums leave the node as the weights' gradients.
+T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
+    const std::int64_t d = m_.hidden_size, I = m_.intermediate_size;
+    at("mlp.tiled");
+    T dx = alloc("d_x", bf16(tokens_, d), Category::Transient);
+    const bool checkpointed = std::exchange(recomputed_, false);  // the nested graph's tensors are its own
+    std::array<T, 3> sums;  // gate, up, down: the parameters' order
+    T loop_var;             // `g` of the last `for i, g in enumerate(grads)`
+    bool first = true;
+    for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
+        phase_ = Phase::Recompute;
+        HfMlpChunk c;
+        at("mlp.gate_up");
+        T g = act("g", bf16(n, I), false);
+        c.x_gate = saved(sv.x_tiled);
+        at("mlp.act");
+        T s = act("s", bf16(n, I), false);
+        c.g = saved(g);
+        drop(g);
+        at("mlp.gate_up");
+        T u = act("u", bf16(n, I), false);
+        c.x_up = saved(sv.x_tiled);
+        at("mlp.act");
+        T m = act("m", bf16(n, I), false);
+        c.s = saved(s), c.u = saved(u);
+        drop(s), drop(u);
+        at("mlp.down");
+        T yc = act("y_chunk", bf16(n, d), false);
+        c.m = saved(m);
+        drop(m);
+        phase_ = Phase::Backward;
+        T dyc = hold(dy);  // dy[chunk], a view
+        T gwd = grad_out(lp.down);
+        T gm = alloc("d_m", bf16(n, I), Category::Transient);
+        node_end({&c.m}, &dyc);
+        at("mlp.act");
+        T gu = alloc("d_u", bf16(n, I), Category::Transient);
+        T gs = alloc("d_s", bf16(n, I), Category::Transient);
+        node_end({&c.u, &c.s}, &gm);
+        at("mlp.gate_up");
+        T gwu = grad_out(lp.up);
+        T dxc = alloc("d_x_up", bf16(n, d), Category::Transient);
+        node_end({&c.x_up}, &gu);
+        at("mlp.act");
+        T gg = alloc("d_g", bf16(n, I), Category::Transient);
+        node_end({&c.g}, &gs);
+        at("mlp.gate_up");
+        T gwg = grad_out(lp.gate);
+        T dxg = alloc("d_x_gate", bf16(n, d), Category::Transient);
+        node_end({&c.x_gate}, &gg);
+        accumulate(dxc, dxg, false);
+        at("mlp.tiled");
+        drop(yc);   // del yc
+        drop(dxc);  // dx[chunk] = grads.pop(0)
+        std::array<T, 3> grads{gwg, gwu, gwd};
+        if (first) {
+            sums = grads;  // sums[i] = g: the loop variable ends on the last, which sums holds too
+        } else {
+            drop(loop_var);  // rebound by the loop
+            drop(grads[1]), drop(grads[0]);  // del grads: the list, last first; its last item is the loop variable
+            loop_var = grads[2];
+        }
+        first = false;
+    }
+    // At return the locals go in order: the unpacked input (recomputed by checkpointing, nothing else
+    // holds it), then `g`; the node then releases its input gradient and saved input.
+    recomputed_ = checkpointed;
+    if (checkpointed) drop(sv.x_tiled);
+    drop(loop_var);
+    node_end({&sv.x_tiled}, &dy);
+    // the node's outputs: dx, then the weights' gradients in the parameters' order
+    add_grad(lp.gate, sums[0], true, true);
+    add_grad(lp.up, sums[1], true, true);
+    add_grad(lp.down, sums[2], true, true);
+    return dx;
 }
 
 }  // namespace mst::sim

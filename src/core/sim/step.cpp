@@ -24,8 +24,9 @@ void StepBuilder::micro_step(int micro) {
     T labels = alloc("labels", elems(tokens_, 1, 8), Category::SavedActivation);
     // Eager attention: the model builds 4-D additive masks [B, 1, S, S]; checkpointed
     // layers receive them as inputs, so the checkpoints keep them until backward.
+    // (The hf runtime builds its masks in the model's forward: hf_model_tensors.)
     std::vector<T> masks;
-    for (std::int64_t i = 0; i < attention_masks(); ++i) {
+    for (std::int64_t i = 0; i < (hf_ ? 0 : attention_masks()); ++i) {
         at("attn.mask");
         masks.push_back(alloc("causal_mask", bf16(s_.micro_batch, checked_mul(s_.seq_len, s_.seq_len)),
                               any_checkpoint ? Category::Checkpoint : Category::Transient));
@@ -34,14 +35,38 @@ void StepBuilder::micro_step(int micro) {
     enter_unit(-1, +1);
     T x = embedding_forward(input_category(0));
     release_unit(-1);
+    if (hf_) {
+        hf_embeddings_ = x;  // inputs_embeds, held by the model's forward until it returns
+        x = hold(x);         // and hidden_states, its loop variable
+        hf_model_tensors();
+    }
 
     std::vector<LayerSaved> saved(static_cast<std::size_t>(L));
     std::vector<T> checkpoint(static_cast<std::size_t>(L)), host(static_cast<std::size_t>(L));
+    std::vector<std::vector<T>> frames(static_cast<std::size_t>(L));
     for (std::int32_t l = 0; l < L; ++l) {
         const auto i = static_cast<std::size_t>(l);
         enter_unit(l, +1);
         const Category out = l + 1 < L ? input_category(l + 1) : Category::SavedActivation;
-        if (s_.checkpointed(l)) {
+        if (hf_) {
+            // The model's loop variable holds x while the layer runs; a checkpointed layer's frame
+            // (torch.utils.checkpoint, non-reentrant) also keeps its inputs: the hidden states and the
+            // shared keyword tensors (the rotary tables, cache_position) until its backward is done.
+            if (s_.checkpointed(l)) {
+                table_[static_cast<std::size_t>(x.id)].category = Category::Checkpoint;
+                frames[i] = {hold(hf_mask_), hold(hf_sin_), hold(hf_cos_), hold(hf_positions_), hold(x)};
+                NoGrad no_grad(*this);  // the forward runs, its saved tensors are not kept
+                T y = hf_layer_forward(l, x, saved[i], false);
+                layer_ = -1;
+                drop(x);
+                x = y;
+            } else {
+                T y = hf_layer_forward(l, x, saved[i], false);
+                layer_ = -1;
+                drop(x);  // the loop variable takes the layer's output
+                x = y;
+            }
+        } else if (s_.checkpointed(l)) {
             checkpoint[i] = hold(x);
             {
                 NoGrad no_grad(*this);
@@ -59,7 +84,8 @@ void StepBuilder::micro_step(int micro) {
     }
     enter_unit(static_cast<int>(L), +1);
     HeadSaved head;
-    head_forward(x, head);
+    if (hf_) hf_head_forward(x, head);
+    else head_forward(x, head);
     release_unit(static_cast<int>(L));
     layer_ = -1;
     at("forward.end");
@@ -69,14 +95,27 @@ void StepBuilder::micro_step(int micro) {
 
     phase_ = Phase::Backward;
     enter_unit(static_cast<int>(L), -1);
-    T dres = head_backward(head);  // the residual-stream gradient, accumulated in place
+    T dres = hf_ ? hf_head_backward(head) : head_backward(head);  // the residual-stream gradient, accumulated in place
     release_unit(static_cast<int>(L));
-    drop(labels);
+    if (!hf_) drop(labels);
     for (std::int32_t l = static_cast<std::int32_t>(L) - 1; l >= 0; --l) {
         const auto i = static_cast<std::size_t>(l);
         enter_unit(l, -1);
         layer_ = l;
-        if (s_.checkpointed(l)) {
+        if (hf_) {
+            if (s_.checkpointed(l)) {
+                // The first node that unpacks a saved tensor (down_proj's) recomputes the layer up to
+                // its last saved tensor; the recomputed tensors die with the nodes that unpack them.
+                phase_ = Phase::Recompute;
+                hf_frame_ = std::move(frames[i]);
+                hf_layer_forward(l, hf_frame_.back(), saved[i], true);  // its input is the frame's last
+                recomputed_ = true;
+                hf_layer_backward(l, saved[i], dres);
+                recomputed_ = false;
+            } else {
+                hf_layer_backward(l, saved[i], dres);
+            }
+        } else if (s_.checkpointed(l)) {
             if (s_.offload_checkpoints) {
                 at("checkpoint.reload");
                 checkpoint[i] = alloc("checkpoint", res(tokens_, d), Category::Checkpoint);
@@ -99,6 +138,11 @@ void StepBuilder::micro_step(int micro) {
     embedding_backward(dres);
     release_unit(-1);
     at("backward.end");
+    if (hf_) {
+        // backward() returns (its grad_tensors go), then the trainer drops the loss and the batch
+        drop(head.hf_root), drop(head.hf_loss), drop(ids), drop(labels);
+        return;
+    }
     drop(dres), drop(ids);
     for (T& mask : masks) drop(mask);
 }
@@ -108,6 +152,10 @@ void StepBuilder::optimizer_step() {
     layer_ = -1;
     micro_ = tl_.micro_steps_recorded - 1;
     if (s_.optimizer_in_backward) return;  // stepped inside backward
+    if (hf_) {
+        hf_optimizer_step();
+        return;
+    }
     // Fused optimizer kernels update in place (no temporaries); then zero_grad(set_to_none).
     at("optimizer.zero_grad");
     for (auto& p : params_) drop(p.grad);
@@ -117,6 +165,7 @@ Timeline StepBuilder::run() {
     init_state();
     for (int micro = 0; micro < tl_.micro_steps_recorded; ++micro) micro_step(micro);
     optimizer_step();
+    if (hf_ && record_) hf_classify();
     return std::move(tl_);
 }
 
@@ -189,3 +238,52 @@ nlohmann::json to_json(const Estimate& e, const ModelSpec& model, const Training
 }
 
 }  // namespace mst
+
+namespace mst::sim {
+
+// torch.optim's step (torch/optim/adamw.py) then zero_grad(set_to_none=True), which frees the
+// gradients in the parameters' order. AdamW's foreach implementation takes the square root of
+// every second moment at once (_foreach_sqrt: one temporary per parameter, freed as the list
+// dies, last first); the for-loop one computes denom = sqrt(v) / c + eps per parameter, the
+// previous parameter's denom still held until the name is rebound; fused and SGD hold nothing.
+void StepBuilder::hf_step_temporaries(bytes_t state_bytes) {
+    if (s_.optimizer != Optimizer::AdamW) return;
+    if (s_.optimizer_impl == OptimizerImpl::Foreach) {
+        T root = alloc("exp_avg_sq_sqrt", state_bytes, Category::Transient);
+        drop(root);
+    } else if (s_.optimizer_impl == OptimizerImpl::ForLoop) {
+        T root = alloc("exp_avg_sq_sqrt", state_bytes, Category::Transient);
+        T denom = alloc("denom", state_bytes, Category::Transient);
+        drop(root), drop(denom);
+    }
+}
+
+void StepBuilder::hf_optimizer_step() {
+    at("optimizer.step");
+    const int sd = s_.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
+    const bool sharded = zero_stage() >= 1;
+    auto state_bytes = [&](const Param& p) { return checked_mul(sharded ? ceil_div(p.numel, s_.dp) : p.numel, sd); };
+    if (s_.optimizer == Optimizer::AdamW && s_.optimizer_impl == OptimizerImpl::Foreach) {
+        std::vector<T> sqrt;
+        for (int i : order_) {
+            layer_ = -1;
+            sqrt.push_back(alloc("exp_avg_sq_sqrt", state_bytes(params_[static_cast<std::size_t>(i)]), Category::Transient));
+        }
+        for (auto it = sqrt.rbegin(); it != sqrt.rend(); ++it) drop(*it);
+    } else if (s_.optimizer == Optimizer::AdamW && s_.optimizer_impl == OptimizerImpl::ForLoop) {
+        T denom;
+        for (int i : order_) {
+            const bytes_t b = state_bytes(params_[static_cast<std::size_t>(i)]);
+            T root = alloc("exp_avg_sq_sqrt", b, Category::Transient);
+            T next = alloc("denom", b, Category::Transient);
+            drop(root), drop(denom);
+            denom = next;
+        }
+        drop(denom);
+    }
+    at("optimizer.zero_grad");  // the masters' gradients with bf16-master
+    for (int i : order_) drop(params_[static_cast<std::size_t>(i)].grad);
+    for (int i : order_) drop(params_[static_cast<std::size_t>(i)].master_grad);
+}
+
+}  // namespace mst::sim
