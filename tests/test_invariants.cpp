@@ -196,7 +196,7 @@ TEST_CASE("the loop MLP saves the same activations for every M") {
 }
 
 TEST_CASE("the loop MLP can raise the peak: a counterexample found by the property test") {
-    // A small Gemma-2-shaped model, optimizer in backward: each layer's weight gradients
+    // A small Gemma-2-shaped model on the kernels runtime, optimizer in backward: each layer's weight gradients
     // are allocated inside its MLP backward. With M = 1 the up_proj gradient arrives
     // after g, u, m are gone; with M = 2 the other chunk's g, u, m are still saved
     // then (3/2 n I elements more) while dg, du are half as large: the peak, set at

@@ -16,14 +16,14 @@ same ops (so the same allocations), and documents each:
   emulation allocates the host copy as host memory (:func:`mst_referee.recorder.host_memory`)
   and the reload as a device copy, as on a GPU.
 
-One more stand-in: the plan's "flash" attention runs as FlashAttention-2 on a GPU, which fake
-tensors on the CPU cannot run. PyTorch's SDPA saves the same tensors (q, k, v, the output and
-its logsumexp); for models with attention logit soft-capping (Gemma-2), which SDPA does not
-implement, :data:`FLASH_STAND_IN` is SDPA with the cap left out: other numbers, the same memory.
+The plan's "flash" attention is transformers' flash_attention_2, whose flash_attn kernels need a
+GPU: :mod:`mst_referee.flash` stands in for that package with its exact allocations (its
+scratch buffers included) and answers the flash path's own packed-sequence question.
 
 Everything else runs unchanged. Fake CUDA tensors fail in backward without a device, so the
 device is the CPU; what differs between the CPU and CUDA code paths is kept to what a
-dispatch mode can see (aten ops and their outputs; kernels' internal scratch is not seen).
+dispatch mode can see (aten ops and their outputs; the internal scratch of PyTorch's own
+kernels is not seen).
 """
 
 from __future__ import annotations
@@ -34,29 +34,8 @@ from typing import Any, Iterator, Tuple
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from . import flash
 from .recorder import host_memory
-
-
-FLASH_STAND_IN = "referee_flash"
-
-
-def _sdpa_without_softcap(module: Any, *args: Any, **kwargs: Any) -> Any:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    kwargs.pop("softcap", None)
-    return sdpa_attention_forward(module, *args, **kwargs)
-
-
-def flash_stand_in(model: Any, attn: str) -> str:
-    """Switch a model built with SDPA to :data:`FLASH_STAND_IN` where it soft-caps attention
-    logits; returns the attention implementation the model now runs."""
-    if attn != "sdpa" or not getattr(model.config, "attn_logit_softcapping", None):
-        return attn
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(FLASH_STAND_IN, _sdpa_without_softcap)
-    model.config._attn_implementation = FLASH_STAND_IN
-    return FLASH_STAND_IN
 
 
 def _single_sequence_per_row(position_ids: torch.Tensor) -> None:
@@ -97,7 +76,7 @@ def session() -> Iterator[FakeTensorMode]:
     masking.find_packed_sequence_indices = _single_sequence_per_row
     torch.autograd.graph.save_on_cpu = _SaveOnDevicesHost  # type: ignore[misc]
     try:
-        with FakeTensorMode() as mode:
+        with flash.stand_in(), FakeTensorMode() as mode:
             yield mode
     finally:
         masking.find_packed_sequence_indices, torch.autograd.graph.save_on_cpu = saved

@@ -164,9 +164,10 @@ class StorageRecorder(TorchDispatchMode):
         return ""
 
     def _phase(self) -> str:
-        # Backward formulas run with grad mode off; forward code run by a backward (checkpointing's
-        # recomputation, a tiled MLP's per-chunk replay) turns it on.
-        if torch._C._current_graph_task_id() != -1 and torch.is_grad_enabled():
+        # Backward formulas run with grad mode off and outside any module; forward code run by a
+        # backward (checkpointing's recomputation, a tiled MLP's per-chunk replay) turns grad mode
+        # on or runs inside a module's forward (where an autograd Function's forward turns it off).
+        if torch._C._current_graph_task_id() != -1 and (torch.is_grad_enabled() or self._stack):
             return "recompute"
         return self.phase
 

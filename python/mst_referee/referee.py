@@ -13,7 +13,7 @@ implementation; the others keep it on the host and it is left out.
 
 Categories the recorder cannot see by itself are marked as the step shows them: a
 checkpointed decoder layer's input (the hidden states it receives in forward) is a
-checkpoint; a parameter's (or master's) ``.grad`` is a gradient.
+checkpoint, unless offloading makes its host copy the checkpoint; a parameter's (or master's) ``.grad`` is a gradient.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
     """
     import torch
 
-    from .fake import flash_stand_in, session
+    from .fake import session
+    from .flash import use_flash
     from .recorder import StorageRecorder
     from .train import build_model, pick_attn_implementation
 
@@ -93,7 +94,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
     marking: Dict[str, Any] = {"recorder": None}  # the gradient marks reach the recorder once it records
     with session():
         model = build_model(job, attn, "cpu")
-        attn = flash_stand_in(model, attn)
+        attn = use_flash(model, cfg.attention)
         mst_hf.apply(model, cfg)
         # Registered before make_optimizer's: a hook that steps the optimizer in backward frees the
         # gradient, so this one must see it first.
@@ -124,7 +125,8 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         recorder.register(_state_tensors(optimizer, names), "optimizer_state", "init.optimizer_state")
 
         layers = model.model.layers
-        hooks += [layers[i].register_forward_pre_hook(_mark_checkpoint(recorder)) for i in cfg.checkpoint_layers]
+        if not cfg.offload_checkpoints:  # offloaded, the checkpoint is the host copy save_on_cpu makes
+            hooks += [layers[i].register_forward_pre_hook(_mark_checkpoint(recorder)) for i in cfg.checkpoint_layers]
         marking["recorder"] = recorder
         step_batches = batches()  # host memory: made before recording starts
         try:

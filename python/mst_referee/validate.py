@@ -181,14 +181,14 @@ def profile_plain_step(job: Job) -> List[_Alloc]:
 
     import mst_hf
 
-    from .fake import flash_stand_in
+    from .flash import stand_in, use_flash
     from .step import run_step
     from .train import build_model, pick_attn_implementation
 
     cfg = mst_hf.load_config(job.mst_config)
     attn, _ = pick_attn_implementation(cfg.attention, "cpu")
     model = build_model(job, attn, "cpu")
-    flash_stand_in(model, attn)
+    use_flash(model, cfg.attention)
     mst_hf.apply(model, cfg)
     optimizer = mst_hf.make_optimizer(model, cfg, lr=job.lr)
     g = torch.Generator().manual_seed(job.seed + 1)
@@ -197,11 +197,12 @@ def profile_plain_step(job: Job) -> List[_Alloc]:
         return [torch.randint(0, job.hf_config["vocab_size"], (cfg.micro_batch, cfg.seq_len), generator=g)
                 for _ in range(cfg.grad_accum)]
 
-    for _ in range(max(job.warmup, 1)):
-        run_step(model, optimizer, cfg, batches(), "cpu", keep_loss=False)
-    step_batches = batches()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        run_step(model, optimizer, cfg, step_batches, "cpu", keep_loss=False)
+    with stand_in():
+        for _ in range(max(job.warmup, 1)):
+            run_step(model, optimizer, cfg, batches(), "cpu", keep_loss=False)
+        step_batches = batches()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            run_step(model, optimizer, cfg, step_batches, "cpu", keep_loss=False)
     return profiled_allocations(prof)
 
 
@@ -214,7 +215,8 @@ def memtracker_peak(job: Job) -> int:
 
     import mst_hf
 
-    from .fake import flash_stand_in, session
+    from .fake import session
+    from .flash import use_flash
     from .referee import _optimizers
     from .step import run_step
     from .train import build_model, pick_attn_implementation
@@ -223,7 +225,7 @@ def memtracker_peak(job: Job) -> int:
     attn, _ = pick_attn_implementation(cfg.attention, "cpu")
     with session():
         model = build_model(job, attn, "cpu")
-        flash_stand_in(model, attn)
+        use_flash(model, cfg.attention)
         mst_hf.apply(model, cfg)
         optimizer = mst_hf.make_optimizer(model, cfg, lr=job.lr)
         g = torch.Generator().manual_seed(job.seed + 1)

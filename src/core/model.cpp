@@ -96,11 +96,18 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
     m.o_bias = attention_bias;
     m.mlp_bias = r.opt_boolean("mlp_bias").value_or(false);
 
-    // Which layers attend within a sliding window.
+    // Which layers attend within a sliding window, as transformers' modeling code reads the config:
+    // Mistral slides in every layer (it ignores layer_types), Llama in none (it ignores the window).
     m.sliding_layers.assign(static_cast<std::size_t>(m.num_layers), false);
     m.sliding_window = r.opt_integer("sliding_window", 1, kMaxPositions);
+    if (m.sliding_window && m.family == Family::Llama) {
+        m.sliding_window.reset();
+        m.warnings.push_back("sliding_window: Llama attends to the whole sequence; the window is ignored");
+    }
     if (m.sliding_window) {
-        if (r.has("layer_types")) {
+        if (m.family == Family::Mistral) {
+            m.sliding_layers.assign(m.sliding_layers.size(), true);
+        } else if (r.has("layer_types")) {
             const auto& types = r.raw("layer_types");
             if (!types.is_array() || static_cast<std::int64_t>(types.size()) != m.num_layers)
                 r.fail("layer_types", fmt::format("expected an array of {} strings", m.num_layers));
@@ -115,8 +122,6 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
                 const auto first = r.opt_integer("max_window_layers", 0, kMaxLayers).value_or(0);
                 for (std::int64_t i = first; i < m.num_layers; ++i) m.sliding_layers[static_cast<std::size_t>(i)] = true;
             }
-        } else {
-            m.sliding_layers.assign(m.sliding_layers.size(), true);  // Mistral and Llama-shaped
         }
     }
 

@@ -288,14 +288,16 @@ namespace mst::sim {
 
 // LlamaRMSNorm.forward on the [T, d] bf16 input (borrowed):
 //   a = x.to(fp32); v = a.pow(2).mean(-1, keepdim); n = a * rsqrt(v + eps); return w * n.to(bf16)
-T StepBuilder::hf_norm_forward(int p, HfNorm& sv) {
+T StepBuilder::hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save) {
     const std::int64_t d = m_.hidden_size;
+    const bool gemma = m_.family == Family::Gemma2;
     T a = act("norm.upcast", f32(tokens_, d), false);
     T pw = act("norm.pow", f32(tokens_, d), false);
     sv.a_pow = saved(a);
     T v = act("norm.variance", f32(tokens_, 1), false);
     drop(pw);
     T e = act("norm.variance_eps", f32(tokens_, 1), false);
+    if (gemma) drop(v);  // Gemma2RMSNorm._norm keeps no variance variable
     T r = act("norm.rsqrt", f32(tokens_, 1), false);
     sv.r_rsqrt = saved(r);  // rsqrt's backward reads its result
     drop(e);
@@ -304,8 +306,23 @@ T StepBuilder::hf_norm_forward(int p, HfNorm& sv) {
     sv.r_mul = saved(r);
     drop(r);  // the rsqrt temporary dies with the expression
     drop(a);  // hidden_states = n
-    T c = act("norm.normed", bf16(tokens_, d), false);
     use_weight(p);
+    if (gemma) {  // (n * (1 + weight.float())).type_as(x)
+        T wf = act("norm.weight_fp32", elems(d, 1, 4), false);
+        T w1 = act("norm.one_plus_weight", elems(d, 1, 4), false);
+        drop(wf);
+        sv.n = saved(n), sv.w1 = saved(w1);  // saved before the product exists
+        if (stop_after_last_save) {  // the layer's last saved tensor: the recomputation stops
+            drop(w1), drop(n);
+            return T{};
+        }
+        T o = act("norm.out_fp32", f32(tokens_, d), false);
+        drop(w1), drop(n);  // the operand, then the variable it rebinds
+        T out = act("norm_out", bf16(tokens_, d), false);
+        drop(o);
+        return out;
+    }
+    T c = act("norm.normed", bf16(tokens_, d), false);  // weight * n.to(bf16)
     T out = act("norm_out", bf16(tokens_, d), false);
     sv.c = saved(c);
     drop(c);
@@ -315,19 +332,39 @@ T StepBuilder::hf_norm_forward(int p, HfNorm& sv) {
 
 T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack) {
     const std::int64_t d = m_.hidden_size;
-    // MulBackward0 (w * c): the gradient of c, then w's (reduced to [d] by validate_outputs)
-    T gc = alloc("d_normed", bf16(tokens_, d), Category::Transient);
-    T gw_full = alloc("d_norm_weight_full", bf16(tokens_, d), Category::Transient);
-    T gw;
-    node_end({&sv.c}, &g, [&] {
-        gw = grad_out(p);
-        drop(gw_full);
-    });
-    release_weight(p);
-    add_grad(p, gw, true, true);
-    // ToCopyBackward0 (n.to(bf16))
-    T gn = alloc("d_normed_fp32", f32(tokens_, d), Category::Transient);
-    node_end({}, &gc);
+    T gn;  // the gradient of n, fp32
+    if (m_.family == Family::Gemma2) {
+        T g32 = alloc("d_norm_out_fp32", f32(tokens_, d), Category::Transient);  // ToCopyBackward0 (type_as)
+        node_end({}, &g);
+        unpack();
+        // MulBackward0 (n * w1): w1's gradient (reduced to [d]), then n's
+        T gw1_full = alloc("d_one_plus_weight_full", f32(tokens_, d), Category::Transient);
+        gn = alloc("d_normed_fp32", f32(tokens_, d), Category::Transient);
+        T gw1;
+        node_end({&sv.w1, &sv.n}, &g32, [&] {
+            gw1 = alloc("d_one_plus_weight", elems(d, 1, 4), Category::Transient);
+            drop(gw1_full);
+        });
+        // AddBackward0 (1 + wf) passes it on; ToCopyBackward0 (weight.float()) casts it to the weight's
+        T gw = grad_out(p);
+        node_end({}, &gw1);
+        release_weight(p);
+        add_grad(p, gw, false, true);
+    } else {
+        // MulBackward0 (w * c): the gradient of c, then w's (reduced to [d] by validate_outputs)
+        T gc = alloc("d_normed", bf16(tokens_, d), Category::Transient);
+        T gw_full = alloc("d_norm_weight_full", bf16(tokens_, d), Category::Transient);
+        T gw;
+        node_end({&sv.c}, &g, [&] {
+            gw = grad_out(p);
+            drop(gw_full);
+        });
+        release_weight(p);
+        add_grad(p, gw, true, true);
+        // ToCopyBackward0 (n.to(bf16))
+        gn = alloc("d_normed_fp32", f32(tokens_, d), Category::Transient);
+        node_end({}, &gc);
+    }
     // MulBackward0 (a * r): the gradient of r (reduced to [T, 1]), then a's
     T gr_full = alloc("d_rsqrt_full", f32(tokens_, d), Category::Transient);
     T ga = alloc("d_upcast", f32(tokens_, d), Category::Transient);
@@ -424,15 +461,8 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
         hf_eager_forward(sv, qe, ke, v, attn_out, weights);
         return;
     }
-    at("attn.sdpa");
-    T o = act("o", bf16(tokens_, qd), false);
-    T lse = act("lse", f32(tokens_, m_.num_heads), false);  // [B, H, S] fp32
-    sv.q_sdpa = saved(qe);
-    sv.k_sdpa = saved(ke);
-    sv.v_sdpa = saved(v);
-    sv.o_sdpa = saved(o);
-    sv.lse = saved(lse);
-    drop(lse);  // scaled_dot_product_attention returns only the output
+    T o;
+    hf_flash_forward(sv, qe, ke, v, o);
     at("attn.o_proj");
     use_weight(lp.o);
     attn_out = act("attn_out", bf16(tokens_, d), false);
@@ -444,20 +474,12 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
     const std::int64_t d = m_.hidden_size, qd = m_.q_dim(), kvd = m_.kv_dim();
     at("attn.o_proj");
-    T gwo = grad_out(lp.o);
-    T d_o = alloc("d_o", bf16(tokens_, qd), Category::Transient);
-    node_end({&sv.o_oproj}, &d_out);
-    release_weight(lp.o);
-    add_grad(lp.o, gwo, true, true);
+    T d_o = hf_linear_backward(lp.o, lp.o_bias, "d_o", bf16(tokens_, qd), {&sv.o_oproj}, d_out, [](T&) {});
     T dq, dk, dv;
     if (s_.attention == Attention::Eager) {
         hf_eager_backward(sv, d_o, dq, dk, dv);
     } else {
-        at("attn.sdpa");
-        dq = alloc("dq", bf16(tokens_, qd), Category::Transient);
-        dk = alloc("dk", bf16(tokens_, kvd), Category::Transient);
-        dv = alloc("dv", bf16(tokens_, kvd), Category::Transient);
-        node_end({&sv.k_sdpa, &sv.q_sdpa, &sv.v_sdpa, &sv.lse, &sv.o_sdpa}, &d_o);
+        hf_flash_backward(sv, d_o, dq, dk, dv);
     }
     at("attn.rope");  // k's products ran after q's in forward: their backward runs first
     T gk = hf_rope_backward(dk, kvd, sv.cos_k, sv.sin_k);
@@ -468,30 +490,77 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
         drop(dv);
         dv = dv2;
     }
-    // SDPA's v gradient is in v's layout: the transpose back and the reshape are views
-    T gwv = grad_out(lp.v);
-    T dh = alloc("d_h1_v", bf16(tokens_, d), Category::Transient);
-    node_end({&sv.h1_v}, &dv);
-    release_weight(lp.v);
-    add_grad(lp.v, gwv, true, true);
+    // flash-attn's v gradient is in v's layout: the transposes back and the reshape are views
+    T dh = hf_linear_backward(lp.v, lp.v_bias, "d_h1_v", bf16(tokens_, d), {&sv.h1_v}, dv, [](T&) {});
     // k's and q's are contiguous as [B, heads, S, D]: the reshape to [T, heads * D] copies
     T gk2 = alloc("d_k_contiguous", bf16(tokens_, kvd), Category::Transient);
     drop(gk);
-    T gwk = grad_out(lp.k);
-    T dhk = alloc("d_h1_k", bf16(tokens_, d), Category::Transient);
-    node_end({&sv.h1_k}, &gk2);
-    release_weight(lp.k);
-    accumulate(dh, dhk, true);  // input first (both views of their GEMM's output), then the weight
-    add_grad(lp.k, gwk, true, true);
+    // both input gradients are views of their GEMM's output: the sum is a new tensor
+    hf_linear_backward(lp.k, lp.k_bias, "d_h1_k", bf16(tokens_, d), {&sv.h1_k}, gk2,
+                       [&](T& g) { accumulate(dh, g, true); });
     T gq2 = alloc("d_q_contiguous", bf16(tokens_, qd), Category::Transient);
     drop(gq);
-    T gwq = grad_out(lp.q);
-    T dhq = alloc("d_h1_q", bf16(tokens_, d), Category::Transient);
-    node_end({&sv.h1_q}, &gq2);
-    release_weight(lp.q);
-    accumulate(dh, dhq, false);
-    add_grad(lp.q, gwq, true, true);
+    hf_linear_backward(lp.q, lp.q_bias, "d_h1_q", bf16(tokens_, d), {&sv.h1_q}, gq2,
+                       [&](T& g) { accumulate(dh, g, false); });
     return dh;
+}
+
+// transformers' _is_packed_sequence on the position ids [1, S] (flash_attention_2, every layer):
+// (arange(S) + min) - position_ids, its abs, sum and bool; with B > 1 it answers without ops.
+void StepBuilder::hf_packed_check() {
+    if (s_.micro_batch != 1 || s_.seq_len == 1) return;
+    const bytes_t ids = elems(1, s_.seq_len, 8);
+    at("attn.packed_check");
+    T range = alloc("arange", ids, Category::Transient);
+    T min = alloc("positions_min", 8, Category::Transient);
+    T inc = alloc("increasing", ids, Category::Transient);
+    drop(range), drop(min);
+    T diff = alloc("diff", ids, Category::Transient);
+    T abs = alloc("abs", ids, Category::Transient);
+    drop(diff);
+    T sum = alloc("sum", 8, Category::Transient);
+    drop(abs);
+    T flag = alloc("packed", 1, Category::Transient);
+    drop(sum), drop(flag), drop(inc);
+}
+
+// flash-attn 2.8's FlashAttnFunc on q, k, v as transformers passes them ([B, S, heads, D]
+// transposes of the rotated q and k, and of v): mha_fwd allocates the output [B, S, H, D], the
+// logsumexp [B, H, S] fp32 and the RNG state int64[2], and the node saves q, k, v, the output,
+// the logsumexp and the RNG state (csrc/flash_attn/flash_api.cpp, flash_attn_interface.py).
+void StepBuilder::hf_flash_forward(HfLayer& sv, T qe, T ke, T v, T& out) {
+    const std::int64_t qd = m_.q_dim(), heads = m_.num_heads / s_.sp;
+    hf_packed_check();
+    at("attn.flash");
+    out = act("o", bf16(tokens_, qd), false);
+    T lse = act("lse", elems(s_.micro_batch * heads, s_.seq_len, 4), false);
+    T rng = act("rng_state", 16, false);
+    sv.q_fa = saved(qe), sv.k_fa = saved(ke), sv.v_fa = saved(v);
+    sv.o_fa = saved(out), sv.lse_fa = saved(lse), sv.rng_fa = saved(rng);
+    drop(lse), drop(rng);  // FlashAttnFunc.forward returns only the output
+}
+
+// Its backward: dq, dk, dv like q, k, v; inside mha_bwd the row sums softmax_d [B, H, S128] fp32,
+// the dQ accumulator [B, S128, H, D32] fp32 (S rounded to 128, D to 32) and, with grouped-query
+// attention, dK and dV for every query head, which die at its return (dV's, dK's, the
+// accumulator), then the returned softmax_d.
+void StepBuilder::hf_flash_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
+    const std::int64_t qd = m_.q_dim(), kvd = m_.kv_dim(), heads = m_.num_heads / s_.sp;
+    const std::int64_t hd = m_.head_dim, hd_rounded = hd <= 192 ? round_up(hd, 32) : 256;
+    const std::int64_t s128 = round_up(s_.seq_len, 128), rows = s_.micro_batch * heads;
+    at("attn.flash");
+    dq = alloc("dq", bf16(tokens_, qd), Category::Transient);
+    dk = alloc("dk", bf16(tokens_, kvd), Category::Transient);
+    dv = alloc("dv", bf16(tokens_, kvd), Category::Transient);
+    T softmax_d = alloc("softmax_d", elems(rows, s128, 4), Category::Transient);
+    T dq_accum = alloc("dq_accum", elems(rows * s128, hd_rounded, 4), Category::Transient);
+    if (m_.num_kv_heads < m_.num_heads) {
+        T dk_expanded = alloc("dk_expanded", bf16(tokens_, qd), Category::Transient);
+        T dv_expanded = alloc("dv_expanded", bf16(tokens_, qd), Category::Transient);
+        drop(dv_expanded), drop(dk_expanded);
+    }
+    drop(dq_accum), drop(softmax_d);
+    py_node_end({&sv.q_fa, &sv.k_fa, &sv.v_fa, &sv.o_fa, &sv.lse_fa, &sv.rng_fa}, &d_o);
 }
 
 // eager_attention_forward (modeling_llama.py) on the rotated q, k and v ([B, heads, S, D]):
@@ -515,6 +584,15 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     drop(q);
     T scaled = act("scores_scaled", bf16(rows, cols), false);
     drop(scores);
+    if (m_.attn_logit_softcapping) {  // Gemma-2: tanh(scores / cap) * cap, each a new tensor
+        T div = act("scores_div", bf16(rows, cols), false);
+        drop(scaled);
+        T t = act("scores_tanh", bf16(rows, cols), false);
+        sv.scores_tanh = saved(t);
+        drop(div);
+        scaled = act("scores_capped", bf16(rows, cols), false);
+        drop(t);
+    }
     T masked = act("scores_masked", bf16(rows, cols), false);
     drop(scaled);
     T up = act("scores_fp32", f32(rows, cols), false);
@@ -556,6 +634,14 @@ void StepBuilder::hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
     node_end({&sv.probs32}, &g32);
     T gb = alloc("d_scores_masked", bf16(rows, cols), Category::Transient);  // ToCopyBackward0
     node_end({}, &gs);
+    if (m_.attn_logit_softcapping) {  // MulBackward0, TanhBackward0, DivBackward0
+        T g1 = alloc("d_scores_capped", bf16(rows, cols), Category::Transient);
+        node_end({}, &gb);
+        T g2 = alloc("d_scores_tanh", bf16(rows, cols), Category::Transient);
+        node_end({&sv.scores_tanh}, &g1);
+        gb = alloc("d_scores_div", bf16(rows, cols), Category::Transient);
+        node_end({}, &g2);
+    }
     T gm = alloc("d_scores", bf16(rows, cols), Category::Transient);  // MulBackward0 (the scaling)
     node_end({}, &gb);
     T gk = alloc("d_k_rep", bf16(tokens_, qd), Category::Transient);  // BmmBackward0 (q @ k^T)
@@ -580,23 +666,39 @@ T StepBuilder::hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last
     layer_ = l;
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
     const std::int64_t d = m_.hidden_size;
+    const bool gemma = m_.family == Family::Gemma2;
     at("attn.norm");
     T h1 = hf_norm_forward(lp.norm1, sv.hf.n1);
     T y, weights;
     hf_attention_forward(sv.hf, h1, y, weights);
-    at("attn.residual");
     drop(h1);  // hidden_states = the attention's output
+    if (gemma) {  // Gemma-2 normalises the branch's output before the residual add
+        at("attn.post_norm");
+        T normed = hf_norm_forward(lp.post_attn_norm, sv.hf.n_pa);
+        drop(y);
+        y = normed;
+    }
+    at("attn.residual");
     T x2 = act("x2", bf16(tokens_, d), false);
     drop(y);
     at("mlp.norm");
     T h2 = hf_norm_forward(lp.norm2, sv.hf.n2);
-    T y2 = hf_mlp_forward(lp, h2, sv.hf, stop_after_last_save);
-    if (!y2.valid()) {  // the frames' locals go when checkpointing has caught the stop
+    T y2 = hf_mlp_forward(lp, h2, sv.hf, stop_after_last_save && !gemma);
+    auto stopped = [&](T& out) {  // the frames' locals go when checkpointing has caught the stop
+        if (out.valid()) return false;
         phase_ = Phase::Backward;
-        drop(h2), drop(x2), drop(weights);
-        return T{};
-    }
+        drop(h2), drop(y2), drop(x2), drop(weights);
+        return true;
+    };
+    if (stopped(y2)) return T{};
     drop(h2);  // hidden_states = the MLP's output
+    if (gemma) {
+        at("mlp.post_norm");
+        T normed = hf_norm_forward(lp.post_ff_norm, sv.hf.n_pf, stop_after_last_save);
+        if (stopped(normed)) return T{};
+        drop(y2);
+        y2 = normed;
+    }
     at("mlp.residual");
     T out = act("x_out", bf16(tokens_, d), false);
     drop(y2), drop(x2), drop(weights);
@@ -608,11 +710,17 @@ T StepBuilder::hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last
 void StepBuilder::hf_layer_backward(int l, LayerSaved& sv, T& dres) {
     layer_ = l;
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
-    T dh2 = hf_mlp_backward(lp, sv.hf, hold(dres));
+    const bool gemma = m_.family == Family::Gemma2;
+    if (!gemma) unpack();  // down_proj's node (the MLP's first) unpacks a saved tensor first
+    at("mlp.post_norm");
+    T dy2 = gemma ? hf_norm_backward(lp.post_ff_norm, sv.hf.n_pf, hold(dres)) : hold(dres);
+    T dh2 = hf_mlp_backward(lp, sv.hf, dy2);
     at("mlp.norm");
     T dx2 = hf_norm_backward(lp.norm2, sv.hf.n2, dh2);
     accumulate(dres, dx2, false);
-    T dh1 = hf_attention_backward(l, sv.hf, hold(dres));
+    at("attn.post_norm");
+    T dy = gemma ? hf_norm_backward(lp.post_attn_norm, sv.hf.n_pa, hold(dres)) : hold(dres);
+    T dh1 = hf_attention_backward(l, sv.hf, dy);
     at("attn.norm");
     T dx = hf_norm_backward(lp.norm1, sv.hf.n1, dh1, recomputed_);
     accumulate(dres, dx, false);

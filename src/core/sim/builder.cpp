@@ -112,10 +112,18 @@ void StepBuilder::build_params() {
     for (std::int32_t l = 0; l < m_.num_layers; ++l) {
         LayerParams lp{};
         lp.norm1 = add("input_norm", l, d);
-        lp.q = add("q_proj", l, d * m_.q_dim() + (m_.qkv_bias ? m_.q_dim() : 0));
-        lp.k = add("k_proj", l, d * m_.kv_dim() + (m_.qkv_bias ? m_.kv_dim() : 0));
-        lp.v = add("v_proj", l, d * m_.kv_dim() + (m_.qkv_bias ? m_.kv_dim() : 0));
-        lp.o = add("o_proj", l, m_.q_dim() * d + (m_.o_bias ? d : 0));
+        // The kernels runtime folds a bias into its weight; in the hf runtime it is its own parameter.
+        const bool fold = !hf_;
+        lp.q = add("q_proj", l, d * m_.q_dim() + (fold && m_.qkv_bias ? m_.q_dim() : 0));
+        lp.k = add("k_proj", l, d * m_.kv_dim() + (fold && m_.qkv_bias ? m_.kv_dim() : 0));
+        lp.v = add("v_proj", l, d * m_.kv_dim() + (fold && m_.qkv_bias ? m_.kv_dim() : 0));
+        lp.o = add("o_proj", l, m_.q_dim() * d + (fold && m_.o_bias ? d : 0));
+        if (hf_ && m_.qkv_bias) {
+            lp.q_bias = add("q_proj.bias", l, m_.q_dim());
+            lp.k_bias = add("k_proj.bias", l, m_.kv_dim());
+            lp.v_bias = add("v_proj.bias", l, m_.kv_dim());
+        }
+        if (hf_ && m_.o_bias) lp.o_bias = add("o_proj.bias", l, d);
         if (m_.family == Family::Gemma2) lp.post_attn_norm = add("post_attention_norm", l, d);
         lp.norm2 = add(m_.family == Family::Gemma2 ? "pre_feedforward_norm" : "post_attention_norm", l, d);
         if (m_.family == Family::Gemma2) lp.post_ff_norm = add("post_feedforward_norm", l, d);
@@ -129,15 +137,16 @@ void StepBuilder::build_params() {
     gathered_.assign(static_cast<std::size_t>(m_.num_layers + 2), T{});
 
     // model.parameters() of a transformers causal LM: the embedding; per layer the attention's
-    // q, k, v, o, the MLP's gate, up, down, then the norms; the final norm; lm_head unless tied.
+    // q, k, v, o (each weight, then its bias), the MLP's gate, up, down, then the norms; the final
+    // norm; lm_head unless tied.
     if (!hf_) {
         for (int p = 0; p < static_cast<int>(params_.size()); ++p) order_.push_back(p);
         return;
     }
     order_.push_back(embed_);
     for (const LayerParams& lp : layer_params_) {
-        for (int p : {lp.q, lp.k, lp.v, lp.o, lp.gate, lp.up, lp.down, lp.norm1, lp.post_attn_norm, lp.norm2,
-                      lp.post_ff_norm})
+        for (int p : {lp.q, lp.q_bias, lp.k, lp.k_bias, lp.v, lp.v_bias, lp.o, lp.o_bias, lp.gate, lp.up, lp.down,
+                      lp.norm1, lp.post_attn_norm, lp.norm2, lp.post_ff_norm})
             if (p >= 0) order_.push_back(p);
     }
     order_.push_back(final_norm_);
@@ -160,9 +169,10 @@ void StepBuilder::init_state() {
         layer_ = p.layer;
         p.weight = alloc(p.name, checked_mul(part(p.numel, shard_params), pw_), Category::Weights);
     }
-    if (hf_) {  // the rotary embedding's buffers, inv_freq and original_inv_freq: [D / 2] fp32 each
-        at("init.buffers");
+    if (hf_) {  // Gemma-2's embedding scale (a scalar in the model's dtype), then the rotary embedding's
+        at("init.buffers");  // inv_freq and original_inv_freq: [D / 2] fp32 each
         layer_ = -1;
+        if (m_.family == Family::Gemma2) alloc("embed_scale", pw_, Category::Weights);
         for (const char* name : {"inv_freq", "original_inv_freq"}) alloc(name, elems(m_.head_dim / 2, 1, 4), Category::Weights);
     }
     if (s_.precision == Precision::Bf16Master) {

@@ -9,8 +9,10 @@
 // layer, the recompute and the normal forward come out of the same code.
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <iterator>
+#include <utility>
 #include <vector>
 
 #include "../caching_allocator.hpp"
@@ -44,6 +46,7 @@ struct Param {
 // Parameter indices of one decoder layer.
 struct LayerParams {
     int norm1, q, k, v, o, post_attn_norm = -1, norm2, post_ff_norm = -1, gate, up, down;
+    int q_bias = -1, k_bias = -1, v_bias = -1, o_bias = -1;  // hf: biases are parameters of their own
 };
 
 // hf runtime: what autograd and Python hold for one Hugging Face RMSNorm, one handle per
@@ -51,7 +54,8 @@ struct LayerParams {
 struct HfNorm {
     T a_pow, a_mul;    // the fp32 upcast, saved by pow and by the mul with rsqrt
     T r_rsqrt, r_mul;  // rsqrt of the variance, saved by rsqrt (its result) and by that mul
-    T c;               // the normalised bf16 copy, saved by the weight mul
+    T c;               // Llama: the normalised bf16 copy, saved by the weight mul
+    T n, w1;           // Gemma-2: the normalised fp32 tensor and 1 + weight (fp32), saved by their mul
 };
 
 // hf runtime: one MLP chunk's saved tensors (the whole block when unchunked).
@@ -66,11 +70,12 @@ struct HfMlpChunk {
 
 // hf runtime: what one decoder layer's forward left for its backward.
 struct HfLayer {
-    HfNorm n1, n2;
+    HfNorm n1, n2, n_pa, n_pf;  // the input and pre-MLP norms; Gemma-2's post-attention and post-MLP ones
     T h1_q, h1_k, h1_v;                        // the attention input, saved by q, k, v projections
     T cos_q, sin_q, cos_k, sin_k;              // the rotary tables, saved by RoPE's muls
-    T q_sdpa, k_sdpa, v_sdpa, o_sdpa, lse;     // saved by scaled_dot_product_attention
+    T q_fa, k_fa, v_fa, o_fa, lse_fa, rng_fa;  // saved by flash-attn's FlashAttnFunc
     T q_bmm, k_rep, v_rep, probs32, probs;     // eager: saved by the two batched GEMMs and the softmax
+    T scores_tanh;                             // eager Gemma-2: the soft-capping's tanh, saved by it
     T o_oproj;                                 // its output, saved by o_proj
     std::vector<HfMlpChunk> mlp;
     T x_tiled;                                 // tiled MLP: the input its Function saved
@@ -190,7 +195,9 @@ private:
     // CPython and autograd hold them: an allocation's holder is the Python reference (or
     // temporary) that received it, `saved` adds one holder per autograd node that saved it,
     // and a layer's input is borrowed (its caller's variable holds it until the layer returns).
-    T hf_norm_forward(int p, HfNorm& sv);  // Hugging Face RMSNorm of the [T, d] input: returns its output
+    // Hugging Face RMSNorm of the [T, d] input: returns its output (invalid when a checkpoint's
+    // recomputation stops at its last save: Gemma-2's post-MLP norm ends a layer's saves).
+    T hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save = false);
     // g: the output's gradient (consumed); returns the input's gradient. last_unpack: its pow's
     // backward is the last node to unpack a checkpointed layer's tensors (the frame dies there).
     T hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack = false);
@@ -198,17 +205,52 @@ private:
     void hf_layer_backward(int l, LayerSaved& sv, T& dres);
     void hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weights);
     T hf_attention_backward(int l, HfLayer& sv, T d_out);  // returns the input's gradient
+    // The backward of a Hugging Face linear on [B, S, in] (weight w, bias b or -1); returns the
+    // input's gradient, which pass_input hands on to its next node (the view node's run).
+    // Without a bias (MmBackward0) the node computes the weight's gradient [out, in], then the
+    // input's; the input's view node runs before the weight's transpose node and AccumulateGrad.
+    // With one (F.linear's fused path, AddmmBackward0): the input's, the weight's, then the bias's
+    // (validate_outputs sums the output gradient over the tokens); then the accumulation nodes run
+    // first, the bias's and the weight's, and the input's view node after them.
+    template <class PassInput>
+    T hf_linear_backward(int w, int b, const char* input_name, bytes_t input_bytes, std::initializer_list<T*> saved,
+                         T& grad_in, PassInput pass_input) {
+        T input, weight, bias;
+        if (b < 0) {
+            weight = grad_out(w);
+            input = alloc(input_name, input_bytes, Category::Transient);
+            node_end(saved, &grad_in);
+            release_weight(w);
+            pass_input(input);
+            add_grad(w, weight, true, true);
+        } else {
+            input = alloc(input_name, input_bytes, Category::Transient);
+            weight = grad_out(w);
+            node_end(saved, &grad_in, [&] { bias = grad_out(b); });
+            release_weight(w);
+            add_grad(b, bias, false, true);
+            add_grad(w, weight, true, true);
+            pass_input(input);
+        }
+        return input;
+    }
     void hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T& weights);
     void hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv);
     T hf_rope_forward(T x, std::int64_t dim, T& cos_saved, T& sin_saved);
     T hf_rope_backward(T d, std::int64_t dim, T& cos_saved, T& sin_saved);
+    void hf_packed_check();  // flash_attention_2's per-layer packed-sequence check (a single row)
+    void hf_flash_forward(HfLayer& sv, T qe, T ke, T v, T& out);
+    void hf_flash_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv);
     T hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save);
     T hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);
     T hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);
     void hf_model_tensors();            // position ids, the packed-sequence check, rotary tables
+    T hf_eager_mask(bool sliding);      // masking_utils' additive mask for eager attention
     void hf_head_forward(T x_last, HeadSaved& hs);
     T hf_head_backward(HeadSaved& hs);  // returns the residual-stream gradient
-    void hf_chunk_loss(std::int64_t n, bool with_grad, T& z, T& loss);
+    // One chunk's logits (z, fp32; Gemma-2: z capped and t its tanh) and summed loss; with_grad:
+    // z turned into the logits' gradient in place.
+    void hf_chunk_loss(std::int64_t n, bool with_grad, T& z, T& t, T& loss);
     T hf_chunk_backward(std::int64_t n);
     void hf_chunked_loss_forward(T h, HeadSaved& hs);
     T hf_chunked_loss_backward(HeadSaved& hs, T grad_in);
@@ -231,6 +273,15 @@ private:
             for (T* t : saved) drop(*t);
     }
     void node_end(std::initializer_list<T*> saved, T* grad_in) { node_end(saved, grad_in, [] {}); }
+    // The same for a custom autograd.Function (a PyNode): recomputed saved tensors are the locals
+    // its backward unpacked ctx.saved_tensors into, which die in order when it returns.
+    void py_node_end(std::initializer_list<T*> saved, T* grad_in) {
+        if (recomputed_)
+            for (T* t : saved) drop(*t);
+        if (grad_in) drop(*grad_in);
+        if (!recomputed_)
+            for (T* t : saved) drop(*t);
+    }
     // autograd's InputBuffer: a second gradient of one tensor is added into the first in place,
     // unless the first is a view (its storage is shared with a base): then the sum is a new tensor.
     void accumulate(T& acc, T g, bool acc_is_view);
@@ -279,8 +330,17 @@ private:
     bool recomputed_ = false;  // hf backward of a checkpointed layer: its saved tensors were recomputed
     T hf_cos_, hf_sin_;        // hf: the rotary tables of this micro-step [1, S, head_dim] bf16
     T hf_positions_, hf_embeddings_;  // hf: cache_position and the embeddings, held by the model's forward
-    T hf_mask_;                       // hf eager: the 4-D additive causal mask [B, 1, S, S] bf16
+    // hf eager: the 4-D additive masks [B, 1, S, S] bf16 the model builds, full and sliding-window
+    // (the mapping's order), and which one a layer reads.
+    std::array<T, 2> hf_masks_;
+    T& hf_mask(int l) { return hf_masks_[m_.sliding_layers[static_cast<std::size_t>(l)] ? 1 : 0]; }
     std::vector<T> hf_frame_;  // hf: what the checkpointed layer being backpropagated keeps (its inputs)
+    // hf: that layer's recomputation, run by the first node of its backward that unpacks a saved
+    // tensor (unpack()): down_proj's, or Gemma-2's post-MLP norm's product after its cast.
+    std::function<void()> pending_recompute_;
+    void unpack() {
+        if (pending_recompute_) std::exchange(pending_recompute_, {})();
+    }
     Phase phase_ = Phase::Init;
     std::int32_t layer_ = -1;
     std::int32_t micro_ = 0;

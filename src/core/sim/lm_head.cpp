@@ -20,8 +20,17 @@ namespace mst::sim {
 T StepBuilder::embedding_forward(Category out_category) {
     layer_ = -1;
     at("embedding");
-    if (hf_) return act("embeddings", bf16(tokens_, m_.hidden_size), false);
     const bool gemma = m_.family == Family::Gemma2;
+    if (hf_) {
+        T x = act("embeddings", bf16(tokens_, m_.hidden_size), false);
+        if (gemma) {  // Gemma2ScaledWordEmbedding: times embed_scale, a new tensor
+            at("embedding.scale");
+            T scaled = act("embeddings_scaled", bf16(tokens_, m_.hidden_size), false);
+            drop(x);
+            x = scaled;
+        }
+        return x;
+    }
     T x = alloc("embeddings", res(tokens_, m_.hidden_size), gemma ? Category::Transient : out_category);
     if (gemma) {  // Gemma scales the embeddings by sqrt(d): a new tensor
         at("embedding.scale");
@@ -35,6 +44,12 @@ T StepBuilder::embedding_forward(Category out_category) {
 void StepBuilder::embedding_backward(T& dres) {
     layer_ = -1;
     if (hf_) {  // EmbeddingBackward0: the table's gradient from the residual stream's
+        if (m_.family == Family::Gemma2) {  // MulBackward0 of the scale first
+            at("embedding.scale");
+            T scaled = alloc("d_embeddings", bf16(tokens_, m_.hidden_size), Category::Transient);
+            node_end({}, &dres);
+            dres = scaled;
+        }
         at("embedding");
         T g = grad_out(embed_);
         node_end({}, &dres);
@@ -192,29 +207,26 @@ void StepBuilder::hf_model_tensors() {
     T arange = act("arange", elems(S, 1, 8), false);
     hf_positions_ = act("cache_position", elems(S, 1, 8), false);
     drop(arange);
-    at("model.packed_check");  // find_packed_sequence_indices on [B, S] positions
-    T first = act("first_minus_1", elems(B, 1, 8), false);
-    T prepended = act("prepended", elems(B, S + 1, 8), false);
-    T diff = act("diff", elems(B, S, 8), false);
-    drop(prepended);
-    T starts = act("starts", elems(B, S, 1), false);
-    T ids = act("sequence_ids", elems(B, S, 8), false);
-    drop(starts);
-    T last = act("last_is_0", elems(B, 1, 1), false);
-    T all = act("all", 1, false);
-    drop(last), drop(all), drop(first), drop(diff), drop(ids);
-    if (s_.attention == Attention::Eager) {  // masking_utils: eager gets a materialised additive mask
-        at("model.mask");
-        T b = act("batch_idx", elems(B, 1, 8), false), h = act("head_idx", 8, false);
-        T qa = act("q_arange", elems(S, 1, 8), false), q = act("q_idx", elems(S, 1, 8), false);
-        drop(qa);
-        T ka = act("kv_arange", elems(S, 1, 8), false), k = act("kv_idx", elems(S, 1, 8), false);
-        drop(ka);
-        T causal = act("causal", elems(S, S, 1), false);  // [1, 1, S, S] bool
-        drop(b), drop(h), drop(q), drop(k);
-        T zero = act("zero", 2, false), min = act("min", 2, false);
-        hf_mask_ = act("causal_mask", bf16(B, checked_mul(S, S)), false);
-        drop(min), drop(zero), drop(causal);
+    // The model's masks, in its mapping's order: Mistral builds one (sliding when it has a window),
+    // Qwen2 the full one and, with sliding layers, the sliding one, Gemma-2 both, Llama the full one.
+    // Each asks masking_utils whether the positions are packed; eager attention gets them materialised.
+    bool any_sliding = false;
+    for (bool sliding : m_.sliding_layers) any_sliding = any_sliding || sliding;
+    const bool full = m_.family != Family::Mistral || !any_sliding;
+    for (const bool sliding : {false, true}) {
+        if (sliding ? !any_sliding : !full) continue;
+        at("model.packed_check");  // find_packed_sequence_indices on [B, S] positions
+        T first = act("first_minus_1", elems(B, 1, 8), false);
+        T prepended = act("prepended", elems(B, S + 1, 8), false);
+        T diff = act("diff", elems(B, S, 8), false);
+        drop(prepended);
+        T starts = act("starts", elems(B, S, 1), false);
+        T ids = act("sequence_ids", elems(B, S, 8), false);
+        drop(starts);
+        T last = act("last_is_0", elems(B, 1, 1), false);
+        T all = act("all", 1, false);
+        drop(last), drop(all), drop(first), drop(diff), drop(ids);
+        if (s_.attention == Attention::Eager) hf_masks_[sliding ? 1 : 0] = hf_eager_mask(sliding);
     }
     at("model.rotary");  // LlamaRotaryEmbedding.forward for position ids [1, S]
     T pos = act("positions_fp32", elems(S, 1, 4), false);
@@ -232,6 +244,39 @@ void StepBuilder::hf_model_tensors() {
     drop(freqs), drop(emb), drop(cs), drop(ss);
 }
 
+// masking_utils.sdpa_mask + eager_mask on [B, S] positions: the batch, head, query and key index
+// vectors, the boolean mask (causal: kv <= q; sliding: and_masks(kv > q - window, causal), from a
+// scalar True), then torch.where(mask, 0, min) in bf16.
+T StepBuilder::hf_eager_mask(bool sliding) {
+    const std::int64_t B = s_.micro_batch, S = s_.seq_len;
+    const bytes_t square = elems(S, S, 1);  // [1, 1, S, S] bool
+    at("model.mask");
+    T b = act("batch_idx", elems(B, 1, 8), false), h = act("head_idx", 8, false);
+    T qa = act("q_arange", elems(S, 1, 8), false), q = act("q_idx", elems(S, 1, 8), false);
+    drop(qa);
+    T ka = act("kv_arange", elems(S, 1, 8), false), k = act("kv_idx", elems(S, 1, 8), false);
+    drop(ka);
+    T allowed;
+    if (sliding) {
+        T ones = act("true", 1, false);
+        T lower = act("q_minus_window", elems(S, 1, 8), false);
+        T in_window = act("in_window", square, false);
+        drop(lower);
+        T both = act("and", square, false);
+        drop(in_window), drop(ones);
+        T causal = act("causal", square, false);
+        allowed = act("and", square, false);
+        drop(causal), drop(both);
+    } else {
+        allowed = act("causal", square, false);
+    }
+    drop(b), drop(h), drop(q), drop(k);
+    T zero = act("zero", 2, false), min = act("min", 2, false);
+    T mask = act(sliding ? "sliding_mask" : "causal_mask", bf16(B, checked_mul(S, S)), false);
+    drop(min), drop(zero), drop(allowed);
+    return mask;
+}
+
 // LlamaForCausalLM.forward's head and Hugging Face's ForCausalLMLoss (loss/loss_utils.py):
 // logits = lm_head(h) [T, V] bf16; upcast to fp32; labels padded by one ignore_index and shifted;
 // cross_entropy = log_softmax [T, V] fp32 (saved) + nll_loss (the loss and its total_weight).
@@ -242,7 +287,17 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
     at("final_norm");
     T h = hf_norm_forward(final_norm_, hs.hf_norm);
     drop(x_last);
-    drop(hf_cos_), drop(hf_sin_), drop(hf_positions_), drop(hf_embeddings_), drop(hf_mask_);  // LlamaModel.forward returns
+    // The model's forward returns: its frame's variables go in their order, the position ids and
+    // the embeddings (arguments) before the masks and the rotary (cos, sin); Qwen2 and Gemma-2 also
+    // hold both arguments in a mask_kwargs dict that dies after their mask mapping.
+    if (m_.family == Family::Qwen2 || m_.family == Family::Gemma2) {
+        for (T& mask : hf_masks_) drop(mask);
+        drop(hf_embeddings_), drop(hf_positions_);
+    } else {
+        drop(hf_positions_), drop(hf_embeddings_);
+        for (T& mask : hf_masks_) drop(mask);
+    }
+    drop(hf_sin_), drop(hf_cos_);
     if (s_.lm_chunks > 1) {
         hf_chunked_loss_forward(h, hs);
         return;
@@ -252,6 +307,16 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
     T logits = act("logits", bf16(tokens_, V), false);
     hs.hf_logits_in = saved(h);
     drop(h);
+    if (m_.final_logit_softcapping) {  // Gemma-2: logits = tanh(logits / cap) * cap, each a new tensor
+        at("lm_head.softcap");
+        T div = act("logits_div", bf16(tokens_, V), false);
+        drop(logits);
+        T t = act("logits_tanh", bf16(tokens_, V), false);
+        hs.logits_tanh = saved(t);
+        drop(div);
+        logits = act("logits_capped", bf16(tokens_, V), false);
+        drop(t);
+    }
     at("loss");
     T up = act("logits_fp32", f32(tokens_, V), false);
     T pad = act("labels_padded", elems(s_.micro_batch, s_.seq_len + 1, 8), false);
@@ -295,6 +360,16 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
     at("lm_head");
     T gl = alloc("d_logits", bf16(tokens_, V), Category::Transient);  // ToCopyBackward0
     node_end({}, &glf);
+    if (m_.final_logit_softcapping) {  // MulBackward0, TanhBackward0, DivBackward0: each a new tensor
+        at("lm_head.softcap");
+        T g1 = alloc("d_logits_capped", bf16(tokens_, V), Category::Transient);
+        node_end({}, &gl);
+        T g2 = alloc("d_logits_tanh", bf16(tokens_, V), Category::Transient);
+        node_end({&hs.logits_tanh}, &g1);
+        gl = alloc("d_logits_div", bf16(tokens_, V), Category::Transient);
+        node_end({}, &g2);
+        at("lm_head");
+    }
     T gw = grad_out(lm_head_);
     T dh = alloc("d_hidden", bf16(tokens_, d), Category::Transient);
     node_end({&hs.hf_logits_in}, &gl);
@@ -318,11 +393,15 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
 
 namespace mst::sim {
 
-void StepBuilder::hf_chunk_loss(std::int64_t n, bool with_grad, T& z, T& loss) {
+void StepBuilder::hf_chunk_loss(std::int64_t n, bool with_grad, T& z, T& t, T& loss) {
     const std::int64_t V = m_.vocab_size;
     T logits = alloc("logits", bf16(n, V), Category::Transient);
     z = alloc("logits_fp32", f32(n, V), Category::Transient);
     drop(logits);
+    if (m_.final_logit_softcapping) {  // t = z.div_(cap).tanh_() in place; z = t * cap, a new tensor
+        t = z;
+        z = alloc("logits_capped", f32(n, V), Category::Transient);
+    }
     T valid = alloc("valid", elems(n, 1, 1), Category::Transient);
     T invalid = alloc("invalid", elems(n, 1, 1), Category::Transient);
     T safe = alloc("safe_targets", elems(n, 1, 8), Category::Transient);
@@ -352,8 +431,9 @@ void StepBuilder::hf_chunk_loss(std::int64_t n, bool with_grad, T& z, T& loss) {
 
 // One chunk's loss and gradients (_chunk_backward): the loss of the chunk, returned.
 T StepBuilder::hf_chunk_backward(std::int64_t n) {
-    T z, loss;
-    hf_chunk_loss(n, true, z, loss);
+    T z, t, loss;
+    hf_chunk_loss(n, true, z, t, loss);
+    drop(t);  // del t
     T g = alloc("d_logits", bf16(n, m_.vocab_size), Category::Transient);
     drop(z);
     drop(g);  // at return
@@ -377,9 +457,9 @@ void StepBuilder::hf_chunked_loss_forward(T h, HeadSaved& hs) {
         hs.hf_logits_in = saved(h), hs.hf_targets = saved(targets), hs.hf_denominator = saved(denominator);
         T total = act("loss_sum", 4, false);
         for (std::int64_t n : chunks) {
-            T z, loss;
-            hf_chunk_loss(n, false, z, loss);
-            drop(loss), drop(z);  // total += loss; del z
+            T z, t, loss;
+            hf_chunk_loss(n, false, z, t, loss);
+            drop(loss), drop(z), drop(t);  // total += loss; del z, t
         }
         hs.hf_loss = act("loss", 4, false);
         drop(total);

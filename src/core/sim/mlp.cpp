@@ -135,8 +135,6 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
     sv.mlp.clear();
     if (chunked && s_.mlp_impl == MlpImpl::Tiled) {
         at("mlp.tiled");
-        const Phase outer = phase_;
-        if (phase_ == Phase::Recompute) phase_ = Phase::Backward;  // grad mode is off inside the Function
         T y;
         {
             NoGrad no_grad(*this);  // a Function's forward runs without autograd
@@ -162,7 +160,6 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
                 drop(part);  // copied into its rows
             }
         }
-        phase_ = outer;
         // ctx.save_for_backward(x) takes effect as the Function returns: the layer's last saved
         // tensor, where checkpointing's recomputation stops (the output dies unwinding).
         sv.x_tiled = saved(h2);

@@ -53,8 +53,25 @@ void StepBuilder::micro_step(int micro) {
             // (torch.utils.checkpoint, non-reentrant) also keeps its inputs: the hidden states and the
             // shared keyword tensors (the rotary tables, cache_position) until its backward is done.
             if (s_.checkpointed(l)) {
-                table_[static_cast<std::size_t>(x.id)].category = Category::Checkpoint;
-                frames[i] = {hold(hf_mask_), hold(hf_sin_), hold(hf_cos_), hold(hf_positions_), hold(x)};
+                // With offload, save_on_cpu packs the positional hidden states into a host copy
+                // (the keyword tensors stay referenced on the device); x itself goes when the loop
+                // variable is rebound.
+                T input;
+                if (s_.offload_checkpoints) {
+                    at("checkpoint.offload");
+                    layer_ = l;
+                    input = alloc("checkpoint", table_[static_cast<std::size_t>(x.id)].bytes, Category::Offloaded,
+                                  Device::Host);
+                } else {
+                    table_[static_cast<std::size_t>(x.id)].category = Category::Checkpoint;
+                    input = hold(x);
+                }
+                // The frame's keyword arguments die in the order the model passes them (the rotary
+                // (cos, sin) tuple releasing sin first), then the hidden states.
+                if (m_.family == Family::Mistral)
+                    frames[i] = {hold(hf_mask(l)), hold(hf_positions_), hold(hf_sin_), hold(hf_cos_), input};
+                else
+                    frames[i] = {hold(hf_mask(l)), hold(hf_sin_), hold(hf_cos_), hold(hf_positions_), input};
                 NoGrad no_grad(*this);  // the forward runs, its saved tensors are not kept
                 T y = hf_layer_forward(l, x, saved[i], false);
                 layer_ = -1;
@@ -104,12 +121,23 @@ void StepBuilder::micro_step(int micro) {
         layer_ = l;
         if (hf_) {
             if (s_.checkpointed(l)) {
-                // The first node that unpacks a saved tensor (down_proj's) recomputes the layer up to
-                // its last saved tensor; the recomputed tensors die with the nodes that unpack them.
-                phase_ = Phase::Recompute;
+                // The first node that unpacks a saved tensor recomputes the layer up to its last saved
+                // tensor; the recomputed tensors die with the nodes that unpack them.
                 hf_frame_ = std::move(frames[i]);
-                hf_layer_forward(l, hf_frame_.back(), saved[i], true);  // its input is the frame's last
-                recomputed_ = true;
+                pending_recompute_ = [this, l, &layer = saved[i]] {
+                    T input = hf_frame_.back();  // the frame's last; offloaded: unpacked into a device copy
+                    if (s_.offload_checkpoints) {
+                        at("checkpoint.reload");
+                        input = alloc("checkpoint", table_[static_cast<std::size_t>(input.id)].bytes,
+                                      Category::Transient);
+                    }
+                    const char* op = op_;
+                    phase_ = Phase::Recompute;
+                    hf_layer_forward(l, input, layer, true);
+                    if (s_.offload_checkpoints) drop(input);  // the recompute's argument, once it returns
+                    recomputed_ = true;
+                    at(op);
+                };
                 hf_layer_backward(l, saved[i], dres);
                 recomputed_ = false;
             } else {
