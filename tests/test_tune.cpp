@@ -16,9 +16,19 @@ TuneRequest request(const char* model, const char* gpu, std::int64_t gpus, std::
     rq.gpu = find_gpu(gpu);
     rq.gpus = gpus;
     rq.seq_len = seq;
+    if (gpus > 1) rq.base.runtime = Runtime::Kernels;  // the hf runtime models one GPU
     return rq;
 }
 }  // namespace
+
+TEST_CASE("the hf runtime plans one GPU: several are a one-line error pointing at the kernels runtime") {
+    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 65536);
+    rq.base.runtime = Runtime::Hf;
+    const auto msg = test::expect_user_error([&] { (void)recommend(rq); });
+    CHECK(msg.rfind("recommend: gpus: expected 1 with runtime hf", 0) == 0);
+    CHECK(msg.find("--runtime kernels") != std::string::npos);
+    CHECK(test::expect_user_error([&] { (void)max_seq(rq, std::nullopt); }).rfind("max-seq: gpus: ", 0) == 0);
+}
 
 TEST_CASE("when the plain setup fits, the tuner keeps it: no checkpointing, no chunks") {
     const Recommendation r = recommend(request("tiny-llama", "a100-80gb", 1, 1024));

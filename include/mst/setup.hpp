@@ -102,6 +102,8 @@ std::string describe_checkpoints(const std::vector<bool>& checkpoint);
 
 // Checks the setup against the model: one UserError naming the knob when it is impossible.
 void validate(const TrainingSetup& setup, const ModelSpec& model);
+// What the hf runtime does not model yet (part of validate).
+void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m);
 
 // Sizes of mini-sequence chunks: `chunks` parts of `tokens`, differing by at most one,
 // the larger ones first, so no token is ever dropped.

@@ -188,6 +188,27 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
         fail(w, "optimizer_in_backward", "cannot step inside backward with grad_accum > 1 (the gradients must accumulate first)");
     if (s.optimizer_in_backward && s.zero_stage >= 2)
         fail(w, "optimizer_in_backward", "not supported with ZeRO stage 2/3 (gradients are reduce-scattered per bucket)");
+    validate_hf_scope(s, m);
+}
+
+// The hf runtime walks transformers + PyTorch's own step, each rule proven event by event
+// against the referee (python/mst_referee), which runs one process. What is not proven that way
+// yet (data, ZeRO and sequence parallelism; padded batches; autocast; bitsandbytes; MLP biases) is
+// refused, not guessed: the kernels runtime models those.
+void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
+    if (s.runtime != Runtime::Hf) return;
+    const std::string w = "setup";
+    const char* hint = "; the kernels runtime models it (runtime kernels)";
+    if (s.dp > 1) fail(w, "dp", fmt::format("expected 1 with runtime hf (one GPU){}, got {}", hint, s.dp));
+    if (s.sp > 1) fail(w, "sp", fmt::format("expected 1 with runtime hf (one GPU){}, got {}", hint, s.sp));
+    if (s.zero_stage > 0)
+        fail(w, "zero_stage", fmt::format("expected 0 with runtime hf (one GPU){}, got {}", hint, s.zero_stage));
+    if (s.padded) fail(w, "padded", fmt::format("expected false with runtime hf (packed batches){}", hint));
+    if (s.precision == Precision::AmpFp32)
+        fail(w, "precision", fmt::format("expected pure-bf16 or bf16-master with runtime hf (autocast is not modelled yet){}", hint));
+    if (s.optimizer == Optimizer::AdamW8bit)
+        fail(w, "optimizer", fmt::format("expected adamw or sgd with runtime hf (bitsandbytes is not modelled){}", hint));
+    if (m.mlp_bias) fail(w, "runtime", fmt::format("expected kernels for a model with MLP biases{}", hint));
 }
 
 // ---- JSON ---------------------------------------------------------------------

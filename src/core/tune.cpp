@@ -302,11 +302,23 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
 
 }  // namespace
 
+namespace {
+// The hf runtime models one GPU (validate_hf_scope): several are planned with the kernels runtime.
+void check_gpus(const TuneRequest& rq, const char* command) {
+    if (rq.gpus < 1) fail(command, "gpus", fmt::format("expected a positive count, got {}", rq.gpus));
+    if (rq.gpus > 1 && rq.base.runtime == Runtime::Hf)
+        fail(command, "gpus",
+             fmt::format("expected 1 with runtime hf (data and sequence parallelism are not modelled in it yet); "
+                         "--runtime kernels plans {} GPUs with mst-plan's own kernels, got {}",
+                         rq.gpus, rq.gpus));
+}
+}  // namespace
+
 Recommendation recommend(const TuneRequest& rq) {
     const ModelSpec& m = rq.model;
     Recommendation out;
     out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
-    if (rq.gpus < 1) fail("recommend", "gpus", fmt::format("expected a positive count, got {}", rq.gpus));
+    check_gpus(rq, "recommend");
     Search search(rq, out.budget_bytes);
 
     std::vector<std::int64_t> sps;
@@ -425,6 +437,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     const std::int64_t L = m.num_layers;
     MaxSeqResult out;
     out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
+    check_gpus(rq, "max-seq");
 
     TrainingSetup base = rq.base;
     base.dp = rq.gpus;
