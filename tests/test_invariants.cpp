@@ -8,6 +8,8 @@
 #include "mst/catalog.hpp"
 #include "mst/model.hpp"
 #include "mst/simulate.hpp"
+#include "caching_allocator.hpp"
+#include "reference_caching_allocator.hpp"
 #include "sim_test_support.hpp"
 #include "test_support.hpp"
 
@@ -280,5 +282,27 @@ TEST_CASE("the tuner's fast path reports exactly the peaks of the recorded timel
         CHECK(p.peak_allocated_bytes == e.allocator.peak_allocated);
         CHECK(p.peak_reserved_bytes == e.allocator.peak_reserved);
         CHECK(p.host_peak_bytes == e.summary.host_peak);
+    }
+}
+
+TEST_CASE("the caching-allocator model places every block of the random setups' timelines where its reference does") {
+    Random r(8);
+    for (int i = 0; i < kCases; ++i) {
+        const ModelSpec m = random_model(r);
+        const TrainingSetup s = random_setup(r, m);
+        CAPTURE(i);
+        const Timeline t = simulate(m, s, test_gpu());
+        const AllocatorConstants& c = test_gpu().calibration.allocator;
+        detail::CachingAllocatorModel flat(c);
+        ReferenceCachingAllocator reference(c);
+        bool same = true;
+        for (const Event& e : t.events) {
+            if (e.device != Device::Gpu) continue;
+            if (e.alloc) flat.allocate(e.tensor, e.bytes), reference.allocate(e.tensor, e.bytes);
+            else flat.release(e.tensor), reference.release(e.tensor);
+            same = same && flat.allocated() == reference.allocated() && flat.reserved() == reference.reserved() &&
+                   flat.placement(e.tensor) == reference.placement(e.tensor);
+        }
+        CHECK(same);
     }
 }
