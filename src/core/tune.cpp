@@ -94,7 +94,7 @@ std::vector<bool> first_layers(std::int64_t k, std::int64_t layers) {
 
 class Search {
 public:
-    Search(const TuneRequest& rq, bytes_t budget) : rq_(rq), budget_(budget) {}
+    Search(const TuneRequest& rq, bytes_t budget) : rq_(rq), budget_(budget), sim_(rq.model, rq.gpu) {}
 
     // Within one outer choice a setup is known by its checkpoints and chunk counts: the
     // binary searches probe the same ones more than once.
@@ -113,12 +113,7 @@ public:
 
     bool simulate_fits(const TrainingSetup& s, MemoryPeaks* out) {
         ++sims_;
-        // Requested bytes first: over budget there means reserved is too (and it is cheaper).
-        const MemoryPeaks quick = simulate_peaks(rq_.model, s, rq_.gpu, false);
-        if (quick.peak_bytes > budget_ || quick.host_peak_bytes > rq_.host_bytes_per_gpu) return false;
-        const MemoryPeaks p = simulate_peaks(rq_.model, s, rq_.gpu);
-        if (out) *out = p;
-        return p.peak_reserved_bytes <= budget_ && p.host_peak_bytes <= rq_.host_bytes_per_gpu;
+        return sim_.fits(s, budget_, rq_.host_bytes_per_gpu, out);
     }
     double seconds(const TrainingSetup& s) const { return predict_time(rq_.model, s, rq_.gpu, rq_.cluster).step_seconds; }
 
@@ -226,6 +221,7 @@ public:
 private:
     const TuneRequest& rq_;
     bytes_t budget_;
+    PeakSimulator sim_;
     std::map<std::tuple<std::vector<bool>, std::int64_t, std::int64_t>, std::pair<bool, MemoryPeaks>> memo_;
 };
 
