@@ -306,3 +306,37 @@ TEST_CASE("the caching-allocator model places every block of the random setups' 
         CHECK(same);
     }
 }
+
+TEST_CASE("one PeakSimulator reused across setups reports what a fresh estimate does, and fits() stops exactly at the budget") {
+    Random r(9);
+    GpuProfile gpu = test_gpu();
+    gpu.calibration.cublas_workspace_bytes = 8 * kMiB;
+    for (int i = 0; i < 60; ++i) {
+        const ModelSpec m = random_model(r);
+        PeakSimulator sim(m, gpu);  // its tables carry over from setup to setup
+        for (int j = 0; j < 5; ++j) {
+            TrainingSetup s = random_setup(r, m);
+            if (r.coin()) s.mlp_chunks = std::min<std::int64_t>(s.local_tokens(), r.in(3, 40));
+            CAPTURE(i);
+            CAPTURE(j);
+            const Estimate e = estimate(m, s, gpu);
+            const bytes_t reserved = e.allocator.peak_reserved, host = e.summary.host_peak;
+            const MemoryPeaks p = sim.peaks(s);
+            CHECK(p.peak_bytes == e.summary.peak.bytes);
+            CHECK(p.peak_allocated_bytes == e.allocator.peak_allocated);
+            CHECK(p.peak_reserved_bytes == reserved);
+            CHECK(p.host_peak_bytes == host);
+            CHECK(sim.peaks(s, false).peak_bytes == e.summary.peak.bytes);
+            // At the budget it fits with the same peaks; one byte less, on either device, it does not.
+            MemoryPeaks at;
+            CHECK(sim.fits(s, reserved, host, &at));
+            CHECK(at.peak_reserved_bytes == reserved);
+            CHECK(at.peak_allocated_bytes == e.allocator.peak_allocated);
+            CHECK_FALSE(sim.fits(s, reserved - 1, host));
+            if (host > 0) CHECK_FALSE(sim.fits(s, reserved, host - 1));
+            // Without the allocator model, requested bytes stand for reserved ones.
+            CHECK(sim.fits(s, e.summary.peak.bytes, host, nullptr, false));
+            CHECK_FALSE(sim.fits(s, e.summary.peak.bytes - 1, host, nullptr, false));
+        }
+    }
+}
