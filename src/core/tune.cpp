@@ -387,6 +387,7 @@ Plan to_plan(const Recommendation& r, const TuneRequest& rq, const std::string& 
 
 std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const Strategy& st, bytes_t budget,
                              bytes_t host_budget, std::int64_t granule, MaxSeqRow* row) {
+    PeakSimulator sim(m, gpu);
     auto at = [&](std::int64_t S, MaxSeqRow* r) {
         TrainingSetup t = st.setup;
         t.seq_len = S;
@@ -397,8 +398,8 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
             t.mlp_chunks = chunks;
             t.lm_chunks = chunks;
         }
-        const MemoryPeaks p = simulate_peaks(m, t, gpu);
-        const bool ok = p.peak_reserved_bytes <= budget && p.host_peak_bytes <= host_budget;
+        MemoryPeaks p;
+        const bool ok = sim.fits(t, budget, host_budget, &p);
         if (ok && r) r->memory = p, r->setup = t, r->max_seq = S;
         return ok;
     };
