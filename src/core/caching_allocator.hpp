@@ -141,9 +141,9 @@ private:
         struct Cached {
             bytes_t size = -1;
             std::size_t index = 0;
+            std::size_t classes = 0;  // the answer holds while the pool has this many classes
         };
-        std::array<Cached, 64> cache;  // a size and its find_class answer, checked on use
-
+        std::array<Cached, 64> cache;  // sizes and their find_class answers
     };
     struct Where {
         std::int32_t block = -1;  // -1: not allocated
@@ -178,16 +178,14 @@ private:
     // The first class of at least `size` bytes (the one of exactly `size`, if there is one):
     // a step asks for a few sizes again and again, so the cache usually knows it.
     static std::size_t find_class(Pool& pool, bytes_t size) {
-        const auto& cs = pool.classes;
         // Fibonacci hashing: sizes are multiples of large powers of two.
         Pool::Cached& slot = pool.cache[(static_cast<std::uint64_t>(size) * 0x9E3779B97F4A7C15ull) >> 58];
-        const std::size_t i = slot.index;
-        if (slot.size == size && i <= cs.size() && (i == cs.size() || cs[i].size >= size) && (i == 0 || cs[i - 1].size < size))
-            return i;
+        if (slot.size == size && slot.classes == pool.classes.size()) return slot.index;  // no class added since
+        const auto& cs = pool.classes;
         const auto c = static_cast<std::size_t>(
             std::lower_bound(cs.begin(), cs.end(), size, [](const SizeClass& x, bytes_t s) { return x.size < s; }) -
             cs.begin());
-        slot = Pool::Cached{size, c};
+        slot = Pool::Cached{size, c, cs.size()};
         return c;
     }
 
@@ -272,8 +270,9 @@ private:
 
     // Tensor ids are dense in timelines mst-plan writes; others fall back to a hash map.
     Where& where(std::int64_t tensor) {
+        if (static_cast<std::uint64_t>(tensor) < dense_.size()) return dense_[static_cast<std::size_t>(tensor)];
         if (tensor >= 0 && tensor < (std::int64_t{1} << 24)) {
-            if (static_cast<std::size_t>(tensor) >= dense_.size()) dense_.resize(static_cast<std::size_t>(tensor) * 2 + 16);
+            dense_.resize(static_cast<std::size_t>(tensor) * 2 + 16);
             return dense_[static_cast<std::size_t>(tensor)];
         }
         return sparse_[tensor];
