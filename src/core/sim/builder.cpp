@@ -36,6 +36,14 @@ StepBuilder::~StepBuilder() {
 
 // ---- tensor table ------------------------------------------------------------
 
+void StepBuilder::account_host(bytes_t bytes, bool alloc) {
+    host_live_ += alloc ? bytes : -bytes;
+    peaks_.host_peak_bytes = std::max(peaks_.host_peak_bytes, host_live_);
+    if (peaks_.host_peak_bytes > peak_run_.limits.host_bytes) over_budget();
+}
+
+void StepBuilder::over_budget() { throw OverBudget{}; }
+
 void StepBuilder::dropped_after_free(T t) const {
     throw std::logic_error(fmt::format("simulator: tensor {} ({}) dropped after free", t.id,
                                        table_[static_cast<std::size_t>(t.id)].name));

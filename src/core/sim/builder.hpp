@@ -244,19 +244,22 @@ private:
     bytes_t live_ = 0, host_live_ = 0;
     MemoryPeaks peaks_;
     PeakRun peak_run_;
-    // Running peaks for the fast path (the recorded timeline gets the same from its views).
+    // Running peaks for the fast path (the recorded timeline gets the same from its views). Called
+    // for every allocation and free: the limits are checked only when a peak rises.
     void account(std::int64_t id, bytes_t bytes, Device device, bool alloc) {
-        if (device == Device::Host) {
-            host_live_ += alloc ? bytes : -bytes;
-            peaks_.host_peak_bytes = std::max(peaks_.host_peak_bytes, host_live_);
-            if (peaks_.host_peak_bytes > peak_run_.limits.host_bytes) throw OverBudget{};
+        if (device == Device::Host) [[unlikely]] {
+            account_host(bytes, alloc);
             return;
         }
         live_ += alloc ? bytes : -bytes;
-        peaks_.peak_bytes = std::max(peaks_.peak_bytes, live_);
-        if (peaks_.peak_bytes > peak_run_.limits.gpu_bytes) throw OverBudget{};
+        if (live_ > peaks_.peak_bytes) {
+            peaks_.peak_bytes = live_;
+            if (live_ > peak_run_.limits.gpu_bytes) over_budget();
+        }
         if (peak_run_.capture) peak_run_.scratch->gpu_events.push_back(GpuEvent{id, alloc ? bytes : -1});
     }
+    void account_host(bytes_t bytes, bool alloc);
+    [[noreturn]] static void over_budget();
     bool grad_ = true;
     Phase phase_ = Phase::Init;
     std::int32_t layer_ = -1;
