@@ -94,6 +94,9 @@ if(NOT rc EQUAL 0 OR NOT out MATCHES "${no_module}")
   message(FATAL_ERROR "devices without the CUDA module: exit ${rc}\nstdout: ${out}\nstderr: ${err}")
 endif()
 expect_run(0 "Time `recommend`" bench --help)
+expect_run(0 "Time whole mst-plan processes" bench --help)
+expect_run(2 "^error: command line: reps: expected a positive count\n$" bench cli --reps 0)
+expect_run(2 "^error: command line: reps: expected a positive count\n$" bench tuner --reps 0)
 expect_run(0 "--chunks" bench kernels --help)
 
 # measure (CPU backend) and compare: a measurement re-simulated matches event by event;

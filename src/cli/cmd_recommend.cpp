@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "bench.hpp"
 #include "commands.hpp"
 #include "mst/catalog.hpp"
 #include "mst/error.hpp"
@@ -182,35 +183,29 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                "tokens (x sp).\n");
 }
 
-void run_bench_tuner(const GlobalOptions& g) {
-    struct Case {
-        const char* model;
-        const char* gpu;
-        std::int64_t gpus, seq;
-    };
-    const Case cases[] = {{"llama-3-8b", "a100-80gb", 1, 32768},
-                          {"llama-3-8b", "h100-sxm-80gb", 1, 65536},
-                          {"llama-3-8b", "h100-sxm-80gb", 8, 262144},
-                          {"llama-3.1-70b", "h100-sxm-80gb", 64, 131072}};
-    nlohmann::json out = nlohmann::json::array();
-    Table t({"model", "gpus", "seq", "simulations", "ms", "target ms"});
-    for (const auto& c : cases) {
+void run_bench_tuner(const GlobalOptions& g, int reps) {
+    if (reps < 1) fail("command line", "reps", "expected a positive count");
+    std::vector<BenchCase> cases;
+    for (const RecommendCase& rc : kRecommendCases) {
         TuneRequest rq;
-        rq.model = find_model(c.model);
-        rq.gpu = find_gpu(c.gpu);
-        rq.gpus = c.gpus;
-        rq.seq_len = c.seq;
-        const auto t0 = std::chrono::steady_clock::now();
-        const Recommendation r = recommend(rq);
-        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-        const double target = c.gpus == 1 ? 1000 : 10000;
-        t.row({c.model, std::to_string(c.gpus), std::to_string(c.seq), std::to_string(r.simulations), fmt::format("{:.0f}", ms),
-               fmt::format("{:.0f}", target)});
-        out.push_back({{"model", c.model}, {"gpus", c.gpus}, {"seq", c.seq}, {"simulations", r.simulations},
-                       {"ms", ms}, {"target_ms", target}, {"found", r.found}});
+        rq.model = find_model(rc.model);
+        rq.gpu = find_gpu(rc.gpu);
+        rq.gpus = rc.gpus;
+        rq.seq_len = rc.seq;
+        std::int64_t simulations = 0;
+        BenchCase c{fmt::format("recommend {} {} x{} {}k", rc.model, rc.gpu, rc.gpus, rc.seq / 1024), "", rc.target_ms,
+                    std::nullopt, {}};
+        c.runs = time_in_process(reps, [&] { simulations = recommend(rq).simulations; });
+        c.detail = fmt::format("{} simulations", simulations);
+        cases.push_back(std::move(c));
     }
-    if (g.json) return print_json(out);
-    t.print();
+    TuneRequest rq;
+    rq.model = find_model(kMaxSeqModel);
+    rq.gpu = find_gpu(kMaxSeqGpu);
+    BenchCase c{fmt::format("max-seq {} {}", kMaxSeqModel, kMaxSeqGpu), "5 strategies", kMaxSeqTargetMs, std::nullopt, {}};
+    c.runs = time_in_process(reps, [&] { max_seq(rq, std::nullopt); });
+    cases.push_back(std::move(c));
+    print_bench(g, "bench tuner: the search in this process", cases);
 }
 
 }  // namespace
@@ -251,8 +246,13 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
 }
 
 void add_bench_tuner_command(CLI::App& bench, const GlobalOptions& global) {
-    bench.add_subcommand("tuner", "Time `recommend` on one GPU (target < 1 s) and on 8 and 64 GPUs (target < 10 s)")
-        ->callback([&global] { run_bench_tuner(global); });
+    auto reps = std::make_shared<int>(5);
+    auto* cmd = bench.add_subcommand("tuner",
+                                     "Time `recommend` and `max-seq` in this process against their targets: <= 40 ms on one GPU "
+                                     "(8k-128k tokens),\n<= 250 ms on 8 GPUs at 256k, <= 150 ms for 70B on 64 GPUs, max-seq "
+                                     "<= 30 ms");
+    cmd->add_option("--reps", *reps, "Timed runs per case (median reported)")->capture_default_str();
+    cmd->callback([&global, reps] { run_bench_tuner(global, *reps); });
 }
 
 }  // namespace mst::cli
