@@ -44,6 +44,11 @@ void StepBuilder::account_host(bytes_t bytes, bool alloc) {
 
 void StepBuilder::over_budget() { throw OverBudget{}; }
 
+void StepBuilder::record(bool alloc, std::int64_t id) {
+    const TableEntry& l = table_[static_cast<std::size_t>(id)];
+    tl_.events.push_back(Event{alloc, id, l.bytes, l.category, l.device, phase_, layer_, micro_, op_, l.name});
+}
+
 void StepBuilder::dropped_after_free(T t) const {
     throw std::logic_error(fmt::format("simulator: tensor {} ({}) dropped after free", t.id,
                                        table_[static_cast<std::size_t>(t.id)].name));

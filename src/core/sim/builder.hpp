@@ -122,7 +122,7 @@ private:
     T alloc(const char* name, bytes_t bytes, Category category, Device device = Device::Gpu) {
         const T t{static_cast<std::int64_t>(table_.size())};
         table_.push_back(TableEntry{bytes, name, 1, category, device});
-        if (record_) tl_.events.push_back(Event{true, t.id, bytes, category, device, phase_, layer_, micro_, op_, name});
+        if (record_) [[unlikely]] record(true, t.id);
         else account(t.id, bytes, device, true);
         return t;
     }
@@ -139,13 +139,14 @@ private:
         if (l.refs <= 0) dropped_after_free(t);
         const bool freed = --l.refs == 0;
         if (freed) {
-            if (record_) tl_.events.push_back(Event{false, t.id, l.bytes, l.category, l.device, phase_, layer_, micro_, op_, l.name});
+            if (record_) [[unlikely]] record(false, t.id);
             else account(t.id, l.bytes, l.device, false);
         }
         t = T{};
         return freed;
     }
     [[noreturn]] void dropped_after_free(T t) const;  // a bug in an op's rules
+    void record(bool alloc, std::int64_t id);         // the event of tensor id's allocation or free, into tl_
     void at(const char* op) { op_ = op; }
 
     // ---- sizes ----------------------------------------------------------------
