@@ -340,3 +340,37 @@ TEST_CASE("one PeakSimulator reused across setups reports what a fresh estimate 
         }
     }
 }
+
+TEST_CASE("a PeakSimulator resuming setups that share the step up to a layer or the LM head reports a fresh estimate's peaks") {
+    // The tuner's probes: the same knobs but for the checkpointed layers (they share the forward up
+    // to the first layer they differ in) or the LM head's chunks (they share all the layers).
+    Random r(10);
+    GpuProfile gpu = test_gpu();
+    gpu.calibration.cublas_workspace_bytes = 8 * kMiB;
+    for (int i = 0; i < 40; ++i) {
+        const ModelSpec m = random_model(r);
+        const TrainingSetup base = random_setup(r, m);
+        PeakSimulator sim(m, gpu);
+        const std::int64_t L = m.num_layers;
+        for (int j = 0; j < 12; ++j) {
+            TrainingSetup s = base;
+            s.checkpoint.assign(static_cast<std::size_t>(L), false);
+            for (std::int64_t l = 0, k = r.in(0, L); l < k; ++l) s.checkpoint[static_cast<std::size_t>(l)] = true;
+            s.offload_checkpoints = base.offload_checkpoints && s.checkpointed_count() > 0;
+            s.lm_chunks = r.in(1, std::min<std::int64_t>(6, s.local_tokens()));
+            CAPTURE(i);
+            CAPTURE(j);
+            const Estimate e = estimate(m, s, gpu);
+            MemoryPeaks p;
+            if (r.coin()) {
+                p = sim.peaks(s);
+            } else {
+                REQUIRE(sim.fits(s, e.allocator.peak_reserved, e.summary.host_peak, &p));
+            }
+            CHECK(p.peak_bytes == e.summary.peak.bytes);
+            CHECK(p.peak_allocated_bytes == e.allocator.peak_allocated);
+            CHECK(p.peak_reserved_bytes == e.allocator.peak_reserved);
+            if (r.in(0, 3) == 0) CHECK_FALSE(sim.fits(s, e.allocator.peak_reserved - 1, e.summary.host_peak));
+        }
+    }
+}

@@ -49,6 +49,7 @@ private:
     // One step under the budgets (each the numeric maximum when there is none): false as soon as
     // a peak passes one; else the peaks into `out`.
     bool run(const TrainingSetup& setup, bool allocator, bytes_t budget_bytes, bytes_t host_budget_bytes, MemoryPeaks& out);
+    bool replay(bytes_t budget_bytes, MemoryPeaks& out);  // the allocator model over the captured events
     struct Scratch;
     const ModelSpec& model_;
     const GpuProfile& gpu_;

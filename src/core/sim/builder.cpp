@@ -21,6 +21,7 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
         table_ = std::move(scratch->table);
         table_.clear();
         scratch->gpu_events.clear();
+        scratch->boundaries.clear();
     }
     tokens_ = s_.local_tokens();
     tl_.source = "simulator";

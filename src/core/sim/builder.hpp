@@ -95,6 +95,10 @@ struct GpuEvent {
 struct PeakScratch {
     std::vector<TableEntry> table;
     std::vector<GpuEvent> gpu_events;
+    // Where in gpu_events the first micro-step's forward enters another layer: setups the tuner
+    // compares share the step up to the first layer whose knobs differ, so the allocator replay
+    // resumes from the last such place they share (peaks.cpp).
+    std::vector<std::size_t> boundaries;
 };
 
 // How a peaks-only StepBuilder runs.
@@ -147,7 +151,17 @@ private:
     }
     [[noreturn]] void dropped_after_free(T t) const;  // a bug in an op's rules
     void record(bool alloc, std::int64_t id);         // the event of tensor id's allocation or free, into tl_
-    void at(const char* op) { op_ = op; }
+    void at(const char* op) {
+        op_ = op;
+        if (peak_run_.capture) mark_boundary();
+    }
+    // Every op starts with at(); any event is a correct place for a boundary, these are useful ones.
+    void mark_boundary() {
+        if (micro_ != 0 || phase_ != Phase::Forward || layer_ == marked_layer_) return;
+        marked_layer_ = layer_;
+        peak_run_.scratch->boundaries.push_back(peak_run_.scratch->gpu_events.size());
+    }
+    std::int32_t marked_layer_ = -2;
 
     // ---- sizes ----------------------------------------------------------------
     bytes_t elems(std::int64_t rows, std::int64_t cols, int bytes_per_element) const {

@@ -5,15 +5,28 @@
 // allocated and reserved bytes. Reserved bytes are never fewer than requested ones, so a
 // budget check stops the step as soon as requested bytes pass the budget, and the replay as
 // soon as reserved bytes do; most setups the tuner rules out never reach the allocator.
+#include <algorithm>
+
 #include "../caching_allocator.hpp"
 #include "builder.hpp"
 #include "mst/simulate.hpp"
 
 namespace mst {
 
+// The allocator model after the first `at` events of the last replay, and the peak allocated
+// bytes until then.
+struct Snapshot {
+    std::size_t at = 0;
+    bytes_t peak_allocated = 0;
+    detail::CachingAllocatorModel model{AllocatorConstants{}};
+};
+
 struct PeakSimulator::Scratch {
     sim::PeakScratch step;
     detail::CachingAllocatorModel allocator{AllocatorConstants{}};
+    std::vector<sim::GpuEvent> replayed;  // the events of the last replay
+    std::vector<Snapshot> snapshots;      // the first `valid` hold prefixes of `replayed`, ascending
+    std::size_t valid = 0;
 };
 
 PeakSimulator::PeakSimulator(const ModelSpec& model, const GpuProfile& gpu)
@@ -23,21 +36,63 @@ PeakSimulator::~PeakSimulator() = default;
 
 namespace {
 
-// Peak allocated and reserved bytes of the captured events into `p`; false as soon as reserved
-// bytes pass `limit` (reserved bytes only grow: segments are never returned).
-bool replay(detail::CachingAllocatorModel& allocator, const std::vector<sim::GpuEvent>& events, bytes_t limit,
-            MemoryPeaks& p) {
-    for (const sim::GpuEvent& e : events) {
-        if (e.bytes >= 0) allocator.allocate(e.tensor, e.bytes);
-        else allocator.release(e.tensor);
-        p.peak_allocated_bytes = std::max(p.peak_allocated_bytes, allocator.allocated());
-        p.peak_reserved_bytes = allocator.reserved();
-        if (p.peak_reserved_bytes > limit) return false;
-    }
-    return true;
+std::size_t common_prefix(const std::vector<sim::GpuEvent>& a, const std::vector<sim::GpuEvent>& b) {
+    const std::size_t n = std::min(a.size(), b.size());
+    std::size_t i = 0;
+    while (i < n && a[i].tensor == b[i].tensor && a[i].bytes == b[i].bytes) ++i;
+    return i;
 }
 
 }  // namespace
+
+// Peak allocated and reserved bytes of the captured events into `p`; false as soon as reserved
+// bytes pass `limit` (reserved bytes only grow: segments are never returned). The model is
+// deterministic, so after the events this step shares with the last replay it is in the state
+// a snapshot of that replay holds: the replay resumes from the last snapshot within the shared
+// prefix, and takes its own at the boundaries after it.
+bool PeakSimulator::replay(bytes_t limit, MemoryPeaks& p) {
+    Scratch& s = *scratch_;
+    const std::vector<sim::GpuEvent>& events = s.step.gpu_events;
+    const std::size_t shared = common_prefix(events, s.replayed);
+    while (s.valid > 0 && s.snapshots[s.valid - 1].at > shared) --s.valid;
+    std::size_t from = 0;
+    if (s.valid > 0) {
+        const Snapshot& snap = s.snapshots[s.valid - 1];
+        s.allocator = snap.model;
+        from = snap.at;
+        p.peak_allocated_bytes = snap.peak_allocated;
+    } else {
+        s.allocator.reset(gpu_.calibration.allocator);
+    }
+    const auto& boundaries = s.step.boundaries;
+    auto next = std::upper_bound(boundaries.begin(), boundaries.end(), from);
+    bool fits = true;
+    for (std::size_t i = from; i < events.size(); ++i) {
+        if (next != boundaries.end() && *next == i) {
+            // A snapshot is a copy of the model, which grows with the step: take them at doubling
+            // distances, and at the last boundary (the LM head, where setups differing only in
+            // its chunks part).
+            const std::size_t last = s.valid > 0 ? s.snapshots[s.valid - 1].at : 0;
+            if (i >= 2 * last || next + 1 == boundaries.end()) {
+                if (s.valid == s.snapshots.size()) s.snapshots.emplace_back();
+                Snapshot& snap = s.snapshots[s.valid++];
+                snap.at = i, snap.peak_allocated = p.peak_allocated_bytes, snap.model = s.allocator;
+            }
+            ++next;
+        }
+        const sim::GpuEvent& e = events[i];
+        if (e.bytes >= 0) s.allocator.allocate(e.tensor, e.bytes);
+        else s.allocator.release(e.tensor);
+        p.peak_allocated_bytes = std::max(p.peak_allocated_bytes, s.allocator.allocated());
+        p.peak_reserved_bytes = s.allocator.reserved();
+        if (p.peak_reserved_bytes > limit) {
+            fits = false;
+            break;
+        }
+    }
+    s.replayed.swap(s.step.gpu_events);  // the snapshots hold prefixes of these now
+    return fits;
+}
 
 bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budget_bytes, bytes_t host_budget_bytes,
                         MemoryPeaks& out) {
@@ -49,9 +104,7 @@ bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budg
         return false;
     }
     out = b.peaks();
-    if (!allocator) return true;
-    scratch_->allocator.reset(gpu_.calibration.allocator);
-    return replay(scratch_->allocator, scratch_->step.gpu_events, budget_bytes, out);
+    return !allocator || replay(budget_bytes, out);
 }
 
 MemoryPeaks PeakSimulator::peaks(const TrainingSetup& setup, bool allocator) {
