@@ -101,6 +101,21 @@ bool same_events(const Timeline& a, const Timeline& b) {
 
 constexpr int kCases = 300;
 
+// The test GPU with a cuBLAS workspace, which the peaks must include.
+GpuProfile gpu_with_workspace() {
+    GpuProfile gpu = test_gpu();
+    gpu.calibration.cublas_workspace_bytes = 8 * kMiB;
+    return gpu;
+}
+
+// The fast path's peaks against those of the recorded timeline's views.
+void check_same_peaks(const MemoryPeaks& p, const Estimate& e) {
+    CHECK(p.peak_bytes == e.summary.peak.bytes);
+    CHECK(p.peak_allocated_bytes == e.allocator.peak_allocated);
+    CHECK(p.peak_reserved_bytes == e.allocator.peak_reserved);
+    CHECK(p.host_peak_bytes == e.summary.host_peak);
+}
+
 }  // namespace
 
 TEST_CASE("every random setup yields a consistent timeline that ends with only persistent state") {
@@ -267,8 +282,7 @@ TEST_CASE("ZeRO-3 over N ranks divides the parameter state by N (up to per-tenso
 
 TEST_CASE("the tuner's fast path reports exactly the peaks of the recorded timeline") {
     Random r(7);
-    GpuProfile gpu = test_gpu();
-    gpu.calibration.cublas_workspace_bytes = 8 * kMiB;
+    const GpuProfile gpu = gpu_with_workspace();
     for (int i = 0; i < 200; ++i) {
         const ModelSpec m = random_model(r);
         TrainingSetup s = random_setup(r, m);
@@ -276,12 +290,7 @@ TEST_CASE("the tuner's fast path reports exactly the peaks of the recorded timel
         if (r.coin()) s.mlp_chunks = std::min<std::int64_t>(s.local_tokens(), r.in(3, 40));
         if (r.coin()) s.lm_chunks = std::min<std::int64_t>(s.local_tokens(), r.in(3, 40));
         CAPTURE(i);
-        const Estimate e = estimate(m, s, gpu);
-        const MemoryPeaks p = simulate_peaks(m, s, gpu);
-        CHECK(p.peak_bytes == e.summary.peak.bytes);
-        CHECK(p.peak_allocated_bytes == e.allocator.peak_allocated);
-        CHECK(p.peak_reserved_bytes == e.allocator.peak_reserved);
-        CHECK(p.host_peak_bytes == e.summary.host_peak);
+        check_same_peaks(simulate_peaks(m, s, gpu), estimate(m, s, gpu));
     }
 }
 
@@ -309,8 +318,7 @@ TEST_CASE("the caching-allocator model places every block of the random setups' 
 
 TEST_CASE("one PeakSimulator reused across setups reports what a fresh estimate does, and fits() stops exactly at the budget") {
     Random r(9);
-    GpuProfile gpu = test_gpu();
-    gpu.calibration.cublas_workspace_bytes = 8 * kMiB;
+    const GpuProfile gpu = gpu_with_workspace();
     for (int i = 0; i < 60; ++i) {
         const ModelSpec m = random_model(r);
         PeakSimulator sim(m, gpu);  // its tables carry over from setup to setup
@@ -321,17 +329,12 @@ TEST_CASE("one PeakSimulator reused across setups reports what a fresh estimate 
             CAPTURE(j);
             const Estimate e = estimate(m, s, gpu);
             const bytes_t reserved = e.allocator.peak_reserved, host = e.summary.host_peak;
-            const MemoryPeaks p = sim.peaks(s);
-            CHECK(p.peak_bytes == e.summary.peak.bytes);
-            CHECK(p.peak_allocated_bytes == e.allocator.peak_allocated);
-            CHECK(p.peak_reserved_bytes == reserved);
-            CHECK(p.host_peak_bytes == host);
+            check_same_peaks(sim.peaks(s), e);
             CHECK(sim.peaks(s, false).peak_bytes == e.summary.peak.bytes);
             // At the budget it fits with the same peaks; one byte less, on either device, it does not.
             MemoryPeaks at;
             CHECK(sim.fits(s, reserved, host, &at));
-            CHECK(at.peak_reserved_bytes == reserved);
-            CHECK(at.peak_allocated_bytes == e.allocator.peak_allocated);
+            check_same_peaks(at, e);
             CHECK_FALSE(sim.fits(s, reserved - 1, host));
             if (host > 0) CHECK_FALSE(sim.fits(s, reserved, host - 1));
             // Without the allocator model, requested bytes stand for reserved ones.
@@ -345,8 +348,7 @@ TEST_CASE("a PeakSimulator resuming setups that share the step up to a layer or 
     // The tuner's probes: the same knobs but for the checkpointed layers (they share the forward up
     // to the first layer they differ in) or the LM head's chunks (they share all the layers).
     Random r(10);
-    GpuProfile gpu = test_gpu();
-    gpu.calibration.cublas_workspace_bytes = 8 * kMiB;
+    const GpuProfile gpu = gpu_with_workspace();
     for (int i = 0; i < 40; ++i) {
         const ModelSpec m = random_model(r);
         const TrainingSetup base = random_setup(r, m);
@@ -367,9 +369,7 @@ TEST_CASE("a PeakSimulator resuming setups that share the step up to a layer or 
             } else {
                 REQUIRE(sim.fits(s, e.allocator.peak_reserved, e.summary.host_peak, &p));
             }
-            CHECK(p.peak_bytes == e.summary.peak.bytes);
-            CHECK(p.peak_allocated_bytes == e.allocator.peak_allocated);
-            CHECK(p.peak_reserved_bytes == e.allocator.peak_reserved);
+            check_same_peaks(p, e);
             if (r.in(0, 3) == 0) CHECK_FALSE(sim.fits(s, e.allocator.peak_reserved - 1, e.summary.host_peak));
         }
     }

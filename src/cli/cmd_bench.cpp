@@ -11,6 +11,7 @@
 
 #include "bench.hpp"
 #include "commands.hpp"
+#include "mst/error.hpp"
 
 namespace mst::cli {
 
@@ -47,6 +48,17 @@ std::vector<Timing> time_in_process(int reps, const std::function<void()>& run) 
                        cpu_ms_now() - cpu0, 0});
     }
     return out;
+}
+
+void add_timed_bench(CLI::App& bench, const std::string& name, const std::string& help, int default_reps,
+                     std::function<void(int)> run) {
+    auto reps = std::make_shared<int>(default_reps);
+    auto* cmd = bench.add_subcommand(name, help);
+    cmd->add_option("--reps", *reps, "Timed runs per case (median reported)")->capture_default_str();
+    cmd->callback([reps, run = std::move(run)] {
+        if (*reps < 1) fail("command line", "reps", "expected a positive count");
+        run(*reps);
+    });
 }
 
 void print_bench(const GlobalOptions& g, const std::string& title, const std::vector<BenchCase>& cases) {

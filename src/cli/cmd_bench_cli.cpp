@@ -50,7 +50,6 @@ Timing run_self(const std::string& exe, const std::vector<std::string>& args) {
 }
 
 void run_bench_cli(const GlobalOptions& g, int reps) {
-    if (reps < 1) fail("command line", "reps", "expected a positive count");
     std::error_code ec;
     const std::string exe = std::filesystem::read_symlink("/proc/self/exe", ec).string();
     if (ec) throw UserError("bench cli: cannot find this binary (/proc/self/exe)");
@@ -78,13 +77,11 @@ void run_bench_cli(const GlobalOptions& g, int reps) {
 }  // namespace
 
 void add_bench_cli_command(CLI::App& bench, const GlobalOptions& global) {
-    auto reps = std::make_shared<int>(7);
-    auto* cmd = bench.add_subcommand("cli",
-                                     "Time whole mst-plan processes (start-up, estimate, recommend, max-seq) against their "
-                                     "targets:\n  estimate <= 10 ms and <= 20 MiB resident, recommend <= 40 ms on one GPU, "
-                                     "<= 250 ms on 8, <= 150 ms for 70B on 64, max-seq <= 30 ms");
-    cmd->add_option("--reps", *reps, "Timed runs per case (median reported)")->capture_default_str();
-    cmd->callback([&global, reps] { run_bench_cli(global, *reps); });
+    add_timed_bench(bench, "cli",
+                    "Time whole mst-plan processes (start-up, estimate, recommend, max-seq) against their targets:\n"
+                    "  estimate <= 10 ms and <= 20 MiB resident, recommend <= 40 ms on one GPU, <= 250 ms on 8, <= 150 ms "
+                    "for 70B on 64, max-seq <= 30 ms",
+                    7, [&global](int reps) { run_bench_cli(global, reps); });
 }
 
 }  // namespace mst::cli

@@ -184,7 +184,6 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
 }
 
 void run_bench_tuner(const GlobalOptions& g, int reps) {
-    if (reps < 1) fail("command line", "reps", "expected a positive count");
     std::vector<BenchCase> cases;
     for (const RecommendCase& rc : kRecommendCases) {
         TuneRequest rq;
@@ -246,13 +245,10 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
 }
 
 void add_bench_tuner_command(CLI::App& bench, const GlobalOptions& global) {
-    auto reps = std::make_shared<int>(5);
-    auto* cmd = bench.add_subcommand("tuner",
-                                     "Time `recommend` and `max-seq` in this process against their targets: <= 40 ms on one GPU "
-                                     "(8k-128k tokens),\n<= 250 ms on 8 GPUs at 256k, <= 150 ms for 70B on 64 GPUs, max-seq "
-                                     "<= 30 ms");
-    cmd->add_option("--reps", *reps, "Timed runs per case (median reported)")->capture_default_str();
-    cmd->callback([&global, reps] { run_bench_tuner(global, *reps); });
+    add_timed_bench(bench, "tuner",
+                    "Time `recommend` and `max-seq` in this process against their targets: <= 40 ms on one GPU (8k-128k "
+                    "tokens),\n<= 250 ms on 8 GPUs at 256k, <= 150 ms for 70B on 64 GPUs, max-seq <= 30 ms",
+                    5, [&global](int reps) { run_bench_tuner(global, reps); });
 }
 
 }  // namespace mst::cli
