@@ -4,8 +4,11 @@
 // frees captured in order; the caching-allocator model then replays them in a tight loop for
 // allocated and reserved bytes. Reserved bytes are never fewer than requested ones, so a
 // budget check stops the step as soon as requested bytes pass the budget, and the replay as
-// soon as reserved bytes do; most setups the tuner rules out never reach the allocator.
+// soon as reserved bytes do; most setups the tuner rules out never reach the allocator. Setups
+// the tuner compares one after the other often share the start of the step, and a replay
+// resumes from a snapshot of the previous one where they do (replay()).
 #include <algorithm>
+#include <limits>
 
 #include "../caching_allocator.hpp"
 #include "builder.hpp"
@@ -13,15 +16,14 @@
 
 namespace mst {
 
-// The allocator model after the first `at` events of the last replay, and the peak allocated
-// bytes until then.
-struct Snapshot {
-    std::size_t at = 0;
-    bytes_t peak_allocated = 0;
-    detail::CachingAllocatorModel model{AllocatorConstants{}};
-};
-
 struct PeakSimulator::Scratch {
+    // The allocator model after the first `at` events of the last replay, and the peak allocated
+    // bytes until then.
+    struct Snapshot {
+        std::size_t at = 0;
+        bytes_t peak_allocated = 0;
+        detail::CachingAllocatorModel model{AllocatorConstants{}};
+    };
     sim::PeakScratch step;
     detail::CachingAllocatorModel allocator{AllocatorConstants{}};
     std::vector<sim::GpuEvent> replayed;  // the events of the last replay
@@ -57,7 +59,7 @@ bool PeakSimulator::replay(bytes_t limit, MemoryPeaks& p) {
     while (s.valid > 0 && s.snapshots[s.valid - 1].at > shared) --s.valid;
     std::size_t from = 0;
     if (s.valid > 0) {
-        const Snapshot& snap = s.snapshots[s.valid - 1];
+        const Scratch::Snapshot& snap = s.snapshots[s.valid - 1];
         s.allocator = snap.model;
         from = snap.at;
         p.peak_allocated_bytes = snap.peak_allocated;
@@ -75,7 +77,7 @@ bool PeakSimulator::replay(bytes_t limit, MemoryPeaks& p) {
             const std::size_t last = s.valid > 0 ? s.snapshots[s.valid - 1].at : 0;
             if (i >= 2 * last || next + 1 == boundaries.end()) {
                 if (s.valid == s.snapshots.size()) s.snapshots.emplace_back();
-                Snapshot& snap = s.snapshots[s.valid++];
+                Scratch::Snapshot& snap = s.snapshots[s.valid++];
                 snap.at = i, snap.peak_allocated = p.peak_allocated_bytes, snap.model = s.allocator;
             }
             ++next;
