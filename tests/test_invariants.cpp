@@ -8,6 +8,8 @@
 #include "mst/catalog.hpp"
 #include "mst/model.hpp"
 #include "mst/simulate.hpp"
+#include "caching_allocator.hpp"
+#include "reference_caching_allocator.hpp"
 #include "sim_test_support.hpp"
 #include "test_support.hpp"
 
@@ -98,6 +100,21 @@ bool same_events(const Timeline& a, const Timeline& b) {
 }
 
 constexpr int kCases = 300;
+
+// The test GPU with a cuBLAS workspace, which the peaks must include.
+GpuProfile gpu_with_workspace() {
+    GpuProfile gpu = test_gpu();
+    gpu.calibration.cublas_workspace_bytes = 8 * kMiB;
+    return gpu;
+}
+
+// The fast path's peaks against those of the recorded timeline's views.
+void check_same_peaks(const MemoryPeaks& p, const Estimate& e) {
+    CHECK(p.peak_bytes == e.summary.peak.bytes);
+    CHECK(p.peak_allocated_bytes == e.allocator.peak_allocated);
+    CHECK(p.peak_reserved_bytes == e.allocator.peak_reserved);
+    CHECK(p.host_peak_bytes == e.summary.host_peak);
+}
 
 }  // namespace
 
@@ -265,8 +282,7 @@ TEST_CASE("ZeRO-3 over N ranks divides the parameter state by N (up to per-tenso
 
 TEST_CASE("the tuner's fast path reports exactly the peaks of the recorded timeline") {
     Random r(7);
-    GpuProfile gpu = test_gpu();
-    gpu.calibration.cublas_workspace_bytes = 8 * kMiB;
+    const GpuProfile gpu = gpu_with_workspace();
     for (int i = 0; i < 200; ++i) {
         const ModelSpec m = random_model(r);
         TrainingSetup s = random_setup(r, m);
@@ -274,11 +290,87 @@ TEST_CASE("the tuner's fast path reports exactly the peaks of the recorded timel
         if (r.coin()) s.mlp_chunks = std::min<std::int64_t>(s.local_tokens(), r.in(3, 40));
         if (r.coin()) s.lm_chunks = std::min<std::int64_t>(s.local_tokens(), r.in(3, 40));
         CAPTURE(i);
-        const Estimate e = estimate(m, s, gpu);
-        const MemoryPeaks p = simulate_peaks(m, s, gpu);
-        CHECK(p.peak_bytes == e.summary.peak.bytes);
-        CHECK(p.peak_allocated_bytes == e.allocator.peak_allocated);
-        CHECK(p.peak_reserved_bytes == e.allocator.peak_reserved);
-        CHECK(p.host_peak_bytes == e.summary.host_peak);
+        check_same_peaks(simulate_peaks(m, s, gpu), estimate(m, s, gpu));
+    }
+}
+
+TEST_CASE("the caching-allocator model places every block of the random setups' timelines where its reference does") {
+    Random r(8);
+    for (int i = 0; i < kCases; ++i) {
+        const ModelSpec m = random_model(r);
+        const TrainingSetup s = random_setup(r, m);
+        CAPTURE(i);
+        const Timeline t = simulate(m, s, test_gpu());
+        const AllocatorConstants& c = test_gpu().calibration.allocator;
+        detail::CachingAllocatorModel flat(c);
+        ReferenceCachingAllocator reference(c);
+        bool same = true;
+        for (const Event& e : t.events) {
+            if (e.device != Device::Gpu) continue;
+            if (e.alloc) flat.allocate(e.tensor, e.bytes), reference.allocate(e.tensor, e.bytes);
+            else flat.release(e.tensor), reference.release(e.tensor);
+            same = same && flat.allocated() == reference.allocated() && flat.reserved() == reference.reserved() &&
+                   flat.placement(e.tensor) == reference.placement(e.tensor);
+        }
+        CHECK(same);
+    }
+}
+
+TEST_CASE("one PeakSimulator reused across setups reports what a fresh estimate does, and fits() stops exactly at the budget") {
+    Random r(9);
+    const GpuProfile gpu = gpu_with_workspace();
+    for (int i = 0; i < 60; ++i) {
+        const ModelSpec m = random_model(r);
+        PeakSimulator sim(m, gpu);  // its tables carry over from setup to setup
+        for (int j = 0; j < 5; ++j) {
+            TrainingSetup s = random_setup(r, m);
+            if (r.coin()) s.mlp_chunks = std::min<std::int64_t>(s.local_tokens(), r.in(3, 40));
+            CAPTURE(i);
+            CAPTURE(j);
+            const Estimate e = estimate(m, s, gpu);
+            const bytes_t reserved = e.allocator.peak_reserved, host = e.summary.host_peak;
+            check_same_peaks(sim.peaks(s), e);
+            CHECK(sim.peaks(s, false).peak_bytes == e.summary.peak.bytes);
+            // At the budget it fits with the same peaks; one byte less, on either device, it does not.
+            MemoryPeaks at;
+            CHECK(sim.fits(s, reserved, host, &at));
+            check_same_peaks(at, e);
+            CHECK_FALSE(sim.fits(s, reserved - 1, host));
+            if (host > 0) CHECK_FALSE(sim.fits(s, reserved, host - 1));
+            // Without the allocator model, requested bytes stand for reserved ones.
+            CHECK(sim.fits(s, e.summary.peak.bytes, host, nullptr, false));
+            CHECK_FALSE(sim.fits(s, e.summary.peak.bytes - 1, host, nullptr, false));
+        }
+    }
+}
+
+TEST_CASE("a PeakSimulator resuming setups that share the step up to a layer or the LM head reports a fresh estimate's peaks") {
+    // The tuner's probes: the same knobs but for the checkpointed layers (they share the forward up
+    // to the first layer they differ in) or the LM head's chunks (they share all the layers).
+    Random r(10);
+    const GpuProfile gpu = gpu_with_workspace();
+    for (int i = 0; i < 40; ++i) {
+        const ModelSpec m = random_model(r);
+        const TrainingSetup base = random_setup(r, m);
+        PeakSimulator sim(m, gpu);
+        const std::int64_t L = m.num_layers;
+        for (int j = 0; j < 12; ++j) {
+            TrainingSetup s = base;
+            s.checkpoint.assign(static_cast<std::size_t>(L), false);
+            for (std::int64_t l = 0, k = r.in(0, L); l < k; ++l) s.checkpoint[static_cast<std::size_t>(l)] = true;
+            s.offload_checkpoints = base.offload_checkpoints && s.checkpointed_count() > 0;
+            s.lm_chunks = r.in(1, std::min<std::int64_t>(6, s.local_tokens()));
+            CAPTURE(i);
+            CAPTURE(j);
+            const Estimate e = estimate(m, s, gpu);
+            MemoryPeaks p;
+            if (r.coin()) {
+                p = sim.peaks(s);
+            } else {
+                REQUIRE(sim.fits(s, e.allocator.peak_reserved, e.summary.host_peak, &p));
+            }
+            check_same_peaks(p, e);
+            if (r.in(0, 3) == 0) CHECK_FALSE(sim.fits(s, e.allocator.peak_reserved - 1, e.summary.host_peak));
+        }
     }
 }

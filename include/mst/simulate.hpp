@@ -1,6 +1,7 @@
 #pragma once
 // The simulator: walks the op sequence of one training step of a decoder-only
 // transformer and predicts every allocation and free (see docs/memory-model.md).
+#include <memory>
 #include <string>
 
 #include <nlohmann/json_fwd.hpp>
@@ -26,6 +27,34 @@ struct MemoryPeaks {
 // enough to rule a setup out, since reserved >= allocated >= requested.
 MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu,
                            bool allocator = true);
+
+// simulate_peaks for many setups of one model on one GPU (the tuner, max-seq): one simulator
+// whose tables are reused from setup to setup, and a fits() that stops a step as soon as a peak
+// is over budget. The same numbers as simulate_peaks (a test holds them equal).
+class PeakSimulator {
+public:
+    PeakSimulator(const ModelSpec& model, const GpuProfile& gpu);  // both must outlive it
+    ~PeakSimulator();
+    PeakSimulator(const PeakSimulator&) = delete;
+    PeakSimulator& operator=(const PeakSimulator&) = delete;
+
+    MemoryPeaks peaks(const TrainingSetup& setup, bool allocator = true);
+    // Peak reserved within `budget_bytes` and offloaded bytes within `host_budget_bytes`; then
+    // `out` (when given) receives the peaks. Without `allocator`, the requested peak stands for
+    // reserved: a setup it rules out does not fit, one it admits may still not.
+    bool fits(const TrainingSetup& setup, bytes_t budget_bytes, bytes_t host_budget_bytes, MemoryPeaks* out = nullptr,
+              bool allocator = true);
+
+private:
+    // One step under the budgets (each the numeric maximum when there is none): false as soon as
+    // a peak passes one; else the peaks into `out`.
+    bool run(const TrainingSetup& setup, bool allocator, bytes_t budget_bytes, bytes_t host_budget_bytes, MemoryPeaks& out);
+    bool replay(bytes_t budget_bytes, MemoryPeaks& out);  // the allocator model over the captured events
+    struct Scratch;
+    const ModelSpec& model_;
+    const GpuProfile& gpu_;
+    std::unique_ptr<Scratch> scratch_;
+};
 
 // Everything `estimate` prints: the timeline and its views.
 struct Estimate {

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "bench.hpp"
 #include "commands.hpp"
 #include "mst/catalog.hpp"
 #include "mst/error.hpp"
@@ -21,6 +22,7 @@ struct TunerArgs {
     std::vector<std::string> pins, allows;
     double margin = 0.03, host_gib = 128;
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention = "flash";
+    std::string optimizer_impl = "fused", runtime = "hf";
 
     // training_knobs: --seq, --precision, ... here (recommend), or from SetupOptions (max-seq).
     void add_to(CLI::App& cmd, bool training_knobs) {
@@ -36,6 +38,10 @@ struct TunerArgs {
         cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
         cmd.add_option("--optimizer-state-dtype", state_dtype, "fp32 | bf16");
         cmd.add_option("--attention", attention, "flash | eager")->capture_default_str();
+        cmd.add_option("--optimizer-impl", optimizer_impl, "fused (the HF Trainer's default) | foreach | for-loop")
+            ->capture_default_str();
+        cmd.add_option("--runtime", runtime, "hf (transformers + PyTorch: what users run) | kernels (mst-plan's executor)")
+            ->capture_default_str();
     }
 
     TuneRequest request() const {
@@ -52,6 +58,8 @@ struct TunerArgs {
         rq.base.optimizer = parse_optimizer(optimizer, "command line");
         if (!state_dtype.empty()) rq.base.state_dtype = parse_state_dtype(state_dtype, "command line");
         rq.base.attention = parse_attention(attention, "command line");
+        rq.base.optimizer_impl = parse_optimizer_impl(optimizer_impl, "command line");
+        rq.base.runtime = parse_runtime(runtime, "command line");
         if (seq > 0) rq.seq_len = seq;
         if (tokens_per_step > 0) rq.tokens_per_step = tokens_per_step;
         for (const auto& p : pins) parse_pin(p, rq.model, rq.pins);
@@ -182,35 +190,28 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                "tokens (x sp).\n");
 }
 
-void run_bench_tuner(const GlobalOptions& g) {
-    struct Case {
-        const char* model;
-        const char* gpu;
-        std::int64_t gpus, seq;
-    };
-    const Case cases[] = {{"llama-3-8b", "a100-80gb", 1, 32768},
-                          {"llama-3-8b", "h100-sxm-80gb", 1, 65536},
-                          {"llama-3-8b", "h100-sxm-80gb", 8, 262144},
-                          {"llama-3.1-70b", "h100-sxm-80gb", 64, 131072}};
-    nlohmann::json out = nlohmann::json::array();
-    Table t({"model", "gpus", "seq", "simulations", "ms", "target ms"});
-    for (const auto& c : cases) {
+void run_bench_tuner(const GlobalOptions& g, int reps) {
+    std::vector<BenchCase> cases;
+    for (const RecommendCase& rc : kRecommendCases) {
         TuneRequest rq;
-        rq.model = find_model(c.model);
-        rq.gpu = find_gpu(c.gpu);
-        rq.gpus = c.gpus;
-        rq.seq_len = c.seq;
-        const auto t0 = std::chrono::steady_clock::now();
-        const Recommendation r = recommend(rq);
-        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-        const double target = c.gpus == 1 ? 1000 : 10000;
-        t.row({c.model, std::to_string(c.gpus), std::to_string(c.seq), std::to_string(r.simulations), fmt::format("{:.0f}", ms),
-               fmt::format("{:.0f}", target)});
-        out.push_back({{"model", c.model}, {"gpus", c.gpus}, {"seq", c.seq}, {"simulations", r.simulations},
-                       {"ms", ms}, {"target_ms", target}, {"found", r.found}});
+        rq.model = find_model(rc.model);
+        rq.gpu = find_gpu(rc.gpu);
+        rq.gpus = rc.gpus;
+        rq.seq_len = rc.seq;
+        std::int64_t simulations = 0;
+        BenchCase c{fmt::format("recommend {} {} x{} {}k", rc.model, rc.gpu, rc.gpus, rc.seq / 1024), "", rc.target_ms,
+                    std::nullopt, {}};
+        c.runs = time_in_process(reps, [&] { simulations = recommend(rq).simulations; });
+        c.detail = fmt::format("{} simulations", simulations);
+        cases.push_back(std::move(c));
     }
-    if (g.json) return print_json(out);
-    t.print();
+    TuneRequest rq;
+    rq.model = find_model(kMaxSeqModel);
+    rq.gpu = find_gpu(kMaxSeqGpu);
+    BenchCase c{fmt::format("max-seq {} {}", kMaxSeqModel, kMaxSeqGpu), "5 strategies", kMaxSeqTargetMs, std::nullopt, {}};
+    c.runs = time_in_process(reps, [&] { max_seq(rq, std::nullopt); });
+    cases.push_back(std::move(c));
+    print_bench(g, "bench tuner: the search in this process", cases);
 }
 
 }  // namespace
@@ -251,8 +252,10 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
 }
 
 void add_bench_tuner_command(CLI::App& bench, const GlobalOptions& global) {
-    bench.add_subcommand("tuner", "Time `recommend` on one GPU (target < 1 s) and on 8 and 64 GPUs (target < 10 s)")
-        ->callback([&global] { run_bench_tuner(global); });
+    add_timed_bench(bench, "tuner",
+                    "Time `recommend` and `max-seq` in this process against their targets: <= 40 ms on one GPU (8k-128k "
+                    "tokens),\n<= 250 ms on 8 GPUs at 256k, <= 150 ms for 70B on 64 GPUs, max-seq <= 30 ms",
+                    5, [&global](int reps) { run_bench_tuner(global, reps); });
 }
 
 }  // namespace mst::cli

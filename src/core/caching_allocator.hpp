@@ -4,9 +4,29 @@
 // small pool, larger ones from a large pool (20 MiB segments below 10 MiB, else the
 // size rounded to 2 MiB); best-fit with splitting (large blocks split only when more
 // than 1 MiB remains), coalescing on free; segments are never returned.
+//
+// Best fit is PyTorch's order: the smallest free block that is large enough, and among
+// blocks of that size the one in the oldest segment at the lowest offset. The tuner replays
+// this model for every candidate it simulates (millions of events per search), so it keeps
+// no node-based containers and allocates no memory once its vectors have grown:
+//  * blocks_: every block, in one vector, with two intrusive lists: the blocks of a segment
+//    in address order (prev/next, so coalescing looks at two neighbours), and the free
+//    blocks of one size (free_prev/free_next, below).
+//  * a pool is a vector of size classes, one for every size freed in it, ascending, each the
+//    head and tail of its list of free blocks in (segment, offset) order, descending: its best
+//    fit is the tail. A step has a few dozen sizes and a handful of them free at a time: a bit
+//    set marks the classes that hold a block, so best fit is the first marked class from the
+//    requested size on, and a small cache maps a size to its class without a search.
+//    Blocks are mostly freed in reverse order of allocation (a backward pass), so a freed
+//    block's place in its class is next to one end; the search for it walks in from both ends
+//    and is never longer than the distance to the nearer one.
+// tests/reference_caching_allocator.hpp keeps the std::set/std::map formulation this
+// replaced; tests check that both place every block alike and agree on the totals.
+#include <algorithm>
+#include <array>
+#include <bit>
 #include <cstdint>
-#include <map>
-#include <set>
+#include <limits>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
@@ -21,89 +41,255 @@ public:
 
     void allocate(std::int64_t tensor, bytes_t requested) {
         if (requested <= 0) return;  // PyTorch hands out no block for empty tensors
-        const bytes_t size = round_up(std::max(requested, c_.round_bytes), c_.round_bytes);
+        const bytes_t size = round_to_block(std::max(requested, c_.round_bytes));
         const bool small = size <= c_.small_size_bytes;
-        auto& pool = free_[small ? 0 : 1];
-        auto it = pool.lower_bound({size, -1, -1});
-        if (it == pool.end()) {
+        std::int32_t b = take_best_fit(small, size);
+        if (b < 0) {
             const bytes_t seg = small ? c_.small_segment_bytes
                                       : (size < c_.min_large_alloc_bytes ? c_.large_min_segment_bytes
                                                                          : round_up(size, c_.large_segment_round_bytes));
-            const auto id = static_cast<std::int64_t>(segments_.size());
-            segments_.push_back({{0, Block{seg, true}}});
+            b = new_block(seg, 0, segments_++);
             reserved_ += seg;
-            it = pool.insert({seg, id, 0}).first;
         }
-        const auto [block_size, seg, offset] = *it;
-        pool.erase(it);
-        auto& blocks = segments_[static_cast<std::size_t>(seg)];
-        const bytes_t remaining = block_size - size;
+        const bytes_t remaining = blocks_[idx(b)].size - size;
         // PyTorch splits a small block when a minimum block remains, a large one only above kSmallSize.
         const bool split = small ? remaining >= c_.round_bytes : remaining > c_.small_size_bytes;
-        bytes_t used = block_size;
         if (split) {
-            used = size;
-            blocks[offset + size] = Block{remaining, true};
-            pool.insert({remaining, seg, offset + size});
+            const std::int32_t r = new_block(remaining, blocks_[idx(b)].offset + size, blocks_[idx(b)].seg);
+            Block& head = blocks_[idx(b)];  // after new_block, which may move blocks_
+            head.size = size;
+            blocks_[idx(r)].free = true;
+            blocks_[idx(r)].prev = b;
+            blocks_[idx(r)].next = head.next;
+            if (head.next >= 0) blocks_[idx(head.next)].prev = r;
+            head.next = r;
+            add_free(small, r);
         }
-        blocks[offset] = Block{used, false};
-        where(tensor) = {seg, offset, small};
-        allocated_ += used;
+        blocks_[idx(b)].free = false;
+        where(tensor) = Where{b, small};
+        allocated_ += blocks_[idx(b)].size;
     }
 
     void release(std::int64_t tensor) {
         Where& w = where(tensor);
-        if (w.seg < 0) return;
-        const auto [seg, offset, small] = w;
-        w.seg = -1;
-        auto& pool = free_[small ? 0 : 1];
-        auto& blocks = segments_[static_cast<std::size_t>(seg)];
-        auto it = blocks.find(offset);
-        allocated_ -= it->second.size;
-        it->second.free = true;
-        // Merge with the free neighbours in the same segment.
-        auto next = std::next(it);
-        if (next != blocks.end() && next->second.free) {
-            pool.erase({next->second.size, seg, next->first});
-            it->second.size += next->second.size;
-            blocks.erase(next);
+        if (w.block < 0) return;
+        std::int32_t b = w.block;
+        const bool small = w.small;
+        w.block = -1;
+        allocated_ -= blocks_[idx(b)].size;
+        blocks_[idx(b)].free = true;
+        // Merge with the free neighbours in the same segment: the next one, then the previous.
+        const std::int32_t next = blocks_[idx(b)].next;
+        if (next >= 0 && blocks_[idx(next)].free) {
+            remove_free(small, next);
+            absorb(b, next);
         }
-        if (it != blocks.begin()) {
-            auto prev = std::prev(it);
-            if (prev->second.free) {
-                pool.erase({prev->second.size, seg, prev->first});
-                prev->second.size += it->second.size;
-                blocks.erase(it);
-                it = prev;
-            }
+        const std::int32_t prev = blocks_[idx(b)].prev;
+        if (prev >= 0 && blocks_[idx(prev)].free) {
+            remove_free(small, prev);
+            absorb(prev, b);
+            b = prev;
         }
-        pool.insert({it->second.size, seg, it->first});
+        add_free(small, b);
+    }
+
+    // Empty again, under constants `c`, keeping the memory its tables have grown to.
+    void reset(const AllocatorConstants& c) {
+        c_ = c;
+        blocks_.clear();
+        spare_blocks_.clear();
+        for (Pool& p : pools_) {
+            p.classes.clear();
+            p.nonempty.clear();
+            p.cache.fill(Pool::Cached{});
+        }
+        segments_ = 0;
+        dense_.clear();
+        sparse_.clear();
+        allocated_ = reserved_ = 0;
     }
 
     bytes_t allocated() const { return allocated_; }
     bytes_t reserved() const { return reserved_; }
+    // Where a tensor's block is: {segment, offset, block bytes}; segment -1 when it has none
+    // (tests compare it with the reference model's).
+    std::tuple<std::int64_t, bytes_t, bytes_t> placement(std::int64_t tensor) {
+        const Where w = where(tensor);
+        if (w.block < 0) return {-1, 0, 0};
+        const Block& b = blocks_[idx(w.block)];
+        return {b.seg, b.offset, b.size};
+    }
 
 private:
     struct Block {
+        bytes_t size = 0;
+        bytes_t offset = 0;                   // within its segment
+        std::int64_t seg = 0;                 // segments are numbered in creation order
+        std::int32_t prev = -1, next = -1;    // neighbours in the segment, by address
+        std::int32_t free_prev = -1, free_next = -1;  // neighbours in its size class (free blocks)
+        bool free = false;
+        // The size class's order: (segment, offset) descending, so that the best fit is last.
+        bool before(const Block& o) const { return seg != o.seg ? seg > o.seg : offset > o.offset; }
+    };
+    struct SizeClass {
         bytes_t size;
-        bool free;
+        std::int32_t first, last;  // its free blocks, in Block::before order (-1: none)
+    };
+    struct Pool {
+        std::vector<SizeClass> classes;      // every size freed in this pool, ascending; most are empty at a time
+        std::vector<std::uint64_t> nonempty;  // bit i: classes[i] holds a free block
+        struct Cached {
+            bytes_t size = -1;
+            std::size_t index = 0;
+            std::size_t classes = 0;  // the answer holds while the pool has this many classes
+        };
+        std::array<Cached, 64> cache;  // sizes and their find_class answers
     };
     struct Where {
-        std::int64_t seg = -1;  // -1: not allocated
-        bytes_t offset = 0;
+        std::int32_t block = -1;  // -1: not allocated
         bool small = false;
     };
+
+    static std::size_t idx(std::int32_t b) { return static_cast<std::size_t>(b); }
+
+    // round_up(bytes, round_bytes) without a 64-bit division (tens of cycles, once per request)
+    // when round_bytes is a power of two, as PyTorch's 512 is.
+    bytes_t round_to_block(bytes_t bytes) const {
+        const bytes_t r = c_.round_bytes;
+        return (r & (r - 1)) == 0 ? (bytes + r - 1) & ~(r - 1) : round_up(bytes, r);
+    }
+
+    std::int32_t new_block(bytes_t size, bytes_t offset, std::int64_t seg) {
+        Block b;
+        b.size = size, b.offset = offset, b.seg = seg;
+        if (!spare_blocks_.empty()) {
+            const std::int32_t i = spare_blocks_.back();
+            spare_blocks_.pop_back();
+            blocks_[idx(i)] = b;
+            return i;
+        }
+        blocks_.push_back(b);
+        return static_cast<std::int32_t>(blocks_.size() - 1);
+    }
+
+    // `into` takes over its next neighbour `gone` (both free, in one segment, out of the pools).
+    void absorb(std::int32_t into, std::int32_t gone) {
+        Block& a = blocks_[idx(into)];
+        const Block& g = blocks_[idx(gone)];
+        a.size += g.size;
+        a.next = g.next;
+        if (a.next >= 0) blocks_[idx(a.next)].prev = into;
+        spare_blocks_.push_back(gone);
+    }
+
+    // The first class of at least `size` bytes (the one of exactly `size`, if there is one):
+    // a step asks for a few sizes again and again, so the cache usually knows it.
+    static std::size_t find_class(Pool& pool, bytes_t size) {
+        // Fibonacci hashing: sizes are multiples of large powers of two.
+        Pool::Cached& slot = pool.cache[(static_cast<std::uint64_t>(size) * 0x9E3779B97F4A7C15ull) >> 58];
+        if (slot.size == size && slot.classes == pool.classes.size()) return slot.index;  // no class added since
+        const auto& cs = pool.classes;
+        const auto c = static_cast<std::size_t>(
+            std::lower_bound(cs.begin(), cs.end(), size, [](const SizeClass& x, bytes_t s) { return x.size < s; }) -
+            cs.begin());
+        slot = Pool::Cached{size, c, cs.size()};
+        return c;
+    }
+
+    void add_free(bool small, std::int32_t b) {
+        Pool& pool = pools_[small ? 0 : 1];
+        Block& blk = blocks_[idx(b)];
+        const std::size_t c = find_class(pool, blk.size);
+        if (c == pool.classes.size() || pool.classes[c].size != blk.size) {
+            pool.classes.insert(pool.classes.begin() + static_cast<std::ptrdiff_t>(c), SizeClass{blk.size, -1, -1});
+            insert_zero_bit(pool.nonempty, c, pool.classes.size());
+        }
+        SizeClass& cls = pool.classes[c];
+        if (cls.first < 0) {
+            pool.nonempty[c / 64] |= std::uint64_t{1} << (c % 64);
+            blk.free_prev = blk.free_next = -1;
+            cls.first = cls.last = b;
+            return;
+        }
+        // Walk in from both ends to the block that `b` goes after (-1: b goes first).
+        std::int32_t from_front = cls.first, from_back = cls.last, after = -1;
+        while (true) {
+            if (blocks_[idx(from_back)].before(blk)) {
+                after = from_back;
+                break;
+            }
+            if (!blocks_[idx(from_front)].before(blk)) {
+                after = blocks_[idx(from_front)].free_prev;
+                break;
+            }
+            from_back = blocks_[idx(from_back)].free_prev;
+            from_front = blocks_[idx(from_front)].free_next;
+        }
+        blk.free_prev = after;
+        blk.free_next = after >= 0 ? blocks_[idx(after)].free_next : cls.first;
+        (after >= 0 ? blocks_[idx(after)].free_next : cls.first) = b;
+        (blk.free_next >= 0 ? blocks_[idx(blk.free_next)].free_prev : cls.last) = b;
+    }
+
+    // Takes free block `b` out of class `c`.
+    void unlink(Pool& pool, std::size_t c, std::int32_t b) {
+        SizeClass& cls = pool.classes[c];
+        const Block& blk = blocks_[idx(b)];
+        (blk.free_prev >= 0 ? blocks_[idx(blk.free_prev)].free_next : cls.first) = blk.free_next;
+        (blk.free_next >= 0 ? blocks_[idx(blk.free_next)].free_prev : cls.last) = blk.free_prev;
+        if (cls.first < 0) pool.nonempty[c / 64] &= ~(std::uint64_t{1} << (c % 64));
+    }
+
+    void remove_free(bool small, std::int32_t b) {
+        Pool& pool = pools_[small ? 0 : 1];
+        unlink(pool, find_class(pool, blocks_[idx(b)].size), b);
+    }
+
+    // Removes and returns the best-fitting free block of at least `size` bytes (-1: none).
+    std::int32_t take_best_fit(bool small, bytes_t size) {
+        Pool& pool = pools_[small ? 0 : 1];
+        const std::size_t c = next_set_bit(pool.nonempty, find_class(pool, size));
+        if (c >= pool.classes.size()) return -1;
+        const std::int32_t b = pool.classes[c].last;
+        unlink(pool, c, b);
+        return b;
+    }
+
+    // Bit sets over class indices, 64 to a word.
+    static std::size_t next_set_bit(const std::vector<std::uint64_t>& bits, std::size_t from) {
+        std::size_t w = from / 64;
+        if (w >= bits.size()) return std::numeric_limits<std::size_t>::max();
+        std::uint64_t word = bits[w] & (~std::uint64_t{0} << (from % 64));
+        while (word == 0) {
+            if (++w == bits.size()) return std::numeric_limits<std::size_t>::max();
+            word = bits[w];
+        }
+        return w * 64 + static_cast<std::size_t>(std::countr_zero(word));
+    }
+    // Makes room for a clear bit at `i` (bits from i up move one place), for `count` bits in all.
+    static void insert_zero_bit(std::vector<std::uint64_t>& bits, std::size_t i, std::size_t count) {
+        if (bits.size() * 64 < count) bits.push_back(0);
+        const std::size_t w0 = i / 64;
+        for (std::size_t w = bits.size() - 1; w > w0; --w) bits[w] = (bits[w] << 1) | (bits[w - 1] >> 63);
+        const std::uint64_t below = (std::uint64_t{1} << (i % 64)) - 1;
+        bits[w0] = (bits[w0] & below) | ((bits[w0] & ~below) << 1);
+    }
+
     // Tensor ids are dense in timelines mst-plan writes; others fall back to a hash map.
     Where& where(std::int64_t tensor) {
+        if (static_cast<std::uint64_t>(tensor) < dense_.size()) return dense_[static_cast<std::size_t>(tensor)];
         if (tensor >= 0 && tensor < (std::int64_t{1} << 24)) {
-            if (static_cast<std::size_t>(tensor) >= dense_.size()) dense_.resize(static_cast<std::size_t>(tensor) * 2 + 16);
+            dense_.resize(static_cast<std::size_t>(tensor) * 2 + 16);
             return dense_[static_cast<std::size_t>(tensor)];
         }
         return sparse_[tensor];
     }
+
     AllocatorConstants c_;
-    std::vector<std::map<bytes_t, Block>> segments_;
-    std::set<std::tuple<bytes_t, std::int64_t, bytes_t>> free_[2];  // (size, segment, offset): best fit first
+    std::vector<Block> blocks_;
+    std::vector<std::int32_t> spare_blocks_;  // slots of blocks_ merged away, for reuse
+    Pool pools_[2];                           // small, large
+    std::int64_t segments_ = 0;
     std::vector<Where> dense_;
     std::unordered_map<std::int64_t, Where> sparse_;
     bytes_t allocated_ = 0, reserved_ = 0;

@@ -94,7 +94,7 @@ std::vector<bool> first_layers(std::int64_t k, std::int64_t layers) {
 
 class Search {
 public:
-    Search(const TuneRequest& rq, bytes_t budget) : rq_(rq), budget_(budget) {}
+    Search(const TuneRequest& rq, bytes_t budget) : rq_(rq), budget_(budget), sim_(rq.model, rq.gpu) {}
 
     // Within one outer choice a setup is known by its checkpoints and chunk counts: the
     // binary searches probe the same ones more than once.
@@ -113,12 +113,7 @@ public:
 
     bool simulate_fits(const TrainingSetup& s, MemoryPeaks* out) {
         ++sims_;
-        // Requested bytes first: over budget there means reserved is too (and it is cheaper).
-        const MemoryPeaks quick = simulate_peaks(rq_.model, s, rq_.gpu, false);
-        if (quick.peak_bytes > budget_ || quick.host_peak_bytes > rq_.host_bytes_per_gpu) return false;
-        const MemoryPeaks p = simulate_peaks(rq_.model, s, rq_.gpu);
-        if (out) *out = p;
-        return p.peak_reserved_bytes <= budget_ && p.host_peak_bytes <= rq_.host_bytes_per_gpu;
+        return sim_.fits(s, budget_, rq_.host_bytes_per_gpu, out);
     }
     double seconds(const TrainingSetup& s) const { return predict_time(rq_.model, s, rq_.gpu, rq_.cluster).step_seconds; }
 
@@ -136,12 +131,20 @@ public:
             t.lm_chunks = ml;
             return t;
         };
-        // The fastest this outer choice could be: no recompute, best chunking.
-        auto fastest_at = [&](std::int64_t k, const std::vector<bool>* placement) {
-            double best = 1e300;
+        // The time model is asked about the same setups again and again (the bounds below, then
+        // the picks): remember its answers for this outer choice.
+        times_.clear();
+        auto seconds_at = [&](std::int64_t k, std::int64_t mm, std::int64_t ml, const std::vector<bool>* placement) {
+            const auto key = std::make_tuple(k, placement, mm, ml);
+            if (auto it = times_.find(key); it != times_.end()) return it->second;
+            return times_.emplace(key, seconds(with(k, mm, ml, placement))).first->second;
+        };
+        // Whether some chunking of this placement is faster than `limit` (the search's time bound).
+        auto can_beat = [&](std::int64_t k, const std::vector<bool>* placement, double limit) {
             for (auto mm : mlp_opts)
-                for (auto ml : lm_opts) best = std::min(best, seconds(with(k, mm, ml, placement)));
-            return best;
+                for (auto ml : lm_opts)
+                    if (seconds_at(k, mm, ml, placement) < limit) return true;
+            return false;
         };
         std::vector<std::pair<std::int64_t, const std::vector<bool>*>> ks;
         if (rq_.pins.checkpoint) {
@@ -149,7 +152,7 @@ public:
         } else if (rq_.pins.checkpoint_count) {
             ks.push_back({*rq_.pins.checkpoint_count, nullptr});
         } else {
-            if (best_ && fastest_at(0, nullptr) >= best_->time.step_seconds * kRunnerUpSlack) return;  // cannot compete
+            if (best_ && !can_beat(0, nullptr, best_->time.step_seconds * kRunnerUpSlack)) return;  // cannot compete
             if (!fits(with(L, mlp_opts.back(), lm_opts.back()))) return;
             std::int64_t lo = 0, hi = L;  // fewest checkpointed layers that fit with the most chunks
             while (lo < hi) {
@@ -166,7 +169,7 @@ public:
         for (const auto& [k, placement] : ks) {
             // Time grows with k: stop once even the best chunking cannot compete (the first k of
             // each outer choice may trail by kRunnerUpSlack, to offer runner-ups).
-            if (best_ && fastest_at(k, placement) >= best_->time.step_seconds * (first ? kRunnerUpSlack : 1.0)) break;
+            if (best_ && !can_beat(k, placement, best_->time.step_seconds * (first ? kRunnerUpSlack : 1.0))) break;
             first = false;
             // Fewest LM-head chunks that fit with the most MLP chunks, then fewest MLP chunks.
             const auto smallest = [&](const std::vector<std::int64_t>& opts, std::size_t hi, auto make) -> std::optional<std::size_t> {
@@ -185,14 +188,14 @@ public:
             if (!im) continue;
             lm_hi = *il, mlp_hi = *im;
             // More chunks than needed still fit; keep the fastest (verified below).
-            TrainingSetup pick = with(k, mlp_opts[*im], lm_opts[*il], placement);
-            double pick_s = seconds(pick);
+            std::size_t pick_a = *im, pick_b = *il;
+            double pick_s = seconds_at(k, mlp_opts[pick_a], lm_opts[pick_b], placement);
             for (std::size_t a = *im; a < mlp_opts.size(); ++a)
                 for (std::size_t b = *il; b < lm_opts.size(); ++b) {
-                    TrainingSetup t = with(k, mlp_opts[a], lm_opts[b], placement);
-                    const double ts = seconds(t);
-                    if (ts < pick_s * (1 - 1e-9)) pick = t, pick_s = ts;
+                    const double ts = seconds_at(k, mlp_opts[a], lm_opts[b], placement);
+                    if (ts < pick_s * (1 - 1e-9)) pick_a = a, pick_b = b, pick_s = ts;
                 }
+            TrainingSetup pick = with(k, mlp_opts[pick_a], lm_opts[pick_b], placement);
             MemoryPeaks mem;
             if (!fits(pick, &mem)) {
                 pick = with(k, mlp_opts[*im], lm_opts[*il], placement);
@@ -226,6 +229,8 @@ public:
 private:
     const TuneRequest& rq_;
     bytes_t budget_;
+    PeakSimulator sim_;
+    std::map<std::tuple<std::int64_t, const std::vector<bool>*, std::int64_t, std::int64_t>, double> times_;
     std::map<std::tuple<std::vector<bool>, std::int64_t, std::int64_t>, std::pair<bool, MemoryPeaks>> memo_;
 };
 
@@ -403,6 +408,7 @@ Plan to_plan(const Recommendation& r, const TuneRequest& rq, const std::string& 
 
 std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const Strategy& st, bytes_t budget,
                              bytes_t host_budget, std::int64_t granule, MaxSeqRow* row) {
+    PeakSimulator sim(m, gpu);
     auto at = [&](std::int64_t S, MaxSeqRow* r) {
         TrainingSetup t = st.setup;
         t.seq_len = S;
@@ -413,8 +419,8 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
             t.mlp_chunks = chunks;
             t.lm_chunks = chunks;
         }
-        const MemoryPeaks p = simulate_peaks(m, t, gpu);
-        const bool ok = p.peak_reserved_bytes <= budget && p.host_peak_bytes <= host_budget;
+        MemoryPeaks p;
+        const bool ok = sim.fits(t, budget, host_budget, &p);
         if (ok && r) r->memory = p, r->setup = t, r->max_seq = S;
         return ok;
     };
@@ -474,6 +480,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     for (const auto& st : strategies) {
         MaxSeqRow row;
         row.strategy = st.name;
+        row.setup = st.setup;  // what the strategy is, also when nothing fits
         const std::int64_t granule = 1024 * st.setup.sp;
         longest_fitting(m, rq.gpu, st, out.budget_bytes, rq.host_bytes_per_gpu, granule, &row);
         out.rows.push_back(row);

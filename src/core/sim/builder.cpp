@@ -10,12 +10,18 @@
 namespace mst::sim {
 
 StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool record,
-                         bool allocator)
-    : m_(model), s_(setup), gpu_(gpu), record_(record), model_allocator_(allocator), allocator_(gpu.calibration.allocator) {
+                         PeakRun peak_run)
+    : m_(model), s_(setup), gpu_(gpu), record_(record), peak_run_(record ? PeakRun{} : peak_run) {
     switch (s_.precision) {
         case Precision::PureBf16: pw_ = 2, pg_ = 2, rb_ = 2; break;
         case Precision::Bf16Master: pw_ = 2, pg_ = 4, rb_ = 2; break;
         case Precision::AmpFp32: pw_ = 4, pg_ = 4, rb_ = 4; break;
+    }
+    if (PeakScratch* scratch = peak_run_.scratch) {
+        table_ = std::move(scratch->table);
+        table_.clear();
+        scratch->gpu_events.clear();
+        scratch->boundaries.clear();
     }
     tokens_ = s_.local_tokens();
     hf_ = s_.runtime == Runtime::Hf;
@@ -27,62 +33,28 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
     build_params();
 }
 
+StepBuilder::~StepBuilder() {
+    if (peak_run_.scratch) peak_run_.scratch->table = std::move(table_);
+}
+
 // ---- tensor table ------------------------------------------------------------
 
-T StepBuilder::alloc(const char* name, bytes_t bytes, Category category, Device device) {
-    const T t{static_cast<std::int64_t>(table_.size())};
-    table_.push_back({bytes, 1, category, device, name});
-    if (record_) tl_.events.push_back(Event{true, t.id, bytes, category, device, phase_, layer_, micro_, op_, name});
-    account(t.id, bytes, device, true);
-    return t;
+void StepBuilder::account_host(bytes_t bytes, bool alloc) {
+    host_live_ += alloc ? bytes : -bytes;
+    peaks_.host_peak_bytes = std::max(peaks_.host_peak_bytes, host_live_);
+    if (peaks_.host_peak_bytes > peak_run_.limits.host_bytes) over_budget();
 }
 
-T StepBuilder::act(const char* name, bytes_t bytes, bool saved) {
-    return alloc(name, bytes, grad_ && saved ? Category::SavedActivation : Category::Transient);
+void StepBuilder::over_budget() { throw OverBudget{}; }
+
+void StepBuilder::record(bool alloc, std::int64_t id) {
+    const TableEntry& l = table_[static_cast<std::size_t>(id)];
+    tl_.events.push_back(Event{alloc, id, l.bytes, l.category, l.device, phase_, layer_, micro_, op_, l.name});
 }
 
-void StepBuilder::save(T t) {
-    if (grad_ && t.valid()) ++table_[static_cast<std::size_t>(t.id)].refs;
-}
-
-bool StepBuilder::drop(T& t) {
-    if (!t.valid()) return false;
-    Live& l = table_[static_cast<std::size_t>(t.id)];
-    if (l.refs <= 0) throw std::logic_error(fmt::format("simulator: tensor {} ({}) dropped after free", t.id, l.name));
-    const bool freed = --l.refs == 0;
-    if (freed) {
-        if (record_) tl_.events.push_back(Event{false, t.id, l.bytes, l.category, l.device, phase_, layer_, micro_, op_, l.name});
-        account(t.id, l.bytes, l.device, false);
-    }
-    t = T{};
-    return freed;
-}
-
-// Running peaks for the fast path (the recorded timeline gets the same from its views).
-void StepBuilder::account(std::int64_t id, bytes_t bytes, Device device, bool alloc) {
-    if (record_) return;
-    if (device == Device::Host) {
-        host_live_ += alloc ? bytes : -bytes;
-        peaks_.host_peak_bytes = std::max(peaks_.host_peak_bytes, host_live_);
-        return;
-    }
-    live_ += alloc ? bytes : -bytes;
-    peaks_.peak_bytes = std::max(peaks_.peak_bytes, live_);
-    if (!model_allocator_) return;
-    if (alloc) allocator_.allocate(id, bytes);
-    else allocator_.release(id);
-    peaks_.peak_allocated_bytes = std::max(peaks_.peak_allocated_bytes, allocator_.allocated());
-    peaks_.peak_reserved_bytes = std::max(peaks_.peak_reserved_bytes, allocator_.reserved());
-}
-
-T StepBuilder::saved(T t) {
-    save(t);
-    return grad_ ? t : T{};
-}
-
-T StepBuilder::hold(T t) {
-    if (t.valid()) ++table_[static_cast<std::size_t>(t.id)].refs;
-    return t;
+void StepBuilder::dropped_after_free(T t) const {
+    throw std::logic_error(fmt::format("simulator: tensor {} ({}) dropped after free", t.id,
+                                       table_[static_cast<std::size_t>(t.id)].name));
 }
 
 std::vector<std::int64_t> StepBuilder::transient_chunks(std::int64_t chunks) const {
@@ -92,10 +64,6 @@ std::vector<std::int64_t> StepBuilder::transient_chunks(std::int64_t chunks) con
     for (std::size_t i = 0; i < sizes.size(); ++i)
         if (i < 2 || sizes[i] != sizes[i - 1] || sizes[i] != sizes[i - 2]) kept.push_back(sizes[i]);
     return kept;
-}
-
-bytes_t StepBuilder::elems(std::int64_t rows, std::int64_t cols, int bytes_per_element) const {
-    return checked_product({rows, cols, bytes_per_element}, "tensor size");
 }
 
 // ---- parameters ----------------------------------------------------------------

@@ -7,15 +7,16 @@
 // last drop frees the memory. Writing every op as "allocate outputs, save what the
 // backward needs, drop the inputs" makes the no-grad forward of a checkpointed
 // layer, the recompute and the normal forward come out of the same code.
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <functional>
 #include <initializer_list>
 #include <iterator>
+#include <limits>
 #include <utility>
 #include <vector>
 
-#include "../caching_allocator.hpp"
 #include "mst/gpu.hpp"
 #include "mst/model.hpp"
 #include "mst/simulate.hpp"
@@ -111,25 +112,111 @@ struct HeadSaved {
     T dhf, grad_partial; // fused-in-forward: gradients computed in forward
 };
 
+// One tensor of the step: its size and how many hold it (0: freed).
+struct TableEntry {
+    bytes_t bytes;
+    const char* name;
+    std::int32_t refs;
+    Category category;
+    Device device;
+};
+
+// Peaks-only runs stop at the first event that takes a peak past these (the rest of the step
+// cannot lower a peak), by throwing OverBudget: the tuner needs only "does not fit" from them.
+struct PeakLimits {
+    bytes_t gpu_bytes = std::numeric_limits<bytes_t>::max();   // requested bytes on the GPU
+    bytes_t host_bytes = std::numeric_limits<bytes_t>::max();  // offloaded
+};
+struct OverBudget {};
+
+// A GPU allocation or free of a peaks-only run, as the caching-allocator model replays it
+// (PeakSimulator, peaks.cpp): the model needs only the order, the tensor and the bytes.
+struct GpuEvent {
+    std::int64_t tensor;
+    bytes_t bytes;  // -1: the tensor's free
+};
+
+// The memory a peaks-only StepBuilder takes over from the previous one and hands back (the
+// tuner and max-seq run hundreds of steps; growing these from empty each time costs more
+// than a short step): its tensor table, and the GPU events it captures.
+struct PeakScratch {
+    std::vector<TableEntry> table;
+    std::vector<GpuEvent> gpu_events;
+    // Where in gpu_events the first micro-step's forward enters another layer: setups the tuner
+    // compares share the step up to the first layer whose knobs differ, so the allocator replay
+    // resumes from the last such place they share (peaks.cpp).
+    std::vector<std::size_t> boundaries;
+};
+
+// How a peaks-only StepBuilder runs.
+struct PeakRun {
+    PeakScratch* scratch = nullptr;  // memory to reuse
+    PeakLimits limits;
+    bool capture = false;  // keep the GPU events in scratch->gpu_events (needs scratch)
+};
+
 class StepBuilder {
 public:
-    // record: keep every event (simulate); otherwise only the running peaks (the tuner's fast path).
+    // record: keep every event (simulate); otherwise only the running peaks of requested and
+    // offloaded bytes (the tuner's fast path; the allocator's come from replaying the captured
+    // events: PeakSimulator).
     StepBuilder(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool record,
-                bool allocator = true);
+                PeakRun peak_run = {});
+    ~StepBuilder();
+    StepBuilder(const StepBuilder&) = delete;
+    StepBuilder& operator=(const StepBuilder&) = delete;
     Timeline run();
     MemoryPeaks peaks() const { return peaks_; }
 
 private:
-    // ---- tensor table -------------------------------------------------------
-    T alloc(const char* name, bytes_t bytes, Category category, Device device = Device::Gpu);
+    // ---- tensor table (inline: every op calls these, millions of times per tuner search) ----
+    T alloc(const char* name, bytes_t bytes, Category category, Device device = Device::Gpu) {
+        const T t{static_cast<std::int64_t>(table_.size())};
+        table_.push_back(TableEntry{bytes, name, 1, category, device});
+        if (record_) [[unlikely]] record(true, t.id);
+        else account(t.id, bytes, device, true);
+        return t;
+    }
     // An activation: SavedActivation when autograd records and `saved`, else Transient.
-    T act(const char* name, bytes_t bytes, bool saved);
-    void save(T t);   // autograd keeps t for backward (no-op without grad)
-    bool drop(T& t);  // one holder lets go; frees at the last (returns true); resets the handle
-    void at(const char* op) { op_ = op; }
+    T act(const char* name, bytes_t bytes, bool saved) {
+        return alloc(name, bytes, grad_ && saved ? Category::SavedActivation : Category::Transient);
+    }
+    void save(T t) {  // autograd keeps t for backward (no-op without grad)
+        if (grad_ && t.valid()) ++table_[static_cast<std::size_t>(t.id)].refs;
+    }
+    bool drop(T& t) {  // one holder lets go; frees at the last (returns true); resets the handle
+        if (!t.valid()) return false;
+        TableEntry& l = table_[static_cast<std::size_t>(t.id)];
+        if (l.refs <= 0) dropped_after_free(t);
+        const bool freed = --l.refs == 0;
+        if (freed) {
+            if (record_) [[unlikely]] record(false, t.id);
+            else account(t.id, l.bytes, l.device, false);
+        }
+        t = T{};
+        return freed;
+    }
+    [[noreturn]] void dropped_after_free(T t) const;  // a bug in an op's rules
+    void record(bool alloc, std::int64_t id);         // the event of tensor id's allocation or free, into tl_
+    void at(const char* op) {
+        op_ = op;
+        if (peak_run_.capture) mark_boundary();
+    }
+    // Every op starts with at(); any event is a correct place for a boundary, these are useful ones.
+    void mark_boundary() {
+        if (micro_ != 0 || phase_ != Phase::Forward || layer_ == marked_layer_) return;
+        marked_layer_ = layer_;
+        peak_run_.scratch->boundaries.push_back(peak_run_.scratch->gpu_events.size());
+    }
+    std::int32_t marked_layer_ = -2;
 
     // ---- sizes ----------------------------------------------------------------
-    bytes_t elems(std::int64_t rows, std::int64_t cols, int bytes_per_element) const;
+    bytes_t elems(std::int64_t rows, std::int64_t cols, int bytes_per_element) const {
+        bytes_t r = 0;
+        if (__builtin_mul_overflow(rows, cols, &r) || __builtin_mul_overflow(r, bytes_per_element, &r))
+            return checked_product({rows, cols, bytes_per_element}, "tensor size");  // throws, naming the factors
+        return r;
+    }
     bytes_t bf16(std::int64_t rows, std::int64_t cols) const { return elems(rows, cols, 2); }
     bytes_t f32(std::int64_t rows, std::int64_t cols) const { return elems(rows, cols, 4); }
     // The residual stream and norm outputs: fp32 under AMP (fp32 embedding, fp32 adds), else bf16.
@@ -171,8 +258,14 @@ private:
     T softcap_backward(T g, bytes_t bytes, const SoftcapNames& names, T& saved_tanh);
     // Gemma-2's norm on a branch output (bf16), saving its input: returns the normed tensor.
     T post_norm_forward(const char* op, T x, T& saved_input, T& rstd);
-    T saved(T t);   // save(t) and return the handle backward drops (invalid without grad)
-    T hold(T t);    // an extra holder regardless of grad mode (the checkpoint's reference)
+    T saved(T t) {  // save(t) and return the handle backward drops (invalid without grad)
+        save(t);
+        return grad_ ? t : T{};
+    }
+    T hold(T t) {  // an extra holder regardless of grad mode (the checkpoint's reference)
+        if (t.valid()) ++table_[static_cast<std::size_t>(t.id)].refs;
+        return t;
+    }
 
     T embedding_forward(Category out_category);
     void embedding_backward(T& dres);
@@ -310,21 +403,28 @@ private:
     std::vector<T> gathered_;                           // ZeRO-3: per unit (index unit + 1)
 
     // tensor table and the timeline being written
-    struct Live {
-        bytes_t bytes;
-        int refs;
-        Category category;
-        Device device;
-        const char* name;
-    };
-    std::vector<Live> table_;
+    std::vector<TableEntry> table_;
     Timeline tl_;
     bool record_ = true;
-    bool model_allocator_ = true;  // fast path: replay the caching allocator online
     bytes_t live_ = 0, host_live_ = 0;
     MemoryPeaks peaks_;
-    detail::CachingAllocatorModel allocator_;
-    void account(std::int64_t id, bytes_t bytes, Device device, bool alloc);
+    PeakRun peak_run_;
+    // Running peaks for the fast path (the recorded timeline gets the same from its views). Called
+    // for every allocation and free: the limits are checked only when a peak rises.
+    void account(std::int64_t id, bytes_t bytes, Device device, bool alloc) {
+        if (device == Device::Host) [[unlikely]] {
+            account_host(bytes, alloc);
+            return;
+        }
+        live_ += alloc ? bytes : -bytes;
+        if (live_ > peaks_.peak_bytes) {
+            peaks_.peak_bytes = live_;
+            if (live_ > peak_run_.limits.gpu_bytes) over_budget();
+        }
+        if (peak_run_.capture) peak_run_.scratch->gpu_events.push_back(GpuEvent{id, alloc ? bytes : -1});
+    }
+    void account_host(bytes_t bytes, bool alloc);
+    [[noreturn]] static void over_budget();
     bool grad_ = true;
     bool hf_ = false;          // s_.runtime == Runtime::Hf
     bool recomputed_ = false;  // hf backward of a checkpointed layer: its saved tensors were recomputed

@@ -207,10 +207,7 @@ Timeline simulate(const ModelSpec& model, const TrainingSetup& setup, const GpuP
 }
 
 MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool allocator) {
-    validate(setup, model);
-    sim::StepBuilder b(model, setup, gpu, false, allocator);
-    b.run();
-    return b.peaks();
+    return PeakSimulator(model, gpu).peaks(setup, allocator);
 }
 
 Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu) {

@@ -1,0 +1,126 @@
+// PeakSimulator: the peaks-only simulator reused across setups (include/mst/simulate.hpp).
+//
+// A step is simulated once for its requested and offloaded bytes, its GPU allocations and
+// frees captured in order; the caching-allocator model then replays them in a tight loop for
+// allocated and reserved bytes. Reserved bytes are never fewer than requested ones, so a
+// budget check stops the step as soon as requested bytes pass the budget, and the replay as
+// soon as reserved bytes do; most setups the tuner rules out never reach the allocator. Setups
+// the tuner compares one after the other often share the start of the step, and a replay
+// resumes from a snapshot of the previous one where they do (replay()).
+#include <algorithm>
+#include <limits>
+
+#include "../caching_allocator.hpp"
+#include "builder.hpp"
+#include "mst/simulate.hpp"
+
+namespace mst {
+
+struct PeakSimulator::Scratch {
+    // The allocator model after the first `at` events of the last replay, and the peak allocated
+    // bytes until then.
+    struct Snapshot {
+        std::size_t at = 0;
+        bytes_t peak_allocated = 0;
+        detail::CachingAllocatorModel model{AllocatorConstants{}};
+    };
+    sim::PeakScratch step;
+    detail::CachingAllocatorModel allocator{AllocatorConstants{}};
+    std::vector<sim::GpuEvent> replayed;  // the events of the last replay
+    std::vector<Snapshot> snapshots;      // the first `valid` hold prefixes of `replayed`, ascending
+    std::size_t valid = 0;
+};
+
+PeakSimulator::PeakSimulator(const ModelSpec& model, const GpuProfile& gpu)
+    : model_(model), gpu_(gpu), scratch_(std::make_unique<Scratch>()) {}
+
+PeakSimulator::~PeakSimulator() = default;
+
+namespace {
+
+std::size_t common_prefix(const std::vector<sim::GpuEvent>& a, const std::vector<sim::GpuEvent>& b) {
+    const std::size_t n = std::min(a.size(), b.size());
+    std::size_t i = 0;
+    while (i < n && a[i].tensor == b[i].tensor && a[i].bytes == b[i].bytes) ++i;
+    return i;
+}
+
+}  // namespace
+
+// Peak allocated and reserved bytes of the captured events into `p`; false as soon as reserved
+// bytes pass `limit` (reserved bytes only grow: segments are never returned). The model is
+// deterministic, so after the events this step shares with the last replay it is in the state
+// a snapshot of that replay holds: the replay resumes from the last snapshot within the shared
+// prefix, and takes its own at the boundaries after it.
+bool PeakSimulator::replay(bytes_t limit, MemoryPeaks& p) {
+    Scratch& s = *scratch_;
+    const std::vector<sim::GpuEvent>& events = s.step.gpu_events;
+    const std::size_t shared = common_prefix(events, s.replayed);
+    while (s.valid > 0 && s.snapshots[s.valid - 1].at > shared) --s.valid;
+    std::size_t from = 0;
+    if (s.valid > 0) {
+        const Scratch::Snapshot& snap = s.snapshots[s.valid - 1];
+        s.allocator = snap.model;
+        from = snap.at;
+        p.peak_allocated_bytes = snap.peak_allocated;
+    } else {
+        s.allocator.reset(gpu_.calibration.allocator);
+    }
+    const auto& boundaries = s.step.boundaries;
+    auto next = std::upper_bound(boundaries.begin(), boundaries.end(), from);
+    bool fits = true;
+    for (std::size_t i = from; i < events.size(); ++i) {
+        if (next != boundaries.end() && *next == i) {
+            // A snapshot is a copy of the model, which grows with the step: take them at doubling
+            // distances, and at the last boundary (the LM head, where setups differing only in
+            // its chunks part).
+            const std::size_t last = s.valid > 0 ? s.snapshots[s.valid - 1].at : 0;
+            if (i >= 2 * last || next + 1 == boundaries.end()) {
+                if (s.valid == s.snapshots.size()) s.snapshots.emplace_back();
+                Scratch::Snapshot& snap = s.snapshots[s.valid++];
+                snap.at = i, snap.peak_allocated = p.peak_allocated_bytes, snap.model = s.allocator;
+            }
+            ++next;
+        }
+        const sim::GpuEvent& e = events[i];
+        if (e.bytes >= 0) s.allocator.allocate(e.tensor, e.bytes);
+        else s.allocator.release(e.tensor);
+        p.peak_allocated_bytes = std::max(p.peak_allocated_bytes, s.allocator.allocated());
+        p.peak_reserved_bytes = s.allocator.reserved();
+        if (p.peak_reserved_bytes > limit) {
+            fits = false;
+            break;
+        }
+    }
+    s.replayed.swap(s.step.gpu_events);  // the snapshots hold prefixes of these now
+    return fits;
+}
+
+bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budget_bytes, bytes_t host_budget_bytes,
+                        MemoryPeaks& out) {
+    validate(setup, model_);
+    sim::StepBuilder b(model_, setup, gpu_, false, sim::PeakRun{&scratch_->step, {budget_bytes, host_budget_bytes}, allocator});
+    try {
+        b.run();
+    } catch (const sim::OverBudget&) {
+        return false;
+    }
+    out = b.peaks();
+    return !allocator || replay(budget_bytes, out);
+}
+
+MemoryPeaks PeakSimulator::peaks(const TrainingSetup& setup, bool allocator) {
+    MemoryPeaks p;
+    run(setup, allocator, std::numeric_limits<bytes_t>::max(), std::numeric_limits<bytes_t>::max(), p);
+    return p;
+}
+
+bool PeakSimulator::fits(const TrainingSetup& setup, bytes_t budget_bytes, bytes_t host_budget_bytes, MemoryPeaks* out,
+                         bool allocator) {
+    MemoryPeaks p;
+    if (!run(setup, allocator, budget_bytes, host_budget_bytes, p)) return false;
+    if (out) *out = p;
+    return true;
+}
+
+}  // namespace mst
