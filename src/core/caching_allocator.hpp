@@ -31,7 +31,7 @@ public:
                                                                          : round_up(size, c_.large_segment_round_bytes));
             const auto id = static_cast<std::int64_t>(segments_.size());
             segments_.push_back({{0, Block{seg, true}}});
-            reserved_ += seg;
+            reserved_ = checked_add(reserved_, seg, "reserved bytes");
             it = pool.insert({seg, id, 0}).first;
         }
         const auto [block_size, seg, offset] = *it;
@@ -48,7 +48,7 @@ public:
         }
         blocks[offset] = Block{used, false};
         where(tensor) = {seg, offset, small};
-        allocated_ += used;
+        allocated_ += used;  // at most reserved_
     }
 
     void release(std::int64_t tensor) {

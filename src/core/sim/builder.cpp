@@ -60,11 +60,11 @@ bool StepBuilder::drop(T& t) {
 void StepBuilder::account(std::int64_t id, bytes_t bytes, Device device, bool alloc) {
     if (record_) return;
     if (device == Device::Host) {
-        host_live_ += alloc ? bytes : -bytes;
+        host_live_ = checked_add(host_live_, alloc ? bytes : -bytes, "host bytes");
         peaks_.host_peak_bytes = std::max(peaks_.host_peak_bytes, host_live_);
         return;
     }
-    live_ += alloc ? bytes : -bytes;
+    live_ = checked_add(live_, alloc ? bytes : -bytes, "live bytes");
     peaks_.peak_bytes = std::max(peaks_.peak_bytes, live_);
     if (!model_allocator_) return;
     if (alloc) allocator_.allocate(id, bytes);
@@ -84,11 +84,10 @@ T StepBuilder::hold(T t) {
 }
 
 std::vector<std::int64_t> StepBuilder::transient_chunks(std::int64_t chunks) const {
-    std::vector<std::int64_t> sizes = chunk_sizes(tokens_, chunks);
-    if (record_) return sizes;
+    if (record_) return chunk_sizes(tokens_, chunks);
     std::vector<std::int64_t> kept;
-    for (std::size_t i = 0; i < sizes.size(); ++i)
-        if (i < 2 || sizes[i] != sizes[i - 1] || sizes[i] != sizes[i - 2]) kept.push_back(sizes[i]);
+    for (const ChunkGroup& g : chunk_groups(tokens_, chunks))
+        kept.insert(kept.end(), static_cast<std::size_t>(std::min<std::int64_t>(g.count, 2)), g.tokens);
     return kept;
 }
 
