@@ -34,6 +34,13 @@ expect_run(2 "^error: --pin: colour: expected one of" recommend --model tiny-lla
 expect_run(2 "^error: --allow: offload: expected yes or no" recommend --model tiny-llama --seq 1024 --allow offload=maybe)
 expect_run(0 "checkpointing \\+ MsT" max-seq --model tiny-llama --gpu rtx-4090-24gb)
 expect_run(0 "your setup" max-seq --model tiny-llama --gpu rtx-4090-24gb --checkpoint all --mlp-chunks 2)
+# Flags take a value: --padded=no is off, --padded alone and --padded=yes are on.
+expect_run(0 "\"padded\": false" --json estimate --model tiny-llama --seq 64 --padded=no)
+expect_run(0 "\"padded\": true" --json estimate --model tiny-llama --seq 64 --padded)
+expect_run(0 "\"padded\": true" --json estimate --model tiny-llama --seq 64 --padded=yes)
+expect_run(0 "\"offload_checkpoints\": false" --json estimate --model tiny-llama --seq 64 --checkpoint all --offload=false)
+expect_run(0 "\"optimizer_in_backward\": false" --json estimate --model tiny-llama --seq 64 --optimizer-in-backward=false)
+expect_run(0 "\"optimizer_in_backward\": true" --json estimate --model tiny-llama --seq 64 --optimizer-in-backward)
 # Every broken file: exit code 2 and one line naming the file.
 file(GLOB broken_files ${DATA}/broken/*.json)
 foreach(f ${broken_files})

@@ -97,9 +97,10 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     const Recommendation r = recommend(rq);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     if (!r.found) {
-        throw UserError(fmt::format("{}: no setup fits {} tokens on {} x {} within {} (try more GPUs, --allow offload=yes, "
-                                    "a shorter --seq or fewer pins)",
-                                    rq.model.name, rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes)));
+        fail(rq.model.name, "no setup fits",
+             fmt::format("expected one for {} tokens on {} x {} within {} (try more GPUs, --allow offload=yes, a shorter "
+                         "--seq or fewer pins)",
+                         rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes)));
     }
     const Plan plan = to_plan(r, rq, a.model, a.gpu);
     OutputFiles outputs;

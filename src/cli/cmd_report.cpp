@@ -26,8 +26,13 @@ struct ReportArgs {
 void run_report(const GlobalOptions& g, const ReportArgs& a) {
     std::vector<std::string> unreadable;
     const std::vector<ReportRow> rows = build_report(a.roots, find_gpu(a.gpu), &unreadable);
-    for (const std::string& f : unreadable) warn(f + ": not valid JSON: left out of the report");
-    if (rows.empty()) fail("report", "measurements", "expected at least one mst-measure/1 file under the given paths");
+    if (rows.empty())
+        fail("report", "measurements",
+             fmt::format("expected at least one mst-measure/1 file under the given paths{}",
+                         unreadable.empty() ? ""
+                                            : fmt::format("; {} *.json file{} not valid JSON or not readable: {}",
+                                                          unreadable.size(), unreadable.size() > 1 ? "s are" : " is",
+                                                          unreadable.front())));
     std::string command = "mst-plan report";
     for (const std::string& r : a.roots) command += " " + r;
     if (a.gpu != ReportArgs{}.gpu) command += " --gpu " + a.gpu;
@@ -45,6 +50,8 @@ void run_report(const GlobalOptions& g, const ReportArgs& a) {
                          a.max_peak_percent, a.max_phase_percent, outliers.size(), rows.size(), files));
     }
     outputs.commit();
+    // Warnings only for a report that stands: a failing command says one line.
+    for (const std::string& f : unreadable) warn(f + ": not valid JSON or not readable: left out of the report");
     if (!a.out_file.empty()) {
         fmt::print("wrote {} ({} measurements)\n", a.out_file, rows.size());
     } else if (g.json) {
