@@ -72,12 +72,15 @@ nlohmann::json read_json_file(const std::filesystem::path& path) {
         mst::fail(where, "file", fmt::format("expected a JSON file of at most {} MiB, got {} bytes", limits::kJsonBytes >> 20, size));
     std::ifstream in(path, std::ios::binary);
     if (!in) mst::fail(where, "file", "expected a readable JSON file (not found or not readable)");
+    // Read in blocks up to one byte past the limit: a file that grows while read (or a /proc file
+    // whose size reads 0) is still bounded.
     std::string text;
-    // Read at most one byte past the limit: a file that grows while read is still bounded.
-    text.resize(static_cast<std::size_t>(limits::kJsonBytes) + 1);
-    in.read(text.data(), static_cast<std::streamsize>(text.size()));
+    std::string block(1 << 16, '\0');
+    while (in && text.size() <= static_cast<std::size_t>(limits::kJsonBytes)) {
+        in.read(block.data(), static_cast<std::streamsize>(block.size()));
+        text.append(block.data(), static_cast<std::size_t>(in.gcount()));
+    }
     if (in.bad()) mst::fail(where, "file", "expected a readable JSON file (reading it failed)");
-    text.resize(static_cast<std::size_t>(in.gcount()));
     if (text.size() > static_cast<std::size_t>(limits::kJsonBytes))
         mst::fail(where, "file", fmt::format("expected a JSON file of at most {} MiB", limits::kJsonBytes >> 20));
     return parse_json_text(text, where);
