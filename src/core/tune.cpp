@@ -169,7 +169,11 @@ public:
         // More checkpoints never need more chunks: each k searches below the previous k's counts.
         std::size_t lm_hi = lm_opts.size() - 1, mlp_hi = mlp_opts.size() - 1;
         bool first = true;
-        for (const auto& [k, placement] : ks) {
+        for (const auto& choice : ks) {
+            // Named copies, not structured bindings: the lambdas below capture them (clang 14, which
+            // builds the fuzz targets, cannot capture a binding).
+            const std::int64_t k = choice.first;
+            const std::vector<bool>* placement = choice.second;
             // Time grows with k: stop once even the best chunking cannot compete (the first k of
             // each outer choice may trail by kRunnerUpSlack, to offer runner-ups).
             if (best_ && fastest_at(k, placement) >= best_->time.step_seconds * (first ? kRunnerUpSlack : 1.0)) break;
