@@ -30,8 +30,9 @@ inline std::int64_t checked_add(std::int64_t a, std::int64_t b, const char* what
     if (__builtin_add_overflow(a, b, &r)) overflow_error(what, a, b, '+');
     return r;
 }
-// Product of several factors, each checked.
+// Product of several factors and sum of several terms, each step checked.
 std::int64_t checked_product(std::initializer_list<std::int64_t> factors, const char* what = "size");
+std::int64_t checked_sum(std::initializer_list<std::int64_t> terms, const char* what = "size");
 
 // ceil(a / b) for a >= 0, b > 0; never overflows (no a + b - 1).
 constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return a / b + (a % b != 0 ? 1 : 0); }

@@ -71,7 +71,7 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
     t.row({"peak allocated (allocator blocks)", format_bytes(e.allocator.peak_allocated), ""});
     t.row({"peak reserved (allocator segments)", format_bytes(e.allocator.peak_reserved), ""});
     t.row({"+ CUDA context", format_bytes(e.context_bytes), ""});
-    t.row({"= device memory used", format_bytes(e.allocator.peak_reserved + e.context_bytes), ""});
+    t.row({"= device memory used", format_bytes(checked_add(e.allocator.peak_reserved, e.context_bytes)), ""});
     t.print();
     if (s.peak.event >= 0) {
         const Event& ev = e.timeline.events[static_cast<std::size_t>(s.peak.event)];

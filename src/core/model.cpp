@@ -143,11 +143,7 @@ ModelSpec load_model_file(const std::filesystem::path& path) {
     return parse_model(detail::read_json_file(path), path.string(), path.stem().string());
 }
 
-std::int64_t ParameterCounts::total() const {
-    std::int64_t t = 0;
-    for (std::int64_t part : {embedding, attention, mlp, norm, lm_head}) t = checked_add(t, part, "parameters");
-    return t;
-}
+std::int64_t ParameterCounts::total() const { return checked_sum({embedding, attention, mlp, norm, lm_head}, "parameters"); }
 
 ParameterCounts ModelSpec::parameters() const {
     ParameterCounts p;

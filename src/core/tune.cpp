@@ -262,8 +262,9 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
     const Estimate e = estimate(m, s, rq.gpu);
     const Summary& sum = e.summary;
     auto cat = [&](Category c) { return sum.peak.by_category[static_cast<std::size_t>(c)]; };
-    const bytes_t state = cat(Category::Weights) + cat(Category::MasterWeights) + cat(Category::OptimizerState) +
-                          sum.category_max[static_cast<std::size_t>(Category::Gradients)];
+    const bytes_t state = checked_sum({cat(Category::Weights), cat(Category::MasterWeights), cat(Category::OptimizerState),
+                                       sum.category_max[static_cast<std::size_t>(Category::Gradients)]},
+                                      "persistent bytes");
     const Event& at = e.timeline.events[static_cast<std::size_t>(sum.peak.event)];
     std::string why = fmt::format(
         "Weights, gradients and optimizer states take {} of the {} budget (what the {} leaves a process, less a {} "
@@ -495,9 +496,11 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     probe.seq_len = 1024;
     const Estimate e = estimate(m, probe, rq.gpu);
     const auto& mx = e.summary.category_max;
-    out.persistent_bytes = mx[static_cast<std::size_t>(Category::Weights)] + mx[static_cast<std::size_t>(Category::MasterWeights)] +
-                           mx[static_cast<std::size_t>(Category::Gradients)] +
-                           mx[static_cast<std::size_t>(Category::OptimizerState)] + mx[static_cast<std::size_t>(Category::Workspace)];
+    out.persistent_bytes = checked_sum({mx[static_cast<std::size_t>(Category::Weights)], mx[static_cast<std::size_t>(Category::MasterWeights)],
+                                        mx[static_cast<std::size_t>(Category::Gradients)],
+                                        mx[static_cast<std::size_t>(Category::OptimizerState)],
+                                        mx[static_cast<std::size_t>(Category::Workspace)]},
+                                       "persistent bytes");
     const bytes_t left = out.budget_bytes - out.persistent_bytes;
     const std::int64_t bytes_per_token = checked_product(
         {L, m.hidden_size, base.precision == Precision::AmpFp32 ? 4 : 2, base.micro_batch}, "checkpoint bytes per token");

@@ -21,6 +21,12 @@ std::int64_t checked_product(std::initializer_list<std::int64_t> factors, const 
     return r;
 }
 
+std::int64_t checked_sum(std::initializer_list<std::int64_t> terms, const char* what) {
+    std::int64_t r = 0;
+    for (std::int64_t t : terms) r = checked_add(r, t, what);
+    return r;
+}
+
 std::optional<std::int64_t> parse_decimal(const std::string& text) {
     const std::string digits = text.starts_with('-') ? text.substr(1) : text;
     if (digits.empty() || (digits.size() > 1 && digits.front() == '0')) return std::nullopt;
