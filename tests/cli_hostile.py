@@ -12,7 +12,6 @@ Run by ctest:  python3 tests/cli_hostile.py <mst-plan binary> <source dir>
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys

@@ -5,8 +5,8 @@
 namespace mst {
 
 KernelBenchResult run_kernel_bench(const KernelBenchRequest&) {
-    throw UserError("bench kernels: this mst-plan was built without CUDA (configure with -DMST_WITH_CUDA=ON on a "
-                    "machine with the CUDA toolkit)");
+    fail("bench kernels", "build",
+         "expected an mst-plan built with CUDA (configure with -DMST_WITH_CUDA=ON on a machine with the CUDA toolkit)");
 }
 
 }  // namespace mst
