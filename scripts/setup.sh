@@ -11,9 +11,11 @@ MST_BUILD_DIR="${MST_BUILD_DIR:-$MST_ROOT/build}"
 mst_packages=(cmake ninja-build g++ libcli11-dev nlohmann-json3-dev libfmt-dev libeigen3-dev doctest-dev
               libyaml-cpp-dev libtomlplusplus-dev)
 
+# mst_install_missing [package...]: the Debian packages not yet installed (default: mst_packages).
 mst_install_missing() {
     local missing=()
-    for p in "${mst_packages[@]}"; do
+    [ $# -gt 0 ] || set -- "${mst_packages[@]}"
+    for p in "$@"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0

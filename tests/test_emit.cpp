@@ -409,3 +409,64 @@ TEST_CASE("emit: bad plan files are one-line errors naming the file and the fiel
     CHECK(load_error("no_model.json", j.dump()).find(": model: missing") != std::string::npos);
     fs::remove_all(dir);
 }
+
+TEST_CASE("emit: a model or GPU name holding line breaks stays inside its comment in every format") {
+    ModelSpec model;
+    Plan plan = golden_plan(model);
+    // What a hostile plan could carry: TOML and YAML lines that would set the trainer's job folder.
+    plan.model = "llama\n[job]\ndump_folder = \"/\"\rdump_folder: /\r\n";
+    plan.gpu = "h100\ndeepspeed: /tmp/evil.json";
+    const toml::table t = titan_config(plan, model);
+    CHECK_FALSE(t.contains("job"));
+    std::set<std::string> tables;
+    for (const auto& [key, value] : t) tables.insert(std::string(key.str()));
+    CHECK(tables == std::set<std::string>{"training", "optimizer", "activation_checkpoint", "parallelism"});
+    const YAML::Node y = axolotl_config(plan, model);
+    CHECK_FALSE(y["dump_folder"]);
+    CHECK(y["deepspeed"].as<std::string>() == "ds_config.json");
+    for (const std::string format : {"axolotl", "torchtitan"})
+        for (const EmittedFile& f : emit(plan, model, format)) {
+            if (f.name.ends_with(".json")) continue;
+            // Every line is a comment, a key or a table: none starts with the injected text.
+            std::istringstream lines(f.content);
+            for (std::string line; std::getline(lines, line);) {
+                CHECK(line.find('\r') == std::string::npos);
+                CHECK_FALSE(line.starts_with("dump_folder"));
+                CHECK_FALSE(line.starts_with("[job]"));
+            }
+        }
+    // JSON formats carry the names as escaped strings, unchanged.
+    CHECK(nlohmann::json::parse(named(emit(plan, model, "hf-mst"), "mst_config.json").content)["model"] == plan.model);
+}
+
+TEST_CASE("emit: a plan relabelled to another model or edited is refused, naming the prediction") {
+    std::random_device random;
+    const fs::path dir = fs::temp_directory_path() / ("mst-plan-test-relabel-" + std::to_string(random()));
+    fs::create_directories(dir);
+    const nlohmann::json good = nlohmann::json::parse(read_text(golden_dir() / "plan_llama3_8b.json"));
+    auto error_for = [&](const nlohmann::json& j) {
+        const fs::path path = dir / "plan.json";
+        std::ofstream(path, std::ios::binary) << j.dump();
+        return test::expect_user_error([&] { (void)load_plan_file(path.string()); });
+    };
+    nlohmann::json j = good;
+    j["model"] = "mistral-7b-v0.1";  // same layer count and heads, other sizes: other numbers
+    CHECK(error_for(j).find(": prediction.peak_allocated_bytes: expected ") != std::string::npos);
+    j = good;
+    j["gpu"] = "a100-80gb";  // another allocator workspace: other reserved bytes
+    CHECK(error_for(j).find(": prediction.peak_") != std::string::npos);
+    j = good;
+    j["prediction"]["peak_reserved_bytes"] = 1;
+    CHECK(error_for(j).find(": prediction.peak_reserved_bytes: expected 81386274816") != std::string::npos);
+    j = good;
+    j["setup"]["sequence_length"] = 4096;
+    CHECK(error_for(j).find(": setup: sequence_length: unknown key; expected one of the keys this file takes (the "
+                            "closest is seq_len)") != std::string::npos);
+    j = good;
+    j["prediction"].erase("peak_allocated_bytes");
+    j["prediction"].erase("peak_reserved_bytes");
+    j["prediction"].erase("host_bytes");
+    std::ofstream(dir / "plan.json", std::ios::binary) << j.dump();
+    CHECK_NOTHROW((void)load_plan_file((dir / "plan.json").string()));  // nothing recorded, nothing to check
+    fs::remove_all(dir);
+}

@@ -192,7 +192,7 @@ TEST_CASE("executor out of memory: the step stops at the allocation the simulato
         CHECK(e.request.bytes == first_peak.bytes);
         CHECK(e.live_bytes == peak - first_peak.bytes);
         const std::string msg = e.what();
-        CHECK(msg.starts_with("out of gpu memory: allocating '" + first_peak.name + "'"));
+        CHECK(msg.starts_with("out of host memory on the cpu backend: allocating '" + first_peak.name + "'"));
         CHECK(msg.find('\n') == std::string::npos);
     }
 }

@@ -68,3 +68,62 @@ TEST_CASE("impossible setups are one-line errors naming the knob") {
     // 2^45 tokens x 128256 (about 2^17) vocab x 8 bytes is about 2^65: refused, not wrapped.
     CHECK(error_for([](TrainingSetup& s) { s.seq_len = std::int64_t{1} << 45; }).find("overflows") != std::string::npos);
 }
+
+TEST_CASE("the bounds of every knob are validate()'s, whatever path the setup came by") {
+    const ModelSpec m = find_model("llama-3-8b");  // 32 layers
+    auto error_for = [&](auto mutate) {
+        TrainingSetup s;
+        mutate(s);
+        return test::expect_user_error([&] { validate(s, m); });
+    };
+    CHECK(error_for([](TrainingSetup& s) { s.seq_len = (std::int64_t{1} << 30) + 1; }) ==
+          "setup: seq_len: expected an integer in [1, 1073741824], got 1073741825");
+    CHECK(error_for([](TrainingSetup& s) { s.micro_batch = 65537; }).rfind("setup: micro_batch: expected an integer in [1, 65536]", 0) == 0);
+    CHECK(error_for([](TrainingSetup& s) { s.micro_batch = 8, s.seq_len = 1 << 30; })
+              .rfind("setup: micro_batch: expected micro_batch x seq_len at most 4294967296 tokens", 0) == 0);
+    CHECK(error_for([](TrainingSetup& s) { s.grad_accum = std::int64_t{1} << 31; })
+              .rfind("setup: grad_accum: expected an integer in [1, 1048576]", 0) == 0);
+    CHECK(error_for([](TrainingSetup& s) { s.dp = 1 << 16, s.sp = 2; }).rfind("setup: dp: expected dp x sp at most 65536", 0) == 0);
+    CHECK(error_for([](TrainingSetup& s) { s.seq_len = 1 << 24, s.lm_chunks = 16385; })
+              .rfind("setup: lm_chunks: expected an integer in [1, 16384]", 0) == 0);
+    // 32 layers x 4097 chunks is past 2^17 layer-chunks: the loop MLP keeps every one of them.
+    CHECK(max_mlp_chunks(m) == 4096);
+    CHECK(error_for([](TrainingSetup& s) { s.seq_len = 1 << 24, s.mlp_chunks = 4097; })
+              .rfind("setup: mlp_chunks: expected at most 4096 for 32 layers", 0) == 0);
+    TrainingSetup edge;
+    edge.seq_len = 1 << 24, edge.mlp_chunks = 4096, edge.lm_chunks = 16384;
+    CHECK_NOTHROW(validate(edge, m));
+}
+
+TEST_CASE("chunk groups: at most two sizes, no token dropped, never one entry per token") {
+    const auto g = chunk_groups(10, 4);
+    REQUIRE(g.size() == 2);
+    CHECK((g[0].tokens == 3 && g[0].count == 2 && g[1].tokens == 2 && g[1].count == 2));
+    CHECK(chunk_groups(9, 3).size() == 1);
+    // A billion tokens in 16384 chunks: two groups, whatever the count.
+    const auto big = chunk_groups(1'000'000'007, 16384);
+    REQUIRE(big.size() == 2);
+    CHECK(big[0].tokens * big[0].count + big[1].tokens * big[1].count == 1'000'000'007);
+    // Chunks of a token size: ceil(tokens per rank / size), with no overflow for any knob values.
+    TrainingSetup s;
+    s.micro_batch = 2, s.seq_len = 4096, s.sp = 2;
+    CHECK(chunks_for_tokens(s, 1000) == 5);  // 4096 tokens per rank
+    s.micro_batch = -1, s.sp = 0;            // invalid knobs (validate() reports them): still no division by zero
+    CHECK(chunks_for_tokens(s, 1) == 4096);
+}
+
+TEST_CASE("setup files: unknown keys name the closest known one, and a model config is not a setup") {
+    const ModelSpec m = find_model("tiny-llama");
+    CHECK(test::expect_user_error([&] { (void)parse_setup({{"sequence_length", 4096}}, m, "s.json"); }) ==
+          "s.json: sequence_length: unknown key; expected one of the keys this file takes (the closest is seq_len)");
+    CHECK(test::expect_user_error([&] { (void)parse_setup({{"mlp_chunk", 4}}, m, "s.json"); }).find("the closest is mlp_chunks") !=
+          std::string::npos);
+    const std::string config = test::expect_user_error([&] {
+        (void)parse_setup(nlohmann::json::parse(R"({"hidden_size": 64, "num_hidden_layers": 2})"), m, "config.json");
+    });
+    CHECK(config.find("config.json: hidden_size: unknown key") != std::string::npos);
+    CHECK(test::expect_user_error([&] { (void)parse_setup({{"checkpoint", {0, 1.5}}}, m, "s.json"); }) ==
+          "s.json: checkpoint: expected layer indices in 0..1, got 1.5");
+    CHECK(test::expect_user_error([] { (void)parse_checkpoint_spec("5-2", 8, "t"); }) ==
+          "t: checkpoint: expected a layer range LO-HI with LO <= HI, got '5-2'");
+}

@@ -22,3 +22,36 @@ TEST_CASE("bytes print in binary units") {
     CHECK(format_bytes(80 * kGiB) == "80.00 GiB");
     CHECK(format_count(8'030'261'248) == "8.03 B");
 }
+
+TEST_CASE("ceil_div and round_up never wrap: the rounding of a size near 2^63 is an error, not a negative size") {
+    CHECK(ceil_div(10, 4) == 3);
+    CHECK(ceil_div(12, 4) == 3);
+    CHECK(ceil_div(0, 7) == 0);
+    // (a + b - 1) / b would overflow here; the quotient and remainder form cannot.
+    CHECK(ceil_div(INT64_MAX, 2) == std::int64_t{1} << 62);
+    CHECK(round_up(1000, 512) == 1024);
+    CHECK(test::expect_user_error([] { (void)round_up(INT64_MAX - 10, 512); }).find("overflows 64 bits") !=
+          std::string::npos);
+}
+
+TEST_CASE("a number as a person types it: decimal digits, no leading zero, within 64 bits") {
+    CHECK(parse_decimal("4096") == 4096);
+    CHECK(parse_decimal("-5") == -5);
+    CHECK(parse_decimal("0") == 0);
+    CHECK(parse_decimal("9223372036854775807") == INT64_MAX);
+    for (const char* bad : {"0100", "0x100", "+5", " 5", "5 ", "", "-", "1e3", "4096.0", "9223372036854775808", "--1"})
+        CHECK_MESSAGE(!parse_decimal(bad), bad);
+    CHECK(parse_finite("0.03") == 0.03);
+    CHECK(parse_finite("1e300") == 1e300);
+    for (const char* bad : {"nan", "inf", "-inf", "1e309", "", "0.5x", " 1"}) CHECK_MESSAGE(!parse_finite(bad), bad);
+}
+
+TEST_CASE("messages: the closest known word, and control characters that cannot break a line") {
+    CHECK(closest("sequence_length", {"micro_batch", "seq_len", "grad_accum"}) == "seq_len");
+    CHECK(closest("mlp_chunk", {"mlp_chunks", "lm_chunks", "mlp_impl"}) == "mlp_chunks");
+    CHECK(closest("estmate", {"models", "estimate", "recommend"}) == "estimate");
+    CHECK(closest("x", {}).empty());
+    CHECK(printable("a\nb\rc\td\x1b") == "a\\nb\\rc\\td\\x1b");
+    CHECK(printable("llama-3-8b ünïcode") == "llama-3-8b ünïcode");
+    CHECK(in_quotes(std::string(100, 'x')) == "'" + std::string(60, 'x') + "...'");
+}

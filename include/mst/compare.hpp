@@ -80,6 +80,8 @@ struct StepFile {
     std::optional<bytes_t> device_peak_reserved;
 };
 StepFile load_step_file(const std::string& path);  // UserError naming the file and field on bad input
+// The same from a document already read; `path` names it in errors (and locates its model config).
+StepFile parse_step_file(const nlohmann::json& j, const std::string& path);
 
 // UserError unless both describe the same step: same model, same micro-steps, and the same
 // setup when both files record one.

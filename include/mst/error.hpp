@@ -4,6 +4,7 @@
 // Bugs are assertions, never UserErrors.
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace mst {
 
@@ -14,5 +15,15 @@ public:
 
 // "<where>: <field>: <expected>", the one-line shape every input error takes.
 [[noreturn]] void fail(const std::string& where, const std::string& field, const std::string& expected);
+
+// The entry of `known` nearest to `word` (fewest single-character edits, the first on a tie):
+// what "did you mean" names for a misspelled key or subcommand. "" when `known` is empty.
+std::string closest(const std::string& word, const std::vector<std::string>& known);
+
+// `text` with every control character (newline, carriage return, escape, ...) written as an
+// escape (\n, \r, \x1b): user text quoted in a message or a comment stays on its line.
+std::string printable(const std::string& text);
+// 'text' as a message quotes a user's word: printable, cut at 60 characters.
+std::string in_quotes(const std::string& text);
 
 }  // namespace mst

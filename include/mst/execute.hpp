@@ -30,10 +30,12 @@ struct ExecuteOptions {
 };
 
 // A real step ran out of backend memory: the allocation that failed (its name, bytes, op, layer,
-// phase) and the bytes live on the device at that moment. `mst-plan measure` exits with code 4.
+// phase) and the bytes live on the device at that moment. `memory` names what ran out ("gpu
+// memory on the cuda backend", "host memory on the cpu backend"). `mst-plan measure` exits with
+// code 4.
 class OutOfMemoryError : public UserError {
 public:
-    OutOfMemoryError(const Event& request, bytes_t live_bytes, const std::string& cause);
+    OutOfMemoryError(const Event& request, bytes_t live_bytes, const std::string& memory, const std::string& cause);
     Event request;
     bytes_t live_bytes = 0;
 };

@@ -21,7 +21,7 @@ struct ParameterCounts {
     std::int64_t mlp = 0;        // gate, up, down projections, all layers
     std::int64_t norm = 0;       // every RMSNorm weight, final norm included
     std::int64_t lm_head = 0;    // 0 when tied to the embedding
-    std::int64_t total() const { return embedding + attention + mlp + norm + lm_head; }
+    std::int64_t total() const;  // checked: a UserError past 2^63
 };
 
 struct ModelSpec {

@@ -37,7 +37,8 @@ struct Plan {
 nlohmann::json to_json(const Plan& p);
 // `model` resolves the setup's per-layer fields; `where` names the file in errors.
 Plan plan_from_json(const nlohmann::json& j, const ModelSpec& model, const std::string& where);
-// Reads a plan file, finding its model in the catalog (or at its path).
+// Reads a plan file, finding its model and GPU profile in the catalog (or at their paths). A
+// recorded prediction must hold the simulator's memory numbers for that model, GPU and setup.
 Plan load_plan_file(const std::string& path, ModelSpec* model_out = nullptr);
 
 }  // namespace mst

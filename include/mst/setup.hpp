@@ -105,9 +105,24 @@ void validate(const TrainingSetup& setup, const ModelSpec& model);
 // What the hf runtime does not model yet (part of validate).
 void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m);
 
-// Sizes of mini-sequence chunks: `chunks` parts of `tokens`, differing by at most one,
-// the larger ones first, so no token is ever dropped.
+// Mini-sequence chunks: `chunks` parts of `tokens`, differing by at most one, the larger ones
+// first, so no token is ever dropped. As groups of equal chunks (at most two: `count` chunks of
+// `tokens` each), which is how loops that repeat a chunk's memory exactly should walk them, and
+// one size per chunk for loops whose chunks each leave something behind.
+struct ChunkGroup {
+    std::int64_t tokens = 0;
+    std::int64_t count = 0;
+};
+std::vector<ChunkGroup> chunk_groups(std::int64_t tokens, std::int64_t chunks);
 std::vector<std::int64_t> chunk_sizes(std::int64_t tokens, std::int64_t chunks);
+
+// The chunks of at most `chunk_tokens` (>= 1) tokens each that cover one rank's tokens
+// (micro_batch x seq_len / sp): what mlp_chunk_tokens and lm_chunk_tokens mean.
+std::int64_t chunks_for_tokens(const TrainingSetup& setup, std::int64_t chunk_tokens);
+
+// The most MLP chunks validate() accepts for `model`: limits::kChunks, and at most
+// limits::kLayerChunks chunks over all layers (the loop MLP keeps every chunk of every layer).
+std::int64_t max_mlp_chunks(const ModelSpec& model);
 
 // Setup files (--setup FILE.json); the schema is in README.md.
 TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const std::string& where);

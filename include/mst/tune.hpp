@@ -25,6 +25,8 @@ struct Pins {
 };
 // "M_mlp=8", "zero=3", "checkpoint=spread:8", "offload=yes", ... into `pins`.
 void parse_pin(const std::string& text, const ModelSpec& model, Pins& pins);
+// yes/true/on/1 or no/false/off/0; else a UserError "<where>: <key>: expected yes or no".
+bool parse_yes_no(const std::string& where, const std::string& key, const std::string& value);
 
 struct TuneRequest {
     ModelSpec model;

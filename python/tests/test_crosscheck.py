@@ -290,9 +290,23 @@ def test_an_hf_mst_config_runs_as_it_is(tmp_path):
 
 
 @needs_binary
+def simulated_prediction(plan, tmp_path):
+    """The plan with the prediction mst-plan makes for its setup: emit refuses a plan whose recorded
+    memory numbers are not the simulator's (an edited or relabelled plan)."""
+    knobs = tmp_path / "prediction_setup.json"
+    knobs.write_text(json.dumps(plan["setup"]))
+    out = subprocess.run([str(_binary()), "--json", "estimate", "--model", plan["model"], "--gpu", plan["gpu"],
+                          "--setup", str(knobs)], capture_output=True, text=True, check=True)
+    estimate = json.loads(out.stdout)
+    prediction = dict(plan["prediction"], peak_allocated_bytes=estimate["peak"]["allocated_bytes"],
+                      peak_reserved_bytes=estimate["peak"]["reserved_bytes"])
+    return dict(plan, prediction=prediction)
+
+
 def test_plans_convert_through_the_binary_as_through_python(tmp_path):
     for plan in (llama_plan(), llama_plan(checkpoint=[0, 3], lm_impl="fused", precision="bf16-master",
                                           optimizer_state_dtype="fp32", offload_checkpoints=True)):
+        plan = simulated_prediction(plan, tmp_path)
         for layers in (None, 8):
             with_binary = jobs.make_job(None, plan=plan, layers=layers, convert="binary", mst_plan=_binary(),
                                       derived_dir=tmp_path)

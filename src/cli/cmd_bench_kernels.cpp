@@ -8,6 +8,8 @@
 #include "commands.hpp"
 #include "mst/catalog.hpp"
 #include "mst/kernel_bench.hpp"
+#include "mst/limits.hpp"
+#include "numbers.hpp"
 
 namespace mst::cli {
 
@@ -62,7 +64,9 @@ void run_bench_kernels(const GlobalOptions& g, const BenchKernelsArgs& a) {
     rq.peak_tflops = gpu.bf16_dense_tflops;
     const KernelBenchResult r = run_kernel_bench(rq);
     const nlohmann::json j = to_json(r, gpu);
-    if (!a.out.empty()) write_text_file(a.out, j.dump(2) + "\n");
+    OutputFiles outputs;
+    if (!a.out.empty()) outputs.add(a.out, json_text(j, 2) + "\n");
+    outputs.commit();
     if (g.json) return print_json(j);
 
     fmt::print("{} on {} (peak {:.0f} bf16 TFLOP/s from profile {}); d {}, I {}, V {}; median of {} runs\n", model.name,
@@ -102,10 +106,18 @@ void add_bench_kernels_command(CLI::App& bench, const GlobalOptions& global) {
         "  mst-plan bench kernels --seq 16384 --chunks 4,16 --gpu h200-141gb --json");
     cmd->add_option("--model", a->model, "Catalog name or config.json: hidden, intermediate and vocab sizes")->capture_default_str();
     cmd->add_option("--gpu", a->gpu, "GPU profile whose bf16 peak is the reference")->capture_default_str();
-    cmd->add_option("--seq", a->seqs, "Sequence lengths (tokens)")->delimiter(',')->capture_default_str();
-    cmd->add_option("--chunks", a->chunks, "Mini-sequence counts M (M = 1 is always measured)")->delimiter(',')->capture_default_str();
-    cmd->add_option("--reps", a->reps, "Timed runs per case (median reported)")->capture_default_str();
-    cmd->add_option("--warmup", a->warmup, "Untimed runs per case")->capture_default_str();
+    cmd->add_option("--seq", a->seqs, "Sequence lengths (tokens)")
+        ->delimiter(',')
+        ->capture_default_str()
+        ->check(decimal(1, limits::kSeqLen));
+    cmd->add_option("--chunks", a->chunks, "Mini-sequence counts M (M = 1 is always measured)")
+        ->delimiter(',')
+        ->capture_default_str()
+        ->check(decimal(1, limits::kChunks));
+    cmd->add_option("--reps", a->reps, "Timed runs per case (median reported)")
+        ->capture_default_str()
+        ->check(decimal(1, limits::kBenchReps));
+    cmd->add_option("--warmup", a->warmup, "Untimed runs per case")->capture_default_str()->check(decimal(0, limits::kBenchReps));
     cmd->add_option("--out", a->out, "Also write the JSON result to this file");
     cmd->callback([&global, a] { run_bench_kernels(global, *a); });
 }

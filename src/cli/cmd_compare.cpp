@@ -70,10 +70,12 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
         for (const Event& e : t->events) layers = std::max<std::int64_t>(layers, e.layer + 1);
     const Comparison c = compare_timelines(predicted.timeline, measured.timeline, layers);
 
+    OutputFiles outputs;
     if (!a.svg_file.empty())
-        write_text_file(a.svg_file, overlay_svg(predicted.timeline, measured.timeline,
-                                                fmt::format("{}: predicted ({}) vs measured ({})", measured.timeline.model,
-                                                            predicted.timeline.source, measured.timeline.source)));
+        outputs.add(a.svg_file, overlay_svg(predicted.timeline, measured.timeline,
+                                        fmt::format("{}: predicted ({}) vs measured ({})", measured.timeline.model,
+                                                    predicted.timeline.source, measured.timeline.source)));
+    outputs.commit();
     if (g.json) return print_json(to_json(c));
 
     fmt::print("{}: predicted ({}, {} events) vs measured ({}, {} events)\n\n", measured.timeline.model,

@@ -35,16 +35,15 @@ void run_emit(const GlobalOptions& g, const EmitArgs& a) {
         return;
     }
 
-    const std::filesystem::path dir(a.out_dir);
-    std::error_code ec;
-    std::filesystem::create_directories(dir, ec);
-    if (ec || !std::filesystem::is_directory(dir)) fail(a.out_dir, "out", "expected a directory that can be created");
+    OutputFiles outputs;
+    outputs.make_directory(a.out_dir);
     std::vector<std::string> written;
     for (const auto& f : files) {
-        const std::filesystem::path path = dir / f.name;
-        write_text_file(path.string(), f.content);
-        written.push_back(path.string());
+        const std::string path = (std::filesystem::path(a.out_dir) / f.name).string();
+        outputs.add(path, f.content);
+        written.push_back(path);
     }
+    outputs.commit();
     if (g.json) return print_json({{"files", written}});
     for (const auto& p : written) fmt::print("{}\n", p);
 }

@@ -50,10 +50,12 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
     const TrainingSetup setup = a.setup.build(model);
     const Estimate e = estimate(model, setup, gpu);
 
-    if (!a.timeline_file.empty()) write_text_file(a.timeline_file, to_json(e.timeline).dump() + "\n");
+    OutputFiles outputs;
+    if (!a.timeline_file.empty()) outputs.add(a.timeline_file, json_text(to_json(e.timeline)) + "\n");
     if (!a.svg_file.empty())
-        write_text_file(a.svg_file, timeline_svg(e.timeline, fmt::format("{} on {}: seq {}, predicted memory over one step",
-                                                                   model.display_name, gpu.display_name, setup.seq_len)));
+        outputs.add(a.svg_file, timeline_svg(e.timeline, fmt::format("{} on {}: seq {}, predicted memory over one step",
+                                                                 model.display_name, gpu.display_name, setup.seq_len)));
+    outputs.commit();
     if (g.json) return print_json(to_json(e, model, setup, gpu));
 
     const Summary& s = e.summary;
@@ -69,7 +71,7 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
     t.row({"peak allocated (allocator blocks)", format_bytes(e.allocator.peak_allocated), ""});
     t.row({"peak reserved (allocator segments)", format_bytes(e.allocator.peak_reserved), ""});
     t.row({"+ CUDA context", format_bytes(e.context_bytes), ""});
-    t.row({"= device memory used", format_bytes(e.allocator.peak_reserved + e.context_bytes), ""});
+    t.row({"= device memory used", format_bytes(checked_add(e.allocator.peak_reserved, e.context_bytes)), ""});
     t.print();
     if (s.peak.event >= 0) {
         const Event& ev = e.timeline.events[static_cast<std::size_t>(s.peak.event)];

@@ -9,6 +9,8 @@
 #include "mst/compare.hpp"
 #include "mst/error.hpp"
 #include "mst/execute.hpp"
+#include "mst/limits.hpp"
+#include "numbers.hpp"
 #include "setup_options.hpp"
 
 namespace mst::cli {
@@ -40,13 +42,13 @@ void run_measure(const GlobalOptions& g, const MeasureArgs& a) {
     const nlohmann::json j = measurement_json(step, a.backend, model, setup, a.seed, a.workspace_bytes);
 
     std::string written;
+    OutputFiles outputs;
     if (!a.out_dir.empty()) {
-        std::error_code ec;
-        std::filesystem::create_directories(a.out_dir, ec);
-        const std::string path = (std::filesystem::path(a.out_dir) / "measured.json").string();
-        write_text_file(path, j.dump() + "\n");
-        written = path;
+        outputs.make_directory(a.out_dir);
+        written = (std::filesystem::path(a.out_dir) / "measured.json").string();
+        outputs.add(written, json_text(j) + "\n");
     }
+    outputs.commit();
     if (g.json) return print_json(j["summary"]);
 
     const Summary s = summarize(step.timeline, model.num_layers);
@@ -102,9 +104,10 @@ void add_measure_command(CLI::App& app, const GlobalOptions& global) {
     cmd->add_flag("--no-cupti", args->no_cupti, "cuda: take the timeline from the allocator's own log, without CUPTI");
     cmd->add_option("--model", args->model, "Catalog name or path to a config.json")->required();
     cmd->add_option("--out", args->out_dir, "Write DIR/measured.json (setup, timeline and summary)");
-    cmd->add_option("--seed", args->seed, "Seed of the random weights and tokens")->capture_default_str();
+    cmd->add_option("--seed", args->seed, "Seed of the random weights and tokens")->capture_default_str()->check(unsigned_decimal());
     cmd->add_option("--workspace-bytes", args->workspace_bytes, "A fixed workspace allocated at init (the cuBLAS workspace's equivalent)")
-        ->capture_default_str();
+        ->capture_default_str()
+        ->check(decimal(0, limits::kWorkspaceBytes));
     args->setup.add_to(*cmd, "kernels");  // the executor runs mst-plan's kernels
     cmd->callback([&global, args] { run_measure(global, *args); });
 }

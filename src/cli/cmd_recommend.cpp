@@ -8,7 +8,9 @@
 #include "commands.hpp"
 #include "mst/catalog.hpp"
 #include "mst/error.hpp"
+#include "mst/limits.hpp"
 #include "mst/tune.hpp"
+#include "numbers.hpp"
 #include "setup_options.hpp"
 
 namespace mst::cli {
@@ -18,7 +20,7 @@ namespace {
 // Options every tuner command shares: the cluster, the fixed training choices, pins.
 struct TunerArgs {
     std::string model, gpu = "h100-sxm-80gb", out;
-    std::int64_t gpus = 1, seq = 0, tokens_per_step = 0;
+    std::int64_t gpus = 1, seq = TuneRequest{}.seq_len, tokens_per_step = 0;
     std::vector<std::string> pins, allows;
     double margin = 0.03, host_gib = 128;
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention = "flash";
@@ -28,12 +30,16 @@ struct TunerArgs {
     void add_to(CLI::App& cmd, bool training_knobs) {
         cmd.add_option("--model", model, "Catalog name or path to a config.json")->required();
         cmd.add_option("--gpu", gpu, "GPU profile name or path")->capture_default_str();
-        cmd.add_option("--gpus", gpus, "Number of GPUs (data x sequence parallel)")->capture_default_str();
-        cmd.add_option("--margin", margin, "Fraction of usable memory kept free")->capture_default_str();
-        cmd.add_option("--host-gib", host_gib, "Pinned host memory per GPU for offloaded checkpoints (GiB)")->capture_default_str();
+        cmd.add_option("--gpus", gpus, "Number of GPUs (data x sequence parallel)")
+            ->capture_default_str()
+            ->check(decimal(1, limits::kGpus));
+        cmd.add_option("--margin", margin, "Fraction of usable memory kept free")->capture_default_str()->check(finite(0, 1));
+        cmd.add_option("--host-gib", host_gib, "Pinned host memory per GPU for offloaded checkpoints (GiB)")
+            ->capture_default_str()
+            ->check(finite(0, limits::kHostGiB));
         cmd.add_option("--allow", allows, "offload=yes|no, optimizer-in-backward=yes|no (default: offload yes, the other no)");
         if (!training_knobs) return;
-        cmd.add_option("--seq", seq, "Sequence length in tokens")->capture_default_str();
+        cmd.add_option("--seq", seq, "Sequence length in tokens")->capture_default_str()->check(decimal(1, limits::kSeqLen));
         cmd.add_option("--precision", precision, "pure-bf16 | bf16-master | amp")->capture_default_str();
         cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
         cmd.add_option("--optimizer-state-dtype", state_dtype, "fp32 | bf16");
@@ -50,8 +56,7 @@ struct TunerArgs {
         for (const auto& w : rq.model.warnings) warn(fmt::format("{}: {}", rq.model.source, w));
         rq.gpu = find_gpu(gpu);
         rq.gpus = gpus;
-        if (gpus < 1) fail("command line", "gpus", fmt::format("expected a positive count, got {}", gpus));
-        if (margin < 0 || margin >= 1) fail("command line", "margin", fmt::format("expected a fraction in [0, 1), got {}", margin));
+        if (margin >= 1) fail("--margin", fmt::format("{}", margin), "expected a fraction in [0, 1)");
         rq.safety_margin = margin;
         rq.host_bytes_per_gpu = static_cast<bytes_t>(host_gib * static_cast<double>(kGiB));
         rq.base.precision = parse_precision(precision, "command line");
@@ -60,15 +65,13 @@ struct TunerArgs {
         rq.base.attention = parse_attention(attention, "command line");
         rq.base.optimizer_impl = parse_optimizer_impl(optimizer_impl, "command line");
         rq.base.runtime = parse_runtime(runtime, "command line");
-        if (seq > 0) rq.seq_len = seq;
-        if (tokens_per_step > 0) rq.tokens_per_step = tokens_per_step;
+        rq.seq_len = seq;
+        if (tokens_per_step > 0) rq.tokens_per_step = tokens_per_step;  // the option's check: >= 1 when given
         for (const auto& p : pins) parse_pin(p, rq.model, rq.pins);
         for (const auto& a : allows) {
             const auto eq = a.find('=');
             const std::string key = a.substr(0, eq), value = eq == std::string::npos ? "" : a.substr(eq + 1);
-            bool yes = false;
-            if (value == "yes" || value == "true") yes = true;
-            else if (value != "no" && value != "false") fail("--allow", key, fmt::format("expected yes or no, got '{}'", value));
+            const bool yes = parse_yes_no("--allow", key, value);
             if (key == "offload") rq.allow_offload = yes;
             else if (key == "optimizer-in-backward") rq.allow_optimizer_in_backward = yes;
             else fail("--allow", key, "expected offload or optimizer-in-backward");
@@ -102,12 +105,15 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     const Recommendation r = recommend(rq);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     if (!r.found) {
-        throw UserError(fmt::format("{}: no setup fits {} tokens on {} x {} within {} (try more GPUs, --allow offload=yes, "
-                                    "a shorter --seq or fewer pins)",
-                                    rq.model.name, rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes)));
+        fail(rq.model.name, "no setup fits",
+             fmt::format("expected one for {} tokens on {} x {} within {} (try more GPUs, --allow offload=yes, a shorter "
+                         "--seq or fewer pins)",
+                         rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes)));
     }
     const Plan plan = to_plan(r, rq, a.model, a.gpu);
-    if (!a.out.empty()) write_text_file(a.out, to_json(plan).dump(2) + "\n");
+    OutputFiles outputs;
+    if (!a.out.empty()) outputs.add(a.out, json_text(to_json(plan), 2) + "\n");
+    outputs.commit();
     if (g.json) {
         nlohmann::json front = nlohmann::json::array();
         for (const auto& c : r.pareto)
@@ -127,7 +133,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                                                        s.offload_checkpoints ? ", offloaded to host" : "")});
     t.row({"parallelism", fmt::format("dp {} (ZeRO {}), Ulysses sp {}", s.dp, s.zero_stage, s.sp)});
     t.row({"batch", fmt::format("micro-batch {} x {} accumulation x dp {} = {} tokens per step", s.micro_batch, s.grad_accum,
-                                s.dp, s.micro_batch * s.grad_accum * s.dp * s.seq_len)});
+                                s.dp, checked_product({s.micro_batch, s.grad_accum, s.dp, s.seq_len}, "tokens per step"))});
     t.row({"optimizer", fmt::format("{} ({} states){}, {}", to_string(s.optimizer), to_string(s.effective_state_dtype()),
                                     s.optimizer_in_backward ? ", stepped in backward" : "", to_string(s.precision))});
     t.row({"memory", fmt::format("{} allocated, {} reserved of {} budget", format_bytes(r.best.memory.peak_allocated_bytes),
@@ -227,7 +233,8 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
                                    "  mst-plan recommend --model llama-3-8b --seq 65536 --pin M_lm=32 --allow offload=no");
     rec->seq = 8192;
     rec->add_to(*cmd, true);
-    cmd->add_option("--tokens-per-step", rec->tokens_per_step, "Global tokens per optimizer step (micro-batch x accumulation x dp)");
+    cmd->add_option("--tokens-per-step", rec->tokens_per_step, "Global tokens per optimizer step (micro-batch x accumulation x dp)")
+        ->check(decimal(1, limits::kTokensPerStep));
     cmd->add_option("--pin", rec->pins, "Fix a knob: M_mlp=8, M_lm=32, mlp_impl=tiled, lm_impl=fused, checkpoint=16|all|0-7, "
                                         "offload=no, sp=4, zero=3, micro_batch=2");
     cmd->add_option("--out", rec->out, "Write the plan as JSON (input of `mst-plan emit`)");

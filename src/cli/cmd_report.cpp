@@ -7,6 +7,8 @@
 #include "output.hpp"
 #include "mst/catalog.hpp"
 #include "mst/error.hpp"
+#include "mst/limits.hpp"
+#include "numbers.hpp"
 #include "mst/report.hpp"
 
 namespace mst::cli {
@@ -24,14 +26,33 @@ struct ReportArgs {
 void run_report(const GlobalOptions& g, const ReportArgs& a) {
     std::vector<std::string> unreadable;
     const std::vector<ReportRow> rows = build_report(a.roots, find_gpu(a.gpu), &unreadable);
-    for (const std::string& f : unreadable) warn(f + ": not valid JSON: left out of the report");
-    if (rows.empty()) fail("report", "measurements", "expected at least one mst-measure/1 file under the given paths");
+    if (rows.empty())
+        fail("report", "measurements",
+             fmt::format("expected at least one mst-measure/1 file under the given paths{}",
+                         unreadable.empty() ? ""
+                                            : fmt::format("; {} *.json file{} not valid JSON or not readable: {}",
+                                                          unreadable.size(), unreadable.size() > 1 ? "s are" : " is",
+                                                          unreadable.front())));
     std::string command = "mst-plan report";
     for (const std::string& r : a.roots) command += " " + r;
     if (a.gpu != ReportArgs{}.gpu) command += " --gpu " + a.gpu;
     const std::string md = report_markdown(rows, command);
+    OutputFiles outputs;
+    if (!a.out_file.empty()) outputs.add(a.out_file, md);
+    const auto outliers = report_outliers(
+        rows, ReportLimits{a.max_peak_percent / 100.0, a.max_phase_percent / 100.0, a.max_trainer_percent / 100.0});
+    if (a.check && !outliers.empty()) {
+        std::string files;
+        for (const ReportRow* r : outliers) files += (files.empty() ? "" : ", ") + r->file;
+        fail("report", "check",
+             fmt::format("expected every measurement within {} % of the predicted peak and {} % per phase; {} of {} are "
+                         "not: {}",
+                         a.max_peak_percent, a.max_phase_percent, outliers.size(), rows.size(), files));
+    }
+    outputs.commit();
+    // Warnings only for a report that stands: a failing command says one line.
+    for (const std::string& f : unreadable) warn(f + ": not valid JSON or not readable: left out of the report");
     if (!a.out_file.empty()) {
-        write_text_file(a.out_file, md);
         fmt::print("wrote {} ({} measurements)\n", a.out_file, rows.size());
     } else if (g.json) {
         nlohmann::json out = nlohmann::json::array();
@@ -53,20 +74,9 @@ void run_report(const GlobalOptions& g, const ReportArgs& a) {
     } else {
         fmt::print("{}", md);
     }
-    if (!a.check) return;
-    const auto outliers = report_outliers(
-        rows, ReportLimits{a.max_peak_percent / 100.0, a.max_phase_percent / 100.0, a.max_trainer_percent / 100.0});
-    if (outliers.empty()) {
-        if (!g.json) fmt::print("check: all {} measurements within {} % of the predicted peak and {} % per phase\n",
-                                rows.size(), a.max_peak_percent, a.max_phase_percent);
-        return;
-    }
-    std::string files;
-    for (const ReportRow* r : outliers) files += (files.empty() ? "" : ", ") + r->file;
-    fail("report", "check",
-         fmt::format("expected every measurement within {} % of the predicted peak and {} % per phase; {} of {} are "
-                     "not: {}",
-                     a.max_peak_percent, a.max_phase_percent, outliers.size(), rows.size(), files));
+    if (a.check && !g.json)
+        fmt::print("check: all {} measurements within {} % of the predicted peak and {} % per phase\n", rows.size(),
+                   a.max_peak_percent, a.max_phase_percent);
 }
 
 }  // namespace
@@ -82,13 +92,17 @@ void add_report_command(CLI::App& app, const GlobalOptions& global) {
     cmd->add_option("--gpu", args->gpu, "GPU profile of trainers' peaks-only runs (their cuBLAS workspace and allocator)")
         ->capture_default_str();
     cmd->add_flag("--check", args->check, "Exit 2 when a measurement is off by more than the limits below");
+    const auto percent = finite(0, limits::kErrorPercent);
     cmd->add_option("--max-peak-error", args->max_peak_percent, "Limit on the peak's relative error, percent")
-        ->capture_default_str();
+        ->capture_default_str()
+        ->check(percent);
     cmd->add_option("--max-phase-error", args->max_phase_percent, "Limit on any phase peak's relative error, percent")
-        ->capture_default_str();
+        ->capture_default_str()
+        ->check(percent);
     cmd->add_option("--max-trainer-error", args->max_trainer_percent,
                     "Limit on a trainer's (peaks-only) allocated peak error, percent")
-        ->capture_default_str();
+        ->capture_default_str()
+        ->check(percent);
     cmd->callback([&global, args] { run_report(global, *args); });
 }
 

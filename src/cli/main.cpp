@@ -1,5 +1,9 @@
 // mst-plan: plan memory and mini-sequence settings for long-context LLM training.
+#include <algorithm>
 #include <cstdio>
+#include <optional>
+#include <string>
+#include <vector>
 #include <exception>
 
 #include <fmt/format.h>
@@ -7,6 +11,37 @@
 #include "commands.hpp"
 #include "mst/error.hpp"
 #include "mst/execute.hpp"
+
+namespace {
+
+// "mst-plan estimate": the subcommands CLI11 had entered when it stopped.
+std::string command_path(const CLI::App& app) {
+    std::string path = app.get_name();
+    for (const CLI::App* sub = &app; !sub->get_subcommands().empty();) {
+        sub = sub->get_subcommands().front();
+        path += " " + sub->get_name();
+    }
+    return path;
+}
+
+// The first word that is not an option names the subcommand (the global options are flags).
+// CLI11 would answer a misspelled one with "A subcommand is required"; this names the closest.
+std::optional<std::string> unknown_subcommand(const CLI::App& app, int argc, char** argv) {
+    std::vector<std::string> names;
+    for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; })) names.push_back(sub->get_name());
+    for (int i = 1; i < argc; ++i) {
+        const std::string word = argv[i];
+        if (word.starts_with("-")) continue;
+        if (std::find(names.begin(), names.end(), word) != names.end()) return std::nullopt;
+        std::string list;
+        for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
+        return fmt::format("command line: {}: expected a subcommand ({}); the closest is {}", word, list,
+                           mst::closest(word, names));
+    }
+    return std::nullopt;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
     using namespace mst::cli;
@@ -37,6 +72,12 @@ int main(int argc, char** argv) {
     add_compare_command(app, global);
     add_report_command(app, global);
 
+    // Every error is one line: control characters in a quoted file name or value are escaped.
+    auto error = [](const std::string& message) { fmt::print(stderr, "error: {}\n", mst::printable(message)); };
+    if (const auto unknown = unknown_subcommand(app, argc, argv)) {
+        error(*unknown);
+        return 2;
+    }
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {
@@ -45,18 +86,21 @@ int main(int argc, char** argv) {
         return app.exit(e);
     } catch (const CLI::CallForVersion& e) {
         return app.exit(e);
+    } catch (const CLI::ValidationError& e) {
+        error(e.what());  // our checks' own words: "--seq: '0100': expected a decimal integer in [...]"
+        return 2;
     } catch (const CLI::ParseError& e) {
-        // Usage mistakes: one line and exit code 2, like every other user error.
-        fmt::print(stderr, "error: {}\nRun with --help for usage.\n", e.what());
+        // Usage mistakes: one line naming the subcommand and exit code 2, like every other user error.
+        error(fmt::format("command line: {}: {}", command_path(app), e.what()));
         return 2;
     } catch (const mst::OutOfMemoryError& e) {  // a real step that did not fit (measure)
-        fmt::print(stderr, "error: {}\n", e.what());
+        error(e.what());
         return 4;
     } catch (const mst::UserError& e) {
-        fmt::print(stderr, "error: {}\n", e.what());
+        error(e.what());
         return 2;
     } catch (const std::exception& e) {
-        fmt::print(stderr, "internal error (please report): {}\n", e.what());
+        fmt::print(stderr, "internal error (please report): {}\n", mst::printable(e.what()));
         return 3;
     }
     return 0;

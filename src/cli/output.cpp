@@ -36,15 +36,58 @@ std::string Table::str() const {
 
 void Table::print() const { std::fputs(str().c_str(), stdout); }
 
-void print_json(const nlohmann::json& j) { std::puts(j.dump(2).c_str()); }
+std::string json_text(const nlohmann::json& j, int indent) {
+    return j.dump(indent, ' ', false, nlohmann::json::error_handler_t::replace);
+}
 
-void write_text_file(const std::string& path, const std::string& text) {
-    std::ofstream out(path, std::ios::binary);
+void print_json(const nlohmann::json& j) { std::puts(json_text(j, 2).c_str()); }
+
+void warn(const std::string& message) { fmt::print(stderr, "warning: {}\n", printable(message)); }
+
+namespace fs = std::filesystem;
+
+OutputFiles::~OutputFiles() {
+    std::error_code ec;
+    for (const Pending& p : pending_) fs::remove(p.temp, ec);
+    for (auto it = created_.rbegin(); it != created_.rend(); ++it) fs::remove(*it, ec);  // only if still empty
+}
+
+void OutputFiles::make_directory(const std::string& dir) {
+    std::error_code ec;
+    std::vector<fs::path> missing;  // the folders this call creates, deepest first
+    for (fs::path p = fs::absolute(dir, ec); !ec && !p.empty() && !fs::exists(p, ec); p = p.parent_path()) {
+        missing.push_back(p);
+        if (p == p.parent_path()) break;
+    }
+    fs::create_directories(dir, ec);
+    if (ec || !fs::is_directory(dir, ec)) fail(dir, "out", "expected a directory that exists or can be created");
+    created_.insert(created_.end(), missing.rbegin(), missing.rend());
+}
+
+void OutputFiles::add(const std::string& path, const std::string& text) {
+    const fs::path target(path);
+    std::error_code ec;
+    if (fs::is_directory(target, ec)) fail(path, "file", "expected a file to write, got a directory");
+    const fs::path folder = target.parent_path().empty() ? fs::path(".") : target.parent_path();
+    if (!fs::is_directory(folder, ec)) fail(path, "file", "expected a writable path (its folder does not exist)");
+    // Beside the destination, so the rename stays within one filesystem.
+    const fs::path temp = folder / fmt::format(".{}.mst-plan-{}.tmp", target.filename().string(), pending_.size());
+    pending_.push_back({temp, target});
+    std::ofstream out(temp, std::ios::binary);
     out << text;
     out.close();
     if (!out) fail(path, "file", "expected a writable path");
 }
 
-void warn(const std::string& message) { fmt::print(stderr, "warning: {}\n", message); }
+void OutputFiles::commit() {
+    for (std::size_t i = 0; i < pending_.size(); ++i) {
+        std::error_code ec;
+        fs::rename(pending_[i].temp, pending_[i].path, ec);
+        if (ec) fail(pending_[i].path.string(), "file", fmt::format("expected a writable path ({})", ec.message()));
+        pending_[i].temp.clear();
+    }
+    pending_.clear();
+    created_.clear();
+}
 
 }  // namespace mst::cli

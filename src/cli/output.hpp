@@ -1,5 +1,6 @@
 #pragma once
 // Plain-text tables and JSON printing shared by the subcommands.
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -25,9 +26,35 @@ private:
     std::vector<std::vector<std::string>> rows_;
 };
 
+// JSON as the CLI prints and writes it; bytes that are not UTF-8 (a path given on the command
+// line) become U+FFFD instead of an exception.
+std::string json_text(const nlohmann::json& j, int indent = -1);
 void print_json(const nlohmann::json& j);
-// Writes `text` to `path`; an unwritable path is a user error naming it.
-void write_text_file(const std::string& path, const std::string& text);
-void warn(const std::string& message);  // "warning: ..." on stderr
+void warn(const std::string& message);  // "warning: ..." on stderr, on one line
+
+// The files one command writes, committed together. Each is written to a temporary file beside
+// its destination when it is added (so an unwritable path fails early, naming it), and commit()
+// renames them all into place once the command has succeeded. A command that fails before
+// commit() leaves nothing behind: the destructor removes the temporary files and the folders
+// this object created.
+class OutputFiles {
+public:
+    OutputFiles() = default;
+    OutputFiles(const OutputFiles&) = delete;
+    OutputFiles& operator=(const OutputFiles&) = delete;
+    ~OutputFiles();
+
+    void add(const std::string& path, const std::string& text);
+    // Creates `dir` (and missing parents) for files added into it; removed again unless committed.
+    void make_directory(const std::string& dir);
+    void commit();
+
+private:
+    struct Pending {
+        std::filesystem::path temp, path;
+    };
+    std::vector<Pending> pending_;
+    std::vector<std::filesystem::path> created_;  // folders made here, parents first
+};
 
 }  // namespace mst::cli

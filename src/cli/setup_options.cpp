@@ -1,9 +1,13 @@
 #include "setup_options.hpp"
 
+#include <limits>
+
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "mst/error.hpp"
 #include "mst/units.hpp"
+#include "numbers.hpp"
 
 namespace mst::cli {
 
@@ -11,9 +15,9 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd_ = &cmd;
     runtime = default_runtime;
     cmd.add_option("--setup", setup_file, "Setup JSON file with the knobs below (see README); options given here override it");
-    cmd.add_option("--seq", seq, "Sequence length in tokens")->capture_default_str();
-    cmd.add_option("--batch", batch, "Micro-batch size (sequences per micro-step)")->capture_default_str();
-    cmd.add_option("--grad-accum", grad_accum, "Gradient-accumulation micro-steps")->capture_default_str();
+    cmd.add_option("--seq", seq, "Sequence length in tokens")->capture_default_str()->check(decimal());
+    cmd.add_option("--batch", batch, "Micro-batch size (sequences per micro-step)")->capture_default_str()->check(decimal());
+    cmd.add_option("--grad-accum", grad_accum, "Gradient-accumulation micro-steps")->capture_default_str()->check(decimal());
     cmd.add_flag("--padded", padded, "Padded batches (default: packed)");
     cmd.add_option("--precision", precision, "pure-bf16 | bf16-master | amp")->capture_default_str();
     cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
@@ -24,19 +28,20 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_option("--runtime", runtime, "hf (transformers + PyTorch: what users run) | kernels (mst-plan's executor)")
         ->capture_default_str();
     cmd.add_option("--attention", attention, "flash | eager")->capture_default_str();
-    cmd.add_option("--mlp-chunks", mlp_chunks, "MsT mini-sequences for the MLP (M_mlp; 1 = unchunked)")->capture_default_str();
-    cmd.add_option("--mlp-chunk-tokens", mlp_chunk_tokens, "Alternatively: MLP chunk size in tokens");
+    cmd.add_option("--mlp-chunks", mlp_chunks, "MsT mini-sequences for the MLP (M_mlp; 1 = unchunked)")->capture_default_str()->check(decimal());
+    cmd.add_option("--mlp-chunk-tokens", mlp_chunk_tokens, "Alternatively: MLP chunk size in tokens")->check(decimal());
     cmd.add_option("--mlp-impl", mlp_impl, "loop (MsT reference) | tiled (ALST TiledMLP)")->capture_default_str();
-    cmd.add_option("--lm-chunks", lm_chunks, "MsT mini-sequences for LM head + loss (M_lm; 1 = unchunked)")->capture_default_str();
-    cmd.add_option("--lm-chunk-tokens", lm_chunk_tokens, "Alternatively: LM-head chunk size in tokens");
+    cmd.add_option("--lm-chunks", lm_chunks, "MsT mini-sequences for LM head + loss (M_lm; 1 = unchunked)")->capture_default_str()->check(decimal());
+    cmd.add_option("--lm-chunk-tokens", lm_chunk_tokens, "Alternatively: LM-head chunk size in tokens")->check(decimal());
     cmd.add_option("--lm-impl", lm_impl, "recompute (MsT reference) | fused (Liger/ALST: gradient in forward)")->capture_default_str();
     cmd.add_option("--checkpoint", checkpoint, "Checkpointed layers: none | all | every:K | first:K | last:K | spread:K | 0,2,5-9")
         ->capture_default_str();
     cmd.add_flag("--offload", offload, "Offload checkpoints to host memory");
-    cmd.add_option("--dp", dp, "Data-parallel degree")->capture_default_str();
-    cmd.add_option("--zero", zero, "ZeRO stage 0-3 (3 = FSDP full shard)")->capture_default_str();
-    cmd.add_option("--zero3-prefetch", zero3_prefetch, "Layers all-gathered ahead under ZeRO-3")->capture_default_str();
-    cmd.add_option("--sp", sp, "Ulysses sequence-parallel degree")->capture_default_str();
+    cmd.add_option("--dp", dp, "Data-parallel degree")->capture_default_str()->check(decimal());
+    const auto an_int = decimal(std::numeric_limits<int>::min(), std::numeric_limits<int>::max());
+    cmd.add_option("--zero", zero, "ZeRO stage 0-3 (3 = FSDP full shard)")->capture_default_str()->check(an_int);
+    cmd.add_option("--zero3-prefetch", zero3_prefetch, "Layers all-gathered ahead under ZeRO-3")->capture_default_str()->check(an_int);
+    cmd.add_option("--sp", sp, "Ulysses sequence-parallel degree")->capture_default_str()->check(decimal());
 }
 
 bool SetupOptions::given(const char* name) const { return cmd_->count(name) > 0; }
@@ -48,36 +53,34 @@ TrainingSetup SetupOptions::build(const ModelSpec& model) const {
     if (!setup_file.empty() ? given("--seq") : true) s.seq_len = seq;
     if (!setup_file.empty() ? given("--batch") : true) s.micro_batch = batch;
     if (!setup_file.empty() ? given("--grad-accum") : true) s.grad_accum = grad_accum;
-    if (given("--padded")) s.padded = true;
+    // Flags take a value too (--padded=no): the value given wins, not the flag's presence.
+    if (given("--padded")) s.padded = padded;
     if (given("--precision")) s.precision = parse_precision(precision, w);
     if (given("--optimizer")) s.optimizer = parse_optimizer(optimizer, w);
     if (given("--optimizer-state-dtype")) s.state_dtype = parse_state_dtype(state_dtype, w);
-    if (given("--optimizer-in-backward")) s.optimizer_in_backward = true;
+    if (given("--optimizer-in-backward")) s.optimizer_in_backward = opt_in_backward;
     if (given("--optimizer-impl")) s.optimizer_impl = parse_optimizer_impl(optimizer_impl, w);
     if (given("--runtime") || setup_file.empty()) s.runtime = parse_runtime(runtime, w);
     if (given("--attention")) s.attention = parse_attention(attention, w);
     if (given("--mlp-impl")) s.mlp_impl = parse_mlp_impl(mlp_impl, w);
     if (given("--lm-impl")) s.lm_impl = parse_lm_impl(lm_impl, w);
     if (given("--checkpoint")) s.checkpoint = parse_checkpoint_spec(checkpoint, model.num_layers, w);
-    if (given("--offload")) s.offload_checkpoints = true;
+    if (given("--offload")) s.offload_checkpoints = offload;
     if (given("--dp")) s.dp = dp;
     if (given("--zero")) s.zero_stage = zero;
     if (given("--zero3-prefetch")) s.zero3_prefetch = zero3_prefetch;
     if (given("--sp")) s.sp = sp;
-    // Chunk counts: a token size converts with the tokens each rank holds.
-    const std::int64_t tokens = std::max<std::int64_t>(1, s.micro_batch * s.seq_len / std::max<std::int64_t>(s.sp, 1));
+    // Chunk counts: a token size converts with the tokens each rank holds (validate() bounds them).
     if (given("--mlp-chunks") && given("--mlp-chunk-tokens")) fail(w, "mlp-chunk-tokens", "give --mlp-chunks or --mlp-chunk-tokens, not both");
     if (given("--lm-chunks") && given("--lm-chunk-tokens")) fail(w, "lm-chunk-tokens", "give --lm-chunks or --lm-chunk-tokens, not both");
     if (given("--mlp-chunks")) s.mlp_chunks = mlp_chunks;
     if (given("--lm-chunks")) s.lm_chunks = lm_chunks;
-    if (given("--mlp-chunk-tokens")) {
-        if (mlp_chunk_tokens < 1) fail(w, "mlp-chunk-tokens", "expected a positive token count");
-        s.mlp_chunks = ceil_div(tokens, mlp_chunk_tokens);
-    }
-    if (given("--lm-chunk-tokens")) {
-        if (lm_chunk_tokens < 1) fail(w, "lm-chunk-tokens", "expected a positive token count");
-        s.lm_chunks = ceil_div(tokens, lm_chunk_tokens);
-    }
+    auto chunks_of = [&](const char* knob, std::int64_t chunk_tokens) {
+        if (chunk_tokens < 1) fail(w, knob, fmt::format("expected a positive token count, got {}", chunk_tokens));
+        return chunks_for_tokens(s, chunk_tokens);
+    };
+    if (given("--mlp-chunk-tokens")) s.mlp_chunks = chunks_of("mlp-chunk-tokens", mlp_chunk_tokens);
+    if (given("--lm-chunk-tokens")) s.lm_chunks = chunks_of("lm-chunk-tokens", lm_chunk_tokens);
     validate(s, model);
     return s;
 }

@@ -49,7 +49,7 @@ public:
                                       : (size < c_.min_large_alloc_bytes ? c_.large_min_segment_bytes
                                                                          : round_up(size, c_.large_segment_round_bytes));
             b = new_block(seg, 0, segments_++);
-            reserved_ += seg;
+            reserved_ = checked_add(reserved_, seg, "reserved bytes");
         }
         const bytes_t remaining = blocks_[idx(b)].size - size;
         // PyTorch splits a small block when a minimum block remains, a large one only above kSmallSize.
@@ -67,7 +67,7 @@ public:
         }
         blocks_[idx(b)].free = false;
         where(tensor) = Where{b, small};
-        allocated_ += blocks_[idx(b)].size;
+        allocated_ += blocks_[idx(b)].size;  // at most reserved_
     }
 
     void release(std::int64_t tensor) {

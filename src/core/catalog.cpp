@@ -18,7 +18,13 @@ namespace mst {
 namespace fs = std::filesystem;
 
 fs::path data_dir() {
-    if (const char* env = std::getenv("MST_DATA_DIR"); env && *env) return fs::path(env);
+    if (const char* env = std::getenv("MST_DATA_DIR"); env && *env) {
+        // An empty catalog is a misconfiguration, not an empty answer.
+        std::error_code ec;
+        if (!fs::is_directory(fs::path(env) / "models", ec) || !fs::is_directory(fs::path(env) / "profiles", ec))
+            fail("MST_DATA_DIR", printable(env), "expected a folder holding models/ and profiles/");
+        return fs::path(env);
+    }
     const fs::path source(MST_SOURCE_DATA_DIR);
     if (!source.empty() && fs::is_directory(source / "models")) return source;
     std::error_code ec;
@@ -55,8 +61,8 @@ fs::path resolve(const std::string& name_or_path, const char* folder, const char
     const std::string wanted = lower(name_or_path);
     for (const auto& n : names)
         if (lower(n) == wanted) return dir / (n + ".json");
-    throw UserError(fmt::format("{}: {}: expected a catalog name ({}) or a path to a .json file", name_or_path, what,
-                                fmt::join(names, ", ")));
+    fail(name_or_path, what, fmt::format("expected a catalog name ({}) or a path to a .json file; the closest is {}",
+                                                 fmt::join(names, ", "), closest(wanted, names)));
 }
 
 }  // namespace

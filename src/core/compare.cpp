@@ -8,6 +8,7 @@
 #include "json_read.hpp"
 #include "mst/catalog.hpp"
 #include "mst/error.hpp"
+#include "mst/limits.hpp"
 #include "mst/simulate.hpp"
 
 namespace mst {
@@ -148,47 +149,54 @@ nlohmann::json measurement_json(const MeasuredStep& step, const std::string& bac
               {"op_seconds", ops}}}};
 }
 
-StepFile load_step_file(const std::string& path) {
-    const nlohmann::json j = detail::read_json_file(path);
+StepFile parse_step_file(const nlohmann::json& j, const std::string& path) {
     detail::JsonReader r(j, path);
     StepFile f;
     f.path = path;
-    f.format = r.string("format");
+    f.format = r.one_of("format", {kTimelineFormat, kMeasureFormat});
     if (f.format == kTimelineFormat) {
-        f.timeline = timeline_from_json(j, path);
-    } else if (f.format == kMeasureFormat) {
-        if (j.contains("timeline") && j.at("timeline").is_null()) {
-            // A trainer's run (torch): the model, the setup and the summary's peaks.
-            if (!r.has("summary")) r.fail("summary", "expected the run's peaks (this run recorded none: out of memory?)");
-            auto s = r.object("summary");
-            constexpr std::int64_t kMax = std::int64_t{1} << 50;
-            f.peaks = MeasuredPeaks{s.integer("peak_allocated_bytes", 0, kMax), s.integer("peak_reserved_bytes", 0, kMax)};
-            f.timeline.source = r.opt_string("backend").value_or("torch");
-            f.timeline.model = r.string("model");
-        } else {
-            f.timeline = timeline_from_json(r.raw("timeline"), path + ": timeline");
-        }
-        auto setup = r.raw("setup");
-        if (!setup.is_object()) r.fail("setup", "expected the setup object measure wrote");
-        // Measurements written before the runtime knob existed: the executors (cpu, cuda) run
-        // mst-plan's kernels, a trainer's run (torch) and the referee run Hugging Face's code.
-        f.backend = r.opt_string("backend").value_or("");
-        if (!setup.contains("runtime"))
-            setup["runtime"] = to_string(f.backend == "cpu" || f.backend == "cuda" ? Runtime::Kernels : Runtime::Hf);
-        f.setup_json = setup.dump();
-        f.model_path = r.string("model_path");
-        f.workspace_bytes = r.integer("workspace_bytes", 0, std::int64_t{1} << 50);
-        if (j.contains("device") && j.at("device").is_object()) {
-            auto d = r.object("device");
-            f.device = d.opt_string("device").value_or("");
-            f.allocator = d.opt_string("allocator").value_or("");
-            if (d.has("peak_reserved_bytes")) f.device_peak_reserved = d.integer("peak_reserved_bytes", 0, std::int64_t{1} << 50);
-        }
-    } else {
-        r.fail("format", fmt::format("expected \"{}\" or \"{}\", got \"{}\"", kTimelineFormat, kMeasureFormat, f.format));
+        f.timeline = timeline_from_json(j, path);  // its reader rejects unknown keys
+        return f;
     }
+    // Every key a measurement may hold: measure's (cpu, cuda), a trainer's (scripts/torch_crosscheck.py:
+    // the run's name, its hf-mst config, notes, the plan's prediction, an error and its detail) and
+    // the referee's (a full timeline).
+    r.known({"seed", "run", "hf_mst", "hf_config_source", "notes", "prediction", "error", "error_detail"});
+    const std::string backend = r.one_of("backend", {"cpu", "cuda", "torch", "referee"});
+    f.backend = backend;
+    if (!r.has("timeline")) {
+        // A trainer's run (torch): no events, the model, the setup and the summary's peaks.
+        if (!r.has("summary")) r.fail("summary", "expected the run's peaks (this run recorded none: out of memory?)");
+        auto s = r.object("summary");
+        f.peaks = MeasuredPeaks{s.integer("peak_allocated_bytes", 0, limits::kBytes),
+                                s.integer("peak_reserved_bytes", 0, limits::kBytes)};
+        f.timeline.source = backend;
+        f.timeline.model = r.string("model");
+    } else {
+        f.timeline = timeline_from_json(r.raw("timeline"), path + ": timeline");
+        (void)r.opt_string("model");
+        if (r.has("summary")) (void)r.object("summary");
+    }
+    auto setup = r.raw("setup");
+    if (!setup.is_object()) r.fail("setup", fmt::format("expected the setup object measure wrote, got {}", detail::shown(setup)));
+    // Measurements written before the runtime knob existed: the executors (cpu, cuda) run
+    // mst-plan's kernels, a trainer's run (torch) and the referee run Hugging Face's code.
+    if (!setup.contains("runtime"))
+        setup["runtime"] = to_string(backend == "cpu" || backend == "cuda" ? Runtime::Kernels : Runtime::Hf);
+    f.setup_json = setup.dump();
+    f.model_path = r.string("model_path");
+    f.workspace_bytes = r.integer("workspace_bytes", 0, limits::kBytes);
+    if (r.has("device")) {
+        auto d = r.object("device");
+        f.device = d.opt_string("device").value_or("");
+        f.allocator = d.opt_string("allocator").value_or("");
+        f.device_peak_reserved = d.opt_integer("peak_reserved_bytes", 0, limits::kBytes);
+    }
+    r.reject_unknown();
     return f;
 }
+
+StepFile load_step_file(const std::string& path) { return parse_step_file(detail::read_json_file(path), path); }
 
 void check_same_step(const StepFile& predicted, const StepFile& measured) {
     const std::string both = predicted.path + " vs " + measured.path;
@@ -199,6 +207,7 @@ void check_same_step(const StepFile& predicted, const StepFile& measured) {
         fail(both, "micro_steps", fmt::format("expected the same gradient accumulation, got {} and {}",
                                               predicted.timeline.micro_steps, measured.timeline.micro_steps));
     if (!predicted.setup_json.empty() && !measured.setup_json.empty() && predicted.setup_json != measured.setup_json) {
+        // Both were dumped from objects the readers already bounded: parsing them back cannot fail.
         const auto p = nlohmann::json::parse(predicted.setup_json), m = nlohmann::json::parse(measured.setup_json);
         std::string keys;
         for (const auto& [key, value] : p.items())

@@ -45,6 +45,11 @@ GpuProfile parse_gpu(const nlohmann::json& profile, const std::string& where, co
     al.large_segment_round_bytes = a.integer("large_segment_round_bytes", 1, kMaxMemory);
     if (al.small_segment_bytes < al.small_size_bytes)
         a.fail("small_segment_bytes", "expected at least small_size_bytes (a small segment must hold a small block)");
+    a.reject_unknown();
+    c.known({"note"});  // where the constants come from, for a person
+    c.reject_unknown();
+    r.known({"sources"});
+    r.reject_unknown();
     return g;
 }
 

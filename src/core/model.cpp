@@ -5,6 +5,7 @@
 
 #include "json_read.hpp"
 #include "mst/error.hpp"
+#include "mst/limits.hpp"
 #include "mst/units.hpp"
 
 namespace mst {
@@ -21,14 +22,14 @@ std::string to_string(Family f) {
 
 namespace {
 
-// Bounds that reject typos and absurd values without excluding any real model:
-// the largest public models have d = 16384-25600, L <= 126, V <= 262144.
-constexpr std::int64_t kMaxHidden = 1 << 20;
-constexpr std::int64_t kMaxIntermediate = 1 << 23;
-constexpr std::int64_t kMaxLayers = 10'000;
-constexpr std::int64_t kMaxHeads = 1 << 14;
-constexpr std::int64_t kMaxVocab = 1 << 24;
-constexpr std::int64_t kMaxPositions = std::int64_t{1} << 40;
+// The bounds of include/mst/limits.hpp: they reject typos and absurd values without excluding
+// any real model, and keep the simulator's sizes and work bounded.
+constexpr std::int64_t kMaxHidden = limits::kHidden;
+constexpr std::int64_t kMaxIntermediate = limits::kIntermediate;
+constexpr std::int64_t kMaxLayers = limits::kLayers;
+constexpr std::int64_t kMaxHeads = limits::kHeads;
+constexpr std::int64_t kMaxVocab = limits::kVocab;
+constexpr std::int64_t kMaxPositions = limits::kPositions;
 
 Family family_of(const std::string& model_type, std::vector<std::string>& warnings) {
     if (model_type == "llama") return Family::Llama;
@@ -130,14 +131,24 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
     m.query_pre_attn_scalar = r.opt_number("query_pre_attn_scalar", 0.0, 1e9);
     if (m.family == Family::Gemma2) m.norms_per_layer = 4;
 
-    // Every size the simulator multiplies must stay representable for any sequence we accept.
-    (void)checked_product({m.vocab_size, m.hidden_size, 8}, "vocab_size x hidden_size");
+    // Every size the simulator multiplies must stay representable for any sequence we accept:
+    // the parameters' fp32 master copy, gradients and two optimizer states (16 bytes each) too.
+    try {
+        (void)checked_product({m.vocab_size, m.hidden_size, 8}, "vocab_size x hidden_size");
+        (void)checked_mul(m.parameters().total(), 16, "parameters x 16 bytes");
+    } catch (const UserError&) {
+        r.fail("num_hidden_layers", fmt::format("expected a model whose parameters fit in 63 bits at 16 bytes each, got "
+                                                "hidden_size {}, intermediate_size {}, {} heads of {} and {} layers",
+                                                m.hidden_size, m.intermediate_size, m.num_heads, m.head_dim, m.num_layers));
+    }
     return m;
 }
 
 ModelSpec load_model_file(const std::filesystem::path& path) {
     return parse_model(detail::read_json_file(path), path.string(), path.stem().string());
 }
+
+std::int64_t ParameterCounts::total() const { return checked_sum({embedding, attention, mlp, norm, lm_head}, "parameters"); }
 
 ParameterCounts ModelSpec::parameters() const {
     ParameterCounts p;

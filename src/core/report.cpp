@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 
 #include <fmt/format.h>
 
@@ -38,22 +37,29 @@ std::vector<std::string> measurement_files(const std::vector<std::string>& roots
     std::vector<std::string> files;
     auto consider = [&](const fs::path& p) {
         if (p.extension() != ".json") return;
-        std::ifstream in(p);
-        const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-        if (j.is_discarded()) {
+        try {
+            const nlohmann::json j = detail::read_json_file(p);
+            if (j.is_object() && j.contains("format") && j.at("format") == kMeasureFormat)
+                files.push_back(p.lexically_normal().string());
+        } catch (const UserError&) {
             if (unreadable) unreadable->push_back(p.string());
-        } else if (j.is_object() && j.value("format", "") == kMeasureFormat) {
-            files.push_back(p.lexically_normal().string());
         }
     };
     for (const std::string& root : roots) {
-        if (!fs::exists(root)) fail(root, "file", "expected a measurement file or a folder of them");
-        if (fs::is_directory(root)) {
-            for (const auto& entry : fs::recursive_directory_iterator(root))
-                if (entry.is_regular_file()) consider(entry.path());
-        } else {
+        std::error_code ec;
+        const fs::file_status status = fs::status(root, ec);
+        if (ec || !fs::exists(status)) fail(root, "file", "expected a measurement file or a folder of them");
+        if (!fs::is_directory(status)) {
             consider(root);
+            continue;
         }
+        // Walked with error codes: an unreadable folder is the user's to fix, named in one line.
+        auto it = fs::recursive_directory_iterator(root, ec);
+        for (; !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+            std::error_code entry;  // a dangling link is skipped, not an error
+            if (it->is_regular_file(entry)) consider(it->path());
+        }
+        if (ec) fail(root, "folder", fmt::format("expected a readable folder of measurements ({})", ec.message()));
     }
     std::sort(files.begin(), files.end());
     files.erase(std::unique(files.begin(), files.end()), files.end());

@@ -1,13 +1,13 @@
 #include "mst/setup.hpp"
 
 #include <algorithm>
-#include <charconv>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "json_read.hpp"
 #include "mst/error.hpp"
+#include "mst/limits.hpp"
 #include "mst/units.hpp"
 
 namespace mst {
@@ -24,7 +24,7 @@ E parse_enum(const std::string& s, const std::string& where, const char* field,
         if (s == name) return value;
         known += known.empty() ? name : fmt::format(", {}", name);
     }
-    fail(where, field, fmt::format("expected one of {}, got '{}'", known, s));
+    fail(where, field, fmt::format("expected one of {}, got {}", known, in_quotes(s)));
 }
 
 template <class E, std::size_t N>
@@ -79,12 +79,10 @@ std::int64_t TrainingSetup::checkpointed_count() const {
 namespace {
 
 std::int64_t parse_int(const std::string& text, const std::string& where, const std::string& spec) {
-    std::int64_t v = 0;
-    const auto* end = text.data() + text.size();
-    auto [ptr, ec] = std::from_chars(text.data(), end, v);
-    if (ec != std::errc() || ptr != end || text.empty())
-        fail(where, "checkpoint", fmt::format("expected none, all, every:K, first:K, last:K, spread:K or a list like 0,2,5-9; got '{}'", spec));
-    return v;
+    const auto v = parse_decimal(text);
+    if (!v)
+        fail(where, "checkpoint", fmt::format("expected none, all, every:K, first:K, last:K, spread:K or a list like 0,2,5-9; got {}", in_quotes(spec)));
+    return *v;
 }
 
 }  // namespace
@@ -99,7 +97,7 @@ std::vector<bool> parse_checkpoint_spec(const std::string& spec, std::int64_t nu
         const std::string kind = spec.substr(0, colon);
         const std::int64_t k = parse_int(spec.substr(colon + 1), where, spec);
         if (k < 0 || (kind != "every" && k > num_layers) || (kind == "every" && k == 0))
-            fail(where, "checkpoint", fmt::format("'{}': K out of range for {} layers", spec, num_layers));
+            fail(where, "checkpoint", fmt::format("{}: K out of range for {} layers", in_quotes(spec), num_layers));
         if (kind == "every") {
             for (std::size_t i = 0; i < L; i += static_cast<std::size_t>(k)) out[i] = true;
         } else if (kind == "first") {
@@ -121,8 +119,10 @@ std::vector<bool> parse_checkpoint_spec(const std::string& spec, std::int64_t nu
         const auto dash = item.find('-');
         const std::int64_t lo = parse_int(item.substr(0, dash), where, spec);
         const std::int64_t hi = dash == std::string::npos ? lo : parse_int(item.substr(dash + 1), where, spec);
-        if (lo < 0 || hi >= num_layers || lo > hi)
-            fail(where, "checkpoint", fmt::format("layer range '{}' outside 0..{}", item, num_layers - 1));
+        if (lo > hi)
+            fail(where, "checkpoint", fmt::format("expected a layer range LO-HI with LO <= HI, got {}", in_quotes(item)));
+        if (lo < 0 || hi >= num_layers)
+            fail(where, "checkpoint", fmt::format("layer range {} outside 0..{}", in_quotes(item), num_layers - 1));
         for (std::int64_t i = lo; i <= hi; ++i) out[static_cast<std::size_t>(i)] = true;
         pos = comma + 1;
     }
@@ -147,14 +147,25 @@ std::string describe_checkpoints(const std::vector<bool>& checkpoint) {
 
 // ---- validation ---------------------------------------------------------------
 
+std::vector<ChunkGroup> chunk_groups(std::int64_t tokens, std::int64_t chunks) {
+    const std::int64_t q = tokens / chunks, r = tokens % chunks;
+    std::vector<ChunkGroup> groups;
+    if (r > 0) groups.push_back({q + 1, r});
+    if (chunks - r > 0 && q > 0) groups.push_back({q, chunks - r});
+    return groups;
+}
+
 std::vector<std::int64_t> chunk_sizes(std::int64_t tokens, std::int64_t chunks) {
-    std::vector<std::int64_t> sizes(static_cast<std::size_t>(chunks), tokens / chunks);
-    for (std::int64_t i = 0; i < tokens % chunks; ++i) ++sizes[static_cast<std::size_t>(i)];
+    std::vector<std::int64_t> sizes;
+    for (const ChunkGroup& g : chunk_groups(tokens, chunks)) sizes.insert(sizes.end(), static_cast<std::size_t>(g.count), g.tokens);
     return sizes;
 }
 
 void validate(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
+    auto in_range = [&](const char* field, std::int64_t v, std::int64_t lo, std::int64_t hi) {
+        if (v < lo || v > hi) fail(w, field, fmt::format("expected an integer in [{}, {}], got {}", lo, hi, v));
+    };
     auto positive = [&](const char* field, std::int64_t v) {
         if (v < 1) fail(w, field, fmt::format("expected a positive integer, got {}", v));
     };
@@ -166,6 +177,19 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     positive("mlp_chunks", s.mlp_chunks);
     positive("lm_chunks", s.lm_chunks);
     (void)checked_product({s.micro_batch, s.seq_len, m.vocab_size, 8}, "micro_batch x seq_len x vocab_size");
+    // The bounds (include/mst/limits.hpp) keep every size inside 63 bits and the work bounded.
+    in_range("seq_len", s.seq_len, 1, limits::kSeqLen);
+    in_range("micro_batch", s.micro_batch, 1, limits::kMicroBatch);
+    if (s.micro_batch * s.seq_len > limits::kMicroStepTokens)
+        fail(w, "micro_batch", fmt::format("expected micro_batch x seq_len at most {} tokens, got {} x {}",
+                                           limits::kMicroStepTokens, s.micro_batch, s.seq_len));
+    in_range("grad_accum", s.grad_accum, 1, limits::kGradAccum);
+    in_range("dp", s.dp, 1, limits::kGpus);
+    in_range("sp", s.sp, 1, limits::kGpus);
+    if (s.dp * s.sp > limits::kGpus)
+        fail(w, "dp", fmt::format("expected dp x sp at most {} GPUs, got {} x {}", limits::kGpus, s.dp, s.sp));
+    in_range("mlp_chunks", s.mlp_chunks, 1, limits::kChunks);
+    in_range("lm_chunks", s.lm_chunks, 1, limits::kChunks);
     if (s.seq_len % s.sp != 0)
         fail(w, "sp", fmt::format("expected a divisor of seq_len ({}), got {}", s.seq_len, s.sp));
     if (m.num_heads % s.sp != 0 || m.num_kv_heads % s.sp != 0)
@@ -177,9 +201,13 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
         fail(w, "mlp_chunks", fmt::format("expected at most the tokens per rank ({}), got {}", tokens, s.mlp_chunks));
     if (s.lm_chunks > tokens)
         fail(w, "lm_chunks", fmt::format("expected at most the tokens per rank ({}), got {}", tokens, s.lm_chunks));
+    if (s.mlp_chunks > max_mlp_chunks(m))
+        fail(w, "mlp_chunks", fmt::format("expected at most {} for {} layers (num_hidden_layers x mlp_chunks at most {}: "
+                                          "every chunk of every layer is simulated), got {}",
+                                          max_mlp_chunks(m), m.num_layers, limits::kLayerChunks, s.mlp_chunks));
     if (s.zero_stage < 0 || s.zero_stage > 3) fail(w, "zero_stage", fmt::format("expected 0, 1, 2 or 3, got {}", s.zero_stage));
-    if (s.zero3_prefetch < 0 || s.zero3_prefetch > 8)
-        fail(w, "zero3_prefetch", fmt::format("expected 0..8 layers, got {}", s.zero3_prefetch));
+    if (s.zero3_prefetch < 0 || s.zero3_prefetch > limits::kZero3Prefetch)
+        fail(w, "zero3_prefetch", fmt::format("expected 0..{} layers, got {}", limits::kZero3Prefetch, s.zero3_prefetch));
     if (!s.checkpoint.empty() && static_cast<std::int64_t>(s.checkpoint.size()) != m.num_layers)
         fail(w, "checkpoint", fmt::format("expected one entry per layer ({}), got {}", m.num_layers, s.checkpoint.size()));
     if (s.offload_checkpoints && s.checkpointed_count() == 0)
@@ -211,15 +239,26 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     if (m.mlp_bias) fail(w, "runtime", fmt::format("expected kernels for a model with MLP biases{}", hint));
 }
 
+std::int64_t chunks_for_tokens(const TrainingSetup& s, std::int64_t chunk_tokens) {
+    // Total for any knobs (validate() reports the bad ones): no zero divisor, no wrapped product.
+    const std::int64_t tokens = checked_mul(std::max<std::int64_t>(s.micro_batch, 1), std::max<std::int64_t>(s.seq_len, 1),
+                                            "micro_batch x seq_len") /
+                                std::max<std::int64_t>(s.sp, 1);
+    return ceil_div(std::max<std::int64_t>(tokens, 1), chunk_tokens);
+}
+
+std::int64_t max_mlp_chunks(const ModelSpec& m) {
+    return std::min(limits::kChunks, limits::kLayerChunks / std::max<std::int64_t>(m.num_layers, 1));
+}
+
 // ---- JSON ---------------------------------------------------------------------
 
 TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const std::string& where) {
     detail::JsonReader r(j, where);
     TrainingSetup s;
-    constexpr std::int64_t kMax = std::int64_t{1} << 40;
-    s.micro_batch = r.opt_integer("micro_batch", 1, kMax).value_or(s.micro_batch);
-    s.seq_len = r.opt_integer("seq_len", 1, kMax).value_or(s.seq_len);
-    s.grad_accum = r.opt_integer("grad_accum", 1, 1 << 20).value_or(s.grad_accum);
+    s.micro_batch = r.opt_integer("micro_batch", 1, limits::kMicroBatch).value_or(s.micro_batch);
+    s.seq_len = r.opt_integer("seq_len", 1, limits::kSeqLen).value_or(s.seq_len);
+    s.grad_accum = r.opt_integer("grad_accum", 1, limits::kGradAccum).value_or(s.grad_accum);
     s.padded = r.opt_boolean("padded").value_or(false);
     if (auto v = r.opt_string("precision")) s.precision = parse_precision(*v, where);
     if (auto v = r.opt_string("optimizer")) s.optimizer = parse_optimizer(*v, where);
@@ -228,17 +267,16 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     if (auto v = r.opt_string("optimizer_impl")) s.optimizer_impl = parse_optimizer_impl(*v, where);
     if (auto v = r.opt_string("runtime")) s.runtime = parse_runtime(*v, where);
     if (auto v = r.opt_string("attention")) s.attention = parse_attention(*v, where);
-    s.dp = r.opt_integer("dp", 1, 1 << 20).value_or(1);
-    s.sp = r.opt_integer("sp", 1, 1 << 20).value_or(1);
+    s.dp = r.opt_integer("dp", 1, limits::kGpus).value_or(1);
+    s.sp = r.opt_integer("sp", 1, limits::kGpus).value_or(1);
     s.zero_stage = static_cast<int>(r.opt_integer("zero_stage", 0, 3).value_or(0));
-    s.zero3_prefetch = static_cast<int>(r.opt_integer("zero3_prefetch", 0, 8).value_or(1));
+    s.zero3_prefetch = static_cast<int>(r.opt_integer("zero3_prefetch", 0, limits::kZero3Prefetch).value_or(1));
 
-    const std::int64_t tokens = std::max<std::int64_t>(1, s.micro_batch * s.seq_len / s.sp);
     auto chunks = [&](const char* count_key, const char* tokens_key) -> std::int64_t {
         if (r.has(count_key) && r.has(tokens_key))
             r.fail(tokens_key, fmt::format("give either {} or {}, not both", count_key, tokens_key));
-        if (auto t = r.opt_integer(tokens_key, 1, kMax)) return ceil_div(tokens, *t);
-        return r.opt_integer(count_key, 1, kMax).value_or(1);
+        if (auto t = r.opt_integer(tokens_key, 1, limits::kMicroStepTokens)) return chunks_for_tokens(s, *t);
+        return r.opt_integer(count_key, 1, limits::kChunks).value_or(1);
     };
     s.mlp_chunks = chunks("mlp_chunks", "mlp_chunk_tokens");
     s.lm_chunks = chunks("lm_chunks", "lm_chunk_tokens");
@@ -252,15 +290,18 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
         } else if (c.is_array()) {
             s.checkpoint.assign(static_cast<std::size_t>(model.num_layers), false);
             for (const auto& e : c) {
-                if (!e.is_number_integer() || e.get<std::int64_t>() < 0 || e.get<std::int64_t>() >= model.num_layers)
-                    r.fail("checkpoint", fmt::format("expected layer indices in 0..{}", model.num_layers - 1));
-                s.checkpoint[e.get<std::size_t>()] = true;
+                const auto layer = detail::as_integer(e, 0, model.num_layers - 1);
+                if (!layer)
+                    r.fail("checkpoint", fmt::format("expected layer indices in 0..{}, got {}", model.num_layers - 1,
+                                                     detail::shown(e)));
+                s.checkpoint[static_cast<std::size_t>(*layer)] = true;
             }
         } else {
             r.fail("checkpoint", "expected a string (none, all, spread:K, ...) or an array of layer indices");
         }
     }
     s.offload_checkpoints = r.opt_boolean("offload_checkpoints").value_or(false);
+    r.reject_unknown();
     return s;
 }
 

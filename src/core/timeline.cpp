@@ -9,6 +9,7 @@
 #include "caching_allocator.hpp"
 #include "json_read.hpp"
 #include "mst/error.hpp"
+#include "mst/limits.hpp"
 
 namespace mst {
 
@@ -18,6 +19,9 @@ constexpr const char* kCategoryNames[kCategoryCount] = {"weights", "master_weigh
                                                         "optimizer_state", "saved_activation", "transient",
                                                         "checkpoint", "offloaded", "workspace"};
 constexpr const char* kTimelineFormat = "mst-timeline/1";
+// Live bytes are a sum over events: checked, so a timeline whose tensors add up past 2^63 (a
+// tampered file, an absurd setup) is a user error, never a negative peak.
+constexpr const char* kLiveBytes = "live bytes";
 }  // namespace
 
 std::string to_string(Phase p) { return kPhaseNames[static_cast<int>(p)]; }
@@ -27,13 +31,13 @@ std::string to_string(Device d) { return d == Device::Gpu ? "gpu" : "host"; }
 Phase parse_phase(const std::string& s, const std::string& where) {
     for (int i = 0; i < kPhaseCount; ++i)
         if (s == kPhaseNames[i]) return static_cast<Phase>(i);
-    fail(where, "phase", fmt::format("expected init, forward, recompute, backward or optimizer, got '{}'", s));
+    fail(where, "phase", fmt::format("expected init, forward, recompute, backward or optimizer, got {}", in_quotes(s)));
 }
 
 Category parse_category(const std::string& s, const std::string& where) {
     for (int i = 0; i < kCategoryCount; ++i)
         if (s == kCategoryNames[i]) return static_cast<Category>(i);
-    fail(where, "category", fmt::format("expected a memory category (weights, gradients, ...), got '{}'", s));
+    fail(where, "category", fmt::format("expected a memory category (weights, gradients, ...), got {}", in_quotes(s)));
 }
 
 // ---- views ---------------------------------------------------------------------
@@ -43,7 +47,7 @@ std::vector<bytes_t> live_curve(const Timeline& t) {
     out.reserve(t.events.size());
     bytes_t live = 0;
     for (const Event& e : t.events) {
-        if (e.device == Device::Gpu) live += e.alloc ? e.bytes : -e.bytes;
+        if (e.device == Device::Gpu) live = checked_add(live, e.alloc ? e.bytes : -e.bytes, kLiveBytes);
         out.push_back(live);
     }
     return out;
@@ -67,19 +71,19 @@ Summary summarize(const Timeline& t, std::int64_t num_layers) {
             for (const auto& [id, a] : forward_live)
                 if (a->layer >= 0 && a->layer < num_layers &&
                     (a->category == Category::SavedActivation || a->category == Category::Checkpoint))
-                    s.layer_saved[static_cast<std::size_t>(a->layer)] += a->bytes;
+                    s.layer_saved[static_cast<std::size_t>(a->layer)] += a->bytes;  // at most live
             forward_live.clear();
             snapshot_micro = e.micro_step;
         }
         if (e.device == Device::Host) {
-            host += e.alloc ? e.bytes : -e.bytes;
+            host = checked_add(host, e.alloc ? e.bytes : -e.bytes, kLiveBytes);
             s.host_peak = std::max(s.host_peak, host);
             continue;
         }
         const auto c = static_cast<std::size_t>(e.category);
         const bytes_t delta = e.alloc ? e.bytes : -e.bytes;
-        live += delta;
-        live_cat[c] += delta;
+        live = checked_add(live, delta, kLiveBytes);
+        live_cat[c] += delta;  // at most live
         s.category_max[c] = std::max(s.category_max[c], live_cat[c]);
         s.largest_transient = std::max(s.largest_transient, live_cat[static_cast<std::size_t>(Category::Transient)]);
         s.phase_seen[static_cast<std::size_t>(e.phase)] = true;
@@ -157,33 +161,46 @@ Timeline timeline_from_json(const nlohmann::json& j, const std::string& where) {
     Timeline t;
     t.source = r.string("source");
     t.model = r.string("model");
-    t.micro_steps = static_cast<std::int32_t>(r.integer("micro_steps", 1, 1 << 20));
-    t.micro_steps_recorded = static_cast<std::int32_t>(r.integer("micro_steps_recorded", 1, 1 << 20));
+    t.micro_steps = static_cast<std::int32_t>(r.integer("micro_steps", 1, limits::kGradAccum));
+    t.micro_steps_recorded = static_cast<std::int32_t>(r.integer("micro_steps_recorded", 1, t.micro_steps));
+    r.known({"columns"});  // the names of the event columns, for a person reading the file
     const auto& events = r.raw("events");
     if (!events.is_array()) r.fail("events", "expected an array");
+    r.reject_unknown();
     t.events.reserve(events.size());
+    constexpr const char* kColumns = "[kind, tensor, bytes, category, device, phase, layer, micro_step, op, name]";
     for (std::size_t i = 0; i < events.size(); ++i) {
         const auto& a = events[i];
         const std::string field = fmt::format("events[{}]", i);
-        if (!a.is_array() || a.size() != 10) fail(where, field, "expected an array of 10 columns");
-        try {
-            Event e;
-            const auto kind = a[0].get<std::string>();
-            if (kind != "alloc" && kind != "free") fail(where, field, "expected kind alloc or free");
-            e.alloc = kind == "alloc";
-            e.tensor = a[1].get<std::int64_t>();
-            e.bytes = a[2].get<std::int64_t>();
-            e.category = parse_category(a[3].get<std::string>(), where + ": " + field);
-            e.device = a[4].get<std::string>() == "host" ? Device::Host : Device::Gpu;
-            e.phase = parse_phase(a[5].get<std::string>(), where + ": " + field);
-            e.layer = a[6].get<std::int32_t>();
-            e.micro_step = a[7].get<std::int32_t>();
-            e.op = a[8].get<std::string>();
-            e.name = a[9].get<std::string>();
-            t.events.push_back(std::move(e));
-        } catch (const nlohmann::json::exception&) {
-            fail(where, field, "expected [kind, tensor, bytes, category, device, phase, layer, micro_step, op, name]");
-        }
+        auto bad = [&](const char* column, const std::string& expected) {
+            fail(where, fmt::format("{}.{}", field, column), expected);
+        };
+        if (!a.is_array() || a.size() != 10) fail(where, field, fmt::format("expected an array of 10 columns {}", kColumns));
+        auto text = [&](std::size_t c, const char* column) {
+            if (!a[c].is_string()) bad(column, fmt::format("expected a string, got {}", detail::shown(a[c])));
+            return a[c].get<std::string>();
+        };
+        auto integer = [&](std::size_t c, const char* column, std::int64_t lo, std::int64_t hi) {
+            const auto v = detail::as_integer(a[c], lo, hi);
+            if (!v) bad(column, fmt::format("expected an integer in [{}, {}], got {}", lo, hi, detail::shown(a[c])));
+            return *v;
+        };
+        Event e;
+        const std::string kind = text(0, "kind");
+        if (kind != "alloc" && kind != "free") bad("kind", fmt::format("expected alloc or free, got {}", detail::shown(a[0])));
+        e.alloc = kind == "alloc";
+        e.tensor = integer(1, "tensor", 0, INT64_MAX);
+        e.bytes = integer(2, "bytes", 0, INT64_MAX);
+        e.category = parse_category(text(3, "category"), where + ": " + field);
+        const std::string device = text(4, "device");
+        if (device != "gpu" && device != "host") bad("device", fmt::format("expected gpu or host, got {}", detail::shown(a[4])));
+        e.device = device == "host" ? Device::Host : Device::Gpu;
+        e.phase = parse_phase(text(5, "phase"), where + ": " + field);
+        e.layer = static_cast<std::int32_t>(integer(6, "layer", -1, limits::kLayers - 1));
+        e.micro_step = static_cast<std::int32_t>(integer(7, "micro_step", 0, t.micro_steps_recorded - 1));
+        e.op = text(8, "op");
+        e.name = text(9, "name");
+        t.events.push_back(std::move(e));
     }
     try {
         check_consistent(t);

@@ -18,12 +18,11 @@ double causal_pairs(std::int64_t seq_len, std::int64_t window) {
 
 namespace {
 
-// chunk_sizes() as (size, how many) pairs: at most two distinct sizes.
-std::vector<std::pair<double, double>> chunk_groups(std::int64_t tokens, std::int64_t chunks) {
-    const std::int64_t q = tokens / chunks, r = tokens % chunks;
+// chunk_groups() as (tokens, how many) pairs of doubles, for the roofline's arithmetic.
+std::vector<std::pair<double, double>> chunks_as_doubles(std::int64_t tokens, std::int64_t chunks) {
     std::vector<std::pair<double, double>> g;
-    if (r > 0) g.push_back({static_cast<double>(q + 1), static_cast<double>(r)});
-    if (chunks - r > 0 && q > 0) g.push_back({static_cast<double>(q), static_cast<double>(chunks - r)});
+    for (const ChunkGroup& c : chunk_groups(tokens, chunks))
+        g.push_back({static_cast<double>(c.tokens), static_cast<double>(c.count)});
     return g;
 }
 
@@ -126,7 +125,7 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         t += g.gemm("attn.o_proj" + sfx, T, d, qd);
         t += g.memory("residual" + sfx, 3 * T * d * rb, 2);
         // MLP per mini-sequence: each chunk re-reads the weights and launches its own kernels.
-        for (const auto& [n, count] : chunk_groups(s.local_tokens(), s.mlp_chunks)) {
+        for (const auto& [n, count] : chunks_as_doubles(s.local_tokens(), s.mlp_chunks)) {
             t += g.gemm("mlp.gate_up" + sfx, n, 2 * I, d, count);
             t += g.memory("mlp.act" + sfx, 3 * n * I * 2, count);
             t += g.gemm("mlp.down" + sfx, n, d, I, count);
@@ -136,7 +135,7 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     auto mlp_forward_only = [&](Ledger& g, const char* tag) {
         double t = 0;
         const std::string sfx = fmt::format(" ({})", tag);
-        for (const auto& [n, count] : chunk_groups(s.local_tokens(), s.mlp_chunks))
+        for (const auto& [n, count] : chunks_as_doubles(s.local_tokens(), s.mlp_chunks))
             t += g.gemm("mlp.gate_up" + sfx, n, 2 * I, d, count) + g.memory("mlp.act" + sfx, 3 * n * I * 2, count) +
                  g.gemm("mlp.down" + sfx, n, d, I, count);
         return t;
@@ -155,7 +154,7 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         }
         t += g.gemm("attn.o_proj (bwd)", T, qd, d) + g.gemm("attn.o_proj (bwd)", d, qd, T);
         t += g.memory("residual (bwd)", 3 * T * d * rb, 2);
-        for (const auto& [n, count] : chunk_groups(s.local_tokens(), s.mlp_chunks)) {
+        for (const auto& [n, count] : chunks_as_doubles(s.local_tokens(), s.mlp_chunks)) {
             t += g.gemm("mlp.down (bwd)", n, I, d, count) + g.gemm("mlp.down (bwd)", d, I, n, count);
             t += g.memory("mlp.act (bwd)", 5 * n * I * 2, count);
             t += g.gemm("mlp.gate_up (bwd)", n, d, 2 * I, count) + g.gemm("mlp.gate_up (bwd)", 2 * I, d, n, count);
@@ -189,7 +188,7 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
             head_bwd += head.split("lm_head.softcap (bwd)", 0, 16 * T * V, 1, 3);
         }
     } else {
-        for (const auto& [n, count] : chunk_groups(s.local_tokens(), s.lm_chunks)) {
+        for (const auto& [n, count] : chunks_as_doubles(s.local_tokens(), s.lm_chunks)) {
             head_fwd += head.gemm("lm_head (fwd)", n, V, d, count);
             if (s.lm_impl == LmHeadImpl::Recompute) {
                 head_fwd += head.split("loss (fwd)", 0, 18 * n * V * count, 1, 3 * count);

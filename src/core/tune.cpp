@@ -9,11 +9,23 @@
 #include <fmt/format.h>
 
 #include "mst/error.hpp"
+#include "mst/limits.hpp"
 
 namespace mst {
 
 namespace {
 constexpr std::int64_t kMaxChunks = 1024;  // mini-sequences per block, at most
+
+// Whether validate() accepts the setup: the tuner evaluates only setups a user could give it (a
+// pin or a batch beyond the bounds of include/mst/limits.hpp is a setup that does not fit).
+bool valid(const TrainingSetup& s, const ModelSpec& m) {
+    try {
+        validate(s, m);
+        return true;
+    } catch (const UserError&) {
+        return false;
+    }
+}
 }
 
 // ---- pins ------------------------------------------------------------------------------
@@ -21,40 +33,32 @@ constexpr std::int64_t kMaxChunks = 1024;  // mini-sequences per block, at most
 namespace {
 
 std::int64_t pin_int(const std::string& key, const std::string& value, std::int64_t lo, std::int64_t hi) {
-    std::size_t used = 0;
-    std::int64_t v = 0;
-    try {
-        v = std::stoll(value, &used);
-    } catch (const std::exception&) {
-        used = 0;
-    }
-    if (used != value.size() || v < lo || v > hi)
-        fail("--pin", key, fmt::format("expected an integer in [{}, {}], got '{}'", lo, hi, value));
-    return v;
-}
-
-bool pin_bool(const std::string& where, const std::string& key, const std::string& value) {
-    if (value == "yes" || value == "true" || value == "on" || value == "1") return true;
-    if (value == "no" || value == "false" || value == "off" || value == "0") return false;
-    fail(where, key, fmt::format("expected yes or no, got '{}'", value));
+    const auto v = parse_decimal(value);
+    if (!v || *v < lo || *v > hi) fail("--pin", key, fmt::format("expected an integer in [{}, {}], got {}", lo, hi, in_quotes(value)));
+    return *v;
 }
 
 }  // namespace
+
+bool parse_yes_no(const std::string& where, const std::string& key, const std::string& value) {
+    if (value == "yes" || value == "true" || value == "on" || value == "1") return true;
+    if (value == "no" || value == "false" || value == "off" || value == "0") return false;
+    fail(where, key, fmt::format("expected yes or no, got {}", in_quotes(value)));
+}
 
 void parse_pin(const std::string& text, const ModelSpec& model, Pins& pins) {
     const auto eq = text.find('=');
     if (eq == std::string::npos || eq == 0)
         fail("--pin", text, "expected KEY=VALUE (keys: M_mlp, M_lm, mlp_impl, lm_impl, checkpoint, offload, sp, zero, micro_batch)");
     const std::string key = text.substr(0, eq), value = text.substr(eq + 1);
-    constexpr std::int64_t kBig = std::int64_t{1} << 30;
-    if (key == "M_mlp" || key == "mlp_chunks") pins.mlp_chunks = pin_int(key, value, 1, kBig);
-    else if (key == "M_lm" || key == "lm_chunks") pins.lm_chunks = pin_int(key, value, 1, kBig);
+    if (key == "M_mlp" || key == "mlp_chunks") pins.mlp_chunks = pin_int(key, value, 1, max_mlp_chunks(model));
+    else if (key == "M_lm" || key == "lm_chunks") pins.lm_chunks = pin_int(key, value, 1, limits::kChunks);
     else if (key == "mlp_impl") pins.mlp_impl = parse_mlp_impl(value, "--pin");
     else if (key == "lm_impl") pins.lm_impl = parse_lm_impl(value, "--pin");
-    else if (key == "sp") pins.sp = pin_int(key, value, 1, kBig);
+    else if (key == "sp") pins.sp = pin_int(key, value, 1, limits::kGpus);
     else if (key == "zero") pins.zero_stage = static_cast<int>(pin_int(key, value, 0, 3));
-    else if (key == "micro_batch") pins.micro_batch = pin_int(key, value, 1, kBig);
-    else if (key == "offload") pins.offload = pin_bool("--pin", key, value);
+    else if (key == "micro_batch") pins.micro_batch = pin_int(key, value, 1, limits::kMicroBatch);
+    else if (key == "offload") pins.offload = parse_yes_no("--pin", key, value);
     else if (key == "checkpoint") {
         // A plain number is a count (the tuner places them); anything else is a placement.
         const bool count = !value.empty() && std::all_of(value.begin(), value.end(), [](char ch) {
@@ -77,10 +81,11 @@ constexpr std::int64_t kMinChunkTokens = 1024;
 constexpr double kRunnerUpSlack = 1.15;
 
 // Chunk counts worth trying: 1 and powers of two down to chunks of kMinChunkTokens.
-std::vector<std::int64_t> chunk_options(std::int64_t tokens, std::optional<std::int64_t> pinned) {
+// `most`: the bound validate() puts on this block's chunks for the model.
+std::vector<std::int64_t> chunk_options(std::int64_t tokens, std::optional<std::int64_t> pinned, std::int64_t most) {
     if (pinned) return {*pinned};
     std::vector<std::int64_t> out{1};
-    for (std::int64_t m = 2; m <= kMaxChunks && tokens / m >= kMinChunkTokens; m *= 2) out.push_back(m);
+    for (std::int64_t m = 2; m <= std::min(kMaxChunks, most) && tokens / m >= kMinChunkTokens; m *= 2) out.push_back(m);
     return out;
 }
 
@@ -112,6 +117,7 @@ public:
     }
 
     bool simulate_fits(const TrainingSetup& s, MemoryPeaks* out) {
+        if (!valid(s, rq_.model)) return false;
         ++sims_;
         return sim_.fits(s, budget_, rq_.host_bytes_per_gpu, out);
     }
@@ -121,8 +127,8 @@ public:
     void inner(const TrainingSetup& outer) {
         memo_.clear();
         const std::int64_t L = rq_.model.num_layers, tokens = outer.local_tokens();
-        const auto mlp_opts = chunk_options(tokens, rq_.pins.mlp_chunks);
-        const auto lm_opts = chunk_options(tokens, rq_.pins.lm_chunks);
+        const auto mlp_opts = chunk_options(tokens, rq_.pins.mlp_chunks, max_mlp_chunks(rq_.model));
+        const auto lm_opts = chunk_options(tokens, rq_.pins.lm_chunks, limits::kChunks);
         auto with = [&](std::int64_t k, std::int64_t mm, std::int64_t ml, const std::vector<bool>* placement = nullptr) {
             TrainingSetup t = outer;
             t.checkpoint = placement ? *placement : first_layers(k, L);
@@ -166,7 +172,11 @@ public:
         // More checkpoints never need more chunks: each k searches below the previous k's counts.
         std::size_t lm_hi = lm_opts.size() - 1, mlp_hi = mlp_opts.size() - 1;
         bool first = true;
-        for (const auto& [k, placement] : ks) {
+        for (const auto& choice : ks) {
+            // Named copies, not structured bindings: the lambdas below capture them (clang 14, which
+            // builds the fuzz targets, cannot capture a binding).
+            const std::int64_t k = choice.first;
+            const std::vector<bool>* placement = choice.second;
             // Time grows with k: stop once even the best chunking cannot compete (the first k of
             // each outer choice may trail by kRunnerUpSlack, to offer runner-ups).
             if (best_ && !can_beat(k, placement, best_->time.step_seconds * (first ? kRunnerUpSlack : 1.0))) break;
@@ -257,8 +267,9 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
     const Estimate e = estimate(m, s, rq.gpu);
     const Summary& sum = e.summary;
     auto cat = [&](Category c) { return sum.peak.by_category[static_cast<std::size_t>(c)]; };
-    const bytes_t state = cat(Category::Weights) + cat(Category::MasterWeights) + cat(Category::OptimizerState) +
-                          sum.category_max[static_cast<std::size_t>(Category::Gradients)];
+    const bytes_t state = checked_sum({cat(Category::Weights), cat(Category::MasterWeights), cat(Category::OptimizerState),
+                                       sum.category_max[static_cast<std::size_t>(Category::Gradients)]},
+                                      "persistent bytes");
     const Event& at = e.timeline.events[static_cast<std::size_t>(sum.peak.event)];
     std::string why = fmt::format(
         "Weights, gradients and optimizer states take {} of the {} budget (what the {} leaves a process, less a {} "
@@ -308,14 +319,18 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
 }  // namespace
 
 namespace {
-// The hf runtime models one GPU (validate_hf_scope): several are planned with the kernels runtime.
+// The GPU count within its bound, and a base setup the runtime models: the hf runtime models one
+// GPU and refuses some knobs (validate_hf_scope) with a pointer to the kernels runtime, which the
+// user should read rather than a search that finds nothing.
 void check_gpus(const TuneRequest& rq, const char* command) {
-    if (rq.gpus < 1) fail(command, "gpus", fmt::format("expected a positive count, got {}", rq.gpus));
+    if (rq.gpus < 1 || rq.gpus > limits::kGpus)
+        fail(command, "gpus", fmt::format("expected a count in [1, {}], got {}", limits::kGpus, rq.gpus));
     if (rq.gpus > 1 && rq.base.runtime == Runtime::Hf)
         fail(command, "gpus",
              fmt::format("expected 1 with runtime hf (data and sequence parallelism are not modelled in it yet); "
                          "--runtime kernels plans {} GPUs with mst-plan's own kernels, got {}",
                          rq.gpus, rq.gpus));
+    validate_hf_scope(rq.base, rq.model);
 }
 }  // namespace
 
@@ -324,6 +339,18 @@ Recommendation recommend(const TuneRequest& rq) {
     Recommendation out;
     out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
     check_gpus(rq, "recommend");
+    if (rq.seq_len < 1 || rq.seq_len > limits::kSeqLen)
+        fail("recommend", "seq_len", fmt::format("expected a length in [1, {}], got {}", limits::kSeqLen, rq.seq_len));
+    if (rq.tokens_per_step) {
+        // The most one step can hold: every GPU a data-parallel rank, each at the largest micro-batch
+        // and accumulation the bounds allow.
+        const std::int64_t batch = std::min(limits::kMicroBatch, limits::kMicroStepTokens / rq.seq_len);
+        const std::int64_t most = checked_product({batch, limits::kGradAccum, rq.gpus, rq.seq_len}, "tokens per step");
+        if (*rq.tokens_per_step < 1 || *rq.tokens_per_step > most)
+            fail("recommend", "tokens_per_step",
+                 fmt::format("expected [1, {}] tokens (micro-batch {} x accumulation {} x {} GPUs x seq {}), got {}", most,
+                             batch, limits::kGradAccum, rq.gpus, rq.seq_len, *rq.tokens_per_step));
+    }
     Search search(rq, out.budget_bytes);
 
     std::vector<std::int64_t> sps;
@@ -342,8 +369,8 @@ Recommendation recommend(const TuneRequest& rq) {
         // Micro-batch and accumulation: reach the tokens per step when asked, else one sequence.
         std::vector<std::pair<std::int64_t, std::int64_t>> batches;  // (micro_batch, grad_accum)
         if (rq.tokens_per_step) {
-            const std::int64_t per_rank_seqs = std::max<std::int64_t>(1, ceil_div(*rq.tokens_per_step, rq.seq_len * dp));
-            for (std::int64_t b = 1; b <= per_rank_seqs; b *= 2) {
+            const std::int64_t per_rank_seqs = std::max<std::int64_t>(1, ceil_div(*rq.tokens_per_step, checked_mul(rq.seq_len, dp)));
+            for (std::int64_t b = 1; b <= per_rank_seqs && b <= limits::kMicroBatch; b *= 2) {
                 if (rq.pins.micro_batch && b != *rq.pins.micro_batch) continue;
                 batches.push_back({b, ceil_div(per_rank_seqs, b)});
             }
@@ -416,9 +443,10 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
             // MsT chunks of hidden_size tokens (the ALST TiledMLP and HF integration heuristic),
             // at most kMaxChunks of them.
             const std::int64_t chunks = std::clamp<std::int64_t>(ceil_div(t.local_tokens(), m.hidden_size), 1, kMaxChunks);
-            t.mlp_chunks = chunks;
+            t.mlp_chunks = std::min(chunks, max_mlp_chunks(m));
             t.lm_chunks = chunks;
         }
+        if (!valid(t, m)) return false;
         MemoryPeaks p;
         const bool ok = sim.fits(t, budget, host_budget, &p);
         if (ok && r) r->memory = p, r->setup = t, r->max_seq = S;
@@ -491,11 +519,14 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     probe.seq_len = 1024;
     const Estimate e = estimate(m, probe, rq.gpu);
     const auto& mx = e.summary.category_max;
-    out.persistent_bytes = mx[static_cast<std::size_t>(Category::Weights)] + mx[static_cast<std::size_t>(Category::MasterWeights)] +
-                           mx[static_cast<std::size_t>(Category::Gradients)] +
-                           mx[static_cast<std::size_t>(Category::OptimizerState)] + mx[static_cast<std::size_t>(Category::Workspace)];
+    out.persistent_bytes = checked_sum({mx[static_cast<std::size_t>(Category::Weights)], mx[static_cast<std::size_t>(Category::MasterWeights)],
+                                        mx[static_cast<std::size_t>(Category::Gradients)],
+                                        mx[static_cast<std::size_t>(Category::OptimizerState)],
+                                        mx[static_cast<std::size_t>(Category::Workspace)]},
+                                       "persistent bytes");
     const bytes_t left = out.budget_bytes - out.persistent_bytes;
-    const std::int64_t bytes_per_token = L * m.hidden_size * (base.precision == Precision::AmpFp32 ? 4 : 2) * base.micro_batch;
+    const std::int64_t bytes_per_token = checked_product(
+        {L, m.hidden_size, base.precision == Precision::AmpFp32 ? 4 : 2, base.micro_batch}, "checkpoint bytes per token");
     out.checkpoint_floor_seq = left > 0 ? left / bytes_per_token : 0;
     return out;
 }

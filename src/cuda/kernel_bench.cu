@@ -258,10 +258,10 @@ KernelBenchResult run_kernel_bench(const KernelBenchRequest& request) {
     const cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count == 0) {
         cudaGetLastError();
-        throw UserError(std::string("bench kernels: no usable CUDA device (") +
-                        (e != cudaSuccess ? std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e)
-                                          : std::string("no device found")) +
-                        ")");
+        fail("bench kernels", "device",
+             "expected a usable CUDA device, got " +
+                 (e != cudaSuccess ? std::string(cudaGetErrorName(e)) + " (" + cudaGetErrorString(e) + ")"
+                                   : std::string("none")));
     }
     cudaDeviceProp prop{};
     check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");

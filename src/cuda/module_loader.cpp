@@ -80,9 +80,9 @@ KernelBenchResult run_kernel_bench(const KernelBenchRequest& request) {
     const Backend& b = backend();
     if (b.entry) return b.entry->run_kernel_bench(request);
     if (!b.built)
-        throw UserError("bench kernels: this mst-plan was built without CUDA (configure with -DMST_WITH_CUDA=ON on a "
-                        "machine with the CUDA toolkit)");
-    throw UserError("bench kernels: no usable CUDA device: " + b.why);
+        fail("bench kernels", "build",
+             "expected an mst-plan built with CUDA (configure with -DMST_WITH_CUDA=ON on a machine with the CUDA toolkit)");
+    fail("bench kernels", "device", "expected a usable CUDA device, got " + b.why);
 }
 
 MeasuredStep execute_cuda(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t seed,

@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <new>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -43,6 +44,11 @@ public:
 
     // The measured timeline's source ("cpu", "cuda").
     virtual std::string name() const = 0;
+    // The memory a tensor on `device` takes, as an out-of-memory message names it ("gpu", "host").
+    virtual std::string memory_name(Device device) const { return to_string(device); }
+    // The bytes this backend can still give a step, when it knows (the executor then refuses a
+    // step the simulator says needs more); nullopt: allocate and see (a GPU's out of memory is a result).
+    virtual std::optional<bytes_t> memory_available() const { return std::nullopt; }
     virtual std::int64_t max_head_dim() const = 0;
 
     // ---- memory -----------------------------------------------------------------------------

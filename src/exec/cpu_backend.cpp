@@ -1,7 +1,10 @@
 // The CPU backend: each call is the cpu:: kernel of the same name on the same buffers.
 #include "cpu_backend.hpp"
 
+#include <algorithm>
 #include <cstring>
+#include <fstream>
+#include <string>
 #include <new>
 
 #include "cpu/kernels.hpp"
@@ -14,6 +17,25 @@ cpu::ConstTensor c(ConstTensor t) { return {t.data, t.dtype}; }
 }  // namespace
 
 std::int64_t CpuBackend::max_head_dim() const { return cpu::kMaxHeadDim; }
+
+std::optional<bytes_t> available_host_bytes() {
+    std::optional<bytes_t> available;
+    std::ifstream meminfo("/proc/meminfo");
+    for (std::string key; meminfo >> key;) {
+        std::int64_t kib = 0;
+        meminfo >> kib;
+        if (key == "MemAvailable:") available = kib * 1024;
+        meminfo.ignore(1 << 10, '\n');
+    }
+    // cgroup v2: the limit ("max" when none) less what the group already uses.
+    std::ifstream max_file("/sys/fs/cgroup/memory.max"), current_file("/sys/fs/cgroup/memory.current");
+    std::int64_t limit = 0, used = 0;
+    if (max_file >> limit && current_file >> used) {
+        const bytes_t left = std::max<bytes_t>(0, limit - used);
+        available = available ? std::min(*available, left) : left;
+    }
+    return available;
+}
 
 void* CpuBackend::map(const Event& e) {
     // operator new never returns null for a size of 0, so every buffer has an address.

@@ -1,15 +1,24 @@
 #pragma once
 // The CPU backend: the Eigen kernels of cpu/kernels.hpp on aligned host memory. The reference
 // every other backend is checked against, and the one CI runs.
+#include <optional>
+
 #include "backend.hpp"
 
 namespace mst::exec {
+
+// What this process may still allocate: the kernel's MemAvailable, lowered by a cgroup (v2)
+// memory.max; nullopt where neither can be read.
+std::optional<bytes_t> available_host_bytes();
 
 class CpuBackend : public Backend {
 public:
     static constexpr std::size_t kAlignment = 64;  // a cache line; Eigen's widest vectors need 32
 
     std::string name() const override { return "cpu"; }
+    // Its "device" tensors live in host memory too: running out is never the GPU's.
+    std::string memory_name(Device) const override { return "host"; }
+    std::optional<bytes_t> memory_available() const override { return available_host_bytes(); }
     std::int64_t max_head_dim() const override;
 
     void* map(const Event& e) override;

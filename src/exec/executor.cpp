@@ -26,6 +26,7 @@
 #include <fmt/format.h>
 
 #include "mst/error.hpp"
+#include "mst/simulate.hpp"
 
 namespace mst::exec {
 
@@ -53,6 +54,23 @@ void check_supported(const ModelSpec& m, const TrainingSetup& s, const Backend& 
         fail(m.name, "hidden_act", fmt::format("{} implements silu and gelu_pytorch_tanh, got '{}'", who, m.hidden_act));
     if (m.head_dim > b.max_head_dim())
         fail(m.name, "head_dim", fmt::format("the {} kernels take head_dim <= {}", b.name(), b.max_head_dim()));
+}
+
+// A backend that knows how much memory it can give (the CPU's: this machine's) refuses a step the
+// simulator says needs more, before allocating anything: it would only be killed.
+void check_memory(const ModelSpec& m, const TrainingSetup& s, const ExecuteOptions& options, const Backend& b) {
+    const auto available = b.memory_available();
+    if (!available) return;
+    GpuProfile workspace_only;  // the executor allocates the options' workspace, not a GPU's
+    workspace_only.calibration.cublas_workspace_bytes = options.workspace_bytes;
+    const MemoryPeaks p = simulate_peaks(m, s, workspace_only, /*allocator=*/false);
+    // Numerics tests store every tensor in fp32: at most twice the policy's bytes.
+    const bytes_t needed = checked_mul(checked_add(p.peak_bytes, p.host_peak_bytes), options.storage_fp32 ? 2 : 1);
+    if (needed > *available)
+        fail("measure", "backend " + b.name(),
+             fmt::format("expected a step within the {} of memory this machine has available; the simulator predicts "
+                         "{} bytes ({}) for this model and setup",
+                         format_bytes(*available), needed, format_bytes(needed)));
 }
 
 }  // namespace
@@ -106,6 +124,7 @@ Step::Step(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t see
     : m_(model), s_(setup), opt_(options), b_(backend), alloc_(backend, model.name), rng_(seed) {
     validate(setup, model);
     check_supported(model, setup, backend);
+    check_memory(model, setup, options, backend);
     switch (s_.precision) {
         case Precision::PureBf16: pw_ = DType::BF16, pg_ = DType::BF16; break;
         case Precision::Bf16Master: pw_ = DType::BF16, pg_ = DType::F32; break;

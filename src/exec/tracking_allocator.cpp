@@ -50,7 +50,8 @@ Buffer TrackingAllocator::allocate(const std::string& name, bytes_t bytes, Categ
     try {
         p = memory_.map(e);
     } catch (const std::bad_alloc& error) {  // out of memory (BackendOutOfMemory, or operator new's)
-        throw OutOfMemoryError(e, live_bytes(device), error.what());
+        throw OutOfMemoryError(e, live_bytes(device),
+                               memory_.memory_name(device) + " memory on the " + memory_.name() + " backend", error.what());
     }
     entries_.push_back(Entry{name, category, device});
     if (recording_) timeline_.events.push_back(std::move(e));
@@ -79,8 +80,8 @@ Timeline TrackingAllocator::finish() {
 
 namespace mst {
 
-OutOfMemoryError::OutOfMemoryError(const Event& e, bytes_t live, const std::string& cause)
-    : UserError("out of " + to_string(e.device) + " memory: allocating '" + e.name + "' (" + format_bytes(e.bytes) +
+OutOfMemoryError::OutOfMemoryError(const Event& e, bytes_t live, const std::string& memory, const std::string& cause)
+    : UserError("out of " + memory + ": allocating '" + e.name + "' (" + format_bytes(e.bytes) +
                 ") in " + e.op + " (layer " + std::to_string(e.layer) + ", " + to_string(e.phase) + ", micro-step " +
                 std::to_string(e.micro_step) + ") with " + format_bytes(live) + " live: " + cause),
       request(e), live_bytes(live) {}

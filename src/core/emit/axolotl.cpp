@@ -52,7 +52,7 @@ std::string joined(const std::vector<std::string>& lines) {
 }
 
 // A comment on lines of its own before the next key.
-void note(YAML::Emitter& e, const std::string& text) { e << YAML::Newline << YAML::Comment(joined(wrap(text))); }
+void note(YAML::Emitter& e, const std::string& text) { e << YAML::Newline << YAML::Comment(joined(comment_lines(text))); }
 
 // Refuses what Axolotl cannot train as planned (see include/mst/emit.hpp).
 void check(const TrainingSetup& s, bool deepspeed) {
@@ -98,7 +98,8 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
     const bool ds_has_optimizer = deepspeed && s.optimizer != Optimizer::AdamW8bit;
 
     YAML::Emitter e;
-    std::vector<std::string> header = plan_header(plan);
+    std::vector<std::string> header;
+    for (const auto& line : plan_header(plan)) header.push_back(comment_line(line));
     header.push_back("Fragment of an Axolotl config: merge these keys into yours, which keeps base_model, datasets,");
     header.push_back("learning rate... Keys: https://docs.axolotl.ai/docs/config-reference.html");
     e << YAML::Comment(joined(header));

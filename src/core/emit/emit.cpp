@@ -69,7 +69,10 @@ std::vector<std::string> plan_header(const Plan& plan) {
     };
 }
 
-std::vector<std::string> wrap(const std::string& text, std::size_t width) {
+std::string comment_line(const std::string& text) { return printable(text); }
+
+std::vector<std::string> comment_lines(const std::string& raw, std::size_t width) {
+    const std::string text = comment_line(raw);
     std::vector<std::string> lines;
     std::string line;
     std::size_t pos = 0;

@@ -20,11 +20,16 @@ std::vector<std::int64_t> checkpoint_layers(const TrainingSetup& s);
 // "16 of 32 layers (0,2,4,...)": the plan's placement in words, for comments.
 std::string describe_placement(const TrainingSetup& s, const ModelSpec& model);
 
-// Header lines for YAML/TOML comments: which plan this is and what it predicts.
+// Header lines for comments and notes: which plan this is and what it predicts. They quote the
+// plan's model and GPU as written: a comment writes them through comment_line().
 std::vector<std::string> plan_header(const Plan& plan);
 
-// `text` broken at spaces into lines of at most `width` characters (a longer word
-// gets a line of its own), for comments a person reads in an editor.
-std::vector<std::string> wrap(const std::string& text, std::size_t width = 96);
+// YAML and TOML writers escape values but cannot write comments safely (toml++ writes none,
+// yaml-cpp passes a carriage return through): every comment line goes through these.
+// comment_line: `text` with control characters escaped (a "\r" or "\n" in a model path must not
+// start a live line). comment_lines: the same, broken at spaces into lines of at most `width`
+// characters (a longer word gets a line of its own), for comments a person reads in an editor.
+std::string comment_line(const std::string& text);
+std::vector<std::string> comment_lines(const std::string& text, std::size_t width = 96);
 
 }  // namespace mst::emit_detail

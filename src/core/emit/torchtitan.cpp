@@ -142,13 +142,13 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
             s.sp, s.sp, s.local_tokens()));
 
     std::ostringstream out;
-    for (const auto& line : plan_header(plan)) out << "# " << line << "\n";
+    for (const auto& line : plan_header(plan)) out << "# " << comment_line(line) << "\n";
     out << "# Fragment of a torchtitan job config: merge these tables into yours ([model], [job], ... stay yours).\n"
         << "# Keys: https://github.com/pytorch/torchtitan/blob/main/torchtitan/config/job_config.py\n";
     for (const Section* sec : {&training, &optimizer, &ac, &par}) {
         out << "\n";
         for (const auto& n : sec->notes)
-            for (const auto& line : wrap(n)) out << "# " << line << "\n";
+            for (const auto& line : comment_lines(n)) out << "# " << line << "\n";
         out << toml::table{{sec->name, sec->table}} << "\n";
     }
     return {{"torchtitan.toml", out.str()}};

@@ -40,7 +40,7 @@ StepBuilder::~StepBuilder() {
 // ---- tensor table ------------------------------------------------------------
 
 void StepBuilder::account_host(bytes_t bytes, bool alloc) {
-    host_live_ += alloc ? bytes : -bytes;
+    host_live_ = checked_add(host_live_, alloc ? bytes : -bytes, "host bytes");
     peaks_.host_peak_bytes = std::max(peaks_.host_peak_bytes, host_live_);
     if (peaks_.host_peak_bytes > peak_run_.limits.host_bytes) over_budget();
 }
@@ -58,11 +58,10 @@ void StepBuilder::dropped_after_free(T t) const {
 }
 
 std::vector<std::int64_t> StepBuilder::transient_chunks(std::int64_t chunks) const {
-    std::vector<std::int64_t> sizes = chunk_sizes(tokens_, chunks);
-    if (record_) return sizes;
+    if (record_) return chunk_sizes(tokens_, chunks);
     std::vector<std::int64_t> kept;
-    for (std::size_t i = 0; i < sizes.size(); ++i)
-        if (i < 2 || sizes[i] != sizes[i - 1] || sizes[i] != sizes[i - 2]) kept.push_back(sizes[i]);
+    for (const ChunkGroup& g : chunk_groups(tokens_, chunks))
+        kept.insert(kept.end(), static_cast<std::size_t>(std::min<std::int64_t>(g.count, 2)), g.tokens);
     return kept;
 }
 

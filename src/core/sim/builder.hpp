@@ -416,7 +416,7 @@ private:
             account_host(bytes, alloc);
             return;
         }
-        live_ += alloc ? bytes : -bytes;
+        live_ = checked_add(live_, alloc ? bytes : -bytes, "live bytes");
         if (live_ > peaks_.peak_bytes) {
             peaks_.peak_bytes = live_;
             if (live_ > peak_run_.limits.gpu_bytes) over_budget();

@@ -1,0 +1,47 @@
+#include "numbers.hpp"
+
+#include <charconv>
+
+#include <fmt/format.h>
+
+#include "mst/error.hpp"
+#include "mst/units.hpp"
+
+namespace mst::cli {
+
+CLI::Validator decimal(std::int64_t lo, std::int64_t hi) {
+    return CLI::Validator(
+        [lo, hi](std::string& text) -> std::string {
+            const auto v = parse_decimal(text);
+            if (v && *v >= lo && *v <= hi) return "";
+            if (lo == std::numeric_limits<std::int64_t>::min() && hi == std::numeric_limits<std::int64_t>::max())
+                return fmt::format("{}: expected a decimal integer (digits, no leading zero, within 64 bits)", in_quotes(text));
+            return fmt::format("{}: expected a decimal integer in [{}, {}]", in_quotes(text), lo, hi);
+        },
+        "");
+}
+
+CLI::Validator unsigned_decimal() {
+    return CLI::Validator(
+        [](std::string& text) -> std::string {
+            std::uint64_t v = 0;
+            const auto [ptr, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+            const bool leading_zero = text.size() > 1 && text.front() == '0';
+            if (!text.empty() && ec == std::errc() && ptr == text.data() + text.size() && !leading_zero) return "";
+            return fmt::format("{}: expected a decimal integer in [0, {}]", in_quotes(text),
+                               std::numeric_limits<std::uint64_t>::max());
+        },
+        "");
+}
+
+CLI::Validator finite(double lo, double hi) {
+    return CLI::Validator(
+        [lo, hi](std::string& text) -> std::string {
+            const auto v = parse_finite(text);
+            if (v && *v >= lo && *v <= hi) return "";
+            return fmt::format("{}: expected a finite number in [{}, {}]", in_quotes(text), lo, hi);
+        },
+        "");
+}
+
+}  // namespace mst::cli

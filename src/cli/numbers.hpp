@@ -1,0 +1,22 @@
+#pragma once
+// Command-line numbers are checked as text before CLI11 converts them: CLI11 reads "0100" as
+// octal 64 and "0x100" as 256, clamps values beyond int64 and takes "nan" or "inf" for a number.
+// A value that fails is CLI11's ValidationError, printed as one line:
+// "error: --seq: 0100: expected a decimal integer in [...]".
+#include <cstdint>
+#include <limits>
+
+#include <CLI/CLI.hpp>
+
+namespace mst::cli {
+
+// Decimal digits with an optional '-', no leading zeros, within [lo, hi]. Setup knobs take the
+// whole int64 range here: their bounds are validate()'s, checked once for every input path.
+CLI::Validator decimal(std::int64_t lo = std::numeric_limits<std::int64_t>::min(),
+                       std::int64_t hi = std::numeric_limits<std::int64_t>::max());
+// Decimal digits within [0, 2^64 - 1] (a seed): "-1" is refused, not wrapped.
+CLI::Validator unsigned_decimal();
+// A finite decimal number within [lo, hi].
+CLI::Validator finite(double lo, double hi);
+
+}  // namespace mst::cli

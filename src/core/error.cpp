@@ -1,0 +1,58 @@
+#include "mst/error.hpp"
+
+#include <algorithm>
+
+#include <fmt/format.h>
+
+namespace mst {
+
+void fail(const std::string& where, const std::string& field, const std::string& expected) {
+    throw UserError(fmt::format("{}: {}: {}", where, field, expected));
+}
+
+std::string closest(const std::string& word, const std::vector<std::string>& known) {
+    // Levenshtein distance with one row; both strings are short (keys, subcommand names).
+    auto distance = [](const std::string& a, const std::string& b) {
+        std::vector<std::size_t> row(b.size() + 1);
+        for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+        for (std::size_t i = 1; i <= a.size(); ++i) {
+            std::size_t diagonal = row[0];
+            row[0] = i;
+            for (std::size_t j = 1; j <= b.size(); ++j) {
+                const std::size_t above = row[j];
+                row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+                diagonal = above;
+            }
+        }
+        return row[b.size()];
+    };
+    // A misspelling is short; a hostile key may be megabytes long: compare a bounded prefix.
+    const std::string w = word.substr(0, 64);
+    std::string best;
+    std::size_t best_distance = 0;
+    for (const std::string& k : known) {
+        const std::size_t d = distance(w, k);
+        if (best.empty() || d < best_distance) best = k, best_distance = d;
+    }
+    return best;
+}
+
+std::string printable(const std::string& text) {
+    std::string out;
+    out.reserve(text.size());
+    for (const char c : text) {
+        const auto u = static_cast<unsigned char>(c);
+        if (c == '\n') out += "\\n";
+        else if (c == '\r') out += "\\r";
+        else if (c == '\t') out += "\\t";
+        else if (u < 0x20 || u == 0x7f) out += fmt::format("\\x{:02x}", u);
+        else out += c;
+    }
+    return out;
+}
+
+std::string in_quotes(const std::string& text) {
+    return fmt::format("'{}{}'", printable(text.substr(0, 60)), text.size() > 60 ? "..." : "");
+}
+
+}  // namespace mst
