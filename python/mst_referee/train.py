@@ -211,7 +211,7 @@ def is_oom(torch: Any, e: BaseException) -> bool:
 def release_memory(torch: Any, device: str) -> None:
     """Free what a finished (or failed) run left: Python cycles first (optimizer hooks), then the cache."""
     gc.collect()
-    if device != "cpu":
+    if device == "cuda":  # the cpu device and the referee's fake tensors hold no CUDA cache
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -210,3 +210,18 @@ def test_a_referee_record_holds_the_full_timeline(tmp_path):
     # Every decoder layer's input is a checkpoint (2 layers), and each checkpoint is freed in backward.
     checkpoints = [e for e in t["events"] if e[0] == "alloc" and e[3] == "checkpoint"]
     assert [e[5] for e in checkpoints] == ["forward", "forward"]
+
+
+def test_a_matrix_runs_on_fake_tensors_without_touching_cuda(tmp_path):
+    # The full-size matrix (scripts/referee_matrix.json) runs this way on a machine with no GPU:
+    # between runs only Python's garbage is collected, no CUDA cache is asked for.
+    from mst_referee import cli
+
+    matrix = tmp_path / "matrix.json"
+    matrix.write_text(json.dumps({"format": "mst-torch-matrix/1", "defaults": {"steps": 1, "warmup": 0},
+                                  "runs": [{"name": "a", "model": TINY, "seq": 16, "setup": {}},
+                                           {"name": "b", "model": TINY, "seq": 16, "setup": {"checkpoint": "all"}}]}))
+    assert cli.main(["--matrix", str(matrix), "--device", "fake", "--out-dir", str(tmp_path / "out")]) == 0
+    records = [json.loads((tmp_path / "out" / f"{n}.json").read_text()) for n in ("a", "b")]
+    assert [r["backend"] for r in records] == ["referee", "referee"]
+    assert [r["setup"]["checkpoint"] for r in records] == [[], [0, 1]]
