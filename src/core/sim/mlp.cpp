@@ -129,8 +129,69 @@ T StepBuilder::mlp_backward(int l, LayerSaved& sv, T dy) {
 
 namespace mst::sim {
 
+// One chunk of n tokens of the block input x through gate, the activation, up and their product,
+// which it returns for down_proj; what each node saves goes into c (nothing without autograd).
+T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, HfMlpChunk& c) {
+    const std::int64_t I = m_.intermediate_size;
+    c.tokens = n;
+    at("mlp.gate_up");
+    use_weight(lp.gate);
+    T g = act("g", bf16(n, I), false);
+    c.x_gate = saved(x);
+    at("mlp.act");
+    T s = act("s", bf16(n, I), false);
+    c.g = saved(g);
+    drop(g);
+    at("mlp.gate_up");
+    use_weight(lp.up);
+    T u = act("u", bf16(n, I), false);
+    c.x_up = saved(x);
+    at("mlp.act");
+    T m = act("m", bf16(n, I), false);
+    c.s = saved(s), c.u = saved(u);
+    drop(s), drop(u);
+    at("mlp.down");
+    use_weight(lp.down);
+    c.m = saved(m);
+    return m;
+}
+
+// One chunk's backward in autograd's order (down, the product, up, the activation, gate); dy, the
+// chunk output's gradient, is consumed. Each weight's gradient goes to weight_grad(param, grad) as
+// its node finishes, gate's after the input's two gradients are summed (a node's outputs reach
+// their buffers in order: input, weight). Returns the chunk input's gradient; view_sum: up's input
+// gradient is a view of its GEMM's output (the unchunked block), so the sum is a new tensor.
+template <class WeightGrad>
+T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool view_sum, WeightGrad&& weight_grad) {
+    const std::int64_t d = m_.hidden_size, I = m_.intermediate_size, n = c.tokens;
+    at("mlp.down");
+    T gwd = grad_out(lp.down);
+    T gm = alloc("d_m", bf16(n, I), Category::Transient);
+    node_end({&c.m}, &dy);
+    weight_grad(lp.down, gwd);
+    at("mlp.act");
+    T gu = alloc("d_u", bf16(n, I), Category::Transient);
+    T gs = alloc("d_s", bf16(n, I), Category::Transient);
+    node_end({&c.u, &c.s}, &gm);
+    at("mlp.gate_up");
+    T gwu = grad_out(lp.up);
+    T dxc = alloc("d_x_up", bf16(n, d), Category::Transient);
+    node_end({&c.x_up}, &gu);
+    weight_grad(lp.up, gwu);
+    at("mlp.act");
+    T gg = alloc("d_g", bf16(n, I), Category::Transient);
+    node_end({&c.g}, &gs);
+    at("mlp.gate_up");
+    T gwg = grad_out(lp.gate);
+    T dxg = alloc("d_x_gate", bf16(n, d), Category::Transient);
+    node_end({&c.x_gate}, &gg);
+    accumulate(dxc, dxg, view_sum);
+    weight_grad(lp.gate, gwg);
+    return dxc;
+}
+
 T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save) {
-    const std::int64_t d = m_.hidden_size, I = m_.intermediate_size;
+    const std::int64_t d = m_.hidden_size;
     const bool chunked = s_.mlp_chunks > 1;
     sv.mlp.clear();
     if (chunked && s_.mlp_impl == MlpImpl::Tiled) {
@@ -139,20 +200,8 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
         {
             NoGrad no_grad(*this);  // a Function's forward runs without autograd
             for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
-                at("mlp.gate_up");
-                use_weight(lp.gate);
-                T g = act("g", bf16(n, I), false);
-                at("mlp.act");
-                T s = act("s", bf16(n, I), false);
-                drop(g);
-                at("mlp.gate_up");
-                use_weight(lp.up);
-                T u = act("u", bf16(n, I), false);
-                at("mlp.act");
-                T m = act("m", bf16(n, I), false);
-                drop(s), drop(u);
-                at("mlp.down");
-                use_weight(lp.down);
+                HfMlpChunk unsaved;
+                T m = hf_mlp_chunk_forward(lp, h2, n, unsaved);
                 T part = act("y_chunk", bf16(n, d), false);
                 drop(m);
                 at("mlp.tiled");
@@ -171,27 +220,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
     }
     for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
         HfMlpChunk c;
-        c.tokens = n;
-        at("mlp.gate_up");
-        use_weight(lp.gate);
-        T g = act("g", bf16(n, I), false);
-        c.x_gate = saved(h2);
-        at("mlp.act");
-        T s = act("s", bf16(n, I), false);
-        c.g = saved(g);
-        drop(g);
-        at("mlp.gate_up");
-        use_weight(lp.up);
-        T u = act("u", bf16(n, I), false);
-        c.x_up = saved(h2);
-        at("mlp.act");
-        T m = act("m", bf16(n, I), false);
-        c.s = saved(s);
-        c.u = saved(u);
-        drop(s), drop(u);
-        at("mlp.down");
-        use_weight(lp.down);
-        c.m = saved(m);
+        T m = hf_mlp_chunk_forward(lp, h2, n, c);
         sv.mlp.push_back(c);
         if (stop_after_last_save && sv.mlp.size() == static_cast<std::size_t>(s_.mlp_chunks)) {
             // The recomputation stops here: unwinding frees the evaluation stack (the call's argument,
@@ -217,7 +246,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
 // zero-filled [T, d] gradient with the chunk copied in (the chunks' are summed in place). Each
 // weight's gradients wait in its AccumulateGrad node's buffer until the last chunk's arrives.
 T StepBuilder::hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
-    const std::int64_t d = m_.hidden_size, I = m_.intermediate_size;
+    const std::int64_t d = m_.hidden_size;
     const bool chunked = s_.mlp_chunks > 1;
     if (chunked && s_.mlp_impl == MlpImpl::Tiled) return hf_tiled_mlp_backward(lp, sv, dy);
     std::vector<T> views;  // CatBackward0: one narrow view of dy per chunk
@@ -229,35 +258,11 @@ T StepBuilder::hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     }
     T dx;
     for (std::size_t i = sv.mlp.size(); i-- > 0;) {
-        HfMlpChunk& c = sv.mlp[i];
-        const std::int64_t n = c.tokens;
         const bool last = i == 0;
-        at("mlp.down");
-        T gwd = grad_out(lp.down);
-        T gm = alloc("d_m", bf16(n, I), Category::Transient);
-        node_end({&c.m}, &views[i]);
-        release_weight(lp.down);
-        add_grad(lp.down, gwd, true, last);
-        at("mlp.act");
-        T gu = alloc("d_u", bf16(n, I), Category::Transient);
-        T gs = alloc("d_s", bf16(n, I), Category::Transient);
-        node_end({&c.u, &c.s}, &gm);
-        at("mlp.gate_up");
-        T gwu = grad_out(lp.up);
-        T dxc = alloc("d_x_up", bf16(n, d), Category::Transient);
-        node_end({&c.x_up}, &gu);
-        release_weight(lp.up);
-        add_grad(lp.up, gwu, true, last);
-        at("mlp.act");
-        T gg = alloc("d_g", bf16(n, I), Category::Transient);
-        node_end({&c.g}, &gs);
-        at("mlp.gate_up");
-        T gwg = grad_out(lp.gate);
-        T dxg = alloc("d_x_gate", bf16(n, d), Category::Transient);
-        node_end({&c.x_gate}, &gg);
-        release_weight(lp.gate);
-        accumulate(dxc, dxg, !chunked);  // a node's outputs reach their buffers in order: input, weight
-        add_grad(lp.gate, gwg, true, last);
+        T dxc = hf_mlp_chunk_backward(lp, sv.mlp[i], views[i], !chunked, [&](int p, T g) {
+            release_weight(p);
+            add_grad(p, g, true, last);
+        });
         if (!chunked) {
             dx = dxc;
             break;
@@ -282,7 +287,7 @@ namespace mst::sim {
 // become the sums, later ones are added in place (the loop variable keeps the last one alive
 // until it is rebound). The sums leave the node as the weights' gradients.
 T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
-    const std::int64_t d = m_.hidden_size, I = m_.intermediate_size;
+    const std::int64_t d = m_.hidden_size;
     at("mlp.tiled");
     T dx = alloc("d_x", bf16(tokens_, d), Category::Transient);
     const bool checkpointed = std::exchange(recomputed_, false);  // the nested graph's tensors are its own
@@ -292,49 +297,18 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
         phase_ = Phase::Recompute;
         HfMlpChunk c;
-        at("mlp.gate_up");
-        T g = act("g", bf16(n, I), false);
-        c.x_gate = saved(sv.x_tiled);
-        at("mlp.act");
-        T s = act("s", bf16(n, I), false);
-        c.g = saved(g);
-        drop(g);
-        at("mlp.gate_up");
-        T u = act("u", bf16(n, I), false);
-        c.x_up = saved(sv.x_tiled);
-        at("mlp.act");
-        T m = act("m", bf16(n, I), false);
-        c.s = saved(s), c.u = saved(u);
-        drop(s), drop(u);
-        at("mlp.down");
+        T m = hf_mlp_chunk_forward(lp, sv.x_tiled, n, c);
         T yc = act("y_chunk", bf16(n, d), false);
-        c.m = saved(m);
         drop(m);
         phase_ = Phase::Backward;
         T dyc = hold(dy);  // dy[chunk], a view
-        T gwd = grad_out(lp.down);
-        T gm = alloc("d_m", bf16(n, I), Category::Transient);
-        node_end({&c.m}, &dyc);
-        at("mlp.act");
-        T gu = alloc("d_u", bf16(n, I), Category::Transient);
-        T gs = alloc("d_s", bf16(n, I), Category::Transient);
-        node_end({&c.u, &c.s}, &gm);
-        at("mlp.gate_up");
-        T gwu = grad_out(lp.up);
-        T dxc = alloc("d_x_up", bf16(n, d), Category::Transient);
-        node_end({&c.x_up}, &gu);
-        at("mlp.act");
-        T gg = alloc("d_g", bf16(n, I), Category::Transient);
-        node_end({&c.g}, &gs);
-        at("mlp.gate_up");
-        T gwg = grad_out(lp.gate);
-        T dxg = alloc("d_x_gate", bf16(n, d), Category::Transient);
-        node_end({&c.x_gate}, &gg);
-        accumulate(dxc, dxg, false);
+        std::array<T, 3> grads;  // gate, up, down: torch.autograd.grad's order
+        T dxc = hf_mlp_chunk_backward(lp, c, dyc, false, [&](int p, T g) {
+            grads[p == lp.gate ? 0 : p == lp.up ? 1 : 2] = g;
+        });
         at("mlp.tiled");
         drop(yc);   // del yc
         drop(dxc);  // dx[chunk] = grads.pop(0)
-        std::array<T, 3> grads{gwg, gwu, gwd};
         if (first) {
             sums = grads;  // sums[i] = g: the loop variable ends on the last, which sums holds too
         } else {
