@@ -13,10 +13,12 @@ T StepBuilder::norm_forward(T& rstd, int bpe, bool output_saved) {
     return out;
 }
 
+// Gemma-2's soft-capping, tanh(x / cap) * cap: three new tensors, the tanh saved by its backward
+// (the hf runtime classifies categories after the step: hf_classify).
 T StepBuilder::softcap_forward(T x, bytes_t bytes, const SoftcapNames& names, T& saved_tanh) {
     T div = act(names[0], bytes, false);
     drop(x);
-    T th = act(names[1], bytes, true);
+    T th = act(names[1], bytes, !hf_);
     drop(div);
     T capped = act(names[2], bytes, false);
     saved_tanh = saved(th);
@@ -24,13 +26,14 @@ T StepBuilder::softcap_forward(T x, bytes_t bytes, const SoftcapNames& names, T&
     return capped;
 }
 
+// MulBackward0, TanhBackward0 (from the saved output), DivBackward0; g is consumed.
 T StepBuilder::softcap_backward(T g, bytes_t bytes, const SoftcapNames& names, T& saved_tanh) {
-    T t1 = alloc(names[0], bytes, Category::Transient);  // the * cap backward
-    drop(g);
-    T t2 = alloc(names[1], bytes, Category::Transient);  // tanh backward, from its saved output
-    drop(t1), drop(saved_tanh);
-    T dx = alloc(names[2], bytes, Category::Transient);  // the / cap backward
-    drop(t2);
+    T t1 = alloc(names[0], bytes, Category::Transient);
+    node_end({}, &g);
+    T t2 = alloc(names[1], bytes, Category::Transient);
+    node_end({&saved_tanh}, &t1);
+    T dx = alloc(names[2], bytes, Category::Transient);
+    node_end({}, &t2);
     return dx;
 }
 
@@ -584,15 +587,8 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     drop(q);
     T scaled = act("scores_scaled", bf16(rows, cols), false);
     drop(scores);
-    if (m_.attn_logit_softcapping) {  // Gemma-2: tanh(scores / cap) * cap, each a new tensor
-        T div = act("scores_div", bf16(rows, cols), false);
-        drop(scaled);
-        T t = act("scores_tanh", bf16(rows, cols), false);
-        sv.scores_tanh = saved(t);
-        drop(div);
-        scaled = act("scores_capped", bf16(rows, cols), false);
-        drop(t);
-    }
+    if (m_.attn_logit_softcapping)
+        scaled = softcap_forward(scaled, bf16(rows, cols), {"scores_div", "scores_tanh", "scores_capped"}, sv.scores_tanh);
     T masked = act("scores_masked", bf16(rows, cols), false);
     drop(scaled);
     T up = act("scores_fp32", f32(rows, cols), false);
@@ -634,14 +630,8 @@ void StepBuilder::hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
     node_end({&sv.probs32}, &g32);
     T gb = alloc("d_scores_masked", bf16(rows, cols), Category::Transient);  // ToCopyBackward0
     node_end({}, &gs);
-    if (m_.attn_logit_softcapping) {  // MulBackward0, TanhBackward0, DivBackward0
-        T g1 = alloc("d_scores_capped", bf16(rows, cols), Category::Transient);
-        node_end({}, &gb);
-        T g2 = alloc("d_scores_tanh", bf16(rows, cols), Category::Transient);
-        node_end({&sv.scores_tanh}, &g1);
-        gb = alloc("d_scores_div", bf16(rows, cols), Category::Transient);
-        node_end({}, &g2);
-    }
+    if (m_.attn_logit_softcapping)
+        gb = softcap_backward(gb, bf16(rows, cols), {"d_scores_capped", "d_scores_tanh", "d_scores_div"}, sv.scores_tanh);
     T gm = alloc("d_scores", bf16(rows, cols), Category::Transient);  // MulBackward0 (the scaling)
     node_end({}, &gb);
     T gk = alloc("d_k_rep", bf16(tokens_, qd), Category::Transient);  // BmmBackward0 (q @ k^T)

@@ -307,15 +307,9 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
     T logits = act("logits", bf16(tokens_, V), false);
     hs.hf_logits_in = saved(h);
     drop(h);
-    if (m_.final_logit_softcapping) {  // Gemma-2: logits = tanh(logits / cap) * cap, each a new tensor
+    if (m_.final_logit_softcapping) {  // Gemma-2: logits = tanh(logits / cap) * cap
         at("lm_head.softcap");
-        T div = act("logits_div", bf16(tokens_, V), false);
-        drop(logits);
-        T t = act("logits_tanh", bf16(tokens_, V), false);
-        hs.logits_tanh = saved(t);
-        drop(div);
-        logits = act("logits_capped", bf16(tokens_, V), false);
-        drop(t);
+        logits = softcap_forward(logits, bf16(tokens_, V), {"logits_div", "logits_tanh", "logits_capped"}, hs.logits_tanh);
     }
     at("loss");
     T up = act("logits_fp32", f32(tokens_, V), false);
@@ -362,12 +356,7 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
     node_end({}, &glf);
     if (m_.final_logit_softcapping) {  // MulBackward0, TanhBackward0, DivBackward0: each a new tensor
         at("lm_head.softcap");
-        T g1 = alloc("d_logits_capped", bf16(tokens_, V), Category::Transient);
-        node_end({}, &gl);
-        T g2 = alloc("d_logits_tanh", bf16(tokens_, V), Category::Transient);
-        node_end({&hs.logits_tanh}, &g1);
-        gl = alloc("d_logits_div", bf16(tokens_, V), Category::Transient);
-        node_end({}, &g2);
+        gl = softcap_backward(gl, bf16(tokens_, V), {"d_logits_capped", "d_logits_tanh", "d_logits_div"}, hs.logits_tanh);
         at("lm_head");
     }
     T gw = grad_out(lm_head_);
