@@ -44,7 +44,7 @@ inline constexpr RecommendCase kRecommendCases[] = {
     {"llama-3-8b", "h100-sxm-80gb", 1, 8192, 40, "hf"},       // one GPU, 8k to 128k tokens: 40 ms
     {"llama-3-8b", "h100-sxm-80gb", 1, 32768, 40, "hf"},
     {"llama-3-8b", "h100-sxm-80gb", 1, 65536, 40, "hf"},
-    {"llama-3-8b", "h100-sxm-80gb", 1, 131072, 40, "hf"},
+    {"llama-3-8b", "h100-sxm-80gb", 1, 131072, 40, "kernels"},  // beyond one H100 with transformers' tensors
     {"llama-3-8b", "a100-80gb", 1, 32768, 40, "hf"},
     {"llama-3-8b", "h100-sxm-80gb", 8, 262144, 250, "kernels"},    // 8 GPUs at 256k tokens: 250 ms
     {"llama-3.1-70b", "h100-sxm-80gb", 64, 131072, 150, "kernels"},  // 70B on 64 GPUs: 150 ms

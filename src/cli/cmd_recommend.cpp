@@ -229,7 +229,7 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
                                    "Find the fastest setup that fits: mini-sequence counts, checkpoint placement, offload,\n"
                                    "micro-batch and parallel layout, with the reasoning\n"
                                    "  mst-plan recommend --model llama-3-8b --gpu a100-80gb --seq 32768\n"
-                                   "  mst-plan recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 262144 --out plan.json\n"
+                                   "  mst-plan recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 262144 --runtime kernels --out plan.json\n"
                                    "  mst-plan recommend --model llama-3-8b --seq 65536 --pin M_lm=32 --allow offload=no");
     rec->seq = 8192;
     rec->add_to(*cmd, true);
@@ -246,7 +246,7 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
                                     "The longest sequence that fits, per strategy: none, checkpointing, + MsT, + offload,\n"
                                     "+ sequence parallel; with knobs (--checkpoint, --mlp-chunks, ...) also under yours\n"
                                     "  mst-plan max-seq --model llama-3-8b --gpu a100-80gb\n"
-                                    "  mst-plan max-seq --model llama-3-8b --gpu h100-sxm-80gb --gpus 8");
+                                    "  mst-plan max-seq --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --runtime kernels");
     ms->add_to(*mcmd, false);
     knobs->add_to(*mcmd);  // the training knobs; checkpoint/chunk knobs add a "your setup" row
     mcmd->callback([&global, ms, knobs, mcmd] {
