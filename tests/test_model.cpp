@@ -32,6 +32,8 @@ TEST_CASE("parameter counts match the published totals") {
         {"llama-3.1-8b", 8'030'261'248},  {"llama-3.1-70b", 70'553'706'496}, {"mistral-7b-v0.1", 7'241'732'096},
         {"qwen2-7b", 7'615'616'512},      {"qwen2.5-7b", 7'615'616'512},   {"qwen2.5-14b", 14'770'033'664},
         {"gemma-2-2b", 2'614'341'888},    {"gemma-2-9b", 9'241'705'984},   {"gemma-2-27b", 27'227'128'320},
+        // Llama-3.2's tied embeddings count once: 1B = 128256 x 2048 + 16 x 60'821'504 + 2048.
+        {"llama-3.2-1b", 1'235'814'400},  {"llama-3.2-3b", 3'212'749'824}, {"llama-3.3-70b", 70'553'706'496},
     };
     for (const auto& [name, count] : published) {
         CAPTURE(name);
