@@ -96,8 +96,20 @@ TEST_CASE("tiny test model: parameter count by hand") {
     CHECK(p.total() == 256 * 64 * 2 + 2 * (attn + mlp + 2 * 64) + 64);
 }
 
-TEST_CASE("an unknown but Llama-shaped model_type is accepted with a warning naming the assumption") {
+TEST_CASE("an unknown model_type is refused naming the supported ones, unless --assume-llama accepts it with a warning") {
+    try {
+        (void)load_model_file(test::data("unknown_type_llama_shaped.json"));
+        FAIL("an unknown model_type was accepted");
+    } catch (const UserError& e) {
+        const std::string what = e.what();
+        CHECK(what.find("model_type: expected one of llama, mistral, qwen2") != std::string::npos);
+        CHECK(what.find("'falcon-like'") != std::string::npos);
+        CHECK(what.find("--assume-llama") != std::string::npos);
+    }
+    set_assume_llama(true);
     const ModelSpec m = load_model_file(test::data("unknown_type_llama_shaped.json"));
+    set_assume_llama(false);
+    CHECK(m.family == Family::Llama);
     REQUIRE(m.warnings.size() == 1);
     CHECK(m.warnings[0].find("falcon-like") != std::string::npos);
     CHECK(m.warnings[0].find("Llama-shaped") != std::string::npos);

@@ -74,6 +74,10 @@ struct ModelSpec {
 // Parses a config.json document; `where` names the file in error messages.
 ModelSpec parse_model(const nlohmann::json& config, const std::string& where, const std::string& name);
 ModelSpec load_model_file(const std::filesystem::path& path);
+// A model_type mst-plan does not model (qwen3, phi3, mixtral, ...) is an error naming the ones it
+// does, unless this is on (the CLI's --assume-llama): then it is read as Llama-shaped, with a
+// warning. One setting for the process: every file read after it (configs, plans, measurements).
+void set_assume_llama(bool on);
 
 nlohmann::json to_json(const ModelSpec& m);
 

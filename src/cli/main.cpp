@@ -62,6 +62,11 @@ int main(int argc, char** argv) {
     app.fallthrough();
     GlobalOptions global;
     app.add_flag("--json", global.json, "Print JSON instead of tables");
+    bool assume_llama = false;
+    app.add_flag("--assume-llama", assume_llama,
+                 "Read a config.json of a model_type mst-plan does not model as Llama-shaped (with a warning) "
+                 "instead of refusing it");
+    app.parse_complete_callback([&assume_llama] { mst::set_assume_llama(assume_llama); });
 
     add_catalog_commands(app, global);
     add_estimate_command(app, global);

@@ -31,15 +31,24 @@ constexpr std::int64_t kMaxHeads = limits::kHeads;
 constexpr std::int64_t kMaxVocab = limits::kVocab;
 constexpr std::int64_t kMaxPositions = limits::kPositions;
 
-Family family_of(const std::string& model_type, std::vector<std::string>& warnings) {
+bool assume_llama = false;  // set_assume_llama: the CLI's --assume-llama
+
+// The families mst-plan models; any other model_type is refused unless the user accepts it
+// planned as Llama-shaped (a Qwen3 read that way loses its q/k norms, a Mixtral its experts).
+Family family_of(const std::string& model_type, detail::JsonReader& r, std::vector<std::string>& warnings) {
     if (model_type == "llama") return Family::Llama;
     if (model_type == "mistral") return Family::Mistral;
     if (model_type == "qwen2") return Family::Qwen2;
     if (model_type == "gemma2") return Family::Gemma2;
+    const std::string shown = model_type.empty() ? "none" : "'" + model_type + "'";
+    if (!assume_llama)
+        r.fail("model_type", fmt::format("expected one of llama, mistral, qwen2 (Qwen2 and Qwen2.5), gemma2, got {} "
+                                         "(--assume-llama plans it as a Llama-shaped model, which may be wrong)",
+                                         shown));
     warnings.push_back(fmt::format(
-        "unknown model_type '{}': assumed Llama-shaped (RMSNorm, RoPE, SwiGLU MLP, bias only where "
+        "model_type {}: assumed Llama-shaped (--assume-llama: RMSNorm, RoPE, SwiGLU MLP, bias only where "
         "attention_bias/mlp_bias say, no sliding window unless sliding_window is set)",
-        model_type));
+        shown));
     return Family::Llama;
 }
 
@@ -60,10 +69,7 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
     }
 
     m.model_type = r.opt_string("model_type").value_or("");
-    if (m.model_type.empty()) {
-        m.warnings.push_back("no model_type: assumed Llama-shaped");
-    }
-    m.family = m.model_type.empty() ? Family::Llama : family_of(m.model_type, m.warnings);
+    m.family = family_of(m.model_type, r, m.warnings);
 
     m.hidden_size = r.integer("hidden_size", 1, kMaxHidden);
     m.intermediate_size = r.integer("intermediate_size", 1, kMaxIntermediate);
@@ -143,6 +149,8 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
     }
     return m;
 }
+
+void set_assume_llama(bool on) { assume_llama = on; }
 
 ModelSpec load_model_file(const std::filesystem::path& path) {
     return parse_model(detail::read_json_file(path), path.string(), path.stem().string());
