@@ -34,6 +34,8 @@ TEST_CASE("parameter counts match the published totals") {
         {"gemma-2-2b", 2'614'341'888},    {"gemma-2-9b", 9'241'705'984},   {"gemma-2-27b", 27'227'128'320},
         // Llama-3.2's tied embeddings count once: 1B = 128256 x 2048 + 16 x 60'821'504 + 2048.
         {"llama-3.2-1b", 1'235'814'400},  {"llama-3.2-3b", 3'212'749'824}, {"llama-3.3-70b", 70'553'706'496},
+        // Qwen3's q/k norms: 2 x 128 per layer (8B: 36 layers of 192'946'432 with them).
+        {"qwen3-8b", 8'190'735'360},      {"qwen3-14b", 14'768'307'200},
     };
     for (const auto& [name, count] : published) {
         CAPTURE(name);
@@ -61,6 +63,13 @@ TEST_CASE("family differences are recorded, not flattened into Llama") {
     CHECK_FALSE(qwen.o_bias);
     // Released Qwen2 configs set use_sliding_window false: no layer is local.
     for (bool s : qwen.sliding_layers) CHECK_FALSE(s);
+
+    // Qwen3: no q/k/v bias (attention_bias false), a norm over each query and key head instead.
+    const ModelSpec qwen3 = find_model("qwen3-8b");
+    CHECK(qwen3.family == Family::Qwen3);
+    CHECK(qwen3.qk_norm);
+    CHECK_FALSE(qwen3.qkv_bias);
+    CHECK(qwen3.parameters().attention == 36LL * (4096LL * 4096 * 2 + 4096LL * 1024 * 2 + 2 * 128));
 
     const ModelSpec gemma = find_model("gemma-2-9b");
     CHECK(gemma.family == Family::Gemma2);

@@ -12,7 +12,7 @@ namespace mst {
 
 // The architectures mst-plan models by their real differences. Anything else that
 // looks like a Llama (SwiGLU MLP, RMSNorm, RoPE) is accepted as Llama with a warning.
-enum class Family { Llama, Mistral, Qwen2, Gemma2 };
+enum class Family { Llama, Mistral, Qwen2, Qwen3, Gemma2 };
 std::string to_string(Family f);
 
 struct ParameterCounts {
@@ -48,6 +48,7 @@ struct ModelSpec {
     bool qkv_bias = false;  // Qwen2 always; Llama with attention_bias
     bool o_bias = false;    // Llama attention_bias
     bool mlp_bias = false;  // Llama mlp_bias
+    bool qk_norm = false;   // Qwen3: an RMSNorm over head_dim on every query and key head
 
     // Sliding-window attention: window in tokens and which layers use it.
     std::optional<std::int64_t> sliding_window;

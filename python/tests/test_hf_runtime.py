@@ -5,7 +5,7 @@ model built from its config.json, the setup applied through python/mst_hf as a G
 it) and hands the record to `mst-plan compare --run`, which simulates the same setup with the
 hf runtime and compares every allocation and free: same bytes, same order, same phase. The
 cases cover the knobs a user sets and the model families whose code differs (Llama; Mistral
-with sliding windows and tied embeddings; Qwen2's attention biases; Gemma-2's post-norms,
+with sliding windows and tied embeddings; Qwen2's attention biases; Qwen3's q/k norms; Gemma-2's post-norms,
 soft-capping, scaled embeddings and GeGLU). Nothing here is a number written by hand: both
 sides are computed, one by PyTorch and one by mst-plan.
 """
@@ -27,6 +27,7 @@ LLAMA = "tiny-llama"
 MISTRAL = str(REPO / "tests" / "data" / "tiny_sliding_tied.json")
 QWEN2 = str(REPO / "tests" / "data" / "tiny_qwen2.json")
 GEMMA2 = str(REPO / "tests" / "data" / "tiny_gemma2.json")
+QWEN3 = str(REPO / "tests" / "data" / "tiny_qwen3.json")
 
 CASES = [
     # Llama: attention, checkpointing (ours and Hugging Face's everywhere), offload.
@@ -59,6 +60,12 @@ CASES = [
     (QWEN2, {"precision": "bf16-master", "optimizer_in_backward": True, "checkpoint": [1], "offload_checkpoints": True}),
     (QWEN2, {"precision": "bf16-master", "grad_accum": 2, "mlp_chunks": 2, "mlp_impl": "tiled",
              "optimizer_impl": "foreach"}),
+    # Qwen3: a norm over every query and key head (head_dim 32 != hidden / heads), tied embeddings.
+    (QWEN3, {}),
+    (QWEN3, {"attention": "eager", "checkpoint": [1], "micro_batch": 2}),
+    (QWEN3, {"checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2, "lm_impl": "fused"}),
+    (QWEN3, {"checkpoint": [0], "offload_checkpoints": True, "optimizer_impl": "foreach"}),
+    (QWEN3, {"precision": "bf16-master", "optimizer_in_backward": True, "mlp_chunks": 3, "mlp_impl": "tiled"}),
     # Gemma-2: post-norms, soft-capping (eager and final), scaled embeddings, GeGLU.
     (GEMMA2, {}),
     (GEMMA2, {"attention": "eager", "checkpoint": [0], "micro_batch": 2}),

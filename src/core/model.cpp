@@ -15,6 +15,7 @@ std::string to_string(Family f) {
         case Family::Llama: return "llama";
         case Family::Mistral: return "mistral";
         case Family::Qwen2: return "qwen2";
+        case Family::Qwen3: return "qwen3";
         case Family::Gemma2: return "gemma2";
     }
     return "?";
@@ -39,10 +40,11 @@ Family family_of(const std::string& model_type, detail::JsonReader& r, std::vect
     if (model_type == "llama") return Family::Llama;
     if (model_type == "mistral") return Family::Mistral;
     if (model_type == "qwen2") return Family::Qwen2;
+    if (model_type == "qwen3") return Family::Qwen3;
     if (model_type == "gemma2") return Family::Gemma2;
     const std::string shown = model_type.empty() ? "none" : "'" + model_type + "'";
     if (!assume_llama)
-        r.fail("model_type", fmt::format("expected one of llama, mistral, qwen2 (Qwen2 and Qwen2.5), gemma2, got {} "
+        r.fail("model_type", fmt::format("expected one of llama, mistral, qwen2 (Qwen2 and Qwen2.5), qwen3 (dense), gemma2, got {} "
                                          "(--assume-llama plans it as a Llama-shaped model, which may be wrong)",
                                          shown));
     warnings.push_back(fmt::format(
@@ -102,6 +104,7 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
     m.qkv_bias = attention_bias || m.family == Family::Qwen2;  // Qwen2 hard-codes q/k/v bias
     m.o_bias = attention_bias;
     m.mlp_bias = r.opt_boolean("mlp_bias").value_or(false);
+    m.qk_norm = m.family == Family::Qwen3;
 
     // Which layers attend within a sliding window, as transformers' modeling code reads the config:
     // Mistral slides in every layer (it ignores layer_types), Llama in none (it ignores the window).
@@ -123,8 +126,8 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
         } else if (m.family == Family::Gemma2) {
             // Gemma-2 alternates local (sliding) and global layers, starting with local.
             for (std::size_t i = 0; i < m.sliding_layers.size(); i += 2) m.sliding_layers[i] = true;
-        } else if (m.family == Family::Qwen2) {
-            // Qwen2: sliding only when use_sliding_window, for layers >= max_window_layers.
+        } else if (m.family == Family::Qwen2 || m.family == Family::Qwen3) {
+            // Qwen2 and Qwen3: sliding only when use_sliding_window, for layers >= max_window_layers.
             if (r.opt_boolean("use_sliding_window").value_or(false)) {
                 const auto first = r.opt_integer("max_window_layers", 0, kMaxLayers).value_or(0);
                 for (std::int64_t i = first; i < m.num_layers; ++i) m.sliding_layers[static_cast<std::size_t>(i)] = true;
@@ -163,7 +166,7 @@ ParameterCounts ModelSpec::parameters() const {
     const std::int64_t d = hidden_size;
     p.embedding = checked_mul(vocab_size, d);
     const std::int64_t attn = d * q_dim() + 2 * d * kv_dim() + q_dim() * d + (qkv_bias ? q_dim() + 2 * kv_dim() : 0) +
-                              (o_bias ? d : 0);
+                              (o_bias ? d : 0) + (qk_norm ? 2 * head_dim : 0);
     const std::int64_t mlp_l = 3 * d * intermediate_size + (mlp_bias ? 2 * intermediate_size + d : 0);
     p.attention = checked_mul(attn, num_layers);
     p.mlp = checked_mul(mlp_l, num_layers);
@@ -197,6 +200,7 @@ nlohmann::json to_json(const ModelSpec& m) {
         {"torch_dtype", m.torch_dtype},
         {"hidden_act", m.hidden_act},
         {"qkv_bias", m.qkv_bias},
+        {"qk_norm", m.qk_norm},
         {"parameters",
          {{"embedding", p.embedding},
           {"attention", p.attention},

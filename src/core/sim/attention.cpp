@@ -291,20 +291,19 @@ namespace mst::sim {
 
 // LlamaRMSNorm.forward on the [T, d] bf16 input (borrowed):
 //   a = x.to(fp32); v = a.pow(2).mean(-1, keepdim); n = a * rsqrt(v + eps); return w * n.to(bf16)
-T StepBuilder::hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save) {
-    const std::int64_t d = m_.hidden_size;
+T StepBuilder::hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save, std::int64_t rows, std::int64_t d) {
     const bool gemma = m_.family == Family::Gemma2;
-    T a = act("norm.upcast", f32(tokens_, d), false);
-    T pw = act("norm.pow", f32(tokens_, d), false);
+    T a = act("norm.upcast", f32(rows, d), false);
+    T pw = act("norm.pow", f32(rows, d), false);
     sv.a_pow = saved(a);
-    T v = act("norm.variance", f32(tokens_, 1), false);
+    T v = act("norm.variance", f32(rows, 1), false);
     drop(pw);
-    T e = act("norm.variance_eps", f32(tokens_, 1), false);
+    T e = act("norm.variance_eps", f32(rows, 1), false);
     if (gemma) drop(v);  // Gemma2RMSNorm._norm keeps no variance variable
-    T r = act("norm.rsqrt", f32(tokens_, 1), false);
+    T r = act("norm.rsqrt", f32(rows, 1), false);
     sv.r_rsqrt = saved(r);  // rsqrt's backward reads its result
     drop(e);
-    T n = act("norm.normed_fp32", f32(tokens_, d), false);
+    T n = act("norm.normed_fp32", f32(rows, d), false);
     sv.a_mul = saved(a);
     sv.r_mul = saved(r);
     drop(r);  // the rsqrt temporary dies with the expression
@@ -319,30 +318,29 @@ T StepBuilder::hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save) {
             drop(w1), drop(n);
             return T{};
         }
-        T o = act("norm.out_fp32", f32(tokens_, d), false);
+        T o = act("norm.out_fp32", f32(rows, d), false);
         drop(w1), drop(n);  // the operand, then the variable it rebinds
-        T out = act("norm_out", bf16(tokens_, d), false);
+        T out = act("norm_out", bf16(rows, d), false);
         drop(o);
         return out;
     }
-    T c = act("norm.normed", bf16(tokens_, d), false);  // weight * n.to(bf16)
-    T out = act("norm_out", bf16(tokens_, d), false);
+    T c = act("norm.normed", bf16(rows, d), false);  // weight * n.to(bf16)
+    T out = act("norm_out", bf16(rows, d), false);
     sv.c = saved(c);
     drop(c);
     drop(n), drop(v);  // the locals, at return
     return out;
 }
 
-T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack) {
-    const std::int64_t d = m_.hidden_size;
+T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::int64_t rows, std::int64_t d) {
     T gn;  // the gradient of n, fp32
     if (m_.family == Family::Gemma2) {
-        T g32 = alloc("d_norm_out_fp32", f32(tokens_, d), Category::Transient);  // ToCopyBackward0 (type_as)
+        T g32 = alloc("d_norm_out_fp32", f32(rows, d), Category::Transient);  // ToCopyBackward0 (type_as)
         node_end({}, &g);
         unpack();
         // MulBackward0 (n * w1): w1's gradient (reduced to [d]), then n's
-        T gw1_full = alloc("d_one_plus_weight_full", f32(tokens_, d), Category::Transient);
-        gn = alloc("d_normed_fp32", f32(tokens_, d), Category::Transient);
+        T gw1_full = alloc("d_one_plus_weight_full", f32(rows, d), Category::Transient);
+        gn = alloc("d_normed_fp32", f32(rows, d), Category::Transient);
         T gw1;
         node_end({&sv.w1, &sv.n}, &g32, [&] {
             gw1 = alloc("d_one_plus_weight", elems(d, 1, 4), Category::Transient);
@@ -355,8 +353,8 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack) {
         add_grad(p, gw, false, true);
     } else {
         // MulBackward0 (w * c): the gradient of c, then w's (reduced to [d] by validate_outputs)
-        T gc = alloc("d_normed", bf16(tokens_, d), Category::Transient);
-        T gw_full = alloc("d_norm_weight_full", bf16(tokens_, d), Category::Transient);
+        T gc = alloc("d_normed", bf16(rows, d), Category::Transient);
+        T gw_full = alloc("d_norm_weight_full", bf16(rows, d), Category::Transient);
         T gw;
         node_end({&sv.c}, &g, [&] {
             gw = grad_out(p);
@@ -365,36 +363,36 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack) {
         release_weight(p);
         add_grad(p, gw, true, true);
         // ToCopyBackward0 (n.to(bf16))
-        gn = alloc("d_normed_fp32", f32(tokens_, d), Category::Transient);
+        gn = alloc("d_normed_fp32", f32(rows, d), Category::Transient);
         node_end({}, &gc);
     }
     // MulBackward0 (a * r): the gradient of r (reduced to [T, 1]), then a's
-    T gr_full = alloc("d_rsqrt_full", f32(tokens_, d), Category::Transient);
-    T ga = alloc("d_upcast", f32(tokens_, d), Category::Transient);
+    T gr_full = alloc("d_rsqrt_full", f32(rows, d), Category::Transient);
+    T ga = alloc("d_upcast", f32(rows, d), Category::Transient);
     T gr;
     node_end({&sv.a_mul, &sv.r_mul}, &gn, [&] {
-        gr = alloc("d_rsqrt", f32(tokens_, 1), Category::Transient);
+        gr = alloc("d_rsqrt", f32(rows, 1), Category::Transient);
         drop(gr_full);
     });
     // RsqrtBackward0: -0.5 * grad * r^3
-    T cube = alloc("d_rsqrt.pow", f32(tokens_, 1), Category::Transient);
-    T half = alloc("d_rsqrt.mul", f32(tokens_, 1), Category::Transient);
-    T ge = alloc("d_variance", f32(tokens_, 1), Category::Transient);
+    T cube = alloc("d_rsqrt.pow", f32(rows, 1), Category::Transient);
+    T half = alloc("d_rsqrt.mul", f32(rows, 1), Category::Transient);
+    T ge = alloc("d_variance", f32(rows, 1), Category::Transient);
     drop(half), drop(cube);
     node_end({&sv.r_rsqrt}, &gr);
     // AddBackward0 (v + eps) passes ge on; MeanBackward1 spreads it over d
-    T gp = alloc("d_pow", f32(tokens_, d), Category::Transient);
+    T gp = alloc("d_pow", f32(rows, d), Category::Transient);
     node_end({}, &ge);
     // PowBackward0: grad * 2 * a
-    T ap = alloc("d_pow.pow", f32(tokens_, d), Category::Transient);
-    T two = alloc("d_pow.mul", f32(tokens_, d), Category::Transient);
-    T ga2 = alloc("d_upcast_2", f32(tokens_, d), Category::Transient);
+    T ap = alloc("d_pow.pow", f32(rows, d), Category::Transient);
+    T two = alloc("d_pow.mul", f32(rows, d), Category::Transient);
+    T ga2 = alloc("d_upcast_2", f32(rows, d), Category::Transient);
     drop(two), drop(ap);
     node_end({&sv.a_pow}, &gp);
     if (last_unpack) hf_release_frame();
     accumulate(ga, ga2, false);
     // ToCopyBackward0 (x.to(fp32))
-    T gx = alloc("d_norm_in", bf16(tokens_, d), Category::Transient);
+    T gx = alloc("d_norm_in", bf16(rows, d), Category::Transient);
     node_end({}, &ga);
     return gx;
 }
@@ -446,13 +444,25 @@ T StepBuilder::hf_rope_backward(T d, std::int64_t dim, T& cos_saved, T& sin_save
 void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weights) {
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(layer_)];
     const std::int64_t d = m_.hidden_size, qd = m_.q_dim(), kvd = m_.kv_dim();
+    // Qwen3 normalises each query and key head over head_dim right after its projection (the
+    // projection's output then dies: the norm saved its fp32 upcast).
+    auto head_norm = [&](T x, int p, HfNorm& n, std::int64_t heads) {
+        if (p < 0) return x;
+        at("attn.qk_norm");
+        T out = hf_norm_forward(p, n, false, checked_mul(tokens_, heads), m_.head_dim);
+        drop(x);
+        at("attn.qkv");
+        return out;
+    };
     at("attn.qkv");
     use_weight(lp.q);
     T q = act("q", bf16(tokens_, qd), false);
     sv.h1_q = saved(h1);
+    q = head_norm(q, lp.q_norm, sv.nq, m_.num_heads);
     use_weight(lp.k);
     T k = act("k", bf16(tokens_, kvd), false);
     sv.h1_k = saved(h1);
+    k = head_norm(k, lp.k_norm, sv.nk, m_.num_kv_heads);
     use_weight(lp.v);
     T v = act("v", bf16(tokens_, kvd), false);
     sv.h1_v = saved(h1);
@@ -495,12 +505,23 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
     }
     // flash-attn's v gradient is in v's layout: the transposes back and the reshape are views
     T dh = hf_linear_backward(lp.v, lp.v_bias, "d_h1_v", bf16(tokens_, d), {&sv.h1_v}, dv, [](T&) {});
+    // Qwen3's head norms take the gradients back to the projections' outputs first.
+    if (lp.k_norm >= 0) {
+        at("attn.qk_norm");
+        gk = hf_norm_backward(lp.k_norm, sv.nk, gk, false, checked_mul(tokens_, m_.num_kv_heads), m_.head_dim);
+        at("attn.qkv");
+    }
     // k's and q's are contiguous as [B, heads, S, D]: the reshape to [T, heads * D] copies
     T gk2 = alloc("d_k_contiguous", bf16(tokens_, kvd), Category::Transient);
     drop(gk);
     // both input gradients are views of their GEMM's output: the sum is a new tensor
     hf_linear_backward(lp.k, lp.k_bias, "d_h1_k", bf16(tokens_, d), {&sv.h1_k}, gk2,
                        [&](T& g) { accumulate(dh, g, true); });
+    if (lp.q_norm >= 0) {
+        at("attn.qk_norm");
+        gq = hf_norm_backward(lp.q_norm, sv.nq, gq, false, checked_mul(tokens_, m_.num_heads), m_.head_dim);
+        at("attn.qkv");
+    }
     T gq2 = alloc("d_q_contiguous", bf16(tokens_, qd), Category::Transient);
     drop(gq);
     hf_linear_backward(lp.q, lp.q_bias, "d_h1_q", bf16(tokens_, d), {&sv.h1_q}, gq2,

@@ -91,6 +91,10 @@ void StepBuilder::build_params() {
             lp.v_bias = add("v_proj.bias", l, m_.kv_dim());
         }
         if (hf_ && m_.o_bias) lp.o_bias = add("o_proj.bias", l, d);
+        if (m_.qk_norm) {  // Qwen3: registered after the projections
+            lp.q_norm = add("q_norm", l, m_.head_dim);
+            lp.k_norm = add("k_norm", l, m_.head_dim);
+        }
         if (m_.family == Family::Gemma2) lp.post_attn_norm = add("post_attention_norm", l, d);
         lp.norm2 = add(m_.family == Family::Gemma2 ? "pre_feedforward_norm" : "post_attention_norm", l, d);
         if (m_.family == Family::Gemma2) lp.post_ff_norm = add("post_feedforward_norm", l, d);
@@ -112,7 +116,7 @@ void StepBuilder::build_params() {
     }
     order_.push_back(embed_);
     for (const LayerParams& lp : layer_params_) {
-        for (int p : {lp.q, lp.q_bias, lp.k, lp.k_bias, lp.v, lp.v_bias, lp.o, lp.o_bias, lp.gate, lp.up, lp.down,
+        for (int p : {lp.q, lp.q_bias, lp.k, lp.k_bias, lp.v, lp.v_bias, lp.o, lp.o_bias, lp.q_norm, lp.k_norm, lp.gate, lp.up, lp.down,
                       lp.norm1, lp.post_attn_norm, lp.norm2, lp.post_ff_norm})
             if (p >= 0) order_.push_back(p);
     }

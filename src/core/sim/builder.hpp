@@ -48,6 +48,7 @@ struct Param {
 struct LayerParams {
     int norm1, q, k, v, o, post_attn_norm = -1, norm2, post_ff_norm = -1, gate, up, down;
     int q_bias = -1, k_bias = -1, v_bias = -1, o_bias = -1;  // hf: biases are parameters of their own
+    int q_norm = -1, k_norm = -1;                             // Qwen3: RMSNorm over each head's head_dim
 };
 
 // hf runtime: what autograd and Python hold for one Hugging Face RMSNorm, one handle per
@@ -80,6 +81,7 @@ struct HfLayer {
     T o_oproj;                                 // its output, saved by o_proj
     std::vector<HfMlpChunk> mlp;
     T x_tiled;                                 // tiled MLP: the input its Function saved
+    HfNorm nq, nk;                             // Qwen3: the query and key heads' norms
 };
 
 // What one layer's forward left for its backward.
@@ -290,10 +292,17 @@ private:
     // and a layer's input is borrowed (its caller's variable holds it until the layer returns).
     // Hugging Face RMSNorm of the [T, d] input: returns its output (invalid when a checkpoint's
     // recomputation stops at its last save: Gemma-2's post-MLP norm ends a layer's saves).
-    T hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save = false);
+    // The norm over `cols` of `rows` rows; the decoder's norms: [tokens, hidden_size].
+    T hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save, std::int64_t rows, std::int64_t cols);
+    T hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save = false) {
+        return hf_norm_forward(p, sv, stop_after_last_save, tokens_, m_.hidden_size);
+    }
     // g: the output's gradient (consumed); returns the input's gradient. last_unpack: its pow's
     // backward is the last node to unpack a checkpointed layer's tensors (the frame dies there).
-    T hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack = false);
+    T hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::int64_t rows, std::int64_t cols);
+    T hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack = false) {
+        return hf_norm_backward(p, sv, g, last_unpack, tokens_, m_.hidden_size);
+    }
     T hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last_save);
     void hf_layer_backward(int l, LayerSaved& sv, T& dres);
     void hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weights);

@@ -290,7 +290,7 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
     // The model's forward returns: its frame's variables go in their order, the position ids and
     // the embeddings (arguments) before the masks and the rotary (cos, sin); Qwen2 and Gemma-2 also
     // hold both arguments in a mask_kwargs dict that dies after their mask mapping.
-    if (m_.family == Family::Qwen2 || m_.family == Family::Gemma2) {
+    if (m_.family == Family::Qwen2 || m_.family == Family::Qwen3 || m_.family == Family::Gemma2) {
         for (T& mask : hf_masks_) drop(mask);
         drop(hf_embeddings_), drop(hf_positions_);
     } else {
