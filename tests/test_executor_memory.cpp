@@ -87,6 +87,10 @@ TEST_CASE("CPU executor: ... (Gemma-2 shaped model: post-norms, soft-capping, sl
     CHECK(run_matrix("tiny_gemma2.json") == 5);
 }
 
+TEST_CASE("CPU executor: ... (Qwen3 shaped model: a norm over every query and key head, head_dim != hidden / heads)") {
+    CHECK(run_matrix("tiny_qwen3.json") == 4);
+}
+
 TEST_CASE("CPU executor: the simulator predicts every measured allocation and free, byte for byte (small-llama matrix)") {
     CHECK(run_matrix("small-llama") == 7);
 }

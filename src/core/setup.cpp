@@ -217,9 +217,6 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     if (s.optimizer_in_backward && s.zero_stage >= 2)
         fail(w, "optimizer_in_backward", "not supported with ZeRO stage 2/3 (gradients are reduce-scattered per bucket)");
     validate_hf_scope(s, m);
-    // mst-plan's executor has no per-head q/k norm yet: its runtime cannot describe Qwen3.
-    if (s.runtime == Runtime::Kernels && m.qk_norm)
-        fail(w, "runtime", "expected hf for a model with q/k norms (Qwen3): mst-plan's kernels have none yet");
 }
 
 // The hf runtime walks transformers + PyTorch's own step, each rule proven event by event

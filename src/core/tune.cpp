@@ -325,11 +325,6 @@ namespace {
 void check_gpus(const TuneRequest& rq, const char* command) {
     if (rq.gpus < 1 || rq.gpus > limits::kGpus)
         fail(command, "gpus", fmt::format("expected a count in [1, {}], got {}", limits::kGpus, rq.gpus));
-    if (rq.gpus > 1 && rq.base.runtime == Runtime::Hf && rq.model.qk_norm)
-        fail(command, "gpus",
-             fmt::format("expected 1 for {} (the hf runtime models one GPU; the kernels runtime, which plans several, "
-                         "has no q/k norms yet), got {}",
-                         rq.model.display_name, rq.gpus));
     if (rq.gpus > 1 && rq.base.runtime == Runtime::Hf)
         fail(command, "gpus",
              fmt::format("expected 1 with runtime hf (data and sequence parallelism are not modelled in it yet); "

@@ -159,6 +159,10 @@ void Step::build_params() {
         lp.k = add("k_proj", l, m_.kv_dim(), d);                                // [kv_dim, d]
         lp.v = add("v_proj", l, m_.kv_dim(), d);                                // [kv_dim, d]
         lp.o = add("o_proj", l, d, m_.q_dim());                                 // [d, q_dim]
+        if (m_.qk_norm) {                                                       // Qwen3
+            lp.q_norm = add("q_norm", l, 1, m_.head_dim);                       // [head_dim]
+            lp.k_norm = add("k_norm", l, 1, m_.head_dim);                       // [head_dim]
+        }
         if (gemma_) lp.post_attn_norm = add("post_attention_norm", l, 1, d);    // [d]
         lp.norm2 = add(gemma_ ? "pre_feedforward_norm" : "post_attention_norm", l, 1, d);  // [d]
         if (gemma_) lp.post_ff_norm = add("post_feedforward_norm", l, 1, d);    // [d]

@@ -51,6 +51,7 @@ struct Param {
 struct LayerParams {
     int norm1 = -1, q = -1, k = -1, v = -1, o = -1, post_attn_norm = -1, norm2 = -1, post_ff_norm = -1;
     int gate = -1, up = -1, down = -1;  // post_*_norm: Gemma-2 only
+    int q_norm = -1, k_norm = -1;       // Qwen3: RMSNorm over each query and key head
 };
 
 // What one MLP mini-sequence (Loop) keeps for its backward.
@@ -68,6 +69,7 @@ struct LayerSaved {
     Ten a, rstd_pa;              // Gemma-2: attention output [T,d] (the post-attention norm's input), rstd
     Ten y, rstd_pf;              // Gemma-2: MLP output [T,d] (the post-feed-forward norm's input), rstd
     Ten o_seq;                   // the o_proj input (o)
+    Ten q_raw, k_raw, rstd_q, rstd_k;  // Qwen3: the projections' outputs and rstd [T x heads] of the head norms
     Ten x2, h2, rstd2;           // residual [T,d], MLP input [T,d] (Tiled), rstd [T]
     std::vector<MlpChunk> mlp;   // Loop: one entry per mini-sequence
 };
@@ -114,6 +116,8 @@ private:
     // ---- ops ---------------------------------------------------------------------
     Ten norm_forward(int p, const Ten& x, Ten& rstd, bool output_saved, DType out_dtype);
     Ten norm_backward(int p, Ten& rstd, Ten& x_saved, const Ten& dy, DType dx_dtype);
+    void head_norm_forward(int p, Ten& x, std::int64_t heads, Ten& x_saved, Ten& rstd);
+    void head_norm_backward(int p, Ten& dx, std::int64_t heads, Ten& x_saved, Ten& rstd);
     // Soft-capping as HF writes it, three ops: x / cap, tanh (saved), * cap; and its backward.
     Ten softcap_forward(const char* prefix, Ten x, std::int64_t n, float cap, Ten& tanh_saved);
     Ten softcap_backward(const char* prefix, Ten dy, std::int64_t n, float cap, Ten& tanh_saved);

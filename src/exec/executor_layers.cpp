@@ -35,6 +35,32 @@ Ten Step::norm_backward(int p, Ten& rstd, Ten& x_saved, const Ten& dy, DType dx_
     return dx;
 }
 
+// Qwen3's norm over each of x's heads ([T x heads, head_dim]): x becomes the normalised copy;
+// the projection's output is kept for the backward with rstd [T x heads] (none without grad).
+void Step::head_norm_forward(int p, Ten& x, std::int64_t heads, Ten& x_saved, Ten& rstd) {
+    if (p < 0) return;
+    const std::int64_t rows = T_ * heads, hd = m_.head_dim;
+    Ten out = act("head_norm_out", rows * hd, act_, true);
+    rstd = grad_ ? alloc("rstd_heads", rows, DType::F32, Category::SavedActivation) : Ten{};
+    b_.rmsnorm_forward(out.t(), rstd ? rstd.f32() : nullptr, x.t(), params_[static_cast<std::size_t>(p)].weight.t(), rows,
+                         hd, static_cast<float>(m_.rms_norm_eps), norm_kind_);
+    x_saved = saved(x);
+    drop(x);
+    x = std::move(out);
+}
+
+// dx: the normalised heads' gradient in, the projection output's out; the gain's accumulates.
+void Step::head_norm_backward(int p, Ten& dx, std::int64_t heads, Ten& x_saved, Ten& rstd) {
+    if (p < 0) return;
+    const std::int64_t rows = T_ * heads, hd = m_.head_dim;
+    Ten d_in = alloc("d_head_norm_in", rows * hd, act_, Category::Transient);
+    b_.rmsnorm_backward(d_in.t(), grad_write(p), dx.t(), x_saved.t(), params_[static_cast<std::size_t>(p)].weight.t(),
+                          rstd.f32(), rows, hd, norm_kind_);
+    drop(rstd), drop(x_saved), drop(dx);
+    grad_done(p);
+    dx = std::move(d_in);
+}
+
 Ten Step::layer_forward(int l, Ten x, LayerSaved& sv, Category out_category) {
     alloc_.set_layer(l);
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
@@ -126,6 +152,10 @@ Ten Step::attention_forward(int l, Ten h1, LayerSaved& sv) {
     b_.linear_forward(q.t(), hin.t(), wq, T_, d, qd);
     b_.linear_forward(k.t(), hin.t(), wk, T_, d, kvd);
     b_.linear_forward(v.t(), hin.t(), wv, T_, d, kvd);
+    at("attn.qk_norm");
+    head_norm_forward(lp.q_norm, q, m_.num_heads, sv.q_raw, sv.rstd_q);
+    head_norm_forward(lp.k_norm, k, m_.num_kv_heads, sv.k_raw, sv.rstd_k);
+    at("attn.qkv");
     b_.rope_forward(q.t(), k.t(), B_, S_, m_.num_heads, m_.num_kv_heads, m_.head_dim, static_cast<float>(m_.rope_theta));
     sv.h1 = saved(hin);
     drop(hin);
@@ -182,6 +212,9 @@ Ten Step::attention_backward(int l, LayerSaved& sv, const Ten& d_out) {
         eager_backward(l, std::move(d_o), sv, dq, dk, dv);
     }
     b_.rope_backward(dq.t(), dk.t(), B_, S_, m_.num_heads, m_.num_kv_heads, m_.head_dim, static_cast<float>(m_.rope_theta));
+    at("attn.qk_norm");
+    head_norm_backward(lp.q_norm, dq, m_.num_heads, sv.q_raw, sv.rstd_q);
+    head_norm_backward(lp.k_norm, dk, m_.num_kv_heads, sv.k_raw, sv.rstd_k);
 
     at("attn.qkv");
     Ten dh = alloc("d_h1", T_ * d, act_, Category::Transient);

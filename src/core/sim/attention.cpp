@@ -54,6 +54,27 @@ T StepBuilder::norm_backward(int p, T& rstd, T& x_saved, int bpe) {
     return dx;
 }
 
+// Qwen3's norm over each of x's heads ([T x heads, head_dim]) in mst-plan's kernel: x becomes
+// the normalised copy; the projection's output stays for the backward with rstd [T x heads].
+void StepBuilder::head_norm_forward(int p, T& x, std::int64_t heads, T& x_saved, T& rstd) {
+    if (p < 0) return;
+    const std::int64_t rows = checked_mul(tokens_, heads);
+    T out = act("head_norm_out", bf16(rows, m_.head_dim), true);
+    rstd = grad_ ? alloc("rstd_heads", f32(rows, 1), Category::SavedActivation) : T{};
+    x_saved = saved(x);
+    drop(x);
+    x = out;
+}
+
+void StepBuilder::head_norm_backward(int p, T& dx, std::int64_t heads, T& x_saved, T& rstd) {
+    if (p < 0) return;
+    T d_in = alloc("d_head_norm_in", bf16(checked_mul(tokens_, heads), m_.head_dim), Category::Transient);
+    grad_write(p);
+    drop(rstd), drop(x_saved), drop(dx);
+    grad_done(p);
+    dx = d_in;
+}
+
 std::int64_t StepBuilder::attention_masks() const {
     if (s_.attention != Attention::Eager) return 0;
     bool any_sliding = false, any_full = false;
@@ -132,6 +153,10 @@ void StepBuilder::attention_forward(int l, T h1, LayerSaved& sv, T& attn_out) {
     T q = act("q", bf16(tokens_, qd), true);
     T k = act("k", bf16(tokens_, kvd), true);
     T v = act("v", bf16(tokens_, kvd), true);
+    at("attn.qk_norm");
+    head_norm_forward(lp.q_norm, q, m_.num_heads, sv.q_raw, sv.rstd_q);
+    head_norm_forward(lp.k_norm, k, m_.num_kv_heads, sv.k_raw, sv.rstd_k);
+    at("attn.qkv");
     sv.h1 = saved(hin);
     drop(hin);
     // RoPE rotates q and k in place.
@@ -267,6 +292,9 @@ T StepBuilder::attention_backward(int l, LayerSaved& sv, T d_out) {
             *t = moved;
         }
     }
+    at("attn.qk_norm");
+    head_norm_backward(lp.q_norm, dq, m_.num_heads, sv.q_raw, sv.rstd_q);
+    head_norm_backward(lp.k_norm, dk, m_.num_kv_heads, sv.k_raw, sv.rstd_k);
     at("attn.qkv");
     T dh = alloc("d_h1", bf16(tokens_, d), Category::Transient);
     for (int p : {lp.q, lp.k, lp.v}) {

@@ -95,6 +95,7 @@ struct LayerSaved {
     T q, k, v, o, lse;                       // flash
     T k_rep, v_rep, probs32, probs, scores_tanh;  // eager
     T o_seq;                                 // Ulysses: o back in sequence layout
+    T q_raw, k_raw, rstd_q, rstd_k;          // Qwen3: the head norms' inputs and rstd
     T a, rstd_pa;                            // Gemma-2 post-attention norm
     T x2, h2, rstd2;
     std::vector<MlpChunk> mlp;               // Loop: one entry per chunk
@@ -293,6 +294,8 @@ private:
     // Hugging Face RMSNorm of the [T, d] input: returns its output (invalid when a checkpoint's
     // recomputation stops at its last save: Gemma-2's post-MLP norm ends a layer's saves).
     // The norm over `cols` of `rows` rows; the decoder's norms: [tokens, hidden_size].
+    void head_norm_forward(int p, T& x, std::int64_t heads, T& x_saved, T& rstd);  // Qwen3, kernels runtime
+    void head_norm_backward(int p, T& dx, std::int64_t heads, T& x_saved, T& rstd);
     T hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save, std::int64_t rows, std::int64_t cols);
     T hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save = false) {
         return hf_norm_forward(p, sv, stop_after_last_save, tokens_, m_.hidden_size);
