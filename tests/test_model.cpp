@@ -3,6 +3,8 @@
 #include <filesystem>
 #include <map>
 
+#include <nlohmann/json.hpp>
+
 #include "mst/catalog.hpp"
 #include "mst/model.hpp"
 #include "test_support.hpp"
@@ -148,4 +150,50 @@ TEST_CASE("rope_theta is read from config.json, 10000 when absent (the HF defaul
     CHECK(find_model("small-llama").rope_theta == 500000.0);
     CHECK(find_model("tiny-llama").rope_theta == 10000.0);
     CHECK(find_model("llama-3-8b").rope_theta == 500000.0);
+}
+
+namespace {
+// A small config of `type` with `extra` keys, read as transformers' config class reads it.
+ModelSpec small_config(const char* type, const nlohmann::json& extra) {
+    nlohmann::json j = {{"model_type", type},       {"hidden_size", 64}, {"intermediate_size", 128},
+                        {"num_hidden_layers", 30},   {"num_attention_heads", 4}, {"num_key_value_heads", 2},
+                        {"vocab_size", 100}};
+    if (extra.is_object()) j.update(extra);
+    return parse_model(j, "cfg.json", "cfg");
+}
+}  // namespace
+
+TEST_CASE("config defaults and hard-coded biases follow each family's transformers code, not a common rule") {
+    // head_dim when absent: Qwen3Config 128, Gemma2Config 256, the others hidden / heads.
+    CHECK(small_config("qwen3", {}).head_dim == 128);
+    CHECK(small_config("gemma2", {}).head_dim == 256);
+    CHECK(small_config("llama", {}).head_dim == 16);
+    CHECK(small_config("qwen2", {}).head_dim == 16);
+    // attention_bias: q/k/v/o for Llama, Qwen3, Gemma-2; Qwen2 hard-codes q/k/v on, o off; Mistral none.
+    const nlohmann::json bias = {{"attention_bias", true}};
+    for (const char* type : {"llama", "qwen3", "gemma2"}) {
+        CAPTURE(type);
+        CHECK(small_config(type, bias).qkv_bias);
+        CHECK(small_config(type, bias).o_bias);
+    }
+    CHECK(small_config("qwen2", bias).qkv_bias);
+    CHECK_FALSE(small_config("qwen2", bias).o_bias);
+    CHECK_FALSE(small_config("mistral", bias).qkv_bias);
+    CHECK_FALSE(small_config("mistral", bias).o_bias);
+    // mlp_bias: only LlamaMLP reads it.
+    CHECK(small_config("llama", {{"mlp_bias", true}}).mlp_bias);
+    for (const char* type : {"mistral", "qwen2", "qwen3", "gemma2"}) CHECK_FALSE(small_config(type, {{"mlp_bias", true}}).mlp_bias);
+    // Qwen2/Qwen3 slide only with use_sliding_window, from max_window_layers (default 28) on.
+    for (const char* type : {"qwen2", "qwen3"}) {
+        CAPTURE(type);
+        const ModelSpec off = small_config(type, {{"sliding_window", 8}});
+        CHECK_FALSE(off.sliding_window.has_value());
+        const ModelSpec on = small_config(type, {{"sliding_window", 8}, {"use_sliding_window", true}});
+        for (std::size_t i = 0; i < on.sliding_layers.size(); ++i) CHECK(on.sliding_layers[i] == (i >= 28));
+        // sliding layers named without a window: transformers cannot build the model
+        CHECK_THROWS_WITH_AS(small_config(type, {{"sliding_window", 8}, {"layer_types", nlohmann::json::array({"sliding_attention"})}}),
+                             doctest::Contains("layer_types: expected no sliding_attention layer"), UserError);
+    }
+    // RoPE rotates pairs: an odd head_dim is refused.
+    CHECK_THROWS_WITH_AS(small_config("llama", {{"head_dim", 33}}), doctest::Contains("head_dim: expected an even size"), UserError);
 }

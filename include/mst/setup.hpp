@@ -125,8 +125,10 @@ std::int64_t chunks_for_tokens(const TrainingSetup& setup, std::int64_t chunk_to
 std::int64_t max_mlp_chunks(const ModelSpec& model);
 
 // Setup files (--setup FILE.json); the schema is in README.md.
-TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const std::string& where);
-TrainingSetup load_setup_file(const std::string& path, const ModelSpec& model);
+// default_runtime: the runtime of a setup that names none (measure's executor: kernels).
+TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const std::string& where,
+                          Runtime default_runtime = Runtime::Hf);
+TrainingSetup load_setup_file(const std::string& path, const ModelSpec& model, Runtime default_runtime = Runtime::Hf);
 nlohmann::json to_json(const TrainingSetup& s);
 
 std::string to_string(Precision p);

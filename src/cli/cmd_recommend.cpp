@@ -166,6 +166,7 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         for (const auto& row : r.rows)
             rows.push_back({{"strategy", row.strategy},
                             {"max_seq", row.max_seq},
+                            {"fits", row.max_seq > 0},
                             {"peak_reserved_bytes", row.memory.peak_reserved_bytes},
                             {"host_bytes", row.memory.host_peak_bytes},
                             {"setup", to_json(row.setup)}});
@@ -187,11 +188,18 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                row.max_seq > 0 ? format_bytes(row.memory.peak_reserved_bytes) : "-",
                row.memory.host_peak_bytes > 0 ? format_bytes(row.memory.host_peak_bytes) : "-"});
     t.print();
-    fmt::print("\nbudget {} ({} safety margin); weights, gradients and optimizer states take {}, leaving {}.\n"
-               "One checkpoint per layer fills what is left at {} tokens: beyond that only offload or sequence "
-               "parallelism help.\n",
-               format_bytes(r.budget_bytes), fmt::format("{:.0f} %", 100 * rq.safety_margin), format_bytes(r.persistent_bytes),
-               format_bytes(r.budget_bytes - r.persistent_bytes), r.checkpoint_floor_seq);
+    const std::string margin = fmt::format("{:.0f} %", 100 * rq.safety_margin);
+    if (r.persistent_bytes >= r.budget_bytes)
+        fmt::print("\nbudget {} ({} safety margin); weights, gradients and optimizer states alone take {}, {} more: no "
+                   "sequence fits (more GPUs with ZeRO, or a GPU with more memory).\n",
+                   format_bytes(r.budget_bytes), margin, format_bytes(r.persistent_bytes),
+                   format_bytes(r.persistent_bytes - r.budget_bytes));
+    else
+        fmt::print("\nbudget {} ({} safety margin); weights, gradients and optimizer states take {}, leaving {}.\n"
+                   "One checkpoint per layer fills what is left at {} tokens: beyond that only offload or sequence "
+                   "parallelism help.\n",
+                   format_bytes(r.budget_bytes), margin, format_bytes(r.persistent_bytes),
+                   format_bytes(r.budget_bytes - r.persistent_bytes), r.checkpoint_floor_seq);
     fmt::print("MsT rows chunk the MLP and LM head in mini-sequences of hidden_size tokens (1024 at most); lengths are multiples of 1024 "
                "tokens (x sp).\n");
 }

@@ -13,7 +13,7 @@ namespace mst::cli {
 
 void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd_ = &cmd;
-    runtime = default_runtime;
+    runtime = default_runtime_ = default_runtime;
     cmd.add_option("--setup", setup_file, "Setup JSON file with the knobs below (see README); options given here override it");
     cmd.add_option("--seq", seq, "Sequence length in tokens")->capture_default_str()->check(decimal());
     cmd.add_option("--batch", batch, "Micro-batch size (sequences per micro-step)")->capture_default_str()->check(decimal());
@@ -48,7 +48,7 @@ bool SetupOptions::given(const char* name) const { return cmd_->count(name) > 0;
 
 TrainingSetup SetupOptions::build(const ModelSpec& model) const {
     TrainingSetup s;
-    if (!setup_file.empty()) s = load_setup_file(setup_file, model);
+    if (!setup_file.empty()) s = load_setup_file(setup_file, model, parse_runtime(default_runtime_, "command line"));
     const std::string w = "command line";
     if (!setup_file.empty() ? given("--seq") : true) s.seq_len = seq;
     if (!setup_file.empty() ? given("--batch") : true) s.micro_batch = batch;

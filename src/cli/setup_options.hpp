@@ -16,6 +16,7 @@ class SetupOptions {
 public:
     // default_runtime: what --runtime is when neither it nor a setup file says (measure: kernels).
     void add_to(CLI::App& cmd, const char* default_runtime = "hf");
+    std::string default_runtime_ = "hf";
     TrainingSetup build(const ModelSpec& model) const;  // validated
 
 private:

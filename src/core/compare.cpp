@@ -174,7 +174,8 @@ StepFile parse_step_file(const nlohmann::json& j, const std::string& path) {
         f.timeline.model = r.string("model");
     } else {
         f.timeline = timeline_from_json(r.raw("timeline"), path + ": timeline");
-        (void)r.opt_string("model");
+        if (auto model = r.opt_string("model"); model && *model != f.timeline.model)
+            r.fail("model", fmt::format("expected the timeline's model '{}', got '{}'", f.timeline.model, *model));
         if (r.has("summary")) (void)r.object("summary");
     }
     auto setup = r.raw("setup");
@@ -191,6 +192,10 @@ StepFile parse_step_file(const nlohmann::json& j, const std::string& path) {
         f.device = d.opt_string("device").value_or("");
         f.allocator = d.opt_string("allocator").value_or("");
         f.device_peak_reserved = d.opt_integer("peak_reserved_bytes", 0, limits::kBytes);
+        d.known({"recorder", "timeline_note", "from_cupti", "dropped_records", "unmatched_records", "size_mismatches",
+                 "matches_executor_log", "first_difference", "peak_allocated_bytes", "used_before_bytes", "used_after_bytes",
+                 "total_bytes", "kernels", "kernel_seconds"});
+        d.reject_unknown();
     }
     r.reject_unknown();
     return f;

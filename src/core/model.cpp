@@ -42,7 +42,7 @@ Family family_of(const std::string& model_type, detail::JsonReader& r, std::vect
     if (model_type == "qwen2") return Family::Qwen2;
     if (model_type == "qwen3") return Family::Qwen3;
     if (model_type == "gemma2") return Family::Gemma2;
-    const std::string shown = model_type.empty() ? "none" : "'" + model_type + "'";
+    const std::string shown = r.has("model_type") ? "'" + model_type + "'" : "none";
     if (!assume_llama)
         r.fail("model_type", fmt::format("expected one of llama, mistral, qwen2 (Qwen2 and Qwen2.5), qwen3 (dense), gemma2, got {} "
                                          "(--assume-llama plans it as a Llama-shaped model, which may be wrong)",
@@ -84,14 +84,20 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
     if (m.num_heads % m.num_kv_heads != 0)
         r.fail("num_key_value_heads", fmt::format("expected a divisor of num_attention_heads ({}), got {}",
                                                   m.num_heads, m.num_kv_heads));
+    // head_dim when the config omits it, as each family's config class defaults it: Qwen3 128,
+    // Gemma-2 256, the others hidden_size / num_attention_heads.
     if (auto hd = r.opt_integer("head_dim", 1, kMaxHidden)) {
         m.head_dim = *hd;
+    } else if (m.family == Family::Qwen3 || m.family == Family::Gemma2) {
+        m.head_dim = m.family == Family::Qwen3 ? 128 : 256;
     } else {
         if (m.hidden_size % m.num_heads != 0)
             r.fail("num_attention_heads", fmt::format("expected a divisor of hidden_size ({}) when head_dim is absent, got {}",
                                                       m.hidden_size, m.num_heads));
         m.head_dim = m.hidden_size / m.num_heads;
     }
+    if (m.head_dim % 2 != 0)  // RoPE rotates pairs of dimensions (transformers refuses an odd one too)
+        r.fail("head_dim", fmt::format("expected an even size (RoPE rotates pairs of dimensions), got {}", m.head_dim));
 
     // Gemma-2 ties embeddings by default (its config omits the key), all others untie.
     m.tie_word_embeddings = r.opt_boolean("tie_word_embeddings").value_or(m.family == Family::Gemma2);
@@ -100,16 +106,35 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
     m.rms_norm_eps = r.opt_number("rms_norm_eps", 0.0, 1.0).value_or(1e-6);
     m.rope_theta = r.opt_number("rope_theta", 1.0, 1e12).value_or(10000.0);
 
+    // Biases as each family's modeling code builds its linears: attention_bias switches q/k/v/o
+    // for Llama, Qwen3 and Gemma-2; Qwen2 hard-codes q/k/v with and o without, Mistral none;
+    // only Llama reads mlp_bias.
     const bool attention_bias = r.opt_boolean("attention_bias").value_or(false);
-    m.qkv_bias = attention_bias || m.family == Family::Qwen2;  // Qwen2 hard-codes q/k/v bias
-    m.o_bias = attention_bias;
-    m.mlp_bias = r.opt_boolean("mlp_bias").value_or(false);
+    const bool reads_attention_bias = m.family == Family::Llama || m.family == Family::Qwen3 || m.family == Family::Gemma2;
+    m.qkv_bias = m.family == Family::Qwen2 || (reads_attention_bias && attention_bias);
+    m.o_bias = reads_attention_bias && attention_bias;
+    const bool mlp_bias = r.opt_boolean("mlp_bias").value_or(false);
+    m.mlp_bias = m.family == Family::Llama && mlp_bias;
     m.qk_norm = m.family == Family::Qwen3;
 
     // Which layers attend within a sliding window, as transformers' modeling code reads the config:
     // Mistral slides in every layer (it ignores layer_types), Llama in none (it ignores the window).
     m.sliding_layers.assign(static_cast<std::size_t>(m.num_layers), false);
     m.sliding_window = r.opt_integer("sliding_window", 1, kMaxPositions);
+    const bool qwen = m.family == Family::Qwen2 || m.family == Family::Qwen3;
+    if (qwen && !r.opt_boolean("use_sliding_window").value_or(false)) {
+        // Qwen2/Qwen3 configs drop the window unless use_sliding_window; layer_types naming sliding
+        // layers then has no window, on which transformers' mask creation fails.
+        m.sliding_window.reset();
+        if (r.has("layer_types")) {
+            const auto& types = r.raw("layer_types");
+            if (types.is_array())
+                for (const auto& t : types)
+                    if (t.is_string() && t.get<std::string>() == "sliding_attention")
+                        r.fail("layer_types", "expected no sliding_attention layer when use_sliding_window is false "
+                                              "(the config then has no window: transformers cannot build that model)");
+        }
+    }
     if (m.sliding_window && m.family == Family::Llama) {
         m.sliding_window.reset();
         m.warnings.push_back("sliding_window: Llama attends to the whole sequence; the window is ignored");
@@ -126,12 +151,10 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
         } else if (m.family == Family::Gemma2) {
             // Gemma-2 alternates local (sliding) and global layers, starting with local.
             for (std::size_t i = 0; i < m.sliding_layers.size(); i += 2) m.sliding_layers[i] = true;
-        } else if (m.family == Family::Qwen2 || m.family == Family::Qwen3) {
-            // Qwen2 and Qwen3: sliding only when use_sliding_window, for layers >= max_window_layers.
-            if (r.opt_boolean("use_sliding_window").value_or(false)) {
-                const auto first = r.opt_integer("max_window_layers", 0, kMaxLayers).value_or(0);
-                for (std::int64_t i = first; i < m.num_layers; ++i) m.sliding_layers[static_cast<std::size_t>(i)] = true;
-            }
+        } else if (qwen) {
+            // Qwen2 and Qwen3 with use_sliding_window: layers from max_window_layers (default 28) on.
+            const auto first = r.opt_integer("max_window_layers", 0, kMaxLayers).value_or(28);
+            for (std::int64_t i = first; i < m.num_layers; ++i) m.sliding_layers[static_cast<std::size_t>(i)] = true;
         }
     }
 

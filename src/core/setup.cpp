@@ -253,9 +253,10 @@ std::int64_t max_mlp_chunks(const ModelSpec& m) {
 
 // ---- JSON ---------------------------------------------------------------------
 
-TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const std::string& where) {
+TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const std::string& where, Runtime default_runtime) {
     detail::JsonReader r(j, where);
     TrainingSetup s;
+    s.runtime = default_runtime;
     s.micro_batch = r.opt_integer("micro_batch", 1, limits::kMicroBatch).value_or(s.micro_batch);
     s.seq_len = r.opt_integer("seq_len", 1, limits::kSeqLen).value_or(s.seq_len);
     s.grad_accum = r.opt_integer("grad_accum", 1, limits::kGradAccum).value_or(s.grad_accum);
@@ -305,8 +306,8 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     return s;
 }
 
-TrainingSetup load_setup_file(const std::string& path, const ModelSpec& model) {
-    return parse_setup(detail::read_json_file(path), model, path);
+TrainingSetup load_setup_file(const std::string& path, const ModelSpec& model, Runtime default_runtime) {
+    return parse_setup(detail::read_json_file(path), model, path, default_runtime);
 }
 
 nlohmann::json to_json(const TrainingSetup& s) {
