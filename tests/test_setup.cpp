@@ -84,14 +84,14 @@ TEST_CASE("the bounds of every knob are validate()'s, whatever path the setup ca
     CHECK(error_for([](TrainingSetup& s) { s.grad_accum = std::int64_t{1} << 31; })
               .rfind("setup: grad_accum: expected an integer in [1, 1048576]", 0) == 0);
     CHECK(error_for([](TrainingSetup& s) { s.dp = 1 << 16, s.sp = 2; }).rfind("setup: dp: expected dp x sp at most 65536", 0) == 0);
-    CHECK(error_for([](TrainingSetup& s) { s.seq_len = 1 << 24, s.lm_chunks = 16385; })
-              .rfind("setup: lm_chunks: expected an integer in [1, 16384]", 0) == 0);
-    // 32 layers x 4097 chunks is past 2^17 layer-chunks: the loop MLP keeps every one of them.
-    CHECK(max_mlp_chunks(m) == 4096);
-    CHECK(error_for([](TrainingSetup& s) { s.seq_len = 1 << 24, s.mlp_chunks = 4097; })
-              .rfind("setup: mlp_chunks: expected at most 4096 for 32 layers", 0) == 0);
+    CHECK(error_for([](TrainingSetup& s) { s.seq_len = 1 << 24, s.lm_chunks = 4097; })
+              .rfind("setup: lm_chunks: expected an integer in [1, 4096]", 0) == 0);
+    // 32 layers x 513 chunks is past 2^14 layer-chunks: the loop MLP keeps every one of them.
+    CHECK(max_mlp_chunks(m) == 512);
+    CHECK(error_for([](TrainingSetup& s) { s.seq_len = 1 << 24, s.mlp_chunks = 513; })
+              .rfind("setup: mlp_chunks: expected at most 512 for 32 layers", 0) == 0);
     TrainingSetup edge;
-    edge.seq_len = 1 << 24, edge.mlp_chunks = 4096, edge.lm_chunks = 16384;
+    edge.seq_len = 1 << 24, edge.mlp_chunks = 512, edge.lm_chunks = 4096;
     CHECK_NOTHROW(validate(edge, m));
 }
 

@@ -17,11 +17,13 @@ inline constexpr std::int64_t kMicroBatch = std::int64_t{1} << 16;         // se
 inline constexpr std::int64_t kMicroStepTokens = std::int64_t{1} << 32;    // micro_batch x seq_len
 inline constexpr std::int64_t kGradAccum = std::int64_t{1} << 20;          // micro-steps per optimizer step
 inline constexpr std::int64_t kGpus = std::int64_t{1} << 16;               // dp, sp, dp x sp, --gpus
-inline constexpr std::int64_t kChunks = std::int64_t{1} << 14;             // mlp_chunks, lm_chunks
+// mlp_chunks, lm_chunks: 4096 chunks are 256-token mini-sequences at a million tokens.
+inline constexpr std::int64_t kChunks = std::int64_t{1} << 12;
 // The loop MLP keeps every chunk of every layer until backward, and the simulator and executor
-// walk each: num_hidden_layers x mlp_chunks is the work of one step (Llama-3.1-405B, 126 layers,
-// at 1024 chunks fits).
-inline constexpr std::int64_t kLayerChunks = std::int64_t{1} << 17;
+// walk each (the hf runtime a few dozen tensors per chunk and pass): num_hidden_layers x
+// mlp_chunks is the work of one step (Llama-3.1-405B, 126 layers, at 128 chunks fits). The
+// fuzzer found 2 layers x 16384 chunks taking 44 s of a sanitised build.
+inline constexpr std::int64_t kLayerChunks = std::int64_t{1} << 14;
 inline constexpr std::int64_t kZero3Prefetch = 8;  // layers all-gathered ahead
 
 // ---- model config.json --------------------------------------------------------------
