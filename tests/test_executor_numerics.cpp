@@ -150,14 +150,20 @@ TEST_CASE("numerics: tied embeddings, chunked LM heads equal the unchunked step 
     }
 }
 
-TEST_CASE("numerics: Gemma-2 shape (soft-capping, post-norms, GeGLU), chunked and eager steps equal the unchunked flash step") {
-    const ModelSpec m = find_model(mst::test::data("tiny_gemma2.json"));
+namespace {
+
+// A model file's step under chunking (loop M=3 and recompute M=3; tiled M=4 and fused M=4 with
+// every layer checkpointed) and under eager attention equals its unchunked flash step; returns
+// how many gradients each step has.
+std::size_t check_variants_equal_unchunked(const char* model_file) {
+    const ModelSpec m = find_model(mst::test::data(model_file));
     TrainingSetup base = kernels_setup();
     base.seq_len = 37;
     const MeasuredStep ref = run_fp32(m, base);
     auto variant = [&](const char* name, auto knobs) {
         TrainingSetup s = base;
         knobs(s);
+        CAPTURE(model_file);
         CAPTURE(name);
         const MeasuredStep r = run_fp32(m, s);
         CHECK(std::fabs(r.loss - ref.loss) / ref.loss <= kTolerance);
@@ -168,36 +174,21 @@ TEST_CASE("numerics: Gemma-2 shape (soft-capping, post-norms, GeGLU), chunked an
         }
     };
     variant("loop M=3, recompute M=3", [](TrainingSetup& s) { s.mlp_chunks = s.lm_chunks = 3; });
-    variant("tiled M=4, fused M=4, checkpoint all", [](TrainingSetup& s) {
+    variant("tiled M=4, fused M=4, checkpoint all", [&](TrainingSetup& s) {
         s.mlp_chunks = s.lm_chunks = 4, s.mlp_impl = MlpImpl::Tiled, s.lm_impl = LmHeadImpl::FusedForward;
-        s.checkpoint = {true, true};
+        s.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
     });
     variant("eager attention", [](TrainingSetup& s) { s.attention = Attention::Eager; });
+    return ref.gradients.size();
+}
+
+}  // namespace
+
+TEST_CASE("numerics: Gemma-2 shape (soft-capping, post-norms, GeGLU), chunked and eager steps equal the unchunked flash step") {
+    check_variants_equal_unchunked("tiny_gemma2.json");
 }
 
 TEST_CASE("numerics: Qwen3 shape (q/k head norms), chunked, checkpointed and eager steps equal the unchunked flash step") {
-    const ModelSpec m = find_model(mst::test::data("tiny_qwen3.json"));
-    TrainingSetup base = kernels_setup();
-    base.seq_len = 37;
-    const MeasuredStep ref = run_fp32(m, base);
-    // every parameter, the two head norms of each layer included (tied: no lm_head)
-    REQUIRE(ref.gradients.size() == static_cast<std::size_t>(11 * m.num_layers + 2));
-    auto variant = [&](const char* name, auto knobs) {
-        TrainingSetup s = base;
-        knobs(s);
-        CAPTURE(name);
-        const MeasuredStep r = run_fp32(m, s);
-        CHECK(std::fabs(r.loss - ref.loss) / ref.loss <= kTolerance);
-        REQUIRE(r.gradients.size() == ref.gradients.size());
-        for (std::size_t i = 0; i < r.gradients.size(); ++i) {
-            CAPTURE(r.gradients[i].name);
-            CHECK(rel_err(r.gradients[i].values, ref.gradients[i].values) <= kTolerance);
-        }
-    };
-    variant("loop M=3, recompute M=3", [](TrainingSetup& s) { s.mlp_chunks = s.lm_chunks = 3; });
-    variant("tiled M=4, fused M=4, checkpoint all", [](TrainingSetup& s) {
-        s.mlp_chunks = s.lm_chunks = 4, s.mlp_impl = MlpImpl::Tiled, s.lm_impl = LmHeadImpl::FusedForward;
-        s.checkpoint = {true, true};
-    });
-    variant("eager attention", [](TrainingSetup& s) { s.attention = Attention::Eager; });
+    // every parameter, the two head norms of each of the 2 layers included (tied: no lm_head)
+    CHECK(check_variants_equal_unchunked("tiny_qwen3.json") == 11 * 2 + 2);
 }
