@@ -533,27 +533,23 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
     }
     // flash-attn's v gradient is in v's layout: the transposes back and the reshape are views
     T dh = hf_linear_backward(lp.v, lp.v_bias, "d_h1_v", bf16(tokens_, d), {&sv.h1_v}, dv, [](T&) {});
-    // Qwen3's head norms take the gradients back to the projections' outputs first.
-    if (lp.k_norm >= 0) {
-        at("attn.qk_norm");
-        gk = hf_norm_backward(lp.k_norm, sv.nk, gk, false, checked_mul(tokens_, m_.num_kv_heads), m_.head_dim);
-        at("attn.qkv");
-    }
-    // k's and q's are contiguous as [B, heads, S, D]: the reshape to [T, heads * D] copies
-    T gk2 = alloc("d_k_contiguous", bf16(tokens_, kvd), Category::Transient);
-    drop(gk);
-    // both input gradients are views of their GEMM's output: the sum is a new tensor
-    hf_linear_backward(lp.k, lp.k_bias, "d_h1_k", bf16(tokens_, d), {&sv.h1_k}, gk2,
-                       [&](T& g) { accumulate(dh, g, true); });
-    if (lp.q_norm >= 0) {
-        at("attn.qk_norm");
-        gq = hf_norm_backward(lp.q_norm, sv.nq, gq, false, checked_mul(tokens_, m_.num_heads), m_.head_dim);
-        at("attn.qkv");
-    }
-    T gq2 = alloc("d_q_contiguous", bf16(tokens_, qd), Category::Transient);
-    drop(gq);
-    hf_linear_backward(lp.q, lp.q_bias, "d_h1_q", bf16(tokens_, d), {&sv.h1_q}, gq2,
-                       [&](T& g) { accumulate(dh, g, false); });
+    // k, then q: Qwen3's head norm takes the gradient back to the projection's output; it is
+    // contiguous as [B, heads, S, D], so the reshape to [T, heads * D] copies; the projection's
+    // input gradient joins dh (v's and k's are both views of their GEMMs' outputs: a new sum).
+    auto head_backward = [&](int proj, int bias, int norm, HfNorm& n, T& saved_in, T g, std::int64_t heads,
+                             const char* contiguous, const char* input_grad, bool dh_is_view) {
+        if (norm >= 0) {
+            at("attn.qk_norm");
+            g = hf_norm_backward(norm, n, g, false, checked_mul(tokens_, heads), m_.head_dim);
+            at("attn.qkv");
+        }
+        T g2 = alloc(contiguous, bf16(tokens_, heads * m_.head_dim), Category::Transient);
+        drop(g);
+        hf_linear_backward(proj, bias, input_grad, bf16(tokens_, d), {&saved_in}, g2,
+                           [&](T& gx) { accumulate(dh, gx, dh_is_view); });
+    };
+    head_backward(lp.k, lp.k_bias, lp.k_norm, sv.nk, sv.h1_k, gk, m_.num_kv_heads, "d_k_contiguous", "d_h1_k", true);
+    head_backward(lp.q, lp.q_bias, lp.q_norm, sv.nq, sv.h1_q, gq, m_.num_heads, "d_q_contiguous", "d_h1_q", false);
     return dh;
 }
 
