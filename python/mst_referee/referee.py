@@ -72,43 +72,51 @@ class _Recording(Observer):
                 yield master.grad
 
 
+def patched_model(job: Job, cfg: "mst_hf.MstConfig") -> Tuple[Any, str]:
+    """The job's model on the CPU device (fake or real tensors: the caller's mode), with the plan's
+    attention (the FlashAttention-2 stand-in for flash) and mst_hf's patches; and the attention
+    implementation transformers runs."""
+    from .flash import use_flash
+    from .train import build_model, pick_attn_implementation
+
+    attn, _ = pick_attn_implementation(cfg.attention, "cpu")
+    model = build_model(job, attn, "cpu")
+    attn = use_flash(model, cfg.attention)
+    mst_hf.apply(model, cfg)
+    return model, attn
+
+
+def warm_up(job: Job, model: Any, optimizer: Any, cfg: "mst_hf.MstConfig", next_step: Any, device: str) -> None:
+    """The job's warm-up steps, at least one: the optimizer creates its states in the first."""
+    for _ in range(max(job.warmup, 1)):
+        run_step(model, optimizer, cfg, next_step(), device, keep_loss=False)
+
+
 def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
     """Build, patch and train the job's model on fake tensors; return the recorded step.
 
     Returns {"events": [...], "corrected_sums", "attn_implementation", "seconds",
     "micro_steps", "micro_steps_recorded"}.
     """
-    import torch
-
     from .fake import session
-    from .flash import use_flash
     from .recorder import StorageRecorder
-    from .train import build_model, pick_attn_implementation
+    from .train import step_batches
 
     t0 = time.monotonic()
     cfg = mst_hf.load_config(job.mst_config)
     if cfg.optimizer.name == "adamw-8bit":
         raise ValueError("referee: optimizer: adamw-8bit (bitsandbytes) has no fake-tensor implementation; "
                          "the referee runs adamw and sgd")
-    attn, _ = pick_attn_implementation(cfg.attention, "cpu")
     marking: Dict[str, Any] = {"recorder": None}  # the gradient marks reach the recorder once it records
     with session():
-        model = build_model(job, attn, "cpu")
-        attn = use_flash(model, cfg.attention)
-        mst_hf.apply(model, cfg)
+        model, attn = patched_model(job, cfg)
         # Registered before make_optimizer's: a hook that steps the optimizer in backward frees the
         # gradient, so this one must see it first.
         hooks = [p.register_post_accumulate_grad_hook(_mark_gradient(marking)) for p in model.parameters()
                  if p.requires_grad]
         optimizer = mst_hf.make_optimizer(model, cfg, lr=job.lr)
-        g = torch.Generator().manual_seed(job.seed + 1)
-
-        def batches() -> List[Any]:
-            return [torch.randint(0, job.hf_config["vocab_size"], (cfg.micro_batch, cfg.seq_len), generator=g)
-                    for _ in range(cfg.grad_accum)]
-
-        for _ in range(max(job.warmup, 1)):  # the optimizer creates its states in the first step
-            run_step(model, optimizer, cfg, batches(), "fake", keep_loss=False)
+        next_step = step_batches(job)
+        warm_up(job, model, optimizer, cfg, next_step, "fake")
 
         names = {id(p): n for n, p in model.named_parameters()}
         masters: Dict[int, Any] = {}
@@ -128,10 +136,10 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         if not cfg.offload_checkpoints:  # offloaded, the checkpoint is the host copy save_on_cpu makes
             hooks += [layers[i].register_forward_pre_hook(_mark_checkpoint(recorder)) for i in cfg.checkpoint_layers]
         marking["recorder"] = recorder
-        step_batches = batches()  # host memory: made before recording starts
+        batches = next_step()  # host memory: made before recording starts
         try:
             with recorder.tracking(model), recorder:
-                run_step(model, optimizer, cfg, step_batches, "fake", _Recording(recorder, model, masters),
+                run_step(model, optimizer, cfg, batches, "fake", _Recording(recorder, model, masters),
                          keep_loss=False)
             recorder.close()
         finally:

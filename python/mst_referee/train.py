@@ -11,7 +11,7 @@ import platform
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import mst_hf
 
@@ -104,14 +104,24 @@ def weights_fingerprint(model: Any) -> float:
         return float(sum(p.detach().reshape(-1)[:4096].double().sum().item() for p in model.parameters()))
 
 
-def make_batches(job: Job, vocab: int) -> List[Any]:
-    """Random token ids [micro_batch, seq_len] on the host for every micro-step of every step, seeded
-    (each micro-step copies its batch to the device, as a data loader's batch is)."""
+def step_batches(job: Job) -> Callable[[], List[Any]]:
+    """One optimizer step's random token ids per call: grad_accum host tensors [micro_batch, seq_len]
+    (each micro-step copies its batch to the device, as a data loader's batch is), drawn in order from
+    one generator seeded with job.seed + 1, so that every run of the job sees the same tokens."""
     torch, _ = import_torch()
     g = torch.Generator().manual_seed(job.seed + 1)
-    cfg = job.mst_config
-    count = (job.warmup + job.steps) * cfg["grad_accum"]
-    return [torch.randint(0, vocab, (cfg["micro_batch"], cfg["seq_len"]), generator=g) for _ in range(count)]
+    cfg, vocab = job.mst_config, job.hf_config["vocab_size"]
+
+    def next_step() -> List[Any]:
+        return [torch.randint(0, vocab, (cfg["micro_batch"], cfg["seq_len"]), generator=g)
+                for _ in range(cfg["grad_accum"])]
+    return next_step
+
+
+def make_batches(job: Job) -> List[Any]:
+    """The batches of every micro-step of every step (warm-up and measured), in order."""
+    next_step = step_batches(job)
+    return [batch for _ in range(job.warmup + job.steps) for batch in next_step()]
 
 
 class _StepClock:
@@ -160,7 +170,7 @@ def train(job: Job, patched: bool, device: str, progress: _Progress) -> Dict[str
     if patched:
         mst_hf.apply(model, cfg)
     optimizer = mst_hf.make_optimizer(model, cfg, lr=job.lr)
-    batches = make_batches(job, job.hf_config["vocab_size"])
+    batches = make_batches(job)
     losses: List[float] = []
     seconds: List[float] = []
     persistent = retries = None

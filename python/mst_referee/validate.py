@@ -181,28 +181,20 @@ def profile_plain_step(job: Job) -> List[_Alloc]:
 
     import mst_hf
 
-    from .flash import stand_in, use_flash
+    from .flash import stand_in
+    from .referee import patched_model, warm_up
     from .step import run_step
-    from .train import build_model, pick_attn_implementation
+    from .train import step_batches
 
     cfg = mst_hf.load_config(job.mst_config)
-    attn, _ = pick_attn_implementation(cfg.attention, "cpu")
-    model = build_model(job, attn, "cpu")
-    use_flash(model, cfg.attention)
-    mst_hf.apply(model, cfg)
+    model, _ = patched_model(job, cfg)
     optimizer = mst_hf.make_optimizer(model, cfg, lr=job.lr)
-    g = torch.Generator().manual_seed(job.seed + 1)
-
-    def batches() -> List[Any]:
-        return [torch.randint(0, job.hf_config["vocab_size"], (cfg.micro_batch, cfg.seq_len), generator=g)
-                for _ in range(cfg.grad_accum)]
-
+    next_step = step_batches(job)
     with stand_in():
-        for _ in range(max(job.warmup, 1)):
-            run_step(model, optimizer, cfg, batches(), "cpu", keep_loss=False)
-        step_batches = batches()
+        warm_up(job, model, optimizer, cfg, next_step, "cpu")
+        batches = next_step()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            run_step(model, optimizer, cfg, step_batches, "cpu", keep_loss=False)
+            run_step(model, optimizer, cfg, batches, "cpu", keep_loss=False)
     return profiled_allocations(prof)
 
 
@@ -210,35 +202,24 @@ def memtracker_peak(job: Job) -> int:
     """Peak bytes of the job's fake-tensor step as PyTorch's own tracker reports it
     (``torch.distributed._tools.mem_tracker.MemTracker``, parameters, buffers, gradients and
     optimizer states registered with ``track_external``), after the referee's warm-up."""
-    import torch
     from torch.distributed._tools.mem_tracker import MemTracker
 
     import mst_hf
 
     from .fake import session
-    from .flash import use_flash
-    from .referee import _optimizers
+    from .referee import _optimizers, patched_model, warm_up
     from .step import run_step
-    from .train import build_model, pick_attn_implementation
+    from .train import step_batches
 
     cfg = mst_hf.load_config(job.mst_config)
-    attn, _ = pick_attn_implementation(cfg.attention, "cpu")
     with session():
-        model = build_model(job, attn, "cpu")
-        use_flash(model, cfg.attention)
-        mst_hf.apply(model, cfg)
+        model, _ = patched_model(job, cfg)
         optimizer = mst_hf.make_optimizer(model, cfg, lr=job.lr)
-        g = torch.Generator().manual_seed(job.seed + 1)
-
-        def batches() -> List[Any]:
-            return [torch.randint(0, job.hf_config["vocab_size"], (cfg.micro_batch, cfg.seq_len), generator=g)
-                    for _ in range(cfg.grad_accum)]
-
-        for _ in range(max(job.warmup, 1)):
-            run_step(model, optimizer, cfg, batches(), "fake", keep_loss=False)
-        step_batches = batches()
+        next_step = step_batches(job)
+        warm_up(job, model, optimizer, cfg, next_step, "fake")
+        batches = next_step()
         tracker = MemTracker()
         tracker.track_external(model, *_optimizers(optimizer))
         with tracker:
-            run_step(model, optimizer, cfg, step_batches, "fake", keep_loss=False)
+            run_step(model, optimizer, cfg, batches, "fake", keep_loss=False)
         return int(sum(dev["Total"] for dev in tracker.get_tracker_snapshot("peak").values()))
