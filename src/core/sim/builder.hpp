@@ -258,6 +258,7 @@ private:
     // (the tanh saves its output); names are {div, tanh, capped} and their gradients.
     using SoftcapNames = std::array<const char*, 3>;
     T softcap_forward(T x, bytes_t bytes, const SoftcapNames& names, T& saved_tanh);
+    T logits_forward(T x, T& x_saved, T& logits_tanh);  // the unchunked head: lm_head, Gemma-2 soft-capping
     T softcap_backward(T g, bytes_t bytes, const SoftcapNames& names, T& saved_tanh);
     // Gemma-2's norm on a branch output (bf16), saving its input: returns the normed tensor.
     T post_norm_forward(const char* op, T x, T& saved_input, T& rstd);

@@ -17,6 +17,22 @@
 
 namespace mst::sim {
 
+// The unchunked LM head's logits [T, V] from its input x (consumed; the GEMM saves it in
+// x_saved), Gemma-2's final soft-capping after them (its tanh saved): the same in both runtimes.
+T StepBuilder::logits_forward(T x, T& x_saved, T& logits_tanh) {
+    at("lm_head");
+    use_weight(lm_head_);
+    T logits = act("logits", bf16(tokens_, m_.vocab_size), false);
+    x_saved = saved(x);
+    drop(x);
+    if (m_.final_logit_softcapping) {  // logits = tanh(logits / cap) * cap
+        at("lm_head.softcap");
+        logits = softcap_forward(logits, bf16(tokens_, m_.vocab_size), {"logits_div", "logits_tanh", "logits_capped"},
+                                 logits_tanh);
+    }
+    return logits;
+}
+
 T StepBuilder::embedding_forward(Category out_category) {
     layer_ = -1;
     at("embedding");
@@ -81,15 +97,7 @@ void StepBuilder::head_forward(T x_last, HeadSaved& hs) {
     T hin = cast_for_matmul(hf, d);
 
     if (!chunked) {
-        at("lm_head");
-        use_weight(lm_head_);
-        T logits = act("logits", bf16(tokens_, V), false);
-        hs.hf = saved(hin);
-        drop(hin);
-        if (m_.final_logit_softcapping) {  // Gemma-2: logits = tanh(logits / cap) * cap
-            at("lm_head.softcap");
-            logits = softcap_forward(logits, bf16(tokens_, V), {"logits_div", "logits_tanh", "logits_capped"}, hs.logits_tanh);
-        }
+        T logits = logits_forward(hin, hs.hf, hs.logits_tanh);
         at("loss");
         T up = act("logits_fp32", f32(tokens_, V), false);
         T logp = act("log_probs", f32(tokens_, V), true);
@@ -302,15 +310,7 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
         hf_chunked_loss_forward(h, hs);
         return;
     }
-    at("lm_head");
-    use_weight(lm_head_);
-    T logits = act("logits", bf16(tokens_, V), false);
-    hs.hf_logits_in = saved(h);
-    drop(h);
-    if (m_.final_logit_softcapping) {  // Gemma-2: logits = tanh(logits / cap) * cap
-        at("lm_head.softcap");
-        logits = softcap_forward(logits, bf16(tokens_, V), {"logits_div", "logits_tanh", "logits_capped"}, hs.logits_tanh);
-    }
+    T logits = logits_forward(h, hs.hf_logits_in, hs.logits_tanh);
     at("loss");
     T up = act("logits_fp32", f32(tokens_, V), false);
     T pad = act("labels_padded", elems(s_.micro_batch, s_.seq_len + 1, 8), false);
