@@ -12,6 +12,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "mst/setup.hpp"
 #include "output.hpp"
 
 namespace mst::cli {
@@ -38,16 +39,16 @@ struct RecommendCase {
     const char* gpu;
     std::int64_t gpus, seq;
     double target_ms;
-    const char* runtime;  // hf plans one GPU; several are planned with the kernels runtime
+    Runtime runtime;  // hf plans one GPU; several are planned with the kernels runtime
 };
 inline constexpr RecommendCase kRecommendCases[] = {
-    {"llama-3-8b", "h100-sxm-80gb", 1, 8192, 40, "hf"},       // one GPU, 8k to 128k tokens: 40 ms
-    {"llama-3-8b", "h100-sxm-80gb", 1, 32768, 40, "hf"},
-    {"llama-3-8b", "h100-sxm-80gb", 1, 65536, 40, "hf"},
-    {"llama-3-8b", "h100-sxm-80gb", 1, 131072, 40, "kernels"},  // beyond one H100 with transformers' tensors
-    {"llama-3-8b", "a100-80gb", 1, 32768, 40, "hf"},
-    {"llama-3-8b", "h100-sxm-80gb", 8, 262144, 250, "kernels"},    // 8 GPUs at 256k tokens: 250 ms
-    {"llama-3.1-70b", "h100-sxm-80gb", 64, 131072, 150, "kernels"},  // 70B on 64 GPUs: 150 ms
+    {"llama-3-8b", "h100-sxm-80gb", 1, 8192, 40, Runtime::Hf},       // one GPU, 8k to 128k tokens: 40 ms
+    {"llama-3-8b", "h100-sxm-80gb", 1, 32768, 40, Runtime::Hf},
+    {"llama-3-8b", "h100-sxm-80gb", 1, 65536, 40, Runtime::Hf},
+    {"llama-3-8b", "h100-sxm-80gb", 1, 131072, 40, Runtime::Kernels},  // beyond one H100 with transformers' tensors
+    {"llama-3-8b", "a100-80gb", 1, 32768, 40, Runtime::Hf},
+    {"llama-3-8b", "h100-sxm-80gb", 8, 262144, 250, Runtime::Kernels},    // 8 GPUs at 256k tokens: 250 ms
+    {"llama-3.1-70b", "h100-sxm-80gb", 64, 131072, 150, Runtime::Kernels},  // 70B on 64 GPUs: 150 ms
 };
 inline constexpr const char* kMaxSeqModel = "llama-3-8b";
 inline constexpr const char* kMaxSeqGpu = "a100-80gb";

@@ -70,7 +70,7 @@ void run_bench_cli(const GlobalOptions& g, int reps) {
         cases.push_back(measure({fmt::format("recommend {} {} x{} {}k", rc.model, rc.gpu, rc.gpus, rc.seq / 1024), "",
                                  rc.target_ms, std::nullopt, {}},
                                 {"recommend", "--model", rc.model, "--gpu", rc.gpu, "--gpus", std::to_string(rc.gpus), "--seq",
-                                 std::to_string(rc.seq), "--runtime", rc.runtime}));
+                                 std::to_string(rc.seq), "--runtime", to_string(rc.runtime)}));
     cases.push_back(measure({fmt::format("max-seq {} {}", kMaxSeqModel, kMaxSeqGpu), "", kMaxSeqTargetMs, std::nullopt, {}},
                             {"max-seq", "--model", kMaxSeqModel, "--gpu", kMaxSeqGpu}));
     print_bench(g, "bench cli: whole mst-plan processes", cases);

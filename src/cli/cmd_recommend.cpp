@@ -212,7 +212,7 @@ void run_bench_tuner(const GlobalOptions& g, int reps) {
         rq.gpu = find_gpu(rc.gpu);
         rq.gpus = rc.gpus;
         rq.seq_len = rc.seq;
-        rq.base.runtime = parse_runtime(rc.runtime, "bench");
+        rq.base.runtime = rc.runtime;
         std::int64_t simulations = 0;
         BenchCase c{fmt::format("recommend {} {} x{} {}k", rc.model, rc.gpu, rc.gpus, rc.seq / 1024), "", rc.target_ms,
                     std::nullopt, {}};

@@ -322,7 +322,7 @@ namespace {
 // The GPU count within its bound, and a base setup the runtime models: the hf runtime models one
 // GPU and refuses some knobs (validate_hf_scope) with a pointer to the kernels runtime, which the
 // user should read rather than a search that finds nothing.
-void check_gpus(const TuneRequest& rq, const char* command) {
+void check_request(const TuneRequest& rq, const char* command) {
     if (rq.gpus < 1 || rq.gpus > limits::kGpus)
         fail(command, "gpus", fmt::format("expected a count in [1, {}], got {}", limits::kGpus, rq.gpus));
     if (rq.gpus > 1 && rq.base.runtime == Runtime::Hf)
@@ -338,7 +338,7 @@ Recommendation recommend(const TuneRequest& rq) {
     const ModelSpec& m = rq.model;
     Recommendation out;
     out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
-    check_gpus(rq, "recommend");
+    check_request(rq, "recommend");
     if (rq.seq_len < 1 || rq.seq_len > limits::kSeqLen)
         fail("recommend", "seq_len", fmt::format("expected a length in [1, {}], got {}", limits::kSeqLen, rq.seq_len));
     if (rq.tokens_per_step) {
@@ -471,7 +471,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     const std::int64_t L = m.num_layers;
     MaxSeqResult out;
     out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
-    check_gpus(rq, "max-seq");
+    check_request(rq, "max-seq");
 
     TrainingSetup base = rq.base;
     base.dp = rq.gpus;
