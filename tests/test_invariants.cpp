@@ -9,6 +9,8 @@
 #include "mst/model.hpp"
 #include "mst/simulate.hpp"
 #include "caching_allocator.hpp"
+#include "sim/builder.hpp"
+#include "sim/loop_replay.hpp"
 #include "reference_caching_allocator.hpp"
 #include "sim_test_support.hpp"
 #include "test_support.hpp"
@@ -292,6 +294,100 @@ TEST_CASE("the tuner's fast path reports exactly the peaks of the recorded timel
         CAPTURE(i);
         check_same_peaks(simulate_peaks(m, s, gpu), estimate(m, s, gpu));
     }
+}
+
+// A setup of the hf runtime (transformers + PyTorch on one GPU), with chunk loops long enough
+// that the allocator replay's skipped repeats (src/core/sim/peaks.cpp) are exercised.
+TrainingSetup random_hf_setup(Random& r, const ModelSpec& m, std::int64_t max_seq) {
+    TrainingSetup s;
+    s.runtime = Runtime::Hf;
+    s.micro_batch = r.in(1, 2);
+    s.seq_len = r.in(8, max_seq);
+    s.precision = r.pick({Precision::PureBf16, Precision::Bf16Master});
+    s.optimizer = r.pick({Optimizer::AdamW, Optimizer::SgdMomentum});
+    s.optimizer_impl = r.pick({OptimizerImpl::Fused, OptimizerImpl::Foreach, OptimizerImpl::ForLoop});
+    s.attention = r.pick({Attention::Flash, Attention::Eager});
+    s.mlp_impl = r.pick({MlpImpl::Loop, MlpImpl::Tiled});
+    s.lm_impl = r.pick({LmHeadImpl::Recompute, LmHeadImpl::FusedForward});
+    s.mlp_chunks = std::min<std::int64_t>(s.local_tokens(), r.pick({1, 2, 3, 7, 16, 40}));
+    s.lm_chunks = std::min<std::int64_t>(s.local_tokens(), r.pick({1, 2, 3, 7, 16, 40}));
+    s.checkpoint.resize(static_cast<std::size_t>(m.num_layers));
+    for (std::size_t i = 0; i < s.checkpoint.size(); ++i) s.checkpoint[i] = r.coin();
+    s.offload_checkpoints = s.checkpointed_count() > 0 && r.coin();
+    s.grad_accum = r.pick({1, 1, 3});
+    s.optimizer_in_backward = s.grad_accum == 1 && r.in(0, 3) == 0;
+    validate(s, m);
+    return s;
+}
+
+// Tiny models (blocks from the small pool) and, every third, larger ones (the large pool's segments).
+ModelSpec random_hf_model(Random& r, bool large) {
+    if (!large) return random_model(r);
+    const nlohmann::json j = {{"model_type", "llama"}, {"hidden_size", 512}, {"intermediate_size", 512 * r.in(2, 4)},
+                              {"num_hidden_layers", r.in(1, 3)}, {"num_attention_heads", 8}, {"num_key_value_heads", 4},
+                              {"vocab_size", r.in(4000, 32000)}};
+    return parse_model(j, "random", "llama");
+}
+
+TEST_CASE("a chunk loop's replay that skips repeating iterations leaves every tensor in the block a plain replay does") {
+    Random r(12);
+    const GpuProfile gpu = gpu_with_workspace();
+    const AllocatorConstants& c = gpu.calibration.allocator;
+    constexpr bytes_t kNoLimit = std::numeric_limits<bytes_t>::max();
+    sim::LoopReplay loops;
+    std::int64_t periodic = 0;  // loops whose skipped repeats cover two or more periods' worth
+    for (int i = 0; i < 120; ++i) {
+        const bool large = i % 3 == 0;
+        const ModelSpec m = random_hf_model(r, large);
+        const TrainingSetup s = random_hf_setup(r, m, large ? 4096 : 160);
+        CAPTURE(i);
+        sim::PeakScratch step;
+        sim::StepBuilder(m, s, gpu, false, sim::PeakRun{&step, {}, true}).run();
+        const std::vector<sim::GpuEvent>& events = step.gpu_events;
+        std::int64_t tensors = 0;
+        for (const sim::GpuEvent& e : events) tensors = std::max(tensors, e.tensor + 1);
+        detail::CachingAllocatorModel plain(c), skipping(c);
+        MemoryPeaks plain_peaks, skipping_peaks;
+        std::size_t at = 0;
+        bool same = true;
+        for (const sim::PeakScratch::Loop& loop : step.loops) {
+            const std::size_t begin = step.loop_marks[loop.first], end = step.loop_marks[loop.first + loop.iterations];
+            sim::replay_events(plain, events, at, end, kNoLimit, plain_peaks);
+            sim::replay_events(skipping, events, at, begin, kNoLimit, skipping_peaks);
+            const std::int64_t before = loops.skipped();
+            loops.run(skipping, events, step.loop_marks, loop.first, loop.iterations, kNoLimit, skipping_peaks);
+            if (loops.skipped() - before >= 2 * static_cast<std::int64_t>(end - begin) / static_cast<std::int64_t>(loop.iterations))
+                ++periodic;
+            at = end;
+            same = same && plain.allocated() == skipping.allocated() && plain.reserved() == skipping.reserved() &&
+                   plain_peaks.peak_allocated_bytes == skipping_peaks.peak_allocated_bytes;
+            for (std::int64_t t = 0; same && t < tensors; ++t) same = plain.placement(t) == skipping.placement(t);
+        }
+        CHECK(same);
+    }
+    CHECK(periodic > 50);  // the skipping is exercised, not bypassed
+}
+
+TEST_CASE("hf runtime: the fast path, which skips repeating chunk-loop iterations, reports exactly the recorded timeline's peaks") {
+    Random r(11);
+    const GpuProfile gpu = gpu_with_workspace();
+    std::int64_t skipped = 0;
+    for (int i = 0; i < 150; ++i) {
+        const bool large = i % 3 == 0;
+        const ModelSpec m = random_hf_model(r, large);
+        PeakSimulator sim(m, gpu);
+        CAPTURE(i);
+        for (int j = 0; j < 3; ++j) {
+            const TrainingSetup s = random_hf_setup(r, m, large ? 4096 : 160);
+            CAPTURE(j);
+            const Estimate e = estimate(m, s, gpu);
+            check_same_peaks(sim.peaks(s), e);
+            CHECK(sim.fits(s, e.allocator.peak_reserved, e.summary.host_peak));
+            CHECK_FALSE(sim.fits(s, e.allocator.peak_reserved - 1, e.summary.host_peak));
+        }
+        skipped += sim.skipped_events();
+    }
+    CHECK(skipped > 100000);  // the skipping is exercised, not bypassed
 }
 
 TEST_CASE("the caching-allocator model places every block of the random setups' timelines where its reference does") {

@@ -44,6 +44,8 @@ public:
     // reserved: a setup it rules out does not fit, one it admits may still not.
     bool fits(const TrainingSetup& setup, bytes_t budget_bytes, bytes_t host_budget_bytes, MemoryPeaks* out = nullptr,
               bool allocator = true);
+    // Events the allocator replays skipped so far (repeating chunk-loop iterations; tests).
+    std::int64_t skipped_events() const;
 
 private:
     // One step under the budgets (each the numeric maximum when there is none): false as soon as

@@ -109,6 +109,14 @@ public:
         allocated_ = reserved_ = 0;
     }
 
+    // Tensor `to` takes over the block of `from`, which has none after (the replay's skipped
+    // repeats, src/core/sim/peaks.cpp).
+    void rename(std::int64_t from, std::int64_t to) {
+        const Where w = where(from);
+        where(from) = Where{};
+        where(to) = w;
+    }
+
     bytes_t allocated() const { return allocated_; }
     bytes_t reserved() const { return reserved_; }
     // Where a tensor's block is: {segment, offset, block bytes}; segment -1 when it has none

@@ -22,6 +22,8 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
         table_.clear();
         scratch->gpu_events.clear();
         scratch->boundaries.clear();
+        scratch->loops.clear();
+        scratch->loop_marks.clear();
     }
     tokens_ = s_.local_tokens();
     hf_ = s_.runtime == Runtime::Hf;

@@ -149,6 +149,14 @@ struct PeakScratch {
     // compares share the step up to the first layer whose knobs differ, so the allocator replay
     // resumes from the last such place they share (peaks.cpp).
     std::vector<std::size_t> boundaries;
+    // Chunk loops whose iterations may repeat one another: the replay skips an iteration that
+    // would leave the allocator as the one before did (peaks.cpp). loop_marks[first + i] is where
+    // in gpu_events iteration i starts, loop_marks[first + iterations] where the loop ends.
+    struct Loop {
+        std::size_t first = 0, iterations = 0;
+    };
+    std::vector<Loop> loops;
+    std::vector<std::size_t> loop_marks;
 };
 
 // How a peaks-only StepBuilder runs.
@@ -212,6 +220,22 @@ private:
         peak_run_.scratch->boundaries.push_back(peak_run_.scratch->gpu_events.size());
     }
     std::int32_t marked_layer_ = -2;
+    // A chunk loop's iterations, for the replay (captured runs only; loops do not nest): call
+    // loop_iteration() as each iteration starts and loop_end() after the last.
+    void loop_iteration() {
+        if (!peak_run_.capture) return;
+        PeakScratch& s = *peak_run_.scratch;
+        if (!in_loop_) s.loops.push_back(PeakScratch::Loop{s.loop_marks.size(), 0});
+        in_loop_ = true;
+        s.loop_marks.push_back(s.gpu_events.size());
+        ++s.loops.back().iterations;
+    }
+    void loop_end() {
+        if (!peak_run_.capture || !in_loop_) return;
+        peak_run_.scratch->loop_marks.push_back(peak_run_.scratch->gpu_events.size());
+        in_loop_ = false;
+    }
+    bool in_loop_ = false;
 
     // ---- sizes ----------------------------------------------------------------
     bytes_t elems(std::int64_t rows, std::int64_t cols, int bytes_per_element) const {

@@ -446,10 +446,12 @@ void StepBuilder::hf_chunked_loss_forward(T h, HeadSaved& hs) {
         hs.hf_logits_in = saved(h), hs.hf_targets = saved(targets), hs.hf_denominator = saved(denominator);
         T total = act("loss_sum", 4, false);
         for (std::int64_t n : chunks) {
+            loop_iteration();
             T z, t, loss;
             hf_chunk_loss(n, false, z, t, loss);
             drop(loss), drop(z), drop(t);  // total += loss; del z, t
         }
+        loop_end();
         hs.hf_loss = act("loss", 4, false);
         drop(total);
     } else {
@@ -458,9 +460,11 @@ void StepBuilder::hf_chunked_loss_forward(T h, HeadSaved& hs) {
         hs.grad_partial = act("d_weight", checked_mul(params_[static_cast<std::size_t>(lm_head_)].numel, pg_), false);
         T total = act("loss_sum", 4, false);
         for (std::int64_t n : chunks) {
+            loop_iteration();
             T loss = hf_chunk_backward(n);
             drop(loss);
         }
+        loop_end();
         hs.hf_loss = act("loss", 4, false);
         drop(scale), drop(total);
     }
@@ -486,9 +490,11 @@ T StepBuilder::hf_chunked_loss_backward(HeadSaved& hs, T grad_in) {
         dh = alloc("d_hidden", bf16(tokens_, d), Category::Transient);
         dw = alloc("d_weight", checked_mul(params_[static_cast<std::size_t>(lm_head_)].numel, pg_), Category::Transient);
         for (std::int64_t n : chunk_sizes(tokens_, s_.lm_chunks)) {
+            loop_iteration();
             T loss = hf_chunk_backward(n);
             drop(loss);
         }
+        loop_end();
         drop(scale);
         node_end({&hs.hf_logits_in, &hs.hf_targets, &hs.hf_denominator}, &grad_in);
     }

@@ -200,6 +200,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
         {
             NoGrad no_grad(*this);  // a Function's forward runs without autograd
             for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
+                loop_iteration();
                 HfMlpChunk unsaved;
                 T m = hf_mlp_chunk_forward(lp, h2, n, unsaved);
                 T part = act("y_chunk", bf16(n, d), false);
@@ -208,6 +209,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
                 if (!y.valid()) y = act("y", bf16(tokens_, d), false);  // part.new_empty((T, d))
                 drop(part);  // copied into its rows
             }
+            loop_end();
         }
         // ctx.save_for_backward(x) takes effect as the Function returns: the layer's last saved
         // tensor, where checkpointing's recomputation stops (the output dies unwinding).
@@ -295,6 +297,7 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     T loop_var;             // `g` of the last `for i, g in enumerate(grads)`
     bool first = true;
     for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
+        loop_iteration();
         phase_ = Phase::Recompute;
         HfMlpChunk c;
         T m = hf_mlp_chunk_forward(lp, sv.x_tiled, n, c);
@@ -318,6 +321,7 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
         }
         first = false;
     }
+    loop_end();
     // At return the locals go in order: the unpacked input (recomputed by checkpointing, nothing else
     // holds it), then `g`; the node then releases its input gradient and saved input.
     recomputed_ = checkpointed;

@@ -6,12 +6,14 @@
 // budget check stops the step as soon as requested bytes pass the budget, and the replay as
 // soon as reserved bytes do; most setups the tuner rules out never reach the allocator. Setups
 // the tuner compares one after the other often share the start of the step, and a replay
-// resumes from a snapshot of the previous one where they do (replay()).
+// resumes from a snapshot of the previous one where they do (replay()). Chunk loops skip the
+// iterations that repeat (loop_replay.hpp).
 #include <algorithm>
 #include <limits>
 
 #include "../caching_allocator.hpp"
 #include "builder.hpp"
+#include "loop_replay.hpp"
 #include "mst/simulate.hpp"
 
 namespace mst {
@@ -29,12 +31,15 @@ struct PeakSimulator::Scratch {
     std::vector<sim::GpuEvent> replayed;  // the events of the last replay
     std::vector<Snapshot> snapshots;      // the first `valid` hold prefixes of `replayed`, ascending
     std::size_t valid = 0;
+    sim::LoopReplay loops;  // chunk loops, skipping their repeats
 };
 
 PeakSimulator::PeakSimulator(const ModelSpec& model, const GpuProfile& gpu)
     : model_(model), gpu_(gpu), scratch_(std::make_unique<Scratch>()) {}
 
 PeakSimulator::~PeakSimulator() = default;
+
+std::int64_t PeakSimulator::skipped_events() const { return scratch_->loops.skipped(); }
 
 namespace {
 
@@ -51,7 +56,7 @@ std::size_t common_prefix(const std::vector<sim::GpuEvent>& a, const std::vector
 // bytes pass `limit` (reserved bytes only grow: segments are never returned). The model is
 // deterministic, so after the events this step shares with the last replay it is in the state
 // a snapshot of that replay holds: the replay resumes from the last snapshot within the shared
-// prefix, and takes its own at the boundaries after it.
+// prefix, and takes its own at the boundaries after it. Chunk loops skip their repeats.
 bool PeakSimulator::replay(bytes_t limit, MemoryPeaks& p) {
     Scratch& s = *scratch_;
     const std::vector<sim::GpuEvent>& events = s.step.gpu_events;
@@ -67,9 +72,19 @@ bool PeakSimulator::replay(bytes_t limit, MemoryPeaks& p) {
         s.allocator.reset(gpu_.calibration.allocator);
     }
     const auto& boundaries = s.step.boundaries;
+    const auto& loops = s.step.loops;
+    const auto& marks = s.step.loop_marks;
     auto next = std::upper_bound(boundaries.begin(), boundaries.end(), from);
+    auto loop = std::find_if(loops.begin(), loops.end(), [&](const auto& l) { return marks[l.first] >= from; });
     bool fits = true;
-    for (std::size_t i = from; i < events.size(); ++i) {
+    for (std::size_t i = from; fits && i < events.size();) {
+        const std::size_t stop = std::min({events.size(), next != boundaries.end() ? *next : events.size(),
+                                           loop != loops.end() ? marks[loop->first] : events.size()});
+        if (!sim::replay_events(s.allocator, events, i, stop, limit, p)) {
+            fits = false;
+            break;
+        }
+        i = stop;
         if (next != boundaries.end() && *next == i) {
             // A snapshot is a copy of the model, which grows with the step: take them at doubling
             // distances, and at the last boundary (the LM head, where setups differing only in
@@ -82,14 +97,11 @@ bool PeakSimulator::replay(bytes_t limit, MemoryPeaks& p) {
             }
             ++next;
         }
-        const sim::GpuEvent& e = events[i];
-        if (e.bytes >= 0) s.allocator.allocate(e.tensor, e.bytes);
-        else s.allocator.release(e.tensor);
-        p.peak_allocated_bytes = std::max(p.peak_allocated_bytes, s.allocator.allocated());
-        p.peak_reserved_bytes = s.allocator.reserved();
-        if (p.peak_reserved_bytes > limit) {
-            fits = false;
-            break;
+        if (loop != loops.end() && marks[loop->first] == i) {
+            fits = s.loops.run(s.allocator, events, marks, loop->first, loop->iterations, limit, p);
+            i = marks[loop->first + loop->iterations];
+            ++loop;
+            while (next != boundaries.end() && *next < i) ++next;  // no snapshot within a loop
         }
     }
     s.replayed.swap(s.step.gpu_events);  // the snapshots hold prefixes of these now

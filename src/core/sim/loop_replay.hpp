@@ -1,0 +1,77 @@
+#pragma once
+// The caching-allocator model over captured GPU events, skipping the iterations of chunk loops
+// that repeat (used by PeakSimulator, peaks.cpp; tests compare it with a plain replay).
+//
+// A chunk loop runs the same ops on each mini-sequence. Iterations that repeat the one before
+// them (the same allocations in the same order, freeing only what they or the iteration before
+// allocated, at the same places) do what it did if the allocator is in the state it found it in.
+// After iteration i the allocator is in the state it was in after iteration i - p (up to which
+// tensor holds which block) when iterations i - p + 1 .. i all repeat, made no segment, and i
+// keeps exactly the blocks i - p kept: the same number, each where its counterpart was (no
+// tensor of the loop from before can still be live: it would share a block with one of them).
+// The repeats that follow then do what i - p + 1 .. i did, period after period: whole periods
+// of them are skipped, their last iteration's tensors taking over iteration i's blocks. Peaks
+// are unchanged by a skipped iteration: it runs as one already replayed on the same state did.
+// (Period 1: the hf runtime's tiled MLP forward and loss chunks; 2: the tiled MLP's backward,
+// whose weight gradient alternates between two blocks.)
+#include <array>
+#include <cstdint>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "../caching_allocator.hpp"
+#include "builder.hpp"
+#include "mst/simulate.hpp"
+
+namespace mst::sim {
+
+// Events [a, b) into `allocator`, peaks into `p`; false as soon as reserved bytes pass `limit`.
+inline bool replay_events(detail::CachingAllocatorModel& allocator, const std::vector<GpuEvent>& events, std::size_t a,
+                          std::size_t b, bytes_t limit, MemoryPeaks& p) {
+    const GpuEvent* e = events.data();
+    for (std::size_t i = a; i < b; ++i) {
+        if (e[i].bytes >= 0) allocator.allocate(e[i].tensor, e[i].bytes);
+        else allocator.release(e[i].tensor);
+        p.peak_allocated_bytes = std::max(p.peak_allocated_bytes, allocator.allocated());
+        p.peak_reserved_bytes = allocator.reserved();
+        if (p.peak_reserved_bytes > limit) return false;
+    }
+    return true;
+}
+
+class LoopReplay {
+public:
+    // The loop whose iterations start at marks[first], .., marks[first + iterations - 1] and which
+    // ends at marks[first + iterations] (PeakScratch::Loop), as replay_events would replay it.
+    bool run(detail::CachingAllocatorModel& allocator, const std::vector<GpuEvent>& events,
+             const std::vector<std::size_t>& marks, std::size_t first, std::size_t iterations, bytes_t limit,
+             MemoryPeaks& p);
+    std::int64_t skipped() const { return skipped_; }  // events not replayed so far
+
+private:
+    static constexpr std::size_t kPeriods = 4;  // the longest period of repeating state looked for
+    // A block an iteration leaves allocated: its allocation's place in the iteration, and the
+    // block (segment, offset, bytes).
+    struct Carried {
+        std::size_t at = 0;
+        std::tuple<std::int64_t, bytes_t, bytes_t> block;
+        bool operator==(const Carried&) const = default;
+    };
+    struct Replayed {
+        bytes_t reserved_before = 0;
+        std::vector<Carried> carried;
+    };
+    void find_repeats(const std::vector<GpuEvent>& events, const std::vector<std::size_t>& marks, std::size_t first,
+                      std::size_t iterations);
+
+    std::vector<std::uint8_t> repeats_;  // per iteration: it repeats the one before
+    // per tensor: the event that allocated it in the loop being read, with that loop's stamp
+    std::vector<std::pair<std::uint32_t, std::size_t>> allocated_at_;
+    std::uint32_t stamp_ = 0;
+    std::vector<std::pair<bytes_t, std::int64_t>> shape_, previous_shape_;
+    std::array<Replayed, kPeriods + 1> history_;  // the last iterations replayed, by index mod kPeriods + 1
+    std::int64_t skipped_ = 0;
+};
+
+}  // namespace mst::sim
