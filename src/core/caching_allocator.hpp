@@ -287,7 +287,7 @@ private:
     Where& where(std::int64_t tensor) {
         if (static_cast<std::uint64_t>(tensor) < dense_.size()) return dense_[static_cast<std::size_t>(tensor)];
         if (tensor >= 0 && tensor < (std::int64_t{1} << 24)) {
-            dense_.resize(static_cast<std::size_t>(tensor) * 2 + 16);
+            dense_.resize(static_cast<std::size_t>(tensor) + 1);  // capacity still grows geometrically; a snapshot copies only the size
             return dense_[static_cast<std::size_t>(tensor)];
         }
         return sparse_[tensor];
