@@ -11,8 +11,15 @@ A thin command line over python/mst_referee (see python/README.md):
 allocation and free recorded (an mst-measure/1 file with the full timeline).
 """
 
+import os
 import sys
 from pathlib import Path
+
+# transformers iterates a set of layer types (Gemma-3 computes one rotary table per type): string
+# hashing orders it, and with it which tables a backward frees first. Hash seed 0 makes runs
+# repeatable and is the order mst-plan models (python/README.md).
+if os.environ.get("PYTHONHASHSEED") != "0":
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 

@@ -114,6 +114,19 @@ inline const MatrixCase kMatrix[] = {
     {"Qwen3: bf16 master, optimizer in backward, tiled M=3", "tiny_qwen3.json", 32, [](TrainingSetup& s, std::int64_t) {
          s.precision = Precision::Bf16Master, s.optimizer_in_backward = true, s.mlp_chunks = 3, s.mlp_impl = MlpImpl::Tiled;
      }},
+    {"Gemma-3: q/k head norms after the projections, 2 local : 1 global layers, tied (M = 1)", "tiny_gemma3.json", 32,
+     [](TrainingSetup&, std::int64_t) {}},
+    {"Gemma-3: eager (two masks), checkpoint all, loop M=2", "tiny_gemma3.json", 32, [](TrainingSetup& s, std::int64_t L) {
+         s.attention = Attention::Eager, s.checkpoint.assign(static_cast<std::size_t>(L), true), s.mlp_chunks = 2;
+     }},
+    {"Gemma-3: AMP, grad_accum 2, fused M=2, checkpoint the global layer offloaded", "tiny_gemma3.json", 32,
+     [](TrainingSetup& s, std::int64_t) {
+         s.precision = Precision::AmpFp32, s.grad_accum = 2, s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward;
+         s.checkpoint = {false, false, true}, s.offload_checkpoints = true;
+     }},
+    {"Gemma-3: bf16 master, optimizer in backward, tiled M=3", "tiny_gemma3.json", 32, [](TrainingSetup& s, std::int64_t) {
+         s.precision = Precision::Bf16Master, s.optimizer_in_backward = true, s.mlp_chunks = 3, s.mlp_impl = MlpImpl::Tiled;
+     }},
     {"default", "small-llama", 12, [](TrainingSetup&, std::int64_t) {}},
     {"eager, bf16 master, tiled M=2, fused M=2", "small-llama", 12, [](TrainingSetup& s, std::int64_t) {
          s.attention = Attention::Eager, s.precision = Precision::Bf16Master;

@@ -91,6 +91,10 @@ TEST_CASE("CPU executor: ... (Qwen3 shaped model: a norm over every query and ke
     CHECK(run_matrix("tiny_qwen3.json") == 4);
 }
 
+TEST_CASE("CPU executor: ... (Gemma-3 shaped model: q/k head norms, post-norms, 2 local : 1 global layers, tied)") {
+    CHECK(run_matrix("tiny_gemma3.json") == 4);
+}
+
 TEST_CASE("CPU executor: the simulator predicts every measured allocation and free, byte for byte (small-llama matrix)") {
     CHECK(run_matrix("small-llama") == 7);
 }

@@ -192,3 +192,9 @@ TEST_CASE("numerics: Qwen3 shape (q/k head norms), chunked, checkpointed and eag
     // every parameter, the two head norms of each of the 2 layers included (tied: no lm_head)
     CHECK(check_variants_equal_unchunked("tiny_qwen3.json") == 11 * 2 + 2);
 }
+
+TEST_CASE("numerics: Gemma-3 shape (q/k head norms, post-norms, local and global layers), chunked, checkpointed and eager steps equal the unchunked flash step") {
+    // every parameter: 6 norms (4 around the blocks, the q and k head norms) and 7 projections in
+    // each of the 3 layers, the embedding and the final norm (tied: no lm_head)
+    CHECK(check_variants_equal_unchunked("tiny_gemma3.json") == 13 * 3 + 2);
+}

@@ -38,6 +38,10 @@ TEST_CASE("parameter counts match the published totals") {
         {"llama-3.2-1b", 1'235'814'400},  {"llama-3.2-3b", 3'212'749'824}, {"llama-3.3-70b", 70'553'706'496},
         // Qwen3's q/k norms: 2 x 128 per layer (8B: 36 layers of 192'946'432 with them).
         {"qwen3-8b", 8'190'735'360},      {"qwen3-14b", 14'768'307'200},
+        // Gemma-3 text decoders (KerasHub's text-only totals, a 262'144-token vocabulary), and for
+        // 4B-27B the 64 image-token rows of the Hugging Face checkpoint's embedding (vocab 262'208).
+        {"gemma-3-1b", 999'885'952},      {"gemma-3-4b", 3'880'099'328 + 64 * 2560},
+        {"gemma-3-12b", 11'765'788'416 + 64 * 3840}, {"gemma-3-27b", 27'009'002'240 + 64 * 5376},
     };
     for (const auto& [name, count] : published) {
         CAPTURE(name);
@@ -84,6 +88,23 @@ TEST_CASE("family differences are recorded, not flattened into Llama") {
     CHECK(*gemma.sliding_window == 4096);
     CHECK(gemma.sliding_layers[0]);  // local, global, local, ...
     CHECK_FALSE(gemma.sliding_layers[1]);
+
+    // Gemma-3: Gemma-2's four norms per layer and head norms like Qwen3's; 5 local : 1 global
+    // layers; its image-text config's text decoder (text_config, Gemma3TextConfig's defaults).
+    const ModelSpec gemma3 = find_model("gemma-3-12b");
+    CHECK(gemma3.family == Family::Gemma3);
+    CHECK(gemma3.gemma());
+    CHECK(gemma3.rotary_per_layer_type());
+    CHECK(gemma3.qk_norm);
+    CHECK(gemma3.tie_word_embeddings);
+    CHECK(gemma3.norms_per_layer == 4);
+    CHECK(gemma3.vocab_size == 262208);  // not in its text_config: the default
+    CHECK(gemma3.head_dim == 256);
+    CHECK_FALSE(gemma3.final_logit_softcapping.has_value());
+    CHECK(*gemma3.sliding_window == 1024);
+    for (std::size_t i = 0; i < gemma3.sliding_layers.size(); ++i) CHECK(gemma3.sliding_layers[i] == ((i + 1) % 6 != 0));
+    CHECK(find_model("gemma-3-4b").num_heads == 8);  // also a default: the 4B's text_config names no heads
+    CHECK(find_model("gemma-3-27b").head_dim == 128);
 
     const ModelSpec mistral = find_model("mistral-7b-v0.1");
     CHECK(mistral.family == Family::Mistral);
@@ -194,6 +215,28 @@ TEST_CASE("config defaults and hard-coded biases follow each family's transforme
         CHECK_THROWS_WITH_AS(small_config(type, {{"sliding_window", 8}, {"layer_types", nlohmann::json::array({"sliding_attention"})}}),
                              doctest::Contains("layer_types: expected no sliding_attention layer"), UserError);
     }
+    // Gemma-3: layer_types when given, else every sliding_window_pattern-th (default 6) layer global;
+    // a gemma3 (image-text) config is read through its text_config; bidirectional attention refused.
+    const ModelSpec g3 = small_config("gemma3_text", {{"num_hidden_layers", 8}, {"sliding_window_pattern", 4}});
+    CHECK(g3.head_dim == 256);
+    for (std::size_t i = 0; i < 8; ++i) CHECK(g3.sliding_layers[i] == (i != 3 && i != 7));
+    const nlohmann::json typed = nlohmann::json::array({"full_attention", "sliding_attention"});
+    const ModelSpec g3t = small_config("gemma3_text", {{"num_hidden_layers", 2}, {"layer_types", typed}});
+    CHECK_FALSE(g3t.sliding_layers[0]);
+    CHECK(g3t.sliding_layers[1]);
+    const nlohmann::json mm = {{"model_type", "gemma3"},
+                               {"text_config", {{"model_type", "gemma3_text"}, {"hidden_size", 64}, {"num_hidden_layers", 2}}}};
+    const ModelSpec fromm = parse_model(mm, "cfg.json", "cfg");
+    CHECK(fromm.family == Family::Gemma3);
+    CHECK(fromm.num_heads == 8);  // Gemma3TextConfig's defaults fill the rest
+    CHECK(fromm.vocab_size == 262208);
+    CHECK(fromm.warnings.size() == 1);  // the vision tower is not planned
+    CHECK_THROWS_WITH_AS(parse_model({{"model_type", "gemma3"}}, "cfg.json", "cfg"), doctest::Contains("text_config: expected"),
+                         UserError);
+    CHECK_THROWS_WITH_AS(small_config("gemma3_text", {{"use_bidirectional_attention", true}}),
+                         doctest::Contains("use_bidirectional_attention: expected false"), UserError);
+    CHECK_THROWS_WITH_AS(small_config("gemma3_text", {{"num_attention_heads", 3}, {"num_key_value_heads", 1}}),
+                         doctest::Contains("num_attention_heads: expected a divisor of hidden_size"), UserError);
     // RoPE rotates pairs: an odd head_dim is refused.
     CHECK_THROWS_WITH_AS(small_config("llama", {{"head_dim", 33}}), doctest::Contains("head_dim: expected an even size"), UserError);
 }

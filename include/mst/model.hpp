@@ -12,7 +12,7 @@ namespace mst {
 
 // The architectures mst-plan models by their real differences. Anything else that
 // looks like a Llama (SwiGLU MLP, RMSNorm, RoPE) is accepted as Llama with a warning.
-enum class Family { Llama, Mistral, Qwen2, Qwen3, Gemma2 };
+enum class Family { Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3 };
 std::string to_string(Family f);
 
 struct ParameterCounts {
@@ -48,7 +48,7 @@ struct ModelSpec {
     bool qkv_bias = false;  // Qwen2 always; Llama with attention_bias
     bool o_bias = false;    // Llama attention_bias
     bool mlp_bias = false;  // Llama mlp_bias
-    bool qk_norm = false;   // Qwen3: an RMSNorm over head_dim on every query and key head
+    bool qk_norm = false;   // Qwen3, Gemma-3: an RMSNorm over head_dim on every query and key head
 
     // Sliding-window attention: window in tokens and which layers use it.
     std::optional<std::int64_t> sliding_window;
@@ -59,12 +59,18 @@ struct ModelSpec {
     std::optional<double> attn_logit_softcapping;
     std::optional<double> final_logit_softcapping;
     std::optional<double> query_pre_attn_scalar;
-    int norms_per_layer = 2;  // Gemma-2 has pre- and post- norms around attention and MLP: 4
+    int norms_per_layer = 2;  // Gemma-2/3 have pre- and post- norms around attention and MLP: 4
 
     std::optional<std::int64_t> published_parameters;  // "_mst.published_parameters"
     std::string published_parameters_source;
     std::vector<std::string> warnings;  // what was assumed while parsing
 
+    // Gemma-2 and Gemma-3: RMSNorms scaling by (1 + weight) in fp32 before and after attention and
+    // the MLP, an embedding scaled by sqrt(hidden_size), GeGLU, embeddings tied by default.
+    bool gemma() const { return family == Family::Gemma2 || family == Family::Gemma3; }
+    // Gemma-3's rotary embeddings differ between its local (sliding) and global layers: the model
+    // computes one cos/sin pair per layer type.
+    bool rotary_per_layer_type() const { return family == Family::Gemma3; }
     std::int64_t q_dim() const { return num_heads * head_dim; }
     std::int64_t kv_dim() const { return num_kv_heads * head_dim; }
     ParameterCounts parameters() const;

@@ -124,11 +124,27 @@ def resolve_model(ref: str) -> Tuple[str, Path]:
     raise AssertionError  # unreachable
 
 
+def gemma3_text_config(data: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """Gemma-3 4B-27B's image-text config (model_type "gemma3"): its text decoder's config, as
+    mst-plan plans it (Gemma3ForCausalLM; the vision tower is not part of the run). The "_mst"
+    block stays; the vocabulary is Gemma3TextConfig's default when the text config omits it."""
+    text = data.get("text_config")
+    if not isinstance(text, dict):
+        fail(where, "text_config", "expected the text decoder's config (an object) in a gemma3 config")
+    out = dict(copy.deepcopy(text), model_type="gemma3_text")
+    out.setdefault("vocab_size", 262208)
+    if "_mst" in data:
+        out["_mst"] = copy.deepcopy(data["_mst"])
+    return out
+
+
 def load_model_config(path: Path) -> Dict[str, Any]:
     """The config.json as written, its "_mst" block included."""
     data = read_json(path, "the model config")
     if not isinstance(data, dict):
         fail(str(path), "", "expected a JSON object (a Hugging Face config.json)")
+    if data.get("model_type") == "gemma3":
+        data = gemma3_text_config(data, str(path))
     for key in ("model_type", "num_hidden_layers", "vocab_size", "hidden_size"):
         if key not in data:
             fail(str(path), key, "missing (required in a Hugging Face config.json)")

@@ -17,6 +17,7 @@ std::string to_string(Family f) {
         case Family::Qwen2: return "qwen2";
         case Family::Qwen3: return "qwen3";
         case Family::Gemma2: return "gemma2";
+        case Family::Gemma3: return "gemma3";
     }
     return "?";
 }
@@ -42,9 +43,11 @@ Family family_of(const std::string& model_type, detail::JsonReader& r, std::vect
     if (model_type == "qwen2") return Family::Qwen2;
     if (model_type == "qwen3") return Family::Qwen3;
     if (model_type == "gemma2") return Family::Gemma2;
+    if (model_type == "gemma3_text") return Family::Gemma3;
     const std::string shown = r.has("model_type") ? "'" + model_type + "'" : "none";
     if (!assume_llama)
-        r.fail("model_type", fmt::format("expected one of llama, mistral, qwen2 (Qwen2 and Qwen2.5), qwen3 (dense), gemma2, got {} "
+        r.fail("model_type", fmt::format("expected one of llama, mistral, qwen2 (Qwen2 and Qwen2.5), qwen3 (dense), gemma2, gemma3_text "
+                                         "(or gemma3 with a text_config), got {} "
                                          "(--assume-llama plans it as a Llama-shaped model, which may be wrong)",
                                          shown));
     warnings.push_back(fmt::format(
@@ -56,8 +59,45 @@ Family family_of(const std::string& model_type, detail::JsonReader& r, std::vect
 
 }  // namespace
 
-ModelSpec parse_model(const nlohmann::json& config, const std::string& where, const std::string& name) {
+namespace {
+
+// Gemma3TextConfig's defaults for the keys a Gemma-3 config may omit (the 4B checkpoint's text_config
+// names neither its heads nor its vocabulary).
+nlohmann::json with_gemma3_defaults(const nlohmann::json& config) {
+    nlohmann::json out = config;
+    const std::pair<const char*, nlohmann::json> defaults[] = {
+        {"vocab_size", 262208},       {"hidden_size", 2304},          {"intermediate_size", 9216},
+        {"num_hidden_layers", 26},    {"num_attention_heads", 8},     {"num_key_value_heads", 4},
+        {"head_dim", 256},            {"max_position_embeddings", 131072}, {"rms_norm_eps", 1e-6},
+        {"hidden_activation", "gelu_pytorch_tanh"}, {"query_pre_attn_scalar", 256}, {"sliding_window", 4096},
+        {"tie_word_embeddings", true},
+    };
+    for (const auto& [key, value] : defaults)
+        if (!out.contains(key)) out[key] = value;
+    return out;
+}
+
+}  // namespace
+
+ModelSpec parse_model(const nlohmann::json& input, const std::string& where, const std::string& name) {
+    const bool gemma3_text = input.is_object() && input.contains("model_type") && input["model_type"] == "gemma3_text";
+    const nlohmann::json config = gemma3_text ? with_gemma3_defaults(input) : input;
     detail::JsonReader r(config, where);
+    // Gemma-3 4B-27B ship as image-text models ("gemma3"): the decoder trained on text is its
+    // text_config (Gemma3ForCausalLM); the vision tower is not part of the plan.
+    if (r.opt_string("model_type").value_or("") == "gemma3") {
+        if (!r.has("text_config") || !r.raw("text_config").is_object())
+            r.fail("text_config", "expected the text decoder's config (an object) in a gemma3 config");
+        nlohmann::json text = r.raw("text_config");
+        if (text.value("model_type", std::string("gemma3_text")) != "gemma3_text")
+            r.fail("text_config", "expected model_type gemma3_text in a gemma3 config's text_config");
+        text["model_type"] = "gemma3_text";
+        if (r.has("_mst")) text["_mst"] = r.raw("_mst");
+        ModelSpec m = parse_model(text, where + ": text_config", name);
+        // Catalog entries say so in their name and source; a user's file gets the reminder.
+        if (!r.has("_mst")) m.warnings.push_back("gemma3: the text decoder (Gemma3ForCausalLM) is planned; the vision tower is not");
+        return m;
+    }
     ModelSpec m;
     m.name = name;
     m.display_name = name;
@@ -85,10 +125,15 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
         r.fail("num_key_value_heads", fmt::format("expected a divisor of num_attention_heads ({}), got {}",
                                                   m.num_heads, m.num_kv_heads));
     // head_dim when the config omits it, as each family's config class defaults it: Qwen3 128,
-    // Gemma-2 256, the others hidden_size / num_attention_heads.
+    // Gemma-2/3 256, the others hidden_size / num_attention_heads.
+    if (m.family == Family::Gemma3 && m.hidden_size % m.num_heads != 0)  // Gemma3TextConfig refuses it
+        r.fail("num_attention_heads", fmt::format("expected a divisor of hidden_size ({}), got {}", m.hidden_size, m.num_heads));
+    if (m.family == Family::Gemma3 && r.opt_boolean("use_bidirectional_attention").value_or(false))
+        r.fail("use_bidirectional_attention", "expected false (causal language-model training; bidirectional Gemma-3 is "
+                                              "an embedding model)");
     if (auto hd = r.opt_integer("head_dim", 1, kMaxHidden)) {
         m.head_dim = *hd;
-    } else if (m.family == Family::Qwen3 || m.family == Family::Gemma2) {
+    } else if (m.family == Family::Qwen3 || m.gemma()) {
         m.head_dim = m.family == Family::Qwen3 ? 128 : 256;
     } else {
         if (m.hidden_size % m.num_heads != 0)
@@ -99,23 +144,23 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
     if (m.head_dim % 2 != 0)  // RoPE rotates pairs of dimensions (transformers refuses an odd one too)
         r.fail("head_dim", fmt::format("expected an even size (RoPE rotates pairs of dimensions), got {}", m.head_dim));
 
-    // Gemma-2 ties embeddings by default (its config omits the key), all others untie.
-    m.tie_word_embeddings = r.opt_boolean("tie_word_embeddings").value_or(m.family == Family::Gemma2);
+    // Gemma-2/3 tie embeddings by default (their configs omit the key), all others untie.
+    m.tie_word_embeddings = r.opt_boolean("tie_word_embeddings").value_or(m.gemma());
     m.torch_dtype = r.opt_string("torch_dtype").value_or(r.opt_string("dtype").value_or("bfloat16"));
     m.hidden_act = r.opt_string("hidden_activation").value_or(r.opt_string("hidden_act").value_or("silu"));
     m.rms_norm_eps = r.opt_number("rms_norm_eps", 0.0, 1.0).value_or(1e-6);
     m.rope_theta = r.opt_number("rope_theta", 1.0, 1e12).value_or(10000.0);
 
     // Biases as each family's modeling code builds its linears: attention_bias switches q/k/v/o
-    // for Llama, Qwen3 and Gemma-2; Qwen2 hard-codes q/k/v with and o without, Mistral none;
+    // for Llama, Qwen3 and Gemma-2/3; Qwen2 hard-codes q/k/v with and o without, Mistral none;
     // only Llama reads mlp_bias.
     const bool attention_bias = r.opt_boolean("attention_bias").value_or(false);
-    const bool reads_attention_bias = m.family == Family::Llama || m.family == Family::Qwen3 || m.family == Family::Gemma2;
+    const bool reads_attention_bias = m.family == Family::Llama || m.family == Family::Qwen3 || m.gemma();
     m.qkv_bias = m.family == Family::Qwen2 || (reads_attention_bias && attention_bias);
     m.o_bias = reads_attention_bias && attention_bias;
     const bool mlp_bias = r.opt_boolean("mlp_bias").value_or(false);
     m.mlp_bias = m.family == Family::Llama && mlp_bias;
-    m.qk_norm = m.family == Family::Qwen3;
+    m.qk_norm = m.family == Family::Qwen3 || m.family == Family::Gemma3;
 
     // Which layers attend within a sliding window, as transformers' modeling code reads the config:
     // Mistral slides in every layer (it ignores layer_types), Llama in none (it ignores the window).
@@ -151,6 +196,10 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
         } else if (m.family == Family::Gemma2) {
             // Gemma-2 alternates local (sliding) and global layers, starting with local.
             for (std::size_t i = 0; i < m.sliding_layers.size(); i += 2) m.sliding_layers[i] = true;
+        } else if (m.family == Family::Gemma3) {
+            // Gemma-3: every sliding_window_pattern-th layer (default 6) is global, the others local.
+            const auto pattern = r.opt_integer("sliding_window_pattern", 1, kMaxLayers).value_or(6);
+            for (std::int64_t i = 0; i < m.num_layers; ++i) m.sliding_layers[static_cast<std::size_t>(i)] = (i + 1) % pattern != 0;
         } else if (qwen) {
             // Qwen2 and Qwen3 with use_sliding_window: layers from max_window_layers (default 28) on.
             const auto first = r.opt_integer("max_window_layers", 0, kMaxLayers).value_or(28);
@@ -161,7 +210,7 @@ ModelSpec parse_model(const nlohmann::json& config, const std::string& where, co
     m.attn_logit_softcapping = r.opt_number("attn_logit_softcapping", 0.0, 1e9);
     m.final_logit_softcapping = r.opt_number("final_logit_softcapping", 0.0, 1e9);
     m.query_pre_attn_scalar = r.opt_number("query_pre_attn_scalar", 0.0, 1e9);
-    if (m.family == Family::Gemma2) m.norms_per_layer = 4;
+    if (m.gemma()) m.norms_per_layer = 4;
 
     // Every size the simulator multiplies must stay representable for any sequence we accept:
     // the parameters' fp32 master copy, gradients and two optimizer states (16 bytes each) too.

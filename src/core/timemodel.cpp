@@ -98,7 +98,7 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     const double rb = s.precision == Precision::AmpFp32 ? 4 : 2;  // residual stream bytes per element
     const double heads_local = static_cast<double>(m.num_heads / s.sp);
     const double B = static_cast<double>(s.micro_batch);
-    const bool gemma = m.family == Family::Gemma2;
+    const bool gemma = m.gemma();
     const double norms = gemma ? 4 : 2;
 
     // ---- one layer, forward ------------------------------------------------------------

@@ -136,7 +136,7 @@ Step::Step(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t see
     sd_ = s_.effective_state_dtype() == StateDtype::Fp32 ? DType::F32 : DType::BF16;
     if (opt_.storage_fp32) act_ = res_ = pw_ = pg_ = sd_ = DType::F32;
     B_ = s_.micro_batch, S_ = s_.seq_len, T_ = B_ * S_;
-    gemma_ = m_.family == Family::Gemma2;
+    gemma_ = m_.gemma();
     norm_kind_ = gemma_ ? NormKind::Gemma : NormKind::Llama;  // gain w or 1 + w
     gated_ = m_.hidden_act == "silu" ? GatedAct::Silu : GatedAct::GeluTanh;
     result_.timeline.micro_steps = static_cast<std::int32_t>(s_.grad_accum);

@@ -85,7 +85,7 @@ std::int64_t StepBuilder::attention_masks() const {
 T StepBuilder::layer_forward(int l, T x, LayerSaved& sv, Category out_category) {
     layer_ = l;
     const std::int64_t d = m_.hidden_size;
-    const bool gemma = m_.family == Family::Gemma2;
+    const bool gemma = m_.gemma();
 
     at("attn.norm");
     T h1 = norm_forward(sv.rstd1, rb_, rb_ == 2);
@@ -113,7 +113,7 @@ T StepBuilder::layer_forward(int l, T x, LayerSaved& sv, Category out_category) 
 void StepBuilder::layer_backward(int l, LayerSaved& sv, T dres) {
     layer_ = l;
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
-    const bool gemma = m_.family == Family::Gemma2;
+    const bool gemma = m_.gemma();
 
     // MLP block: the residual passes dres through; the branch adds its input gradient back.
     T dy_post;
@@ -222,7 +222,7 @@ void StepBuilder::attention_forward(int l, T h1, LayerSaved& sv, T& attn_out) {
     }
     at("attn.o_proj");
     use_weight(lp.o);
-    attn_out = act("attn_out", bf16(tokens_, d), m_.family == Family::Gemma2);
+    attn_out = act("attn_out", bf16(tokens_, d), m_.gemma());
     sv.o_seq = saved(o);  // the o_proj input
     drop(o);
 }
@@ -320,7 +320,7 @@ namespace mst::sim {
 // LlamaRMSNorm.forward on the [T, d] bf16 input (borrowed):
 //   a = x.to(fp32); v = a.pow(2).mean(-1, keepdim); n = a * rsqrt(v + eps); return w * n.to(bf16)
 T StepBuilder::hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save, std::int64_t rows, std::int64_t d) {
-    const bool gemma = m_.family == Family::Gemma2;
+    const bool gemma = m_.gemma();
     T a = act("norm.upcast", f32(rows, d), false);
     T pw = act("norm.pow", f32(rows, d), false);
     sv.a_pow = saved(a);
@@ -362,7 +362,7 @@ T StepBuilder::hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save, std
 
 T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::int64_t rows, std::int64_t d) {
     T gn;  // the gradient of n, fp32
-    if (m_.family == Family::Gemma2) {
+    if (m_.gemma()) {
         T g32 = alloc("d_norm_out_fp32", f32(rows, d), Category::Transient);  // ToCopyBackward0 (type_as)
         node_end({}, &g);
         unpack();
@@ -430,12 +430,12 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
 T StepBuilder::hf_rope_forward(T x, std::int64_t dim, T& cos_saved, T& sin_saved) {
     (void)x;  // read, not owned
     T xc = act("rope.x_cos", bf16(tokens_, dim), false);
-    cos_saved = saved(hf_cos_);
+    cos_saved = saved(hf_rope(layer_).cos);
     T neg = act("rope.neg", bf16(tokens_, dim / 2), false);
     T cat = act("rope.rotated", bf16(tokens_, dim), false);
     drop(neg);
     T rs = act("rope.rotated_sin", bf16(tokens_, dim), false);
-    sin_saved = saved(hf_sin_);
+    sin_saved = saved(hf_rope(layer_).sin);
     drop(cat);
     T out = act("rope.out", bf16(tokens_, dim), false);
     drop(xc), drop(rs);
@@ -482,18 +482,24 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
         at("attn.qkv");
         return out;
     };
+    // Gemma-3 projects q, k and v first, then normalises q and k.
+    const bool norms_last = m_.family == Family::Gemma3;
     at("attn.qkv");
     use_weight(lp.q);
     T q = act("q", bf16(tokens_, qd), false);
     sv.h1_q = saved(h1);
-    q = head_norm(q, lp.q_norm, sv.nq, m_.num_heads);
+    if (!norms_last) q = head_norm(q, lp.q_norm, sv.nq, m_.num_heads);
     use_weight(lp.k);
     T k = act("k", bf16(tokens_, kvd), false);
     sv.h1_k = saved(h1);
-    k = head_norm(k, lp.k_norm, sv.nk, m_.num_kv_heads);
+    if (!norms_last) k = head_norm(k, lp.k_norm, sv.nk, m_.num_kv_heads);
     use_weight(lp.v);
     T v = act("v", bf16(tokens_, kvd), false);
     sv.h1_v = saved(h1);
+    if (norms_last) {
+        q = head_norm(q, lp.q_norm, sv.nq, m_.num_heads);
+        k = head_norm(k, lp.k_norm, sv.nk, m_.num_kv_heads);
+    }
     at("attn.rope");
     T qe = hf_rope_forward(q, qd, sv.cos_q, sv.sin_q);
     T ke = hf_rope_forward(k, kvd, sv.cos_k, sv.sin_k);
@@ -525,8 +531,21 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
     at("attn.rope");  // k's products ran after q's in forward: their backward runs first
     T gk = hf_rope_backward(dk, kvd, sv.cos_k, sv.sin_k);
     T gq = hf_rope_backward(dq, qd, sv.cos_q, sv.sin_q);
+    // Gemma-3's head norms ran after all three projections: their backward runs before any of them.
+    const bool norms_last = m_.family == Family::Gemma3;
+    auto norm_backward = [&](int norm, HfNorm& n, T g, std::int64_t heads) {
+        at("attn.qk_norm");
+        return hf_norm_backward(norm, n, g, false, checked_mul(tokens_, heads), m_.head_dim);
+    };
+    if (norms_last) {
+        gk = norm_backward(lp.k_norm, sv.nk, gk, m_.num_kv_heads);
+        gq = norm_backward(lp.q_norm, sv.nq, gq, m_.num_heads);
+    }
     at("attn.qkv");
-    if (s_.attention == Attention::Eager) {  // [B, heads, S, D] contiguous: the reshape back copies
+    // A [B, heads, S, D] contiguous gradient seen as [B, S, heads * D] (the transposes back and the
+    // reshape) is a view only with one head (or one position); else the reshape copies.
+    auto reshape_copies = [&](std::int64_t heads) { return heads > 1 && s_.seq_len > 1; };
+    if (s_.attention == Attention::Eager && reshape_copies(m_.num_kv_heads)) {
         T dv2 = alloc("d_v_contiguous", bf16(tokens_, kvd), Category::Transient);
         drop(dv);
         dv = dv2;
@@ -534,17 +553,19 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
     // flash-attn's v gradient is in v's layout: the transposes back and the reshape are views
     T dh = hf_linear_backward(lp.v, lp.v_bias, "d_h1_v", bf16(tokens_, d), {&sv.h1_v}, dv, [](T&) {});
     // k, then q: Qwen3's head norm takes the gradient back to the projection's output; it is
-    // contiguous as [B, heads, S, D], so the reshape to [T, heads * D] copies; the projection's
-    // input gradient joins dh (v's and k's are both views of their GEMMs' outputs: a new sum).
+    // contiguous as [B, heads, S, D], so the reshape to [T, heads * D] copies (reshape_copies); the
+    // projection's input gradient joins dh (v's and k's are both views of their GEMMs' outputs: a new sum).
     auto head_backward = [&](int proj, int bias, int norm, HfNorm& n, T& saved_in, T g, std::int64_t heads,
                              const char* contiguous, const char* input_grad, bool dh_is_view) {
-        if (norm >= 0) {
-            at("attn.qk_norm");
-            g = hf_norm_backward(norm, n, g, false, checked_mul(tokens_, heads), m_.head_dim);
+        if (norm >= 0 && !norms_last) {
+            g = norm_backward(norm, n, g, heads);
             at("attn.qkv");
         }
-        T g2 = alloc(contiguous, bf16(tokens_, heads * m_.head_dim), Category::Transient);
-        drop(g);
+        T g2 = g;
+        if (reshape_copies(heads)) {
+            g2 = alloc(contiguous, bf16(tokens_, heads * m_.head_dim), Category::Transient);
+            drop(g);
+        }
         hf_linear_backward(proj, bias, input_grad, bf16(tokens_, d), {&saved_in}, g2,
                            [&](T& gx) { accumulate(dh, gx, dh_is_view); });
     };
@@ -612,7 +633,8 @@ void StepBuilder::hf_flash_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
 }
 
 // eager_attention_forward (modeling_llama.py) on the rotated q, k and v ([B, heads, S, D]):
-// repeat_kv copies k and v to all heads (GQA), scores = q @ k^T [B*H, S, S] bf16, times the
+// repeat_kv copies k and v to all heads (GQA; with one KV head it is a view, and matmul copies k
+// and v itself when B > 1, each only for its product), scores = q @ k^T [B*H, S, S] bf16, times the
 // scaling, plus the mask, softmax in fp32 (saved) cast back to bf16 (saved by P @ v), the
 // output made contiguous as [B, S, H, D] (saved by o_proj). k, v and their repeats die at return.
 // The rotated q keeps the projection's [B, S, H, D] memory order: with B > 1, matmul's reshape
@@ -623,12 +645,18 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     const std::int64_t d = m_.hidden_size, qd = m_.q_dim();
     const std::int64_t rows = s_.micro_batch * (m_.num_heads / s_.sp), cols = checked_mul(s_.seq_len, s_.seq_len);
     const bool gqa = m_.num_kv_heads < m_.num_heads;
+    // With one KV head, repeat_kv's reshape of the expanded k and v is a view; matmul copies each
+    // when it folds the batch into the heads (micro-batch > 1), k for the scores, v for P @ v.
+    const bool mqa = gqa && m_.num_kv_heads == 1;
+    const bool fold_copies = s_.micro_batch > 1;
     at("attn.eager");
-    T k_rep = gqa ? act("k_rep", bf16(tokens_, qd), false) : hold(ke);
-    T v_rep = gqa ? act("v_rep", bf16(tokens_, qd), false) : hold(v);
-    T q = s_.micro_batch > 1 ? act("q_contiguous", bf16(tokens_, qd), false) : hold(qe);
+    T k_rep = gqa && !mqa ? act("k_rep", bf16(tokens_, qd), false) : T{};
+    T v_rep = gqa && !mqa ? act("v_rep", bf16(tokens_, qd), false) : T{};
+    T q = fold_copies ? act("q_contiguous", bf16(tokens_, qd), false) : hold(qe);
+    if (!k_rep.valid()) k_rep = mqa && fold_copies ? act("k_rep", bf16(tokens_, qd), false) : hold(ke);
     T scores = act("scores", bf16(rows, cols), false);
     sv.q_bmm = saved(q), sv.k_rep = saved(k_rep);
+    if (mqa) drop(k_rep);  // matmul's own copy (or view): it lets go of it before q's
     drop(q);
     T scaled = act("scores_scaled", bf16(rows, cols), false);
     drop(scores);
@@ -642,8 +670,10 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     drop(up);
     T p = act("probs", bf16(rows, cols), false);
     drop(p32), drop(masked);  // attn_weights = the probabilities
+    if (!v_rep.valid()) v_rep = mqa && fold_copies ? act("v_rep", bf16(tokens_, qd), false) : hold(v);
     T ob = act("pv", bf16(tokens_, qd), false);
     sv.probs = saved(p), sv.v_rep = saved(v_rep);
+    if (mqa) drop(v_rep);  // likewise
     T o = act("o", bf16(tokens_, qd), false);  // transpose(1, 2).contiguous()
     drop(ob);
     drop(k_rep), drop(v_rep);  // eager_attention_forward returns (the probabilities with the output)
@@ -701,7 +731,7 @@ T StepBuilder::hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last
     layer_ = l;
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
     const std::int64_t d = m_.hidden_size;
-    const bool gemma = m_.family == Family::Gemma2;
+    const bool gemma = m_.gemma();
     at("attn.norm");
     T h1 = hf_norm_forward(lp.norm1, sv.hf.n1);
     T y, weights;
@@ -745,7 +775,7 @@ T StepBuilder::hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last
 void StepBuilder::hf_layer_backward(int l, LayerSaved& sv, T& dres) {
     layer_ = l;
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
-    const bool gemma = m_.family == Family::Gemma2;
+    const bool gemma = m_.gemma();
     if (!gemma) unpack();  // down_proj's node (the MLP's first) unpacks a saved tensor first
     at("mlp.post_norm");
     T dy2 = gemma ? hf_norm_backward(lp.post_ff_norm, sv.hf.n_pf, hold(dres)) : hold(dres);

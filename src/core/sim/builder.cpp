@@ -97,9 +97,9 @@ void StepBuilder::build_params() {
             lp.q_norm = add("q_norm", l, m_.head_dim);
             lp.k_norm = add("k_norm", l, m_.head_dim);
         }
-        if (m_.family == Family::Gemma2) lp.post_attn_norm = add("post_attention_norm", l, d);
-        lp.norm2 = add(m_.family == Family::Gemma2 ? "pre_feedforward_norm" : "post_attention_norm", l, d);
-        if (m_.family == Family::Gemma2) lp.post_ff_norm = add("post_feedforward_norm", l, d);
+        if (m_.gemma()) lp.post_attn_norm = add("post_attention_norm", l, d);
+        lp.norm2 = add(m_.gemma() ? "pre_feedforward_norm" : "post_attention_norm", l, d);
+        if (m_.gemma()) lp.post_ff_norm = add("post_feedforward_norm", l, d);
         lp.gate = add("gate_proj", l, d * I + (m_.mlp_bias ? I : 0));
         lp.up = add("up_proj", l, d * I + (m_.mlp_bias ? I : 0));
         lp.down = add("down_proj", l, I * d + (m_.mlp_bias ? d : 0));
@@ -145,8 +145,10 @@ void StepBuilder::init_state() {
     if (hf_) {  // Gemma-2's embedding scale (a scalar in the model's dtype), then the rotary embedding's
         at("init.buffers");  // inv_freq and original_inv_freq: [D / 2] fp32 each
         layer_ = -1;
-        if (m_.family == Family::Gemma2) alloc("embed_scale", pw_, Category::Weights);
-        for (const char* name : {"inv_freq", "original_inv_freq"}) alloc(name, elems(m_.head_dim / 2, 1, 4), Category::Weights);
+        if (m_.gemma()) alloc("embed_scale", pw_, Category::Weights);
+        for (std::size_t table = 0; table < hf_rope_.size(); ++table)  // Gemma-3: per layer type, sorted
+            if (rope_table_used(table))
+                for (const char* name : {"inv_freq", "original_inv_freq"}) alloc(name, elems(m_.head_dim / 2, 1, 4), Category::Weights);
     }
     if (s_.precision == Precision::Bf16Master) {
         at("init.master_weights");

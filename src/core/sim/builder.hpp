@@ -468,7 +468,17 @@ private:
     bool grad_ = true;
     bool hf_ = false;          // s_.runtime == Runtime::Hf
     bool recomputed_ = false;  // hf backward of a checkpointed layer: its saved tensors were recomputed
-    T hf_cos_, hf_sin_;        // hf: the rotary tables of this micro-step [1, S, head_dim] bf16
+    // hf: the rotary tables of this micro-step, cos and sin [1, S, head_dim] bf16: one pair, or for
+    // Gemma-3 one per layer type in the order transformers iterates a set of the types (full
+    // attention, then sliding, when PYTHONHASHSEED=0; the pairs are alike in size).
+    struct HfRope {
+        T cos, sin;
+    };
+    std::array<HfRope, 2> hf_rope_;
+    bool rope_table_used(std::size_t table) const;
+    HfRope& hf_rope(std::int32_t l) {
+        return hf_rope_[m_.rotary_per_layer_type() && m_.sliding_layers[static_cast<std::size_t>(l)] ? 1 : 0];
+    }
     T hf_positions_, hf_embeddings_;  // hf: cache_position and the embeddings, held by the model's forward
     // hf eager: the 4-D additive masks [B, 1, S, S] bf16 the model builds, full and sliding-window
     // (the mapping's order), and which one a layer reads.

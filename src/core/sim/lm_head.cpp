@@ -36,7 +36,7 @@ T StepBuilder::logits_forward(T x, T& x_saved, T& logits_tanh) {
 T StepBuilder::embedding_forward(Category out_category) {
     layer_ = -1;
     at("embedding");
-    const bool gemma = m_.family == Family::Gemma2;
+    const bool gemma = m_.gemma();
     if (hf_) {
         T x = act("embeddings", bf16(tokens_, m_.hidden_size), false);
         if (gemma) {  // Gemma2ScaledWordEmbedding: times embed_scale, a new tensor
@@ -60,7 +60,7 @@ T StepBuilder::embedding_forward(Category out_category) {
 void StepBuilder::embedding_backward(T& dres) {
     layer_ = -1;
     if (hf_) {  // EmbeddingBackward0: the table's gradient from the residual stream's
-        if (m_.family == Family::Gemma2) {  // MulBackward0 of the scale first
+        if (m_.gemma()) {  // MulBackward0 of the scale first
             at("embedding.scale");
             T scaled = alloc("d_embeddings", bf16(tokens_, m_.hidden_size), Category::Transient);
             node_end({}, &dres);
@@ -74,7 +74,7 @@ void StepBuilder::embedding_backward(T& dres) {
     }
     (void)dres;
     T scaled;  // Gemma: the gradient through the sqrt(d) scale, a new tensor
-    if (m_.family == Family::Gemma2) {
+    if (m_.gemma()) {
         at("embedding.scale");
         scaled = alloc("d_embeddings", res(tokens_, m_.hidden_size), Category::Transient);
     }
@@ -237,19 +237,31 @@ void StepBuilder::hf_model_tensors() {
         if (s_.attention == Attention::Eager) hf_masks_[sliding ? 1 : 0] = hf_eager_mask(sliding);
     }
     at("model.rotary");  // LlamaRotaryEmbedding.forward for position ids [1, S]
-    T pos = act("positions_fp32", elems(S, 1, 4), false);
-    T freqs = act("freqs", f32(S, D / 2), false);
-    drop(pos);
-    T emb = act("emb", f32(S, D), false);
-    T c = act("cos_fp32", f32(S, D), false);
-    T cs = act("cos_scaled", f32(S, D), false);
-    drop(c);
-    T sn = act("sin_fp32", f32(S, D), false);
-    T ss = act("sin_scaled", f32(S, D), false);
-    drop(sn);
-    hf_cos_ = act("cos", bf16(S, D), false);
-    hf_sin_ = act("sin", bf16(S, D), false);
-    drop(freqs), drop(emb), drop(cs), drop(ss);
+    for (std::size_t table = 0; table < hf_rope_.size(); ++table) {
+        if (!rope_table_used(table)) continue;
+        T pos = act("positions_fp32", elems(S, 1, 4), false);
+        T freqs = act("freqs", f32(S, D / 2), false);
+        drop(pos);
+        T emb = act("emb", f32(S, D), false);
+        T c = act("cos_fp32", f32(S, D), false);
+        T cs = act("cos_scaled", f32(S, D), false);
+        drop(c);
+        T sn = act("sin_fp32", f32(S, D), false);
+        T ss = act("sin_scaled", f32(S, D), false);
+        drop(sn);
+        hf_rope_[table].cos = act("cos", bf16(S, D), false);
+        hf_rope_[table].sin = act("sin", bf16(S, D), false);
+        drop(freqs), drop(emb), drop(cs), drop(ss);
+    }
+}
+
+// Whether some layer reads rotary table 0 (every layer's, or Gemma-3's full-attention layers') or
+// 1 (Gemma-3's sliding layers').
+bool StepBuilder::rope_table_used(std::size_t table) const {
+    if (!m_.rotary_per_layer_type()) return table == 0;
+    for (bool sliding : m_.sliding_layers)
+        if (sliding == (table == 1)) return true;
+    return false;
 }
 
 // masking_utils.sdpa_mask + eager_mask on [B, S] positions: the batch, head, query and key index
@@ -298,14 +310,14 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
     // The model's forward returns: its frame's variables go in their order, the position ids and
     // the embeddings (arguments) before the masks and the rotary (cos, sin); Qwen2 and Gemma-2 also
     // hold both arguments in a mask_kwargs dict that dies after their mask mapping.
-    if (m_.family == Family::Qwen2 || m_.family == Family::Qwen3 || m_.family == Family::Gemma2) {
+    if (m_.family == Family::Qwen2 || m_.family == Family::Qwen3 || m_.gemma()) {
         for (T& mask : hf_masks_) drop(mask);
         drop(hf_embeddings_), drop(hf_positions_);
     } else {
         drop(hf_positions_), drop(hf_embeddings_);
         for (T& mask : hf_masks_) drop(mask);
     }
-    drop(hf_sin_), drop(hf_cos_);
+    for (HfRope& rope : hf_rope_) drop(rope.sin), drop(rope.cos);  // the dict's entries in order, a tuple's last first
     if (s_.lm_chunks > 1) {
         hf_chunked_loss_forward(h, hs);
         return;

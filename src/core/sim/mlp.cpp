@@ -35,7 +35,7 @@ void StepBuilder::mlp_chunk_forward(const LayerParams& lp, std::int64_t n, T& y,
     drop(g), drop(u);
     at("mlp.down");
     use_weight(lp.down);
-    if (!y.valid()) y = act("y", bf16(tokens_, d), m_.family == Family::Gemma2);
+    if (!y.valid()) y = act("y", bf16(tokens_, d), m_.gemma());
     if (keep) {
         keep->m = saved(m);
         keep->tokens = n;

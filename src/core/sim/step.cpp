@@ -68,10 +68,11 @@ void StepBuilder::micro_step(int micro) {
                 }
                 // The frame's keyword arguments die in the order the model passes them (the rotary
                 // (cos, sin) tuple releasing sin first), then the hidden states.
+                HfRope& rope = hf_rope(l);
                 if (m_.family == Family::Mistral)
-                    frames[i] = {hold(hf_mask(l)), hold(hf_positions_), hold(hf_sin_), hold(hf_cos_), input};
+                    frames[i] = {hold(hf_mask(l)), hold(hf_positions_), hold(rope.sin), hold(rope.cos), input};
                 else
-                    frames[i] = {hold(hf_mask(l)), hold(hf_sin_), hold(hf_cos_), hold(hf_positions_), input};
+                    frames[i] = {hold(hf_mask(l)), hold(rope.sin), hold(rope.cos), hold(hf_positions_), input};
                 NoGrad no_grad(*this);  // the forward runs, its saved tensors are not kept
                 T y = hf_layer_forward(l, x, saved[i], false);
                 layer_ = -1;
