@@ -38,6 +38,9 @@ TEST_CASE("parameter counts match the published totals") {
         {"llama-3.2-1b", 1'235'814'400},  {"llama-3.2-3b", 3'212'749'824}, {"llama-3.3-70b", 70'553'706'496},
         // Qwen3's q/k norms: 2 x 128 per layer (8B: 36 layers of 192'946'432 with them).
         {"qwen3-8b", 8'190'735'360},      {"qwen3-14b", 14'768'307'200},
+        // KerasHub's Qwen3 totals (the small ones tie their embeddings: counted once).
+        {"qwen3-0.6b", 596'049'920},      {"qwen3-1.7b", 1'720'574'976},   {"qwen3-4b", 4'022'468'096},
+        {"qwen3-32b", 32'762'123'264},
         // Gemma-3 text decoders (KerasHub's text-only totals, a 262'144-token vocabulary), and for
         // 4B-27B the 64 image-token rows of the Hugging Face checkpoint's embedding (vocab 262'208).
         {"gemma-3-1b", 999'885'952},      {"gemma-3-4b", 3'880'099'328 + 64 * 2560},
