@@ -1,5 +1,8 @@
 #include "mst/model.hpp"
 
+#include <algorithm>
+#include <optional>
+
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
@@ -166,19 +169,21 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     // Mistral slides in every layer (it ignores layer_types), Llama in none (it ignores the window).
     m.sliding_layers.assign(static_cast<std::size_t>(m.num_layers), false);
     m.sliding_window = r.opt_integer("sliding_window", 1, kMaxPositions);
+    // layer_types, when the config lists them: which layers are "sliding_attention" (checked
+    // against the layer count where a family reads them).
+    std::optional<std::vector<bool>> typed;
+    if (r.has("layer_types") && r.raw("layer_types").is_array()) {
+        typed.emplace();
+        for (const auto& t : r.raw("layer_types")) typed->push_back(t.is_string() && t.get<std::string>() == "sliding_attention");
+    }
     const bool qwen = m.family == Family::Qwen2 || m.family == Family::Qwen3;
     if (qwen && !r.opt_boolean("use_sliding_window").value_or(false)) {
         // Qwen2/Qwen3 configs drop the window unless use_sliding_window; layer_types naming sliding
         // layers then has no window, on which transformers' mask creation fails.
         m.sliding_window.reset();
-        if (r.has("layer_types")) {
-            const auto& types = r.raw("layer_types");
-            if (types.is_array())
-                for (const auto& t : types)
-                    if (t.is_string() && t.get<std::string>() == "sliding_attention")
-                        r.fail("layer_types", "expected no sliding_attention layer when use_sliding_window is false "
-                                              "(the config then has no window: transformers cannot build that model)");
-        }
+        if (typed && std::find(typed->begin(), typed->end(), true) != typed->end())
+            r.fail("layer_types", "expected no sliding_attention layer when use_sliding_window is false "
+                                  "(the config then has no window: transformers cannot build that model)");
     }
     if (m.sliding_window && m.family == Family::Llama) {
         m.sliding_window.reset();
@@ -188,11 +193,9 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
         if (m.family == Family::Mistral) {
             m.sliding_layers.assign(m.sliding_layers.size(), true);
         } else if (r.has("layer_types")) {
-            const auto& types = r.raw("layer_types");
-            if (!types.is_array() || static_cast<std::int64_t>(types.size()) != m.num_layers)
+            if (!typed || static_cast<std::int64_t>(typed->size()) != m.num_layers)
                 r.fail("layer_types", fmt::format("expected an array of {} strings", m.num_layers));
-            for (std::size_t i = 0; i < types.size(); ++i)
-                m.sliding_layers[i] = types[i].is_string() && types[i].get<std::string>() == "sliding_attention";
+            m.sliding_layers = *typed;
         } else if (m.family == Family::Gemma2) {
             // Gemma-2 alternates local (sliding) and global layers, starting with local.
             for (std::size_t i = 0; i < m.sliding_layers.size(); i += 2) m.sliding_layers[i] = true;
