@@ -236,6 +236,14 @@ TEST_CASE("config defaults and hard-coded biases follow each family's transforme
     CHECK(fromm.warnings.size() == 1);  // the vision tower is not planned
     CHECK_THROWS_WITH_AS(parse_model({{"model_type", "gemma3"}}, "cfg.json", "cfg"), doctest::Contains("text_config: expected"),
                          UserError);
+    for (const nlohmann::json& wrong : {nlohmann::json(5), nlohmann::json(nullptr), nlohmann::json("llama")})
+        CHECK_THROWS_WITH_AS(parse_model({{"model_type", "gemma3"}, {"text_config", {{"model_type", wrong}}}}, "cfg.json", "cfg"),
+                             doctest::Contains("cfg.json: text_config: model_type: expected \"gemma3_text\""), UserError);
+    CHECK_THROWS_WITH_AS(parse_model({{"model_type", "gemma3"}, {"text_config", nlohmann::json::object()}, {"_mst", 3}}, "cfg.json", "cfg"),
+                         doctest::Contains("cfg.json: _mst: expected"), UserError);
+    // Gemma-3 builds a sliding-window mask in every forward: a config without a window cannot run.
+    CHECK_THROWS_WITH_AS(small_config("gemma3_text", {{"sliding_window", nullptr}}), doctest::Contains("sliding_window: expected a window"),
+                         UserError);
     CHECK_THROWS_WITH_AS(small_config("gemma3_text", {{"use_bidirectional_attention", true}}),
                          doctest::Contains("use_bidirectional_attention: expected false"), UserError);
     CHECK_THROWS_WITH_AS(small_config("gemma3_text", {{"num_attention_heads", 3}, {"num_key_value_heads", 1}}),

@@ -135,8 +135,10 @@ class _TrainingForward(ForwardPatch):
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
+        hint = (" (Gemma-3 4B-27B: load the text decoder, Gemma3ForCausalLM.from_pretrained)"
+                if type(model).__name__ == "Gemma3ForConditionalGeneration" else "")
         raise ValueError(f"mst_hf.apply: expected a causal LM with decoder layers at model.model.layers "
-                         f"(Llama, Mistral, Qwen2, Gemma-2), got {type(model).__name__}")
+                         f"(Llama, Mistral, Qwen2/2.5, Qwen3, Gemma-2, Gemma-3), got {type(model).__name__}{hint}")
     return layers
 
 

@@ -127,12 +127,16 @@ def resolve_model(ref: str) -> Tuple[str, Path]:
 def gemma3_text_config(data: Mapping[str, Any], where: str) -> Dict[str, Any]:
     """Gemma-3 4B-27B's image-text config (model_type "gemma3"): its text decoder's config, as
     mst-plan plans it (Gemma3ForCausalLM; the vision tower is not part of the run). The "_mst"
-    block stays; the vocabulary is Gemma3TextConfig's default when the text config omits it."""
+    block stays."""
     text = data.get("text_config")
     if not isinstance(text, dict):
         fail(where, "text_config", "expected the text decoder's config (an object) in a gemma3 config")
+    if text.get("model_type", "gemma3_text") != "gemma3_text":
+        fail(where, "text_config.model_type", f'expected "gemma3_text" in a gemma3 config, got {text["model_type"]!r}')
     out = dict(copy.deepcopy(text), model_type="gemma3_text")
-    out.setdefault("vocab_size", 262208)
+    # Gemma3TextConfig's defaults for the keys read here (transformers fills the rest itself).
+    for key, value in (("vocab_size", 262208), ("hidden_size", 2304), ("num_hidden_layers", 26)):
+        out.setdefault(key, value)
     if "_mst" in data:
         out["_mst"] = copy.deepcopy(data["_mst"])
     return out

@@ -110,7 +110,7 @@ public:
     }
 
     // Tensor `to` takes over the block of `from`, which has none after (the replay's skipped
-    // repeats, src/core/sim/peaks.cpp).
+    // repeats, src/core/sim/loop_replay.cpp).
     void rename(std::int64_t from, std::int64_t to) {
         const Where w = where(from);
         where(from) = Where{};

@@ -88,30 +88,33 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     detail::JsonReader r(config, where);
     // Gemma-3 4B-27B ship as image-text models ("gemma3"): the decoder trained on text is its
     // text_config (Gemma3ForCausalLM); the vision tower is not part of the plan.
+    // mst-plan's own block (catalog files): the name shown and the published parameter total.
+    auto read_meta = [&](ModelSpec& m) {
+        m.name = name;
+        m.display_name = name;
+        m.source = where;
+        if (!r.has("_mst")) return;
+        auto meta = r.object("_mst");
+        if (auto v = meta.opt_string("display_name")) m.display_name = *v;
+        if (auto v = meta.opt_integer("published_parameters", 1, std::int64_t{1} << 50)) m.published_parameters = *v;
+        if (auto v = meta.opt_string("published_parameters_source")) m.published_parameters_source = *v;
+    };
     if (r.opt_string("model_type").value_or("") == "gemma3") {
         if (!r.has("text_config") || !r.raw("text_config").is_object())
             r.fail("text_config", "expected the text decoder's config (an object) in a gemma3 config");
         nlohmann::json text = r.raw("text_config");
-        if (text.value("model_type", std::string("gemma3_text")) != "gemma3_text")
-            r.fail("text_config", "expected model_type gemma3_text in a gemma3 config's text_config");
+        if (text.contains("model_type") && text["model_type"] != "gemma3_text")
+            detail::JsonReader(text, where + ": text_config").fail("model_type", "expected \"gemma3_text\" in a gemma3 config's text_config");
         text["model_type"] = "gemma3_text";
-        if (r.has("_mst")) text["_mst"] = r.raw("_mst");
+        text.erase("_mst");
         ModelSpec m = parse_model(text, where + ": text_config", name);
+        read_meta(m);  // the file's own block, named as the file's
         // Catalog entries say so in their name and source; a user's file gets the reminder.
         if (!r.has("_mst")) m.warnings.push_back("gemma3: the text decoder (Gemma3ForCausalLM) is planned; the vision tower is not");
         return m;
     }
     ModelSpec m;
-    m.name = name;
-    m.display_name = name;
-    m.source = where;
-
-    if (r.has("_mst")) {
-        auto meta = r.object("_mst");
-        if (auto v = meta.opt_string("display_name")) m.display_name = *v;
-        if (auto v = meta.opt_integer("published_parameters", 1, std::int64_t{1} << 50)) m.published_parameters = *v;
-        if (auto v = meta.opt_string("published_parameters_source")) m.published_parameters_source = *v;
-    }
+    read_meta(m);
 
     m.model_type = r.opt_string("model_type").value_or("");
     m.family = family_of(m.model_type, r, m.warnings);
@@ -185,6 +188,10 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
             r.fail("layer_types", "expected no sliding_attention layer when use_sliding_window is false "
                                   "(the config then has no window: transformers cannot build that model)");
     }
+    // Gemma-3's model builds a sliding-window mask in every forward, with or without sliding layers.
+    if (m.family == Family::Gemma3 && !m.sliding_window)
+        r.fail("sliding_window", "expected a window in tokens (Gemma-3 builds a sliding-window mask in every forward: "
+                                 "transformers cannot run that model without one)");
     if (m.sliding_window && m.family == Family::Llama) {
         m.sliding_window.reset();
         m.warnings.push_back("sliding_window: Llama attends to the whole sequence; the window is ignored");

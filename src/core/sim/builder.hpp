@@ -149,8 +149,8 @@ struct PeakScratch {
     // compares share the step up to the first layer whose knobs differ, so the allocator replay
     // resumes from the last such place they share (peaks.cpp).
     std::vector<std::size_t> boundaries;
-    // Chunk loops whose iterations may repeat one another: the replay skips an iteration that
-    // would leave the allocator as the one before did (peaks.cpp). loop_marks[first + i] is where
+    // Chunk loops whose iterations may repeat one another: the replay skips whole periods of
+    // iterations that repeat what it has replayed on the same state (loop_replay.hpp). loop_marks[first + i] is where
     // in gpu_events iteration i starts, loop_marks[first + iterations] where the loop ends.
     struct Loop {
         std::size_t first = 0, iterations = 0;

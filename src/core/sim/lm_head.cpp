@@ -216,13 +216,15 @@ void StepBuilder::hf_model_tensors() {
     hf_positions_ = act("cache_position", elems(S, 1, 8), false);
     drop(arange);
     // The model's masks, in its mapping's order: Mistral builds one (sliding when it has a window),
-    // Qwen2 the full one and, with sliding layers, the sliding one, Gemma-2 both, Llama the full one.
-    // Each asks masking_utils whether the positions are packed; eager attention gets them materialised.
+    // Qwen2 and Gemma-2 the full one and, with sliding layers, the sliding one, Gemma-3 both always,
+    // Llama the full one. Each asks masking_utils whether the positions are packed; eager attention
+    // gets them materialised (a mask no layer reads lives until the model's forward returns).
     bool any_sliding = false;
     for (bool sliding : m_.sliding_layers) any_sliding = any_sliding || sliding;
     const bool full = m_.family != Family::Mistral || !any_sliding;
+    const bool sliding_mask = any_sliding || m_.family == Family::Gemma3;
     for (const bool sliding : {false, true}) {
-        if (sliding ? !any_sliding : !full) continue;
+        if (sliding ? !sliding_mask : !full) continue;
         at("model.packed_check");  // find_packed_sequence_indices on [B, S] positions
         T first = act("first_minus_1", elems(B, 1, 8), false);
         T prepended = act("prepended", elems(B, S + 1, 8), false);

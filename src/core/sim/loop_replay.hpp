@@ -7,8 +7,11 @@
 // allocated, at the same places) do what it did if the allocator is in the state it found it in.
 // After iteration i the allocator is in the state it was in after iteration i - p (up to which
 // tensor holds which block) when iterations i - p + 1 .. i all repeat, made no segment, and i
-// keeps exactly the blocks i - p kept: the same number, each where its counterpart was (no
-// tensor of the loop from before can still be live: it would share a block with one of them).
+// keeps exactly the blocks i - p kept: the same number, each where its counterpart was. Then no
+// tensor of iterations i - p .. i - 1 is still live: a repeating iteration frees only its own or
+// the previous iteration's tensors, so one it does not free stays live for good, and i - p's copy
+// of it would hold a block that i's copy holds too. (Tensors from before the repeats, such as the
+// first iteration's, stay where they are and are no part of the comparison.)
 // The repeats that follow then do what i - p + 1 .. i did, period after period: whole periods
 // of them are skipped, their last iteration's tensors taking over iteration i's blocks. Peaks
 // are unchanged by a skipped iteration: it runs as one already replayed on the same state did.
