@@ -15,6 +15,7 @@ import mst_hf
 
 from .jobs import DEFAULT_MST_PLAN, MEASURE_FORMAT, CrosscheckError, load_matrix, make_job, read_json, write_json
 from .records import describe, measurement, record_path, validate_measurement
+from .step import TRAINERS
 from .train import import_torch, release_memory, run_job
 
 
@@ -36,6 +37,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps before the peaks are reset (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens (default 0)")
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
+    p.add_argument("--trainer", choices=TRAINERS, default="loop",
+                   help="how the forward is called: a loop of one's own (default), or the Hugging Face Trainer "
+                        "with bf16=True (accelerate's bf16 autocast and fp32 outputs)")
     p.add_argument("--loss-check", action="store_true",
                    help="also train the unpatched model (same seed) and compare the losses")
     p.add_argument("--mst-plan", type=Path, default=DEFAULT_MST_PLAN,
@@ -157,7 +161,7 @@ def run_single(args: argparse.Namespace) -> int:
     job = make_job(args.model, plan=plan, plan_where=where, knobs=knobs, seq=args.seq,
                    hf_config_file=args.hf_config, layers=args.layers, derived_dir=args.out.parent,
                    convert=args.convert, mst_plan=args.mst_plan, seed=args.seed, steps=args.steps,
-                   warmup=args.warmup, lr=args.lr, loss_check=args.loss_check)
+                   warmup=args.warmup, lr=args.lr, loss_check=args.loss_check, trainer=args.trainer)
     device = _device(args.device)
     records, ok = run_job(job, device)
     for record in records:

@@ -471,6 +471,7 @@ class Job:
     warmup: int = 1
     lr: float = 1e-5
     loss_check: bool = False
+    trainer: str = "loop"          # how the forward is called: mst_referee.step.TRAINERS
     prediction: Optional[Dict[str, Any]] = None
     notes: List[str] = field(default_factory=list)
     derived_config: Optional[Dict[str, Any]] = None  # the cut config.json to write at model_path
@@ -481,11 +482,14 @@ def make_job(model_ref: Optional[str], *, plan: Optional[Mapping[str, Any]] = No
              hf_config_file: Optional[Path] = None, layers: Optional[int] = None,
              derived_dir: Optional[Path] = None, name: Optional[str] = None, convert: str = "auto",
              mst_plan: Path = DEFAULT_MST_PLAN, seed: int = 0, steps: int = 3, warmup: int = 1, lr: float = 1e-5,
-             loss_check: bool = False) -> Job:
+             loss_check: bool = False, trainer: str = "loop") -> Job:
     """Resolve a model and exactly one of a plan, setup knobs or an hf-mst config into a Job."""
     sources = [x is not None for x in (plan, knobs, hf_config_file)]
     if sum(sources) != 1:
         fail("command line", "", "expected exactly one of --plan, --setup or --hf-config")
+    from .step import TRAINERS
+    if trainer not in TRAINERS:
+        fail("command line", "trainer", f"expected one of {', '.join(TRAINERS)}, got {trainer!r}")
     hf_cfg = None
     if hf_config_file is not None:
         hf_cfg = mst_hf.load_config(hf_config_file)
@@ -503,6 +507,9 @@ def make_job(model_ref: Optional[str], *, plan: Optional[Mapping[str, Any]] = No
     cut = layers is not None and layers < full
     n_layers = layers if cut else full
     notes: List[str] = []
+    if trainer == "hf-trainer":
+        notes.append("trainer: the Hugging Face Trainer with bf16=True (accelerate's bf16 autocast around the forward "
+                     "and the fp32 copy of its outputs)")
     derived = None
     model_path = repo_relative(model_file)
     model_for_plan = model_name if model_file == MODELS_DIR / f"{model_name}.json" else str(model_file.resolve())
@@ -557,7 +564,7 @@ def make_job(model_ref: Optional[str], *, plan: Optional[Mapping[str, Any]] = No
     return Job(name=name or (reduced_name(model_name, n_layers) if cut else model_name), model=model_name,
                model_path=model_path, hf_config=hf_config_dict(raw, n_layers if cut else None), layers=n_layers,
                full_layers=full, setup=setup, mst_config=mst_config, hf_config_source=source, seed=seed,
-               steps=steps, warmup=warmup, lr=lr, loss_check=loss_check, prediction=prediction, notes=notes,
+               steps=steps, warmup=warmup, lr=lr, loss_check=loss_check, trainer=trainer, prediction=prediction, notes=notes,
                derived_config=derived)
 
 

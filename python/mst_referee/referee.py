@@ -89,7 +89,7 @@ def patched_model(job: Job, cfg: "mst_hf.MstConfig") -> Tuple[Any, str]:
 def warm_up(job: Job, model: Any, optimizer: Any, cfg: "mst_hf.MstConfig", next_step: Any, device: str) -> None:
     """The job's warm-up steps, at least one: the optimizer creates its states in the first."""
     for _ in range(max(job.warmup, 1)):
-        run_step(model, optimizer, cfg, next_step(), device, keep_loss=False)
+        run_step(model, optimizer, cfg, next_step(), device, keep_loss=False, trainer=job.trainer)
 
 
 def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
@@ -140,7 +140,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         try:
             with recorder.tracking(model), recorder:
                 run_step(model, optimizer, cfg, batches, "fake", _Recording(recorder, model, masters),
-                         keep_loss=False)
+                         keep_loss=False, trainer=job.trainer)
             recorder.close()
         finally:
             for h in hooks:

@@ -188,7 +188,8 @@ def train(job: Job, patched: bool, device: str, progress: _Progress) -> Dict[str
             torch.cuda.reset_peak_memory_stats()
             retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         with _StepClock(torch, device) as clock:
-            total = run_step(model, optimizer, cfg, batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum], device)
+            total = run_step(model, optimizer, cfg, batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum], device,
+                             trainer=job.trainer)
         losses.append(float(total.item()) / cfg.grad_accum)
         if measured:
             seconds.append(clock.seconds)

@@ -194,7 +194,7 @@ def profile_plain_step(job: Job) -> List[_Alloc]:
         warm_up(job, model, optimizer, cfg, next_step, "cpu")
         batches = next_step()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            run_step(model, optimizer, cfg, batches, "cpu", keep_loss=False)
+            run_step(model, optimizer, cfg, batches, "cpu", keep_loss=False, trainer=job.trainer)
     return profiled_allocations(prof)
 
 
@@ -221,5 +221,5 @@ def memtracker_peak(job: Job) -> int:
         tracker = MemTracker()
         tracker.track_external(model, *_optimizers(optimizer))
         with tracker:
-            run_step(model, optimizer, cfg, batches, "fake", keep_loss=False)
+            run_step(model, optimizer, cfg, batches, "fake", keep_loss=False, trainer=job.trainer)
         return int(sum(dev["Total"] for dev in tracker.get_tracker_snapshot("peak").values()))

@@ -225,3 +225,31 @@ def test_a_matrix_runs_on_fake_tensors_without_touching_cuda(tmp_path):
     records = [json.loads((tmp_path / "out" / f"{n}.json").read_text()) for n in ("a", "b")]
     assert [r["backend"] for r in records] == ["referee", "referee"]
     assert [r["setup"]["checkpoint"] for r in records] == [[], [0, 1]]
+
+
+# ---- the Hugging Face Trainer's forward ---------------------------------------------------
+
+TRAINER_CASES = [
+    (TINY, {}),
+    (TINY, {"attention": "eager", "checkpoint": "all", "grad_accum": 2}),
+    (TINY, {"lm_chunks": 2, "mlp_chunks": 2}),
+    (GEMMA2, {"checkpoint": [0]}),
+]
+
+
+@pytest.mark.parametrize("model, knobs", TRAINER_CASES, ids=[f"{m.split('/')[-1]}-{k}" for m, k in TRAINER_CASES])
+def test_the_hf_trainers_bf16_forward_adds_only_an_fp32_copy_of_the_logits_and_no_peak(model, knobs):
+    # The HF Trainer with bf16=True on a bf16 model: accelerate's autocast changes no allocation on
+    # these paths, and its fp32 copy of the output logits comes after the loss's own fp32 logits
+    # are gone: the step's peaks are the plain loop's (what the hf runtime predicts).
+    plain = referee.referee_step(job(model, **knobs))["events"]
+    trainer = referee.referee_step(jobs.make_job(model, knobs=knobs, seq=16, convert="python", trainer="hf-trainer"))["events"]
+    a, b = referee.summarize_events(plain), referee.summarize_events(trainer)
+    assert (b["peak_bytes"], b["phase_peak_bytes"]) == (a["peak_bytes"], a["phase_peak_bytes"])
+    vocab = jobs.load_model_config(jobs.resolve_model(model)[1])["vocab_size"]
+    copy = 16 * vocab * 4  # [1, 16, V] fp32, one per micro-step, when the head returns logits
+    extra = [e for e in trainer if e[2] == copy and e[5] == "forward"]
+    chunked = knobs.get("lm_chunks", 1) > 1
+    micro = knobs.get("grad_accum", 1)
+    assert len(trainer) - len(plain) == (0 if chunked else 2 * min(micro, 2))
+    assert len(extra) - len([e for e in plain if e[2] == copy and e[5] == "forward"]) == len(trainer) - len(plain)
