@@ -47,22 +47,32 @@ std::optional<std::string> unknown_subcommand(const CLI::App& app, int argc, cha
 }  // namespace
 
 namespace {
-// One process plans one request and exits. Its simulators grow tables of tens of MiB (events,
-// tensors, allocator snapshots) and free them between setups: glibc would map each large one
-// afresh and unmap it on free, faulting its pages in every time. Keep them in the heap, and let
-// it grow in large steps. (Untouched pages are never resident; max-seq runs a third faster.)
-void tune_malloc() {
+// A planning process answers one request and exits. Its simulators grow tables of tens of MiB
+// (events, tensors, allocator snapshots) and free them between setups: glibc would map each large
+// one afresh and unmap it on free, faulting its pages in every time. Keep them in the heap, and
+// let it grow in large steps. (Untouched pages are never resident; max-seq runs a third faster.)
+// Not for `measure`, whose executor holds the step's tensors in host memory: there, blocks mapped
+// on their own go back to the system exactly when freed, as its memory check assumes.
+void tune_malloc(int argc, char** argv) {
 #if defined(__GLIBC__)
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (a.empty() || a[0] == '-') continue;  // global flags come before the subcommand
+        if (a == "measure") return;
+        break;
+    }
     mallopt(M_MMAP_THRESHOLD, 512 << 20);
     mallopt(M_TRIM_THRESHOLD, 1 << 30);
     mallopt(M_TOP_PAD, 32 << 20);
+#else
+    (void)argc, (void)argv;
 #endif
 }
 }  // namespace
 
 int main(int argc, char** argv) {
     using namespace mst::cli;
-    tune_malloc();
+    tune_malloc(argc, argv);
     CLI::App app{
         "mst-plan: predicts, op by op, the GPU memory of a long-context training step and the Mini-Sequence\n"
         "Transformer settings (mini-sequence counts, checkpointing, offload, parallelism) that make it fit.\n\n"
