@@ -86,8 +86,6 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     const bool gemma3_text = input.is_object() && input.contains("model_type") && input["model_type"] == "gemma3_text";
     const nlohmann::json config = gemma3_text ? with_gemma3_defaults(input) : input;
     detail::JsonReader r(config, where);
-    // Gemma-3 4B-27B ship as image-text models ("gemma3"): the decoder trained on text is its
-    // text_config (Gemma3ForCausalLM); the vision tower is not part of the plan.
     // mst-plan's own block (catalog files): the name shown and the published parameter total.
     auto read_meta = [&](ModelSpec& m) {
         m.name = name;
@@ -99,6 +97,8 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
         if (auto v = meta.opt_integer("published_parameters", 1, std::int64_t{1} << 50)) m.published_parameters = *v;
         if (auto v = meta.opt_string("published_parameters_source")) m.published_parameters_source = *v;
     };
+    // Gemma-3 4B-27B ship as image-text models ("gemma3"): the decoder trained on text is its
+    // text_config (Gemma3ForCausalLM); the vision tower is not part of the plan.
     if (r.opt_string("model_type").value_or("") == "gemma3") {
         if (!r.has("text_config") || !r.raw("text_config").is_object())
             r.fail("text_config", "expected the text decoder's config (an object) in a gemma3 config");
