@@ -71,6 +71,8 @@ struct ModelSpec {
     // Gemma-3's rotary embeddings differ between its local (sliding) and global layers: the model
     // computes one cos/sin pair per layer type.
     bool rotary_per_layer_type() const { return family == Family::Gemma3; }
+    // Gemma-3 normalises q and k after all three projections (Qwen3 right after each).
+    bool qk_norms_after_projections() const { return family == Family::Gemma3; }
     std::int64_t q_dim() const { return num_heads * head_dim; }
     std::int64_t kv_dim() const { return num_kv_heads * head_dim; }
     ParameterCounts parameters() const;

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mst_hf
 
+from .step import TRAINERS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = REPO_ROOT / "models"
 DEFAULT_MST_PLAN = REPO_ROOT / "build" / "src" / "mst-plan"
@@ -487,7 +489,6 @@ def make_job(model_ref: Optional[str], *, plan: Optional[Mapping[str, Any]] = No
     sources = [x is not None for x in (plan, knobs, hf_config_file)]
     if sum(sources) != 1:
         fail("command line", "", "expected exactly one of --plan, --setup or --hf-config")
-    from .step import TRAINERS
     if trainer not in TRAINERS:
         fail("command line", "trainer", f"expected one of {', '.join(TRAINERS)}, got {trainer!r}")
     hf_cfg = None

@@ -3,10 +3,10 @@
 For each micro-step the batch is copied to the device (``input_ids`` and ``labels``, two
 tensors, as a causal-LM data collator makes them), the model runs with ``labels`` (called as
 the trainer calls it: :func:`forward`) and only the loss of its output is kept (Hugging Face's
-``Trainer.compute_loss``), the loss is divided
-by the accumulation steps when there are several, and backward runs; then the optimizer steps
-and ``zero_grad(set_to_none=True)`` frees the gradients. An observer (the referee's recorder)
-is told where the step is: phase and micro-step.
+``Trainer.compute_loss``), the loss is divided by the accumulation steps when there are
+several, and backward runs; then the optimizer steps and ``zero_grad(set_to_none=True)`` frees
+the gradients. An observer (the referee's recorder) is told where the step is: phase and
+micro-step.
 """
 
 from __future__ import annotations

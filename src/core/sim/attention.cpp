@@ -482,8 +482,7 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
         at("attn.qkv");
         return out;
     };
-    // Gemma-3 projects q, k and v first, then normalises q and k.
-    const bool norms_last = m_.family == Family::Gemma3;
+    const bool norms_last = m_.qk_norms_after_projections();
     at("attn.qkv");
     use_weight(lp.q);
     T q = act("q", bf16(tokens_, qd), false);
@@ -531,8 +530,8 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
     at("attn.rope");  // k's products ran after q's in forward: their backward runs first
     T gk = hf_rope_backward(dk, kvd, sv.cos_k, sv.sin_k);
     T gq = hf_rope_backward(dq, qd, sv.cos_q, sv.sin_q);
-    // Gemma-3's head norms ran after all three projections: their backward runs before any of them.
-    const bool norms_last = m_.family == Family::Gemma3;
+    // Head norms that ran after all three projections: their backward runs before any of them.
+    const bool norms_last = m_.qk_norms_after_projections();
     auto norm_backward = [&](int norm, HfNorm& n, T g, std::int64_t heads) {
         at("attn.qk_norm");
         return hf_norm_backward(norm, n, g, false, checked_mul(tokens_, heads), m_.head_dim);
