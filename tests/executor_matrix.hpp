@@ -127,6 +127,15 @@ inline const MatrixCase kMatrix[] = {
     {"Gemma-3: bf16 master, optimizer in backward, tiled M=3", "tiny_gemma3.json", 32, [](TrainingSetup& s, std::int64_t) {
          s.precision = Precision::Bf16Master, s.optimizer_in_backward = true, s.mlp_chunks = 3, s.mlp_impl = MlpImpl::Tiled;
      }},
+    {"Phi-3: 3/4 of each head rotated, GQA, tied (M = 1)", "tiny_phi3.json", 32, [](TrainingSetup&, std::int64_t) {}},
+    {"Phi-3: eager, checkpoint all, loop M=2, sliding window in every layer", "tiny_phi3_sliding.json", 32,
+     [](TrainingSetup& s, std::int64_t L) {
+         s.attention = Attention::Eager, s.checkpoint.assign(static_cast<std::size_t>(L), true), s.mlp_chunks = 2;
+     }},
+    {"Phi-3: AMP, grad_accum 2, fused M=2, checkpoint layer 1 offloaded", "tiny_phi3.json", 32, [](TrainingSetup& s, std::int64_t) {
+         s.precision = Precision::AmpFp32, s.grad_accum = 2, s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward;
+         s.checkpoint = {false, true}, s.offload_checkpoints = true;
+     }},
     {"default", "small-llama", 12, [](TrainingSetup&, std::int64_t) {}},
     {"eager, bf16 master, tiled M=2, fused M=2", "small-llama", 12, [](TrainingSetup& s, std::int64_t) {
          s.attention = Attention::Eager, s.precision = Precision::Bf16Master;

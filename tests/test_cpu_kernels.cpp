@@ -374,53 +374,108 @@ TEST_CASE("rmsnorm: bf16 storage agrees with fp32") {
 
 // ---- RoPE -----------------------------------------------------------------------------------------
 
-TEST_CASE("rope: rotates pair (i, i + hd/2) by t * theta^(-2i/hd)") {
-    // hd = 4, theta = 100: inv_freq = (1, 1/10). One head, S = 4; row t holds x = (1, 1, 0, 0).
-    const std::int64_t S = 4, hd = 4;
-    Vec x(S * hd, 0.0f);
-    for (std::int64_t t = 0; t < S; ++t) x[t * hd] = x[t * hd + 1] = 1.0f;
-    rope_apply(x.data(), 1, S, 1, hd, 100.0f, false);
-    for (std::int64_t t = 0; t < S; ++t) {
-        const double a0 = double(t), a1 = double(t) / 10.0;
-        CHECK(x[t * hd + 0] == doctest::Approx(std::cos(a0)).epsilon(1e-6));
-        CHECK(x[t * hd + 2] == doctest::Approx(std::sin(a0)).epsilon(1e-6));
-        CHECK(x[t * hd + 1] == doctest::Approx(std::cos(a1)).epsilon(1e-6));
-        CHECK(x[t * hd + 3] == doctest::Approx(std::sin(a1)).epsilon(1e-6));
+TEST_CASE("rope: rotates pair (i, i + rot/2) by t * theta^(-2i/rot); dims past rot (Phi-3's partial rotary) pass through") {
+    // rot = 4, theta = 100: inv_freq = (1, 1/10) (divided by rot, not hd); pairs (0, 2), (1, 3). Row t
+    // holds x = (1, 1, 0, 0) and, when hd = 6, (3, -2) after them. One head, S = 4.
+    for (const std::int64_t hd : {4, 6}) {
+        CAPTURE(hd);
+        const std::int64_t S = 4, rot = 4;
+        Vec x(S * hd, 0.0f);
+        for (std::int64_t t = 0; t < S; ++t) {
+            x[t * hd] = x[t * hd + 1] = 1.0f;
+            if (hd == 6) x[t * hd + 4] = 3.0f, x[t * hd + 5] = -2.0f;
+        }
+        rope_apply(x.data(), 1, S, 1, hd, rot, 100.0f, false);
+        for (std::int64_t t = 0; t < S; ++t) {
+            const double a0 = double(t), a1 = double(t) / 10.0;
+            CHECK(x[t * hd + 0] == doctest::Approx(std::cos(a0)).epsilon(1e-6));
+            CHECK(x[t * hd + 2] == doctest::Approx(std::sin(a0)).epsilon(1e-6));
+            CHECK(x[t * hd + 1] == doctest::Approx(std::cos(a1)).epsilon(1e-6));
+            CHECK(x[t * hd + 3] == doctest::Approx(std::sin(a1)).epsilon(1e-6));
+            if (hd == 6) CHECK((x[t * hd + 4] == 3.0f && x[t * hd + 5] == -2.0f));
+        }
+        // position 0 is the identity
+        CHECK(x[0] == 1.0f);
+        CHECK(x[2] == 0.0f);
     }
-    // position 0 is the identity
-    CHECK(x[0] == 1.0f);
-    CHECK(x[2] == 0.0f);
 }
 
-TEST_CASE("rope: fast equals the reference, backward inverts forward and equals finite differences") {
+TEST_CASE("rope: fast equals the reference; each sequence of a micro-batch restarts at position 0") {
     const std::int64_t B = 2, S = 13, nh = 3, nkv = 1, hd = 16;
     const Vec q0 = bf16_exact(randn(B * S * nh * hd, 91)), k0 = randn(B * S * nkv * hd, 92);
     Vec q = q0, k = k0, q_ref = q0;
-    rope_forward(q.data(), k.data(), B, S, nh, nkv, hd, 10000.0f);
-    ref::rope_apply(q_ref.data(), B, S, nh, hd, 10000.0f, false);
+    rope_forward(q.data(), k.data(), B, S, nh, nkv, hd, hd, 10000.0f);
+    ref::rope_apply(q_ref.data(), B, S, nh, hd, hd, 10000.0f, false);
     CHECK(rel_err(q, q_ref) < 1e-5);
-    // rows of the second sequence restart at position 0
     CHECK(std::equal(q.begin(), q.begin() + nh * hd, q0.begin()));
     CHECK(std::equal(q.begin() + S * nh * hd, q.begin() + (S + 1) * nh * hd, q0.begin() + S * nh * hd));
+}
 
-    rope_backward(q.data(), k.data(), B, S, nh, nkv, hd, 10000.0f);
-    CHECK(rel_err(q, q0) < 1e-6);
-    CHECK(rel_err(k, k0) < 1e-6);
-
-    Vec x = randn(B * S * nkv * hd, 93);
-    const Vec w = randn(x.size(), 94);
-    Vec dx = w;
-    rope_apply(dx.data(), B, S, nkv, hd, 500.0f, true);
-    auto loss = [&] {
-        Vec y = x;
-        rope_apply(y.data(), B, S, nkv, hd, 500.0f, false);
-        return dot(y, w);
+TEST_CASE("rope: whole and partial rotary equal the reference, pass the dims past rot through bit for bit; backward "
+          "inverts forward and equals finite differences") {
+    struct Case {
+        std::int64_t hd, rot;
     };
-    CHECK(fd_error(x, dx, loss, 60, 95) < 1e-3);
+    for (const Case pc : {Case{16, 16}, Case{16, 12}, Case{64, 48}, Case{16, 2}}) {
+        CAPTURE(pc.hd);
+        CAPTURE(pc.rot);
+        const std::int64_t B = 2, S = 13, nh = 3, nkv = 2, hd = pc.hd, rot = pc.rot;
+        const Vec q0 = bf16_exact(randn(B * S * nh * hd, 96)), k0 = randn(B * S * nkv * hd, 97);
+        Vec q = q0, k = k0, q_ref = q0, k_ref = k0;
+        rope_forward(q.data(), k.data(), B, S, nh, nkv, hd, rot, 10000.0f);
+        ref::rope_apply(q_ref.data(), B, S, nh, hd, rot, 10000.0f, false);
+        ref::rope_apply(k_ref.data(), B, S, nkv, hd, rot, 10000.0f, false);
+        CHECK(rel_err(q, q_ref) < 1e-5);
+        CHECK(rel_err(k, k_ref) < 1e-5);
+        // dims [rot, hd) of every head pass through bit for bit (fast kernel and reference alike)
+        bool pass_q = true, pass_k = true, pass_ref = true;
+        for (std::int64_t rh = 0; rh < B * S * nh; ++rh)
+            for (std::int64_t e = rot; e < hd; ++e) {
+                pass_q = pass_q && q[rh * hd + e] == q0[rh * hd + e];
+                pass_ref = pass_ref && q_ref[rh * hd + e] == q0[rh * hd + e];
+            }
+        for (std::int64_t rh = 0; rh < B * S * nkv; ++rh)
+            for (std::int64_t e = rot; e < hd; ++e) pass_k = pass_k && k[rh * hd + e] == k0[rh * hd + e];
+        CHECK(pass_q);
+        CHECK(pass_k);
+        CHECK(pass_ref);
+        // the rotated dims do rotate (t > 0), so the check above is not vacuous
+        CHECK(q[(S - 1) * nh * hd] != q0[(S - 1) * nh * hd]);
 
-    BVec qb = to_bf16(q0);
-    rope_apply(qb.data(), B, S, nh, hd, 10000.0f, false);
-    CHECK(rel_err(to_f32(qb), q_ref) < 1e-2);
+        rope_backward(q.data(), k.data(), B, S, nh, nkv, hd, rot, 10000.0f);
+        CHECK(rel_err(q, q0) < 1e-6);
+        CHECK(rel_err(k, k0) < 1e-6);
+
+        Vec x = randn(B * S * nkv * hd, 98);
+        const Vec w = randn(x.size(), 99);
+        Vec dx = w;
+        rope_apply(dx.data(), B, S, nkv, hd, rot, 500.0f, true);
+        auto loss = [&] {
+            Vec y = x;
+            rope_apply(y.data(), B, S, nkv, hd, rot, 500.0f, false);
+            return dot(y, w);
+        };
+        CHECK(fd_error(x, dx, loss, 60, 100) < 1e-3);
+
+        BVec qb = to_bf16(q0);
+        rope_apply(qb.data(), B, S, nh, hd, rot, 10000.0f, false);
+        CHECK(rel_err(to_f32(qb), q_ref) < 1e-2);
+        const Vec qbf = to_f32(qb);
+        bool pass_b = true;
+        for (std::int64_t rh = 0; rh < B * S * nh; ++rh)
+            for (std::int64_t e = rot; e < hd; ++e) pass_b = pass_b && qbf[rh * hd + e] == q0[rh * hd + e];
+        CHECK(pass_b);
+    }
+}
+
+TEST_CASE("rope: rotary_dim must be even, at least 2 and at most head_dim") {
+    Vec x(2 * 8, 0.0f);
+    CHECK_THROWS_WITH_AS(rope_apply(x.data(), 1, 2, 1, 8, 7, 1e4f, false),
+                         "rope_apply: rotary_dim must be even and in [2, head_dim]", std::logic_error);
+    CHECK_THROWS_AS(rope_apply(x.data(), 1, 2, 1, 8, 0, 1e4f, false), std::logic_error);
+    CHECK_THROWS_AS(rope_apply(x.data(), 1, 2, 1, 8, 10, 1e4f, false), std::logic_error);
+    CHECK_THROWS_AS(rope_forward(x.data(), x.data(), 1, 2, 1, 1, 8, 5, 1e4f), std::logic_error);
+    CHECK_NOTHROW(rope_apply(x.data(), 1, 2, 1, 8, 2, 1e4f, false));
 }
 
 // ---- attention ----------------------------------------------------------------------------------

@@ -95,6 +95,10 @@ TEST_CASE("CPU executor: ... (Gemma-3 shaped model: q/k head norms, post-norms, 
     CHECK(run_matrix("tiny_gemma3.json") == 4);
 }
 
+TEST_CASE("CPU executor: ... (Phi-3 shaped models: partial rotary, every layer sliding)") {
+    CHECK(run_matrix("tiny_phi3.json") + run_matrix("tiny_phi3_sliding.json") == 3);
+}
+
 TEST_CASE("CPU executor: the simulator predicts every measured allocation and free, byte for byte (small-llama matrix)") {
     CHECK(run_matrix("small-llama") == 7);
 }

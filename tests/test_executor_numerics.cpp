@@ -198,3 +198,9 @@ TEST_CASE("numerics: Gemma-3 shape (q/k head norms, post-norms, local and global
     // each of the 3 layers, the embedding and the final norm (tied: no lm_head)
     CHECK(check_variants_equal_unchunked("tiny_gemma3.json") == 13 * 3 + 2);
 }
+
+TEST_CASE("numerics: Phi-3 shape (3/4 of each head rotated), chunked, checkpointed and eager steps equal the unchunked flash step") {
+    // the kernels runtime runs the fused projections as their row blocks: q, k, v, o, gate, up, down
+    // and 2 norms per layer, the embedding and the final norm (tied: no lm_head)
+    CHECK(check_variants_equal_unchunked("tiny_phi3.json") == 9 * 2 + 2);
+}

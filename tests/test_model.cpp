@@ -45,6 +45,9 @@ TEST_CASE("parameter counts match the published totals") {
         // 4B-27B the 64 image-token rows of the Hugging Face checkpoint's embedding (vocab 262'208).
         {"gemma-3-1b", 999'885'952},      {"gemma-3-4b", 3'880'099'328 + 64 * 2560},
         {"gemma-3-12b", 11'765'788'416 + 64 * 3840}, {"gemma-3-27b", 27'009'002'240 + 64 * 5376},
+        // Phi-3/Phi-4 (fused projections hold the same parameters): KerasHub's Phi-3-mini, the
+        // Hugging Face safetensors totals of Phi-4 and of Phi-4-mini (tied: counted once).
+        {"phi-3-mini-4k", 3'821'079'552}, {"phi-4", 14'659'507'200},    {"phi-4-mini", 3'836'021'760},
     };
     for (const auto& [name, count] : published) {
         CAPTURE(name);
@@ -113,6 +116,70 @@ TEST_CASE("family differences are recorded, not flattened into Llama") {
     CHECK(mistral.family == Family::Mistral);
     CHECK(*mistral.sliding_window == 4096);
     for (bool s : mistral.sliding_layers) CHECK(s);
+
+    // Phi-3: fused projections; Phi-3-mini slides in every layer (2047 tokens) and rotates whole
+    // heads; Phi-4-mini rotates int(128 x 0.75) = 96 dimensions with longrope, ties its embedding.
+    const ModelSpec phi3 = find_model("phi-3-mini-4k");
+    CHECK(phi3.family == Family::Phi3);
+    CHECK(phi3.fused_projections());
+    CHECK(phi3.rotary_concatenates());
+    CHECK(phi3.mistral_masking());
+    CHECK(phi3.head_dim == 96);
+    CHECK(phi3.rotary_dim == 96);
+    CHECK_FALSE(phi3.longrope);
+    CHECK_FALSE(phi3.tie_word_embeddings);
+    CHECK(*phi3.sliding_window == 2047);
+    for (bool s : phi3.sliding_layers) CHECK(s);
+    const ModelSpec mini = find_model("phi-4-mini");
+    CHECK(mini.rotary_dim == 96);
+    CHECK(mini.longrope);
+    CHECK(mini.tie_word_embeddings);
+    CHECK_FALSE(find_model("phi-4").sliding_window.has_value());
+    for (const char* other : {"llama-3-8b", "qwen3-8b", "gemma-3-12b"}) {
+        CAPTURE(other);
+        const ModelSpec m = find_model(other);
+        CHECK(m.rotary_dim == m.head_dim);
+        CHECK_FALSE(m.fused_projections());
+    }
+}
+
+TEST_CASE("Phi-3 configs: what Phi3Config and the modeling code would refuse or cannot run is one line") {
+    const nlohmann::json base = nlohmann::json::parse(R"({"model_type": "phi3", "hidden_size": 64, "intermediate_size": 160,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "pad_token_id": null})");
+    CHECK(parse_model(base, "p.json", "p").rotary_dim == 16);
+    auto with = [&](const char* patch) {
+        nlohmann::json j = base;
+        j.merge_patch(nlohmann::json::parse(patch));
+        return j;
+    };
+    // int(16 x 0.75) = 12; in rope_parameters the factor wins over the top-level one.
+    CHECK(parse_model(with(R"({"partial_rotary_factor": 0.75})"), "p.json", "p").rotary_dim == 12);
+    CHECK(parse_model(with(R"({"partial_rotary_factor": 0.5, "rope_parameters": {"rope_type": "default",
+        "partial_rotary_factor": 0.75}})"), "p.json", "p").rotary_dim == 12);
+    const ModelSpec longrope = parse_model(with(R"({"rope_scaling": {"type": "su", "short_factor": [1, 1, 1, 1, 1, 1, 1, 1],
+        "long_factor": [2, 2, 2, 2, 2, 2, 2, 2]}})"), "p.json", "p");
+    CHECK(longrope.longrope);  // "su" is Phi3Config's old name for longrope
+    const std::map<std::string, std::string> field_of = {
+        {R"({"resid_pdrop": 0.1})", "resid_pdrop: expected 0.0"},
+        {R"({"attention_dropout": 0.1})", "attention_dropout: expected 0.0"},
+        {R"({"pad_token_id": 256})", "pad_token_id: expected a token id below vocab_size (256)"},
+        {R"({"partial_rotary_factor": 0.2})", "partial_rotary_factor: expected a share of head_dim (16)"},
+        {R"({"partial_rotary_factor": 0})", "partial_rotary_factor: expected a number"},
+        {R"({"rope_scaling": {"rope_type": "dynamic"}})", "rope_scaling.rope_type: expected default or longrope"},
+        {R"({"rope_scaling": {"type": "longrope", "short_factor": [1, 1], "long_factor": [1, 1, 1, 1, 1, 1, 1, 1]}})",
+         "rope_scaling.short_factor: expected a list of 8 numbers"},
+        {R"({"rope_scaling": 3})", "rope_scaling: expected an object or null"},
+    };
+    for (const auto& [patch, message] : field_of) {
+        CAPTURE(patch);
+        const auto msg = test::expect_user_error([&] { (void)parse_model(with(patch.c_str()), "p.json", "p"); });
+        CHECK(msg.find("p.json: " + message) == 0);
+        CHECK(msg.find('\n') == std::string::npos);
+    }
+    // An absent pad_token_id is Phi3Config's 32000, past this vocabulary: transformers cannot build it.
+    nlohmann::json no_pad = base;
+    no_pad.erase("pad_token_id");
+    CHECK(test::expect_user_error([&] { (void)parse_model(no_pad, "p.json", "p"); }).find("p.json: pad_token_id: ") == 0);
 }
 
 TEST_CASE("catalog names are case-insensitive and paths are accepted") {

@@ -12,7 +12,7 @@ namespace mst {
 
 // The architectures mst-plan models by their real differences. Anything else that
 // looks like a Llama (SwiGLU MLP, RMSNorm, RoPE) is accepted as Llama with a warning.
-enum class Family { Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3 };
+enum class Family { Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Phi3 };
 std::string to_string(Family f);
 
 struct ParameterCounts {
@@ -37,6 +37,7 @@ struct ModelSpec {
     std::int64_t num_heads = 0;          // nh
     std::int64_t num_kv_heads = 0;       // nkv (GQA); = nh when absent
     std::int64_t head_dim = 0;           // hd; d / nh when absent
+    std::int64_t rotary_dim = 0;         // dimensions of each head RoPE rotates: hd, or Phi-3's partial share
     std::int64_t vocab_size = 0;         // V
     std::int64_t max_position_embeddings = 0;
     bool tie_word_embeddings = false;
@@ -44,6 +45,7 @@ struct ModelSpec {
     std::string hidden_act = "silu";
     double rms_norm_eps = 1e-6;
     double rope_theta = 10000.0;  // RoPE base (changes values, not memory or time)
+    bool longrope = false;        // Phi-3's longrope: short or long frequency factors, chosen in every forward
 
     bool qkv_bias = false;  // Qwen2 always; Llama with attention_bias
     bool o_bias = false;    // Llama attention_bias
@@ -73,6 +75,16 @@ struct ModelSpec {
     bool rotary_per_layer_type() const { return family == Family::Gemma3; }
     // Gemma-3 normalises q and k after all three projections (Qwen3 right after each).
     bool qk_norms_after_projections() const { return family == Family::Gemma3; }
+    // Phi-3 and Phi-4: one qkv_proj [q + 2 kv, d] and one gate_up_proj [2 I, d] per layer (the
+    // hf runtime's parameters and tensors; the kernels runtime runs them as the separate GEMMs
+    // over row blocks of the fused weight that they are).
+    bool fused_projections() const { return family == Family::Phi3; }
+    // Phi-3 rotates the first rotary_dim dimensions of each head and concatenates the rest after
+    // them (a new tensor even when nothing passes through).
+    bool rotary_concatenates() const { return family == Family::Phi3; }
+    // Mistral and Phi-3 build one attention mask (sliding when the config has a window, which every
+    // layer then uses) and pass the decoder layer its position ids before the rotary tables.
+    bool mistral_masking() const { return family == Family::Mistral || family == Family::Phi3; }
     std::int64_t q_dim() const { return num_heads * head_dim; }
     std::int64_t kv_dim() const { return num_kv_heads * head_dim; }
     ParameterCounts parameters() const;

@@ -6,7 +6,8 @@ run is; warm-up steps create the optimizer's states, then one optimizer step (it
 micro-steps, as mst-plan's timelines hold) is recorded by :class:`StorageRecorder`.
 
 What exists before the recorded step is registered as its ``init`` allocations, in this order:
-the parameters and buffers (``model.named_parameters()``, then ``named_buffers()``), the fp32
+the parameters and buffers (``model.named_parameters()``, then ``named_buffers()``, then tensors
+modules hold as plain attributes), the fp32
 master copies (precision bf16-master), the optimizer states per parameter (the optimizer's
 own order). An optimizer's ``step`` counter is device memory only in torch's fused
 implementation; the others keep it on the host and it is left out.
@@ -86,6 +87,17 @@ def patched_model(job: Job, cfg: "mst_hf.MstConfig") -> Tuple[Any, str]:
     return model, attn
 
 
+def _tensor_attributes(model: Any) -> Iterator[Tuple[str, Any]]:
+    """Tensors modules keep as plain attributes, neither parameters nor buffers (longrope's
+    ``long_inv_freq``, made by the first forward): device memory all the same."""
+    import torch
+
+    for prefix, module in model.named_modules():
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                yield (f"{prefix}.{name}" if prefix else name), value
+
+
 def warm_up(job: Job, model: Any, optimizer: Any, cfg: "mst_hf.MstConfig", next_step: Any, device: str) -> None:
     """The job's warm-up steps, at least one: the optimizer creates its states in the first."""
     for _ in range(max(job.warmup, 1)):
@@ -129,6 +141,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         recorder = StorageRecorder(correct_buffer_sums)
         recorder.register(model.named_parameters(), "weights", "init.weights")
         recorder.register(model.named_buffers(), "weights", "init.buffers")
+        recorder.register(_tensor_attributes(model), "weights", "init.buffers")
         recorder.register(((names[id(m)], m) for m in masters.values()), "master_weights", "init.master_weights")
         recorder.register(_state_tensors(optimizer, names), "optimizer_state", "init.optimizer_state")
 

@@ -5,8 +5,9 @@ model built from its config.json, the setup applied through python/mst_hf as a G
 it) and hands the record to `mst-plan compare --run`, which simulates the same setup with the
 hf runtime and compares every allocation and free: same bytes, same order, same phase. The
 cases cover the knobs a user sets and the model families whose code differs (Llama; Mistral
-with sliding windows and tied embeddings; Qwen2's attention biases; Qwen3's q/k norms; Gemma-2's post-norms,
-soft-capping, scaled embeddings and GeGLU). Nothing here is a number written by hand: both
+with sliding windows and tied embeddings; Qwen2's attention biases; Qwen3's q/k norms; Gemma-2's
+post-norms, soft-capping, scaled embeddings and GeGLU; Gemma-3; Phi-3's fused projections and
+partial rotary). Nothing here is a number written by hand: both
 sides are computed, one by PyTorch and one by mst-plan.
 """
 
@@ -32,6 +33,10 @@ QWEN3 = str(REPO / "tests" / "data" / "tiny_qwen3.json")
 GEMMA3 = str(REPO / "tests" / "data" / "tiny_gemma3.json")
 GEMMA3_GLOBAL = str(REPO / "tests" / "data" / "tiny_gemma3_global.json")
 MQA = str(REPO / "tests" / "data" / "tiny_mqa.json")
+MHA = str(REPO / "tests" / "data" / "tiny_mha.json")
+PHI3 = str(REPO / "tests" / "data" / "tiny_phi3.json")
+PHI3_SLIDING = str(REPO / "tests" / "data" / "tiny_phi3_sliding.json")
+PHI3_LONGROPE = str(REPO / "tests" / "data" / "tiny_phi3_longrope.json")
 
 CASES = [
     # Llama: attention, checkpointing (ours and Hugging Face's everywhere), offload.
@@ -88,6 +93,20 @@ CASES = [
               "checkpoint": "all"}),
     # Gemma-3 with every layer global still builds (and, eager, materialises) the sliding mask.
     (GEMMA3_GLOBAL, {"attention": "eager", "checkpoint": "all", "micro_batch": 2}),
+    # No KV head shared (Llama-2-7B's attention): with micro-batches, matmul copies q, k and v.
+    (MHA, {"attention": "eager", "micro_batch": 2}),
+    # Phi-3: fused qkv_proj and gate_up_proj (views of one output each), a rotated share of each
+    # head concatenated with the rest (partial: 3/4 of the dimensions, tied embeddings, GQA).
+    (PHI3, {}),
+    (PHI3, {"attention": "eager", "checkpoint": [0], "micro_batch": 2}),
+    (PHI3, {"checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2, "lm_impl": "fused"}),
+    (PHI3, {"precision": "bf16-master", "optimizer_in_backward": True, "mlp_chunks": 3, "mlp_impl": "tiled"}),
+    # Phi-3-mini's shape: every dimension rotated (the first share is an alias), no KV sharing, a
+    # sliding window in every layer; and longrope's frequency choice in every forward.
+    (PHI3_SLIDING, {"attention": "eager", "checkpoint": "all", "micro_batch": 2, "mlp_chunks": 2}),
+    (PHI3_SLIDING, {"checkpoint": [1], "offload_checkpoints": True, "optimizer_impl": "foreach", "lm_chunks": 2,
+                    "mlp_chunks": 3, "mlp_impl": "tiled", "grad_accum": 2}),
+    (PHI3_LONGROPE, {"checkpoint": "all"}),
 ]
 
 

@@ -1,6 +1,6 @@
 """A patched Hugging Face model trains exactly like the unpatched one.
 
-Tiny random Llama and Gemma-2 models (hidden 64, 2 layers, vocab 128) in fp32,
+Tiny random Llama, Gemma-2 and Phi-3 models (hidden 64, 2 layers, vocab 128) in fp32,
 so precision "amp" (fp32 parameters; no autocast is entered here). Tolerance
 fp32 rtol 1e-5, atol 1e-6: chunking and recomputation only reorder fp32 sums
 over at most 26 tokens or 128 classes (errors of a few 1e-7 relative), while a
@@ -44,7 +44,17 @@ def tiny_gemma2():
     return transformers.Gemma2ForCausalLM(config).float().train()
 
 
-MODELS = {"llama": tiny_llama, "gemma2": tiny_gemma2}
+def tiny_phi3():
+    # Fused qkv_proj and gate_up_proj; 3/4 of each head rotated (the rest concatenated back).
+    config = transformers.Phi3Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, partial_rotary_factor=0.75,
+        pad_token_id=None, attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.Phi3ForCausalLM(config).float().train()
+
+
+MODELS = {"llama": tiny_llama, "gemma2": tiny_gemma2, "phi3": tiny_phi3}
 
 
 def mst_config(mlp=(1, "loop"), lm_head=(1, "recompute"), checkpoint=(), offload=False, **overrides):

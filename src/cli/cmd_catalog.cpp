@@ -59,6 +59,9 @@ void run_show(const GlobalOptions& g, const std::string& model) {
         for (bool s : m.sliding_layers) n += s ? 1 : 0;
         fmt::print("  sliding window {} tokens on {} of {} layers\n", *m.sliding_window, n, m.num_layers);
     }
+    if (m.fused_projections() || m.rotary_dim != m.head_dim || m.longrope)
+        fmt::print("  fused qkv_proj and gate_up_proj; RoPE on {} of {} dimensions per head{}\n", m.rotary_dim, m.head_dim,
+                   m.longrope ? " (longrope)" : "");
     if (m.attn_logit_softcapping || m.final_logit_softcapping)
         fmt::print("  soft-capping: attention {}  final logits {}\n", m.attn_logit_softcapping.value_or(0.0),
                    m.final_logit_softcapping.value_or(0.0));

@@ -21,6 +21,7 @@ std::string to_string(Family f) {
         case Family::Qwen3: return "qwen3";
         case Family::Gemma2: return "gemma2";
         case Family::Gemma3: return "gemma3";
+        case Family::Phi3: return "phi3";
     }
     return "?";
 }
@@ -47,10 +48,11 @@ Family family_of(const std::string& model_type, detail::JsonReader& r, std::vect
     if (model_type == "qwen3") return Family::Qwen3;
     if (model_type == "gemma2") return Family::Gemma2;
     if (model_type == "gemma3_text") return Family::Gemma3;
+    if (model_type == "phi3") return Family::Phi3;
     const std::string shown = r.has("model_type") ? "'" + model_type + "'" : "none";
     if (!assume_llama)
         r.fail("model_type", fmt::format("expected one of llama, mistral, qwen2 (Qwen2 and Qwen2.5), qwen3 (dense), gemma2, gemma3_text "
-                                         "(or gemma3 with a text_config), got {} "
+                                         "(or gemma3 with a text_config), phi3 (Phi-3, Phi-4), got {} "
                                          "(--assume-llama plans it as a Llama-shaped model, which may be wrong)",
                                          shown));
     warnings.push_back(fmt::format(
@@ -58,6 +60,50 @@ Family family_of(const std::string& model_type, detail::JsonReader& r, std::vect
         "attention_bias/mlp_bias say, no sliding window unless sliding_window is set)",
         shown));
     return Family::Llama;
+}
+
+// Phi3Config's keys that change what the model allocates: the share of each head that RoPE
+// rotates (partial_rotary_factor, at the top or in rope_scaling / rope_parameters, which win), the
+// rotary type (default, or longrope with one short and one long factor per rotated pair), dropout
+// (refused: its masks are not modelled) and the padding token the embedding is built with.
+void read_phi3(const nlohmann::json& config, const detail::JsonReader& r, ModelSpec& m) {
+    for (const char* key : {"resid_pdrop", "attention_dropout"})
+        if (r.opt_number(key, 0.0, 1.0).value_or(0.0) != 0.0)
+            r.fail(key, "expected 0.0 (dropout's masks are not modelled; Phi-3 and Phi-4 train without dropout)");
+    (void)r.opt_number("embd_pdrop", 0.0, 1.0);  // Phi3Model never applies it
+    // An absent pad_token_id is Phi3Config's 32000; null is no padding index.
+    const auto pad = config.contains("pad_token_id") ? r.opt_integer("pad_token_id", 0, kMaxVocab) : std::int64_t{32000};
+    if (pad && *pad >= m.vocab_size)
+        r.fail("pad_token_id", fmt::format("expected a token id below vocab_size ({}) or null (the embedding's padding "
+                                           "index; Phi3Config defaults it to 32000), got {}",
+                                           m.vocab_size, *pad));
+    const char* scaling_key = r.has("rope_parameters") ? "rope_parameters" : "rope_scaling";
+    std::optional<detail::JsonReader> scaling;
+    if (r.has(scaling_key)) {
+        if (!r.raw(scaling_key).is_object()) r.fail(scaling_key, "expected an object or null");
+        scaling.emplace(r.object(scaling_key));
+    }
+    double factor = r.opt_number("partial_rotary_factor", 1e-9, 1.0).value_or(1.0);
+    if (scaling) factor = scaling->opt_number("partial_rotary_factor", 1e-9, 1.0).value_or(factor);
+    m.rotary_dim = static_cast<std::int64_t>(static_cast<double>(m.head_dim) * factor);  // int(head_dim * factor)
+    if (m.rotary_dim < 2 || m.rotary_dim % 2 != 0)
+        r.fail("partial_rotary_factor", fmt::format("expected a share of head_dim ({}) that rotates an even number "
+                                                    "of dimensions, got {} ({} dimensions)",
+                                                    m.head_dim, factor, m.rotary_dim));
+    if (!scaling) return;
+    std::string type = scaling->opt_string("rope_type").value_or(scaling->opt_string("type").value_or("default"));
+    if (type == "su" || type == "yarn") type = "longrope";  // Phi3Config renames them
+    if (type != "default" && type != "longrope")
+        scaling->fail("rope_type", fmt::format("expected default or longrope (what Phi3Config accepts), got '{}'", type));
+    m.longrope = type == "longrope";
+    if (!m.longrope) return;
+    for (const char* key : {"short_factor", "long_factor"}) {
+        const auto n = static_cast<std::size_t>(m.rotary_dim / 2);
+        if (!scaling->has(key) || !scaling->raw(key).is_array() || scaling->raw(key).size() != n)
+            scaling->fail(key, fmt::format("expected a list of {} numbers (one per rotated pair of dimensions)", n));
+        for (const auto& v : scaling->raw(key))
+            if (!v.is_number()) scaling->fail(key, fmt::format("expected a list of {} numbers, got {}", n, detail::shown(v)));
+    }
 }
 
 }  // namespace
@@ -149,6 +195,8 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     }
     if (m.head_dim % 2 != 0)  // RoPE rotates pairs of dimensions (transformers refuses an odd one too)
         r.fail("head_dim", fmt::format("expected an even size (RoPE rotates pairs of dimensions), got {}", m.head_dim));
+    m.rotary_dim = m.head_dim;
+    if (m.family == Family::Phi3) read_phi3(config, r, m);
 
     // Gemma-2/3 tie embeddings by default (their configs omit the key), all others untie.
     m.tie_word_embeddings = r.opt_boolean("tie_word_embeddings").value_or(m.gemma());
@@ -169,7 +217,7 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     m.qk_norm = m.family == Family::Qwen3 || m.family == Family::Gemma3;
 
     // Which layers attend within a sliding window, as transformers' modeling code reads the config:
-    // Mistral slides in every layer (it ignores layer_types), Llama in none (it ignores the window).
+    // Mistral and Phi-3 slide in every layer (they ignore layer_types), Llama in none (it ignores the window).
     m.sliding_layers.assign(static_cast<std::size_t>(m.num_layers), false);
     m.sliding_window = r.opt_integer("sliding_window", 1, kMaxPositions);
     // layer_types, when the config lists them: which layers are "sliding_attention" (checked
@@ -197,7 +245,7 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
         m.warnings.push_back("sliding_window: Llama attends to the whole sequence; the window is ignored");
     }
     if (m.sliding_window) {
-        if (m.family == Family::Mistral) {
+        if (m.mistral_masking()) {  // Mistral and Phi-3: every layer slides
             m.sliding_layers.assign(m.sliding_layers.size(), true);
         } else if (r.has("layer_types")) {
             if (!typed || static_cast<std::int64_t>(typed->size()) != m.num_layers)
@@ -276,6 +324,8 @@ nlohmann::json to_json(const ModelSpec& m) {
         {"num_attention_heads", m.num_heads},
         {"num_key_value_heads", m.num_kv_heads},
         {"head_dim", m.head_dim},
+        {"rotary_dim", m.rotary_dim},
+        {"longrope", m.longrope},
         {"vocab_size", m.vocab_size},
         {"tie_word_embeddings", m.tie_word_embeddings},
         {"max_position_embeddings", m.max_position_embeddings},

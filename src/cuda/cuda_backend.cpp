@@ -170,12 +170,12 @@ public:
         cuda::rmsnorm_backward(g(dx), g(dw), g(dy), g(x), g(w), rstd, n, d, kind);
     }
     void rope_forward(Tensor q, Tensor k, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
-                      std::int64_t hd, float theta) override {
-        cuda::rope_forward(g(q), g(k), B, S, nh, nkv, hd, theta);
+                      std::int64_t hd, std::int64_t rot, float theta) override {
+        cuda::rope_forward(g(q), g(k), B, S, nh, nkv, hd, rot, theta);
     }
     void rope_backward(Tensor dq, Tensor dk, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
-                       std::int64_t hd, float theta) override {
-        cuda::rope_backward(g(dq), g(dk), B, S, nh, nkv, hd, theta);
+                       std::int64_t hd, std::int64_t rot, float theta) override {
+        cuda::rope_backward(g(dq), g(dk), B, S, nh, nkv, hd, rot, theta);
     }
     std::int64_t flash_lse_floats(const AttentionConfig& c) const override { return cuda::flash_lse_floats(c); }
     std::int64_t flash_dq_workspace_floats(const AttentionConfig& c) const override {

@@ -78,13 +78,14 @@ void rmsnorm_backward(Tensor dx, Tensor dw, ConstTensor dy, ConstTensor x, Const
                       std::int64_t n, std::int64_t d, NormKind kind, cudaStream_t stream = nullptr);
 
 // ---- RoPE (Hugging Face rotate_half) ---------------------------------------------------------
-// x[B*S, heads*hd] in place; inv_freq computed on the host exactly as the CPU kernel does.
-void rope_apply(Tensor x, std::int64_t B, std::int64_t S, std::int64_t heads, std::int64_t hd, float theta,
-                bool inverse, cudaStream_t stream = nullptr);
+// x[B*S, heads*hd] in place, the first rot dims of each head (rot even, 2 <= rot <= hd; the
+// rest pass through); inv_freq computed on the host exactly as the CPU kernel does.
+void rope_apply(Tensor x, std::int64_t B, std::int64_t S, std::int64_t heads, std::int64_t hd, std::int64_t rot,
+                float theta, bool inverse, cudaStream_t stream = nullptr);
 void rope_forward(Tensor q, Tensor k, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
-                  std::int64_t hd, float theta, cudaStream_t stream = nullptr);
+                  std::int64_t hd, std::int64_t rot, float theta, cudaStream_t stream = nullptr);
 void rope_backward(Tensor dq, Tensor dk, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
-                   std::int64_t hd, float theta, cudaStream_t stream = nullptr);
+                   std::int64_t hd, std::int64_t rot, float theta, cudaStream_t stream = nullptr);
 
 // ---- attention: causal, GQA, optional sliding window and logit soft-capping ----------------
 // Same function as the CPU's: q, o [B*S, nh*hd]; k, v [B*S, nkv*hd]; query head h reads kv

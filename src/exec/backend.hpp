@@ -95,10 +95,11 @@ public:
     virtual void rmsnorm_backward(Tensor dx, Tensor dw, ConstTensor dy, ConstTensor x, ConstTensor w,
                                   const float* rstd, std::int64_t n, std::int64_t d, NormKind kind) = 0;
 
+    // rot: the leading dims of each head that rotate (hd, or less for Phi-3's partial rotary)
     virtual void rope_forward(Tensor q, Tensor k, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
-                              std::int64_t hd, float theta) = 0;
+                              std::int64_t hd, std::int64_t rot, float theta) = 0;
     virtual void rope_backward(Tensor dq, Tensor dk, std::int64_t B, std::int64_t S, std::int64_t nh,
-                               std::int64_t nkv, std::int64_t hd, float theta) = 0;
+                               std::int64_t nkv, std::int64_t hd, std::int64_t rot, float theta) = 0;
 
     // Workspace sizes of this backend's flash attention, in floats.
     virtual std::int64_t flash_lse_floats(const AttentionConfig& c) const = 0;

@@ -85,12 +85,12 @@ void CpuBackend::rmsnorm_backward(Tensor dx, Tensor dw, ConstTensor dy, ConstTen
 }
 
 void CpuBackend::rope_forward(Tensor q, Tensor k, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
-                              std::int64_t hd, float theta) {
-    cpu::rope_forward(c(q), c(k), B, S, nh, nkv, hd, theta);
+                              std::int64_t hd, std::int64_t rot, float theta) {
+    cpu::rope_forward(c(q), c(k), B, S, nh, nkv, hd, rot, theta);
 }
 void CpuBackend::rope_backward(Tensor dq, Tensor dk, std::int64_t B, std::int64_t S, std::int64_t nh,
-                               std::int64_t nkv, std::int64_t hd, float theta) {
-    cpu::rope_backward(c(dq), c(dk), B, S, nh, nkv, hd, theta);
+                               std::int64_t nkv, std::int64_t hd, std::int64_t rot, float theta) {
+    cpu::rope_backward(c(dq), c(dk), B, S, nh, nkv, hd, rot, theta);
 }
 
 std::int64_t CpuBackend::flash_lse_floats(const AttentionConfig& a) const { return cpu::flash_lse_floats(a); }

@@ -46,9 +46,9 @@ public:
     void rmsnorm_backward(Tensor dx, Tensor dw, ConstTensor dy, ConstTensor x, ConstTensor w, const float* rstd,
                           std::int64_t n, std::int64_t d, NormKind kind) override;
     void rope_forward(Tensor q, Tensor k, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
-                      std::int64_t hd, float theta) override;
+                      std::int64_t hd, std::int64_t rot, float theta) override;
     void rope_backward(Tensor dq, Tensor dk, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
-                       std::int64_t hd, float theta) override;
+                       std::int64_t hd, std::int64_t rot, float theta) override;
     std::int64_t flash_lse_floats(const AttentionConfig& c) const override;
     std::int64_t flash_dq_workspace_floats(const AttentionConfig& c) const override;
     std::int64_t flash_delta_workspace_floats(const AttentionConfig& c) const override;

@@ -156,7 +156,8 @@ Ten Step::attention_forward(int l, Ten h1, LayerSaved& sv) {
     head_norm_forward(lp.q_norm, q, m_.num_heads, sv.q_raw, sv.rstd_q);
     head_norm_forward(lp.k_norm, k, m_.num_kv_heads, sv.k_raw, sv.rstd_k);
     at("attn.qkv");
-    b_.rope_forward(q.t(), k.t(), B_, S_, m_.num_heads, m_.num_kv_heads, m_.head_dim, static_cast<float>(m_.rope_theta));
+    b_.rope_forward(q.t(), k.t(), B_, S_, m_.num_heads, m_.num_kv_heads, m_.head_dim, m_.rotary_dim,
+                    static_cast<float>(m_.rope_theta));
     sv.h1 = saved(hin);
     drop(hin);
 
@@ -211,7 +212,8 @@ Ten Step::attention_backward(int l, LayerSaved& sv, const Ten& d_out) {
     } else {
         eager_backward(l, std::move(d_o), sv, dq, dk, dv);
     }
-    b_.rope_backward(dq.t(), dk.t(), B_, S_, m_.num_heads, m_.num_kv_heads, m_.head_dim, static_cast<float>(m_.rope_theta));
+    b_.rope_backward(dq.t(), dk.t(), B_, S_, m_.num_heads, m_.num_kv_heads, m_.head_dim, m_.rotary_dim,
+                     static_cast<float>(m_.rope_theta));
     at("attn.qk_norm");
     head_norm_backward(lp.q_norm, dq, m_.num_heads, sv.q_raw, sv.rstd_q);
     head_norm_backward(lp.k_norm, dk, m_.num_kv_heads, sv.k_raw, sv.rstd_k);

@@ -142,21 +142,28 @@ TEST_CASE("cuda RMSNorm: Llama and Gemma forward and backward equal the CPU kern
         }
 }
 
-TEST_CASE("cuda RoPE: rotates q and k as the CPU kernel, and the backward undoes it") {
+TEST_CASE("cuda RoPE: rotates q and k as the CPU kernel, and the backward undoes it (full and partial rotary)") {
     MST_REQUIRE_DEVICE();
     const std::int64_t B = 2, S = 33, nh = 4, nkv = 2, hd = 64;
-    for (cpu::DType t : kDtypes) {
-        CAPTURE(int(t));
-        const Vec q0 = input(B * S * nh * hd, 51, t), k0 = input(B * S * nkv * hd, 52, t);
-        Pair q(q0, t), k(k0, t);
-        cpu::rope_forward(q.cpu(), k.cpu(), B, S, nh, nkv, hd, 10000.0f);
-        gpu::rope_forward(q.gpu(), k.gpu(), B, S, nh, nkv, hd, 10000.0f);
-        // angles up to 32 rad: cosf/sinf of the same fp32 angle agree to a few ulp
-        CHECK(rel_err(q.gpu_values(), q.cpu_values()) <= tol(t, 1e-5));
-        CHECK(rel_err(k.gpu_values(), k.cpu_values()) <= tol(t, 1e-5));
-        gpu::rope_backward(q.gpu(), k.gpu(), B, S, nh, nkv, hd, 10000.0f);
-        CHECK(rel_err(q.gpu_values(), q0) <= tol(t, 1e-5) * 2);  // bf16: rounded twice
-    }
+    for (const std::int64_t rot : {hd, std::int64_t{48}})  // 48: Phi-3's partial rotary, dims [48, 64) pass through
+        for (cpu::DType t : kDtypes) {
+            CAPTURE(rot);
+            CAPTURE(int(t));
+            const Vec q0 = input(B * S * nh * hd, 51, t), k0 = input(B * S * nkv * hd, 52, t);
+            Pair q(q0, t), k(k0, t);
+            cpu::rope_forward(q.cpu(), k.cpu(), B, S, nh, nkv, hd, rot, 10000.0f);
+            gpu::rope_forward(q.gpu(), k.gpu(), B, S, nh, nkv, hd, rot, 10000.0f);
+            // angles up to 32 rad: cosf/sinf of the same fp32 angle agree to a few ulp
+            CHECK(rel_err(q.gpu_values(), q.cpu_values()) <= tol(t, 1e-5));
+            CHECK(rel_err(k.gpu_values(), k.cpu_values()) <= tol(t, 1e-5));
+            const Vec qg = q.gpu_values();
+            bool pass = true;  // the pass-through dims are untouched, bit for bit
+            for (std::int64_t rh = 0; rh < B * S * nh; ++rh)
+                for (std::int64_t e = rot; e < hd; ++e) pass = pass && qg[rh * hd + e] == q0[rh * hd + e];
+            CHECK(pass);
+            gpu::rope_backward(q.gpu(), k.gpu(), B, S, nh, nkv, hd, rot, 10000.0f);
+            CHECK(rel_err(q.gpu_values(), q0) <= tol(t, 1e-5) * 2);  // bf16: rounded twice
+        }
 }
 
 TEST_CASE("cuda flash attention: forward and backward equal the CPU flash kernels (GQA, window, soft-cap)") {
@@ -572,8 +579,10 @@ TEST_CASE("cuda kernels: a broken contract throws before anything is launched") 
                          std::logic_error);
     CHECK_THROWS_WITH_AS(gpu::adamw_step({}, {}, {}, {}, 4, gpu::AdamWConfig{}, 0), "adamw_step: step counts from 1",
                          std::logic_error);
-    CHECK_THROWS_WITH_AS(gpu::rope_apply({}, 1, 1, 1, 7, 1e4f, false), "rope_apply: head_dim must be even and <= kMaxHeadDim",
+    CHECK_THROWS_WITH_AS(gpu::rope_apply({}, 1, 1, 1, 7, 7, 1e4f, false), "rope_apply: head_dim must be even and <= kMaxHeadDim",
                          std::logic_error);
+    CHECK_THROWS_WITH_AS(gpu::rope_apply({}, 1, 1, 1, 8, 7, 1e4f, false),
+                         "rope_apply: rotary_dim must be even and in [2, head_dim]", std::logic_error);
     CHECK_THROWS_WITH_AS(gpu::attention_scores({}, {}, {}, 1, 4, 2, gpu::kMaxHeadDim + 1),
                          "attention_scores: head_dim must be in (0, kMaxHeadDim]", std::logic_error);
     CHECK_THROWS_WITH_AS(gpu::softmax_forward(nullptr, {}, 4, 0), "softmax_forward: need rows >= 0 and cols > 0",

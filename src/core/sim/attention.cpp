@@ -425,10 +425,13 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
     return gx;
 }
 
-// apply_rotary_pos_emb on one of q, k ([T, dim] as [B, heads, S, D]):
-//   x * cos + cat(-x2, x1) * sin; each product saves its table.
-T StepBuilder::hf_rope_forward(T x, std::int64_t dim, T& cos_saved, T& sin_saved) {
+// apply_rotary_pos_emb on one of q, k ([T, heads * D] as [B, heads, S, D]):
+//   x * cos + cat(-x2, x1) * sin; each product saves its table. Phi-3 rotates the first
+//   rotary_dim of each head's D (views x[..., :R] and x[..., R:]) and concatenates the rest after
+//   the rotated share: a new [B, heads, S, D] tensor even when nothing passes through (R = D).
+T StepBuilder::hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_saved) {
     (void)x;  // read, not owned
+    const std::int64_t dim = checked_mul(heads, m_.rotary_dim);
     T xc = act("rope.x_cos", bf16(tokens_, dim), false);
     cos_saved = saved(hf_rope(layer_).cos);
     T neg = act("rope.neg", bf16(tokens_, dim / 2), false);
@@ -439,10 +442,18 @@ T StepBuilder::hf_rope_forward(T x, std::int64_t dim, T& cos_saved, T& sin_saved
     drop(cat);
     T out = act("rope.out", bf16(tokens_, dim), false);
     drop(xc), drop(rs);
-    return out;
+    if (!m_.rotary_concatenates()) return out;
+    T joined = act("rope.joined", bf16(tokens_, checked_mul(heads, m_.head_dim)), false);
+    drop(out);
+    return joined;
 }
 
-T StepBuilder::hf_rope_backward(T d, std::int64_t dim, T& cos_saved, T& sin_saved) {
+// d: the rotated tensor's gradient (consumed); returns the gradient of the rotated share.
+// Phi-3: CatBackward0 first narrows d into the rotated share and the pass-through one, whose view
+// `pass` receives (the caller runs both shares' SliceBackward0 later: hf_rope_slices_backward).
+T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_saved, T* pass) {
+    const std::int64_t dim = checked_mul(heads, m_.rotary_dim);
+    if (pass) *pass = hold(d);
     T d_cos = hold(d);  // AddBackward0 hands the gradient to both products
     // MulBackward0 (rotated * sin)
     T gr = alloc("d_rope.rotated", bf16(tokens_, dim), Category::Transient);
@@ -465,6 +476,23 @@ T StepBuilder::hf_rope_backward(T d, std::int64_t dim, T& cos_saved, T& sin_save
     return gx;
 }
 
+// Phi-3: the SliceBackward0 of x[..., R:] (its gradient `pass`, a view of the joined tensor's) and
+// of x[..., :R] (`rotated`): each a zero-filled [B, heads, S, D] with its share copied in, summed in
+// place. When R = D, x[..., :R] is an alias of x (indexing skips a full slice): its node hands the
+// rotated gradient on as it is, after the pass-through's (created later, it runs first).
+T StepBuilder::hf_rope_slices_backward(T pass, T rotated, std::int64_t heads) {
+    const std::int64_t dim = checked_mul(heads, m_.head_dim);
+    T g = alloc("d_rope.slice_pass", bf16(tokens_, dim), Category::Transient);
+    node_end({}, &pass);
+    if (m_.rotary_dim < m_.head_dim) {
+        T g_rotated = alloc("d_rope.slice_rotated", bf16(tokens_, dim), Category::Transient);
+        node_end({}, &rotated);
+        rotated = g_rotated;
+    }
+    accumulate(g, rotated, false);
+    return g;
+}
+
 // LlamaAttention.forward with SDPA (the plan's flash: PyTorch's flash kernel on a GPU; GQA
 // without repeat_kv, as transformers passes enable_gqa when there is no mask).
 // weights: what the attention returns besides its output (eager: the probabilities), which the
@@ -484,24 +512,33 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
     };
     const bool norms_last = m_.qk_norms_after_projections();
     at("attn.qkv");
-    use_weight(lp.q);
-    T q = act("q", bf16(tokens_, qd), false);
-    sv.h1_q = saved(h1);
-    if (!norms_last) q = head_norm(q, lp.q_norm, sv.nq, m_.num_heads);
-    use_weight(lp.k);
-    T k = act("k", bf16(tokens_, kvd), false);
-    sv.h1_k = saved(h1);
-    if (!norms_last) k = head_norm(k, lp.k_norm, sv.nk, m_.num_kv_heads);
-    use_weight(lp.v);
-    T v = act("v", bf16(tokens_, kvd), false);
-    sv.h1_v = saved(h1);
-    if (norms_last) {
-        q = head_norm(q, lp.q_norm, sv.nq, m_.num_heads);
-        k = head_norm(k, lp.k_norm, sv.nk, m_.num_kv_heads);
+    T q, k, v;
+    if (m_.fused_projections()) {
+        // Phi-3: one qkv_proj; q, k and v are views of its output. v's view is what the attention
+        // keeps, so the whole [T, q + 2 kv] output lives as long as v (one handle for both).
+        use_weight(lp.q);
+        v = act("qkv", bf16(tokens_, qd + 2 * kvd), false);
+        sv.h1_q = saved(h1);
+    } else {
+        use_weight(lp.q);
+        q = act("q", bf16(tokens_, qd), false);
+        sv.h1_q = saved(h1);
+        if (!norms_last) q = head_norm(q, lp.q_norm, sv.nq, m_.num_heads);
+        use_weight(lp.k);
+        k = act("k", bf16(tokens_, kvd), false);
+        sv.h1_k = saved(h1);
+        if (!norms_last) k = head_norm(k, lp.k_norm, sv.nk, m_.num_kv_heads);
+        use_weight(lp.v);
+        v = act("v", bf16(tokens_, kvd), false);
+        sv.h1_v = saved(h1);
+        if (norms_last) {
+            q = head_norm(q, lp.q_norm, sv.nq, m_.num_heads);
+            k = head_norm(k, lp.k_norm, sv.nk, m_.num_kv_heads);
+        }
     }
     at("attn.rope");
-    T qe = hf_rope_forward(q, qd, sv.cos_q, sv.sin_q);
-    T ke = hf_rope_forward(k, kvd, sv.cos_k, sv.sin_k);
+    T qe = hf_rope_forward(q, m_.num_heads, sv.cos_q, sv.sin_q);
+    T ke = hf_rope_forward(k, m_.num_kv_heads, sv.cos_k, sv.sin_k);
     drop(q), drop(k);  // query_states, key_states = the rotated ones
     if (s_.attention == Attention::Eager) {
         hf_eager_forward(sv, qe, ke, v, attn_out, weights);
@@ -528,8 +565,10 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
         hf_flash_backward(sv, d_o, dq, dk, dv);
     }
     at("attn.rope");  // k's products ran after q's in forward: their backward runs first
-    T gk = hf_rope_backward(dk, kvd, sv.cos_k, sv.sin_k);
-    T gq = hf_rope_backward(dq, qd, sv.cos_q, sv.sin_q);
+    const bool fused = m_.fused_projections();
+    T k_pass, q_pass;
+    T gk = hf_rope_backward(dk, m_.num_kv_heads, sv.cos_k, sv.sin_k, fused ? &k_pass : nullptr);
+    T gq = hf_rope_backward(dq, m_.num_heads, sv.cos_q, sv.sin_q, fused ? &q_pass : nullptr);
     // Head norms that ran after all three projections: their backward runs before any of them.
     const bool norms_last = m_.qk_norms_after_projections();
     auto norm_backward = [&](int norm, HfNorm& n, T g, std::int64_t heads) {
@@ -544,28 +583,47 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
     // A [B, heads, S, D] contiguous gradient seen as [B, S, heads * D] (the transposes back and the
     // reshape) is a view only with one head (or one position); else the reshape copies.
     auto reshape_copies = [&](std::int64_t heads) { return heads > 1 && s_.seq_len > 1; };
-    if (s_.attention == Attention::Eager && reshape_copies(m_.num_kv_heads)) {
-        T dv2 = alloc("d_v_contiguous", bf16(tokens_, kvd), Category::Transient);
-        drop(dv);
-        dv = dv2;
+    auto contiguous = [&](T& g, std::int64_t heads, const char* name) {
+        if (!reshape_copies(heads)) return;
+        T g2 = alloc(name, bf16(tokens_, heads * m_.head_dim), Category::Transient);
+        drop(g);
+        g = g2;
+    };
+    // eager's v gradient is [B, heads, S, D] contiguous (flash-attn's is in v's layout: views).
+    const bool eager_dv_copies = s_.attention == Attention::Eager;
+    if (fused) {
+        // Phi-3: the slices of the rotated shares (k's, then q's), the views' reshapes (v's, k's,
+        // q's), then the SliceBackward0 of v, k and q on qkv: zero-filled [T, q + 2 kv] each, summed
+        // in place, the qkv projection's output gradient.
+        at("attn.rope");
+        gk = hf_rope_slices_backward(k_pass, gk, m_.num_kv_heads);
+        gq = hf_rope_slices_backward(q_pass, gq, m_.num_heads);
+        at("attn.qkv");
+        if (eager_dv_copies) contiguous(dv, m_.num_kv_heads, "d_v_contiguous");
+        contiguous(gk, m_.num_kv_heads, "d_k_contiguous");
+        contiguous(gq, m_.num_heads, "d_q_contiguous");
+        T g = T{};
+        for (T* part : {&dv, &gk, &gq}) {
+            T full = alloc("d_qkv", bf16(tokens_, qd + 2 * kvd), Category::Transient);
+            node_end({}, part);
+            if (g.valid()) accumulate(g, full, false);
+            else g = full;
+        }
+        return hf_linear_backward(lp.q, -1, "d_h1", bf16(tokens_, d), {&sv.h1_q}, g, [](T&) {});
     }
-    // flash-attn's v gradient is in v's layout: the transposes back and the reshape are views
+    if (eager_dv_copies) contiguous(dv, m_.num_kv_heads, "d_v_contiguous");
     T dh = hf_linear_backward(lp.v, lp.v_bias, "d_h1_v", bf16(tokens_, d), {&sv.h1_v}, dv, [](T&) {});
     // k, then q: Qwen3's head norm takes the gradient back to the projection's output; it is
     // contiguous as [B, heads, S, D], so the reshape to [T, heads * D] copies (reshape_copies); the
     // projection's input gradient joins dh (v's and k's are both views of their GEMMs' outputs: a new sum).
     auto head_backward = [&](int proj, int bias, int norm, HfNorm& n, T& saved_in, T g, std::int64_t heads,
-                             const char* contiguous, const char* input_grad, bool dh_is_view) {
+                             const char* contiguous_name, const char* input_grad, bool dh_is_view) {
         if (norm >= 0 && !norms_last) {
             g = norm_backward(norm, n, g, heads);
             at("attn.qkv");
         }
-        T g2 = g;
-        if (reshape_copies(heads)) {
-            g2 = alloc(contiguous, bf16(tokens_, heads * m_.head_dim), Category::Transient);
-            drop(g);
-        }
-        hf_linear_backward(proj, bias, input_grad, bf16(tokens_, d), {&saved_in}, g2,
+        contiguous(g, heads, contiguous_name);
+        hf_linear_backward(proj, bias, input_grad, bf16(tokens_, d), {&saved_in}, g,
                            [&](T& gx) { accumulate(dh, gx, dh_is_view); });
     };
     head_backward(lp.k, lp.k_bias, lp.k_norm, sv.nk, sv.h1_k, gk, m_.num_kv_heads, "d_k_contiguous", "d_h1_k", true);
@@ -632,7 +690,7 @@ void StepBuilder::hf_flash_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
 }
 
 // eager_attention_forward (modeling_llama.py) on the rotated q, k and v ([B, heads, S, D]):
-// repeat_kv copies k and v to all heads (GQA; with one KV head it is a view, and matmul copies k
+// repeat_kv copies k and v to all heads (GQA; with one KV head, or none shared, matmul copies k
 // and v itself when B > 1, each only for its product), scores = q @ k^T [B*H, S, S] bf16, times the
 // scaling, plus the mask, softmax in fp32 (saved) cast back to bf16 (saved by P @ v), the
 // output made contiguous as [B, S, H, D] (saved by o_proj). k, v and their repeats die at return.
@@ -643,19 +701,23 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(layer_)];
     const std::int64_t d = m_.hidden_size, qd = m_.q_dim();
     const std::int64_t rows = s_.micro_batch * (m_.num_heads / s_.sp), cols = checked_mul(s_.seq_len, s_.seq_len);
-    const bool gqa = m_.num_kv_heads < m_.num_heads;
-    // With one KV head, repeat_kv's reshape of the expanded k and v is a view; matmul copies each
-    // when it folds the batch into the heads (micro-batch > 1), k for the scores, v for P @ v.
-    const bool mqa = gqa && m_.num_kv_heads == 1;
+    // repeat_kv copies k and v to every query head when a KV head serves several (and more than one
+    // KV head exists); with one KV head its reshape is a view, without grouping it returns k and v.
+    const bool repeat_copies = m_.num_kv_heads < m_.num_heads && m_.num_kv_heads > 1;
+    // matmul folds the batch into the heads ([B, H, ...] as [B*H, ...]) and copies an operand whose
+    // memory is not in that order (micro-batch > 1): the projections' [B, S, H, D] order is not, nor
+    // the rotated q and k that keep it, nor v; Phi-3's rotated q and k are new [B, H, S, D] tensors.
     const bool fold_copies = s_.micro_batch > 1;
+    const bool rotated_contiguous = m_.rotary_concatenates();
     at("attn.eager");
-    T k_rep = gqa && !mqa ? act("k_rep", bf16(tokens_, qd), false) : T{};
-    T v_rep = gqa && !mqa ? act("v_rep", bf16(tokens_, qd), false) : T{};
-    T q = fold_copies ? act("q_contiguous", bf16(tokens_, qd), false) : hold(qe);
-    if (!k_rep.valid()) k_rep = mqa && fold_copies ? act("k_rep", bf16(tokens_, qd), false) : hold(ke);
+    T k_rep = repeat_copies ? act("k_rep", bf16(tokens_, qd), false) : T{};
+    T v_rep = repeat_copies ? act("v_rep", bf16(tokens_, qd), false) : T{};
+    T q = fold_copies && !rotated_contiguous ? act("q_contiguous", bf16(tokens_, qd), false) : hold(qe);
+    if (!repeat_copies)
+        k_rep = fold_copies && !rotated_contiguous ? act("k_rep", bf16(tokens_, qd), false) : hold(ke);
     T scores = act("scores", bf16(rows, cols), false);
     sv.q_bmm = saved(q), sv.k_rep = saved(k_rep);
-    if (mqa) drop(k_rep);  // matmul's own copy (or view): it lets go of it before q's
+    if (!repeat_copies) drop(k_rep);  // matmul's own copy (or view): it lets go of it before q's
     drop(q);
     T scaled = act("scores_scaled", bf16(rows, cols), false);
     drop(scores);
@@ -669,10 +731,10 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     drop(up);
     T p = act("probs", bf16(rows, cols), false);
     drop(p32), drop(masked);  // attn_weights = the probabilities
-    if (!v_rep.valid()) v_rep = mqa && fold_copies ? act("v_rep", bf16(tokens_, qd), false) : hold(v);
+    if (!repeat_copies) v_rep = fold_copies ? act("v_rep", bf16(tokens_, qd), false) : hold(v);
     T ob = act("pv", bf16(tokens_, qd), false);
     sv.probs = saved(p), sv.v_rep = saved(v_rep);
-    if (mqa) drop(v_rep);  // likewise
+    if (!repeat_copies) drop(v_rep);  // likewise
     T o = act("o", bf16(tokens_, qd), false);  // transpose(1, 2).contiguous()
     drop(ob);
     drop(k_rep), drop(v_rep);  // eager_attention_forward returns (the probabilities with the output)

@@ -83,10 +83,19 @@ void StepBuilder::build_params() {
         lp.norm1 = add("input_norm", l, d);
         // The kernels runtime folds a bias into its weight; in the hf runtime it is its own parameter.
         const bool fold = !hf_;
-        lp.q = add("q_proj", l, d * m_.q_dim() + (fold && m_.qkv_bias ? m_.q_dim() : 0));
-        lp.k = add("k_proj", l, d * m_.kv_dim() + (fold && m_.qkv_bias ? m_.kv_dim() : 0));
-        lp.v = add("v_proj", l, d * m_.kv_dim() + (fold && m_.qkv_bias ? m_.kv_dim() : 0));
-        lp.o = add("o_proj", l, m_.q_dim() * d + (fold && m_.o_bias ? d : 0));
+        // Phi-3's fused projections are one parameter each in the hf runtime (q, k, v in qkv_proj's
+        // slot `q`; gate and up in gate_up_proj's slot `gate`); its attention registers o_proj first.
+        const bool fused = hf_ && m_.fused_projections();
+        if (fused) {
+            lp.o = add("o_proj", l, m_.q_dim() * d);
+            lp.q = add("qkv_proj", l, d * (m_.q_dim() + 2 * m_.kv_dim()));
+            lp.k = lp.v = -1;
+        } else {
+            lp.q = add("q_proj", l, d * m_.q_dim() + (fold && m_.qkv_bias ? m_.q_dim() : 0));
+            lp.k = add("k_proj", l, d * m_.kv_dim() + (fold && m_.qkv_bias ? m_.kv_dim() : 0));
+            lp.v = add("v_proj", l, d * m_.kv_dim() + (fold && m_.qkv_bias ? m_.kv_dim() : 0));
+            lp.o = add("o_proj", l, m_.q_dim() * d + (fold && m_.o_bias ? d : 0));
+        }
         if (hf_ && m_.qkv_bias) {
             lp.q_bias = add("q_proj.bias", l, m_.q_dim());
             lp.k_bias = add("k_proj.bias", l, m_.kv_dim());
@@ -100,8 +109,13 @@ void StepBuilder::build_params() {
         if (m_.gemma()) lp.post_attn_norm = add("post_attention_norm", l, d);
         lp.norm2 = add(m_.gemma() ? "pre_feedforward_norm" : "post_attention_norm", l, d);
         if (m_.gemma()) lp.post_ff_norm = add("post_feedforward_norm", l, d);
-        lp.gate = add("gate_proj", l, d * I + (m_.mlp_bias ? I : 0));
-        lp.up = add("up_proj", l, d * I + (m_.mlp_bias ? I : 0));
+        if (fused) {
+            lp.gate = add("gate_up_proj", l, d * 2 * I);
+            lp.up = -1;
+        } else {
+            lp.gate = add("gate_proj", l, d * I + (m_.mlp_bias ? I : 0));
+            lp.up = add("up_proj", l, d * I + (m_.mlp_bias ? I : 0));
+        }
         lp.down = add("down_proj", l, I * d + (m_.mlp_bias ? d : 0));
         layer_params_.push_back(lp);
     }
@@ -110,14 +124,18 @@ void StepBuilder::build_params() {
     gathered_.assign(static_cast<std::size_t>(m_.num_layers + 2), T{});
 
     // model.parameters() of a transformers causal LM: the embedding; per layer the attention's
-    // q, k, v, o (each weight, then its bias), the MLP's gate, up, down, then the norms; the final
-    // norm; lm_head unless tied.
+    // q, k, v, o (each weight, then its bias; Phi-3: o, qkv), the MLP's gate, up, down (Phi-3:
+    // gate_up, down), then the norms; the final norm; lm_head unless tied.
     if (!hf_) {
         for (int p = 0; p < static_cast<int>(params_.size()); ++p) order_.push_back(p);
         return;
     }
     order_.push_back(embed_);
     for (const LayerParams& lp : layer_params_) {
+        if (m_.fused_projections()) {
+            for (int p : {lp.o, lp.q, lp.gate, lp.down, lp.norm1, lp.norm2}) order_.push_back(p);
+            continue;
+        }
         for (int p : {lp.q, lp.q_bias, lp.k, lp.k_bias, lp.v, lp.v_bias, lp.o, lp.o_bias, lp.q_norm, lp.k_norm, lp.gate, lp.up, lp.down,
                       lp.norm1, lp.post_attn_norm, lp.norm2, lp.post_ff_norm})
             if (p >= 0) order_.push_back(p);
@@ -143,12 +161,14 @@ void StepBuilder::init_state() {
         p.weight = alloc(p.name, checked_mul(part(p.numel, shard_params), pw_), Category::Weights);
     }
     if (hf_) {  // Gemma-2's embedding scale (a scalar in the model's dtype), then the rotary embedding's
-        at("init.buffers");  // inv_freq and original_inv_freq: [D / 2] fp32 each
+        at("init.buffers");  // inv_freq and original_inv_freq: [rotary_dim / 2] fp32 each
         layer_ = -1;
         if (m_.gemma()) alloc("embed_scale", pw_, Category::Weights);
         for (std::size_t table = 0; table < hf_rope_.size(); ++table)  // Gemma-3: per layer type, sorted
             if (rope_table_used(table))
-                for (const char* name : {"inv_freq", "original_inv_freq"}) alloc(name, elems(m_.head_dim / 2, 1, 4), Category::Weights);
+                for (const char* name : {"inv_freq", "original_inv_freq"}) alloc(name, elems(m_.rotary_dim / 2, 1, 4), Category::Weights);
+        // longrope's long_inv_freq: a plain attribute the first forward computes and keeps
+        if (m_.longrope) alloc("long_inv_freq", elems(m_.rotary_dim / 2, 1, 4), Category::Weights);
     }
     if (s_.precision == Precision::Bf16Master) {
         at("init.master_weights");

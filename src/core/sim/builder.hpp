@@ -67,6 +67,7 @@ struct HfMlpChunk {
     T s, u;          // activation and up_proj outputs, saved by their product
     T m;             // the product, saved by down_proj
     T y;             // the chunk's output, held by the list torch.cat joins (loop)
+    T gate_view;     // Phi-3: the forward's local `gate` (a view of gate_up_proj's output) until it returns
     std::int64_t tokens = 0;
 };
 
@@ -366,8 +367,9 @@ private:
     }
     void hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T& weights);
     void hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv);
-    T hf_rope_forward(T x, std::int64_t dim, T& cos_saved, T& sin_saved);
-    T hf_rope_backward(T d, std::int64_t dim, T& cos_saved, T& sin_saved);
+    T hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_saved);
+    T hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_saved, T* pass = nullptr);
+    T hf_rope_slices_backward(T pass, T rotated, std::int64_t heads);  // Phi-3's partial rotary
     void hf_packed_check();  // flash_attention_2's per-layer packed-sequence check (a single row)
     void hf_flash_forward(HfLayer& sv, T qe, T ke, T v, T& out);
     void hf_flash_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv);

@@ -204,24 +204,24 @@ T StepBuilder::head_backward(HeadSaved& hs) {
 // LlamaModel.forward (transformers 5.24) builds, before the layers: cache_position
 // (arange [S] int64), the packed-sequence check of masking_utils (position ids [1, S] expanded
 // to the batch: is each row one sequence?) and the rotary tables cos, sin [1, S, D] (computed
-// in fp32, cast to bf16; RoPE's products save them). It holds the embeddings and
+// in fp32, cast to bf16; RoPE's products save them; D is the rotated share of a head). It holds the embeddings and
 // cache_position until it returns.
 
 namespace mst::sim {
 
 void StepBuilder::hf_model_tensors() {
-    const std::int64_t B = s_.micro_batch, S = s_.seq_len, D = m_.head_dim;
+    const std::int64_t B = s_.micro_batch, S = s_.seq_len, D = m_.rotary_dim;
     at("model.positions");
     T arange = act("arange", elems(S, 1, 8), false);
     hf_positions_ = act("cache_position", elems(S, 1, 8), false);
     drop(arange);
-    // The model's masks, in its mapping's order: Mistral builds one (sliding when it has a window),
+    // The model's masks, in its mapping's order: Mistral and Phi-3 build one (sliding when they have a window),
     // Qwen2 and Gemma-2 the full one and, with sliding layers, the sliding one, Gemma-3 both always,
     // Llama the full one. Each asks masking_utils whether the positions are packed; eager attention
     // gets them materialised (a mask no layer reads lives until the model's forward returns).
     bool any_sliding = false;
     for (bool sliding : m_.sliding_layers) any_sliding = any_sliding || sliding;
-    const bool full = m_.family != Family::Mistral || !any_sliding;
+    const bool full = !m_.mistral_masking() || !any_sliding;
     const bool sliding_mask = any_sliding || m_.family == Family::Gemma3;
     for (const bool sliding : {false, true}) {
         if (sliding ? !sliding_mask : !full) continue;
@@ -241,6 +241,16 @@ void StepBuilder::hf_model_tensors() {
     at("model.rotary");  // LlamaRotaryEmbedding.forward for position ids [1, S]
     for (std::size_t table = 0; table < hf_rope_.size(); ++table) {
         if (!rope_table_used(table)) continue;
+        if (m_.longrope) {
+            // dynamic_rope_update's longrope_frequency_update: seq_len = max(position_ids) + 1, then
+            // inv_freq.copy_(torch.where(seq_len > original_max_position_embeddings, long, short))
+            T top = act("max_position", 8, false);
+            T len = act("seq_len", 8, false);
+            drop(top);
+            T longer = act("is_long", 1, false);
+            T chosen = act("inv_freq_chosen", elems(D / 2, 1, 4), false);
+            drop(longer), drop(len), drop(chosen);
+        }
         T pos = act("positions_fp32", elems(S, 1, 4), false);
         T freqs = act("freqs", f32(S, D / 2), false);
         drop(pos);

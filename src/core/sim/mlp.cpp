@@ -14,8 +14,9 @@
 //    only h2; backward recomputes each chunk's g, u, m, then runs its backward.
 #include "builder.hpp"
 
-#include <array>
+#include <algorithm>
 #include <utility>
+#include <vector>
 
 namespace mst::sim {
 
@@ -134,6 +135,25 @@ namespace mst::sim {
 T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, HfMlpChunk& c) {
     const std::int64_t I = m_.intermediate_size;
     c.tokens = n;
+    if (m_.fused_projections()) {
+        // Phi3MLP: gate, up = gate_up_proj(x).chunk(2); up * act(gate). Both halves are views of
+        // one [n, 2I] output: the activation saves gate, the product saves up and act(gate).
+        at("mlp.gate_up");
+        use_weight(lp.gate);
+        T gate_up = act("gate_up", bf16(n, 2 * I), false);
+        c.x_gate = saved(x);
+        at("mlp.act");
+        T s = act("s", bf16(n, I), false);
+        c.g = saved(gate_up);
+        T m = act("m", bf16(n, I), false);
+        c.u = saved(gate_up), c.s = saved(s);
+        drop(s);
+        at("mlp.down");
+        use_weight(lp.down);
+        c.m = saved(m);
+        c.gate_view = gate_up;  // the local `gate`, until the forward returns
+        return m;
+    }
     at("mlp.gate_up");
     use_weight(lp.gate);
     T g = act("g", bf16(n, I), false);
@@ -156,11 +176,12 @@ T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, 
     return m;
 }
 
-// One chunk's backward in autograd's order (down, the product, up, the activation, gate); dy, the
-// chunk output's gradient, is consumed. Each weight's gradient goes to weight_grad(param, grad) as
-// its node finishes, gate's after the input's two gradients are summed (a node's outputs reach
-// their buffers in order: input, weight). Returns the chunk input's gradient; view_sum: up's input
-// gradient is a view of its GEMM's output (the unchunked block), so the sum is a new tensor.
+// One chunk's backward in autograd's order (down, the product, up, the activation, gate; Phi-3:
+// down, the product, the activation, the split, gate_up); dy, the chunk output's gradient, is
+// consumed. Each weight's gradient goes to weight_grad(param, grad) as its node finishes, gate's
+// after the input's two gradients are summed (a node's outputs reach their buffers in order:
+// input, weight). Returns the chunk input's gradient; view_sum: up's input gradient is a view of
+// its GEMM's output (the unchunked block), so the sum is a new tensor.
 template <class WeightGrad>
 T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool view_sum, WeightGrad&& weight_grad) {
     const std::int64_t d = m_.hidden_size, I = m_.intermediate_size, n = c.tokens;
@@ -169,6 +190,25 @@ T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy
     T gm = alloc("d_m", bf16(n, I), Category::Transient);
     node_end({&c.m}, &dy);
     weight_grad(lp.down, gwd);
+    if (m_.fused_projections()) {
+        // MulBackward0 (up * act(gate)): act's gradient, then up's; SiluBackward0 lets go of the last
+        // view of gate_up's output; SplitBackward0 joins the halves' gradients into [n, 2I].
+        at("mlp.act");
+        T gs = alloc("d_s", bf16(n, I), Category::Transient);
+        T gu = alloc("d_u", bf16(n, I), Category::Transient);
+        node_end({&c.s, &c.u}, &gm);
+        T gg = alloc("d_g", bf16(n, I), Category::Transient);
+        node_end({&c.g}, &gs);
+        at("mlp.gate_up");
+        T joined = alloc("d_gate_up", bf16(n, 2 * I), Category::Transient);
+        node_end({}, &gg);
+        drop(gu);
+        T gw = grad_out(lp.gate);
+        T dx = alloc("d_x_gate_up", bf16(n, d), Category::Transient);
+        node_end({&c.x_gate}, &joined);
+        weight_grad(lp.gate, gw);
+        return dx;
+    }
     at("mlp.act");
     T gu = alloc("d_u", bf16(n, I), Category::Transient);
     T gs = alloc("d_s", bf16(n, I), Category::Transient);
@@ -204,7 +244,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
                 HfMlpChunk unsaved;
                 T m = hf_mlp_chunk_forward(lp, h2, n, unsaved);
                 T part = act("y_chunk", bf16(n, d), false);
-                drop(m);
+                drop(m), drop(unsaved.gate_view);
                 at("mlp.tiled");
                 if (!y.valid()) y = act("y", bf16(tokens_, d), false);  // part.new_empty((T, d))
                 drop(part);  // copied into its rows
@@ -227,12 +267,12 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
         if (stop_after_last_save && sv.mlp.size() == static_cast<std::size_t>(s_.mlp_chunks)) {
             // The recomputation stops here: unwinding frees the evaluation stack (the call's argument,
             // the chunks' outputs so far, last first) while the recomputation still runs.
-            drop(m);
+            drop(m), drop(sv.mlp.back().gate_view);
             for (auto it = sv.mlp.rbegin(); it != sv.mlp.rend(); ++it) drop(it->y);
             return T{};
         }
         sv.mlp.back().y = act("y", bf16(n, d), false);
-        drop(m);
+        drop(m), drop(sv.mlp.back().gate_view);  // the forward's locals, at return
     }
     if (!chunked) return std::exchange(sv.mlp.back().y, T{});
     at("mlp.cat");
@@ -293,8 +333,12 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     at("mlp.tiled");
     T dx = alloc("d_x", bf16(tokens_, d), Category::Transient);
     const bool checkpointed = std::exchange(recomputed_, false);  // the nested graph's tensors are its own
-    std::array<T, 3> sums;  // gate, up, down: the parameters' order
-    T loop_var;             // `g` of the last `for i, g in enumerate(grads)`
+    // The MLP's parameters in their order (gate, up, down; Phi-3: gate_up, down): torch.autograd.grad's
+    // outputs after the input's, and the node's.
+    std::vector<int> params{lp.gate, lp.up, lp.down};
+    std::erase(params, -1);
+    std::vector<T> sums;
+    T loop_var;  // `g` of the last `for i, g in enumerate(grads)`
     bool first = true;
     for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
         loop_iteration();
@@ -302,12 +346,12 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
         HfMlpChunk c;
         T m = hf_mlp_chunk_forward(lp, sv.x_tiled, n, c);
         T yc = act("y_chunk", bf16(n, d), false);
-        drop(m);
+        drop(m), drop(c.gate_view);
         phase_ = Phase::Backward;
         T dyc = hold(dy);  // dy[chunk], a view
-        std::array<T, 3> grads;  // gate, up, down: torch.autograd.grad's order
+        std::vector<T> grads(params.size());
         T dxc = hf_mlp_chunk_backward(lp, c, dyc, false, [&](int p, T g) {
-            grads[p == lp.gate ? 0 : p == lp.up ? 1 : 2] = g;
+            grads[static_cast<std::size_t>(std::find(params.begin(), params.end(), p) - params.begin())] = g;
         });
         at("mlp.tiled");
         drop(yc);   // del yc
@@ -316,8 +360,8 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
             sums = grads;  // sums[i] = g: the loop variable ends on the last, which sums holds too
         } else {
             drop(loop_var);  // rebound by the loop
-            drop(grads[1]), drop(grads[0]);  // del grads: the list, last first; its last item is the loop variable
-            loop_var = grads[2];
+            loop_var = grads.back();  // del grads: the list, last first; its last item is the loop variable
+            for (std::size_t i = grads.size() - 1; i-- > 0;) drop(grads[i]);
         }
         first = false;
     }
@@ -329,9 +373,7 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     drop(loop_var);
     node_end({&sv.x_tiled}, &dy);
     // the node's outputs: dx, then the weights' gradients in the parameters' order
-    add_grad(lp.gate, sums[0], true, true);
-    add_grad(lp.up, sums[1], true, true);
-    add_grad(lp.down, sums[2], true, true);
+    for (std::size_t i = 0; i < params.size(); ++i) add_grad(params[i], sums[i], true, true);
     return dx;
 }
 

@@ -69,7 +69,7 @@ void StepBuilder::micro_step(int micro) {
                 // The frame's keyword arguments die in the order the model passes them (the rotary
                 // (cos, sin) tuple releasing sin first), then the hidden states.
                 HfRope& rope = hf_rope(l);
-                if (m_.family == Family::Mistral)
+                if (m_.mistral_masking())  // it passes position_ids before the rotary tables
                     frames[i] = {hold(hf_mask(l)), hold(hf_positions_), hold(rope.sin), hold(rope.cos), input};
                 else
                     frames[i] = {hold(hf_mask(l)), hold(rope.sin), hold(rope.cos), hold(hf_positions_), input};

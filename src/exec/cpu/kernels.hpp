@@ -137,17 +137,19 @@ void rmsnorm_backward(Tensor dx, Tensor dw, ConstTensor dy, ConstTensor x, Const
                       std::int64_t n, std::int64_t d, NormKind kind);
 
 // ---- RoPE (Hugging Face Llama rotate_half convention) --------------------------------------
-// x[B*S, heads*hd] in place: position of row b*S+t is t; inv_freq[i] = theta^(-2i/hd) (fp32,
-// as HF), for i < hd/2: (x_i, x_{i+hd/2}) is rotated by angle t*inv_freq[i].
+// x[B*S, heads*hd] in place: position of row b*S+t is t; only the first rot dims of each head
+// rotate (rot even, 2 <= rot <= hd; rot < hd is Phi-3's partial rotary), the other hd - rot
+// are left untouched. inv_freq[i] = theta^(-2i/rot) (fp32, as HF), for i < rot/2:
+// (x_i, x_{i+rot/2}) is rotated by angle t*inv_freq[i].
 // `inverse` rotates by -angle: the backward (the rotation is orthogonal).
-void rope_apply(Tensor x, std::int64_t B, std::int64_t S, std::int64_t heads, std::int64_t hd, float theta,
-                bool inverse);
+void rope_apply(Tensor x, std::int64_t B, std::int64_t S, std::int64_t heads, std::int64_t hd, std::int64_t rot,
+                float theta, bool inverse);
 // q[B*S, nh*hd], k[B*S, nkv*hd] rotated in place
 void rope_forward(Tensor q, Tensor k, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
-                  std::int64_t hd, float theta);
+                  std::int64_t hd, std::int64_t rot, float theta);
 // dq[B*S, nh*hd], dk[B*S, nkv*hd] rotated back in place
 void rope_backward(Tensor dq, Tensor dk, std::int64_t B, std::int64_t S, std::int64_t nh, std::int64_t nkv,
-                   std::int64_t hd, float theta);
+                   std::int64_t hd, std::int64_t rot, float theta);
 
 // ---- attention: causal, GQA, optional sliding window and logit soft-capping ----------------
 // q, o [B*S, nh*hd]; k, v [B*S, nkv*hd]; query head h reads kv head h / (nh/nkv) (HF repeat_kv).
@@ -287,8 +289,8 @@ void rmsnorm_forward(Tensor y, float* rstd, ConstTensor x, ConstTensor w, std::i
                      NormKind kind);
 void rmsnorm_backward(Tensor dx, Tensor dw, ConstTensor dy, ConstTensor x, ConstTensor w, const float* rstd,
                       std::int64_t n, std::int64_t d, NormKind kind);
-void rope_apply(Tensor x, std::int64_t B, std::int64_t S, std::int64_t heads, std::int64_t hd, float theta,
-                bool inverse);
+void rope_apply(Tensor x, std::int64_t B, std::int64_t S, std::int64_t heads, std::int64_t hd, std::int64_t rot,
+                float theta, bool inverse);
 // Full S x S scores per (b, h), softmax in double: o[B*S, nh*hd], lse[B, nh, S] (lse may be nullptr).
 void attention_forward(Tensor o, float* lse, ConstTensor q, ConstTensor k, ConstTensor v, const AttentionConfig& c);
 // Recomputes everything from q, k, v: dq, dk, dv.
