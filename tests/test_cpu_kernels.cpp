@@ -374,7 +374,7 @@ TEST_CASE("rmsnorm: bf16 storage agrees with fp32") {
 
 // ---- RoPE -----------------------------------------------------------------------------------------
 
-TEST_CASE("rope: rotates pair (i, i + rot/2) by t * theta^(-2i/rot); dims past rot (Phi-3's partial rotary) pass through") {
+TEST_CASE("rope: rotates pair (i, i + rot/2) by t * theta^(-2i/rot), dims past rot (Phi-3's partial rotary) pass through") {
     // rot = 4, theta = 100: inv_freq = (1, 1/10) (divided by rot, not hd); pairs (0, 2), (1, 3). Row t
     // holds x = (1, 1, 0, 0) and, when hd = 6, (3, -2) after them. One head, S = 4.
     for (const std::int64_t hd : {4, 6}) {
@@ -400,7 +400,7 @@ TEST_CASE("rope: rotates pair (i, i + rot/2) by t * theta^(-2i/rot); dims past r
     }
 }
 
-TEST_CASE("rope: fast equals the reference; each sequence of a micro-batch restarts at position 0") {
+TEST_CASE("rope: fast equals the reference, each sequence of a micro-batch restarts at position 0") {
     const std::int64_t B = 2, S = 13, nh = 3, nkv = 1, hd = 16;
     const Vec q0 = bf16_exact(randn(B * S * nh * hd, 91)), k0 = randn(B * S * nkv * hd, 92);
     Vec q = q0, k = k0, q_ref = q0;
@@ -411,7 +411,7 @@ TEST_CASE("rope: fast equals the reference; each sequence of a micro-batch resta
     CHECK(std::equal(q.begin() + S * nh * hd, q.begin() + (S + 1) * nh * hd, q0.begin() + S * nh * hd));
 }
 
-TEST_CASE("rope: whole and partial rotary equal the reference, pass the dims past rot through bit for bit; backward "
+TEST_CASE("rope: whole and partial rotary equal the reference, pass the dims past rot through bit for bit, backward "
           "inverts forward and equals finite differences") {
     struct Case {
         std::int64_t hd, rot;
