@@ -159,13 +159,23 @@ TEST_CASE("Phi-3 configs: what Phi3Config and the modeling code would refuse or 
     const ModelSpec longrope = parse_model(with(R"({"rope_scaling": {"type": "su", "short_factor": [1, 1, 1, 1, 1, 1, 1, 1],
         "long_factor": [2, 2, 2, 2, 2, 2, 2, 2]}})"), "p.json", "p");
     CHECK(longrope.longrope);  // "su" is Phi3Config's old name for longrope
+    // A non-empty rope_scaling wins over rope_parameters (Phi3Config: rope_scaling or rope_parameters).
+    const ModelSpec both = parse_model(with(R"({"rope_scaling": {"rope_type": "default", "partial_rotary_factor": 0.5},
+        "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1.0}})"), "p.json", "p");
+    CHECK(both.rotary_dim == 8);
+    CHECK(parse_model(with(R"({"pad_token_id": -1})"), "p.json", "p").rotary_dim == 16);  // nn.Embedding takes -1
     const std::map<std::string, std::string> field_of = {
         {R"({"resid_pdrop": 0.1})", "resid_pdrop: expected 0.0"},
         {R"({"attention_dropout": 0.1})", "attention_dropout: expected 0.0"},
-        {R"({"pad_token_id": 256})", "pad_token_id: expected a token id below vocab_size (256)"},
+        {R"({"pad_token_id": 256})", "pad_token_id: expected a token id within vocab_size (256)"},
         {R"({"partial_rotary_factor": 0.2})", "partial_rotary_factor: expected a share of head_dim (16)"},
-        {R"({"partial_rotary_factor": 0})", "partial_rotary_factor: expected a number"},
+        {R"({"partial_rotary_factor": 0})", "partial_rotary_factor: expected a share of head_dim (16)"},
+        {R"({"partial_rotary_factor": 1.5})", "partial_rotary_factor: expected a number in [0, 1]"},
+        {R"({"rope_scaling": {"partial_rotary_factor": 0.2}})", "rope_scaling.partial_rotary_factor: expected a share"},
         {R"({"rope_scaling": {"rope_type": "dynamic"}})", "rope_scaling.rope_type: expected default or longrope"},
+        {R"({"rope_scaling": {"type": "dynamic"}})", "rope_scaling.type: expected default or longrope"},
+        {R"({"rope_scaling": {"rope_type": "default", "short_factor": [1, 2]}})",
+         "rope_scaling.short_factor: expected a list of 8 numbers"},
         {R"({"rope_scaling": {"type": "longrope", "short_factor": [1, 1], "long_factor": [1, 1, 1, 1, 1, 1, 1, 1]}})",
          "rope_scaling.short_factor: expected a list of 8 numbers"},
         {R"({"rope_scaling": 3})", "rope_scaling: expected an object or null"},
@@ -176,6 +186,9 @@ TEST_CASE("Phi-3 configs: what Phi3Config and the modeling code would refuse or 
         CHECK(msg.find("p.json: " + message) == 0);
         CHECK(msg.find('\n') == std::string::npos);
     }
+    // An activation of several ops (transformers' gelu_new) allocates what the MLP's rules do not model.
+    CHECK(test::expect_user_error([&] { (void)parse_model(with(R"({"hidden_act": "gelu_new"})"), "p.json", "p"); })
+              .find("p.json: hidden_act: expected silu, swish, gelu or gelu_pytorch_tanh") == 0);
     // An absent pad_token_id is Phi3Config's 32000, past this vocabulary: transformers cannot build it.
     nlohmann::json no_pad = base;
     no_pad.erase("pad_token_id");

@@ -37,6 +37,7 @@ MHA = str(REPO / "tests" / "data" / "tiny_mha.json")
 PHI3 = str(REPO / "tests" / "data" / "tiny_phi3.json")
 PHI3_SLIDING = str(REPO / "tests" / "data" / "tiny_phi3_sliding.json")
 PHI3_LONGROPE = str(REPO / "tests" / "data" / "tiny_phi3_longrope.json")
+PHI3_MQA = str(REPO / "tests" / "data" / "tiny_phi3_mqa.json")
 
 CASES = [
     # Llama: attention, checkpointing (ours and Hugging Face's everywhere), offload.
@@ -107,6 +108,8 @@ CASES = [
     (PHI3_SLIDING, {"checkpoint": [1], "offload_checkpoints": True, "optimizer_impl": "foreach", "lm_chunks": 2,
                     "mlp_chunks": 3, "mlp_impl": "tiled", "grad_accum": 2}),
     (PHI3_LONGROPE, {"checkpoint": "all"}),
+    # One KV head: its rotated k is expanded to every head (a zero stride), which matmul copies.
+    (PHI3_MQA, {"attention": "eager", "micro_batch": 2}),
 ]
 
 

@@ -72,37 +72,41 @@ void read_phi3(const nlohmann::json& config, const detail::JsonReader& r, ModelS
             r.fail(key, "expected 0.0 (dropout's masks are not modelled; Phi-3 and Phi-4 train without dropout)");
     (void)r.opt_number("embd_pdrop", 0.0, 1.0);  // Phi3Model never applies it
     // An absent pad_token_id is Phi3Config's 32000; null is no padding index.
-    const auto pad = config.contains("pad_token_id") ? r.opt_integer("pad_token_id", 0, kMaxVocab) : std::int64_t{32000};
-    if (pad && *pad >= m.vocab_size)
-        r.fail("pad_token_id", fmt::format("expected a token id below vocab_size ({}) or null (the embedding's padding "
+    const auto pad = config.contains("pad_token_id") ? r.opt_integer("pad_token_id", -kMaxVocab, kMaxVocab) : std::int64_t{32000};
+    if (pad && (*pad >= m.vocab_size || *pad < -m.vocab_size))
+        r.fail("pad_token_id", fmt::format("expected a token id within vocab_size ({}) or null (the embedding's padding "
                                            "index; Phi3Config defaults it to 32000), got {}",
                                            m.vocab_size, *pad));
-    const char* scaling_key = r.has("rope_parameters") ? "rope_parameters" : "rope_scaling";
+    // Phi3Config: rope_parameters = rope_scaling or rope_parameters (a non-empty rope_scaling wins).
+    const auto non_empty = [&](const char* key) { return r.has(key) && !(r.raw(key).is_object() && r.raw(key).empty()); };
+    const char* scaling_key = non_empty("rope_scaling") || !r.has("rope_parameters") ? "rope_scaling" : "rope_parameters";
     std::optional<detail::JsonReader> scaling;
     if (r.has(scaling_key)) {
         if (!r.raw(scaling_key).is_object()) r.fail(scaling_key, "expected an object or null");
         scaling.emplace(r.object(scaling_key));
     }
-    double factor = r.opt_number("partial_rotary_factor", 1e-9, 1.0).value_or(1.0);
-    if (scaling) factor = scaling->opt_number("partial_rotary_factor", 1e-9, 1.0).value_or(factor);
+    const detail::JsonReader& factor_at = scaling && scaling->has("partial_rotary_factor") ? *scaling : r;
+    const double factor = factor_at.opt_number("partial_rotary_factor", 0.0, 1.0).value_or(1.0);
     m.rotary_dim = static_cast<std::int64_t>(static_cast<double>(m.head_dim) * factor);  // int(head_dim * factor)
-    if (m.rotary_dim < 2 || m.rotary_dim % 2 != 0)
-        r.fail("partial_rotary_factor", fmt::format("expected a share of head_dim ({}) that rotates an even number "
-                                                    "of dimensions, got {} ({} dimensions)",
-                                                    m.head_dim, factor, m.rotary_dim));
+    if (m.rotary_dim < 2 || m.rotary_dim % 2 != 0)  // odd: transformers rotates one more than it says; not modelled
+        factor_at.fail("partial_rotary_factor", fmt::format("expected a share of head_dim ({}) that rotates an even number "
+                                                            "of at least 2 dimensions, got {} ({} dimensions)",
+                                                            m.head_dim, factor, m.rotary_dim));
     if (!scaling) return;
-    std::string type = scaling->opt_string("rope_type").value_or(scaling->opt_string("type").value_or("default"));
+    const char* type_key = scaling->has("rope_type") ? "rope_type" : "type";
+    std::string type = scaling->opt_string(type_key).value_or("default");
     if (type == "su" || type == "yarn") type = "longrope";  // Phi3Config renames them
     if (type != "default" && type != "longrope")
-        scaling->fail("rope_type", fmt::format("expected default or longrope (what Phi3Config accepts), got '{}'", type));
+        scaling->fail(type_key, fmt::format("expected default or longrope (what Phi3Config accepts), got '{}'", type));
     m.longrope = type == "longrope";
-    if (!m.longrope) return;
+    // Phi3Config checks the factors' lengths whatever the type; longrope needs both.
+    const auto pairs = static_cast<std::size_t>(static_cast<std::int64_t>(static_cast<double>(m.hidden_size / m.num_heads) * factor) / 2);
     for (const char* key : {"short_factor", "long_factor"}) {
-        const auto n = static_cast<std::size_t>(m.rotary_dim / 2);
-        if (!scaling->has(key) || !scaling->raw(key).is_array() || scaling->raw(key).size() != n)
-            scaling->fail(key, fmt::format("expected a list of {} numbers (one per rotated pair of dimensions)", n));
+        if (!scaling->has(key) && !m.longrope) continue;
+        if (!scaling->has(key) || !scaling->raw(key).is_array() || scaling->raw(key).size() != pairs)
+            scaling->fail(key, fmt::format("expected a list of {} numbers (one per rotated pair of dimensions)", pairs));
         for (const auto& v : scaling->raw(key))
-            if (!v.is_number()) scaling->fail(key, fmt::format("expected a list of {} numbers, got {}", n, detail::shown(v)));
+            if (!v.is_number()) scaling->fail(key, fmt::format("expected a list of {} numbers, got {}", pairs, detail::shown(v)));
     }
 }
 
@@ -201,7 +205,13 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     // Gemma-2/3 tie embeddings by default (their configs omit the key), all others untie.
     m.tie_word_embeddings = r.opt_boolean("tie_word_embeddings").value_or(m.gemma());
     m.torch_dtype = r.opt_string("torch_dtype").value_or(r.opt_string("dtype").value_or("bfloat16"));
-    m.hidden_act = r.opt_string("hidden_activation").value_or(r.opt_string("hidden_act").value_or("silu"));
+    const char* act_key = r.has("hidden_activation") ? "hidden_activation" : "hidden_act";
+    m.hidden_act = r.opt_string(act_key).value_or("silu");
+    // transformers' activations that are one PyTorch op saving its input (SiLU, GELU): what the MLP's
+    // rules model. Others (gelu_new, relu, ...) allocate and save differently.
+    if (m.hidden_act != "silu" && m.hidden_act != "swish" && m.hidden_act != "gelu" && m.hidden_act != "gelu_pytorch_tanh")
+        r.fail(act_key, fmt::format("expected silu, swish, gelu or gelu_pytorch_tanh (the activations modelled), got '{}'",
+                                    m.hidden_act));
     m.rms_norm_eps = r.opt_number("rms_norm_eps", 0.0, 1.0).value_or(1e-6);
     m.rope_theta = r.opt_number("rope_theta", 1.0, 1e12).value_or(10000.0);
 

@@ -2,7 +2,7 @@
 // src/exec/cpu/rope.cpp: within the first rot dims of each head (rot == hd, or less for Phi-3's
 // partial rotary), pairs (x_i, x_{i+rot/2}) rotate by t * inv_freq_i, inv_freq_i = theta^(-2i/rot),
 //   x_i' = x_i cos - x_{i+rot/2} sin,   x_{i+rot/2}' = x_{i+rot/2} cos + x_i sin;
-// dims [rot, hd) pass through (never read nor written).
+// dims [rot, hd) pass through (never read nor written). Like the CPU kernel, no longrope factors.
 // inv_freq is computed on the host with the CPU kernel's expression (std::pow in fp32) and
 // passed by value, so both backends rotate by the same fp32 angle t * inv_freq_i; cos and sin
 // are the device's full-range cosf/sinf (a few ulp). The backward rotates by -angle.

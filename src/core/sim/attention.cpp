@@ -706,15 +706,17 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     const bool repeat_copies = m_.num_kv_heads < m_.num_heads && m_.num_kv_heads > 1;
     // matmul folds the batch into the heads ([B, H, ...] as [B*H, ...]) and copies an operand whose
     // memory is not in that order (micro-batch > 1): the projections' [B, S, H, D] order is not, nor
-    // the rotated q and k that keep it, nor v; Phi-3's rotated q and k are new [B, H, S, D] tensors.
+    // the rotated q and k that keep it, nor v, nor one KV head expanded to all heads (a zero stride);
+    // Phi-3's rotated q and k are new [B, H, S, D] tensors.
     const bool fold_copies = s_.micro_batch > 1;
     const bool rotated_contiguous = m_.rotary_concatenates();
+    const bool expanded = m_.num_kv_heads == 1 && m_.num_heads > 1;
     at("attn.eager");
     T k_rep = repeat_copies ? act("k_rep", bf16(tokens_, qd), false) : T{};
     T v_rep = repeat_copies ? act("v_rep", bf16(tokens_, qd), false) : T{};
     T q = fold_copies && !rotated_contiguous ? act("q_contiguous", bf16(tokens_, qd), false) : hold(qe);
     if (!repeat_copies)
-        k_rep = fold_copies && !rotated_contiguous ? act("k_rep", bf16(tokens_, qd), false) : hold(ke);
+        k_rep = fold_copies && (!rotated_contiguous || expanded) ? act("k_rep", bf16(tokens_, qd), false) : hold(ke);
     T scores = act("scores", bf16(rows, cols), false);
     sv.q_bmm = saved(q), sv.k_rep = saved(k_rep);
     if (!repeat_copies) drop(k_rep);  // matmul's own copy (or view): it lets go of it before q's

@@ -8,6 +8,8 @@
 // The angle is computed in fp32 exactly as HF does (inv_freq and t * inv_freq in fp32); HF then
 // rounds cos/sin to the activation dtype, here they stay fp32 and the result is rounded once.
 // The backward of a rotation is the rotation by the opposite angle (identity on the pass-through).
+// Longrope (Phi-4-mini) divides HF's frequencies by per-pair factors and scales cos/sin; these
+// kernels rotate by the plain frequencies (the same memory, other values).
 // Scratch: inv_freq, cos, sin float[kMaxHeadDim/2] and one head float[kMaxHeadDim], on the stack.
 #include "kernels.hpp"
 
