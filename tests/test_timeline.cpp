@@ -55,6 +55,32 @@ TEST_CASE("caching allocator: freed blocks are reused and coalesced, segments ar
     CHECK(r.peak_reserved == 20 * kMiB);
 }
 
+TEST_CASE("caching allocator: a segment past the device's capacity first releases the wholly free cached segments") {
+    // PyTorch's malloc when cudaMalloc fails: release_cached_blocks() (every free block that is a
+    // whole segment, both pools), then one retry; out of memory only if that fails too.
+    const AllocatorConstants c;
+    const bytes_t capacity = 100 * kMiB;
+    // 40 MiB (segment A) and 40 MiB (B), A freed: 80 MiB reserved. 50 MiB fits in no free block and
+    // 80 + 50 > 100: A is released (40 reserved), then the new 50 MiB segment: 90.
+    auto t = events({{1, 40 * kMiB}, {2, 40 * kMiB}, {1, -40 * kMiB}, {3, 50 * kMiB}});
+    auto r = replay_caching_allocator(t, c, capacity);
+    CHECK(r.peak_reserved == 90 * kMiB);
+    CHECK(r.segments_released == 1);
+    CHECK(r.reserved_after.back() == 90 * kMiB);
+    // Without a capacity nothing is released: 130 MiB.
+    CHECK(replay_caching_allocator(t, c).peak_reserved == 130 * kMiB);
+    CHECK(replay_caching_allocator(t, c).segments_released == 0);
+    // A free block that is part of a segment still in use (a split remainder) is not released: 4 MiB
+    // in a 20 MiB segment leaves 16 MiB free in it; 50 + 20 + 40 > 100 with nothing to release.
+    r = replay_caching_allocator(events({{1, 50 * kMiB}, {2, 4 * kMiB}, {3, 40 * kMiB}}), c, capacity);
+    CHECK(r.segments_released == 0);
+    CHECK(r.peak_reserved == 110 * kMiB);  // past the capacity: out of memory on this device
+    // The small pool's free 2 MiB segments go too: a 1 KiB block freed, then 99 MiB needs room.
+    r = replay_caching_allocator(events({{1, 1024}, {1, -1024}, {2, 99 * kMiB}}), c, capacity);
+    CHECK(r.segments_released == 1);
+    CHECK(r.peak_reserved == 100 * kMiB);  // 2 MiB, then 0, then 100 MiB (99 rounded to 2 MiB)
+}
+
 TEST_CASE("a timeline survives its JSON form unchanged") {
     const ModelSpec m = find_model("tiny-llama");
     TrainingSetup s = test::tiny_setup(64);

@@ -1,7 +1,9 @@
 #pragma once
 // The simulator: walks the op sequence of one training step of a decoder-only
 // transformer and predicts every allocation and free (see docs/memory-model.md).
+#include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <nlohmann/json_fwd.hpp>
@@ -22,11 +24,14 @@ struct MemoryPeaks {
     bytes_t peak_allocated_bytes = 0;  // caching-allocator blocks
     bytes_t peak_reserved_bytes = 0;   // caching-allocator segments
     bytes_t host_peak_bytes = 0;       // offloaded checkpoints
+    std::int64_t segments_released = 0;  // cached segments the allocator released at the device's capacity
 };
 // Without `allocator`, only peak_bytes and host_peak_bytes are filled (several times faster):
-// enough to rule a setup out, since reserved >= allocated >= requested.
+// enough to rule a setup out, since reserved >= allocated >= requested. `capacity`: the device
+// bytes where the allocator model releases its cached segments (none by default).
+inline constexpr bytes_t kNoCapacity = std::numeric_limits<bytes_t>::max();
 MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu,
-                           bool allocator = true);
+                           bool allocator = true, bytes_t capacity = kNoCapacity);
 
 // simulate_peaks for many setups of one model on one GPU (the tuner, max-seq): one simulator
 // whose tables are reused from setup to setup, and a fits() that stops a step as soon as a peak
@@ -38,10 +43,12 @@ public:
     PeakSimulator(const PeakSimulator&) = delete;
     PeakSimulator& operator=(const PeakSimulator&) = delete;
 
-    MemoryPeaks peaks(const TrainingSetup& setup, bool allocator = true);
+    MemoryPeaks peaks(const TrainingSetup& setup, bool allocator = true, bytes_t capacity = kNoCapacity);
     // Peak reserved within `budget_bytes` and offloaded bytes within `host_budget_bytes`; then
-    // `out` (when given) receives the peaks. Without `allocator`, the requested peak stands for
-    // reserved: a setup it rules out does not fit, one it admits may still not.
+    // `out` (when given) receives the peaks. The budget is the device's capacity as planned: the
+    // allocator model releases its cached segments there before it gives up, as PyTorch does.
+    // Without `allocator`, the requested peak stands for reserved: a setup it rules out does not
+    // fit, one it admits may still not.
     bool fits(const TrainingSetup& setup, bytes_t budget_bytes, bytes_t host_budget_bytes, MemoryPeaks* out = nullptr,
               bool allocator = true);
     // Events the allocator replays skipped so far (repeating chunk-loop iterations; tests).
@@ -50,8 +57,11 @@ public:
 private:
     // One step under the budgets (each the numeric maximum when there is none): false as soon as
     // a peak passes one; else the peaks into `out`.
-    bool run(const TrainingSetup& setup, bool allocator, bytes_t budget_bytes, bytes_t host_budget_bytes, MemoryPeaks& out);
-    bool replay(bytes_t budget_bytes, MemoryPeaks& out);  // the allocator model over the captured events
+    bool run(const TrainingSetup& setup, bool allocator, bytes_t budget_bytes, bytes_t host_budget_bytes, bytes_t capacity,
+             MemoryPeaks& out);
+    // The allocator model over the captured events on a device of `capacity` bytes; false as soon
+    // as reserved bytes pass `limit`.
+    bool replay(bytes_t capacity, bytes_t limit, MemoryPeaks& out);
     struct Scratch;
     const ModelSpec& model_;
     const GpuProfile& gpu_;
@@ -69,7 +79,9 @@ struct Estimate {
     bool fits = false;
 };
 
-Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
+// `capacity`: where the allocator model releases its cached segments; the GPU's usable bytes when absent.
+Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu,
+                  std::optional<bytes_t> capacity = std::nullopt);
 nlohmann::json to_json(const Estimate& e, const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
 
 }  // namespace mst

@@ -4,6 +4,7 @@
 // peak, breakdown and plot is a view computed from it.
 #include <array>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -87,10 +88,14 @@ Summary summarize(const Timeline& t, std::int64_t num_layers);
 struct AllocatorReplay {
     bytes_t peak_allocated = 0;
     bytes_t peak_reserved = 0;
+    std::int64_t segments_released = 0;  // cached segments released to make room (capacity reached)
     std::vector<bytes_t> reserved_after;  // per event
     std::vector<bytes_t> allocated_after;
 };
-AllocatorReplay replay_caching_allocator(const Timeline& t, const AllocatorConstants& constants);
+// `capacity`: the device's bytes for the allocator; a segment that would pass them releases the
+// cached segments first, as PyTorch does when cudaMalloc fails (no limit by default).
+AllocatorReplay replay_caching_allocator(const Timeline& t, const AllocatorConstants& constants,
+                                         bytes_t capacity = std::numeric_limits<bytes_t>::max());
 
 // Live GPU bytes after each event.
 std::vector<bytes_t> live_curve(const Timeline& t);

@@ -87,6 +87,10 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
     }
     fmt::print("phase peaks: {}\n", phases);
     if (s.host_peak > 0) fmt::print("host memory for offloaded checkpoints: {}\n", format_bytes(s.host_peak));
+    if (e.fits && e.allocator.segments_released > 0)
+        fmt::print("fits because the allocator releases {} cached segments when a new one would pass the usable memory "
+                   "(PyTorch's retry before an out-of-memory error)\n",
+                   e.allocator.segments_released);
     fmt::print("{}: usable {} (total {} - context - {} reserve), headroom {}\n\n",
                e.fits ? "FITS" : "DOES NOT FIT", format_bytes(e.usable_bytes), format_bytes(gpu.memory_total_bytes),
                format_bytes(gpu.reserved_overhead_bytes), format_bytes(e.headroom_bytes));

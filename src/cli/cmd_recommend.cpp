@@ -138,6 +138,8 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     s.optimizer_in_backward ? ", stepped in backward" : "", to_string(s.precision))});
     t.row({"memory", fmt::format("{} allocated, {} reserved of {} budget", format_bytes(r.best.memory.peak_allocated_bytes),
                                  format_bytes(r.best.memory.peak_reserved_bytes), format_bytes(r.budget_bytes))});
+    if (r.best.memory.segments_released > 0)  // PyTorch's retry after cudaMalloc fails: it synchronises and frees its cache
+        t.row({"allocator", fmt::format("releases {} cached segments at the budget", r.best.memory.segments_released)});
     t.row({"throughput", fmt::format("{:.0f} tokens/s per GPU, MFU {:.1f} %, {:.2f} s per step", r.best.time.tokens_per_second,
                                      100 * r.best.time.mfu, r.best.time.step_seconds)});
     t.print();

@@ -3,7 +3,13 @@
 // sizes round up to 512 bytes; requests up to 1 MiB come from 2 MiB segments of a
 // small pool, larger ones from a large pool (20 MiB segments below 10 MiB, else the
 // size rounded to 2 MiB); best-fit with splitting (large blocks split only when more
-// than 1 MiB remains), coalescing on free; segments are never returned.
+// than 1 MiB remains), coalescing on free. Segments are returned only when a new one does not
+// fit in the device's capacity: then, as PyTorch's malloc does when cudaMalloc fails (its
+// release_cached_blocks, the default path without max_split_size_mb), every wholly free
+// segment of both pools is released and the segment made; a step whose reserved bytes still
+// pass the capacity is out of memory. A segment made after a release is placed after the
+// others (cudaMalloc may hand back a released address range: best-fit ties between blocks of
+// one size then follow creation order here, address order in PyTorch).
 //
 // Best fit is PyTorch's order: the smallest free block that is large enough, and among
 // blocks of that size the one in the oldest segment at the lowest offset. The tuner replays
@@ -48,6 +54,7 @@ public:
             const bytes_t seg = small ? c_.small_segment_bytes
                                       : (size < c_.min_large_alloc_bytes ? c_.large_min_segment_bytes
                                                                          : round_up(size, c_.large_segment_round_bytes));
+            if (seg > capacity_ - reserved_) release_cached_segments();
             b = new_block(seg, 0, segments_++);
             reserved_ = checked_add(reserved_, seg, "reserved bytes");
         }
@@ -93,9 +100,11 @@ public:
         add_free(small, b);
     }
 
-    // Empty again, under constants `c`, keeping the memory its tables have grown to.
-    void reset(const AllocatorConstants& c) {
+    // Empty again, under constants `c` and a device of `capacity` bytes (where segments are
+    // released and retried), keeping the memory its tables have grown to.
+    void reset(const AllocatorConstants& c, bytes_t capacity = std::numeric_limits<bytes_t>::max()) {
         c_ = c;
+        capacity_ = capacity;
         blocks_.clear();
         spare_blocks_.clear();
         for (Pool& p : pools_) {
@@ -103,7 +112,7 @@ public:
             p.nonempty.clear();
             p.cache.fill(Pool::Cached{});
         }
-        segments_ = 0;
+        segments_ = released_ = 0;
         dense_.clear();
         sparse_.clear();
         allocated_ = reserved_ = 0;
@@ -119,6 +128,10 @@ public:
 
     bytes_t allocated() const { return allocated_; }
     bytes_t reserved() const { return reserved_; }
+    std::int64_t segments_made() const { return segments_; }          // never decreases
+    std::int64_t segments_released() const { return released_; }
+    // The device's bytes: a segment that would take reserved bytes past them releases the cached ones first.
+    void set_capacity(bytes_t capacity) { capacity_ = capacity; }
     // Where a tensor's block is: {segment, offset, block bytes}; segment -1 when it has none
     // (tests compare it with the reference model's).
     std::tuple<std::int64_t, bytes_t, bytes_t> placement(std::int64_t tensor) {
@@ -263,6 +276,27 @@ private:
         return b;
     }
 
+    // PyTorch's release_cached_blocks: every free block that is a whole segment (no neighbour)
+    // leaves its pool and the reserved bytes.
+    void release_cached_segments() {
+        for (int small = 0; small < 2; ++small) {
+            Pool& pool = pools_[small];
+            for (std::size_t c = 0; c < pool.classes.size(); ++c) {
+                for (std::int32_t b = pool.classes[c].first; b >= 0;) {
+                    const Block& blk = blocks_[idx(b)];
+                    const std::int32_t next_free = blk.free_next;
+                    if (blk.prev < 0 && blk.next < 0) {
+                        unlink(pool, c, b);
+                        reserved_ -= blk.size;
+                        ++released_;
+                        spare_blocks_.push_back(b);
+                    }
+                    b = next_free;
+                }
+            }
+        }
+    }
+
     // Bit sets over class indices, 64 to a word.
     static std::size_t next_set_bit(const std::vector<std::uint64_t>& bits, std::size_t from) {
         std::size_t w = from / 64;
@@ -297,7 +331,8 @@ private:
     std::vector<Block> blocks_;
     std::vector<std::int32_t> spare_blocks_;  // slots of blocks_ merged away, for reuse
     Pool pools_[2];                           // small, large
-    std::int64_t segments_ = 0;
+    std::int64_t segments_ = 0, released_ = 0;
+    bytes_t capacity_ = std::numeric_limits<bytes_t>::max();
     std::vector<Where> dense_;
     std::unordered_map<std::int64_t, Where> sparse_;
     bytes_t allocated_ = 0, reserved_ = 0;

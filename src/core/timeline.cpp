@@ -105,8 +105,9 @@ Summary summarize(const Timeline& t, std::int64_t num_layers) {
 
 // ---- caching allocator model ---------------------------------------------------
 
-AllocatorReplay replay_caching_allocator(const Timeline& t, const AllocatorConstants& constants) {
+AllocatorReplay replay_caching_allocator(const Timeline& t, const AllocatorConstants& constants, bytes_t capacity) {
     detail::CachingAllocatorModel model(constants);
+    model.set_capacity(capacity);
     AllocatorReplay r;
     r.reserved_after.reserve(t.events.size());
     r.allocated_after.reserve(t.events.size());
@@ -117,6 +118,7 @@ AllocatorReplay replay_caching_allocator(const Timeline& t, const AllocatorConst
         }
         r.peak_allocated = std::max(r.peak_allocated, model.allocated());
         r.peak_reserved = std::max(r.peak_reserved, model.reserved());
+        r.segments_released = model.segments_released();
         r.reserved_after.push_back(model.reserved());
         r.allocated_after.push_back(model.allocated());
     }

@@ -264,7 +264,7 @@ std::string percent(double x) { return fmt::format("{:.0f} %", 100 * x); }
 std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget) {
     const ModelSpec& m = rq.model;
     const TrainingSetup& s = best.setup;
-    const Estimate e = estimate(m, s, rq.gpu);
+    const Estimate e = estimate(m, s, rq.gpu, budget);  // on the device as planned, like the search
     const Summary& sum = e.summary;
     auto cat = [&](Category c) { return sum.peak.by_category[static_cast<std::size_t>(c)]; };
     const bytes_t state = checked_sum({cat(Category::Weights), cat(Category::MasterWeights), cat(Category::OptimizerState),
@@ -283,7 +283,7 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
     auto without = [&](auto change) {
         TrainingSetup t = s;
         change(t);
-        return simulate_peaks(m, t, rq.gpu).peak_reserved_bytes;
+        return simulate_peaks(m, t, rq.gpu, true, budget).peak_reserved_bytes;
     };
     if (s.mlp_chunks > 1 || s.lm_chunks > 1) {
         const bytes_t no_mst = without([](TrainingSetup& t) { t.mlp_chunks = 1, t.lm_chunks = 1; });
@@ -422,6 +422,7 @@ Plan to_plan(const Recommendation& r, const TuneRequest& rq, const std::string& 
     x.peak_allocated_bytes = r.best.memory.peak_allocated_bytes;
     x.peak_reserved_bytes = r.best.memory.peak_reserved_bytes;
     x.usable_bytes = rq.gpu.usable_bytes();
+    x.budget_bytes = r.budget_bytes;
     x.headroom_bytes = r.budget_bytes - r.best.memory.peak_reserved_bytes;
     x.host_bytes = r.best.memory.host_peak_bytes;
     x.step_seconds = r.best.time.step_seconds;

@@ -43,7 +43,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
         const mst::Estimate e = mst::estimate(m, s, gpu);
         mst::check_consistent(e.timeline);
-        const mst::MemoryPeaks fast = mst::simulate_peaks(m, s, gpu);
+        // both on the device: the allocator model releases its cache at the usable memory
+        const mst::MemoryPeaks fast = mst::simulate_peaks(m, s, gpu, true, gpu.usable_bytes());
         const mst::MemoryPeaks quick = mst::simulate_peaks(m, s, gpu, false);
         using mst::fuzz::require;
         require(fast.peak_bytes == e.summary.peak.bytes, "running peak = the timeline's peak");
@@ -51,6 +52,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         require(fast.host_peak_bytes == e.summary.host_peak, "running host peak = the timeline's host peak");
         require(fast.peak_allocated_bytes == e.allocator.peak_allocated, "running allocated peak = the replay's");
         require(fast.peak_reserved_bytes == e.allocator.peak_reserved, "running reserved peak = the replay's");
+        require(fast.segments_released == e.allocator.segments_released, "segments released = the replay's");
         require(0 <= e.summary.peak.bytes && e.summary.peak.bytes <= e.allocator.peak_allocated &&
                     e.allocator.peak_allocated <= e.allocator.peak_reserved,
                 "0 <= requested <= allocated <= reserved");

@@ -49,7 +49,7 @@ bool LoopReplay::run(detail::CachingAllocatorModel& allocator, const std::vector
     for (std::size_t i = 0; i < iterations; ++i) {
         const std::size_t a = marks[first + i], b = marks[first + i + 1];
         Replayed& now = history_[slot(i)];
-        now.reserved_before = allocator.reserved();
+        now.segments_before = allocator.segments_made();
         if (!replay_events(allocator, events, a, b, limit, p)) return false;
         now.carried.clear();
         for (std::size_t k = a; k < b; ++k) {
@@ -61,7 +61,7 @@ bool LoopReplay::run(detail::CachingAllocatorModel& allocator, const std::vector
         // made no segment (both only get harder as p grows), and i kept the blocks i - p kept.
         for (std::size_t period = 1; period <= kPeriods && i >= since + period; ++period) {
             const std::size_t start = i - period + 1;
-            if (!repeats_[start] || history_[slot(start)].reserved_before != allocator.reserved()) break;
+            if (!repeats_[start] || history_[slot(start)].segments_before != allocator.segments_made()) break;
             if (now.carried != history_[slot(i - period)].carried) continue;
             std::size_t run = 0;
             while (i + 1 + run < iterations && repeats_[i + 1 + run]) ++run;

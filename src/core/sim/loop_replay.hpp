@@ -37,8 +37,8 @@ inline bool replay_events(detail::CachingAllocatorModel& allocator, const std::v
         if (e[i].bytes >= 0) allocator.allocate(e[i].tensor, e[i].bytes);
         else allocator.release(e[i].tensor);
         p.peak_allocated_bytes = std::max(p.peak_allocated_bytes, allocator.allocated());
-        p.peak_reserved_bytes = allocator.reserved();
-        if (p.peak_reserved_bytes > limit) return false;
+        p.peak_reserved_bytes = std::max(p.peak_reserved_bytes, allocator.reserved());
+        if (allocator.reserved() > limit) return false;
     }
     return true;
 }
@@ -62,7 +62,7 @@ private:
         bool operator==(const Carried&) const = default;
     };
     struct Replayed {
-        bytes_t reserved_before = 0;
+        std::int64_t segments_before = 0;  // segments the allocator had made when the iteration began
         std::vector<Carried> carried;
     };
     void find_repeats(const std::vector<GpuEvent>& events, const std::vector<std::size_t>& marks, std::size_t first,

@@ -23,7 +23,7 @@ struct PeakSimulator::Scratch {
     // bytes until then.
     struct Snapshot {
         std::size_t at = 0;
-        bytes_t peak_allocated = 0;
+        bytes_t peak_allocated = 0, peak_reserved = 0;
         detail::CachingAllocatorModel model{AllocatorConstants{}};
     };
     sim::PeakScratch step;
@@ -31,6 +31,7 @@ struct PeakSimulator::Scratch {
     std::vector<sim::GpuEvent> replayed;  // the events of the last replay
     std::vector<Snapshot> snapshots;      // the first `valid` hold prefixes of `replayed`, ascending
     std::size_t valid = 0;
+    bytes_t capacity = -1;  // the device capacity the snapshots were replayed under
     sim::LoopReplay loops;  // chunk loops, skipping their repeats
 };
 
@@ -53,14 +54,17 @@ std::size_t common_prefix(const std::vector<sim::GpuEvent>& a, const std::vector
 }  // namespace
 
 // Peak allocated and reserved bytes of the captured events into `p`; false as soon as reserved
-// bytes pass `limit` (reserved bytes only grow: segments are never returned). The model is
+// bytes pass `limit`, the capacity of the device as the caller plans it (the model releases its
+// cached segments before passing it, as PyTorch does when cudaMalloc fails). The model is
 // deterministic, so after the events this step shares with the last replay it is in the state
 // a snapshot of that replay holds: the replay resumes from the last snapshot within the shared
 // prefix, and takes its own at the boundaries after it. Chunk loops skip their repeats.
-bool PeakSimulator::replay(bytes_t limit, MemoryPeaks& p) {
+bool PeakSimulator::replay(bytes_t capacity, bytes_t limit, MemoryPeaks& p) {
     Scratch& s = *scratch_;
     const std::vector<sim::GpuEvent>& events = s.step.gpu_events;
     const std::size_t shared = common_prefix(events, s.replayed);
+    if (s.capacity != capacity) s.valid = 0;  // snapshots of replays on another device
+    s.capacity = capacity;
     while (s.valid > 0 && s.snapshots[s.valid - 1].at > shared) --s.valid;
     std::size_t from = 0;
     if (s.valid > 0) {
@@ -68,8 +72,9 @@ bool PeakSimulator::replay(bytes_t limit, MemoryPeaks& p) {
         s.allocator = snap.model;
         from = snap.at;
         p.peak_allocated_bytes = snap.peak_allocated;
+        p.peak_reserved_bytes = snap.peak_reserved;
     } else {
-        s.allocator.reset(gpu_.calibration.allocator);
+        s.allocator.reset(gpu_.calibration.allocator, capacity);
     }
     const auto& boundaries = s.step.boundaries;
     const auto& loops = s.step.loops;
@@ -93,7 +98,8 @@ bool PeakSimulator::replay(bytes_t limit, MemoryPeaks& p) {
             if (i >= 2 * last || next + 1 == boundaries.end()) {
                 if (s.valid == s.snapshots.size()) s.snapshots.emplace_back();
                 Scratch::Snapshot& snap = s.snapshots[s.valid++];
-                snap.at = i, snap.peak_allocated = p.peak_allocated_bytes, snap.model = s.allocator;
+                snap.at = i, snap.peak_allocated = p.peak_allocated_bytes, snap.peak_reserved = p.peak_reserved_bytes;
+                snap.model = s.allocator;
             }
             ++next;
         }
@@ -105,11 +111,12 @@ bool PeakSimulator::replay(bytes_t limit, MemoryPeaks& p) {
         }
     }
     s.replayed.swap(s.step.gpu_events);  // the snapshots hold prefixes of these now
+    p.segments_released = s.allocator.segments_released();
     return fits;
 }
 
 bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budget_bytes, bytes_t host_budget_bytes,
-                        MemoryPeaks& out) {
+                        bytes_t capacity, MemoryPeaks& out) {
     validate(setup, model_);
     sim::StepBuilder b(model_, setup, gpu_, false, sim::PeakRun{&scratch_->step, {budget_bytes, host_budget_bytes}, allocator});
     try {
@@ -118,19 +125,19 @@ bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budg
         return false;
     }
     out = b.peaks();
-    return !allocator || replay(budget_bytes, out);
+    return !allocator || replay(capacity, budget_bytes, out);
 }
 
-MemoryPeaks PeakSimulator::peaks(const TrainingSetup& setup, bool allocator) {
+MemoryPeaks PeakSimulator::peaks(const TrainingSetup& setup, bool allocator, bytes_t capacity) {
     MemoryPeaks p;
-    run(setup, allocator, std::numeric_limits<bytes_t>::max(), std::numeric_limits<bytes_t>::max(), p);
+    run(setup, allocator, kNoCapacity, kNoCapacity, capacity, p);
     return p;
 }
 
 bool PeakSimulator::fits(const TrainingSetup& setup, bytes_t budget_bytes, bytes_t host_budget_bytes, MemoryPeaks* out,
                          bool allocator) {
     MemoryPeaks p;
-    if (!run(setup, allocator, budget_bytes, host_budget_bytes, p)) return false;
+    if (!run(setup, allocator, budget_bytes, host_budget_bytes, budget_bytes, p)) return false;
     if (out) *out = p;
     return true;
 }

@@ -207,16 +207,18 @@ Timeline simulate(const ModelSpec& model, const TrainingSetup& setup, const GpuP
     return sim::StepBuilder(model, setup, gpu, true).run();
 }
 
-MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool allocator) {
-    return PeakSimulator(model, gpu).peaks(setup, allocator);
+MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool allocator,
+                           bytes_t capacity) {
+    return PeakSimulator(model, gpu).peaks(setup, allocator, capacity);
 }
 
-Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu) {
+Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, std::optional<bytes_t> capacity) {
     Estimate e;
     e.timeline = simulate(model, setup, gpu);
     e.summary = summarize(e.timeline, model.num_layers);
-    e.allocator = replay_caching_allocator(e.timeline, gpu.calibration.allocator);
     e.usable_bytes = gpu.usable_bytes();
+    // The process can reserve the usable bytes: there PyTorch releases its cached segments and retries.
+    e.allocator = replay_caching_allocator(e.timeline, gpu.calibration.allocator, capacity.value_or(e.usable_bytes));
     e.context_bytes = gpu.cuda_context_bytes;
     e.headroom_bytes = e.usable_bytes - e.allocator.peak_reserved;
     e.fits = e.headroom_bytes >= 0;
@@ -236,6 +238,7 @@ nlohmann::json to_json(const Estimate& e, const ModelSpec& model, const Training
     nlohmann::json peak = {{"bytes", s.peak.bytes},
                            {"allocated_bytes", e.allocator.peak_allocated},
                            {"reserved_bytes", e.allocator.peak_reserved},
+                           {"segments_released", e.allocator.segments_released},
                            {"by_category", by_category}};
     if (s.peak.event >= 0) {
         const Event& ev = e.timeline.events[static_cast<std::size_t>(s.peak.event)];
