@@ -17,7 +17,6 @@ struct Prediction {
     bytes_t peak_allocated_bytes = 0;  // torch.cuda.max_memory_allocated
     bytes_t peak_reserved_bytes = 0;   // torch.cuda.max_memory_reserved
     bytes_t usable_bytes = 0;          // what the GPU profile leaves a process
-    bytes_t budget_bytes = 0;          // usable less the safety margin: the device as planned (0: not recorded)
     bytes_t headroom_bytes = 0;        // usable - reserved - safety margin
     bytes_t host_bytes = 0;            // pinned host memory for offloaded checkpoints
     double step_seconds = 0;           // one optimizer step (all micro-steps)

@@ -45,8 +45,12 @@ struct TuneRequest {
 
 struct Candidate {
     TrainingSetup setup;
+    // What the GPU holds (torch.cuda.max_memory_*): the allocator model releases cached segments
+    // at the usable memory. The search decides on the device as planned (the budget), where a step
+    // may fit only by releasing some; then releases_at_budget says how many.
     MemoryPeaks memory;
     StepTime time;
+    std::int64_t releases_at_budget = 0;
 };
 
 struct Recommendation {
@@ -71,7 +75,7 @@ struct Strategy {
 struct MaxSeqRow {
     std::string strategy;
     std::int64_t max_seq = 0;  // 0: not even the shortest length fits
-    MemoryPeaks memory;        // at max_seq
+    MemoryPeaks memory;        // at max_seq, what the GPU holds (fitting the budget: the search's device)
     TrainingSetup setup;       // at max_seq
 };
 

@@ -119,6 +119,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
         for (const auto& c : r.pareto)
             front.push_back({{"setup", to_json(c.setup)},
                              {"peak_reserved_bytes", c.memory.peak_reserved_bytes},
+                             {"releases_at_budget", c.releases_at_budget},
                              {"tokens_per_second", c.time.tokens_per_second},
                              {"mfu", c.time.mfu}});
         return print_json({{"plan", to_json(plan)}, {"pareto", front}, {"simulations", r.simulations}, {"search_ms", ms}});
@@ -138,8 +139,9 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     s.optimizer_in_backward ? ", stepped in backward" : "", to_string(s.precision))});
     t.row({"memory", fmt::format("{} allocated, {} reserved of {} budget", format_bytes(r.best.memory.peak_allocated_bytes),
                                  format_bytes(r.best.memory.peak_reserved_bytes), format_bytes(r.budget_bytes))});
-    if (r.best.memory.segments_released > 0)  // PyTorch's retry after cudaMalloc fails: it synchronises and frees its cache
-        t.row({"allocator", fmt::format("releases {} cached segments at the budget", r.best.memory.segments_released)});
+    // Within the budget only by PyTorch's retry after cudaMalloc fails (it synchronises and frees its cache).
+    if (r.best.releases_at_budget > 0)
+        t.row({"allocator", fmt::format("fits the budget by releasing {} cached segments", r.best.releases_at_budget)});
     t.row({"throughput", fmt::format("{:.0f} tokens/s per GPU, MFU {:.1f} %, {:.2f} s per step", r.best.time.tokens_per_second,
                                      100 * r.best.time.mfu, r.best.time.step_seconds)});
     t.print();

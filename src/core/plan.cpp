@@ -26,7 +26,6 @@ nlohmann::json to_json(const Plan& p) {
              {{"peak_allocated_bytes", r.peak_allocated_bytes},
               {"peak_reserved_bytes", r.peak_reserved_bytes},
               {"usable_bytes", r.usable_bytes},
-              {"budget_bytes", r.budget_bytes},
               {"headroom_bytes", r.headroom_bytes},
               {"host_bytes", r.host_bytes},
               {"step_seconds", r.step_seconds},
@@ -55,7 +54,6 @@ Plan plan_from_json(const nlohmann::json& j, const ModelSpec& model, const std::
         x.peak_allocated_bytes = q.opt_integer("peak_allocated_bytes", 0, kMax).value_or(0);
         x.peak_reserved_bytes = q.opt_integer("peak_reserved_bytes", 0, kMax).value_or(0);
         x.usable_bytes = q.opt_integer("usable_bytes", 0, kMax).value_or(0);
-        x.budget_bytes = q.opt_integer("budget_bytes", 0, kMax).value_or(0);
         x.headroom_bytes = q.opt_integer("headroom_bytes", -kMax, kMax).value_or(0);
         x.host_bytes = q.opt_integer("host_bytes", 0, kMax).value_or(0);
         x.step_seconds = q.opt_number("step_seconds", 0, 1e12).value_or(0);
@@ -78,10 +76,8 @@ Plan load_plan_file(const std::string& path, ModelSpec* model_out) {
     // The numbers emitters print must be the simulator's for this model, GPU and setup: a plan
     // relabelled to another model or GPU, edited, or written by another version is refused.
     if (r.has("prediction")) {
-        // on the device it was planned for: the allocator model releases its cache at the budget
-        // (recommend's plans), else at the usable memory (as estimate does)
-        const bytes_t capacity = p.prediction.budget_bytes > 0 ? p.prediction.budget_bytes : gpu.usable_bytes();
-        const MemoryPeaks memory = simulate_peaks(model, p.setup, gpu, true, capacity);
+        // as the GPU holds it: the allocator model releases its cache at the usable memory (estimate's)
+        const MemoryPeaks memory = simulate_peaks(model, p.setup, gpu, true, gpu.usable_bytes());
         const Prediction& x = p.prediction;
         const auto recorded_fields = r.object("prediction");
         auto check = [&](const char* field, bytes_t recorded, bytes_t simulated) {

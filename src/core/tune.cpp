@@ -261,10 +261,16 @@ std::vector<Candidate> pareto_front(std::vector<Candidate> all) {
 
 std::string percent(double x) { return fmt::format("{:.0f} %", 100 * x); }
 
+// A candidate's memory as the GPU holds it: the search's numbers came from the budget's device.
+void on_the_gpu(Candidate& c, const TuneRequest& rq) {
+    c.releases_at_budget = c.memory.segments_released;
+    c.memory = simulate_peaks(rq.model, c.setup, rq.gpu, true, rq.gpu.usable_bytes());
+}
+
 std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget) {
     const ModelSpec& m = rq.model;
     const TrainingSetup& s = best.setup;
-    const Estimate e = estimate(m, s, rq.gpu, budget);  // on the device as planned, like the search
+    const Estimate e = estimate(m, s, rq.gpu);
     const Summary& sum = e.summary;
     auto cat = [&](Category c) { return sum.peak.by_category[static_cast<std::size_t>(c)]; };
     const bytes_t state = checked_sum({cat(Category::Weights), cat(Category::MasterWeights), cat(Category::OptimizerState),
@@ -408,6 +414,9 @@ Recommendation recommend(const TuneRequest& rq) {
     out.found = true;
     out.best = *search.best_;
     out.pareto = pareto_front(search.evaluated_);
+    // Chosen on the budget's device; reported as the GPU holds them (releasing only at its end).
+    for (Candidate* c : {&out.best}) on_the_gpu(*c, rq);
+    for (Candidate& c : out.pareto) on_the_gpu(c, rq);
     out.why = explain(rq, out.best, out.budget_bytes);
     return out;
 }
@@ -422,7 +431,6 @@ Plan to_plan(const Recommendation& r, const TuneRequest& rq, const std::string& 
     x.peak_allocated_bytes = r.best.memory.peak_allocated_bytes;
     x.peak_reserved_bytes = r.best.memory.peak_reserved_bytes;
     x.usable_bytes = rq.gpu.usable_bytes();
-    x.budget_bytes = r.budget_bytes;
     x.headroom_bytes = r.budget_bytes - r.best.memory.peak_reserved_bytes;
     x.host_bytes = r.best.memory.host_peak_bytes;
     x.step_seconds = r.best.time.step_seconds;
@@ -512,6 +520,8 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         row.setup = st.setup;  // what the strategy is, also when nothing fits
         const std::int64_t granule = 1024 * st.setup.sp;
         longest_fitting(m, rq.gpu, st, out.budget_bytes, rq.host_bytes_per_gpu, granule, &row);
+        // found on the budget's device; reported as the GPU holds it
+        if (row.max_seq > 0) row.memory = simulate_peaks(m, row.setup, rq.gpu, true, rq.gpu.usable_bytes());
         out.rows.push_back(row);
     }
 
