@@ -7,8 +7,10 @@
 // sizes round up to 512 bytes; requests up to 1 MiB come from 2 MiB segments of a
 // small pool, larger ones from a large pool (20 MiB segments below 10 MiB, else the
 // size rounded to 2 MiB); best-fit with splitting (large blocks split only when more
-// than 1 MiB remains), coalescing on free; segments are never returned.
+// than 1 MiB remains), coalescing on free; segments are kept until a new one would pass the
+// device's capacity: then every free block that is a whole segment is released first.
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <set>
 #include <tuple>
@@ -21,7 +23,8 @@ namespace mst::test {
 
 class ReferenceCachingAllocator {
 public:
-    explicit ReferenceCachingAllocator(const AllocatorConstants& c) : c_(c) {}
+    explicit ReferenceCachingAllocator(const AllocatorConstants& c, bytes_t capacity = std::numeric_limits<bytes_t>::max())
+        : c_(c), capacity_(capacity) {}
 
     void allocate(std::int64_t tensor, bytes_t requested) {
         if (requested <= 0) return;  // PyTorch hands out no block for empty tensors
@@ -33,14 +36,15 @@ public:
             const bytes_t seg = small ? c_.small_segment_bytes
                                       : (size < c_.min_large_alloc_bytes ? c_.large_min_segment_bytes
                                                                          : round_up(size, c_.large_segment_round_bytes));
-            const auto id = static_cast<std::int64_t>(segments_.size());
-            segments_.push_back({{0, Block{seg, true}}});
+            if (reserved_ + seg > capacity_) release_free_segments();
+            const std::int64_t id = next_segment_++;
+            segments_[id] = {{0, Block{seg, true}}};
             reserved_ += seg;
             it = pool.insert({seg, id, 0}).first;
         }
         const auto [block_size, seg, offset] = *it;
         pool.erase(it);
-        auto& blocks = segments_[static_cast<std::size_t>(seg)];
+        auto& blocks = segments_.at(seg);
         const bytes_t remaining = block_size - size;
         // PyTorch splits a small block when a minimum block remains, a large one only above kSmallSize.
         const bool split = small ? remaining >= c_.round_bytes : remaining > c_.small_size_bytes;
@@ -61,7 +65,7 @@ public:
         const auto [seg, offset, small] = w;
         w.seg = -1;
         auto& pool = free_[small ? 0 : 1];
-        auto& blocks = segments_[static_cast<std::size_t>(seg)];
+        auto& blocks = segments_.at(seg);
         auto it = blocks.find(offset);
         allocated_ -= it->second.size;
         it->second.free = true;
@@ -88,13 +92,29 @@ public:
     std::tuple<std::int64_t, bytes_t, bytes_t> placement(std::int64_t tensor) {
         const Where w = where(tensor);
         if (w.seg < 0) return {-1, 0, 0};
-        return {w.seg, w.offset, segments_[static_cast<std::size_t>(w.seg)].at(w.offset).size};
+        return {w.seg, w.offset, segments_.at(w.seg).at(w.offset).size};
     }
 
     bytes_t allocated() const { return allocated_; }
     bytes_t reserved() const { return reserved_; }
+    std::int64_t segments_released() const { return released_; }
 
 private:
+    // PyTorch's release_cached_blocks: a free block alone in its segment leaves with the segment.
+    void release_free_segments() {
+        for (auto& pool : free_)
+            for (auto it = pool.begin(); it != pool.end();) {
+                const auto [size, seg, offset] = *it;
+                if (segments_.at(seg).size() != 1) {
+                    ++it;
+                    continue;
+                }
+                segments_.erase(seg);
+                reserved_ -= size;
+                ++released_;
+                it = pool.erase(it);
+            }
+    }
     struct Block {
         bytes_t size;
         bool free;
@@ -113,7 +133,9 @@ private:
         return sparse_[tensor];
     }
     AllocatorConstants c_;
-    std::vector<std::map<bytes_t, Block>> segments_;
+    bytes_t capacity_;
+    std::map<std::int64_t, std::map<bytes_t, Block>> segments_;  // by id, in creation order
+    std::int64_t next_segment_ = 0, released_ = 0;
     std::set<std::tuple<bytes_t, std::int64_t, bytes_t>> free_[2];  // (size, segment, offset): best fit first
     std::vector<Where> dense_;
     std::unordered_map<std::int64_t, Where> sparse_;

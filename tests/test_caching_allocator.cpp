@@ -5,6 +5,7 @@
 // same on the simulator's random-setup timelines; test_timeline.cpp holds hand-derived cases.)
 #include <doctest/doctest.h>
 
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -30,14 +31,18 @@ AllocatorConstants scaled_down() {
 
 // Requests shaped like a training step's: a few sizes repeated (chunked tensors), odd sizes,
 // empty tensors, small and large ones; frees mostly in reverse order (a backward), some random.
-void compare_random_stream(const AllocatorConstants& c, std::uint64_t seed, int requests) {
+// On a device of `capacity` bytes the models release their wholly free cached segments before
+// passing it; returns how many they released.
+std::int64_t compare_random_stream(const AllocatorConstants& c, std::uint64_t seed, int requests,
+                                   bytes_t capacity = std::numeric_limits<bytes_t>::max()) {
     std::mt19937_64 rng(seed);
     auto in = [&](std::int64_t lo, std::int64_t hi) { return std::uniform_int_distribution<std::int64_t>(lo, hi)(rng); };
     const bytes_t big = c.min_large_alloc_bytes;
     std::vector<bytes_t> popular;
     for (int i = 0; i < 6; ++i) popular.push_back(in(1, 3 * big));
     detail::CachingAllocatorModel flat(c);
-    test::ReferenceCachingAllocator reference(c);
+    flat.set_capacity(capacity);
+    test::ReferenceCachingAllocator reference(c, capacity);
     std::vector<std::int64_t> live;
     std::int64_t next_id = 0;
     for (int r = 0; r < requests; ++r) {
@@ -66,12 +71,13 @@ void compare_random_stream(const AllocatorConstants& c, std::uint64_t seed, int 
             reference.release(id);
         }
         if (flat.allocated() != reference.allocated() || flat.reserved() != reference.reserved() ||
-            flat.placement(id) != reference.placement(id)) {
+            flat.placement(id) != reference.placement(id) || flat.segments_released() != reference.segments_released()) {
             FAIL("seed " << seed << ", request " << r << " (tensor " << id << "): allocated " << flat.allocated() << " vs "
                          << reference.allocated() << ", reserved " << flat.reserved() << " vs " << reference.reserved());
         }
     }
     for (std::int64_t id : live) CHECK(flat.placement(id) == reference.placement(id));
+    return flat.segments_released();
 }
 
 }  // namespace
@@ -82,4 +88,13 @@ TEST_CASE("the flat caching-allocator model places every block where the referen
 
 TEST_CASE("the flat caching-allocator model places every block where the reference does (small segments: many splits and merges)") {
     for (std::uint64_t seed = 100; seed <= 140; ++seed) compare_random_stream(scaled_down(), seed, 4000);
+}
+
+TEST_CASE("the flat caching-allocator model releases the cached segments the reference does on a device of limited capacity") {
+    std::int64_t released = 0;
+    for (std::uint64_t seed = 200; seed <= 230; ++seed)
+        released += compare_random_stream(AllocatorConstants{}, seed, 3000, static_cast<bytes_t>(seed - 150) * kMiB * 4);
+    for (std::uint64_t seed = 300; seed <= 330; ++seed)
+        released += compare_random_stream(scaled_down(), seed, 4000, static_cast<bytes_t>(seed - 280) * kMiB / 2);
+    CHECK(released > 1000);  // the release path is exercised
 }

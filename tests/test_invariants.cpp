@@ -406,24 +406,36 @@ TEST_CASE("hf runtime: the fast path, which skips repeating chunk-loop iteration
 
 TEST_CASE("the caching-allocator model places every block of the random setups' timelines where its reference does") {
     Random r(8);
+    std::int64_t released = 0;
     for (int i = 0; i < kCases; ++i) {
         const ModelSpec m = random_model(r);
         const TrainingSetup s = random_setup(r, m);
         CAPTURE(i);
         const Timeline t = simulate(m, s, test_gpu());
         const AllocatorConstants& c = test_gpu().calibration.allocator;
-        detail::CachingAllocatorModel flat(c);
-        ReferenceCachingAllocator reference(c);
-        bool same = true;
-        for (const Event& e : t.events) {
-            if (e.device != Device::Gpu) continue;
-            if (e.alloc) flat.allocate(e.tensor, e.bytes), reference.allocate(e.tensor, e.bytes);
-            else flat.release(e.tensor), reference.release(e.tensor);
-            same = same && flat.allocated() == reference.allocated() && flat.reserved() == reference.reserved() &&
-                   flat.placement(e.tensor) == reference.placement(e.tensor);
+        // On an unlimited device, and on one between the step's requested and reserved peaks
+        // (where cached segments are released).
+        const Summary sum = summarize(t, m.num_layers);
+        const bytes_t unlimited = replay_caching_allocator(t, c).peak_reserved;
+        for (const bytes_t capacity : {kNoCapacity, sum.peak.bytes + (unlimited - sum.peak.bytes) / 3}) {
+            CAPTURE(capacity);
+            detail::CachingAllocatorModel flat(c);
+            flat.set_capacity(capacity);
+            ReferenceCachingAllocator reference(c, capacity);
+            bool same = true;
+            for (const Event& e : t.events) {
+                if (e.device != Device::Gpu) continue;
+                if (e.alloc) flat.allocate(e.tensor, e.bytes), reference.allocate(e.tensor, e.bytes);
+                else flat.release(e.tensor), reference.release(e.tensor);
+                same = same && flat.allocated() == reference.allocated() && flat.reserved() == reference.reserved() &&
+                       flat.placement(e.tensor) == reference.placement(e.tensor) &&
+                       flat.segments_released() == reference.segments_released();
+            }
+            CHECK(same);
+            released += flat.segments_released();
         }
-        CHECK(same);
     }
+    CHECK(released > 0);  // the release path is exercised
 }
 
 TEST_CASE("one PeakSimulator reused across setups reports what a fresh estimate does, and fits() stops exactly at the budget") {
