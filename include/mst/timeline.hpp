@@ -83,8 +83,8 @@ struct Summary {
 Summary summarize(const Timeline& t, std::int64_t num_layers);
 
 // Replays the timeline through a model of PyTorch's CUDA caching allocator
-// (512-byte rounding, small/large pools, best-fit with splitting, segments never
-// released): what torch.cuda.max_memory_allocated and max_memory_reserved report.
+// (512-byte rounding, small/large pools, best-fit with splitting, segments kept until the
+// device is full): what torch.cuda.max_memory_allocated and max_memory_reserved report.
 struct AllocatorReplay {
     bytes_t peak_allocated = 0;
     bytes_t peak_reserved = 0;
