@@ -261,10 +261,11 @@ std::vector<Candidate> pareto_front(std::vector<Candidate> all) {
 
 std::string percent(double x) { return fmt::format("{:.0f} %", 100 * x); }
 
-// A candidate's memory as the GPU holds it: the search's numbers came from the budget's device.
-void on_the_gpu(Candidate& c, const TuneRequest& rq) {
+// A candidate's memory as the GPU holds it (the allocator releasing at its usable memory): the
+// search's numbers came from the budget's device.
+void on_the_gpu(Candidate& c, PeakSimulator& gpu_sim, const GpuProfile& gpu) {
     c.releases_at_budget = c.memory.segments_released;
-    c.memory = simulate_peaks(rq.model, c.setup, rq.gpu, true, rq.gpu.usable_bytes());
+    c.memory = gpu_sim.peaks(c.setup, true, gpu.usable_bytes());
 }
 
 std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget) {
@@ -415,8 +416,9 @@ Recommendation recommend(const TuneRequest& rq) {
     out.best = *search.best_;
     out.pareto = pareto_front(search.evaluated_);
     // Chosen on the budget's device; reported as the GPU holds them (releasing only at its end).
-    for (Candidate* c : {&out.best}) on_the_gpu(*c, rq);
-    for (Candidate& c : out.pareto) on_the_gpu(c, rq);
+    PeakSimulator gpu_sim(m, rq.gpu);
+    on_the_gpu(out.best, gpu_sim, rq.gpu);
+    for (Candidate& c : out.pareto) on_the_gpu(c, gpu_sim, rq.gpu);
     out.why = explain(rq, out.best, out.budget_bytes);
     return out;
 }

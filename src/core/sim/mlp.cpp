@@ -15,6 +15,7 @@
 #include "builder.hpp"
 
 #include <algorithm>
+#include <array>
 #include <utility>
 #include <vector>
 
@@ -335,9 +336,11 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     const bool checkpointed = std::exchange(recomputed_, false);  // the nested graph's tensors are its own
     // The MLP's parameters in their order (gate, up, down; Phi-3: gate_up, down): torch.autograd.grad's
     // outputs after the input's, and the node's.
-    std::vector<int> params{lp.gate, lp.up, lp.down};
-    std::erase(params, -1);
-    std::vector<T> sums;
+    std::array<int, 3> params{};
+    std::size_t count = 0;
+    for (int p : {lp.gate, lp.up, lp.down})
+        if (p >= 0) params[count++] = p;
+    std::array<T, 3> sums;
     T loop_var;  // `g` of the last `for i, g in enumerate(grads)`
     bool first = true;
     for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
@@ -349,9 +352,9 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
         drop(m), drop(c.gate_view);
         phase_ = Phase::Backward;
         T dyc = hold(dy);  // dy[chunk], a view
-        std::vector<T> grads(params.size());
+        std::array<T, 3> grads;
         T dxc = hf_mlp_chunk_backward(lp, c, dyc, false, [&](int p, T g) {
-            grads[static_cast<std::size_t>(std::find(params.begin(), params.end(), p) - params.begin())] = g;
+            grads[static_cast<std::size_t>(std::find(params.begin(), params.begin() + count, p) - params.begin())] = g;
         });
         at("mlp.tiled");
         drop(yc);   // del yc
@@ -360,8 +363,8 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
             sums = grads;  // sums[i] = g: the loop variable ends on the last, which sums holds too
         } else {
             drop(loop_var);  // rebound by the loop
-            loop_var = grads.back();  // del grads: the list, last first; its last item is the loop variable
-            for (std::size_t i = grads.size() - 1; i-- > 0;) drop(grads[i]);
+            loop_var = grads[count - 1];  // del grads: the list, last first; its last item is the loop variable
+            for (std::size_t i = count - 1; i-- > 0;) drop(grads[i]);
         }
         first = false;
     }
@@ -373,7 +376,7 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     drop(loop_var);
     node_end({&sv.x_tiled}, &dy);
     // the node's outputs: dx, then the weights' gradients in the parameters' order
-    for (std::size_t i = 0; i < params.size(); ++i) add_grad(params[i], sums[i], true, true);
+    for (std::size_t i = 0; i < count; ++i) add_grad(params[i], sums[i], true, true);
     return dx;
 }
 
