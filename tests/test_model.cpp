@@ -48,6 +48,8 @@ TEST_CASE("parameter counts match the published totals") {
         // Phi-3/Phi-4 (fused projections hold the same parameters): KerasHub's Phi-3-mini, the
         // Hugging Face safetensors totals of Phi-4 and of Phi-4-mini (tied: counted once).
         {"phi-3-mini-4k", 3'821'079'552}, {"phi-4", 14'659'507'200},    {"phi-4-mini", 3'836'021'760},
+        // Mixture-of-Experts: KerasHub's Mixtral-8x7B; Qwen3-30B-A3B's GGUF parameter count.
+        {"mixtral-8x7b", 46'702'792'704}, {"qwen3-30b-a3b", 30'532'122'624},
     };
     for (const auto& [name, count] : published) {
         CAPTURE(name);
@@ -56,6 +58,97 @@ TEST_CASE("parameter counts match the published totals") {
         CHECK(std::abs(rel) <= 0.005);  // the issue's bound; all are in fact exact
         CHECK(total == count);
     }
+}
+
+// What one token goes through: the published figures are rounded to 0.1 B (Mistral AI: "12.9B
+// parameters per token"; the Qwen3-30B-A3B card: "3.3B activated").
+TEST_CASE("Mixture-of-Experts active parameters: by hand, and within the published figures' precision") {
+    const ModelSpec mixtral = find_model("mixtral-8x7b");
+    // Mixtral: 6 of 8 experts idle, each 3 x 4096 x 14336, in 32 layers.
+    CHECK(mixtral.active_parameters() == 46'702'792'704LL - 6LL * 3 * 4096 * 14336 * 32);
+    const ModelSpec qwen = find_model("qwen3-30b-a3b");
+    // Qwen3-30B-A3B: 120 of 128 experts idle, each 3 x 2048 x 768, in 48 layers.
+    CHECK(qwen.active_parameters() == 30'532'122'624LL - 120LL * 3 * 2048 * 768 * 48);
+    for (const ModelSpec* m : {&mixtral, &qwen}) {
+        CAPTURE(m->name);
+        REQUIRE(m->published_active_parameters);
+        CHECK(std::abs(m->active_parameters() - *m->published_active_parameters) < 100'000'000);
+        // The router: E x d per layer, counted with the experts.
+        const std::int64_t E = m->moe->experts, d = m->hidden_size, L = m->num_layers;
+        CHECK(m->parameters().mlp == L * (E * 3 * d * m->moe->intermediate + E * d));
+    }
+    // A dense model's active parameters are all of them.
+    CHECK(find_model("llama-3-8b").active_parameters() == find_model("llama-3-8b").parameters().total());
+}
+
+TEST_CASE("Mixture-of-Experts configs: the keys MixtralConfig and Qwen3MoeConfig read, and what is refused") {
+    const ModelSpec mixtral = find_model("mixtral-8x7b");
+    CHECK(mixtral.family == Family::Mixtral);
+    REQUIRE(mixtral.moe);
+    CHECK(mixtral.moe->experts == 8);
+    CHECK(mixtral.moe->top_k == 2);
+    CHECK(mixtral.moe->intermediate == 14336);  // Mixtral's experts use intermediate_size
+    CHECK(mixtral.moe->normalize_top_k);
+    CHECK(mixtral.moe->fp32_routing_weights);
+    CHECK(mixtral.moe->router_first);
+    CHECK(mixtral.mistral_masking());
+    CHECK_FALSE(mixtral.qk_norm);
+    CHECK_FALSE(mixtral.sliding_window);
+    const ModelSpec qwen = find_model("qwen3-30b-a3b");
+    CHECK(qwen.family == Family::Qwen3Moe);
+    REQUIRE(qwen.moe);
+    CHECK(qwen.moe->experts == 128);
+    CHECK(qwen.moe->top_k == 8);
+    CHECK(qwen.moe->intermediate == 768);  // moe_intermediate_size, not intermediate_size (6144)
+    CHECK(qwen.moe->normalize_top_k);
+    CHECK_FALSE(qwen.moe->fp32_routing_weights);
+    CHECK_FALSE(qwen.moe->router_first);
+    CHECK(qwen.qk_norm);
+    CHECK(qwen.head_dim == 128);
+    CHECK(qwen.mistral_masking());
+    CHECK_FALSE(qwen.sliding_window);  // use_sliding_window false drops it
+
+    const nlohmann::json base = nlohmann::json::parse(R"({"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 160,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256})");
+    auto with = [&](const char* patch) {
+        nlohmann::json j = base;
+        j.merge_patch(nlohmann::json::parse(patch));
+        return j;
+    };
+    // Qwen3MoeConfig's defaults: 128 experts, top-8, 768 each, no renormalisation; head_dim d / nh.
+    const ModelSpec defaults = parse_model(base, "q.json", "q");
+    CHECK(defaults.moe->experts == 128);
+    CHECK(defaults.moe->top_k == 8);
+    CHECK(defaults.moe->intermediate == 768);
+    CHECK_FALSE(defaults.moe->normalize_top_k);
+    CHECK(defaults.head_dim == 16);
+    // With use_sliding_window every layer slides, as the model's single mask says.
+    const ModelSpec sliding = parse_model(with(R"({"use_sliding_window": true, "sliding_window": 32})"), "q.json", "q");
+    CHECK(*sliding.sliding_window == 32);
+    for (bool s : sliding.sliding_layers) CHECK(s);
+    const std::map<std::string, std::string> field_of = {
+        {R"({"num_experts_per_tok": 200})", "num_experts_per_tok: expected at most 128 (num_experts)"},
+        {R"({"num_experts": 0})", "num_experts: expected an integer in [1, 4096]"},
+        {R"({"output_router_logits": true})", "output_router_logits: expected false"},
+        {R"({"mlp_only_layers": [1]})", "mlp_only_layers: expected []"},
+        {R"({"decoder_sparse_step": 2})", "decoder_sparse_step: expected 1"},
+        {R"({"hidden_act": "gelu"})", "hidden_act: expected silu"},
+    };
+    for (const auto& [patch, message] : field_of) {
+        CAPTURE(patch);
+        const auto msg = test::expect_user_error([&] { (void)parse_model(with(patch.c_str()), "q.json", "q"); });
+        CHECK(msg.find("q.json: " + message) == 0);
+        CHECK(msg.find('\n') == std::string::npos);
+    }
+    nlohmann::json mix = base;
+    mix["model_type"] = "mixtral";
+    mix["router_jitter_noise"] = 0.1;
+    CHECK(test::expect_user_error([&] { (void)parse_model(mix, "m.json", "m"); }).find("m.json: router_jitter_noise: expected 0.0") == 0);
+    mix.erase("router_jitter_noise");
+    const ModelSpec mix_defaults = parse_model(mix, "m.json", "m");  // MixtralConfig: 8 experts, top-2
+    CHECK(mix_defaults.moe->experts == 8);
+    CHECK(mix_defaults.moe->top_k == 2);
+    CHECK(mix_defaults.moe->intermediate == 160);
 }
 
 TEST_CASE("Llama-3-8B parameters by component, derived by hand") {

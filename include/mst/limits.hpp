@@ -30,6 +30,7 @@ inline constexpr std::int64_t kZero3Prefetch = 8;  // layers all-gathered ahead
 inline constexpr std::int64_t kHidden = std::int64_t{1} << 20;        // hidden_size, head_dim
 inline constexpr std::int64_t kIntermediate = std::int64_t{1} << 23;  // intermediate_size
 inline constexpr std::int64_t kLayers = 1024;                         // num_hidden_layers
+inline constexpr std::int64_t kExperts = 4096;                        // num_experts / num_local_experts, and top-k
 inline constexpr std::int64_t kHeads = std::int64_t{1} << 14;         // num_attention_heads, num_key_value_heads
 inline constexpr std::int64_t kVocab = std::int64_t{1} << 24;         // vocab_size
 inline constexpr std::int64_t kPositions = std::int64_t{1} << 40;     // max_position_embeddings, sliding_window

@@ -12,18 +12,32 @@ namespace mst {
 
 // The architectures mst-plan models by their real differences. Anything else that
 // looks like a Llama (SwiGLU MLP, RMSNorm, RoPE) is accepted as Llama with a warning.
-enum class Family { Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Phi3 };
+enum class Family { Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Phi3, Mixtral, Qwen3Moe };
 std::string to_string(Family f);
 
 struct ParameterCounts {
     std::int64_t embedding = 0;  // token embedding table, V x d
     std::int64_t attention = 0;  // q, k, v, o projections (+ biases), all layers
-    std::int64_t mlp = 0;        // gate, up, down projections, all layers
+    std::int64_t mlp = 0;        // gate, up, down projections, all layers (MoE: every expert's and the routers)
     std::int64_t norm = 0;       // every RMSNorm weight, final norm included
     std::int64_t lm_head = 0;    // 0 when tied to the embedding
     std::int64_t total() const;  // checked: a UserError past 2^63
 };
 
+// A Mixture-of-Experts MLP (Mixtral, Qwen3-MoE): a router (a linear d -> experts) picks top_k
+// experts per token; each expert is a SwiGLU MLP of `intermediate` (its gate and up projections
+// one [experts, 2 intermediate, d] parameter, its down one [experts, d, intermediate]).
+struct MoeSpec {
+    std::int64_t experts = 0;       // E
+    std::int64_t top_k = 0;         // k: experts per token
+    std::int64_t intermediate = 0;  // each expert's intermediate size
+    bool normalize_top_k = true;    // the top-k probabilities divided by their sum (Mixtral always; Qwen3-MoE: norm_topk_prob)
+    // Mixtral keeps the routing weights fp32 (the weighted expert outputs and their sum are fp32,
+    // cast back at the end); Qwen3-MoE casts them to the model's dtype first.
+    bool fp32_routing_weights = true;
+    // The block registers the router before the experts (Mixtral) or after them (Qwen3-MoE).
+    bool router_first = true;
+};
 struct ModelSpec {
     std::string name;          // catalog name, or the file stem for a path
     std::string display_name;  // "_mst.display_name" or the name
@@ -62,8 +76,11 @@ struct ModelSpec {
     std::optional<double> final_logit_softcapping;
     std::optional<double> query_pre_attn_scalar;
     int norms_per_layer = 2;  // Gemma-2/3 have pre- and post- norms around attention and MLP: 4
+    std::optional<MoeSpec> moe;  // every layer's MLP is a Mixture-of-Experts block
 
     std::optional<std::int64_t> published_parameters;  // "_mst.published_parameters"
+    std::optional<std::int64_t> published_active_parameters;  // MoE: "_mst.published_active_parameters"
+    std::string published_active_parameters_source;
     std::string published_parameters_source;
     std::vector<std::string> warnings;  // what was assumed while parsing
 
@@ -84,10 +101,16 @@ struct ModelSpec {
     bool rotary_concatenates() const { return family == Family::Phi3; }
     // Mistral and Phi-3 build one attention mask (sliding when the config has a window, which every
     // layer then uses) and pass the decoder layer its position ids before the rotary tables.
-    bool mistral_masking() const { return family == Family::Mistral || family == Family::Phi3; }
+    // Mixtral and Qwen3-MoE build theirs the same way.
+    bool mistral_masking() const {
+        return family == Family::Mistral || family == Family::Phi3 || family == Family::Mixtral || family == Family::Qwen3Moe;
+    }
     std::int64_t q_dim() const { return num_heads * head_dim; }
     std::int64_t kv_dim() const { return num_kv_heads * head_dim; }
     ParameterCounts parameters() const;
+    // The parameters one token goes through: all but the experts it is not routed to (= total
+    // for a dense model).
+    std::int64_t active_parameters() const;
     // Parameters of one decoder layer (attention + MLP + its norms).
     std::int64_t layer_parameters() const;
 };

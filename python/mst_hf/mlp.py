@@ -4,6 +4,10 @@ The MLP (gate/up -> act(gate) * up -> down) acts on every token on its own, so
 any split of the tokens gives the same result. Chunks are taken over the
 flattened tokens of a micro-batch, ``T = B * S`` (what mst-plan's simulator
 calls the tokens per rank), with the sizes of :func:`mst_hf.config.chunk_sizes`.
+A Mixture-of-Experts block (Mixtral, Qwen3-MoE: a module with ``experts``)
+routes each token on its own too, so MsT splits the tokens before routing and
+every routing and dispatch buffer shrinks with the chunk; such blocks unpack
+[B, S, d], so each chunk is handed to them as a [1, n, d] view.
 
 * ``loop`` (MsT reference): each chunk runs under autograd and the outputs are
   concatenated; no custom backward. Every chunk's intermediates ([n, I] each)
@@ -35,6 +39,11 @@ def _spans(tokens: int, chunks: int) -> List[Span]:
     return chunk_spans(tokens, min(chunks, tokens))
 
 
+def batched(fn: MlpFn) -> MlpFn:
+    """``fn`` on [n, d] for a block whose forward takes [B, S, d] (a [1, n, d] view in, [n, d_out] out)."""
+    return lambda x: fn(x.unsqueeze(0)).squeeze(0)
+
+
 def _run_no_grad(fn: MlpFn, x: Tensor, spans: Sequence[Span]) -> Tensor:
     """x: [T, d] -> y: [T, d_out], written chunk by chunk into one preallocated y."""
     y: Optional[Tensor] = None
@@ -57,7 +66,8 @@ def loop_mlp(fn: MlpFn, x: Tensor, chunks: int) -> Tensor:
     """
     flat = x.reshape(-1, x.shape[-1])  # [T, d]
     if flat.shape[0] == 0:
-        return fn(x)
+        y = fn(flat)
+        return y.view(*x.shape[:-1], y.shape[-1])
     spans = _spans(flat.shape[0], chunks)
     if torch.is_grad_enabled():
         y = torch.cat([fn(flat[start:end]) for start, end in spans], dim=0)
@@ -134,10 +144,12 @@ class ChunkedMlpForward(ForwardPatch):
         super().__init__(mlp)
         self.chunks = chunks
         self.impl = impl
+        # Mixture-of-Experts blocks (transformers' *SparseMoeBlock) unpack a [B, S, d] input.
+        self.fn = batched(self.inner) if isinstance(getattr(mlp, "experts", None), nn.Module) else self.inner
 
     def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if args or kwargs:  # an MLP that takes more than the hidden states: not ours to split
             return self.inner(x, *args, **kwargs)
         if self.impl == "tiled":
-            return tiled_mlp(self.inner, self.module, x, self.chunks)
-        return loop_mlp(self.inner, x, self.chunks)
+            return tiled_mlp(self.fn, self.module, x, self.chunks)
+        return loop_mlp(self.fn, x, self.chunks)

@@ -7,7 +7,7 @@ hf runtime and compares every allocation and free: same bytes, same order, same 
 cases cover the knobs a user sets and the model families whose code differs (Llama; Mistral
 with sliding windows and tied embeddings; Qwen2's attention biases; Qwen3's q/k norms; Gemma-2's
 post-norms, soft-capping, scaled embeddings and GeGLU; Gemma-3; Phi-3's fused projections and
-partial rotary). Nothing here is a number written by hand: both
+partial rotary; Mixtral's and Qwen3-MoE's experts). Nothing here is a number written by hand: both
 sides are computed, one by PyTorch and one by mst-plan.
 """
 
@@ -38,6 +38,8 @@ PHI3 = str(REPO / "tests" / "data" / "tiny_phi3.json")
 PHI3_SLIDING = str(REPO / "tests" / "data" / "tiny_phi3_sliding.json")
 PHI3_LONGROPE = str(REPO / "tests" / "data" / "tiny_phi3_longrope.json")
 PHI3_MQA = str(REPO / "tests" / "data" / "tiny_phi3_mqa.json")
+MIXTRAL = str(REPO / "tests" / "data" / "tiny_mixtral.json")
+QWEN3_MOE = str(REPO / "tests" / "data" / "tiny_qwen3_moe.json")
 
 CASES = [
     # Llama: attention, checkpointing (ours and Hugging Face's everywhere), offload.
@@ -110,6 +112,19 @@ CASES = [
     (PHI3_LONGROPE, {"checkpoint": "all"}),
     # One KV head: its rotated k is expanded to every head (a zero stride), which matmul copies.
     (PHI3_MQA, {"attention": "eager", "micro_batch": 2}),
+    # Mixture-of-Experts (transformers' grouped_mm experts): Mixtral's fp32 routing weights and
+    # renormalised top-2 (with a sliding window in every layer); MsT splitting the tokens before
+    # routing, under checkpointing (the recomputation stops inside the experts).
+    (MIXTRAL, {}),
+    (MIXTRAL, {"checkpoint": "all", "mlp_chunks": 3, "lm_chunks": 2}),
+    (MIXTRAL, {"attention": "eager", "micro_batch": 2, "checkpoint": [1], "mlp_chunks": 2}),
+    (MIXTRAL, {"precision": "bf16-master", "optimizer_in_backward": True, "mlp_chunks": 2}),
+    (MIXTRAL, {"checkpoint": "all", "mlp_chunks": 3, "mlp_impl": "tiled", "lm_chunks": 2}),
+    # Qwen3-MoE: bf16 routing weights, top-3 without renormalisation, q/k norms, tied embeddings.
+    (QWEN3_MOE, {}),
+    (QWEN3_MOE, {"checkpoint": "all", "mlp_chunks": 2, "offload_checkpoints": True, "optimizer_impl": "foreach"}),
+    (QWEN3_MOE, {"grad_accum": 2, "mlp_chunks": 3, "lm_chunks": 2, "lm_impl": "fused", "optimizer_impl": "for-loop"}),
+    (QWEN3_MOE, {"mlp_chunks": 2, "mlp_impl": "tiled", "precision": "bf16-master", "grad_accum": 2, "checkpoint": [1]}),
 ]
 
 

@@ -1,6 +1,7 @@
 """A patched Hugging Face model trains exactly like the unpatched one.
 
-Tiny random Llama, Gemma-2 and Phi-3 models (hidden 64, 2 layers, vocab 128) in fp32,
+Tiny random Llama, Gemma-2, Phi-3, Mixtral and Qwen3-MoE models (hidden 64, 2 layers,
+vocab 128) in fp32,
 so precision "amp" (fp32 parameters; no autocast is entered here). Tolerance
 fp32 rtol 1e-5, atol 1e-6: chunking and recomputation only reorder fp32 sums
 over at most 26 tokens or 128 classes (errors of a few 1e-7 relative), while a
@@ -54,7 +55,30 @@ def tiny_phi3():
     return transformers.Phi3ForCausalLM(config).float().train()
 
 
-MODELS = {"llama": tiny_llama, "gemma2": tiny_gemma2, "phi3": tiny_phi3}
+def tiny_mixtral():
+    # Mixture-of-Experts: 4 experts, top-2 renormalised, fp32 routing weights. MsT splits the
+    # tokens before the router; every token is routed on its own, so the chunks change nothing.
+    config = transformers.MixtralConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, num_local_experts=4,
+        num_experts_per_tok=2, attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(config).float().train()
+
+
+def tiny_qwen3_moe():
+    # Qwen3-MoE: 8 experts, top-3 without renormalisation, q/k norms.
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=VOCAB,
+        max_position_embeddings=64, num_experts=8, num_experts_per_tok=3, norm_topk_prob=False,
+        attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.Qwen3MoeForCausalLM(config).float().train()
+
+
+MODELS = {"llama": tiny_llama, "gemma2": tiny_gemma2, "phi3": tiny_phi3, "mixtral": tiny_mixtral,
+          "qwen3_moe": tiny_qwen3_moe}
 
 
 def mst_config(mlp=(1, "loop"), lm_head=(1, "recompute"), checkpoint=(), offload=False, **overrides):

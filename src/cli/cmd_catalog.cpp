@@ -62,6 +62,9 @@ void run_show(const GlobalOptions& g, const std::string& model) {
     if (m.fused_projections() || m.rotary_dim != m.head_dim || m.longrope)
         fmt::print("  fused qkv_proj and gate_up_proj; RoPE on {} of {} dimensions per head{}\n", m.rotary_dim, m.head_dim,
                    m.longrope ? " (longrope)" : "");
+    if (m.moe)
+        fmt::print("  Mixture-of-Experts: {} experts of intermediate {}, top-{} per token{}\n", m.moe->experts,
+                   m.moe->intermediate, m.moe->top_k, m.moe->normalize_top_k ? " (weights renormalised)" : "");
     if (m.attn_logit_softcapping || m.final_logit_softcapping)
         fmt::print("  soft-capping: attention {}  final logits {}\n", m.attn_logit_softcapping.value_or(0.0),
                    m.final_logit_softcapping.value_or(0.0));
@@ -74,17 +77,25 @@ void run_show(const GlobalOptions& g, const std::string& model) {
     };
     row("embedding", p.embedding);
     row("attention", p.attention);
-    row("mlp", p.mlp);
+    row(m.moe ? "mlp (experts, routers)" : "mlp", p.mlp);
     row("norm", p.norm);
     row(m.tie_word_embeddings ? "lm_head (tied)" : "lm_head", p.lm_head);
     t.rule();
     t.row({"total", fmt::format("{} ({})", p.total(), format_count(p.total())), "100.0 %", format_bytes(2 * p.total())});
-    t.print();
-    if (m.published_parameters) {
-        const double err = (total - static_cast<double>(*m.published_parameters)) / static_cast<double>(*m.published_parameters);
-        fmt::print("published: {} ({}), difference {:+.3f} %\n", format_count(*m.published_parameters),
-                   m.published_parameters_source, 100.0 * err);
+    if (m.moe) {
+        const std::int64_t active = m.active_parameters();
+        t.row({"active per token", fmt::format("{} ({})", active, format_count(active)),
+               fmt::format("{:.1f} %", 100.0 * static_cast<double>(active) / total), format_bytes(2 * active)});
     }
+    t.print();
+    auto published = [](const char* what, double ours, std::int64_t count, const std::string& source) {
+        const double err = (ours - static_cast<double>(count)) / static_cast<double>(count);
+        fmt::print("published{}: {} ({}), difference {:+.3f} %\n", what, format_count(count), source, 100.0 * err);
+    };
+    if (m.published_parameters) published("", total, *m.published_parameters, m.published_parameters_source);
+    if (m.published_active_parameters)
+        published(" active", static_cast<double>(m.active_parameters()), *m.published_active_parameters,
+                  m.published_active_parameters_source);
 }
 
 void run_devices(const GlobalOptions& g) {

@@ -22,6 +22,8 @@ std::string to_string(Family f) {
         case Family::Gemma2: return "gemma2";
         case Family::Gemma3: return "gemma3";
         case Family::Phi3: return "phi3";
+        case Family::Mixtral: return "mixtral";
+        case Family::Qwen3Moe: return "qwen3_moe";
     }
     return "?";
 }
@@ -49,10 +51,12 @@ Family family_of(const std::string& model_type, detail::JsonReader& r, std::vect
     if (model_type == "gemma2") return Family::Gemma2;
     if (model_type == "gemma3_text") return Family::Gemma3;
     if (model_type == "phi3") return Family::Phi3;
+    if (model_type == "mixtral") return Family::Mixtral;
+    if (model_type == "qwen3_moe") return Family::Qwen3Moe;
     const std::string shown = r.has("model_type") ? "'" + model_type + "'" : "none";
     if (!assume_llama)
         r.fail("model_type", fmt::format("expected one of llama, mistral, qwen2 (Qwen2 and Qwen2.5), qwen3 (dense), gemma2, gemma3_text "
-                                         "(or gemma3 with a text_config), phi3 (Phi-3, Phi-4), got {} "
+                                         "(or gemma3 with a text_config), phi3 (Phi-3, Phi-4), mixtral, qwen3_moe, got {} "
                                          "(--assume-llama plans it as a Llama-shaped model, which may be wrong)",
                                          shown));
     warnings.push_back(fmt::format(
@@ -110,6 +114,39 @@ void read_phi3(const nlohmann::json& config, const detail::JsonReader& r, ModelS
     }
 }
 
+// The Mixture-of-Experts keys of MixtralConfig and Qwen3MoeConfig. What the block allocates
+// depends on the expert count, top-k and sizes only (transformers' default grouped_mm experts
+// path sorts the [T x top_k] token-expert pairs: no tensor's size depends on the routing).
+void read_moe(const detail::JsonReader& r, ModelSpec& m) {
+    MoeSpec e;
+    const bool mixtral = m.family == Family::Mixtral;
+    const char* experts_key = mixtral ? "num_local_experts" : "num_experts";
+    e.experts = r.opt_integer(experts_key, 1, limits::kExperts).value_or(mixtral ? 8 : 128);
+    e.top_k = r.opt_integer("num_experts_per_tok", 1, limits::kExperts).value_or(mixtral ? 2 : 8);
+    if (e.top_k > e.experts)
+        r.fail("num_experts_per_tok", fmt::format("expected at most {} ({}), got {}", e.experts, experts_key, e.top_k));
+    e.intermediate = mixtral ? m.intermediate_size : r.opt_integer("moe_intermediate_size", 1, kMaxIntermediate).value_or(768);
+    e.normalize_top_k = mixtral || r.opt_boolean("norm_topk_prob").value_or(false);
+    e.fp32_routing_weights = mixtral;
+    e.router_first = mixtral;
+    if (r.opt_boolean("output_router_logits").value_or(false))
+        r.fail("output_router_logits", "expected false (the router's auxiliary load-balancing loss is not modelled; "
+                                       "transformers adds it only when this is true)");
+    if (mixtral && r.opt_number("router_jitter_noise", 0.0, 1.0).value_or(0.0) != 0.0)
+        r.fail("router_jitter_noise", "expected 0.0 (the jitter's random tensor is not modelled; Mixtral trains without it)");
+    if (!mixtral) {
+        // Qwen3-MoE: a layer is sparse unless listed in mlp_only_layers or off the decoder_sparse_step grid.
+        if (r.has("mlp_only_layers") && !r.raw("mlp_only_layers").is_null() &&
+            !(r.raw("mlp_only_layers").is_array() && r.raw("mlp_only_layers").empty()))
+            r.fail("mlp_only_layers", "expected [] (every layer a Mixture-of-Experts block; dense layers among them are not modelled)");
+        if (r.opt_integer("decoder_sparse_step", 1, kMaxLayers).value_or(1) != 1)
+            r.fail("decoder_sparse_step", "expected 1 (every layer a Mixture-of-Experts block; dense layers among them are not modelled)");
+    }
+    if (m.hidden_act != "silu" && m.hidden_act != "swish")
+        r.fail("hidden_act", fmt::format("expected silu (the experts' SwiGLU), got '{}'", m.hidden_act));
+    m.moe = e;
+}
+
 }  // namespace
 
 namespace {
@@ -145,7 +182,9 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
         auto meta = r.object("_mst");
         if (auto v = meta.opt_string("display_name")) m.display_name = *v;
         if (auto v = meta.opt_integer("published_parameters", 1, std::int64_t{1} << 50)) m.published_parameters = *v;
+        if (auto v = meta.opt_integer("published_active_parameters", 1, std::int64_t{1} << 50)) m.published_active_parameters = *v;
         if (auto v = meta.opt_string("published_parameters_source")) m.published_parameters_source = *v;
+        if (auto v = meta.opt_string("published_active_parameters_source")) m.published_active_parameters_source = *v;
     };
     // Gemma-3 4B-27B ship as image-text models ("gemma3"): the decoder trained on text is its
     // text_config (Gemma3ForCausalLM); the vision tower is not part of the plan.
@@ -189,7 +228,7 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
                                               "an embedding model)");
     if (auto hd = r.opt_integer("head_dim", 1, kMaxHidden)) {
         m.head_dim = *hd;
-    } else if (m.family == Family::Qwen3 || m.gemma()) {
+    } else if (m.family == Family::Qwen3 || m.gemma()) {  // (Qwen3MoeConfig has no default: d / nh)
         m.head_dim = m.family == Family::Qwen3 ? 128 : 256;
     } else {
         if (m.hidden_size % m.num_heads != 0)
@@ -212,6 +251,7 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     if (m.hidden_act != "silu" && m.hidden_act != "swish" && m.hidden_act != "gelu" && m.hidden_act != "gelu_pytorch_tanh")
         r.fail(act_key, fmt::format("expected silu, swish, gelu or gelu_pytorch_tanh (the activations modelled), got '{}'",
                                     m.hidden_act));
+    if (m.family == Family::Mixtral || m.family == Family::Qwen3Moe) read_moe(r, m);
     m.rms_norm_eps = r.opt_number("rms_norm_eps", 0.0, 1.0).value_or(1e-6);
     m.rope_theta = r.opt_number("rope_theta", 1.0, 1e12).value_or(10000.0);
 
@@ -219,15 +259,16 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     // for Llama, Qwen3 and Gemma-2/3; Qwen2 hard-codes q/k/v with and o without, Mistral none;
     // only Llama reads mlp_bias.
     const bool attention_bias = r.opt_boolean("attention_bias").value_or(false);
-    const bool reads_attention_bias = m.family == Family::Llama || m.family == Family::Qwen3 || m.gemma();
+    const bool reads_attention_bias = m.family == Family::Llama || m.family == Family::Qwen3 || m.family == Family::Qwen3Moe || m.gemma();
     m.qkv_bias = m.family == Family::Qwen2 || (reads_attention_bias && attention_bias);
     m.o_bias = reads_attention_bias && attention_bias;
     const bool mlp_bias = r.opt_boolean("mlp_bias").value_or(false);
     m.mlp_bias = m.family == Family::Llama && mlp_bias;
-    m.qk_norm = m.family == Family::Qwen3 || m.family == Family::Gemma3;
+    m.qk_norm = m.family == Family::Qwen3 || m.family == Family::Qwen3Moe || m.family == Family::Gemma3;
 
     // Which layers attend within a sliding window, as transformers' modeling code reads the config:
-    // Mistral and Phi-3 slide in every layer (they ignore layer_types), Llama in none (it ignores the window).
+    // Mistral, Phi-3, Mixtral and Qwen3-MoE slide in every layer (they ignore layer_types), Llama in none
+    // (it ignores the window).
     m.sliding_layers.assign(static_cast<std::size_t>(m.num_layers), false);
     m.sliding_window = r.opt_integer("sliding_window", 1, kMaxPositions);
     // layer_types, when the config lists them: which layers are "sliding_attention" (checked
@@ -237,7 +278,7 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
         typed.emplace();
         for (const auto& t : r.raw("layer_types")) typed->push_back(t.is_string() && t.get<std::string>() == "sliding_attention");
     }
-    const bool qwen = m.family == Family::Qwen2 || m.family == Family::Qwen3;
+    const bool qwen = m.family == Family::Qwen2 || m.family == Family::Qwen3 || m.family == Family::Qwen3Moe;
     if (qwen && !r.opt_boolean("use_sliding_window").value_or(false)) {
         // Qwen2/Qwen3 configs drop the window unless use_sliding_window; layer_types naming sliding
         // layers then has no window, on which transformers' mask creation fails.
@@ -255,7 +296,7 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
         m.warnings.push_back("sliding_window: Llama attends to the whole sequence; the window is ignored");
     }
     if (m.sliding_window) {
-        if (m.mistral_masking()) {  // Mistral and Phi-3: every layer slides
+        if (m.mistral_masking()) {  // Mistral, Phi-3, Mixtral, Qwen3-MoE: every layer slides
             m.sliding_layers.assign(m.sliding_layers.size(), true);
         } else if (r.has("layer_types")) {
             if (!typed || static_cast<std::int64_t>(typed->size()) != m.num_layers)
@@ -307,12 +348,20 @@ ParameterCounts ModelSpec::parameters() const {
     p.embedding = checked_mul(vocab_size, d);
     const std::int64_t attn = d * q_dim() + 2 * d * kv_dim() + q_dim() * d + (qkv_bias ? q_dim() + 2 * kv_dim() : 0) +
                               (o_bias ? d : 0) + (qk_norm ? 2 * head_dim : 0);
-    const std::int64_t mlp_l = 3 * d * intermediate_size + (mlp_bias ? 2 * intermediate_size + d : 0);
+    const std::int64_t mlp_l = moe ? checked_product({moe->experts, 3 * d, moe->intermediate}, "experts") + moe->experts * d
+                                   : 3 * d * intermediate_size + (mlp_bias ? 2 * intermediate_size + d : 0);
     p.attention = checked_mul(attn, num_layers);
     p.mlp = checked_mul(mlp_l, num_layers);
     p.norm = norms_per_layer * d * num_layers + d;
     p.lm_head = tie_word_embeddings ? 0 : checked_mul(vocab_size, d);
     return p;
+}
+
+std::int64_t ModelSpec::active_parameters() const {
+    const std::int64_t total = parameters().total();
+    if (!moe) return total;
+    const std::int64_t idle = checked_product({moe->experts - moe->top_k, 3 * hidden_size, moe->intermediate, num_layers}, "experts");
+    return total - idle;
 }
 
 std::int64_t ModelSpec::layer_parameters() const {
@@ -349,7 +398,8 @@ nlohmann::json to_json(const ModelSpec& m) {
           {"mlp", p.mlp},
           {"norm", p.norm},
           {"lm_head", p.lm_head},
-          {"total", p.total()}}},
+          {"total", p.total()},
+          {"active", m.active_parameters()}}},
         {"warnings", m.warnings},
     };
     j["sliding_window"] = m.sliding_window ? nlohmann::json(*m.sliding_window) : nlohmann::json(nullptr);
@@ -359,6 +409,12 @@ nlohmann::json to_json(const ModelSpec& m) {
     if (m.attn_logit_softcapping) j["attn_logit_softcapping"] = *m.attn_logit_softcapping;
     if (m.final_logit_softcapping) j["final_logit_softcapping"] = *m.final_logit_softcapping;
     if (m.published_parameters) j["published_parameters"] = *m.published_parameters;
+    if (m.published_active_parameters) j["published_active_parameters"] = *m.published_active_parameters;
+    if (m.moe)
+        j["moe"] = {{"experts", m.moe->experts},
+                    {"top_k", m.moe->top_k},
+                    {"intermediate_size", m.moe->intermediate},
+                    {"normalize_top_k", m.moe->normalize_top_k}};
     return j;
 }
 

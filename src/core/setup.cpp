@@ -224,8 +224,12 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
 // yet (data, ZeRO and sequence parallelism; padded batches; autocast; bitsandbytes; MLP biases) is
 // refused, not guessed: the kernels runtime models those.
 void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
-    if (s.runtime != Runtime::Hf) return;
     const std::string w = "setup";
+    // The executor has no expert kernels: a Mixture-of-Experts model is planned as transformers runs it.
+    if (s.runtime != Runtime::Hf && m.moe)
+        fail(w, "runtime", "expected hf for a Mixture-of-Experts model (the kernels runtime has no expert kernels yet; "
+                           "the hf runtime models transformers' grouped_mm experts)");
+    if (s.runtime != Runtime::Hf) return;
     const char* hint = "; the kernels runtime models it (runtime kernels)";
     if (s.dp > 1) fail(w, "dp", fmt::format("expected 1 with runtime hf (one GPU){}, got {}", hint, s.dp));
     if (s.sp > 1) fail(w, "sp", fmt::format("expected 1 with runtime hf (one GPU){}, got {}", hint, s.sp));

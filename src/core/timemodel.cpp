@@ -108,6 +108,45 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         pairs += causal_pairs(s.seq_len, m.sliding_layers[static_cast<std::size_t>(l)] && m.sliding_window ? *m.sliding_window : 0);
     pairs /= L;
 
+    // The MLP per mini-sequence: each chunk re-reads the weights and launches its own kernels. A
+    // Mixture-of-Experts block: the router's GEMM, then the n k token-expert pairs through E experts
+    // (uniform routing: E GEMMs of n k / E rows, each reading its expert's weights), and the
+    // dispatch around them (sort, gathers of the inputs and of the weighted outputs, the sum).
+    const std::optional<MoeSpec>& moe = m.moe;
+    const double E = moe ? static_cast<double>(moe->experts) : 1, k = moe ? static_cast<double>(moe->top_k) : 1;
+    const double Ie = moe ? static_cast<double>(moe->intermediate) : I;
+    const double wb = moe && moe->fp32_routing_weights ? 4 : 2;
+    // `kernels` memory-bound kernels moving `bytes` together, `count` times
+    auto several = [](Ledger& g, const std::string& name, double bytes, double count, double kernels) {
+        return g.split(name, 0, bytes * count, 1.0, kernels * count);
+    };
+    // One group of `count` chunks of n tokens through the MLP, added into t op by op.
+    auto mlp_chunks = [&](Ledger& g, const std::string& sfx, double n, double count, double& t) {
+        if (moe) {
+            const double S = n * k;
+            t += g.gemm("moe.router" + sfx, n, E, d, count);
+            t += several(g, "moe.router.topk" + sfx, n * E * 14 + n * k * 12, count, 4);
+            t += several(g, "moe.dispatch" + sfx, S * d * 4 + S * 40, count, 5);
+            t += g.gemm("moe.gate_up" + sfx, S / E, 2 * Ie, d, count * E);
+            t += g.memory("moe.act" + sfx, 3 * S * Ie * 2, count);
+            t += g.gemm("moe.down" + sfx, S / E, d, Ie, count * E);
+            t += several(g, "moe.combine" + sfx, S * d * (2 + 3 * wb) + n * d * (wb + 2), count, 4);
+            return;
+        }
+        t += g.gemm("mlp.gate_up" + sfx, n, 2 * I, d, count);
+        t += g.memory("mlp.act" + sfx, 3 * n * I * 2, count);
+        t += g.gemm("mlp.down" + sfx, n, d, I, count);
+    };
+    auto mlp_forward_only = [&](Ledger& g, const char* tag) {
+        double t = 0;
+        const std::string sfx = fmt::format(" ({})", tag);
+        for (const auto& [n, count] : chunks_as_doubles(s.local_tokens(), s.mlp_chunks)) {
+            double chunk = 0;
+            mlp_chunks(g, sfx, n, count, chunk);
+            t += chunk;
+        }
+        return t;
+    };
     auto layer_forward = [&](Ledger& g, const char* tag) {
         double t = 0;
         const std::string sfx = fmt::format(" ({})", tag);
@@ -125,19 +164,7 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         t += g.gemm("attn.o_proj" + sfx, T, d, qd);
         t += g.memory("residual" + sfx, 3 * T * d * rb, 2);
         // MLP per mini-sequence: each chunk re-reads the weights and launches its own kernels.
-        for (const auto& [n, count] : chunks_as_doubles(s.local_tokens(), s.mlp_chunks)) {
-            t += g.gemm("mlp.gate_up" + sfx, n, 2 * I, d, count);
-            t += g.memory("mlp.act" + sfx, 3 * n * I * 2, count);
-            t += g.gemm("mlp.down" + sfx, n, d, I, count);
-        }
-        return t;
-    };
-    auto mlp_forward_only = [&](Ledger& g, const char* tag) {
-        double t = 0;
-        const std::string sfx = fmt::format(" ({})", tag);
-        for (const auto& [n, count] : chunks_as_doubles(s.local_tokens(), s.mlp_chunks))
-            t += g.gemm("mlp.gate_up" + sfx, n, 2 * I, d, count) + g.memory("mlp.act" + sfx, 3 * n * I * 2, count) +
-                 g.gemm("mlp.down" + sfx, n, d, I, count);
+        for (const auto& [n, count] : chunks_as_doubles(s.local_tokens(), s.mlp_chunks)) mlp_chunks(g, sfx, n, count, t);
         return t;
     };
     auto layer_backward = [&](Ledger& g) {
@@ -155,6 +182,17 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         t += g.gemm("attn.o_proj (bwd)", T, qd, d) + g.gemm("attn.o_proj (bwd)", d, qd, T);
         t += g.memory("residual (bwd)", 3 * T * d * rb, 2);
         for (const auto& [n, count] : chunks_as_doubles(s.local_tokens(), s.mlp_chunks)) {
+            if (moe) {
+                const double S = n * k;
+                t += several(g, "moe.combine (bwd)", S * d * (4 * wb + 4) + n * d * (wb + 2), count, 5);
+                t += g.gemm("moe.down (bwd)", S / E, Ie, d, count * E) + g.gemm("moe.down (bwd)", d, Ie, S / E, count * E);
+                t += several(g, "moe.act (bwd)", 5 * S * Ie * 2 + 2 * S * Ie * 2, count, 2);
+                t += g.gemm("moe.gate_up (bwd)", S / E, d, 2 * Ie, count * E) + g.gemm("moe.gate_up (bwd)", 2 * Ie, d, S / E, count * E);
+                t += several(g, "moe.dispatch (bwd)", S * d * 2 + 3 * n * d * 2, count, 3);
+                t += several(g, "moe.router.topk (bwd)", n * E * 28 + n * k * 40, count, 6);
+                t += g.gemm("moe.router (bwd)", n, d, E, count) + g.gemm("moe.router (bwd)", E, d, n, count);
+                continue;
+            }
             t += g.gemm("mlp.down (bwd)", n, I, d, count) + g.gemm("mlp.down (bwd)", d, I, n, count);
             t += g.memory("mlp.act (bwd)", 5 * n * I * 2, count);
             t += g.gemm("mlp.gate_up (bwd)", n, d, 2 * I, count) + g.gemm("mlp.gate_up (bwd)", 2 * I, d, n, count);
@@ -268,8 +306,10 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
 
     // ---- model FLOPs (no recompute): 6 N per token for the matmul weights (the embedding
     // lookup is not a matmul, the LM head is), plus causal attention 3 x 4 x hd x pairs per head.
+    // A Mixture-of-Experts token goes through the router and its top-k experts only.
     const auto pc = m.parameters();
-    const double n_matmul = static_cast<double>(pc.attention + pc.mlp) + V * d;
+    const double n_matmul =
+        (moe ? static_cast<double>(pc.attention) + L * (k * 3 * d * Ie + E * d) : static_cast<double>(pc.attention + pc.mlp)) + V * d;
     const double tokens_gpu = ga * T;
     const double attn = 12.0 * static_cast<double>(m.head_dim) * heads_local * B * pairs * L;
     out.model_flops = 6 * n_matmul * tokens_gpu + ga * attn;

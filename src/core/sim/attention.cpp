@@ -839,7 +839,10 @@ void StepBuilder::hf_layer_backward(int l, LayerSaved& sv, T& dres) {
     layer_ = l;
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
     const bool gemma = m_.gemma();
-    if (!gemma) unpack();  // down_proj's node (the MLP's first) unpacks a saved tensor first
+    // down_proj's node (the MLP's first) unpacks a saved tensor first, or the tiled MLP's; an MoE
+    // block's first unpacking node is inside it.
+    const bool tiled = s_.mlp_chunks > 1 && s_.mlp_impl == MlpImpl::Tiled;
+    if (!gemma && (!m_.moe || tiled)) unpack();
     at("mlp.post_norm");
     T dy2 = gemma ? hf_norm_backward(lp.post_ff_norm, sv.hf.n_pf, hold(dres)) : hold(dres);
     T dh2 = hf_mlp_backward(lp, sv.hf, dy2);

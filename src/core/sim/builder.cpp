@@ -109,6 +109,15 @@ void StepBuilder::build_params() {
         if (m_.gemma()) lp.post_attn_norm = add("post_attention_norm", l, d);
         lp.norm2 = add(m_.gemma() ? "pre_feedforward_norm" : "post_attention_norm", l, d);
         if (m_.gemma()) lp.post_ff_norm = add("post_feedforward_norm", l, d);
+        if (m_.moe) {  // one parameter per projection for all experts (the runtimes' MoE is hf only)
+            const std::int64_t E = m_.moe->experts, Ie = m_.moe->intermediate;
+            lp.router = add("router", l, E * d);
+            lp.gate = add("experts.gate_up_proj", l, E * 2 * Ie * d);
+            lp.up = -1;
+            lp.down = add("experts.down_proj", l, E * d * Ie);
+            layer_params_.push_back(lp);
+            continue;
+        }
         if (fused) {
             lp.gate = add("gate_up_proj", l, d * 2 * I);
             lp.up = -1;
@@ -134,6 +143,13 @@ void StepBuilder::build_params() {
     for (const LayerParams& lp : layer_params_) {
         if (m_.fused_projections()) {
             for (int p : {lp.o, lp.q, lp.gate, lp.down, lp.norm1, lp.norm2}) order_.push_back(p);
+            continue;
+        }
+        if (m_.moe) {  // the attention's, the block's (router and experts in its registration order), the norms
+            const bool router_first = m_.moe->router_first;
+            for (int p : {lp.q, lp.q_bias, lp.k, lp.k_bias, lp.v, lp.v_bias, lp.o, lp.o_bias, lp.q_norm, lp.k_norm,
+                          router_first ? lp.router : -1, lp.gate, lp.down, router_first ? -1 : lp.router, lp.norm1, lp.norm2})
+                if (p >= 0) order_.push_back(p);
             continue;
         }
         for (int p : {lp.q, lp.q_bias, lp.k, lp.k_bias, lp.v, lp.v_bias, lp.o, lp.o_bias, lp.q_norm, lp.k_norm, lp.gate, lp.up, lp.down,

@@ -14,6 +14,7 @@
 #include <initializer_list>
 #include <iterator>
 #include <limits>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -49,6 +50,7 @@ struct LayerParams {
     int norm1, q, k, v, o, post_attn_norm = -1, norm2, post_ff_norm = -1, gate, up, down;
     int q_bias = -1, k_bias = -1, v_bias = -1, o_bias = -1;  // hf: biases are parameters of their own
     int q_norm = -1, k_norm = -1;                             // Qwen3: RMSNorm over each head's head_dim
+    int router = -1;  // MoE: the router's [E, d]; `gate` is then the experts' gate_up_proj, `down` their down_proj
 };
 
 // hf runtime: what autograd and Python hold for one Hugging Face RMSNorm, one handle per
@@ -71,6 +73,27 @@ struct HfMlpChunk {
     std::int64_t tokens = 0;
 };
 
+// hf runtime: what one Mixture-of-Experts block (or one chunk of it) keeps for its backward in
+// transformers' grouped_mm experts path; S = n x top_k token-expert pairs. One handle per holder.
+struct HfMoe {
+    T x_router;                  // the block input, saved by the router's linear
+    T probs;                     // softmax of the fp32 logits [n, E], saved by softmax
+    T top_idx;                   // topk's indices [n, k] i64, saved by topk
+    T norm_sum, norm_self;       // the in-place normalisation: divisor [n, 1] and the dividend's clone [n, k]
+    T perm;                      // sort's permutation [S] i64, saved by the routing weights' gather
+    T token_idx;                 // perm // k [S] i64, saved by the hidden states' gather
+    T x_sorted;                  // the gathered hidden states [S, d], saved by gate_up's grouped_mm
+    T w_sorted;                  // the gathered routing weights [S], saved by the weighting product
+    T offs_up, offs_down;        // cumsum of tokens per expert [E] i32, saved by each grouped_mm
+    T gate_view, up_view;        // gate_up's output [S, 2I] as saved by the activation and the product
+    T s;                         // silu(gate) [S, I], saved by the product
+    T prod;                      // act(gate) * up [S, I], saved by down's grouped_mm
+    T down_out;                  // down's output [S, d], saved by the weighting product
+    T inv_perm;                  // the inverse permutation [S] i64, saved by the restoring gather
+    T y;                         // the chunk's output, held by the list torch.cat joins (loop)
+    std::int64_t tokens = 0;
+};
+
 // hf runtime: what one decoder layer's forward left for its backward.
 struct HfLayer {
     HfNorm n1, n2, n_pa, n_pf;  // the input and pre-MLP norms; Gemma-2's post-attention and post-MLP ones
@@ -81,6 +104,7 @@ struct HfLayer {
     T scores_tanh;                             // eager Gemma-2: the soft-capping's tanh, saved by it
     T o_oproj;                                 // its output, saved by o_proj
     std::vector<HfMlpChunk> mlp;
+    std::vector<HfMoe> moe;                    // MoE models: one per chunk
     T x_tiled;                                 // tiled MLP: the input its Function saved
     HfNorm nq, nk;                             // Qwen3: the query and key heads' norms
 };
@@ -132,6 +156,19 @@ struct PeakLimits {
     bytes_t host_bytes = std::numeric_limits<bytes_t>::max();  // offloaded
 };
 struct OverBudget {};
+
+// A non-owning reference to a callable void(int param, T gradient): where an op rule hands each
+// weight's gradient (AccumulateGrad, or a nested torch.autograd.grad's outputs).
+class WeightGradRef {
+public:
+    template <class F>
+    WeightGradRef(F& f) : obj_(&f), call_([](void* o, int p, T g) { (*static_cast<F*>(o))(p, g); }) {}
+    void operator()(int p, T g) const { call_(obj_, p, g); }
+
+private:
+    void* obj_;
+    void (*call_)(void*, int, T);
+};
 
 // A GPU allocation or free of a peaks-only run, as the caching-allocator model replays it
 // (PeakSimulator, peaks.cpp): the model needs only the order, the tensor and the bytes.
@@ -379,6 +416,16 @@ private:
     T hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save);
     T hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);
     T hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);
+    T hf_block_chunk_forward(const LayerParams& lp, T x, std::int64_t n, HfMlpChunk* c, HfMoe* e);
+    // A Mixture-of-Experts block on n tokens of x (moe.cpp): returns its output [n, d] (invalid
+    // when a checkpoint's recomputation stops at the block's last save; `earlier`: the chunks
+    // before this one, whose outputs the loop's list holds until then).
+    T hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe& c, bool stop_after_last_save, std::span<HfMoe> earlier);
+    // dy: the output's gradient (consumed); returns the input's gradient [n, d]. Each weight's
+    // gradient goes to weight_grad(param, grad) as its node finishes (as hf_mlp_chunk_backward's).
+    T hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, WeightGradRef weight_grad);
+    T hf_moe_blocks_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save);
+    T hf_moe_blocks_backward(const LayerParams& lp, HfLayer& sv, T dy);
     void hf_model_tensors();            // position ids, the packed-sequence check, rotary tables
     T hf_eager_mask(bool sliding);      // masking_utils' additive mask for eager attention
     void hf_head_forward(T x_last, HeadSaved& hs);
@@ -468,6 +515,9 @@ private:
     void account_host(bytes_t bytes, bool alloc);
     [[noreturn]] static void over_budget();
     bool grad_ = true;
+    // Autograd builds the graph (grad_ or not): off under torch.no_grad(), on in a checkpoint's
+    // first forward, whose pack hook only lets go of what the nodes save (NoGrad's `graph`).
+    bool graph_ = true;
     bool hf_ = false;          // s_.runtime == Runtime::Hf
     bool recomputed_ = false;  // hf backward of a checkpointed layer: its saved tensors were recomputed
     // hf: the rotary tables of this micro-step, cos and sin [1, S, head_dim] bf16: one pair, or for
@@ -501,17 +551,21 @@ private:
     friend class NoGrad;
 };
 
-// torch.no_grad() for the duration of a scope.
+// torch.no_grad() for the duration of a scope; with `graph`, a checkpoint's first forward instead:
+// autograd records, but nothing a node saves is kept.
 class NoGrad {
 public:
-    explicit NoGrad(StepBuilder& b) : b_(b), prev_(b.grad_) { b_.grad_ = false; }
-    ~NoGrad() { b_.grad_ = prev_; }
+    explicit NoGrad(StepBuilder& b, bool graph = false) : b_(b), prev_(b.grad_), prev_graph_(b.graph_) {
+        b_.grad_ = false;
+        b_.graph_ = graph && b.graph_;
+    }
+    ~NoGrad() { b_.grad_ = prev_, b_.graph_ = prev_graph_; }
     NoGrad(const NoGrad&) = delete;
     NoGrad& operator=(const NoGrad&) = delete;
 
 private:
     StepBuilder& b_;
-    bool prev_;
+    bool prev_, prev_graph_;
 };
 
 }  // namespace mst::sim

@@ -231,9 +231,25 @@ T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy
     return dxc;
 }
 
+// One chunk of n tokens of x through the whole block (the dense MLP, or the experts), returning its
+// output [n, d]; what its nodes save goes into c (dense) or e (MoE), or nowhere when they are null.
+T StepBuilder::hf_block_chunk_forward(const LayerParams& lp, T x, std::int64_t n, HfMlpChunk* c, HfMoe* e) {
+    if (m_.moe) {
+        HfMoe unsaved;
+        return hf_moe_forward(lp, x, n, e ? *e : unsaved, false, {});
+    }
+    HfMlpChunk unsaved;
+    HfMlpChunk& chunk = c ? *c : unsaved;
+    T m = hf_mlp_chunk_forward(lp, x, n, chunk);
+    T y = act("y_chunk", bf16(n, m_.hidden_size), false);
+    drop(m), drop(chunk.gate_view);
+    return y;
+}
+
 T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save) {
     const std::int64_t d = m_.hidden_size;
     const bool chunked = s_.mlp_chunks > 1;
+    if (m_.moe && !(chunked && s_.mlp_impl == MlpImpl::Tiled)) return hf_moe_blocks_forward(lp, h2, sv, stop_after_last_save);
     sv.mlp.clear();
     if (chunked && s_.mlp_impl == MlpImpl::Tiled) {
         at("mlp.tiled");
@@ -242,10 +258,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
             NoGrad no_grad(*this);  // a Function's forward runs without autograd
             for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
                 loop_iteration();
-                HfMlpChunk unsaved;
-                T m = hf_mlp_chunk_forward(lp, h2, n, unsaved);
-                T part = act("y_chunk", bf16(n, d), false);
-                drop(m), drop(unsaved.gate_view);
+                T part = hf_block_chunk_forward(lp, h2, n, nullptr, nullptr);
                 at("mlp.tiled");
                 if (!y.valid()) y = act("y", bf16(tokens_, d), false);  // part.new_empty((T, d))
                 drop(part);  // copied into its rows
@@ -289,6 +302,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
 // zero-filled [T, d] gradient with the chunk copied in (the chunks' are summed in place). Each
 // weight's gradients wait in its AccumulateGrad node's buffer until the last chunk's arrives.
 T StepBuilder::hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
+    if (m_.moe) return hf_moe_blocks_backward(lp, sv, dy);
     const std::int64_t d = m_.hidden_size;
     const bool chunked = s_.mlp_chunks > 1;
     if (chunked && s_.mlp_impl == MlpImpl::Tiled) return hf_tiled_mlp_backward(lp, sv, dy);
@@ -338,7 +352,8 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     // outputs after the input's, and the node's.
     std::array<int, 3> params{};
     std::size_t count = 0;
-    for (int p : {lp.gate, lp.up, lp.down})
+    const bool router_first = m_.moe && m_.moe->router_first, router_last = m_.moe && !m_.moe->router_first;
+    for (int p : {router_first ? lp.router : -1, lp.gate, lp.up, lp.down, router_last ? lp.router : -1})
         if (p >= 0) params[count++] = p;
     std::array<T, 3> sums;
     T loop_var;  // `g` of the last `for i, g in enumerate(grads)`
@@ -347,15 +362,15 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
         loop_iteration();
         phase_ = Phase::Recompute;
         HfMlpChunk c;
-        T m = hf_mlp_chunk_forward(lp, sv.x_tiled, n, c);
-        T yc = act("y_chunk", bf16(n, d), false);
-        drop(m), drop(c.gate_view);
+        HfMoe e;
+        T yc = hf_block_chunk_forward(lp, sv.x_tiled, n, &c, &e);
         phase_ = Phase::Backward;
         T dyc = hold(dy);  // dy[chunk], a view
         std::array<T, 3> grads;
-        T dxc = hf_mlp_chunk_backward(lp, c, dyc, false, [&](int p, T g) {
+        auto grad_of = [&](int p, T g) {
             grads[static_cast<std::size_t>(std::find(params.begin(), params.begin() + count, p) - params.begin())] = g;
-        });
+        };
+        T dxc = m_.moe ? hf_moe_backward(lp, e, dyc, grad_of) : hf_mlp_chunk_backward(lp, c, dyc, false, grad_of);
         at("mlp.tiled");
         drop(yc);   // del yc
         drop(dxc);  // dx[chunk] = grads.pop(0)

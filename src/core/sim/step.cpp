@@ -73,7 +73,7 @@ void StepBuilder::micro_step(int micro) {
                     frames[i] = {hold(hf_mask(l)), hold(hf_positions_), hold(rope.sin), hold(rope.cos), input};
                 else
                     frames[i] = {hold(hf_mask(l)), hold(rope.sin), hold(rope.cos), hold(hf_positions_), input};
-                NoGrad no_grad(*this);  // the forward runs, its saved tensors are not kept
+                NoGrad no_grad(*this, true);  // the forward runs, its saved tensors are not kept
                 T y = hf_layer_forward(l, x, saved[i], false);
                 layer_ = -1;
                 drop(x);

@@ -1,0 +1,281 @@
+// ---- hf runtime: a Mixture-of-Experts block (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock) ----
+//
+// transformers 5's default experts path (integrations/moe.py, grouped_mm_experts_forward) on n
+// tokens x [n, d], with E experts of intermediate size I, top_k = k and S = n k token-expert pairs:
+//   router:  logits = x W_r^T [n, E] bf16; probs = softmax(logits.float()) [n, E] fp32;
+//            w, idx = topk(probs, k) [n, k] fp32 / i64; w /= w.sum(-1, keepdim) (in place);
+//            Qwen3-MoE then casts w to bf16.
+//   experts: ids, perm = sort(idx.flatten()) [S] i64; xs = x[perm // k] [S, d];
+//            ws = w.flatten()[perm] [S]; offsets = cumsum(histc(ids)) [E] i32;
+//            gate_up = grouped_mm(xs, W_gu) [S, 2I]; m = silu(gate) * up [S, I];
+//            o = grouped_mm(m, W_d) [S, d]; wo = o * ws[:, None] [S, d] (fp32 for Mixtral's fp32 w);
+//            inv_perm [S] i64; y = wo[inv_perm].view(n, k, d).sum(1) [n, d], cast back to bf16.
+// Every size is fixed by n, k and E: none depends on how the tokens are routed, which is what
+// lets the referee run it on fake tensors and the simulator predict it exactly.
+//
+// MsT for MoE (python/mst_hf's loop over [1, n, d] chunks of the tokens): every one of these
+// tensors scales with the chunk's n, so the routing and dispatch buffers shrink by the chunk count
+// in a no-grad forward and in backward (the saved ones, as for the dense MLP, still add up).
+#include "builder.hpp"
+
+#include <span>
+#include <utility>
+#include <vector>
+
+namespace mst::sim {
+
+T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe& c, bool stop_after_last_save,
+                               std::span<HfMoe> earlier) {
+    const MoeSpec& e = *m_.moe;
+    const std::int64_t d = m_.hidden_size, E = e.experts, k = e.top_k, I = e.intermediate;
+    const std::int64_t S = checked_mul(n, k, "tokens x top_k");
+    const int wb = e.fp32_routing_weights ? 4 : 2;  // bytes per routing weight, and per weighted output
+    c.tokens = n;
+
+    at("moe.router");
+    use_weight(lp.router);
+    T logits = act("router_logits", bf16(n, E), false);  // the block's `_` until it returns
+    c.x_router = saved(x);
+    T logits32 = act("router_logits_fp32", f32(n, E), false);
+    T probs = act("router_probs", f32(n, E), false);
+    c.probs = saved(probs);
+    drop(logits32);
+    T weights = act("top_k_weights", f32(n, k), false);
+    T index = act("top_k_index", elems(n, k, 8), false);
+    c.top_idx = saved(index);
+    if (e.normalize_top_k) {  // w /= w.sum(-1, keepdim=True): div_ saves the divisor and a copy of w
+        T sum = act("top_k_sum", f32(n, 1), false);
+        c.norm_sum = saved(sum);
+        // The node's copy of w, held by it alone: made whenever autograd records (in a checkpoint's
+        // first forward its pack hook lets go of it at once), not under no_grad (tiled experts).
+        if (graph_) {
+            T clone = act("top_k_weights_clone", f32(n, k), false);
+            if (grad_) c.norm_self = clone;
+            else drop(clone);
+        }
+        drop(sum);
+    }
+    if (!e.fp32_routing_weights) {  // Qwen3-MoE: router_top_value.to(router_logits.dtype) rebinds
+        T cast = act("top_k_weights_bf16", bf16(n, k), false);
+        drop(weights);
+        weights = cast;
+    }
+    drop(probs);  // the router returns (logits, weights, index)
+
+    at("moe.experts");
+    T ids_sorted = act("expert_ids_sorted", elems(S, 1, 8), false);
+    T perm = act("perm", elems(S, 1, 8), false);
+    T token_idx = act("token_idx", elems(S, 1, 8), false);  // perm // k, a temporary the gather saves
+    c.token_idx = saved(token_idx);
+    T xs = act("x_sorted", bf16(S, d), false);
+    drop(token_idx);
+    c.perm = saved(perm);
+    T ws = act("w_sorted", elems(S, 1, wb), false);
+    T hist_in = act("histc_input", elems(S, 1, 4), false);  // expert ids as f32 (CPU) or i32 (CUDA)
+    T hist = act("tokens_per_expert", elems(E, 1, 4), false);
+    T offsets = act("offsets", elems(E, 1, 4), false);
+    use_weight(lp.gate);
+    c.x_sorted = saved(xs), c.offs_up = saved(offsets);
+    T gate_up = act("gate_up", bf16(S, 2 * I), false);
+    at("moe.act");  // _apply_gate: gate, up = gate_up.chunk(2); act(gate) * up
+    T s = act("silu", bf16(S, I), false);
+    c.gate_view = saved(gate_up);
+    T prod = act("act_mul", bf16(S, I), false);
+    c.up_view = saved(gate_up), c.s = saved(s);
+    drop(s);        // act(gate), a temporary of the product
+    drop(gate_up);  // proj_out rebinds
+    at("moe.experts");
+    use_weight(lp.down);
+    c.prod = saved(prod), c.offs_down = saved(offsets);
+    T down = act("down_out", bf16(S, d), false);
+    drop(prod);  // proj_out rebinds
+    c.down_out = saved(down), c.w_sorted = saved(ws);
+    T weighted = act("weighted_out", elems(S, d, wb), false);
+    T inv_perm = act("inv_perm", elems(S, 1, 8), false);
+    T arange = act("arange", elems(S, 1, 8), false);  // inv_perm[perm] = arange, in place
+    drop(arange);
+    // Unwinding the experts' frame drops its locals in order, then the block's (the router's outputs).
+    auto experts_return = [&](T restored, T sum) {
+        drop(ids_sorted), drop(perm), drop(xs), drop(ws), drop(hist_in), drop(hist), drop(offsets), drop(down);
+        drop(restored), drop(inv_perm), drop(sum);
+        drop(logits), drop(weights), drop(index);
+    };
+    c.inv_perm = saved(inv_perm);  // the layer's last save: a checkpoint's recomputation stops here
+    if (stop_after_last_save) {
+        // The stop unwinds the evaluation stacks first (the loop's list of earlier chunk outputs, last
+        // first); the frames' locals go when the checkpoint has caught the stop, in the backward.
+        for (auto it = earlier.rbegin(); it != earlier.rend(); ++it) drop(it->y);
+        phase_ = Phase::Backward;
+        experts_return(weighted, T{});
+        return T{};
+    }
+    T restored = act("weighted_out_restored", elems(S, d, wb), false);
+    drop(weighted);  // weighted_out rebinds
+    T sum = act("expert_sum", elems(n, d, wb), false);
+    T y = sum;
+    if (e.fp32_routing_weights) y = act("moe_out", bf16(n, d), false);  // .to(hidden_states.dtype)
+    else sum = T{};  // the same tensor, returned
+    experts_return(restored, sum);
+    return y;
+}
+
+T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, WeightGradRef weight_grad) {
+    const MoeSpec& e = *m_.moe;
+    const std::int64_t d = m_.hidden_size, E = e.experts, k = e.top_k, I = e.intermediate, n = c.tokens;
+    const std::int64_t S = checked_mul(n, k, "tokens x top_k");
+    const int wb = e.fp32_routing_weights ? 4 : 2;
+    const bool fp32 = e.fp32_routing_weights;
+
+    at("moe.experts");
+    T g = dy;
+    if (fp32) {  // ToCopyBackward0
+        g = alloc("d_expert_sum", f32(n, d), Category::Transient);
+        node_end({}, &dy);
+    }
+    // SumBackward0 expands the gradient over the k pairs of a token (a view); the view(n, k, d)'s
+    // backward copies it contiguous.
+    T gw_out = alloc("d_weighted_out_restored", elems(S, d, wb), Category::Transient);
+    drop(g);
+    unpack();  // the restoring gather is the block's first node to unpack a saved tensor
+    T zeros = alloc("zeros", elems(S, d, wb), Category::Transient);
+    T gw_sorted_out = alloc("d_weighted_out", elems(S, d, wb), Category::Transient);  // index_put
+    drop(zeros);
+    node_end({&c.inv_perm}, &gw_out);
+    // MulBackward0 (o * ws[:, None]): ws's gradient, then o's; validate_outputs casts o's to bf16
+    // (Mixtral's fp32 product) and sums ws's over d.
+    T gw_full = alloc("d_w_full", elems(S, d, wb), Category::Transient);
+    T gdown = alloc("d_down_out", elems(S, d, wb), Category::Transient);
+    T gw;
+    node_end({&c.w_sorted, &c.down_out}, &gw_sorted_out, [&] {
+        if (fp32) {
+            T cast = alloc("d_down_out_bf16", bf16(S, d), Category::Transient);
+            drop(gdown);
+            gdown = cast;
+        }
+        gw = alloc("d_w_sorted", elems(S, 1, wb), Category::Transient);
+        drop(gw_full);
+    });
+    // down's grouped_mm: the weight's gradient, then the input's; the weight's transpose node and
+    // AccumulateGrad run next (created last).
+    T gwd = grad_out(lp.down);
+    T gprod = alloc("d_act_mul", bf16(S, I), Category::Transient);
+    node_end({&c.offs_down, &c.prod}, &gdown);
+    weight_grad(lp.down, gwd);
+    at("moe.act");
+    T gup = alloc("d_up", bf16(S, I), Category::Transient);  // MulBackward0: up's, then act's
+    T gs = alloc("d_silu", bf16(S, I), Category::Transient);
+    node_end({&c.up_view, &c.s}, &gprod);
+    T gg = alloc("d_gate", bf16(S, I), Category::Transient);  // SiluBackward0
+    node_end({&c.gate_view}, &gs);
+    T joined = alloc("d_gate_up", bf16(S, 2 * I), Category::Transient);  // SplitBackward0
+    node_end({}, &gg);
+    drop(gup);
+    at("moe.experts");
+    T gwu = grad_out(lp.gate);
+    T gxs = alloc("d_x_sorted", bf16(S, d), Category::Transient);
+    node_end({&c.offs_up, &c.x_sorted}, &joined);
+    weight_grad(lp.gate, gwu);
+    // The two gathers in reverse creation order: the routing weights', then the hidden states'.
+    zeros = alloc("zeros", elems(S, 1, wb), Category::Transient);
+    T gws = alloc("d_w_flat", elems(S, 1, wb), Category::Transient);
+    drop(zeros);
+    node_end({&c.perm}, &gw);
+    zeros = alloc("zeros", bf16(n, d), Category::Transient);
+    T dx = alloc("d_x_moe", bf16(n, d), Category::Transient);
+    drop(zeros);
+    node_end({&c.token_idx}, &gxs);
+
+    at("moe.router");
+    T gtop = gws;  // through reshape(-1)'s view
+    if (!fp32) {   // ToCopyBackward0 of the bf16 routing weights
+        gtop = alloc("d_top_k_weights", f32(n, k), Category::Transient);
+        node_end({}, &gws);
+    }
+    if (e.normalize_top_k) {
+        // DivBackward0 of w /= sum: the divisor's gradient -grad * ((w / sum) / sum) (its temporaries
+        // die at the end of the expression, last first), then w's grad / sum; validate_outputs sums
+        // the divisor's over k. SumBackward0 then adds its expansion into w's gradient in place.
+        T a = alloc("div", f32(n, k), Category::Transient);
+        T b = alloc("div", f32(n, k), Category::Transient);
+        T neg = alloc("neg", f32(n, k), Category::Transient);
+        T gsum_full = alloc("d_top_k_sum_full", f32(n, k), Category::Transient);
+        drop(neg), drop(b), drop(a);
+        T gself = alloc("d_top_k_weights", f32(n, k), Category::Transient);
+        T gsum;
+        node_end({&c.norm_sum, &c.norm_self}, &gtop, [&] {
+            gsum = alloc("d_top_k_sum", f32(n, 1), Category::Transient);
+            drop(gsum_full);
+        });
+        drop(gsum);
+        gtop = gself;
+    }
+    zeros = alloc("zeros", f32(n, E), Category::Transient);
+    T gprobs = alloc("d_router_probs", f32(n, E), Category::Transient);  // TopkBackward0's scatter
+    drop(zeros);
+    node_end({&c.top_idx}, &gtop);
+    T g32 = alloc("d_router_logits_fp32", f32(n, E), Category::Transient);  // SoftmaxBackward0
+    node_end({&c.probs}, &gprobs);
+    T glog = alloc("d_router_logits", bf16(n, E), Category::Transient);  // ToCopyBackward0
+    node_end({}, &g32);
+    // The router's 2-D linear (MmBackward0): the weight's gradient, then the input's; its transpose
+    // node runs before the input's reshape node, whose gradient joins the experts' in place.
+    T gwr = grad_out(lp.router);
+    T gxr = alloc("d_x_router", bf16(n, d), Category::Transient);
+    node_end({&c.x_router}, &glog);
+    weight_grad(lp.router, gwr);
+    accumulate(dx, gxr, false);
+    return dx;
+}
+
+// The block over the layer's tokens: one call, or python/mst_hf's loop over mlp_chunks chunks
+// whose outputs torch.cat joins (each chunk a [1, n, d] view of the input).
+T StepBuilder::hf_moe_blocks_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save) {
+    const bool chunked = s_.mlp_chunks > 1;
+    const std::vector<std::int64_t> sizes = chunk_sizes(tokens_, s_.mlp_chunks);
+    sv.moe.assign(sizes.size(), HfMoe{});
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+        const bool last = i + 1 == sizes.size();
+        T y = hf_moe_forward(lp, h2, sizes[i], sv.moe[i], stop_after_last_save && last, std::span(sv.moe).first(i));
+        if (!y.valid()) return T{};
+        sv.moe[i].y = y;
+    }
+    if (!chunked) return std::exchange(sv.moe.back().y, T{});
+    at("mlp.cat");
+    T y = act("y", bf16(tokens_, m_.hidden_size), false);
+    for (auto it = sv.moe.rbegin(); it != sv.moe.rend(); ++it) drop(it->y);  // the list dies, last item first
+    return y;
+}
+
+T StepBuilder::hf_moe_blocks_backward(const LayerParams& lp, HfLayer& sv, T dy) {
+    if (s_.mlp_chunks > 1 && s_.mlp_impl == MlpImpl::Tiled) return hf_tiled_mlp_backward(lp, sv, dy);
+    const bool chunked = sv.moe.size() > 1;
+    std::vector<T> views;  // CatBackward0: one narrow view of dy per chunk
+    if (chunked) {
+        for (std::size_t i = 0; i < sv.moe.size(); ++i) views.push_back(hold(dy));
+        drop(dy);
+    } else {
+        views.push_back(dy);
+    }
+    T dx;
+    for (std::size_t i = sv.moe.size(); i-- > 0;) {
+        const bool last = i == 0;  // the chunk whose weight gradients let AccumulateGrad run
+        auto accumulate_grad = [&](int p, T g) {
+            release_weight(p);
+            add_grad(p, g, true, last);
+        };
+        T dxc = hf_moe_backward(lp, sv.moe[i], views[i], accumulate_grad);
+        if (!chunked) {
+            dx = dxc;
+            break;
+        }
+        at("mlp.chunk");
+        T full = alloc("d_x_chunk", bf16(tokens_, m_.hidden_size), Category::Transient);  // SliceBackward0
+        node_end({}, &dxc);
+        if (dx.valid()) accumulate(dx, full, false);
+        else dx = full;
+    }
+    sv.moe.clear();
+    return dx;
+}
+
+}  // namespace mst::sim
