@@ -40,6 +40,7 @@ PHI3_LONGROPE = str(REPO / "tests" / "data" / "tiny_phi3_longrope.json")
 PHI3_MQA = str(REPO / "tests" / "data" / "tiny_phi3_mqa.json")
 MIXTRAL = str(REPO / "tests" / "data" / "tiny_mixtral.json")
 QWEN3_MOE = str(REPO / "tests" / "data" / "tiny_qwen3_moe.json")
+QWEN3_MOE_TOP1 = str(REPO / "tests" / "data" / "tiny_qwen3_moe_top1.json")
 
 CASES = [
     # Llama: attention, checkpointing (ours and Hugging Face's everywhere), offload.
@@ -120,11 +121,15 @@ CASES = [
     (MIXTRAL, {"attention": "eager", "micro_batch": 2, "checkpoint": [1], "mlp_chunks": 2}),
     (MIXTRAL, {"precision": "bf16-master", "optimizer_in_backward": True, "mlp_chunks": 2}),
     (MIXTRAL, {"checkpoint": "all", "mlp_chunks": 3, "mlp_impl": "tiled", "lm_chunks": 2}),
+    # One-token chunks: the gradient of the pairs' sum is a view, not a copy.
+    (MIXTRAL, {"mlp_chunks": 16, "mlp_impl": "tiled", "grad_accum": 2}),
     # Qwen3-MoE: bf16 routing weights, top-3 without renormalisation, q/k norms, tied embeddings.
     (QWEN3_MOE, {}),
     (QWEN3_MOE, {"checkpoint": "all", "mlp_chunks": 2, "offload_checkpoints": True, "optimizer_impl": "foreach"}),
     (QWEN3_MOE, {"grad_accum": 2, "mlp_chunks": 3, "lm_chunks": 2, "lm_impl": "fused", "optimizer_impl": "for-loop"}),
     (QWEN3_MOE, {"mlp_chunks": 2, "mlp_impl": "tiled", "precision": "bf16-master", "grad_accum": 2, "checkpoint": [1]}),
+    # Top-1 routing, renormalised: no copy of the pairs' gradient, no reduction of the divisor's.
+    (QWEN3_MOE_TOP1, {"mlp_chunks": 5, "checkpoint": "all"}),
 ]
 
 

@@ -132,10 +132,13 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, WeightGrad
         g = alloc("d_expert_sum", f32(n, d), Category::Transient);
         node_end({}, &dy);
     }
-    // SumBackward0 expands the gradient over the k pairs of a token (a view); the view(n, k, d)'s
-    // backward copies it contiguous.
-    T gw_out = alloc("d_weighted_out_restored", elems(S, d, wb), Category::Transient);
-    drop(g);
+    // SumBackward0 expands the gradient over the k pairs of a token (a view, stride 0 over k); the
+    // view(n, k, d)'s backward reshapes it to [n k, d], a copy unless n or k is 1 (then a view).
+    T gw_out = g;
+    if (n > 1 && k > 1) {
+        gw_out = alloc("d_weighted_out_restored", elems(S, d, wb), Category::Transient);
+        drop(g);
+    }
     unpack();  // the restoring gather is the block's first node to unpack a saved tensor
     T zeros = alloc("zeros", elems(S, d, wb), Category::Transient);
     T gw_sorted_out = alloc("d_weighted_out", elems(S, d, wb), Category::Transient);  // index_put
@@ -194,17 +197,19 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, WeightGrad
     if (e.normalize_top_k) {
         // DivBackward0 of w /= sum: the divisor's gradient -grad * ((w / sum) / sum) (its temporaries
         // die at the end of the expression, last first), then w's grad / sum; validate_outputs sums
-        // the divisor's over k. SumBackward0 then adds its expansion into w's gradient in place.
+        // the divisor's over k (when k > 1: [n, k] to [n, 1]). SumBackward0 then adds its expansion
+        // into w's gradient in place.
         T a = alloc("div", f32(n, k), Category::Transient);
         T b = alloc("div", f32(n, k), Category::Transient);
         T neg = alloc("neg", f32(n, k), Category::Transient);
-        T gsum_full = alloc("d_top_k_sum_full", f32(n, k), Category::Transient);
+        T gsum = alloc("d_top_k_sum_full", f32(n, k), Category::Transient);
         drop(neg), drop(b), drop(a);
         T gself = alloc("d_top_k_weights", f32(n, k), Category::Transient);
-        T gsum;
         node_end({&c.norm_sum, &c.norm_self}, &gtop, [&] {
-            gsum = alloc("d_top_k_sum", f32(n, 1), Category::Transient);
-            drop(gsum_full);
+            if (k == 1) return;
+            T reduced = alloc("d_top_k_sum", f32(n, 1), Category::Transient);
+            drop(gsum);
+            gsum = reduced;
         });
         drop(gsum);
         gtop = gself;
