@@ -50,6 +50,7 @@ TEST_CASE("parameter counts match the published totals") {
         {"phi-3-mini-4k", 3'821'079'552}, {"phi-4", 14'659'507'200},    {"phi-4-mini", 3'836'021'760},
         // Mixture-of-Experts: KerasHub's Mixtral-8x7B; Qwen3-30B-A3B's GGUF parameter count.
         {"mixtral-8x7b", 46'702'792'704}, {"qwen3-30b-a3b", 30'532'122'624},
+        {"qwen3-235b-a22b", 235'093'634'560},
     };
     for (const auto& [name, count] : published) {
         CAPTURE(name);
@@ -60,8 +61,8 @@ TEST_CASE("parameter counts match the published totals") {
     }
 }
 
-// What one token goes through: the published figures are rounded to 0.1 B (Mistral AI: "12.9B
-// parameters per token"; the Qwen3-30B-A3B card: "3.3B activated").
+// What one token goes through: the published figures are rounded (Mistral AI: "12.9B parameters per
+// token"; the Qwen3-30B-A3B card: "3.3B activated"; Qwen3-235B-A22B's: "22B activated").
 TEST_CASE("Mixture-of-Experts active parameters: by hand, and within the published figures' precision") {
     const ModelSpec mixtral = find_model("mixtral-8x7b");
     // Mixtral: 6 of 8 experts idle, each 3 x 4096 x 14336, in 32 layers.
@@ -69,10 +70,16 @@ TEST_CASE("Mixture-of-Experts active parameters: by hand, and within the publish
     const ModelSpec qwen = find_model("qwen3-30b-a3b");
     // Qwen3-30B-A3B: 120 of 128 experts idle, each 3 x 2048 x 768, in 48 layers.
     CHECK(qwen.active_parameters() == 30'532'122'624LL - 120LL * 3 * 2048 * 768 * 48);
-    for (const ModelSpec* m : {&mixtral, &qwen}) {
+    const ModelSpec big = find_model("qwen3-235b-a22b");
+    // 120 of 128 experts idle, each 3 x 4096 x 1536, in 94 layers.
+    CHECK(big.active_parameters() == 235'093'634'560LL - 120LL * 3 * 4096 * 1536 * 94);
+    const std::pair<const ModelSpec*, std::int64_t> rounded_to[] = {
+        {&mixtral, 100'000'000}, {&qwen, 100'000'000}, {&big, 1'000'000'000}};
+    for (const auto& [m, precision] : rounded_to) {
         CAPTURE(m->name);
         REQUIRE(m->published_active_parameters);
-        CHECK(std::abs(m->active_parameters() - *m->published_active_parameters) < 100'000'000);
+        // within one unit of the figure's last digit (Qwen truncates: 3.35 B is its "3.3B")
+        CHECK(std::abs(m->active_parameters() - *m->published_active_parameters) < precision);
         // The router: E x d per layer, counted with the experts.
         const std::int64_t E = m->moe->experts, d = m->hidden_size, L = m->num_layers;
         CHECK(m->parameters().mlp == L * (E * 3 * d * m->moe->intermediate + E * d));
