@@ -30,6 +30,21 @@ TEST_CASE("the hf runtime plans one GPU: several are a one-line error pointing a
     CHECK(test::expect_user_error([&] { (void)max_seq(rq, std::nullopt); }).rfind("max-seq: gpus: ", 0) == 0);
 }
 
+TEST_CASE("a Mixture-of-Experts model on several GPUs is refused without pointing at a runtime that refuses it too") {
+    TuneRequest rq = request("qwen3-30b-a3b", "h100-sxm-80gb", 8, 8192);
+    rq.base.runtime = Runtime::Hf;
+    const auto msg = test::expect_user_error([&] { (void)recommend(rq); });
+    CHECK(msg.rfind("recommend: gpus: expected 1 for a Mixture-of-Experts model", 0) == 0);
+    CHECK(msg.find("--runtime kernels") == std::string::npos);
+    rq.base.runtime = Runtime::Kernels;  // what the old hint sent users to
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("setup: runtime: expected hf for a Mixture-of-Experts", 0) == 0);
+    rq.gpus = 1;
+    rq.base.runtime = Runtime::Hf;
+    rq.base.precision = Precision::AmpFp32;
+    const auto amp = test::expect_user_error([&] { (void)recommend(rq); });
+    CHECK(amp.find("(runtime kernels)") == std::string::npos);
+}
+
 TEST_CASE("when the plain setup fits, the tuner keeps it: no checkpointing, no chunks") {
     const Recommendation r = recommend(request("tiny-llama", "a100-80gb", 1, 1024));
     REQUIRE(r.found);

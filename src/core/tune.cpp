@@ -334,9 +334,13 @@ void check_request(const TuneRequest& rq, const char* command) {
         fail(command, "gpus", fmt::format("expected a count in [1, {}], got {}", limits::kGpus, rq.gpus));
     if (rq.gpus > 1 && rq.base.runtime == Runtime::Hf)
         fail(command, "gpus",
-             fmt::format("expected 1 with runtime hf (data and sequence parallelism are not modelled in it yet); "
-                         "--runtime kernels plans {} GPUs with mst-plan's own kernels, got {}",
-                         rq.gpus, rq.gpus));
+             rq.model.moe ? fmt::format("expected 1 for a Mixture-of-Experts model (data, sequence and expert parallelism "
+                                        "are not modelled for one yet: the hf runtime plans one GPU, the kernels runtime "
+                                        "has no expert kernels), got {}",
+                                        rq.gpus)
+                          : fmt::format("expected 1 with runtime hf (data and sequence parallelism are not modelled in it "
+                                        "yet); --runtime kernels plans {} GPUs with mst-plan's own kernels, got {}",
+                                        rq.gpus, rq.gpus));
     validate_hf_scope(rq.base, rq.model);
 }
 }  // namespace
