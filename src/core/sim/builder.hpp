@@ -68,7 +68,6 @@ struct HfMlpChunk {
     T g;             // gate_proj output, saved by the activation
     T s, u;          // activation and up_proj outputs, saved by their product
     T m;             // the product, saved by down_proj
-    T y;             // the chunk's output, held by the list torch.cat joins (loop)
     T gate_view;     // Phi-3: the forward's local `gate` (a view of gate_up_proj's output) until it returns
     std::int64_t tokens = 0;
 };
@@ -90,7 +89,6 @@ struct HfMoe {
     T prod;                      // act(gate) * up [S, I], saved by down's grouped_mm
     T down_out;                  // down's output [S, d], saved by the weighting product
     T inv_perm;                  // the inverse permutation [S] i64, saved by the restoring gather
-    T y;                         // the chunk's output, held by the list torch.cat joins (loop)
     std::int64_t tokens = 0;
 };
 
@@ -416,16 +414,16 @@ private:
     T hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save);
     T hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);
     T hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);
-    T hf_block_chunk_forward(const LayerParams& lp, T x, std::int64_t n, HfMlpChunk* c, HfMoe* e);
+    T hf_block_chunk_forward(const LayerParams& lp, T x, std::int64_t n, HfMlpChunk* c, HfMoe* e, bool stop_after_last_save,
+                             std::span<T> earlier);
+    std::vector<T> hf_chunk_outputs_;  // hf_mlp_forward's list of chunk outputs (kept: no allocation per layer)
     // A Mixture-of-Experts block on n tokens of x (moe.cpp): returns its output [n, d] (invalid
-    // when a checkpoint's recomputation stops at the block's last save; `earlier`: the chunks
-    // before this one, whose outputs the loop's list holds until then).
-    T hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe& c, bool stop_after_last_save, std::span<HfMoe> earlier);
+    // when a checkpoint's recomputation stops at the block's last save; `earlier`: the outputs of
+    // the chunks before this one, which the loop's list holds until then).
+    T hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe& c, bool stop_after_last_save, std::span<T> earlier);
     // dy: the output's gradient (consumed); returns the input's gradient [n, d]. Each weight's
     // gradient goes to weight_grad(param, grad) as its node finishes (as hf_mlp_chunk_backward's).
     T hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, WeightGradRef weight_grad);
-    T hf_moe_blocks_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save);
-    T hf_moe_blocks_backward(const LayerParams& lp, HfLayer& sv, T dy);
     void hf_model_tensors();            // position ids, the packed-sequence check, rotary tables
     T hf_eager_mask(bool sliding);      // masking_utils' additive mask for eager attention
     void hf_head_forward(T x_last, HeadSaved& hs);

@@ -232,25 +232,35 @@ T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy
 }
 
 // One chunk of n tokens of x through the whole block (the dense MLP, or the experts), returning its
-// output [n, d]; what its nodes save goes into c (dense) or e (MoE), or nowhere when they are null.
-T StepBuilder::hf_block_chunk_forward(const LayerParams& lp, T x, std::int64_t n, HfMlpChunk* c, HfMoe* e) {
+// output [n, d]; what its nodes save goes into c (dense) or e (MoE), or nowhere when null. With
+// stop_after_last_save a checkpoint's recomputation stops at the block's last save: invalid is
+// returned once the unwinding has dropped the evaluation stack (`earlier`: the chunk outputs the
+// loop's list holds) and the frames' locals.
+T StepBuilder::hf_block_chunk_forward(const LayerParams& lp, T x, std::int64_t n, HfMlpChunk* c, HfMoe* e,
+                                      bool stop_after_last_save, std::span<T> earlier) {
     if (m_.moe) {
         HfMoe unsaved;
-        return hf_moe_forward(lp, x, n, e ? *e : unsaved, false, {});
+        return hf_moe_forward(lp, x, n, e ? *e : unsaved, stop_after_last_save, earlier);
     }
     HfMlpChunk unsaved;
     HfMlpChunk& chunk = c ? *c : unsaved;
     T m = hf_mlp_chunk_forward(lp, x, n, chunk);
-    T y = act("y_chunk", bf16(n, m_.hidden_size), false);
-    drop(m), drop(chunk.gate_view);
+    if (stop_after_last_save) {
+        // down_proj's save of m: the unwinding frees the evaluation stack (the call's argument, the
+        // chunks' outputs so far, last first) while the recomputation still runs.
+        drop(m), drop(chunk.gate_view);
+        for (auto it = earlier.rbegin(); it != earlier.rend(); ++it) drop(*it);
+        return T{};
+    }
+    T y = act("y", bf16(n, m_.hidden_size), false);
+    drop(m), drop(chunk.gate_view);  // the forward's locals, at return
     return y;
 }
 
 T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save) {
     const std::int64_t d = m_.hidden_size;
     const bool chunked = s_.mlp_chunks > 1;
-    if (m_.moe && !(chunked && s_.mlp_impl == MlpImpl::Tiled)) return hf_moe_blocks_forward(lp, h2, sv, stop_after_last_save);
-    sv.mlp.clear();
+    sv.mlp.clear(), sv.moe.clear();
     if (chunked && s_.mlp_impl == MlpImpl::Tiled) {
         at("mlp.tiled");
         T y;
@@ -258,7 +268,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
             NoGrad no_grad(*this);  // a Function's forward runs without autograd
             for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
                 loop_iteration();
-                T part = hf_block_chunk_forward(lp, h2, n, nullptr, nullptr);
+                T part = hf_block_chunk_forward(lp, h2, n, nullptr, nullptr, false, {});
                 at("mlp.tiled");
                 if (!y.valid()) y = act("y", bf16(tokens_, d), false);  // part.new_empty((T, d))
                 drop(part);  // copied into its rows
@@ -274,24 +284,21 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
         }
         return y;
     }
-    for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
-        HfMlpChunk c;
-        T m = hf_mlp_chunk_forward(lp, h2, n, c);
-        sv.mlp.push_back(c);
-        if (stop_after_last_save && sv.mlp.size() == static_cast<std::size_t>(s_.mlp_chunks)) {
-            // The recomputation stops here: unwinding frees the evaluation stack (the call's argument,
-            // the chunks' outputs so far, last first) while the recomputation still runs.
-            drop(m), drop(sv.mlp.back().gate_view);
-            for (auto it = sv.mlp.rbegin(); it != sv.mlp.rend(); ++it) drop(it->y);
-            return T{};
-        }
-        sv.mlp.back().y = act("y", bf16(n, d), false);
-        drop(m), drop(sv.mlp.back().gate_view);  // the forward's locals, at return
+    // The block (one chunk), or python/mst_hf's loop: the chunks' outputs in a list torch.cat joins.
+    std::vector<T>& outs = hf_chunk_outputs_;
+    outs.clear();
+    const std::vector<std::int64_t> sizes = chunk_sizes(tokens_, s_.mlp_chunks);
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+        const bool stop = stop_after_last_save && i + 1 == sizes.size();
+        T y = hf_block_chunk_forward(lp, h2, sizes[i], m_.moe ? nullptr : &sv.mlp.emplace_back(),
+                                     m_.moe ? &sv.moe.emplace_back() : nullptr, stop, outs);
+        if (!y.valid()) return T{};
+        outs.push_back(y);
     }
-    if (!chunked) return std::exchange(sv.mlp.back().y, T{});
+    if (!chunked) return outs.back();
     at("mlp.cat");
     T y = act("y", bf16(tokens_, d), false);
-    for (auto it = sv.mlp.rbegin(); it != sv.mlp.rend(); ++it) drop(it->y);  // the list dies, last item first
+    for (auto it = outs.rbegin(); it != outs.rend(); ++it) drop(*it);  // the list dies, last item first
     return y;
 }
 
@@ -302,24 +309,26 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
 // zero-filled [T, d] gradient with the chunk copied in (the chunks' are summed in place). Each
 // weight's gradients wait in its AccumulateGrad node's buffer until the last chunk's arrives.
 T StepBuilder::hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
-    if (m_.moe) return hf_moe_blocks_backward(lp, sv, dy);
     const std::int64_t d = m_.hidden_size;
     const bool chunked = s_.mlp_chunks > 1;
     if (chunked && s_.mlp_impl == MlpImpl::Tiled) return hf_tiled_mlp_backward(lp, sv, dy);
+    const std::size_t chunks = m_.moe ? sv.moe.size() : sv.mlp.size();
     std::vector<T> views;  // CatBackward0: one narrow view of dy per chunk
     if (chunked) {
-        for (std::size_t i = 0; i < sv.mlp.size(); ++i) views.push_back(hold(dy));
+        for (std::size_t i = 0; i < chunks; ++i) views.push_back(hold(dy));
         drop(dy);
     } else {
         views.push_back(dy);
     }
     T dx;
-    for (std::size_t i = sv.mlp.size(); i-- > 0;) {
-        const bool last = i == 0;
-        T dxc = hf_mlp_chunk_backward(lp, sv.mlp[i], views[i], !chunked, [&](int p, T g) {
+    for (std::size_t i = chunks; i-- > 0;) {
+        const bool last = i == 0;  // the chunk whose weight gradients let AccumulateGrad run
+        auto accumulate_grad = [&](int p, T g) {
             release_weight(p);
             add_grad(p, g, true, last);
-        });
+        };
+        T dxc = m_.moe ? hf_moe_backward(lp, sv.moe[i], views[i], accumulate_grad)
+                       : hf_mlp_chunk_backward(lp, sv.mlp[i], views[i], !chunked, accumulate_grad);
         if (!chunked) {
             dx = dxc;
             break;
@@ -330,7 +339,7 @@ T StepBuilder::hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
         if (dx.valid()) accumulate(dx, full, false);
         else dx = full;
     }
-    sv.mlp.clear();
+    sv.mlp.clear(), sv.moe.clear();
     return dx;
 }
 
@@ -363,7 +372,7 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
         phase_ = Phase::Recompute;
         HfMlpChunk c;
         HfMoe e;
-        T yc = hf_block_chunk_forward(lp, sv.x_tiled, n, &c, &e);
+        T yc = hf_block_chunk_forward(lp, sv.x_tiled, n, &c, &e, false, {});
         phase_ = Phase::Backward;
         T dyc = hold(dy);  // dy[chunk], a view
         std::array<T, 3> grads;

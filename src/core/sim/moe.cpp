@@ -25,7 +25,7 @@
 namespace mst::sim {
 
 T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe& c, bool stop_after_last_save,
-                               std::span<HfMoe> earlier) {
+                               std::span<T> earlier) {
     const MoeSpec& e = *m_.moe;
     const std::int64_t d = m_.hidden_size, E = e.experts, k = e.top_k, I = e.intermediate;
     const std::int64_t S = checked_mul(n, k, "tokens x top_k");
@@ -104,7 +104,7 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
     if (stop_after_last_save) {
         // The stop unwinds the evaluation stacks first (the loop's list of earlier chunk outputs, last
         // first); the frames' locals go when the checkpoint has caught the stop, in the backward.
-        for (auto it = earlier.rbegin(); it != earlier.rend(); ++it) drop(it->y);
+        for (auto it = earlier.rbegin(); it != earlier.rend(); ++it) drop(*it);
         phase_ = Phase::Backward;
         experts_return(weighted, T{});
         return T{};
@@ -229,57 +229,6 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, WeightGrad
     node_end({&c.x_router}, &glog);
     weight_grad(lp.router, gwr);
     accumulate(dx, gxr, false);
-    return dx;
-}
-
-// The block over the layer's tokens: one call, or python/mst_hf's loop over mlp_chunks chunks
-// whose outputs torch.cat joins (each chunk a [1, n, d] view of the input).
-T StepBuilder::hf_moe_blocks_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save) {
-    const bool chunked = s_.mlp_chunks > 1;
-    const std::vector<std::int64_t> sizes = chunk_sizes(tokens_, s_.mlp_chunks);
-    sv.moe.assign(sizes.size(), HfMoe{});
-    for (std::size_t i = 0; i < sizes.size(); ++i) {
-        const bool last = i + 1 == sizes.size();
-        T y = hf_moe_forward(lp, h2, sizes[i], sv.moe[i], stop_after_last_save && last, std::span(sv.moe).first(i));
-        if (!y.valid()) return T{};
-        sv.moe[i].y = y;
-    }
-    if (!chunked) return std::exchange(sv.moe.back().y, T{});
-    at("mlp.cat");
-    T y = act("y", bf16(tokens_, m_.hidden_size), false);
-    for (auto it = sv.moe.rbegin(); it != sv.moe.rend(); ++it) drop(it->y);  // the list dies, last item first
-    return y;
-}
-
-T StepBuilder::hf_moe_blocks_backward(const LayerParams& lp, HfLayer& sv, T dy) {
-    if (s_.mlp_chunks > 1 && s_.mlp_impl == MlpImpl::Tiled) return hf_tiled_mlp_backward(lp, sv, dy);
-    const bool chunked = sv.moe.size() > 1;
-    std::vector<T> views;  // CatBackward0: one narrow view of dy per chunk
-    if (chunked) {
-        for (std::size_t i = 0; i < sv.moe.size(); ++i) views.push_back(hold(dy));
-        drop(dy);
-    } else {
-        views.push_back(dy);
-    }
-    T dx;
-    for (std::size_t i = sv.moe.size(); i-- > 0;) {
-        const bool last = i == 0;  // the chunk whose weight gradients let AccumulateGrad run
-        auto accumulate_grad = [&](int p, T g) {
-            release_weight(p);
-            add_grad(p, g, true, last);
-        };
-        T dxc = hf_moe_backward(lp, sv.moe[i], views[i], accumulate_grad);
-        if (!chunked) {
-            dx = dxc;
-            break;
-        }
-        at("mlp.chunk");
-        T full = alloc("d_x_chunk", bf16(tokens_, m_.hidden_size), Category::Transient);  // SliceBackward0
-        node_end({}, &dxc);
-        if (dx.valid()) accumulate(dx, full, false);
-        else dx = full;
-    }
-    sv.moe.clear();
     return dx;
 }
 
