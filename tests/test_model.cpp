@@ -129,10 +129,19 @@ TEST_CASE("Mixture-of-Experts configs: the keys MixtralConfig and Qwen3MoeConfig
     CHECK(defaults.moe->intermediate == 768);
     CHECK_FALSE(defaults.moe->normalize_top_k);
     CHECK(defaults.head_dim == 16);
-    // With use_sliding_window every layer slides, as the model's single mask says.
+    // With use_sliding_window every layer slides, as the model's single mask says; Qwen3MoeConfig's
+    // window is 4096 when the key is absent, none when it is null.
     const ModelSpec sliding = parse_model(with(R"({"use_sliding_window": true, "sliding_window": 32})"), "q.json", "q");
     CHECK(*sliding.sliding_window == 32);
     for (bool s : sliding.sliding_layers) CHECK(s);
+    CHECK(*parse_model(with(R"({"use_sliding_window": true})"), "q.json", "q").sliding_window == 4096);
+    nlohmann::json no_window = with(R"({"use_sliding_window": true})");
+    no_window["sliding_window"] = nullptr;  // (a merge patch would delete the key)
+    CHECK_FALSE(parse_model(no_window, "q.json", "q").sliding_window);
+    // Either name sets the count (attribute_map): num_local_experts alone, or both agreeing.
+    CHECK(parse_model(with(R"({"num_local_experts": 16})"), "q.json", "q").moe->experts == 16);
+    CHECK(parse_model(with(R"({"num_local_experts": 16, "num_experts": 16})"), "q.json", "q").moe->experts == 16);
+    CHECK(parse_model(with(R"({"experts_implementation": "grouped_mm"})"), "q.json", "q").moe);
     const std::map<std::string, std::string> field_of = {
         {R"({"num_experts_per_tok": 200})", "num_experts_per_tok: expected at most 128 (num_experts)"},
         {R"({"num_experts": 0})", "num_experts: expected an integer in [1, 4096]"},
@@ -140,6 +149,11 @@ TEST_CASE("Mixture-of-Experts configs: the keys MixtralConfig and Qwen3MoeConfig
         {R"({"mlp_only_layers": [1]})", "mlp_only_layers: expected []"},
         {R"({"decoder_sparse_step": 2})", "decoder_sparse_step: expected 1"},
         {R"({"hidden_act": "gelu"})", "hidden_act: expected silu"},
+        // Both names of the expert count, disagreeing: transformers' choice differs by model.
+        {R"({"num_experts": 16, "num_local_experts": 8})", "num_experts: expected the same count as num_local_experts (8)"},
+        // Other experts paths allocate differently (eager's by how the tokens are routed).
+        {R"({"experts_implementation": "eager"})", "experts_implementation: expected grouped_mm or null"},
+        {R"({"attention_dropout": 0.1})", "attention_dropout: expected 0.0"},
     };
     for (const auto& [patch, message] : field_of) {
         CAPTURE(patch);
@@ -154,6 +168,9 @@ TEST_CASE("Mixture-of-Experts configs: the keys MixtralConfig and Qwen3MoeConfig
     mix.erase("router_jitter_noise");
     const ModelSpec mix_defaults = parse_model(mix, "m.json", "m");  // MixtralConfig: 8 experts, top-2
     CHECK(mix_defaults.moe->experts == 8);
+    mix["num_experts"] = 6;  // MixtralConfig's other name for num_local_experts
+    CHECK(parse_model(mix, "m.json", "m").moe->experts == 6);
+    mix.erase("num_experts");
     CHECK(mix_defaults.moe->top_k == 2);
     CHECK(mix_defaults.moe->intermediate == 160);
 }

@@ -7,6 +7,7 @@
 
 #include "commands.hpp"
 #include "mst/catalog.hpp"
+#include "mst/error.hpp"
 #include "mst/kernel_bench.hpp"
 #include "mst/limits.hpp"
 #include "numbers.hpp"
@@ -51,6 +52,8 @@ nlohmann::json to_json(const KernelBenchResult& r, const GpuProfile& gpu) {
 void run_bench_kernels(const GlobalOptions& g, const BenchKernelsArgs& a) {
     const ModelSpec model = find_model(a.model);
     const GpuProfile gpu = find_gpu(a.gpu);
+    if (model.moe)  // its kernels are the dense MLP's: an MoE model's experts are not among them
+        fail("bench kernels", "model", fmt::format("expected a dense model (mst-plan's kernels have no experts), got {}", model.name));
     KernelBenchRequest rq;
     rq.model = model.name;
     rq.hidden = model.hidden_size;

@@ -20,8 +20,10 @@ void run_models(const GlobalOptions& g) {
     for (const auto& name : model_names()) {
         const ModelSpec m = find_model(name);
         all.push_back(to_json(m));
+        // A Mixture-of-Experts model: each expert's intermediate size, times the experts.
+        const std::string inter = m.moe ? fmt::format("{}x{}", m.moe->experts, m.moe->intermediate) : std::to_string(m.intermediate_size);
         t.row({m.name, m.model_type, format_count(m.parameters().total()), std::to_string(m.num_layers),
-               std::to_string(m.hidden_size), std::to_string(m.intermediate_size),
+               std::to_string(m.hidden_size), inter,
                fmt::format("{}/{}", m.num_heads, m.num_kv_heads), std::to_string(m.head_dim),
                std::to_string(m.vocab_size), m.tie_word_embeddings ? "yes" : "no",
                std::to_string(m.max_position_embeddings)});
@@ -51,7 +53,8 @@ void run_show(const GlobalOptions& g, const std::string& model) {
     const ParameterCounts p = m.parameters();
     fmt::print("{} ({}, model_type {})\n", m.display_name, m.source, m.model_type.empty() ? "-" : m.model_type);
     fmt::print("  hidden {}  intermediate {}  layers {}  heads {} (kv {}, head_dim {})  vocab {}\n", m.hidden_size,
-               m.intermediate_size, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.vocab_size);
+               m.moe ? fmt::format("{} per expert", m.moe->intermediate) : std::to_string(m.intermediate_size), m.num_layers,
+               m.num_heads, m.num_kv_heads, m.head_dim, m.vocab_size);
     fmt::print("  activation {}  dtype {}  tied embeddings {}  max positions {}\n", m.hidden_act, m.torch_dtype,
                m.tie_word_embeddings ? "yes" : "no", m.max_position_embeddings);
     if (m.sliding_window) {

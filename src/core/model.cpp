@@ -71,9 +71,8 @@ Family family_of(const std::string& model_type, detail::JsonReader& r, std::vect
 // rotary type (default, or longrope with one short and one long factor per rotated pair), dropout
 // (refused: its masks are not modelled) and the padding token the embedding is built with.
 void read_phi3(const nlohmann::json& config, const detail::JsonReader& r, ModelSpec& m) {
-    for (const char* key : {"resid_pdrop", "attention_dropout"})
-        if (r.opt_number(key, 0.0, 1.0).value_or(0.0) != 0.0)
-            r.fail(key, "expected 0.0 (dropout's masks are not modelled; Phi-3 and Phi-4 train without dropout)");
+    if (r.opt_number("resid_pdrop", 0.0, 1.0).value_or(0.0) != 0.0)
+        r.fail("resid_pdrop", "expected 0.0 (dropout's masks are not modelled; Phi-3 and Phi-4 train without dropout)");
     (void)r.opt_number("embd_pdrop", 0.0, 1.0);  // Phi3Model never applies it
     // An absent pad_token_id is Phi3Config's 32000; null is no padding index.
     const auto pad = config.contains("pad_token_id") ? r.opt_integer("pad_token_id", -kMaxVocab, kMaxVocab) : std::int64_t{32000};
@@ -120,8 +119,15 @@ void read_phi3(const nlohmann::json& config, const detail::JsonReader& r, ModelS
 void read_moe(const detail::JsonReader& r, ModelSpec& m) {
     MoeSpec e;
     const bool mixtral = m.family == Family::Mixtral;
-    const char* experts_key = mixtral ? "num_local_experts" : "num_experts";
+    // Both configs map num_experts onto num_local_experts (attribute_map): either key sets the count,
+    // and which one wins when both are given differs between them, so two different counts are refused.
+    const char* experts_key = r.has("num_local_experts") ? "num_local_experts" : "num_experts";
     e.experts = r.opt_integer(experts_key, 1, limits::kExperts).value_or(mixtral ? 8 : 128);
+    if (r.has("num_local_experts") && r.has("num_experts") &&
+        r.opt_integer("num_experts", 1, limits::kExperts) != r.opt_integer("num_local_experts", 1, limits::kExperts))
+        r.fail("num_experts", fmt::format("expected the same count as num_local_experts ({}): both name the experts, "
+                                          "and transformers' choice between them differs by model",
+                                          e.experts));
     e.top_k = r.opt_integer("num_experts_per_tok", 1, limits::kExperts).value_or(mixtral ? 2 : 8);
     if (e.top_k > e.experts)
         r.fail("num_experts_per_tok", fmt::format("expected at most {} ({}), got {}", e.experts, experts_key, e.top_k));
@@ -132,6 +138,12 @@ void read_moe(const detail::JsonReader& r, ModelSpec& m) {
     if (r.opt_boolean("output_router_logits").value_or(false))
         r.fail("output_router_logits", "expected false (the router's auxiliary load-balancing loss is not modelled; "
                                        "transformers adds it only when this is true)");
+    // transformers' default experts path (grouped_mm); the others allocate differently (eager's
+    // loop by how many tokens each expert gets), set from config.json's experts_implementation.
+    if (const auto impl = r.opt_string("experts_implementation"); impl && *impl != "grouped_mm")
+        r.fail("experts_implementation", fmt::format("expected grouped_mm or null (transformers' default experts path, the "
+                                                     "one modelled), got '{}'",
+                                                     *impl));
     if (mixtral && r.opt_number("router_jitter_noise", 0.0, 1.0).value_or(0.0) != 0.0)
         r.fail("router_jitter_noise", "expected 0.0 (the jitter's random tensor is not modelled; Mixtral trains without it)");
     if (!mixtral) {
@@ -208,6 +220,9 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     m.model_type = r.opt_string("model_type").value_or("");
     m.family = family_of(m.model_type, r, m.warnings);
 
+    // Every family's attention applies dropout to its probabilities when training: masks not modelled.
+    if (r.opt_number("attention_dropout", 0.0, 1.0).value_or(0.0) != 0.0)
+        r.fail("attention_dropout", "expected 0.0 (dropout's masks are not modelled; these models train without it)");
     m.hidden_size = r.integer("hidden_size", 1, kMaxHidden);
     m.intermediate_size = r.integer("intermediate_size", 1, kMaxIntermediate);
     m.num_layers = r.integer("num_hidden_layers", 1, kMaxLayers);
@@ -279,6 +294,8 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
         for (const auto& t : r.raw("layer_types")) typed->push_back(t.is_string() && t.get<std::string>() == "sliding_attention");
     }
     const bool qwen = m.family == Family::Qwen2 || m.family == Family::Qwen3 || m.family == Family::Qwen3Moe;
+    // The Qwen configs' window is 4096 unless the key says otherwise (null: none).
+    if (qwen && !config.contains("sliding_window")) m.sliding_window = 4096;
     if (qwen && !r.opt_boolean("use_sliding_window").value_or(false)) {
         // Qwen2/Qwen3 configs drop the window unless use_sliding_window; layer_types naming sliding
         // layers then has no window, on which transformers' mask creation fails.
@@ -328,8 +345,10 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
         (void)checked_mul(m.parameters().total(), 16, "parameters x 16 bytes");
     } catch (const UserError&) {
         r.fail("num_hidden_layers", fmt::format("expected a model whose parameters fit in 63 bits at 16 bytes each, got "
-                                                "hidden_size {}, intermediate_size {}, {} heads of {} and {} layers",
-                                                m.hidden_size, m.intermediate_size, m.num_heads, m.head_dim, m.num_layers));
+                                                "hidden_size {}, intermediate_size {}{}, {} heads of {} and {} layers",
+                                                m.hidden_size, m.moe ? m.moe->intermediate : m.intermediate_size,
+                                                m.moe ? fmt::format(" x {} experts", m.moe->experts) : "", m.num_heads,
+                                                m.head_dim, m.num_layers));
     }
     return m;
 }
