@@ -1,0 +1,170 @@
+"""Random differential runs: tiny random configs and setups, the referee against ``mst-plan compare``.
+
+The fixed cases of ``python/tests/test_hf_runtime.py`` pin what a rule was written for; corner
+cases (a chunk of one token, top-1 routing, a single KV head, windows wider than the sequence,
+...) come from sizes nobody thought of. Each case here is a random tiny config of one family and
+a random setup of the knobs the hf runtime models, run through the real transformers step on fake
+tensors and re-simulated; a case whose timelines differ is kept (config, knobs, record) for the
+developer. Nothing is compared against a number written here: both sides are computed.
+
+    scripts/referee_differential.py --families mixtral,qwen3_moe --cases 40 --seed 3 --out-dir /tmp/diff
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .jobs import DEFAULT_MST_PLAN, REPO_ROOT
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen3_moe")
+
+
+@dataclass
+class Case:
+    family: str
+    config: Dict[str, Any]
+    knobs: Dict[str, Any]
+    seq: int
+
+
+def random_config(rng: random.Random, family: str) -> Dict[str, Any]:
+    """A tiny config of `family` that transformers builds and mst-plan accepts."""
+    heads = rng.choice([2, 4])
+    kv = rng.choice([k for k in (1, 2, 4) if heads % k == 0])
+    layers = rng.randint(1, 3)
+    cfg: Dict[str, Any] = {
+        "model_type": family, "hidden_size": rng.choice([32, 64]), "intermediate_size": rng.choice([16, 40]),
+        "num_attention_heads": heads, "num_key_value_heads": kv, "num_hidden_layers": layers,
+        "vocab_size": rng.choice([96, 128]), "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "torch_dtype": "bfloat16",
+    }
+    if family not in ("gemma2", "gemma3_text"):
+        cfg["hidden_act"] = "silu"
+        cfg["tie_word_embeddings"] = rng.random() < 0.5
+    if family in ("llama", "mistral", "qwen3", "gemma2", "gemma3_text", "qwen3_moe"):
+        cfg["head_dim"] = rng.choice([8, 16])
+    if family == "llama":
+        cfg["attention_bias"] = rng.random() < 0.3
+    if family in ("mistral", "mixtral") and rng.random() < 0.4:
+        cfg["sliding_window"] = rng.choice([4, 16])
+    if family in ("qwen2", "qwen3"):
+        if rng.random() < 0.4:
+            cfg.update(use_sliding_window=True, sliding_window=rng.choice([4, 16]), max_window_layers=rng.randint(0, layers))
+        else:
+            cfg.update(use_sliding_window=False, sliding_window=None)
+    if family == "gemma2":
+        cfg.update(sliding_window=rng.choice([4, 16]), query_pre_attn_scalar=16)
+        cfg["attn_logit_softcapping"] = rng.choice([None, 50.0])
+        cfg["final_logit_softcapping"] = rng.choice([None, 30.0])
+    if family == "gemma3_text":
+        cfg.update(sliding_window=rng.choice([4, 16]), sliding_window_pattern=rng.choice([2, 3]), query_pre_attn_scalar=16)
+    if family == "phi3":
+        cfg.update(pad_token_id=None, partial_rotary_factor=rng.choice([0.5, 1.0]))
+        if rng.random() < 0.3:
+            cfg["sliding_window"] = rng.choice([4, 16])
+    if family in ("mixtral", "qwen3_moe"):
+        experts = rng.choice([1, 2, 3, 4, 8])
+        cfg.update(num_experts_per_tok=rng.randint(1, experts), output_router_logits=False)
+        if family == "mixtral":
+            cfg["num_local_experts"] = experts
+        else:
+            cfg.update(num_experts=experts, moe_intermediate_size=rng.choice([8, 24]), norm_topk_prob=rng.random() < 0.5,
+                       use_sliding_window=False)
+    return cfg
+
+
+def random_knobs(rng: random.Random, layers: int, tokens: int) -> Dict[str, Any]:
+    """A setup of the knobs the hf runtime models (one GPU)."""
+    knobs: Dict[str, Any] = {}
+    if rng.random() < 0.6:
+        knobs["checkpoint"] = rng.choice(["all", "0", str(layers - 1)])
+        if rng.random() < 0.3:
+            knobs["offload_checkpoints"] = True
+    if rng.random() < 0.6:
+        knobs.update(mlp_chunks=rng.choice([c for c in (2, 3, 5, 7) if c <= tokens] or [1]),
+                     mlp_impl=rng.choice(["loop", "tiled"]))
+    if rng.random() < 0.4:
+        knobs.update(lm_chunks=rng.choice([c for c in (2, 3) if c <= tokens] or [1]), lm_impl=rng.choice(["recompute", "fused"]))
+    if rng.random() < 0.3:
+        knobs["grad_accum"] = 2
+    if rng.random() < 0.3:
+        knobs["attention"] = "eager"
+    if rng.random() < 0.3:
+        knobs["precision"] = "bf16-master"
+    r = rng.random()
+    if r < 0.2:
+        knobs["optimizer"] = "sgd"
+    elif r < 0.5:
+        knobs["optimizer_impl"] = rng.choice(["foreach", "for-loop"])
+    if rng.random() < 0.2 and knobs.get("grad_accum", 1) == 1:
+        knobs["optimizer_in_backward"] = True
+    return knobs
+
+
+def random_case(rng: random.Random, family: str) -> Case:
+    cfg = random_config(rng, family)
+    batch = 2 if rng.random() < 0.3 else 1
+    seq = rng.choice([5, 9, 16, 23])
+    knobs = random_knobs(rng, cfg["num_hidden_layers"], batch * seq)
+    if batch > 1:
+        knobs["micro_batch"] = batch
+    return Case(family, cfg, knobs, seq)
+
+
+def run_case(case: Case, where: Path, mst_plan: Path = DEFAULT_MST_PLAN) -> Tuple[bool, str]:
+    """The referee's step and its re-simulation; (identical, the compare output's tail or the error)."""
+    where.mkdir(parents=True, exist_ok=True)
+    # compare finds the config by the record's file name, beside the record first: one folder per case.
+    config = where / f"diff_{case.family}.json"
+    config.write_text(json.dumps(case.config, indent=1))
+    knobs = where / "knobs.json"
+    knobs.write_text(json.dumps(case.knobs))
+    record = where / "run.json"
+    script = REPO_ROOT / "scripts" / "torch_crosscheck.py"
+    ref = subprocess.run([sys.executable, str(script), str(config), "--setup", str(knobs), "--seq", str(case.seq),
+                          "--device", "fake", "--out", str(record)], capture_output=True, text=True, timeout=600)
+    if ref.returncode != 0:
+        return False, "referee failed: " + (ref.stderr or ref.stdout)[-1500:]
+    cmp = subprocess.run([str(mst_plan), "compare", "--run", str(record)], capture_output=True, text=True, timeout=600)
+    identical = cmp.returncode == 0 and "timelines identical" in cmp.stdout
+    return identical, (cmp.stdout + cmp.stderr)[-1500:]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="referee_differential.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated (default: all of {', '.join(FAMILIES)})")
+    p.add_argument("--cases", type=int, default=20, help="cases per run (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the configs and setups (default 0)")
+    p.add_argument("--out-dir", type=Path, required=True, help="one folder per case (kept for the ones that differ)")
+    p.add_argument("--mst-plan", type=Path, default=DEFAULT_MST_PLAN, help="mst-plan binary (default build/src/mst-plan)")
+    args = p.parse_args(argv)
+    families = [f for f in args.families.split(",") if f]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown or args.cases < 1:
+        print(f"error: --families: expected some of {', '.join(FAMILIES)} and --cases >= 1, got {args.families!r}, "
+              f"{args.cases}", file=sys.stderr)
+        return 2
+    rng = random.Random(args.seed)
+    failed: List[int] = []
+    for i in range(args.cases):
+        case = random_case(rng, rng.choice(families))
+        ok, detail = run_case(case, args.out_dir / f"case{i}", args.mst_plan)
+        print(f"{i} {'identical' if ok else 'DIFFERS'} {case.family} seq {case.seq} {json.dumps(case.knobs)}", flush=True)
+        if not ok:
+            failed.append(i)
+            print("   " + detail.strip().replace("\n", "\n   "), flush=True)
+    print(f"{args.cases - len(failed)} of {args.cases} identical" + (f"; differ: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
