@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 
 #include "mst/catalog.hpp"
+#include "mst/emit.hpp"
 #include "mst/tune.hpp"
 #include "sim_test_support.hpp"
 #include "test_support.hpp"
@@ -43,6 +44,53 @@ TEST_CASE("a Mixture-of-Experts model on several GPUs is refused without pointin
     rq.base.precision = Precision::AmpFp32;
     const auto amp = test::expect_user_error([&] { (void)recommend(rq); });
     CHECK(amp.find("(runtime kernels)") == std::string::npos);
+}
+
+TEST_CASE("recommend --for: every plan is one its format's emitter accepts, and the search says what it excluded") {
+    struct Want {
+        std::string format, model;
+        std::int64_t gpus, seq;
+        Precision precision;
+    };
+    for (const Want& w : {Want{"hf-mst", "llama-3-8b", 1, 8192, Precision::PureBf16},
+                          Want{"axolotl", "llama-3-8b", 1, 8192, Precision::PureBf16},
+                          Want{"deepspeed", "llama-3.2-1b", 1, 4096, Precision::Bf16Master},
+                          Want{"torchtitan", "llama-3.2-1b", 1, 4096, Precision::Bf16Master},
+                          Want{"deepspeed", "llama-3-8b", 8, 65536, Precision::PureBf16},
+                          Want{"axolotl", "llama-3-8b", 8, 65536, Precision::PureBf16},
+                          Want{"torchtitan", "llama-3-8b", 8, 65536, Precision::AmpFp32}}) {
+        CAPTURE(w.format);
+        CAPTURE(w.gpus);
+        TuneRequest rq = request(w.model.c_str(), "h100-sxm-80gb", w.gpus, w.seq);
+        rq.base.precision = w.precision;
+        rq.allow_optimizer_in_backward = true;  // the Trainer and DeepSpeed cannot step in backward
+        rq.for_format = w.format;
+        const Recommendation r = recommend(rq);
+        REQUIRE(r.found);
+        const Plan plan = to_plan(r, rq, w.model, "h100-sxm-80gb");
+        CHECK_NOTHROW((void)emit(plan, rq.model, w.format));
+    }
+    // On 8 GPUs the fastest pure-bf16 plan keeps ZeRO 0, which DeepSpeed refuses (it keeps bf16 master
+    // weights only under ZeRO 1-3): --for deepspeed shards instead.
+    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 65536);
+    const Recommendation any = recommend(rq);
+    REQUIRE(any.found);
+    REQUIRE(any.best.setup.zero_stage == 0);
+    CHECK(test::expect_user_error([&] { (void)emit(to_plan(any, rq, "llama-3-8b", "h100-sxm-80gb"), rq.model, "deepspeed"); })
+              .rfind("deepspeed: setup.precision: ", 0) == 0);
+    rq.for_format = "deepspeed";
+    const Recommendation ds = recommend(rq);
+    REQUIRE(ds.found);
+    CHECK(ds.best.setup.zero_stage > 0);
+    // Nothing the format can train: the emitter's reason, up front, in one line.
+    rq = request("llama-3-8b", "h100-sxm-80gb", 1, 8192);
+    rq.for_format = "torchtitan";
+    const auto msg = test::expect_user_error([&] { (void)recommend(rq); });
+    CHECK(msg.rfind("recommend: for: a setup torchtitan can train as planned; none of those searched is: torchtitan: "
+                    "setup.precision: expected bf16-master or amp",
+                    0) == 0);
+    rq.for_format = "megatron";
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: for: expected one of hf-mst, deepspeed", 0) == 0);
 }
 
 TEST_CASE("when the plain setup fits, the tuner keeps it: no checkpointing, no chunks") {

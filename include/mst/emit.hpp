@@ -40,4 +40,8 @@ std::vector<std::string> emit_formats();
 // validated first; an unknown format is "emit: format: expected one of ...".
 std::vector<EmittedFile> emit(const Plan& plan, const ModelSpec& model, const std::string& format);
 
+// Whether `format`'s trainer can train `setup` as planned: returns, or throws the UserError its
+// emitter would ("<format>: setup.<knob>: expected ..."). recommend --for searches only such setups.
+void check_expressible(const std::string& format, const TrainingSetup& setup, const ModelSpec& model);
+
 }  // namespace mst

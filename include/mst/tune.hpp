@@ -41,6 +41,9 @@ struct TuneRequest {
     double safety_margin = 0.03;                 // fraction of usable memory kept free
     bytes_t host_bytes_per_gpu = 128 * kGiB;     // pinned host memory an offloading rank may use
     ClusterShape cluster;
+    // A trainer format (emit's: hf-mst, deepspeed, axolotl, torchtitan) whose trainer must be able to
+    // train the plan as it is: setups its emitter would refuse are not searched. Empty: any.
+    std::string for_format;
 };
 
 struct Candidate {

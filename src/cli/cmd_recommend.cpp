@@ -25,6 +25,7 @@ struct TunerArgs {
     double margin = 0.03, host_gib = 128;
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention = "flash";
     std::string optimizer_impl = "fused", runtime = "hf";
+    std::string for_format;  // recommend --for
 
     // training_knobs: --seq, --precision, ... here (recommend), or from SetupOptions (max-seq).
     void add_to(CLI::App& cmd, bool training_knobs) {
@@ -66,6 +67,7 @@ struct TunerArgs {
         rq.base.optimizer_impl = parse_optimizer_impl(optimizer_impl, "command line");
         rq.base.runtime = parse_runtime(runtime, "command line");
         rq.seq_len = seq;
+        rq.for_format = for_format;
         if (tokens_per_step > 0) rq.tokens_per_step = tokens_per_step;  // the option's check: >= 1 when given
         for (const auto& p : pins) parse_pin(p, rq.model, rq.pins);
         for (const auto& a : allows) {
@@ -250,6 +252,9 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
     cmd->add_option("--pin", rec->pins, "Fix a knob: M_mlp=8, M_lm=32, mlp_impl=tiled, lm_impl=fused, checkpoint=16|all|0-7, "
                                         "offload=no, sp=4, zero=3, micro_batch=2");
     cmd->add_option("--out", rec->out, "Write the plan as JSON (input of `mst-plan emit`)");
+    cmd->add_option("--for", rec->for_format,
+                    "Search only setups this trainer format can train as planned (emit's formats: hf-mst, deepspeed, "
+                    "axolotl, torchtitan), so that `emit --format` accepts the plan");
     cmd->callback([&global, rec] { run_recommend(global, *rec); });
 
     auto ms = std::make_shared<TunerArgs>();

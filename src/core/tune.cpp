@@ -7,7 +7,9 @@
 #include <tuple>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>  // fmt::join
 
+#include "mst/emit.hpp"
 #include "mst/error.hpp"
 #include "mst/limits.hpp"
 
@@ -363,6 +365,24 @@ Recommendation recommend(const TuneRequest& rq) {
                              batch, limits::kGradAccum, rq.gpus, rq.seq_len, *rq.tokens_per_step));
     }
     Search search(rq, out.budget_bytes);
+    // --for: only what the format's trainer can train as planned; the first refusal is kept to say
+    // why nothing was searched, when nothing was.
+    std::string refusal;
+    std::int64_t expressible_setups = 0;
+    auto expressible = [&](const TrainingSetup& s) {
+        if (rq.for_format.empty()) return true;
+        try {
+            check_expressible(rq.for_format, s, m);
+        } catch (const UserError& e) {
+            if (refusal.empty()) refusal = e.what();
+            return false;
+        }
+        ++expressible_setups;
+        return true;
+    };
+    if (const auto formats = emit_formats();
+        !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
+        fail("recommend", "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
 
     std::vector<std::int64_t> sps;
     for (std::int64_t sp = 1; sp <= rq.gpus; ++sp) {
@@ -408,6 +428,7 @@ Recommendation recommend(const TuneRequest& rq) {
                                 s.mlp_impl = mi, s.lm_impl = li;
                                 s.optimizer_in_backward = in_bwd || rq.base.optimizer_in_backward;
                                 if (s.optimizer_in_backward && (s.grad_accum > 1 || (dp > 1 && zero >= 2))) continue;
+                                if (!expressible(s)) continue;
                                 search.inner(s);
                             }
                         }
@@ -415,6 +436,8 @@ Recommendation recommend(const TuneRequest& rq) {
                 }
     }
     out.simulations = search.sims_;
+    if (!rq.for_format.empty() && expressible_setups == 0)
+        fail("recommend", "for", fmt::format("a setup {} can train as planned; none of those searched is: {}", rq.for_format, refusal));
     if (!search.best_) return out;
     out.found = true;
     out.best = *search.best_;

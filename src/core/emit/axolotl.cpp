@@ -86,12 +86,19 @@ std::string optimizer_name(Optimizer o) {
     return "";
 }
 
+// Only DeepSpeed gives an Axolotl run ZeRO sharding or fp32 master weights next to bf16 ones.
+bool needs_deepspeed(const TrainingSetup& s) { return s.zero_stage > 0 || s.precision == Precision::Bf16Master; }
+
 }  // namespace
+
+void check_axolotl(const TrainingSetup& s, const ModelSpec& model) {
+    check(s, needs_deepspeed(s));
+    if (needs_deepspeed(s)) check_deepspeed(s, model);
+}
 
 std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) {
     const TrainingSetup& s = plan.setup;
-    // Only DeepSpeed gives an Axolotl run ZeRO sharding or fp32 master weights next to bf16 ones.
-    const bool deepspeed = s.zero_stage > 0 || s.precision == Precision::Bf16Master;
+    const bool deepspeed = needs_deepspeed(s);
     check(s, deepspeed);
     std::vector<EmittedFile> files;
     if (deepspeed) files = emit_deepspeed(plan, model);  // refuses what DeepSpeed cannot do

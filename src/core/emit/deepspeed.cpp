@@ -67,15 +67,30 @@ std::string checkpoint_note(const TrainingSetup& s, const ModelSpec& model) {
 
 }  // namespace
 
-std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model) {
-    const TrainingSetup& s = plan.setup;
-    std::vector<std::string> notes = plan_header(plan);
-
+void check_deepspeed(const TrainingSetup& s, const ModelSpec& model) {
+    (void)model;
     if (s.optimizer_in_backward)
         fail(kWhere, "setup.optimizer_in_backward",
              "expected false (DeepSpeed steps the optimizer after backward, never inside a gradient hook), got true");
     const bool states_bf16 = s.effective_state_dtype() == StateDtype::Bf16;
     const bool states_matter = s.optimizer != Optimizer::AdamW8bit;  // 8-bit states have no fp32/bf16 choice
+    if (s.precision == Precision::PureBf16 && s.zero_stage == 0)
+        fail(kWhere, "setup.precision",
+             "expected bf16-master or amp with zero_stage 0 (DeepSpeed keeps bf16 master weights only "
+             "under ZeRO 1-3), got pure-bf16");
+    if (s.precision != Precision::PureBf16 && states_matter && states_bf16)
+        fail(kWhere, "setup.optimizer_state_dtype",
+             fmt::format("expected fp32 with precision {} (DeepSpeed keeps bf16 optimizer states only with "
+                         "bf16 master weights, precision pure-bf16), got bf16",
+                         to_string(s.precision)));
+}
+
+std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model) {
+    const TrainingSetup& s = plan.setup;
+    std::vector<std::string> notes = plan_header(plan);
+
+    check_deepspeed(s, model);
+    const bool states_bf16 = s.effective_state_dtype() == StateDtype::Bf16;
 
     nlohmann::ordered_json j;
     // train_batch_size must equal micro x accum x (world / sp); DeepSpeed asserts it.
@@ -86,10 +101,6 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
 
     switch (s.precision) {
         case Precision::PureBf16:
-            if (s.zero_stage == 0)
-                fail(kWhere, "setup.precision",
-                     "expected bf16-master or amp with zero_stage 0 (DeepSpeed keeps bf16 master weights only "
-                     "under ZeRO 1-3), got pure-bf16");
             j["bf16"] = {{"enabled", true},
                          {"bf16_master_weights_and_grads", true},
                          {"bf16_optimizer_states", states_bf16}};
@@ -99,11 +110,6 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
             break;
         case Precision::Bf16Master:
         case Precision::AmpFp32:
-            if (states_matter && states_bf16)
-                fail(kWhere, "setup.optimizer_state_dtype",
-                     fmt::format("expected fp32 with precision {} (DeepSpeed keeps bf16 optimizer states only with "
-                                 "bf16 master weights, precision pure-bf16), got bf16",
-                                 to_string(s.precision)));
             if (s.precision == Precision::Bf16Master)
                 j["bf16"] = {{"enabled", true}};  // bf16 compute, fp32 master weights and states in the optimizer
             else

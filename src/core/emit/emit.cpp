@@ -13,18 +13,28 @@ namespace mst {
 namespace {
 
 using Emitter = std::vector<EmittedFile> (*)(const Plan&, const ModelSpec&);
+using Check = void (*)(const TrainingSetup&, const ModelSpec&);
+
+void accept_all(const TrainingSetup&, const ModelSpec&) {}
 
 struct Format {
     const char* name;
     Emitter emit;
+    Check check;  // what the format's trainer cannot train as planned (its emitter refuses the same)
 };
 
 constexpr Format kFormats[] = {
-    {"hf-mst", emit_detail::emit_hf_mst},
-    {"deepspeed", emit_detail::emit_deepspeed},
-    {"axolotl", emit_detail::emit_axolotl},
-    {"torchtitan", emit_detail::emit_torchtitan},
+    {"hf-mst", emit_detail::emit_hf_mst, accept_all},
+    {"deepspeed", emit_detail::emit_deepspeed, emit_detail::check_deepspeed},
+    {"axolotl", emit_detail::emit_axolotl, emit_detail::check_axolotl},
+    {"torchtitan", emit_detail::emit_torchtitan, emit_detail::check_torchtitan},
 };
+
+const Format& find_format(const std::string& format) {
+    for (const Format& f : kFormats)
+        if (format == f.name) return f;
+    fail("emit", "format", fmt::format("expected one of {}, got '{}'", fmt::join(emit_formats(), ", "), format));
+}
 
 }  // namespace
 
@@ -35,14 +45,15 @@ std::vector<std::string> emit_formats() {
 }
 
 std::vector<EmittedFile> emit(const Plan& plan, const ModelSpec& model, const std::string& format) {
-    for (const Format& f : kFormats) {
-        if (format != f.name) continue;
-        // A plan built in code (not read from a file) has not been checked yet; the
-        // emitters index layers and divide by degrees on the strength of this.
-        validate(plan.setup, model);
-        return f.emit(plan, model);
-    }
-    fail("emit", "format", fmt::format("expected one of {}, got '{}'", fmt::join(emit_formats(), ", "), format));
+    const Format& f = find_format(format);
+    // A plan built in code (not read from a file) has not been checked yet; the
+    // emitters index layers and divide by degrees on the strength of this.
+    validate(plan.setup, model);
+    return f.emit(plan, model);
+}
+
+void check_expressible(const std::string& format, const TrainingSetup& setup, const ModelSpec& model) {
+    find_format(format).check(setup, model);
 }
 
 namespace emit_detail {

@@ -14,6 +14,13 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
 std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model);
 std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& model);
 
+// What each format refuses (a UserError "<format>: setup.<knob>: ..."), checked by its emitter
+// before it writes anything and by check_expressible (include/mst/emit.hpp). hf-mst refuses
+// nothing validate() accepts.
+void check_deepspeed(const TrainingSetup& s, const ModelSpec& model);
+void check_axolotl(const TrainingSetup& s, const ModelSpec& model);
+void check_torchtitan(const TrainingSetup& s, const ModelSpec& model);
+
 // Indices of the checkpointed decoder layers, ascending.
 std::vector<std::int64_t> checkpoint_layers(const TrainingSetup& s);
 
