@@ -175,6 +175,37 @@ TEST_CASE("Mixture-of-Experts configs: the keys MixtralConfig and Qwen3MoeConfig
     CHECK(mix_defaults.moe->intermediate == 160);
 }
 
+// Found by random differential runs: a Mistral config without the key builds MistralConfig's
+// 4096-token window (transformers then builds the sliding mask), as do Gemma-2 and the Qwen families.
+TEST_CASE("an absent sliding_window is the config class's default window; null is none") {
+    const nlohmann::json base = nlohmann::json::parse(R"({"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256})");
+    auto parsed = [&](const char* type, bool null_window) {
+        nlohmann::json j = base;
+        j["model_type"] = type;
+        if (std::string(type) == "qwen2") j["use_sliding_window"] = true, j["max_window_layers"] = 1;
+        if (null_window) j["sliding_window"] = nullptr;
+        return parse_model(j, "w.json", "w");
+    };
+    const std::map<std::string, std::vector<bool>> layers = {
+        {"mistral", {true, true}}, {"gemma2", {true, false}}, {"qwen2", {false, true}}};
+    for (const auto& [type, sliding] : layers) {
+        CAPTURE(type);
+        const ModelSpec m = parsed(type.c_str(), false);
+        REQUIRE(m.sliding_window);
+        CHECK(*m.sliding_window == 4096);
+        CHECK(m.sliding_layers == sliding);
+        CHECK_FALSE(parsed(type.c_str(), true).sliding_window);
+    }
+    for (const char* type : {"llama", "mixtral", "phi3"}) {  // their classes default to none
+        CAPTURE(type);
+        nlohmann::json j = base;
+        j["model_type"] = type;
+        if (std::string(type) == "phi3") j["pad_token_id"] = nullptr;
+        CHECK_FALSE(parse_model(j, "w.json", "w").sliding_window);
+    }
+}
+
 TEST_CASE("Llama-3-8B parameters by component, derived by hand") {
     const auto p = find_model("llama-3-8b").parameters();
     // d = 4096, I = 14336, V = 128256, L = 32, 32 heads, 8 KV heads of 128.

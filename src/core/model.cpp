@@ -286,6 +286,11 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     // (it ignores the window).
     m.sliding_layers.assign(static_cast<std::size_t>(m.num_layers), false);
     m.sliding_window = r.opt_integer("sliding_window", 1, kMaxPositions);
+    // An absent key is the config class's default: 4096 tokens for Mistral, Gemma-2 and the Qwen
+    // families (Qwen's only with use_sliding_window), none for the others; null is none.
+    const bool window_by_default = m.family == Family::Mistral || m.family == Family::Gemma2 || m.family == Family::Qwen2 ||
+                                   m.family == Family::Qwen3 || m.family == Family::Qwen3Moe;
+    if (window_by_default && !config.contains("sliding_window")) m.sliding_window = 4096;
     // layer_types, when the config lists them: which layers are "sliding_attention" (checked
     // against the layer count where a family reads them).
     std::optional<std::vector<bool>> typed;
@@ -294,8 +299,6 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
         for (const auto& t : r.raw("layer_types")) typed->push_back(t.is_string() && t.get<std::string>() == "sliding_attention");
     }
     const bool qwen = m.family == Family::Qwen2 || m.family == Family::Qwen3 || m.family == Family::Qwen3Moe;
-    // The Qwen configs' window is 4096 unless the key says otherwise (null: none).
-    if (qwen && !config.contains("sliding_window")) m.sliding_window = 4096;
     if (qwen && !r.opt_boolean("use_sliding_window").value_or(false)) {
         // Qwen2/Qwen3 configs drop the window unless use_sliding_window; layer_types naming sliding
         // layers then has no window, on which transformers' mask creation fails.
