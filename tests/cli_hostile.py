@@ -181,6 +181,7 @@ CASES = [
     ("offload flag given a number word", E + ["--offload=sometimes"], r"command line: mst-plan estimate: "),
     ("recommend seq 0", R + ["--seq", "0"], r"--seq: '0': expected a decimal integer in \[1, 1073741824\]"),
     ("recommend for an unknown trainer", R + ["--for", "megatron"], r"recommend: for: expected one of hf-mst, deepspeed, axolotl, torchtitan, got 'megatron'"),
+    ("max-seq for an unknown trainer", ["max-seq", "--model", "tiny-llama", "--for", "megatron"], r"max-seq: for: expected one of hf-mst, deepspeed, axolotl, torchtitan, got 'megatron'"),
     ("recommend for a trainer that refuses the precision", R + ["--for", "torchtitan"], r"recommend: for: a setup torchtitan can train as planned; none of those searched is: torchtitan: setup.precision: "),
     ("recommend seq -1", R + ["--seq", "-1"], r"--seq: '-1': expected a decimal integer in \[1, "),
     ("recommend tokens -5", R + ["--tokens-per-step", "-5"], r"--tokens-per-step: '-5': expected a decimal integer in \[1, "),

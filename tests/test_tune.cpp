@@ -93,6 +93,23 @@ TEST_CASE("recommend --for: every plan is one its format's emitter accepts, and 
     CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: for: expected one of hf-mst, deepspeed", 0) == 0);
 }
 
+TEST_CASE("max-seq --for: strategies the format's trainer cannot train are listed as refused, not searched") {
+    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 8192);
+    rq.for_format = "deepspeed";
+    const MaxSeqResult r = max_seq(rq, std::nullopt);
+    REQUIRE(r.rows.size() == 5);
+    for (std::size_t i = 0; i < 4; ++i) {  // dp 8 with ZeRO 3: DeepSpeed keeps bf16 master weights
+        CAPTURE(r.rows[i].strategy);
+        CHECK(r.rows[i].refused.empty());
+        CHECK(r.rows[i].max_seq > 0);
+    }
+    // sp 8 leaves dp 1, so ZeRO 0: pure bf16 is what DeepSpeed refuses there
+    CHECK(r.rows[4].max_seq == 0);
+    CHECK(r.rows[4].refused.rfind("deepspeed: setup.precision: expected bf16-master or amp with zero_stage 0", 0) == 0);
+    rq.for_format.clear();  // unrestricted, the same row is searched
+    CHECK(max_seq(rq, std::nullopt).rows[4].max_seq > 0);
+}
+
 TEST_CASE("when the plain setup fits, the tuner keeps it: no checkpointing, no chunks") {
     const Recommendation r = recommend(request("tiny-llama", "a100-80gb", 1, 1024));
     REQUIRE(r.found);

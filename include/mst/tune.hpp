@@ -80,6 +80,7 @@ struct MaxSeqRow {
     std::int64_t max_seq = 0;  // 0: not even the shortest length fits
     MemoryPeaks memory;        // at max_seq, what the GPU holds (fitting the budget: the search's device)
     TrainingSetup setup;       // at max_seq
+    std::string refused;       // --for: why that format's trainer cannot train the strategy (then not searched)
 };
 
 struct MaxSeqResult {

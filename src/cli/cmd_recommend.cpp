@@ -1,7 +1,9 @@
 // recommend, max-seq, bench tuner: the tuner's commands (`bench` itself: cmd_bench.cpp).
+#include <algorithm>
 #include <chrono>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>  // fmt::join
 #include <nlohmann/json.hpp>
 
 #include "bench.hpp"
@@ -169,13 +171,15 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     const MaxSeqResult r = max_seq(rq, user);
     if (g.json) {
         nlohmann::json rows = nlohmann::json::array();
-        for (const auto& row : r.rows)
+        for (const auto& row : r.rows) {
             rows.push_back({{"strategy", row.strategy},
                             {"max_seq", row.max_seq},
                             {"fits", row.max_seq > 0},
                             {"peak_reserved_bytes", row.memory.peak_reserved_bytes},
                             {"host_bytes", row.memory.host_peak_bytes},
                             {"setup", to_json(row.setup)}});
+            if (!row.refused.empty()) rows.back()["refused"] = row.refused;  // --for: not searched, and why
+        }
         return print_json({{"model", rq.model.name},
                            {"gpu", rq.gpu.name},
                            {"gpus", rq.gpus},
@@ -189,11 +193,20 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     const std::int64_t base = r.rows.empty() ? 0 : r.rows.front().max_seq;
     Table t({"strategy", "max seq", "vs none", "reserved at max", "host"});
     for (const auto& row : r.rows)
-        t.row({row.strategy, row.max_seq > 0 ? fmt::format("{}", row.max_seq) : "does not fit",
+        t.row({row.strategy, row.max_seq > 0 ? fmt::format("{}", row.max_seq) : !row.refused.empty() ? "refused" : "does not fit",
                base > 0 && row.max_seq > 0 ? fmt::format("{:.1f}x", static_cast<double>(row.max_seq) / static_cast<double>(base)) : "-",
                row.max_seq > 0 ? format_bytes(row.memory.peak_reserved_bytes) : "-",
                row.memory.host_peak_bytes > 0 ? format_bytes(row.memory.host_peak_bytes) : "-"});
     t.print();
+    // --for: why rows were not searched, in the format's words, once per reason
+    std::vector<std::pair<std::string, std::vector<std::string>>> refusals;
+    for (const auto& row : r.rows) {
+        if (row.refused.empty()) continue;
+        auto it = std::find_if(refusals.begin(), refusals.end(), [&](const auto& x) { return x.first == row.refused; });
+        if (it == refusals.end()) it = refusals.insert(refusals.end(), {row.refused, {}});
+        it->second.push_back(row.strategy);
+    }
+    for (const auto& [reason, rows] : refusals) fmt::print("refused ({}): {}\n", fmt::join(rows, "; "), reason);
     const std::string margin = fmt::format("{:.0f} %", 100 * rq.safety_margin);
     if (r.persistent_bytes >= r.budget_bytes)
         fmt::print("\nbudget {} ({} safety margin); weights, gradients and optimizer states alone take {}, {} more: no "
@@ -265,6 +278,9 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
                                     "  mst-plan max-seq --model llama-3-8b --gpu a100-80gb\n"
                                     "  mst-plan max-seq --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --runtime kernels");
     ms->add_to(*mcmd, false);
+    mcmd->add_option("--for", ms->for_format,
+                     "Only strategies this trainer format can train as planned (hf-mst, deepspeed, axolotl, torchtitan); "
+                     "the others are listed as refused, with the reason");
     knobs->add_to(*mcmd);  // the training knobs; checkpoint/chunk knobs add a "your setup" row
     mcmd->callback([&global, ms, knobs, mcmd] {
         bool user = false;

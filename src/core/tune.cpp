@@ -344,6 +344,9 @@ void check_request(const TuneRequest& rq, const char* command) {
                                         "yet); --runtime kernels plans {} GPUs with mst-plan's own kernels, got {}",
                                         rq.gpus, rq.gpus));
     validate_hf_scope(rq.base, rq.model);
+    if (const auto formats = emit_formats();
+        !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
+        fail(command, "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
 }
 }  // namespace
 
@@ -380,9 +383,6 @@ Recommendation recommend(const TuneRequest& rq) {
         ++expressible_setups;
         return true;
     };
-    if (const auto formats = emit_formats();
-        !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
-        fail("recommend", "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
 
     std::vector<std::int64_t> sps;
     for (std::int64_t sp = 1; sp <= rq.gpus; ++sp) {
@@ -547,6 +547,15 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         MaxSeqRow row;
         row.strategy = st.name;
         row.setup = st.setup;  // what the strategy is, also when nothing fits
+        if (!rq.for_format.empty()) {  // --for: a strategy the format's trainer cannot train is not searched
+            try {
+                check_expressible(rq.for_format, st.setup, m);
+            } catch (const UserError& e) {
+                row.refused = e.what();
+                out.rows.push_back(row);
+                continue;
+            }
+        }
         const std::int64_t granule = 1024 * st.setup.sp;
         longest_fitting(m, rq.gpu, st, out.budget_bytes, rq.host_bytes_per_gpu, granule, &row);
         // found on the budget's device; reported as the GPU holds it
