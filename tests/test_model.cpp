@@ -195,7 +195,10 @@ TEST_CASE("an absent sliding_window is the config class's default window; null i
         REQUIRE(m.sliding_window);
         CHECK(*m.sliding_window == 4096);
         CHECK(m.sliding_layers == sliding);
-        CHECK_FALSE(parsed(type.c_str(), true).sliding_window);
+        if (type == "gemma2")  // its local layers need a window: transformers cannot build the model
+            CHECK(test::expect_user_error([&] { (void)parsed("gemma2", true); }).find("w.json: sliding_window: expected a window") == 0);
+        else
+            CHECK_FALSE(parsed(type.c_str(), true).sliding_window);
     }
     for (const char* type : {"llama", "mixtral", "phi3"}) {  // their classes default to none
         CAPTURE(type);
@@ -204,6 +207,49 @@ TEST_CASE("an absent sliding_window is the config class's default window; null i
         if (std::string(type) == "phi3") j["pad_token_id"] = nullptr;
         CHECK_FALSE(parse_model(j, "w.json", "w").sliding_window);
     }
+}
+
+// Each config class's defaults for keys a config.json may omit (found by review against transformers
+// 5.24's configuration_*.py and confirmed on the referee): the KV heads, Gemma-2's soft-capping and
+// activation key; rotary scalings that update from the data in every forward are refused.
+TEST_CASE("absent keys take the config class's defaults: KV heads, Gemma-2 soft-capping and activation") {
+    const nlohmann::json base = nlohmann::json::parse(R"({"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+        "num_attention_heads": 64, "vocab_size": 256, "head_dim": 16})");
+    auto parsed = [&](const char* type) {
+        nlohmann::json j = base;
+        j["model_type"] = type;
+        if (std::string(type) == "phi3") j["pad_token_id"] = nullptr, j.erase("head_dim"), j["hidden_size"] = 1024;
+        if (std::string(type) == "qwen2") j.erase("head_dim"), j["hidden_size"] = 1024;
+        return parse_model(j, "k.json", "k");
+    };
+    const std::map<std::string, std::int64_t> kv = {{"llama", 64}, {"phi3", 64}, {"mistral", 8}, {"mixtral", 8},
+                                                    {"qwen2", 32}, {"qwen3", 32}, {"qwen3_moe", 4}, {"gemma2", 4}};
+    for (const auto& [type, heads] : kv) {
+        CAPTURE(type);
+        CHECK(parsed(type.c_str()).num_kv_heads == heads);
+    }
+    nlohmann::json null_kv = base;
+    null_kv["model_type"] = "mistral";
+    null_kv["num_key_value_heads"] = nullptr;  // null: every head
+    CHECK(parse_model(null_kv, "k.json", "k").num_kv_heads == 64);
+    const ModelSpec gemma = parsed("gemma2");
+    CHECK(*gemma.attn_logit_softcapping == 50.0);
+    CHECK(*gemma.final_logit_softcapping == 30.0);
+    CHECK(gemma.hidden_act == "gelu_pytorch_tanh");  // hidden_activation's default; hidden_act is not read
+    nlohmann::json gemma_act = base;
+    gemma_act["model_type"] = "gemma2";
+    gemma_act["hidden_act"] = "relu";
+    gemma_act["attn_logit_softcapping"] = nullptr;
+    const ModelSpec g2 = parse_model(gemma_act, "k.json", "k");
+    CHECK(g2.hidden_act == "gelu_pytorch_tanh");
+    CHECK_FALSE(g2.attn_logit_softcapping);
+    nlohmann::json dynamic = base;
+    dynamic["model_type"] = "llama";
+    dynamic["rope_scaling"] = {{"rope_type", "dynamic"}, {"factor", 2.0}};
+    CHECK(test::expect_user_error([&] { (void)parse_model(dynamic, "k.json", "k"); })
+              .find("k.json: rope_scaling.rope_type: expected a static rotary scaling") == 0);
+    dynamic["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}};
+    CHECK(parse_model(dynamic, "k.json", "k").num_layers == 2);
 }
 
 TEST_CASE("Llama-3-8B parameters by component, derived by hand") {

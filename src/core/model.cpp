@@ -227,7 +227,18 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     m.intermediate_size = r.integer("intermediate_size", 1, kMaxIntermediate);
     m.num_layers = r.integer("num_hidden_layers", 1, kMaxLayers);
     m.num_heads = r.integer("num_attention_heads", 1, kMaxHeads);
-    m.num_kv_heads = r.opt_integer("num_key_value_heads", 1, kMaxHeads).value_or(m.num_heads);
+    // An absent key is the config class's default (Llama and Phi-3: every head; Mistral and Mixtral 8,
+    // Qwen2 and Qwen3 32, Qwen3-MoE and Gemma-2 4); null is every head.
+    std::int64_t kv_default = m.num_heads;
+    if (!config.contains("num_key_value_heads")) {
+        switch (m.family) {
+            case Family::Mistral: case Family::Mixtral: kv_default = 8; break;
+            case Family::Qwen2: case Family::Qwen3: kv_default = 32; break;
+            case Family::Qwen3Moe: case Family::Gemma2: kv_default = 4; break;
+            default: break;  // Gemma-3's defaults are filled in above
+        }
+    }
+    m.num_kv_heads = r.opt_integer("num_key_value_heads", 1, kMaxHeads).value_or(kv_default);
     m.vocab_size = r.integer("vocab_size", 1, kMaxVocab);
     m.max_position_embeddings = r.opt_integer("max_position_embeddings", 1, kMaxPositions).value_or(0);
 
@@ -259,8 +270,9 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     // Gemma-2/3 tie embeddings by default (their configs omit the key), all others untie.
     m.tie_word_embeddings = r.opt_boolean("tie_word_embeddings").value_or(m.gemma());
     m.torch_dtype = r.opt_string("torch_dtype").value_or(r.opt_string("dtype").value_or("bfloat16"));
-    const char* act_key = r.has("hidden_activation") ? "hidden_activation" : "hidden_act";
-    m.hidden_act = r.opt_string(act_key).value_or("silu");
+    // Gemma-2/3 read hidden_activation only (default gelu_pytorch_tanh); the others hidden_act.
+    const char* act_key = m.gemma() ? "hidden_activation" : "hidden_act";
+    m.hidden_act = r.opt_string(act_key).value_or(m.gemma() ? "gelu_pytorch_tanh" : "silu");
     // transformers' activations that are one PyTorch op saving its input (SiLU, GELU): what the MLP's
     // rules model. Others (gelu_new, relu, ...) allocate and save differently.
     if (m.hidden_act != "silu" && m.hidden_act != "swish" && m.hidden_act != "gelu" && m.hidden_act != "gelu_pytorch_tanh")
@@ -287,7 +299,8 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     m.sliding_layers.assign(static_cast<std::size_t>(m.num_layers), false);
     m.sliding_window = r.opt_integer("sliding_window", 1, kMaxPositions);
     // An absent key is the config class's default: 4096 tokens for Mistral, Gemma-2 and the Qwen
-    // families (Qwen's only with use_sliding_window), none for the others; null is none.
+    // families (Qwen's only with use_sliding_window; Gemma-3's comes with its defaults above), none
+    // for Llama, Mixtral and Phi-3; null is none.
     const bool window_by_default = m.family == Family::Mistral || m.family == Family::Gemma2 || m.family == Family::Qwen2 ||
                                    m.family == Family::Qwen3 || m.family == Family::Qwen3Moe;
     if (window_by_default && !config.contains("sliding_window")) m.sliding_window = 4096;
@@ -308,6 +321,9 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
                                   "(the config then has no window: transformers cannot build that model)");
     }
     // Gemma-3's model builds a sliding-window mask in every forward, with or without sliding layers.
+    if (m.family == Family::Gemma2 && !m.sliding_window)  // null: Gemma2Config builds no model without one
+        r.fail("sliding_window", "expected a window in tokens (Gemma-2's local layers need one: transformers cannot build "
+                                 "that model without it)");
     if (m.family == Family::Gemma3 && !m.sliding_window)
         r.fail("sliding_window", "expected a window in tokens (Gemma-3 builds a sliding-window mask in every forward: "
                                  "transformers cannot run that model without one)");
@@ -338,6 +354,23 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
 
     m.attn_logit_softcapping = r.opt_number("attn_logit_softcapping", 0.0, 1e9);
     m.final_logit_softcapping = r.opt_number("final_logit_softcapping", 0.0, 1e9);
+    if (m.family == Family::Gemma2) {  // Gemma2Config's defaults for absent keys (null: none)
+        if (!config.contains("attn_logit_softcapping")) m.attn_logit_softcapping = 50.0;
+        if (!config.contains("final_logit_softcapping")) m.final_logit_softcapping = 30.0;
+    }
+    // Rotary scalings that decide in every forward from the data (dynamic NTK) or, outside Phi-3's
+    // modelled longrope, switch tables: their data-dependent work is not modelled (the referee cannot
+    // run it on fake tensors either).
+    for (const char* key : {"rope_scaling", "rope_parameters"}) {
+        if (m.family == Family::Phi3 || !r.has(key) || !r.raw(key).is_object()) continue;
+        const detail::JsonReader scaling = r.object(key);
+        const char* type_key = scaling.has("rope_type") ? "rope_type" : "type";
+        const std::string type = scaling.opt_string(type_key).value_or("default");
+        if (type == "dynamic" || type == "longrope")
+            scaling.fail(type_key, fmt::format("expected a static rotary scaling (default, linear, llama3, yarn), got '{}' "
+                                               "(its per-forward data-dependent update is not modelled)",
+                                               type));
+    }
     m.query_pre_attn_scalar = r.opt_number("query_pre_attn_scalar", 0.0, 1e9);
     if (m.gemma()) m.norms_per_layer = 4;
 
