@@ -82,6 +82,14 @@ TEST_CASE("recommend --for: every plan is one its format's emitter accepts, and 
     const Recommendation ds = recommend(rq);
     REQUIRE(ds.found);
     CHECK(ds.best.setup.zero_stage > 0);
+    // One rank under --for deepspeed: ZeRO 1 (nothing sharded) where ZeRO 0 would be refused.
+    TuneRequest one = request("llama-3.2-1b", "h100-sxm-80gb", 1, 8192);
+    one.base.runtime = Runtime::Kernels;
+    one.for_format = "deepspeed";
+    const Recommendation z1 = recommend(one);
+    REQUIRE(z1.found);
+    CHECK(z1.best.setup.zero_stage == 1);
+    CHECK_NOTHROW((void)emit(to_plan(z1, one, "llama-3.2-1b", "h100-sxm-80gb"), one.model, "deepspeed"));
     // Nothing the format can train: the emitter's reason, up front, in one line.
     rq = request("llama-3-8b", "h100-sxm-80gb", 1, 8192);
     rq.for_format = "torchtitan";
@@ -103,11 +111,21 @@ TEST_CASE("max-seq --for: strategies the format's trainer cannot train are liste
         CHECK(r.rows[i].refused.empty());
         CHECK(r.rows[i].max_seq > 0);
     }
-    // sp 8 leaves dp 1, so ZeRO 0: pure bf16 is what DeepSpeed refuses there
-    CHECK(r.rows[4].max_seq == 0);
-    CHECK(r.rows[4].refused.rfind("deepspeed: setup.precision: expected bf16-master or amp with zero_stage 0", 0) == 0);
-    rq.for_format.clear();  // unrestricted, the same row is searched
-    CHECK(max_seq(rq, std::nullopt).rows[4].max_seq > 0);
+    // sp 8 leaves dp 1: at ZeRO 0 DeepSpeed refuses pure bf16, so the row runs at ZeRO 1 (one rank
+    // shards nothing: the same prediction as unrestricted)
+    CHECK(r.rows[4].refused.empty());
+    CHECK(r.rows[4].setup.zero_stage == 1);
+    rq.for_format.clear();
+    const MaxSeqResult any = max_seq(rq, std::nullopt);
+    CHECK(any.rows[4].setup.zero_stage == 0);
+    CHECK(any.rows[4].max_seq == r.rows[4].max_seq);
+    // torchtitan keeps fp32 parameters: every pure-bf16 strategy is refused, with its reason
+    rq.for_format = "torchtitan";
+    for (const MaxSeqRow& row : max_seq(rq, std::nullopt).rows) {
+        CAPTURE(row.strategy);
+        CHECK(row.max_seq == 0);
+        CHECK(row.refused.rfind("torchtitan: setup.precision: expected bf16-master or amp", 0) == 0);
+    }
 }
 
 TEST_CASE("when the plain setup fits, the tuner keeps it: no checkpointing, no chunks") {

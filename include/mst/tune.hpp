@@ -63,6 +63,7 @@ struct Recommendation {
     std::string why;
     std::int64_t simulations = 0;
     bytes_t budget_bytes = 0;       // usable memory minus the safety margin
+    std::string refusal;            // --for: the first setup the format refused ("" when none was)
 };
 
 Recommendation recommend(const TuneRequest& request);

@@ -111,8 +111,9 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     if (!r.found) {
         fail(rq.model.name, "no setup fits",
              fmt::format("expected one for {} tokens on {} x {} within {} (try more GPUs, --allow offload=yes, a shorter "
-                         "--seq or fewer pins)",
-                         rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes)));
+                         "--seq or fewer pins){}",
+                         rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes),
+                         r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal)));
     }
     const Plan plan = to_plan(r, rq, a.model, a.gpu);
     OutputFiles outputs;
@@ -174,7 +175,7 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         for (const auto& row : r.rows) {
             rows.push_back({{"strategy", row.strategy},
                             {"max_seq", row.max_seq},
-                            {"fits", row.max_seq > 0},
+                            {"fits", row.refused.empty() ? nlohmann::json(row.max_seq > 0) : nlohmann::json(nullptr)},
                             {"peak_reserved_bytes", row.memory.peak_reserved_bytes},
                             {"host_bytes", row.memory.host_peak_bytes},
                             {"setup", to_json(row.setup)}});
@@ -267,7 +268,9 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
     cmd->add_option("--out", rec->out, "Write the plan as JSON (input of `mst-plan emit`)");
     cmd->add_option("--for", rec->for_format,
                     "Search only setups this trainer format can train as planned (emit's formats: hf-mst, deepspeed, "
-                    "axolotl, torchtitan), so that `emit --format` accepts the plan");
+                    "axolotl, torchtitan), so that `emit --format` accepts the plan")
+        ->check(CLI::Validator([](std::string& v) { return v.empty() ? std::string("expected a format name") : std::string(); },
+                               "FORMAT"));
     cmd->callback([&global, rec] { run_recommend(global, *rec); });
 
     auto ms = std::make_shared<TunerArgs>();
@@ -280,7 +283,9 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
     ms->add_to(*mcmd, false);
     mcmd->add_option("--for", ms->for_format,
                      "Only strategies this trainer format can train as planned (hf-mst, deepspeed, axolotl, torchtitan); "
-                     "the others are listed as refused, with the reason");
+                     "the others are listed as refused, with the reason")
+        ->check(CLI::Validator([](std::string& v) { return v.empty() ? std::string("expected a format name") : std::string(); },
+                               "FORMAT"));
     knobs->add_to(*mcmd);  // the training knobs; checkpoint/chunk knobs add a "your setup" row
     mcmd->callback([&global, ms, knobs, mcmd] {
         bool user = false;

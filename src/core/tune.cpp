@@ -395,7 +395,10 @@ Recommendation recommend(const TuneRequest& rq) {
                                             rq.gpus, m.num_heads, m.num_kv_heads, rq.seq_len, rq.pins.sp ? " with the pinned sp" : ""));
     for (std::int64_t sp : sps) {
         const std::int64_t dp = rq.gpus / sp;
+        // One rank: ZeRO 0, and ZeRO 1 for a format whose trainer needs it (DeepSpeed keeps bf16 master
+        // weights only under ZeRO 1-3; with one rank nothing is sharded, the memory is the same).
         std::vector<int> zeros = dp > 1 ? std::vector<int>{0, 2, 3} : std::vector<int>{0};
+        if (dp == 1 && !rq.for_format.empty() && rq.base.runtime == Runtime::Kernels) zeros.push_back(1);
         if (rq.pins.zero_stage) zeros = {*rq.pins.zero_stage};
         // Micro-batch and accumulation: reach the tokens per step when asked, else one sequence.
         std::vector<std::pair<std::int64_t, std::int64_t>> batches;  // (micro_batch, grad_accum)
@@ -438,6 +441,7 @@ Recommendation recommend(const TuneRequest& rq) {
     out.simulations = search.sims_;
     if (!rq.for_format.empty() && expressible_setups == 0)
         fail("recommend", "for", fmt::format("a setup {} can train as planned; none of those searched is: {}", rq.for_format, refusal));
+    out.refusal = refusal;  // when nothing fits, what --for excluded may be why
     if (!search.best_) return out;
     out.found = true;
     out.best = *search.best_;
@@ -547,17 +551,30 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         MaxSeqRow row;
         row.strategy = st.name;
         row.setup = st.setup;  // what the strategy is, also when nothing fits
+        Strategy run = st;
         if (!rq.for_format.empty()) {  // --for: a strategy the format's trainer cannot train is not searched
-            try {
-                check_expressible(rq.for_format, st.setup, m);
-            } catch (const UserError& e) {
-                row.refused = e.what();
+            auto refusal = [&](const TrainingSetup& s) -> std::string {
+                try {
+                    check_expressible(rq.for_format, s, m);
+                    return "";
+                } catch (const UserError& e) {
+                    return e.what();
+                }
+            };
+            row.refused = refusal(run.setup);
+            // One rank: ZeRO 1 shards nothing and is what DeepSpeed needs for bf16 master weights.
+            if (!row.refused.empty() && run.setup.dp == 1 && run.setup.zero_stage == 0 && run.setup.runtime == Runtime::Kernels) {
+                TrainingSetup z1 = run.setup;
+                z1.zero_stage = 1;
+                if (refusal(z1).empty()) run.setup = z1, row.setup = z1, row.refused.clear();
+            }
+            if (!row.refused.empty()) {
                 out.rows.push_back(row);
                 continue;
             }
         }
-        const std::int64_t granule = 1024 * st.setup.sp;
-        longest_fitting(m, rq.gpu, st, out.budget_bytes, rq.host_bytes_per_gpu, granule, &row);
+        const std::int64_t granule = 1024 * run.setup.sp;
+        longest_fitting(m, rq.gpu, run, out.budget_bytes, rq.host_bytes_per_gpu, granule, &row);
         // found on the budget's device; reported as the GPU holds it
         if (row.max_seq > 0) row.memory = simulate_peaks(m, row.setup, rq.gpu, true, rq.gpu.usable_bytes());
         out.rows.push_back(row);

@@ -235,7 +235,8 @@ T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy
 // output [n, d]; what its nodes save goes into c (dense) or e (MoE), or nowhere when null. With
 // stop_after_last_save a checkpoint's recomputation stops at the block's last save: invalid is
 // returned once the unwinding has dropped the evaluation stack (`earlier`: the chunk outputs the
-// loop's list holds) and the frames' locals.
+// loop's list holds) and what the block's own frames hold then (dense: the call's argument; MoE:
+// every local of its frames, in the backward that asked for the recomputation).
 T StepBuilder::hf_block_chunk_forward(const LayerParams& lp, T x, std::int64_t n, HfMlpChunk* c, HfMoe* e,
                                       bool stop_after_last_save, std::span<T> earlier) {
     if (m_.moe) {
