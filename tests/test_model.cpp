@@ -177,7 +177,7 @@ TEST_CASE("Mixture-of-Experts configs: the keys MixtralConfig and Qwen3MoeConfig
 
 // Found by random differential runs: a Mistral config without the key builds MistralConfig's
 // 4096-token window (transformers then builds the sliding mask), as do Gemma-2 and the Qwen families.
-TEST_CASE("an absent sliding_window is the config class's default window; null is none") {
+TEST_CASE("an absent sliding_window is the config class's default window, null is none") {
     const nlohmann::json base = nlohmann::json::parse(R"({"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256})");
     auto parsed = [&](const char* type, bool null_window) {
