@@ -31,6 +31,15 @@ TEST_CASE("the hf runtime plans one GPU: several are a one-line error pointing a
     CHECK(test::expect_user_error([&] { (void)max_seq(rq, std::nullopt); }).rfind("max-seq: gpus: ", 0) == 0);
 }
 
+TEST_CASE("pins the hf runtime cannot honour are named, not searched for") {
+    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 1, 8192);
+    rq.pins.zero_stage = 1;
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: pin: zero=1: expected 0 with runtime hf", 0) == 0);
+    rq.pins.zero_stage.reset();
+    rq.pins.sp = 2;
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: pin: sp=2: expected 1 with runtime hf", 0) == 0);
+}
+
 TEST_CASE("a Mixture-of-Experts model on several GPUs is refused without pointing at a runtime that refuses it too") {
     TuneRequest rq = request("qwen3-30b-a3b", "h100-sxm-80gb", 8, 8192);
     rq.base.runtime = Runtime::Hf;

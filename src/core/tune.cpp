@@ -344,6 +344,11 @@ void check_request(const TuneRequest& rq, const char* command) {
                                         "yet); --runtime kernels plans {} GPUs with mst-plan's own kernels, got {}",
                                         rq.gpus, rq.gpus));
     validate_hf_scope(rq.base, rq.model);
+    // The hf runtime plans one GPU without ZeRO: a pin it cannot honour is named, not searched for.
+    if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && *rq.pins.zero_stage > 0)
+        fail(command, "pin", fmt::format("zero={}: expected 0 with runtime hf (ZeRO is not modelled in it yet)", *rq.pins.zero_stage));
+    if (rq.base.runtime == Runtime::Hf && rq.pins.sp && *rq.pins.sp > 1)
+        fail(command, "pin", fmt::format("sp={}: expected 1 with runtime hf (sequence parallelism is not modelled in it yet)", *rq.pins.sp));
     if (const auto formats = emit_formats();
         !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
         fail(command, "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
