@@ -353,6 +353,16 @@ void check_request(const TuneRequest& rq, const char* command) {
         !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
         fail(command, "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
 }
+
+// --for: why the format's trainer cannot train `s` as planned, in its emitter's words ("" when it can).
+std::string refusal_of(const std::string& format, const TrainingSetup& s, const ModelSpec& m) {
+    try {
+        check_expressible(format, s, m);
+        return "";
+    } catch (const UserError& e) {
+        return e.what();
+    }
+}
 }  // namespace
 
 Recommendation recommend(const TuneRequest& rq) {
@@ -379,10 +389,9 @@ Recommendation recommend(const TuneRequest& rq) {
     std::int64_t expressible_setups = 0;
     auto expressible = [&](const TrainingSetup& s) {
         if (rq.for_format.empty()) return true;
-        try {
-            check_expressible(rq.for_format, s, m);
-        } catch (const UserError& e) {
-            if (refusal.empty()) refusal = e.what();
+        const std::string why = refusal_of(rq.for_format, s, m);
+        if (!why.empty()) {
+            if (refusal.empty()) refusal = why;
             return false;
         }
         ++expressible_setups;
@@ -558,20 +567,12 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         row.setup = st.setup;  // what the strategy is, also when nothing fits
         Strategy run = st;
         if (!rq.for_format.empty()) {  // --for: a strategy the format's trainer cannot train is not searched
-            auto refusal = [&](const TrainingSetup& s) -> std::string {
-                try {
-                    check_expressible(rq.for_format, s, m);
-                    return "";
-                } catch (const UserError& e) {
-                    return e.what();
-                }
-            };
-            row.refused = refusal(run.setup);
+            row.refused = refusal_of(rq.for_format, run.setup, m);
             // One rank: ZeRO 1 shards nothing and is what DeepSpeed needs for bf16 master weights.
             if (!row.refused.empty() && run.setup.dp == 1 && run.setup.zero_stage == 0 && run.setup.runtime == Runtime::Kernels) {
                 TrainingSetup z1 = run.setup;
                 z1.zero_stage = 1;
-                if (refusal(z1).empty()) run.setup = z1, row.setup = z1, row.refused.clear();
+                if (refusal_of(rq.for_format, z1, m).empty()) run.setup = z1, row.setup = z1, row.refused.clear();
             }
             if (!row.refused.empty()) {
                 out.rows.push_back(row);
