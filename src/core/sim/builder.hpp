@@ -409,8 +409,7 @@ private:
     void hf_flash_forward(HfLayer& sv, T qe, T ke, T v, T& out);
     void hf_flash_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv);
     T hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, HfMlpChunk& c);
-    template <class WeightGrad>
-    T hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool view_sum, WeightGrad&& weight_grad);
+    T hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool view_sum, WeightGradRef weight_grad);
     T hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save);
     T hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);
     T hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);

@@ -183,8 +183,7 @@ T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, 
 // after the input's two gradients are summed (a node's outputs reach their buffers in order:
 // input, weight). Returns the chunk input's gradient; view_sum: up's input gradient is a view of
 // its GEMM's output (the unchunked block), so the sum is a new tensor.
-template <class WeightGrad>
-T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool view_sum, WeightGrad&& weight_grad) {
+T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool view_sum, WeightGradRef weight_grad) {
     const std::int64_t d = m_.hidden_size, I = m_.intermediate_size, n = c.tokens;
     at("mlp.down");
     T gwd = grad_out(lp.down);
