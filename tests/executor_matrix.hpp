@@ -136,6 +136,25 @@ inline const MatrixCase kMatrix[] = {
          s.precision = Precision::AmpFp32, s.grad_accum = 2, s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward;
          s.checkpoint = {false, true}, s.offload_checkpoints = true;
      }},
+    {"Mixtral: top-2 of 4 experts, renormalised (M = 1)", "tiny_mixtral.json", 32, [](TrainingSetup&, std::int64_t) {}},
+    {"Mixtral: loop M=3, checkpoint all", "tiny_mixtral.json", 32, [](TrainingSetup& s, std::int64_t L) {
+         s.mlp_chunks = 3, s.checkpoint.assign(static_cast<std::size_t>(L), true);
+     }},
+    {"Mixtral: AMP, tiled M=4, optimizer in backward, fused M=2", "tiny_mixtral.json", 32, [](TrainingSetup& s, std::int64_t) {
+         s.precision = Precision::AmpFp32, s.mlp_chunks = 4, s.mlp_impl = MlpImpl::Tiled, s.optimizer_in_backward = true;
+         s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward;
+     }},
+    {"Qwen3-MoE: top-3 of 8, eager, bf16 master, loop M=2", "tiny_qwen3_moe.json", 32, [](TrainingSetup& s, std::int64_t) {
+         s.attention = Attention::Eager, s.precision = Precision::Bf16Master, s.mlp_chunks = 2;
+     }},
+    {"Qwen3-MoE: grad_accum 2, tiled M=3, checkpoint layer 1 offloaded, recompute M=2", "tiny_qwen3_moe.json", 32,
+     [](TrainingSetup& s, std::int64_t) {
+         s.grad_accum = 2, s.mlp_chunks = 3, s.mlp_impl = MlpImpl::Tiled, s.lm_chunks = 2;
+         s.checkpoint = {false, true}, s.offload_checkpoints = true;
+     }},
+    {"Qwen3-MoE top-1: one-token chunks (loop M=32), micro-batch 2", "tiny_qwen3_moe_top1.json", 16, [](TrainingSetup& s, std::int64_t) {
+         s.micro_batch = 2, s.mlp_chunks = 32;
+     }},
     {"default", "small-llama", 12, [](TrainingSetup&, std::int64_t) {}},
     {"eager, bf16 master, tiled M=2, fused M=2", "small-llama", 12, [](TrainingSetup& s, std::int64_t) {
          s.attention = Attention::Eager, s.precision = Precision::Bf16Master;

@@ -776,6 +776,121 @@ TEST_CASE("swiglu: fast equals the reference and the backward equals finite diff
     }
 }
 
+// ---- Mixture-of-Experts routing, dispatch, combine ---------------------------------------------
+
+TEST_CASE("moe_route: a routing by hand (ties to the lower expert, renormalised weights, pairs sorted by expert)") {
+    const std::int64_t n = 3, E = 4, k = 2;
+    const Vec probs = {0.1f, 0.4f, 0.3f, 0.2f,      // token 0: experts 1, 2
+                       0.25f, 0.25f, 0.25f, 0.25f,  // token 1: a four-way tie -> experts 0, 1
+                       0.5f, 0.1f, 0.1f, 0.3f};     // token 2: experts 0, 3
+    for (bool normalize : {false, true}) {
+        Vec w(n * k);
+        std::vector<std::int64_t> idx(n * k), pos(n * k), offsets(E + 1);
+        moe_route(w.data(), idx.data(), pos.data(), offsets.data(), probs.data(), n, E, k, normalize);
+        CHECK(idx == std::vector<std::int64_t>{1, 2, 0, 1, 0, 3});
+        // experts 0: pairs (1,0) (2,0) -> rows 0, 1; 1: (0,0) (1,1) -> 2, 3; 2: (0,1) -> 4; 3: (2,1) -> 5
+        CHECK(offsets == std::vector<std::int64_t>{0, 2, 4, 5, 6});
+        CHECK(pos == std::vector<std::int64_t>{2, 4, 0, 3, 1, 5});
+        const Vec expected = normalize ? Vec{0.4f / 0.7f, 0.3f / 0.7f, 0.5f, 0.5f, 0.5f / 0.8f, 0.3f / 0.8f}
+                                       : Vec{0.4f, 0.3f, 0.25f, 0.25f, 0.5f, 0.3f};
+        CHECK(rel_err(w, expected) < 1e-6);
+    }
+}
+
+TEST_CASE("moe_route: fast equals the reference, the backward equals finite differences") {
+    const std::int64_t n = 40, E = 8, k = 3;
+    // Per token a shuffle of well separated values (gaps 0.02 >> eps): no perturbation changes a choice.
+    Vec probs(static_cast<std::size_t>(n * E));
+    std::mt19937 gen(701);
+    for (std::int64_t t = 0; t < n; ++t) {
+        for (std::int64_t e = 0; e < E; ++e) probs[static_cast<std::size_t>(t * E + e)] = 0.05f + 0.02f * static_cast<float>(e);
+        std::shuffle(probs.begin() + t * E, probs.begin() + (t + 1) * E, gen);
+    }
+    const Vec dw = randn(n * k, 702);
+    for (bool normalize : {false, true}) {
+        CAPTURE(normalize);
+        Vec w(n * k), w_ref(n * k);
+        std::vector<std::int64_t> idx(n * k), pos(n * k), offsets(E + 1), idx_ref(n * k), pos_ref(n * k), offsets_ref(E + 1);
+        moe_route(w.data(), idx.data(), pos.data(), offsets.data(), probs.data(), n, E, k, normalize);
+        ref::moe_route(w_ref.data(), idx_ref.data(), pos_ref.data(), offsets_ref.data(), probs.data(), n, E, k, normalize);
+        CHECK(idx == idx_ref);
+        CHECK(pos == pos_ref);
+        CHECK(offsets == offsets_ref);
+        CHECK(rel_err(w, w_ref) < 1e-6);
+
+        Vec dprobs(n * E), dprobs_ref(n * E);
+        moe_route_backward(dprobs.data(), dw.data(), probs.data(), idx.data(), n, E, k, normalize);
+        ref::moe_route_backward(dprobs_ref.data(), dw.data(), probs.data(), idx.data(), n, E, k, normalize);
+        CHECK(rel_err(dprobs, dprobs_ref) < 1e-5);
+        Vec p = probs;
+        auto loss = [&] {
+            Vec ww(n * k);
+            std::vector<std::int64_t> ii(n * k), pp(n * k), oo(E + 1);
+            moe_route(ww.data(), ii.data(), pp.data(), oo.data(), p.data(), n, E, k, normalize);
+            CHECK(ii == idx);
+            return dot(ww, dw);
+        };
+        CHECK(fd_error(p, dprobs, loss, 200, 703) < 1e-3);
+    }
+}
+
+TEST_CASE("moe gather and combine: the combine is the weighted sum of each token's rows, the gather its adjoint") {
+    const std::int64_t n = 7, E = 5, k = 2, d = 300;  // d spans two kBlock blocks
+    Vec probs = randn(n * E, 711);
+    Vec w(n * k);
+    std::vector<std::int64_t> idx(n * k), pos(n * k), offsets(E + 1);
+    moe_route(w.data(), idx.data(), pos.data(), offsets.data(), probs.data(), n, E, k, true);
+    const Vec x = randn(n * d, 712), ys = randn(n * k * d, 713), dy = randn(n * d, 714);
+
+    Vec xs(n * k * d);
+    moe_gather(xs.data(), x.data(), pos.data(), n, k, d);
+    for (std::int64_t i = 0; i < n * k; ++i)
+        for (std::int64_t c = 0; c < d; c += 37) CHECK(xs[pos[i] * d + c] == x[(i / k) * d + c]);
+
+    Vec y(n * d), y_ref(n * d);
+    moe_combine(y.data(), ys.data(), w.data(), pos.data(), n, k, d, false);
+    ref::moe_combine(y_ref.data(), ys.data(), w.data(), pos.data(), n, k, d, false);
+    CHECK(rel_err(y, y_ref) < 1e-6);
+    Vec acc = x;  // accumulate: x + combine
+    moe_combine(acc.data(), ys.data(), w.data(), pos.data(), n, k, d, true);
+    for (std::size_t i = 0; i < acc.size(); ++i) acc[i] -= x[i];
+    CHECK(rel_err(acc, y) < 1e-6);
+
+    // <gather(x), z> = <x, combine with weights 1 (z)>
+    Vec back(n * d);
+    moe_combine(back.data(), ys.data(), nullptr, pos.data(), n, k, d, false);
+    CHECK(std::fabs(dot(xs, ys) - dot(x, back)) < 1e-4 * std::fabs(dot(xs, ys)));
+
+    Vec dys(n * k * d), dw(n * k), dys_ref(n * k * d), dw_ref(n * k);
+    moe_combine_backward(dys.data(), dw.data(), dy.data(), ys.data(), w.data(), pos.data(), n, k, d);
+    ref::moe_combine_backward(dys_ref.data(), dw_ref.data(), dy.data(), ys.data(), w.data(), pos.data(), n, k, d);
+    CHECK(rel_err(dys, dys_ref) < 1e-6);
+    CHECK(rel_err(dw, dw_ref) < 1e-5);
+    Vec yv = ys, wv = w;
+    auto loss = [&] {
+        Vec out(n * d);
+        moe_combine(out.data(), yv.data(), wv.data(), pos.data(), n, k, d, false);
+        return dot(out, dy);
+    };
+    CHECK(fd_error(yv, dys, loss, 100, 715) < 1e-3);
+    CHECK(fd_error(wv, dw, loss, n * k, 716) < 1e-3);
+
+    // bf16 storage agrees with fp32
+    BVec yb(n * d);
+    moe_combine(yb.data(), to_bf16(ys).data(), w.data(), pos.data(), n, k, d, false);
+    CHECK(rel_err(to_f32(yb), y) < 1e-2);
+}
+
+TEST_CASE("moe kernels refuse a top-k outside 1..E") {
+    Vec probs(4, 0.25f), w(8);
+    std::vector<std::int64_t> idx(8), pos(8), offsets(5);
+    CHECK_THROWS_AS(moe_route(w.data(), idx.data(), pos.data(), offsets.data(), probs.data(), 1, 4, 5, false), std::logic_error);
+    CHECK_THROWS_AS(moe_route(w.data(), idx.data(), pos.data(), offsets.data(), probs.data(), 1, 4, 0, false), std::logic_error);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const Vec nans(4, nan);
+    CHECK_THROWS_AS(moe_route(w.data(), idx.data(), pos.data(), offsets.data(), nans.data(), 1, 4, 2, false), std::logic_error);
+}
+
 // ---- cross-entropy -----------------------------------------------------------------------------
 
 namespace {

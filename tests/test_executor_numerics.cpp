@@ -204,3 +204,14 @@ TEST_CASE("numerics: Phi-3 shape (3/4 of each head rotated), chunked, checkpoint
     // and 2 norms per layer, the embedding and the final norm (tied: no lm_head)
     CHECK(check_variants_equal_unchunked("tiny_phi3.json") == 9 * 2 + 2);
 }
+
+TEST_CASE("numerics: Mixture-of-Experts (Mixtral: top-2 of 4, renormalised), chunked, checkpointed and eager steps equal the unchunked flash step") {
+    // per layer: 2 norms, q, k, v, o, the router and the experts' gate, up and down; the
+    // embedding, the final norm and lm_head
+    CHECK(check_variants_equal_unchunked("tiny_mixtral.json") == 10 * 2 + 3);
+}
+
+TEST_CASE("numerics: Mixture-of-Experts (Qwen3-MoE: top-3 of 8, raw weights, q/k norms, tied), chunked, checkpointed and eager steps equal the unchunked flash step") {
+    CHECK(check_variants_equal_unchunked("tiny_qwen3_moe.json") == 12 * 2 + 2);
+    CHECK(check_variants_equal_unchunked("tiny_qwen3_moe_top1.json") > 0);  // top-1: each token on one expert
+}

@@ -46,6 +46,11 @@ struct TuneRequest {
     std::string for_format;
 };
 
+// Seconds per trained token of a step: step_seconds / (micro-batch x seq x accumulation x dp).
+inline double per_token(const StepTime& t, const TrainingSetup& s) {
+    return t.step_seconds / (static_cast<double>(s.tokens()) * static_cast<double>(s.grad_accum) * static_cast<double>(s.dp));
+}
+
 struct Candidate {
     TrainingSetup setup;
     // What the GPU holds (torch.cuda.max_memory_*): the allocator model releases cached segments
@@ -54,6 +59,9 @@ struct Candidate {
     MemoryPeaks memory;
     StepTime time;
     std::int64_t releases_at_budget = 0;
+    // What the search minimises: seconds per token trained, the step's time over the tokens all
+    // data-parallel ranks train in it (a layout with more ranks trains more tokens per step).
+    double cost() const { return per_token(time, setup); }
 };
 
 struct Recommendation {

@@ -53,7 +53,7 @@ void run_bench_kernels(const GlobalOptions& g, const BenchKernelsArgs& a) {
     const ModelSpec model = find_model(a.model);
     const GpuProfile gpu = find_gpu(a.gpu);
     if (model.moe)  // its kernels are the dense MLP's: an MoE model's experts are not among them
-        fail("bench kernels", "model", fmt::format("expected a dense model (mst-plan's kernels have no experts), got {}", model.name));
+        fail("bench kernels", "model", fmt::format("expected a dense model (it times the dense MLP kernels; the expert kernels are not benchmarked yet), got {}", model.name));
     KernelBenchRequest rq;
     rq.model = model.name;
     rq.hidden = model.hidden_size;

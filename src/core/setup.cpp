@@ -225,14 +225,8 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
 // refused, not guessed: the kernels runtime models those.
 void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
-    // The executor has no expert kernels: a Mixture-of-Experts model is planned as transformers runs it.
-    if (s.runtime != Runtime::Hf && m.moe)
-        fail(w, "runtime", "expected hf for a Mixture-of-Experts model (the kernels runtime has no expert kernels yet; "
-                           "the hf runtime models transformers' grouped_mm experts)");
     if (s.runtime != Runtime::Hf) return;
-    // The kernels runtime models these, but not for a Mixture-of-Experts model.
-    const char* hint = m.moe ? "; not modelled for a Mixture-of-Experts model yet (the kernels runtime has no expert kernels)"
-                             : "; the kernels runtime models it (runtime kernels)";
+    const char* hint = "; the kernels runtime models it (runtime kernels)";
     if (s.dp > 1) fail(w, "dp", fmt::format("expected 1 with runtime hf (one GPU){}, got {}", hint, s.dp));
     if (s.sp > 1) fail(w, "sp", fmt::format("expected 1 with runtime hf (one GPU){}, got {}", hint, s.sp));
     if (s.zero_stage > 0)

@@ -123,7 +123,7 @@ public:
         ++sims_;
         return sim_.fits(s, budget_, rq_.host_bytes_per_gpu, out);
     }
-    double seconds(const TrainingSetup& s) const { return predict_time(rq_.model, s, rq_.gpu, rq_.cluster).step_seconds; }
+    double seconds(const TrainingSetup& s) const { return per_token(predict_time(rq_.model, s, rq_.gpu, rq_.cluster), s); }
 
     // Searches checkpoint count and chunk counts for one choice of the outer knobs.
     void inner(const TrainingSetup& outer) {
@@ -147,7 +147,7 @@ public:
             if (auto it = times_.find(key); it != times_.end()) return it->second;
             return times_.emplace(key, seconds(with(k, mm, ml, placement))).first->second;
         };
-        // Whether some chunking of this placement is faster than `limit` (the search's time bound).
+        // Whether some chunking of this placement beats `limit` seconds per token (the search's bound).
         auto can_beat = [&](std::int64_t k, const std::vector<bool>* placement, double limit) {
             for (auto mm : mlp_opts)
                 for (auto ml : lm_opts)
@@ -160,7 +160,7 @@ public:
         } else if (rq_.pins.checkpoint_count) {
             ks.push_back({*rq_.pins.checkpoint_count, nullptr});
         } else {
-            if (best_ && !can_beat(0, nullptr, best_->time.step_seconds * kRunnerUpSlack)) return;  // cannot compete
+            if (best_ && !can_beat(0, nullptr, best_->cost() * kRunnerUpSlack)) return;  // cannot compete
             if (!fits(with(L, mlp_opts.back(), lm_opts.back()))) return;
             std::int64_t lo = 0, hi = L;  // fewest checkpointed layers that fit with the most chunks
             while (lo < hi) {
@@ -181,7 +181,7 @@ public:
             const std::vector<bool>* placement = choice.second;
             // Time grows with k: stop once even the best chunking cannot compete (the first k of
             // each outer choice may trail by kRunnerUpSlack, to offer runner-ups).
-            if (best_ && !can_beat(k, placement, best_->time.step_seconds * (first ? kRunnerUpSlack : 1.0))) break;
+            if (best_ && !can_beat(k, placement, best_->cost() * (first ? kRunnerUpSlack : 1.0))) break;
             first = false;
             // Fewest LM-head chunks that fit with the most MLP chunks, then fewest MLP chunks.
             const auto smallest = [&](const std::vector<std::int64_t>& opts, std::size_t hi, auto make) -> std::optional<std::size_t> {
@@ -220,13 +220,13 @@ public:
 
     void consider(Candidate c) {
         evaluated_.push_back(c);
-        const double t = c.time.step_seconds;
+        const double t = c.cost();
         if (!best_) {
             best_ = c;
             return;
         }
-        const double bt = best_->time.step_seconds;
-        // Faster wins; within 0.5 % prefer the simpler parallel layout, then more headroom.
+        const double bt = best_->cost();
+        // More tokens per second wins; within 0.5 % prefer the simpler parallel layout, then more headroom.
         if (t < bt * 0.995 ||
             (t <= bt * 1.005 && (c.setup.zero_stage < best_->setup.zero_stage ||
                                  (c.setup.zero_stage == best_->setup.zero_stage &&
@@ -249,7 +249,7 @@ private:
 std::vector<Candidate> pareto_front(std::vector<Candidate> all) {
     std::sort(all.begin(), all.end(), [](const Candidate& a, const Candidate& b) {
         return a.memory.peak_reserved_bytes < b.memory.peak_reserved_bytes ||
-               (a.memory.peak_reserved_bytes == b.memory.peak_reserved_bytes && a.time.step_seconds < b.time.step_seconds);
+               (a.memory.peak_reserved_bytes == b.memory.peak_reserved_bytes && a.cost() < b.cost());
     });
     std::vector<Candidate> front;
     double best_tps = -1;
@@ -336,13 +336,9 @@ void check_request(const TuneRequest& rq, const char* command) {
         fail(command, "gpus", fmt::format("expected a count in [1, {}], got {}", limits::kGpus, rq.gpus));
     if (rq.gpus > 1 && rq.base.runtime == Runtime::Hf)
         fail(command, "gpus",
-             rq.model.moe ? fmt::format("expected 1 for a Mixture-of-Experts model (data, sequence and expert parallelism "
-                                        "are not modelled for one yet: the hf runtime plans one GPU, the kernels runtime "
-                                        "has no expert kernels), got {}",
-                                        rq.gpus)
-                          : fmt::format("expected 1 with runtime hf (data and sequence parallelism are not modelled in it "
-                                        "yet); --runtime kernels plans {} GPUs with mst-plan's own kernels, got {}",
-                                        rq.gpus, rq.gpus));
+             fmt::format("expected 1 with runtime hf (data and sequence parallelism are not modelled in it yet); "
+                         "--runtime kernels plans {} GPUs with mst-plan's own kernels, got {}",
+                         rq.gpus, rq.gpus));
     validate_hf_scope(rq.base, rq.model);
     // The hf runtime plans one GPU without ZeRO: a pin it cannot honour is named, not searched for.
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && *rq.pins.zero_stage > 0)

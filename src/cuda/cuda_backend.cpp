@@ -222,6 +222,26 @@ public:
     void softmax_backward(Tensor dx, const float* dy, const float* y, std::int64_t rows, std::int64_t cols) override {
         cuda::softmax_backward(g(dx), dy, y, rows, cols);
     }
+    void moe_route(float* w, std::int64_t* idx, std::int64_t* pos, std::int64_t* offsets, const float* probs,
+                   std::int64_t n, std::int64_t E, std::int64_t k, bool normalize) override {
+        cuda::moe_route(w, idx, pos, offsets, probs, n, E, k, normalize);
+    }
+    void moe_route_backward(float* dprobs, const float* dw, const float* probs, const std::int64_t* idx, std::int64_t n,
+                            std::int64_t E, std::int64_t k, bool normalize) override {
+        cuda::moe_route_backward(dprobs, dw, probs, idx, n, E, k, normalize);
+    }
+    void moe_gather(Tensor xs, ConstTensor x, const std::int64_t* pos, std::int64_t n, std::int64_t k,
+                    std::int64_t d) override {
+        cuda::moe_gather(g(xs), g(x), pos, n, k, d);
+    }
+    void moe_combine(Tensor y, ConstTensor ys, const float* w, const std::int64_t* pos, std::int64_t n, std::int64_t k,
+                     std::int64_t d, bool accumulate) override {
+        cuda::moe_combine(g(y), g(ys), w, pos, n, k, d, accumulate);
+    }
+    void moe_combine_backward(Tensor dys, float* dw, ConstTensor dy, ConstTensor ys, const float* w,
+                              const std::int64_t* pos, std::int64_t n, std::int64_t k, std::int64_t d) override {
+        cuda::moe_combine_backward(g(dys), dw, g(dy), g(ys), w, pos, n, k, d);
+    }
     void swiglu_forward(Tensor m, ConstTensor gt, ConstTensor u, std::int64_t n, GatedAct act) override {
         cuda::swiglu_forward(g(m), g(gt), g(u), n, act);
     }

@@ -148,6 +148,24 @@ void swiglu_forward(Tensor m, ConstTensor g, ConstTensor u, std::int64_t n, Gate
 void swiglu_backward(Tensor dg, Tensor du, ConstTensor dm, ConstTensor g, ConstTensor u, std::int64_t n,
                      GatedAct act, cudaStream_t stream = nullptr);
 
+// ---- Mixture-of-Experts routing, dispatch and combine -------------------------------------------
+// The CPU twins' contracts (src/exec/cpu/kernels.hpp); idx, pos, offsets are int64 device arrays.
+// moe_route runs one thread per token for the top-k, then one block of E threads (E <= 1024)
+// for the stable sort by expert: each expert's thread scans the pairs in order (E x n*k reads,
+// all threads reading the same address together).
+inline constexpr std::int64_t kMaxExperts = 1024;
+void moe_route(float* w, std::int64_t* idx, std::int64_t* pos, std::int64_t* offsets, const float* probs,
+               std::int64_t n, std::int64_t E, std::int64_t k, bool normalize, cudaStream_t stream = nullptr);
+void moe_route_backward(float* dprobs, const float* dw, const float* probs, const std::int64_t* idx, std::int64_t n,
+                        std::int64_t E, std::int64_t k, bool normalize, cudaStream_t stream = nullptr);
+void moe_gather(Tensor xs, ConstTensor x, const std::int64_t* pos, std::int64_t n, std::int64_t k, std::int64_t d,
+                cudaStream_t stream = nullptr);
+void moe_combine(Tensor y, ConstTensor ys, const float* w, const std::int64_t* pos, std::int64_t n, std::int64_t k,
+                 std::int64_t d, bool accumulate, cudaStream_t stream = nullptr);
+void moe_combine_backward(Tensor dys, float* dw, ConstTensor dy, ConstTensor ys, const float* w,
+                          const std::int64_t* pos, std::int64_t n, std::int64_t k, std::int64_t d,
+                          cudaStream_t stream = nullptr);
+
 // ---- residual --------------------------------------------------------------------------------
 // out[n] = a[n] + b[n]
 void residual_forward(Tensor out, ConstTensor a, ConstTensor b, std::int64_t n, cudaStream_t stream = nullptr);

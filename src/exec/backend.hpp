@@ -128,6 +128,17 @@ public:
     virtual void swiglu_forward(Tensor m, ConstTensor g, ConstTensor u, std::int64_t n, GatedAct act) = 0;
     virtual void swiglu_backward(Tensor dg, Tensor du, ConstTensor dm, ConstTensor g, ConstTensor u, std::int64_t n,
                                  GatedAct act) = 0;
+    // Mixture-of-Experts: index arrays (idx, pos, offsets) are int64 in this backend's memory.
+    virtual void moe_route(float* w, std::int64_t* idx, std::int64_t* pos, std::int64_t* offsets, const float* probs,
+                           std::int64_t n, std::int64_t E, std::int64_t k, bool normalize) = 0;
+    virtual void moe_route_backward(float* dprobs, const float* dw, const float* probs, const std::int64_t* idx,
+                                    std::int64_t n, std::int64_t E, std::int64_t k, bool normalize) = 0;
+    virtual void moe_gather(Tensor xs, ConstTensor x, const std::int64_t* pos, std::int64_t n, std::int64_t k,
+                            std::int64_t d) = 0;
+    virtual void moe_combine(Tensor y, ConstTensor ys, const float* w, const std::int64_t* pos, std::int64_t n,
+                             std::int64_t k, std::int64_t d, bool accumulate) = 0;
+    virtual void moe_combine_backward(Tensor dys, float* dw, ConstTensor dy, ConstTensor ys, const float* w,
+                                      const std::int64_t* pos, std::int64_t n, std::int64_t k, std::int64_t d) = 0;
     virtual void residual_forward(Tensor out, ConstTensor a, ConstTensor b, std::int64_t n) = 0;
     virtual void residual_accumulate(Tensor a, ConstTensor b, std::int64_t n) = 0;
     virtual void softcap_forward(Tensor y, ConstTensor x, std::int64_t n, float cap) = 0;

@@ -146,6 +146,26 @@ void CpuBackend::swiglu_backward(Tensor dg, Tensor du, ConstTensor dm, ConstTens
                                  GatedAct act) {
     cpu::swiglu_backward(c(dg), c(du), c(dm), c(g), c(u), n, act);
 }
+void CpuBackend::moe_route(float* w, std::int64_t* idx, std::int64_t* pos, std::int64_t* offsets, const float* probs,
+                           std::int64_t n, std::int64_t E, std::int64_t k, bool normalize) {
+    cpu::moe_route(w, idx, pos, offsets, probs, n, E, k, normalize);
+}
+void CpuBackend::moe_route_backward(float* dprobs, const float* dw, const float* probs, const std::int64_t* idx,
+                                    std::int64_t n, std::int64_t E, std::int64_t k, bool normalize) {
+    cpu::moe_route_backward(dprobs, dw, probs, idx, n, E, k, normalize);
+}
+void CpuBackend::moe_gather(Tensor xs, ConstTensor x, const std::int64_t* pos, std::int64_t n, std::int64_t k,
+                            std::int64_t d) {
+    cpu::moe_gather(c(xs), c(x), pos, n, k, d);
+}
+void CpuBackend::moe_combine(Tensor y, ConstTensor ys, const float* w, const std::int64_t* pos, std::int64_t n,
+                             std::int64_t k, std::int64_t d, bool accumulate) {
+    cpu::moe_combine(c(y), c(ys), w, pos, n, k, d, accumulate);
+}
+void CpuBackend::moe_combine_backward(Tensor dys, float* dw, ConstTensor dy, ConstTensor ys, const float* w,
+                                      const std::int64_t* pos, std::int64_t n, std::int64_t k, std::int64_t d) {
+    cpu::moe_combine_backward(c(dys), dw, c(dy), c(ys), w, pos, n, k, d);
+}
 void CpuBackend::residual_forward(Tensor out, ConstTensor a, ConstTensor b, std::int64_t n) {
     cpu::residual_forward(c(out), c(a), c(b), n);
 }

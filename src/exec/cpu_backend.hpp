@@ -73,6 +73,16 @@ public:
     void swiglu_forward(Tensor m, ConstTensor g, ConstTensor u, std::int64_t n, GatedAct act) override;
     void swiglu_backward(Tensor dg, Tensor du, ConstTensor dm, ConstTensor g, ConstTensor u, std::int64_t n,
                          GatedAct act) override;
+    void moe_route(float* w, std::int64_t* idx, std::int64_t* pos, std::int64_t* offsets, const float* probs,
+                   std::int64_t n, std::int64_t E, std::int64_t k, bool normalize) override;
+    void moe_route_backward(float* dprobs, const float* dw, const float* probs, const std::int64_t* idx, std::int64_t n,
+                            std::int64_t E, std::int64_t k, bool normalize) override;
+    void moe_gather(Tensor xs, ConstTensor x, const std::int64_t* pos, std::int64_t n, std::int64_t k,
+                    std::int64_t d) override;
+    void moe_combine(Tensor y, ConstTensor ys, const float* w, const std::int64_t* pos, std::int64_t n, std::int64_t k,
+                     std::int64_t d, bool accumulate) override;
+    void moe_combine_backward(Tensor dys, float* dw, ConstTensor dy, ConstTensor ys, const float* w,
+                              const std::int64_t* pos, std::int64_t n, std::int64_t k, std::int64_t d) override;
     void residual_forward(Tensor out, ConstTensor a, ConstTensor b, std::int64_t n) override;
     void residual_accumulate(Tensor a, ConstTensor b, std::int64_t n) override;
     void softcap_forward(Tensor y, ConstTensor x, std::int64_t n, float cap) override;

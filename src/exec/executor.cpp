@@ -86,6 +86,12 @@ Ten Step::act(const char* name, std::int64_t numel, DType dtype, bool saved_by_o
     return alloc(name, numel, dtype, grad_ && saved_by_op ? Category::SavedActivation : Category::Transient);
 }
 
+Ten Step::alloc_i64(const char* name, std::int64_t numel, bool saved_by_op) {
+    const bytes_t bytes = checked_mul(numel, std::int64_t{8}, "tensor size");
+    const Category category = grad_ && saved_by_op ? Category::SavedActivation : Category::Transient;
+    return Ten{std::make_shared<Buffer>(alloc_.allocate(name, bytes, category, Device::Gpu)), DType::F32};
+}
+
 void Step::at(const char* op) {
     b_.synchronize();  // an asynchronous backend's op ends when its kernels do
     const auto now = std::chrono::steady_clock::now();
@@ -166,6 +172,15 @@ void Step::build_params() {
         if (gemma_) lp.post_attn_norm = add("post_attention_norm", l, 1, d);    // [d]
         lp.norm2 = add(gemma_ ? "pre_feedforward_norm" : "post_attention_norm", l, 1, d);  // [d]
         if (gemma_) lp.post_ff_norm = add("post_feedforward_norm", l, 1, d);    // [d]
+        if (m_.moe) {  // the router, then each projection of every expert stacked: expert e's rows e*out ..
+            const std::int64_t E = m_.moe->experts, Ie = m_.moe->intermediate;
+            lp.router = add("router", l, E, d);                                 // [E, d]
+            lp.gate = add("experts.gate_proj", l, E * Ie, d);                   // [E, Ie, d]
+            lp.up = add("experts.up_proj", l, E * Ie, d);                       // [E, Ie, d]
+            lp.down = add("experts.down_proj", l, E * d, Ie);                   // [E, d, Ie]
+            layer_params_.push_back(lp);
+            continue;
+        }
         lp.gate = add("gate_proj", l, I, d);                                    // [I, d]
         lp.up = add("up_proj", l, I, d);                                        // [I, d]
         lp.down = add("down_proj", l, d, I);                                    // [d, I]

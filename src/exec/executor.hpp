@@ -33,6 +33,7 @@ struct Ten {
         return {static_cast<char*>(buf->data()) + elements * dtype_bytes(dtype), dtype};
     }
     float* f32() const;  // the buffer as fp32 (a bug when it is not)
+    std::int64_t* i64() const { return static_cast<std::int64_t*>(buf->data()); }  // an index buffer (alloc_i64)
 };
 
 // One parameter tensor [rows, cols] (a norm weight is [1, d]) with its persistent state.
@@ -52,12 +53,18 @@ struct LayerParams {
     int norm1 = -1, q = -1, k = -1, v = -1, o = -1, post_attn_norm = -1, norm2 = -1, post_ff_norm = -1;
     int gate = -1, up = -1, down = -1;  // post_*_norm: Gemma-2 only
     int q_norm = -1, k_norm = -1;       // Qwen3: RMSNorm over each query and key head
+    int router = -1;                    // MoE: the router [E, d]; gate, up, down are then every expert's, stacked
 };
 
-// What one MLP mini-sequence (Loop) keeps for its backward.
+// What one MLP mini-sequence (Loop) keeps for its backward. MoE: g, u, m are the experts' [n*k, Ie]
+// on the token-expert pairs sorted by expert, and the routing's tensors below.
 struct MlpChunk {
     Ten g, u, m, h2;  // g, u, m [n, I]; h2: a holder of the block input [T, d] (its gate/up's view)
     std::int64_t row0 = 0, tokens = 0;
+    Ten probs, w, idx, pos;          // MoE: router probabilities [n, E] fp32, top-k weights [n, k] fp32,
+                                     // experts [n, k] and sorted rows [n, k] int64
+    Ten xs, ys;                      // MoE: the gathered inputs and the experts' outputs [n*k, d]
+    std::vector<std::int64_t> rows;  // MoE: each expert's first sorted row [E + 1] (host: the GEMMs' sizes)
 };
 
 // What one layer's forward leaves for its backward.
@@ -95,6 +102,7 @@ private:
     Buffer& raw(const Ten& t) { return *t.buf; }
     // An activation: SavedActivation when autograd records and an op saves it, else Transient.
     Ten act(const char* name, std::int64_t numel, DType dtype, bool saved);
+    Ten alloc_i64(const char* name, std::int64_t numel, bool saved_by_op);  // an int64 index activation (as act)
     Ten saved(const Ten& t) const { return grad_ ? t : Ten{}; }  // a holder for backward (none without grad)
     static void drop(Ten& t) { t.buf.reset(); }
     void at(const char* op);  // the op the next events belong to; also charges wall time to ops
@@ -131,6 +139,13 @@ private:
     Ten mlp_backward(int l, LayerSaved& sv, const Ten& dy);
     void mlp_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t row0, std::int64_t n, Ten& y,
                            MlpChunk* keep);
+    // A Mixture-of-Experts block on n tokens from row row0 of hin (executor_moe.cpp): routes, runs
+    // the experts and combines into y's rows; `recompute` (tiled backward): stops before the combine
+    // and keeps everything in `keep` as transients.
+    void moe_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t row0, std::int64_t n, Ten& y,
+                           MlpChunk* keep, bool recompute = false);
+    // Its backward from dy's rows: writes dh2's rows (allocated by the first chunk), consumes c.
+    void moe_chunk_backward(const LayerParams& lp, MlpChunk& c, const Ten& h2, const Ten& dy, Ten& dh2);
     Ten embedding_forward(Category out_category);
     float embedding_scale() const;
     void embedding_backward(const Ten& dres);

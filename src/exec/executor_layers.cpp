@@ -353,6 +353,7 @@ void Step::eager_backward(int l, Ten d_o, LayerSaved& sv, Ten& dq, Ten& dk, Ten&
 // m = silu(g) * u, y[row0 .. row0 + n) = m W_down^T. y [T, d] is allocated by the first.
 void Step::mlp_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t row0, std::int64_t n, Ten& y,
                              MlpChunk* keep) {
+    if (m_.moe) return moe_chunk_forward(lp, hin, row0, n, y, keep);
     const std::int64_t d = m_.hidden_size, I = m_.intermediate_size;
     at("mlp.gate_up");
     const Tensor wg = use_weight(lp.gate), wu = use_weight(lp.up);
@@ -431,7 +432,24 @@ Ten Step::mlp_backward(int l, LayerSaved& sv, const Ten& dy) {
         drop(dg), drop(du);
     };
 
-    if (s_.mlp_chunks > 1 && s_.mlp_impl == MlpImpl::Tiled) {
+    if (m_.moe && s_.mlp_chunks > 1 && s_.mlp_impl == MlpImpl::Tiled) {
+        std::int64_t row0 = 0;
+        for (std::int64_t n : chunks(s_.mlp_chunks)) {  // each chunk's block again, then its backward
+            MlpChunk c;
+            Ten none;
+            moe_chunk_forward(lp, sv.h2, row0, n, none, &c, /*recompute=*/true);
+            moe_chunk_backward(lp, c, sv.h2, dy, dh2);
+            row0 += n;
+        }
+        drop(sv.h2);
+        clear_autocast_cache();  // the backward's own autocast region ends
+    } else if (m_.moe) {
+        for (auto it = sv.mlp.rbegin(); it != sv.mlp.rend(); ++it) {
+            moe_chunk_backward(lp, *it, it->h2, dy, dh2);
+            drop(it->h2);
+        }
+        sv.mlp.clear();
+    } else if (s_.mlp_chunks > 1 && s_.mlp_impl == MlpImpl::Tiled) {
         std::int64_t row0 = 0;
         for (std::int64_t n : chunks(s_.mlp_chunks)) {
             at("mlp.recompute");  // the chunk's forward again, without saving anything
@@ -456,7 +474,8 @@ Ten Step::mlp_backward(int l, LayerSaved& sv, const Ten& dy) {
         }
         sv.mlp.clear();
     }
-    for (int p : {lp.down, lp.gate, lp.up}) grad_done(p);
+    for (int p : {lp.down, lp.gate, lp.up, lp.router})
+        if (p >= 0) grad_done(p);
     return uncast_grad(std::move(dh2), d);
 }
 

@@ -386,6 +386,62 @@ TEST_CASE("cuda SwiGLU and GeGLU: forward and backward equal the CPU kernels, ve
         }
 }
 
+TEST_CASE("cuda Mixture-of-Experts: routing, its backward, gather and combine equal the CPU kernels") {
+    MST_REQUIRE_DEVICE();
+    const std::int64_t n = 300, E = 16, k = 4, d = 72;
+    Vec probs = randn(n * E, 91);
+    for (std::int64_t t = 0; t < n; ++t) {  // softmax rows, a few exact ties among them
+        float sum = 0;
+        for (std::int64_t e = 0; e < E; ++e) sum += probs[t * E + e] = std::exp(t % 7 == 0 ? 0.0f : probs[t * E + e]);
+        for (std::int64_t e = 0; e < E; ++e) probs[t * E + e] /= sum;
+    }
+    for (bool normalize : {false, true}) {
+        CAPTURE(normalize);
+        Pair p(probs, cpu::DType::F32), w(Vec(n * k, 0.0f), cpu::DType::F32);
+        std::vector<std::int64_t> idx(n * k), pos(n * k), offsets(E + 1);
+        DeviceArray<std::int64_t> idx_dev(idx.size()), pos_dev(pos.size()), offsets_dev(offsets.size());
+        cpu::moe_route(static_cast<float*>(w.cpu().data), idx.data(), pos.data(), offsets.data(),
+                       static_cast<const float*>(p.cpu().data), n, E, k, normalize);
+        gpu::moe_route(static_cast<float*>(w.gpu().data), idx_dev.get(), pos_dev.get(), offsets_dev.get(),
+                       static_cast<const float*>(p.gpu().data), n, E, k, normalize);
+        CHECK(rel_err(w.gpu_values(), w.cpu_values()) <= 1e-6);
+        CHECK(idx_dev.download() == idx);
+        CHECK(pos_dev.download() == pos);
+        CHECK(offsets_dev.download() == offsets);
+
+        Pair dw(randn(n * k, 92), cpu::DType::F32), dprobs(Vec(n * E, 1.0f), cpu::DType::F32);
+        cpu::moe_route_backward(static_cast<float*>(dprobs.cpu().data), static_cast<const float*>(dw.cpu().data),
+                                static_cast<const float*>(p.cpu().data), idx.data(), n, E, k, normalize);
+        gpu::moe_route_backward(static_cast<float*>(dprobs.gpu().data), static_cast<const float*>(dw.gpu().data),
+                                static_cast<const float*>(p.gpu().data), idx_dev.get(), n, E, k, normalize);
+        CHECK(rel_err(dprobs.gpu_values(), dprobs.cpu_values()) <= 1e-6);
+
+        for (cpu::DType t : kDtypes) {
+            CAPTURE(int(t));
+            Pair x(input(n * d, 93, t), t), xs(Vec(n * k * d, 0.0f), t), ys(input(n * k * d, 94, t), t),
+                y(input(n * d, 95, t), t), dy(input(n * d, 96, t), t), dys(Vec(n * k * d, 0.0f), t),
+                dwc(Vec(n * k, 0.0f), cpu::DType::F32);
+            cpu::moe_gather(xs.cpu(), x.cpu(), pos.data(), n, k, d);
+            gpu::moe_gather(xs.gpu(), x.gpu(), pos_dev.get(), n, k, d);
+            CHECK(rel_err(xs.gpu_values(), xs.cpu_values()) == 0.0);  // a copy
+            for (bool accumulate : {false, true}) {
+                cpu::moe_combine(y.cpu(), ys.cpu(), static_cast<const float*>(w.cpu().data), pos.data(), n, k, d, accumulate);
+                gpu::moe_combine(y.gpu(), ys.gpu(), static_cast<const float*>(w.gpu().data), pos_dev.get(), n, k, d, accumulate);
+                CHECK(rel_err(y.gpu_values(), y.cpu_values()) <= tol(t, 1e-6));
+            }
+            cpu::moe_combine(y.cpu(), ys.cpu(), nullptr, pos.data(), n, k, d, false);
+            gpu::moe_combine(y.gpu(), ys.gpu(), nullptr, pos_dev.get(), n, k, d, false);
+            CHECK(rel_err(y.gpu_values(), y.cpu_values()) <= tol(t, 1e-6));
+            cpu::moe_combine_backward(dys.cpu(), static_cast<float*>(dwc.cpu().data), dy.cpu(), ys.cpu(),
+                                      static_cast<const float*>(w.cpu().data), pos.data(), n, k, d);
+            gpu::moe_combine_backward(dys.gpu(), static_cast<float*>(dwc.gpu().data), dy.gpu(), ys.gpu(),
+                                      static_cast<const float*>(w.gpu().data), pos_dev.get(), n, k, d);
+            CHECK(rel_err(dys.gpu_values(), dys.cpu_values()) <= tol(t, 1e-6));
+            CHECK(rel_err(dwc.gpu_values(), dwc.cpu_values()) <= 1e-4);  // a d-term dot in another order
+        }
+    }
+}
+
 TEST_CASE("cuda fused cross-entropy: loss and in-place gradient equal the CPU kernel") {
     MST_REQUIRE_DEVICE();
     const std::int64_t n = 24;

@@ -109,11 +109,16 @@ void StepBuilder::build_params() {
         if (m_.gemma()) lp.post_attn_norm = add("post_attention_norm", l, d);
         lp.norm2 = add(m_.gemma() ? "pre_feedforward_norm" : "post_attention_norm", l, d);
         if (m_.gemma()) lp.post_ff_norm = add("post_feedforward_norm", l, d);
-        if (m_.moe) {  // one parameter per projection for all experts (the runtimes' MoE is hf only)
+        if (m_.moe) {  // one parameter per projection for all experts (transformers fuses gate and up)
             const std::int64_t E = m_.moe->experts, Ie = m_.moe->intermediate;
             lp.router = add("router", l, E * d);
-            lp.gate = add("experts.gate_up_proj", l, E * 2 * Ie * d);
-            lp.up = -1;
+            if (hf_) {
+                lp.gate = add("experts.gate_up_proj", l, E * 2 * Ie * d);
+                lp.up = -1;
+            } else {
+                lp.gate = add("experts.gate_proj", l, E * Ie * d);
+                lp.up = add("experts.up_proj", l, E * Ie * d);
+            }
             lp.down = add("experts.down_proj", l, E * d * Ie);
             layer_params_.push_back(lp);
             continue;

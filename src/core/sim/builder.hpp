@@ -109,8 +109,9 @@ struct HfLayer {
 
 // What one layer's forward left for its backward.
 struct MlpChunk {
-    T g, u, m;
+    T g, u, m;                   // MoE: the experts' [n*k, Ie] on the pairs sorted by expert
     std::int64_t tokens = 0;
+    T probs, w, idx, pos, xs, ys;  // MoE: router probabilities, top-k weights, experts, sorted rows, x and y sorted
 };
 struct LayerSaved {
     HfLayer hf;  // the hf runtime's holders; the fields below are the kernels runtime's
@@ -282,6 +283,7 @@ private:
     }
     bytes_t bf16(std::int64_t rows, std::int64_t cols) const { return elems(rows, cols, 2); }
     bytes_t f32(std::int64_t rows, std::int64_t cols) const { return elems(rows, cols, 4); }
+    bytes_t i64(std::int64_t rows, std::int64_t cols) const { return elems(rows, cols, 8); }
     // The residual stream and norm outputs: fp32 under AMP (fp32 embedding, fp32 adds), else bf16.
     bytes_t res(std::int64_t rows, std::int64_t cols) const { return elems(rows, cols, rb_); }
 
@@ -310,6 +312,10 @@ private:
     T mlp_forward(int l, T h2, LayerSaved& sv);                   // returns y
     T mlp_backward(int l, LayerSaved& sv, T dy);                  // returns dh2
     void mlp_chunk_forward(const LayerParams& lp, std::int64_t n, T& y, MlpChunk* keep);
+    // The kernels runtime's Mixture-of-Experts block on n tokens (mlp.cpp); `recompute`: the tiled
+    // backward's replay, which stops before the combine and keeps everything as transients.
+    void moe_chunk_forward(const LayerParams& lp, std::int64_t n, T& y, MlpChunk* keep, bool recompute = false);
+    void moe_chunk_backward(const LayerParams& lp, MlpChunk& c, T& dh2);
     std::int64_t attention_masks() const;  // eager: 4-D masks the model builds (full and/or sliding)
     // RMSNorm: output of `bpe` bytes per element; rstd (fp32, one per token) kept for backward.
     T norm_forward(T& rstd, int bpe, bool output_saved);  // the caller saves the input

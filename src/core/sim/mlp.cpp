@@ -12,6 +12,7 @@
 //    backward's gradient temporaries (dm, dg, du).
 //  * Tiled (DeepSpeed ALST TiledMLP): forward per chunk without autograd, saving
 //    only h2; backward recomputes each chunk's g, u, m, then runs its backward.
+// A Mixture-of-Experts block runs in the same chunk loops; its rules per chunk are in moe.cpp.
 #include "builder.hpp"
 
 #include <algorithm>
@@ -22,6 +23,7 @@
 namespace mst::sim {
 
 void StepBuilder::mlp_chunk_forward(const LayerParams& lp, std::int64_t n, T& y, MlpChunk* keep) {
+    if (m_.moe) return moe_chunk_forward(lp, n, y, keep);
     const std::int64_t d = m_.hidden_size, I = m_.intermediate_size;
     at("mlp.gate_up");
     use_weight(lp.gate);
@@ -90,7 +92,24 @@ T StepBuilder::mlp_backward(int l, LayerSaved& sv, T dy) {
         drop(dg), drop(du);
     };
 
-    if (s_.mlp_chunks > 1 && s_.mlp_impl == MlpImpl::Tiled) {
+    if (m_.moe && s_.mlp_chunks > 1 && s_.mlp_impl == MlpImpl::Tiled) {
+        for (std::int64_t n : transient_chunks(s_.mlp_chunks)) {  // each chunk's block again, then its backward
+            MlpChunk c;
+            T none;
+            moe_chunk_forward(lp, n, none, &c, /*recompute=*/true);
+            moe_chunk_backward(lp, c, dh2);
+        }
+        drop(sv.h2);
+        clear_autocast_cache();  // the backward's own autocast region ends
+    } else if (m_.moe) {
+        for (auto it = sv.mlp.rbegin(); it != sv.mlp.rend(); ++it) {
+            moe_chunk_backward(lp, *it, dh2);
+            T h = sv.h2;
+            drop(h);
+        }
+        sv.mlp.clear();
+        sv.h2 = T{};
+    } else if (s_.mlp_chunks > 1 && s_.mlp_impl == MlpImpl::Tiled) {
         for (std::int64_t n : transient_chunks(s_.mlp_chunks)) {
             at("mlp.recompute");
             use_weight(lp.gate);
@@ -113,7 +132,8 @@ T StepBuilder::mlp_backward(int l, LayerSaved& sv, T dy) {
         sv.mlp.clear();
         sv.h2 = T{};
     }
-    for (int p : {lp.down, lp.gate, lp.up}) grad_done(p);
+    for (int p : {lp.down, lp.gate, lp.up, lp.router})
+        if (p >= 0) grad_done(p);
     return uncast_grad(dh2, d);
 }
 

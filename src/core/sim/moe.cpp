@@ -1,4 +1,7 @@
-// ---- hf runtime: a Mixture-of-Experts block (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock) ----
+// Memory rules of a Mixture-of-Experts block (Mixtral, Qwen3-MoE) in both runtimes; the MLP's chunk
+// loops (mlp.cpp) call them per mini-sequence.
+//
+// ---- hf runtime: MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock ----
 //
 // transformers 5's default experts path (integrations/moe.py, grouped_mm_experts_forward) on n
 // tokens x [n, d], with E experts of intermediate size I, top_k = k and S = n k token-expert pairs:
@@ -23,6 +26,107 @@
 #include <vector>
 
 namespace mst::sim {
+
+// ---- kernels runtime: a Mixture-of-Experts block (src/exec/executor_moe.cpp runs it) ----
+// Per chunk of n tokens, S = n*k pairs: router logits [n, E] bf16 -> probs [n, E] fp32 (saved) ->
+// top-k weights [n, k] fp32, experts and sorted rows [n, k] i64 (saved), offsets [E + 1] i64 ->
+// x sorted [S, d] (saved by gate/up) -> g, u [S, Ie] (saved by the activation) -> m [S, Ie] (saved
+// by down) -> y sorted [S, d] (saved by the combine) -> y's rows. No size depends on the routing.
+
+void StepBuilder::moe_chunk_forward(const LayerParams& lp, std::int64_t n, T& y, MlpChunk* keep, bool recompute) {
+    const std::int64_t d = m_.hidden_size, E = m_.moe->experts, k = m_.moe->top_k, Ie = m_.moe->intermediate;
+    const std::int64_t S = n * k;
+    const bool saves = !recompute;
+    auto kept = [&](T t) { return !keep ? T{} : recompute ? hold(t) : saved(t); };
+
+    at("moe.router");
+    use_weight(lp.router);
+    T logits = act("router_logits", bf16(n, E), false);
+    T probs = act("router_probs", f32(n, E), saves);
+    drop(logits);
+
+    at("moe.route");
+    T w = act("route_weights", f32(n, k), saves);
+    T idx = act("route_experts", i64(n, k), saves);
+    T pos = act("route_rows", i64(n, k), saves);
+    T offsets = act("expert_offsets", i64(E + 1, 1), false);
+    drop(offsets);
+    if (keep) keep->probs = kept(probs), keep->idx = kept(idx);
+    drop(probs), drop(idx);
+
+    at("moe.gather");
+    T xs = act("x_sorted", bf16(S, d), saves);
+
+    at("moe.gate_up");
+    use_weight(lp.gate);
+    use_weight(lp.up);
+    T g = act("g", bf16(S, Ie), saves);
+    T u = act("u", bf16(S, Ie), saves);
+    if (keep) keep->xs = kept(xs);
+    drop(xs);
+
+    at("moe.act");
+    T m = act("m", bf16(S, Ie), saves);
+    if (keep) keep->g = kept(g), keep->u = kept(u);
+    drop(g), drop(u);
+
+    at("moe.down");
+    use_weight(lp.down);
+    T ys = act("y_sorted", bf16(S, d), saves);
+    if (keep) keep->m = kept(m);
+    drop(m);
+
+    if (!recompute) {
+        at("moe.combine");
+        if (!y.valid()) y = act("y", bf16(tokens_, d), m_.gemma());
+    }
+    if (keep) keep->ys = kept(ys), keep->w = kept(w), keep->pos = kept(pos), keep->tokens = n;
+    drop(ys), drop(w), drop(pos);
+}
+
+void StepBuilder::moe_chunk_backward(const LayerParams& lp, MlpChunk& c, T& dh2) {
+    const std::int64_t d = m_.hidden_size, E = m_.moe->experts, k = m_.moe->top_k, Ie = m_.moe->intermediate;
+    const std::int64_t n = c.tokens, S = n * k;
+
+    at("moe.combine");
+    T dys = alloc("d_y_sorted", bf16(S, d), Category::Transient);
+    T dw = alloc("d_route_weights", f32(n, k), Category::Transient);
+    drop(c.ys), drop(c.w);
+
+    at("moe.down");
+    T dm = alloc("dm", bf16(S, Ie), Category::Transient);
+    grad_write(lp.down);
+    release_weight(lp.down);
+    drop(c.m), drop(dys);
+
+    at("moe.act");
+    T dg = alloc("dg", bf16(S, Ie), Category::Transient);
+    T du = alloc("du", bf16(S, Ie), Category::Transient);
+    drop(dm), drop(c.g), drop(c.u);
+
+    at("moe.gate_up");
+    T dxs = alloc("d_x_sorted", bf16(S, d), Category::Transient);
+    grad_write(lp.gate);
+    grad_write(lp.up);
+    release_weight(lp.gate);
+    release_weight(lp.up);
+    drop(dg), drop(du), drop(c.xs);
+
+    at("moe.gather");
+    if (!dh2.valid()) dh2 = alloc("dh2", bf16(tokens_, d), Category::Transient);
+    drop(dxs), drop(c.pos);
+
+    at("moe.route");
+    T dprobs = alloc("d_router_probs", f32(n, E), Category::Transient);
+    drop(dw), drop(c.idx);
+
+    at("moe.router");
+    T dlogits = alloc("d_router_logits", bf16(n, E), Category::Transient);
+    drop(dprobs), drop(c.probs);
+    grad_write(lp.router);
+    release_weight(lp.router);
+    drop(dlogits);
+}
 
 T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe& c, bool stop_after_last_save,
                                std::span<T> earlier) {

@@ -1,6 +1,6 @@
 #pragma once
-// The CPU backend's op kernels: forward and backward of every op of a Llama-family
-// (and Gemma-2) decoder training step, plus the optimizer steps.
+// The CPU backend's op kernels: forward and backward of every op of a decoder training step
+// (Llama, Gemma-2/3, Qwen3, Phi-3 and Mixture-of-Experts layers), plus the optimizer steps.
 //
 // Contract shared by every kernel (it is what lets the executor *measure* memory):
 //  * A kernel never allocates a tensor. Every input, output, saved tensor and workspace
@@ -224,6 +224,28 @@ void swiglu_forward(Tensor m, ConstTensor g, ConstTensor u, std::int64_t n, Gate
 void swiglu_backward(Tensor dg, Tensor du, ConstTensor dm, ConstTensor g, ConstTensor u, std::int64_t n,
                      GatedAct act);
 
+// ---- Mixture-of-Experts routing, dispatch and combine (Mixtral, Qwen3-MoE) -------------------
+// The experts' GEMMs are linears on row blocks: the n*k token-expert pairs sorted by expert.
+// From the router's fp32 probabilities probs [n, E]: idx [n, k] each token's top-k experts,
+// highest probability first (ties: the lower expert first); w [n, k] fp32 their probabilities,
+// divided by their sum when `normalize`; pos [n, k] pair (t, j)'s row among the pairs sorted by
+// expert, stable in token order; offsets [E + 1] each expert's first row (offsets[E] = n*k).
+void moe_route(float* w, std::int64_t* idx, std::int64_t* pos, std::int64_t* offsets, const float* probs,
+               std::int64_t n, std::int64_t E, std::int64_t k, bool normalize);
+// Its backward: dprobs [n, E] fp32 from dw [n, k]: 0 off each token's chosen experts; on them
+// dw_j, or with `normalize` (w_j = p_j / s, s the chosen p's sum) (dw_j - sum_i dw_i w_i) / s.
+void moe_route_backward(float* dprobs, const float* dw, const float* probs, const std::int64_t* idx, std::int64_t n,
+                        std::int64_t E, std::int64_t k, bool normalize);
+// xs[pos[t, j]] = x[t]: xs [n*k, d], x [n, d]
+void moe_gather(Tensor xs, ConstTensor x, const std::int64_t* pos, std::int64_t n, std::int64_t k, std::int64_t d);
+// y[t] (+)= sum_j w[t, j] * ys[pos[t, j]], summed in fp32; w nullptr: weights 1 (the gather's
+// backward). y [n, d], ys [n*k, d].
+void moe_combine(Tensor y, ConstTensor ys, const float* w, const std::int64_t* pos, std::int64_t n, std::int64_t k,
+                 std::int64_t d, bool accumulate);
+// The combine's backward: dys[pos[t, j]] = w[t, j] * dy[t]; dw[t, j] fp32 = dy[t] . ys[pos[t, j]].
+void moe_combine_backward(Tensor dys, float* dw, ConstTensor dy, ConstTensor ys, const float* w,
+                          const std::int64_t* pos, std::int64_t n, std::int64_t k, std::int64_t d);
+
 // ---- residual --------------------------------------------------------------------------------
 // out[n] = a[n] + b[n]
 void residual_forward(Tensor out, ConstTensor a, ConstTensor b, std::int64_t n);
@@ -303,6 +325,14 @@ double cross_entropy_forward(float* logp, ConstTensor logits, const std::int64_t
                              std::int64_t V);
 void cross_entropy_backward(Tensor dlogits, const float* logp, const std::int64_t* labels, std::int64_t n,
                             std::int64_t V, float scale);
+void moe_route(float* w, std::int64_t* idx, std::int64_t* pos, std::int64_t* offsets, const float* probs,
+               std::int64_t n, std::int64_t E, std::int64_t k, bool normalize);
+void moe_route_backward(float* dprobs, const float* dw, const float* probs, const std::int64_t* idx, std::int64_t n,
+                        std::int64_t E, std::int64_t k, bool normalize);
+void moe_combine(Tensor y, ConstTensor ys, const float* w, const std::int64_t* pos, std::int64_t n, std::int64_t k,
+                 std::int64_t d, bool accumulate);
+void moe_combine_backward(Tensor dys, float* dw, ConstTensor dy, ConstTensor ys, const float* w,
+                          const std::int64_t* pos, std::int64_t n, std::int64_t k, std::int64_t d);
 void adamw_step(Tensor param, ConstTensor grad, Tensor m, Tensor v, std::int64_t n, const AdamWConfig& c,
                 std::int64_t step);
 void sgd_step(Tensor param, ConstTensor grad, Tensor momentum_buf, std::int64_t n, const SgdConfig& c,
