@@ -289,10 +289,12 @@ TEST_CASE("ZeRO-3 over N ranks divides the parameter state by N (up to per-tenso
         const bytes_t one = init_bytes(1, 0);
         // Stage 0 keeps no gradient shards at init; stage 3 does: add the full gradients to compare.
         const bytes_t grads = m.parameters().total() * (s.precision == Precision::PureBf16 ? 2 : 4);
-        for (std::int64_t N : {2, 4, 8}) {
+        for (std::int64_t dp : {2, 4, 8}) {
+            const std::int64_t N = dp * s.sp;  // ZeRO shards over every data- and sequence-parallel rank
             CAPTURE(N);
-            const bytes_t sharded = init_bytes(N, 3);
-            const std::int64_t tensors = 2 + 9 * m.num_layers + 4 * (m.family == Family::Gemma2 ? m.num_layers : 0);
+            const bytes_t sharded = init_bytes(dp, 3);
+            const std::int64_t per_layer = 9 + (m.family == Family::Gemma2 ? 4 : 0) + (m.moe ? 1 : 0) + (m.qk_norm ? 2 : 0);
+            const std::int64_t tensors = 3 + per_layer * m.num_layers;
             CHECK(sharded * N >= one + grads);
             CHECK(sharded * N - (one + grads) <= N * tensors * 8 * 5);  // < one element per tensor and state
         }

@@ -94,13 +94,13 @@ TEST_CASE("recommend --for: every plan is one its format's emitter accepts, and 
         const Plan plan = to_plan(r, rq, w.model, "h100-sxm-80gb");
         CHECK_NOTHROW((void)emit(plan, rq.model, w.format));
     }
-    // On 8 GPUs the fastest pure-bf16 plan keeps ZeRO 0, which DeepSpeed refuses (it keeps bf16 master
-    // weights only under ZeRO 1-3): --for deepspeed shards instead.
-    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 65536);
+    // On 8 GPUs the fastest pure-bf16 plan for Llama-3.2-1B at 64k keeps ZeRO 0, which DeepSpeed
+    // refuses (it keeps bf16 master weights only under ZeRO 1-3): --for deepspeed shards instead.
+    TuneRequest rq = request("llama-3.2-1b", "h100-sxm-80gb", 8, 65536);
     const Recommendation any = recommend(rq);
     REQUIRE(any.found);
     REQUIRE(any.best.setup.zero_stage == 0);
-    CHECK(test::expect_user_error([&] { (void)emit(to_plan(any, rq, "llama-3-8b", "h100-sxm-80gb"), rq.model, "deepspeed"); })
+    CHECK(test::expect_user_error([&] { (void)emit(to_plan(any, rq, "llama-3.2-1b", "h100-sxm-80gb"), rq.model, "deepspeed"); })
               .rfind("deepspeed: setup.precision: ", 0) == 0);
     rq.for_format = "deepspeed";
     const Recommendation ds = recommend(rq);
@@ -135,14 +135,26 @@ TEST_CASE("max-seq --for: strategies the format's trainer cannot train are liste
         CHECK(r.rows[i].refused.empty());
         CHECK(r.rows[i].max_seq > 0);
     }
-    // sp 8 leaves dp 1: at ZeRO 0 DeepSpeed refuses pure bf16, so the row runs at ZeRO 1 (one rank
-    // shards nothing: the same prediction as unrestricted)
+    // sp 8 leaves dp 1, and ZeRO 3 shards over the 8 sequence-parallel ranks: DeepSpeed trains it
     CHECK(r.rows[4].refused.empty());
-    CHECK(r.rows[4].setup.zero_stage == 1);
+    CHECK(r.rows[4].setup.zero_stage == 3);
     rq.for_format.clear();
     const MaxSeqResult any = max_seq(rq, std::nullopt);
-    CHECK(any.rows[4].setup.zero_stage == 0);
     CHECK(any.rows[4].max_seq == r.rows[4].max_seq);
+    // One GPU: at ZeRO 0 DeepSpeed refuses pure bf16, so the rows run at ZeRO 1 (one rank shards
+    // nothing: the same prediction as unrestricted)
+    TuneRequest one = request("llama-3.2-1b", "h100-sxm-80gb", 1, 8192);
+    one.base.runtime = Runtime::Kernels;
+    const MaxSeqResult plain = max_seq(one, std::nullopt);
+    one.for_format = "deepspeed";
+    const MaxSeqResult z1 = max_seq(one, std::nullopt);
+    REQUIRE(z1.rows.size() == plain.rows.size());
+    for (std::size_t i = 0; i < z1.rows.size(); ++i) {
+        CAPTURE(z1.rows[i].strategy);
+        CHECK(z1.rows[i].refused.empty());
+        CHECK(z1.rows[i].setup.zero_stage == 1);
+        CHECK(z1.rows[i].max_seq == plain.rows[i].max_seq);
+    }
     // torchtitan keeps fp32 parameters: every pure-bf16 strategy is refused, with its reason
     rq.for_format = "torchtitan";
     for (const MaxSeqRow& row : max_seq(rq, std::nullopt).rows) {

@@ -93,6 +93,10 @@ struct TrainingSetup {
     std::int64_t checkpointed_count() const;
     std::int64_t tokens() const { return micro_batch * seq_len; }           // per data-parallel rank
     std::int64_t local_tokens() const { return micro_batch * seq_len / sp; } // per rank outside attention
+    // The ranks ZeRO shards over and gradients are reduced across: every data- and sequence-parallel
+    // rank (each trains different tokens). DeepSpeed's Ulysses mpu shards ZeRO over its sequence-data
+    // -parallel group (deepspeed/utils/groups.py), torchtitan's FSDP over the dp_shard x cp mesh.
+    std::int64_t zero_ranks() const { return dp * sp; }
 };
 
 // Checkpoint placement from a user's words: "none", "all", "every:K", "first:K",

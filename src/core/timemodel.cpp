@@ -256,8 +256,8 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
 
     // ---- optimizer -------------------------------------------------------------------
     const double P = static_cast<double>(m.parameters().total());
-    const int zero = s.dp > 1 ? s.zero_stage : 0;
-    const double p_local = zero >= 1 ? P / static_cast<double>(s.dp) : P;
+    const int zero = s.zero_ranks() > 1 ? s.zero_stage : 0;
+    const double p_local = zero >= 1 ? P / static_cast<double>(s.zero_ranks()) : P;
     const double pw = s.precision == Precision::AmpFp32 ? 4 : 2, pg = s.precision == Precision::PureBf16 ? 2 : 4;
     const double sd = s.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
     double per_param = 0;  // bytes read + written per parameter by the update
@@ -280,9 +280,9 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     // ---- communication ---------------------------------------------------------------
     const double ga = static_cast<double>(s.grad_accum);
     double overlapped = 0, exposed = 0;
-    if (s.dp > 1) {
-        const double N = static_cast<double>(s.dp);
-        const double bw = link_gbps(gpu, cluster, s.dp, s.sp) * 1e9;
+    if (s.zero_ranks() > 1) {  // gradients are reduced (and ZeRO shards) over every dp and sp rank
+        const double N = static_cast<double>(s.zero_ranks());
+        const double bw = link_gbps(gpu, cluster, s.zero_ranks(), 1) * 1e9;
         const double ring = (N - 1) / N;
         const double grad_bytes = P * pg, param_bytes = P * pw;
         double per_step = 0;

@@ -319,8 +319,12 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
         why += fmt::format("Ulysses sequence parallelism over {} GPUs gives each rank {} tokens outside attention; its "
                            "all-to-all costs {:.1f} ms per step. ",
                            s.sp, s.local_tokens(), 1e3 * best.time.comm_exposed_seconds);
-    if (s.dp > 1)
-        why += fmt::format("Data parallelism over {} GPUs with ZeRO stage {}. ", s.dp, s.zero_stage);
+    if (s.dp > 1) why += fmt::format("Data parallelism over {} GPUs. ", s.dp);
+    if (s.zero_stage > 0 && s.zero_ranks() > 1)
+        why += fmt::format("ZeRO stage {} shards {} over all {} ranks. ", s.zero_stage,
+                           s.zero_stage == 1 ? "the optimizer states" : s.zero_stage == 2 ? "optimizer states and gradients"
+                                                                                           : "parameters, gradients and optimizer states",
+                           s.zero_ranks());
     why += fmt::format("Predicted: {:.0f} tokens/s per GPU, MFU {}.", best.time.tokens_per_second, percent(best.time.mfu));
     return why;
 }
@@ -407,8 +411,8 @@ Recommendation recommend(const TuneRequest& rq) {
         const std::int64_t dp = rq.gpus / sp;
         // One rank: ZeRO 0, and ZeRO 1 for a format whose trainer needs it (DeepSpeed keeps bf16 master
         // weights only under ZeRO 1-3; with one rank nothing is sharded, the memory is the same).
-        std::vector<int> zeros = dp > 1 ? std::vector<int>{0, 2, 3} : std::vector<int>{0};
-        if (dp == 1 && !rq.for_format.empty() && rq.base.runtime == Runtime::Kernels) zeros.push_back(1);
+        std::vector<int> zeros = rq.gpus > 1 ? std::vector<int>{0, 2, 3} : std::vector<int>{0};  // over dp x sp ranks
+        if (rq.gpus == 1 && !rq.for_format.empty() && rq.base.runtime == Runtime::Kernels) zeros.push_back(1);
         if (rq.pins.zero_stage) zeros = {*rq.pins.zero_stage};
         // Micro-batch and accumulation: reach the tokens per step when asked, else one sequence.
         std::vector<std::pair<std::int64_t, std::int64_t>> batches;  // (micro_batch, grad_accum)
@@ -432,7 +436,7 @@ Recommendation recommend(const TuneRequest& rq) {
                         for (LmHeadImpl li : {LmHeadImpl::Recompute, LmHeadImpl::FusedForward}) {
                             if (rq.pins.lm_impl && li != *rq.pins.lm_impl) continue;
                             for (bool in_bwd : {false, true}) {
-                                if (in_bwd && (!rq.allow_optimizer_in_backward || ga > 1 || (dp > 1 && zero >= 2))) continue;
+                                if (in_bwd && (!rq.allow_optimizer_in_backward || ga > 1 || (rq.gpus > 1 && zero >= 2))) continue;
                                 TrainingSetup s = rq.base;
                                 s.seq_len = rq.seq_len;
                                 s.sp = sp, s.dp = dp, s.zero_stage = zero;
@@ -440,7 +444,7 @@ Recommendation recommend(const TuneRequest& rq) {
                                 s.offload_checkpoints = offload;
                                 s.mlp_impl = mi, s.lm_impl = li;
                                 s.optimizer_in_backward = in_bwd || rq.base.optimizer_in_backward;
-                                if (s.optimizer_in_backward && (s.grad_accum > 1 || (dp > 1 && zero >= 2))) continue;
+                                if (s.optimizer_in_backward && (s.grad_accum > 1 || (rq.gpus > 1 && zero >= 2))) continue;
                                 if (!expressible(s)) continue;
                                 search.inner(s);
                             }
@@ -552,7 +556,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         TrainingSetup par = rq.allow_offload ? off : ckpt;
         par.sp = sp;
         par.dp = rq.gpus / sp;
-        par.zero_stage = par.dp > 1 ? 3 : 0;
+        par.zero_stage = 3;  // over all dp x sp ranks
         strategies.push_back({fmt::format("+ Ulysses sequence parallel (sp {})", sp), par, true});
     }
     if (user) strategies.push_back({"your setup", *user, false});
@@ -565,7 +569,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         if (!rq.for_format.empty()) {  // --for: a strategy the format's trainer cannot train is not searched
             row.refused = refusal_of(rq.for_format, run.setup, m);
             // One rank: ZeRO 1 shards nothing and is what DeepSpeed needs for bf16 master weights.
-            if (!row.refused.empty() && run.setup.dp == 1 && run.setup.zero_stage == 0 && run.setup.runtime == Runtime::Kernels) {
+            if (!row.refused.empty() && run.setup.zero_ranks() == 1 && run.setup.zero_stage == 0 && run.setup.runtime == Runtime::Kernels) {
                 TrainingSetup z1 = run.setup;
                 z1.zero_stage = 1;
                 if (refusal_of(rq.for_format, z1, m).empty()) run.setup = z1, row.setup = z1, row.refused.clear();

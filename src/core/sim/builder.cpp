@@ -170,7 +170,7 @@ void StepBuilder::build_params() {
 void StepBuilder::init_state() {
     phase_ = Phase::Init;
     layer_ = -1;
-    const std::int64_t dp = s_.dp;
+    const std::int64_t dp = s_.zero_ranks();
     const bool shard_params = zero_stage() >= 3, shard_optim = zero_stage() >= 1, shard_grads = zero_stage() >= 2;
     auto part = [&](std::int64_t numel, bool sharded) { return sharded ? ceil_div(numel, dp) : numel; };
     const int sd = s_.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
@@ -246,7 +246,7 @@ void StepBuilder::init_state() {
     }
 }
 
-int StepBuilder::zero_stage() const { return s_.dp > 1 ? s_.zero_stage : 0; }
+int StepBuilder::zero_stage() const { return s_.zero_ranks() > 1 ? s_.zero_stage : 0; }
 
 void StepBuilder::grad_write(int p) {
     Param& P = params_[static_cast<std::size_t>(p)];
