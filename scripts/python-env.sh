@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The pinned Python stack (torch, transformers, pytest: python/requirements/torch.txt) in a
 # virtual environment, created on first use and reused while the pins are unchanged.
-# Sourced by scripts/test; `bash scripts/python-env.sh` prints the interpreter's path.
+# Sourced by scripts/test and scripts/check-clients; `bash scripts/python-env.sh` prints the
+# interpreter's path.
 #   MST_VENV   where the environment lives (default <repo>/.venv/torch; ignored by git)
 set -euo pipefail
 
@@ -26,6 +27,26 @@ mst_python_env() {
     "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$pins" >&2
     cp "$pins" "$stamp"
     echo "$venv/bin/python"
+}
+
+# mst_clients_env <python>: DeepSpeed and accelerate (python/requirements/clients-deepspeed.txt)
+# in a directory put on PYTHONPATH over that interpreter's stack; prints the directory.
+mst_clients_env() {
+    local python="$1" root dir pins stamp
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    dir="${MST_CLIENTS_DIR:-$root/.venv/clients-deepspeed}"
+    pins="$root/python/requirements/clients-deepspeed.txt"
+    stamp="$dir/.mst-pins"
+    if [ -f "$stamp" ] && cmp -s "$pins" "$stamp"; then
+        echo "$dir"
+        return 0
+    fi
+    echo "mst-plan: installing DeepSpeed for the client checks into $dir (once)..." >&2
+    rm -rf "$dir"
+    DS_BUILD_OPS=0 "$python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+        --target "$dir" -r "$pins" >&2
+    cp "$pins" "$stamp"
+    echo "$dir"
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

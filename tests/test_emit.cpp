@@ -158,8 +158,10 @@ TEST_CASE("emit deepspeed: ds_config.json has DeepSpeed's keys and the plan's nu
     ModelSpec model;
     const Plan plan = golden_plan(model);
     const auto j = ds_config(plan, model);
-    // DeepSpeed divides the world by sequence_parallel_size: 1 x 4 accumulation x 4 dp ranks.
-    CHECK(j["train_batch_size"] == 16);
+    // With sp 2 DeepSpeed derives train_batch_size over the world / sequence_parallel_size ranks
+    // (1 x 4 accumulation x 4 = 16) while the Hugging Face Trainer would check world x 1 x 4 = 32:
+    // the key is left out (scripts/check-clients runs both checks).
+    CHECK_FALSE(j.contains("train_batch_size"));
     CHECK(j["train_micro_batch_size_per_gpu"] == 1);
     CHECK(j["gradient_accumulation_steps"] == 4);
     CHECK(j["sequence_parallel_size"] == 2);

@@ -3,7 +3,9 @@
 // Keys: https://www.deepspeed.ai/docs/config-json/ (batch size, bf16, zero_optimization,
 // activation_checkpointing, optimizer, gradient_clipping). Checked against the code:
 //  * deepspeed/runtime/config.py: with Ulysses SP the engine's world size is
-//    world / sequence_parallel_size, so train_batch_size = micro x accum x dp; the
+//    world / sequence_parallel_size, so train_batch_size = micro x accum x dp, while the
+//    Hugging Face Trainer's check (integrations/deepspeed.py) computes it over the whole
+//    world: with sp > 1 the key is left out and DeepSpeed derives it; the
 //    top-level "sequence_parallel_size" is what ALST configs and DeepSpeed's own
 //    Ulysses tests set (tests/unit/ulysses_alst/test_ulysses_sp_hf.py), see
 //    https://www.deepspeed.ai/tutorials/ulysses-alst-sequence-parallelism/.
@@ -93,8 +95,11 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
     const bool states_bf16 = s.effective_state_dtype() == StateDtype::Bf16;
 
     nlohmann::ordered_json j;
-    // train_batch_size must equal micro x accum x (world / sp); DeepSpeed asserts it.
-    j["train_batch_size"] = s.micro_batch * s.grad_accum * s.dp;
+    // train_batch_size must equal micro x accum x (world / sp); DeepSpeed asserts it. The Hugging Face
+    // Trainer checks it against world x micro x accum (or fills "auto" with that), which differs when
+    // sp > 1: then the key is left out and DeepSpeed derives it from the other two (both checks pass:
+    // scripts/check-clients runs them).
+    if (s.sp == 1) j["train_batch_size"] = s.micro_batch * s.grad_accum * s.dp;
     j["train_micro_batch_size_per_gpu"] = s.micro_batch;
     j["gradient_accumulation_steps"] = s.grad_accum;
     j["gradient_clipping"] = 1.0;
@@ -157,10 +162,11 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
     if (s.sp > 1) {
         j["sequence_parallel_size"] = s.sp;
         notes.push_back(fmt::format(
-            "sequence_parallel_size {} (Ulysses): DeepSpeed counts train_batch_size over data-parallel ranks only "
-            "({} GPUs / {} = {}); wire the model with UlyssesSPAttentionHF.register_with_transformers or accelerate's "
-            "ParallelismConfig(sp_backend=\"deepspeed\", sp_size={}).",
-            s.sp, s.dp * s.sp, s.sp, s.dp, s.sp));
+            "sequence_parallel_size {} (Ulysses): DeepSpeed counts the batch over data-parallel ranks only ({} GPUs / "
+            "{} = {}: {} sequences per step) and the Hugging Face Trainer over every process, so train_batch_size is "
+            "left for DeepSpeed to derive; wire the model with UlyssesSPAttentionHF.register_with_transformers or "
+            "accelerate's ParallelismConfig(sp_backend=\"deepspeed\", sp_size={}).",
+            s.sp, s.dp * s.sp, s.sp, s.dp, s.micro_batch * s.grad_accum * s.dp, s.sp));
     }
     if (s.mlp_chunks > 1) notes.push_back(mlp_note(s));
     if (s.lm_chunks > 1) notes.push_back(lm_note(s));

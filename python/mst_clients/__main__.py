@@ -1,0 +1,79 @@
+"""python -m mst_clients --mst-plan BIN --out-dir DIR: the plan matrix through the clients' code.
+
+Prints one row per emitted ds_config.json (the deepspeed format's, and the axolotl format's
+when its plan uses DeepSpeed) and exits 1 when any file is refused or a plan could not be
+made, 2 on a usage error.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import matrix
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="check-clients", description=__doc__.splitlines()[0])
+    ap.add_argument("--mst-plan", required=True, type=Path, help="the mst-plan binary")
+    ap.add_argument("--out-dir", required=True, type=Path, help="where plans and emitted files go")
+    ap.add_argument("--only", default="", help="run the entries whose name contains this")
+    a = ap.parse_args(argv)
+    if not a.mst_plan.is_file():
+        print(f"error: --mst-plan: {a.mst_plan}: expected the mst-plan binary", file=sys.stderr)
+        return 2
+    try:
+        import deepspeed  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        print(f"error: check-clients: expected deepspeed and transformers (scripts/check-clients installs them): {e}",
+              file=sys.stderr)
+        return 2
+    from . import ds_check
+    import logging
+
+    import transformers as _transformers
+    from deepspeed.utils import logger as _ds_logger
+    _transformers.utils.logging.set_verbosity_error()  # the Trainer's notes on the stand-in process group
+    _ds_logger.setLevel(logging.ERROR)
+
+    entries = [e for e in matrix.default_matrix() if a.only in e.name]
+    rows, failures = [], 0
+    for entry in entries:
+        for fmt in ("deepspeed", "axolotl"):
+            em = matrix.make(a.mst_plan, entry, fmt, a.out_dir)
+            if em.error:
+                rows.append((entry.name, fmt, "NO PLAN", em.error))
+                failures += 1
+                continue
+            if "ds_config.json" not in em.files:  # an axolotl plan without DeepSpeed (one GPU)
+                rows.append((entry.name, fmt, "no ds_config", ""))
+                continue
+            s = em.plan["setup"]
+            layout = f"dp {s['dp']} sp {s['sp']} ZeRO {s['zero_stage']} mb {s['micro_batch']} ga {s['grad_accum']}"
+            hidden = _hidden_size(a.mst_plan, em.plan["model"])
+            problems = ds_check.check(json.loads(em.files["ds_config.json"].read_text()), em.plan, hidden,
+                                      str(a.out_dir / "trainer"))
+            rows.append((entry.name, fmt, "ok" if not problems else "REFUSED", layout if not problems else problems[0]))
+            failures += bool(problems)
+    width = max(len(r[0]) for r in rows) if rows else 10
+    for name, fmt, status, what in rows:
+        print(f"{name:<{width}}  {fmt:<9}  {status:<12}  {what}")
+    checked = sum(1 for r in rows if r[2] in ("ok", "REFUSED"))
+    print(f"{checked} ds_config.json files from {len(entries)} plans through transformers' Trainer checks and "
+          f"DeepSpeed's DeepSpeedConfig: {failures} failed")
+    return 1 if failures else 0
+
+
+_HIDDEN = {}
+
+
+def _hidden_size(binary: Path, model: str) -> int:
+    if model not in _HIDDEN:
+        r = matrix.run_mst(binary, ["--json", "show", model])
+        _HIDDEN[model] = json.loads(r.stdout)["hidden_size"] if r.returncode == 0 else 4096
+    return _HIDDEN[model]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

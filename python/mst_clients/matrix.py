@@ -1,0 +1,95 @@
+"""A matrix of plans made by the mst-plan binary, and their emitted files.
+
+Each entry is one ``mst-plan recommend`` command with ``--for FORMAT`` (so the search keeps only
+setups that format's trainer can train as planned) and ``--out plan.json``, followed by ``mst-plan
+emit`` of that plan. One and eight GPUs, 8k to 128k tokens, dense and Mixture-of-Experts models,
+both precisions DeepSpeed keeps masters in, ZeRO 0-3 and Ulysses degrees pinned and searched.
+"""
+
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+
+@dataclass(frozen=True)
+class Entry:
+    model: str
+    gpus: int
+    seq: int
+    precision: str = "bf16-master"
+    pins: Tuple[str, ...] = ()
+    runtime: str = ""  # "" : hf on one GPU, kernels on several (the hf runtime plans one GPU)
+    gpu: str = "h100-sxm-80gb"
+
+    @property
+    def name(self) -> str:
+        pins = "".join("-" + p.replace("=", "") for p in self.pins)
+        return f"{self.model}-{self.gpus}x-{self.seq // 1024}k-{self.precision}{pins}"
+
+    def recommend_args(self, fmt: str) -> List[str]:
+        args = ["recommend", "--model", self.model, "--gpu", self.gpu, "--gpus", str(self.gpus),
+                "--seq", str(self.seq), "--precision", self.precision, "--for", fmt,
+                "--runtime", self.runtime or ("kernels" if self.gpus > 1 else "hf")]
+        for p in self.pins:
+            args += ["--pin", p]
+        return args
+
+
+def default_matrix() -> List[Entry]:
+    """35 plans, each one mst-plan can make: every file emitted for them must be accepted."""
+    out: List[Entry] = []
+    # One GPU: the models whose fp32 masters and states fit one (DeepSpeed keeps fp32 masters for
+    # bf16-master; pure bf16 needs ZeRO 1, which the kernels runtime plans).
+    for model, seq in (("llama-3.2-1b", 8192), ("llama-3.2-1b", 32768), ("llama-3.2-3b", 8192), ("qwen3-1.7b", 16384),
+                       ("gemma-2-2b", 8192), ("qwen3-0.6b", 65536)):
+        out.append(Entry(model, 1, seq))
+    out += [Entry("llama-3-8b", 1, 16384, "pure-bf16", runtime="kernels"),
+            Entry("qwen3-4b", 1, 32768, "pure-bf16", runtime="kernels")]
+    # Eight GPUs: every dense family at 64k, then ZeRO stages, Ulysses degrees, lengths, node sizes.
+    for model in ("llama-3-8b", "llama-3.2-1b", "mistral-7b-v0.1", "qwen2-7b", "gemma-2-9b", "qwen3-8b", "phi-3-mini-4k"):
+        out.append(Entry(model, 8, 65536))
+    out += [
+        Entry("llama-3-8b", 8, 131072), Entry("llama-3-8b", 8, 8192),
+        Entry("llama-3-8b", 8, 65536, "pure-bf16"), Entry("llama-3.2-1b", 8, 65536, "pure-bf16"),
+        Entry("llama-3-8b", 8, 32768, pins=("zero=2",)), Entry("llama-3-8b", 8, 32768, pins=("zero=3",)),
+        Entry("llama-3-8b", 8, 32768, pins=("zero=1",)), Entry("llama-3.2-1b", 8, 65536, pins=("zero=0", "sp=8")),
+        Entry("llama-3-8b", 8, 65536, pins=("sp=2",)), Entry("llama-3-8b", 8, 65536, pins=("sp=4",)),
+        Entry("llama-3-8b", 8, 262144, pins=("sp=8",)), Entry("qwen2-7b", 8, 32768, pins=("sp=4",)),
+        Entry("llama-3-8b", 8, 16384, pins=("micro_batch=2",)),
+        Entry("llama-3-8b", 2, 16384), Entry("llama-3-8b", 4, 65536, "pure-bf16"),
+        Entry("llama-3.1-70b", 16, 16384, "pure-bf16"), Entry("mixtral-8x7b", 8, 8192, "pure-bf16"),
+        Entry("qwen3-30b-a3b", 8, 32768), Entry("llama-3-8b", 8, 65536, pins=("offload=yes",)),
+        Entry("llama-3-8b", 16, 131072),
+    ]
+    return out
+
+
+@dataclass
+class Emitted:
+    entry: Entry
+    fmt: str
+    plan: Dict
+    files: Dict[str, Path] = field(default_factory=dict)
+    error: str = ""  # what mst-plan said when it made no plan
+
+
+def run_mst(binary: Path, args: List[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(binary)] + args, capture_output=True, text=True, timeout=600)
+
+
+def make(binary: Path, entry: Entry, fmt: str, out_dir: Path) -> Emitted:
+    """recommend --for fmt, then emit --format fmt, into out_dir/<entry>/<fmt>/."""
+    where = out_dir / entry.name / fmt
+    where.mkdir(parents=True, exist_ok=True)
+    plan_path = where / "plan.json"
+    r = run_mst(binary, entry.recommend_args(fmt) + ["--out", str(plan_path)])
+    if r.returncode != 0:
+        return Emitted(entry, fmt, {}, error=(r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1])
+    plan = json.loads(plan_path.read_text())
+    r = run_mst(binary, ["emit", "--plan", str(plan_path), "--format", fmt, "--out", str(where)])
+    if r.returncode != 0:
+        return Emitted(entry, fmt, plan, error=(r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1])
+    files = {p.name: p for p in where.iterdir() if p.name != "plan.json"}
+    return Emitted(entry, fmt, plan, files)
