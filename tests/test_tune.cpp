@@ -164,6 +164,21 @@ TEST_CASE("max-seq --for: strategies the format's trainer cannot train are liste
     }
 }
 
+TEST_CASE("--pin offload=yes plans checkpoints to offload, even where the plain setup fits") {
+    // Llama-3-8B at 4k fits one H100 with nothing checkpointed; the pin asks for offload, which
+    // needs a checkpoint to move: the plan checkpoints the fewest layers, one, and offloads it.
+    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 1, 4096);
+    rq.pins.offload = true;
+    const Recommendation r = recommend(rq);
+    REQUIRE(r.found);
+    CHECK(r.best.setup.offload_checkpoints);
+    CHECK(r.best.setup.checkpointed_count() == 1);
+    for (const Candidate& c : r.pareto) CHECK(c.setup.offload_checkpoints);
+    rq.pins.checkpoint_count = 0;
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); })
+              .rfind("recommend: pin: offload=yes: expected checkpointed layers to offload", 0) == 0);
+}
+
 TEST_CASE("when the plain setup fits, the tuner keeps it: no checkpointing, no chunks") {
     const Recommendation r = recommend(request("tiny-llama", "a100-80gb", 1, 1024));
     REQUIRE(r.found);

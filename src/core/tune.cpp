@@ -160,9 +160,11 @@ public:
         } else if (rq_.pins.checkpoint_count) {
             ks.push_back({*rq_.pins.checkpoint_count, nullptr});
         } else {
-            if (best_ && !can_beat(0, nullptr, best_->cost() * kRunnerUpSlack)) return;  // cannot compete
+            // Offloading checkpoints (pinned: offload=yes) needs at least one checkpointed layer.
+            const std::int64_t k_min = outer.offload_checkpoints ? 1 : 0;
+            if (best_ && !can_beat(k_min, nullptr, best_->cost() * kRunnerUpSlack)) return;  // cannot compete
             if (!fits(with(L, mlp_opts.back(), lm_opts.back()))) return;
-            std::int64_t lo = 0, hi = L;  // fewest checkpointed layers that fit with the most chunks
+            std::int64_t lo = k_min, hi = L;  // fewest checkpointed layers that fit with the most chunks
             while (lo < hi) {
                 const std::int64_t mid = (lo + hi) / 2;
                 if (fits(with(mid, mlp_opts.back(), lm_opts.back()))) hi = mid;
@@ -347,6 +349,10 @@ void check_request(const TuneRequest& rq, const char* command) {
     // The hf runtime plans one GPU without ZeRO: a pin it cannot honour is named, not searched for.
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && *rq.pins.zero_stage > 0)
         fail(command, "pin", fmt::format("zero={}: expected 0 with runtime hf (ZeRO is not modelled in it yet)", *rq.pins.zero_stage));
+    if (rq.pins.offload && *rq.pins.offload &&
+        ((rq.pins.checkpoint_count && *rq.pins.checkpoint_count == 0) ||
+         (rq.pins.checkpoint && std::none_of(rq.pins.checkpoint->begin(), rq.pins.checkpoint->end(), [](bool b) { return b; }))))
+        fail(command, "pin", "offload=yes: expected checkpointed layers to offload (the pinned checkpointing has none)");
     if (rq.base.runtime == Runtime::Hf && rq.pins.sp && *rq.pins.sp > 1)
         fail(command, "pin", fmt::format("sp={}: expected 1 with runtime hf (sequence parallelism is not modelled in it yet)", *rq.pins.sp));
     if (const auto formats = emit_formats();
