@@ -881,14 +881,22 @@ TEST_CASE("moe gather and combine: the combine is the weighted sum of each token
     CHECK(rel_err(to_f32(yb), y) < 1e-2);
 }
 
-TEST_CASE("moe kernels refuse a top-k outside 1..E") {
+TEST_CASE("moe_route refuses a top-k outside 1..E") {
     Vec probs(4, 0.25f), w(8);
     std::vector<std::int64_t> idx(8), pos(8), offsets(5);
     CHECK_THROWS_AS(moe_route(w.data(), idx.data(), pos.data(), offsets.data(), probs.data(), 1, 4, 5, false), std::logic_error);
     CHECK_THROWS_AS(moe_route(w.data(), idx.data(), pos.data(), offsets.data(), probs.data(), 1, 4, 0, false), std::logic_error);
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    const Vec nans(4, nan);
-    CHECK_THROWS_AS(moe_route(w.data(), idx.data(), pos.data(), offsets.data(), nans.data(), 1, 4, 2, false), std::logic_error);
+}
+
+TEST_CASE("moe_route: NaN probabilities (a diverged step) route to expert 0 with NaN weights, in bounds") {
+    const Vec nans(2 * 4, std::numeric_limits<float>::quiet_NaN());
+    Vec w(2 * 2);
+    std::vector<std::int64_t> idx(4), pos(4), offsets(5);
+    moe_route(w.data(), idx.data(), pos.data(), offsets.data(), nans.data(), 2, 4, 2, true);
+    CHECK(idx == std::vector<std::int64_t>{0, 0, 0, 0});
+    CHECK(std::all_of(w.begin(), w.end(), [](float x) { return std::isnan(x); }));
+    CHECK(pos == std::vector<std::int64_t>{0, 1, 2, 3});
+    CHECK(offsets == std::vector<std::int64_t>{0, 4, 4, 4, 4});
 }
 
 // ---- cross-entropy -----------------------------------------------------------------------------

@@ -148,9 +148,9 @@ TEST_CASE("emit hf-mst: mst_config.json carries every knob of the plan") {
           nlohmann::json{{"name", "adamw"}, {"state_dtype", "fp32"}, {"in_backward", false}, {"impl", "fused"}});
     CHECK(j["data_parallel"] == 4);
     CHECK(j["sequence_parallel"] == 2);
-    CHECK(j["zero_stage"] == 3);
-    CHECK(j["predicted"]["peak_allocated_bytes"] == std::int64_t{60651963392});
-    CHECK(j["predicted"]["peak_reserved_bytes"] == std::int64_t{63333990400});
+    CHECK(j["zero_stage"] == 2);
+    CHECK(j["predicted"]["peak_allocated_bytes"] == std::int64_t{73216442368});
+    CHECK(j["predicted"]["peak_reserved_bytes"] == std::int64_t{75942068224});
     CHECK(j["predicted"]["tokens_per_second"] == doctest::Approx(3150.0));
 }
 
@@ -166,10 +166,13 @@ TEST_CASE("emit deepspeed: ds_config.json has DeepSpeed's keys and the plan's nu
     CHECK(j["gradient_accumulation_steps"] == 4);
     CHECK(j["sequence_parallel_size"] == 2);
     CHECK(j["bf16"] == nlohmann::json{{"enabled", true}});
-    CHECK(j["zero_optimization"]["stage"] == 3);
+    CHECK(j["zero_optimization"]["stage"] == 2);
+    CHECK_FALSE(j["zero_optimization"].contains("stage3_prefetch_bucket_size"));
+    Plan zero3 = plan;
+    zero3.setup.zero_stage = 3;
     // One Llama-3-8B layer: q 4096x4096 + k, v 4096x1024 each + o 4096x4096 = 41 943 040,
     // gate, up, down 3 x 4096x14336 = 176 160 768, two RMSNorms 8 192: 218 112 000 elements.
-    CHECK(j["zero_optimization"]["stage3_prefetch_bucket_size"] == 218112000);
+    CHECK(ds_config(zero3, model)["zero_optimization"]["stage3_prefetch_bucket_size"] == 218112000);
     CHECK(j["activation_checkpointing"]["number_checkpoints"] == 16);
     CHECK(j["activation_checkpointing"]["cpu_checkpointing"] == false);
     CHECK(j["optimizer"]["type"] == "AdamW");
@@ -238,7 +241,7 @@ TEST_CASE("emit torchtitan: torchtitan.toml has the job-config keys and the plan
     CHECK(t["parallelism"]["data_parallel_shard_degree"].value<std::int64_t>() == 4);
     CHECK(t["parallelism"]["data_parallel_replicate_degree"].value<std::int64_t>() == 1);
     CHECK(t["parallelism"]["context_parallel_degree"].value<std::int64_t>() == 2);
-    CHECK(t["parallelism"]["fsdp_reshard_after_forward"].value<std::string>() == "default");
+    CHECK(t["parallelism"]["fsdp_reshard_after_forward"].value<std::string>() == "never");  // ZeRO-2: whole parameters through backward
     // torchtitan has no key for MsT: the comment carries the chunk counts.
     CHECK(comments(text).find("MLP in 8 mini-sequences (tiled) and the LM head + loss in 16 (recompute)") !=
           std::string::npos);
@@ -366,6 +369,9 @@ TEST_CASE("emit: what a trainer cannot train as planned is a one-line error nami
     CHECK(refused("axolotl", in_backward).rfind("axolotl: setup.optimizer_in_backward: ", 0) == 0);
     CHECK(refused("torchtitan", [](TrainingSetup& s) { s.state_dtype = StateDtype::Bf16; })
               .rfind("torchtitan: setup.optimizer_state_dtype: ", 0) == 0);
+    // python/mst_hf refuses a chunked LM head under ZeRO-3 (it reads lm_head's weight outside its forward).
+    CHECK(refused("hf-mst", [](TrainingSetup& s) { s.zero_stage = 3; })
+              .rfind("hf-mst: setup.lm_chunks: expected 1 with zero_stage 3", 0) == 0);
     // Invalid setups are caught before any emitter sees them.
     CHECK(refused("hf-mst", [](TrainingSetup& s) { s.sp = 3; }).rfind("setup: sp: ", 0) == 0);
 }
@@ -459,7 +465,7 @@ TEST_CASE("emit: a plan relabelled to another model or edited is refused, naming
     CHECK(error_for(j).find(": prediction.peak_") != std::string::npos);
     j = good;
     j["prediction"]["peak_reserved_bytes"] = 1;
-    CHECK(error_for(j).find(": prediction.peak_reserved_bytes: expected 63333990400") != std::string::npos);
+    CHECK(error_for(j).find(": prediction.peak_reserved_bytes: expected 75942068224") != std::string::npos);
     j = good;
     j["setup"]["sequence_length"] = 4096;
     CHECK(error_for(j).find(": setup: sequence_length: unknown key; expected one of the keys this file takes (the "

@@ -99,6 +99,9 @@ std::vector<bool> first_layers(std::int64_t k, std::int64_t layers) {
     return v;
 }
 
+// --for: why the format's trainer cannot train `s` as planned, in its emitter's words ("" when it can).
+std::string refusal_of(const std::string& format, const TrainingSetup& s, const ModelSpec& m);
+
 class Search {
 public:
     Search(const TuneRequest& rq, bytes_t budget) : rq_(rq), budget_(budget), sim_(rq.model, rq.gpu) {}
@@ -130,7 +133,17 @@ public:
         memo_.clear();
         const std::int64_t L = rq_.model.num_layers, tokens = outer.local_tokens();
         const auto mlp_opts = chunk_options(tokens, rq_.pins.mlp_chunks, max_mlp_chunks(rq_.model));
-        const auto lm_opts = chunk_options(tokens, rq_.pins.lm_chunks, limits::kChunks);
+        auto lm_opts = chunk_options(tokens, rq_.pins.lm_chunks, limits::kChunks);
+        // --for: chunk counts the format's trainer cannot run with these outer knobs are not searched
+        // (python/mst_hf's chunked loss under ZeRO-3).
+        if (!rq_.for_format.empty()) {
+            std::erase_if(lm_opts, [&](std::int64_t ml) {
+                TrainingSetup t = outer;
+                t.lm_chunks = ml;
+                return !refusal_of(rq_.for_format, t, rq_.model).empty();
+            });
+            if (lm_opts.empty()) return;
+        }
         auto with = [&](std::int64_t k, std::int64_t mm, std::int64_t ml, const std::vector<bool>* placement = nullptr) {
             TrainingSetup t = outer;
             t.checkpoint = placement ? *placement : first_layers(k, L);
@@ -162,7 +175,7 @@ public:
         } else {
             // Offloading checkpoints (pinned: offload=yes) needs at least one checkpointed layer.
             const std::int64_t k_min = outer.offload_checkpoints ? 1 : 0;
-            if (best_ && !can_beat(k_min, nullptr, best_->cost() * kRunnerUpSlack)) return;  // cannot compete
+            if (fastest_ && !can_beat(k_min, nullptr, *fastest_ * kRunnerUpSlack)) return;  // cannot compete
             if (!fits(with(L, mlp_opts.back(), lm_opts.back()))) return;
             std::int64_t lo = k_min, hi = L;  // fewest checkpointed layers that fit with the most chunks
             while (lo < hi) {
@@ -183,7 +196,7 @@ public:
             const std::vector<bool>* placement = choice.second;
             // Time grows with k: stop once even the best chunking cannot compete (the first k of
             // each outer choice may trail by kRunnerUpSlack, to offer runner-ups).
-            if (best_ && !can_beat(k, placement, best_->cost() * (first ? kRunnerUpSlack : 1.0))) break;
+            if (fastest_ && !can_beat(k, placement, *fastest_ * (first ? kRunnerUpSlack : 1.0))) break;
             first = false;
             // Fewest LM-head chunks that fit with the most MLP chunks, then fewest MLP chunks.
             const auto smallest = [&](const std::vector<std::int64_t>& opts, std::size_t hi, auto make) -> std::optional<std::size_t> {
@@ -221,22 +234,27 @@ public:
     }
 
     void consider(Candidate c) {
-        evaluated_.push_back(c);
-        const double t = c.cost();
-        if (!best_) {
-            best_ = c;
-            return;
-        }
-        const double bt = best_->cost();
-        // More tokens per second wins; within 0.5 % prefer the simpler parallel layout, then more headroom.
-        if (t < bt * 0.995 ||
-            (t <= bt * 1.005 && (c.setup.zero_stage < best_->setup.zero_stage ||
-                                 (c.setup.zero_stage == best_->setup.zero_stage &&
-                                  c.memory.peak_reserved_bytes < best_->memory.peak_reserved_bytes))))
-            best_ = c;
+        fastest_ = std::min(fastest_.value_or(c.cost()), c.cost());
+        evaluated_.push_back(std::move(c));
     }
 
-    std::optional<Candidate> best_;
+    // The fastest setup, or, among those within 0.5 % of it, the simplest parallel layout (lowest
+    // ZeRO stage), then the most headroom, then the faster. Decided over all candidates at once: a
+    // running choice could drift, each step within 0.5 % of the last, far from the fastest.
+    std::optional<Candidate> best() const {
+        if (!fastest_) return std::nullopt;
+        const Candidate* pick = nullptr;
+        for (const Candidate& c : evaluated_) {
+            if (c.cost() > *fastest_ * 1.005) continue;
+            const auto rank = [](const Candidate& x) {
+                return std::make_tuple(x.setup.zero_stage, x.memory.peak_reserved_bytes, x.cost());
+            };
+            if (!pick || rank(c) < rank(*pick)) pick = &c;
+        }
+        return *pick;
+    }
+
+    std::optional<double> fastest_;  // the least cost considered
     std::vector<Candidate> evaluated_;
     std::int64_t sims_ = 0;
 
@@ -462,9 +480,10 @@ Recommendation recommend(const TuneRequest& rq) {
     if (!rq.for_format.empty() && expressible_setups == 0)
         fail("recommend", "for", fmt::format("a setup {} can train as planned; none of those searched is: {}", rq.for_format, refusal));
     out.refusal = refusal;  // when nothing fits, what --for excluded may be why
-    if (!search.best_) return out;
+    const std::optional<Candidate> best = search.best();
+    if (!best) return out;
     out.found = true;
-    out.best = *search.best_;
+    out.best = *best;
     out.pareto = pareto_front(search.evaluated_);
     // Chosen on the budget's device; reported as the GPU holds them (releasing only at its end).
     PeakSimulator gpu_sim(m, rq.gpu);
@@ -573,12 +592,23 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         row.setup = st.setup;  // what the strategy is, also when nothing fits
         Strategy run = st;
         if (!rq.for_format.empty()) {  // --for: a strategy the format's trainer cannot train is not searched
-            row.refused = refusal_of(rq.for_format, run.setup, m);
+            // An MsT strategy chunks both blocks at every length: checked with chunks, as it runs.
+            auto refusal = [&](TrainingSetup t) {
+                if (st.mst) t.mlp_chunks = t.lm_chunks = 2;
+                return refusal_of(rq.for_format, t, m);
+            };
+            row.refused = refusal(run.setup);
+            // python/mst_hf's chunked loss cannot run under ZeRO-3: the MsT rows shard at ZeRO 2 there.
+            if (!row.refused.empty() && run.setup.zero_stage == 3) {
+                TrainingSetup z2 = run.setup;
+                z2.zero_stage = 2;
+                if (refusal(z2).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
+            }
             // One rank: ZeRO 1 shards nothing and is what DeepSpeed needs for bf16 master weights.
             if (!row.refused.empty() && run.setup.zero_ranks() == 1 && run.setup.zero_stage == 0 && run.setup.runtime == Runtime::Kernels) {
                 TrainingSetup z1 = run.setup;
                 z1.zero_stage = 1;
-                if (refusal_of(rq.for_format, z1, m).empty()) run.setup = z1, row.setup = z1, row.refused.clear();
+                if (refusal(z1).empty()) run.setup = z1, row.setup = z1, row.refused.clear();
             }
             if (!row.refused.empty()) {
                 out.rows.push_back(row);

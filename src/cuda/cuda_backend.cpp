@@ -72,6 +72,7 @@ public:
 
     std::string name() const override { return "cuda"; }
     std::int64_t max_head_dim() const override { return cuda::kMaxHeadDim; }
+    std::int64_t max_experts() const override { return cuda::kMaxExperts; }
 
     void* map(const Event& e) override {
         if (e.device == Device::Host) {

@@ -13,6 +13,7 @@
 // no kernel has to hand a device scalar back to the host in the middle of a step.
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <new>
 #include <optional>
 #include <string>
@@ -50,6 +51,8 @@ public:
     // step the simulator says needs more); nullopt: allocate and see (a GPU's out of memory is a result).
     virtual std::optional<bytes_t> memory_available() const { return std::nullopt; }
     virtual std::int64_t max_head_dim() const = 0;
+    // The most experts its routing kernels sort (a Mixture-of-Experts model with more is refused).
+    virtual std::int64_t max_experts() const { return std::numeric_limits<std::int64_t>::max(); }
 
     // ---- memory -----------------------------------------------------------------------------
     // Memory for the event `e` about to be recorded (its name, bytes, category, device and

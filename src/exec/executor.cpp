@@ -54,6 +54,9 @@ void check_supported(const ModelSpec& m, const TrainingSetup& s, const Backend& 
         fail(m.name, "hidden_act", fmt::format("{} implements silu and gelu_pytorch_tanh, got '{}'", who, m.hidden_act));
     if (m.head_dim > b.max_head_dim())
         fail(m.name, "head_dim", fmt::format("the {} kernels take head_dim <= {}", b.name(), b.max_head_dim()));
+    if (m.moe && m.moe->experts > b.max_experts())
+        fail(m.name, "num_experts", fmt::format("the {} kernels route at most {} experts, got {}", b.name(), b.max_experts(),
+                                                m.moe->experts));
 }
 
 // A backend that knows how much memory it can give (the CPU's: this machine's) refuses a step the

@@ -15,8 +15,6 @@ namespace {
 using Emitter = std::vector<EmittedFile> (*)(const Plan&, const ModelSpec&);
 using Check = void (*)(const TrainingSetup&, const ModelSpec&);
 
-void accept_all(const TrainingSetup&, const ModelSpec&) {}
-
 struct Format {
     const char* name;
     Emitter emit;
@@ -24,7 +22,7 @@ struct Format {
 };
 
 constexpr Format kFormats[] = {
-    {"hf-mst", emit_detail::emit_hf_mst, accept_all},
+    {"hf-mst", emit_detail::emit_hf_mst, emit_detail::check_hf_mst},
     {"deepspeed", emit_detail::emit_deepspeed, emit_detail::check_deepspeed},
     {"axolotl", emit_detail::emit_axolotl, emit_detail::check_axolotl},
     {"torchtitan", emit_detail::emit_torchtitan, emit_detail::check_torchtitan},

@@ -17,6 +17,7 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
 // What each format refuses (a UserError "<format>: setup.<knob>: ..."), checked by its emitter
 // before it writes anything and by check_expressible (include/mst/emit.hpp). hf-mst refuses
 // nothing validate() accepts.
+void check_hf_mst(const TrainingSetup& s, const ModelSpec& model);
 void check_deepspeed(const TrainingSetup& s, const ModelSpec& model);
 void check_axolotl(const TrainingSetup& s, const ModelSpec& model);
 void check_torchtitan(const TrainingSetup& s, const ModelSpec& model);

@@ -1,15 +1,28 @@
 // hf-mst: mst_config.json, the plan as python/mst_hf reads it to patch a
 // transformers model (MsT MLP and LM-head chunking, checkpoint placement, offload)
 // and set up its optimizer and parallelism. Schema "hf-mst/1", owned by this
-// project; every knob of the plan has a field, so this format never refuses a plan.
+// project; every knob of the plan has a field. It refuses what python/mst_hf.apply refuses.
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "emit/emitters.hpp"
+#include "mst/error.hpp"
 
 namespace mst::emit_detail {
 
-std::vector<EmittedFile> emit_hf_mst(const Plan& plan, const ModelSpec& /*model*/) {
+void check_hf_mst(const TrainingSetup& s, const ModelSpec& /*model*/) {
+    // mst_hf/patch.py _check_lm_head: the chunked loss reads lm_head's weight outside its forward,
+    // where ZeRO-3 has it partitioned.
+    if (s.zero_stage == 3 && s.lm_chunks > 1)
+        fail("hf-mst", "setup.lm_chunks",
+             fmt::format("expected 1 with zero_stage 3 (python/mst_hf's chunked loss reads lm_head's weight, which "
+                         "ZeRO-3 gathers only inside lm_head's own forward), got {}",
+                         s.lm_chunks));
+}
+
+std::vector<EmittedFile> emit_hf_mst(const Plan& plan, const ModelSpec& model) {
     const TrainingSetup& s = plan.setup;
+    check_hf_mst(s, model);
     // ordered_json keeps the schema's field order, so a person reads the file top-down
     // in the same order as the documentation.
     const nlohmann::ordered_json j = {

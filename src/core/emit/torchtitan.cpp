@@ -136,7 +136,7 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
     // ZeRO-1/2 keep whole parameters through forward and backward: FSDP2 without
     // resharding after forward. FSDP2 also shards the gradients, which ZeRO-1 does not.
     if (s.zero_stage > 0) par.table.insert("fsdp_reshard_after_forward", s.zero_stage == 3 ? "default" : "never");
-    if (s.zero_stage == 1 && s.dp > 1)
+    if (s.zero_stage == 1 && s.zero_ranks() > 1)
         par.notes.push_back("ZeRO-1 has no torchtitan equivalent: FSDP2 without resharding also shards gradients "
                             "(ZeRO-2): memory at or below the prediction.");
     if (s.sp > 1)

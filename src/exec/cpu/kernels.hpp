@@ -230,6 +230,7 @@ void swiglu_backward(Tensor dg, Tensor du, ConstTensor dm, ConstTensor g, ConstT
 // highest probability first (ties: the lower expert first); w [n, k] fp32 their probabilities,
 // divided by their sum when `normalize`; pos [n, k] pair (t, j)'s row among the pairs sorted by
 // expert, stable in token order; offsets [E + 1] each expert's first row (offsets[E] = n*k).
+// NaN probabilities (a diverged step) pick expert 0 with a NaN weight, which shows in the loss.
 void moe_route(float* w, std::int64_t* idx, std::int64_t* pos, std::int64_t* offsets, const float* probs,
                std::int64_t n, std::int64_t E, std::int64_t k, bool normalize);
 // Its backward: dprobs [n, E] fp32 from dw [n, k]: 0 off each token's chosen experts; on them

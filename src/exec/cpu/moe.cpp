@@ -7,6 +7,7 @@
 #include "kernels.hpp"
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -35,10 +36,11 @@ void moe_route(float* w, std::int64_t* idx, std::int64_t* pos, std::int64_t* off
                 if (j > 0 && !before(p[idx[t * k + j - 1]], idx[t * k + j - 1], p[e], e)) continue;  // not after the last pick
                 if (best < 0 || before(p[e], e, p[best], best)) best = e;
             }
-            detail::require(best >= 0, "moe_route", "no expert left to pick (NaN probabilities?)");
-            idx[t * k + j] = best;
-            w[t * k + j] = p[best];
-            sum += p[best];
+            // None left (NaN probabilities, a diverged step): a valid index, and a NaN weight that
+            // shows in the loss, as the CUDA twin does.
+            idx[t * k + j] = best < 0 ? 0 : best;
+            w[t * k + j] = best < 0 ? std::numeric_limits<float>::quiet_NaN() : p[best];
+            sum += w[t * k + j];
         }
         if (normalize)
             for (std::int64_t j = 0; j < k; ++j) w[t * k + j] /= sum;
