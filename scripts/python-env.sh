@@ -24,7 +24,8 @@ mst_python_env() {
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv >&2
         python3 -m venv --clear "$venv" >&2
     fi
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$pins" >&2
+    # (set -e does not hold inside the callers' $(...): a failed install must not be stamped)
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$pins" >&2 || return 1
     cp "$pins" "$stamp"
     echo "$venv/bin/python"
 }
@@ -42,9 +43,15 @@ mst_clients_env() {
         return 0
     fi
     echo "mst-plan: installing DeepSpeed for the client checks into $dir (once)..." >&2
+    # Only a directory this function made (its marker file) is replaced.
+    if [ -e "$dir" ] && [ ! -f "$dir/.mst-clients" ] && [ ! -f "$stamp" ]; then
+        echo "error: MST_CLIENTS_DIR: $dir: expected a new directory or one made by mst_clients_env" >&2
+        return 1
+    fi
     rm -rf "$dir"
+    mkdir -p "$dir" && touch "$dir/.mst-clients" || return 1
     DS_BUILD_OPS=0 "$python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
-        --target "$dir" -r "$pins" >&2
+        --target "$dir" -r "$pins" >&2 || return 1
     cp "$pins" "$stamp"
     echo "$dir"
 }

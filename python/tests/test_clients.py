@@ -5,7 +5,8 @@ The pure-Python parts always run. The verdicts need DeepSpeed and accelerate
 MST_CLIENTS_PATH, and then they must run); each runs in its own interpreter, because the check
 initialises a process group, which must not leak into the other tests. The configs are written
 here by hand from DeepSpeed's and transformers' rules, so each verdict is independent of the
-emitter: a train_batch_size the Trainer computes differently is refused, "auto" is refused by
+emitter: a train_batch_size the Trainer computes differently is refused, "auto" (as the Trainer fills
+it, before accelerate's own sequence-parallel fix-up, which these checks do not run) is refused by
 DeepSpeed under Ulysses, and leaving the key out passes both.
 """
 

@@ -196,7 +196,8 @@ public:
             const std::vector<bool>* placement = choice.second;
             // Time grows with k: stop once even the best chunking cannot compete (the first k of
             // each outer choice may trail by kRunnerUpSlack, to offer runner-ups).
-            if (fastest_ && !can_beat(k, placement, *fastest_ * (first ? kRunnerUpSlack : 1.0))) break;
+            // (within best()'s 0.5 % band a slower setup may still be the pick)
+            if (fastest_ && !can_beat(k, placement, *fastest_ * (first ? kRunnerUpSlack : 1.005))) break;
             first = false;
             // Fewest LM-head chunks that fit with the most MLP chunks, then fewest MLP chunks.
             const auto smallest = [&](const std::vector<std::int64_t>& opts, std::size_t hi, auto make) -> std::optional<std::size_t> {

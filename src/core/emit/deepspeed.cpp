@@ -165,8 +165,9 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
             "sequence_parallel_size {} (Ulysses): DeepSpeed counts the batch over data-parallel ranks only ({} GPUs / "
             "{} = {}: {} sequences per step) and the Hugging Face Trainer over every process, so train_batch_size is "
             "left for DeepSpeed to derive; wire the model with UlyssesSPAttentionHF.register_with_transformers or "
-            "accelerate's ParallelismConfig(sp_backend=\"deepspeed\", sp_size={}).",
-            s.sp, s.dp * s.sp, s.sp, s.dp, s.micro_batch * s.grad_accum * s.dp, s.sp));
+            "accelerate's ParallelismConfig(sp_backend=\"deepspeed\", sp_size={}, dp_shard_size={}) (accelerate sets "
+            "train_batch_size over its data-parallel size, 1 unless given).",
+            s.sp, s.dp * s.sp, s.sp, s.dp, s.micro_batch * s.grad_accum * s.dp, s.sp, s.dp));
     }
     if (s.mlp_chunks > 1) notes.push_back(mlp_note(s));
     if (s.lm_chunks > 1) notes.push_back(lm_note(s));
