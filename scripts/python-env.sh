@@ -6,13 +6,30 @@
 #   MST_VENV   where the environment lives (default <repo>/.venv/torch; ignored by git)
 set -euo pipefail
 
+# mst_pip <dir> <python> -m pip install ...: quiet, without pip's cache (the wheels of torch and
+# its CUDA libraries are several GiB: a cached copy would double the disk they take while
+# installing); on failure, says how much disk was left where <dir> lives.
+mst_pip() {
+    local dir="$1"
+    shift
+    if ! "$@" -q --disable-pip-version-check --no-cache-dir >&2; then
+        echo "error: pip install into $dir failed ($(df -h --output=avail "$dir" 2>/dev/null | tail -1 | tr -d ' ') free there)" >&2
+        return 1
+    fi
+}
+
+# mst_stamped <pins> <stamp>: installed from exactly these pins before.
+mst_stamped() {
+    [ -f "$2" ] && cmp -s "$1" "$2"
+}
+
 mst_python_env() {
     local root venv pins stamp
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     venv="${MST_VENV:-$root/.venv/torch}"
     pins="$root/python/requirements/torch.txt"
     stamp="$venv/.mst-pins"
-    if [ -x "$venv/bin/python" ] && cmp -s "$pins" "$stamp"; then
+    if [ -x "$venv/bin/python" ] && mst_stamped "$pins" "$stamp"; then
         echo "$venv/bin/python"
         return 0
     fi
@@ -25,7 +42,7 @@ mst_python_env() {
         python3 -m venv --clear "$venv" >&2
     fi
     # (set -e does not hold inside the callers' $(...): a failed install must not be stamped)
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$pins" >&2 || return 1
+    mst_pip "$venv" "$venv/bin/python" -m pip install -r "$pins" || return 1
     cp "$pins" "$stamp"
     echo "$venv/bin/python"
 }
@@ -38,7 +55,7 @@ mst_clients_env() {
     dir="${MST_CLIENTS_DIR:-$root/.venv/clients-deepspeed}"
     pins="$root/python/requirements/clients-deepspeed.txt"
     stamp="$dir/.mst-pins"
-    if [ -f "$stamp" ] && cmp -s "$pins" "$stamp"; then
+    if mst_stamped "$pins" "$stamp"; then
         echo "$dir"
         return 0
     fi
@@ -50,8 +67,8 @@ mst_clients_env() {
     fi
     rm -rf "$dir"
     mkdir -p "$dir" && touch "$dir/.mst-clients" || return 1
-    DS_BUILD_OPS=0 "$python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
-        --target "$dir" -r "$pins" >&2 || return 1
+    DS_BUILD_OPS=0 mst_pip "$dir" "$python" -m pip install --no-deps --no-build-isolation \
+        --target "$dir" -r "$pins" || return 1
     cp "$pins" "$stamp"
     echo "$dir"
 }

@@ -315,6 +315,18 @@ TEST_CASE("emit: offload, 8-bit AdamW and no sequence parallelism") {
     CHECK(error_of(plan, model, "torchtitan").rfind("torchtitan: setup.optimizer: expected adamw", 0) == 0);
 }
 
+TEST_CASE("emit deepspeed: torch's SGD under ZeRO carries DeepSpeed's untested-optimizer flag") {
+    ModelSpec model;
+    Plan plan = golden_plan(model);
+    plan.setup.optimizer = Optimizer::SgdMomentum;
+    const auto zero2 = ds_config(plan, model);
+    CHECK(zero2["optimizer"]["type"] == "SGD");
+    // engine.py asserts zero_allow_untested_optimizer for an optimizer outside ZeRO's tested list
+    CHECK(zero2["zero_allow_untested_optimizer"] == true);
+    plan.setup.zero_stage = 0;  // no ZeRO optimizer wraps it
+    CHECK_FALSE(ds_config(plan, model).contains("zero_allow_untested_optimizer"));
+}
+
 TEST_CASE("emit: precision maps to each trainer's own mechanism") {
     ModelSpec model;
     Plan plan = golden_plan(model);
@@ -338,6 +350,8 @@ TEST_CASE("emit: precision maps to each trainer's own mechanism") {
     ds = ds_config(plan, model);
     CHECK(ds["torch_autocast"] == nlohmann::json{{"enabled", true}, {"dtype", "bfloat16"}});
     CHECK_FALSE(ds.contains("bf16"));
+    // The Trainer with --bf16 refuses a config without bf16.enabled (trainer_config_process).
+    CHECK(ds["mst_plan_notes"].dump().find("run the Hugging Face Trainer without --bf16") != std::string::npos);
     const toml::table t = titan_config(plan, model);
     CHECK(t["parallelism"]["data_parallel_replicate_degree"].value<std::int64_t>() == 4);  // ZeRO-0: DDP
     CHECK(t["parallelism"]["data_parallel_shard_degree"].value<std::int64_t>() == 1);
@@ -361,6 +375,9 @@ TEST_CASE("emit: what a trainer cannot train as planned is a one-line error nami
         s.precision = Precision::PureBf16, s.zero_stage = 0, s.optimizer = Optimizer::SgdMomentum;
     };
     CHECK(refused("axolotl", plain_ddp_sgd).rfind("axolotl: setup.optimizer: ", 0) == 0);
+    // accelerate (DeepSpeedSequenceParallelConfig) and DeepSpeed (UlyssesSPAttentionHF) refuse eager under Ulysses.
+    CHECK(refused("deepspeed", [](TrainingSetup& s) { s.attention = Attention::Eager; })
+              .rfind("deepspeed: setup.attention: expected flash with sp > 1", 0) == 0);
     // Axolotl hands ZeRO to DeepSpeed, so DeepSpeed's refusal is the one reported.
     CHECK(refused("axolotl", [](TrainingSetup& s) { s.state_dtype = StateDtype::Bf16; })
               .rfind("deepspeed: setup.optimizer_state_dtype: expected fp32 with precision bf16-master", 0) == 0);

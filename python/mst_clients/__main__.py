@@ -1,8 +1,10 @@
 """python -m mst_clients --mst-plan BIN --out-dir DIR: the plan matrix through the clients' code.
 
 Prints one row per emitted ds_config.json (the deepspeed format's, and the axolotl format's
-when its plan uses DeepSpeed) and exits 1 when any file is refused or a plan could not be
-made, 2 on a usage error.
+when its plan uses DeepSpeed): the Hugging Face Trainer, accelerate and DeepSpeed take it to a
+built engine on a small model of the plan's family (ds_check), and the engine's batch, ZeRO,
+parallel degrees and precision are the plan's. Exits 1 when any file is refused or a plan could
+not be made, 2 on a usage error.
 """
 
 import argparse
@@ -34,13 +36,15 @@ def main(argv=None) -> int:
 
     import transformers as _transformers
     from deepspeed.utils import logger as _ds_logger
+    from mst_referee import jobs
     _transformers.utils.logging.set_verbosity_error()  # the Trainer's notes on the stand-in process group
     _ds_logger.setLevel(logging.ERROR)
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
 
     entries = [e for e in matrix.default_matrix() if a.only in e.name]
     rows, failures = [], 0
     for entry in entries:
-        for fmt in ("deepspeed", "axolotl"):
+        for fmt in entry.formats:
             em = matrix.make(a.mst_plan, entry, fmt, a.out_dir)
             if em.error:
                 rows.append((entry.name, fmt, "NO PLAN", em.error))
@@ -51,8 +55,8 @@ def main(argv=None) -> int:
                 continue
             s = em.plan["setup"]
             layout = f"dp {s['dp']} sp {s['sp']} ZeRO {s['zero_stage']} mb {s['micro_batch']} ga {s['grad_accum']}"
-            hidden = _hidden_size(a.mst_plan, em.plan["model"])
-            problems = ds_check.check(json.loads(em.files["ds_config.json"].read_text()), em.plan, hidden,
+            model_config = jobs.load_model_config(jobs.resolve_model(em.plan["model"])[1])
+            problems = ds_check.check(json.loads(em.files["ds_config.json"].read_text()), em.plan, model_config,
                                       str(a.out_dir / "trainer"))
             rows.append((entry.name, fmt, "ok" if not problems else "REFUSED", layout if not problems else problems[0]))
             failures += bool(problems)
@@ -60,19 +64,9 @@ def main(argv=None) -> int:
     for name, fmt, status, what in rows:
         print(f"{name:<{width}}  {fmt:<9}  {status:<12}  {what}")
     checked = sum(1 for r in rows if r[2] in ("ok", "REFUSED"))
-    print(f"{checked} ds_config.json files from {len(entries)} plans through transformers' Trainer checks and "
-          f"DeepSpeed's DeepSpeedConfig: {failures} failed")
+    print(f"{checked} ds_config.json files from {len(entries)} plans through transformers' Trainer, accelerate and "
+          f"deepspeed.initialize: {failures} failed")
     return 1 if failures else 0
-
-
-_HIDDEN = {}
-
-
-def _hidden_size(binary: Path, model: str) -> int:
-    if model not in _HIDDEN:
-        r = matrix.run_mst(binary, ["--json", "show", model])
-        _HIDDEN[model] = json.loads(r.stdout)["hidden_size"] if r.returncode == 0 else 4096
-    return _HIDDEN[model]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ both precisions DeepSpeed keeps masters in, ZeRO 0-3 and Ulysses degrees pinned 
 """
 
 import json
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,14 @@ class Entry:
     pins: Tuple[str, ...] = ()
     runtime: str = ""  # "" : hf on one GPU, kernels on several (the hf runtime plans one GPU)
     gpu: str = "h100-sxm-80gb"
+    options: Tuple[str, ...] = ()  # further recommend options, e.g. ("--optimizer", "sgd")
+    formats: Tuple[str, ...] = ("deepspeed", "axolotl")  # the formats that can train the plan
 
     @property
     def name(self) -> str:
         pins = "".join("-" + p.replace("=", "") for p in self.pins)
-        return f"{self.model}-{self.gpus}x-{self.seq // 1024}k-{self.precision}{pins}"
+        options = "".join(f"-{flag.lstrip('-')}{value}" for flag, value in zip(self.options[::2], self.options[1::2]))
+        return f"{self.model}-{self.gpus}x-{self.seq // 1024}k-{self.precision}{pins}{options}"
 
     def recommend_args(self, fmt: str) -> List[str]:
         args = ["recommend", "--model", self.model, "--gpu", self.gpu, "--gpus", str(self.gpus),
@@ -34,11 +38,11 @@ class Entry:
                 "--runtime", self.runtime or ("kernels" if self.gpus > 1 else "hf")]
         for p in self.pins:
             args += ["--pin", p]
-        return args
+        return args + list(self.options)
 
 
 def default_matrix() -> List[Entry]:
-    """35 plans, each one mst-plan can make: every file emitted for them must be accepted."""
+    """39 plans, each one mst-plan can make: every file emitted for them must be accepted."""
     out: List[Entry] = []
     # One GPU: the models whose fp32 masters and states fit one (DeepSpeed keeps fp32 masters for
     # bf16-master; pure bf16 needs ZeRO 1, which the kernels runtime plans).
@@ -52,12 +56,18 @@ def default_matrix() -> List[Entry]:
         out.append(Entry(model, 8, 65536))
     out += [
         Entry("llama-3-8b", 8, 131072), Entry("llama-3-8b", 8, 8192),
+        # torch's SGD under ZeRO; amp (DeepSpeed's torch_autocast; Axolotl has no amp); eager
+        # attention on 8 GPUs (Ulysses refuses eager: data parallelism only)
+        Entry("llama-3-8b", 8, 32768, options=("--optimizer", "sgd")),
+        Entry("llama-3.2-3b", 8, 32768, "amp", formats=("deepspeed",)),
+        Entry("llama-3.2-1b", 8, 8192, options=("--attention", "eager")),
         Entry("llama-3-8b", 8, 65536, "pure-bf16"), Entry("llama-3.2-1b", 8, 65536, "pure-bf16"),
         Entry("llama-3-8b", 8, 32768, pins=("zero=2",)), Entry("llama-3-8b", 8, 32768, pins=("zero=3",)),
         Entry("llama-3-8b", 8, 32768, pins=("zero=1",)), Entry("llama-3.2-1b", 8, 65536, pins=("zero=0", "sp=8")),
         Entry("llama-3-8b", 8, 65536, pins=("sp=2",)), Entry("llama-3-8b", 8, 65536, pins=("sp=4",)),
         Entry("llama-3-8b", 8, 262144, pins=("sp=8",)), Entry("qwen2-7b", 8, 32768, pins=("sp=4",)),
         Entry("llama-3-8b", 8, 16384, pins=("micro_batch=2",)),
+        Entry("llama-3-8b", 8, 16384, options=("--tokens-per-step", str(64 * 16384))),  # accumulation
         Entry("llama-3-8b", 2, 16384), Entry("llama-3-8b", 4, 65536, "pure-bf16"),
         Entry("llama-3.1-70b", 16, 16384, "pure-bf16"), Entry("mixtral-8x7b", 8, 8192, "pure-bf16"),
         Entry("qwen3-30b-a3b", 8, 32768), Entry("llama-3-8b", 8, 65536, pins=("offload=yes",)),
@@ -82,7 +92,9 @@ def run_mst(binary: Path, args: List[str]) -> subprocess.CompletedProcess:
 def make(binary: Path, entry: Entry, fmt: str, out_dir: Path) -> Emitted:
     """recommend --for fmt, then emit --format fmt, into out_dir/<entry>/<fmt>/."""
     where = out_dir / entry.name / fmt
-    where.mkdir(parents=True, exist_ok=True)
+    if where.is_dir():  # an earlier run's files must not stand in for this one's
+        shutil.rmtree(where)
+    where.mkdir(parents=True)
     plan_path = where / "plan.json"
     r = run_mst(binary, entry.recommend_args(fmt) + ["--out", str(plan_path)])
     if r.returncode != 0:

@@ -1,13 +1,12 @@
-"""python/mst_clients: the plan matrix, and the DeepSpeed check's verdicts on configs stated by hand.
+"""python/mst_clients: the plan matrix, the stand-in model, and the client check's verdicts on
+configs stated by hand.
 
 The pure-Python parts always run. The verdicts need DeepSpeed and accelerate
 (scripts/python-env.sh's mst_clients_env installs them; ctest passes their directory as
-MST_CLIENTS_PATH, and then they must run); each runs in its own interpreter, because the check
-initialises a process group, which must not leak into the other tests. The configs are written
-here by hand from DeepSpeed's and transformers' rules, so each verdict is independent of the
-emitter: a train_batch_size the Trainer computes differently is refused, "auto" (as the Trainer fills
-it, before accelerate's own sequence-parallel fix-up, which these checks do not run) is refused by
-DeepSpeed under Ulysses, and leaving the key out passes both.
+MST_CLIENTS_PATH, and then they must run); they run in a fresh interpreter, because the check
+owns the process's default process group, which must not leak into the other tests. The
+configs are written here by hand from transformers', accelerate's and DeepSpeed's rules (each
+verdict names the code it comes from), so every verdict is independent of the emitter.
 """
 
 import json
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mst_clients import matrix
+from mst_clients import ds_check, matrix
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS = os.environ.get("MST_CLIENTS_PATH", "")
@@ -41,62 +40,151 @@ def test_recommend_arguments_name_the_format_and_the_runtime():
     assert eight[-4:] == ["--pin", "sp=4", "--pin", "zero=3"]
 
 
-def _verdict(ds_config, setup, gpus):
-    """ds_check.check in a fresh interpreter (it initialises a process group)."""
-    code = ("import json, sys; from mst_clients import ds_check; a = json.loads(sys.argv[1]); "
-            "print(json.dumps(ds_check.check(a['ds'], a['plan'], 4096, a['out'])))")
-    plan = {"gpus": gpus, "setup": setup}
+def test_the_stand_in_keeps_the_architecture_and_the_head_counts():
+    raw = {"model_type": "qwen3_moe", "hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4,
+           "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+           "num_hidden_layers": 48, "vocab_size": 151936, "pad_token_id": 151643, "eos_token_id": [151645, 7],
+           "layer_types": ["full_attention"] * 48, "max_position_embeddings": 40960, "_mst": {"name": "x"}}
+    tiny = ds_check.tiny_model_config(raw)
+    assert tiny["model_type"] == "qwen3_moe" and "_mst" not in tiny
+    # Ulysses divides heads: the real counts stay, the width follows them (32 x 8)
+    assert (tiny["num_attention_heads"], tiny["num_key_value_heads"], tiny["hidden_size"]) == (32, 4, 256)
+    assert (tiny["num_experts"], tiny["num_experts_per_tok"], tiny["moe_intermediate_size"]) == (4, 2, 32)
+    assert tiny["num_hidden_layers"] == 2 and tiny["layer_types"] == ["full_attention"] * 2
+    assert tiny["pad_token_id"] == 255 and tiny["eos_token_id"] == [255, 7]  # inside the 256-token vocabulary
+    assert tiny["max_position_embeddings"] == 40960
+    longrope = {"model_type": "phi3", "num_attention_heads": 24, "vocab_size": 200064, "max_position_embeddings": 4096,
+                "rope_scaling": {"type": "longrope", "long_factor": [1.0] * 48, "short_factor": [1.0] * 48}}
+    assert "rope_scaling" not in ds_check.tiny_model_config(longrope)  # its factor lists follow head_dim
+
+
+def _verdicts(cases, gpus=8, model="tiny-llama"):
+    """ds_check.check of each (ds_config, setup) in one fresh interpreter (the check owns the
+    process's default process group, which must not leak into the other tests)."""
+    code = ("import json, sys; from mst_clients import ds_check; from mst_referee import jobs; "
+            "a = json.loads(sys.argv[1]); raw = jobs.load_model_config(jobs.resolve_model(a['model'])[1]); "
+            "print(json.dumps([ds_check.check(ds, {'gpus': a['gpus'], 'setup': s}, raw, a['out']) "
+            "for ds, s in a['cases']]))")
     env = dict(os.environ, PYTHONPATH=f"{CLIENTS}:{REPO / 'python'}")
-    arg = json.dumps({"ds": ds_config, "plan": plan, "out": "/tmp/mst-clients-test"})
-    r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=env, timeout=600)
+    arg = json.dumps({"cases": cases, "gpus": gpus, "model": model, "out": "/tmp/mst-clients-test"})
+    r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 needs_clients = pytest.mark.skipif(not CLIENTS, reason="MST_CLIENTS_PATH is not set (scripts/test sets it)")
 
-# 8 GPUs as dp 4 x Ulysses sp 2, ZeRO 3, micro-batch 1, accumulation 4: DeepSpeed's world is
-# 8 / 2 = 4 ranks, so it trains 1 x 4 x 4 = 16 sequences per step; the Trainer computes
-# world_size 8 x 1 x 4 = 32.
-SETUP = {"dp": 4, "sp": 2, "zero_stage": 3, "micro_batch": 1, "grad_accum": 4, "precision": "bf16-master"}
+# 8 GPUs as dp 4 x Ulysses sp 2, ZeRO 3, micro-batch 1, accumulation 4: DeepSpeed's data-parallel
+# world is 8 / 2 = 4 ranks, so it trains 1 x 4 x 4 = 16 sequences per step; the Trainer computes
+# world_size 8 x 1 x 4 = 32 (transformers/integrations/deepspeed.py, trainer_config_process).
+SETUP = {"dp": 4, "sp": 2, "zero_stage": 3, "micro_batch": 1, "grad_accum": 4, "precision": "bf16-master",
+         "optimizer": "adamw", "attention": "flash"}
 BASE = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4, "gradient_clipping": 1.0,
-        "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}, "sequence_parallel_size": 2}
+        "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}, "sequence_parallel_size": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                  "weight_decay": "auto"}}}
+# one GPU, ZeRO 0, accumulation 2
+ONE = {"dp": 1, "sp": 1, "zero_stage": 0, "micro_batch": 2, "grad_accum": 2, "precision": "bf16-master",
+       "optimizer": "adamw", "attention": "flash"}
+ONE_DS = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+          "bf16": {"enabled": True}, "zero_optimization": {"stage": 0},
+          "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
 
 
-@needs_clients
-def test_without_train_batch_size_both_checks_pass_and_deepspeed_trains_the_plans_batch():
-    assert _verdict(BASE, SETUP, 8) == []
+def _without(d, key):
+    return {k: v for k, v in d.items() if k != key}
 
 
-@needs_clients
-def test_a_train_batch_size_is_refused_by_the_trainer_under_ulysses():
-    problems = _verdict(dict(BASE, train_batch_size=16), SETUP, 8)
+@pytest.fixture(scope="module")
+def ulysses():
+    """The verdicts on the dp 4 x sp 2 plan, in one interpreter."""
+    if not CLIENTS:
+        pytest.skip("MST_CLIENTS_PATH is not set (scripts/test sets it)")
+    zero2 = dict(SETUP, zero_stage=2)
+    cases = {
+        "plain": (BASE, SETUP),
+        "given": (dict(BASE, train_batch_size=16), SETUP),
+        "auto": (dict(BASE, train_batch_size="auto"), SETUP),
+        "auto zero2": (dict(BASE, train_batch_size="auto", zero_optimization={"stage": 2}), zero2),
+        "zero2": (dict(BASE, zero_optimization={"stage": 2}), SETUP),
+        "no sp key": (_without(BASE, "sequence_parallel_size"), SETUP),
+        "unknown key": (dict(BASE, zero_optimization={"stage": 3, "mst_plan_note": "x"}), SETUP),
+        "no zero block": (_without(BASE, "zero_optimization"), SETUP),
+        "eager": (BASE, dict(SETUP, attention="eager")),
+    }
+    return dict(zip(cases, _verdicts([list(case) for case in cases.values()])))
+
+
+def test_without_train_batch_size_the_engine_trains_the_plans_batch(ulysses):
+    assert ulysses["plain"] == []
+
+
+def test_a_train_batch_size_is_refused_by_the_trainer_under_ulysses(ulysses):
+    problems = ulysses["given"]
     assert len(problems) == 1
-    assert problems[0].startswith("transformers: ")
+    assert problems[0].startswith("transformers: ValueError: ")
     assert "ds train_batch_size=16 vs hf train_batch_size (calculated)=32" in problems[0]
 
 
-@needs_clients
-def test_auto_is_filled_by_the_trainer_and_then_refused_by_deepspeed():
-    problems = _verdict(dict(BASE, train_batch_size="auto"), SETUP, 8)
+def test_auto_is_reset_by_accelerates_ulysses_fix_up_under_zero_2(ulysses):
+    # the Trainer fills 32; accelerate's _prepare_deepspeed then sets micro x accum x its
+    # data_parallel_size (dp_shard_size 4) = 16, which DeepSpeed accepts
+    assert ulysses["auto zero2"] == []
+
+
+def test_auto_is_refused_under_zero_3_when_the_model_is_loaded(ulysses):
+    # with ZeRO-3 the model is built inside deepspeed.zero.Init once TrainingArguments exist
+    # (transformers' is_deepspeed_zero3_enabled), and zero.Init checks the config as the Trainer
+    # filled it, before accelerate's fix-up: 32 against 1 x 4 x (8 / 2)
+    problems = ulysses["auto"]
     assert len(problems) == 1
     assert problems[0].startswith("deepspeed: AssertionError: ")
     assert "32 != 1 * 4 * 4" in problems[0]
 
 
-@needs_clients
-def test_what_deepspeed_accepts_must_still_be_the_plan():
-    # a valid config for another layout: ZeRO 2 and no Ulysses, so DeepSpeed's world is all 8 ranks
-    other = dict(BASE, zero_optimization={"stage": 2})
-    del other["sequence_parallel_size"]
-    problems = _verdict(other, SETUP, 8)
-    assert "plan: DeepSpeed trains 32 sequences per step, the plan 16" in problems
-    assert "plan: ZeRO stage 2, the plan's 3" in problems
-    assert "plan: sequence_parallel_size 1, the plan's sp 2" in problems
+def test_what_deepspeed_accepts_must_still_be_the_plan(ulysses):
+    assert ulysses["zero2"] == ["plan: DeepSpeed's ZeRO stage is 2, the plan's 3"]
 
 
-@needs_clients
-def test_an_unknown_key_in_a_deepspeed_block_is_refused_by_its_model():
-    problems = _verdict(dict(BASE, zero_optimization={"stage": 3, "mst_plan_note": "x"}), SETUP, 8)
+def test_the_ulysses_degree_comes_from_accelerates_parallelism_config(ulysses):
+    # the ParallelismConfig's mpu sets DeepSpeed's sequence-parallel groups; the top-level key
+    # is then not needed (DeepSpeed reads it only without an mpu)
+    assert ulysses["no sp key"] == []
+
+
+def test_an_unknown_key_in_a_deepspeed_block_is_refused_by_its_model(ulysses):
+    problems = ulysses["unknown key"]
     assert len(problems) == 1 and problems[0].startswith("deepspeed: ")
     assert "mst_plan_note" in problems[0]
+
+
+def test_ulysses_refuses_eager_attention(ulysses):
+    problems = ulysses["eager"]
+    # accelerate's DeepSpeedSequenceParallelConfig refuses it first (DeepSpeed's
+    # UlyssesSPAttentionHF would too)
+    assert len(problems) == 1 and problems[0].startswith("accelerate: ValueError: ")
+    assert "'eager' and 'flex_attention' are not supported with sequence parallelism" in problems[0]
+
+
+def test_accelerate_refuses_a_config_without_a_zero_block(ulysses):
+    problems = ulysses["no zero block"]
+    assert len(problems) == 1
+    assert problems[0].startswith("accelerate: ValueError: Please specify the ZeRO optimization config")
+
+
+@needs_clients
+def test_one_gpu_precisions_and_optimizers():
+    amp = dict(ONE, precision="amp")
+    amp_ds = dict(_without(ONE_DS, "bf16"), torch_autocast={"enabled": True, "dtype": "bfloat16"})
+    sgd = dict(ONE, optimizer="sgd", zero_stage=1)
+    sgd_ds = dict(ONE_DS, zero_optimization={"stage": 1}, optimizer={"type": "SGD", "params": {"lr": "auto"}})
+    got = _verdicts([[ONE_DS, ONE], [amp_ds, amp], [ONE_DS, amp], [sgd_ds, sgd],
+                     [dict(sgd_ds, zero_allow_untested_optimizer=True), sgd]], gpus=1)
+    assert got[0] == []
+    assert got[1] == []
+    # a bf16 config for an amp plan (fp32 weights): the Trainer runs without --bf16 and refuses it
+    assert len(got[2]) == 1
+    assert got[2][0].startswith("transformers: ValueError: ") and "ds bf16.enabled=True vs hf" in got[2][0]
+    # ZeRO wraps only the optimizers it tested unless told otherwise (deepspeed/runtime/engine.py)
+    assert len(got[3]) == 1 and got[3][0].startswith("deepspeed: AssertionError: You are using an untested ZeRO")
+    assert got[4] == []

@@ -1,7 +1,9 @@
 // deepspeed: ds_config.json for the DeepSpeed engine.
 //
 // Keys: https://www.deepspeed.ai/docs/config-json/ (batch size, bf16, zero_optimization,
-// activation_checkpointing, optimizer, gradient_clipping). Checked against the code:
+// activation_checkpointing, optimizer, gradient_clipping). scripts/check-clients takes every file
+// of a plan matrix through transformers' Trainer, accelerate and deepspeed.initialize to a built
+// engine (python/mst_clients/ds_check.py). Checked against the code:
 //  * deepspeed/runtime/config.py: with Ulysses SP the engine's world size is
 //    world / sequence_parallel_size, so train_batch_size = micro x accum x dp, while the
 //    Hugging Face Trainer's check (integrations/deepspeed.py) computes it over the whole
@@ -71,6 +73,10 @@ std::string checkpoint_note(const TrainingSetup& s, const ModelSpec& model) {
 
 void check_deepspeed(const TrainingSetup& s, const ModelSpec& model) {
     (void)model;
+    if (s.sp > 1 && s.attention == Attention::Eager)
+        fail(kWhere, "setup.attention",
+             "expected flash with sp > 1 (Ulysses under accelerate and DeepSpeed refuses eager attention: it "
+             "materialises the S x S mask), got eager");
     if (s.optimizer_in_backward)
         fail(kWhere, "setup.optimizer_in_backward",
              "expected false (DeepSpeed steps the optimizer after backward, never inside a gradient hook), got true");
@@ -117,8 +123,13 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
         case Precision::AmpFp32:
             if (s.precision == Precision::Bf16Master)
                 j["bf16"] = {{"enabled", true}};  // bf16 compute, fp32 master weights and states in the optimizer
-            else
+            else {
                 j["torch_autocast"] = {{"enabled", true}, {"dtype", "bfloat16"}};
+                notes.push_back(
+                    "amp: torch_autocast keeps fp32 weights and casts the matmuls; run the Hugging Face Trainer "
+                    "without --bf16/--fp16 (with them it refuses this file, and accelerate would add a bf16 "
+                    "block: bf16 weights, not the plan).");
+            }
             break;
     }
 
@@ -145,6 +156,9 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
         case Optimizer::SgdMomentum:
             // Any non-zero momentum allocates the buffer the plan counts; 0.9 is the usual value.
             j["optimizer"] = {{"type", "SGD"}, {"params", {{"lr", "auto"}, {"momentum", 0.9}, {"weight_decay", "auto"}}}};
+            // ZeRO wraps only the optimizers it was tested with (Adam, AdamW, ...) unless told
+            // otherwise: torch's SGD needs the flag (deepspeed/runtime/engine.py asserts it).
+            if (s.zero_stage > 0) j["zero_allow_untested_optimizer"] = true;
             break;
         case Optimizer::AdamW8bit:
             // DeepSpeed has no bitsandbytes optimizer type: the client passes its own.
@@ -164,9 +178,11 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
         notes.push_back(fmt::format(
             "sequence_parallel_size {} (Ulysses): DeepSpeed counts the batch over data-parallel ranks only ({} GPUs / "
             "{} = {}: {} sequences per step) and the Hugging Face Trainer over every process, so train_batch_size is "
-            "left for DeepSpeed to derive; wire the model with UlyssesSPAttentionHF.register_with_transformers or "
-            "accelerate's ParallelismConfig(sp_backend=\"deepspeed\", sp_size={}, dp_shard_size={}) (accelerate sets "
-            "train_batch_size over its data-parallel size, 1 unless given).",
+            "left for DeepSpeed to derive (not \"auto\": under ZeRO-3 the model is built in deepspeed.zero.Init "
+            "with the Trainer's value); with the Trainer pass TrainingArguments(parallelism_config="
+            "ParallelismConfig(sp_backend=\"deepspeed\", sp_size={}, dp_shard_size={})) (accelerate sets "
+            "train_batch_size over its data-parallel size, 1 unless given), or wire the model yourself with "
+            "UlyssesSPAttentionHF.register_with_transformers.",
             s.sp, s.dp * s.sp, s.sp, s.dp, s.micro_batch * s.grad_accum * s.dp, s.sp, s.dp));
     }
     if (s.mlp_chunks > 1) notes.push_back(mlp_note(s));
