@@ -1,12 +1,12 @@
 # Dependencies. Normally the installed (Debian) packages, found through their own CMake
 # configs. A GPU machine has no package registry, so scripts/prepare-deps.sh copies the
-# headers (CLI11, nlohmann_json, fmt, Eigen, doctest, toml++), doctest's CMake module and
+# headers (CLI11, nlohmann_json, fmt, Eigen, doctest), doctest's CMake module and
 # yaml-cpp (headers and static library) into MST_DEPS_DIR (.deps/, ignored by git), and
 # this file falls back to imported targets on that folder for every package that is not
 # installed; MST_USE_DEPS_DIR=ON takes all of them from there, so the build the GPU script
 # runs can be rehearsed on a machine that has the packages.
-#   fmt and toml++ are compiled libraries on Debian; from .deps they are used header-only
-#   (FMT_HEADER_ONLY, TOML_HEADER_ONLY). yaml-cpp is compiled: .deps carries libyaml-cpp.a,
+#   fmt is a compiled library on Debian; from .deps it is used header-only
+#   (FMT_HEADER_ONLY). yaml-cpp is compiled: .deps carries libyaml-cpp.a,
 #   and MST_WITH_YAML=OFF builds without it (the axolotl emitter then reports that).
 set(MST_DEPS_DIR "${PROJECT_SOURCE_DIR}/.deps" CACHE PATH "Header-only dependencies copied by scripts/prepare-deps.sh")
 option(MST_USE_DEPS_DIR "Take every dependency from MST_DEPS_DIR, not from installed packages" OFF)
@@ -34,7 +34,6 @@ if(NOT MST_USE_DEPS_DIR)
   find_package(nlohmann_json 3.10 CONFIG QUIET)
   find_package(fmt CONFIG QUIET)
   find_package(Eigen3 3.4 CONFIG QUIET NO_MODULE)
-  find_package(tomlplusplus CONFIG QUIET)
   if(MST_BUILD_TESTS)
     find_package(doctest CONFIG QUIET)
   endif()
@@ -54,9 +53,6 @@ if(NOT TARGET fmt::fmt)
 endif()
 if(NOT TARGET Eigen3::Eigen)
   mst_deps_target(Eigen3::Eigen Eigen/Core eigen3)
-endif()
-if(NOT TARGET tomlplusplus::tomlplusplus)
-  mst_deps_target(tomlplusplus::tomlplusplus toml++/toml.h "" TOML_HEADER_ONLY=1)
 endif()
 if(MST_BUILD_TESTS AND NOT TARGET doctest::doctest)
   mst_deps_target(doctest::doctest doctest/doctest.h "")

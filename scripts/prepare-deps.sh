@@ -3,10 +3,10 @@
 # by git), for a machine with no package registry (the GPU machine of scripts/gpu-validate.sh,
 # which receives .deps/ as a carried folder). cmake/deps.cmake falls back to .deps/ for every
 # package that is not installed there; -DMST_USE_DEPS_DIR=ON takes all of them from .deps/.
-#   include/  CLI (CLI11), nlohmann (nlohmann_json), fmt, eigen3/Eigen, doctest, toml++, yaml-cpp
+#   include/  CLI (CLI11), nlohmann (nlohmann_json), fmt, eigen3/Eigen, doctest, yaml-cpp
 #   cmake/doctest/  doctest's CMake module (doctest_discover_tests)
 #   lib/libyaml-cpp.a  yaml-cpp is a compiled library; the static one links without an rpath
-# fmt and toml++ are used header-only from here (FMT_HEADER_ONLY, TOML_HEADER_ONLY).
+# fmt is used header-only from here (FMT_HEADER_ONLY).
 # Usage: scripts/prepare-deps.sh [dest]   (default: <repo>/.deps); about 13 MiB.
 set -euo pipefail
 
@@ -22,7 +22,6 @@ need "$inc/nlohmann/json.hpp" nlohmann-json3-dev
 need "$inc/fmt/format.h" libfmt-dev
 need "$inc/eigen3/Eigen/Core" libeigen3-dev
 need "$inc/doctest/doctest.h" doctest-dev
-need "$inc/toml++/toml.h" libtomlplusplus-dev
 need "$inc/yaml-cpp/yaml.h" libyaml-cpp-dev
 need "$libdir/libyaml-cpp.a" libyaml-cpp-dev
 doctest_cmake=""
@@ -33,13 +32,13 @@ done
 
 rm -rf "$dest"
 mkdir -p "$dest/include/eigen3" "$dest/cmake/doctest" "$dest/lib"
-cp -r "$inc/CLI" "$inc/nlohmann" "$inc/fmt" "$inc/doctest" "$inc/toml++" "$inc/yaml-cpp" "$dest/include/"
+cp -r "$inc/CLI" "$inc/nlohmann" "$inc/fmt" "$inc/doctest" "$inc/yaml-cpp" "$dest/include/"
 cp -r "$inc/eigen3/Eigen" "$inc/eigen3/signature_of_eigen3_matrix_library" "$dest/include/eigen3/"
 cp "$doctest_cmake/doctest.cmake" "$doctest_cmake/doctestAddTests.cmake" "$dest/cmake/doctest/"
 cp "$libdir/libyaml-cpp.a" "$dest/lib/"
 {
     echo "copied $(date -u +%Y-%m-%dT%H:%M:%SZ) from $(. /etc/os-release 2>/dev/null && echo "$PRETTY_NAME")"
-    for p in libcli11-dev nlohmann-json3-dev libfmt-dev libeigen3-dev doctest-dev libtomlplusplus-dev libyaml-cpp-dev; do
+    for p in libcli11-dev nlohmann-json3-dev libfmt-dev libeigen3-dev doctest-dev libyaml-cpp-dev; do
         dpkg-query -W -f='${Package} ${Version}\n' "$p" 2>/dev/null || echo "$p ?"
     done
     echo "g++ here: $(g++ --version | head -n 1)"

@@ -47,26 +47,32 @@ mst_python_env() {
     echo "$venv/bin/python"
 }
 
-# mst_clients_env <python>: DeepSpeed and accelerate (python/requirements/clients-deepspeed.txt)
-# in a directory put on PYTHONPATH over that interpreter's stack; prints the directory.
+# mst_clients_env <python> <client>: a trainer's packages (python/requirements/clients-<client>.txt:
+# deepspeed, torchtitan) in a directory put on PYTHONPATH over that interpreter's stack; prints the
+# directory (.venv/clients-<client>; MST_CLIENTS_DIR overrides DeepSpeed's, MST_TITAN_DIR torchtitan's).
 mst_clients_env() {
-    local python="$1" root dir pins stamp
+    local python="$1" client="$2" root dir pins stamp
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-    dir="${MST_CLIENTS_DIR:-$root/.venv/clients-deepspeed}"
-    pins="$root/python/requirements/clients-deepspeed.txt"
+    case "$client" in
+        deepspeed) dir="${MST_CLIENTS_DIR:-$root/.venv/clients-deepspeed}" ;;
+        torchtitan) dir="${MST_TITAN_DIR:-$root/.venv/clients-torchtitan}" ;;
+        *) echo "error: mst_clients_env: client: expected deepspeed or torchtitan, got '$client'" >&2; return 2 ;;
+    esac
+    pins="$root/python/requirements/clients-$client.txt"
     stamp="$dir/.mst-pins"
     if mst_stamped "$pins" "$stamp"; then
         echo "$dir"
         return 0
     fi
-    echo "mst-plan: installing DeepSpeed for the client checks into $dir (once)..." >&2
+    echo "mst-plan: installing $client for the client checks into $dir (once)..." >&2
     # Only a directory this function made (its marker file) is replaced.
     if [ -e "$dir" ] && [ ! -f "$dir/.mst-clients" ] && [ ! -f "$stamp" ]; then
-        echo "error: MST_CLIENTS_DIR: $dir: expected a new directory or one made by mst_clients_env" >&2
+        echo "error: $dir: expected a new directory or one made by mst_clients_env" >&2
         return 1
     fi
     rm -rf "$dir"
     mkdir -p "$dir" && touch "$dir/.mst-clients" || return 1
+    # DS_BUILD_OPS=0: DeepSpeed compiles no CUDA op at install time.
     DS_BUILD_OPS=0 mst_pip "$dir" "$python" -m pip install --no-deps --no-build-isolation \
         --target "$dir" -r "$pins" || return 1
     cp "$pins" "$stamp"

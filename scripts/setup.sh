@@ -9,7 +9,7 @@ MST_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MST_BUILD_DIR="${MST_BUILD_DIR:-$MST_ROOT/build}"
 
 mst_packages=(cmake ninja-build g++ libcli11-dev nlohmann-json3-dev libfmt-dev libeigen3-dev doctest-dev
-              libyaml-cpp-dev libtomlplusplus-dev)
+              libyaml-cpp-dev)
 
 # mst_install_missing [package...]: the Debian packages not yet installed (default: mst_packages).
 mst_install_missing() {

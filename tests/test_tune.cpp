@@ -96,7 +96,8 @@ TEST_CASE("recommend --for: every plan is one its format's emitter accepts, and 
                           // ZeRO-3 over the sp ranks with a chunked LM head would be fastest; mst_hf refuses it
                           Want{"hf-mst", "llama-3-8b", 8, 262144, Precision::PureBf16},
                           Want{"axolotl", "llama-3-8b", 8, 65536, Precision::PureBf16},
-                          Want{"torchtitan", "llama-3-8b", 8, 65536, Precision::AmpFp32}}) {
+                          Want{"torchtitan", "llama-3-8b", 8, 16384, Precision::AmpFp32},
+                          Want{"torchtitan", "qwen3-30b-a3b", 8, 8192, Precision::PureBf16}}) {
         CAPTURE(w.format);
         CAPTURE(w.gpus);
         TuneRequest rq = request(w.model.c_str(), "h100-sxm-80gb", w.gpus, w.seq);
@@ -130,10 +131,11 @@ TEST_CASE("recommend --for: every plan is one its format's emitter accepts, and 
     CHECK_NOTHROW((void)emit(to_plan(z1, one, "llama-3.2-1b", "h100-sxm-80gb"), one.model, "deepspeed"));
     // Nothing the format can train: the emitter's reason, up front, in one line.
     rq = request("llama-3-8b", "h100-sxm-80gb", 1, 8192);
+    rq.base.optimizer = Optimizer::SgdMomentum;
     rq.for_format = "torchtitan";
     const auto msg = test::expect_user_error([&] { (void)recommend(rq); });
     CHECK(msg.rfind("recommend: for: a setup torchtitan can train as planned; none of those searched is: torchtitan: "
-                    "setup.precision: expected bf16-master or amp",
+                    "setup.optimizer: expected adamw",
                     0) == 0);
     rq.for_format = "megatron";
     CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: for: expected one of hf-mst, deepspeed", 0) == 0);
@@ -180,12 +182,22 @@ TEST_CASE("max-seq --for: strategies the format's trainer cannot train are liste
         CHECK(row.setup.zero_stage == (row.setup.lm_chunks > 1 ? 2 : 3));
         CHECK_NOTHROW(check_expressible("hf-mst", row.setup, rq.model));
     }
-    // torchtitan keeps fp32 parameters: every pure-bf16 strategy is refused, with its reason
+    // torchtitan has no MLP mini-sequences, activation offload or Ulysses: those rows are refused,
+    // with the reason; it checkpoints every layer or none, so the search places no other count
     rq.for_format = "torchtitan";
-    for (const MaxSeqRow& row : max_seq(rq, std::nullopt).rows) {
+    const MaxSeqResult titan = max_seq(rq, std::nullopt);
+    REQUIRE(titan.rows.size() == 5);
+    for (std::size_t i = 0; i < titan.rows.size(); ++i) {
+        const MaxSeqRow& row = titan.rows[i];
         CAPTURE(row.strategy);
-        CHECK(row.max_seq == 0);
-        CHECK(row.refused.rfind("torchtitan: setup.precision: expected bf16-master or amp", 0) == 0);
+        if (i < 2) {  // no checkpointing, full checkpointing
+            CHECK(row.refused.empty());
+            CHECK(row.max_seq > 0);
+            CHECK_NOTHROW(check_expressible("torchtitan", row.setup, rq.model));
+        } else {
+            CHECK(row.max_seq == 0);
+            CHECK(row.refused.rfind(i < 4 ? "torchtitan: setup.mlp_chunks: expected 1" : "torchtitan: setup.", 0) == 0);
+        }
     }
 }
 

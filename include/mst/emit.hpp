@@ -7,7 +7,7 @@
 //   deepspeed   ds_config.json   DeepSpeed engine config (ZeRO, bf16, Ulysses SP degree)
 //   axolotl     axolotl.yaml     fragment of an Axolotl config (+ ds_config.json when the
 //                                plan needs DeepSpeed: ZeRO > 0 or bf16 master weights)
-//   torchtitan  torchtitan.toml  fragment of a torchtitan job config
+//   torchtitan  mst_torchtitan.py  torchtitan 0.3.0 config module (--module mst_torchtitan --config mst_plan)
 //
 // What a trainer cannot say, decided the same way for every format:
 //  * It cannot train the way the plan says: precision mode, optimizer type or
@@ -18,8 +18,10 @@
 //  * A memory technique has no key, or only a coarser one: MsT chunk counts,
 //    per-layer checkpoint placement, checkpoint offload, attention kernel, the
 //    flavour of sequence parallelism. -> the nearest key is written, plus a comment
-//    (YAML, TOML) or an entry of "mst_plan_notes" (JSON) that says what the plan
+//    (YAML, Python) or an entry of "mst_plan_notes" (JSON) that says what the plan
 //    assumed and whether the trainer's memory lands above or below the prediction.
+//    torchtitan refuses these instead (its module can state none of them), so
+//    `recommend --for torchtitan` plans without them.
 #include <string>
 #include <vector>
 

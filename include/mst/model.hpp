@@ -42,6 +42,7 @@ struct ModelSpec {
     std::string name;          // catalog name, or the file stem for a path
     std::string display_name;  // "_mst.display_name" or the name
     std::string source;        // file it was read from
+    std::string source_url;    // "_mst.source": where the config.json came from (a huggingface.co URL for the catalog)
     std::string model_type;    // as written in config.json
     Family family = Family::Llama;
 

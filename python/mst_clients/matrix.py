@@ -76,6 +76,31 @@ def default_matrix() -> List[Entry]:
     return out
 
 
+def titan_matrix() -> List[Entry]:
+    """16 plans made by recommend --for torchtitan: torchtitan's own Llama-3 and Qwen3 code (dense and
+    MoE) and its transformers backend, 1 to 16 GPUs, DDP and FSDP2 (ZeRO 0, 2, 3 pinned and
+    searched), every precision it keeps, accumulation, checkpointing and LM-head chunks."""
+    t = ("torchtitan",)
+    return [
+        Entry("llama-3.2-1b", 1, 8192, runtime="kernels", formats=t),
+        Entry("llama-3.2-3b", 1, 16384, "pure-bf16", runtime="kernels", formats=t),
+        Entry("qwen3-0.6b", 1, 32768, "amp", runtime="kernels", formats=t),
+        Entry("llama-3-8b", 8, 8192, formats=t),
+        Entry("llama-3-8b", 8, 32768, formats=t),
+        Entry("llama-3-8b", 8, 16384, "amp", formats=t),
+        Entry("llama-3-8b", 8, 16384, "pure-bf16", formats=t),
+        Entry("llama-3.2-1b", 8, 8192, pins=("zero=0",), formats=t),
+        Entry("llama-3-8b", 8, 8192, pins=("zero=3",), formats=t),
+        Entry("llama-3-8b", 8, 8192, options=("--tokens-per-step", str(64 * 8192)), formats=t),
+        Entry("qwen3-8b", 8, 16384, formats=t),
+        Entry("qwen3-30b-a3b", 8, 8192, formats=t),
+        Entry("mistral-7b-v0.1", 8, 8192, formats=t),
+        Entry("gemma-2-9b", 8, 4096, formats=t),
+        Entry("mixtral-8x7b", 8, 4096, "pure-bf16", formats=t),
+        Entry("llama-3.1-70b", 16, 8192, "pure-bf16", formats=t),
+    ]
+
+
 @dataclass
 class Emitted:
     entry: Entry

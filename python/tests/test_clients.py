@@ -188,3 +188,93 @@ def test_one_gpu_precisions_and_optimizers():
     # ZeRO wraps only the optimizers it tested unless told otherwise (deepspeed/runtime/engine.py)
     assert len(got[3]) == 1 and got[3][0].startswith("deepspeed: AssertionError: You are using an untested ZeRO")
     assert got[4] == []
+
+
+# ---- torchtitan (python/mst_clients/titan.py) ----------------------------------------------------
+
+TITAN = os.environ.get("MST_TITAN_PATH", "")
+
+
+def test_the_torchtitan_matrix_covers_its_own_models_and_the_transformers_backend():
+    entries = matrix.titan_matrix()
+    assert len(entries) >= 12 and len({e.name for e in entries}) == len(entries)
+    assert all(e.formats == ("torchtitan",) for e in entries)
+    assert {e.gpus for e in entries} >= {1, 8, 16}
+    assert {e.precision for e in entries} == {"bf16-master", "pure-bf16", "amp"}
+    models = {e.model for e in entries}
+    assert {"llama-3-8b", "qwen3-30b-a3b"} <= models  # torchtitan's own Llama-3 and Qwen3-MoE
+    assert {"mistral-7b-v0.1", "mixtral-8x7b"} <= models  # its transformers backend, dense and MoE
+
+
+# Llama-3.2-1B as torchtitan's "1B" flavor on 8 GPUs: FSDP2 over 8 ranks, micro-batch 2, 4
+# accumulation steps (global 2 x 4 x 8 = 64), every layer checkpointed, the loss in 4 chunks.
+TITAN_PLAN = {"gpus": 8, "setup": {"dp": 8, "sp": 1, "zero_stage": 3, "micro_batch": 2, "grad_accum": 4,
+                                   "seq_len": 8192, "precision": "bf16-master", "checkpoint": list(range(16)),
+                                   "lm_chunks": 4, "optimizer_impl": "fused"}}
+# Llama-3.2-1B: 1,235,814,400 parameters (the safetensors total of meta-llama/Llama-3.2-1B; embeddings tied)
+TITAN_MODEL = {"parameters": 1235814400, "layers": 16, "hf_repo": "meta-llama/Llama-3.2-1B"}
+TITAN_MODULE = '''"""written by hand for the test"""
+from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
+from torchtitan.distributed.activation_checkpoint import FullAC
+from torchtitan.models.llama3 import model_registry
+from torchtitan.models.llama3.config_registry import llama3_8b as base_config
+
+
+def mst_plan():
+    config = base_config()
+    config.model_spec = model_registry("{flavor}")
+    config.training.seq_len = 8192
+    config.training.local_batch_size = 2
+    config.training.global_batch_size = {global_batch}
+    config.training.dtype = "float32"
+    config.parallelism.data_parallel_replicate_degree = 1
+    config.parallelism.data_parallel_shard_degree = 8
+    config.parallelism.tensor_parallel_degree = {tp}
+    config.parallelism.fsdp_reshard_after_forward = "default"
+    config.activation_checkpoint = FullAC.Config()
+    config.loss = ChunkedLossWrapper.Config(num_chunks=4, loss_fn=CrossEntropyLoss.Config(global_vocab_size=128256))
+    return config
+'''
+
+
+@pytest.fixture(scope="module")
+def titan_verdicts(tmp_path_factory):
+    """titan.check on hand-written modules, in one interpreter with torchtitan's pins first."""
+    if not TITAN:
+        pytest.skip("MST_TITAN_PATH is not set (scripts/test sets it)")
+    cases = {"right": dict(flavor="1B", global_batch=64, tp=1),
+             "8B": dict(flavor="8B", global_batch=64, tp=1),
+             "uneven": dict(flavor="1B", global_batch=60, tp=1),
+             "tp": dict(flavor="1B", global_batch=64, tp=8)}
+    dirs = []
+    for name, fields in cases.items():
+        d = tmp_path_factory.mktemp(name)
+        (d / "mst_torchtitan.py").write_text(TITAN_MODULE.format(**fields))
+        dirs.append(str(d))
+    code = ("import json, sys; from pathlib import Path; from mst_clients import titan; a = json.loads(sys.argv[1]); "
+            "print(json.dumps([titan.check(Path(d), a['plan'], a['model']) for d in a['dirs']]))")
+    env = dict(os.environ, PYTHONPATH=f"{TITAN}:{REPO / 'python'}")
+    arg = json.dumps({"dirs": dirs, "plan": TITAN_PLAN, "model": TITAN_MODEL})
+    r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return dict(zip(cases, json.loads(r.stdout.strip().splitlines()[-1])))
+
+
+def test_torchtitan_reads_a_module_that_states_the_plan_as_the_plan(titan_verdicts):
+    # the optimizer implementation is the base config's (fused), the model built on the meta
+    # device has Llama-3.2-1B's parameters
+    assert titan_verdicts["right"] == []
+
+
+def test_torchtitans_8b_flavor_is_not_the_plans_1b_model(titan_verdicts):
+    assert titan_verdicts["8B"] == ["plan: torchtitan's model parameters is 8030261248, the plan's 1235814400"]
+
+
+def test_a_global_batch_that_is_no_multiple_of_local_times_dp_is_refused_as_torchtitan_asserts(titan_verdicts):
+    assert titan_verdicts["uneven"] == ["torchtitan: global batch 60 is not a multiple of local 2 x data-parallel degree 8"]
+
+
+def test_parallel_degrees_that_do_not_multiply_to_the_world_fail_torchtitans_parallel_dims(titan_verdicts):
+    (problem,) = titan_verdicts["tp"]
+    assert problem.startswith("torchtitan: AssertionError: Invalid parallel dims")
+    assert "tp(8)" in problem and "WORLD_SIZE(8)" in problem

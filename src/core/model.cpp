@@ -193,6 +193,7 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
         if (!r.has("_mst")) return;
         auto meta = r.object("_mst");
         if (auto v = meta.opt_string("display_name")) m.display_name = *v;
+        if (auto v = meta.opt_string("source")) m.source_url = *v;
         if (auto v = meta.opt_integer("published_parameters", 1, std::int64_t{1} << 50)) m.published_parameters = *v;
         if (auto v = meta.opt_integer("published_active_parameters", 1, std::int64_t{1} << 50)) m.published_active_parameters = *v;
         if (auto v = meta.opt_string("published_parameters_source")) m.published_parameters_source = *v;

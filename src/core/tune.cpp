@@ -132,18 +132,24 @@ public:
     void inner(const TrainingSetup& outer) {
         memo_.clear();
         const std::int64_t L = rq_.model.num_layers, tokens = outer.local_tokens();
-        const auto mlp_opts = chunk_options(tokens, rq_.pins.mlp_chunks, max_mlp_chunks(rq_.model));
+        auto mlp_opts = chunk_options(tokens, rq_.pins.mlp_chunks, max_mlp_chunks(rq_.model));
         auto lm_opts = chunk_options(tokens, rq_.pins.lm_chunks, limits::kChunks);
         // --for: chunk counts the format's trainer cannot run with these outer knobs are not searched
-        // (python/mst_hf's chunked loss under ZeRO-3).
-        if (!rq_.for_format.empty()) {
-            std::erase_if(lm_opts, [&](std::int64_t ml) {
-                TrainingSetup t = outer;
-                t.lm_chunks = ml;
-                return !refusal_of(rq_.for_format, t, rq_.model).empty();
-            });
-            if (lm_opts.empty()) return;
-        }
+        // (python/mst_hf's chunked loss under ZeRO-3; torchtitan has no MLP mini-sequences).
+        const auto refused = [&](const TrainingSetup& t) {
+            return !rq_.for_format.empty() && !refusal_of(rq_.for_format, t, rq_.model).empty();
+        };
+        std::erase_if(mlp_opts, [&](std::int64_t mm) {
+            TrainingSetup t = outer;
+            t.mlp_chunks = mm;
+            return refused(t);
+        });
+        std::erase_if(lm_opts, [&](std::int64_t ml) {
+            TrainingSetup t = outer;
+            t.lm_chunks = ml;
+            return refused(t);
+        });
+        if (mlp_opts.empty() || lm_opts.empty()) return;
         auto with = [&](std::int64_t k, std::int64_t mm, std::int64_t ml, const std::vector<bool>* placement = nullptr) {
             TrainingSetup t = outer;
             t.checkpoint = placement ? *placement : first_layers(k, L);
@@ -185,6 +191,8 @@ public:
             }
             for (std::int64_t k = lo, step = 1; k <= L; k = (k == L ? L + 1 : std::min(L, k + step)), step *= 2)
                 ks.push_back({k, nullptr});
+            // --for: checkpoint counts the format cannot place (torchtitan: every layer or none)
+            std::erase_if(ks, [&](const auto& c) { return refused(with(c.first, mlp_opts.back(), lm_opts.back())); });
         }
         // More checkpoints never need more chunks: each k searches below the previous k's counts.
         std::size_t lm_hi = lm_opts.size() - 1, mlp_hi = mlp_opts.size() - 1;

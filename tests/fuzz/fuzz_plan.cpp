@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include <toml++/toml.h>
+#include <sstream>
 #ifndef MST_NO_YAML
 #include <yaml-cpp/yaml.h>
 #endif
@@ -48,11 +48,18 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                 if (f.name.ends_with(".json")) {
                     const nlohmann::json parsed = nlohmann::json::parse(f.content);  // throws (a finding) when not JSON
                     mst::fuzz::require(parsed.is_object(), "a JSON config is an object");
-                } else if (f.name.ends_with(".toml")) {
-                    const toml::table t = toml::parse(f.content);
-                    const std::set<std::string> allowed{"training", "optimizer", "activation_checkpoint", "parallelism"};
-                    for (const auto& [key, value] : t)
-                        mst::fuzz::require(allowed.count(std::string(key.str())) == 1, "torchtitan.toml holds only its tables");
+                } else if (f.name.ends_with(".py")) {
+                    // torchtitan's module: one docstring (the plan's strings escaped inside it), then
+                    // only the module's own imports and assignments.
+                    mst::fuzz::require(f.content.starts_with("\"\"\""), "mst_torchtitan.py opens with its docstring");
+                    const std::size_t end = f.content.find("\"\"\"", 3);
+                    mst::fuzz::require(end != std::string::npos, "mst_torchtitan.py closes its docstring");
+                    std::istringstream code(f.content.substr(end + 3));
+                    for (std::string line; std::getline(code, line);)
+                        mst::fuzz::require(line.empty() || line.starts_with("from torchtitan.") || line == "def mst_plan():" ||
+                                               line.starts_with("    config") || line.starts_with("    #") ||
+                                               line == "    return config",
+                                           "mst_torchtitan.py holds only its own code after the docstring");
                 } else {
 #ifndef MST_NO_YAML
                     const YAML::Node y = YAML::Load(f.content);

@@ -32,8 +32,8 @@ std::string describe_placement(const TrainingSetup& s, const ModelSpec& model);
 // plan's model and GPU as written: a comment writes them through comment_line().
 std::vector<std::string> plan_header(const Plan& plan);
 
-// YAML and TOML writers escape values but cannot write comments safely (toml++ writes none,
-// yaml-cpp passes a carriage return through): every comment line goes through these.
+// The YAML writer escapes values but cannot write comments safely (yaml-cpp passes a carriage
+// return through), nor does a Python docstring: every comment line goes through these.
 // comment_line: `text` with control characters escaped (a "\r" or "\n" in a model path must not
 // start a live line). comment_lines: the same, broken at spaces into lines of at most `width`
 // characters (a longer word gets a line of its own), for comments a person reads in an editor.

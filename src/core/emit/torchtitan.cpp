@@ -1,24 +1,31 @@
-// torchtitan: torchtitan.toml, a fragment to merge into a torchtitan job config
-// (e.g. torchtitan/models/llama3/train_configs/llama3_8b.toml).
+// torchtitan: mst_torchtitan.py, a config module for torchtitan 0.3.0.
 //
-// Keys: torchtitan/config/job_config.py
-// (https://github.com/pytorch/torchtitan/blob/main/torchtitan/config/job_config.py):
-//  [training]  local_batch_size (older releases: batch_size), global_batch_size (gradient
-//              accumulation = global / (local x dp)), seq_len, mixed_precision_param
-//  [optimizer] name ("AdamW" or "Adam"), early_step_in_backward
-//  [activation_checkpoint] mode ("none" | "full" | "selective"), selective_ac_option
-//              ("k": _apply_layer_sac wraps the blocks whose 1-based count is a multiple of k)
-//  [parallelism] data_parallel_replicate_degree (DDP), data_parallel_shard_degree (FSDP2),
-//              fsdp_reshard_after_forward, context_parallel_degree
-// torchtitan keeps fp32 parameters and optimizer states; mixed_precision_param is the
-// compute dtype (FSDP all-gather or autocast). It has context parallelism (ring
-// attention over SDPA) where the plan has Ulysses, and no MsT chunking or activation
-// offload keys: those become comments. toml++ writes the tables; it cannot write
-// comments, so they are "# " lines before each table.
+// torchtitan 0.3.0 reads no TOML: a run is `--module M --config F` (F a function returning a
+// Trainer.Config, found in M or M.config_registry) plus command-line overrides, so the plan
+// becomes a module of our own whose mst_plan() starts from torchtitan's config for the model
+// family and sets the plan's knobs (torchtitan/config/manager.py; the fields below are
+// torchtitan/trainer.py's Trainer.Config and torchtitan/config/configs.py):
+//   model_spec            the model flavor: torchtitan's own Llama-3 and Qwen3 code where one of
+//                         its flavors has the plan's shape, else its transformers backend
+//                         (experiments/transformers_modeling_backend, hf_model = the HF repo)
+//   training              seq_len, local_batch_size, global_batch_size (gradient accumulation =
+//                         global / (local x data-parallel degree)), dtype ("bfloat16": parameters,
+//                         gradients and optimizer states in bf16; "float32" with
+//                         mixed_precision_param "bfloat16": fp32 parameters, bf16 compute)
+//   parallelism           data_parallel_replicate_degree (DDP), data_parallel_shard_degree (FSDP2),
+//                         fsdp_reshard_after_forward, context_parallel_degree
+//   activation_checkpoint FullAC.Config() (every layer) or None: 0.3.0 wraps all blocks or none
+//   loss                  ChunkedLossWrapper(num_chunks): LM head + loss per sequence chunk, each
+//                         chunk's backward run in the forward (the plan's fused LM head)
+//   optimizer             AdamW, implementation fused | foreach | for-loop
+// What torchtitan cannot train as planned is refused (check_torchtitan), so `recommend --for
+// torchtitan` never plans it: MLP mini-sequences, a recomputed chunked LM head, checkpoints of
+// some layers or offloaded ones, Ulysses (its context parallelism is ring attention, which
+// mst-plan does not simulate), ZeRO-1, stepping in backward, SGD and 8-bit AdamW.
+// scripts/check-clients loads every emitted module through torchtitan's own ConfigManager
+// (python/mst_clients/titan_check.py).
 #include <optional>
 #include <sstream>
-
-#include <toml++/toml.h>
 
 #include <fmt/format.h>
 
@@ -31,132 +38,216 @@ namespace mst::emit_detail {
 namespace {
 
 constexpr const char* kWhere = "torchtitan";
+constexpr const char* kVersion = "0.3.0";
 
-void check(const TrainingSetup& s) {
-    if (s.precision == Precision::PureBf16)
-        fail(kWhere, "setup.precision",
-             "expected bf16-master or amp (torchtitan keeps fp32 parameters and optimizer states; "
-             "mixed_precision_param only sets the compute dtype), got pure-bf16");
+// A model as torchtitan 0.3.0 builds it: its own code where a flavor has the plan's shape.
+struct TitanModel {
+    std::string package;      // torchtitan.models.llama3, ...
+    std::string flavor;       // model_registry's key
+    std::string base_config;  // the config_registry function mst_plan() starts from
+    bool native = true;       // false: the transformers backend
+    bool moe = false;
+};
+
+struct Flavor {
+    std::int64_t hidden, layers;
+    const char* name;
+    const char* base;
+};
+
+// torchtitan/models/llama3/__init__.py and models/qwen3/__init__.py (dim, n_layers; the vocabulary
+// is the family's: 128256 and 151936).
+constexpr Flavor kLlama3[] = {{2048, 16, "1B", "llama3_8b"},  {3072, 28, "3B", "llama3_8b"},
+                              {4096, 32, "8B", "llama3_8b"},  {8192, 80, "70B", "llama3_70b"},
+                              {16384, 126, "405B", "llama3_70b"}};  // (llama3_405b's converters need torchao)
+constexpr Flavor kQwen3[] = {{1024, 28, "0.6B", "qwen3_0_6b"}, {2048, 28, "1.7B", "qwen3_1_7b"},
+                             {2560, 36, "4B", "qwen3_1_7b"},   {4096, 36, "8B", "qwen3_14b"},
+                             {5120, 40, "14B", "qwen3_14b"},   {5120, 64, "32B", "qwen3_32b"}};
+constexpr Flavor kQwen3Moe[] = {{2048, 48, "30B-A3B", "qwen3_30b_a3b"}, {4096, 94, "235B-A22B", "qwen3_30b_a3b"}};
+
+template <std::size_t N>
+std::optional<TitanModel> flavor_of(const Flavor (&flavors)[N], const ModelSpec& m, std::int64_t vocab,
+                                    const char* package) {
+    if (m.vocab_size != vocab) return std::nullopt;
+    for (const Flavor& f : flavors)
+        if (f.hidden == m.hidden_size && f.layers == m.num_layers) return TitanModel{package, f.name, f.base, true, false};
+    return std::nullopt;
+}
+
+TitanModel titan_model(const ModelSpec& m) {
+    std::optional<TitanModel> native;
+    if (m.family == Family::Llama) native = flavor_of(kLlama3, m, 128256, "torchtitan.models.llama3");
+    if (m.family == Family::Qwen3) native = flavor_of(kQwen3, m, 151936, "torchtitan.models.qwen3");
+    if (m.family == Family::Qwen3Moe) native = flavor_of(kQwen3Moe, m, 151936, "torchtitan.models.qwen3");
+    if (native) {
+        native->moe = m.family == Family::Qwen3Moe;
+        return *native;
+    }
+    return TitanModel{"torchtitan.experiments.transformers_modeling_backend", "full",
+                      "transformers_modeling_backend_full", false, m.moe.has_value()};
+}
+
+// "org/name" of a config.json downloaded from huggingface.co, or "".
+std::string hf_repo(const ModelSpec& m) {
+    const std::string prefix = "https://huggingface.co/";
+    const std::string& url = m.source_url;
+    if (url.rfind(prefix, 0) != 0) return "";
+    const std::size_t org_end = url.find('/', prefix.size());
+    if (org_end == std::string::npos) return "";
+    const std::size_t name_end = url.find('/', org_end + 1);
+    return url.substr(prefix.size(), (name_end == std::string::npos ? url.size() : name_end) - prefix.size());
+}
+
+// Printable text with quotes and backslashes escaped: safe inside any Python string literal, the
+// module's docstring included (a plan's model or GPU name cannot close it).
+std::string py_escaped(const std::string& text) {
+    std::string out;
+    for (char c : comment_line(text)) {
+        if (c == '"' || c == '\\') out += '\\';
+        out += c;
+    }
+    return out;
+}
+
+std::string py_string(const std::string& text) { return "\"" + py_escaped(text) + "\""; }
+
+void check(const TrainingSetup& s, const ModelSpec& model) {
     if (s.optimizer != Optimizer::AdamW)
         fail(kWhere, "setup.optimizer",
-             fmt::format("expected adamw (torchtitan builds AdamW or Adam only), got {}", to_string(s.optimizer)));
-    if (s.effective_state_dtype() != StateDtype::Fp32)
+             fmt::format("expected adamw (mst-plan emits torchtitan's AdamW param group only), got {}", to_string(s.optimizer)));
+    if (s.optimizer_in_backward)
+        fail(kWhere, "setup.optimizer_in_backward", "expected false (torchtitan 0.3.0 steps after backward), got true");
+    if (s.precision == Precision::PureBf16 && s.effective_state_dtype() != StateDtype::Bf16)
         fail(kWhere, "setup.optimizer_state_dtype",
-             "expected fp32 (AdamW states follow torchtitan's fp32 parameters), got bf16");
+             "expected bf16 with precision pure-bf16 (training.dtype bfloat16 keeps the optimizer states in bf16), got fp32");
+    if (s.precision != Precision::PureBf16 && s.effective_state_dtype() != StateDtype::Fp32)
+        fail(kWhere, "setup.optimizer_state_dtype",
+             "expected fp32 with fp32 parameters (torchtitan's AdamW states follow them), got bf16");
+    if (s.mlp_chunks > 1)
+        fail(kWhere, "setup.mlp_chunks",
+             fmt::format("expected 1 (torchtitan has no MLP mini-sequences), got {}", s.mlp_chunks));
+    if (s.lm_chunks > 1 && s.lm_impl != LmHeadImpl::FusedForward)
+        fail(kWhere, "setup.lm_impl",
+             "expected fused with lm_chunks > 1 (torchtitan's ChunkedLossWrapper runs each chunk's backward in the "
+             "forward), got recompute");
+    if (s.lm_chunks > 1 && !titan_model(model).native)
+        fail(kWhere, "setup.lm_chunks",
+             fmt::format("expected 1 for {} (torchtitan chunks the loss of its own Llama-3 and Qwen3 code only; this "
+                         "model runs through its transformers backend), got {}",
+                         model.model_type, s.lm_chunks));
+    const std::int64_t k = s.checkpointed_count();
+    if (k != 0 && k != model.num_layers)
+        fail(kWhere, "setup.checkpoint",
+             fmt::format("expected none or all {} layers (torchtitan 0.3.0 checkpoints every block or none), got {}",
+                         model.num_layers, k));
+    if (s.offload_checkpoints)
+        fail(kWhere, "setup.offload_checkpoints", "expected false (torchtitan has no activation offload), got true");
+    if (s.sp > 1)
+        fail(kWhere, "setup.sp",
+             fmt::format("expected 1 (torchtitan's context parallelism is ring attention, which mst-plan does not "
+                         "simulate yet; Ulysses is not in torchtitan), got {}",
+                         s.sp));
+    if (s.zero_stage == 1 && s.zero_ranks() > 1)
+        fail(kWhere, "setup.zero_stage",
+             "expected 0, 2 or 3 (FSDP2 shards gradients with the optimizer states: there is no ZeRO-1), got 1");
 }
-
-// The k of selective_ac_option when the plan checkpoints every k-th layer and
-// torchtitan's "k" (0-based layers k-1, 2k-1, ...) checkpoints at least as many.
-std::optional<std::int64_t> layer_stride(const std::vector<std::int64_t>& layers, std::int64_t num_layers) {
-    if (layers.size() < 2) return std::nullopt;
-    const std::int64_t k = layers[1] - layers[0];
-    for (std::size_t i = 1; i < layers.size(); ++i)
-        if (layers[i] - layers[i - 1] != k) return std::nullopt;
-    const bool spans_model = layers.front() < k && layers.back() + k >= num_layers;
-    if (k < 2 || !spans_model || num_layers / k < static_cast<std::int64_t>(layers.size())) return std::nullopt;
-    return k;
-}
-
-struct Section {
-    std::string name;
-    toml::table table;
-    std::vector<std::string> notes;  // comment lines written above the table
-};
 
 }  // namespace
 
-void check_torchtitan(const TrainingSetup& s, const ModelSpec& model) {
-    (void)model;
-    check(s);
-}
+void check_torchtitan(const TrainingSetup& s, const ModelSpec& model) { check(s, model); }
 
 std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& model) {
     const TrainingSetup& s = plan.setup;
-    check(s);
+    check(s, model);
+    const TitanModel tm = titan_model(model);
+    const std::string repo = hf_repo(model);
+    if (!tm.native && repo.empty())
+        fail(kWhere, "model",
+             fmt::format("expected a model whose config.json names its Hugging Face repository (\"_mst\": {{\"source\": "
+                         "\"https://huggingface.co/ORG/NAME/...\"}}): torchtitan's transformers backend loads {} by "
+                         "that name",
+                         model.model_type));
+    const std::string assets = "./assets/hf/" + (repo.empty() ? model.name : repo.substr(repo.find('/') + 1));
 
-    Section training{"training", {}, {}};
-    training.table.insert("seq_len", s.seq_len);
-    training.table.insert("local_batch_size", s.micro_batch);
-    training.table.insert("global_batch_size", s.micro_batch * s.grad_accum * s.dp);
-    training.table.insert("mixed_precision_param", "bfloat16");
-    training.notes.push_back(fmt::format("torchtitan derives gradient accumulation from global_batch_size = "
-                                         "local_batch_size {} x grad-accum {} x data-parallel degree {}.",
-                                         s.micro_batch, s.grad_accum, s.dp));
+    std::vector<std::string> notes;
     if (s.precision == Precision::Bf16Master)
-        training.notes.push_back("The plan keeps bf16 weights next to fp32 masters; torchtitan keeps only fp32 "
-                                 "parameters and casts them to bf16 for compute: memory at or below the prediction.");
-    if (s.mlp_chunks > 1 || s.lm_chunks > 1)
-        training.notes.push_back(fmt::format(
-            "MsT: the prediction assumes the MLP in {} mini-sequences ({}) and the LM head + loss in {} ({}). "
-            "torchtitan has no key for either: patch the model's FeedForward and loss (python/mst_hf shows how), "
-            "or expect more memory than predicted.",
-            s.mlp_chunks, to_string(s.mlp_impl), s.lm_chunks, to_string(s.lm_impl)));
-    if (s.offload_checkpoints) {
-        const bytes_t host = plan.prediction.host_bytes;
-        training.notes.push_back(fmt::format("The plan offloads checkpoints to host memory; torchtitan's job config "
-                                             "has no activation offload, so they stay on the GPU: memory above the "
-                                             "prediction{}.",
-                                             host > 0 ? " by up to " + format_bytes(host) : std::string()));
-    }
+        notes.push_back("The plan keeps bf16 weights next to fp32 masters; torchtitan keeps only the fp32 parameters "
+                        "and casts them to bf16 for compute (FSDP2's mixed precision, or autocast without FSDP): "
+                        "memory at or below the prediction.");
+    if (s.zero_stage == 2 && s.zero_ranks() > 1)
+        notes.push_back("ZeRO-2 is FSDP2 without resharding after forward: each block keeps its gathered parameters "
+                        "from forward to backward, gradients and optimizer states stay sharded.");
     if (s.attention == Attention::Eager)
-        training.notes.push_back("The plan assumes eager attention; torchtitan uses SDPA/flex attention, which never "
-                                 "holds the S x S scores: memory at or below the prediction.");
+        notes.push_back("The plan assumes eager attention; torchtitan uses SDPA/flex attention, which never holds the "
+                        "S x S scores: memory at or below the prediction.");
+    if (!tm.native)
+        notes.push_back(fmt::format("{} has no torchtitan model of its own: it runs through torchtitan's transformers "
+                                    "backend (an experiment), which builds it from its Hugging Face config.",
+                                    model.model_type));
+    notes.push_back("The memory prediction is mst-plan's runtime's, not torchtitan's own model code: expect small "
+                    "differences (its RoPE tables, fused QKV, FSDP2 buffers).");
 
-    Section optimizer{"optimizer", {}, {}};
-    optimizer.table.insert("name", "AdamW");
-    optimizer.table.insert("early_step_in_backward", s.optimizer_in_backward);
-
-    Section ac{"activation_checkpoint", {}, {}};
-    const auto layers = checkpoint_layers(s);
-    const auto count = static_cast<std::int64_t>(layers.size());
-    const auto stride = layer_stride(layers, model.num_layers);
-    if (count == 0) {
-        ac.table.insert("mode", "none");
-    } else if (count == model.num_layers) {
-        ac.table.insert("mode", "full");
-    } else if (stride) {
-        ac.table.insert("mode", "selective");
-        ac.table.insert("selective_ac_option", std::to_string(*stride));
-        if (layers.front() != *stride - 1)
-            ac.notes.push_back(fmt::format("The plan checkpoints {}; torchtitan's \"{}\" wraps one layer in {}, "
-                                           "counting from 1 (layers {}, {}, ...): {} layers, as many or more.",
-                                           describe_placement(s, model), *stride, *stride, *stride - 1,
-                                           2 * *stride - 1, model.num_layers / *stride));
+    const std::int64_t dp_degree = s.dp;
+    std::ostringstream py;
+    py << "\"\"\"";
+    for (const auto& line : plan_header(plan)) py << py_escaped(line) << "\n";
+    py << "\ntorchtitan " << kVersion << " config (https://github.com/pytorch/torchtitan/tree/v" << kVersion
+       << "): from the directory holding this file, with the model's tokenizer in " << py_escaped(assets) << "\n"
+       << "    PYTHONPATH=. torchrun --nproc_per_node=" << plan.gpus
+       << " -m torchtitan.train --module mst_torchtitan --config mst_plan\n"
+       << "(over several nodes: torchrun's --nnodes and --rdzv options; torchtitan options after these override "
+          "the file).\n";
+    for (const auto& n : notes) {
+        py << "\n";
+        for (const auto& line : comment_lines(n)) py << py_escaped(line) << "\n";
+    }
+    py << "\"\"\"\n\n";
+    py << "from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss\n"
+       << "from torchtitan.distributed.activation_checkpoint import FullAC\n";
+    if (!tm.native && tm.moe)
+        py << "from torchtitan.experiments.transformers_modeling_backend import HFTransformerModel, TitanMoeModelConfig\n";
+    py << "from " << tm.package << " import model_registry\n"
+       << "from " << tm.package << ".config_registry import " << tm.base_config << " as base_config\n\n\n"
+       << "def mst_plan():\n"
+       << "    config = base_config()\n";
+    if (!tm.native && tm.moe) {
+        py << "    # every field None: the Hugging Face config's experts, not another model's\n"
+           << "    config.model_spec = model_registry(\"full_moe\")\n"
+           << "    config.model_spec.model = HFTransformerModel.Config(model_config=TitanMoeModelConfig())\n";
     } else {
-        ac.table.insert("mode", "full");
-        ac.notes.push_back(fmt::format("The plan checkpoints {}; torchtitan places selective checkpoints only every "
-                                       "k-th layer, so every layer is: less memory than predicted, more recompute.",
-                                       describe_placement(s, model)));
+        py << "    config.model_spec = model_registry(" << py_string(tm.flavor) << ")\n";
     }
-
-    Section par{"parallelism", {}, {}};
-    par.table.insert("data_parallel_replicate_degree", s.zero_stage == 0 ? s.dp : std::int64_t{1});
-    par.table.insert("data_parallel_shard_degree", s.zero_stage == 0 ? std::int64_t{1} : s.dp);
-    par.table.insert("context_parallel_degree", s.sp);
-    // ZeRO-1/2 keep whole parameters through forward and backward: FSDP2 without
-    // resharding after forward. FSDP2 also shards the gradients, which ZeRO-1 does not.
-    if (s.zero_stage > 0) par.table.insert("fsdp_reshard_after_forward", s.zero_stage == 3 ? "default" : "never");
-    if (s.zero_stage == 1 && s.zero_ranks() > 1)
-        par.notes.push_back("ZeRO-1 has no torchtitan equivalent: FSDP2 without resharding also shards gradients "
-                            "(ZeRO-2): memory at or below the prediction.");
-    if (s.sp > 1)
-        par.notes.push_back(fmt::format(
-            "torchtitan has context parallelism (ring attention: KV shards passed between ranks), not Ulysses "
-            "(all-to-all over heads); the plan's sp {} becomes context_parallel_degree {}, with the same {} tokens "
-            "per rank. torchtitan also shards parameters over the context-parallel ranks.",
-            s.sp, s.sp, s.local_tokens()));
-
-    std::ostringstream out;
-    for (const auto& line : plan_header(plan)) out << "# " << comment_line(line) << "\n";
-    out << "# Fragment of a torchtitan job config: merge these tables into yours ([model], [job], ... stay yours).\n"
-        << "# Keys: https://github.com/pytorch/torchtitan/blob/main/torchtitan/config/job_config.py\n";
-    for (const Section* sec : {&training, &optimizer, &ac, &par}) {
-        out << "\n";
-        for (const auto& n : sec->notes)
-            for (const auto& line : comment_lines(n)) out << "# " << line << "\n";
-        out << toml::table{{sec->name, sec->table}} << "\n";
-    }
-    return {{"torchtitan.toml", out.str()}};
+    if (!tm.native) py << "    config.hf_model = " << py_string(repo) << "\n";
+    py << "    config.hf_assets_path = " << py_string(assets) << "\n"
+       << "    config.training.seq_len = " << s.seq_len << "\n"
+       << "    config.training.local_batch_size = " << s.micro_batch << "\n"
+       << "    # gradient accumulation " << s.grad_accum << " = global / (local x data-parallel degree " << dp_degree
+       << ")\n"
+       << "    config.training.global_batch_size = " << s.micro_batch * s.grad_accum * dp_degree << "\n"
+       << "    config.training.dtype = " << (s.precision == Precision::PureBf16 ? "\"bfloat16\"" : "\"float32\"") << "\n"
+       << "    config.training.mixed_precision_param = \"bfloat16\"\n"
+       << "    config.parallelism.data_parallel_replicate_degree = " << (s.zero_stage == 0 ? dp_degree : 1) << "\n"
+       << "    config.parallelism.data_parallel_shard_degree = " << (s.zero_stage == 0 ? 1 : dp_degree) << "\n"
+       << "    config.parallelism.context_parallel_degree = 1\n"
+       << "    # every degree the plan has none of (llama3_70b's base config sets tensor parallel 8)\n"
+       << "    config.parallelism.tensor_parallel_degree = 1\n"
+       << "    config.parallelism.pipeline_parallel_degree = 1\n"
+       << "    config.parallelism.expert_parallel_degree = 1\n"
+       << "    config.training.enable_cpu_offload = False\n"
+       << "    config.compile.enable = False  # the prediction is of eager PyTorch\n";
+    if (s.zero_stage > 0)
+        py << "    config.parallelism.fsdp_reshard_after_forward = " << (s.zero_stage == 3 ? "\"default\"" : "\"never\"")
+           << "\n";
+    py << "    config.activation_checkpoint = " << (s.checkpointed_count() > 0 ? "FullAC.Config()" : "None") << "\n";
+    const std::string loss_fn = tm.native ? "CrossEntropyLoss.Config(global_vocab_size=" + std::to_string(model.vocab_size) + ")"
+                                          : "CrossEntropyLoss.Config()";
+    if (s.lm_chunks > 1)
+        py << "    config.loss = ChunkedLossWrapper.Config(num_chunks=" << s.lm_chunks << ", loss_fn=" << loss_fn << ")\n";
+    else
+        py << "    config.loss = " << loss_fn << "\n";
+    py << "    config.optimizer.implementation = " << py_string(to_string(s.optimizer_impl)) << "\n"
+       << "    return config\n";
+    return {{"mst_torchtitan.py", py.str()}};
 }
 
 }  // namespace mst::emit_detail

@@ -1,0 +1,161 @@
+"""python -m mst_clients.titan --mst-plan BIN --out-dir DIR: mst_torchtitan.py through torchtitan.
+
+Each plan of matrix.titan_matrix() is made by ``recommend --for torchtitan`` and emitted; its
+``mst_torchtitan.py`` is then loaded the way ``torchrun -m torchtitan.train --module mst_torchtitan
+--config mst_plan`` loads it: torchtitan 0.3.0's ``ConfigManager.parse_args`` (its registry lookup,
+tyro's parsing and torchtitan's validation). What torchtitan makes of the result must be the plan:
+``ParallelDims`` of the plan's GPU count (torchtitan's own check of the degrees), the batch and
+gradient accumulation as ``Trainer.__init__`` derives them, the sequence length, dtypes,
+activation checkpointing, the LM head's chunks, the optimizer, and the model: torchtitan's model
+built on the meta device has the plan model's parameter count, or the transformers backend
+loads the plan model's Hugging Face repository. Prints a row per file; exits 1 when any is
+refused or a plan could not be made, 2 on a usage error. Runs in a process of its own:
+torchtitan's pins shadow transformers' (python/requirements/clients-torchtitan.txt).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping
+
+from . import matrix
+
+MODULE, FUNCTION = "mst_torchtitan", "mst_plan"
+
+
+def load(module_dir: Path):
+    """torchtitan's ConfigManager on the emitted module, as torchrun would run it."""
+    from torchtitan.config import ConfigManager
+
+    for name in [m for m in sys.modules if m == MODULE or m.startswith(MODULE + ".")]:
+        del sys.modules[name]  # the previous plan's module of the same name
+    sys.path.insert(0, str(module_dir))
+    try:
+        return ConfigManager().parse_args(["--module", MODULE, "--config", FUNCTION])
+    finally:
+        sys.path.remove(str(module_dir))
+
+
+def plan_problems(config, plan: Mapping[str, Any], model: Mapping[str, Any]) -> List[str]:
+    """Where torchtitan's reading of the config differs from the plan."""
+    import torch
+    from torchtitan.components.loss import ChunkedLossWrapper
+    from torchtitan.distributed.activation_checkpoint import FullAC
+    from torchtitan.distributed.parallel_dims import ParallelDims
+
+    setup, training, par = plan["setup"], config.training, config.parallelism
+    dims = ParallelDims(dp_replicate=par.data_parallel_replicate_degree, dp_shard=par.data_parallel_shard_degree,
+                        cp=par.context_parallel_degree, tp=par.tensor_parallel_degree,
+                        pp=par.pipeline_parallel_degree, ep=par.expert_parallel_degree, world_size=plan["gpus"])
+    batch_degree = dims.dp_replicate * dims.dp_shard  # Trainer.__init__: the "batch" mesh
+    global_batch = training.global_batch_size
+    if global_batch < 0:
+        global_batch = training.local_batch_size * batch_degree
+    if global_batch % (training.local_batch_size * batch_degree):
+        return [f"torchtitan: global batch {global_batch} is not a multiple of local {training.local_batch_size} "
+                f"x data-parallel degree {batch_degree}"]
+    accumulation = global_batch // (training.local_batch_size * batch_degree)
+    checkpointed = len(setup["checkpoint"])  # the checkpointed layers' indices
+    want = {
+        "data-parallel degree": (batch_degree, setup["dp"]),
+        "sharded (FSDP2)": (dims.dp_shard > 1, setup["zero_stage"] > 0 and setup["dp"] > 1),
+        "sequence length": (training.seq_len, setup["seq_len"]),
+        "micro-batch": (training.local_batch_size, setup["micro_batch"]),
+        "gradient accumulation": (accumulation, setup["grad_accum"]),
+        "training dtype": (training.dtype, "bfloat16" if setup["precision"] == "pure-bf16" else "float32"),
+        "compute dtype": (training.mixed_precision_param, "bfloat16"),
+        "checkpointed layers": ("all" if isinstance(config.activation_checkpoint, FullAC.Config)
+                                else "none" if config.activation_checkpoint is None
+                                else type(config.activation_checkpoint).__qualname__,
+                                "none" if checkpointed == 0 else "all" if checkpointed == model["layers"]
+                                else f"{checkpointed} of {model['layers']}"),
+        "LM-head chunks": (config.loss.num_chunks if isinstance(config.loss, ChunkedLossWrapper.Config) else 1,
+                           setup["lm_chunks"]),
+        "optimizer": ([g.optimizer_name for g in config.optimizer.param_groups], ["AdamW"]),
+        "optimizer implementation": (config.optimizer.implementation, setup["optimizer_impl"]),
+        "tensor/pipeline/expert/context degrees": ((dims.tp, dims.pp, dims.ep, dims.cp), (1, 1, 1, 1)),
+        "compile": (config.compile.enable, False),
+        "CPU offload": (training.enable_cpu_offload, False),
+    }
+    if setup["zero_stage"] > 0 and setup["dp"] > 1:
+        want["resharding after forward"] = (par.fsdp_reshard_after_forward,
+                                            "default" if setup["zero_stage"] == 3 else "never")
+    if config.model_spec.name == "transformers_modeling_backend":
+        want["Hugging Face model"] = (config.hf_model, model["hf_repo"])
+    else:
+        with torch.device("meta"):
+            built = config.model_spec.model.build()
+        want["model parameters"] = (sum(p.numel() for p in built.parameters()), model["parameters"])
+    return [f"plan: torchtitan's {what} is {got}, the plan's {expected}"
+            for what, (got, expected) in want.items() if got != expected]
+
+
+def check(module_dir: Path, plan: Mapping[str, Any], model: Mapping[str, Any]) -> List[str]:
+    """What stops torchtitan from training this plan with the emitted module ([] when nothing)."""
+    try:
+        config = load(module_dir)
+    except SystemExit as e:  # tyro's usage errors
+        return [f"torchtitan: the command line was refused (exit {e.code})"]
+    except Exception as e:
+        return [f"torchtitan: {type(e).__name__}: " + " ".join(str(e).split())[:400]]
+    try:
+        return plan_problems(config, plan, model)
+    except (AssertionError, ValueError) as e:  # ParallelDims' own checks
+        return [f"torchtitan: {type(e).__name__}: " + " ".join(str(e).split())[:400]]
+
+
+def model_facts(binary: Path, name: str) -> Dict[str, Any]:
+    """The plan model's parameter count (mst-plan show) and Hugging Face repository (its _mst.source)."""
+    r = matrix.run_mst(binary, ["--json", "show", name])
+    shown = json.loads(r.stdout) if r.returncode == 0 else {}
+    from mst_referee import jobs
+    source = (jobs.load_model_config(jobs.resolve_model(name)[1]).get("_mst") or {}).get("source", "")
+    prefix = "https://huggingface.co/"
+    repo = "/".join(source[len(prefix):].split("/")[:2]) if source.startswith(prefix) else ""
+    return {"parameters": (shown.get("parameters") or {}).get("total"), "layers": shown.get("num_hidden_layers"),
+            "hf_repo": repo}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="check-clients torchtitan", description=__doc__.splitlines()[0])
+    ap.add_argument("--mst-plan", required=True, type=Path, help="the mst-plan binary")
+    ap.add_argument("--out-dir", required=True, type=Path, help="where plans and emitted files go")
+    ap.add_argument("--only", default="", help="run the entries whose name contains this")
+    a = ap.parse_args(argv)
+    if not a.mst_plan.is_file():
+        print(f"error: --mst-plan: {a.mst_plan}: expected the mst-plan binary", file=sys.stderr)
+        return 2
+    try:
+        import torchtitan  # noqa: F401
+    except ImportError as e:
+        print(f"error: check-clients: expected torchtitan (scripts/check-clients installs it): {e}", file=sys.stderr)
+        return 2
+    import logging
+    logging.getLogger().setLevel(logging.ERROR)  # torchtitan's notes on absent tokenizer assets
+
+    entries = [e for e in matrix.titan_matrix() if a.only in e.name]
+    rows, failures = [], 0
+    for entry in entries:
+        em = matrix.make(a.mst_plan, entry, "torchtitan", a.out_dir)
+        if em.error:
+            rows.append((entry.name, "NO PLAN", em.error))
+            failures += 1
+            continue
+        s = em.plan["setup"]
+        facts = model_facts(a.mst_plan, em.plan["model"])
+        layout = (f"dp {s['dp']} ZeRO {s['zero_stage']} mb {s['micro_batch']} ga {s['grad_accum']} "
+                  f"ckpt {len(s['checkpoint'])}/{facts['layers']} LM {s['lm_chunks']} {s['precision']}")
+        problems = check(em.files["mst_torchtitan.py"].parent, em.plan, facts)
+        rows.append((entry.name, "ok" if not problems else "REFUSED", layout if not problems else problems[0]))
+        failures += bool(problems)
+    width = max(len(r[0]) for r in rows) if rows else 10
+    for name, status, what in rows:
+        print(f"{name:<{width}}  torchtitan  {status:<8}  {what}")
+    print(f"{sum(r[1] != 'NO PLAN' for r in rows)} mst_torchtitan.py files from {len(entries)} plans through "
+          f"torchtitan 0.3.0's ConfigManager: {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
