@@ -61,7 +61,10 @@ expect_run(2 "^error: [^\n]*format: expected one of" emit --plan ${DATA}/../gold
 # recommend -> plan file -> emit, end to end.
 expect_run(0 "plan written to" recommend --model tiny-llama --gpu a100-80gb --seq 2048 --precision bf16-master --out ${OUT}/plan.json)
 expect_run(0 "train_micro_batch_size_per_gpu" emit --plan ${OUT}/plan.json --format deepspeed)
-expect_run(0 "seq_len = 2048" emit --plan ${OUT}/plan.json --format torchtitan)
+# torchtitan loads a model by its Hugging Face repository: the test model has none
+expect_run(2 "^error: torchtitan: model: expected a model whose config.json names its Hugging Face repository" emit --plan ${OUT}/plan.json --format torchtitan)
+expect_run(0 "plan written to" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --seq 4096 --precision bf16-master --for torchtitan --out ${OUT}/titan.json)
+expect_run(0 "config.training.seq_len = 4096" emit --plan ${OUT}/titan.json --format torchtitan)
 # bench kernels: on a GPU it runs (a small case here); without CUDA in the build or without a
 # device it is one line and exit code 2, never a crash. bench tuner stays registered beside it.
 execute_process(COMMAND ${MST} bench kernels --model tiny-llama --seq 256 --chunks 2 --reps 1 --warmup 0

@@ -199,6 +199,16 @@ TEST_CASE("max-seq --for: strategies the format's trainer cannot train are liste
             CHECK(row.refused.rfind(i < 4 ? "torchtitan: setup.mlp_chunks: expected 1" : "torchtitan: setup.", 0) == 0);
         }
     }
+    // The user's own setup is refused as it is, never moved to ZeRO 2 as the MsT rows are.
+    TrainingSetup mine = hf.rows[2].setup;  // checkpointing + MsT at ZeRO 2, a chunked LM head
+    REQUIRE(mine.lm_chunks > 1);
+    mine.zero_stage = 3;
+    rq.for_format = "hf-mst";
+    const MaxSeqResult with_mine = max_seq(rq, mine);
+    CHECK(with_mine.rows.back().strategy == "your setup");
+    CHECK(with_mine.rows.back().max_seq == 0);
+    CHECK(with_mine.rows.back().setup.zero_stage == 3);
+    CHECK(with_mine.rows.back().refused.rfind("hf-mst: setup.lm_chunks: expected 1 with zero_stage 3", 0) == 0);
 }
 
 TEST_CASE("--pin offload=yes plans checkpoints to offload, even where the plain setup fits") {
@@ -214,6 +224,23 @@ TEST_CASE("--pin offload=yes plans checkpoints to offload, even where the plain 
     rq.pins.checkpoint_count = 0;
     CHECK(test::expect_user_error([&] { (void)recommend(rq); })
               .rfind("recommend: pin: offload=yes: expected checkpointed layers to offload", 0) == 0);
+    // --allow offload=no with --pin offload=yes: the two contradict, said before any search
+    rq.pins.checkpoint_count.reset();
+    rq.allow_offload = false;
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); })
+              .rfind("recommend: pin: offload=yes: expected --allow offload=yes", 0) == 0);
+}
+
+TEST_CASE("recommend --for: when only the chunk counts are refused, the refusal is the reason nothing fits") {
+    // python/mst_hf cannot chunk the loss under ZeRO-3: pinned ZeRO 3 and 4 LM-head chunks leave
+    // nothing to search, although every outer choice (one chunk) passes the format's check
+    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 65536);
+    rq.pins.zero_stage = 3;
+    rq.pins.lm_chunks = 4;
+    rq.for_format = "hf-mst";
+    const Recommendation r = recommend(rq);
+    CHECK_FALSE(r.found);
+    CHECK(r.refusal.rfind("hf-mst: setup.lm_chunks: expected 1 with zero_stage 3", 0) == 0);
 }
 
 TEST_CASE("when the plain setup fits, the tuner keeps it: no checkpointing, no chunks") {

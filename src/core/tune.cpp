@@ -137,7 +137,11 @@ public:
         // --for: chunk counts the format's trainer cannot run with these outer knobs are not searched
         // (python/mst_hf's chunked loss under ZeRO-3; torchtitan has no MLP mini-sequences).
         const auto refused = [&](const TrainingSetup& t) {
-            return !rq_.for_format.empty() && !refusal_of(rq_.for_format, t, rq_.model).empty();
+            if (rq_.for_format.empty()) return false;
+            std::string why = refusal_of(rq_.for_format, t, rq_.model);
+            if (why.empty()) return false;
+            if (refusal_.empty()) refusal_ = std::move(why);  // said when nothing fits
+            return true;
         };
         std::erase_if(mlp_opts, [&](std::int64_t mm) {
             TrainingSetup t = outer;
@@ -266,6 +270,7 @@ public:
     std::optional<double> fastest_;  // the least cost considered
     std::vector<Candidate> evaluated_;
     std::int64_t sims_ = 0;
+    std::string refusal_;  // --for: the first chunk or checkpoint count the format refused
 
 private:
     const TuneRequest& rq_;
@@ -376,6 +381,8 @@ void check_request(const TuneRequest& rq, const char* command) {
     // The hf runtime plans one GPU without ZeRO: a pin it cannot honour is named, not searched for.
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && *rq.pins.zero_stage > 0)
         fail(command, "pin", fmt::format("zero={}: expected 0 with runtime hf (ZeRO is not modelled in it yet)", *rq.pins.zero_stage));
+    if (rq.pins.offload && *rq.pins.offload && !rq.allow_offload)
+        fail(command, "pin", "offload=yes: expected --allow offload=yes (or no --allow offload=no): the two contradict");
     if (rq.pins.offload && *rq.pins.offload &&
         ((rq.pins.checkpoint_count && *rq.pins.checkpoint_count == 0) ||
          (rq.pins.checkpoint && std::none_of(rq.pins.checkpoint->begin(), rq.pins.checkpoint->end(), [](bool b) { return b; }))))
@@ -488,7 +495,7 @@ Recommendation recommend(const TuneRequest& rq) {
     out.simulations = search.sims_;
     if (!rq.for_format.empty() && expressible_setups == 0)
         fail("recommend", "for", fmt::format("a setup {} can train as planned; none of those searched is: {}", rq.for_format, refusal));
-    out.refusal = refusal;  // when nothing fits, what --for excluded may be why
+    out.refusal = refusal.empty() ? search.refusal_ : refusal;  // when nothing fits, what --for excluded may be why
     const std::optional<Candidate> best = search.best();
     if (!best) return out;
     out.found = true;
@@ -607,14 +614,17 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                 return refusal_of(rq.for_format, t, m);
             };
             row.refused = refusal(run.setup);
+            // The user's own setup is theirs: refused as it is, never moved to another ZeRO stage.
+            const bool ours = &st != &strategies.back() || !user;
             // python/mst_hf's chunked loss cannot run under ZeRO-3: the MsT rows shard at ZeRO 2 there.
-            if (!row.refused.empty() && run.setup.zero_stage == 3) {
+            if (ours && !row.refused.empty() && run.setup.zero_stage == 3) {
                 TrainingSetup z2 = run.setup;
                 z2.zero_stage = 2;
                 if (refusal(z2).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
             }
             // One rank: ZeRO 1 shards nothing and is what DeepSpeed needs for bf16 master weights.
-            if (!row.refused.empty() && run.setup.zero_ranks() == 1 && run.setup.zero_stage == 0 && run.setup.runtime == Runtime::Kernels) {
+            if (ours && !row.refused.empty() && run.setup.zero_ranks() == 1 && run.setup.zero_stage == 0 &&
+                run.setup.runtime == Runtime::Kernels) {
                 TrainingSetup z1 = run.setup;
                 z1.zero_stage = 1;
                 if (refusal(z1).empty()) run.setup = z1, row.setup = z1, row.refused.clear();

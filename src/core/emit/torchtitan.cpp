@@ -112,6 +112,12 @@ std::string py_escaped(const std::string& text) {
 std::string py_string(const std::string& text) { return "\"" + py_escaped(text) + "\""; }
 
 void check(const TrainingSetup& s, const ModelSpec& model) {
+    if (!titan_model(model).native && hf_repo(model).empty())
+        fail(kWhere, "model",
+             fmt::format("expected a model whose config.json names its Hugging Face repository (\"_mst\": {{\"source\": "
+                         "\"https://huggingface.co/ORG/NAME/...\"}}): torchtitan's transformers backend loads {} by "
+                         "that name",
+                         model.model_type));
     if (s.optimizer != Optimizer::AdamW)
         fail(kWhere, "setup.optimizer",
              fmt::format("expected adamw (mst-plan emits torchtitan's AdamW param group only), got {}", to_string(s.optimizer)));
@@ -161,12 +167,6 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
     check(s, model);
     const TitanModel tm = titan_model(model);
     const std::string repo = hf_repo(model);
-    if (!tm.native && repo.empty())
-        fail(kWhere, "model",
-             fmt::format("expected a model whose config.json names its Hugging Face repository (\"_mst\": {{\"source\": "
-                         "\"https://huggingface.co/ORG/NAME/...\"}}): torchtitan's transformers backend loads {} by "
-                         "that name",
-                         model.model_type));
     const std::string assets = "./assets/hf/" + (repo.empty() ? model.name : repo.substr(repo.find('/') + 1));
 
     std::vector<std::string> notes;
