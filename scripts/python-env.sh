@@ -53,11 +53,17 @@ mst_python_env() {
 mst_clients_env() {
     local python="$1" client="$2" root dir pins stamp
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    local ds_dir="${MST_CLIENTS_DIR:-$root/.venv/clients-deepspeed}" titan_dir="${MST_TITAN_DIR:-$root/.venv/clients-torchtitan}"
     case "$client" in
-        deepspeed) dir="${MST_CLIENTS_DIR:-$root/.venv/clients-deepspeed}" ;;
-        torchtitan) dir="${MST_TITAN_DIR:-$root/.venv/clients-torchtitan}" ;;
+        deepspeed) dir="$ds_dir" ;;
+        torchtitan) dir="$titan_dir" ;;
         *) echo "error: mst_clients_env: client: expected deepspeed or torchtitan, got '$client'" >&2; return 2 ;;
     esac
+    # Each client has a directory of its own: one install would wipe the other's.
+    if [ "$(realpath -m "$ds_dir")" = "$(realpath -m "$titan_dir")" ]; then
+        echo "error: MST_TITAN_DIR: $titan_dir: expected a directory other than MST_CLIENTS_DIR's" >&2
+        return 1
+    fi
     pins="$root/python/requirements/clients-$client.txt"
     stamp="$dir/.mst-pins"
     if mst_stamped "$pins" "$stamp"; then
@@ -65,8 +71,9 @@ mst_clients_env() {
         return 0
     fi
     echo "mst-plan: installing $client for the client checks into $dir (once)..." >&2
-    # Only a directory this function made (its marker file) is replaced.
-    if [ -e "$dir" ] && [ ! -f "$dir/.mst-clients" ] && [ ! -f "$stamp" ]; then
+    # Only a directory this function made (its marker file) is replaced: a virtual environment
+    # holds a stamp too, never the marker.
+    if [ -e "$dir" ] && [ ! -f "$dir/.mst-clients" ]; then
         echo "error: $dir: expected a new directory or one made by mst_clients_env" >&2
         return 1
     fi

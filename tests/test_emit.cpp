@@ -95,6 +95,15 @@ std::string titan_module(const Plan& plan, const ModelSpec& model) {
     return named(emit(plan, model, "torchtitan"), "mst_torchtitan.py").content;
 }
 
+// A line of mst_torchtitan.py's code (after its docstring): imports, the function, assignments to
+// the config, comments, the RoPE loop.
+bool titan_code_line(const std::string& line) {
+    return line.empty() || line.starts_with("from torchtitan.") || line == "import dataclasses" ||
+           line == "def mst_plan():" || line.starts_with("    config") || line.starts_with("    #") ||
+           line == "    return config" || line == "    for layer in config.model_spec.model.layers:" ||
+           line.starts_with("        layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=");
+}
+
 bool has_line(const std::string& text, const std::string& line) {
     std::istringstream in(text);
     for (std::string l; std::getline(in, l);)
@@ -304,6 +313,25 @@ TEST_CASE("emit torchtitan: the model is torchtitan's own where a flavor has its
     const std::string mixtral = module_for("mixtral-8x7b");
     CHECK(has_line(mixtral, "    config.model_spec.model = HFTransformerModel.Config(model_config=TitanMoeModelConfig())"));
     CHECK(has_line(mixtral, "    config.loss = CrossEntropyLoss.Config()"));
+    // A flavor matches only with every dimension: Llama-3-8B's width, depth and vocabulary with
+    // twice its MLP is another model, which the backend loads by its repository.
+    ModelSpec wider = find_model("llama-3-8b");
+    wider.intermediate_size *= 2;
+    Plan w = plan;
+    w.setup.lm_chunks = 1;
+    const std::string wide = titan_module(w, wider);
+    CHECK(has_line(wide, "    config.model_spec = model_registry(\"full\")"));
+    CHECK(has_line(wide, "    config.hf_model = \"meta-llama/Meta-Llama-3-8B\""));
+    // Beyond a flavor's RoPE table (Qwen3: 40960 positions) torchtitan refuses the run: the
+    // module lengthens the table.
+    Plan long_qwen = plan;
+    long_qwen.setup.seq_len = 65536;
+    long_qwen.setup.checkpoint = parse_checkpoint_spec("none", 36, "t");
+    long_qwen.setup.lm_chunks = 1;
+    const std::string qwen_long = titan_module(long_qwen, find_model("qwen3-8b"));
+    CHECK(has_line(qwen_long, "import dataclasses"));
+    CHECK(has_line(qwen_long, "        layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=65536)"));
+    CHECK(titan_module(plan, model).find("dataclasses") == std::string::npos);  // 32k: within Llama-3's 131072
     // A config.json with no Hugging Face source cannot name the backend's model.
     ModelSpec anonymous = find_model("mistral-7b-v0.1");
     anonymous.source_url.clear();
@@ -530,8 +558,7 @@ TEST_CASE("emit: a model or GPU name holding line breaks stays inside its commen
     std::istringstream code(py.substr(doc_end + 3));
     for (std::string line; std::getline(code, line);) {
         CAPTURE(line);
-        CHECK((line.empty() || line.starts_with("from torchtitan.") || line == "def mst_plan():" ||
-               line.starts_with("    config") || line.starts_with("    #") || line == "    return config"));
+        CHECK(titan_code_line(line));
     }
     // JSON formats carry the names as escaped strings, unchanged.
     CHECK(nlohmann::json::parse(named(emit(plan, model, "hf-mst"), "mst_config.json").content)["model"] == plan.model);

@@ -231,6 +231,23 @@ TEST_CASE("--pin offload=yes plans checkpoints to offload, even where the plain 
               .rfind("recommend: pin: offload=yes: expected --allow offload=yes", 0) == 0);
 }
 
+TEST_CASE("recommend --for: a pinned checkpoint count the format cannot place is refused, not planned") {
+    // torchtitan 0.3.0 checkpoints every block or none: 5 of 32 is no plan it can train
+    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 4096);
+    rq.for_format = "torchtitan";
+    rq.pins.checkpoint_count = 5;
+    const Recommendation r = recommend(rq);
+    CHECK_FALSE(r.found);
+    CHECK(r.refusal.rfind("torchtitan: setup.checkpoint: expected none or all 32 layers", 0) == 0);
+    rq.pins.checkpoint_count.reset();
+    rq.pins.checkpoint = parse_checkpoint_spec("0-3", 32, "t");
+    CHECK_FALSE(recommend(rq).found);
+    rq.pins.checkpoint = parse_checkpoint_spec("all", 32, "t");
+    const Recommendation all = recommend(rq);
+    REQUIRE(all.found);
+    CHECK_NOTHROW(check_expressible("torchtitan", all.best.setup, rq.model));
+}
+
 TEST_CASE("recommend --for: when only the chunk counts are refused, the refusal is the reason nothing fits") {
     // python/mst_hf cannot chunk the loss under ZeRO-3: pinned ZeRO 3 and 4 LM-head chunks leave
     // nothing to search, although every outer choice (one chunk) passes the format's check

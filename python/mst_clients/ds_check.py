@@ -227,6 +227,22 @@ def check(ds_config: Dict, plan: Mapping[str, Any], raw_model_config: Mapping[st
     return plan_problems(engine, setup)
 
 
+# What each plan optimizer allocates per parameter: AdamW two states, SGD one momentum buffer.
+_PLAN_OPTIMIZERS = {"adamw": "AdamW", "sgd": "SGD with momentum"}
+
+
+def _optimizer_kind(optimizer) -> str:
+    """The plan's name for the optimizer DeepSpeed built: "AdamW" for an Adam with decoupled weight
+    decay (torch's AdamW, DeepSpeed's FusedAdam/CPUAdam in adam_w_mode), "SGD with momentum"."""
+    name = type(optimizer).__name__
+    group = optimizer.param_groups[0] if getattr(optimizer, "param_groups", None) else {}
+    if name == "AdamW" or (name in ("FusedAdam", "DeepSpeedCPUAdam") and getattr(optimizer, "adam_w_mode", False)):
+        return "AdamW"
+    if name == "SGD":
+        return "SGD with momentum" if group.get("momentum", 0) else "SGD without momentum"
+    return name
+
+
 def plan_problems(engine, setup: Mapping[str, Any]) -> List[str]:
     """Where the engine DeepSpeed built differs from the plan."""
     dp, sp = setup["dp"], setup["sp"]
@@ -242,5 +258,9 @@ def plan_problems(engine, setup: Mapping[str, Any]) -> List[str]:
     }
     if setup["precision"] == "pure-bf16":
         want["bf16 master weights"] = (bool(engine.bf16_master_weights_and_gradients()), True)
+    # the optimizer it steps (its states are the plan's) and nothing offloaded the plan keeps on the GPU
+    want["offloaded optimizer states"] = (bool(engine.zero_offload_optimizer()), False)
+    want["offloaded parameters"] = (bool(engine.zero_offload_param()), False)
+    want["optimizer"] = (_optimizer_kind(engine.basic_optimizer), _PLAN_OPTIMIZERS.get(setup["optimizer"], "?"))
     return [f"plan: DeepSpeed's {what} is {got}, the plan's {expected}"
             for what, (got, expected) in want.items() if got != expected]

@@ -77,7 +77,7 @@ def default_matrix() -> List[Entry]:
 
 
 def titan_matrix() -> List[Entry]:
-    """16 plans made by recommend --for torchtitan: torchtitan's own Llama-3 and Qwen3 code (dense and
+    """17 plans made by recommend --for torchtitan: torchtitan's own Llama-3 and Qwen3 code (dense and
     MoE) and its transformers backend, 1 to 16 GPUs, DDP and FSDP2 (ZeRO 0, 2, 3 pinned and
     searched), every precision it keeps, accumulation, checkpointing and LM-head chunks."""
     t = ("torchtitan",)
@@ -93,6 +93,7 @@ def titan_matrix() -> List[Entry]:
         Entry("llama-3-8b", 8, 8192, pins=("zero=3",), formats=t),
         Entry("llama-3-8b", 8, 8192, options=("--tokens-per-step", str(64 * 8192)), formats=t),
         Entry("qwen3-8b", 8, 16384, formats=t),
+        Entry("qwen3-8b", 8, 65536, formats=t),  # beyond Qwen3's 40960-position RoPE table
         Entry("qwen3-30b-a3b", 8, 8192, formats=t),
         Entry("mistral-7b-v0.1", 8, 8192, formats=t),
         Entry("gemma-2-9b", 8, 4096, formats=t),

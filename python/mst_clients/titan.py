@@ -84,6 +84,9 @@ def plan_problems(config, plan: Mapping[str, Any], model: Mapping[str, Any]) -> 
     if config.model_spec.name == "transformers_modeling_backend":
         want["Hugging Face model"] = (config.hf_model, model["hf_repo"])
     else:
+        # as Trainer.__init__ does before building: fits the model to the run (the RoPE table to
+        # seq_len, which it refuses beyond the flavor's), then the model on the meta device
+        config.model_spec.model.update_from_config(config=config)
         with torch.device("meta"):
             built = config.model_spec.model.build()
         want["model parameters"] = (sum(p.numel() for p in built.parameters()), model["parameters"])
@@ -101,7 +104,7 @@ def check(module_dir: Path, plan: Mapping[str, Any], model: Mapping[str, Any]) -
         return [f"torchtitan: {type(e).__name__}: " + " ".join(str(e).split())[:400]]
     try:
         return plan_problems(config, plan, model)
-    except (AssertionError, ValueError) as e:  # ParallelDims' own checks
+    except (AssertionError, ValueError) as e:  # ParallelDims' and update_from_config's own checks
         return [f"torchtitan: {type(e).__name__}: " + " ".join(str(e).split())[:400]]
 
 

@@ -177,9 +177,14 @@ def test_one_gpu_precisions_and_optimizers():
     amp = dict(ONE, precision="amp")
     amp_ds = dict(_without(ONE_DS, "bf16"), torch_autocast={"enabled": True, "dtype": "bfloat16"})
     sgd = dict(ONE, optimizer="sgd", zero_stage=1)
-    sgd_ds = dict(ONE_DS, zero_optimization={"stage": 1}, optimizer={"type": "SGD", "params": {"lr": "auto"}})
-    got = _verdicts([[ONE_DS, ONE], [amp_ds, amp], [ONE_DS, amp], [sgd_ds, sgd],
-                     [dict(sgd_ds, zero_allow_untested_optimizer=True), sgd]], gpus=1)
+    sgd_ds = dict(ONE_DS, zero_optimization={"stage": 1}, optimizer={"type": "SGD", "params": {"lr": "auto", "momentum": 0.9}})
+    sgd_ok = dict(sgd_ds, zero_allow_untested_optimizer=True)
+    zero1 = dict(ONE, zero_stage=1)
+    offloaded = dict(ONE_DS, zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}})
+    got = _verdicts([[ONE_DS, ONE], [amp_ds, amp], [ONE_DS, amp], [sgd_ds, sgd], [sgd_ok, sgd],
+                     [dict(sgd_ok, optimizer={"type": "AdamW", "params": {"lr": "auto"}}), sgd],
+                     [dict(sgd_ok, optimizer={"type": "SGD", "params": {"lr": "auto", "momentum": 0}}), sgd],
+                     [offloaded, zero1]], gpus=1)
     assert got[0] == []
     assert got[1] == []
     # a bf16 config for an amp plan (fp32 weights): the Trainer runs without --bf16 and refuses it
@@ -188,6 +193,11 @@ def test_one_gpu_precisions_and_optimizers():
     # ZeRO wraps only the optimizers it tested unless told otherwise (deepspeed/runtime/engine.py)
     assert len(got[3]) == 1 and got[3][0].startswith("deepspeed: AssertionError: You are using an untested ZeRO")
     assert got[4] == []
+    # an accepted file that trains another optimizer, or offloads what the plan keeps on the GPU:
+    # AdamW holds two states per parameter where SGD holds one momentum buffer (none at momentum 0)
+    assert got[5] == ["plan: DeepSpeed's optimizer is AdamW, the plan's SGD with momentum"]
+    assert got[6] == ["plan: DeepSpeed's optimizer is SGD without momentum, the plan's SGD with momentum"]
+    assert got[7] == ["plan: DeepSpeed's offloaded optimizer states is True, the plan's False"]
 
 
 # ---- torchtitan (python/mst_clients/titan.py) ----------------------------------------------------
@@ -223,7 +233,7 @@ from torchtitan.models.llama3.config_registry import llama3_8b as base_config
 def mst_plan():
     config = base_config()
     config.model_spec = model_registry("{flavor}")
-    config.training.seq_len = 8192
+    config.training.seq_len = {seq}
     config.training.local_batch_size = 2
     config.training.global_batch_size = {global_batch}
     config.training.dtype = "float32"
@@ -242,19 +252,22 @@ def titan_verdicts(tmp_path_factory):
     """titan.check on hand-written modules, in one interpreter with torchtitan's pins first."""
     if not TITAN:
         pytest.skip("MST_TITAN_PATH is not set (scripts/test sets it)")
-    cases = {"right": dict(flavor="1B", global_batch=64, tp=1),
-             "8B": dict(flavor="8B", global_batch=64, tp=1),
-             "uneven": dict(flavor="1B", global_batch=60, tp=1),
-             "tp": dict(flavor="1B", global_batch=64, tp=8)}
-    dirs = []
+    cases = {"right": dict(flavor="1B", global_batch=64, tp=1, seq=8192),
+             "8B": dict(flavor="8B", global_batch=64, tp=1, seq=8192),
+             "uneven": dict(flavor="1B", global_batch=60, tp=1, seq=8192),
+             "tp": dict(flavor="1B", global_batch=64, tp=8, seq=8192),
+             "long": dict(flavor="1B", global_batch=64, tp=1, seq=262144)}
+    runs = []
     for name, fields in cases.items():
         d = tmp_path_factory.mktemp(name)
         (d / "mst_torchtitan.py").write_text(TITAN_MODULE.format(**fields))
-        dirs.append(str(d))
+        plan = json.loads(json.dumps(TITAN_PLAN))
+        plan["setup"]["seq_len"] = fields["seq"]
+        runs.append([str(d), plan])
     code = ("import json, sys; from pathlib import Path; from mst_clients import titan; a = json.loads(sys.argv[1]); "
-            "print(json.dumps([titan.check(Path(d), a['plan'], a['model']) for d in a['dirs']]))")
+            "print(json.dumps([titan.check(Path(d), plan, a['model']) for d, plan in a['runs']]))")
     env = dict(os.environ, PYTHONPATH=f"{TITAN}:{REPO / 'python'}")
-    arg = json.dumps({"dirs": dirs, "plan": TITAN_PLAN, "model": TITAN_MODEL})
+    arg = json.dumps({"runs": runs, "model": TITAN_MODEL})
     r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return dict(zip(cases, json.loads(r.stdout.strip().splitlines()[-1])))
@@ -278,3 +291,11 @@ def test_parallel_degrees_that_do_not_multiply_to_the_world_fail_torchtitans_par
     (problem,) = titan_verdicts["tp"]
     assert problem.startswith("torchtitan: AssertionError: Invalid parallel dims")
     assert "tp(8)" in problem and "WORLD_SIZE(8)" in problem
+
+
+def test_a_sequence_beyond_the_flavors_rope_table_is_refused_as_the_trainer_refuses_it(titan_verdicts):
+    # torchtitan/models/common/decoder.py: update_from_config raises past max_seq_len (131072 for
+    # Llama-3's flavors); mst_torchtitan.py lengthens the table when the plan needs it
+    (problem,) = titan_verdicts["long"]
+    assert problem.startswith("torchtitan: ValueError: Training sequence length 262144 exceeds")
+    assert "131072" in problem

@@ -136,24 +136,28 @@ public:
         auto lm_opts = chunk_options(tokens, rq_.pins.lm_chunks, limits::kChunks);
         // --for: chunk counts the format's trainer cannot run with these outer knobs are not searched
         // (python/mst_hf's chunked loss under ZeRO-3; torchtitan has no MLP mini-sequences).
+        // The last refusal is kept: when a filter leaves nothing to search, it is the reason said.
+        std::string last_refusal;
         const auto refused = [&](const TrainingSetup& t) {
             if (rq_.for_format.empty()) return false;
-            std::string why = refusal_of(rq_.for_format, t, rq_.model);
-            if (why.empty()) return false;
-            if (refusal_.empty()) refusal_ = std::move(why);  // said when nothing fits
-            return true;
+            last_refusal = refusal_of(rq_.for_format, t, rq_.model);
+            return !last_refusal.empty();
+        };
+        const auto nothing_left = [&] {
+            if (refusal_.empty()) refusal_ = last_refusal;
         };
         std::erase_if(mlp_opts, [&](std::int64_t mm) {
             TrainingSetup t = outer;
             t.mlp_chunks = mm;
             return refused(t);
         });
+        if (mlp_opts.empty()) return nothing_left();
         std::erase_if(lm_opts, [&](std::int64_t ml) {
             TrainingSetup t = outer;
             t.lm_chunks = ml;
             return refused(t);
         });
-        if (mlp_opts.empty() || lm_opts.empty()) return;
+        if (lm_opts.empty()) return nothing_left();
         auto with = [&](std::int64_t k, std::int64_t mm, std::int64_t ml, const std::vector<bool>* placement = nullptr) {
             TrainingSetup t = outer;
             t.checkpoint = placement ? *placement : first_layers(k, L);
@@ -180,8 +184,10 @@ public:
         std::vector<std::pair<std::int64_t, const std::vector<bool>*>> ks;
         if (rq_.pins.checkpoint) {
             ks.push_back({0, &*rq_.pins.checkpoint});
+            if (refused(with(0, mlp_opts.back(), lm_opts.back(), &*rq_.pins.checkpoint))) return nothing_left();
         } else if (rq_.pins.checkpoint_count) {
             ks.push_back({*rq_.pins.checkpoint_count, nullptr});
+            if (refused(with(*rq_.pins.checkpoint_count, mlp_opts.back(), lm_opts.back()))) return nothing_left();
         } else {
             // Offloading checkpoints (pinned: offload=yes) needs at least one checkpointed layer.
             const std::int64_t k_min = outer.offload_checkpoints ? 1 : 0;
@@ -197,6 +203,7 @@ public:
                 ks.push_back({k, nullptr});
             // --for: checkpoint counts the format cannot place (torchtitan: every layer or none)
             std::erase_if(ks, [&](const auto& c) { return refused(with(c.first, mlp_opts.back(), lm_opts.back())); });
+            if (ks.empty()) return nothing_left();
         }
         // More checkpoints never need more chunks: each k searches below the previous k's counts.
         std::size_t lm_hi = lm_opts.size() - 1, mlp_hi = mlp_opts.size() - 1;
@@ -270,7 +277,7 @@ public:
     std::optional<double> fastest_;  // the least cost considered
     std::vector<Candidate> evaluated_;
     std::int64_t sims_ = 0;
-    std::string refusal_;  // --for: the first chunk or checkpoint count the format refused
+    std::string refusal_;  // --for: why a filter left an outer choice nothing to search (the first such)
 
 private:
     const TuneRequest& rq_;
@@ -495,7 +502,9 @@ Recommendation recommend(const TuneRequest& rq) {
     out.simulations = search.sims_;
     if (!rq.for_format.empty() && expressible_setups == 0)
         fail("recommend", "for", fmt::format("a setup {} can train as planned; none of those searched is: {}", rq.for_format, refusal));
-    out.refusal = refusal.empty() ? search.refusal_ : refusal;  // when nothing fits, what --for excluded may be why
+    // When nothing fits, what --for excluded may be why: a refused chunk or checkpoint count of an
+    // outer choice the format accepts says more than a refused outer choice.
+    out.refusal = search.refusal_.empty() ? refusal : search.refusal_;
     const std::optional<Candidate> best = search.best();
     if (!best) return out;
     out.found = true;

@@ -47,44 +47,62 @@ struct TitanModel {
     std::string base_config;  // the config_registry function mst_plan() starts from
     bool native = true;       // false: the transformers backend
     bool moe = false;
+    std::int64_t rope_max = 0;  // the flavor's RoPE table: torchtitan refuses a longer seq_len
 };
 
+// A flavor's shape: every dimension that sets a parameter's size (a model matches only when all do).
 struct Flavor {
-    std::int64_t hidden, layers;
+    std::int64_t hidden, layers, heads, kv_heads, head_dim, intermediate;  // intermediate: each expert's for MoE
+    bool tied;
+    std::int64_t experts, top_k;  // 0 for a dense model
     const char* name;
     const char* base;
 };
 
-// torchtitan/models/llama3/__init__.py and models/qwen3/__init__.py (dim, n_layers; the vocabulary
-// is the family's: 128256 and 151936).
-constexpr Flavor kLlama3[] = {{2048, 16, "1B", "llama3_8b"},  {3072, 28, "3B", "llama3_8b"},
-                              {4096, 32, "8B", "llama3_8b"},  {8192, 80, "70B", "llama3_70b"},
-                              {16384, 126, "405B", "llama3_70b"}};  // (llama3_405b's converters need torchao)
-constexpr Flavor kQwen3[] = {{1024, 28, "0.6B", "qwen3_0_6b"}, {2048, 28, "1.7B", "qwen3_1_7b"},
-                             {2560, 36, "4B", "qwen3_1_7b"},   {4096, 36, "8B", "qwen3_14b"},
-                             {5120, 40, "14B", "qwen3_14b"},   {5120, 64, "32B", "qwen3_32b"}};
-constexpr Flavor kQwen3Moe[] = {{2048, 48, "30B-A3B", "qwen3_30b_a3b"}, {4096, 94, "235B-A22B", "qwen3_30b_a3b"}};
+// torchtitan/models/llama3/__init__.py and models/qwen3/__init__.py (vocabularies 128256, 151936; no
+// biases; Qwen3's query/key norms). scripts/check-clients builds each matched flavor on the meta
+// device and compares its parameter count with the plan model's.
+constexpr Flavor kLlama3[] = {
+    {2048, 16, 32, 8, 64, 8192, true, 0, 0, "1B", "llama3_8b"},
+    {3072, 28, 24, 8, 128, 8192, true, 0, 0, "3B", "llama3_8b"},
+    {4096, 32, 32, 8, 128, 14336, false, 0, 0, "8B", "llama3_8b"},
+    {8192, 80, 64, 8, 128, 28672, false, 0, 0, "70B", "llama3_70b"},
+    {16384, 126, 128, 8, 128, 53248, false, 0, 0, "405B", "llama3_70b"},  // (llama3_405b's converters need torchao)
+};
+constexpr Flavor kQwen3[] = {
+    {1024, 28, 16, 8, 128, 3072, true, 0, 0, "0.6B", "qwen3_0_6b"},
+    {2048, 28, 16, 8, 128, 6144, true, 0, 0, "1.7B", "qwen3_1_7b"},
+    {2560, 36, 32, 8, 128, 9728, true, 0, 0, "4B", "qwen3_1_7b"},
+    {4096, 36, 32, 8, 128, 12288, false, 0, 0, "8B", "qwen3_14b"},
+    {5120, 40, 40, 8, 128, 17408, false, 0, 0, "14B", "qwen3_14b"},
+    {5120, 64, 64, 8, 128, 25600, false, 0, 0, "32B", "qwen3_32b"},
+    {2048, 48, 32, 4, 128, 768, false, 128, 8, "30B-A3B", "qwen3_30b_a3b"},
+    {4096, 94, 64, 4, 128, 1536, false, 128, 8, "235B-A22B", "qwen3_30b_a3b"},
+};
 
 template <std::size_t N>
 std::optional<TitanModel> flavor_of(const Flavor (&flavors)[N], const ModelSpec& m, std::int64_t vocab,
-                                    const char* package) {
-    if (m.vocab_size != vocab) return std::nullopt;
+                                    std::int64_t rope_max, const char* package) {
+    if (m.vocab_size != vocab || m.qkv_bias || m.o_bias || m.mlp_bias) return std::nullopt;
+    const std::int64_t intermediate = m.moe ? m.moe->intermediate : m.intermediate_size;
     for (const Flavor& f : flavors)
-        if (f.hidden == m.hidden_size && f.layers == m.num_layers) return TitanModel{package, f.name, f.base, true, false};
+        if (f.hidden == m.hidden_size && f.layers == m.num_layers && f.heads == m.num_heads &&
+            f.kv_heads == m.num_kv_heads && f.head_dim == m.head_dim && f.intermediate == intermediate &&
+            f.tied == m.tie_word_embeddings && f.experts == (m.moe ? m.moe->experts : 0) &&
+            f.top_k == (m.moe ? m.moe->top_k : 0))
+            return TitanModel{package, f.name, f.base, true, f.experts > 0, rope_max};
     return std::nullopt;
 }
 
 TitanModel titan_model(const ModelSpec& m) {
     std::optional<TitanModel> native;
-    if (m.family == Family::Llama) native = flavor_of(kLlama3, m, 128256, "torchtitan.models.llama3");
-    if (m.family == Family::Qwen3) native = flavor_of(kQwen3, m, 151936, "torchtitan.models.qwen3");
-    if (m.family == Family::Qwen3Moe) native = flavor_of(kQwen3Moe, m, 151936, "torchtitan.models.qwen3");
-    if (native) {
-        native->moe = m.family == Family::Qwen3Moe;
-        return *native;
-    }
+    // (max_seq_len of every flavor's RoPE: 131072 for Llama-3, 40960 for Qwen3)
+    if (m.family == Family::Llama) native = flavor_of(kLlama3, m, 128256, 131072, "torchtitan.models.llama3");
+    if (m.family == Family::Qwen3 || m.family == Family::Qwen3Moe)
+        native = flavor_of(kQwen3, m, 151936, 40960, "torchtitan.models.qwen3");
+    if (native) return *native;
     return TitanModel{"torchtitan.experiments.transformers_modeling_backend", "full",
-                      "transformers_modeling_backend_full", false, m.moe.has_value()};
+                      "transformers_modeling_backend_full", false, m.moe.has_value(), 0};
 }
 
 // "org/name" of a config.json downloaded from huggingface.co, or "".
@@ -180,6 +198,11 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
     if (s.attention == Attention::Eager)
         notes.push_back("The plan assumes eager attention; torchtitan uses SDPA/flex attention, which never holds the "
                         "S x S scores: memory at or below the prediction.");
+    const bool longer_rope = tm.native && s.seq_len > tm.rope_max;
+    if (longer_rope)
+        notes.push_back(fmt::format("{} tokens exceed the flavor's RoPE table ({} positions), which torchtitan "
+                                    "refuses: mst_plan() lengthens the table, the frequencies stay the model's.",
+                                    s.seq_len, tm.rope_max));
     if (!tm.native)
         notes.push_back(fmt::format("{} has no torchtitan model of its own: it runs through torchtitan's transformers "
                                     "backend (an experiment), which builds it from its Hugging Face config.",
@@ -202,6 +225,7 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
         for (const auto& line : comment_lines(n)) py << py_escaped(line) << "\n";
     }
     py << "\"\"\"\n\n";
+    if (longer_rope) py << "import dataclasses\n\n";
     py << "from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss\n"
        << "from torchtitan.distributed.activation_checkpoint import FullAC\n";
     if (!tm.native && tm.moe)
@@ -219,7 +243,13 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
     }
     if (!tm.native) py << "    config.hf_model = " << py_string(repo) << "\n";
     py << "    config.hf_assets_path = " << py_string(assets) << "\n"
-       << "    config.training.seq_len = " << s.seq_len << "\n"
+       << "    config.training.seq_len = " << s.seq_len << "\n";
+    if (longer_rope)
+        py << "    # longer than the flavor's RoPE table (" << tm.rope_max << " positions): lengthened\n"
+           << "    for layer in config.model_spec.model.layers:\n"
+           << "        layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=" << s.seq_len
+           << ")\n";
+    py
        << "    config.training.local_batch_size = " << s.micro_batch << "\n"
        << "    # gradient accumulation " << s.grad_accum << " = global / (local x data-parallel degree " << dp_degree
        << ")\n"
