@@ -7,7 +7,6 @@ parallel degrees and precision are the plan's. Exits 1 when any file is refused 
 not be made, 2 on a usage error.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,21 +15,9 @@ from . import matrix
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="check-clients", description=__doc__.splitlines()[0])
-    ap.add_argument("--mst-plan", required=True, type=Path, help="the mst-plan binary")
-    ap.add_argument("--out-dir", required=True, type=Path, help="where plans and emitted files go")
-    ap.add_argument("--only", default="", help="run the entries whose name contains this")
-    a = ap.parse_args(argv)
-    if not a.mst_plan.is_file():
-        print(f"error: --mst-plan: {a.mst_plan}: expected the mst-plan binary", file=sys.stderr)
-        return 2
-    try:
-        import deepspeed  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        print(f"error: check-clients: expected deepspeed and transformers (scripts/check-clients installs them): {e}",
-              file=sys.stderr)
-        return 2
+    a = matrix.command_line("check-clients", __doc__.splitlines()[0], argv, ("deepspeed", "transformers"))
+    if isinstance(a, int):
+        return a
     from . import ds_check
     import logging
 

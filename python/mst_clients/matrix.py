@@ -6,12 +6,15 @@ emit`` of that plan. One and eight GPUs, 8k to 128k tokens, dense and Mixture-of
 both precisions DeepSpeed keeps masters in, ZeRO 0-3 and Ulysses degrees pinned and searched.
 """
 
+import argparse
+import importlib
 import json
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 
 @dataclass(frozen=True)
@@ -131,3 +134,25 @@ def make(binary: Path, entry: Entry, fmt: str, out_dir: Path) -> Emitted:
         return Emitted(entry, fmt, plan, error=(r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1])
     files = {p.name: p for p in where.iterdir() if p.name != "plan.json"}
     return Emitted(entry, fmt, plan, files)
+
+
+def command_line(prog: str, description: str, argv: Optional[Sequence[str]],
+                 clients: Sequence[str]) -> Union[argparse.Namespace, int]:
+    """The check commands' arguments (--mst-plan, --out-dir, --only), or 2 after a one-line error
+    when the binary is missing or a client package does not import."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--mst-plan", required=True, type=Path, help="the mst-plan binary")
+    ap.add_argument("--out-dir", required=True, type=Path, help="where plans and emitted files go")
+    ap.add_argument("--only", default="", help="run the entries whose name contains this")
+    a = ap.parse_args(argv)
+    if not a.mst_plan.is_file():
+        print(f"error: --mst-plan: {a.mst_plan}: expected the mst-plan binary", file=sys.stderr)
+        return 2
+    try:
+        for name in clients:
+            importlib.import_module(name)
+    except ImportError as e:
+        print(f"error: {prog}: expected {' and '.join(clients)} (scripts/check-clients installs them): {e}",
+              file=sys.stderr)
+        return 2
+    return a

@@ -13,7 +13,6 @@ refused or a plan could not be made, 2 on a usage error. Runs in a process of it
 torchtitan's pins shadow transformers' (python/requirements/clients-torchtitan.txt).
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -121,19 +120,9 @@ def model_facts(binary: Path, name: str) -> Dict[str, Any]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="check-clients torchtitan", description=__doc__.splitlines()[0])
-    ap.add_argument("--mst-plan", required=True, type=Path, help="the mst-plan binary")
-    ap.add_argument("--out-dir", required=True, type=Path, help="where plans and emitted files go")
-    ap.add_argument("--only", default="", help="run the entries whose name contains this")
-    a = ap.parse_args(argv)
-    if not a.mst_plan.is_file():
-        print(f"error: --mst-plan: {a.mst_plan}: expected the mst-plan binary", file=sys.stderr)
-        return 2
-    try:
-        import torchtitan  # noqa: F401
-    except ImportError as e:
-        print(f"error: check-clients: expected torchtitan (scripts/check-clients installs it): {e}", file=sys.stderr)
-        return 2
+    a = matrix.command_line("check-clients torchtitan", __doc__.splitlines()[0], argv, ("torchtitan",))
+    if isinstance(a, int):
+        return a
     import logging
     logging.getLogger().setLevel(logging.ERROR)  # torchtitan's notes on absent tokenizer assets
 
