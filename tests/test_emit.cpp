@@ -99,9 +99,10 @@ std::string titan_module(const Plan& plan, const ModelSpec& model) {
 // the config, comments, the RoPE loop.
 bool titan_code_line(const std::string& line) {
     return line.empty() || line.starts_with("from torchtitan.") || line == "import dataclasses" ||
-           line == "def mst_plan():" || line.starts_with("    config") || line.starts_with("    #") ||
-           line == "    return config" || line == "    for layer in config.model_spec.model.layers:" ||
-           line.starts_with("        layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=");
+           line.starts_with("ROPE_TABLE_BYTES = ") || line == "def mst_plan():" || line.starts_with("    config") ||
+           line.starts_with("    #") || line == "    return config" ||
+           line == "    for layer in config.model_spec.model.layers:" ||
+           line.starts_with("        layer.attention.rope = dataclasses.replace(layer.attention.rope, theta=");
 }
 
 bool has_line(const std::string& text, const std::string& line) {
@@ -255,6 +256,12 @@ TEST_CASE("emit torchtitan: mst_torchtitan.py sets the plan's knobs on torchtita
     CHECK(has_line(py, "    config.model_spec = model_registry(\"8B\")"));
     CHECK(has_line(py, "    config.hf_assets_path = \"./assets/hf/Meta-Llama-3-8B\""));
     CHECK(has_line(py, "    config.training.seq_len = 32768"));
+    // the model's own RoPE (Llama-3-8B: theta 500000, no scaling; torchtitan's 8B flavor scales by 8)
+    CHECK(has_line(py, "        layer.attention.rope = dataclasses.replace(layer.attention.rope, theta=500000.0, "
+                       "scaling=\"none\")"));
+    // its per-layer RoPE tables: 32 layers x 32768 positions x complex64 [64] = 512 MiB
+    CHECK(has_line(py, "ROPE_TABLE_BYTES = 536870912  # per GPU, beyond the prediction"));
+    CHECK(has_line(py, "    config.training.disable_cuda_graphs = True  # (a captured step keeps its own memory pool)"));
     CHECK(has_line(py, "    config.training.local_batch_size = 1"));
     CHECK(has_line(py, "    config.training.global_batch_size = 8"));  // 1 x 1 accumulation x dp 8
     CHECK(has_line(py, "    config.training.dtype = \"float32\""));    // bf16-master: fp32 parameters
@@ -301,7 +308,11 @@ TEST_CASE("emit torchtitan: the model is torchtitan's own where a flavor has its
         return titan_module(p, m);
     };
     // torchtitan/models/llama3: 1B is dim 2048 x 16 layers; qwen3: 30B-A3B is dim 2048 x 48 layers
-    CHECK(has_line(module_for("llama-3.2-1b"), "    config.model_spec = model_registry(\"1B\")"));
+    const std::string llama1b = module_for("llama-3.2-1b");
+    CHECK(has_line(llama1b, "    config.model_spec = model_registry(\"1B\")"));
+    CHECK(has_line(llama1b, "        layer.attention.rope = dataclasses.replace(layer.attention.rope, theta=500000.0, "
+                            "scaling=\"llama\", scaling_factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, "
+                            "original_max_position_embeddings=8192)"));
     const std::string qwen = module_for("qwen3-30b-a3b");
     CHECK(has_line(qwen, "from torchtitan.models.qwen3 import model_registry"));
     CHECK(has_line(qwen, "    config.model_spec = model_registry(\"30B-A3B\")"));
@@ -329,9 +340,14 @@ TEST_CASE("emit torchtitan: the model is torchtitan's own where a flavor has its
     long_qwen.setup.checkpoint = parse_checkpoint_spec("none", 36, "t");
     long_qwen.setup.lm_chunks = 1;
     const std::string qwen_long = titan_module(long_qwen, find_model("qwen3-8b"));
-    CHECK(has_line(qwen_long, "import dataclasses"));
-    CHECK(has_line(qwen_long, "        layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=65536)"));
-    CHECK(titan_module(plan, model).find("dataclasses") == std::string::npos);  // 32k: within Llama-3's 131072
+    CHECK(has_line(qwen_long, "        layer.attention.rope = dataclasses.replace(layer.attention.rope, theta=1000000.0, "
+                              "scaling=\"none\", max_seq_len=65536)"));
+    // Qwen3's tables: fp32 cos|sin [S, 2 x 128] in each of 36 layers = 36 x 65536 x 1 KiB
+    CHECK(has_line(qwen_long, "ROPE_TABLE_BYTES = 2415919104  # per GPU, beyond the prediction"));
+    CHECK(titan_module(plan, model).find("max_seq_len") == std::string::npos);  // 32k: within Llama-3's 131072
+    // The transformers backend computes its rotary embedding per forward: no tables, no RoPE lines.
+    CHECK(wide.find("ROPE_TABLE_BYTES") == std::string::npos);
+    CHECK(wide.find("dataclasses") == std::string::npos);
     // A config.json with no Hugging Face source cannot name the backend's model.
     ModelSpec anonymous = find_model("mistral-7b-v0.1");
     anonymous.source_url.clear();
@@ -472,6 +488,9 @@ TEST_CASE("emit: what a trainer cannot train as planned is a one-line error nami
     // Axolotl hands ZeRO to DeepSpeed, so DeepSpeed's refusal is the one reported.
     CHECK(refused("axolotl", [](TrainingSetup& s) { s.state_dtype = StateDtype::Bf16; })
               .rfind("deepspeed: setup.optimizer_state_dtype: expected fp32 with precision bf16-master", 0) == 0);
+    // DeepSpeed 0.19.8 keeps fp32 states beside bf16 master weights only with its CPU-offloaded optimizer.
+    CHECK(refused("deepspeed", [](TrainingSetup& s) { s.precision = Precision::PureBf16, s.state_dtype = StateDtype::Fp32; })
+              .rfind("deepspeed: setup.optimizer_state_dtype: expected bf16 with precision pure-bf16", 0) == 0);
     const auto in_backward = [](TrainingSetup& s) { s.grad_accum = 1, s.zero_stage = 1, s.optimizer_in_backward = true; };
     CHECK(refused("deepspeed", in_backward).rfind("deepspeed: setup.optimizer_in_backward: ", 0) == 0);
     CHECK(refused("axolotl", in_backward).rfind("axolotl: setup.optimizer_in_backward: ", 0) == 0);

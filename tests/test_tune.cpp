@@ -236,28 +236,43 @@ TEST_CASE("recommend --for: a pinned checkpoint count the format cannot place is
     TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 4096);
     rq.for_format = "torchtitan";
     rq.pins.checkpoint_count = 5;
-    const Recommendation r = recommend(rq);
-    CHECK_FALSE(r.found);
-    CHECK(r.refusal.rfind("torchtitan: setup.checkpoint: expected none or all 32 layers", 0) == 0);
+    // nothing was simulated: the format's refusal is the error, not "no setup fits"
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); })
+              .rfind("recommend: for: a setup torchtitan can train as planned; none of those searched is: torchtitan: "
+                     "setup.checkpoint: expected none or all 32 layers",
+                     0) == 0);
     rq.pins.checkpoint_count.reset();
     rq.pins.checkpoint = parse_checkpoint_spec("0-3", 32, "t");
-    CHECK_FALSE(recommend(rq).found);
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: for: ", 0) == 0);
     rq.pins.checkpoint = parse_checkpoint_spec("all", 32, "t");
     const Recommendation all = recommend(rq);
     REQUIRE(all.found);
     CHECK_NOTHROW(check_expressible("torchtitan", all.best.setup, rq.model));
 }
 
-TEST_CASE("recommend --for: when only the chunk counts are refused, the refusal is the reason nothing fits") {
+TEST_CASE("recommend --for torchtitan keeps its per-layer RoPE tables free of the budget") {
+    // torchtitan's Llama-3 keeps complex64 [S, head_dim / 2] per layer: 32 x 65536 x 512 bytes = 1 GiB
+    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 65536);
+    rq.for_format = "torchtitan";
+    const Recommendation r = recommend(rq);
+    REQUIRE(r.found);
+    CHECK(r.trainer_extra_bytes == bytes_t{32} * 65536 * 512);
+    CHECK(r.best.memory.peak_reserved_bytes <= r.budget_bytes - r.trainer_extra_bytes);
+    rq.for_format = "deepspeed";  // nothing known beyond the prediction
+    CHECK(recommend(rq).trainer_extra_bytes == 0);
+}
+
+TEST_CASE("recommend --for: when only the chunk counts are refused, the refusal is the error") {
     // python/mst_hf cannot chunk the loss under ZeRO-3: pinned ZeRO 3 and 4 LM-head chunks leave
     // nothing to search, although every outer choice (one chunk) passes the format's check
     TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 65536);
     rq.pins.zero_stage = 3;
     rq.pins.lm_chunks = 4;
     rq.for_format = "hf-mst";
-    const Recommendation r = recommend(rq);
-    CHECK_FALSE(r.found);
-    CHECK(r.refusal.rfind("hf-mst: setup.lm_chunks: expected 1 with zero_stage 3", 0) == 0);
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); })
+              .rfind("recommend: for: a setup hf-mst can train as planned; none of those searched is: hf-mst: "
+                     "setup.lm_chunks: expected 1 with zero_stage 3",
+                     0) == 0);
 }
 
 TEST_CASE("when the plain setup fits, the tuner keeps it: no checkpointing, no chunks") {

@@ -46,4 +46,9 @@ std::vector<EmittedFile> emit(const Plan& plan, const ModelSpec& model, const st
 // emitter would ("<format>: setup.<knob>: expected ..."). recommend --for searches only such setups.
 void check_expressible(const std::string& format, const TrainingSetup& setup, const ModelSpec& model);
 
+// Bytes per GPU `format`'s trainer allocates for `setup` beyond what the runtime predicts, where
+// its code is known to (torchtitan: its own model's per-layer RoPE tables); 0 otherwise.
+// recommend --for keeps them free of the budget.
+bytes_t trainer_extra_bytes(const std::string& format, const TrainingSetup& setup, const ModelSpec& model);
+
 }  // namespace mst

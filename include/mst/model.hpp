@@ -60,6 +60,13 @@ struct ModelSpec {
     std::string hidden_act = "silu";
     double rms_norm_eps = 1e-6;
     double rope_theta = 10000.0;  // RoPE base (changes values, not memory or time)
+    // A static rotary scaling (rope_scaling / rope_parameters; values, not memory or time): its
+    // type ("default" when none) and, for Llama-3's "llama3", the parameters a trainer config restates.
+    struct RopeScaling {
+        std::string type = "default";
+        double factor = 1.0, low_freq_factor = 1.0, high_freq_factor = 4.0;
+        std::int64_t original_max_position_embeddings = 0;
+    } rope_scaling;
     bool longrope = false;        // Phi-3's longrope: short or long frequency factors, chosen in every forward
 
     bool qkv_bias = false;  // Qwen2 always; Llama with attention_bias

@@ -72,6 +72,7 @@ struct Recommendation {
     std::int64_t simulations = 0;
     bytes_t budget_bytes = 0;       // usable memory minus the safety margin
     std::string refusal;            // --for: the first setup the format refused ("" when none was)
+    bytes_t trainer_extra_bytes = 0;  // --for: kept free of the budget for the trainer's own allocations
 };
 
 Recommendation recommend(const TuneRequest& request);

@@ -256,8 +256,11 @@ def plan_problems(engine, setup: Mapping[str, Any]) -> List[str]:
         "bf16 weights": (bool(engine.bfloat16_enabled()), setup["precision"] in ("pure-bf16", "bf16-master")),
         "autocast": (bool(engine.torch_autocast_enabled()), setup["precision"] == "amp"),
     }
-    if setup["precision"] == "pure-bf16":
-        want["bf16 master weights"] = (bool(engine.bf16_master_weights_and_gradients()), True)
+    # bf16 master weights (and then bf16 states) exactly for pure bf16
+    want["bf16 master weights"] = (bool(engine.bf16_master_weights_and_gradients()), setup["precision"] == "pure-bf16")
+    if setup["optimizer"] != "adamw-8bit":
+        want["bf16 optimizer states"] = (bool(engine.bf16_optimizer_states()),
+                                         setup.get("optimizer_state_dtype", "fp32") == "bf16")
     # the optimizer it steps (its states are the plan's) and nothing offloaded the plan keeps on the GPU
     want["offloaded optimizer states"] = (bool(engine.zero_offload_optimizer()), False)
     want["offloaded parameters"] = (bool(engine.zero_offload_param()), False)

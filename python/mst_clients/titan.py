@@ -75,6 +75,7 @@ def plan_problems(config, plan: Mapping[str, Any], model: Mapping[str, Any]) -> 
         "optimizer implementation": (config.optimizer.implementation, setup["optimizer_impl"]),
         "tensor/pipeline/expert/context degrees": ((dims.tp, dims.pp, dims.ep, dims.cp), (1, 1, 1, 1)),
         "compile": (config.compile.enable, False),
+        "CUDA graphs": (not training.disable_cuda_graphs, False),
         "CPU offload": (training.enable_cpu_offload, False),
     }
     if setup["zero_stage"] > 0 and setup["dp"] > 1:
@@ -89,8 +90,36 @@ def plan_problems(config, plan: Mapping[str, Any], model: Mapping[str, Any]) -> 
         with torch.device("meta"):
             built = config.model_spec.model.build()
         want["model parameters"] = (sum(p.numel() for p in built.parameters()), model["parameters"])
+        # the RoPE tables the module says torchtitan keeps beyond the prediction (recommend keeps them free)
+        rope = sum(b.numel() * b.element_size() for name, b in built.named_buffers() if name.endswith("rope.cache"))
+        want["RoPE table bytes"] = (rope, getattr(sys.modules.get(MODULE), "ROPE_TABLE_BYTES", None))
+        layer_rope = config.model_spec.model.layers[0].attention.rope
+        want["RoPE"] = (_rope_of(layer_rope), model["rope"])
     return [f"plan: torchtitan's {what} is {got}, the plan's {expected}"
             for what, (got, expected) in want.items() if got != expected]
+
+
+def _rope_of(rope) -> Dict[str, Any]:
+    """torchtitan's RoPE.Config as the plan model's config.json states it (theta, Llama-3 scaling)."""
+    out: Dict[str, Any] = {"theta": float(rope.theta), "scaling": rope.scaling}
+    if rope.scaling == "llama":
+        out.update(factor=float(rope.scaling_factor), low_freq_factor=float(rope.low_freq_factor),
+                   high_freq_factor=float(rope.high_freq_factor),
+                   original_max_position_embeddings=int(rope.original_max_position_embeddings))
+    return out
+
+
+def rope_of_config(raw: Mapping[str, Any]) -> Dict[str, Any]:
+    """The rotary embedding a Hugging Face config.json describes, in _rope_of's terms."""
+    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    out: Dict[str, Any] = {"theta": float(raw.get("rope_theta", scaling.get("rope_theta", 10000.0))),
+                           "scaling": "llama" if kind == "llama3" else "none" if kind == "default" else kind}
+    if kind == "llama3":
+        out.update(factor=float(scaling.get("factor", 8.0)), low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+                   high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+                   original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)))
+    return out
 
 
 def check(module_dir: Path, plan: Mapping[str, Any], model: Mapping[str, Any]) -> List[str]:
@@ -112,11 +141,12 @@ def model_facts(binary: Path, name: str) -> Dict[str, Any]:
     r = matrix.run_mst(binary, ["--json", "show", name])
     shown = json.loads(r.stdout) if r.returncode == 0 else {}
     from mst_referee import jobs
-    source = (jobs.load_model_config(jobs.resolve_model(name)[1]).get("_mst") or {}).get("source", "")
+    raw = jobs.load_model_config(jobs.resolve_model(name)[1])
+    source = (raw.get("_mst") or {}).get("source", "")
     prefix = "https://huggingface.co/"
     repo = "/".join(source[len(prefix):].split("/")[:2]) if source.startswith(prefix) else ""
     return {"parameters": (shown.get("parameters") or {}).get("total"), "layers": shown.get("num_hidden_layers"),
-            "hf_repo": repo}
+            "hf_repo": repo, "rope": rope_of_config(raw)}
 
 
 def main(argv=None) -> int:

@@ -222,17 +222,28 @@ TITAN_PLAN = {"gpus": 8, "setup": {"dp": 8, "sp": 1, "zero_stage": 3, "micro_bat
                                    "seq_len": 8192, "precision": "bf16-master", "checkpoint": list(range(16)),
                                    "lm_chunks": 4, "optimizer_impl": "fused"}}
 # Llama-3.2-1B: 1,235,814,400 parameters (the safetensors total of meta-llama/Llama-3.2-1B; embeddings tied)
-TITAN_MODEL = {"parameters": 1235814400, "layers": 16, "hf_repo": "meta-llama/Llama-3.2-1B"}
+TITAN_MODEL = {"parameters": 1235814400, "layers": 16, "hf_repo": "meta-llama/Llama-3.2-1B",
+               # its config.json: rope_theta 500000, rope_scaling llama3 with factor 32
+               "rope": {"theta": 500000.0, "scaling": "llama", "factor": 32.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
 TITAN_MODULE = '''"""written by hand for the test"""
+import dataclasses
+
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.distributed.activation_checkpoint import FullAC
 from torchtitan.models.llama3 import model_registry
 from torchtitan.models.llama3.config_registry import llama3_8b as base_config
 
+# 16 layers x 8192 positions x complex64 [head_dim 64 / 2]
+ROPE_TABLE_BYTES = 33554432
+
 
 def mst_plan():
     config = base_config()
     config.model_spec = model_registry("{flavor}")
+    for layer in config.model_spec.model.layers:
+        layer.attention.rope = dataclasses.replace(layer.attention.rope, scaling_factor={rope_factor})
+    config.training.disable_cuda_graphs = True
     config.training.seq_len = {seq}
     config.training.local_batch_size = 2
     config.training.global_batch_size = {global_batch}
@@ -252,11 +263,13 @@ def titan_verdicts(tmp_path_factory):
     """titan.check on hand-written modules, in one interpreter with torchtitan's pins first."""
     if not TITAN:
         pytest.skip("MST_TITAN_PATH is not set (scripts/test sets it)")
-    cases = {"right": dict(flavor="1B", global_batch=64, tp=1, seq=8192),
-             "8B": dict(flavor="8B", global_batch=64, tp=1, seq=8192),
-             "uneven": dict(flavor="1B", global_batch=60, tp=1, seq=8192),
-             "tp": dict(flavor="1B", global_batch=64, tp=8, seq=8192),
-             "long": dict(flavor="1B", global_batch=64, tp=1, seq=262144)}
+    right = dict(flavor="1B", global_batch=64, tp=1, seq=8192, rope_factor=32.0)
+    cases = {"right": right,
+             "8B": dict(right, flavor="8B"),
+             "uneven": dict(right, global_batch=60),
+             "tp": dict(right, tp=8),
+             "long": dict(right, seq=262144),
+             "flavor's rope": dict(right, rope_factor=8.0)}
     runs = []
     for name, fields in cases.items():
         d = tmp_path_factory.mktemp(name)
@@ -280,7 +293,16 @@ def test_torchtitan_reads_a_module_that_states_the_plan_as_the_plan(titan_verdic
 
 
 def test_torchtitans_8b_flavor_is_not_the_plans_1b_model(titan_verdicts):
-    assert titan_verdicts["8B"] == ["plan: torchtitan's model parameters is 8030261248, the plan's 1235814400"]
+    problems = titan_verdicts["8B"]
+    assert "plan: torchtitan's model parameters is 8030261248, the plan's 1235814400" in problems
+    # its RoPE tables: 32 layers x 8192 x complex64 [64] = 128 MiB, not the module's 32 MiB
+    assert "plan: torchtitan's RoPE table bytes is 134217728, the plan's 33554432" in problems
+
+
+def test_the_flavors_rope_scaling_is_not_the_plan_models(titan_verdicts):
+    # torchtitan's 1B flavor scales by 8; Llama-3.2-1B's config.json by 32
+    (problem,) = titan_verdicts["flavor's rope"]
+    assert problem.startswith("plan: torchtitan's RoPE is {'theta': 500000.0, 'scaling': 'llama', 'factor': 8.0")
 
 
 def test_a_global_batch_that_is_no_multiple_of_local_times_dp_is_refused_as_torchtitan_asserts(titan_verdicts):

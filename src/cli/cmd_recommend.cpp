@@ -112,7 +112,12 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
         fail(rq.model.name, "no setup fits",
              fmt::format("expected one for {} tokens on {} x {} within {} (try more GPUs, --allow offload=yes, a shorter "
                          "--seq or fewer pins){}",
-                         rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes),
+                         rq.seq_len, rq.gpus, rq.gpu.name,
+                         r.trainer_extra_bytes > 0
+                             ? fmt::format("{} ({} of {} kept free for {}'s RoPE tables)",
+                                           format_bytes(r.budget_bytes - r.trainer_extra_bytes),
+                                           format_bytes(r.trainer_extra_bytes), format_bytes(r.budget_bytes), rq.for_format)
+                             : format_bytes(r.budget_bytes),
                          r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal)));
     }
     const Plan plan = to_plan(r, rq, a.model, a.gpu);
@@ -127,7 +132,11 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                              {"releases_at_budget", c.releases_at_budget},
                              {"tokens_per_second", c.time.tokens_per_second},
                              {"mfu", c.time.mfu}});
-        return print_json({{"plan", to_json(plan)}, {"pareto", front}, {"simulations", r.simulations}, {"search_ms", ms}});
+        return print_json({{"plan", to_json(plan)},
+                           {"pareto", front},
+                           {"trainer_extra_bytes", r.trainer_extra_bytes},
+                           {"simulations", r.simulations},
+                           {"search_ms", ms}});
     }
     const TrainingSetup& s = r.best.setup;
     fmt::print("{} on {} x {}, sequence {} tokens\n\n", rq.model.display_name, rq.gpus, rq.gpu.display_name, rq.seq_len);
@@ -144,6 +153,9 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     s.optimizer_in_backward ? ", stepped in backward" : "", to_string(s.precision))});
     t.row({"memory", fmt::format("{} allocated, {} reserved of {} budget", format_bytes(r.best.memory.peak_allocated_bytes),
                                  format_bytes(r.best.memory.peak_reserved_bytes), format_bytes(r.budget_bytes))});
+    if (r.trainer_extra_bytes > 0)
+        t.row({"kept free", fmt::format("{} of the budget for what {} allocates beyond the prediction (its RoPE tables)",
+                                        format_bytes(r.trainer_extra_bytes), rq.for_format)});
     // Within the budget only by PyTorch's retry after cudaMalloc fails (it synchronises and frees its cache).
     if (r.best.releases_at_budget > 0)
         t.row({"allocator", fmt::format("fits the budget by releasing {} cached segments", r.best.releases_at_budget)});

@@ -371,6 +371,14 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
             scaling.fail(type_key, fmt::format("expected a static rotary scaling (default, linear, llama3, yarn), got '{}' "
                                                "(its per-forward data-dependent update is not modelled)",
                                                type));
+        m.rope_scaling.type = type;
+        if (type == "llama3") {
+            m.rope_scaling.factor = scaling.opt_number("factor", 1e-9, 1e9).value_or(8.0);
+            m.rope_scaling.low_freq_factor = scaling.opt_number("low_freq_factor", 1e-9, 1e9).value_or(1.0);
+            m.rope_scaling.high_freq_factor = scaling.opt_number("high_freq_factor", 1e-9, 1e9).value_or(4.0);
+            m.rope_scaling.original_max_position_embeddings =
+                scaling.opt_integer("original_max_position_embeddings", 1, std::int64_t{1} << 40).value_or(8192);
+        }
     }
     m.query_pre_attn_scalar = r.opt_number("query_pre_attn_scalar", 0.0, 1e9);
     if (m.gemma()) m.norms_per_layer = 4;

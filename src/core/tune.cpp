@@ -146,6 +146,10 @@ public:
         const auto nothing_left = [&] {
             if (refusal_.empty()) refusal_ = last_refusal;
         };
+        const auto unsearched = [&] {  // refused after it was counted as searched
+            --searched_;
+            nothing_left();
+        };
         std::erase_if(mlp_opts, [&](std::int64_t mm) {
             TrainingSetup t = outer;
             t.mlp_chunks = mm;
@@ -158,6 +162,7 @@ public:
             return refused(t);
         });
         if (lm_opts.empty()) return nothing_left();
+        ++searched_;  // (undone when every checkpoint count is refused: unsearched())
         auto with = [&](std::int64_t k, std::int64_t mm, std::int64_t ml, const std::vector<bool>* placement = nullptr) {
             TrainingSetup t = outer;
             t.checkpoint = placement ? *placement : first_layers(k, L);
@@ -184,10 +189,10 @@ public:
         std::vector<std::pair<std::int64_t, const std::vector<bool>*>> ks;
         if (rq_.pins.checkpoint) {
             ks.push_back({0, &*rq_.pins.checkpoint});
-            if (refused(with(0, mlp_opts.back(), lm_opts.back(), &*rq_.pins.checkpoint))) return nothing_left();
+            if (refused(with(0, mlp_opts.back(), lm_opts.back(), &*rq_.pins.checkpoint))) return unsearched();
         } else if (rq_.pins.checkpoint_count) {
             ks.push_back({*rq_.pins.checkpoint_count, nullptr});
-            if (refused(with(*rq_.pins.checkpoint_count, mlp_opts.back(), lm_opts.back()))) return nothing_left();
+            if (refused(with(*rq_.pins.checkpoint_count, mlp_opts.back(), lm_opts.back()))) return unsearched();
         } else {
             // Offloading checkpoints (pinned: offload=yes) needs at least one checkpointed layer.
             const std::int64_t k_min = outer.offload_checkpoints ? 1 : 0;
@@ -203,7 +208,7 @@ public:
                 ks.push_back({k, nullptr});
             // --for: checkpoint counts the format cannot place (torchtitan: every layer or none)
             std::erase_if(ks, [&](const auto& c) { return refused(with(c.first, mlp_opts.back(), lm_opts.back())); });
-            if (ks.empty()) return nothing_left();
+            if (ks.empty()) return unsearched();
         }
         // More checkpoints never need more chunks: each k searches below the previous k's counts.
         std::size_t lm_hi = lm_opts.size() - 1, mlp_hi = mlp_opts.size() - 1;
@@ -278,6 +283,7 @@ public:
     std::vector<Candidate> evaluated_;
     std::int64_t sims_ = 0;
     std::string refusal_;  // --for: why a filter left an outer choice nothing to search (the first such)
+    std::int64_t searched_ = 0;  // outer choices with something left to search after --for's filters
 
 private:
     const TuneRequest& rq_;
@@ -429,7 +435,12 @@ Recommendation recommend(const TuneRequest& rq) {
                  fmt::format("expected [1, {}] tokens (micro-batch {} x accumulation {} x {} GPUs x seq {}), got {}", most,
                              batch, limits::kGradAccum, rq.gpus, rq.seq_len, *rq.tokens_per_step));
     }
-    Search search(rq, out.budget_bytes);
+    // --for: what the format's trainer allocates beyond the runtime's prediction stays free.
+    TrainingSetup at_length = rq.base;
+    at_length.seq_len = rq.seq_len;
+    const bytes_t trainer_extra = rq.for_format.empty() ? 0 : trainer_extra_bytes(rq.for_format, at_length, m);
+    out.trainer_extra_bytes = trainer_extra;
+    Search search(rq, out.budget_bytes - trainer_extra);
     // --for: only what the format's trainer can train as planned; the first refusal is kept to say
     // why nothing was searched, when nothing was.
     std::string refusal;
@@ -500,8 +511,11 @@ Recommendation recommend(const TuneRequest& rq) {
                 }
     }
     out.simulations = search.sims_;
-    if (!rq.for_format.empty() && expressible_setups == 0)
-        fail("recommend", "for", fmt::format("a setup {} can train as planned; none of those searched is: {}", rq.for_format, refusal));
+    // Nothing searched: every outer choice, or every chunk or checkpoint count left with one, refused.
+    if (!rq.for_format.empty() && (expressible_setups == 0 || search.searched_ == 0))
+        fail("recommend", "for",
+             fmt::format("a setup {} can train as planned; none of those searched is: {}", rq.for_format,
+                         search.refusal_.empty() ? refusal : search.refusal_));
     // When nothing fits, what --for excluded may be why: a refused chunk or checkpoint count of an
     // outer choice the format accepts says more than a refused outer choice.
     out.refusal = search.refusal_.empty() ? refusal : search.refusal_;

@@ -58,10 +58,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                     for (std::string line; std::getline(code, line);)
                         mst::fuzz::require(
                             line.empty() || line.starts_with("from torchtitan.") || line == "import dataclasses" ||
-                                line == "def mst_plan():" || line.starts_with("    config") || line.starts_with("    #") ||
-                                line == "    return config" || line == "    for layer in config.model_spec.model.layers:" ||
+                                line.starts_with("ROPE_TABLE_BYTES = ") || line == "def mst_plan():" ||
+                                line.starts_with("    config") || line.starts_with("    #") || line == "    return config" ||
+                                line == "    for layer in config.model_spec.model.layers:" ||
                                 line.starts_with("        layer.attention.rope = dataclasses.replace(layer.attention.rope, "
-                                                 "max_seq_len="),
+                                                 "theta="),
                             "mst_torchtitan.py holds only its own code after the docstring");
                 } else {
 #ifndef MST_NO_YAML

@@ -86,6 +86,12 @@ void check_deepspeed(const TrainingSetup& s, const ModelSpec& model) {
         fail(kWhere, "setup.precision",
              "expected bf16-master or amp with zero_stage 0 (DeepSpeed keeps bf16 master weights only "
              "under ZeRO 1-3), got pure-bf16");
+    // bf16 master weights with fp32 states: DeepSpeed 0.19.8 allows it only with ZeRO-Offload's
+    // DeepSpeedCPUAdam (runtime/zero/stage_1_and_2.py, stage3.py), which the plan does not offload.
+    if (s.precision == Precision::PureBf16 && states_matter && !states_bf16)
+        fail(kWhere, "setup.optimizer_state_dtype",
+             "expected bf16 with precision pure-bf16 (DeepSpeed keeps fp32 states beside bf16 master weights only "
+             "with its CPU-offloaded optimizer), got fp32");
     if (s.precision != Precision::PureBf16 && states_matter && states_bf16)
         fail(kWhere, "setup.optimizer_state_dtype",
              fmt::format("expected fp32 with precision {} (DeepSpeed keeps bf16 optimizer states only with "

@@ -14,18 +14,20 @@ namespace {
 
 using Emitter = std::vector<EmittedFile> (*)(const Plan&, const ModelSpec&);
 using Check = void (*)(const TrainingSetup&, const ModelSpec&);
+using Extra = bytes_t (*)(const TrainingSetup&, const ModelSpec&);
 
 struct Format {
     const char* name;
     Emitter emit;
     Check check;  // what the format's trainer cannot train as planned (its emitter refuses the same)
+    Extra extra;  // what its trainer allocates beyond the runtime's prediction; nullptr: nothing known
 };
 
 constexpr Format kFormats[] = {
-    {"hf-mst", emit_detail::emit_hf_mst, emit_detail::check_hf_mst},
-    {"deepspeed", emit_detail::emit_deepspeed, emit_detail::check_deepspeed},
-    {"axolotl", emit_detail::emit_axolotl, emit_detail::check_axolotl},
-    {"torchtitan", emit_detail::emit_torchtitan, emit_detail::check_torchtitan},
+    {"hf-mst", emit_detail::emit_hf_mst, emit_detail::check_hf_mst, nullptr},
+    {"deepspeed", emit_detail::emit_deepspeed, emit_detail::check_deepspeed, nullptr},
+    {"axolotl", emit_detail::emit_axolotl, emit_detail::check_axolotl, nullptr},
+    {"torchtitan", emit_detail::emit_torchtitan, emit_detail::check_torchtitan, emit_detail::torchtitan_extra_bytes},
 };
 
 const Format& find_format(const std::string& format) {
@@ -52,6 +54,11 @@ std::vector<EmittedFile> emit(const Plan& plan, const ModelSpec& model, const st
 
 void check_expressible(const std::string& format, const TrainingSetup& setup, const ModelSpec& model) {
     find_format(format).check(setup, model);
+}
+
+bytes_t trainer_extra_bytes(const std::string& format, const TrainingSetup& setup, const ModelSpec& model) {
+    const Format& f = find_format(format);
+    return f.extra ? f.extra(setup, model) : 0;
 }
 
 namespace emit_detail {

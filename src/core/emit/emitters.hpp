@@ -20,6 +20,8 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
 void check_hf_mst(const TrainingSetup& s, const ModelSpec& model);
 void check_deepspeed(const TrainingSetup& s, const ModelSpec& model);
 void check_axolotl(const TrainingSetup& s, const ModelSpec& model);
+// What torchtitan's own model allocates on every GPU beyond the runtime's prediction (its RoPE tables).
+bytes_t torchtitan_extra_bytes(const TrainingSetup& s, const ModelSpec& model);
 void check_torchtitan(const TrainingSetup& s, const ModelSpec& model);
 
 // Indices of the checkpointed decoder layers, ascending.

@@ -83,7 +83,10 @@ constexpr Flavor kQwen3[] = {
 template <std::size_t N>
 std::optional<TitanModel> flavor_of(const Flavor (&flavors)[N], const ModelSpec& m, std::int64_t vocab,
                                     std::int64_t rope_max, const char* package) {
-    if (m.vocab_size != vocab || m.qkv_bias || m.o_bias || m.mlp_bias) return std::nullopt;
+    // (a rotary scaling mst_plan() cannot restate in torchtitan's RoPE.Config: the backend's HF code)
+    const std::string& rope = m.rope_scaling.type;
+    if (m.vocab_size != vocab || m.qkv_bias || m.o_bias || m.mlp_bias || (rope != "default" && rope != "llama3"))
+        return std::nullopt;
     const std::int64_t intermediate = m.moe ? m.moe->intermediate : m.intermediate_size;
     for (const Flavor& f : flavors)
         if (f.hidden == m.hidden_size && f.layers == m.num_layers && f.heads == m.num_heads &&
@@ -103,6 +106,15 @@ TitanModel titan_model(const ModelSpec& m) {
     if (native) return *native;
     return TitanModel{"torchtitan.experiments.transformers_modeling_backend", "full",
                       "transformers_modeling_backend_full", false, m.moe.has_value(), 0};
+}
+
+// The RoPE tables torchtitan's own model keeps: one per layer, of seq_len positions
+// (models/common/rope.py): complex64 [S, head_dim / 2] for Llama-3, fp32 cos|sin [S, 2 head_dim]
+// for Qwen3. The transformers backend computes its rotary embedding per forward instead.
+bytes_t rope_table_bytes(const TitanModel& tm, const ModelSpec& m, std::int64_t seq_len) {
+    if (!tm.native) return 0;
+    const std::int64_t per_position = (m.family == Family::Llama ? 4 : 8) * m.head_dim;
+    return checked_product({m.num_layers, seq_len, per_position}, "RoPE table bytes");
 }
 
 // "org/name" of a config.json downloaded from huggingface.co, or "".
@@ -128,6 +140,28 @@ std::string py_escaped(const std::string& text) {
 }
 
 std::string py_string(const std::string& text) { return "\"" + py_escaped(text) + "\""; }
+
+// A Python float literal: 500000.0, 0.25.
+std::string py_float(double x) {
+    std::string out = fmt::format("{}", x);
+    if (out.find_first_of(".en") == std::string::npos) out += ".0";
+    return out;
+}
+
+// torchtitan's RoPE.Config fields (models/common/rope.py) for the model's own rotary embedding:
+// theta, and Llama-3's scaling ("llama") or none; a table of `max_seq_len` positions when given.
+std::string rope_fields(const ModelSpec& m, std::optional<std::int64_t> max_seq_len) {
+    std::string out = "theta=" + py_float(m.rope_theta);
+    if (m.rope_scaling.type == "llama3")
+        out += fmt::format(", scaling=\"llama\", scaling_factor={}, low_freq_factor={}, high_freq_factor={}, "
+                           "original_max_position_embeddings={}",
+                           py_float(m.rope_scaling.factor), py_float(m.rope_scaling.low_freq_factor),
+                           py_float(m.rope_scaling.high_freq_factor), m.rope_scaling.original_max_position_embeddings);
+    else
+        out += ", scaling=\"none\"";
+    if (max_seq_len) out += fmt::format(", max_seq_len={}", *max_seq_len);
+    return out;
+}
 
 void check(const TrainingSetup& s, const ModelSpec& model) {
     if (!titan_model(model).native && hf_repo(model).empty())
@@ -180,6 +214,10 @@ void check(const TrainingSetup& s, const ModelSpec& model) {
 
 void check_torchtitan(const TrainingSetup& s, const ModelSpec& model) { check(s, model); }
 
+bytes_t torchtitan_extra_bytes(const TrainingSetup& s, const ModelSpec& model) {
+    return rope_table_bytes(titan_model(model), model, s.local_tokens());
+}
+
 std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& model) {
     const TrainingSetup& s = plan.setup;
     check(s, model);
@@ -203,6 +241,12 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
         notes.push_back(fmt::format("{} tokens exceed the flavor's RoPE table ({} positions), which torchtitan "
                                     "refuses: mst_plan() lengthens the table, the frequencies stay the model's.",
                                     s.seq_len, tm.rope_max));
+    const bytes_t rope_bytes = rope_table_bytes(tm, model, s.seq_len);
+    if (rope_bytes > 0)
+        notes.push_back(fmt::format("torchtitan keeps a RoPE table of seq_len positions in every layer ({} per GPU, "
+                                    "ROPE_TABLE_BYTES below), which mst-plan's runtime does not: recommend --for "
+                                    "torchtitan keeps that much of the budget free; the prediction above is without it.",
+                                    format_bytes(rope_bytes)));
     if (!tm.native)
         notes.push_back(fmt::format("{} has no torchtitan model of its own: it runs through torchtitan's transformers "
                                     "backend (an experiment), which builds it from its Hugging Face config.",
@@ -225,13 +269,15 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
         for (const auto& line : comment_lines(n)) py << py_escaped(line) << "\n";
     }
     py << "\"\"\"\n\n";
-    if (longer_rope) py << "import dataclasses\n\n";
+    if (tm.native) py << "import dataclasses\n\n";
     py << "from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss\n"
        << "from torchtitan.distributed.activation_checkpoint import FullAC\n";
     if (!tm.native && tm.moe)
         py << "from torchtitan.experiments.transformers_modeling_backend import HFTransformerModel, TitanMoeModelConfig\n";
     py << "from " << tm.package << " import model_registry\n"
-       << "from " << tm.package << ".config_registry import " << tm.base_config << " as base_config\n\n\n"
+       << "from " << tm.package << ".config_registry import " << tm.base_config << " as base_config\n\n";
+    if (rope_bytes > 0) py << "ROPE_TABLE_BYTES = " << rope_bytes << "  # per GPU, beyond the prediction\n";
+    py << "\n"
        << "def mst_plan():\n"
        << "    config = base_config()\n";
     if (!tm.native && tm.moe) {
@@ -244,11 +290,13 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
     if (!tm.native) py << "    config.hf_model = " << py_string(repo) << "\n";
     py << "    config.hf_assets_path = " << py_string(assets) << "\n"
        << "    config.training.seq_len = " << s.seq_len << "\n";
-    if (longer_rope)
-        py << "    # longer than the flavor's RoPE table (" << tm.rope_max << " positions): lengthened\n"
+    if (tm.native)
+        py << "    # the model's rotary embedding (the flavor's may differ: Llama-3.2 scales by 32, Llama-3 not at all)"
+           << (longer_rope ? fmt::format(", its table lengthened past the flavor's {} positions", tm.rope_max) : "")
+           << "\n"
            << "    for layer in config.model_spec.model.layers:\n"
-           << "        layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=" << s.seq_len
-           << ")\n";
+           << "        layer.attention.rope = dataclasses.replace(layer.attention.rope, "
+           << rope_fields(model, longer_rope ? std::optional<std::int64_t>(s.seq_len) : std::nullopt) << ")\n";
     py
        << "    config.training.local_batch_size = " << s.micro_batch << "\n"
        << "    # gradient accumulation " << s.grad_accum << " = global / (local x data-parallel degree " << dp_degree
@@ -264,7 +312,8 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
        << "    config.parallelism.pipeline_parallel_degree = 1\n"
        << "    config.parallelism.expert_parallel_degree = 1\n"
        << "    config.training.enable_cpu_offload = False\n"
-       << "    config.compile.enable = False  # the prediction is of eager PyTorch\n";
+       << "    config.compile.enable = False  # the prediction is of eager PyTorch\n"
+       << "    config.training.disable_cuda_graphs = True  # (a captured step keeps its own memory pool)\n";
     if (s.zero_stage > 0)
         py << "    config.parallelism.fsdp_reshard_after_forward = " << (s.zero_stage == 3 ? "\"default\"" : "\"never\"")
            << "\n";

@@ -12,21 +12,31 @@ below the prediction.
 ZeRO-2 is FSDP2 without resharding after forward: each block keeps its gathered parameters from
 forward to backward, gradients and optimizer states stay sharded.
 
+torchtitan keeps a RoPE table of seq_len positions in every layer (512.00 MiB per GPU,
+ROPE_TABLE_BYTES below), which mst-plan's runtime does not: recommend --for torchtitan keeps
+that much of the budget free; the prediction above is without it.
+
 The memory prediction is mst-plan's runtime's, not torchtitan's own model code: expect small
 differences (its RoPE tables, fused QKV, FSDP2 buffers).
 """
+
+import dataclasses
 
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.distributed.activation_checkpoint import FullAC
 from torchtitan.models.llama3 import model_registry
 from torchtitan.models.llama3.config_registry import llama3_8b as base_config
 
+ROPE_TABLE_BYTES = 536870912  # per GPU, beyond the prediction
 
 def mst_plan():
     config = base_config()
     config.model_spec = model_registry("8B")
     config.hf_assets_path = "./assets/hf/Meta-Llama-3-8B"
     config.training.seq_len = 32768
+    # the model's rotary embedding (the flavor's may differ: Llama-3.2 scales by 32, Llama-3 not at all)
+    for layer in config.model_spec.model.layers:
+        layer.attention.rope = dataclasses.replace(layer.attention.rope, theta=500000.0, scaling="none")
     config.training.local_batch_size = 1
     # gradient accumulation 1 = global / (local x data-parallel degree 8)
     config.training.global_batch_size = 8
@@ -41,6 +51,7 @@ def mst_plan():
     config.parallelism.expert_parallel_degree = 1
     config.training.enable_cpu_offload = False
     config.compile.enable = False  # the prediction is of eager PyTorch
+    config.training.disable_cuda_graphs = True  # (a captured step keeps its own memory pool)
     config.parallelism.fsdp_reshard_after_forward = "never"
     config.activation_checkpoint = FullAC.Config()
     config.loss = ChunkedLossWrapper.Config(num_chunks=2, loss_fn=CrossEntropyLoss.Config(global_vocab_size=128256))
