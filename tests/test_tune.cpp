@@ -182,23 +182,30 @@ TEST_CASE("max-seq --for: strategies the format's trainer cannot train are liste
         CHECK(row.setup.zero_stage == (row.setup.lm_chunks > 1 ? 2 : 3));
         CHECK_NOTHROW(check_expressible("hf-mst", row.setup, rq.model));
     }
-    // torchtitan has no MLP mini-sequences, activation offload or Ulysses: those rows are refused,
-    // with the reason; it checkpoints every layer or none, so the search places no other count
+    // torchtitan has no MLP mini-sequences: its MsT row chunks the LM head alone (its chunked loss);
+    // it has no activation offload or Ulysses: those rows are refused, with the reason
     rq.for_format = "torchtitan";
     const MaxSeqResult titan = max_seq(rq, std::nullopt);
     REQUIRE(titan.rows.size() == 5);
     for (std::size_t i = 0; i < titan.rows.size(); ++i) {
         const MaxSeqRow& row = titan.rows[i];
         CAPTURE(row.strategy);
-        if (i < 2) {  // no checkpointing, full checkpointing
+        if (i < 3) {  // no checkpointing, full checkpointing, MsT on the LM head
             CHECK(row.refused.empty());
             CHECK(row.max_seq > 0);
             CHECK_NOTHROW(check_expressible("torchtitan", row.setup, rq.model));
         } else {
             CHECK(row.max_seq == 0);
-            CHECK(row.refused.rfind(i < 4 ? "torchtitan: setup.mlp_chunks: expected 1" : "torchtitan: setup.", 0) == 0);
+            CHECK(row.refused.rfind("torchtitan: setup.", 0) == 0);
         }
     }
+    CHECK(titan.rows[2].strategy == "checkpointing + MsT (LM head only)");
+    CHECK(titan.rows[2].setup.mlp_chunks == 1);
+    CHECK(titan.rows[2].setup.lm_chunks > 1);
+    CHECK(titan.rows[2].setup.lm_impl == LmHeadImpl::FusedForward);
+    CHECK(titan.rows[2].max_seq > titan.rows[1].max_seq);  // the chunked loss buys length
+    // at each length torchtitan's RoPE tables stay free: 32 layers x S x complex64 [64]
+    CHECK(titan.rows[2].trainer_extra_bytes == bytes_t{32} * titan.rows[2].max_seq * 512);
     // The user's own setup is refused as it is, never moved to ZeRO 2 as the MsT rows are.
     TrainingSetup mine = hf.rows[2].setup;  // checkpointing + MsT at ZeRO 2, a chunked LM head
     REQUIRE(mine.lm_chunks > 1);

@@ -83,6 +83,8 @@ struct Strategy {
     std::string name;
     TrainingSetup setup;  // seq_len and chunk counts are set per length tried
     bool mst = false;     // MsT chunks of hidden_size tokens (the ALST / HF heuristic)
+    bool mst_mlp = true;  // MsT chunks the MLP too (false: the LM head only, for a trainer without MLP chunks)
+    std::string trainer;  // --for: the format whose extra allocations (trainer_extra_bytes) stay free
 };
 
 struct MaxSeqRow {
@@ -91,6 +93,7 @@ struct MaxSeqRow {
     MemoryPeaks memory;        // at max_seq, what the GPU holds (fitting the budget: the search's device)
     TrainingSetup setup;       // at max_seq
     std::string refused;       // --for: why that format's trainer cannot train the strategy (then not searched)
+    bytes_t trainer_extra_bytes = 0;  // --for: kept free of the budget at max_seq for the trainer's own allocations
 };
 
 struct MaxSeqResult {

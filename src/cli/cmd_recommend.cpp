@@ -190,7 +190,8 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                             {"fits", row.refused.empty() ? nlohmann::json(row.max_seq > 0) : nlohmann::json(nullptr)},
                             {"peak_reserved_bytes", row.memory.peak_reserved_bytes},
                             {"host_bytes", row.memory.host_peak_bytes},
-                            {"setup", to_json(row.setup)}});
+                            {"setup", to_json(row.setup)},
+                            {"trainer_extra_bytes", row.trainer_extra_bytes}});
             if (!row.refused.empty()) rows.back()["refused"] = row.refused;  // --for: not searched, and why
         }
         return print_json({{"model", rq.model.name},
@@ -220,6 +221,11 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         it->second.push_back(row.strategy);
     }
     for (const auto& [reason, rows] : refusals) fmt::print("refused ({}): {}\n", fmt::join(rows, "; "), reason);
+    // --for: the trainer's own allocations beyond the prediction, kept free at each length
+    for (const auto& row : r.rows)
+        if (row.trainer_extra_bytes > 0)
+            fmt::print("{}: {} kept free at {} tokens for what {} allocates beyond the prediction (its RoPE tables)\n",
+                       row.strategy, format_bytes(row.trainer_extra_bytes), row.max_seq, rq.for_format);
     const std::string margin = fmt::format("{:.0f} %", 100 * rq.safety_margin);
     if (r.persistent_bytes >= r.budget_bytes)
         fmt::print("\nbudget {} ({} safety margin); weights, gradients and optimizer states alone take {}, {} more: no "

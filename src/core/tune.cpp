@@ -563,13 +563,14 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
             // MsT chunks of hidden_size tokens (the ALST TiledMLP and HF integration heuristic),
             // at most kMaxChunks of them.
             const std::int64_t chunks = std::clamp<std::int64_t>(ceil_div(t.local_tokens(), m.hidden_size), 1, kMaxChunks);
-            t.mlp_chunks = std::min(chunks, max_mlp_chunks(m));
+            t.mlp_chunks = st.mst_mlp ? std::min(chunks, max_mlp_chunks(m)) : 1;
             t.lm_chunks = chunks;
         }
         if (!valid(t, m)) return false;
+        const bytes_t extra = st.trainer.empty() ? 0 : trainer_extra_bytes(st.trainer, t, m);
         MemoryPeaks p;
-        const bool ok = sim.fits(t, budget, host_budget, &p);
-        if (ok && r) r->memory = p, r->setup = t, r->max_seq = S;
+        const bool ok = sim.fits(t, budget - extra, host_budget, &p);
+        if (ok && r) r->memory = p, r->setup = t, r->max_seq = S, r->trainer_extra_bytes = extra;
         return ok;
     };
     if (!at(granule, row)) return 0;
@@ -630,27 +631,44 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         row.strategy = st.name;
         row.setup = st.setup;  // what the strategy is, also when nothing fits
         Strategy run = st;
+        run.trainer = rq.for_format;
         if (!rq.for_format.empty()) {  // --for: a strategy the format's trainer cannot train is not searched
-            // An MsT strategy chunks both blocks at every length: checked with chunks, as it runs.
-            auto refusal = [&](TrainingSetup t) {
-                if (st.mst) t.mlp_chunks = t.lm_chunks = 2;
+            // An MsT strategy chunks both blocks (or the LM head only) at every length: checked with
+            // chunks, as it runs.
+            auto refusal = [&](TrainingSetup t, bool mst_mlp) {
+                if (run.mst) t.mlp_chunks = mst_mlp ? 2 : 1, t.lm_chunks = 2;
                 return refusal_of(rq.for_format, t, m);
             };
-            row.refused = refusal(run.setup);
             // The user's own setup is theirs: refused as it is, never moved to another ZeRO stage.
             const bool ours = &st != &strategies.back() || !user;
+            row.refused = refusal(run.setup, run.mst_mlp);
+            // A trainer without MLP mini-sequences (torchtitan) chunks the LM head alone in the MsT rows,
+            // with its chunked loss (fused: each chunk's backward in the forward).
+            if (ours && !row.refused.empty() && run.mst)
+                for (LmHeadImpl impl : {run.setup.lm_impl, LmHeadImpl::FusedForward}) {
+                    TrainingSetup t = run.setup;
+                    t.lm_impl = impl;
+                    const std::string why = refusal(t, false);
+                    if (!why.empty()) {
+                        row.refused = why;  // what stands in the way without MLP chunks too
+                        continue;
+                    }
+                    run.setup = t, run.mst_mlp = false;
+                    row.setup = t, row.strategy += " (LM head only)", row.refused.clear();
+                    break;
+                }
             // python/mst_hf's chunked loss cannot run under ZeRO-3: the MsT rows shard at ZeRO 2 there.
             if (ours && !row.refused.empty() && run.setup.zero_stage == 3) {
                 TrainingSetup z2 = run.setup;
                 z2.zero_stage = 2;
-                if (refusal(z2).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
+                if (refusal(z2, run.mst_mlp).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
             }
             // One rank: ZeRO 1 shards nothing and is what DeepSpeed needs for bf16 master weights.
             if (ours && !row.refused.empty() && run.setup.zero_ranks() == 1 && run.setup.zero_stage == 0 &&
                 run.setup.runtime == Runtime::Kernels) {
                 TrainingSetup z1 = run.setup;
                 z1.zero_stage = 1;
-                if (refusal(z1).empty()) run.setup = z1, row.setup = z1, row.refused.clear();
+                if (refusal(z1, run.mst_mlp).empty()) run.setup = z1, row.setup = z1, row.refused.clear();
             }
             if (!row.refused.empty()) {
                 out.rows.push_back(row);
