@@ -525,3 +525,28 @@ TEST_CASE("config defaults and hard-coded biases follow each family's transforme
     // RoPE rotates pairs: an odd head_dim is refused.
     CHECK_THROWS_WITH_AS(small_config("llama", {{"head_dim", 33}}), doctest::Contains("head_dim: expected an even size"), UserError);
 }
+
+TEST_CASE("rotary scaling and theta: as transformers applies them, from rope_scaling or rope_parameters") {
+    // Llama-3.2-1B's catalog config: rope_theta 500000 at the top, llama3 scaling by 32 in rope_scaling
+    const ModelSpec catalog = find_model("llama-3.2-1b");
+    CHECK(catalog.rope_theta == 500000.0);
+    CHECK(catalog.rope_scaling.type == "llama3");
+    CHECK(catalog.rope_scaling.factor == 32.0);
+    CHECK(catalog.rope_scaling.original_max_position_embeddings == 8192);
+    CHECK(find_model("llama-3-8b").rope_scaling.type == "default");
+    // newer configs: rope_parameters carries theta and scaling; an empty rope_scaling does not win
+    nlohmann::json newer = nlohmann::json::parse(R"({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 256,
+        "rope_scaling": {}, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})");
+    const ModelSpec m = parse_model(newer, "n.json", "n");
+    CHECK(m.rope_theta == 500000.0);
+    CHECK(m.rope_scaling.type == "llama3");
+    CHECK(m.rope_scaling.factor == 32.0);
+    // a non-empty rope_scaling is the one applied (LlamaConfig), and a top-level rope_theta wins
+    newer["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 2.0}};
+    newer["rope_theta"] = 10000.0;
+    const ModelSpec linear = parse_model(newer, "n.json", "n");
+    CHECK(linear.rope_scaling.type == "linear");
+    CHECK(linear.rope_theta == 10000.0);
+}

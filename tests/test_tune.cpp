@@ -267,6 +267,17 @@ TEST_CASE("recommend --for torchtitan keeps its per-layer RoPE tables free of th
     CHECK(r.best.memory.peak_reserved_bytes <= r.budget_bytes - r.trainer_extra_bytes);
     rq.for_format = "deepspeed";  // nothing known beyond the prediction
     CHECK(recommend(rq).trainer_extra_bytes == 0);
+    // tables of seq_len positions, whatever the micro-batch: 32 x 65536 x 512 at micro-batch 4 too
+    rq.for_format = "torchtitan";
+    TrainingSetup four = rq.base;
+    four.seq_len = 65536, four.micro_batch = 4;
+    CHECK(trainer_extra_bytes("torchtitan", four, rq.model) == bytes_t{32} * 65536 * 512);
+    // a length whose tables alone pass the budget is a one-line error, not a negative budget
+    rq.seq_len = std::int64_t{1} << 30;
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); })
+              .rfind("recommend: seq_len: expected a length at which torchtitan's own allocations beyond the prediction "
+                     "fit",
+                     0) == 0);
 }
 
 TEST_CASE("recommend --for: when only the chunk counts are refused, the refusal is the error") {

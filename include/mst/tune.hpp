@@ -84,7 +84,7 @@ struct Strategy {
     TrainingSetup setup;  // seq_len and chunk counts are set per length tried
     bool mst = false;     // MsT chunks of hidden_size tokens (the ALST / HF heuristic)
     bool mst_mlp = true;  // MsT chunks the MLP too (false: the LM head only, for a trainer without MLP chunks)
-    std::string trainer;  // --for: the format whose extra allocations (trainer_extra_bytes) stay free
+    std::string trainer{};  // --for: the format whose extra allocations (trainer_extra_bytes) stay free
 };
 
 struct MaxSeqRow {

@@ -238,8 +238,8 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                    "parallelism help.\n",
                    format_bytes(r.budget_bytes), margin, format_bytes(r.persistent_bytes),
                    format_bytes(r.budget_bytes - r.persistent_bytes), r.checkpoint_floor_seq);
-    fmt::print("MsT rows chunk the MLP and LM head in mini-sequences of hidden_size tokens (1024 at most); lengths are multiples of 1024 "
-               "tokens (x sp).\n");
+    fmt::print("MsT rows chunk the MLP (not in rows marked \"LM head only\") and LM head in mini-sequences of hidden_size "
+               "tokens (1024 at most); lengths are multiples of 1024 tokens (x sp).\n");
 }
 
 void run_bench_tuner(const GlobalOptions& g, int reps) {

@@ -362,6 +362,9 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     // Rotary scalings that decide in every forward from the data (dynamic NTK) or, outside Phi-3's
     // modelled longrope, switch tables: their data-dependent work is not modelled (the referee cannot
     // run it on fake tensors either).
+    // The scaling recorded is the one transformers applies: a non-empty rope_scaling, else
+    // rope_parameters (newer configs, which also carry rope_theta there).
+    const bool scaling_given = r.has("rope_scaling") && r.raw("rope_scaling").is_object() && !r.raw("rope_scaling").empty();
     for (const char* key : {"rope_scaling", "rope_parameters"}) {
         if (m.family == Family::Phi3 || !r.has(key) || !r.raw(key).is_object()) continue;
         const detail::JsonReader scaling = r.object(key);
@@ -371,6 +374,9 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
             scaling.fail(type_key, fmt::format("expected a static rotary scaling (default, linear, llama3, yarn), got '{}' "
                                                "(its per-forward data-dependent update is not modelled)",
                                                type));
+        if (std::string(key) == "rope_parameters" && !r.has("rope_theta"))
+            m.rope_theta = scaling.opt_number("rope_theta", 1.0, 1e12).value_or(m.rope_theta);
+        if ((std::string(key) == "rope_scaling") != scaling_given) continue;  // not the one applied
         m.rope_scaling.type = type;
         if (type == "llama3") {
             m.rope_scaling.factor = scaling.opt_number("factor", 1e-9, 1e9).value_or(8.0);

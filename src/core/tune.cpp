@@ -440,6 +440,11 @@ Recommendation recommend(const TuneRequest& rq) {
     at_length.seq_len = rq.seq_len;
     const bytes_t trainer_extra = rq.for_format.empty() ? 0 : trainer_extra_bytes(rq.for_format, at_length, m);
     out.trainer_extra_bytes = trainer_extra;
+    if (trainer_extra >= out.budget_bytes)
+        fail("recommend", "seq_len",
+             fmt::format("expected a length at which {}'s own allocations beyond the prediction fit the {} budget (its "
+                         "RoPE tables take {} at {} tokens), got {}",
+                         rq.for_format, format_bytes(out.budget_bytes), format_bytes(trainer_extra), rq.seq_len, rq.seq_len));
     Search search(rq, out.budget_bytes - trainer_extra);
     // --for: only what the format's trainer can train as planned; the first refusal is kept to say
     // why nothing was searched, when nothing was.
@@ -603,14 +608,14 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     base.offload_checkpoints = false;
 
     std::vector<Strategy> strategies;
-    strategies.push_back({"no checkpointing", base, false});
+    strategies.push_back({.name = "no checkpointing", .setup = base});
     TrainingSetup ckpt = base;
     ckpt.checkpoint.assign(static_cast<std::size_t>(L), true);
-    strategies.push_back({"full checkpointing", ckpt, false});
-    strategies.push_back({"checkpointing + MsT", ckpt, true});
+    strategies.push_back({.name = "full checkpointing", .setup = ckpt});
+    strategies.push_back({.name = "checkpointing + MsT", .setup = ckpt, .mst = true});
     TrainingSetup off = ckpt;
     off.offload_checkpoints = true;
-    if (rq.allow_offload) strategies.push_back({"checkpointing + MsT + offload", off, true});
+    if (rq.allow_offload) strategies.push_back({.name = "checkpointing + MsT + offload", .setup = off, .mst = true});
     std::int64_t sp = 1;
     for (std::int64_t c = rq.gpus; c > 1; --c)
         if (rq.gpus % c == 0 && m.num_heads % c == 0 && m.num_kv_heads % c == 0) {
@@ -622,9 +627,9 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         par.sp = sp;
         par.dp = rq.gpus / sp;
         par.zero_stage = 3;  // over all dp x sp ranks
-        strategies.push_back({fmt::format("+ Ulysses sequence parallel (sp {})", sp), par, true});
+        strategies.push_back({.name = fmt::format("+ Ulysses sequence parallel (sp {})", sp), .setup = par, .mst = true});
     }
-    if (user) strategies.push_back({"your setup", *user, false});
+    if (user) strategies.push_back({.name = "your setup", .setup = *user});
 
     for (const auto& st : strategies) {
         MaxSeqRow row;

@@ -139,7 +139,13 @@ std::string py_escaped(const std::string& text) {
     return out;
 }
 
-std::string py_string(const std::string& text) { return "\"" + py_escaped(text) + "\""; }
+std::string py_string(const std::string& text) {
+    // (appended piecewise: GCC 12's -Wrestrict misreads "\"" + std::string&& at -O3)
+    std::string out = "\"";
+    out += py_escaped(text);
+    out += '"';
+    return out;
+}
 
 // A Python float literal: 500000.0, 0.25.
 std::string py_float(double x) {
@@ -215,7 +221,7 @@ void check(const TrainingSetup& s, const ModelSpec& model) {
 void check_torchtitan(const TrainingSetup& s, const ModelSpec& model) { check(s, model); }
 
 bytes_t torchtitan_extra_bytes(const TrainingSetup& s, const ModelSpec& model) {
-    return rope_table_bytes(titan_model(model), model, s.local_tokens());
+    return rope_table_bytes(titan_model(model), model, s.seq_len);  // positions, whatever the micro-batch
 }
 
 std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& model) {
