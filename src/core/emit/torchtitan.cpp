@@ -18,12 +18,15 @@
 //   loss                  ChunkedLossWrapper(num_chunks): LM head + loss per sequence chunk, each
 //                         chunk's backward run in the forward (the plan's fused LM head)
 //   optimizer             AdamW, implementation fused | foreach | for-loop
+// and, for torchtitan's own models, each layer's RoPE restated from the plan model (theta, Llama-3
+// scaling; the table lengthened past the flavor's) and its size per GPU (ROPE_TABLE_BYTES, which
+// recommend --for torchtitan keeps free); every other degree 1, no compile, no CUDA graphs.
 // What torchtitan cannot train as planned is refused (check_torchtitan), so `recommend --for
 // torchtitan` never plans it: MLP mini-sequences, a recomputed chunked LM head, checkpoints of
 // some layers or offloaded ones, Ulysses (its context parallelism is ring attention, which
 // mst-plan does not simulate), ZeRO-1, stepping in backward, SGD and 8-bit AdamW.
 // scripts/check-clients loads every emitted module through torchtitan's own ConfigManager
-// (python/mst_clients/titan_check.py).
+// (python/mst_clients/titan.py).
 #include <optional>
 #include <sstream>
 
@@ -170,7 +173,8 @@ std::string rope_fields(const ModelSpec& m, std::optional<std::int64_t> max_seq_
 }
 
 void check(const TrainingSetup& s, const ModelSpec& model) {
-    if (!titan_model(model).native && hf_repo(model).empty())
+    const bool native = titan_model(model).native;
+    if (!native && hf_repo(model).empty())
         fail(kWhere, "model",
              fmt::format("expected a model whose config.json names its Hugging Face repository (\"_mst\": {{\"source\": "
                          "\"https://huggingface.co/ORG/NAME/...\"}}): torchtitan's transformers backend loads {} by "
@@ -194,7 +198,7 @@ void check(const TrainingSetup& s, const ModelSpec& model) {
         fail(kWhere, "setup.lm_impl",
              "expected fused with lm_chunks > 1 (torchtitan's ChunkedLossWrapper runs each chunk's backward in the "
              "forward), got recompute");
-    if (s.lm_chunks > 1 && !titan_model(model).native)
+    if (s.lm_chunks > 1 && !native)
         fail(kWhere, "setup.lm_chunks",
              fmt::format("expected 1 for {} (torchtitan chunks the loss of its own Llama-3 and Qwen3 code only; this "
                          "model runs through its transformers backend), got {}",
@@ -258,9 +262,8 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
                                     "backend (an experiment), which builds it from its Hugging Face config.",
                                     model.model_type));
     notes.push_back("The memory prediction is mst-plan's runtime's, not torchtitan's own model code: expect small "
-                    "differences (its RoPE tables, fused QKV, FSDP2 buffers).");
+                    "differences (fused QKV, FSDP2 buffers).");
 
-    const std::int64_t dp_degree = s.dp;
     std::ostringstream py;
     py << "\"\"\"";
     for (const auto& line : plan_header(plan)) py << py_escaped(line) << "\n";
@@ -303,15 +306,13 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
            << "    for layer in config.model_spec.model.layers:\n"
            << "        layer.attention.rope = dataclasses.replace(layer.attention.rope, "
            << rope_fields(model, longer_rope ? std::optional<std::int64_t>(s.seq_len) : std::nullopt) << ")\n";
-    py
-       << "    config.training.local_batch_size = " << s.micro_batch << "\n"
-       << "    # gradient accumulation " << s.grad_accum << " = global / (local x data-parallel degree " << dp_degree
-       << ")\n"
-       << "    config.training.global_batch_size = " << s.micro_batch * s.grad_accum * dp_degree << "\n"
+    py << "    config.training.local_batch_size = " << s.micro_batch << "\n"
+       << "    # gradient accumulation " << s.grad_accum << " = global / (local x data-parallel degree " << s.dp << ")\n"
+       << "    config.training.global_batch_size = " << s.micro_batch * s.grad_accum * s.dp << "\n"
        << "    config.training.dtype = " << (s.precision == Precision::PureBf16 ? "\"bfloat16\"" : "\"float32\"") << "\n"
        << "    config.training.mixed_precision_param = \"bfloat16\"\n"
-       << "    config.parallelism.data_parallel_replicate_degree = " << (s.zero_stage == 0 ? dp_degree : 1) << "\n"
-       << "    config.parallelism.data_parallel_shard_degree = " << (s.zero_stage == 0 ? 1 : dp_degree) << "\n"
+       << "    config.parallelism.data_parallel_replicate_degree = " << (s.zero_stage == 0 ? s.dp : 1) << "\n"
+       << "    config.parallelism.data_parallel_shard_degree = " << (s.zero_stage == 0 ? 1 : s.dp) << "\n"
        << "    config.parallelism.context_parallel_degree = 1\n"
        << "    # every degree the plan has none of (llama3_70b's base config sets tensor parallel 8)\n"
        << "    config.parallelism.tensor_parallel_degree = 1\n"

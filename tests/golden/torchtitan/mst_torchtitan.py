@@ -17,7 +17,7 @@ ROPE_TABLE_BYTES below), which mst-plan's runtime does not: recommend --for torc
 that much of the budget free; the prediction above is without it.
 
 The memory prediction is mst-plan's runtime's, not torchtitan's own model code: expect small
-differences (its RoPE tables, fused QKV, FSDP2 buffers).
+differences (fused QKV, FSDP2 buffers).
 """
 
 import dataclasses
