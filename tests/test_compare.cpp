@@ -47,6 +47,32 @@ TEST_CASE("compare: one event 512 bytes larger is found, and so is the peak it r
     CHECK(c.rows.front().relative() == doctest::Approx(512.0 / double(s.peak.bytes)));
 }
 
+TEST_CASE("compare: frees with no allocation between them match in any order, allocations do not") {
+    const ModelSpec m = find_model("tiny-llama");
+    const Timeline predicted = simulate(m, tiny_setup(32), test_gpu());
+    // The first two consecutive frees, then the first two consecutive allocations, swapped.
+    auto swapped = [&](bool alloc) {
+        Timeline t = predicted;
+        for (std::size_t i = 0; i + 1 < t.events.size(); ++i)
+            if (t.events[i].alloc == alloc && t.events[i + 1].alloc == alloc && t.events[i].bytes != t.events[i + 1].bytes) {
+                std::swap(t.events[i], t.events[i + 1]);
+                return std::make_pair(t, static_cast<std::int64_t>(i));
+            }
+        FAIL("no two consecutive events of one kind");
+        return std::make_pair(t, std::int64_t{-1});
+    };
+    const auto [frees, i] = swapped(false);
+    CHECK(compare_timelines(predicted, frees, m.num_layers).identical());
+    const auto [allocs, j] = swapped(true);
+    const Comparison c = compare_timelines(predicted, allocs, m.num_layers);
+    REQUIRE(c.divergence);
+    CHECK(*c.divergence == j);
+    // A free run of the same length but another tensor in it still diverges.
+    Timeline other = frees;
+    other.events[static_cast<std::size_t>(i)].bytes += 2;
+    CHECK_FALSE(compare_timelines(predicted, other, m.num_layers).identical());
+}
+
 TEST_CASE("compare: a missing last event diverges where the shorter timeline ends") {
     const ModelSpec m = find_model("tiny-llama");
     const Timeline predicted = simulate(m, tiny_setup(32), test_gpu());

@@ -63,12 +63,30 @@ CASES = [
     (LLAMA, {"optimizer_in_backward": True}),
     (LLAMA, {"optimizer_in_backward": True, "precision": "bf16-master", "optimizer_impl": "for-loop"}),
     (LLAMA, {"precision": "bf16-master", "grad_accum": 2, "mlp_chunks": 2}),
+    # AMP (fp32 weights, bf16 autocast: the HF Trainer's bf16=True on an fp32 model): the fp32
+    # residual stream and norms, each linear's weight copy in autocast's cache and its input's own
+    # copy, fp32 rotary products, flash-attn's casts, the casts' gradient nodes (a weight copy's
+    # sums every chunk's gradient), the cache emptied as each autocast region ends (the forward,
+    # a checkpoint's recomputation, a tiled MLP chunk's replay, whose leaf input is cached too),
+    # the chunked loss's own bf16 weight copy.
+    (LLAMA, {"precision": "amp"}),
+    (LLAMA, {"precision": "amp", "checkpoint": [1], "grad_accum": 2}),
+    (LLAMA, {"precision": "amp", "checkpoint": "all", "offload_checkpoints": True, "optimizer_impl": "foreach"}),
+    (LLAMA, {"precision": "amp", "mlp_chunks": 3, "lm_chunks": 3, "micro_batch": 2}),
+    (LLAMA, {"precision": "amp", "mlp_chunks": 3, "mlp_impl": "tiled", "checkpoint": "all", "grad_accum": 2}),
+    (LLAMA, {"precision": "amp", "lm_chunks": 2, "lm_impl": "fused", "grad_accum": 2, "micro_batch": 2,
+             "checkpoint": "all", "mlp_chunks": 2}),
+    (LLAMA, {"precision": "amp", "optimizer_in_backward": True, "optimizer_impl": "for-loop", "lm_chunks": 2}),
+    (LLAMA, {"precision": "amp", "optimizer": "sgd"}),
     # Mistral: sliding windows in every layer, tied embeddings.
     (MISTRAL, {}),
+    (MISTRAL, {"precision": "amp", "checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2}),
     (MISTRAL, {"checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2}),
     (MISTRAL, {"attention": "eager", "checkpoint": "all", "micro_batch": 2}),
     # Qwen2: q/k/v biases, sliding layers, tied embeddings.
     (QWEN2, {}),
+    (QWEN2, {"precision": "amp", "checkpoint": [1], "mlp_chunks": 2, "mlp_impl": "tiled", "lm_chunks": 2,
+             "grad_accum": 2}),
     (QWEN2, {"attention": "eager", "checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2}),
     (QWEN2, {"precision": "bf16-master", "optimizer_in_backward": True, "checkpoint": [1], "offload_checkpoints": True}),
     (QWEN2, {"precision": "bf16-master", "grad_accum": 2, "mlp_chunks": 2, "mlp_impl": "tiled",

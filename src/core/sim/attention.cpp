@@ -319,9 +319,12 @@ namespace mst::sim {
 
 // LlamaRMSNorm.forward on the [T, d] bf16 input (borrowed):
 //   a = x.to(fp32); v = a.pow(2).mean(-1, keepdim); n = a * rsqrt(v + eps); return w * n.to(bf16)
-T StepBuilder::hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save, std::int64_t rows, std::int64_t d) {
+// Under autocast the input is fp32: both casts are no-ops (a is x, the output fp32).
+T StepBuilder::hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save, std::int64_t rows, std::int64_t d) {
     const bool gemma = m_.gemma();
-    T a = act("norm.upcast", f32(rows, d), false);
+    (void)p;  // the weight is read as it is: autocast leaves elementwise ops alone
+    const bool fp32_in = amp_ && x.valid();
+    T a = fp32_in ? hold(x) : act("norm.upcast", f32(rows, d), false);
     T pw = act("norm.pow", f32(rows, d), false);
     sv.a_pow = saved(a);
     T v = act("norm.variance", f32(rows, 1), false);
@@ -336,7 +339,6 @@ T StepBuilder::hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save, std
     sv.r_mul = saved(r);
     drop(r);  // the rsqrt temporary dies with the expression
     drop(a);  // hidden_states = n
-    use_weight(p);
     if (gemma) {  // (n * (1 + weight.float())).type_as(x)
         T wf = act("norm.weight_fp32", elems(d, 1, 4), false);
         T w1 = act("norm.one_plus_weight", elems(d, 1, 4), false);
@@ -352,15 +354,21 @@ T StepBuilder::hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save, std
         drop(o);
         return out;
     }
-    T c = act("norm.normed", bf16(rows, d), false);  // weight * n.to(bf16)
-    T out = act("norm_out", bf16(rows, d), false);
+    T c = fp32_in ? hold(n) : act("norm.normed", bf16(rows, d), false);  // weight * n.to(bf16)
+    T out = act("norm_out", fp32_in ? f32(rows, d) : bf16(rows, d), false);
     sv.c = saved(c);
     drop(c);
     drop(n), drop(v);  // the locals, at return
     return out;
 }
 
-T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::int64_t rows, std::int64_t d) {
+T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::int64_t rows, std::int64_t d, T* into) {
+    const bool fp32_in = amp_ && rows == tokens_ && !m_.gemma();  // x is the fp32 residual stream: a is x
+    auto to_input = [&](T& grad) {  // x's gradient reaches its buffer
+        if (!into) return;
+        accumulate(*into, grad, false);
+        grad = T{};
+    };
     T gn;  // the gradient of n, fp32
     if (m_.gemma()) {
         T g32 = alloc("d_norm_out_fp32", f32(rows, d), Category::Transient);  // ToCopyBackward0 (type_as)
@@ -377,22 +385,23 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
         // AddBackward0 (1 + wf) passes it on; ToCopyBackward0 (weight.float()) casts it to the weight's
         T gw = grad_out(p);
         node_end({}, &gw1);
-        release_weight(p);
         add_grad(p, gw, false, true);
     } else {
         // MulBackward0 (w * c): the gradient of c, then w's (reduced to [d] by validate_outputs)
-        T gc = alloc("d_normed", bf16(rows, d), Category::Transient);
-        T gw_full = alloc("d_norm_weight_full", bf16(rows, d), Category::Transient);
+        T gc = alloc("d_normed", fp32_in ? f32(rows, d) : bf16(rows, d), Category::Transient);
+        T gw_full = alloc("d_norm_weight_full", fp32_in ? f32(rows, d) : bf16(rows, d), Category::Transient);
         T gw;
         node_end({&sv.c}, &g, [&] {
             gw = grad_out(p);
             drop(gw_full);
         });
-        release_weight(p);
         add_grad(p, gw, true, true);
-        // ToCopyBackward0 (n.to(bf16))
-        gn = alloc("d_normed_fp32", f32(rows, d), Category::Transient);
-        node_end({}, &gc);
+        if (fp32_in) {
+            gn = gc;
+        } else {  // ToCopyBackward0 (n.to(bf16))
+            gn = alloc("d_normed_fp32", f32(rows, d), Category::Transient);
+            node_end({}, &gc);
+        }
     }
     // MulBackward0 (a * r): the gradient of r (reduced to [T, 1]), then a's
     T gr_full = alloc("d_rsqrt_full", f32(rows, d), Category::Transient);
@@ -402,6 +411,7 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
         gr = alloc("d_rsqrt", f32(rows, 1), Category::Transient);
         drop(gr_full);
     });
+    if (fp32_in) to_input(ga);
     // RsqrtBackward0: -0.5 * grad * r^3
     T cube = alloc("d_rsqrt.pow", f32(rows, 1), Category::Transient);
     T half = alloc("d_rsqrt.mul", f32(rows, 1), Category::Transient);
@@ -418,10 +428,17 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
     drop(two), drop(ap);
     node_end({&sv.a_pow}, &gp);
     if (last_unpack) hf_release_frame();
+    if (fp32_in) {  // no cast
+        if (ga.valid()) accumulate(ga, ga2, false);
+        else ga = ga2;
+        to_input(ga);
+        return ga;
+    }
     accumulate(ga, ga2, false);
     // ToCopyBackward0 (x.to(fp32))
     T gx = alloc("d_norm_in", bf16(rows, d), Category::Transient);
     node_end({}, &ga);
+    to_input(gx);
     return gx;
 }
 
@@ -429,18 +446,20 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
 //   x * cos + cat(-x2, x1) * sin; each product saves its table. Phi-3 rotates the first
 //   rotary_dim of each head's D (views x[..., :R] and x[..., R:]) and concatenates the rest after
 //   the rotated share: a new [B, heads, S, D] tensor even when nothing passes through (R = D).
+// Under autocast the tables are fp32: the products and their sum are promoted to fp32.
 T StepBuilder::hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_saved) {
     (void)x;  // read, not owned
     const std::int64_t dim = checked_mul(heads, m_.rotary_dim);
-    T xc = act("rope.x_cos", bf16(tokens_, dim), false);
+    const int rb = amp_ ? 4 : 2;  // the products' dtype
+    T xc = act("rope.x_cos", elems(tokens_, dim, rb), false);
     cos_saved = saved(hf_rope(layer_).cos);
     T neg = act("rope.neg", bf16(tokens_, dim / 2), false);
     T cat = act("rope.rotated", bf16(tokens_, dim), false);
     drop(neg);
-    T rs = act("rope.rotated_sin", bf16(tokens_, dim), false);
+    T rs = act("rope.rotated_sin", elems(tokens_, dim, rb), false);
     sin_saved = saved(hf_rope(layer_).sin);
     drop(cat);
-    T out = act("rope.out", bf16(tokens_, dim), false);
+    T out = act("rope.out", elems(tokens_, dim, rb), false);
     drop(xc), drop(rs);
     if (!m_.rotary_concatenates()) return out;
     T joined = act("rope.joined", bf16(tokens_, checked_mul(heads, m_.head_dim)), false);
@@ -455,8 +474,15 @@ T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_sa
     const std::int64_t dim = checked_mul(heads, m_.rotary_dim);
     if (pass) *pass = hold(d);
     T d_cos = hold(d);  // AddBackward0 hands the gradient to both products
+    // A product's gradient for its bf16 factor: under autocast (fp32 tables) computed in fp32, then cast.
+    auto factor_grad = [&](const char* name) {
+        T g32 = amp_ ? alloc("d_rope.product_fp32", f32(tokens_, dim), Category::Transient) : T{};
+        T g = alloc(name, bf16(tokens_, dim), Category::Transient);
+        drop(g32);
+        return g;
+    };
     // MulBackward0 (rotated * sin)
-    T gr = alloc("d_rope.rotated", bf16(tokens_, dim), Category::Transient);
+    T gr = factor_grad("d_rope.rotated");
     node_end({&sin_saved}, &d);
     // CatBackward0 narrows gr into the halves' gradients (views); NegBackward0 on the first
     T half1 = hold(gr), half2 = hold(gr);
@@ -470,7 +496,7 @@ T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_sa
     node_end({}, &half2);
     accumulate(gx, gx1, false);
     // MulBackward0 (x * cos)
-    T gc = alloc("d_rope.x_cos", bf16(tokens_, dim), Category::Transient);
+    T gc = factor_grad("d_rope.x_cos");
     node_end({&cos_saved}, &d_cos);
     accumulate(gx, gc, false);
     return gx;
@@ -505,7 +531,7 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
     auto head_norm = [&](T x, int p, HfNorm& n, std::int64_t heads) {
         if (p < 0) return x;
         at("attn.qk_norm");
-        T out = hf_norm_forward(p, n, false, checked_mul(tokens_, heads), m_.head_dim);
+        T out = hf_norm_forward(p, T{}, n, false, checked_mul(tokens_, heads), m_.head_dim);
         drop(x);
         at("attn.qkv");
         return out;
@@ -520,17 +546,19 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
         v = act("qkv", bf16(tokens_, qd + 2 * kvd), false);
         sv.h1_q = saved(h1);
     } else {
-        use_weight(lp.q);
-        q = act("q", bf16(tokens_, qd), false);
-        sv.h1_q = saved(h1);
+        // each projection its own: under autocast each casts the fp32 input again
+        auto project = [&](int w, int b, const char* name, std::int64_t cols, T& saved_in) {
+            T in = hf_linear_input(w, b, h1, tokens_, d);
+            T out = act(name, bf16(tokens_, cols), false);
+            saved_in = saved(in);
+            drop(in);
+            return out;
+        };
+        q = project(lp.q, lp.q_bias, "q", qd, sv.h1_q);
         if (!norms_last) q = head_norm(q, lp.q_norm, sv.nq, m_.num_heads);
-        use_weight(lp.k);
-        k = act("k", bf16(tokens_, kvd), false);
-        sv.h1_k = saved(h1);
+        k = project(lp.k, lp.k_bias, "k", kvd, sv.h1_k);
         if (!norms_last) k = head_norm(k, lp.k_norm, sv.nk, m_.num_kv_heads);
-        use_weight(lp.v);
-        v = act("v", bf16(tokens_, kvd), false);
-        sv.h1_v = saved(h1);
+        v = project(lp.v, lp.v_bias, "v", kvd, sv.h1_v);
         if (norms_last) {
             q = head_norm(q, lp.q_norm, sv.nq, m_.num_heads);
             k = head_norm(k, lp.k_norm, sv.nk, m_.num_kv_heads);
@@ -547,6 +575,7 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
     T o;
     hf_flash_forward(sv, qe, ke, v, o);
     at("attn.o_proj");
+    if (lp.o_bias >= 0) use_weight(lp.o_bias, false);
     use_weight(lp.o);
     attn_out = act("attn_out", bf16(tokens_, d), false);
     sv.o_oproj = saved(o);
@@ -612,7 +641,7 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
         return hf_linear_backward(lp.q, -1, "d_h1", bf16(tokens_, d), {&sv.h1_q}, g, [](T&) {});
     }
     if (eager_dv_copies) contiguous(dv, m_.num_kv_heads, "d_v_contiguous");
-    T dh = hf_linear_backward(lp.v, lp.v_bias, "d_h1_v", bf16(tokens_, d), {&sv.h1_v}, dv, [](T&) {});
+    T dh = hf_linear_backward(lp.v, lp.v_bias, "d_h1_v", bf16(tokens_, d), {&sv.h1_v}, dv, [](T&) {}, amp_);
     // k, then q: Qwen3's head norm takes the gradient back to the projection's output; it is
     // contiguous as [B, heads, S, D], so the reshape to [T, heads * D] copies (reshape_copies); the
     // projection's input gradient joins dh (v's and k's are both views of their GEMMs' outputs: a new sum).
@@ -624,7 +653,7 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
         }
         contiguous(g, heads, contiguous_name);
         hf_linear_backward(proj, bias, input_grad, bf16(tokens_, d), {&saved_in}, g,
-                           [&](T& gx) { accumulate(dh, gx, dh_is_view); });
+                           [&](T& gx) { accumulate(dh, gx, dh_is_view && !amp_); }, amp_);
     };
     head_backward(lp.k, lp.k_bias, lp.k_norm, sv.nk, sv.h1_k, gk, m_.num_kv_heads, "d_k_contiguous", "d_h1_k", true);
     head_backward(lp.q, lp.q_bias, lp.q_norm, sv.nq, sv.h1_q, gq, m_.num_heads, "d_q_contiguous", "d_h1_q", false);
@@ -654,8 +683,14 @@ void StepBuilder::hf_packed_check() {
 // transposes of the rotated q and k, and of v): mha_fwd allocates the output [B, S, H, D], the
 // logsumexp [B, H, S] fp32 and the RNG state int64[2], and the node saves q, k, v, the output,
 // the logsumexp and the RNG state (csrc/flash_attn/flash_api.cpp, flash_attn_interface.py).
+// Under autocast the rotated q and k are fp32: transformers casts them to bf16 first (v is bf16),
+// and the node saves the copies.
 void StepBuilder::hf_flash_forward(HfLayer& sv, T qe, T ke, T v, T& out) {
-    const std::int64_t qd = m_.q_dim(), heads = m_.num_heads / s_.sp;
+    const std::int64_t qd = m_.q_dim(), kvd = m_.kv_dim(), heads = m_.num_heads / s_.sp;
+    if (amp_) {
+        qe = act("q_bf16", bf16(tokens_, qd), false);
+        ke = act("k_bf16", bf16(tokens_, kvd), false);
+    }
     hf_packed_check();
     at("attn.flash");
     out = act("o", bf16(tokens_, qd), false);
@@ -664,6 +699,7 @@ void StepBuilder::hf_flash_forward(HfLayer& sv, T qe, T ke, T v, T& out) {
     sv.q_fa = saved(qe), sv.k_fa = saved(ke), sv.v_fa = saved(v);
     sv.o_fa = saved(out), sv.lse_fa = saved(lse), sv.rng_fa = saved(rng);
     drop(lse), drop(rng);  // FlashAttnFunc.forward returns only the output
+    if (amp_) drop(qe), drop(ke);  // the casts, at return
 }
 
 // Its backward: dq, dk, dv like q, k, v; inside mha_bwd the row sums softmax_d [B, H, S128] fp32,
@@ -687,6 +723,8 @@ void StepBuilder::hf_flash_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
     }
     drop(dq_accum), drop(softmax_d);
     py_node_end({&sv.q_fa, &sv.k_fa, &sv.v_fa, &sv.o_fa, &sv.lse_fa, &sv.rng_fa}, &d_o);
+    dk = hf_uncast(dk);  // autocast: the casts' nodes, k's (the later) first
+    dq = hf_uncast(dq);
 }
 
 // eager_attention_forward (modeling_llama.py) on the rotated q, k and v ([B, heads, S, D]):
@@ -742,6 +780,7 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     drop(k_rep), drop(v_rep);  // eager_attention_forward returns (the probabilities with the output)
     weights = p;
     at("attn.o_proj");
+    if (lp.o_bias >= 0) use_weight(lp.o_bias, false);
     use_weight(lp.o);
     attn_out = act("attn_out", bf16(tokens_, d), false);
     sv.o_oproj = saved(o);
@@ -796,21 +835,21 @@ T StepBuilder::hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last
     const std::int64_t d = m_.hidden_size;
     const bool gemma = m_.gemma();
     at("attn.norm");
-    T h1 = hf_norm_forward(lp.norm1, sv.hf.n1);
+    T h1 = hf_norm_forward(lp.norm1, x, sv.hf.n1);
     T y, weights;
     hf_attention_forward(sv.hf, h1, y, weights);
     drop(h1);  // hidden_states = the attention's output
     if (gemma) {  // Gemma-2 normalises the branch's output before the residual add
         at("attn.post_norm");
-        T normed = hf_norm_forward(lp.post_attn_norm, sv.hf.n_pa);
+        T normed = hf_norm_forward(lp.post_attn_norm, T{}, sv.hf.n_pa);
         drop(y);
         y = normed;
     }
     at("attn.residual");
-    T x2 = act("x2", bf16(tokens_, d), false);
+    T x2 = act("x2", res(tokens_, d), false);
     drop(y);
     at("mlp.norm");
-    T h2 = hf_norm_forward(lp.norm2, sv.hf.n2);
+    T h2 = hf_norm_forward(lp.norm2, x2, sv.hf.n2);
     T y2 = hf_mlp_forward(lp, h2, sv.hf, stop_after_last_save && !gemma);
     auto stopped = [&](T& out) {  // the frames' locals go when checkpointing has caught the stop
         if (out.valid()) return false;
@@ -822,13 +861,13 @@ T StepBuilder::hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last
     drop(h2);  // hidden_states = the MLP's output
     if (gemma) {
         at("mlp.post_norm");
-        T normed = hf_norm_forward(lp.post_ff_norm, sv.hf.n_pf, stop_after_last_save);
+        T normed = hf_norm_forward(lp.post_ff_norm, T{}, sv.hf.n_pf, stop_after_last_save);
         if (stopped(normed)) return T{};
         drop(y2);
         y2 = normed;
     }
     at("mlp.residual");
-    T out = act("x_out", bf16(tokens_, d), false);
+    T out = act("x_out", res(tokens_, d), false);
     drop(y2), drop(x2), drop(weights);
     return out;
 }
@@ -842,19 +881,23 @@ void StepBuilder::hf_layer_backward(int l, LayerSaved& sv, T& dres) {
     // down_proj's node (the MLP's first) unpacks a saved tensor first, or the tiled MLP's; an MoE
     // block's first unpacking node is inside it.
     const bool tiled = s_.mlp_chunks > 1 && s_.mlp_impl == MlpImpl::Tiled;
+    // AddBackward0 hands the residual stream's gradient to the branch; under autocast
+    // validate_outputs first casts it to the branch output's bf16.
+    auto branch_grad = [&] {
+        return amp_ ? alloc("d_branch_bf16", bf16(tokens_, m_.hidden_size), Category::Transient) : hold(dres);
+    };
+    T dy2 = gemma ? T{} : branch_grad();
     if (!gemma && (!m_.moe || tiled)) unpack();
     at("mlp.post_norm");
-    T dy2 = gemma ? hf_norm_backward(lp.post_ff_norm, sv.hf.n_pf, hold(dres)) : hold(dres);
+    if (gemma) dy2 = hf_norm_backward(lp.post_ff_norm, sv.hf.n_pf, hold(dres));
     T dh2 = hf_mlp_backward(lp, sv.hf, dy2);
     at("mlp.norm");
-    T dx2 = hf_norm_backward(lp.norm2, sv.hf.n2, dh2);
-    accumulate(dres, dx2, false);
+    hf_norm_backward(lp.norm2, sv.hf.n2, dh2, false, &dres);
     at("attn.post_norm");
-    T dy = gemma ? hf_norm_backward(lp.post_attn_norm, sv.hf.n_pa, hold(dres)) : hold(dres);
+    T dy = gemma ? hf_norm_backward(lp.post_attn_norm, sv.hf.n_pa, hold(dres)) : branch_grad();
     T dh1 = hf_attention_backward(l, sv.hf, dy);
     at("attn.norm");
-    T dx = hf_norm_backward(lp.norm1, sv.hf.n1, dh1, recomputed_);
-    accumulate(dres, dx, false);
+    hf_norm_backward(lp.norm1, sv.hf.n1, dh1, recomputed_, &dres);
 }
 
 }  // namespace mst::sim

@@ -27,6 +27,7 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
     }
     tokens_ = s_.local_tokens();
     hf_ = s_.runtime == Runtime::Hf;
+    amp_ = hf_ && s_.precision == Precision::AmpFp32;
     if (hf_) pg_ = pw_;  // autograd's gradients are in the parameters' dtype; fp32 masters keep their own
     tl_.source = "simulator";
     tl_.model = m_.name;
@@ -279,14 +280,15 @@ void StepBuilder::grad_done(int p) {
 
 // AMP keeps a bf16 copy of each fp32 weight in the autocast cache for the rest of
 // the autocast region, and every matmul that used it saves it for backward.
-void StepBuilder::use_weight(int p) {
+void StepBuilder::use_weight(int p, bool saved) {
     if (s_.precision != Precision::AmpFp32) return;
     Param& P = params_[static_cast<std::size_t>(p)];
     if (!P.amp_copy.valid()) {
-        P.amp_copy = alloc("autocast_bf16", checked_mul(P.numel, 2), Category::Weights);
+        const bytes_t bytes = checked_mul(P.numel, 2);
+        P.amp_copy = hf_ ? act("autocast_weight", bytes, false) : alloc("autocast_bf16", bytes, Category::Weights);
         autocast_cache_.push_back(p);
     }
-    if (grad_) {
+    if (grad_ && saved) {
         save(P.amp_copy);
         P.amp_saved.push_back(P.amp_copy);
     }
@@ -304,6 +306,56 @@ void StepBuilder::release_weight(int p) {
 void StepBuilder::clear_autocast_cache() {
     for (int p : autocast_cache_) drop(params_[static_cast<std::size_t>(p)].amp_copy);
     autocast_cache_.clear();
+    drop(autocast_leaf_);
+}
+
+T StepBuilder::hf_linear_input(int w, int b, T x, std::int64_t rows, std::int64_t cols) {
+    if (b >= 0) use_weight(b, false);  // (autocast casts F.linear's arguments last first)
+    use_weight(w);
+    if (!amp_) return hold(x);
+    return act("autocast_input", bf16(rows, cols), false);
+}
+
+T StepBuilder::hf_mm_grad(int p) {
+    if (!amp_) return grad_out(p);
+    return alloc("weight_grad_bf16", checked_mul(params_[static_cast<std::size_t>(p)].numel, 2), Category::Transient);
+}
+
+T StepBuilder::hf_uncast(T g) {
+    if (!amp_) return g;
+    T f = alloc("grad_fp32", checked_mul(table_[static_cast<std::size_t>(g.id)].bytes, 2), Category::Transient);
+    drop(g);
+    return f;
+}
+
+namespace {
+// A node's saved tensors with the weight's autocast copy added first or last.
+std::vector<T*> with_copy(std::initializer_list<T*> saved, T* copy, bool first) {
+    std::vector<T*> all;
+    if (first) all.push_back(copy);
+    all.insert(all.end(), saved.begin(), saved.end());
+    if (!first) all.push_back(copy);
+    return all;
+}
+}  // namespace
+
+void StepBuilder::hf_mm_node_end(int w, std::initializer_list<T*> saved, T* grad_in) {
+    if (!amp_) return node_end(saved, grad_in);
+    Param& P = params_[static_cast<std::size_t>(w)];
+    T copy = P.amp_saved.back();
+    P.amp_saved.pop_back();
+    node_end(with_copy(saved, &copy, true), grad_in, [] {});
+}
+
+T StepBuilder::hf_addmm_node_end(int w, int b, std::initializer_list<T*> saved, T* grad_in) {
+    Param& P = params_[static_cast<std::size_t>(w)];
+    T copy = P.amp_saved.back();
+    P.amp_saved.pop_back();
+    T bias;
+    node_end(with_copy(saved, &copy, false), grad_in, [&] {
+        bias = alloc("bias_grad_bf16", checked_mul(params_[static_cast<std::size_t>(b)].numel, 2), Category::Transient);
+    });
+    return bias;
 }
 
 T StepBuilder::cast_for_matmul(T& x, std::int64_t cols) {

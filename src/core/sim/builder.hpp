@@ -42,6 +42,8 @@ struct Param {
     T pending;                // hf: gradients waiting in its AccumulateGrad node's input buffer
     bool pending_view = false;
     T amp_copy;               // AmpFp32: the autocast cache's bf16 copy, while cached
+    T cast_pending;           // hf AmpFp32: gradients waiting in that copy's ToCopyBackward0 buffer
+    bool cast_pending_view = false;
     std::vector<T> amp_saved; // AmpFp32: that copy, once per op that saved it for backward
 };
 
@@ -132,6 +134,7 @@ struct HeadSaved {
     T hf_pad, hf_weight;   // hf: padded labels (nll_loss's target) and nll_loss's total_weight
     T hf_lp_nll;           // hf: the log-probabilities, saved by nll_loss (log_softmax's own hold is logp)
     T hf_loss, hf_root;    // hf: the loss the trainer holds; backward()'s grad_tensors (ones)
+    T hf_logits;           // hf: the output's logits (unchunked head), dropped once the forward returns
     T hf_targets, hf_denominator;  // hf chunked loss: shifted targets and the mean's denominator
     T x_last, hf, rstd_f;
     T logp;              // standard: fp32 log-probabilities
@@ -292,7 +295,7 @@ private:
     void init_state();                  // weights, master copy, optimizer states, workspace
     void grad_write(int p);             // a weight-gradient GEMM writes into p's gradient
     void grad_done(int p);              // p's gradient is complete for this micro-step
-    void use_weight(int p);             // a forward op reads p (AMP: autocast copy, saved)
+    void use_weight(int p, bool saved = true);  // a forward op reads p (AMP: autocast copy, saved by the op)
     void release_weight(int p);         // that op's backward is done with it
     void clear_autocast_cache();
     void gather_unit(int unit);         // ZeRO-3: all-gather a unit's parameters (unit -1 = embedding, L = head)
@@ -363,15 +366,21 @@ private:
     // The norm over `cols` of `rows` rows; the decoder's norms: [tokens, hidden_size].
     void head_norm_forward(int p, T& x, std::int64_t heads, T& x_saved, T& rstd);  // Qwen3, kernels runtime
     void head_norm_backward(int p, T& dx, std::int64_t heads, T& x_saved, T& rstd);
-    T hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save, std::int64_t rows, std::int64_t cols);
-    T hf_norm_forward(int p, HfNorm& sv, bool stop_after_last_save = false) {
-        return hf_norm_forward(p, sv, stop_after_last_save, tokens_, m_.hidden_size);
+    // x: the input (borrowed); under autocast the decoder's norms take the fp32 residual stream,
+    // whose upcast is x itself (the head norms pass T{}: their bf16 input is upcast).
+    T hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save, std::int64_t rows, std::int64_t cols);
+    T hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save = false) {
+        return hf_norm_forward(p, x, sv, stop_after_last_save, tokens_, m_.hidden_size);
     }
     // g: the output's gradient (consumed); returns the input's gradient. last_unpack: its pow's
     // backward is the last node to unpack a checkpointed layer's tensors (the frame dies there).
-    T hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::int64_t rows, std::int64_t cols);
-    T hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack = false) {
-        return hf_norm_backward(p, sv, g, last_unpack, tokens_, m_.hidden_size);
+    // into: the input's gradient buffer when the input has one already (a decoder layer's residual
+    // stream: the residual add's backward ran first); the input's gradient is added into it and
+    // invalid returned. Under autocast the norm's own fp32 gradients of x are x's: each is added as
+    // its node finishes.
+    T hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::int64_t rows, std::int64_t cols, T* into = nullptr);
+    T hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack = false, T* into = nullptr) {
+        return hf_norm_backward(p, sv, g, last_unpack, tokens_, m_.hidden_size, into);
     }
     T hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last_save);
     void hf_layer_backward(int l, LayerSaved& sv, T& dres);
@@ -384,28 +393,97 @@ private:
     // With one (F.linear's fused path, AddmmBackward0): the input's, the weight's, then the bias's
     // (validate_outputs sums the output gradient over the tokens); then the accumulation nodes run
     // first, the bias's and the weight's, and the input's view node after them.
+    // AMP (input_cast: autocast cast an fp32 input for it): the GEMMs' gradients are bf16; the node
+    // lets go of the weight's bf16 copy first; the input's cast node makes its gradient fp32, then
+    // the weight's makes the weight's (hf_mm_node_end, hf_uncast, hf_weight_grad).
     template <class PassInput>
     T hf_linear_backward(int w, int b, const char* input_name, bytes_t input_bytes, std::initializer_list<T*> saved,
-                         T& grad_in, PassInput pass_input) {
+                         T& grad_in, PassInput pass_input, bool input_cast = false) {
         T input, weight, bias;
         if (b < 0) {
-            weight = grad_out(w);
+            weight = hf_mm_grad(w);
             input = alloc(input_name, input_bytes, Category::Transient);
-            node_end(saved, &grad_in);
-            release_weight(w);
-            pass_input(input);
-            add_grad(w, weight, true, true);
-        } else {
+            hf_mm_node_end(w, saved, &grad_in);
+            hf_mm_outputs(w, weight, input, input_cast, true, [&](int p, T g) { add_grad(p, g, !amp_, true); }, pass_input);
+        } else if (!amp_) {
             input = alloc(input_name, input_bytes, Category::Transient);
             weight = grad_out(w);
             node_end(saved, &grad_in, [&] { bias = grad_out(b); });
-            release_weight(w);
             add_grad(b, bias, false, true);
             add_grad(w, weight, true, true);
             pass_input(input);
+        } else {
+            // Under autocast the node saved the input's copy, then the weight's; the bias's copy
+            // (the cache's only) gets its gradient summed in bf16. The three casts' nodes run in
+            // reverse creation order (autocast cast the arguments last first): input, weight, bias.
+            input = alloc(input_name, input_bytes, Category::Transient);
+            weight = hf_mm_grad(w);
+            bias = hf_addmm_node_end(w, b, saved, &grad_in);
+            if (input_cast) input = hf_uncast(input);
+            pass_input(input);
+            for (auto [p, g] : {std::pair{w, weight}, std::pair{b, bias}}) {
+                T f = grad_out(p);
+                drop(g);
+                add_grad(p, f, false, true);
+            }
         }
         return input;
     }
+    // ---- hf runtime under autocast (precision amp: fp32 weights and residual stream) -----------
+    // F.linear on x [rows, cols], a residual-stream tensor (fp32 under autocast), or a chunk of
+    // one: under autocast, the weight's bf16 copy (the cache keeps it for the region), then x's;
+    // returns what the GEMM reads (x, or its copy), held by the caller until the GEMM has run
+    // (saved() it, then drop it). Without autocast: x, held. (A bf16 input needs use_weight only.)
+    T hf_linear_input(int w, int b, T x, std::int64_t rows, std::int64_t cols);  // b: the bias, or -1
+    T hf_mm_grad(int p);                 // a GEMM's weight gradient [out, in]: bf16 under autocast
+    T hf_uncast(T g);                    // ToCopyBackward0 of a bf16 cast: the gradient back to fp32
+    // After a GEMM node (hf_mm_node_end) its gradients go on in autograd's order: the input's
+    // view node hands the input's gradient to its next node (to_input: a bf16 input's consumer,
+    // or an autocast cast's buffer); the weight's transpose node hands gw (a view of the GEMM's
+    // output) to AccumulateGrad (sink(w, gw)) or, under autocast, to the weight copy's
+    // ToCopyBackward0, whose buffer sums every use's gradient (the chunks'); then an input cast's
+    // node runs when its buffer is complete (cast_node: the gradient made fp32 and handed on);
+    // then the weight copy's node, once its last use's gradient is in (last_use), hands the fp32
+    // sum to AccumulateGrad (sink(w, fp32), not a view).
+    template <class Sink, class ToInput, class CastNode>
+    void hf_mm_outputs(int w, T gw, bool last_use, Sink sink, ToInput to_input, CastNode cast_node) {
+        to_input();
+        if (!amp_) {
+            sink(w, gw);
+            return;
+        }
+        Param& P = params_[static_cast<std::size_t>(w)];
+        if (!P.cast_pending.valid()) {
+            P.cast_pending = gw, P.cast_pending_view = true;
+        } else {
+            accumulate(P.cast_pending, gw, P.cast_pending_view);
+            P.cast_pending_view = false;
+        }
+        cast_node();
+        if (!last_use) return;
+        T f = grad_out(w);
+        drop(P.cast_pending);
+        sink(w, f);
+    }
+    // The same for an input cast by autocast (input_cast) or not: its gradient goes to pass_input.
+    template <class Sink, class PassInput>
+    void hf_mm_outputs(int w, T gw, T& input, bool input_cast, bool last_use, Sink sink, PassInput pass_input) {
+        hf_mm_outputs(
+            w, gw, last_use, sink,
+            [&] {
+                if (!input_cast) pass_input(input);
+            },
+            [&] {
+                if (!input_cast) return;
+                input = hf_uncast(input);
+                pass_input(input);
+            });
+    }
+    // A GEMM node's end: under autocast it saved the weight's copy first (hf_linear_input).
+    void hf_mm_node_end(int w, std::initializer_list<T*> saved, T* grad_in);
+    // Under autocast, a linear with a bias (AddmmBackward0): it saved the input's copy, then the
+    // weight's; the bias's gradient (bf16, summed over the tokens) is returned.
+    T hf_addmm_node_end(int w, int b, std::initializer_list<T*> saved, T* grad_in);
     void hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T& weights);
     void hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv);
     T hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_saved);
@@ -415,7 +493,8 @@ private:
     void hf_flash_forward(HfLayer& sv, T qe, T ke, T v, T& out);
     void hf_flash_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv);
     T hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, HfMlpChunk& c);
-    T hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool view_sum, WeightGradRef weight_grad);
+    // last_use: the chunk is the last whose gradients the weights' autocast copies wait for.
+    T hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool view_sum, bool last_use, WeightGradRef weight_grad);
     T hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save);
     T hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);
     T hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);
@@ -435,7 +514,9 @@ private:
     T hf_head_backward(HeadSaved& hs);  // returns the residual-stream gradient
     // One chunk's logits (z, fp32; Gemma-2: z capped and t its tanh) and summed loss; with_grad:
     // z turned into the logits' gradient in place.
-    void hf_chunk_loss(std::int64_t n, bool with_grad, T& z, T& t, T& loss);
+    // h: under autocast the chunk's bf16 copy of the fp32 hidden states (the caller's; with
+    // gradients it lives until the chunk's backward returns, without them it dies with the logits).
+    void hf_chunk_loss(std::int64_t n, bool with_grad, T& h, T& z, T& t, T& loss);
     T hf_chunk_backward(std::int64_t n);
     void hf_chunked_loss_forward(T h, HeadSaved& hs);
     T hf_chunked_loss_backward(HeadSaved& hs, T grad_in);
@@ -449,13 +530,17 @@ private:
     // then the node's input gradient is released; then, otherwise, its saved variables, in
     // `saved`'s order (the node's release_variables).
     template <class Reduce>
-    void node_end(std::initializer_list<T*> saved, T* grad_in, Reduce reduce) {
+    void node_end(std::span<T* const> saved, T* grad_in, Reduce reduce) {
         if (recomputed_)
-            for (auto it = std::rbegin(saved); it != std::rend(saved); ++it) drop(**it);
+            for (auto it = saved.rbegin(); it != saved.rend(); ++it) drop(**it);
         reduce();
         if (grad_in) drop(*grad_in);
         if (!recomputed_)
             for (T* t : saved) drop(*t);
+    }
+    template <class Reduce>
+    void node_end(std::initializer_list<T*> saved, T* grad_in, Reduce reduce) {
+        node_end(std::span<T* const>(saved.begin(), saved.size()), grad_in, reduce);
     }
     void node_end(std::initializer_list<T*> saved, T* grad_in) { node_end(saved, grad_in, [] {}); }
     // The same for a custom autograd.Function (a PyNode): recomputed saved tensors are the locals
@@ -492,6 +577,8 @@ private:
     std::vector<LayerParams> layer_params_;
     int embed_ = -1, final_norm_ = -1, lm_head_ = -1;  // lm_head_ == embed_ when tied
     std::vector<int> autocast_cache_;                   // params whose copy the cache holds
+    T autocast_leaf_;                                   // hf: the cached copy of a leaf input (the tiled MLP's replay)
+    bool hf_leaf_input_ = false;                        // hf: the MLP's input is a leaf (the tiled MLP's replay)
     std::vector<T> gathered_;                           // ZeRO-3: per unit (index unit + 1)
 
     // tensor table and the timeline being written
@@ -522,6 +609,7 @@ private:
     // first forward, whose pack hook only lets go of what the nodes save (NoGrad's `graph`).
     bool graph_ = true;
     bool hf_ = false;          // s_.runtime == Runtime::Hf
+    bool amp_ = false;         // hf under autocast (precision amp): fp32 weights, residual stream and norms
     bool recomputed_ = false;  // hf backward of a checkpointed layer: its saved tensors were recomputed
     // hf: the rotary tables of this micro-step, cos and sin [1, S, head_dim] bf16: one pair, or for
     // Gemma-3 one per layer type in the order transformers iterates a set of the types (full

@@ -21,10 +21,11 @@ namespace mst::sim {
 // x_saved), Gemma-2's final soft-capping after them (its tanh saved): the same in both runtimes.
 T StepBuilder::logits_forward(T x, T& x_saved, T& logits_tanh) {
     at("lm_head");
-    use_weight(lm_head_);
+    T in = hf_ ? hf_linear_input(lm_head_, -1, x, tokens_, m_.hidden_size) : (use_weight(lm_head_), hold(x));
     T logits = act("logits", bf16(tokens_, m_.vocab_size), false);
-    x_saved = saved(x);
-    drop(x);
+    x_saved = saved(in);
+    drop(in);
+    if (!hf_) drop(x);  // (hf: the model's forward holds its hidden states until it returns)
     if (m_.final_logit_softcapping) {  // logits = tanh(logits / cap) * cap
         at("lm_head.softcap");
         logits = softcap_forward(logits, bf16(tokens_, m_.vocab_size), {"logits_div", "logits_tanh", "logits_capped"},
@@ -38,7 +39,7 @@ T StepBuilder::embedding_forward(Category out_category) {
     at("embedding");
     const bool gemma = m_.gemma();
     if (hf_) {
-        T x = act("embeddings", bf16(tokens_, m_.hidden_size), false);
+        T x = act("embeddings", res(tokens_, m_.hidden_size), false);
         if (gemma) {  // Gemma2ScaledWordEmbedding: times embed_scale, a new tensor
             at("embedding.scale");
             T scaled = act("embeddings_scaled", bf16(tokens_, m_.hidden_size), false);
@@ -261,6 +262,11 @@ void StepBuilder::hf_model_tensors() {
         T sn = act("sin_fp32", f32(S, D), false);
         T ss = act("sin_scaled", f32(S, D), false);
         drop(sn);
+        if (amp_) {  // .to(x.dtype) of the fp32 hidden states: the scaled tables themselves
+            hf_rope_[table].cos = cs, hf_rope_[table].sin = ss;
+            drop(freqs), drop(emb);
+            continue;
+        }
         hf_rope_[table].cos = act("cos", bf16(S, D), false);
         hf_rope_[table].sin = act("sin", bf16(S, D), false);
         drop(freqs), drop(emb), drop(cs), drop(ss);
@@ -317,7 +323,7 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
     layer_ = -1;
     const std::int64_t V = m_.vocab_size;
     at("final_norm");
-    T h = hf_norm_forward(final_norm_, hs.hf_norm);
+    T h = hf_norm_forward(final_norm_, x_last, hs.hf_norm);
     drop(x_last);
     // The model's forward returns: its frame's variables go in their order, the position ids and
     // the embeddings (arguments) before the masks and the rotary (cos, sin); Qwen2 and Gemma-2 also
@@ -347,12 +353,8 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
     hs.hf_lp_nll = saved(lp);
     drop(lp);
     drop(up), drop(pad);  // the loss function's locals
-    drop(logits);         // the trainer keeps only the loss of the model's output
-    if (s_.grad_accum > 1) {  // loss / grad_accum
-        T scaled = act("loss_scaled", 4, false);
-        drop(hs.hf_loss);
-        hs.hf_loss = scaled;
-    }
+    drop(h);              // the model's forward returns
+    hs.hf_logits = logits;  // in its output, until the autocast region has ended (micro_step)
 }
 
 T StepBuilder::hf_head_backward(HeadSaved& hs) {
@@ -383,11 +385,12 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
         gl = softcap_backward(gl, bf16(tokens_, V), {"d_logits_capped", "d_logits_tanh", "d_logits_div"}, hs.logits_tanh);
         at("lm_head");
     }
-    T gw = grad_out(lm_head_);
+    T gw = hf_mm_grad(lm_head_);
     T dh = alloc("d_hidden", bf16(tokens_, d), Category::Transient);
-    node_end({&hs.hf_logits_in}, &gl);
-    release_weight(lm_head_);
-    add_grad(lm_head_, gw, true, !m_.tie_word_embeddings);  // tied: the embedding's gradient joins it
+    hf_mm_node_end(lm_head_, {&hs.hf_logits_in}, &gl);
+    // tied: the embedding's gradient joins it
+    hf_mm_outputs(lm_head_, gw, dh, amp_, true, [&](int p, T g) { add_grad(p, g, !amp_, !m_.tie_word_embeddings); },
+                  [](T&) {});
     at("final_norm");
     return hf_norm_backward(final_norm_, hs.hf_norm, dh);
 }
@@ -406,11 +409,12 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
 
 namespace mst::sim {
 
-void StepBuilder::hf_chunk_loss(std::int64_t n, bool with_grad, T& z, T& t, T& loss) {
+void StepBuilder::hf_chunk_loss(std::int64_t n, bool with_grad, T& h, T& z, T& t, T& loss) {
     const std::int64_t V = m_.vocab_size;
     T logits = alloc("logits", bf16(n, V), Category::Transient);
     z = alloc("logits_fp32", f32(n, V), Category::Transient);
     drop(logits);
+    if (!with_grad) drop(h);  // _chunk_logits' argument
     if (m_.final_logit_softcapping) {  // t = z.div_(cap).tanh_() in place; z = t * cap, a new tensor
         t = z;
         z = alloc("logits_capped", f32(n, V), Category::Transient);
@@ -443,13 +447,20 @@ void StepBuilder::hf_chunk_loss(std::int64_t n, bool with_grad, T& z, T& t, T& l
 }
 
 // One chunk's loss and gradients (_chunk_backward): the loss of the chunk, returned.
+// Under autocast the chunk's fp32 hidden gradient is d_hidden[chunk].copy_(g @ w), through a bf16
+// temporary.
 T StepBuilder::hf_chunk_backward(std::int64_t n) {
+    T h = amp_ ? alloc("hidden_chunk_bf16", bf16(n, m_.hidden_size), Category::Transient) : T{};
     T z, t, loss;
-    hf_chunk_loss(n, true, z, t, loss);
+    hf_chunk_loss(n, true, h, z, t, loss);
     drop(t);  // del t
     T g = alloc("d_logits", bf16(n, m_.vocab_size), Category::Transient);
     drop(z);
-    drop(g);  // at return
+    if (amp_) {
+        T dh = alloc("d_hidden_chunk_bf16", bf16(n, m_.hidden_size), Category::Transient);
+        drop(dh);
+    }
+    drop(h), drop(g);  // at return, in the frame's order
     return loss;
 }
 
@@ -466,22 +477,29 @@ void StepBuilder::hf_chunked_loss_forward(T h, HeadSaved& hs) {
     T denominator = act("denominator", 4, false);
     drop(count);
     at("lm_head.chunked");
+    // Under autocast: w = weight.to(bf16) for the chunks' GEMMs, each chunk of h cast too; the
+    // gradients of h take its fp32, the weight's is summed in bf16 and cast back to fp32 at the end.
+    const std::int64_t numel = params_[static_cast<std::size_t>(lm_head_)].numel;
     if (!fused) {
         hs.hf_logits_in = saved(h), hs.hf_targets = saved(targets), hs.hf_denominator = saved(denominator);
+        T w = amp_ ? act("lm_head_weight_bf16", bf16(numel, 1), false) : T{};
         T total = act("loss_sum", 4, false);
         for (std::int64_t n : chunks) {
             loop_iteration();
+            T hc = amp_ ? act("hidden_chunk_bf16", bf16(n, d), false) : T{};
             T z, t, loss;
-            hf_chunk_loss(n, false, z, t, loss);
+            hf_chunk_loss(n, false, hc, z, t, loss);
             drop(loss), drop(z), drop(t);  // total += loss; del z, t
         }
         loop_end();
+        drop(w);  // _loss_sum returns
         hs.hf_loss = act("loss", 4, false);
         drop(total);
     } else {
         T scale = act("scale", 4, false);
-        hs.dhf = act("d_hidden", bf16(tokens_, d), false);
-        hs.grad_partial = act("d_weight", checked_mul(params_[static_cast<std::size_t>(lm_head_)].numel, pg_), false);
+        T w = amp_ ? act("lm_head_weight_bf16", bf16(numel, 1), false) : T{};
+        hs.dhf = act("d_hidden", res(tokens_, d), false);
+        hs.grad_partial = act("d_weight", amp_ ? bf16(numel, 1) : checked_mul(numel, pg_), false);
         T total = act("loss_sum", 4, false);
         for (std::int64_t n : chunks) {
             loop_iteration();
@@ -489,17 +507,17 @@ void StepBuilder::hf_chunked_loss_forward(T h, HeadSaved& hs) {
             drop(loss);
         }
         loop_end();
+        if (amp_) {  // d_weight = d_weight.to(fp32)
+            T dw = act("d_weight_fp32", f32(numel, 1), false);
+            drop(hs.grad_partial);
+            hs.grad_partial = dw;
+        }
         hs.hf_loss = act("loss", 4, false);
-        drop(scale), drop(total);
+        drop(scale), drop(w), drop(total);
     }
     (void)V;
     drop(pad), drop(targets), drop(denominator);  // causal_lm_loss returns
     drop(h);  // and the training forward's hidden
-    if (s_.grad_accum > 1) {  // loss / grad_accum
-        T scaled = act("loss_scaled", 4, false);
-        drop(hs.hf_loss);
-        hs.hf_loss = scaled;
-    }
 }
 
 T StepBuilder::hf_chunked_loss_backward(HeadSaved& hs, T grad_in) {
@@ -510,16 +528,23 @@ T StepBuilder::hf_chunked_loss_backward(HeadSaved& hs, T grad_in) {
         dh = std::exchange(hs.dhf, T{}), dw = std::exchange(hs.grad_partial, T{});
         node_end({}, &grad_in);
     } else {
+        const std::int64_t numel = params_[static_cast<std::size_t>(lm_head_)].numel;
         T scale = alloc("scale", 4, Category::Transient);
-        dh = alloc("d_hidden", bf16(tokens_, d), Category::Transient);
-        dw = alloc("d_weight", checked_mul(params_[static_cast<std::size_t>(lm_head_)].numel, pg_), Category::Transient);
+        T w = amp_ ? alloc("lm_head_weight_bf16", bf16(numel, 1), Category::Transient) : T{};
+        dh = alloc("d_hidden", res(tokens_, d), Category::Transient);
+        dw = alloc("d_weight", amp_ ? bf16(numel, 1) : checked_mul(numel, pg_), Category::Transient);
         for (std::int64_t n : chunk_sizes(tokens_, s_.lm_chunks)) {
             loop_iteration();
             T loss = hf_chunk_backward(n);
             drop(loss);
         }
         loop_end();
-        drop(scale);
+        if (amp_) {  // d_weight = d_weight.to(fp32)
+            T dw32 = alloc("d_weight_fp32", f32(numel, 1), Category::Transient);
+            drop(dw);
+            dw = dw32;
+        }
+        drop(scale), drop(w);
         node_end({&hs.hf_logits_in, &hs.hf_targets, &hs.hf_denominator}, &grad_in);
     }
     add_grad(lm_head_, dw, false, !m_.tie_word_embeddings);

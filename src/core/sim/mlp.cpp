@@ -176,17 +176,21 @@ T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, 
         return m;
     }
     at("mlp.gate_up");
-    use_weight(lp.gate);
+    T in = hf_linear_input(lp.gate, -1, x, n, m_.hidden_size);  // (autocast: each projection casts x)
+    if (amp_ && hf_leaf_input_) autocast_leaf_ = hold(in);
     T g = act("g", bf16(n, I), false);
-    c.x_gate = saved(x);
+    c.x_gate = saved(in);
+    drop(in);
     at("mlp.act");
     T s = act("s", bf16(n, I), false);
     c.g = saved(g);
     drop(g);
     at("mlp.gate_up");
-    use_weight(lp.up);
+    // (the tiled MLP's replay: x is a leaf, whose cast autocast's cache keeps and hands to up again)
+    in = amp_ && hf_leaf_input_ ? (use_weight(lp.up), hold(autocast_leaf_)) : hf_linear_input(lp.up, -1, x, n, m_.hidden_size);
     T u = act("u", bf16(n, I), false);
-    c.x_up = saved(x);
+    c.x_up = saved(in);
+    drop(in);
     at("mlp.act");
     T m = act("m", bf16(n, I), false);
     c.s = saved(s), c.u = saved(u);
@@ -203,13 +207,19 @@ T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, 
 // after the input's two gradients are summed (a node's outputs reach their buffers in order:
 // input, weight). Returns the chunk input's gradient; view_sum: up's input gradient is a view of
 // its GEMM's output (the unchunked block), so the sum is a new tensor.
-T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool view_sum, WeightGradRef weight_grad) {
+T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool view_sum, bool last_use,
+                                     WeightGradRef weight_grad) {
     const std::int64_t d = m_.hidden_size, I = m_.intermediate_size, n = c.tokens;
+    // Under autocast the tiled MLP's replay casts its input (a leaf) once: gate and up share the
+    // copy, whose cast node sums both input gradients (bf16) before making them fp32.
+    const bool shared_cast = amp_ && c.x_up.valid() && c.x_up.id == c.x_gate.id;
+    const auto sink = [&](int p, T g) { weight_grad(p, g); };
+    const auto keep = [](T&) {};  // the input's gradient goes on as the returned tensor
     at("mlp.down");
-    T gwd = grad_out(lp.down);
+    T gwd = hf_mm_grad(lp.down);
     T gm = alloc("d_m", bf16(n, I), Category::Transient);
-    node_end({&c.m}, &dy);
-    weight_grad(lp.down, gwd);
+    hf_mm_node_end(lp.down, {&c.m}, &dy);
+    hf_mm_outputs(lp.down, gwd, gm, false, last_use, sink, keep);
     if (m_.fused_projections()) {
         // MulBackward0 (up * act(gate)): act's gradient, then up's; SiluBackward0 lets go of the last
         // view of gate_up's output; SplitBackward0 joins the halves' gradients into [n, 2I].
@@ -234,19 +244,22 @@ T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy
     T gs = alloc("d_s", bf16(n, I), Category::Transient);
     node_end({&c.u, &c.s}, &gm);
     at("mlp.gate_up");
-    T gwu = grad_out(lp.up);
+    T gwu = hf_mm_grad(lp.up);
     T dxc = alloc("d_x_up", bf16(n, d), Category::Transient);
-    node_end({&c.x_up}, &gu);
-    weight_grad(lp.up, gwu);
+    hf_mm_node_end(lp.up, {&c.x_up}, &gu);
+    hf_mm_outputs(lp.up, gwu, dxc, amp_ && !shared_cast, last_use, sink, keep);
     at("mlp.act");
     T gg = alloc("d_g", bf16(n, I), Category::Transient);
     node_end({&c.g}, &gs);
     at("mlp.gate_up");
-    T gwg = grad_out(lp.gate);
+    T gwg = hf_mm_grad(lp.gate);
     T dxg = alloc("d_x_gate", bf16(n, d), Category::Transient);
-    node_end({&c.x_gate}, &gg);
-    accumulate(dxc, dxg, view_sum);
-    weight_grad(lp.gate, gwg);
+    hf_mm_node_end(lp.gate, {&c.x_gate}, &gg);
+    if (shared_cast)
+        hf_mm_outputs(
+            lp.gate, gwg, last_use, sink, [&] { accumulate(dxc, dxg, false); }, [&] { dxc = hf_uncast(dxc); });
+    else
+        hf_mm_outputs(lp.gate, gwg, dxg, amp_, last_use, sink, [&](T& g) { accumulate(dxc, g, view_sum && !amp_); });
     return dxc;
 }
 
@@ -343,18 +356,15 @@ T StepBuilder::hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     T dx;
     for (std::size_t i = chunks; i-- > 0;) {
         const bool last = i == 0;  // the chunk whose weight gradients let AccumulateGrad run
-        auto accumulate_grad = [&](int p, T g) {
-            release_weight(p);
-            add_grad(p, g, true, last);
-        };
+        auto accumulate_grad = [&](int p, T g) { add_grad(p, g, !amp_, last); };
         T dxc = m_.moe ? hf_moe_backward(lp, sv.moe[i], views[i], accumulate_grad)
-                       : hf_mlp_chunk_backward(lp, sv.mlp[i], views[i], !chunked, accumulate_grad);
+                       : hf_mlp_chunk_backward(lp, sv.mlp[i], views[i], !chunked, last, accumulate_grad);
         if (!chunked) {
             dx = dxc;
             break;
         }
         at("mlp.chunk");
-        T full = alloc("d_x_chunk", bf16(tokens_, d), Category::Transient);  // SliceBackward0
+        T full = alloc("d_x_chunk", res(tokens_, d), Category::Transient);  // SliceBackward0
         node_end({}, &dxc);
         if (dx.valid()) accumulate(dx, full, false);
         else dx = full;
@@ -375,7 +385,7 @@ namespace mst::sim {
 T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     const std::int64_t d = m_.hidden_size;
     at("mlp.tiled");
-    T dx = alloc("d_x", bf16(tokens_, d), Category::Transient);
+    T dx = alloc("d_x", res(tokens_, d), Category::Transient);
     const bool checkpointed = std::exchange(recomputed_, false);  // the nested graph's tensors are its own
     // The MLP's parameters in their order (gate, up, down; Phi-3: gate_up, down): torch.autograd.grad's
     // outputs after the input's, and the node's.
@@ -392,14 +402,17 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
         phase_ = Phase::Recompute;
         HfMlpChunk c;
         HfMoe e;
+        hf_leaf_input_ = true;  // xc = x[chunk].detach().requires_grad_()
         T yc = hf_block_chunk_forward(lp, sv.x_tiled, n, &c, &e, false, {});
+        hf_leaf_input_ = false;
+        clear_autocast_cache();  // the chunk's autocast region ends
         phase_ = Phase::Backward;
         T dyc = hold(dy);  // dy[chunk], a view
         std::array<T, 3> grads;
         auto grad_of = [&](int p, T g) {
             grads[static_cast<std::size_t>(std::find(params.begin(), params.begin() + count, p) - params.begin())] = g;
         };
-        T dxc = m_.moe ? hf_moe_backward(lp, e, dyc, grad_of) : hf_mlp_chunk_backward(lp, c, dyc, false, grad_of);
+        T dxc = m_.moe ? hf_moe_backward(lp, e, dyc, grad_of) : hf_mlp_chunk_backward(lp, c, dyc, false, true, grad_of);
         at("mlp.tiled");
         drop(yc);   // del yc
         drop(dxc);  // dx[chunk] = grads.pop(0)

@@ -107,7 +107,13 @@ void StepBuilder::micro_step(int micro) {
     release_unit(static_cast<int>(L));
     layer_ = -1;
     at("forward.end");
-    clear_autocast_cache();
+    clear_autocast_cache();  // the autocast region ends with the forward
+    drop(head.hf_logits);    // the trainer keeps only the loss of the model's output
+    if (hf_ && s_.grad_accum > 1) {  // loss / grad_accum
+        T scaled = act("loss_scaled", 4, false);
+        drop(head.hf_loss);
+        head.hf_loss = scaled;
+    }
     if (!any_checkpoint)
         for (T& mask : masks) drop(mask);
 
@@ -135,6 +141,9 @@ void StepBuilder::micro_step(int micro) {
                     const char* op = op_;
                     phase_ = Phase::Recompute;
                     hf_layer_forward(l, input, layer, true);
+                    phase_ = Phase::Recompute;  // its autocast region ends (grad mode still on)
+                    clear_autocast_cache();
+                    phase_ = Phase::Backward;
                     if (s_.offload_checkpoints) drop(input);  // the recompute's argument, once it returns
                     recomputed_ = true;
                     at(op);
