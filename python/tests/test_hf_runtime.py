@@ -97,6 +97,10 @@ CASES = [
     (QWEN3, {"checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2, "lm_impl": "fused"}),
     (QWEN3, {"checkpoint": [0], "offload_checkpoints": True, "optimizer_impl": "foreach"}),
     (QWEN3, {"precision": "bf16-master", "optimizer_in_backward": True, "mlp_chunks": 3, "mlp_impl": "tiled"}),
+    # AMP: the head norms' fp32 weight leaves q and k fp32 (rotate_half and the RoPE gradients too).
+    (QWEN3, {"precision": "amp", "checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2, "lm_impl": "fused"}),
+    (QWEN3, {"precision": "amp", "checkpoint": [0], "offload_checkpoints": True, "mlp_chunks": 3, "mlp_impl": "tiled",
+             "grad_accum": 2}),
     # Gemma-2: post-norms, soft-capping (eager and final), scaled embeddings, GeGLU.
     (GEMMA2, {}),
     (GEMMA2, {"attention": "eager", "checkpoint": [0], "micro_batch": 2}),

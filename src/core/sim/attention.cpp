@@ -355,7 +355,7 @@ T StepBuilder::hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save
         return out;
     }
     T c = fp32_in ? hold(n) : act("norm.normed", bf16(rows, d), false);  // weight * n.to(bf16)
-    T out = act("norm_out", fp32_in ? f32(rows, d) : bf16(rows, d), false);
+    T out = act("norm_out", amp_ ? f32(rows, d) : bf16(rows, d), false);  // (autocast: an fp32 weight)
     sv.c = saved(c);
     drop(c);
     drop(n), drop(v);  // the locals, at return
@@ -388,12 +388,19 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
         add_grad(p, gw, false, true);
     } else {
         // MulBackward0 (w * c): the gradient of c, then w's (reduced to [d] by validate_outputs)
-        T gc = alloc("d_normed", fp32_in ? f32(rows, d) : bf16(rows, d), Category::Transient);
-        T gw_full = alloc("d_norm_weight_full", fp32_in ? f32(rows, d) : bf16(rows, d), Category::Transient);
+        // Under autocast w is fp32: both products are fp32, and validate_outputs casts c's to c's
+        // dtype (bf16 unless x was fp32) after reducing w's.
+        T gc = alloc("d_normed", amp_ || fp32_in ? f32(rows, d) : bf16(rows, d), Category::Transient);
+        T gw_full = alloc("d_norm_weight_full", amp_ ? f32(rows, d) : bf16(rows, d), Category::Transient);
         T gw;
         node_end({&sv.c}, &g, [&] {
             gw = grad_out(p);
             drop(gw_full);
+            if (amp_ && !fp32_in) {
+                T cast = alloc("d_normed_bf16", bf16(rows, d), Category::Transient);
+                drop(gc);
+                gc = cast;
+            }
         });
         add_grad(p, gw, true, true);
         if (fp32_in) {
@@ -450,11 +457,12 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
 T StepBuilder::hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_saved) {
     (void)x;  // read, not owned
     const std::int64_t dim = checked_mul(heads, m_.rotary_dim);
-    const int rb = amp_ ? 4 : 2;  // the products' dtype
+    const int rb = amp_ ? 4 : 2;                  // the products' dtype
+    const int xb = hf_fp32_heads() ? 4 : 2;       // x's, and rotate_half's
     T xc = act("rope.x_cos", elems(tokens_, dim, rb), false);
     cos_saved = saved(hf_rope(layer_).cos);
-    T neg = act("rope.neg", bf16(tokens_, dim / 2), false);
-    T cat = act("rope.rotated", bf16(tokens_, dim), false);
+    T neg = act("rope.neg", elems(tokens_, dim / 2, xb), false);
+    T cat = act("rope.rotated", elems(tokens_, dim, xb), false);
     drop(neg);
     T rs = act("rope.rotated_sin", elems(tokens_, dim, rb), false);
     sin_saved = saved(hf_rope(layer_).sin);
@@ -474,10 +482,12 @@ T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_sa
     const std::int64_t dim = checked_mul(heads, m_.rotary_dim);
     if (pass) *pass = hold(d);
     T d_cos = hold(d);  // AddBackward0 hands the gradient to both products
-    // A product's gradient for its bf16 factor: under autocast (fp32 tables) computed in fp32, then cast.
+    // A product's gradient for its x-side factor: under autocast (fp32 tables) computed in fp32,
+    // then cast to x's bf16 (Qwen3's normed heads are fp32 already).
+    const int xb = hf_fp32_heads() ? 4 : 2;
     auto factor_grad = [&](const char* name) {
-        T g32 = amp_ ? alloc("d_rope.product_fp32", f32(tokens_, dim), Category::Transient) : T{};
-        T g = alloc(name, bf16(tokens_, dim), Category::Transient);
+        T g32 = amp_ && xb == 2 ? alloc("d_rope.product_fp32", f32(tokens_, dim), Category::Transient) : T{};
+        T g = alloc(name, elems(tokens_, dim, xb), Category::Transient);
         drop(g32);
         return g;
     };
@@ -487,12 +497,12 @@ T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_sa
     // CatBackward0 narrows gr into the halves' gradients (views); NegBackward0 on the first
     T half1 = hold(gr), half2 = hold(gr);
     drop(gr);
-    T gneg = alloc("d_rope.neg", bf16(tokens_, dim / 2), Category::Transient);
+    T gneg = alloc("d_rope.neg", elems(tokens_, dim / 2, xb), Category::Transient);
     node_end({}, &half1);
     // SliceBackward0 (x2 = x[..., D/2:], then x1 = x[..., :D/2]): zeros of x's shape, the half copied in
-    T gx = alloc("d_rope.slice_x2", bf16(tokens_, dim), Category::Transient);
+    T gx = alloc("d_rope.slice_x2", elems(tokens_, dim, xb), Category::Transient);
     node_end({}, &gneg);
-    T gx1 = alloc("d_rope.slice_x1", bf16(tokens_, dim), Category::Transient);
+    T gx1 = alloc("d_rope.slice_x1", elems(tokens_, dim, xb), Category::Transient);
     node_end({}, &half2);
     accumulate(gx, gx1, false);
     // MulBackward0 (x * cos)

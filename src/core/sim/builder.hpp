@@ -486,6 +486,8 @@ private:
     T hf_addmm_node_end(int w, int b, std::initializer_list<T*> saved, T* grad_in);
     void hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T& weights);
     void hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv);
+    // Under autocast Qwen3's head norms leave q and k fp32 (their fp32 weight times the bf16 value).
+    bool hf_fp32_heads() const { return amp_ && m_.qk_norm && !m_.gemma(); }
     T hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_saved);
     T hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_saved, T* pass = nullptr);
     T hf_rope_slices_backward(T pass, T rotated, std::int64_t heads);  // Phi-3's partial rotary
