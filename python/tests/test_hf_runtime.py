@@ -127,12 +127,17 @@ CASES = [
     (PHI3, {"attention": "eager", "checkpoint": [0], "micro_batch": 2}),
     (PHI3, {"checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2, "lm_impl": "fused"}),
     (PHI3, {"precision": "bf16-master", "optimizer_in_backward": True, "mlp_chunks": 3, "mlp_impl": "tiled"}),
+    # AMP: fused projections cast their input once; cat promotes the bf16 pass-through share to fp32.
+    (PHI3, {"precision": "amp", "checkpoint": [0], "offload_checkpoints": True, "mlp_chunks": 3, "mlp_impl": "tiled",
+            "grad_accum": 2}),
+    (PHI3, {"precision": "amp", "checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2, "lm_impl": "fused"}),
     # Phi-3-mini's shape: every dimension rotated (the first share is an alias), no KV sharing, a
     # sliding window in every layer; and longrope's frequency choice in every forward.
     (PHI3_SLIDING, {"attention": "eager", "checkpoint": "all", "micro_batch": 2, "mlp_chunks": 2}),
     (PHI3_SLIDING, {"checkpoint": [1], "offload_checkpoints": True, "optimizer_impl": "foreach", "lm_chunks": 2,
                     "mlp_chunks": 3, "mlp_impl": "tiled", "grad_accum": 2}),
     (PHI3_LONGROPE, {"checkpoint": "all"}),
+    (PHI3_SLIDING, {"precision": "amp", "micro_batch": 2, "mlp_chunks": 2, "checkpoint": [1]}),
     # One KV head: its rotated k is expanded to every head (a zero stride), which matmul copies.
     (PHI3_MQA, {"attention": "eager", "micro_batch": 2}),
     # Mixture-of-Experts (transformers' grouped_mm experts): Mixtral's fp32 routing weights and

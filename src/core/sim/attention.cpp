@@ -470,7 +470,11 @@ T StepBuilder::hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_sav
     T out = act("rope.out", elems(tokens_, dim, rb), false);
     drop(xc), drop(rs);
     if (!m_.rotary_concatenates()) return out;
-    T joined = act("rope.joined", bf16(tokens_, checked_mul(heads, m_.head_dim)), false);
+    // Under autocast the rotated share is fp32: cat promotes the bf16 pass-through share (a copy).
+    const std::int64_t rest = checked_mul(heads, m_.head_dim - m_.rotary_dim);
+    T pass = amp_ && rest > 0 ? act("rope.pass_fp32", f32(tokens_, rest), false) : T{};
+    T joined = act("rope.joined", elems(tokens_, checked_mul(heads, m_.head_dim), rb), false);
+    drop(pass);
     drop(out);
     return joined;
 }
@@ -480,7 +484,10 @@ T StepBuilder::hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_sav
 // `pass` receives (the caller runs both shares' SliceBackward0 later: hf_rope_slices_backward).
 T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_saved, T* pass) {
     const std::int64_t dim = checked_mul(heads, m_.rotary_dim);
-    if (pass) *pass = hold(d);
+    if (pass) {  // under autocast the pass-through share was cast to fp32: its node casts it back first
+        const std::int64_t rest = checked_mul(heads, m_.head_dim - m_.rotary_dim);
+        *pass = !amp_ ? hold(d) : rest > 0 ? alloc("d_rope.pass_bf16", bf16(tokens_, rest), Category::Transient) : T{};
+    }
     T d_cos = hold(d);  // AddBackward0 hands the gradient to both products
     // A product's gradient for its x-side factor: under autocast (fp32 tables) computed in fp32,
     // then cast to x's bf16 (Qwen3's normed heads are fp32 already).
@@ -552,9 +559,10 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
     if (m_.fused_projections()) {
         // Phi-3: one qkv_proj; q, k and v are views of its output. v's view is what the attention
         // keeps, so the whole [T, q + 2 kv] output lives as long as v (one handle for both).
-        use_weight(lp.q);
+        T in = hf_linear_input(lp.q, lp.q_bias, h1, tokens_, d);
         v = act("qkv", bf16(tokens_, qd + 2 * kvd), false);
-        sv.h1_q = saved(h1);
+        sv.h1_q = saved(in);
+        drop(in);
     } else {
         // each projection its own: under autocast each casts the fp32 input again
         auto project = [&](int w, int b, const char* name, std::int64_t cols, T& saved_in) {
@@ -648,7 +656,7 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
             if (g.valid()) accumulate(g, full, false);
             else g = full;
         }
-        return hf_linear_backward(lp.q, -1, "d_h1", bf16(tokens_, d), {&sv.h1_q}, g, [](T&) {});
+        return hf_linear_backward(lp.q, -1, "d_h1", bf16(tokens_, d), {&sv.h1_q}, g, [](T&) {}, amp_);
     }
     if (eager_dv_copies) contiguous(dv, m_.num_kv_heads, "d_v_contiguous");
     T dh = hf_linear_backward(lp.v, lp.v_bias, "d_h1_v", bf16(tokens_, d), {&sv.h1_v}, dv, [](T&) {}, amp_);

@@ -160,9 +160,14 @@ T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, 
         // Phi3MLP: gate, up = gate_up_proj(x).chunk(2); up * act(gate). Both halves are views of
         // one [n, 2I] output: the activation saves gate, the product saves up and act(gate).
         at("mlp.gate_up");
-        use_weight(lp.gate);
+        T in = amp_ && hf_leaf_input_ ? T{} : hf_linear_input(lp.gate, -1, x, n, m_.hidden_size);
+        if (!in.valid()) {  // the tiled MLP's replay: its leaf input's cast is cached
+            in = hf_linear_input(lp.gate, -1, x, n, m_.hidden_size);
+            autocast_leaf_ = hold(in);
+        }
         T gate_up = act("gate_up", bf16(n, 2 * I), false);
-        c.x_gate = saved(x);
+        c.x_gate = saved(in);
+        drop(in);
         at("mlp.act");
         T s = act("s", bf16(n, I), false);
         c.g = saved(gate_up);
@@ -233,10 +238,10 @@ T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy
         T joined = alloc("d_gate_up", bf16(n, 2 * I), Category::Transient);
         node_end({}, &gg);
         drop(gu);
-        T gw = grad_out(lp.gate);
+        T gw = hf_mm_grad(lp.gate);
         T dx = alloc("d_x_gate_up", bf16(n, d), Category::Transient);
-        node_end({&c.x_gate}, &joined);
-        weight_grad(lp.gate, gw);
+        hf_mm_node_end(lp.gate, {&c.x_gate}, &joined);
+        hf_mm_outputs(lp.gate, gw, dx, amp_, last_use, sink, keep);
         return dx;
     }
     at("mlp.act");
