@@ -38,6 +38,12 @@ Two things differ between this observation and a plain GPU run, and are correcte
 2. The storages that existed before recording starts (weights, optimizer states) are
    registered by the driver as ``init`` allocations, in a fixed order.
 
+The recording runs on the CPU, whose autocast casts fewer ops than CUDA's: an op with a CUDA
+autocast policy and none on the CPU (``pow``, ``rsqrt``, ``sum``, ``cumsum``, ``log`` ...) that
+receives a bf16/fp16 floating input inside an autocast region would run in fp32 on a GPU. The
+recorder refuses such a step (:class:`CudaAutocastMismatch`) rather than record what a GPU run
+does not allocate.
+
 Not recorded: constants made from Python data (``torch.tensor(1.0)``: ``aten.lift_fresh`` on
 fake tensors), which the code the referee runs keeps on the host (torch.optim's step
 increment); and zero-byte storages.
@@ -54,6 +60,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch.autograd.graph import node_creation_hook
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -128,6 +135,57 @@ class _PendingSum:
     event: Event           # the sum's allocation event, not yet written
 
 
+class CudaAutocastMismatch(RuntimeError):
+    """An op CUDA's autocast would cast (and the CPU's does not) got a lower-precision input."""
+
+
+_CUDA_ONLY_AUTOCAST: Dict[str, bool] = {}
+
+
+def _cuda_only_autocast(func: Any) -> bool:
+    """Whether ``func`` has an AutocastCUDA kernel and no AutocastCPU one (cached per overload)."""
+    name = func.name() if hasattr(func, "name") else str(func)
+    hit = _CUDA_ONLY_AUTOCAST.get(name)
+    if hit is None:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key
+        try:
+            hit = has(name, "AutocastCUDA") and not has(name, "AutocastCPU")
+        except RuntimeError:  # not a registered operator (a Python-level op)
+            hit = False
+        _CUDA_ONLY_AUTOCAST[name] = hit
+    return hit
+
+
+class AutocastProbe(TorchFunctionMode):
+    """Whether CPU autocast is on for the torch function running now: a dispatch mode cannot ask
+    (the dispatcher has excluded the autocast keys by the time it runs). Outside any torch function
+    (the autograd engine's own ops) it answers False."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        previous, self.enabled = self.enabled, torch.is_autocast_enabled("cpu")
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.enabled = previous
+
+
+def check_cuda_autocast(func: Any, args: Any, kwargs: Any, autocast: bool) -> None:
+    """Raise CudaAutocastMismatch when ``func`` runs under CPU autocast (``autocast``) on a bf16/fp16
+    floating input and CUDA's autocast (not the CPU's) has a policy for it: a GPU run would differ."""
+    if not autocast or not _cuda_only_autocast(func):
+        return
+    low = [a for a in tree_flatten((args, kwargs))[0]
+           if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16)]
+    if low:
+        raise CudaAutocastMismatch(
+            f"referee: {func} ran on a {str(low[0].dtype).replace('torch.', '')} input under autocast: CUDA's "
+            f"autocast casts it (the CPU's does not), so this CPU step is not what a GPU allocates")
+
+
 class StorageRecorder(TorchDispatchMode):
     """Records the allocations and frees of every storage created while it is active.
 
@@ -152,6 +210,21 @@ class StorageRecorder(TorchDispatchMode):
         self._op = "-"
         self._pending: Optional[_PendingSum] = None
         self._closed = False
+        self._autocast = AutocastProbe()
+
+    def __enter__(self) -> "StorageRecorder":
+        self._autocast.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._autocast.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._autocast.__exit__(*exc)
 
     # ---- context ----------------------------------------------------------------------
 
@@ -299,6 +372,7 @@ class StorageRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         self._flush()
+        check_cuda_autocast(func, args, kwargs, self._autocast.enabled)
         name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
         old = None
         if self.correct_buffer_sums and self._is_buffer_sum(func, args, kwargs):

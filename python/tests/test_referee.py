@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from mst_referee import jobs, referee, validate  # noqa: E402
-from mst_referee.recorder import StorageRecorder, host_memory  # noqa: E402
+from mst_referee.recorder import CudaAutocastMismatch, StorageRecorder, host_memory  # noqa: E402
 
 TINY = "tiny-llama"
 SLIDING_TIED = str(jobs.REPO_ROOT / "tests" / "data" / "tiny_sliding_tied.json")
@@ -128,6 +128,28 @@ def _profile(fn):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn(_Phases())
     return validate.profiled_allocations(prof)
+
+
+def test_an_op_only_cudas_autocast_casts_is_refused_on_a_bf16_input_under_autocast():
+    # aten::sum has an AutocastCUDA kernel (fp32 accumulation: a bf16 input gives an fp32 result on a
+    # GPU) and no AutocastCPU one: recorded on the CPU the step would not be the GPU's. aten::mm has
+    # both (the CPU referee casts as CUDA does); outside autocast nothing is cast anywhere.
+    x = torch.ones(8, 8, dtype=torch.bfloat16)
+
+    def bf16_sum(r):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x.sum()
+
+    with pytest.raises(CudaAutocastMismatch, match="aten.sum"):
+        _record(bf16_sum)
+
+    def fine(r):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x.float().sum()  # fp32 input: both autocasts leave it alone
+            torch.mm(x.float(), x.float())  # cast to bf16 by both
+        x.sum()  # no autocast
+
+    _record(fine)
 
 
 def test_two_gradients_of_one_tensor_are_summed_in_place_as_in_a_plain_run():
