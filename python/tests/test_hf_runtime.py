@@ -106,6 +106,11 @@ CASES = [
     (GEMMA2, {"attention": "eager", "checkpoint": [0], "micro_batch": 2}),
     (GEMMA2, {"lm_chunks": 2, "mlp_chunks": 2, "mlp_impl": "tiled", "checkpoint": "all"}),
     (GEMMA2, {"lm_chunks": 3, "lm_impl": "fused", "grad_accum": 2}),
+    # AMP: the fp32 scaled embeddings; the fp32 weight's 1 + w needs no copy; a norm on the fp32
+    # residual stream keeps its fp32 output, a post-norm casts back to its bf16 branch.
+    (GEMMA2, {"precision": "amp", "lm_chunks": 2, "mlp_chunks": 2, "mlp_impl": "tiled", "checkpoint": "all"}),
+    (GEMMA2, {"precision": "amp", "checkpoint": [0], "mlp_chunks": 3, "micro_batch": 2, "lm_chunks": 3,
+              "lm_impl": "fused", "grad_accum": 2}),
     # One KV head (Gemma-3-1B's): the gradients' reshapes and repeat_kv are views, matmul copies.
     (MQA, {}),
     (MQA, {"attention": "eager", "micro_batch": 2, "checkpoint": "all"}),
@@ -115,6 +120,7 @@ CASES = [
     (GEMMA3, {"attention": "eager", "checkpoint": [0], "micro_batch": 2}),
     (GEMMA3, {"checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2, "lm_impl": "fused"}),
     (GEMMA3, {"checkpoint": [2], "offload_checkpoints": True, "optimizer_impl": "foreach"}),
+    (GEMMA3, {"precision": "amp", "checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2, "lm_impl": "fused"}),
     (GEMMA3, {"precision": "bf16-master", "optimizer_in_backward": True, "mlp_chunks": 3, "mlp_impl": "tiled",
               "checkpoint": "all"}),
     # Gemma-3 with every layer global still builds (and, eager, materialises) the sliding mask.

@@ -324,6 +324,7 @@ T StepBuilder::hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save
     const bool gemma = m_.gemma();
     (void)p;  // the weight is read as it is: autocast leaves elementwise ops alone
     const bool fp32_in = amp_ && x.valid();
+    sv.fp32_in = fp32_in;
     T a = fp32_in ? hold(x) : act("norm.upcast", f32(rows, d), false);
     T pw = act("norm.pow", f32(rows, d), false);
     sv.a_pow = saved(a);
@@ -339,8 +340,8 @@ T StepBuilder::hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save
     sv.r_mul = saved(r);
     drop(r);  // the rsqrt temporary dies with the expression
     drop(a);  // hidden_states = n
-    if (gemma) {  // (n * (1 + weight.float())).type_as(x)
-        T wf = act("norm.weight_fp32", elems(d, 1, 4), false);
+    if (gemma) {  // (n * (1 + weight.float())).type_as(x): under autocast the weight is fp32 (no copy)
+        T wf = amp_ ? T{} : act("norm.weight_fp32", elems(d, 1, 4), false);
         T w1 = act("norm.one_plus_weight", elems(d, 1, 4), false);
         drop(wf);
         sv.n = saved(n), sv.w1 = saved(w1);  // saved before the product exists
@@ -350,6 +351,7 @@ T StepBuilder::hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save
         }
         T o = act("norm.out_fp32", f32(rows, d), false);
         drop(w1), drop(n);  // the operand, then the variable it rebinds
+        if (fp32_in) return o;  // type_as an fp32 x: no cast
         T out = act("norm_out", bf16(rows, d), false);
         drop(o);
         return out;
@@ -363,7 +365,7 @@ T StepBuilder::hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save
 }
 
 T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::int64_t rows, std::int64_t d, T* into) {
-    const bool fp32_in = amp_ && rows == tokens_ && !m_.gemma();  // x is the fp32 residual stream: a is x
+    const bool fp32_in = sv.fp32_in;  // x was the fp32 residual stream (a is x)
     auto to_input = [&](T& grad) {  // x's gradient reaches its buffer
         if (!into) return;
         accumulate(*into, grad, false);
@@ -371,8 +373,11 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
     };
     T gn;  // the gradient of n, fp32
     if (m_.gemma()) {
-        T g32 = alloc("d_norm_out_fp32", f32(rows, d), Category::Transient);  // ToCopyBackward0 (type_as)
-        node_end({}, &g);
+        T g32 = g;
+        if (!fp32_in) {  // ToCopyBackward0 (type_as)
+            g32 = alloc("d_norm_out_fp32", f32(rows, d), Category::Transient);
+            node_end({}, &g);
+        }
         unpack();
         // MulBackward0 (n * w1): w1's gradient (reduced to [d]), then n's
         T gw1_full = alloc("d_one_plus_weight_full", f32(rows, d), Category::Transient);
@@ -383,8 +388,12 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
             drop(gw1_full);
         });
         // AddBackward0 (1 + wf) passes it on; ToCopyBackward0 (weight.float()) casts it to the weight's
-        T gw = grad_out(p);
-        node_end({}, &gw1);
+        // (under autocast the weight is fp32: no cast, the sum is its gradient)
+        T gw = gw1;
+        if (!amp_) {
+            gw = grad_out(p);
+            node_end({}, &gw1);
+        }
         add_grad(p, gw, false, true);
     } else {
         // MulBackward0 (w * c): the gradient of c, then w's (reduced to [d] by validate_outputs)
@@ -907,12 +916,12 @@ void StepBuilder::hf_layer_backward(int l, LayerSaved& sv, T& dres) {
     T dy2 = gemma ? T{} : branch_grad();
     if (!gemma && (!m_.moe || tiled)) unpack();
     at("mlp.post_norm");
-    if (gemma) dy2 = hf_norm_backward(lp.post_ff_norm, sv.hf.n_pf, hold(dres));
+    if (gemma) dy2 = hf_norm_backward(lp.post_ff_norm, sv.hf.n_pf, branch_grad());
     T dh2 = hf_mlp_backward(lp, sv.hf, dy2);
     at("mlp.norm");
     hf_norm_backward(lp.norm2, sv.hf.n2, dh2, false, &dres);
     at("attn.post_norm");
-    T dy = gemma ? hf_norm_backward(lp.post_attn_norm, sv.hf.n_pa, hold(dres)) : branch_grad();
+    T dy = gemma ? hf_norm_backward(lp.post_attn_norm, sv.hf.n_pa, branch_grad()) : branch_grad();
     T dh1 = hf_attention_backward(l, sv.hf, dy);
     at("attn.norm");
     hf_norm_backward(lp.norm1, sv.hf.n1, dh1, recomputed_, &dres);

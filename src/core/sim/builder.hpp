@@ -62,6 +62,7 @@ struct HfNorm {
     T r_rsqrt, r_mul;  // rsqrt of the variance, saved by rsqrt (its result) and by that mul
     T c;               // Llama: the normalised bf16 copy, saved by the weight mul
     T n, w1;           // Gemma-2: the normalised fp32 tensor and 1 + weight (fp32), saved by their mul
+    bool fp32_in = false;  // under autocast: the input was the fp32 residual stream (its upcast is itself)
 };
 
 // hf runtime: one MLP chunk's saved tensors (the whole block when unchunked).

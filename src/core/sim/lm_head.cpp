@@ -42,7 +42,7 @@ T StepBuilder::embedding_forward(Category out_category) {
         T x = act("embeddings", res(tokens_, m_.hidden_size), false);
         if (gemma) {  // Gemma2ScaledWordEmbedding: times embed_scale, a new tensor
             at("embedding.scale");
-            T scaled = act("embeddings_scaled", bf16(tokens_, m_.hidden_size), false);
+            T scaled = act("embeddings_scaled", res(tokens_, m_.hidden_size), false);
             drop(x);
             x = scaled;
         }
@@ -63,7 +63,7 @@ void StepBuilder::embedding_backward(T& dres) {
     if (hf_) {  // EmbeddingBackward0: the table's gradient from the residual stream's
         if (m_.gemma()) {  // MulBackward0 of the scale first
             at("embedding.scale");
-            T scaled = alloc("d_embeddings", bf16(tokens_, m_.hidden_size), Category::Transient);
+            T scaled = alloc("d_embeddings", res(tokens_, m_.hidden_size), Category::Transient);
             node_end({}, &dres);
             dres = scaled;
         }
@@ -414,11 +414,11 @@ void StepBuilder::hf_chunk_loss(std::int64_t n, bool with_grad, T& h, T& z, T& t
     T logits = alloc("logits", bf16(n, V), Category::Transient);
     z = alloc("logits_fp32", f32(n, V), Category::Transient);
     drop(logits);
-    if (!with_grad) drop(h);  // _chunk_logits' argument
     if (m_.final_logit_softcapping) {  // t = z.div_(cap).tanh_() in place; z = t * cap, a new tensor
         t = z;
         z = alloc("logits_capped", f32(n, V), Category::Transient);
     }
+    if (!with_grad) drop(h);  // _chunk_logits' argument, as it returns
     T valid = alloc("valid", elems(n, 1, 1), Category::Transient);
     T invalid = alloc("invalid", elems(n, 1, 1), Category::Transient);
     T safe = alloc("safe_targets", elems(n, 1, 8), Category::Transient);
