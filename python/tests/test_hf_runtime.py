@@ -156,6 +156,10 @@ CASES = [
     (MIXTRAL, {"checkpoint": "all", "mlp_chunks": 3, "mlp_impl": "tiled", "lm_chunks": 2}),
     # One-token chunks: the gradient of the pairs' sum is a view, not a copy.
     (MIXTRAL, {"mlp_chunks": 16, "mlp_impl": "tiled", "grad_accum": 2}),
+    # AMP: the experts' grouped_mm has no autocast policy: they run on the fp32 stream with the fp32
+    # weights (the block's output is fp32); the router is an autocast linear.
+    (MIXTRAL, {"precision": "amp", "checkpoint": "all", "mlp_chunks": 3, "mlp_impl": "tiled", "lm_chunks": 2}),
+    (MIXTRAL, {"precision": "amp", "micro_batch": 2, "checkpoint": [1], "mlp_chunks": 2}),
     # Qwen3-MoE: bf16 routing weights, top-3 without renormalisation, q/k norms, tied embeddings.
     (QWEN3_MOE, {}),
     (QWEN3_MOE, {"checkpoint": "all", "mlp_chunks": 2, "offload_checkpoints": True, "optimizer_impl": "foreach"}),
@@ -163,6 +167,7 @@ CASES = [
     (QWEN3_MOE, {"mlp_chunks": 2, "mlp_impl": "tiled", "precision": "bf16-master", "grad_accum": 2, "checkpoint": [1]}),
     # Top-1 routing, renormalised: no copy of the pairs' gradient, no reduction of the divisor's.
     (QWEN3_MOE_TOP1, {"mlp_chunks": 5, "checkpoint": "all"}),
+    (QWEN3_MOE, {"precision": "amp", "grad_accum": 2, "mlp_chunks": 3, "lm_chunks": 2, "lm_impl": "fused"}),
 ]
 
 

@@ -234,13 +234,12 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
         fail(w, "zero_stage", fmt::format("expected 0 with runtime hf (one GPU){}, got {}", hint, s.zero_stage));
     if (s.padded) fail(w, "padded", fmt::format("expected false with runtime hf (packed batches){}", hint));
     if (s.precision == Precision::AmpFp32) {
-        // autocast is proven on the dense families' code paths (Llama, Mistral, Qwen2, Qwen3, Gemma-2,
-        // Gemma-3, Phi-3) with flash attention
-        const char* why = m.moe ? "Mixture-of-Experts blocks" : s.attention == Attention::Eager ? "eager attention" : nullptr;
+        // autocast is proven on every family's code path with flash attention, not with eager yet
+        const char* why = s.attention == Attention::Eager ? "eager attention" : nullptr;
         if (why)
             fail(w, "precision",
-                 fmt::format("expected pure-bf16 or bf16-master with runtime hf and {} (amp is modelled for the dense "
-                             "models with flash attention){}",
+                 fmt::format("expected pure-bf16 or bf16-master with runtime hf and {} (amp is modelled with flash "
+                             "attention){}",
                              why, hint));
     }
     if (s.optimizer == Optimizer::AdamW8bit)

@@ -910,18 +910,19 @@ void StepBuilder::hf_layer_backward(int l, LayerSaved& sv, T& dres) {
     const bool tiled = s_.mlp_chunks > 1 && s_.mlp_impl == MlpImpl::Tiled;
     // AddBackward0 hands the residual stream's gradient to the branch; under autocast
     // validate_outputs first casts it to the branch output's bf16.
-    auto branch_grad = [&] {
-        return amp_ ? alloc("d_branch_bf16", bf16(tokens_, m_.hidden_size), Category::Transient) : hold(dres);
+    auto branch_grad = [&](bool bf16_branch) {
+        return amp_ && bf16_branch ? alloc("d_branch_bf16", bf16(tokens_, m_.hidden_size), Category::Transient) : hold(dres);
     };
-    T dy2 = gemma ? T{} : branch_grad();
+    const bool mlp_bf16 = hf_mlp_out_bytes() == 2;  // (under autocast the experts' sum is fp32)
+    T dy2 = gemma ? T{} : branch_grad(mlp_bf16);
     if (!gemma && (!m_.moe || tiled)) unpack();
     at("mlp.post_norm");
-    if (gemma) dy2 = hf_norm_backward(lp.post_ff_norm, sv.hf.n_pf, branch_grad());
+    if (gemma) dy2 = hf_norm_backward(lp.post_ff_norm, sv.hf.n_pf, branch_grad(true));
     T dh2 = hf_mlp_backward(lp, sv.hf, dy2);
     at("mlp.norm");
     hf_norm_backward(lp.norm2, sv.hf.n2, dh2, false, &dres);
     at("attn.post_norm");
-    T dy = gemma ? hf_norm_backward(lp.post_attn_norm, sv.hf.n_pa, branch_grad()) : branch_grad();
+    T dy = gemma ? hf_norm_backward(lp.post_attn_norm, sv.hf.n_pa, branch_grad(true)) : branch_grad(true);
     T dh1 = hf_attention_backward(l, sv.hf, dy);
     at("attn.norm");
     hf_norm_backward(lp.norm1, sv.hf.n1, dh1, recomputed_, &dres);

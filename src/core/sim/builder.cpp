@@ -283,6 +283,7 @@ void StepBuilder::grad_done(int p) {
 void StepBuilder::use_weight(int p, bool saved) {
     if (s_.precision != Precision::AmpFp32) return;
     Param& P = params_[static_cast<std::size_t>(p)];
+    P.cast = true;
     if (!P.amp_copy.valid()) {
         const bytes_t bytes = checked_mul(P.numel, 2);
         P.amp_copy = hf_ ? act("autocast_weight", bytes, false) : alloc("autocast_bf16", bytes, Category::Weights);

@@ -42,6 +42,7 @@ struct Param {
     T pending;                // hf: gradients waiting in its AccumulateGrad node's input buffer
     bool pending_view = false;
     T amp_copy;               // AmpFp32: the autocast cache's bf16 copy, while cached
+    bool cast = false;        // hf AmpFp32: autocast has cast it (its gradient reaches AccumulateGrad through the copy's node)
     T cast_pending;           // hf AmpFp32: gradients waiting in that copy's ToCopyBackward0 buffer
     bool cast_pending_view = false;
     std::vector<T> amp_saved; // AmpFp32: that copy, once per op that saved it for backward
@@ -508,9 +509,16 @@ private:
     // when a checkpoint's recomputation stops at the block's last save; `earlier`: the outputs of
     // the chunks before this one, which the loop's list holds until then).
     T hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe& c, bool stop_after_last_save, std::span<T> earlier);
+    // Bytes per element of the MLP block's output: down_proj's bf16, or the experts' weighted sum
+    // (Mixtral casts it to the stream's dtype; under autocast the experts run in fp32).
+    int hf_mlp_out_bytes() const {
+        if (!m_.moe) return 2;
+        return m_.moe->fp32_routing_weights ? rb_ : std::max(rb_, 2);
+    }
     // dy: the output's gradient (consumed); returns the input's gradient [n, d]. Each weight's
     // gradient goes to weight_grad(param, grad) as its node finishes (as hf_mlp_chunk_backward's).
-    T hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, WeightGradRef weight_grad);
+    // last_use: as hf_mlp_chunk_backward's (the router's autocast copy is shared by the chunks).
+    T hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, bool last_use, WeightGradRef weight_grad);
     void hf_model_tensors();            // position ids, the packed-sequence check, rotary tables
     T hf_eager_mask(bool sliding);      // masking_utils' additive mask for eager attention
     void hf_head_forward(T x_last, HeadSaved& hs);

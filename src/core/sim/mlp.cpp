@@ -308,7 +308,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
                 loop_iteration();
                 T part = hf_block_chunk_forward(lp, h2, n, nullptr, nullptr, false, {});
                 at("mlp.tiled");
-                if (!y.valid()) y = act("y", bf16(tokens_, d), false);  // part.new_empty((T, d))
+                if (!y.valid()) y = act("y", elems(tokens_, d, hf_mlp_out_bytes()), false);  // part.new_empty((T, d))
                 drop(part);  // copied into its rows
             }
             loop_end();
@@ -335,7 +335,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
     }
     if (!chunked) return outs.back();
     at("mlp.cat");
-    T y = act("y", bf16(tokens_, d), false);
+    T y = act("y", elems(tokens_, d, hf_mlp_out_bytes()), false);
     for (auto it = outs.rbegin(); it != outs.rend(); ++it) drop(*it);  // the list dies, last item first
     return y;
 }
@@ -361,8 +361,9 @@ T StepBuilder::hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     T dx;
     for (std::size_t i = chunks; i-- > 0;) {
         const bool last = i == 0;  // the chunk whose weight gradients let AccumulateGrad run
-        auto accumulate_grad = [&](int p, T g) { add_grad(p, g, !amp_, last); };
-        T dxc = m_.moe ? hf_moe_backward(lp, sv.moe[i], views[i], accumulate_grad)
+        // (a gradient through an autocast copy's node is fp32, not a view of a GEMM's output)
+        auto accumulate_grad = [&](int p, T g) { add_grad(p, g, !params_[static_cast<std::size_t>(p)].cast, last); };
+        T dxc = m_.moe ? hf_moe_backward(lp, sv.moe[i], views[i], last, accumulate_grad)
                        : hf_mlp_chunk_backward(lp, sv.mlp[i], views[i], !chunked, last, accumulate_grad);
         if (!chunked) {
             dx = dxc;
@@ -417,7 +418,7 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
         auto grad_of = [&](int p, T g) {
             grads[static_cast<std::size_t>(std::find(params.begin(), params.begin() + count, p) - params.begin())] = g;
         };
-        T dxc = m_.moe ? hf_moe_backward(lp, e, dyc, grad_of) : hf_mlp_chunk_backward(lp, c, dyc, false, true, grad_of);
+        T dxc = m_.moe ? hf_moe_backward(lp, e, dyc, true, grad_of) : hf_mlp_chunk_backward(lp, c, dyc, false, true, grad_of);
         at("mlp.tiled");
         drop(yc);   // del yc
         drop(dxc);  // dx[chunk] = grads.pop(0)

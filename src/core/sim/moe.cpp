@@ -21,6 +21,8 @@
 // in a no-grad forward and in backward (the saved ones, as for the dense MLP, still add up).
 #include "builder.hpp"
 
+#include <algorithm>
+
 #include <span>
 #include <utility>
 #include <vector>
@@ -133,13 +135,17 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
     const MoeSpec& e = *m_.moe;
     const std::int64_t d = m_.hidden_size, E = e.experts, k = e.top_k, I = e.intermediate;
     const std::int64_t S = checked_mul(n, k, "tokens x top_k");
-    const int wb = e.fp32_routing_weights ? 4 : 2;  // bytes per routing weight, and per weighted output
+    // Bytes per element: routing weight; the experts' tensors (x's dtype: their grouped_mm has no
+    // autocast policy, so under autocast they run on the fp32 stream with the fp32 weights); the
+    // weighted outputs and their sum (the wider of the two).
+    const int wb = e.fp32_routing_weights ? 4 : 2, xb = rb_, ob = std::max(wb, xb);
     c.tokens = n;
 
     at("moe.router");
-    use_weight(lp.router);
+    T in = hf_linear_input(lp.router, -1, x, n, d);
     T logits = act("router_logits", bf16(n, E), false);  // the block's `_` until it returns
-    c.x_router = saved(x);
+    c.x_router = saved(in);
+    drop(in);
     T logits32 = act("router_logits_fp32", f32(n, E), false);
     T probs = act("router_probs", f32(n, E), false);
     c.probs = saved(probs);
@@ -171,30 +177,28 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
     T perm = act("perm", elems(S, 1, 8), false);
     T token_idx = act("token_idx", elems(S, 1, 8), false);  // perm // k, a temporary the gather saves
     c.token_idx = saved(token_idx);
-    T xs = act("x_sorted", bf16(S, d), false);
+    T xs = act("x_sorted", elems(S, d, xb), false);
     drop(token_idx);
     c.perm = saved(perm);
     T ws = act("w_sorted", elems(S, 1, wb), false);
     T hist_in = act("histc_input", elems(S, 1, 4), false);  // expert ids as f32 (CPU) or i32 (CUDA)
     T hist = act("tokens_per_expert", elems(E, 1, 4), false);
     T offsets = act("offsets", elems(E, 1, 4), false);
-    use_weight(lp.gate);
     c.x_sorted = saved(xs), c.offs_up = saved(offsets);
-    T gate_up = act("gate_up", bf16(S, 2 * I), false);
+    T gate_up = act("gate_up", elems(S, 2 * I, xb), false);
     at("moe.act");  // _apply_gate: gate, up = gate_up.chunk(2); act(gate) * up
-    T s = act("silu", bf16(S, I), false);
+    T s = act("silu", elems(S, I, xb), false);
     c.gate_view = saved(gate_up);
-    T prod = act("act_mul", bf16(S, I), false);
+    T prod = act("act_mul", elems(S, I, xb), false);
     c.up_view = saved(gate_up), c.s = saved(s);
     drop(s);        // act(gate), a temporary of the product
     drop(gate_up);  // proj_out rebinds
     at("moe.experts");
-    use_weight(lp.down);
     c.prod = saved(prod), c.offs_down = saved(offsets);
-    T down = act("down_out", bf16(S, d), false);
+    T down = act("down_out", elems(S, d, xb), false);
     drop(prod);  // proj_out rebinds
     c.down_out = saved(down), c.w_sorted = saved(ws);
-    T weighted = act("weighted_out", elems(S, d, wb), false);
+    T weighted = act("weighted_out", elems(S, d, ob), false);
     T inv_perm = act("inv_perm", elems(S, 1, 8), false);
     T arange = act("arange", elems(S, 1, 8), false);  // inv_perm[perm] = arange, in place
     drop(arange);
@@ -213,26 +217,27 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
         experts_return(weighted, T{});
         return T{};
     }
-    T restored = act("weighted_out_restored", elems(S, d, wb), false);
+    T restored = act("weighted_out_restored", elems(S, d, ob), false);
     drop(weighted);  // weighted_out rebinds
-    T sum = act("expert_sum", elems(n, d, wb), false);
+    T sum = act("expert_sum", elems(n, d, ob), false);
     T y = sum;
-    if (e.fp32_routing_weights) y = act("moe_out", bf16(n, d), false);  // .to(hidden_states.dtype)
+    // Mixtral's .to(hidden_states.dtype): a copy when the sum is wider than the stream
+    if (e.fp32_routing_weights && ob != xb) y = act("moe_out", elems(n, d, xb), false);
     else sum = T{};  // the same tensor, returned
     experts_return(restored, sum);
     return y;
 }
 
-T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, WeightGradRef weight_grad) {
+T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, bool last_use, WeightGradRef weight_grad) {
     const MoeSpec& e = *m_.moe;
     const std::int64_t d = m_.hidden_size, E = e.experts, k = e.top_k, I = e.intermediate, n = c.tokens;
     const std::int64_t S = checked_mul(n, k, "tokens x top_k");
-    const int wb = e.fp32_routing_weights ? 4 : 2;
+    const int wb = e.fp32_routing_weights ? 4 : 2, xb = rb_, ob = std::max(wb, xb);  // as hf_moe_forward's
     const bool fp32 = e.fp32_routing_weights;
 
     at("moe.experts");
     T g = dy;
-    if (fp32) {  // ToCopyBackward0
+    if (fp32 && ob != xb) {  // ToCopyBackward0
         g = alloc("d_expert_sum", f32(n, d), Category::Transient);
         node_end({}, &dy);
     }
@@ -240,46 +245,51 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, WeightGrad
     // view(n, k, d)'s backward reshapes it to [n k, d], a copy unless n or k is 1 (then a view).
     T gw_out = g;
     if (n > 1 && k > 1) {
-        gw_out = alloc("d_weighted_out_restored", elems(S, d, wb), Category::Transient);
+        gw_out = alloc("d_weighted_out_restored", elems(S, d, ob), Category::Transient);
         drop(g);
     }
     unpack();  // the restoring gather is the block's first node to unpack a saved tensor
-    T zeros = alloc("zeros", elems(S, d, wb), Category::Transient);
-    T gw_sorted_out = alloc("d_weighted_out", elems(S, d, wb), Category::Transient);  // index_put
+    T zeros = alloc("zeros", elems(S, d, ob), Category::Transient);
+    T gw_sorted_out = alloc("d_weighted_out", elems(S, d, ob), Category::Transient);  // index_put
     drop(zeros);
     node_end({&c.inv_perm}, &gw_out);
-    // MulBackward0 (o * ws[:, None]): ws's gradient, then o's; validate_outputs casts o's to bf16
-    // (Mixtral's fp32 product) and sums ws's over d.
-    T gw_full = alloc("d_w_full", elems(S, d, wb), Category::Transient);
-    T gdown = alloc("d_down_out", elems(S, d, wb), Category::Transient);
+    // MulBackward0 (o * ws[:, None]): ws's gradient, then o's; validate_outputs casts o's to its
+    // dtype (Mixtral's fp32 product of bf16 experts) and sums ws's over d.
+    T gw_full = alloc("d_w_full", elems(S, d, ob), Category::Transient);
+    T gdown = alloc("d_down_out", elems(S, d, ob), Category::Transient);
     T gw;
     node_end({&c.w_sorted, &c.down_out}, &gw_sorted_out, [&] {
-        if (fp32) {
-            T cast = alloc("d_down_out_bf16", bf16(S, d), Category::Transient);
+        if (ob != xb) {
+            T cast = alloc("d_down_out_bf16", elems(S, d, xb), Category::Transient);
             drop(gdown);
             gdown = cast;
         }
-        gw = alloc("d_w_sorted", elems(S, 1, wb), Category::Transient);
+        gw = alloc("d_w_sorted", elems(S, 1, ob), Category::Transient);
         drop(gw_full);
+        if (ob != wb) {  // Qwen3-MoE under autocast: its bf16 routing weights' gradient, cast
+            T cast = alloc("d_w_sorted_bf16", elems(S, 1, wb), Category::Transient);
+            drop(gw);
+            gw = cast;
+        }
     });
     // down's grouped_mm: the weight's gradient, then the input's; the weight's transpose node and
     // AccumulateGrad run next (created last).
     T gwd = grad_out(lp.down);
-    T gprod = alloc("d_act_mul", bf16(S, I), Category::Transient);
+    T gprod = alloc("d_act_mul", elems(S, I, xb), Category::Transient);
     node_end({&c.offs_down, &c.prod}, &gdown);
     weight_grad(lp.down, gwd);
     at("moe.act");
-    T gup = alloc("d_up", bf16(S, I), Category::Transient);  // MulBackward0: up's, then act's
-    T gs = alloc("d_silu", bf16(S, I), Category::Transient);
+    T gup = alloc("d_up", elems(S, I, xb), Category::Transient);  // MulBackward0: up's, then act's
+    T gs = alloc("d_silu", elems(S, I, xb), Category::Transient);
     node_end({&c.up_view, &c.s}, &gprod);
-    T gg = alloc("d_gate", bf16(S, I), Category::Transient);  // SiluBackward0
+    T gg = alloc("d_gate", elems(S, I, xb), Category::Transient);  // SiluBackward0
     node_end({&c.gate_view}, &gs);
-    T joined = alloc("d_gate_up", bf16(S, 2 * I), Category::Transient);  // SplitBackward0
+    T joined = alloc("d_gate_up", elems(S, 2 * I, xb), Category::Transient);  // SplitBackward0
     node_end({}, &gg);
     drop(gup);
     at("moe.experts");
     T gwu = grad_out(lp.gate);
-    T gxs = alloc("d_x_sorted", bf16(S, d), Category::Transient);
+    T gxs = alloc("d_x_sorted", elems(S, d, xb), Category::Transient);
     node_end({&c.offs_up, &c.x_sorted}, &joined);
     weight_grad(lp.gate, gwu);
     // The two gathers in reverse creation order: the routing weights', then the hidden states'.
@@ -287,8 +297,8 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, WeightGrad
     T gws = alloc("d_w_flat", elems(S, 1, wb), Category::Transient);
     drop(zeros);
     node_end({&c.perm}, &gw);
-    zeros = alloc("zeros", bf16(n, d), Category::Transient);
-    T dx = alloc("d_x_moe", bf16(n, d), Category::Transient);
+    zeros = alloc("zeros", elems(n, d, xb), Category::Transient);
+    T dx = alloc("d_x_moe", elems(n, d, xb), Category::Transient);
     drop(zeros);
     node_end({&c.token_idx}, &gxs);
 
@@ -328,10 +338,11 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, WeightGrad
     node_end({}, &g32);
     // The router's 2-D linear (MmBackward0): the weight's gradient, then the input's; its transpose
     // node runs before the input's reshape node, whose gradient joins the experts' in place.
-    T gwr = grad_out(lp.router);
+    T gwr = hf_mm_grad(lp.router);
     T gxr = alloc("d_x_router", bf16(n, d), Category::Transient);
-    node_end({&c.x_router}, &glog);
-    weight_grad(lp.router, gwr);
+    hf_mm_node_end(lp.router, {&c.x_router}, &glog);
+    hf_mm_outputs(
+        lp.router, gwr, last_use, [&](int p, T w) { weight_grad(p, w); }, [] {}, [&] { gxr = hf_uncast(gxr); });
     accumulate(dx, gxr, false);
     return dx;
 }
