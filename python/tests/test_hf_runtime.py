@@ -104,6 +104,10 @@ CASES = [
     # Gemma-2: post-norms, soft-capping (eager and final), scaled embeddings, GeGLU.
     (GEMMA2, {}),
     (GEMMA2, {"attention": "eager", "checkpoint": [0], "micro_batch": 2}),
+    # AMP with eager attention: matmul's autocast casts k then q (a cast keeps q's permuted layout,
+    # which matmul copies with micro-batches; an expanded k comes out whole); the fp32 mask makes the
+    # scores fp32; softmax's fp32 output is the probabilities, cast for P @ v.
+    (GEMMA2, {"precision": "amp", "attention": "eager", "checkpoint": [0], "micro_batch": 2}),
     (GEMMA2, {"lm_chunks": 2, "mlp_chunks": 2, "mlp_impl": "tiled", "checkpoint": "all"}),
     (GEMMA2, {"lm_chunks": 3, "lm_impl": "fused", "grad_accum": 2}),
     # AMP: the fp32 scaled embeddings; the fp32 weight's 1 + w needs no copy; a norm on the fp32
@@ -115,6 +119,7 @@ CASES = [
     (MQA, {}),
     (MQA, {"attention": "eager", "micro_batch": 2, "checkpoint": "all"}),
     (MQA, {"attention": "eager", "mlp_chunks": 2}),
+    (MQA, {"precision": "amp", "attention": "eager", "micro_batch": 2, "checkpoint": "all"}),
     # Gemma-3: q/k norms after the projections, a rotary table per layer type, 2 local : 1 global.
     (GEMMA3, {}),
     (GEMMA3, {"attention": "eager", "checkpoint": [0], "micro_batch": 2}),
@@ -127,6 +132,7 @@ CASES = [
     (GEMMA3_GLOBAL, {"attention": "eager", "checkpoint": "all", "micro_batch": 2}),
     # No KV head shared (Llama-2-7B's attention): with micro-batches, matmul copies q, k and v.
     (MHA, {"attention": "eager", "micro_batch": 2}),
+    (MHA, {"precision": "amp", "attention": "eager", "checkpoint": "all", "micro_batch": 2, "grad_accum": 2}),
     # Phi-3: fused qkv_proj and gate_up_proj (views of one output each), a rotated share of each
     # head concatenated with the rest (partial: 3/4 of the dimensions, tied embeddings, GQA).
     (PHI3, {}),
@@ -146,6 +152,7 @@ CASES = [
     (PHI3_SLIDING, {"precision": "amp", "micro_batch": 2, "mlp_chunks": 2, "checkpoint": [1]}),
     # One KV head: its rotated k is expanded to every head (a zero stride), which matmul copies.
     (PHI3_MQA, {"attention": "eager", "micro_batch": 2}),
+    (PHI3_MQA, {"precision": "amp", "attention": "eager", "micro_batch": 2}),
     # Mixture-of-Experts (transformers' grouped_mm experts): Mixtral's fp32 routing weights and
     # renormalised top-2 (with a sliding window in every layer); MsT splitting the tokens before
     # routing, under checkpointing (the recomputation stops inside the experts).

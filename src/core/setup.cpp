@@ -221,9 +221,8 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
 
 // The hf runtime walks transformers + PyTorch's own step, each rule proven event by event
 // against the referee (python/mst_referee), which runs one process. What is not proven that way
-// yet (data, ZeRO and sequence parallelism; padded batches; autocast beyond the Llama-family
-// code paths with flash attention; bitsandbytes; MLP biases) is refused, not guessed: the kernels
-// runtime models those.
+// yet (data, ZeRO and sequence parallelism; padded batches; bitsandbytes; MLP biases) is refused,
+// not guessed: the kernels runtime models those.
 void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
     if (s.runtime != Runtime::Hf) return;
@@ -233,15 +232,6 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     if (s.zero_stage > 0)
         fail(w, "zero_stage", fmt::format("expected 0 with runtime hf (one GPU){}, got {}", hint, s.zero_stage));
     if (s.padded) fail(w, "padded", fmt::format("expected false with runtime hf (packed batches){}", hint));
-    if (s.precision == Precision::AmpFp32) {
-        // autocast is proven on every family's code path with flash attention, not with eager yet
-        const char* why = s.attention == Attention::Eager ? "eager attention" : nullptr;
-        if (why)
-            fail(w, "precision",
-                 fmt::format("expected pure-bf16 or bf16-master with runtime hf and {} (amp is modelled with flash "
-                             "attention){}",
-                             why, hint));
-    }
     if (s.optimizer == Optimizer::AdamW8bit)
         fail(w, "optimizer", fmt::format("expected adamw or sgd with runtime hf (bitsandbytes is not modelled){}", hint));
     if (m.mlp_bias) fail(w, "runtime", fmt::format("expected kernels for a model with MLP biases{}", hint));

@@ -776,31 +776,50 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     const bool fold_copies = s_.micro_batch > 1;
     const bool rotated_contiguous = m_.rotary_concatenates();
     const bool expanded = m_.num_kv_heads == 1 && m_.num_heads > 1;
+    // Under autocast the rotated q and k are fp32 (and k's repeats): matmul's autocast casts them
+    // (k first: the arguments last first) and the GEMM saves the copies; the fp32 mask makes the
+    // scores fp32, so softmax needs no upcast and its fp32 output is the probabilities (.to(q's
+    // dtype) is a no-op), which autocast casts for P @ v.
+    const int qb = amp_ ? 4 : 2;
     at("attn.eager");
-    T k_rep = repeat_copies ? act("k_rep", bf16(tokens_, qd), false) : T{};
+    T k_rep = repeat_copies ? act("k_rep", elems(tokens_, qd, qb), false) : T{};
     T v_rep = repeat_copies ? act("v_rep", bf16(tokens_, qd), false) : T{};
-    T q = fold_copies && !rotated_contiguous ? act("q_contiguous", bf16(tokens_, qd), false) : hold(qe);
-    if (!repeat_copies)
-        k_rep = fold_copies && (!rotated_contiguous || expanded) ? act("k_rep", bf16(tokens_, qd), false) : hold(ke);
-    T scores = act("scores", bf16(rows, cols), false);
-    sv.q_bmm = saved(q), sv.k_rep = saved(k_rep);
-    if (!repeat_copies) drop(k_rep);  // matmul's own copy (or view): it lets go of it before q's
-    drop(q);
+    T scores;
+    if (amp_) {
+        T kc = act("k_bf16", bf16(tokens_, qd), false), qc = act("q_bf16", bf16(tokens_, qd), false);
+        T q = fold_copies && !rotated_contiguous ? act("q_contiguous", bf16(tokens_, qd), false) : hold(qc);
+        T k = fold_copies && !repeat_copies && !expanded && !rotated_contiguous ? act("k_contiguous", bf16(tokens_, qd), false)
+                                                                                : hold(kc);
+        scores = act("scores", bf16(rows, cols), false);
+        sv.q_bmm = saved(q), sv.k_rep = saved(k);
+        drop(k), drop(q);    // matmul's locals
+        drop(qc), drop(kc);  // autocast's casts, last made first
+    } else {
+        T q = fold_copies && !rotated_contiguous ? act("q_contiguous", bf16(tokens_, qd), false) : hold(qe);
+        if (!repeat_copies)
+            k_rep = fold_copies && (!rotated_contiguous || expanded) ? act("k_rep", bf16(tokens_, qd), false) : hold(ke);
+        scores = act("scores", bf16(rows, cols), false);
+        sv.q_bmm = saved(q), sv.k_rep = saved(k_rep);
+        if (!repeat_copies) drop(k_rep);  // matmul's own copy (or view): it lets go of it before q's
+        drop(q);
+    }
     T scaled = act("scores_scaled", bf16(rows, cols), false);
     drop(scores);
     if (m_.attn_logit_softcapping)
         scaled = softcap_forward(scaled, bf16(rows, cols), {"scores_div", "scores_tanh", "scores_capped"}, sv.scores_tanh);
-    T masked = act("scores_masked", bf16(rows, cols), false);
+    T masked = act("scores_masked", elems(rows, cols, qb), false);
     drop(scaled);
-    T up = act("scores_fp32", f32(rows, cols), false);
+    T up = amp_ ? T{} : act("scores_fp32", f32(rows, cols), false);
     T p32 = act("probs_fp32", f32(rows, cols), false);
     sv.probs32 = saved(p32);
     drop(up);
-    T p = act("probs", bf16(rows, cols), false);
+    T p = amp_ ? hold(p32) : act("probs", bf16(rows, cols), false);
     drop(p32), drop(masked);  // attn_weights = the probabilities
     if (!repeat_copies) v_rep = fold_copies ? act("v_rep", bf16(tokens_, qd), false) : hold(v);
+    T pc = amp_ ? act("probs_bf16", bf16(rows, cols), false) : hold(p);
     T ob = act("pv", bf16(tokens_, qd), false);
-    sv.probs = saved(p), sv.v_rep = saved(v_rep);
+    sv.probs = saved(pc), sv.v_rep = saved(v_rep);
+    drop(pc);
     if (!repeat_copies) drop(v_rep);  // likewise
     T o = act("o", bf16(tokens_, qd), false);  // transpose(1, 2).contiguous()
     drop(ob);
@@ -841,10 +860,12 @@ void StepBuilder::hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
     T gk = alloc("d_k_rep", bf16(tokens_, qd), Category::Transient);  // BmmBackward0 (q @ k^T)
     dq = alloc("dq", bf16(tokens_, qd), Category::Transient);
     node_end({&sv.k_rep, &sv.q_bmm}, &gm);
+    dq = hf_uncast(dq);  // autocast: the casts' nodes, q's (the later) first
+    gk = hf_uncast(gk);
     if (gqa) {  // repeat_kv's expand: its gradient sums the head groups
         dv = alloc("dv", bf16(tokens_, kvd), Category::Transient);
         node_end({}, &gv);
-        dk = alloc("dk", bf16(tokens_, kvd), Category::Transient);
+        dk = alloc("dk", elems(tokens_, kvd, amp_ ? 4 : 2), Category::Transient);
         node_end({}, &gk);
     } else {
         dv = gv, dk = gk;

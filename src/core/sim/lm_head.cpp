@@ -309,8 +309,8 @@ T StepBuilder::hf_eager_mask(bool sliding) {
         allowed = act("causal", square, false);
     }
     drop(b), drop(h), drop(q), drop(k);
-    T zero = act("zero", 2, false), min = act("min", 2, false);
-    T mask = act(sliding ? "sliding_mask" : "causal_mask", bf16(B, checked_mul(S, S)), false);
+    T zero = act("zero", rb_, false), min = act("min", rb_, false);  // in the embeddings' dtype
+    T mask = act(sliding ? "sliding_mask" : "causal_mask", elems(B, checked_mul(S, S), rb_), false);
     drop(min), drop(zero), drop(allowed);
     return mask;
 }
