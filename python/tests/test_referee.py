@@ -256,6 +256,10 @@ TRAINER_CASES = [
     (TINY, {"attention": "eager", "checkpoint": "all", "grad_accum": 2}),
     (TINY, {"lm_chunks": 2, "mlp_chunks": 2}),
     (GEMMA2, {"checkpoint": [0]}),
+    # an fp32 model (amp): the trainer's autocast is the one the plan's amp runs under
+    (TINY, {"precision": "amp"}),
+    (TINY, {"precision": "amp", "checkpoint": "all", "grad_accum": 2, "attention": "eager"}),
+    (GEMMA2, {"precision": "amp", "lm_chunks": 2, "mlp_chunks": 2}),
 ]
 
 
@@ -263,7 +267,8 @@ TRAINER_CASES = [
 def test_the_hf_trainers_bf16_forward_adds_only_an_fp32_copy_of_the_logits_and_no_peak(model, knobs):
     # The HF Trainer with bf16=True on a bf16 model: accelerate's autocast changes no allocation on
     # these paths, and its fp32 copy of the output logits comes after the loss's own fp32 logits
-    # are gone: the step's peaks are the plain loop's (what the hf runtime predicts).
+    # are gone: the step's peaks are the plain loop's (what the hf runtime predicts). On an fp32
+    # model (amp) its autocast is the loop's own, and the same holds.
     plain = referee.referee_step(job(model, **knobs))["events"]
     trainer = referee.referee_step(jobs.make_job(model, knobs=knobs, seq=16, convert="python", trainer="hf-trainer"))["events"]
     a, b = referee.summarize_events(plain), referee.summarize_events(trainer)
