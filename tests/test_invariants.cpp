@@ -322,7 +322,7 @@ TrainingSetup random_hf_setup(Random& r, const ModelSpec& m, std::int64_t max_se
     s.runtime = Runtime::Hf;
     s.micro_batch = r.in(1, 2);
     s.seq_len = r.in(8, max_seq);
-    s.precision = r.pick({Precision::PureBf16, Precision::Bf16Master});
+    s.precision = r.pick({Precision::PureBf16, Precision::Bf16Master, Precision::AmpFp32});
     s.optimizer = r.pick({Optimizer::AdamW, Optimizer::SgdMomentum});
     s.optimizer_impl = r.pick({OptimizerImpl::Fused, OptimizerImpl::Foreach, OptimizerImpl::ForLoop});
     s.attention = r.pick({Attention::Flash, Attention::Eager});

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -136,9 +137,19 @@ class _PendingSum:
 
 
 class CudaAutocastMismatch(RuntimeError):
-    """An op CUDA's autocast would cast (and the CPU's does not) got a lower-precision input."""
+    """An op CUDA's autocast would cast (and the CPU's does not) met an input it casts."""
 
 
+# CUDA's autocast policies the check needs to tell apart (aten/src/ATen/autocast_mode.cpp):
+# lower_precision_fp ops cast fp32 inputs down, promote ops only mixed inputs; every other CUDA
+# policy (fp32, fp32_set_opt_dtype) casts bf16/fp16 inputs up.
+_CUDA_LOWER_PRECISION = {"addmv", "addr", "mv", "einsum", "chain_matmul", "linalg_multi_dot", "prelu",
+                         "_scaled_dot_product_flash_attention", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell",
+                         "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "cudnn_convolution",
+                         "cudnn_convolution_transpose"}
+_CUDA_PROMOTE = {"addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put",
+                 "tensordot", "scatter_add"}
+_LOW = (torch.bfloat16, torch.float16)
 _CUDA_ONLY_AUTOCAST: Dict[str, bool] = {}
 
 
@@ -156,34 +167,78 @@ def _cuda_only_autocast(func: Any) -> bool:
     return hit
 
 
+@contextlib.contextmanager
+def cuda_autocast_policies() -> Iterator[None]:
+    """CPU autocast restricted to the ops CUDA's autocast also has a policy for: the others
+    (``cat`` promoting mixed inputs through a copy, ``cross_entropy_loss`` in fp32, ...) run as on a
+    GPU, uncast. (The reverse, ops only CUDA's autocast casts, check_cuda_autocast refuses.)"""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    lib = torch.library.Library("aten", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            for name in torch._C._dispatch_get_registrations_for_dispatch_key("AutocastCPU"):
+                if name.startswith("aten::") and not has(name, "AutocastCUDA"):
+                    lib.impl(name[len("aten::"):], torch.library.fallthrough_kernel, "AutocastCPU")
+        yield
+    finally:
+        lib._destroy()
+
+
 class AutocastProbe(TorchFunctionMode):
     """Whether CPU autocast is on for the torch function running now: a dispatch mode cannot ask
     (the dispatcher has excluded the autocast keys by the time it runs). Outside any torch function
-    (the autograd engine's own ops) it answers False."""
+    (the autograd engine's own ops, a backward's recomputation) it answers False.
+
+    It also checks the composite functions CUDA's autocast casts before they decompose into ops
+    the dispatch mode sees uncast (softmax, log_softmax, cross_entropy on a bf16 input)."""
+
+    _COMPOSITE = {torch.softmax, torch.log_softmax, torch.nn.functional.softmax, torch.nn.functional.log_softmax,
+                  torch.nn.functional.cross_entropy, torch.Tensor.softmax, torch.Tensor.log_softmax}
 
     def __init__(self) -> None:
         super().__init__()
         self.enabled = False
+        self.mismatches: List[str] = []
 
     def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
         previous, self.enabled = self.enabled, torch.is_autocast_enabled("cpu")
         try:
-            return func(*args, **(kwargs or {}))
+            if self.enabled and func in self._COMPOSITE and kwargs.get("dtype") is None and args \
+                    and isinstance(args[0], torch.Tensor) and args[0].dtype in _LOW:
+                self.refuse(f"{getattr(func, '__name__', func)} on a {str(args[0].dtype).replace('torch.', '')} input")
+            return func(*args, **kwargs)
         finally:
             self.enabled = previous
 
+    def refuse(self, what: str) -> None:
+        message = (f"referee: {what} under autocast: CUDA's autocast casts it (the CPU's does not), so this "
+                   f"CPU step is not what a GPU allocates")
+        self.mismatches.append(message)
+        raise CudaAutocastMismatch(message)
 
-def check_cuda_autocast(func: Any, args: Any, kwargs: Any, autocast: bool) -> None:
-    """Raise CudaAutocastMismatch when ``func`` runs under CPU autocast (``autocast``) on a bf16/fp16
-    floating input and CUDA's autocast (not the CPU's) has a policy for it: a GPU run would differ."""
-    if not autocast or not _cuda_only_autocast(func):
+
+def check_cuda_autocast(func: Any, args: Any, kwargs: Any, probe: AutocastProbe) -> None:
+    """Refuse (probe.refuse) ``func`` run under CPU autocast when CUDA's autocast, not the CPU's,
+    casts one of its inputs: a bf16/fp16 input of an fp32 policy (unless a dtype is asked for), an
+    fp32 input of a lower-precision one, mixed inputs of a promote one."""
+    if not probe.enabled or not _cuda_only_autocast(func):
         return
-    low = [a for a in tree_flatten((args, kwargs))[0]
-           if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16)]
-    if low:
-        raise CudaAutocastMismatch(
-            f"referee: {func} ran on a {str(low[0].dtype).replace('torch.', '')} input under autocast: CUDA's "
-            f"autocast casts it (the CPU's does not), so this CPU step is not what a GPU allocates")
+    base = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
+    floats = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    dtypes = {a.dtype for a in floats}
+    if base in _CUDA_LOWER_PRECISION:
+        hit = torch.float32 in dtypes
+    elif base in _CUDA_PROMOTE:
+        hit = len(dtypes) > 1
+    else:
+        schema = getattr(func, "_schema", None)
+        names = [a.name for a in schema.arguments] if schema is not None else []
+        given = dict(zip(names, args), **kwargs)
+        hit = bool(dtypes & set(_LOW)) and given.get("dtype") is None
+    if hit:
+        probe.refuse(f"{func} on {', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))} inputs")
 
 
 class StorageRecorder(TorchDispatchMode):
@@ -372,7 +427,7 @@ class StorageRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         self._flush()
-        check_cuda_autocast(func, args, kwargs, self._autocast.enabled)
+        check_cuda_autocast(func, args, kwargs, self._autocast)
         name = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
         old = None
         if self.correct_buffer_sums and self._is_buffer_sum(func, args, kwargs):
@@ -426,9 +481,12 @@ class StorageRecorder(TorchDispatchMode):
                 entry[1].category = category
 
     def close(self) -> None:
-        """The step is over: what dies from now on (the model, the optimizer) is not recorded."""
+        """The step is over: what dies from now on (the model, the optimizer) is not recorded.
+        Raises CudaAutocastMismatch if the step met one (even if the code that ran caught it)."""
         self._flush()
         self._closed = True
+        if self._autocast.mismatches:
+            raise CudaAutocastMismatch(self._autocast.mismatches[0])
 
     def timeline(self) -> List[Event]:
         """The events with their categories.

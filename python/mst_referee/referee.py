@@ -111,7 +111,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
     "micro_steps", "micro_steps_recorded"}.
     """
     from .fake import session
-    from .recorder import StorageRecorder
+    from .recorder import StorageRecorder, cuda_autocast_policies
     from .train import step_batches
 
     t0 = time.monotonic()
@@ -120,7 +120,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         raise ValueError("referee: optimizer: adamw-8bit (bitsandbytes) has no fake-tensor implementation; "
                          "the referee runs adamw and sgd")
     marking: Dict[str, Any] = {"recorder": None}  # the gradient marks reach the recorder once it records
-    with session():
+    with session(), cuda_autocast_policies():
         model, attn = patched_model(job, cfg)
         # Registered before make_optimizer's: a hook that steps the optimizer in backward frees the
         # gradient, so this one must see it first.

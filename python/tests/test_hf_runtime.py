@@ -30,6 +30,7 @@ MISTRAL = str(REPO / "tests" / "data" / "tiny_sliding_tied.json")
 QWEN2 = str(REPO / "tests" / "data" / "tiny_qwen2.json")
 GEMMA2 = str(REPO / "tests" / "data" / "tiny_gemma2.json")
 QWEN3 = str(REPO / "tests" / "data" / "tiny_qwen3.json")
+QWEN3_MQA = str(REPO / "tests" / "data" / "tiny_qwen3_mqa.json")
 GEMMA3 = str(REPO / "tests" / "data" / "tiny_gemma3.json")
 GEMMA3_GLOBAL = str(REPO / "tests" / "data" / "tiny_gemma3_global.json")
 MQA = str(REPO / "tests" / "data" / "tiny_mqa.json")
@@ -101,6 +102,8 @@ CASES = [
     (QWEN3, {"precision": "amp", "checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2, "lm_impl": "fused"}),
     (QWEN3, {"precision": "amp", "checkpoint": [0], "offload_checkpoints": True, "mlp_chunks": 3, "mlp_impl": "tiled",
              "grad_accum": 2}),
+    # One KV head: k's head norm runs over [tokens, head_dim] rows, as many as the stream's, on a bf16 input.
+    (QWEN3_MQA, {"precision": "amp", "checkpoint": "all", "mlp_chunks": 2}),
     # Gemma-2: post-norms, soft-capping (eager and final), scaled embeddings, GeGLU.
     (GEMMA2, {}),
     (GEMMA2, {"attention": "eager", "checkpoint": [0], "micro_batch": 2}),

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from mst_referee import jobs, referee, validate  # noqa: E402
-from mst_referee.recorder import CudaAutocastMismatch, StorageRecorder, host_memory  # noqa: E402
+from mst_referee.recorder import CudaAutocastMismatch, StorageRecorder, cuda_autocast_policies, host_memory  # noqa: E402
 
 TINY = "tiny-llama"
 SLIDING_TIED = str(jobs.REPO_ROOT / "tests" / "data" / "tiny_sliding_tied.json")
@@ -132,24 +132,51 @@ def _profile(fn):
 
 def test_an_op_only_cudas_autocast_casts_is_refused_on_a_bf16_input_under_autocast():
     # aten::sum has an AutocastCUDA kernel (fp32 accumulation: a bf16 input gives an fp32 result on a
-    # GPU) and no AutocastCPU one: recorded on the CPU the step would not be the GPU's. aten::mm has
-    # both (the CPU referee casts as CUDA does); outside autocast nothing is cast anywhere.
+    # GPU) and no AutocastCPU one: recorded on the CPU the step would not be the GPU's. softmax is
+    # cast by CUDA's autocast before it decomposes into the _softmax the dispatch mode sees. aten::mm
+    # has both (the CPU referee casts as CUDA does); outside autocast nothing is cast anywhere.
     x = torch.ones(8, 8, dtype=torch.bfloat16)
 
-    def bf16_sum(r):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            x.sum()
+    def refused(op):
+        def step(r):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                try:
+                    op()
+                except CudaAutocastMismatch:
+                    pass  # caught by the code that ran: close() still refuses the step
+        with pytest.raises(CudaAutocastMismatch):
+            _record(step)
 
-    with pytest.raises(CudaAutocastMismatch, match="aten.sum"):
-        _record(bf16_sum)
+    refused(lambda: x.sum())
+    refused(lambda: torch.nn.functional.softmax(x, dim=-1))
+    refused(lambda: torch.mv(x.float(), x.float()[0]))  # a lower-precision op only on CUDA: fp32 is cast
 
     def fine(r):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             x.float().sum()  # fp32 input: both autocasts leave it alone
+            x.sum(dtype=torch.float32)  # a dtype asked for: CUDA's autocast does not cast either
+            torch.nn.functional.softmax(x, dim=-1, dtype=torch.float32)
             torch.mm(x.float(), x.float())  # cast to bf16 by both
         x.sum()  # no autocast
 
     _record(fine)
+
+
+def test_the_referees_cpu_autocast_casts_only_what_cudas_does():
+    # aten::cat has an AutocastCPU kernel (it copies a bf16 input to fp32 before a mixed cat) and no
+    # AutocastCUDA one (CUDA's cat kernel promotes as it copies): under cuda_autocast_policies the
+    # CPU records what a GPU allocates, the output alone; outside it the extra copy reappears.
+    a, b = torch.ones(4, 12, dtype=torch.float32), torch.ones(4, 4, dtype=torch.bfloat16)
+
+    def cat(r):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.cat([a, b], dim=1)
+
+    with cuda_autocast_policies():
+        events = _record(cat).timeline()
+    assert [(e.name.split(" ")[0], e.bytes) for e in events if e.alloc] == [("cat", 4 * 16 * 4)]
+    events = _record(cat).timeline()
+    assert [(e.name.split(" ")[0], e.bytes) for e in events if e.alloc] == [("_to_copy", 4 * 4 * 4), ("cat", 4 * 16 * 4)]
 
 
 def test_two_gradients_of_one_tensor_are_summed_in_place_as_in_a_plain_run():

@@ -479,11 +479,9 @@ T StepBuilder::hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_sav
     T out = act("rope.out", elems(tokens_, dim, rb), false);
     drop(xc), drop(rs);
     if (!m_.rotary_concatenates()) return out;
-    // Under autocast the rotated share is fp32: cat promotes the bf16 pass-through share (a copy).
-    const std::int64_t rest = checked_mul(heads, m_.head_dim - m_.rotary_dim);
-    T pass = amp_ && rest > 0 ? act("rope.pass_fp32", f32(tokens_, rest), false) : T{};
+    // Under autocast the rotated share is fp32: cat's kernel promotes the bf16 pass-through share
+    // as it copies it (CUDA's autocast has no policy for cat; the CPU's would copy it first).
     T joined = act("rope.joined", elems(tokens_, checked_mul(heads, m_.head_dim), rb), false);
-    drop(pass);
     drop(out);
     return joined;
 }
@@ -493,7 +491,7 @@ T StepBuilder::hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_sav
 // `pass` receives (the caller runs both shares' SliceBackward0 later: hf_rope_slices_backward).
 T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_saved, T* pass) {
     const std::int64_t dim = checked_mul(heads, m_.rotary_dim);
-    if (pass) {  // under autocast the pass-through share was cast to fp32: its node casts it back first
+    if (pass) {  // under autocast the pass-through share was promoted: CatBackward0 casts its gradient back
         const std::int64_t rest = checked_mul(heads, m_.head_dim - m_.rotary_dim);
         *pass = !amp_ ? hold(d) : rest > 0 ? alloc("d_rope.pass_bf16", bf16(tokens_, rest), Category::Transient) : T{};
     }
@@ -901,7 +899,7 @@ T StepBuilder::hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last
     T y2 = hf_mlp_forward(lp, h2, sv.hf, stop_after_last_save && !gemma);
     auto stopped = [&](T& out) {  // the frames' locals go when checkpointing has caught the stop
         if (out.valid()) return false;
-        phase_ = Phase::Backward;
+        hf_recomputation_stopped();
         drop(h2), drop(y2), drop(x2), drop(weights);
         return true;
     };

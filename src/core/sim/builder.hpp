@@ -533,6 +533,13 @@ private:
     T hf_chunked_loss_backward(HeadSaved& hs, T grad_in);
     void hf_optimizer_step();
     void hf_release_frame();            // a checkpointed layer's frame dies (its inputs are freed)
+    // A checkpoint's recomputation has reached its last save: the stop unwinds out of the
+    // recomputation's autocast region (its cache emptied, still in the recompute) before the
+    // checkpoint catches it; the frames' locals go when the exception is dropped, in the backward.
+    void hf_recomputation_stopped() {
+        clear_autocast_cache();
+        phase_ = Phase::Backward;
+    }
     void hf_grad_hooks(int p);          // p's post-accumulate-grad hooks (python/mst_hf/optim.py)
     void hf_step_temporaries(bytes_t state_bytes);  // what torch.optim allocates stepping one parameter
     // The end of an autograd node's evaluation (torch/csrc/autograd/engine.cpp): tensors its

@@ -213,7 +213,7 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
         // The stop unwinds the evaluation stacks first (the loop's list of earlier chunk outputs, last
         // first); the frames' locals go when the checkpoint has caught the stop, in the backward.
         for (auto it = earlier.rbegin(); it != earlier.rend(); ++it) drop(*it);
-        phase_ = Phase::Backward;
+        hf_recomputation_stopped();
         experts_return(weighted, T{});
         return T{};
     }

@@ -140,10 +140,7 @@ void StepBuilder::micro_step(int micro) {
                     }
                     const char* op = op_;
                     phase_ = Phase::Recompute;
-                    hf_layer_forward(l, input, layer, true);
-                    phase_ = Phase::Recompute;  // its autocast region ends (grad mode still on)
-                    clear_autocast_cache();
-                    phase_ = Phase::Backward;
+                    hf_layer_forward(l, input, layer, true);  // stops at its last save (hf_recomputation_stopped)
                     if (s_.offload_checkpoints) drop(input);  // the recompute's argument, once it returns
                     recomputed_ = true;
                     at(op);
