@@ -47,30 +47,48 @@ TEST_CASE("compare: one event 512 bytes larger is found, and so is the peak it r
     CHECK(c.rows.front().relative() == doctest::Approx(512.0 / double(s.peak.bytes)));
 }
 
-TEST_CASE("compare: frees with no allocation between them match in any order, allocations do not") {
+TEST_CASE("compare: the frees that empty the autocast cache match in any order, other frees and allocations do not") {
+    // amp with every layer checkpointed: the forward's weight copies are held by autocast's cache
+    // alone and freed together as the forward's autocast region ends (a hash map: in no fixed order).
     const ModelSpec m = find_model("tiny-llama");
-    const Timeline predicted = simulate(m, tiny_setup(32), test_gpu());
-    // The first two consecutive frees, then the first two consecutive allocations, swapped.
-    auto swapped = [&](bool alloc) {
+    TrainingSetup s;
+    s.seq_len = 32;
+    s.precision = Precision::AmpFp32;
+    s.checkpoint = parse_checkpoint_spec("all", m.num_layers, "test");
+    const Timeline predicted = simulate(m, s, test_gpu());
+    // Two consecutive frees (of different sizes) that are, or are not, autocast copies, swapped.
+    auto swapped = [&](bool autocast) {
         Timeline t = predicted;
-        for (std::size_t i = 0; i + 1 < t.events.size(); ++i)
-            if (t.events[i].alloc == alloc && t.events[i + 1].alloc == alloc && t.events[i].bytes != t.events[i + 1].bytes) {
+        for (std::size_t i = 0; i + 1 < t.events.size(); ++i) {
+            const Event &a = t.events[i], &b = t.events[i + 1];
+            if (!a.alloc && !b.alloc && a.bytes != b.bytes && (a.name == "autocast_weight") == autocast &&
+                (b.name == "autocast_weight") == autocast) {
                 std::swap(t.events[i], t.events[i + 1]);
                 return std::make_pair(t, static_cast<std::int64_t>(i));
             }
-        FAIL("no two consecutive events of one kind");
+        }
+        FAIL("no two such frees");
         return std::make_pair(t, std::int64_t{-1});
     };
-    const auto [frees, i] = swapped(false);
-    CHECK(compare_timelines(predicted, frees, m.num_layers).identical());
-    const auto [allocs, j] = swapped(true);
-    const Comparison c = compare_timelines(predicted, allocs, m.num_layers);
+    const auto [cache, i] = swapped(true);
+    CHECK(compare_timelines(predicted, cache, m.num_layers).identical());
+    const auto [other, j] = swapped(false);
+    const Comparison c = compare_timelines(predicted, other, m.num_layers);
     REQUIRE(c.divergence);
     CHECK(*c.divergence == j);
-    // A free run of the same length but another tensor in it still diverges.
-    Timeline other = frees;
-    other.events[static_cast<std::size_t>(i)].bytes += 2;
-    CHECK_FALSE(compare_timelines(predicted, other, m.num_layers).identical());
+    // Allocations in another order diverge where they do.
+    Timeline allocs = predicted;
+    for (std::size_t k = 0; k + 1 < allocs.events.size(); ++k)
+        if (allocs.events[k].alloc && allocs.events[k + 1].alloc && allocs.events[k].bytes != allocs.events[k + 1].bytes) {
+            std::swap(allocs.events[k], allocs.events[k + 1]);
+            REQUIRE(compare_timelines(predicted, allocs, m.num_layers).divergence);
+            CHECK(*compare_timelines(predicted, allocs, m.num_layers).divergence == static_cast<std::int64_t>(k));
+            break;
+        }
+    // A cache-emptying run with another tensor in it still diverges.
+    Timeline bigger = cache;
+    bigger.events[static_cast<std::size_t>(i)].bytes += 2;
+    CHECK_FALSE(compare_timelines(predicted, bigger, m.num_layers).identical());
 }
 
 TEST_CASE("compare: a missing last event diverges where the shorter timeline ends") {

@@ -27,11 +27,18 @@ bool same_event(const Event& a, const Event& b, bool names) {
 namespace {
 
 // Frees with no allocation between them leave the same memory whatever their order (the
-// caching allocator merges the same free blocks), and PyTorch frees some in no fixed order (the
-// autocast cache is a hash map): such a run is compared as a set, in tensor order.
+// caching allocator merges the same free blocks), and PyTorch frees some in no fixed order: the
+// autocast cache is a hash map. A run of frees that empties it (one of them frees an autocast
+// copy the simulator names) is compared as a set, in tensor order; every other event in order.
 std::size_t free_run_end(const std::vector<Event>& events, std::size_t i) {
     while (i < events.size() && !events[i].alloc) ++i;
     return i;
+}
+
+bool empties_autocast_cache(const std::vector<Event>& events, std::size_t from, std::size_t to) {
+    for (std::size_t i = from; i < to; ++i)
+        if (events[i].name == "autocast_weight") return true;
+    return false;
 }
 
 bool same_free_runs(const std::vector<Event>& a, const std::vector<Event>& b, std::size_t from, std::size_t to,
@@ -55,7 +62,9 @@ std::optional<std::int64_t> first_divergence(const Timeline& predicted, const Ti
         if (same_event(predicted.events[i], measured.events[i], names)) continue;
         if (!predicted.events[i].alloc && !measured.events[i].alloc) {
             const std::size_t end = free_run_end(predicted.events, i);
-            if (end == free_run_end(measured.events, i) && same_free_runs(predicted.events, measured.events, i, end, names)) {
+            const bool cache = empties_autocast_cache(predicted.events, i, end) || empties_autocast_cache(measured.events, i, end);
+            if (end == free_run_end(measured.events, i) && cache &&
+                same_free_runs(predicted.events, measured.events, i, end, names)) {
                 i = end - 1;
                 continue;
             }

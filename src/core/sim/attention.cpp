@@ -813,12 +813,12 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     drop(up);
     T p = amp_ ? hold(p32) : act("probs", bf16(rows, cols), false);
     drop(p32), drop(masked);  // attn_weights = the probabilities
+    T pc = amp_ ? act("probs_bf16", bf16(rows, cols), false) : hold(p);  // autocast's, before matmul's copy of v
     if (!repeat_copies) v_rep = fold_copies ? act("v_rep", bf16(tokens_, qd), false) : hold(v);
-    T pc = amp_ ? act("probs_bf16", bf16(rows, cols), false) : hold(p);
     T ob = act("pv", bf16(tokens_, qd), false);
     sv.probs = saved(pc), sv.v_rep = saved(v_rep);
+    if (!repeat_copies) drop(v_rep);  // likewise (matmul's local), then autocast's cast
     drop(pc);
-    if (!repeat_copies) drop(v_rep);  // likewise
     T o = act("o", bf16(tokens_, qd), false);  // transpose(1, 2).contiguous()
     drop(ob);
     drop(k_rep), drop(v_rep);  // eager_attention_forward returns (the probabilities with the output)
