@@ -425,16 +425,20 @@ T StepBuilder::grad_out(int p) {
     return alloc("weight_grad", checked_mul(P.numel, pg_), Category::Transient);
 }
 
+void StepBuilder::buffer_add(GradBuffer& b, T g, bool view) {
+    if (!b.sum.valid()) {
+        b.sum = g, b.view = view;
+        return;
+    }
+    accumulate(b.sum, g, b.view);
+    b.view = false;
+}
+
 void StepBuilder::add_grad(int p, T g, bool view, bool last) {
     Param& P = params_[static_cast<std::size_t>(p)];
-    if (!P.pending.valid()) {
-        P.pending = g, P.pending_view = view;
-    } else {
-        accumulate(P.pending, g, P.pending_view);
-        P.pending_view = false;
-    }
+    buffer_add(P.pending, g, view);
     if (!last) return;
-    T buffer = std::exchange(P.pending, T{});
+    T buffer = std::exchange(P.pending.sum, T{});
     if (!P.grad.valid()) {  // AccumulateGrad steals it
         P.grad = buffer;
         table_[static_cast<std::size_t>(buffer.id)].category = Category::Gradients;

@@ -31,6 +31,13 @@ struct T {
     bool valid() const { return id >= 0; }
 };
 
+// An autograd node's input buffer for one gradient: the first one received (and whether it is a
+// view of another tensor's storage), the later ones added into it (StepBuilder::buffer_add).
+struct GradBuffer {
+    T sum;
+    bool view = false;
+};
+
 // One parameter tensor (bias folded into its weight) and its gradient's life.
 struct Param {
     const char* name = "";
@@ -39,12 +46,10 @@ struct Param {
     T weight;                 // the stored parameter (a shard under ZeRO-3)
     T grad;                   // full gradient, live between its first write and the step (or reduce)
     T master_grad;            // hf bf16-master: the fp32 gradient of its master copy (mst_hf's hooks)
-    T pending;                // hf: gradients waiting in its AccumulateGrad node's input buffer
-    bool pending_view = false;
+    GradBuffer pending;       // hf: gradients waiting in its AccumulateGrad node's input buffer
     T amp_copy;               // AmpFp32: the autocast cache's bf16 copy, while cached
     bool cast = false;        // hf AmpFp32: autocast has cast it (its gradient reaches AccumulateGrad through the copy's node)
-    T cast_pending;           // hf AmpFp32: gradients waiting in that copy's ToCopyBackward0 buffer
-    bool cast_pending_view = false;
+    GradBuffer cast_pending;  // hf AmpFp32: gradients waiting in that copy's ToCopyBackward0 buffer
     std::vector<T> amp_saved; // AmpFp32: that copy, once per op that saved it for backward
 };
 
@@ -454,17 +459,12 @@ private:
             sink(w, gw);
             return;
         }
-        Param& P = params_[static_cast<std::size_t>(w)];
-        if (!P.cast_pending.valid()) {
-            P.cast_pending = gw, P.cast_pending_view = true;
-        } else {
-            accumulate(P.cast_pending, gw, P.cast_pending_view);
-            P.cast_pending_view = false;
-        }
+        GradBuffer& buffer = params_[static_cast<std::size_t>(w)].cast_pending;
+        buffer_add(buffer, gw, true);
         cast_node();
         if (!last_use) return;
         T f = grad_out(w);
-        drop(P.cast_pending);
+        drop(buffer.sum);
         sink(w, f);
     }
     // The same for an input cast by autocast (input_cast) or not: its gradient goes to pass_input.
@@ -573,6 +573,7 @@ private:
     // autograd's InputBuffer: a second gradient of one tensor is added into the first in place,
     // unless the first is a view (its storage is shared with a base): then the sum is a new tensor.
     void accumulate(T& acc, T g, bool acc_is_view);
+    void buffer_add(GradBuffer& b, T g, bool view);  // one more gradient reaches a node's buffer
     T grad_out(int p);  // the output of a gradient op for p ([out, in] for a weight)
     // One more gradient of p reaches its AccumulateGrad node's input buffer (a weight's: the
     // transpose of its GEMM's output, a view); the last one (`last`) lets the node run: it makes
