@@ -265,6 +265,9 @@ TEST_CASE("recommend --for torchtitan keeps its per-layer RoPE tables free of th
     REQUIRE(r.found);
     CHECK(r.trainer_extra_bytes == bytes_t{32} * 65536 * 512);
     CHECK(r.best.memory.peak_reserved_bytes <= r.budget_bytes - r.trainer_extra_bytes);
+    // the plan's headroom is what is left once the tables are in (1 GiB less than the runtime's own)
+    const Plan plan = to_plan(r, rq, "llama-3-8b", "h100-sxm-80gb");
+    CHECK(plan.prediction.headroom_bytes == r.budget_bytes - (bytes_t{1} << 30) - r.best.memory.peak_reserved_bytes);
     rq.for_format = "deepspeed";  // nothing known beyond the prediction
     CHECK(recommend(rq).trainer_extra_bytes == 0);
     // tables of seq_len positions, whatever the micro-batch: 32 x 65536 x 512 at micro-batch 4 too

@@ -17,7 +17,7 @@ struct Prediction {
     bytes_t peak_allocated_bytes = 0;  // torch.cuda.max_memory_allocated
     bytes_t peak_reserved_bytes = 0;   // torch.cuda.max_memory_reserved
     bytes_t usable_bytes = 0;          // what the GPU profile leaves a process
-    bytes_t headroom_bytes = 0;        // usable - reserved - safety margin
+    bytes_t headroom_bytes = 0;        // usable - reserved - safety margin - the trainer's own extra (recommend --for)
     bytes_t host_bytes = 0;            // pinned host memory for offloaded checkpoints
     double step_seconds = 0;           // one optimizer step (all micro-steps)
     double tokens_per_second = 0;      // per GPU

@@ -547,7 +547,7 @@ Plan to_plan(const Recommendation& r, const TuneRequest& rq, const std::string& 
     x.peak_allocated_bytes = r.best.memory.peak_allocated_bytes;
     x.peak_reserved_bytes = r.best.memory.peak_reserved_bytes;
     x.usable_bytes = rq.gpu.usable_bytes();
-    x.headroom_bytes = r.budget_bytes - r.best.memory.peak_reserved_bytes;
+    x.headroom_bytes = r.budget_bytes - r.trainer_extra_bytes - r.best.memory.peak_reserved_bytes;  // (--for: kept free)
     x.host_bytes = r.best.memory.host_peak_bytes;
     x.step_seconds = r.best.time.step_seconds;
     x.tokens_per_second = r.best.time.tokens_per_second;
