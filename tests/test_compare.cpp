@@ -89,6 +89,23 @@ TEST_CASE("compare: the frees that empty the autocast cache match in any order, 
     Timeline bigger = cache;
     bigger.events[static_cast<std::size_t>(i)].bytes += 2;
     CHECK_FALSE(compare_timelines(predicted, bigger, m.num_layers).identical());
+    // In a run that empties the cache, a free of anything else keeps its place: moved to the run's
+    // start (past the copies' frees before it), it diverges there.
+    Timeline moved = predicted;
+    for (std::size_t k = 1; k < moved.events.size(); ++k) {
+        const Event& e = moved.events[k];
+        if (e.alloc || e.name == "autocast_weight" || moved.events[k - 1].alloc || moved.events[k - 1].name != "autocast_weight")
+            continue;
+        std::size_t start = k - 1;
+        while (start > 0 && !moved.events[start - 1].alloc && moved.events[start - 1].name == "autocast_weight") --start;
+        const Event stray = e;
+        moved.events.erase(moved.events.begin() + static_cast<std::ptrdiff_t>(k));
+        moved.events.insert(moved.events.begin() + static_cast<std::ptrdiff_t>(start), stray);
+        const Comparison d = compare_timelines(predicted, moved, m.num_layers);
+        REQUIRE(d.divergence);
+        CHECK(*d.divergence == static_cast<std::int64_t>(start));
+        break;
+    }
 }
 
 TEST_CASE("compare: a missing last event diverges where the shorter timeline ends") {

@@ -56,7 +56,8 @@ import re
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch.autograd.graph import node_creation_hook
@@ -140,15 +141,26 @@ class CudaAutocastMismatch(RuntimeError):
     """An op CUDA's autocast would cast (and the CPU's does not) met an input it casts."""
 
 
-# CUDA's autocast policies the check needs to tell apart (aten/src/ATen/autocast_mode.cpp):
-# lower_precision_fp ops cast fp32 inputs down, promote ops only mixed inputs; every other CUDA
-# policy (fp32, fp32_set_opt_dtype) casts bf16/fp16 inputs up.
-_CUDA_LOWER_PRECISION = {"addmv", "addr", "mv", "einsum", "chain_matmul", "linalg_multi_dot", "prelu",
-                         "_scaled_dot_product_flash_attention", "_thnn_fused_lstm_cell", "_thnn_fused_gru_cell",
-                         "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "cudnn_convolution",
-                         "cudnn_convolution_transpose"}
-_CUDA_PROMOTE = {"addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "vdot", "grid_sampler", "index_put",
-                 "tensordot", "scatter_add"}
+# CUDA's autocast policies the check needs to tell apart, read from the installed torch's own
+# lists (torch/include/ATen/autocast_mode.h, AT_FORALL_*): lower_precision_fp ops cast fp32 inputs
+# down, promote ops only mixed inputs; every other CUDA policy (fp32, fp32_set_opt_dtype,
+# fp32_append_dtype) casts bf16/fp16 inputs up. _cudnn_rnn is registered by hand (lower precision).
+def _autocast_list(macro: str) -> Set[str]:
+    header = Path(torch.__file__).parent / "include" / "ATen" / "autocast_mode.h"
+    text = header.read_text() if header.is_file() else ""
+    start = text.find(f"#define {macro}(_)")
+    if start < 0:
+        raise RuntimeError(f"referee: {header}: no {macro}: cannot tell CUDA's autocast policies apart")
+    body = []
+    for line in text[start:].splitlines()[1:]:
+        body.append(line)
+        if not line.rstrip().endswith("\\"):
+            break
+    return set(re.findall(r"_\((\w+)", "\n".join(body)))
+
+
+_CUDA_LOWER_PRECISION = _autocast_list("AT_FORALL_LOWER_PRECISION_FP") | {"_cudnn_rnn"}
+_CUDA_PROMOTE = _autocast_list("AT_FORALL_PROMOTE")
 _LOW = (torch.bfloat16, torch.float16)
 _CUDA_ONLY_AUTOCAST: Dict[str, bool] = {}
 

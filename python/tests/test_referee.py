@@ -157,6 +157,9 @@ def test_an_op_only_cudas_autocast_casts_is_refused_on_a_bf16_input_under_autoca
             x.sum(dtype=torch.float32)  # a dtype asked for: CUDA's autocast does not cast either
             torch.nn.functional.softmax(x, dim=-1, dtype=torch.float32)
             torch.mm(x.float(), x.float())  # cast to bf16 by both
+            # both cast conv1d; the aten::convolution it calls is CUDA's lower-precision op alone, on
+            # bf16 already (the policies come from the installed torch's own lists)
+            torch.nn.functional.conv1d(x.float().unsqueeze(0), torch.ones(2, 8, 3))
         x.sum()  # no autocast
 
     _record(fine)

@@ -28,24 +28,28 @@ namespace {
 
 // Frees with no allocation between them leave the same memory whatever their order (the
 // caching allocator merges the same free blocks), and PyTorch frees some in no fixed order: the
-// autocast cache is a hash map. A run of frees that empties it (one of them frees an autocast
-// copy the simulator names) is compared as a set, in tensor order; every other event in order.
+// autocast cache is a hash map. In a run of frees, the frees of autocast copies (the simulator
+// names them) may trade places among themselves, compared as a set in tensor order; every other
+// free keeps its place.
 std::size_t free_run_end(const std::vector<Event>& events, std::size_t i) {
     while (i < events.size() && !events[i].alloc) ++i;
     return i;
 }
 
-bool empties_autocast_cache(const std::vector<Event>& events, std::size_t from, std::size_t to) {
-    for (std::size_t i = from; i < to; ++i)
-        if (events[i].name == "autocast_weight") return true;
-    return false;
-}
-
-bool same_free_runs(const std::vector<Event>& a, const std::vector<Event>& b, std::size_t from, std::size_t to,
-                    bool names) {
+// A side from the referee names no free; a simulator side must name the copy at the same place.
+bool same_free_runs(const Timeline& p, const Timeline& m, std::size_t from, std::size_t to, bool names) {
+    const std::vector<Event>&a = p.events, &b = m.events;
+    const auto copy = [](const Timeline& t, const Event& e) { return t.source == "referee" || e.name == "autocast_weight"; };
     std::vector<const Event*> x, y;
-    for (std::size_t i = from; i < to; ++i) x.push_back(&a[i]), y.push_back(&b[i]);
-    const auto by_tensor = [](const Event* p, const Event* q) { return p->tensor < q->tensor; };
+    for (std::size_t i = from; i < to; ++i) {
+        const bool named = a[i].name == "autocast_weight" || b[i].name == "autocast_weight";
+        if (named && copy(p, a[i]) && copy(m, b[i])) {
+            x.push_back(&a[i]), y.push_back(&b[i]);
+        } else if (!same_event(a[i], b[i], names)) {
+            return false;
+        }
+    }
+    const auto by_tensor = [](const Event* e, const Event* f) { return e->tensor < f->tensor; };
     std::sort(x.begin(), x.end(), by_tensor);
     std::sort(y.begin(), y.end(), by_tensor);
     for (std::size_t i = 0; i < x.size(); ++i)
@@ -62,9 +66,7 @@ std::optional<std::int64_t> first_divergence(const Timeline& predicted, const Ti
         if (same_event(predicted.events[i], measured.events[i], names)) continue;
         if (!predicted.events[i].alloc && !measured.events[i].alloc) {
             const std::size_t end = free_run_end(predicted.events, i);
-            const bool cache = empties_autocast_cache(predicted.events, i, end) || empties_autocast_cache(measured.events, i, end);
-            if (end == free_run_end(measured.events, i) && cache &&
-                same_free_runs(predicted.events, measured.events, i, end, names)) {
+            if (end == free_run_end(measured.events, i) && same_free_runs(predicted, measured, i, end, names)) {
                 i = end - 1;
                 continue;
             }
