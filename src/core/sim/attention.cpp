@@ -600,8 +600,7 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
     T o;
     hf_flash_forward(sv, qe, ke, v, o);
     at("attn.o_proj");
-    if (lp.o_bias >= 0) use_weight(lp.o_bias, false);
-    use_weight(lp.o);
+    hf_linear_weights(lp.o, lp.o_bias);
     attn_out = act("attn_out", bf16(tokens_, d), false);
     sv.o_oproj = saved(o);
     drop(o), drop(qe), drop(ke), drop(v);  // the attention's locals, at return
@@ -824,8 +823,7 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     drop(k_rep), drop(v_rep);  // eager_attention_forward returns (the probabilities with the output)
     weights = p;
     at("attn.o_proj");
-    if (lp.o_bias >= 0) use_weight(lp.o_bias, false);
-    use_weight(lp.o);
+    hf_linear_weights(lp.o, lp.o_bias);
     attn_out = act("attn_out", bf16(tokens_, d), false);
     sv.o_oproj = saved(o);
     drop(o), drop(qe), drop(ke), drop(v);  // the attention's locals, at return

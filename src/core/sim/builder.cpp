@@ -310,11 +310,18 @@ void StepBuilder::clear_autocast_cache() {
     drop(autocast_leaf_);
 }
 
-T StepBuilder::hf_linear_input(int w, int b, T x, std::int64_t rows, std::int64_t cols) {
-    if (b >= 0) use_weight(b, false);  // (autocast casts F.linear's arguments last first)
+void StepBuilder::hf_linear_weights(int w, int b) {
+    if (b >= 0) use_weight(b, false);
     use_weight(w);
+}
+
+T StepBuilder::hf_linear_input(int w, int b, T x, std::int64_t rows, std::int64_t cols) {
+    hf_linear_weights(w, b);
     if (!amp_) return hold(x);
-    return act("autocast_input", bf16(rows, cols), false);
+    if (hf_leaf_input_ && autocast_leaf_.valid()) return hold(autocast_leaf_);
+    T copy = act("autocast_input", bf16(rows, cols), false);
+    if (hf_leaf_input_) autocast_leaf_ = hold(copy);
+    return copy;
 }
 
 T StepBuilder::hf_mm_grad(int p) {

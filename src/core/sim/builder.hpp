@@ -401,8 +401,9 @@ private:
     // (validate_outputs sums the output gradient over the tokens); then the accumulation nodes run
     // first, the bias's and the weight's, and the input's view node after them.
     // AMP (input_cast: autocast cast an fp32 input for it): the GEMMs' gradients are bf16; the node
-    // lets go of the weight's bf16 copy first; the input's cast node makes its gradient fp32, then
-    // the weight's makes the weight's (hf_mm_node_end, hf_uncast, hf_weight_grad).
+    // lets go of the weight's bf16 copy (hf_mm_node_end, hf_addmm_node_end); the casts' nodes make
+    // the gradients fp32 in reverse creation order: the input's, the weight's, the bias's
+    // (hf_mm_outputs).
     template <class PassInput>
     T hf_linear_backward(int w, int b, const char* input_name, bytes_t input_bytes, std::initializer_list<T*> saved,
                          T& grad_in, PassInput pass_input, bool input_cast = false) {
@@ -420,27 +421,28 @@ private:
             add_grad(w, weight, true, true);
             pass_input(input);
         } else {
-            // Under autocast the node saved the input's copy, then the weight's; the bias's copy
-            // (the cache's only) gets its gradient summed in bf16. The three casts' nodes run in
-            // reverse creation order (autocast cast the arguments last first): input, weight, bias.
+            // Under autocast the bias's copy (the cache's only) gets its gradient summed in bf16;
+            // its cast node, made first (autocast casts the arguments last first), runs last.
             input = alloc(input_name, input_bytes, Category::Transient);
             weight = hf_mm_grad(w);
             bias = hf_addmm_node_end(w, b, saved, &grad_in);
-            if (input_cast) input = hf_uncast(input);
-            pass_input(input);
-            for (auto [p, g] : {std::pair{w, weight}, std::pair{b, bias}}) {
-                T f = grad_out(p);
-                drop(g);
-                add_grad(p, f, false, true);
-            }
+            const auto accumulate_grad = [&](int p, T g) { add_grad(p, g, false, true); };
+            hf_mm_outputs(w, weight, input, input_cast, true, accumulate_grad, pass_input);
+            T f = grad_out(b);
+            drop(bias);
+            accumulate_grad(b, f);
         }
         return input;
     }
     // ---- hf runtime under autocast (precision amp: fp32 weights and residual stream) -----------
+    // F.linear's parameters under autocast: the bias's bf16 copy (b >= 0; the cache its only holder),
+    // then the weight's (saved by the GEMM): autocast casts the arguments last first.
+    void hf_linear_weights(int w, int b);
     // F.linear on x [rows, cols], a residual-stream tensor (fp32 under autocast), or a chunk of
-    // one: under autocast, the weight's bf16 copy (the cache keeps it for the region), then x's;
-    // returns what the GEMM reads (x, or its copy), held by the caller until the GEMM has run
-    // (saved() it, then drop it). Without autocast: x, held. (A bf16 input needs use_weight only.)
+    // one: under autocast, hf_linear_weights, then x's bf16 copy (a leaf x's, in the tiled MLP's
+    // replay, is cached: later linears on it get the same copy); returns what the GEMM reads (x, or
+    // its copy), held by the caller until the GEMM has run (saved() it, then drop it). Without
+    // autocast: x, held. (A bf16 input needs hf_linear_weights only.)
     T hf_linear_input(int w, int b, T x, std::int64_t rows, std::int64_t cols);  // b: the bias, or -1
     T hf_mm_grad(int p);                 // a GEMM's weight gradient [out, in]: bf16 under autocast
     T hf_uncast(T g);                    // ToCopyBackward0 of a bf16 cast: the gradient back to fp32
@@ -509,12 +511,10 @@ private:
     // when a checkpoint's recomputation stops at the block's last save; `earlier`: the outputs of
     // the chunks before this one, which the loop's list holds until then).
     T hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe& c, bool stop_after_last_save, std::span<T> earlier);
-    // Bytes per element of the MLP block's output: down_proj's bf16, or the experts' weighted sum
-    // (Mixtral casts it to the stream's dtype; under autocast the experts run in fp32).
-    int hf_mlp_out_bytes() const {
-        if (!m_.moe) return 2;
-        return m_.moe->fp32_routing_weights ? rb_ : std::max(rb_, 2);
-    }
+    // Bytes per element of the MLP block's output: down_proj's bf16, or the experts' weighted sum in
+    // the stream's dtype (Mixtral casts its fp32 sum; Qwen3-MoE's bf16 sum is fp32 under autocast,
+    // whose experts run in fp32).
+    int hf_mlp_out_bytes() const { return m_.moe ? rb_ : 2; }
     // dy: the output's gradient (consumed); returns the input's gradient [n, d]. Each weight's
     // gradient goes to weight_grad(param, grad) as its node finishes (as hf_mlp_chunk_backward's).
     // last_use: as hf_mlp_chunk_backward's (the router's autocast copy is shared by the chunks).

@@ -160,11 +160,7 @@ T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, 
         // Phi3MLP: gate, up = gate_up_proj(x).chunk(2); up * act(gate). Both halves are views of
         // one [n, 2I] output: the activation saves gate, the product saves up and act(gate).
         at("mlp.gate_up");
-        T in = amp_ && hf_leaf_input_ ? T{} : hf_linear_input(lp.gate, -1, x, n, m_.hidden_size);
-        if (!in.valid()) {  // the tiled MLP's replay: its leaf input's cast is cached
-            in = hf_linear_input(lp.gate, -1, x, n, m_.hidden_size);
-            autocast_leaf_ = hold(in);
-        }
+        T in = hf_linear_input(lp.gate, -1, x, n, m_.hidden_size);
         T gate_up = act("gate_up", bf16(n, 2 * I), false);
         c.x_gate = saved(in);
         drop(in);
@@ -182,7 +178,6 @@ T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, 
     }
     at("mlp.gate_up");
     T in = hf_linear_input(lp.gate, -1, x, n, m_.hidden_size);  // (autocast: each projection casts x)
-    if (amp_ && hf_leaf_input_) autocast_leaf_ = hold(in);
     T g = act("g", bf16(n, I), false);
     c.x_gate = saved(in);
     drop(in);
@@ -191,8 +186,7 @@ T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, 
     c.g = saved(g);
     drop(g);
     at("mlp.gate_up");
-    // (the tiled MLP's replay: x is a leaf, whose cast autocast's cache keeps and hands to up again)
-    in = amp_ && hf_leaf_input_ ? (use_weight(lp.up), hold(autocast_leaf_)) : hf_linear_input(lp.up, -1, x, n, m_.hidden_size);
+    in = hf_linear_input(lp.up, -1, x, n, m_.hidden_size);  // (the tiled replay's leaf x: gate's copy)
     T u = act("u", bf16(n, I), false);
     c.x_up = saved(in);
     drop(in);
