@@ -18,11 +18,12 @@
 //  * blocks_: every block, in one vector, with two intrusive lists: the blocks of a segment
 //    in address order (prev/next, so coalescing looks at two neighbours), and the free
 //    blocks of one size (free_prev/free_next, below).
-//  * a pool is a vector of size classes, one for every size freed in it, ascending, each the
-//    head and tail of its list of free blocks in (segment, offset) order, descending: its best
-//    fit is the tail. A step has a few dozen sizes and a handful of them free at a time: a bit
-//    set marks the classes that hold a block, so best fit is the first marked class from the
-//    requested size on, and a small cache maps a size to its class without a search.
+//  * a pool's size classes: one for every size freed in it, numbered as they appear (a free
+//    block knows its class), each the head and tail of its list of free blocks in (segment,
+//    offset) order, descending: its best fit is the tail. A hash table finds a size's class.
+//    Merging makes sizes of every kind (hundreds of classes in a small pool), but only a few
+//    hold a block at a time (about 8, at most 18, in the tuner's searches): best fit scans
+//    those, kept sorted by size.
 //    Blocks are mostly freed in reverse order of allocation (a backward pass), so a freed
 //    block's place in its class is next to one end; the search for it walks in from both ends
 //    and is never longer than the distance to the nearer one.
@@ -32,6 +33,7 @@
 #include <array>
 #include <bit>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <tuple>
 #include <unordered_map>
@@ -107,11 +109,7 @@ public:
         capacity_ = capacity;
         blocks_.clear();
         spare_blocks_.clear();
-        for (Pool& p : pools_) {
-            p.classes.clear();
-            p.nonempty.clear();
-            p.cache.fill(Pool::Cached{});
-        }
+        for (Pool& p : pools_) p.clear();
         segments_ = released_ = 0;
         dense_.clear();
         sparse_.clear();
@@ -148,6 +146,7 @@ private:
         std::int64_t seg = 0;                 // segments are numbered in creation order
         std::int32_t prev = -1, next = -1;    // neighbours in the segment, by address
         std::int32_t free_prev = -1, free_next = -1;  // neighbours in its size class (free blocks)
+        std::int32_t cls = -1;                         // its size class, while free
         bool free = false;
         // The size class's order: (segment, offset) descending, so that the best fit is last.
         bool before(const Block& o) const { return seg != o.seg ? seg > o.seg : offset > o.offset; }
@@ -157,14 +156,46 @@ private:
         std::int32_t first, last;  // its free blocks, in Block::before order (-1: none)
     };
     struct Pool {
-        std::vector<SizeClass> classes;      // every size freed in this pool, ascending; most are empty at a time
-        std::vector<std::uint64_t> nonempty;  // bit i: classes[i] holds a free block
-        struct Cached {
-            bytes_t size = -1;
-            std::size_t index = 0;
-            std::size_t classes = 0;  // the answer holds while the pool has this many classes
-        };
-        std::array<Cached, 64> cache;  // sizes and their find_class answers
+        std::vector<SizeClass> classes;  // every size freed in this pool, by id (in order of appearance)
+        // Open addressing, linear probing: slot -> class id + 1 (0: empty). At most half full.
+        std::vector<std::int32_t> slots;
+        int shift = 64;  // 64 - log2(slots.size())
+        // The classes holding a free block, ascending by size: (size, id).
+        std::vector<std::pair<bytes_t, std::int32_t>> nonempty;
+
+        void clear() {
+            classes.clear();
+            std::fill(slots.begin(), slots.end(), 0);
+            nonempty.clear();
+        }
+        // Fibonacci hashing: sizes are multiples of large powers of two.
+        std::size_t slot_of(bytes_t size) const {
+            return static_cast<std::size_t>((static_cast<std::uint64_t>(size) * 0x9E3779B97F4A7C15ull) >> shift);
+        }
+        // The id of the class of `size` bytes, made if there is none.
+        std::int32_t class_of(bytes_t size) {
+            if (2 * (classes.size() + 1) > slots.size()) grow();
+            const std::size_t mask = slots.size() - 1;
+            for (std::size_t i = slot_of(size);; i = (i + 1) & mask) {
+                const std::int32_t id = slots[i] - 1;
+                if (id < 0) {
+                    classes.push_back(SizeClass{size, -1, -1});
+                    slots[i] = static_cast<std::int32_t>(classes.size());
+                    return slots[i] - 1;
+                }
+                if (classes[static_cast<std::size_t>(id)].size == size) return id;
+            }
+        }
+        void grow() {
+            const std::size_t n = std::max<std::size_t>(64, 2 * slots.size());
+            slots.assign(n, 0);
+            shift = 64 - std::countr_zero(n);
+            for (std::size_t id = 0; id < classes.size(); ++id) {
+                std::size_t i = slot_of(classes[id].size);
+                while (slots[i] != 0) i = (i + 1) & (n - 1);
+                slots[i] = static_cast<std::int32_t>(id + 1);
+            }
+        }
     };
     struct Where {
         std::int32_t block = -1;  // -1: not allocated
@@ -203,31 +234,17 @@ private:
         spare_blocks_.push_back(gone);
     }
 
-    // The first class of at least `size` bytes (the one of exactly `size`, if there is one):
-    // a step asks for a few sizes again and again, so the cache usually knows it.
-    static std::size_t find_class(Pool& pool, bytes_t size) {
-        // Fibonacci hashing: sizes are multiples of large powers of two.
-        Pool::Cached& slot = pool.cache[(static_cast<std::uint64_t>(size) * 0x9E3779B97F4A7C15ull) >> 58];
-        if (slot.size == size && slot.classes == pool.classes.size()) return slot.index;  // no class added since
-        const auto& cs = pool.classes;
-        const auto c = static_cast<std::size_t>(
-            std::lower_bound(cs.begin(), cs.end(), size, [](const SizeClass& x, bytes_t s) { return x.size < s; }) -
-            cs.begin());
-        slot = Pool::Cached{size, c, cs.size()};
-        return c;
-    }
-
     void add_free(bool small, std::int32_t b) {
         Pool& pool = pools_[small ? 0 : 1];
         Block& blk = blocks_[idx(b)];
-        const std::size_t c = find_class(pool, blk.size);
-        if (c == pool.classes.size() || pool.classes[c].size != blk.size) {
-            pool.classes.insert(pool.classes.begin() + static_cast<std::ptrdiff_t>(c), SizeClass{blk.size, -1, -1});
-            insert_zero_bit(pool.nonempty, c, pool.classes.size());
-        }
-        SizeClass& cls = pool.classes[c];
+        const std::int32_t c = pool.class_of(blk.size);
+        blk.cls = c;
+        SizeClass& cls = pool.classes[static_cast<std::size_t>(c)];
         if (cls.first < 0) {
-            pool.nonempty[c / 64] |= std::uint64_t{1} << (c % 64);
+            // It holds a block now: into the nonempty list, in size order (a short list).
+            auto it = pool.nonempty.end();
+            while (it != pool.nonempty.begin() && std::prev(it)->first > blk.size) --it;
+            pool.nonempty.insert(it, {blk.size, c});
             blk.free_prev = blk.free_next = -1;
             cls.first = cls.last = b;
             return;
@@ -252,74 +269,58 @@ private:
         (blk.free_next >= 0 ? blocks_[idx(blk.free_next)].free_prev : cls.last) = b;
     }
 
-    // Takes free block `b` out of class `c`.
-    void unlink(Pool& pool, std::size_t c, std::int32_t b) {
-        SizeClass& cls = pool.classes[c];
-        const Block& blk = blocks_[idx(b)];
-        (blk.free_prev >= 0 ? blocks_[idx(blk.free_prev)].free_next : cls.first) = blk.free_next;
-        (blk.free_next >= 0 ? blocks_[idx(blk.free_next)].free_prev : cls.last) = blk.free_prev;
-        if (cls.first < 0) pool.nonempty[c / 64] &= ~(std::uint64_t{1} << (c % 64));
-    }
-
+    // Takes free block `b` out of its class.
     void remove_free(bool small, std::int32_t b) {
         Pool& pool = pools_[small ? 0 : 1];
-        unlink(pool, find_class(pool, blocks_[idx(b)].size), b);
+        const Block& blk = blocks_[idx(b)];
+        SizeClass& cls = pool.classes[static_cast<std::size_t>(blk.cls)];
+        (blk.free_prev >= 0 ? blocks_[idx(blk.free_prev)].free_next : cls.first) = blk.free_next;
+        (blk.free_next >= 0 ? blocks_[idx(blk.free_next)].free_prev : cls.last) = blk.free_prev;
+        if (cls.first < 0)
+            pool.nonempty.erase(std::find_if(pool.nonempty.begin(), pool.nonempty.end(),
+                                             [&](const auto& e) { return e.second == blk.cls; }));
     }
 
     // Removes and returns the best-fitting free block of at least `size` bytes (-1: none).
     std::int32_t take_best_fit(bool small, bytes_t size) {
-        Pool& pool = pools_[small ? 0 : 1];
-        const std::size_t c = next_set_bit(pool.nonempty, find_class(pool, size));
-        if (c >= pool.classes.size()) return -1;
-        const std::int32_t b = pool.classes[c].last;
-        unlink(pool, c, b);
-        return b;
+        const Pool& pool = pools_[small ? 0 : 1];
+        for (const auto& [bytes, c] : pool.nonempty) {
+            if (bytes < size) continue;
+            const std::int32_t b = pool.classes[static_cast<std::size_t>(c)].last;
+            remove_free(small, b);
+            return b;
+        }
+        return -1;
     }
 
     // PyTorch's release_cached_blocks: every free block that is a whole segment (no neighbour)
     // leaves its pool and the reserved bytes.
     void release_cached_segments() {
-        for (int small = 0; small < 2; ++small) {
-            Pool& pool = pools_[small];
-            for (std::size_t c = 0; c < pool.classes.size(); ++c) {
-                for (std::int32_t b = pool.classes[c].first; b >= 0;) {
+        for (const bool small : {true, false}) {
+            Pool& pool = pools_[small ? 0 : 1];
+            // Class by class in size order; a class leaves the list when its last block goes.
+            for (std::size_t i = 0; i < pool.nonempty.size();) {
+                const std::int32_t c = pool.nonempty[i].second;
+                for (std::int32_t b = pool.classes[static_cast<std::size_t>(c)].first; b >= 0;) {
                     const Block& blk = blocks_[idx(b)];
                     const std::int32_t next_free = blk.free_next;
                     if (blk.prev < 0 && blk.next < 0) {
-                        unlink(pool, c, b);
                         reserved_ -= blk.size;
                         ++released_;
+                        remove_free(small, b);
                         spare_blocks_.push_back(b);
                     }
                     b = next_free;
                 }
+                if (i < pool.nonempty.size() && pool.nonempty[i].second == c) ++i;  // (else it left the list)
             }
         }
-    }
-
-    // Bit sets over class indices, 64 to a word.
-    static std::size_t next_set_bit(const std::vector<std::uint64_t>& bits, std::size_t from) {
-        std::size_t w = from / 64;
-        if (w >= bits.size()) return std::numeric_limits<std::size_t>::max();
-        std::uint64_t word = bits[w] & (~std::uint64_t{0} << (from % 64));
-        while (word == 0) {
-            if (++w == bits.size()) return std::numeric_limits<std::size_t>::max();
-            word = bits[w];
-        }
-        return w * 64 + static_cast<std::size_t>(std::countr_zero(word));
-    }
-    // Makes room for a clear bit at `i` (bits from i up move one place), for `count` bits in all.
-    static void insert_zero_bit(std::vector<std::uint64_t>& bits, std::size_t i, std::size_t count) {
-        if (bits.size() * 64 < count) bits.push_back(0);
-        const std::size_t w0 = i / 64;
-        for (std::size_t w = bits.size() - 1; w > w0; --w) bits[w] = (bits[w] << 1) | (bits[w - 1] >> 63);
-        const std::uint64_t below = (std::uint64_t{1} << (i % 64)) - 1;
-        bits[w0] = (bits[w0] & below) | ((bits[w0] & ~below) << 1);
     }
 
     // Tensor ids are dense in timelines mst-plan writes; others fall back to a hash map.
     Where& where(std::int64_t tensor) {
         if (static_cast<std::uint64_t>(tensor) < dense_.size()) return dense_[static_cast<std::size_t>(tensor)];
+        if (static_cast<std::uint64_t>(tensor) == dense_.size()) return dense_.emplace_back();  // the next new id (inlined)
         if (tensor >= 0 && tensor < (std::int64_t{1} << 24)) {
             dense_.resize(static_cast<std::size_t>(tensor) + 1);  // capacity still grows geometrically; a snapshot copies only the size
             return dense_[static_cast<std::size_t>(tensor)];
