@@ -4,6 +4,7 @@
 #include "mst/catalog.hpp"
 #include "mst/emit.hpp"
 #include "mst/tune.hpp"
+#include "least_fitting.hpp"
 #include "sim_test_support.hpp"
 #include "test_support.hpp"
 
@@ -21,6 +22,42 @@ TuneRequest request(const char* model, const char* gpu, std::int64_t gpus, std::
     return rq;
 }
 }  // namespace
+
+TEST_CASE("least_fitting finds the least fitting index of a monotone predicate from any hint, in few probes") {
+    int cases = 0;
+    for (std::int64_t lo = 0; lo <= 2; ++lo)
+        for (std::int64_t hi = lo; hi <= lo + 12; ++hi)
+            for (std::int64_t threshold = lo; threshold <= hi + 1; ++threshold) {  // hi + 1: nothing fits
+                const std::optional<std::int64_t> want = threshold <= hi ? std::optional(threshold) : std::nullopt;
+                std::int64_t bisection_probes = 0;  // no hint: the top, then bisection
+                for (std::int64_t h = lo - 2; h <= hi + 2; ++h) {
+                    const std::optional<std::int64_t> hint = h == lo - 2 ? std::nullopt : std::optional(h);
+                    CAPTURE(lo);
+                    CAPTURE(hi);
+                    CAPTURE(threshold);
+                    CAPTURE(h);
+                    std::int64_t probes = 0;
+                    bool in_range = true;
+                    const auto got = detail::least_fitting(lo, hi, hint, [&](std::int64_t i) {
+                        ++probes;
+                        in_range = in_range && i >= lo && i <= hi;
+                        return i >= threshold;
+                    });
+                    CHECK(got == want);
+                    CHECK(in_range);
+                    if (!hint) bisection_probes = probes;
+                    // log2 of 13 candidates, rounded up, plus the top: 5 probes at most.
+                    if (!hint) CHECK(probes <= 5);
+                    // An exact hint costs the hint and the index below it (one probe at lo).
+                    if (hint && *hint == threshold && want) CHECK(probes == (threshold == lo ? 1 : 2));
+                    // Off by one or two: still no worse than bisection plus one.
+                    if (hint && want && *hint >= lo && *hint <= hi && std::abs(*hint - threshold) <= 2)
+                        CHECK(probes <= std::max<std::int64_t>(bisection_probes, 3) + 1);
+                    ++cases;
+                }
+            }
+    CHECK(cases > 1000);
+}
 
 TEST_CASE("the hf runtime plans one GPU: several are a one-line error pointing at the kernels runtime") {
     TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 65536);

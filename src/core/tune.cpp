@@ -12,6 +12,7 @@
 #include "mst/emit.hpp"
 #include "mst/error.hpp"
 #include "mst/limits.hpp"
+#include "least_fitting.hpp"
 
 namespace mst {
 
@@ -197,14 +198,14 @@ public:
             // Offloading checkpoints (pinned: offload=yes) needs at least one checkpointed layer.
             const std::int64_t k_min = outer.offload_checkpoints ? 1 : 0;
             if (fastest_ && !can_beat(k_min, nullptr, *fastest_ * kRunnerUpSlack)) return;  // cannot compete
-            if (!fits(with(L, mlp_opts.back(), lm_opts.back()))) return;
-            std::int64_t lo = k_min, hi = L;  // fewest checkpointed layers that fit with the most chunks
-            while (lo < hi) {
-                const std::int64_t mid = (lo + hi) / 2;
-                if (fits(with(mid, mlp_opts.back(), lm_opts.back()))) hi = mid;
-                else lo = mid + 1;
-            }
-            for (std::int64_t k = lo, step = 1; k <= L; k = (k == L ? L + 1 : std::min(L, k + step)), step *= 2)
+            // Fewest checkpointed layers that fit with the most chunks (the previous outer choice's
+            // count is where the search starts).
+            const auto least_k = detail::least_fitting(k_min, L, hints_.k, [&](std::int64_t k) {
+                return fits(with(k, mlp_opts.back(), lm_opts.back()));
+            });
+            if (!least_k) return;
+            hints_.k = *least_k;
+            for (std::int64_t k = *least_k, step = 1; k <= L; k = (k == L ? L + 1 : std::min(L, k + step)), step *= 2)
                 ks.push_back({k, nullptr});
             // --for: checkpoint counts the format cannot place (torchtitan: every layer or none)
             std::erase_if(ks, [&](const auto& c) { return refused(with(c.first, mlp_opts.back(), lm_opts.back())); });
@@ -213,6 +214,7 @@ public:
         // More checkpoints never need more chunks: each k searches below the previous k's counts.
         std::size_t lm_hi = lm_opts.size() - 1, mlp_hi = mlp_opts.size() - 1;
         bool first = true;
+        bool first_counts = true;  // no k has found its chunk counts yet
         for (const auto& choice : ks) {
             // Named copies, not structured bindings: the lambdas below capture them (clang 14, which
             // builds the fuzz targets, cannot capture a binding).
@@ -224,20 +226,27 @@ public:
             if (fastest_ && !can_beat(k, placement, *fastest_ * (first ? kRunnerUpSlack : 1.005))) break;
             first = false;
             // Fewest LM-head chunks that fit with the most MLP chunks, then fewest MLP chunks.
-            const auto smallest = [&](const std::vector<std::int64_t>& opts, std::size_t hi, auto make) -> std::optional<std::size_t> {
-                if (!fits(make(opts[hi]))) return std::nullopt;
-                std::size_t lo = 0;
-                while (lo < hi) {
-                    const std::size_t mid = (lo + hi) / 2;
-                    if (fits(make(opts[mid]))) hi = mid;
-                    else lo = mid + 1;
-                }
-                return lo;
+            // The search starts at the previous k's counts (the first k: at the previous outer choice's).
+            const auto smallest = [&](const std::vector<std::int64_t>& opts, std::size_t hi, std::optional<std::int64_t> hint,
+                                      auto make) -> std::optional<std::size_t> {
+                std::optional<std::int64_t> at;  // the hint's index: the first option of at least its count
+                if (hint)
+                    at = std::min<std::int64_t>(static_cast<std::int64_t>(hi),
+                                                std::lower_bound(opts.begin(), opts.end(), *hint) - opts.begin());
+                const auto i = detail::least_fitting(0, static_cast<std::int64_t>(hi), at, [&](std::int64_t j) {
+                    return fits(make(opts[static_cast<std::size_t>(j)]));
+                });
+                if (!i) return std::nullopt;
+                return static_cast<std::size_t>(*i);
             };
-            const auto il = smallest(lm_opts, lm_hi, [&](std::int64_t ml) { return with(k, mlp_opts[mlp_hi], ml, placement); });
+            const auto il = smallest(lm_opts, lm_hi, first_counts ? hints_.lm_chunks : lm_opts[lm_hi],
+                                     [&](std::int64_t ml) { return with(k, mlp_opts[mlp_hi], ml, placement); });
             if (!il) continue;
-            const auto im = smallest(mlp_opts, mlp_hi, [&](std::int64_t mm) { return with(k, mm, lm_opts[*il], placement); });
+            const auto im = smallest(mlp_opts, mlp_hi, first_counts ? hints_.mlp_chunks : mlp_opts[mlp_hi],
+                                     [&](std::int64_t mm) { return with(k, mm, lm_opts[*il], placement); });
             if (!im) continue;
+            if (first_counts) hints_.lm_chunks = lm_opts[*il], hints_.mlp_chunks = mlp_opts[*im];
+            first_counts = false;
             lm_hi = *il, mlp_hi = *im;
             // More chunks than needed still fit; keep the fastest (verified below).
             std::size_t pick_a = *im, pick_b = *il;
@@ -279,6 +288,8 @@ public:
         return *pick;
     }
 
+    PeakSimulator& simulator() { return sim_; }
+
     std::optional<double> fastest_;  // the least cost considered
     std::vector<Candidate> evaluated_;
     std::int64_t sims_ = 0;
@@ -289,6 +300,11 @@ private:
     const TuneRequest& rq_;
     bytes_t budget_;
     PeakSimulator sim_;
+    // Where the one-dimensional searches start (detail::least_fitting): the answers of the last
+    // outer choice searched, whose neighbour in the loops is usually alike.
+    struct {
+        std::optional<std::int64_t> k, lm_chunks, mlp_chunks;
+    } hints_;
     std::map<std::tuple<std::int64_t, const std::vector<bool>*, std::int64_t, std::int64_t>, double> times_;
     std::map<std::tuple<std::vector<bool>, std::int64_t, std::int64_t>, std::pair<bool, MemoryPeaks>> memo_;
 };
@@ -317,7 +333,8 @@ void on_the_gpu(Candidate& c, PeakSimulator& gpu_sim, const GpuProfile& gpu) {
     c.memory = gpu_sim.peaks(c.setup, true, gpu.usable_bytes());
 }
 
-std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget) {
+// `sim`: the search's simulator (warm tables), for the same plan without each technique.
+std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget, PeakSimulator& sim) {
     const ModelSpec& m = rq.model;
     const TrainingSetup& s = best.setup;
     const Estimate e = estimate(m, s, rq.gpu);
@@ -339,7 +356,7 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
     auto without = [&](auto change) {
         TrainingSetup t = s;
         change(t);
-        return simulate_peaks(m, t, rq.gpu, true, budget).peak_reserved_bytes;
+        return sim.peaks(t, true, budget).peak_reserved_bytes;
     };
     if (s.mlp_chunks > 1 || s.lm_chunks > 1) {
         const bytes_t no_mst = without([](TrainingSetup& t) { t.mlp_chunks = 1, t.lm_chunks = 1; });
@@ -530,10 +547,10 @@ Recommendation recommend(const TuneRequest& rq) {
     out.best = *best;
     out.pareto = pareto_front(search.evaluated_);
     // Chosen on the budget's device; reported as the GPU holds them (releasing only at its end).
-    PeakSimulator gpu_sim(m, rq.gpu);
-    on_the_gpu(out.best, gpu_sim, rq.gpu);
-    for (Candidate& c : out.pareto) on_the_gpu(c, gpu_sim, rq.gpu);
-    out.why = explain(rq, out.best, out.budget_bytes);
+    PeakSimulator& sim = search.simulator();  // its tables have grown to these steps' size already
+    on_the_gpu(out.best, sim, rq.gpu);
+    for (Candidate& c : out.pareto) on_the_gpu(c, sim, rq.gpu);
+    out.why = explain(rq, out.best, out.budget_bytes, sim);
     return out;
 }
 
