@@ -355,6 +355,7 @@ TEST_CASE("a chunk loop's replay that skips repeating iterations leaves every te
     constexpr bytes_t kNoLimit = std::numeric_limits<bytes_t>::max();
     sim::LoopReplay loops;
     std::int64_t periodic = 0;  // loops whose skipped repeats cover two or more periods' worth
+    std::int64_t folded = 0;    // loops with an iteration the builder folded repeats into
     for (int i = 0; i < 120; ++i) {
         const bool large = i % 3 == 0;
         const ModelSpec m = random_hf_model(r, large);
@@ -367,16 +368,20 @@ TEST_CASE("a chunk loop's replay that skips repeating iterations leaves every te
         for (const sim::GpuEvent& e : events) tensors = std::max(tensors, e.tensor + 1);
         detail::CachingAllocatorModel plain(c), skipping(c);
         MemoryPeaks plain_peaks, skipping_peaks;
+        sim::LoopReplay every(false);  // runs every iteration, the folded ones' repeats too
         std::size_t at = 0;
         bool same = true;
         for (const sim::PeakScratch::Loop& loop : step.loops) {
             const std::size_t begin = step.loop_marks[loop.first], end = step.loop_marks[loop.first + loop.iterations];
-            sim::replay_events(plain, events, at, end, kNoLimit, plain_peaks);
+            sim::replay_events(plain, events, at, begin, kNoLimit, plain_peaks);
+            every.run(plain, events, step.loop_marks, step.loop_counts, loop.first, loop.iterations, kNoLimit, plain_peaks);
             sim::replay_events(skipping, events, at, begin, kNoLimit, skipping_peaks);
             const std::int64_t before = loops.skipped();
-            loops.run(skipping, events, step.loop_marks, loop.first, loop.iterations, kNoLimit, skipping_peaks);
+            loops.run(skipping, events, step.loop_marks, step.loop_counts, loop.first, loop.iterations, kNoLimit, skipping_peaks);
             if (loops.skipped() - before >= 2 * static_cast<std::int64_t>(end - begin) / static_cast<std::int64_t>(loop.iterations))
                 ++periodic;
+            const auto counts = step.loop_counts.begin() + static_cast<std::ptrdiff_t>(loop.first);
+            folded += std::any_of(counts, counts + static_cast<std::ptrdiff_t>(loop.iterations), [](std::int64_t n) { return n > 1; });
             at = end;
             same = same && plain.allocated() == skipping.allocated() && plain.reserved() == skipping.reserved() &&
                    plain_peaks.peak_allocated_bytes == skipping_peaks.peak_allocated_bytes;
@@ -385,6 +390,7 @@ TEST_CASE("a chunk loop's replay that skips repeating iterations leaves every te
         CHECK(same);
     }
     CHECK(periodic > 50);  // the skipping is exercised, not bypassed
+    CHECK(folded > 20);    // and so is the builder's folding (tiled MLP loops of 7, 16 and 40 chunks)
 }
 
 TEST_CASE("hf runtime: the fast path, which skips repeating chunk-loop iterations, reports exactly the recorded timeline's peaks") {

@@ -24,6 +24,7 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
         scratch->boundaries.clear();
         scratch->loops.clear();
         scratch->loop_marks.clear();
+        scratch->loop_counts.clear();
     }
     tokens_ = s_.local_tokens();
     hf_ = s_.runtime == Runtime::Hf;

@@ -204,6 +204,9 @@ struct PeakScratch {
     };
     std::vector<Loop> loops;
     std::vector<std::size_t> loop_marks;
+    // loop_counts[first + i]: how many iterations recorded iteration i stands for (>= 1; the builder
+    // folds repeats of a steady iteration into it: StepBuilder::fold_iteration).
+    std::vector<std::int64_t> loop_counts;
 };
 
 // How a peaks-only StepBuilder runs.
@@ -275,12 +278,23 @@ private:
         if (!in_loop_) s.loops.push_back(PeakScratch::Loop{s.loop_marks.size(), 0});
         in_loop_ = true;
         s.loop_marks.push_back(s.gpu_events.size());
+        s.loop_counts.push_back(1);
         ++s.loops.back().iterations;
     }
     void loop_end() {
         if (!peak_run_.capture || !in_loop_) return;
         peak_run_.scratch->loop_marks.push_back(peak_run_.scratch->gpu_events.size());
+        peak_run_.scratch->loop_counts.push_back(0);
         in_loop_ = false;
+    }
+    // Peaks-only runs: an iteration the caller knows to repeat the last one it built exactly (the
+    // same chunk, run from the same state up to which tensors hold which block, leaving it so) is
+    // not built: the last one's count grows instead, and the replay runs or skips the repeats
+    // (loop_replay.hpp checks that they can repeat). Returns whether the caller skips it.
+    bool fold_iteration() {
+        if (record_) return false;
+        if (peak_run_.capture) ++peak_run_.scratch->loop_counts.back();
+        return true;
     }
     bool in_loop_ = false;
 

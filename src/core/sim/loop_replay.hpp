@@ -17,6 +17,12 @@
 // are unchanged by a skipped iteration: it runs as one already replayed on the same state did.
 // (Period 1: the hf runtime's tiled MLP forward and loss chunks; 2: the tiled MLP's backward,
 // whose weight gradient alternates between two blocks.)
+//
+// A recorded iteration may stand for several (PeakScratch::loop_counts: the builder folds the
+// repeats of a steady iteration into it). Its repeats run its own events again: before each, the
+// tensors it kept take the names of the previous iteration's tensors it frees (the same places in
+// both, which the check below requires), so that its frees find them. Whether they are run or
+// skipped is decided as for recorded iterations.
 #include <array>
 #include <cstdint>
 #include <tuple>
@@ -45,11 +51,15 @@ inline bool replay_events(detail::CachingAllocatorModel& allocator, const std::v
 
 class LoopReplay {
 public:
+    // skip: false runs every iteration (the repeats of folded ones too): the plain replay tests
+    // compare with.
+    explicit LoopReplay(bool skip = true) : skip_(skip) {}
     // The loop whose iterations start at marks[first], .., marks[first + iterations - 1] and which
     // ends at marks[first + iterations] (PeakScratch::Loop), as replay_events would replay it.
+    // counts[first + i]: how many iterations recorded iteration i stands for.
     bool run(detail::CachingAllocatorModel& allocator, const std::vector<GpuEvent>& events,
-             const std::vector<std::size_t>& marks, std::size_t first, std::size_t iterations, bytes_t limit,
-             MemoryPeaks& p);
+             const std::vector<std::size_t>& marks, const std::vector<std::int64_t>& counts, std::size_t first,
+             std::size_t iterations, bytes_t limit, MemoryPeaks& p);
     std::int64_t skipped() const { return skipped_; }  // events not replayed so far
 
 private:
@@ -67,14 +77,22 @@ private:
     };
     void find_repeats(const std::vector<GpuEvent>& events, const std::vector<std::size_t>& marks, std::size_t first,
                       std::size_t iterations);
+    // The renames before a repeat of recorded iteration r (which stands for more than one), as
+    // (its tensor, the previous iteration's): one per tensor of the previous iteration it frees.
+    // Throws std::logic_error when the repeats cannot be run (a folding the builder must not do).
+    void repeat_renames(const std::vector<GpuEvent>& events, const std::vector<std::size_t>& marks, std::size_t first,
+                        std::size_t r);
 
-    std::vector<std::uint8_t> repeats_;  // per iteration: it repeats the one before
+    std::vector<std::uint8_t> repeats_;  // per recorded iteration: it repeats the one before
+    std::vector<std::size_t> recorded_;  // per iteration: the recorded one it runs
+    std::vector<std::pair<std::int64_t, std::int64_t>> renames_;
     // per tensor: the event that allocated it in the loop being read, with that loop's stamp
     std::vector<std::pair<std::uint32_t, std::size_t>> allocated_at_;
     std::uint32_t stamp_ = 0;
     std::vector<std::pair<bytes_t, std::int64_t>> shape_, previous_shape_;
     std::array<Replayed, kPeriods + 1> history_;  // the last iterations replayed, by index mod kPeriods + 1
     std::int64_t skipped_ = 0;
+    bool skip_ = true;
 };
 
 }  // namespace mst::sim

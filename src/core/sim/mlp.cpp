@@ -298,7 +298,12 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
         T y;
         {
             NoGrad no_grad(*this);  // a Function's forward runs without autograd
-            for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
+            const std::vector<std::int64_t> sizes = chunk_sizes(tokens_, s_.mlp_chunks);
+            for (std::size_t i = 0; i < sizes.size(); ++i) {
+                const std::int64_t n = sizes[i];
+                // From the second chunk on, an iteration frees all it allocates (the first makes the
+                // output, and under autocast the weights' copies): a dense one of the same size repeats.
+                if (!m_.moe && i >= 2 && n == sizes[i - 1] && fold_iteration()) continue;
                 loop_iteration();
                 T part = hf_block_chunk_forward(lp, h2, n, nullptr, nullptr, false, {});
                 at("mlp.tiled");
@@ -397,7 +402,13 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     std::array<T, 3> sums;
     T loop_var;  // `g` of the last `for i, g in enumerate(grads)`
     bool first = true;
-    for (std::int64_t n : chunk_sizes(tokens_, s_.mlp_chunks)) {
+    const std::vector<std::int64_t> sizes = chunk_sizes(tokens_, s_.mlp_chunks);
+    for (std::size_t chunk = 0; chunk < sizes.size(); ++chunk) {
+        const std::int64_t n = sizes[chunk];
+        // From the third chunk on, an iteration frees the previous one's loop variable and keeps its
+        // own, all else it allocates freed (the first makes the sums, the second the first loop
+        // variable): a dense one repeats the last built when the two before it had its size.
+        if (!m_.moe && chunk >= 4 && n == sizes[chunk - 1] && n == sizes[chunk - 2] && fold_iteration()) continue;
         loop_iteration();
         phase_ = Phase::Recompute;
         HfMlpChunk c;

@@ -29,6 +29,8 @@ struct PeakSimulator::Scratch {
     sim::PeakScratch step;
     detail::CachingAllocatorModel allocator{AllocatorConstants{}};
     std::vector<sim::GpuEvent> replayed;  // the events of the last replay
+    std::vector<std::size_t> replayed_marks;      // and its chunk loops' iterations
+    std::vector<std::int64_t> replayed_counts;
     std::vector<Snapshot> snapshots;      // the first `valid` hold prefixes of `replayed`, ascending
     std::size_t valid = 0;
     bytes_t capacity = -1;  // the device capacity the snapshots were replayed under
@@ -51,6 +53,16 @@ std::size_t common_prefix(const std::vector<sim::GpuEvent>& a, const std::vector
     return i;
 }
 
+// The events before `shared` that two steps share are the same step only where their chunk loops'
+// iterations start at the same places and stand for as many (folded repeats are not events):
+// the shared part ends at the first iteration where they do not.
+std::size_t same_loops_before(std::size_t shared, const std::vector<std::size_t>& marks, const std::vector<std::int64_t>& counts,
+                              const std::vector<std::size_t>& old_marks, const std::vector<std::int64_t>& old_counts) {
+    for (std::size_t j = 0; j < marks.size() && marks[j] < shared; ++j)
+        if (j >= old_marks.size() || marks[j] != old_marks[j] || counts[j] != old_counts[j]) return marks[j];
+    return shared;
+}
+
 }  // namespace
 
 // Peak allocated and reserved bytes of the captured events into `p`; false as soon as reserved
@@ -62,7 +74,8 @@ std::size_t common_prefix(const std::vector<sim::GpuEvent>& a, const std::vector
 bool PeakSimulator::replay(bytes_t capacity, bytes_t limit, MemoryPeaks& p) {
     Scratch& s = *scratch_;
     const std::vector<sim::GpuEvent>& events = s.step.gpu_events;
-    const std::size_t shared = common_prefix(events, s.replayed);
+    const std::size_t shared = same_loops_before(common_prefix(events, s.replayed), s.step.loop_marks, s.step.loop_counts,
+                                                 s.replayed_marks, s.replayed_counts);
     if (s.capacity != capacity) s.valid = 0;  // snapshots of replays on another device
     s.capacity = capacity;
     while (s.valid > 0 && s.snapshots[s.valid - 1].at > shared) --s.valid;
@@ -104,13 +117,15 @@ bool PeakSimulator::replay(bytes_t capacity, bytes_t limit, MemoryPeaks& p) {
             ++next;
         }
         if (loop != loops.end() && marks[loop->first] == i) {
-            fits = s.loops.run(s.allocator, events, marks, loop->first, loop->iterations, limit, p);
+            fits = s.loops.run(s.allocator, events, marks, s.step.loop_counts, loop->first, loop->iterations, limit, p);
             i = marks[loop->first + loop->iterations];
             ++loop;
             while (next != boundaries.end() && *next < i) ++next;  // no snapshot within a loop
         }
     }
     s.replayed.swap(s.step.gpu_events);  // the snapshots hold prefixes of these now
+    s.replayed_marks.swap(s.step.loop_marks);
+    s.replayed_counts.swap(s.step.loop_counts);
     p.segments_released = s.allocator.segments_released();
     return fits;
 }
