@@ -32,6 +32,10 @@ expect_run(2 "^error: [^\n]*nope.json: file: " estimate --model llama-3-8b --set
 expect_run(0 "recommended.*mini-sequences" recommend --model tiny-llama --gpu a100-80gb --seq 1024)
 expect_run(0 "\"format\": \"mst-plan/1\"" --json recommend --model tiny-llama --gpu a100-80gb --seq 1024)
 expect_run(2 "^error: llama-3.1-70b: no setup fits" recommend --model llama-3.1-70b --gpu rtx-4090-24gb --seq 4096)
+# Several GPUs with the hf runtime are DDP ranks; what does not fit says where ZeRO is planned.
+expect_run(0 "dp 8 \\(ZeRO 0\\), Ulysses sp 1" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 8 --seq 8192)
+expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*plans several GPUs as DDP[^\n]*--runtime kernels plans ZeRO" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 8192)
+expect_run(2 "^error: setup: precision: expected pure-bf16 or amp with runtime hf and dp > 1" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 2 --seq 8192 --precision bf16-master)
 expect_run(2 "^error: --pin: colour: expected one of" recommend --model tiny-llama --seq 1024 --pin colour=blue)
 expect_run(2 "^error: --allow: offload: expected yes or no" recommend --model tiny-llama --seq 1024 --allow offload=maybe)
 expect_run(0 "checkpointing \\+ MsT" max-seq --model tiny-llama --gpu rtx-4090-24gb)

@@ -59,13 +59,31 @@ TEST_CASE("least_fitting finds the least fitting index of a monotone predicate f
     CHECK(cases > 1000);
 }
 
-TEST_CASE("the hf runtime plans one GPU: several are a one-line error pointing at the kernels runtime") {
-    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 65536);
+TEST_CASE("the hf runtime plans several GPUs as DDP: every GPU holds the whole model, its gradients and DDP's buckets") {
+    // Llama-3.2-1B (1.24 B parameters): bf16 weights, gradients and DDP's buckets (2 bytes each)
+    // and two bf16 AdamW states: 12.4 GB per GPU, the rest for activations.
+    TuneRequest rq = request("llama-3.2-1b", "h100-sxm-80gb", 8, 32768);
     rq.base.runtime = Runtime::Hf;
-    const auto msg = test::expect_user_error([&] { (void)recommend(rq); });
-    CHECK(msg.rfind("recommend: gpus: expected 1 with runtime hf", 0) == 0);
-    CHECK(msg.find("--runtime kernels") != std::string::npos);
-    CHECK(test::expect_user_error([&] { (void)max_seq(rq, std::nullopt); }).rfind("max-seq: gpus: ", 0) == 0);
+    const Recommendation r = recommend(rq);
+    REQUIRE(r.found);
+    CHECK(r.best.setup.dp == 8);
+    CHECK(r.best.setup.zero_stage == 0);
+    CHECK(r.best.setup.sp == 1);
+    for (const Candidate& c : r.pareto) CHECK((c.setup.dp == 8 && c.setup.zero_stage == 0 && c.setup.sp == 1));
+    const MaxSeqResult ms = max_seq(rq, std::nullopt);
+    for (const MaxSeqRow& row : ms.rows) {
+        CAPTURE(row.strategy);
+        CHECK(row.strategy.find("sequence parallel") == std::string::npos);  // not in this runtime
+        CHECK((row.setup.dp == 8 && row.setup.zero_stage == 0));
+    }
+    // Llama-3-8B: 8.03 B parameters x (2 + 2 + 2 + 4) bytes = 80.3 GB of state on every GPU
+    // under DDP, more than an 80 GB GPU: nothing fits (ZeRO is the kernels runtime's).
+    rq = request("llama-3-8b", "h100-sxm-80gb", 8, 8192);
+    rq.base.runtime = Runtime::Hf;
+    CHECK_FALSE(recommend(rq).found);
+    // What DDP cannot run in this runtime is refused as asked for.
+    rq.base.precision = Precision::Bf16Master;
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("setup: precision: expected pure-bf16 or amp with runtime hf and dp > 1", 0) == 0);
 }
 
 TEST_CASE("pins the hf runtime cannot honour are named, not searched for") {
@@ -77,12 +95,10 @@ TEST_CASE("pins the hf runtime cannot honour are named, not searched for") {
     CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: pin: sp=2: expected 1 with runtime hf", 0) == 0);
 }
 
-TEST_CASE("a Mixture-of-Experts model on several GPUs: the hf runtime points at the kernels runtime, which plans it") {
+TEST_CASE("a Mixture-of-Experts model on several GPUs: DDP cannot hold it, the kernels runtime shards it") {
     TuneRequest rq = request("qwen3-30b-a3b", "h100-sxm-80gb", 8, 8192);
     rq.base.runtime = Runtime::Hf;
-    const auto msg = test::expect_user_error([&] { (void)recommend(rq); });
-    CHECK(msg.rfind("recommend: gpus: expected 1 with runtime hf", 0) == 0);
-    CHECK(msg.find("--runtime kernels") != std::string::npos);
+    CHECK_FALSE(recommend(rq).found);  // 30.5 B parameters x 10 bytes of state on every GPU
     rq.base.runtime = Runtime::Kernels;
     const Recommendation r = recommend(rq);
     REQUIRE(r.found);

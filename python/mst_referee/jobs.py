@@ -336,9 +336,10 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
 
 
 def check_runnable(setup: Mapping[str, Any], where: str = "setup") -> None:
-    """The cross-check is one process on one GPU with plain PyTorch (no DP, ZeRO or Ulysses),
-    training packed random tokens (no padding)."""
-    for key, expected in (("dp", 1), ("sp", 1), ("zero_stage", 0)):
+    """The cross-check is one process with plain PyTorch (no ZeRO or Ulysses; data parallelism is
+    one rank of DistributedDataParallel, which only the referee runs: check_device), training
+    packed random tokens (no padding)."""
+    for key, expected in (("sp", 1), ("zero_stage", 0)):
         if setup.get(key, expected) != expected:
             fail(where, key, f"expected {expected}: the cross-check runs plain PyTorch on one GPU, "
                              f"got {json.dumps(setup.get(key))}")
@@ -346,6 +347,13 @@ def check_runnable(setup: Mapping[str, Any], where: str = "setup") -> None:
         fail(where, "padded", "expected false: the cross-check trains packed random tokens, without padding")
     if setup.get("runtime", "hf") != "hf":
         fail(where, "runtime", f"expected hf: the cross-check runs Hugging Face's code, got {json.dumps(setup['runtime'])}")
+
+
+def check_device(job: "Job", device: str) -> None:
+    """A data-parallel job runs on the referee's fake process group only (one rank of DDP)."""
+    if job.setup.get("dp", 1) > 1 and device != "fake":
+        fail(job.name, "dp", f"expected 1 on --device {device} (the cross-check runs one process); "
+                             "--device fake runs one rank of DistributedDataParallel")
 
 
 def hf_mst_config(model: str, setup: Mapping[str, Any], num_layers: int,

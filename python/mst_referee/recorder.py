@@ -273,6 +273,7 @@ class StorageRecorder(TorchDispatchMode):
         self._live: Dict[int, Tuple[weakref.ref, _Storage]] = {}
         self._all: List[_Storage] = []
         self._modules: Dict[int, str] = {}
+        self._param_modules: Dict[int, str] = {}  # parameter id -> its module path (tracking)
         self._stack: List[str] = []
         self._op = "-"
         self._pending: Optional[_PendingSum] = None
@@ -300,7 +301,13 @@ class StorageRecorder(TorchDispatchMode):
             return self._stack[-1]
         node = torch._C._current_autograd_node()
         if node is not None:
-            return node.metadata.get(_MODULE_KEY, "")
+            module = node.metadata.get(_MODULE_KEY)
+            if module is None and hasattr(node, "variable"):
+                # An AccumulateGrad node made before tracking began (DDP's Reducer keeps every one
+                # from its construction on): its parameter's module, where a node made in the
+                # forward would have been tagged.
+                module = self._param_modules.get(id(node.variable), "")
+            return module or ""
         return ""
 
     def _phase(self) -> str:
@@ -341,6 +348,10 @@ class StorageRecorder(TorchDispatchMode):
 
         def __enter__(self) -> "StorageRecorder":
             self.r._modules = {id(m): name for name, m in self.model.named_modules() if name}
+            self.r._param_modules = {}
+            for name, m in self.model.named_modules():
+                for p in m.parameters(recurse=False):
+                    self.r._param_modules.setdefault(id(p), name)
             self.handles = [register_module_forward_pre_hook(self._pre),
                             register_module_forward_hook(self._post, always_call=True)]
             self.creation.__enter__()

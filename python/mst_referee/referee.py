@@ -98,10 +98,14 @@ def _tensor_attributes(model: Any) -> Iterator[Tuple[str, Any]]:
                 yield (f"{prefix}.{name}" if prefix else name), value
 
 
-def warm_up(job: Job, model: Any, optimizer: Any, cfg: "mst_hf.MstConfig", next_step: Any, device: str) -> None:
-    """The job's warm-up steps, at least one: the optimizer creates its states in the first."""
-    for _ in range(max(job.warmup, 1)):
-        run_step(model, optimizer, cfg, next_step(), device, keep_loss=False, trainer=job.trainer)
+def warm_up(job: Job, model: Any, optimizer: Any, cfg: "mst_hf.MstConfig", next_step: Any, device: str,
+            ddp: Optional[Any] = None) -> None:
+    """The job's warm-up steps, at least one: the optimizer creates its states in the first. With
+    DDP at least two: its Reducer rebuilds the buckets as the second begins."""
+    for _ in range(max(job.warmup, 2 if ddp else 1)):
+        run_step(ddp.module if ddp else model, optimizer, cfg, next_step(), device, keep_loss=False, trainer=job.trainer)
+    if ddp is not None:
+        ddp.rebuilt()
 
 
 def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
@@ -110,6 +114,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
     Returns {"events": [...], "corrected_sums", "attn_implementation", "seconds",
     "micro_steps", "micro_steps_recorded"}.
     """
+    from .ddp import Ddp
     from .fake import session
     from .recorder import StorageRecorder, cuda_autocast_policies
     from .train import step_batches
@@ -122,13 +127,15 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
     marking: Dict[str, Any] = {"recorder": None}  # the gradient marks reach the recorder once it records
     with session(), cuda_autocast_policies():
         model, attn = patched_model(job, cfg)
+        ddp = Ddp(model) if job.setup.get("dp", 1) > 1 else None  # one rank's view (mst_referee.ddp)
+        trained = ddp.module if ddp else model
         # Registered before make_optimizer's: a hook that steps the optimizer in backward frees the
         # gradient, so this one must see it first.
         hooks = [p.register_post_accumulate_grad_hook(_mark_gradient(marking)) for p in model.parameters()
                  if p.requires_grad]
         optimizer = mst_hf.make_optimizer(model, cfg, lr=job.lr)
         next_step = step_batches(job)
-        warm_up(job, model, optimizer, cfg, next_step, "fake")
+        warm_up(job, model, optimizer, cfg, next_step, "fake", ddp)
 
         names = {id(p): n for n, p in model.named_parameters()}
         masters: Dict[int, Any] = {}
@@ -144,6 +151,8 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         recorder.register(_tensor_attributes(model), "weights", "init.buffers")
         recorder.register(((names[id(m)], m) for m in masters.values()), "master_weights", "init.master_weights")
         recorder.register(_state_tensors(optimizer, names), "optimizer_state", "init.optimizer_state")
+        if ddp is not None:
+            recorder.register(ddp.bucket_tensors(), "gradients", "init.ddp_buckets")
 
         layers = model.model.layers
         if not cfg.offload_checkpoints:  # offloaded, the checkpoint is the host copy save_on_cpu makes
@@ -152,14 +161,16 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         batches = next_step()  # host memory: made before recording starts
         try:
             with recorder.tracking(model), recorder:
-                run_step(model, optimizer, cfg, batches, "fake", _Recording(recorder, model, masters),
+                run_step(trained, optimizer, cfg, batches, "fake", _Recording(recorder, model, masters),
                          keep_loss=False, trainer=job.trainer)
             recorder.close()
         finally:
             for h in hooks:
                 h.remove()
         events = recorder.timeline()
-        del model, optimizer
+        del model, optimizer, trained
+        if ddp is not None:
+            ddp.close()
     return {"events": [e.to_list() for e in events], "corrected_sums": recorder.corrected_sums,
             "attn_implementation": attn, "seconds": time.monotonic() - t0,
             "micro_steps": cfg.grad_accum, "micro_steps_recorded": min(cfg.grad_accum, 2)}

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import mst_hf
 
-from .jobs import LOSS_RTOL, REPO_ROOT, Job, hf_mst_config, write_json
+from .jobs import LOSS_RTOL, REPO_ROOT, Job, check_device, hf_mst_config, write_json
 from .records import loss_agreement, measurement
 from .step import run_step
 
@@ -322,6 +322,7 @@ def run_job(job: Job, device: str) -> Tuple[List[Dict[str, Any]], bool]:
     if job.derived_config is not None:
         write_json(REPO_ROOT / job.model_path if not Path(job.model_path).is_absolute() else Path(job.model_path),
                    job.derived_config)
+    check_device(job, device)
     if device == "fake":
         return [referee_record(job)], True
     result, error = guarded_train(job, True, device)

@@ -7,7 +7,7 @@ hf runtime and compares every allocation and free: same bytes, same order, same 
 cases cover the knobs a user sets and the model families whose code differs (Llama; Mistral
 with sliding windows and tied embeddings; Qwen2's attention biases; Qwen3's q/k norms; Gemma-2's
 post-norms, soft-capping, scaled embeddings and GeGLU; Gemma-3; Phi-3's fused projections and
-partial rotary; Mixtral's and Qwen3-MoE's experts). Nothing here is a number written by hand: both
+partial rotary; Mixtral's and Qwen3-MoE's experts), and one rank of data parallelism (DDP). Nothing here is a number written by hand: both
 sides are computed, one by PyTorch and one by mst-plan.
 """
 
@@ -178,6 +178,16 @@ CASES = [
     # Top-1 routing, renormalised: no copy of the pairs' gradient, no reduction of the divisor's.
     (QWEN3_MOE_TOP1, {"mlp_chunks": 5, "checkpoint": "all"}),
     (QWEN3_MOE, {"precision": "amp", "grad_accum": 2, "mlp_chunks": 3, "lm_chunks": 2, "lm_impl": "fused"}),
+    # Data parallelism: one rank of DistributedDataParallel (its gradient buckets, rebuilt after
+    # the first backward: mid-step with accumulation; each forward's broadcast of the buffers, a
+    # single-tensor dtype group without a copy for Gemma's scale, two rotary tables for Gemma-3).
+    (MHA, {"dp": 4}),
+    (QWEN2, {"dp": 2, "grad_accum": 2, "micro_batch": 2, "checkpoint": [1], "lm_chunks": 4}),
+    (MISTRAL, {"dp": 8, "precision": "amp", "checkpoint": "all", "optimizer_impl": "foreach"}),
+    (GEMMA2, {"dp": 2, "mlp_chunks": 2, "mlp_impl": "tiled"}),
+    (GEMMA3, {"dp": 2, "optimizer_impl": "foreach"}),
+    (PHI3_LONGROPE, {"dp": 2, "attention": "eager"}),
+    (QWEN3_MOE, {"dp": 2, "mlp_chunks": 2, "mlp_impl": "tiled", "checkpoint": "all"}),
 ]
 
 

@@ -111,14 +111,18 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     if (!r.found) {
         fail(rq.model.name, "no setup fits",
              fmt::format("expected one for {} tokens on {} x {} within {} (try more GPUs, --allow offload=yes, a shorter "
-                         "--seq or fewer pins){}",
+                         "--seq or fewer pins){}{}",
                          rq.seq_len, rq.gpus, rq.gpu.name,
                          r.trainer_extra_bytes > 0
                              ? fmt::format("{} ({} of {} kept free for {}'s RoPE tables)",
                                            format_bytes(r.budget_bytes - r.trainer_extra_bytes),
                                            format_bytes(r.trainer_extra_bytes), format_bytes(r.budget_bytes), rq.for_format)
                              : format_bytes(r.budget_bytes),
-                         r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal)));
+                         r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
+                         rq.gpus > 1 && rq.base.runtime == Runtime::Hf
+                             ? "; the hf runtime plans several GPUs as DDP, each holding the whole model, its gradients and "
+                               "optimizer states: --runtime kernels plans ZeRO and sequence parallelism"
+                             : ""));
     }
     const Plan plan = to_plan(r, rq, a.model, a.gpu);
     OutputFiles outputs;

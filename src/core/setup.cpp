@@ -227,10 +227,17 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
     if (s.runtime != Runtime::Hf) return;
     const char* hint = "; the kernels runtime models it (runtime kernels)";
-    if (s.dp > 1) fail(w, "dp", fmt::format("expected 1 with runtime hf (one GPU){}, got {}", hint, s.dp));
-    if (s.sp > 1) fail(w, "sp", fmt::format("expected 1 with runtime hf (one GPU){}, got {}", hint, s.sp));
+    // Data parallelism is DistributedDataParallel (src/core/sim/ddp.cpp); ZeRO and sequence
+    // parallelism are not modelled in this runtime yet.
+    if (s.sp > 1) fail(w, "sp", fmt::format("expected 1 with runtime hf (sequence parallelism is not modelled in it){}, got {}", hint, s.sp));
     if (s.zero_stage > 0)
-        fail(w, "zero_stage", fmt::format("expected 0 with runtime hf (one GPU){}, got {}", hint, s.zero_stage));
+        fail(w, "zero_stage", fmt::format("expected 0 with runtime hf (its data parallelism is DDP; ZeRO is not modelled in it){}, got {}", hint, s.zero_stage));
+    if (s.dp > 1 && s.precision == Precision::Bf16Master)
+        fail(w, "precision", fmt::format("expected pure-bf16 or amp with runtime hf and dp > 1 (DDP with mst_hf's fp32 master "
+                                         "weights is not modelled){}", hint));
+    if (s.dp > 1 && s.optimizer_in_backward)
+        fail(w, "optimizer_in_backward", fmt::format("expected false with runtime hf and dp > 1 (DDP reduces gradients after "
+                                                     "backward){}", hint));
     if (s.padded) fail(w, "padded", fmt::format("expected false with runtime hf (packed batches){}", hint));
     if (s.optimizer == Optimizer::AdamW8bit)
         fail(w, "optimizer", fmt::format("expected adamw or sgd with runtime hf (bitsandbytes is not modelled){}", hint));

@@ -402,15 +402,14 @@ namespace {
 void check_request(const TuneRequest& rq, const char* command) {
     if (rq.gpus < 1 || rq.gpus > limits::kGpus)
         fail(command, "gpus", fmt::format("expected a count in [1, {}], got {}", limits::kGpus, rq.gpus));
-    if (rq.gpus > 1 && rq.base.runtime == Runtime::Hf)
-        fail(command, "gpus",
-             fmt::format("expected 1 with runtime hf (data and sequence parallelism are not modelled in it yet); "
-                         "--runtime kernels plans {} GPUs with mst-plan's own kernels, got {}",
-                         rq.gpus, rq.gpus));
-    validate_hf_scope(rq.base, rq.model);
-    // The hf runtime plans one GPU without ZeRO: a pin it cannot honour is named, not searched for.
+    // The hf runtime plans several GPUs as DistributedDataParallel (every GPU holds the whole model):
+    // what it cannot run with DDP is named here, not searched for.
+    TrainingSetup as_planned = rq.base;
+    as_planned.dp = rq.gpus;
+    validate_hf_scope(as_planned, rq.model);
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && *rq.pins.zero_stage > 0)
-        fail(command, "pin", fmt::format("zero={}: expected 0 with runtime hf (ZeRO is not modelled in it yet)", *rq.pins.zero_stage));
+        fail(command, "pin", fmt::format("zero={}: expected 0 with runtime hf (its data parallelism is DDP; ZeRO is not "
+                                         "modelled in it yet: --runtime kernels plans it)", *rq.pins.zero_stage));
     if (rq.pins.offload && *rq.pins.offload && !rq.allow_offload)
         fail(command, "pin", "offload=yes: expected --allow offload=yes (or no --allow offload=no): the two contradict");
     if (rq.pins.offload && *rq.pins.offload &&
@@ -418,7 +417,8 @@ void check_request(const TuneRequest& rq, const char* command) {
          (rq.pins.checkpoint && std::none_of(rq.pins.checkpoint->begin(), rq.pins.checkpoint->end(), [](bool b) { return b; }))))
         fail(command, "pin", "offload=yes: expected checkpointed layers to offload (the pinned checkpointing has none)");
     if (rq.base.runtime == Runtime::Hf && rq.pins.sp && *rq.pins.sp > 1)
-        fail(command, "pin", fmt::format("sp={}: expected 1 with runtime hf (sequence parallelism is not modelled in it yet)", *rq.pins.sp));
+        fail(command, "pin", fmt::format("sp={}: expected 1 with runtime hf (sequence parallelism is not modelled in it yet: "
+                                         "--runtime kernels plans it)", *rq.pins.sp));
     if (const auto formats = emit_formats();
         !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
         fail(command, "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
@@ -479,7 +479,8 @@ Recommendation recommend(const TuneRequest& rq) {
     };
 
     std::vector<std::int64_t> sps;
-    for (std::int64_t sp = 1; sp <= rq.gpus; ++sp) {
+    const bool ddp_only = rq.base.runtime == Runtime::Hf;  // the hf runtime: data parallelism is DDP, no ZeRO, no sp
+    for (std::int64_t sp = 1; sp <= (ddp_only ? 1 : rq.gpus); ++sp) {
         if (rq.pins.sp && sp != *rq.pins.sp) continue;
         if (rq.gpus % sp == 0 && m.num_heads % sp == 0 && m.num_kv_heads % sp == 0 && rq.seq_len % sp == 0) sps.push_back(sp);
     }
@@ -491,7 +492,7 @@ Recommendation recommend(const TuneRequest& rq) {
         const std::int64_t dp = rq.gpus / sp;
         // One rank: ZeRO 0, and ZeRO 1 for a format whose trainer needs it (DeepSpeed keeps bf16 master
         // weights only under ZeRO 1-3; with one rank nothing is sharded, the memory is the same).
-        std::vector<int> zeros = rq.gpus > 1 ? std::vector<int>{0, 2, 3} : std::vector<int>{0};  // over dp x sp ranks
+        std::vector<int> zeros = rq.gpus > 1 && !ddp_only ? std::vector<int>{0, 2, 3} : std::vector<int>{0};  // over dp x sp ranks
         if (rq.gpus == 1 && !rq.for_format.empty() && rq.base.runtime == Runtime::Kernels) zeros.push_back(1);
         if (rq.pins.zero_stage) zeros = {*rq.pins.zero_stage};
         // Micro-batch and accumulation: reach the tokens per step when asked, else one sequence.
@@ -516,7 +517,8 @@ Recommendation recommend(const TuneRequest& rq) {
                         for (LmHeadImpl li : {LmHeadImpl::Recompute, LmHeadImpl::FusedForward}) {
                             if (rq.pins.lm_impl && li != *rq.pins.lm_impl) continue;
                             for (bool in_bwd : {false, true}) {
-                                if (in_bwd && (!rq.allow_optimizer_in_backward || ga > 1 || (rq.gpus > 1 && zero >= 2))) continue;
+                                if (in_bwd && (!rq.allow_optimizer_in_backward || ga > 1 || (rq.gpus > 1 && (zero >= 2 || ddp_only))))
+                                    continue;
                                 TrainingSetup s = rq.base;
                                 s.seq_len = rq.seq_len;
                                 s.sp = sp, s.dp = dp, s.zero_stage = zero;
@@ -616,9 +618,10 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
     check_request(rq, "max-seq");
 
+    const bool ddp_only = rq.base.runtime == Runtime::Hf;  // the hf runtime: data parallelism is DDP
     TrainingSetup base = rq.base;
     base.dp = rq.gpus;
-    base.zero_stage = rq.gpus > 1 ? 3 : 0;
+    base.zero_stage = rq.gpus > 1 && !ddp_only ? 3 : 0;
     base.sp = 1;
     base.mlp_chunks = base.lm_chunks = 1;
     base.checkpoint.clear();
@@ -634,7 +637,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     off.offload_checkpoints = true;
     if (rq.allow_offload) strategies.push_back({.name = "checkpointing + MsT + offload", .setup = off, .mst = true});
     std::int64_t sp = 1;
-    for (std::int64_t c = rq.gpus; c > 1; --c)
+    for (std::int64_t c = ddp_only ? 1 : rq.gpus; c > 1; --c)
         if (rq.gpus % c == 0 && m.num_heads % c == 0 && m.num_kv_heads % c == 0) {
             sp = c;
             break;

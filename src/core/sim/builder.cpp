@@ -233,6 +233,7 @@ void StepBuilder::init_state() {
                 break;
         }
     }
+    if (hf_ddp() && !grad_ready_) hf_ddp_buckets();
     if (shard_grads) {
         at("init.gradient_shards");
         for (int i : order_) {
@@ -471,6 +472,7 @@ void StepBuilder::accumulate(T& acc, T g, bool acc_is_view) {
 // gradient into the master's fp32 one (MasterWeightOptimizer._fold_grad). ZeRO 2/3 reduce-scatters.
 void StepBuilder::hf_grad_hooks(int p) {
     Param& P = params_[static_cast<std::size_t>(p)];
+    if (grad_ready_ && micro_ == 0) grad_ready_->push_back(p);  // (DDP: its copy into the bucket, in place)
     const char* op = op_;
     const bool master = s_.precision == Precision::Bf16Master;
     if (s_.optimizer_in_backward) {

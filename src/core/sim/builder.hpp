@@ -209,6 +209,10 @@ struct PeakScratch {
     std::vector<std::int64_t> loop_counts;
 };
 
+// torch DDP's bucket assignment (ddp.cpp): the bytes of each bucket, for gradients of these bytes
+// in the order they become ready.
+std::vector<bytes_t> ddp_bucket_bytes(std::span<const bytes_t> grad_bytes, bytes_t first_limit, bytes_t limit);
+
 // How a peaks-only StepBuilder runs.
 struct PeakRun {
     PeakScratch* scratch = nullptr;  // memory to reuse
@@ -594,6 +598,15 @@ private:
     // the buffer p's .grad (or adds it into .grad in place) and runs p's hooks.
     void add_grad(int p, T g, bool view, bool last);
     void hf_classify();                 // saved vs transient activations, by what outlived its phase
+    // DistributedDataParallel's gradient buckets (ddp.cpp), allocated with the persistent state.
+    void hf_ddp_buckets();
+    void hf_ddp_sync_buffers();  // each forward's broadcast of the module's buffers
+    bool hf_ddp() const { return hf_ && s_.dp > 1; }
+    static constexpr bytes_t kDdpFirstBucketBytes = bytes_t{1} << 20;  // torch's _DEFAULT_FIRST_BUCKET_BYTES
+    static constexpr bytes_t kDdpBucketBytes = 25 * (bytes_t{1} << 20);  // bucket_cap_mb's default
+    // Set on the run that finds DDP's bucket order: each parameter as its gradient becomes ready
+    // in the first micro-step's backward (AccumulateGrad's hooks run).
+    std::vector<int>* grad_ready_ = nullptr;
 
     const ModelSpec& m_;
     const TrainingSetup& s_;

@@ -32,6 +32,7 @@ void StepBuilder::micro_step(int micro) {
                               any_checkpoint ? Category::Checkpoint : Category::Transient));
     }
 
+    if (hf_ddp()) hf_ddp_sync_buffers();
     enter_unit(-1, +1);
     T x = embedding_forward(input_category(0));
     release_unit(-1);

@@ -1,0 +1,83 @@
+// Data parallelism in the hf runtime: torch DistributedDataParallel's gradient buckets
+// (src/core/sim/ddp.cpp). python/tests/test_hf_runtime.py runs the real Reducer on the referee's
+// fake process group and compares every event; these pin the parts that can be stated by hand.
+#include <doctest/doctest.h>
+
+#include <numeric>
+
+#include "mst/catalog.hpp"
+#include "mst/simulate.hpp"
+#include "sim/builder.hpp"
+#include "sim_test_support.hpp"
+#include "test_support.hpp"
+
+using namespace mst;
+
+namespace {
+constexpr bytes_t MiB = bytes_t{1} << 20;
+
+std::vector<bytes_t> ddp_buckets(const Timeline& t) {
+    std::vector<bytes_t> out;
+    for (const Event& e : t.events)
+        if (e.alloc && e.op == "init.ddp_buckets") out.push_back(e.bytes);
+    return out;
+}
+}  // namespace
+
+TEST_CASE("DDP's bucket assignment: torch's own answer for the same gradients") {
+    // torch.distributed._compute_bucket_assignment_by_size on bf16 tensors of these bytes with
+    // limits [1 MiB, 25 MiB] (torch 2.15) returned [[0], [1, 2, 3], [4, 5, 6]]: a bucket closes as
+    // soon as it holds its limit (exactly 1 MiB closes the first), later ones at 25 MiB.
+    const std::vector<bytes_t> grads{MiB, MiB / 2, 12 * MiB, 13 * MiB, 3 * MiB, MiB / 2, MiB};
+    CHECK(sim::ddp_bucket_bytes(grads, MiB, 25 * MiB) == std::vector<bytes_t>{MiB, 51 * MiB / 2, 9 * MiB / 2});
+    // And [[0, 1]] for half a MiB then half a MiB and a KiB: together past the first limit.
+    CHECK(sim::ddp_bucket_bytes(std::vector<bytes_t>{MiB / 2, MiB / 2 + 1024}, MiB, 25 * MiB) ==
+          std::vector<bytes_t>{MiB + 1024});
+    CHECK(sim::ddp_bucket_bytes(std::vector<bytes_t>{}, MiB, 25 * MiB).empty());
+}
+
+TEST_CASE("DDP in the hf runtime: buckets as large as the gradients, held with the persistent state") {
+    const ModelSpec m = find_model("llama-3.2-1b");
+    TrainingSetup s;  // the hf runtime
+    s.seq_len = 256;
+    s.dp = 8;
+    s.optimizer_impl = OptimizerImpl::Foreach;
+    s.mlp_chunks = 4;
+    s.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
+    const Timeline t = simulate(m, s, test::test_gpu());
+    const std::vector<bytes_t> buckets = ddp_buckets(t);
+    // Every gradient has a slice (bf16: 2 bytes per parameter); the referee's run of this setup
+    // (torch 2.15's Reducer, rebuilt after the first iteration) held 49 buckets, the first 33558528
+    // bytes: the final norm's gradient (2048 x 2) and the last layer's down_proj's (8192 x 2048 x 2),
+    // the first two ready (the tied embedding's is ready last, after the embedding's backward).
+    CHECK(std::accumulate(buckets.begin(), buckets.end(), bytes_t{0}) == 2 * m.parameters().total());
+    CHECK(buckets.size() == 49);
+    CHECK(buckets.front() == 33558528);
+    for (const Event& e : t.events)
+        if (e.op == "init.ddp_buckets") CHECK((e.phase == Phase::Init && e.category == Category::Gradients));
+    // Each forward broadcasts the rotary buffers (inv_freq, original_inv_freq: 32 fp32 values each).
+    std::int64_t broadcasts = 0;
+    for (const Event& e : t.events)
+        if (e.alloc && e.op == "ddp.broadcast_buffers") broadcasts += e.bytes == 2 * 32 * 4 ? 1 : 100;
+    CHECK(broadcasts == 1);
+    // One GPU: no buckets.
+    s.dp = 1;
+    CHECK(ddp_buckets(simulate(m, s, test::test_gpu())).empty());
+}
+
+TEST_CASE("DDP in the hf runtime: what it cannot run is a one-line error") {
+    const ModelSpec m = find_model("llama-3.2-1b");
+    TrainingSetup s;
+    s.dp = 2;
+    s.precision = Precision::Bf16Master;
+    CHECK(test::expect_user_error([&] { validate(s, m); }).rfind("setup: precision: expected pure-bf16 or amp", 0) == 0);
+    s.precision = Precision::PureBf16;
+    s.optimizer_in_backward = true;
+    CHECK(test::expect_user_error([&] { validate(s, m); }).rfind("setup: optimizer_in_backward: expected false", 0) == 0);
+    s.optimizer_in_backward = false;
+    s.zero_stage = 2;
+    CHECK(test::expect_user_error([&] { validate(s, m); }).find("ZeRO is not modelled") != std::string::npos);
+    s.zero_stage = 0;
+    s.sp = 2;
+    CHECK(test::expect_user_error([&] { validate(s, m); }).rfind("setup: sp: expected 1 with runtime hf", 0) == 0);
+}
