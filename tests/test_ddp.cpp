@@ -6,7 +6,9 @@
 #include <numeric>
 
 #include "mst/catalog.hpp"
+#include "mst/emit.hpp"
 #include "mst/simulate.hpp"
+#include "mst/tune.hpp"
 #include "sim/builder.hpp"
 #include "sim_test_support.hpp"
 #include "test_support.hpp"
@@ -80,4 +82,32 @@ TEST_CASE("DDP in the hf runtime: what it cannot run is a one-line error") {
     s.zero_stage = 0;
     s.sp = 2;
     CHECK(test::expect_user_error([&] { validate(s, m); }).rfind("setup: sp: expected 1 with runtime hf", 0) == 0);
+}
+
+TEST_CASE("plain DDP plans for hf-mst: what python/mst_hf would step on unreduced gradients is refused, as it refuses it") {
+    const ModelSpec m = find_model("llama-3.2-1b");
+    TrainingSetup s;
+    s.runtime = Runtime::Kernels;  // (the hf runtime refuses these setups itself)
+    s.dp = 4;
+    check_expressible("hf-mst", s, m);
+    s.precision = Precision::Bf16Master;
+    CHECK(test::expect_user_error([&] { check_expressible("hf-mst", s, m); })
+              .rfind("hf-mst: setup.precision: expected pure-bf16 or amp with data_parallel > 1", 0) == 0);
+    s.zero_stage = 2;  // DeepSpeed's optimizer: not refused
+    check_expressible("hf-mst", s, m);
+    s.zero_stage = 0, s.precision = Precision::PureBf16, s.optimizer_in_backward = true;
+    CHECK(test::expect_user_error([&] { check_expressible("hf-mst", s, m); })
+              .rfind("hf-mst: setup.optimizer_in_backward: expected false with data_parallel > 1", 0) == 0);
+}
+
+TEST_CASE("recommend --for with several GPUs in the hf runtime: only hf-mst, whose users run torch DDP") {
+    TuneRequest rq;
+    rq.model = find_model("llama-3.2-1b");
+    rq.gpu = find_gpu("h100-sxm-80gb");
+    rq.gpus = 8;
+    rq.seq_len = 8192;
+    rq.for_format = "deepspeed";
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: for: expected hf-mst with runtime hf and 8 GPUs", 0) == 0);
+    rq.for_format = "hf-mst";
+    CHECK(recommend(rq).found);
 }

@@ -296,6 +296,15 @@ def _parse(data: Any, where: str) -> MstConfig:
         # Files written before the field existed were planned for a fused step.
         impl=o.choice("impl", OPTIMIZER_IMPLS) if "impl" in o.obj else "fused",
     )
+    # Plain DDP (ZeRO 0) reduces a gradient after its AccumulateGrad hooks: the fp32 master weights
+    # (which move the gradient into the master's in such a hook) and the step in backward would
+    # step on this rank's unreduced gradients.
+    if data_parallel > 1 and zero_stage == 0 and precision == "bf16-master":
+        r.fail("precision", "expected pure-bf16 or amp with data_parallel > 1 and zero_stage 0 (the fp32 master "
+                            "weights would step on gradients DDP has not reduced), got \"bf16-master\"")
+    if data_parallel > 1 and zero_stage == 0 and optimizer.in_backward:
+        o.fail("in_backward", "expected false with data_parallel > 1 and zero_stage 0 (a step in backward would use "
+                              "gradients DDP has not reduced), got true")
 
     p = r.child("predicted")
     predicted = Predicted(

@@ -19,6 +19,7 @@ checkpoint, unless offloading makes its host copy the checkpoint; a parameter's 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -125,9 +126,11 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         raise ValueError("referee: optimizer: adamw-8bit (bitsandbytes) has no fake-tensor implementation; "
                          "the referee runs adamw and sgd")
     marking: Dict[str, Any] = {"recorder": None}  # the gradient marks reach the recorder once it records
-    with session(), cuda_autocast_policies():
+    with session(), cuda_autocast_policies(), contextlib.ExitStack() as cleanup:
         model, attn = patched_model(job, cfg)
         ddp = Ddp(model) if job.setup.get("dp", 1) > 1 else None  # one rank's view (mst_referee.ddp)
+        if ddp is not None:
+            cleanup.callback(ddp.close)  # its process group goes, also when the step raises
         trained = ddp.module if ddp else model
         # Registered before make_optimizer's: a hook that steps the optimizer in backward frees the
         # gradient, so this one must see it first.
@@ -169,8 +172,6 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
                 h.remove()
         events = recorder.timeline()
         del model, optimizer, trained
-        if ddp is not None:
-            ddp.close()
     return {"events": [e.to_list() for e in events], "corrected_sums": recorder.corrected_sums,
             "attn_implementation": attn, "seconds": time.monotonic() - t0,
             "micro_steps": cfg.grad_accum, "micro_steps_recorded": min(cfg.grad_accum, 2)}

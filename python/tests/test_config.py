@@ -74,6 +74,19 @@ def test_the_optimizer_implementation_is_read_and_defaults_to_fused_for_older_fi
         load_config(bad)
 
 
+def test_plain_ddp_refuses_what_would_step_on_unreduced_gradients():
+    # DDP (data_parallel > 1, ZeRO 0) reduces a gradient after its AccumulateGrad hooks, where the
+    # fp32 master weights take it and a step in backward uses it.
+    ddp = dict(copy.deepcopy(GOOD), data_parallel=4, optimizer=dict(GOOD["optimizer"], in_backward=False))
+    assert load_config(ddp).data_parallel == 4
+    with pytest.raises(ConfigError, match='config: precision: expected pure-bf16 or amp with data_parallel > 1'):
+        load_config(dict(ddp, precision="bf16-master"))
+    with pytest.raises(ConfigError, match="config: optimizer.in_backward: expected false with data_parallel > 1"):
+        load_config(dict(ddp, optimizer=dict(GOOD["optimizer"], in_backward=True)))
+    # Under ZeRO the optimizer is DeepSpeed's: not refused here.
+    assert load_config(dict(ddp, precision="bf16-master", zero_stage=2)).precision == "bf16-master"
+
+
 def test_the_config_is_frozen():
     c = load_config(GOOD)
     with pytest.raises(AttributeError):

@@ -110,7 +110,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     if (!r.found) {
         fail(rq.model.name, "no setup fits",
-             fmt::format("expected one for {} tokens on {} x {} within {} (try more GPUs, --allow offload=yes, a shorter "
+             fmt::format("expected one for {} tokens on {} x {} within {} (try {}--allow offload=yes, a shorter "
                          "--seq or fewer pins){}{}",
                          rq.seq_len, rq.gpus, rq.gpu.name,
                          r.trainer_extra_bytes > 0
@@ -118,6 +118,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                            format_bytes(r.budget_bytes - r.trainer_extra_bytes),
                                            format_bytes(r.trainer_extra_bytes), format_bytes(r.budget_bytes), rq.for_format)
                              : format_bytes(r.budget_bytes),
+                         rq.gpus > 1 && rq.base.runtime == Runtime::Hf ? "" : "more GPUs, ",  // DDP: each holds it all
                          r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
                          rq.gpus > 1 && rq.base.runtime == Runtime::Hf
                              ? "; the hf runtime plans several GPUs as DDP, each holding the whole model, its gradients and "
@@ -239,9 +240,10 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     else
         fmt::print("\nbudget {} ({} safety margin); weights, gradients and optimizer states take {}, leaving {}.\n"
                    "One checkpoint per layer fills what is left at {} tokens: beyond that only offload or sequence "
-                   "parallelism help.\n",
+                   "parallelism help{}.\n",
                    format_bytes(r.budget_bytes), margin, format_bytes(r.persistent_bytes),
-                   format_bytes(r.budget_bytes - r.persistent_bytes), r.checkpoint_floor_seq);
+                   format_bytes(r.budget_bytes - r.persistent_bytes), r.checkpoint_floor_seq,
+                   rq.base.runtime == Runtime::Hf ? " (sequence parallelism: --runtime kernels)" : "");
     fmt::print("MsT rows chunk the MLP (not in rows marked \"LM head only\") and LM head in mini-sequences of hidden_size "
                "tokens (1024 at most); lengths are multiples of 1024 tokens (x sp).\n");
 }

@@ -233,11 +233,11 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     if (s.zero_stage > 0)
         fail(w, "zero_stage", fmt::format("expected 0 with runtime hf (its data parallelism is DDP; ZeRO is not modelled in it){}, got {}", hint, s.zero_stage));
     if (s.dp > 1 && s.precision == Precision::Bf16Master)
-        fail(w, "precision", fmt::format("expected pure-bf16 or amp with runtime hf and dp > 1 (DDP with mst_hf's fp32 master "
-                                         "weights is not modelled){}", hint));
+        fail(w, "precision", fmt::format("expected pure-bf16 or amp with runtime hf and dp > 1 (python/mst_hf's fp32 master "
+                                         "weights would step on gradients DDP has not reduced){}, got bf16-master", hint));
     if (s.dp > 1 && s.optimizer_in_backward)
         fail(w, "optimizer_in_backward", fmt::format("expected false with runtime hf and dp > 1 (DDP reduces gradients after "
-                                                     "backward){}", hint));
+                                                     "their hooks; a step in backward would use unreduced ones){}, got true", hint));
     if (s.padded) fail(w, "padded", fmt::format("expected false with runtime hf (packed batches){}", hint));
     if (s.optimizer == Optimizer::AdamW8bit)
         fail(w, "optimizer", fmt::format("expected adamw or sgd with runtime hf (bitsandbytes is not modelled){}", hint));

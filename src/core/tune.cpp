@@ -422,6 +422,14 @@ void check_request(const TuneRequest& rq, const char* command) {
     if (const auto formats = emit_formats();
         !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
         fail(command, "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
+    // The hf runtime's data parallelism is torch's DDP as python/mst_hf's users run it; DeepSpeed's
+    // ZeRO-0 engine, Axolotl's Trainer (find_unused_parameters on) and torchtitan's replicate reduce
+    // gradients their own ways, which it does not model.
+    if (rq.base.runtime == Runtime::Hf && rq.gpus > 1 && !rq.for_format.empty() && rq.for_format != "hf-mst")
+        fail(command, "for",
+             fmt::format("expected hf-mst with runtime hf and {} GPUs (its data parallelism is torch DDP with its defaults; "
+                         "{}'s gradient reduction is not modelled in it; --runtime kernels plans {} GPUs for it), got {}",
+                         rq.gpus, rq.for_format, rq.gpus, rq.for_format));
 }
 
 // --for: why the format's trainer cannot train `s` as planned, in its emitter's words ("" when it can).

@@ -11,6 +11,16 @@
 namespace mst::emit_detail {
 
 void check_hf_mst(const TrainingSetup& s, const ModelSpec& /*model*/) {
+    // mst_hf/config.py: its fp32 master weights and its step in backward take each gradient in a
+    // hook, before plain DDP (ZeRO 0) has reduced it.
+    if (s.dp > 1 && s.zero_stage == 0 && s.precision == Precision::Bf16Master)
+        fail("hf-mst", "setup.precision",
+             "expected pure-bf16 or amp with data_parallel > 1 and zero_stage 0 (python/mst_hf's fp32 master weights would "
+             "step on gradients DDP has not reduced), got bf16-master");
+    if (s.dp > 1 && s.zero_stage == 0 && s.optimizer_in_backward)
+        fail("hf-mst", "setup.optimizer_in_backward",
+             "expected false with data_parallel > 1 and zero_stage 0 (a step in backward would use gradients DDP has not "
+             "reduced), got true");
     // mst_hf/patch.py _check_lm_head: the chunked loss reads lm_head's weight outside its forward,
     // where ZeRO-3 has it partitioned.
     if (s.zero_stage == 3 && s.lm_chunks > 1)

@@ -1,5 +1,8 @@
-// Data parallelism in the hf runtime: torch's DistributedDataParallel with its defaults, as the
-// Hugging Face Trainer (through accelerate) and a hand-written loop wrap the model.
+// Data parallelism in the hf runtime: torch's DistributedDataParallel with its defaults, as a
+// hand-written loop and accelerate's defaults wrap the model (the Hugging Face Trainer too when
+// given ddp_find_unused_parameters=False: otherwise it turns find_unused_parameters on whenever
+// HF's own gradient checkpointing is off, and DDP then neither rebuilds its buckets nor lets the
+// outputs through uncopied, which is not modelled).
 //
 // DDP all-reduces gradients in flat buckets the Reducer keeps for the whole run
 // (torch/csrc/distributed/c10d/reducer.cpp). Each parameter's AccumulateGrad hook copies its
