@@ -320,8 +320,9 @@ private:
     // Tensor ids are dense in timelines mst-plan writes; others fall back to a hash map.
     Where& where(std::int64_t tensor) {
         if (static_cast<std::uint64_t>(tensor) < dense_.size()) return dense_[static_cast<std::size_t>(tensor)];
-        if (static_cast<std::uint64_t>(tensor) == dense_.size()) return dense_.emplace_back();  // the next new id (inlined)
-        if (tensor >= 0 && tensor < (std::int64_t{1} << 24)) {
+        constexpr std::int64_t kDense = std::int64_t{1} << 24;  // ids below it are dense_'s, the rest sparse_'s
+        if (static_cast<std::uint64_t>(tensor) == dense_.size() && tensor < kDense) return dense_.emplace_back();  // the next new id
+        if (tensor >= 0 && tensor < kDense) {
             dense_.resize(static_cast<std::size_t>(tensor) + 1);  // capacity still grows geometrically; a snapshot copies only the size
             return dense_[static_cast<std::size_t>(tensor)];
         }

@@ -117,7 +117,13 @@ bool PeakSimulator::replay(bytes_t capacity, bytes_t limit, MemoryPeaks& p) {
             ++next;
         }
         if (loop != loops.end() && marks[loop->first] == i) {
-            fits = s.loops.run(s.allocator, events, marks, s.step.loop_counts, loop->first, loop->iterations, limit, p);
+            try {
+                fits = s.loops.run(s.allocator, events, marks, s.step.loop_counts, loop->first, loop->iterations, limit, p);
+            } catch (...) {  // (a folding the replay cannot run: a bug) no snapshot of this step is trusted again
+                s.valid = 0;
+                s.replayed.clear();
+                throw;
+            }
             i = marks[loop->first + loop->iterations];
             ++loop;
             while (next != boundaries.end() && *next < i) ++next;  // no snapshot within a loop
