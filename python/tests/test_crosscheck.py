@@ -95,10 +95,10 @@ def test_bad_command_lines_exit_2(argv, capsys):
 
 def test_a_user_error_is_one_line_and_exit_code_2(tmp_path, capsys):
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps(llama_plan(dp=2)))
+    plan.write_text(json.dumps(llama_plan(sp=2)))
     assert cli.main(["--plan", str(plan), "--out", str(tmp_path / "r.json"), "--convert", "python"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("error: ") and "dp: expected 1" in err
+    assert err.count("\n") == 0 and err.startswith("error: ") and "sp: expected 1" in err
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -214,11 +214,25 @@ def test_bad_knobs_name_the_field(knobs, field, message):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("dp", 2, "one GPU"), ("sp", 2, "one GPU"), ("zero_stage", 1, "one GPU"), ("padded", True, "without padding")])
+    ("sp", 2, "one GPU"), ("zero_stage", 1, "one GPU"), ("padded", True, "without padding")])
 def test_the_crosscheck_is_one_gpu_without_padding(key, value, message):
     with pytest.raises(jobs.CrosscheckError, match=f"{key}: expected .*{message}"):
         jobs.check_runnable({key: value})
     jobs.check_runnable({})
+
+
+def test_data_parallelism_is_one_rank_of_ddp_on_the_referee_only():
+    jobs.check_runnable({"dp": 8})  # one rank of DistributedDataParallel (mst_referee/ddp.py)
+    # What would step on gradients DDP has not reduced is refused, as the hf runtime refuses it.
+    with pytest.raises(jobs.CrosscheckError, match="precision: expected pure-bf16 or amp with dp > 1"):
+        jobs.check_runnable({"dp": 2, "precision": "bf16-master"})
+    with pytest.raises(jobs.CrosscheckError, match="optimizer_in_backward: expected false with dp > 1"):
+        jobs.check_runnable({"dp": 2, "optimizer_in_backward": True})
+    job = jobs.make_job("llama-3-8b", plan=llama_plan(dp=2), convert="python")
+    jobs.check_device(job, "fake")
+    for device in ("cpu", "cuda"):
+        with pytest.raises(jobs.CrosscheckError, match=f"dp: expected 1 on --device {device}"):
+            jobs.check_device(job, device)
 
 
 def test_a_setup_becomes_the_hf_mst_config_emit_writes():
