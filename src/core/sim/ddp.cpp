@@ -29,7 +29,7 @@ std::vector<bytes_t> ddp_bucket_bytes(std::span<const bytes_t> grad_bytes, bytes
     bytes_t open = 0;
     bool any = false;
     for (const bytes_t b : grad_bytes) {
-        open += b;
+        open = checked_add(open, b, "DDP bucket bytes");
         any = true;
         if (open >= (buckets.empty() ? first_limit : limit)) {
             buckets.push_back(open);
