@@ -183,13 +183,10 @@ void StepBuilder::init_state() {
         layer_ = p.layer;
         p.weight = alloc(p.name, checked_mul(part(p.numel, shard_params), pw_), Category::Weights);
     }
-    if (hf_) {  // Gemma-2's embedding scale (a scalar in the model's dtype), then the rotary embedding's
-        at("init.buffers");  // inv_freq and original_inv_freq: [rotary_dim / 2] fp32 each
+    if (hf_) {
+        at("init.buffers");
         layer_ = -1;
-        if (m_.gemma()) alloc("embed_scale", pw_, Category::Weights);
-        for (std::size_t table = 0; table < hf_rope_.size(); ++table)  // Gemma-3: per layer type, sorted
-            if (rope_table_used(table))
-                for (const char* name : {"inv_freq", "original_inv_freq"}) alloc(name, elems(m_.rotary_dim / 2, 1, 4), Category::Weights);
+        for (const HfBuffer& b : hf_buffers()) alloc(b.name, b.bytes, Category::Weights);
         // longrope's long_inv_freq: a plain attribute the first forward computes and keeps
         if (m_.longrope) alloc("long_inv_freq", elems(m_.rotary_dim / 2, 1, 4), Category::Weights);
     }
@@ -247,6 +244,18 @@ void StepBuilder::init_state() {
         at("init.cublas_workspace");
         alloc("cublas_workspace", gpu_.calibration.cublas_workspace_bytes, Category::Workspace);
     }
+}
+
+// Gemma's embedding scale (a scalar in the model's dtype), then each rotary table's inv_freq and
+// original_inv_freq ([rotary_dim / 2] fp32 each; Gemma-3: one table per layer type, sorted).
+std::vector<StepBuilder::HfBuffer> StepBuilder::hf_buffers() const {
+    std::vector<HfBuffer> out;
+    if (m_.gemma()) out.push_back(HfBuffer{"embed_scale", pw_, pw_});
+    for (std::size_t table = 0; table < hf_rope_.size(); ++table)
+        if (rope_table_used(table))
+            for (const char* name : {"inv_freq", "original_inv_freq"})
+                out.push_back(HfBuffer{name, 4, elems(m_.rotary_dim / 2, 1, 4)});
+    return out;
 }
 
 int StepBuilder::zero_stage() const { return s_.zero_ranks() > 1 ? s_.zero_stage : 0; }

@@ -601,6 +601,13 @@ private:
     // DistributedDataParallel's gradient buckets (ddp.cpp), allocated with the persistent state.
     void hf_ddp_buckets();
     void hf_ddp_sync_buffers();  // each forward's broadcast of the module's buffers
+    // The model's registered buffers (named_buffers order), as init_state holds them.
+    struct HfBuffer {
+        const char* name;
+        int element_bytes;  // the dtype
+        bytes_t bytes;
+    };
+    std::vector<HfBuffer> hf_buffers() const;
     bool hf_ddp() const { return hf_ && s_.dp > 1; }
     static constexpr bytes_t kDdpFirstBucketBytes = bytes_t{1} << 20;  // torch's _DEFAULT_FIRST_BUCKET_BYTES
     static constexpr bytes_t kDdpBucketBytes = 25 * (bytes_t{1} << 20);  // bucket_cap_mb's default

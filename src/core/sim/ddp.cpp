@@ -61,9 +61,7 @@ void StepBuilder::hf_ddp_buckets() {
 
 // DDP's forward first broadcasts the module's buffers from rank 0 (broadcast_buffers, on by
 // default): torch's _broadcast_coalesced flattens them, one flat tensor per dtype (a cat; a single
-// tensor is its own flat view), broadcasts it and copies it back into the buffers. The model's
-// buffers: Gemma's embedding scale (model dtype), then each rotary table's inv_freq and
-// original_inv_freq (fp32), as init_state holds them.
+// tensor is its own flat view), broadcasts it and copies it back into the buffers.
 void StepBuilder::hf_ddp_sync_buffers() {
     struct Group {
         int element;  // bytes per element: the dtype
@@ -71,15 +69,11 @@ void StepBuilder::hf_ddp_sync_buffers() {
         bytes_t bytes;
     };
     std::vector<Group> groups;  // by first appearance
-    auto add = [&](int element, bytes_t bytes) {
-        auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) { return g.element == element; });
-        if (it == groups.end()) groups.push_back(Group{element, 1, bytes});
-        else ++it->tensors, it->bytes += bytes;
-    };
-    if (m_.gemma()) add(pw_, pw_);
-    for (std::size_t table = 0; table < hf_rope_.size(); ++table)
-        if (rope_table_used(table))
-            for (int buffer = 0; buffer < 2; ++buffer) add(4, elems(m_.rotary_dim / 2, 1, 4));
+    for (const HfBuffer& b : hf_buffers()) {
+        auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) { return g.element == b.element_bytes; });
+        if (it == groups.end()) groups.push_back(Group{b.element_bytes, 1, b.bytes});
+        else ++it->tensors, it->bytes += b.bytes;
+    }
     at("ddp.broadcast_buffers");
     for (const Group& g : groups) {
         if (g.tensors < 2) continue;
