@@ -335,17 +335,46 @@ TrainingSetup random_hf_setup(Random& r, const ModelSpec& m, std::int64_t max_se
     s.offload_checkpoints = s.checkpointed_count() > 0 && r.coin();
     s.grad_accum = r.pick({1, 1, 3});
     s.optimizer_in_backward = s.grad_accum == 1 && r.in(0, 3) == 0;
+    if (m.attention_sinks) {  // gpt-oss: eager attention, no autocast (the hf runtime's scope)
+        s.attention = Attention::Eager;
+        if (s.precision == Precision::AmpFp32) s.precision = Precision::PureBf16;
+    }
     validate(s, m);
     return s;
 }
 
-// Tiny models (blocks from the small pool) and, every third, larger ones (the large pool's segments).
+// A tiny gpt-oss: sinks, alternating sliding and full layers, biased experts.
+ModelSpec random_gpt_oss(Random& r) {
+    const std::int64_t heads = r.pick({2, 4}), head_dim = r.pick({8, 16}), layers = r.in(1, 4);
+    nlohmann::json types = nlohmann::json::array();
+    for (std::int64_t l = 0; l < layers; ++l) types.push_back(l % 2 == 0 ? "sliding_attention" : "full_attention");
+    const nlohmann::json j = {{"model_type", "gpt_oss"},      {"hidden_size", heads * head_dim},
+                              {"intermediate_size", r.in(16, 48)}, {"num_hidden_layers", layers},
+                              {"num_attention_heads", heads}, {"num_key_value_heads", heads / r.pick({1, 2})},
+                              {"head_dim", head_dim},         {"num_local_experts", r.in(2, 8)},
+                              {"num_experts_per_tok", r.in(1, 2)}, {"sliding_window", r.in(4, 32)},
+                              {"layer_types", types},         {"vocab_size", r.in(64, 512)}};
+    return parse_model(j, "random", "gpt_oss");
+}
+
+// Tiny models (blocks from the small pool; every fifth a gpt-oss) and, every third, larger ones
+// (the large pool's segments).
 ModelSpec random_hf_model(Random& r, bool large) {
-    if (!large) return random_model(r);
+    if (!large) return r.in(0, 4) == 0 ? random_gpt_oss(r) : random_model(r);
     const nlohmann::json j = {{"model_type", "llama"}, {"hidden_size", 512}, {"intermediate_size", 512 * r.in(2, 4)},
                               {"num_hidden_layers", r.in(1, 3)}, {"num_attention_heads", 8}, {"num_key_value_heads", 4},
                               {"vocab_size", r.in(4000, 32000)}};
     return parse_model(j, "random", "llama");
+}
+
+// Derived by hand from libstdc++'s push_heap/pop_heap (equal keys never swap; pop moves the larger
+// child up, the right one on ties) and seen on the referee: gpt-oss's tiled MLP hands six gradients,
+// and a second micro-step frees them (added into .grad) in this order.
+TEST_CASE("autograd's ready queue runs AccumulateGrad nodes made ready together in its heap's order") {
+    CHECK(sim::ready_queue_order(1) == std::vector<std::size_t>{0});
+    CHECK(sim::ready_queue_order(3) == std::vector<std::size_t>{0, 1, 2});
+    CHECK(sim::ready_queue_order(4) == std::vector<std::size_t>{0, 1, 3, 2});
+    CHECK(sim::ready_queue_order(6) == std::vector<std::size_t>{0, 1, 4, 5, 3, 2});
 }
 
 TEST_CASE("a chunk loop's replay that skips repeating iterations leaves every tensor in the block a plain replay does") {

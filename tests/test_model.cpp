@@ -550,3 +550,79 @@ TEST_CASE("rotary scaling and theta: as transformers applies them, from rope_sca
     CHECK(linear.rope_scaling.type == "linear");
     CHECK(linear.rope_theta == 10000.0);
 }
+
+// gpt-oss (OpenAI's model card, Table 1, rounded to 0.01 B; "active" there leaves out the token
+// embedding table). The by-hand sums are for gpt-oss-20b: d 2880, 64 heads of 64 (q 4096), 8 KV
+// heads (kv 512), 32 experts of intermediate 2880 (gate and up 5760), 24 layers, vocabulary 201088.
+TEST_CASE("gpt-oss: parameters by component by hand, and OpenAI's published figures") {
+    const ModelSpec m = find_model("gpt-oss-20b");
+    const ParameterCounts p = m.parameters();
+    // q, k, v, o with biases, and one sink logit per head
+    const std::int64_t attention = (2880 * 4096 + 4096) + 2 * (2880 * 512 + 512) + (4096 * 2880 + 2880) + 64;
+    CHECK(attention == 26'550'144);
+    CHECK(p.attention == 24 * attention);
+    // the router (with bias), every expert's gate_up and down with their biases
+    const std::int64_t mlp = (32 * 2880 + 32) + (32 * 2880 * 5760 + 32 * 5760) + (32 * 2880 * 2880 + 32 * 2880);
+    CHECK(p.mlp == 24 * mlp);
+    CHECK(p.embedding == 201088LL * 2880);
+    CHECK(p.lm_head == p.embedding);  // untied
+    CHECK(p.norm == 2 * 2880 * 24 + 2880);
+    CHECK(p.total() == 20'914'757'184LL);
+    // 28 of 32 experts idle per token, each 2880 x 5760 + 5760 and 2880 x 2880 + 2880, in 24 layers
+    CHECK(m.active_parameters() == 20'914'757'184LL - 28LL * 24 * (2880 * 5760 + 5760 + 2880 * 2880 + 2880));
+    struct Published {
+        const char* name;
+        double total, active, mlp, attention, embed_unembed;  // billions
+    };
+    for (const Published& pub : {Published{"gpt-oss-20b", 20.91, 3.61, 19.12, 0.64, 1.16},
+                                 Published{"gpt-oss-120b", 116.83, 5.13, 114.71, 0.96, 1.16}}) {
+        CAPTURE(pub.name);
+        const ModelSpec g = find_model(pub.name);
+        const ParameterCounts c = g.parameters();
+        auto near = [](std::int64_t ours, double billions) { return std::abs(static_cast<double>(ours) / 1e9 - billions) < 0.005; };
+        CHECK(near(c.total(), pub.total));
+        CHECK(near(g.active_parameters() - c.embedding, pub.active));
+        CHECK(near(c.mlp, pub.mlp));
+        CHECK(near(c.attention, pub.attention));
+        CHECK(near(c.embedding + c.lm_head, pub.embed_unembed));
+        CHECK(g.published_active_excludes_embedding);
+    }
+}
+
+TEST_CASE("gpt-oss configs: GptOssConfig's defaults, the block's differences, and what is refused") {
+    const ModelSpec m = find_model("gpt-oss-20b");
+    CHECK(m.family == Family::GptOss);
+    REQUIRE(m.moe);
+    CHECK(m.moe->gpt_oss);
+    CHECK(m.moe->experts == 32);
+    CHECK(m.moe->top_k == 4);
+    CHECK(m.moe->intermediate == 2880);
+    CHECK_FALSE(m.moe->normalize_top_k);
+    CHECK_FALSE(m.moe->fp32_routing_weights);
+    CHECK(m.moe->router_first);
+    CHECK(m.attention_sinks);
+    CHECK(m.qkv_bias);
+    CHECK(m.o_bias);
+    CHECK(m.rotary_half_tables());
+    CHECK(m.norm_scales_fp32());
+    CHECK_FALSE(m.mistral_masking());
+    REQUIRE(m.sliding_window);
+    CHECK(*m.sliding_window == 128);
+    for (std::size_t l = 0; l < 24; ++l) CHECK(m.sliding_layers[l] == (l % 2 == 0));  // sliding first, then full
+    // GptOssConfig's defaults are gpt-oss-120b's shape (36 layers, 128 experts, alternating layers).
+    const ModelSpec defaults = parse_model(nlohmann::json{{"model_type", "gpt_oss"}}, "g.json", "g");
+    CHECK(defaults.parameters().total() == find_model("gpt-oss-120b").parameters().total());
+    CHECK(defaults.num_layers == 36);
+    CHECK(defaults.moe->experts == 128);
+    CHECK(defaults.sliding_layers[34]);
+    CHECK_FALSE(defaults.sliding_layers[35]);
+    // OpenAI's experts_per_token restates num_experts_per_tok, which is what transformers reads.
+    const std::string error = test::expect_user_error(
+        [] { (void)parse_model(nlohmann::json{{"model_type", "gpt_oss"}, {"num_experts_per_tok", 4}, {"experts_per_token", 2}}, "g.json", "g"); });
+    CHECK(error.rfind("g.json: experts_per_token: expected the same count as num_experts_per_tok (4)", 0) == 0);
+    // The released checkpoints' MXFP4 experts: planned dequantized, with a warning.
+    const ModelSpec quantized =
+        parse_model(nlohmann::json{{"model_type", "gpt_oss"}, {"quantization_config", {{"quant_method", "mxfp4"}}}}, "g.json", "g");
+    REQUIRE(quantized.warnings.size() == 1);
+    CHECK(quantized.warnings[0].find("dequantized") != std::string::npos);
+}

@@ -12,7 +12,7 @@ namespace mst {
 
 // The architectures mst-plan models by their real differences. Anything else that
 // looks like a Llama (SwiGLU MLP, RMSNorm, RoPE) is accepted as Llama with a warning.
-enum class Family { Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Phi3, Mixtral, Qwen3Moe };
+enum class Family { Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, Phi3, Mixtral, Qwen3Moe, GptOss };
 std::string to_string(Family f);
 
 struct ParameterCounts {
@@ -24,9 +24,9 @@ struct ParameterCounts {
     std::int64_t total() const;  // checked: a UserError past 2^63
 };
 
-// A Mixture-of-Experts MLP (Mixtral, Qwen3-MoE): a router (a linear d -> experts) picks top_k
-// experts per token; each expert is a SwiGLU MLP of `intermediate` (its gate and up projections
-// one [experts, 2 intermediate, d] parameter, its down one [experts, d, intermediate]).
+// A Mixture-of-Experts MLP (Mixtral, Qwen3-MoE, gpt-oss): a router (a linear d -> experts) picks
+// top_k experts per token; each expert is a SwiGLU MLP of `intermediate` (its gate and up
+// projections one [experts, 2 intermediate, d] parameter, its down one [experts, d, intermediate]).
 struct MoeSpec {
     std::int64_t experts = 0;       // E
     std::int64_t top_k = 0;         // k: experts per token
@@ -35,8 +35,13 @@ struct MoeSpec {
     // Mixtral keeps the routing weights fp32 (the weighted expert outputs and their sum are fp32,
     // cast back at the end); Qwen3-MoE casts them to the model's dtype first.
     bool fp32_routing_weights = true;
-    // The block registers the router before the experts (Mixtral) or after them (Qwen3-MoE).
+    // The block registers the router before the experts (Mixtral, gpt-oss) or after them (Qwen3-MoE).
     bool router_first = true;
+    // gpt-oss (GptOssMLP): the router and every expert projection have biases; the router takes
+    // the top-k of its bf16 logits and a softmax over those k (no probabilities over all experts);
+    // the experts' gate and up columns interleave, and their activation is clamped:
+    // (clamp(up, -l, l) + 1) * g * sigmoid(alpha g) with g = clamp(gate, max=l).
+    bool gpt_oss = false;
 };
 struct ModelSpec {
     std::string name;          // catalog name, or the file stem for a path
@@ -73,6 +78,9 @@ struct ModelSpec {
     bool o_bias = false;    // Llama attention_bias
     bool mlp_bias = false;  // Llama mlp_bias
     bool qk_norm = false;   // Qwen3, Gemma-3: an RMSNorm over head_dim on every query and key head
+    // gpt-oss: a learned logit per query head ("sinks") joins every row of the attention scores
+    // before the softmax and is dropped after it.
+    bool attention_sinks = false;
 
     // Sliding-window attention: window in tokens and which layers use it.
     std::optional<std::int64_t> sliding_window;
@@ -89,6 +97,9 @@ struct ModelSpec {
     std::optional<std::int64_t> published_parameters;  // "_mst.published_parameters"
     std::optional<std::int64_t> published_active_parameters;  // MoE: "_mst.published_active_parameters"
     std::string published_active_parameters_source;
+    // The published active figure leaves out the token embedding table (a lookup, not a matmul:
+    // OpenAI's count for gpt-oss); `show` compares it with ours less that table.
+    bool published_active_excludes_embedding = false;
     std::string published_parameters_source;
     std::vector<std::string> warnings;  // what was assumed while parsing
 
@@ -107,6 +118,12 @@ struct ModelSpec {
     // Phi-3 rotates the first rotary_dim dimensions of each head and concatenates the rest after
     // them (a new tensor even when nothing passes through).
     bool rotary_concatenates() const { return family == Family::Phi3; }
+    // gpt-oss's rotary tables are [S, D/2] (each frequency once) and rotate the two halves of a
+    // head as x1 cos - x2 sin and x2 cos + x1 sin, concatenated.
+    bool rotary_half_tables() const { return family == Family::GptOss; }
+    // gpt-oss's RMSNorm multiplies its weight into the fp32 normalised tensor and casts the product
+    // (Llama's casts first, then multiplies in bf16).
+    bool norm_scales_fp32() const { return family == Family::GptOss; }
     // Mistral and Phi-3 build one attention mask (sliding when the config has a window, which every
     // layer then uses) and pass the decoder layer its position ids before the rotary tables.
     // Mixtral and Qwen3-MoE build theirs the same way.

@@ -4,10 +4,13 @@ The MLP (gate/up -> act(gate) * up -> down) acts on every token on its own, so
 any split of the tokens gives the same result. Chunks are taken over the
 flattened tokens of a micro-batch, ``T = B * S`` (what mst-plan's simulator
 calls the tokens per rank), with the sizes of :func:`mst_hf.config.chunk_sizes`.
-A Mixture-of-Experts block (Mixtral, Qwen3-MoE: a module with ``experts``)
-routes each token on its own too, so MsT splits the tokens before routing and
-every routing and dispatch buffer shrinks with the chunk; such blocks unpack
-[B, S, d], so each chunk is handed to them as a [1, n, d] view.
+A Mixture-of-Experts block (Mixtral, Qwen3-MoE, gpt-oss: a module with
+``experts``) routes each token on its own too, so MsT splits the tokens before
+routing and every routing and dispatch buffer shrinks with the chunk; such
+blocks unpack [B, S, d], so each chunk is handed to them as a [1, n, d] view.
+gpt-oss's block also returns its router scores, which its decoder layer
+discards: a chunk keeps only its output, and the chunked block returns
+``(y, None)`` in their place.
 
 * ``loop`` (MsT reference): each chunk runs under autograd and the outputs are
   concatenated; no custom backward. Every chunk's intermediates ([n, I] each)
@@ -144,12 +147,22 @@ class ChunkedMlpForward(ForwardPatch):
         super().__init__(mlp)
         self.chunks = chunks
         self.impl = impl
-        # Mixture-of-Experts blocks (transformers' *SparseMoeBlock) unpack a [B, S, d] input.
-        self.fn = batched(self.inner) if isinstance(getattr(mlp, "experts", None), nn.Module) else self.inner
+        self.returns_tuple = False  # the block returns (output, router scores): gpt-oss
+        # Mixture-of-Experts blocks (transformers' *SparseMoeBlock, GptOssMLP) unpack a [B, S, d] input.
+        self.fn = batched(self._block) if isinstance(getattr(mlp, "experts", None), nn.Module) else self.inner
 
-    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def _block(self, x: Tensor) -> Tensor:
+        out = self.inner(x)
+        if isinstance(out, tuple):  # gpt-oss: (hidden, router scores); the scores die here
+            self.returns_tuple = True
+            return out[0]
+        return out
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         if args or kwargs:  # an MLP that takes more than the hidden states: not ours to split
             return self.inner(x, *args, **kwargs)
         if self.impl == "tiled":
-            return tiled_mlp(self.fn, self.module, x, self.chunks)
-        return loop_mlp(self.fn, x, self.chunks)
+            y = tiled_mlp(self.fn, self.module, x, self.chunks)
+        else:
+            y = loop_mlp(self.fn, x, self.chunks)
+        return (y, None) if self.returns_tuple else y

@@ -7,7 +7,7 @@ hf runtime and compares every allocation and free: same bytes, same order, same 
 cases cover the knobs a user sets and the model families whose code differs (Llama; Mistral
 with sliding windows and tied embeddings; Qwen2's attention biases; Qwen3's q/k norms; Gemma-2's
 post-norms, soft-capping, scaled embeddings and GeGLU; Gemma-3; Phi-3's fused projections and
-partial rotary; Mixtral's and Qwen3-MoE's experts), and one rank of data parallelism (DDP). Nothing here is a number written by hand: both
+partial rotary; Mixtral's, Qwen3-MoE's and gpt-oss's experts; gpt-oss's attention sinks), and one rank of data parallelism (DDP). Nothing here is a number written by hand: both
 sides are computed, one by PyTorch and one by mst-plan.
 """
 
@@ -42,6 +42,7 @@ PHI3_MQA = str(REPO / "tests" / "data" / "tiny_phi3_mqa.json")
 MIXTRAL = str(REPO / "tests" / "data" / "tiny_mixtral.json")
 QWEN3_MOE = str(REPO / "tests" / "data" / "tiny_qwen3_moe.json")
 QWEN3_MOE_TOP1 = str(REPO / "tests" / "data" / "tiny_qwen3_moe_top1.json")
+GPT_OSS = str(REPO / "tests" / "data" / "tiny_gpt_oss.json")
 
 CASES = [
     # Llama: attention, checkpointing (ours and Hugging Face's everywhere), offload.
@@ -178,6 +179,21 @@ CASES = [
     # Top-1 routing, renormalised: no copy of the pairs' gradient, no reduction of the divisor's.
     (QWEN3_MOE_TOP1, {"mlp_chunks": 5, "checkpoint": "all"}),
     (QWEN3_MOE, {"precision": "amp", "grad_accum": 2, "mlp_chunks": 3, "lm_chunks": 2, "lm_impl": "fused"}),
+    # gpt-oss (eager attention: its flash path is the kernels hub's, not modelled): attention sinks
+    # (a column joined to the scores, the softmax in bf16 over it, the max subtracted first), a
+    # sliding and a full layer, half-width rotary tables, every projection biased, the router's
+    # softmax over its top-k logits, the experts' clamped activation on interleaved gate and up,
+    # each expert bias gathered per pair; its block returns the router scores too (the chunked
+    # block None). Six gradients from the tiled MLP's node: their AccumulateGrad order is the
+    # engine's heap's (micro-step 2 frees them in it).
+    (GPT_OSS, {"attention": "eager"}),
+    (GPT_OSS, {"attention": "eager", "checkpoint": "all", "mlp_chunks": 3, "lm_chunks": 2}),
+    (GPT_OSS, {"attention": "eager", "micro_batch": 2, "checkpoint": [1], "mlp_chunks": 2, "grad_accum": 2}),
+    (GPT_OSS, {"attention": "eager", "mlp_chunks": 3, "mlp_impl": "tiled", "checkpoint": "all", "grad_accum": 2}),
+    (GPT_OSS, {"attention": "eager", "optimizer_in_backward": True, "optimizer_impl": "for-loop", "checkpoint": [0],
+               "offload_checkpoints": True}),
+    (GPT_OSS, {"attention": "eager", "precision": "bf16-master", "mlp_chunks": 2, "optimizer_impl": "foreach"}),
+    (GPT_OSS, {"attention": "eager", "lm_chunks": 2, "lm_impl": "fused", "micro_batch": 2, "mlp_chunks": 16}),
     # Data parallelism: one rank of DistributedDataParallel (its gradient buckets, rebuilt after
     # the first backward: mid-step with accumulation; each forward's broadcast of the buffers, a
     # single-tensor dtype group without a copy for Gemma's scale, two rotary tables for Gemma-3).
@@ -188,6 +204,7 @@ CASES = [
     (GEMMA3, {"dp": 2, "optimizer_impl": "foreach"}),
     (PHI3_LONGROPE, {"dp": 2, "attention": "eager"}),
     (QWEN3_MOE, {"dp": 2, "mlp_chunks": 2, "mlp_impl": "tiled", "checkpoint": "all"}),
+    (GPT_OSS, {"attention": "eager", "dp": 2, "mlp_chunks": 2, "mlp_impl": "tiled"}),
 ]
 
 

@@ -1,6 +1,6 @@
 """A patched Hugging Face model trains exactly like the unpatched one.
 
-Tiny random Llama, Gemma-2, Phi-3, Mixtral and Qwen3-MoE models (hidden 64, 2 layers,
+Tiny random Llama, Gemma-2, Phi-3, Mixtral, Qwen3-MoE and gpt-oss models (hidden 64, 2 layers,
 vocab 128) in fp32,
 so precision "amp" (fp32 parameters; no autocast is entered here). Tolerance
 fp32 rtol 1e-5, atol 1e-6: chunking and recomputation only reorder fp32 sums
@@ -77,8 +77,25 @@ def tiny_qwen3_moe():
     return transformers.Qwen3MoeForCausalLM(config).float().train()
 
 
+def tiny_gpt_oss():
+    # gpt-oss: 8 biased experts, top-3 (softmax over the top-3 logits), the clamped activation, its
+    # block returning (output, router scores); attention sinks, a sliding and a full layer.
+    config = transformers.GptOssConfig(
+        hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=64,
+        num_local_experts=8, num_experts_per_tok=3, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(config).float().train()
+    with torch.no_grad():  # its init leaves the biases zero: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    return model
+
+
 MODELS = {"llama": tiny_llama, "gemma2": tiny_gemma2, "phi3": tiny_phi3, "mixtral": tiny_mixtral,
-          "qwen3_moe": tiny_qwen3_moe}
+          "qwen3_moe": tiny_qwen3_moe, "gpt_oss": tiny_gpt_oss}
 
 
 def mst_config(mlp=(1, "loop"), lm_head=(1, "recompute"), checkpoint=(), offload=False, **overrides):

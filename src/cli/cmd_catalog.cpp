@@ -67,7 +67,11 @@ void run_show(const GlobalOptions& g, const std::string& model) {
                    m.longrope ? " (longrope)" : "");
     if (m.moe)
         fmt::print("  Mixture-of-Experts: {} experts of intermediate {}, top-{} per token{}\n", m.moe->experts,
-                   m.moe->intermediate, m.moe->top_k, m.moe->normalize_top_k ? " (weights renormalised)" : "");
+                   m.moe->intermediate, m.moe->top_k,
+                   m.moe->gpt_oss           ? " (softmax over the top-k logits; biased experts, clamped SwiGLU)"
+                   : m.moe->normalize_top_k ? " (weights renormalised)"
+                                            : "");
+    if (m.attention_sinks) fmt::print("  attention sinks: a learned logit per head joins each row's softmax\n");
     if (m.attn_logit_softcapping || m.final_logit_softcapping)
         fmt::print("  soft-capping: attention {}  final logits {}\n", m.attn_logit_softcapping.value_or(0.0),
                    m.final_logit_softcapping.value_or(0.0));
@@ -96,9 +100,11 @@ void run_show(const GlobalOptions& g, const std::string& model) {
         fmt::print("published{}: {} ({}), difference {:+.3f} %\n", what, format_count(count), source, 100.0 * err);
     };
     if (m.published_parameters) published("", total, *m.published_parameters, m.published_parameters_source);
-    if (m.published_active_parameters)
-        published(" active", static_cast<double>(m.active_parameters()), *m.published_active_parameters,
-                  m.published_active_parameters_source);
+    if (m.published_active_parameters) {
+        const std::int64_t ours = m.active_parameters() - (m.published_active_excludes_embedding ? p.embedding : 0);
+        published(m.published_active_excludes_embedding ? " active (embedding table excluded)" : " active", static_cast<double>(ours),
+                  *m.published_active_parameters, m.published_active_parameters_source);
+    }
 }
 
 void run_devices(const GlobalOptions& g) {

@@ -24,6 +24,7 @@ std::string to_string(Family f) {
         case Family::Phi3: return "phi3";
         case Family::Mixtral: return "mixtral";
         case Family::Qwen3Moe: return "qwen3_moe";
+        case Family::GptOss: return "gpt_oss";
     }
     return "?";
 }
@@ -53,10 +54,11 @@ Family family_of(const std::string& model_type, detail::JsonReader& r, std::vect
     if (model_type == "phi3") return Family::Phi3;
     if (model_type == "mixtral") return Family::Mixtral;
     if (model_type == "qwen3_moe") return Family::Qwen3Moe;
+    if (model_type == "gpt_oss") return Family::GptOss;
     const std::string shown = r.has("model_type") ? "'" + model_type + "'" : "none";
     if (!assume_llama)
         r.fail("model_type", fmt::format("expected one of llama, mistral, qwen2 (Qwen2 and Qwen2.5), qwen3 (dense), gemma2, gemma3_text "
-                                         "(or gemma3 with a text_config), phi3 (Phi-3, Phi-4), mixtral, qwen3_moe, got {} "
+                                         "(or gemma3 with a text_config), phi3 (Phi-3, Phi-4), mixtral, qwen3_moe, gpt_oss, got {} "
                                          "(--assume-llama plans it as a Llama-shaped model, which may be wrong)",
                                          shown));
     warnings.push_back(fmt::format(
@@ -118,23 +120,30 @@ void read_phi3(const nlohmann::json& config, const detail::JsonReader& r, ModelS
 // path sorts the [T x top_k] token-expert pairs: no tensor's size depends on the routing).
 void read_moe(const detail::JsonReader& r, ModelSpec& m) {
     MoeSpec e;
-    const bool mixtral = m.family == Family::Mixtral;
+    const bool mixtral = m.family == Family::Mixtral, gpt_oss = m.family == Family::GptOss;
     // Both configs map num_experts onto num_local_experts (attribute_map): either key sets the count,
     // and which one wins when both are given differs between them, so two different counts are refused.
     const char* experts_key = r.has("num_local_experts") ? "num_local_experts" : "num_experts";
-    e.experts = r.opt_integer(experts_key, 1, limits::kExperts).value_or(mixtral ? 8 : 128);
+    e.experts = r.opt_integer(experts_key, 1, limits::kExperts).value_or(mixtral ? 8 : 128);  // (gpt-oss: 128, its 120b)
     if (r.has("num_local_experts") && r.has("num_experts") &&
         r.opt_integer("num_experts", 1, limits::kExperts) != r.opt_integer("num_local_experts", 1, limits::kExperts))
         r.fail("num_experts", fmt::format("expected the same count as num_local_experts ({}): both name the experts, "
                                           "and transformers' choice between them differs by model",
                                           e.experts));
-    e.top_k = r.opt_integer("num_experts_per_tok", 1, limits::kExperts).value_or(mixtral ? 2 : 8);
+    e.top_k = r.opt_integer("num_experts_per_tok", 1, limits::kExperts).value_or(mixtral ? 2 : gpt_oss ? 4 : 8);
+    // OpenAI's gpt-oss configs restate it as experts_per_token, which GptOssConfig does not read.
+    if (gpt_oss && r.has("experts_per_token") && r.opt_integer("experts_per_token", 1, limits::kExperts) != e.top_k)
+        r.fail("experts_per_token", fmt::format("expected the same count as num_experts_per_tok ({}): transformers reads "
+                                                "num_experts_per_tok only",
+                                                e.top_k));
     if (e.top_k > e.experts)
         r.fail("num_experts_per_tok", fmt::format("expected at most {} ({}), got {}", e.experts, experts_key, e.top_k));
-    e.intermediate = mixtral ? m.intermediate_size : r.opt_integer("moe_intermediate_size", 1, kMaxIntermediate).value_or(768);
-    e.normalize_top_k = mixtral || r.opt_boolean("norm_topk_prob").value_or(false);
+    e.intermediate = mixtral || gpt_oss ? m.intermediate_size
+                                        : r.opt_integer("moe_intermediate_size", 1, kMaxIntermediate).value_or(768);
+    e.normalize_top_k = mixtral || (!gpt_oss && r.opt_boolean("norm_topk_prob").value_or(false));
     e.fp32_routing_weights = mixtral;
-    e.router_first = mixtral;
+    e.router_first = m.family != Family::Qwen3Moe;
+    e.gpt_oss = gpt_oss;
     if (r.opt_boolean("output_router_logits").value_or(false))
         r.fail("output_router_logits", "expected false (the router's auxiliary load-balancing loss is not modelled; "
                                        "transformers adds it only when this is true)");
@@ -146,7 +155,7 @@ void read_moe(const detail::JsonReader& r, ModelSpec& m) {
                                                      *impl));
     if (mixtral && r.opt_number("router_jitter_noise", 0.0, 1.0).value_or(0.0) != 0.0)
         r.fail("router_jitter_noise", "expected 0.0 (the jitter's random tensor is not modelled; Mixtral trains without it)");
-    if (!mixtral) {
+    if (m.family == Family::Qwen3Moe) {
         // Qwen3-MoE: a layer is sparse unless listed in mlp_only_layers or off the decoder_sparse_step grid.
         if (r.has("mlp_only_layers") && !r.raw("mlp_only_layers").is_null() &&
             !(r.raw("mlp_only_layers").is_array() && r.raw("mlp_only_layers").empty()))
@@ -154,7 +163,8 @@ void read_moe(const detail::JsonReader& r, ModelSpec& m) {
         if (r.opt_integer("decoder_sparse_step", 1, kMaxLayers).value_or(1) != 1)
             r.fail("decoder_sparse_step", "expected 1 (every layer a Mixture-of-Experts block; dense layers among them are not modelled)");
     }
-    if (m.hidden_act != "silu" && m.hidden_act != "swish")
+    // (gpt-oss's experts run their own clamped activation whatever hidden_act says.)
+    if (!gpt_oss && m.hidden_act != "silu" && m.hidden_act != "swish")
         r.fail("hidden_act", fmt::format("expected silu (the experts' SwiGLU), got '{}'", m.hidden_act));
     m.moe = e;
 }
@@ -179,11 +189,28 @@ nlohmann::json with_gemma3_defaults(const nlohmann::json& config) {
     return out;
 }
 
+// GptOssConfig's defaults for the keys a gpt-oss config may omit (gpt-oss-120b's shape; the
+// yarn scaling is in rope_parameters' default, which changes values only).
+nlohmann::json with_gpt_oss_defaults(const nlohmann::json& config) {
+    nlohmann::json out = config;
+    const std::pair<const char*, nlohmann::json> defaults[] = {
+        {"vocab_size", 201088},       {"hidden_size", 2880},         {"intermediate_size", 2880},
+        {"num_hidden_layers", 36},    {"num_attention_heads", 64},   {"num_key_value_heads", 8},
+        {"head_dim", 64},             {"num_local_experts", 128},    {"num_experts_per_tok", 4},
+        {"max_position_embeddings", 131072}, {"rms_norm_eps", 1e-5}, {"sliding_window", 128},
+        {"attention_bias", true},     {"rope_theta", 150000.0},
+    };
+    for (const auto& [key, value] : defaults)
+        if (!out.contains(key)) out[key] = value;
+    return out;
+}
+
 }  // namespace
 
 ModelSpec parse_model(const nlohmann::json& input, const std::string& where, const std::string& name) {
     const bool gemma3_text = input.is_object() && input.contains("model_type") && input["model_type"] == "gemma3_text";
-    const nlohmann::json config = gemma3_text ? with_gemma3_defaults(input) : input;
+    const bool gpt_oss = input.is_object() && input.contains("model_type") && input["model_type"] == "gpt_oss";
+    const nlohmann::json config = gemma3_text ? with_gemma3_defaults(input) : gpt_oss ? with_gpt_oss_defaults(input) : input;
     detail::JsonReader r(config, where);
     // mst-plan's own block (catalog files): the name shown and the published parameter total.
     auto read_meta = [&](ModelSpec& m) {
@@ -198,6 +225,7 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
         if (auto v = meta.opt_integer("published_active_parameters", 1, std::int64_t{1} << 50)) m.published_active_parameters = *v;
         if (auto v = meta.opt_string("published_parameters_source")) m.published_parameters_source = *v;
         if (auto v = meta.opt_string("published_active_parameters_source")) m.published_active_parameters_source = *v;
+        m.published_active_excludes_embedding = meta.opt_boolean("published_active_excludes_embedding").value_or(false);
     };
     // Gemma-3 4B-27B ship as image-text models ("gemma3"): the decoder trained on text is its
     // text_config (Gemma3ForCausalLM); the vision tower is not part of the plan.
@@ -279,7 +307,15 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     if (m.hidden_act != "silu" && m.hidden_act != "swish" && m.hidden_act != "gelu" && m.hidden_act != "gelu_pytorch_tanh")
         r.fail(act_key, fmt::format("expected silu, swish, gelu or gelu_pytorch_tanh (the activations modelled), got '{}'",
                                     m.hidden_act));
-    if (m.family == Family::Mixtral || m.family == Family::Qwen3Moe) read_moe(r, m);
+    if (m.family == Family::Mixtral || m.family == Family::Qwen3Moe || m.family == Family::GptOss) read_moe(r, m);
+    if (m.family == Family::GptOss) {
+        m.attention_sinks = true;
+        // OpenAI's checkpoints store the experts in MXFP4; training loads them dequantized
+        // (transformers' Mxfp4Config(dequantize=True)): the plan is for bf16 weights.
+        if (r.has("quantization_config"))
+            m.warnings.push_back("quantization_config: planned with the weights dequantized to the model's dtype (what "
+                                 "training loads: Mxfp4Config(dequantize=True)); quantized weights are not modelled");
+    }
     m.rms_norm_eps = r.opt_number("rms_norm_eps", 0.0, 1.0).value_or(1e-6);
     m.rope_theta = r.opt_number("rope_theta", 1.0, 1e12).value_or(10000.0);
 
@@ -287,7 +323,8 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     // for Llama, Qwen3 and Gemma-2/3; Qwen2 hard-codes q/k/v with and o without, Mistral none;
     // only Llama reads mlp_bias.
     const bool attention_bias = r.opt_boolean("attention_bias").value_or(false);
-    const bool reads_attention_bias = m.family == Family::Llama || m.family == Family::Qwen3 || m.family == Family::Qwen3Moe || m.gemma();
+    const bool reads_attention_bias = m.family == Family::Llama || m.family == Family::Qwen3 || m.family == Family::Qwen3Moe ||
+                                      m.family == Family::GptOss || m.gemma();
     m.qkv_bias = m.family == Family::Qwen2 || (reads_attention_bias && attention_bias);
     m.o_bias = reads_attention_bias && attention_bias;
     const bool mlp_bias = r.opt_boolean("mlp_bias").value_or(false);
@@ -339,8 +376,8 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
             if (!typed || static_cast<std::int64_t>(typed->size()) != m.num_layers)
                 r.fail("layer_types", fmt::format("expected an array of {} strings", m.num_layers));
             m.sliding_layers = *typed;
-        } else if (m.family == Family::Gemma2) {
-            // Gemma-2 alternates local (sliding) and global layers, starting with local.
+        } else if (m.family == Family::Gemma2 || m.family == Family::GptOss) {
+            // Gemma-2 and gpt-oss alternate local (sliding) and global layers, starting with local.
             for (std::size_t i = 0; i < m.sliding_layers.size(); i += 2) m.sliding_layers[i] = true;
         } else if (m.family == Family::Gemma3) {
             // Gemma-3: every sliding_window_pattern-th layer (default 6) is global, the others local.
@@ -416,9 +453,12 @@ ParameterCounts ModelSpec::parameters() const {
     ParameterCounts p;
     const std::int64_t d = hidden_size;
     p.embedding = checked_mul(vocab_size, d);
+    // gpt-oss: a logit per head (the sinks); biases on the router and on every expert's projections.
+    const std::int64_t sinks = attention_sinks ? num_heads : 0;
     const std::int64_t attn = d * q_dim() + 2 * d * kv_dim() + q_dim() * d + (qkv_bias ? q_dim() + 2 * kv_dim() : 0) +
-                              (o_bias ? d : 0) + (qk_norm ? 2 * head_dim : 0);
-    const std::int64_t mlp_l = moe ? checked_product({moe->experts, 3 * d, moe->intermediate}, "experts") + moe->experts * d
+                              (o_bias ? d : 0) + (qk_norm ? 2 * head_dim : 0) + sinks;
+    const std::int64_t moe_biases = moe && moe->gpt_oss ? moe->experts * (1 + 2 * moe->intermediate + d) : 0;
+    const std::int64_t mlp_l = moe ? checked_product({moe->experts, 3 * d, moe->intermediate}, "experts") + moe->experts * d + moe_biases
                                    : 3 * d * intermediate_size + (mlp_bias ? 2 * intermediate_size + d : 0);
     p.attention = checked_mul(attn, num_layers);
     p.mlp = checked_mul(mlp_l, num_layers);
@@ -430,7 +470,9 @@ ParameterCounts ModelSpec::parameters() const {
 std::int64_t ModelSpec::active_parameters() const {
     const std::int64_t total = parameters().total();
     if (!moe) return total;
-    const std::int64_t idle = checked_product({moe->experts - moe->top_k, 3 * hidden_size, moe->intermediate, num_layers}, "experts");
+    // an expert's parameters: its gate, up and down projections (gpt-oss: and their biases)
+    const std::int64_t expert = 3 * hidden_size * moe->intermediate + (moe->gpt_oss ? 2 * moe->intermediate + hidden_size : 0);
+    const std::int64_t idle = checked_product({moe->experts - moe->top_k, expert, num_layers}, "experts");
     return total - idle;
 }
 

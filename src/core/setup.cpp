@@ -216,6 +216,14 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
         fail(w, "optimizer_in_backward", "cannot step inside backward with grad_accum > 1 (the gradients must accumulate first)");
     if (s.optimizer_in_backward && s.zero_stage >= 2)
         fail(w, "optimizer_in_backward", "not supported with ZeRO stage 2/3 (gradients are reduce-scattered per bucket)");
+    if (m.family == Family::GptOss && s.runtime == Runtime::Kernels)
+        fail(w, "runtime", "expected hf for gpt-oss (mst-plan's executor has no attention sinks, expert biases or clamped "
+                           "activation yet: the kernels runtime does not model it), got kernels");
+    // transformers runs gpt-oss's sinks in eager attention or in the kernels hub's vllm-flash-attn3
+    // (flash_attention_2 falls back to it), whose allocations are not modelled yet; SDPA refuses sinks.
+    if (m.attention_sinks && s.attention != Attention::Eager)
+        fail(w, "attention", "expected eager for a model with attention sinks (gpt-oss: its flash path is the kernels hub's "
+                             "vllm-flash-attn3, not modelled yet), got flash");
     validate_hf_scope(s, m);
 }
 
@@ -242,6 +250,9 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     if (s.optimizer == Optimizer::AdamW8bit)
         fail(w, "optimizer", fmt::format("expected adamw or sgd with runtime hf (bitsandbytes is not modelled){}", hint));
     if (m.mlp_bias) fail(w, "runtime", fmt::format("expected kernels for a model with MLP biases{}", hint));
+    if (m.family == Family::GptOss && s.precision == Precision::AmpFp32)
+        fail(w, "precision", "expected pure-bf16 or bf16-master for gpt-oss (autocast over its fp32 experts, biases and "
+                             "sinks is not modelled yet), got amp");
 }
 
 std::int64_t chunks_for_tokens(const TrainingSetup& s, std::int64_t chunk_tokens) {

@@ -356,6 +356,14 @@ T StepBuilder::hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save
         drop(o);
         return out;
     }
+    if (m_.norm_scales_fp32()) {  // (weight * n).to(x's dtype): the product saves n
+        sv.n = saved(n);
+        T o = act("norm.out_fp32", f32(rows, d), false);
+        T out = fp32_in ? hold(o) : act("norm_out", bf16(rows, d), false);
+        drop(o);
+        drop(n), drop(v);  // the locals, at return
+        return out;
+    }
     T c = fp32_in ? hold(n) : act("norm.normed", bf16(rows, d), false);  // weight * n.to(bf16)
     T out = act("norm_out", amp_ ? f32(rows, d) : bf16(rows, d), false);  // (autocast: an fp32 weight)
     sv.c = saved(c);
@@ -395,6 +403,27 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
             node_end({}, &gw1);
         }
         add_grad(p, gw, false, true);
+    } else if (m_.norm_scales_fp32()) {
+        T g32 = g;
+        if (!fp32_in) {  // ToCopyBackward0
+            g32 = alloc("d_norm_out_fp32", f32(rows, d), Category::Transient);
+            node_end({}, &g);
+        }
+        unpack();
+        // MulBackward0 (w * n): n's gradient, then w's, which validate_outputs reduces to [d] and casts
+        // to the weight's dtype (under autocast the weight is fp32: the reduction is its gradient, a view)
+        gn = alloc("d_normed_fp32", f32(rows, d), Category::Transient);
+        T gw_full = alloc("d_norm_weight_full", f32(rows, d), Category::Transient);
+        T gw;
+        node_end({&sv.n}, &g32, [&] {
+            gw = amp_ ? grad_out(p) : alloc("d_norm_weight_fp32", elems(d, 1, 4), Category::Transient);
+            drop(gw_full);
+            if (amp_) return;
+            T cast = grad_out(p);
+            drop(gw);
+            gw = cast;
+        });
+        add_grad(p, gw, amp_, true);
     } else {
         // MulBackward0 (w * c): the gradient of c, then w's (reduced to [d] by validate_outputs)
         // Under autocast w is fp32: both products are fp32, and validate_outputs casts c's to c's
@@ -463,10 +492,30 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
 //   rotary_dim of each head's D (views x[..., :R] and x[..., R:]) and concatenates the rest after
 //   the rotated share: a new [B, heads, S, D] tensor even when nothing passes through (R = D).
 // Under autocast the tables are fp32: the products and their sum are promoted to fp32.
-T StepBuilder::hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_saved) {
+// gpt-oss (_apply_rotary_emb, tables [S, D/2]): x1, x2 = x.chunk(2) (views); cat(x1 cos - x2 sin,
+// x2 cos + x1 sin): four products, each saving its table (cos2, sin2: the second ones).
+T StepBuilder::hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_saved, T& cos2, T& sin2) {
     (void)x;  // read, not owned
     const std::int64_t dim = checked_mul(heads, m_.rotary_dim);
     const int rb = amp_ ? 4 : 2;                  // the products' dtype
+    if (m_.rotary_half_tables()) {
+        const bytes_t half = elems(tokens_, dim / 2, rb);
+        T a = act("rope.x1_cos", half, false);
+        cos_saved = saved(hf_rope(layer_).cos);
+        T b = act("rope.x2_sin", half, false);
+        sin_saved = saved(hf_rope(layer_).sin);
+        T first = act("rope.first", half, false);
+        drop(a), drop(b);
+        T c = act("rope.x2_cos", half, false);
+        cos2 = saved(hf_rope(layer_).cos);
+        T e = act("rope.x1_sin", half, false);
+        sin2 = saved(hf_rope(layer_).sin);
+        T second = act("rope.second", half, false);
+        drop(c), drop(e);
+        T out = act("rope.out", elems(tokens_, dim, rb), false);
+        drop(first), drop(second);
+        return out;
+    }
     const int xb = hf_fp32_heads() ? 4 : 2;       // x's, and rotate_half's
     T xc = act("rope.x_cos", elems(tokens_, dim, rb), false);
     cos_saved = saved(hf_rope(layer_).cos);
@@ -489,7 +538,7 @@ T StepBuilder::hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_sav
 // d: the rotated tensor's gradient (consumed); returns the gradient of the rotated share.
 // Phi-3: CatBackward0 first narrows d into the rotated share and the pass-through one, whose view
 // `pass` receives (the caller runs both shares' SliceBackward0 later: hf_rope_slices_backward).
-T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_saved, T* pass) {
+T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_saved, T& cos2, T& sin2, T* pass) {
     const std::int64_t dim = checked_mul(heads, m_.rotary_dim);
     if (pass) {  // under autocast the pass-through share was promoted: CatBackward0 casts its gradient back
         const std::int64_t rest = checked_mul(heads, m_.head_dim - m_.rotary_dim);
@@ -505,6 +554,36 @@ T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_sa
         drop(g32);
         return g;
     };
+    if (m_.rotary_half_tables()) {
+        // Nodes run last made first. CatBackward0 hands views of d to the sum and the difference;
+        // AddBackward0 (second) passes its gradient to both products, SubBackward0 (first) its
+        // negation to x2 sin; each product's gradient reaches SplitBackward0's buffer for its half
+        // (a second one is added in place), which joins the halves.
+        drop(d_cos);
+        const std::int64_t h = dim / 2;
+        auto half_grad = [&](const char* name) {
+            T g32 = amp_ && xb == 2 ? alloc("d_rope.product_fp32", f32(tokens_, h), Category::Transient) : T{};
+            T g = alloc(name, elems(tokens_, h, xb), Category::Transient);
+            drop(g32);
+            return g;
+        };
+        T g_first = hold(d), g_second = d;
+        T g_second2 = hold(g_second);
+        T gx1 = half_grad("d_rope.x1_sin");  // x1 * sin
+        node_end({&sin2}, &g_second2);
+        T gx2 = half_grad("d_rope.x2_cos");  // x2 * cos
+        node_end({&cos2}, &g_second);
+        T neg = alloc("d_rope.neg", elems(tokens_, h, amp_ ? 4 : xb), Category::Transient);
+        T g2 = half_grad("d_rope.x2_sin");  // x2 * sin, from the negation
+        node_end({&sin_saved}, &neg);
+        accumulate(gx2, g2, false);
+        T g1 = half_grad("d_rope.x1_cos");  // x1 * cos
+        node_end({&cos_saved}, &g_first);
+        accumulate(gx1, g1, false);
+        T gx = alloc("d_rope.x", elems(tokens_, dim, xb), Category::Transient);
+        drop(gx1), drop(gx2);
+        return gx;
+    }
     // MulBackward0 (rotated * sin)
     T gr = factor_grad("d_rope.rotated");
     node_end({&sin_saved}, &d);
@@ -590,8 +669,8 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
         }
     }
     at("attn.rope");
-    T qe = hf_rope_forward(q, m_.num_heads, sv.cos_q, sv.sin_q);
-    T ke = hf_rope_forward(k, m_.num_kv_heads, sv.cos_k, sv.sin_k);
+    T qe = hf_rope_forward(q, m_.num_heads, sv.cos_q, sv.sin_q, sv.cos_q2, sv.sin_q2);
+    T ke = hf_rope_forward(k, m_.num_kv_heads, sv.cos_k, sv.sin_k, sv.cos_k2, sv.sin_k2);
     drop(q), drop(k);  // query_states, key_states = the rotated ones
     if (s_.attention == Attention::Eager) {
         hf_eager_forward(sv, qe, ke, v, attn_out, weights);
@@ -620,8 +699,8 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
     at("attn.rope");  // k's products ran after q's in forward: their backward runs first
     const bool fused = m_.fused_projections();
     T k_pass, q_pass;
-    T gk = hf_rope_backward(dk, m_.num_kv_heads, sv.cos_k, sv.sin_k, fused ? &k_pass : nullptr);
-    T gq = hf_rope_backward(dq, m_.num_heads, sv.cos_q, sv.sin_q, fused ? &q_pass : nullptr);
+    T gk = hf_rope_backward(dk, m_.num_kv_heads, sv.cos_k, sv.sin_k, sv.cos_k2, sv.sin_k2, fused ? &k_pass : nullptr);
+    T gq = hf_rope_backward(dq, m_.num_heads, sv.cos_q, sv.sin_q, sv.cos_q2, sv.sin_q2, fused ? &q_pass : nullptr);
     // Head norms that ran after all three projections: their backward runs before any of them.
     const bool norms_last = m_.qk_norms_after_projections();
     auto norm_backward = [&](int norm, HfNorm& n, T g, std::int64_t heads) {
@@ -771,7 +850,7 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     // the rotated q and k that keep it, nor v, nor one KV head expanded to all heads (a zero stride);
     // Phi-3's rotated q and k are new [B, H, S, D] tensors.
     const bool fold_copies = s_.micro_batch > 1;
-    const bool rotated_contiguous = m_.rotary_concatenates();
+    const bool rotated_contiguous = m_.rotary_concatenates() || m_.rotary_half_tables();
     const bool expanded = m_.num_kv_heads == 1 && m_.num_heads > 1;
     // Under autocast the rotated q and k are fp32 (and k's repeats): matmul's autocast casts them
     // (k first: the arguments last first) and the GEMM saves the copies; the fp32 mask makes the
@@ -806,13 +885,33 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
         scaled = softcap_forward(scaled, bf16(rows, cols), {"scores_div", "scores_tanh", "scores_capped"}, sv.scores_tanh);
     T masked = act("scores_masked", elems(rows, cols, qb), false);
     drop(scaled);
-    T up = amp_ ? T{} : act("scores_fp32", f32(rows, cols), false);
-    T p32 = act("probs_fp32", f32(rows, cols), false);
-    sv.probs32 = saved(p32);
-    drop(up);
-    T p = amp_ ? hold(p32) : act("probs", bf16(rows, cols), false);
-    drop(p32), drop(masked);  // attn_weights = the probabilities
-    T pc = amp_ ? act("probs_bf16", bf16(rows, cols), false) : hold(p);  // autocast's, before matmul's copy of v
+    T p, pc, shifted, probs;
+    if (m_.attention_sinks) {
+        // gpt-oss: cat([scores, sinks], -1) [.., S + 1]; minus each row's maximum; softmax in that
+        // dtype (saved); the sink column sliced off (a view) and .to(v's dtype): a bf16 copy under
+        // autocast, which is the attn_weights P @ v reads and the attention returns.
+        const bytes_t wide = elems(rows, checked_mul(s_.seq_len, s_.seq_len + 1), qb);
+        T joined = act("scores_sinks", wide, false);
+        T mx = act("row_max", elems(rows, s_.seq_len, qb), false);
+        T mi = act("row_max_index", elems(rows, s_.seq_len, 8), false);
+        sv.max_idx = saved(mi);
+        drop(mi);  // of max's (values, indices), the expression keeps the values
+        shifted = act("scores_shifted", wide, false);
+        drop(mx), drop(joined);  // combined_logits rebinds
+        probs = act("probs_sinks", wide, false);
+        sv.probs32 = saved(probs);
+        p = amp_ ? act("probs_bf16", bf16(rows, cols), false) : hold(probs);
+        drop(masked);  // attn_weights rebinds
+        pc = hold(p);
+    } else {
+        T up = amp_ ? T{} : act("scores_fp32", f32(rows, cols), false);
+        T p32 = act("probs_fp32", f32(rows, cols), false);
+        sv.probs32 = saved(p32);
+        drop(up);
+        p = amp_ ? hold(p32) : act("probs", bf16(rows, cols), false);
+        drop(p32), drop(masked);  // attn_weights = the probabilities
+        pc = amp_ ? act("probs_bf16", bf16(rows, cols), false) : hold(p);  // autocast's, before matmul's copy of v
+    }
     if (!repeat_copies) v_rep = fold_copies ? act("v_rep", bf16(tokens_, qd), false) : hold(v);
     T ob = act("pv", bf16(tokens_, qd), false);
     sv.probs = saved(pc), sv.v_rep = saved(v_rep);
@@ -821,6 +920,7 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     T o = act("o", bf16(tokens_, qd), false);  // transpose(1, 2).contiguous()
     drop(ob);
     drop(k_rep), drop(v_rep);  // eager_attention_forward returns (the probabilities with the output)
+    drop(shifted), drop(probs);
     weights = p;
     at("attn.o_proj");
     hf_linear_weights(lp.o, lp.o_bias);
@@ -843,12 +943,17 @@ void StepBuilder::hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
     T gv = alloc("d_v_rep", bf16(tokens_, qd), Category::Transient);  // BmmBackward0 (P @ v)
     T gp = alloc("d_probs", bf16(rows, cols), Category::Transient);
     node_end({&sv.v_rep, &sv.probs}, &d_o);
-    T g32 = alloc("d_probs_fp32", f32(rows, cols), Category::Transient);  // ToCopyBackward0
-    node_end({}, &gp);
-    T gs = alloc("d_scores_fp32", f32(rows, cols), Category::Transient);  // SoftmaxBackward0
-    node_end({&sv.probs32}, &g32);
-    T gb = alloc("d_scores_masked", bf16(rows, cols), Category::Transient);  // ToCopyBackward0
-    node_end({}, &gs);
+    T gb;
+    if (m_.attention_sinks) {
+        gb = hf_sinks_backward(sv, gp);
+    } else {
+        T g32 = alloc("d_probs_fp32", f32(rows, cols), Category::Transient);  // ToCopyBackward0
+        node_end({}, &gp);
+        T gs = alloc("d_scores_fp32", f32(rows, cols), Category::Transient);  // SoftmaxBackward0
+        node_end({&sv.probs32}, &g32);
+        gb = alloc("d_scores_masked", bf16(rows, cols), Category::Transient);  // ToCopyBackward0
+        node_end({}, &gs);
+    }
     if (m_.attn_logit_softcapping)
         gb = softcap_backward(gb, bf16(rows, cols), {"d_scores_capped", "d_scores_tanh", "d_scores_div"}, sv.scores_tanh);
     T gm = alloc("d_scores", bf16(rows, cols), Category::Transient);  // MulBackward0 (the scaling)
@@ -866,6 +971,41 @@ void StepBuilder::hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
     } else {
         dv = gv, dk = gk;
     }
+}
+
+// gpt-oss's sink softmax backward from the gradient of attn_weights (consumed) to the masked
+// scores' bf16 gradient. Nodes run last made first: the .to copy's (autocast), the slice's (zeros of
+// [.., S + 1] with it copied in), softmax's; then the subtraction passes that on and sends the max its
+// negation, summed to [.., 1]; the max scatters it where each row's maximum is, and the sum is added
+// in place. CatBackward0 hands views of it on: the sinks' share (expanded from [H]) is summed to
+// their gradient, the scores' share reaches the mask's add, which under autocast casts it to bf16.
+T StepBuilder::hf_sinks_backward(HfLayer& sv, T gp) {
+    const std::int64_t S = s_.seq_len, rows = s_.micro_batch * (m_.num_heads / s_.sp), cols = checked_mul(S, S);
+    const int qb = amp_ ? 4 : 2;
+    const bytes_t wide = elems(rows, checked_mul(S, S + 1), qb);
+    if (amp_) {  // ToCopyBackward0 of .to(v's dtype)
+        T g32 = alloc("d_probs_fp32", f32(rows, cols), Category::Transient);
+        node_end({}, &gp);
+        gp = g32;
+    }
+    T gw = alloc("d_probs_sinks", wide, Category::Transient);  // SliceBackward0
+    node_end({}, &gp);
+    T gs = alloc("d_scores_shifted", wide, Category::Transient);  // SoftmaxBackward0
+    node_end({&sv.probs32}, &gw);
+    T neg = alloc("d_row_max_full", wide, Category::Transient);  // SubBackward0: the max's share, reduced
+    T gmax = alloc("d_row_max", elems(rows, S, qb), Category::Transient);
+    drop(neg);
+    T zeros = alloc("zeros", wide, Category::Transient);  // MaxBackward0
+    T scattered = alloc("d_row_max_scattered", wide, Category::Transient);
+    drop(zeros);
+    node_end({&sv.max_idx}, &gmax);
+    accumulate(gs, scattered, false);
+    const int sinks = layer_params_[static_cast<std::size_t>(layer_)].sinks;
+    add_grad(sinks, grad_out(sinks), true, true);  // ExpandBackward0's sum, seen as [H]
+    if (!amp_) return gs;
+    T gb = alloc("d_scores_masked", bf16(rows, cols), Category::Transient);
+    node_end({}, &gs);
+    return gb;
 }
 
 // LlamaDecoderLayer.forward on x [T, d] (borrowed: the model's loop variable holds it):
@@ -895,6 +1035,11 @@ T StepBuilder::hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last
     at("mlp.norm");
     T h2 = hf_norm_forward(lp.norm2, x2, sv.hf.n2);
     T y2 = hf_mlp_forward(lp, h2, sv.hf, stop_after_last_save && !gemma);
+    if (m_.moe && m_.moe->gpt_oss && y2.valid()) {  // `hidden_states, _ = self.mlp(...)`: both rebind
+        drop(h2);
+        drop(weights);
+        weights = std::exchange(hf_mlp_aux_, T{});
+    }
     auto stopped = [&](T& out) {  // the frames' locals go when checkpointing has caught the stop
         if (out.valid()) return false;
         hf_recomputation_stopped();

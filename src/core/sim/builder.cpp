@@ -111,9 +111,12 @@ void StepBuilder::build_params() {
         if (m_.gemma()) lp.post_attn_norm = add("post_attention_norm", l, d);
         lp.norm2 = add(m_.gemma() ? "pre_feedforward_norm" : "post_attention_norm", l, d);
         if (m_.gemma()) lp.post_ff_norm = add("post_feedforward_norm", l, d);
+        if (m_.attention_sinks) lp.sinks = add("sinks", l, m_.num_heads);
         if (m_.moe) {  // one parameter per projection for all experts (transformers fuses gate and up)
             const std::int64_t E = m_.moe->experts, Ie = m_.moe->intermediate;
+            const bool biases = m_.moe->gpt_oss;  // (gpt-oss runs in the hf runtime only)
             lp.router = add("router", l, E * d);
+            if (biases) lp.router_bias = add("router.bias", l, E);
             if (hf_) {
                 lp.gate = add("experts.gate_up_proj", l, E * 2 * Ie * d);
                 lp.up = -1;
@@ -121,7 +124,9 @@ void StepBuilder::build_params() {
                 lp.gate = add("experts.gate_proj", l, E * Ie * d);
                 lp.up = add("experts.up_proj", l, E * Ie * d);
             }
+            if (biases) lp.gate_bias = add("experts.gate_up_proj_bias", l, E * 2 * Ie);
             lp.down = add("experts.down_proj", l, E * d * Ie);
+            if (biases) lp.down_bias = add("experts.down_proj_bias", l, E * d);
             layer_params_.push_back(lp);
             continue;
         }
@@ -154,8 +159,10 @@ void StepBuilder::build_params() {
         }
         if (m_.moe) {  // the attention's, the block's (router and experts in its registration order), the norms
             const bool router_first = m_.moe->router_first;
-            for (int p : {lp.q, lp.q_bias, lp.k, lp.k_bias, lp.v, lp.v_bias, lp.o, lp.o_bias, lp.q_norm, lp.k_norm,
-                          router_first ? lp.router : -1, lp.gate, lp.down, router_first ? -1 : lp.router, lp.norm1, lp.norm2})
+            // (gpt-oss: the attention's own sinks before its projections; each bias after its weight)
+            for (int p : {lp.sinks, lp.q, lp.q_bias, lp.k, lp.k_bias, lp.v, lp.v_bias, lp.o, lp.o_bias, lp.q_norm, lp.k_norm,
+                          router_first ? lp.router : -1, router_first ? lp.router_bias : -1, lp.gate, lp.gate_bias, lp.down,
+                          lp.down_bias, router_first ? -1 : lp.router, lp.norm1, lp.norm2})
                 if (p >= 0) order_.push_back(p);
             continue;
         }
@@ -453,9 +460,12 @@ void StepBuilder::buffer_add(GradBuffer& b, T g, bool view) {
 }
 
 void StepBuilder::add_grad(int p, T g, bool view, bool last) {
+    buffer_add(params_[static_cast<std::size_t>(p)].pending, g, view);
+    if (last) accumulate_grad_run(p);
+}
+
+void StepBuilder::accumulate_grad_run(int p) {
     Param& P = params_[static_cast<std::size_t>(p)];
-    buffer_add(P.pending, g, view);
-    if (!last) return;
     T buffer = std::exchange(P.pending.sum, T{});
     if (!P.grad.valid()) {  // AccumulateGrad steals it
         P.grad = buffer;

@@ -59,6 +59,8 @@ struct LayerParams {
     int q_bias = -1, k_bias = -1, v_bias = -1, o_bias = -1;  // hf: biases are parameters of their own
     int q_norm = -1, k_norm = -1;                             // Qwen3: RMSNorm over each head's head_dim
     int router = -1;  // MoE: the router's [E, d]; `gate` is then the experts' gate_up_proj, `down` their down_proj
+    int sinks = -1;   // gpt-oss: the attention's per-head sink logits [heads]
+    int router_bias = -1, gate_bias = -1, down_bias = -1;  // gpt-oss: the router's [E], the experts' [E, 2I] and [E, d]
 };
 
 // hf runtime: what autograd and Python hold for one Hugging Face RMSNorm, one handle per
@@ -85,7 +87,7 @@ struct HfMlpChunk {
 // transformers' grouped_mm experts path; S = n x top_k token-expert pairs. One handle per holder.
 struct HfMoe {
     T x_router;                  // the block input, saved by the router's linear
-    T probs;                     // softmax of the fp32 logits [n, E], saved by softmax
+    T probs;                     // softmax of the fp32 logits [n, E] (gpt-oss: of the top-k [n, k]), saved by softmax
     T top_idx;                   // topk's indices [n, k] i64, saved by topk
     T norm_sum, norm_self;       // the in-place normalisation: divisor [n, 1] and the dividend's clone [n, k]
     T perm;                      // sort's permutation [S] i64, saved by the routing weights' gather
@@ -98,6 +100,11 @@ struct HfMoe {
     T prod;                      // act(gate) * up [S, I], saved by down's grouped_mm
     T down_out;                  // down's output [S, d], saved by the weighting product
     T inv_perm;                  // the inverse permutation [S] i64, saved by the restoring gather
+    // gpt-oss: the sorted expert ids [S] i64, saved by both bias gathers; its activation's saves:
+    // clamp(gate) by the product with the sigmoid, sigmoid(alpha g) by itself and by that product,
+    // whose result glu and up + 1 by theirs (prod).
+    T ids_up, ids_down;
+    T gate_c, sig, sig_mul, glu, up1;
     std::int64_t tokens = 0;
 };
 
@@ -106,9 +113,11 @@ struct HfLayer {
     HfNorm n1, n2, n_pa, n_pf;  // the input and pre-MLP norms; Gemma-2's post-attention and post-MLP ones
     T h1_q, h1_k, h1_v;                        // the attention input, saved by q, k, v projections
     T cos_q, sin_q, cos_k, sin_k;              // the rotary tables, saved by RoPE's muls
+    T cos_q2, sin_q2, cos_k2, sin_k2;          // gpt-oss: each table's second product
     T q_fa, k_fa, v_fa, o_fa, lse_fa, rng_fa;  // saved by flash-attn's FlashAttnFunc
     T q_bmm, k_rep, v_rep, probs32, probs;     // eager: saved by the two batched GEMMs and the softmax
     T scores_tanh;                             // eager Gemma-2: the soft-capping's tanh, saved by it
+    T max_idx;                                 // eager gpt-oss: where each row's maximum is, saved by max
     T o_oproj;                                 // its output, saved by o_proj
     std::vector<HfMlpChunk> mlp;
     std::vector<HfMoe> moe;                    // MoE models: one per chunk
@@ -166,17 +175,21 @@ struct PeakLimits {
 };
 struct OverBudget {};
 
-// A non-owning reference to a callable void(int param, T gradient): where an op rule hands each
-// weight's gradient (AccumulateGrad, or a nested torch.autograd.grad's outputs).
+// A non-owning reference to a callable void(int param, T gradient, bool run): where an op rule
+// hands each weight's gradient (AccumulateGrad, or a nested torch.autograd.grad's outputs). The
+// gradient reaches the node's buffer; with `run` the node then runs if it was the last one it waits
+// for. A node whose outputs reach their buffers before the node runs passes run = false, then
+// calls run(p) (an invalid gradient: nothing more arrives).
 class WeightGradRef {
 public:
     template <class F>
-    WeightGradRef(F& f) : obj_(&f), call_([](void* o, int p, T g) { (*static_cast<F*>(o))(p, g); }) {}
-    void operator()(int p, T g) const { call_(obj_, p, g); }
+    WeightGradRef(F& f) : obj_(&f), call_([](void* o, int p, T g, bool run) { (*static_cast<F*>(o))(p, g, run); }) {}
+    void operator()(int p, T g, bool run = true) const { call_(obj_, p, g, run); }
+    void run(int p) const { call_(obj_, p, T{}, true); }
 
 private:
     void* obj_;
-    void (*call_)(void*, int, T);
+    void (*call_)(void*, int, T, bool);
 };
 
 // A GPU allocation or free of a peaks-only run, as the caching-allocator model replays it
@@ -212,6 +225,10 @@ struct PeakScratch {
 // torch DDP's bucket assignment (ddp.cpp): the bytes of each bucket, for gradients of these bytes
 // in the order they become ready.
 std::vector<bytes_t> ddp_bucket_bytes(std::span<const bytes_t> grad_bytes, bytes_t first_limit, bytes_t limit);
+
+// The order in which autograd's engine runs `count` AccumulateGrad nodes made ready together by one
+// node (mlp.cpp).
+std::vector<std::size_t> ready_queue_order(std::size_t count);
 
 // How a peaks-only StepBuilder runs.
 struct PeakRun {
@@ -508,10 +525,11 @@ private:
     T hf_addmm_node_end(int w, int b, std::initializer_list<T*> saved, T* grad_in);
     void hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T& weights);
     void hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv);
+    T hf_sinks_backward(HfLayer& sv, T gp);  // gpt-oss: attn_weights' gradient (consumed) -> the masked scores
     // Under autocast Qwen3's head norms leave q and k fp32 (their fp32 weight times the bf16 value).
     bool hf_fp32_heads() const { return amp_ && m_.qk_norm && !m_.gemma(); }
-    T hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_saved);
-    T hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_saved, T* pass = nullptr);
+    T hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_saved, T& cos2, T& sin2);
+    T hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_saved, T& cos2, T& sin2, T* pass = nullptr);
     T hf_rope_slices_backward(T pass, T rotated, std::int64_t heads);  // Phi-3's partial rotary
     void hf_packed_check();  // flash_attention_2's per-layer packed-sequence check (a single row)
     void hf_flash_forward(HfLayer& sv, T qe, T ke, T v, T& out);
@@ -525,6 +543,9 @@ private:
     T hf_block_chunk_forward(const LayerParams& lp, T x, std::int64_t n, HfMlpChunk* c, HfMoe* e, bool stop_after_last_save,
                              std::span<T> earlier);
     std::vector<T> hf_chunk_outputs_;  // hf_mlp_forward's list of chunk outputs (kept: no allocation per layer)
+    // What the MLP block returns besides its output, which the decoder layer's `_` holds until it
+    // returns (gpt-oss's router scores, unchunked; python/mst_hf's chunk loops drop each chunk's).
+    T hf_mlp_aux_;
     // A Mixture-of-Experts block on n tokens of x (moe.cpp): returns its output [n, d] (invalid
     // when a checkpoint's recomputation stops at the block's last save; `earlier`: the outputs of
     // the chunks before this one, which the loop's list holds until then).
@@ -537,6 +558,7 @@ private:
     // gradient goes to weight_grad(param, grad) as its node finishes (as hf_mlp_chunk_backward's).
     // last_use: as hf_mlp_chunk_backward's (the router's autocast copy is shared by the chunks).
     T hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, bool last_use, WeightGradRef weight_grad);
+    T hf_gpt_oss_gate_backward(HfMoe& c, T gprod, std::int64_t S);  // the activation's: d(gated) -> d(gate_up)
     void hf_model_tensors();            // position ids, the packed-sequence check, rotary tables
     T hf_eager_mask(bool sliding);      // masking_utils' additive mask for eager attention
     void hf_head_forward(T x_last, HeadSaved& hs);
@@ -597,6 +619,7 @@ private:
     // transpose of its GEMM's output, a view); the last one (`last`) lets the node run: it makes
     // the buffer p's .grad (or adds it into .grad in place) and runs p's hooks.
     void add_grad(int p, T g, bool view, bool last);
+    void accumulate_grad_run(int p);  // p's AccumulateGrad node runs on its buffer (add_grad's last)
     void hf_classify();                 // saved vs transient activations, by what outlived its phase
     // DistributedDataParallel's gradient buckets (ddp.cpp), allocated with the persistent state.
     void hf_ddp_buckets();

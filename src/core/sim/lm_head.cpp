@@ -226,7 +226,13 @@ void StepBuilder::hf_model_tensors() {
     const bool sliding_mask = any_sliding || m_.family == Family::Gemma3;
     for (const bool sliding : {false, true}) {
         if (sliding ? !sliding_mask : !full) continue;
-        at("model.packed_check");  // find_packed_sequence_indices on [B, S] positions
+        // find_packed_sequence_indices on [B, S] positions (gpt-oss passes no position ids to its
+        // mask functions: none)
+        if (m_.family == Family::GptOss) {
+            if (s_.attention == Attention::Eager) hf_masks_[sliding ? 1 : 0] = hf_eager_mask(sliding);
+            continue;
+        }
+        at("model.packed_check");
         T first = act("first_minus_1", elems(B, 1, 8), false);
         T prepended = act("prepended", elems(B, S + 1, 8), false);
         T diff = act("diff", elems(B, S, 8), false);
@@ -255,20 +261,22 @@ void StepBuilder::hf_model_tensors() {
         T pos = act("positions_fp32", elems(S, 1, 4), false);
         T freqs = act("freqs", f32(S, D / 2), false);
         drop(pos);
-        T emb = act("emb", f32(S, D), false);
-        T c = act("cos_fp32", f32(S, D), false);
-        T cs = act("cos_scaled", f32(S, D), false);
+        // emb = cat(freqs, freqs) [S, D]; gpt-oss's tables keep each frequency once: emb = freqs.
+        const std::int64_t W = m_.rotary_half_tables() ? D / 2 : D;
+        T emb = m_.rotary_half_tables() ? T{} : act("emb", f32(S, D), false);
+        T c = act("cos_fp32", f32(S, W), false);
+        T cs = act("cos_scaled", f32(S, W), false);
         drop(c);
-        T sn = act("sin_fp32", f32(S, D), false);
-        T ss = act("sin_scaled", f32(S, D), false);
+        T sn = act("sin_fp32", f32(S, W), false);
+        T ss = act("sin_scaled", f32(S, W), false);
         drop(sn);
         if (amp_) {  // .to(x.dtype) of the fp32 hidden states: the scaled tables themselves
             hf_rope_[table].cos = cs, hf_rope_[table].sin = ss;
             drop(freqs), drop(emb);
             continue;
         }
-        hf_rope_[table].cos = act("cos", bf16(S, D), false);
-        hf_rope_[table].sin = act("sin", bf16(S, D), false);
+        hf_rope_[table].cos = act("cos", bf16(S, W), false);
+        hf_rope_[table].sin = act("sin", bf16(S, W), false);
         drop(freqs), drop(emb), drop(cs), drop(ss);
     }
 }
@@ -331,6 +339,10 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
     if (m_.family == Family::Qwen2 || m_.family == Family::Qwen3 || m_.gemma()) {
         for (T& mask : hf_masks_) drop(mask);
         drop(hf_embeddings_), drop(hf_positions_);
+    } else if (m_.family == Family::GptOss) {  // its mask_kwargs hold the embeddings only
+        drop(hf_positions_);
+        for (T& mask : hf_masks_) drop(mask);
+        drop(hf_embeddings_);
     } else {
         drop(hf_positions_), drop(hf_embeddings_);
         for (T& mask : hf_masks_) drop(mask);

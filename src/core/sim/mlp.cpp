@@ -272,7 +272,10 @@ T StepBuilder::hf_block_chunk_forward(const LayerParams& lp, T x, std::int64_t n
                                       bool stop_after_last_save, std::span<T> earlier) {
     if (m_.moe) {
         HfMoe unsaved;
-        return hf_moe_forward(lp, x, n, e ? *e : unsaved, stop_after_last_save, earlier);
+        T y = hf_moe_forward(lp, x, n, e ? *e : unsaved, stop_after_last_save, earlier);
+        // python/mst_hf's chunk loops keep a block's output only (gpt-oss's tuple dies at once)
+        if (s_.mlp_chunks > 1) drop(hf_mlp_aux_);
+        return y;
     }
     HfMlpChunk unsaved;
     HfMlpChunk& chunk = c ? *c : unsaved;
@@ -361,7 +364,14 @@ T StepBuilder::hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     for (std::size_t i = chunks; i-- > 0;) {
         const bool last = i == 0;  // the chunk whose weight gradients let AccumulateGrad run
         // (a gradient through an autocast copy's node is fp32, not a view of a GEMM's output)
-        auto accumulate_grad = [&](int p, T g) { add_grad(p, g, !params_[static_cast<std::size_t>(p)].cast, last); };
+        // (gpt-oss's experts' weights are used as they are stored, not transposed: their gradients
+        // and the bias gathers' are tensors of their own; the router's are views: its weight's a
+        // transpose, its bias's the [1, E] sum seen as [E])
+        auto accumulate_grad = [&](int p, T g, bool run) {
+            const bool own = m_.moe && m_.moe->gpt_oss && p != lp.router && p != lp.router_bias;
+            if (g.valid()) add_grad(p, g, !params_[static_cast<std::size_t>(p)].cast && !own, false);
+            if (run && last) accumulate_grad_run(p);
+        };
         T dxc = m_.moe ? hf_moe_backward(lp, sv.moe[i], views[i], last, accumulate_grad)
                        : hf_mlp_chunk_backward(lp, sv.mlp[i], views[i], !chunked, last, accumulate_grad);
         if (!chunked) {
@@ -394,12 +404,14 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     const bool checkpointed = std::exchange(recomputed_, false);  // the nested graph's tensors are its own
     // The MLP's parameters in their order (gate, up, down; Phi-3: gate_up, down): torch.autograd.grad's
     // outputs after the input's, and the node's.
-    std::array<int, 3> params{};
+    // (gpt-oss: router, its bias, gate_up, its bias, down, its bias)
+    std::array<int, 6> params{};
     std::size_t count = 0;
     const bool router_first = m_.moe && m_.moe->router_first, router_last = m_.moe && !m_.moe->router_first;
-    for (int p : {router_first ? lp.router : -1, lp.gate, lp.up, lp.down, router_last ? lp.router : -1})
+    for (int p : {router_first ? lp.router : -1, router_first ? lp.router_bias : -1, lp.gate, lp.gate_bias, lp.up, lp.down,
+                  lp.down_bias, router_last ? lp.router : -1})
         if (p >= 0) params[count++] = p;
-    std::array<T, 3> sums;
+    std::array<T, 6> sums;
     T loop_var;  // `g` of the last `for i, g in enumerate(grads)`
     bool first = true;
     const std::vector<std::int64_t> sizes = chunk_sizes(tokens_, s_.mlp_chunks);
@@ -419,8 +431,9 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
         clear_autocast_cache();  // the chunk's autocast region ends
         phase_ = Phase::Backward;
         T dyc = hold(dy);  // dy[chunk], a view
-        std::array<T, 3> grads;
-        auto grad_of = [&](int p, T g) {
+        std::array<T, 6> grads;
+        auto grad_of = [&](int p, T g, bool) {
+            if (!g.valid()) return;
             grads[static_cast<std::size_t>(std::find(params.begin(), params.begin() + count, p) - params.begin())] = g;
         };
         T dxc = m_.moe ? hf_moe_backward(lp, e, dyc, true, grad_of) : hf_mlp_chunk_backward(lp, c, dyc, false, true, grad_of);
@@ -443,9 +456,34 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     if (checkpointed) drop(sv.x_tiled);
     drop(loop_var);
     node_end({&sv.x_tiled}, &dy);
-    // the node's outputs: dx, then the weights' gradients in the parameters' order
-    for (std::size_t i = 0; i < count; ++i) add_grad(params[i], sums[i], true, true);
+    // the node's outputs: dx, then the weights' gradients; their AccumulateGrad nodes run in the
+    // engine's ready-queue order
+    for (std::size_t i : ready_queue_order(count)) add_grad(params[i], sums[i], true, true);
     return dx;
+}
+
+// torch's autograd engine pops ready nodes from a std::priority_queue by sequence number; every
+// AccumulateGrad node has the largest, so among them the order is the heap's (libstdc++'s
+// push_heap / pop_heap), as pushed after the node's input gradient's next node (a lower number).
+// Three come out in push order; six (gpt-oss's MLP parameters) as 0, 1, 4, 5, 3, 2.
+std::vector<std::size_t> ready_queue_order(std::size_t count) {
+    struct Item {
+        bool accumulate;
+        std::size_t index;
+    };
+    const auto less = [](const Item& a, const Item& b) { return !a.accumulate && b.accumulate; };
+    std::vector<Item> heap{{false, 0}};
+    for (std::size_t i = 0; i < count; ++i) {
+        heap.push_back({true, i});
+        std::push_heap(heap.begin(), heap.end(), less);
+    }
+    std::vector<std::size_t> order;
+    while (!heap.empty()) {
+        std::pop_heap(heap.begin(), heap.end(), less);
+        if (heap.back().accumulate) order.push_back(heap.back().index);
+        heap.pop_back();
+    }
+    return order;
 }
 
 }  // namespace mst::sim

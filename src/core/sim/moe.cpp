@@ -1,7 +1,7 @@
-// Memory rules of a Mixture-of-Experts block (Mixtral, Qwen3-MoE) in both runtimes; the MLP's chunk
-// loops (mlp.cpp) call them per mini-sequence.
+// Memory rules of a Mixture-of-Experts block (Mixtral, Qwen3-MoE; gpt-oss in the hf runtime) in both
+// runtimes; the MLP's chunk loops (mlp.cpp) call them per mini-sequence.
 //
-// ---- hf runtime: MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock ----
+// ---- hf runtime: MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, GptOssMLP ----
 //
 // transformers 5's default experts path (integrations/moe.py, grouped_mm_experts_forward) on n
 // tokens x [n, d], with E experts of intermediate size I, top_k = k and S = n k token-expert pairs:
@@ -13,6 +13,12 @@
 //            gate_up = grouped_mm(xs, W_gu) [S, 2I]; m = silu(gate) * up [S, I];
 //            o = grouped_mm(m, W_d) [S, d]; wo = o * ws[:, None] [S, d] (fp32 for Mixtral's fp32 w);
 //            inv_perm [S] i64; y = wo[inv_perm].view(n, k, d).sum(1) [n, d], cast back to bf16.
+// gpt-oss (GptOssMLP, its experts is_transposed with biases) differs in three places, a policy of
+// each rule (MoeSpec::gpt_oss): its router is a biased linear whose top-k logits get a bf16 softmax
+// [n, k] (no fp32 probabilities over all experts); each projection's bias rows are gathered per
+// pair by the sorted expert ids ([S, 2I] and [S, d]) and added in place; its activation clamps the
+// interleaved gate and up views and saves five [S, I] tensors (clamped gate, sigmoid, glu, up + 1,
+// their product). Its block returns the router's weights with its output.
 // Every size is fixed by n, k and E: none depends on how the tokens are routed, which is what
 // lets the referee run it on fake tensors and the simulator predict it exactly.
 //
@@ -142,35 +148,47 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
     c.tokens = n;
 
     at("moe.router");
-    T in = hf_linear_input(lp.router, -1, x, n, d);
+    T in = hf_linear_input(lp.router, lp.router_bias, x, n, d);
     T logits = act("router_logits", bf16(n, E), false);  // the block's `_` until it returns
     c.x_router = saved(in);
     drop(in);
-    T logits32 = act("router_logits_fp32", f32(n, E), false);
-    T probs = act("router_probs", f32(n, E), false);
-    c.probs = saved(probs);
-    drop(logits32);
-    T weights = act("top_k_weights", f32(n, k), false);
-    T index = act("top_k_index", elems(n, k, 8), false);
-    c.top_idx = saved(index);
-    if (e.normalize_top_k) {  // w /= w.sum(-1, keepdim=True): div_ saves the divisor and a copy of w
-        T sum = act("top_k_sum", f32(n, 1), false);
-        c.norm_sum = saved(sum);
-        // The node's copy of w, held by it alone: made whenever autograd records (in a checkpoint's
-        // first forward its pack hook lets go of it at once), not under no_grad (tiled experts).
-        if (graph_) {
-            T clone = act("top_k_weights_clone", f32(n, k), false);
-            if (grad_) c.norm_self = clone;
-            else drop(clone);
+    T weights, index;
+    if (e.gpt_oss) {
+        // GptOssTopKRouter: top-k of the bf16 logits (topk saves the indices), softmax over those k in
+        // their dtype (saved): the routing weights.
+        T top = act("top_k_logits", bf16(n, k), false);
+        index = act("top_k_index", elems(n, k, 8), false);
+        c.top_idx = saved(index);
+        weights = act("top_k_weights", bf16(n, k), false);
+        c.probs = saved(weights);
+        drop(top);
+    } else {
+        T logits32 = act("router_logits_fp32", f32(n, E), false);
+        T probs = act("router_probs", f32(n, E), false);
+        c.probs = saved(probs);
+        drop(logits32);
+        weights = act("top_k_weights", f32(n, k), false);
+        index = act("top_k_index", elems(n, k, 8), false);
+        c.top_idx = saved(index);
+        if (e.normalize_top_k) {  // w /= w.sum(-1, keepdim=True): div_ saves the divisor and a copy of w
+            T sum = act("top_k_sum", f32(n, 1), false);
+            c.norm_sum = saved(sum);
+            // The node's copy of w, held by it alone: made whenever autograd records (in a checkpoint's
+            // first forward its pack hook lets go of it at once), not under no_grad (tiled experts).
+            if (graph_) {
+                T clone = act("top_k_weights_clone", f32(n, k), false);
+                if (grad_) c.norm_self = clone;
+                else drop(clone);
+            }
+            drop(sum);
         }
-        drop(sum);
+        if (!e.fp32_routing_weights) {  // Qwen3-MoE: router_top_value.to(router_logits.dtype) rebinds
+            T cast = act("top_k_weights_bf16", bf16(n, k), false);
+            drop(weights);
+            weights = cast;
+        }
+        drop(probs);  // the router returns (logits, weights, index)
     }
-    if (!e.fp32_routing_weights) {  // Qwen3-MoE: router_top_value.to(router_logits.dtype) rebinds
-        T cast = act("top_k_weights_bf16", bf16(n, k), false);
-        drop(weights);
-        weights = cast;
-    }
-    drop(probs);  // the router returns (logits, weights, index)
 
     at("moe.experts");
     T ids_sorted = act("expert_ids_sorted", elems(S, 1, 8), false);
@@ -184,16 +202,49 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
     T hist_in = act("histc_input", elems(S, 1, 4), false);  // expert ids as f32 (CPU) or i32 (CUDA)
     T hist = act("tokens_per_expert", elems(E, 1, 4), false);
     T offsets = act("offsets", elems(E, 1, 4), false);
+    // gpt-oss: each projection's bias rows for the sorted pairs, gathered by the sorted expert ids
+    // (saved) and added to the GEMM's output in place.
+    T bias_rows = e.gpt_oss ? act("gate_up_bias_rows", elems(S, 2 * I, xb), false) : T{};
+    if (e.gpt_oss) c.ids_up = saved(ids_sorted);
     c.x_sorted = saved(xs), c.offs_up = saved(offsets);
     T gate_up = act("gate_up", elems(S, 2 * I, xb), false);
-    at("moe.act");  // _apply_gate: gate, up = gate_up.chunk(2); act(gate) * up
-    T s = act("silu", elems(S, I, xb), false);
-    c.gate_view = saved(gate_up);
-    T prod = act("act_mul", elems(S, I, xb), false);
-    c.up_view = saved(gate_up), c.s = saved(s);
-    drop(s);        // act(gate), a temporary of the product
+    at("moe.act");
+    T prod;
+    if (e.gpt_oss) {
+        // GptOssExperts._apply_gate: gate, up = gate_up[..., ::2], gate_up[..., 1::2] (views; each
+        // clamp saves its input); g = gate.clamp(max=l); u = up.clamp(-l, l); glu = g * sigmoid(g * alpha);
+        // (u + 1) * glu. u dies at return (the others are saved).
+        T g = act("gate_clamped", elems(S, I, xb), false);
+        c.gate_view = saved(gate_up);
+        T u = act("up_clamped", elems(S, I, xb), false);
+        c.up_view = saved(gate_up);
+        T ga = act("gate_alpha", elems(S, I, xb), false);
+        T sig = act("sigmoid", elems(S, I, xb), false);
+        c.sig = saved(sig);
+        drop(ga);
+        T glu = act("glu", elems(S, I, xb), false);
+        c.sig_mul = saved(sig), c.gate_c = saved(g);
+        drop(sig);
+        T up1 = act("up_plus_1", elems(S, I, xb), false);
+        prod = act("gated", elems(S, I, xb), false);
+        c.glu = saved(glu), c.up1 = saved(up1);
+        drop(up1);
+        drop(g), drop(u), drop(glu);  // the locals, at return
+    } else {  // _apply_gate: gate, up = gate_up.chunk(2); act(gate) * up
+        T s = act("silu", elems(S, I, xb), false);
+        c.gate_view = saved(gate_up);
+        prod = act("act_mul", elems(S, I, xb), false);
+        c.up_view = saved(gate_up), c.s = saved(s);
+        drop(s);  // act(gate), a temporary of the product
+    }
     drop(gate_up);  // proj_out rebinds
     at("moe.experts");
+    if (e.gpt_oss) {
+        T down_rows = act("down_bias_rows", elems(S, d, xb), false);
+        c.ids_down = saved(ids_sorted);
+        drop(bias_rows);  // selected_biases rebinds
+        bias_rows = down_rows;
+    }
     c.prod = saved(prod), c.offs_down = saved(offsets);
     T down = act("down_out", elems(S, d, xb), false);
     drop(prod);  // proj_out rebinds
@@ -203,9 +254,12 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
     T arange = act("arange", elems(S, 1, 8), false);  // inv_perm[perm] = arange, in place
     drop(arange);
     // Unwinding the experts' frame drops its locals in order, then the block's (the router's outputs).
-    auto experts_return = [&](T restored, T sum) {
-        drop(ids_sorted), drop(perm), drop(xs), drop(ws), drop(hist_in), drop(hist), drop(offsets), drop(down);
+    auto experts_return = [&](T restored, T sum, bool returns) {
+        drop(ids_sorted), drop(perm), drop(xs), drop(ws), drop(hist_in), drop(hist), drop(offsets), drop(bias_rows), drop(down);
         drop(restored), drop(inv_perm), drop(sum);
+        // GptOssMLP returns the router's weights with its output (the caller holds them); the
+        // stopped recomputation unwinds them with the rest.
+        if (e.gpt_oss && returns) hf_mlp_aux_ = hold(weights);
         drop(logits), drop(weights), drop(index);
     };
     c.inv_perm = saved(inv_perm);  // the layer's last save: a checkpoint's recomputation stops here
@@ -214,7 +268,7 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
         // first); the frames' locals go when the checkpoint has caught the stop, in the backward.
         for (auto it = earlier.rbegin(); it != earlier.rend(); ++it) drop(*it);
         hf_recomputation_stopped();
-        experts_return(weighted, T{});
+        experts_return(weighted, T{}, false);
         return T{};
     }
     T restored = act("weighted_out_restored", elems(S, d, ob), false);
@@ -224,8 +278,47 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
     // Mixtral's .to(hidden_states.dtype): a copy when the sum is wider than the stream
     if (e.fp32_routing_weights && ob != xb) y = act("moe_out", elems(n, d, xb), false);
     else sum = T{};  // the same tensor, returned
-    experts_return(restored, sum);
+    experts_return(restored, sum, true);
     return y;
+}
+
+// gpt-oss's clamped activation backward from the gradient of (u + 1) * glu (consumed) to
+// gate_up's [S, 2I]. Nodes run last made first: the product's (glu's gradient, then u + 1's), glu =
+// g * sig's (sig's, then g's), the sigmoid's, g * alpha's (added into g's in place), u + 1's (passes
+// it on), each clamp's (where(in bounds, grad, 0): a zero scalar and a bool mask per bound), then the
+// two strided views' SliceBackward0 (zeros of [S, 2I] with the share copied in; up's first, summed).
+T StepBuilder::hf_gpt_oss_gate_backward(HfMoe& c, T gprod, std::int64_t S) {
+    const std::int64_t I = m_.moe->intermediate;
+    const int xb = rb_;
+    const bytes_t half = elems(S, I, xb), mask = elems(S, I, 1);
+    T gglu = alloc("d_glu", half, Category::Transient);
+    T gup1 = alloc("d_up_plus_1", half, Category::Transient);
+    node_end({&c.glu, &c.up1}, &gprod);
+    T gsig = alloc("d_sigmoid", half, Category::Transient);
+    T gg = alloc("d_gate_clamped", half, Category::Transient);
+    node_end({&c.sig_mul, &c.gate_c}, &gglu);
+    T galpha = alloc("d_gate_alpha", half, Category::Transient);  // SigmoidBackward0
+    node_end({&c.sig}, &gsig);
+    T gg2 = alloc("d_gate_clamped", half, Category::Transient);  // MulBackward0 (by alpha)
+    node_end({}, &galpha);
+    accumulate(gg, gg2, false);
+    auto clamp_backward = [&](T& g, T& input, int bounds, const char* name) {
+        T zero = alloc("zero", xb, Category::Transient);
+        T m1 = alloc("in_bounds", mask, Category::Transient);
+        T m2 = bounds == 2 ? alloc("in_bounds", mask, Category::Transient) : T{};
+        T out = alloc(name, half, Category::Transient);
+        drop(m2), drop(m1), drop(zero);
+        node_end({&input}, &g);
+        return out;
+    };
+    T gu = clamp_backward(gup1, c.up_view, 2, "d_up");
+    T gga = clamp_backward(gg, c.gate_view, 1, "d_gate");
+    T joined = alloc("d_gate_up", elems(S, 2 * I, xb), Category::Transient);
+    node_end({}, &gu);
+    T joined2 = alloc("d_gate_up", elems(S, 2 * I, xb), Category::Transient);
+    node_end({}, &gga);
+    accumulate(joined, joined2, false);
+    return joined;
 }
 
 T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, bool last_use, WeightGradRef weight_grad) {
@@ -274,24 +367,41 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, bool last_
     });
     // down's grouped_mm: the weight's gradient, then the input's; the weight's transpose node and
     // AccumulateGrad run next (created last).
+    // gpt-oss: the in-place bias add hands the gradient to the GEMM and to the bias rows' gather,
+    // whose IndexBackward0 (after the GEMM's node) accumulates the rows into zeros of the bias's shape.
+    auto bias_grad = [&](int bias, T& ids, T& rows_grad) {
+        const bytes_t bytes = checked_mul(params_[static_cast<std::size_t>(bias)].numel, pg_);
+        T zeros_b = alloc("zeros", bytes, Category::Transient);
+        T gb = grad_out(bias);
+        drop(zeros_b);
+        node_end({&ids}, &rows_grad);
+        weight_grad(bias, gb);
+    };
+    T gdown_bias = e.gpt_oss ? hold(gdown) : T{};
     T gwd = grad_out(lp.down);
     T gprod = alloc("d_act_mul", elems(S, I, xb), Category::Transient);
     node_end({&c.offs_down, &c.prod}, &gdown);
     weight_grad(lp.down, gwd);
+    if (e.gpt_oss) bias_grad(lp.down_bias, c.ids_down, gdown_bias);
     at("moe.act");
-    T gup = alloc("d_up", elems(S, I, xb), Category::Transient);  // MulBackward0: up's, then act's
-    T gs = alloc("d_silu", elems(S, I, xb), Category::Transient);
-    node_end({&c.up_view, &c.s}, &gprod);
-    T gg = alloc("d_gate", elems(S, I, xb), Category::Transient);  // SiluBackward0
-    node_end({&c.gate_view}, &gs);
-    T joined = alloc("d_gate_up", elems(S, 2 * I, xb), Category::Transient);  // SplitBackward0
-    node_end({}, &gg);
-    drop(gup);
+    T joined = e.gpt_oss ? hf_gpt_oss_gate_backward(c, gprod, S) : T{};
+    if (!e.gpt_oss) {
+        T gup = alloc("d_up", elems(S, I, xb), Category::Transient);  // MulBackward0: up's, then act's
+        T gs = alloc("d_silu", elems(S, I, xb), Category::Transient);
+        node_end({&c.up_view, &c.s}, &gprod);
+        T gg = alloc("d_gate", elems(S, I, xb), Category::Transient);  // SiluBackward0
+        node_end({&c.gate_view}, &gs);
+        joined = alloc("d_gate_up", elems(S, 2 * I, xb), Category::Transient);  // SplitBackward0
+        node_end({}, &gg);
+        drop(gup);
+    }
     at("moe.experts");
+    T gup_bias = e.gpt_oss ? hold(joined) : T{};
     T gwu = grad_out(lp.gate);
     T gxs = alloc("d_x_sorted", elems(S, d, xb), Category::Transient);
     node_end({&c.offs_up, &c.x_sorted}, &joined);
     weight_grad(lp.gate, gwu);
+    if (e.gpt_oss) bias_grad(lp.gate_bias, c.ids_up, gup_bias);
     // The two gathers in reverse creation order: the routing weights', then the hidden states'.
     zeros = alloc("zeros", elems(S, 1, wb), Category::Transient);
     T gws = alloc("d_w_flat", elems(S, 1, wb), Category::Transient);
@@ -303,6 +413,30 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, bool last_
     node_end({&c.token_idx}, &gxs);
 
     at("moe.router");
+    if (e.gpt_oss) {
+        // SoftmaxBackward0 (over the top-k logits), TopkBackward0 (zeros [n, E], the gradient
+        // scattered in), then the router's linear with its bias (AddmmBackward0: the input's
+        // gradient, the weight's, the bias's; the accumulation nodes, bias first, then the input's
+        // gradient joins the experts' in place).
+        T gtop = alloc("d_top_k_logits", bf16(n, k), Category::Transient);
+        node_end({&c.probs}, &gws);
+        T zeros_r = alloc("zeros", bf16(n, E), Category::Transient);
+        T glog = alloc("d_router_logits", bf16(n, E), Category::Transient);
+        drop(zeros_r);
+        node_end({&c.top_idx}, &gtop);
+        T gxr = alloc("d_x_router", bf16(n, d), Category::Transient);
+        T gwr = grad_out(lp.router);
+        T gbr;
+        node_end({&c.x_router}, &glog, [&] { gbr = grad_out(lp.router_bias); });
+        // The node's outputs reach their buffers in its edges' order (the bias's AccumulateGrad, the
+        // input's reshape, summed into the experts' gradient in place, the weight's transpose); then
+        // the bias's node runs, then the transpose's hands the weight's on to its own.
+        weight_grad(lp.router_bias, gbr, false);
+        accumulate(dx, gxr, false);
+        weight_grad.run(lp.router_bias);
+        weight_grad(lp.router, gwr);
+        return dx;
+    }
     T gtop = gws;  // through reshape(-1)'s view
     if (!fp32) {   // ToCopyBackward0 of the bf16 routing weights
         gtop = alloc("d_top_k_weights", f32(n, k), Category::Transient);
