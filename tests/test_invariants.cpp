@@ -335,10 +335,7 @@ TrainingSetup random_hf_setup(Random& r, const ModelSpec& m, std::int64_t max_se
     s.offload_checkpoints = s.checkpointed_count() > 0 && r.coin();
     s.grad_accum = r.pick({1, 1, 3});
     s.optimizer_in_backward = s.grad_accum == 1 && r.in(0, 3) == 0;
-    if (m.attention_sinks) {  // gpt-oss: eager attention, no autocast (the hf runtime's scope)
-        s.attention = Attention::Eager;
-        if (s.precision == Precision::AmpFp32) s.precision = Precision::PureBf16;
-    }
+    if (m.attention_sinks) s.attention = Attention::Eager;  // gpt-oss: the hf runtime's scope
     validate(s, m);
     return s;
 }

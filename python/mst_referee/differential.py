@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .jobs import DEFAULT_MST_PLAN, REPO_ROOT
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen3_moe", "gpt_oss")
 
 
 @dataclass
@@ -49,7 +49,7 @@ def random_config(rng: random.Random, family: str) -> Dict[str, Any]:
     if family not in ("gemma2", "gemma3_text"):
         cfg["hidden_act"] = "silu"
         cfg["tie_word_embeddings"] = rng.random() < 0.5
-    if family in ("llama", "mistral", "qwen3", "gemma2", "gemma3_text", "qwen3_moe"):
+    if family in ("llama", "mistral", "qwen3", "gemma2", "gemma3_text", "qwen3_moe", "gpt_oss"):
         cfg["head_dim"] = rng.choice([8, 16])
     if family == "llama":
         cfg["attention_bias"] = rng.random() < 0.3
@@ -70,10 +70,13 @@ def random_config(rng: random.Random, family: str) -> Dict[str, Any]:
         cfg.update(pad_token_id=None, partial_rotary_factor=rng.choice([0.5, 1.0]))
         if rng.random() < 0.3:
             cfg["sliding_window"] = rng.choice([4, 16])
-    if family in ("mixtral", "qwen3_moe"):
+    if family == "gpt_oss":  # sliding and full layers alternate (its default), yarn scaling (its default)
+        cfg.update(sliding_window=rng.choice([4, 16]), attention_bias=True, swiglu_limit=7.0,
+                   layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
+    if family in ("mixtral", "qwen3_moe", "gpt_oss"):
         experts = rng.choice([1, 2, 3, 4, 8])
         cfg.update(num_experts_per_tok=rng.randint(1, experts), output_router_logits=False)
-        if family == "mixtral":
+        if family in ("mixtral", "gpt_oss"):
             cfg["num_local_experts"] = experts
         else:
             cfg.update(num_experts=experts, moe_intermediate_size=rng.choice([8, 24]), norm_topk_prob=rng.random() < 0.5,
@@ -81,8 +84,8 @@ def random_config(rng: random.Random, family: str) -> Dict[str, Any]:
     return cfg
 
 
-def random_knobs(rng: random.Random, layers: int, tokens: int) -> Dict[str, Any]:
-    """A setup of the knobs the hf runtime models (one GPU)."""
+def random_knobs(rng: random.Random, layers: int, tokens: int, eager_only: bool = False) -> Dict[str, Any]:
+    """A setup of the knobs the hf runtime models (one GPU); eager_only: attention sinks (gpt-oss)."""
     knobs: Dict[str, Any] = {}
     if rng.random() < 0.6:
         knobs["checkpoint"] = rng.choice(["all", "0", str(layers - 1)])
@@ -95,7 +98,7 @@ def random_knobs(rng: random.Random, layers: int, tokens: int) -> Dict[str, Any]
         knobs.update(lm_chunks=rng.choice([c for c in (2, 3) if c <= tokens] or [1]), lm_impl=rng.choice(["recompute", "fused"]))
     if rng.random() < 0.3:
         knobs["grad_accum"] = 2
-    if rng.random() < 0.3:
+    if rng.random() < 0.3 or eager_only:
         knobs["attention"] = "eager"
     if rng.random() < 0.3:
         knobs["precision"] = "bf16-master"
@@ -113,7 +116,7 @@ def random_case(rng: random.Random, family: str) -> Case:
     cfg = random_config(rng, family)
     batch = 2 if rng.random() < 0.3 else 1
     seq = rng.choice([5, 9, 16, 23])
-    knobs = random_knobs(rng, cfg["num_hidden_layers"], batch * seq)
+    knobs = random_knobs(rng, cfg["num_hidden_layers"], batch * seq, eager_only=family == "gpt_oss")
     if batch > 1:
         knobs["micro_batch"] = batch
     return Case(family, cfg, knobs, seq)

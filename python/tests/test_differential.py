@@ -35,12 +35,12 @@ def test_every_generated_config_is_one_mst_plan_accepts(tmp_path):
         assert run.returncode == 0, (case.config, run.stderr)
         shown = json.loads(run.stdout)
         assert shown["num_hidden_layers"] == case.config["num_hidden_layers"]
-        assert ("moe" in shown) == (family in ("mixtral", "qwen3_moe"))
+        assert ("moe" in shown) == (family in ("mixtral", "qwen3_moe", "gpt_oss"))
         assert case.seq * case.knobs.get("micro_batch", 1) >= case.knobs.get("mlp_chunks", 1)
 
 
 @pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
-@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "gpt_oss"])
 def test_a_seeded_case_runs_through_the_referee_and_compares(tmp_path, family):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")

@@ -194,6 +194,13 @@ CASES = [
                "offload_checkpoints": True}),
     (GPT_OSS, {"attention": "eager", "precision": "bf16-master", "mlp_chunks": 2, "optimizer_impl": "foreach"}),
     (GPT_OSS, {"attention": "eager", "lm_chunks": 2, "lm_impl": "fused", "micro_batch": 2, "mlp_chunks": 16}),
+    # AMP: fp32 sinks joined to fp32 masked scores (the probabilities cast to v's bf16 by .to), the
+    # experts and their bias gathers in fp32; the router's bias copy sums every chunk's gradient.
+    (GPT_OSS, {"attention": "eager", "precision": "amp", "checkpoint": "all", "mlp_chunks": 2}),
+    (GPT_OSS, {"attention": "eager", "precision": "amp", "mlp_chunks": 3, "mlp_impl": "tiled", "checkpoint": "all",
+               "grad_accum": 2, "lm_chunks": 2}),
+    (GPT_OSS, {"attention": "eager", "precision": "amp", "micro_batch": 2, "checkpoint": [1], "mlp_chunks": 3,
+               "lm_chunks": 2, "lm_impl": "fused"}),
     # Data parallelism: one rank of DistributedDataParallel (its gradient buckets, rebuilt after
     # the first backward: mid-step with accumulation; each forward's broadcast of the buffers, a
     # single-tensor dtype group without a copy for Gemma's scale, two rotary tables for Gemma-3).

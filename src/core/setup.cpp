@@ -250,9 +250,6 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     if (s.optimizer == Optimizer::AdamW8bit)
         fail(w, "optimizer", fmt::format("expected adamw or sgd with runtime hf (bitsandbytes is not modelled){}", hint));
     if (m.mlp_bias) fail(w, "runtime", fmt::format("expected kernels for a model with MLP biases{}", hint));
-    if (m.family == Family::GptOss && s.precision == Precision::AmpFp32)
-        fail(w, "precision", "expected pure-bf16 or bf16-master for gpt-oss (autocast over its fp32 experts, biases and "
-                             "sinks is not modelled yet), got amp");
 }
 
 std::int64_t chunks_for_tokens(const TrainingSetup& s, std::int64_t chunk_tokens) {

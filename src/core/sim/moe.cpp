@@ -18,7 +18,8 @@
 // [n, k] (no fp32 probabilities over all experts); each projection's bias rows are gathered per
 // pair by the sorted expert ids ([S, 2I] and [S, d]) and added in place; its activation clamps the
 // interleaved gate and up views and saves five [S, I] tensors (clamped gate, sigmoid, glu, up + 1,
-// their product). Its block returns the router's weights with its output.
+// their product). Its block returns the router's weights with its output. Under autocast the router
+// is an autocast linear (its bias's copy cached like the weight's) and the rest runs in fp32.
 // Every size is fixed by n, k and E: none depends on how the tokens are routed, which is what
 // lets the referee run it on fake tensors and the simulator predict it exactly.
 //
@@ -425,6 +426,27 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, bool last_
         drop(zeros_r);
         node_end({&c.top_idx}, &gtop);
         T gxr = alloc("d_x_router", bf16(n, d), Category::Transient);
+        if (amp_) {
+            // Under autocast the GEMM's gradients are bf16. The bias's reaches its copy's cast node
+            // first (the node's first edge; the buffer sums every chunk's); then the weight's and the
+            // input's (hf_mm_outputs: the input's cast node makes it fp32 and it joins the experts'
+            // in place); the bias copy's node runs last, handing on an fp32 gradient.
+            T gwr = hf_mm_grad(lp.router);
+            T gbr = hf_addmm_node_end(lp.router, lp.router_bias, {&c.x_router}, &glog);
+            GradBuffer& bias_copy = params_[static_cast<std::size_t>(lp.router_bias)].cast_pending;
+            buffer_add(bias_copy, gbr, true);
+            const auto sink = [&](int p, T grad) { weight_grad(p, grad); };
+            hf_mm_outputs(lp.router, gwr, last_use, sink, [] {}, [&] {
+                gxr = hf_uncast(gxr);
+                accumulate(dx, gxr, false);
+            });
+            if (last_use) {
+                T f = grad_out(lp.router_bias);
+                drop(bias_copy.sum);
+                sink(lp.router_bias, f);
+            }
+            return dx;
+        }
         T gwr = grad_out(lp.router);
         T gbr;
         node_end({&c.x_router}, &glog, [&] { gbr = grad_out(lp.router_bias); });
