@@ -162,6 +162,11 @@ private:
         int shift = 64;  // 64 - log2(slots.size())
         // The classes holding a free block, ascending by size: (size, id).
         std::vector<std::pair<bytes_t, std::int32_t>> nonempty;
+        // The first entry of nonempty of at least `size` bytes (binary search: fragments of many
+        // sizes can be free at once).
+        std::vector<std::pair<bytes_t, std::int32_t>>::iterator lower(bytes_t size) {
+            return std::lower_bound(nonempty.begin(), nonempty.end(), size, [](const auto& e, bytes_t s) { return e.first < s; });
+        }
 
         void clear() {
             classes.clear();
@@ -241,10 +246,8 @@ private:
         blk.cls = c;
         SizeClass& cls = pool.classes[static_cast<std::size_t>(c)];
         if (cls.first < 0) {
-            // It holds a block now: into the nonempty list, in size order (a short list).
-            auto it = pool.nonempty.end();
-            while (it != pool.nonempty.begin() && std::prev(it)->first > blk.size) --it;
-            pool.nonempty.insert(it, {blk.size, c});
+            // It holds a block now: into the nonempty list, in size order (sizes are unique in a pool).
+            pool.nonempty.insert(pool.lower(blk.size), {blk.size, c});
             blk.free_prev = blk.free_next = -1;
             cls.first = cls.last = b;
             return;
@@ -276,21 +279,17 @@ private:
         SizeClass& cls = pool.classes[static_cast<std::size_t>(blk.cls)];
         (blk.free_prev >= 0 ? blocks_[idx(blk.free_prev)].free_next : cls.first) = blk.free_next;
         (blk.free_next >= 0 ? blocks_[idx(blk.free_next)].free_prev : cls.last) = blk.free_prev;
-        if (cls.first < 0)
-            pool.nonempty.erase(std::find_if(pool.nonempty.begin(), pool.nonempty.end(),
-                                             [&](const auto& e) { return e.second == blk.cls; }));
+        if (cls.first < 0) pool.nonempty.erase(pool.lower(cls.size));
     }
 
     // Removes and returns the best-fitting free block of at least `size` bytes (-1: none).
     std::int32_t take_best_fit(bool small, bytes_t size) {
-        const Pool& pool = pools_[small ? 0 : 1];
-        for (const auto& [bytes, c] : pool.nonempty) {
-            if (bytes < size) continue;
-            const std::int32_t b = pool.classes[static_cast<std::size_t>(c)].last;
-            remove_free(small, b);
-            return b;
-        }
-        return -1;
+        Pool& pool = pools_[small ? 0 : 1];
+        const auto it = pool.lower(size);  // the smallest class of at least `size` bytes that holds a block
+        if (it == pool.nonempty.end()) return -1;
+        const std::int32_t b = pool.classes[static_cast<std::size_t>(it->second)].last;
+        remove_free(small, b);
+        return b;
     }
 
     // PyTorch's release_cached_blocks: every free block that is a whole segment (no neighbour)
