@@ -500,18 +500,18 @@ T StepBuilder::hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_sav
     const int rb = amp_ ? 4 : 2;                  // the products' dtype
     if (m_.rotary_half_tables()) {
         const bytes_t half = elems(tokens_, dim / 2, rb);
-        T a = act("rope.x1_cos", half, false);
-        cos_saved = saved(hf_rope(layer_).cos);
-        T b = act("rope.x2_sin", half, false);
-        sin_saved = saved(hf_rope(layer_).sin);
-        T first = act("rope.first", half, false);
-        drop(a), drop(b);
-        T c = act("rope.x2_cos", half, false);
-        cos2 = saved(hf_rope(layer_).cos);
-        T e = act("rope.x1_sin", half, false);
-        sin2 = saved(hf_rope(layer_).sin);
-        T second = act("rope.second", half, false);
-        drop(c), drop(e);
+        // a half's product with cos, then with sin (each saving its table), then their difference or sum
+        auto combine = [&](const char* with_cos, T& cos_h, const char* with_sin, T& sin_h, const char* name) {
+            T c = act(with_cos, half, false);
+            cos_h = saved(hf_rope(layer_).cos);
+            T sn = act(with_sin, half, false);
+            sin_h = saved(hf_rope(layer_).sin);
+            T r = act(name, half, false);
+            drop(c), drop(sn);
+            return r;
+        };
+        T first = combine("rope.x1_cos", cos_saved, "rope.x2_sin", sin_saved, "rope.first");   // x1 cos - x2 sin
+        T second = combine("rope.x2_cos", cos2, "rope.x1_sin", sin2, "rope.second");          // x2 cos + x1 sin
         T out = act("rope.out", elems(tokens_, dim, rb), false);
         drop(first), drop(second);
         return out;
