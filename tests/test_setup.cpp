@@ -97,6 +97,11 @@ TEST_CASE("gpt-oss: the hf runtime with eager attention; the rest is one line") 
         return test::expect_user_error([&] { validate(t, m); });
     };
     CHECK(error_for([](TrainingSetup& t) { t.attention = Attention::Flash; }).rfind("setup: attention: expected eager", 0) == 0);
+    // Unasked, the attention is transformers' own choice: SDPA (flash) where the model has that path.
+    CHECK(default_attention(m) == Attention::Eager);
+    CHECK(default_attention(find_model("llama-3-8b")) == Attention::Flash);
+    CHECK(parse_setup(nlohmann::json::object(), m, "s.json").attention == Attention::Eager);
+    CHECK(parse_setup(nlohmann::json{{"attention", "flash"}}, find_model("llama-3-8b"), "s.json").attention == Attention::Flash);
     CHECK(error_for([](TrainingSetup& t) { t.runtime = Runtime::Kernels; }).rfind("setup: runtime: expected hf", 0) == 0);
 }
 

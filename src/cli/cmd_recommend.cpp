@@ -25,7 +25,7 @@ struct TunerArgs {
     std::int64_t gpus = 1, seq = TuneRequest{}.seq_len, tokens_per_step = 0;
     std::vector<std::string> pins, allows;
     double margin = 0.03, host_gib = 128;
-    std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention = "flash";
+    std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention;
     std::string optimizer_impl = "fused", runtime = "hf";
     std::string for_format;  // recommend --for
 
@@ -46,7 +46,7 @@ struct TunerArgs {
         cmd.add_option("--precision", precision, "pure-bf16 | bf16-master | amp")->capture_default_str();
         cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
         cmd.add_option("--optimizer-state-dtype", state_dtype, "fp32 | bf16");
-        cmd.add_option("--attention", attention, "flash | eager")->capture_default_str();
+        cmd.add_option("--attention", attention, "flash | eager (default: what transformers runs unasked: flash (SDPA), eager for gpt-oss, which SDPA cannot run)");
         cmd.add_option("--optimizer-impl", optimizer_impl, "fused (the HF Trainer's default) | foreach | for-loop")
             ->capture_default_str();
         cmd.add_option("--runtime", runtime, "hf (transformers + PyTorch: what users run) | kernels (mst-plan's executor)")
@@ -65,7 +65,7 @@ struct TunerArgs {
         rq.base.precision = parse_precision(precision, "command line");
         rq.base.optimizer = parse_optimizer(optimizer, "command line");
         if (!state_dtype.empty()) rq.base.state_dtype = parse_state_dtype(state_dtype, "command line");
-        rq.base.attention = parse_attention(attention, "command line");
+        rq.base.attention = attention.empty() ? default_attention(rq.model) : parse_attention(attention, "command line");
         rq.base.optimizer_impl = parse_optimizer_impl(optimizer_impl, "command line");
         rq.base.runtime = parse_runtime(runtime, "command line");
         rq.seq_len = seq;

@@ -26,7 +26,7 @@ private:
     std::int64_t mlp_chunks = 1, lm_chunks = 1, mlp_chunk_tokens = 0, lm_chunk_tokens = 0;
     int zero = 0, zero3_prefetch = 1;
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, optimizer_impl = "fused", runtime = "hf",
-                attention = "flash";
+                attention;
     std::string mlp_impl = "loop", lm_impl = "recompute", checkpoint = "none";
     bool padded = false, offload = false, opt_in_backward = false;
 

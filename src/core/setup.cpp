@@ -67,6 +67,8 @@ OptimizerImpl parse_optimizer_impl(const std::string& s, const std::string& w) {
     return parse_enum(s, w, "optimizer_impl", kOptimizerImpls);
 }
 Attention parse_attention(const std::string& s, const std::string& w) { return parse_enum(s, w, "attention", kAttentions); }
+
+Attention default_attention(const ModelSpec& m) { return m.attention_sinks ? Attention::Eager : Attention::Flash; }
 MlpImpl parse_mlp_impl(const std::string& s, const std::string& w) { return parse_enum(s, w, "mlp_impl", kMlpImpls); }
 LmHeadImpl parse_lm_impl(const std::string& s, const std::string& w) { return parse_enum(s, w, "lm_impl", kLmImpls); }
 
@@ -280,6 +282,7 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     s.optimizer_in_backward = r.opt_boolean("optimizer_in_backward").value_or(false);
     if (auto v = r.opt_string("optimizer_impl")) s.optimizer_impl = parse_optimizer_impl(*v, where);
     if (auto v = r.opt_string("runtime")) s.runtime = parse_runtime(*v, where);
+    s.attention = default_attention(model);
     if (auto v = r.opt_string("attention")) s.attention = parse_attention(*v, where);
     s.dp = r.opt_integer("dp", 1, limits::kGpus).value_or(1);
     s.sp = r.opt_integer("sp", 1, limits::kGpus).value_or(1);
