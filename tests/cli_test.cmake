@@ -37,6 +37,10 @@ expect_run(0 "dp 8 \\(ZeRO 0\\), Ulysses sp 1" recommend --model llama-3.2-1b --
 expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*plans several GPUs as DDP[^\n]*--runtime kernels plans ZeRO" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 8192)
 expect_run(2 "^error: setup: precision: expected pure-bf16 or amp with runtime hf and dp > 1" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 2 --seq 8192 --precision bf16-master)
 expect_run(2 "^error: --pin: colour: expected one of" recommend --model tiny-llama --seq 1024 --pin colour=blue)
+# gpt-oss: eager attention unasked (transformers' own choice); what it cannot plan is named before any search.
+expect_run(0 "eager attention" estimate --model gpt-oss-20b --gpu b200-180gb --seq 1024)
+expect_run(2 "^error: setup: attention: expected eager for a model with attention sinks" recommend --model gpt-oss-20b --gpu b200-180gb --seq 2048 --attention flash)
+expect_run(2 "^error: setup: runtime: expected hf for gpt-oss" recommend --model gpt-oss-20b --gpu b200-180gb --seq 2048 --runtime kernels)
 expect_run(2 "^error: --allow: offload: expected yes or no" recommend --model tiny-llama --seq 1024 --allow offload=maybe)
 expect_run(0 "checkpointing \\+ MsT" max-seq --model tiny-llama --gpu rtx-4090-24gb)
 expect_run(0 "your setup" max-seq --model tiny-llama --gpu rtx-4090-24gb --checkpoint all --mlp-chunks 2)

@@ -346,7 +346,7 @@ ModelSpec random_gpt_oss(Random& r) {
     nlohmann::json types = nlohmann::json::array();
     for (std::int64_t l = 0; l < layers; ++l) types.push_back(l % 2 == 0 ? "sliding_attention" : "full_attention");
     const nlohmann::json j = {{"model_type", "gpt_oss"},      {"hidden_size", heads * head_dim},
-                              {"intermediate_size", r.in(16, 48)}, {"num_hidden_layers", layers},
+                              {"intermediate_size", 8 * r.in(2, 6)}, {"num_hidden_layers", layers},
                               {"num_attention_heads", heads}, {"num_key_value_heads", heads / r.pick({1, 2})},
                               {"head_dim", head_dim},         {"num_local_experts", r.in(2, 8)},
                               {"num_experts_per_tok", r.in(1, 2)}, {"sliding_window", r.in(4, 32)},

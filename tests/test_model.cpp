@@ -620,6 +620,12 @@ TEST_CASE("gpt-oss configs: GptOssConfig's defaults, the block's differences, an
     const std::string error = test::expect_user_error(
         [] { (void)parse_model(nlohmann::json{{"model_type", "gpt_oss"}, {"num_experts_per_tok", 4}, {"experts_per_token", 2}}, "g.json", "g"); });
     CHECK(error.rfind("g.json: experts_per_token: expected the same count as num_experts_per_tok (4)", 0) == 0);
+    // num_experts is GptOssConfig's other name for the count.
+    CHECK(parse_model(nlohmann::json{{"model_type", "gpt_oss"}, {"num_experts", 32}}, "g.json", "g").moe->experts == 32);
+    // Every forward builds a sliding-window mask: transformers cannot run it without a window.
+    CHECK(test::expect_user_error([] {
+              (void)parse_model(nlohmann::json{{"model_type", "gpt_oss"}, {"sliding_window", nullptr}}, "g.json", "g");
+          }).rfind("g.json: sliding_window: expected a window in tokens", 0) == 0);
     // The released checkpoints' MXFP4 experts: planned dequantized, with a warning.
     const ModelSpec quantized =
         parse_model(nlohmann::json{{"model_type", "gpt_oss"}, {"quantization_config", {{"quant_method", "mxfp4"}}}}, "g.json", "g");

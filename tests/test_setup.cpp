@@ -81,7 +81,7 @@ TEST_CASE("amp in the hf runtime: every family, flash and eager attention") {
     }
 }
 
-TEST_CASE("gpt-oss: the hf runtime with eager attention; the rest is one line") {
+TEST_CASE("gpt-oss: the hf runtime with eager attention, the rest is one line") {
     const ModelSpec m = find_model("gpt-oss-20b");
     TrainingSetup s;  // runtime hf
     s.seq_len = 4096;
@@ -97,6 +97,22 @@ TEST_CASE("gpt-oss: the hf runtime with eager attention; the rest is one line") 
         return test::expect_user_error([&] { validate(t, m); });
     };
     CHECK(error_for([](TrainingSetup& t) { t.attention = Attention::Flash; }).rfind("setup: attention: expected eager", 0) == 0);
+    // Heads of 2: their 1-wide rotary halves join channels-last with several sequences (not modelled).
+    const ModelSpec narrow = parse_model(nlohmann::json{{"model_type", "gpt_oss"}, {"head_dim", 2}}, "g.json", "g");
+    TrainingSetup two = s;
+    two.micro_batch = 2;
+    CHECK(test::expect_user_error([&] { validate(two, narrow); }).rfind("setup: micro_batch: expected 1 for gpt-oss heads of 2", 0) == 0);
+    two.micro_batch = 1;
+    CHECK_NOTHROW(validate(two, narrow));
+    // torch's grouped_mm multiplies rows of 16 bytes: an expert size of 7 bf16 cannot run.
+    const ModelSpec odd = parse_model(nlohmann::json{{"model_type", "mixtral"}, {"hidden_size", 64}, {"intermediate_size", 7},
+                                                     {"num_hidden_layers", 1}, {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"vocab_size", 64}},
+                                      "m.json", "m");
+    TrainingSetup mixtral;
+    mixtral.seq_len = 64;
+    CHECK(test::expect_user_error([&] { validate(mixtral, odd); }).rfind("setup: runtime: expected a hidden size (64) and an expert", 0) == 0);
+    mixtral.runtime = Runtime::Kernels;
+    CHECK_NOTHROW(validate(mixtral, odd));
     // Unasked, the attention is transformers' own choice: SDPA (flash) where the model has that path.
     CHECK(default_attention(m) == Attention::Eager);
     CHECK(default_attention(find_model("llama-3-8b")) == Attention::Flash);

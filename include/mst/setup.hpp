@@ -108,6 +108,9 @@ std::string describe_checkpoints(const std::vector<bool>& checkpoint);
 void validate(const TrainingSetup& setup, const ModelSpec& model);
 // What the hf runtime does not model yet (part of validate).
 void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m);
+// What a model can be planned with whatever the knobs' bounds (gpt-oss's runtime and attention,
+// grouped_mm's row alignment); part of validate(), and checked before a search.
+void validate_model_scope(const TrainingSetup& s, const ModelSpec& m);
 
 // Mini-sequence chunks: `chunks` parts of `tokens`, differing by at most one, the larger ones
 // first, so no token is ever dropped. As groups of equal chunks (at most two: `count` chunks of

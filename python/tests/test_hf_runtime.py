@@ -43,6 +43,8 @@ MIXTRAL = str(REPO / "tests" / "data" / "tiny_mixtral.json")
 QWEN3_MOE = str(REPO / "tests" / "data" / "tiny_qwen3_moe.json")
 QWEN3_MOE_TOP1 = str(REPO / "tests" / "data" / "tiny_qwen3_moe_top1.json")
 GPT_OSS = str(REPO / "tests" / "data" / "tiny_gpt_oss.json")
+GPT_OSS_FULL = str(REPO / "tests" / "data" / "tiny_gpt_oss_full.json")
+ONE_HEAD = str(REPO / "tests" / "data" / "tiny_one_head.json")
 
 CASES = [
     # Llama: attention, checkpointing (ours and Hugging Face's everywhere), offload.
@@ -157,6 +159,10 @@ CASES = [
     # One KV head: its rotated k is expanded to every head (a zero stride), which matmul copies.
     (PHI3_MQA, {"attention": "eager", "micro_batch": 2}),
     (PHI3_MQA, {"precision": "amp", "attention": "eager", "micro_batch": 2}),
+    # One head: [B, S, H, D] and [B, H, S, D] are one memory order, so neither matmul's folding nor
+    # the output's transpose(1, 2).contiguous() copies (P @ v is what o_proj saves).
+    (ONE_HEAD, {"attention": "eager", "micro_batch": 2, "checkpoint": [0]}),
+    (ONE_HEAD, {"attention": "eager", "precision": "amp", "micro_batch": 2}),
     # Mixture-of-Experts (transformers' grouped_mm experts): Mixtral's fp32 routing weights and
     # renormalised top-2 (with a sliding window in every layer); MsT splitting the tokens before
     # routing, under checkpointing (the recomputation stops inside the experts).
@@ -194,6 +200,8 @@ CASES = [
                "offload_checkpoints": True}),
     (GPT_OSS, {"attention": "eager", "precision": "bf16-master", "mlp_chunks": 2, "optimizer_impl": "foreach"}),
     (GPT_OSS, {"attention": "eager", "lm_chunks": 2, "lm_impl": "fused", "micro_batch": 2, "mlp_chunks": 16}),
+    # Only full layers: the model still builds the sliding mask (and holds it to the end).
+    (GPT_OSS_FULL, {"attention": "eager", "micro_batch": 2, "checkpoint": [0]}),
     # AMP: fp32 sinks joined to fp32 masked scores (the probabilities cast to v's bf16 by .to), the
     # experts and their bias gathers in fp32; the router's bias copy sums every chunk's gradient.
     (GPT_OSS, {"attention": "eager", "precision": "amp", "checkpoint": "all", "mlp_chunks": 2}),

@@ -202,6 +202,8 @@ nlohmann::json with_gpt_oss_defaults(const nlohmann::json& config) {
     };
     for (const auto& [key, value] : defaults)
         if (!out.contains(key)) out[key] = value;
+    // num_experts is GptOssConfig's other name for num_local_experts (attribute_map): given alone, it counts them.
+    if (!config.contains("num_local_experts") && config.contains("num_experts")) out.erase("num_local_experts");
     return out;
 }
 
@@ -362,6 +364,9 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     if (m.family == Family::Gemma2 && !m.sliding_window)  // null: Gemma2Config builds no model without one
         r.fail("sliding_window", "expected a window in tokens (Gemma-2's local layers need one: transformers cannot build "
                                  "that model without it)");
+    if (m.family == Family::GptOss && !m.sliding_window)
+        r.fail("sliding_window", "expected a window in tokens (gpt-oss builds a sliding-window mask in every forward: "
+                                 "transformers cannot run that model without one)");
     if (m.family == Family::Gemma3 && !m.sliding_window)
         r.fail("sliding_window", "expected a window in tokens (Gemma-3 builds a sliding-window mask in every forward: "
                                  "transformers cannot run that model without one)");
@@ -521,7 +526,11 @@ nlohmann::json to_json(const ModelSpec& m) {
     if (m.attn_logit_softcapping) j["attn_logit_softcapping"] = *m.attn_logit_softcapping;
     if (m.final_logit_softcapping) j["final_logit_softcapping"] = *m.final_logit_softcapping;
     if (m.published_parameters) j["published_parameters"] = *m.published_parameters;
-    if (m.published_active_parameters) j["published_active_parameters"] = *m.published_active_parameters;
+    if (m.published_active_parameters) {
+        j["published_active_parameters"] = *m.published_active_parameters;
+        j["published_active_excludes_embedding"] = m.published_active_excludes_embedding;
+    }
+    j["attention_sinks"] = m.attention_sinks;
     if (m.moe)
         j["moe"] = {{"experts", m.moe->experts},
                     {"top_k", m.moe->top_k},

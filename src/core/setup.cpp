@@ -218,6 +218,12 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
         fail(w, "optimizer_in_backward", "cannot step inside backward with grad_accum > 1 (the gradients must accumulate first)");
     if (s.optimizer_in_backward && s.zero_stage >= 2)
         fail(w, "optimizer_in_backward", "not supported with ZeRO stage 2/3 (gradients are reduce-scattered per bucket)");
+    validate_model_scope(s, m);
+    validate_hf_scope(s, m);
+}
+
+void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
+    const std::string w = "setup";
     if (m.family == Family::GptOss && s.runtime == Runtime::Kernels)
         fail(w, "runtime", "expected hf for gpt-oss (mst-plan's executor has no attention sinks, expert biases or clamped "
                            "activation yet: the kernels runtime does not model it), got kernels");
@@ -226,7 +232,19 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     if (m.attention_sinks && s.attention != Attention::Eager)
         fail(w, "attention", "expected eager for a model with attention sinks (gpt-oss: its flash path is the kernels hub's "
                              "vllm-flash-attn3, not modelled yet), got flash");
-    validate_hf_scope(s, m);
+    // A head of 2 rotates two 1-wide halves, whose concatenation PyTorch lays out channels-last with
+    // several sequences: the eager products then copy q and k, which is not modelled.
+    if (m.rotary_half_tables() && m.head_dim < 4 && s.micro_batch > 1)
+        fail(w, "micro_batch", fmt::format("expected 1 for gpt-oss heads of {} dimensions (at least 4 with several sequences), "
+                                           "got {}", m.head_dim, s.micro_batch));
+    // transformers' experts run torch's grouped_mm, which needs rows of a multiple of 16 bytes: hidden
+    // and expert sizes in whole 8 bf16 (under autocast 4 fp32) elements.
+    const std::int64_t align = s.precision == Precision::AmpFp32 ? 4 : 8;
+    if (s.runtime == Runtime::Hf && m.moe && (m.hidden_size % align != 0 || m.moe->intermediate % align != 0))
+        fail(w, "runtime", fmt::format("expected a hidden size ({}) and an expert intermediate size ({}) in multiples of {} "
+                                       "elements with runtime hf (the rows torch's grouped_mm multiplies must be multiples of 16 "
+                                       "bytes; the kernels runtime plans any size)",
+                                       m.hidden_size, m.moe->intermediate, align));
 }
 
 // The hf runtime walks transformers + PyTorch's own step, each rule proven event by event

@@ -406,6 +406,7 @@ void check_request(const TuneRequest& rq, const char* command) {
     // what it cannot run with DDP is named here, not searched for.
     TrainingSetup as_planned = rq.base;
     as_planned.dp = rq.gpus;
+    validate_model_scope(as_planned, rq.model);
     validate_hf_scope(as_planned, rq.model);
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && *rq.pins.zero_stage > 0)
         fail(command, "pin", fmt::format("zero={}: expected 0 with runtime hf (its data parallelism is DDP; ZeRO is not "

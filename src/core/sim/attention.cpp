@@ -849,9 +849,12 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     // memory is not in that order (micro-batch > 1): the projections' [B, S, H, D] order is not, nor
     // the rotated q and k that keep it, nor v, nor one KV head expanded to all heads (a zero stride);
     // Phi-3's rotated q and k are new [B, H, S, D] tensors.
-    const bool fold_copies = s_.micro_batch > 1;
+    // With one head or one position the two orders coincide: only an expanded KV head's zero
+    // stride still makes matmul copy.
+    const bool fold_copies = s_.micro_batch > 1 && !hf_one_row();
     const bool rotated_contiguous = m_.rotary_concatenates() || m_.rotary_half_tables();
     const bool expanded = m_.num_kv_heads == 1 && m_.num_heads > 1;
+    const bool expanded_copies = s_.micro_batch > 1 && expanded;
     // Under autocast the rotated q and k are fp32 (and k's repeats): matmul's autocast casts them
     // (k first: the arguments last first) and the GEMM saves the copies; the fp32 mask makes the
     // scores fp32, so softmax needs no upcast and its fp32 output is the probabilities (.to(q's
@@ -873,7 +876,7 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     } else {
         T q = fold_copies && !rotated_contiguous ? act("q_contiguous", bf16(tokens_, qd), false) : hold(qe);
         if (!repeat_copies)
-            k_rep = fold_copies && (!rotated_contiguous || expanded) ? act("k_rep", bf16(tokens_, qd), false) : hold(ke);
+            k_rep = (fold_copies && !rotated_contiguous) || expanded_copies ? act("k_rep", bf16(tokens_, qd), false) : hold(ke);
         scores = act("scores", bf16(rows, cols), false);
         sv.q_bmm = saved(q), sv.k_rep = saved(k_rep);
         if (!repeat_copies) drop(k_rep);  // matmul's own copy (or view): it lets go of it before q's
@@ -912,12 +915,14 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
         drop(p32), drop(masked);  // attn_weights = the probabilities
         pc = amp_ ? act("probs_bf16", bf16(rows, cols), false) : hold(p);  // autocast's, before matmul's copy of v
     }
-    if (!repeat_copies) v_rep = fold_copies ? act("v_rep", bf16(tokens_, qd), false) : hold(v);
+    if (!repeat_copies) v_rep = fold_copies || expanded_copies ? act("v_rep", bf16(tokens_, qd), false) : hold(v);
     T ob = act("pv", bf16(tokens_, qd), false);
     sv.probs = saved(pc), sv.v_rep = saved(v_rep);
     if (!repeat_copies) drop(v_rep);  // likewise (matmul's local), then autocast's cast
     drop(pc);
-    T o = act("o", bf16(tokens_, qd), false);  // transpose(1, 2).contiguous()
+    // transpose(1, 2).contiguous(): a copy, unless one head or one position makes the transpose
+    // contiguous already (then o is P @ v itself)
+    T o = hf_one_row() ? hold(ob) : act("o", bf16(tokens_, qd), false);
     drop(ob);
     drop(k_rep), drop(v_rep);  // eager_attention_forward returns (the probabilities with the output)
     drop(shifted), drop(probs);
@@ -935,7 +940,7 @@ void StepBuilder::hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
     const std::int64_t rows = s_.micro_batch * (m_.num_heads / s_.sp), cols = checked_mul(s_.seq_len, s_.seq_len);
     const bool gqa = m_.num_kv_heads < m_.num_heads;
     at("attn.eager");
-    if (s_.micro_batch > 1) {  // the reshape of the transposed gradient copies it
+    if (s_.micro_batch > 1 && !hf_one_row()) {  // the reshape of the transposed gradient copies it
         T c = alloc("d_o_contiguous", bf16(tokens_, qd), Category::Transient);
         node_end({}, &d_o);
         d_o = c;

@@ -526,6 +526,8 @@ private:
     void hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T& weights);
     void hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv);
     T hf_sinks_backward(HfLayer& sv, T gp);  // gpt-oss: attn_weights' gradient (consumed) -> the masked scores
+    // Eager attention's [B, S, H, D] and [B, H, S, D] memory orders coincide: one head per rank or one position.
+    bool hf_one_row() const { return m_.num_heads / s_.sp == 1 || s_.seq_len == 1; }
     // Under autocast Qwen3's head norms leave q and k fp32 (their fp32 weight times the bf16 value).
     bool hf_fp32_heads() const { return amp_ && m_.qk_norm && !m_.gemma(); }
     T hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_saved, T& cos2, T& sin2);

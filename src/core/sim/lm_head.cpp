@@ -217,13 +217,13 @@ void StepBuilder::hf_model_tensors() {
     hf_positions_ = act("cache_position", elems(S, 1, 8), false);
     drop(arange);
     // The model's masks, in its mapping's order: Mistral and Phi-3 build one (sliding when they have a window),
-    // Qwen2 and Gemma-2 the full one and, with sliding layers, the sliding one, Gemma-3 both always,
+    // Qwen2 and Gemma-2 the full one and, with sliding layers, the sliding one, Gemma-3 and gpt-oss both always,
     // Llama the full one. Each asks masking_utils whether the positions are packed; eager attention
     // gets them materialised (a mask no layer reads lives until the model's forward returns).
     bool any_sliding = false;
     for (bool sliding : m_.sliding_layers) any_sliding = any_sliding || sliding;
     const bool full = !m_.mistral_masking() || !any_sliding;
-    const bool sliding_mask = any_sliding || m_.family == Family::Gemma3;
+    const bool sliding_mask = any_sliding || m_.family == Family::Gemma3 || m_.family == Family::GptOss;
     for (const bool sliding : {false, true}) {
         if (sliding ? !sliding_mask : !full) continue;
         // find_packed_sequence_indices on [B, S] positions (gpt-oss passes no position ids to its
