@@ -1,5 +1,10 @@
 #include <doctest/doctest.h>
 
+#include <fstream>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
 #include "mst/catalog.hpp"
 #include "test_support.hpp"
 
@@ -31,4 +36,17 @@ TEST_CASE("a profile whose overheads eat all memory is rejected on that field") 
     const std::string path = test::data("broken/gpu_no_usable_memory.json");
     const auto msg = test::expect_user_error([&] { (void)load_gpu_file(path); });
     CHECK(msg.rfind(path + ": reserved_overhead_bytes: ", 0) == 0);
+}
+
+// Found by the simulate fuzzer: a large request under min_large_alloc_bytes gets one segment of
+// large_min_segment_bytes; a smaller segment than the request would hand out a block smaller than
+// the tensor (allocated bytes under requested ones).
+TEST_CASE("allocator constants whose smallest large segment cannot hold a large block are refused") {
+    std::ifstream in(std::string(MST_SOURCE_DATA_DIR) + "/profiles/h100-sxm-80gb.json");
+    nlohmann::json j = nlohmann::json::parse(in);
+    j["calibration"]["allocator"]["min_large_alloc_bytes"] = 34288183;  // over the 20 MiB segment
+    const auto msg = test::expect_user_error([&] { (void)parse_gpu(j, "g.json", "g"); });
+    CHECK(msg.rfind("g.json: calibration.allocator.large_min_segment_bytes: expected at least min_large_alloc_bytes (34288183)", 0) == 0);
+    j["calibration"]["allocator"]["min_large_alloc_bytes"] = 20971520;  // equal: the segment holds it
+    CHECK_NOTHROW((void)parse_gpu(j, "g.json", "g"));
 }

@@ -45,6 +45,12 @@ GpuProfile parse_gpu(const nlohmann::json& profile, const std::string& where, co
     al.large_segment_round_bytes = a.integer("large_segment_round_bytes", 1, kMaxMemory);
     if (al.small_segment_bytes < al.small_size_bytes)
         a.fail("small_segment_bytes", "expected at least small_size_bytes (a small segment must hold a small block)");
+    // A large request under min_large_alloc_bytes gets a segment of large_min_segment_bytes (PyTorch:
+    // kMinLargeAlloc 10 MiB, kLargeBuffer 20 MiB), which must hold it.
+    if (al.large_min_segment_bytes < al.min_large_alloc_bytes)
+        a.fail("large_min_segment_bytes", fmt::format("expected at least min_large_alloc_bytes ({}): the segment a large block "
+                                                      "under that size gets must hold it, got {}",
+                                                      al.min_large_alloc_bytes, al.large_min_segment_bytes));
     a.reject_unknown();
     c.known({"note"});  // where the constants come from, for a person
     c.reject_unknown();
