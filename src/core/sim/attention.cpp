@@ -544,13 +544,12 @@ T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_sa
         const std::int64_t rest = checked_mul(heads, m_.head_dim - m_.rotary_dim);
         *pass = !amp_ ? hold(d) : rest > 0 ? alloc("d_rope.pass_bf16", bf16(tokens_, rest), Category::Transient) : T{};
     }
-    T d_cos = hold(d);  // AddBackward0 hands the gradient to both products
-    // A product's gradient for its x-side factor: under autocast (fp32 tables) computed in fp32,
-    // then cast to x's bf16 (Qwen3's normed heads are fp32 already).
+    // A product's gradient for its x-side factor ([T, width]): under autocast (fp32 tables) computed
+    // in fp32, then cast to x's bf16 (Qwen3's normed heads are fp32 already).
     const int xb = hf_fp32_heads() ? 4 : 2;
-    auto factor_grad = [&](const char* name) {
-        T g32 = amp_ && xb == 2 ? alloc("d_rope.product_fp32", f32(tokens_, dim), Category::Transient) : T{};
-        T g = alloc(name, elems(tokens_, dim, xb), Category::Transient);
+    auto factor_grad = [&](const char* name, std::int64_t width) {
+        T g32 = amp_ && xb == 2 ? alloc("d_rope.product_fp32", f32(tokens_, width), Category::Transient) : T{};
+        T g = alloc(name, elems(tokens_, width, xb), Category::Transient);
         drop(g32);
         return g;
     };
@@ -559,14 +558,8 @@ T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_sa
         // AddBackward0 (second) passes its gradient to both products, SubBackward0 (first) its
         // negation to x2 sin; each product's gradient reaches SplitBackward0's buffer for its half
         // (a second one is added in place), which joins the halves.
-        drop(d_cos);
         const std::int64_t h = dim / 2;
-        auto half_grad = [&](const char* name) {
-            T g32 = amp_ && xb == 2 ? alloc("d_rope.product_fp32", f32(tokens_, h), Category::Transient) : T{};
-            T g = alloc(name, elems(tokens_, h, xb), Category::Transient);
-            drop(g32);
-            return g;
-        };
+        auto half_grad = [&](const char* name) { return factor_grad(name, h); };
         T g_first = hold(d), g_second = d;
         T g_second2 = hold(g_second);
         T gx1 = half_grad("d_rope.x1_sin");  // x1 * sin
@@ -584,8 +577,9 @@ T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_sa
         drop(gx1), drop(gx2);
         return gx;
     }
+    T d_cos = hold(d);  // AddBackward0 hands the gradient to both products
     // MulBackward0 (rotated * sin)
-    T gr = factor_grad("d_rope.rotated");
+    T gr = factor_grad("d_rope.rotated", dim);
     node_end({&sin_saved}, &d);
     // CatBackward0 narrows gr into the halves' gradients (views); NegBackward0 on the first
     T half1 = hold(gr), half2 = hold(gr);
@@ -599,7 +593,7 @@ T StepBuilder::hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_sa
     node_end({}, &half2);
     accumulate(gx, gx1, false);
     // MulBackward0 (x * cos)
-    T gc = factor_grad("d_rope.x_cos");
+    T gc = factor_grad("d_rope.x_cos", dim);
     node_end({&cos_saved}, &d_cos);
     accumulate(gx, gc, false);
     return gx;
