@@ -283,6 +283,9 @@ CASES = [
     ("emit refused after its folder", ["emit", "--plan", write_json("bf16_plan.json", changed(PLAN, ["setup", "zero_stage"], 0)), "--format", "deepspeed", "--out", o("new/cfg")], r"deepspeed: setup.precision|deepspeed: setup.|prediction."),
     ("measure refused after its folder", M[:-1] + ["100000000", "--out", o("run1")], r"measure: backend cpu: "),
     ("measure into a file", M + ["--out", o("taken")], r"taken: out: expected a directory that exists or can be created"),
+    # An empty --attention is a mistake, not a request for the model's default attention.
+    ("recommend with an empty attention", ["recommend", "--model", "tiny-llama", "--seq", "1024", "--attention", ""], r"command line: attention: expected one of flash, eager, got ''"),
+    ("estimate with an empty attention", ["estimate", "--model", "tiny-llama", "--seq", "1024", "--attention", ""], r"command line: attention: expected one of flash, eager, got ''"),
     ("recommend that fits nothing", ["recommend", "--model", "llama-3.1-70b", "--gpu", "rtx-4090-24gb", "--seq", "4096", "--out", o("plan.json")], r"llama-3.1-70b: no setup fits: expected one for 4096 tokens on 1 x rtx-4090-24gb within "),
     ("report whose check fails", ["report", str(IN / "off"), "--check", "--out", o("README.md")], r"report: check: expected every measurement within 1 % of the predicted peak"),
     ("compare svg into a missing folder", ["compare", "--run", measured_file, "--svg", o("no/overlay.svg")], r"overlay.svg: file: expected a writable path"),

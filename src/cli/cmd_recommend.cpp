@@ -28,6 +28,7 @@ struct TunerArgs {
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention;
     std::string optimizer_impl = "fused", runtime = "hf";
     std::string for_format;  // recommend --for
+    const CLI::Option* attention_option = nullptr;  // given: parsed (an empty value is an error), else the model's default
 
     // training_knobs: --seq, --precision, ... here (recommend), or from SetupOptions (max-seq).
     void add_to(CLI::App& cmd, bool training_knobs) {
@@ -46,7 +47,9 @@ struct TunerArgs {
         cmd.add_option("--precision", precision, "pure-bf16 | bf16-master | amp")->capture_default_str();
         cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
         cmd.add_option("--optimizer-state-dtype", state_dtype, "fp32 | bf16");
-        cmd.add_option("--attention", attention, "flash | eager (default: what transformers runs unasked: flash (SDPA), eager for gpt-oss, which SDPA cannot run)");
+        attention_option = cmd.add_option("--attention", attention,
+                                          "flash | eager (default: what transformers runs unasked: flash (SDPA), eager for "
+                                          "gpt-oss, which SDPA cannot run)");
         cmd.add_option("--optimizer-impl", optimizer_impl, "fused (the HF Trainer's default) | foreach | for-loop")
             ->capture_default_str();
         cmd.add_option("--runtime", runtime, "hf (transformers + PyTorch: what users run) | kernels (mst-plan's executor)")
@@ -65,7 +68,8 @@ struct TunerArgs {
         rq.base.precision = parse_precision(precision, "command line");
         rq.base.optimizer = parse_optimizer(optimizer, "command line");
         if (!state_dtype.empty()) rq.base.state_dtype = parse_state_dtype(state_dtype, "command line");
-        rq.base.attention = attention.empty() ? default_attention(rq.model) : parse_attention(attention, "command line");
+        const bool given = attention_option && attention_option->count() > 0;
+        rq.base.attention = given ? parse_attention(attention, "command line") : default_attention(rq.model);
         rq.base.optimizer_impl = parse_optimizer_impl(optimizer_impl, "command line");
         rq.base.runtime = parse_runtime(runtime, "command line");
         rq.seq_len = seq;
