@@ -40,7 +40,9 @@ expect_run(2 "^error: --pin: colour: expected one of" recommend --model tiny-lla
 # gpt-oss: eager attention unasked (transformers' own choice); what it cannot plan is named before any search.
 expect_run(0 "eager attention" estimate --model gpt-oss-20b --gpu b200-180gb --seq 1024)
 expect_run(2 "^error: setup: attention: expected eager for a model with attention sinks" recommend --model gpt-oss-20b --gpu b200-180gb --seq 2048 --attention flash)
-expect_run(2 "^error: setup: runtime: expected hf for gpt-oss" recommend --model gpt-oss-20b --gpu b200-180gb --seq 2048 --runtime kernels)
+# mst-plan's own executor runs gpt-oss's sinks in its flash kernel: flash unasked there, eager refused.
+expect_run(0 "pure-bf16, adamw \\(bf16 states\\), flash attention" estimate --model gpt-oss-20b --gpu b200-180gb --seq 1024 --runtime kernels)
+expect_run(2 "^error: setup: attention: expected flash for a model with attention sinks in the kernels runtime" recommend --model gpt-oss-20b --gpu b200-180gb --seq 2048 --runtime kernels --attention eager)
 expect_run(2 "^error: --allow: offload: expected yes or no" recommend --model tiny-llama --seq 1024 --allow offload=maybe)
 expect_run(0 "checkpointing \\+ MsT" max-seq --model tiny-llama --gpu rtx-4090-24gb)
 expect_run(0 "your setup" max-seq --model tiny-llama --gpu rtx-4090-24gb --checkpoint all --mlp-chunks 2)

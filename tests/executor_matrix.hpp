@@ -155,6 +155,28 @@ inline const MatrixCase kMatrix[] = {
     {"Qwen3-MoE top-1: one-token chunks (loop M=32), micro-batch 2", "tiny_qwen3_moe_top1.json", 16, [](TrainingSetup& s, std::int64_t) {
          s.micro_batch = 2, s.mlp_chunks = 32;
      }},
+    {"gpt-oss: sinks, biased router and experts, clamped SwiGLU, local + global layers (M = 1)", "tiny_gpt_oss.json", 32,
+     [](TrainingSetup&, std::int64_t) {}},
+    {"gpt-oss: loop M=3, checkpoint all, AMP", "tiny_gpt_oss.json", 32, [](TrainingSetup& s, std::int64_t L) {
+         s.mlp_chunks = 3, s.checkpoint.assign(static_cast<std::size_t>(L), true), s.precision = Precision::AmpFp32;
+     }},
+    {"gpt-oss: tiled M=4, optimizer in backward, fused M=2, bf16 master", "tiny_gpt_oss.json", 32,
+     [](TrainingSetup& s, std::int64_t) {
+         s.mlp_chunks = 4, s.mlp_impl = MlpImpl::Tiled, s.optimizer_in_backward = true, s.precision = Precision::Bf16Master;
+         s.lm_chunks = 2, s.lm_impl = LmHeadImpl::FusedForward;
+     }},
+    {"gpt-oss: grad_accum 2, micro-batch 2, checkpoint layer 1 offloaded, SGD", "tiny_gpt_oss.json", 16,
+     [](TrainingSetup& s, std::int64_t) {
+         s.grad_accum = 2, s.micro_batch = 2, s.checkpoint = {false, true}, s.offload_checkpoints = true;
+         s.optimizer = Optimizer::SgdMomentum;
+     }},
+    {"Qwen2: q/k/v biases, sliding window above layer 1, tied (M = 1)", "tiny_qwen2.json", 32, [](TrainingSetup&, std::int64_t) {}},
+    {"Qwen2: eager, AMP, loop M=2, checkpoint all", "tiny_qwen2.json", 32, [](TrainingSetup& s, std::int64_t L) {
+         s.attention = Attention::Eager, s.precision = Precision::AmpFp32, s.mlp_chunks = 2;
+         s.checkpoint.assign(static_cast<std::size_t>(L), true);
+     }},
+    {"Llama with attention and MLP biases: tiled M=3, optimizer in backward", "tiny_llama_bias.json", 32,
+     [](TrainingSetup& s, std::int64_t) { s.mlp_chunks = 3, s.mlp_impl = MlpImpl::Tiled, s.optimizer_in_backward = true; }},
     {"default", "small-llama", 12, [](TrainingSetup&, std::int64_t) {}},
     {"eager, bf16 master, tiled M=2, fused M=2", "small-llama", 12, [](TrainingSetup& s, std::int64_t) {
          s.attention = Attention::Eager, s.precision = Precision::Bf16Master;

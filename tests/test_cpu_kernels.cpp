@@ -610,6 +610,104 @@ TEST_CASE("attention: flash backward equals finite differences (GQA, window, sof
     CHECK(fd_error(a.v, g.dv, loss, 60, 303) < 1e-3);
 }
 
+// ---- attention sinks (gpt-oss) -----------------------------------------------------------------
+
+namespace {
+
+// Flash forward and backward with sinks, and the sinks' gradient from lse and delta.
+AttnOut run_flash_sinks(const AttentionConfig& c, const AttnData& a, Vec& dsinks) {
+    AttnOut r{Vec(a.q.size()), Vec(static_cast<std::size_t>(flash_lse_floats(c))), Vec(a.q.size()), Vec(a.k.size()),
+              Vec(a.k.size())};
+    flash_attention_forward(r.o.data(), r.lse.data(), a.q.data(), a.k.data(), a.v.data(), c);
+    Vec dq_ws(static_cast<std::size_t>(flash_dq_workspace_floats(c)));
+    Vec delta(static_cast<std::size_t>(flash_delta_workspace_floats(c)));
+    flash_attention_backward(r.dq.data(), r.dk.data(), r.dv.data(), dq_ws.data(), delta.data(), a.dout.data(),
+                             a.q.data(), a.k.data(), a.v.data(), r.o.data(), r.lse.data(), c);
+    dsinks.assign(static_cast<std::size_t>(c.nh), 0.0f);
+    attention_sinks_backward(dsinks.data(), r.lse.data(), delta.data(), c);
+    return r;
+}
+
+}  // namespace
+
+TEST_CASE("attention sinks: by hand, one key: o = v / (1 + exp(sink - s)), lse = log(exp(s) + exp(sink))") {
+    AttentionConfig c = cfg(1, 1, 1, 1, 4, 0, 0.0f, 1.0f);
+    const Vec sinks = {0.5f};
+    c.sinks = sinks.data();
+    const AttnData a{{1.0f, 0.0f, 0.0f, 0.0f}, {2.0f, 0.0f, 0.0f, 0.0f}, {1.0f, -2.0f, 3.0f, 4.0f}, {1.0f, 0.0f, 0.0f, 0.0f}};
+    Vec dsinks;
+    const AttnOut r = run_flash_sinks(c, a, dsinks);
+    const double p = 1.0 / (1.0 + std::exp(0.5 - 2.0));  // the key's probability; the sink takes the rest
+    CHECK(r.o[0] == doctest::Approx(p * 1.0));
+    CHECK(r.o[1] == doctest::Approx(p * -2.0));
+    CHECK(r.lse[0] == doctest::Approx(std::log(std::exp(2.0) + std::exp(0.5))));
+    // L = o_0 = p v_0: dL/dsink = -p (1 - p) v_0
+    CHECK(dsinks[0] == doctest::Approx(-p * (1.0 - p) * 1.0));
+}
+
+TEST_CASE("attention sinks: flash equals the full-scores reference, forward and backward, and the sinks' gradient equals finite differences") {
+    for (const auto& tc : attention_cases()) {
+        CAPTURE(tc.name);
+        AttentionConfig c = tc.c;
+        Vec sinks = randn(c.nh, 700, 2.0f);
+        c.sinks = sinks.data();
+        AttnData a = attn_data(c, 710);
+        Vec dsinks;
+        const AttnOut got = run_flash_sinks(c, a, dsinks);
+        const AttnOut want = run_reference(c, a);
+        CHECK(rel_err(got.o, want.o) < 1e-5);
+        CHECK(rel_err(got.lse, want.lse) < 1e-5);
+        CHECK(rel_err(got.dq, want.dq) < 1e-4);
+        CHECK(rel_err(got.dk, want.dk) < 1e-4);
+        CHECK(rel_err(got.dv, want.dv) < 1e-4);
+        Vec dsinks_ref(static_cast<std::size_t>(c.nh));
+        ref::attention_sinks_backward(dsinks_ref.data(), a.dout.data(), a.q.data(), a.k.data(), a.v.data(), c);
+        CHECK(rel_err(dsinks, dsinks_ref) < 1e-4);
+        // The sinks take probability away: a different output than without them.
+        AttentionConfig plain = c;
+        plain.sinks = nullptr;
+        CHECK(rel_err(run_flash(plain, a).o, got.o) > 1e-2);
+
+        auto loss = [&] {
+            Vec o(a.q.size()), lse(static_cast<std::size_t>(flash_lse_floats(c)));
+            flash_attention_forward(o.data(), lse.data(), a.q.data(), a.k.data(), a.v.data(), c);
+            return dot(o, a.dout);
+        };
+        // A sink moves every output of its head (B*S*hd of them): eps = 1e-2 keeps their fp32
+        // rounding (~sqrt(B*S*hd) * 6e-8 / (2 eps)) well under the bound; truncation is ~1e-4.
+        CHECK(fd_error(sinks, dsinks, loss, static_cast<int>(c.nh), 720, 1e-2f) < 1e-3);
+        CHECK(fd_error(a.q, got.dq, loss, 40, 721) < 1e-3);
+        CHECK(fd_error(a.k, got.dk, loss, 40, 722) < 1e-3);
+    }
+}
+
+TEST_CASE("attention sinks: the gradient accumulates, bf16 sinks read as stored, and eager refuses sinks") {
+    AttentionConfig c = cfg(2, 19, 4, 2, 8, 5);
+    const Vec sinks = bf16_exact(randn(c.nh, 730));
+    c.sinks = sinks.data();
+    const AttnData a = attn_data(c, 740);
+    Vec once;
+    const AttnOut r = run_flash_sinks(c, a, once);
+    const BVec sinks_b = to_bf16(sinks);
+    AttentionConfig cb = c;
+    cb.sinks = sinks_b.data(), cb.sinks_dtype = DType::BF16;
+    Vec again;
+    const AttnOut rb = run_flash_sinks(cb, a, again);
+    CHECK(rb.o == r.o);  // the same values, stored in bf16
+    CHECK(again == once);
+    Vec delta(static_cast<std::size_t>(flash_delta_workspace_floats(c))), dq_ws(a.q.size()), dq(a.q.size()),
+        dk(a.k.size()), dv(a.k.size());
+    flash_attention_backward(dq.data(), dk.data(), dv.data(), dq_ws.data(), delta.data(), a.dout.data(), a.q.data(),
+                             a.k.data(), a.v.data(), r.o.data(), r.lse.data(), c);
+    Vec twice = once;
+    attention_sinks_backward(twice.data(), r.lse.data(), delta.data(), c);
+    for (std::size_t h = 0; h < once.size(); ++h) CHECK(twice[h] == doctest::Approx(2.0 * once[h]));
+    const auto ss = static_cast<std::size_t>(eager_scores_floats(c));
+    Vec o(a.q.size()), p32(ss), p(ss), th(ss);
+    CHECK_THROWS_AS(eager_attention_forward(o.data(), p32.data(), p.data(), th.data(), a.q.data(), a.k.data(), a.v.data(), c),
+                    std::logic_error);
+}
+
 TEST_CASE("attention: the dq workspace may be dq itself when dq is fp32") {
     const AttentionConfig c = cfg(1, 19, 2, 1, 8);
     const AttnData a = attn_data(c, 400);
@@ -646,7 +744,7 @@ TEST_CASE("attention: eager over HF's repeated K/V equals eager GQA, and repeat_
 }
 
 TEST_CASE("attention op by op (HF eager: scores, scale, mask, softmax, probs v) equals the fused eager kernel") {
-    for (const AttentionConfig c : {cfg(2, 37, 4, 4, 16), cfg(1, 45, 3, 3, 8, 7)}) {  // full causal; sliding window
+    for (const AttentionConfig& c : {cfg(2, 37, 4, 4, 16), cfg(1, 45, 3, 3, 8, 7)}) {  // full causal; sliding window
         CAPTURE(c.window);
         const AttnData a = attn_data(c, 610);
         const AttnOut want = run_eager(c, a);
@@ -735,10 +833,12 @@ TEST_CASE("swiglu: values by hand") {
 }
 
 TEST_CASE("swiglu: fast equals the reference and the backward equals finite differences") {
-    for (GatedAct act : {GatedAct::Silu, GatedAct::GeluTanh}) {
+    for (GatedAct act : {GatedAct::Silu, GatedAct::GeluTanh, GatedAct::GptOss}) {
         CAPTURE(static_cast<int>(act));
         const std::int64_t n = 1000;  // several kBlock blocks
-        const Vec g = bf16_exact(randn(n, 601, 2.0f)), u = bf16_exact(randn(n, 602)), dm = bf16_exact(randn(n, 603));
+        // gpt-oss: inputs wide enough that about a fifth of them are clamped (|x| > 7 at sd 5.5)
+        const float sd = act == GatedAct::GptOss ? 5.5f : 1.0f;
+        const Vec g = bf16_exact(randn(n, 601, 2.0f * sd)), u = bf16_exact(randn(n, 602, sd)), dm = bf16_exact(randn(n, 603));
         Vec m(n), m_ref(n), dg(n), du(n), dg_ref(n), du_ref(n);
         swiglu_forward(m.data(), g.data(), u.data(), n, act);
         ref::swiglu_forward(m_ref.data(), g.data(), u.data(), n, act);
@@ -774,6 +874,52 @@ TEST_CASE("swiglu: fast equals the reference and the backward equals finite diff
         CHECK(rel_err(to_f32(dgb), dg) < 1e-2);
         CHECK(rel_err(to_f32(dub), du) < 1e-2);
     }
+}
+
+TEST_CASE("swiglu: gpt-oss's clamped activation by hand") {
+    // g = 1, u = 0.5: m = 1 * sigmoid(1.702) * 1.5; g = 10 and u = -9 clamp to 7 and -7: m = 7
+    // sigmoid(11.914) * -6, and neither passes a gradient; at the bounds themselves both do.
+    const Vec g = {1.0f, 10.0f, 7.0f}, u = {0.5f, -9.0f, -7.0f}, dm = {1.0f, 1.0f, 1.0f};
+    Vec m(3), dg(3), du(3);
+    swiglu_forward(m.data(), g.data(), u.data(), 3, GatedAct::GptOss);
+    swiglu_backward(dg.data(), du.data(), dm.data(), g.data(), u.data(), 3, GatedAct::GptOss);
+    const double s1 = 1.0 / (1.0 + std::exp(-1.702)), s7 = 1.0 / (1.0 + std::exp(-1.702 * 7.0));
+    CHECK(m[0] == doctest::Approx(s1 * 1.5));
+    CHECK(dg[0] == doctest::Approx(1.5 * (s1 + 1.702 * s1 * (1.0 - s1))));
+    CHECK(du[0] == doctest::Approx(s1));
+    CHECK(m[1] == doctest::Approx(7.0 * s7 * -6.0));
+    CHECK(dg[1] == 0.0f);
+    CHECK(du[1] == 0.0f);
+    CHECK(m[2] == doctest::Approx(7.0 * s7 * -6.0));
+    CHECK(dg[2] == doctest::Approx(-6.0 * (s7 + 1.702 * 7.0 * s7 * (1.0 - s7))));
+    CHECK(du[2] == doctest::Approx(7.0 * s7));
+}
+
+// ---- a linear's bias -------------------------------------------------------------------------
+
+TEST_CASE("bias: fast equals the reference, the gradient accumulates and equals finite differences") {
+    const std::int64_t n = 37, o = 300;  // columns span two kBlock blocks
+    const Vec x = randn(n * o, 801), b = randn(o, 802), w = randn(n * o, 803);
+    Vec y = x, y_ref = x;
+    bias_forward(y.data(), b.data(), n, o);
+    ref::bias_forward(y_ref.data(), b.data(), n, o);
+    CHECK(rel_err(y, y_ref) < 1e-6);
+    CHECK(y[static_cast<std::size_t>(2 * o + 5)] == x[static_cast<std::size_t>(2 * o + 5)] + b[5]);
+    Vec db(o, 1.0f), db_ref(o, 1.0f);  // accumulates onto what is there
+    bias_backward(db.data(), w.data(), n, o);
+    ref::bias_backward(db_ref.data(), w.data(), n, o);
+    CHECK(rel_err(db, db_ref) < 1e-5);
+    Vec bb = b, g(o, 0.0f);
+    bias_backward(g.data(), w.data(), n, o);
+    auto loss = [&] {
+        Vec out = x;
+        bias_forward(out.data(), bb.data(), n, o);
+        return dot(out, w);
+    };
+    CHECK(fd_error(bb, g, loss, 60, 804) < 1e-3);
+    BVec yb = to_bf16(x);
+    bias_forward(yb.data(), to_bf16(b).data(), n, o);
+    CHECK(rel_err(to_f32(yb), y) < 1e-2);
 }
 
 // ---- Mixture-of-Experts routing, dispatch, combine ---------------------------------------------

@@ -81,7 +81,7 @@ TEST_CASE("amp in the hf runtime: every family, flash and eager attention") {
     }
 }
 
-TEST_CASE("gpt-oss: the hf runtime with eager attention, the rest is one line") {
+TEST_CASE("gpt-oss: the hf runtime with eager attention, the kernels runtime with flash, the rest is one line") {
     const ModelSpec m = find_model("gpt-oss-20b");
     TrainingSetup s;  // runtime hf
     s.seq_len = 4096;
@@ -113,12 +113,20 @@ TEST_CASE("gpt-oss: the hf runtime with eager attention, the rest is one line") 
     CHECK(test::expect_user_error([&] { validate(mixtral, odd); }).rfind("setup: runtime: expected a hidden size (64) and an expert", 0) == 0);
     mixtral.runtime = Runtime::Kernels;
     CHECK_NOTHROW(validate(mixtral, odd));
-    // Unasked, the attention is transformers' own choice: SDPA (flash) where the model has that path.
-    CHECK(default_attention(m) == Attention::Eager);
-    CHECK(default_attention(find_model("llama-3-8b")) == Attention::Flash);
+    // Unasked, the attention is the runtime's own choice: transformers' SDPA (flash) where the model
+    // has that path, else eager; mst-plan's executor runs sinks in its flash kernel.
+    CHECK(default_attention(m, Runtime::Hf) == Attention::Eager);
+    CHECK(default_attention(m, Runtime::Kernels) == Attention::Flash);
+    CHECK(default_attention(find_model("llama-3-8b"), Runtime::Hf) == Attention::Flash);
     CHECK(parse_setup(nlohmann::json::object(), m, "s.json").attention == Attention::Eager);
+    CHECK(parse_setup(nlohmann::json{{"runtime", "kernels"}}, m, "s.json").attention == Attention::Flash);
     CHECK(parse_setup(nlohmann::json{{"attention", "flash"}}, find_model("llama-3-8b"), "s.json").attention == Attention::Flash);
-    CHECK(error_for([](TrainingSetup& t) { t.runtime = Runtime::Kernels; }).rfind("setup: runtime: expected hf", 0) == 0);
+    CHECK(error_for([](TrainingSetup& t) { t.runtime = Runtime::Kernels; }).rfind("setup: attention: expected flash", 0) == 0);
+    CHECK_NOTHROW(validate([&] {
+        TrainingSetup t = s;
+        t.runtime = Runtime::Kernels, t.attention = Attention::Flash;
+        return t;
+    }(), m));
 }
 
 TEST_CASE("the bounds of every knob are validate()'s, whatever path the setup came by") {

@@ -20,17 +20,28 @@ enum class NormKind : std::uint8_t {
 enum class GatedAct : std::uint8_t {
     Silu,      // Llama SwiGLU: silu(g) * u
     GeluTanh,  // Gemma GeGLU: gelu_tanh(g) * u
+    // gpt-oss's clamped SwiGLU (GptOssExperts): with g' = min(g, 7) and u' = clamp(u, -7, 7),
+    // m = g' * sigmoid(1.702 g') * (u' + 1); a clamped input passes no gradient.
+    GptOss,
 };
+inline constexpr float kGptOssAlpha = 1.702f;  // GptOssExperts.alpha
+inline constexpr float kGptOssLimit = 7.0f;    // GptOssConfig.swiglu_limit
 
 // Attention: causal, GQA, optional sliding window and logit soft-capping.
 // q, o [B*S, nh*hd]; k, v [B*S, nkv*hd]; query head h reads kv head h / (nh/nkv) (HF repeat_kv).
 // Score s(t,u) = q_t.k_u * scale, then (softcap > 0) s = softcap * tanh(s / softcap), masked
 // unless u <= t and (window == 0 or t - u < window).
+// Sinks (gpt-oss): each row's softmax also takes its head's logit sinks[h], whose value row is
+// zero (it only takes probability away): p_u = exp(s_u - lse), lse = log(exp(sinks[h]) + sum_u
+// exp(s_u)). Its gradient: d sinks[h] = -sum over (b, t) of exp(sinks[h] - lse) * delta, with
+// delta = rowsum(dout * o) (the flash backward's workspace).
 struct AttentionConfig {
     std::int64_t B = 1, S = 1, nh = 1, nkv = 1, hd = 1;
     float scale = 1.0f;       // 1/sqrt(hd) for Llama, query_pre_attn_scalar^-0.5 for Gemma-2
     std::int64_t window = 0;  // 0: full causal; else attend to u in [t-window+1, t]
     float softcap = 0.0f;     // 0: none
+    const void* sinks = nullptr;        // [nh] in the backend's memory, stored as sinks_dtype; null: none
+    DType sinks_dtype = DType::F32;
 };
 
 // Why `c` is not an attention configuration kernels taking head_dim <= max_head_dim can run, or

@@ -152,9 +152,9 @@ StateDtype parse_state_dtype(const std::string& s, const std::string& where);
 OptimizerImpl parse_optimizer_impl(const std::string& s, const std::string& where);
 Runtime parse_runtime(const std::string& s, const std::string& where);
 Attention parse_attention(const std::string& s, const std::string& where);
-// The attention transformers runs when the user names none: SDPA (the plan's flash) where the model
-// has an SDPA path, eager where it has not (gpt-oss: SDPA cannot take its sinks).
-Attention default_attention(const ModelSpec& m);
+// The attention a runtime runs when the user names none: flash, except that transformers (runtime
+// hf) runs gpt-oss eager, SDPA being unable to take its sinks.
+Attention default_attention(const ModelSpec& m, Runtime runtime);
 MlpImpl parse_mlp_impl(const std::string& s, const std::string& where);
 LmHeadImpl parse_lm_impl(const std::string& s, const std::string& where);
 

@@ -48,8 +48,8 @@ struct TunerArgs {
         cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
         cmd.add_option("--optimizer-state-dtype", state_dtype, "fp32 | bf16");
         attention_option = cmd.add_option("--attention", attention,
-                                          "flash | eager (default: what transformers runs unasked: flash (SDPA), eager for "
-                                          "gpt-oss, which SDPA cannot run)");
+                                          "flash | eager (default: flash; with runtime hf, what transformers runs unasked: "
+                                          "eager for gpt-oss, which SDPA cannot run)");
         cmd.add_option("--optimizer-impl", optimizer_impl, "fused (the HF Trainer's default) | foreach | for-loop")
             ->capture_default_str();
         cmd.add_option("--runtime", runtime, "hf (transformers + PyTorch: what users run) | kernels (mst-plan's executor)")
@@ -68,10 +68,10 @@ struct TunerArgs {
         rq.base.precision = parse_precision(precision, "command line");
         rq.base.optimizer = parse_optimizer(optimizer, "command line");
         if (!state_dtype.empty()) rq.base.state_dtype = parse_state_dtype(state_dtype, "command line");
-        const bool given = attention_option && attention_option->count() > 0;
-        rq.base.attention = given ? parse_attention(attention, "command line") : default_attention(rq.model);
-        rq.base.optimizer_impl = parse_optimizer_impl(optimizer_impl, "command line");
         rq.base.runtime = parse_runtime(runtime, "command line");
+        const bool given = attention_option && attention_option->count() > 0;
+        rq.base.attention = given ? parse_attention(attention, "command line") : default_attention(rq.model, rq.base.runtime);
+        rq.base.optimizer_impl = parse_optimizer_impl(optimizer_impl, "command line");
         rq.seq_len = seq;
         rq.for_format = for_format;
         if (tokens_per_step > 0) rq.tokens_per_step = tokens_per_step;  // the option's check: >= 1 when given

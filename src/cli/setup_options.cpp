@@ -27,7 +27,7 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
         ->capture_default_str();
     cmd.add_option("--runtime", runtime, "hf (transformers + PyTorch: what users run) | kernels (mst-plan's executor)")
         ->capture_default_str();
-    cmd.add_option("--attention", attention, "flash | eager (default: what transformers runs unasked: flash (SDPA), eager for gpt-oss, which SDPA cannot run)");
+    cmd.add_option("--attention", attention, "flash | eager (default: flash; with runtime hf, what transformers runs unasked: eager for gpt-oss, which SDPA cannot run)");
     cmd.add_option("--mlp-chunks", mlp_chunks, "MsT mini-sequences for the MLP (M_mlp; 1 = unchunked)")->capture_default_str()->check(decimal());
     cmd.add_option("--mlp-chunk-tokens", mlp_chunk_tokens, "Alternatively: MLP chunk size in tokens")->check(decimal());
     cmd.add_option("--mlp-impl", mlp_impl, "loop (MsT reference) | tiled (ALST TiledMLP)")->capture_default_str();
@@ -62,7 +62,7 @@ TrainingSetup SetupOptions::build(const ModelSpec& model) const {
     if (given("--optimizer-impl")) s.optimizer_impl = parse_optimizer_impl(optimizer_impl, w);
     if (given("--runtime") || setup_file.empty()) s.runtime = parse_runtime(runtime, w);
     if (given("--attention")) s.attention = parse_attention(attention, w);
-    else if (setup_file.empty()) s.attention = default_attention(model);
+    else if (setup_file.empty()) s.attention = default_attention(model, s.runtime);
     if (given("--mlp-impl")) s.mlp_impl = parse_mlp_impl(mlp_impl, w);
     if (given("--lm-impl")) s.lm_impl = parse_lm_impl(lm_impl, w);
     if (given("--checkpoint")) s.checkpoint = parse_checkpoint_spec(checkpoint, model.num_layers, w);

@@ -68,7 +68,9 @@ OptimizerImpl parse_optimizer_impl(const std::string& s, const std::string& w) {
 }
 Attention parse_attention(const std::string& s, const std::string& w) { return parse_enum(s, w, "attention", kAttentions); }
 
-Attention default_attention(const ModelSpec& m) { return m.attention_sinks ? Attention::Eager : Attention::Flash; }
+Attention default_attention(const ModelSpec& m, Runtime runtime) {
+    return m.attention_sinks && runtime == Runtime::Hf ? Attention::Eager : Attention::Flash;
+}
 MlpImpl parse_mlp_impl(const std::string& s, const std::string& w) { return parse_enum(s, w, "mlp_impl", kMlpImpls); }
 LmHeadImpl parse_lm_impl(const std::string& s, const std::string& w) { return parse_enum(s, w, "lm_impl", kLmImpls); }
 
@@ -224,14 +226,16 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
 
 void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
-    if (m.family == Family::GptOss && s.runtime == Runtime::Kernels)
-        fail(w, "runtime", "expected hf for gpt-oss (mst-plan's executor has no attention sinks, expert biases or clamped "
-                           "activation yet: the kernels runtime does not model it), got kernels");
     // transformers runs gpt-oss's sinks in eager attention or in the kernels hub's vllm-flash-attn3
     // (flash_attention_2 falls back to it), whose allocations are not modelled yet; SDPA refuses sinks.
-    if (m.attention_sinks && s.attention != Attention::Eager)
-        fail(w, "attention", "expected eager for a model with attention sinks (gpt-oss: its flash path is the kernels hub's "
-                             "vllm-flash-attn3, not modelled yet), got flash");
+    // mst-plan's own executor runs them in its flash kernel only.
+    if (m.attention_sinks && s.runtime == Runtime::Hf && s.attention != Attention::Eager)
+        fail(w, "attention", "expected eager for a model with attention sinks in the hf runtime (gpt-oss: its flash path is "
+                             "the kernels hub's vllm-flash-attn3, not modelled yet; the kernels runtime runs sinks in flash), "
+                             "got flash");
+    if (m.attention_sinks && s.runtime == Runtime::Kernels && s.attention != Attention::Flash)
+        fail(w, "attention", "expected flash for a model with attention sinks in the kernels runtime (mst-plan's executor "
+                             "runs gpt-oss's sinks in its flash kernel; runtime hf models transformers' eager path), got eager");
     // A head of 2 rotates two 1-wide halves, whose concatenation PyTorch lays out channels-last with
     // several sequences: the eager products then copy q and k, which is not modelled.
     if (m.rotary_half_tables() && m.head_dim < 4 && s.micro_batch > 1)
@@ -300,7 +304,7 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     s.optimizer_in_backward = r.opt_boolean("optimizer_in_backward").value_or(false);
     if (auto v = r.opt_string("optimizer_impl")) s.optimizer_impl = parse_optimizer_impl(*v, where);
     if (auto v = r.opt_string("runtime")) s.runtime = parse_runtime(*v, where);
-    s.attention = default_attention(model);
+    s.attention = default_attention(model, s.runtime);
     if (auto v = r.opt_string("attention")) s.attention = parse_attention(*v, where);
     s.dp = r.opt_integer("dp", 1, limits::kGpus).value_or(1);
     s.sp = r.opt_integer("sp", 1, limits::kGpus).value_or(1);

@@ -13,7 +13,8 @@
 // memory; K rows padded to hd + 1 floats so the 32 lanes hit 32 banks), an online softmax
 // updates the row's running max m and sum l, and the row's output accumulator (lane e holds
 // elements e, e+32, ... in registers) adds P V, P broadcast from its lane by shuffles.
-// Saves o and lse = m + log(l).
+// Saves o and lse = m + log(l). A sink (gpt-oss) starts a row at m = sink, l = 1 (attention_sinks_backward
+// then reads lse and delta for its gradient).
 //
 // Backward: delta = rowsum(dout * o) (one warp per row), dq_ws zeroed; then grid (key tiles,
 // nkv, B), 4 warps. A block holds its 32 keys' K and V in shared memory and accumulates their dk
@@ -94,11 +95,13 @@ __global__ void __launch_bounds__(kWarps * 32) flash_forward_kernel(Tensor o, fl
 
     load_tile(Qs, hd, q, nq, kTq, hd, [&](int i) { return q_off(c, b, q0 + i, h); });
 
+    // A sink (gpt-oss) starts each row's online softmax as a column seen first, with a zero value row.
+    const float m0 = c.sinks ? ld(c.sinks, c.sinks_dtype, h) : -INFINITY, l0 = c.sinks ? 1.0f : 0.0f;
     float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][E];
 #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-        m[rr] = -INFINITY;
-        l[rr] = 0.0f;
+        m[rr] = m0;
+        l[rr] = l0;
 #pragma unroll
         for (int jj = 0; jj < E; ++jj) acc[rr][jj] = 0.0f;
     }
@@ -176,6 +179,20 @@ __global__ void flash_delta_kernel(float* delta, ConstTensor dout, ConstTensor o
     for (std::int64_t e = lane; e < c.hd; e += 32) s += ld(dout, row * c.hd + e) * ld(o, row * c.hd + e);
     s = detail::warp_sum(s);
     if (lane == 0) delta[row_off(c, b, h, t)] = s;
+}
+
+// dsinks[h] += -sum over (b, t) of exp(sinks[h] - lse) * delta; one block of 256 per head
+__global__ void sinks_backward_kernel(Tensor dsinks, const float* lse, const float* delta, AttentionConfig c) {
+    __shared__ float shared[32];
+    const std::int64_t h = blockIdx.x;
+    const float sink = ld(c.sinks, c.sinks_dtype, h);
+    float s = 0.0f;
+    for (std::int64_t i = threadIdx.x; i < c.B * c.S; i += blockDim.x) {
+        const std::int64_t r = row_off(c, i / c.S, h, i % c.S);
+        s += expf(sink - lse[r]) * delta[r];
+    }
+    s = detail::block_sum(s, shared);
+    if (threadIdx.x == 0) st(dsinks, h, ld(dsinks, h) - s);
 }
 
 // Dynamic shared memory: Ks, Vs [kTk][hd+1], Qs, dOs [kTq][hd], Ps, dSs [kTq][kTk+1],
@@ -379,6 +396,17 @@ void flash_attention_backward(Tensor dq, Tensor dk, Tensor dv, float* dq_ws, flo
     else
         with_smem(flash_backward_kernel<8>, smem, name, launch);
     if (!(dq.dtype == DType::F32 && dq.data == dq_ws)) cast(dq, dq_ws, flash_dq_workspace_floats(c), stream);
+}
+
+// dsinks[nh] += -sum over (b, t) of exp(sinks[h] - lse) * delta
+void attention_sinks_backward(Tensor dsinks, const float* lse, const float* delta, const AttentionConfig& c,
+                              cudaStream_t stream) {
+    check_attention("attention_sinks_backward", c);
+    detail::require(c.sinks != nullptr && lse != nullptr && delta != nullptr, "attention_sinks_backward",
+                    "sinks, lse and delta are required");
+    if (c.B == 0 || c.S == 0) return;
+    sinks_backward_kernel<<<static_cast<unsigned>(c.nh), 256, 0, stream>>>(dsinks, lse, delta, c);
+    detail::check_launch("attention_sinks_backward");
 }
 
 }  // namespace mst::cuda

@@ -154,6 +154,12 @@ public:
                                 std::int64_t o, bool accumulate) override {
         cuda::linear_backward_weight(*gemm_, g(dW), g(dout), g(in), n, i, o, accumulate);
     }
+    void bias_forward(Tensor out, ConstTensor b, std::int64_t n, std::int64_t o) override {
+        cuda::bias_forward(g(out), g(b), n, o);
+    }
+    void bias_backward(Tensor db, ConstTensor dout, std::int64_t n, std::int64_t o) override {
+        cuda::bias_backward(g(db), g(dout), n, o);
+    }
     void embedding_forward(Tensor out, ConstTensor table, const std::int64_t* ids, std::int64_t n, std::int64_t d,
                            std::int64_t V) override {
         cuda::embedding_forward(g(out), g(table), ids, n, d, V);
@@ -193,6 +199,10 @@ public:
                                   ConstTensor q, ConstTensor k, ConstTensor v, ConstTensor o, const float* lse,
                                   const AttentionConfig& c) override {
         cuda::flash_attention_backward(g(dq), g(dk), g(dv), dq_ws, delta_ws, g(dout), g(q), g(k), g(v), g(o), lse, c);
+    }
+    void attention_sinks_backward(Tensor dsinks, const float* lse, const float* delta,
+                                  const AttentionConfig& c) override {
+        cuda::attention_sinks_backward(g(dsinks), lse, delta, c);
     }
     void repeat_kv_forward(Tensor out, ConstTensor in, std::int64_t rows, std::int64_t nh, std::int64_t nkv,
                            std::int64_t hd) override {

@@ -59,6 +59,11 @@ void fill(Tensor out, std::int64_t n, float value, cudaStream_t stream = nullptr
 // operations, so both backends write the same bits for the same (key, i), whatever the grid.
 void fill_uniform(Tensor out, std::int64_t n, float half_width, std::uint64_t key, cudaStream_t stream = nullptr);
 
+// ---- a linear's bias (the GEMMs are in gemm.cuh) ------------------------------------------------
+// out[n, o] += b[o]; db[o] += sum over rows of dout[n, o] (one block per 32 columns)
+void bias_forward(Tensor out, ConstTensor b, std::int64_t n, std::int64_t o, cudaStream_t stream = nullptr);
+void bias_backward(Tensor db, ConstTensor dout, std::int64_t n, std::int64_t o, cudaStream_t stream = nullptr);
+
 // ---- embedding -------------------------------------------------------------------------------
 // out[n,d] = table[ids[n], :], table [V,d]; ids int64 on the device
 void embedding_forward(Tensor out, ConstTensor table, const std::int64_t* ids, std::int64_t n, std::int64_t d,
@@ -106,6 +111,10 @@ void flash_attention_forward(Tensor o, float* lse, ConstTensor q, ConstTensor k,
 void flash_attention_backward(Tensor dq, Tensor dk, Tensor dv, float* dq_ws, float* delta_ws, ConstTensor dout,
                               ConstTensor q, ConstTensor k, ConstTensor v, ConstTensor o, const float* lse,
                               const AttentionConfig& c, cudaStream_t stream = nullptr);
+// The sinks' gradient after flash_attention_backward filled delta_ws (c.sinks set):
+// dsinks[h] += -sum over (b, t) of exp(sinks[h] - lse) * delta; one block per head.
+void attention_sinks_backward(Tensor dsinks, const float* lse, const float* delta, const AttentionConfig& c,
+                              cudaStream_t stream = nullptr);
 // HF repeat_kv: out[rows, nh*hd] holds kv head h/(nh/nkv) of in[rows, nkv*hd] at head h
 void repeat_kv_forward(Tensor out, ConstTensor in, std::int64_t rows, std::int64_t nh, std::int64_t nkv,
                        std::int64_t hd, cudaStream_t stream = nullptr);
@@ -141,10 +150,10 @@ void softmax_backward(Tensor dx, const float* dy, const float* y, std::int64_t r
                       cudaStream_t stream = nullptr);
 
 // ---- gated MLP activation -------------------------------------------------------------------
-// m[n] = act(g[n]) * u[n]   (n = rows * intermediate)
+// m[n] = act(g[n]) * b(u[n])   (n = rows * intermediate; b(u) = u, gpt-oss: clamp(u, -7, 7) + 1)
 void swiglu_forward(Tensor m, ConstTensor g, ConstTensor u, std::int64_t n, GatedAct act,
                     cudaStream_t stream = nullptr);
-// dg[n] = dm * u * act'(g), du[n] = dm * act(g); dg may alias g and du may alias u.
+// dg[n] = dm * b(u) * act'(g), du[n] = dm * act(g) * b'(u); dg may alias g and du may alias u.
 void swiglu_backward(Tensor dg, Tensor du, ConstTensor dm, ConstTensor g, ConstTensor u, std::int64_t n,
                      GatedAct act, cudaStream_t stream = nullptr);
 

@@ -127,6 +127,32 @@ __global__ void repeat_kv_backward_kernel(Tensor din, ConstTensor dout, std::int
     }
 }
 
+// out[r, c] += b[c] over n x o elements, grid-stride
+__global__ void bias_forward_kernel(Tensor out, ConstTensor b, std::int64_t n, std::int64_t o) {
+    for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n * o;
+         i += std::int64_t(gridDim.x) * blockDim.x)
+        st(out, i, ld(out, i) + ld(b, i % o));
+}
+
+constexpr int kBiasStripe = 32;      // columns per bias-gradient block
+constexpr int kBiasStripeRows = 16;  // warps per block, splitting the rows
+
+// db[c] += sum over rows of dout[r, c]; block (32 x 16), grid ceil(o / 32) (rmsnorm's dw shape)
+__global__ void bias_backward_kernel(Tensor db, ConstTensor dout, std::int64_t n, std::int64_t o) {
+    __shared__ float partial[kBiasStripeRows][kBiasStripe + 1];
+    const std::int64_t c = std::int64_t(blockIdx.x) * kBiasStripe + threadIdx.x;
+    float acc = 0.0f;
+    if (c < o)
+        for (std::int64_t r = threadIdx.y; r < n; r += kBiasStripeRows) acc += ld(dout, r * o + c);
+    partial[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < o) {
+        float s = 0.0f;
+        for (int j = 0; j < kBiasStripeRows; ++j) s += partial[j][threadIdx.x];
+        st(db, c, ld(db, c) + s);
+    }
+}
+
 }  // namespace
 
 // out[n] = in[n]
@@ -164,6 +190,23 @@ void fill_uniform(Tensor out, std::int64_t n, float half_width, std::uint64_t ke
     detail::require(static_cast<bool>(out), "fill_uniform", "out is required");
     fill_uniform_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, n, half_width, key);
     detail::check_launch("fill_uniform");
+}
+
+// out[n, o] += b[o]
+void bias_forward(Tensor out, ConstTensor b, std::int64_t n, std::int64_t o, cudaStream_t stream) {
+    detail::require(n >= 0 && o >= 0, "bias_forward", "n and o must be >= 0");
+    if (n == 0 || o == 0) return;
+    bias_forward_kernel<<<grid_for(n * o), kThreads, 0, stream>>>(out, b, n, o);
+    detail::check_launch("bias_forward");
+}
+
+// db[o] += column sums of dout[n, o]
+void bias_backward(Tensor db, ConstTensor dout, std::int64_t n, std::int64_t o, cudaStream_t stream) {
+    detail::require(n >= 0 && o >= 0, "bias_backward", "n and o must be >= 0");
+    if (n == 0 || o == 0) return;
+    const auto stripes = static_cast<unsigned>((o + kBiasStripe - 1) / kBiasStripe);
+    bias_backward_kernel<<<stripes, dim3(kBiasStripe, kBiasStripeRows), 0, stream>>>(db, dout, n, o);
+    detail::check_launch("bias_backward");
 }
 
 // out[n] = a[n] + b[n]

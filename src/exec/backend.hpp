@@ -87,6 +87,8 @@ public:
                                        std::int64_t o, bool accumulate = false) = 0;
     virtual void linear_backward_weight(Tensor dW, ConstTensor dout, ConstTensor in, std::int64_t n, std::int64_t i,
                                         std::int64_t o, bool accumulate) = 0;
+    virtual void bias_forward(Tensor out, ConstTensor b, std::int64_t n, std::int64_t o) = 0;
+    virtual void bias_backward(Tensor db, ConstTensor dout, std::int64_t n, std::int64_t o) = 0;
 
     virtual void embedding_forward(Tensor out, ConstTensor table, const std::int64_t* ids, std::int64_t n,
                                    std::int64_t d, std::int64_t V) = 0;
@@ -113,6 +115,8 @@ public:
     virtual void flash_attention_backward(Tensor dq, Tensor dk, Tensor dv, float* dq_ws, float* delta_ws,
                                           ConstTensor dout, ConstTensor q, ConstTensor k, ConstTensor v,
                                           ConstTensor o, const float* lse, const AttentionConfig& c) = 0;
+    virtual void attention_sinks_backward(Tensor dsinks, const float* lse, const float* delta,
+                                          const AttentionConfig& c) = 0;
     virtual void repeat_kv_forward(Tensor out, ConstTensor in, std::int64_t rows, std::int64_t nh, std::int64_t nkv,
                                    std::int64_t hd) = 0;
     virtual void repeat_kv_backward(Tensor din, ConstTensor dout, std::int64_t rows, std::int64_t nh,

@@ -65,6 +65,12 @@ void CpuBackend::linear_backward_weight(Tensor dW, ConstTensor dout, ConstTensor
                                         std::int64_t o, bool accumulate) {
     cpu::linear_backward_weight(c(dW), c(dout), c(in), n, i, o, accumulate);
 }
+void CpuBackend::bias_forward(Tensor out, ConstTensor b, std::int64_t n, std::int64_t o) {
+    cpu::bias_forward(c(out), c(b), n, o);
+}
+void CpuBackend::bias_backward(Tensor db, ConstTensor dout, std::int64_t n, std::int64_t o) {
+    cpu::bias_backward(c(db), c(dout), n, o);
+}
 
 void CpuBackend::embedding_forward(Tensor out, ConstTensor table, const std::int64_t* ids, std::int64_t n,
                                    std::int64_t d, std::int64_t V) {
@@ -108,6 +114,10 @@ void CpuBackend::flash_attention_backward(Tensor dq, Tensor dk, Tensor dv, float
                                           ConstTensor dout, ConstTensor q, ConstTensor k, ConstTensor v,
                                           ConstTensor o, const float* lse, const AttentionConfig& a) {
     cpu::flash_attention_backward(c(dq), c(dk), c(dv), dq_ws, delta_ws, c(dout), c(q), c(k), c(v), c(o), lse, a);
+}
+void CpuBackend::attention_sinks_backward(Tensor dsinks, const float* lse, const float* delta,
+                                          const AttentionConfig& a) {
+    cpu::attention_sinks_backward(c(dsinks), lse, delta, a);
 }
 void CpuBackend::repeat_kv_forward(Tensor out, ConstTensor in, std::int64_t rows, std::int64_t nh, std::int64_t nkv,
                                    std::int64_t hd) {

@@ -37,6 +37,8 @@ public:
                                std::int64_t o, bool accumulate) override;
     void linear_backward_weight(Tensor dW, ConstTensor dout, ConstTensor in, std::int64_t n, std::int64_t i,
                                 std::int64_t o, bool accumulate) override;
+    void bias_forward(Tensor out, ConstTensor b, std::int64_t n, std::int64_t o) override;
+    void bias_backward(Tensor db, ConstTensor dout, std::int64_t n, std::int64_t o) override;
     void embedding_forward(Tensor out, ConstTensor table, const std::int64_t* ids, std::int64_t n, std::int64_t d,
                            std::int64_t V) override;
     void embedding_backward(Tensor dtable, ConstTensor dout, const std::int64_t* ids, std::int64_t n, std::int64_t d,
@@ -56,6 +58,8 @@ public:
                                  const AttentionConfig& c) override;
     void flash_attention_backward(Tensor dq, Tensor dk, Tensor dv, float* dq_ws, float* delta_ws, ConstTensor dout,
                                   ConstTensor q, ConstTensor k, ConstTensor v, ConstTensor o, const float* lse,
+                                  const AttentionConfig& c) override;
+    void attention_sinks_backward(Tensor dsinks, const float* lse, const float* delta,
                                   const AttentionConfig& c) override;
     void repeat_kv_forward(Tensor out, ConstTensor in, std::int64_t rows, std::int64_t nh, std::int64_t nkv,
                            std::int64_t hd) override;

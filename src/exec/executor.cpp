@@ -48,8 +48,6 @@ void check_supported(const ModelSpec& m, const TrainingSetup& s, const Backend& 
     if (s.sp > 1) fail(w, "sp", who + " runs one process; sequence parallelism (sp > 1) cannot run on it");
     if (s.optimizer == Optimizer::AdamW8bit)
         fail(w, "optimizer", who + " has no 8-bit AdamW (bitsandbytes' blockwise quantisation); use adamw or sgd");
-    if (m.qkv_bias || m.o_bias || m.mlp_bias)
-        fail(m.name, "attention_bias", who + " has no bias kernels (q/k/v, o or MLP biases)");
     if (m.hidden_act != "silu" && m.hidden_act != "gelu_pytorch_tanh")
         fail(m.name, "hidden_act", fmt::format("{} implements silu and gelu_pytorch_tanh, got '{}'", who, m.hidden_act));
     if (m.head_dim > b.max_head_dim())
@@ -123,6 +121,11 @@ AttentionConfig Step::attention_config(int l) const {
                                        : 1.0f / std::sqrt(static_cast<float>(m_.head_dim));
     if (m_.sliding_window && m_.sliding_layers[static_cast<std::size_t>(l)]) c.window = *m_.sliding_window;
     if (m_.attn_logit_softcapping) c.softcap = static_cast<float>(*m_.attn_logit_softcapping);
+    const int sinks = layer_params_[static_cast<std::size_t>(l)].sinks;
+    if (sinks >= 0) {  // read as stored (under AMP the fp32 parameter itself: no autocast copy)
+        const Ten& w = params_[static_cast<std::size_t>(sinks)].weight;
+        c.sinks = w.buf->data(), c.sinks_dtype = w.dtype;
+    }
     return c;
 }
 
@@ -147,49 +150,58 @@ Step::Step(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t see
     B_ = s_.micro_batch, S_ = s_.seq_len, T_ = B_ * S_;
     gemma_ = m_.gemma();
     norm_kind_ = gemma_ ? NormKind::Gemma : NormKind::Llama;  // gain w or 1 + w
-    gated_ = m_.hidden_act == "silu" ? GatedAct::Silu : GatedAct::GeluTanh;
+    gated_ = m_.moe && m_.moe->gpt_oss ? GatedAct::GptOss : m_.hidden_act == "silu" ? GatedAct::Silu : GatedAct::GeluTanh;
+    normalize_ = m_.moe && (m_.moe->normalize_top_k || m_.moe->gpt_oss);
     result_.timeline.micro_steps = static_cast<std::int32_t>(s_.grad_accum);
     build_params();
 }
 
 void Step::build_params() {
     const std::int64_t d = m_.hidden_size, I = m_.intermediate_size;
-    auto add = [&](const char* name, std::int32_t layer, std::int64_t rows, std::int64_t cols) {
+    auto add = [&](const char* name, std::int32_t layer, std::int64_t rows, std::int64_t cols, bool bias = false) {
         Param p;
-        p.name = name, p.layer = layer, p.rows = rows, p.cols = cols;
+        p.name = name, p.layer = layer, p.rows = rows, p.cols = cols, p.bias = bias;
         params_.push_back(std::move(p));
         return static_cast<int>(params_.size() - 1);
     };
+    auto gain = [&](const char* name, std::int32_t layer, std::int64_t size) {
+        const int p = add(name, layer, 1, size);
+        params_.back().gain = true;
+        return p;
+    };
+    const bool qkv_bias = m_.qkv_bias, o_bias = m_.o_bias, mlp_bias = m_.mlp_bias;
     embed_ = add("embed_tokens", -1, m_.vocab_size, d);                         // [V, d]
     for (std::int32_t l = 0; l < m_.num_layers; ++l) {
         LayerParams lp;
-        lp.norm1 = add("input_norm", l, 1, d);                                  // [d]
-        lp.q = add("q_proj", l, m_.q_dim(), d);                                 // [q_dim, d]
-        lp.k = add("k_proj", l, m_.kv_dim(), d);                                // [kv_dim, d]
-        lp.v = add("v_proj", l, m_.kv_dim(), d);                                // [kv_dim, d]
-        lp.o = add("o_proj", l, d, m_.q_dim());                                 // [d, q_dim]
+        lp.norm1 = gain("input_norm", l, d);                                    // [d]
+        lp.q = add("q_proj", l, m_.q_dim(), d, qkv_bias);                       // [q_dim, d] (+ [q_dim])
+        lp.k = add("k_proj", l, m_.kv_dim(), d, qkv_bias);                      // [kv_dim, d] (+ [kv_dim])
+        lp.v = add("v_proj", l, m_.kv_dim(), d, qkv_bias);                      // [kv_dim, d] (+ [kv_dim])
+        lp.o = add("o_proj", l, d, m_.q_dim(), o_bias);                         // [d, q_dim] (+ [d])
         if (m_.qk_norm) {                                                       // Qwen3
-            lp.q_norm = add("q_norm", l, 1, m_.head_dim);                       // [head_dim]
-            lp.k_norm = add("k_norm", l, 1, m_.head_dim);                       // [head_dim]
+            lp.q_norm = gain("q_norm", l, m_.head_dim);                         // [head_dim]
+            lp.k_norm = gain("k_norm", l, m_.head_dim);                         // [head_dim]
         }
-        if (gemma_) lp.post_attn_norm = add("post_attention_norm", l, 1, d);    // [d]
-        lp.norm2 = add(gemma_ ? "pre_feedforward_norm" : "post_attention_norm", l, 1, d);  // [d]
-        if (gemma_) lp.post_ff_norm = add("post_feedforward_norm", l, 1, d);    // [d]
+        if (gemma_) lp.post_attn_norm = gain("post_attention_norm", l, d);      // [d]
+        lp.norm2 = gain(gemma_ ? "pre_feedforward_norm" : "post_attention_norm", l, d);  // [d]
+        if (gemma_) lp.post_ff_norm = gain("post_feedforward_norm", l, d);      // [d]
+        if (m_.attention_sinks) lp.sinks = add("sinks", l, m_.num_heads, 1);    // [nh] (gpt-oss)
         if (m_.moe) {  // the router, then each projection of every expert stacked: expert e's rows e*out ..
             const std::int64_t E = m_.moe->experts, Ie = m_.moe->intermediate;
-            lp.router = add("router", l, E, d);                                 // [E, d]
-            lp.gate = add("experts.gate_proj", l, E * Ie, d);                   // [E, Ie, d]
-            lp.up = add("experts.up_proj", l, E * Ie, d);                       // [E, Ie, d]
-            lp.down = add("experts.down_proj", l, E * d, Ie);                   // [E, d, Ie]
+            const bool biases = m_.moe->gpt_oss;  // the router's and each expert's, after the stacked weights
+            lp.router = add("router", l, E, d, biases);                         // [E, d] (+ [E])
+            lp.gate = add("experts.gate_proj", l, E * Ie, d, biases);           // [E, Ie, d] (+ [E, Ie])
+            lp.up = add("experts.up_proj", l, E * Ie, d, biases);               // [E, Ie, d] (+ [E, Ie])
+            lp.down = add("experts.down_proj", l, E * d, Ie, biases);           // [E, d, Ie] (+ [E, d])
             layer_params_.push_back(lp);
             continue;
         }
-        lp.gate = add("gate_proj", l, I, d);                                    // [I, d]
-        lp.up = add("up_proj", l, I, d);                                        // [I, d]
-        lp.down = add("down_proj", l, d, I);                                    // [d, I]
+        lp.gate = add("gate_proj", l, I, d, mlp_bias);                          // [I, d] (+ [I])
+        lp.up = add("up_proj", l, I, d, mlp_bias);                              // [I, d] (+ [I])
+        lp.down = add("down_proj", l, d, I, mlp_bias);                          // [d, I] (+ [d])
         layer_params_.push_back(lp);
     }
-    final_norm_ = add("final_norm", -1, 1, d);
+    final_norm_ = gain("final_norm", -1, d);
     lm_head_ = m_.tie_word_embeddings ? embed_ : add("lm_head", -1, m_.vocab_size, d);  // [V, d]
 }
 
@@ -203,8 +215,8 @@ std::uint64_t Step::random() {
 }
 
 // Persistent state before the step, steady state (the optimizer's states already exist):
-// weights with random values (matrices uniform with standard deviation 0.02, norm gains 1:
-// a Llama weight of 1, a Gemma weight of 0), master copy, states at 0. The values are
+// weights with random values (matrices, biases and sinks uniform with standard deviation 0.02,
+// norm gains 1: a Llama weight of 1, a Gemma weight of 0), master copy, states at 0. The values are
 // counter-based (fill_uniform: parameter p's element i depends on the seed, p and i only), so
 // every backend starts from the same weights.
 void Step::init_state() {
@@ -216,7 +228,7 @@ void Step::init_state() {
         Param& p = params_[i];
         alloc_.set_layer(p.layer);
         p.weight = alloc(p.name.c_str(), p.numel(), pw_, Category::Weights);
-        if (p.rows == 1)
+        if (p.gain)
             b_.fill(p.weight.t(), p.numel(), norm_kind_ == NormKind::Gemma ? 0.0f : 1.0f);
         else
             b_.fill_uniform(p.weight.t(), p.numel(), half_width, weights_key + (i << 40));
@@ -274,6 +286,21 @@ void Step::grad_done(int p) {
     optimizer_update(P);
     drop(P.grad);
     at(op.c_str());
+}
+
+void Step::linear_forward(Tensor out, ConstTensor in, int p, Tensor w, std::int64_t n, std::int64_t i, std::int64_t o,
+                          std::int64_t first) {
+    const Param& P = params_[static_cast<std::size_t>(p)];
+    b_.linear_forward(out, in, offset(w, first * i), n, i, o);
+    if (P.bias) b_.bias_forward(out, offset(w, P.rows * P.cols + first), n, o);
+}
+
+void Step::linear_weight_grad(int p, ConstTensor dout, ConstTensor in, std::int64_t n, std::int64_t i, std::int64_t o,
+                              std::int64_t first) {
+    const Param& P = params_[static_cast<std::size_t>(p)];
+    const Tensor g = grad_write(p);
+    b_.linear_backward_weight(offset(g, first * i), dout, in, n, i, o, true);
+    if (P.bias) b_.bias_backward(offset(g, P.rows * P.cols + first), dout, n, o);
 }
 
 // AMP: the autocast cache keeps one bf16 copy of each fp32 weight for the rest of the

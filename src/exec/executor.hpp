@@ -36,24 +36,34 @@ struct Ten {
     std::int64_t* i64() const { return static_cast<std::int64_t*>(buf->data()); }  // an index buffer (alloc_i64)
 };
 
-// One parameter tensor [rows, cols] (a norm weight is [1, d]) with its persistent state.
+// One parameter tensor [rows, cols] (a norm weight is [1, d]) with its persistent state. A
+// linear's bias [rows] is stored after its weight's rows, in the same tensor (the kernels
+// runtime's layout: one parameter per projection, as the simulator counts it).
 struct Param {
     std::string name;         // "q_proj", ... (the timeline's tensor name)
     std::int32_t layer = -1;  // -1 outside the decoder layers
     std::int64_t rows = 0, cols = 0;
+    bool bias = false;        // a bias [rows] follows the weight [rows, cols]
+    bool gain = false;        // a norm's gain, initialised to the identity (1, Gemma's 0)
     Ten weight, master;       // master: fp32 copy under Bf16Master
     Ten state1, state2;       // AdamW exp_avg, exp_avg_sq; SGD momentum in state1
     Ten grad;                 // live from its first write in backward to the step
     Ten amp_copy;             // AMP: the autocast cache's bf16 copy, while cached
     std::vector<Ten> amp_saved;  // AMP: that copy, once per op that saved it for backward
-    std::int64_t numel() const { return rows * cols; }
+    std::int64_t numel() const { return rows * cols + (bias ? rows : 0); }
 };
+
+// The element `elements` into t (a row block of a stacked parameter, a bias after its weight).
+inline Tensor offset(Tensor t, std::int64_t elements) {
+    return {static_cast<char*>(t.data) + elements * dtype_bytes(t.dtype), t.dtype};
+}
 
 struct LayerParams {
     int norm1 = -1, q = -1, k = -1, v = -1, o = -1, post_attn_norm = -1, norm2 = -1, post_ff_norm = -1;
     int gate = -1, up = -1, down = -1;  // post_*_norm: Gemma-2 only
     int q_norm = -1, k_norm = -1;       // Qwen3: RMSNorm over each query and key head
     int router = -1;                    // MoE: the router [E, d]; gate, up, down are then every expert's, stacked
+    int sinks = -1;                     // gpt-oss: the attention's sink logits [nh]
 };
 
 // What one MLP mini-sequence (Loop) keeps for its backward. MoE: g, u, m are the experts' [n*k, Ie]
@@ -118,6 +128,13 @@ private:
     void clear_autocast_cache();
     Ten cast_for_matmul(Ten x, std::int64_t cols);  // AMP: a bf16 copy of an fp32 activation
     Ten uncast_grad(Ten g, std::int64_t cols);      // its backward: back to fp32
+    // A linear through parameter p (weight w: its use_weight or backward_weight), on the output
+    // rows [first, first + o) of the parameter (a stacked expert's block): out[n, o] = in W^T,
+    // plus the bias when p has one; and its gradients' accumulation into p's gradient.
+    void linear_forward(Tensor out, ConstTensor in, int p, Tensor w, std::int64_t n, std::int64_t i, std::int64_t o,
+                        std::int64_t first = 0);
+    void linear_weight_grad(int p, ConstTensor dout, ConstTensor in, std::int64_t n, std::int64_t i, std::int64_t o,
+                            std::int64_t first = 0);
     void optimizer_update(Param& P);
     void capture_gradient(const Param& P);
 
@@ -171,6 +188,9 @@ private:
     bool amp_ = false;
     std::int64_t B_ = 1, S_ = 1, T_ = 1;  // micro-batch, sequence, tokens
     GatedAct gated_ = GatedAct::Silu;
+    // MoE: the top-k weights are divided by their sum (Mixtral, Qwen3-MoE's norm_topk_prob; gpt-oss,
+    // whose softmax over its top-k logits is exactly that)
+    bool normalize_ = false;
     NormKind norm_kind_ = NormKind::Llama;
     bool gemma_ = false;  // Gemma-2: post-norms, sqrt(d) embedding scale, soft-capping
 

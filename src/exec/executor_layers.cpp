@@ -149,9 +149,9 @@ Ten Step::attention_forward(int l, Ten h1, LayerSaved& sv) {
     Ten q = act("q", T_ * qd, act_, true);
     Ten k = act("k", T_ * kvd, act_, true);
     Ten v = act("v", T_ * kvd, act_, true);
-    b_.linear_forward(q.t(), hin.t(), wq, T_, d, qd);
-    b_.linear_forward(k.t(), hin.t(), wk, T_, d, kvd);
-    b_.linear_forward(v.t(), hin.t(), wv, T_, d, kvd);
+    linear_forward(q.t(), hin.t(), lp.q, wq, T_, d, qd);
+    linear_forward(k.t(), hin.t(), lp.k, wk, T_, d, kvd);
+    linear_forward(v.t(), hin.t(), lp.v, wv, T_, d, kvd);
     at("attn.qk_norm");
     head_norm_forward(lp.q_norm, q, m_.num_heads, sv.q_raw, sv.rstd_q);
     head_norm_forward(lp.k_norm, k, m_.num_kv_heads, sv.k_raw, sv.rstd_k);
@@ -176,7 +176,7 @@ Ten Step::attention_forward(int l, Ten h1, LayerSaved& sv) {
     at("attn.o_proj");
     const Tensor wo = use_weight(lp.o);
     Ten a = act("attn_out", T_ * d, act_, gemma_);  // Gemma-2: saved by the post-attention norm
-    b_.linear_forward(a.t(), o.t(), wo, T_, qd, d);
+    linear_forward(a.t(), o.t(), lp.o, wo, T_, qd, d);
     sv.o_seq = saved(o);
     drop(o);
     return a;
@@ -191,7 +191,7 @@ Ten Step::attention_backward(int l, LayerSaved& sv, const Ten& d_out) {
     at("attn.o_proj");
     Ten d_o = alloc("d_o", T_ * qd, act_, Category::Transient);
     b_.linear_backward_input(d_o.t(), d_out.t(), backward_weight(lp.o), T_, qd, d);
-    b_.linear_backward_weight(grad_write(lp.o), d_out.t(), sv.o_seq.t(), T_, qd, d, true);
+    linear_weight_grad(lp.o, d_out.t(), sv.o_seq.t(), T_, qd, d);
     release_weight(lp.o);
     drop(sv.o_seq);
     grad_done(lp.o);
@@ -207,8 +207,10 @@ Ten Step::attention_backward(int l, LayerSaved& sv, const Ten& d_out) {
         dv = alloc("dv", T_ * kvd, act_, Category::Transient);
         b_.flash_attention_backward(dq.t(), dk.t(), dv.t(), dq_acc.f32(), delta.f32(), d_o.t(), sv.q.t(), sv.k.t(),
                                       sv.v.t(), sv.o.t(), sv.lse.f32(), c);
+        if (lp.sinks >= 0) b_.attention_sinks_backward(grad_write(lp.sinks), sv.lse.f32(), delta.f32(), c);
         drop(dq_acc), drop(delta), drop(d_o);
         drop(sv.q), drop(sv.k), drop(sv.v), drop(sv.o), drop(sv.lse);
+        if (lp.sinks >= 0) grad_done(lp.sinks);
     } else {
         eager_backward(l, std::move(d_o), sv, dq, dk, dv);
     }
@@ -225,7 +227,7 @@ Ten Step::attention_backward(int l, LayerSaved& sv, const Ten& d_out) {
     b_.linear_backward_input(dh.t(), dv.t(), backward_weight(lp.v), T_, d, kvd, true);
     const std::pair<int, const Ten*> projections[] = {{lp.q, &dq}, {lp.k, &dk}, {lp.v, &dv}};
     for (const auto& [p, dp] : projections) {
-        b_.linear_backward_weight(grad_write(p), dp->t(), sv.h1.t(), T_, d, params_[static_cast<std::size_t>(p)].rows, true);
+        linear_weight_grad(p, dp->t(), sv.h1.t(), T_, d, params_[static_cast<std::size_t>(p)].rows);
         release_weight(p);
     }
     drop(dq), drop(dk), drop(dv), drop(sv.h1);
@@ -359,8 +361,8 @@ void Step::mlp_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t
     const Tensor wg = use_weight(lp.gate), wu = use_weight(lp.up);
     Ten g = act("g", n * I, act_, true);
     Ten u = act("u", n * I, act_, true);
-    b_.linear_forward(g.t(), hin.at(row0 * d), wg, n, d, I);
-    b_.linear_forward(u.t(), hin.at(row0 * d), wu, n, d, I);
+    linear_forward(g.t(), hin.at(row0 * d), lp.gate, wg, n, d, I);
+    linear_forward(u.t(), hin.at(row0 * d), lp.up, wu, n, d, I);
     at("mlp.act");
     Ten m = act("m", n * I, act_, true);
     b_.swiglu_forward(m.t(), g.t(), u.t(), n * I, gated_);
@@ -369,7 +371,7 @@ void Step::mlp_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t
     at("mlp.down");
     const Tensor wd = use_weight(lp.down);
     if (!y) y = act("y", T_ * d, act_, gemma_);  // Gemma-2: saved by the post-feed-forward norm
-    b_.linear_forward(y.at(row0 * d), m.t(), wd, n, I, d);
+    linear_forward(y.at(row0 * d), m.t(), lp.down, wd, n, I, d);
     if (keep) keep->m = saved(m), keep->row0 = row0, keep->tokens = n;
     drop(m);
 }
@@ -413,7 +415,7 @@ Ten Step::mlp_backward(int l, LayerSaved& sv, const Ten& dy) {
         at("mlp.down");
         Ten dm = alloc("dm", n * I, act_, Category::Transient);
         b_.linear_backward_input(dm.t(), dy.at(row0 * d), backward_weight(lp.down), n, I, d);
-        b_.linear_backward_weight(grad_write(lp.down), dy.at(row0 * d), m.t(), n, I, d, true);
+        linear_weight_grad(lp.down, dy.at(row0 * d), m.t(), n, I, d);
         release_weight(lp.down);
         drop(m);
         at("mlp.act");
@@ -425,8 +427,8 @@ Ten Step::mlp_backward(int l, LayerSaved& sv, const Ten& dy) {
         if (!dh2) dh2 = alloc("dh2", T_ * d, act_, Category::Transient);
         b_.linear_backward_input(dh2.at(row0 * d), dg.t(), backward_weight(lp.gate), n, d, I);
         b_.linear_backward_input(dh2.at(row0 * d), du.t(), backward_weight(lp.up), n, d, I, true);
-        b_.linear_backward_weight(grad_write(lp.gate), dg.t(), h2.at(row0 * d), n, d, I, true);
-        b_.linear_backward_weight(grad_write(lp.up), du.t(), h2.at(row0 * d), n, d, I, true);
+        linear_weight_grad(lp.gate, dg.t(), h2.at(row0 * d), n, d, I);
+        linear_weight_grad(lp.up, du.t(), h2.at(row0 * d), n, d, I);
         release_weight(lp.gate);
         release_weight(lp.up);
         drop(dg), drop(du);
@@ -457,8 +459,8 @@ Ten Step::mlp_backward(int l, LayerSaved& sv, const Ten& dy) {
             Ten g = alloc("g", n * I, act_, Category::Transient);
             Ten u = alloc("u", n * I, act_, Category::Transient);
             Ten m = alloc("m", n * I, act_, Category::Transient);
-            b_.linear_forward(g.t(), sv.h2.at(row0 * d), wg, n, d, I);
-            b_.linear_forward(u.t(), sv.h2.at(row0 * d), wu, n, d, I);
+            linear_forward(g.t(), sv.h2.at(row0 * d), lp.gate, wg, n, d, I);
+            linear_forward(u.t(), sv.h2.at(row0 * d), lp.up, wu, n, d, I);
             b_.swiglu_forward(m.t(), g.t(), u.t(), n * I, gated_);
             use_weight(lp.down);
             chunk_backward(row0, n, g, u, m, sv.h2);

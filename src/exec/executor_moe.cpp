@@ -1,4 +1,4 @@
-// The executor's Mixture-of-Experts block (Mixtral, Qwen3-MoE) on one mini-sequence of n tokens:
+// The executor's Mixture-of-Experts block (Mixtral, Qwen3-MoE, gpt-oss) on one mini-sequence of n tokens:
 // router -> fp32 softmax -> top-k (and the pairs sorted by expert) -> gather -> each expert's
 // gate/up GEMM on its rows -> activation -> down GEMM -> weighted combine. Every size is n, k,
 // E, d and Ie, never a routing count: what lands on which expert changes the GEMMs' row blocks,
@@ -9,15 +9,13 @@
 // Shapes: x [T, d]; logits [n, E] bf16, probs [n, E] fp32; w [n, k] fp32; idx, pos [n, k] int64;
 // offsets [E + 1] int64; xs, ys [n*k, d]; g, u, m [n*k, Ie]. Expert e's weights are row blocks of
 // the stacked parameters: gate, up [E*Ie, d], down [E*d, Ie].
+// gpt-oss, as policies of the same block: the router and every expert projection add their bias
+// (stored after the stacked weights, expert e's at rows e*out ..); top-k of the softmax over all
+// experts, renormalised, is its softmax over the top-k logits; the activation is its clamped
+// SwiGLU (GatedAct::GptOss), which saves the same g and u. No tensor differs in size.
 #include "executor.hpp"
 
 namespace mst::exec {
-
-namespace {
-Tensor rows_of(Tensor t, std::int64_t elements) {
-    return {static_cast<char*>(t.data) + elements * dtype_bytes(t.dtype), t.dtype};
-}
-}  // namespace
 
 void Step::moe_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t row0, std::int64_t n, Ten& y,
                              MlpChunk* keep, bool recompute) {
@@ -31,7 +29,7 @@ void Step::moe_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t
     at("moe.router");
     const Tensor wr = use_weight(lp.router);
     Ten logits = act("router_logits", n * E, act_, false);
-    b_.linear_forward(logits.t(), hin.at(row0 * d), wr, n, d, E);
+    linear_forward(logits.t(), hin.at(row0 * d), lp.router, wr, n, d, E);
     Ten probs = act("router_probs", n * E, DType::F32, saves);  // saved by the softmax
     b_.softmax_forward(probs.f32(), logits.t(), n, E);
     drop(logits);
@@ -41,7 +39,7 @@ void Step::moe_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t
     Ten idx = alloc_i64("route_experts", pairs, saves);     // saved by the top-k
     Ten pos = alloc_i64("route_rows", pairs, saves);        // saved by the gather and the combine
     Ten offsets = alloc_i64("expert_offsets", E + 1, false);
-    b_.moe_route(w.f32(), idx.i64(), pos.i64(), offsets.i64(), probs.f32(), n, E, k, m_.moe->normalize_top_k);
+    b_.moe_route(w.f32(), idx.i64(), pos.i64(), offsets.i64(), probs.f32(), n, E, k, normalize_);
     std::vector<std::int64_t> rows(static_cast<std::size_t>(E + 1));
     b_.copy(rows.data(), offsets.i64(), rows.size() * sizeof(std::int64_t));
     drop(offsets);
@@ -59,8 +57,8 @@ void Step::moe_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t
     for (std::int64_t e = 0; e < E; ++e) {
         const std::int64_t r0 = rows[static_cast<std::size_t>(e)], r = rows[static_cast<std::size_t>(e) + 1] - r0;
         if (r == 0) continue;
-        b_.linear_forward(g.at(r0 * Ie), xs.at(r0 * d), rows_of(wg, e * Ie * d), r, d, Ie);
-        b_.linear_forward(u.at(r0 * Ie), xs.at(r0 * d), rows_of(wu, e * Ie * d), r, d, Ie);
+        linear_forward(g.at(r0 * Ie), xs.at(r0 * d), lp.gate, wg, r, d, Ie, e * Ie);
+        linear_forward(u.at(r0 * Ie), xs.at(r0 * d), lp.up, wu, r, d, Ie, e * Ie);
     }
     if (keep) keep->xs = kept(xs);
     drop(xs);
@@ -76,7 +74,7 @@ void Step::moe_chunk_forward(const LayerParams& lp, const Ten& hin, std::int64_t
     Ten ys = act("y_sorted", pairs * d, act_, saves);  // saved by the combine (its weights' gradient)
     for (std::int64_t e = 0; e < E; ++e) {
         const std::int64_t r0 = rows[static_cast<std::size_t>(e)], r = rows[static_cast<std::size_t>(e) + 1] - r0;
-        if (r > 0) b_.linear_forward(ys.at(r0 * d), m.at(r0 * Ie), rows_of(wd, e * d * Ie), r, Ie, d);
+        if (r > 0) linear_forward(ys.at(r0 * d), m.at(r0 * Ie), lp.down, wd, r, Ie, d, e * d);
     }
     if (keep) keep->m = kept(m);
     drop(m);
@@ -109,12 +107,12 @@ void Step::moe_chunk_backward(const LayerParams& lp, MlpChunk& c, const Ten& h2,
 
     at("moe.down");
     Ten dm = alloc("dm", pairs * Ie, act_, Category::Transient);
-    const Tensor wd = backward_weight(lp.down), gd = grad_write(lp.down);
+    const Tensor wd = backward_weight(lp.down);
     for (std::int64_t e = 0; e < E; ++e) {
         const auto [r0, r] = expert_rows(e);
         if (r == 0) continue;
-        b_.linear_backward_input(dm.at(r0 * Ie), dys.at(r0 * d), rows_of(wd, e * d * Ie), r, Ie, d);
-        b_.linear_backward_weight(rows_of(gd, e * d * Ie), dys.at(r0 * d), c.m.at(r0 * Ie), r, Ie, d, true);
+        b_.linear_backward_input(dm.at(r0 * Ie), dys.at(r0 * d), offset(wd, e * d * Ie), r, Ie, d);
+        linear_weight_grad(lp.down, dys.at(r0 * d), c.m.at(r0 * Ie), r, Ie, d, e * d);
     }
     release_weight(lp.down);
     drop(c.m), drop(dys);
@@ -128,14 +126,13 @@ void Step::moe_chunk_backward(const LayerParams& lp, MlpChunk& c, const Ten& h2,
     at("moe.gate_up");
     Ten dxs = alloc("d_x_sorted", pairs * d, act_, Category::Transient);
     const Tensor wg = backward_weight(lp.gate), wu = backward_weight(lp.up);
-    const Tensor gg = grad_write(lp.gate), gu = grad_write(lp.up);
     for (std::int64_t e = 0; e < E; ++e) {
         const auto [r0, r] = expert_rows(e);
         if (r == 0) continue;
-        b_.linear_backward_input(dxs.at(r0 * d), dg.at(r0 * Ie), rows_of(wg, e * Ie * d), r, d, Ie);
-        b_.linear_backward_input(dxs.at(r0 * d), du.at(r0 * Ie), rows_of(wu, e * Ie * d), r, d, Ie, true);
-        b_.linear_backward_weight(rows_of(gg, e * Ie * d), dg.at(r0 * Ie), c.xs.at(r0 * d), r, d, Ie, true);
-        b_.linear_backward_weight(rows_of(gu, e * Ie * d), du.at(r0 * Ie), c.xs.at(r0 * d), r, d, Ie, true);
+        b_.linear_backward_input(dxs.at(r0 * d), dg.at(r0 * Ie), offset(wg, e * Ie * d), r, d, Ie);
+        b_.linear_backward_input(dxs.at(r0 * d), du.at(r0 * Ie), offset(wu, e * Ie * d), r, d, Ie, true);
+        linear_weight_grad(lp.gate, dg.at(r0 * Ie), c.xs.at(r0 * d), r, d, Ie, e * Ie);
+        linear_weight_grad(lp.up, du.at(r0 * Ie), c.xs.at(r0 * d), r, d, Ie, e * Ie);
     }
     release_weight(lp.gate), release_weight(lp.up);
     drop(dg), drop(du), drop(c.xs);
@@ -147,7 +144,7 @@ void Step::moe_chunk_backward(const LayerParams& lp, MlpChunk& c, const Ten& h2,
 
     at("moe.route");
     Ten dprobs = alloc("d_router_probs", n * E, DType::F32, Category::Transient);
-    b_.moe_route_backward(dprobs.f32(), dw.f32(), c.probs.f32(), c.idx.i64(), n, E, k, m_.moe->normalize_top_k);
+    b_.moe_route_backward(dprobs.f32(), dw.f32(), c.probs.f32(), c.idx.i64(), n, E, k, normalize_);
     drop(dw), drop(c.idx);
 
     at("moe.router");
@@ -155,7 +152,7 @@ void Step::moe_chunk_backward(const LayerParams& lp, MlpChunk& c, const Ten& h2,
     b_.softmax_backward(dlogits.t(), dprobs.f32(), c.probs.f32(), n, E);
     drop(dprobs), drop(c.probs);
     b_.linear_backward_input(dh2.at(row0 * d), dlogits.t(), backward_weight(lp.router), n, d, E, true);
-    b_.linear_backward_weight(grad_write(lp.router), dlogits.t(), h2.at(row0 * d), n, d, E, true);
+    linear_weight_grad(lp.router, dlogits.t(), h2.at(row0 * d), n, d, E);
     release_weight(lp.router);
     drop(dlogits);
 }

@@ -214,6 +214,60 @@ TEST_CASE("cuda flash attention: forward and backward equal the CPU flash kernel
         }
 }
 
+TEST_CASE("cuda attention sinks (gpt-oss): flash forward, backward and the sinks' gradient equal the CPU kernels") {
+    MST_REQUIRE_DEVICE();
+    for (cpu::DType t : kDtypes) {
+        CAPTURE(int(t));
+        cpu::AttentionConfig cc;
+        cc.B = 2, cc.S = 45, cc.nh = 4, cc.nkv = 2, cc.hd = 64, cc.window = 9, cc.scale = cpu::default_scale(64);
+        const std::int64_t nq = cc.B * cc.S * cc.nh * cc.hd, nkv = cc.B * cc.S * cc.nkv * cc.hd;
+        Pair sinks(input(cc.nh, 160, t, 2.0f), t), q(input(nq, 161, t), t), k(input(nkv, 162, t), t),
+            v(input(nkv, 163, t), t), o(Vec(nq, 0.0f), t), lse(Vec(cpu::flash_lse_floats(cc), 0.0f), cpu::DType::F32);
+        cc.sinks = sinks.cpu().data, cc.sinks_dtype = t;
+        gpu::AttentionConfig gc;
+        gc.B = cc.B, gc.S = cc.S, gc.nh = cc.nh, gc.nkv = cc.nkv, gc.hd = cc.hd, gc.window = cc.window, gc.scale = cc.scale;
+        gc.sinks = sinks.gpu().data, gc.sinks_dtype = t;
+        cpu::flash_attention_forward(o.cpu(), static_cast<float*>(lse.cpu().data), q.cpu(), k.cpu(), v.cpu(), cc);
+        gpu::flash_attention_forward(o.gpu(), static_cast<float*>(lse.gpu().data), q.gpu(), k.gpu(), v.gpu(), gc);
+        CHECK(rel_err(o.gpu_values(), o.cpu_values()) <= tol(t, 1e-4));
+        CHECK(rel_err(lse.gpu_values(), lse.cpu_values()) <= 1e-5);
+
+        Pair o_saved(o.cpu_values(), t), dout(input(nq, 164, t), t), dq(Vec(nq, 0.0f), t), dk(Vec(nkv, 0.0f), t),
+            dv(Vec(nkv, 0.0f), t), lse_saved(lse.cpu_values(), cpu::DType::F32), dq_ws(Vec(nq, 0.0f), cpu::DType::F32),
+            delta_ws(Vec(cpu::flash_delta_workspace_floats(cc), 0.0f), cpu::DType::F32), dsinks(Vec(cc.nh, 0.5f), t);
+        cpu::flash_attention_backward(dq.cpu(), dk.cpu(), dv.cpu(), static_cast<float*>(dq_ws.cpu().data),
+                                      static_cast<float*>(delta_ws.cpu().data), dout.cpu(), q.cpu(), k.cpu(), v.cpu(),
+                                      o_saved.cpu(), static_cast<const float*>(lse_saved.cpu().data), cc);
+        gpu::flash_attention_backward(dq.gpu(), dk.gpu(), dv.gpu(), static_cast<float*>(dq_ws.gpu().data),
+                                      static_cast<float*>(delta_ws.gpu().data), dout.gpu(), q.gpu(), k.gpu(), v.gpu(),
+                                      o_saved.gpu(), static_cast<const float*>(lse_saved.gpu().data), gc);
+        CHECK(rel_err(dq.gpu_values(), dq.cpu_values()) <= tol(t, 1e-4));
+        CHECK(rel_err(dk.gpu_values(), dk.cpu_values()) <= tol(t, 1e-4));
+        CHECK(rel_err(dv.gpu_values(), dv.cpu_values()) <= tol(t, 1e-4));
+        // each side's gradient from its own delta, onto the same 0.5 (it accumulates)
+        cpu::attention_sinks_backward(dsinks.cpu(), static_cast<const float*>(lse_saved.cpu().data),
+                                      static_cast<const float*>(delta_ws.cpu().data), cc);
+        gpu::attention_sinks_backward(dsinks.gpu(), static_cast<const float*>(lse_saved.gpu().data),
+                                      static_cast<const float*>(delta_ws.gpu().data), gc);
+        CHECK(rel_err(dsinks.gpu_values(), dsinks.cpu_values()) <= tol(t, 1e-4));
+    }
+}
+
+TEST_CASE("cuda bias: the forward add and the column-sum gradient equal the CPU kernels") {
+    MST_REQUIRE_DEVICE();
+    const std::int64_t n = 77, o = 1000;  // neither a multiple of the 32-column stripes nor of 16 rows
+    for (cpu::DType t : kDtypes) {
+        CAPTURE(int(t));
+        Pair out(input(n * o, 170, t), t), b(input(o, 171, t), t), dout(input(n * o, 172, t), t), db(input(o, 173, t), t);
+        cpu::bias_forward(out.cpu(), b.cpu(), n, o);
+        gpu::bias_forward(out.gpu(), b.gpu(), n, o);
+        CHECK(rel_err(out.gpu_values(), out.cpu_values()) <= tol(t, 1e-6));
+        cpu::bias_backward(db.cpu(), dout.cpu(), n, o);
+        gpu::bias_backward(db.gpu(), dout.gpu(), n, o);
+        CHECK(rel_err(db.gpu_values(), db.cpu_values()) <= tol(t, 1e-4));
+    }
+}
+
 TEST_CASE("cuda flash attention: dq may accumulate in its own fp32 storage") {
     MST_REQUIRE_DEVICE();
     gpu::AttentionConfig gc;
@@ -366,15 +420,16 @@ TEST_CASE("cuda unfused cross-entropy backward: nll_loss then log_softmax equal 
     }
 }
 
-TEST_CASE("cuda SwiGLU and GeGLU: forward and backward equal the CPU kernels, vectorised and tail") {
+TEST_CASE("cuda SwiGLU, GeGLU and gpt-oss's clamped SwiGLU: forward and backward equal the CPU kernels, vectorised and tail") {
     MST_REQUIRE_DEVICE();
     const std::int64_t n = 8 * 1000 + 5;  // bf16: 1000 16-byte vectors, then a tail of 5
     for (cpu::DType t : kDtypes)
-        for (cpu::GatedAct act : {cpu::GatedAct::Silu, cpu::GatedAct::GeluTanh}) {
+        for (cpu::GatedAct act : {cpu::GatedAct::Silu, cpu::GatedAct::GeluTanh, cpu::GatedAct::GptOss}) {
             CAPTURE(int(t));
             CAPTURE(int(act));
-            const auto gact = act == cpu::GatedAct::Silu ? gpu::GatedAct::Silu : gpu::GatedAct::GeluTanh;
-            Pair g(input(n, 91, t, 2.0f), t), u(input(n, 92, t), t), m(Vec(n, 0.0f), t), dm(input(n, 93, t), t);
+            const auto gact = act;  // one enum (mst::GatedAct) on both sides
+            const float sd = act == cpu::GatedAct::GptOss ? 5.5f : 1.0f;  // gpt-oss: some inputs clamped
+            Pair g(input(n, 91, t, 2.0f * sd), t), u(input(n, 92, t, sd), t), m(Vec(n, 0.0f), t), dm(input(n, 93, t), t);
             cpu::swiglu_forward(m.cpu(), g.cpu(), u.cpu(), n, act);
             gpu::swiglu_forward(m.gpu(), g.gpu(), u.gpu(), n, gact);
             CHECK(rel_err(m.gpu_values(), m.cpu_values()) <= tol(t, 1e-6));

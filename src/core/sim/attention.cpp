@@ -254,8 +254,12 @@ T StepBuilder::attention_backward(int l, LayerSaved& sv, T d_out) {
         dq = alloc("dq", bf16(tokens_, qd), Category::Transient);
         dk = alloc("dk", bf16(tokens_, kvd), Category::Transient);
         dv = alloc("dv", bf16(tokens_, kvd), Category::Transient);
+        // gpt-oss: the sinks' gradient from lse and delta, before the workspaces go (the forward
+        // reads the parameter as stored: no autocast copy)
+        if (lp.sinks >= 0) grad_write(lp.sinks);
         drop(dq_acc), drop(delta), drop(d_o);
         drop(sv.q), drop(sv.k), drop(sv.v), drop(sv.o), drop(sv.lse);
+        if (lp.sinks >= 0) grad_done(lp.sinks);
     } else {
         at("attn.eager");
         const std::int64_t rows = s_.micro_batch * (m_.num_heads / s_.sp);

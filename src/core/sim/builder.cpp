@@ -114,18 +114,19 @@ void StepBuilder::build_params() {
         if (m_.attention_sinks) lp.sinks = add("sinks", l, m_.num_heads);
         if (m_.moe) {  // one parameter per projection for all experts (transformers fuses gate and up)
             const std::int64_t E = m_.moe->experts, Ie = m_.moe->intermediate;
-            const bool biases = m_.moe->gpt_oss;  // (gpt-oss runs in the hf runtime only)
-            lp.router = add("router", l, E * d);
+            // gpt-oss's biases: parameters of their own in the hf runtime, folded in the kernels runtime
+            const bool biases = hf_ && m_.moe->gpt_oss, folded = fold && m_.moe->gpt_oss;
+            lp.router = add("router", l, E * d + (folded ? E : 0));
             if (biases) lp.router_bias = add("router.bias", l, E);
             if (hf_) {
                 lp.gate = add("experts.gate_up_proj", l, E * 2 * Ie * d);
                 lp.up = -1;
             } else {
-                lp.gate = add("experts.gate_proj", l, E * Ie * d);
-                lp.up = add("experts.up_proj", l, E * Ie * d);
+                lp.gate = add("experts.gate_proj", l, E * Ie * d + (folded ? E * Ie : 0));
+                lp.up = add("experts.up_proj", l, E * Ie * d + (folded ? E * Ie : 0));
             }
             if (biases) lp.gate_bias = add("experts.gate_up_proj_bias", l, E * 2 * Ie);
-            lp.down = add("experts.down_proj", l, E * d * Ie);
+            lp.down = add("experts.down_proj", l, E * d * Ie + (folded ? E * d : 0));
             if (biases) lp.down_bias = add("experts.down_proj_bias", l, E * d);
             layer_params_.push_back(lp);
             continue;

@@ -1,4 +1,4 @@
-// Memory rules of a Mixture-of-Experts block (Mixtral, Qwen3-MoE; gpt-oss in the hf runtime) in both
+// Memory rules of a Mixture-of-Experts block (Mixtral, Qwen3-MoE, gpt-oss) in both
 // runtimes; the MLP's chunk loops (mlp.cpp) call them per mini-sequence.
 //
 // ---- hf runtime: MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, GptOssMLP ----

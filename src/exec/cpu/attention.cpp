@@ -6,6 +6,9 @@
 //    tiles outermost (dk, dv of a tile accumulate in fp32 on the stack over every query head
 //    of its GQA group), recomputes P = exp(s - lse) per tile and adds dq into an fp32
 //    workspace; delta = rowsum(dout * o) replaces rowsum(P * dP).
+//  * sinks (gpt-oss): a row's online softmax starts from its head's sink logit as a column seen
+//    first (m = sink, l = 1, no value), so lse counts it; attention_sinks_backward reads lse and
+//    delta for its gradient. The eager path has no sinks (the executor runs gpt-oss on flash).
 //  * eager: Hugging Face's eager path, which materialises the fp32 softmax probabilities
 //    [B, nh, S, S], their storage-dtype copy (read by the PV product) and, with soft-capping,
 //    the tanh of the scores; the backward reads them back.
@@ -71,6 +74,9 @@ float transform_score(const AttentionConfig& c, float dot, float* dcap) {
     return c.softcap * th;
 }
 
+// Head h's sink logit (gpt-oss); only called when c.sinks is set.
+float sink_logit(const AttentionConfig& c, std::int64_t h) { return load(ConstTensor(c.sinks, c.sinks_dtype), h); }
+
 float dot_hd(const float* a, const float* b, std::int64_t hd) {
     float s = 0.0f;
     for (std::int64_t e = 0; e < hd; ++e) s += a[e] * b[e];
@@ -101,8 +107,9 @@ void flash_attention_forward(Tensor o, float* lse, ConstTensor q, ConstTensor k,
             for (std::int64_t q0 = 0; q0 < c.S; q0 += T) {
                 const std::int64_t nq = std::min(T, c.S - q0);
                 for (std::int64_t r = 0; r < nq; ++r) load_block(q, q_off(c, b, q0 + r, h), hd, qt + r * hd);
-                std::fill(m, m + nq, kNegInf);
-                std::fill(l, l + nq, 0.0f);
+                // A sink starts each row's online softmax as a column seen first, with a zero value row.
+                std::fill(m, m + nq, c.sinks ? sink_logit(c, h) : kNegInf);
+                std::fill(l, l + nq, c.sinks ? 1.0f : 0.0f);
                 std::fill(acc, acc + nq * hd, 0.0f);
                 const std::int64_t k_end = q0 + nq;
                 for (std::int64_t k0 = first_key(c, q0); k0 < k_end; k0 += T) {
@@ -262,6 +269,7 @@ void repeat_kv_backward(Tensor din, ConstTensor dout, std::int64_t rows, std::in
 void eager_attention_forward(Tensor o, float* probs32, Tensor probs, Tensor scores_tanh, ConstTensor q,
                              ConstTensor k, ConstTensor v, const AttentionConfig& c) {
     check_attention("eager_attention_forward", c);
+    detail::require(c.sinks == nullptr, "eager_attention_forward", "sinks are a flash-path feature");
     detail::require(probs32 != nullptr && probs, "eager_attention_forward", "probs32 and probs are required");
     detail::require(c.softcap == 0.0f || scores_tanh, "eager_attention_forward",
                     "scores_tanh is required with soft-capping");
@@ -312,6 +320,7 @@ void eager_attention_backward(Tensor dq, Tensor dk, Tensor dv, float* dscores_ws
                               ConstTensor k, ConstTensor v, const float* probs32, ConstTensor probs,
                               ConstTensor scores_tanh, const AttentionConfig& c) {
     check_attention("eager_attention_backward", c);
+    detail::require(c.sinks == nullptr, "eager_attention_backward", "sinks are a flash-path feature");
     detail::require(dscores_ws != nullptr && probs32 != nullptr && probs, "eager_attention_backward",
                     "dscores_ws, probs32 and probs are required");
     detail::require(c.softcap == 0.0f || scores_tanh, "eager_attention_backward",
@@ -375,6 +384,23 @@ void eager_attention_backward(Tensor dq, Tensor dk, Tensor dv, float* dscores_ws
             }
 }
 
+// dsinks[nh] += -sum over (b, t) of exp(sinks[h] - lse) * delta, both [B, nh, S]
+void attention_sinks_backward(Tensor dsinks, const float* lse, const float* delta, const AttentionConfig& c) {
+    check_attention("attention_sinks_backward", c);
+    detail::require(c.sinks != nullptr && lse != nullptr && delta != nullptr, "attention_sinks_backward",
+                    "sinks, lse and delta are required");
+    for (std::int64_t h = 0; h < c.nh; ++h) {
+        const float sink = sink_logit(c, h);
+        float sum = 0.0f;
+        for (std::int64_t b = 0; b < c.B; ++b)
+            for (std::int64_t t = 0; t < c.S; ++t) {
+                const std::int64_t i = row_off(c, b, h, t);
+                sum += std::exp(sink - lse[i]) * delta[i];
+            }
+        store(dsinks, h, load(dsinks, h) - sum);
+    }
+}
+
 namespace reference {
 
 namespace {
@@ -402,7 +428,9 @@ void probabilities(const AttentionConfig& c, ConstTensor q, ConstTensor k, std::
             G[t * S + u] = g;
             mx = std::max(mx, x);
         }
-        double sum = 0;
+        const double sink = c.sinks ? sink_logit(c, h) : -std::numeric_limits<double>::infinity();
+        mx = std::max(mx, sink);
+        double sum = c.sinks ? std::exp(sink - mx) : 0.0;
         for (std::int64_t u = 0; u < S; ++u)
             if (visible(c, t, u)) sum += std::exp(P[t * S + u] - mx);
         for (std::int64_t u = 0; u < S; ++u) P[t * S + u] = visible(c, t, u) ? std::exp(P[t * S + u] - mx) / sum : 0.0;
@@ -469,6 +497,33 @@ void attention_backward(Tensor dq, Tensor dk, Tensor dv, ConstTensor dout, Const
     for (std::size_t i = 0; i < gk.size(); ++i) {
         store(dk, static_cast<std::int64_t>(i), static_cast<float>(gk[i]));
         store(dv, static_cast<std::int64_t>(i), static_cast<float>(gv[i]));
+    }
+}
+
+// From q, k, v and dout, in double: d sinks[h] = sum over rows of dP_sink * d p_sink / d sink,
+// i.e. -p_sink * sum_u P[t,u] (dout_t . v_u), with p_sink = exp(sinks[h] - lse_t).
+void attention_sinks_backward(Tensor dsinks, ConstTensor dout, ConstTensor q, ConstTensor k, ConstTensor v,
+                              const AttentionConfig& c) {
+    check_attention("reference::attention_sinks_backward", c);
+    const std::int64_t S = c.S, hd = c.hd;
+    std::vector<double> P, G, L;
+    for (std::int64_t h = 0; h < c.nh; ++h) {
+        const std::int64_t j = h / (c.nh / c.nkv);
+        double g = 0;
+        for (std::int64_t b = 0; b < c.B; ++b) {
+            probabilities(c, q, k, b, h, P, G, L);
+            for (std::int64_t t = 0; t < S; ++t) {
+                double rowsum = 0;
+                for (std::int64_t u = 0; u < S; ++u) {
+                    double dp = 0;
+                    for (std::int64_t e = 0; e < hd; ++e)
+                        dp += double(load(dout, q_off(c, b, t, h) + e)) * load(v, kv_off(c, b, u, j) + e);
+                    rowsum += P[t * S + u] * dp;
+                }
+                g -= std::exp(sink_logit(c, h) - L[t]) * rowsum;
+            }
+        }
+        store(dsinks, h, static_cast<float>(g));
     }
 }
 

@@ -117,6 +117,10 @@ void linear_backward_input(Tensor din, ConstTensor dout, ConstTensor W, std::int
 // dW[o,i] (+)= dout[n,o]^T in[n,i]. Accumulate across mini-sequences / micro-batches.
 void linear_backward_weight(Tensor dW, ConstTensor dout, ConstTensor in, std::int64_t n, std::int64_t i,
                             std::int64_t o, bool accumulate);
+// A linear's bias b[o] (the kernels runtime stores it after its weight's rows, in the same
+// parameter): out[n,o] += b[o] in place; its gradient db[o] += sum over rows of dout[n,o].
+void bias_forward(Tensor out, ConstTensor b, std::int64_t n, std::int64_t o);
+void bias_backward(Tensor db, ConstTensor dout, std::int64_t n, std::int64_t o);
 
 // ---- embedding -------------------------------------------------------------------------------
 // out[n,d] = table[ids[n], :], table [V,d]
@@ -173,7 +177,10 @@ void flash_attention_forward(Tensor o, float* lse, ConstTensor q, ConstTensor k,
 void flash_attention_backward(Tensor dq, Tensor dk, Tensor dv, float* dq_ws, float* delta_ws, ConstTensor dout,
                               ConstTensor q, ConstTensor k, ConstTensor v, ConstTensor o, const float* lse,
                               const AttentionConfig& c);
-// Eager, mirroring Hugging Face eager attention: probs32 fp32 [B, nh, S, S] (softmax in fp32,
+// The sinks' gradient (c.sinks set, after flash_attention_backward filled delta):
+// dsinks[h] += -sum over (b, t) of exp(sinks[h] - lse[b,h,t]) * delta[b,h,t].
+void attention_sinks_backward(Tensor dsinks, const float* lse, const float* delta, const AttentionConfig& c);
+// Eager, mirroring Hugging Face eager attention (no sinks): probs32 fp32 [B, nh, S, S] (softmax in fp32,
 // masked entries 0), probs [B, nh, S, S] in the storage dtype (the copy the PV matmul reads
 // and saves), scores_tanh [B, nh, S, S] (tanh(s/softcap), saved by HF for the backward; required
 // when softcap > 0, ignored otherwise). o[B*S, nh*hd] = probs @ v.
@@ -218,9 +225,9 @@ void softmax_forward(float* y, ConstTensor x, std::int64_t rows, std::int64_t co
 void softmax_backward(Tensor dx, const float* dy, const float* y, std::int64_t rows, std::int64_t cols);
 
 // ---- gated MLP activation -------------------------------------------------------------------
-// m[n] = act(g[n]) * u[n]   (n = rows * intermediate)
+// m[n] = act(g[n]) * b(u[n])   (n = rows * intermediate; b(u) = u, gpt-oss: clamp(u, -7, 7) + 1)
 void swiglu_forward(Tensor m, ConstTensor g, ConstTensor u, std::int64_t n, GatedAct act);
-// dg[n] = dm * u * act'(g), du[n] = dm * act(g); dg may alias g and du may alias u.
+// dg[n] = dm * b(u) * act'(g), du[n] = dm * act(g) * b'(u); dg may alias g and du may alias u.
 void swiglu_backward(Tensor dg, Tensor du, ConstTensor dm, ConstTensor g, ConstTensor u, std::int64_t n,
                      GatedAct act);
 
@@ -319,6 +326,11 @@ void attention_forward(Tensor o, float* lse, ConstTensor q, ConstTensor k, Const
 // Recomputes everything from q, k, v: dq, dk, dv.
 void attention_backward(Tensor dq, Tensor dk, Tensor dv, ConstTensor dout, ConstTensor q, ConstTensor k,
                         ConstTensor v, const AttentionConfig& c);
+// d sinks from q, k, v and dout (no lse or delta): dsinks[nh] (overwritten)
+void attention_sinks_backward(Tensor dsinks, ConstTensor dout, ConstTensor q, ConstTensor k, ConstTensor v,
+                              const AttentionConfig& c);
+void bias_forward(Tensor out, ConstTensor b, std::int64_t n, std::int64_t o);
+void bias_backward(Tensor db, ConstTensor dout, std::int64_t n, std::int64_t o);
 void swiglu_forward(Tensor m, ConstTensor g, ConstTensor u, std::int64_t n, GatedAct act);
 void swiglu_backward(Tensor dg, Tensor du, ConstTensor dm, ConstTensor g, ConstTensor u, std::int64_t n,
                      GatedAct act);

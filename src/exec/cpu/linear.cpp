@@ -95,7 +95,52 @@ void linear_backward_weight(Tensor dW, ConstTensor dout, ConstTensor in, std::in
     gemm(dW, {dout, o, true}, {in, i, false}, o, i, n, accumulate);
 }
 
+// out[n,o] += b[o], a row block of kBlock columns at a time
+void bias_forward(Tensor out, ConstTensor b, std::int64_t n, std::int64_t o) {
+    detail::require(n >= 0 && o >= 0 && out && b, "bias_forward", "expected n, o >= 0 and non-null buffers");
+    float bb[kBlock], rb[kBlock];
+    for (std::int64_t c0 = 0; c0 < o; c0 += kBlock) {
+        const std::int64_t nc = std::min(kBlock, o - c0);
+        load_block(b, c0, nc, bb);
+        for (std::int64_t r = 0; r < n; ++r) {
+            load_block(out, r * o + c0, nc, rb);
+            for (std::int64_t c = 0; c < nc; ++c) rb[c] += bb[c];
+            store_block(out, r * o + c0, nc, rb);
+        }
+    }
+}
+
+// db[o] += sum_r dout[r, o], summed in fp32 per block of columns, then added once
+void bias_backward(Tensor db, ConstTensor dout, std::int64_t n, std::int64_t o) {
+    detail::require(n >= 0 && o >= 0 && db && dout, "bias_backward", "expected n, o >= 0 and non-null buffers");
+    float acc[kBlock], rb[kBlock];
+    for (std::int64_t c0 = 0; c0 < o; c0 += kBlock) {
+        const std::int64_t nc = std::min(kBlock, o - c0);
+        std::fill(acc, acc + nc, 0.0f);
+        for (std::int64_t r = 0; r < n; ++r) {
+            load_block(dout, r * o + c0, nc, rb);
+            for (std::int64_t c = 0; c < nc; ++c) acc[c] += rb[c];
+        }
+        load_block(db, c0, nc, rb);
+        for (std::int64_t c = 0; c < nc; ++c) rb[c] += acc[c];
+        store_block(db, c0, nc, rb);
+    }
+}
+
 namespace reference {
+
+void bias_forward(Tensor out, ConstTensor b, std::int64_t n, std::int64_t o) {
+    for (std::int64_t r = 0; r < n; ++r)
+        for (std::int64_t c = 0; c < o; ++c) store(out, r * o + c, static_cast<float>(double(load(out, r * o + c)) + load(b, c)));
+}
+
+void bias_backward(Tensor db, ConstTensor dout, std::int64_t n, std::int64_t o) {
+    for (std::int64_t c = 0; c < o; ++c) {
+        double s = load(db, c);
+        for (std::int64_t r = 0; r < n; ++r) s += load(dout, r * o + c);
+        store(db, c, static_cast<float>(s));
+    }
+}
 
 // out[n,o] (+)= in[n,i] W[o,i]^T
 void linear_forward(Tensor out, ConstTensor in, ConstTensor W, std::int64_t n, std::int64_t i, std::int64_t o,
