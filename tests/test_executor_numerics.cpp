@@ -222,7 +222,7 @@ TEST_CASE("numerics: gpt-oss shape (sinks, biased router and experts, clamped Sw
     CHECK(check_variants_equal_unchunked("tiny_gpt_oss.json") == 11 * 2 + 3);
 }
 
-TEST_CASE("numerics: biases (Qwen2's q/k/v; a Llama's attention and MLP biases), chunked, checkpointed and eager steps equal the unchunked flash step") {
+TEST_CASE("numerics: biases (Qwen2's q/k/v, a Llama's attention and MLP biases), chunked, checkpointed and eager steps equal the unchunked flash step") {
     CHECK(check_variants_equal_unchunked("tiny_qwen2.json") == 9 * 3 + 2);
     CHECK(check_variants_equal_unchunked("tiny_llama_bias.json") == 9 * 2 + 3);
 }

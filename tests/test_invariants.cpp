@@ -80,6 +80,15 @@ TrainingSetup random_setup(Random& r, const ModelSpec& m) {
     s.zero_stage = static_cast<int>(r.in(0, 3));
     s.grad_accum = r.pick({1, 1, 3});
     s.optimizer_in_backward = s.grad_accum == 1 && s.zero_stage < 2 && r.in(0, 3) == 0;
+    if (m.moe && r.coin()) {  // expert parallelism: a degree dividing the experts and dp x sp, uniform or not
+        std::vector<std::int64_t> eps;
+        for (std::int64_t ep = 2; ep <= s.zero_ranks(); ++ep)
+            if (s.zero_ranks() % ep == 0 && m.moe->experts % ep == 0) eps.push_back(ep);
+        if (!eps.empty()) {
+            s.ep = eps[static_cast<std::size_t>(r.in(0, static_cast<std::int64_t>(eps.size()) - 1))];
+            s.moe_imbalance = 1.0 + static_cast<double>(s.ep - 1) * static_cast<double>(r.in(0, 4)) / 4.0;
+        }
+    }
     validate(s, m);
     return s;
 }
@@ -230,6 +239,9 @@ TEST_CASE("the loop MLP saves the same activations for every M") {
         CAPTURE(i);
         s.mlp_impl = MlpImpl::Loop;
         s.mlp_chunks = 1;
+        // (an imbalanced expert-parallel rank receives ceil(F n k) rows per chunk: the chunks' sum
+        // rounds up once per chunk, by design)
+        s.moe_imbalance = 1.0;
         const bytes_t base = saved_at_forward_end(simulate(m, s, test_gpu()));
         for (std::int64_t M = 2; M <= std::min<std::int64_t>(s.local_tokens(), 6); ++M) {
             s.mlp_chunks = M;
@@ -282,6 +294,8 @@ TEST_CASE("ZeRO-3 over N ranks divides the parameter state by N (up to per-tenso
         s.optimizer_in_backward = false;
         // bitsandbytes keeps fp32 states for tensors under 4096 values: shards cross that line.
         if (s.optimizer == Optimizer::AdamW8bit) s.optimizer = Optimizer::AdamW;
+        // (expert parallelism divides the experts' state further: tests/test_expert_parallel.cpp)
+        s.ep = 1, s.moe_imbalance = 1.0;
         CAPTURE(i);
         auto init_bytes = [&](std::int64_t dp, int stage) {
             s.dp = dp;
@@ -300,7 +314,8 @@ TEST_CASE("ZeRO-3 over N ranks divides the parameter state by N (up to per-tenso
             const std::int64_t N = dp * s.sp;  // ZeRO shards over every data- and sequence-parallel rank
             CAPTURE(N);
             const bytes_t sharded = init_bytes(dp, 3);
-            const std::int64_t per_layer = 9 + (m.family == Family::Gemma2 ? 4 : 0) + (m.moe ? 1 : 0) + (m.qk_norm ? 2 : 0);
+            const std::int64_t per_layer = 9 + (m.family == Family::Gemma2 ? 4 : 0) + (m.moe ? 1 : 0) + (m.qk_norm ? 2 : 0) +
+                                           (m.attention_sinks ? 1 : 0);
             const std::int64_t tensors = 3 + per_layer * m.num_layers;
             CHECK(sharded * N >= one + grads);
             CHECK(sharded * N - (one + grads) <= N * tensors * 8 * 5);  // < one element per tensor and state

@@ -136,6 +136,9 @@ struct ModelSpec {
     // The parameters one token goes through: all but the experts it is not routed to (= total
     // for a dense model).
     std::int64_t active_parameters() const;
+    // The routed experts' parameters over all layers (gpt-oss: with their biases), the part of
+    // `mlp` that expert parallelism divides; 0 for a dense model.
+    std::int64_t expert_parameters() const;
     // Parameters of one decoder layer (attention + MLP + its norms).
     std::int64_t layer_parameters() const;
 };

@@ -83,6 +83,12 @@ struct TrainingSetup {
     int zero_stage = 0;           // 0..3 (3 = FSDP full shard)
     int zero3_prefetch = 1;       // layers all-gathered ahead under ZeRO-3
     std::int64_t sp = 1;          // Ulysses sequence-parallel degree
+    // Expert parallelism (Mixture-of-Experts, kernels runtime): each rank of a group of ep, drawn
+    // from the dp x sp ranks, holds E / ep experts; token-expert pairs travel to their expert's rank
+    // and back by all-to-all. moe_imbalance: how many pairs the busiest rank's experts receive, as a
+    // multiple of a uniform routing's (1: uniform, the default assumption; at most ep).
+    std::int64_t ep = 1;
+    double moe_imbalance = 1.0;
 
     StateDtype effective_state_dtype() const {
         return state_dtype.value_or(precision == Precision::PureBf16 ? StateDtype::Bf16 : StateDtype::Fp32);
@@ -97,12 +103,21 @@ struct TrainingSetup {
     // rank (each trains different tokens). DeepSpeed's Ulysses mpu shards ZeRO over its sequence-data
     // -parallel group (deepspeed/utils/groups.py), torchtitan's FSDP over the dp_shard x cp mesh.
     std::int64_t zero_ranks() const { return dp * sp; }
+    // The ranks holding the same experts: ZeRO shards the experts' parameters over them and their
+    // gradients are reduced across them (DeepSpeed-MoE's expert-data-parallel group, torchtitan's
+    // FSDP over dp_shard / ep).
+    std::int64_t expert_data_ranks() const { return zero_ranks() / ep; }
+    // The token-expert pairs one rank's experts receive when every rank sends `pairs`: all of them
+    // with ep = 1 (every expert is local), else ceil(moe_imbalance x pairs).
+    std::int64_t expert_rows(std::int64_t pairs) const;
 };
 
 // Checkpoint placement from a user's words: "none", "all", "every:K", "first:K",
 // "last:K", "spread:K" (K layers evenly spaced) or a list "0,2,5-9".
 std::vector<bool> parse_checkpoint_spec(const std::string& spec, std::int64_t num_layers, const std::string& where);
 std::string describe_checkpoints(const std::vector<bool>& checkpoint);
+// ", ep 8" (", ep 8, imbalance 1.25") with expert parallelism, else "".
+std::string describe_expert_parallelism(const TrainingSetup& setup);
 
 // Checks the setup against the model: one UserError naming the knob when it is impossible.
 void validate(const TrainingSetup& setup, const ModelSpec& model);

@@ -28,7 +28,7 @@ struct StepTime {
     double recompute_seconds = 0;     // per micro-step: checkpointed layers and tiled MLP re-run forward
     double optimizer_seconds = 0;     // per step
     double offload_exposed_seconds = 0;  // per micro-step: host transfers not hidden behind compute
-    double comm_seconds = 0;          // per step: data-parallel + ZeRO + Ulysses traffic
+    double comm_seconds = 0;          // per step: data-parallel + ZeRO + Ulysses + expert-parallel traffic
     double comm_exposed_seconds = 0;  // per step: the part not overlapped with compute
     double step_seconds = 0;          // one optimizer step, all micro-steps
     double model_flops = 0;           // per GPU per step: 6 N T + causal attention, no recompute

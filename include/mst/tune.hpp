@@ -16,7 +16,7 @@ namespace mst {
 
 // Knobs the user fixed (`--pin key=value`); unset ones are searched.
 struct Pins {
-    std::optional<std::int64_t> mlp_chunks, lm_chunks, sp, micro_batch, checkpoint_count;
+    std::optional<std::int64_t> mlp_chunks, lm_chunks, sp, ep, micro_batch, checkpoint_count;
     std::optional<int> zero_stage;
     std::optional<MlpImpl> mlp_impl;
     std::optional<LmHeadImpl> lm_impl;

@@ -54,7 +54,8 @@ SETUP_DEFAULTS: Dict[str, Any] = {
     "precision": "pure-bf16", "optimizer": "adamw", "optimizer_in_backward": False, "optimizer_impl": "fused",
     "runtime": "hf",
     "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
-    "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1, "sp": 1,
+    "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1, "sp": 1, "ep": 1,
+    "moe_imbalance": 1.0,
 }
 SETUP_KEYS = tuple(SETUP_DEFAULTS) + ("optimizer_state_dtype", "mlp_chunk_tokens", "lm_chunk_tokens", "checkpoint")
 
@@ -290,6 +291,11 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     integer("grad_accum", 1, 1 << 20)
     integer("dp", 1, 1 << 20)
     integer("sp", 1, 1 << 20)
+    integer("ep", 1, 1 << 20)
+    imbalance = s["moe_imbalance"]
+    if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or not 1 <= imbalance <= s["ep"]:
+        fail(where, "moe_imbalance", f"expected a number from 1 to ep ({s['ep']}), got {json.dumps(imbalance)}")
+    s["moe_imbalance"] = float(imbalance)
     integer("zero_stage", 0, 3)
     integer("zero3_prefetch", 0, 8)
     for key in ("padded", "optimizer_in_backward", "offload_checkpoints"):
@@ -331,7 +337,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
         fail(where, "optimizer_in_backward", "not supported with ZeRO stage 2/3")
     order = ("micro_batch", "seq_len", "grad_accum", "padded", "precision", "optimizer", "optimizer_state_dtype",
              "optimizer_in_backward", "optimizer_impl", "runtime", "attention", "mlp_chunks", "mlp_impl", "lm_chunks", "lm_impl",
-             "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "sp")
+             "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "sp", "ep", "moe_imbalance")
     return {k: s[k] for k in order}
 
 
@@ -339,7 +345,7 @@ def check_runnable(setup: Mapping[str, Any], where: str = "setup") -> None:
     """The cross-check is one process with plain PyTorch (no ZeRO or Ulysses; data parallelism is
     one rank of DistributedDataParallel, which only the referee runs: check_device), training
     packed random tokens (no padding)."""
-    for key, expected in (("sp", 1), ("zero_stage", 0)):
+    for key, expected in (("sp", 1), ("zero_stage", 0), ("ep", 1)):
         if setup.get(key, expected) != expected:
             fail(where, key, f"expected {expected}: the cross-check runs plain PyTorch on one GPU, "
                              f"got {json.dumps(setup.get(key))}")

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mst/error.hpp"
+#include "mst/limits.hpp"
 #include "mst/units.hpp"
 #include "numbers.hpp"
 
@@ -42,6 +43,11 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_option("--zero", zero, "ZeRO stage 0-3 (3 = FSDP full shard)")->capture_default_str()->check(an_int);
     cmd.add_option("--zero3-prefetch", zero3_prefetch, "Layers all-gathered ahead under ZeRO-3")->capture_default_str()->check(an_int);
     cmd.add_option("--sp", sp, "Ulysses sequence-parallel degree")->capture_default_str()->check(decimal());
+    cmd.add_option("--ep", ep, "Expert-parallel degree (Mixture-of-Experts, runtime kernels): E/ep experts per rank")
+        ->capture_default_str()->check(decimal());
+    cmd.add_option("--moe-imbalance", moe_imbalance,
+                   "Pairs the busiest rank's experts receive over a uniform routing's, in [1, ep] (default 1: uniform)")
+        ->check(finite(1.0, static_cast<double>(limits::kGpus)));
 }
 
 bool SetupOptions::given(const char* name) const { return cmd_->count(name) > 0; }
@@ -71,6 +77,8 @@ TrainingSetup SetupOptions::build(const ModelSpec& model) const {
     if (given("--zero")) s.zero_stage = zero;
     if (given("--zero3-prefetch")) s.zero3_prefetch = zero3_prefetch;
     if (given("--sp")) s.sp = sp;
+    if (given("--ep")) s.ep = ep;
+    if (given("--moe-imbalance")) s.moe_imbalance = moe_imbalance;
     // Chunk counts: a token size converts with the tokens each rank holds (validate() bounds them).
     if (given("--mlp-chunks") && given("--mlp-chunk-tokens")) fail(w, "mlp-chunk-tokens", "give --mlp-chunks or --mlp-chunk-tokens, not both");
     if (given("--lm-chunks") && given("--lm-chunk-tokens")) fail(w, "lm-chunk-tokens", "give --lm-chunks or --lm-chunk-tokens, not both");

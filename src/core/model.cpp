@@ -472,13 +472,21 @@ ParameterCounts ModelSpec::parameters() const {
     return p;
 }
 
+namespace {
+// One expert's parameters: its gate, up and down projections (gpt-oss: and their biases).
+std::int64_t one_expert(const ModelSpec& m) {
+    return 3 * m.hidden_size * m.moe->intermediate + (m.moe->gpt_oss ? 2 * m.moe->intermediate + m.hidden_size : 0);
+}
+}  // namespace
+
 std::int64_t ModelSpec::active_parameters() const {
     const std::int64_t total = parameters().total();
     if (!moe) return total;
-    // an expert's parameters: its gate, up and down projections (gpt-oss: and their biases)
-    const std::int64_t expert = 3 * hidden_size * moe->intermediate + (moe->gpt_oss ? 2 * moe->intermediate + hidden_size : 0);
-    const std::int64_t idle = checked_product({moe->experts - moe->top_k, expert, num_layers}, "experts");
-    return total - idle;
+    return total - checked_product({moe->experts - moe->top_k, one_expert(*this), num_layers}, "experts");
+}
+
+std::int64_t ModelSpec::expert_parameters() const {
+    return moe ? checked_product({moe->experts, one_expert(*this), num_layers}, "experts") : 0;
 }
 
 std::int64_t ModelSpec::layer_parameters() const {

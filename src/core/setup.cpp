@@ -1,6 +1,7 @@
 #include "mst/setup.hpp"
 
 #include <algorithm>
+#include <cmath>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -165,6 +166,18 @@ std::vector<std::int64_t> chunk_sizes(std::int64_t tokens, std::int64_t chunks) 
     return sizes;
 }
 
+std::string describe_expert_parallelism(const TrainingSetup& s) {
+    if (s.ep == 1) return "";
+    return s.moe_imbalance == 1.0 ? fmt::format(", ep {}", s.ep) : fmt::format(", ep {}, imbalance {:g}", s.ep, s.moe_imbalance);
+}
+
+std::int64_t TrainingSetup::expert_rows(std::int64_t pairs) const {
+    if (ep == 1) return pairs;
+    // (1 - 1e-12: a product like 1.1 x 10 that lands a rounding above an integer is that integer)
+    const double rows = std::ceil(moe_imbalance * static_cast<double>(pairs) * (1.0 - 1e-12));
+    return std::min(checked_mul(pairs, ep), std::max(pairs, static_cast<std::int64_t>(rows)));
+}
+
 void validate(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
     auto in_range = [&](const char* field, std::int64_t v, std::int64_t lo, std::int64_t hi) {
@@ -190,6 +203,7 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     in_range("grad_accum", s.grad_accum, 1, limits::kGradAccum);
     in_range("dp", s.dp, 1, limits::kGpus);
     in_range("sp", s.sp, 1, limits::kGpus);
+    in_range("ep", s.ep, 1, limits::kGpus);
     if (s.dp * s.sp > limits::kGpus)
         fail(w, "dp", fmt::format("expected dp x sp at most {} GPUs, got {} x {}", limits::kGpus, s.dp, s.sp));
     in_range("mlp_chunks", s.mlp_chunks, 1, limits::kChunks);
@@ -220,6 +234,21 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
         fail(w, "optimizer_in_backward", "cannot step inside backward with grad_accum > 1 (the gradients must accumulate first)");
     if (s.optimizer_in_backward && s.zero_stage >= 2)
         fail(w, "optimizer_in_backward", "not supported with ZeRO stage 2/3 (gradients are reduce-scattered per bucket)");
+    if (s.ep > 1 && !m.moe)
+        fail(w, "ep", fmt::format("expected 1 for a dense model (expert parallelism shards a Mixture-of-Experts block's "
+                                  "experts), got {}", s.ep));
+    if (s.ep > 1 && m.moe->experts % s.ep != 0)
+        fail(w, "ep", fmt::format("expected a divisor of the experts ({}), got {}", m.moe->experts, s.ep));
+    if (s.zero_ranks() % s.ep != 0)
+        fail(w, "ep", fmt::format("expected a divisor of dp x sp ({} x {}: the expert-parallel group is drawn from the "
+                                  "data- and sequence-parallel ranks), got {}",
+                                  s.dp, s.sp, s.ep));
+    if (!(s.moe_imbalance >= 1.0 && s.moe_imbalance <= static_cast<double>(s.ep)))
+        fail(w, "moe_imbalance", fmt::format("expected a number in [1, ep = {}] (the busiest rank's experts receive at most "
+                                             "every rank's pairs{}), got {}",
+                                             s.ep, s.ep == 1 ? "; with ep 1 every expert is local and no buffer depends on the "
+                                                               "routing" : "",
+                                             s.moe_imbalance));
     validate_model_scope(s, m);
     validate_hf_scope(s, m);
 }
@@ -262,6 +291,7 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     // Data parallelism is DistributedDataParallel (src/core/sim/ddp.cpp); ZeRO and sequence
     // parallelism are not modelled in this runtime yet.
     if (s.sp > 1) fail(w, "sp", fmt::format("expected 1 with runtime hf (sequence parallelism is not modelled in it){}, got {}", hint, s.sp));
+    if (s.ep > 1) fail(w, "ep", fmt::format("expected 1 with runtime hf (expert parallelism is not modelled in it){}, got {}", hint, s.ep));
     if (s.zero_stage > 0)
         fail(w, "zero_stage", fmt::format("expected 0 with runtime hf (its data parallelism is DDP; ZeRO is not modelled in it){}, got {}", hint, s.zero_stage));
     if (s.dp > 1 && s.precision == Precision::Bf16Master)
@@ -308,6 +338,8 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     if (auto v = r.opt_string("attention")) s.attention = parse_attention(*v, where);
     s.dp = r.opt_integer("dp", 1, limits::kGpus).value_or(1);
     s.sp = r.opt_integer("sp", 1, limits::kGpus).value_or(1);
+    s.ep = r.opt_integer("ep", 1, limits::kGpus).value_or(1);
+    s.moe_imbalance = r.opt_number("moe_imbalance", 1.0, static_cast<double>(limits::kGpus)).value_or(1.0);
     s.zero_stage = static_cast<int>(r.opt_integer("zero_stage", 0, 3).value_or(0));
     s.zero3_prefetch = static_cast<int>(r.opt_integer("zero3_prefetch", 0, limits::kZero3Prefetch).value_or(1));
 
@@ -374,6 +406,8 @@ nlohmann::json to_json(const TrainingSetup& s) {
         {"zero_stage", s.zero_stage},
         {"zero3_prefetch", s.zero3_prefetch},
         {"sp", s.sp},
+        {"ep", s.ep},
+        {"moe_imbalance", s.moe_imbalance},
     };
 }
 

@@ -116,6 +116,10 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     const double E = moe ? static_cast<double>(moe->experts) : 1, k = moe ? static_cast<double>(moe->top_k) : 1;
     const double Ie = moe ? static_cast<double>(moe->intermediate) : I;
     const double wb = moe && moe->fp32_routing_weights ? 4 : 2;
+    // Expert parallelism: the experts of a rank run on what it received, F = moe_imbalance times the
+    // pairs it sent at the busiest rank (which sets the step's pace), in E blocks (one per source
+    // rank and local expert); F = 1 without it.
+    const double F = s.ep > 1 ? s.moe_imbalance : 1.0;
     // `kernels` memory-bound kernels moving `bytes` together, `count` times
     auto several = [](Ledger& g, const std::string& name, double bytes, double count, double kernels) {
         return g.split(name, 0, bytes * count, 1.0, kernels * count);
@@ -123,13 +127,13 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     // One group of `count` chunks of n tokens through the MLP, added into t op by op.
     auto mlp_chunks = [&](Ledger& g, const std::string& sfx, double n, double count, double& t) {
         if (moe) {
-            const double S = n * k;
+            const double S = n * k, R = F * S;
             t += g.gemm("moe.router" + sfx, n, E, d, count);
             t += several(g, "moe.router.topk" + sfx, n * E * 14 + n * k * 12, count, 4);
             t += several(g, "moe.dispatch" + sfx, S * d * 4 + S * 40, count, 5);
-            t += g.gemm("moe.gate_up" + sfx, S / E, 2 * Ie, d, count * E);
-            t += g.memory("moe.act" + sfx, 3 * S * Ie * 2, count);
-            t += g.gemm("moe.down" + sfx, S / E, d, Ie, count * E);
+            t += g.gemm("moe.gate_up" + sfx, R / E, 2 * Ie, d, count * E);
+            t += g.memory("moe.act" + sfx, 3 * R * Ie * 2, count);
+            t += g.gemm("moe.down" + sfx, R / E, d, Ie, count * E);
             t += several(g, "moe.combine" + sfx, S * d * (2 + 3 * wb) + n * d * (wb + 2), count, 4);
             return;
         }
@@ -183,11 +187,11 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         t += g.memory("residual (bwd)", 3 * T * d * rb, 2);
         for (const auto& [n, count] : chunks_as_doubles(s.local_tokens(), s.mlp_chunks)) {
             if (moe) {
-                const double S = n * k;
+                const double S = n * k, R = F * S;
                 t += several(g, "moe.combine (bwd)", S * d * (4 * wb + 4) + n * d * (wb + 2), count, 5);
-                t += g.gemm("moe.down (bwd)", S / E, Ie, d, count * E) + g.gemm("moe.down (bwd)", d, Ie, S / E, count * E);
-                t += several(g, "moe.act (bwd)", 5 * S * Ie * 2 + 2 * S * Ie * 2, count, 2);
-                t += g.gemm("moe.gate_up (bwd)", S / E, d, 2 * Ie, count * E) + g.gemm("moe.gate_up (bwd)", 2 * Ie, d, S / E, count * E);
+                t += g.gemm("moe.down (bwd)", R / E, Ie, d, count * E) + g.gemm("moe.down (bwd)", d, Ie, R / E, count * E);
+                t += several(g, "moe.act (bwd)", 5 * R * Ie * 2 + 2 * R * Ie * 2, count, 2);
+                t += g.gemm("moe.gate_up (bwd)", R / E, d, 2 * Ie, count * E) + g.gemm("moe.gate_up (bwd)", 2 * Ie, d, R / E, count * E);
                 t += several(g, "moe.dispatch (bwd)", S * d * 2 + 3 * n * d * 2, count, 3);
                 t += several(g, "moe.router.topk (bwd)", n * E * 28 + n * k * 40, count, 6);
                 t += g.gemm("moe.router (bwd)", n, d, E, count) + g.gemm("moe.router (bwd)", E, d, n, count);
@@ -255,9 +259,14 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     }
 
     // ---- optimizer -------------------------------------------------------------------
+    // A rank holds every dense parameter and E / ep of the experts'; ZeRO shards the dense ones
+    // over all dp x sp ranks and the experts' over the ep-th of them holding the same experts.
     const double P = static_cast<double>(m.parameters().total());
+    const double ep = static_cast<double>(s.ep), P_expert = static_cast<double>(m.expert_parameters()) / ep;
+    const double P_dense = P - ep * P_expert;
     const int zero = s.zero_ranks() > 1 ? s.zero_stage : 0;
-    const double p_local = zero >= 1 ? P / static_cast<double>(s.zero_ranks()) : P;
+    const double p_local = zero >= 1 ? P_dense / static_cast<double>(s.zero_ranks()) + P_expert / static_cast<double>(s.expert_data_ranks())
+                                     : P_dense + P_expert;
     const double pw = s.precision == Precision::AmpFp32 ? 4 : 2, pg = s.precision == Precision::PureBf16 ? 2 : 4;
     const double sd = s.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
     double per_param = 0;  // bytes read + written per parameter by the update
@@ -280,16 +289,27 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     // ---- communication ---------------------------------------------------------------
     const double ga = static_cast<double>(s.grad_accum);
     double overlapped = 0, exposed = 0;
-    if (s.zero_ranks() > 1) {  // gradients are reduced (and ZeRO shards) over every dp and sp rank
-        const double N = static_cast<double>(s.zero_ranks());
-        const double bw = link_gbps(gpu, cluster, s.zero_ranks(), 1) * 1e9;
+    // Gradients are reduced (and ZeRO shards) over every dp and sp rank; an expert's over the
+    // ranks holding it.
+    auto reduce = [&](double params, std::int64_t ranks) {
+        if (ranks <= 1) return 0.0;
+        const double N = static_cast<double>(ranks);
+        const double bw = link_gbps(gpu, cluster, ranks, 1) * 1e9;
         const double ring = (N - 1) / N;
-        const double grad_bytes = P * pg, param_bytes = P * pw;
-        double per_step = 0;
-        if (zero <= 1) per_step = 2 * ring * grad_bytes / bw;                       // all-reduce once per step
-        else if (zero == 2) per_step = ga * ring * grad_bytes / bw + ring * param_bytes / bw;  // RS per micro-step, AG after step
-        else per_step = ga * ((2 + ckpt / L) * ring * param_bytes + ring * grad_bytes) / bw;  // AG fwd, bwd, recompute; RS
-        overlapped += per_step;
+        const double grad_bytes = params * pg, param_bytes = params * pw;
+        if (zero <= 1) return 2 * ring * grad_bytes / bw;                                 // all-reduce once per step
+        if (zero == 2) return ga * ring * grad_bytes / bw + ring * param_bytes / bw;      // RS per micro-step, AG after step
+        return ga * ((2 + ckpt / L) * ring * param_bytes + ring * grad_bytes) / bw;      // AG fwd, bwd, recompute; RS
+    };
+    overlapped += reduce(P_dense, s.zero_ranks()) + reduce(P_expert, s.expert_data_ranks());
+    if (moe && s.ep > 1) {
+        // Expert parallelism: per layer and MoE pass, the pairs go to their experts' ranks and come
+        // back (four all-to-alls a micro-step; two more per recomputed forward: a checkpointed
+        // layer's, and the tiled MLP's in its backward). The busiest rank receives F times its share.
+        const double bw = link_gbps(gpu, cluster, s.ep, 1) * 1e9;
+        const double bytes = (ep - 1) / ep * F * T * k * d * 2;
+        const bool tiled = s.mlp_chunks > 1 && s.mlp_impl == MlpImpl::Tiled;
+        exposed += ga * (4 * L + 2 * ckpt + (tiled ? 2 * L : 0)) * bytes / bw;
     }
     if (s.sp > 1) {
         // Ulysses all-to-all of q, k, v and o (and their gradients) per layer and pass.

@@ -52,13 +52,14 @@ bool parse_yes_no(const std::string& where, const std::string& key, const std::s
 void parse_pin(const std::string& text, const ModelSpec& model, Pins& pins) {
     const auto eq = text.find('=');
     if (eq == std::string::npos || eq == 0)
-        fail("--pin", text, "expected KEY=VALUE (keys: M_mlp, M_lm, mlp_impl, lm_impl, checkpoint, offload, sp, zero, micro_batch)");
+        fail("--pin", text, "expected KEY=VALUE (keys: M_mlp, M_lm, mlp_impl, lm_impl, checkpoint, offload, sp, ep, zero, micro_batch)");
     const std::string key = text.substr(0, eq), value = text.substr(eq + 1);
     if (key == "M_mlp" || key == "mlp_chunks") pins.mlp_chunks = pin_int(key, value, 1, max_mlp_chunks(model));
     else if (key == "M_lm" || key == "lm_chunks") pins.lm_chunks = pin_int(key, value, 1, limits::kChunks);
     else if (key == "mlp_impl") pins.mlp_impl = parse_mlp_impl(value, "--pin");
     else if (key == "lm_impl") pins.lm_impl = parse_lm_impl(value, "--pin");
     else if (key == "sp") pins.sp = pin_int(key, value, 1, limits::kGpus);
+    else if (key == "ep") pins.ep = pin_int(key, value, 1, limits::kGpus);
     else if (key == "zero") pins.zero_stage = static_cast<int>(pin_int(key, value, 0, 3));
     else if (key == "micro_batch") pins.micro_batch = pin_int(key, value, 1, limits::kMicroBatch);
     else if (key == "offload") pins.offload = parse_yes_no("--pin", key, value);
@@ -70,7 +71,7 @@ void parse_pin(const std::string& text, const ModelSpec& model, Pins& pins) {
         if (count) pins.checkpoint_count = pin_int(key, value, 0, model.num_layers);
         else pins.checkpoint = parse_checkpoint_spec(value, model.num_layers, "--pin");
     } else {
-        fail("--pin", key, "expected one of M_mlp, M_lm, mlp_impl, lm_impl, checkpoint, offload, sp, zero, micro_batch");
+        fail("--pin", key, "expected one of M_mlp, M_lm, mlp_impl, lm_impl, checkpoint, offload, sp, ep, zero, micro_batch");
     }
 }
 
@@ -420,6 +421,20 @@ void check_request(const TuneRequest& rq, const char* command) {
     if (rq.base.runtime == Runtime::Hf && rq.pins.sp && *rq.pins.sp > 1)
         fail(command, "pin", fmt::format("sp={}: expected 1 with runtime hf (sequence parallelism is not modelled in it yet: "
                                          "--runtime kernels plans it)", *rq.pins.sp));
+    if (rq.base.moe_imbalance != 1.0 && (!rq.model.moe || rq.base.runtime == Runtime::Hf))
+        fail(command, "moe-imbalance", fmt::format("expected 1 (it sizes expert parallelism's buffers: a Mixture-of-Experts "
+                                                   "model with --runtime kernels), got {:g}", rq.base.moe_imbalance));
+    if (rq.pins.ep && *rq.pins.ep > 1) {
+        if (!rq.model.moe)
+            fail(command, "pin", fmt::format("ep={}: expected 1 for a dense model (expert parallelism shards a "
+                                             "Mixture-of-Experts block's experts)", *rq.pins.ep));
+        if (rq.base.runtime == Runtime::Hf)
+            fail(command, "pin", fmt::format("ep={}: expected 1 with runtime hf (expert parallelism is not modelled in it "
+                                             "yet: --runtime kernels plans it)", *rq.pins.ep));
+        if (rq.model.moe->experts % *rq.pins.ep != 0 || rq.gpus % *rq.pins.ep != 0)
+            fail(command, "pin", fmt::format("ep={}: expected a divisor of both the experts ({}) and the GPUs ({})", *rq.pins.ep,
+                                             rq.model.moe->experts, rq.gpus));
+    }
     if (const auto formats = emit_formats();
         !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
         fail(command, "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
@@ -497,7 +512,17 @@ Recommendation recommend(const TuneRequest& rq) {
         fail("recommend", "sp", fmt::format("no sequence-parallel degree divides the GPUs ({}), heads ({}), KV heads ({}) and "
                                             "sequence ({}) together{}",
                                             rq.gpus, m.num_heads, m.num_kv_heads, rq.seq_len, rq.pins.sp ? " with the pinned sp" : ""));
-    for (std::int64_t sp : sps) {
+    // Expert parallelism (kernels runtime, Mixture-of-Experts): every degree dividing both the experts
+    // and the GPUs (its group is drawn from the dp x sp ranks, all of them).
+    std::vector<std::int64_t> eps;
+    for (std::int64_t ep = 1; ep <= rq.gpus; ++ep) {
+        if (rq.pins.ep ? ep != *rq.pins.ep : ep > 1 && (ddp_only || !m.moe)) continue;
+        if (rq.gpus % ep == 0 && (ep == 1 || m.moe->experts % ep == 0)) eps.push_back(ep);
+    }
+    std::vector<std::pair<std::int64_t, std::int64_t>> layouts;  // (sp, ep)
+    for (std::int64_t sp : sps)
+        for (std::int64_t ep : eps) layouts.push_back({sp, ep});
+    for (const auto& [sp, ep] : layouts) {
         const std::int64_t dp = rq.gpus / sp;
         // One rank: ZeRO 0, and ZeRO 1 for a format whose trainer needs it (DeepSpeed keeps bf16 master
         // weights only under ZeRO 1-3; with one rank nothing is sharded, the memory is the same).
@@ -530,7 +555,9 @@ Recommendation recommend(const TuneRequest& rq) {
                                     continue;
                                 TrainingSetup s = rq.base;
                                 s.seq_len = rq.seq_len;
-                                s.sp = sp, s.dp = dp, s.zero_stage = zero;
+                                s.sp = sp, s.dp = dp, s.zero_stage = zero, s.ep = ep;
+                                // (the busiest of ep ranks receives at most everything)
+                                s.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
                                 s.micro_batch = b, s.grad_accum = ga;
                                 s.offload_checkpoints = offload;
                                 s.mlp_impl = mi, s.lm_impl = li;

@@ -43,6 +43,7 @@ void check_supported(const ModelSpec& m, const TrainingSetup& s, const Backend& 
     if (s.runtime != Runtime::Kernels)
         fail(w, "runtime", who + " runs mst-plan's kernels; expected kernels, got " + to_string(s.runtime) +
                                " (the hf runtime is measured by the referee, scripts/torch_crosscheck.py --device fake)");
+    // (expert parallelism draws its ranks from these: it is refused with them)
     if (s.dp > 1) fail(w, "dp", who + " runs one process; data parallelism (dp > 1) cannot run on it");
     if (s.zero_stage > 0) fail(w, "zero_stage", "ZeRO shards over data-parallel ranks; " + who + " runs one process (use 0)");
     if (s.sp > 1) fail(w, "sp", who + " runs one process; sequence parallelism (sp > 1) cannot run on it");

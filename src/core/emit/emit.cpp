@@ -36,6 +36,18 @@ const Format& find_format(const std::string& format) {
     fail("emit", "format", fmt::format("expected one of {}, got '{}'", fmt::join(emit_formats(), ", "), format));
 }
 
+// Expert parallelism is planned as mst-plan's executor would run it; no format's trainer runs
+// that yet: python/mst_hf and Axolotl train transformers' MoE blocks, which have none; DeepSpeed's
+// is deepspeed.moe.layer.MoE in the model's own code; torchtitan's token dispatcher (per-expert
+// groups padded for its grouped GEMMs) is not modelled.
+void check_expert_parallel(const Format& f, const TrainingSetup& s) {
+    if (s.ep == 1) return;
+    const std::string why = std::string(f.name) == "deepspeed"    ? "DeepSpeed's expert parallelism is deepspeed.moe.layer.MoE in the model's code, which transformers' MoE blocks are not"
+                            : std::string(f.name) == "torchtitan" ? "torchtitan's token dispatcher, which pads each expert's group for its grouped GEMMs, is not modelled yet"
+                                                                  : "it trains transformers' MoE blocks, which have no expert parallelism";
+    fail(f.name, "setup.ep", fmt::format("expected 1 ({}), got {}", why, s.ep));
+}
+
 }  // namespace
 
 std::vector<std::string> emit_formats() {
@@ -49,11 +61,14 @@ std::vector<EmittedFile> emit(const Plan& plan, const ModelSpec& model, const st
     // A plan built in code (not read from a file) has not been checked yet; the
     // emitters index layers and divide by degrees on the strength of this.
     validate(plan.setup, model);
+    check_expert_parallel(f, plan.setup);
     return f.emit(plan, model);
 }
 
 void check_expressible(const std::string& format, const TrainingSetup& setup, const ModelSpec& model) {
-    find_format(format).check(setup, model);
+    const Format& f = find_format(format);
+    check_expert_parallel(f, setup);
+    f.check(setup, model);
 }
 
 bytes_t trainer_extra_bytes(const std::string& format, const TrainingSetup& setup, const ModelSpec& model) {

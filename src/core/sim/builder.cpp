@@ -143,6 +143,16 @@ void StepBuilder::build_params() {
     }
     final_norm_ = add("final_norm", -1, d);
     lm_head_ = m_.tie_word_embeddings ? embed_ : add("lm_head", -1, m_.vocab_size * d);
+    // Expert parallelism: each rank holds E / ep of every stacked expert parameter, which ZeRO
+    // shards over the ranks holding the same experts; everything else over all dp x sp ranks.
+    for (Param& p : params_) p.shard_ranks = s_.zero_ranks();
+    for (const LayerParams& lp : layer_params_)
+        for (int p : {lp.gate, lp.up, lp.down, lp.gate_bias, lp.down_bias})
+            if (m_.moe && p >= 0) {
+                Param& P = params_[static_cast<std::size_t>(p)];
+                P.numel /= s_.ep;
+                P.shard_ranks = s_.expert_data_ranks();
+            }
     gathered_.assign(static_cast<std::size_t>(m_.num_layers + 2), T{});
 
     // model.parameters() of a transformers causal LM: the embedding; per layer the attention's
@@ -180,16 +190,15 @@ void StepBuilder::build_params() {
 void StepBuilder::init_state() {
     phase_ = Phase::Init;
     layer_ = -1;
-    const std::int64_t dp = s_.zero_ranks();
     const bool shard_params = zero_stage() >= 3, shard_optim = zero_stage() >= 1, shard_grads = zero_stage() >= 2;
-    auto part = [&](std::int64_t numel, bool sharded) { return sharded ? ceil_div(numel, dp) : numel; };
+    auto part = [&](const Param& p, bool sharded) { return sharded ? ceil_div(p.numel, p.shard_ranks) : p.numel; };
     const int sd = s_.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
 
     at("init.weights");
     for (int i : order_) {
         Param& p = params_[static_cast<std::size_t>(i)];
         layer_ = p.layer;
-        p.weight = alloc(p.name, checked_mul(part(p.numel, shard_params), pw_), Category::Weights);
+        p.weight = alloc(p.name, checked_mul(part(p, shard_params), pw_), Category::Weights);
     }
     if (hf_) {
         at("init.buffers");
@@ -203,14 +212,14 @@ void StepBuilder::init_state() {
         for (int i : order_) {
             const Param& p = params_[static_cast<std::size_t>(i)];
             layer_ = p.layer;
-            alloc(p.name, checked_mul(part(p.numel, shard_optim), 4), Category::MasterWeights);
+            alloc(p.name, checked_mul(part(p, shard_optim), 4), Category::MasterWeights);
         }
     }
     at("init.optimizer_state");
     for (int i : order_) {
         const Param& p = params_[static_cast<std::size_t>(i)];
         layer_ = p.layer;
-        const std::int64_t n = part(p.numel, shard_optim);
+        const std::int64_t n = part(p, shard_optim);
         // torch's fused implementations keep the step counter on the device (a 0-dim fp32 tensor);
         // the others keep it on the host.
         const bool step_on_device = hf_ && s_.optimizer_impl == OptimizerImpl::Fused && s_.optimizer == Optimizer::AdamW;
@@ -244,7 +253,7 @@ void StepBuilder::init_state() {
         for (int i : order_) {
             const Param& p = params_[static_cast<std::size_t>(i)];
             layer_ = p.layer;
-            alloc(p.name, checked_mul(part(p.numel, true), pg_), Category::Gradients);
+            alloc(p.name, checked_mul(part(p, true), pg_), Category::Gradients);
         }
     }
     layer_ = -1;

@@ -42,7 +42,8 @@ struct GradBuffer {
 struct Param {
     const char* name = "";
     std::int32_t layer = -1;
-    std::int64_t numel = 0;
+    std::int64_t numel = 0;   // on this rank (expert parallelism: its E / ep experts)
+    std::int64_t shard_ranks = 1;  // the ranks ZeRO shards it over (experts: the expert-data-parallel ones)
     T weight;                 // the stored parameter (a shard under ZeRO-3)
     T grad;                   // full gradient, live between its first write and the step (or reduce)
     T master_grad;            // hf bf16-master: the fp32 gradient of its master copy (mst_hf's hooks)
@@ -127,9 +128,11 @@ struct HfLayer {
 
 // What one layer's forward left for its backward.
 struct MlpChunk {
-    T g, u, m;                   // MoE: the experts' [n*k, Ie] on the pairs sorted by expert
+    T g, u, m;                   // MoE: the experts' [R, Ie] on the pairs they received (ep 1: n*k, sorted by expert)
     std::int64_t tokens = 0;
-    T probs, w, idx, pos, xs, ys;  // MoE: router probabilities, top-k weights, experts, sorted rows, x and y sorted
+    // MoE: router probabilities, top-k weights, experts, sorted rows; x as the experts received it
+    // [R, d]; y as it came back [n*k, d]
+    T probs, w, idx, pos, xs, ys;
 };
 struct LayerSaved {
     HfLayer hf;  // the hf runtime's holders; the fields below are the kernels runtime's

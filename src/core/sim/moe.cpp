@@ -41,11 +41,20 @@ namespace mst::sim {
 // top-k weights [n, k] fp32, experts and sorted rows [n, k] i64 (saved), offsets [E + 1] i64 ->
 // x sorted [S, d] (saved by gate/up) -> g, u [S, Ie] (saved by the activation) -> m [S, Ie] (saved
 // by down) -> y sorted [S, d] (saved by the combine) -> y's rows. No size depends on the routing.
+//
+// Expert parallelism (ep > 1), a policy of the same block: x sorted by expert is also sorted by
+// the rank holding the expert, so it is the all-to-all's send buffer (then let go), and the
+// experts run on what their rank received, R = expert_rows(S) rows [R, d] (saved by gate/up; its
+// counts per expert, [E] int64, come to the host to size the GEMMs, which run on each (source
+// rank, local expert) block of it: no permutation copy). g, u, m and the experts' outputs are
+// [R, *]; the outputs go back by the second all-to-all into [S, d] (saved by the combine). Backward
+// mirrors both exchanges: d y [S, d] -> [R, d] before the experts, d x [R, d] -> [S, d] after.
+// With uniform routing R = S; moe_imbalance sizes the busiest rank's.
 
 void StepBuilder::moe_chunk_forward(const LayerParams& lp, std::int64_t n, T& y, MlpChunk* keep, bool recompute) {
     const std::int64_t d = m_.hidden_size, E = m_.moe->experts, k = m_.moe->top_k, Ie = m_.moe->intermediate;
-    const std::int64_t S = n * k;
-    const bool saves = !recompute;
+    const std::int64_t S = n * k, R = s_.expert_rows(S);
+    const bool saves = !recompute, ep = s_.ep > 1;
     auto kept = [&](T t) { return !keep ? T{} : recompute ? hold(t) : saved(t); };
 
     at("moe.router");
@@ -64,26 +73,40 @@ void StepBuilder::moe_chunk_forward(const LayerParams& lp, std::int64_t n, T& y,
     drop(probs), drop(idx);
 
     at("moe.gather");
-    T xs = act("x_sorted", bf16(S, d), saves);
+    T xs = act("x_sorted", bf16(S, d), saves && !ep);
+    if (ep) {
+        at("moe.dispatch");  // the all-to-all to the experts' ranks
+        T counts = act("received_counts", i64(E, 1), false);
+        T received = act("x_received", bf16(R, d), saves);
+        drop(counts);
+        drop(xs);
+        xs = received;
+    }
 
     at("moe.gate_up");
     use_weight(lp.gate);
     use_weight(lp.up);
-    T g = act("g", bf16(S, Ie), saves);
-    T u = act("u", bf16(S, Ie), saves);
+    T g = act("g", bf16(R, Ie), saves);
+    T u = act("u", bf16(R, Ie), saves);
     if (keep) keep->xs = kept(xs);
     drop(xs);
 
     at("moe.act");
-    T m = act("m", bf16(S, Ie), saves);
+    T m = act("m", bf16(R, Ie), saves);
     if (keep) keep->g = kept(g), keep->u = kept(u);
     drop(g), drop(u);
 
     at("moe.down");
     use_weight(lp.down);
-    T ys = act("y_sorted", bf16(S, d), saves);
+    T ys = act(ep ? "y_expert" : "y_sorted", bf16(R, d), saves && !ep);
     if (keep) keep->m = kept(m);
     drop(m);
+    if (ep) {
+        at("moe.return");  // the all-to-all back to the tokens' ranks
+        T back = act("y_sorted", bf16(S, d), saves);
+        drop(ys);
+        ys = back;
+    }
 
     if (!recompute) {
         at("moe.combine");
@@ -95,31 +118,44 @@ void StepBuilder::moe_chunk_forward(const LayerParams& lp, std::int64_t n, T& y,
 
 void StepBuilder::moe_chunk_backward(const LayerParams& lp, MlpChunk& c, T& dh2) {
     const std::int64_t d = m_.hidden_size, E = m_.moe->experts, k = m_.moe->top_k, Ie = m_.moe->intermediate;
-    const std::int64_t n = c.tokens, S = n * k;
+    const std::int64_t n = c.tokens, S = n * k, R = s_.expert_rows(S);
+    const bool ep = s_.ep > 1;
 
     at("moe.combine");
     T dys = alloc("d_y_sorted", bf16(S, d), Category::Transient);
     T dw = alloc("d_route_weights", f32(n, k), Category::Transient);
     drop(c.ys), drop(c.w);
+    if (ep) {
+        at("moe.return");  // the outputs' gradients to the experts' ranks
+        T received = alloc("d_y_expert", bf16(R, d), Category::Transient);
+        drop(dys);
+        dys = received;
+    }
 
     at("moe.down");
-    T dm = alloc("dm", bf16(S, Ie), Category::Transient);
+    T dm = alloc("dm", bf16(R, Ie), Category::Transient);
     grad_write(lp.down);
     release_weight(lp.down);
     drop(c.m), drop(dys);
 
     at("moe.act");
-    T dg = alloc("dg", bf16(S, Ie), Category::Transient);
-    T du = alloc("du", bf16(S, Ie), Category::Transient);
+    T dg = alloc("dg", bf16(R, Ie), Category::Transient);
+    T du = alloc("du", bf16(R, Ie), Category::Transient);
     drop(dm), drop(c.g), drop(c.u);
 
     at("moe.gate_up");
-    T dxs = alloc("d_x_sorted", bf16(S, d), Category::Transient);
+    T dxs = alloc(ep ? "d_x_received" : "d_x_sorted", bf16(R, d), Category::Transient);
     grad_write(lp.gate);
     grad_write(lp.up);
     release_weight(lp.gate);
     release_weight(lp.up);
     drop(dg), drop(du), drop(c.xs);
+    if (ep) {
+        at("moe.dispatch");  // the inputs' gradients back to the tokens' ranks
+        T back = alloc("d_x_sorted", bf16(S, d), Category::Transient);
+        drop(dxs);
+        dxs = back;
+    }
 
     at("moe.gather");
     if (!dh2.valid()) dh2 = alloc("dh2", bf16(tokens_, d), Category::Transient);

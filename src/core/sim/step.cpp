@@ -298,7 +298,7 @@ void StepBuilder::hf_optimizer_step() {
     at("optimizer.step");
     const int sd = s_.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
     const bool sharded = zero_stage() >= 1;
-    auto state_bytes = [&](const Param& p) { return checked_mul(sharded ? ceil_div(p.numel, s_.zero_ranks()) : p.numel, sd); };
+    auto state_bytes = [&](const Param& p) { return checked_mul(sharded ? ceil_div(p.numel, p.shard_ranks) : p.numel, sd); };
     if (s_.optimizer == Optimizer::AdamW && s_.optimizer_impl == OptimizerImpl::Foreach) {
         std::vector<T> sqrt;
         for (int i : order_) {
