@@ -173,3 +173,25 @@ TEST_CASE("expert parallelism in the tuner: degrees dividing the experts and the
     rq.base.runtime = Runtime::Hf;
     CHECK(expect_user_error([&] { recommend(rq); }).starts_with("recommend: moe-imbalance: expected 1"));
 }
+
+TEST_CASE("expert parallelism in max-seq: the widest degree dividing the experts and the GPUs, on top of sequence parallelism") {
+    TuneRequest rq;
+    rq.model = find_model("qwen3-30b-a3b");  // 128 experts, 4 KV heads
+    rq.gpu = find_gpu("h100-sxm-80gb");
+    rq.gpus = 8;
+    rq.base.runtime = Runtime::Kernels;
+    const MaxSeqResult r = max_seq(rq, std::nullopt);
+    REQUIRE(r.rows.size() == 6);
+    const MaxSeqRow& sp = r.rows[4];
+    const MaxSeqRow& ep = r.rows[5];
+    CHECK(ep.strategy == "+ expert parallel (ep 8)");
+    CHECK(ep.setup.ep == 8);
+    CHECK(ep.setup.sp == sp.setup.sp);  // (sp 4: the KV heads bound it)
+    CHECK(ep.setup.zero_stage == 3);
+    // ZeRO-3 gathers a layer's 16 experts instead of 128: room for at least as long a sequence
+    CHECK(ep.max_seq >= sp.max_seq);
+    // a dense model, or the hf runtime, has no such row
+    rq.model = find_model("llama-3-8b");
+    const MaxSeqResult dense = max_seq(rq, std::nullopt);
+    CHECK(std::none_of(dense.rows.begin(), dense.rows.end(), [](const MaxSeqRow& row) { return row.setup.ep > 1; }));
+}

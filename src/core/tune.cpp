@@ -678,12 +678,26 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
             sp = c;
             break;
         }
+    TrainingSetup widest = rq.allow_offload ? off : ckpt;  // the last strategy so far, each adding to the one before
     if (sp > 1) {
-        TrainingSetup par = rq.allow_offload ? off : ckpt;
-        par.sp = sp;
-        par.dp = rq.gpus / sp;
-        par.zero_stage = 3;  // over all dp x sp ranks
-        strategies.push_back({.name = fmt::format("+ Ulysses sequence parallel (sp {})", sp), .setup = par, .mst = true});
+        widest.sp = sp;
+        widest.dp = rq.gpus / sp;
+        widest.zero_stage = 3;  // over all dp x sp ranks
+        strategies.push_back({.name = fmt::format("+ Ulysses sequence parallel (sp {})", sp), .setup = widest, .mst = true});
+    }
+    // Mixture-of-Experts (kernels runtime): the widest expert parallelism, a degree dividing the
+    // experts and the GPUs; ZeRO-3 then gathers a layer's E / ep experts, not all of them.
+    std::int64_t ep = 1;
+    for (std::int64_t c = ddp_only || !m.moe ? 1 : rq.gpus; c > 1; --c)
+        if (rq.gpus % c == 0 && m.moe->experts % c == 0) {
+            ep = c;
+            break;
+        }
+    if (ep > 1) {
+        widest.ep = ep;
+        widest.zero_stage = 3;
+        widest.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
+        strategies.push_back({.name = fmt::format("+ expert parallel (ep {})", ep), .setup = widest, .mst = true});
     }
     if (user) strategies.push_back({.name = "your setup", .setup = *user});
 
