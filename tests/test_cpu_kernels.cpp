@@ -521,7 +521,8 @@ struct AttnOut {
     Vec o, lse, dq, dk, dv;
 };
 
-AttnOut run_flash(const AttentionConfig& c, const AttnData& a) {
+// Flash forward and backward; with sinks (c.sinks set), their gradient from lse and delta into *dsinks.
+AttnOut run_flash(const AttentionConfig& c, const AttnData& a, Vec* dsinks = nullptr) {
     AttnOut r{Vec(a.q.size()), Vec(static_cast<std::size_t>(flash_lse_floats(c))), Vec(a.q.size()), Vec(a.k.size()),
               Vec(a.k.size())};
     flash_attention_forward(r.o.data(), r.lse.data(), a.q.data(), a.k.data(), a.v.data(), c);
@@ -529,6 +530,10 @@ AttnOut run_flash(const AttentionConfig& c, const AttnData& a) {
     Vec delta(static_cast<std::size_t>(flash_delta_workspace_floats(c)));
     flash_attention_backward(r.dq.data(), r.dk.data(), r.dv.data(), dq_ws.data(), delta.data(), a.dout.data(),
                              a.q.data(), a.k.data(), a.v.data(), r.o.data(), r.lse.data(), c);
+    if (dsinks) {
+        dsinks->assign(static_cast<std::size_t>(c.nh), 0.0f);
+        attention_sinks_backward(dsinks->data(), r.lse.data(), delta.data(), c);
+    }
     return r;
 }
 
@@ -612,31 +617,13 @@ TEST_CASE("attention: flash backward equals finite differences (GQA, window, sof
 
 // ---- attention sinks (gpt-oss) -----------------------------------------------------------------
 
-namespace {
-
-// Flash forward and backward with sinks, and the sinks' gradient from lse and delta.
-AttnOut run_flash_sinks(const AttentionConfig& c, const AttnData& a, Vec& dsinks) {
-    AttnOut r{Vec(a.q.size()), Vec(static_cast<std::size_t>(flash_lse_floats(c))), Vec(a.q.size()), Vec(a.k.size()),
-              Vec(a.k.size())};
-    flash_attention_forward(r.o.data(), r.lse.data(), a.q.data(), a.k.data(), a.v.data(), c);
-    Vec dq_ws(static_cast<std::size_t>(flash_dq_workspace_floats(c)));
-    Vec delta(static_cast<std::size_t>(flash_delta_workspace_floats(c)));
-    flash_attention_backward(r.dq.data(), r.dk.data(), r.dv.data(), dq_ws.data(), delta.data(), a.dout.data(),
-                             a.q.data(), a.k.data(), a.v.data(), r.o.data(), r.lse.data(), c);
-    dsinks.assign(static_cast<std::size_t>(c.nh), 0.0f);
-    attention_sinks_backward(dsinks.data(), r.lse.data(), delta.data(), c);
-    return r;
-}
-
-}  // namespace
-
 TEST_CASE("attention sinks: by hand, one key: o = v / (1 + exp(sink - s)), lse = log(exp(s) + exp(sink))") {
     AttentionConfig c = cfg(1, 1, 1, 1, 4, 0, 0.0f, 1.0f);
     const Vec sinks = {0.5f};
     c.sinks = sinks.data();
     const AttnData a{{1.0f, 0.0f, 0.0f, 0.0f}, {2.0f, 0.0f, 0.0f, 0.0f}, {1.0f, -2.0f, 3.0f, 4.0f}, {1.0f, 0.0f, 0.0f, 0.0f}};
     Vec dsinks;
-    const AttnOut r = run_flash_sinks(c, a, dsinks);
+    const AttnOut r = run_flash(c, a, &dsinks);
     const double p = 1.0 / (1.0 + std::exp(0.5 - 2.0));  // the key's probability; the sink takes the rest
     CHECK(r.o[0] == doctest::Approx(p * 1.0));
     CHECK(r.o[1] == doctest::Approx(p * -2.0));
@@ -653,7 +640,7 @@ TEST_CASE("attention sinks: flash equals the full-scores reference, forward and 
         c.sinks = sinks.data();
         AttnData a = attn_data(c, 710);
         Vec dsinks;
-        const AttnOut got = run_flash_sinks(c, a, dsinks);
+        const AttnOut got = run_flash(c, a, &dsinks);
         const AttnOut want = run_reference(c, a);
         CHECK(rel_err(got.o, want.o) < 1e-5);
         CHECK(rel_err(got.lse, want.lse) < 1e-5);
@@ -687,12 +674,12 @@ TEST_CASE("attention sinks: the gradient accumulates, bf16 sinks read as stored,
     c.sinks = sinks.data();
     const AttnData a = attn_data(c, 740);
     Vec once;
-    const AttnOut r = run_flash_sinks(c, a, once);
+    const AttnOut r = run_flash(c, a, &once);
     const BVec sinks_b = to_bf16(sinks);
     AttentionConfig cb = c;
     cb.sinks = sinks_b.data(), cb.sinks_dtype = DType::BF16;
     Vec again;
-    const AttnOut rb = run_flash_sinks(cb, a, again);
+    const AttnOut rb = run_flash(cb, a, &again);
     CHECK(rb.o == r.o);  // the same values, stored in bf16
     CHECK(again == once);
     Vec delta(static_cast<std::size_t>(flash_delta_workspace_floats(c))), dq_ws(a.q.size()), dq(a.q.size()),
