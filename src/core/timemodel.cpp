@@ -309,14 +309,16 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         const double bw = link_gbps(gpu, cluster, s.ep, 1) * 1e9;
         const double bytes = (ep - 1) / ep * F * T * k * d * 2;
         const bool tiled = s.mlp_chunks > 1 && s.mlp_impl == MlpImpl::Tiled;
-        exposed += ga * (4 * L + 2 * ckpt + (tiled ? 2 * L : 0)) * bytes / bw;
+        out.expert_parallel_seconds = ga * (4 * L + 2 * ckpt + (tiled ? 2 * L : 0)) * bytes / bw;
+        exposed += out.expert_parallel_seconds;
     }
     if (s.sp > 1) {
         // Ulysses all-to-all of q, k, v and o (and their gradients) per layer and pass.
         const double p = static_cast<double>(s.sp);
         const double bw = link_gbps(gpu, cluster, s.sp, 1) * 1e9;
         const double bytes = (p - 1) / p * T * (2 * qd + 2 * kvd) * 2;
-        exposed += ga * (2 * L + ckpt) * bytes / bw;
+        out.ulysses_seconds = ga * (2 * L + ckpt) * bytes / bw;
+        exposed += out.ulysses_seconds;
     }
     out.comm_seconds = overlapped + exposed;
     const double compute = ga * (out.forward_seconds + out.backward_seconds + out.recompute_seconds);

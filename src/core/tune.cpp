@@ -383,13 +383,20 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
     if (s.sp > 1)
         why += fmt::format("Ulysses sequence parallelism over {} GPUs gives each rank {} tokens outside attention; its "
                            "all-to-all costs {:.1f} ms per step. ",
-                           s.sp, s.local_tokens(), 1e3 * best.time.comm_exposed_seconds);
+                           s.sp, s.local_tokens(), 1e3 * best.time.ulysses_seconds);
+    if (s.ep > 1)
+        why += fmt::format("Expert parallelism over {} GPUs holds {} of the {} experts on each; its all-to-alls cost {:.1f} ms "
+                           "per step{}. ",
+                           s.ep, m.moe->experts / s.ep, m.moe->experts, 1e3 * best.time.expert_parallel_seconds,
+                           s.moe_imbalance > 1.0 ? fmt::format(" (the busiest rank receiving {}x its share)", s.moe_imbalance) : "");
     if (s.dp > 1) why += fmt::format("Data parallelism over {} GPUs. ", s.dp);
     if (s.zero_stage > 0 && s.zero_ranks() > 1)
-        why += fmt::format("ZeRO stage {} shards {} over all {} ranks. ", s.zero_stage,
+        why += fmt::format("ZeRO stage {} shards {} over all {} ranks{}. ", s.zero_stage,
                            s.zero_stage == 1 ? "the optimizer states" : s.zero_stage == 2 ? "optimizer states and gradients"
                                                                                            : "parameters, gradients and optimizer states",
-                           s.zero_ranks());
+                           s.zero_ranks(),
+                           s.ep == 1 ? "" : s.expert_data_ranks() == 1 ? " (the experts' not at all: one rank holds each)"
+                                                                        : fmt::format(" (the experts' over the {} holding each)", s.expert_data_ranks()));
     why += fmt::format("Predicted: {:.0f} tokens/s per GPU, MFU {}.", best.time.tokens_per_second, percent(best.time.mfu));
     return why;
 }
@@ -423,7 +430,7 @@ void check_request(const TuneRequest& rq, const char* command) {
                                          "--runtime kernels plans it)", *rq.pins.sp));
     if (rq.base.moe_imbalance != 1.0 && (!rq.model.moe || rq.base.runtime == Runtime::Hf))
         fail(command, "moe-imbalance", fmt::format("expected 1 (it sizes expert parallelism's buffers: a Mixture-of-Experts "
-                                                   "model with --runtime kernels), got {:g}", rq.base.moe_imbalance));
+                                                   "model with --runtime kernels), got {}", rq.base.moe_imbalance));
     if (rq.pins.ep && *rq.pins.ep > 1) {
         if (!rq.model.moe)
             fail(command, "pin", fmt::format("ep={}: expected 1 for a dense model (expert parallelism shards a "
@@ -512,12 +519,20 @@ Recommendation recommend(const TuneRequest& rq) {
         fail("recommend", "sp", fmt::format("no sequence-parallel degree divides the GPUs ({}), heads ({}), KV heads ({}) and "
                                             "sequence ({}) together{}",
                                             rq.gpus, m.num_heads, m.num_kv_heads, rq.seq_len, rq.pins.sp ? " with the pinned sp" : ""));
-    // Expert parallelism (kernels runtime, Mixture-of-Experts): every degree dividing both the experts
-    // and the GPUs (its group is drawn from the dp x sp ranks, all of them).
+    // Expert parallelism (kernels runtime, Mixture-of-Experts; its group is drawn from the dp x sp
+    // ranks): none, and the widest degree dividing both the experts and the GPUs. Between them a
+    // degree holds more experts per rank than the widest (memory) and moves fewer pairs (time);
+    // --pin ep=N plans one of those.
     std::vector<std::int64_t> eps;
-    for (std::int64_t ep = 1; ep <= rq.gpus; ++ep) {
-        if (rq.pins.ep ? ep != *rq.pins.ep : ep > 1 && (ddp_only || !m.moe)) continue;
-        if (rq.gpus % ep == 0 && (ep == 1 || m.moe->experts % ep == 0)) eps.push_back(ep);
+    if (rq.pins.ep) {
+        eps.push_back(*rq.pins.ep);
+    } else {
+        eps.push_back(1);
+        for (std::int64_t ep = ddp_only || !m.moe ? 1 : rq.gpus; ep > 1; --ep)
+            if (rq.gpus % ep == 0 && m.moe->experts % ep == 0) {
+                eps.push_back(ep);
+                break;
+            }
     }
     std::vector<std::pair<std::int64_t, std::int64_t>> layouts;  // (sp, ep)
     for (std::int64_t sp : sps)
@@ -659,6 +674,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     base.dp = rq.gpus;
     base.zero_stage = rq.gpus > 1 && !ddp_only ? 3 : 0;
     base.sp = 1;
+    base.ep = 1, base.moe_imbalance = 1.0;  // (the expert-parallel row sets its own)
     base.mlp_chunks = base.lm_chunks = 1;
     base.checkpoint.clear();
     base.offload_checkpoints = false;

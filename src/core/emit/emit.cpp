@@ -36,16 +36,23 @@ const Format& find_format(const std::string& format) {
     fail("emit", "format", fmt::format("expected one of {}, got '{}'", fmt::join(emit_formats(), ", "), format));
 }
 
-// Expert parallelism is planned as mst-plan's executor would run it; no format's trainer runs
-// that yet: python/mst_hf and Axolotl train transformers' MoE blocks, which have none; DeepSpeed's
-// is deepspeed.moe.layer.MoE in the model's own code; torchtitan's token dispatcher (per-expert
-// groups padded for its grouped GEMMs) is not modelled.
-void check_expert_parallel(const Format& f, const TrainingSetup& s) {
-    if (s.ep == 1) return;
-    const std::string why = std::string(f.name) == "deepspeed"    ? "DeepSpeed's expert parallelism is deepspeed.moe.layer.MoE in the model's code, which transformers' MoE blocks are not"
-                            : std::string(f.name) == "torchtitan" ? "torchtitan's token dispatcher, which pads each expert's group for its grouped GEMMs, is not modelled yet"
-                                                                  : "it trains transformers' MoE blocks, which have no expert parallelism";
-    fail(f.name, "setup.ep", fmt::format("expected 1 ({}), got {}", why, s.ep));
+// What mst-plan's executor runs and no format's trainer does, refused for every format:
+//  * Expert parallelism: python/mst_hf and Axolotl train transformers' MoE blocks, which have none;
+//    DeepSpeed's is deepspeed.moe.layer.MoE in the model's own code; torchtitan's token dispatcher
+//    (per-expert groups padded for its grouped GEMMs) is not modelled.
+//  * Attention sinks (gpt-oss) on flash: the trainers run transformers' gpt-oss, whose sinks run in
+//    eager attention (modelled: runtime hf) or the kernels hub's vllm-flash-attn3 (not modelled).
+void check_executor_only(const Format& f, const TrainingSetup& s, const ModelSpec& m) {
+    if (s.ep > 1) {
+        const std::string why = std::string(f.name) == "deepspeed"    ? "DeepSpeed's expert parallelism is deepspeed.moe.layer.MoE in the model's code, which transformers' MoE blocks are not"
+                                : std::string(f.name) == "torchtitan" ? "torchtitan's token dispatcher, which pads each expert's group for its grouped GEMMs, is not modelled yet"
+                                                                      : "it trains transformers' MoE blocks, which have no expert parallelism";
+        fail(f.name, "setup.ep", fmt::format("expected 1 ({}), got {}", why, s.ep));
+    }
+    if (m.attention_sinks && s.attention != Attention::Eager)
+        fail(f.name, "setup.attention",
+             "expected eager for a model with attention sinks (its trainer runs transformers' gpt-oss: sinks in eager "
+             "attention, planned by runtime hf, or in the kernels hub's vllm-flash-attn3, which is not modelled), got flash");
 }
 
 }  // namespace
@@ -61,13 +68,13 @@ std::vector<EmittedFile> emit(const Plan& plan, const ModelSpec& model, const st
     // A plan built in code (not read from a file) has not been checked yet; the
     // emitters index layers and divide by degrees on the strength of this.
     validate(plan.setup, model);
-    check_expert_parallel(f, plan.setup);
+    check_executor_only(f, plan.setup, model);
     return f.emit(plan, model);
 }
 
 void check_expressible(const std::string& format, const TrainingSetup& setup, const ModelSpec& model) {
     const Format& f = find_format(format);
-    check_expert_parallel(f, setup);
+    check_executor_only(f, setup, model);
     f.check(setup, model);
 }
 

@@ -252,6 +252,7 @@ void StepBuilder::init_state() {
         at("init.gradient_shards");
         for (int i : order_) {
             const Param& p = params_[static_cast<std::size_t>(i)];
+            if (p.shard_ranks == 1) continue;  // (its gradient is never reduce-scattered: it is the whole one)
             layer_ = p.layer;
             alloc(p.name, checked_mul(part(p, true), pg_), Category::Gradients);
         }
@@ -298,7 +299,7 @@ void StepBuilder::grad_done(int p) {
         at("optimizer.step_in_backward");  // the step runs in the gradient hook, then the gradient goes
         drop(P.grad);
         at(op);
-    } else if (zero_stage() >= 2) {
+    } else if (zero_stage() >= 2 && P.shard_ranks > 1) {
         const char* op = op_;
         at("zero.reduce_scatter");  // reduced into this rank's shard, the full gradient goes
         drop(P.grad);
@@ -417,8 +418,9 @@ bytes_t StepBuilder::unit_bytes(int unit) const {
     } else if (unit >= m_.num_layers) {
         n = params_[static_cast<std::size_t>(final_norm_)].numel + params_[static_cast<std::size_t>(lm_head_)].numel;
     } else {
+        // (an expert whose rank alone holds it, ep = dp x sp, is stored whole: nothing to gather)
         for (const auto& p : params_)
-            if (p.layer == unit) n += p.numel;
+            if (p.layer == unit && p.shard_ranks > 1) n += p.numel;
     }
     return checked_mul(n, pw_);
 }

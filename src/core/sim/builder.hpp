@@ -43,7 +43,9 @@ struct Param {
     const char* name = "";
     std::int32_t layer = -1;
     std::int64_t numel = 0;   // on this rank (expert parallelism: its E / ep experts)
-    std::int64_t shard_ranks = 1;  // the ranks ZeRO shards it over (experts: the expert-data-parallel ones)
+    // The ranks ZeRO shards it over (experts: the expert-data-parallel ones); with one, ZeRO leaves
+    // it whole (no gather, no gradient shard: its gradient lives to the step, as without ZeRO).
+    std::int64_t shard_ranks = 1;
     T weight;                 // the stored parameter (a shard under ZeRO-3)
     T grad;                   // full gradient, live between its first write and the step (or reduce)
     T master_grad;            // hf bf16-master: the fp32 gradient of its master copy (mst_hf's hooks)
