@@ -267,7 +267,7 @@ void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
                              "runs gpt-oss's sinks in its flash kernel; runtime hf models transformers' eager path), got eager");
     // A head of 2 rotates two 1-wide halves, whose concatenation PyTorch lays out channels-last with
     // several sequences: the eager products then copy q and k, which is not modelled.
-    if (m.rotary_half_tables() && m.head_dim < 4 && s.micro_batch > 1)
+    if (s.runtime == Runtime::Hf && m.rotary_half_tables() && m.head_dim < 4 && s.micro_batch > 1)
         fail(w, "micro_batch", fmt::format("expected 1 for gpt-oss heads of {} dimensions (at least 4 with several sequences), "
                                            "got {}", m.head_dim, s.micro_batch));
     // transformers' experts run torch's grouped_mm, which needs rows of a multiple of 16 bytes: hidden
