@@ -6,6 +6,8 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <array>
+#include <random>
 #include <stdexcept>
 
 #include <fmt/format.h>
@@ -150,6 +152,66 @@ TEST_CASE("CPU executor: what one CPU process cannot run is refused with one lin
     const std::string act = expect_user_error([&] { execute_cpu(gelu, tiny_setup(16), 1); });
     CHECK(act.starts_with("gelu: hidden_act: "));
     CHECK(act.find('\n') == std::string::npos);
+}
+
+namespace {
+
+// A random small model of a family the executor runs, and a random one-process setup for it.
+struct Draw {
+    std::mt19937_64 rng;
+    std::int64_t in(std::int64_t lo, std::int64_t hi) { return std::uniform_int_distribution<std::int64_t>(lo, hi)(rng); }
+    bool coin() { return in(0, 1) == 1; }
+};
+
+ModelSpec random_small_model(Draw& r) {
+    const char* types[] = {"llama", "qwen2", "mistral", "gemma2", "qwen3", "mixtral", "qwen3_moe", "gpt_oss"};
+    const std::string type = types[r.in(0, 7)];
+    const std::int64_t heads = 2 * r.in(1, 2), head_dim = 8 * r.in(1, 2);
+    nlohmann::json j = {{"model_type", type}, {"hidden_size", heads * head_dim}, {"intermediate_size", 8 * r.in(2, 6)},
+                        {"num_hidden_layers", r.in(1, 3)}, {"num_attention_heads", heads},
+                        {"num_key_value_heads", heads / (r.coin() ? 2 : 1)}, {"head_dim", head_dim}, {"vocab_size", r.in(40, 200)}};
+    if (type == "llama") j["attention_bias"] = r.coin(), j["mlp_bias"] = r.coin(), j["tie_word_embeddings"] = r.coin();
+    if (type == "mistral" || type == "mixtral" || type == "gemma2" || type == "gpt_oss") j["sliding_window"] = r.in(3, 12);
+    if (type == "gemma2") j["attn_logit_softcapping"] = 50.0, j["final_logit_softcapping"] = 30.0;
+    if (type == "mixtral" || type == "gpt_oss") j["num_local_experts"] = r.in(2, 6), j["num_experts_per_tok"] = r.in(1, 2);
+    if (type == "gpt_oss") j["attention_bias"] = true;
+    if (type == "qwen3_moe")
+        j["num_experts"] = r.in(2, 8), j["num_experts_per_tok"] = r.in(1, 2), j["moe_intermediate_size"] = 8 * r.in(1, 4);
+    return parse_model(j, "random.json", type);
+}
+
+TrainingSetup random_one_process_setup(Draw& r, const ModelSpec& m) {
+    TrainingSetup s = tiny_setup(r.in(5, 40));
+    s.micro_batch = r.in(1, 2);
+    s.precision = std::array{Precision::PureBf16, Precision::Bf16Master, Precision::AmpFp32}[static_cast<std::size_t>(r.in(0, 2))];
+    s.optimizer = r.coin() ? Optimizer::AdamW : Optimizer::SgdMomentum;
+    s.attention = m.attention_sinks || r.coin() ? Attention::Flash : Attention::Eager;
+    s.mlp_chunks = std::min<std::int64_t>(r.in(1, 5), s.local_tokens());
+    s.mlp_impl = r.coin() ? MlpImpl::Loop : MlpImpl::Tiled;
+    s.lm_chunks = std::min<std::int64_t>(r.in(1, 5), s.local_tokens());
+    s.lm_impl = r.coin() ? LmHeadImpl::Recompute : LmHeadImpl::FusedForward;
+    s.checkpoint.resize(static_cast<std::size_t>(m.num_layers));
+    for (std::size_t i = 0; i < s.checkpoint.size(); ++i) s.checkpoint[i] = r.coin();
+    s.offload_checkpoints = s.checkpointed_count() > 0 && r.coin();
+    s.grad_accum = r.coin() ? 1 : r.in(2, 3);
+    s.optimizer_in_backward = s.grad_accum == 1 && r.in(0, 3) == 0;
+    validate(s, m);
+    return s;
+}
+
+}  // namespace
+
+TEST_CASE("CPU executor: the simulator predicts every allocation and free of random small models and setups (every family the executor runs)") {
+    Draw r{std::mt19937_64(2026)};
+    for (int i = 0; i < 100; ++i) {
+        const ModelSpec m = random_small_model(r);
+        const TrainingSetup s = random_one_process_setup(r, m);
+        CAPTURE(i);
+        const std::string model_json = to_json(m).dump(), setup_json = to_json(s).dump();
+        CAPTURE(model_json);
+        CAPTURE(setup_json);
+        check_exact(m, s);
+    }
 }
 
 TEST_CASE("CPU executor: the same seed gives the same step, timings cover the ops") {
