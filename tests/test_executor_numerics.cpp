@@ -226,3 +226,73 @@ TEST_CASE("numerics: biases (Qwen2's q/k/v, a Llama's attention and MLP biases),
     CHECK(check_variants_equal_unchunked("tiny_qwen2.json") == 9 * 3 + 2);
     CHECK(check_variants_equal_unchunked("tiny_llama_bias.json") == 9 * 2 + 3);
 }
+
+namespace {
+
+// The step's gradient of `param` at `index` against central differences of its loss (fp32
+// storage; the loss is a mean of fp32 row losses summed in double): returns |fd - grad| / scale,
+// scale the largest |gradient| of that parameter.
+double fd_error(const ModelSpec& m, const TrainingSetup& s, const MeasuredStep& ref, const std::string& param,
+                std::int64_t index, float eps) {
+    auto loss_at = [&](float delta) {
+        ExecuteOptions o;
+        o.storage_fp32 = true;
+        o.nudge = ExecuteOptions::Nudge{param, index, delta};
+        return execute_cpu(m, s, 11, o).loss;
+    };
+    const double fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps);
+    for (const NamedValues& g : ref.gradients)
+        if (g.name == param) {
+            double scale = 0;
+            for (float v : g.values) scale = std::max(scale, std::fabs(double(v)));
+            return std::fabs(fd - g.values[static_cast<std::size_t>(index)]) / scale;
+        }
+    FAIL("no gradient named " << param);
+    return 1;
+}
+
+}  // namespace
+
+TEST_CASE("numerics: the step's gradients of biases, sinks and clamped experts equal finite differences of its loss") {
+    // Wiring the kernels' own tests cannot check: each bias sits after its weight's rows (an
+    // expert's at its own rows), the sinks' gradient comes from the attention's lse and delta, the
+    // router's bias moves the routing weights. The loss is piecewise smooth (a nudge that flips a
+    // token's top-k jumps it) and its fp32 rounding is ~1e-7: eps is 1e-2 where no routing flips,
+    // smaller before a layer's router (3e-3) and larger for a sink whose gradient is ~1e-5 (3e-2).
+    // Measured here: every probe within 0.5 % of its parameter's largest gradient (the small
+    // ones' ~1e-6 differences are that noise); a misplaced bias, or a gradient of the wrong sign or
+    // scale, is off by about its whole size.
+    struct Probe {
+        const char* model;
+        const char* param;
+        std::int64_t index;
+        float eps;
+    };
+    // tiny_gpt_oss: d 64, 4 heads of 32 (q 128 rows), 8 experts of 48, top-3; tiny_llama_bias: d 48, I 96
+    const Probe probes[] = {
+        {"tiny_gpt_oss.json", "layers.0.q_proj", 128 * 64 + 5, 1e-2f},                  // q's bias, row 5
+        {"tiny_gpt_oss.json", "layers.1.o_proj", 64 * 128 + 7, 3e-3f},                  // o's bias
+        {"tiny_gpt_oss.json", "layers.0.sinks", 2, 1e-2f},
+        {"tiny_gpt_oss.json", "layers.1.sinks", 0, 3e-2f},
+        {"tiny_gpt_oss.json", "layers.0.experts.gate_proj", 8 * 48 * 64 + 3 * 48 + 4, 1e-2f},  // expert 3's gate bias
+        {"tiny_gpt_oss.json", "layers.1.experts.down_proj", 8 * 64 * 48 + 5 * 64 + 9, 1e-2f},  // expert 5's down bias
+        {"tiny_gpt_oss.json", "layers.0.router", 8 * 64 + 2, 3e-3f},                     // the router's bias
+        {"tiny_gpt_oss.json", "layers.0.experts.up_proj", 2 * 48 * 64 + 7 * 64 + 11, 1e-2f},   // expert 2's up weight
+        {"tiny_llama_bias.json", "layers.0.q_proj", 48 * 48 + 3, 1e-2f},                 // q's bias
+        {"tiny_llama_bias.json", "layers.1.down_proj", 48 * 96 + 10, 1e-2f},             // down's bias
+        {"tiny_llama_bias.json", "layers.0.gate_proj", 96 * 48 + 50, 1e-2f},             // gate's bias
+    };
+    for (const char* model : {"tiny_gpt_oss.json", "tiny_llama_bias.json"}) {
+        const ModelSpec m = find_model(mst::test::data(model));
+        TrainingSetup s = kernels_setup();
+        s.seq_len = 37;
+        s.mlp_chunks = 3;  // chunked: the biases' gradients add up over chunks
+        const MeasuredStep ref = run_fp32(m, s);
+        for (const Probe& p : probes) {
+            if (std::string(p.model) != model) continue;
+            CAPTURE(std::string(p.param));
+            CAPTURE(p.index);
+            CHECK(fd_error(m, s, ref, p.param, p.index, p.eps) < 1e-2);
+        }
+    }
+}

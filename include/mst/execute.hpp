@@ -27,6 +27,15 @@ struct ExecuteOptions {
     // Return every parameter's gradient (as the optimizer receives it) and value after
     // the step, as fp32 copies made outside the tracked memory.
     bool capture = false;
+    // Numerics tests only (with storage_fp32): after init, element `index` of the parameter
+    // `param` (as capture names it: "layers.L.NAME" or a model-level name) moves by `delta`,
+    // so that a test can take finite differences of the loss.
+    struct Nudge {
+        std::string param;
+        std::int64_t index = 0;
+        float delta = 0;
+    };
+    std::optional<Nudge> nudge;
 };
 
 // A real step ran out of backend memory: the allocation that failed (its name, bytes, op, layer,

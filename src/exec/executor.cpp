@@ -234,6 +234,7 @@ void Step::init_state() {
         else
             b_.fill_uniform(p.weight.t(), p.numel(), half_width, weights_key + (i << 40));
     }
+    if (opt_.nudge) nudge_weight(*opt_.nudge);
     if (s_.precision == Precision::Bf16Master) {
         at("init.master_weights");
         for (Param& p : params_) {
@@ -352,10 +353,28 @@ Ten Step::uncast_grad(Ten g, std::int64_t cols) {
     return f;
 }
 
+std::string Step::qualified_name(const Param& P) const {
+    return P.layer >= 0 ? fmt::format("layers.{}.{}", P.layer, P.name) : P.name;
+}
+
+void Step::nudge_weight(const ExecuteOptions::Nudge& n) {
+    for (Param& P : params_) {
+        if (qualified_name(P) != n.param) continue;
+        if (P.weight.dtype != DType::F32 || n.index < 0 || n.index >= P.numel())
+            throw std::logic_error("executor: a nudge needs fp32 storage and an element of the parameter");
+        float* element = static_cast<float*>(P.weight.buf->data()) + n.index;
+        float value = 0;
+        b_.copy(&value, element, sizeof value);
+        value += n.delta;
+        b_.copy(element, &value, sizeof value);
+        return;
+    }
+    throw std::logic_error("executor: no parameter named " + n.param + " to nudge");
+}
+
 void Step::capture_gradient(const Param& P) {
     if (!opt_.capture) return;
-    NamedValues v{P.layer >= 0 ? fmt::format("layers.{}.{}", P.layer, P.name) : P.name,
-                  std::vector<float>(static_cast<std::size_t>(P.numel()))};
+    NamedValues v{qualified_name(P), std::vector<float>(static_cast<std::size_t>(P.numel()))};
     b_.to_host(v.values.data(), P.grad.t(), P.numel());
     result_.gradients.push_back(std::move(v));
 }
@@ -500,7 +519,7 @@ MeasuredStep Step::run() {
     result_.loss = b_.loss_sum() / static_cast<double>(loss_rows_);
     if (opt_.capture)
         for (const Param& p : params_) {
-            NamedValues v{p.layer >= 0 ? fmt::format("layers.{}.{}", p.layer, p.name) : p.name,
+            NamedValues v{qualified_name(p),
                           std::vector<float>(static_cast<std::size_t>(p.numel()))};
             b_.to_host(v.values.data(), p.weight.t(), p.numel());
             result_.parameters.push_back(std::move(v));

@@ -137,6 +137,8 @@ private:
                             std::int64_t first = 0);
     void optimizer_update(Param& P);
     void capture_gradient(const Param& P);
+    std::string qualified_name(const Param& P) const;  // "layers.L.NAME", as capture names it
+    void nudge_weight(const ExecuteOptions::Nudge& n);
 
     // ---- ops ---------------------------------------------------------------------
     Ten norm_forward(int p, const Ten& x, Ten& rstd, bool output_saved, DType out_dtype);
