@@ -43,6 +43,10 @@ expect_run(2 "^error: setup: attention: expected eager for a model with attentio
 # mst-plan's own executor runs gpt-oss's sinks in its flash kernel: flash unasked there, eager refused.
 expect_run(0 "pure-bf16, adamw \\(bf16 states\\), flash attention" estimate --model gpt-oss-20b --gpu b200-180gb --seq 1024 --runtime kernels)
 expect_run(2 "^error: setup: attention: expected flash for a model with attention sinks in the kernels runtime" recommend --model gpt-oss-20b --gpu b200-180gb --seq 2048 --runtime kernels --attention eager)
+# A setup file's attention at its runtime's default follows --runtime (gpt-oss: eager in hf, flash in kernels).
+file(WRITE "${CMAKE_CURRENT_BINARY_DIR}/gpt_oss_setup.json" "{\"seq_len\": 1024}")
+expect_run(0 "flash attention" estimate --model gpt-oss-20b --gpu b200-180gb --setup "${CMAKE_CURRENT_BINARY_DIR}/gpt_oss_setup.json" --runtime kernels)
+expect_run(0 "eager attention" estimate --model gpt-oss-20b --gpu b200-180gb --setup "${CMAKE_CURRENT_BINARY_DIR}/gpt_oss_setup.json")
 # Expert parallelism (kernels runtime): E / ep experts per rank, named with the other degrees.
 expect_run(0 "dp 8, ZeRO 1, sp 1, ep 8, imbalance 1.5" estimate --model qwen3-30b-a3b --gpu h100-sxm-80gb --seq 8192 --runtime kernels --dp 8 --zero 1 --ep 8 --moe-imbalance 1.5)
 expect_run(2 "^error: setup: ep: expected 1 with runtime hf" estimate --model qwen3-30b-a3b --gpu h100-sxm-80gb --seq 8192 --dp 8 --ep 8)

@@ -166,7 +166,7 @@ struct Draw {
 ModelSpec random_small_model(Draw& r) {
     const char* types[] = {"llama", "qwen2", "mistral", "gemma2", "qwen3", "mixtral", "qwen3_moe", "gpt_oss"};
     const std::string type = types[r.in(0, 7)];
-    const std::int64_t heads = 2 * r.in(1, 2), head_dim = 8 * r.in(1, 2);
+    const std::int64_t heads = 2 * r.in(1, 2), head_dim = r.in(0, 4) == 0 ? 2 : 8 * r.in(1, 2);  // (2: gpt-oss's narrow heads)
     nlohmann::json j = {{"model_type", type}, {"hidden_size", heads * head_dim}, {"intermediate_size", 8 * r.in(2, 6)},
                         {"num_hidden_layers", r.in(1, 3)}, {"num_attention_heads", heads},
                         {"num_key_value_heads", heads / (r.coin() ? 2 : 1)}, {"head_dim", head_dim}, {"vocab_size", r.in(40, 200)}};

@@ -223,8 +223,20 @@ TEST_CASE("expert parallelism with one holder per expert (ep = dp x sp): ZeRO le
         }
     CHECK(expert_shards == 0);
     CHECK(shards > 0);
-    // stored whole, and the step's persistent weights are the same as with ZeRO 0 for the experts
+    // stored whole, as with ZeRO 0, and their gradients live to the step, not to a reduce-scatter
+    TrainingSetup z0 = s;
+    z0.zero_stage = 0;
+    const Timeline t0 = simulate(m, z0, test_gpu());
+    for (const char* name : {"experts.gate_proj", "experts.up_proj", "experts.down_proj"})
+        CHECK(first_alloc(t, name).bytes == first_alloc(t0, name).bytes);
     CHECK(first_alloc(t, "experts.gate_proj").bytes == 2 * 1 * Ie * d);
+    std::int64_t expert_grad_frees = 0;
+    for (const Event& e : t.events)
+        if (!e.alloc && e.category == Category::Gradients && std::string(e.name).starts_with("experts.")) {
+            CHECK(e.op == "optimizer.zero_grad");
+            ++expert_grad_frees;
+        }
+    CHECK(expert_grad_frees == 3 * L);
 }
 
 TEST_CASE("expert parallelism: recommend's reasons name it, the emitters refuse it and gpt-oss on flash") {

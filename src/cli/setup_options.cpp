@@ -43,7 +43,7 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_option("--zero", zero, "ZeRO stage 0-3 (3 = FSDP full shard)")->capture_default_str()->check(an_int);
     cmd.add_option("--zero3-prefetch", zero3_prefetch, "Layers all-gathered ahead under ZeRO-3")->capture_default_str()->check(an_int);
     cmd.add_option("--sp", sp, "Ulysses sequence-parallel degree")->capture_default_str()->check(decimal());
-    cmd.add_option("--ep", ep, "Expert-parallel degree (Mixture-of-Experts, runtime kernels): E/ep experts per rank")
+    cmd.add_option("--ep", ep, "Expert-parallel degree (Mixture-of-Experts, runtime kernels): E/ep experts per rank; divides --dp x --sp")
         ->capture_default_str()->check(decimal());
     cmd.add_option("--moe-imbalance", moe_imbalance,
                    "Pairs the busiest rank's experts receive over a uniform routing's, in [1, ep] (default 1: uniform)")
