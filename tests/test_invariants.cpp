@@ -66,9 +66,17 @@ TrainingSetup random_setup(Random& r, const ModelSpec& m) {
     s.sp = r.pick({1, 1, 2});
     if (m.num_kv_heads % s.sp != 0) s.sp = 1;
     s.seq_len = s.sp * r.in(8, 96);
+    // Ring attention where the model has plain causal attention: any degree, 2 sp chunks a sequence.
+    const bool sliding = m.sliding_window && std::find(m.sliding_layers.begin(), m.sliding_layers.end(), true) != m.sliding_layers.end();
+    if (!sliding && !m.attention_sinks && !m.attn_logit_softcapping && r.in(0, 3) == 0) {
+        s.sp_impl = SpImpl::Ring;
+        s.sp = r.pick({2, 3, 4});
+        s.seq_len = 2 * s.sp * r.in(4, 48);
+    }
     s.precision = r.pick({Precision::PureBf16, Precision::Bf16Master, Precision::AmpFp32});
     s.optimizer = r.pick({Optimizer::AdamW, Optimizer::AdamW8bit, Optimizer::SgdMomentum});
     s.attention = m.attention_sinks ? Attention::Flash : r.pick({Attention::Flash, Attention::Eager});  // (kernels: sinks on flash)
+    if (s.sp_impl == SpImpl::Ring) s.attention = Attention::Flash;
     s.mlp_chunks = r.in(1, 5);
     s.mlp_impl = r.pick({MlpImpl::Loop, MlpImpl::Tiled});
     s.lm_chunks = r.in(1, 5);

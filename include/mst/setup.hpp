@@ -43,6 +43,15 @@ enum class Attention {
     Eager,  // materialises S x S scores and probabilities (Hugging Face "eager")
 };
 
+// How attention runs when the sequence is split over sp ranks.
+enum class SpImpl {
+    Ulysses,  // DeepSpeed Ulysses: all-to-all to the whole sequence with heads / sp heads, and back
+    Ring,     // PyTorch's context parallelism (torch.distributed.tensor.experimental.context_parallel,
+              // what accelerate's cp_backend "torch" runs): SDPA's flash kernel in a ring, the K/V
+              // all-gathered once per call, fp32 merges, head-tail load balance; each rank keeps
+              // its sequence shard and every head
+};
+
 // How the MLP is split into mini-sequences when mlp_chunks > 1.
 enum class MlpImpl {
     Loop,   // MsT reference: a loop over chunks under autograd; every chunk's saved tensors live until backward
@@ -82,7 +91,8 @@ struct TrainingSetup {
     std::int64_t dp = 1;          // data-parallel degree
     int zero_stage = 0;           // 0..3 (3 = FSDP full shard)
     int zero3_prefetch = 1;       // layers all-gathered ahead under ZeRO-3
-    std::int64_t sp = 1;          // Ulysses sequence-parallel degree
+    std::int64_t sp = 1;          // sequence-parallel degree (Ulysses or ring attention: sp_impl)
+    SpImpl sp_impl = SpImpl::Ulysses;
     // Expert parallelism (Mixture-of-Experts, kernels runtime): each rank of a group of ep, drawn
     // from the dp x sp ranks, holds E / ep experts; token-expert pairs travel to their expert's rank
     // and back by all-to-all. moe_imbalance: how many pairs the busiest rank's experts receive, as a
@@ -110,7 +120,17 @@ struct TrainingSetup {
     // The token-expert pairs one rank's experts receive when every rank sends `pairs`: all of them
     // with ep = 1 (every expert is local), else ceil(moe_imbalance x pairs).
     std::int64_t expert_rows(std::int64_t pairs) const;
+    bool ring() const { return sp > 1 && sp_impl == SpImpl::Ring; }
+    bool ulysses() const { return sp > 1 && sp_impl == SpImpl::Ulysses; }
 };
+
+// Ring attention's ranks differ (head-tail sharding gives rank r chunks r and 2 sp - 1 - r; its
+// steps after r are half-size merges): the ranks whose step can be the busiest, which the
+// simulator walks (the plan takes the highest peak). Rank 0 runs only half-size steps after the
+// first (an output copy per layer, the larger backward blocks), rank 1 one whole-q merge too;
+// every later rank peaks no higher than rank 1 and keeps no more (python/tests/test_ring.py).
+// Empty without ring attention.
+std::vector<std::int64_t> ring_ranks(const TrainingSetup& setup);
 
 // Checkpoint placement from a user's words: "none", "all", "every:K", "first:K",
 // "last:K", "spread:K" (K layers evenly spaced) or a list "0,2,5-9".
@@ -161,6 +181,7 @@ std::string to_string(Runtime r);
 std::string to_string(Attention a);
 std::string to_string(MlpImpl i);
 std::string to_string(LmHeadImpl i);
+std::string to_string(SpImpl i);
 Precision parse_precision(const std::string& s, const std::string& where);
 Optimizer parse_optimizer(const std::string& s, const std::string& where);
 StateDtype parse_state_dtype(const std::string& s, const std::string& where);
@@ -172,5 +193,6 @@ Attention parse_attention(const std::string& s, const std::string& where);
 Attention default_attention(const ModelSpec& m, Runtime runtime);
 MlpImpl parse_mlp_impl(const std::string& s, const std::string& where);
 LmHeadImpl parse_lm_impl(const std::string& s, const std::string& where);
+SpImpl parse_sp_impl(const std::string& s, const std::string& where);
 
 }  // namespace mst

@@ -28,9 +28,10 @@ struct StepTime {
     double recompute_seconds = 0;     // per micro-step: checkpointed layers and tiled MLP re-run forward
     double optimizer_seconds = 0;     // per step
     double offload_exposed_seconds = 0;  // per micro-step: host transfers not hidden behind compute
-    double comm_seconds = 0;          // per step: data-parallel + ZeRO + Ulysses + expert-parallel traffic
+    double comm_seconds = 0;          // per step: data-parallel + ZeRO + sequence- and expert-parallel traffic
     double comm_exposed_seconds = 0;  // per step: the part not overlapped with compute
     double ulysses_seconds = 0;          // per step: Ulysses' all-to-alls (exposed, part of the above)
+    double ring_seconds = 0;             // per step: ring attention's K/V gathers and dK/dV passes not hidden by its blocks
     double expert_parallel_seconds = 0;  // per step: expert parallelism's all-to-alls (exposed, part of the above)
     double step_seconds = 0;          // one optimizer step, all micro-steps
     double model_flops = 0;           // per GPU per step: 6 N T + causal attention, no recompute

@@ -47,6 +47,7 @@ STATE_DTYPES = ("fp32", "bf16")
 ATTENTIONS = ("flash", "eager")
 MLP_IMPLS = ("loop", "tiled")
 LM_IMPLS = ("recompute", "fused")
+SP_IMPLS = ("ulysses", "ring")
 
 # Keys of mst-plan's setup JSON (src/core/setup.cpp parse_setup), with their defaults.
 SETUP_DEFAULTS: Dict[str, Any] = {
@@ -54,7 +55,7 @@ SETUP_DEFAULTS: Dict[str, Any] = {
     "precision": "pure-bf16", "optimizer": "adamw", "optimizer_in_backward": False, "optimizer_impl": "fused",
     "runtime": "hf",
     "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
-    "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1, "sp": 1, "ep": 1,
+    "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1, "sp": 1, "sp_impl": "ulysses", "ep": 1,
     "moe_imbalance": 1.0,
 }
 SETUP_KEYS = tuple(SETUP_DEFAULTS) + ("optimizer_state_dtype", "mlp_chunk_tokens", "lm_chunk_tokens", "checkpoint")
@@ -309,6 +310,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     choice("attention", ATTENTIONS)
     choice("mlp_impl", MLP_IMPLS)
     choice("lm_impl", LM_IMPLS)
+    choice("sp_impl", SP_IMPLS)
     state = knobs.get("optimizer_state_dtype")
     if state is None:
         state = "bf16" if s["precision"] == "pure-bf16" else "fp32"
@@ -339,7 +341,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
         fail(where, "optimizer_in_backward", "not supported with ZeRO stage 2/3")
     order = ("micro_batch", "seq_len", "grad_accum", "padded", "precision", "optimizer", "optimizer_state_dtype",
              "optimizer_in_backward", "optimizer_impl", "runtime", "attention", "mlp_chunks", "mlp_impl", "lm_chunks", "lm_impl",
-             "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "sp", "ep", "moe_imbalance")
+             "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "sp", "sp_impl", "ep", "moe_imbalance")
     return {k: s[k] for k in order}
 
 

@@ -40,7 +40,7 @@ def llama_plan(**setup):
             "lm_impl": "recompute", "micro_batch": 1, "mlp_chunks": 4, "mlp_impl": "loop",
             "offload_checkpoints": False, "optimizer": "adamw", "optimizer_in_backward": False,
             "optimizer_state_dtype": "bf16", "padded": False, "precision": "pure-bf16", "seq_len": 16384,
-            "sp": 1, "ep": 1, "moe_imbalance": 1.0, "zero3_prefetch": 1, "zero_stage": 0}
+            "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0, "zero3_prefetch": 1, "zero_stage": 0}
     base.update(setup)
     return {"format": "mst-plan/1", "gpu": "h100-sxm-80gb", "gpus": 1, "model": "llama-3-8b",
             "prediction": {"peak_allocated_bytes": 65712301056, "peak_reserved_bytes": 68308000768,
@@ -183,7 +183,8 @@ def test_knobs_take_mst_plans_defaults():
                  "optimizer": "adamw", "optimizer_state_dtype": "bf16", "optimizer_in_backward": False,
                  "optimizer_impl": "fused", "runtime": "hf", "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
                  "checkpoint": [], "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1,
-                 "sp": 1, "ep": 1, "moe_imbalance": 1.0}
+                 "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0}
+    assert jobs.normalize_setup({"sp": 2, "sp_impl": "ring", "seq_len": 64}, 32)["sp_impl"] == "ring"
     assert jobs.normalize_setup({"precision": "bf16-master"}, 32)["optimizer_state_dtype"] == "fp32"
     assert jobs.normalize_setup({"precision": "amp"}, 32)["optimizer_state_dtype"] == "fp32"
 
@@ -192,7 +193,7 @@ def test_expert_parallelism_is_checked_and_refused_by_the_one_process_cross_chec
     s = jobs.normalize_setup({"ep": 2, "dp": 2, "moe_imbalance": 1.5}, 32)
     assert (s["ep"], s["moe_imbalance"]) == (2, 1.5)
     for bad in ({"ep": 0}, {"ep": 2, "dp": 2, "moe_imbalance": 3}, {"moe_imbalance": True}, {"moe_imbalance": "1"},
-                {"ep": 2}):
+                {"ep": 2}, {"sp_impl": "rings"}, {"sp_impl": 1}):
         with pytest.raises(jobs.CrosscheckError):
             jobs.normalize_setup(bad, 32)
     with pytest.raises(jobs.CrosscheckError, match="ep: expected 1"):

@@ -25,11 +25,11 @@ std::string describe_setup(const TrainingSetup& s) {
                                   s.lm_chunks > 1 ? "s" : "", s.lm_chunks > 1 ? " (" + to_string(s.lm_impl) + ")" : "");
     return fmt::format(
         "seq {} x micro-batch {} (x{} accumulation), {}, {} ({} states){}, {} attention\n"
-        "MsT: {}; checkpoint: {}{}; dp {}, ZeRO {}, sp {}{}",
+        "MsT: {}; checkpoint: {}{}; dp {}, ZeRO {}, sp {}{}{}",
         s.seq_len, s.micro_batch, s.grad_accum, to_string(s.precision), to_string(s.optimizer),
         to_string(s.effective_state_dtype()), s.optimizer_in_backward ? " stepped in backward" : "", to_string(s.attention),
         mst, describe_checkpoints(s.checkpoint), s.offload_checkpoints ? " (offloaded to host)" : "", s.dp, s.zero_stage, s.sp,
-        describe_expert_parallelism(s));
+        s.ring() ? " (ring attention)" : "", describe_expert_parallelism(s));
 }
 
 // Per-layer view with runs of equal layers folded: "0-31  1.23 GiB each".
@@ -87,6 +87,9 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
         phases += fmt::format("{}{} {}", phases.empty() ? "" : ", ", to_string(p), format_bytes(s.phase_peak[i]));
     }
     fmt::print("phase peaks: {}\n", phases);
+    if (e.timeline.rank >= 0)
+        fmt::print("ring attention: the step of rank {} of {} (ranks differ; the busier of ranks 0 and 1, which no other exceeds)\n",
+                   e.timeline.rank, setup.sp);
     if (s.host_peak > 0) fmt::print("host memory for offloaded checkpoints: {}\n", format_bytes(s.host_peak));
     if (e.fits && e.allocator.segments_released > 0)
         fmt::print("fits because the allocator releases {} cached segments when a new one would pass the usable memory "

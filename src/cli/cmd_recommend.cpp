@@ -25,7 +25,7 @@ struct TunerArgs {
     std::int64_t gpus = 1, seq = TuneRequest{}.seq_len, tokens_per_step = 0;
     std::vector<std::string> pins, allows;
     double margin = 0.03, host_gib = 128, moe_imbalance = 1.0;
-    std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention;
+    std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention, sp_impl = "ulysses";
     std::string optimizer_impl = "fused", runtime = "hf";
     std::string for_format;  // recommend --for
     const CLI::Option* attention_option = nullptr;  // given: parsed (an empty value is an error), else the model's default
@@ -54,6 +54,9 @@ struct TunerArgs {
             ->capture_default_str();
         cmd.add_option("--runtime", runtime, "hf (transformers + PyTorch: what users run) | kernels (mst-plan's executor)")
             ->capture_default_str();
+        cmd.add_option("--sp-impl", sp_impl, "ulysses | ring (PyTorch's context-parallel ring attention): how sequence "
+                                             "parallelism runs, where the search uses it")
+            ->capture_default_str();
         cmd.add_option("--moe-imbalance", moe_imbalance,
                        "Expert parallelism: pairs the busiest rank's experts receive over a uniform routing's (capped at ep)")
             ->capture_default_str()
@@ -77,6 +80,7 @@ struct TunerArgs {
         rq.base.attention = given ? parse_attention(attention, "command line") : default_attention(rq.model, rq.base.runtime);
         rq.base.optimizer_impl = parse_optimizer_impl(optimizer_impl, "command line");
         rq.base.moe_imbalance = moe_imbalance;
+        rq.base.sp_impl = parse_sp_impl(sp_impl, "command line");
         rq.seq_len = seq;
         rq.for_format = for_format;
         if (tokens_per_step > 0) rq.tokens_per_step = tokens_per_step;  // the option's check: >= 1 when given
@@ -160,7 +164,8 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                                          : fmt::format("{} of {} layers ({}){}", s.checkpointed_count(),
                                                                        rq.model.num_layers, describe_checkpoints(s.checkpoint),
                                                                        s.offload_checkpoints ? ", offloaded to host" : "")});
-    t.row({"parallelism", fmt::format("dp {} (ZeRO {}), Ulysses sp {}{}", s.dp, s.zero_stage, s.sp, describe_expert_parallelism(s))});
+    t.row({"parallelism", fmt::format("dp {} (ZeRO {}), {} sp {}{}", s.dp, s.zero_stage, s.ring() ? "ring attention" : "Ulysses",
+                                      s.sp, describe_expert_parallelism(s))});
     t.row({"batch", fmt::format("micro-batch {} x {} accumulation x dp {} = {} tokens per step", s.micro_batch, s.grad_accum,
                                 s.dp, checked_product({s.micro_batch, s.grad_accum, s.dp, s.seq_len}, "tokens per step"))});
     t.row({"optimizer", fmt::format("{} ({} states){}, {}", to_string(s.optimizer), to_string(s.effective_state_dtype()),

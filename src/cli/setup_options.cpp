@@ -42,7 +42,9 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     const auto an_int = decimal(std::numeric_limits<int>::min(), std::numeric_limits<int>::max());
     cmd.add_option("--zero", zero, "ZeRO stage 0-3 (3 = FSDP full shard)")->capture_default_str()->check(an_int);
     cmd.add_option("--zero3-prefetch", zero3_prefetch, "Layers all-gathered ahead under ZeRO-3")->capture_default_str()->check(an_int);
-    cmd.add_option("--sp", sp, "Ulysses sequence-parallel degree")->capture_default_str()->check(decimal());
+    cmd.add_option("--sp", sp, "Sequence-parallel degree (runtime kernels)")->capture_default_str()->check(decimal());
+    cmd.add_option("--sp-impl", sp_impl, "ulysses (DeepSpeed: all-to-all, heads split) | ring (torchtitan's context parallelism: "
+                                         "PyTorch's ring attention)")->capture_default_str();
     cmd.add_option("--ep", ep, "Expert-parallel degree (Mixture-of-Experts, runtime kernels): E/ep experts per rank; divides --dp x --sp")
         ->capture_default_str()->check(decimal());
     cmd.add_option("--moe-imbalance", moe_imbalance,
@@ -80,6 +82,7 @@ TrainingSetup SetupOptions::build(const ModelSpec& model) const {
     if (given("--zero")) s.zero_stage = zero;
     if (given("--zero3-prefetch")) s.zero3_prefetch = zero3_prefetch;
     if (given("--sp")) s.sp = sp;
+    if (given("--sp-impl")) s.sp_impl = parse_sp_impl(sp_impl, w);
     if (given("--ep")) s.ep = ep;
     if (given("--moe-imbalance")) s.moe_imbalance = moe_imbalance;
     // Chunk counts: a token size converts with the tokens each rank holds (validate() bounds them).

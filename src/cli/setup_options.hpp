@@ -28,7 +28,7 @@ private:
     int zero = 0, zero3_prefetch = 1;
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, optimizer_impl = "fused", runtime = "hf",
                 attention;
-    std::string mlp_impl = "loop", lm_impl = "recompute", checkpoint = "none";
+    std::string mlp_impl = "loop", lm_impl = "recompute", checkpoint = "none", sp_impl = "ulysses";
     bool padded = false, offload = false, opt_in_backward = false;
 
     bool given(const char* name) const;

@@ -44,6 +44,7 @@ constexpr std::pair<const char*, Runtime> kRuntimes[] = {{"hf", Runtime::Hf}, {"
 constexpr std::pair<const char*, OptimizerImpl> kOptimizerImpls[] = {
     {"foreach", OptimizerImpl::Foreach}, {"fused", OptimizerImpl::Fused}, {"for-loop", OptimizerImpl::ForLoop}};
 constexpr std::pair<const char*, Attention> kAttentions[] = {{"flash", Attention::Flash}, {"eager", Attention::Eager}};
+constexpr std::pair<const char*, SpImpl> kSpImpls[] = {{"ulysses", SpImpl::Ulysses}, {"ring", SpImpl::Ring}};
 constexpr std::pair<const char*, MlpImpl> kMlpImpls[] = {{"loop", MlpImpl::Loop}, {"tiled", MlpImpl::Tiled}};
 constexpr std::pair<const char*, LmHeadImpl> kLmImpls[] = {{"recompute", LmHeadImpl::Recompute},
                                                            {"fused", LmHeadImpl::FusedForward}};
@@ -59,6 +60,8 @@ Runtime parse_runtime(const std::string& s, const std::string& w) { return parse
 std::string to_string(Attention a) { return enum_name(a, kAttentions); }
 std::string to_string(MlpImpl i) { return enum_name(i, kMlpImpls); }
 std::string to_string(LmHeadImpl i) { return enum_name(i, kLmImpls); }
+std::string to_string(SpImpl i) { return enum_name(i, kSpImpls); }
+SpImpl parse_sp_impl(const std::string& s, const std::string& w) { return parse_enum(s, w, "sp_impl", kSpImpls); }
 Precision parse_precision(const std::string& s, const std::string& w) { return parse_enum(s, w, "precision", kPrecisions); }
 Optimizer parse_optimizer(const std::string& s, const std::string& w) { return parse_enum(s, w, "optimizer", kOptimizers); }
 StateDtype parse_state_dtype(const std::string& s, const std::string& w) {
@@ -178,6 +181,11 @@ std::int64_t TrainingSetup::expert_rows(std::int64_t pairs) const {
     return std::min(checked_mul(pairs, ep), std::max(pairs, static_cast<std::int64_t>(rows)));
 }
 
+std::vector<std::int64_t> ring_ranks(const TrainingSetup& s) {
+    if (!s.ring()) return {};
+    return {0, 1};
+}
+
 void validate(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
     auto in_range = [&](const char* field, std::int64_t v, std::int64_t lo, std::int64_t hi) {
@@ -210,7 +218,11 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     in_range("lm_chunks", s.lm_chunks, 1, limits::kChunks);
     if (s.seq_len % s.sp != 0)
         fail(w, "sp", fmt::format("expected a divisor of seq_len ({}), got {}", s.seq_len, s.sp));
-    if (m.num_heads % s.sp != 0 || m.num_kv_heads % s.sp != 0)
+    if (s.ring() && s.seq_len % (2 * s.sp) != 0)
+        fail(w, "seq_len", fmt::format("expected a multiple of 2 x sp = {} with ring attention (head-tail sharding cuts each "
+                                       "sequence into 2 sp equal chunks), got {}",
+                                       2 * s.sp, s.seq_len));
+    if (s.ulysses() && (m.num_heads % s.sp != 0 || m.num_kv_heads % s.sp != 0))
         fail(w, "sp", fmt::format("expected a divisor of both num_attention_heads ({}) and num_key_value_heads ({}) "
                                   "(Ulysses splits heads across ranks), got {}",
                                   m.num_heads, m.num_kv_heads, s.sp));
@@ -255,6 +267,21 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
 
 void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
+    // Ring attention is PyTorch's context-parallel SDPA ring: plain causal flash attention (the
+    // caller drops any other mask), modelled around the kernels runtime's layer.
+    if (s.sp_impl == SpImpl::Ring) {
+        const char* why = "ring attention runs PyTorch's causal SDPA flash kernel";
+        if (s.runtime != Runtime::Kernels)
+            fail(w, "sp_impl", "expected ulysses with runtime hf (sequence parallelism is not modelled in it; runtime kernels "
+                               "plans ring attention), got ring");
+        if (s.attention != Attention::Flash) fail(w, "attention", fmt::format("expected flash with sp_impl ring ({}), got eager", why));
+        if (m.attention_sinks || m.attn_logit_softcapping)
+            fail(w, "sp_impl", fmt::format("expected ulysses for {} ({}, which takes no {}), got ring", m.name, why,
+                                           m.attention_sinks ? "attention sinks" : "logit soft-capping"));
+        if (m.sliding_window && std::find(m.sliding_layers.begin(), m.sliding_layers.end(), true) != m.sliding_layers.end())
+            fail(w, "sp_impl", fmt::format("expected ulysses for {} ({}: causal masks only, no sliding window), got ring",
+                                           m.name, why));
+    }
     // transformers runs gpt-oss's sinks in eager attention or in the kernels hub's vllm-flash-attn3
     // (flash_attention_2 falls back to it), whose allocations are not modelled yet; SDPA refuses sinks.
     // mst-plan's own executor runs them in its flash kernel only.
@@ -338,6 +365,7 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     if (auto v = r.opt_string("attention")) s.attention = parse_attention(*v, where);
     s.dp = r.opt_integer("dp", 1, limits::kGpus).value_or(1);
     s.sp = r.opt_integer("sp", 1, limits::kGpus).value_or(1);
+    if (auto v = r.opt_string("sp_impl")) s.sp_impl = parse_sp_impl(*v, where);
     s.ep = r.opt_integer("ep", 1, limits::kGpus).value_or(1);
     s.moe_imbalance = r.opt_number("moe_imbalance", 1.0, static_cast<double>(limits::kGpus)).value_or(1.0);
     s.zero_stage = static_cast<int>(r.opt_integer("zero_stage", 0, 3).value_or(0));
@@ -406,6 +434,7 @@ nlohmann::json to_json(const TrainingSetup& s) {
         {"zero_stage", s.zero_stage},
         {"zero3_prefetch", s.zero3_prefetch},
         {"sp", s.sp},
+        {"sp_impl", to_string(s.sp_impl)},
         {"ep", s.ep},
         {"moe_imbalance", s.moe_imbalance},
     };

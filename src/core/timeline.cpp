@@ -148,13 +148,15 @@ nlohmann::json to_json(const Timeline& t) {
     for (const Event& e : t.events)
         events.push_back({e.alloc ? "alloc" : "free", e.tensor, e.bytes, to_string(e.category), to_string(e.device),
                           to_string(e.phase), e.layer, e.micro_step, e.op, e.name});
-    return {{"format", kTimelineFormat},
-            {"source", t.source},
-            {"model", t.model},
-            {"micro_steps", t.micro_steps},
-            {"micro_steps_recorded", t.micro_steps_recorded},
-            {"columns", {"kind", "tensor", "bytes", "category", "device", "phase", "layer", "micro_step", "op", "name"}},
-            {"events", events}};
+    nlohmann::json j = {{"format", kTimelineFormat},
+                        {"source", t.source},
+                        {"model", t.model},
+                        {"micro_steps", t.micro_steps},
+                        {"micro_steps_recorded", t.micro_steps_recorded},
+                        {"columns", {"kind", "tensor", "bytes", "category", "device", "phase", "layer", "micro_step", "op", "name"}},
+                        {"events", events}};
+    if (t.rank >= 0) j["rank"] = t.rank;
+    return j;
 }
 
 Timeline timeline_from_json(const nlohmann::json& j, const std::string& where) {
@@ -165,6 +167,7 @@ Timeline timeline_from_json(const nlohmann::json& j, const std::string& where) {
     t.model = r.string("model");
     t.micro_steps = static_cast<std::int32_t>(r.integer("micro_steps", 1, limits::kGradAccum));
     t.micro_steps_recorded = static_cast<std::int32_t>(r.integer("micro_steps_recorded", 1, t.micro_steps));
+    t.rank = r.opt_integer("rank", 0, limits::kGpus - 1).value_or(-1);
     r.known({"columns"});  // the names of the event columns, for a person reading the file
     const auto& events = r.raw("events");
     if (!events.is_array()) r.fail("events", "expected an array");

@@ -96,8 +96,11 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     const double V = static_cast<double>(m.vocab_size), L = static_cast<double>(m.num_layers);
     const double qd = static_cast<double>(m.q_dim()), kvd = static_cast<double>(m.kv_dim());
     const double rb = s.precision == Precision::AmpFp32 ? 4 : 2;  // residual stream bytes per element
-    const double heads_local = static_cast<double>(m.num_heads / s.sp);
-    const double B = static_cast<double>(s.micro_batch);
+    // Attention's share of the heads x pairs per rank: Ulysses' nh / sp heads over the whole
+    // sequence, or ring attention's every head over 1 / sp of the pairs (load-balanced causal blocks).
+    const double heads_local = static_cast<double>(m.num_heads) / static_cast<double>(s.sp);
+    const double B = static_cast<double>(s.micro_batch), sp = static_cast<double>(s.sp);
+    double attention_forward = 0, attention_backward = 0;  // one layer's flash kernels (ring attention's blocks)
     const bool gemma = m.gemma();
     const double norms = gemma ? 4 : 2;
 
@@ -159,7 +162,12 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         t += g.memory("attn.rope" + sfx, 2 * T * (qd + kvd) * 2);
         const double attn_flops = 4 * B * heads_local * static_cast<double>(m.head_dim) * pairs;
         if (s.attention == Attention::Flash) {
-            t += g.add("attention" + sfx, attn_flops, 2 * T * (2 * qd + 2 * kvd), cal.attention_efficiency);
+            const double a = g.add("attention" + sfx, attn_flops, 2 * T * (2 * qd + 2 * kvd), cal.attention_efficiency);
+            attention_forward = a, t += a;
+            // Ring attention: every block's output to fp32 and merged (about 42 bytes per element of
+            // q moved: the cast, the difference, the scaled difference, the update), the half-q
+            // merges put back with torch.cat; rank 1's blocks: one whole, sp - 2 halves.
+            if (s.ring()) t += g.memory("attn.ring.merge" + sfx, T * qd * (42 * (1 + (sp - 2) / 2) + 8 * (sp - 2)), 1);
         } else {
             // Scores, scaling, mask, fp32 softmax, bf16 cast, PV: about 30 bytes per score element.
             const double scores = B * heads_local * static_cast<double>(s.seq_len) * static_cast<double>(s.seq_len);
@@ -178,7 +186,11 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         t += g.memory("attn.rope (bwd)", 2 * T * (qd + kvd) * 2);
         const double attn_flops = 2.5 * 4 * B * heads_local * static_cast<double>(m.head_dim) * pairs;  // FA2: 5 GEMMs vs 2
         if (s.attention == Attention::Flash) {
-            t += g.add("attention (bwd)", attn_flops, 2 * T * (4 * qd + 4 * kvd) + T * qd * 4, cal.attention_efficiency);
+            const double a = g.add("attention (bwd)", attn_flops, 2 * T * (4 * qd + 4 * kvd) + T * qd * 4, cal.attention_efficiency);
+            attention_backward = a, t += a;
+            // Ring attention, per block: the output made contiguous, dq accumulated in fp32, dK and dV
+            // accumulated, flattened and sent on in fp32.
+            if (s.ring()) t += g.memory("attn.ring.accumulate (bwd)", sp * T * (qd * 10 + 2 * kvd * 12), 1);
         } else {
             const double scores = B * heads_local * static_cast<double>(s.seq_len) * static_cast<double>(s.seq_len);
             t += g.split("attention (bwd)", attn_flops, 40 * scores, cal.gemm_efficiency, 8);
@@ -312,7 +324,19 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         out.expert_parallel_seconds = ga * (4 * L + 2 * ckpt + (tiled ? 2 * L : 0)) * bytes / bw;
         exposed += out.expert_parallel_seconds;
     }
-    if (s.sp > 1) {
+    if (s.ring()) {
+        // Ring attention per layer: the K/V all-gather, waited after the first block (forward, and
+        // again in backward and in a recomputed forward), and in backward one dK/dV pass to the next
+        // rank per block, each waited after the next block, the last after the loop.
+        const double bw = link_gbps(gpu, cluster, s.sp, 1) * 1e9;
+        const double gather = (sp - 1) * T * 2 * kvd * 2 / bw, pass = T * 2 * kvd * 4 / bw;
+        const double fwd_block = attention_forward / sp, bwd_block = attention_backward / sp;
+        const double fwd_layer = std::max(0.0, gather - fwd_block);
+        const double bwd_layer = std::max(0.0, gather - bwd_block) + (sp - 1) * std::max(0.0, pass - bwd_block) + pass;
+        out.ring_seconds = ga * (L * (fwd_layer + bwd_layer) + ckpt * fwd_layer);
+        exposed += out.ring_seconds;
+    }
+    if (s.ulysses()) {
         // Ulysses all-to-all of q, k, v and o (and their gradients) per layer and pass.
         const double p = static_cast<double>(s.sp);
         const double bw = link_gbps(gpu, cluster, s.sp, 1) * 1e9;

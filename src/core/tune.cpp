@@ -101,6 +101,14 @@ std::vector<bool> first_layers(std::int64_t k, std::int64_t layers) {
     return v;
 }
 
+// Whether sp ranks can split a sequence of seq_len tokens: the GPUs in whole groups, and Ulysses'
+// heads (or ring attention's 2 sp chunks) in whole parts.
+bool sp_degree_fits(const TuneRequest& rq, std::int64_t sp, std::int64_t seq_len) {
+    if (rq.gpus % sp != 0) return false;
+    if (rq.base.sp_impl == SpImpl::Ring) return seq_len % (2 * sp) == 0;
+    return rq.model.num_heads % sp == 0 && rq.model.num_kv_heads % sp == 0 && seq_len % sp == 0;
+}
+
 // --for: why the format's trainer cannot train `s` as planned, in its emitter's words ("" when it can).
 std::string refusal_of(const std::string& format, const TrainingSetup& s, const ModelSpec& m);
 
@@ -380,10 +388,14 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
         why += fmt::format("Checkpoints go to host memory ({} pinned per GPU); {} of transfer time per step is not hidden. ",
                            format_bytes(best.memory.host_peak_bytes),
                            fmt::format("{:.1f} ms", 1e3 * best.time.offload_exposed_seconds * static_cast<double>(s.grad_accum)));
-    if (s.sp > 1)
+    if (s.ulysses())
         why += fmt::format("Ulysses sequence parallelism over {} GPUs gives each rank {} tokens outside attention; its "
                            "all-to-all costs {:.1f} ms per step. ",
                            s.sp, s.local_tokens(), 1e3 * best.time.ulysses_seconds);
+    if (s.ring())
+        why += fmt::format("Ring attention (context parallelism) over {} GPUs gives each rank {} tokens and every head; "
+                           "{:.1f} ms per step of its K/V exchange is not hidden behind its blocks. ",
+                           s.sp, s.local_tokens(), 1e3 * best.time.ring_seconds);
     if (s.ep > 1)
         why += fmt::format("Expert parallelism over {} GPUs holds {} of the {} experts on each; its all-to-alls cost {:.1f} ms "
                            "per step{}. ",
@@ -513,12 +525,16 @@ Recommendation recommend(const TuneRequest& rq) {
     const bool ddp_only = rq.base.runtime == Runtime::Hf;  // the hf runtime: data parallelism is DDP, no ZeRO, no sp
     for (std::int64_t sp = 1; sp <= (ddp_only ? 1 : rq.gpus); ++sp) {
         if (rq.pins.sp && sp != *rq.pins.sp) continue;
-        if (rq.gpus % sp == 0 && m.num_heads % sp == 0 && m.num_kv_heads % sp == 0 && rq.seq_len % sp == 0) sps.push_back(sp);
+        if (sp_degree_fits(rq, sp, rq.seq_len)) sps.push_back(sp);
     }
     if (sps.empty())
-        fail("recommend", "sp", fmt::format("no sequence-parallel degree divides the GPUs ({}), heads ({}), KV heads ({}) and "
-                                            "sequence ({}) together{}",
-                                            rq.gpus, m.num_heads, m.num_kv_heads, rq.seq_len, rq.pins.sp ? " with the pinned sp" : ""));
+        fail("recommend", "sp",
+             rq.base.sp_impl == SpImpl::Ring
+                 ? fmt::format("no sequence-parallel degree divides the GPUs ({}) with 2 sp dividing the sequence ({}){}",
+                               rq.gpus, rq.seq_len, rq.pins.sp ? " with the pinned sp" : "")
+                 : fmt::format("no sequence-parallel degree divides the GPUs ({}), heads ({}), KV heads ({}) and sequence ({}) "
+                               "together{}",
+                               rq.gpus, m.num_heads, m.num_kv_heads, rq.seq_len, rq.pins.sp ? " with the pinned sp" : ""));
     // Expert parallelism (kernels runtime, Mixture-of-Experts; its group is drawn from the dp x sp
     // ranks): none, and the widest degree dividing both the experts and the GPUs. Between them a
     // degree holds more experts per rank than the widest (memory) and moves fewer pairs (time);
@@ -690,7 +706,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     if (rq.allow_offload) strategies.push_back({.name = "checkpointing + MsT + offload", .setup = off, .mst = true});
     std::int64_t sp = 1;
     for (std::int64_t c = ddp_only ? 1 : rq.gpus; c > 1; --c)
-        if (rq.gpus % c == 0 && m.num_heads % c == 0 && m.num_kv_heads % c == 0) {
+        if (sp_degree_fits(rq, c, 2 * c)) {  // (max-seq's lengths are multiples of 1024 sp)
             sp = c;
             break;
         }
@@ -699,7 +715,8 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         widest.sp = sp;
         widest.dp = rq.gpus / sp;
         widest.zero_stage = 3;  // over all dp x sp ranks
-        strategies.push_back({.name = fmt::format("+ Ulysses sequence parallel (sp {})", sp), .setup = widest, .mst = true});
+        strategies.push_back({.name = fmt::format("+ {} (sp {})", widest.ring() ? "ring attention" : "Ulysses sequence parallel", sp),
+                              .setup = widest, .mst = true});
     }
     // Mixture-of-Experts (kernels runtime): the widest expert parallelism, a degree dividing the
     // experts and the GPUs; ZeRO-3 then gathers a layer's E / ep experts, not all of them.

@@ -21,13 +21,18 @@ struct Format {
     Emitter emit;
     Check check;  // what the format's trainer cannot train as planned (its emitter refuses the same)
     Extra extra;  // what its trainer allocates beyond the runtime's prediction; nullptr: nothing known
+    const char* no_expert_parallelism;  // why its trainer cannot run the plan's expert parallelism
 };
 
 constexpr Format kFormats[] = {
-    {"hf-mst", emit_detail::emit_hf_mst, emit_detail::check_hf_mst, nullptr},
-    {"deepspeed", emit_detail::emit_deepspeed, emit_detail::check_deepspeed, nullptr},
-    {"axolotl", emit_detail::emit_axolotl, emit_detail::check_axolotl, nullptr},
-    {"torchtitan", emit_detail::emit_torchtitan, emit_detail::check_torchtitan, emit_detail::torchtitan_extra_bytes},
+    {"hf-mst", emit_detail::emit_hf_mst, emit_detail::check_hf_mst, nullptr,
+     "it trains transformers' MoE blocks, which have no expert parallelism"},
+    {"deepspeed", emit_detail::emit_deepspeed, emit_detail::check_deepspeed, nullptr,
+     "DeepSpeed's expert parallelism is deepspeed.moe.layer.MoE in the model's code, which transformers' MoE blocks are not"},
+    {"axolotl", emit_detail::emit_axolotl, emit_detail::check_axolotl, nullptr,
+     "it trains transformers' MoE blocks, which have no expert parallelism"},
+    {"torchtitan", emit_detail::emit_torchtitan, emit_detail::check_torchtitan, emit_detail::torchtitan_extra_bytes,
+     "torchtitan's token dispatcher, which pads each expert's group for its grouped GEMMs, is not modelled yet"},
 };
 
 const Format& find_format(const std::string& format) {
@@ -40,15 +45,16 @@ const Format& find_format(const std::string& format) {
 //  * Expert parallelism: python/mst_hf and Axolotl train transformers' MoE blocks, which have none;
 //    DeepSpeed's is deepspeed.moe.layer.MoE in the model's own code; torchtitan's token dispatcher
 //    (per-expert groups padded for its grouped GEMMs) is not modelled.
+//  * Ring attention: PyTorch's context parallelism, which accelerate runs (cp_backend "torch") and no
+//    emitter writes yet; DeepSpeed's and Axolotl's sequence parallelism is Ulysses' or another ring.
 //  * Attention sinks (gpt-oss) on flash: the trainers run transformers' gpt-oss, whose sinks run in
 //    eager attention (modelled: runtime hf) or the kernels hub's vllm-flash-attn3 (not modelled).
 void check_executor_only(const Format& f, const TrainingSetup& s, const ModelSpec& m) {
-    if (s.ep > 1) {
-        const std::string why = std::string(f.name) == "deepspeed"    ? "DeepSpeed's expert parallelism is deepspeed.moe.layer.MoE in the model's code, which transformers' MoE blocks are not"
-                                : std::string(f.name) == "torchtitan" ? "torchtitan's token dispatcher, which pads each expert's group for its grouped GEMMs, is not modelled yet"
-                                                                      : "it trains transformers' MoE blocks, which have no expert parallelism";
-        fail(f.name, "setup.ep", fmt::format("expected 1 ({}), got {}", why, s.ep));
-    }
+    if (s.ep > 1) fail(f.name, "setup.ep", fmt::format("expected 1 ({}), got {}", f.no_expert_parallelism, s.ep));
+    if (s.ring())
+        fail(f.name, "setup.sp_impl",
+             "expected ulysses (no emitter writes PyTorch's context parallelism yet: accelerate's cp_backend \"torch\" "
+             "runs it for transformers' sdpa attention, with FSDP2), got ring");
     if (m.attention_sinks && s.attention != Attention::Eager)
         fail(f.name, "setup.attention",
              "expected eager for a model with attention sinks (its trainer runs transformers' gpt-oss: sinks in eager "

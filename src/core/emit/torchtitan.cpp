@@ -23,8 +23,9 @@
 // recommend --for torchtitan keeps free); every other degree 1, no compile, no CUDA graphs.
 // What torchtitan cannot train as planned is refused (check_torchtitan), so `recommend --for
 // torchtitan` never plans it: MLP mini-sequences, a recomputed chunked LM head, checkpoints of
-// some layers or offloaded ones, Ulysses (its context parallelism is ring attention, which
-// mst-plan does not simulate), ZeRO-1, stepping in backward, SGD and 8-bit AdamW.
+// some layers or offloaded ones, sequence parallelism (its language models' context parallelism is
+// FlexAttention over all-gathered K/V, not simulated), ZeRO-1, stepping in backward, SGD and 8-bit
+// AdamW.
 // scripts/check-clients loads every emitted module through torchtitan's own ConfigManager
 // (python/mst_clients/titan.py).
 #include <optional>
@@ -212,8 +213,9 @@ void check(const TrainingSetup& s, const ModelSpec& model) {
         fail(kWhere, "setup.offload_checkpoints", "expected false (torchtitan has no activation offload), got true");
     if (s.sp > 1)
         fail(kWhere, "setup.sp",
-             fmt::format("expected 1 (torchtitan's context parallelism is ring attention, which mst-plan does not "
-                         "simulate yet; Ulysses is not in torchtitan), got {}",
+             fmt::format("expected 1 (torchtitan 0.3.0's language models run context parallelism as FlexAttention over "
+                         "all-gathered keys and values, which mst-plan does not simulate yet: neither Ulysses nor "
+                         "sp_impl ring, PyTorch's SDPA ring), got {}",
                          s.sp));
     if (s.zero_stage == 1 && s.zero_ranks() > 1)
         fail(kWhere, "setup.zero_stage",

@@ -160,7 +160,7 @@ void StepBuilder::attention_forward(int l, T h1, LayerSaved& sv, T& attn_out) {
     sv.h1 = saved(hin);
     drop(hin);
     // RoPE rotates q and k in place.
-    if (s_.sp > 1) {
+    if (s_.ulysses()) {
         at("attn.all_to_all");  // sequence-sharded -> head-sharded
         for (T* t : {&q, &k, &v}) {
             T moved = act("a2a_out", table_[static_cast<std::size_t>(t->id)].bytes, true);
@@ -170,7 +170,13 @@ void StepBuilder::attention_forward(int l, T h1, LayerSaved& sv, T& attn_out) {
     }
 
     T o;
-    if (s_.attention == Attention::Flash) {
+    if (s_.ring()) {  // torch's ring attention (src/core/sim/ring.cpp); o_proj reads torchtitan's contiguous copy
+        T lse, o_seq;
+        ring_forward(q, k, v, o, lse, o_seq);
+        sv.q = saved(q), sv.k = saved(k), sv.v = saved(v), sv.o = saved(o), sv.lse = saved(lse);
+        drop(q), drop(k), drop(v), drop(lse), drop(o);
+        o = o_seq;
+    } else if (s_.attention == Attention::Flash) {
         at("attn.flash");
         o = act("o", bf16(tokens_, qd), true);
         T lse = act("lse", f32(tokens_, m_.num_heads), true);  // [B, nh/sp, S] fp32
@@ -214,7 +220,7 @@ void StepBuilder::attention_forward(int l, T h1, LayerSaved& sv, T& attn_out) {
         sv.v_rep = saved(v_rep);
         drop(p), drop(v_rep);
     }
-    if (s_.sp > 1) {
+    if (s_.ulysses()) {
         at("attn.all_to_all");  // head-sharded -> sequence-sharded
         T o_seq = act("o_seq", bf16(tokens_, qd), true);
         drop(o);
@@ -238,7 +244,7 @@ T StepBuilder::attention_backward(int l, LayerSaved& sv, T d_out) {
     release_weight(lp.o);
     drop(sv.o_seq);
     grad_done(lp.o);
-    if (s_.sp > 1) {
+    if (s_.ulysses()) {
         at("attn.all_to_all");
         T t = alloc("d_o_heads", bf16(tokens_, qd), Category::Transient);
         drop(d_o);
@@ -246,7 +252,11 @@ T StepBuilder::attention_backward(int l, LayerSaved& sv, T d_out) {
     }
 
     T dq, dk, dv;
-    if (s_.attention == Attention::Flash) {
+    if (s_.ring()) {  // the flash node's backward, then its saved tensors and d_o go
+        ring_backward(d_o, sv.q, sv.k, sv.v, sv.o, sv.lse, dq, dk, dv);
+        drop(d_o);
+        drop(sv.q), drop(sv.k), drop(sv.v), drop(sv.o), drop(sv.lse);
+    } else if (s_.attention == Attention::Flash) {
         // FlashAttention-2 backward: fp32 dq accumulator and the rowsum(dO * O) term.
         at("attn.flash");
         T dq_acc = alloc("dq_accum_fp32", f32(tokens_, qd), Category::Transient);
@@ -288,7 +298,7 @@ T StepBuilder::attention_backward(int l, LayerSaved& sv, T d_out) {
             dk = dk_rep, dv = dv_rep;
         }
     }
-    if (s_.sp > 1) {
+    if (s_.ulysses()) {
         at("attn.all_to_all");
         for (T* t : {&dq, &dk, &dv}) {
             T moved = alloc("d_a2a_out", table_[static_cast<std::size_t>(t->id)].bytes, Category::Transient);

@@ -254,6 +254,8 @@ public:
     StepBuilder& operator=(const StepBuilder&) = delete;
     Timeline run();
     MemoryPeaks peaks() const { return peaks_; }
+    // Which rank of ring attention's sp the step is walked for (ring_ranks(); 0 by default).
+    void walk_ring_rank(std::int64_t rank) { ring_rank_ = rank; }
 
 private:
     // ---- tensor table (inline: every op calls these, millions of times per tuner search) ----
@@ -359,6 +361,9 @@ private:
     void layer_backward(int l, LayerSaved& sv, T dres);
     void attention_forward(int l, T h1, LayerSaved& sv, T& attn_out);
     T attention_backward(int l, LayerSaved& sv, T d_attn_out);  // returns dh1
+    // Ring attention (ring.cpp): q, k, v read; out and lse for the flash node, attn_out for o_proj.
+    void ring_forward(T q, T k, T v, T& out, T& lse, T& attn_out);
+    void ring_backward(T d_out, T q, T k, T v, T out, T lse, T& dq, T& dk, T& dv);
     T mlp_forward(int l, T h2, LayerSaved& sv);                   // returns y
     T mlp_backward(int l, LayerSaved& sv, T dy);                  // returns dh2
     void mlp_chunk_forward(const LayerParams& lp, std::int64_t n, T& y, MlpChunk* keep);
@@ -654,6 +659,7 @@ private:
     int pg_ = 2;   // gradient
     int rb_ = 2;   // residual stream / norm outputs
     std::int64_t tokens_ = 0;  // per rank outside attention (B * S / sp)
+    std::int64_t ring_rank_ = 0;
 
     std::vector<Param> params_;
     std::vector<int> order_;  // params_ in the order the runtime holds them (hf: model.parameters())

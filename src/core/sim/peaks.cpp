@@ -10,6 +10,7 @@
 // iterations that repeat (loop_replay.hpp).
 #include <algorithm>
 #include <limits>
+#include <tuple>
 
 #include "../caching_allocator.hpp"
 #include "builder.hpp"
@@ -139,14 +140,26 @@ bool PeakSimulator::replay(bytes_t capacity, bytes_t limit, MemoryPeaks& p) {
 bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budget_bytes, bytes_t host_budget_bytes,
                         bytes_t capacity, MemoryPeaks& out) {
     validate(setup, model_);
-    sim::StepBuilder b(model_, setup, gpu_, false, sim::PeakRun{&scratch_->step, {budget_bytes, host_budget_bytes}, allocator});
-    try {
-        b.run();
-    } catch (const sim::OverBudget&) {
-        return false;
+    // Ring attention: every rank that can be the busiest must fit; the peaks are the busiest one's
+    // (the highest requested peak, then reserved: the step simulate() records).
+    std::vector<std::int64_t> ranks = ring_ranks(setup);
+    if (ranks.empty()) ranks.push_back(0);
+    for (std::size_t i = 0; i < ranks.size(); ++i) {
+        const std::int64_t rank = ranks[i];
+        sim::StepBuilder b(model_, setup, gpu_, false, sim::PeakRun{&scratch_->step, {budget_bytes, host_budget_bytes}, allocator});
+        b.walk_ring_rank(rank);
+        try {
+            b.run();
+        } catch (const sim::OverBudget&) {
+            return false;
+        }
+        MemoryPeaks p = b.peaks();
+        if (allocator && !replay(capacity, budget_bytes, p)) return false;
+        const std::int64_t released = i == 0 ? p.segments_released : std::max(out.segments_released, p.segments_released);
+        if (i == 0 || std::tie(p.peak_bytes, p.peak_reserved_bytes) > std::tie(out.peak_bytes, out.peak_reserved_bytes)) out = p;
+        out.segments_released = released;  // any rank's releases: the plan needs them
     }
-    out = b.peaks();
-    return !allocator || replay(capacity, budget_bytes, out);
+    return true;
 }
 
 MemoryPeaks PeakSimulator::peaks(const TrainingSetup& setup, bool allocator, bytes_t capacity) {

@@ -1,5 +1,7 @@
 // One optimizer step: persistent state, micro-steps (forward, backward with
 // checkpoint recompute and offload), the optimizer; and the estimate built on it.
+#include <optional>
+
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
@@ -209,9 +211,32 @@ Timeline StepBuilder::run() {
 
 namespace mst {
 
-Timeline simulate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu) {
+namespace {
+
+// The step's timeline; with ring attention the busiest walked rank's (ring_ranks()): the highest
+// requested peak, then the highest peak reserved on a device of `capacity` bytes.
+Timeline simulate_on(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bytes_t capacity) {
     validate(setup, model);
-    return sim::StepBuilder(model, setup, gpu, true).run();
+    const std::vector<std::int64_t> ranks = ring_ranks(setup);
+    if (ranks.empty()) return sim::StepBuilder(model, setup, gpu, true).run();
+    std::optional<Timeline> busiest;
+    std::pair<bytes_t, bytes_t> busiest_peaks{-1, -1};
+    for (std::int64_t rank : ranks) {
+        sim::StepBuilder b(model, setup, gpu, true);
+        b.walk_ring_rank(rank);
+        Timeline t = b.run();
+        t.rank = rank;
+        const std::pair<bytes_t, bytes_t> peaks{summarize(t, model.num_layers).peak.bytes,
+                                                replay_caching_allocator(t, gpu.calibration.allocator, capacity).peak_reserved};
+        if (peaks > busiest_peaks) busiest = std::move(t), busiest_peaks = peaks;
+    }
+    return std::move(*busiest);
+}
+
+}  // namespace
+
+Timeline simulate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu) {
+    return simulate_on(model, setup, gpu, gpu.usable_bytes());
 }
 
 MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool allocator,
@@ -221,7 +246,7 @@ MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, c
 
 Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, std::optional<bytes_t> capacity) {
     Estimate e;
-    e.timeline = simulate(model, setup, gpu);
+    e.timeline = simulate_on(model, setup, gpu, capacity.value_or(gpu.usable_bytes()));
     e.summary = summarize(e.timeline, model.num_layers);
     e.usable_bytes = gpu.usable_bytes();
     // The process can reserve the usable bytes: there PyTorch releases its cached segments and retries.
