@@ -109,6 +109,15 @@ bool sp_degree_fits(const TuneRequest& rq, std::int64_t sp, std::int64_t seq_len
     return rq.model.num_heads % sp == 0 && rq.model.num_kv_heads % sp == 0 && seq_len % sp == 0;
 }
 
+// The widest expert-parallel degree: the largest dividing both the experts and the GPUs (1 for a
+// dense model, or where the runtime has no expert parallelism).
+std::int64_t widest_expert_parallel(const TuneRequest& rq) {
+    if (!rq.model.moe || rq.base.runtime == Runtime::Hf) return 1;
+    for (std::int64_t ep = rq.gpus; ep > 1; --ep)
+        if (rq.gpus % ep == 0 && rq.model.moe->experts % ep == 0) return ep;
+    return 1;
+}
+
 // --for: why the format's trainer cannot train `s` as planned, in its emitter's words ("" when it can).
 std::string refusal_of(const std::string& format, const TrainingSetup& s, const ModelSpec& m);
 
@@ -544,11 +553,7 @@ Recommendation recommend(const TuneRequest& rq) {
         eps.push_back(*rq.pins.ep);
     } else {
         eps.push_back(1);
-        for (std::int64_t ep = ddp_only || !m.moe ? 1 : rq.gpus; ep > 1; --ep)
-            if (rq.gpus % ep == 0 && m.moe->experts % ep == 0) {
-                eps.push_back(ep);
-                break;
-            }
+        if (const std::int64_t widest = widest_expert_parallel(rq); widest > 1) eps.push_back(widest);
     }
     std::vector<std::pair<std::int64_t, std::int64_t>> layouts;  // (sp, ep)
     for (std::int64_t sp : sps)
@@ -720,13 +725,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     }
     // Mixture-of-Experts (kernels runtime): the widest expert parallelism, a degree dividing the
     // experts and the GPUs; ZeRO-3 then gathers a layer's E / ep experts, not all of them.
-    std::int64_t ep = 1;
-    for (std::int64_t c = ddp_only || !m.moe ? 1 : rq.gpus; c > 1; --c)
-        if (rq.gpus % c == 0 && m.moe->experts % c == 0) {
-            ep = c;
-            break;
-        }
-    if (ep > 1) {
+    if (const std::int64_t ep = widest_expert_parallel(rq); ep > 1) {
         widest.ep = ep;
         widest.zero_stage = 3;
         widest.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
