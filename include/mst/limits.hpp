@@ -25,6 +25,10 @@ inline constexpr std::int64_t kChunks = std::int64_t{1} << 12;
 // fuzzer found 2 layers x 16384 chunks taking 44 s of a sanitised build.
 inline constexpr std::int64_t kLayerChunks = std::int64_t{1} << 14;
 inline constexpr std::int64_t kZero3Prefetch = 8;  // layers all-gathered ahead
+// Ring attention's sp: each layer's ring walks sp blocks, and the step is walked for every rank
+// (their steps differ), so a step's work grows as sp^2; PyTorch's context parallelism runs on up
+// to a few dozen ranks.
+inline constexpr std::int64_t kRingRanks = 32;
 
 // ---- model config.json --------------------------------------------------------------
 inline constexpr std::int64_t kHidden = std::int64_t{1} << 20;        // hidden_size, head_dim

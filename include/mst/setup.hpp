@@ -125,11 +125,9 @@ struct TrainingSetup {
 };
 
 // Ring attention's ranks differ (head-tail sharding gives rank r chunks r and 2 sp - 1 - r; its
-// steps after r are half-size merges): the ranks whose step can be the busiest, which the
-// simulator walks (the plan takes the highest peak). Rank 0 runs only half-size steps after the
-// first (an output copy per layer, the larger backward blocks), rank 1 one whole-q merge too;
-// every later rank peaks no higher than rank 1 and keeps no more (python/tests/test_ring.py).
-// Empty without ring attention.
+// steps after r are half-size merges, and which tensors stay contiguous follows), down to the
+// caching allocator's blocks: the simulator walks every rank's step (0 .. sp - 1; empty without
+// ring attention), a plan fits when each does, and its peaks are the highest of any.
 std::vector<std::int64_t> ring_ranks(const TrainingSetup& setup);
 
 // Checkpoint placement from a user's words: "none", "all", "every:K", "first:K",
@@ -141,6 +139,9 @@ std::string describe_expert_parallelism(const TrainingSetup& setup);
 
 // Checks the setup against the model: one UserError naming the knob when it is impossible.
 void validate(const TrainingSetup& setup, const ModelSpec& model);
+// What ring attention can run (part of validate() when sp_impl is ring and sp > 1): the kernels
+// runtime, plain causal flash attention, heads aten's flash kernel takes.
+void validate_ring_scope(const TrainingSetup& s, const ModelSpec& m);
 // What the hf runtime does not model yet (part of validate).
 void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m);
 // What a model can be planned with whatever the knobs' bounds (gpt-oss's runtime and attention,

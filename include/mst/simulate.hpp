@@ -15,8 +15,11 @@
 
 namespace mst {
 
-// The predicted timeline of one optimizer step (validate(setup, model) first).
+// The predicted timeline of one optimizer step (validate(setup, model) first). With ring
+// attention, whose ranks differ, the step of the rank with the highest requested peak.
 Timeline simulate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
+// Ring attention: the step of rank `rank` of the setup's sp.
+Timeline simulate_ring_rank(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, std::int64_t rank);
 
 // Only the peaks, without keeping the events: what the tuner evaluates thousands of times.
 struct MemoryPeaks {
@@ -80,8 +83,10 @@ struct Estimate {
 };
 
 // `capacity`: where the allocator model releases its cached segments; the GPU's usable bytes when absent.
+// With ring attention every rank's step is walked (the timeline: the highest requested peak; the
+// allocator's peaks: the highest of any rank's), or only `ring_rank`'s when given.
 Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu,
-                  std::optional<bytes_t> capacity = std::nullopt);
+                  std::optional<bytes_t> capacity = std::nullopt, std::optional<std::int64_t> ring_rank = std::nullopt);
 nlohmann::json to_json(const Estimate& e, const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
 
 }  // namespace mst

@@ -43,8 +43,8 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_option("--zero", zero, "ZeRO stage 0-3 (3 = FSDP full shard)")->capture_default_str()->check(an_int);
     cmd.add_option("--zero3-prefetch", zero3_prefetch, "Layers all-gathered ahead under ZeRO-3")->capture_default_str()->check(an_int);
     cmd.add_option("--sp", sp, "Sequence-parallel degree (runtime kernels)")->capture_default_str()->check(decimal());
-    cmd.add_option("--sp-impl", sp_impl, "ulysses (DeepSpeed: all-to-all, heads split) | ring (torchtitan's context parallelism: "
-                                         "PyTorch's ring attention)")->capture_default_str();
+    cmd.add_option("--sp-impl", sp_impl, "ulysses (DeepSpeed: all-to-all, heads split) | ring (PyTorch's context-parallel ring "
+                                         "attention, as accelerate runs it)")->capture_default_str();
     cmd.add_option("--ep", ep, "Expert-parallel degree (Mixture-of-Experts, runtime kernels): E/ep experts per rank; divides --dp x --sp")
         ->capture_default_str()->check(decimal());
     cmd.add_option("--moe-imbalance", moe_imbalance,

@@ -182,8 +182,9 @@ std::int64_t TrainingSetup::expert_rows(std::int64_t pairs) const {
 }
 
 std::vector<std::int64_t> ring_ranks(const TrainingSetup& s) {
-    if (!s.ring()) return {};
-    return {0, 1};
+    std::vector<std::int64_t> ranks;
+    for (std::int64_t r = 0; s.ring() && r < s.sp; ++r) ranks.push_back(r);
+    return ranks;
 }
 
 void validate(const TrainingSetup& s, const ModelSpec& m) {
@@ -218,10 +219,17 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     in_range("lm_chunks", s.lm_chunks, 1, limits::kChunks);
     if (s.seq_len % s.sp != 0)
         fail(w, "sp", fmt::format("expected a divisor of seq_len ({}), got {}", s.seq_len, s.sp));
-    if (s.ring() && s.seq_len % (2 * s.sp) != 0)
-        fail(w, "seq_len", fmt::format("expected a multiple of 2 x sp = {} with ring attention (head-tail sharding cuts each "
-                                       "sequence into 2 sp equal chunks), got {}",
-                                       2 * s.sp, s.seq_len));
+    if (s.ring()) {
+        if (s.sp > limits::kRingRanks)
+            fail(w, "sp", fmt::format("expected at most {} ranks with ring attention (every rank's step is walked, each "
+                                      "layer's ring over all of them), got {}",
+                                      limits::kRingRanks, s.sp));
+        if (s.seq_len % (2 * s.sp) != 0)
+            fail(w, "seq_len", fmt::format("expected a multiple of 2 x sp = {} with ring attention (head-tail sharding cuts "
+                                           "each sequence into 2 sp equal chunks), got {}",
+                                           2 * s.sp, s.seq_len));
+        validate_ring_scope(s, m);
+    }
     if (s.ulysses() && (m.num_heads % s.sp != 0 || m.num_kv_heads % s.sp != 0))
         fail(w, "sp", fmt::format("expected a divisor of both num_attention_heads ({}) and num_key_value_heads ({}) "
                                   "(Ulysses splits heads across ranks), got {}",
@@ -265,23 +273,28 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     validate_hf_scope(s, m);
 }
 
+// Ring attention is PyTorch's context-parallel SDPA ring around the kernels runtime's layer: plain
+// causal flash attention (the caller drops any other mask), aten's FlashAttention-2 (head_dim a
+// multiple of 8, at most 256; above it transformers also expands the key heads).
+void validate_ring_scope(const TrainingSetup& s, const ModelSpec& m) {
+    const std::string w = "setup";
+    const char* why = "ring attention runs PyTorch's causal SDPA flash kernel";
+    if (s.runtime != Runtime::Kernels)
+        fail(w, "sp_impl", "expected ulysses with runtime hf (sequence parallelism is not modelled in it; runtime kernels "
+                           "plans ring attention), got ring");
+    if (s.attention != Attention::Flash) fail(w, "attention", fmt::format("expected flash with sp_impl ring ({}), got eager", why));
+    if (m.attention_sinks || m.attn_logit_softcapping)
+        fail(w, "sp_impl", fmt::format("expected ulysses for {} ({}, which takes no {}), got ring", m.name, why,
+                                       m.attention_sinks ? "attention sinks" : "logit soft-capping"));
+    if (m.sliding_window && std::find(m.sliding_layers.begin(), m.sliding_layers.end(), true) != m.sliding_layers.end())
+        fail(w, "sp_impl", fmt::format("expected ulysses for {} ({}: causal masks only, no sliding window), got ring", m.name, why));
+    if (m.head_dim > 256 || m.head_dim % 8 != 0)
+        fail(w, "sp_impl", fmt::format("expected ulysses for {} ({}, which takes head_dim a multiple of 8 up to 256; got {})",
+                                       m.name, why, m.head_dim));
+}
+
 void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
-    // Ring attention is PyTorch's context-parallel SDPA ring: plain causal flash attention (the
-    // caller drops any other mask), modelled around the kernels runtime's layer.
-    if (s.sp_impl == SpImpl::Ring) {
-        const char* why = "ring attention runs PyTorch's causal SDPA flash kernel";
-        if (s.runtime != Runtime::Kernels)
-            fail(w, "sp_impl", "expected ulysses with runtime hf (sequence parallelism is not modelled in it; runtime kernels "
-                               "plans ring attention), got ring");
-        if (s.attention != Attention::Flash) fail(w, "attention", fmt::format("expected flash with sp_impl ring ({}), got eager", why));
-        if (m.attention_sinks || m.attn_logit_softcapping)
-            fail(w, "sp_impl", fmt::format("expected ulysses for {} ({}, which takes no {}), got ring", m.name, why,
-                                           m.attention_sinks ? "attention sinks" : "logit soft-capping"));
-        if (m.sliding_window && std::find(m.sliding_layers.begin(), m.sliding_layers.end(), true) != m.sliding_layers.end())
-            fail(w, "sp_impl", fmt::format("expected ulysses for {} ({}: causal masks only, no sliding window), got ring",
-                                           m.name, why));
-    }
     // transformers runs gpt-oss's sinks in eager attention or in the kernels hub's vllm-flash-attn3
     // (flash_attention_2 falls back to it), whose allocations are not modelled yet; SDPA refuses sinks.
     // mst-plan's own executor runs them in its flash kernel only.

@@ -164,10 +164,10 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
         if (s.attention == Attention::Flash) {
             const double a = g.add("attention" + sfx, attn_flops, 2 * T * (2 * qd + 2 * kvd), cal.attention_efficiency);
             attention_forward = a, t += a;
-            // Ring attention: every block's output to fp32 and merged (about 42 bytes per element of
-            // q moved: the cast, the difference, the scaled difference, the update), the half-q
-            // merges put back with torch.cat; rank 1's blocks: one whole, sp - 2 halves.
-            if (s.ring()) t += g.memory("attn.ring.merge" + sfx, T * qd * (42 * (1 + (sp - 2) / 2) + 8 * (sp - 2)), 1);
+            // Ring attention: every block's output to fp32 and merged, about 42 bytes per element of
+            // q moved (the cast, the difference, the scaled difference, the update). The last rank,
+            // which sets the pace, merges sp - 1 whole blocks (the others half-size ones after theirs).
+            if (s.ring()) t += g.memory("attn.ring.merge" + sfx, T * qd * 42 * (sp - 1), 1);
         } else {
             // Scores, scaling, mask, fp32 softmax, bf16 cast, PV: about 30 bytes per score element.
             const double scores = B * heads_local * static_cast<double>(s.seq_len) * static_cast<double>(s.seq_len);

@@ -102,10 +102,10 @@ std::vector<bool> first_layers(std::int64_t k, std::int64_t layers) {
 }
 
 // Whether sp ranks can split a sequence of seq_len tokens: the GPUs in whole groups, and Ulysses'
-// heads (or ring attention's 2 sp chunks) in whole parts.
+// heads (or ring attention's 2 sp chunks, over at most limits::kRingRanks ranks) in whole parts.
 bool sp_degree_fits(const TuneRequest& rq, std::int64_t sp, std::int64_t seq_len) {
     if (rq.gpus % sp != 0) return false;
-    if (rq.base.sp_impl == SpImpl::Ring) return seq_len % (2 * sp) == 0;
+    if (rq.base.sp_impl == SpImpl::Ring) return sp == 1 || (sp <= limits::kRingRanks && seq_len % (2 * sp) == 0);
     return rq.model.num_heads % sp == 0 && rq.model.num_kv_heads % sp == 0 && seq_len % sp == 0;
 }
 
@@ -437,6 +437,7 @@ void check_request(const TuneRequest& rq, const char* command) {
     as_planned.dp = rq.gpus;
     validate_model_scope(as_planned, rq.model);
     validate_hf_scope(as_planned, rq.model);
+    if (as_planned.sp_impl == SpImpl::Ring && rq.gpus > 1) validate_ring_scope(as_planned, rq.model);  // (asked for it)
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && *rq.pins.zero_stage > 0)
         fail(command, "pin", fmt::format("zero={}: expected 0 with runtime hf (its data parallelism is DDP; ZeRO is not "
                                          "modelled in it yet: --runtime kernels plans it)", *rq.pins.zero_stage));

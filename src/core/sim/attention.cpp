@@ -170,7 +170,7 @@ void StepBuilder::attention_forward(int l, T h1, LayerSaved& sv, T& attn_out) {
     }
 
     T o;
-    if (s_.ring()) {  // torch's ring attention (src/core/sim/ring.cpp); o_proj reads torchtitan's contiguous copy
+    if (s_.ring()) {  // torch's ring attention (src/core/sim/ring.cpp); o_proj reads the caller's contiguous copy
         T lse, o_seq;
         ring_forward(q, k, v, o, lse, o_seq);
         sv.q = saved(q), sv.k = saved(k), sv.v = saved(v), sv.o = saved(o), sv.lse = saved(lse);

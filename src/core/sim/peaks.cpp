@@ -10,7 +10,6 @@
 // iterations that repeat (loop_replay.hpp).
 #include <algorithm>
 #include <limits>
-#include <tuple>
 
 #include "../caching_allocator.hpp"
 #include "builder.hpp"
@@ -140,14 +139,12 @@ bool PeakSimulator::replay(bytes_t capacity, bytes_t limit, MemoryPeaks& p) {
 bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budget_bytes, bytes_t host_budget_bytes,
                         bytes_t capacity, MemoryPeaks& out) {
     validate(setup, model_);
-    // Ring attention: every rank that can be the busiest must fit; the peaks are the busiest one's
-    // (the highest requested peak, then reserved: the step simulate() records).
+    // Ring attention: every rank's step must fit; each peak is the highest of any rank's.
     std::vector<std::int64_t> ranks = ring_ranks(setup);
     if (ranks.empty()) ranks.push_back(0);
     for (std::size_t i = 0; i < ranks.size(); ++i) {
-        const std::int64_t rank = ranks[i];
         sim::StepBuilder b(model_, setup, gpu_, false, sim::PeakRun{&scratch_->step, {budget_bytes, host_budget_bytes}, allocator});
-        b.walk_ring_rank(rank);
+        b.walk_ring_rank(ranks[i]);
         try {
             b.run();
         } catch (const sim::OverBudget&) {
@@ -155,9 +152,15 @@ bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budg
         }
         MemoryPeaks p = b.peaks();
         if (allocator && !replay(capacity, budget_bytes, p)) return false;
-        const std::int64_t released = i == 0 ? p.segments_released : std::max(out.segments_released, p.segments_released);
-        if (i == 0 || std::tie(p.peak_bytes, p.peak_reserved_bytes) > std::tie(out.peak_bytes, out.peak_reserved_bytes)) out = p;
-        out.segments_released = released;  // any rank's releases: the plan needs them
+        if (i == 0) {
+            out = p;
+            continue;
+        }
+        out.peak_bytes = std::max(out.peak_bytes, p.peak_bytes);
+        out.peak_allocated_bytes = std::max(out.peak_allocated_bytes, p.peak_allocated_bytes);
+        out.peak_reserved_bytes = std::max(out.peak_reserved_bytes, p.peak_reserved_bytes);
+        out.host_peak_bytes = std::max(out.host_peak_bytes, p.host_peak_bytes);
+        out.segments_released = std::max(out.segments_released, p.segments_released);
     }
     return true;
 }

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "builder.hpp"
+#include "mst/error.hpp"
 #include "mst/simulate.hpp"
 
 namespace mst::sim {
@@ -213,30 +214,56 @@ namespace mst {
 
 namespace {
 
-// The step's timeline; with ring attention the busiest walked rank's (ring_ranks()): the highest
-// requested peak, then the highest peak reserved on a device of `capacity` bytes.
-Timeline simulate_on(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bytes_t capacity) {
+// One step: its timeline and (with `allocator`) its caching allocator's replay on a device of
+// `capacity` bytes. With ring attention every rank's step is walked (ring_ranks()): the timeline
+// is the one with the highest requested peak (then reserved) and the replay its own, whose peaks
+// are raised to the highest of any rank's (a plan fits when every rank does).
+struct Walked {
+    Timeline timeline;
+    AllocatorReplay allocator;
+};
+Walked walk(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bytes_t capacity, bool allocator,
+            std::optional<std::int64_t> ring_rank = std::nullopt) {
     validate(setup, model);
-    const std::vector<std::int64_t> ranks = ring_ranks(setup);
-    if (ranks.empty()) return sim::StepBuilder(model, setup, gpu, true).run();
-    std::optional<Timeline> busiest;
-    std::pair<bytes_t, bytes_t> busiest_peaks{-1, -1};
+    if (ring_rank && (!setup.ring() || *ring_rank < 0 || *ring_rank >= setup.sp))
+        fail("setup", "ring_rank", fmt::format("expected a rank of ring attention's sp ranks (0 .. sp - 1, with sp_impl ring "
+                                               "and sp > 1), got {} (sp {}, {})",
+                                               *ring_rank, setup.sp, to_string(setup.sp_impl)));
+    const std::vector<std::int64_t> ranks = ring_rank ? std::vector<std::int64_t>{*ring_rank} : ring_ranks(setup);
+    Walked out;
+    if (ranks.empty()) {
+        out.timeline = sim::StepBuilder(model, setup, gpu, true).run();
+        if (allocator) out.allocator = replay_caching_allocator(out.timeline, gpu.calibration.allocator, capacity);
+        return out;
+    }
+    std::pair<bytes_t, bytes_t> busiest{-1, -1};
+    AllocatorReplay highest;
     for (std::int64_t rank : ranks) {
         sim::StepBuilder b(model, setup, gpu, true);
         b.walk_ring_rank(rank);
         Timeline t = b.run();
         t.rank = rank;
-        const std::pair<bytes_t, bytes_t> peaks{summarize(t, model.num_layers).peak.bytes,
-                                                replay_caching_allocator(t, gpu.calibration.allocator, capacity).peak_reserved};
-        if (peaks > busiest_peaks) busiest = std::move(t), busiest_peaks = peaks;
+        AllocatorReplay a = replay_caching_allocator(t, gpu.calibration.allocator, capacity);
+        highest.peak_allocated = std::max(highest.peak_allocated, a.peak_allocated);
+        highest.peak_reserved = std::max(highest.peak_reserved, a.peak_reserved);
+        highest.segments_released = std::max(highest.segments_released, a.segments_released);
+        const std::pair<bytes_t, bytes_t> peaks{summarize(t, model.num_layers).peak.bytes, a.peak_reserved};
+        if (peaks > busiest) out.timeline = std::move(t), out.allocator = std::move(a), busiest = peaks;
     }
-    return std::move(*busiest);
+    out.allocator.peak_allocated = highest.peak_allocated;
+    out.allocator.peak_reserved = highest.peak_reserved;
+    out.allocator.segments_released = highest.segments_released;
+    return out;
 }
 
 }  // namespace
 
 Timeline simulate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu) {
-    return simulate_on(model, setup, gpu, gpu.usable_bytes());
+    return walk(model, setup, gpu, gpu.usable_bytes(), false).timeline;
+}
+
+Timeline simulate_ring_rank(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, std::int64_t rank) {
+    return walk(model, setup, gpu, gpu.usable_bytes(), false, rank).timeline;
 }
 
 MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bool allocator,
@@ -244,13 +271,15 @@ MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, c
     return PeakSimulator(model, gpu).peaks(setup, allocator, capacity);
 }
 
-Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, std::optional<bytes_t> capacity) {
+Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, std::optional<bytes_t> capacity,
+                  std::optional<std::int64_t> ring_rank) {
     Estimate e;
-    e.timeline = simulate_on(model, setup, gpu, capacity.value_or(gpu.usable_bytes()));
+    // The process can reserve the usable bytes: there PyTorch releases its cached segments and retries.
+    Walked w = walk(model, setup, gpu, capacity.value_or(gpu.usable_bytes()), true, ring_rank);
+    e.timeline = std::move(w.timeline);
+    e.allocator = std::move(w.allocator);
     e.summary = summarize(e.timeline, model.num_layers);
     e.usable_bytes = gpu.usable_bytes();
-    // The process can reserve the usable bytes: there PyTorch releases its cached segments and retries.
-    e.allocator = replay_caching_allocator(e.timeline, gpu.calibration.allocator, capacity.value_or(e.usable_bytes));
     e.context_bytes = gpu.cuda_context_bytes;
     e.headroom_bytes = e.usable_bytes - e.allocator.peak_reserved;
     e.fits = e.headroom_bytes >= 0;
