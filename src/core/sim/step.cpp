@@ -310,21 +310,23 @@ nlohmann::json to_json(const Estimate& e, const ModelSpec& model, const Training
         peak["phase"] = to_string(ev.phase);
         peak["micro_step"] = ev.micro_step;
     }
-    return {{"model", model.name},
-            {"gpu", gpu.name},
-            {"setup", to_json(setup)},
-            {"peak", peak},
-            {"phase_peak_bytes", phase_peak},
-            {"category_max_bytes", category_max},
-            {"largest_transient_bytes", s.largest_transient},
-            {"persistent_bytes", s.end_bytes},
-            {"host_peak_bytes", s.host_peak},
-            {"layer_saved_bytes", s.layer_saved},
-            {"usable_bytes", e.usable_bytes},
-            {"cuda_context_bytes", e.context_bytes},
-            {"headroom_bytes", e.headroom_bytes},
-            {"fits", e.fits},
+    nlohmann::json out = {{"model", model.name},
+                          {"gpu", gpu.name},
+                          {"setup", to_json(setup)},
+                          {"peak", peak},
+                          {"phase_peak_bytes", phase_peak},
+                          {"category_max_bytes", category_max},
+                          {"largest_transient_bytes", s.largest_transient},
+                          {"persistent_bytes", s.end_bytes},
+                          {"host_peak_bytes", s.host_peak},
+                          {"layer_saved_bytes", s.layer_saved},
+                          {"usable_bytes", e.usable_bytes},
+                          {"cuda_context_bytes", e.context_bytes},
+                          {"headroom_bytes", e.headroom_bytes},
+                          {"fits", e.fits},
             {"events", e.timeline.events.size()}};
+    if (e.timeline.rank >= 0) out["ring_rank"] = e.timeline.rank;  // the rank whose step the timeline is
+    return out;
 }
 
 }  // namespace mst
