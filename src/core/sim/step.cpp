@@ -324,7 +324,7 @@ nlohmann::json to_json(const Estimate& e, const ModelSpec& model, const Training
                           {"cuda_context_bytes", e.context_bytes},
                           {"headroom_bytes", e.headroom_bytes},
                           {"fits", e.fits},
-            {"events", e.timeline.events.size()}};
+                          {"events", e.timeline.events.size()}};
     if (e.timeline.rank >= 0) out["ring_rank"] = e.timeline.rank;  // the rank whose step the timeline is
     return out;
 }
