@@ -80,6 +80,7 @@ struct Estimate {
     bytes_t context_bytes = 0;  // CUDA context, outside the allocator
     bytes_t headroom_bytes = 0; // usable - peak reserved (negative: does not fit)
     bool fits = false;
+    std::int64_t ring_ranks_walked = 0;  // ring attention: the ranks whose steps the peaks and verdict cover
 };
 
 // `capacity`: where the allocator model releases its cached segments; the GPU's usable bytes when absent.

@@ -93,9 +93,12 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
     fmt::print("phase peaks: {}\n", phases);
     if (e.timeline.rank >= 0)
         fmt::print("ring attention: {}\n",
-                   a.ring_rank ? fmt::format("the step of rank {} of {} (--ring-rank)", e.timeline.rank, setup.sp)
-                               : fmt::format("every rank's step walked (they differ); shown: rank {} of {}, the highest requested "
-                                             "peak; the allocated and reserved peaks are the highest of any rank",
+                   a.ring_rank ? fmt::format("the step of rank {} of {} alone (--ring-rank; the plan fits when every rank's "
+                                             "does)",
+                                             e.timeline.rank, setup.sp)
+                               : fmt::format("every rank's step walked (they differ); the allocated and reserved peaks and the "
+                                             "verdict are the highest rank's, the rest rank {}'s of {} (the highest requested "
+                                             "peak)",
                                              e.timeline.rank, setup.sp));
     if (s.host_peak > 0) fmt::print("host memory for offloaded checkpoints: {}\n", format_bytes(s.host_peak));
     if (e.fits && e.allocator.segments_released > 0)
@@ -121,7 +124,7 @@ void add_estimate_command(CLI::App& app, const GlobalOptions& global) {
     cmd->add_option("--gpu", args->gpu, "GPU profile name or path")->capture_default_str();
     cmd->add_option("--timeline", args->timeline_file, "Write the full event list as JSON");
     cmd->add_option("--ring-rank", args->ring_rank,
-                    "Ring attention: walk only this rank's step (default: every rank's; the busiest is shown)")
+                    "Ring attention: walk only this rank's step (default: every rank's, showing the highest requested peak)")
         ->check(decimal());
     cmd->add_option("--svg", args->svg_file, "Write a plot of memory over the step");
     args->setup.add_to(*cmd);

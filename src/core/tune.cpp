@@ -366,10 +366,17 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
         "Weights, gradients and optimizer states take {} of the {} budget (what the {} leaves a process, less a {} "
         "safety margin). ",
         format_bytes(state), format_bytes(budget), rq.gpu.display_name, percent(rq.safety_margin));
-    why += fmt::format("The peak ({} reserved) comes in {} at {}{}, where saved activations hold {} and transients {}. ",
-                       format_bytes(e.allocator.peak_reserved), to_string(at.phase), at.op,
-                       at.layer >= 0 ? fmt::format(" of layer {}", at.layer) : "", format_bytes(cat(Category::SavedActivation)),
-                       format_bytes(cat(Category::Transient)));
+    if (e.timeline.rank >= 0)  // ring attention: the reserved peak is the busiest rank's, the place the step shown
+        why += fmt::format("The highest rank reserves {}; on rank {} (the highest requested peak) the peak comes in {} at "
+                           "{}{}, where saved activations hold {} and transients {}. ",
+                           format_bytes(e.allocator.peak_reserved), e.timeline.rank, to_string(at.phase), at.op,
+                           at.layer >= 0 ? fmt::format(" of layer {}", at.layer) : "",
+                           format_bytes(cat(Category::SavedActivation)), format_bytes(cat(Category::Transient)));
+    else
+        why += fmt::format("The peak ({} reserved) comes in {} at {}{}, where saved activations hold {} and transients {}. ",
+                           format_bytes(e.allocator.peak_reserved), to_string(at.phase), at.op,
+                           at.layer >= 0 ? fmt::format(" of layer {}", at.layer) : "",
+                           format_bytes(cat(Category::SavedActivation)), format_bytes(cat(Category::Transient)));
     // What each technique buys here: the same plan without it.
     auto without = [&](auto change) {
         TrainingSetup t = s;
@@ -437,7 +444,9 @@ void check_request(const TuneRequest& rq, const char* command) {
     as_planned.dp = rq.gpus;
     validate_model_scope(as_planned, rq.model);
     validate_hf_scope(as_planned, rq.model);
-    if (as_planned.sp_impl == SpImpl::Ring && rq.gpus > 1) validate_ring_scope(as_planned, rq.model);  // (asked for it)
+    // (asked for, and some layout can use it)
+    if (as_planned.sp_impl == SpImpl::Ring && rq.gpus > 1 && !(rq.pins.sp && *rq.pins.sp == 1))
+        validate_ring_scope(as_planned, rq.model);
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && *rq.pins.zero_stage > 0)
         fail(command, "pin", fmt::format("zero={}: expected 0 with runtime hf (its data parallelism is DDP; ZeRO is not "
                                          "modelled in it yet: --runtime kernels plans it)", *rq.pins.zero_stage));
@@ -540,8 +549,9 @@ Recommendation recommend(const TuneRequest& rq) {
     if (sps.empty())
         fail("recommend", "sp",
              rq.base.sp_impl == SpImpl::Ring
-                 ? fmt::format("no sequence-parallel degree divides the GPUs ({}) with 2 sp dividing the sequence ({}){}",
-                               rq.gpus, rq.seq_len, rq.pins.sp ? " with the pinned sp" : "")
+                 ? fmt::format("no sequence-parallel degree of at most {} ranks (ring attention's) divides the GPUs ({}) "
+                               "with 2 sp dividing the sequence ({}){}",
+                               limits::kRingRanks, rq.gpus, rq.seq_len, rq.pins.sp ? " with the pinned sp" : "")
                  : fmt::format("no sequence-parallel degree divides the GPUs ({}), heads ({}), KV heads ({}) and sequence ({}) "
                                "together{}",
                                rq.gpus, m.num_heads, m.num_kv_heads, rq.seq_len, rq.pins.sp ? " with the pinned sp" : ""));

@@ -216,11 +216,12 @@ namespace {
 
 // One step: its timeline and (with `allocator`) its caching allocator's replay on a device of
 // `capacity` bytes. With ring attention every rank's step is walked (ring_ranks()): the timeline
-// is the one with the highest requested peak (then reserved) and the replay its own, whose peaks
-// are raised to the highest of any rank's (a plan fits when every rank does).
+// is the one with the highest requested peak (the lowest rank of a tie) and the replay its own,
+// whose peaks are raised to the highest of any rank's (a plan fits when every rank does).
 struct Walked {
     Timeline timeline;
     AllocatorReplay allocator;
+    std::int64_t ranks = 0;  // ring attention's ranks walked
 };
 Walked walk(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bytes_t capacity, bool allocator,
             std::optional<std::int64_t> ring_rank = std::nullopt) {
@@ -231,24 +232,28 @@ Walked walk(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile
                                                *ring_rank, setup.sp, to_string(setup.sp_impl)));
     const std::vector<std::int64_t> ranks = ring_rank ? std::vector<std::int64_t>{*ring_rank} : ring_ranks(setup);
     Walked out;
+    out.ranks = static_cast<std::int64_t>(ranks.size());
     if (ranks.empty()) {
         out.timeline = sim::StepBuilder(model, setup, gpu, true).run();
         if (allocator) out.allocator = replay_caching_allocator(out.timeline, gpu.calibration.allocator, capacity);
         return out;
     }
-    std::pair<bytes_t, bytes_t> busiest{-1, -1};
+    bytes_t busiest = -1;
     AllocatorReplay highest;
     for (std::int64_t rank : ranks) {
         sim::StepBuilder b(model, setup, gpu, true);
         b.walk_ring_rank(rank);
         Timeline t = b.run();
         t.rank = rank;
-        AllocatorReplay a = replay_caching_allocator(t, gpu.calibration.allocator, capacity);
-        highest.peak_allocated = std::max(highest.peak_allocated, a.peak_allocated);
-        highest.peak_reserved = std::max(highest.peak_reserved, a.peak_reserved);
-        highest.segments_released = std::max(highest.segments_released, a.segments_released);
-        const std::pair<bytes_t, bytes_t> peaks{summarize(t, model.num_layers).peak.bytes, a.peak_reserved};
-        if (peaks > busiest) out.timeline = std::move(t), out.allocator = std::move(a), busiest = peaks;
+        AllocatorReplay a;
+        if (allocator) {
+            a = replay_caching_allocator(t, gpu.calibration.allocator, capacity);
+            highest.peak_allocated = std::max(highest.peak_allocated, a.peak_allocated);
+            highest.peak_reserved = std::max(highest.peak_reserved, a.peak_reserved);
+            highest.segments_released = std::max(highest.segments_released, a.segments_released);
+        }
+        const bytes_t peak = summarize(t, model.num_layers).peak.bytes;
+        if (peak > busiest) out.timeline = std::move(t), out.allocator = std::move(a), busiest = peak;
     }
     out.allocator.peak_allocated = highest.peak_allocated;
     out.allocator.peak_reserved = highest.peak_reserved;
@@ -278,6 +283,7 @@ Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuP
     Walked w = walk(model, setup, gpu, capacity.value_or(gpu.usable_bytes()), true, ring_rank);
     e.timeline = std::move(w.timeline);
     e.allocator = std::move(w.allocator);
+    e.ring_ranks_walked = w.ranks;
     e.summary = summarize(e.timeline, model.num_layers);
     e.usable_bytes = gpu.usable_bytes();
     e.context_bytes = gpu.cuda_context_bytes;
@@ -325,7 +331,10 @@ nlohmann::json to_json(const Estimate& e, const ModelSpec& model, const Training
                           {"headroom_bytes", e.headroom_bytes},
                           {"fits", e.fits},
                           {"events", e.timeline.events.size()}};
-    if (e.timeline.rank >= 0) out["ring_rank"] = e.timeline.rank;  // the rank whose step the timeline is
+    if (e.timeline.rank >= 0) {  // ring attention: the rank whose step the timeline is, and how many were walked
+        out["ring_rank"] = e.timeline.rank;
+        out["ring_ranks_walked"] = e.ring_ranks_walked;
+    }
     return out;
 }
 
