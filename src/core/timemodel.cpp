@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
+#include <string_view>
 
 #include <fmt/format.h>
 
@@ -44,16 +46,35 @@ private:
     Calibration cal_;
 };
 
+// An op's row name: `base`, or `base (tag)` ("mlp.gate_up (fwd)"). The tuner times hundreds of
+// setups: a row's name is only made when the row is.
+struct OpName {
+    std::string_view base, tag;
+    OpName(const char* b) : base(b) {}  // (implicit: a plain name)
+    OpName(std::string_view b, std::string_view t) : base(b), tag(t) {}
+    bool names(const std::string& row) const {
+        if (tag.empty()) return row == base;
+        return row.size() == base.size() + tag.size() + 3 && row.starts_with(base) &&
+               row.compare(base.size(), 2, " (") == 0 && row.compare(base.size() + 2, tag.size(), tag) == 0 && row.back() == ')';
+    }
+    std::string str() const { return tag.empty() ? std::string(base) : fmt::format("{} ({})", base, tag); }
+};
+// The tag of a group of rows: "mlp.gate_up" + Tag{"fwd"} names "mlp.gate_up (fwd)".
+struct Tag {
+    std::string_view tag;
+};
+OpName operator+(const char* base, Tag t) { return OpName(base, t.tag); }
+
 // Accumulates ops of one micro-step into named rows and into phases.
 class Ledger {
 public:
     explicit Ledger(const Roofline& r) : r_(r) {}
 
     // `count` identical kernels.
-    double add(const std::string& name, double flops, double bytes, double efficiency, double count = 1) {
+    double add(OpName name, double flops, double bytes, double efficiency, double count = 1) {
         const double t = count * r_.kernel(flops, bytes, efficiency);
-        auto it = std::find_if(ops_.begin(), ops_.end(), [&](const OpTime& o) { return o.name == name; });
-        if (it == ops_.end()) it = ops_.insert(ops_.end(), OpTime{name, 0, 0, 0, 0});
+        auto it = std::find_if(ops_.begin(), ops_.end(), [&](const OpTime& o) { return name.names(o.name); });
+        if (it == ops_.end()) it = ops_.insert(ops_.end(), OpTime{name.str(), 0, 0, 0, 0});
         it->flops += count * flops;
         it->bytes += count * bytes;
         it->kernels += count;
@@ -61,14 +82,12 @@ public:
         return t;
     }
     // C[m, n] = A[m, k] B[k, n] in bf16 with fp32 accumulation.
-    double gemm(const std::string& name, double m, double n, double k, double count = 1) {
+    double gemm(OpName name, double m, double n, double k, double count = 1) {
         return add(name, 2 * m * n * k, 2 * (m * k + k * n + m * n), r_.cal().gemm_efficiency, count);
     }
-    double memory(const std::string& name, double bytes, double count = 1) {
-        return add(name, 0, bytes, 1.0, count);
-    }
+    double memory(OpName name, double bytes, double count = 1) { return add(name, 0, bytes, 1.0, count); }
     // One op of `kernels` launches that together do `flops` and move `bytes`.
-    double split(const std::string& name, double flops, double bytes, double efficiency, double kernels) {
+    double split(OpName name, double flops, double bytes, double efficiency, double kernels) {
         return add(name, flops / kernels, bytes / kernels, efficiency, kernels);
     }
     std::vector<OpTime> take() { return std::move(ops_); }
@@ -124,11 +143,11 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     // rank and local expert); F = 1 without it.
     const double F = s.ep > 1 ? s.moe_imbalance : 1.0;
     // `kernels` memory-bound kernels moving `bytes` together, `count` times
-    auto several = [](Ledger& g, const std::string& name, double bytes, double count, double kernels) {
+    auto several = [](Ledger& g, OpName name, double bytes, double count, double kernels) {
         return g.split(name, 0, bytes * count, 1.0, kernels * count);
     };
     // One group of `count` chunks of n tokens through the MLP, added into t op by op.
-    auto mlp_chunks = [&](Ledger& g, const std::string& sfx, double n, double count, double& t) {
+    auto mlp_chunks = [&](Ledger& g, Tag sfx, double n, double count, double& t) {
         if (moe) {
             const double S = n * k, R = F * S;
             t += g.gemm("moe.router" + sfx, n, E, d, count);
@@ -146,7 +165,7 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     };
     auto mlp_forward_only = [&](Ledger& g, const char* tag) {
         double t = 0;
-        const std::string sfx = fmt::format(" ({})", tag);
+        const Tag sfx{tag};
         for (const auto& [n, count] : chunks_as_doubles(s.local_tokens(), s.mlp_chunks)) {
             double chunk = 0;
             mlp_chunks(g, sfx, n, count, chunk);
@@ -156,7 +175,7 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     };
     auto layer_forward = [&](Ledger& g, const char* tag) {
         double t = 0;
-        const std::string sfx = fmt::format(" ({})", tag);
+        const Tag sfx{tag};
         t += g.memory("norm" + sfx, T * d * (2 * rb) + T * 4, norms);
         t += g.gemm("attn.qkv" + sfx, T, qd + 2 * kvd, d);
         t += g.memory("attn.rope" + sfx, 2 * T * (qd + kvd) * 2);

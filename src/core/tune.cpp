@@ -348,6 +348,9 @@ std::string percent(double x) { return fmt::format("{:.0f} %", 100 * x); }
 // search's numbers came from the budget's device.
 void on_the_gpu(Candidate& c, PeakSimulator& gpu_sim, const GpuProfile& gpu) {
     c.releases_at_budget = c.memory.segments_released;
+    // No release under the budget: no segment came near it, nor near the GPU's larger memory, and the
+    // allocator ran there as it did.
+    if (c.releases_at_budget == 0) return;
     c.memory = gpu_sim.peaks(c.setup, true, gpu.usable_bytes());
 }
 
