@@ -8,11 +8,11 @@ using namespace mst;
 using mst::test::kernels_setup;
 
 namespace {
-const OpTime& op(const StepTime& t, const std::string& name) {
-    for (const auto& o : t.ops)
+OpTime op(const std::vector<OpTime>& ops, const std::string& name) {
+    for (const auto& o : ops)
         if (o.name == name) return o;
     FAIL("no op " << name);
-    return t.ops.front();
+    return {};
 }
 }  // namespace
 
@@ -27,10 +27,9 @@ TEST_CASE("a large GEMM is compute-bound: FLOPs over peak times the GEMM efficie
     const GpuProfile g = find_gpu("h100-sxm-80gb");
     TrainingSetup s = kernels_setup();
     s.seq_len = 8192;
-    const StepTime t = predict_time(m, s, g);
     // gate and up projections, forward, all 32 layers: 2 * T * d * 2I FLOPs each.
     const double flops = 32.0 * 2 * 8192 * 4096 * (2 * 14336);
-    const OpTime& gu = op(t, "mlp.gate_up (fwd)");
+    const OpTime gu = op(predict_op_times(m, s, g), "mlp.gate_up (fwd)");
     CHECK(gu.flops == doctest::Approx(flops).epsilon(1e-12));
     CHECK(gu.seconds == doctest::Approx(flops / (989.4e12 * g.calibration.gemm_efficiency)).epsilon(1e-9));
 }
@@ -44,7 +43,7 @@ TEST_CASE("MsT chunks cost kernel launches and weight re-reads, nothing at long 
     const double one = predict_time(m, s, g).step_seconds;
     s.mlp_chunks = 16;  // 4096-token chunks: still compute-bound
     const StepTime t16 = predict_time(m, s, g);
-    CHECK(op(t16, "mlp.gate_up (fwd)").kernels == 32 * 16);
+    CHECK(op(predict_op_times(m, s, g), "mlp.gate_up (fwd)").kernels == 32 * 16);
     CHECK(t16.step_seconds == doctest::Approx(one).epsilon(1e-3));
     s.mlp_chunks = 4096;  // 16-token chunks: each re-reads the weights, memory-bound
     CHECK(predict_time(m, s, g).step_seconds > 1.2 * one);
@@ -60,7 +59,8 @@ TEST_CASE("recompute costs one more forward per checkpointed layer") {
     const StepTime two = predict_time(m, s, g);
     // The layer forward is the whole forward minus embedding, final norm and LM head.
     double head = 0;
-    for (const auto& o : none.ops)
+    s.checkpoint.clear();
+    for (const auto& o : predict_op_times(m, s, g))
         if (o.name.rfind("embedding (fwd)", 0) == 0 || o.name.rfind("final_norm (fwd)", 0) == 0 ||
             o.name.rfind("lm_head (fwd)", 0) == 0 || o.name.rfind("loss (fwd)", 0) == 0)
             head += o.seconds;
@@ -86,7 +86,7 @@ TEST_CASE("the Hugging Face loss moves about 18 bytes per logit in forward and 2
     const GpuProfile g = find_gpu("h100-sxm-80gb");
     TrainingSetup s = kernels_setup();
     s.seq_len = 8192;
-    const StepTime t = predict_time(m, s, g);
+    const std::vector<OpTime> t = predict_op_times(m, s, g);
     const double logits = 8192.0 * 128256;
     CHECK(op(t, "loss (fwd)").bytes == doctest::Approx(18 * logits).epsilon(1e-12));
     CHECK(op(t, "loss (fwd)").kernels == 3);
@@ -100,9 +100,27 @@ TEST_CASE("eager attention does the same FLOPs as flash, plus about 30 bytes per
     const GpuProfile g = find_gpu("a100-80gb");
     TrainingSetup s = kernels_setup();
     s.seq_len = 512;
-    const double flash = op(predict_time(m, s, g), "attention (fwd)").flops;
+    const double flash = op(predict_op_times(m, s, g), "attention (fwd)").flops;
     s.attention = Attention::Eager;
-    const OpTime eager = op(predict_time(m, s, g), "attention (fwd)");
+    const OpTime eager = op(predict_op_times(m, s, g), "attention (fwd)");
     CHECK(eager.flops == doctest::Approx(flash).epsilon(1e-12));
     CHECK(eager.bytes == doctest::Approx(30.0 * 4 * 512 * 512 * 2).epsilon(1e-12));  // 4 heads, 2 layers
+}
+
+TEST_CASE("the op rows sum to the forward and backward the step time counts") {
+    const GpuProfile g = find_gpu("h100-sxm-80gb");
+    for (const char* name : {"llama-3-8b", "qwen3-30b-a3b", "gemma-2-2b"}) {
+        const ModelSpec m = find_model(name);
+        TrainingSetup s = kernels_setup();
+        s.seq_len = 16384;
+        s.mlp_chunks = 3, s.lm_chunks = 5;  // uneven chunks: groups of two sizes
+        for (const LmHeadImpl li : {LmHeadImpl::Recompute, LmHeadImpl::FusedForward}) {
+            s.lm_impl = li;
+            const StepTime t = predict_time(m, s, g);
+            double rows = 0;
+            for (const OpTime& o : predict_op_times(m, s, g)) rows += o.seconds;
+            CAPTURE(name);
+            CHECK(rows == doctest::Approx(t.forward_seconds + t.backward_seconds).epsilon(1e-12));
+        }
+    }
 }

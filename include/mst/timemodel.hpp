@@ -22,7 +22,6 @@ struct OpTime {
 };
 
 struct StepTime {
-    std::vector<OpTime> ops;          // compute ops of one micro-step
     double forward_seconds = 0;       // per micro-step
     double backward_seconds = 0;      // per micro-step, recompute excluded
     double recompute_seconds = 0;     // per micro-step: checkpointed layers and tiled MLP re-run forward
@@ -47,6 +46,10 @@ struct ClusterShape {
 
 StepTime predict_time(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu,
                       const ClusterShape& cluster = {});
+// The compute ops of one micro-step that predict_time() sums (checkpoints' recomputation aside),
+// one row per op name.
+std::vector<OpTime> predict_op_times(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu,
+                                     const ClusterShape& cluster = {});
 
 // Causal query-key pairs of one sequence of S tokens, each query attending to at most
 // `window` keys (0 = no window): sum over t of min(t + 1, window).

@@ -65,14 +65,15 @@ struct Tag {
 };
 OpName operator+(const char* base, Tag t) { return OpName(base, t.tag); }
 
-// Accumulates ops of one micro-step into named rows and into phases.
+// Times the ops of one micro-step; with `rows`, also sums them into named rows (predict_op_times).
 class Ledger {
 public:
-    explicit Ledger(const Roofline& r) : r_(r) {}
+    Ledger(const Roofline& r, bool rows) : r_(r), rows_(rows) {}
 
     // `count` identical kernels.
     double add(OpName name, double flops, double bytes, double efficiency, double count = 1) {
         const double t = count * r_.kernel(flops, bytes, efficiency);
+        if (!rows_) return t;
         auto it = std::find_if(ops_.begin(), ops_.end(), [&](const OpTime& o) { return name.names(o.name); });
         if (it == ops_.end()) it = ops_.insert(ops_.end(), OpTime{name.str(), 0, 0, 0, 0});
         it->flops += count * flops;
@@ -94,6 +95,7 @@ public:
 
 private:
     const Roofline& r_;
+    bool rows_;
     std::vector<OpTime> ops_;
 };
 
@@ -105,7 +107,11 @@ double link_gbps(const GpuProfile& g, const ClusterShape& c, std::int64_t group,
 
 }  // namespace
 
-StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& gpu, const ClusterShape& cluster) {
+namespace {
+
+// The step's time; `rows`: also its ops, by name.
+StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& gpu, const ClusterShape& cluster,
+                 std::vector<OpTime>* rows) {
     const Roofline roof(gpu);
     const Calibration& cal = gpu.calibration;
     StepTime out;
@@ -236,15 +242,15 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     };
 
     // Every layer costs the same (sliding windows are averaged into `pairs`): time one, scale by L.
-    Ledger layer(roof);
+    Ledger layer(roof, rows);
     const double fwd = L * layer_forward(layer, "fwd");
     const double bwd = L * layer_backward(layer);
-    for (const auto& op : layer.take())
-        out.ops.push_back(OpTime{op.name, op.flops * L, op.bytes * L, op.kernels * L, op.seconds * L});
+    if (rows)
+        for (const auto& op : layer.take()) rows->push_back(OpTime{op.name, op.flops * L, op.bytes * L, op.kernels * L, op.seconds * L});
     const double ckpt = static_cast<double>(s.checkpointed_count());
 
     // ---- embedding, final norm, LM head + loss ---------------------------------------
-    Ledger head(roof);
+    Ledger head(roof, rows);
     double head_fwd = head.memory("embedding (fwd)", T * d * rb + T * 8);
     double head_bwd = head.memory("embedding (bwd)", T * d * (rb + 4));
     head_fwd += head.memory("final_norm (fwd)", T * d * 2 * rb);
@@ -276,13 +282,14 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
             }
         }
     }
-    for (const auto& op : head.take()) out.ops.push_back(op);
+    if (rows)
+        for (auto& op : head.take()) rows->push_back(std::move(op));
 
     out.forward_seconds = fwd + head_fwd;
     out.backward_seconds = bwd + head_bwd;
     // Recompute: each checkpointed layer's forward again; the tiled MLP's forward once more per layer.
     {
-        Ledger tmp(roof);
+        Ledger tmp(roof, false);
         const double lr = layer_forward(tmp, "recompute");
         const bool tiled = s.mlp_chunks > 1 && s.mlp_impl == MlpImpl::Tiled;
         const double extra = tiled ? mlp_forward_only(tmp, "recompute") : 0;
@@ -381,6 +388,18 @@ StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfi
     out.tokens_per_second = tokens_gpu / out.step_seconds;
     out.mfu = out.model_flops / (out.step_seconds * roof.peak_flops());
     return out;
+}
+
+}  // namespace
+
+StepTime predict_time(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& gpu, const ClusterShape& cluster) {
+    return predict(m, s, gpu, cluster, nullptr);
+}
+
+std::vector<OpTime> predict_op_times(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& gpu, const ClusterShape& cluster) {
+    std::vector<OpTime> rows;
+    predict(m, s, gpu, cluster, &rows);
+    return rows;
 }
 
 }  // namespace mst
