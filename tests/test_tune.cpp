@@ -379,6 +379,33 @@ TEST_CASE("Llama-3-8B on an A100 80GB at 32k tokens needs checkpointing and MsT,
     }
 }
 
+TEST_CASE("recommend reports each plan's memory as the GPU holds it, whether or not the budget's device released") {
+    // The search replays on a device of the budget's size; a plan that fit there without releasing
+    // a cached segment keeps those peaks (the GPU's larger memory changes nothing), one that
+    // released is replayed at the GPU's. Both must equal a fresh estimate on the GPU.
+    bool released = false, kept = false;
+    for (const auto& [gpu, seq] : {std::pair{"h100-sxm-80gb", 32768}, std::pair{"a100-80gb", 32768}, std::pair{"h100-sxm-80gb", 8192}}) {
+        TuneRequest rq = request("llama-3-8b", gpu, 1, seq);
+        rq.base.runtime = Runtime::Hf;
+        const Recommendation r = recommend(rq);
+        REQUIRE(r.found);
+        std::vector<Candidate> plans = r.pareto;
+        plans.push_back(r.best);
+        for (const Candidate& c : plans) {
+            CAPTURE(gpu);
+            CAPTURE(seq);
+            const Estimate e = estimate(rq.model, c.setup, rq.gpu);
+            CHECK(c.memory.peak_reserved_bytes == e.allocator.peak_reserved);
+            CHECK(c.memory.peak_allocated_bytes == e.allocator.peak_allocated);
+            CHECK(c.memory.segments_released == e.allocator.segments_released);
+            CHECK(c.memory.peak_bytes == e.summary.peak.bytes);
+            (c.releases_at_budget > 0 ? released : kept) = true;
+        }
+    }
+    CHECK(released);  // both paths are exercised
+    CHECK(kept);
+}
+
 TEST_CASE("Llama-3-8B on 8 x H100 at 256k tokens uses sequence parallelism") {
     const Recommendation r = recommend(request("llama-3-8b", "h100-sxm-80gb", 8, 262144));
     REQUIRE(r.found);

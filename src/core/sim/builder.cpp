@@ -20,6 +20,12 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
     if (PeakScratch* scratch = peak_run_.scratch) {
         table_ = std::move(scratch->table);
         table_.clear();
+        params_ = std::move(scratch->params);
+        params_.clear();
+        order_ = std::move(scratch->order);
+        order_.clear();
+        layer_params_ = std::move(scratch->layer_params);
+        layer_params_.clear();
         scratch->gpu_events.clear();
         scratch->boundaries.clear();
         scratch->loops.clear();
@@ -38,7 +44,12 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
 }
 
 StepBuilder::~StepBuilder() {
-    if (peak_run_.scratch) peak_run_.scratch->table = std::move(table_);
+    if (PeakScratch* scratch = peak_run_.scratch) {
+        scratch->table = std::move(table_);
+        scratch->params = std::move(params_);
+        scratch->order = std::move(order_);
+        scratch->layer_params = std::move(layer_params_);
+    }
 }
 
 // ---- tensor table ------------------------------------------------------------

@@ -206,9 +206,12 @@ struct GpuEvent {
 
 // The memory a peaks-only StepBuilder takes over from the previous one and hands back (the
 // tuner and max-seq run hundreds of steps; growing these from empty each time costs more
-// than a short step): its tensor table, and the GPU events it captures.
+// than a short step): its tensor table and parameters, and the GPU events it captures.
 struct PeakScratch {
     std::vector<TableEntry> table;
+    std::vector<Param> params;
+    std::vector<int> order;
+    std::vector<LayerParams> layer_params;
     std::vector<GpuEvent> gpu_events;
     // Where in gpu_events the first micro-step's forward enters another layer: setups the tuner
     // compares share the step up to the first layer whose knobs differ, so the allocator replay
