@@ -137,6 +137,16 @@ std::string describe_checkpoints(const std::vector<bool>& checkpoint);
 // ", ep 8" (", ep 8, imbalance 1.25") with expert parallelism, else "".
 std::string describe_expert_parallelism(const TrainingSetup& setup);
 
+// Why `sp` ranks cannot split a sequence of seq_len tokens of `model` with this implementation:
+// the knob and what it expects (part of validate(); the tuner asks it of each degree it might
+// search). Every degree must divide the sequence; Ulysses' must divide the query and key heads;
+// ring attention's at most limits::kRingRanks ranks cut it into 2 sp equal chunks.
+struct SpRefusal {
+    const char* field;
+    std::string expected;
+};
+std::optional<SpRefusal> sp_refusal(const ModelSpec& model, SpImpl impl, std::int64_t sp, std::int64_t seq_len);
+
 // Checks the setup against the model: one UserError naming the knob when it is impossible.
 void validate(const TrainingSetup& setup, const ModelSpec& model);
 // What ring attention can run (part of validate() when sp_impl is ring and sp > 1): the kernels

@@ -187,6 +187,27 @@ std::vector<std::int64_t> ring_ranks(const TrainingSetup& s) {
     return ranks;
 }
 
+std::optional<SpRefusal> sp_refusal(const ModelSpec& m, SpImpl impl, std::int64_t sp, std::int64_t seq_len) {
+    if (seq_len % sp != 0) return SpRefusal{"sp", fmt::format("expected a divisor of seq_len ({}), got {}", seq_len, sp)};
+    if (sp == 1) return std::nullopt;
+    if (impl == SpImpl::Ring) {
+        if (sp > limits::kRingRanks)
+            return SpRefusal{"sp", fmt::format("expected at most {} ranks with ring attention (every rank's step is walked, "
+                                               "each layer's ring over all of them), got {}",
+                                               limits::kRingRanks, sp)};
+        if (seq_len % (2 * sp) != 0)
+            return SpRefusal{"seq_len", fmt::format("expected a multiple of 2 x sp = {} with ring attention (head-tail "
+                                                    "sharding cuts each sequence into 2 sp equal chunks), got {}",
+                                                    2 * sp, seq_len)};
+        return std::nullopt;
+    }
+    if (m.num_heads % sp != 0 || m.num_kv_heads % sp != 0)
+        return SpRefusal{"sp", fmt::format("expected a divisor of both num_attention_heads ({}) and num_key_value_heads ({}) "
+                                           "(Ulysses splits heads across ranks), got {}",
+                                           m.num_heads, m.num_kv_heads, sp)};
+    return std::nullopt;
+}
+
 void validate(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
     auto in_range = [&](const char* field, std::int64_t v, std::int64_t lo, std::int64_t hi) {
@@ -217,23 +238,8 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
         fail(w, "dp", fmt::format("expected dp x sp at most {} GPUs, got {} x {}", limits::kGpus, s.dp, s.sp));
     in_range("mlp_chunks", s.mlp_chunks, 1, limits::kChunks);
     in_range("lm_chunks", s.lm_chunks, 1, limits::kChunks);
-    if (s.seq_len % s.sp != 0)
-        fail(w, "sp", fmt::format("expected a divisor of seq_len ({}), got {}", s.seq_len, s.sp));
-    if (s.ring()) {
-        if (s.sp > limits::kRingRanks)
-            fail(w, "sp", fmt::format("expected at most {} ranks with ring attention (every rank's step is walked, each "
-                                      "layer's ring over all of them), got {}",
-                                      limits::kRingRanks, s.sp));
-        if (s.seq_len % (2 * s.sp) != 0)
-            fail(w, "seq_len", fmt::format("expected a multiple of 2 x sp = {} with ring attention (head-tail sharding cuts "
-                                           "each sequence into 2 sp equal chunks), got {}",
-                                           2 * s.sp, s.seq_len));
-        validate_ring_scope(s, m);
-    }
-    if (s.ulysses() && (m.num_heads % s.sp != 0 || m.num_kv_heads % s.sp != 0))
-        fail(w, "sp", fmt::format("expected a divisor of both num_attention_heads ({}) and num_key_value_heads ({}) "
-                                  "(Ulysses splits heads across ranks), got {}",
-                                  m.num_heads, m.num_kv_heads, s.sp));
+    if (const auto r = sp_refusal(m, s.sp_impl, s.sp, s.seq_len)) fail(w, r->field, r->expected);
+    if (s.ring()) validate_ring_scope(s, m);
     const std::int64_t tokens = s.local_tokens();
     if (s.mlp_chunks > tokens)
         fail(w, "mlp_chunks", fmt::format("expected at most the tokens per rank ({}), got {}", tokens, s.mlp_chunks));

@@ -101,12 +101,10 @@ std::vector<bool> first_layers(std::int64_t k, std::int64_t layers) {
     return v;
 }
 
-// Whether sp ranks can split a sequence of seq_len tokens: the GPUs in whole groups, and Ulysses'
-// heads (or ring attention's 2 sp chunks, over at most limits::kRingRanks ranks) in whole parts.
+// Whether sp ranks can split a sequence of seq_len tokens: the GPUs in whole groups, and the
+// sequence as validate() requires (sp_refusal).
 bool sp_degree_fits(const TuneRequest& rq, std::int64_t sp, std::int64_t seq_len) {
-    if (rq.gpus % sp != 0) return false;
-    if (rq.base.sp_impl == SpImpl::Ring) return sp == 1 || (sp <= limits::kRingRanks && seq_len % (2 * sp) == 0);
-    return rq.model.num_heads % sp == 0 && rq.model.num_kv_heads % sp == 0 && seq_len % sp == 0;
+    return rq.gpus % sp == 0 && !sp_refusal(rq.model, rq.base.sp_impl, sp, seq_len);
 }
 
 // The widest expert-parallel degree: the largest dividing both the experts and the GPUs (1 for a

@@ -141,12 +141,10 @@ bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budg
     validate(setup, model_);
     // Ring attention: every rank's step must fit; each peak is the highest of any rank's. Rank 1
     // (a whole-q merge and the half-size ones) first: a setup over budget usually stops there.
-    std::vector<std::int64_t> ranks = ring_ranks(setup);
-    if (ranks.empty()) ranks.push_back(0);
-    if (ranks.size() > 1) std::swap(ranks[0], ranks[1]);
-    for (std::size_t i = 0; i < ranks.size(); ++i) {
+    const std::vector<std::int64_t> ranks = ring_ranks(setup);  // (empty without ring attention: one walk)
+    for (std::size_t i = 0; i < std::max<std::size_t>(1, ranks.size()); ++i) {
         sim::StepBuilder b(model_, setup, gpu_, false, sim::PeakRun{&scratch_->step, {budget_bytes, host_budget_bytes}, allocator});
-        b.walk_ring_rank(ranks[i]);
+        if (!ranks.empty()) b.walk_ring_rank(ranks[i < 2 ? 1 - i : i]);
         try {
             b.run();
         } catch (const sim::OverBudget&) {
