@@ -1,5 +1,7 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
+
 #include "mst/catalog.hpp"
 #include "mst/timemodel.hpp"
 #include "sim_test_support.hpp"
@@ -113,14 +115,53 @@ TEST_CASE("the op rows sum to the forward and backward the step time counts") {
         const ModelSpec m = find_model(name);
         TrainingSetup s = kernels_setup();
         s.seq_len = 16384;
-        s.mlp_chunks = 3, s.lm_chunks = 5;  // uneven chunks: groups of two sizes
-        for (const LmHeadImpl li : {LmHeadImpl::Recompute, LmHeadImpl::FusedForward}) {
-            s.lm_impl = li;
-            const StepTime t = predict_time(m, s, g);
-            double rows = 0;
-            for (const OpTime& o : predict_op_times(m, s, g)) rows += o.seconds;
-            CAPTURE(name);
-            CHECK(rows == doctest::Approx(t.forward_seconds + t.backward_seconds).epsilon(1e-12));
-        }
+        s.mlp_chunks = 3;  // uneven chunks: groups of two sizes
+        for (const std::int64_t lm_chunks : {1, 5})
+            for (const LmHeadImpl li : {LmHeadImpl::Recompute, LmHeadImpl::FusedForward})
+                for (const std::int64_t ring : {1, 4}) {
+                    s.lm_chunks = lm_chunks, s.lm_impl = li;
+                    s.sp = ring, s.sp_impl = ring > 1 ? SpImpl::Ring : SpImpl::Ulysses;
+                    const StepTime t = predict_time(m, s, g);
+                    double rows = 0;
+                    for (const OpTime& o : predict_op_times(m, s, g)) rows += o.seconds;
+                    CAPTURE(name);
+                    CAPTURE(lm_chunks);
+                    CAPTURE(ring);
+                    CHECK(rows == doctest::Approx(t.forward_seconds + t.backward_seconds).epsilon(1e-12));
+                }
     }
+}
+
+TEST_CASE("the op rows: one per name, ops of one name summed into it") {
+    const ModelSpec m = find_model("llama-3-8b");
+    const GpuProfile g = find_gpu("h100-sxm-80gb");
+    TrainingSetup s = kernels_setup();
+    s.seq_len = 8192;
+    s.mlp_chunks = 3;  // 8192 = 2731 + 2731 + 2730: two groups of chunks, each added to the same row
+    std::vector<std::string> names;
+    for (const OpTime& o : predict_op_times(m, s, g)) names.push_back(o.name);
+    const std::vector<std::string> expected = {
+        "norm (fwd)", "attn.qkv (fwd)", "attn.rope (fwd)", "attention (fwd)", "attn.o_proj (fwd)", "residual (fwd)",
+        "mlp.gate_up (fwd)", "mlp.act (fwd)", "mlp.down (fwd)", "norm (bwd)", "attn.qkv (bwd)", "attn.rope (bwd)",
+        "attention (bwd)", "attn.o_proj (bwd)", "residual (bwd)", "mlp.down (bwd)", "mlp.act (bwd)", "mlp.gate_up (bwd)",
+        "embedding (fwd)", "embedding (bwd)", "final_norm (fwd)", "final_norm (bwd)", "lm_head (fwd)", "loss (fwd)",
+        "loss (bwd)", "lm_head (bwd)"};
+    CHECK(names == expected);
+    const std::vector<OpTime> rows = predict_op_times(m, s, g);
+    // A tagged row gathers both chunk groups: 3 kernels per layer, 2 T d 2I FLOPs in all.
+    CHECK(op(rows, "mlp.gate_up (fwd)").kernels == 32 * 3);
+    CHECK(op(rows, "mlp.gate_up (fwd)").flops == doctest::Approx(32.0 * 2 * 8192 * 4096 * 2 * 14336).epsilon(1e-12));
+    // An untagged one gathers the input gradient's GEMM and the weight gradient's: 2 x 2 T d (q + 2 kv) FLOPs.
+    CHECK(op(rows, "attn.qkv (bwd)").flops == doctest::Approx(32.0 * 2 * 2 * 8192 * 4096 * (4096 + 2 * 1024)).epsilon(1e-12));
+    // Rows appear with what the setup runs: soft-capped logits, ring attention's merges.
+    s.mlp_chunks = 1;
+    names.clear();
+    for (const OpTime& o : predict_op_times(find_model("gemma-2-2b"), s, g)) names.push_back(o.name);
+    CHECK(std::count(names.begin(), names.end(), "lm_head.softcap (fwd)") == 1);
+    CHECK(std::count(names.begin(), names.end(), "lm_head.softcap (bwd)") == 1);
+    s.sp = 4, s.sp_impl = SpImpl::Ring;
+    names.clear();
+    for (const OpTime& o : predict_op_times(m, s, g)) names.push_back(o.name);
+    CHECK(std::count(names.begin(), names.end(), "attn.ring.merge (fwd)") == 1);
+    CHECK(std::count(names.begin(), names.end(), "attn.ring.accumulate (bwd)") == 1);
 }

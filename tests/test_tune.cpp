@@ -1,6 +1,8 @@
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
+#include <limits>
+
 #include "mst/catalog.hpp"
 #include "mst/emit.hpp"
 #include "mst/tune.hpp"
@@ -384,9 +386,19 @@ TEST_CASE("recommend reports each plan's memory as the GPU holds it, whether or 
     // a cached segment keeps those peaks (the GPU's larger memory changes nothing), one that
     // released is replayed at the GPU's. Both must equal a fresh estimate on the GPU.
     bool released = false, kept = false;
+    std::vector<TuneRequest> requests;
     for (const auto& [gpu, seq] : {std::pair{"h100-sxm-80gb", 32768}, std::pair{"a100-80gb", 32768}, std::pair{"h100-sxm-80gb", 8192}}) {
-        TuneRequest rq = request("llama-3-8b", gpu, 1, seq);
-        rq.base.runtime = Runtime::Hf;
+        requests.push_back(request("llama-3-8b", gpu, 1, seq));
+        requests.back().base.runtime = Runtime::Hf;
+    }
+    requests.push_back(request("llama-3-8b", "h100-sxm-80gb", 4, 131072));  // ring attention: every rank's peaks
+    requests.back().base.sp_impl = SpImpl::Ring;
+    requests.push_back(request("llama-3-8b", "a100-80gb", 1, 16384));  // --for: a budget less the trainer's own tables
+    requests.back().base.runtime = Runtime::Kernels;
+    requests.back().for_format = "torchtitan";
+    for (const TuneRequest& rq : requests) {
+        const char* gpu = rq.gpu.name.c_str();
+        const std::int64_t seq = rq.seq_len;
         const Recommendation r = recommend(rq);
         REQUIRE(r.found);
         std::vector<Candidate> plans = r.pareto;
@@ -399,11 +411,23 @@ TEST_CASE("recommend reports each plan's memory as the GPU holds it, whether or 
             CHECK(c.memory.peak_allocated_bytes == e.allocator.peak_allocated);
             CHECK(c.memory.segments_released == e.allocator.segments_released);
             CHECK(c.memory.peak_bytes == e.summary.peak.bytes);
+            CHECK(c.memory.host_peak_bytes == e.summary.host_peak);
             (c.releases_at_budget > 0 ? released : kept) = true;
         }
     }
     CHECK(released);  // both paths are exercised
     CHECK(kept);
+}
+
+TEST_CASE("a safety margin outside [0, 1) is refused: the budget is never more than the GPU holds") {
+    for (const double margin : {-0.02, 1.0, std::numeric_limits<double>::quiet_NaN()}) {
+        TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 1, 8192);
+        rq.safety_margin = margin;
+        CAPTURE(margin);
+        CHECK(test::expect_user_error([&] { (void)recommend(rq); }).find("margin: expected a fraction in [0, 1)") != std::string::npos);
+        CHECK(test::expect_user_error([&] { (void)max_seq(rq, std::nullopt); }).find("margin: expected a fraction in [0, 1)") !=
+              std::string::npos);
+    }
 }
 
 TEST_CASE("Llama-3-8B on 8 x H100 at 256k tokens uses sequence parallelism") {

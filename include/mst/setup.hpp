@@ -139,8 +139,8 @@ std::string describe_expert_parallelism(const TrainingSetup& setup);
 
 // Why `sp` ranks cannot split a sequence of seq_len tokens of `model` with this implementation:
 // the knob and what it expects (part of validate(); the tuner asks it of each degree it might
-// search). Every degree must divide the sequence; Ulysses' must divide the query and key heads;
-// ring attention's at most limits::kRingRanks ranks cut it into 2 sp equal chunks.
+// search). A degree must be positive and divide the sequence; Ulysses' must divide the query and
+// key heads; ring attention's at most limits::kRingRanks ranks cut it into 2 sp equal chunks.
 struct SpRefusal {
     const char* field;
     std::string expected;

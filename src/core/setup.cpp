@@ -188,9 +188,9 @@ std::vector<std::int64_t> ring_ranks(const TrainingSetup& s) {
 }
 
 std::optional<SpRefusal> sp_refusal(const ModelSpec& m, SpImpl impl, std::int64_t sp, std::int64_t seq_len) {
-    if (seq_len % sp != 0) return SpRefusal{"sp", fmt::format("expected a divisor of seq_len ({}), got {}", seq_len, sp)};
+    if (sp < 1 || seq_len % sp != 0) return SpRefusal{"sp", fmt::format("expected a divisor of seq_len ({}), got {}", seq_len, sp)};
     if (sp == 1) return std::nullopt;
-    if (impl == SpImpl::Ring) {
+    if (impl == SpImpl::Ring) {  // (else Ulysses)
         if (sp > limits::kRingRanks)
             return SpRefusal{"sp", fmt::format("expected at most {} ranks with ring attention (every rank's step is walked, "
                                                "each layer's ring over all of them), got {}",

@@ -343,12 +343,14 @@ std::vector<Candidate> pareto_front(std::vector<Candidate> all) {
 std::string percent(double x) { return fmt::format("{:.0f} %", 100 * x); }
 
 // A candidate's memory as the GPU holds it (the allocator releasing at its usable memory): the
-// search's numbers came from the budget's device.
-void on_the_gpu(Candidate& c, PeakSimulator& gpu_sim, const GpuProfile& gpu) {
+// search's numbers came from a device of the budget's size (at most the usable memory:
+// check_request() keeps the margin in [0, 1)).
+void on_the_gpu(Candidate& c, PeakSimulator& gpu_sim, const GpuProfile& gpu, bytes_t budget) {
     c.releases_at_budget = c.memory.segments_released;
-    // No release under the budget: no segment came near it, nor near the GPU's larger memory, and the
-    // allocator ran there as it did.
-    if (c.releases_at_budget == 0) return;
+    // The model consults the capacity only when a new segment would take reserved bytes past it
+    // (then it releases, or the step does not fit). A step that fit the budget without a release
+    // never met that case, so on a device at least as large it runs the same, peaks and all.
+    if (c.releases_at_budget == 0 && budget <= gpu.usable_bytes()) return;
     c.memory = gpu_sim.peaks(c.setup, true, gpu.usable_bytes());
 }
 
@@ -437,6 +439,9 @@ namespace {
 // GPU and refuses some knobs (validate_hf_scope) with a pointer to the kernels runtime, which the
 // user should read rather than a search that finds nothing.
 void check_request(const TuneRequest& rq, const char* command) {
+    // (the budget is the usable memory less this fraction: never more than the GPU holds)
+    if (!(rq.safety_margin >= 0 && rq.safety_margin < 1))
+        fail(command, "margin", fmt::format("expected a fraction in [0, 1), got {}", rq.safety_margin));
     if (rq.gpus < 1 || rq.gpus > limits::kGpus)
         fail(command, "gpus", fmt::format("expected a count in [1, {}], got {}", limits::kGpus, rq.gpus));
     // The hf runtime plans several GPUs as DistributedDataParallel (every GPU holds the whole model):
@@ -501,8 +506,8 @@ std::string refusal_of(const std::string& format, const TrainingSetup& s, const 
 Recommendation recommend(const TuneRequest& rq) {
     const ModelSpec& m = rq.model;
     Recommendation out;
-    out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
     check_request(rq, "recommend");
+    out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
     if (rq.seq_len < 1 || rq.seq_len > limits::kSeqLen)
         fail("recommend", "seq_len", fmt::format("expected a length in [1, {}], got {}", limits::kSeqLen, rq.seq_len));
     if (rq.tokens_per_step) {
@@ -634,8 +639,8 @@ Recommendation recommend(const TuneRequest& rq) {
     out.pareto = pareto_front(search.evaluated_);
     // Chosen on the budget's device; reported as the GPU holds them (releasing only at its end).
     PeakSimulator& sim = search.simulator();  // its tables have grown to these steps' size already
-    on_the_gpu(out.best, sim, rq.gpu);
-    for (Candidate& c : out.pareto) on_the_gpu(c, sim, rq.gpu);
+    on_the_gpu(out.best, sim, rq.gpu, out.budget_bytes - trainer_extra);
+    for (Candidate& c : out.pareto) on_the_gpu(c, sim, rq.gpu, out.budget_bytes - trainer_extra);
     out.why = explain(rq, out.best, out.budget_bytes, sim);
     return out;
 }
@@ -699,8 +704,8 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     const ModelSpec& m = rq.model;
     const std::int64_t L = m.num_layers;
     MaxSeqResult out;
-    out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
     check_request(rq, "max-seq");
+    out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
 
     const bool ddp_only = rq.base.runtime == Runtime::Hf;  // the hf runtime: data parallelism is DDP
     TrainingSetup base = rq.base;
