@@ -44,6 +44,12 @@ receives a bf16/fp16 floating input inside an autocast region would run in fp32 
 recorder refuses such a step (:class:`CudaAutocastMismatch`) rather than record what a GPU run
 does not allocate.
 
+A storage can also change size in place: ``UntypedStorage.resize_``, which FSDP2 uses to free
+each parameter's unsharded copy after its unit's forward and backward (``free_storage``) and to
+allocate it again before the next all-gather (``alloc_storage``). While a recorder is active,
+a resize of a tracked storage is the free of its bytes, and a resize to a non-zero size the
+allocation of a new tensor (what a caching allocator sees: the block goes back, another is taken).
+
 Not recorded: constants made from Python data (``torch.tensor(1.0)``: ``aten.lift_fresh`` on
 fake tensors), which the code the referee runs keeps on the host (torch.optim's step
 increment); and zero-byte storages.
@@ -79,6 +85,19 @@ _MODULE_KEY = "mst_referee_module"
 
 
 _host_depth = [0]
+
+# UntypedStorage.resize_ as torch has it, and the recorders active now (the patched resize_ tells
+# them; it is installed while any is).
+_RESIZE = torch.UntypedStorage.resize_
+_resize_listeners: List["StorageRecorder"] = []
+
+
+def _recorded_resize(storage: Any, size: int) -> Any:
+    before = storage.nbytes()
+    out = _RESIZE(storage, size)
+    for recorder in list(_resize_listeners):
+        recorder._resized(storage, before)
+    return out
 
 
 @contextlib.contextmanager
@@ -283,12 +302,18 @@ class StorageRecorder(TorchDispatchMode):
     def __enter__(self) -> "StorageRecorder":
         self._autocast.__enter__()
         try:
-            return super().__enter__()
+            out = super().__enter__()
         except BaseException:
             self._autocast.__exit__(None, None, None)
             raise
+        _resize_listeners.append(self)
+        torch.UntypedStorage.resize_ = _recorded_resize
+        return out
 
     def __exit__(self, *exc: Any) -> Any:
+        _resize_listeners.remove(self)
+        if not _resize_listeners:
+            torch.UntypedStorage.resize_ = _RESIZE
         try:
             return super().__exit__(*exc)
         finally:
@@ -411,6 +436,24 @@ class StorageRecorder(TorchDispatchMode):
             self._write(pending.event)
         s.freed_phase = self._phase()
         self._write(self._event(False, s, self._op))
+
+    def _resized(self, st: Any, before: int) -> None:
+        """``st`` went from ``before`` bytes to its size now (UntypedStorage.resize_): a tracked
+        storage's bytes are freed, a non-zero size is a new allocation."""
+        after = st.nbytes()
+        if self._closed or after == before:
+            return
+        self._flush()
+        key = id(st)
+        entry = self._live.get(key)
+        if entry is not None and entry[0]() is st:
+            del self._live[key]  # (its weak reference's callback finds nothing to free)
+            s = entry[1]
+            s.freed_phase = self._phase()
+            self._write(self._event(False, s, "resize_"))
+        if after > 0 and self.recording:
+            s = self._track(st, self._phase(), "host" if _host_depth[0] else "gpu")
+            self._write(self._event(True, s, f"resize_ u8[{after}]"))
 
     def _retarget(self, pending: _PendingSum, old: _Storage) -> None:
         assert pending.storage.tensor == len(self._all) - 1, "referee: the sum was not the last allocation"

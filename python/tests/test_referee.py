@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from mst_referee import jobs, referee, validate  # noqa: E402
+from mst_referee import recorder as recorder_module  # noqa: E402
 from mst_referee.recorder import CudaAutocastMismatch, StorageRecorder, cuda_autocast_policies, host_memory  # noqa: E402
 
 TINY = "tiny-llama"
@@ -235,6 +236,73 @@ def test_host_memory_is_recorded_as_host():
     assert [(e.alloc, e.device, e.bytes) for e in recorder.timeline()] == [
         (True, "host", 40), (True, "gpu", 40), (False, "host", 40), (False, "gpu", 40)]
     assert [e.category for e in recorder.timeline()][:2] == ["offloaded", "transient"]
+
+
+def test_a_storage_resized_in_place_is_a_free_of_its_bytes_and_a_new_allocation():
+    before = torch.empty(8)  # made before recording: untracked
+    recorder = StorageRecorder()
+    with recorder:
+        t = torch.empty(100)                # 400 bytes
+        t.untyped_storage().resize_(0)      # FSDP2's free_storage: the bytes go back
+        t.untyped_storage().resize_(400)    # its alloc_storage: a new block
+        t.untyped_storage().resize_(800)    # grown: the old block back, a larger one
+        before.untyped_storage().resize_(0)  # not tracked: nothing of this step
+        del t
+    recorder.close()
+    assert torch.UntypedStorage.resize_ is recorder_module._RESIZE  # torch's own again once no recorder is active
+    assert [(e.alloc, e.tensor, e.bytes, e.name) for e in recorder.timeline()] == [
+        (True, 0, 400, "empty f32[100]"), (False, 0, 400, "resize_"),
+        (True, 1, 400, "resize_ u8[400]"), (False, 1, 400, "resize_"),
+        (True, 2, 800, "resize_ u8[800]"), (False, 2, 800, "-")]
+
+
+def test_fsdp2_frees_and_reallocates_each_unsharded_parameter_by_resizing_its_storage():
+    """FSDP2 (fully_shard) on a fake process group of 4 ranks: each unit all-gathers its parameters
+    into one [4 x shard] buffer, copies them out into per-parameter unsharded tensors, and after the
+    unit's forward and again after its backward frees those by resize_(0); before the backward's
+    all-gather it allocates them again by resize_. By hand: a Linear(64, 256) weight is 16384
+    bf16 elements (32768 bytes), its shard on each of 4 ranks 4096 (8192 bytes)."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        mesh = init_device_mesh("cpu", (4,))
+        with FakeTensorMode():
+            model = torch.nn.Sequential(torch.nn.Linear(64, 256, bias=False, dtype=torch.bfloat16),
+                                        torch.nn.Linear(256, 64, bias=False, dtype=torch.bfloat16))
+            for layer in model:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            x = torch.randn(8, 64, dtype=torch.bfloat16)
+            recorder = StorageRecorder()
+            with recorder:
+                loss = model(x).sum()
+                recorder.phase = "backward"
+                loss.backward()
+                del loss
+            recorder.close()
+    finally:
+        dist.destroy_process_group()
+    events = recorder.timeline()
+    resized = [(e.alloc, e.phase, e.bytes) for e in events if e.name.startswith("resize_")]
+    # Forward: both units' copies freed after their forward. Backward: each allocated before its
+    # all-gather and freed after its backward (the second unit's backward runs first).
+    assert resized == [(False, "forward", 32768), (False, "forward", 32768),
+                       (True, "backward", 32768), (False, "backward", 32768),
+                       (True, "backward", 32768), (False, "backward", 32768)]
+    gathers = [e.bytes for e in events if e.alloc and e.name.startswith("empty bf16[16384]")]
+    assert 32768 in gathers  # the [4 x 4096] all-gather buffers (and the forward's unsharded copies)
+    live = {}
+    for e in events:  # consistent: every free names a live allocation of its bytes
+        if e.alloc:
+            live[e.tensor] = e.bytes
+        else:
+            assert live.pop(e.tensor) == e.bytes
+    assert not [b for b in live.values() if b == 32768]  # no unsharded copy outlives the step
 
 
 # ---- records -------------------------------------------------------------------------------
