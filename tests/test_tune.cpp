@@ -419,7 +419,7 @@ TEST_CASE("recommend reports each plan's memory as the GPU holds it, whether or 
     CHECK(kept);
 }
 
-TEST_CASE("a safety margin outside [0, 1) is refused: the budget is never more than the GPU holds") {
+TEST_CASE("a safety margin below 0, at 1 or more, or NaN is refused: the budget is never more than the GPU holds") {
     for (const double margin : {-0.02, 1.0, std::numeric_limits<double>::quiet_NaN()}) {
         TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 1, 8192);
         rq.safety_margin = margin;
@@ -428,6 +428,20 @@ TEST_CASE("a safety margin outside [0, 1) is refused: the budget is never more t
         CHECK(test::expect_user_error([&] { (void)max_seq(rq, std::nullopt); }).find("margin: expected a fraction in [0, 1)") !=
               std::string::npos);
     }
+}
+
+TEST_CASE("when one GPU cannot hold the model's persistent state, recommend says how much it is") {
+    // Pure bf16 AdamW with bf16 states: 2 + 2 + 2 x 2 = 8 bytes per parameter; fused AdamW's step
+    // counter, 4 bytes per parameter tensor (embedding, 9 per layer, final norm, LM head: 291); the
+    // rotary embedding's inv_freq and original_inv_freq buffers (64 fp32 each); cuBLAS's workspace.
+    TuneRequest rq = request("llama-3-8b", "a100-40gb", 1, 8192);
+    const Recommendation r = recommend(rq);
+    REQUIRE_FALSE(r.found);
+    CHECK(r.persistent_bytes ==
+          8 * rq.model.parameters().total() + 4 * (3 + 9 * 32) + 2 * 64 * 4 + rq.gpu.calibration.cublas_workspace_bytes);
+    CHECK(r.persistent_bytes > r.budget_bytes);
+    // Where something fits, nothing is said of it.
+    CHECK(recommend(request("llama-3-8b", "h100-sxm-80gb", 1, 8192)).persistent_bytes == 0);
 }
 
 TEST_CASE("Llama-3-8B on 8 x H100 at 256k tokens uses sequence parallelism") {

@@ -73,6 +73,9 @@ struct Recommendation {
     bytes_t budget_bytes = 0;       // usable memory minus the safety margin
     std::string refusal;            // --for: the first setup the format refused ("" when none was)
     bytes_t trainer_extra_bytes = 0;  // --for: kept free of the budget for the trainer's own allocations
+    // When nothing fits on one GPU or under DDP (one layout): its weights, master weights, gradients,
+    // optimizer states and workspace (0 otherwise).
+    bytes_t persistent_bytes = 0;
 };
 
 Recommendation recommend(const TuneRequest& request);

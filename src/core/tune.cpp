@@ -354,6 +354,18 @@ void on_the_gpu(Candidate& c, PeakSimulator& gpu_sim, const GpuProfile& gpu, byt
     c.memory = gpu_sim.peaks(c.setup, true, gpu.usable_bytes());
 }
 
+// Weights, master weights, gradients, optimizer states and workspace at their most, as `s`'s layout
+// holds them (a short step of it: they do not depend on the length).
+bytes_t persistent_state_bytes(const ModelSpec& m, TrainingSetup s, const GpuProfile& gpu) {
+    s.seq_len = 1024 * s.sp;
+    const Estimate e = estimate(m, s, gpu);
+    const auto& mx = e.summary.category_max;
+    return checked_sum({mx[static_cast<std::size_t>(Category::Weights)], mx[static_cast<std::size_t>(Category::MasterWeights)],
+                        mx[static_cast<std::size_t>(Category::Gradients)], mx[static_cast<std::size_t>(Category::OptimizerState)],
+                        mx[static_cast<std::size_t>(Category::Workspace)]},
+                       "persistent bytes");
+}
+
 // `sim`: the search's simulator (warm tables), for the same plan without each technique.
 std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget, PeakSimulator& sim) {
     const ModelSpec& m = rq.model;
@@ -633,7 +645,18 @@ Recommendation recommend(const TuneRequest& rq) {
     // outer choice the format accepts says more than a refused outer choice.
     out.refusal = search.refusal_.empty() ? refusal : search.refusal_;
     const std::optional<Candidate> best = search.best();
-    if (!best) return out;
+    if (!best) {
+        // Where one layout is all there is to search (one GPU; DDP, each GPU holding everything),
+        // whether its persistent state alone passes the budget says why nothing fits.
+        if (rq.gpus == 1 || ddp_only) {
+            TrainingSetup one = rq.base;
+            one.dp = rq.gpus, one.sp = 1, one.ep = 1, one.zero_stage = 0;
+            one.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
+            one.offload_checkpoints = false;
+            out.persistent_bytes = persistent_state_bytes(m, one, rq.gpu);
+        }
+        return out;
+    }
     out.found = true;
     out.best = *best;
     out.pareto = pareto_front(search.evaluated_);
@@ -807,15 +830,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     }
 
     // The floor: persistent state, and the length at which one checkpoint per layer fills the rest.
-    TrainingSetup probe = ckpt;
-    probe.seq_len = 1024;
-    const Estimate e = estimate(m, probe, rq.gpu);
-    const auto& mx = e.summary.category_max;
-    out.persistent_bytes = checked_sum({mx[static_cast<std::size_t>(Category::Weights)], mx[static_cast<std::size_t>(Category::MasterWeights)],
-                                        mx[static_cast<std::size_t>(Category::Gradients)],
-                                        mx[static_cast<std::size_t>(Category::OptimizerState)],
-                                        mx[static_cast<std::size_t>(Category::Workspace)]},
-                                       "persistent bytes");
+    out.persistent_bytes = persistent_state_bytes(m, ckpt, rq.gpu);
     const bytes_t left = out.budget_bytes - out.persistent_bytes;
     const std::int64_t bytes_per_token = checked_product(
         {L, m.hidden_size, base.precision == Precision::AmpFp32 ? 4 : 2, base.micro_batch}, "checkpoint bytes per token");
