@@ -305,6 +305,65 @@ def test_fsdp2_frees_and_reallocates_each_unsharded_parameter_by_resizing_its_st
     assert not [b for b in live.values() if b == 32768]  # no unsharded copy outlives the step
 
 
+def test_fsdp2_over_a_transformers_llama_gathers_copies_and_reduce_scatters_each_layer_as_derived_by_hand():
+    """transformers' Llama (hidden 64, intermediate 176, 4 heads of 16, 2 key heads, 2 layers) under
+    FSDP2 with each decoder layer and the model its own unit, on a fake process group of 4 ranks.
+
+    By hand, a layer's parameters in bf16 bytes: q 64x64 (8192), k and v 32x64 (4096 each), o 64x64
+    (8192), gate and up 176x64 and down 64x176 (22528 each), two norms of 64 (128 each). FSDP2 shards
+    each on dim 0 over 4 ranks: 16, 8, 8, 16, 44, 44, 16 rows and 16 norm elements, 11552 elements a
+    rank. So each layer, in forward and again in backward: an all-gather output of 4 x 11552 bf16
+    (92416 bytes) and the nine unsharded copies, freed by resize_(0) after the layer; in backward
+    its gradients' reduce-scatter input (92416 bytes) and output, the sharded gradient (23104)."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
+                                      tie_word_embeddings=False, attn_implementation="sdpa")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    default_dtype = torch.get_default_dtype()
+    try:
+        mesh = init_device_mesh("cpu", (4,))
+        with FakeTensorMode():
+            torch.set_default_dtype(torch.bfloat16)
+            model = transformers.LlamaForCausalLM(config)
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            ids = torch.randint(0, 256, (1, 32))
+            recorder = StorageRecorder()
+            with recorder, recorder.tracking(model):
+                loss = model(input_ids=ids, labels=ids).loss
+                recorder.phase = "backward"
+                loss.backward()
+                del loss
+            recorder.close()
+    finally:
+        torch.set_default_dtype(default_dtype)
+        dist.destroy_process_group()
+    copies = sorted([8192, 4096, 4096, 8192, 22528, 22528, 22528, 128, 128])
+    events = recorder.timeline()
+    for phase in ("forward", "backward"):
+        # forward: both layers' all-gathers; backward: both again (the next one prefetched while a
+        # layer runs its backward) and both reduce-scatter inputs
+        flat = [e.bytes for e in events if e.phase == phase and e.alloc and e.name == "empty bf16[46208]"]
+        assert flat == [92416] * (2 if phase == "forward" else 4)
+        copied = [e.bytes for e in events if e.phase == phase and e.alloc and e.layer >= 0 and e.bytes in copies
+                  and (e.name.startswith("resize_") or e.name.startswith("empty bf16["))]
+        freed = [e.bytes for e in events if e.phase == phase and not e.alloc and e.name == "resize_" and e.bytes in copies]
+        assert sorted(copied) == sorted(copies * 2)  # both layers' unsharded copies made ...
+        # ... and freed by resize_(0) in the same phase; the model's own unit (embedding, final norm
+        # 128, LM head) keeps its copies from forward to the end of backward
+        assert sorted(freed) == sorted(copies * 2 + ([128] if phase == "backward" else []))
+    scattered = [e.bytes for e in events if e.phase == "backward" and e.alloc and e.name == "empty bf16[11552]"]
+    assert scattered == [23104, 23104]  # each layer's sharded gradient
+
+
 # ---- records -------------------------------------------------------------------------------
 
 def test_a_referee_record_holds_the_full_timeline(tmp_path):
