@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <random>
 #include <stdexcept>
@@ -820,11 +821,13 @@ TEST_CASE("swiglu: values by hand") {
 }
 
 TEST_CASE("swiglu: fast equals the reference and the backward equals finite differences") {
-    for (GatedAct act : {GatedAct::Silu, GatedAct::GeluTanh, GatedAct::GptOss}) {
-        CAPTURE(static_cast<int>(act));
+    for (GatedAct act : std::initializer_list<GatedAct>{GatedAct::Silu, GatedAct::GeluTanh, GatedAct::GptOss,
+                                                        {GatedAct::GptOss, 3.0f}}) {  // (a config's own swiglu_limit)
+        CAPTURE(static_cast<int>(act.kind));
+        CAPTURE(act.limit);
         const std::int64_t n = 1000;  // several kBlock blocks
         // gpt-oss: inputs wide enough that about a fifth of them are clamped (|x| > 7 at sd 5.5)
-        const float sd = act == GatedAct::GptOss ? 5.5f : 1.0f;
+        const float sd = act.kind == GatedAct::GptOss ? 5.5f : 1.0f;
         const Vec g = bf16_exact(randn(n, 601, 2.0f * sd)), u = bf16_exact(randn(n, 602, sd)), dm = bf16_exact(randn(n, 603));
         Vec m(n), m_ref(n), dg(n), du(n), dg_ref(n), du_ref(n);
         swiglu_forward(m.data(), g.data(), u.data(), n, act);
@@ -880,6 +883,21 @@ TEST_CASE("swiglu: gpt-oss's clamped activation by hand") {
     CHECK(m[2] == doctest::Approx(7.0 * s7 * -6.0));
     CHECK(dg[2] == doctest::Approx(-6.0 * (s7 + 1.702 * 7.0 * s7 * (1.0 - s7))));
     CHECK(du[2] == doctest::Approx(7.0 * s7));
+}
+
+TEST_CASE("swiglu: gpt-oss's clamp is the config's swiglu_limit") {
+    // L = 3: g = 5 and u = 4 clamp to 3: m = 3 sigmoid(1.702 x 3) x 4, no gradient; g = 2.5, u = -2.5 pass.
+    const Vec g = {5.0f, 2.5f}, u = {4.0f, -2.5f}, dm = {1.0f, 1.0f};
+    Vec m(2), dg(2), du(2);
+    const GatedAct act(GatedAct::GptOss, 3.0f);
+    swiglu_forward(m.data(), g.data(), u.data(), 2, act);
+    swiglu_backward(dg.data(), du.data(), dm.data(), g.data(), u.data(), 2, act);
+    const double s3 = 1.0 / (1.0 + std::exp(-1.702 * 3.0)), s25 = 1.0 / (1.0 + std::exp(-1.702 * 2.5));
+    CHECK(m[0] == doctest::Approx(3.0 * s3 * 4.0));
+    CHECK(dg[0] == 0.0f);
+    CHECK(du[0] == 0.0f);
+    CHECK(m[1] == doctest::Approx(2.5 * s25 * -1.5));
+    CHECK(du[1] == doctest::Approx(2.5 * s25));
 }
 
 // ---- a linear's bias -------------------------------------------------------------------------

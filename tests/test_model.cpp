@@ -631,4 +631,10 @@ TEST_CASE("gpt-oss configs: GptOssConfig's defaults, the block's differences, an
         parse_model(nlohmann::json{{"model_type", "gpt_oss"}, {"quantization_config", {{"quant_method", "mxfp4"}}}}, "g.json", "g");
     REQUIRE(quantized.warnings.size() == 1);
     CHECK(quantized.warnings[0].find("dequantized") != std::string::npos);
+    // swiglu_limit: the experts' clamp (7 in every released config); the executors clamp at it.
+    CHECK(m.moe->swiglu_limit == 7.0);
+    CHECK(parse_model(nlohmann::json{{"model_type", "gpt_oss"}, {"swiglu_limit", 5.5}}, "g.json", "g").moe->swiglu_limit == 5.5);
+    CHECK(test::expect_user_error([] {
+              (void)parse_model(nlohmann::json{{"model_type", "gpt_oss"}, {"swiglu_limit", -1}}, "g.json", "g");
+          }).rfind("g.json: swiglu_limit: expected", 0) == 0);
 }

@@ -17,15 +17,22 @@ enum class NormKind : std::uint8_t {
     Gemma,  // y = x * rstd * (1 + w)
 };
 
-enum class GatedAct : std::uint8_t {
-    Silu,      // Llama SwiGLU: silu(g) * u
-    GeluTanh,  // Gemma GeGLU: gelu_tanh(g) * u
-    // gpt-oss's clamped SwiGLU (GptOssExperts): with g' = min(g, 7) and u' = clamp(u, -7, 7),
-    // m = g' * sigmoid(1.702 g') * (u' + 1); a clamped input passes no gradient.
-    GptOss,
-};
 inline constexpr float kGptOssAlpha = 1.702f;  // GptOssExperts.alpha
-inline constexpr float kGptOssLimit = 7.0f;    // GptOssConfig.swiglu_limit
+inline constexpr float kGptOssLimit = 7.0f;    // GptOssConfig.swiglu_limit's default
+
+// The MLP's gated activation m = act(g) * b(u): its kind, and gpt-oss's clamp.
+struct GatedAct {
+    enum Kind : std::uint8_t {
+        Silu,      // Llama SwiGLU: silu(g) * u
+        GeluTanh,  // Gemma GeGLU: gelu_tanh(g) * u
+        // gpt-oss's clamped SwiGLU (GptOssExperts): with g' = min(g, L) and u' = clamp(u, -L, L),
+        // m = g' * sigmoid(1.702 g') * (u' + 1); a clamped input passes no gradient.
+        GptOss,
+    };
+    Kind kind = Silu;
+    float limit = kGptOssLimit;  // L: the config's swiglu_limit (GptOss)
+    constexpr GatedAct(Kind k = Silu, float l = kGptOssLimit) : kind(k), limit(l) {}  // (implicit: GatedAct::Silu)
+};
 
 // Attention: causal, GQA, optional sliding window and logit soft-capping.
 // q, o [B*S, nh*hd]; k, v [B*S, nkv*hd]; query head h reads kv head h / (nh/nkv) (HF repeat_kv).

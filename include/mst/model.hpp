@@ -42,6 +42,7 @@ struct MoeSpec {
     // the experts' gate and up columns interleave, and their activation is clamped:
     // (clamp(up, -l, l) + 1) * g * sigmoid(alpha g) with g = clamp(gate, max=l).
     bool gpt_oss = false;
+    double swiglu_limit = 7.0;  // gpt-oss: l above (GptOssConfig.swiglu_limit); the activation's numerics only
 };
 struct ModelSpec {
     std::string name;          // catalog name, or the file stem for a path

@@ -144,6 +144,8 @@ void read_moe(const detail::JsonReader& r, ModelSpec& m) {
     e.fp32_routing_weights = mixtral;
     e.router_first = m.family != Family::Qwen3Moe;
     e.gpt_oss = gpt_oss;
+    // (what the executors clamp at; no tensor's size depends on it)
+    if (gpt_oss) e.swiglu_limit = r.opt_number("swiglu_limit", 1e-3, 1e6).value_or(7.0);
     if (r.opt_boolean("output_router_logits").value_or(false))
         r.fail("output_router_logits", "expected false (the router's auxiliary load-balancing loss is not modelled; "
                                        "transformers adds it only when this is true)");

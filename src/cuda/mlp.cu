@@ -21,11 +21,11 @@ constexpr float kGeluA = 0.044715f;
 
 // act(x) and act'(x) in fp32 (expf/tanhf, not their fast intrinsics: the CPU twin's accuracy)
 __device__ __forceinline__ void activate(GatedAct act, float x, float* y, float* dy) {
-    if (act == GatedAct::GptOss) {
-        const float xc = fminf(x, kGptOssLimit), s = 1.0f / (1.0f + expf(-kGptOssAlpha * xc));
+    if (act.kind == GatedAct::GptOss) {
+        const float xc = fminf(x, act.limit), s = 1.0f / (1.0f + expf(-kGptOssAlpha * xc));
         *y = xc * s;
-        *dy = x <= kGptOssLimit ? s + kGptOssAlpha * xc * s * (1.0f - s) : 0.0f;
-    } else if (act == GatedAct::Silu) {
+        *dy = x <= act.limit ? s + kGptOssAlpha * xc * s * (1.0f - s) : 0.0f;
+    } else if (act.kind == GatedAct::Silu) {
         const float s = 1.0f / (1.0f + expf(-x));
         *y = x * s;
         *dy = s * (1.0f + x * (1.0f - s));
@@ -38,12 +38,12 @@ __device__ __forceinline__ void activate(GatedAct act, float x, float* y, float*
 
 // The up input's factor b(u) and b'(u): u itself, or gpt-oss's clamp(u, -L, L) + 1.
 __device__ __forceinline__ void up_factor(GatedAct act, float u, float* b, float* db) {
-    if (act != GatedAct::GptOss) {
+    if (act.kind != GatedAct::GptOss) {
         *b = u, *db = 1.0f;
         return;
     }
-    *b = fminf(fmaxf(u, -kGptOssLimit), kGptOssLimit) + 1.0f;
-    *db = -kGptOssLimit <= u && u <= kGptOssLimit ? 1.0f : 0.0f;
+    *b = fminf(fmaxf(u, -act.limit), act.limit) + 1.0f;
+    *db = -act.limit <= u && u <= act.limit ? 1.0f : 0.0f;
 }
 
 // m[n] = act(g) * b(u), any dtypes

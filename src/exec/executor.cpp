@@ -151,7 +151,9 @@ Step::Step(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t see
     B_ = s_.micro_batch, S_ = s_.seq_len, T_ = B_ * S_;
     gemma_ = m_.gemma();
     norm_kind_ = gemma_ ? NormKind::Gemma : NormKind::Llama;  // gain w or 1 + w
-    gated_ = m_.moe && m_.moe->gpt_oss ? GatedAct::GptOss : m_.hidden_act == "silu" ? GatedAct::Silu : GatedAct::GeluTanh;
+    gated_ = m_.moe && m_.moe->gpt_oss ? GatedAct(GatedAct::GptOss, static_cast<float>(m_.moe->swiglu_limit))
+             : m_.hidden_act == "silu"   ? GatedAct::Silu
+                                         : GatedAct::GeluTanh;
     normalize_ = m_.moe && (m_.moe->normalize_top_k || m_.moe->gpt_oss);
     result_.timeline.micro_steps = static_cast<std::int32_t>(s_.grad_accum);
     build_params();

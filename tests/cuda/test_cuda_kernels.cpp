@@ -17,6 +17,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <numeric>
 
@@ -424,11 +425,12 @@ TEST_CASE("cuda SwiGLU, GeGLU and gpt-oss's clamped SwiGLU: forward and backward
     MST_REQUIRE_DEVICE();
     const std::int64_t n = 8 * 1000 + 5;  // bf16: 1000 16-byte vectors, then a tail of 5
     for (cpu::DType t : kDtypes)
-        for (cpu::GatedAct act : {cpu::GatedAct::Silu, cpu::GatedAct::GeluTanh, cpu::GatedAct::GptOss}) {
+        for (cpu::GatedAct act : std::initializer_list<cpu::GatedAct>{cpu::GatedAct::Silu, cpu::GatedAct::GeluTanh,
+                                                                        cpu::GatedAct::GptOss, {cpu::GatedAct::GptOss, 3.0f}}) {
             CAPTURE(int(t));
-            CAPTURE(int(act));
-            const auto gact = act;  // one enum (mst::GatedAct) on both sides
-            const float sd = act == cpu::GatedAct::GptOss ? 5.5f : 1.0f;  // gpt-oss: some inputs clamped
+            CAPTURE(int(act.kind));
+            const auto gact = act;  // one type (mst::GatedAct) on both sides
+            const float sd = act.kind == cpu::GatedAct::GptOss ? 5.5f : 1.0f;  // gpt-oss: some inputs clamped
             Pair g(input(n, 91, t, 2.0f * sd), t), u(input(n, 92, t, sd), t), m(Vec(n, 0.0f), t), dm(input(n, 93, t), t);
             cpu::swiglu_forward(m.cpu(), g.cpu(), u.cpu(), n, act);
             gpu::swiglu_forward(m.gpu(), g.gpu(), u.gpu(), n, gact);

@@ -22,12 +22,12 @@ constexpr double kGeluA = 0.044715;
 // act(x) and act'(x) in the precision T (float for the kernel, double for the reference)
 template <class T>
 void activate(GatedAct act, T x, T* y, T* dy) {
-    if (act == GatedAct::GptOss) {
-        const T L = static_cast<T>(kGptOssLimit), alpha = static_cast<T>(kGptOssAlpha);
+    if (act.kind == GatedAct::GptOss) {
+        const T L = static_cast<T>(act.limit), alpha = static_cast<T>(kGptOssAlpha);
         const T xc = std::min(x, L), s = T(1) / (T(1) + std::exp(-alpha * xc));
         *y = xc * s;
         *dy = x <= L ? s + alpha * xc * s * (T(1) - s) : T(0);
-    } else if (act == GatedAct::Silu) {
+    } else if (act.kind == GatedAct::Silu) {
         const T s = T(1) / (T(1) + std::exp(-x));
         *y = x * s;
         *dy = s * (T(1) + x * (T(1) - s));
@@ -42,11 +42,11 @@ void activate(GatedAct act, T x, T* y, T* dy) {
 // The up input's factor b(u) and b'(u): u itself, or gpt-oss's clamp(u, -L, L) + 1.
 template <class T>
 void up_factor(GatedAct act, T u, T* b, T* db) {
-    if (act != GatedAct::GptOss) {
+    if (act.kind != GatedAct::GptOss) {
         *b = u, *db = T(1);
         return;
     }
-    const T L = static_cast<T>(kGptOssLimit);
+    const T L = static_cast<T>(act.limit);
     *b = std::clamp(u, -L, L) + T(1);
     *db = -L <= u && u <= L ? T(1) : T(0);
 }
