@@ -33,7 +33,7 @@ expect_run(0 "recommended.*mini-sequences" recommend --model tiny-llama --gpu a1
 expect_run(0 "\"format\": \"mst-plan/1\"" --json recommend --model tiny-llama --gpu a100-80gb --seq 1024)
 expect_run(2 "^error: llama-3.1-70b: no setup fits" recommend --model llama-3.1-70b --gpu rtx-4090-24gb --seq 4096)
 # ... and why, where the persistent state alone is more than one GPU's budget (8 bytes per parameter: pure bf16 AdamW)
-expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*within 37.65 GiB: weights, gradients and optimizer states alone take 59.84 GiB per GPU; more GPUs with ZeRO" recommend --model llama-3-8b --gpu a100-40gb --seq 8192)
+expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*within 37.65 GiB: weights, gradients, optimizer states and cuBLAS's workspace alone take 59.84 GiB per GPU; more GPUs with ZeRO" recommend --model llama-3-8b --gpu a100-40gb --seq 8192)
 # Several GPUs with the hf runtime are DDP ranks; what does not fit says where ZeRO is planned.
 expect_run(0 "dp 8 \\(ZeRO 0\\), Ulysses sp 1" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 8 --seq 8192)
 expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*plans several GPUs as DDP[^\n]*--runtime kernels plans ZeRO" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 8192)

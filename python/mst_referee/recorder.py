@@ -47,8 +47,9 @@ does not allocate.
 A storage can also change size in place: ``UntypedStorage.resize_``, which FSDP2 uses to free
 each parameter's unsharded copy after its unit's forward and backward (``free_storage``) and to
 allocate it again before the next all-gather (``alloc_storage``). While a recorder is active,
-a resize of a tracked storage is the free of its bytes, and a resize to a non-zero size the
-allocation of a new tensor (what a caching allocator sees: the block goes back, another is taken).
+a resize to zero is the free of the storage's bytes and a resize from zero the allocation of a
+new tensor; between two non-zero sizes the new block is allocated before the old one goes back
+(CUDA's ``resize_bytes_cuda`` copies from one to the other).
 
 Not recorded: constants made from Python data (``torch.tensor(1.0)``: ``aten.lift_fresh`` on
 fake tensors), which the code the referee runs keeps on the host (torch.optim's step
@@ -298,6 +299,7 @@ class StorageRecorder(TorchDispatchMode):
         self._pending: Optional[_PendingSum] = None
         self._closed = False
         self._autocast = AutocastProbe()
+        self._depth = 0  # how many times entered and not yet exited
 
     def __enter__(self) -> "StorageRecorder":
         self._autocast.__enter__()
@@ -306,12 +308,16 @@ class StorageRecorder(TorchDispatchMode):
         except BaseException:
             self._autocast.__exit__(None, None, None)
             raise
-        _resize_listeners.append(self)
+        self._depth += 1
+        if self._depth == 1:  # (entered again while active: it listens once)
+            _resize_listeners.append(self)
         torch.UntypedStorage.resize_ = _recorded_resize
         return out
 
     def __exit__(self, *exc: Any) -> Any:
-        _resize_listeners.remove(self)
+        self._depth -= 1
+        if self._depth == 0:
+            _resize_listeners.remove(self)
         if not _resize_listeners:
             torch.UntypedStorage.resize_ = _RESIZE
         try:
@@ -438,22 +444,23 @@ class StorageRecorder(TorchDispatchMode):
         self._write(self._event(False, s, self._op))
 
     def _resized(self, st: Any, before: int) -> None:
-        """``st`` went from ``before`` bytes to its size now (UntypedStorage.resize_): a tracked
-        storage's bytes are freed, a non-zero size is a new allocation."""
+        """``st`` went from ``before`` bytes to its size now (UntypedStorage.resize_): a non-zero
+        size is a new allocation, then a tracked storage's old bytes are freed."""
         after = st.nbytes()
         if self._closed or after == before:
             return
         self._flush()
         key = id(st)
         entry = self._live.get(key)
-        if entry is not None and entry[0]() is st:
+        old = entry[1] if entry is not None and entry[0]() is st else None
+        if old is not None:
             del self._live[key]  # (its weak reference's callback finds nothing to free)
-            s = entry[1]
-            s.freed_phase = self._phase()
-            self._write(self._event(False, s, "resize_"))
         if after > 0 and self.recording:
             s = self._track(st, self._phase(), "host" if _host_depth[0] else "gpu")
             self._write(self._event(True, s, f"resize_ u8[{after}]"))
+        if old is not None:
+            old.freed_phase = self._phase()
+            self._write(self._event(False, old, "resize_"))
 
     def _retarget(self, pending: _PendingSum, old: _Storage) -> None:
         assert pending.storage.tensor == len(self._all) - 1, "referee: the sum was not the last allocation"

@@ -241,19 +241,19 @@ def test_host_memory_is_recorded_as_host():
 def test_a_storage_resized_in_place_is_a_free_of_its_bytes_and_a_new_allocation():
     before = torch.empty(8)  # made before recording: untracked
     recorder = StorageRecorder()
-    with recorder:
+    with recorder, recorder:  # (entered twice, it still records each resize once)
         t = torch.empty(100)                # 400 bytes
         t.untyped_storage().resize_(0)      # FSDP2's free_storage: the bytes go back
         t.untyped_storage().resize_(400)    # its alloc_storage: a new block
-        t.untyped_storage().resize_(800)    # grown: the old block back, a larger one
+        t.untyped_storage().resize_(800)    # grown: a larger block, the copy, then the old one back
         before.untyped_storage().resize_(0)  # not tracked: nothing of this step
         del t
     recorder.close()
     assert torch.UntypedStorage.resize_ is recorder_module._RESIZE  # torch's own again once no recorder is active
     assert [(e.alloc, e.tensor, e.bytes, e.name) for e in recorder.timeline()] == [
         (True, 0, 400, "empty f32[100]"), (False, 0, 400, "resize_"),
-        (True, 1, 400, "resize_ u8[400]"), (False, 1, 400, "resize_"),
-        (True, 2, 800, "resize_ u8[800]"), (False, 2, 800, "-")]
+        (True, 1, 400, "resize_ u8[400]"), (True, 2, 800, "resize_ u8[800]"), (False, 1, 400, "resize_"),
+        (False, 2, 800, "-")]
 
 
 def test_fsdp2_frees_and_reallocates_each_unsharded_parameter_by_resizing_its_storage():

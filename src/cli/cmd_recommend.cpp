@@ -122,13 +122,13 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     const Recommendation r = recommend(rq);
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     if (!r.found) {
-        const bytes_t budget = r.budget_bytes - r.trainer_extra_bytes;
-        if (r.persistent_bytes > budget)  // no length, chunking or checkpointing can help
+        // (against the whole budget: what --for keeps free for a trainer's tables shrinks with the length)
+        if (r.persistent_bytes > r.budget_bytes)  // no length, chunking or checkpointing can help
             fail(rq.model.name, "no setup fits",
-                 fmt::format("expected one for {} tokens on {} x {} within {}: weights, gradients and optimizer states "
-                             "alone take {} per GPU; more GPUs with ZeRO sharding them{}, a GPU with more memory or a "
-                             "lighter optimizer state can help",
-                             rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(budget), format_bytes(r.persistent_bytes),
+                 fmt::format("expected one for {} tokens on {} x {} within {}: weights, gradients, optimizer states and "
+                             "cuBLAS's workspace alone take {} per GPU; more GPUs with ZeRO sharding them{}, a GPU with "
+                             "more memory or a lighter optimizer state can help",
+                             rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes), format_bytes(r.persistent_bytes),
                              rq.base.runtime == Runtime::Hf ? " (--runtime kernels)" : ""));
         fail(rq.model.name, "no setup fits",
              fmt::format("expected one for {} tokens on {} x {} within {} (try {}--allow offload=yes, a shorter "

@@ -647,13 +647,23 @@ Recommendation recommend(const TuneRequest& rq) {
     const std::optional<Candidate> best = search.best();
     if (!best) {
         // Where one layout is all there is to search (one GPU; DDP, each GPU holding everything),
-        // whether its persistent state alone passes the budget says why nothing fits.
+        // whether its persistent state alone passes the budget says why nothing fits: the least of
+        // it the search could have met (stepping in backward, where allowed, holds fewer gradients).
         if (rq.gpus == 1 || ddp_only) {
             TrainingSetup one = rq.base;
-            one.dp = rq.gpus, one.sp = 1, one.ep = 1, one.zero_stage = 0;
+            one.dp = rq.gpus, one.sp = 1, one.ep = 1, one.moe_imbalance = 1.0, one.zero_stage = 0;
             one.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
             one.offload_checkpoints = false;
-            out.persistent_bytes = persistent_state_bytes(m, one, rq.gpu);
+            try {
+                out.persistent_bytes = persistent_state_bytes(m, one, rq.gpu);
+                if (rq.allow_optimizer_in_backward && !one.optimizer_in_backward && one.grad_accum == 1 &&
+                    !(ddp_only && rq.gpus > 1)) {
+                    one.optimizer_in_backward = true;
+                    out.persistent_bytes = std::min(out.persistent_bytes, persistent_state_bytes(m, one, rq.gpu));
+                }
+            } catch (const UserError&) {
+                out.persistent_bytes = 0;  // (a probe the knobs refuse: nothing to say)
+            }
         }
         return out;
     }
