@@ -442,6 +442,23 @@ TEST_CASE("when one GPU cannot hold the model's persistent state, recommend says
     CHECK(r.persistent_bytes > r.budget_bytes);
     // Where something fits, nothing is said of it.
     CHECK(recommend(request("llama-3-8b", "h100-sxm-80gb", 1, 8192)).persistent_bytes == 0);
+    // The probe is a setup the search could have met: an imbalance capped at ep = 1 as the search
+    // caps it (not refused), ...
+    TuneRequest moe = request("qwen3-30b-a3b", "h100-sxm-80gb", 1, 32768);
+    moe.base.runtime = Runtime::Kernels;
+    moe.base.moe_imbalance = 2.0;
+    CHECK(recommend(moe).persistent_bytes > 200 * kGiB);
+    // ... and stepping in backward where it is allowed, which holds no gradient to the step's end:
+    // less state than the plain step (Llama-3.2-1B on a 24 GB card with most of it kept free).
+    TuneRequest small = request("llama-3.2-1b", "rtx-4090-24gb", 1, 16384);
+    small.safety_margin = 0.62;
+    const bytes_t plain = recommend(small).persistent_bytes;
+    small.allow_optimizer_in_backward = true;
+    const Recommendation oib = recommend(small);
+    REQUIRE_FALSE(oib.found);
+    CHECK(plain > oib.budget_bytes);
+    CHECK(oib.persistent_bytes < plain);
+    CHECK(oib.persistent_bytes <= oib.budget_bytes);  // so the error names no state that cannot fit
 }
 
 TEST_CASE("Llama-3-8B on 8 x H100 at 256k tokens uses sequence parallelism") {
