@@ -125,10 +125,11 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
         // (against the whole budget: what --for keeps free for a trainer's tables shrinks with the length)
         if (r.persistent_bytes > r.budget_bytes)  // no length, chunking or checkpointing can help
             fail(rq.model.name, "no setup fits",
-                 fmt::format("expected one for {} tokens on {} x {} within {}: weights, gradients, optimizer states and "
+                 fmt::format("expected one for {} tokens on {} x {} within {}: weights, gradients{}, optimizer states and "
                              "cuBLAS's workspace alone take {} per GPU; more GPUs with ZeRO sharding them{}, a GPU with "
                              "more memory or a lighter optimizer state can help",
-                             rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes), format_bytes(r.persistent_bytes),
+                             rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes),
+                             rq.gpus > 1 ? " (and DDP's buckets of them)" : "", format_bytes(r.persistent_bytes),
                              rq.base.runtime == Runtime::Hf ? " (--runtime kernels)" : ""));
         fail(rq.model.name, "no setup fits",
              fmt::format("expected one for {} tokens on {} x {} within {} (try {}--allow offload=yes, a shorter "
