@@ -354,6 +354,14 @@ void on_the_gpu(Candidate& c, PeakSimulator& gpu_sim, const GpuProfile& gpu, byt
     c.memory = gpu_sim.peaks(c.setup, true, gpu.usable_bytes());
 }
 
+// Whether the search tries stepping the optimizer inside backward for an outer choice of `grad_accum`
+// accumulation steps at ZeRO `zero`: asked for, no accumulation, and every gradient whole on its
+// rank (not reduce-scattered by ZeRO 2/3, not bucketed by the hf runtime's DDP).
+bool searches_step_in_backward(const TuneRequest& rq, std::int64_t grad_accum, int zero) {
+    return rq.allow_optimizer_in_backward && grad_accum == 1 &&
+           !(rq.gpus > 1 && (zero >= 2 || rq.base.runtime == Runtime::Hf));
+}
+
 // Weights, master weights, gradients, optimizer states and workspace at their most, as `s`'s layout
 // holds them (a short step of it: they do not depend on the length).
 bytes_t persistent_state_bytes(const ModelSpec& m, TrainingSetup s, const GpuProfile& gpu) {
@@ -616,8 +624,7 @@ Recommendation recommend(const TuneRequest& rq) {
                         for (LmHeadImpl li : {LmHeadImpl::Recompute, LmHeadImpl::FusedForward}) {
                             if (rq.pins.lm_impl && li != *rq.pins.lm_impl) continue;
                             for (bool in_bwd : {false, true}) {
-                                if (in_bwd && (!rq.allow_optimizer_in_backward || ga > 1 || (rq.gpus > 1 && (zero >= 2 || ddp_only))))
-                                    continue;
+                                if (in_bwd && !searches_step_in_backward(rq, ga, zero)) continue;
                                 TrainingSetup s = rq.base;
                                 s.seq_len = rq.seq_len;
                                 s.sp = sp, s.dp = dp, s.zero_stage = zero, s.ep = ep;
@@ -656,8 +663,7 @@ Recommendation recommend(const TuneRequest& rq) {
             one.offload_checkpoints = false;
             try {
                 out.persistent_bytes = persistent_state_bytes(m, one, rq.gpu);
-                if (rq.allow_optimizer_in_backward && !one.optimizer_in_backward && one.grad_accum == 1 &&
-                    !(ddp_only && rq.gpus > 1)) {
+                if (!one.optimizer_in_backward && searches_step_in_backward(rq, one.grad_accum, one.zero_stage)) {
                     one.optimizer_in_backward = true;
                     out.persistent_bytes = std::min(out.persistent_bytes, persistent_state_bytes(m, one, rq.gpu));
                 }
