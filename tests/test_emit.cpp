@@ -222,7 +222,7 @@ TEST_CASE("emit axolotl: axolotl.yaml has Axolotl's keys and ships ds_config.jso
     CHECK(y["micro_batch_size"].as<std::int64_t>() == 1);
     CHECK(y["gradient_accumulation_steps"].as<std::int64_t>() == 4);
     CHECK(y["bf16"].as<bool>());
-    CHECK(y["flash_attention"].as<bool>());
+    CHECK(y["attn_implementation"].as<std::string>() == "flash_attention_2");  // Axolotl 0.21 deprecates flash_attention
     CHECK(y["gradient_checkpointing"].as<bool>());
     CHECK_FALSE(y["gradient_checkpointing_kwargs"]["use_reentrant"].as<bool>());
     CHECK(y["context_parallel_size"].as<std::int64_t>() == 2);
@@ -234,12 +234,18 @@ TEST_CASE("emit axolotl: axolotl.yaml has Axolotl's keys and ships ds_config.jso
     CHECK(y["deepspeed"].as<std::string>() == "ds_config.json");
     CHECK_FALSE(y["activation_offloading"]);
     // Axolotl checkpoints all layers or none: the comment keeps the plan's placement.
+    CHECK(text.rfind("# mst-plan: ", 0) == 0);
+    CHECK(comments(text).find("For Axolotl 0.21.0 (pip install \"axolotl[deepspeed]==0.21.0\")") != std::string::npos);
+    // Cut Cross Entropy is Axolotl's fork, installed apart: the command sits on a line of its own.
+    CHECK(text.find("\n# pip uninstall -y cut-cross-entropy && pip install \"cut-cross-entropy[transformers] @ "
+                    "git+https://github.com/axolotl-ai-cloud/ml-cross-entropy.git@v0.1.1\"\n") != std::string::npos);
+    CHECK(comments(text).find("DeepSpeed Ulysses over 2 ranks") != std::string::npos);
     CHECK(comments(text).find("The plan checkpoints 16 of 32 layers (0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,30). "
                               "Axolotl has no per-layer placement") != std::string::npos);
     CHECK(named(files, "ds_config.json").content == named(emit(plan, model, "deepspeed"), "ds_config.json").content);
     const std::set<std::string> axolotl_keys = {
         "sequence_len", "micro_batch_size", "gradient_accumulation_steps", "sample_packing", "pad_to_sequence_len",
-        "bf16", "flash_attention", "eager_attention", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+        "bf16", "attn_implementation", "gradient_checkpointing", "gradient_checkpointing_kwargs",
         "activation_offloading", "context_parallel_size", "tiled_mlp", "tiled_mlp_num_shards", "plugins",
         "cut_cross_entropy", "liger_fused_linear_cross_entropy", "optimizer", "deepspeed"};
     for (const auto& kv : y) CHECK_MESSAGE(axolotl_keys.count(kv.first.as<std::string>()) == 1, kv.first.as<std::string>());
@@ -419,9 +425,13 @@ TEST_CASE("emit: offload, 8-bit AdamW and no sequence parallelism") {
     CHECK(ds["train_batch_size"] == 32);  // 1 x 4 x 8
 
     const YAML::Node y = axolotl_config(plan, model);
-    CHECK(y["activation_offloading"].as<bool>());
+    // Axolotl's checkpoint-input offload; `true` would be TRL's offloader of every saved tensor.
+    CHECK(y["activation_offloading"].as<std::string>() == "hidden_states");
+    CHECK_FALSE(y["gradient_checkpointing_kwargs"]["use_reentrant"].as<bool>());
     CHECK(y["optimizer"].as<std::string>() == "adamw_bnb_8bit");
     CHECK_FALSE(y["context_parallel_size"]);
+    plan.setup.attention = Attention::Eager;  // data parallelism only: Axolotl takes eager attention
+    CHECK(axolotl_config(plan, model)["attn_implementation"].as<std::string>() == "eager");
 
     CHECK(named(emit(plan, model, "hf-mst"), "mst_config.json").content.find("\"offload_checkpoints\": true") !=
           std::string::npos);
@@ -449,12 +459,18 @@ TEST_CASE("emit: precision maps to each trainer's own mechanism") {
     CHECK(ds["bf16"]["bf16_master_weights_and_grads"] == true);
     CHECK(ds["bf16"]["bf16_optimizer_states"] == true);
 
-    // Pure bf16 without ZeRO needs no DeepSpeed under Axolotl: one file, plain DDP.
+    // Pure bf16 without ZeRO needs no DeepSpeed under Axolotl: one file, plain DDP...
     plan.setup.zero_stage = 0;
     CHECK(error_of(plan, model, "deepspeed").rfind("deepspeed: setup.precision: ", 0) == 0);
+    // ...but Ulysses does: without deepspeed: Axolotl's context_parallel_size is the ringmaster
+    // plugin's (its own choice of Ulysses, ring or both), so DeepSpeed's refusal is reported.
+    REQUIRE(plan.setup.sp == 2);
+    CHECK(error_of(plan, model, "axolotl").rfind("deepspeed: setup.precision: ", 0) == 0);
+    plan.setup.sp = 1, plan.setup.dp = 8;
     const auto files = emit(plan, model, "axolotl");
     CHECK(files.size() == 1);
     CHECK_FALSE(YAML::Load(files.front().content)["deepspeed"]);
+    CHECK(files.front().content.find("pip install \"axolotl==0.21.0\"") != std::string::npos);
 
     plan.setup.precision = Precision::AmpFp32;
     plan.setup.state_dtype = StateDtype::Fp32;
@@ -480,6 +496,7 @@ TEST_CASE("emit: what a trainer cannot train as planned is a one-line error nami
               .rfind("axolotl: setup.attention: expected flash with sp > 1", 0) == 0);
     const auto plain_ddp_sgd = [](TrainingSetup& s) {
         s.precision = Precision::PureBf16, s.zero_stage = 0, s.optimizer = Optimizer::SgdMomentum;
+        s.sp = 1, s.dp = 8;  // (Ulysses would need DeepSpeed)
     };
     CHECK(refused("axolotl", plain_ddp_sgd).rfind("axolotl: setup.optimizer: ", 0) == 0);
     // accelerate (DeepSpeedSequenceParallelConfig) and DeepSpeed (UlyssesSPAttentionHF) refuse eager under Ulysses.

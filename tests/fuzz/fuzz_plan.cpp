@@ -69,7 +69,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                     const YAML::Node y = YAML::Load(f.content);
                     const std::set<std::string> allowed{
                         "sequence_len", "micro_batch_size", "gradient_accumulation_steps", "sample_packing",
-                        "pad_to_sequence_len", "bf16", "flash_attention", "eager_attention", "gradient_checkpointing",
+                        "pad_to_sequence_len", "bf16", "attn_implementation", "gradient_checkpointing",
                         "gradient_checkpointing_kwargs", "activation_offloading", "context_parallel_size", "tiled_mlp",
                         "tiled_mlp_num_shards", "plugins", "liger_fused_linear_cross_entropy", "cut_cross_entropy",
                         "optimizer", "deepspeed"};

@@ -1,24 +1,26 @@
-// axolotl: axolotl.yaml, a fragment to merge into an Axolotl config, plus
+// axolotl: axolotl.yaml, a fragment to merge into an Axolotl 0.21.0 config, plus
 // ds_config.json (the deepspeed emitter's) when the plan needs DeepSpeed.
 //
-// Keys: https://docs.axolotl.ai/docs/config-reference.html, generated from
-// src/axolotl/utils/schemas/config.py (sequence_len, micro_batch_size,
-// gradient_accumulation_steps, bf16, flash_attention / eager_attention,
-// gradient_checkpointing(_kwargs), activation_offloading, context_parallel_size,
-// tiled_mlp(_num_shards), plugins, deepspeed, optimizer, sample_packing,
-// pad_to_sequence_len). Also:
-//  * docs/gradient_checkpointing.qmd: activation_offloading needs
-//    gradient_checkpointing: true.
-//  * docs/sequence_parallelism.qmd: context_parallel_size is the current name of
-//    sequence_parallel_degree (validation migrates the old key); under deepspeed:
-//    it maps to DeepSpeed Ulysses (ALST); it needs flash attention.
-//  * docs/custom_integrations.qmd: Liger (axolotl.integrations.liger.LigerPlugin,
-//    liger_fused_linear_cross_entropy) and Cut Cross Entropy
-//    (axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin, cut_cross_entropy).
-//  * Optimizer names are the Hugging Face Trainer's (adamw_torch_fused,
-//    adamw_bnb_8bit, sgd); its sgd is torch.optim.SGD without momentum.
-//  * normalize_config: bf16: true loads the weights in bf16 (torch_dtype), so
-//    "pure-bf16" is bf16 alone and fp32 master weights come from DeepSpeed's bf16 optimizer.
+// Keys, as Axolotl 0.21.0's schema (src/axolotl/utils/schemas/config.py) reads them and
+// scripts/check-clients runs them through its loader (python/mst_clients/axolotl_check.py):
+//  * attn_implementation: flash_attention_2 | eager. The boolean flash_attention /
+//    eager_attention keys are deprecated (normalize_attn_implementation maps them).
+//  * activation_offloading: hidden_states offloads the input of every checkpointed layer
+//    (monkeypatch/checkpoint_activation_offload.py), the plan's offload; `true` is TRL's
+//    stream offloader of every saved tensor instead. It needs gradient_checkpointing_kwargs
+//    use_reentrant: false.
+//  * context_parallel_size: with `deepspeed:` set it becomes accelerate's DeepSpeed Ulysses
+//    axis (utils/distributed.py _get_parallel_config_kwargs: sp_size, sp_backend deepspeed,
+//    the other ranks dp_replicate_size), which the plan models. Without DeepSpeed it is the
+//    ringmaster plugin's Ulysses/ring/USP choice, so a plan with sp > 1 always ships DeepSpeed.
+//  * tiled_mlp(_num_shards), plugins, deepspeed, optimizer (the Hugging Face Trainer's names:
+//    adamw_torch_fused, adamw_bnb_8bit, sgd; its sgd is torch.optim.SGD without momentum),
+//    sample_packing, pad_to_sequence_len, gradient_checkpointing(_kwargs).
+//  * Liger (axolotl.integrations.liger.LigerPlugin, liger_fused_linear_cross_entropy) comes with
+//    Axolotl; Cut Cross Entropy (axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin)
+//    needs Axolotl's fork of cut-cross-entropy, installed apart (its plugin's _CCE_INSTALL_MESSAGE).
+//  * normalize_config: bf16: true loads the weights in bf16 (torch_dtype), so "pure-bf16" is bf16
+//    alone and fp32 master weights come from DeepSpeed's bf16 optimizer.
 #ifdef MST_NO_YAML
 // Built without yaml-cpp (cmake/deps.cmake, MST_WITH_YAML): the format is unavailable.
 #include "emit/emitters.hpp"
@@ -44,6 +46,10 @@ namespace mst::emit_detail {
 namespace {
 
 constexpr const char* kWhere = "axolotl";
+constexpr const char* kVersion = "0.21.0";
+constexpr const char* kCceInstall =
+    "pip uninstall -y cut-cross-entropy && pip install \"cut-cross-entropy[transformers] @ "
+    "git+https://github.com/axolotl-ai-cloud/ml-cross-entropy.git@v0.1.1\"";
 
 std::string joined(const std::vector<std::string>& lines) {
     std::string out;
@@ -65,7 +71,8 @@ void check(const TrainingSetup& s, bool deepspeed) {
              "expected false (the Hugging Face Trainer steps the optimizer after backward), got true");
     if (s.sp > 1 && s.attention == Attention::Eager)
         fail(kWhere, "setup.attention",
-             "expected flash with sp > 1 (Axolotl's context parallelism needs flash attention), got eager");
+             "expected flash with sp > 1 (Axolotl runs context_parallel_size as DeepSpeed Ulysses, which needs "
+             "flash attention), got eager");
     if (deepspeed) return;  // ds_config.json holds the optimizer; the deepspeed emitter checks it
     if (s.optimizer == Optimizer::SgdMomentum)
         fail(kWhere, "setup.optimizer",
@@ -86,8 +93,11 @@ std::string optimizer_name(Optimizer o) {
     return "";
 }
 
-// Only DeepSpeed gives an Axolotl run ZeRO sharding or fp32 master weights next to bf16 ones.
-bool needs_deepspeed(const TrainingSetup& s) { return s.zero_stage > 0 || s.precision == Precision::Bf16Master; }
+// Only DeepSpeed gives an Axolotl run ZeRO sharding, fp32 master weights next to bf16 ones, or
+// Ulysses sequence parallelism (without it, context_parallel_size is the ringmaster plugin's).
+bool needs_deepspeed(const TrainingSetup& s) {
+    return s.zero_stage > 0 || s.precision == Precision::Bf16Master || s.sp > 1;
+}
 
 }  // namespace
 
@@ -107,8 +117,10 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
     YAML::Emitter e;
     std::vector<std::string> header;
     for (const auto& line : plan_header(plan)) header.push_back(comment_line(line));
-    header.push_back("Fragment of an Axolotl config: merge these keys into yours, which keeps base_model, datasets,");
-    header.push_back("learning rate... Keys: https://docs.axolotl.ai/docs/config-reference.html");
+    header.push_back(fmt::format("For Axolotl {} (pip install \"axolotl{}=={}\"). Fragment of an Axolotl config: merge",
+                                 kVersion, deepspeed ? "[deepspeed]" : "", kVersion));
+    header.push_back("these keys into yours, which keeps base_model, datasets, learning rate... Keys:");
+    header.push_back("https://docs.axolotl.ai/docs/config-reference.html; train with: axolotl train axolotl.yaml");
     e << YAML::Comment(joined(header));
     e << YAML::BeginMap;
     e << YAML::Key << "sequence_len" << YAML::Value << s.seq_len;
@@ -121,7 +133,8 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
         note(e, "bf16 weights for compute; the fp32 master weights and optimizer states are DeepSpeed's "
                 "(bf16 in ds_config.json).");
     e << YAML::Key << "bf16" << YAML::Value << true;
-    e << YAML::Key << (s.attention == Attention::Flash ? "flash_attention" : "eager_attention") << YAML::Value << true;
+    e << YAML::Key << "attn_implementation" << YAML::Value
+      << (s.attention == Attention::Flash ? "flash_attention_2" : "eager");
 
     const std::int64_t checkpointed = s.checkpointed_count();
     if (checkpointed > 0 && checkpointed < model.num_layers)
@@ -133,11 +146,15 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
         e << YAML::Key << "gradient_checkpointing_kwargs" << YAML::Value << YAML::BeginMap << YAML::Key
           << "use_reentrant" << YAML::Value << false << YAML::EndMap;
     if (s.offload_checkpoints) {
-        note(e, "Offloads what checkpointed layers save (their inputs) to host memory. Newer Axolotl also has "
-                "activation_offloading: hidden_states, which moves exactly the checkpoint inputs.");
-        e << YAML::Key << "activation_offloading" << YAML::Value << true;
+        note(e, "Offloads what checkpointed layers save (their inputs) to host memory, as the plan does.");
+        e << YAML::Key << "activation_offloading" << YAML::Value << "hidden_states";
     }
-    if (s.sp > 1) e << YAML::Key << "context_parallel_size" << YAML::Value << s.sp;
+    if (s.sp > 1) {
+        note(e, fmt::format("DeepSpeed Ulysses over {} ranks (with deepspeed: set, Axolotl maps this onto accelerate's "
+                            "sequence-parallel axis), {} data-parallel replicas.",
+                            s.sp, s.dp));
+        e << YAML::Key << "context_parallel_size" << YAML::Value << s.sp;
+    }
 
     if (s.mlp_chunks > 1) {
         if (s.mlp_impl == MlpImpl::Loop)
@@ -150,12 +167,19 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
     }
     if (s.lm_chunks > 1) {
         const bool fused = s.lm_impl == LmHeadImpl::FusedForward;
-        note(e, fused ? fmt::format("The plan computes the LM-head gradient in forward over {} mini-sequences: "
-                                    "Liger's fused linear cross-entropy does that and picks its own chunk size.",
-                                    s.lm_chunks)
-                      : fmt::format("The plan recomputes the logits in {} mini-sequences. Cut Cross Entropy never "
-                                    "materialises them: memory at or below the prediction.",
-                                    s.lm_chunks));
+        if (fused)
+            note(e, fmt::format("The plan computes the LM-head gradient in forward over {} mini-sequences: Liger's "
+                                "fused linear cross-entropy (installed with Axolotl) does that and picks its own "
+                                "chunk size.",
+                                s.lm_chunks));
+        else  // the command on a line of its own, unwrapped, to copy
+            e << YAML::Newline
+              << YAML::Comment(joined(comment_lines(fmt::format(
+                                   "The plan recomputes the logits in {} mini-sequences. Cut Cross Entropy never "
+                                   "materialises them: memory at or below the prediction. It needs Axolotl's fork "
+                                   "of cut-cross-entropy:",
+                                   s.lm_chunks))) +
+                               "\n" + kCceInstall);
         const char* plugin = fused ? "axolotl.integrations.liger.LigerPlugin"
                                    : "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin";
         e << YAML::Key << "plugins" << YAML::Value << YAML::BeginSeq << plugin << YAML::EndSeq;
