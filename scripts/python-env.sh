@@ -86,6 +86,45 @@ mst_clients_env() {
     echo "$dir"
 }
 
+# mst_python312: a Python 3.12 interpreter (MST_PYTHON312, python3.12 on PATH, or pyenv's), or
+# nothing. A pyenv shim whose version is not selected fails when run, so each is asked to run.
+mst_python312() {
+    local candidate
+    for candidate in "${MST_PYTHON312:-}" "$(command -v python3.12 || true)" \
+        "$(command -v pyenv >/dev/null && ls -d "$(pyenv root)"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)"; do
+        if [ -n "$candidate" ] && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# mst_axolotl_env: Axolotl 0.21.0 (python/requirements/clients-axolotl.txt) in a Python 3.12
+# virtual environment of its own, created on first use and reused while the pins are unchanged;
+# prints its interpreter. Without Python 3.12 it says so and prints nothing (the check is skipped).
+#   MST_AXOLOTL_VENV   where it lives (default <repo>/.venv/clients-axolotl)
+mst_axolotl_env() {
+    local root venv pins stamp python312
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    venv="${MST_AXOLOTL_VENV:-$root/.venv/clients-axolotl}"
+    pins="$root/python/requirements/clients-axolotl.txt"
+    stamp="$venv/.mst-pins"
+    if [ -x "$venv/bin/python" ] && mst_stamped "$pins" "$stamp"; then
+        echo "$venv/bin/python"
+        return 0
+    fi
+    if ! python312="$(mst_python312)"; then
+        echo "mst-plan: no Python 3.12 here (python3.12, pyenv or MST_PYTHON312): Axolotl 0.21's loader check is skipped" >&2
+        return 0
+    fi
+    echo "mst-plan: installing Axolotl 0.21.0 for the client checks into $venv (a few minutes, once)..." >&2
+    "$python312" -m venv --clear "$venv" >&2 || return 1
+    mst_pip "$venv" "$venv/bin/python" -m pip install --no-deps -r "$pins" || return 1
+    cp "$pins" "$stamp"
+    echo "$venv/bin/python"
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     mst_python_env
 fi

@@ -1,0 +1,128 @@
+"""The Axolotl check (mst_clients.axolotl_check) on hand-written plans and fragments: what Axolotl
+0.21.0 refuses, and what it accepts but reads differently from the plan, must both be reported.
+
+Runs in Axolotl's Python 3.12 environment (ctest python_axolotl, scripts/python-env.sh); elsewhere
+it skips, unless MST_REQUIRE_AXOLOTL=1 says that environment was meant to be there.
+"""
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # before Axolotl is imported: no telemetry from tests
+if os.environ.get("MST_REQUIRE_AXOLOTL") == "1":
+    import axolotl  # noqa: F401
+else:
+    pytest.importorskip("axolotl")
+
+from mst_clients import axolotl_check, matrix  # noqa: E402
+
+# A plan as `recommend --out` writes it (the fields the check reads): Llama-3-8B on 8 GPUs, dp 4 x
+# Ulysses sp 2 under ZeRO-2, 4 micro-steps, tiled MLP, Cut Cross Entropy's chunked loss.
+PLAN = {
+    "model": "llama-3-8b", "gpu": "h100-sxm-80gb", "gpus": 8,
+    "setup": {"seq_len": 65536, "micro_batch": 1, "grad_accum": 4, "dp": 4, "sp": 2, "ep": 1, "zero_stage": 2,
+              "padded": False, "attention": "flash", "checkpoint": list(range(32)), "offload_checkpoints": False,
+              "mlp_chunks": 8, "lm_chunks": 16, "lm_impl": "recompute", "optimizer": "adamw"},
+}
+DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4, "bf16": {"enabled": True},
+             "zero_optimization": {"stage": 2}}
+# What the emitter writes for PLAN (tests/golden/axolotl/axolotl.yaml, less its comments).
+FRAGMENT = """\
+sequence_len: 65536
+micro_batch_size: 1
+gradient_accumulation_steps: 4
+sample_packing: true
+pad_to_sequence_len: true
+bf16: true
+attn_implementation: flash_attention_2
+gradient_checkpointing: true
+gradient_checkpointing_kwargs:
+  use_reentrant: false
+context_parallel_size: 2
+tiled_mlp: true
+tiled_mlp_num_shards: 8
+plugins:
+  - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin
+cut_cross_entropy: true
+optimizer: adamw_torch_fused
+deepspeed: ds_config.json
+"""
+
+
+def verdict(tmp_path: Path, fragment: str = FRAGMENT, plan=PLAN, ds=DS_CONFIG):
+    folder = tmp_path / "emitted"
+    folder.mkdir(parents=True)
+    (folder / "axolotl.yaml").write_text(fragment)
+    files = {"axolotl.yaml": folder / "axolotl.yaml"}
+    if ds is not None:
+        (folder / "ds_config.json").write_text(json.dumps(ds))
+        files["ds_config.json"] = folder / "ds_config.json"
+    em = matrix.Emitted(matrix.Entry(plan["model"], plan["gpus"], plan["setup"]["seq_len"]), "axolotl", plan, files)
+    return axolotl_check.check(em, tmp_path / "user")
+
+
+def test_the_emitted_fragment_loads_and_means_the_plan(tmp_path):
+    assert verdict(tmp_path) == []
+
+
+def test_a_fragment_axolotl_refuses_is_reported_with_its_message(tmp_path):
+    # CutCrossEntropyArgs.check_dtype_is_half: the chunked loss needs bf16 or fp16 training.
+    problems = verdict(tmp_path, FRAGMENT.replace("bf16: true", "bf16: false"))
+    assert len(problems) == 1 and "Cut Cross Entropy requires fp16/bf16 training" in problems[0]
+
+
+def test_trl_stream_offloading_is_not_the_plans_checkpoint_offload(tmp_path):
+    plan = copy.deepcopy(PLAN)
+    plan["setup"]["offload_checkpoints"] = True
+    # Axolotl accepts `true` (TRL's offloader of every saved tensor), which is not what the plan offloads.
+    problems = verdict(tmp_path, FRAGMENT + "activation_offloading: true\n", plan)
+    assert problems == ["activation_offloading: Axolotl has True, the plan 'hidden_states'"]
+    assert verdict(tmp_path / "b", FRAGMENT + "activation_offloading: hidden_states\n", plan) == []
+
+
+def test_ulysses_without_deepspeed_is_the_ringmaster_plugins_layout(tmp_path):
+    # Without deepspeed:, context_parallel_size is accelerate's cp axis (ringmaster's Ulysses/ring
+    # choice) with the other ranks FSDP-sharded: not the plan's DeepSpeed Ulysses + replicas.
+    fragment = FRAGMENT.replace("deepspeed: ds_config.json\n", "")
+    problems = verdict(tmp_path, fragment, ds=None)
+    assert problems == ["parallelism: Axolotl has {'cp_size': 2, 'dp_shard_size': 4}, the plan "
+                        "{'sp_size': 2, 'sp_backend': 'deepspeed', 'dp_replicate_size': 4}"]
+
+
+def test_batch_arithmetic_is_over_data_parallel_replicas_only(tmp_path):
+    # normalize_config: batch_size = micro_batch_size x gradient_accumulation_steps x world / cp,
+    # 1 x 4 x 8 / 2 = 16 sequences per step; a plan of 8 replicas would need 32.
+    plan = copy.deepcopy(PLAN)
+    plan["setup"]["dp"] = 8
+    problems = verdict(tmp_path, plan=plan)
+    assert "batch_size: Axolotl has 16, the plan 32" in problems
+
+
+def test_the_deprecated_flash_attention_flag_still_means_flash_attention_2(tmp_path):
+    # normalize_attn_implementation maps the legacy flag: older fragments stay correct.
+    fragment = FRAGMENT.replace("attn_implementation: flash_attention_2", "flash_attention: true")
+    assert verdict(tmp_path, fragment) == []
+
+
+def test_eager_attention_is_refused_under_context_parallelism_and_read_as_eager_without(tmp_path):
+    eager = FRAGMENT.replace("attn_implementation: flash_attention_2", "attn_implementation: eager")
+    problems = verdict(tmp_path, eager)  # why the emitter refuses eager with sp > 1
+    assert len(problems) == 1 and "`attn_implementation: eager` is not supported" in problems[0]
+    plan = copy.deepcopy(PLAN)
+    plan["setup"].update(sp=1, dp=8)
+    data_parallel = eager.replace("context_parallel_size: 2\n", "")
+    assert verdict(tmp_path / "b", data_parallel, plan) == [
+        "attn_implementation: Axolotl has 'eager', the plan 'flash_attention_2'"]
+
+
+def test_the_capabilities_are_the_plan_gpus():
+    caps, env = axolotl_check.capabilities("a100-80gb", 4, "2.14.1+cu130")
+    assert caps == {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 4, "compute_capability": "sm_80"}
+    assert env == {"torch_version": "2.14.1"}
+    assert axolotl_check.capabilities("h100-sxm-80gb", 8, "2.14.1")[0]["fp8"]
+    with pytest.raises(ValueError, match="gpu: expected one of"):
+        axolotl_check.capabilities("mi300x", 8, "2.14.1")
