@@ -87,12 +87,22 @@ mst_clients_env() {
 }
 
 # mst_python312: a Python 3.12 interpreter (MST_PYTHON312, python3.12 on PATH, or pyenv's), or
-# nothing. A pyenv shim whose version is not selected fails when run, so each is asked to run.
+# nothing. A pyenv shim whose version is not selected fails when run, so each is asked to run. A
+# given MST_PYTHON312 that is not one is an error (status 2), not a reason to look elsewhere.
 mst_python312() {
     local candidate
-    for candidate in "${MST_PYTHON312:-}" "$(command -v python3.12 || true)" \
+    local is312='import sys; assert sys.version_info[:2] == (3, 12)'
+    if [ -n "${MST_PYTHON312:-}" ]; then
+        if ! "$MST_PYTHON312" -c "$is312" 2>/dev/null; then
+            echo "error: MST_PYTHON312: $MST_PYTHON312: expected a Python 3.12 interpreter" >&2
+            return 2
+        fi
+        echo "$MST_PYTHON312"
+        return 0
+    fi
+    for candidate in "$(command -v python3.12 || true)" \
         "$(command -v pyenv >/dev/null && ls -d "$(pyenv root)"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)"; do
-        if [ -n "$candidate" ] && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+        if [ -n "$candidate" ] && "$candidate" -c "$is312" 2>/dev/null; then
             echo "$candidate"
             return 0
         fi
@@ -114,12 +124,20 @@ mst_axolotl_env() {
         echo "$venv/bin/python"
         return 0
     fi
-    if ! python312="$(mst_python312)"; then
+    local found=0
+    python312="$(mst_python312)" || found=$?
+    if [ "$found" = 2 ]; then return 1; fi  # a wrong MST_PYTHON312, said
+    if [ "$found" != 0 ]; then
         echo "mst-plan: no Python 3.12 here (python3.12, pyenv or MST_PYTHON312): Axolotl 0.21's loader check is skipped" >&2
         return 0
     fi
+    # Only a folder this function made (its marker file) is cleared and replaced.
+    if [ -e "$venv" ] && [ ! -f "$venv/.mst-axolotl" ]; then
+        echo "error: MST_AXOLOTL_VENV: $venv: expected a new directory or one made by mst_axolotl_env" >&2
+        return 1
+    fi
     echo "mst-plan: installing Axolotl 0.21.0 for the client checks into $venv (a few minutes, once)..." >&2
-    "$python312" -m venv --clear "$venv" >&2 || return 1
+    "$python312" -m venv --clear "$venv" >&2 && touch "$venv/.mst-axolotl" || return 1
     mst_pip "$venv" "$venv/bin/python" -m pip install --no-deps -r "$pins" || return 1
     cp "$pins" "$stamp"
     echo "$venv/bin/python"

@@ -247,7 +247,7 @@ TEST_CASE("emit axolotl: axolotl.yaml has Axolotl's keys and ships ds_config.jso
         "sequence_len", "micro_batch_size", "gradient_accumulation_steps", "sample_packing", "pad_to_sequence_len",
         "bf16", "attn_implementation", "gradient_checkpointing", "gradient_checkpointing_kwargs",
         "activation_offloading", "context_parallel_size", "tiled_mlp", "tiled_mlp_num_shards", "plugins",
-        "cut_cross_entropy", "liger_fused_linear_cross_entropy", "optimizer", "deepspeed"};
+        "cut_cross_entropy", "liger_fused_linear_cross_entropy", "optimizer", "deepspeed", "multipack_real_batches"};
     for (const auto& kv : y) CHECK_MESSAGE(axolotl_keys.count(kv.first.as<std::string>()) == 1, kv.first.as<std::string>());
 }
 
@@ -413,6 +413,11 @@ TEST_CASE("emit: offload, 8-bit AdamW and no sequence parallelism") {
     ModelSpec model;
     Plan plan = golden_plan(model);
     plan.setup.offload_checkpoints = true;
+    // Axolotl checkpoints and offloads every layer: with 16 of 32 planned it would hold twice the
+    // plan's host memory.
+    CHECK(error_of(plan, model, "axolotl").rfind("axolotl: setup.checkpoint: expected all 32 layers with "
+                                                "offload_checkpoints", 0) == 0);
+    plan.setup.checkpoint = parse_checkpoint_spec("all", model.num_layers, "t");
     plan.setup.optimizer = Optimizer::AdamW8bit;
     plan.setup.sp = 1;
     plan.setup.dp = 8;
@@ -447,6 +452,31 @@ TEST_CASE("emit deepspeed: torch's SGD under ZeRO carries DeepSpeed's untested-o
     CHECK(zero2["zero_allow_untested_optimizer"] == true);
     plan.setup.zero_stage = 0;  // no ZeRO optimizer wraps it
     CHECK_FALSE(ds_config(plan, model).contains("zero_allow_untested_optimizer"));
+}
+
+TEST_CASE("emit axolotl: packed micro-batches keep their rows, and MoE experts are not tiled") {
+    ModelSpec model;
+    Plan plan = golden_plan(model);
+    CHECK_FALSE(axolotl_config(plan, model)["multipack_real_batches"]);  // one row: nothing to keep apart
+    plan.setup.micro_batch = 2;
+    // Unset, flash attention packs both sequences into one row of 2 x 65536 tokens, which
+    // DeepSpeed Ulysses (built for micro_batch_size rows) refuses.
+    CHECK(axolotl_config(plan, model)["multipack_real_batches"].as<bool>());
+    plan.setup.padded = true;  // padded rows are [micro_batch, seq_len] already
+    CHECK_FALSE(axolotl_config(plan, model)["multipack_real_batches"]);
+
+    // Axolotl's tiled_mlp patches the dense MLP class: Mixtral has none, Qwen3-MoE's experts skip it.
+    for (const char* name : {"mixtral-8x7b", "qwen3-30b-a3b"}) {
+        const ModelSpec moe = find_model(name);
+        TrainingSetup s = plan.setup;
+        s.checkpoint = parse_checkpoint_spec("all", moe.num_layers, "t");
+        CHECK_THROWS_WITH_AS(check_expressible("axolotl", s, moe),
+                             "axolotl: setup.mlp_chunks: expected 1 for a Mixture-of-Experts model (Axolotl's "
+                             "tiled_mlp tiles the dense MLP class, not the experts), got 8",
+                             UserError);
+        s.mlp_chunks = 1;
+        CHECK_NOTHROW(check_expressible("axolotl", s, moe));
+    }
 }
 
 TEST_CASE("emit: precision maps to each trainer's own mechanism") {

@@ -77,6 +77,25 @@ def merged(fragment: Path, plan: Mapping[str, Any], work: Path) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def fresh_process(plan: Mapping[str, Any]):
+    """What a new ``axolotl train`` process starts from: no plugin registered yet (Axolotl's
+    PluginManager is one instance per process, and a registered plugin's keys join the schema of
+    every later config), the environment as it was (plugins' register() sets variables), and
+    ``WORLD_SIZE`` the plan's GPU count, as torchrun sets it on rank 0."""
+    from axolotl.integrations.base import PluginManager
+
+    saved = dict(os.environ)
+    PluginManager._instance = None
+    os.environ.update(WORLD_SIZE=str(plan["gpus"]), LOCAL_RANK="0")
+    try:
+        yield
+    finally:
+        PluginManager._instance = None
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def load(path: Path, plan: Mapping[str, Any]):
     """Axolotl's load_cfg steps on the merged file, on the plan's GPU count; returns the config."""
     import torch
@@ -84,8 +103,6 @@ def load(path: Path, plan: Mapping[str, Any]):
     from axolotl.cli import config as cli
     from axolotl.utils.dict import DictDefault
 
-    os.environ["WORLD_SIZE"] = str(plan["gpus"])
-    os.environ["LOCAL_RANK"] = "0"
     cfg = DictDefault(yaml.safe_load(path.read_text()))
     cfg.axolotl_config_path = str(path)
     cli.prepare_plugins(cfg)
@@ -95,6 +112,13 @@ def load(path: Path, plan: Mapping[str, Any]):
     cli.normalize_cfg_datasets(cfg)
     cli.plugin_set_cfg(cfg)
     return cfg
+
+
+def is_moe(model: str) -> bool:
+    """Whether the catalog model's MLPs are Mixture-of-Experts blocks (its config.json's expert count)."""
+    raw = json.loads((MODELS_DIR / f"{model}.json").read_text())
+    raw = raw.get("text_config", raw)
+    return any(int(raw.get(key) or 0) > 1 for key in ("num_local_experts", "num_experts"))
 
 
 def meaning(cfg, plan: Mapping[str, Any], ds_config: Optional[Mapping[str, Any]]) -> List[str]:
@@ -116,6 +140,9 @@ def meaning(cfg, plan: Mapping[str, Any], ds_config: Optional[Mapping[str, Any]]
     want("batch_size", cfg.batch_size, s["micro_batch"] * s["grad_accum"] * s["dp"])
     want("world_size", cfg.world_size, plan["gpus"])
     want("sample_packing", bool(cfg.sample_packing), not s["padded"])
+    want("pad_to_sequence_len", bool(cfg.pad_to_sequence_len), True)  # every row holds seq_len tokens
+    # A packed micro-batch of several sequences: real rows [mb, seq_len], not one row of mb x seq_len.
+    want("multipack_real_batches", bool(cfg.multipack_real_batches), not s["padded"] and s["micro_batch"] > 1)
     want("torch_dtype", cfg.torch_dtype, torch.bfloat16)  # bf16 weights in every plan Axolotl trains
     want("attn_implementation", cfg.attn_implementation,
          "flash_attention_2" if s["attention"] == "flash" else "eager")
@@ -128,12 +155,18 @@ def meaning(cfg, plan: Mapping[str, Any], ds_config: Optional[Mapping[str, Any]]
          "hidden_states" if s["offload_checkpoints"] else False)
     want("context_parallel_size", cfg.context_parallel_size or 1, s["sp"])
     want("tiled_mlp", bool(cfg.tiled_mlp), s["mlp_chunks"] > 1)
+    if cfg.tiled_mlp and is_moe(plan["model"]):  # patch_tiled_mlp tiles the dense MLP class only
+        problems.append("tiled_mlp: Axolotl tiles the dense MLP class, which a Mixture-of-Experts model's experts are not")
     if s["mlp_chunks"] > 1:
         want("tiled_mlp_num_shards", cfg.tiled_mlp_num_shards, s["mlp_chunks"])
     chunked_loss = s["lm_chunks"] > 1
     fused = s["lm_impl"] == "fused"
     want("liger_fused_linear_cross_entropy", bool(cfg.liger_fused_linear_cross_entropy), chunked_loss and fused)
     want("cut_cross_entropy", bool(cfg.cut_cross_entropy), chunked_loss and not fused)
+    # The key alone does nothing: the plugin that reads it must be loaded.
+    want("plugins", list(cfg.plugins or []),
+         [] if not chunked_loss else ["axolotl.integrations.liger.LigerPlugin" if fused
+                                      else "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"])
     want("optimizer", str(cfg.optimizer), {"adamw": "adamw_torch_fused", "adamw-8bit": "adamw_bnb_8bit",
                                            "sgd": "sgd"}[s["optimizer"]])
     # DeepSpeed: the file Axolotl loaded (normalize_config reads cfg.deepspeed) is the emitted one.
@@ -154,17 +187,16 @@ def meaning(cfg, plan: Mapping[str, Any], ds_config: Optional[Mapping[str, Any]]
 
 def check(em: "matrix.Emitted", work: Path) -> List[str]:
     """Axolotl's verdict on one emitted fragment: [] when it loads and means the plan."""
-    ds = em.files.get("ds_config.json")
-    ds_config = json.loads(ds.read_text()) if ds else None
-    path = merged(em.files["axolotl.yaml"], em.plan, work)
     chatter = io.StringIO()
     try:
-        with contextlib.redirect_stdout(chatter):
-            cfg = load(path, em.plan)
-    except Exception as e:  # Axolotl refused the file: its own message
+        ds = em.files.get("ds_config.json")
+        ds_config = json.loads(ds.read_text()) if ds else None
+        path = merged(em.files["axolotl.yaml"], em.plan, work)
+        with fresh_process(em.plan), contextlib.redirect_stdout(chatter):
+            return meaning(load(path, em.plan), em.plan, ds_config)
+    except Exception as e:  # Axolotl refused the file (its own message), or the file is not a config
         text = " ".join(str(e).split())
         return [f"{type(e).__name__}: {text[:400]}"]
-    return meaning(cfg, em.plan, ds_config)
 
 
 def main(argv=None) -> int:

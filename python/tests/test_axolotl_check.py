@@ -119,6 +119,50 @@ def test_eager_attention_is_refused_under_context_parallelism_and_read_as_eager_
         "attn_implementation: Axolotl has 'eager', the plan 'flash_attention_2'"]
 
 
+LIGER_PLAN = copy.deepcopy(PLAN)
+LIGER_PLAN["setup"]["lm_impl"] = "fused"
+LIGER_FRAGMENT = FRAGMENT.replace("axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin",
+                                  "axolotl.integrations.liger.LigerPlugin").replace(
+    "cut_cross_entropy: true", "liger_fused_linear_cross_entropy: true")
+
+
+def test_each_config_is_read_as_a_fresh_process_reads_it(tmp_path):
+    # Axolotl's PluginManager is one per process: after Cut Cross Entropy's config its schema (whose
+    # cut_cross_entropy defaults to true) would join the Liger config's, and after a Liger config a
+    # fragment without `plugins:` would still get Liger's key. Each config starts afresh.
+    assert verdict(tmp_path / "cce") == []
+    assert verdict(tmp_path / "liger", LIGER_FRAGMENT, LIGER_PLAN) == []
+    no_plugin = LIGER_FRAGMENT.replace("plugins:\n  - axolotl.integrations.liger.LigerPlugin\n", "")
+    problems = verdict(tmp_path / "none", no_plugin, LIGER_PLAN)
+    assert "liger_fused_linear_cross_entropy: Axolotl has False, the plan True" in problems
+    assert "plugins: Axolotl has [], the plan ['axolotl.integrations.liger.LigerPlugin']" in problems
+
+
+def test_several_packed_sequences_per_micro_batch_are_real_rows(tmp_path):
+    # Without multipack_real_batches the multipack sampler makes one row of 2 x 65536 tokens, which
+    # DeepSpeed Ulysses (built for micro_batch_size rows) refuses.
+    plan = copy.deepcopy(PLAN)
+    plan["setup"]["micro_batch"] = 2
+    fragment = FRAGMENT.replace("micro_batch_size: 1", "micro_batch_size: 2")
+    assert verdict(tmp_path / "a", fragment, plan) == ["multipack_real_batches: Axolotl has False, the plan True"]
+    assert verdict(tmp_path / "b", fragment + "multipack_real_batches: true\n", plan) == []
+
+
+def test_tiled_mlp_on_a_mixture_of_experts_model_is_reported(tmp_path):
+    # patch_tiled_mlp replaces the dense {Prefix}MLP class; Mixtral's experts are not one.
+    plan = copy.deepcopy(PLAN)
+    plan["model"] = "mixtral-8x7b"
+    plan["setup"].update(sp=1, dp=8)
+    fragment = FRAGMENT.replace("context_parallel_size: 2\n", "")
+    assert verdict(tmp_path, fragment, plan) == [
+        "tiled_mlp: Axolotl tiles the dense MLP class, which a Mixture-of-Experts model's experts are not"]
+
+
+def test_a_fragment_that_is_not_a_config_is_one_refusal(tmp_path):
+    problems = verdict(tmp_path, "- not\n- a mapping\n")
+    assert len(problems) == 1 and problems[0].startswith(("ValueError", "TypeError", "AttributeError"))
+
+
 def test_the_capabilities_are_the_plan_gpus():
     caps, env = axolotl_check.capabilities("a100-80gb", 4, "2.14.1+cu130")
     assert caps == {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 4, "compute_capability": "sm_80"}

@@ -72,7 +72,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                         "pad_to_sequence_len", "bf16", "attn_implementation", "gradient_checkpointing",
                         "gradient_checkpointing_kwargs", "activation_offloading", "context_parallel_size", "tiled_mlp",
                         "tiled_mlp_num_shards", "plugins", "liger_fused_linear_cross_entropy", "cut_cross_entropy",
-                        "optimizer", "deepspeed"};
+                        "optimizer", "deepspeed", "multipack_real_batches"};
                     for (const auto& kv : y)
                         mst::fuzz::require(allowed.count(kv.first.as<std::string>()) == 1, "axolotl.yaml holds only its keys");
 #endif

@@ -16,6 +16,13 @@
 //  * tiled_mlp(_num_shards), plugins, deepspeed, optimizer (the Hugging Face Trainer's names:
 //    adamw_torch_fused, adamw_bnb_8bit, sgd; its sgd is torch.optim.SGD without momentum),
 //    sample_packing, pad_to_sequence_len, gradient_checkpointing(_kwargs).
+//  * multipack_real_batches: true keeps a packed micro-batch [micro_batch_size, sequence_len];
+//    unset, flash attention packs it into one row of micro_batch_size x sequence_len tokens
+//    (core/builders/causal.py, AxolotlTrainer's multipack sampler), which DeepSpeed Ulysses,
+//    built for micro_batch_size rows, refuses.
+//  * tiled_mlp patches the dense {Prefix}MLP class (monkeypatch/tiled_mlp/patch.py): refused for
+//    Mixture-of-Experts models. activation_offloading: hidden_states offloads every checkpointed
+//    layer's input and Axolotl checkpoints every layer: offload needs every layer checkpointed.
 //  * Liger (axolotl.integrations.liger.LigerPlugin, liger_fused_linear_cross_entropy) comes with
 //    Axolotl; Cut Cross Entropy (axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin)
 //    needs Axolotl's fork of cut-cross-entropy, installed apart (its plugin's _CCE_INSTALL_MESSAGE).
@@ -61,7 +68,7 @@ std::string joined(const std::vector<std::string>& lines) {
 void note(YAML::Emitter& e, const std::string& text) { e << YAML::Newline << YAML::Comment(joined(comment_lines(text))); }
 
 // Refuses what Axolotl cannot train as planned (see include/mst/emit.hpp).
-void check(const TrainingSetup& s, bool deepspeed) {
+void check(const TrainingSetup& s, const ModelSpec& model, bool deepspeed) {
     if (s.precision == Precision::AmpFp32)
         fail(kWhere, "setup.precision",
              "expected pure-bf16 or bf16-master (with bf16: true Axolotl loads the weights in bf16; it has no "
@@ -73,6 +80,21 @@ void check(const TrainingSetup& s, bool deepspeed) {
         fail(kWhere, "setup.attention",
              "expected flash with sp > 1 (Axolotl runs context_parallel_size as DeepSpeed Ulysses, which needs "
              "flash attention), got eager");
+    // patch_tiled_mlp (monkeypatch/tiled_mlp/patch.py) replaces the model's dense {Prefix}MLP
+    // class: Mixtral has none (model load fails), Qwen3-MoE's experts never use it.
+    if (s.mlp_chunks > 1 && model.moe)
+        fail(kWhere, "setup.mlp_chunks",
+             fmt::format("expected 1 for a Mixture-of-Experts model (Axolotl's tiled_mlp tiles the dense MLP class, "
+                         "not the experts), got {}",
+                         s.mlp_chunks));
+    // activation_offloading: hidden_states offloads the input of every checkpointed layer, and
+    // Axolotl checkpoints every layer: with fewer planned, host memory would exceed the plan's.
+    const std::int64_t checkpointed = s.checkpointed_count();
+    if (s.offload_checkpoints && checkpointed > 0 && checkpointed < model.num_layers)  // (0: no offload)
+        fail(kWhere, "setup.checkpoint",
+             fmt::format("expected all {} layers with offload_checkpoints (Axolotl checkpoints every layer and "
+                         "offloads each one's input), got {}",
+                         model.num_layers, checkpointed));
     if (deepspeed) return;  // ds_config.json holds the optimizer; the deepspeed emitter checks it
     if (s.optimizer == Optimizer::SgdMomentum)
         fail(kWhere, "setup.optimizer",
@@ -102,14 +124,14 @@ bool needs_deepspeed(const TrainingSetup& s) {
 }  // namespace
 
 void check_axolotl(const TrainingSetup& s, const ModelSpec& model) {
-    check(s, needs_deepspeed(s));
+    check(s, model, needs_deepspeed(s));
     if (needs_deepspeed(s)) check_deepspeed(s, model);
 }
 
 std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) {
     const TrainingSetup& s = plan.setup;
     const bool deepspeed = needs_deepspeed(s);
-    check(s, deepspeed);
+    check(s, model, deepspeed);
     std::vector<EmittedFile> files;
     if (deepspeed) files = emit_deepspeed(plan, model);  // refuses what DeepSpeed cannot do
     const bool ds_has_optimizer = deepspeed && s.optimizer != Optimizer::AdamW8bit;
@@ -120,7 +142,8 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
     header.push_back(fmt::format("For Axolotl {} (pip install \"axolotl{}=={}\"). Fragment of an Axolotl config: merge",
                                  kVersion, deepspeed ? "[deepspeed]" : "", kVersion));
     header.push_back("these keys into yours, which keeps base_model, datasets, learning rate... Keys:");
-    header.push_back("https://docs.axolotl.ai/docs/config-reference.html; train with: axolotl train axolotl.yaml");
+    header.push_back("https://docs.axolotl.ai/docs/config-reference.html; remove flash_attention / sdp_attention /");
+    header.push_back("eager_attention from yours (attn_implementation replaces them). Train with: axolotl train axolotl.yaml");
     e << YAML::Comment(joined(header));
     e << YAML::BeginMap;
     e << YAML::Key << "sequence_len" << YAML::Value << s.seq_len;
@@ -129,6 +152,12 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
     // Every micro-batch holds seq_len tokens, as the plan assumes: packed, or padded.
     e << YAML::Key << "sample_packing" << YAML::Value << !s.padded;
     e << YAML::Key << "pad_to_sequence_len" << YAML::Value << true;
+    if (!s.padded && s.micro_batch > 1) {
+        // Else a packed micro-batch is one row of micro_batch x sequence_len tokens
+        // (AxolotlTrainer's multipack sampler), which DeepSpeed Ulysses refuses.
+        note(e, fmt::format("{} packed rows of sequence_len tokens per micro-batch, as the plan has.", s.micro_batch));
+        e << YAML::Key << "multipack_real_batches" << YAML::Value << true;
+    }
     if (s.precision == Precision::Bf16Master)
         note(e, "bf16 weights for compute; the fp32 master weights and optimizer states are DeepSpeed's "
                 "(bf16 in ds_config.json).");
