@@ -23,16 +23,19 @@ mst_stamped() {
     [ -f "$2" ] && cmp -s "$1" "$2"
 }
 
+# mst_ready_venv <venv> <pins>: prints the environment's interpreter when it was installed from
+# exactly these pins (its stamp, <venv>/.mst-pins); fails otherwise.
+mst_ready_venv() {
+    [ -x "$1/bin/python" ] && mst_stamped "$2" "$1/.mst-pins" && echo "$1/bin/python"
+}
+
 mst_python_env() {
     local root venv pins stamp
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     venv="${MST_VENV:-$root/.venv/torch}"
     pins="$root/python/requirements/torch.txt"
     stamp="$venv/.mst-pins"
-    if [ -x "$venv/bin/python" ] && mst_stamped "$pins" "$stamp"; then
-        echo "$venv/bin/python"
-        return 0
-    fi
+    if mst_ready_venv "$venv" "$pins"; then return 0; fi
     echo "mst-plan: installing the Python stack into $venv (torch, transformers; a few minutes, once)..." >&2
     if ! python3 -m venv --clear "$venv" >&2 2>/dev/null; then
         local sudo=""
@@ -120,10 +123,7 @@ mst_axolotl_env() {
     venv="${MST_AXOLOTL_VENV:-$root/.venv/clients-axolotl}"
     pins="$root/python/requirements/clients-axolotl.txt"
     stamp="$venv/.mst-pins"
-    if [ -x "$venv/bin/python" ] && mst_stamped "$pins" "$stamp"; then
-        echo "$venv/bin/python"
-        return 0
-    fi
+    if mst_ready_venv "$venv" "$pins"; then return 0; fi
     local found=0
     python312="$(mst_python312)" || found=$?
     if [ "$found" = 2 ]; then return 1; fi  # a wrong MST_PYTHON312, said

@@ -210,28 +210,16 @@ def main(argv=None) -> int:
         return 2
     logging.disable(logging.WARNING)  # Axolotl's notes on every config; refusals are exceptions
 
-    entries = [e for e in matrix.default_matrix() if a.only in e.name and "axolotl" in e.formats]
-    rows, failures = [], 0
-    for entry in entries:
-        em = matrix.make(a.mst_plan, entry, "axolotl", a.out_dir)
-        if em.error:
-            rows.append((entry.name, "NO PLAN", em.error))
-            failures += 1
-            continue
-        problems = check(em, em.files["axolotl.yaml"].parent / "user")
+    def check_one(em: "matrix.Emitted") -> Tuple[str, List[str]]:
         s = em.plan["setup"]
         layout = (f"dp {s['dp']} sp {s['sp']} ZeRO {s['zero_stage']} mb {s['micro_batch']} ga {s['grad_accum']}"
                   f"{' deepspeed' if 'ds_config.json' in em.files else ''}")
-        rows.append((entry.name, "ok" if not problems else "REFUSED", layout if not problems else problems[0]))
-        failures += bool(problems)
-    width = max(len(r[0]) for r in rows) if rows else 10
-    for name, status, what in rows:
-        print(f"{name:<{width}}  {status:<8}  {what}")
-    checked = sum(1 for r in rows if r[1] in ("ok", "REFUSED"))
-    print(f"{checked} axolotl.yaml files from {len(entries)} plans through Axolotl {VERSION}'s load_cfg steps "
-          f"(prepare_plugins, validate_config, normalize_config): {failures} failed")
-    return 1 if failures else 0
+        return layout, check(em, em.files["axolotl.yaml"].parent / "user")
 
+    entries = [e for e in matrix.default_matrix() if a.only in e.name and "axolotl" in e.formats]
+    return matrix.check_matrix(a.mst_plan, entries, "axolotl", a.out_dir, check_one,
+                               "axolotl.yaml files", f"Axolotl {VERSION}'s load_cfg steps (prepare_plugins, "
+                               "validate_config, normalize_config)")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,29 @@ def make(binary: Path, entry: Entry, fmt: str, out_dir: Path) -> Emitted:
         return Emitted(entry, fmt, plan, error=(r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1])
     files = {p.name: p for p in where.iterdir() if p.name != "plan.json"}
     return Emitted(entry, fmt, plan, files)
+
+
+def check_matrix(binary: Path, entries: Sequence[Entry], fmt: str, out_dir: Path,
+                 check_one: Callable[[Emitted], Tuple[str, List[str]]], files: str, client: str) -> int:
+    """Makes each entry's plan and ``fmt`` files, asks ``check_one`` for (layout, problems) and prints
+    one row per plan and a summary line ("N <files> from M plans through <client>: F failed");
+    returns 1 when a file was refused or a plan not made, else 0."""
+    rows, failures = [], 0
+    for entry in entries:
+        em = make(binary, entry, fmt, out_dir)
+        if em.error:
+            rows.append((entry.name, "NO PLAN", em.error))
+            failures += 1
+            continue
+        layout, problems = check_one(em)
+        rows.append((entry.name, "ok" if not problems else "REFUSED", layout if not problems else problems[0]))
+        failures += bool(problems)
+    width = max(len(r[0]) for r in rows) if rows else 10
+    for name, status, detail in rows:
+        print(f"{name:<{width}}  {fmt}  {status:<8}  {detail}")
+    checked = sum(1 for r in rows if r[1] != "NO PLAN")
+    print(f"{checked} {files} from {len(entries)} plans through {client}: {failures} failed")
+    return 1 if failures else 0
 
 
 def command_line(prog: str, description: str, argv: Optional[Sequence[str]],

@@ -156,27 +156,16 @@ def main(argv=None) -> int:
     import logging
     logging.getLogger().setLevel(logging.ERROR)  # torchtitan's notes on absent tokenizer assets
 
-    entries = [e for e in matrix.titan_matrix() if a.only in e.name]
-    rows, failures = [], 0
-    for entry in entries:
-        em = matrix.make(a.mst_plan, entry, "torchtitan", a.out_dir)
-        if em.error:
-            rows.append((entry.name, "NO PLAN", em.error))
-            failures += 1
-            continue
+    def check_one(em: "matrix.Emitted"):
         s = em.plan["setup"]
         facts = model_facts(a.mst_plan, em.plan["model"])
         layout = (f"dp {s['dp']} ZeRO {s['zero_stage']} mb {s['micro_batch']} ga {s['grad_accum']} "
                   f"ckpt {len(s['checkpoint'])}/{facts['layers']} LM {s['lm_chunks']} {s['precision']}")
-        problems = check(em.files["mst_torchtitan.py"].parent, em.plan, facts)
-        rows.append((entry.name, "ok" if not problems else "REFUSED", layout if not problems else problems[0]))
-        failures += bool(problems)
-    width = max(len(r[0]) for r in rows) if rows else 10
-    for name, status, what in rows:
-        print(f"{name:<{width}}  torchtitan  {status:<8}  {what}")
-    print(f"{sum(r[1] != 'NO PLAN' for r in rows)} mst_torchtitan.py files from {len(entries)} plans through "
-          f"torchtitan 0.3.0's ConfigManager: {failures} failed")
-    return 1 if failures else 0
+        return layout, check(em.files["mst_torchtitan.py"].parent, em.plan, facts)
+
+    entries = [e for e in matrix.titan_matrix() if a.only in e.name]
+    return matrix.check_matrix(a.mst_plan, entries, "torchtitan", a.out_dir, check_one,
+                               "mst_torchtitan.py files", "torchtitan 0.3.0's ConfigManager")
 
 
 if __name__ == "__main__":
