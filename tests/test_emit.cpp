@@ -454,7 +454,7 @@ TEST_CASE("emit deepspeed: torch's SGD under ZeRO carries DeepSpeed's untested-o
     CHECK_FALSE(ds_config(plan, model).contains("zero_allow_untested_optimizer"));
 }
 
-TEST_CASE("emit axolotl: packed micro-batches keep their rows, and MoE experts are not tiled") {
+TEST_CASE("emit axolotl: packed micro-batches keep their rows, ZeRO-3 checkpoints reentrantly, MoE experts are not tiled") {
     ModelSpec model;
     Plan plan = golden_plan(model);
     CHECK_FALSE(axolotl_config(plan, model)["multipack_real_batches"]);  // one row: nothing to keep apart
@@ -464,6 +464,11 @@ TEST_CASE("emit axolotl: packed micro-batches keep their rows, and MoE experts a
     CHECK(axolotl_config(plan, model)["multipack_real_batches"].as<bool>());
     plan.setup.padded = true;  // padded rows are [micro_batch, seq_len] already
     CHECK_FALSE(axolotl_config(plan, model)["multipack_real_batches"]);
+
+    // ZeRO-3: reentrant checkpointing, Axolotl's own default there (normalize_config).
+    CHECK_FALSE(axolotl_config(plan, model)["gradient_checkpointing_kwargs"]["use_reentrant"].as<bool>());
+    plan.setup.zero_stage = 3;
+    CHECK(axolotl_config(plan, model)["gradient_checkpointing_kwargs"]["use_reentrant"].as<bool>());
 
     // Axolotl's tiled_mlp patches the dense MLP class: Mixtral has none, Qwen3-MoE's experts skip it.
     for (const char* name : {"mixtral-8x7b", "qwen3-30b-a3b"}) {

@@ -138,7 +138,6 @@ def meaning(cfg, plan: Mapping[str, Any], ds_config: Optional[Mapping[str, Any]]
     want("gradient_accumulation_steps", cfg.gradient_accumulation_steps, s["grad_accum"])
     # Sequences per optimizer step over the data-parallel replicas (normalize_config: world / cp).
     want("batch_size", cfg.batch_size, s["micro_batch"] * s["grad_accum"] * s["dp"])
-    want("world_size", cfg.world_size, plan["gpus"])
     want("sample_packing", bool(cfg.sample_packing), not s["padded"])
     want("pad_to_sequence_len", bool(cfg.pad_to_sequence_len), True)  # every row holds seq_len tokens
     # A packed micro-batch of several sequences: real rows [mb, seq_len], not one row of mb x seq_len.
@@ -148,9 +147,10 @@ def meaning(cfg, plan: Mapping[str, Any], ds_config: Optional[Mapping[str, Any]]
          "flash_attention_2" if s["attention"] == "flash" else "eager")
     checkpointed = len(s["checkpoint"]) > 0
     want("gradient_checkpointing", bool(cfg.gradient_checkpointing), checkpointed)
-    if checkpointed:
+    if checkpointed:  # reentrant under ZeRO-3 only (Axolotl's own default: non-reentrant fails there)
         want("gradient_checkpointing_kwargs.use_reentrant",
-             (cfg.gradient_checkpointing_kwargs or {}).get("use_reentrant"), False)
+             (cfg.gradient_checkpointing_kwargs or {}).get("use_reentrant"),
+             ds_config is not None and s["zero_stage"] == 3)
     want("activation_offloading", cfg.activation_offloading or False,
          "hidden_states" if s["offload_checkpoints"] else False)
     want("context_parallel_size", cfg.context_parallel_size or 1, s["sp"])

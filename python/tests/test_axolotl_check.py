@@ -20,37 +20,12 @@ else:
 
 from mst_clients import axolotl_check, matrix  # noqa: E402
 
-# A plan as `recommend --out` writes it (the fields the check reads): Llama-3-8B on 8 GPUs, dp 4 x
-# Ulysses sp 2 under ZeRO-2, 4 micro-steps, tiled MLP, Cut Cross Entropy's chunked loss.
-PLAN = {
-    "model": "llama-3-8b", "gpu": "h100-sxm-80gb", "gpus": 8,
-    "setup": {"seq_len": 65536, "micro_batch": 1, "grad_accum": 4, "dp": 4, "sp": 2, "ep": 1, "zero_stage": 2,
-              "padded": False, "attention": "flash", "checkpoint": list(range(32)), "offload_checkpoints": False,
-              "mlp_chunks": 8, "lm_chunks": 16, "lm_impl": "recompute", "optimizer": "adamw"},
-}
-DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4, "bf16": {"enabled": True},
-             "zero_optimization": {"stage": 2}}
-# What the emitter writes for PLAN (tests/golden/axolotl/axolotl.yaml, less its comments).
-FRAGMENT = """\
-sequence_len: 65536
-micro_batch_size: 1
-gradient_accumulation_steps: 4
-sample_packing: true
-pad_to_sequence_len: true
-bf16: true
-attn_implementation: flash_attention_2
-gradient_checkpointing: true
-gradient_checkpointing_kwargs:
-  use_reentrant: false
-context_parallel_size: 2
-tiled_mlp: true
-tiled_mlp_num_shards: 8
-plugins:
-  - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin
-cut_cross_entropy: true
-optimizer: adamw_torch_fused
-deepspeed: ds_config.json
-"""
+# The emitter's golden output (tests/test_emit.cpp holds the emitter to it byte for byte): Llama-3-8B
+# on 8 GPUs, dp 4 x Ulysses sp 2 under ZeRO-2, 4 micro-steps, tiled MLP, Cut Cross Entropy's loss.
+GOLDEN = Path(__file__).resolve().parents[2] / "tests" / "golden"
+PLAN = json.loads((GOLDEN / "plan_llama3_8b.json").read_text())
+DS_CONFIG = json.loads((GOLDEN / "axolotl" / "ds_config.json").read_text())
+FRAGMENT = (GOLDEN / "axolotl" / "axolotl.yaml").read_text()
 
 
 def verdict(tmp_path: Path, fragment: str = FRAGMENT, plan=PLAN, ds=DS_CONFIG):
@@ -156,6 +131,20 @@ def test_tiled_mlp_on_a_mixture_of_experts_model_is_reported(tmp_path):
     fragment = FRAGMENT.replace("context_parallel_size: 2\n", "")
     assert verdict(tmp_path, fragment, plan) == [
         "tiled_mlp: Axolotl tiles the dense MLP class, which a Mixture-of-Experts model's experts are not"]
+
+
+def test_zero3_checkpoints_reentrantly_as_axolotl_itself_chooses(tmp_path):
+    # normalize_config, with use_reentrant unset, picks reentrant under a ZeRO-3 ds_config (and
+    # non-reentrant otherwise): the emitter writes that choice out, and the check holds it to it.
+    plan = copy.deepcopy(PLAN)
+    plan["setup"]["zero_stage"] = 3
+    zero3 = copy.deepcopy(DS_CONFIG)
+    zero3["zero_optimization"]["stage"] = 3
+    unset = FRAGMENT.replace("gradient_checkpointing_kwargs:\n  use_reentrant: false\n", "")
+    assert verdict(tmp_path / "a", unset, plan, zero3) == []
+    assert verdict(tmp_path / "b", FRAGMENT, plan, zero3) == [
+        "gradient_checkpointing_kwargs.use_reentrant: Axolotl has False, the plan True"]
+    assert verdict(tmp_path / "c", unset) == []  # ZeRO-2: non-reentrant
 
 
 def test_a_fragment_that_is_not_a_config_is_one_refusal(tmp_path):

@@ -7,8 +7,11 @@
 //    eager_attention keys are deprecated (normalize_attn_implementation maps them).
 //  * activation_offloading: hidden_states offloads the input of every checkpointed layer
 //    (monkeypatch/checkpoint_activation_offload.py), the plan's offload; `true` is TRL's
-//    stream offloader of every saved tensor instead. It needs gradient_checkpointing_kwargs
-//    use_reentrant: false.
+//    stream offloader of every saved tensor instead. Non-reentrant checkpointing offloads them
+//    through a saved-tensors hook, reentrant through patch_hidden_states_offload (loaders/model.py).
+//  * gradient_checkpointing_kwargs use_reentrant: what normalize_config picks when it is unset,
+//    written out: false, except under DeepSpeed ZeRO-3, where non-reentrant recompute meets the
+//    partitioned parameters and raises a CheckpointError (its comment there).
 //  * context_parallel_size: with `deepspeed:` set it becomes accelerate's DeepSpeed Ulysses
 //    axis (utils/distributed.py _get_parallel_config_kwargs: sp_size, sp_backend deepspeed,
 //    the other ranks dp_replicate_size), which the plan models. Without DeepSpeed it is the
@@ -171,9 +174,14 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
                             "checkpointed: less memory than predicted, {} more layer recomputes per micro-step.",
                             describe_placement(s, model), model.num_layers - checkpointed));
     e << YAML::Key << "gradient_checkpointing" << YAML::Value << (checkpointed > 0);
-    if (checkpointed > 0)
+    if (checkpointed > 0) {
+        const bool reentrant = deepspeed && s.zero_stage == 3;
+        if (reentrant)
+            note(e, "Reentrant under ZeRO-3, as Axolotl's own default: non-reentrant recompute meets the "
+                    "partitioned parameters.");
         e << YAML::Key << "gradient_checkpointing_kwargs" << YAML::Value << YAML::BeginMap << YAML::Key
-          << "use_reentrant" << YAML::Value << false << YAML::EndMap;
+          << "use_reentrant" << YAML::Value << reentrant << YAML::EndMap;
+    }
     if (s.offload_checkpoints) {
         note(e, "Offloads what checkpointed layers save (their inputs) to host memory, as the plan does.");
         e << YAML::Key << "activation_offloading" << YAML::Value << "hidden_states";
