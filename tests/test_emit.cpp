@@ -498,9 +498,12 @@ TEST_CASE("emit: precision maps to each trainer's own mechanism") {
     plan.setup.zero_stage = 0;
     CHECK(error_of(plan, model, "deepspeed").rfind("deepspeed: setup.precision: ", 0) == 0);
     // ...but Ulysses does: without deepspeed: Axolotl's context_parallel_size is the ringmaster
-    // plugin's (its own choice of Ulysses, ring or both), so DeepSpeed's refusal is reported.
+    // plugin's (its own choice of Ulysses, ring or both): sp is refused, with DeepSpeed's reason.
     REQUIRE(plan.setup.sp == 2);
-    CHECK(error_of(plan, model, "axolotl").rfind("deepspeed: setup.precision: ", 0) == 0);
+    CHECK(error_of(plan, model, "axolotl")
+              .rfind("axolotl: setup.sp: expected 1, or a setup DeepSpeed accepts (Axolotl runs sp > 1 as DeepSpeed "
+                     "Ulysses), got 2; deepspeed: setup.precision: ",
+                     0) == 0);
     plan.setup.sp = 1, plan.setup.dp = 8;
     const auto files = emit(plan, model, "axolotl");
     CHECK(files.size() == 1);

@@ -124,17 +124,31 @@ bool needs_deepspeed(const TrainingSetup& s) {
     return s.zero_stage > 0 || s.precision == Precision::Bf16Master || s.sp > 1;
 }
 
+// DeepSpeed's refusal of the plan; where only sp > 1 made it DeepSpeed's, said as the sp knob's.
+void check_with_deepspeed(const TrainingSetup& s, const ModelSpec& model) {
+    const bool only_for_ulysses = s.zero_stage == 0 && s.precision != Precision::Bf16Master;
+    try {
+        check_deepspeed(s, model);
+    } catch (const UserError& e) {
+        if (!only_for_ulysses) throw;
+        fail(kWhere, "setup.sp",
+             fmt::format("expected 1, or a setup DeepSpeed accepts (Axolotl runs sp > 1 as DeepSpeed Ulysses), got {}; {}",
+                         s.sp, e.what()));
+    }
+}
+
 }  // namespace
 
 void check_axolotl(const TrainingSetup& s, const ModelSpec& model) {
     check(s, model, needs_deepspeed(s));
-    if (needs_deepspeed(s)) check_deepspeed(s, model);
+    if (needs_deepspeed(s)) check_with_deepspeed(s, model);
 }
 
 std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) {
     const TrainingSetup& s = plan.setup;
     const bool deepspeed = needs_deepspeed(s);
     check(s, model, deepspeed);
+    if (deepspeed) check_with_deepspeed(s, model);
     std::vector<EmittedFile> files;
     if (deepspeed) files = emit_deepspeed(plan, model);  // refuses what DeepSpeed cannot do
     const bool ds_has_optimizer = deepspeed && s.optimizer != Optimizer::AdamW8bit;
