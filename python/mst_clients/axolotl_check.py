@@ -7,10 +7,11 @@ output folder. The merged file then goes through the steps of Axolotl 0.21.0's
 ``axolotl.cli.config.load_cfg`` that read and check a config, in its order: ``prepare_plugins``,
 ``validate_config`` (with the capabilities ``gpu_capabilities()`` reports on the plan's GPU, and
 ``WORLD_SIZE`` its GPU count, as ``torchrun`` sets it), ``normalize_config``,
-``normalize_cfg_datasets``, ``plugin_set_cfg``. ``prepare_optim_env``, which sets up the process's
-NCCL and DeepSpeed environment on the GPUs themselves, is the one step left out: it needs the
-devices. Then the config Axolotl made must mean what the plan means (``meaning``), including the
-parallel layout Axolotl gives accelerate (``_get_parallel_config_kwargs``). The ``ds_config.json``
+``normalize_cfg_datasets``, ``plugin_set_cfg``. Left out are the debug log, the experiment trackers'
+variables and ``prepare_optim_env``, which sets the process's NCCL, DeepSpeed and accelerate
+parallelism variables and starts DeepSpeed's process group on the devices. Then the config Axolotl
+made must mean what the plan means (``meaning``), including the parallel layout Axolotl gives
+accelerate (``_get_parallel_config_kwargs``, what prepare_optim_env's variables carry). The ``ds_config.json``
 beside a fragment is checked by ``python -m mst_clients`` (DeepSpeed's engine); here it must be
 the file Axolotl loads.
 
@@ -52,11 +53,16 @@ def capabilities(gpu: str, gpus: int, torch_version: str) -> Tuple[Dict[str, Any
             {"torch_version": torch_version.split("+", maxsplit=1)[0]})
 
 
+def catalog_config(model: str) -> Dict[str, Any]:
+    """The catalog model's config.json (models/NAME.json), its "_mst" block included."""
+    return json.loads((MODELS_DIR / f"{model}.json").read_text())
+
+
 def base_config(plan: Mapping[str, Any], work: Path) -> Dict[str, Any]:
     """A minimal config of the user's own (model, data, output) for the fragment to merge into."""
     model_dir = work / "base_model"
     model_dir.mkdir(parents=True, exist_ok=True)
-    raw = json.loads((MODELS_DIR / f"{plan['model']}.json").read_text())
+    raw = catalog_config(plan["model"])
     (model_dir / "config.json").write_text(json.dumps({k: v for k, v in raw.items() if k != "_mst"}, indent=1))
     data = work / "data.jsonl"
     data.write_text('{"text": "a line of training text"}\n')
@@ -116,7 +122,7 @@ def load(path: Path, plan: Mapping[str, Any]):
 
 def is_moe(model: str) -> bool:
     """Whether the catalog model's MLPs are Mixture-of-Experts blocks (its config.json's expert count)."""
-    raw = json.loads((MODELS_DIR / f"{model}.json").read_text())
+    raw = catalog_config(model)
     raw = raw.get("text_config", raw)
     return any(int(raw.get(key) or 0) > 1 for key in ("num_local_experts", "num_experts"))
 
@@ -220,6 +226,7 @@ def main(argv=None) -> int:
     return matrix.check_matrix(a.mst_plan, entries, "axolotl", a.out_dir, check_one,
                                "axolotl.yaml files", f"Axolotl {VERSION}'s load_cfg steps (prepare_plugins, "
                                "validate_config, normalize_config)")
+
 
 if __name__ == "__main__":
     sys.exit(main())

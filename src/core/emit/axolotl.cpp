@@ -147,8 +147,7 @@ void check_axolotl(const TrainingSetup& s, const ModelSpec& model) {
 std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) {
     const TrainingSetup& s = plan.setup;
     const bool deepspeed = needs_deepspeed(s);
-    check(s, model, deepspeed);
-    if (deepspeed) check_with_deepspeed(s, model);
+    check_axolotl(s, model);
     std::vector<EmittedFile> files;
     if (deepspeed) files = emit_deepspeed(plan, model);  // refuses what DeepSpeed cannot do
     const bool ds_has_optimizer = deepspeed && s.optimizer != Optimizer::AdamW8bit;
