@@ -51,7 +51,7 @@ a resize to zero is the free of the storage's bytes and a resize from zero the a
 new tensor; between two non-zero sizes the new block is allocated before the old one goes back
 (CUDA's ``resize_bytes_cuda`` copies from one to the other).
 
-Not recorded: constants made from Python data (``torch.tensor(1.0)``: ``aten.lift_fresh`` on
+Not recorded: tensors on the ``meta`` device (shapes only: DeepSpeed keeps one per parameter); constants made from Python data (``torch.tensor(1.0)``: ``aten.lift_fresh`` on
 fake tensors), which the code the referee runs keeps on the host (torch.optim's step
 increment); and zero-byte storages.
 """
@@ -407,7 +407,7 @@ class StorageRecorder(TorchDispatchMode):
             if t is None:
                 continue
             st = t.untyped_storage()
-            if id(st) in self._live or st.nbytes() == 0:
+            if id(st) in self._live or st.nbytes() == 0 or t.device.type == "meta":
                 continue
             s = self._track(st, "init", "gpu", category)
             self.events.append(Event(True, s.tensor, s.nbytes, "gpu", "init", layer_of(name), 0, op, name))
@@ -524,8 +524,8 @@ class StorageRecorder(TorchDispatchMode):
                     raise RuntimeError(f"referee: {name} resized a tracked storage "
                                        f"({entry[1].nbytes} -> {st.nbytes()} bytes)")
                 continue
-            if st.nbytes() == 0:
-                continue  # no memory: a caching allocator hands out nothing for 0 bytes
+            if st.nbytes() == 0 or t.device.type == "meta":
+                continue  # no memory: a caching allocator hands out nothing for 0 bytes, nor for a meta tensor
             if inputs is None:
                 inputs = {id(a.untyped_storage()) for a in tree_flatten((args, kwargs))[0]
                           if isinstance(a, torch.Tensor)}

@@ -1,0 +1,288 @@
+"""DeepSpeed's ZeRO engine as the trainer: one rank's step at full size on fake tensors, every storage recorded.
+
+A plan for DeepSpeed (``mst-plan emit --format deepspeed``) trains the Hugging Face model (patched by
+``mst_hf.apply`` for the plan's mini-sequences and checkpoints) inside DeepSpeed's engine, which owns
+what a plain PyTorch step does not have: the flat bf16 parameter buffer, the fp32 master partition,
+the gradient buckets, the partition's gradients and the step's copies of them. This module runs that
+engine, built from the emitted ``ds_config.json`` as the Hugging Face Trainer hands it over
+(``deepspeed.initialize`` with the trainable parameters as one group and the file's optimizer), for
+one rank ``rank`` of the plan's ``dp x sp`` ranks, and records its step as the referee records a
+plain one (:class:`mst_referee.recorder.StorageRecorder`, ``mst-timeline/1`` events).
+
+The world is torch's ``fake`` process group (groups exist, collectives move nothing, every shape is
+real) on DeepSpeed's CPU accelerator; the tensors are fake (:mod:`mst_referee.fake`). Three places
+need what fake tensors do not have, each answered as a GPU run answers it:
+
+* ``Module.to(device)`` at engine start: the model is already on its device (a fake tensor cannot
+  be swapped for itself), so the call returns the module;
+* the multi-tensor Adam kernel (``deepspeed.ops.adam.FusedAdam``'s ``multi_tensor_applier``), which
+  updates parameters and states in place on a GPU and allocates nothing, does nothing here (its CPU
+  build reads data pointers);
+* a tensor's value read back to Python (``.item()``: the bf16 overflow flag, the finiteness of the
+  gradient norm) is 0, which is what real bf16 gradients give (no overflow, a finite norm).
+
+What exists before the recorded step (after one warm-up step, so the optimizer's states exist) is
+registered as ``init``: the flat bf16 buffers (weights), the model's buffers, the fp32 partitions
+(master weights), the optimizer's states, then whatever else DeepSpeed keeps alive between steps
+(found by walking the garbage collector's objects), as workspace.
+
+Only ZeRO stages 1 and 2 without sequence parallelism run here: stage 3 (parameter partitioning and
+its prefetch hooks) and Ulysses (its attention and process groups) are refused by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import os
+import time
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator on import
+
+from .jobs import CrosscheckError, Job, fail
+
+# The values the Hugging Face Trainer writes over "auto" in the optimizer block (its defaults).
+TRAINER_AUTO = {"lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+
+
+def fill_auto(ds_config: Mapping[str, Any], setup: Mapping[str, Any]) -> Dict[str, Any]:
+    """``ds_config`` as the Trainer hands it to DeepSpeed: "auto" values filled (the batch keys from
+    the plan, the optimizer's from the Trainer's defaults), mst-plan's notes dropped."""
+    out = {k: copy.deepcopy(v) for k, v in ds_config.items() if k != "mst_plan_notes"}
+    for key, value in (("train_micro_batch_size_per_gpu", setup["micro_batch"]),
+                       ("gradient_accumulation_steps", setup["grad_accum"])):
+        if out.get(key, "auto") == "auto":
+            out[key] = value
+    if out.get("gradient_clipping") == "auto":
+        out["gradient_clipping"] = 1.0
+    params = out.get("optimizer", {}).get("params", {})
+    for key, value in TRAINER_AUTO.items():
+        if params.get(key) == "auto":
+            params[key] = value
+    return out
+
+
+def check_supported(setup: Mapping[str, Any], ds_config: Mapping[str, Any], where: str) -> None:
+    """What this runner can run: ZeRO 1 or 2 in bf16, one sequence-parallel rank."""
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2):
+        fail(where, "zero_optimization.stage", f"expected 1 or 2 (stage 3's parameter partitioning is not run "
+                                               f"here), got {stage!r}")
+    if stage != setup.get("zero_stage"):
+        fail(where, "zero_optimization.stage", f"expected the plan's zero_stage {setup.get('zero_stage')}, got {stage}")
+    if not ds_config.get("bf16", {}).get("enabled", False):
+        fail(where, "bf16.enabled", "expected true (the plan trains in bf16)")
+    if setup.get("sp", 1) != 1 or ds_config.get("sequence_parallel_size", 1) != 1:
+        fail(where, "sequence_parallel_size", "expected 1 (Ulysses is not run here)")
+    if setup.get("precision") not in ("bf16-master", "pure-bf16"):
+        fail(where, "precision", f"expected bf16-master or pure-bf16 (DeepSpeed's bf16), got {setup.get('precision')!r}")
+
+
+@contextlib.contextmanager
+def stand_ins(fake: bool = True) -> Iterator[None]:
+    """The answers of the module docstring, for the duration of the run: all three on fake tensors;
+    on real ones (``fake=False``, the tests' CPU run) only the Adam kernel's, which reads data pointers
+    of the CPU build, not of the GPU's."""
+    import deepspeed.ops.adam.fused_adam as fused_adam
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Values(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+            if func is torch.ops.aten._local_scalar_dense.default:
+                return False if args[0].dtype == torch.bool else 0
+            return func(*args, **(kwargs or {}))
+
+    def already_there(module: Any, *args: Any, **kwargs: Any) -> Any:
+        return module
+
+    saved = (torch.nn.Module.to, fused_adam.multi_tensor_applier)
+    if fake:
+        torch.nn.Module.to = already_there  # type: ignore[method-assign]
+    fused_adam.multi_tensor_applier = lambda *args, **kwargs: None
+    try:
+        with _Values() if fake else contextlib.nullcontext():
+            yield
+    finally:
+        torch.nn.Module.to, fused_adam.multi_tensor_applier = saved  # type: ignore[method-assign]
+
+
+def _world(size: int, rank: int) -> None:
+    import deepspeed.comm
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        deepspeed.comm.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(size), LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=size)
+    deepspeed.comm.init_distributed(dist_backend="fake", auto_mpi_discovery=False, verbose=False)
+
+
+def _live_tensors(fake_mode: Any) -> Iterator[Any]:
+    """The tensors of this run (those of ``fake_mode``, or the real ones when it is None) that
+    Python objects hold."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            if (obj.fake_mode is fake_mode) if isinstance(obj, FakeTensor) else fake_mode is None:
+                yield obj
+
+
+def _register_state(recorder: Any, model: Any, optimizer: Any, fake_mode: Any) -> None:
+    """Everything alive before the step, as its init allocations (named by what holds them)."""
+    import torch
+
+    recorder.register(((f"flat_bf16_group{i}", t) for i, t in enumerate(optimizer.bit16_groups_flat)),
+                      "weights", "init.weights")
+    recorder.register(model.named_parameters(), "weights", "init.weights")  # (any outside the flat groups)
+    recorder.register(model.named_buffers(), "weights", "init.buffers")
+    recorder.register(((f"fp32_partition_group{i}", t) for i, t in enumerate(optimizer.single_partition_of_fp32_groups)),
+                      "master_weights", "init.master_weights")
+    inner = optimizer.optimizer
+    recorder.register(((f"fp32_partition_group{i}.{key}", value)
+                       for i, group in enumerate(inner.param_groups) for p in group["params"]
+                       for key, value in inner.state.get(p, {}).items() if isinstance(value, torch.Tensor)),
+                      "optimizer_state", "init.optimizer_state")
+    recorder.register((("deepspeed", t) for t in _live_tensors(fake_mode)), "workspace",
+                      "init.deepspeed")
+
+
+def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where: str = "ds_config",
+                   device: str = "fake") -> Dict[str, Any]:
+    """Run the job's model in DeepSpeed's engine (``ds_config`` as emitted for the job's plan) as rank
+    ``rank``; record one optimizer step after one warm-up step. Returns the events and facts.
+    ``device``: "fake" (full size) or "cpu" (real tensors: small models, the stand-ins' test)."""
+    import deepspeed
+    import mst_hf
+    import torch
+
+    from . import flash
+    from .fake import session
+    from .recorder import StorageRecorder, cuda_autocast_policies
+    from .referee import patched_model
+    from .train import step_batches
+
+    setup = job.setup
+    check_supported(setup, ds_config, where)
+    world = setup["dp"] * setup.get("sp", 1)
+    if not 0 <= rank < world:
+        fail("command line", "rank", f"expected 0 to {world - 1} (the plan's dp x sp ranks), got {rank}")
+    t0 = time.monotonic()
+    config = fill_auto(ds_config, setup)
+    # mst_hf applies the mini-sequences and checkpoints; DeepSpeed owns bf16's fp32 master weights.
+    cfg = mst_hf.load_config(dict(job.mst_config, precision="pure-bf16"))
+    _world(world, rank)
+    if device not in ("fake", "cpu"):
+        fail("command line", "device", f"expected fake or cpu, got {device!r}")
+    # (on real tensors, only the FlashAttention-2 stand-in of the fake session: no GPU kernel here)
+    with session() if device == "fake" else flash.stand_in() as fake_mode, cuda_autocast_policies(), \
+            stand_ins(device == "fake"):
+        model, attn = patched_model(job, cfg)
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config)
+        next_step = step_batches(job)
+
+        def train(observe: Any) -> None:
+            batch_list = next_step()
+            for micro, batch in enumerate(batch_list):
+                observe("forward", micro)
+                ids, labels = batch.clone(), batch.clone()  # (the host batch's copies on the device)
+                loss = engine(input_ids=ids, labels=labels, use_cache=False).loss
+                observe("backward", micro)
+                engine.backward(loss)
+                del loss, ids, labels
+                observe("optimizer" if micro == len(batch_list) - 1 else "backward", micro)
+                engine.step()  # (before the last micro-step, DeepSpeed's bookkeeping only)
+
+        train(lambda phase, micro: None)  # warm-up: the optimizer's states are created
+        recorder = StorageRecorder()
+        _register_state(recorder, model, optimizer, fake_mode if device == "fake" else None)
+
+        def observe(phase: str, micro: int) -> None:
+            recorder.recording = micro < 2 or phase == "optimizer"
+            recorder.micro_step = min(micro, 1)
+            recorder.phase = phase
+        with recorder.tracking(model), recorder:
+            train(observe)
+        recorder.close()
+        events = recorder.timeline()
+        info = {"zero_stage": optimizer.partition_gradients and 2 or 1,
+                "partition_numel": [int(t.numel()) for t in optimizer.single_partition_of_fp32_groups],
+                "reduce_bucket_size": int(optimizer.reduce_bucket_size),
+                "overlap_comm": bool(optimizer.overlap_comm),
+                "contiguous_gradients": bool(optimizer.contiguous_gradients)}
+        del engine, optimizer, model
+    return {"events": [e.to_list() for e in events], "attn_implementation": attn, "rank": rank, "world": world,
+            "deepspeed": deepspeed.__version__, "torch": torch.__version__, "engine": info,
+            "seconds": time.monotonic() - t0, "micro_steps": setup["grad_accum"],
+            "micro_steps_recorded": min(setup["grad_accum"], 2)}
+
+
+def job_for_deepspeed(plan: Mapping[str, Any], where: str = "plan") -> Job:
+    """The referee's job for a DeepSpeed plan: the model and mst_hf's patches as for one GPU (the
+    data-parallel and ZeRO knobs are DeepSpeed's here), the plan's setup recorded as it is."""
+    from .jobs import make_job
+
+    setup = dict(plan["setup"], runtime="hf")  # (Hugging Face's model code, whichever runtime planned it)
+    single = dict(setup, dp=1, zero_stage=0, precision="pure-bf16")
+    job = make_job(None, plan=dict(plan, setup=single), plan_where=where, convert="python")
+    job.setup = setup
+    return job
+
+
+def measurement_file(job: Job, result: Mapping[str, Any]) -> Dict[str, Any]:
+    """The recorded step as the referee's measurements are written (``mst-measure/1``, backend
+    referee: what ``mst-plan compare --run`` re-simulates), DeepSpeed's facts among its notes."""
+    from pathlib import Path
+
+    from .referee import summarize_events, timeline
+
+    engine = result["engine"]
+    summary = dict(summarize_events(result["events"]), seconds=result["seconds"], device="fake",
+                   attn_implementation=result["attn_implementation"], layers=job.layers, events=len(result["events"]),
+                   torch=result["torch"], deepspeed=result["deepspeed"])
+    notes = [f"trainer: DeepSpeed {result['deepspeed']} ZeRO-{engine['zero_stage']} engine, rank {result['rank']} of "
+             f"{result['world']} (torch's fake process group, DeepSpeed's CPU accelerator, fake tensors)",
+             f"deepspeed: partition {engine['partition_numel']} elements, reduce_bucket_size {engine['reduce_bucket_size']}, "
+             f"overlap_comm {engine['overlap_comm']}, contiguous_gradients {engine['contiguous_gradients']}"]
+    return {"format": "mst-measure/1", "backend": "referee", "model": Path(job.model_path).stem,
+            "model_path": job.model_path, "seed": job.seed, "workspace_bytes": 0, "setup": job.setup,
+            "timeline": timeline(job, result), "summary": summary, "run": job.name, "notes": notes}
+
+
+def main(argv: Any = None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
+    from .jobs import read_json, write_json
+
+    p = argparse.ArgumentParser(prog="python -m mst_referee.deepspeed_zero", description=__doc__.splitlines()[0])
+    p.add_argument("plan", type=Path, help="an mst-plan plan (recommend/estimate --out)")
+    p.add_argument("ds_config", type=Path, help="the ds_config.json emitted for it (mst-plan emit --format deepspeed)")
+    p.add_argument("--rank", type=int, default=0, help="which of the plan's dp x sp ranks (default 0)")
+    p.add_argument("--out", type=Path, required=True, help="the recorded step (mst-measure/1, backend referee: mst-plan compare --run reads it)")
+    args = p.parse_args(argv)
+    try:
+        plan = read_json(args.plan, "the plan")
+        job = job_for_deepspeed(plan, str(args.plan))
+        result = deepspeed_step(job, read_json(args.ds_config, "the DeepSpeed config"), args.rank, str(args.ds_config))
+    except CrosscheckError as e:
+        print(f"error: {e}")
+        return 2
+    out = measurement_file(job, result)
+    write_json(args.out, out)
+    print(json.dumps({"out": str(args.out), "events": len(result["events"]), "seconds": round(result["seconds"], 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""python/mst_referee/deepspeed_zero.py: DeepSpeed's ZeRO-2 engine recorded, and what it allocates.
+
+The run is tiny-llama (models/tiny-llama.json) on 8 data-parallel ranks, ZeRO-2, bf16 with fp32
+master weights, a 256-token sequence, eager attention, and DeepSpeed's gradient bucket cut to 4096
+elements so that backward fills it several times. Rank 6 is recorded: its partition straddles
+several parameters.
+
+The sizes asserted here are derived by hand from the config and DeepSpeed's partitioning rule
+(one flat buffer in ``model.parameters()`` order, cut into 8 equal partitions):
+
+* P = 125248 parameters: embedding 256 x 64 = 16384; per layer q 64 x 64 = 4096, k and v
+  64 x 32 = 2048 each, o 4096, gate/up/down 64 x 176 = 11264 each, two norms of 64 (46208);
+  two layers 92416; final norm 64; lm_head 16384 (untied). 125248 is a multiple of 2 x 8 (the
+  NCCL start alignment of bf16 times the ranks), so nothing is padded: a partition is 15656.
+* Rank 6 holds elements [93936, 109592). In parameter order layer 1 runs from 62592: q, k, v, o,
+  gate (74880), up (86144), down (97408), the norms (108672, 108736); the final norm 108800;
+  lm_head 108864. So rank 6 holds the last 3472 elements of up, down (11264), both norms, the
+  final norm and the first 728 of lm_head; the parameters it touches hold 11264 + 11264 + 64 + 64
+  + 64 + 16384 = 39104 elements (DeepSpeed's ``grads_in_partition`` takes them whole).
+
+They run in a fresh interpreter (the run owns the process's default process group), with
+DeepSpeed from MST_CLIENTS_PATH (scripts/test installs it; ctest then requires it).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENTS = os.environ.get("MST_CLIENTS_PATH", "")
+
+P, RANKS, RANK, BUCKET = 125248, 8, 6, 4096
+PARTITION = P // RANKS
+SETUP = {"micro_batch": 1, "seq_len": 256, "grad_accum": 1, "precision": "bf16-master", "optimizer": "adamw",
+         "optimizer_state_dtype": "fp32", "attention": "eager", "dp": RANKS, "zero_stage": 2, "runtime": "kernels",
+         "checkpoint": []}
+DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+             "bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "reduce_bucket_size": BUCKET},
+             "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                       "weight_decay": "auto"}}}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """The step's events on fake tensors and on real ones (CPU), in one fresh interpreter."""
+    if not CLIENTS:
+        pytest.skip("MST_CLIENTS_PATH is not set (scripts/test sets it)")
+    code = ("import json, sys; from mst_referee import deepspeed_zero as dz; a = json.loads(sys.argv[1]); "
+            "job = dz.job_for_deepspeed({'format': 'mst-plan/1', 'model': 'tiny-llama', 'gpu': 'h100-sxm-80gb', "
+            "'gpus': a['ranks'], 'setup': a['setup']}); "
+            "print(json.dumps({d: dz.deepspeed_step(job, a['ds'], a['rank'], device=d) for d in ('fake', 'cpu')}))")
+    env = dict(os.environ, PYTHONPATH=f"{CLIENTS}:{REPO / 'python'}")
+    arg = json.dumps({"setup": SETUP, "ds": DS_CONFIG, "rank": RANK, "ranks": RANKS})
+    r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _named(events, name_prefix, phase=None):
+    return [e for e in events if e[0] == "alloc" and e[9].startswith(name_prefix) and (phase is None or e[5] == phase)]
+
+
+def _numel(name):
+    """Elements of the tensor a recorder event names ("_to_copy torch.float64[64, 176]": 11264)."""
+    n = 1
+    for d in name[name.index("[") + 1:name.index("]")].split(","):
+        n *= int(d)
+    return n
+
+
+def _freed_in(events, tensor):
+    return [e[5] for e in events if e[0] == "free" and e[1] == tensor]
+
+
+def test_fake_tensors_and_the_stand_ins_allocate_what_real_tensors_do(runs):
+    fake, real = runs["fake"]["events"], runs["cpu"]["events"]
+    # (the tensor ids are compared through the order; names of what DeepSpeed keeps are generic)
+    step = lambda events: [e[:1] + e[2:] for e in events if e[5] != "init"]
+    assert step(fake) == step(real)
+    held = lambda events: [e[2:] for e in events if e[5] == "init" and e[8] != "init.deepspeed"]
+    assert held(fake) == held(real)
+
+
+def test_the_partition_and_the_flat_buffer_follow_deepspeeds_partitioning(runs):
+    r = runs["fake"]
+    assert r["engine"]["partition_numel"] == [PARTITION]
+    events = r["events"]
+    assert [e[2] for e in _named(events, "flat_bf16_group0", "init")] == [2 * P]
+    assert [e[2] for e in _named(events, "fp32_partition_group0", "init")] == [4 * PARTITION] * 3  # master, exp_avg, exp_avg_sq
+
+
+def test_backward_holds_one_gradient_bucket_and_the_partitions_gradients(runs):
+    events = runs["fake"]["events"]
+    bucket = _named(events, "empty bf16[4096]", "backward")
+    assert len(bucket) == 1 and bucket[0][8] == "lm_head"  # made for the first gradient (overlap_comm off: one)
+    assert _freed_in(events, bucket[0][1]) == ["backward"]
+    grads = _named(events, "empty bf16[39104]", "backward")
+    assert len(grads) == 1 and _freed_in(events, grads[0][1]) == ["optimizer"]
+
+
+def test_the_step_copies_the_partitions_gradient_to_fp32_and_takes_norms_in_fp64(runs):
+    events = runs["fake"]["events"]
+    pieces = sorted(_numel(e[9]) for e in _named(events, "_to_copy torch.float64", "optimizer"))
+    assert pieces == sorted([3472, 11264, 64, 64, 64, 728])  # every piece of rank 6's partition
+    flat, fp32 = _named(events, "cat bf16[15656]", "optimizer"), _named(events, "_to_copy f32[15656]", "optimizer")
+    assert len(flat) == 1 and len(fp32) == 1 and fp32[0][1] > flat[0][1]
