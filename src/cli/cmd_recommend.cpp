@@ -190,6 +190,13 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     t.row({"throughput", fmt::format("{:.0f} tokens/s per GPU, MFU {:.1f} %, {:.2f} s per step", r.best.time.tokens_per_second,
                                      100 * r.best.time.mfu, r.best.time.step_seconds)});
     t.print();
+    // (measured: the referee running DeepSpeed's engine on the emitted file, README "DeepSpeed's ZeRO engine")
+    if (rq.base.runtime == Runtime::Kernels && (rq.for_format == "deepspeed" || rq.for_format == "axolotl"))
+        fmt::print("\ncaution: {}",
+                   wrap(fmt::format("this is the memory of mst-plan's own kernels (--runtime kernels), not of the Hugging "
+                                    "Face model {} trains, which allocates more; with DeepSpeed, measure the plan with "
+                                    "python -m mst_referee.deepspeed_zero before training (README).", rq.for_format),
+                        100));
     fmt::print("\nwhy: {}\n", wrap(r.why, 100));
     if (r.pareto.size() > 1) {
         // (a Mixture-of-Experts plan in the kernels runtime may differ in its expert-parallel degree too)

@@ -508,7 +508,8 @@ void check_request(const TuneRequest& rq, const char* command) {
     if (rq.base.runtime == Runtime::Hf && rq.gpus > 1 && !rq.for_format.empty() && rq.for_format != "hf-mst")
         fail(command, "for",
              fmt::format("expected hf-mst with runtime hf and {} GPUs (its data parallelism is torch DDP with its defaults; "
-                         "{}'s gradient reduction is not modelled in it; --runtime kernels plans {} GPUs for it), got {}",
+                         "{}'s gradient reduction is not modelled in it; --runtime kernels plans {} GPUs for it with "
+                         "mst-plan's own kernels' memory, which Hugging Face's model exceeds), got {}",
                          rq.gpus, rq.for_format, rq.gpus, rq.for_format));
 }
 
