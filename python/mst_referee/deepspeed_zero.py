@@ -26,8 +26,14 @@ registered as ``init``: the flat bf16 buffers (weights), the model's buffers, th
 (master weights), the optimizer's states, then whatever else DeepSpeed keeps alive between steps
 (found by walking the garbage collector's objects), as workspace.
 
-Only ZeRO stages 1 and 2 without sequence parallelism run here: stage 3 (parameter partitioning and
-its prefetch hooks) and Ulysses (its attention and process groups) are refused by name.
+Recorded are micro-steps 0 and the last (as micro-step 1), then the optimizer step: ZeRO-1 reduces
+the gradients in the last micro-step's backward only, so the second does not stand for the others.
+
+Only ZeRO stages 1 and 2 with AdamW, without offload or sequence parallelism, run here; stage 3
+(parameter partitioning and its prefetch hooks), Ulysses (its attention and process groups) and
+DeepSpeed's CPU Adam (it reads data pointers) are refused by name, as is a file that is not the
+plan's (batch keys, stage, precision flags, optimizer). What DeepSpeed itself refuses is said in one
+line.
 """
 
 from __future__ import annotations
@@ -64,20 +70,65 @@ def fill_auto(ds_config: Mapping[str, Any], setup: Mapping[str, Any]) -> Dict[st
     return out
 
 
-def check_supported(setup: Mapping[str, Any], ds_config: Mapping[str, Any], where: str) -> None:
-    """What this runner can run: ZeRO 1 or 2 in bf16, one sequence-parallel rank."""
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (1, 2):
-        fail(where, "zero_optimization.stage", f"expected 1 or 2 (stage 3's parameter partitioning is not run "
-                                               f"here), got {stage!r}")
-    if stage != setup.get("zero_stage"):
-        fail(where, "zero_optimization.stage", f"expected the plan's zero_stage {setup.get('zero_stage')}, got {stage}")
-    if not ds_config.get("bf16", {}).get("enabled", False):
-        fail(where, "bf16.enabled", "expected true (the plan trains in bf16)")
-    if setup.get("sp", 1) != 1 or ds_config.get("sequence_parallel_size", 1) != 1:
-        fail(where, "sequence_parallel_size", "expected 1 (Ulysses is not run here)")
+def _integer(setup: Mapping[str, Any], key: str, low: int, where: str) -> int:
+    value = setup.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        fail(where, f"setup.{key}", f"expected an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_plan(plan: Any, where: str) -> Dict[str, Any]:
+    """The plan's setup, checked for what this runner runs: data parallelism with ZeRO 1 or 2 in bf16
+    (DeepSpeed's bf16 with fp32 master weights, or its bf16 master flags for pure-bf16), AdamW, one
+    sequence-parallel rank."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("setup"), dict):
+        fail(where, "setup", "expected an mst-plan plan (an object with a setup object: recommend --out)")
+    setup = plan["setup"]
+    for key, low in (("dp", 1), ("micro_batch", 1), ("grad_accum", 1), ("zero_stage", 0)):
+        _integer(setup, key, low, where)
+    if setup["zero_stage"] not in (1, 2):
+        fail(where, "setup.zero_stage", f"expected 1 or 2 (stage 3's parameter partitioning is not run here), "
+                                        f"got {setup['zero_stage']}")
+    if setup.get("sp", 1) != 1:
+        fail(where, "setup.sp", f"expected 1 (DeepSpeed's Ulysses is not run here), got {setup.get('sp')!r}")
     if setup.get("precision") not in ("bf16-master", "pure-bf16"):
-        fail(where, "precision", f"expected bf16-master or pure-bf16 (DeepSpeed's bf16), got {setup.get('precision')!r}")
+        fail(where, "setup.precision", f"expected bf16-master or pure-bf16 (DeepSpeed's bf16), got {setup.get('precision')!r}")
+    if setup.get("optimizer", "adamw") != "adamw":
+        fail(where, "setup.optimizer", f"expected adamw (DeepSpeed's FusedAdam), got {setup.get('optimizer')!r}")
+    return setup
+
+
+def check_config(ds_config: Any, setup: Mapping[str, Any], where: str) -> None:
+    """The file is the plan's, as ``mst-plan emit --format deepspeed`` writes it for this setup."""
+    def block(key: str) -> Dict[str, Any]:
+        value = ds_config.get(key, {})
+        if not isinstance(value, dict):
+            fail(where, key, f"expected an object, got {value!r}")
+        return value
+
+    if not isinstance(ds_config, dict):
+        fail(where, "", "expected a JSON object (a ds_config.json: mst-plan emit --format deepspeed)")
+    zero, bf16, optimizer = block("zero_optimization"), block("bf16"), block("optimizer")
+    if zero.get("stage") != setup["zero_stage"]:
+        fail(where, "zero_optimization.stage", f"expected the plan's zero_stage {setup['zero_stage']}, got {zero.get('stage')!r}")
+    for key in ("offload_optimizer", "offload_param"):
+        if block("zero_optimization").get(key, {"device": "none"}).get("device", "none") != "none":
+            fail(where, f"zero_optimization.{key}", "expected none (DeepSpeed's CPU Adam is not run here)")
+    if bf16.get("enabled") is not True:
+        fail(where, "bf16.enabled", f"expected true (the plan trains in bf16), got {bf16.get('enabled')!r}")
+    master_flag = bf16.get("bf16_master_weights_and_grads", False) is True
+    if master_flag != (setup["precision"] == "pure-bf16"):
+        fail(where, "bf16.bf16_master_weights_and_grads",
+             f"expected {str(setup['precision'] == 'pure-bf16').lower()} for the plan's precision {setup['precision']}")
+    if str(optimizer.get("type", "")).lower() not in ("adamw", "adam"):
+        fail(where, "optimizer.type", f"expected AdamW (the plan's adamw, DeepSpeed's FusedAdam), got {optimizer.get('type')!r}")
+    if ds_config.get("sequence_parallel_size", 1) != 1:
+        fail(where, "sequence_parallel_size", f"expected 1 (the plan's sp), got {ds_config.get('sequence_parallel_size')!r}")
+    expected = {"train_micro_batch_size_per_gpu": setup["micro_batch"], "gradient_accumulation_steps": setup["grad_accum"],
+                "train_batch_size": setup["micro_batch"] * setup["grad_accum"] * setup["dp"]}
+    for key, value in expected.items():
+        if ds_config.get(key, "auto") not in ("auto", value):
+            fail(where, key, f"expected {value} (the plan's), got {ds_config[key]!r}")
 
 
 @contextlib.contextmanager
@@ -110,6 +161,11 @@ def stand_ins(fake: bool = True) -> Iterator[None]:
 
 
 def _world(size: int, rank: int) -> None:
+    """A fake process group of ``size`` ranks, this process rank ``rank``; DeepSpeed's shared-memory
+    collective (a C++ op built on first use, which waits for its peers on one host) is not built:
+    the fake group moves no data."""
+    import importlib
+
     import deepspeed.comm
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -118,10 +174,16 @@ def _world(size: int, rank: int) -> None:
         deepspeed.comm.destroy_process_group()
         if dist.is_initialized():
             dist.destroy_process_group()
-    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(size), LOCAL_WORLD_SIZE="1",
+    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(size), LOCAL_WORLD_SIZE="1", LOCAL_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=size)
-    deepspeed.comm.init_distributed(dist_backend="fake", auto_mpi_discovery=False, verbose=False)
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch, the attribute, is torch)
+    saved = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        deepspeed.comm.init_distributed(dist_backend="fake", auto_mpi_discovery=False, verbose=False)
+    finally:
+        ds_torch.build_shm_op = saved
 
 
 def _live_tensors(fake_mode: Any) -> Iterator[Any]:
@@ -130,6 +192,7 @@ def _live_tensors(fake_mode: Any) -> Iterator[Any]:
     import torch
     from torch._subclasses.fake_tensor import FakeTensor
 
+    gc.collect()  # (what is only garbage is not held)
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
             if (obj.fake_mode is fake_mode) if isinstance(obj, FakeTensor) else fake_mode is None:
@@ -171,10 +234,10 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
     from .train import step_batches
 
     setup = job.setup
-    check_supported(setup, ds_config, where)
-    world = setup["dp"] * setup.get("sp", 1)
-    if not 0 <= rank < world:
-        fail("command line", "rank", f"expected 0 to {world - 1} (the plan's dp x sp ranks), got {rank}")
+    check_config(ds_config, setup, where)
+    world = setup["dp"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        fail("command line", "rank", f"expected 0 to {world - 1} (the plan's data-parallel ranks), got {rank!r}")
     t0 = time.monotonic()
     config = fill_auto(ds_config, setup)
     # mst_hf applies the mini-sequences and checkpoints; DeepSpeed owns bf16's fp32 master weights.
@@ -186,12 +249,15 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
     with session() if device == "fake" else flash.stand_in() as fake_mode, cuda_autocast_policies(), \
             stand_ins(device == "fake"):
         model, attn = patched_model(job, cfg)
-        engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config)
+        try:
+            engine, optimizer, _, _ = deepspeed.initialize(
+                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config)
+        except Exception as e:  # DeepSpeed's own refusal of the file (its config model, its batch arithmetic)
+            fail(where, "deepspeed", f"DeepSpeed {deepspeed.__version__} refused it: {type(e).__name__}: "
+                                     + " ".join(str(e).split())[:300])
         next_step = step_batches(job)
 
-        def train(observe: Any) -> None:
-            batch_list = next_step()
+        def train(batch_list: List[Any], observe: Any) -> None:
             for micro, batch in enumerate(batch_list):
                 observe("forward", micro)
                 ids, labels = batch.clone(), batch.clone()  # (the host batch's copies on the device)
@@ -202,16 +268,21 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
                 observe("optimizer" if micro == len(batch_list) - 1 else "backward", micro)
                 engine.step()  # (before the last micro-step, DeepSpeed's bookkeeping only)
 
-        train(lambda phase, micro: None)  # warm-up: the optimizer's states are created
+        train(next_step(), lambda phase, micro: None)  # warm-up: the optimizer's states are created
         recorder = StorageRecorder()
         _register_state(recorder, model, optimizer, fake_mode if device == "fake" else None)
 
+        # Micro-steps 0 and the last (as 1): ZeRO-1 reduces the gradients in the last one's backward only,
+        # so unlike a plain step's the second does not stand for the others.
+        last = setup["grad_accum"] - 1
+
         def observe(phase: str, micro: int) -> None:
-            recorder.recording = micro < 2 or phase == "optimizer"
+            recorder.recording = micro in (0, last)
             recorder.micro_step = min(micro, 1)
             recorder.phase = phase
+        batches = next_step()  # host memory: made before recording starts
         with recorder.tracking(model), recorder:
-            train(observe)
+            train(batches, observe)
         recorder.close()
         events = recorder.timeline()
         info = {"zero_stage": optimizer.partition_gradients and 2 or 1,
@@ -226,12 +297,12 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
             "micro_steps_recorded": min(setup["grad_accum"], 2)}
 
 
-def job_for_deepspeed(plan: Mapping[str, Any], where: str = "plan") -> Job:
+def job_for_deepspeed(plan: Any, where: str = "plan") -> Job:
     """The referee's job for a DeepSpeed plan: the model and mst_hf's patches as for one GPU (the
     data-parallel and ZeRO knobs are DeepSpeed's here), the plan's setup recorded as it is."""
     from .jobs import make_job
 
-    setup = dict(plan["setup"], runtime="hf")  # (Hugging Face's model code, whichever runtime planned it)
+    setup = dict(check_plan(plan, where), runtime="hf")  # (Hugging Face's model code, whichever runtime planned it)
     single = dict(setup, dp=1, zero_stage=0, precision="pure-bf16")
     job = make_job(None, plan=dict(plan, setup=single), plan_where=where, convert="python")
     job.setup = setup

@@ -44,18 +44,26 @@ DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps":
                                                        "weight_decay": "auto"}}}
 
 
+# ZeRO-1 with three micro-steps: it reduces the gradients in the last micro-step's backward only.
+ZERO1 = dict(SETUP, zero_stage=1, grad_accum=3)
+ZERO1_DS = dict(DS_CONFIG, gradient_accumulation_steps=3, zero_optimization={"stage": 1, "reduce_bucket_size": BUCKET})
+needs_clients = pytest.mark.skipif(not CLIENTS, reason="MST_CLIENTS_PATH is not set (scripts/test sets it)")
+ENV = dict(os.environ, PYTHONPATH=f"{CLIENTS}:{REPO / 'python'}")
+
+
 @pytest.fixture(scope="module")
 def runs():
-    """The step's events on fake tensors and on real ones (CPU), in one fresh interpreter."""
+    """The step's events on fake tensors and on real ones (CPU), and ZeRO-1's on fake tensors, in one
+    fresh interpreter."""
     if not CLIENTS:
         pytest.skip("MST_CLIENTS_PATH is not set (scripts/test sets it)")
     code = ("import json, sys; from mst_referee import deepspeed_zero as dz; a = json.loads(sys.argv[1]); "
-            "job = dz.job_for_deepspeed({'format': 'mst-plan/1', 'model': 'tiny-llama', 'gpu': 'h100-sxm-80gb', "
-            "'gpus': a['ranks'], 'setup': a['setup']}); "
-            "print(json.dumps({d: dz.deepspeed_step(job, a['ds'], a['rank'], device=d) for d in ('fake', 'cpu')}))")
-    env = dict(os.environ, PYTHONPATH=f"{CLIENTS}:{REPO / 'python'}")
-    arg = json.dumps({"setup": SETUP, "ds": DS_CONFIG, "rank": RANK, "ranks": RANKS})
-    r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=env, timeout=900)
+            "job = lambda setup: dz.job_for_deepspeed({'format': 'mst-plan/1', 'model': 'tiny-llama', "
+            "'gpu': 'h100-sxm-80gb', 'gpus': a['ranks'], 'setup': setup}); "
+            "out = {d: dz.deepspeed_step(job(a['setup']), a['ds'], a['rank'], device=d) for d in ('fake', 'cpu')}; "
+            "out['zero1'] = dz.deepspeed_step(job(a['zero1']), a['zero1_ds'], a['rank']); print(json.dumps(out))")
+    arg = json.dumps({"setup": SETUP, "ds": DS_CONFIG, "zero1": ZERO1, "zero1_ds": ZERO1_DS, "rank": RANK, "ranks": RANKS})
+    r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=ENV, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -108,3 +116,32 @@ def test_the_step_copies_the_partitions_gradient_to_fp32_and_takes_norms_in_fp64
     assert pieces == sorted([3472, 11264, 64, 64, 64, 728])  # every piece of rank 6's partition
     flat, fp32 = _named(events, "cat bf16[15656]", "optimizer"), _named(events, "_to_copy f32[15656]", "optimizer")
     assert len(flat) == 1 and len(fp32) == 1 and fp32[0][1] > flat[0][1]
+
+
+def test_zero_1_reduces_in_the_last_micro_steps_backward_which_is_recorded(runs):
+    events = runs["zero1"]["events"]
+    grads = _named(events, "empty bf16[39104]", "backward")
+    assert len(grads) == 1 and grads[0][7] == 1  # the last of three micro-steps, recorded as micro-step 1
+    assert _freed_in(events, grads[0][1]) == ["optimizer"]
+    assert runs["zero1"]["micro_steps"] == 3 and runs["zero1"]["micro_steps_recorded"] == 2
+
+
+@needs_clients
+@pytest.mark.parametrize("change, expected", [
+    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps: expected 1 (the plan's), got 4"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+     "zero_optimization.offload_optimizer: expected none (DeepSpeed's CPU Adam is not run here)"),
+    ({"zero_optimization": {"stage": 2, "bogus": 1}}, "deepspeed: DeepSpeed 0.19.8 refused it: ValidationError"),
+])
+def test_a_file_that_is_not_the_plans_is_one_line_and_exit_2(tmp_path, change, expected):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "mst-plan/1", "model": "tiny-llama", "gpu": "h100-sxm-80gb", "gpus": RANKS,
+                                "setup": SETUP}))
+    ds = tmp_path / "ds_config.json"
+    ds.write_text(json.dumps(dict(DS_CONFIG, **change)))
+    r = subprocess.run([sys.executable, "-m", "mst_referee.deepspeed_zero", str(plan), str(ds), "--out",
+                        str(tmp_path / "out.json")], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {ds}: {expected}"), r.stdout
+    assert not (tmp_path / "out.json").exists()
