@@ -238,6 +238,19 @@ def test_host_memory_is_recorded_as_host():
     assert [e.category for e in recorder.timeline()][:2] == ["offloaded", "transient"]
 
 
+def test_a_meta_tensor_is_no_memory():
+    """DeepSpeed's ZeRO keeps a zeros_like(param, device="meta") per parameter: shapes, no bytes."""
+    held = torch.zeros(4, device="meta")  # made before recording, then registered: not an allocation either
+    recorder = StorageRecorder()
+    recorder.register([("held", held)], "workspace", "init.test")
+    with recorder:
+        m = torch.zeros_like(torch.empty(0), device="meta").new_zeros(1000)
+        d = torch.zeros(10)
+        del m, d
+    recorder.close()
+    assert [(e.alloc, e.bytes, e.name) for e in recorder.timeline()] == [(True, 40, "zeros f32[10]"), (False, 40, "-")]
+
+
 def test_a_storage_resized_in_place_is_a_free_of_its_bytes_and_a_new_allocation():
     before = torch.empty(8)  # made before recording: untracked
     recorder = StorageRecorder()
