@@ -6,8 +6,9 @@ what a plain PyTorch step does not have: the flat bf16 parameter buffer, the fp3
 the gradient buckets, the partition's gradients and the step's copies of them. This module runs that
 engine, built from the emitted ``ds_config.json`` as the Hugging Face Trainer hands it over
 (``deepspeed.initialize`` with the trainable parameters as one group and the file's optimizer), for
-one rank ``rank`` of the plan's ``dp x sp`` ranks, and records its step as the referee records a
-plain one (:class:`mst_referee.recorder.StorageRecorder`, ``mst-timeline/1`` events).
+one rank ``rank`` of the plan's ``dp`` ranks, and records its step as the referee records a plain
+one (:class:`mst_referee.recorder.StorageRecorder`; the output is a referee measurement,
+``mst-measure/1``).
 
 The world is torch's ``fake`` process group (groups exist, collectives move nothing, every shape is
 real) on DeepSpeed's CPU accelerator; the tensors are fake (:mod:`mst_referee.fake`). Three places
@@ -349,8 +350,11 @@ def main(argv: Any = None) -> int:
     except CrosscheckError as e:
         print(f"error: {e}")
         return 2
-    out = measurement_file(job, result)
-    write_json(args.out, out)
+    try:
+        write_json(args.out, measurement_file(job, result))
+    except OSError as e:
+        print(f"error: {args.out}: cannot write the measurement: {e.strerror or e}")
+        return 2
     print(json.dumps({"out": str(args.out), "events": len(result["events"]), "seconds": round(result["seconds"], 1)}))
     return 0
 
