@@ -219,6 +219,34 @@ def _register_state(recorder: Any, model: Any, optimizer: Any, fake_mode: Any) -
                       "init.deepspeed")
 
 
+def _mark_gradients(marking: Dict[str, Any], optimizer: Any) -> None:
+    """DeepSpeed's gradient memory is recorded as gradients, as autograd's ``.grad`` is in a plain
+    step: its buckets (made as each backward starts, ``setup_buckets``), the partition's gradients
+    (``grads_in_partition``, made at the first copy into it) and the fp32 gradient of the partition
+    (set just before the optimizer steps it)."""
+    def after(method: Any, tensors: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            out = method(*args, **kwargs)
+            if marking["recorder"] is not None:
+                marking["recorder"].mark(tensors(), "gradients")
+            return out
+        return wrapped
+
+    def before(method: Any, tensors: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if marking["recorder"] is not None:
+                marking["recorder"].mark(tensors(), "gradients")
+            return method(*args, **kwargs)
+        return wrapped
+
+    optimizer.setup_buckets = after(optimizer.setup_buckets, lambda: [
+        b for bucket in optimizer.ipg_buckets.values() for b in bucket.buffer])
+    optimizer.copy_grads_in_partition = after(optimizer.copy_grads_in_partition,
+                                              lambda: [getattr(optimizer, "grads_in_partition", None)])
+    optimizer._optimizer_step = before(optimizer._optimizer_step, lambda: [
+        t.grad for t in optimizer.single_partition_of_fp32_groups])
+
+
 def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where: str = "ds_config",
                    device: str = "fake") -> Dict[str, Any]:
     """Run the job's model in DeepSpeed's engine (``ds_config`` as emitted for the job's plan) as rank
@@ -250,12 +278,20 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
     with session() if device == "fake" else flash.stand_in() as fake_mode, cuda_autocast_policies(), \
             stand_ins(device == "fake"):
         model, attn = patched_model(job, cfg)
+        # autograd's gradient is a gradient until DeepSpeed copies it into its bucket (this hook is
+        # registered first, so it runs before DeepSpeed's own)
+        marking: Dict[str, Any] = {"recorder": None}
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(
+                    lambda param: marking["recorder"] and marking["recorder"].mark([param.grad], "gradients"))
         try:
             engine, optimizer, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config)
         except Exception as e:  # DeepSpeed's own refusal of the file (its config model, its batch arithmetic)
             fail(where, "deepspeed", f"DeepSpeed {deepspeed.__version__} refused it: {type(e).__name__}: "
                                      + " ".join(str(e).split())[:300])
+        _mark_gradients(marking, optimizer)
         next_step = step_batches(job)
 
         def train(batch_list: List[Any], observe: Any) -> None:
@@ -282,6 +318,7 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
             recorder.micro_step = min(micro, 1)
             recorder.phase = phase
         batches = next_step()  # host memory: made before recording starts
+        marking["recorder"] = recorder
         with recorder.tracking(model), recorder:
             train(batches, observe)
         recorder.close()

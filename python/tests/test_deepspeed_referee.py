@@ -108,6 +108,7 @@ def test_backward_holds_one_gradient_bucket_and_the_partitions_gradients(runs):
     assert _freed_in(events, bucket[0][1]) == ["backward"]
     grads = _named(events, "empty bf16[39104]", "backward")
     assert len(grads) == 1 and _freed_in(events, grads[0][1]) == ["optimizer"]
+    assert bucket[0][3] == grads[0][3] == "gradients"  # (DeepSpeed's gradient memory, as .grad is in a plain step)
 
 
 def test_the_step_copies_the_partitions_gradient_to_fp32_and_takes_norms_in_fp64(runs):
@@ -116,6 +117,7 @@ def test_the_step_copies_the_partitions_gradient_to_fp32_and_takes_norms_in_fp64
     assert pieces == sorted([3472, 11264, 64, 64, 64, 728])  # every piece of rank 6's partition
     flat, fp32 = _named(events, "cat bf16[15656]", "optimizer"), _named(events, "_to_copy f32[15656]", "optimizer")
     assert len(flat) == 1 and len(fp32) == 1 and fp32[0][1] > flat[0][1]
+    assert (flat[0][3], fp32[0][3]) == ("transient", "gradients")
 
 
 def test_zero_1_reduces_in_the_last_micro_steps_backward_which_is_recorded(runs):
