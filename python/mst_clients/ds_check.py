@@ -71,25 +71,6 @@ class _EngineBuilt(Exception):
         self.engine = engine
 
 
-def _fresh_world(size: int) -> None:
-    """A new default process group of ``size`` ranks (this process is rank 0) that deepspeed.comm
-    uses, with every group of an earlier check released (DeepSpeed's own teardown)."""
-    import deepspeed.comm
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        deepspeed.comm.destroy_process_group()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(min(size, 8)),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
-    deepspeed.comm.init_distributed(dist_backend="fake", auto_mpi_discovery=False, verbose=False)
-    if deepspeed.comm.get_world_size() != size:
-        raise RuntimeError(f"deepspeed.comm sees {deepspeed.comm.get_world_size()} ranks, expected {size}")
-
-
 def _reset_clients() -> None:
     from accelerate.state import AcceleratorState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -201,12 +182,13 @@ def _dataset(plan: Mapping[str, Any]) -> List[Dict]:
 def check(ds_config: Dict, plan: Mapping[str, Any], raw_model_config: Mapping[str, Any],
           out_dir: str) -> List[str]:
     """What stops this config from training the plan with the Trainer and DeepSpeed ([] when nothing)."""
+    from mst_referee.deepspeed_zero import fake_world
     from transformers import Trainer
 
     setup = plan["setup"]
     if setup["optimizer"] == "adamw-8bit":
         return ["check-clients: adamw-8bit plans need bitsandbytes, which the client check does not install"]
-    _fresh_world(plan["gpus"])
+    fake_world(plan["gpus"], local_world_size=min(plan["gpus"], 8))
     _reset_clients()
     engine: Optional[Any] = None
     try:

@@ -113,8 +113,9 @@ def check_config(ds_config: Any, setup: Mapping[str, Any], where: str) -> None:
     if zero.get("stage") != setup["zero_stage"]:
         fail(where, "zero_optimization.stage", f"expected the plan's zero_stage {setup['zero_stage']}, got {zero.get('stage')!r}")
     for key in ("offload_optimizer", "offload_param"):
-        if block("zero_optimization").get(key, {"device": "none"}).get("device", "none") != "none":
-            fail(where, f"zero_optimization.{key}", "expected none (DeepSpeed's CPU Adam is not run here)")
+        offload = zero.get(key, {})
+        if not isinstance(offload, dict) or offload.get("device", "none") != "none":
+            fail(where, f"zero_optimization.{key}", f"expected none (DeepSpeed's CPU Adam is not run here), got {offload!r}")
     if bf16.get("enabled") is not True:
         fail(where, "bf16.enabled", f"expected true (the plan trains in bf16), got {bf16.get('enabled')!r}")
     master_flag = bf16.get("bf16_master_weights_and_grads", False) is True
@@ -161,10 +162,11 @@ def stand_ins(fake: bool = True) -> Iterator[None]:
         torch.nn.Module.to, fused_adam.multi_tensor_applier = saved  # type: ignore[method-assign]
 
 
-def _world(size: int, rank: int) -> None:
-    """A fake process group of ``size`` ranks, this process rank ``rank``; DeepSpeed's shared-memory
-    collective (a C++ op built on first use, which waits for its peers on one host) is not built:
-    the fake group moves no data."""
+def fake_world(size: int, rank: int = 0, local_world_size: int = 1) -> None:
+    """A new default process group of ``size`` ranks on torch's ``fake`` backend (this process is rank
+    ``rank``) that deepspeed.comm uses, with every group of an earlier run released (DeepSpeed's own
+    teardown). DeepSpeed's shared-memory collective (a C++ op it builds on first use, which waits for
+    its peers on one host) is not built: the fake group moves no data."""
     import importlib
 
     import deepspeed.comm
@@ -175,7 +177,7 @@ def _world(size: int, rank: int) -> None:
         deepspeed.comm.destroy_process_group()
         if dist.is_initialized():
             dist.destroy_process_group()
-    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(size), LOCAL_WORLD_SIZE="1", LOCAL_SIZE="1",
+    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(local_world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=size)
     ds_torch = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch, the attribute, is torch)
@@ -185,6 +187,8 @@ def _world(size: int, rank: int) -> None:
         deepspeed.comm.init_distributed(dist_backend="fake", auto_mpi_discovery=False, verbose=False)
     finally:
         ds_torch.build_shm_op = saved
+    if deepspeed.comm.get_world_size() != size:
+        raise RuntimeError(f"deepspeed.comm sees {deepspeed.comm.get_world_size()} ranks, expected {size}")
 
 
 def _live_tensors(fake_mode: Any) -> Iterator[Any]:
@@ -267,13 +271,14 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
     world = setup["dp"]
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
         fail("command line", "rank", f"expected 0 to {world - 1} (the plan's data-parallel ranks), got {rank!r}")
+    if device not in ("fake", "cpu"):
+        fail("command line", "device", f"expected fake or cpu, got {device!r}")
     t0 = time.monotonic()
     config = fill_auto(ds_config, setup)
     # mst_hf applies the mini-sequences and checkpoints; DeepSpeed owns bf16's fp32 master weights.
     cfg = mst_hf.load_config(dict(job.mst_config, precision="pure-bf16"))
-    _world(world, rank)
-    if device not in ("fake", "cpu"):
-        fail("command line", "device", f"expected fake or cpu, got {device!r}")
+    os.environ["LOCAL_SIZE"] = "1"  # (one process on this host, whatever a launcher around it said)
+    fake_world(world, rank)
     # (on real tensors, only the FlashAttention-2 stand-in of the fake session: no GPU kernel here)
     with session() if device == "fake" else flash.stand_in() as fake_mode, cuda_autocast_policies(), \
             stand_ins(device == "fake"):
@@ -377,7 +382,7 @@ def main(argv: Any = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mst_referee.deepspeed_zero", description=__doc__.splitlines()[0])
     p.add_argument("plan", type=Path, help="an mst-plan plan (recommend/estimate --out)")
     p.add_argument("ds_config", type=Path, help="the ds_config.json emitted for it (mst-plan emit --format deepspeed)")
-    p.add_argument("--rank", type=int, default=0, help="which of the plan's dp x sp ranks (default 0)")
+    p.add_argument("--rank", type=int, default=0, help="which of the plan's data-parallel ranks (default 0)")
     p.add_argument("--out", type=Path, required=True, help="the recorded step (mst-measure/1, backend referee: mst-plan compare --run reads it)")
     args = p.parse_args(argv)
     try:
