@@ -92,7 +92,7 @@ TEST_CASE("ring attention's ranks: every one is walked, and the plan is as large
     s.checkpoint = parse_checkpoint_spec("every:2", m.num_layers, "test");
     std::vector<bytes_t> reserved;
     for (std::int64_t r = 0; r < 4; ++r)
-        reserved.push_back(replay_caching_allocator(simulate_ring_rank(m, s, gpu, r), gpu.calibration.allocator,
+        reserved.push_back(replay_caching_allocator(simulate_rank(m, s, gpu, r), gpu.calibration.allocator,
                                                     gpu.usable_bytes()).peak_reserved);
     const bytes_t highest = *std::max_element(reserved.begin(), reserved.end());
     CHECK(highest > std::max(reserved[0], reserved[1]));
@@ -100,7 +100,7 @@ TEST_CASE("ring attention's ranks: every one is walked, and the plan is as large
     CHECK(e.allocator.peak_reserved == highest);
     CHECK(e.fits == (highest <= gpu.usable_bytes()));
     CHECK(simulate_peaks(m, s, gpu, true, gpu.usable_bytes()).peak_reserved_bytes == highest);
-    CHECK(test::expect_user_error([&] { (void)simulate_ring_rank(m, s, gpu, 4); }).starts_with("setup: ring_rank: "));
+    CHECK(test::expect_user_error([&] { (void)simulate_rank(m, s, gpu, 4); }).starts_with("setup: rank: "));
     CHECK(estimate(m, s, gpu, std::nullopt, 2).allocator.peak_reserved == reserved[2]);
 }
 

@@ -85,7 +85,7 @@ TEST_CASE("the hf runtime plans several GPUs as DDP: every GPU holds the whole m
     CHECK_FALSE(recommend(rq).found);
     // What DDP cannot run in this runtime is refused as asked for.
     rq.base.precision = Precision::Bf16Master;
-    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("setup: precision: expected pure-bf16 or amp with runtime hf and dp > 1", 0) == 0);
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("setup: precision: expected pure-bf16 or amp with runtime hf, dp > 1 and ZeRO 0", 0) == 0);
 }
 
 TEST_CASE("pins the hf runtime cannot honour are named, not searched for") {

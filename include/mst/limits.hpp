@@ -29,6 +29,8 @@ inline constexpr std::int64_t kZero3Prefetch = 8;  // layers all-gathered ahead
 // (their steps differ), so a step's work grows as sp^2; PyTorch's context parallelism runs on up
 // to a few dozen ranks.
 inline constexpr std::int64_t kRingRanks = 32;
+// DeepSpeed's ZeRO in the hf runtime: every dp rank's step is walked (each owns another partition).
+inline constexpr std::int64_t kDeepSpeedRanks = 128;
 
 // ---- model config.json --------------------------------------------------------------
 inline constexpr std::int64_t kHidden = std::int64_t{1} << 20;        // hidden_size, head_dim

@@ -122,6 +122,10 @@ struct TrainingSetup {
     std::int64_t expert_rows(std::int64_t pairs) const;
     bool ring() const { return sp > 1 && sp_impl == SpImpl::Ring; }
     bool ulysses() const { return sp > 1 && sp_impl == SpImpl::Ulysses; }
+    // ZeRO 1 or 2 in the hf runtime: DeepSpeed's engine (runtime/zero/stage_1_and_2.py), on one GPU
+    // too (its flat buffers and gradient bucket are there whatever the ranks); with ZeRO 0 the hf
+    // runtime's data parallelism is torch's DDP.
+    bool deepspeed_zero() const { return runtime == Runtime::Hf && (zero_stage == 1 || zero_stage == 2); }
 };
 
 // Ring attention's ranks differ (head-tail sharding gives rank r chunks r and 2 sp - 1 - r; its
@@ -129,6 +133,11 @@ struct TrainingSetup {
 // caching allocator's blocks: the simulator walks every rank's step (0 .. sp - 1; empty without
 // ring attention), a plan fits when each does, and its peaks are the highest of any.
 std::vector<std::int64_t> ring_ranks(const TrainingSetup& setup);
+// The ranks whose steps differ, each walked by the simulator: ring attention's (ring_ranks), or
+// with DeepSpeed's ZeRO in the hf runtime the dp ranks (each owns another partition of the flat
+// parameters: other gradients, reduced at other times, and another step); empty when all ranks
+// are alike.
+std::vector<std::int64_t> walked_ranks(const TrainingSetup& setup);
 
 // Checkpoint placement from a user's words: "none", "all", "every:K", "first:K",
 // "last:K", "spread:K" (K layers evenly spaced) or a list "0,2,5-9".

@@ -15,11 +15,12 @@
 
 namespace mst {
 
-// The predicted timeline of one optimizer step (validate(setup, model) first). With ring
-// attention, whose ranks differ, the step of the rank with the highest requested peak.
+// The predicted timeline of one optimizer step (validate(setup, model) first). When ranks differ
+// (walked_ranks: ring attention, DeepSpeed's ZeRO in the hf runtime), the step of the rank with
+// the highest requested peak.
 Timeline simulate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
-// Ring attention: the step of rank `rank` of the setup's sp.
-Timeline simulate_ring_rank(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, std::int64_t rank);
+// The step of rank `rank`: of ring attention's sp, or of DeepSpeed's dp.
+Timeline simulate_rank(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, std::int64_t rank);
 
 // Only the peaks, without keeping the events: what the tuner evaluates thousands of times.
 struct MemoryPeaks {
@@ -80,14 +81,14 @@ struct Estimate {
     bytes_t context_bytes = 0;  // CUDA context, outside the allocator
     bytes_t headroom_bytes = 0; // usable - peak reserved (negative: does not fit)
     bool fits = false;
-    std::int64_t ring_ranks_walked = 0;  // ring attention: the ranks whose steps the peaks and verdict cover
+    std::int64_t ranks_walked = 0;  // walked_ranks(): the ranks whose steps the peaks and verdict cover
 };
 
 // `capacity`: where the allocator model releases its cached segments; the GPU's usable bytes when absent.
-// With ring attention every rank's step is walked (the timeline: the highest requested peak; the
-// allocator's peaks: the highest of any rank's), or only `ring_rank`'s when given.
+// When ranks differ (walked_ranks) every rank's step is walked (the timeline: the highest requested
+// peak; the allocator's peaks: the highest of any rank's), or only `rank`'s when given.
 Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu,
-                  std::optional<bytes_t> capacity = std::nullopt, std::optional<std::int64_t> ring_rank = std::nullopt);
+                  std::optional<bytes_t> capacity = std::nullopt, std::optional<std::int64_t> rank = std::nullopt);
 nlohmann::json to_json(const Estimate& e, const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu);
 
 }  // namespace mst

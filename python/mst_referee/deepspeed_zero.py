@@ -263,7 +263,7 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
     from . import flash
     from .fake import session
     from .recorder import StorageRecorder, cuda_autocast_policies
-    from .referee import patched_model
+    from .referee import mark_checkpoints, patched_model
     from .train import step_batches
 
     setup = job.setup
@@ -324,9 +324,14 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
             recorder.phase = phase
         batches = next_step()  # host memory: made before recording starts
         marking["recorder"] = recorder
-        with recorder.tracking(model), recorder:
-            train(batches, observe)
-        recorder.close()
+        hooks = mark_checkpoints(recorder, model, cfg)
+        try:
+            with recorder.tracking(model), recorder:
+                train(batches, observe)
+            recorder.close()
+        finally:
+            for h in hooks:
+                h.remove()
         events = recorder.timeline()
         info = {"zero_stage": optimizer.partition_gradients and 2 or 1,
                 "partition_numel": [int(t.numel()) for t in optimizer.single_partition_of_fp32_groups],
@@ -369,7 +374,7 @@ def measurement_file(job: Job, result: Mapping[str, Any]) -> Dict[str, Any]:
              f"overlap_comm {engine['overlap_comm']}, contiguous_gradients {engine['contiguous_gradients']}"]
     return {"format": "mst-measure/1", "backend": "referee", "model": Path(job.model_path).stem,
             "model_path": job.model_path, "seed": job.seed, "workspace_bytes": 0, "setup": job.setup,
-            "timeline": timeline(job, result), "summary": summary, "run": job.name, "notes": notes}
+            "timeline": dict(timeline(job, result), rank=result["rank"]), "summary": summary, "run": job.name, "notes": notes}
 
 
 def main(argv: Any = None) -> int:

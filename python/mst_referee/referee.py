@@ -157,9 +157,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         if ddp is not None:
             recorder.register(ddp.bucket_tensors(), "gradients", "init.ddp_buckets")
 
-        layers = model.model.layers
-        if not cfg.offload_checkpoints:  # offloaded, the checkpoint is the host copy save_on_cpu makes
-            hooks += [layers[i].register_forward_pre_hook(_mark_checkpoint(recorder)) for i in cfg.checkpoint_layers]
+        hooks += mark_checkpoints(recorder, model, cfg)
         marking["recorder"] = recorder
         batches = next_step()  # host memory: made before recording starts
         try:
@@ -177,11 +175,17 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
             "micro_steps": cfg.grad_accum, "micro_steps_recorded": min(cfg.grad_accum, 2)}
 
 
-def _mark_checkpoint(recorder: Any) -> Any:
+def mark_checkpoints(recorder: Any, model: Any, cfg: Any) -> List[Any]:
+    """Hooks that record each checkpointed layer's input as a checkpoint (offloaded, the checkpoint is
+    the host copy save_on_cpu makes); remove them when the step is recorded."""
     def hook(module: Any, args: Tuple[Any, ...]) -> None:
         if recorder.phase == "forward" and args:
             recorder.mark([args[0]], "checkpoint")
-    return hook
+
+    if cfg.offload_checkpoints:
+        return []
+    layers = model.model.layers
+    return [layers[i].register_forward_pre_hook(hook) for i in cfg.checkpoint_layers]
 
 
 def _mark_gradient(marking: Dict[str, Any]) -> Any:

@@ -18,6 +18,11 @@ The sizes asserted here are derived by hand from the config and DeepSpeed's part
   final norm and the first 728 of lm_head; the parameters it touches hold 11264 + 11264 + 64 + 64
   + 64 + 16384 = 39104 elements (DeepSpeed's ``grads_in_partition`` takes them whole).
 
+With the bucket DeepSpeed's default (5e8 elements, as ``mst-plan emit --format deepspeed`` leaves it),
+the hf runtime's prediction of the same setup (src/core/sim/deepspeed.cpp) is compared event by event
+(``mst-plan compare --run``): ZeRO-2 on rank 6; ZeRO-1 with three micro-steps; pure bf16 (DeepSpeed's
+bf16 master flags) on 3 ranks, whose last partition ends in padding.
+
 They run in a fresh interpreter (the run owns the process's default process group), with
 DeepSpeed from MST_CLIENTS_PATH (scripts/test installs it; ctest then requires it).
 """
@@ -47,6 +52,14 @@ DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps":
 # ZeRO-1 with three micro-steps: it reduces the gradients in the last micro-step's backward only.
 ZERO1 = dict(SETUP, zero_stage=1, grad_accum=3)
 ZERO1_DS = dict(DS_CONFIG, gradient_accumulation_steps=3, zero_optimization={"stage": 1, "reduce_bucket_size": BUCKET})
+# The emitted defaults (no reduce_bucket_size), for the comparison with the hf runtime.
+DEFAULTS = {
+    "zero2": (dict(SETUP, runtime="hf"), dict(DS_CONFIG, zero_optimization={"stage": 2}), RANK),
+    "zero1": (dict(ZERO1, runtime="hf"), dict(ZERO1_DS, zero_optimization={"stage": 1}), RANK),
+    "pure3": (dict(SETUP, runtime="hf", dp=3, precision="pure-bf16", optimizer_state_dtype="bf16"),
+              dict(DS_CONFIG, bf16={"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True},
+                   zero_optimization={"stage": 2}), 2),
+}
 needs_clients = pytest.mark.skipif(not CLIENTS, reason="MST_CLIENTS_PATH is not set (scripts/test sets it)")
 ENV = dict(os.environ, PYTHONPATH=f"{CLIENTS}:{REPO / 'python'}")
 
@@ -59,10 +72,13 @@ def runs():
         pytest.skip("MST_CLIENTS_PATH is not set (scripts/test sets it)")
     code = ("import json, sys; from mst_referee import deepspeed_zero as dz; a = json.loads(sys.argv[1]); "
             "job = lambda setup: dz.job_for_deepspeed({'format': 'mst-plan/1', 'model': 'tiny-llama', "
-            "'gpu': 'h100-sxm-80gb', 'gpus': a['ranks'], 'setup': setup}); "
+            "'gpu': 'h100-sxm-80gb', 'gpus': setup['dp'], 'setup': setup}); "
             "out = {d: dz.deepspeed_step(job(a['setup']), a['ds'], a['rank'], device=d) for d in ('fake', 'cpu')}; "
-            "out['zero1'] = dz.deepspeed_step(job(a['zero1']), a['zero1_ds'], a['rank']); print(json.dumps(out))")
-    arg = json.dumps({"setup": SETUP, "ds": DS_CONFIG, "zero1": ZERO1, "zero1_ds": ZERO1_DS, "rank": RANK, "ranks": RANKS})
+            "out['zero1'] = dz.deepspeed_step(job(a['zero1']), a['zero1_ds'], a['rank']); "
+            "out['defaults'] = {k: (lambda j: dz.measurement_file(j, dz.deepspeed_step(j, ds, rank)))(job(setup)) "
+            "for k, (setup, ds, rank) in a['defaults'].items()}; print(json.dumps(out))")
+    arg = json.dumps({"setup": SETUP, "ds": DS_CONFIG, "zero1": ZERO1, "zero1_ds": ZERO1_DS, "rank": RANK,
+                      "defaults": DEFAULTS})
     r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=ENV, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -147,3 +163,18 @@ def test_a_file_that_is_not_the_plans_is_one_line_and_exit_2(tmp_path, change, e
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {ds}: {expected}"), r.stdout
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("case", sorted(DEFAULTS))
+def test_the_hf_runtime_predicts_deepspeeds_step_event_for_event(runs, case, tmp_path):
+    binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
+    if not binary.exists():
+        pytest.skip("mst-plan is not built (set MST_PLAN or build/)")
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps(runs["defaults"][case]))
+    assert runs["defaults"][case]["timeline"]["rank"] == DEFAULTS[case][2]
+    r = subprocess.run([str(binary), "--json", "compare", "--run", str(measured)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["first_divergence"] is None and out["identical"] is True, out["first_divergence"]
+

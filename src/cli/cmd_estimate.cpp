@@ -19,7 +19,7 @@ namespace {
 
 struct EstimateArgs {
     std::string model, gpu = "h100-sxm-80gb", timeline_file, svg_file;
-    std::optional<std::int64_t> ring_rank;
+    std::optional<std::int64_t> rank;
     SetupOptions setup;
 };
 
@@ -53,7 +53,7 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
     for (const auto& w : model.warnings) warn(fmt::format("{}: {}", model.source, w));
     const GpuProfile gpu = find_gpu(a.gpu);
     const TrainingSetup setup = a.setup.build(model);
-    const Estimate e = estimate(model, setup, gpu, std::nullopt, a.ring_rank);
+    const Estimate e = estimate(model, setup, gpu, std::nullopt, a.rank);
 
     OutputFiles outputs;
     if (!a.timeline_file.empty()) outputs.add(a.timeline_file, json_text(to_json(e.timeline)) + "\n");
@@ -91,15 +91,17 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
         phases += fmt::format("{}{} {}", phases.empty() ? "" : ", ", to_string(p), format_bytes(s.phase_peak[i]));
     }
     fmt::print("phase peaks: {}\n", phases);
-    if (e.timeline.rank >= 0)
-        fmt::print("ring attention: {}\n",
-                   a.ring_rank ? fmt::format("the step of rank {} of {} alone (--ring-rank; the plan fits when every rank's "
-                                             "does)",
-                                             e.timeline.rank, setup.sp)
-                               : fmt::format("every rank's step walked (they differ); the allocated and reserved peaks and the "
-                                             "verdict are the highest rank's, the rest rank {}'s of {} (the highest requested "
-                                             "peak)",
-                                             e.timeline.rank, setup.sp));
+    if (e.timeline.rank >= 0) {
+        const bool ring = setup.ring();
+        const std::int64_t ranks = ring ? setup.sp : setup.dp;
+        fmt::print("{}: {}\n", ring ? "ring attention" : "DeepSpeed ZeRO (each rank owns another partition)",
+                   a.rank ? fmt::format("the step of rank {} of {} alone (--rank; the plan fits when every rank's does)",
+                                        e.timeline.rank, ranks)
+                          : fmt::format("every rank's step walked (they differ); the allocated and reserved peaks and the "
+                                        "verdict are the highest rank's, the rest rank {}'s of {} (the highest requested "
+                                        "peak)",
+                                        e.timeline.rank, ranks));
+    }
     if (s.host_peak > 0) fmt::print("host memory for offloaded checkpoints: {}\n", format_bytes(s.host_peak));
     if (e.fits && e.allocator.segments_released > 0)
         fmt::print("fits because the allocator releases {} cached segments when a new one would pass the usable memory "
@@ -123,8 +125,9 @@ void add_estimate_command(CLI::App& app, const GlobalOptions& global) {
     cmd->add_option("--model", args->model, "Catalog name or path to a config.json")->required();
     cmd->add_option("--gpu", args->gpu, "GPU profile name or path")->capture_default_str();
     cmd->add_option("--timeline", args->timeline_file, "Write the full event list as JSON");
-    cmd->add_option("--ring-rank", args->ring_rank,
-                    "Ring attention: walk only this rank's step (default: every rank's, showing the highest requested peak)")
+    cmd->add_option("--rank,--ring-rank", args->rank,
+                    "Ranks whose steps differ (ring attention's sp, DeepSpeed ZeRO's dp): walk only this rank's step (default: "
+                    "every rank's, showing the highest requested peak)")
         ->check(decimal());
     cmd->add_option("--svg", args->svg_file, "Write a plot of memory over the step");
     args->setup.add_to(*cmd);

@@ -307,8 +307,8 @@ Timeline predict_measured(const StepFile& measured) {
     GpuProfile gpu;  // only the fixed workspace shapes the timeline
     gpu.name = "measured";
     gpu.calibration.cublas_workspace_bytes = measured.workspace_bytes;
-    // a measured ring-attention rank is compared with that rank's step
-    if (measured.timeline.rank >= 0) return simulate_ring_rank(model, setup, gpu, measured.timeline.rank);
+    // a measured rank (ring attention's, DeepSpeed's) is compared with that rank's step
+    if (measured.timeline.rank >= 0) return simulate_rank(model, setup, gpu, measured.timeline.rank);
     return simulate(model, setup, gpu);
 }
 

@@ -187,6 +187,13 @@ std::vector<std::int64_t> ring_ranks(const TrainingSetup& s) {
     return ranks;
 }
 
+std::vector<std::int64_t> walked_ranks(const TrainingSetup& s) {
+    if (!s.deepspeed_zero()) return ring_ranks(s);
+    std::vector<std::int64_t> ranks;
+    for (std::int64_t r = 0; r < s.dp; ++r) ranks.push_back(r);
+    return ranks;
+}
+
 std::optional<SpRefusal> sp_refusal(const ModelSpec& m, SpImpl impl, std::int64_t sp, std::int64_t seq_len) {
     if (sp < 1 || seq_len % sp != 0) return SpRefusal{"sp", fmt::format("expected a divisor of seq_len ({}), got {}", seq_len, sp)};
     if (sp == 1) return std::nullopt;
@@ -327,25 +334,47 @@ void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
 }
 
 // The hf runtime walks transformers + PyTorch's own step, each rule proven event by event
-// against the referee (python/mst_referee), which runs one process. What is not proven that way
-// yet (data, ZeRO and sequence parallelism; padded batches; bitsandbytes; MLP biases) is refused,
-// not guessed: the kernels runtime models those.
+// against the referee (python/mst_referee), which runs one process, DDP's Reducer or DeepSpeed's
+// ZeRO engine. What is not proven that way yet (ZeRO-3 and sequence parallelism; padded batches;
+// bitsandbytes; MLP biases) is refused, not guessed: the kernels runtime models those.
 void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
     if (s.runtime != Runtime::Hf) return;
     const char* hint = "; the kernels runtime models it (runtime kernels)";
-    // Data parallelism is DistributedDataParallel (src/core/sim/ddp.cpp); ZeRO and sequence
-    // parallelism are not modelled in this runtime yet.
+    // Data parallelism is DistributedDataParallel (src/core/sim/ddp.cpp) with ZeRO 0 and DeepSpeed's
+    // engine with ZeRO 1 or 2 (src/core/sim/deepspeed.cpp); ZeRO-3 and sequence parallelism are not
+    // modelled in this runtime yet.
     if (s.sp > 1) fail(w, "sp", fmt::format("expected 1 with runtime hf (sequence parallelism is not modelled in it){}, got {}", hint, s.sp));
     if (s.ep > 1) fail(w, "ep", fmt::format("expected 1 with runtime hf (expert parallelism is not modelled in it){}, got {}", hint, s.ep));
-    if (s.zero_stage > 0)
-        fail(w, "zero_stage", fmt::format("expected 0 with runtime hf (its data parallelism is DDP; ZeRO is not modelled in it){}, got {}", hint, s.zero_stage));
-    if (s.dp > 1 && s.precision == Precision::Bf16Master)
-        fail(w, "precision", fmt::format("expected pure-bf16 or amp with runtime hf and dp > 1 (python/mst_hf's fp32 master "
-                                         "weights would step on gradients DDP has not reduced){}, got bf16-master", hint));
+    if (s.zero_stage > 2)
+        fail(w, "zero_stage", fmt::format("expected 0 (DDP), 1 or 2 (DeepSpeed) with runtime hf (ZeRO-3 is not modelled in it){}, got {}",
+                                          hint, s.zero_stage));
+    if (s.deepspeed_zero()) {
+        // DeepSpeed's bf16 engine: fp32 master weights and states (bf16-master), or its bf16 master
+        // flags with bf16 states (pure-bf16), and its FusedAdam.
+        const char* ds = "with runtime hf and ZeRO 1 or 2 (DeepSpeed's engine)";
+        if (s.dp > limits::kDeepSpeedRanks)
+            fail(w, "dp", fmt::format("expected at most {} ranks {} (every rank's step is walked){}, got {}", limits::kDeepSpeedRanks,
+                                      ds, hint, s.dp));
+        if (s.precision == Precision::AmpFp32)
+            fail(w, "precision", fmt::format("expected bf16-master or pure-bf16 {} (its torch_autocast is not modelled){}, got amp", ds, hint));
+        const StateDtype states = s.precision == Precision::PureBf16 ? StateDtype::Bf16 : StateDtype::Fp32;
+        if (s.effective_state_dtype() != states)
+            fail(w, "optimizer_state_dtype", fmt::format("expected {} with precision {} {} (its optimizer states are its master "
+                                                         "weights' dtype), got {}",
+                                                         to_string(states), to_string(s.precision), ds, to_string(s.effective_state_dtype())));
+        if (s.optimizer != Optimizer::AdamW || s.optimizer_impl != OptimizerImpl::Fused)
+            fail(w, "optimizer", fmt::format("expected adamw with optimizer_impl fused {} (DeepSpeed's FusedAdam){}", ds, hint));
+        if (s.optimizer_in_backward)
+            fail(w, "optimizer_in_backward", fmt::format("expected false {} (it steps after backward){}, got true", ds, hint));
+    }
+    if (s.dp > 1 && s.zero_stage == 0 && s.precision == Precision::Bf16Master)
+        fail(w, "precision", fmt::format("expected pure-bf16 or amp with runtime hf, dp > 1 and ZeRO 0 (python/mst_hf's fp32 master "
+                                         "weights would step on gradients DDP has not reduced; DeepSpeed's ZeRO 1 or 2 keeps "
+                                         "its own){}, got bf16-master", hint));
     if (s.dp > 1 && s.optimizer_in_backward)
-        fail(w, "optimizer_in_backward", fmt::format("expected false with runtime hf and dp > 1 (DDP reduces gradients after "
-                                                     "their hooks; a step in backward would use unreduced ones){}, got true", hint));
+        fail(w, "optimizer_in_backward", fmt::format("expected false with runtime hf and dp > 1 (DDP and DeepSpeed reduce gradients "
+                                                     "after their hooks; a step in backward would use unreduced ones){}, got true", hint));
     if (s.padded) fail(w, "padded", fmt::format("expected false with runtime hf (packed batches){}", hint));
     if (s.optimizer == Optimizer::AdamW8bit)
         fail(w, "optimizer", fmt::format("expected adamw or sgd with runtime hf (bitsandbytes is not modelled){}", hint));

@@ -35,6 +35,7 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
     tokens_ = s_.local_tokens();
     hf_ = s_.runtime == Runtime::Hf;
     amp_ = hf_ && s_.precision == Precision::AmpFp32;
+    ds_on_ = s_.deepspeed_zero();
     if (hf_) pg_ = pw_;  // autograd's gradients are in the parameters' dtype; fp32 masters keep their own
     tl_.source = "simulator";
     tl_.model = m_.name;
@@ -201,6 +202,11 @@ void StepBuilder::build_params() {
 void StepBuilder::init_state() {
     phase_ = Phase::Init;
     layer_ = -1;
+    if (ds_on_) {
+        ds_init_state();
+        init_workspace();
+        return;
+    }
     const bool shard_params = zero_stage() >= 3, shard_optim = zero_stage() >= 1, shard_grads = zero_stage() >= 2;
     auto part = [&](const Param& p, bool sharded) { return sharded ? ceil_div(p.numel, p.shard_ranks) : p.numel; };
     const int sd = s_.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
@@ -268,6 +274,10 @@ void StepBuilder::init_state() {
             alloc(p.name, checked_mul(part(p, true), pg_), Category::Gradients);
         }
     }
+    init_workspace();
+}
+
+void StepBuilder::init_workspace() {
     layer_ = -1;
     if (gpu_.calibration.cublas_workspace_bytes > 0) {
         at("init.cublas_workspace");
@@ -515,6 +525,10 @@ void StepBuilder::accumulate(T& acc, T g, bool acc_is_view) {
 void StepBuilder::hf_grad_hooks(int p) {
     Param& P = params_[static_cast<std::size_t>(p)];
     if (grad_ready_ && micro_ == 0) grad_ready_->push_back(p);  // (DDP: its copy into the bucket, in place)
+    if (ds_on_) {
+        ds_grad_hook(p);
+        return;
+    }
     const char* op = op_;
     const bool master = s_.precision == Precision::Bf16Master;
     if (s_.optimizer_in_backward) {

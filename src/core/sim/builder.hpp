@@ -257,8 +257,8 @@ public:
     StepBuilder& operator=(const StepBuilder&) = delete;
     Timeline run();
     MemoryPeaks peaks() const { return peaks_; }
-    // Which rank of ring attention's sp the step is walked for (ring_ranks(); 0 by default).
-    void walk_ring_rank(std::int64_t rank) { ring_rank_ = rank; }
+    // Which rank the step is walked for (walked_ranks(): of ring attention's sp, or of DeepSpeed's dp; 0 by default).
+    void walk_rank(std::int64_t rank) { rank_ = rank; }
 
 private:
     // ---- tensor table (inline: every op calls these, millions of times per tuner search) ----
@@ -345,6 +345,7 @@ private:
     // ---- parameters and their state -------------------------------------------
     void build_params();
     void init_state();                  // weights, master copy, optimizer states, workspace
+    void init_workspace();              // cuBLAS's
     void grad_write(int p);             // a weight-gradient GEMM writes into p's gradient
     void grad_done(int p);              // p's gradient is complete for this micro-step
     void use_weight(int p, bool saved = true);  // a forward op reads p (AMP: autocast copy, saved by the op)
@@ -646,9 +647,45 @@ private:
         bytes_t bytes;
     };
     std::vector<HfBuffer> hf_buffers() const;
-    bool hf_ddp() const { return hf_ && s_.dp > 1; }
+    bool hf_ddp() const { return hf_ && s_.dp > 1 && !ds_on_; }
     static constexpr bytes_t kDdpFirstBucketBytes = bytes_t{1} << 20;  // torch's _DEFAULT_FIRST_BUCKET_BYTES
     static constexpr bytes_t kDdpBucketBytes = 25 * (bytes_t{1} << 20);  // bucket_cap_mb's default
+    // ---- DeepSpeed's ZeRO-1/2 engine in the hf runtime (deepspeed.cpp) ----
+    void ds_init_state();                 // the flat parameters, this rank's partition and its states
+    void ds_loss_scaling();               // engine.backward: loss / accumulation steps, x the loss scale
+    void ds_grad_hook(int p);             // the engine's hook on p's AccumulateGrad
+    void ds_after_backward(T& root);      // backward() returned: ZeRO-1's reduction, the epilogue
+    void ds_optimizer_step();
+    void ds_reduce_bucket();              // reduce_ipg_grads
+    void ds_take_into_bucket(int p);      // reduce_independent_p_g_buckets_and_remove_grads
+    void ds_copy_into_partition(int p);   // copy_grads_in_partition
+    T ds_is_invalid(bytes_t element);     // (~isfinite(x) | (x < 0)).any() of a scalar x: returns the bool
+    bool ds_on_ = false;  // s_.deepspeed_zero()
+    struct DsPiece {
+        int param;
+        std::int64_t numel;  // of the param's elements, those in this rank's partition
+    };
+    struct DeepSpeedState {
+        std::vector<std::int64_t> start;  // per parameter (params_ index): its first element in the flat buffer
+        std::int64_t partition = 0, lo = 0, hi = 0;  // elements per rank; this rank's [lo, hi)
+        std::vector<DsPiece> pieces;      // this rank's partition, in flat order
+        std::int64_t pad = 0;             // the last rank's elements past every parameter
+        std::int64_t partition_grads = 0; // grads_in_partition: every parameter the partition touches, whole
+        T bucket;                         // the gradient bucket, from a backward's first hook to its epilogue
+        std::int64_t elements = 0;        // in the bucket
+        std::vector<int> in_bucket;       // its parameters, in hook order
+        int extra = -1;                   // a parameter too large for the bucket, its gradient reduced where it is
+        // ZeRO-1 keeps the .grad of other partitions' parameters to the epilogue: per parameter, such a
+        // gradient too large for the bucket (its own tensor), or whether it is a view of the bucket
+        std::vector<T> held;
+        std::vector<char> views_bucket;
+        T partition_grad;                 // grads_in_partition of this backward
+        T averaged;                       // the partition's gradients kept for the step (the first backward's)
+        T pad_zeros;                      // the step's zero piece past the parameters (the last rank)
+        T loss_div, loss_mul;             // engine.backward's scaled losses
+        T global_norm;                    // the engine's gradient norm of the last step
+    } ds_;
+    bool ds_in_partition(int p) const;
     // Set on the run that finds DDP's bucket order: each parameter as its gradient becomes ready
     // in the first micro-step's backward (AccumulateGrad's hooks run).
     std::vector<int>* grad_ready_ = nullptr;
@@ -662,7 +699,7 @@ private:
     int pg_ = 2;   // gradient
     int rb_ = 2;   // residual stream / norm outputs
     std::int64_t tokens_ = 0;  // per rank outside attention (B * S / sp)
-    std::int64_t ring_rank_ = 0;
+    std::int64_t rank_ = 0;  // walk_rank
 
     std::vector<Param> params_;
     std::vector<int> order_;  // params_ in the order the runtime holds them (hf: model.parameters())

@@ -372,10 +372,16 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
 T StepBuilder::hf_head_backward(HeadSaved& hs) {
     layer_ = -1;
     const std::int64_t d = m_.hidden_size, V = m_.vocab_size;
+    if (ds_on_) ds_loss_scaling();
     at("loss");
     hs.hf_root = alloc("d_loss", 4, Category::Transient);  // backward()'s grad_tensors, held until it returns
     T root = hold(hs.hf_root);
-    if (s_.grad_accum > 1) {  // DivBackward0
+    if (ds_on_) {  // DeepSpeed's MulBackward0 (the loss scale), DivBackward0 (the accumulation steps)
+        T g = alloc("d_loss_scaled", 4, Category::Transient);
+        node_end({}, &root);
+        root = alloc("d_loss_unscaled", 4, Category::Transient);
+        node_end({}, &g);
+    } else if (s_.grad_accum > 1) {  // DivBackward0
         T g = alloc("d_loss_unscaled", 4, Category::Transient);
         node_end({}, &root);
         root = g;

@@ -139,12 +139,13 @@ bool PeakSimulator::replay(bytes_t capacity, bytes_t limit, MemoryPeaks& p) {
 bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budget_bytes, bytes_t host_budget_bytes,
                         bytes_t capacity, MemoryPeaks& out) {
     validate(setup, model_);
-    // Ring attention: every rank's step must fit; each peak is the highest of any rank's. Rank 1
-    // (a whole-q merge and the half-size ones) first: a setup over budget usually stops there.
-    const std::vector<std::int64_t> ranks = ring_ranks(setup);  // (empty without ring attention: one walk)
+    // Ranks that differ (ring attention, DeepSpeed's ZeRO): every rank's step must fit; each peak is the
+    // highest of any rank's. Rank 1 (ring: a whole-q merge and the half-size ones) first: a setup over
+    // budget usually stops there.
+    const std::vector<std::int64_t> ranks = walked_ranks(setup);  // (empty when the ranks are alike: one walk)
     for (std::size_t i = 0; i < std::max<std::size_t>(1, ranks.size()); ++i) {
         sim::StepBuilder b(model_, setup, gpu_, false, sim::PeakRun{&scratch_->step, {budget_bytes, host_budget_bytes}, allocator});
-        if (!ranks.empty()) b.walk_ring_rank(ranks[i < 2 ? 1 - i : i]);
+        if (!ranks.empty()) b.walk_rank(ranks.size() > 1 && i < 2 ? ranks[1 - i] : ranks[i]);
         try {
             b.run();
         } catch (const sim::OverBudget&) {

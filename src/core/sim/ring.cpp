@@ -60,7 +60,7 @@ std::int64_t round_up_to(std::int64_t x, std::int64_t m) { return (x + m - 1) / 
 void StepBuilder::ring_forward(T q, T k, T v, T& out, T& lse, T& attn_out) {
     (void)q;  // read as views; held by the caller
     at("attn.ring");
-    const std::int64_t cp = s_.sp, rank = ring_rank_, B = s_.micro_batch, S = s_.seq_len / cp;
+    const std::int64_t cp = s_.sp, rank = rank_, B = s_.micro_batch, S = s_.seq_len / cp;
     const std::int64_t nh = m_.num_heads, nkv = m_.num_kv_heads, hd = m_.head_dim, qd = m_.q_dim(), kvd = m_.kv_dim();
     const std::int64_t rows = tokens_, half = tokens_ / 2;
     const bool copy_kv = !heads_view_of_bshd(B, nkv, S, hd).contiguous();
@@ -157,7 +157,7 @@ void StepBuilder::ring_forward(T q, T k, T v, T& out, T& lse, T& attn_out) {
 void StepBuilder::ring_backward(T d_out, T q, T k, T v, T out, T lse, T& dq, T& dk, T& dv) {
     (void)d_out, (void)q, (void)lse;  // read, held by the caller
     at("attn.ring");
-    const std::int64_t cp = s_.sp, rank = ring_rank_, B = s_.micro_batch, S = s_.seq_len / cp;
+    const std::int64_t cp = s_.sp, rank = rank_, B = s_.micro_batch, S = s_.seq_len / cp;
     const std::int64_t nh = m_.num_heads, nkv = m_.num_kv_heads, hd = m_.head_dim, qd = m_.q_dim(), kvd = m_.kv_dim();
     const std::int64_t rows = tokens_, half = tokens_ / 2;
     const bool copy_kv = !heads_view_of_bshd(B, nkv, S, hd).contiguous();

@@ -1,5 +1,6 @@
 // One optimizer step: persistent state, micro-steps (forward, backward with
 // checkpoint recompute and offload), the optimizer; and the estimate built on it.
+#include <algorithm>
 #include <optional>
 
 #include <fmt/format.h>
@@ -113,7 +114,7 @@ void StepBuilder::micro_step(int micro) {
     at("forward.end");
     clear_autocast_cache();  // the autocast region ends with the forward
     drop(head.hf_logits);    // the trainer keeps only the loss of the model's output
-    if (hf_ && s_.grad_accum > 1) {  // loss / grad_accum
+    if (hf_ && s_.grad_accum > 1 && !ds_on_) {  // loss / grad_accum (DeepSpeed's engine divides in its backward)
         T scaled = act("loss_scaled", 4, false);
         drop(head.hf_loss);
         head.hf_loss = scaled;
@@ -179,7 +180,9 @@ void StepBuilder::micro_step(int micro) {
     at("backward.end");
     if (hf_) {
         // backward() returns (its grad_tensors go), then the trainer drops the loss and the batch
-        drop(head.hf_root), drop(head.hf_loss), drop(ids), drop(labels);
+        if (ds_on_) ds_after_backward(head.hf_root);
+        else drop(head.hf_root);
+        drop(head.hf_loss), drop(ids), drop(labels);
         return;
     }
     drop(dres), drop(ids);
@@ -191,6 +194,10 @@ void StepBuilder::optimizer_step() {
     layer_ = -1;
     micro_ = tl_.micro_steps_recorded - 1;
     if (s_.optimizer_in_backward) return;  // stepped inside backward
+    if (ds_on_) {
+        ds_optimizer_step();
+        return;
+    }
     if (hf_) {
         hf_optimizer_step();
         return;
@@ -215,22 +222,25 @@ namespace mst {
 namespace {
 
 // One step: its timeline and (with `allocator`) its caching allocator's replay on a device of
-// `capacity` bytes. With ring attention every rank's step is walked (ring_ranks()): the timeline
+// `capacity` bytes. When ranks differ every rank's step is walked (walked_ranks()): the timeline
 // is the one with the highest requested peak (the lowest rank of a tie) and the replay its own,
 // whose peaks are raised to the highest of any rank's (a plan fits when every rank does).
 struct Walked {
     Timeline timeline;
     AllocatorReplay allocator;
-    std::int64_t ranks = 0;  // ring attention's ranks walked
+    std::int64_t ranks = 0;  // the ranks walked
 };
 Walked walk(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bytes_t capacity, bool allocator,
-            std::optional<std::int64_t> ring_rank = std::nullopt) {
+            std::optional<std::int64_t> rank = std::nullopt) {
     validate(setup, model);
-    if (ring_rank && (!setup.ring() || *ring_rank < 0 || *ring_rank >= setup.sp))
-        fail("setup", "ring_rank", fmt::format("expected a rank of ring attention's sp ranks (0 .. sp - 1, with sp_impl ring "
-                                               "and sp > 1), got {} (sp {}, {})",
-                                               *ring_rank, setup.sp, to_string(setup.sp_impl)));
-    const std::vector<std::int64_t> ranks = ring_rank ? std::vector<std::int64_t>{*ring_rank} : ring_ranks(setup);
+    const std::vector<std::int64_t> all = walked_ranks(setup);
+    if (rank && std::find(all.begin(), all.end(), *rank) == all.end())
+        fail("setup", "rank", fmt::format("expected a rank whose step differs: of ring attention's sp ranks (0 .. sp - 1, with "
+                                          "sp_impl ring and sp > 1) or DeepSpeed's dp ranks (0 .. dp - 1, runtime hf with ZeRO 1 "
+                                          "or 2), got {} (sp {}, {}, dp {}, ZeRO {}, runtime {})",
+                                          *rank, setup.sp, to_string(setup.sp_impl), setup.dp, setup.zero_stage,
+                                          to_string(setup.runtime)));
+    const std::vector<std::int64_t> ranks = rank ? std::vector<std::int64_t>{*rank} : all;
     Walked out;
     out.ranks = static_cast<std::int64_t>(ranks.size());
     if (ranks.empty()) {
@@ -240,11 +250,11 @@ Walked walk(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile
     }
     bytes_t busiest = -1;
     AllocatorReplay highest;
-    for (std::int64_t rank : ranks) {
+    for (std::int64_t r : ranks) {
         sim::StepBuilder b(model, setup, gpu, true);
-        b.walk_ring_rank(rank);
+        b.walk_rank(r);
         Timeline t = b.run();
-        t.rank = rank;
+        t.rank = r;
         AllocatorReplay a;
         if (allocator) {
             a = replay_caching_allocator(t, gpu.calibration.allocator, capacity);
@@ -267,7 +277,7 @@ Timeline simulate(const ModelSpec& model, const TrainingSetup& setup, const GpuP
     return walk(model, setup, gpu, gpu.usable_bytes(), false).timeline;
 }
 
-Timeline simulate_ring_rank(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, std::int64_t rank) {
+Timeline simulate_rank(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, std::int64_t rank) {
     return walk(model, setup, gpu, gpu.usable_bytes(), false, rank).timeline;
 }
 
@@ -277,13 +287,13 @@ MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, c
 }
 
 Estimate estimate(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, std::optional<bytes_t> capacity,
-                  std::optional<std::int64_t> ring_rank) {
+                  std::optional<std::int64_t> rank) {
     Estimate e;
     // The process can reserve the usable bytes: there PyTorch releases its cached segments and retries.
-    Walked w = walk(model, setup, gpu, capacity.value_or(gpu.usable_bytes()), true, ring_rank);
+    Walked w = walk(model, setup, gpu, capacity.value_or(gpu.usable_bytes()), true, rank);
     e.timeline = std::move(w.timeline);
     e.allocator = std::move(w.allocator);
-    e.ring_ranks_walked = w.ranks;
+    e.ranks_walked = w.ranks;
     e.summary = summarize(e.timeline, model.num_layers);
     e.usable_bytes = gpu.usable_bytes();
     e.context_bytes = gpu.cuda_context_bytes;
@@ -331,9 +341,10 @@ nlohmann::json to_json(const Estimate& e, const ModelSpec& model, const Training
                           {"headroom_bytes", e.headroom_bytes},
                           {"fits", e.fits},
                           {"events", e.timeline.events.size()}};
-    if (e.timeline.rank >= 0) {  // ring attention: the rank whose step the timeline is, and how many were walked
-        out["ring_rank"] = e.timeline.rank;
-        out["ring_ranks_walked"] = e.ring_ranks_walked;
+    if (e.timeline.rank >= 0) {  // the rank whose step the timeline is, and how many were walked
+        const char* kind = setup.ring() ? "ring" : "dp";
+        out[fmt::format("{}_rank", kind)] = e.timeline.rank;
+        out[fmt::format("{}_ranks_walked", kind)] = e.ranks_walked;
     }
     return out;
 }

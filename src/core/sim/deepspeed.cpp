@@ -1,0 +1,316 @@
+// ZeRO 1 and 2 in the hf runtime: DeepSpeed's engine (deepspeed 0.19.8, runtime/engine.py and
+// runtime/zero/stage_1_and_2.py) with the defaults mst-plan's ds_config.json keeps (bf16,
+// contiguous_gradients on, overlap_comm off, reduce_bucket_size 5e8, multi-rank bucket all-reduce),
+// as the Hugging Face Trainer sets it up: the trainable parameters as one group, DeepSpeed's FusedAdam.
+// The referee runs that engine on fake tensors and records it (python/mst_referee/deepspeed_zero.py).
+//
+// * Init. The bf16 parameters are views into one flat buffer, model.parameters() in order, padded
+//   to a multiple of 2 x dp elements (the NCCL start alignment of bf16 times the ranks). Each rank
+//   owns 1/dp of it, its partition: the master copy of it (fp32; bf16 with the bf16 master flags of
+//   precision pure-bf16) and Adam's two states in the same dtype. FusedAdam's overflow flag and the
+//   engine's last gradient norm are two more scalars.
+// * Backward. engine.backward divides the loss by the accumulation steps and multiplies it by the
+//   loss scale (1 in bf16): two scalars, and two nodes whose gradients are scalars. The engine's hook
+//   on each parameter's AccumulateGrad makes the gradient bucket (reduce_bucket_size bf16 elements)
+//   at a backward's first gradient, then (ZeRO-2) moves each gradient into it and frees autograd's:
+//   a gradient that would overflow it reduces what it holds first; one larger than the bucket stays
+//   where it is and is reduced alone, by the next hook. A reduction flattens its gradients' slices
+//   (a cat, unless they are one slice: consecutive slices bound for one rank merge), and copies the
+//   gradients of parameters this rank's partition touches into grads_in_partition, made at the first
+//   such copy: those parameters' gradients, whole. ZeRO-1 keeps autograd's gradients (they
+//   accumulate as without ZeRO) and reduces them after the last micro-step's backward, in parameter
+//   order. After backward the epilogue reduces what the bucket holds, keeps the partition's
+//   gradients for the step (the first backward's; a later one's are added into them and freed),
+//   frees the bucket and clears every .grad.
+// * Step. An overflow check (two scalars per piece of the partition), the norm in fp64 (a copy of
+//   each piece, one at a time), clipping; the partition's gradient flattened (a cat of its pieces)
+//   and made the master's dtype (fp32: a copy), the kept gradients freed; Adam in place; the
+//   flattened gradient freed.
+//
+// Ranks differ: the gradients of another partition are reduced at other hooks, and its pieces
+// differ. Every rank is walked (walked_ranks).
+#include <algorithm>
+
+#include "builder.hpp"
+
+namespace mst::sim {
+
+namespace {
+constexpr std::int64_t kBucketElements = 500'000'000;  // reduce_bucket_size's default
+constexpr std::int64_t kStartAlignment = 2;             // nccl_start_alignment_factor for bf16
+constexpr int kGradBytes = 2;                           // bf16 gradients, buckets and grads_in_partition
+}  // namespace
+
+bool StepBuilder::ds_in_partition(int p) const {
+    const std::int64_t start = ds_.start[static_cast<std::size_t>(p)];
+    return start < ds_.hi && start + params_[static_cast<std::size_t>(p)].numel > ds_.lo;
+}
+
+void StepBuilder::ds_init_state() {
+    const std::int64_t ranks = s_.dp;
+    ds_.start.assign(params_.size(), 0);
+    std::int64_t total = 0;
+    for (int i : order_) {
+        ds_.start[static_cast<std::size_t>(i)] = total;
+        total = checked_add(total, params_[static_cast<std::size_t>(i)].numel, "parameters");
+    }
+    const std::int64_t align = checked_mul(kStartAlignment, ranks);
+    const std::int64_t padded = checked_mul(ceil_div(total, align), align);
+    ds_.partition = padded / ranks;
+    ds_.lo = checked_mul(rank_, ds_.partition);
+    ds_.hi = ds_.lo + ds_.partition;
+    ds_.pieces.clear();
+    ds_.partition_grads = 0;
+    for (int i : order_)
+        if (ds_in_partition(i)) {
+            const std::int64_t start = ds_.start[static_cast<std::size_t>(i)], n = params_[static_cast<std::size_t>(i)].numel;
+            ds_.pieces.push_back(DsPiece{i, std::min(start + n, ds_.hi) - std::max(start, ds_.lo)});
+            ds_.partition_grads += n;
+        }
+    ds_.pad = std::max<std::int64_t>(0, ds_.hi - std::max(total, ds_.lo));
+    ds_.held.assign(params_.size(), T{});
+    ds_.views_bucket.assign(params_.size(), 0);
+
+    at("init.weights");
+    layer_ = -1;
+    alloc("flat_bf16", checked_mul(padded, pw_), Category::Weights);
+    at("init.buffers");
+    for (const HfBuffer& b : hf_buffers()) alloc(b.name, b.bytes, Category::Weights);
+    if (m_.longrope) alloc("long_inv_freq", elems(m_.rotary_dim / 2, 1, 4), Category::Weights);
+    const int master = s_.precision == Precision::PureBf16 ? 2 : 4;  // (states in the same dtype: validate_hf_scope)
+    at("init.master_weights");
+    alloc("partition_master", checked_mul(ds_.partition, master), Category::MasterWeights);
+    at("init.optimizer_state");
+    alloc("exp_avg", checked_mul(ds_.partition, master), Category::OptimizerState);
+    alloc("exp_avg_sq", checked_mul(ds_.partition, master), Category::OptimizerState);
+    at("init.deepspeed");
+    alloc("fused_adam_overflow_buf", 4, Category::Workspace);
+    ds_.global_norm = alloc("global_grad_norm", 4, Category::Workspace);
+}
+
+void StepBuilder::ds_loss_scaling() {
+    at("deepspeed.backward");
+    ds_.loss_div = alloc("loss_div_accumulation", 4, Category::Transient);
+    ds_.loss_mul = alloc("loss_mul_scale", 4, Category::Transient);
+}
+
+void StepBuilder::ds_grad_hook(int p) {
+    const char* op = op_;
+    at("deepspeed.grad_hook");
+    if (!ds_.bucket.valid())  // setup_buckets
+        ds_.bucket = alloc("ipg_bucket", checked_mul(kBucketElements, kGradBytes), Category::Gradients);
+    if (s_.zero_stage == 2) ds_take_into_bucket(p);
+    at(op);
+}
+
+void StepBuilder::ds_take_into_bucket(int p) {
+    Param& P = params_[static_cast<std::size_t>(p)];
+    if (ds_.elements + P.numel > kBucketElements) ds_reduce_bucket();
+    if (P.numel > kBucketElements) {
+        ds_.extra = p;  // reduced where it is
+    } else {
+        drop(P.grad);  // copied into the bucket; .grad becomes a view of it
+        if (s_.zero_stage == 1 && !ds_in_partition(p)) ds_.views_bucket[static_cast<std::size_t>(p)] = 1;
+    }
+    ds_.elements += P.numel;
+    ds_.in_bucket.push_back(p);
+}
+
+void StepBuilder::ds_reduce_bucket() {
+    at("deepspeed.reduce");
+    // average_tensor: each gradient's slice per rank it spans, merged while consecutive ones go to
+    // one rank, flattened in groups of more than reduce_bucket_size elements (allreduce_and_scatter)
+    std::int64_t group = 0, slices = 0;
+    int previous = -1;
+    auto flush = [&] {
+        if (slices >= 2) {
+            T flat = alloc("reduce_flat", checked_mul(group, kGradBytes), Category::Transient);
+            drop(flat);
+        }
+        group = slices = 0;
+    };
+    for (int p : ds_.in_bucket) {
+        const std::int64_t start = ds_.start[static_cast<std::size_t>(p)], end = start + params_[static_cast<std::size_t>(p)].numel;
+        for (std::int64_t at_elem = start; at_elem < end;) {
+            const int rank = static_cast<int>(at_elem / ds_.partition);
+            const std::int64_t next = std::min(end, checked_mul(rank + 1, ds_.partition));
+            if (rank != previous || slices == 0) ++slices;
+            previous = rank;
+            group += next - at_elem;
+            at_elem = next;
+            if (group > kBucketElements) flush(), previous = -1;
+        }
+    }
+    flush();
+    for (int p : ds_.in_bucket) {
+        Param& P = params_[static_cast<std::size_t>(p)];
+        if (ds_in_partition(p)) {
+            ds_copy_into_partition(p);
+        } else if (p == ds_.extra) {
+            if (s_.zero_stage == 2) drop(P.grad);              // clear_grad_attribute
+            else ds_.held[static_cast<std::size_t>(p)] = std::exchange(P.grad, T{});  // ZeRO-1: .grad keeps it
+        }
+    }
+    ds_.elements = 0;
+    ds_.in_bucket.clear();
+    ds_.extra = -1;
+}
+
+void StepBuilder::ds_copy_into_partition(int p) {
+    if (!ds_.partition_grad.valid())
+        ds_.partition_grad = alloc("grads_in_partition", checked_mul(ds_.partition_grads, kGradBytes), Category::Gradients);
+    if (p == ds_.extra) drop(params_[static_cast<std::size_t>(p)].grad);  // .grad becomes its slice of it
+}
+
+void StepBuilder::ds_after_backward(T& root) {
+    drop(root);  // backward() returns
+    const bool boundary = micro_ == tl_.micro_steps_recorded - 1;
+    if (s_.zero_stage == 1) {
+        if (!boundary) {  // ZeRO-1 reduces at the accumulation boundary only
+            drop(ds_.loss_mul), drop(ds_.loss_div);
+            return;
+        }
+        at("deepspeed.reduce_gradients");
+        for (int p : order_)
+            if (params_[static_cast<std::size_t>(p)].grad.valid()) ds_take_into_bucket(p);
+    }
+    // independent_gradient_partition_epilogue
+    ds_reduce_bucket();
+    at("deepspeed.epilogue");
+    if (!ds_.averaged.valid()) ds_.averaged = hold(ds_.partition_grad);  // all_grad_tensors: views of it
+    if (boundary && ds_.pad > 0)  // get_flat_partition: zeros past the last parameter
+        ds_.pad_zeros = alloc("partition_pad", checked_mul(ds_.pad, kGradBytes), Category::Transient);
+    // _release_ipg_buffers, then _clear_param_grad_only in parameter order: the views of
+    // grads_in_partition let go; ZeRO-1's gradients of other partitions are their own tensors or views
+    // of the bucket, which goes with the last of them
+    int last_view = -1;
+    for (int p : order_)
+        if (ds_.views_bucket[static_cast<std::size_t>(p)]) last_view = p;
+    if (last_view < 0) drop(ds_.bucket);
+    drop(ds_.partition_grad);
+    for (int p : order_) {
+        drop(ds_.held[static_cast<std::size_t>(p)]);
+        if (p == last_view) drop(ds_.bucket);
+    }
+    std::fill(ds_.views_bucket.begin(), ds_.views_bucket.end(), 0);
+    drop(ds_.loss_mul), drop(ds_.loss_div);  // engine.backward returns
+}
+
+// isfinite(x) of a scalar x (abs(x) != inf, x == x): returns the bool.
+T StepBuilder::ds_is_invalid(bytes_t element) {
+    auto isfinite = [&] {
+        T a = alloc("abs", element, Category::Transient);
+        T ne = alloc("ne", 1, Category::Transient);
+        T eq = alloc("eq", 1, Category::Transient);
+        T f = alloc("isfinite", 1, Category::Transient);
+        drop(eq), drop(ne), drop(a);
+        return f;
+    };
+    T f = isfinite();
+    T n = alloc("not", 1, Category::Transient);
+    drop(f);
+    T lt = alloc("lt", 1, Category::Transient);
+    T o = alloc("or", 1, Category::Transient);
+    drop(n), drop(lt);
+    T any = alloc("any", 1, Category::Transient);
+    drop(o);
+    return any;
+}
+
+void StepBuilder::ds_optimizer_step() {
+    at("deepspeed.check_overflow");
+    layer_ = -1;
+    const std::size_t pieces = ds_.pieces.size() + (ds_.pad > 0 ? 1 : 0);
+    // has_overflow_partitioned_grads_serial: has_inf_or_nan of each piece, isfinite of its amax and amin
+    T count = alloc("invalid_grad_count", 4, Category::Transient);
+    for (std::size_t i = 0; i < pieces; ++i) {
+        T finite[2];
+        for (T& f : finite) {
+            T extreme = alloc("amax", kGradBytes, Category::Transient);
+            T a = alloc("abs", kGradBytes, Category::Transient);
+            T ne = alloc("ne", 1, Category::Transient);
+            T eq = alloc("eq", 1, Category::Transient);
+            f = alloc("isfinite", 1, Category::Transient);
+            drop(eq), drop(ne), drop(a), drop(extreme);
+        }
+        T both = alloc("logical_and", 1, Category::Transient);
+        drop(finite[0]), drop(finite[1]);
+        T invalid = alloc("logical_not", 1, Category::Transient);
+        drop(both);
+        drop(invalid);  // (added into the count in place)
+    }
+    T flag = alloc("overflow", 1, Category::Transient);
+    drop(count);
+    T byte = alloc("overflow_u8", 1, Category::Transient);
+    drop(flag), drop(byte);
+
+    at("deepspeed.grad_norm");  // get_grad_norm_direct: each parameter's piece in fp64
+    std::vector<T> norms;
+    for (const DsPiece& piece : ds_.pieces) {
+        T copy = alloc("grad_fp64", checked_mul(piece.numel, 8), Category::Transient);
+        norms.push_back(alloc("norm_fp64", 8, Category::Transient));
+        drop(copy);
+    }
+    const auto k = static_cast<std::int64_t>(norms.size());
+    T stacked = alloc("norms", checked_mul(k, 8), Category::Transient);
+    T squares = alloc("norms_pow", checked_mul(k, 8), Category::Transient);
+    drop(stacked);
+    T sum = alloc("norm_sum", 8, Category::Transient);
+    drop(squares);
+    T total = alloc("norm_fp32", 4, Category::Transient);
+    drop(sum);
+    T norm = alloc("norm", 4, Category::Transient);
+    drop(total);
+    {  // mask_nan_or_inf_with_val_inplace
+        T inf = alloc("isinf", 1, Category::Transient);
+        T nan = alloc("isnan", 1, Category::Transient);
+        T either = alloc("inf_or_nan", 1, Category::Transient);
+        drop(inf), drop(nan), drop(either);
+    }
+    for (auto it = norms.rbegin(); it != norms.rend(); ++it) drop(*it);
+    // combine_grad_norm_groups over the one group
+    T groups = alloc("norm_groups", 4, Category::Transient);
+    T invalid = ds_is_invalid(4);
+    T combined = alloc("vector_norm", 4, Category::Transient);
+    T inf = alloc("full_like", 4, Category::Transient);
+    T scaled_norm = alloc("global_norm", 4, Category::Transient);
+    drop(inf), drop(groups), drop(invalid), drop(combined), drop(norm);
+    T checked = ds_is_invalid(4);  // step(): is_invalid_grad_norm
+    drop(checked);
+    T new_norm = alloc("global_grad_norm", 4, Category::Transient);  // scaled / loss scale: the engine keeps it
+
+    at("deepspeed.flatten_partition");
+    const bool single = pieces == 1;  // flattening one tensor is a view of it
+    const bool master_fp32 = s_.precision != Precision::PureBf16;
+    T flat = single ? T{} : alloc("flat_grad_partition", checked_mul(ds_.partition, kGradBytes),
+                                  master_fp32 ? Category::Transient : Category::Gradients);
+    T grad = master_fp32 ? alloc("partition_grad_fp32", checked_mul(ds_.partition, 4), Category::Gradients) : T{};
+    if (master_fp32) drop(flat);
+    // averaged_gradients = None: the pieces go, last first (with one piece and bf16 masters the step's
+    // gradient is that piece)
+    drop(ds_.pad_zeros);
+    if (master_fp32 || !single) drop(ds_.averaged);
+
+    at("deepspeed.clip");  // unscale_and_clip_grads
+    T clip_check = ds_is_invalid(4);
+    drop(clip_check);
+    T div = alloc("clip_div", 4, Category::Transient);
+    T add = alloc("clip_add", 4, Category::Transient);
+    drop(div);
+    T ratio = alloc("clip_ratio", 4, Category::Transient);
+    drop(add);
+    T clip = alloc("clip", 4, Category::Transient);
+    drop(ratio);
+    T combined_scale = alloc("combined_scale", 4, Category::Transient);
+    T reciprocal = alloc("reciprocal", 4, Category::Transient);
+    T factor = alloc("inverse_scale", 4, Category::Transient);
+    drop(reciprocal), drop(factor), drop(combined_scale), drop(clip);
+
+    at("optimizer.step");  // FusedAdam in place; then the step's gradient goes
+    drop(grad), drop(flat), drop(ds_.averaged);
+    drop(scaled_norm);
+    drop(ds_.global_norm);  // the engine's last norm gives way to this step's
+    ds_.global_norm = new_norm;
+}
+
+}  // namespace mst::sim

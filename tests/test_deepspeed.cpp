@@ -1,0 +1,201 @@
+// DeepSpeed's ZeRO 1 and 2 in the hf runtime (src/core/sim/deepspeed.cpp). The referee runs
+// DeepSpeed's engine and every event is compared (python/tests/test_deepspeed_referee.py,
+// results/referee/*.ds-zero*); these pin what can be derived by hand from DeepSpeed's
+// partitioning rule and the config's defaults.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <numeric>
+
+#include "mst/catalog.hpp"
+#include "mst/simulate.hpp"
+#include "mst/limits.hpp"
+#include "mst/setup.hpp"
+#include "sim_test_support.hpp"
+#include "test_support.hpp"
+
+using namespace mst;
+
+namespace {
+
+TrainingSetup zero(const ModelSpec& m, int stage, std::int64_t dp) {
+    TrainingSetup s;  // the hf runtime
+    s.seq_len = 256;
+    s.attention = Attention::Eager;
+    s.precision = Precision::Bf16Master;
+    s.zero_stage = stage;
+    s.dp = dp;
+    (void)m;
+    return s;
+}
+
+// The allocations whose tensor name starts with `name`, in order.
+std::vector<const Event*> allocs(const Timeline& t, std::string_view name, std::optional<Phase> phase = std::nullopt) {
+    std::vector<const Event*> out;
+    for (const Event& e : t.events)
+        if (e.alloc && e.name.starts_with(name) && (!phase || e.phase == *phase)) out.push_back(&e);
+    return out;
+}
+
+std::optional<Phase> freed_in(const Timeline& t, const Event* a) {
+    for (const Event& e : t.events)
+        if (!e.alloc && e.tensor == a->tensor) return e.phase;
+    return std::nullopt;
+}
+
+std::vector<bytes_t> bytes_of(const std::vector<const Event*>& events) {
+    std::vector<bytes_t> out;
+    for (const Event* e : events) out.push_back(e->bytes);
+    return out;
+}
+
+}  // namespace
+
+// tiny-llama: P = 125248 parameters (embedding 256 x 64 = 16384; per layer q 4096, k and v 2048, o
+// 4096, gate/up/down 11264, two norms of 64: 46208; two layers; the final norm 64; lm_head 16384).
+// On 8 ranks P is a multiple of 2 x 8: no padding, a partition is 15656. Rank 6 owns [93936, 109592):
+// the last 3472 of layer 1's up_proj (which starts at 86144), down_proj (11264), both norms, the
+// final norm and the first 728 of lm_head (from 108864); the parameters it touches hold 39104.
+TEST_CASE("DeepSpeed ZeRO-2: the flat buffer, the partition and its states, by DeepSpeed's partitioning") {
+    const ModelSpec m = find_model("tiny-llama");
+    const TrainingSetup s = zero(m, 2, 8);
+    const Timeline t = simulate_rank(m, s, test::test_gpu(), 6);
+    CHECK(t.rank == 6);
+    CHECK(bytes_of(allocs(t, "flat_bf16", Phase::Init)) == std::vector<bytes_t>{2 * 125248});
+    CHECK(bytes_of(allocs(t, "partition_master", Phase::Init)) == std::vector<bytes_t>{4 * 15656});
+    CHECK(bytes_of(allocs(t, "exp_avg", Phase::Init)) == std::vector<bytes_t>{4 * 15656, 4 * 15656});
+    // No parameter of its own: every weight is a view of the flat buffer.
+    for (const Event& e : t.events) CHECK_FALSE((e.alloc && e.phase == Phase::Init && e.name == "q_proj"));
+}
+
+TEST_CASE("DeepSpeed ZeRO-2: one bucket per backward, the partition's gradients whole, the step's pieces") {
+    const ModelSpec m = find_model("tiny-llama");
+    const TrainingSetup s = zero(m, 2, 8);
+    const Timeline t = simulate_rank(m, s, test::test_gpu(), 6);
+    // reduce_bucket_size's default, 5e8 bf16 elements, made at the first gradient and freed in backward
+    const auto bucket = allocs(t, "ipg_bucket");
+    REQUIRE(bucket.size() == 1);
+    CHECK(bucket[0]->bytes == 1'000'000'000);
+    CHECK(bucket[0]->category == Category::Gradients);
+    CHECK(freed_in(t, bucket[0]) == Phase::Backward);
+    // Every gradient fits: the epilogue reduces them all at once, slices for all 8 ranks flattened.
+    CHECK(bytes_of(allocs(t, "reduce_flat")) == std::vector<bytes_t>{2 * 125248});
+    const auto grads = allocs(t, "grads_in_partition");
+    REQUIRE(grads.size() == 1);
+    CHECK(grads[0]->bytes == 2 * 39104);
+    CHECK(freed_in(t, grads[0]) == Phase::Optimizer);
+    // The step: each piece of the partition copied to fp64 for the norm, then the partition
+    // flattened (bf16) and made fp32.
+    std::vector<bytes_t> pieces = bytes_of(allocs(t, "grad_fp64", Phase::Optimizer));
+    std::sort(pieces.begin(), pieces.end());
+    CHECK(pieces == std::vector<bytes_t>{8 * 64, 8 * 64, 8 * 64, 8 * 728, 8 * 3472, 8 * 11264});
+    CHECK(bytes_of(allocs(t, "flat_grad_partition")) == std::vector<bytes_t>{2 * 15656});
+    CHECK(bytes_of(allocs(t, "partition_grad_fp32")) == std::vector<bytes_t>{4 * 15656});
+    // Autograd's gradients are moved into the bucket as they come: none reaches the step.
+    for (const Event& e : t.events)
+        if (e.alloc && e.category == Category::Gradients && e.phase == Phase::Backward && e.name == "weight_grad")
+            CHECK(freed_in(t, &e) == Phase::Backward);
+}
+
+TEST_CASE("DeepSpeed ZeRO-1 keeps autograd's gradients and reduces them after the last micro-step's backward") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = zero(m, 1, 8);
+    s.grad_accum = 3;
+    const Timeline t = simulate_rank(m, s, test::test_gpu(), 6);
+    const auto grads = allocs(t, "grads_in_partition");
+    REQUIRE(grads.size() == 1);
+    CHECK(grads[0]->micro_step == 1);  // the last micro-step (recorded as the second)
+    CHECK(grads[0]->bytes == 2 * 39104);
+    // The bucket is made in the first micro-step's backward and kept to the last one's epilogue.
+    const auto bucket = allocs(t, "ipg_bucket");
+    REQUIRE(bucket.size() == 1);
+    CHECK(bucket[0]->micro_step == 0);
+}
+
+// On 3 ranks P is padded to a multiple of 6: 125250, partitions of 41750. The last rank owns
+// [83500, 125250): 2 elements past the parameters, a zero piece the step flattens with the rest.
+TEST_CASE("DeepSpeed: the last rank's partition ends in padding, a zero piece of the step") {
+    const ModelSpec m = find_model("tiny-llama");
+    const TrainingSetup s = zero(m, 2, 3);
+    const Timeline t = simulate_rank(m, s, test::test_gpu(), 2);
+    CHECK(bytes_of(allocs(t, "flat_bf16")) == std::vector<bytes_t>{2 * 125250});
+    const auto pad = allocs(t, "partition_pad");
+    REQUIRE(pad.size() == 1);
+    CHECK(pad[0]->bytes == 2 * 2);
+    CHECK(freed_in(t, pad[0]) == Phase::Optimizer);
+    // The other ranks end inside a parameter.
+    CHECK(allocs(simulate_rank(m, s, test::test_gpu(), 1), "partition_pad").empty());
+}
+
+// Llama-3-8B: P = 8030261248, a multiple of 16: partitions of 1003782656. Rank 0 owns the embedding
+// (525336576), layers 0 and 1 (218112000 each) and layer 2 up to inside its gate_proj: q, k, v, o
+// (16777216 + 4194304 + 4194304 + 16777216 = 41943040) and gate's first 279040 of 58720256. The
+// parameters it touches hold 525336576 + 2 x 218112000 + 41943040 + 58720256 = 1062223872.
+TEST_CASE("DeepSpeed ZeRO-2 on Llama-3-8B: a rank's gradients in partition, and gradients too large for the bucket") {
+    const ModelSpec m = find_model("llama-3-8b");
+    TrainingSetup s;
+    s.seq_len = 4096;
+    s.precision = Precision::Bf16Master;
+    s.zero_stage = 2;
+    s.dp = 8;
+    s.mlp_chunks = 4;
+    s.lm_chunks = 8;
+    s.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
+    const Timeline t = simulate_rank(m, s, test::test_gpu(), 0);
+    CHECK(bytes_of(allocs(t, "partition_master")) == std::vector<bytes_t>{4 * bytes_t{1003782656}});
+    CHECK(bytes_of(allocs(t, "grads_in_partition")) == std::vector<bytes_t>{2 * bytes_t{1062223872}});
+    const auto pieces = allocs(t, "grad_fp64");
+    CHECK(pieces.size() == 1 + 2 * 9 + 4 + 1);
+    bytes_t sum = 0;
+    for (const Event* e : pieces) sum += e->bytes;
+    CHECK(sum == 8 * bytes_t{1003782656});
+    // A reduction whose bucket spans two ranks' partitions flattens it (a cat); every bucket holds at
+    // most 5e8 elements.
+    const auto flats = allocs(t, "reduce_flat");
+    CHECK_FALSE(flats.empty());
+    for (const Event* e : flats) CHECK(e->bytes <= 1'000'000'000);
+    // The embedding's and lm_head's gradients (525336576 elements) are larger than the bucket: they
+    // stay where autograd made them until reduced; rank 0 owns the embedding's, which is copied into
+    // its partition's gradients and freed at the epilogue, after the last hook.
+    const Event* embedding = nullptr;
+    for (const Event& e : t.events)
+        if (e.alloc && e.category == Category::Gradients && e.bytes == 2 * bytes_t{525336576} && e.layer == -1) embedding = &e;
+    REQUIRE(embedding != nullptr);
+    CHECK(freed_in(t, embedding) == Phase::Backward);
+}
+
+TEST_CASE("DeepSpeed in the hf runtime: every rank is walked, the busiest is shown, and --rank picks one") {
+    const ModelSpec m = find_model("tiny-llama");
+    const TrainingSetup s = zero(m, 2, 3);
+    CHECK(walked_ranks(s) == std::vector<std::int64_t>{0, 1, 2});
+    const Estimate e = estimate(m, s, test::test_gpu());
+    CHECK(e.ranks_walked == 3);
+    bytes_t highest = 0;
+    for (std::int64_t r = 0; r < 3; ++r) highest = std::max(highest, summarize(simulate_rank(m, s, test::test_gpu(), r), m.num_layers).peak.bytes);
+    CHECK(e.summary.peak.bytes == highest);
+    CHECK(test::expect_user_error([&] { (void)simulate_rank(m, s, test::test_gpu(), 3); }).starts_with("setup: rank: "));
+    // DDP (ZeRO 0) ranks are alike: one walk.
+    TrainingSetup ddp = s;
+    ddp.zero_stage = 0;
+    ddp.precision = Precision::PureBf16;
+    CHECK(walked_ranks(ddp).empty());
+}
+
+TEST_CASE("DeepSpeed in the hf runtime: what its engine does not run as modelled is a one-line error") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = zero(m, 2, 8);
+    s.precision = Precision::AmpFp32;
+    CHECK(test::expect_user_error([&] { validate(s, m); }).rfind("setup: precision: expected bf16-master or pure-bf16", 0) == 0);
+    s.precision = Precision::PureBf16;
+    s.state_dtype = StateDtype::Fp32;
+    CHECK(test::expect_user_error([&] { validate(s, m); }).rfind("setup: optimizer_state_dtype: expected bf16", 0) == 0);
+    s.state_dtype.reset();
+    s.optimizer_impl = OptimizerImpl::Foreach;
+    CHECK(test::expect_user_error([&] { validate(s, m); }).rfind("setup: optimizer: expected adamw with optimizer_impl fused", 0) == 0);
+    s.optimizer_impl = OptimizerImpl::Fused;
+    s.dp = limits::kDeepSpeedRanks + 1;
+    CHECK(test::expect_user_error([&] { validate(s, m); }).rfind("setup: dp: expected at most", 0) == 0);
+    s.dp = 8;
+    s.zero_stage = 3;
+    CHECK(test::expect_user_error([&] { validate(s, m); }).rfind("setup: zero_stage: expected 0 (DDP), 1 or 2 (DeepSpeed)", 0) == 0);
+}
