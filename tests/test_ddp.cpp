@@ -100,14 +100,25 @@ TEST_CASE("plain DDP plans for hf-mst: what python/mst_hf would step on unreduce
               .rfind("hf-mst: setup.optimizer_in_backward: expected false with data_parallel > 1", 0) == 0);
 }
 
-TEST_CASE("recommend --for with several GPUs in the hf runtime: only hf-mst, whose users run torch DDP") {
+TEST_CASE("recommend --for with several GPUs in the hf runtime: hf-mst (torch DDP), deepspeed and axolotl (DeepSpeed's engine)") {
     TuneRequest rq;
     rq.model = find_model("llama-3.2-1b");
     rq.gpu = find_gpu("h100-sxm-80gb");
     rq.gpus = 8;
     rq.seq_len = 8192;
-    rq.for_format = "deepspeed";
-    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: for: expected hf-mst with runtime hf and 8 GPUs", 0) == 0);
+    rq.for_format = "torchtitan";
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); })
+              .rfind("recommend: for: expected hf-mst, deepspeed or axolotl with runtime hf and 8 GPUs", 0) == 0);
     rq.for_format = "hf-mst";
-    CHECK(recommend(rq).found);
+    const Recommendation ddp = recommend(rq);
+    REQUIRE(ddp.found);
+    CHECK(ddp.best.setup.zero_stage == 0);
+    for (const char* format : {"deepspeed", "axolotl"}) {
+        CAPTURE(format);
+        rq.for_format = format;
+        const Recommendation ds = recommend(rq);
+        REQUIRE(ds.found);
+        CHECK((ds.best.setup.zero_stage == 1 || ds.best.setup.zero_stage == 2));
+        for (const Candidate& c : ds.pareto) CHECK((c.setup.zero_stage == 1 || c.setup.zero_stage == 2));
+    }
 }

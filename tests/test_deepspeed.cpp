@@ -9,7 +9,10 @@
 
 #include "mst/catalog.hpp"
 #include "mst/simulate.hpp"
+#include "mst/emit.hpp"
 #include "mst/limits.hpp"
+#include "mst/plan.hpp"
+#include "mst/tune.hpp"
 #include "mst/setup.hpp"
 #include "sim_test_support.hpp"
 #include "test_support.hpp"
@@ -198,4 +201,38 @@ TEST_CASE("DeepSpeed in the hf runtime: what its engine does not run as modelled
     s.dp = 8;
     s.zero_stage = 3;
     CHECK(test::expect_user_error([&] { validate(s, m); }).rfind("setup: zero_stage: expected 0 (DDP), 1 or 2 (DeepSpeed)", 0) == 0);
+}
+
+TEST_CASE("recommend --for deepspeed in the hf runtime: ZeRO 1 or 2 as DeepSpeed runs it, a plan its emitter writes") {
+    // Llama-3-8B on 8 GPUs at 8k: under DDP every GPU holds 8.03 B x (2 + 2 + 2 + 2) bytes of bf16
+    // state (64 GB) and DDP's buckets (16 GB), more than an 80 GB GPU; DeepSpeed's partitions fit.
+    TuneRequest rq;
+    rq.model = find_model("llama-3-8b");
+    rq.gpu = find_gpu("h100-sxm-80gb");
+    rq.gpus = 8;
+    rq.seq_len = 8192;
+    rq.for_format = "hf-mst";
+    CHECK_FALSE(recommend(rq).found);
+    rq.for_format = "deepspeed";
+    const Recommendation r = recommend(rq);
+    REQUIRE(r.found);
+    CHECK(r.best.setup.runtime == Runtime::Hf);
+    CHECK(r.best.setup.deepspeed_zero());
+    Plan plan;
+    plan.model = rq.model.name;
+    plan.gpu = rq.gpu.name;
+    plan.gpus = rq.gpus;
+    plan.setup = r.best.setup;
+    CHECK_FALSE(emit(plan, rq.model, "deepspeed").empty());  // emit refuses nothing recommend --for produced
+    // What the hf runtime does not model for DeepSpeed is named.
+    rq.pins.zero_stage = 3;
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: pin: zero=3: expected 1 or 2 with runtime hf and --for deepspeed", 0) == 0);
+    rq.pins.zero_stage = 0;
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: pin: zero=0: expected 1 or 2", 0) == 0);
+    // max-seq plans the same trainer: its rows use DeepSpeed's ZeRO-2.
+    rq.pins.zero_stage.reset();
+    for (const MaxSeqRow& row : max_seq(rq, std::nullopt).rows) {
+        CAPTURE(row.strategy);
+        CHECK(row.setup.zero_stage == 2);
+    }
 }

@@ -123,13 +123,14 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     if (!r.found) {
         // (against the whole budget: what --for keeps free for a trainer's tables shrinks with the length)
+        const bool deepspeed = rq.base.runtime == Runtime::Hf && (rq.for_format == "deepspeed" || rq.for_format == "axolotl");
         if (r.persistent_bytes > r.budget_bytes)  // no length, chunking or checkpointing can help
             fail(rq.model.name, "no setup fits",
                  fmt::format("expected one for {} tokens on {} x {} within {}: weights, gradients{}, optimizer states and "
                              "cuBLAS's workspace alone take {} per GPU; more GPUs with ZeRO sharding them{}, a GPU with "
                              "more memory or a lighter optimizer state can help",
                              rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes),
-                             rq.gpus > 1 ? " (and DDP's buckets of them)" : "", format_bytes(r.persistent_bytes),
+                             rq.gpus > 1 && !deepspeed ? " (and DDP's buckets of them)" : "", format_bytes(r.persistent_bytes),
                              rq.base.runtime == Runtime::Hf ? " (--runtime kernels)" : ""));
         fail(rq.model.name, "no setup fits",
              fmt::format("expected one for {} tokens on {} x {} within {} (try {}--allow offload=yes, a shorter "
@@ -140,12 +141,14 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                            format_bytes(r.budget_bytes - r.trainer_extra_bytes),
                                            format_bytes(r.trainer_extra_bytes), format_bytes(r.budget_bytes), rq.for_format)
                              : format_bytes(r.budget_bytes),
-                         rq.gpus > 1 && rq.base.runtime == Runtime::Hf ? "" : "more GPUs, ",  // DDP: each holds it all
+                         rq.gpus > 1 && rq.base.runtime == Runtime::Hf && !deepspeed ? "" : "more GPUs, ",  // DDP: each holds it all
                          r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
-                         rq.gpus > 1 && rq.base.runtime == Runtime::Hf
-                             ? "; the hf runtime plans several GPUs as DDP, each holding the whole model, its gradients and "
-                               "optimizer states: --runtime kernels plans ZeRO and sequence parallelism"
-                             : ""));
+                         rq.gpus == 1 || rq.base.runtime != Runtime::Hf ? ""
+                         : deepspeed ? "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it: --runtime kernels plans ZeRO-3 "
+                                       "and sequence parallelism"
+                                     : "; the hf runtime plans several GPUs as DDP, each holding the whole model, its gradients "
+                                       "and optimizer states (--for deepspeed or axolotl: DeepSpeed's ZeRO 1 and 2): --runtime "
+                                       "kernels plans ZeRO-3 and sequence parallelism"));
     }
     const Plan plan = to_plan(r, rq, a.model, a.gpu);
     OutputFiles outputs;
@@ -194,8 +197,9 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     if (rq.base.runtime == Runtime::Kernels && (rq.for_format == "deepspeed" || rq.for_format == "axolotl"))
         fmt::print("\ncaution: {}",
                    wrap(fmt::format("this is the memory of mst-plan's own kernels (--runtime kernels), not of the Hugging "
-                                    "Face model {} trains, which allocates more; with DeepSpeed, measure the plan with "
-                                    "python -m mst_referee.deepspeed_zero before training (README).", rq.for_format),
+                                    "Face model {} trains, which allocates more; the default runtime (hf) plans it as "
+                                    "DeepSpeed's ZeRO 1/2 engine runs it, which the referee measures event for event "
+                                    "(README).", rq.for_format),
                         100));
     fmt::print("\nwhy: {}\n", wrap(r.why, 100));
     if (r.pareto.size() > 1) {

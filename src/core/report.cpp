@@ -25,7 +25,8 @@ std::string describe(const TrainingSetup& s, std::int64_t layers) {
     if (s.optimizer != Optimizer::AdamW) text += ", " + to_string(s.optimizer);
     if (s.optimizer_in_backward) text += ", optimizer in backward";
     if (s.grad_accum > 1) text += fmt::format(", accumulation {}", s.grad_accum);
-    if (s.dp > 1 || s.zero_stage > 0 || s.sp > 1) text += fmt::format(", dp {} ZeRO {} sp {}", s.dp, s.zero_stage, s.sp);
+    if (s.dp > 1 || s.zero_stage > 0 || s.sp > 1)
+        text += fmt::format(", dp {} ZeRO {}{} sp {}", s.dp, s.zero_stage, s.deepspeed_zero() ? " (DeepSpeed)" : "", s.sp);
     text += fmt::format(", MLP {}, LM head {}, checkpoint {}/{}{}", chunks(s.mlp_chunks, to_string(s.mlp_impl)),
                         chunks(s.lm_chunks, to_string(s.lm_impl)), checkpointed, layers,
                         s.offload_checkpoints && checkpointed ? " offloaded" : "");
@@ -86,6 +87,7 @@ std::vector<ReportRow> build_report(const std::vector<std::string>& roots, const
         row.backend = f.timeline.source;
         row.device = f.device;
         row.setup = describe(setup, model.num_layers);
+        if (f.timeline.rank >= 0) row.setup += fmt::format(", rank {}", f.timeline.rank);  // (ranks that differ: its own step)
         if (f.peaks) {
             const std::vector<CompareRow> peaks = compare_peaks(f, trainer_gpu);
             row.peaks_only = true;

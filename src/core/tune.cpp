@@ -354,6 +354,24 @@ void on_the_gpu(Candidate& c, PeakSimulator& gpu_sim, const GpuProfile& gpu, byt
     c.memory = gpu_sim.peaks(c.setup, true, gpu.usable_bytes());
 }
 
+// A format whose trainer runs the Hugging Face model in DeepSpeed's engine when the plan uses ZeRO.
+bool trains_in_deepspeed(const std::string& format) { return format == "deepspeed" || format == "axolotl"; }
+
+// The ZeRO stages a search tries. The kernels runtime: 0, 2 and 3 over several ranks; on one, 0 (and
+// 1 for a format, whose trainer may need it: DeepSpeed keeps bf16 master weights only under ZeRO 1-3).
+// The hf runtime: with ZeRO 0 its data parallelism is torch's DDP (python/mst_hf's), with 1 and 2
+// DeepSpeed's engine, which the deepspeed and axolotl formats train in (its ZeRO-0 engine and
+// Axolotl's DDP are not modelled); on one GPU Axolotl also runs the plain Trainer (ZeRO 0).
+std::vector<int> zero_stages(const TuneRequest& rq) {
+    if (rq.base.runtime == Runtime::Kernels) {
+        if (rq.gpus > 1) return {0, 2, 3};
+        return rq.for_format.empty() ? std::vector<int>{0} : std::vector<int>{0, 1};
+    }
+    if (!trains_in_deepspeed(rq.for_format)) return {0};
+    if (rq.gpus == 1 && rq.for_format == "axolotl") return {0, 1, 2};
+    return {1, 2};
+}
+
 // Whether the search tries stepping the optimizer inside backward for an outer choice of `grad_accum`
 // accumulation steps at ZeRO `zero`: asked for, no accumulation, and every gradient whole on its
 // rank (not reduce-scattered by ZeRO 2/3, not bucketed by the hf runtime's DDP).
@@ -441,6 +459,10 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
                            s.ep, m.moe->experts / s.ep, m.moe->experts, 1e3 * best.time.expert_parallel_seconds,
                            s.moe_imbalance > 1.0 ? fmt::format(" (the busiest rank receiving {}x its share)", s.moe_imbalance) : "");
     if (s.dp > 1) why += fmt::format("Data parallelism over {} GPUs. ", s.dp);
+    if (s.deepspeed_zero())
+        why += "DeepSpeed's engine holds the bf16 parameters in one flat buffer, moves each gradient into its bucket of "
+               "5e8 elements (0.93 GiB) and keeps the gradients of the parameters its partition touches; every rank's "
+               "step is walked. ";
     if (s.zero_stage > 0 && s.zero_ranks() > 1)
         why += fmt::format("ZeRO stage {} shards {} over all {} ranks{}. ", s.zero_stage,
                            s.zero_stage == 1 ? "the optimizer states" : s.zero_stage == 2 ? "optimizer states and gradients"
@@ -468,14 +490,20 @@ void check_request(const TuneRequest& rq, const char* command) {
     // what it cannot run with DDP is named here, not searched for.
     TrainingSetup as_planned = rq.base;
     as_planned.dp = rq.gpus;
+    const std::vector<int> zeros = zero_stages(rq);
+    if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage &&
+        std::find(zeros.begin(), zeros.end(), *rq.pins.zero_stage) == zeros.end())
+        fail(command, "pin", fmt::format("zero={}: expected {} with runtime hf{} (ZeRO 0 is torch's DDP, 1 and 2 DeepSpeed's "
+                                         "engine, which --for deepspeed and axolotl train in; ZeRO-3 is not modelled in it "
+                                         "yet: --runtime kernels plans it)",
+                                         *rq.pins.zero_stage, fmt::join(zeros, " or "),
+                                         rq.for_format.empty() ? "" : " and --for " + rq.for_format));
+    as_planned.zero_stage = rq.pins.zero_stage.value_or(zeros.back());  // (the hf runtime: DDP's or DeepSpeed's rules)
     validate_model_scope(as_planned, rq.model);
     validate_hf_scope(as_planned, rq.model);
     // (asked for, and some layout can use it)
     if (as_planned.sp_impl == SpImpl::Ring && rq.gpus > 1 && !(rq.pins.sp && *rq.pins.sp == 1))
         validate_ring_scope(as_planned, rq.model);
-    if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && *rq.pins.zero_stage > 0)
-        fail(command, "pin", fmt::format("zero={}: expected 0 with runtime hf (its data parallelism is DDP; ZeRO is not "
-                                         "modelled in it yet: --runtime kernels plans it)", *rq.pins.zero_stage));
     if (rq.pins.offload && *rq.pins.offload && !rq.allow_offload)
         fail(command, "pin", "offload=yes: expected --allow offload=yes (or no --allow offload=no): the two contradict");
     if (rq.pins.offload && *rq.pins.offload &&
@@ -502,14 +530,15 @@ void check_request(const TuneRequest& rq, const char* command) {
     if (const auto formats = emit_formats();
         !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
         fail(command, "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
-    // The hf runtime's data parallelism is torch's DDP as python/mst_hf's users run it; DeepSpeed's
-    // ZeRO-0 engine, Axolotl's Trainer (find_unused_parameters on) and torchtitan's replicate reduce
-    // gradients their own ways, which it does not model.
-    if (rq.base.runtime == Runtime::Hf && rq.gpus > 1 && !rq.for_format.empty() && rq.for_format != "hf-mst")
+    // The hf runtime's data parallelism is torch's DDP as python/mst_hf's users run it, or DeepSpeed's
+    // ZeRO 1/2 engine (deepspeed, axolotl); torchtitan reduces gradients its own way, not modelled.
+    if (rq.base.runtime == Runtime::Hf && rq.gpus > 1 && !rq.for_format.empty() && rq.for_format != "hf-mst" &&
+        !trains_in_deepspeed(rq.for_format))
         fail(command, "for",
-             fmt::format("expected hf-mst with runtime hf and {} GPUs (its data parallelism is torch DDP with its defaults; "
-                         "{}'s gradient reduction is not modelled in it; --runtime kernels plans {} GPUs for it with "
-                         "mst-plan's own kernels' memory, which Hugging Face's model exceeds), got {}",
+             fmt::format("expected hf-mst, deepspeed or axolotl with runtime hf and {} GPUs (its data parallelism is torch "
+                         "DDP or DeepSpeed's ZeRO 1/2 engine; {}'s gradient reduction is not modelled in it; --runtime "
+                         "kernels plans {} GPUs for it with mst-plan's own kernels' memory, which Hugging Face's model "
+                         "exceeds), got {}",
                          rq.gpus, rq.for_format, rq.gpus, rq.for_format));
 }
 
@@ -568,7 +597,7 @@ Recommendation recommend(const TuneRequest& rq) {
     };
 
     std::vector<std::int64_t> sps;
-    const bool ddp_only = rq.base.runtime == Runtime::Hf;  // the hf runtime: data parallelism is DDP, no ZeRO, no sp
+    const bool ddp_only = rq.base.runtime == Runtime::Hf;  // the hf runtime: DDP or DeepSpeed's engine, no sp
     for (std::int64_t sp = 1; sp <= (ddp_only ? 1 : rq.gpus); ++sp) {
         if (rq.pins.sp && sp != *rq.pins.sp) continue;
         if (sp_degree_fits(rq, sp, rq.seq_len)) sps.push_back(sp);
@@ -598,10 +627,7 @@ Recommendation recommend(const TuneRequest& rq) {
         for (std::int64_t ep : eps) layouts.push_back({sp, ep});
     for (const auto& [sp, ep] : layouts) {
         const std::int64_t dp = rq.gpus / sp;
-        // One rank: ZeRO 0, and ZeRO 1 for a format whose trainer needs it (DeepSpeed keeps bf16 master
-        // weights only under ZeRO 1-3; with one rank nothing is sharded, the memory is the same).
-        std::vector<int> zeros = rq.gpus > 1 && !ddp_only ? std::vector<int>{0, 2, 3} : std::vector<int>{0};  // over dp x sp ranks
-        if (rq.gpus == 1 && !rq.for_format.empty() && rq.base.runtime == Runtime::Kernels) zeros.push_back(1);
+        std::vector<int> zeros = zero_stages(rq);  // over dp x sp ranks
         if (rq.pins.zero_stage) zeros = {*rq.pins.zero_stage};
         // Micro-batch and accumulation: reach the tokens per step when asked, else one sequence.
         std::vector<std::pair<std::int64_t, std::int64_t>> batches;  // (micro_batch, grad_accum)
@@ -659,7 +685,8 @@ Recommendation recommend(const TuneRequest& rq) {
         // it the search could have met (stepping in backward, where allowed, holds fewer gradients).
         if (rq.gpus == 1 || ddp_only) {
             TrainingSetup one = rq.base;
-            one.dp = rq.gpus, one.sp = 1, one.ep = 1, one.moe_imbalance = 1.0, one.zero_stage = 0;
+            one.dp = rq.gpus, one.sp = 1, one.ep = 1, one.moe_imbalance = 1.0;
+            one.zero_stage = rq.base.runtime == Runtime::Hf ? zero_stages(rq).back() : 0;
             one.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
             one.offload_checkpoints = false;
             try {
@@ -747,10 +774,10 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     check_request(rq, "max-seq");
     out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
 
-    const bool ddp_only = rq.base.runtime == Runtime::Hf;  // the hf runtime: data parallelism is DDP
+    const bool ddp_only = rq.base.runtime == Runtime::Hf;  // the hf runtime: DDP or DeepSpeed's engine, no sp
     TrainingSetup base = rq.base;
     base.dp = rq.gpus;
-    base.zero_stage = rq.gpus > 1 && !ddp_only ? 3 : 0;
+    base.zero_stage = ddp_only ? zero_stages(rq).back() : rq.gpus > 1 ? 3 : 0;
     base.sp = 1;
     base.ep = 1, base.moe_imbalance = 1.0;  // (the expert-parallel row sets its own)
     base.mlp_chunks = base.lm_chunks = 1;
