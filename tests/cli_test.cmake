@@ -37,7 +37,7 @@ expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*within 37.65 GiB: weights
 # Several GPUs with the hf runtime are DDP ranks; what does not fit says where ZeRO is planned.
 expect_run(0 "dp 8 \\(ZeRO 0\\), Ulysses sp 1" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 8 --seq 8192)
 expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*plans several GPUs as DDP[^\n]*--runtime kernels plans ZeRO" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 8192)
-expect_run(2 "^error: setup: precision: expected pure-bf16 or amp with runtime hf and dp > 1" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 2 --seq 8192 --precision bf16-master)
+expect_run(2 "^error: setup: precision: expected pure-bf16 or amp with runtime hf, dp > 1 and ZeRO 0" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 2 --seq 8192 --precision bf16-master)
 expect_run(2 "^error: --pin: colour: expected one of" recommend --model tiny-llama --seq 1024 --pin colour=blue)
 # gpt-oss: eager attention unasked (transformers' own choice); what it cannot plan is named before any search.
 expect_run(0 "eager attention" estimate --model gpt-oss-20b --gpu b200-180gb --seq 1024)
