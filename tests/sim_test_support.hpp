@@ -3,9 +3,11 @@
 // some events.
 #include <functional>
 
+#include "mst/catalog.hpp"
 #include "mst/gpu.hpp"
 #include "mst/setup.hpp"
 #include "mst/timeline.hpp"
+#include "mst/tune.hpp"
 
 namespace mst::test {
 
@@ -25,6 +27,16 @@ inline TrainingSetup kernels_setup() {
     TrainingSetup s;
     s.runtime = Runtime::Kernels;
     return s;
+}
+
+// A search for `model` on `gpus` x `gpu` at `seq` tokens, in the hf runtime (the default).
+inline TuneRequest hf_request(const char* model, const char* gpu, std::int64_t gpus, std::int64_t seq) {
+    TuneRequest rq;
+    rq.model = find_model(model);
+    rq.gpu = find_gpu(gpu);
+    rq.gpus = gpus;
+    rq.seq_len = seq;
+    return rq;
 }
 
 inline TrainingSetup tiny_setup(std::int64_t seq) {

@@ -206,11 +206,7 @@ TEST_CASE("DeepSpeed in the hf runtime: what its engine does not run as modelled
 TEST_CASE("recommend --for deepspeed in the hf runtime: ZeRO 1 or 2 as DeepSpeed runs it, a plan its emitter writes") {
     // Llama-3-8B on 8 GPUs at 8k: under DDP every GPU holds 8.03 B x (2 + 2 + 2 + 2) bytes of bf16
     // state (64 GB) and DDP's buckets (16 GB), more than an 80 GB GPU; DeepSpeed's partitions fit.
-    TuneRequest rq;
-    rq.model = find_model("llama-3-8b");
-    rq.gpu = find_gpu("h100-sxm-80gb");
-    rq.gpus = 8;
-    rq.seq_len = 8192;
+    TuneRequest rq = test::hf_request("llama-3-8b", "h100-sxm-80gb", 8, 8192);
     rq.for_format = "hf-mst";
     CHECK_FALSE(recommend(rq).found);
     rq.for_format = "deepspeed";

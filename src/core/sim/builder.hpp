@@ -660,6 +660,8 @@ private:
     void ds_take_into_bucket(int p);      // reduce_independent_p_g_buckets_and_remove_grads
     void ds_copy_into_partition(int p);   // copy_grads_in_partition
     T ds_is_invalid(bytes_t element);     // (~isfinite(x) | (x < 0)).any() of a scalar x: returns the bool
+    T ds_isfinite(bytes_t element);       // torch.isfinite of a scalar x: returns the bool
+    T ds_then(T& from, const char* name, bytes_t bytes);  // an op on `from`, which then goes: returns its result
     bool ds_on_ = false;  // s_.deepspeed_zero()
     struct DsPiece {
         int param;

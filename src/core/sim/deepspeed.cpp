@@ -196,25 +196,29 @@ void StepBuilder::ds_after_backward(T& root) {
     drop(ds_.loss_mul), drop(ds_.loss_div);  // engine.backward returns
 }
 
-// isfinite(x) of a scalar x (abs(x) != inf, x == x): returns the bool.
+T StepBuilder::ds_then(T& from, const char* name, bytes_t bytes) {
+    T to = alloc(name, bytes, Category::Transient);
+    drop(from);
+    return to;
+}
+
+// torch.isfinite of a scalar of `element` bytes (abs(x) != inf, x == x): returns the bool.
+T StepBuilder::ds_isfinite(bytes_t element) {
+    T a = alloc("abs", element, Category::Transient);
+    T ne = alloc("ne", 1, Category::Transient);
+    T eq = alloc("eq", 1, Category::Transient);
+    T f = alloc("isfinite", 1, Category::Transient);
+    drop(eq), drop(ne), drop(a);
+    return f;
+}
+
 T StepBuilder::ds_is_invalid(bytes_t element) {
-    auto isfinite = [&] {
-        T a = alloc("abs", element, Category::Transient);
-        T ne = alloc("ne", 1, Category::Transient);
-        T eq = alloc("eq", 1, Category::Transient);
-        T f = alloc("isfinite", 1, Category::Transient);
-        drop(eq), drop(ne), drop(a);
-        return f;
-    };
-    T f = isfinite();
-    T n = alloc("not", 1, Category::Transient);
-    drop(f);
+    T f = ds_isfinite(element);
+    T n = ds_then(f, "not", 1);
     T lt = alloc("lt", 1, Category::Transient);
     T o = alloc("or", 1, Category::Transient);
     drop(n), drop(lt);
-    T any = alloc("any", 1, Category::Transient);
-    drop(o);
-    return any;
+    return ds_then(o, "any", 1);
 }
 
 void StepBuilder::ds_optimizer_step() {
@@ -225,24 +229,19 @@ void StepBuilder::ds_optimizer_step() {
     T count = alloc("invalid_grad_count", 4, Category::Transient);
     for (std::size_t i = 0; i < pieces; ++i) {
         T finite[2];
-        for (T& f : finite) {
+        for (T& f : finite) {  // of x.amax(), then of x.amin()
             T extreme = alloc("amax", kGradBytes, Category::Transient);
-            T a = alloc("abs", kGradBytes, Category::Transient);
-            T ne = alloc("ne", 1, Category::Transient);
-            T eq = alloc("eq", 1, Category::Transient);
-            f = alloc("isfinite", 1, Category::Transient);
-            drop(eq), drop(ne), drop(a), drop(extreme);
+            f = ds_isfinite(kGradBytes);
+            drop(extreme);
         }
         T both = alloc("logical_and", 1, Category::Transient);
         drop(finite[0]), drop(finite[1]);
-        T invalid = alloc("logical_not", 1, Category::Transient);
-        drop(both);
+        T invalid = ds_then(both, "logical_not", 1);
         drop(invalid);  // (added into the count in place)
     }
-    T flag = alloc("overflow", 1, Category::Transient);
-    drop(count);
-    T byte = alloc("overflow_u8", 1, Category::Transient);
-    drop(flag), drop(byte);
+    T flag = ds_then(count, "overflow", 1);
+    T byte = ds_then(flag, "overflow_u8", 1);
+    drop(byte);
 
     at("deepspeed.grad_norm");  // get_grad_norm_direct: each parameter's piece in fp64
     std::vector<T> norms;
@@ -252,15 +251,11 @@ void StepBuilder::ds_optimizer_step() {
         drop(copy);
     }
     const auto k = static_cast<std::int64_t>(norms.size());
-    T stacked = alloc("norms", checked_mul(k, 8), Category::Transient);
-    T squares = alloc("norms_pow", checked_mul(k, 8), Category::Transient);
-    drop(stacked);
-    T sum = alloc("norm_sum", 8, Category::Transient);
-    drop(squares);
-    T total = alloc("norm_fp32", 4, Category::Transient);
-    drop(sum);
-    T norm = alloc("norm", 4, Category::Transient);
-    drop(total);
+    T norm = alloc("norms", checked_mul(k, 8), Category::Transient);  // stack(norms).pow(2).sum().float().pow(1 / 2)
+    norm = ds_then(norm, "norms_pow", checked_mul(k, 8));
+    norm = ds_then(norm, "norm_sum", 8);
+    norm = ds_then(norm, "norm_fp32", 4);
+    norm = ds_then(norm, "norm", 4);
     {  // mask_nan_or_inf_with_val_inplace
         T inf = alloc("isinf", 1, Category::Transient);
         T nan = alloc("isnan", 1, Category::Transient);
@@ -294,13 +289,10 @@ void StepBuilder::ds_optimizer_step() {
     at("deepspeed.clip");  // unscale_and_clip_grads
     T clip_check = ds_is_invalid(4);
     drop(clip_check);
-    T div = alloc("clip_div", 4, Category::Transient);
-    T add = alloc("clip_add", 4, Category::Transient);
-    drop(div);
-    T ratio = alloc("clip_ratio", 4, Category::Transient);
-    drop(add);
-    T clip = alloc("clip", 4, Category::Transient);
-    drop(ratio);
+    T clip = alloc("clip_div", 4, Category::Transient);  // clamp((norm / scale + 1e-6) / clip_grad, min=1)
+    clip = ds_then(clip, "clip_add", 4);
+    clip = ds_then(clip, "clip_ratio", 4);
+    clip = ds_then(clip, "clip", 4);
     T combined_scale = alloc("combined_scale", 4, Category::Transient);
     T reciprocal = alloc("reciprocal", 4, Category::Transient);
     T factor = alloc("inverse_scale", 4, Category::Transient);
