@@ -232,3 +232,23 @@ TEST_CASE("recommend --for deepspeed in the hf runtime: ZeRO 1 or 2 as DeepSpeed
         CHECK(row.setup.zero_stage == 2);
     }
 }
+
+TEST_CASE("Axolotl on one GPU: the plain Trainer with pure bf16, DeepSpeed's engine when its knobs need it") {
+    TuneRequest rq = test::hf_request("llama-3.2-1b", "h100-sxm-80gb", 1, 8192);
+    rq.for_format = "axolotl";
+    const Recommendation plain = recommend(rq);
+    REQUIRE(plain.found);
+    CHECK(plain.best.setup.zero_stage == 0);  // (DeepSpeed's flat buffer and bucket cost more on one GPU)
+    // max-seq plans the same trainer: the plain step, not DeepSpeed's ZeRO-2
+    TuneRequest big = test::hf_request("llama-3-8b", "h100-sxm-80gb", 1, 8192);
+    big.for_format = "axolotl";
+    for (const MaxSeqRow& row : max_seq(big, std::nullopt).rows) CHECK(row.setup.zero_stage == 0);
+    // bf16 master weights need DeepSpeed in Axolotl (its emitter writes a ds_config.json): ZeRO 1 or 2
+    rq.base.precision = Precision::Bf16Master;
+    const Recommendation ds = recommend(rq);
+    REQUIRE(ds.found);
+    CHECK(ds.best.setup.deepspeed_zero());
+    // One DeepSpeed rank: nothing differs between ranks, one step is walked.
+    CHECK(walked_ranks(ds.best.setup).empty());
+    CHECK(simulate_rank(rq.model, ds.best.setup, test::test_gpu(), 0).rank == 0);
+}

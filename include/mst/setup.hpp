@@ -136,7 +136,7 @@ std::vector<std::int64_t> ring_ranks(const TrainingSetup& setup);
 // The ranks whose steps differ, each walked by the simulator: ring attention's (ring_ranks), or
 // with DeepSpeed's ZeRO in the hf runtime the dp ranks (each owns another partition of the flat
 // parameters: other gradients, reduced at other times, and another step); empty when all ranks
-// are alike.
+// are alike (or there is one).
 std::vector<std::int64_t> walked_ranks(const TrainingSetup& setup);
 
 // Checkpoint placement from a user's words: "none", "all", "every:K", "first:K",

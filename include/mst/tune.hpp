@@ -79,6 +79,10 @@ struct Recommendation {
 };
 
 Recommendation recommend(const TuneRequest& request);
+
+// Whether a format's trainer runs the Hugging Face model in DeepSpeed's engine when the plan uses
+// ZeRO (deepspeed, axolotl): the hf runtime plans those with DeepSpeed's ZeRO 1/2.
+bool trains_in_deepspeed(const std::string& format);
 Plan to_plan(const Recommendation& r, const TuneRequest& request, const std::string& model_ref, const std::string& gpu_ref);
 
 // ---- max-seq -------------------------------------------------------------------------

@@ -123,7 +123,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     if (!r.found) {
         // (against the whole budget: what --for keeps free for a trainer's tables shrinks with the length)
-        const bool deepspeed = rq.base.runtime == Runtime::Hf && (rq.for_format == "deepspeed" || rq.for_format == "axolotl");
+        const bool deepspeed = rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format);
         if (r.persistent_bytes > r.budget_bytes)  // no length, chunking or checkpointing can help
             fail(rq.model.name, "no setup fits",
                  fmt::format("expected one for {} tokens on {} x {} within {}: weights, gradients{}, optimizer states and "
@@ -194,7 +194,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                      100 * r.best.time.mfu, r.best.time.step_seconds)});
     t.print();
     // (measured: the referee running DeepSpeed's engine on the emitted file, README "DeepSpeed's ZeRO engine")
-    if (rq.base.runtime == Runtime::Kernels && (rq.for_format == "deepspeed" || rq.for_format == "axolotl"))
+    if (rq.base.runtime == Runtime::Kernels && trains_in_deepspeed(rq.for_format))
         fmt::print("\ncaution: {}",
                    wrap(fmt::format("this is the memory of mst-plan's own kernels (--runtime kernels), not of the Hugging "
                                     "Face model {} trains, which allocates more; the default runtime (hf) plans it as "

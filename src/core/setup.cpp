@@ -190,7 +190,7 @@ std::vector<std::int64_t> ring_ranks(const TrainingSetup& s) {
 std::vector<std::int64_t> walked_ranks(const TrainingSetup& s) {
     if (!s.deepspeed_zero()) return ring_ranks(s);
     std::vector<std::int64_t> ranks;
-    for (std::int64_t r = 0; r < s.dp; ++r) ranks.push_back(r);
+    for (std::int64_t r = 0; s.dp > 1 && r < s.dp; ++r) ranks.push_back(r);
     return ranks;
 }
 
@@ -364,7 +364,8 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
                                                          "weights' dtype), got {}",
                                                          to_string(states), to_string(s.precision), ds, to_string(s.effective_state_dtype())));
         if (s.optimizer != Optimizer::AdamW || s.optimizer_impl != OptimizerImpl::Fused)
-            fail(w, "optimizer", fmt::format("expected adamw with optimizer_impl fused {} (DeepSpeed's FusedAdam){}", ds, hint));
+            fail(w, "optimizer", fmt::format("expected adamw with optimizer_impl fused {} (DeepSpeed's FusedAdam){}, got {} ({})", ds,
+                                             hint, to_string(s.optimizer), to_string(s.optimizer_impl)));
         if (s.optimizer_in_backward)
             fail(w, "optimizer_in_backward", fmt::format("expected false {} (it steps after backward){}, got true", ds, hint));
     }

@@ -1,6 +1,7 @@
 #include "mst/tune.hpp"
 
 #include <algorithm>
+#include <limits>
 #include <cctype>
 #include <cmath>
 #include <map>
@@ -354,21 +355,31 @@ void on_the_gpu(Candidate& c, PeakSimulator& gpu_sim, const GpuProfile& gpu, byt
     c.memory = gpu_sim.peaks(c.setup, true, gpu.usable_bytes());
 }
 
-// A format whose trainer runs the Hugging Face model in DeepSpeed's engine when the plan uses ZeRO.
-bool trains_in_deepspeed(const std::string& format) { return format == "deepspeed" || format == "axolotl"; }
+// Whether DeepSpeed's ZeRO 1/2 engine, as the hf runtime models it, runs the knobs of `base`.
+bool deepspeed_runs(TrainingSetup base, const ModelSpec& m) {
+    base.zero_stage = 2;
+    try {
+        validate_hf_scope(base, m);
+        return true;
+    } catch (const UserError&) {
+        return false;
+    }
+}
 
 // The ZeRO stages a search tries. The kernels runtime: 0, 2 and 3 over several ranks; on one, 0 (and
 // 1 for a format, whose trainer may need it: DeepSpeed keeps bf16 master weights only under ZeRO 1-3).
 // The hf runtime: with ZeRO 0 its data parallelism is torch's DDP (python/mst_hf's), with 1 and 2
 // DeepSpeed's engine, which the deepspeed and axolotl formats train in (its ZeRO-0 engine and
-// Axolotl's DDP are not modelled); on one GPU Axolotl also runs the plain Trainer (ZeRO 0).
+// Axolotl's DDP are not modelled). On one GPU Axolotl runs the plain Trainer too (ZeRO 0, when it
+// needs no DeepSpeed: pure bf16), and DeepSpeed's engine when the knobs are its.
 std::vector<int> zero_stages(const TuneRequest& rq) {
     if (rq.base.runtime == Runtime::Kernels) {
         if (rq.gpus > 1) return {0, 2, 3};
         return rq.for_format.empty() ? std::vector<int>{0} : std::vector<int>{0, 1};
     }
     if (!trains_in_deepspeed(rq.for_format)) return {0};
-    if (rq.gpus == 1 && rq.for_format == "axolotl") return {0, 1, 2};
+    if (rq.gpus == 1 && rq.for_format == "axolotl" && rq.base.precision == Precision::PureBf16)
+        return deepspeed_runs(rq.base, rq.model) ? std::vector<int>{0, 1, 2} : std::vector<int>{0};
     return {1, 2};
 }
 
@@ -486,8 +497,24 @@ void check_request(const TuneRequest& rq, const char* command) {
         fail(command, "margin", fmt::format("expected a fraction in [0, 1), got {}", rq.safety_margin));
     if (rq.gpus < 1 || rq.gpus > limits::kGpus)
         fail(command, "gpus", fmt::format("expected a count in [1, {}], got {}", limits::kGpus, rq.gpus));
-    // The hf runtime plans several GPUs as DistributedDataParallel (every GPU holds the whole model):
-    // what it cannot run with DDP is named here, not searched for.
+    // What the runtime cannot plan for the format, the GPUs or the pins is named here, not searched for.
+    if (const auto formats = emit_formats();
+        !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
+        fail(command, "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
+    // The hf runtime's data parallelism is torch's DDP as python/mst_hf's users run it, or DeepSpeed's
+    // ZeRO 1/2 engine (deepspeed, axolotl); torchtitan reduces gradients its own way, not modelled.
+    if (rq.base.runtime == Runtime::Hf && rq.gpus > 1 && !rq.for_format.empty() && rq.for_format != "hf-mst" &&
+        !trains_in_deepspeed(rq.for_format))
+        fail(command, "for",
+             fmt::format("expected hf-mst, deepspeed or axolotl with runtime hf and {} GPUs (its data parallelism is torch "
+                         "DDP or DeepSpeed's ZeRO 1/2 engine; {}'s gradient reduction is not modelled in it; --runtime "
+                         "kernels plans {} GPUs for it with mst-plan's own kernels' memory, which Hugging Face's model "
+                         "exceeds), got {}",
+                         rq.gpus, rq.for_format, rq.gpus, rq.for_format));
+    if (rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format) && rq.gpus > limits::kDeepSpeedRanks)
+        fail(command, "gpus", fmt::format("expected at most {} with runtime hf and --for {} (every rank of DeepSpeed's engine "
+                                          "is walked; --runtime kernels plans more), got {}",
+                                          limits::kDeepSpeedRanks, rq.for_format, rq.gpus));
     TrainingSetup as_planned = rq.base;
     as_planned.dp = rq.gpus;
     const std::vector<int> zeros = zero_stages(rq);
@@ -498,7 +525,7 @@ void check_request(const TuneRequest& rq, const char* command) {
                                          "yet: --runtime kernels plans it)",
                                          *rq.pins.zero_stage, fmt::join(zeros, " or "),
                                          rq.for_format.empty() ? "" : " and --for " + rq.for_format));
-    as_planned.zero_stage = rq.pins.zero_stage.value_or(zeros.back());  // (the hf runtime: DDP's or DeepSpeed's rules)
+    as_planned.zero_stage = rq.pins.zero_stage.value_or(zeros.front());  // (the hf runtime: DDP's or DeepSpeed's rules)
     validate_model_scope(as_planned, rq.model);
     validate_hf_scope(as_planned, rq.model);
     // (asked for, and some layout can use it)
@@ -527,19 +554,6 @@ void check_request(const TuneRequest& rq, const char* command) {
             fail(command, "pin", fmt::format("ep={}: expected a divisor of both the experts ({}) and the GPUs ({})", *rq.pins.ep,
                                              rq.model.moe->experts, rq.gpus));
     }
-    if (const auto formats = emit_formats();
-        !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
-        fail(command, "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
-    // The hf runtime's data parallelism is torch's DDP as python/mst_hf's users run it, or DeepSpeed's
-    // ZeRO 1/2 engine (deepspeed, axolotl); torchtitan reduces gradients its own way, not modelled.
-    if (rq.base.runtime == Runtime::Hf && rq.gpus > 1 && !rq.for_format.empty() && rq.for_format != "hf-mst" &&
-        !trains_in_deepspeed(rq.for_format))
-        fail(command, "for",
-             fmt::format("expected hf-mst, deepspeed or axolotl with runtime hf and {} GPUs (its data parallelism is torch "
-                         "DDP or DeepSpeed's ZeRO 1/2 engine; {}'s gradient reduction is not modelled in it; --runtime "
-                         "kernels plans {} GPUs for it with mst-plan's own kernels' memory, which Hugging Face's model "
-                         "exceeds), got {}",
-                         rq.gpus, rq.for_format, rq.gpus, rq.for_format));
 }
 
 // --for: why the format's trainer cannot train `s` as planned, in its emitter's words ("" when it can).
@@ -552,6 +566,8 @@ std::string refusal_of(const std::string& format, const TrainingSetup& s, const 
     }
 }
 }  // namespace
+
+bool trains_in_deepspeed(const std::string& format) { return format == "deepspeed" || format == "axolotl"; }
 
 Recommendation recommend(const TuneRequest& rq) {
     const ModelSpec& m = rq.model;
@@ -686,14 +702,22 @@ Recommendation recommend(const TuneRequest& rq) {
         if (rq.gpus == 1 || ddp_only) {
             TrainingSetup one = rq.base;
             one.dp = rq.gpus, one.sp = 1, one.ep = 1, one.moe_imbalance = 1.0;
-            one.zero_stage = rq.base.runtime == Runtime::Hf ? zero_stages(rq).back() : 0;
             one.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
             one.offload_checkpoints = false;
+            // (the hf runtime: over the stages searched, DDP's or DeepSpeed's; the kernels runtime's one
+            // rank or DDP: ZeRO 0)
+            const std::vector<int> zeros = rq.pins.zero_stage                   ? std::vector<int>{*rq.pins.zero_stage}
+                                           : rq.base.runtime == Runtime::Hf ? zero_stages(rq)
+                                                                            : std::vector<int>{0};
             try {
-                out.persistent_bytes = persistent_state_bytes(m, one, rq.gpu);
-                if (!one.optimizer_in_backward && searches_step_in_backward(rq, one.grad_accum, one.zero_stage)) {
-                    one.optimizer_in_backward = true;
+                out.persistent_bytes = std::numeric_limits<bytes_t>::max();
+                for (int zero : zeros) {
+                    one.zero_stage = zero, one.optimizer_in_backward = rq.base.optimizer_in_backward;
                     out.persistent_bytes = std::min(out.persistent_bytes, persistent_state_bytes(m, one, rq.gpu));
+                    if (!one.optimizer_in_backward && searches_step_in_backward(rq, one.grad_accum, one.zero_stage)) {
+                        one.optimizer_in_backward = true;
+                        out.persistent_bytes = std::min(out.persistent_bytes, persistent_state_bytes(m, one, rq.gpu));
+                    }
                 }
             } catch (const UserError&) {
                 out.persistent_bytes = 0;  // (a probe the knobs refuse: nothing to say)
@@ -777,7 +801,9 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     const bool ddp_only = rq.base.runtime == Runtime::Hf;  // the hf runtime: DDP or DeepSpeed's engine, no sp
     TrainingSetup base = rq.base;
     base.dp = rq.gpus;
-    base.zero_stage = ddp_only ? zero_stages(rq).back() : rq.gpus > 1 ? 3 : 0;
+    // (the hf runtime: DDP or the plain step where searched, else DeepSpeed's ZeRO-2, its most sharded)
+    const std::vector<int> zeros = zero_stages(rq);
+    base.zero_stage = !ddp_only ? (rq.gpus > 1 ? 3 : 0) : zeros.front() == 0 ? 0 : zeros.back();
     base.sp = 1;
     base.ep = 1, base.moe_imbalance = 1.0;  // (the expert-parallel row sets its own)
     base.mlp_chunks = base.lm_chunks = 1;

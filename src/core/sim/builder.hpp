@@ -671,7 +671,7 @@ private:
         std::vector<std::int64_t> start;  // per parameter (params_ index): its first element in the flat buffer
         std::int64_t partition = 0, lo = 0, hi = 0;  // elements per rank; this rank's [lo, hi)
         std::vector<DsPiece> pieces;      // this rank's partition, in flat order
-        std::int64_t pad = 0;             // the last rank's elements past every parameter
+        std::int64_t pad = 0;             // the partition's elements past every parameter (the padding's)
         std::int64_t partition_grads = 0; // grads_in_partition: every parameter the partition touches, whole
         T bucket;                         // the gradient bucket, from a backward's first hook to its epilogue
         std::int64_t elements = 0;        // in the bucket
@@ -683,11 +683,15 @@ private:
         std::vector<char> views_bucket;
         T partition_grad;                 // grads_in_partition of this backward
         T averaged;                       // the partition's gradients kept for the step (the first backward's)
-        T pad_zeros;                      // the step's zero piece past the parameters (the last rank)
+        T pad_zeros;                      // the step's zero piece past the parameters (a partition with padding)
+        std::vector<std::int64_t> slices; // a reduction's slices (scratch)
         T loss_div, loss_mul;             // engine.backward's scaled losses
         T global_norm;                    // the engine's gradient norm of the last step
     } ds_;
     bool ds_in_partition(int p) const;
+    // The partition's master copy and its AdamW states: fp32, or bf16 with DeepSpeed's bf16 master
+    // flags (precision pure-bf16)
+    int ds_master_bytes() const { return s_.precision == Precision::PureBf16 ? 2 : 4; }
     // Set on the run that finds DDP's bucket order: each parameter as its gradient becomes ready
     // in the first micro-step's backward (AccumulateGrad's hooks run).
     std::vector<int>* grad_ready_ = nullptr;

@@ -77,7 +77,7 @@ void StepBuilder::ds_init_state() {
     at("init.buffers");
     for (const HfBuffer& b : hf_buffers()) alloc(b.name, b.bytes, Category::Weights);
     if (m_.longrope) alloc("long_inv_freq", elems(m_.rotary_dim / 2, 1, 4), Category::Weights);
-    const int master = s_.precision == Precision::PureBf16 ? 2 : 4;  // (states in the same dtype: validate_hf_scope)
+    const int master = ds_master_bytes();  // (the states in the same dtype: validate_hf_scope)
     at("init.master_weights");
     alloc("partition_master", checked_mul(ds_.partition, master), Category::MasterWeights);
     at("init.optimizer_state");
@@ -118,30 +118,33 @@ void StepBuilder::ds_take_into_bucket(int p) {
 
 void StepBuilder::ds_reduce_bucket() {
     at("deepspeed.reduce");
-    // average_tensor: each gradient's slice per rank it spans, merged while consecutive ones go to
-    // one rank, flattened in groups of more than reduce_bucket_size elements (allreduce_and_scatter)
-    std::int64_t group = 0, slices = 0;
-    int previous = -1;
-    auto flush = [&] {
-        if (slices >= 2) {
+    // average_tensor: each gradient's slice per rank it spans, in bucket order, a slice merged into the
+    // one before when both go to one rank (rank_and_offsets)...
+    std::vector<std::int64_t>& slices = ds_.slices;
+    slices.clear();
+    std::int64_t previous = -1;
+    for (int p : ds_.in_bucket) {
+        const std::int64_t start = ds_.start[static_cast<std::size_t>(p)], end = start + params_[static_cast<std::size_t>(p)].numel;
+        for (std::int64_t from = start; from < end;) {
+            const std::int64_t rank = from / ds_.partition, to = std::min(end, checked_mul(rank + 1, ds_.partition));
+            if (rank == previous) slices.back() += to - from;
+            else slices.push_back(to - from);
+            previous = rank;
+            from = to;
+        }
+    }
+    // ... then flattened (a cat, unless one slice) in groups closed once past reduce_bucket_size
+    // elements (allreduce_and_scatter)
+    std::int64_t group = 0, count = 0;
+    for (std::size_t i = 0; i < slices.size(); ++i) {
+        group += slices[i], ++count;
+        if (group <= kBucketElements && i + 1 < slices.size()) continue;
+        if (count >= 2) {
             T flat = alloc("reduce_flat", checked_mul(group, kGradBytes), Category::Transient);
             drop(flat);
         }
-        group = slices = 0;
-    };
-    for (int p : ds_.in_bucket) {
-        const std::int64_t start = ds_.start[static_cast<std::size_t>(p)], end = start + params_[static_cast<std::size_t>(p)].numel;
-        for (std::int64_t at_elem = start; at_elem < end;) {
-            const int rank = static_cast<int>(at_elem / ds_.partition);
-            const std::int64_t next = std::min(end, checked_mul(rank + 1, ds_.partition));
-            if (rank != previous || slices == 0) ++slices;
-            previous = rank;
-            group += next - at_elem;
-            at_elem = next;
-            if (group > kBucketElements) flush(), previous = -1;
-        }
+        group = count = 0;
     }
-    flush();
     for (int p : ds_.in_bucket) {
         Param& P = params_[static_cast<std::size_t>(p)];
         if (ds_in_partition(p)) {
@@ -251,10 +254,15 @@ void StepBuilder::ds_optimizer_step() {
         drop(copy);
     }
     const auto k = static_cast<std::int64_t>(norms.size());
-    T norm = alloc("norms", checked_mul(k, 8), Category::Transient);  // stack(norms).pow(2).sum().float().pow(1 / 2)
-    norm = ds_then(norm, "norms_pow", checked_mul(k, 8));
-    norm = ds_then(norm, "norm_sum", 8);
-    norm = ds_then(norm, "norm_fp32", 4);
+    T norm;
+    if (k > 0) {  // stack(norms).pow(2).sum().float(), then .pow(1 / 2)
+        norm = alloc("norms", checked_mul(k, 8), Category::Transient);
+        norm = ds_then(norm, "norms_pow", checked_mul(k, 8));
+        norm = ds_then(norm, "norm_sum", 8);
+        norm = ds_then(norm, "norm_fp32", 4);
+    } else {  // a partition of padding alone: torch.tensor(0.0).to(device), a copy on a GPU (the referee's CPU has none)
+        norm = alloc("norm_fp32", 4, Category::Transient);
+    }
     norm = ds_then(norm, "norm", 4);
     {  // mask_nan_or_inf_with_val_inplace
         T inf = alloc("isinf", 1, Category::Transient);
@@ -276,15 +284,14 @@ void StepBuilder::ds_optimizer_step() {
 
     at("deepspeed.flatten_partition");
     const bool single = pieces == 1;  // flattening one tensor is a view of it
-    const bool master_fp32 = s_.precision != Precision::PureBf16;
+    const bool master_fp32 = ds_master_bytes() == 4;
     T flat = single ? T{} : alloc("flat_grad_partition", checked_mul(ds_.partition, kGradBytes),
                                   master_fp32 ? Category::Transient : Category::Gradients);
     T grad = master_fp32 ? alloc("partition_grad_fp32", checked_mul(ds_.partition, 4), Category::Gradients) : T{};
     if (master_fp32) drop(flat);
     // averaged_gradients = None: the pieces go, last first (with one piece and bf16 masters the step's
-    // gradient is that piece)
-    drop(ds_.pad_zeros);
-    if (master_fp32 || !single) drop(ds_.averaged);
+    // gradient is that piece: it goes with it)
+    if (master_fp32 || !single) drop(ds_.pad_zeros), drop(ds_.averaged);
 
     at("deepspeed.clip");  // unscale_and_clip_grads
     T clip_check = ds_is_invalid(4);
@@ -299,7 +306,7 @@ void StepBuilder::ds_optimizer_step() {
     drop(reciprocal), drop(factor), drop(combined_scale), drop(clip);
 
     at("optimizer.step");  // FusedAdam in place; then the step's gradient goes
-    drop(grad), drop(flat), drop(ds_.averaged);
+    drop(grad), drop(flat), drop(ds_.pad_zeros), drop(ds_.averaged);
     drop(scaled_norm);
     drop(ds_.global_norm);  // the engine's last norm gives way to this step's
     ds_.global_norm = new_norm;

@@ -140,14 +140,13 @@ bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budg
                         bytes_t capacity, MemoryPeaks& out) {
     validate(setup, model_);
     // Ranks that differ (ring attention, DeepSpeed's ZeRO): every rank's step must fit; each peak is the
-    // highest of any rank's. The rank a setup over budget usually stops at first: ring attention's
-    // rank 1 (a whole-q merge and the half-size ones), DeepSpeed's last (its partition's gradients are
-    // made first in backward, with lm_head's).
+    // highest of any rank's. Ring attention's rank 1 (a whole-q merge and the half-size ones) first: a
+    // setup over budget usually stops there.
     const std::vector<std::int64_t> ranks = walked_ranks(setup);  // (empty when the ranks are alike: one walk)
     for (std::size_t i = 0; i < std::max<std::size_t>(1, ranks.size()); ++i) {
         sim::StepBuilder b(model_, setup, gpu_, false, sim::PeakRun{&scratch_->step, {budget_bytes, host_budget_bytes}, allocator});
         if (!ranks.empty())
-            b.walk_rank(!setup.ring() ? ranks[ranks.size() - 1 - i] : ranks.size() > 1 && i < 2 ? ranks[1 - i] : ranks[i]);
+            b.walk_rank(setup.ring() && ranks.size() > 1 && i < 2 ? ranks[1 - i] : ranks[i]);
         try {
             b.run();
         } catch (const sim::OverBudget&) {
