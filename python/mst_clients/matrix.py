@@ -24,7 +24,7 @@ class Entry:
     seq: int
     precision: str = "bf16-master"
     pins: Tuple[str, ...] = ()
-    runtime: str = ""  # "" : hf on one GPU, kernels on several (the hf runtime plans one GPU)
+    runtime: str = ""  # "" : hf on one GPU, kernels on several; "hf" on several: DeepSpeed's ZeRO 1/2 as it runs
     gpu: str = "h100-sxm-80gb"
     options: Tuple[str, ...] = ()  # further recommend options, e.g. ("--optimizer", "sgd")
     formats: Tuple[str, ...] = ("deepspeed", "axolotl")  # the formats that can train the plan
@@ -45,7 +45,7 @@ class Entry:
 
 
 def default_matrix() -> List[Entry]:
-    """40 plans, each one mst-plan can make: every file emitted for them must be accepted."""
+    """45 plans, each one mst-plan can make: every file emitted for them must be accepted."""
     out: List[Entry] = []
     # One GPU: the models whose fp32 masters and states fit one (DeepSpeed keeps fp32 masters for
     # bf16-master; pure bf16 needs ZeRO 1, which the kernels runtime plans).
@@ -76,6 +76,10 @@ def default_matrix() -> List[Entry]:
         Entry("qwen3-30b-a3b", 8, 32768), Entry("llama-3-8b", 8, 65536, pins=("offload=yes",)),
         Entry("llama-3-8b", 16, 131072),
         Entry("llama-3-8b", 8, 65536, pins=("lm_impl=recompute",)),  # Axolotl: Cut Cross Entropy's plugin
+        # The hf runtime: DeepSpeed's ZeRO 1/2 engine as it runs the Hugging Face model (one GPU too)
+        Entry("llama-3-8b", 8, 8192, runtime="hf"), Entry("llama-3-8b", 8, 32768, "pure-bf16", runtime="hf"),
+        Entry("qwen3-8b", 8, 16384, runtime="hf"), Entry("llama-3.2-1b", 1, 8192, "pure-bf16", runtime="hf"),
+        Entry("llama-3-8b", 8, 16384, runtime="hf", options=("--tokens-per-step", str(32 * 16384))),
     ]
     return out
 
