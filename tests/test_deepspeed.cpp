@@ -7,7 +7,10 @@
 #include <algorithm>
 #include <numeric>
 
+#include <nlohmann/json.hpp>
+
 #include "mst/catalog.hpp"
+#include "mst/compare.hpp"
 #include "mst/simulate.hpp"
 #include "mst/emit.hpp"
 #include "mst/limits.hpp"
@@ -251,4 +254,35 @@ TEST_CASE("Axolotl on one GPU: the plain Trainer with pure bf16, DeepSpeed's eng
     // One DeepSpeed rank: nothing differs between ranks, one step is walked.
     CHECK(walked_ranks(ds.best.setup).empty());
     CHECK(simulate_rank(rq.model, ds.best.setup, test::test_gpu(), 0).rank == 0);
+}
+
+TEST_CASE("DeepSpeed formats in the hf runtime: what the search cannot plan is named before it starts") {
+    TuneRequest rq = test::hf_request("llama-3-8b", "h100-sxm-80gb", limits::kDeepSpeedRanks + 1, 8192);
+    rq.for_format = "deepspeed";
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: gpus: expected at most 128 with runtime hf and --for deepspeed", 0) == 0);
+    CHECK(test::expect_user_error([&] { (void)max_seq(rq, std::nullopt); }).rfind("max-seq: gpus: expected at most 128", 0) == 0);
+    // The format is judged before the pins.
+    rq.gpus = 8;
+    rq.for_format = "torchtitan";
+    rq.pins.zero_stage = 1;
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: for: expected hf-mst, deepspeed or axolotl", 0) == 0);
+    // Axolotl without DeepSpeed names the Trainer's fused AdamW: another implementation is not its plan.
+    TuneRequest one = test::hf_request("llama-3.2-1b", "h100-sxm-80gb", 1, 8192);
+    one.for_format = "axolotl";
+    one.base.optimizer_impl = OptimizerImpl::Foreach;
+    CHECK(test::expect_user_error([&] { (void)recommend(one); }).find("axolotl: setup.optimizer_impl: expected fused without DeepSpeed") != std::string::npos);
+}
+
+TEST_CASE("a DeepSpeed measurement is compared with its rank's step, and must say which rank it is") {
+    const ModelSpec m = find_model("tiny-llama");
+    const TrainingSetup s = zero(m, 2, 8);
+    StepFile measured;
+    measured.path = "m.json";
+    measured.format = "mst-measure/1";
+    measured.setup_json = to_json(s).dump();
+    measured.timeline.model = "tiny-llama";
+    measured.timeline.rank = 6;
+    CHECK(predict_measured(measured).rank == 6);
+    measured.timeline.rank = -1;
+    CHECK(test::expect_user_error([&] { (void)predict_measured(measured); }).rfind("m.json: timeline.rank: expected the rank", 0) == 0);
 }

@@ -131,7 +131,9 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                              "more memory or a lighter optimizer state can help",
                              rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes),
                              rq.gpus > 1 && !deepspeed ? " (and DDP's buckets of them)" : "", format_bytes(r.persistent_bytes),
-                             rq.base.runtime == Runtime::Hf && !deepspeed ? " (--runtime kernels)" : ""));
+                             rq.base.runtime != Runtime::Hf ? ""
+                             : deepspeed ? " (ZeRO 1 and 2 leave every GPU the whole bf16 weights: ZeRO-3 with --runtime kernels)"
+                                         : " (--runtime kernels)"));
         fail(rq.model.name, "no setup fits",
              fmt::format("expected one for {} tokens on {} x {} within {} (try {}--allow offload=yes, a shorter "
                          "--seq or fewer pins){}{}",

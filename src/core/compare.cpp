@@ -308,6 +308,10 @@ Timeline predict_measured(const StepFile& measured) {
     gpu.name = "measured";
     gpu.calibration.cublas_workspace_bytes = measured.workspace_bytes;
     // a measured rank (ring attention's, DeepSpeed's) is compared with that rank's step
+    if (measured.timeline.rank < 0 && setup.deepspeed_zero() && setup.dp > 1)
+        fail(measured.path, "timeline.rank", fmt::format("expected the rank whose step was measured (DeepSpeed's {} ranks "
+                                                         "differ: python -m mst_referee.deepspeed_zero writes it)",
+                                                         setup.dp));
     if (measured.timeline.rank >= 0) return simulate_rank(model, setup, gpu, measured.timeline.rank);
     return simulate(model, setup, gpu);
 }

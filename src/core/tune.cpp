@@ -471,9 +471,10 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
                            s.moe_imbalance > 1.0 ? fmt::format(" (the busiest rank receiving {}x its share)", s.moe_imbalance) : "");
     if (s.dp > 1) why += fmt::format("Data parallelism over {} GPUs. ", s.dp);
     if (s.deepspeed_zero())
-        why += "DeepSpeed's engine holds the bf16 parameters in one flat buffer, moves each gradient into its bucket of "
-               "5e8 elements (0.93 GiB) and keeps the gradients of the parameters its partition touches; every rank's "
-               "step is walked. ";
+        why += fmt::format("DeepSpeed's engine holds the bf16 parameters in one flat buffer, moves each gradient into its "
+                           "bucket of 5e8 elements (0.93 GiB) and keeps the gradients of the parameters its partition "
+                           "touches{}. ",
+                           s.dp > 1 ? "; every rank's step is walked" : "");
     if (s.zero_stage > 0 && s.zero_ranks() > 1)
         why += fmt::format("ZeRO stage {} shards {} over all {} ranks{}. ", s.zero_stage,
                            s.zero_stage == 1 ? "the optimizer states" : s.zero_stage == 2 ? "optimizer states and gradients"

@@ -103,6 +103,11 @@ void check(const TrainingSetup& s, const ModelSpec& model, bool deepspeed) {
         fail(kWhere, "setup.optimizer",
              "expected adamw or adamw-8bit without DeepSpeed (the Hugging Face Trainer's sgd has no momentum; the "
              "plan's sgd keeps a momentum buffer), got sgd");
+    if (s.optimizer == Optimizer::AdamW && s.optimizer_impl != OptimizerImpl::Fused)
+        fail(kWhere, "setup.optimizer_impl",
+             fmt::format("expected fused without DeepSpeed (the file names the Trainer's adamw_torch_fused, which allocates "
+                         "none of the step's temporaries a {} AdamW does), got {}",
+                         to_string(s.optimizer_impl), to_string(s.optimizer_impl)));
     if (s.optimizer == Optimizer::AdamW && s.effective_state_dtype() == StateDtype::Fp32)
         fail(kWhere, "setup.optimizer_state_dtype",
              "expected bf16 with pure-bf16 weights and no DeepSpeed (torch optimizers keep states in the weights' "
