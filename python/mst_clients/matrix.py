@@ -33,12 +33,17 @@ class Entry:
     def name(self) -> str:
         pins = "".join("-" + p.replace("=", "") for p in self.pins)
         options = "".join(f"-{flag.lstrip('-')}{value}" for flag, value in zip(self.options[::2], self.options[1::2]))
-        return f"{self.model}-{self.gpus}x-{self.seq // 1024}k-{self.precision}{pins}{options}"
+        runtime = f"-{self.runtime}" if self.runtime and self.runtime != self.default_runtime else ""
+        return f"{self.model}-{self.gpus}x-{self.seq // 1024}k-{self.precision}{pins}{options}{runtime}"
+
+    @property
+    def default_runtime(self) -> str:
+        return "kernels" if self.gpus > 1 else "hf"
 
     def recommend_args(self, fmt: str) -> List[str]:
         args = ["recommend", "--model", self.model, "--gpu", self.gpu, "--gpus", str(self.gpus),
                 "--seq", str(self.seq), "--precision", self.precision, "--for", fmt,
-                "--runtime", self.runtime or ("kernels" if self.gpus > 1 else "hf")]
+                "--runtime", self.runtime or self.default_runtime]
         for p in self.pins:
             args += ["--pin", p]
         return args + list(self.options)
