@@ -489,9 +489,9 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
 }  // namespace
 
 namespace {
-// The GPU count within its bound, and a base setup the runtime models: the hf runtime models one
-// GPU and refuses some knobs (validate_hf_scope) with a pointer to the kernels runtime, which the
-// user should read rather than a search that finds nothing.
+// The GPU count within its bound, and a base setup the runtime models: the hf runtime plans DDP or
+// DeepSpeed's ZeRO 1/2 (zero_stages) and refuses some knobs (validate_hf_scope) with a pointer to
+// the kernels runtime, which the user should read rather than a search that finds nothing.
 void check_request(const TuneRequest& rq, const char* command) {
     // (the budget is the usable memory less this fraction: never more than the GPU holds)
     if (!(rq.safety_margin >= 0 && rq.safety_margin < 1))
