@@ -263,7 +263,7 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
     from . import flash
     from .fake import session
     from .recorder import StorageRecorder, cuda_autocast_policies
-    from .referee import mark_checkpoints, patched_model
+    from .referee import mark_checkpoints, mark_gradient, patched_model
     from .train import step_batches
 
     setup = job.setup
@@ -288,8 +288,7 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
         marking: Dict[str, Any] = {"recorder": None}
         for p in model.parameters():
             if p.requires_grad:
-                p.register_post_accumulate_grad_hook(
-                    lambda param: marking["recorder"] and marking["recorder"].mark([param.grad], "gradients"))
+                p.register_post_accumulate_grad_hook(mark_gradient(marking))
         try:
             engine, optimizer, _, _ = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config)

@@ -134,7 +134,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         trained = ddp.module if ddp else model
         # Registered before make_optimizer's: a hook that steps the optimizer in backward frees the
         # gradient, so this one must see it first.
-        hooks = [p.register_post_accumulate_grad_hook(_mark_gradient(marking)) for p in model.parameters()
+        hooks = [p.register_post_accumulate_grad_hook(mark_gradient(marking)) for p in model.parameters()
                  if p.requires_grad]
         optimizer = mst_hf.make_optimizer(model, cfg, lr=job.lr)
         next_step = step_batches(job)
@@ -188,7 +188,9 @@ def mark_checkpoints(recorder: Any, model: Any, cfg: Any) -> List[Any]:
     return [layers[i].register_forward_pre_hook(hook) for i in cfg.checkpoint_layers]
 
 
-def _mark_gradient(marking: Dict[str, Any]) -> Any:
+def mark_gradient(marking: Dict[str, Any]) -> Any:
+    """A post-accumulate-grad hook recording the parameter's .grad as a gradient once
+    ``marking["recorder"]`` is set."""
     def hook(param: Any) -> None:
         if marking["recorder"] is not None:
             marking["recorder"].mark([param.grad], "gradients")

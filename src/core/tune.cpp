@@ -614,8 +614,8 @@ Recommendation recommend(const TuneRequest& rq) {
     };
 
     std::vector<std::int64_t> sps;
-    const bool ddp_only = rq.base.runtime == Runtime::Hf;  // the hf runtime: DDP or DeepSpeed's engine, no sp
-    for (std::int64_t sp = 1; sp <= (ddp_only ? 1 : rq.gpus); ++sp) {
+    const bool hf = rq.base.runtime == Runtime::Hf;  // the hf runtime: DDP or DeepSpeed's engine, no sp
+    for (std::int64_t sp = 1; sp <= (hf ? 1 : rq.gpus); ++sp) {
         if (rq.pins.sp && sp != *rq.pins.sp) continue;
         if (sp_degree_fits(rq, sp, rq.seq_len)) sps.push_back(sp);
     }
@@ -697,10 +697,10 @@ Recommendation recommend(const TuneRequest& rq) {
     out.refusal = search.refusal_.empty() ? refusal : search.refusal_;
     const std::optional<Candidate> best = search.best();
     if (!best) {
-        // Where one layout is all there is to search (one GPU; DDP, each GPU holding everything),
+        // Where one layout is all there is to search (one GPU; the hf runtime's DDP or DeepSpeed, sp 1),
         // whether its persistent state alone passes the budget says why nothing fits: the least of
         // it the search could have met (stepping in backward, where allowed, holds fewer gradients).
-        if (rq.gpus == 1 || ddp_only) {
+        if (rq.gpus == 1 || hf) {
             TrainingSetup one = rq.base;
             one.dp = rq.gpus, one.sp = 1, one.ep = 1, one.moe_imbalance = 1.0;
             one.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
@@ -799,12 +799,12 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     check_request(rq, "max-seq");
     out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
 
-    const bool ddp_only = rq.base.runtime == Runtime::Hf;  // the hf runtime: DDP or DeepSpeed's engine, no sp
+    const bool hf = rq.base.runtime == Runtime::Hf;  // the hf runtime: DDP or DeepSpeed's engine, no sp
     TrainingSetup base = rq.base;
     base.dp = rq.gpus;
     // (the hf runtime: DDP or the plain step where searched, else DeepSpeed's ZeRO-2, its most sharded)
     const std::vector<int> zeros = zero_stages(rq);
-    base.zero_stage = !ddp_only ? (rq.gpus > 1 ? 3 : 0) : zeros.front() == 0 ? 0 : zeros.back();
+    base.zero_stage = !hf ? (rq.gpus > 1 ? 3 : 0) : zeros.front() == 0 ? 0 : zeros.back();
     base.sp = 1;
     base.ep = 1, base.moe_imbalance = 1.0;  // (the expert-parallel row sets its own)
     base.mlp_chunks = base.lm_chunks = 1;
@@ -821,7 +821,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     off.offload_checkpoints = true;
     if (rq.allow_offload) strategies.push_back({.name = "checkpointing + MsT + offload", .setup = off, .mst = true});
     std::int64_t sp = 1;
-    for (std::int64_t c = ddp_only ? 1 : rq.gpus; c > 1; --c)
+    for (std::int64_t c = hf ? 1 : rq.gpus; c > 1; --c)
         if (sp_degree_fits(rq, c, 2 * c)) {  // (max-seq's lengths are multiples of 1024 sp)
             sp = c;
             break;

@@ -678,9 +678,10 @@ private:
         std::vector<int> in_bucket;       // its parameters, in hook order
         int extra = -1;                   // a parameter too large for the bucket, its gradient reduced where it is
         // ZeRO-1 keeps the .grad of other partitions' parameters to the epilogue: per parameter, such a
-        // gradient too large for the bucket (its own tensor), or whether it is a view of the bucket
+        // gradient too large for the bucket (its own tensor); the others are views of the bucket, taken
+        // in parameter order: the last of them
         std::vector<T> held;
-        std::vector<char> views_bucket;
+        int last_bucket_view = -1;
         T partition_grad;                 // grads_in_partition of this backward
         T averaged;                       // the partition's gradients kept for the step (the first backward's)
         T pad_zeros;                      // the step's zero piece past the parameters (a partition with padding)

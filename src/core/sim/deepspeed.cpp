@@ -69,7 +69,6 @@ void StepBuilder::ds_init_state() {
         }
     ds_.pad = std::max<std::int64_t>(0, ds_.hi - std::max(total, ds_.lo));
     ds_.held.assign(params_.size(), T{});
-    ds_.views_bucket.assign(params_.size(), 0);
 
     at("init.weights");
     layer_ = -1;
@@ -110,7 +109,7 @@ void StepBuilder::ds_take_into_bucket(int p) {
         ds_.extra = p;  // reduced where it is
     } else {
         drop(P.grad);  // copied into the bucket; .grad becomes a view of it
-        if (s_.zero_stage == 1 && !ds_in_partition(p)) ds_.views_bucket[static_cast<std::size_t>(p)] = 1;
+        if (s_.zero_stage == 1 && !ds_in_partition(p)) ds_.last_bucket_view = p;  // (called in parameter order)
     }
     ds_.elements += P.numel;
     ds_.in_bucket.push_back(p);
@@ -186,16 +185,13 @@ void StepBuilder::ds_after_backward(T& root) {
     // _release_ipg_buffers, then _clear_param_grad_only in parameter order: the views of
     // grads_in_partition let go; ZeRO-1's gradients of other partitions are their own tensors or views
     // of the bucket, which goes with the last of them
-    int last_view = -1;
-    for (int p : order_)
-        if (ds_.views_bucket[static_cast<std::size_t>(p)]) last_view = p;
+    const int last_view = std::exchange(ds_.last_bucket_view, -1);
     if (last_view < 0) drop(ds_.bucket);
     drop(ds_.partition_grad);
     for (int p : order_) {
         drop(ds_.held[static_cast<std::size_t>(p)]);
         if (p == last_view) drop(ds_.bucket);
     }
-    std::fill(ds_.views_bucket.begin(), ds_.views_bucket.end(), 0);
     drop(ds_.loss_mul), drop(ds_.loss_div);  // engine.backward returns
 }
 
