@@ -323,7 +323,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     tokens = max(1, s["micro_batch"] * s["seq_len"] // s["sp"])
     for count_key, tokens_key in (("mlp_chunks", "mlp_chunk_tokens"), ("lm_chunks", "lm_chunk_tokens")):
         if count_key in knobs and tokens_key in knobs:
-            fail(where, tokens_key, f"give either {count_key} or {tokens_key}, not both")
+            fail(where, tokens_key, f"expected either {count_key} or {tokens_key}, not both")
         if tokens_key in knobs:
             t = knobs[tokens_key]
             if not _is_int(t) or t < 1:
@@ -336,9 +336,9 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     if s["offload_checkpoints"] and not s["checkpoint"]:
         fail(where, "offload_checkpoints", "expected some checkpointed layers to offload (set checkpoint)")
     if s["optimizer_in_backward"] and s["grad_accum"] > 1:
-        fail(where, "optimizer_in_backward", "cannot step inside backward with grad_accum > 1")
+        fail(where, "optimizer_in_backward", "expected false with grad_accum > 1")
     if s["optimizer_in_backward"] and s["zero_stage"] >= 2:
-        fail(where, "optimizer_in_backward", "not supported with ZeRO stage 2/3")
+        fail(where, "optimizer_in_backward", "expected false with ZeRO stage 2 or 3")
     order = ("micro_batch", "seq_len", "grad_accum", "padded", "precision", "optimizer", "optimizer_state_dtype",
              "optimizer_in_backward", "optimizer_impl", "runtime", "attention", "mlp_chunks", "mlp_impl", "lm_chunks", "lm_impl",
              "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "sp", "sp_impl", "ep", "moe_imbalance")

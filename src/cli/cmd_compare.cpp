@@ -49,7 +49,7 @@ std::string describe(const std::optional<Event>& e) {
 void run_compare(const GlobalOptions& g, const CompareArgs& a) {
     StepFile predicted, measured;
     if (!a.run_file.empty()) {
-        if (!a.files.empty()) fail("compare", "--run", "give either --run MEASURED.json or two files, not both");
+        if (!a.files.empty()) fail("compare", "--run", "expected either --run MEASURED.json or two files, not both");
         measured = load_step_file(a.run_file);
         if (measured.peaks) return run_compare_peaks(g, a, measured);
         predicted.path = "simulator";

@@ -86,8 +86,8 @@ TrainingSetup SetupOptions::build(const ModelSpec& model) const {
     if (given("--ep")) s.ep = ep;
     if (given("--moe-imbalance")) s.moe_imbalance = moe_imbalance;
     // Chunk counts: a token size converts with the tokens each rank holds (validate() bounds them).
-    if (given("--mlp-chunks") && given("--mlp-chunk-tokens")) fail(w, "mlp-chunk-tokens", "give --mlp-chunks or --mlp-chunk-tokens, not both");
-    if (given("--lm-chunks") && given("--lm-chunk-tokens")) fail(w, "lm-chunk-tokens", "give --lm-chunks or --lm-chunk-tokens, not both");
+    if (given("--mlp-chunks") && given("--mlp-chunk-tokens")) fail(w, "mlp-chunk-tokens", "expected --mlp-chunks or --mlp-chunk-tokens, not both");
+    if (given("--lm-chunks") && given("--lm-chunk-tokens")) fail(w, "lm-chunk-tokens", "expected --lm-chunks or --lm-chunk-tokens, not both");
     if (given("--mlp-chunks")) s.mlp_chunks = mlp_chunks;
     if (given("--lm-chunks")) s.lm_chunks = lm_chunks;
     auto chunks_of = [&](const char* knob, std::int64_t chunk_tokens) {

@@ -273,6 +273,16 @@ void check_same_step(const StepFile& predicted, const StepFile& measured) {
 
 namespace {
 
+// `run()`, a setup the measurement in `path` names refused in the file's name: "<path>: setup: <field>: ...".
+template <class Run>
+auto in_file(const std::string& path, Run&& run) {
+    try {
+        return run();
+    } catch (const UserError& e) {
+        throw UserError(path + ": " + e.what());
+    }
+}
+
 // The config a measurement ran, looked up where this checkout has it first: a file of that name
 // beside the measurement or in a folder above it (a config committed with results measured
 // elsewhere), then the catalog's models folder, then model_path as recorded (a file on the machine
@@ -298,7 +308,7 @@ std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured) {
     const std::string path = resolve_model_path(measured);
     ModelSpec model = find_model(path.empty() ? measured.timeline.model : path);
     TrainingSetup setup = parse_setup(nlohmann::json::parse(measured.setup_json), model, measured.path + ": setup");
-    validate(setup, model);
+    in_file(measured.path, [&] { validate(setup, model); });
     return {std::move(model), std::move(setup)};
 }
 
@@ -312,7 +322,8 @@ Timeline predict_measured(const StepFile& measured) {
         fail(measured.path, "timeline.rank", fmt::format("expected the rank whose step was measured (DeepSpeed's {} ranks "
                                                          "differ: python -m mst_referee.deepspeed_zero writes it)",
                                                          setup.dp));
-    if (measured.timeline.rank >= 0) return simulate_rank(model, setup, gpu, measured.timeline.rank);
+    if (measured.timeline.rank >= 0)
+        return in_file(measured.path, [&] { return simulate_rank(model, setup, gpu, measured.timeline.rank); });
     return simulate(model, setup, gpu);
 }
 

@@ -264,9 +264,9 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     if (s.offload_checkpoints && s.checkpointed_count() == 0)
         fail(w, "offload_checkpoints", "expected some checkpointed layers to offload (set checkpoint)");
     if (s.optimizer_in_backward && s.grad_accum > 1)
-        fail(w, "optimizer_in_backward", "cannot step inside backward with grad_accum > 1 (the gradients must accumulate first)");
+        fail(w, "optimizer_in_backward", "expected false with grad_accum > 1 (the gradients must accumulate before a step)");
     if (s.optimizer_in_backward && s.zero_stage >= 2)
-        fail(w, "optimizer_in_backward", "not supported with ZeRO stage 2/3 (gradients are reduce-scattered per bucket)");
+        fail(w, "optimizer_in_backward", "expected false with ZeRO stage 2 or 3 (their gradients are reduce-scattered per bucket)");
     if (s.ep > 1 && !m.moe)
         fail(w, "ep", fmt::format("expected 1 for a dense model (expert parallelism shards a Mixture-of-Experts block's "
                                   "experts), got {}", s.ep));
@@ -422,7 +422,7 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
 
     auto chunks = [&](const char* count_key, const char* tokens_key) -> std::int64_t {
         if (r.has(count_key) && r.has(tokens_key))
-            r.fail(tokens_key, fmt::format("give either {} or {}, not both", count_key, tokens_key));
+            r.fail(tokens_key, fmt::format("expected either {} or {}, not both", count_key, tokens_key));
         if (auto t = r.opt_integer(tokens_key, 1, limits::kMicroStepTokens)) return chunks_for_tokens(s, *t);
         return r.opt_integer(count_key, 1, limits::kChunks).value_or(1);
     };

@@ -519,6 +519,13 @@ void check_request(const TuneRequest& rq, const char* command) {
     TrainingSetup as_planned = rq.base;
     as_planned.dp = rq.gpus;
     const std::vector<int> zeros = zero_stages(rq);
+    // A pinned DeepSpeed stage whose engine cannot run the knobs: DeepSpeed's own reason, not the stages left.
+    if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && trains_in_deepspeed(rq.for_format) &&
+        (*rq.pins.zero_stage == 1 || *rq.pins.zero_stage == 2)) {
+        TrainingSetup pinned = as_planned;
+        pinned.zero_stage = *rq.pins.zero_stage;
+        validate_hf_scope(pinned, rq.model);
+    }
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage &&
         std::find(zeros.begin(), zeros.end(), *rq.pins.zero_stage) == zeros.end())
         fail(command, "pin", fmt::format("zero={}: expected {} with runtime hf{} (ZeRO 0 is torch's DDP, 1 and 2 DeepSpeed's "

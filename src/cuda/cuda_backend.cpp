@@ -352,7 +352,7 @@ std::string describe_device() {
 
 MeasuredStep execute_cuda(const ModelSpec& model, const TrainingSetup& setup, std::uint64_t seed,
                           const ExecuteOptions& options, const CudaOptions& cuda_options) {
-    if (options.storage_fp32) fail("execute", "storage_fp32", "the CUDA backend runs the precision policy's dtypes");
+    if (options.storage_fp32) fail("execute", "storage_fp32", "expected false (the CUDA backend runs the precision policy's dtypes)");
     int count = 0;
     const cudaError_t err = cudaGetDeviceCount(&count);
     if (err != cudaSuccess || count == 0) {

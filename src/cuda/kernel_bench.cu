@@ -241,13 +241,13 @@ std::int64_t lm_head_bytes(const Shapes& sh, std::int64_t S) {
 KernelBenchResult run_kernel_bench(const KernelBenchRequest& request) {
     KernelBenchRequest rq = request;
     if (rq.hidden <= 0 || rq.intermediate <= 0 || rq.vocab <= 0)
-        fail("bench kernels", "model", "positive hidden_size, intermediate_size and vocab_size");
-    if (rq.vocab >= (std::int64_t{1} << 32)) fail("bench kernels", "model", "a vocabulary below 2^32");
-    if (rq.reps < 1 || rq.warmup < 0) fail("command line", "reps", "reps >= 1 and warmup >= 0");
+        fail("bench kernels", "model", "expected positive hidden_size, intermediate_size and vocab_size");
+    if (rq.vocab >= (std::int64_t{1} << 32)) fail("bench kernels", "model", "expected a vocabulary below 2^32");
+    if (rq.reps < 1 || rq.warmup < 0) fail("command line", "reps", "expected reps >= 1 and warmup >= 0");
     for (std::int64_t S : rq.seqs)
-        if (S < 1) fail("command line", "seq", "positive sequence lengths, got " + std::to_string(S));
+        if (S < 1) fail("command line", "seq", "expected positive sequence lengths, got " + std::to_string(S));
     for (std::int64_t M : rq.chunks)
-        if (M < 1) fail("command line", "chunks", "positive mini-sequence counts, got " + std::to_string(M));
+        if (M < 1) fail("command line", "chunks", "expected positive mini-sequence counts, got " + std::to_string(M));
     // M = 1 first: the ratios divide by it
     rq.chunks.erase(std::remove(rq.chunks.begin(), rq.chunks.end(), std::int64_t{1}), rq.chunks.end());
     std::sort(rq.chunks.begin(), rq.chunks.end());

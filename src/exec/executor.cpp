@@ -44,17 +44,17 @@ void check_supported(const ModelSpec& m, const TrainingSetup& s, const Backend& 
         fail(w, "runtime", who + " runs mst-plan's kernels; expected kernels, got " + to_string(s.runtime) +
                                " (the hf runtime is measured by the referee, scripts/torch_crosscheck.py --device fake)");
     // (expert parallelism draws its ranks from these: it is refused with them)
-    if (s.dp > 1) fail(w, "dp", who + " runs one process; data parallelism (dp > 1) cannot run on it");
-    if (s.zero_stage > 0) fail(w, "zero_stage", "ZeRO shards over data-parallel ranks; " + who + " runs one process (use 0)");
-    if (s.sp > 1) fail(w, "sp", who + " runs one process; sequence parallelism (sp > 1) cannot run on it");
+    if (s.dp > 1) fail(w, "dp", "expected 1 (" + who + " runs one process: no data parallelism)");
+    if (s.zero_stage > 0) fail(w, "zero_stage", "expected 0 (ZeRO shards over data-parallel ranks; " + who + " runs one process)");
+    if (s.sp > 1) fail(w, "sp", "expected 1 (" + who + " runs one process: no sequence parallelism)");
     if (s.optimizer == Optimizer::AdamW8bit)
-        fail(w, "optimizer", who + " has no 8-bit AdamW (bitsandbytes' blockwise quantisation); use adamw or sgd");
+        fail(w, "optimizer", "expected adamw or sgd (" + who + " has no 8-bit AdamW: bitsandbytes' blockwise quantisation)");
     if (m.hidden_act != "silu" && m.hidden_act != "gelu_pytorch_tanh")
-        fail(m.name, "hidden_act", fmt::format("{} implements silu and gelu_pytorch_tanh, got '{}'", who, m.hidden_act));
+        fail(m.name, "hidden_act", fmt::format("expected silu or gelu_pytorch_tanh ({} implements those), got '{}'", who, m.hidden_act));
     if (m.head_dim > b.max_head_dim())
-        fail(m.name, "head_dim", fmt::format("the {} kernels take head_dim <= {}", b.name(), b.max_head_dim()));
+        fail(m.name, "head_dim", fmt::format("expected at most {} (the {} kernels' largest), got {}", b.max_head_dim(), b.name(), m.head_dim));
     if (m.moe && m.moe->experts > b.max_experts())
-        fail(m.name, "num_experts", fmt::format("the {} kernels route at most {} experts, got {}", b.name(), b.max_experts(),
+        fail(m.name, "num_experts", fmt::format("expected at most {} (the {} kernels route no more), got {}", b.max_experts(), b.name(),
                                                 m.moe->experts));
 }
 
