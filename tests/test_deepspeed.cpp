@@ -187,6 +187,66 @@ TEST_CASE("DeepSpeed in the hf runtime: every rank is walked, the busiest is sho
     CHECK(walked_ranks(ddp).empty());
 }
 
+TEST_CASE("the tuner's simulator walks DeepSpeed's ranks on several threads with the numbers of one") {
+    // Setups one after the other, as a search makes them (each worker resumes from its own last
+    // replay): every peak equals a fresh simulator's, and whether a setup fits a budget (the
+    // device's capacity, where cached segments are released) and the peaks under it are one
+    // worker's, at budgets about the peak; under the requested peak nothing fits.
+    const GpuProfile gpu = test::test_gpu();
+    int busier_rank_cases = 0;  // setups where a rank after the first is the busiest
+    for (const char* name : {"tiny-llama", "llama-3.2-1b"}) {
+        const ModelSpec m = find_model(name);
+        PeakSimulator one(m, gpu, 1), four(m, gpu, 4);
+        for (int stage : {1, 2})
+            for (std::int64_t dp : {2, 3, 8, 13})
+                for (std::int64_t ga : {1, 2}) {
+                    TrainingSetup s = zero(m, stage, dp);
+                    s.seq_len = name == std::string("tiny-llama") ? 256 : 2048;
+                    s.grad_accum = ga;
+                    s.checkpoint.assign(static_cast<std::size_t>(m.num_layers), ga == 2);
+                    CAPTURE(name);
+                    CAPTURE(stage);
+                    CAPTURE(dp);
+                    CAPTURE(ga);
+                    const MemoryPeaks fresh = simulate_peaks(m, s, gpu, true, gpu.usable_bytes());
+                    for (PeakSimulator* sim : {&one, &four}) {
+                        MemoryPeaks p;
+                        REQUIRE(sim->fits(s, gpu.usable_bytes(), kNoCapacity, &p));
+                        CHECK(p.peak_bytes == fresh.peak_bytes);
+                        CHECK(p.peak_allocated_bytes == fresh.peak_allocated_bytes);
+                        CHECK(p.peak_reserved_bytes == fresh.peak_reserved_bytes);
+                        CHECK(p.segments_released == fresh.segments_released);
+                        CHECK_FALSE(sim->fits(s, fresh.peak_bytes - 1, kNoCapacity));
+                    }
+                    // A budget rank 0 fits in and a busier rank does not (requested bytes): no simulator admits it.
+                    bytes_t first = 0, busiest = 0;
+                    for (std::int64_t r = 0; r < dp; ++r) {
+                        const bytes_t peak = estimate(m, s, gpu, std::nullopt, r).summary.peak.bytes;
+                        if (r == 0) first = peak;
+                        busiest = std::max(busiest, peak);
+                    }
+                    if (busiest > first) {
+                        ++busier_rank_cases;
+                        for (PeakSimulator* sim : {&one, &four}) {
+                            CHECK_FALSE(sim->fits(s, first, kNoCapacity, nullptr, false));
+                            CHECK(sim->fits(s, busiest, kNoCapacity, nullptr, false));
+                        }
+                    }
+                    for (const bytes_t budget : {fresh.peak_reserved_bytes, fresh.peak_reserved_bytes - 1,
+                                                 fresh.peak_reserved_bytes - (bytes_t{2} << 20), fresh.peak_allocated_bytes}) {
+                        MemoryPeaks a, b;
+                        const bool fits_one = one.fits(s, budget, kNoCapacity, &a), fits_four = four.fits(s, budget, kNoCapacity, &b);
+                        CHECK(fits_one == fits_four);
+                        if (fits_one && fits_four) {
+                            CHECK(a.peak_reserved_bytes == b.peak_reserved_bytes);
+                            CHECK(a.segments_released == b.segments_released);
+                        }
+                    }
+                }
+    }
+    CHECK(busier_rank_cases > 0);
+}
+
 TEST_CASE("DeepSpeed in the hf runtime: what its engine does not run as modelled is a one-line error") {
     const ModelSpec m = find_model("tiny-llama");
     TrainingSetup s = zero(m, 2, 8);

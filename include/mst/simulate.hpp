@@ -5,6 +5,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json_fwd.hpp>
 
@@ -42,7 +43,10 @@ MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, c
 // is over budget. The same numbers as simulate_peaks (a test holds them equal).
 class PeakSimulator {
 public:
-    PeakSimulator(const ModelSpec& model, const GpuProfile& gpu);  // both must outlive it
+    // `workers`: threads that walk the ranks of a step whose ranks differ (ring attention's,
+    // DeepSpeed's), each with tables of its own; 0: one per hardware thread. The numbers do not
+    // depend on it (a test holds them equal).
+    PeakSimulator(const ModelSpec& model, const GpuProfile& gpu, int workers = 0);  // both must outlive it
     ~PeakSimulator();
     PeakSimulator(const PeakSimulator&) = delete;
     PeakSimulator& operator=(const PeakSimulator&) = delete;
@@ -63,13 +67,16 @@ private:
     // a peak passes one; else the peaks into `out`.
     bool run(const TrainingSetup& setup, bool allocator, bytes_t budget_bytes, bytes_t host_budget_bytes, bytes_t capacity,
              MemoryPeaks& out);
-    // The allocator model over the captured events on a device of `capacity` bytes; false as soon
-    // as reserved bytes pass `limit`.
-    bool replay(bytes_t capacity, bytes_t limit, MemoryPeaks& out);
     struct Scratch;
+    // One rank's step (`rank` < 0: ranks alike) with `scratch`'s tables: false when a peak passes a budget.
+    bool walk(Scratch& scratch, const TrainingSetup& setup, std::int64_t rank, bool allocator, bytes_t budget_bytes,
+              bytes_t host_budget_bytes, bytes_t capacity, MemoryPeaks& out);
+    // The allocator model over `scratch`'s captured events on a device of `capacity` bytes; false as
+    // soon as reserved bytes pass `limit`.
+    bool replay(Scratch& scratch, bytes_t capacity, bytes_t limit, MemoryPeaks& out);
     const ModelSpec& model_;
     const GpuProfile& gpu_;
-    std::unique_ptr<Scratch> scratch_;
+    std::vector<std::unique_ptr<Scratch>> scratch_;  // one per worker; the first walks alone
 };
 
 // Everything `estimate` prints: the timeline and its views.

@@ -9,7 +9,10 @@
 // resumes from a snapshot of the previous one where they do (replay()). Chunk loops skip the
 // iterations that repeat (loop_replay.hpp).
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <limits>
+#include <thread>
 
 #include "../caching_allocator.hpp"
 #include "builder.hpp"
@@ -37,12 +40,18 @@ struct PeakSimulator::Scratch {
     sim::LoopReplay loops;  // chunk loops, skipping their repeats
 };
 
-PeakSimulator::PeakSimulator(const ModelSpec& model, const GpuProfile& gpu)
-    : model_(model), gpu_(gpu), scratch_(std::make_unique<Scratch>()) {}
+PeakSimulator::PeakSimulator(const ModelSpec& model, const GpuProfile& gpu, int workers) : model_(model), gpu_(gpu) {
+    const int n = workers > 0 ? workers : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    for (int i = 0; i < n; ++i) scratch_.push_back(std::make_unique<Scratch>());
+}
 
 PeakSimulator::~PeakSimulator() = default;
 
-std::int64_t PeakSimulator::skipped_events() const { return scratch_->loops.skipped(); }
+std::int64_t PeakSimulator::skipped_events() const {
+    std::int64_t n = 0;
+    for (const auto& s : scratch_) n += s->loops.skipped();
+    return n;
+}
 
 namespace {
 
@@ -71,8 +80,7 @@ std::size_t same_loops_before(std::size_t shared, const std::vector<std::size_t>
 // deterministic, so after the events this step shares with the last replay it is in the state
 // a snapshot of that replay holds: the replay resumes from the last snapshot within the shared
 // prefix, and takes its own at the boundaries after it. Chunk loops skip their repeats.
-bool PeakSimulator::replay(bytes_t capacity, bytes_t limit, MemoryPeaks& p) {
-    Scratch& s = *scratch_;
+bool PeakSimulator::replay(Scratch& s, bytes_t capacity, bytes_t limit, MemoryPeaks& p) {
     const std::vector<sim::GpuEvent>& events = s.step.gpu_events;
     const std::size_t shared = same_loops_before(common_prefix(events, s.replayed), s.step.loop_marks, s.step.loop_counts,
                                                  s.replayed_marks, s.replayed_counts);
@@ -136,34 +144,78 @@ bool PeakSimulator::replay(bytes_t capacity, bytes_t limit, MemoryPeaks& p) {
     return fits;
 }
 
+bool PeakSimulator::walk(Scratch& scratch, const TrainingSetup& setup, std::int64_t rank, bool allocator, bytes_t budget_bytes,
+                         bytes_t host_budget_bytes, bytes_t capacity, MemoryPeaks& out) {
+    sim::StepBuilder b(model_, setup, gpu_, false, sim::PeakRun{&scratch.step, {budget_bytes, host_budget_bytes}, allocator});
+    if (rank >= 0) b.walk_rank(rank);
+    try {
+        b.run();
+    } catch (const sim::OverBudget&) {
+        return false;
+    }
+    out = b.peaks();
+    return !allocator || replay(scratch, capacity, budget_bytes, out);
+}
+
+namespace {
+
+// `into` holds the highest of each peak of it and `p` (every rank's step must fit: the busiest rank's).
+void take_highest(MemoryPeaks& into, const MemoryPeaks& p) {
+    into.peak_bytes = std::max(into.peak_bytes, p.peak_bytes);
+    into.peak_allocated_bytes = std::max(into.peak_allocated_bytes, p.peak_allocated_bytes);
+    into.peak_reserved_bytes = std::max(into.peak_reserved_bytes, p.peak_reserved_bytes);
+    into.host_peak_bytes = std::max(into.host_peak_bytes, p.host_peak_bytes);
+    into.segments_released = std::max(into.segments_released, p.segments_released);
+}
+
+}  // namespace
+
 bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budget_bytes, bytes_t host_budget_bytes,
                         bytes_t capacity, MemoryPeaks& out) {
     validate(setup, model_);
     // Ranks that differ (ring attention, DeepSpeed's ZeRO): every rank's step must fit; each peak is the
     // highest of any rank's. Ring attention's rank 1 (a whole-q merge and the half-size ones) first: a
     // setup over budget usually stops there.
-    const std::vector<std::int64_t> ranks = walked_ranks(setup);  // (empty when the ranks are alike: one walk)
-    for (std::size_t i = 0; i < std::max<std::size_t>(1, ranks.size()); ++i) {
-        sim::StepBuilder b(model_, setup, gpu_, false, sim::PeakRun{&scratch_->step, {budget_bytes, host_budget_bytes}, allocator});
-        if (!ranks.empty())
-            b.walk_rank(setup.ring() && ranks.size() > 1 && i < 2 ? ranks[1 - i] : ranks[i]);
+    std::vector<std::int64_t> ranks = walked_ranks(setup);  // (empty when the ranks are alike: one walk)
+    if (ranks.empty()) return walk(*scratch_.front(), setup, -1, allocator, budget_bytes, host_budget_bytes, capacity, out);
+    if (setup.ring() && ranks.size() > 1) std::swap(ranks[0], ranks[1]);
+    // The first alone: a setup over budget is usually over on every rank.
+    MemoryPeaks first;
+    if (!walk(*scratch_.front(), setup, ranks.front(), allocator, budget_bytes, host_budget_bytes, capacity, first)) return false;
+    // The rest: worker w walks ranks 1 + w, 1 + w + n, ... with tables of its own (a replay resumes
+    // from its own last one); a rank over budget stops them all. Each walk is the step one walk alone
+    // makes, and the highest of each peak is the same in any order: the numbers do not depend on n.
+    // (An error, a bug or an overflow, is raised; which one, when several ranks would raise one, or
+    // whether a rank over budget stopped the walks first, may depend on n.)
+    const std::size_t rest = ranks.size() - 1, n = std::min(scratch_.size(), rest);
+    std::atomic<bool> over{false};
+    std::vector<MemoryPeaks> highest(n);
+    std::vector<std::exception_ptr> errors(n);
+    auto work = [&](std::size_t w) {
         try {
-            b.run();
-        } catch (const sim::OverBudget&) {
-            return false;
+            for (std::size_t i = 1 + w; i < ranks.size() && !over.load(std::memory_order_relaxed); i += n) {
+                MemoryPeaks p;
+                if (!walk(*scratch_[w], setup, ranks[i], allocator, budget_bytes, host_budget_bytes, capacity, p)) {
+                    over = true;
+                    return;
+                }
+                take_highest(highest[w], p);
+            }
+        } catch (...) {
+            errors[w] = std::current_exception();
+            over = true;
         }
-        MemoryPeaks p = b.peaks();
-        if (allocator && !replay(capacity, budget_bytes, p)) return false;
-        if (i == 0) {
-            out = p;
-            continue;
-        }
-        out.peak_bytes = std::max(out.peak_bytes, p.peak_bytes);
-        out.peak_allocated_bytes = std::max(out.peak_allocated_bytes, p.peak_allocated_bytes);
-        out.peak_reserved_bytes = std::max(out.peak_reserved_bytes, p.peak_reserved_bytes);
-        out.host_peak_bytes = std::max(out.host_peak_bytes, p.host_peak_bytes);
-        out.segments_released = std::max(out.segments_released, p.segments_released);
-    }
+    };
+    {
+        std::vector<std::jthread> threads;
+        for (std::size_t w = 1; w < n; ++w) threads.emplace_back(work, w);
+        work(0);
+    }  // (joined)
+    for (const std::exception_ptr& e : errors)
+        if (e) std::rethrow_exception(e);
+    if (over) return false;
+    out = first;
+    for (const MemoryPeaks& p : highest) take_highest(out, p);
     return true;
 }
 
