@@ -159,5 +159,13 @@ TEST_CASE("report: committed measurements re-simulate to their own rows, a measu
     const std::string md = report_markdown(rows, "mst-plan report X");
     CHECK(md.find("| `" + good.file + "` | tiny-llama | cpu |") != std::string::npos);
     CHECK(md.find("+100.000 %") != std::string::npos);
+    // What a measurement names stays in its cell: a file or model name with a bar, a line break or a
+    // backtick neither adds a row nor ends a code span.
+    std::vector<ReportRow> odd = {rows[1]};
+    odd[0].file = "a|b`c\nd.json";
+    odd[0].model = "tiny\n| fake | row |";
+    const std::string odd_md = report_markdown(odd, "mst-plan report X");
+    CHECK(odd_md.find("| `a\\|b'c\\nd.json` | tiny\\n\\| fake \\| row \\| | cpu |") != std::string::npos);
+    CHECK(std::count(odd_md.begin(), odd_md.end(), '\n') == std::count(md.begin(), md.end(), '\n') - 1);
     fs::remove_all(dir);
 }

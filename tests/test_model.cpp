@@ -638,3 +638,12 @@ TEST_CASE("gpt-oss configs: GptOssConfig's defaults, the block's differences, an
               (void)parse_model(nlohmann::json{{"model_type", "gpt_oss"}, {"swiglu_limit", -1}}, "g.json", "g");
           }).rfind("g.json: swiglu_limit: expected", 0) == 0);
 }
+
+TEST_CASE("a model's shown name stays on one line, whatever its file or its _mst block says") {
+    nlohmann::json j = {{"model_type", "llama"}, {"hidden_size", 64}, {"intermediate_size", 128}, {"num_hidden_layers", 1},
+                        {"num_attention_heads", 4}, {"vocab_size", 256}};
+    j["_mst"] = {{"display_name", "x\x1b[2J\nFITS: fake"}};
+    CHECK(parse_model(j, "m.json", "m").display_name == "x\\x1b[2J\\nFITS: fake");
+    j.erase("_mst");
+    CHECK(parse_model(j, "m.json", "a\u2028b").display_name == "a\\u2028b");
+}

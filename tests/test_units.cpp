@@ -53,5 +53,9 @@ TEST_CASE("messages: the closest known word, and control characters that cannot 
     CHECK(closest("x", {}).empty());
     CHECK(printable("a\nb\rc\td\x1b") == "a\\nb\\rc\\td\\x1b");
     CHECK(printable("llama-3-8b ünïcode") == "llama-3-8b ünïcode");
+    // Unicode's line breaks, which YAML honours (a comment would end there): NEL, U+2028, U+2029.
+    CHECK(printable("a\xc2\x85" "b\xe2\x80\xa8" "c\xe2\x80\xa9" "d") == "a\\u0085b\\u2028c\\u2029d");
+    CHECK(printable("\xe2\x80\xa6 \xc2\xa0") == "\xe2\x80\xa6 \xc2\xa0");  // an ellipsis, a no-break space: text
+    CHECK(printable("cut \xe2\x80") == "cut \xe2\x80");
     CHECK(in_quotes(std::string(100, 'x')) == "'" + std::string(60, 'x') + "...'");
 }

@@ -20,8 +20,9 @@ public:
 // what "did you mean" names for a misspelled key or subcommand. "" when `known` is empty.
 std::string closest(const std::string& word, const std::vector<std::string>& known);
 
-// `text` with every control character (newline, carriage return, escape, ...) written as an
-// escape (\n, \r, \x1b): user text quoted in a message or a comment stays on its line.
+// `text` with every control character (newline, carriage return, escape, ...) and Unicode line break
+// (U+0085 and the other C1 controls, U+2028, U+2029) written as an escape (\n, \r, \x1b, \u2028):
+// user text quoted in a message or a comment stays on its line.
 std::string printable(const std::string& text);
 // 'text' as a message quotes a user's word: printable, cut at 60 characters.
 std::string in_quotes(const std::string& text);

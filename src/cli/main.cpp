@@ -1,6 +1,8 @@
 // mst-plan: plan memory and mini-sequence settings for long-context LLM training.
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -40,6 +42,22 @@ std::optional<std::string> unknown_subcommand(const CLI::App& app, int argc, cha
         for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
         return fmt::format("command line: {}: expected a subcommand ({}); the closest is {}", word, list,
                            mst::closest(word, names));
+    }
+    return std::nullopt;
+}
+
+// Every argument names something (a model, a file, a value): an empty one, often an unset shell
+// variable, is an error naming the option it was given to, not a default taken silently.
+std::optional<std::string> empty_argument(int argc, char** argv) {
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (a.starts_with("--") && a.ends_with("=") && a.find('=') == a.size() - 1)
+            return fmt::format("{}: '': expected a value", a.substr(0, a.size() - 1));
+        if (!a.empty()) continue;
+        const std::string before = i > 1 ? argv[i - 1] : "";
+        if (before.starts_with("-") && before.find('=') == std::string::npos)
+            return fmt::format("{}: '': expected a value", before);
+        return fmt::format("command line: argument {}: expected a value, got an empty one", i);
     }
     return std::nullopt;
 }
@@ -107,6 +125,10 @@ int main(int argc, char** argv) {
 
     // Every error is one line: control characters in a quoted file name or value are escaped.
     auto error = [](const std::string& message) { fmt::print(stderr, "error: {}\n", mst::printable(message)); };
+    if (const auto empty = empty_argument(argc, argv)) {
+        error(*empty);
+        return 2;
+    }
     if (const auto unknown = unknown_subcommand(app, argc, argv)) {
         error(*unknown);
         return 2;
@@ -135,6 +157,12 @@ int main(int argc, char** argv) {
     } catch (const std::exception& e) {
         fmt::print(stderr, "internal error (please report): {}\n", mst::printable(e.what()));
         return 3;
+    }
+    // Everything printed reached stdout: a full disk or a closed file would leave it cut short.
+    if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+        const int err = errno;
+        error(fmt::format("stdout: write: expected the output written, got {}", err != 0 ? std::strerror(err) : "an error"));
+        return 2;
     }
     return 0;
 }

@@ -4,6 +4,8 @@
 #include <cstdio>
 #include <fstream>
 
+#include <unistd.h>
+
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
@@ -48,7 +50,8 @@ namespace fs = std::filesystem;
 
 OutputFiles::~OutputFiles() {
     std::error_code ec;
-    for (const Pending& p : pending_) fs::remove(p.temp, ec);
+    for (const Pending& p : pending_)
+        if (!p.temp.empty()) fs::remove(p.temp, ec);
     for (auto it = created_.rbegin(); it != created_.rend(); ++it) fs::remove(*it, ec);  // only if still empty
 }
 
@@ -65,14 +68,35 @@ void OutputFiles::make_directory(const std::string& dir) {
 }
 
 void OutputFiles::add(const std::string& path, const std::string& text) {
-    const fs::path target(path);
     std::error_code ec;
-    if (fs::is_directory(target, ec)) fail(path, "file", "expected a file to write, got a directory");
+    const fs::path given(path);
+    const fs::file_status status = fs::status(given, ec);  // (of what a link points to)
+    if (fs::is_directory(status)) fail(path, "file", "expected a file to write, got a directory");
+    const auto same_place = [&](const fs::path& a, const fs::path& b) {
+        std::error_code e;
+        return fs::weakly_canonical(fs::absolute(a, e), e) == fs::weakly_canonical(fs::absolute(b, e), e);
+    };
+    for (const Pending& p : pending_)
+        if (same_place(p.path, given))
+            fail(path, "file", "expected a path of its own (another output of this command is written there)");
+    if (fs::exists(status) && !fs::is_regular_file(status)) {  // a device, a FIFO (through a link too): written into
+        pending_.push_back({{}, given, text});
+        return;
+    }
+    // A link (to a file, or to none yet) is written through: its target is replaced, the link stays.
+    fs::path target = given;
+    for (int links = 0; fs::is_symlink(fs::symlink_status(target, ec)); ++links) {
+        if (links == 40) fail(path, "file", "expected a path whose links end (40 followed)");
+        const fs::path next = fs::read_symlink(target, ec);
+        if (ec) fail(path, "file", fmt::format("expected a readable link ({})", ec.message()));
+        target = next.is_absolute() ? next : target.parent_path() / next;
+    }
     const fs::path folder = target.parent_path().empty() ? fs::path(".") : target.parent_path();
     if (!fs::is_directory(folder, ec)) fail(path, "file", "expected a writable path (its folder does not exist)");
-    // Beside the destination, so the rename stays within one filesystem.
-    const fs::path temp = folder / fmt::format(".{}.mst-plan-{}.tmp", target.filename().string(), pending_.size());
-    pending_.push_back({temp, target});
+    // Beside the destination, so the rename stays within one filesystem; a short name (the
+    // destination's may already be as long as a name can be), this process's own.
+    const fs::path temp = folder / fmt::format(".mst-plan-{}-{}.tmp", static_cast<long>(::getpid()), pending_.size());
+    pending_.push_back({temp, target, {}});
     std::ofstream out(temp, std::ios::binary);
     out << text;
     out.close();
@@ -80,7 +104,17 @@ void OutputFiles::add(const std::string& path, const std::string& text) {
 }
 
 void OutputFiles::commit() {
+    // Devices and FIFOs first: one that cannot take its text fails the command before any file is
+    // replaced.
+    for (Pending& p : pending_) {
+        if (!p.temp.empty()) continue;
+        std::ofstream out(p.path, std::ios::binary | std::ios::out);
+        out << p.text;
+        out.close();
+        if (!out) fail(p.path.string(), "file", "expected a writable path (writing into it failed)");
+    }
     for (std::size_t i = 0; i < pending_.size(); ++i) {
+        if (pending_[i].temp.empty()) continue;
         std::error_code ec;
         fs::rename(pending_[i].temp, pending_[i].path, ec);
         if (ec) fail(pending_[i].path.string(), "file", fmt::format("expected a writable path ({})", ec.message()));

@@ -36,7 +36,9 @@ void warn(const std::string& message);  // "warning: ..." on stderr, on one line
 // its destination when it is added (so an unwritable path fails early, naming it), and commit()
 // renames them all into place once the command has succeeded. A command that fails before
 // commit() leaves nothing behind: the destructor removes the temporary files and the folders
-// this object created.
+// this object created. A symbolic link is written through (its target is replaced); a device or a
+// FIFO (/dev/stdout, a pipe) is written into at commit(), never replaced. One path given for two
+// outputs is an error.
 class OutputFiles {
 public:
     OutputFiles() = default;
@@ -51,7 +53,8 @@ public:
 
 private:
     struct Pending {
-        std::filesystem::path temp, path;
+        std::filesystem::path temp, path;  // temp empty: `path` is a device or a FIFO, written at commit()
+        std::string text;                  // (what it receives)
     };
     std::vector<Pending> pending_;
     std::vector<std::filesystem::path> created_;  // folders made here, parents first

@@ -307,6 +307,11 @@ std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured) {
     if (measured.setup_json.empty()) fail(measured.path, "format", "expected a measurement (mst-measure/1) to re-simulate");
     const std::string path = resolve_model_path(measured);
     ModelSpec model = find_model(path.empty() ? measured.timeline.model : path);
+    // The config found by its model_path must be the model the measurement names (compare holds both
+    // timelines to one model: a relabelled measurement is refused there, and here).
+    if (model.name != measured.timeline.model)
+        fail(measured.path, "model", fmt::format("expected the model its model_path holds ('{}'), got {}", model.name,
+                                                 in_quotes(measured.timeline.model)));
     TrainingSetup setup = parse_setup(nlohmann::json::parse(measured.setup_json), model, measured.path + ": setup");
     in_file(measured.path, [&] { validate(setup, model); });
     return {std::move(model), std::move(setup)};

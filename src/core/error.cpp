@@ -40,13 +40,21 @@ std::string closest(const std::string& word, const std::vector<std::string>& kno
 std::string printable(const std::string& text) {
     std::string out;
     out.reserve(text.size());
-    for (const char c : text) {
+    for (std::size_t i = 0; i < text.size(); ++i) {
+        const char c = text[i];
         const auto u = static_cast<unsigned char>(c);
+        const auto byte = [&](std::size_t k) { return k < text.size() ? static_cast<unsigned char>(text[k]) : 0u; };
         if (c == '\n') out += "\\n";
         else if (c == '\r') out += "\\r";
         else if (c == '\t') out += "\\t";
         else if (u < 0x20 || u == 0x7f) out += fmt::format("\\x{:02x}", u);
-        else out += c;
+        // Unicode's line breaks, which YAML and some terminals honour: NEL (U+0085; C1 controls
+        // U+0080-U+009F), LINE and PARAGRAPH SEPARATOR (U+2028, U+2029), in UTF-8.
+        else if (u == 0xc2 && byte(i + 1) >= 0x80 && byte(i + 1) <= 0x9f) out += fmt::format("\\u{:04x}", byte(++i));
+        else if (u == 0xe2 && byte(i + 1) == 0x80 && (byte(i + 2) == 0xa8 || byte(i + 2) == 0xa9)) {
+            out += fmt::format("\\u20{:02x}", byte(i + 2) - 0x80);
+            i += 2;
+        } else out += c;
     }
     return out;
 }

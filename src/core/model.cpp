@@ -219,11 +219,11 @@ ModelSpec parse_model(const nlohmann::json& input, const std::string& where, con
     // mst-plan's own block (catalog files): the name shown and the published parameter total.
     auto read_meta = [&](ModelSpec& m) {
         m.name = name;
-        m.display_name = name;
+        m.display_name = printable(name);  // (printed: on one line whatever a file's name or block says)
         m.source = where;
         if (!r.has("_mst")) return;
         auto meta = r.object("_mst");
-        if (auto v = meta.opt_string("display_name")) m.display_name = *v;
+        if (auto v = meta.opt_string("display_name")) m.display_name = printable(*v);
         if (auto v = meta.opt_string("source")) m.source_url = *v;
         if (auto v = meta.opt_integer("published_parameters", 1, std::int64_t{1} << 50)) m.published_parameters = *v;
         if (auto v = meta.opt_integer("published_active_parameters", 1, std::int64_t{1} << 50)) m.published_active_parameters = *v;

@@ -70,6 +70,8 @@ Plan plan_from_json(const nlohmann::json& j, const ModelSpec& model, const std::
 Plan load_plan_file(const std::string& path, ModelSpec* model_out) {
     const nlohmann::json j = detail::read_json_file(path);
     detail::JsonReader r(j, path);
+    for (const char* key : {"model", "gpu"})
+        if (r.string(key).empty()) r.fail(key, "expected a catalog name or a path to a .json file, got ''");
     const ModelSpec model = find_model(r.string("model"));
     const GpuProfile gpu = find_gpu(r.string("gpu"));
     Plan p = plan_from_json(j, model, path);

@@ -212,6 +212,13 @@ Timeline timeline_from_json(const nlohmann::json& j, const std::string& where) {
     } catch (const std::logic_error& e) {
         fail(where, "events", e.what());
     }
+    // Live bytes, summed wherever the timeline is read, fit 64 bits: said here, naming the file.
+    std::int64_t live = 0;
+    for (std::size_t i = 0; i < t.events.size(); ++i) {
+        const Event& e = t.events[i];
+        if (__builtin_add_overflow(live, e.alloc ? e.bytes : -e.bytes, &live))
+            fail(where, fmt::format("events[{}].bytes", i), "expected live bytes below 2^63 after it (they overflow 64 bits)");
+    }
     return t;
 }
 
