@@ -194,6 +194,14 @@ TEST_CASE("emit deepspeed: ds_config.json has DeepSpeed's keys and the plan's nu
     // One Llama-3-8B layer: q 4096x4096 + k, v 4096x1024 each + o 4096x4096 = 41 943 040,
     // gate, up, down 3 x 4096x14336 = 176 160 768, two RMSNorms 8 192: 218 112 000 elements.
     CHECK(ds_config(zero3, model)["zero_optimization"]["stage3_prefetch_bucket_size"] == 218112000);
+    // What DeepSpeed's stage 3 holds beyond the plan is said (docs/deepspeed-zero3.md), and only there.
+    const auto says_zero3 = [](const nlohmann::json& notes) {
+        return std::any_of(notes.begin(), notes.end(), [](const nlohmann::json& n) {
+            return n.get<std::string>().starts_with("ZeRO-3: DeepSpeed's engine gathers ahead by elements");
+        });
+    };
+    CHECK(says_zero3(ds_config(zero3, model)["mst_plan_notes"]));
+    CHECK_FALSE(says_zero3(j["mst_plan_notes"]));
     CHECK(j["activation_checkpointing"]["number_checkpoints"] == 16);
     CHECK(j["activation_checkpointing"]["cpu_checkpointing"] == false);
     CHECK(j["optimizer"]["type"] == "AdamW");

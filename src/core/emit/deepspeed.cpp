@@ -141,7 +141,15 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
 
     nlohmann::ordered_json zero = {{"stage", s.zero_stage}};
     // The plan counts ZeRO-3 prefetch in layers; DeepSpeed counts parameter elements.
-    if (s.zero_stage == 3) zero["stage3_prefetch_bucket_size"] = s.zero3_prefetch * model.layer_parameters();
+    if (s.zero_stage == 3) {
+        zero["stage3_prefetch_bucket_size"] = s.zero3_prefetch * model.layer_parameters();
+        notes.push_back(
+            "ZeRO-3: DeepSpeed's engine gathers ahead by elements at every submodule, keeping up to "
+            "stage3_max_live_parameters (1e9) gathered and those reused within stage3_max_reuse_distance (1e9), "
+            "and holds a reduce bucket of reduce_bucket_size (5e8) bf16 elements: more than this plan, made with "
+            "mst-plan's kernels' ZeRO-3, counts (docs/deepspeed-zero3.md: what DeepSpeed 0.19.8's stage 3 "
+            "allocates; the hf runtime does not model it yet).");
+    }
     j["zero_optimization"] = zero;
 
     if (s.checkpointed_count() > 0) {
