@@ -14,6 +14,10 @@
 #include <limits>
 #include <thread>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #include "../caching_allocator.hpp"
 #include "builder.hpp"
 #include "loop_replay.hpp"
@@ -40,8 +44,25 @@ struct PeakSimulator::Scratch {
     sim::LoopReplay loops;  // chunk loops, skipping their repeats
 };
 
+namespace {
+
+// The threads this process may run on (its CPU affinity: a container's or taskset's cores, not the
+// machine's), at most 16: each worker's tables take tens of MiB on a large step.
+int default_workers() {
+    constexpr int kMostWorkers = 16;
+    int n = static_cast<int>(std::thread::hardware_concurrency());
+#if defined(__linux__)
+    cpu_set_t cpus;
+    CPU_ZERO(&cpus);
+    if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) n = CPU_COUNT(&cpus);
+#endif
+    return std::clamp(n, 1, kMostWorkers);
+}
+
+}  // namespace
+
 PeakSimulator::PeakSimulator(const ModelSpec& model, const GpuProfile& gpu, int workers) : model_(model), gpu_(gpu) {
-    const int n = workers > 0 ? workers : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    const int n = workers > 0 ? workers : default_workers();
     for (int i = 0; i < n; ++i) scratch_.push_back(std::make_unique<Scratch>());
 }
 
