@@ -44,8 +44,8 @@ MemoryPeaks simulate_peaks(const ModelSpec& model, const TrainingSetup& setup, c
 class PeakSimulator {
 public:
     // `workers`: threads that walk the ranks of a step whose ranks differ (ring attention's,
-    // DeepSpeed's), each with tables of its own; 0: one per hardware thread. The numbers do not
-    // depend on it (a test holds them equal).
+    // DeepSpeed's), each with tables of its own; 0: one per CPU this process may run on (at most
+    // 16). The numbers do not depend on it (a test holds them equal).
     PeakSimulator(const ModelSpec& model, const GpuProfile& gpu, int workers = 0);  // both must outlive it
     ~PeakSimulator();
     PeakSimulator(const PeakSimulator&) = delete;
