@@ -188,6 +188,27 @@ expect_run(2 "^error: [^\n]*outs/./same: file: expected a path of its own" estim
 if(EXISTS ${OUTS}/same)
   message(FATAL_ERROR "estimate with one path for two outputs wrote it")
 endif()
+# A dangling link to another output's file is that file; an input is never an output.
+file(CREATE_LINK a.json ${OUTS}/dangling SYMBOLIC)
+expect_run(2 "^error: [^\n]*outs/dangling: file: expected a path of its own" estimate --model tiny-llama --seq 64 --timeline ${OUTS}/a.json --svg ${OUTS}/dangling)
+file(COPY_FILE ${OUTS}/real/plan.json ${OUTS}/mst_config.json)
+expect_run(2 "^error: [^\n]*outs/mst_config.json: file: expected a path other than an input's" emit --plan ${OUTS}/mst_config.json --format hf-mst --out ${OUTS})
+# A FIFO nobody reads is an error, not a wait, and leaves no temporary file beside the others.
+execute_process(COMMAND mkfifo ${OUTS}/fifo RESULT_VARIABLE no_fifo)
+if(NOT no_fifo)
+  expect_run(2 "^error: [^\n]*outs/fifo: file: expected a FIFO with a reader" estimate --model tiny-llama --seq 64 --timeline ${OUTS}/t.json --svg ${OUTS}/fifo)
+  file(GLOB left ${OUTS}/.mst-plan-* ${OUTS}/t.json)
+  if(left)
+    message(FATAL_ERROR "estimate into a FIFO without a reader left ${left}")
+  endif()
+endif()
+# /dev/stdout when stdout is a file (a shell's >>): written through the stream, what was there kept.
+file(WRITE ${OUTS}/log.txt "kept\n")
+execute_process(COMMAND ${MST} recommend --model tiny-llama --seq 64 --out /dev/stdout OUTPUT_FILE ${OUTS}/stdout.txt RESULT_VARIABLE rc)
+file(READ ${OUTS}/stdout.txt printed)
+if(NOT rc EQUAL 0 OR NOT printed MATCHES "^{\n  \"format\": \"mst-plan/1\".*\nrecommended\n")
+  message(FATAL_ERROR "recommend --out /dev/stdout into a file: exit ${rc}, ${printed}")
+endif()
 # What cannot be printed whole is an error: a full device on stdout.
 if(EXISTS /dev/full)
   execute_process(COMMAND ${MST} models OUTPUT_FILE /dev/full RESULT_VARIABLE rc ERROR_VARIABLE err)

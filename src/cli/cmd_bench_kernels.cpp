@@ -68,6 +68,7 @@ void run_bench_kernels(const GlobalOptions& g, const BenchKernelsArgs& a) {
     const KernelBenchResult r = run_kernel_bench(rq);
     const nlohmann::json j = to_json(r, gpu);
     OutputFiles outputs;
+    for (const std::string& in : {a.model, a.gpu}) outputs.input(in);
     if (!a.out.empty()) outputs.add(a.out, json_text(j, 2) + "\n");
     outputs.commit();
     if (g.json) return print_json(j);

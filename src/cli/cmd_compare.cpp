@@ -71,6 +71,8 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
     const Comparison c = compare_timelines(predicted.timeline, measured.timeline, layers);
 
     OutputFiles outputs;
+    for (const std::string& in : a.files) outputs.input(in);
+    outputs.input(a.run_file);
     if (!a.svg_file.empty())
         outputs.add(a.svg_file, overlay_svg(predicted.timeline, measured.timeline,
                                         fmt::format("{}: predicted ({}) vs measured ({})", measured.timeline.model,

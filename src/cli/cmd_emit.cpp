@@ -36,6 +36,7 @@ void run_emit(const GlobalOptions& g, const EmitArgs& a) {
     }
 
     OutputFiles outputs;
+    outputs.input(a.plan_file);
     outputs.make_directory(a.out_dir);
     std::vector<std::string> written;
     for (const auto& f : files) {

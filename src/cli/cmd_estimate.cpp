@@ -56,6 +56,7 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
     const Estimate e = estimate(model, setup, gpu, std::nullopt, a.rank);
 
     OutputFiles outputs;
+    for (const std::string& in : {a.model, a.gpu, a.setup.file()}) outputs.input(in);
     if (!a.timeline_file.empty()) outputs.add(a.timeline_file, json_text(to_json(e.timeline)) + "\n");
     if (!a.svg_file.empty())
         outputs.add(a.svg_file, timeline_svg(e.timeline, fmt::format("{} on {}: seq {}, predicted memory over one step",

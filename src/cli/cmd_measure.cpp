@@ -43,6 +43,7 @@ void run_measure(const GlobalOptions& g, const MeasureArgs& a) {
 
     std::string written;
     OutputFiles outputs;
+    for (const std::string& in : {a.model, a.setup.file()}) outputs.input(in);
     if (!a.out_dir.empty()) {
         outputs.make_directory(a.out_dir);
         written = (std::filesystem::path(a.out_dir) / "measured.json").string();

@@ -154,6 +154,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     }
     const Plan plan = to_plan(r, rq, a.model, a.gpu);
     OutputFiles outputs;
+    for (const std::string& in : {a.model, a.gpu}) outputs.input(in);
     if (!a.out.empty()) outputs.add(a.out, json_text(to_json(plan), 2) + "\n");
     outputs.commit();
     if (g.json) {

@@ -38,6 +38,7 @@ void run_report(const GlobalOptions& g, const ReportArgs& a) {
     if (a.gpu != ReportArgs{}.gpu) command += " --gpu " + a.gpu;
     const std::string md = report_markdown(rows, command);
     OutputFiles outputs;
+    for (const ReportRow& r : rows) outputs.input(r.file);
     if (!a.out_file.empty()) outputs.add(a.out_file, md);
     const auto outliers = report_outliers(
         rows, ReportLimits{a.max_peak_percent / 100.0, a.max_phase_percent / 100.0, a.max_trainer_percent / 100.0});

@@ -54,9 +54,8 @@ std::optional<std::string> empty_argument(int argc, char** argv) {
         if (a.starts_with("--") && a.ends_with("=") && a.find('=') == a.size() - 1)
             return fmt::format("{}: '': expected a value", a.substr(0, a.size() - 1));
         if (!a.empty()) continue;
-        const std::string before = i > 1 ? argv[i - 1] : "";
-        if (before.starts_with("-") && before.find('=') == std::string::npos)
-            return fmt::format("{}: '': expected a value", before);
+        // (what comes before may be an option taking it, or a flag: said as what it follows)
+        if (i > 1) return fmt::format("command line: argument {}: expected a value, got an empty one after '{}'", i, argv[i - 1]);
         return fmt::format("command line: argument {}: expected a value, got an empty one", i);
     }
     return std::nullopt;

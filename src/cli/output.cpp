@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <fstream>
+#include <cerrno>
+#include <cstring>
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
@@ -67,51 +70,105 @@ void OutputFiles::make_directory(const std::string& dir) {
     created_.insert(created_.end(), missing.rbegin(), missing.rend());
 }
 
-void OutputFiles::add(const std::string& path, const std::string& text) {
-    std::error_code ec;
-    const fs::path given(path);
-    const fs::file_status status = fs::status(given, ec);  // (of what a link points to)
-    if (fs::is_directory(status)) fail(path, "file", "expected a file to write, got a directory");
-    const auto same_place = [&](const fs::path& a, const fs::path& b) {
-        std::error_code e;
-        return fs::weakly_canonical(fs::absolute(a, e), e) == fs::weakly_canonical(fs::absolute(b, e), e);
-    };
-    for (const Pending& p : pending_)
-        if (same_place(p.path, given))
-            fail(path, "file", "expected a path of its own (another output of this command is written there)");
-    if (fs::exists(status) && !fs::is_regular_file(status)) {  // a device, a FIFO (through a link too): written into
-        pending_.push_back({{}, given, text});
-        return;
+namespace {
+
+// Writes all of `text` to `fd`; false on an error.
+bool write_all(int fd, const std::string& text) {
+    for (std::size_t done = 0; done < text.size();) {
+        const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return false;
+        done += static_cast<std::size_t>(n);
     }
-    // A link (to a file, or to none yet) is written through: its target is replaced, the link stays.
-    fs::path target = given;
+    return true;
+}
+
+// The standard stream (1, 2) that `path` is, when it is one (the same file: /dev/stdout, a shell's
+// redirect named again); else -1.
+int standard_stream(const fs::path& path) {
+    struct stat at {};
+    if (::stat(path.c_str(), &at) != 0) return -1;
+    for (const int fd : {1, 2}) {
+        struct stat open {};
+        if (::fstat(fd, &open) == 0 && open.st_dev == at.st_dev && open.st_ino == at.st_ino) return fd;
+    }
+    return -1;
+}
+
+// Where `given` leads through its links (a link to a file, or to none yet, is written through).
+fs::path link_target(const std::string& given) {
+    std::error_code ec;
+    fs::path target(given);
     for (int links = 0; fs::is_symlink(fs::symlink_status(target, ec)); ++links) {
-        if (links == 40) fail(path, "file", "expected a path whose links end (40 followed)");
+        if (links == 40) fail(given, "file", "expected a path whose links end (40 followed)");
         const fs::path next = fs::read_symlink(target, ec);
-        if (ec) fail(path, "file", fmt::format("expected a readable link ({})", ec.message()));
+        if (ec) fail(given, "file", fmt::format("expected a readable link ({})", ec.message()));
         target = next.is_absolute() ? next : target.parent_path() / next;
     }
-    const fs::path folder = target.parent_path().empty() ? fs::path(".") : target.parent_path();
+    return fs::weakly_canonical(fs::absolute(target, ec), ec);
+}
+
+}  // namespace
+
+void OutputFiles::input(const std::string& path) {
+    std::error_code ec;
+    if (fs::exists(path, ec)) inputs_.push_back(link_target(path));
+}
+
+void OutputFiles::add(const std::string& path, const std::string& text) {
+    std::error_code ec;
+    const fs::file_status status = fs::status(path, ec);  // (of what a link points to)
+    if (fs::is_directory(status)) fail(path, "file", "expected a file to write, got a directory");
+    const fs::path target = link_target(path);
+    for (const Pending& p : pending_)
+        if (p.path == target) fail(path, "file", "expected a path of its own (another output of this command is written there)");
+    if (std::find(inputs_.begin(), inputs_.end(), target) != inputs_.end())
+        fail(path, "file", "expected a path other than an input's (this command reads that file)");
+    // This process's stdout or stderr (/dev/stdout, /proc/self/fd/1, the file a shell redirects it to):
+    // written through the stream, in order with what the command prints; a device or a FIFO: written
+    // into at commit(), never replaced.
+    if (const int fd = standard_stream(path); fd >= 0) {
+        pending_.push_back({{}, target, text, fd});
+        return;
+    }
+    if (fs::exists(status) && !fs::is_regular_file(status)) {
+        pending_.push_back({{}, fs::path(path), text, -1});
+        return;
+    }
+    const fs::path folder = target.parent_path();
     if (!fs::is_directory(folder, ec)) fail(path, "file", "expected a writable path (its folder does not exist)");
     // Beside the destination, so the rename stays within one filesystem; a short name (the
-    // destination's may already be as long as a name can be), this process's own.
-    const fs::path temp = folder / fmt::format(".mst-plan-{}-{}.tmp", static_cast<long>(::getpid()), pending_.size());
-    pending_.push_back({temp, target, {}});
-    std::ofstream out(temp, std::ios::binary);
-    out << text;
-    out.close();
-    if (!out) fail(path, "file", "expected a writable path");
+    // destination's may already be as long as a name can be), made anew (O_EXCL: never a file or
+    // link already there).
+    std::string temp = (folder / ".mst-plan-XXXXXX").string();
+    const int fd = ::mkstemp(temp.data());
+    if (fd < 0) fail(path, "file", fmt::format("expected a writable path ({})", std::strerror(errno)));
+    pending_.push_back({temp, target, {}, -1});
+    const mode_t mask = ::umask(0);  // (mkstemp makes it 0600: the file gets what a new file gets)
+    ::umask(mask);
+    const bool written = ::fchmod(fd, 0666 & ~mask) == 0 && write_all(fd, text);
+    if ((::close(fd) != 0) | !written) fail(path, "file", "expected a writable path (writing it failed)");
 }
 
 void OutputFiles::commit() {
-    // Devices and FIFOs first: one that cannot take its text fails the command before any file is
-    // replaced.
+    // Streams, devices and FIFOs first: one that cannot take its text fails the command before any
+    // file is replaced. A FIFO without a reader is an error, not a wait.
     for (Pending& p : pending_) {
         if (!p.temp.empty()) continue;
-        std::ofstream out(p.path, std::ios::binary | std::ios::out);
-        out << p.text;
-        out.close();
-        if (!out) fail(p.path.string(), "file", "expected a writable path (writing into it failed)");
+        if (p.stream >= 0) {
+            std::FILE* f = p.stream == 1 ? stdout : stderr;
+            if (std::fwrite(p.text.data(), 1, p.text.size(), f) != p.text.size() || std::fflush(f) != 0)
+                fail(p.path.string(), "file", fmt::format("expected a writable path ({})", std::strerror(errno)));
+            continue;
+        }
+        const int fd = ::open(p.path.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0)
+            fail(p.path.string(), "file",
+                 errno == ENXIO ? std::string("expected a FIFO with a reader (none has it open)")
+                                : fmt::format("expected a writable path ({})", std::strerror(errno)));
+        const int flags = ::fcntl(fd, F_GETFL);
+        const bool written = flags >= 0 && ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) == 0 && write_all(fd, p.text);
+        if ((::close(fd) != 0) | !written) fail(p.path.string(), "file", "expected a writable path (writing into it failed)");
     }
     for (std::size_t i = 0; i < pending_.size(); ++i) {
         if (pending_[i].temp.empty()) continue;

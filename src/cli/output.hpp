@@ -36,9 +36,10 @@ void warn(const std::string& message);  // "warning: ..." on stderr, on one line
 // its destination when it is added (so an unwritable path fails early, naming it), and commit()
 // renames them all into place once the command has succeeded. A command that fails before
 // commit() leaves nothing behind: the destructor removes the temporary files and the folders
-// this object created. A symbolic link is written through (its target is replaced); a device or a
-// FIFO (/dev/stdout, a pipe) is written into at commit(), never replaced. One path given for two
-// outputs is an error.
+// this object created. A symbolic link is written through (its target is replaced); this process's
+// stdout or stderr (/dev/stdout, whatever it is) is written through the stream; a device or a FIFO
+// is written into at commit(), never replaced. One path given for two outputs, or for an output and
+// an input, is an error.
 class OutputFiles {
 public:
     OutputFiles() = default;
@@ -46,6 +47,8 @@ public:
     OutputFiles& operator=(const OutputFiles&) = delete;
     ~OutputFiles();
 
+    // `path` is read by this command: no output may replace it (call before add()).
+    void input(const std::string& path);
     void add(const std::string& path, const std::string& text);
     // Creates `dir` (and missing parents) for files added into it; removed again unless committed.
     void make_directory(const std::string& dir);
@@ -53,10 +56,12 @@ public:
 
 private:
     struct Pending {
-        std::filesystem::path temp, path;  // temp empty: `path` is a device or a FIFO, written at commit()
+        std::filesystem::path temp, path;  // temp empty: `path` is a stream, a device or a FIFO, written at commit()
         std::string text;                  // (what it receives)
+        int stream = -1;                   // 1, 2: this process's stdout or stderr
     };
     std::vector<Pending> pending_;
+    std::vector<std::filesystem::path> inputs_;  // where links lead
     std::vector<std::filesystem::path> created_;  // folders made here, parents first
 };
 

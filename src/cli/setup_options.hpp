@@ -18,6 +18,7 @@ public:
     void add_to(CLI::App& cmd, const char* default_runtime = "hf");
     std::string default_runtime_ = "hf";
     TrainingSetup build(const ModelSpec& model) const;  // validated
+    const std::string& file() const { return setup_file; }  // --setup's ("" when none)
 
 private:
     CLI::App* cmd_ = nullptr;

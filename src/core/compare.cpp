@@ -327,8 +327,16 @@ Timeline predict_measured(const StepFile& measured) {
         fail(measured.path, "timeline.rank", fmt::format("expected the rank whose step was measured (DeepSpeed's {} ranks "
                                                          "differ: python -m mst_referee.deepspeed_zero writes it)",
                                                          setup.dp));
-    if (measured.timeline.rank >= 0)
-        return in_file(measured.path, [&] { return simulate_rank(model, setup, gpu, measured.timeline.rank); });
+    if (measured.timeline.rank >= 0) {
+        const std::vector<std::int64_t> ranks = walked_ranks(setup);
+        const bool one_rank = setup.deepspeed_zero() && setup.dp == 1 && measured.timeline.rank == 0;  // (DeepSpeed's one)
+        if (!one_rank && std::find(ranks.begin(), ranks.end(), measured.timeline.rank) == ranks.end())
+            fail(measured.path, "timeline.rank",
+                 fmt::format("expected one of the setup's ranks whose steps differ ({}), got {}",
+                             ranks.empty() ? std::string("none: its ranks are alike") : fmt::format("0 .. {}", ranks.size() - 1),
+                             measured.timeline.rank));
+        return simulate_rank(model, setup, gpu, measured.timeline.rank);
+    }
     return simulate(model, setup, gpu);
 }
 

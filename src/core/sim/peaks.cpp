@@ -12,6 +12,7 @@
 #include <atomic>
 #include <exception>
 #include <limits>
+#include <system_error>
 #include <thread>
 
 #if defined(__linux__)
@@ -229,8 +230,15 @@ bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budg
     };
     {
         std::vector<std::jthread> threads;
-        for (std::size_t w = 1; w < n; ++w) threads.emplace_back(work, w);
-        work(0);
+        std::vector<std::size_t> here = {0};  // the workers this thread runs (those no thread could be made for too)
+        for (std::size_t w = 1; w < n; ++w) {
+            try {
+                threads.emplace_back(work, w);
+            } catch (const std::system_error&) {  // (a limit on threads or processes)
+                here.push_back(w);
+            }
+        }
+        for (const std::size_t w : here) work(w);
     }  // (joined)
     for (const std::exception_ptr& e : errors)
         if (e) std::rethrow_exception(e);
