@@ -209,10 +209,17 @@ file(READ ${OUTS}/stdout.txt printed)
 if(NOT rc EQUAL 0 OR NOT printed MATCHES "^{\n  \"format\": \"mst-plan/1\".*\nrecommended\n")
   message(FATAL_ERROR "recommend --out /dev/stdout into a file: exit ${rc}, ${printed}")
 endif()
-# What cannot be printed whole is an error: a full device on stdout.
+# What cannot be printed whole is an error (a full device on stdout), and the files the command
+# wrote are not left behind.
 if(EXISTS /dev/full)
   execute_process(COMMAND ${MST} models OUTPUT_FILE /dev/full RESULT_VARIABLE rc ERROR_VARIABLE err)
   if(NOT rc EQUAL 2 OR NOT err MATCHES "^error: stdout: write: expected the output written")
     message(FATAL_ERROR "models > /dev/full: exit ${rc}, ${err}")
+  endif()
+  execute_process(COMMAND ${MST} emit --plan ${OUTS}/real/plan.json --format axolotl --out ${OUTS}/full/configs
+                  OUTPUT_FILE /dev/full RESULT_VARIABLE rc ERROR_VARIABLE err)
+  file(GLOB_RECURSE left ${OUTS}/full/*)
+  if(NOT rc EQUAL 2 OR EXISTS ${OUTS}/full OR left)
+    message(FATAL_ERROR "emit --out with stdout on /dev/full: exit ${rc}, ${err}, left ${left}")
   endif()
 endif()

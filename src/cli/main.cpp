@@ -132,6 +132,10 @@ int main(int argc, char** argv) {
         error(*unknown);
         return 2;
     }
+    // Files a command wrote are kept only when everything succeeded (finish_outputs(true) below).
+    struct Discard {
+        ~Discard() { mst::cli::finish_outputs(false); }
+    } discard;
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {
@@ -157,10 +161,17 @@ int main(int argc, char** argv) {
         fmt::print(stderr, "internal error (please report): {}\n", mst::printable(e.what()));
         return 3;
     }
-    // Everything printed reached stdout: a full disk or a closed file would leave it cut short.
+    // Everything printed reached stdout (a full disk or a closed file would leave it cut short), then
+    // the files the command wrote go into place.
     if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
         const int err = errno;
         error(fmt::format("stdout: write: expected the output written, got {}", err != 0 ? std::strerror(err) : "an error"));
+        return 2;
+    }
+    try {
+        mst::cli::finish_outputs(true);
+    } catch (const mst::UserError& e) {
+        error(e.what());
         return 2;
     }
     return 0;

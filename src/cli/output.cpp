@@ -170,15 +170,39 @@ void OutputFiles::commit() {
         const bool written = flags >= 0 && ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) == 0 && write_all(fd, p.text);
         if ((::close(fd) != 0) | !written) fail(p.path.string(), "file", "expected a writable path (writing into it failed)");
     }
-    for (std::size_t i = 0; i < pending_.size(); ++i) {
-        if (pending_[i].temp.empty()) continue;
-        std::error_code ec;
-        fs::rename(pending_[i].temp, pending_[i].path, ec);
-        if (ec) fail(pending_[i].path.string(), "file", fmt::format("expected a writable path ({})", ec.message()));
-        pending_[i].temp.clear();
-    }
+    // The files themselves wait for the command's end (finish_outputs).
+    for (Pending& p : pending_)
+        if (!p.temp.empty()) ready().files.push_back({std::move(p.temp), std::move(p.path)});
+    ready().folders.insert(ready().folders.end(), created_.begin(), created_.end());
     pending_.clear();
     created_.clear();
+}
+
+OutputFiles::Ready& OutputFiles::ready() {
+    static Ready r;  // (the process's: main() finishes them once)
+    return r;
+}
+
+void finish_outputs(bool keep) {
+    OutputFiles::Ready& r = OutputFiles::ready();
+    std::error_code ec;
+    if (keep) {
+        for (auto& [temp, path] : r.files) {
+            fs::rename(temp, path, ec);
+            if (ec) {
+                const std::string failed = path.string(), why = ec.message();
+                finish_outputs(false);  // (the rest removed: the command fails)
+                fail(failed, "file", fmt::format("expected a writable path ({})", why));
+            }
+            temp.clear();
+        }
+        r = {};
+        return;
+    }
+    for (const auto& f : r.files)
+        if (!f.first.empty()) fs::remove(f.first, ec);
+    for (auto it = r.folders.rbegin(); it != r.folders.rend(); ++it) fs::remove(*it, ec);  // only if still empty
+    r = {};
 }
 
 }  // namespace mst::cli
