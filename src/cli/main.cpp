@@ -47,7 +47,7 @@ std::optional<std::string> unknown_subcommand(const CLI::App& app, int argc, cha
 }
 
 // Every argument names something (a model, a file, a value): an empty one, often an unset shell
-// variable, is an error naming the option it was given to, not a default taken silently.
+// variable, is an error (saying what it follows, or the --option= it ends), not a default taken silently.
 std::optional<std::string> empty_argument(int argc, char** argv) {
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
