@@ -72,6 +72,16 @@ void OutputFiles::make_directory(const std::string& dir) {
 
 namespace {
 
+// What commit() left for finish_outputs: the process's, which main() finishes once.
+struct Ready {
+    std::vector<std::pair<fs::path, fs::path>> files;  // (temporary, destination)
+    std::vector<fs::path> folders;                     // made for them, parents first
+};
+Ready& ready() {
+    static Ready r;
+    return r;
+}
+
 // Writes all of `text` to `fd`; false on an error.
 bool write_all(int fd, const std::string& text) {
     for (std::size_t done = 0; done < text.size();) {
@@ -178,13 +188,8 @@ void OutputFiles::commit() {
     created_.clear();
 }
 
-OutputFiles::Ready& OutputFiles::ready() {
-    static Ready r;  // (the process's: main() finishes them once)
-    return r;
-}
-
 void finish_outputs(bool keep) {
-    OutputFiles::Ready& r = OutputFiles::ready();
+    Ready& r = ready();
     std::error_code ec;
     if (keep) {
         for (auto& [temp, path] : r.files) {

@@ -36,15 +36,11 @@ void warn(const std::string& message);  // "warning: ..." on stderr, on one line
 // its destination when it is added (so an unwritable path fails early, naming it); commit() marks
 // them ready, and they are renamed into place when the command has succeeded and what it printed
 // reached stdout (finish_outputs, from main()). A command that fails leaves nothing behind: the
-// destructor, or finish_outputs(false), removes the temporary files and the folders made for them. A symbolic link is written through (its target is replaced); this process's
-// stdout or stderr (/dev/stdout, whatever it is) is written through the stream; a device or a FIFO
-// is written into at commit(), never replaced. One path given for two outputs, or for an output and
-// an input, is an error.
-// The end of the process's outputs: every file commit() left ready renamed into place (`keep`: the
-// command succeeded and its output reached stdout; a rename that fails is an error, the rest then
-// removed), or all of them removed with the folders made for them.
-void finish_outputs(bool keep);
-
+// destructor, or finish_outputs(false), removes the temporary files and the folders made for them.
+// A symbolic link is written through (its target is replaced); this process's stdout or stderr
+// (/dev/stdout, whatever it is) is written through the stream; a device or a FIFO is written into
+// at commit(), never replaced. One path given for two outputs, or for an output and an input, is
+// an error.
 class OutputFiles {
 public:
     OutputFiles() = default;
@@ -60,12 +56,6 @@ public:
     void commit();
 
 private:
-    friend void finish_outputs(bool keep);
-    struct Ready {  // what commit() left for finish_outputs
-        std::vector<std::pair<std::filesystem::path, std::filesystem::path>> files;  // (temporary, destination)
-        std::vector<std::filesystem::path> folders;                                  // made for them, parents first
-    };
-    static Ready& ready();
     struct Pending {
         std::filesystem::path temp, path;  // temp empty: `path` is a stream, a device or a FIFO, written at commit()
         std::string text;                  // (what it receives)
@@ -75,5 +65,10 @@ private:
     std::vector<std::filesystem::path> inputs_;  // where links lead
     std::vector<std::filesystem::path> created_;  // folders made here, parents first
 };
+
+// The end of the process's outputs: every file commit() left ready renamed into place (`keep`: the
+// command succeeded and its output reached stdout; a rename that fails is an error, the rest then
+// removed), or all of them removed with the folders made for them.
+void finish_outputs(bool keep);
 
 }  // namespace mst::cli
