@@ -202,8 +202,8 @@ if(NOT no_fifo)
     message(FATAL_ERROR "estimate into a FIFO without a reader left ${left}")
   endif()
 endif()
-# /dev/stdout when stdout is a file (a shell's >>): written through the stream, what was there kept.
-file(WRITE ${OUTS}/log.txt "kept\n")
+# /dev/stdout when stdout is a file: written through the stream, so what the command prints after
+# it is kept (a rename would replace stdout's file).
 execute_process(COMMAND ${MST} recommend --model tiny-llama --seq 64 --out /dev/stdout OUTPUT_FILE ${OUTS}/stdout.txt RESULT_VARIABLE rc)
 file(READ ${OUTS}/stdout.txt printed)
 if(NOT rc EQUAL 0 OR NOT printed MATCHES "^{\n  \"format\": \"mst-plan/1\".*\nrecommended\n")

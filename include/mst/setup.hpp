@@ -138,6 +138,9 @@ std::vector<std::int64_t> ring_ranks(const TrainingSetup& setup);
 // parameters: other gradients, reduced at other times, and another step); empty when all ranks
 // are alike (or there is one).
 std::vector<std::int64_t> walked_ranks(const TrainingSetup& setup);
+// Whether `rank`'s step can be walked alone (estimate --rank, a measured rank): one of walked_ranks,
+// or DeepSpeed's one rank on one GPU.
+bool walks_rank(const TrainingSetup& setup, std::int64_t rank);
 
 // Checkpoint placement from a user's words: "none", "all", "every:K", "first:K",
 // "last:K", "spread:K" (K layers evenly spaced) or a list "0,2,5-9".

@@ -329,8 +329,7 @@ Timeline predict_measured(const StepFile& measured) {
                                                          setup.dp));
     if (measured.timeline.rank >= 0) {
         const std::vector<std::int64_t> ranks = walked_ranks(setup);
-        const bool one_rank = setup.deepspeed_zero() && setup.dp == 1 && measured.timeline.rank == 0;  // (DeepSpeed's one)
-        if (!one_rank && std::find(ranks.begin(), ranks.end(), measured.timeline.rank) == ranks.end())
+        if (!walks_rank(setup, measured.timeline.rank))
             fail(measured.path, "timeline.rank",
                  fmt::format("expected one of the setup's ranks whose steps differ ({}), got {}",
                              ranks.empty() ? std::string("none: its ranks are alike") : fmt::format("0 .. {}", ranks.size() - 1),

@@ -194,6 +194,12 @@ std::vector<std::int64_t> walked_ranks(const TrainingSetup& s) {
     return ranks;
 }
 
+bool walks_rank(const TrainingSetup& s, std::int64_t rank) {
+    if (s.deepspeed_zero() && s.dp == 1) return rank == 0;
+    const std::vector<std::int64_t> all = walked_ranks(s);
+    return std::find(all.begin(), all.end(), rank) != all.end();
+}
+
 std::optional<SpRefusal> sp_refusal(const ModelSpec& m, SpImpl impl, std::int64_t sp, std::int64_t seq_len) {
     if (sp < 1 || seq_len % sp != 0) return SpRefusal{"sp", fmt::format("expected a divisor of seq_len ({}), got {}", seq_len, sp)};
     if (sp == 1) return std::nullopt;

@@ -234,15 +234,13 @@ Walked walk(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile
             std::optional<std::int64_t> rank = std::nullopt) {
     validate(setup, model);
     const std::vector<std::int64_t> all = walked_ranks(setup);
-    // (DeepSpeed on one GPU: its one rank, walked as the step)
-    const bool one_rank = setup.deepspeed_zero() && setup.dp == 1 && rank == 0;
-    if (rank && !one_rank && std::find(all.begin(), all.end(), *rank) == all.end())
+    if (rank && !walks_rank(setup, *rank))
         fail("setup", "rank", fmt::format("expected a rank whose step differs: of ring attention's sp ranks (0 .. sp - 1, with "
                                           "sp_impl ring and sp > 1) or DeepSpeed's dp ranks (0 .. dp - 1, runtime hf with ZeRO 1 "
                                           "or 2), got {} (sp {}, {}, dp {}, ZeRO {}, runtime {})",
                                           *rank, setup.sp, to_string(setup.sp_impl), setup.dp, setup.zero_stage,
                                           to_string(setup.runtime)));
-    const std::vector<std::int64_t> ranks = rank ? std::vector<std::int64_t>{*rank} : all;  // (one_rank: {0})
+    const std::vector<std::int64_t> ranks = rank ? std::vector<std::int64_t>{*rank} : all;  // (DeepSpeed on one GPU: {0})
     Walked out;
     out.ranks = static_cast<std::int64_t>(ranks.size());
     if (ranks.empty()) {
