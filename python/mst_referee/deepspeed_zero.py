@@ -11,8 +11,9 @@ one (:class:`mst_referee.recorder.StorageRecorder`; the output is a referee meas
 ``mst-measure/1``).
 
 The world is torch's ``fake`` process group (groups exist, collectives move nothing, every shape is
-real) on DeepSpeed's CPU accelerator; the tensors are fake (:mod:`mst_referee.fake`). Three places
-need what fake tensors do not have, each answered as a GPU run answers it:
+real) on DeepSpeed's CPU accelerator; the tensors are fake (:mod:`mst_referee.fake`). These places
+need what fake tensors (or a group that moves no data) do not have, each answered as a GPU run
+answers it:
 
 * ``Module.to(device)`` at engine start: the model is already on its device (a fake tensor cannot
   be swapped for itself), so the call returns the module;
@@ -20,21 +21,24 @@ need what fake tensors do not have, each answered as a GPU run answers it:
   updates parameters and states in place on a GPU and allocates nothing, does nothing here (its CPU
   build reads data pointers);
 * a tensor's value read back to Python (``.item()``: the bf16 overflow flag, the finiteness of the
-  gradient norm) is 0, which is what real bf16 gradients give (no overflow, a finite norm).
+  gradient norm) is 0, which is what real bf16 gradients give (no overflow, a finite norm);
+* ZeRO-3's check that every rank traced the same modules and parameters (once, when the trace is
+  complete) finds them equal, as ranks of one program do (:func:`_same_on_every_rank`).
 
-What exists before the recorded step (after one warm-up step, so the optimizer's states exist) is
-registered as ``init``: the flat bf16 buffers (weights), the model's buffers, the fp32 partitions
-(master weights), the optimizer's states, then whatever else DeepSpeed keeps alive between steps
-(found by walking the garbage collector's objects), as workspace.
+What exists before the recorded step (after one warm-up step, so the optimizer's states exist and,
+under ZeRO-3, the trace is complete: the steady step) is registered as ``init``: the bf16 buffers
+(weights), the model's buffers, the fp32 partitions (master weights), the optimizer's states,
+ZeRO-3's gradient buffers, then whatever else DeepSpeed keeps alive between steps (found by walking
+the garbage collector's objects), as workspace. ZeRO-3's gathered parameters are recorded as
+weights.
 
 Recorded are micro-steps 0 and the last (as micro-step 1), then the optimizer step: ZeRO-1 reduces
 the gradients in the last micro-step's backward only, so the second does not stand for the others.
 
-Only ZeRO stages 1 and 2 with AdamW, without offload or sequence parallelism, run here; stage 3
-(parameter partitioning and its prefetch hooks), Ulysses (its attention and process groups) and
-DeepSpeed's CPU Adam (it reads data pointers) are refused by name, as is a file that is not the
-plan's (batch keys, stage, precision flags, optimizer). What DeepSpeed itself refuses is said in one
-line.
+ZeRO stages 1, 2 and 3 with AdamW run here, without offload or sequence parallelism: Ulysses (its
+attention and process groups) and DeepSpeed's CPU Adam (it reads data pointers) are refused by name,
+as is a file that is not the plan's (batch keys, stage, precision flags, optimizer). What DeepSpeed
+itself refuses is said in one line.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def _integer(setup: Mapping[str, Any], key: str, low: int, where: str) -> int:
 
 
 def check_plan(plan: Any, where: str) -> Dict[str, Any]:
-    """The plan's setup, checked for what this runner runs: data parallelism with ZeRO 1 or 2 in bf16
+    """The plan's setup, checked for what this runner runs: data parallelism with ZeRO 1, 2 or 3 in bf16
     (DeepSpeed's bf16 with fp32 master weights, or its bf16 master flags for pure-bf16), AdamW, one
     sequence-parallel rank."""
     if not isinstance(plan, dict) or not isinstance(plan.get("setup"), dict):
@@ -87,9 +91,8 @@ def check_plan(plan: Any, where: str) -> Dict[str, Any]:
     setup = plan["setup"]
     for key, low in (("dp", 1), ("micro_batch", 1), ("grad_accum", 1), ("zero_stage", 0)):
         _integer(setup, key, low, where)
-    if setup["zero_stage"] not in (1, 2):
-        fail(where, "setup.zero_stage", f"expected 1 or 2 (stage 3's parameter partitioning is not run here), "
-                                        f"got {setup['zero_stage']}")
+    if setup["zero_stage"] not in (1, 2, 3):
+        fail(where, "setup.zero_stage", f"expected 1, 2 or 3 (DeepSpeed's ZeRO engine), got {setup['zero_stage']}")
     if setup.get("sp", 1) != 1:
         fail(where, "setup.sp", f"expected 1 (DeepSpeed's Ulysses is not run here), got {setup.get('sp')!r}")
     if setup.get("precision") not in ("bf16-master", "pure-bf16"):
@@ -133,12 +136,28 @@ def check_config(ds_config: Any, setup: Mapping[str, Any], where: str) -> None:
             fail(where, key, f"expected {value} (the plan's), got {ds_config[key]!r}")
 
 
+def _same_on_every_rank(ints: List[int]) -> None:
+    """ZeRO-3's cross-rank check of a list (``deepspeed.runtime.zero.utils.assert_ints_same_as_other_ranks``)
+    as every rank of one program passes it: the same tensors made and broadcast (rank 0's length, then
+    its list), and this rank's own list found equal to rank 0's. (The fake group moves no data: the
+    original would read back another rank's -1s.)"""
+    import deepspeed.comm as dist
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().device_name(os.environ["LOCAL_RANK"]))
+    dist.broadcast(torch.tensor(len(ints), dtype=int, device=device, requires_grad=False), src=0, async_op=False)
+    dist.broadcast(torch.tensor(ints, dtype=int, device=device, requires_grad=False), src=0, async_op=False)
+
+
 @contextlib.contextmanager
 def stand_ins(fake: bool = True) -> Iterator[None]:
-    """The answers of the module docstring, for the duration of the run: all three on fake tensors;
-    on real ones (``fake=False``, the tests' CPU run) only the Adam kernel's, which reads data pointers
-    of the CPU build, not of the GPU's."""
+    """The answers of the module docstring, for the duration of the run: all of them on fake tensors;
+    on real ones (``fake=False``, the tests' CPU run) the Adam kernel's, which reads data pointers of
+    the CPU build, not of the GPU's, and ZeRO-3's cross-rank list check. ZeRO-3's replacement of
+    ``torch.nn.functional.linear`` (made for good when it partitions a model) is undone after."""
     import deepspeed.ops.adam.fused_adam as fused_adam
+    import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -151,15 +170,18 @@ def stand_ins(fake: bool = True) -> Iterator[None]:
     def already_there(module: Any, *args: Any, **kwargs: Any) -> Any:
         return module
 
-    saved = (torch.nn.Module.to, fused_adam.multi_tensor_applier)
+    saved = (torch.nn.Module.to, fused_adam.multi_tensor_applier, coordinator.assert_ints_same_as_other_ranks,
+             torch.nn.functional.linear)
     if fake:
         torch.nn.Module.to = already_there  # type: ignore[method-assign]
     fused_adam.multi_tensor_applier = lambda *args, **kwargs: None
+    coordinator.assert_ints_same_as_other_ranks = _same_on_every_rank
     try:
         with _Values() if fake else contextlib.nullcontext():
             yield
     finally:
-        torch.nn.Module.to, fused_adam.multi_tensor_applier = saved  # type: ignore[method-assign]
+        (torch.nn.Module.to, fused_adam.multi_tensor_applier, coordinator.assert_ints_same_as_other_ranks,  # type: ignore[method-assign]
+         torch.nn.functional.linear) = saved
 
 
 def fake_world(size: int, rank: int = 0, local_world_size: int = 1) -> None:
@@ -204,20 +226,51 @@ def _live_tensors(fake_mode: Any) -> Iterator[Any]:
                 yield obj
 
 
+def _stage(optimizer: Any) -> int:
+    """The ZeRO stage of DeepSpeed's optimizer wrapper."""
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        return 3
+    return 2 if optimizer.partition_gradients else 1
+
+
+def _fp32_partitions(optimizer: Any) -> List[Any]:
+    """The fp32 master partitions, one per group (ZeRO 1/2) or sub-group (ZeRO-3)."""
+    return optimizer.fp32_partitioned_groups_flat if _stage(optimizer) == 3 else optimizer.single_partition_of_fp32_groups
+
+
 def _register_state(recorder: Any, model: Any, optimizer: Any, fake_mode: Any) -> None:
-    """Everything alive before the step, as its init allocations (named by what holds them)."""
+    """Everything alive before the step, as its init allocations (named by what holds them).
+
+    ZeRO 1/2: the flat bf16 buffers of whole parameters. ZeRO-3: the partitions' bf16 buffer
+    (``lp_param_buffer``), the whole parameters that stay gathered between steps (persistent ones:
+    their ``data``), the gradient buckets (made once, with contiguous gradients) and the partitions'
+    gradient buffer (``grad_partitions_flat_buffer``), which are gradients as ``.grad`` is in a plain
+    step."""
     import torch
 
-    recorder.register(((f"flat_bf16_group{i}", t) for i, t in enumerate(optimizer.bit16_groups_flat)),
-                      "weights", "init.weights")
-    recorder.register(model.named_parameters(), "weights", "init.weights")  # (any outside the flat groups)
+    if _stage(optimizer) == 3:
+        recorder.register([("lp_param_buffer", getattr(optimizer, "lp_param_buffer", None))], "weights", "init.weights")
+        recorder.register(((f"fp16_partition_group{i}", t) for i, t in enumerate(optimizer.fp16_partitioned_groups_flat)),
+                          "weights", "init.weights")  # (views of lp_param_buffer: registered once)
+        recorder.register(((f"{name}.ds_tensor", p.ds_tensor) for name, p in model.named_parameters()),
+                          "weights", "init.weights")
+        recorder.register(((name, p.data) for name, p in model.named_parameters()), "weights", "init.weights")
+        recorder.register(((f"ipg_bucket.{dtype}", bucket.buffer) for dtype, bucket in optimizer.ipg_buckets.items()),
+                          "gradients", "init.gradients")
+        recorder.register([("grad_partitions_flat_buffer", optimizer.grad_partitions_flat_buffer)], "gradients",
+                          "init.gradients")
+    else:
+        recorder.register(((f"flat_bf16_group{i}", t) for i, t in enumerate(optimizer.bit16_groups_flat)),
+                          "weights", "init.weights")
+        recorder.register(model.named_parameters(), "weights", "init.weights")  # (any outside the flat groups)
     recorder.register(model.named_buffers(), "weights", "init.buffers")
-    recorder.register(((f"fp32_partition_group{i}", t) for i, t in enumerate(optimizer.single_partition_of_fp32_groups)),
+    recorder.register(((f"fp32_partition_group{i}", t) for i, t in enumerate(_fp32_partitions(optimizer))),
                       "master_weights", "init.master_weights")
+    # (by the partitions: ZeRO-3 empties the groups' parameter lists after each sub-group's step)
     inner = optimizer.optimizer
     recorder.register(((f"fp32_partition_group{i}.{key}", value)
-                       for i, group in enumerate(inner.param_groups) for p in group["params"]
-                       for key, value in inner.state.get(p, {}).items() if isinstance(value, torch.Tensor)),
+                       for i, t in enumerate(_fp32_partitions(optimizer))
+                       for key, value in inner.state.get(t, {}).items() if isinstance(value, torch.Tensor)),
                       "optimizer_state", "init.optimizer_state")
     recorder.register((("deepspeed", t) for t in _live_tensors(fake_mode)), "workspace",
                       "init.deepspeed")
@@ -243,12 +296,49 @@ def _mark_gradients(marking: Dict[str, Any], optimizer: Any) -> None:
             return method(*args, **kwargs)
         return wrapped
 
-    optimizer.setup_buckets = after(optimizer.setup_buckets, lambda: [
-        b for bucket in optimizer.ipg_buckets.values() for b in bucket.buffer])
-    optimizer.copy_grads_in_partition = after(optimizer.copy_grads_in_partition,
-                                              lambda: [getattr(optimizer, "grads_in_partition", None)])
+    if _stage(optimizer) != 3:  # (ZeRO-3's buckets and partition gradients are made once: registered state)
+        optimizer.setup_buckets = after(optimizer.setup_buckets, lambda: [
+            b for bucket in optimizer.ipg_buckets.values() for b in bucket.buffer])
+        optimizer.copy_grads_in_partition = after(optimizer.copy_grads_in_partition,
+                                                  lambda: [getattr(optimizer, "grads_in_partition", None)])
     optimizer._optimizer_step = before(optimizer._optimizer_step, lambda: [
-        t.grad for t in optimizer.single_partition_of_fp32_groups])
+        t.grad for t in _fp32_partitions(optimizer)])
+
+
+@contextlib.contextmanager
+def _marking_gathers(marking: Dict[str, Any]) -> Iterator[None]:
+    """ZeRO-3's gathered parameters are recorded as weights, as a gathered unit is in mst-plan's
+    kernels runtime: a coalesced gather's flat buffer (made with its handle), each parameter's own copy
+    of its rows of it (made at the handle's wait), and a parameter gathered alone (its buffer made
+    before its handle; ``param.data`` a view of it)."""
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    def mark(tensors: Any) -> None:
+        if marking["recorder"] is not None:
+            marking["recorder"].mark(tensors, "weights")
+
+    coalesced_init, coalesced_wait, single_init = (pp.AllGatherCoalescedHandle.__init__, pp.AllGatherCoalescedHandle.wait,
+                                                   pp.AllGatherHandle.__init__)
+
+    def made_coalesced(self: Any, allgather_handle: Any, params: Any, partitions: Any, *args: Any, **kwargs: Any) -> None:
+        coalesced_init(self, allgather_handle, params, partitions, *args, **kwargs)
+        mark(partitions[:1])
+
+    def waited(self: Any, *args: Any, **kwargs: Any) -> None:
+        coalesced_wait(self, *args, **kwargs)
+        mark([p.data for p in self.params])
+
+    def made_single(self: Any, handle: Any, param: Any, *args: Any, **kwargs: Any) -> None:
+        single_init(self, handle, param, *args, **kwargs)
+        mark([param.data])
+
+    pp.AllGatherCoalescedHandle.__init__, pp.AllGatherCoalescedHandle.wait = made_coalesced, waited  # type: ignore[method-assign]
+    pp.AllGatherHandle.__init__ = made_single  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        pp.AllGatherCoalescedHandle.__init__, pp.AllGatherCoalescedHandle.wait = coalesced_init, coalesced_wait  # type: ignore[method-assign]
+        pp.AllGatherHandle.__init__ = single_init  # type: ignore[method-assign]
 
 
 def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where: str = "ds_config",
@@ -280,12 +370,12 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
     os.environ["LOCAL_SIZE"] = "1"  # (one process on this host, whatever a launcher around it said)
     fake_world(world, rank)
     # (on real tensors, only the FlashAttention-2 stand-in of the fake session: no GPU kernel here)
+    marking: Dict[str, Any] = {"recorder": None}
     with session() if device == "fake" else flash.stand_in() as fake_mode, cuda_autocast_policies(), \
-            stand_ins(device == "fake"):
+            stand_ins(device == "fake"), _marking_gathers(marking):
         model, attn = patched_model(job, cfg)
         # autograd's gradient is a gradient until DeepSpeed copies it into its bucket (this hook is
         # registered first, so it runs before DeepSpeed's own)
-        marking: Dict[str, Any] = {"recorder": None}
         for p in model.parameters():
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(mark_gradient(marking))
@@ -332,11 +422,16 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
             for h in hooks:
                 h.remove()
         events = recorder.timeline()
-        info = {"zero_stage": optimizer.partition_gradients and 2 or 1,
-                "partition_numel": [int(t.numel()) for t in optimizer.single_partition_of_fp32_groups],
+        info = {"zero_stage": _stage(optimizer),
+                "partition_numel": [int(t.numel()) for t in _fp32_partitions(optimizer)],
                 "reduce_bucket_size": int(optimizer.reduce_bucket_size),
-                "overlap_comm": bool(optimizer.overlap_comm),
+                "overlap_comm": bool(engine.zero_overlap_comm()),
                 "contiguous_gradients": bool(optimizer.contiguous_gradients)}
+        if info["zero_stage"] == 3:
+            info.update(prefetch_bucket_size=int(engine.zero_prefetch_bucket_size()),
+                        max_live_parameters=int(engine.zero_max_live_parameters()),
+                        max_reuse_distance=int(engine.zero_max_reuse_distance()),
+                        param_persistence_threshold=int(engine.zero_param_persistence_threshold()))
         del engine, optimizer, model
     return {"events": [e.to_list() for e in events], "attn_implementation": attn, "rank": rank, "world": world,
             "deepspeed": deepspeed.__version__, "torch": torch.__version__, "engine": info,

@@ -23,6 +23,13 @@ the hf runtime's prediction of the same setup (src/core/sim/deepspeed.cpp) is co
 (``mst-plan compare --run``): ZeRO-2 on rank 6; ZeRO-1 with three micro-steps; pure bf16 (DeepSpeed's
 bf16 master flags) on 3 ranks, whose last partition ends in padding.
 
+ZeRO-3 runs tiny-llama on 3 ranks (rank 1), with nothing persistent
+(``stage3_param_persistence_threshold`` 0: every parameter is partitioned and gathered) and the same
+4096-element bucket. Each parameter is partitioned on its own: part(n) = ceil(n / 3), so
+embedding and lm_head 16384 -> 5462, q and o 4096 -> 1366, k and v 2048 -> 683, gate/up/down
+11264 -> 3755, a norm 64 -> 22; a layer 1366 + 683 + 683 + 1366 + 3 x 3755 + 2 x 22 = 15407; the
+model 5462 + 2 x 15407 + 22 + 5462 = 41760 per rank (125248 elements padded to 125280 on 3).
+
 They run in a fresh interpreter (the run owns the process's default process group), with
 DeepSpeed from MST_CLIENTS_PATH (scripts/test installs it; ctest then requires it).
 """
@@ -52,6 +59,16 @@ DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps":
 # ZeRO-1 with three micro-steps: it reduces the gradients in the last micro-step's backward only.
 ZERO1 = dict(SETUP, zero_stage=1, grad_accum=3)
 ZERO1_DS = dict(DS_CONFIG, gradient_accumulation_steps=3, zero_optimization={"stage": 1, "reduce_bucket_size": BUCKET})
+# ZeRO-3 on 3 ranks, nothing persistent.
+W3, RANK3 = 3, 1
+PARTS3 = {"embed": 5462, "q": 1366, "k": 683, "v": 683, "o": 1366, "mlp": 3755, "norm": 22, "lm_head": 5462}
+LAYER3 = ["q", "k", "v", "o", "mlp", "mlp", "mlp", "norm", "norm"]  # (parameter order: attention, MLP, norms)
+ORDER3 = ["embed"] + LAYER3 * 2 + ["norm", "lm_head"]  # model.parameters(): 21 parameters
+NUMEL = {"embed": 16384, "q": 4096, "k": 2048, "v": 2048, "o": 4096, "mlp": 11264, "norm": 64, "lm_head": 16384}
+PART3 = sum(PARTS3[p] for p in ORDER3)
+ZERO3 = dict(SETUP, dp=W3, zero_stage=3)
+ZERO3_DS = dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET,
+                                              "stage3_param_persistence_threshold": 0})
 # The emitted defaults (no reduce_bucket_size), for the comparison with the hf runtime.
 DEFAULTS = {
     "zero2": (dict(SETUP, runtime="hf"), dict(DS_CONFIG, zero_optimization={"stage": 2}), RANK),
@@ -75,10 +92,11 @@ def runs():
             "'gpu': 'h100-sxm-80gb', 'gpus': setup['dp'], 'setup': setup}); "
             "out = {d: dz.deepspeed_step(job(a['setup']), a['ds'], a['rank'], device=d) for d in ('fake', 'cpu')}; "
             "out['zero1'] = dz.deepspeed_step(job(a['zero1']), a['zero1_ds'], a['rank']); "
+            "out['zero3'] = {d: dz.deepspeed_step(job(a['zero3']), a['zero3_ds'], a['rank3'], device=d) for d in ('fake', 'cpu')}; "
             "out['defaults'] = {k: (lambda j: dz.measurement_file(j, dz.deepspeed_step(j, ds, rank)))(job(setup)) "
             "for k, (setup, ds, rank) in a['defaults'].items()}; print(json.dumps(out))")
     arg = json.dumps({"setup": SETUP, "ds": DS_CONFIG, "zero1": ZERO1, "zero1_ds": ZERO1_DS, "rank": RANK,
-                      "defaults": DEFAULTS})
+                      "zero3": ZERO3, "zero3_ds": ZERO3_DS, "rank3": RANK3, "defaults": DEFAULTS})
     r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=ENV, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -100,8 +118,10 @@ def _freed_in(events, tensor):
     return [e[5] for e in events if e[0] == "free" and e[1] == tensor]
 
 
-def test_fake_tensors_and_the_stand_ins_allocate_what_real_tensors_do(runs):
-    fake, real = runs["fake"]["events"], runs["cpu"]["events"]
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_fake_tensors_and_the_stand_ins_allocate_what_real_tensors_do(runs, stage):
+    r = runs if stage == "zero2" else runs["zero3"]
+    fake, real = r["fake"]["events"], r["cpu"]["events"]
     # (the tensor ids are compared through the order; names of what DeepSpeed keeps are generic)
     step = lambda events: [e[:1] + e[2:] for e in events if e[5] != "init"]
     assert step(fake) == step(real)
@@ -142,6 +162,63 @@ def test_zero_1_reduces_in_the_last_micro_steps_backward_which_is_recorded(runs)
     assert len(grads) == 1 and grads[0][7] == 1  # the last of three micro-steps, recorded as micro-step 1
     assert _freed_in(events, grads[0][1]) == ["optimizer"]
     assert runs["zero1"]["micro_steps"] == 3 and runs["zero1"]["micro_steps_recorded"] == 2
+
+
+def test_zero_3_holds_the_partitions_their_gradients_and_one_bucket(runs):
+    r = runs["zero3"]["fake"]
+    assert r["engine"]["zero_stage"] == 3 and r["engine"]["partition_numel"] == [PART3] == [41760]
+    init = {e[9]: (e[2], e[3]) for e in r["events"] if e[5] == "init"}
+    assert init["lp_param_buffer"] == (2 * PART3, "weights")
+    assert init["grad_partitions_flat_buffer"] == (2 * PART3, "gradients")
+    assert init["ipg_bucket.torch.bfloat16"] == (2 * BUCKET, "gradients")
+    for name in ("fp32_partition_group0", "fp32_partition_group0.exp_avg", "fp32_partition_group0.exp_avg_sq"):
+        assert init[name][0] == 4 * PART3
+    # nothing persistent: no parameter is whole between steps
+    assert not [e for e in r["events"] if e[5] == "init" and e[9].startswith("model.") and "rotary" not in e[9]]
+
+
+def test_zero_3_gathers_every_parameter_in_one_window_and_keeps_it_for_backward(runs):
+    """The steady step's first fetch prefetches up to stage3_max_live_parameters (1e9) elements: the
+    whole model, in one coalesced gather (its flat buffer W x the partitions), then one copy per
+    parameter in parameter order; each copy is used again within stage3_max_reuse_distance (1e9), so
+    it is freed in backward."""
+    events = runs["zero3"]["fake"]["events"]
+    gathered = [e for e in events if e[0] == "alloc" and e[3] == "weights" and e[5] == "forward"]
+    assert gathered[0][9] == f"empty bf16[{W3 * PART3}]" and W3 * PART3 == 125280
+    assert [_numel(e[9]) for e in gathered[1:]] == [NUMEL[p] for p in ORDER3]
+    assert all(e[9].startswith("cat bf16") for e in gathered[1:])
+    assert _freed_in(events, gathered[0][1]) == ["forward"]
+    assert all(_freed_in(events, e[1]) == ["backward"] for e in gathered[1:])
+    assert not [e for e in events if e[0] == "alloc" and e[3] == "weights" and e[5] == "backward"]  # (no gather again)
+
+
+def test_zero_3_reduce_scatters_each_bucket_padded_to_the_ranks(runs):
+    """The bucket rule, by hand: gradients arrive in backward order; one that would take the bucket
+    past its 4096 elements first reduces what the bucket holds (a gradient larger than the bucket is
+    held as it is, alone); the last bucket is reduced at the end. reduce_scatter_coalesced cats a
+    bucket's gradients, each padded to a multiple of the 3 ranks (part(n) x 3), into one buffer."""
+    arrivals = ["lm_head", "norm"] + ["mlp", "mlp", "mlp", "norm", "o", "v", "k", "q", "norm"] * 2 + ["embed"]
+    buckets, held = [], []
+    for p in arrivals:
+        if held and sum(NUMEL[q] for q in held) + NUMEL[p] > BUCKET:
+            buckets.append(held)
+            held = []
+        held.append(p)
+    buckets.append(held)
+    expected = [sum(PARTS3[q] * W3 for q in b) for b in buckets]
+    assert expected[:4] == [16386, 66, 11265, 11265] and buckets.count(["v", "k"]) == 2  # (2 x 2048 fill it)
+    events = runs["zero3"]["fake"]["events"]
+    cats = [_numel(e[9]) for e in events if e[0] == "alloc" and e[5] == "backward" and e[9].startswith("cat bf16")]
+    assert cats == expected
+
+
+def test_zero_3_steps_on_fp64_norms_of_every_partition_piece_and_one_fp32_gradient(runs):
+    events = runs["zero3"]["fake"]["events"]
+    pieces = [_numel(e[9]) for e in _named(events, "_to_copy torch.float64", "optimizer")]
+    assert pieces == [PARTS3[p] for p in ORDER3]  # (parameter order)
+    flat, fp32 = _named(events, f"cat bf16[{PART3}]", "optimizer"), _named(events, f"_to_copy f32[{PART3}]", "optimizer")
+    assert len(flat) == 1 and len(fp32) == 1 and fp32[0][3] == "gradients"
+    assert _freed_in(events, fp32[0][1]) == ["optimizer"]
 
 
 @needs_clients
