@@ -181,6 +181,9 @@ CASES = [
     ("zero stage 4", E + ["--zero", "4"], r"setup: zero_stage: expected 0, 1, 2 or 3, got 4"),
     ("zero stage beyond int", E + ["--zero", "4294967296"], r"--zero: '4294967296': expected a decimal integer in \[-2147483648, 2147483647\]"),
     ("prefetch 9", E + ["--zero3-prefetch", "9"], r"setup: zero3_prefetch: expected 0..8 layers, got 9"),
+    ("reduce bucket 0", E + ["--zero", "2", "--dp", "2", "--precision", "bf16-master", "--reduce-bucket-size", "0"], r"setup: reduce_bucket_size: expected an integer in \[1, 1099511627776\], got 0"),
+    ("reduce bucket without DeepSpeed", E + ["--reduce-bucket-size", "4096"], r"setup: reduce_bucket_size: expected DeepSpeed's default 500000000 unless DeepSpeed's ZeRO 1/2 engine runs the step"),
+    ("reduce bucket past int64", E + ["--zero", "2", "--dp", "2", "--reduce-bucket-size", "9223372036854775808"], r"--reduce-bucket-size: '9223372036854775808': expected a decimal integer"),
     # DeepSpeed's ZeRO 1/2 in the hf runtime: its ranks, its precision, its bound
     ("deepspeed rank past dp", E + ["--zero", "2", "--dp", "3", "--precision", "bf16-master", "--rank", "3"], r"setup: rank: expected a rank whose step differs"),
     ("deepspeed rank negative", E + ["--zero", "2", "--dp", "3", "--precision", "bf16-master", "--rank", "-1"], r"setup: rank: expected a rank whose step differs"),

@@ -103,6 +103,50 @@ TEST_CASE("DeepSpeed ZeRO-2: one bucket per backward, the partition's gradients 
             CHECK(freed_in(t, &e) == Phase::Backward);
 }
 
+// A bucket of 4096 elements (the plan's reduce_bucket_size, as a ds_config.json sets it): lm_head's
+// gradient (16384 elements, flat offset 108864) is larger than the bucket, so it is reduced alone, by
+// the next hook: its slices for rank 6 ([108864, 109592): 728) and rank 7 (the other 15656) are
+// flattened into one group (728 <= 4096 goes on; 16384 passes it and ends the list). The partition's
+// gradients are the same parameters, whole, whatever the bucket.
+TEST_CASE("DeepSpeed ZeRO-2 with the plan's reduce_bucket_size: the bucket's bytes and its reductions") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = zero(m, 2, 8);
+    s.reduce_bucket_size = 4096;
+    const Timeline t = simulate_rank(m, s, test::test_gpu(), 6);
+    CHECK(bytes_of(allocs(t, "ipg_bucket")) == std::vector<bytes_t>{2 * 4096});
+    const auto flat = allocs(t, "reduce_flat");
+    REQUIRE(flat.size() >= 2);  // several reductions, where the default bucket makes one
+    CHECK(flat[0]->bytes == 2 * 16384);
+    CHECK(bytes_of(allocs(t, "grads_in_partition")) == std::vector<bytes_t>{2 * 39104});
+    // The knob is DeepSpeed's: only its ZeRO 1/2 engine in the hf runtime takes another value.
+    CHECK_NOTHROW(validate(s, m));
+    TrainingSetup other = s;
+    other.zero_stage = 0, other.dp = 1;
+    CHECK(test::expect_user_error([&] { validate(other, m); })
+              .rfind("setup: reduce_bucket_size: expected DeepSpeed's default 500000000 unless DeepSpeed's ZeRO 1/2 engine", 0) == 0);
+    other = s;
+    other.runtime = Runtime::Kernels;
+    CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: reduce_bucket_size: expected DeepSpeed's default", 0) == 0);
+    other = s;
+    other.reduce_bucket_size = 0;
+    CHECK(test::expect_user_error([&] { validate(other, m); }) == "setup: reduce_bucket_size: expected an integer in [1, 1099511627776], got 0");
+    other.reduce_bucket_size = limits::kReduceBucket + 1;
+    CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: reduce_bucket_size: expected an integer in [1, ", 0) == 0);
+    // The setup file carries it (a plan's ds_config.json is written from it).
+    const TrainingSetup back = parse_setup(to_json(s), m, "setup");
+    CHECK(back.reduce_bucket_size == 4096);
+    CHECK(parse_setup(nlohmann::json{{"dp", 8}, {"zero_stage", 2}}, m, "setup").reduce_bucket_size == kDeepSpeedReduceBucket);
+    // ... and the ds_config.json says it (left out, DeepSpeed's default is the plan's).
+    Plan plan;
+    plan.model = m.name, plan.gpu = "h100-sxm-80gb", plan.gpus = 8, plan.setup = s;
+    const auto zero_block = [&] {
+        return nlohmann::json::parse(emit(plan, m, "deepspeed").at(0).content).at("zero_optimization");
+    };
+    CHECK(zero_block().at("reduce_bucket_size") == 4096);
+    plan.setup.reduce_bucket_size = kDeepSpeedReduceBucket;
+    CHECK_FALSE(zero_block().contains("reduce_bucket_size"));
+}
+
 TEST_CASE("DeepSpeed ZeRO-1 keeps autograd's gradients and reduces them after the last micro-step's backward") {
     const ModelSpec m = find_model("tiny-llama");
     TrainingSetup s = zero(m, 1, 8);
@@ -264,6 +308,35 @@ TEST_CASE("DeepSpeed in the hf runtime: what its engine does not run as modelled
     s.dp = 8;
     s.zero_stage = 3;
     CHECK(test::expect_user_error([&] { validate(s, m); }).rfind("setup: zero_stage: expected 0 (DDP), 1 or 2 (DeepSpeed)", 0) == 0);
+}
+
+TEST_CASE("the tuner keeps the asked reduce_bucket_size where DeepSpeed's engine runs, and only there") {
+    // recommend: every candidate of --for deepspeed is DeepSpeed's ZeRO 1/2, so each carries the bucket.
+    TuneRequest rq = test::hf_request("tiny-llama", "h100-sxm-80gb", 8, 256);
+    rq.base.attention = Attention::Eager;
+    rq.base.precision = Precision::Bf16Master;
+    rq.base.reduce_bucket_size = 4096;
+    rq.for_format = "deepspeed";
+    const Recommendation r = recommend(rq);
+    REQUIRE(r.found);
+    CHECK(r.best.setup.deepspeed_zero());
+    CHECK(r.best.setup.reduce_bucket_size == 4096);
+    for (const Candidate& c : r.pareto) CHECK(c.setup.reduce_bucket_size == 4096);
+    // Without a format that trains in DeepSpeed, no candidate has the bucket: said, not ignored.
+    rq.for_format.clear();
+    rq.base.precision = Precision::PureBf16;  // (DDP's, which bf16 master weights cannot run)
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: reduce-bucket-size: expected --for deepspeed or axolotl", 0) == 0);
+    // max-seq: DDP's rows (zero 0, the hf runtime's without --for) keep DeepSpeed's default; the user's
+    // own setup, DeepSpeed's ZeRO-2, keeps its bucket.
+    TrainingSetup user = zero(find_model("tiny-llama"), 2, 8);
+    user.precision = Precision::PureBf16;
+    user.reduce_bucket_size = 4096;
+    rq.base = user;
+    const MaxSeqResult ms = max_seq(rq, user);
+    REQUIRE(ms.rows.size() >= 2);
+    for (std::size_t i = 0; i + 1 < ms.rows.size(); ++i) CHECK(ms.rows[i].setup.reduce_bucket_size == kDeepSpeedReduceBucket);
+    CHECK(ms.rows.back().strategy == "your setup");
+    CHECK(ms.rows.back().setup.reduce_bucket_size == 4096);
 }
 
 TEST_CASE("recommend --for deepspeed in the hf runtime: ZeRO 1 or 2 as DeepSpeed runs it, a plan its emitter writes") {

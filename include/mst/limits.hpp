@@ -31,6 +31,7 @@ inline constexpr std::int64_t kZero3Prefetch = 8;  // layers all-gathered ahead
 inline constexpr std::int64_t kRingRanks = 32;
 // DeepSpeed's ZeRO in the hf runtime: every dp rank's step is walked (each owns another partition).
 inline constexpr std::int64_t kDeepSpeedRanks = 128;
+inline constexpr std::int64_t kReduceBucket = std::int64_t{1} << 40;  // reduce_bucket_size, elements
 
 // ---- model config.json --------------------------------------------------------------
 inline constexpr std::int64_t kHidden = std::int64_t{1} << 20;        // hidden_size, head_dim

@@ -64,6 +64,9 @@ enum class LmHeadImpl {
     FusedForward,  // Liger FLCE / ALST tiled logits: gradients computed inside forward, held until backward
 };
 
+// DeepSpeed's default reduce_bucket_size (elements; deepspeed/runtime/zero/config.py).
+inline constexpr std::int64_t kDeepSpeedReduceBucket = 500'000'000;
+
 struct TrainingSetup {
     std::int64_t micro_batch = 1;
     std::int64_t seq_len = 4096;      // tokens per sequence (before sequence parallelism)
@@ -91,6 +94,10 @@ struct TrainingSetup {
     std::int64_t dp = 1;          // data-parallel degree
     int zero_stage = 0;           // 0..3 (3 = FSDP full shard)
     int zero3_prefetch = 1;       // layers all-gathered ahead under ZeRO-3
+    // DeepSpeed's ZeRO 1/2 engine (the hf runtime): its gradient bucket in elements
+    // (zero_optimization.reduce_bucket_size: DeepSpeed's default 5e8; the Hugging Face Trainer fills
+    // "auto" with hidden_size^2). Anything else runs no DeepSpeed bucket and keeps the default.
+    std::int64_t reduce_bucket_size = kDeepSpeedReduceBucket;
     std::int64_t sp = 1;          // sequence-parallel degree (Ulysses or ring attention: sp_impl)
     SpImpl sp_impl = SpImpl::Ulysses;
     // Expert parallelism (Mixture-of-Experts, kernels runtime): each rank of a group of ep, drawn

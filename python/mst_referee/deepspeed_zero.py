@@ -37,8 +37,8 @@ the gradients in the last micro-step's backward only, so the second does not sta
 
 ZeRO stages 1, 2 and 3 with AdamW run here, without offload or sequence parallelism: Ulysses (its
 attention and process groups) and DeepSpeed's CPU Adam (it reads data pointers) are refused by name,
-as is a file that is not the plan's (batch keys, stage, precision flags, optimizer). What DeepSpeed
-itself refuses is said in one line.
+as is a file that is not the plan's (batch keys, stage, precision flags, optimizer, ZeRO 1/2's
+``reduce_bucket_size``). What DeepSpeed itself refuses is said in one line.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Tuple
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator on import
 
 from .jobs import CrosscheckError, Job, fail
+
+DEEPSPEED_BUCKET = 500_000_000  # reduce_bucket_size's default (deepspeed/runtime/zero/config.py)
 
 # The values the Hugging Face Trainer writes over "auto" in the optimizer block (its defaults).
 TRAINER_AUTO = {"lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
@@ -127,6 +129,13 @@ def check_config(ds_config: Any, setup: Mapping[str, Any], where: str) -> None:
              f"expected {str(setup['precision'] == 'pure-bf16').lower()} for the plan's precision {setup['precision']}")
     if str(optimizer.get("type", "")).lower() not in ("adamw", "adam"):
         fail(where, "optimizer.type", f"expected AdamW (the plan's adamw, DeepSpeed's FusedAdam), got {optimizer.get('type')!r}")
+    # ZeRO 1/2's bucket is the plan's (reduce_bucket_size; absent, DeepSpeed's default, the plan's default). (Stage 3,
+    # which mst-plan does not model in the hf runtime, runs whatever the file sets.)
+    bucket = zero.get("reduce_bucket_size", DEEPSPEED_BUCKET)
+    plan_bucket = setup.get("reduce_bucket_size", DEEPSPEED_BUCKET)
+    if setup["zero_stage"] in (1, 2) and (isinstance(bucket, bool) or bucket != plan_bucket):
+        fail(where, "zero_optimization.reduce_bucket_size",
+             f"expected the plan's reduce_bucket_size {plan_bucket} (elements), got {bucket!r}")
     if ds_config.get("sequence_parallel_size", 1) != 1:
         fail(where, "sequence_parallel_size", f"expected 1 (the plan's sp), got {ds_config.get('sequence_parallel_size')!r}")
     expected = {"train_micro_batch_size_per_gpu": setup["micro_batch"], "gradient_accumulation_steps": setup["grad_accum"],
@@ -445,7 +454,7 @@ def job_for_deepspeed(plan: Any, where: str = "plan") -> Job:
     from .jobs import make_job
 
     setup = dict(check_plan(plan, where), runtime="hf")  # (Hugging Face's model code, whichever runtime planned it)
-    single = dict(setup, dp=1, zero_stage=0, precision="pure-bf16")
+    single = dict(setup, dp=1, zero_stage=0, precision="pure-bf16", reduce_bucket_size=DEEPSPEED_BUCKET)
     job = make_job(None, plan=dict(plan, setup=single), plan_where=where, convert="python")
     job.setup = setup
     return job

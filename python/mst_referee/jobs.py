@@ -55,8 +55,8 @@ SETUP_DEFAULTS: Dict[str, Any] = {
     "precision": "pure-bf16", "optimizer": "adamw", "optimizer_in_backward": False, "optimizer_impl": "fused",
     "runtime": "hf",
     "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
-    "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1, "sp": 1, "sp_impl": "ulysses", "ep": 1,
-    "moe_imbalance": 1.0,
+    "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1, "reduce_bucket_size": 500_000_000,
+    "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0,
 }
 SETUP_KEYS = tuple(SETUP_DEFAULTS) + ("optimizer_state_dtype", "mlp_chunk_tokens", "lm_chunk_tokens", "checkpoint")
 
@@ -301,6 +301,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     s["moe_imbalance"] = float(imbalance)
     integer("zero_stage", 0, 3)
     integer("zero3_prefetch", 0, 8)
+    integer("reduce_bucket_size", 1, big)
     for key in ("padded", "optimizer_in_backward", "offload_checkpoints"):
         boolean(key)
     choice("precision", PRECISIONS)
@@ -311,6 +312,11 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     choice("mlp_impl", MLP_IMPLS)
     choice("lm_impl", LM_IMPLS)
     choice("sp_impl", SP_IMPLS)
+    deepspeed = s["runtime"] == "hf" and s["zero_stage"] in (1, 2)
+    if s["reduce_bucket_size"] != SETUP_DEFAULTS["reduce_bucket_size"] and not deepspeed:
+        fail(where, "reduce_bucket_size", f"expected DeepSpeed's default {SETUP_DEFAULTS['reduce_bucket_size']} unless "
+                                          f"DeepSpeed's ZeRO 1/2 engine runs the step (runtime hf, zero_stage 1 or 2), "
+                                          f"got {s['reduce_bucket_size']}")
     state = knobs.get("optimizer_state_dtype")
     if state is None:
         state = "bf16" if s["precision"] == "pure-bf16" else "fp32"
@@ -341,7 +347,8 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
         fail(where, "optimizer_in_backward", "expected false with ZeRO stage 2 or 3")
     order = ("micro_batch", "seq_len", "grad_accum", "padded", "precision", "optimizer", "optimizer_state_dtype",
              "optimizer_in_backward", "optimizer_impl", "runtime", "attention", "mlp_chunks", "mlp_impl", "lm_chunks", "lm_impl",
-             "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "sp", "sp_impl", "ep", "moe_imbalance")
+             "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "reduce_bucket_size", "sp", "sp_impl",
+             "ep", "moe_imbalance")
     return {k: s[k] for k in order}
 
 

@@ -177,13 +177,25 @@ def test_bad_checkpoint_placements(spec, message):
         jobs.checkpoint_layers_from_spec(spec, 8)
 
 
+def test_the_bucket_is_deepspeeds_only_as_mst_plan_validates_it():
+    """reduce_bucket_size: any positive count under DeepSpeed's ZeRO 1/2 engine (runtime hf), DeepSpeed's
+    default elsewhere (src/core/setup.cpp validate, the same words)."""
+    s = jobs.normalize_setup({"dp": 8, "zero_stage": 2, "precision": "bf16-master", "reduce_bucket_size": 4096}, 32)
+    assert s["reduce_bucket_size"] == 4096
+    with pytest.raises(jobs.CrosscheckError, match="reduce_bucket_size: expected DeepSpeed's default 500000000 unless "
+                                                   "DeepSpeed's ZeRO 1/2 engine runs the step"):
+        jobs.normalize_setup({"reduce_bucket_size": 4096}, 32)
+    with pytest.raises(jobs.CrosscheckError, match="reduce_bucket_size: expected an integer"):
+        jobs.normalize_setup({"dp": 8, "zero_stage": 2, "reduce_bucket_size": 0}, 32)
+
+
 def test_knobs_take_mst_plans_defaults():
     s = jobs.normalize_setup({"seq_len": 8192}, 32)
     assert s == {"micro_batch": 1, "seq_len": 8192, "grad_accum": 1, "padded": False, "precision": "pure-bf16",
                  "optimizer": "adamw", "optimizer_state_dtype": "bf16", "optimizer_in_backward": False,
                  "optimizer_impl": "fused", "runtime": "hf", "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
                  "checkpoint": [], "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1,
-                 "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0}
+                 "reduce_bucket_size": 500_000_000, "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0}
     assert jobs.normalize_setup({"sp": 2, "sp_impl": "ring", "seq_len": 64}, 32)["sp_impl"] == "ring"
     assert jobs.normalize_setup({"precision": "bf16-master"}, 32)["optimizer_state_dtype"] == "fp32"
     assert jobs.normalize_setup({"precision": "amp"}, 32)["optimizer_state_dtype"] == "fp32"

@@ -49,7 +49,7 @@ P, RANKS, RANK, BUCKET = 125248, 8, 6, 4096
 PARTITION = P // RANKS
 SETUP = {"micro_batch": 1, "seq_len": 256, "grad_accum": 1, "precision": "bf16-master", "optimizer": "adamw",
          "optimizer_state_dtype": "fp32", "attention": "eager", "dp": RANKS, "zero_stage": 2, "runtime": "kernels",
-         "checkpoint": []}
+         "checkpoint": [], "reduce_bucket_size": BUCKET}
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
              "bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "reduce_bucket_size": BUCKET},
              "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
@@ -66,14 +66,16 @@ LAYER3 = ["q", "k", "v", "o", "mlp", "mlp", "mlp", "norm", "norm"]  # (parameter
 ORDER3 = ["embed"] + LAYER3 * 2 + ["norm", "lm_head"]  # model.parameters(): 21 parameters
 NUMEL = {"embed": 16384, "q": 4096, "k": 2048, "v": 2048, "o": 4096, "mlp": 11264, "norm": 64, "lm_head": 16384}
 PART3 = sum(PARTS3[p] for p in ORDER3)
-ZERO3 = dict(SETUP, dp=W3, zero_stage=3)
+ZERO3 = {k: v for k, v in dict(SETUP, dp=W3, zero_stage=3).items() if k != "reduce_bucket_size"}  # (the plan's: the default)
 ZERO3_DS = dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET,
                                               "stage3_param_persistence_threshold": 0})
 # The emitted defaults (no reduce_bucket_size), for the comparison with the hf runtime.
+DEFAULT_BUCKET = 500_000_000
 DEFAULTS = {
-    "zero2": (dict(SETUP, runtime="hf"), dict(DS_CONFIG, zero_optimization={"stage": 2}), RANK),
-    "zero1": (dict(ZERO1, runtime="hf"), dict(ZERO1_DS, zero_optimization={"stage": 1}), RANK),
-    "pure3": (dict(SETUP, runtime="hf", dp=3, precision="pure-bf16", optimizer_state_dtype="bf16"),
+    "zero2": (dict(SETUP, runtime="hf", reduce_bucket_size=DEFAULT_BUCKET), dict(DS_CONFIG, zero_optimization={"stage": 2}), RANK),
+    "zero1": (dict(ZERO1, runtime="hf", reduce_bucket_size=DEFAULT_BUCKET), dict(ZERO1_DS, zero_optimization={"stage": 1}), RANK),
+    "pure3": (dict(SETUP, runtime="hf", dp=3, precision="pure-bf16", optimizer_state_dtype="bf16",
+                   reduce_bucket_size=DEFAULT_BUCKET),
               dict(DS_CONFIG, bf16={"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True},
                    zero_optimization={"stage": 2}), 2),
 }
@@ -93,6 +95,8 @@ def runs():
             "out = {d: dz.deepspeed_step(job(a['setup']), a['ds'], a['rank'], device=d) for d in ('fake', 'cpu')}; "
             "out['zero1'] = dz.deepspeed_step(job(a['zero1']), a['zero1_ds'], a['rank']); "
             "out['zero3'] = {d: dz.deepspeed_step(job(a['zero3']), a['zero3_ds'], a['rank3'], device=d) for d in ('fake', 'cpu')}; "
+            "out['small_bucket'] = {'zero2': dz.measurement_file(job(a['setup']), out['fake']), "
+            "'zero1': dz.measurement_file(job(a['zero1']), out['zero1'])}; "
             "out['defaults'] = {k: (lambda j: dz.measurement_file(j, dz.deepspeed_step(j, ds, rank)))(job(setup)) "
             "for k, (setup, ds, rank) in a['defaults'].items()}; print(json.dumps(out))")
     arg = json.dumps({"setup": SETUP, "ds": DS_CONFIG, "zero1": ZERO1, "zero1_ds": ZERO1_DS, "rank": RANK,
@@ -226,7 +230,10 @@ def test_zero_3_steps_on_fp64_norms_of_every_partition_piece_and_one_fp32_gradie
     ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps: expected 1 (the plan's), got 4"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
      "zero_optimization.offload_optimizer: expected none (DeepSpeed's CPU Adam is not run here)"),
-    ({"zero_optimization": {"stage": 2, "bogus": 1}}, "deepspeed: DeepSpeed 0.19.8 refused it: ValidationError"),
+    ({"zero_optimization": {"stage": 2, "bogus": 1, "reduce_bucket_size": BUCKET}},
+     "deepspeed: DeepSpeed 0.19.8 refused it: ValidationError"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": 2 * BUCKET}},
+     f"zero_optimization.reduce_bucket_size: expected the plan's reduce_bucket_size {BUCKET} (elements), got {2 * BUCKET}"),
 ])
 def test_a_file_that_is_not_the_plans_is_one_line_and_exit_2(tmp_path, change, expected):
     plan = tmp_path / "plan.json"
@@ -242,14 +249,18 @@ def test_a_file_that_is_not_the_plans_is_one_line_and_exit_2(tmp_path, change, e
     assert not (tmp_path / "out.json").exists()
 
 
-@pytest.mark.parametrize("case", sorted(DEFAULTS))
+@pytest.mark.parametrize("case", sorted(DEFAULTS) + ["zero2 bucket 4096", "zero1 bucket 4096"])
 def test_the_hf_runtime_predicts_deepspeeds_step_event_for_event(runs, case, tmp_path):
+    """With the emitted defaults, and with the bucket cut to 4096 elements (the plan's
+    reduce_bucket_size: several reductions per backward, the groups of allreduce_and_scatter)."""
     binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
     if not binary.exists():
         pytest.skip("mst-plan is not built (set MST_PLAN or build/)")
     measured = tmp_path / "measured.json"
-    measured.write_text(json.dumps(runs["defaults"][case]))
-    assert runs["defaults"][case]["timeline"]["rank"] == DEFAULTS[case][2]
+    record = runs["defaults"][case] if case in DEFAULTS else runs["small_bucket"][case.split()[0]]
+    measured.write_text(json.dumps(record))
+    assert record["timeline"]["rank"] == (DEFAULTS[case][2] if case in DEFAULTS else RANK)
+    assert record["setup"]["reduce_bucket_size"] == (BUCKET if case not in DEFAULTS else DEFAULT_BUCKET)
     r = subprocess.run([str(binary), "--json", "compare", "--run", str(measured)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)

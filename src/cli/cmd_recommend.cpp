@@ -25,6 +25,7 @@ struct TunerArgs {
     std::int64_t gpus = 1, seq = TuneRequest{}.seq_len, tokens_per_step = 0;
     std::vector<std::string> pins, allows;
     double margin = 0.03, host_gib = 128, moe_imbalance = 1.0;
+    std::int64_t reduce_bucket_size = kDeepSpeedReduceBucket;
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention, sp_impl = "ulysses";
     std::string optimizer_impl = "fused", runtime = "hf";
     std::string for_format;  // recommend --for
@@ -57,6 +58,11 @@ struct TunerArgs {
         cmd.add_option("--sp-impl", sp_impl, "ulysses | ring (PyTorch's context-parallel ring attention): how sequence "
                                              "parallelism runs, where the search uses it")
             ->capture_default_str();
+        cmd.add_option("--reduce-bucket-size", reduce_bucket_size,
+                       "DeepSpeed's gradient bucket in elements (--for deepspeed|axolotl, runtime hf: its reduce_bucket_size, "
+                       "written into the ds_config.json; the Hugging Face Trainer's \"auto\" is hidden_size^2)")
+            ->capture_default_str()
+            ->check(decimal(1, limits::kReduceBucket));
         cmd.add_option("--moe-imbalance", moe_imbalance,
                        "Expert parallelism: pairs the busiest rank's experts receive over a uniform routing's (capped at ep)")
             ->capture_default_str()
@@ -80,6 +86,7 @@ struct TunerArgs {
         rq.base.attention = given ? parse_attention(attention, "command line") : default_attention(rq.model, rq.base.runtime);
         rq.base.optimizer_impl = parse_optimizer_impl(optimizer_impl, "command line");
         rq.base.moe_imbalance = moe_imbalance;
+        rq.base.reduce_bucket_size = reduce_bucket_size;
         rq.base.sp_impl = parse_sp_impl(sp_impl, "command line");
         rq.seq_len = seq;
         rq.for_format = for_format;

@@ -42,6 +42,10 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     const auto an_int = decimal(std::numeric_limits<int>::min(), std::numeric_limits<int>::max());
     cmd.add_option("--zero", zero, "ZeRO stage 0-3 (3 = FSDP full shard)")->capture_default_str()->check(an_int);
     cmd.add_option("--zero3-prefetch", zero3_prefetch, "Layers all-gathered ahead under ZeRO-3")->capture_default_str()->check(an_int);
+    cmd.add_option("--reduce-bucket-size", reduce_bucket_size,
+                   "DeepSpeed's gradient bucket in elements (ZeRO 1/2, runtime hf: its reduce_bucket_size; the Hugging Face "
+                   "Trainer's \"auto\" is hidden_size^2)")
+        ->capture_default_str()->check(decimal());
     cmd.add_option("--sp", sp, "Sequence-parallel degree (runtime kernels)")->capture_default_str()->check(decimal());
     cmd.add_option("--sp-impl", sp_impl, "ulysses (DeepSpeed: all-to-all, heads split) | ring (PyTorch's context-parallel ring "
                                          "attention, as accelerate runs it)")->capture_default_str();
@@ -81,6 +85,7 @@ TrainingSetup SetupOptions::build(const ModelSpec& model) const {
     if (given("--dp")) s.dp = dp;
     if (given("--zero")) s.zero_stage = zero;
     if (given("--zero3-prefetch")) s.zero3_prefetch = zero3_prefetch;
+    if (given("--reduce-bucket-size")) s.reduce_bucket_size = reduce_bucket_size;
     if (given("--sp")) s.sp = sp;
     if (given("--sp-impl")) s.sp_impl = parse_sp_impl(sp_impl, w);
     if (given("--ep")) s.ep = ep;

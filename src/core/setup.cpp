@@ -265,6 +265,12 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     if (s.zero_stage < 0 || s.zero_stage > 3) fail(w, "zero_stage", fmt::format("expected 0, 1, 2 or 3, got {}", s.zero_stage));
     if (s.zero3_prefetch < 0 || s.zero3_prefetch > limits::kZero3Prefetch)
         fail(w, "zero3_prefetch", fmt::format("expected 0..{} layers, got {}", limits::kZero3Prefetch, s.zero3_prefetch));
+    in_range("reduce_bucket_size", s.reduce_bucket_size, 1, limits::kReduceBucket);
+    if (s.reduce_bucket_size != kDeepSpeedReduceBucket && !s.deepspeed_zero())
+        fail(w, "reduce_bucket_size",
+             fmt::format("expected DeepSpeed's default {} unless DeepSpeed's ZeRO 1/2 engine runs the step (runtime hf, "
+                         "zero_stage 1 or 2), got {}",
+                         kDeepSpeedReduceBucket, s.reduce_bucket_size));
     if (!s.checkpoint.empty() && static_cast<std::int64_t>(s.checkpoint.size()) != m.num_layers)
         fail(w, "checkpoint", fmt::format("expected one entry per layer ({}), got {}", m.num_layers, s.checkpoint.size()));
     if (s.offload_checkpoints && s.checkpointed_count() == 0)
@@ -425,6 +431,7 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     s.moe_imbalance = r.opt_number("moe_imbalance", 1.0, static_cast<double>(limits::kGpus)).value_or(1.0);
     s.zero_stage = static_cast<int>(r.opt_integer("zero_stage", 0, 3).value_or(0));
     s.zero3_prefetch = static_cast<int>(r.opt_integer("zero3_prefetch", 0, limits::kZero3Prefetch).value_or(1));
+    s.reduce_bucket_size = r.opt_integer("reduce_bucket_size", 1, limits::kReduceBucket).value_or(kDeepSpeedReduceBucket);
 
     auto chunks = [&](const char* count_key, const char* tokens_key) -> std::int64_t {
         if (r.has(count_key) && r.has(tokens_key))
@@ -488,6 +495,7 @@ nlohmann::json to_json(const TrainingSetup& s) {
         {"dp", s.dp},
         {"zero_stage", s.zero_stage},
         {"zero3_prefetch", s.zero3_prefetch},
+        {"reduce_bucket_size", s.reduce_bucket_size},
         {"sp", s.sp},
         {"sp_impl", to_string(s.sp_impl)},
         {"ep", s.ep},

@@ -117,6 +117,12 @@ std::int64_t widest_expert_parallel(const TuneRequest& rq) {
     return 1;
 }
 
+// DeepSpeed's gradient bucket as asked where its ZeRO 1/2 engine runs `s`, DeepSpeed's default elsewhere:
+// the searches move setups between stages, and only that engine has the bucket (validate()).
+void take_bucket(TrainingSetup& s, std::int64_t asked) {
+    s.reduce_bucket_size = s.deepspeed_zero() ? asked : kDeepSpeedReduceBucket;
+}
+
 // --for: why the format's trainer cannot train `s` as planned, in its emitter's words ("" when it can).
 std::string refusal_of(const std::string& format, const TrainingSetup& s, const ModelSpec& m);
 
@@ -472,9 +478,10 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
     if (s.dp > 1) why += fmt::format("Data parallelism over {} GPUs. ", s.dp);
     if (s.deepspeed_zero())
         why += fmt::format("DeepSpeed's engine holds the bf16 parameters in one flat buffer, moves each gradient into its "
-                           "bucket of 5e8 elements (0.93 GiB) and keeps the gradients of the parameters its partition "
+                           "bucket of {} elements ({}) and keeps the gradients of the parameters its partition "
                            "touches{}. ",
-                           s.dp > 1 ? "; every rank's step is walked" : "");
+                           s.reduce_bucket_size == kDeepSpeedReduceBucket ? "5e8" : std::to_string(s.reduce_bucket_size),
+                           format_bytes(checked_mul(s.reduce_bucket_size, 2)), s.dp > 1 ? "; every rank's step is walked" : "");
     if (s.zero_stage > 0 && s.zero_ranks() > 1)
         why += fmt::format("ZeRO stage {} shards {} over all {} ranks{}. ", s.zero_stage,
                            s.zero_stage == 1 ? "the optimizer states" : s.zero_stage == 2 ? "optimizer states and gradients"
@@ -524,6 +531,7 @@ void check_request(const TuneRequest& rq, const char* command) {
         (*rq.pins.zero_stage == 1 || *rq.pins.zero_stage == 2)) {
         TrainingSetup pinned = as_planned;
         pinned.zero_stage = *rq.pins.zero_stage;
+        take_bucket(pinned, rq.base.reduce_bucket_size);
         validate_hf_scope(pinned, rq.model);
     }
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage &&
@@ -534,6 +542,7 @@ void check_request(const TuneRequest& rq, const char* command) {
                                          *rq.pins.zero_stage, fmt::join(zeros, " or "),
                                          rq.for_format.empty() ? "" : " and --for " + rq.for_format));
     as_planned.zero_stage = rq.pins.zero_stage.value_or(zeros.front());  // (the hf runtime: DDP's or DeepSpeed's rules)
+    take_bucket(as_planned, rq.base.reduce_bucket_size);
     validate_model_scope(as_planned, rq.model);
     validate_hf_scope(as_planned, rq.model);
     // (asked for, and some layout can use it)
@@ -581,6 +590,12 @@ Recommendation recommend(const TuneRequest& rq) {
     const ModelSpec& m = rq.model;
     Recommendation out;
     check_request(rq, "recommend");
+    if (rq.base.reduce_bucket_size != kDeepSpeedReduceBucket &&
+        !(rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format)))
+        fail("recommend", "reduce-bucket-size",
+             fmt::format("expected --for deepspeed or axolotl with runtime hf (DeepSpeed's ZeRO 1/2 engine holds the "
+                         "bucket), or DeepSpeed's default {}, got {}",
+                         kDeepSpeedReduceBucket, rq.base.reduce_bucket_size));
     out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
     if (rq.seq_len < 1 || rq.seq_len > limits::kSeqLen)
         fail("recommend", "seq_len", fmt::format("expected a length in [1, {}], got {}", limits::kSeqLen, rq.seq_len));
@@ -679,6 +694,7 @@ Recommendation recommend(const TuneRequest& rq) {
                                 TrainingSetup s = rq.base;
                                 s.seq_len = rq.seq_len;
                                 s.sp = sp, s.dp = dp, s.zero_stage = zero, s.ep = ep;
+                                take_bucket(s, rq.base.reduce_bucket_size);
                                 // (the busiest of ep ranks receives at most everything)
                                 s.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
                                 s.micro_batch = b, s.grad_accum = ga;
@@ -721,6 +737,7 @@ Recommendation recommend(const TuneRequest& rq) {
                 out.persistent_bytes = std::numeric_limits<bytes_t>::max();
                 for (int zero : zeros) {
                     one.zero_stage = zero, one.optimizer_in_backward = rq.base.optimizer_in_backward;
+                    take_bucket(one, rq.base.reduce_bucket_size);
                     out.persistent_bytes = std::min(out.persistent_bytes, persistent_state_bytes(m, one, rq.gpu));
                     if (!one.optimizer_in_backward && searches_step_in_backward(rq, one.grad_accum, one.zero_stage)) {
                         one.optimizer_in_backward = true;
@@ -812,6 +829,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     // (the hf runtime: DDP or the plain step where searched, else DeepSpeed's ZeRO-2, its most sharded)
     const std::vector<int> zeros = zero_stages(rq);
     base.zero_stage = !hf ? (rq.gpus > 1 ? 3 : 0) : zeros.front() == 0 ? 0 : zeros.back();
+    take_bucket(base, rq.base.reduce_bucket_size);
     base.sp = 1;
     base.ep = 1, base.moe_imbalance = 1.0;  // (the expert-parallel row sets its own)
     base.mlp_chunks = base.lm_chunks = 1;
@@ -849,6 +867,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         widest.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
         strategies.push_back({.name = fmt::format("+ expert parallel (ep {})", ep), .setup = widest, .mst = true});
     }
+    for (Strategy& st : strategies) take_bucket(st.setup, rq.base.reduce_bucket_size);
     if (user) strategies.push_back({.name = "your setup", .setup = *user});
 
     for (const auto& st : strategies) {
@@ -886,6 +905,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
             if (ours && !row.refused.empty() && run.setup.zero_stage == 3) {
                 TrainingSetup z2 = run.setup;
                 z2.zero_stage = 2;
+                take_bucket(z2, rq.base.reduce_bucket_size);
                 if (refusal(z2, run.mst_mlp).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
             }
             // One rank: ZeRO 1 shards nothing and is what DeepSpeed needs for bf16 master weights.
@@ -893,6 +913,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                 run.setup.runtime == Runtime::Kernels) {
                 TrainingSetup z1 = run.setup;
                 z1.zero_stage = 1;
+                take_bucket(z1, rq.base.reduce_bucket_size);
                 if (refusal(z1, run.mst_mlp).empty()) run.setup = z1, row.setup = z1, row.refused.clear();
             }
             if (!row.refused.empty()) {

@@ -140,6 +140,8 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
     }
 
     nlohmann::ordered_json zero = {{"stage", s.zero_stage}};
+    // The bucket the plan holds (hf runtime, ZeRO 1/2); left out, DeepSpeed's default is the plan's.
+    if (s.reduce_bucket_size != kDeepSpeedReduceBucket) zero["reduce_bucket_size"] = s.reduce_bucket_size;
     // The plan counts ZeRO-3 prefetch in layers; DeepSpeed counts parameter elements.
     if (s.zero_stage == 3) {
         zero["stage3_prefetch_bucket_size"] = s.zero3_prefetch * model.layer_parameters();

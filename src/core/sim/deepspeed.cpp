@@ -1,6 +1,7 @@
 // ZeRO 1 and 2 in the hf runtime: DeepSpeed's engine (deepspeed 0.19.8, runtime/engine.py and
 // runtime/zero/stage_1_and_2.py) with the defaults mst-plan's ds_config.json keeps (bf16,
-// contiguous_gradients on, overlap_comm off, reduce_bucket_size 5e8, multi-rank bucket all-reduce),
+// contiguous_gradients on, overlap_comm off, multi-rank bucket all-reduce) and the setup's
+// reduce_bucket_size (DeepSpeed's default 5e8 unless the file sets it),
 // as the Hugging Face Trainer sets it up: the trainable parameters as one group, DeepSpeed's FusedAdam.
 // The referee runs that engine on fake tensors and records it (python/mst_referee/deepspeed_zero.py).
 //
@@ -36,7 +37,6 @@
 namespace mst::sim {
 
 namespace {
-constexpr std::int64_t kBucketElements = 500'000'000;  // reduce_bucket_size's default
 constexpr std::int64_t kStartAlignment = 2;             // nccl_start_alignment_factor for bf16
 constexpr int kGradBytes = 2;                           // bf16 gradients, buckets and grads_in_partition
 }  // namespace
@@ -97,15 +97,15 @@ void StepBuilder::ds_grad_hook(int p) {
     const char* op = op_;
     at("deepspeed.grad_hook");
     if (!ds_.bucket.valid())  // setup_buckets
-        ds_.bucket = alloc("ipg_bucket", checked_mul(kBucketElements, kGradBytes), Category::Gradients);
+        ds_.bucket = alloc("ipg_bucket", checked_mul(s_.reduce_bucket_size, kGradBytes), Category::Gradients);
     if (s_.zero_stage == 2) ds_take_into_bucket(p);
     at(op);
 }
 
 void StepBuilder::ds_take_into_bucket(int p) {
     Param& P = params_[static_cast<std::size_t>(p)];
-    if (ds_.elements + P.numel > kBucketElements) ds_reduce_bucket();
-    if (P.numel > kBucketElements) {
+    if (ds_.elements + P.numel > s_.reduce_bucket_size) ds_reduce_bucket();
+    if (P.numel > s_.reduce_bucket_size) {
         ds_.extra = p;  // reduced where it is
     } else {
         drop(P.grad);  // copied into the bucket; .grad becomes a view of it
@@ -137,7 +137,7 @@ void StepBuilder::ds_reduce_bucket() {
     std::int64_t group = 0, count = 0;
     for (std::size_t i = 0; i < slices.size(); ++i) {
         group += slices[i], ++count;
-        if (group <= kBucketElements && i + 1 < slices.size()) continue;
+        if (group <= s_.reduce_bucket_size && i + 1 < slices.size()) continue;
         if (count >= 2) {
             T flat = alloc("reduce_flat", checked_mul(group, kGradBytes), Category::Transient);
             drop(flat);
