@@ -183,6 +183,9 @@ CASES = [
     ("prefetch 9", E + ["--zero3-prefetch", "9"], r"setup: zero3_prefetch: expected 0..8 layers, got 9"),
     ("reduce bucket 0", E + ["--zero", "2", "--dp", "2", "--precision", "bf16-master", "--reduce-bucket-size", "0"], r"setup: reduce_bucket_size: expected an integer in \[1, 1099511627776\], got 0"),
     ("reduce bucket without DeepSpeed", E + ["--reduce-bucket-size", "4096"], r"setup: reduce_bucket_size: expected DeepSpeed's default 500000000 unless DeepSpeed's ZeRO 1/2 engine runs the step"),
+    ("reduce bucket for max-seq without DeepSpeed", ["max-seq", "--model", "tiny-llama", "--gpus", "8", "--reduce-bucket-size", "4096"], r"max-seq: reduce-bucket-size: expected --for deepspeed or axolotl with runtime hf, or your setup under DeepSpeed's ZeRO 1/2"),
+    ("reduce bucket for recommend without DeepSpeed", R + ["--reduce-bucket-size", "4096"], r"recommend: reduce-bucket-size: expected --for deepspeed or axolotl with runtime hf"),
+    ("reduce bucket with zero 0 pinned", R + ["--seq", "256", "--for", "axolotl", "--pin", "zero=0", "--reduce-bucket-size", "4096"], r"recommend: pin: zero=0: expected 1 or 2 with --reduce-bucket-size 4096"),
     ("reduce bucket past int64", E + ["--zero", "2", "--dp", "2", "--reduce-bucket-size", "9223372036854775808"], r"--reduce-bucket-size: '9223372036854775808': expected a decimal integer"),
     # DeepSpeed's ZeRO 1/2 in the hf runtime: its ranks, its precision, its bound
     ("deepspeed rank past dp", E + ["--zero", "2", "--dp", "3", "--precision", "bf16-master", "--rank", "3"], r"setup: rank: expected a rank whose step differs"),

@@ -143,6 +143,7 @@ TEST_CASE("DeepSpeed ZeRO-2 with the plan's reduce_bucket_size: the bucket's byt
         return nlohmann::json::parse(emit(plan, m, "deepspeed").at(0).content).at("zero_optimization");
     };
     CHECK(zero_block().at("reduce_bucket_size") == 4096);
+    CHECK(test::expect_user_error([&] { (void)emit(plan, m, "hf-mst"); }).rfind("hf-mst: setup.reduce_bucket_size: expected DeepSpeed's default", 0) == 0);
     plan.setup.reduce_bucket_size = kDeepSpeedReduceBucket;
     CHECK_FALSE(zero_block().contains("reduce_bucket_size"));
 }
@@ -337,6 +338,20 @@ TEST_CASE("the tuner keeps the asked reduce_bucket_size where DeepSpeed's engine
     for (std::size_t i = 0; i + 1 < ms.rows.size(); ++i) CHECK(ms.rows[i].setup.reduce_bucket_size == kDeepSpeedReduceBucket);
     CHECK(ms.rows.back().strategy == "your setup");
     CHECK(ms.rows.back().setup.reduce_bucket_size == 4096);
+    // With --for deepspeed every row is DeepSpeed's (ZeRO 2, its most sharded): each has the bucket.
+    rq.for_format = "deepspeed";
+    const MaxSeqResult ds = max_seq(rq, std::nullopt);
+    REQUIRE_FALSE(ds.rows.empty());
+    for (const MaxSeqRow& row : ds.rows) CHECK((row.setup.zero_stage == 2 && row.setup.reduce_bucket_size == 4096));
+    // Neither a format nor the user's own setup under DeepSpeed: no row could have it.
+    rq.for_format.clear();
+    CHECK(test::expect_user_error([&] { (void)max_seq(rq, std::nullopt); }).rfind("max-seq: reduce-bucket-size: expected --for deepspeed", 0) == 0);
+    // Axolotl on one GPU in pure bf16 searches ZeRO 0 (the plain Trainer) too: pinned there, the bucket is contradicted.
+    TuneRequest one = test::hf_request("tiny-llama", "h100-sxm-80gb", 1, 256);
+    one.base.reduce_bucket_size = 4096;
+    one.for_format = "axolotl";
+    one.pins.zero_stage = 0;
+    CHECK(test::expect_user_error([&] { (void)recommend(one); }).rfind("recommend: pin: zero=0: expected 1 or 2 with --reduce-bucket-size", 0) == 0);
 }
 
 TEST_CASE("recommend --for deepspeed in the hf runtime: ZeRO 1 or 2 as DeepSpeed runs it, a plan its emitter writes") {

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import json
 import os
 import time
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
@@ -95,6 +96,12 @@ def check_plan(plan: Any, where: str) -> Dict[str, Any]:
         _integer(setup, key, low, where)
     if setup["zero_stage"] not in (1, 2, 3):
         fail(where, "setup.zero_stage", f"expected 1, 2 or 3 (DeepSpeed's ZeRO engine), got {setup['zero_stage']}")
+    bucket = setup.get("reduce_bucket_size", DEEPSPEED_BUCKET)  # (mst-plan's validate(): the same bounds and words)
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or not 1 <= bucket <= 1 << 40:
+        fail(where, "setup.reduce_bucket_size", f"expected an integer in [1, {1 << 40}], got {json.dumps(bucket)}")
+    if setup["zero_stage"] == 3 and bucket != DEEPSPEED_BUCKET:
+        fail(where, "setup.reduce_bucket_size", f"expected DeepSpeed's default {DEEPSPEED_BUCKET} under ZeRO-3 (mst-plan plans "
+                                                f"the bucket of ZeRO 1/2 only), got {bucket}")
     if setup.get("sp", 1) != 1:
         fail(where, "setup.sp", f"expected 1 (DeepSpeed's Ulysses is not run here), got {setup.get('sp')!r}")
     if setup.get("precision") not in ("bf16-master", "pure-bf16"):
@@ -131,11 +138,14 @@ def check_config(ds_config: Any, setup: Mapping[str, Any], where: str) -> None:
         fail(where, "optimizer.type", f"expected AdamW (the plan's adamw, DeepSpeed's FusedAdam), got {optimizer.get('type')!r}")
     # ZeRO 1/2's bucket is the plan's (reduce_bucket_size; absent, DeepSpeed's default, the plan's default). (Stage 3,
     # which mst-plan does not model in the hf runtime, runs whatever the file sets.)
-    bucket = zero.get("reduce_bucket_size", DEEPSPEED_BUCKET)
     plan_bucket = setup.get("reduce_bucket_size", DEEPSPEED_BUCKET)
+    if setup["zero_stage"] in (1, 2) and "reduce_bucket_size" not in zero and plan_bucket != DEEPSPEED_BUCKET:
+        fail(where, "zero_optimization.reduce_bucket_size",
+             f"expected the plan's reduce_bucket_size {plan_bucket} (elements), got none (DeepSpeed's default {DEEPSPEED_BUCKET})")
+    bucket = zero.get("reduce_bucket_size", DEEPSPEED_BUCKET)
     if setup["zero_stage"] in (1, 2) and (isinstance(bucket, bool) or bucket != plan_bucket):
         fail(where, "zero_optimization.reduce_bucket_size",
-             f"expected the plan's reduce_bucket_size {plan_bucket} (elements), got {bucket!r}")
+             f"expected the plan's reduce_bucket_size {plan_bucket} (elements), got {json.dumps(bucket)}")
     if ds_config.get("sequence_parallel_size", 1) != 1:
         fail(where, "sequence_parallel_size", f"expected 1 (the plan's sp), got {ds_config.get('sequence_parallel_size')!r}")
     expected = {"train_micro_batch_size_per_gpu": setup["micro_batch"], "gradient_accumulation_steps": setup["grad_accum"],

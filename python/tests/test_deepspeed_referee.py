@@ -234,6 +234,11 @@ def test_zero_3_steps_on_fp64_norms_of_every_partition_piece_and_one_fp32_gradie
      "deepspeed: DeepSpeed 0.19.8 refused it: ValidationError"),
     ({"zero_optimization": {"stage": 2, "reduce_bucket_size": 2 * BUCKET}},
      f"zero_optimization.reduce_bucket_size: expected the plan's reduce_bucket_size {BUCKET} (elements), got {2 * BUCKET}"),
+    ({"zero_optimization": {"stage": 2}},
+     f"zero_optimization.reduce_bucket_size: expected the plan's reduce_bucket_size {BUCKET} (elements), got none "
+     "(DeepSpeed's default 500000000)"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": True}},
+     f"zero_optimization.reduce_bucket_size: expected the plan's reduce_bucket_size {BUCKET} (elements), got true"),
 ])
 def test_a_file_that_is_not_the_plans_is_one_line_and_exit_2(tmp_path, change, expected):
     plan = tmp_path / "plan.json"
@@ -246,6 +251,26 @@ def test_a_file_that_is_not_the_plans_is_one_line_and_exit_2(tmp_path, change, e
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {ds}: {expected}"), r.stdout
+    assert not (tmp_path / "out.json").exists()
+
+
+@needs_clients
+@pytest.mark.parametrize("setup, expected", [
+    (dict(SETUP, reduce_bucket_size="4096"), 'setup.reduce_bucket_size: expected an integer in [1, 1099511627776], got "4096"'),
+    (dict(SETUP, reduce_bucket_size=0), "setup.reduce_bucket_size: expected an integer in [1, 1099511627776], got 0"),
+    (dict(ZERO3, reduce_bucket_size=BUCKET), "setup.reduce_bucket_size: expected DeepSpeed's default 500000000 under ZeRO-3"),
+])
+def test_a_plan_whose_bucket_mst_plan_would_refuse_is_one_line_and_exit_2(tmp_path, setup, expected):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "mst-plan/1", "model": "tiny-llama", "gpu": "h100-sxm-80gb", "gpus": setup["dp"],
+                                "setup": setup}))
+    ds = tmp_path / "ds_config.json"
+    ds.write_text(json.dumps(DS_CONFIG))
+    r = subprocess.run([sys.executable, "-m", "mst_referee.deepspeed_zero", str(plan), str(ds), "--out",
+                        str(tmp_path / "out.json")], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {plan}: {expected}"), r.stdout
     assert not (tmp_path / "out.json").exists()
 
 

@@ -134,10 +134,15 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
         if (r.persistent_bytes > r.budget_bytes)  // no length, chunking or checkpointing can help
             fail(rq.model.name, "no setup fits",
                  fmt::format("expected one for {} tokens on {} x {} within {}: weights, gradients{}, optimizer states and "
-                             "cuBLAS's workspace alone take {} per GPU; more GPUs with ZeRO sharding them{}, a GPU with "
+                             "cuBLAS's workspace alone take {} per GPU; {}more GPUs with ZeRO sharding them{}, a GPU with "
                              "more memory or a lighter optimizer state can help",
                              rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes),
                              rq.gpus > 1 && !deepspeed ? " (and DDP's buckets of them)" : "", format_bytes(r.persistent_bytes),
+                             rq.base.reduce_bucket_size != kDeepSpeedReduceBucket
+                                 ? fmt::format("DeepSpeed's bucket (--reduce-bucket-size {}) takes {} on every GPU, whatever "
+                                               "the GPUs; ",
+                                               rq.base.reduce_bucket_size, format_bytes(checked_mul(rq.base.reduce_bucket_size, 2)))
+                                 : "",
                              rq.base.runtime != Runtime::Hf ? ""
                              : deepspeed ? " (ZeRO 1 and 2 leave every GPU the whole bf16 weights: ZeRO-3 with --runtime kernels)"
                                          : " (--runtime kernels)"));
@@ -211,6 +216,13 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     "DeepSpeed's ZeRO 1/2 engine runs it, which the referee measures event for event "
                                     "(README).", rq.for_format),
                         100));
+    // (--for axolotl on one GPU: the plain Trainer, without DeepSpeed, may be the pick)
+    if (rq.base.reduce_bucket_size != kDeepSpeedReduceBucket && !s.deepspeed_zero())
+        fmt::print("\ncaution: {}",
+                   wrap(fmt::format("the recommended setup trains without DeepSpeed's engine (ZeRO {}), which has no gradient "
+                                    "bucket: --reduce-bucket-size {} does not apply to it (--pin zero=1 or zero=2 plans "
+                                    "DeepSpeed's).", s.zero_stage, rq.base.reduce_bucket_size),
+                        100));
     fmt::print("\nwhy: {}\n", wrap(r.why, 100));
     if (r.pareto.size() > 1) {
         // (a Mixture-of-Experts plan in the kernels runtime may differ in its expert-parallel degree too)
@@ -230,9 +242,11 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
 
 void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions& knobs, bool user_knobs) {
     TuneRequest rq = a.request();
-    rq.base = knobs.build(rq.model);  // precision, optimizer, attention, micro-batch ...
     std::optional<TrainingSetup> user;
-    if (user_knobs) user = rq.base;
+    if (user_knobs) user = knobs.build(rq.model);  // the user's own setup, as given
+    // precision, optimizer, attention, micro-batch ...; DeepSpeed's bucket goes to the strategies its engine runs
+    rq.base = user ? *user : knobs.build(rq.model, false);
+    if (!user) rq.base.reduce_bucket_size = knobs.reduce_bucket_size();
     const MaxSeqResult r = max_seq(rq, user);
     if (g.json) {
         nlohmann::json rows = nlohmann::json::array();

@@ -42,7 +42,7 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     const auto an_int = decimal(std::numeric_limits<int>::min(), std::numeric_limits<int>::max());
     cmd.add_option("--zero", zero, "ZeRO stage 0-3 (3 = FSDP full shard)")->capture_default_str()->check(an_int);
     cmd.add_option("--zero3-prefetch", zero3_prefetch, "Layers all-gathered ahead under ZeRO-3")->capture_default_str()->check(an_int);
-    cmd.add_option("--reduce-bucket-size", reduce_bucket_size,
+    cmd.add_option("--reduce-bucket-size", reduce_bucket_size_,
                    "DeepSpeed's gradient bucket in elements (ZeRO 1/2, runtime hf: its reduce_bucket_size; the Hugging Face "
                    "Trainer's \"auto\" is hidden_size^2)")
         ->capture_default_str()->check(decimal());
@@ -58,7 +58,7 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
 
 bool SetupOptions::given(const char* name) const { return cmd_->count(name) > 0; }
 
-TrainingSetup SetupOptions::build(const ModelSpec& model) const {
+TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_bucket) const {
     TrainingSetup s;
     if (!setup_file.empty()) s = load_setup_file(setup_file, model, parse_runtime(default_runtime_, "command line"));
     const std::string w = "command line";
@@ -85,7 +85,7 @@ TrainingSetup SetupOptions::build(const ModelSpec& model) const {
     if (given("--dp")) s.dp = dp;
     if (given("--zero")) s.zero_stage = zero;
     if (given("--zero3-prefetch")) s.zero3_prefetch = zero3_prefetch;
-    if (given("--reduce-bucket-size")) s.reduce_bucket_size = reduce_bucket_size;
+    if (with_bucket && given("--reduce-bucket-size")) s.reduce_bucket_size = reduce_bucket_size_;
     if (given("--sp")) s.sp = sp;
     if (given("--sp-impl")) s.sp_impl = parse_sp_impl(sp_impl, w);
     if (given("--ep")) s.ep = ep;

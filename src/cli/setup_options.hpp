@@ -17,13 +17,16 @@ public:
     // default_runtime: what --runtime is when neither it nor a setup file says (measure: kernels).
     void add_to(CLI::App& cmd, const char* default_runtime = "hf");
     std::string default_runtime_ = "hf";
-    TrainingSetup build(const ModelSpec& model) const;  // validated
+    // Validated. Without `with_bucket` --reduce-bucket-size is left out (max-seq's strategies template,
+    // whose stages the search picks: reduce_bucket_size() gives it to those DeepSpeed runs).
+    TrainingSetup build(const ModelSpec& model, bool with_bucket = true) const;
+    std::int64_t reduce_bucket_size() const { return reduce_bucket_size_; }  // as given, or DeepSpeed's default
     const std::string& file() const { return setup_file; }  // --setup's ("" when none)
 
 private:
     CLI::App* cmd_ = nullptr;
     std::string setup_file;
-    std::int64_t seq = 4096, batch = 1, grad_accum = 1, dp = 1, sp = 1, ep = 1, reduce_bucket_size = kDeepSpeedReduceBucket;
+    std::int64_t seq = 4096, batch = 1, grad_accum = 1, dp = 1, sp = 1, ep = 1, reduce_bucket_size_ = kDeepSpeedReduceBucket;
     double moe_imbalance = 1.0;
     std::int64_t mlp_chunks = 1, lm_chunks = 1, mlp_chunk_tokens = 0, lm_chunk_tokens = 0;
     int zero = 0, zero3_prefetch = 1;

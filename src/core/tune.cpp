@@ -596,6 +596,10 @@ Recommendation recommend(const TuneRequest& rq) {
              fmt::format("expected --for deepspeed or axolotl with runtime hf (DeepSpeed's ZeRO 1/2 engine holds the "
                          "bucket), or DeepSpeed's default {}, got {}",
                          kDeepSpeedReduceBucket, rq.base.reduce_bucket_size));
+    if (rq.base.reduce_bucket_size != kDeepSpeedReduceBucket && rq.pins.zero_stage && *rq.pins.zero_stage == 0)
+        fail("recommend", "pin", fmt::format("zero=0: expected 1 or 2 with --reduce-bucket-size {} (only DeepSpeed's ZeRO 1/2 "
+                                             "engine has the bucket)",
+                                             rq.base.reduce_bucket_size));
     out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
     if (rq.seq_len < 1 || rq.seq_len > limits::kSeqLen)
         fail("recommend", "seq_len", fmt::format("expected a length in [1, {}], got {}", limits::kSeqLen, rq.seq_len));
@@ -821,6 +825,12 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     const std::int64_t L = m.num_layers;
     MaxSeqResult out;
     check_request(rq, "max-seq");
+    if (rq.base.reduce_bucket_size != kDeepSpeedReduceBucket &&
+        !(rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format)) && !(user && user->deepspeed_zero()))
+        fail("max-seq", "reduce-bucket-size",
+             fmt::format("expected --for deepspeed or axolotl with runtime hf, or your setup under DeepSpeed's ZeRO 1/2 "
+                         "(--zero 1 or 2: its engine holds the bucket), or DeepSpeed's default {}, got {}",
+                         kDeepSpeedReduceBucket, rq.base.reduce_bucket_size));
     out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
 
     const bool hf = rq.base.runtime == Runtime::Hf;  // the hf runtime: DDP or DeepSpeed's engine, no sp
