@@ -225,6 +225,21 @@ def test_zero_3_steps_on_fp64_norms_of_every_partition_piece_and_one_fp32_gradie
     assert _freed_in(events, fp32[0][1]) == ["optimizer"]
 
 
+def _refused(tmp_path, setup, ds_config, blamed, expected):
+    """The referee's command on this plan and file: one line naming `blamed` ("plan" or "ds"), exit 2,
+    no output file."""
+    files = {"plan": tmp_path / "plan.json", "ds": tmp_path / "ds_config.json"}
+    files["plan"].write_text(json.dumps({"format": "mst-plan/1", "model": "tiny-llama", "gpu": "h100-sxm-80gb",
+                                         "gpus": setup["dp"], "setup": setup}))
+    files["ds"].write_text(json.dumps(ds_config))
+    r = subprocess.run([sys.executable, "-m", "mst_referee.deepspeed_zero", str(files["plan"]), str(files["ds"]), "--out",
+                        str(tmp_path / "out.json")], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {files[blamed]}: {expected}"), r.stdout
+    assert not (tmp_path / "out.json").exists()
+
+
 @needs_clients
 @pytest.mark.parametrize("change, expected", [
     ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps: expected 1 (the plan's), got 4"),
@@ -241,17 +256,7 @@ def test_zero_3_steps_on_fp64_norms_of_every_partition_piece_and_one_fp32_gradie
      f"zero_optimization.reduce_bucket_size: expected the plan's reduce_bucket_size {BUCKET} (elements), got true"),
 ])
 def test_a_file_that_is_not_the_plans_is_one_line_and_exit_2(tmp_path, change, expected):
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"format": "mst-plan/1", "model": "tiny-llama", "gpu": "h100-sxm-80gb", "gpus": RANKS,
-                                "setup": SETUP}))
-    ds = tmp_path / "ds_config.json"
-    ds.write_text(json.dumps(dict(DS_CONFIG, **change)))
-    r = subprocess.run([sys.executable, "-m", "mst_referee.deepspeed_zero", str(plan), str(ds), "--out",
-                        str(tmp_path / "out.json")], capture_output=True, text=True, env=ENV, timeout=600)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = r.stdout.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {ds}: {expected}"), r.stdout
-    assert not (tmp_path / "out.json").exists()
+    _refused(tmp_path, SETUP, dict(DS_CONFIG, **change), "ds", expected)
 
 
 @needs_clients
@@ -261,17 +266,7 @@ def test_a_file_that_is_not_the_plans_is_one_line_and_exit_2(tmp_path, change, e
     (dict(ZERO3, reduce_bucket_size=BUCKET), "setup.reduce_bucket_size: expected DeepSpeed's default 500000000 under ZeRO-3"),
 ])
 def test_a_plan_whose_bucket_mst_plan_would_refuse_is_one_line_and_exit_2(tmp_path, setup, expected):
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"format": "mst-plan/1", "model": "tiny-llama", "gpu": "h100-sxm-80gb", "gpus": setup["dp"],
-                                "setup": setup}))
-    ds = tmp_path / "ds_config.json"
-    ds.write_text(json.dumps(DS_CONFIG))
-    r = subprocess.run([sys.executable, "-m", "mst_referee.deepspeed_zero", str(plan), str(ds), "--out",
-                        str(tmp_path / "out.json")], capture_output=True, text=True, env=ENV, timeout=600)
-    assert r.returncode == 2, r.stderr[-2000:]
-    lines = r.stdout.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {plan}: {expected}"), r.stdout
-    assert not (tmp_path / "out.json").exists()
+    _refused(tmp_path, setup, DS_CONFIG, "plan", expected)
 
 
 @pytest.mark.parametrize("case", sorted(DEFAULTS) + ["zero2 bucket 4096", "zero1 bucket 4096"])
