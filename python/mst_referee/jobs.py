@@ -267,12 +267,15 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     if unknown:
         fail(where, unknown[0], f"unknown key (expected one of {', '.join(SETUP_KEYS)})")
     s = dict(SETUP_DEFAULTS)
-    s.update({k: v for k, v in knobs.items() if k in SETUP_DEFAULTS})
+    s.update({k: v for k, v in knobs.items() if k in SETUP_DEFAULTS and v is not None})  # (null: the default, as parse_setup)
 
     def integer(key: str, low: int, high: int) -> int:
         v = s[key]
+        # parse_setup's reading (json_read.cpp as_integer): an integral number, written as one or not (5e8)
+        if isinstance(v, float) and v.is_integer() and low <= v <= high:
+            v = s[key] = int(v)
         if not _is_int(v) or not low <= v <= high:
-            fail(where, key, f"expected an integer from {low} to {high}, got {json.dumps(v)}")
+            fail(where, key, f"expected an integer in [{low}, {high}], got {json.dumps(v)}")
         return v
 
     def choice(key: str, choices: Sequence[str]) -> str:

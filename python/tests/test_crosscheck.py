@@ -189,6 +189,23 @@ def test_the_bucket_is_deepspeeds_only_as_mst_plan_validates_it():
         jobs.normalize_setup({"dp": 8, "zero_stage": 2, "reduce_bucket_size": 0}, 32)
 
 
+@needs_binary
+def test_integral_numbers_and_nulls_read_as_mst_plan_reads_them(tmp_path):
+    """5e8 and 8.0 are integers, null is the default: the mirror and the binary read one setup alike."""
+    knobs = {"dp": 8.0, "zero_stage": 2, "precision": "bf16-master", "reduce_bucket_size": 5e8, "sp": None,
+             "seq_len": 4096.0, "grad_accum": None}
+    path = tmp_path / "setup.json"
+    path.write_text(json.dumps(knobs))
+    out = subprocess.run([str(_binary()), "--json", "estimate", "--model", "llama-3-8b", "--gpu", "h100-sxm-80gb",
+                          "--setup", str(path)], capture_output=True, text=True, check=True)
+    binary = json.loads(out.stdout)["setup"]
+    mirror = jobs.normalize_setup(knobs, 32)
+    assert {k: mirror[k] for k in binary} == binary
+    assert mirror["reduce_bucket_size"] == 500_000_000 and isinstance(mirror["dp"], int)
+    with pytest.raises(jobs.CrosscheckError, match=r"dp: expected an integer in \[1, 1048576\], got 8.5"):
+        jobs.normalize_setup({"dp": 8.5}, 32)
+
+
 def test_knobs_take_mst_plans_defaults():
     s = jobs.normalize_setup({"seq_len": 8192}, 32)
     assert s == {"micro_batch": 1, "seq_len": 8192, "grad_accum": 1, "padded": False, "precision": "pure-bf16",
@@ -227,7 +244,7 @@ def test_chunk_tokens_become_chunk_counts():
     ({"offload_checkpoints": True}, "offload_checkpoints", "checkpointed layers"),
     ({"optimizer_in_backward": True, "grad_accum": 2}, "optimizer_in_backward", "grad_accum"),
     ({"precision": "fp16"}, "precision", "pure-bf16, bf16-master, amp"),
-    ({"seq_len": 0}, "seq_len", "from 1"),
+    ({"seq_len": 0}, "seq_len", "in [1, "),
     ({"micro_batch": True}, "micro_batch", "got true"),
     ({"seq_len": 100, "sp": 3}, "sp", "divisor of seq_len"),
 ])
