@@ -96,12 +96,14 @@ def check_plan(plan: Any, where: str) -> Dict[str, Any]:
         _integer(setup, key, low, where)
     if setup["zero_stage"] not in (1, 2, 3):
         fail(where, "setup.zero_stage", f"expected 1, 2 or 3 (DeepSpeed's ZeRO engine), got {setup['zero_stage']}")
-    bucket = setup.get("reduce_bucket_size", DEEPSPEED_BUCKET)  # (mst-plan's validate(): the same bounds and words)
+    bucket = setup.get("reduce_bucket_size")  # (mst-plan's parse_setup: null is the default, 5e8 an integer)
+    bucket = DEEPSPEED_BUCKET if bucket is None else int(bucket) if isinstance(bucket, float) and bucket.is_integer() else bucket
     if isinstance(bucket, bool) or not isinstance(bucket, int) or not 1 <= bucket <= 1 << 40:
         fail(where, "setup.reduce_bucket_size", f"expected an integer in [1, {1 << 40}], got {json.dumps(bucket)}")
     if setup["zero_stage"] == 3 and bucket != DEEPSPEED_BUCKET:
         fail(where, "setup.reduce_bucket_size", f"expected DeepSpeed's default {DEEPSPEED_BUCKET} under ZeRO-3 (mst-plan plans "
                                                 f"the bucket of ZeRO 1/2 only), got {bucket}")
+    setup = dict(setup, reduce_bucket_size=bucket)
     if setup.get("sp", 1) != 1:
         fail(where, "setup.sp", f"expected 1 (DeepSpeed's Ulysses is not run here), got {setup.get('sp')!r}")
     if setup.get("precision") not in ("bf16-master", "pure-bf16"):

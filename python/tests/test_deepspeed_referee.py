@@ -264,9 +264,19 @@ def test_a_file_that_is_not_the_plans_is_one_line_and_exit_2(tmp_path, change, e
     (dict(SETUP, reduce_bucket_size="4096"), 'setup.reduce_bucket_size: expected an integer in [1, 1099511627776], got "4096"'),
     (dict(SETUP, reduce_bucket_size=0), "setup.reduce_bucket_size: expected an integer in [1, 1099511627776], got 0"),
     (dict(ZERO3, reduce_bucket_size=BUCKET), "setup.reduce_bucket_size: expected DeepSpeed's default 500000000 under ZeRO-3"),
+    (dict(SETUP, reduce_bucket_size=4096.5), "setup.reduce_bucket_size: expected an integer in [1, 1099511627776], got 4096.5"),
 ])
 def test_a_plan_whose_bucket_mst_plan_would_refuse_is_one_line_and_exit_2(tmp_path, setup, expected):
     _refused(tmp_path, setup, DS_CONFIG, "plan", expected)
+
+
+def test_a_plans_bucket_reads_as_mst_plan_reads_it():
+    """An integral number (4096.0, 5e8) is an integer and null the default, as parse_setup reads them."""
+    from mst_referee import deepspeed_zero as dz
+
+    read = lambda value: dz.check_plan({"setup": dict(SETUP, reduce_bucket_size=value)}, "plan")["reduce_bucket_size"]
+    assert read(4096.0) == 4096 and isinstance(read(4096.0), int)
+    assert read(5e8) == read(None) == 500_000_000
 
 
 @pytest.mark.parametrize("case", sorted(DEFAULTS) + ["zero2 bucket 4096", "zero1 bucket 4096"])
