@@ -53,9 +53,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator on import
 
-from .jobs import CrosscheckError, Job, fail
+from .jobs import SETUP_DEFAULTS, CrosscheckError, Job, fail, integral
 
-DEEPSPEED_BUCKET = 500_000_000  # reduce_bucket_size's default (deepspeed/runtime/zero/config.py)
+DEEPSPEED_BUCKET = SETUP_DEFAULTS["reduce_bucket_size"]  # DeepSpeed's default (deepspeed/runtime/zero/config.py)
 
 # The values the Hugging Face Trainer writes over "auto" in the optimizer block (its defaults).
 TRAINER_AUTO = {"lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
@@ -96,8 +96,8 @@ def check_plan(plan: Any, where: str) -> Dict[str, Any]:
         _integer(setup, key, low, where)
     if setup["zero_stage"] not in (1, 2, 3):
         fail(where, "setup.zero_stage", f"expected 1, 2 or 3 (DeepSpeed's ZeRO engine), got {setup['zero_stage']}")
-    bucket = setup.get("reduce_bucket_size")  # (mst-plan's parse_setup: null is the default, 5e8 an integer)
-    bucket = DEEPSPEED_BUCKET if bucket is None else int(bucket) if isinstance(bucket, float) and bucket.is_integer() else bucket
+    bucket = integral(setup.get("reduce_bucket_size"))  # (as mst-plan's parse_setup reads it: null is the default)
+    bucket = DEEPSPEED_BUCKET if bucket is None else bucket
     if isinstance(bucket, bool) or not isinstance(bucket, int) or not 1 <= bucket <= 1 << 40:
         fail(where, "setup.reduce_bucket_size", f"expected an integer in [1, {1 << 40}], got {json.dumps(bucket)}")
     if setup["zero_stage"] == 3 and bucket != DEEPSPEED_BUCKET:
@@ -141,13 +141,11 @@ def check_config(ds_config: Any, setup: Mapping[str, Any], where: str) -> None:
     # ZeRO 1/2's bucket is the plan's (reduce_bucket_size; absent, DeepSpeed's default, the plan's default). (Stage 3,
     # which mst-plan does not model in the hf runtime, runs whatever the file sets.)
     plan_bucket = setup.get("reduce_bucket_size", DEEPSPEED_BUCKET)
-    if setup["zero_stage"] in (1, 2) and "reduce_bucket_size" not in zero and plan_bucket != DEEPSPEED_BUCKET:
-        fail(where, "zero_optimization.reduce_bucket_size",
-             f"expected the plan's reduce_bucket_size {plan_bucket} (elements), got none (DeepSpeed's default {DEEPSPEED_BUCKET})")
     bucket = zero.get("reduce_bucket_size", DEEPSPEED_BUCKET)
     if setup["zero_stage"] in (1, 2) and (isinstance(bucket, bool) or bucket != plan_bucket):
+        got = json.dumps(bucket) if "reduce_bucket_size" in zero else f"none (DeepSpeed's default {DEEPSPEED_BUCKET})"
         fail(where, "zero_optimization.reduce_bucket_size",
-             f"expected the plan's reduce_bucket_size {plan_bucket} (elements), got {json.dumps(bucket)}")
+             f"expected the plan's reduce_bucket_size {plan_bucket} (elements), got {got}")
     if ds_config.get("sequence_parallel_size", 1) != 1:
         fail(where, "sequence_parallel_size", f"expected 1 (the plan's sp), got {ds_config.get('sequence_parallel_size')!r}")
     expected = {"train_micro_batch_size_per_gpu": setup["micro_batch"], "gradient_accumulation_steps": setup["grad_accum"],

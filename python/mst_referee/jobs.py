@@ -208,6 +208,12 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def integral(v: Any) -> Any:
+    """A JSON value as parse_setup reads an integer (json_read.cpp as_integer): an integral number is
+    one, written as one or not (5e8, 8.0); anything else is returned as it is, for the caller to refuse."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
 def checkpoint_layers_from_spec(spec: Any, num_layers: int, where: str = "setup") -> List[int]:
     """Layer indices of a checkpoint placement, as mst-plan reads it (parse_checkpoint_spec):
     "none", "all", "every:K", "first:K", "last:K", "spread:K", "0,2,5-9" or a list of indices."""
@@ -270,10 +276,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     s.update({k: v for k, v in knobs.items() if k in SETUP_DEFAULTS and v is not None})  # (null: the default, as parse_setup)
 
     def integer(key: str, low: int, high: int) -> int:
-        v = s[key]
-        # parse_setup's reading (json_read.cpp as_integer): an integral number, written as one or not (5e8)
-        if isinstance(v, float) and v.is_integer() and low <= v <= high:
-            v = s[key] = int(v)
+        v = s[key] = integral(s[key])
         if not _is_int(v) or not low <= v <= high:
             fail(where, key, f"expected an integer in [{low}, {high}], got {json.dumps(v)}")
         return v
