@@ -187,6 +187,12 @@ CASES = [
     ("reduce bucket for recommend without DeepSpeed", R + ["--reduce-bucket-size", "4096"], r"recommend: reduce-bucket-size: expected --for deepspeed or axolotl with runtime hf"),
     ("reduce bucket with zero 0 pinned", R + ["--seq", "256", "--for", "axolotl", "--pin", "zero=0", "--reduce-bucket-size", "4096"], r"recommend: pin: zero=0: expected 1 or 2 with --reduce-bucket-size 4096"),
     ("reduce bucket past int64", E + ["--zero", "2", "--dp", "2", "--reduce-bucket-size", "9223372036854775808"], r"--reduce-bucket-size: '9223372036854775808': expected a decimal integer"),
+    ("overlap_comm without DeepSpeed", E + ["--overlap-comm"], r"setup: overlap_comm: expected false unless DeepSpeed's ZeRO 1/2 engine runs the step"),
+    ("overlap_comm with a value not a boolean", E + ["--zero", "2", "--dp", "2", "--overlap-comm=maybe"], r"--overlap-comm"),
+    ("overlap_comm for max-seq without DeepSpeed", ["max-seq", "--model", "tiny-llama", "--gpus", "8", "--overlap-comm"], r"max-seq: overlap-comm: expected --for deepspeed or axolotl with runtime hf, or your setup under DeepSpeed's ZeRO 1/2"),
+    ("overlap_comm pinned without DeepSpeed", R + ["--gpus", "2", "--pin", "overlap_comm=yes"], r"--pin: overlap_comm: yes: expected --for deepspeed or axolotl with runtime hf"),
+    ("overlap_comm pinned to maybe", R + ["--pin", "overlap_comm=maybe"], r"--pin: overlap_comm: expected yes or no"),
+    ("overlap_comm pinned with zero 0", R + ["--seq", "256", "--for", "axolotl", "--pin", "zero=0", "--pin", "overlap_comm=yes"], r"recommend: pin: zero=0: expected 1 or 2 with overlap_comm=yes"),
     # DeepSpeed's ZeRO 1/2 in the hf runtime: its ranks, its precision, its bound
     ("deepspeed rank past dp", E + ["--zero", "2", "--dp", "3", "--precision", "bf16-master", "--rank", "3"], r"setup: rank: expected a rank whose step differs"),
     ("deepspeed rank negative", E + ["--zero", "2", "--dp", "3", "--precision", "bf16-master", "--rank", "-1"], r"setup: rank: expected a rank whose step differs"),

@@ -434,3 +434,144 @@ TEST_CASE("a DeepSpeed measurement is compared with its rank's step, and must sa
     measured.timeline.rank = -1;
     CHECK(test::expect_user_error([&] { (void)predict_measured(measured); }).rfind("m.json: timeline.rank: expected the rank", 0) == 0);
 }
+
+// overlap_comm (DeepSpeed's stage_1_and_2.py setup_buckets): a second bucket is made with the first,
+// at a backward's first gradient, and each reduction that overflows a bucket turns to the other one.
+// _release_ipg_buffers clears the list of buckets: the second goes first.
+TEST_CASE("DeepSpeed ZeRO-2 with overlap_comm: two buckets from the first gradient to the epilogue") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = zero(m, 2, 8);
+    s.reduce_bucket_size = 4096;
+    s.overlap_comm = true;
+    CHECK_NOTHROW(validate(s, m));
+    const Timeline t = simulate_rank(m, s, test::test_gpu(), 6);
+    const auto buckets = allocs(t, "ipg_bucket");
+    REQUIRE(buckets.size() == 2);
+    CHECK(bytes_of(buckets) == std::vector<bytes_t>{2 * 4096, 2 * 4096});
+    CHECK(buckets[0]->op == buckets[1]->op);  // made together, at lm_head's gradient
+    std::vector<std::uint64_t> freed;
+    for (const Event& e : t.events)
+        if (!e.alloc && (e.tensor == buckets[0]->tensor || e.tensor == buckets[1]->tensor)) freed.push_back(e.tensor);
+    CHECK(freed == std::vector<std::uint64_t>{buckets[1]->tensor, buckets[0]->tensor});
+    // The reductions and the partition's gradients are the one bucket's: which bucket a gradient goes
+    // to moves no byte.
+    TrainingSetup one = s;
+    one.overlap_comm = false;
+    const Timeline u = simulate_rank(m, one, test::test_gpu(), 6);
+    CHECK(bytes_of(allocs(t, "reduce_flat")) == bytes_of(allocs(u, "reduce_flat")));
+    CHECK(bytes_of(allocs(t, "grads_in_partition")) == std::vector<bytes_t>{2 * 39104});
+    CHECK(t.events.size() == u.events.size() + 2);
+}
+
+// ZeRO-1 with overlap_comm reduces in the last micro-step's hooks (process_gradients at the
+// accumulation boundary), not after its backward: rank 6's gradients of other partitions up to the
+// bucket's size become views of the buckets, so autograd's go in backward.
+TEST_CASE("DeepSpeed ZeRO-1 with overlap_comm reduces in the last micro-step's backward") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = zero(m, 1, 8);
+    s.grad_accum = 3;
+    s.reduce_bucket_size = 4096;
+    s.overlap_comm = true;
+    const Timeline t = simulate_rank(m, s, test::test_gpu(), 6);
+    const auto buckets = allocs(t, "ipg_bucket");
+    REQUIRE(buckets.size() == 2);
+    CHECK((buckets[0]->micro_step == 0 && buckets[1]->micro_step == 0));  // kept to the last micro-step's epilogue
+    const auto flat = allocs(t, "reduce_flat");
+    REQUIRE_FALSE(flat.empty());
+    for (const Event* e : flat) CHECK((e->micro_step == 1 && e->op != "deepspeed.reduce_gradients"));
+    CHECK(flat.front()->bytes == 2 * 16384);  // lm_head's gradient, the first to come and larger than the bucket
+    // The first comes before the embedding's gradient, backward's last; without overlap_comm they all
+    // wait for backward's end.
+    auto first_reduction_after_embedding = [](const Timeline& t) {
+        bool embedding = false;
+        for (const Event& e : t.events) {
+            if (e.alloc && e.micro_step == 1 && e.op == "embedding" && e.name == "weight_grad") embedding = true;
+            if (e.alloc && e.name == "reduce_flat") return embedding;
+        }
+        FAIL("no reduction");
+        return false;
+    };
+    CHECK_FALSE(first_reduction_after_embedding(t));
+    TrainingSetup late = s;
+    late.overlap_comm = false;
+    CHECK(first_reduction_after_embedding(simulate_rank(m, late, test::test_gpu(), 6)));
+}
+
+TEST_CASE("overlap_comm is DeepSpeed's: validated, carried by the setup file, written by the emitter") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = zero(m, 2, 8);
+    s.overlap_comm = true;
+    TrainingSetup other = s;
+    other.zero_stage = 0;
+    CHECK(test::expect_user_error([&] { validate(other, m); })
+              .rfind("setup: overlap_comm: expected false unless DeepSpeed's ZeRO 1/2 engine runs the step", 0) == 0);
+    other = s;
+    other.runtime = Runtime::Kernels;
+    CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: overlap_comm: expected false unless", 0) == 0);
+    CHECK(parse_setup(to_json(s), m, "setup").overlap_comm);
+    CHECK_FALSE(parse_setup(nlohmann::json{{"dp", 8}, {"zero_stage", 2}}, m, "setup").overlap_comm);
+    CHECK(test::expect_user_error([&] { (void)parse_setup(nlohmann::json{{"dp", 8}, {"zero_stage", 2}, {"overlap_comm", "yes"}}, m, "setup"); })
+              .rfind("setup: overlap_comm: expected", 0) == 0);
+    Plan plan;
+    plan.model = m.name, plan.gpu = "h100-sxm-80gb", plan.gpus = 8, plan.setup = s;
+    const auto zero_block = [&] { return nlohmann::json::parse(emit(plan, m, "deepspeed").at(0).content).at("zero_optimization"); };
+    CHECK(zero_block().at("overlap_comm") == true);
+    CHECK(test::expect_user_error([&] { (void)emit(plan, m, "hf-mst"); }).rfind("hf-mst: setup.overlap_comm: expected false", 0) == 0);
+    plan.setup.overlap_comm = false;  // written either way: a file copied over it cannot turn it on unseen
+    CHECK(zero_block().at("overlap_comm") == false);
+}
+
+// Llama-3-8B, P = 8030261248, on 8 H100s (NVLink 450 GB/s per direction): an all-reduce of the bf16
+// gradients moves 2 x 7/8 x 2P bytes per rank, 3.5 P / 450e9 = 62.46 ms; the all-gather of the
+// updated bf16 parameters after the step 7/8 x 2P, 31.23 ms.
+TEST_CASE("DeepSpeed's communication: waited for without overlap_comm, behind backward with it") {
+    const ModelSpec m = find_model("llama-3-8b");
+    const GpuProfile gpu = find_gpu("h100-sxm-80gb");
+    const double P = 8030261248.0;
+    REQUIRE(static_cast<double>(m.parameters().total()) == P);
+    const double all_reduce = 3.5 * P / 450e9, all_gather = 1.75 * P / 450e9;
+    TrainingSetup s;
+    s.seq_len = 4096;
+    s.precision = Precision::Bf16Master;
+    s.zero_stage = 2;
+    s.dp = 8;
+    s.grad_accum = 2;
+    StepTime t = predict_time(m, s, gpu);
+    CHECK(t.comm_exposed_seconds == doctest::Approx(2 * all_reduce + all_gather).epsilon(1e-12));
+    CHECK(t.comm_seconds == doctest::Approx(2 * all_reduce + all_gather).epsilon(1e-12));
+    s.zero_stage = 1;  // one reduction, in the last micro-step
+    CHECK(predict_time(m, s, gpu).comm_exposed_seconds == doctest::Approx(all_reduce + all_gather).epsilon(1e-12));
+    // overlap_comm: backward (longer than the reduction) hides all but the epilogue's last bucket of
+    // 5e8 elements, 3.5 x 5e8 / 450e9 = 3.89 ms, in each micro-step's backward (ZeRO-2)
+    s.zero_stage = 2;
+    s.overlap_comm = true;
+    t = predict_time(m, s, gpu);
+    REQUIRE(t.backward_seconds > all_reduce);
+    CHECK(t.comm_exposed_seconds == doctest::Approx(2 * 3.5 * 5e8 / 450e9 + all_gather).epsilon(1e-12));
+    CHECK(t.comm_seconds == doctest::Approx(2 * all_reduce + all_gather).epsilon(1e-12));
+}
+
+TEST_CASE("recommend --for deepspeed searches overlap_comm: a second bucket for hidden reductions, where it fits") {
+    TuneRequest rq = test::hf_request("llama-3-8b", "h100-sxm-80gb", 8, 4096);
+    rq.for_format = "deepspeed";
+    const Recommendation r = recommend(rq);
+    REQUIRE(r.found);
+    CHECK(r.best.setup.deepspeed_zero());
+    CHECK(r.best.setup.overlap_comm);  // 0.93 GiB more, and its reductions hidden: it fits at 4k
+    rq.pins.overlap_comm = false;
+    const Recommendation off = recommend(rq);
+    REQUIRE(off.found);
+    CHECK_FALSE(off.best.setup.overlap_comm);
+    CHECK(off.best.time.tokens_per_second < r.best.time.tokens_per_second);
+    // Pinned on where DeepSpeed's engine cannot run: said before the search.
+    rq.pins.overlap_comm = true;
+    rq.for_format.clear();
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }) ==
+          "--pin: overlap_comm: yes: expected --for deepspeed or axolotl with runtime hf (DeepSpeed's ZeRO 1/2 engine has it)");
+    // Axolotl on one GPU searches ZeRO 0 (the plain Trainer) too: pinned there, overlap_comm is contradicted.
+    TuneRequest one = test::hf_request("tiny-llama", "h100-sxm-80gb", 1, 256);
+    one.for_format = "axolotl";
+    one.pins.zero_stage = 0;
+    one.pins.overlap_comm = true;
+    CHECK(test::expect_user_error([&] { (void)recommend(one); }).rfind("recommend: pin: zero=0: expected 1 or 2 with overlap_comm=yes", 0) == 0);
+}

@@ -98,6 +98,9 @@ struct TrainingSetup {
     // (zero_optimization.reduce_bucket_size: DeepSpeed's default 5e8; the Hugging Face Trainer fills
     // "auto" with hidden_size^2). Anything else runs no DeepSpeed bucket and keeps the default.
     std::int64_t reduce_bucket_size = kDeepSpeedReduceBucket;
+    // Its zero_optimization.overlap_comm (false, DeepSpeed's default for ZeRO 1/2): a second bucket,
+    // the reductions on a side stream while backward runs, ZeRO-1's in the last micro-step's hooks.
+    bool overlap_comm = false;
     std::int64_t sp = 1;          // sequence-parallel degree (Ulysses or ring attention: sp_impl)
     SpImpl sp_impl = SpImpl::Ulysses;
     // Expert parallelism (Mixture-of-Experts, kernels runtime): each rank of a group of ep, drawn
@@ -133,6 +136,8 @@ struct TrainingSetup {
     // too (its flat buffers and gradient bucket are there whatever the ranks); with ZeRO 0 the hf
     // runtime's data parallelism is torch's DDP.
     bool deepspeed_zero() const { return runtime == Runtime::Hf && (zero_stage == 1 || zero_stage == 2); }
+    // DeepSpeed's engine options as DeepSpeed's defaults (the only values a setup without its engine has)
+    bool deepspeed_defaults() const { return reduce_bucket_size == kDeepSpeedReduceBucket && !overlap_comm; }
 };
 
 // Ring attention's ranks differ (head-tail sharding gives rank r chunks r and 2 sp - 1 - r; its
@@ -155,6 +160,8 @@ std::vector<bool> parse_checkpoint_spec(const std::string& spec, std::int64_t nu
 std::string describe_checkpoints(const std::vector<bool>& checkpoint);
 // ", ep 8" (", ep 8, imbalance 1.25") with expert parallelism, else "".
 std::string describe_expert_parallelism(const TrainingSetup& setup);
+// ", DeepSpeed bucket 4096, overlap_comm" with DeepSpeed's engine options other than its defaults, else "".
+std::string describe_deepspeed(const TrainingSetup& setup);
 
 // Why `sp` ranks cannot split a sequence of seq_len tokens of `model` with this implementation:
 // the knob and what it expects (part of validate(); the tuner asks it of each degree it might

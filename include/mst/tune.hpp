@@ -21,6 +21,7 @@ struct Pins {
     std::optional<MlpImpl> mlp_impl;
     std::optional<LmHeadImpl> lm_impl;
     std::optional<bool> offload;
+    std::optional<bool> overlap_comm;  // DeepSpeed's (ZeRO 1/2 in the hf runtime); unpinned, both are searched
     std::optional<std::vector<bool>> checkpoint;  // an explicit placement
 };
 // "M_mlp=8", "zero=3", "checkpoint=spread:8", "offload=yes", ... into `pins`.
@@ -83,6 +84,9 @@ Recommendation recommend(const TuneRequest& request);
 // Whether a format's trainer runs the Hugging Face model in DeepSpeed's engine when the plan uses
 // ZeRO (deepspeed, axolotl): the hf runtime plans those with DeepSpeed's ZeRO 1/2.
 bool trains_in_deepspeed(const std::string& format);
+// DeepSpeed's engine options of `s` that are not DeepSpeed's defaults, as the command line gives them
+// ("--reduce-bucket-size 4096 --overlap-comm"; "" when there are none)
+std::string deepspeed_options(const TrainingSetup& s);
 Plan to_plan(const Recommendation& r, const TuneRequest& request, const std::string& model_ref, const std::string& gpu_ref);
 
 // ---- max-seq -------------------------------------------------------------------------

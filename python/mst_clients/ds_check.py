@@ -247,5 +247,9 @@ def plan_problems(engine, setup: Mapping[str, Any]) -> List[str]:
     want["offloaded optimizer states"] = (bool(engine.zero_offload_optimizer()), False)
     want["offloaded parameters"] = (bool(engine.zero_offload_param()), False)
     want["optimizer"] = (_optimizer_kind(engine.basic_optimizer), _PLAN_OPTIMIZERS.get(setup["optimizer"], "?"))
+    # ZeRO 1/2's engine options, which the plan's memory and time follow (its bucket, a second one)
+    if setup["zero_stage"] in (1, 2):
+        want["gradient bucket (elements)"] = (int(engine.zero_reduce_bucket_size()), setup.get("reduce_bucket_size", 500_000_000))
+        want["overlap_comm"] = (bool(engine.zero_overlap_comm()), setup.get("overlap_comm", False))
     return [f"plan: DeepSpeed's {what} is {got}, the plan's {expected}"
             for what, (got, expected) in want.items() if got != expected]

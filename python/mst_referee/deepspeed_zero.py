@@ -38,7 +38,7 @@ the gradients in the last micro-step's backward only, so the second does not sta
 ZeRO stages 1, 2 and 3 with AdamW run here, without offload or sequence parallelism: Ulysses (its
 attention and process groups) and DeepSpeed's CPU Adam (it reads data pointers) are refused by name,
 as is a file that is not the plan's (batch keys, stage, precision flags, optimizer, ZeRO 1/2's
-``reduce_bucket_size``). What DeepSpeed itself refuses is said in one line.
+``reduce_bucket_size`` and ``overlap_comm``). What DeepSpeed itself refuses is said in one line.
 """
 
 from __future__ import annotations
@@ -103,7 +103,11 @@ def check_plan(plan: Any, where: str) -> Dict[str, Any]:
     if setup["zero_stage"] == 3 and bucket != DEEPSPEED_BUCKET:
         fail(where, "setup.reduce_bucket_size", f"expected DeepSpeed's default {DEEPSPEED_BUCKET} under ZeRO-3 (mst-plan plans "
                                                 f"the bucket of ZeRO 1/2 only), got {bucket}")
-    setup = dict(setup, reduce_bucket_size=bucket)
+    overlap = False if setup.get("overlap_comm") is None else setup["overlap_comm"]
+    if not isinstance(overlap, bool) or (overlap and setup["zero_stage"] == 3):
+        fail(where, "setup.overlap_comm", f"expected true or false (false under ZeRO-3: mst-plan plans the overlap_comm of "
+                                          f"ZeRO 1/2 only), got {json.dumps(setup.get('overlap_comm'))}")
+    setup = dict(setup, reduce_bucket_size=bucket, overlap_comm=overlap)
     if setup.get("sp", 1) != 1:
         fail(where, "setup.sp", f"expected 1 (DeepSpeed's Ulysses is not run here), got {setup.get('sp')!r}")
     if setup.get("precision") not in ("bf16-master", "pure-bf16"):
@@ -146,6 +150,11 @@ def check_config(ds_config: Any, setup: Mapping[str, Any], where: str) -> None:
         got = json.dumps(bucket) if "reduce_bucket_size" in zero else f"none (DeepSpeed's default {DEEPSPEED_BUCKET})"
         fail(where, "zero_optimization.reduce_bucket_size",
              f"expected the plan's reduce_bucket_size {plan_bucket} (elements), got {got}")
+    overlap = zero.get("overlap_comm", False)  # (DeepSpeed's default for ZeRO 1/2; None is that default too)
+    if setup["zero_stage"] in (1, 2) and (False if overlap is None else overlap) is not setup.get("overlap_comm", False):
+        got = json.dumps(overlap) if "overlap_comm" in zero else "none (DeepSpeed's default false)"
+        fail(where, "zero_optimization.overlap_comm", f"expected the plan's overlap_comm {json.dumps(setup.get('overlap_comm', False))}, "
+                                                      f"got {got}")
     if ds_config.get("sequence_parallel_size", 1) != 1:
         fail(where, "sequence_parallel_size", f"expected 1 (the plan's sp), got {ds_config.get('sequence_parallel_size')!r}")
     expected = {"train_micro_batch_size_per_gpu": setup["micro_batch"], "gradient_accumulation_steps": setup["grad_accum"],
@@ -464,7 +473,7 @@ def job_for_deepspeed(plan: Any, where: str = "plan") -> Job:
     from .jobs import make_job
 
     setup = dict(check_plan(plan, where), runtime="hf")  # (Hugging Face's model code, whichever runtime planned it)
-    single = dict(setup, dp=1, zero_stage=0, precision="pure-bf16", reduce_bucket_size=DEEPSPEED_BUCKET)
+    single = dict(setup, dp=1, zero_stage=0, precision="pure-bf16", reduce_bucket_size=DEEPSPEED_BUCKET, overlap_comm=False)
     job = make_job(None, plan=dict(plan, setup=single), plan_where=where, convert="python")
     job.setup = setup
     return job

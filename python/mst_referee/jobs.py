@@ -56,7 +56,7 @@ SETUP_DEFAULTS: Dict[str, Any] = {
     "runtime": "hf",
     "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
     "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1, "reduce_bucket_size": 500_000_000,
-    "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0,
+    "overlap_comm": False, "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0,
 }
 SETUP_KEYS = tuple(SETUP_DEFAULTS) + ("optimizer_state_dtype", "mlp_chunk_tokens", "lm_chunk_tokens", "checkpoint")
 
@@ -308,7 +308,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     integer("zero_stage", 0, 3)
     integer("zero3_prefetch", 0, 8)
     integer("reduce_bucket_size", 1, big)
-    for key in ("padded", "optimizer_in_backward", "offload_checkpoints"):
+    for key in ("padded", "optimizer_in_backward", "offload_checkpoints", "overlap_comm"):
         boolean(key)
     choice("precision", PRECISIONS)
     choice("optimizer", OPTIMIZERS)
@@ -323,6 +323,8 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
         fail(where, "reduce_bucket_size", f"expected DeepSpeed's default {SETUP_DEFAULTS['reduce_bucket_size']} unless "
                                           f"DeepSpeed's ZeRO 1/2 engine runs the step (runtime hf, zero_stage 1 or 2), "
                                           f"got {s['reduce_bucket_size']}")
+    if s["overlap_comm"] and not deepspeed:
+        fail(where, "overlap_comm", "expected false unless DeepSpeed's ZeRO 1/2 engine runs the step (runtime hf, zero_stage 1 or 2)")
     state = knobs.get("optimizer_state_dtype")
     if state is None:
         state = "bf16" if s["precision"] == "pure-bf16" else "fp32"
@@ -353,8 +355,8 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
         fail(where, "optimizer_in_backward", "expected false with ZeRO stage 2 or 3")
     order = ("micro_batch", "seq_len", "grad_accum", "padded", "precision", "optimizer", "optimizer_state_dtype",
              "optimizer_in_backward", "optimizer_impl", "runtime", "attention", "mlp_chunks", "mlp_impl", "lm_chunks", "lm_impl",
-             "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "reduce_bucket_size", "sp", "sp_impl",
-             "ep", "moe_imbalance")
+             "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "reduce_bucket_size", "overlap_comm", "sp",
+             "sp_impl", "ep", "moe_imbalance")
     return {k: s[k] for k in order}
 
 

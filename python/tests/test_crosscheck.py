@@ -187,13 +187,19 @@ def test_the_bucket_is_deepspeeds_only_as_mst_plan_validates_it():
         jobs.normalize_setup({"reduce_bucket_size": 4096}, 32)
     with pytest.raises(jobs.CrosscheckError, match="reduce_bucket_size: expected an integer"):
         jobs.normalize_setup({"dp": 8, "zero_stage": 2, "reduce_bucket_size": 0}, 32)
-
+    # overlap_comm likewise: true only where that engine runs, a boolean (1 is not one)
+    assert jobs.normalize_setup({"dp": 8, "zero_stage": 1, "precision": "bf16-master", "overlap_comm": True}, 32)["overlap_comm"]
+    assert jobs.normalize_setup({"overlap_comm": None}, 32)["overlap_comm"] is False
+    with pytest.raises(jobs.CrosscheckError, match="overlap_comm: expected false unless DeepSpeed's ZeRO 1/2 engine runs the step"):
+        jobs.normalize_setup({"dp": 8, "zero_stage": 3, "overlap_comm": True}, 32)
+    with pytest.raises(jobs.CrosscheckError, match="overlap_comm: expected true or false, got 1"):
+        jobs.normalize_setup({"dp": 8, "zero_stage": 2, "overlap_comm": 1}, 32)
 
 @needs_binary
 def test_integral_numbers_and_nulls_read_as_mst_plan_reads_them(tmp_path):
     """5e8 and 8.0 are integers, null is the default: the mirror and the binary read one setup alike."""
     knobs = {"dp": 8.0, "zero_stage": 2, "precision": "bf16-master", "reduce_bucket_size": 5e8, "sp": None,
-             "seq_len": 4096.0, "grad_accum": None}
+             "seq_len": 4096.0, "grad_accum": None, "overlap_comm": True}
     path = tmp_path / "setup.json"
     path.write_text(json.dumps(knobs))
     out = subprocess.run([str(_binary()), "--json", "estimate", "--model", "llama-3-8b", "--gpu", "h100-sxm-80gb",
@@ -212,7 +218,8 @@ def test_knobs_take_mst_plans_defaults():
                  "optimizer": "adamw", "optimizer_state_dtype": "bf16", "optimizer_in_backward": False,
                  "optimizer_impl": "fused", "runtime": "hf", "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
                  "checkpoint": [], "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1,
-                 "reduce_bucket_size": 500_000_000, "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0}
+                 "reduce_bucket_size": 500_000_000, "overlap_comm": False, "sp": 1, "sp_impl": "ulysses", "ep": 1,
+                 "moe_imbalance": 1.0}
     assert jobs.normalize_setup({"sp": 2, "sp_impl": "ring", "seq_len": 64}, 32)["sp_impl"] == "ring"
     assert jobs.normalize_setup({"precision": "bf16-master"}, 32)["optimizer_state_dtype"] == "fp32"
     assert jobs.normalize_setup({"precision": "amp"}, 32)["optimizer_state_dtype"] == "fp32"

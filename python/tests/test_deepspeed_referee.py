@@ -69,6 +69,11 @@ PART3 = sum(PARTS3[p] for p in ORDER3)
 ZERO3 = {k: v for k, v in dict(SETUP, dp=W3, zero_stage=3).items() if k != "reduce_bucket_size"}  # (the plan's: the default)
 ZERO3_DS = dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET,
                                               "stage3_param_persistence_threshold": 0})
+# overlap_comm: two buckets; ZeRO-2 on rank 6, ZeRO-1 (three micro-steps) reducing in the last one's hooks.
+OVERLAP = {"zero2": (dict(SETUP, runtime="hf", overlap_comm=True),
+                     dict(DS_CONFIG, zero_optimization={"stage": 2, "reduce_bucket_size": BUCKET, "overlap_comm": True})),
+           "zero1": (dict(ZERO1, runtime="hf", overlap_comm=True),
+                     dict(ZERO1_DS, zero_optimization={"stage": 1, "reduce_bucket_size": BUCKET, "overlap_comm": True}))}
 # The emitted defaults (no reduce_bucket_size), for the comparison with the hf runtime.
 DEFAULT_BUCKET = 500_000_000
 DEFAULTS = {
@@ -98,9 +103,12 @@ def runs():
             "out['small_bucket'] = {'zero2': dz.measurement_file(job(a['setup']), out['fake']), "
             "'zero1': dz.measurement_file(job(a['zero1']), out['zero1'])}; "
             "out['defaults'] = {k: (lambda j: dz.measurement_file(j, dz.deepspeed_step(j, ds, rank)))(job(setup)) "
-            "for k, (setup, ds, rank) in a['defaults'].items()}; print(json.dumps(out))")
+            "for k, (setup, ds, rank) in a['defaults'].items()}; "
+            "out['overlap'] = {k: (lambda j: dz.measurement_file(j, dz.deepspeed_step(j, ds, a['rank'])))(job(setup)) "
+            "for k, (setup, ds) in a['overlap'].items()}; print(json.dumps(out))")
     arg = json.dumps({"setup": SETUP, "ds": DS_CONFIG, "zero1": ZERO1, "zero1_ds": ZERO1_DS, "rank": RANK,
-                      "zero3": ZERO3, "zero3_ds": ZERO3_DS, "rank3": RANK3, "defaults": DEFAULTS})
+                      "zero3": ZERO3, "zero3_ds": ZERO3_DS, "rank3": RANK3, "defaults": DEFAULTS,
+                      "overlap": OVERLAP})
     r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=ENV, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -254,6 +262,8 @@ def _refused(tmp_path, setup, ds_config, blamed, expected):
      "(DeepSpeed's default 500000000)"),
     ({"zero_optimization": {"stage": 2, "reduce_bucket_size": True}},
      f"zero_optimization.reduce_bucket_size: expected the plan's reduce_bucket_size {BUCKET} (elements), got true"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": BUCKET, "overlap_comm": True}},
+     "zero_optimization.overlap_comm: expected the plan's overlap_comm false, got true"),
 ])
 def test_a_file_that_is_not_the_plans_is_one_line_and_exit_2(tmp_path, change, expected):
     _refused(tmp_path, SETUP, dict(DS_CONFIG, **change), "ds", expected)
@@ -265,6 +275,9 @@ def test_a_file_that_is_not_the_plans_is_one_line_and_exit_2(tmp_path, change, e
     (dict(SETUP, reduce_bucket_size=0), "setup.reduce_bucket_size: expected an integer in [1, 1099511627776], got 0"),
     (dict(ZERO3, reduce_bucket_size=BUCKET), "setup.reduce_bucket_size: expected DeepSpeed's default 500000000 under ZeRO-3"),
     (dict(SETUP, reduce_bucket_size=4096.5), "setup.reduce_bucket_size: expected an integer in [1, 1099511627776], got 4096.5"),
+    (dict(SETUP, overlap_comm="yes"), 'setup.overlap_comm: expected true or false (false under ZeRO-3: mst-plan plans the '
+                                      'overlap_comm of ZeRO 1/2 only), got "yes"'),
+    (dict(ZERO3, overlap_comm=True), "setup.overlap_comm: expected true or false (false under ZeRO-3"),
 ])
 def test_a_plan_whose_bucket_mst_plan_would_refuse_is_one_line_and_exit_2(tmp_path, setup, expected):
     _refused(tmp_path, setup, DS_CONFIG, "plan", expected)
@@ -279,18 +292,34 @@ def test_a_plans_bucket_reads_as_mst_plan_reads_it():
     assert read(5e8) == read(None) == 500_000_000
 
 
-@pytest.mark.parametrize("case", sorted(DEFAULTS) + ["zero2 bucket 4096", "zero1 bucket 4096"])
+@pytest.mark.parametrize("stage", sorted(OVERLAP))
+def test_overlap_comm_makes_a_second_bucket_with_the_first(runs, stage):
+    """setup_buckets makes both at the first gradient (lm_head's, micro-step 0: ZeRO-2's one micro-step,
+    ZeRO-1's first of three, kept to the last one's epilogue) and _release_ipg_buffers lets both go."""
+    events = runs["overlap"][stage]["timeline"]["events"]
+    buckets = [e for e in events if e[0] == "alloc" and e[9] == f"empty bf16[{BUCKET}]"]
+    assert [(e[2], e[8], e[7]) for e in buckets] == [(2 * BUCKET, "lm_head", 0)] * 2
+    freed = [e for e in events if e[0] == "free" and e[1] in {b[1] for b in buckets}]
+    assert [e[5] for e in freed] == ["backward"] * len(buckets)
+
+
+@pytest.mark.parametrize("case", sorted(DEFAULTS) + ["zero2 bucket 4096", "zero1 bucket 4096", "zero2 overlap_comm",
+                                  "zero1 overlap_comm"])
 def test_the_hf_runtime_predicts_deepspeeds_step_event_for_event(runs, case, tmp_path):
-    """With the emitted defaults, and with the bucket cut to 4096 elements (the plan's
-    reduce_bucket_size: several reductions per backward, the groups of allreduce_and_scatter)."""
+    """With the emitted defaults, with the bucket cut to 4096 elements (the plan's reduce_bucket_size:
+    several reductions per backward, the groups of allreduce_and_scatter), and with overlap_comm on it
+    (two buckets taking turns; ZeRO-1 reducing in the last micro-step's hooks)."""
     binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
     if not binary.exists():
         pytest.skip("mst-plan is not built (set MST_PLAN or build/)")
     measured = tmp_path / "measured.json"
-    record = runs["defaults"][case] if case in DEFAULTS else runs["small_bucket"][case.split()[0]]
+    stage, kind = (case, "") if case in DEFAULTS else case.split(" ", 1)
+    record = runs["defaults"][case] if case in DEFAULTS else runs["overlap" if kind == "overlap_comm" else "small_bucket"][stage]
     measured.write_text(json.dumps(record))
     assert record["timeline"]["rank"] == (DEFAULTS[case][2] if case in DEFAULTS else RANK)
     assert record["setup"]["reduce_bucket_size"] == (BUCKET if case not in DEFAULTS else DEFAULT_BUCKET)
+    assert record["setup"]["overlap_comm"] is (kind == "overlap_comm")
+    assert f"overlap_comm {kind == 'overlap_comm'}" in record["notes"][1]  # (the engine's own value)
     r = subprocess.run([str(binary), "--json", "compare", "--run", str(measured)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)

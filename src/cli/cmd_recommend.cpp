@@ -138,10 +138,11 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                              "more memory or a lighter optimizer state can help",
                              rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes),
                              rq.gpus > 1 && !deepspeed ? " (and DDP's buckets of them)" : "", format_bytes(r.persistent_bytes),
-                             rq.base.reduce_bucket_size != kDeepSpeedReduceBucket
-                                 ? fmt::format("DeepSpeed's bucket (--reduce-bucket-size {}) takes {} on every GPU, whatever "
-                                               "the GPUs; ",
-                                               rq.base.reduce_bucket_size, format_bytes(checked_mul(rq.base.reduce_bucket_size, 2)))
+                             !rq.base.deepspeed_defaults()
+                                 ? fmt::format("DeepSpeed's {} ({}) take{} {} on every GPU, whatever the GPUs; ",
+                                               rq.base.overlap_comm ? "two buckets" : "bucket", deepspeed_options(rq.base),
+                                               rq.base.overlap_comm ? "" : "s",
+                                               format_bytes(checked_mul(rq.base.reduce_bucket_size, rq.base.overlap_comm ? 4 : 2)))
                                  : "",
                              rq.base.runtime != Runtime::Hf ? ""
                              : deepspeed ? " (ZeRO 1 and 2 leave every GPU the whole bf16 weights: ZeRO-3 with --runtime kernels)"
@@ -191,8 +192,8 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                                          : fmt::format("{} of {} layers ({}){}", s.checkpointed_count(),
                                                                        rq.model.num_layers, describe_checkpoints(s.checkpoint),
                                                                        s.offload_checkpoints ? ", offloaded to host" : "")});
-    t.row({"parallelism", fmt::format("dp {} (ZeRO {}), {} sp {}{}", s.dp, s.zero_stage, s.ring() ? "ring attention" : "Ulysses",
-                                      s.sp, describe_expert_parallelism(s))});
+    t.row({"parallelism", fmt::format("dp {} (ZeRO {}{}), {} sp {}{}", s.dp, s.zero_stage, describe_deepspeed(s),
+                                      s.ring() ? "ring attention" : "Ulysses", s.sp, describe_expert_parallelism(s))});
     t.row({"batch", fmt::format("micro-batch {} x {} accumulation x dp {} = {} tokens per step", s.micro_batch, s.grad_accum,
                                 s.dp, checked_product({s.micro_batch, s.grad_accum, s.dp, s.seq_len}, "tokens per step"))});
     t.row({"optimizer", fmt::format("{} ({} states){}, {}", to_string(s.optimizer), to_string(s.effective_state_dtype()),
@@ -217,11 +218,11 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     "(README).", rq.for_format),
                         100));
     // (--for axolotl on one GPU: the plain Trainer, without DeepSpeed, may be the pick)
-    if (rq.base.reduce_bucket_size != kDeepSpeedReduceBucket && !s.deepspeed_zero())
+    if (!rq.base.deepspeed_defaults() && !s.deepspeed_zero())
         fmt::print("\ncaution: {}",
                    wrap(fmt::format("the recommended setup trains without DeepSpeed's engine (ZeRO {}), which has no gradient "
-                                    "bucket: --reduce-bucket-size {} does not apply to it (--pin zero=1 or zero=2 plans "
-                                    "DeepSpeed's).", s.zero_stage, rq.base.reduce_bucket_size),
+                                    "bucket: {} does not apply to it (--pin zero=1 or zero=2 plans DeepSpeed's).",
+                                    s.zero_stage, deepspeed_options(rq.base)),
                         100));
     fmt::print("\nwhy: {}\n", wrap(r.why, 100));
     if (r.pareto.size() > 1) {
@@ -232,8 +233,9 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
             p.row({format_bytes(c.memory.peak_reserved_bytes), fmt::format("{:.0f}", c.time.tokens_per_second),
                    fmt::format("{:.1f} %", 100 * c.time.mfu), describe_chunks(c.setup),
                    fmt::format("{}/{}", c.setup.checkpointed_count(), rq.model.num_layers), c.setup.offload_checkpoints ? "yes" : "no",
-                   ep ? fmt::format("{}/{}/{}/{}", c.setup.dp, c.setup.zero_stage, c.setup.sp, c.setup.ep)
-                      : fmt::format("{}/{}/{}", c.setup.dp, c.setup.zero_stage, c.setup.sp)});
+                   (ep ? fmt::format("{}/{}/{}/{}", c.setup.dp, c.setup.zero_stage, c.setup.sp, c.setup.ep)
+                       : fmt::format("{}/{}/{}", c.setup.dp, c.setup.zero_stage, c.setup.sp)) +
+                       (c.setup.overlap_comm ? " overlap_comm" : "")});
         fmt::print("memory-vs-throughput front (runner-ups):\n");
         p.print();
     }
@@ -246,7 +248,7 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     if (user_knobs) user = knobs.build(rq.model);  // the user's own setup, as given
     // precision, optimizer, attention, micro-batch ...; DeepSpeed's bucket goes to the strategies its engine runs
     rq.base = user ? *user : knobs.build(rq.model, false);
-    if (!user) rq.base.reduce_bucket_size = knobs.reduce_bucket_size();
+    if (!user) knobs.take_deepspeed(rq.base);
     const MaxSeqResult r = max_seq(rq, user);
     if (g.json) {
         nlohmann::json rows = nlohmann::json::array();

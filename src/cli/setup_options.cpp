@@ -46,6 +46,8 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
                    "DeepSpeed's gradient bucket in elements (ZeRO 1/2, runtime hf: its reduce_bucket_size; the Hugging Face "
                    "Trainer's \"auto\" is hidden_size^2)")
         ->capture_default_str()->check(decimal());
+    cmd.add_flag("--overlap-comm", overlap_comm,
+                 "DeepSpeed's overlap_comm (ZeRO 1/2, runtime hf): a second gradient bucket, the reductions overlapping backward");
     cmd.add_option("--sp", sp, "Sequence-parallel degree (runtime kernels)")->capture_default_str()->check(decimal());
     cmd.add_option("--sp-impl", sp_impl, "ulysses (DeepSpeed: all-to-all, heads split) | ring (PyTorch's context-parallel ring "
                                          "attention, as accelerate runs it)")->capture_default_str();
@@ -58,7 +60,12 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
 
 bool SetupOptions::given(const char* name) const { return cmd_->count(name) > 0; }
 
-TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_bucket) const {
+void SetupOptions::take_deepspeed(TrainingSetup& s) const {
+    if (given("--reduce-bucket-size")) s.reduce_bucket_size = reduce_bucket_size_;
+    if (given("--overlap-comm")) s.overlap_comm = overlap_comm;
+}
+
+TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed) const {
     TrainingSetup s;
     if (!setup_file.empty()) s = load_setup_file(setup_file, model, parse_runtime(default_runtime_, "command line"));
     const std::string w = "command line";
@@ -85,7 +92,7 @@ TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_bucket) cons
     if (given("--dp")) s.dp = dp;
     if (given("--zero")) s.zero_stage = zero;
     if (given("--zero3-prefetch")) s.zero3_prefetch = zero3_prefetch;
-    if (with_bucket && given("--reduce-bucket-size")) s.reduce_bucket_size = reduce_bucket_size_;
+    if (with_deepspeed) take_deepspeed(s);
     if (given("--sp")) s.sp = sp;
     if (given("--sp-impl")) s.sp_impl = parse_sp_impl(sp_impl, w);
     if (given("--ep")) s.ep = ep;

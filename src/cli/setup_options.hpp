@@ -17,10 +17,12 @@ public:
     // default_runtime: what --runtime is when neither it nor a setup file says (measure: kernels).
     void add_to(CLI::App& cmd, const char* default_runtime = "hf");
     std::string default_runtime_ = "hf";
-    // Validated. Without `with_bucket` --reduce-bucket-size is left out (max-seq's strategies template,
-    // whose stages the search picks: reduce_bucket_size() gives it to those DeepSpeed runs).
-    TrainingSetup build(const ModelSpec& model, bool with_bucket = true) const;
-    std::int64_t reduce_bucket_size() const { return reduce_bucket_size_; }  // as given, or DeepSpeed's default
+    // Validated. Without `with_deepspeed` DeepSpeed's engine options (--reduce-bucket-size,
+    // --overlap-comm) are left out (max-seq's strategies template, whose stages the search picks:
+    // take_deepspeed() gives them to those DeepSpeed runs).
+    TrainingSetup build(const ModelSpec& model, bool with_deepspeed = true) const;
+    // DeepSpeed's engine options given here (unvalidated), over `s`'s
+    void take_deepspeed(TrainingSetup& s) const;
     const std::string& file() const { return setup_file; }  // --setup's ("" when none)
 
 private:
@@ -33,7 +35,7 @@ private:
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, optimizer_impl = "fused", runtime = "hf",
                 attention;
     std::string mlp_impl = "loop", lm_impl = "recompute", checkpoint = "none", sp_impl = "ulysses";
-    bool padded = false, offload = false, opt_in_backward = false;
+    bool padded = false, offload = false, opt_in_backward = false, overlap_comm = false;
 
     bool given(const char* name) const;
 };

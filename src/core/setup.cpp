@@ -174,6 +174,13 @@ std::string describe_expert_parallelism(const TrainingSetup& s) {
     return s.moe_imbalance == 1.0 ? fmt::format(", ep {}", s.ep) : fmt::format(", ep {}, imbalance {}", s.ep, s.moe_imbalance);
 }
 
+std::string describe_deepspeed(const TrainingSetup& s) {
+    std::string out;
+    if (s.reduce_bucket_size != kDeepSpeedReduceBucket) out += fmt::format(", DeepSpeed bucket {}", s.reduce_bucket_size);
+    if (s.overlap_comm) out += ", overlap_comm";
+    return out;
+}
+
 std::int64_t TrainingSetup::expert_rows(std::int64_t pairs) const {
     if (ep == 1) return pairs;
     // (1 - 1e-12: a product like 1.1 x 10 that lands a rounding above an integer is that integer)
@@ -271,6 +278,8 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
              fmt::format("expected DeepSpeed's default {} unless DeepSpeed's ZeRO 1/2 engine runs the step (runtime hf, "
                          "zero_stage 1 or 2), got {}",
                          kDeepSpeedReduceBucket, s.reduce_bucket_size));
+    if (s.overlap_comm && !s.deepspeed_zero())
+        fail(w, "overlap_comm", "expected false unless DeepSpeed's ZeRO 1/2 engine runs the step (runtime hf, zero_stage 1 or 2)");
     if (!s.checkpoint.empty() && static_cast<std::int64_t>(s.checkpoint.size()) != m.num_layers)
         fail(w, "checkpoint", fmt::format("expected one entry per layer ({}), got {}", m.num_layers, s.checkpoint.size()));
     if (s.offload_checkpoints && s.checkpointed_count() == 0)
@@ -432,6 +441,7 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     s.zero_stage = static_cast<int>(r.opt_integer("zero_stage", 0, 3).value_or(0));
     s.zero3_prefetch = static_cast<int>(r.opt_integer("zero3_prefetch", 0, limits::kZero3Prefetch).value_or(1));
     s.reduce_bucket_size = r.opt_integer("reduce_bucket_size", 1, limits::kReduceBucket).value_or(kDeepSpeedReduceBucket);
+    s.overlap_comm = r.opt_boolean("overlap_comm").value_or(false);
 
     auto chunks = [&](const char* count_key, const char* tokens_key) -> std::int64_t {
         if (r.has(count_key) && r.has(tokens_key))
@@ -496,6 +506,7 @@ nlohmann::json to_json(const TrainingSetup& s) {
         {"zero_stage", s.zero_stage},
         {"zero3_prefetch", s.zero3_prefetch},
         {"reduce_bucket_size", s.reduce_bucket_size},
+        {"overlap_comm", s.overlap_comm},
         {"sp", s.sp},
         {"sp_impl", to_string(s.sp_impl)},
         {"ep", s.ep},

@@ -327,6 +327,7 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
     // ---- communication ---------------------------------------------------------------
     const double ga = static_cast<double>(s.grad_accum);
     double overlapped = 0, exposed = 0;
+    double overlapped_elsewhere = 0;  // hidden, but not behind the step's whole compute (DeepSpeed's: its backward)
     // Gradients are reduced (and ZeRO shards) over every dp and sp rank; an expert's over the
     // ranks holding it.
     auto reduce = [&](double params, std::int64_t ranks) {
@@ -339,7 +340,26 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         if (zero == 2) return ga * ring * grad_bytes / bw + ring * param_bytes / bw;      // RS per micro-step, AG after step
         return ga * ((2 + ckpt / L) * ring * param_bytes + ring * grad_bytes) / bw;      // AG fwd, bwd, recompute; RS
     };
-    overlapped += reduce(P_dense, s.zero_ranks()) + reduce(P_expert, s.expert_data_ranks());
+    if (s.deepspeed_zero() && s.zero_ranks() > 1) {
+        // DeepSpeed's ZeRO 1/2 engine (runtime/zero/stage_1_and_2.py): a reduction all-reduces its bucket's
+        // bf16 gradients (use_multi_rank_bucket_allreduce), ZeRO-2 in every micro-step's backward, ZeRO-1
+        // in the last one's. Without overlap_comm it runs where backward runs, which waits for it; with
+        // it, on its own stream behind backward, but for the epilogue's last bucket. After the step the
+        // bf16 partitions are all-gathered (all_gather_dp_groups), with nothing left to hide behind.
+        const double N = static_cast<double>(s.zero_ranks());
+        const double bw = link_gbps(gpu, cluster, s.zero_ranks(), 1) * 1e9, ring = (N - 1) / N;
+        auto all_reduce = [&](double elements) { return 2 * ring * elements * 2 / bw; };
+        const double reductions = s.zero_stage == 2 ? ga : 1;
+        const double last = std::min(P, static_cast<double>(s.reduce_bucket_size));
+        const double backward = out.backward_seconds + out.recompute_seconds;
+        const double per_backward = s.overlap_comm ? std::max(0.0, all_reduce(P - last) - backward) + all_reduce(last)
+                                                   : all_reduce(P);
+        exposed += reductions * per_backward + ring * P * pw / bw;
+        // (comm_seconds counts it all)
+        overlapped_elsewhere = reductions * (all_reduce(P) - per_backward);
+    } else {
+        overlapped += reduce(P_dense, s.zero_ranks()) + reduce(P_expert, s.expert_data_ranks());
+    }
     if (moe && s.ep > 1) {
         // Expert parallelism: per layer and MoE pass, the pairs go to their experts' ranks and come
         // back (four all-to-alls a micro-step; two more per recomputed forward: a checkpointed
@@ -370,7 +390,7 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         out.ulysses_seconds = ga * (2 * L + ckpt) * bytes / bw;
         exposed += out.ulysses_seconds;
     }
-    out.comm_seconds = overlapped + exposed;
+    out.comm_seconds = overlapped + overlapped_elsewhere + exposed;
     const double compute = ga * (out.forward_seconds + out.backward_seconds + out.recompute_seconds);
     out.comm_exposed_seconds = exposed + std::max(0.0, overlapped - compute);
 

@@ -53,7 +53,9 @@ bool parse_yes_no(const std::string& where, const std::string& key, const std::s
 void parse_pin(const std::string& text, const ModelSpec& model, Pins& pins) {
     const auto eq = text.find('=');
     if (eq == std::string::npos || eq == 0)
-        fail("--pin", text, "expected KEY=VALUE (keys: M_mlp, M_lm, mlp_impl, lm_impl, checkpoint, offload, sp, ep, zero, micro_batch)");
+        fail("--pin", text,
+             "expected KEY=VALUE (keys: M_mlp, M_lm, mlp_impl, lm_impl, checkpoint, offload, sp, ep, zero, micro_batch, "
+             "overlap_comm)");
     const std::string key = text.substr(0, eq), value = text.substr(eq + 1);
     if (key == "M_mlp" || key == "mlp_chunks") pins.mlp_chunks = pin_int(key, value, 1, max_mlp_chunks(model));
     else if (key == "M_lm" || key == "lm_chunks") pins.lm_chunks = pin_int(key, value, 1, limits::kChunks);
@@ -64,6 +66,7 @@ void parse_pin(const std::string& text, const ModelSpec& model, Pins& pins) {
     else if (key == "zero") pins.zero_stage = static_cast<int>(pin_int(key, value, 0, 3));
     else if (key == "micro_batch") pins.micro_batch = pin_int(key, value, 1, limits::kMicroBatch);
     else if (key == "offload") pins.offload = parse_yes_no("--pin", key, value);
+    else if (key == "overlap_comm") pins.overlap_comm = parse_yes_no("--pin", key, value);
     else if (key == "checkpoint") {
         // A plain number is a count (the tuner places them); anything else is a placement.
         const bool count = !value.empty() && std::all_of(value.begin(), value.end(), [](char ch) {
@@ -72,7 +75,8 @@ void parse_pin(const std::string& text, const ModelSpec& model, Pins& pins) {
         if (count) pins.checkpoint_count = pin_int(key, value, 0, model.num_layers);
         else pins.checkpoint = parse_checkpoint_spec(value, model.num_layers, "--pin");
     } else {
-        fail("--pin", key, "expected one of M_mlp, M_lm, mlp_impl, lm_impl, checkpoint, offload, sp, ep, zero, micro_batch");
+        fail("--pin", key,
+             "expected one of M_mlp, M_lm, mlp_impl, lm_impl, checkpoint, offload, sp, ep, zero, micro_batch, overlap_comm");
     }
 }
 
@@ -117,11 +121,16 @@ std::int64_t widest_expert_parallel(const TuneRequest& rq) {
     return 1;
 }
 
-// DeepSpeed's gradient bucket as asked where its ZeRO 1/2 engine runs `s`, DeepSpeed's default elsewhere:
-// the searches move setups between stages, and only that engine has the bucket (validate()).
-void take_bucket(TrainingSetup& s, std::int64_t asked) {
-    s.reduce_bucket_size = s.deepspeed_zero() ? asked : kDeepSpeedReduceBucket;
+// DeepSpeed's engine options (its gradient bucket, overlap_comm) as asked where its ZeRO 1/2 engine runs
+// `s`, DeepSpeed's defaults elsewhere: the searches move setups between stages, and only that engine
+// has them (validate()).
+void take_deepspeed(TrainingSetup& s, const TrainingSetup& asked) {
+    const bool engine = s.deepspeed_zero();
+    s.reduce_bucket_size = engine ? asked.reduce_bucket_size : kDeepSpeedReduceBucket;
+    s.overlap_comm = engine && asked.overlap_comm;
 }
+
+
 
 // --for: why the format's trainer cannot train `s` as planned, in its emitter's words ("" when it can).
 std::string refusal_of(const std::string& format, const TrainingSetup& s, const ModelSpec& m);
@@ -478,10 +487,19 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
     if (s.dp > 1) why += fmt::format("Data parallelism over {} GPUs. ", s.dp);
     if (s.deepspeed_zero())
         why += fmt::format("DeepSpeed's engine holds the bf16 parameters in one flat buffer, moves each gradient into its "
-                           "bucket of {} elements ({}) and keeps the gradients of the parameters its partition "
+                           "bucket of {} elements ({}{}) and keeps the gradients of the parameters its partition "
                            "touches{}. ",
                            s.reduce_bucket_size == kDeepSpeedReduceBucket ? "5e8" : std::to_string(s.reduce_bucket_size),
-                           format_bytes(checked_mul(s.reduce_bucket_size, 2)), s.dp > 1 ? "; every rank's step is walked" : "");
+                           format_bytes(checked_mul(s.reduce_bucket_size, 2)),
+                           s.overlap_comm ? "; overlap_comm: two of them, the reductions running behind backward" : "",
+                           s.dp > 1 ? "; every rank's step is walked" : "");
+    if (s.deepspeed_zero() && s.zero_ranks() > 1)
+        why += fmt::format("Its gradient reductions ({}) and the all-gather of the updated parameters after the step leave "
+                           "{:.1f} ms per step not hidden behind compute. ",
+                           s.overlap_comm ? (s.zero_stage == 2 ? "in every backward, the last bucket's after it"
+                                                               : "in the last micro-step's backward, the last bucket's after it")
+                                          : "waited for where backward runs, without overlap_comm",
+                           1e3 * best.time.comm_exposed_seconds);
     if (s.zero_stage > 0 && s.zero_ranks() > 1)
         why += fmt::format("ZeRO stage {} shards {} over all {} ranks{}. ", s.zero_stage,
                            s.zero_stage == 1 ? "the optimizer states" : s.zero_stage == 2 ? "optimizer states and gradients"
@@ -531,7 +549,7 @@ void check_request(const TuneRequest& rq, const char* command) {
         (*rq.pins.zero_stage == 1 || *rq.pins.zero_stage == 2)) {
         TrainingSetup pinned = as_planned;
         pinned.zero_stage = *rq.pins.zero_stage;
-        take_bucket(pinned, rq.base.reduce_bucket_size);
+        take_deepspeed(pinned, rq.base);
         validate_hf_scope(pinned, rq.model);
     }
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage &&
@@ -542,7 +560,7 @@ void check_request(const TuneRequest& rq, const char* command) {
                                          *rq.pins.zero_stage, fmt::join(zeros, " or "),
                                          rq.for_format.empty() ? "" : " and --for " + rq.for_format));
     as_planned.zero_stage = rq.pins.zero_stage.value_or(zeros.front());  // (the hf runtime: DDP's or DeepSpeed's rules)
-    take_bucket(as_planned, rq.base.reduce_bucket_size);
+    take_deepspeed(as_planned, rq.base);
     validate_model_scope(as_planned, rq.model);
     validate_hf_scope(as_planned, rq.model);
     // (asked for, and some layout can use it)
@@ -586,20 +604,37 @@ std::string refusal_of(const std::string& format, const TrainingSetup& s, const 
 
 bool trains_in_deepspeed(const std::string& format) { return format == "deepspeed" || format == "axolotl"; }
 
+std::string deepspeed_options(const TrainingSetup& s) {
+    std::string out;
+    if (s.reduce_bucket_size != kDeepSpeedReduceBucket) out = fmt::format("--reduce-bucket-size {}", s.reduce_bucket_size);
+    if (s.overlap_comm) out += out.empty() ? "--overlap-comm" : " --overlap-comm";
+    return out;
+}
+
+namespace {
+// The first of them as an error's field ("reduce-bucket-size")
+std::string deepspeed_field(const std::string& options) { return options.substr(2, options.find(' ') - 2); }
+}  // namespace
+
 Recommendation recommend(const TuneRequest& rq) {
     const ModelSpec& m = rq.model;
     Recommendation out;
     check_request(rq, "recommend");
-    if (rq.base.reduce_bucket_size != kDeepSpeedReduceBucket &&
-        !(rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format)))
-        fail("recommend", "reduce-bucket-size",
-             fmt::format("expected --for deepspeed or axolotl with runtime hf (DeepSpeed's ZeRO 1/2 engine holds the "
-                         "bucket), or DeepSpeed's default {}, got {}",
-                         kDeepSpeedReduceBucket, rq.base.reduce_bucket_size));
-    if (rq.base.reduce_bucket_size != kDeepSpeedReduceBucket && rq.pins.zero_stage && *rq.pins.zero_stage == 0)
-        fail("recommend", "pin", fmt::format("zero=0: expected 1 or 2 with --reduce-bucket-size {} (only DeepSpeed's ZeRO 1/2 "
-                                             "engine has the bucket)",
-                                             rq.base.reduce_bucket_size));
+    const std::string ds_option = deepspeed_options(rq.base);
+    if (!ds_option.empty() && !(rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format)))
+        fail("recommend", deepspeed_field(ds_option),
+             fmt::format("expected --for deepspeed or axolotl with runtime hf (DeepSpeed's ZeRO 1/2 engine has it), or "
+                         "DeepSpeed's default, got {}",
+                         ds_option));
+    if (!ds_option.empty() && rq.pins.zero_stage && *rq.pins.zero_stage == 0)
+        fail("recommend", "pin", fmt::format("zero=0: expected 1 or 2 with {} (only DeepSpeed's ZeRO 1/2 engine has it)",
+                                             ds_option));
+    if (rq.pins.overlap_comm && *rq.pins.overlap_comm) {
+        if (!(rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format)))
+            fail("--pin", "overlap_comm", "yes: expected --for deepspeed or axolotl with runtime hf (DeepSpeed's ZeRO 1/2 engine has it)");
+        if (rq.pins.zero_stage && *rq.pins.zero_stage == 0)
+            fail("recommend", "pin", "zero=0: expected 1 or 2 with overlap_comm=yes (only DeepSpeed's ZeRO 1/2 engine has it)");
+    }
     out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
     if (rq.seq_len < 1 || rq.seq_len > limits::kSeqLen)
         fail("recommend", "seq_len", fmt::format("expected a length in [1, {}], got {}", limits::kSeqLen, rq.seq_len));
@@ -693,12 +728,17 @@ Recommendation recommend(const TuneRequest& rq) {
                         if (rq.pins.mlp_impl && mi != *rq.pins.mlp_impl) continue;
                         for (LmHeadImpl li : {LmHeadImpl::Recompute, LmHeadImpl::FusedForward}) {
                             if (rq.pins.lm_impl && li != *rq.pins.lm_impl) continue;
-                            for (bool in_bwd : {false, true}) {
+                            for (auto [in_bwd, overlap] : {std::pair{false, false}, {false, true}, {true, false}, {true, true}}) {
                                 if (in_bwd && !searches_step_in_backward(rq, ga, zero)) continue;
                                 TrainingSetup s = rq.base;
                                 s.seq_len = rq.seq_len;
                                 s.sp = sp, s.dp = dp, s.zero_stage = zero, s.ep = ep;
-                                take_bucket(s, rq.base.reduce_bucket_size);
+                                take_deepspeed(s, rq.base);
+                                // DeepSpeed's overlap_comm: a second bucket for its reductions hidden behind backward
+                                // (one rank reduces nothing: unpinned, the second bucket is not tried)
+                                if (overlap && (!s.deepspeed_zero() || (s.zero_ranks() == 1 && !rq.pins.overlap_comm))) continue;
+                                if (rq.pins.overlap_comm && overlap != *rq.pins.overlap_comm) continue;
+                                s.overlap_comm = overlap;
                                 // (the busiest of ep ranks receives at most everything)
                                 s.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
                                 s.micro_batch = b, s.grad_accum = ga;
@@ -741,7 +781,7 @@ Recommendation recommend(const TuneRequest& rq) {
                 out.persistent_bytes = std::numeric_limits<bytes_t>::max();
                 for (int zero : zeros) {
                     one.zero_stage = zero, one.optimizer_in_backward = rq.base.optimizer_in_backward;
-                    take_bucket(one, rq.base.reduce_bucket_size);
+                    take_deepspeed(one, rq.base);
                     out.persistent_bytes = std::min(out.persistent_bytes, persistent_state_bytes(m, one, rq.gpu));
                     if (!one.optimizer_in_backward && searches_step_in_backward(rq, one.grad_accum, one.zero_stage)) {
                         one.optimizer_in_backward = true;
@@ -825,12 +865,13 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     const std::int64_t L = m.num_layers;
     MaxSeqResult out;
     check_request(rq, "max-seq");
-    if (rq.base.reduce_bucket_size != kDeepSpeedReduceBucket &&
-        !(rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format)) && !(user && user->deepspeed_zero()))
-        fail("max-seq", "reduce-bucket-size",
+    if (const std::string option = deepspeed_options(rq.base);
+        !option.empty() && !(rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format)) &&
+        !(user && user->deepspeed_zero()))
+        fail("max-seq", deepspeed_field(option),
              fmt::format("expected --for deepspeed or axolotl with runtime hf, or your setup under DeepSpeed's ZeRO 1/2 "
-                         "(--zero 1 or 2: its engine holds the bucket), or DeepSpeed's default {}, got {}",
-                         kDeepSpeedReduceBucket, rq.base.reduce_bucket_size));
+                         "(--zero 1 or 2: its engine has it), or DeepSpeed's default, got {}",
+                         option));
     out.budget_bytes = static_cast<bytes_t>(static_cast<double>(rq.gpu.usable_bytes()) * (1 - rq.safety_margin));
 
     const bool hf = rq.base.runtime == Runtime::Hf;  // the hf runtime: DDP or DeepSpeed's engine, no sp
@@ -839,7 +880,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     // (the hf runtime: DDP or the plain step where searched, else DeepSpeed's ZeRO-2, its most sharded)
     const std::vector<int> zeros = zero_stages(rq);
     base.zero_stage = !hf ? (rq.gpus > 1 ? 3 : 0) : zeros.front() == 0 ? 0 : zeros.back();
-    take_bucket(base, rq.base.reduce_bucket_size);
+    take_deepspeed(base, rq.base);
     base.sp = 1;
     base.ep = 1, base.moe_imbalance = 1.0;  // (the expert-parallel row sets its own)
     base.mlp_chunks = base.lm_chunks = 1;
@@ -877,7 +918,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         widest.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
         strategies.push_back({.name = fmt::format("+ expert parallel (ep {})", ep), .setup = widest, .mst = true});
     }
-    for (Strategy& st : strategies) take_bucket(st.setup, rq.base.reduce_bucket_size);
+    for (Strategy& st : strategies) take_deepspeed(st.setup, rq.base);
     if (user) strategies.push_back({.name = "your setup", .setup = *user});
 
     for (const auto& st : strategies) {
@@ -915,7 +956,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
             if (ours && !row.refused.empty() && run.setup.zero_stage == 3) {
                 TrainingSetup z2 = run.setup;
                 z2.zero_stage = 2;
-                take_bucket(z2, rq.base.reduce_bucket_size);
+                take_deepspeed(z2, rq.base);
                 if (refusal(z2, run.mst_mlp).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
             }
             // One rank: ZeRO 1 shards nothing and is what DeepSpeed needs for bf16 master weights.
@@ -923,7 +964,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                 run.setup.runtime == Runtime::Kernels) {
                 TrainingSetup z1 = run.setup;
                 z1.zero_stage = 1;
-                take_bucket(z1, rq.base.reduce_bucket_size);
+                take_deepspeed(z1, rq.base);
                 if (refusal(z1, run.mst_mlp).empty()) run.setup = z1, row.setup = z1, row.refused.clear();
             }
             if (!row.refused.empty()) {

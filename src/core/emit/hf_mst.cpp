@@ -27,6 +27,10 @@ void check_hf_mst(const TrainingSetup& s, const ModelSpec& /*model*/) {
              fmt::format("expected DeepSpeed's default {} (mst_config.json has no field for DeepSpeed's bucket: emit --format "
                          "deepspeed writes the ds_config.json that holds it), got {}",
                          kDeepSpeedReduceBucket, s.reduce_bucket_size));
+    if (s.overlap_comm)
+        fail("hf-mst", "setup.overlap_comm",
+             "expected false, DeepSpeed's default (mst_config.json has no field for it: emit --format deepspeed writes the "
+             "ds_config.json that holds it), got true");
     // mst_hf/patch.py _check_lm_head: the chunked loss reads lm_head's weight outside its forward,
     // where ZeRO-3 has it partitioned.
     if (s.zero_stage == 3 && s.lm_chunks > 1)

@@ -673,15 +673,19 @@ private:
         std::vector<DsPiece> pieces;      // this rank's partition, in flat order
         std::int64_t pad = 0;             // the partition's elements past every parameter (the padding's)
         std::int64_t partition_grads = 0; // grads_in_partition: every parameter the partition touches, whole
-        T bucket;                         // the gradient bucket, from a backward's first hook to its epilogue
+        // The gradient bucket, from a backward's first hook to its epilogue; with overlap_comm two of
+        // them, the reductions that overflow one going on in the other (index)
+        T bucket[2];
+        int index = 0;
         std::int64_t elements = 0;        // in the bucket
         std::vector<int> in_bucket;       // its parameters, in hook order
         int extra = -1;                   // a parameter too large for the bucket, its gradient reduced where it is
         // ZeRO-1 keeps the .grad of other partitions' parameters to the epilogue: per parameter, such a
-        // gradient too large for the bucket (its own tensor); the others are views of the bucket, taken
-        // in parameter order: the last of them
+        // gradient too large for the bucket (its own tensor); the others are views of a bucket, which
+        // goes with the last of them in parameter order (per bucket: that parameter's place in order_)
         std::vector<T> held;
-        int last_bucket_view = -1;
+        int last_view[2] = {-1, -1};
+        std::vector<int> place;           // per parameter (params_ index): its place in order_
         T partition_grad;                 // grads_in_partition of this backward
         T averaged;                       // the partition's gradients kept for the step (the first backward's)
         T pad_zeros;                      // the step's zero piece past the parameters (a partition with padding)

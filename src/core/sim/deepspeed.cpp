@@ -1,7 +1,7 @@
 // ZeRO 1 and 2 in the hf runtime: DeepSpeed's engine (deepspeed 0.19.8, runtime/engine.py and
 // runtime/zero/stage_1_and_2.py) with the defaults mst-plan's ds_config.json keeps (bf16,
-// contiguous_gradients on, overlap_comm off, multi-rank bucket all-reduce) and the setup's
-// reduce_bucket_size (DeepSpeed's default 5e8 unless the file sets it),
+// contiguous_gradients on, multi-rank bucket all-reduce) and the setup's reduce_bucket_size
+// (DeepSpeed's default 5e8 unless the file sets it) and overlap_comm (off unless it sets it),
 // as the Hugging Face Trainer sets it up: the trainable parameters as one group, DeepSpeed's FusedAdam.
 // The referee runs that engine on fake tensors and records it (python/mst_referee/deepspeed_zero.py).
 //
@@ -12,7 +12,8 @@
 //   engine's last gradient norm are two more scalars.
 // * Backward. engine.backward divides the loss by the accumulation steps and multiplies it by the
 //   loss scale (1 in bf16): two scalars, and two nodes whose gradients are scalars. The engine's hook
-//   on each parameter's AccumulateGrad makes the gradient bucket (reduce_bucket_size bf16 elements)
+//   on each parameter's AccumulateGrad makes the gradient bucket (reduce_bucket_size bf16 elements;
+//   with overlap_comm a second one, and each reduction that overflows a bucket turns to the other)
 //   at a backward's first gradient, then (ZeRO-2) moves each gradient into it and frees autograd's:
 //   a gradient that would overflow it reduces what it holds first; one larger than the bucket stays
 //   where it is and is reduced alone, by the next hook. A reduction flattens its gradients' slices
@@ -20,7 +21,8 @@
 //   gradients of parameters this rank's partition touches into grads_in_partition, made at the first
 //   such copy: those parameters' gradients, whole. ZeRO-1 keeps autograd's gradients (they
 //   accumulate as without ZeRO) and reduces them after the last micro-step's backward, in parameter
-//   order. After backward the epilogue reduces what the bucket holds, keeps the partition's
+//   order (with overlap_comm: in that backward's hooks, as ZeRO-2 does, the gradients of other
+//   partitions left as views of the buckets). After backward the epilogue reduces what the bucket holds, keeps the partition's
 //   gradients for the step (the first backward's; a later one's are added into them and freed),
 //   frees the bucket and clears every .grad.
 // * Step. An overflow check (two scalars per piece of the partition), the norm in fp64 (a copy of
@@ -69,6 +71,8 @@ void StepBuilder::ds_init_state() {
         }
     ds_.pad = std::max<std::int64_t>(0, ds_.hi - std::max(total, ds_.lo));
     ds_.held.assign(params_.size(), T{});
+    ds_.place.assign(params_.size(), 0);
+    for (std::size_t place = 0; place < order_.size(); ++place) ds_.place[static_cast<std::size_t>(order_[place])] = static_cast<int>(place);
 
     at("init.weights");
     layer_ = -1;
@@ -96,20 +100,29 @@ void StepBuilder::ds_loss_scaling() {
 void StepBuilder::ds_grad_hook(int p) {
     const char* op = op_;
     at("deepspeed.grad_hook");
-    if (!ds_.bucket.valid())  // setup_buckets
-        ds_.bucket = alloc("ipg_bucket", checked_mul(s_.reduce_bucket_size, kGradBytes), Category::Gradients);
-    if (s_.zero_stage == 2) ds_take_into_bucket(p);
+    if (!ds_.bucket[0].valid()) {  // setup_buckets
+        for (int i = 0; i < (s_.overlap_comm ? 2 : 1); ++i)
+            ds_.bucket[i] = alloc("ipg_bucket", checked_mul(s_.reduce_bucket_size, kGradBytes), Category::Gradients);
+        ds_.index = 0;
+    }
+    // ZeRO-2 reduces in the hooks; ZeRO-1 there too with overlap_comm, in the last micro-step
+    const bool boundary = micro_ == tl_.micro_steps_recorded - 1;
+    if (s_.zero_stage == 2 || (s_.overlap_comm && boundary)) ds_take_into_bucket(p);
     at(op);
 }
 
 void StepBuilder::ds_take_into_bucket(int p) {
     Param& P = params_[static_cast<std::size_t>(p)];
-    if (ds_.elements + P.numel > s_.reduce_bucket_size) ds_reduce_bucket();
+    if (ds_.elements + P.numel > s_.reduce_bucket_size) {
+        ds_reduce_bucket();
+        if (s_.overlap_comm) ds_.index = 1 - ds_.index;  // the next gradients go to the other bucket
+    }
     if (P.numel > s_.reduce_bucket_size) {
         ds_.extra = p;  // reduced where it is
     } else {
         drop(P.grad);  // copied into the bucket; .grad becomes a view of it
-        if (s_.zero_stage == 1 && !ds_in_partition(p)) ds_.last_bucket_view = p;  // (called in parameter order)
+        int& last = ds_.last_view[ds_.index];
+        if (s_.zero_stage == 1 && !ds_in_partition(p)) last = std::max(last, ds_.place[static_cast<std::size_t>(p)]);
     }
     ds_.elements += P.numel;
     ds_.in_bucket.push_back(p);
@@ -172,9 +185,11 @@ void StepBuilder::ds_after_backward(T& root) {
             drop(ds_.loss_mul), drop(ds_.loss_div);
             return;
         }
-        at("deepspeed.reduce_gradients");
-        for (int p : order_)
-            if (params_[static_cast<std::size_t>(p)].grad.valid()) ds_take_into_bucket(p);
+        if (!s_.overlap_comm) {  // (with it, the hooks have reduced them)
+            at("deepspeed.reduce_gradients");
+            for (int p : order_)
+                if (params_[static_cast<std::size_t>(p)].grad.valid()) ds_take_into_bucket(p);
+        }
     }
     // independent_gradient_partition_epilogue
     ds_reduce_bucket();
@@ -182,16 +197,18 @@ void StepBuilder::ds_after_backward(T& root) {
     if (!ds_.averaged.valid()) ds_.averaged = hold(ds_.partition_grad);  // all_grad_tensors: views of it
     if (boundary && ds_.pad > 0)  // get_flat_partition: zeros past the last parameter
         ds_.pad_zeros = alloc("partition_pad", checked_mul(ds_.pad, kGradBytes), Category::Transient);
-    // _release_ipg_buffers, then _clear_param_grad_only in parameter order: the views of
-    // grads_in_partition let go; ZeRO-1's gradients of other partitions are their own tensors or views
-    // of the bucket, which goes with the last of them
-    const int last_view = std::exchange(ds_.last_bucket_view, -1);
-    if (last_view < 0) drop(ds_.bucket);
+    // _release_ipg_buffers (the list of buckets cleared, the last first), then _clear_param_grad_only in
+    // parameter order: the views of grads_in_partition let go; ZeRO-1's gradients of other partitions
+    // are their own tensors or views of a bucket, which goes with the last of them
+    for (int i = 1; i >= 0; --i)
+        if (ds_.last_view[i] < 0) drop(ds_.bucket[i]);
     drop(ds_.partition_grad);
-    for (int p : order_) {
-        drop(ds_.held[static_cast<std::size_t>(p)]);
-        if (p == last_view) drop(ds_.bucket);
+    for (std::size_t place = 0; place < order_.size(); ++place) {
+        drop(ds_.held[static_cast<std::size_t>(order_[place])]);
+        for (int i = 0; i < 2; ++i)
+            if (ds_.last_view[i] == static_cast<int>(place)) drop(ds_.bucket[i]);
     }
+    ds_.last_view[0] = ds_.last_view[1] = -1;
     drop(ds_.loss_mul), drop(ds_.loss_div);  // engine.backward returns
 }
 
