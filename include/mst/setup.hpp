@@ -160,7 +160,7 @@ std::vector<bool> parse_checkpoint_spec(const std::string& spec, std::int64_t nu
 std::string describe_checkpoints(const std::vector<bool>& checkpoint);
 // ", ep 8" (", ep 8, imbalance 1.25") with expert parallelism, else "".
 std::string describe_expert_parallelism(const TrainingSetup& setup);
-// ", DeepSpeed bucket 4096, overlap_comm" with DeepSpeed's engine options other than its defaults, else "".
+// ", reduce_bucket_size 4096, overlap_comm" with DeepSpeed's engine options other than its defaults, else "".
 std::string describe_deepspeed(const TrainingSetup& setup);
 
 // Why `sp` ranks cannot split a sequence of seq_len tokens of `model` with this implementation:

@@ -176,7 +176,7 @@ std::string describe_expert_parallelism(const TrainingSetup& s) {
 
 std::string describe_deepspeed(const TrainingSetup& s) {
     std::string out;
-    if (s.reduce_bucket_size != kDeepSpeedReduceBucket) out += fmt::format(", DeepSpeed bucket {}", s.reduce_bucket_size);
+    if (s.reduce_bucket_size != kDeepSpeedReduceBucket) out += fmt::format(", reduce_bucket_size {}", s.reduce_bucket_size);
     if (s.overlap_comm) out += ", overlap_comm";
     return out;
 }
