@@ -8,6 +8,7 @@
 #include "mst/catalog.hpp"
 #include "mst/emit.hpp"
 #include "mst/simulate.hpp"
+#include "mst/timemodel.hpp"
 #include "mst/tune.hpp"
 #include "sim/builder.hpp"
 #include "sim_test_support.hpp"
@@ -117,4 +118,25 @@ TEST_CASE("recommend --for with several GPUs in the hf runtime: hf-mst (torch DD
         CHECK((ds.best.setup.zero_stage == 1 || ds.best.setup.zero_stage == 2));
         for (const Candidate& c : ds.pareto) CHECK((c.setup.zero_stage == 1 || c.setup.zero_stage == 2));
     }
+}
+
+// Llama-3.2-1B: P = 1235814400 (the embedding, tied: 128256 x 2048 = 262668288), pure bf16 on 8 H100s
+// (NVLink 450 GB/s per direction): an all-reduce of x bf16 elements moves 2 x 7/8 x 2x bytes per rank,
+// 3.5 x / 450e9 seconds: 9.61 ms for every gradient, 2.04 ms for the embedding's, ready last.
+TEST_CASE("DDP's all-reduce in the hf runtime: once per step, behind the last backward but its last bucket") {
+    const ModelSpec m = find_model("llama-3.2-1b");
+    const GpuProfile gpu = find_gpu("h100-sxm-80gb");
+    const double P = 1235814400.0, embedding = 128256.0 * 2048.0;
+    REQUIRE(static_cast<double>(m.parameters().total()) == P);
+    TrainingSetup s;  // the hf runtime, pure bf16
+    s.seq_len = 8192;
+    s.dp = 8;
+    s.grad_accum = 4;  // (accelerate's no_sync: still one reduction)
+    const StepTime t = predict_time(m, s, gpu);
+    REQUIRE(t.backward_seconds > 3.5 * P / 450e9);
+    CHECK(t.comm_seconds == doctest::Approx(3.5 * P / 450e9).epsilon(1e-12));
+    CHECK(t.comm_exposed_seconds == doctest::Approx(3.5 * embedding / 450e9).epsilon(1e-12));
+    // In amp the gradients are fp32, as the parameters: twice the bytes.
+    s.precision = Precision::AmpFp32;
+    CHECK(predict_time(m, s, gpu).comm_exposed_seconds == doctest::Approx(7 * embedding / 450e9).epsilon(1e-12));
 }

@@ -327,7 +327,7 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
     // ---- communication ---------------------------------------------------------------
     const double ga = static_cast<double>(s.grad_accum);
     double overlapped = 0, exposed = 0;
-    double overlapped_elsewhere = 0;  // hidden, but not behind the step's whole compute (DeepSpeed's: its backward)
+    double overlapped_elsewhere = 0;  // hidden, but not behind the step's whole compute (DeepSpeed's, DDP's: backward)
     // Gradients are reduced (and ZeRO shards) over every dp and sp rank; an expert's over the
     // ranks holding it.
     auto reduce = [&](double params, std::int64_t ranks) {
@@ -357,6 +357,19 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         exposed += reductions * per_backward + ring * P * pw / bw;
         // (comm_seconds counts it all)
         overlapped_elsewhere = reductions * (all_reduce(P) - per_backward);
+    } else if (s.runtime == Runtime::Hf && s.zero_stage == 0 && s.dp > 1) {
+        // torch's DDP as the Hugging Face Trainer runs it (accelerate's accumulate: no_sync but in the
+        // last micro-step): each bucket of gradients, in the parameters' dtype, all-reduced on NCCL's
+        // stream as it fills in the last micro-step's backward, whose end waits for the last one: the
+        // embedding's, whose gradient is ready last (src/core/sim/ddp.cpp: the buckets in that order).
+        const double N = static_cast<double>(s.dp);
+        const double bw = link_gbps(gpu, cluster, s.dp, 1) * 1e9, ring = (N - 1) / N;
+        auto all_reduce = [&](double elements) { return 2 * ring * elements * pw / bw; };
+        const double last = std::min(P, static_cast<double>(m.vocab_size) * static_cast<double>(m.hidden_size));
+        const double backward = out.backward_seconds + out.recompute_seconds;
+        const double waited = std::max(0.0, all_reduce(P - last) - backward) + all_reduce(last);
+        exposed += waited;
+        overlapped_elsewhere = all_reduce(P) - waited;
     } else {
         overlapped += reduce(P_dense, s.zero_ranks()) + reduce(P_expert, s.expert_data_ranks());
     }
