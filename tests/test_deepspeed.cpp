@@ -35,6 +35,16 @@ TrainingSetup zero(const ModelSpec& m, int stage, std::int64_t dp) {
     return s;
 }
 
+// Llama-3-8B at 4k on 8 ranks, bf16 with fp32 masters, under DeepSpeed's ZeRO-2.
+TrainingSetup llama_zero2() {
+    TrainingSetup s;  // the hf runtime
+    s.seq_len = 4096;
+    s.precision = Precision::Bf16Master;
+    s.zero_stage = 2;
+    s.dp = 8;
+    return s;
+}
+
 // The allocations whose tensor name starts with `name`, in order.
 std::vector<const Event*> allocs(const Timeline& t, std::string_view name, std::optional<Phase> phase = std::nullopt) {
     std::vector<const Event*> out;
@@ -184,11 +194,7 @@ TEST_CASE("DeepSpeed: the last rank's partition ends in padding, a zero piece of
 // parameters it touches hold 525336576 + 2 x 218112000 + 41943040 + 58720256 = 1062223872.
 TEST_CASE("DeepSpeed ZeRO-2 on Llama-3-8B: a rank's gradients in partition, and gradients too large for the bucket") {
     const ModelSpec m = find_model("llama-3-8b");
-    TrainingSetup s;
-    s.seq_len = 4096;
-    s.precision = Precision::Bf16Master;
-    s.zero_stage = 2;
-    s.dp = 8;
+    TrainingSetup s = llama_zero2();
     s.mlp_chunks = 4;
     s.lm_chunks = 8;
     s.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
@@ -530,11 +536,7 @@ TEST_CASE("DeepSpeed's communication: waited for without overlap_comm, behind ba
     const double P = 8030261248.0;
     REQUIRE(static_cast<double>(m.parameters().total()) == P);
     const double all_reduce = 3.5 * P / 450e9, all_gather = 1.75 * P / 450e9;
-    TrainingSetup s;
-    s.seq_len = 4096;
-    s.precision = Precision::Bf16Master;
-    s.zero_stage = 2;
-    s.dp = 8;
+    TrainingSetup s = llama_zero2();
     s.grad_accum = 2;
     StepTime t = predict_time(m, s, gpu);
     CHECK(t.comm_exposed_seconds == doctest::Approx(2 * all_reduce + all_gather).epsilon(1e-12));
