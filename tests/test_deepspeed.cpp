@@ -523,6 +523,11 @@ TEST_CASE("overlap_comm is DeepSpeed's: validated, carried by the setup file, wr
     const auto zero_block = [&] { return nlohmann::json::parse(emit(plan, m, "deepspeed").at(0).content).at("zero_optimization"); };
     CHECK(zero_block().at("overlap_comm") == true);
     CHECK(test::expect_user_error([&] { (void)emit(plan, m, "hf-mst"); }).rfind("hf-mst: setup.overlap_comm: expected false", 0) == 0);
+    CHECK(test::expect_user_error([&] { (void)emit(plan, m, "torchtitan"); }).rfind("torchtitan: setup.overlap_comm: expected false", 0) == 0);
+    // (a plan of the kernels runtime models no DeepSpeed engine: its file leaves DeepSpeed's defaults)
+    Plan kernels = plan;
+    kernels.setup.overlap_comm = false, kernels.setup.runtime = Runtime::Kernels;
+    CHECK_FALSE(nlohmann::json::parse(emit(kernels, m, "deepspeed").at(0).content).at("zero_optimization").contains("overlap_comm"));
     plan.setup.overlap_comm = false;  // written either way: a file copied over it cannot turn it on unseen
     CHECK(zero_block().at("overlap_comm") == false);
 }
@@ -543,14 +548,23 @@ TEST_CASE("DeepSpeed's communication: waited for without overlap_comm, behind ba
     CHECK(t.comm_seconds == doctest::Approx(2 * all_reduce + all_gather).epsilon(1e-12));
     s.zero_stage = 1;  // one reduction, in the last micro-step
     CHECK(predict_time(m, s, gpu).comm_exposed_seconds == doctest::Approx(all_reduce + all_gather).epsilon(1e-12));
-    // overlap_comm: backward (longer than the reduction) hides all but the epilogue's last bucket of
-    // 5e8 elements, 3.5 x 5e8 / 450e9 = 3.89 ms, in each micro-step's backward (ZeRO-2)
+    // overlap_comm: backward (longer than the reduction) hides all but what its end flushes, in each
+    // micro-step's backward (ZeRO-2): the embedding's gradient, ready last (128256 x 4096 = 525336576
+    // elements, more than the bucket's 5e8: reduced alone), after the bucket its hook flushes (taken
+    // full): 3.5 x 1025336576 / 450e9 = 7.97 ms
     s.zero_stage = 2;
     s.overlap_comm = true;
     t = predict_time(m, s, gpu);
     REQUIRE(t.backward_seconds > all_reduce);
-    CHECK(t.comm_exposed_seconds == doctest::Approx(2 * 3.5 * 5e8 / 450e9 + all_gather).epsilon(1e-12));
+    CHECK(t.comm_exposed_seconds == doctest::Approx(2 * 3.5 * (525336576.0 + 5e8) / 450e9 + all_gather).epsilon(1e-12));
     CHECK(t.comm_seconds == doctest::Approx(2 * all_reduce + all_gather).epsilon(1e-12));
+    // The Trainer's "auto" bucket (hidden_size^2 = 16777216): the embedding and one such bucket
+    s.reduce_bucket_size = 16777216;
+    CHECK(predict_time(m, s, gpu).comm_exposed_seconds ==
+          doctest::Approx(2 * 3.5 * (525336576.0 + 16777216.0) / 450e9 + all_gather).epsilon(1e-12));
+    // A bucket larger than the embedding takes it in: the last bucket alone
+    s.reduce_bucket_size = 1'000'000'000;
+    CHECK(predict_time(m, s, gpu).comm_exposed_seconds == doctest::Approx(2 * 3.5 * 1e9 / 450e9 + all_gather).epsilon(1e-12));
 }
 
 TEST_CASE("recommend --for deepspeed searches overlap_comm: a second bucket for hidden reductions, where it fits") {

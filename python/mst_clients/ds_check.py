@@ -249,7 +249,10 @@ def plan_problems(engine, setup: Mapping[str, Any]) -> List[str]:
     want["optimizer"] = (_optimizer_kind(engine.basic_optimizer), _PLAN_OPTIMIZERS.get(setup["optimizer"], "?"))
     # ZeRO 1/2's engine options, which the plan's memory and time follow (its bucket, a second one)
     if setup["zero_stage"] in (1, 2):
-        want["gradient bucket (elements)"] = (int(engine.zero_reduce_bucket_size()), setup.get("reduce_bucket_size", 500_000_000))
-        want["overlap_comm"] = (bool(engine.zero_overlap_comm()), setup.get("overlap_comm", False))
+        from mst_referee.jobs import SETUP_DEFAULTS
+
+        want["gradient bucket (elements)"] = (int(engine.zero_reduce_bucket_size()),
+                                              setup.get("reduce_bucket_size", SETUP_DEFAULTS["reduce_bucket_size"]))
+        want["overlap_comm"] = (bool(engine.zero_overlap_comm()), setup.get("overlap_comm", SETUP_DEFAULTS["overlap_comm"]))
     return [f"plan: DeepSpeed's {what} is {got}, the plan's {expected}"
             for what, (got, expected) in want.items() if got != expected]

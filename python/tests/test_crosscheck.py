@@ -195,6 +195,7 @@ def test_the_bucket_is_deepspeeds_only_as_mst_plan_validates_it():
     with pytest.raises(jobs.CrosscheckError, match="overlap_comm: expected true or false, got 1"):
         jobs.normalize_setup({"dp": 8, "zero_stage": 2, "overlap_comm": 1}, 32)
 
+
 @needs_binary
 def test_integral_numbers_and_nulls_read_as_mst_plan_reads_them(tmp_path):
     """5e8 and 8.0 are integers, null is the default: the mirror and the binary read one setup alike."""

@@ -131,6 +131,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     if (!r.found) {
         // (against the whole budget: what --for keeps free for a trainer's tables shrinks with the length)
         const bool deepspeed = rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format);
+        const bool two_buckets = rq.pins.overlap_comm.value_or(false);  // (recommend searches overlap_comm)
         if (r.persistent_bytes > r.budget_bytes)  // no length, chunking or checkpointing can help
             fail(rq.model.name, "no setup fits",
                  fmt::format("expected one for {} tokens on {} x {} within {}: weights, gradients{}, optimizer states and "
@@ -138,11 +139,13 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                              "more memory or a lighter optimizer state can help",
                              rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes),
                              rq.gpus > 1 && !deepspeed ? " (and DDP's buckets of them)" : "", format_bytes(r.persistent_bytes),
-                             !rq.base.deepspeed_defaults()
+                             !rq.base.deepspeed_defaults() || two_buckets
                                  ? fmt::format("DeepSpeed's {} ({}) take{} {} on every GPU, whatever the GPUs; ",
-                                               rq.base.overlap_comm ? "two buckets" : "bucket", deepspeed_options(rq.base),
-                                               rq.base.overlap_comm ? "" : "s",
-                                               format_bytes(checked_mul(rq.base.reduce_bucket_size, rq.base.overlap_comm ? 4 : 2)))
+                                               two_buckets ? "two buckets" : "bucket",
+                                               two_buckets ? fmt::format("{}--pin overlap_comm=yes", rq.base.deepspeed_defaults() ? "" : deepspeed_options(rq.base) + " ")
+                                                           : deepspeed_options(rq.base),
+                                               two_buckets ? "" : "s",
+                                               format_bytes(checked_mul(rq.base.reduce_bucket_size, two_buckets ? 4 : 2)))
                                  : "",
                              rq.base.runtime != Runtime::Hf ? ""
                              : deepspeed ? " (ZeRO 1 and 2 leave every GPU the whole bf16 weights: ZeRO-3 with --runtime kernels)"
@@ -289,6 +292,11 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         it->second.push_back(row.strategy);
     }
     for (const auto& [reason, rows] : refusals) fmt::print("refused ({}): {}\n", fmt::join(rows, "; "), reason);
+    // DeepSpeed's options given, and no row trains with its engine (Axolotl's plain Trainer on one GPU)
+    if (!rq.base.deepspeed_defaults() &&
+        std::none_of(r.rows.begin(), r.rows.end(), [](const MaxSeqRow& row) { return row.setup.deepspeed_zero(); }))
+        fmt::print("caution: no row trains with DeepSpeed's engine (ZeRO 1 or 2): {} does not apply to them\n",
+                   deepspeed_options(rq.base));
     // --for: the trainer's own allocations beyond the prediction, kept free at each length
     for (const auto& row : r.rows)
         if (row.trainer_extra_bytes > 0)
@@ -351,7 +359,7 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
     cmd->add_option("--tokens-per-step", rec->tokens_per_step, "Global tokens per optimizer step (micro-batch x accumulation x dp)")
         ->check(decimal(1, limits::kTokensPerStep));
     cmd->add_option("--pin", rec->pins, "Fix a knob: M_mlp=8, M_lm=32, mlp_impl=tiled, lm_impl=fused, checkpoint=16|all|0-7, "
-                                        "offload=no, sp=4, zero=3, micro_batch=2");
+                                        "offload=no, sp=4, zero=3, micro_batch=2, overlap_comm=yes|no (DeepSpeed's; searched unless pinned)");
     cmd->add_option("--out", rec->out, "Write the plan as JSON (input of `mst-plan emit`)");
     cmd->add_option("--for", rec->for_format,
                     "Search only setups this trainer format can train as planned (emit's formats: hf-mst, deepspeed, "

@@ -340,36 +340,43 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         if (zero == 2) return ga * ring * grad_bytes / bw + ring * param_bytes / bw;      // RS per micro-step, AG after step
         return ga * ((2 + ckpt / L) * ring * param_bytes + ring * grad_bytes) / bw;      // AG fwd, bwd, recompute; RS
     };
+    // Gradients all-reduced as backward makes them ready, over `ranks`, `bytes` each: backward hides them
+    // but for the tail its end waits for, `tail` elements. Returns the seconds waited for; `all` gets
+    // the whole all-reduce's.
+    const double embedding = std::min(P, static_cast<double>(m.vocab_size) * static_cast<double>(m.hidden_size));
+    const double backward = out.backward_seconds + out.recompute_seconds;
+    auto ring_share = [](std::int64_t ranks) { return (static_cast<double>(ranks) - 1) / static_cast<double>(ranks); };
+    auto behind_backward = [&](std::int64_t ranks, double bytes, double tail, double& all) {
+        const double ring = ring_share(ranks), bw = link_gbps(gpu, cluster, ranks, 1) * 1e9;
+        auto all_reduce = [&](double elements) { return 2 * ring * elements * bytes / bw; };
+        all = all_reduce(P);
+        return std::max(0.0, all_reduce(P - tail) - backward) + all_reduce(tail);
+    };
     if (s.deepspeed_zero() && s.zero_ranks() > 1) {
         // DeepSpeed's ZeRO 1/2 engine (runtime/zero/stage_1_and_2.py): a reduction all-reduces its bucket's
         // bf16 gradients (use_multi_rank_bucket_allreduce), ZeRO-2 in every micro-step's backward, ZeRO-1
-        // in the last one's. Without overlap_comm it runs where backward runs, which waits for it; with
-        // it, on its own stream behind backward, but for the epilogue's last bucket. After the step the
-        // bf16 partitions are all-gathered (all_gather_dp_groups), with nothing left to hide behind.
-        const double N = static_cast<double>(s.zero_ranks());
-        const double bw = link_gbps(gpu, cluster, s.zero_ranks(), 1) * 1e9, ring = (N - 1) / N;
-        auto all_reduce = [&](double elements) { return 2 * ring * elements * 2 / bw; };
+        // in the last one's. Without overlap_comm the step waits for all of it (ZeRO-2's in the hooks, on
+        // backward's stream; ZeRO-1's after backward). With it they run on their own stream behind
+        // backward, but for what its end flushes: the embedding's gradient, ready last, alone when larger
+        // than a bucket after the bucket its hook flushes, else the last bucket (each taken full). After
+        // the step the bf16 partitions are all-gathered (all_gather_dp_groups), with nothing to hide behind.
+        const double bucket = std::min(P, static_cast<double>(s.reduce_bucket_size));
+        const double tail = embedding > static_cast<double>(s.reduce_bucket_size) ? std::min(P, embedding + bucket) : bucket;
+        double all = 0;
+        const double waited = behind_backward(s.zero_ranks(), 2, s.overlap_comm ? tail : P, all);
         const double reductions = s.zero_stage == 2 ? ga : 1;
-        const double last = std::min(P, static_cast<double>(s.reduce_bucket_size));
-        const double backward = out.backward_seconds + out.recompute_seconds;
-        const double per_backward = s.overlap_comm ? std::max(0.0, all_reduce(P - last) - backward) + all_reduce(last)
-                                                   : all_reduce(P);
-        exposed += reductions * per_backward + ring * P * pw / bw;
-        // (comm_seconds counts it all)
-        overlapped_elsewhere = reductions * (all_reduce(P) - per_backward);
+        const double all_gather = ring_share(s.zero_ranks()) * P * 2 / (link_gbps(gpu, cluster, s.zero_ranks(), 1) * 1e9);
+        exposed += reductions * waited + all_gather;
+        overlapped_elsewhere = reductions * (all - waited);  // (comm_seconds counts it all)
     } else if (s.runtime == Runtime::Hf && s.zero_stage == 0 && s.dp > 1) {
         // torch's DDP as the Hugging Face Trainer runs it (accelerate's accumulate: no_sync but in the
         // last micro-step): each bucket of gradients, in the parameters' dtype, all-reduced on NCCL's
         // stream as it fills in the last micro-step's backward, whose end waits for the last one: the
         // embedding's, whose gradient is ready last (src/core/sim/ddp.cpp: the buckets in that order).
-        const double N = static_cast<double>(s.dp);
-        const double bw = link_gbps(gpu, cluster, s.dp, 1) * 1e9, ring = (N - 1) / N;
-        auto all_reduce = [&](double elements) { return 2 * ring * elements * pw / bw; };
-        const double last = std::min(P, static_cast<double>(m.vocab_size) * static_cast<double>(m.hidden_size));
-        const double backward = out.backward_seconds + out.recompute_seconds;
-        const double waited = std::max(0.0, all_reduce(P - last) - backward) + all_reduce(last);
+        double all = 0;
+        const double waited = behind_backward(s.dp, pw, embedding, all);
         exposed += waited;
-        overlapped_elsewhere = all_reduce(P) - waited;
+        overlapped_elsewhere = all - waited;
     } else {
         overlapped += reduce(P_dense, s.zero_ranks()) + reduce(P_expert, s.expert_data_ranks());
     }

@@ -130,8 +130,6 @@ void take_deepspeed(TrainingSetup& s, const TrainingSetup& asked) {
     s.overlap_comm = engine && asked.overlap_comm;
 }
 
-
-
 // --for: why the format's trainer cannot train `s` as planned, in its emitter's words ("" when it can).
 std::string refusal_of(const std::string& format, const TrainingSetup& s, const ModelSpec& m);
 
@@ -496,9 +494,10 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
     if (s.deepspeed_zero() && s.zero_ranks() > 1)
         why += fmt::format("Its gradient reductions ({}) and the all-gather of the updated parameters after the step leave "
                            "{:.1f} ms per step not hidden behind compute. ",
-                           s.overlap_comm ? (s.zero_stage == 2 ? "in every backward, the last bucket's after it"
-                                                               : "in the last micro-step's backward, the last bucket's after it")
-                                          : "waited for where backward runs, without overlap_comm",
+                           s.overlap_comm ? (s.zero_stage == 2 ? "behind every backward, but for what its end flushes"
+                                                               : "behind the last micro-step's backward, but for what its end flushes")
+                                          : (s.zero_stage == 2 ? "waited for in backward's hooks, without overlap_comm"
+                                                               : "after the last micro-step's backward, without overlap_comm"),
                            1e3 * best.time.comm_exposed_seconds);
     if (s.zero_stage > 0 && s.zero_ranks() > 1)
         why += fmt::format("ZeRO stage {} shards {} over all {} ranks{}. ", s.zero_stage,
@@ -782,6 +781,7 @@ Recommendation recommend(const TuneRequest& rq) {
                 for (int zero : zeros) {
                     one.zero_stage = zero, one.optimizer_in_backward = rq.base.optimizer_in_backward;
                     take_deepspeed(one, rq.base);
+                    one.overlap_comm = one.deepspeed_zero() && rq.pins.overlap_comm.value_or(false);  // (pinned: two buckets)
                     out.persistent_bytes = std::min(out.persistent_bytes, persistent_state_bytes(m, one, rq.gpu));
                     if (!one.optimizer_in_backward && searches_step_in_backward(rq, one.grad_accum, one.zero_stage)) {
                         one.optimizer_in_backward = true;

@@ -140,11 +140,12 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
     }
 
     nlohmann::ordered_json zero = {{"stage", s.zero_stage}};
-    // The bucket the plan holds (hf runtime, ZeRO 1/2); left out, DeepSpeed's default is the plan's. So is
-    // overlap_comm, written for ZeRO 1/2 either way: configurations copied from DeepSpeed's and Hugging
-    // Face's examples turn it on, for a second bucket the plan must then hold too.
+    // The bucket the plan holds (hf runtime, ZeRO 1/2); left out, DeepSpeed's default is the plan's. Its
+    // overlap_comm is written either way: configurations copied from DeepSpeed's and Hugging Face's
+    // examples turn it on, for a second bucket the plan must then hold too. (A plan of the kernels
+    // runtime models neither: DeepSpeed's defaults are left.)
     if (s.reduce_bucket_size != kDeepSpeedReduceBucket) zero["reduce_bucket_size"] = s.reduce_bucket_size;
-    if (s.zero_stage == 1 || s.zero_stage == 2) zero["overlap_comm"] = s.overlap_comm;
+    if (s.deepspeed_zero()) zero["overlap_comm"] = s.overlap_comm;
     // The plan counts ZeRO-3 prefetch in layers; DeepSpeed counts parameter elements.
     if (s.zero_stage == 3) {
         zero["stage3_prefetch_bucket_size"] = s.zero3_prefetch * model.layer_parameters();

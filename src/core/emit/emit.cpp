@@ -22,17 +22,19 @@ struct Format {
     Check check;  // what the format's trainer cannot train as planned (its emitter refuses the same)
     Extra extra;  // what its trainer allocates beyond the runtime's prediction; nullptr: nothing known
     const char* no_expert_parallelism;  // why its trainer cannot run the plan's expert parallelism
+    bool deepspeed;  // its files hold a ds_config.json (DeepSpeed's engine options: reduce_bucket_size, overlap_comm)
 };
 
 constexpr Format kFormats[] = {
     {"hf-mst", emit_detail::emit_hf_mst, emit_detail::check_hf_mst, nullptr,
-     "it trains transformers' MoE blocks, which have no expert parallelism"},
+     "it trains transformers' MoE blocks, which have no expert parallelism", false},
     {"deepspeed", emit_detail::emit_deepspeed, emit_detail::check_deepspeed, nullptr,
-     "DeepSpeed's expert parallelism is deepspeed.moe.layer.MoE in the model's code, which transformers' MoE blocks are not"},
+     "DeepSpeed's expert parallelism is deepspeed.moe.layer.MoE in the model's code, which transformers' MoE blocks are not",
+     true},
     {"axolotl", emit_detail::emit_axolotl, emit_detail::check_axolotl, nullptr,
-     "it trains transformers' MoE blocks, which have no expert parallelism"},
+     "it trains transformers' MoE blocks, which have no expert parallelism", true},
     {"torchtitan", emit_detail::emit_torchtitan, emit_detail::check_torchtitan, emit_detail::torchtitan_extra_bytes,
-     "torchtitan's token dispatcher, which pads each expert's group for its grouped GEMMs, is not modelled yet"},
+     "torchtitan's token dispatcher, which pads each expert's group for its grouped GEMMs, is not modelled yet", false},
 };
 
 const Format& find_format(const std::string& format) {
@@ -50,6 +52,17 @@ const Format& find_format(const std::string& format) {
 //  * Attention sinks (gpt-oss) on flash: the trainers run transformers' gpt-oss, whose sinks run in
 //    eager attention (modelled: runtime hf) or the kernels hub's vllm-flash-attn3 (not modelled).
 void check_executor_only(const Format& f, const TrainingSetup& s, const ModelSpec& m) {
+    // DeepSpeed's engine options belong to a ds_config.json, which a format without one cannot carry
+    if (!f.deepspeed && s.reduce_bucket_size != kDeepSpeedReduceBucket)
+        fail(f.name, "setup.reduce_bucket_size",
+             fmt::format("expected DeepSpeed's default {} ({} writes no ds_config.json to hold DeepSpeed's bucket: emit "
+                         "--format deepspeed or axolotl does), got {}",
+                         kDeepSpeedReduceBucket, f.name, s.reduce_bucket_size));
+    if (!f.deepspeed && s.overlap_comm)
+        fail(f.name, "setup.overlap_comm",
+             fmt::format("expected false, DeepSpeed's default ({} writes no ds_config.json to hold it: emit --format "
+                         "deepspeed or axolotl does), got true",
+                         f.name));
     if (s.ep > 1) fail(f.name, "setup.ep", fmt::format("expected 1 ({}), got {}", f.no_expert_parallelism, s.ep));
     if (s.ring())
         fail(f.name, "setup.sp_impl",

@@ -673,8 +673,9 @@ private:
         std::vector<DsPiece> pieces;      // this rank's partition, in flat order
         std::int64_t pad = 0;             // the partition's elements past every parameter (the padding's)
         std::int64_t partition_grads = 0; // grads_in_partition: every parameter the partition touches, whole
-        // The gradient bucket, from a backward's first hook to its epilogue; with overlap_comm two of
-        // them, the reductions that overflow one going on in the other (index)
+        // The gradient bucket, from a backward's first hook to its epilogue (ZeRO-1's: from the first
+        // micro-step's first hook to the last one's epilogue); with overlap_comm two of them, the
+        // gradients going to the other (index) after each reduction that overflows one
         T bucket[2];
         int index = 0;
         std::int64_t elements = 0;        // in the bucket

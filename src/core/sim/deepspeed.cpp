@@ -22,9 +22,9 @@
 //   such copy: those parameters' gradients, whole. ZeRO-1 keeps autograd's gradients (they
 //   accumulate as without ZeRO) and reduces them after the last micro-step's backward, in parameter
 //   order (with overlap_comm: in that backward's hooks, as ZeRO-2 does, the gradients of other
-//   partitions left as views of the buckets). After backward the epilogue reduces what the bucket holds, keeps the partition's
-//   gradients for the step (the first backward's; a later one's are added into them and freed),
-//   frees the bucket and clears every .grad.
+//   partitions left as views of the buckets). After backward the epilogue reduces what the bucket
+//   holds, keeps the partition's gradients for the step (the first backward's; a later one's are
+//   added into them and freed), frees the buckets and clears every .grad.
 // * Step. An overflow check (two scalars per piece of the partition), the norm in fp64 (a copy of
 //   each piece, one at a time), clipping; the partition's gradient flattened (a cat of its pieces)
 //   and made the master's dtype (fp32: a copy), the kept gradients freed; Adam in place; the
