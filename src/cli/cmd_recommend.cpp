@@ -292,9 +292,11 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         it->second.push_back(row.strategy);
     }
     for (const auto& [reason, rows] : refusals) fmt::print("refused ({}): {}\n", fmt::join(rows, "; "), reason);
-    // DeepSpeed's options given, and no row trains with its engine (Axolotl's plain Trainer on one GPU)
-    if (!rq.base.deepspeed_defaults() &&
-        std::none_of(r.rows.begin(), r.rows.end(), [](const MaxSeqRow& row) { return row.setup.deepspeed_zero(); }))
+    // DeepSpeed's options given, and no row searched trains with its engine (Axolotl's plain Trainer on
+    // one GPU)
+    if (!rq.base.deepspeed_defaults() && std::none_of(r.rows.begin(), r.rows.end(), [](const MaxSeqRow& row) {
+            return row.refused.empty() && row.setup.deepspeed_zero();
+        }))
         fmt::print("caution: no row trains with DeepSpeed's engine (ZeRO 1 or 2): {} does not apply to them\n",
                    deepspeed_options(rq.base));
     // --for: the trainer's own allocations beyond the prediction, kept free at each length

@@ -357,11 +357,10 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         // bf16 gradients (use_multi_rank_bucket_allreduce), ZeRO-2 in every micro-step's backward, ZeRO-1
         // in the last one's. Without overlap_comm the step waits for all of it (ZeRO-2's in the hooks, on
         // backward's stream; ZeRO-1's after backward). With it they run on their own stream behind
-        // backward, but for what its end flushes: the embedding's gradient, ready last, alone when larger
-        // than a bucket after the bucket its hook flushes, else the last bucket (each taken full). After
-        // the step the bf16 partitions are all-gathered (all_gather_dp_groups), with nothing to hide behind.
-        const double bucket = std::min(P, static_cast<double>(s.reduce_bucket_size));
-        const double tail = embedding > static_cast<double>(s.reduce_bucket_size) ? std::min(P, embedding + bucket) : bucket;
+        // backward, but for what its end flushes: the embedding's gradient, ready last, and what the
+        // bucket held when it came (flushed first if both do not fit; taken as a full bucket). After the
+        // step the bf16 partitions are all-gathered (all_gather_dp_groups), with nothing to hide behind.
+        const double tail = std::min(P, embedding + static_cast<double>(s.reduce_bucket_size));
         double all = 0;
         const double waited = behind_backward(s.zero_ranks(), 2, s.overlap_comm ? tail : P, all);
         const double reductions = s.zero_stage == 2 ? ga : 1;

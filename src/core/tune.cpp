@@ -483,6 +483,10 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
                            s.ep, m.moe->experts / s.ep, m.moe->experts, 1e3 * best.time.expert_parallel_seconds,
                            s.moe_imbalance > 1.0 ? fmt::format(" (the busiest rank receiving {}x its share)", s.moe_imbalance) : "");
     if (s.dp > 1) why += fmt::format("Data parallelism over {} GPUs. ", s.dp);
+    if (s.runtime == Runtime::Hf && s.zero_stage == 0 && s.dp > 1)
+        why += fmt::format("torch's DDP all-reduces the gradients once per step, behind the last micro-step's backward but "
+                           "for the embedding's gradient, ready last: {:.1f} ms per step not hidden. ",
+                           1e3 * best.time.comm_exposed_seconds);
     if (s.deepspeed_zero())
         why += fmt::format("DeepSpeed's engine holds the bf16 parameters in one flat buffer, moves each gradient into its "
                            "bucket of {} elements ({}{}) and keeps the gradients of the parameters its partition "
