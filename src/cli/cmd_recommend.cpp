@@ -132,6 +132,10 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
         // (against the whole budget: what --for keeps free for a trainer's tables shrinks with the length)
         const bool deepspeed = rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format);
         const bool two_buckets = rq.pins.overlap_comm.value_or(false);  // (recommend searches overlap_comm)
+        const std::string options = two_buckets ? fmt::format("{}--pin overlap_comm=yes", rq.base.deepspeed_defaults()
+                                                                                                ? ""
+                                                                                                : deepspeed_options(rq.base) + " ")
+                                                : deepspeed_options(rq.base);
         if (r.persistent_bytes > r.budget_bytes)  // no length, chunking or checkpointing can help
             fail(rq.model.name, "no setup fits",
                  fmt::format("expected one for {} tokens on {} x {} within {}: weights, gradients{}, optimizer states and "
@@ -141,10 +145,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                              rq.gpus > 1 && !deepspeed ? " (and DDP's buckets of them)" : "", format_bytes(r.persistent_bytes),
                              !rq.base.deepspeed_defaults() || two_buckets
                                  ? fmt::format("DeepSpeed's {} ({}) take{} {} on every GPU, whatever the GPUs; ",
-                                               two_buckets ? "two buckets" : "bucket",
-                                               two_buckets ? fmt::format("{}--pin overlap_comm=yes", rq.base.deepspeed_defaults() ? "" : deepspeed_options(rq.base) + " ")
-                                                           : deepspeed_options(rq.base),
-                                               two_buckets ? "" : "s",
+                                               two_buckets ? "two buckets" : "bucket", options, two_buckets ? "" : "s",
                                                format_bytes(checked_mul(rq.base.reduce_bucket_size, two_buckets ? 4 : 2)))
                                  : "",
                              rq.base.runtime != Runtime::Hf ? ""
