@@ -615,8 +615,10 @@ std::string deepspeed_options(const TrainingSetup& s) {
 }
 
 namespace {
-// The first of them as an error's field ("reduce-bucket-size")
-std::string deepspeed_field(const std::string& options) { return options.substr(2, options.find(' ') - 2); }
+// The first of them as an error's field
+const char* deepspeed_field(const TrainingSetup& s) {
+    return s.reduce_bucket_size != kDeepSpeedReduceBucket ? "reduce-bucket-size" : "overlap-comm";
+}
 }  // namespace
 
 Recommendation recommend(const TuneRequest& rq) {
@@ -625,7 +627,7 @@ Recommendation recommend(const TuneRequest& rq) {
     check_request(rq, "recommend");
     const std::string ds_option = deepspeed_options(rq.base);
     if (!ds_option.empty() && !(rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format)))
-        fail("recommend", deepspeed_field(ds_option),
+        fail("recommend", deepspeed_field(rq.base),
              fmt::format("expected --for deepspeed or axolotl with runtime hf (DeepSpeed's ZeRO 1/2 engine has it), or "
                          "DeepSpeed's default, got {}",
                          ds_option));
@@ -872,7 +874,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     if (const std::string option = deepspeed_options(rq.base);
         !option.empty() && !(rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format)) &&
         !(user && user->deepspeed_zero()))
-        fail("max-seq", deepspeed_field(option),
+        fail("max-seq", deepspeed_field(rq.base),
              fmt::format("expected --for deepspeed or axolotl with runtime hf, or your setup under DeepSpeed's ZeRO 1/2 "
                          "(--zero 1 or 2: its engine has it), or DeepSpeed's default, got {}",
                          option));

@@ -683,10 +683,10 @@ private:
         int extra = -1;                   // a parameter too large for the bucket, its gradient reduced where it is
         // ZeRO-1 keeps the .grad of other partitions' parameters to the epilogue: per parameter, such a
         // gradient too large for the bucket (its own tensor); the others are views of a bucket, which
-        // goes with the last of them in parameter order (per bucket: that parameter's place in order_)
+        // goes with the last of them in parameter order (per bucket: that parameter, the one starting
+        // furthest into the flat buffer)
         std::vector<T> held;
         int last_view[2] = {-1, -1};
-        std::vector<int> place;           // per parameter (params_ index): its place in order_
         T partition_grad;                 // grads_in_partition of this backward
         T averaged;                       // the partition's gradients kept for the step (the first backward's)
         T pad_zeros;                      // the step's zero piece past the parameters (a partition with padding)

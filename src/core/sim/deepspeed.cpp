@@ -71,8 +71,6 @@ void StepBuilder::ds_init_state() {
         }
     ds_.pad = std::max<std::int64_t>(0, ds_.hi - std::max(total, ds_.lo));
     ds_.held.assign(params_.size(), T{});
-    ds_.place.assign(params_.size(), 0);
-    for (std::size_t place = 0; place < order_.size(); ++place) ds_.place[static_cast<std::size_t>(order_[place])] = static_cast<int>(place);
 
     at("init.weights");
     layer_ = -1;
@@ -121,8 +119,10 @@ void StepBuilder::ds_take_into_bucket(int p) {
         ds_.extra = p;  // reduced where it is
     } else {
         drop(P.grad);  // copied into the bucket; .grad becomes a view of it
-        int& last = ds_.last_view[ds_.index];
-        if (s_.zero_stage == 1 && !ds_in_partition(p)) last = std::max(last, ds_.place[static_cast<std::size_t>(p)]);
+        int& last = ds_.last_view[ds_.index];  // (the flat buffer is in parameter order)
+        if (s_.zero_stage == 1 && !ds_in_partition(p) &&
+            (last < 0 || ds_.start[static_cast<std::size_t>(p)] > ds_.start[static_cast<std::size_t>(last)]))
+            last = p;
     }
     ds_.elements += P.numel;
     ds_.in_bucket.push_back(p);
@@ -203,10 +203,10 @@ void StepBuilder::ds_after_backward(T& root) {
     for (int i = 1; i >= 0; --i)
         if (ds_.last_view[i] < 0) drop(ds_.bucket[i]);
     drop(ds_.partition_grad);
-    for (std::size_t place = 0; place < order_.size(); ++place) {
-        drop(ds_.held[static_cast<std::size_t>(order_[place])]);
+    for (int p : order_) {
+        drop(ds_.held[static_cast<std::size_t>(p)]);
         for (int i = 0; i < 2; ++i)
-            if (ds_.last_view[i] == static_cast<int>(place)) drop(ds_.bucket[i]);
+            if (ds_.last_view[i] == p) drop(ds_.bucket[i]);
     }
     ds_.last_view[0] = ds_.last_view[1] = -1;
     drop(ds_.loss_mul), drop(ds_.loss_div);  // engine.backward returns
