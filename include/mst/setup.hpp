@@ -64,8 +64,14 @@ enum class LmHeadImpl {
     FusedForward,  // Liger FLCE / ALST tiled logits: gradients computed inside forward, held until backward
 };
 
-// DeepSpeed's default reduce_bucket_size (elements; deepspeed/runtime/zero/config.py).
+// DeepSpeed's defaults (elements; deepspeed/runtime/zero/config.py): reduce_bucket_size, and ZeRO-3's
+// stage3_param_persistence_threshold, stage3_prefetch_bucket_size, stage3_max_live_parameters and
+// stage3_max_reuse_distance (the last two are not knobs: mst-plan's ds_config.json writes the defaults).
 inline constexpr std::int64_t kDeepSpeedReduceBucket = 500'000'000;
+inline constexpr std::int64_t kDeepSpeedPersistence = 100'000;
+inline constexpr std::int64_t kDeepSpeedPrefetchBucket = 50'000'000;
+inline constexpr std::int64_t kDeepSpeedMaxLive = 1'000'000'000;
+inline constexpr std::int64_t kDeepSpeedMaxReuse = 1'000'000'000;
 
 struct TrainingSetup {
     std::int64_t micro_batch = 1;
@@ -101,6 +107,11 @@ struct TrainingSetup {
     // Its zero_optimization.overlap_comm (false, DeepSpeed's default for ZeRO 1/2): a second bucket,
     // the reductions on a side stream while backward runs, ZeRO-1's in the last micro-step's hooks.
     bool overlap_comm = false;
+    // DeepSpeed's ZeRO-3 engine (the hf runtime): parameters of at most this many elements stay
+    // gathered (stage3_param_persistence_threshold), and each module's fetch prefetches up to this
+    // many elements of the parameters the trace uses next (stage3_prefetch_bucket_size).
+    std::int64_t param_persistence_threshold = kDeepSpeedPersistence;
+    std::int64_t prefetch_bucket_size = kDeepSpeedPrefetchBucket;
     std::int64_t sp = 1;          // sequence-parallel degree (Ulysses or ring attention: sp_impl)
     SpImpl sp_impl = SpImpl::Ulysses;
     // Expert parallelism (Mixture-of-Experts, kernels runtime): each rank of a group of ep, drawn
@@ -136,8 +147,17 @@ struct TrainingSetup {
     // too (its flat buffers and gradient bucket are there whatever the ranks); with ZeRO 0 the hf
     // runtime's data parallelism is torch's DDP.
     bool deepspeed_zero() const { return runtime == Runtime::Hf && (zero_stage == 1 || zero_stage == 2); }
+    // ZeRO-3 in the hf runtime: DeepSpeed's stage-3 engine (runtime/zero/stage3.py and its parameter
+    // coordinator), over dp > 1 ranks.
+    bool deepspeed_zero3() const { return runtime == Runtime::Hf && zero_stage == 3; }
+    bool deepspeed_engine() const { return deepspeed_zero() || deepspeed_zero3(); }
     // DeepSpeed's engine options as DeepSpeed's defaults (the only values a setup without its engine has)
-    bool deepspeed_defaults() const { return reduce_bucket_size == kDeepSpeedReduceBucket && !overlap_comm; }
+    bool deepspeed_defaults() const {
+        return reduce_bucket_size == kDeepSpeedReduceBucket && !overlap_comm && zero3_defaults();
+    }
+    bool zero3_defaults() const {
+        return param_persistence_threshold == kDeepSpeedPersistence && prefetch_bucket_size == kDeepSpeedPrefetchBucket;
+    }
 };
 
 // Ring attention's ranks differ (head-tail sharding gives rank r chunks r and 2 sp - 1 - r; its

@@ -56,6 +56,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerato
 from .jobs import SETUP_DEFAULTS, CrosscheckError, Job, fail, integral
 
 DEEPSPEED_BUCKET = SETUP_DEFAULTS["reduce_bucket_size"]  # DeepSpeed's default (deepspeed/runtime/zero/config.py)
+# ZeRO-3's options a plan names (its setup's keys: DeepSpeed's defaults) and those it runs at their defaults.
+ZERO3_DEFAULTS = {"param_persistence_threshold": 100_000, "prefetch_bucket_size": 50_000_000}
+ZERO3_FIXED = {"max_live_parameters": 1_000_000_000, "max_reuse_distance": 1_000_000_000}
 
 # The values the Hugging Face Trainer writes over "auto" in the optimizer block (its defaults).
 TRAINER_AUTO = {"lr": 5e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
@@ -100,14 +103,20 @@ def check_plan(plan: Any, where: str) -> Dict[str, Any]:
     bucket = DEEPSPEED_BUCKET if bucket is None else bucket
     if isinstance(bucket, bool) or not isinstance(bucket, int) or not 1 <= bucket <= 1 << 40:
         fail(where, "setup.reduce_bucket_size", f"expected an integer in [1, {1 << 40}], got {json.dumps(bucket)}")
-    if setup["zero_stage"] == 3 and bucket != DEEPSPEED_BUCKET:
-        fail(where, "setup.reduce_bucket_size", f"expected DeepSpeed's default {DEEPSPEED_BUCKET} under ZeRO-3 (mst-plan plans "
-                                                f"the bucket of ZeRO 1/2 only), got {bucket}")
+    zero3 = {}
+    for key, default in ZERO3_DEFAULTS.items():  # (mst-plan writes them for ZeRO-3 only; absent, DeepSpeed's defaults)
+        value = integral(setup.get(key))
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 40:
+            fail(where, f"setup.{key}", f"expected an integer in [0, {1 << 40}], got {json.dumps(value)}")
+        if value != default and setup["zero_stage"] != 3:
+            fail(where, f"setup.{key}", f"expected DeepSpeed's default {default} unless ZeRO-3 runs, got {value}")
+        zero3[key] = value
     overlap = False if setup.get("overlap_comm") is None else setup["overlap_comm"]
     if not isinstance(overlap, bool) or (overlap and setup["zero_stage"] == 3):
         fail(where, "setup.overlap_comm", f"expected true or false (false under ZeRO-3: mst-plan plans the overlap_comm of "
                                           f"ZeRO 1/2 only), got {json.dumps(setup.get('overlap_comm'))}")
-    setup = dict(setup, reduce_bucket_size=bucket, overlap_comm=overlap)
+    setup = dict(setup, reduce_bucket_size=bucket, overlap_comm=overlap, **zero3)
     if setup.get("sp", 1) != 1:
         fail(where, "setup.sp", f"expected 1 (DeepSpeed's Ulysses is not run here), got {setup.get('sp')!r}")
     if setup.get("precision") not in ("bf16-master", "pure-bf16"):
@@ -142,14 +151,19 @@ def check_config(ds_config: Any, setup: Mapping[str, Any], where: str) -> None:
              f"expected {str(setup['precision'] == 'pure-bf16').lower()} for the plan's precision {setup['precision']}")
     if str(optimizer.get("type", "")).lower() not in ("adamw", "adam"):
         fail(where, "optimizer.type", f"expected AdamW (the plan's adamw, DeepSpeed's FusedAdam), got {optimizer.get('type')!r}")
-    # ZeRO 1/2's bucket is the plan's (reduce_bucket_size; absent, DeepSpeed's default, the plan's default). (Stage 3,
-    # which mst-plan does not model in the hf runtime, runs whatever the file sets.)
-    plan_bucket = setup.get("reduce_bucket_size", DEEPSPEED_BUCKET)
-    bucket = zero.get("reduce_bucket_size", DEEPSPEED_BUCKET)
-    if setup["zero_stage"] in (1, 2) and (isinstance(bucket, bool) or bucket != plan_bucket):
-        got = json.dumps(bucket) if "reduce_bucket_size" in zero else f"none (DeepSpeed's default {DEEPSPEED_BUCKET})"
-        fail(where, "zero_optimization.reduce_bucket_size",
-             f"expected the plan's reduce_bucket_size {plan_bucket} (elements), got {got}")
+    # The bucket is the plan's (reduce_bucket_size; absent, DeepSpeed's default, the plan's default), and so are
+    # ZeRO-3's gathering options (stage3_*; absent, DeepSpeed's defaults: the plan's when it names none).
+    options = {"reduce_bucket_size": ("reduce_bucket_size", DEEPSPEED_BUCKET)}
+    if setup["zero_stage"] == 3:
+        options.update({f"stage3_{key}": (key, default) for key, default in ZERO3_DEFAULTS.items()})
+        options.update({f"stage3_{key}": (None, default) for key, default in ZERO3_FIXED.items()})
+    for key, (plan_key, default) in options.items():
+        planned = setup.get(plan_key, default) if plan_key else default
+        value = zero.get(key, default)
+        if isinstance(value, bool) or value != planned:
+            got = json.dumps(value) if key in zero else f"none (DeepSpeed's default {default})"
+            fail(where, f"zero_optimization.{key}",
+                 f"expected the plan's {plan_key or key.removeprefix('stage3_')} {planned} (elements), got {got}")
     overlap = zero.get("overlap_comm", False)  # (DeepSpeed's default for ZeRO 1/2; None is that default too)
     if setup["zero_stage"] in (1, 2) and (False if overlap is None else overlap) is not setup.get("overlap_comm", False):
         got = json.dumps(overlap) if "overlap_comm" in zero else "none (DeepSpeed's default false)"
@@ -414,6 +428,15 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
             fail(where, "deepspeed", f"DeepSpeed {deepspeed.__version__} refused it: {type(e).__name__}: "
                                      + " ".join(str(e).split())[:300])
         _mark_gradients(marking, optimizer)
+        if _stage(optimizer) == 3:  # the persistent parameters gathered again after the step: weights
+            post_step = optimizer._post_step
+
+            def gathered_again(*args: Any, **kwargs: Any) -> Any:
+                out = post_step(*args, **kwargs)
+                if marking["recorder"] is not None:
+                    marking["recorder"].mark([p.data for p in optimizer.persistent_parameters], "weights")
+                return out
+            optimizer._post_step = gathered_again
         next_step = step_batches(job)
 
         def train(batch_list: List[Any], observe: Any) -> None:
@@ -473,7 +496,8 @@ def job_for_deepspeed(plan: Any, where: str = "plan") -> Job:
     from .jobs import make_job
 
     setup = dict(check_plan(plan, where), runtime="hf")  # (Hugging Face's model code, whichever runtime planned it)
-    single = dict(setup, dp=1, zero_stage=0, precision="pure-bf16", reduce_bucket_size=DEEPSPEED_BUCKET, overlap_comm=False)
+    single = dict(setup, dp=1, zero_stage=0, precision="pure-bf16", reduce_bucket_size=DEEPSPEED_BUCKET, overlap_comm=False,
+                  **ZERO3_DEFAULTS)
     job = make_job(None, plan=dict(plan, setup=single), plan_where=where, convert="python")
     job.setup = setup
     return job

@@ -56,7 +56,8 @@ SETUP_DEFAULTS: Dict[str, Any] = {
     "runtime": "hf",
     "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
     "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1, "reduce_bucket_size": 500_000_000,
-    "overlap_comm": False, "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0,
+    "overlap_comm": False, "param_persistence_threshold": 100_000, "prefetch_bucket_size": 50_000_000,
+    "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0,
 }
 SETUP_KEYS = tuple(SETUP_DEFAULTS) + ("optimizer_state_dtype", "mlp_chunk_tokens", "lm_chunk_tokens", "checkpoint")
 
@@ -308,6 +309,8 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     integer("zero_stage", 0, 3)
     integer("zero3_prefetch", 0, 8)
     integer("reduce_bucket_size", 1, big)
+    integer("param_persistence_threshold", 0, big)
+    integer("prefetch_bucket_size", 0, big)
     for key in ("padded", "optimizer_in_backward", "offload_checkpoints", "overlap_comm"):
         boolean(key)
     choice("precision", PRECISIONS)
@@ -319,10 +322,15 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     choice("lm_impl", LM_IMPLS)
     choice("sp_impl", SP_IMPLS)
     deepspeed = s["runtime"] == "hf" and s["zero_stage"] in (1, 2)
-    if s["reduce_bucket_size"] != SETUP_DEFAULTS["reduce_bucket_size"] and not deepspeed:
+    zero3 = s["runtime"] == "hf" and s["zero_stage"] == 3
+    if s["reduce_bucket_size"] != SETUP_DEFAULTS["reduce_bucket_size"] and not (deepspeed or zero3):
         fail(where, "reduce_bucket_size", f"expected DeepSpeed's default {SETUP_DEFAULTS['reduce_bucket_size']} unless "
-                                          f"DeepSpeed's ZeRO 1/2 engine runs the step (runtime hf, zero_stage 1 or 2), "
+                                          f"DeepSpeed's ZeRO engine runs the step (runtime hf, zero_stage 1, 2 or 3), "
                                           f"got {s['reduce_bucket_size']}")
+    for key in ("param_persistence_threshold", "prefetch_bucket_size"):
+        if s[key] != SETUP_DEFAULTS[key] and not zero3:
+            fail(where, key, f"expected DeepSpeed's default ({SETUP_DEFAULTS[key]}) unless DeepSpeed's ZeRO-3 engine runs the "
+                             f"step (runtime hf, zero_stage 3)")
     if s["overlap_comm"] and not deepspeed:
         fail(where, "overlap_comm", "expected false unless DeepSpeed's ZeRO 1/2 engine runs the step (runtime hf, zero_stage 1 or 2)")
     state = knobs.get("optimizer_state_dtype")
@@ -356,7 +364,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     order = ("micro_batch", "seq_len", "grad_accum", "padded", "precision", "optimizer", "optimizer_state_dtype",
              "optimizer_in_backward", "optimizer_impl", "runtime", "attention", "mlp_chunks", "mlp_impl", "lm_chunks", "lm_impl",
              "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "reduce_bucket_size", "overlap_comm", "sp",
-             "sp_impl", "ep", "moe_imbalance")
+             "sp_impl", "ep", "moe_imbalance") + (("param_persistence_threshold", "prefetch_bucket_size") if zero3 else ())
     return {k: s[k] for k in order}
 
 

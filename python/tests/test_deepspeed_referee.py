@@ -66,16 +66,29 @@ LAYER3 = ["q", "k", "v", "o", "mlp", "mlp", "mlp", "norm", "norm"]  # (parameter
 ORDER3 = ["embed"] + LAYER3 * 2 + ["norm", "lm_head"]  # model.parameters(): 21 parameters
 NUMEL = {"embed": 16384, "q": 4096, "k": 2048, "v": 2048, "o": 4096, "mlp": 11264, "norm": 64, "lm_head": 16384}
 PART3 = sum(PARTS3[p] for p in ORDER3)
-ZERO3 = {k: v for k, v in dict(SETUP, dp=W3, zero_stage=3).items() if k != "reduce_bucket_size"}  # (the plan's: the default)
+ZERO3 = dict(SETUP, dp=W3, zero_stage=3, runtime="hf", param_persistence_threshold=0)
 ZERO3_DS = dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET,
                                               "stage3_param_persistence_threshold": 0})
+DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size
+# ZeRO-3 as the hf runtime predicts it, event for event (src/core/sim/zero3.cpp): the run above; every
+# layer checkpointed with two micro-steps and the norms persistent (a threshold of 100 elements), rank 2;
+# flash attention with layer 1 checkpointed, rank 0.
+PERSISTENT = {"param_persistence_threshold": 100}
+ZERO3_CASES = {
+    "checkpointed": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[0, 1], grad_accum=2,
+                          reduce_bucket_size=DEFAULT_BUCKET, **PERSISTENT),
+                     dict(DS_CONFIG, gradient_accumulation_steps=2,
+                          zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 100}), 2),
+    "flash": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", attention="flash", checkpoint=[1],
+                   reduce_bucket_size=DEFAULT_BUCKET, **PERSISTENT),
+              dict(DS_CONFIG, zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 100}), 0),
+}
 # overlap_comm: two buckets; ZeRO-2 on rank 6, ZeRO-1 (three micro-steps) reducing in the last one's hooks.
 OVERLAP = {"zero2": (dict(SETUP, runtime="hf", overlap_comm=True),
                      dict(DS_CONFIG, zero_optimization={"stage": 2, "reduce_bucket_size": BUCKET, "overlap_comm": True})),
            "zero1": (dict(ZERO1, runtime="hf", overlap_comm=True),
                      dict(ZERO1_DS, zero_optimization={"stage": 1, "reduce_bucket_size": BUCKET, "overlap_comm": True}))}
 # The emitted defaults (no reduce_bucket_size), for the comparison with the hf runtime.
-DEFAULT_BUCKET = 500_000_000
 DEFAULTS = {
     "zero2": (dict(SETUP, runtime="hf", reduce_bucket_size=DEFAULT_BUCKET), dict(DS_CONFIG, zero_optimization={"stage": 2}), RANK),
     "zero1": (dict(ZERO1, runtime="hf", reduce_bucket_size=DEFAULT_BUCKET), dict(ZERO1_DS, zero_optimization={"stage": 1}), RANK),
@@ -100,6 +113,9 @@ def runs():
             "out = {d: dz.deepspeed_step(job(a['setup']), a['ds'], a['rank'], device=d) for d in ('fake', 'cpu')}; "
             "out['zero1'] = dz.deepspeed_step(job(a['zero1']), a['zero1_ds'], a['rank']); "
             "out['zero3'] = {d: dz.deepspeed_step(job(a['zero3']), a['zero3_ds'], a['rank3'], device=d) for d in ('fake', 'cpu')}; "
+            "out['zero3_files'] = {'bucket 4096': dz.measurement_file(job(a['zero3']), out['zero3']['fake'])}; "
+            "out['zero3_files'].update({k: (lambda j: dz.measurement_file(j, dz.deepspeed_step(j, ds, rank)))(job(setup)) "
+            "for k, (setup, ds, rank) in a['zero3_cases'].items()}); "
             "out['small_bucket'] = {'zero2': dz.measurement_file(job(a['setup']), out['fake']), "
             "'zero1': dz.measurement_file(job(a['zero1']), out['zero1'])}; "
             "out['defaults'] = {k: (lambda j: dz.measurement_file(j, dz.deepspeed_step(j, ds, rank)))(job(setup)) "
@@ -107,7 +123,7 @@ def runs():
             "out['overlap'] = {k: (lambda j: dz.measurement_file(j, dz.deepspeed_step(j, ds, a['rank'])))(job(setup)) "
             "for k, (setup, ds) in a['overlap'].items()}; print(json.dumps(out))")
     arg = json.dumps({"setup": SETUP, "ds": DS_CONFIG, "zero1": ZERO1, "zero1_ds": ZERO1_DS, "rank": RANK,
-                      "zero3": ZERO3, "zero3_ds": ZERO3_DS, "rank3": RANK3, "defaults": DEFAULTS,
+                      "zero3": ZERO3, "zero3_ds": ZERO3_DS, "rank3": RANK3, "zero3_cases": ZERO3_CASES, "defaults": DEFAULTS,
                       "overlap": OVERLAP})
     r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=ENV, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -270,10 +286,26 @@ def test_a_file_that_is_not_the_plans_is_one_line_and_exit_2(tmp_path, change, e
 
 
 @needs_clients
+@pytest.mark.parametrize("zero, expected", [
+    ({"stage": 3, "reduce_bucket_size": BUCKET},
+     "zero_optimization.stage3_param_persistence_threshold: expected the plan's param_persistence_threshold 0 (elements), got "
+     "none (DeepSpeed's default 100000)"),
+    ({"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 1000},
+     "zero_optimization.stage3_prefetch_bucket_size: expected the plan's prefetch_bucket_size 50000000 (elements), got 1000"),
+    ({"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 10},
+     "zero_optimization.stage3_max_live_parameters: expected the plan's max_live_parameters 1000000000 (elements), got 10"),
+])
+def test_a_zero_3_file_that_is_not_the_plans_is_one_line_and_exit_2(tmp_path, zero, expected):
+    _refused(tmp_path, ZERO3, dict(DS_CONFIG, zero_optimization=zero), "ds", expected)
+
+
+@needs_clients
 @pytest.mark.parametrize("setup, expected", [
     (dict(SETUP, reduce_bucket_size="4096"), 'setup.reduce_bucket_size: expected an integer in [1, 1099511627776], got "4096"'),
     (dict(SETUP, reduce_bucket_size=0), "setup.reduce_bucket_size: expected an integer in [1, 1099511627776], got 0"),
-    (dict(ZERO3, reduce_bucket_size=BUCKET), "setup.reduce_bucket_size: expected DeepSpeed's default 500000000 under ZeRO-3"),
+    (dict(SETUP, param_persistence_threshold=0), "setup.param_persistence_threshold: expected DeepSpeed's default 100000 "
+                                                 "unless ZeRO-3 runs, got 0"),
+    (dict(ZERO3, prefetch_bucket_size=-1), "setup.prefetch_bucket_size: expected an integer in [0, 1099511627776], got -1"),
     (dict(SETUP, reduce_bucket_size=4096.5), "setup.reduce_bucket_size: expected an integer in [1, 1099511627776], got 4096.5"),
     (dict(SETUP, overlap_comm="yes"), 'setup.overlap_comm: expected true or false (false under ZeRO-3: mst-plan plans the '
                                       'overlap_comm of ZeRO 1/2 only), got "yes"'),
@@ -325,3 +357,22 @@ def test_the_hf_runtime_predicts_deepspeeds_step_event_for_event(runs, case, tmp
     out = json.loads(r.stdout)
     assert out["first_divergence"] is None and out["identical"] is True, out["first_divergence"]
 
+
+
+@pytest.mark.parametrize("case", ["bucket 4096"] + sorted(ZERO3_CASES))
+def test_the_hf_runtime_predicts_deepspeeds_zero_3_step_event_for_event(runs, case, tmp_path):
+    """ZeRO-3: every gather, copy and release of DeepSpeed's coordinator, the bucket's reduce-scatters and the
+    step, with nothing persistent and a 4096-element bucket; with the norms persistent, every layer
+    checkpointed (the recompute's fetches) and two micro-steps; with flash attention."""
+    binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
+    if not binary.exists():
+        pytest.skip("mst-plan is not built (set MST_PLAN or build/)")
+    record = runs["zero3_files"][case]
+    assert record["setup"]["zero_stage"] == 3 and record["setup"]["runtime"] == "hf"
+    assert "ZeRO-3 engine" in record["notes"][0]
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps(record))
+    r = subprocess.run([str(binary), "--json", "compare", "--run", str(measured)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["first_divergence"] is None and out["identical"] is True, out["first_divergence"]

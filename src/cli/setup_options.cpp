@@ -43,9 +43,17 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_option("--zero", zero, "ZeRO stage 0-3 (3 = FSDP full shard)")->capture_default_str()->check(an_int);
     cmd.add_option("--zero3-prefetch", zero3_prefetch, "Layers all-gathered ahead under ZeRO-3")->capture_default_str()->check(an_int);
     cmd.add_option("--reduce-bucket-size", reduce_bucket_size_,
-                   "DeepSpeed's gradient bucket in elements (ZeRO 1/2, runtime hf: its reduce_bucket_size; the Hugging Face "
+                   "DeepSpeed's gradient bucket in elements (ZeRO 1-3, runtime hf: its reduce_bucket_size; the Hugging Face "
                    "Trainer's \"auto\" is hidden_size^2)")
         ->capture_default_str()->check(decimal());
+    cmd.add_option("--param-persistence-threshold", persistence_,
+                   "DeepSpeed's ZeRO-3 (runtime hf): parameters of at most this many elements stay gathered "
+                   "(stage3_param_persistence_threshold; the Hugging Face Trainer's \"auto\" is 10 x hidden_size)")
+        ->capture_default_str()->check(decimal(0));
+    cmd.add_option("--prefetch-bucket-size", prefetch_bucket_,
+                   "DeepSpeed's ZeRO-3 (runtime hf): elements gathered ahead at each module (stage3_prefetch_bucket_size; "
+                   "the Hugging Face Trainer's \"auto\" is 0.9 x hidden_size^2)")
+        ->capture_default_str()->check(decimal(0));
     cmd.add_flag("--overlap-comm", overlap_comm,
                  "DeepSpeed's overlap_comm (ZeRO 1/2, runtime hf): a second gradient bucket, the reductions overlapping backward");
     cmd.add_option("--sp", sp, "Sequence-parallel degree (runtime kernels)")->capture_default_str()->check(decimal());
@@ -63,6 +71,8 @@ bool SetupOptions::given(const char* name) const { return cmd_->count(name) > 0;
 void SetupOptions::take_deepspeed(TrainingSetup& s) const {
     if (given("--reduce-bucket-size")) s.reduce_bucket_size = reduce_bucket_size_;
     if (given("--overlap-comm")) s.overlap_comm = overlap_comm;
+    if (given("--param-persistence-threshold")) s.param_persistence_threshold = persistence_;
+    if (given("--prefetch-bucket-size")) s.prefetch_bucket_size = prefetch_bucket_;
 }
 
 TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed) const {

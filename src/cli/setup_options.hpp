@@ -28,7 +28,8 @@ public:
 private:
     CLI::App* cmd_ = nullptr;
     std::string setup_file;
-    std::int64_t seq = 4096, batch = 1, grad_accum = 1, dp = 1, sp = 1, ep = 1, reduce_bucket_size_ = kDeepSpeedReduceBucket;
+    std::int64_t seq = 4096, batch = 1, grad_accum = 1, dp = 1, sp = 1, ep = 1, reduce_bucket_size_ = kDeepSpeedReduceBucket,
+                 persistence_ = kDeepSpeedPersistence, prefetch_bucket_ = kDeepSpeedPrefetchBucket;
     double moe_imbalance = 1.0;
     std::int64_t mlp_chunks = 1, lm_chunks = 1, mlp_chunk_tokens = 0, lm_chunk_tokens = 0;
     int zero = 0, zero3_prefetch = 1;

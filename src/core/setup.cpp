@@ -178,6 +178,9 @@ std::string describe_deepspeed(const TrainingSetup& s) {
     std::string out;
     if (s.reduce_bucket_size != kDeepSpeedReduceBucket) out += fmt::format(", reduce_bucket_size {}", s.reduce_bucket_size);
     if (s.overlap_comm) out += ", overlap_comm";
+    if (s.param_persistence_threshold != kDeepSpeedPersistence)
+        out += fmt::format(", param_persistence_threshold {}", s.param_persistence_threshold);
+    if (s.prefetch_bucket_size != kDeepSpeedPrefetchBucket) out += fmt::format(", prefetch_bucket_size {}", s.prefetch_bucket_size);
     return out;
 }
 
@@ -273,11 +276,20 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     if (s.zero3_prefetch < 0 || s.zero3_prefetch > limits::kZero3Prefetch)
         fail(w, "zero3_prefetch", fmt::format("expected 0..{} layers, got {}", limits::kZero3Prefetch, s.zero3_prefetch));
     in_range("reduce_bucket_size", s.reduce_bucket_size, 1, limits::kReduceBucket);
-    if (s.reduce_bucket_size != kDeepSpeedReduceBucket && !s.deepspeed_zero())
+    if (s.reduce_bucket_size != kDeepSpeedReduceBucket && !s.deepspeed_engine())
         fail(w, "reduce_bucket_size",
-             fmt::format("expected DeepSpeed's default {} unless DeepSpeed's ZeRO 1/2 engine runs the step (runtime hf, "
-                         "zero_stage 1 or 2), got {}",
+             fmt::format("expected DeepSpeed's default {} unless DeepSpeed's ZeRO engine runs the step (runtime hf, "
+                         "zero_stage 1, 2 or 3), got {}",
                          kDeepSpeedReduceBucket, s.reduce_bucket_size));
+    in_range("param_persistence_threshold", s.param_persistence_threshold, 0, limits::kReduceBucket);
+    in_range("prefetch_bucket_size", s.prefetch_bucket_size, 0, limits::kReduceBucket);
+    if (!s.zero3_defaults() && !s.deepspeed_zero3()) {
+        const bool persistence = s.param_persistence_threshold != kDeepSpeedPersistence;
+        fail(w, persistence ? "param_persistence_threshold" : "prefetch_bucket_size",
+             fmt::format("expected DeepSpeed's default {} unless DeepSpeed's ZeRO-3 engine runs the step (runtime hf, zero_stage 3), got {}",
+                         persistence ? kDeepSpeedPersistence : kDeepSpeedPrefetchBucket,
+                         persistence ? s.param_persistence_threshold : s.prefetch_bucket_size));
+    }
     if (s.overlap_comm && !s.deepspeed_zero())
         fail(w, "overlap_comm", "expected false unless DeepSpeed's ZeRO 1/2 engine runs the step (runtime hf, zero_stage 1 or 2)");
     if (!s.checkpoint.empty() && static_cast<std::int64_t>(s.checkpoint.size()) != m.num_layers)
@@ -354,6 +366,32 @@ void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
                                        m.hidden_size, m.moe->intermediate, align));
 }
 
+// ZeRO-3 in the hf runtime (src/core/sim/zero3.cpp) is proven on the referee for the dense
+// Llama-shaped decoder (one parameter per module: Llama, Mistral) with fp32 master weights, whole
+// MLP and LM head blocks, checkpointed layers kept on the GPU. What else its hooks and gathers would
+// meet is refused until it is proven the same way.
+namespace {
+void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char* hint) {
+    const std::string w = "setup";
+    const char* z3 = "with runtime hf and ZeRO-3 (DeepSpeed's stage-3 engine)";
+    if (s.dp < 2)
+        fail(w, "dp", fmt::format("expected 2 or more ranks {} (on one GPU it shards nothing: zero_stage 0), got {}", z3, s.dp));
+    const bool llama_shaped = (m.family == Family::Llama || m.family == Family::Mistral) && !m.qkv_bias && !m.o_bias &&
+                              !m.mlp_bias && !m.tie_word_embeddings && !m.longrope;
+    if (!llama_shaped)
+        fail(w, "zero_stage", fmt::format("expected 0, 1 or 2 for {} {} (its modules' hooks are modelled for Llama and Mistral "
+                                          "with untied embeddings and no biases){}, got 3",
+                                          m.name, z3, hint));
+    if (s.precision != Precision::Bf16Master)
+        fail(w, "precision", fmt::format("expected bf16-master {} (its fp32 master partitions), got {}", z3, to_string(s.precision)));
+    if (s.mlp_chunks > 1 || s.lm_chunks > 1)
+        fail(w, s.mlp_chunks > 1 ? "mlp_chunks" : "lm_chunks",
+             fmt::format("expected 1 {} (the gathers of chunked blocks are not modelled yet){}", z3, hint));
+    if (s.offload_checkpoints)
+        fail(w, "offload_checkpoints", fmt::format("expected false {} (not modelled yet){}", z3, hint));
+}
+}  // namespace
+
 // The hf runtime walks transformers + PyTorch's own step, each rule proven event by event
 // against the referee (python/mst_referee), which runs one process, DDP's Reducer or DeepSpeed's
 // ZeRO engine. What is not proven that way yet (ZeRO-3 and sequence parallelism; padded batches;
@@ -367,14 +405,13 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     // modelled in this runtime yet.
     if (s.sp > 1) fail(w, "sp", fmt::format("expected 1 with runtime hf (sequence parallelism is not modelled in it){}, got {}", hint, s.sp));
     if (s.ep > 1) fail(w, "ep", fmt::format("expected 1 with runtime hf (expert parallelism is not modelled in it){}, got {}", hint, s.ep));
-    if (s.zero_stage > 2)
-        fail(w, "zero_stage", fmt::format("expected 0 (DDP), 1 or 2 (DeepSpeed) with runtime hf (ZeRO-3 is not modelled in it){}, got {}",
-                                          hint, s.zero_stage));
-    if (s.deepspeed_zero()) {
+    if (s.deepspeed_zero3()) validate_zero3_scope(s, m, hint);
+    if (s.deepspeed_engine()) {
         // DeepSpeed's bf16 engine: fp32 master weights and states (bf16-master), or its bf16 master
         // flags with bf16 states (pure-bf16), and its FusedAdam.
-        const char* ds = "with runtime hf and ZeRO 1 or 2 (DeepSpeed's engine)";
-        if (s.dp > limits::kDeepSpeedRanks)
+        const char* ds = s.deepspeed_zero3() ? "with runtime hf and ZeRO-3 (DeepSpeed's engine)"
+                                             : "with runtime hf and ZeRO 1 or 2 (DeepSpeed's engine)";
+        if (s.deepspeed_zero() && s.dp > limits::kDeepSpeedRanks)
             fail(w, "dp", fmt::format("expected at most {} ranks {} (every rank's step is walked){}, got {}", limits::kDeepSpeedRanks,
                                       ds, hint, s.dp));
         if (s.precision == Precision::AmpFp32)
@@ -442,6 +479,9 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     s.zero3_prefetch = static_cast<int>(r.opt_integer("zero3_prefetch", 0, limits::kZero3Prefetch).value_or(1));
     s.reduce_bucket_size = r.opt_integer("reduce_bucket_size", 1, limits::kReduceBucket).value_or(kDeepSpeedReduceBucket);
     s.overlap_comm = r.opt_boolean("overlap_comm").value_or(false);
+    s.param_persistence_threshold =
+        r.opt_integer("param_persistence_threshold", 0, limits::kReduceBucket).value_or(kDeepSpeedPersistence);
+    s.prefetch_bucket_size = r.opt_integer("prefetch_bucket_size", 0, limits::kReduceBucket).value_or(kDeepSpeedPrefetchBucket);
 
     auto chunks = [&](const char* count_key, const char* tokens_key) -> std::int64_t {
         if (r.has(count_key) && r.has(tokens_key))
@@ -484,7 +524,7 @@ nlohmann::json to_json(const TrainingSetup& s) {
     std::vector<std::int64_t> layers;
     for (std::size_t i = 0; i < s.checkpoint.size(); ++i)
         if (s.checkpoint[i]) layers.push_back(static_cast<std::int64_t>(i));
-    return {
+    nlohmann::json j = {
         {"micro_batch", s.micro_batch},
         {"seq_len", s.seq_len},
         {"grad_accum", s.grad_accum},
@@ -512,6 +552,11 @@ nlohmann::json to_json(const TrainingSetup& s) {
         {"ep", s.ep},
         {"moe_imbalance", s.moe_imbalance},
     };
+    if (s.deepspeed_zero3()) {  // (ZeRO-3's own options: only where its engine runs)
+        j["param_persistence_threshold"] = s.param_persistence_threshold;
+        j["prefetch_bucket_size"] = s.prefetch_bucket_size;
+    }
+    return j;
 }
 
 }  // namespace mst

@@ -146,15 +146,23 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
     // runtime models neither: DeepSpeed's defaults are left.)
     if (s.reduce_bucket_size != kDeepSpeedReduceBucket) zero["reduce_bucket_size"] = s.reduce_bucket_size;
     if (s.deepspeed_zero()) zero["overlap_comm"] = s.overlap_comm;
-    // The plan counts ZeRO-3 prefetch in layers; DeepSpeed counts parameter elements.
-    if (s.zero_stage == 3) {
+    if (s.deepspeed_zero3()) {
+        // The hf runtime models DeepSpeed's own stage 3 (src/core/sim/zero3.cpp): every option it
+        // depends on is written, so that neither DeepSpeed's defaults nor the Hugging Face Trainer's
+        // "auto" fill-ins (10 x hidden_size persistence, 0.9 x hidden_size^2 prefetch) change it.
+        zero["reduce_bucket_size"] = s.reduce_bucket_size;
+        zero["stage3_param_persistence_threshold"] = s.param_persistence_threshold;
+        zero["stage3_prefetch_bucket_size"] = s.prefetch_bucket_size;
+        zero["stage3_max_live_parameters"] = kDeepSpeedMaxLive;
+        zero["stage3_max_reuse_distance"] = kDeepSpeedMaxReuse;
+    } else if (s.zero_stage == 3) {  // the kernels runtime counts ZeRO-3 prefetch in layers; DeepSpeed counts elements
         zero["stage3_prefetch_bucket_size"] = s.zero3_prefetch * model.layer_parameters();
         notes.push_back(
             "ZeRO-3: DeepSpeed's engine gathers ahead by elements at every submodule, keeping up to "
             "stage3_max_live_parameters (1e9) gathered and those reused within stage3_max_reuse_distance (1e9), "
             "and holds a reduce bucket of reduce_bucket_size (5e8) bf16 elements: more than this plan, made with "
-            "mst-plan's kernels' ZeRO-3, counts (docs/deepspeed-zero3.md: what DeepSpeed 0.19.8's stage 3 "
-            "allocates; the hf runtime does not model it yet).");
+            "mst-plan's kernels' ZeRO-3, counts (the hf runtime models DeepSpeed's own stage 3: plan with "
+            "--runtime hf).");
     }
     j["zero_optimization"] = zero;
 

@@ -336,7 +336,7 @@ namespace mst::sim {
 // Under autocast the input is fp32: both casts are no-ops (a is x, the output fp32).
 T StepBuilder::hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save, std::int64_t rows, std::int64_t d) {
     const bool gemma = m_.gemma();
-    (void)p;  // the weight is read as it is: autocast leaves elementwise ops alone
+    z3_fetch_of(p);  // (the weight is read as it is: autocast leaves elementwise ops alone)
     const bool fp32_in = amp_ && x.valid();
     sv.fp32_in = fp32_in;
     T a = fp32_in ? hold(x) : act("norm.upcast", f32(rows, d), false);
@@ -383,14 +383,17 @@ T StepBuilder::hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save
     sv.c = saved(c);
     drop(c);
     drop(n), drop(v);  // the locals, at return
+    z3_release_of(p);
     return out;
 }
 
 T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::int64_t rows, std::int64_t d, T* into) {
     const bool fp32_in = sv.fp32_in;  // x was the fp32 residual stream (a is x)
+    z3_fetch_of(p, false);
+    // ZeRO-3: a buffer whose gradient came through DeepSpeed's hook Functions is never summed in place
     auto to_input = [&](T& grad) {  // x's gradient reaches its buffer
         if (!into) return;
-        accumulate(*into, grad, false);
+        accumulate(*into, grad, z3_on_);
         grad = T{};
     };
     T gn;  // the gradient of n, fp32
@@ -497,6 +500,7 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
     // ToCopyBackward0 (x.to(fp32))
     T gx = alloc("d_norm_in", bf16(rows, d), Category::Transient);
     node_end({}, &ga);
+    z3_release_of(p, false);
     to_input(gx);
     return gx;
 }
@@ -649,6 +653,7 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
     };
     const bool norms_last = m_.qk_norms_after_projections();
     at("attn.qkv");
+    if (z3_on_) z3_fetch(z3_.layers[static_cast<std::size_t>(layer_)].attn);
     T q, k, v;
     if (m_.fused_projections()) {
         // Phi-3: one qkv_proj; q, k and v are views of its output. v's view is what the attention
@@ -660,10 +665,12 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
     } else {
         // each projection its own: under autocast each casts the fp32 input again
         auto project = [&](int w, int b, const char* name, std::int64_t cols, T& saved_in) {
+            z3_fetch_of(w);
             T in = hf_linear_input(w, b, h1, tokens_, d);
             T out = act(name, bf16(tokens_, cols), false);
             saved_in = saved(in);
             drop(in);
+            z3_release_of(w);
             return out;
         };
         q = project(lp.q, lp.q_bias, "q", qd, sv.h1_q);
@@ -687,8 +694,10 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
     T o;
     hf_flash_forward(sv, qe, ke, v, o);
     at("attn.o_proj");
+    z3_fetch_of(lp.o);
     hf_linear_weights(lp.o, lp.o_bias);
     attn_out = act("attn_out", bf16(tokens_, d), false);
+    z3_release_of(lp.o);
     sv.o_oproj = saved(o);
     drop(o), drop(qe), drop(ke), drop(v);  // the attention's locals, at return
 }
@@ -697,6 +706,7 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
     const std::int64_t d = m_.hidden_size, qd = m_.q_dim(), kvd = m_.kv_dim();
     at("attn.o_proj");
+    if (z3_on_) z3_fetch(z3_.layers[static_cast<std::size_t>(l)].attn, false);
     T d_o = hf_linear_backward(lp.o, lp.o_bias, "d_o", bf16(tokens_, qd), {&sv.o_oproj}, d_out, [](T&) {});
     T dq, dk, dv;
     if (s_.attention == Attention::Eager) {
@@ -764,7 +774,7 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
         }
         contiguous(g, heads, contiguous_name);
         hf_linear_backward(proj, bias, input_grad, bf16(tokens_, d), {&saved_in}, g,
-                           [&](T& gx) { accumulate(dh, gx, dh_is_view && !amp_); }, amp_);
+                           [&](T& gx) { accumulate(dh, gx, (dh_is_view || z3_on_) && !amp_); }, amp_);
     };
     head_backward(lp.k, lp.k_bias, lp.k_norm, sv.nk, sv.h1_k, gk, m_.num_kv_heads, "d_k_contiguous", "d_h1_k", true);
     head_backward(lp.q, lp.q_bias, lp.q_norm, sv.nq, sv.h1_q, gq, m_.num_heads, "d_q_contiguous", "d_h1_q", false);
@@ -936,8 +946,10 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     drop(shifted), drop(probs);
     weights = p;
     at("attn.o_proj");
+    z3_fetch_of(lp.o);
     hf_linear_weights(lp.o, lp.o_bias);
     attn_out = act("attn_out", bf16(tokens_, d), false);
+    z3_release_of(lp.o);
     sv.o_oproj = saved(o);
     drop(o), drop(qe), drop(ke), drop(v);  // the attention's locals, at return
 }
@@ -1090,7 +1102,14 @@ void StepBuilder::hf_layer_backward(int l, LayerSaved& sv, T& dres) {
     };
     const bool mlp_bf16 = hf_mlp_out_bytes() == 2;  // (under autocast the experts' sum is fp32)
     T dy2 = gemma ? T{} : branch_grad(mlp_bf16);
-    if (!gemma && (!m_.moe || tiled)) unpack();
+    if (z3_on_) {  // the layer's, the MLP's and down_proj's pre-backward fetches come first (down_proj's unpacks)
+        layer_ = -1;  // (the layer's is a node its forward hook made, in the model's forward)
+        z3_fetch(z3_.layers[static_cast<std::size_t>(l)].layer, false);
+        layer_ = l;
+        z3_fetch(z3_.layers[static_cast<std::size_t>(l)].mlp, false);
+    } else if (!gemma && (!m_.moe || tiled)) {
+        unpack();
+    }
     at("mlp.post_norm");
     if (gemma) dy2 = hf_norm_backward(lp.post_ff_norm, sv.hf.n_pf, branch_grad(true));
     T dh2 = hf_mlp_backward(lp, sv.hf, dy2);

@@ -35,7 +35,8 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
     tokens_ = s_.local_tokens();
     hf_ = s_.runtime == Runtime::Hf;
     amp_ = hf_ && s_.precision == Precision::AmpFp32;
-    ds_on_ = s_.deepspeed_zero();
+    ds_on_ = s_.deepspeed_engine();
+    z3_on_ = s_.deepspeed_zero3();
     if (hf_) pg_ = pw_;  // autograd's gradients are in the parameters' dtype; fp32 masters keep their own
     tl_.source = "simulator";
     tl_.model = m_.name;
@@ -203,7 +204,8 @@ void StepBuilder::init_state() {
     phase_ = Phase::Init;
     layer_ = -1;
     if (ds_on_) {
-        ds_init_state();
+        if (z3_on_) z3_init_state();
+        else ds_init_state();
         init_workspace();
         return;
     }
@@ -297,7 +299,8 @@ std::vector<StepBuilder::HfBuffer> StepBuilder::hf_buffers() const {
     return out;
 }
 
-int StepBuilder::zero_stage() const { return s_.zero_ranks() > 1 ? s_.zero_stage : 0; }
+// (DeepSpeed's engine in the hf runtime shards by its own rules: deepspeed.cpp, zero3.cpp)
+int StepBuilder::zero_stage() const { return s_.zero_ranks() > 1 && !ds_on_ ? s_.zero_stage : 0; }
 
 void StepBuilder::grad_write(int p) {
     Param& P = params_[static_cast<std::size_t>(p)];
@@ -526,7 +529,8 @@ void StepBuilder::hf_grad_hooks(int p) {
     Param& P = params_[static_cast<std::size_t>(p)];
     if (grad_ready_ && micro_ == 0) grad_ready_->push_back(p);  // (DDP: its copy into the bucket, in place)
     if (ds_on_) {
-        ds_grad_hook(p);
+        if (z3_on_) z3_grad_hook(p);
+        else ds_grad_hook(p);
         return;
     }
     const char* op = op_;

@@ -14,6 +14,7 @@
 #include <initializer_list>
 #include <iterator>
 #include <limits>
+#include <memory>
 #include <span>
 #include <utility>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "mst/simulate.hpp"
 #include "mst/setup.hpp"
 #include "mst/timeline.hpp"
+#include "zero3.hpp"
 
 namespace mst::sim {
 
@@ -457,6 +459,7 @@ private:
     T hf_linear_backward(int w, int b, const char* input_name, bytes_t input_bytes, std::initializer_list<T*> saved,
                          T& grad_in, PassInput pass_input, bool input_cast = false) {
         T input, weight, bias;
+        if (z3_on_) return z3_linear_backward(w, input_name, input_bytes, saved, grad_in, [&](T& g) { pass_input(g); });
         if (b < 0) {
             weight = hf_mm_grad(w);
             input = alloc(input_name, input_bytes, Category::Transient);
@@ -483,6 +486,14 @@ private:
         }
         return input;
     }
+    // ZeRO-3's LinearFunctionForZeroStage3 (deepspeed/runtime/zero/linear.py), which replaces F.linear
+    // (no bias here): its module's pre-backward fetch, then its backward, which unpacks its saved
+    // tensors (a checkpointed layer's recompute runs there), makes the input's gradient and then the
+    // weight's ([out, in], contiguous), and lets go of its output's gradient and then of what it saved;
+    // AccumulateGrad takes the weight's (its hook: the bucket), the module's post-backward releases it,
+    // and then the input's gradient goes on (pass_input; the caller holds no handle to it after).
+    T z3_linear_backward(int w, const char* input_name, bytes_t input_bytes, std::initializer_list<T*> saved, T& grad_in,
+                         const std::function<void(T&)>& pass_input);
     // ---- hf runtime under autocast (precision amp: fp32 weights and residual stream) -----------
     // F.linear's parameters under autocast: the bias's bf16 copy (b >= 0; the cache its only holder),
     // then the weight's (saved by the GEMM): autocast casts the arguments last first.
@@ -698,6 +709,48 @@ private:
     // The partition's master copy and its AdamW states: fp32, or bf16 with DeepSpeed's bf16 master
     // flags (precision pure-bf16)
     int ds_master_bytes() const { return s_.precision == Precision::PureBf16 ? 2 : 4; }
+    // ---- DeepSpeed's ZeRO-3 engine in the hf runtime (zero3.cpp) ----
+    void z3_build();                      // the modules, their hooks' order and the coordinator
+    void z3_init_state();
+    // A module's hook (its fetch or release, in forward or backward): what the coordinator gathers and frees then.
+    void z3_hook(Z3Hook::Kind kind, int module, bool forward);
+    void z3_fetch(int module, bool forward = true) {
+        if (z3_on_) z3_hook(Z3Hook::Fetch, module, forward);
+    }
+    void z3_release(int module, bool forward = true) {
+        if (z3_on_) z3_hook(Z3Hook::Release, module, forward);
+    }
+    // The hooks of the module that owns parameter p (a linear layer or a norm): the pre-backward
+    // fetch as its output's gradient arrives, the post-backward release as its input's leaves.
+    void z3_fetch_of(int p, bool forward = true) {
+        if (z3_on_) z3_hook(Z3Hook::Fetch, z3_.module_of[static_cast<std::size_t>(p)], forward);
+    }
+    void z3_release_of(int p, bool forward = true) {
+        if (z3_on_) z3_hook(Z3Hook::Release, z3_.module_of[static_cast<std::size_t>(p)], forward);
+    }
+    void z3_apply(std::span<const Z3Event> events);
+    T z3_mlp_backward(const LayerParams& lp, HfMlpChunk& c, T& dy);  // the MLP block's backward (its input's gradient)
+    void z3_grad_hook(int p);             // reduce_independent_p_g_buckets_and_remove_grads
+    void z3_flush();                      // __reduce_and_partition_ipg_grads
+    void z3_after_backward(T& root);      // the epilogue's flush, release_backward_leftovers
+    void z3_optimizer_step();
+    bool z3_on_ = false;  // s_.deepspeed_zero3()
+    struct Z3Layer {
+        int layer, attn, q, k, v, o, mlp, gate, up, down, act, input_ln, post_ln;
+    };
+    struct Zero3State {
+        std::unique_ptr<Zero3Coordinator> coordinator;
+        int root = -1, model = -1, embed = -1, norm = -1, rotary = -1, lm_head = -1;  // modules
+        std::vector<Z3Layer> layers;
+        std::vector<int> module_of;       // per parameter (params_ index): the module that owns it
+        std::vector<int> ds_id;           // per parameter: its place in model.parameters()
+        std::vector<T> gathered;          // per ds_id: the gathered parameter (its own buffer, or its copy)
+        std::vector<T> flats;             // per gather of the micro-step: a coalesced gather's flat buffer
+        std::vector<std::int64_t> sub_groups;  // the optimizer's sub-groups: partition elements each
+        std::int64_t elements = 0;        // in the gradient bucket
+        std::vector<int> in_bucket;       // its parameters (params_ indices), in hook order
+        T global_norm;                    // the engine's gradient norm of the last step (fp64)
+    } z3_;
     // Set on the run that finds DDP's bucket order: each parameter as its gradient becomes ready
     // in the first micro-step's backward (AccumulateGrad's hooks run).
     std::vector<int>* grad_ready_ = nullptr;

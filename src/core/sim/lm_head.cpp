@@ -39,7 +39,9 @@ T StepBuilder::embedding_forward(Category out_category) {
     at("embedding");
     const bool gemma = m_.gemma();
     if (hf_) {
+        z3_fetch_of(embed_);
         T x = act("embeddings", res(tokens_, m_.hidden_size), false);
+        z3_release_of(embed_);
         if (gemma) {  // Gemma2ScaledWordEmbedding: times embed_scale, a new tensor
             at("embedding.scale");
             T scaled = act("embeddings_scaled", res(tokens_, m_.hidden_size), false);
@@ -68,6 +70,7 @@ void StepBuilder::embedding_backward(T& dres) {
             dres = scaled;
         }
         at("embedding");
+        z3_fetch_of(embed_, false);  // (its post-backward never runs: the ids need no gradient)
         T g = grad_out(embed_);
         node_end({}, &dres);
         add_grad(embed_, g, false, true);
@@ -246,6 +249,7 @@ void StepBuilder::hf_model_tensors() {
         if (s_.attention == Attention::Eager) hf_masks_[sliding ? 1 : 0] = hf_eager_mask(sliding);
     }
     at("model.rotary");  // LlamaRotaryEmbedding.forward for position ids [1, S]
+    if (z3_on_) z3_fetch(z3_.rotary);
     for (std::size_t table = 0; table < hf_rope_.size(); ++table) {
         if (!rope_table_used(table)) continue;
         if (m_.longrope) {
@@ -352,7 +356,9 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
         hf_chunked_loss_forward(h, hs);
         return;
     }
+    z3_fetch_of(lm_head_);
     T logits = logits_forward(h, hs.hf_logits_in, hs.logits_tanh);
+    z3_release_of(lm_head_);
     at("loss");
     T up = act("logits_fp32", f32(tokens_, V), false);
     T pad = act("labels_padded", elems(s_.micro_batch, s_.seq_len + 1, 8), false);
@@ -386,6 +392,7 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
         node_end({}, &root);
         root = g;
     }
+    if (z3_on_) z3_fetch(z3_.root, false);  // the loss's pre-backward hook (the model's output)
     if (s_.lm_chunks > 1) {
         T dh = hf_chunked_loss_backward(hs, root);
         at("final_norm");
@@ -402,6 +409,12 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
         at("lm_head.softcap");
         gl = softcap_backward(gl, bf16(tokens_, V), {"d_logits_capped", "d_logits_tanh", "d_logits_div"}, hs.logits_tanh);
         at("lm_head");
+    }
+    if (z3_on_) {
+        T dh = z3_linear_backward(lm_head_, "d_hidden", bf16(tokens_, d), {&hs.hf_logits_in}, gl, [](T&) {});
+        at("final_norm");
+        z3_fetch(z3_.model, false);  // the inner model's output
+        return hf_norm_backward(final_norm_, hs.hf_norm, dh);
     }
     T gw = hf_mm_grad(lm_head_);
     T dh = alloc("d_hidden", bf16(tokens_, d), Category::Transient);

@@ -177,24 +177,30 @@ T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, 
         return m;
     }
     at("mlp.gate_up");
+    z3_fetch_of(lp.gate);
     T in = hf_linear_input(lp.gate, -1, x, n, m_.hidden_size);  // (autocast: each projection casts x)
     T g = act("g", bf16(n, I), false);
     c.x_gate = saved(in);
     drop(in);
+    z3_release_of(lp.gate);
     at("mlp.act");
+    if (z3_on_) z3_fetch(z3_.layers[static_cast<std::size_t>(layer_)].act);
     T s = act("s", bf16(n, I), false);
     c.g = saved(g);
     drop(g);
     at("mlp.gate_up");
+    z3_fetch_of(lp.up);
     in = hf_linear_input(lp.up, -1, x, n, m_.hidden_size);  // (the tiled replay's leaf x: gate's copy)
     T u = act("u", bf16(n, I), false);
     c.x_up = saved(in);
     drop(in);
+    z3_release_of(lp.up);
     at("mlp.act");
     T m = act("m", bf16(n, I), false);
     c.s = saved(s), c.u = saved(u);
     drop(s), drop(u);
     at("mlp.down");
+    z3_fetch_of(lp.down);
     use_weight(lp.down);
     c.m = saved(m);
     return m;
@@ -208,6 +214,7 @@ T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, 
 // its GEMM's output (the unchunked block), so the sum is a new tensor.
 T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool view_sum, bool last_use,
                                      WeightGradRef weight_grad) {
+    if (z3_on_) return z3_mlp_backward(lp, c, dy);
     const std::int64_t d = m_.hidden_size, I = m_.intermediate_size, n = c.tokens;
     // Under autocast the tiled MLP's replay casts its input (a leaf) once: gate and up share the
     // copy, whose cast node sums both input gradients (bf16) before making them fp32.
@@ -282,12 +289,18 @@ T StepBuilder::hf_block_chunk_forward(const LayerParams& lp, T x, std::int64_t n
     T m = hf_mlp_chunk_forward(lp, x, n, chunk);
     if (stop_after_last_save) {
         // down_proj's save of m: the unwinding frees the evaluation stack (the call's argument, the
-        // chunks' outputs so far, last first) while the recomputation still runs.
+        // chunks' outputs so far, last first) while the recomputation still runs. (ZeRO-3's linear
+        // is an autograd Function, which saves after its forward has made the output.)
+        if (z3_on_) {
+            T y = act("y", bf16(n, m_.hidden_size), false);
+            drop(y);
+        }
         drop(m), drop(chunk.gate_view);
         for (auto it = earlier.rbegin(); it != earlier.rend(); ++it) drop(*it);
         return T{};
     }
     T y = act("y", bf16(n, m_.hidden_size), false);
+    z3_release_of(lp.down);
     drop(m), drop(chunk.gate_view);  // the forward's locals, at return
     return y;
 }
@@ -325,6 +338,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
         return y;
     }
     // The block (one chunk), or python/mst_hf's loop: the chunks' outputs in a list torch.cat joins.
+    if (z3_on_) z3_fetch(z3_.layers[static_cast<std::size_t>(layer_)].mlp);
     std::vector<T>& outs = hf_chunk_outputs_;
     outs.clear();
     const std::vector<std::int64_t> sizes = chunk_sizes(tokens_, s_.mlp_chunks);

@@ -37,6 +37,11 @@ void StepBuilder::micro_step(int micro) {
     }
 
     if (hf_ddp()) hf_ddp_sync_buffers();
+    if (z3_on_) {  // the model's call: the root's hooks (reset_step, then its fetch), then its inner model's
+        z3_.coordinator->begin_micro_step();
+        z3_.flats.clear();
+        z3_fetch(z3_.root), z3_fetch(z3_.model);
+    }
     enter_unit(-1, +1);
     T x = embedding_forward(input_category(0));
     release_unit(-1);
@@ -54,6 +59,11 @@ void StepBuilder::micro_step(int micro) {
         enter_unit(l, +1);
         const Category out = l + 1 < L ? input_category(l + 1) : Category::SavedActivation;
         if (hf_) {
+            if (z3_on_) {  // (the layer's own hooks run outside its checkpoint)
+                layer_ = l;
+                z3_fetch(z3_.layers[i].layer);
+                layer_ = -1;
+            }
             // The model's loop variable holds x while the layer runs; a checkpointed layer's frame
             // (torch.utils.checkpoint, non-reentrant) also keeps its inputs: the hidden states and the
             // shared keyword tensors (the rotary tables, cache_position) until its backward is done.
@@ -180,7 +190,8 @@ void StepBuilder::micro_step(int micro) {
     at("backward.end");
     if (hf_) {
         // backward() returns (its grad_tensors go), then the trainer drops the loss and the batch
-        if (ds_on_) ds_after_backward(head.hf_root);
+        if (z3_on_) z3_after_backward(head.hf_root);
+        else if (ds_on_) ds_after_backward(head.hf_root);
         else drop(head.hf_root);
         drop(head.hf_loss), drop(ids), drop(labels);
         return;
@@ -195,7 +206,8 @@ void StepBuilder::optimizer_step() {
     micro_ = tl_.micro_steps_recorded - 1;
     if (s_.optimizer_in_backward) return;  // stepped inside backward
     if (ds_on_) {
-        ds_optimizer_step();
+        if (z3_on_) z3_optimizer_step();
+        else ds_optimizer_step();
         return;
     }
     if (hf_) {

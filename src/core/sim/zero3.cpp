@@ -1,0 +1,380 @@
+// ZeRO-3 in the hf runtime: DeepSpeed 0.19.8's stage-3 engine (runtime/zero/stage3.py, its
+// parameter coordinator, runtime/zero/linear.py) with the defaults mst-plan's ds_config.json keeps
+// (bf16 with fp32 master weights, contiguous gradients, reduce-scatter) and the setup's
+// reduce_bucket_size, param_persistence_threshold and prefetch_bucket_size, as the Hugging Face
+// Trainer sets it up: the trainable parameters as one group, DeepSpeed's FusedAdam. The referee runs
+// that engine on fake tensors and records it (python/mst_referee/deepspeed_zero.py);
+// docs/deepspeed-zero3-model.md is the specification, read from DeepSpeed's source.
+//
+// * Init. Each parameter is partitioned on its own: every rank holds ceil(n / dp) of its elements,
+//   all of them in one bf16 buffer (lp_param_buffer); the persistent parameters (at most
+//   param_persistence_threshold elements: Llama's norms) stay gathered, a buffer each. The gradient
+//   bucket (reduce_bucket_size bf16 elements) and the partitions' gradients are made once. The
+//   master partitions (fp32) and Adam's states come in sub-groups of consecutive parameters of about
+//   sub_group_size (1e9) elements.
+// * Forward and backward. Every module's hooks ask the coordinator (zero3.hpp) to gather and
+//   release parameters: the gathers' buffers, copies and frees happen at the hooks. Linear layers run
+//   DeepSpeed's LinearFunctionForZeroStage3: its backward makes the input's gradient first, then the
+//   weight's (contiguous [out, in]), and AccumulateGrad's hook moves the weight's gradient into the
+//   bucket (freeing autograd's) unless it would not fit: a gradient that would take the bucket past
+//   its size reduce-scatters what the bucket holds first, and one larger than the bucket stays where
+//   it is. A reduce-scatter cats its gradients, each padded to a multiple of the ranks (unless it is
+//   one that needs no padding), and frees the standalone gradients and then the cat.
+// * After backward: the bucket reduce-scatters what it holds, and the modules whose post-backward
+//   hook never ran (the embedding's) release their parameters.
+// * Step. The persistent parameters are released, the norm taken in fp64 (a copy of each partition
+//   piece, one at a time), then per sub-group its gradient flattened (a cat) and made fp32 for the
+//   step, which is freed after it; then the persistent parameters are gathered again.
+//
+// Ranks are alike: every rank builds every rank's padded chunks, and its partition of each
+// parameter has the same size.
+#include <algorithm>
+
+#include "builder.hpp"
+#include "zero3.hpp"
+
+namespace mst::sim {
+
+namespace {
+constexpr int kBf16 = 2;
+constexpr std::int64_t kSubGroupSize = 1'000'000'000;  // zero_optimization.sub_group_size's default
+}  // namespace
+
+// The modules of the Hugging Face Llama model in registration order, their own parameters, and
+// the order in which one micro-step runs their hooks (docs/deepspeed-zero3-model.md, sections 1.2
+// and 1.3). Modules without parameters fetch (their step ids and prefetches count); their releases
+// free nothing and are left out.
+void StepBuilder::z3_build() {
+    std::vector<std::vector<int>> modules;
+    z3_.module_of.assign(params_.size(), -1);
+    auto module = [&](std::initializer_list<int> own) {
+        const int id = static_cast<int>(modules.size());
+        std::vector<int> params;
+        for (int p : own) {
+            z3_.module_of[static_cast<std::size_t>(p)] = id;
+            params.push_back(z3_.ds_id[static_cast<std::size_t>(p)]);
+        }
+        modules.push_back(std::move(params));
+        return id;
+    };
+    z3_.ds_id.assign(params_.size(), -1);
+    for (std::size_t i = 0; i < order_.size(); ++i) z3_.ds_id[static_cast<std::size_t>(order_[i])] = static_cast<int>(i);
+    z3_.root = module({});
+    z3_.model = module({});
+    z3_.embed = module({embed_});
+    z3_.layers.clear();
+    for (const LayerParams& lp : layer_params_) {
+        Z3Layer L{};
+        L.layer = module({});
+        L.attn = module({});
+        L.q = module({lp.q}), L.k = module({lp.k}), L.v = module({lp.v}), L.o = module({lp.o});
+        L.mlp = module({});
+        L.gate = module({lp.gate}), L.up = module({lp.up}), L.down = module({lp.down});
+        L.act = module({});
+        L.input_ln = module({lp.norm1}), L.post_ln = module({lp.norm2});
+        z3_.layers.push_back(L);
+    }
+    z3_.norm = module({final_norm_});
+    z3_.rotary = module({});
+    z3_.lm_head = module({lm_head_});
+
+    std::vector<Z3Hook> hooks;
+    auto fetch = [&](int m, bool forward) { hooks.push_back(Z3Hook{Z3Hook::Fetch, m, forward}); };
+    auto release = [&](int m, bool forward) { hooks.push_back(Z3Hook{Z3Hook::Release, m, forward}); };
+    auto leaf = [&](int m) { fetch(m, true), release(m, true); };
+    // the layer's forward inside its own hooks; a recompute stops at down_proj's save (no post-forward
+    // hooks of down_proj and the MLP)
+    auto layer_inside = [&](const Z3Layer& L, bool recompute) {
+        leaf(L.input_ln);
+        fetch(L.attn, true);
+        leaf(L.q), leaf(L.k), leaf(L.v), leaf(L.o);
+        leaf(L.post_ln);
+        fetch(L.mlp, true);
+        leaf(L.gate);
+        fetch(L.act, true);
+        leaf(L.up);
+        fetch(L.down, true);
+        if (!recompute) release(L.down, true);
+    };
+    fetch(z3_.root, true), fetch(z3_.model, true);
+    leaf(z3_.embed);
+    fetch(z3_.rotary, true);
+    for (const Z3Layer& L : z3_.layers) {
+        fetch(L.layer, true);
+        layer_inside(L, false);
+    }
+    leaf(z3_.norm);
+    leaf(z3_.lm_head);
+    // backward
+    auto back = [&](int m) { fetch(m, false), release(m, false); };
+    fetch(z3_.root, false);
+    back(z3_.lm_head);
+    fetch(z3_.model, false);
+    back(z3_.norm);
+    for (std::size_t i = z3_.layers.size(); i-- > 0;) {
+        const Z3Layer& L = z3_.layers[i];
+        fetch(L.layer, false), fetch(L.mlp, false), fetch(L.down, false);
+        if (s_.checkpointed(static_cast<std::int64_t>(i))) layer_inside(L, true);
+        release(L.down, false);
+        back(L.up);
+        fetch(L.act, false);
+        back(L.gate);
+        back(L.post_ln);
+        fetch(L.attn, false);
+        back(L.o), back(L.v), back(L.k), back(L.q);
+        back(L.input_ln);
+    }
+    fetch(z3_.embed, false);
+
+    std::vector<std::int64_t> numel;
+    for (int p : order_) numel.push_back(params_[static_cast<std::size_t>(p)].numel);
+    Z3Config config;
+    config.ranks = s_.dp;
+    config.prefetch_bucket = s_.prefetch_bucket_size;
+    config.max_live = kDeepSpeedMaxLive;
+    config.max_reuse = kDeepSpeedMaxReuse;
+    config.persistence = s_.param_persistence_threshold;
+    z3_.coordinator = std::make_unique<Zero3Coordinator>(std::move(numel), std::move(modules), std::move(hooks), config);
+    // the first micro-step with a complete trace: a step's second with accumulation (the persistent
+    // parameters not gathered yet), else the next step's first
+    z3_.coordinator->warm_up(s_.grad_accum == 1);
+}
+
+void StepBuilder::z3_hook(Z3Hook::Kind kind, int module, bool forward) {
+    const char* op = op_;
+    const std::int32_t layer = layer_;
+    at(kind == Z3Hook::Fetch ? "zero3.fetch" : "zero3.release");
+    z3_apply(z3_.coordinator->hook(Z3Hook{kind, module, forward}));
+    layer_ = layer;
+    at(op);
+}
+
+void StepBuilder::z3_apply(std::span<const Z3Event> events) {
+    for (const Z3Event& e : events) {
+        const auto i = static_cast<std::size_t>(e.index);
+        switch (e.kind) {
+            case Z3Event::Single:
+            case Z3Event::Copy:
+                if (phase_ == Phase::Init) layer_ = params_[static_cast<std::size_t>(order_[i])].layer;  // (registered by name)
+                z3_.gathered[i] = alloc(params_[static_cast<std::size_t>(order_[i])].name, checked_mul(e.elements, kBf16),
+                                        Category::Weights);
+                break;
+            case Z3Event::Flat:
+                if (z3_.flats.size() <= i) z3_.flats.resize(i + 1);
+                z3_.flats[i] = alloc("all_gather_flat", checked_mul(e.elements, kBf16), Category::Weights);
+                break;
+            case Z3Event::FreeFlat: drop(z3_.flats[i]); break;
+            case Z3Event::FreeParam: drop(z3_.gathered[i]); break;
+        }
+    }
+}
+
+void StepBuilder::z3_init_state() {
+    z3_build();
+    const Zero3Coordinator& c = *z3_.coordinator;
+    const auto n = static_cast<int>(order_.size());
+    std::int64_t partition = 0;
+    for (int i = 0; i < n; ++i) partition = checked_add(partition, c.part(i), "parameters");
+    // sub-groups: consecutive parameters until their partitions reach sub_group_size (_create_fp16_sub_groups)
+    z3_.sub_groups.clear();
+    if (partition <= kSubGroupSize) {
+        z3_.sub_groups.push_back(partition);
+    } else {
+        std::int64_t group = 0;
+        for (int i = 0; i < n; ++i) {
+            group += c.part(i);
+            if (group >= kSubGroupSize || i == n - 1) z3_.sub_groups.push_back(std::exchange(group, 0));
+        }
+    }
+    z3_.gathered.assign(order_.size(), T{});
+    z3_.flats.clear();
+
+    at("init.weights");
+    layer_ = -1;
+    alloc("lp_param_buffer", checked_mul(partition, kBf16), Category::Weights);
+    z3_apply(z3_.coordinator->gather_persistent());  // (gathered by the previous step)
+    at("init.gradients");
+    layer_ = -1;
+    alloc("ipg_bucket", checked_mul(s_.reduce_bucket_size, kBf16), Category::Gradients);
+    alloc("grad_partitions_flat_buffer", checked_mul(partition, kBf16), Category::Gradients);
+    at("init.buffers");
+    for (const HfBuffer& b : hf_buffers()) alloc(b.name, b.bytes, Category::Weights);
+    at("init.master_weights");
+    for (std::int64_t g : z3_.sub_groups) alloc("fp32_partition", checked_mul(g, 4), Category::MasterWeights);
+    at("init.optimizer_state");
+    for (std::int64_t g : z3_.sub_groups) {
+        alloc("exp_avg", checked_mul(g, 4), Category::OptimizerState);
+        alloc("exp_avg_sq", checked_mul(g, 4), Category::OptimizerState);
+    }
+    at("init.deepspeed");
+    alloc("fused_adam_overflow_buf", 4, Category::Workspace);
+    alloc("inf_or_nan_tracker", 1, Category::Workspace);
+    z3_.global_norm = alloc("global_grad_norm", 8, Category::Workspace);  // fp64
+}
+
+T StepBuilder::z3_linear_backward(int w, const char* input_name, bytes_t input_bytes, std::initializer_list<T*> saved,
+                                  T& grad_in, const std::function<void(T&)>& pass_input) {
+    z3_fetch_of(w, false);
+    unpack();
+    T input = alloc(input_name, input_bytes, Category::Transient);
+    T weight = grad_out(w);
+    py_node_end(saved, &grad_in);
+    add_grad(w, weight, false, true);
+    z3_release_of(w, false);
+    pass_input(input);
+    return input;
+}
+
+// The (unchunked) MLP block's backward: down_proj, the product, up_proj, the activation module's
+// pre-backward and SiLU's backward, gate_proj; its input's two gradients are summed into a new tensor.
+T StepBuilder::z3_mlp_backward(const LayerParams& lp, HfMlpChunk& c, T& dy) {
+    const std::int64_t d = m_.hidden_size, I = m_.intermediate_size, n = c.tokens;
+    const auto keep = [](T&) {};
+    at("mlp.down");
+    T gm = z3_linear_backward(lp.down, "d_m", bf16(n, I), {&c.m}, dy, keep);
+    at("mlp.act");
+    T gu = alloc("d_u", bf16(n, I), Category::Transient);
+    T gs = alloc("d_s", bf16(n, I), Category::Transient);
+    node_end({&c.u, &c.s}, &gm);
+    at("mlp.gate_up");
+    T dx = z3_linear_backward(lp.up, "d_x_up", bf16(n, d), {&c.x_up}, gu, keep);
+    at("mlp.act");
+    z3_fetch(z3_.layers[static_cast<std::size_t>(layer_)].act, false);
+    T gg = alloc("d_g", bf16(n, I), Category::Transient);
+    node_end({&c.g}, &gs);
+    at("mlp.gate_up");
+    z3_linear_backward(lp.gate, "d_x_gate", bf16(n, d), {&c.x_gate}, gg, [&](T& g) { accumulate(dx, g, true); });
+    return dx;
+}
+
+// reduce_independent_p_g_buckets_and_remove_grads (stage3.py:1569-1590)
+void StepBuilder::z3_grad_hook(int p) {
+    const char* op = op_;
+    at("deepspeed.grad_hook");
+    Param& P = params_[static_cast<std::size_t>(p)];
+    if (z3_.elements + P.numel > s_.reduce_bucket_size && z3_.elements > 0) z3_flush();
+    if (z3_.elements + P.numel <= s_.reduce_bucket_size) drop(P.grad);  // copied in; .grad becomes a view of the bucket
+    z3_.elements += P.numel;
+    z3_.in_bucket.push_back(p);
+    at(op);
+}
+
+// __reduce_and_partition_ipg_grads (stage3.py:1648-1695) with reduce_scatter_coalesced
+// (runtime/comm/coalesced_collectives.py:79-141) and partition_grads
+void StepBuilder::z3_flush() {
+    at("deepspeed.reduce_scatter");
+    std::vector<int>& params = z3_.in_bucket;
+    std::sort(params.begin(), params.end(), [&](int a, int b) {
+        return z3_.ds_id[static_cast<std::size_t>(a)] < z3_.ds_id[static_cast<std::size_t>(b)];
+    });
+    const std::int64_t W = s_.dp;
+    T flat;
+    std::vector<T> pads;
+    const bool whole = params.size() == 1 && params_[static_cast<std::size_t>(params.front())].numel % W == 0;
+    if (!whole) {
+        std::int64_t total = 0;
+        for (std::int64_t r = 0; r < W; ++r)
+            for (int p : params) {
+                const std::int64_t n = params_[static_cast<std::size_t>(p)].numel, c = ceil_div(n, W);
+                const std::int64_t chunk = std::clamp<std::int64_t>(n - r * c, 0, c);
+                if (c > chunk) pads.push_back(alloc("reduce_scatter_pad", checked_mul(c - chunk, kBf16), Category::Transient));
+                if (r == 0) total += c;
+            }
+        flat = alloc("reduce_scatter_flat", checked_mul(checked_mul(total, W), kBf16), Category::Transient);
+        for (auto it = pads.rbegin(); it != pads.rend(); ++it) drop(*it);  // the list's items, last first
+    }
+    for (int p : params) drop(params_[static_cast<std::size_t>(p)].grad);  // partition_grads: standalone ones go
+    drop(flat);
+    params.clear();
+    z3_.elements = 0;
+}
+
+void StepBuilder::z3_after_backward(T& root) {
+    drop(root);  // backward() returns
+    // independent_gradient_partition_epilogue, then release_backward_leftovers
+    if (!z3_.in_bucket.empty()) z3_flush();
+    at("deepspeed.epilogue");
+    z3_apply(z3_.coordinator->release_leftovers());
+    drop(ds_.loss_mul), drop(ds_.loss_div);  // engine.backward returns
+}
+
+void StepBuilder::z3_optimizer_step() {
+    layer_ = -1;
+    at("deepspeed.partition_all");  // _partition_all_parameters: the persistent ones too
+    z3_apply(z3_.coordinator->release_all());
+
+    at("deepspeed.grad_norm");  // get_grad_norm_direct per sub-group: each piece in fp64
+    std::vector<T> groups;
+    std::size_t piece = 0;
+    for (std::int64_t g : z3_.sub_groups) {
+        std::vector<T> norms;
+        for (std::int64_t seen = 0; seen < g && piece < order_.size(); ++piece) {
+            const std::int64_t part = z3_.coordinator->part(static_cast<int>(piece));
+            T copy = alloc("grad_fp64", checked_mul(part, 8), Category::Transient);
+            norms.push_back(alloc("norm_fp64", 8, Category::Transient));
+            drop(copy);
+            seen += part;
+        }
+        const auto k = static_cast<std::int64_t>(norms.size());
+        T norm = alloc("norms", checked_mul(k, 8), Category::Transient);  // stack(norms).pow(2).sum().pow(0.5)
+        norm = ds_then(norm, "norms_pow", checked_mul(k, 8));
+        T sum = ds_then(norm, "norm_sum", 8);
+        T root = alloc("norm", 8, Category::Transient);
+        T inf = alloc("isinf", 1, Category::Transient);
+        T nan = alloc("isnan", 1, Category::Transient);
+        T either = alloc("inf_or_nan", 1, Category::Transient);
+        groups.push_back(alloc("norm_group", 8, Category::Transient));  // where(inf_or_nan, -1, norm)
+        drop(root), drop(sum);
+        for (auto it = norms.rbegin(); it != norms.rend(); ++it) drop(*it);
+        drop(inf), drop(nan), drop(either);
+    }
+    // combine_grad_norm_groups
+    const auto k = static_cast<std::int64_t>(groups.size());
+    T stacked = alloc("norm_groups", checked_mul(k, 8), Category::Transient);
+    T invalid;
+    {  // is_invalid of the stacked groups
+        T a = alloc("abs", checked_mul(k, 8), Category::Transient);
+        T ne = alloc("ne", k, Category::Transient);
+        T eq = alloc("eq", k, Category::Transient);
+        T f = alloc("isfinite", k, Category::Transient);
+        drop(eq), drop(ne), drop(a);
+        T n = ds_then(f, "not", k);
+        T lt = alloc("lt", k, Category::Transient);
+        T o = alloc("or", k, Category::Transient);
+        drop(n), drop(lt);
+        invalid = ds_then(o, "any", 1);
+    }
+    T combined = alloc("vector_norm", 8, Category::Transient);
+    T full = alloc("full_like", 8, Category::Transient);
+    T scaled_norm = alloc("global_norm", 8, Category::Transient);
+    drop(full), drop(stacked), drop(invalid), drop(combined);
+    T checked = ds_is_invalid(8);  // step(): is_invalid_grad_norm
+    drop(checked);
+    T new_norm = alloc("global_grad_norm", 8, Category::Transient);  // scaled / loss scale: the engine keeps it
+
+    for (std::int64_t g : z3_.sub_groups) {
+        at("deepspeed.flatten_partition");  // _prepare_fp32_grad_for_sub_group
+        T flat = alloc("flat_grad_partition", checked_mul(g, kBf16), Category::Transient);
+        T grad = alloc("partition_grad_fp32", checked_mul(g, 4), Category::Gradients);
+        drop(flat);
+        at("deepspeed.clip");  // unscale_and_clip_grads: clamp((norm / scale + 1e-6) / clip_grad, min=1)
+        T clip = alloc("clip_div", 8, Category::Transient);
+        clip = ds_then(clip, "clip_add", 8);
+        clip = ds_then(clip, "clip_ratio", 8);
+        clip = ds_then(clip, "clip", 8);
+        T combined_scale = alloc("combined_scale", 8, Category::Transient);
+        T reciprocal = alloc("reciprocal", 8, Category::Transient);
+        T factor = alloc("inverse_scale", 8, Category::Transient);
+        drop(reciprocal), drop(factor), drop(combined_scale), drop(clip);
+        at("optimizer.step");  // FusedAdam in place; _release_sub_group frees the gradient
+        drop(grad);
+    }
+    at("deepspeed.post_step");
+    z3_apply(z3_.coordinator->gather_persistent());
+    drop(scaled_norm);
+    for (T& group : groups) drop(group);
+    drop(z3_.global_norm);  // the engine's last norm gives way to this step's
+    z3_.global_norm = new_norm;
+}
+
+}  // namespace mst::sim

@@ -1,0 +1,206 @@
+// DeepSpeed's ZeRO-3 in the hf runtime (src/core/sim/zero3.cpp, zero3_coordinator.cpp). The referee
+// runs DeepSpeed's stage-3 engine and every event is compared (python/tests/test_deepspeed_referee.py,
+// results/referee/llama-3-8b.*.zero3.*); these pin what can be derived by hand from DeepSpeed's
+// partitioning and coordinator rules (docs/deepspeed-zero3-model.md) and the config's defaults.
+#include <doctest/doctest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "mst/catalog.hpp"
+#include "mst/compare.hpp"
+#include "mst/emit.hpp"
+#include "mst/plan.hpp"
+#include "mst/setup.hpp"
+#include "mst/simulate.hpp"
+#include "sim_test_support.hpp"
+#include "test_support.hpp"
+
+using namespace mst;
+
+namespace {
+
+TrainingSetup zero3(std::int64_t seq, std::int64_t dp) {
+    TrainingSetup s;  // the hf runtime
+    s.seq_len = seq;
+    s.precision = Precision::Bf16Master;
+    s.zero_stage = 3;
+    s.dp = dp;
+    return s;
+}
+
+std::vector<const Event*> allocs(const Timeline& t, std::string_view name, std::optional<Phase> phase = std::nullopt) {
+    std::vector<const Event*> out;
+    for (const Event& e : t.events)
+        if (e.alloc && e.name.starts_with(name) && (!phase || e.phase == *phase)) out.push_back(&e);
+    return out;
+}
+
+std::vector<bytes_t> bytes_of(const std::vector<const Event*>& events) {
+    std::vector<bytes_t> out;
+    for (const Event* e : events) out.push_back(e->bytes);
+    return out;
+}
+
+std::vector<bytes_t> elements(std::initializer_list<std::int64_t> n, int bytes = 2) {
+    std::vector<bytes_t> out;
+    for (std::int64_t x : n) out.push_back(x * bytes);
+    return out;
+}
+
+}  // namespace
+
+// docs/deepspeed-zero3-model.md section 9, worked by hand from the coordinator's rules: Llama-3-8B on
+// 8 ranks, DeepSpeed's defaults (prefetch 5e7 elements, 1e9 live, the norms persistent). Every
+// parameter divides by 8, so a gather is its elements. The root's fetch prefetches the embedding
+// (5e7 reached at once); the inner model's, layer 0's attention and gate projections together (a
+// flat buffer: 16.8M + 4.2M + 4.2M + 16.8M + 58.7M = 100663296, the norms skipped as gathered); the
+// embedding's, up_proj 0 alone; the embedding is then released (not used again within 1e9
+// elements); the rotary embedding's fetch prefetches down_proj 0, layer 0's the next layer's
+// projections, its input norm's up_proj 1, its attention's down_proj 1; q_proj 0's own fetch waits
+// for the flat buffer: the five copies, in parameter order, then the prefetch of layer 2's.
+TEST_CASE("ZeRO-3's first gathers of a step, as derived by hand from DeepSpeed's coordinator") {
+    const ModelSpec m = find_model("llama-3-8b");
+    const Timeline t = simulate(m, zero3(4096, 8), test::test_gpu());
+    std::vector<const Event*> gathers;
+    for (const Event& e : t.events)
+        if (e.alloc && e.phase == Phase::Forward && e.category == Category::Weights) gathers.push_back(&e);
+    REQUIRE(gathers.size() >= 13);
+    gathers.resize(13);
+    CHECK(bytes_of(gathers) == elements({525336576, 100663296, 58720256, 58720256, 100663296, 58720256, 58720256, 16777216,
+                                         4194304, 4194304, 16777216, 58720256, 100663296}));
+    // the embedding's buffer goes at its forward's end, before down_proj 0's is made
+    std::size_t embedding_freed = 0, down0 = 0;
+    for (std::size_t i = 0; i < t.events.size(); ++i) {
+        if (!t.events[i].alloc && t.events[i].tensor == gathers[0]->tensor) embedding_freed = i;
+        if (&t.events[i] == gathers[3]) down0 = i;
+    }
+    CHECK(embedding_freed > 0);
+    CHECK(embedding_freed < down0);
+}
+
+// Llama-3-8B's norms (4096 elements <= the persistence threshold 1e5) stay gathered between steps:
+// 65 buffers of 4096 bf16 (padded to a multiple of 8: 4096). The step releases them first and
+// gathers them again last.
+TEST_CASE("ZeRO-3's persistent parameters: gathered through the step, released and gathered again by the optimizer") {
+    const ModelSpec m = find_model("llama-3-8b");
+    const TrainingSetup s = zero3(4096, 8);
+    const Timeline t = simulate(m, s, test::test_gpu());
+    std::int64_t init = 0, step = 0, freed_in_step = 0;
+    for (const Event& e : t.events) {
+        if (!e.alloc || e.category != Category::Weights || e.bytes != 2 * 4096) continue;
+        if (e.phase == Phase::Init) ++init;
+        if (e.phase == Phase::Optimizer) ++step;
+        for (const Event& f : t.events)
+            if (!f.alloc && f.tensor == e.tensor && f.phase == Phase::Optimizer) ++freed_in_step;
+    }
+    CHECK(init == 2 * 32 + 1);
+    CHECK(step == 2 * 32 + 1);
+    CHECK(freed_in_step == 2 * 32 + 1);  // (the init's: the step's stay for the next one)
+    // the partitions: 8030261248 / 8 = 1003782656 elements; one sub-group (1e9 is reached at the last parameter)
+    CHECK(bytes_of(allocs(t, "lp_param_buffer", Phase::Init)) == elements({1003782656}));
+    CHECK(bytes_of(allocs(t, "fp32_partition", Phase::Init)) == elements({1003782656}, 4));
+    CHECK(bytes_of(allocs(t, "partition_grad_fp32", Phase::Optimizer)) == elements({1003782656}, 4));
+    CHECK(bytes_of(allocs(t, "ipg_bucket", Phase::Init)) == elements({500000000}));
+}
+
+// tiny-llama on 3 ranks, nothing persistent, a 4096-element bucket (as python/tests/
+// test_deepspeed_referee.py runs DeepSpeed). Gradients arrive in backward order: lm_head 16384, the
+// final norm 64, then per layer down, up, gate (11264 each), the post-attention norm, o 4096, v and k
+// 2048 each, q 4096, the input norm; the embedding last. A gradient that would take the bucket past
+// 4096 elements reduce-scatters what it holds first; one larger stays alone; each reduce-scatter
+// cats its gradients padded to a multiple of 3 (ceil(n / 3) x 3 each): lm_head 16386, a norm 66, an
+// MLP projection 11265, o or q 4098, v and k together 2 x 683 x 3 = 4098; the epilogue the embedding's.
+TEST_CASE("ZeRO-3's gradient bucket: reduce-scatters padded to the ranks, as derived by hand") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = zero3(256, 3);
+    s.attention = Attention::Eager;
+    s.reduce_bucket_size = 4096;
+    s.param_persistence_threshold = 0;
+    const Timeline t = simulate(m, s, test::test_gpu());
+    const std::vector<std::int64_t> layer = {66, 11265, 11265, 11265, 66, 4098, 4098, 4098};
+    std::vector<bytes_t> expected = elements({16386});
+    for (int l = 0; l < 2; ++l)
+        for (std::int64_t n : layer) expected.push_back(2 * n);
+    expected.push_back(2 * 66);  // the input norm of layer 0, flushed by the embedding's gradient
+    expected.push_back(2 * 16386);
+    CHECK(bytes_of(allocs(t, "reduce_scatter_flat", Phase::Backward)) == expected);
+    // Nothing persistent: the step's norm takes each parameter's partition piece in fp64, in parameter
+    // order (ceil(n / 3): embedding 5462, q 1366, k and v 683, o 1366, the MLP's 3755, the norms 22).
+    const std::vector<std::int64_t> piece = {1366, 683, 683, 1366, 3755, 3755, 3755, 22, 22};
+    std::vector<bytes_t> pieces = elements({5462}, 8);
+    for (int l = 0; l < 2; ++l)
+        for (std::int64_t n : piece) pieces.push_back(8 * n);
+    pieces.push_back(8 * 22), pieces.push_back(8 * 5462);
+    CHECK(bytes_of(allocs(t, "grad_fp64", Phase::Optimizer)) == pieces);
+    CHECK(bytes_of(allocs(t, "flat_grad_partition", Phase::Optimizer)) == elements({41760}));
+    CHECK(allocs(t, "lp_param_buffer", Phase::Init).size() == 1);
+    CHECK(bytes_of(allocs(t, "lp_param_buffer", Phase::Init)) == elements({41760}));
+}
+
+TEST_CASE("ZeRO-3 in the hf runtime: what is not modelled yet is a one-line error, its options DeepSpeed's") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = zero3(256, 3);
+    CHECK_NOTHROW(validate(s, m));
+    TrainingSetup other = s;
+    other.dp = 1;
+    CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: dp: expected 2 or more ranks with runtime hf and ZeRO-3", 0) == 0);
+    other = s;
+    other.precision = Precision::PureBf16;
+    CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: precision: expected bf16-master", 0) == 0);
+    other = s;
+    other.mlp_chunks = 2;
+    CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: mlp_chunks: expected 1 with runtime hf and ZeRO-3", 0) == 0);
+    other = s;
+    other.checkpoint.assign(2, true), other.offload_checkpoints = true;
+    CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: offload_checkpoints: expected false", 0) == 0);
+    const ModelSpec gemma = find_model("gemma-2-2b");
+    CHECK(test::expect_user_error([&] { validate(s, gemma); }).rfind("setup: zero_stage: expected 0, 1 or 2 for", 0) == 0);
+    // the options are ZeRO-3's: elsewhere they are DeepSpeed's defaults
+    other = s;
+    other.zero_stage = 2, other.param_persistence_threshold = 0;
+    CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: param_persistence_threshold: expected DeepSpeed's default", 0) == 0);
+    other = s;
+    other.runtime = Runtime::Kernels, other.prefetch_bucket_size = 1;
+    CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: prefetch_bucket_size: expected DeepSpeed's default", 0) == 0);
+    // carried by the setup file (written where ZeRO-3 runs in the hf runtime only)
+    s.param_persistence_threshold = 0, s.prefetch_bucket_size = 1000;
+    const TrainingSetup back = parse_setup(to_json(s), m, "setup");
+    CHECK(back.param_persistence_threshold == 0);
+    CHECK(back.prefetch_bucket_size == 1000);
+    CHECK(to_json(zero3(256, 3)).contains("param_persistence_threshold"));
+    TrainingSetup kernels = s;
+    kernels.runtime = Runtime::Kernels;
+    CHECK_FALSE(to_json(kernels).contains("param_persistence_threshold"));
+    CHECK(test::expect_user_error([&] { (void)parse_setup(nlohmann::json{{"param_persistence_threshold", -1}}, m, "setup"); })
+              .rfind("setup: param_persistence_threshold: expected", 0) == 0);
+}
+
+TEST_CASE("ZeRO-3's ds_config.json names every option the plan depends on") {
+    const ModelSpec m = find_model("tiny-llama");
+    Plan plan;
+    plan.model = m.name, plan.gpu = "h100-sxm-80gb", plan.gpus = 3, plan.setup = zero3(256, 3);
+    plan.setup.param_persistence_threshold = 0, plan.setup.reduce_bucket_size = 4096;
+    const nlohmann::json zero = nlohmann::json::parse(emit(plan, m, "deepspeed").at(0).content).at("zero_optimization");
+    CHECK(zero.at("stage") == 3);
+    CHECK(zero.at("reduce_bucket_size") == 4096);
+    CHECK(zero.at("stage3_param_persistence_threshold") == 0);
+    CHECK(zero.at("stage3_prefetch_bucket_size") == 50'000'000);
+    CHECK(zero.at("stage3_max_live_parameters") == 1'000'000'000);
+    CHECK(zero.at("stage3_max_reuse_distance") == 1'000'000'000);
+    CHECK_FALSE(zero.contains("overlap_comm"));
+}
+
+TEST_CASE("a ZeRO-3 measurement of any rank is compared with the step every rank runs") {
+    const ModelSpec m = find_model("tiny-llama");
+    const TrainingSetup s = zero3(256, 3);
+    CHECK(walked_ranks(s).empty());
+    StepFile measured;
+    measured.path = "m.json";
+    measured.format = "mst-measure/1";
+    measured.setup_json = to_json(s).dump();
+    measured.timeline.model = "tiny-llama";
+    measured.timeline.rank = 2;
+    CHECK(predict_measured(measured).rank == 2);
+    measured.timeline.rank = 3;
+    CHECK(test::expect_user_error([&] { (void)predict_measured(measured); }).rfind("m.json: timeline.rank: expected", 0) == 0);
+}
