@@ -374,9 +374,9 @@ TEST_CASE("recommend --for deepspeed in the hf runtime: ZeRO 1 or 2 as DeepSpeed
     plan.gpus = rq.gpus;
     plan.setup = r.best.setup;
     CHECK_FALSE(emit(plan, rq.model, "deepspeed").empty());  // emit refuses nothing recommend --for produced
-    // What the hf runtime does not model for DeepSpeed is named.
+    // What the hf runtime does not model for DeepSpeed is named (its ZeRO-3 with pure bf16: test_zero3.cpp).
     rq.pins.zero_stage = 3;
-    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: pin: zero=3: expected 1 or 2 with runtime hf and --for deepspeed", 0) == 0);
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("setup: precision: expected bf16-master with runtime hf and ZeRO-3", 0) == 0);
     rq.pins.zero_stage = 0;
     CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: pin: zero=0: expected 1 or 2", 0) == 0);
     // max-seq plans the same trainer: its rows use DeepSpeed's ZeRO-2.

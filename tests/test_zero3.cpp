@@ -12,6 +12,7 @@
 #include "mst/plan.hpp"
 #include "mst/setup.hpp"
 #include "mst/simulate.hpp"
+#include "mst/tune.hpp"
 #include "sim_test_support.hpp"
 #include "test_support.hpp"
 
@@ -202,5 +203,30 @@ TEST_CASE("a ZeRO-3 measurement of any rank is compared with the step every rank
     measured.timeline.rank = 2;
     CHECK(predict_measured(measured).rank == 2);
     measured.timeline.rank = 3;
-    CHECK(test::expect_user_error([&] { (void)predict_measured(measured); }).rfind("m.json: timeline.rank: expected", 0) == 0);
+    CHECK(test::expect_user_error([&] { (void)predict_measured(measured); }).find("(0 .. 2: alike), got 3") != std::string::npos);
+    CHECK(simulate_rank(find_model("tiny-llama"), s, test::test_gpu(), 1).rank == 1);  // (estimate --rank)
+}
+
+// Llama-3-8B (P = 8030261248) on 2 H100s in bf16 with fp32 masters: ZeRO 1 and 2 keep the whole bf16
+// weights (2P), half the fp32 masters and Adam's states (12P / 2) and the partition's gradients on every
+// GPU, past the budget; ZeRO-3 shards the weights too (2P / 2): the search finds it, with whole blocks.
+TEST_CASE("recommend --for deepspeed plans ZeRO-3 where ZeRO 1 and 2 cannot hold the states, a plan its emitter writes") {
+    TuneRequest rq = test::hf_request("llama-3-8b", "h100-sxm-80gb", 2, 4096);
+    rq.base.precision = Precision::Bf16Master;
+    rq.for_format = "deepspeed";
+    const Recommendation r = recommend(rq);
+    REQUIRE(r.found);
+    CHECK(r.best.setup.deepspeed_zero3());
+    CHECK(r.best.setup.mlp_chunks == 1);
+    CHECK(r.best.setup.lm_chunks == 1);
+    for (const Candidate& c : r.pareto) CHECK((c.setup.zero_stage == 3 && c.setup.mlp_chunks == 1 && c.setup.lm_chunks == 1));
+    Plan plan;
+    plan.model = rq.model.name, plan.gpu = rq.gpu.name, plan.gpus = 2, plan.setup = r.best.setup;
+    CHECK(nlohmann::json::parse(emit(plan, rq.model, "deepspeed").at(0).content).at("zero_optimization").at("stage") == 3);
+    rq.pins.zero_stage = 2;
+    CHECK_FALSE(recommend(rq).found);
+    // pure bf16 has no ZeRO-3 in the hf runtime: the pin says why
+    rq.pins.zero_stage = 3;
+    rq.base.precision = Precision::PureBf16;
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("setup: precision: expected bf16-master with runtime hf and ZeRO-3", 0) == 0);
 }

@@ -329,8 +329,8 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
                                           f"got {s['reduce_bucket_size']}")
     for key in ("param_persistence_threshold", "prefetch_bucket_size"):
         if s[key] != SETUP_DEFAULTS[key] and not zero3:
-            fail(where, key, f"expected DeepSpeed's default ({SETUP_DEFAULTS[key]}) unless DeepSpeed's ZeRO-3 engine runs the "
-                             f"step (runtime hf, zero_stage 3)")
+            fail(where, key, f"expected DeepSpeed's default {SETUP_DEFAULTS[key]} unless DeepSpeed's ZeRO-3 engine runs the "
+                             f"step (runtime hf, zero_stage 3), got {s[key]}")
     if s["overlap_comm"] and not deepspeed:
         fail(where, "overlap_comm", "expected false unless DeepSpeed's ZeRO 1/2 engine runs the step (runtime hf, zero_stage 1 or 2)")
     state = knobs.get("optimizer_state_dtype")
@@ -437,6 +437,9 @@ def setup_from_hf_mst(cfg: "mst_hf.MstConfig") -> Dict[str, Any]:
         "checkpoint": list(cfg.checkpoint_layers), "offload_checkpoints": cfg.offload_checkpoints,
         "dp": cfg.data_parallel, "zero_stage": cfg.zero_stage, "sp": cfg.sequence_parallel,
     })
+    if setup["zero_stage"] != 3:  # (ZeRO-3's own options are written where it runs only, as to_json writes them)
+        for key in ("param_persistence_threshold", "prefetch_bucket_size"):
+            del setup[key]
     return setup
 
 

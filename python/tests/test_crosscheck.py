@@ -178,13 +178,20 @@ def test_bad_checkpoint_placements(spec, message):
 
 
 def test_the_bucket_is_deepspeeds_only_as_mst_plan_validates_it():
-    """reduce_bucket_size: any positive count under DeepSpeed's ZeRO 1/2 engine (runtime hf), DeepSpeed's
-    default elsewhere (src/core/setup.cpp validate, the same words)."""
+    """reduce_bucket_size: any positive count under DeepSpeed's ZeRO engine (runtime hf), DeepSpeed's
+    default elsewhere (src/core/setup.cpp validate, the same words); ZeRO-3's own options likewise."""
     s = jobs.normalize_setup({"dp": 8, "zero_stage": 2, "precision": "bf16-master", "reduce_bucket_size": 4096}, 32)
     assert s["reduce_bucket_size"] == 4096
     with pytest.raises(jobs.CrosscheckError, match="reduce_bucket_size: expected DeepSpeed's default 500000000 unless "
-                                                   "DeepSpeed's ZeRO 1/2 engine runs the step"):
+                                                   "DeepSpeed's ZeRO engine runs the step"):
         jobs.normalize_setup({"reduce_bucket_size": 4096}, 32)
+    s = jobs.normalize_setup({"dp": 8, "zero_stage": 3, "precision": "bf16-master", "reduce_bucket_size": 4096,
+                              "param_persistence_threshold": 0, "prefetch_bucket_size": 1000}, 32)
+    assert (s["reduce_bucket_size"], s["param_persistence_threshold"], s["prefetch_bucket_size"]) == (4096, 0, 1000)
+    assert "param_persistence_threshold" not in jobs.normalize_setup({"dp": 8, "zero_stage": 2}, 32)  # (as to_json writes it)
+    with pytest.raises(jobs.CrosscheckError, match="param_persistence_threshold: expected DeepSpeed's default 100000 "
+                                                   "unless DeepSpeed's ZeRO-3 engine runs the step .*, got 0"):
+        jobs.normalize_setup({"dp": 8, "zero_stage": 2, "param_persistence_threshold": 0}, 32)
     with pytest.raises(jobs.CrosscheckError, match="reduce_bucket_size: expected an integer"):
         jobs.normalize_setup({"dp": 8, "zero_stage": 2, "reduce_bucket_size": 0}, 32)
     # overlap_comm likewise: true only where that engine runs, a boolean (1 is not one)

@@ -149,7 +149,8 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                                format_bytes(checked_mul(rq.base.reduce_bucket_size, two_buckets ? 4 : 2)))
                                  : "",
                              rq.base.runtime != Runtime::Hf ? ""
-                             : deepspeed ? " (ZeRO 1 and 2 leave every GPU the whole bf16 weights: ZeRO-3 with --runtime kernels)"
+                             : deepspeed ? " (ZeRO 1 and 2 leave every GPU the whole bf16 weights; the hf runtime's ZeRO-3 "
+                                           "takes bf16-master and a Llama or Mistral model, --runtime kernels plans it for others)"
                                          : " (--runtime kernels)"));
         fail(rq.model.name, "no setup fits",
              fmt::format("expected one for {} tokens on {} x {} within {} (try {}--allow offload=yes, a shorter "
@@ -163,11 +164,12 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                          rq.gpus > 1 && rq.base.runtime == Runtime::Hf && !deepspeed ? "" : "more GPUs, ",  // DDP: each holds it all
                          r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
                          rq.gpus == 1 || rq.base.runtime != Runtime::Hf ? ""
-                         : deepspeed ? "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it: --runtime kernels plans ZeRO-3 "
+                         : deepspeed ? "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for Llama and "
+                                       "Mistral with bf16-master and whole MLP and LM head blocks: --runtime kernels plans more, "
                                        "and sequence parallelism"
                                      : "; the hf runtime plans several GPUs as DDP, each holding the whole model, its gradients "
-                                       "and optimizer states (--for deepspeed or axolotl: DeepSpeed's ZeRO 1 and 2): --runtime "
-                                       "kernels plans ZeRO-3 and sequence parallelism"));
+                                       "and optimizer states (--for deepspeed or axolotl: DeepSpeed's ZeRO 1 to 3): --runtime "
+                                       "kernels plans ZeRO-3 with chunked blocks, and sequence parallelism"));
     }
     const Plan plan = to_plan(r, rq, a.model, a.gpu);
     OutputFiles outputs;

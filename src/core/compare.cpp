@@ -329,15 +329,12 @@ Timeline predict_measured(const StepFile& measured) {
                                                          setup.dp));
     if (measured.timeline.rank >= 0) {
         const std::vector<std::int64_t> ranks = walked_ranks(setup);
-        if (ranks.empty() && measured.timeline.rank < setup.zero_ranks()) {  // the ranks are alike (ZeRO-3): any one of them
-            Timeline t = simulate(model, setup, gpu);
-            t.rank = measured.timeline.rank;
-            return t;
-        }
         if (!walks_rank(setup, measured.timeline.rank))
             fail(measured.path, "timeline.rank",
                  fmt::format("expected one of the setup's ranks whose steps differ ({}), got {}",
-                             ranks.empty() ? std::string("none: its ranks are alike") : fmt::format("0 .. {}", ranks.size() - 1),
+                             setup.deepspeed_zero3() ? fmt::format("0 .. {}: alike", setup.zero_ranks() - 1)
+                             : ranks.empty()         ? std::string("none: its ranks are alike")
+                                                     : fmt::format("0 .. {}", ranks.size() - 1),
                              measured.timeline.rank));
         return simulate_rank(model, setup, gpu, measured.timeline.rank);
     }

@@ -206,6 +206,7 @@ std::vector<std::int64_t> walked_ranks(const TrainingSetup& s) {
 
 bool walks_rank(const TrainingSetup& s, std::int64_t rank) {
     if (s.deepspeed_zero() && s.dp == 1) return rank == 0;
+    if (s.deepspeed_zero3()) return rank >= 0 && rank < s.zero_ranks();  // (alike: any one of them)
     const std::vector<std::int64_t> all = walked_ranks(s);
     return std::find(all.begin(), all.end(), rank) != all.end();
 }
@@ -275,6 +276,10 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     if (s.zero_stage < 0 || s.zero_stage > 3) fail(w, "zero_stage", fmt::format("expected 0, 1, 2 or 3, got {}", s.zero_stage));
     if (s.zero3_prefetch < 0 || s.zero3_prefetch > limits::kZero3Prefetch)
         fail(w, "zero3_prefetch", fmt::format("expected 0..{} layers, got {}", limits::kZero3Prefetch, s.zero3_prefetch));
+    if (s.zero3_prefetch != 1 && s.runtime == Runtime::Hf)
+        fail(w, "zero3_prefetch", fmt::format("expected 1 with runtime hf (the kernels runtime's layers; DeepSpeed's ZeRO-3 "
+                                              "prefetches elements: prefetch_bucket_size), got {}",
+                                              s.zero3_prefetch));
     in_range("reduce_bucket_size", s.reduce_bucket_size, 1, limits::kReduceBucket);
     if (s.reduce_bucket_size != kDeepSpeedReduceBucket && !s.deepspeed_engine())
         fail(w, "reduce_bucket_size",

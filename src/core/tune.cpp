@@ -121,13 +121,15 @@ std::int64_t widest_expert_parallel(const TuneRequest& rq) {
     return 1;
 }
 
-// DeepSpeed's engine options (its gradient bucket, overlap_comm) as asked where its ZeRO 1/2 engine runs
-// `s`, DeepSpeed's defaults elsewhere: the searches move setups between stages, and only that engine
-// has them (validate()).
+// DeepSpeed's engine options as asked where its engine runs `s` (the bucket; overlap_comm under ZeRO 1/2,
+// the gathering options under ZeRO-3), DeepSpeed's defaults elsewhere: the searches move setups between
+// stages, and only that engine has them (validate()).
 void take_deepspeed(TrainingSetup& s, const TrainingSetup& asked) {
-    const bool engine = s.deepspeed_zero();
-    s.reduce_bucket_size = engine ? asked.reduce_bucket_size : kDeepSpeedReduceBucket;
-    s.overlap_comm = engine && asked.overlap_comm;
+    s.reduce_bucket_size = s.deepspeed_engine() ? asked.reduce_bucket_size : kDeepSpeedReduceBucket;
+    s.overlap_comm = s.deepspeed_zero() && asked.overlap_comm;
+    const bool zero3 = s.deepspeed_zero3();
+    s.param_persistence_threshold = zero3 ? asked.param_persistence_threshold : kDeepSpeedPersistence;
+    s.prefetch_bucket_size = zero3 ? asked.prefetch_bucket_size : kDeepSpeedPrefetchBucket;
 }
 
 // --for: why the format's trainer cannot train `s` as planned, in its emitter's words ("" when it can).
@@ -181,16 +183,22 @@ public:
             --searched_;
             nothing_left();
         };
+        // (and those the runtime does not model with them, whatever the checkpoints: the hf runtime's
+        // ZeRO-3 runs whole blocks)
+        const auto modelled = [&](TrainingSetup t) {
+            t.checkpoint.assign(static_cast<std::size_t>(L), true);
+            return valid(t, rq_.model);
+        };
         std::erase_if(mlp_opts, [&](std::int64_t mm) {
             TrainingSetup t = outer;
             t.mlp_chunks = mm;
-            return refused(t);
+            return refused(t) || !modelled(t);
         });
         if (mlp_opts.empty()) return nothing_left();
         std::erase_if(lm_opts, [&](std::int64_t ml) {
             TrainingSetup t = outer;
             t.lm_chunks = ml;
-            return refused(t);
+            return refused(t) || !modelled(t);
         });
         if (lm_opts.empty()) return nothing_left();
         ++searched_;  // (undone when every checkpoint count is refused: unsearched())
@@ -369,8 +377,8 @@ void on_the_gpu(Candidate& c, PeakSimulator& gpu_sim, const GpuProfile& gpu, byt
 }
 
 // Whether DeepSpeed's ZeRO 1/2 engine, as the hf runtime models it, runs the knobs of `base`.
-bool deepspeed_runs(TrainingSetup base, const ModelSpec& m) {
-    base.zero_stage = 2;
+bool deepspeed_runs(TrainingSetup base, const ModelSpec& m, int stage = 2) {
+    base.zero_stage = stage;
     try {
         validate_hf_scope(base, m);
         return true;
@@ -384,7 +392,9 @@ bool deepspeed_runs(TrainingSetup base, const ModelSpec& m) {
 // The hf runtime: with ZeRO 0 its data parallelism is torch's DDP (python/mst_hf's), with 1 and 2
 // DeepSpeed's engine, which the deepspeed and axolotl formats train in (its ZeRO-0 engine and
 // Axolotl's DDP are not modelled). On one GPU Axolotl runs the plain Trainer too (ZeRO 0, when it
-// needs no DeepSpeed: pure bf16), and DeepSpeed's engine when the knobs are its.
+// needs no DeepSpeed: pure bf16), and DeepSpeed's engine when the knobs are its. Over several GPUs its
+// ZeRO-3 too, where it is modelled for the model and the precision (validate_hf_scope; whole blocks: the
+// search's chunked candidates are refused there).
 std::vector<int> zero_stages(const TuneRequest& rq) {
     if (rq.base.runtime == Runtime::Kernels) {
         if (rq.gpus > 1) return {0, 2, 3};
@@ -393,6 +403,9 @@ std::vector<int> zero_stages(const TuneRequest& rq) {
     if (!trains_in_deepspeed(rq.for_format)) return {0};
     if (rq.gpus == 1 && rq.for_format == "axolotl" && rq.base.precision == Precision::PureBf16)
         return deepspeed_runs(rq.base, rq.model) ? std::vector<int>{0, 1, 2} : std::vector<int>{0};
+    TrainingSetup many = rq.base;
+    many.dp = rq.gpus;
+    if (rq.gpus > 1 && deepspeed_runs(many, rq.model, 3)) return {1, 2, 3};
     return {1, 2};
 }
 
@@ -548,8 +561,7 @@ void check_request(const TuneRequest& rq, const char* command) {
     as_planned.dp = rq.gpus;
     const std::vector<int> zeros = zero_stages(rq);
     // A pinned DeepSpeed stage whose engine cannot run the knobs: DeepSpeed's own reason, not the stages left.
-    if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && trains_in_deepspeed(rq.for_format) &&
-        (*rq.pins.zero_stage == 1 || *rq.pins.zero_stage == 2)) {
+    if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && trains_in_deepspeed(rq.for_format) && *rq.pins.zero_stage >= 1) {
         TrainingSetup pinned = as_planned;
         pinned.zero_stage = *rq.pins.zero_stage;
         take_deepspeed(pinned, rq.base);
@@ -557,9 +569,8 @@ void check_request(const TuneRequest& rq, const char* command) {
     }
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage &&
         std::find(zeros.begin(), zeros.end(), *rq.pins.zero_stage) == zeros.end())
-        fail(command, "pin", fmt::format("zero={}: expected {} with runtime hf{} (ZeRO 0 is torch's DDP, 1 and 2 DeepSpeed's "
-                                         "engine, which --for deepspeed and axolotl train in; ZeRO-3 is not modelled in it "
-                                         "yet: --runtime kernels plans it)",
+        fail(command, "pin", fmt::format("zero={}: expected {} with runtime hf{} (ZeRO 0 is torch's DDP, 1 to 3 DeepSpeed's "
+                                         "engine, which --for deepspeed and axolotl train in)",
                                          *rq.pins.zero_stage, fmt::join(zeros, " or "),
                                          rq.for_format.empty() ? "" : " and --for " + rq.for_format));
     as_planned.zero_stage = rq.pins.zero_stage.value_or(zeros.front());  // (the hf runtime: DDP's or DeepSpeed's rules)
@@ -964,6 +975,18 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                 z2.zero_stage = 2;
                 take_deepspeed(z2, rq.base);
                 if (refusal(z2, run.mst_mlp).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
+            }
+            // The hf runtime's ZeRO-3 runs whole blocks and keeps checkpoints on the GPU: its MsT and offload
+            // rows shard at ZeRO 2.
+            if (ours && row.refused.empty() && run.setup.deepspeed_zero3()) {
+                TrainingSetup t = run.setup;
+                if (run.mst) t.mlp_chunks = run.mst_mlp ? 2 : 1, t.lm_chunks = 2;
+                if (!valid(t, m)) {
+                    t = run.setup;
+                    t.zero_stage = 2;
+                    take_deepspeed(t, rq.base);
+                    run.setup = t, row.setup = t;
+                }
             }
             // One rank: ZeRO 1 shards nothing and is what DeepSpeed needs for bf16 master weights.
             if (ours && !row.refused.empty() && run.setup.zero_ranks() == 1 && run.setup.zero_stage == 0 &&

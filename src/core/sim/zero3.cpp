@@ -372,7 +372,7 @@ void StepBuilder::z3_optimizer_step() {
     at("deepspeed.post_step");
     z3_apply(z3_.coordinator->gather_persistent());
     drop(scaled_norm);
-    for (T& group : groups) drop(group);
+    for (auto it = groups.rbegin(); it != groups.rend(); ++it) drop(*it);  // step()'s locals: the list, last first
     drop(z3_.global_norm);  // the engine's last norm gives way to this step's
     z3_.global_norm = new_norm;
 }
