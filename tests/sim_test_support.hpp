@@ -2,6 +2,9 @@
 // Helpers for simulator tests: small setups and views of a timeline restricted to
 // some events.
 #include <functional>
+#include <optional>
+#include <string_view>
+#include <vector>
 
 #include "mst/catalog.hpp"
 #include "mst/gpu.hpp"
@@ -10,6 +13,27 @@
 #include "mst/tune.hpp"
 
 namespace mst::test {
+
+// The allocations whose tensor name starts with `name`, in order (of one phase, when given).
+inline std::vector<const Event*> allocs(const Timeline& t, std::string_view name, std::optional<Phase> phase = std::nullopt) {
+    std::vector<const Event*> out;
+    for (const Event& e : t.events)
+        if (e.alloc && e.name.starts_with(name) && (!phase || e.phase == *phase)) out.push_back(&e);
+    return out;
+}
+
+// The phase in which the tensor of allocation `a` is freed (none: it outlives the step).
+inline std::optional<Phase> freed_in(const Timeline& t, const Event* a) {
+    for (const Event& e : t.events)
+        if (!e.alloc && e.tensor == a->tensor) return e.phase;
+    return std::nullopt;
+}
+
+inline std::vector<bytes_t> bytes_of(const std::vector<const Event*>& events) {
+    std::vector<bytes_t> out;
+    for (const Event* e : events) out.push_back(e->bytes);
+    return out;
+}
 
 // A GPU profile without a cuBLAS workspace, so that hand counts need not include it.
 inline GpuProfile test_gpu() {

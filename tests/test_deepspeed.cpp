@@ -21,6 +21,9 @@
 #include "test_support.hpp"
 
 using namespace mst;
+using test::allocs;
+using test::bytes_of;
+using test::freed_in;
 
 namespace {
 
@@ -43,26 +46,6 @@ TrainingSetup llama_zero2() {
     s.zero_stage = 2;
     s.dp = 8;
     return s;
-}
-
-// The allocations whose tensor name starts with `name`, in order.
-std::vector<const Event*> allocs(const Timeline& t, std::string_view name, std::optional<Phase> phase = std::nullopt) {
-    std::vector<const Event*> out;
-    for (const Event& e : t.events)
-        if (e.alloc && e.name.starts_with(name) && (!phase || e.phase == *phase)) out.push_back(&e);
-    return out;
-}
-
-std::optional<Phase> freed_in(const Timeline& t, const Event* a) {
-    for (const Event& e : t.events)
-        if (!e.alloc && e.tensor == a->tensor) return e.phase;
-    return std::nullopt;
-}
-
-std::vector<bytes_t> bytes_of(const std::vector<const Event*>& events) {
-    std::vector<bytes_t> out;
-    for (const Event* e : events) out.push_back(e->bytes);
-    return out;
 }
 
 }  // namespace

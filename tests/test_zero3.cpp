@@ -17,6 +17,8 @@
 #include "test_support.hpp"
 
 using namespace mst;
+using test::allocs;
+using test::bytes_of;
 
 namespace {
 
@@ -27,19 +29,6 @@ TrainingSetup zero3(std::int64_t seq, std::int64_t dp) {
     s.zero_stage = 3;
     s.dp = dp;
     return s;
-}
-
-std::vector<const Event*> allocs(const Timeline& t, std::string_view name, std::optional<Phase> phase = std::nullopt) {
-    std::vector<const Event*> out;
-    for (const Event& e : t.events)
-        if (e.alloc && e.name.starts_with(name) && (!phase || e.phase == *phase)) out.push_back(&e);
-    return out;
-}
-
-std::vector<bytes_t> bytes_of(const std::vector<const Event*>& events) {
-    std::vector<bytes_t> out;
-    for (const Event* e : events) out.push_back(e->bytes);
-    return out;
 }
 
 std::vector<bytes_t> elements(std::initializer_list<std::int64_t> n, int bytes = 2) {

@@ -673,6 +673,7 @@ private:
     T ds_is_invalid(bytes_t element);     // (~isfinite(x) | (x < 0)).any() of a scalar x: returns the bool
     T ds_isfinite(bytes_t element);       // torch.isfinite of a scalar x: returns the bool
     T ds_then(T& from, const char* name, bytes_t bytes);  // an op on `from`, which then goes: returns its result
+    void ds_clip(bytes_t element);        // unscale_and_clip_grads' scalars
     bool ds_on_ = false;  // s_.deepspeed_zero()
     struct DsPiece {
         int param;

@@ -237,6 +237,19 @@ T StepBuilder::ds_is_invalid(bytes_t element) {
     return ds_then(o, "any", 1);
 }
 
+// unscale_and_clip_grads' scalars, in the norm's dtype (`element` bytes): clip = clamp((norm / scale +
+// 1e-6) / clip_grad, min=1), combined = clip x scale, and the gradient times 1 / combined (in place).
+void StepBuilder::ds_clip(bytes_t element) {
+    T clip = alloc("clip_div", element, Category::Transient);
+    clip = ds_then(clip, "clip_add", element);
+    clip = ds_then(clip, "clip_ratio", element);
+    clip = ds_then(clip, "clip", element);
+    T combined_scale = alloc("combined_scale", element, Category::Transient);
+    T reciprocal = alloc("reciprocal", element, Category::Transient);
+    T factor = alloc("inverse_scale", element, Category::Transient);
+    drop(reciprocal), drop(factor), drop(combined_scale), drop(clip);
+}
+
 void StepBuilder::ds_optimizer_step() {
     at("deepspeed.check_overflow");
     layer_ = -1;
@@ -309,14 +322,7 @@ void StepBuilder::ds_optimizer_step() {
     at("deepspeed.clip");  // unscale_and_clip_grads
     T clip_check = ds_is_invalid(4);
     drop(clip_check);
-    T clip = alloc("clip_div", 4, Category::Transient);  // clamp((norm / scale + 1e-6) / clip_grad, min=1)
-    clip = ds_then(clip, "clip_add", 4);
-    clip = ds_then(clip, "clip_ratio", 4);
-    clip = ds_then(clip, "clip", 4);
-    T combined_scale = alloc("combined_scale", 4, Category::Transient);
-    T reciprocal = alloc("reciprocal", 4, Category::Transient);
-    T factor = alloc("inverse_scale", 4, Category::Transient);
-    drop(reciprocal), drop(factor), drop(combined_scale), drop(clip);
+    ds_clip(4);
 
     at("optimizer.step");  // FusedAdam in place; then the step's gradient goes
     drop(grad), drop(flat), drop(ds_.pad_zeros), drop(ds_.averaged);

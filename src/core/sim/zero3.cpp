@@ -357,15 +357,8 @@ void StepBuilder::z3_optimizer_step() {
         T flat = alloc("flat_grad_partition", checked_mul(g, kBf16), Category::Transient);
         T grad = alloc("partition_grad_fp32", checked_mul(g, 4), Category::Gradients);
         drop(flat);
-        at("deepspeed.clip");  // unscale_and_clip_grads: clamp((norm / scale + 1e-6) / clip_grad, min=1)
-        T clip = alloc("clip_div", 8, Category::Transient);
-        clip = ds_then(clip, "clip_add", 8);
-        clip = ds_then(clip, "clip_ratio", 8);
-        clip = ds_then(clip, "clip", 8);
-        T combined_scale = alloc("combined_scale", 8, Category::Transient);
-        T reciprocal = alloc("reciprocal", 8, Category::Transient);
-        T factor = alloc("inverse_scale", 8, Category::Transient);
-        drop(reciprocal), drop(factor), drop(combined_scale), drop(clip);
+        at("deepspeed.clip");
+        ds_clip(8);  // (the norm is fp64)
         at("optimizer.step");  // FusedAdam in place; _release_sub_group frees the gradient
         drop(grad);
     }
