@@ -4,6 +4,8 @@
 // partitioning and coordinator rules (docs/deepspeed-zero3-model.md) and the config's defaults.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 
 #include "mst/catalog.hpp"
@@ -139,7 +141,12 @@ TEST_CASE("ZeRO-3 in the hf runtime: what is not modelled yet is a one-line erro
     CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: precision: expected bf16-master", 0) == 0);
     other = s;
     other.mlp_chunks = 2;
-    CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: mlp_chunks: expected 1 with runtime hf and ZeRO-3", 0) == 0);
+    CHECK_NOTHROW(validate(other, m));  // (python/mst_hf's loop)
+    other.mlp_impl = MlpImpl::Tiled;
+    CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: mlp_impl: expected loop with runtime hf and ZeRO-3", 0) == 0);
+    other = s;
+    other.lm_chunks = 2;
+    CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: lm_chunks: expected 1 with runtime hf and ZeRO-3", 0) == 0);
     other = s;
     other.checkpoint.assign(2, true), other.offload_checkpoints = true;
     CHECK(test::expect_user_error([&] { validate(other, m); }).rfind("setup: offload_checkpoints: expected false", 0) == 0);
@@ -218,4 +225,43 @@ TEST_CASE("recommend --for deepspeed plans ZeRO-3 where ZeRO 1 and 2 cannot hold
     rq.pins.zero_stage = 3;
     rq.base.precision = Precision::PureBf16;
     CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("setup: precision: expected bf16-master with runtime hf and ZeRO-3", 0) == 0);
+}
+
+// python/mst_hf's MLP mini-sequences call each projection once per chunk. DeepSpeed's post-backward hook
+// counts a module's input gradients anew at every call (ds_grads_remaining, parameter_offload.py:497-526),
+// so it releases in the backward of the call autograd runs first (the last chunk), where the weight is
+// used again by the next chunk and stays; the first chunk's never releases: the weights wait for
+// release_backward_leftovers at backward's end, which pops its modules last inserted first: the
+// embedding's, then layer 0's gate, up and down (their last pre-backward fetches were layer 0's), then
+// layer 1's. tiny-llama, 3 ranks, the norms persistent; parameter order: embedding, per layer q, k, v,
+// o, gate, up, down (the norms after them), lm_head.
+TEST_CASE("ZeRO-3 with MLP mini-sequences: the MLP's gathered weights wait for backward's end") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = zero3(256, 3);
+    s.attention = Attention::Eager;
+    s.param_persistence_threshold = 100;
+    s.mlp_chunks = 2;
+    const Timeline t = simulate(m, s, test::test_gpu());
+    std::vector<std::string> at_end;  // gathered weights freed after the last layer's backward
+    std::size_t layer0_done = 0;
+    for (std::size_t i = 0; i < t.events.size(); ++i)
+        if (t.events[i].phase == Phase::Backward && t.events[i].layer == 0) layer0_done = i;
+    std::vector<std::int64_t> gathered;
+    for (const Event& e : t.events)
+        if (e.alloc && e.category == Category::Weights && e.phase == Phase::Forward) gathered.push_back(e.tensor);
+    for (std::size_t i = layer0_done + 1; i < t.events.size(); ++i) {
+        const Event& e = t.events[i];
+        if (!e.alloc && e.phase == Phase::Backward && std::find(gathered.begin(), gathered.end(), e.tensor) != gathered.end())
+            at_end.push_back(e.name);
+    }
+    CHECK(at_end == std::vector<std::string>{"embed_tokens", "gate_proj", "up_proj", "down_proj", "gate_proj", "up_proj", "down_proj"});
+    // without chunks each is released at its module's post-backward hook
+    s.mlp_chunks = 1;
+    const Timeline whole = simulate(m, s, test::test_gpu());
+    std::size_t whole_layer0_done = 0, freed_after = 0;
+    for (std::size_t i = 0; i < whole.events.size(); ++i)
+        if (whole.events[i].phase == Phase::Backward && whole.events[i].layer == 0) whole_layer0_done = i;
+    for (std::size_t i = whole_layer0_done + 1; i < whole.events.size(); ++i)
+        if (!whole.events[i].alloc && whole.events[i].category == Category::Weights && whole.events[i].phase == Phase::Backward) ++freed_after;
+    CHECK(freed_after == 1);  // the embedding's
 }

@@ -72,13 +72,17 @@ ZERO3_DS = dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": 
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size
 # ZeRO-3 as the hf runtime predicts it, event for event (src/core/sim/zero3.cpp): the run above; every
 # layer checkpointed with two micro-steps and the norms persistent (a threshold of 100 elements), rank 2;
-# flash attention with layer 1 checkpointed, rank 0.
+# two MLP mini-sequences with every layer checkpointed and the 4096-element bucket, rank 1; flash
+# attention with layer 1 checkpointed, rank 0.
 PERSISTENT = {"param_persistence_threshold": 100}
 ZERO3_CASES = {
     "checkpointed": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[0, 1], grad_accum=2,
                           reduce_bucket_size=DEFAULT_BUCKET, **PERSISTENT),
                      dict(DS_CONFIG, gradient_accumulation_steps=2,
                           zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 100}), 2),
+    "mlp chunks": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[0, 1], mlp_chunks=2, **PERSISTENT),
+                   dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET,
+                                                      "stage3_param_persistence_threshold": 100}), 1),
     "flash": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", attention="flash", checkpoint=[1],
                    reduce_bucket_size=DEFAULT_BUCKET, **PERSISTENT),
               dict(DS_CONFIG, zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 100}), 0),

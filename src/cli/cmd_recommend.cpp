@@ -165,7 +165,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                          r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
                          rq.gpus == 1 || rq.base.runtime != Runtime::Hf ? ""
                          : deepspeed ? "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for Llama and "
-                                       "Mistral with bf16-master and whole MLP and LM head blocks: --runtime kernels plans more, "
+                                       "Mistral with bf16-master, a loop MLP and a whole LM head: --runtime kernels plans more, "
                                        "and sequence parallelism"
                                      : "; the hf runtime plans several GPUs as DDP, each holding the whole model, its gradients "
                                        "and optimizer states (--for deepspeed or axolotl: DeepSpeed's ZeRO 1 to 3): --runtime "

@@ -184,7 +184,7 @@ public:
             nothing_left();
         };
         // (and those the runtime does not model with them, whatever the checkpoints: the hf runtime's
-        // ZeRO-3 runs whole blocks)
+        // ZeRO-3 runs a whole LM head)
         const auto modelled = [&](TrainingSetup t) {
             t.checkpoint.assign(static_cast<std::size_t>(L), true);
             return valid(t, rq_.model);
@@ -393,7 +393,7 @@ bool deepspeed_runs(TrainingSetup base, const ModelSpec& m, int stage = 2) {
 // DeepSpeed's engine, which the deepspeed and axolotl formats train in (its ZeRO-0 engine and
 // Axolotl's DDP are not modelled). On one GPU Axolotl runs the plain Trainer too (ZeRO 0, when it
 // needs no DeepSpeed: pure bf16), and DeepSpeed's engine when the knobs are its. Over several GPUs its
-// ZeRO-3 too, where it is modelled for the model and the precision (validate_hf_scope; whole blocks: the
+// ZeRO-3 too, where it is modelled for the model and the precision (validate_hf_scope; a whole LM head: the
 // search's chunked candidates are refused there).
 std::vector<int> zero_stages(const TuneRequest& rq) {
     if (rq.base.runtime == Runtime::Kernels) {
@@ -976,8 +976,8 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                 take_deepspeed(z2, rq.base);
                 if (refusal(z2, run.mst_mlp).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
             }
-            // The hf runtime's ZeRO-3 runs whole blocks and keeps checkpoints on the GPU: its MsT and offload
-            // rows shard at ZeRO 2.
+            // The hf runtime's ZeRO-3 runs a whole LM head and keeps checkpoints on the GPU: its MsT and
+            // offload rows shard at ZeRO 2.
             if (ours && row.refused.empty() && run.setup.deepspeed_zero3()) {
                 TrainingSetup t = run.setup;
                 if (run.mst) t.mlp_chunks = run.mst_mlp ? 2 : 1, t.lm_chunks = 2;

@@ -366,6 +366,7 @@ void StepBuilder::clear_autocast_cache() {
 void StepBuilder::hf_linear_weights(int w, int b) {
     if (b >= 0) use_weight(b, false);
     use_weight(w);
+    z3_alias(w);
 }
 
 T StepBuilder::hf_linear_input(int w, int b, T x, std::int64_t rows, std::int64_t cols) {
@@ -492,7 +493,9 @@ void StepBuilder::buffer_add(GradBuffer& b, T g, bool view) {
         return;
     }
     accumulate(b.sum, g, b.view);
-    b.view = false;
+    // (a sum is no view: the next one is added in place; under ZeRO-3, whose linears are autograd
+    // Functions, the referee sees every sum of a weight's gradients made anew)
+    b.view = z3_on_ && b.view;
 }
 
 void StepBuilder::add_grad(int p, T g, bool view, bool last) {

@@ -492,8 +492,10 @@ private:
     // weight's ([out, in], contiguous), and lets go of its output's gradient and then of what it saved;
     // AccumulateGrad takes the weight's (its hook: the bucket), the module's post-backward releases it,
     // and then the input's gradient goes on (pass_input; the caller holds no handle to it after).
+    // last_use: the weight's last gradient of the step's backward (MLP mini-sequences: the first chunk's),
+    // which lets its AccumulateGrad node run.
     T z3_linear_backward(int w, const char* input_name, bytes_t input_bytes, std::initializer_list<T*> saved, T& grad_in,
-                         const std::function<void(T&)>& pass_input);
+                         const std::function<void(T&)>& pass_input, bool last_use = true);
     // ---- hf runtime under autocast (precision amp: fp32 weights and residual stream) -----------
     // F.linear's parameters under autocast: the bias's bf16 copy (b >= 0; the cache its only holder),
     // then the weight's (saved by the GEMM): autocast casts the arguments last first.
@@ -730,7 +732,15 @@ private:
         if (z3_on_) z3_hook(Z3Hook::Release, z3_.module_of[static_cast<std::size_t>(p)], forward);
     }
     void z3_apply(std::span<const Z3Event> events);
-    T z3_mlp_backward(const LayerParams& lp, HfMlpChunk& c, T& dy);  // the MLP block's backward (its input's gradient)
+    // A checkpointed layer's recompute saves a linear's weight as checkpointing's pack hook does, a
+    // detached alias of the gathered storage current then (torch/utils/checkpoint.py): it holds that
+    // storage until the linear's backward has run, whatever DeepSpeed releases meanwhile.
+    void z3_alias(int p) {
+        if (z3_on_ && phase_ == Phase::Recompute)
+            z3_.aliases[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])].push_back(
+                hold(z3_.gathered[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])]));
+    }
+    T z3_mlp_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool last_use);  // one chunk's backward: its input's gradient
     void z3_grad_hook(int p);             // reduce_independent_p_g_buckets_and_remove_grads
     void z3_flush();                      // __reduce_and_partition_ipg_grads
     void z3_after_backward(T& root);      // the epilogue's flush, release_backward_leftovers
@@ -747,6 +757,7 @@ private:
         std::vector<int> ds_id;           // per parameter: its place in model.parameters()
         std::vector<T> gathered;          // per ds_id: the gathered parameter (its own buffer, or its copy)
         std::vector<T> flats;             // per gather of the micro-step: a coalesced gather's flat buffer
+        std::vector<std::vector<T>> aliases;  // per ds_id: the recompute's saved aliases (z3_alias), the last used first
         std::vector<std::int64_t> sub_groups;  // the optimizer's sub-groups: partition elements each
         std::int64_t elements = 0;        // in the gradient bucket
         std::vector<int> in_bucket;       // its parameters (params_ indices), in hook order

@@ -202,6 +202,7 @@ T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, 
     at("mlp.down");
     z3_fetch_of(lp.down);
     use_weight(lp.down);
+    z3_alias(lp.down);
     c.m = saved(m);
     return m;
 }
@@ -214,7 +215,7 @@ T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, 
 // its GEMM's output (the unchunked block), so the sum is a new tensor.
 T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool view_sum, bool last_use,
                                      WeightGradRef weight_grad) {
-    if (z3_on_) return z3_mlp_backward(lp, c, dy);
+    if (z3_on_) return z3_mlp_backward(lp, c, dy, last_use);
     const std::int64_t d = m_.hidden_size, I = m_.intermediate_size, n = c.tokens;
     // Under autocast the tiled MLP's replay casts its input (a leaf) once: gate and up share the
     // copy, whose cast node sums both input gradients (bf16) before making them fp32.

@@ -82,19 +82,23 @@ void StepBuilder::z3_build() {
     auto fetch = [&](int m, bool forward) { hooks.push_back(Z3Hook{Z3Hook::Fetch, m, forward}); };
     auto release = [&](int m, bool forward) { hooks.push_back(Z3Hook{Z3Hook::Release, m, forward}); };
     auto leaf = [&](int m) { fetch(m, true), release(m, true); };
-    // the layer's forward inside its own hooks; a recompute stops at down_proj's save (no post-forward
-    // hooks of down_proj and the MLP)
+    // the layer's forward inside its own hooks, the MLP's projections once per mini-sequence (python/mst_hf's
+    // loop calls them per chunk); a recompute stops at the last chunk's down_proj save (no post-forward
+    // hooks of that down_proj and the MLP)
+    const std::int64_t chunks = s_.mlp_chunks;
     auto layer_inside = [&](const Z3Layer& L, bool recompute) {
         leaf(L.input_ln);
         fetch(L.attn, true);
         leaf(L.q), leaf(L.k), leaf(L.v), leaf(L.o);
         leaf(L.post_ln);
         fetch(L.mlp, true);
-        leaf(L.gate);
-        fetch(L.act, true);
-        leaf(L.up);
-        fetch(L.down, true);
-        if (!recompute) release(L.down, true);
+        for (std::int64_t c = 0; c < chunks; ++c) {
+            leaf(L.gate);
+            fetch(L.act, true);
+            leaf(L.up);
+            fetch(L.down, true);
+            if (!recompute || c + 1 < chunks) release(L.down, true);
+        }
     };
     fetch(z3_.root, true), fetch(z3_.model, true);
     leaf(z3_.embed);
@@ -113,12 +117,15 @@ void StepBuilder::z3_build() {
     back(z3_.norm);
     for (std::size_t i = z3_.layers.size(); i-- > 0;) {
         const Z3Layer& L = z3_.layers[i];
-        fetch(L.layer, false), fetch(L.mlp, false), fetch(L.down, false);
-        if (s_.checkpointed(static_cast<std::int64_t>(i))) layer_inside(L, true);
-        release(L.down, false);
-        back(L.up);
-        fetch(L.act, false);
-        back(L.gate);
+        fetch(L.layer, false), fetch(L.mlp, false);
+        for (std::int64_t c = chunks; c-- > 0;) {  // (autograd runs the last chunk's nodes first)
+            fetch(L.down, false);
+            if (c + 1 == chunks && s_.checkpointed(static_cast<std::int64_t>(i))) layer_inside(L, true);
+            release(L.down, false);
+            back(L.up);
+            fetch(L.act, false);
+            back(L.gate);
+        }
         back(L.post_ln);
         fetch(L.attn, false);
         back(L.o), back(L.v), back(L.k), back(L.q);
@@ -187,6 +194,7 @@ void StepBuilder::z3_init_state() {
         }
     }
     z3_.gathered.assign(order_.size(), T{});
+    z3_.aliases.assign(order_.size(), {});
     z3_.flats.clear();
 
     at("init.weights");
@@ -213,13 +221,21 @@ void StepBuilder::z3_init_state() {
 }
 
 T StepBuilder::z3_linear_backward(int w, const char* input_name, bytes_t input_bytes, std::initializer_list<T*> saved,
-                                  T& grad_in, const std::function<void(T&)>& pass_input) {
+                                  T& grad_in, const std::function<void(T&)>& pass_input, bool last_use) {
     z3_fetch_of(w, false);
     unpack();
     T input = alloc(input_name, input_bytes, Category::Transient);
     T weight = grad_out(w);
-    py_node_end(saved, &grad_in);
-    add_grad(w, weight, false, true);
+    // the node's saved input, then its weight (a recompute's alias of it), and its output's gradient:
+    // recomputed ones die first, with the backward's locals (py_node_end)
+    std::vector<T>& aliases = z3_.aliases[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(w)])];
+    T alias = recomputed_ && !aliases.empty() ? aliases.back() : T{};
+    if (alias.valid()) aliases.pop_back();
+    if (!recomputed_) drop(grad_in);
+    for (T* t : saved) drop(*t);
+    drop(alias);
+    if (recomputed_) drop(grad_in);
+    add_grad(w, weight, true, last_use);  // (a chunk's joins the next one's into a new sum)
     z3_release_of(w, false);
     pass_input(input);
     return input;
@@ -227,23 +243,23 @@ T StepBuilder::z3_linear_backward(int w, const char* input_name, bytes_t input_b
 
 // The (unchunked) MLP block's backward: down_proj, the product, up_proj, the activation module's
 // pre-backward and SiLU's backward, gate_proj; its input's two gradients are summed into a new tensor.
-T StepBuilder::z3_mlp_backward(const LayerParams& lp, HfMlpChunk& c, T& dy) {
+T StepBuilder::z3_mlp_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool last_use) {
     const std::int64_t d = m_.hidden_size, I = m_.intermediate_size, n = c.tokens;
     const auto keep = [](T&) {};
     at("mlp.down");
-    T gm = z3_linear_backward(lp.down, "d_m", bf16(n, I), {&c.m}, dy, keep);
+    T gm = z3_linear_backward(lp.down, "d_m", bf16(n, I), {&c.m}, dy, keep, last_use);
     at("mlp.act");
     T gu = alloc("d_u", bf16(n, I), Category::Transient);
     T gs = alloc("d_s", bf16(n, I), Category::Transient);
     node_end({&c.u, &c.s}, &gm);
     at("mlp.gate_up");
-    T dx = z3_linear_backward(lp.up, "d_x_up", bf16(n, d), {&c.x_up}, gu, keep);
+    T dx = z3_linear_backward(lp.up, "d_x_up", bf16(n, d), {&c.x_up}, gu, keep, last_use);
     at("mlp.act");
     z3_fetch(z3_.layers[static_cast<std::size_t>(layer_)].act, false);
     T gg = alloc("d_g", bf16(n, I), Category::Transient);
     node_end({&c.g}, &gs);
     at("mlp.gate_up");
-    z3_linear_backward(lp.gate, "d_x_gate", bf16(n, d), {&c.x_gate}, gg, [&](T& g) { accumulate(dx, g, true); });
+    z3_linear_backward(lp.gate, "d_x_gate", bf16(n, d), {&c.x_gate}, gg, [&](T& g) { accumulate(dx, g, true); }, last_use);
     return dx;
 }
 

@@ -124,6 +124,7 @@ private:
     std::int64_t available_ = 0;
     std::vector<Gather> gathers_;
     std::vector<int> active_backward_;
+    std::vector<int> grads_remaining_;  // per module: its post-backward hook's count (ds_grads_remaining)
     std::vector<Z3Event> events_;
 };
 

@@ -23,6 +23,7 @@ Zero3Coordinator::Zero3Coordinator(std::vector<std::int64_t> numel, std::vector<
                                    std::vector<Z3Hook> hooks, const Z3Config& config)
     : modules_(std::move(modules)), hooks_(std::move(hooks)), config_(config) {
     params_.resize(numel.size());
+    grads_remaining_.assign(modules_.size(), 0);
     for (std::size_t p = 0; p < numel.size(); ++p) {
         params_[p].numel = numel[p];
         // ds_persist (parameter_offload.py:317-335; model_persistence_threshold is unbounded by default)
@@ -84,6 +85,8 @@ void Zero3Coordinator::fetch(int module, bool forward) {
     const std::vector<int>& own = modules_[static_cast<std::size_t>(module)];
     if (!forward && std::find(active_backward_.begin(), active_backward_.end(), module) == active_backward_.end())
         active_backward_.push_back(module);
+    // _post_backward_module_hook: each call counts its input's gradient anew (ds_grads_remaining)
+    if (forward) grads_remaining_[static_cast<std::size_t>(module)] = 1;
     std::vector<int> missing;
     for (int p : own)
         if (params_[static_cast<std::size_t>(p)].status == Status::NotAvailable) missing.push_back(p);
@@ -156,8 +159,12 @@ void Zero3Coordinator::wait(int p) {
     if (--G.pending == 0 && G.coalesced) events_.push_back(Z3Event{Z3Event::FreeFlat, g, 0});
 }
 
-// release_sub_module (ppc:492-533)
+// release_sub_module (ppc:492-533). In backward it runs when the module's input gradients counted
+// since its last call have all arrived (parameter_offload.py:497-526): a module called several times
+// in one forward (python/mst_hf's MLP mini-sequences) releases in the backward of its last call only,
+// and its earlier calls' pre-backward fetches leave it to release_backward_leftovers.
 void Zero3Coordinator::release(int module, bool forward) {
+    if (!forward && --grads_remaining_[static_cast<std::size_t>(module)] != 0) return;
     const std::vector<int>& release = to_release(module);
     for (int p : modules_[static_cast<std::size_t>(module)]) {
         std::vector<int>& active = params_[static_cast<std::size_t>(p)].active;
