@@ -150,7 +150,8 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                  : "",
                              rq.base.runtime != Runtime::Hf ? ""
                              : deepspeed ? " (ZeRO 1 and 2 leave every GPU the whole bf16 weights; the hf runtime's ZeRO-3 "
-                                           "takes bf16-master and a Llama or Mistral model, --runtime kernels plans it for others)"
+                                           "takes bf16-master and a Llama or Mistral model without tied embeddings or biases, --runtime kernels plans it "
+                                           "for others)"
                                          : " (--runtime kernels)"));
         fail(rq.model.name, "no setup fits",
              fmt::format("expected one for {} tokens on {} x {} within {} (try {}--allow offload=yes, a shorter "
@@ -224,7 +225,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     "(README).", rq.for_format),
                         100));
     // (--for axolotl on one GPU: the plain Trainer, without DeepSpeed, may be the pick)
-    if (!rq.base.deepspeed_defaults() && !s.deepspeed_zero())
+    if (!rq.base.deepspeed_defaults() && !s.deepspeed_engine())
         fmt::print("\ncaution: {}",
                    wrap(fmt::format("the recommended setup trains without DeepSpeed's engine (ZeRO {}), which has no gradient "
                                     "bucket: {} does not apply to it (--pin zero=1 or zero=2 plans DeepSpeed's).",
@@ -298,9 +299,9 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     // DeepSpeed's options given, and no row searched trains with its engine (Axolotl's plain Trainer on
     // one GPU)
     if (!rq.base.deepspeed_defaults() && std::none_of(r.rows.begin(), r.rows.end(), [](const MaxSeqRow& row) {
-            return row.refused.empty() && row.setup.deepspeed_zero();
+            return row.refused.empty() && row.setup.deepspeed_engine();
         }))
-        fmt::print("caution: no row trains with DeepSpeed's engine (ZeRO 1 or 2): {} does not apply to them\n",
+        fmt::print("caution: no row trains with DeepSpeed's engine (ZeRO 1 to 3): {} does not apply to them\n",
                    deepspeed_options(rq.base));
     // --for: the trainer's own allocations beyond the prediction, kept free at each length
     for (const auto& row : r.rows)
@@ -322,6 +323,14 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                    rq.base.runtime == Runtime::Hf ? " (sequence parallelism: --runtime kernels)" : "");
     fmt::print("MsT rows chunk the MLP (not in rows marked \"LM head only\") and LM head in mini-sequences of hidden_size "
                "tokens (1024 at most); lengths are multiples of 1024 tokens (x sp).\n");
+    // (the hf runtime's ZeRO-3 runs a whole LM head and no offload: those rows shard at ZeRO 2)
+    std::string stages;
+    for (const auto& row : r.rows)
+        if (row.strategy != "your setup") stages += fmt::format("{}{}: ZeRO {}", stages.empty() ? "" : "; ", row.strategy, row.setup.zero_stage);
+    if (std::any_of(r.rows.begin(), r.rows.end(), [&](const MaxSeqRow& row) { return row.setup.zero_stage != r.rows.front().setup.zero_stage && row.strategy != "your setup"; }))
+        fmt::print("{}\n", wrap(fmt::format("The rows shard differently ({}): DeepSpeed's ZeRO-3 in the hf runtime runs a whole LM "
+                                           "head and keeps checkpoints on the GPU, so the MsT and offload rows use ZeRO 2, whose "
+                                           "state is larger than the footer's.", stages), 100));
 }
 
 void run_bench_tuner(const GlobalOptions& g, int reps) {

@@ -187,7 +187,13 @@ public:
         // ZeRO-3 runs a whole LM head)
         const auto modelled = [&](TrainingSetup t) {
             t.checkpoint.assign(static_cast<std::size_t>(L), true);
-            return valid(t, rq_.model);
+            try {
+                validate(t, rq_.model);
+                return true;
+            } catch (const UserError& e) {
+                last_refusal = e.what();
+                return false;
+            }
         };
         std::erase_if(mlp_opts, [&](std::int64_t mm) {
             TrainingSetup t = outer;
@@ -403,8 +409,9 @@ std::vector<int> zero_stages(const TuneRequest& rq) {
     if (!trains_in_deepspeed(rq.for_format)) return {0};
     if (rq.gpus == 1 && rq.for_format == "axolotl" && rq.base.precision == Precision::PureBf16)
         return deepspeed_runs(rq.base, rq.model) ? std::vector<int>{0, 1, 2} : std::vector<int>{0};
-    TrainingSetup many = rq.base;
+    TrainingSetup many = rq.base;  // (max-seq: the user's own setup may be the base; its blocks are not the search's)
     many.dp = rq.gpus;
+    many.mlp_chunks = many.lm_chunks = 1, many.offload_checkpoints = false, many.checkpoint.clear();
     if (rq.gpus > 1 && deepspeed_runs(many, rq.model, 3)) return {1, 2, 3};
     return {1, 2};
 }
@@ -566,6 +573,15 @@ void check_request(const TuneRequest& rq, const char* command) {
         pinned.zero_stage = *rq.pins.zero_stage;
         take_deepspeed(pinned, rq.base);
         validate_hf_scope(pinned, rq.model);
+        // with the other pins it has to run with (a checkpoint to offload, where offload is pinned)
+        pinned.seq_len = rq.seq_len;
+        if (rq.pins.mlp_chunks) pinned.mlp_chunks = *rq.pins.mlp_chunks;
+        if (rq.pins.lm_chunks) pinned.lm_chunks = *rq.pins.lm_chunks;
+        if (rq.pins.mlp_impl) pinned.mlp_impl = *rq.pins.mlp_impl;
+        if (rq.pins.overlap_comm) pinned.overlap_comm = *rq.pins.overlap_comm;
+        if (rq.pins.offload) pinned.offload_checkpoints = *rq.pins.offload;
+        pinned.checkpoint.assign(static_cast<std::size_t>(rq.model.num_layers), true);
+        validate(pinned, rq.model);
     }
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage &&
         std::find(zeros.begin(), zeros.end(), *rq.pins.zero_stage) == zeros.end())
