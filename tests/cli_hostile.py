@@ -210,6 +210,7 @@ CASES = [
     ("recommend deepspeed past its walked ranks", R + ["--gpus", "129", "--for", "deepspeed"], r"recommend: gpus: expected at most 128 with runtime hf and --for deepspeed"),
     ("recommend axolotl zero 1 pin with sgd", R + ["--for", "axolotl", "--pin", "zero=1", "--optimizer", "sgd"], r"setup: optimizer: expected adamw with optimizer_impl fused with runtime hf and ZeRO 1 or 2 \(DeepSpeed's engine\)"),
     ("recommend deepspeed zero 3 pin", R + ["--gpus", "8", "--for", "deepspeed", "--pin", "zero=3"], r"setup: precision: expected bf16-master with runtime hf and ZeRO-3 \(DeepSpeed's stage-3 engine\)"),
+    ("recommend deepspeed zero 3 pin with a chunked LM head pin", ["recommend", "--model", "llama-3-8b", "--gpus", "8", "--for", "deepspeed", "--precision", "bf16-master", "--pin", "zero=3", "--pin", "M_lm=4"], r"setup: lm_chunks: expected 1 with runtime hf and ZeRO-3"),
     ("recommend deepspeed zero 3 pin for gemma", ["recommend", "--model", "gemma-2-2b", "--gpus", "8", "--for", "deepspeed", "--precision", "bf16-master", "--pin", "zero=3"], r"setup: zero_stage: expected 0, 1 or 2 for gemma-2-2b with runtime hf and ZeRO-3"),
     ("zero chunk tokens", E + ["--mlp-chunk-tokens", "0"], r"command line: mlp-chunk-tokens: expected a positive token count, got 0"),
     ("chunks and chunk tokens", E + ["--lm-chunks", "2", "--lm-chunk-tokens", "8"], r"command line: lm-chunk-tokens: expected --lm-chunks or --lm-chunk-tokens, not both"),

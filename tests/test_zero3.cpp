@@ -265,3 +265,21 @@ TEST_CASE("ZeRO-3 with MLP mini-sequences: the MLP's gathered weights wait for b
         if (!whole.events[i].alloc && whole.events[i].category == Category::Weights && whole.events[i].phase == Phase::Backward) ++freed_after;
     CHECK(freed_after == 1);  // the embedding's
 }
+
+// Llama-3-8B, P = 8030261248, on 8 H100s (450 GB/s): an all-gather or reduce-scatter of N bf16 elements
+// moves 7/8 x 2N bytes per rank. Per micro-step, every layer checkpointed: forward, backward and the
+// recompute gather the parameters (3 x 7/8 x 2P), backward reduce-scatters the gradients (7/8 x 2P);
+// the step waits for the first gather (the embedding, 128256 x 4096 = 525336576 elements) and for what
+// backward's end flushes (the embedding's gradient and a full 5e8 bucket), the rest hides behind compute.
+TEST_CASE("DeepSpeed ZeRO-3's communication: behind the compute but for the first gather and the last flush") {
+    const ModelSpec m = find_model("llama-3-8b");
+    const GpuProfile gpu = find_gpu("h100-sxm-80gb");
+    const double P = 8030261248.0, E = 525336576.0, move = 1.75 / 450e9;  // seconds per element
+    TrainingSetup s = zero3(4096, 8);
+    s.checkpoint.assign(32, true);
+    s.grad_accum = 2;
+    const StepTime t = predict_time(m, s, gpu);
+    CHECK(t.comm_seconds == doctest::Approx(2 * (3 * P + P) * move).epsilon(1e-12));
+    REQUIRE(t.forward_seconds + t.backward_seconds > 3 * P * move);  // (the rest hides)
+    CHECK(t.comm_exposed_seconds == doctest::Approx(2 * (E + (E + 5e8)) * move).epsilon(1e-12));
+}

@@ -370,10 +370,16 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
     } else if (s.deepspeed_zero3() && s.zero_ranks() > 1) {
         // DeepSpeed's ZeRO-3 (runtime/zero/stage3.py): every module's parameters all-gathered in bf16 as
         // the trace prefetches them, in forward, in backward and in a checkpointed layer's recompute, and
-        // the bf16 gradients reduce-scattered per bucket on their own stream (stage 3's overlap_comm):
-        // behind the compute, as the kernels runtime's ZeRO-3 is.
+        // the bf16 gradients reduce-scattered per bucket on their own stream (stage 3's overlap_comm),
+        // behind the compute, but for each micro-step's first gather (the root's prefetch of the
+        // embedding, which the forward waits for) and what backward's end flushes (the embedding's
+        // gradient, ready last, and what the bucket held: taken as a full one).
         const double ring = ring_share(s.zero_ranks()), bw = link_gbps(gpu, cluster, s.zero_ranks(), 1) * 1e9;
-        overlapped += ga * ((2 + ckpt / L) * ring * P * 2 + ring * P * 2) / bw;
+        const double gathers = (2 + ckpt / L) * ring * P * 2 / bw, scatters = ring * P * 2 / bw;
+        const double first = ring * embedding * 2 / bw;
+        const double flushed = ring * std::min(P, embedding + static_cast<double>(s.reduce_bucket_size)) * 2 / bw;
+        exposed += ga * (first + flushed);
+        overlapped += ga * (gathers - first + scatters - flushed);
     } else if (s.runtime == Runtime::Hf && s.zero_stage == 0 && s.dp > 1) {
         // torch's DDP as the Hugging Face Trainer runs it (accelerate's accumulate: no_sync but in the
         // last micro-step): each bucket of gradients, in the parameters' dtype, all-reduced on NCCL's

@@ -523,6 +523,13 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
                                           : (s.zero_stage == 2 ? "waited for in backward's hooks, without overlap_comm"
                                                                : "after the last micro-step's backward, without overlap_comm"),
                            1e3 * best.time.comm_exposed_seconds);
+    if (s.deepspeed_zero3() && s.zero_ranks() > 1)
+        why += fmt::format("DeepSpeed's stage-3 engine gathers each module's parameters as its trace comes to them, up "
+                           "to {} elements ahead, keeps those of at most {} elements gathered, and reduce-scatters the "
+                           "gradients per bucket of {} elements ({}); its first gather and backward's last flush leave "
+                           "{:.1f} ms per step not hidden behind compute. ",
+                           s.prefetch_bucket_size, s.param_persistence_threshold, s.reduce_bucket_size,
+                           format_bytes(checked_mul(s.reduce_bucket_size, 2)), 1e3 * best.time.comm_exposed_seconds);
     if (s.zero_stage > 0 && s.zero_ranks() > 1)
         why += fmt::format("ZeRO stage {} shards {} over all {} ranks{}. ", s.zero_stage,
                            s.zero_stage == 1 ? "the optimizer states" : s.zero_stage == 2 ? "optimizer states and gradients"
