@@ -20,8 +20,11 @@
 //   its size reduce-scatters what the bucket holds first, and one larger than the bucket stays where
 //   it is. A reduce-scatter cats its gradients, each padded to a multiple of the ranks (unless it is
 //   one that needs no padding), and frees the standalone gradients and then the cat.
+//   python/mst_hf's MLP mini-sequences call each projection per chunk: its post-backward hook releases
+//   only in the chunk autograd runs first (ds_grads_remaining), and a checkpointed layer's recompute
+//   saves an alias of each linear's gathered weight, which outlives a release in the recompute.
 // * After backward: the bucket reduce-scatters what it holds, and the modules whose post-backward
-//   hook never ran (the embedding's) release their parameters.
+//   hook never ran (the embedding's; with mini-sequences every MLP projection's) release their parameters.
 // * Step. The persistent parameters are released, the norm taken in fp64 (a copy of each partition
 //   piece, one at a time), then per sub-group its gradient flattened (a cat) and made fp32 for the
 //   step, which is freed after it; then the persistent parameters are gathered again.
@@ -241,8 +244,9 @@ T StepBuilder::z3_linear_backward(int w, const char* input_name, bytes_t input_b
     return input;
 }
 
-// The (unchunked) MLP block's backward: down_proj, the product, up_proj, the activation module's
-// pre-backward and SiLU's backward, gate_proj; its input's two gradients are summed into a new tensor.
+// One MLP chunk's backward (the whole block's, unchunked): down_proj, the product, up_proj, the
+// activation module's pre-backward and SiLU's backward, gate_proj; its input's two gradients are summed
+// into a new tensor. last_use: the chunk autograd runs last (the first), whose weight gradients complete them.
 T StepBuilder::z3_mlp_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool last_use) {
     const std::int64_t d = m_.hidden_size, I = m_.intermediate_size, n = c.tokens;
     const auto keep = [](T&) {};
