@@ -408,7 +408,7 @@ private:
     // dropped: it repeats the second exactly (same bytes, and the caching allocator hands
     // back the blocks the second one freed), so it cannot raise a peak; first-chunk effects
     // (gradient buffers, preallocated outputs) happen in the first. A test holds the two
-    // paths equal.
+    // paths equal. (Mixture-of-Experts blocks: every chunk, as recorded.)
     std::vector<std::int64_t> transient_chunks(std::int64_t chunks) const;
 
     void micro_step(int micro);
