@@ -6,7 +6,10 @@
 #include <string_view>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "mst/catalog.hpp"
+#include "mst/compare.hpp"
 #include "mst/gpu.hpp"
 #include "mst/setup.hpp"
 #include "mst/timeline.hpp"
@@ -27,6 +30,17 @@ inline std::optional<Phase> freed_in(const Timeline& t, const Event* a) {
     for (const Event& e : t.events)
         if (!e.alloc && e.tensor == a->tensor) return e.phase;
     return std::nullopt;
+}
+
+// A measurement of `setup` on `model`'s step as rank `rank` recorded it (its events left out).
+inline StepFile measured_rank(const TrainingSetup& setup, const char* model, std::int64_t rank) {
+    StepFile measured;
+    measured.path = "m.json";
+    measured.format = "mst-measure/1";
+    measured.setup_json = to_json(setup).dump();
+    measured.timeline.model = model;
+    measured.timeline.rank = rank;
+    return measured;
 }
 
 inline std::vector<bytes_t> bytes_of(const std::vector<const Event*>& events) {

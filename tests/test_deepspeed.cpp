@@ -410,12 +410,7 @@ TEST_CASE("DeepSpeed formats in the hf runtime: what the search cannot plan is n
 TEST_CASE("a DeepSpeed measurement is compared with its rank's step, and must say which rank it is") {
     const ModelSpec m = find_model("tiny-llama");
     const TrainingSetup s = zero(m, 2, 8);
-    StepFile measured;
-    measured.path = "m.json";
-    measured.format = "mst-measure/1";
-    measured.setup_json = to_json(s).dump();
-    measured.timeline.model = "tiny-llama";
-    measured.timeline.rank = 6;
+    StepFile measured = test::measured_rank(s, "tiny-llama", 6);
     CHECK(predict_measured(measured).rank == 6);
     measured.timeline.rank = -1;
     CHECK(test::expect_user_error([&] { (void)predict_measured(measured); }).rfind("m.json: timeline.rank: expected the rank", 0) == 0);

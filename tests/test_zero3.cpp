@@ -191,12 +191,7 @@ TEST_CASE("a ZeRO-3 measurement of any rank is compared with the step every rank
     const ModelSpec m = find_model("tiny-llama");
     const TrainingSetup s = zero3(256, 3);
     CHECK(walked_ranks(s).empty());
-    StepFile measured;
-    measured.path = "m.json";
-    measured.format = "mst-measure/1";
-    measured.setup_json = to_json(s).dump();
-    measured.timeline.model = "tiny-llama";
-    measured.timeline.rank = 2;
+    StepFile measured = test::measured_rank(s, "tiny-llama", 2);
     CHECK(predict_measured(measured).rank == 2);
     measured.timeline.rank = 3;
     CHECK(test::expect_user_error([&] { (void)predict_measured(measured); }).find("(0 .. 2: alike), got 3") != std::string::npos);
@@ -241,29 +236,28 @@ TEST_CASE("ZeRO-3 with MLP mini-sequences: the MLP's gathered weights wait for b
     s.attention = Attention::Eager;
     s.param_persistence_threshold = 100;
     s.mlp_chunks = 2;
-    const Timeline t = simulate(m, s, test::test_gpu());
-    std::vector<std::string> at_end;  // gathered weights freed after the last layer's backward
-    std::size_t layer0_done = 0;
-    for (std::size_t i = 0; i < t.events.size(); ++i)
-        if (t.events[i].phase == Phase::Backward && t.events[i].layer == 0) layer0_done = i;
-    std::vector<std::int64_t> gathered;
-    for (const Event& e : t.events)
-        if (e.alloc && e.category == Category::Weights && e.phase == Phase::Forward) gathered.push_back(e.tensor);
-    for (std::size_t i = layer0_done + 1; i < t.events.size(); ++i) {
-        const Event& e = t.events[i];
-        if (!e.alloc && e.phase == Phase::Backward && std::find(gathered.begin(), gathered.end(), e.tensor) != gathered.end())
-            at_end.push_back(e.name);
-    }
-    CHECK(at_end == std::vector<std::string>{"embed_tokens", "gate_proj", "up_proj", "down_proj", "gate_proj", "up_proj", "down_proj"});
-    // without chunks each is released at its module's post-backward hook
+    // the weights gathered in forward and freed after the last layer's backward, in order
+    const auto freed_at_end = [&](const TrainingSetup& setup) {
+        const Timeline t = simulate(m, setup, test::test_gpu());
+        std::size_t layer0_done = 0;
+        for (std::size_t i = 0; i < t.events.size(); ++i)
+            if (t.events[i].phase == Phase::Backward && t.events[i].layer == 0) layer0_done = i;
+        std::vector<std::int64_t> gathered;
+        for (const Event& e : t.events)
+            if (e.alloc && e.category == Category::Weights && e.phase == Phase::Forward) gathered.push_back(e.tensor);
+        std::vector<std::string> names;
+        for (std::size_t i = layer0_done + 1; i < t.events.size(); ++i) {
+            const Event& e = t.events[i];
+            if (!e.alloc && e.phase == Phase::Backward && std::find(gathered.begin(), gathered.end(), e.tensor) != gathered.end())
+                names.push_back(e.name);
+        }
+        return names;
+    };
+    CHECK(freed_at_end(s) ==
+          std::vector<std::string>{"embed_tokens", "gate_proj", "up_proj", "down_proj", "gate_proj", "up_proj", "down_proj"});
+    // without chunks each is released at its module's post-backward hook: the embedding alone is left
     s.mlp_chunks = 1;
-    const Timeline whole = simulate(m, s, test::test_gpu());
-    std::size_t whole_layer0_done = 0, freed_after = 0;
-    for (std::size_t i = 0; i < whole.events.size(); ++i)
-        if (whole.events[i].phase == Phase::Backward && whole.events[i].layer == 0) whole_layer0_done = i;
-    for (std::size_t i = whole_layer0_done + 1; i < whole.events.size(); ++i)
-        if (!whole.events[i].alloc && whole.events[i].category == Category::Weights && whole.events[i].phase == Phase::Backward) ++freed_after;
-    CHECK(freed_after == 1);  // the embedding's
+    CHECK(freed_at_end(s) == std::vector<std::string>{"embed_tokens"});
 }
 
 // Llama-3-8B, P = 8030261248, on 8 H100s (450 GB/s): an all-gather or reduce-scatter of N bf16 elements

@@ -632,12 +632,15 @@ private:
     void node_end(std::initializer_list<T*> saved, T* grad_in) { node_end(saved, grad_in, [] {}); }
     // The same for a custom autograd.Function (a PyNode): recomputed saved tensors are the locals
     // its backward unpacked ctx.saved_tensors into, which die in order when it returns.
-    void py_node_end(std::initializer_list<T*> saved, T* grad_in) {
+    void py_node_end(std::span<T* const> saved, T* grad_in) {
         if (recomputed_)
             for (T* t : saved) drop(*t);
         if (grad_in) drop(*grad_in);
         if (!recomputed_)
             for (T* t : saved) drop(*t);
+    }
+    void py_node_end(std::initializer_list<T*> saved, T* grad_in) {
+        py_node_end(std::span<T* const>(saved.begin(), saved.size()), grad_in);
     }
     // autograd's InputBuffer: a second gradient of one tensor is added into the first in place,
     // unless the first is a view (its storage is shared with a base): then the sum is a new tensor.

@@ -229,15 +229,13 @@ T StepBuilder::z3_linear_backward(int w, const char* input_name, bytes_t input_b
     unpack();
     T input = alloc(input_name, input_bytes, Category::Transient);
     T weight = grad_out(w);
-    // the node's saved input, then its weight (a recompute's alias of it), and its output's gradient:
-    // recomputed ones die first, with the backward's locals (py_node_end)
+    // the node's saved input, then its weight (a recompute's alias of it; else the parameter itself)
     std::vector<T>& aliases = z3_.aliases[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(w)])];
     T alias = recomputed_ && !aliases.empty() ? aliases.back() : T{};
     if (alias.valid()) aliases.pop_back();
-    if (!recomputed_) drop(grad_in);
-    for (T* t : saved) drop(*t);
-    drop(alias);
-    if (recomputed_) drop(grad_in);
+    std::vector<T*> all(saved);
+    all.push_back(&alias);
+    py_node_end(all, &grad_in);
     add_grad(w, weight, true, last_use);  // (a chunk's joins the next one's into a new sum)
     z3_release_of(w, false);
     pass_input(input);
