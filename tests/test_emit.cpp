@@ -559,9 +559,22 @@ TEST_CASE("emit: what a trainer cannot train as planned is a one-line error nami
     CHECK(refused("axolotl", in_backward).rfind("axolotl: setup.optimizer_in_backward: ", 0) == 0);
     CHECK(refused("torchtitan", [](TrainingSetup& s) { s.state_dtype = StateDtype::Bf16; })
               .rfind("torchtitan: setup.optimizer_state_dtype: ", 0) == 0);
-    // python/mst_hf refuses a chunked LM head under ZeRO-3 (it reads lm_head's weight outside its forward).
-    CHECK(refused("hf-mst", [](TrainingSetup& s) { s.zero_stage = 3; })
-              .rfind("hf-mst: setup.lm_chunks: expected 1 with zero_stage 3", 0) == 0);
+    // python/mst_hf runs a chunked loss inside lm_head's forward under ZeRO-3: its output must reach the
+    // loss as it is, which a soft-capping model's forward (Gemma-2) changes.
+    Plan z3 = golden;
+    z3.setup.zero_stage = 3;
+    REQUIRE(z3.setup.lm_chunks > 1);
+    CHECK(nlohmann::json::parse(emit(z3, model, "hf-mst").at(0).content).at("zero_stage") == 3);
+    const ModelSpec gemma = find_model("gemma-2-9b");
+    REQUIRE(gemma.final_logit_softcapping);
+    z3.setup.checkpoint.assign(static_cast<std::size_t>(gemma.num_layers), true);
+    CHECK(error_of(z3, gemma, "hf-mst")
+              .rfind("hf-mst: setup.lm_chunks: expected 1 with zero_stage 3 for gemma-2-9b (python/mst_hf runs the chunked "
+                     "loss inside lm_head's forward under ZeRO-3, and this model's forward soft-caps that output: "
+                     "final_logit_softcapping 30), got ",
+                     0) == 0);
+    z3.setup.lm_chunks = 1;
+    CHECK_NOTHROW(emit(z3, gemma, "hf-mst"));
     // Invalid setups are caught before any emitter sees them.
     CHECK(refused("hf-mst", [](TrainingSetup& s) { s.sp = 3; }).rfind("setup: sp: ", 0) == 0);
 }

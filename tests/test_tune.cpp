@@ -226,16 +226,26 @@ TEST_CASE("max-seq --for: strategies the format's trainer cannot train are liste
         CHECK(z1.rows[i].setup.zero_stage == 1);
         CHECK(z1.rows[i].max_seq == plain.rows[i].max_seq);
     }
-    // python/mst_hf cannot run a chunked loss under ZeRO-3: the MsT rows shard at ZeRO 2 for hf-mst
+    // python/mst_hf runs its chunked loss inside lm_head's forward under ZeRO-3: for Llama every row
+    // shards at ZeRO 3; Gemma-2's forward soft-caps lm_head's output, so its MsT rows shard at ZeRO 2
     rq.for_format = "hf-mst";
     const MaxSeqResult hf = max_seq(rq, std::nullopt);
     REQUIRE(hf.rows.size() == 5);
-    for (const MaxSeqRow& row : hf.rows) {
-        CAPTURE(row.strategy);
+    TuneRequest gemma_rq = request("gemma-2-9b", "h100-sxm-80gb", 8, 8192);
+    gemma_rq.for_format = "hf-mst";
+    const MaxSeqResult gemma = max_seq(gemma_rq, std::nullopt);
+    REQUIRE(gemma.rows.size() == 5);
+    for (std::size_t i = 0; i < 5; ++i) {
+        CAPTURE(hf.rows[i].strategy);
+        CHECK(hf.rows[i].refused.empty());
+        CHECK(hf.rows[i].max_seq > 0);
+        CHECK(hf.rows[i].setup.zero_stage == 3);
+        CHECK_NOTHROW(check_expressible("hf-mst", hf.rows[i].setup, rq.model));
+        const MaxSeqRow& row = gemma.rows[i];
         CHECK(row.refused.empty());
         CHECK(row.max_seq > 0);
         CHECK(row.setup.zero_stage == (row.setup.lm_chunks > 1 ? 2 : 3));
-        CHECK_NOTHROW(check_expressible("hf-mst", row.setup, rq.model));
+        CHECK_NOTHROW(check_expressible("hf-mst", row.setup, gemma_rq.model));
     }
     // torchtitan has no MLP mini-sequences: its MsT row chunks the LM head alone (its chunked loss);
     // it has no activation offload or Ulysses: those rows are refused, with the reason
@@ -262,15 +272,14 @@ TEST_CASE("max-seq --for: strategies the format's trainer cannot train are liste
     // at each length torchtitan's RoPE tables stay free: 32 layers x S x complex64 [64]
     CHECK(titan.rows[2].trainer_extra_bytes == bytes_t{32} * titan.rows[2].max_seq * 512);
     // The user's own setup is refused as it is, never moved to ZeRO 2 as the MsT rows are.
-    TrainingSetup mine = hf.rows[2].setup;  // checkpointing + MsT at ZeRO 2, a chunked LM head
+    TrainingSetup mine = gemma.rows[2].setup;  // checkpointing + MsT at ZeRO 2, a chunked LM head
     REQUIRE(mine.lm_chunks > 1);
     mine.zero_stage = 3;
-    rq.for_format = "hf-mst";
-    const MaxSeqResult with_mine = max_seq(rq, mine);
+    const MaxSeqResult with_mine = max_seq(gemma_rq, mine);
     CHECK(with_mine.rows.back().strategy == "your setup");
     CHECK(with_mine.rows.back().max_seq == 0);
     CHECK(with_mine.rows.back().setup.zero_stage == 3);
-    CHECK(with_mine.rows.back().refused.rfind("hf-mst: setup.lm_chunks: expected 1 with zero_stage 3", 0) == 0);
+    CHECK(with_mine.rows.back().refused.rfind("hf-mst: setup.lm_chunks: expected 1 with zero_stage 3 for gemma-2-9b", 0) == 0);
 }
 
 TEST_CASE("--pin offload=yes plans checkpoints to offload, even where the plain setup fits") {
@@ -339,16 +348,19 @@ TEST_CASE("recommend --for torchtitan keeps its per-layer RoPE tables free of th
 }
 
 TEST_CASE("recommend --for: when only the chunk counts are refused, the refusal is the error") {
-    // python/mst_hf cannot chunk the loss under ZeRO-3: pinned ZeRO 3 and 4 LM-head chunks leave
-    // nothing to search, although every outer choice (one chunk) passes the format's check
-    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 65536);
+    // python/mst_hf cannot chunk Gemma-2's loss under ZeRO-3 (its forward soft-caps lm_head's output):
+    // pinned ZeRO 3 and 4 LM-head chunks leave nothing to search, although every outer choice (one
+    // chunk) passes the format's check
+    TuneRequest rq = request("gemma-2-9b", "h100-sxm-80gb", 8, 65536);
     rq.pins.zero_stage = 3;
     rq.pins.lm_chunks = 4;
     rq.for_format = "hf-mst";
     CHECK(test::expect_user_error([&] { (void)recommend(rq); })
               .rfind("recommend: for: a setup hf-mst can train as planned; none of those searched is: hf-mst: "
-                     "setup.lm_chunks: expected 1 with zero_stage 3",
+                     "setup.lm_chunks: expected 1 with zero_stage 3 for gemma-2-9b",
                      0) == 0);
+    rq.model = find_model("llama-3-8b");
+    CHECK(recommend(rq).found);
 }
 
 TEST_CASE("when the plain setup fits, the tuner keeps it: no checkpointing, no chunks") {

@@ -14,6 +14,14 @@ What changes (nothing else does):
   over its input [B, S, d] (returning an empty [B, S, 0] placeholder), so the
   other arguments and outputs behave as before. Without labels the model is
   untouched (generation, evaluation of logits).
+* Under ZeRO-3 (``zero_stage`` 3) the loss runs *inside* ``lm_head``'s
+  forward, and ``lm_head`` returns it (a 0-dim tensor) in place of the logits:
+  DeepSpeed gathers a module's weight only around its forward and, in
+  backward, before the gradient of the module's output arrives. So lm_head
+  keeps its own hooks' order (gather, loss, release; gather, the loss's
+  backward, release), and the weight is read only while it is gathered, as
+  ALST's tiled logits loss reads it. A model whose forward changes the
+  logits after lm_head (Gemma-2's ``final_logit_softcapping``) is refused.
 * With ``checkpoint_layers``, ``model.forward`` in training (``model.train()``
   and autograd on) passes ``use_cache=False``, as Hugging Face's own gradient
   checkpointing does.
@@ -25,7 +33,7 @@ import dataclasses
 import inspect
 import os
 import warnings
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -41,17 +49,25 @@ ConfigLike = Union[MstConfig, str, "os.PathLike[str]", Mapping[str, Any]]
 
 
 class _CapturingHeadForward(ForwardPatch):
-    """``lm_head.forward`` that, while armed, keeps its input instead of computing logits."""
+    """``lm_head.forward`` that, while armed, keeps its input instead of computing logits.
+
+    With ``loss`` set (ZeRO-3), it returns ``loss(input)`` instead of a placeholder: the loss is
+    computed while the module's weight is gathered, and returned through the module's output
+    hooks.
+    """
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__(head)
         self.armed = False
         self.hidden: Optional[Tensor] = None
+        self.loss: Optional[Callable[[Tensor], Tensor]] = None
 
     def __call__(self, hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if not self.armed:
             return self.inner(hidden, *args, **kwargs)
         self.hidden = hidden  # [B, S, d]
+        if self.loss is not None:
+            return self.loss(hidden)  # 0-dim fp32
         return hidden.new_empty((*hidden.shape[:-1], 0))
 
 
@@ -86,16 +102,18 @@ class _TrainingForward(ForwardPatch):
       be written again by each layer's backward replay and would keep the
       layers' keys and values alive), as Hugging Face's gradient checkpointing.
     * With a chunked LM head (``head`` set) and labels, the loss is computed in
-      mini-sequences from lm_head's input and returned with ``logits=None``.
+      mini-sequences from lm_head's input and returned with ``logits=None``;
+      with ``in_head`` (ZeRO-3), inside lm_head's forward, which returns it.
     """
 
     def __init__(self, model: nn.Module, head: Optional[_CapturingHeadForward], chunks: int, impl: str,
-                 checkpointing: bool) -> None:
+                 checkpointing: bool, in_head: bool) -> None:
         super().__init__(model)
         self.head = head
         self.chunks = chunks
         self.impl = impl
         self.checkpointing = checkpointing
+        self.in_head = in_head
         self.labels = _Argument(self.inner, "labels")
         self.use_cache = _Argument(self.inner, "use_cache")
 
@@ -112,22 +130,32 @@ class _TrainingForward(ForwardPatch):
         args = self.use_cache.set(args_without, kwargs, False)  # a loss needs no KV cache
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
+        config = getattr(self.module, "config", None)
+
+        def loss_of(hidden: Tensor) -> Tensor:
+            # (the weight is read here, not before: under ZeRO-3 a read outside lm_head's forward makes
+            # DeepSpeed gather it and register it to the model's root module for good)
+            return causal_lm_loss(hidden, self.head.module.weight, labels, chunks=self.chunks, impl=self.impl,
+                                  softcap=getattr(config, "final_logit_softcapping", None),
+                                  ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
+                                  shift_labels=shift_labels)
+
         self.head.armed = True
+        self.head.loss = loss_of if self.in_head else None
         try:
             out = self.inner(*args, **kwargs)
             hidden = self.head.hidden
         finally:
             self.head.armed = False
-            self.head.hidden = None
+            self.head.hidden = self.head.loss = None
         if hidden is None:
             raise RuntimeError("mst_hf: the model's forward did not call lm_head, so its loss cannot be "
                                "computed in mini-sequences")
-        config = getattr(self.module, "config", None)
-        loss = causal_lm_loss(hidden, self.head.module.weight, labels, chunks=self.chunks, impl=self.impl,
-                              softcap=getattr(config, "final_logit_softcapping", None),
-                              ignore_index=ignore_index, num_items_in_batch=num_items_in_batch,
-                              shift_labels=shift_labels)
-        if isinstance(out, tuple):  # return_dict=False: (loss, *outputs without logits)
+        # in_head: the model's "logits" are the loss lm_head returned (through DeepSpeed's output hook,
+        # whose backward gathers the weight again)
+        as_tuple = isinstance(out, tuple)  # return_dict=False: (loss, *outputs without logits)
+        loss = (out[0] if as_tuple else out.logits) if self.in_head else loss_of(hidden)
+        if as_tuple:
             return (loss,) + tuple(out[1:])
         return dataclasses.replace(out, loss=loss, logits=None)
 
@@ -150,9 +178,13 @@ def _check_lm_head(model: nn.Module, config: MstConfig) -> nn.Linear:
     if getattr(getattr(model, "config", None), "pretraining_tp", 1) > 1:
         raise ValueError("mst_hf.apply: lm_head.chunks: the model's forward splits lm_head itself "
                          "(config.pretraining_tp > 1); set config.pretraining_tp = 1")
-    if config.zero_stage == 3:
-        raise ValueError("mst_hf.apply: zero_stage: ZeRO-3 gathers lm_head's weight only inside its own "
-                         "forward, so the chunked loss cannot read it; use zero_stage <= 2 or lm_head.chunks 1")
+    # ZeRO-3: the loss runs inside lm_head's forward and is returned as its output (see the module's
+    # doc), so nothing may change that output on its way out of the model's forward.
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if config.zero_stage == 3 and softcap is not None:
+        raise ValueError("mst_hf.apply: zero_stage: with ZeRO-3 the chunked loss runs inside lm_head's forward "
+                         f"and the model's forward then soft-caps its output (final_logit_softcapping {softcap}); "
+                         "use lm_head.chunks 1 or zero_stage <= 2")
     return head
 
 
@@ -206,7 +238,8 @@ def apply(model: nn.Module, config: ConfigLike) -> nn.Module:
         capture = _CapturingHeadForward(head)
         capture.install()
     if capture is not None or cfg.checkpoint_layers:
-        _TrainingForward(model, capture, cfg.lm_head.chunks, cfg.lm_head.impl, bool(cfg.checkpoint_layers)).install()
+        _TrainingForward(model, capture, cfg.lm_head.chunks, cfg.lm_head.impl, bool(cfg.checkpoint_layers),
+                         cfg.zero_stage == 3).install()
     setattr(model, _APPLIED, cfg)
     return model
 

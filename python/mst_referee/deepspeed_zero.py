@@ -407,8 +407,11 @@ def deepspeed_step(job: Job, ds_config: Mapping[str, Any], rank: int = 0, where:
         fail("command line", "device", f"expected fake or cpu, got {device!r}")
     t0 = time.monotonic()
     config = fill_auto(ds_config, setup)
-    # mst_hf applies the mini-sequences and checkpoints; DeepSpeed owns bf16's fp32 master weights.
-    cfg = mst_hf.load_config(dict(job.mst_config, precision="pure-bf16"))
+    # mst_hf applies the mini-sequences and checkpoints; DeepSpeed owns bf16's fp32 master weights. It is
+    # told the ranks and the stage, as the emitted hf-mst config tells it (ZeRO-3 moves the chunked loss
+    # into lm_head's forward).
+    cfg = mst_hf.load_config(dict(job.mst_config, precision="pure-bf16", data_parallel=world,
+                                  zero_stage=setup["zero_stage"]))
     os.environ["LOCAL_SIZE"] = "1"  # (one process on this host, whatever a launcher around it said)
     fake_world(world, rank)
     # (on real tensors, only the FlashAttention-2 stand-in of the fake session: no GPU kernel here)

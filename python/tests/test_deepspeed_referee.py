@@ -86,6 +86,15 @@ ZERO3_CASES = {
     "flash": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", attention="flash", checkpoint=[1],
                    reduce_bucket_size=DEFAULT_BUCKET, **PERSISTENT),
               dict(DS_CONFIG, zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 100}), 0),
+    # python/mst_hf's chunked loss inside lm_head's forward: recomputed with MLP chunks and two
+    # micro-steps; fused with nothing checkpointed
+    "lm chunks": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[0, 1], grad_accum=2, mlp_chunks=2,
+                       lm_chunks=3, lm_impl="recompute", **PERSISTENT),
+                  dict(DS_CONFIG, gradient_accumulation_steps=2,
+                       zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 100}), 2),
+    "lm chunks fused": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", lm_chunks=2, lm_impl="fused", **PERSISTENT),
+                        dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET,
+                                                           "stage3_param_persistence_threshold": 100}), 0),
 }
 # overlap_comm: two buckets; ZeRO-2 on rank 6, ZeRO-1 (three micro-steps) reducing in the last one's hooks.
 OVERLAP = {"zero2": (dict(SETUP, runtime="hf", overlap_comm=True),
@@ -367,7 +376,8 @@ def test_the_hf_runtime_predicts_deepspeeds_step_event_for_event(runs, case, tmp
 def test_the_hf_runtime_predicts_deepspeeds_zero_3_step_event_for_event(runs, case, tmp_path):
     """ZeRO-3: every gather, copy and release of DeepSpeed's coordinator, the bucket's reduce-scatters and the
     step, with nothing persistent and a 4096-element bucket; with the norms persistent, every layer
-    checkpointed (the recompute's fetches) and two micro-steps; with flash attention."""
+    checkpointed (the recompute's fetches) and two micro-steps; with flash attention; with python/mst_hf's
+    MLP and LM head mini-sequences (the loss inside lm_head's forward)."""
     binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
     if not binary.exists():
         pytest.skip("mst-plan is not built (set MST_PLAN or build/)")

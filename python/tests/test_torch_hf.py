@@ -253,9 +253,80 @@ def test_hugging_face_checkpointing_of_all_layers_is_refused():
         mst_hf.apply(model, mst_config(checkpoint=(0,)))
 
 
-def test_zero3_with_a_chunked_lm_head_is_refused():
-    with pytest.raises(ValueError, match="zero_stage: ZeRO-3"):
-        mst_hf.apply(tiny_llama(), mst_config(lm_head=(2, "fused"), zero_stage=3))
+@pytest.mark.parametrize("family", ["llama", "phi3", "mixtral"])
+@pytest.mark.parametrize("impl", ["recompute", "fused"])
+def test_under_zero3_the_loss_inside_lm_head_trains_like_the_original(family, impl):
+    assert_same_training(family, mst_config(lm_head=(3, impl), checkpoint=(1,), zero_stage=3))
+
+
+class _Partitioned:
+    """ZeRO-3's contract for one module, as DeepSpeed's hooks keep it (parameter_offload.py): the
+    weight's storage exists only from the module's pre-forward hook to its post-forward hook, and
+    again from its output's gradient (pre-backward) to its input's (post-backward). Outside, the
+    parameter holds an empty tensor, so a read of it there fails."""
+
+    def __init__(self, module):
+        self.weight = module.weight
+        self.full = module.weight.data
+        self.gathers = []
+        self.release()
+        module.register_forward_pre_hook(self.pre_forward)
+        module.register_forward_hook(self.post_forward)
+
+    def gather(self, when):
+        self.weight.data = self.full
+        self.gathers.append(when)
+
+    def release(self):
+        self.weight.data = torch.empty(0, dtype=self.full.dtype)
+
+    def pre_forward(self, module, inputs):
+        self.gather("forward")
+        return tuple(_Hook.apply(x, self.release) for x in inputs)  # released after the input's gradient
+
+    def post_forward(self, module, inputs, output):
+        self.release()
+        return _Hook.apply(output, lambda: self.gather("backward"))  # gathered before the output's gradient
+
+
+class _Hook(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, on_backward):
+        ctx.on_backward = on_backward
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.on_backward()
+        return g, None
+
+
+@pytest.mark.parametrize("impl", ["recompute", "fused"])
+def test_under_zero3_the_loss_reads_lm_head_only_while_it_is_gathered(impl):
+    base = tiny_llama()
+    patched = mst_hf.apply(copy.deepcopy(base), mst_config(lm_head=(3, impl), zero_stage=3))
+    partitioned = _Partitioned(patched.lm_head)
+    ids, labels = batch()
+    ref_loss, ref_grads = loss_and_grads(base, ids, labels)
+    loss, grads = loss_and_grads(patched, ids, labels)
+    assert partitioned.gathers == ["forward", "backward"]
+    assert patched.lm_head.weight.numel() == 0  # released after backward
+    close(loss, ref_loss)
+    for name, g in ref_grads.items():
+        close(grads[name], g)
+    # the same model outside ZeRO-3's contract fails: its loss would read the released weight
+    outside = mst_hf.apply(copy.deepcopy(base), mst_config(lm_head=(3, impl)))
+    _Partitioned(outside.lm_head)
+    with pytest.raises(ValueError, match=r"expected weight \[V, 64\]"):
+        outside(input_ids=ids, labels=labels)
+
+
+def test_under_zero3_a_model_that_soft_caps_lm_heads_output_is_refused():
+    model = tiny_gemma2()
+    with pytest.raises(ValueError, match="zero_stage: with ZeRO-3 the chunked loss runs inside lm_head's forward"):
+        mst_hf.apply(model, mst_config(lm_head=(2, "fused"), zero_stage=3))
+    assert "forward" not in vars(model.lm_head)
+    mst_hf.apply(tiny_gemma2(), mst_config(lm_head=(1, "fused"), zero_stage=3))  # a whole LM head: untouched
 
 
 def test_an_attention_mismatch_warns():

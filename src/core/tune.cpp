@@ -168,7 +168,8 @@ public:
         auto mlp_opts = chunk_options(tokens, rq_.pins.mlp_chunks, max_mlp_chunks(rq_.model));
         auto lm_opts = chunk_options(tokens, rq_.pins.lm_chunks, limits::kChunks);
         // --for: chunk counts the format's trainer cannot run with these outer knobs are not searched
-        // (python/mst_hf's chunked loss under ZeRO-3; torchtitan has no MLP mini-sequences).
+        // (python/mst_hf's chunked loss under ZeRO-3 for a soft-capping model; torchtitan has no MLP
+        // mini-sequences).
         // The last refusal is kept: when a filter leaves nothing to search, it is the reason said.
         std::string last_refusal;
         const auto refused = [&](const TrainingSetup& t) {
@@ -184,7 +185,7 @@ public:
             nothing_left();
         };
         // (and those the runtime does not model with them, whatever the checkpoints: the hf runtime's
-        // ZeRO-3 runs a whole LM head)
+        // ZeRO-3 runs the loop MLP only)
         const auto modelled = [&](TrainingSetup t) {
             t.checkpoint.assign(static_cast<std::size_t>(L), true);
             try {
@@ -399,8 +400,8 @@ bool deepspeed_runs(TrainingSetup base, const ModelSpec& m, int stage = 2) {
 // DeepSpeed's engine, which the deepspeed and axolotl formats train in (its ZeRO-0 engine and
 // Axolotl's DDP are not modelled). On one GPU Axolotl runs the plain Trainer too (ZeRO 0, when it
 // needs no DeepSpeed: pure bf16), and DeepSpeed's engine when the knobs are its. Over several GPUs its
-// ZeRO-3 too, where it is modelled for the model and the precision (validate_hf_scope; a whole LM head: the
-// search's chunked candidates are refused there).
+// ZeRO-3 too, where it is modelled for the model and the precision (validate_hf_scope; the loop MLP: the
+// search's tiled candidates are refused there).
 std::vector<int> zero_stages(const TuneRequest& rq) {
     if (rq.base.runtime == Runtime::Kernels) {
         if (rq.gpus > 1) return {0, 2, 3};
@@ -992,15 +993,16 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                     row.setup = t, row.strategy += " (LM head only)", row.refused.clear();
                     break;
                 }
-            // python/mst_hf's chunked loss cannot run under ZeRO-3: the MsT rows shard at ZeRO 2 there.
+            // A row the trainer refuses at ZeRO-3 (python/mst_hf's chunked loss for a model that soft-caps
+            // lm_head's output) shards at ZeRO 2 there.
             if (ours && !row.refused.empty() && run.setup.zero_stage == 3) {
                 TrainingSetup z2 = run.setup;
                 z2.zero_stage = 2;
                 take_deepspeed(z2, rq.base);
                 if (refusal(z2, run.mst_mlp).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
             }
-            // The hf runtime's ZeRO-3 runs a whole LM head and keeps checkpoints on the GPU: its MsT and
-            // offload rows shard at ZeRO 2.
+            // The hf runtime's ZeRO-3 keeps checkpoints on the GPU and runs the loop MLP: the rows it does
+            // not model shard at ZeRO 2.
             if (ours && row.refused.empty() && run.setup.deepspeed_zero3()) {
                 TrainingSetup t = run.setup;
                 if (run.mst) t.mlp_chunks = run.mst_mlp ? 2 : 1, t.lm_chunks = 2;

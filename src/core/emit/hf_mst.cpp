@@ -10,7 +10,7 @@
 
 namespace mst::emit_detail {
 
-void check_hf_mst(const TrainingSetup& s, const ModelSpec& /*model*/) {
+void check_hf_mst(const TrainingSetup& s, const ModelSpec& model) {
     // mst_hf/config.py: its fp32 master weights and its step in backward take each gradient in a
     // hook, before plain DDP (ZeRO 0) has reduced it.
     if (s.dp > 1 && s.zero_stage == 0 && s.precision == Precision::Bf16Master)
@@ -21,13 +21,15 @@ void check_hf_mst(const TrainingSetup& s, const ModelSpec& /*model*/) {
         fail("hf-mst", "setup.optimizer_in_backward",
              "expected false with data_parallel > 1 and zero_stage 0 (a step in backward would use gradients DDP has not "
              "reduced), got true");
-    // mst_hf/patch.py _check_lm_head: the chunked loss reads lm_head's weight outside its forward,
-    // where ZeRO-3 has it partitioned.
-    if (s.zero_stage == 3 && s.lm_chunks > 1)
+    // mst_hf/patch.py _check_lm_head: under ZeRO-3 the chunked loss runs inside lm_head's forward (where
+    // DeepSpeed has its weight gathered) and is returned as lm_head's output, which a soft-capping
+    // model's forward would then change.
+    if (s.zero_stage == 3 && s.lm_chunks > 1 && model.final_logit_softcapping)
         fail("hf-mst", "setup.lm_chunks",
-             fmt::format("expected 1 with zero_stage 3 (python/mst_hf's chunked loss reads lm_head's weight, which "
-                         "ZeRO-3 gathers only inside lm_head's own forward), got {}",
-                         s.lm_chunks));
+             fmt::format("expected 1 with zero_stage 3 for {} (python/mst_hf runs the chunked loss inside lm_head's "
+                         "forward under ZeRO-3, and this model's forward soft-caps that output: "
+                         "final_logit_softcapping {}), got {}",
+                         model.name, *model.final_logit_softcapping, s.lm_chunks));
 }
 
 std::vector<EmittedFile> emit_hf_mst(const Plan& plan, const ModelSpec& model) {

@@ -353,7 +353,11 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
     }
     for (HfRope& rope : hf_rope_) drop(rope.sin), drop(rope.cos);  // the dict's entries in order, a tuple's last first
     if (s_.lm_chunks > 1) {
+        // (ZeRO-3: python/mst_hf runs the loss inside lm_head's forward, between its gather and release)
+        z3_fetch_of(lm_head_);
         hf_chunked_loss_forward(h, hs);
+        z3_release_of(lm_head_);
+        drop(h);  // the model's (and the training forward's) hidden
         return;
     }
     z3_fetch_of(lm_head_);
@@ -394,8 +398,11 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
     }
     if (z3_on_) z3_fetch(z3_.root, false);  // the loss's pre-backward hook (the model's output)
     if (s_.lm_chunks > 1) {
+        z3_fetch_of(lm_head_, false);  // ZeRO-3: the loss is lm_head's output
         T dh = hf_chunked_loss_backward(hs, root);
+        z3_release_of(lm_head_, false);  // as d_hidden reaches its input
         at("final_norm");
+        if (z3_on_) z3_fetch(z3_.model, false);  // the inner model's output
         return hf_norm_backward(final_norm_, hs.hf_norm, dh);
     }
     T glp = alloc("d_log_probs", f32(tokens_, V), Category::Transient);  // NllLossBackward0
@@ -437,6 +444,8 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
 // feeds the two gradient GEMMs (d_hidden's rows written in place, d_weight accumulated in place).
 // recompute (MsT): forward without gradients saves hidden, targets, denominator; backward runs
 // every chunk again with gradients. fused (Liger): forward computes the gradients and saves them.
+// Under ZeRO-3 all of it runs inside lm_head's forward, which returns the loss (mst_hf/patch.py):
+// the module's hooks gather its weight around it, and again around the Function's backward.
 
 namespace mst::sim {
 
@@ -548,7 +557,6 @@ void StepBuilder::hf_chunked_loss_forward(T h, HeadSaved& hs) {
     }
     (void)V;
     drop(pad), drop(targets), drop(denominator);  // causal_lm_loss returns
-    drop(h);  // and the training forward's hidden
 }
 
 T StepBuilder::hf_chunked_loss_backward(HeadSaved& hs, T grad_in) {
