@@ -12,8 +12,11 @@ What changes (nothing else does):
   and returns ``loss`` with ``logits=None``. It runs the model's own forward
   without labels and with ``use_cache=False`` while ``lm_head`` only hands
   over its input [B, S, d] (returning an empty [B, S, 0] placeholder), so the
-  other arguments and outputs behave as before. Without labels the model is
-  untouched (generation, evaluation of logits).
+  other arguments and outputs behave as before (``return_dict=False``: the
+  tuple transformers makes, without the logits). A Mixture-of-Experts model's
+  router loss (``output_router_logits``) is added to the loss as the model's
+  own forward adds it. Without labels the model is untouched (generation,
+  evaluation of logits).
 * Under ZeRO-3 (``zero_stage`` 3) the loss runs *inside* ``lm_head``'s
   forward, and ``lm_head`` returns it (a 0-dim tensor) in place of the logits:
   DeepSpeed gathers a module's weight only around its forward and, in
@@ -131,6 +134,13 @@ class _TrainingForward(ForwardPatch):
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
         config = getattr(self.module, "config", None)
+        # The model's outputs are read by name (the logits, a Mixture-of-Experts router loss): it runs with
+        # return_dict=True, and the tuple the caller asked for is made at the end, as transformers'
+        # can_return_tuple makes it (None entries left out).
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(config, "return_dict", True)
+        kwargs["return_dict"] = True
 
         def loss_of(hidden: Tensor) -> Tensor:
             # (the weight is read here, not before: under ZeRO-3 a read outside lm_head's forward makes
@@ -151,13 +161,20 @@ class _TrainingForward(ForwardPatch):
         if hidden is None:
             raise RuntimeError("mst_hf: the model's forward did not call lm_head, so its loss cannot be "
                                "computed in mini-sequences")
+        if not dataclasses.is_dataclass(out):
+            raise RuntimeError(f"mst_hf: the model's forward returned a {type(out).__name__} with return_dict=True; "
+                               "its loss cannot be computed in mini-sequences")
         # in_head: the model's "logits" are the loss lm_head returned (through DeepSpeed's output hook,
         # whose backward gathers the weight again)
-        as_tuple = isinstance(out, tuple)  # return_dict=False: (loss, *outputs without logits)
-        loss = (out[0] if as_tuple else out.logits) if self.in_head else loss_of(hidden)
-        if as_tuple:
-            return (loss,) + tuple(out[1:])
-        return dataclasses.replace(out, loss=loss, logits=None)
+        loss = out.logits if self.in_head else loss_of(hidden)
+        # A Mixture-of-Experts model adds its router's load-balancing loss to the loss it computes with
+        # labels (output_router_logits): so does this one, which took the labels away from it.
+        aux = getattr(out, "aux_loss", None)
+        coef = getattr(self.module, "router_aux_loss_coef", None)
+        if aux is not None and coef is not None:
+            loss = loss + coef * aux.to(loss.device)
+        out = dataclasses.replace(out, loss=loss, logits=None)
+        return out if return_dict else out.to_tuple()
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -183,9 +183,10 @@ def test_chunks_of_one_leave_the_model_untouched():
     assert mst_hf.applied_config(model) == mst_config()
 
 
-def test_the_patched_loss_returns_no_logits_and_keeps_other_outputs():
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_the_patched_loss_returns_no_logits_and_keeps_other_outputs(zero_stage):
     base = tiny_llama()
-    patched = mst_hf.apply(copy.deepcopy(base), mst_config(lm_head=(3, "recompute")))
+    patched = mst_hf.apply(copy.deepcopy(base), mst_config(lm_head=(3, "recompute"), zero_stage=zero_stage))
     ids, labels = batch()
     out = patched(input_ids=ids, labels=labels, output_hidden_states=True)
     ref = base(input_ids=ids, labels=labels, output_hidden_states=True)
@@ -194,6 +195,28 @@ def test_the_patched_loss_returns_no_logits_and_keeps_other_outputs():
     assert len(out.hidden_states) == len(ref.hidden_states)
     loss, *rest = patched(input_ids=ids, labels=labels, return_dict=False)
     close(loss, ref.loss)
+    # as transformers makes the tuple: None entries left out, the logits too
+    assert len(rest) == 0
+    assert len(patched(input_ids=ids, labels=labels, return_dict=False, output_hidden_states=True)) == 2
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_a_router_loss_joins_the_patched_loss_as_it_joins_the_models_own(family, zero_stage):
+    base = MODELS[family]()
+    base.config.output_router_logits = True
+    patched = mst_hf.apply(copy.deepcopy(base), mst_config(lm_head=(3, "fused"), zero_stage=zero_stage))
+    ids, labels = batch()
+    ref_loss, ref_grads = loss_and_grads(base, ids, labels)
+    loss, grads = loss_and_grads(patched, ids, labels)
+    assert not torch.allclose(ref_loss, base(input_ids=ids, labels=labels, output_router_logits=False).loss)
+    close(loss, ref_loss)
+    for name, g in ref_grads.items():
+        close(grads[name], g)
+    tupled = patched(input_ids=ids, labels=labels, return_dict=False)
+    ref = base(input_ids=ids, labels=labels, return_dict=False)
+    close(tupled[0], ref[0])
+    close(tupled[1], ref[1])  # the router loss itself, where the model puts it
 
 
 def test_without_labels_the_model_still_returns_logits():
