@@ -95,6 +95,12 @@ ZERO3_CASES = {
     "lm chunks fused": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", lm_chunks=2, lm_impl="fused", **PERSISTENT),
                         dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET,
                                                            "stage3_param_persistence_threshold": 100}), 0),
+    # checkpoints offloaded by python/mst_hf (save_on_cpu), nothing persistent: the input norms too are
+    # gathered and released around the recompute
+    "offload": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[0, 1], offload_checkpoints=True, grad_accum=2,
+                     lm_chunks=2, param_persistence_threshold=0),
+                dict(DS_CONFIG, gradient_accumulation_steps=2,
+                     zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 0}), 1),
 }
 # overlap_comm: two buckets; ZeRO-2 on rank 6, ZeRO-1 (three micro-steps) reducing in the last one's hooks.
 OVERLAP = {"zero2": (dict(SETUP, runtime="hf", overlap_comm=True),
@@ -377,7 +383,7 @@ def test_the_hf_runtime_predicts_deepspeeds_zero_3_step_event_for_event(runs, ca
     """ZeRO-3: every gather, copy and release of DeepSpeed's coordinator, the bucket's reduce-scatters and the
     step, with nothing persistent and a 4096-element bucket; with the norms persistent, every layer
     checkpointed (the recompute's fetches) and two micro-steps; with flash attention; with python/mst_hf's
-    MLP and LM head mini-sequences (the loss inside lm_head's forward)."""
+    MLP and LM head mini-sequences (the loss inside lm_head's forward); with offloaded checkpoints."""
     binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
     if not binary.exists():
         pytest.skip("mst-plan is not built (set MST_PLAN or build/)")

@@ -166,7 +166,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                          r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
                          rq.gpus == 1 || rq.base.runtime != Runtime::Hf ? ""
                          : deepspeed ? "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for Llama and "
-                                       "Mistral with bf16-master, a loop MLP and checkpoints on the GPU: --runtime kernels plans more, "
+                                       "Mistral with bf16-master and a loop MLP: --runtime kernels plans more, "
                                        "and sequence parallelism"
                                      : "; the hf runtime plans several GPUs as DDP, each holding the whole model, its gradients "
                                        "and optimizer states (--for deepspeed or axolotl: DeepSpeed's ZeRO 1 to 3): --runtime "
@@ -323,13 +323,13 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                    rq.base.runtime == Runtime::Hf ? " (sequence parallelism: --runtime kernels)" : "");
     fmt::print("MsT rows chunk the MLP (not in rows marked \"LM head only\") and LM head in mini-sequences of hidden_size "
                "tokens (1024 at most); lengths are multiples of 1024 tokens (x sp).\n");
-    // (the hf runtime's ZeRO-3 runs no offload and no tiled MLP: those rows shard at ZeRO 2)
+    // (the hf runtime's ZeRO-3 runs no tiled MLP: those rows shard at ZeRO 2)
     std::string stages;
     for (const auto& row : r.rows)
         if (row.strategy != "your setup") stages += fmt::format("{}{}: ZeRO {}", stages.empty() ? "" : "; ", row.strategy, row.setup.zero_stage);
     if (std::any_of(r.rows.begin(), r.rows.end(), [&](const MaxSeqRow& row) { return row.setup.zero_stage != r.rows.front().setup.zero_stage && row.strategy != "your setup"; }))
-        fmt::print("{}\n", wrap(fmt::format("The rows shard differently ({}): DeepSpeed's ZeRO-3 in the hf runtime keeps "
-                                           "checkpoints on the GPU and chunks the MLP as a loop only, so the rows that need more "
+        fmt::print("{}\n", wrap(fmt::format("The rows shard differently ({}): DeepSpeed's ZeRO-3 in the hf runtime "
+                                           "chunks the MLP as a loop only, so the rows that need more "
                                            "use ZeRO 2, whose state is larger than the footer's.", stages), 100));
 }
 

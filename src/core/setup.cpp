@@ -391,8 +391,6 @@ void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char
         fail(w, "precision", fmt::format("expected bf16-master {} (its fp32 master partitions), got {}", z3, to_string(s.precision)));
     if (s.mlp_chunks > 1 && s.mlp_impl == MlpImpl::Tiled)
         fail(w, "mlp_impl", fmt::format("expected loop {} (the tiled MLP's gathers are not modelled yet){}", z3, hint));
-    if (s.offload_checkpoints)
-        fail(w, "offload_checkpoints", fmt::format("expected false {} (not modelled yet){}", z3, hint));
 }
 }  // namespace
 

@@ -1001,8 +1001,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                 take_deepspeed(z2, rq.base);
                 if (refusal(z2, run.mst_mlp).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
             }
-            // The hf runtime's ZeRO-3 keeps checkpoints on the GPU and runs the loop MLP: the rows it does
-            // not model shard at ZeRO 2.
+            // The hf runtime's ZeRO-3 runs the loop MLP only: the rows it does not model shard at ZeRO 2.
             if (ours && row.refused.empty() && run.setup.deepspeed_zero3()) {
                 TrainingSetup t = run.setup;
                 if (run.mst) t.mlp_chunks = run.mst_mlp ? 2 : 1, t.lm_chunks = 2;
