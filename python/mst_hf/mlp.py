@@ -21,6 +21,11 @@ discards: a chunk keeps only its output, and the chunked block returns
   the chunks without autograd and saves only the input x [T, d]; its backward
   recomputes each chunk with autograd, writes the chunk's input gradient into a
   preallocated dx [T, d] and adds up the parameter gradients.
+  Under ZeRO-3 the parameters are partitioned (empty) whenever the MLP's own
+  submodules are not running, so they cannot be the Function's inputs: as ALST's
+  TiledMLP, each chunk's backward accumulates into the parameters' ``.grad``
+  itself, and DeepSpeed's gradient hook is told to wait for the last chunk
+  (``ds_grad_is_ready``).
 """
 
 from __future__ import annotations
@@ -127,26 +132,63 @@ class _TiledMlp(torch.autograd.Function):
         return (None, None, None, dx) + tuple(next(it) if need else None for need in need_params)
 
 
-def tiled_mlp(fn: MlpFn, module: nn.Module, x: Tensor, chunks: int) -> Tensor:
-    """ALST TiledMLP. x: [..., d] -> [..., d_out]; ``module`` owns the parameters ``fn`` uses."""
+class _TiledMlpZero3(torch.autograd.Function):
+    """ZeRO-3's tiled MLP (ALST's TiledMLP): x [T, d] is the only tensor input; the parameters'
+    gradients are accumulated into their ``.grad`` by each chunk's own backward, DeepSpeed's
+    reduction held back (``ds_grad_is_ready``) until the last chunk's."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: MlpFn, spans: List[Span], amp: AutocastState, params: Sequence[Tensor],
+                x: Tensor) -> Tensor:
+        ctx.fn, ctx.spans, ctx.amp, ctx.params = fn, spans, amp, params
+        ctx.save_for_backward(x)
+        return _run_no_grad(fn, x, spans)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
+        (x,) = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[4]
+        dx = torch.empty_like(x) if need_x else None
+        last = len(ctx.spans) - 1
+        for i, (start, end) in enumerate(ctx.spans):
+            for p in ctx.params:
+                p.ds_grad_is_ready = i == last  # (True again after the loop: DeepSpeed's default)
+            xc = x[start:end].detach().requires_grad_(need_x)
+            with torch.enable_grad(), autocast_as(x.device.type, ctx.amp):
+                yc = ctx.fn(xc)  # [n, d_out]
+            torch.autograd.backward(yc, dy[start:end])
+            del yc
+            if need_x:
+                dx[start:end] = xc.grad
+            del xc
+        return None, None, None, None, dx
+
+
+def tiled_mlp(fn: MlpFn, module: nn.Module, x: Tensor, chunks: int, zero3: bool = False) -> Tensor:
+    """ALST TiledMLP. x: [..., d] -> [..., d_out]; ``module`` owns the parameters ``fn`` uses.
+    ``zero3``: its parameters are DeepSpeed ZeRO-3's, gathered only while its submodules run."""
     flat = x.reshape(-1, x.shape[-1])  # [T, d]
     params = tuple(p for p in module.parameters() if p.requires_grad)
     if flat.shape[0] == 0 or not torch.is_grad_enabled() or not (flat.requires_grad or params):
         return loop_mlp(fn, x, chunks)
     spans = _spans(flat.shape[0], chunks)
-    y = _TiledMlp.apply(fn, spans, autocast_state(flat.device.type), flat, *params)
+    if zero3:
+        y = _TiledMlpZero3.apply(fn, spans, autocast_state(flat.device.type), params, flat)
+    else:
+        y = _TiledMlp.apply(fn, spans, autocast_state(flat.device.type), flat, *params)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class ChunkedMlpForward(ForwardPatch):
     """Replacement ``forward`` of a decoder layer's MLP: hidden [B, S, d] -> [B, S, d]."""
 
-    def __init__(self, mlp: nn.Module, chunks: int, impl: str) -> None:
+    def __init__(self, mlp: nn.Module, chunks: int, impl: str, zero3: bool = False) -> None:
         if impl not in MLP_IMPLS:
             raise ValueError(f"mlp.impl: expected one of {', '.join(MLP_IMPLS)}, got {impl!r}")
         super().__init__(mlp)
         self.chunks = chunks
         self.impl = impl
+        self.zero3 = zero3
         self.returns_tuple = False  # the block returns (output, router scores): gpt-oss
         # Mixture-of-Experts blocks (transformers' *SparseMoeBlock, GptOssMLP) unpack a [B, S, d] input.
         self.fn = batched(self._block) if isinstance(getattr(mlp, "experts", None), nn.Module) else self.inner
@@ -162,7 +204,7 @@ class ChunkedMlpForward(ForwardPatch):
         if args or kwargs:  # an MLP that takes more than the hidden states: not ours to split
             return self.inner(x, *args, **kwargs)
         if self.impl == "tiled":
-            y = tiled_mlp(self.fn, self.module, x, self.chunks)
+            y = tiled_mlp(self.fn, self.module, x, self.chunks, self.zero3)
         else:
             y = loop_mlp(self.fn, x, self.chunks)
         return (y, None) if self.returns_tuple else y

@@ -247,7 +247,7 @@ def apply(model: nn.Module, config: ConfigLike) -> nn.Module:
 
     for i, layer in enumerate(layers):
         if cfg.mlp.chunks > 1:
-            ChunkedMlpForward(layer.mlp, cfg.mlp.chunks, cfg.mlp.impl).install()
+            ChunkedMlpForward(layer.mlp, cfg.mlp.chunks, cfg.mlp.impl, cfg.zero_stage == 3).install()
         if i in cfg.checkpoint_layers:
             CheckpointedForward(layer, cfg.offload_checkpoints).install()
     capture = None

@@ -102,6 +102,9 @@ ZERO3_CASES = {
                 dict(DS_CONFIG, gradient_accumulation_steps=2,
                      zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 0}), 1),
 }
+# python/mst_hf's tiled MLP under ZeRO-3 (ALST's way: its gradients accumulate chunk by chunk, reduced
+# after the last): DeepSpeed runs it; the hf runtime does not model it yet.
+ZERO3_TILED = dict(ZERO3, mlp_chunks=3, mlp_impl="tiled", checkpoint=[1])
 # overlap_comm: two buckets; ZeRO-2 on rank 6, ZeRO-1 (three micro-steps) reducing in the last one's hooks.
 OVERLAP = {"zero2": (dict(SETUP, runtime="hf", overlap_comm=True),
                      dict(DS_CONFIG, zero_optimization={"stage": 2, "reduce_bucket_size": BUCKET, "overlap_comm": True})),
@@ -140,10 +143,12 @@ def runs():
             "out['defaults'] = {k: (lambda j: dz.measurement_file(j, dz.deepspeed_step(j, ds, rank)))(job(setup)) "
             "for k, (setup, ds, rank) in a['defaults'].items()}; "
             "out['overlap'] = {k: (lambda j: dz.measurement_file(j, dz.deepspeed_step(j, ds, a['rank'])))(job(setup)) "
-            "for k, (setup, ds) in a['overlap'].items()}; print(json.dumps(out))")
+            "for k, (setup, ds) in a['overlap'].items()}; "
+            "out['zero3_tiled'] = {d: dz.deepspeed_step(job(a['zero3_tiled']), a['zero3_ds'], a['rank3'], device=d)['events'] "
+            "for d in ('fake', 'cpu')}; print(json.dumps(out))")
     arg = json.dumps({"setup": SETUP, "ds": DS_CONFIG, "zero1": ZERO1, "zero1_ds": ZERO1_DS, "rank": RANK,
                       "zero3": ZERO3, "zero3_ds": ZERO3_DS, "rank3": RANK3, "zero3_cases": ZERO3_CASES, "defaults": DEFAULTS,
-                      "overlap": OVERLAP})
+                      "overlap": OVERLAP, "zero3_tiled": ZERO3_TILED})
     r = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=ENV, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -174,6 +179,18 @@ def test_fake_tensors_and_the_stand_ins_allocate_what_real_tensors_do(runs, stag
     assert step(fake) == step(real)
     held = lambda events: [e[2:] for e in events if e[5] == "init" and e[8] != "init.deepspeed"]
     assert held(fake) == held(real)
+
+
+def test_python_mst_hfs_tiled_mlp_runs_under_zero_3(runs):
+    fake, real = runs["zero3_tiled"]["fake"], runs["zero3_tiled"]["cpu"]
+    step = lambda events: [e[:1] + e[2:] for e in events if e[5] != "init"]
+    assert step(fake) == step(real)
+    # layer 0's backward, chunk by chunk (256 tokens in 86, 85, 85): down_proj's input gradient [n, 176], and
+    # its weight's gradient [64, 176], the first chunk's kept as .grad, the others summed into it and freed
+    down = [e for e in fake if e[0] == "alloc" and e[5] == "backward" and e[6] == 0 and e[8] == "model.layers.0.mlp.down_proj"]
+    assert [e[9] for e in down if e[9].endswith(", 176]") and not e[9].startswith("mm bf16[64")] == \
+        ["mm bf16[86, 176]", "mm bf16[85, 176]", "mm bf16[85, 176]"]
+    assert [e[3] for e in down if e[9] == "mm bf16[64, 176]"] == ["gradients", "transient", "transient"]
 
 
 def test_the_partition_and_the_flat_buffer_follow_deepspeeds_partitioning(runs):

@@ -344,6 +344,33 @@ def test_under_zero3_the_loss_reads_lm_head_only_while_it_is_gathered(impl):
         outside(input_ids=ids, labels=labels)
 
 
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_under_zero3_the_tiled_mlp_reads_its_projections_only_while_they_are_gathered(family):
+    # ALST's way: the projections are not the tiled Function's inputs (ZeRO-3 has them empty when it
+    # is called); each chunk's backward accumulates into their .grad. The Function of the other stages,
+    # which takes them as inputs, fails under the same contract, as it does under DeepSpeed.
+    base = MODELS[family]()
+    ids, labels = batch()
+    ref_loss, ref_grads = loss_and_grads(base, ids, labels)
+
+    def partitioned(zero_stage):
+        model = mst_hf.apply(copy.deepcopy(base), mst_config(mlp=(3, "tiled"), lm_head=(2, "fused"), checkpoint=(1,),
+                                                             zero_stage=zero_stage))
+        for layer in model.model.layers:
+            for m in layer.mlp.modules():
+                if isinstance(m, torch.nn.Linear):
+                    _Partitioned(m)
+        return model
+
+    loss, grads = loss_and_grads(partitioned(3), ids, labels)
+    close(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        close(grads[name], g)
+    with pytest.raises(RuntimeError, match="invalid gradient"):
+        loss_and_grads(partitioned(2), ids, labels)
+
+
 def test_under_zero3_a_model_that_soft_caps_lm_heads_output_is_refused():
     model = tiny_gemma2()
     with pytest.raises(ValueError, match="zero_stage: with ZeRO-3 the chunked loss runs inside lm_head's forward"):
