@@ -575,6 +575,16 @@ TEST_CASE("emit: what a trainer cannot train as planned is a one-line error nami
                      0) == 0);
     z3.setup.lm_chunks = 1;
     CHECK_NOTHROW(emit(z3, gemma, "hf-mst"));
+    // Axolotl's chunked losses (Liger, Cut Cross Entropy) read lm_head's weight outside its forward: the
+    // file says what that costs; DeepSpeed's own file points to python/mst_hf's, which the plan counts.
+    z3 = golden;
+    z3.setup.zero_stage = 3;
+    std::string yaml = emit(z3, model, "axolotl").front().content;
+    for (std::size_t at; (at = yaml.find("\n# ")) != std::string::npos;) yaml.replace(at, 3, " ");  // (wrapped comments)
+    CHECK(yaml.find("up to one gathered lm_head weight more than the plan counts") != std::string::npos);
+    const std::string notes = nlohmann::json::parse(emit(z3, model, "deepspeed").at(0).content).at("mst_plan_notes").dump();
+    CHECK(notes.find("python/mst_hf, which under ZeRO-3 computes the loss inside lm_head's forward") != std::string::npos);
+    CHECK(notes.find("Liger") == std::string::npos);
     // Invalid setups are caught before any emitter sees them.
     CHECK(refused("hf-mst", [](TrainingSetup& s) { s.sp = 3; }).rfind("setup: sp: ", 0) == 0);
 }

@@ -187,6 +187,15 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+# What some forwards do to lm_head's output before their loss (transformers 5.24: Granite, Cohere,
+# Muse, Inkling), which a loss computed from lm_head's input would not see: the attribute, in the
+# model's config or its text_config, the value that changes nothing, and what it does.
+_LOGIT_TRANSFORMS = (("logits_scaling", 1.0, "divides lm_head's output by"),
+                     ("logit_scale", 1.0, "multiplies lm_head's output by"),
+                     ("output_multiplier", 1.0, "multiplies lm_head's output by"),
+                     ("unpadded_vocab_size", None, "cuts lm_head's output to"))
+
+
 def _check_lm_head(model: nn.Module, config: MstConfig) -> nn.Linear:
     head = getattr(model, "lm_head", None)
     if not isinstance(head, nn.Linear) or head.bias is not None:
@@ -195,9 +204,16 @@ def _check_lm_head(model: nn.Module, config: MstConfig) -> nn.Linear:
     if getattr(getattr(model, "config", None), "pretraining_tp", 1) > 1:
         raise ValueError("mst_hf.apply: lm_head.chunks: the model's forward splits lm_head itself "
                          "(config.pretraining_tp > 1); set config.pretraining_tp = 1")
+    model_config = getattr(model, "config", None)
+    for cfg in (model_config, getattr(model_config, "text_config", None)):
+        for name, neutral, what in _LOGIT_TRANSFORMS:
+            value = getattr(cfg, name, None)
+            if value is not None and value != neutral and not (name == "unpadded_vocab_size" and value == head.out_features):
+                raise ValueError(f"mst_hf.apply: lm_head.chunks: {type(model).__name__}'s forward {what} config.{name} "
+                                 f"({value}) before its loss, which the chunked loss does not; use lm_head.chunks 1")
     # ZeRO-3: the loss runs inside lm_head's forward and is returned as its output (see the module's
     # doc), so nothing may change that output on its way out of the model's forward.
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    softcap = getattr(model_config, "final_logit_softcapping", None)
     if config.zero_stage == 3 and softcap is not None:
         raise ValueError("mst_hf.apply: zero_stage: with ZeRO-3 the chunked loss runs inside lm_head's forward "
                          f"and the model's forward then soft-caps its output (final_logit_softcapping {softcap}); "

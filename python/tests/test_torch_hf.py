@@ -371,6 +371,28 @@ def test_under_zero3_the_tiled_mlp_reads_its_projections_only_while_they_are_gat
         loss_and_grads(partitioned(2), ids, labels)
 
 
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_a_model_that_rescales_lm_heads_output_is_refused_with_a_chunked_loss(zero_stage):
+    # Granite divides the logits by config.logits_scaling before its loss (Cohere multiplies by
+    # logit_scale): a loss computed from lm_head's input would miss it (by 8x under ZeRO-3, where the
+    # division lands on the loss itself)
+    config = transformers.GraniteConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, logits_scaling=8.0,
+        attn_implementation="eager")
+    torch.manual_seed(0)
+    granite = transformers.GraniteForCausalLM(config).float().train()
+    with pytest.raises(ValueError, match=r"lm_head.chunks: GraniteForCausalLM's forward divides lm_head's output by "
+                                         r"config.logits_scaling \(8.0\)"):
+        mst_hf.apply(copy.deepcopy(granite), mst_config(lm_head=(3, "fused"), zero_stage=zero_stage))
+    mst_hf.apply(copy.deepcopy(granite), mst_config(mlp=(2, "loop"), zero_stage=zero_stage))  # a whole LM head: fine
+    granite.config.logits_scaling = 1.0
+    base = granite
+    patched = mst_hf.apply(copy.deepcopy(base), mst_config(lm_head=(3, "fused"), zero_stage=zero_stage))
+    ids, labels = batch()
+    close(loss_and_grads(patched, ids, labels)[0], loss_and_grads(base, ids, labels)[0])
+
+
 def test_under_zero3_a_model_that_soft_caps_lm_heads_output_is_refused():
     model = tiny_gemma2()
     with pytest.raises(ValueError, match="zero_stage: with ZeRO-3 the chunked loss runs inside lm_head's forward"):

@@ -109,6 +109,15 @@ std::string describe_chunks(const TrainingSetup& s) {
     return fmt::format("MLP {}, LM head {}", one(s.mlp_chunks, to_string(s.mlp_impl)), one(s.lm_chunks, to_string(s.lm_impl)));
 }
 
+// Why max-seq's rows may not all shard at ZeRO-3: what the hf runtime models there, and the format's
+// refusals.
+std::string zero3_limits(const TuneRequest& rq) {
+    std::vector<std::string> why;
+    if (rq.base.runtime == Runtime::Hf) why.push_back("the hf runtime models DeepSpeed's ZeRO-3 with the loop MLP only");
+    if (!rq.for_format.empty()) why.push_back(fmt::format("--for {} refuses some setups there", rq.for_format));
+    return fmt::format("{}", fmt::join(why, "; "));
+}
+
 std::string wrap(const std::string& text, std::size_t width) {
     std::string out, line;
     std::size_t pos = 0;
@@ -328,9 +337,10 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     for (const auto& row : r.rows)
         if (row.strategy != "your setup") stages += fmt::format("{}{}: ZeRO {}", stages.empty() ? "" : "; ", row.strategy, row.setup.zero_stage);
     if (std::any_of(r.rows.begin(), r.rows.end(), [&](const MaxSeqRow& row) { return row.setup.zero_stage != r.rows.front().setup.zero_stage && row.strategy != "your setup"; }))
-        fmt::print("{}\n", wrap(fmt::format("The rows shard differently ({}): DeepSpeed's ZeRO-3 in the hf runtime "
-                                           "chunks the MLP as a loop only, so the rows that need more "
-                                           "use ZeRO 2, whose state is larger than the footer's.", stages), 100));
+        fmt::print("{}\n", wrap(fmt::format("The rows shard differently ({}): the others cannot train at ZeRO-3 as planned "
+                                           "({}), so they use ZeRO 2, whose state is larger than the footer's.",
+                                           stages, zero3_limits(rq)),
+                                100));
 }
 
 void run_bench_tuner(const GlobalOptions& g, int reps) {

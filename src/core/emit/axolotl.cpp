@@ -235,6 +235,13 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
                                    "of cut-cross-entropy:",
                                    s.lm_chunks))) +
                                "\n" + kCceInstall);
+        // Under ZeRO-3 DeepSpeed gathers a weight read outside its module's forward for the module running
+        // then (parameter_offload.py's parameter getter): the root, for its whole forward and backward.
+        if (s.zero_stage == 3)
+            note(e, "Under ZeRO-3 these losses read lm_head's weight in the model's forward, outside lm_head's: "
+                    "DeepSpeed then gathers it for the whole model's forward and backward, up to one gathered "
+                    "lm_head weight more than the plan counts (it counts python/mst_hf's loss, computed inside "
+                    "lm_head's forward).");
         const char* plugin = fused ? "axolotl.integrations.liger.LigerPlugin"
                                    : "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin";
         e << YAML::Key << "plugins" << YAML::Value << YAML::BeginSeq << plugin << YAML::EndSeq;

@@ -47,7 +47,11 @@ std::string mlp_note(const TrainingSetup& s) {
 }
 
 std::string lm_note(const TrainingSetup& s) {
-    const std::string where = s.lm_impl == LmHeadImpl::FusedForward
+    const std::string where = s.zero_stage == 3
+                                  ? "python/mst_hf, which under ZeRO-3 computes the loss inside lm_head's forward, where "
+                                    "DeepSpeed gathers its weight, as the plan counts (a loss that reads the weight "
+                                    "elsewhere makes DeepSpeed gather it its own way)"
+                              : s.lm_impl == LmHeadImpl::FusedForward
                                   ? "ALST TiledFusedLogitsLoss (deepspeed.runtime.sequence_parallel.ulysses_sp), "
                                     "Liger fused linear cross-entropy or python/mst_hf"
                                   : "python/mst_hf (MsT: logits recomputed per chunk in backward)";
