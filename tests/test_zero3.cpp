@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "mst/catalog.hpp"
@@ -93,6 +94,32 @@ TEST_CASE("ZeRO-3's persistent parameters: gathered through the step, released a
     CHECK(bytes_of(allocs(t, "fp32_partition", Phase::Init)) == elements({1003782656}, 4));
     CHECK(bytes_of(allocs(t, "partition_grad_fp32", Phase::Optimizer)) == elements({1003782656}, 4));
     CHECK(bytes_of(allocs(t, "ipg_bucket", Phase::Init)) == elements({500000000}));
+}
+
+// Qwen3-8B: 36 layers of q, k, v, o (4096 x 4096, 1024 x 4096 twice, 4096 x 4096), the head norms
+// (128 each, modules of the attention), gate, up, down (12288 x 4096) and the two 4096 norms:
+// 192946432 a layer; with the embedding and lm_head (151936 x 4096 each) and the final norm,
+// P = 8190735360. Every parameter divides by 8 ranks: the partition is P / 8 = 1023841920 elements,
+// one sub-group (lm_head, the last parameter, takes it past 1e9). Every norm is persistent (<= 1e5):
+// 73 of 4096 elements and 72 of 128 stay gathered from init (beside the rotary embedding's two
+// buffers of 64 fp32).
+TEST_CASE("ZeRO-3 for Qwen3: its head norms are modules of their own, persistent as the others") {
+    const ModelSpec m = find_model("qwen3-8b");
+    const Timeline t = simulate(m, zero3(4096, 8), test::test_gpu());
+    std::int64_t wide = 0, heads = 0;
+    for (const Event& e : t.events)
+        if (e.alloc && e.phase == Phase::Init && e.category == Category::Weights && e.op == "init.weights") {
+            wide += e.bytes == 2 * 4096;
+            heads += e.bytes == 2 * 128;
+        }
+    CHECK(wide == 2 * 36 + 1);
+    CHECK(heads == 2 * 36);
+    CHECK(bytes_of(allocs(t, "lp_param_buffer", Phase::Init)) == elements({1023841920}));
+    CHECK(bytes_of(allocs(t, "fp32_partition", Phase::Init)) == elements({1023841920}, 4));
+    // what is not modelled: tied embeddings (Qwen3-4B), Qwen3's Mixture-of-Experts
+    for (const char* other : {"qwen3-4b", "qwen3-30b-a3b"})
+        CHECK(test::expect_user_error([&] { validate(zero3(4096, 8), find_model(other)); })
+                  .rfind(fmt::format("setup: zero_stage: expected 0, 1 or 2 for {}", other), 0) == 0);
 }
 
 // tiny-llama on 3 ranks, nothing persistent, a 4096-element bucket (as python/tests/

@@ -101,6 +101,10 @@ ZERO3_CASES = {
                      lm_chunks=2, param_persistence_threshold=0),
                 dict(DS_CONFIG, gradient_accumulation_steps=2,
                      zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 0}), 1),
+    # Qwen3 (untied): its q and k head norms are modules of the attention, gathered and released too
+    "qwen3": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[1], lm_chunks=2, param_persistence_threshold=0),
+              dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 0}),
+              2, str(REPO / "tests" / "data" / "tiny_qwen3_untied.json")),
 }
 # python/mst_hf's tiled MLP under ZeRO-3 (ALST's way: its gradients accumulate chunk by chunk, reduced
 # after the last): DeepSpeed runs it; the hf runtime does not model it yet.
@@ -130,14 +134,14 @@ def runs():
     if not CLIENTS:
         pytest.skip("MST_CLIENTS_PATH is not set (scripts/test sets it)")
     code = ("import json, sys; from mst_referee import deepspeed_zero as dz; a = json.loads(sys.argv[1]); "
-            "job = lambda setup: dz.job_for_deepspeed({'format': 'mst-plan/1', 'model': 'tiny-llama', "
+            "job = lambda setup, model='tiny-llama': dz.job_for_deepspeed({'format': 'mst-plan/1', 'model': model, "
             "'gpu': 'h100-sxm-80gb', 'gpus': setup['dp'], 'setup': setup}); "
             "out = {d: dz.deepspeed_step(job(a['setup']), a['ds'], a['rank'], device=d) for d in ('fake', 'cpu')}; "
             "out['zero1'] = dz.deepspeed_step(job(a['zero1']), a['zero1_ds'], a['rank']); "
             "out['zero3'] = {d: dz.deepspeed_step(job(a['zero3']), a['zero3_ds'], a['rank3'], device=d) for d in ('fake', 'cpu')}; "
             "out['zero3_files'] = {'bucket 4096': dz.measurement_file(job(a['zero3']), out['zero3']['fake'])}; "
-            "out['zero3_files'].update({k: (lambda j: dz.measurement_file(j, dz.deepspeed_step(j, ds, rank)))(job(setup)) "
-            "for k, (setup, ds, rank) in a['zero3_cases'].items()}); "
+            "out['zero3_files'].update({k: (lambda j: dz.measurement_file(j, dz.deepspeed_step(j, ds, rank)))(job(setup, *model)) "
+            "for k, (setup, ds, rank, *model) in a['zero3_cases'].items()}); "
             "out['small_bucket'] = {'zero2': dz.measurement_file(job(a['setup']), out['fake']), "
             "'zero1': dz.measurement_file(job(a['zero1']), out['zero1'])}; "
             "out['defaults'] = {k: (lambda j: dz.measurement_file(j, dz.deepspeed_step(j, ds, rank)))(job(setup)) "
@@ -400,7 +404,7 @@ def test_the_hf_runtime_predicts_deepspeeds_zero_3_step_event_for_event(runs, ca
     """ZeRO-3: every gather, copy and release of DeepSpeed's coordinator, the bucket's reduce-scatters and the
     step, with nothing persistent and a 4096-element bucket; with the norms persistent, every layer
     checkpointed (the recompute's fetches) and two micro-steps; with flash attention; with python/mst_hf's
-    MLP and LM head mini-sequences (the loss inside lm_head's forward); with offloaded checkpoints."""
+    MLP and LM head mini-sequences (the loss inside lm_head's forward); with offloaded checkpoints; Qwen3."""
     binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
     if not binary.exists():
         pytest.skip("mst-plan is not built (set MST_PLAN or build/)")
@@ -409,7 +413,9 @@ def test_the_hf_runtime_predicts_deepspeeds_zero_3_step_event_for_event(runs, ca
     assert "ZeRO-3 engine" in record["notes"][0]
     measured = tmp_path / "measured.json"
     measured.write_text(json.dumps(record))
-    r = subprocess.run([str(binary), "--json", "compare", "--run", str(measured)], capture_output=True, text=True, timeout=120)
+    # (from the checkout's root: a test model's model_path is relative to it)
+    r = subprocess.run([str(binary), "--json", "compare", "--run", str(measured)], capture_output=True, text=True, timeout=120,
+                       cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["first_divergence"] is None and out["identical"] is True, out["first_divergence"]

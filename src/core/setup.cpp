@@ -372,8 +372,8 @@ void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
 }
 
 // ZeRO-3 in the hf runtime (src/core/sim/zero3.cpp) is proven on the referee for the dense
-// Llama-shaped decoder (one parameter per module: Llama, Mistral) with fp32 master weights, loop MLP
-// mini-sequences, python/mst_hf's LM head mini-sequences and checkpointed layers kept on the GPU.
+// Llama-shaped decoder (one parameter per module: Llama, Mistral, Qwen3 with its head norms) with fp32
+// master weights, loop MLP and LM head mini-sequences and checkpoints on the GPU or offloaded.
 // What else its hooks and gathers would meet is refused until it is proven the same way.
 namespace {
 void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char* hint) {
@@ -381,11 +381,11 @@ void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char
     const char* z3 = "with runtime hf and ZeRO-3 (DeepSpeed's stage-3 engine)";
     if (s.dp < 2)
         fail(w, "dp", fmt::format("expected 2 or more ranks {} (on one GPU it shards nothing: zero_stage 0), got {}", z3, s.dp));
-    const bool llama_shaped = (m.family == Family::Llama || m.family == Family::Mistral) && !m.qkv_bias && !m.o_bias &&
-                              !m.mlp_bias && !m.tie_word_embeddings && !m.longrope;
+    const bool llama_shaped = (m.family == Family::Llama || m.family == Family::Mistral || m.family == Family::Qwen3) &&
+                              !m.moe && !m.qkv_bias && !m.o_bias && !m.mlp_bias && !m.tie_word_embeddings && !m.longrope;
     if (!llama_shaped)
-        fail(w, "zero_stage", fmt::format("expected 0, 1 or 2 for {} {} (its modules' hooks are modelled for Llama and Mistral "
-                                          "with untied embeddings and no biases){}, got 3",
+        fail(w, "zero_stage", fmt::format("expected 0, 1 or 2 for {} {} (its modules' hooks are modelled for Llama, Mistral "
+                                          "and Qwen3, dense, with untied embeddings and no biases){}, got 3",
                                           m.name, z3, hint));
     if (s.precision != Precision::Bf16Master)
         fail(w, "precision", fmt::format("expected bf16-master {} (its fp32 master partitions), got {}", z3, to_string(s.precision)));

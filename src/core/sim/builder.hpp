@@ -751,6 +751,7 @@ private:
     bool z3_on_ = false;  // s_.deepspeed_zero3()
     struct Z3Layer {
         int layer, attn, q, k, v, o, mlp, gate, up, down, act, input_ln, post_ln;
+        int q_norm = -1, k_norm = -1;  // Qwen3's head norms (modules of the attention)
     };
     struct Zero3State {
         std::unique_ptr<Zero3Coordinator> coordinator;

@@ -71,6 +71,7 @@ void StepBuilder::z3_build() {
         L.layer = module({});
         L.attn = module({});
         L.q = module({lp.q}), L.k = module({lp.k}), L.v = module({lp.v}), L.o = module({lp.o});
+        if (lp.q_norm >= 0) L.q_norm = module({lp.q_norm}), L.k_norm = module({lp.k_norm});  // (Qwen3: after o_proj)
         L.mlp = module({});
         L.gate = module({lp.gate}), L.up = module({lp.up}), L.down = module({lp.down});
         L.act = module({});
@@ -84,7 +85,9 @@ void StepBuilder::z3_build() {
     std::vector<Z3Hook> hooks;
     auto fetch = [&](int m, bool forward) { hooks.push_back(Z3Hook{Z3Hook::Fetch, m, forward}); };
     auto release = [&](int m, bool forward) { hooks.push_back(Z3Hook{Z3Hook::Release, m, forward}); };
-    auto leaf = [&](int m) { fetch(m, true), release(m, true); };
+    auto leaf = [&](int m) {
+        if (m >= 0) fetch(m, true), release(m, true);
+    };
     // the layer's forward inside its own hooks, the MLP's projections once per mini-sequence (python/mst_hf's
     // loop calls them per chunk); a recompute stops at the last chunk's down_proj save (no post-forward
     // hooks of that down_proj and the MLP)
@@ -92,7 +95,7 @@ void StepBuilder::z3_build() {
     auto layer_inside = [&](const Z3Layer& L, bool recompute) {
         leaf(L.input_ln);
         fetch(L.attn, true);
-        leaf(L.q), leaf(L.k), leaf(L.v), leaf(L.o);
+        leaf(L.q), leaf(L.q_norm), leaf(L.k), leaf(L.k_norm), leaf(L.v), leaf(L.o);  // (Qwen3: each head norm after its projection)
         leaf(L.post_ln);
         fetch(L.mlp, true);
         for (std::int64_t c = 0; c < chunks; ++c) {
@@ -113,7 +116,9 @@ void StepBuilder::z3_build() {
     leaf(z3_.norm);
     leaf(z3_.lm_head);
     // backward
-    auto back = [&](int m) { fetch(m, false), release(m, false); };
+    auto back = [&](int m) {
+        if (m >= 0) fetch(m, false), release(m, false);
+    };
     fetch(z3_.root, false);
     back(z3_.lm_head);
     fetch(z3_.model, false);
@@ -131,7 +136,7 @@ void StepBuilder::z3_build() {
         }
         back(L.post_ln);
         fetch(L.attn, false);
-        back(L.o), back(L.v), back(L.k), back(L.q);
+        back(L.o), back(L.v), back(L.k_norm), back(L.k), back(L.q_norm), back(L.q);
         back(L.input_ln);
     }
     fetch(z3_.embed, false);
