@@ -101,13 +101,18 @@ ZERO3_CASES = {
                      lm_chunks=2, param_persistence_threshold=0),
                 dict(DS_CONFIG, gradient_accumulation_steps=2,
                      zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 0}), 1),
+    # python/mst_hf's tiled MLP (ALST's way under ZeRO-3), layer 1 checkpointed, 4 chunks: the 4096 bucket is
+    # flushed by chunks whose gradients it does not take yet
+    "tiled": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[1], mlp_chunks=4, mlp_impl="tiled", **PERSISTENT),
+              dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 100}),
+              1),
     # Qwen3 (untied): its q and k head norms are modules of the attention, gathered and released too
     "qwen3": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[1], lm_chunks=2, param_persistence_threshold=0),
               dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 0}),
               2, str(REPO / "tests" / "data" / "tiny_qwen3_untied.json")),
 }
 # python/mst_hf's tiled MLP under ZeRO-3 (ALST's way: its gradients accumulate chunk by chunk, reduced
-# after the last): DeepSpeed runs it; the hf runtime does not model it yet.
+# after the last): DeepSpeed runs it alike on fake and real tensors.
 ZERO3_TILED = dict(ZERO3, mlp_chunks=3, mlp_impl="tiled", checkpoint=[1])
 # overlap_comm: two buckets; ZeRO-2 on rank 6, ZeRO-1 (three micro-steps) reducing in the last one's hooks.
 OVERLAP = {"zero2": (dict(SETUP, runtime="hf", overlap_comm=True),

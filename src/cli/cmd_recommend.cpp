@@ -109,13 +109,9 @@ std::string describe_chunks(const TrainingSetup& s) {
     return fmt::format("MLP {}, LM head {}", one(s.mlp_chunks, to_string(s.mlp_impl)), one(s.lm_chunks, to_string(s.lm_impl)));
 }
 
-// Why max-seq's rows may not all shard at ZeRO-3: what the hf runtime models there, and the format's
-// refusals.
+// Why max-seq's rows may not all shard at ZeRO-3: the format's refusals.
 std::string zero3_limits(const TuneRequest& rq) {
-    std::vector<std::string> why;
-    if (rq.base.runtime == Runtime::Hf) why.push_back("the hf runtime models DeepSpeed's ZeRO-3 with the loop MLP only");
-    if (!rq.for_format.empty()) why.push_back(fmt::format("--for {} refuses some setups there", rq.for_format));
-    return fmt::format("{}", fmt::join(why, "; "));
+    return rq.for_format.empty() ? std::string("what their knobs need") : fmt::format("--for {} refuses some setups there", rq.for_format);
 }
 
 std::string wrap(const std::string& text, std::size_t width) {
@@ -175,7 +171,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                          r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
                          rq.gpus == 1 || rq.base.runtime != Runtime::Hf ? ""
                          : deepspeed ? "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for Llama, "
-                                       "Mistral and Qwen3 with bf16-master and a loop MLP: --runtime kernels plans more, "
+                                       "Mistral and Qwen3 with bf16-master: --runtime kernels plans more, "
                                        "and sequence parallelism"
                                      : "; the hf runtime plans several GPUs as DDP, each holding the whole model, its gradients "
                                        "and optimizer states (--for deepspeed or axolotl: DeepSpeed's ZeRO 1 to 3): --runtime "
@@ -332,7 +328,6 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                    rq.base.runtime == Runtime::Hf ? " (sequence parallelism: --runtime kernels)" : "");
     fmt::print("MsT rows chunk the MLP (not in rows marked \"LM head only\") and LM head in mini-sequences of hidden_size "
                "tokens (1024 at most); lengths are multiples of 1024 tokens (x sp).\n");
-    // (the hf runtime's ZeRO-3 runs no tiled MLP: those rows shard at ZeRO 2)
     std::string stages;
     for (const auto& row : r.rows)
         if (row.strategy != "your setup") stages += fmt::format("{}{}: ZeRO {}", stages.empty() ? "" : "; ", row.strategy, row.setup.zero_stage);

@@ -373,7 +373,8 @@ void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
 
 // ZeRO-3 in the hf runtime (src/core/sim/zero3.cpp) is proven on the referee for the dense
 // Llama-shaped decoder (one parameter per module: Llama, Mistral, Qwen3 with its head norms) with fp32
-// master weights, loop MLP and LM head mini-sequences and checkpoints on the GPU or offloaded.
+// master weights, python/mst_hf's MLP (loop or tiled) and LM head mini-sequences and checkpoints on
+// the GPU or offloaded.
 // What else its hooks and gathers would meet is refused until it is proven the same way.
 namespace {
 void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char* hint) {
@@ -389,8 +390,6 @@ void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char
                                           m.name, z3, hint));
     if (s.precision != Precision::Bf16Master)
         fail(w, "precision", fmt::format("expected bf16-master {} (its fp32 master partitions), got {}", z3, to_string(s.precision)));
-    if (s.mlp_chunks > 1 && s.mlp_impl == MlpImpl::Tiled)
-        fail(w, "mlp_impl", fmt::format("expected loop {} (the tiled MLP's gathers are not modelled yet){}", z3, hint));
 }
 }  // namespace
 

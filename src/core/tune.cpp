@@ -184,8 +184,7 @@ public:
             --searched_;
             nothing_left();
         };
-        // (and those the runtime does not model with them, whatever the checkpoints: the hf runtime's
-        // ZeRO-3 runs the loop MLP only)
+        // (and those the runtime does not model with them, whatever the checkpoints)
         const auto modelled = [&](TrainingSetup t) {
             t.checkpoint.assign(static_cast<std::size_t>(L), true);
             try {
@@ -400,8 +399,7 @@ bool deepspeed_runs(TrainingSetup base, const ModelSpec& m, int stage = 2) {
 // DeepSpeed's engine, which the deepspeed and axolotl formats train in (its ZeRO-0 engine and
 // Axolotl's DDP are not modelled). On one GPU Axolotl runs the plain Trainer too (ZeRO 0, when it
 // needs no DeepSpeed: pure bf16), and DeepSpeed's engine when the knobs are its. Over several GPUs its
-// ZeRO-3 too, where it is modelled for the model and the precision (validate_hf_scope; the loop MLP: the
-// search's tiled candidates are refused there).
+// ZeRO-3 too, where it is modelled for the model and the precision (validate_hf_scope).
 std::vector<int> zero_stages(const TuneRequest& rq) {
     if (rq.base.runtime == Runtime::Kernels) {
         if (rq.gpus > 1) return {0, 2, 3};
@@ -1001,7 +999,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                 take_deepspeed(z2, rq.base);
                 if (refusal(z2, run.mst_mlp).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
             }
-            // The hf runtime's ZeRO-3 runs the loop MLP only: the rows it does not model shard at ZeRO 2.
+            // A row the hf runtime's ZeRO-3 does not model shards at ZeRO 2.
             if (ours && row.refused.empty() && run.setup.deepspeed_zero3()) {
                 TrainingSetup t = run.setup;
                 if (run.mst) t.mlp_chunks = run.mst_mlp ? 2 : 1, t.lm_chunks = 2;

@@ -1107,6 +1107,7 @@ void StepBuilder::hf_layer_backward(int l, LayerSaved& sv, T& dres) {
         z3_fetch(z3_.layers[static_cast<std::size_t>(l)].layer, false);
         layer_ = l;
         z3_fetch(z3_.layers[static_cast<std::size_t>(l)].mlp, false);
+        if (tiled) unpack();  // (the tiled MLP's Function unpacks its input first)
     } else if (!gemma && (!m_.moe || tiled)) {
         unpack();
     }

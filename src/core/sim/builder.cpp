@@ -515,7 +515,9 @@ void StepBuilder::accumulate_grad_run(int p) {
         return;
     }
     drop(buffer);  // .grad += buffer
-    if (s_.grad_accum > 1) grad_done(p);
+    // (ZeRO-3's tiled MLP: each chunk's backward accumulates and runs the hook, which adds the sum
+    // to the bucket after the last chunk only)
+    if (s_.grad_accum > 1 || z3_on_) grad_done(p);
 }
 
 void StepBuilder::accumulate(T& acc, T g, bool acc_is_view) {

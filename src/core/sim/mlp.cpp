@@ -312,6 +312,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
     sv.mlp.clear(), sv.moe.clear();
     if (chunked && s_.mlp_impl == MlpImpl::Tiled) {
         at("mlp.tiled");
+        if (z3_on_) z3_fetch(z3_.layers[static_cast<std::size_t>(layer_)].mlp);
         T y;
         {
             NoGrad no_grad(*this);  // a Function's forward runs without autograd
@@ -320,7 +321,8 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
                 const std::int64_t n = sizes[i];
                 // From the second chunk on, an iteration frees all it allocates (the first makes the
                 // output, and under autocast the weights' copies): a dense one of the same size repeats.
-                if (!m_.moe && i >= 2 && n == sizes[i - 1] && fold_iteration()) continue;
+                // (Not under ZeRO-3, whose hooks' gathers depend on the coordinator's state.)
+                if (!m_.moe && !z3_on_ && i >= 2 && n == sizes[i - 1] && fold_iteration()) continue;
                 loop_iteration();
                 T part = hf_block_chunk_forward(lp, h2, n, nullptr, nullptr, false, {});
                 at("mlp.tiled");
@@ -366,7 +368,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
 T StepBuilder::hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     const std::int64_t d = m_.hidden_size;
     const bool chunked = s_.mlp_chunks > 1;
-    if (chunked && s_.mlp_impl == MlpImpl::Tiled) return hf_tiled_mlp_backward(lp, sv, dy);
+    if (chunked && s_.mlp_impl == MlpImpl::Tiled) return z3_on_ ? z3_tiled_mlp_backward(lp, sv, dy) : hf_tiled_mlp_backward(lp, sv, dy);
     const std::size_t chunks = m_.moe ? sv.moe.size() : sv.mlp.size();
     std::vector<T> views;  // CatBackward0: one narrow view of dy per chunk
     if (chunked) {

@@ -92,19 +92,22 @@ void StepBuilder::z3_build() {
     // loop calls them per chunk); a recompute stops at the last chunk's down_proj save (no post-forward
     // hooks of that down_proj and the MLP)
     const std::int64_t chunks = s_.mlp_chunks;
+    const bool tiled = chunks > 1 && s_.mlp_impl == MlpImpl::Tiled;
+    // one chunk's forward (a tiled MLP's chunks each run whole: its Function saves after the last)
+    auto chunk_forward = [&](const Z3Layer& L, bool stops) {
+        leaf(L.gate);
+        fetch(L.act, true);
+        leaf(L.up);
+        fetch(L.down, true);
+        if (!stops) release(L.down, true);
+    };
     auto layer_inside = [&](const Z3Layer& L, bool recompute) {
         leaf(L.input_ln);
         fetch(L.attn, true);
         leaf(L.q), leaf(L.q_norm), leaf(L.k), leaf(L.k_norm), leaf(L.v), leaf(L.o);  // (Qwen3: each head norm after its projection)
         leaf(L.post_ln);
         fetch(L.mlp, true);
-        for (std::int64_t c = 0; c < chunks; ++c) {
-            leaf(L.gate);
-            fetch(L.act, true);
-            leaf(L.up);
-            fetch(L.down, true);
-            if (!recompute || c + 1 < chunks) release(L.down, true);
-        }
+        for (std::int64_t c = 0; c < chunks; ++c) chunk_forward(L, recompute && !tiled && c + 1 == chunks);
     };
     fetch(z3_.root, true), fetch(z3_.model, true);
     leaf(z3_.embed);
@@ -126,7 +129,17 @@ void StepBuilder::z3_build() {
     for (std::size_t i = z3_.layers.size(); i-- > 0;) {
         const Z3Layer& L = z3_.layers[i];
         fetch(L.layer, false), fetch(L.mlp, false);
-        for (std::int64_t c = chunks; c-- > 0;) {  // (autograd runs the last chunk's nodes first)
+        // the tiled MLP's Function: the layer's recompute at its unpack, then per chunk in order its
+        // replay and its own backward
+        if (tiled && s_.checkpointed(static_cast<std::int64_t>(i))) layer_inside(L, true);
+        for (std::int64_t c = 0; tiled && c < chunks; ++c) {
+            chunk_forward(L, false);
+            fetch(L.down, false), release(L.down, false);
+            back(L.up);
+            fetch(L.act, false);
+            back(L.gate);
+        }
+        for (std::int64_t c = tiled ? 0 : chunks; c-- > 0;) {  // (autograd runs the last chunk's nodes first)
             fetch(L.down, false);
             if (c + 1 == chunks && s_.checkpointed(static_cast<std::int64_t>(i))) layer_inside(L, true);
             release(L.down, false);
@@ -270,12 +283,50 @@ T StepBuilder::z3_mlp_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool
     return dx;
 }
 
+// python/mst_hf's tiled MLP under ZeRO-3 (_TiledMlpZero3.backward, ALST's TiledMLP): dx =
+// empty_like(x); per chunk in order, the chunk replayed with autograd on a detached leaf (its modules'
+// forward hooks fetch and release), its own torch.autograd.backward (the MLP chunk's backward, each
+// weight's gradient accumulated into .grad: the first chunk's becomes it, later ones are summed in
+// place, and DeepSpeed's hook acts after the last chunk's only: ds_grad_is_ready), then yc deleted,
+// dx[chunk] = xc.grad copied, xc and its gradient deleted. The weights leave the node no gradient.
+T StepBuilder::z3_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
+    at("mlp.tiled");
+    T dx = alloc("d_x", res(tokens_, m_.hidden_size), Category::Transient);
+    const bool checkpointed = std::exchange(recomputed_, false);  // the replays' tensors are their own
+    const std::vector<std::int64_t> sizes = chunk_sizes(tokens_, s_.mlp_chunks);
+    for (std::size_t chunk = 0; chunk < sizes.size(); ++chunk) {
+        z3_grad_held_ = chunk + 1 < sizes.size();
+        phase_ = Phase::Recompute;
+        z3_replay_ = true;
+        HfMlpChunk c;
+        hf_leaf_input_ = true;  // xc = x[chunk].detach().requires_grad_()
+        T yc = hf_block_chunk_forward(lp, sv.x_tiled, sizes[chunk], &c, nullptr, false, {});
+        hf_leaf_input_ = false;
+        z3_replay_ = false;
+        phase_ = Phase::Backward;
+        T dyc = hold(dy);  // dy[chunk], a view
+        T dxc = z3_mlp_backward(lp, c, dyc, true);  // (its sum becomes xc.grad)
+        at("mlp.tiled");
+        drop(yc);   // del yc
+        drop(dxc);  // dx[chunk] = xc.grad; del xc
+    }
+    z3_grad_held_ = false;
+    recomputed_ = checkpointed;
+    if (checkpointed) drop(sv.x_tiled);  // the unpacked input, recomputed by checkpointing
+    node_end({&sv.x_tiled}, &dy);
+    return dx;
+}
+
 // reduce_independent_p_g_buckets_and_remove_grads (stage3.py:1569-1590)
 void StepBuilder::z3_grad_hook(int p) {
     const char* op = op_;
     at("deepspeed.grad_hook");
     Param& P = params_[static_cast<std::size_t>(p)];
     if (z3_.elements + P.numel > s_.reduce_bucket_size && z3_.elements > 0) z3_flush();
+    if (z3_grad_held_) {  // ds_grad_is_ready False (a tiled MLP's chunk but the last): the flush only
+        at(op);
+        return;
+    }
     if (z3_.elements + P.numel <= s_.reduce_bucket_size) drop(P.grad);  // copied in; .grad becomes a view of the bucket
     z3_.elements += P.numel;
     z3_.in_bucket.push_back(p);
