@@ -122,6 +122,33 @@ TEST_CASE("ZeRO-3 for Qwen3: its head norms are modules of their own, persistent
                   .rfind(fmt::format("setup: zero_stage: expected 0, 1 or 2 for {}", other), 0) == 0);
 }
 
+// Qwen2.5-7B: q, k and v have biases, second parameters of their modules (3584, 512 and 512 elements,
+// persistent under 1e5). A layer: q and o 3584 x 3584, k and v 512 x 3584, the biases, gate, up, down
+// 18944 x 3584, two norms: 233057792; with the embedding and lm_head (152064 x 3584 each) and the final
+// norm, P = 7615616512, every parameter divisible by 8: a partition of 951952064 elements (one
+// sub-group). Gathered from init: 57 norms and 28 q biases of 3584 elements, 56 k and v biases of 512.
+// In backward each projection's node makes its bias's gradient last, after the weight's.
+TEST_CASE("ZeRO-3 for Qwen2: the q, k and v biases are their modules' second parameters") {
+    const ModelSpec m = find_model("qwen2.5-7b");
+    const Timeline t = simulate(m, zero3(4096, 8), test::test_gpu());
+    std::int64_t wide = 0, kv = 0;
+    for (const Event& e : t.events)
+        if (e.alloc && e.phase == Phase::Init && e.op == "init.weights") {
+            wide += e.bytes == 2 * 3584;
+            kv += e.bytes == 2 * 512;
+        }
+    CHECK(wide == 2 * 28 + 1 + 28);
+    CHECK(kv == 2 * 28);
+    CHECK(bytes_of(allocs(t, "lp_param_buffer", Phase::Init)) == elements({951952064}));
+    CHECK(bytes_of(allocs(t, "fp32_partition", Phase::Init)) == elements({951952064}, 4));
+    // layer 27's v_proj: its input's gradient [4096, 3584], then the weight's [512, 3584], then the bias's [512]
+    std::vector<bytes_t> v_grads;
+    for (const Event& e : t.events)
+        if (e.alloc && e.phase == Phase::Backward && e.layer == 27 && v_grads.size() < 3 && (e.name == "d_h1_v" || !v_grads.empty()))
+            v_grads.push_back(e.bytes);
+    CHECK(v_grads == std::vector<bytes_t>{4096 * 3584 * 2, 512 * 3584 * 2, 512 * 2});
+}
+
 // tiny-llama on 3 ranks, nothing persistent, a 4096-element bucket (as python/tests/
 // test_deepspeed_referee.py runs DeepSpeed). Gradients arrive in backward order: lm_head 16384, the
 // final norm 64, then per layer down, up, gate (11264 each), the post-attention norm, o 4096, v and k

@@ -106,6 +106,11 @@ ZERO3_CASES = {
     "tiled": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[1], mlp_chunks=4, mlp_impl="tiled", **PERSISTENT),
               dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 100}),
               1),
+    # Qwen2 (untied): q, k and v biases, second parameters of their modules; nothing persistent (each
+    # gathered with its weight)
+    "qwen2": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[0], lm_chunks=2, param_persistence_threshold=0),
+              dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 0}),
+              1, str(REPO / "tests" / "data" / "tiny_qwen2_untied.json")),
     # Qwen3 (untied): its q and k head norms are modules of the attention, gathered and released too
     "qwen3": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[1], lm_chunks=2, param_persistence_threshold=0),
               dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 0}),
@@ -409,7 +414,7 @@ def test_the_hf_runtime_predicts_deepspeeds_zero_3_step_event_for_event(runs, ca
     """ZeRO-3: every gather, copy and release of DeepSpeed's coordinator, the bucket's reduce-scatters and the
     step, with nothing persistent and a 4096-element bucket; with the norms persistent, every layer
     checkpointed (the recompute's fetches) and two micro-steps; with flash attention; with python/mst_hf's
-    MLP and LM head mini-sequences (the loss inside lm_head's forward); with offloaded checkpoints; Qwen3."""
+    MLP and LM head mini-sequences (the loss inside lm_head's forward); with offloaded checkpoints; Qwen2 and Qwen3."""
     binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
     if not binary.exists():
         pytest.skip("mst-plan is not built (set MST_PLAN or build/)")

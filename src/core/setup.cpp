@@ -372,7 +372,7 @@ void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
 }
 
 // ZeRO-3 in the hf runtime (src/core/sim/zero3.cpp) is proven on the referee for the dense
-// Llama-shaped decoder (one parameter per module: Llama, Mistral, Qwen3 with its head norms) with fp32
+// Llama-shaped decoder (Llama, Mistral, Qwen2 with its q/k/v biases, Qwen3 with its head norms) with fp32
 // master weights, python/mst_hf's MLP (loop or tiled) and LM head mini-sequences and checkpoints on
 // the GPU or offloaded.
 // What else its hooks and gathers would meet is refused until it is proven the same way.
@@ -382,11 +382,13 @@ void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char
     const char* z3 = "with runtime hf and ZeRO-3 (DeepSpeed's stage-3 engine)";
     if (s.dp < 2)
         fail(w, "dp", fmt::format("expected 2 or more ranks {} (on one GPU it shards nothing: zero_stage 0), got {}", z3, s.dp));
-    const bool llama_shaped = (m.family == Family::Llama || m.family == Family::Mistral || m.family == Family::Qwen3) &&
-                              !m.moe && !m.qkv_bias && !m.o_bias && !m.mlp_bias && !m.tie_word_embeddings && !m.longrope;
+    // (Qwen2's q, k and v biases: a second parameter of their modules)
+    const bool qwen2 = m.family == Family::Qwen2;
+    const bool llama_shaped = (m.family == Family::Llama || m.family == Family::Mistral || m.family == Family::Qwen3 || qwen2) &&
+                              !m.moe && (!m.qkv_bias || qwen2) && !m.o_bias && !m.mlp_bias && !m.tie_word_embeddings && !m.longrope;
     if (!llama_shaped)
-        fail(w, "zero_stage", fmt::format("expected 0, 1 or 2 for {} {} (its modules' hooks are modelled for Llama, Mistral "
-                                          "and Qwen3, dense, with untied embeddings and no biases){}, got 3",
+        fail(w, "zero_stage", fmt::format("expected 0, 1 or 2 for {} {} (its modules' hooks are modelled for Llama, Mistral, "
+                                          "Qwen2 and Qwen3, dense, with untied embeddings and no biases but Qwen2's){}, got 3",
                                           m.name, z3, hint));
     if (s.precision != Precision::Bf16Master)
         fail(w, "precision", fmt::format("expected bf16-master {} (its fp32 master partitions), got {}", z3, to_string(s.precision)));

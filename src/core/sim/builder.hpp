@@ -459,7 +459,7 @@ private:
     T hf_linear_backward(int w, int b, const char* input_name, bytes_t input_bytes, std::initializer_list<T*> saved,
                          T& grad_in, PassInput pass_input, bool input_cast = false) {
         T input, weight, bias;
-        if (z3_on_) return z3_linear_backward(w, input_name, input_bytes, saved, grad_in, [&](T& g) { pass_input(g); });
+        if (z3_on_) return z3_linear_backward(w, input_name, input_bytes, saved, grad_in, [&](T& g) { pass_input(g); }, true, b);
         if (b < 0) {
             weight = hf_mm_grad(w);
             input = alloc(input_name, input_bytes, Category::Transient);
@@ -494,8 +494,9 @@ private:
     // and then the input's gradient goes on (pass_input; the caller holds no handle to it after).
     // last_use: the weight's last gradient of the step's backward (MLP mini-sequences: the first chunk's),
     // which lets its AccumulateGrad node run.
+    // b: its bias (or -1), whose gradient the node makes last (the output's gradient summed over the tokens).
     T z3_linear_backward(int w, const char* input_name, bytes_t input_bytes, std::initializer_list<T*> saved, T& grad_in,
-                         const std::function<void(T&)>& pass_input, bool last_use = true);
+                         const std::function<void(T&)>& pass_input, bool last_use = true, int b = -1);
     // ---- hf runtime under autocast (precision amp: fp32 weights and residual stream) -----------
     // F.linear's parameters under autocast: the bias's bf16 copy (b >= 0; the cache its only holder),
     // then the weight's (saved by the GEMM): autocast casts the arguments last first.

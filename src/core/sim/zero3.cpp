@@ -50,10 +50,11 @@ constexpr std::int64_t kSubGroupSize = 1'000'000'000;  // zero_optimization.sub_
 void StepBuilder::z3_build() {
     std::vector<std::vector<int>> modules;
     z3_.module_of.assign(params_.size(), -1);
-    auto module = [&](std::initializer_list<int> own) {
+    auto module = [&](std::initializer_list<int> own) {  // (a -1, an absent bias, is skipped)
         const int id = static_cast<int>(modules.size());
         std::vector<int> params;
         for (int p : own) {
+            if (p < 0) continue;
             z3_.module_of[static_cast<std::size_t>(p)] = id;
             params.push_back(z3_.ds_id[static_cast<std::size_t>(p)]);
         }
@@ -70,7 +71,7 @@ void StepBuilder::z3_build() {
         Z3Layer L{};
         L.layer = module({});
         L.attn = module({});
-        L.q = module({lp.q}), L.k = module({lp.k}), L.v = module({lp.v}), L.o = module({lp.o});
+        L.q = module({lp.q, lp.q_bias}), L.k = module({lp.k, lp.k_bias}), L.v = module({lp.v, lp.v_bias}), L.o = module({lp.o});
         if (lp.q_norm >= 0) L.q_norm = module({lp.q_norm}), L.k_norm = module({lp.k_norm});  // (Qwen3: after o_proj)
         L.mlp = module({});
         L.gate = module({lp.gate}), L.up = module({lp.up}), L.down = module({lp.down});
@@ -242,11 +243,12 @@ void StepBuilder::z3_init_state() {
 }
 
 T StepBuilder::z3_linear_backward(int w, const char* input_name, bytes_t input_bytes, std::initializer_list<T*> saved,
-                                  T& grad_in, const std::function<void(T&)>& pass_input, bool last_use) {
+                                  T& grad_in, const std::function<void(T&)>& pass_input, bool last_use, int b) {
     z3_fetch_of(w, false);
     unpack();
     T input = alloc(input_name, input_bytes, Category::Transient);
     T weight = grad_out(w);
+    T bias = b >= 0 ? grad_out(b) : T{};
     // the node's saved input, then its weight (a recompute's alias of it; else the parameter itself)
     std::vector<T>& aliases = z3_.aliases[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(w)])];
     T alias = recomputed_ && !aliases.empty() ? aliases.back() : T{};
@@ -255,6 +257,7 @@ T StepBuilder::z3_linear_backward(int w, const char* input_name, bytes_t input_b
     all.push_back(&alias);
     py_node_end(all, &grad_in);
     add_grad(w, weight, true, last_use);  // (a chunk's joins the next one's into a new sum)
+    if (b >= 0) add_grad(b, bias, false, last_use);
     z3_release_of(w, false);
     pass_input(input);
     return input;
