@@ -84,6 +84,22 @@ def loop_mlp(fn: MlpFn, x: Tensor, chunks: int) -> Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def _tiled_forward(ctx: Any, fn: MlpFn, spans: List[Span], amp: AutocastState, params: Sequence[Tensor],
+                   x: Tensor) -> Tensor:
+    """A tiled Function's forward: the chunks without autograd into one output [T, d_out]; x alone saved."""
+    ctx.fn, ctx.spans, ctx.amp, ctx.params = fn, spans, amp, params
+    ctx.save_for_backward(x)
+    return _run_no_grad(fn, x, spans)
+
+
+def _replay(ctx: Any, x: Tensor, start: int, end: int, need_x: bool) -> Tuple[Tensor, Tensor]:
+    """A tiled Function's chunk [start, end) of x [T, d] again, with autograd, on a detached leaf:
+    (xc [n, d], yc [n, d_out]), under the forward's autocast state."""
+    xc = x[start:end].detach().requires_grad_(need_x)
+    with torch.enable_grad(), autocast_as(x.device.type, ctx.amp):
+        return xc, ctx.fn(xc)
+
+
 class _TiledMlp(torch.autograd.Function):
     """Forward without autograd saving only x; backward recomputes chunk by chunk.
 
@@ -98,9 +114,7 @@ class _TiledMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, fn: MlpFn, spans: List[Span], amp: AutocastState,
                 x: Tensor, *params: Tensor) -> Tensor:
-        ctx.fn, ctx.spans, ctx.amp, ctx.params = fn, spans, amp, params
-        ctx.save_for_backward(x)
-        return _run_no_grad(fn, x, spans)
+        return _tiled_forward(ctx, fn, spans, amp, params, x)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -112,9 +126,7 @@ class _TiledMlp(torch.autograd.Function):
         dx = torch.empty_like(x) if need_x else None
         sums: List[Optional[Tensor]] = [None] * len(wanted)
         for start, end in ctx.spans:
-            xc = x[start:end].detach().requires_grad_(need_x)
-            with torch.enable_grad(), autocast_as(x.device.type, ctx.amp):
-                yc = ctx.fn(xc)  # [n, d_out]
+            xc, yc = _replay(ctx, x, start, end, need_x)
             inputs = ([xc] if need_x else []) + wanted
             grads = list(torch.autograd.grad(yc, inputs, dy[start:end], allow_unused=True))
             del yc
@@ -140,9 +152,7 @@ class _TiledMlpZero3(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, fn: MlpFn, spans: List[Span], amp: AutocastState, params: Sequence[Tensor],
                 x: Tensor) -> Tensor:
-        ctx.fn, ctx.spans, ctx.amp, ctx.params = fn, spans, amp, params
-        ctx.save_for_backward(x)
-        return _run_no_grad(fn, x, spans)
+        return _tiled_forward(ctx, fn, spans, amp, params, x)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -153,9 +163,7 @@ class _TiledMlpZero3(torch.autograd.Function):
         for i, (start, end) in enumerate(ctx.spans):
             for p in ctx.params:
                 p.ds_grad_is_ready = i == last  # (True again after the loop: DeepSpeed's default)
-            xc = x[start:end].detach().requires_grad_(need_x)
-            with torch.enable_grad(), autocast_as(x.device.type, ctx.amp):
-                yc = ctx.fn(xc)  # [n, d_out]
+            xc, yc = _replay(ctx, x, start, end, need_x)
             torch.autograd.backward(yc, dy[start:end])
             del yc
             if need_x:
