@@ -305,6 +305,11 @@ def _parse(data: Any, where: str) -> MstConfig:
     if data_parallel > 1 and zero_stage == 0 and optimizer.in_backward:
         o.fail("in_backward", "expected false with data_parallel > 1 and zero_stage 0 (a step in backward would use "
                               "gradients DDP has not reduced), got true")
+    # (as mst-plan's setup: ZeRO 2 and 3 own the gradients; under ZeRO-3 the tiled MLP's chunks would
+    # each step the MLP on a partial gradient)
+    if zero_stage >= 2 and optimizer.in_backward:
+        o.fail("in_backward", "expected false with zero_stage 2 or 3 (DeepSpeed reduce-scatters the gradients per "
+                              "bucket), got true")
 
     p = r.child("predicted")
     predicted = Predicted(

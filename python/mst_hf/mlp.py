@@ -160,15 +160,19 @@ class _TiledMlpZero3(torch.autograd.Function):
         need_x = ctx.needs_input_grad[4]
         dx = torch.empty_like(x) if need_x else None
         last = len(ctx.spans) - 1
-        for i, (start, end) in enumerate(ctx.spans):
+        try:
+            for i, (start, end) in enumerate(ctx.spans):
+                for p in ctx.params:
+                    p.ds_grad_is_ready = i == last
+                xc, yc = _replay(ctx, x, start, end, need_x)
+                torch.autograd.backward(yc, dy[start:end])
+                del yc
+                if need_x:
+                    dx[start:end] = xc.grad
+                del xc
+        finally:  # DeepSpeed's default again, also when a chunk raised
             for p in ctx.params:
-                p.ds_grad_is_ready = i == last  # (True again after the loop: DeepSpeed's default)
-            xc, yc = _replay(ctx, x, start, end, need_x)
-            torch.autograd.backward(yc, dy[start:end])
-            del yc
-            if need_x:
-                dx[start:end] = xc.grad
-            del xc
+                p.ds_grad_is_ready = True
         return None, None, None, None, dx
 
 
@@ -177,7 +181,9 @@ def tiled_mlp(fn: MlpFn, module: nn.Module, x: Tensor, chunks: int, zero3: bool 
     ``zero3``: its parameters are DeepSpeed ZeRO-3's, gathered only while its submodules run."""
     flat = x.reshape(-1, x.shape[-1])  # [T, d]
     params = tuple(p for p in module.parameters() if p.requires_grad)
-    if flat.shape[0] == 0 or not torch.is_grad_enabled() or not (flat.requires_grad or params):
+    # (ZeRO-3's Function has x as its only input: without x's gradient it would never run backward, and
+    # the parameters' gradients are made by the loop)
+    if flat.shape[0] == 0 or not torch.is_grad_enabled() or not (flat.requires_grad or (params and not zero3)):
         return loop_mlp(fn, x, chunks)
     spans = _spans(flat.shape[0], chunks)
     if zero3:

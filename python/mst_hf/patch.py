@@ -258,6 +258,13 @@ def apply(model: nn.Module, config: ConfigLike) -> nn.Module:
         missing = [i for i, layer in enumerate(layers) if not isinstance(getattr(layer, "mlp", None), nn.Module)]
         if missing:
             raise ValueError(f"mst_hf.apply: mlp.chunks: decoder layers {missing} have no .mlp module")
+        # The tiled MLP's forward runs without autograd, so the router's logits a Mixture-of-Experts model
+        # records for its load-balancing loss (output_router_logits) would carry no gradient to the router.
+        moe = any(isinstance(getattr(layer.mlp, "experts", None), nn.Module) for layer in layers)
+        if cfg.mlp.impl == "tiled" and moe and getattr(getattr(model, "config", None), "output_router_logits", False):
+            raise ValueError("mst_hf.apply: mlp.impl: expected loop for a Mixture-of-Experts model with "
+                             "config.output_router_logits (the tiled MLP's forward runs without autograd: the router "
+                             "loss's gradient would not reach the router), got \"tiled\"")
     head = _check_lm_head(model, cfg) if cfg.lm_head.chunks > 1 else None
     _check_attention(model, cfg)
 

@@ -129,8 +129,8 @@ def loss_and_grads(model, ids, labels):
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_same_training(family, config):
-    base = MODELS[family]()
+def assert_same_training(family, config, base=None):
+    base = MODELS[family]() if base is None else base
     patched = mst_hf.apply(copy.deepcopy(base), config)
     ids, labels = batch()
     ref_loss, ref_grads = loss_and_grads(base, ids, labels)
@@ -342,6 +342,32 @@ def test_under_zero3_the_loss_reads_lm_head_only_while_it_is_gathered(impl):
     _Partitioned(outside.lm_head)
     with pytest.raises(ValueError, match=r"expected weight \[V, 64\]"):
         outside(input_ids=ids, labels=labels)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_a_tiled_mlp_whose_input_needs_no_gradient_still_gives_its_weights_theirs(zero_stage):
+    # MLP-only fine-tuning: the embedding and layer 0's norms and attention frozen, so layer 0's MLP input
+    # needs no gradient (ZeRO-3's tiled Function, whose only input it is, would never run backward)
+    base = tiny_llama()
+    base.model.embed_tokens.weight.requires_grad_(False)
+    layer = base.model.layers[0]
+    for module in (layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm):
+        module.requires_grad_(False)
+    assert_same_training("llama", mst_config(mlp=(3, "tiled"), zero_stage=zero_stage), base)
+
+
+def test_a_tiled_mlp_is_refused_where_a_router_loss_needs_the_routers_gradient():
+    base = tiny_mixtral()
+    base.config.output_router_logits = True
+    with pytest.raises(ValueError, match="mlp.impl: expected loop for a Mixture-of-Experts model with "
+                                         "config.output_router_logits"):
+        mst_hf.apply(copy.deepcopy(base), mst_config(mlp=(3, "tiled")))
+    assert_same_training("mixtral", mst_config(mlp=(3, "loop"), lm_head=(2, "fused")), base)
+
+
+def test_zero3_refuses_an_optimizer_step_in_backward():
+    with pytest.raises(ValueError, match="in_backward: expected false with zero_stage 2 or 3"):
+        mst_config(zero_stage=3, optimizer={"name": "adamw", "state_dtype": "fp32", "in_backward": True})
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
