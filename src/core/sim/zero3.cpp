@@ -290,8 +290,9 @@ T StepBuilder::z3_mlp_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool
 // empty_like(x); per chunk in order, the chunk replayed with autograd on a detached leaf (its modules'
 // forward hooks fetch and release), its own torch.autograd.backward (the MLP chunk's backward, each
 // weight's gradient accumulated into .grad: the first chunk's becomes it, later ones are summed in
-// place, and DeepSpeed's hook acts after the last chunk's only: ds_grad_is_ready), then yc deleted,
-// dx[chunk] = xc.grad copied, xc and its gradient deleted. The weights leave the node no gradient.
+// place; DeepSpeed's hook runs every time, may flush the bucket, and adds the sum to it after the
+// last chunk only: ds_grad_is_ready), then yc deleted, dx[chunk] = xc.grad copied, xc and its
+// gradient deleted. The weights leave the node no gradient.
 T StepBuilder::z3_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     at("mlp.tiled");
     T dx = alloc("d_x", res(tokens_, m_.hidden_size), Category::Transient);
