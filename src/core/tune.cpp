@@ -999,17 +999,6 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                 take_deepspeed(z2, rq.base);
                 if (refusal(z2, run.mst_mlp).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
             }
-            // A row the hf runtime's ZeRO-3 does not model shards at ZeRO 2.
-            if (ours && row.refused.empty() && run.setup.deepspeed_zero3()) {
-                TrainingSetup t = run.setup;
-                if (run.mst) t.mlp_chunks = run.mst_mlp ? 2 : 1, t.lm_chunks = 2;
-                if (!valid(t, m)) {
-                    t = run.setup;
-                    t.zero_stage = 2;
-                    take_deepspeed(t, rq.base);
-                    run.setup = t, row.setup = t;
-                }
-            }
             // One rank: ZeRO 1 shards nothing and is what DeepSpeed needs for bf16 master weights.
             if (ours && !row.refused.empty() && run.setup.zero_ranks() == 1 && run.setup.zero_stage == 0 &&
                 run.setup.runtime == Runtime::Kernels) {

@@ -740,14 +740,13 @@ private:
     // detached alias of the gathered storage current then (torch/utils/checkpoint.py): it holds that
     // storage until the linear's backward has run, whatever DeepSpeed releases meanwhile.
     void z3_alias(int p) {
-        if (z3_on_ && phase_ == Phase::Recompute && grad_ && !z3_replay_)
+        if (z3_on_ && phase_ == Phase::Recompute && grad_ && !hf_leaf_input_)  // (not the tiled MLP's replay)
             z3_.aliases[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])].push_back(
                 hold(z3_.gathered[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])]));
     }
     T z3_mlp_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool last_use);  // one chunk's backward: its input's gradient
     T z3_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);  // python/mst_hf's tiled MLP (ALST's way)
     bool z3_grad_held_ = false;  // ds_grad_is_ready False: DeepSpeed's gradient hook adds nothing yet
-    bool z3_replay_ = false;     // the tiled MLP's chunk replay in backward (no checkpoint pack hooks)
     void z3_grad_hook(int p);             // reduce_independent_p_g_buckets_and_remove_grads
     void z3_flush();                      // __reduce_and_partition_ipg_grads
     void z3_after_backward(T& root);      // the epilogue's flush, release_backward_leftovers

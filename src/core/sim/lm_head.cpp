@@ -352,15 +352,13 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
         for (T& mask : hf_masks_) drop(mask);
     }
     for (HfRope& rope : hf_rope_) drop(rope.sin), drop(rope.cos);  // the dict's entries in order, a tuple's last first
+    z3_fetch_of(lm_head_);  // (python/mst_hf's chunked loss runs inside lm_head's forward under ZeRO-3)
     if (s_.lm_chunks > 1) {
-        // (ZeRO-3: python/mst_hf runs the loss inside lm_head's forward, between its gather and release)
-        z3_fetch_of(lm_head_);
         hf_chunked_loss_forward(h, hs);
         z3_release_of(lm_head_);
         drop(h);  // the model's (and the training forward's) hidden
         return;
     }
-    z3_fetch_of(lm_head_);
     T logits = logits_forward(h, hs.hf_logits_in, hs.logits_tanh);
     z3_release_of(lm_head_);
     at("loss");

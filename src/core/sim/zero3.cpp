@@ -123,6 +123,15 @@ void StepBuilder::z3_build() {
     auto back = [&](int m) {
         if (m >= 0) fetch(m, false), release(m, false);
     };
+    // one chunk's backward; down_proj's node unpacks first: a checkpointed layer's recompute runs there
+    auto chunk_backward = [&](const Z3Layer& L, bool recompute) {
+        fetch(L.down, false);
+        if (recompute) layer_inside(L, true);
+        release(L.down, false);
+        back(L.up);
+        fetch(L.act, false);
+        back(L.gate);
+    };
     fetch(z3_.root, false);
     back(z3_.lm_head);
     fetch(z3_.model, false);
@@ -130,23 +139,15 @@ void StepBuilder::z3_build() {
     for (std::size_t i = z3_.layers.size(); i-- > 0;) {
         const Z3Layer& L = z3_.layers[i];
         fetch(L.layer, false), fetch(L.mlp, false);
-        // the tiled MLP's Function: the layer's recompute at its unpack, then per chunk in order its
-        // replay and its own backward
-        if (tiled && s_.checkpointed(static_cast<std::int64_t>(i))) layer_inside(L, true);
-        for (std::int64_t c = 0; tiled && c < chunks; ++c) {
-            chunk_forward(L, false);
-            fetch(L.down, false), release(L.down, false);
-            back(L.up);
-            fetch(L.act, false);
-            back(L.gate);
-        }
-        for (std::int64_t c = tiled ? 0 : chunks; c-- > 0;) {  // (autograd runs the last chunk's nodes first)
-            fetch(L.down, false);
-            if (c + 1 == chunks && s_.checkpointed(static_cast<std::int64_t>(i))) layer_inside(L, true);
-            release(L.down, false);
-            back(L.up);
-            fetch(L.act, false);
-            back(L.gate);
+        const bool checkpointed = s_.checkpointed(static_cast<std::int64_t>(i));
+        if (tiled) {
+            // the tiled MLP's Function: the layer's recompute at its unpack, then per chunk in order its
+            // replay and its own backward
+            if (checkpointed) layer_inside(L, true);
+            for (std::int64_t c = 0; c < chunks; ++c) chunk_forward(L, false), chunk_backward(L, false);
+        } else {
+            for (std::int64_t c = chunks; c-- > 0;)  // (autograd runs the last chunk's nodes first)
+                chunk_backward(L, checkpointed && c + 1 == chunks);
         }
         back(L.post_ln);
         fetch(L.attn, false);
@@ -301,12 +302,10 @@ T StepBuilder::z3_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     for (std::size_t chunk = 0; chunk < sizes.size(); ++chunk) {
         z3_grad_held_ = chunk + 1 < sizes.size();
         phase_ = Phase::Recompute;
-        z3_replay_ = true;
         HfMlpChunk c;
         hf_leaf_input_ = true;  // xc = x[chunk].detach().requires_grad_()
         T yc = hf_block_chunk_forward(lp, sv.x_tiled, sizes[chunk], &c, nullptr, false, {});
         hf_leaf_input_ = false;
-        z3_replay_ = false;
         phase_ = Phase::Backward;
         T dyc = hold(dy);  // dy[chunk], a view
         T dxc = z3_mlp_backward(lp, c, dyc, true);  // (its sum becomes xc.grad)
