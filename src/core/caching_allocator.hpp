@@ -146,7 +146,7 @@ private:
         std::int64_t seg = 0;                 // segments are numbered in creation order
         std::int32_t prev = -1, next = -1;    // neighbours in the segment, by address
         std::int32_t free_prev = -1, free_next = -1;  // neighbours in its size class (free blocks)
-        std::int32_t cls = -1;                         // its size class, while free
+        std::int32_t cls = -1;                         // its size class while free (and the last one after)
         bool free = false;
         // The size class's order: (segment, offset) descending, so that the best fit is last.
         bool before(const Block& o) const { return seg != o.seg ? seg > o.seg : offset > o.offset; }
@@ -162,10 +162,12 @@ private:
         int shift = 64;  // 64 - log2(slots.size())
         // The classes holding a free block, ascending by size: (size, id).
         std::vector<std::pair<bytes_t, std::int32_t>> nonempty;
-        // The first entry of nonempty of at least `size` bytes (binary search: fragments of many
-        // sizes can be free at once).
+        // The first entry of nonempty of at least `size` bytes: a linear scan, faster than a binary
+        // search over the few classes (about 8) that hold a block at a time.
         std::vector<std::pair<bytes_t, std::int32_t>>::iterator lower(bytes_t size) {
-            return std::lower_bound(nonempty.begin(), nonempty.end(), size, [](const auto& e, bytes_t s) { return e.first < s; });
+            auto it = nonempty.begin();
+            while (it != nonempty.end() && it->first < size) ++it;
+            return it;
         }
 
         void clear() {
@@ -242,7 +244,11 @@ private:
     void add_free(bool small, std::int32_t b) {
         Pool& pool = pools_[small ? 0 : 1];
         Block& blk = blocks_[idx(b)];
-        const std::int32_t c = pool.class_of(blk.size);
+        // A block freed at the size it had when last free keeps its class: no hash lookup.
+        const std::int32_t c = blk.cls >= 0 && static_cast<std::size_t>(blk.cls) < pool.classes.size() &&
+                                       pool.classes[static_cast<std::size_t>(blk.cls)].size == blk.size
+                                   ? blk.cls
+                                   : pool.class_of(blk.size);
         blk.cls = c;
         SizeClass& cls = pool.classes[static_cast<std::size_t>(c)];
         if (cls.first < 0) {

@@ -169,6 +169,15 @@ void StepBuilder::build_params() {
                 P.shard_ranks = s_.expert_data_ranks();
             }
     gathered_.assign(static_cast<std::size_t>(m_.num_layers + 2), T{});
+    // The bytes ZeRO-3 gathers for each unit (index unit + 1): the embedding, each layer's sharded
+    // parameters (an expert whose rank alone holds it, ep = dp x sp, is stored whole: nothing to
+    // gather), the final norm with the LM head.
+    unit_bytes_.assign(static_cast<std::size_t>(m_.num_layers + 2), 0);
+    for (const Param& p : params_)
+        if (p.layer >= 0 && p.shard_ranks > 1) unit_bytes_[static_cast<std::size_t>(p.layer + 1)] += p.numel;
+    unit_bytes_.front() = params_[static_cast<std::size_t>(embed_)].numel;
+    unit_bytes_.back() = params_[static_cast<std::size_t>(final_norm_)].numel + params_[static_cast<std::size_t>(lm_head_)].numel;
+    for (bytes_t& b : unit_bytes_) b = checked_mul(b, pw_);
 
     // model.parameters() of a transformers causal LM: the embedding; per layer the attention's
     // q, k, v, o (each weight, then its bias; Phi-3: o, qkv), the MLP's gate, up, down (Phi-3:
@@ -437,20 +446,6 @@ T StepBuilder::uncast_grad(T& g, std::int64_t cols) {
 }
 
 // ---- ZeRO-3 units ------------------------------------------------------------------
-
-bytes_t StepBuilder::unit_bytes(int unit) const {
-    std::int64_t n = 0;
-    if (unit < 0) {
-        n = params_[static_cast<std::size_t>(embed_)].numel;
-    } else if (unit >= m_.num_layers) {
-        n = params_[static_cast<std::size_t>(final_norm_)].numel + params_[static_cast<std::size_t>(lm_head_)].numel;
-    } else {
-        // (an expert whose rank alone holds it, ep = dp x sp, is stored whole: nothing to gather)
-        for (const auto& p : params_)
-            if (p.layer == unit && p.shard_ranks > 1) n += p.numel;
-    }
-    return checked_mul(n, pw_);
-}
 
 void StepBuilder::gather_unit(int unit) {
     if (zero_stage() < 3 || unit < -1 || unit > m_.num_layers) return;

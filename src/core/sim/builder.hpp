@@ -356,7 +356,7 @@ private:
     void gather_unit(int unit);         // ZeRO-3: all-gather a unit's parameters (unit -1 = embedding, L = head)
     void enter_unit(int unit, int dir); // gather it and prefetch the next ones in direction dir
     void release_unit(int unit);
-    bytes_t unit_bytes(int unit) const;
+    bytes_t unit_bytes(int unit) const { return unit_bytes_[static_cast<std::size_t>(unit + 1)]; }
     int zero_stage() const;             // the stage in effect (0 when dp == 1)
     // AMP: a linear's fp32 input is cast to a bf16 copy that the linear saves.
     T cast_for_matmul(T& x, std::int64_t cols);
@@ -793,6 +793,7 @@ private:
     T autocast_leaf_;                                   // hf: the cached copy of a leaf input (the tiled MLP's replay)
     bool hf_leaf_input_ = false;                        // hf: the MLP's input is a leaf (the tiled MLP's replay)
     std::vector<T> gathered_;                           // ZeRO-3: per unit (index unit + 1)
+    std::vector<bytes_t> unit_bytes_;                   // and its gathered bytes (unit_bytes)
 
     // tensor table and the timeline being written
     std::vector<TableEntry> table_;
