@@ -115,6 +115,14 @@ ZERO3_CASES = {
     "qwen3": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[1], lm_chunks=2, param_persistence_threshold=0),
               dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 0}),
               2, str(REPO / "tests" / "data" / "tiny_qwen3_untied.json")),
+    # tied embeddings (one Parameter in embed_tokens and lm_head, fetched by both): lm_head's gradient takes
+    # the embedding's in place before DeepSpeed's hook; two micro-steps, MLP and LM head chunks, the norms
+    # persistent
+    "tied": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[0, 1], grad_accum=2, mlp_chunks=2, lm_chunks=3,
+                  lm_impl="recompute", **PERSISTENT),
+             dict(DS_CONFIG, gradient_accumulation_steps=2,
+                  zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 100}),
+             1, str(REPO / "tests" / "data" / "tiny_qwen3.json")),
 }
 # python/mst_hf's tiled MLP under ZeRO-3 (ALST's way: its gradients accumulate chunk by chunk, reduced
 # after the last): DeepSpeed runs it alike on fake and real tensors.
@@ -414,7 +422,8 @@ def test_the_hf_runtime_predicts_deepspeeds_zero_3_step_event_for_event(runs, ca
     """ZeRO-3: every gather, copy and release of DeepSpeed's coordinator, the bucket's reduce-scatters and the
     step, with nothing persistent and a 4096-element bucket; with the norms persistent, every layer
     checkpointed (the recompute's fetches) and two micro-steps; with flash attention; with python/mst_hf's
-    MLP and LM head mini-sequences (the loss inside lm_head's forward); with offloaded checkpoints; Qwen2 and Qwen3."""
+    MLP and LM head mini-sequences (the loss inside lm_head's forward); with offloaded checkpoints; Qwen2 and Qwen3;
+    tied embeddings."""
     binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
     if not binary.exists():
         pytest.skip("mst-plan is not built (set MST_PLAN or build/)")

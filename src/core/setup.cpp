@@ -372,8 +372,8 @@ void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
 }
 
 // ZeRO-3 in the hf runtime (src/core/sim/zero3.cpp) is proven on the referee for the dense
-// Llama-shaped decoder (Llama, Mistral, Qwen2 with its q/k/v biases, Qwen3 with its head norms) with fp32
-// master weights, python/mst_hf's MLP (loop or tiled) and LM head mini-sequences and checkpoints on
+// Llama-shaped decoder (Llama, Mistral, Qwen2 with its q/k/v biases, Qwen3 with its head norms; tied
+// embeddings or not) with fp32 master weights, python/mst_hf's MLP (loop or tiled) and LM head mini-sequences and checkpoints on
 // the GPU or offloaded.
 // What else its hooks and gathers would meet is refused until it is proven the same way.
 namespace {
@@ -385,10 +385,10 @@ void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char
     // (Qwen2's q, k and v biases: a second parameter of their modules)
     const bool qwen2 = m.family == Family::Qwen2;
     const bool llama_shaped = (m.family == Family::Llama || m.family == Family::Mistral || m.family == Family::Qwen3 || qwen2) &&
-                              !m.moe && (!m.qkv_bias || qwen2) && !m.o_bias && !m.mlp_bias && !m.tie_word_embeddings && !m.longrope;
+                              !m.moe && (!m.qkv_bias || qwen2) && !m.o_bias && !m.mlp_bias && !m.longrope;
     if (!llama_shaped)
         fail(w, "zero_stage", fmt::format("expected 0, 1 or 2 for {} {} (its modules' hooks are modelled for Llama, Mistral, "
-                                          "Qwen2 and Qwen3, dense, with untied embeddings and no biases but Qwen2's){}, got 3",
+                                          "Qwen2 and Qwen3, dense, with no biases but Qwen2's){}, got 3",
                                           m.name, z3, hint));
     if (s.precision != Precision::Bf16Master)
         fail(w, "precision", fmt::format("expected bf16-master {} (its fp32 master partitions), got {}", z3, to_string(s.precision)));

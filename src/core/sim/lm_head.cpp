@@ -39,9 +39,9 @@ T StepBuilder::embedding_forward(Category out_category) {
     at("embedding");
     const bool gemma = m_.gemma();
     if (hf_) {
-        z3_fetch_of(embed_);
+        z3_fetch(z3_.embed);  // (its module: with tied embeddings the weight is lm_head's too)
         T x = act("embeddings", res(tokens_, m_.hidden_size), false);
-        z3_release_of(embed_);
+        z3_release(z3_.embed);
         if (gemma) {  // Gemma2ScaledWordEmbedding: times embed_scale, a new tensor
             at("embedding.scale");
             T scaled = act("embeddings_scaled", res(tokens_, m_.hidden_size), false);
@@ -70,7 +70,7 @@ void StepBuilder::embedding_backward(T& dres) {
             dres = scaled;
         }
         at("embedding");
-        z3_fetch_of(embed_, false);  // (its post-backward never runs: the ids need no gradient)
+        z3_fetch(z3_.embed, false);  // (its post-backward never runs: the ids need no gradient)
         T g = grad_out(embed_);
         node_end({}, &dres);
         add_grad(embed_, g, false, true);
@@ -416,7 +416,9 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
         at("lm_head");
     }
     if (z3_on_) {
-        T dh = z3_linear_backward(lm_head_, "d_hidden", bf16(tokens_, d), {&hs.hf_logits_in}, gl, [](T&) {});
+        // (tied: the embedding's gradient joins the weight's before AccumulateGrad runs)
+        T dh = z3_linear_backward(lm_head_, "d_hidden", bf16(tokens_, d), {&hs.hf_logits_in}, gl, [](T&) {},
+                                  !m_.tie_word_embeddings);
         at("final_norm");
         z3_fetch(z3_.model, false);  // the inner model's output
         return hf_norm_backward(final_norm_, hs.hf_norm, dh);

@@ -257,7 +257,9 @@ T StepBuilder::z3_linear_backward(int w, const char* input_name, bytes_t input_b
     std::vector<T*> all(saved);
     all.push_back(&alias);
     py_node_end(all, &grad_in);
-    add_grad(w, weight, true, last_use);  // (a chunk's joins the next one's into a new sum)
+    // A chunk's joins the next one's into a new sum; the tied LM head's takes the embedding's in
+    // place, a whole backward later (the referee: autograd's InputBuffer adds into it).
+    add_grad(w, weight, !(w == lm_head_ && m_.tie_word_embeddings), last_use);
     if (b >= 0) add_grad(b, bias, false, last_use);
     z3_release_of(w, false);
     pass_input(input);
