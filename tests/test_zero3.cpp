@@ -159,6 +159,52 @@ TEST_CASE("ZeRO-3 with tied embeddings: one gathered weight for the embedding an
     CHECK(freed(grads[0])->op.starts_with("deepspeed."));
 }
 
+// Phi-3-mini: fused projections, one parameter each: a layer holds o_proj 3072 x 3072 (registered
+// first), qkv_proj 9216 x 3072 (32 query heads and 32 key/value heads of 96), gate_up_proj 16384 x 3072,
+// down_proj 3072 x 8192 and two norms: 113252352; 32 of them, the embedding and lm_head (32064 x 3072
+// each, untied) and the final norm make P = 3821079552, a partition of P / 8 = 477634944 on 8 ranks.
+// Every layer's qkv_proj and gate_up_proj is gathered whole in forward (a gather of the fused parameter,
+// python/mst_hf's MLP chunks calling it four times).
+TEST_CASE("ZeRO-3 for Phi-3: the fused projections are one parameter each, gathered whole") {
+    const ModelSpec m = find_model("phi-3-mini-4k");
+    TrainingSetup s = zero3(4096, 8);
+    s.mlp_chunks = 4;
+    const Timeline t = simulate(m, s, test::test_gpu());
+    CHECK(bytes_of(allocs(t, "lp_param_buffer", Phase::Init)) == elements({477634944}));
+    CHECK(bytes_of(allocs(t, "fp32_partition", Phase::Init)) == elements({477634944}, 4));
+    const auto gate_up = allocs(t, "gate_up_proj", Phase::Forward), qkv = allocs(t, "qkv_proj", Phase::Forward);
+    CHECK(gate_up.size() >= 32);
+    CHECK(qkv.size() >= 32);
+    for (const Event* e : gate_up) CHECK((e->bytes == 16384 * 3072 * 2 && e->category == Category::Weights));
+    for (const Event* e : qkv) CHECK((e->bytes == 9216 * 3072 * 2 && e->category == Category::Weights));
+}
+
+// Gemma-2-2B: a layer holds q and o 2304 x 2048 (8 heads of 256), k and v 2304 x 1024, gate, up and
+// down 2304 x 9216 and four norms of 2304 (input, post-attention, pre- and post-feedforward, each a
+// module): 77865984; 26 of them, the tied embedding (256000 x 2304) and the final norm make P =
+// 2614341888, a partition of P / 8 = 326792736 on 8 ranks. All 105 norms are persistent (at most 1e5
+// elements): gathered from init, 2304 elements each. The embedding scales its output inside its own
+// forward (transformers' Gemma2ScaledWordEmbedding), so its weight, gathered for it and not used again
+// within the 1e9-element reuse distance (26 layers of 77865984 lie before lm_head), is released after
+// the scaled embeddings are made.
+TEST_CASE("ZeRO-3 for Gemma-2: four norms per layer, each a module of its own") {
+    const ModelSpec m = find_model("gemma-2-2b");
+    const Timeline t = simulate(m, zero3(4096, 8), test::test_gpu());
+    CHECK(bytes_of(allocs(t, "lp_param_buffer", Phase::Init)) == elements({326792736}));
+    CHECK(bytes_of(allocs(t, "fp32_partition", Phase::Init)) == elements({326792736}, 4));
+    std::int64_t norms = 0;
+    for (const Event& e : t.events)
+        if (e.alloc && e.phase == Phase::Init && e.op == "init.weights" && e.bytes == 2 * 2304) ++norms;
+    CHECK(norms == 4 * 26 + 1);
+    const auto scaled = allocs(t, "embeddings_scaled", Phase::Forward);
+    REQUIRE(scaled.size() == 1);
+    const auto released = std::find_if(t.events.begin(), t.events.end(), [](const Event& e) {
+        return !e.alloc && e.phase == Phase::Forward && e.bytes == std::int64_t{256000} * 2304 * 2;
+    });
+    REQUIRE(released != t.events.end());
+    CHECK(&*released > scaled[0]);
+}
+
 // Qwen2.5-7B: q, k and v have biases, second parameters of their modules (3584, 512 and 512 elements,
 // persistent under 1e5). A layer: q and o 3584 x 3584, k and v 512 x 3584, the biases, gate, up, down
 // 18944 x 3584, two norms: 233057792; with the embedding and lm_head (152064 x 3584 each) and the final
@@ -242,8 +288,15 @@ TEST_CASE("ZeRO-3 in the hf runtime: what is not modelled yet is a one-line erro
     other.checkpoint.assign(2, true), other.offload_checkpoints = true;
     CHECK_NOTHROW(validate(other, m));  // (python/mst_hf's save_on_cpu)
     CHECK_NOTHROW(validate(s, find_model("llama-3.2-1b")));  // (tied embeddings)
+    CHECK(test::expect_user_error([&] { validate(s, find_model("gemma-3-1b")); })
+              .rfind("setup: zero_stage: expected 0, 1 or 2 for gemma-3-1b", 0) == 0);
+    // Gemma-2 soft-caps lm_head's output in the model's forward: python/mst_hf's chunked loss, inside
+    // lm_head's forward under ZeRO-3, is refused there and here
     const ModelSpec gemma = find_model("gemma-2-2b");
-    CHECK(test::expect_user_error([&] { validate(s, gemma); }).rfind("setup: zero_stage: expected 0, 1 or 2 for", 0) == 0);
+    CHECK_NOTHROW(validate(s, gemma));
+    other = s;
+    other.lm_chunks = 2;
+    CHECK(test::expect_user_error([&] { validate(other, gemma); }).rfind("setup: lm_chunks: expected 1 for gemma-2-2b", 0) == 0);
     // the options are ZeRO-3's: elsewhere they are DeepSpeed's defaults
     other = s;
     other.zero_stage = 2, other.param_persistence_threshold = 0;

@@ -290,6 +290,8 @@ def _register_state(recorder: Any, model: Any, optimizer: Any, fake_mode: Any) -
     step."""
     import torch
 
+    from .referee import tensor_attributes
+
     if _stage(optimizer) == 3:
         recorder.register([("lp_param_buffer", getattr(optimizer, "lp_param_buffer", None))], "weights", "init.weights")
         recorder.register(((f"fp16_partition_group{i}", t) for i, t in enumerate(optimizer.fp16_partitioned_groups_flat)),
@@ -306,6 +308,7 @@ def _register_state(recorder: Any, model: Any, optimizer: Any, fake_mode: Any) -
                           "weights", "init.weights")
         recorder.register(model.named_parameters(), "weights", "init.weights")  # (any outside the flat groups)
     recorder.register(model.named_buffers(), "weights", "init.buffers")
+    recorder.register(tensor_attributes(model), "weights", "init.buffers")  # (longrope's long_inv_freq)
     recorder.register(((f"fp32_partition_group{i}", t) for i, t in enumerate(_fp32_partitions(optimizer))),
                       "master_weights", "init.master_weights")
     # (by the partitions: ZeRO-3 empties the groups' parameter lists after each sub-group's step)

@@ -88,7 +88,7 @@ def patched_model(job: Job, cfg: "mst_hf.MstConfig") -> Tuple[Any, str]:
     return model, attn
 
 
-def _tensor_attributes(model: Any) -> Iterator[Tuple[str, Any]]:
+def tensor_attributes(model: Any) -> Iterator[Tuple[str, Any]]:
     """Tensors modules keep as plain attributes, neither parameters nor buffers (longrope's
     ``long_inv_freq``, made by the first forward): device memory all the same."""
     import torch
@@ -151,7 +151,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         recorder = StorageRecorder(correct_buffer_sums)
         recorder.register(model.named_parameters(), "weights", "init.weights")
         recorder.register(model.named_buffers(), "weights", "init.buffers")
-        recorder.register(_tensor_attributes(model), "weights", "init.buffers")
+        recorder.register(tensor_attributes(model), "weights", "init.buffers")
         recorder.register(((names[id(m)], m) for m in masters.values()), "master_weights", "init.master_weights")
         recorder.register(_state_tensors(optimizer, names), "optimizer_state", "init.optimizer_state")
         if ddp is not None:

@@ -123,6 +123,17 @@ ZERO3_CASES = {
              dict(DS_CONFIG, gradient_accumulation_steps=2,
                   zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 100}),
              1, str(REPO / "tests" / "data" / "tiny_qwen3.json")),
+    # Phi-3 (tied, partial rotary, longrope): fused qkv_proj and gate_up_proj, one parameter each; its
+    # residual dropouts are modules whose hooks count; longrope's long_inv_freq is held as a buffer
+    "phi3": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[0], mlp_chunks=2, lm_chunks=2, **PERSISTENT),
+             dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 100}),
+             2, str(REPO / "tests" / "data" / "tiny_phi3_longrope.json")),
+    # Gemma-2 (tied, soft-capped): four norms per layer, each a module; a checkpointed layer's recompute
+    # runs in the backward of the norm after its MLP, before the MLP's pre-backward fetch
+    "gemma2": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[1], mlp_chunks=2, grad_accum=2, **PERSISTENT),
+               dict(DS_CONFIG, gradient_accumulation_steps=2,
+                    zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 100}),
+               0, str(REPO / "tests" / "data" / "tiny_gemma2.json")),
 }
 # python/mst_hf's tiled MLP under ZeRO-3 (ALST's way: its gradients accumulate chunk by chunk, reduced
 # after the last): DeepSpeed runs it alike on fake and real tensors.
@@ -423,7 +434,7 @@ def test_the_hf_runtime_predicts_deepspeeds_zero_3_step_event_for_event(runs, ca
     step, with nothing persistent and a 4096-element bucket; with the norms persistent, every layer
     checkpointed (the recompute's fetches) and two micro-steps; with flash attention; with python/mst_hf's
     MLP and LM head mini-sequences (the loss inside lm_head's forward); with offloaded checkpoints; Qwen2 and Qwen3;
-    tied embeddings."""
+    tied embeddings; Phi-3; Gemma-2."""
     binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
     if not binary.exists():
         pytest.skip("mst-plan is not built (set MST_PLAN or build/)")

@@ -170,9 +170,9 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                          rq.gpus > 1 && rq.base.runtime == Runtime::Hf && !deepspeed ? "" : "more GPUs, ",  // DDP: each holds it all
                          r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
                          rq.gpus == 1 || rq.base.runtime != Runtime::Hf ? ""
-                         : deepspeed ? "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for Llama, "
-                                       "Mistral, Qwen2 and Qwen3 with bf16-master: --runtime kernels plans more, "
-                                       "and sequence parallelism"
+                         : deepspeed ? "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for dense "
+                                       "Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma-2 with bf16-master: --runtime kernels "
+                                       "plans more, and sequence parallelism"
                                      : "; the hf runtime plans several GPUs as DDP, each holding the whole model, its gradients "
                                        "and optimizer states (--for deepspeed or axolotl: DeepSpeed's ZeRO 1 to 3): --runtime "
                                        "kernels plans ZeRO-3 with chunked blocks, and sequence parallelism"));

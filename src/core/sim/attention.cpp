@@ -365,9 +365,12 @@ T StepBuilder::hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save
         }
         T o = act("norm.out_fp32", f32(rows, d), false);
         drop(w1), drop(n);  // the operand, then the variable it rebinds
-        if (fp32_in) return o;  // type_as an fp32 x: no cast
-        T out = act("norm_out", bf16(rows, d), false);
-        drop(o);
+        T out = o;
+        if (!fp32_in) {  // type_as an fp32 x: no cast
+            out = act("norm_out", bf16(rows, d), false);
+            drop(o);
+        }
+        z3_release_of(p);
         return out;
     }
     if (m_.norm_scales_fp32()) {  // (weight * n).to(x's dtype): the product saves n
@@ -658,10 +661,12 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
     if (m_.fused_projections()) {
         // Phi-3: one qkv_proj; q, k and v are views of its output. v's view is what the attention
         // keeps, so the whole [T, q + 2 kv] output lives as long as v (one handle for both).
+        z3_fetch_of(lp.q);
         T in = hf_linear_input(lp.q, lp.q_bias, h1, tokens_, d);
         v = act("qkv", bf16(tokens_, qd + 2 * kvd), false);
         sv.h1_q = saved(in);
         drop(in);
+        z3_release_of(lp.q);
     } else {
         // each projection its own: under autocast each casts the fp32 input again
         auto project = [&](int w, int b, const char* name, std::int64_t cols, T& saved_in) {
@@ -706,7 +711,11 @@ T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
     const std::int64_t d = m_.hidden_size, qd = m_.q_dim(), kvd = m_.kv_dim();
     at("attn.o_proj");
-    if (z3_on_) z3_fetch(z3_.layers[static_cast<std::size_t>(l)].attn, false);
+    if (z3_on_) {
+        const Z3Layer& L = z3_.layers[static_cast<std::size_t>(l)];
+        if (L.attn_dropout >= 0) z3_fetch(L.attn_dropout, false);  // (Phi-3: the branch's output passes it first)
+        z3_fetch(L.attn, false);
+    }
     T d_o = hf_linear_backward(lp.o, lp.o_bias, "d_o", bf16(tokens_, qd), {&sv.o_oproj}, d_out, [](T&) {});
     T dq, dk, dv;
     if (s_.attention == Attention::Eager) {
@@ -1048,6 +1057,10 @@ T StepBuilder::hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last
     T y, weights;
     hf_attention_forward(sv.hf, h1, y, weights);
     drop(h1);  // hidden_states = the attention's output
+    if (z3_on_ && z3_.layers[static_cast<std::size_t>(l)].attn_dropout >= 0) {  // Phi-3's resid_attn_dropout (p = 0: itself)
+        at("attn.residual");
+        z3_fetch(z3_.layers[static_cast<std::size_t>(l)].attn_dropout);
+    }
     if (gemma) {  // Gemma-2 normalises the branch's output before the residual add
         at("attn.post_norm");
         T normed = hf_norm_forward(lp.post_attn_norm, T{}, sv.hf.n_pa);
@@ -1081,6 +1094,8 @@ T StepBuilder::hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last
         y2 = normed;
     }
     at("mlp.residual");
+    if (z3_on_ && z3_.layers[static_cast<std::size_t>(l)].mlp_dropout >= 0)  // Phi-3's resid_mlp_dropout
+        z3_fetch(z3_.layers[static_cast<std::size_t>(l)].mlp_dropout);
     T out = act("x_out", res(tokens_, d), false);
     drop(y2), drop(x2), drop(weights);
     return out;
@@ -1106,13 +1121,20 @@ void StepBuilder::hf_layer_backward(int l, LayerSaved& sv, T& dres) {
         layer_ = -1;  // (the layer's is a node its forward hook made, in the model's forward)
         z3_fetch(z3_.layers[static_cast<std::size_t>(l)].layer, false);
         layer_ = l;
-        z3_fetch(z3_.layers[static_cast<std::size_t>(l)].mlp, false);
-        if (tiled) unpack();  // (the tiled MLP's Function unpacks its input first)
+        if (!gemma) {  // (Gemma: the MLP's after the norm of its output, whose backward unpacks first)
+            if (z3_.layers[static_cast<std::size_t>(l)].mlp_dropout >= 0)
+                z3_fetch(z3_.layers[static_cast<std::size_t>(l)].mlp_dropout, false);
+            z3_fetch(z3_.layers[static_cast<std::size_t>(l)].mlp, false);
+            if (tiled) unpack();  // (the tiled MLP's Function unpacks its input first)
+        }
     } else if (!gemma && (!m_.moe || tiled)) {
         unpack();
     }
     at("mlp.post_norm");
-    if (gemma) dy2 = hf_norm_backward(lp.post_ff_norm, sv.hf.n_pf, branch_grad(true));
+    if (gemma) {
+        dy2 = hf_norm_backward(lp.post_ff_norm, sv.hf.n_pf, branch_grad(true));
+        if (z3_on_) z3_fetch(z3_.layers[static_cast<std::size_t>(l)].mlp, false);
+    }
     T dh2 = hf_mlp_backward(lp, sv.hf, dy2);
     at("mlp.norm");
     hf_norm_backward(lp.norm2, sv.hf.n2, dh2, false, &dres);

@@ -567,6 +567,8 @@ private:
     T hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, HfMlpChunk& c);
     // last_use: the chunk is the last whose gradients the weights' autocast copies wait for.
     T hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool view_sum, bool last_use, WeightGradRef weight_grad);
+    // Phi-3's product, activation and split backward from d_m (consumed): gate_up_proj's output gradient [n, 2I].
+    T hf_fused_act_backward(HfMlpChunk& c, T& gm);
     T hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool stop_after_last_save);
     T hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);
     T hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);
@@ -755,6 +757,9 @@ private:
     struct Z3Layer {
         int layer, attn, q, k, v, o, mlp, gate, up, down, act, input_ln, post_ln;
         int q_norm = -1, k_norm = -1;  // Qwen3's head norms (modules of the attention)
+        // Phi-3's residual dropouts (no parameters; p = 0 returns its input): their hooks count
+        int attn_dropout = -1, mlp_dropout = -1;
+        int post_attn_ln = -1, post_ff_ln = -1;  // Gemma's norms of each branch's output (post_ln: pre-feedforward)
     };
     struct Zero3State {
         std::unique_ptr<Zero3Coordinator> coordinator;

@@ -41,13 +41,13 @@ T StepBuilder::embedding_forward(Category out_category) {
     if (hf_) {
         z3_fetch(z3_.embed);  // (its module: with tied embeddings the weight is lm_head's too)
         T x = act("embeddings", res(tokens_, m_.hidden_size), false);
-        z3_release(z3_.embed);
-        if (gemma) {  // Gemma2ScaledWordEmbedding: times embed_scale, a new tensor
+        if (gemma) {  // Gemma2ScaledWordEmbedding: times embed_scale, a new tensor (inside the module's forward)
             at("embedding.scale");
             T scaled = act("embeddings_scaled", res(tokens_, m_.hidden_size), false);
             drop(x);
             x = scaled;
         }
+        z3_release(z3_.embed);
         return x;
     }
     T x = alloc("embeddings", res(tokens_, m_.hidden_size), gemma ? Category::Transient : out_category);

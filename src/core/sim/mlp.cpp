@@ -160,18 +160,23 @@ T StepBuilder::hf_mlp_chunk_forward(const LayerParams& lp, T x, std::int64_t n, 
         // Phi3MLP: gate, up = gate_up_proj(x).chunk(2); up * act(gate). Both halves are views of
         // one [n, 2I] output: the activation saves gate, the product saves up and act(gate).
         at("mlp.gate_up");
+        z3_fetch_of(lp.gate);
         T in = hf_linear_input(lp.gate, -1, x, n, m_.hidden_size);
         T gate_up = act("gate_up", bf16(n, 2 * I), false);
         c.x_gate = saved(in);
         drop(in);
+        z3_release_of(lp.gate);
         at("mlp.act");
+        if (z3_on_) z3_fetch(z3_.layers[static_cast<std::size_t>(layer_)].act);
         T s = act("s", bf16(n, I), false);
         c.g = saved(gate_up);
         T m = act("m", bf16(n, I), false);
         c.u = saved(gate_up), c.s = saved(s);
         drop(s);
         at("mlp.down");
+        z3_fetch_of(lp.down);
         use_weight(lp.down);
+        z3_alias(lp.down);
         c.m = saved(m);
         c.gate_view = gate_up;  // the local `gate`, until the forward returns
         return m;
@@ -228,18 +233,7 @@ T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy
     hf_mm_node_end(lp.down, {&c.m}, &dy);
     hf_mm_outputs(lp.down, gwd, gm, false, last_use, sink, keep);
     if (m_.fused_projections()) {
-        // MulBackward0 (up * act(gate)): act's gradient, then up's; SiluBackward0 lets go of the last
-        // view of gate_up's output; SplitBackward0 joins the halves' gradients into [n, 2I].
-        at("mlp.act");
-        T gs = alloc("d_s", bf16(n, I), Category::Transient);
-        T gu = alloc("d_u", bf16(n, I), Category::Transient);
-        node_end({&c.s, &c.u}, &gm);
-        T gg = alloc("d_g", bf16(n, I), Category::Transient);
-        node_end({&c.g}, &gs);
-        at("mlp.gate_up");
-        T joined = alloc("d_gate_up", bf16(n, 2 * I), Category::Transient);
-        node_end({}, &gg);
-        drop(gu);
+        T joined = hf_fused_act_backward(c, gm);
         T gw = hf_mm_grad(lp.gate);
         T dx = alloc("d_x_gate_up", bf16(n, d), Category::Transient);
         hf_mm_node_end(lp.gate, {&c.x_gate}, &joined);
@@ -268,6 +262,25 @@ T StepBuilder::hf_mlp_chunk_backward(const LayerParams& lp, HfMlpChunk& c, T& dy
     else
         hf_mm_outputs(lp.gate, gwg, dxg, amp_, last_use, sink, [&](T& g) { accumulate(dxc, g, view_sum && !amp_); });
     return dxc;
+}
+
+// MulBackward0 (up * act(gate)): act's gradient, then up's; (ZeRO-3: the activation module's
+// pre-backward fetch;) SiluBackward0 lets go of the last view of gate_up's output; SplitBackward0 joins
+// the halves' gradients into [n, 2I].
+T StepBuilder::hf_fused_act_backward(HfMlpChunk& c, T& gm) {
+    const std::int64_t I = m_.intermediate_size, n = c.tokens;
+    at("mlp.act");
+    T gs = alloc("d_s", bf16(n, I), Category::Transient);
+    T gu = alloc("d_u", bf16(n, I), Category::Transient);
+    node_end({&c.s, &c.u}, &gm);
+    if (z3_on_) z3_fetch(z3_.layers[static_cast<std::size_t>(layer_)].act, false);
+    T gg = alloc("d_g", bf16(n, I), Category::Transient);
+    node_end({&c.g}, &gs);
+    at("mlp.gate_up");
+    T joined = alloc("d_gate_up", bf16(n, 2 * I), Category::Transient);
+    node_end({}, &gg);
+    drop(gu);
+    return joined;
 }
 
 // One chunk of n tokens of x through the whole block (the dense MLP, or the experts), returning its

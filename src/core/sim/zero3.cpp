@@ -71,12 +71,23 @@ void StepBuilder::z3_build() {
         Z3Layer L{};
         L.layer = module({});
         L.attn = module({});
-        L.q = module({lp.q, lp.q_bias}), L.k = module({lp.k, lp.k_bias}), L.v = module({lp.v, lp.v_bias}), L.o = module({lp.o});
-        if (lp.q_norm >= 0) L.q_norm = module({lp.q_norm}), L.k_norm = module({lp.k_norm});  // (Qwen3: after o_proj)
-        L.mlp = module({});
-        L.gate = module({lp.gate}), L.up = module({lp.up}), L.down = module({lp.down});
+        if (m_.fused_projections()) {  // Phi-3: o_proj before qkv_proj; gate_up_proj (L.gate), down_proj
+            L.o = module({lp.o}), L.q = module({lp.q});
+            L.k = L.v = L.up = -1;
+            L.mlp = module({});
+            L.gate = module({lp.gate}), L.down = module({lp.down});
+        } else {
+            L.q = module({lp.q, lp.q_bias}), L.k = module({lp.k, lp.k_bias}), L.v = module({lp.v, lp.v_bias}), L.o = module({lp.o});
+            if (lp.q_norm >= 0) L.q_norm = module({lp.q_norm}), L.k_norm = module({lp.k_norm});  // (Qwen3: after o_proj)
+            L.mlp = module({});
+            L.gate = module({lp.gate}), L.up = module({lp.up}), L.down = module({lp.down});
+        }
         L.act = module({});
-        L.input_ln = module({lp.norm1}), L.post_ln = module({lp.norm2});
+        L.input_ln = module({lp.norm1});
+        if (lp.post_attn_norm >= 0) L.post_attn_ln = module({lp.post_attn_norm});  // (Gemma: before pre_feedforward)
+        L.post_ln = module({lp.norm2});
+        if (lp.post_ff_norm >= 0) L.post_ff_ln = module({lp.post_ff_norm});
+        if (m_.family == Family::Phi3) L.attn_dropout = module({}), L.mlp_dropout = module({});
         z3_.layers.push_back(L);
     }
     z3_.norm = module({final_norm_});
@@ -102,13 +113,23 @@ void StepBuilder::z3_build() {
         fetch(L.down, true);
         if (!stops) release(L.down, true);
     };
+    // (Gemma: the recompute stops in the norm after the MLP, before its post-forward hook)
+    const bool gemma = m_.gemma();
     auto layer_inside = [&](const Z3Layer& L, bool recompute) {
         leaf(L.input_ln);
         fetch(L.attn, true);
         leaf(L.q), leaf(L.q_norm), leaf(L.k), leaf(L.k_norm), leaf(L.v), leaf(L.o);  // (Qwen3: each head norm after its projection)
+        if (L.attn_dropout >= 0) fetch(L.attn_dropout, true);
+        leaf(L.post_attn_ln);
         leaf(L.post_ln);
         fetch(L.mlp, true);
-        for (std::int64_t c = 0; c < chunks; ++c) chunk_forward(L, recompute && !tiled && c + 1 == chunks);
+        for (std::int64_t c = 0; c < chunks; ++c) chunk_forward(L, recompute && !gemma && !tiled && c + 1 == chunks);
+        // (a recompute has stopped in the MLP)
+        if (!recompute && L.mlp_dropout >= 0) fetch(L.mlp_dropout, true);
+        if (L.post_ff_ln >= 0) {
+            fetch(L.post_ff_ln, true);
+            if (!recompute) release(L.post_ff_ln, true);
+        }
     };
     fetch(z3_.root, true), fetch(z3_.model, true);
     leaf(z3_.embed);
@@ -138,18 +159,27 @@ void StepBuilder::z3_build() {
     back(z3_.norm);
     for (std::size_t i = z3_.layers.size(); i-- > 0;) {
         const Z3Layer& L = z3_.layers[i];
-        fetch(L.layer, false), fetch(L.mlp, false);
-        const bool checkpointed = s_.checkpointed(static_cast<std::int64_t>(i));
+        fetch(L.layer, false);
+        bool recompute = s_.checkpointed(static_cast<std::int64_t>(i));
+        if (L.post_ff_ln >= 0) {  // Gemma: the norm after the MLP, whose backward unpacks first
+            fetch(L.post_ff_ln, false);
+            if (std::exchange(recompute, false)) layer_inside(L, true);
+            release(L.post_ff_ln, false);
+        }
+        if (L.mlp_dropout >= 0) fetch(L.mlp_dropout, false);
+        fetch(L.mlp, false);
         if (tiled) {
             // the tiled MLP's Function: the layer's recompute at its unpack, then per chunk in order its
             // replay and its own backward
-            if (checkpointed) layer_inside(L, true);
+            if (recompute) layer_inside(L, true);
             for (std::int64_t c = 0; c < chunks; ++c) chunk_forward(L, false), chunk_backward(L, false);
         } else {
             for (std::int64_t c = chunks; c-- > 0;)  // (autograd runs the last chunk's nodes first)
-                chunk_backward(L, checkpointed && c + 1 == chunks);
+                chunk_backward(L, recompute && c + 1 == chunks);
         }
         back(L.post_ln);
+        back(L.post_attn_ln);
+        if (L.attn_dropout >= 0) fetch(L.attn_dropout, false);
         fetch(L.attn, false);
         back(L.o), back(L.v), back(L.k_norm), back(L.k), back(L.q_norm), back(L.q);
         back(L.input_ln);
@@ -230,6 +260,7 @@ void StepBuilder::z3_init_state() {
     alloc("grad_partitions_flat_buffer", checked_mul(partition, kBf16), Category::Gradients);
     at("init.buffers");
     for (const HfBuffer& b : hf_buffers()) alloc(b.name, b.bytes, Category::Weights);
+    if (m_.longrope) alloc("long_inv_freq", elems(m_.rotary_dim / 2, 1, 4), Category::Weights);
     at("init.master_weights");
     for (std::int64_t g : z3_.sub_groups) alloc("fp32_partition", checked_mul(g, 4), Category::MasterWeights);
     at("init.optimizer_state");
@@ -274,6 +305,10 @@ T StepBuilder::z3_mlp_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool
     const auto keep = [](T&) {};
     at("mlp.down");
     T gm = z3_linear_backward(lp.down, "d_m", bf16(n, I), {&c.m}, dy, keep, last_use);
+    if (m_.fused_projections()) {  // Phi-3
+        T joined = hf_fused_act_backward(c, gm);
+        return z3_linear_backward(lp.gate, "d_x_gate_up", bf16(n, d), {&c.x_gate}, joined, keep, last_use);
+    }
     at("mlp.act");
     T gu = alloc("d_u", bf16(n, I), Category::Transient);
     T gs = alloc("d_s", bf16(n, I), Category::Transient);
