@@ -48,6 +48,7 @@ import copy
 import gc
 import json
 import os
+import sys
 import time
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
@@ -559,4 +560,7 @@ def main(argv: Any = None) -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get("PYTHONHASHSEED") != "0":  # Gemma-3's rotary tables: the set order mst-plan models
+        os.execve(sys.executable, [sys.executable, "-m", "mst_referee.deepspeed_zero", *sys.argv[1:]],
+                  {**os.environ, "PYTHONHASHSEED": "0"})
     raise SystemExit(main())

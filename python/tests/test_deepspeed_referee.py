@@ -134,6 +134,12 @@ ZERO3_CASES = {
                dict(DS_CONFIG, gradient_accumulation_steps=2,
                     zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 100}),
                0, str(REPO / "tests" / "data" / "tiny_gemma2.json")),
+    # Gemma-3 (tied, 5 local : 1 global): its head norms after the three projections; the rotary module
+    # called once per layer type
+    "gemma3": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[1], mlp_chunks=2, lm_chunks=3, lm_impl="recompute",
+                    **PERSISTENT),
+               dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 100}),
+               2, str(REPO / "tests" / "data" / "tiny_gemma3.json")),
 }
 # python/mst_hf's tiled MLP under ZeRO-3 (ALST's way: its gradients accumulate chunk by chunk, reduced
 # after the last): DeepSpeed runs it alike on fake and real tensors.
@@ -153,7 +159,8 @@ DEFAULTS = {
                    zero_optimization={"stage": 2}), 2),
 }
 needs_clients = pytest.mark.skipif(not CLIENTS, reason="MST_CLIENTS_PATH is not set (scripts/test sets it)")
-ENV = dict(os.environ, PYTHONPATH=f"{CLIENTS}:{REPO / 'python'}")
+# (hash seed 0: Gemma-3's rotary tables come in the order of a set of strings, the order mst-plan models)
+ENV = dict(os.environ, PYTHONPATH=f"{CLIENTS}:{REPO / 'python'}", PYTHONHASHSEED="0")
 
 
 @pytest.fixture(scope="module")
@@ -434,7 +441,7 @@ def test_the_hf_runtime_predicts_deepspeeds_zero_3_step_event_for_event(runs, ca
     step, with nothing persistent and a 4096-element bucket; with the norms persistent, every layer
     checkpointed (the recompute's fetches) and two micro-steps; with flash attention; with python/mst_hf's
     MLP and LM head mini-sequences (the loss inside lm_head's forward); with offloaded checkpoints; Qwen2 and Qwen3;
-    tied embeddings; Phi-3; Gemma-2."""
+    tied embeddings; Phi-3; Gemma-2; Gemma-3."""
     binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
     if not binary.exists():
         pytest.skip("mst-plan is not built (set MST_PLAN or build/)")

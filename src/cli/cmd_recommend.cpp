@@ -171,7 +171,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                          r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
                          rq.gpus == 1 || rq.base.runtime != Runtime::Hf ? ""
                          : deepspeed ? "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for dense "
-                                       "Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma-2 with bf16-master: --runtime kernels "
+                                       "Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2 and Gemma-3 with bf16-master: --runtime kernels "
                                        "plans more, and sequence parallelism"
                                      : "; the hf runtime plans several GPUs as DDP, each holding the whole model, its gradients "
                                        "and optimizer states (--for deepspeed or axolotl: DeepSpeed's ZeRO 1 to 3): --runtime "

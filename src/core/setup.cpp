@@ -373,7 +373,7 @@ void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
 
 // ZeRO-3 in the hf runtime (src/core/sim/zero3.cpp) is proven on the referee for the dense
 // Llama-shaped decoder (Llama, Mistral, Qwen2 with its q/k/v biases, Qwen3 with its head norms, Phi-3
-// with its fused projections, Gemma-2 with its four norms; tied embeddings or not) with fp32 master
+// with its fused projections, Gemma-2 and -3 with their four norms; tied embeddings or not) with fp32 master
 // weights, python/mst_hf's MLP (loop or tiled) and LM head mini-sequences and checkpoints on the GPU
 // or offloaded.
 // What else its hooks and gathers would meet is refused until it is proven the same way.
@@ -386,11 +386,11 @@ void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char
     // (Qwen2's q, k and v biases: a second parameter of their modules)
     const bool qwen2 = m.family == Family::Qwen2;
     const bool llama_shaped = (m.family == Family::Llama || m.family == Family::Mistral || m.family == Family::Qwen3 || qwen2 ||
-                               m.family == Family::Phi3 || m.family == Family::Gemma2) &&
+                               m.family == Family::Phi3 || m.family == Family::Gemma2 || m.family == Family::Gemma3) &&
                               !m.moe && (!m.qkv_bias || qwen2) && !m.o_bias && !m.mlp_bias;
     if (!llama_shaped)
         fail(w, "zero_stage", fmt::format("expected 0, 1 or 2 for {} {} (its modules' hooks are modelled for Llama, Mistral, "
-                                          "Qwen2, Qwen3, Phi-3 and Gemma-2, dense, with no biases but Qwen2's){}, got 3",
+                                          "Qwen2, Qwen3, Phi-3, Gemma-2 and Gemma-3, dense, with no biases but Qwen2's){}, got 3",
                                           m.name, z3, hint));
     // python/mst_hf refuses it (patch.py _check_lm_head): its chunked loss runs inside lm_head's forward
     // under ZeRO-3, and a soft-capping model's forward changes lm_head's output after it

@@ -249,9 +249,9 @@ void StepBuilder::hf_model_tensors() {
         if (s_.attention == Attention::Eager) hf_masks_[sliding ? 1 : 0] = hf_eager_mask(sliding);
     }
     at("model.rotary");  // LlamaRotaryEmbedding.forward for position ids [1, S]
-    if (z3_on_) z3_fetch(z3_.rotary);
     for (std::size_t table = 0; table < hf_rope_.size(); ++table) {
         if (!rope_table_used(table)) continue;
+        if (z3_on_) z3_fetch(z3_.rotary);  // (Gemma-3: the module's call for each layer type)
         if (m_.longrope) {
             // dynamic_rope_update's longrope_frequency_update: seq_len = max(position_ids) + 1, then
             // inv_freq.copy_(torch.where(seq_len > original_max_position_embeddings, long, short))

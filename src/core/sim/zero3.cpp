@@ -118,7 +118,11 @@ void StepBuilder::z3_build() {
     auto layer_inside = [&](const Z3Layer& L, bool recompute) {
         leaf(L.input_ln);
         fetch(L.attn, true);
-        leaf(L.q), leaf(L.q_norm), leaf(L.k), leaf(L.k_norm), leaf(L.v), leaf(L.o);  // (Qwen3: each head norm after its projection)
+        if (m_.qk_norms_after_projections()) {  // Gemma-3: both head norms after the three projections
+            leaf(L.q), leaf(L.k), leaf(L.v), leaf(L.q_norm), leaf(L.k_norm), leaf(L.o);
+        } else {  // (Qwen3: each head norm after its projection)
+            leaf(L.q), leaf(L.q_norm), leaf(L.k), leaf(L.k_norm), leaf(L.v), leaf(L.o);
+        }
         if (L.attn_dropout >= 0) fetch(L.attn_dropout, true);
         leaf(L.post_attn_ln);
         leaf(L.post_ln);
@@ -133,7 +137,8 @@ void StepBuilder::z3_build() {
     };
     fetch(z3_.root, true), fetch(z3_.model, true);
     leaf(z3_.embed);
-    fetch(z3_.rotary, true);
+    for (std::size_t table = 0; table < hf_rope_.size(); ++table)  // (Gemma-3: called once per layer type)
+        if (rope_table_used(table)) fetch(z3_.rotary, true);
     for (const Z3Layer& L : z3_.layers) {
         fetch(L.layer, true);
         layer_inside(L, false);
@@ -181,7 +186,8 @@ void StepBuilder::z3_build() {
         back(L.post_attn_ln);
         if (L.attn_dropout >= 0) fetch(L.attn_dropout, false);
         fetch(L.attn, false);
-        back(L.o), back(L.v), back(L.k_norm), back(L.k), back(L.q_norm), back(L.q);
+        if (m_.qk_norms_after_projections()) back(L.o), back(L.k_norm), back(L.q_norm), back(L.v), back(L.k), back(L.q);
+        else back(L.o), back(L.v), back(L.k_norm), back(L.k), back(L.q_norm), back(L.q);
         back(L.input_ln);
     }
     fetch(z3_.embed, false);
