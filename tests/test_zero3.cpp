@@ -186,7 +186,9 @@ TEST_CASE("ZeRO-3 for Phi-3: the fused projections are one parameter each, gathe
 // elements): gathered from init, 2304 elements each. The embedding scales its output inside its own
 // forward (transformers' Gemma2ScaledWordEmbedding), so its weight, gathered for it and not used again
 // within the 1e9-element reuse distance (26 layers of 77865984 lie before lm_head), is released after
-// the scaled embeddings are made.
+// the scaled embeddings are made; in backward its pre-backward fetch, a hook on the module's output,
+// comes before the scale's backward (here it waits for the weight prefetched in a coalesced gather
+// and frees that gather's flat buffer).
 TEST_CASE("ZeRO-3 for Gemma-2: four norms per layer, each a module of its own") {
     const ModelSpec m = find_model("gemma-2-2b");
     const Timeline t = simulate(m, zero3(4096, 8), test::test_gpu());
@@ -203,6 +205,10 @@ TEST_CASE("ZeRO-3 for Gemma-2: four norms per layer, each a module of its own") 
     });
     REQUIRE(released != t.events.end());
     CHECK(&*released > scaled[0]);
+    const auto d_scaled = allocs(t, "d_embeddings", Phase::Backward);
+    REQUIRE(d_scaled.size() == 1);
+    const Event& before = *(d_scaled[0] - 1);
+    CHECK((before.op == "zero3.fetch" && !before.alloc && before.name == "all_gather_flat"));
 }
 
 // Gemma-3-1B: a layer holds q and o 1152 x 1024 (4 heads of 256), k and v 1152 x 256 (one key head),
@@ -515,4 +521,26 @@ TEST_CASE("DeepSpeed ZeRO-3's communication: behind the compute but for the firs
     CHECK(t.comm_seconds == doctest::Approx(2 * (3 * P + P) * move).epsilon(1e-12));
     REQUIRE(t.forward_seconds + t.backward_seconds > 3 * P * move);  // (the rest hides)
     CHECK(t.comm_exposed_seconds == doctest::Approx(2 * (E + (E + 5e8)) * move).epsilon(1e-12));
+}
+
+// Gemma-2 soft-caps lm_head's output: under ZeRO-3 python/mst_hf cannot chunk its loss, so max-seq's MsT
+// rows for DeepSpeed shard at ZeRO 2 (chunked there), not at ZeRO-3 with a whole LM head that would stop
+// them at the first length needing two chunks.
+TEST_CASE("max-seq --for deepspeed for Gemma-2: the MsT rows leave ZeRO-3 for ZeRO 2, where the LM head is chunked") {
+    TuneRequest rq = test::hf_request("gemma-2-2b", "h100-sxm-80gb", 8, 8192);
+    rq.for_format = "deepspeed";
+    rq.base.precision = Precision::Bf16Master;
+    const MaxSeqResult r = max_seq(rq, std::nullopt);
+    std::int64_t checkpointed = 0;
+    for (const MaxSeqRow& row : r.rows) {
+        CAPTURE(row.strategy);
+        const bool mst = row.strategy.starts_with("checkpointing + MsT");
+        CHECK(row.setup.zero_stage == (mst ? 2 : 3));
+        if (row.strategy == "full checkpointing") checkpointed = row.max_seq;
+        if (mst) {
+            CHECK(row.setup.lm_chunks > 1);
+            CHECK(row.max_seq > checkpointed);
+        }
+    }
+    CHECK(checkpointed > 0);
 }

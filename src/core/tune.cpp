@@ -971,7 +971,14 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
             // chunks, as it runs.
             auto refusal = [&](TrainingSetup t, bool mst_mlp) {
                 if (run.mst) t.mlp_chunks = mst_mlp ? 2 : 1, t.lm_chunks = 2;
-                return refusal_of(rq.for_format, t, m);
+                std::string why = refusal_of(rq.for_format, t, m);
+                // (and the hf runtime's ZeRO-3 scope: no chunked loss for a model that soft-caps lm_head's output)
+                if (why.empty() && t.runtime == Runtime::Hf && t.deepspeed_zero3()) try {
+                        validate(t, m);
+                    } catch (const UserError& e) {
+                        why = e.what();
+                    }
+                return why;
             };
             // The user's own setup is theirs: refused as it is, never moved to another ZeRO stage.
             const bool ours = &st != &strategies.back() || !user;

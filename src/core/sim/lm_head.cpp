@@ -63,14 +63,17 @@ T StepBuilder::embedding_forward(Category out_category) {
 void StepBuilder::embedding_backward(T& dres) {
     layer_ = -1;
     if (hf_) {  // EmbeddingBackward0: the table's gradient from the residual stream's
+        // ZeRO-3: the module's pre-backward fetch, on its output (Gemma's scaled one: before the scale's
+        // backward); its post-backward never runs (the ids need no gradient)
+        at("embedding");
+        z3_fetch(z3_.embed, false);
         if (m_.gemma()) {  // MulBackward0 of the scale first
             at("embedding.scale");
             T scaled = alloc("d_embeddings", res(tokens_, m_.hidden_size), Category::Transient);
             node_end({}, &dres);
             dres = scaled;
+            at("embedding");
         }
-        at("embedding");
-        z3_fetch(z3_.embed, false);  // (its post-backward never runs: the ids need no gradient)
         T g = grad_out(embed_);
         node_end({}, &dres);
         add_grad(embed_, g, false, true);
