@@ -973,11 +973,13 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                 if (run.mst) t.mlp_chunks = mst_mlp ? 2 : 1, t.lm_chunks = 2;
                 std::string why = refusal_of(rq.for_format, t, m);
                 // (and the hf runtime's ZeRO-3 scope: no chunked loss for a model that soft-caps lm_head's output)
-                if (why.empty() && t.runtime == Runtime::Hf && t.deepspeed_zero3()) try {
+                if (why.empty() && t.runtime == Runtime::Hf && t.deepspeed_zero3()) {
+                    try {
                         validate(t, m);
                     } catch (const UserError& e) {
                         why = e.what();
                     }
+                }
                 return why;
             };
             // The user's own setup is theirs: refused as it is, never moved to another ZeRO stage.
