@@ -230,13 +230,7 @@ void StepBuilder::init_state() {
         layer_ = p.layer;
         p.weight = alloc(p.name, checked_mul(part(p, shard_params), pw_), Category::Weights);
     }
-    if (hf_) {
-        at("init.buffers");
-        layer_ = -1;
-        for (const HfBuffer& b : hf_buffers()) alloc(b.name, b.bytes, Category::Weights);
-        // longrope's long_inv_freq: a plain attribute the first forward computes and keeps
-        if (m_.longrope) alloc("long_inv_freq", elems(m_.rotary_dim / 2, 1, 4), Category::Weights);
-    }
+    if (hf_) init_hf_buffers();
     if (s_.precision == Precision::Bf16Master) {
         at("init.master_weights");
         for (int i : order_) {
@@ -296,6 +290,14 @@ void StepBuilder::init_workspace() {
         at("init.cublas_workspace");
         alloc("cublas_workspace", gpu_.calibration.cublas_workspace_bytes, Category::Workspace);
     }
+}
+
+void StepBuilder::init_hf_buffers() {
+    at("init.buffers");
+    layer_ = -1;
+    for (const HfBuffer& b : hf_buffers()) alloc(b.name, b.bytes, Category::Weights);
+    // longrope's long_inv_freq: a plain attribute (no buffer: DDP does not broadcast it)
+    if (m_.longrope) alloc("long_inv_freq", elems(m_.rotary_dim / 2, 1, 4), Category::Weights);
 }
 
 // Gemma's embedding scale (a scalar in the model's dtype), then each rotary table's inv_freq and

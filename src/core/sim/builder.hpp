@@ -666,6 +666,9 @@ private:
         bytes_t bytes;
     };
     std::vector<HfBuffer> hf_buffers() const;
+    // The tensors the hf model holds from step to step besides its parameters: its buffers, then
+    // the plain attributes a forward computes and keeps (longrope's long_inv_freq).
+    void init_hf_buffers();
     bool hf_ddp() const { return hf_ && s_.dp > 1 && !ds_on_; }
     static constexpr bytes_t kDdpFirstBucketBytes = bytes_t{1} << 20;  // torch's _DEFAULT_FIRST_BUCKET_BYTES
     static constexpr bytes_t kDdpBucketBytes = 25 * (bytes_t{1} << 20);  // bucket_cap_mb's default

@@ -75,9 +75,7 @@ void StepBuilder::ds_init_state() {
     at("init.weights");
     layer_ = -1;
     alloc("flat_bf16", checked_mul(padded, pw_), Category::Weights);
-    at("init.buffers");
-    for (const HfBuffer& b : hf_buffers()) alloc(b.name, b.bytes, Category::Weights);
-    if (m_.longrope) alloc("long_inv_freq", elems(m_.rotary_dim / 2, 1, 4), Category::Weights);
+    init_hf_buffers();
     const int master = ds_master_bytes();  // (the states in the same dtype: validate_hf_scope)
     at("init.master_weights");
     alloc("partition_master", checked_mul(ds_.partition, master), Category::MasterWeights);

@@ -264,9 +264,7 @@ void StepBuilder::z3_init_state() {
     layer_ = -1;
     alloc("ipg_bucket", checked_mul(s_.reduce_bucket_size, kBf16), Category::Gradients);
     alloc("grad_partitions_flat_buffer", checked_mul(partition, kBf16), Category::Gradients);
-    at("init.buffers");
-    for (const HfBuffer& b : hf_buffers()) alloc(b.name, b.bytes, Category::Weights);
-    if (m_.longrope) alloc("long_inv_freq", elems(m_.rotary_dim / 2, 1, 4), Category::Weights);
+    init_hf_buffers();
     at("init.master_weights");
     for (std::int64_t g : z3_.sub_groups) alloc("fp32_partition", checked_mul(g, 4), Category::MasterWeights);
     at("init.optimizer_state");
