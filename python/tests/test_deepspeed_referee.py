@@ -140,6 +140,19 @@ ZERO3_CASES = {
                     **PERSISTENT),
                dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 100}),
                2, str(REPO / "tests" / "data" / "tiny_gemma3.json")),
+    # Mixtral: its sparse block is one of DeepSpeed's default leaf modules (router and experts gathered and
+    # reduced together); three MLP chunks, whose stacked experts' gradients are summed in place after the
+    # first sum, layer 1 checkpointed, two micro-steps
+    "mixtral": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[1], mlp_chunks=3, grad_accum=2,
+                     reduce_bucket_size=DEFAULT_BUCKET, param_persistence_threshold=0),
+                dict(DS_CONFIG, gradient_accumulation_steps=2,
+                     zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 0}),
+                0, str(REPO / "tests" / "data" / "tiny_mixtral.json")),
+    # Qwen3-MoE (tied; experts registered before the router), every layer checkpointed, offloaded
+    "qwen3 moe": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[0, 1], offload_checkpoints=True, mlp_chunks=2,
+                       lm_chunks=2, **PERSISTENT),
+                  dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 100}),
+                  2, str(REPO / "tests" / "data" / "tiny_qwen3_moe.json")),
 }
 # python/mst_hf's tiled MLP under ZeRO-3 (ALST's way: its gradients accumulate chunk by chunk, reduced
 # after the last): DeepSpeed runs it alike on fake and real tensors.
@@ -441,7 +454,7 @@ def test_the_hf_runtime_predicts_deepspeeds_zero_3_step_event_for_event(runs, ca
     step, with nothing persistent and a 4096-element bucket; with the norms persistent, every layer
     checkpointed (the recompute's fetches) and two micro-steps; with flash attention; with python/mst_hf's
     MLP and LM head mini-sequences (the loss inside lm_head's forward); with offloaded checkpoints; Qwen2 and Qwen3;
-    tied embeddings; Phi-3; Gemma-2; Gemma-3."""
+    tied embeddings; Phi-3; Gemma-2; Gemma-3; Mixtral and Qwen3-MoE."""
     binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
     if not binary.exists():
         pytest.skip("mst-plan is not built (set MST_PLAN or build/)")

@@ -28,21 +28,24 @@ namespace {
 
 // Frees with no allocation between them leave the same memory whatever their order (the
 // caching allocator merges the same free blocks), and PyTorch frees some in no fixed order: the
-// autocast cache is a hash map. In a run of frees, the frees of autocast copies (the simulator
-// names them) may trade places among themselves, compared as a set in tensor order; every other
-// free keeps its place.
+// autocast cache is a hash map, and DeepSpeed's ZeRO-3 releases a module's parameters in the order
+// of a Python set of them (hashed by object address: docs/deepspeed-zero3-model.md, 5.1). In a run
+// of frees, those frees (the simulator names them) may trade places among themselves, compared as a
+// set in tensor order; every other free keeps its place.
 std::size_t free_run_end(const std::vector<Event>& events, std::size_t i) {
     while (i < events.size() && !events[i].alloc) ++i;
     return i;
 }
 
-// A side from the referee names no free; a simulator side must name the copy at the same place.
+bool unordered_free(const Event& e) { return e.name == "autocast_weight" || e.op == "zero3.release"; }
+
+// A side from the referee names no free; a simulator side must name the free at the same place.
 bool same_free_runs(const Timeline& p, const Timeline& m, std::size_t from, std::size_t to, bool names) {
     const std::vector<Event>&a = p.events, &b = m.events;
-    const auto copy = [](const Timeline& t, const Event& e) { return t.source == "referee" || e.name == "autocast_weight"; };
+    const auto copy = [](const Timeline& t, const Event& e) { return t.source == "referee" || unordered_free(e); };
     std::vector<const Event*> x, y;
     for (std::size_t i = from; i < to; ++i) {
-        const bool named = a[i].name == "autocast_weight" || b[i].name == "autocast_weight";
+        const bool named = unordered_free(a[i]) || unordered_free(b[i]);
         if (named && copy(p, a[i]) && copy(m, b[i])) {
             x.push_back(&a[i]), y.push_back(&b[i]);
         } else if (!same_event(a[i], b[i], names)) {

@@ -494,7 +494,7 @@ void StepBuilder::buffer_add(GradBuffer& b, T g, bool view) {
     accumulate(b.sum, g, b.view);
     // (a sum is no view: the next one is added in place; under ZeRO-3, whose linears are autograd
     // Functions, the referee sees every sum of a weight's gradients made anew)
-    b.view = z3_on_ && b.view;
+    b.view = b.python && b.view;
 }
 
 void StepBuilder::add_grad(int p, T g, bool view, bool last) {
@@ -533,8 +533,8 @@ void StepBuilder::hf_grad_hooks(int p) {
     Param& P = params_[static_cast<std::size_t>(p)];
     if (grad_ready_ && micro_ == 0) grad_ready_->push_back(p);  // (DDP: its copy into the bucket, in place)
     if (ds_on_) {
-        if (z3_on_) z3_grad_hook(p);
-        else ds_grad_hook(p);
+        if (!z3_on_) ds_grad_hook(p);
+        else if (!z3_.leaf[static_cast<std::size_t>(p)]) z3_grad_hook(p);  // (a leaf block's hook reduces its own: z3_leaf_backward_end)
         return;
     }
     const char* op = op_;

@@ -38,6 +38,9 @@ struct T {
 struct GradBuffer {
     T sum;
     bool view = false;
+    // Gradients from a Python autograd Function (ZeRO-3's linear): the engine never adds into them in
+    // place, so with a view first every sum is a new tensor; else only the first sum is.
+    bool python = false;
 };
 
 // One parameter tensor (bias folded into its weight) and its gradient's life.
@@ -100,6 +103,9 @@ struct HfMoe {
     T x_sorted;                  // the gathered hidden states [S, d], saved by gate_up's grouped_mm
     T w_sorted;                  // the gathered routing weights [S], saved by the weighting product
     T offs_up, offs_down;        // cumsum of tokens per expert [E] i32, saved by each grouped_mm
+    // ZeRO-3: each grouped_mm saves its weight's transpose, a view of the gathered storage, which
+    // it keeps whatever DeepSpeed releases meanwhile (the Parameter's .data is swapped, not freed)
+    T w_up, w_down;
     T gate_view, up_view;        // gate_up's output [S, 2I] as saved by the activation and the product
     T s;                         // silu(gate) [S, I], saved by the product
     T prod;                      // act(gate) * up [S, I], saved by down's grouped_mm
@@ -734,16 +740,22 @@ private:
     }
     // The hooks of the module that owns parameter p (a linear layer or a norm): the pre-backward
     // fetch as its output's gradient arrives, the post-backward release as its input's leaves.
+    // (A leaf module's children have no hooks: its own fetch and release cover their parameters.)
     void z3_fetch_of(int p, bool forward = true) {
-        if (z3_on_) z3_hook(Z3Hook::Fetch, z3_.module_of[static_cast<std::size_t>(p)], forward);
+        if (z3_on_ && !z3_.leaf[static_cast<std::size_t>(p)]) z3_hook(Z3Hook::Fetch, z3_.module_of[static_cast<std::size_t>(p)], forward);
     }
     void z3_release_of(int p, bool forward = true) {
-        if (z3_on_) z3_hook(Z3Hook::Release, z3_.module_of[static_cast<std::size_t>(p)], forward);
+        if (z3_on_ && !z3_.leaf[static_cast<std::size_t>(p)]) z3_hook(Z3Hook::Release, z3_.module_of[static_cast<std::size_t>(p)], forward);
     }
     void z3_apply(std::span<const Z3Event> events);
     // A checkpointed layer's recompute saves a linear's weight as checkpointing's pack hook does, a
     // detached alias of the gathered storage current then (torch/utils/checkpoint.py): it holds that
     // storage until the linear's backward has run, whatever DeepSpeed releases meanwhile.
+    // What a grouped_mm saves of a stacked expert weight under ZeRO-3 (HfMoe::w_up): a view of the
+    // gathered storage, in any pass autograd records (not a checkpointed layer's first).
+    T z3_saved_view(int p) {
+        return z3_on_ && grad_ ? hold(z3_.gathered[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])]) : T{};
+    }
     void z3_alias(int p) {
         if (z3_on_ && phase_ == Phase::Recompute && grad_ && !hf_leaf_input_)  // (not the tiled MLP's replay)
             z3_.aliases[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])].push_back(
@@ -755,6 +767,7 @@ private:
     void z3_grad_hook(int p);             // reduce_independent_p_g_buckets_and_remove_grads
     void z3_flush();                      // __reduce_and_partition_ipg_grads
     void z3_after_backward(T& root);      // the epilogue's flush, release_backward_leftovers
+    void z3_leaf_backward_end();          // an MoE block's input has its gradient: its backward hook, its release
     void z3_optimizer_step();
     bool z3_on_ = false;  // s_.deepspeed_zero3()
     struct Z3Layer {
@@ -763,6 +776,7 @@ private:
         // Phi-3's residual dropouts (no parameters; p = 0 returns its input): their hooks count
         int attn_dropout = -1, mlp_dropout = -1;
         int post_attn_ln = -1, post_ff_ln = -1;  // Gemma's norms of each branch's output (post_ln: pre-feedforward)
+        std::array<int, 3> leaf_params{-1, -1, -1};  // an MoE block's (leaf `mlp`): its parameters in model.parameters() order
     };
     struct Zero3State {
         std::unique_ptr<Zero3Coordinator> coordinator;
@@ -770,6 +784,7 @@ private:
         std::vector<Z3Layer> layers;
         std::vector<int> module_of;       // per parameter (params_ index): the module that owns it
         std::vector<int> ds_id;           // per parameter: its place in model.parameters()
+        std::vector<char> leaf;           // per parameter: owned by a leaf module (an MoE block), reduced by its hook
         std::vector<T> gathered;          // per ds_id: the gathered parameter (its own buffer, or its copy)
         std::vector<T> flats;             // per gather of the micro-step: a coalesced gather's flat buffer
         std::vector<std::vector<T>> aliases;  // per ds_id: the recompute's saved aliases (z3_alias), the last used first

@@ -243,7 +243,7 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
     // (saved) and added to the GEMM's output in place.
     T bias_rows = e.gpt_oss ? act("gate_up_bias_rows", elems(S, 2 * I, xb), false) : T{};
     if (e.gpt_oss) c.ids_up = saved(ids_sorted);
-    c.x_sorted = saved(xs), c.offs_up = saved(offsets);
+    c.x_sorted = saved(xs), c.offs_up = saved(offsets), c.w_up = z3_saved_view(lp.gate);
     T gate_up = act("gate_up", elems(S, 2 * I, xb), false);
     at("moe.act");
     T prod;
@@ -282,7 +282,7 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
         drop(bias_rows);  // selected_biases rebinds
         bias_rows = down_rows;
     }
-    c.prod = saved(prod), c.offs_down = saved(offsets);
+    c.prod = saved(prod), c.offs_down = saved(offsets), c.w_down = z3_saved_view(lp.down);
     T down = act("down_out", elems(S, d, xb), false);
     drop(prod);  // proj_out rebinds
     c.down_out = saved(down), c.w_sorted = saved(ws);
@@ -417,7 +417,7 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, bool last_
     T gdown_bias = e.gpt_oss ? hold(gdown) : T{};
     T gwd = grad_out(lp.down);
     T gprod = alloc("d_act_mul", elems(S, I, xb), Category::Transient);
-    node_end({&c.offs_down, &c.prod}, &gdown);
+    node_end({&c.w_down, &c.offs_down, &c.prod}, &gdown);
     weight_grad(lp.down, gwd);
     if (e.gpt_oss) bias_grad(lp.down_bias, c.ids_down, gdown_bias);
     at("moe.act");
@@ -436,7 +436,7 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, bool last_
     T gup_bias = e.gpt_oss ? hold(joined) : T{};
     T gwu = grad_out(lp.gate);
     T gxs = alloc("d_x_sorted", elems(S, d, xb), Category::Transient);
-    node_end({&c.offs_up, &c.x_sorted}, &joined);
+    node_end({&c.w_up, &c.offs_up, &c.x_sorted}, &joined);
     weight_grad(lp.gate, gwu);
     if (e.gpt_oss) bias_grad(lp.gate_bias, c.ids_up, gup_bias);
     // The two gathers in reverse creation order: the routing weights', then the hidden states'.
@@ -528,6 +528,11 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, bool last_
     node_end({&c.probs}, &gprobs);
     T glog = alloc("d_router_logits", bf16(n, E), Category::Transient);  // ToCopyBackward0
     node_end({}, &g32);
+    if (z3_on_) {  // DeepSpeed's linear (zero3.cpp): the input's gradient first, joining the experts' in place
+        z3_linear_backward(lp.router, "d_x_router", bf16(n, d), {&c.x_router}, glog, [&](T& gx) { accumulate(dx, gx, false); },
+                           last_use);
+        return dx;
+    }
     // The router's 2-D linear (MmBackward0): the weight's gradient, then the input's; its transpose
     // node runs before the input's reshape node, whose gradient joins the experts' in place.
     T gwr = hf_mm_grad(lp.router);

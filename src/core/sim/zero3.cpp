@@ -23,6 +23,9 @@
 //   python/mst_hf's MLP mini-sequences call each projection per chunk: its post-backward hook releases
 //   only in the chunk autograd runs first (ds_grads_remaining), and a checkpointed layer's recompute
 //   saves an alias of each linear's gathered weight, which outlives a release in the recompute.
+// * Mixtral's and Qwen3-MoE's sparse blocks are DeepSpeed's default leaf modules: one module for the
+//   router's and the experts' parameters, whose backward hook reduces their gradients together; the
+//   experts' grouped_mm saves views of the gathered weights, which outlive DeepSpeed's release.
 // * After backward: the bucket reduce-scatters what it holds, and the modules whose post-backward
 //   hook never ran (the embedding's; with mini-sequences every MLP projection's) release their parameters.
 // * Step. The persistent parameters are released, the norm taken in fp64 (a copy of each partition
@@ -43,14 +46,15 @@ constexpr int kBf16 = 2;
 constexpr std::int64_t kSubGroupSize = 1'000'000'000;  // zero_optimization.sub_group_size's default
 }  // namespace
 
-// The modules of the Hugging Face Llama model in registration order, their own parameters, and
-// the order in which one micro-step runs their hooks (docs/deepspeed-zero3-model.md, sections 1.2
-// and 1.3). Modules without parameters fetch (their step ids and prefetches count); their releases
-// free nothing and are left out.
+// The modules of the Hugging Face model in registration order, their own parameters, and the order
+// in which one micro-step runs their hooks (docs/deepspeed-zero3-model.md, sections 1.2 and 1.3; the
+// families' differences, 13 to 18). Modules without parameters fetch (their step ids and prefetches
+// count); their releases free nothing and are left out. An MoE block is a leaf module (section 18):
+// its hooks stand for its children's, which have none.
 void StepBuilder::z3_build() {
     std::vector<std::vector<int>> modules;
     z3_.module_of.assign(params_.size(), -1);
-    auto module = [&](std::initializer_list<int> own) {  // (a -1, an absent bias, is skipped)
+    auto add_module = [&](std::span<const int> own) {  // (a -1, an absent bias, is skipped)
         const int id = static_cast<int>(modules.size());
         std::vector<int> params;
         for (int p : own) {
@@ -61,7 +65,13 @@ void StepBuilder::z3_build() {
         modules.push_back(std::move(params));
         return id;
     };
+    auto module = [&](std::initializer_list<int> own) { return add_module(std::span<const int>(own.begin(), own.size())); };
     z3_.ds_id.assign(params_.size(), -1);
+    z3_.leaf.assign(params_.size(), 0);
+    // (every weight's gradient comes from DeepSpeed's linear but an MoE block's experts', from grouped_mm)
+    for (Param& P : params_) P.pending.python = true;
+    for (const LayerParams& lp : layer_params_)
+        if (m_.moe) params_[static_cast<std::size_t>(lp.gate)].pending.python = params_[static_cast<std::size_t>(lp.down)].pending.python = false;
     for (std::size_t i = 0; i < order_.size(); ++i) z3_.ds_id[static_cast<std::size_t>(order_[i])] = static_cast<int>(i);
     z3_.root = module({});
     z3_.model = module({});
@@ -79,10 +89,25 @@ void StepBuilder::z3_build() {
         } else {
             L.q = module({lp.q, lp.q_bias}), L.k = module({lp.k, lp.k_bias}), L.v = module({lp.v, lp.v_bias}), L.o = module({lp.o});
             if (lp.q_norm >= 0) L.q_norm = module({lp.q_norm}), L.k_norm = module({lp.k_norm});  // (Qwen3: after o_proj)
-            L.mlp = module({});
-            L.gate = module({lp.gate}), L.up = module({lp.up}), L.down = module({lp.down});
+            if (m_.moe) {
+                // Mixtral's and Qwen3-MoE's sparse block: a leaf module (zero_optimization.leaf_module's
+                // default classes), whose hooks fetch and release the router's and the experts' parameters
+                // together; its children have none
+                std::vector<int> own;
+                for (int p : order_)
+                    if (p == lp.router || p == lp.gate || p == lp.down) {
+                        L.leaf_params[own.size()] = p;
+                        own.push_back(p);
+                        z3_.leaf[static_cast<std::size_t>(p)] = 1;
+                    }
+                L.mlp = add_module(own);
+                L.gate = L.up = L.down = -1;
+            } else {
+                L.mlp = module({});
+                L.gate = module({lp.gate}), L.up = module({lp.up}), L.down = module({lp.down});
+            }
         }
-        L.act = module({});
+        L.act = m_.moe ? -1 : module({});
         L.input_ln = module({lp.norm1});
         if (lp.post_attn_norm >= 0) L.post_attn_ln = module({lp.post_attn_norm});  // (Gemma: before pre_feedforward)
         L.post_ln = module({lp.norm2});
@@ -127,7 +152,11 @@ void StepBuilder::z3_build() {
         leaf(L.post_attn_ln);
         leaf(L.post_ln);
         fetch(L.mlp, true);
-        for (std::int64_t c = 0; c < chunks; ++c) chunk_forward(L, recompute && !gemma && !tiled && c + 1 == chunks);
+        if (m_.moe) {  // (a leaf: its post-forward hook releases; a recompute stops in its experts)
+            if (!recompute) release(L.mlp, true);
+        } else {
+            for (std::int64_t c = 0; c < chunks; ++c) chunk_forward(L, recompute && !gemma && !tiled && c + 1 == chunks);
+        }
         // (a recompute has stopped in the MLP)
         if (!recompute && L.mlp_dropout >= 0) fetch(L.mlp_dropout, true);
         if (L.post_ff_ln >= 0) {
@@ -173,7 +202,12 @@ void StepBuilder::z3_build() {
         }
         if (L.mlp_dropout >= 0) fetch(L.mlp_dropout, false);
         fetch(L.mlp, false);
-        if (tiled) {
+        if (m_.moe) {
+            // the leaf's first node to unpack a saved tensor runs the recompute; its post-backward hook
+            // releases once the block's input has its gradient (and the block's hook has reduced its parameters')
+            if (recompute) layer_inside(L, true);
+            release(L.mlp, false);
+        } else if (tiled) {
             // the tiled MLP's Function: the layer's recompute at its unpack, then per chunk in order its
             // replay and its own backward
             if (recompute) layer_inside(L, true);
@@ -200,7 +234,37 @@ void StepBuilder::z3_build() {
     config.max_live = kDeepSpeedMaxLive;
     config.max_reuse = kDeepSpeedMaxReuse;
     config.persistence = s_.param_persistence_threshold;
-    z3_.coordinator = std::make_unique<Zero3Coordinator>(std::move(numel), std::move(modules), std::move(hooks), config);
+    // With a leaf module (an MoE block), whose release looks ahead through whole subtrees: each module's
+    // subtree (the model's: all but an untied lm_head's; a layer's, its attention's, a dense MLP's)
+    std::vector<std::vector<int>> subtrees;
+    std::vector<char> leaves;
+    if (m_.moe) {
+        subtrees = modules;
+        leaves.assign(modules.size(), 0);
+        auto ids = [&](std::initializer_list<int> params) {
+            std::vector<int> out;
+            for (int p : params)
+                if (p >= 0) out.push_back(z3_.ds_id[static_cast<std::size_t>(p)]);
+            std::sort(out.begin(), out.end());
+            return out;
+        };
+        std::vector<int>& all = subtrees[static_cast<std::size_t>(z3_.root)];
+        for (std::size_t i = 0; i < order_.size(); ++i) all.push_back(static_cast<int>(i));
+        for (int id : all)
+            if (m_.tie_word_embeddings || order_[static_cast<std::size_t>(id)] != lm_head_)
+                subtrees[static_cast<std::size_t>(z3_.model)].push_back(id);
+        for (std::size_t l = 0; l < z3_.layers.size(); ++l) {
+            const Z3Layer& L = z3_.layers[l];
+            const LayerParams& lp = layer_params_[l];
+            for (std::size_t id = 0; id < order_.size(); ++id)
+                if (params_[static_cast<std::size_t>(order_[id])].layer == static_cast<std::int32_t>(l))
+                    subtrees[static_cast<std::size_t>(L.layer)].push_back(static_cast<int>(id));
+            subtrees[static_cast<std::size_t>(L.attn)] = ids({lp.q, lp.q_bias, lp.k, lp.k_bias, lp.v, lp.v_bias, lp.o, lp.o_bias, lp.q_norm, lp.k_norm});
+            leaves[static_cast<std::size_t>(L.mlp)] = 1;
+        }
+    }
+    z3_.coordinator = std::make_unique<Zero3Coordinator>(std::move(numel), std::move(modules), std::move(hooks), config,
+                                                         std::move(subtrees), std::move(leaves));
     // the first micro-step with a complete trace: a step's second with accumulation (the persistent
     // parameters not gathered yet), else the next step's first
     z3_.coordinator->warm_up(s_.grad_accum == 1);
@@ -359,6 +423,15 @@ T StepBuilder::z3_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
     if (checkpointed) drop(sv.x_tiled);  // the unpacked input, recomputed by checkpointing
     node_end({&sv.x_tiled}, &dy);
     return dx;
+}
+
+// A leaf module's parameters have no gradient hooks of their own: the module's full backward hook
+// (stage3.py reduce_leaf_module_grads) reduces each, in model.parameters() order, once the block's input
+// has its gradient (every chunk's summed); then its post-backward hook releases them.
+void StepBuilder::z3_leaf_backward_end() {
+    const Z3Layer& L = z3_.layers[static_cast<std::size_t>(layer_)];
+    for (int p : L.leaf_params) z3_grad_hook(p);
+    z3_release(L.mlp, false);
 }
 
 // reduce_independent_p_g_buckets_and_remove_grads (stage3.py:1569-1590)

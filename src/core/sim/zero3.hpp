@@ -63,9 +63,11 @@ struct Z3Config {
 class Zero3Coordinator {
 public:
     // numel: per parameter, in model.parameters() order (the ds_id order); modules: each module's own
-    // parameters in that order; hooks: one micro-step's, in order.
+    // parameters in that order (a leaf module's: all of its subtree's); hooks: one micro-step's, in order.
+    // subtrees (empty: modules): each module's subtree's parameters; leaves: per module, whether it is a
+    // ZeRO-3 leaf (z3_leaf_module), whose release looks ahead through the later modules' subtrees.
     Zero3Coordinator(std::vector<std::int64_t> numel, std::vector<std::vector<int>> modules, std::vector<Z3Hook> hooks,
-                     const Z3Config& config);
+                     const Z3Config& config, std::vector<std::vector<int>> subtrees = {}, std::vector<char> leaves = {});
 
     // The first micro-step with a complete trace (it fills the release cache): with gradient
     // accumulation it is a step's second, whose persistent parameters are not gathered yet.
@@ -111,6 +113,8 @@ private:
 
     std::vector<Param> params_;
     std::vector<std::vector<int>> modules_;
+    std::vector<std::vector<int>> subtrees_;
+    std::vector<char> leaves_;
     std::vector<Z3Hook> hooks_;
     Z3Config config_;
     std::vector<int> trace_;     // the module of each step id

@@ -20,8 +20,12 @@ constexpr std::int64_t kNever = std::numeric_limits<std::int64_t>::min() / 2;  /
 }  // namespace
 
 Zero3Coordinator::Zero3Coordinator(std::vector<std::int64_t> numel, std::vector<std::vector<int>> modules,
-                                   std::vector<Z3Hook> hooks, const Z3Config& config)
-    : modules_(std::move(modules)), hooks_(std::move(hooks)), config_(config) {
+                                   std::vector<Z3Hook> hooks, const Z3Config& config, std::vector<std::vector<int>> subtrees,
+                                   std::vector<char> leaves)
+    : modules_(std::move(modules)), subtrees_(std::move(subtrees)), leaves_(std::move(leaves)), hooks_(std::move(hooks)),
+      config_(config) {
+    if (subtrees_.empty()) subtrees_ = modules_;
+    leaves_.resize(modules_.size(), 0);
     params_.resize(numel.size());
     grads_remaining_.assign(modules_.size(), 0);
     for (std::size_t p = 0; p < numel.size(); ++p) {
@@ -192,12 +196,19 @@ const std::vector<int>& Zero3Coordinator::to_release(int module) {
         const Param& P = params_[static_cast<std::size_t>(p)];
         if (!P.persistent && P.most_recent <= step_) release.push_back(p);
     }
+    // (each later module's parameters as iter_params(module, recurse=<the released module is a leaf>)
+    // sees them: a leaf's release counts whole subtrees, any other's only direct parameters, none of a
+    // leaf's, which its children hold)
+    const bool leaf = leaves_[static_cast<std::size_t>(module)];
+    static const std::vector<int> none;
     std::int64_t traversed = 0;
-    for (std::size_t s = static_cast<std::size_t>(step_); s < trace_.size() && traversed < config_.max_reuse; ++s)
-        for (int p : modules_[static_cast<std::size_t>(trace_[s])]) {
+    for (std::size_t s = static_cast<std::size_t>(step_); s < trace_.size() && traversed < config_.max_reuse; ++s) {
+        const auto m = static_cast<std::size_t>(trace_[s]);
+        for (int p : leaf ? subtrees_[m] : leaves_[m] ? none : modules_[m]) {
             release.erase(std::remove(release.begin(), release.end(), p), release.end());
             traversed += params_[static_cast<std::size_t>(p)].numel;
         }
+    }
     return cache_.emplace(key, std::move(release)).first->second;
 }
 
