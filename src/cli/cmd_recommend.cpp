@@ -257,7 +257,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
 void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions& knobs, bool user_knobs) {
     TuneRequest rq = a.request();
     std::optional<TrainingSetup> user;
-    if (user_knobs) user = knobs.build(rq.model);  // the user's own setup, as given
+    if (user_knobs) user = knobs.build(rq.model, true, rq.gpus);  // the user's own setup, as given (--dp: all the GPUs)
     // precision, optimizer, attention, micro-batch ...; DeepSpeed's bucket goes to the strategies its engine runs
     rq.base = user ? *user : knobs.build(rq.model, false);
     if (!user) knobs.take_deepspeed(rq.base);

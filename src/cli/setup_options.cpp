@@ -75,7 +75,7 @@ void SetupOptions::take_deepspeed(TrainingSetup& s) const {
     if (given("--prefetch-bucket-size")) s.prefetch_bucket_size = prefetch_bucket_;
 }
 
-TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed) const {
+TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed, std::int64_t gpus) const {
     TrainingSetup s;
     if (!setup_file.empty()) s = load_setup_file(setup_file, model, parse_runtime(default_runtime_, "command line"));
     const std::string w = "command line";
@@ -104,6 +104,10 @@ TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed) c
     if (given("--zero3-prefetch")) s.zero3_prefetch = zero3_prefetch;
     if (with_deepspeed) take_deepspeed(s);
     if (given("--sp")) s.sp = sp;
+    if (gpus > 1 && !given("--dp") && setup_file.empty()) {
+        if (s.sp < 1 || gpus % s.sp != 0) fail(w, "sp", fmt::format("expected a divisor of --gpus {}, got {}", gpus, s.sp));
+        s.dp = gpus / s.sp;
+    }
     if (given("--sp-impl")) s.sp_impl = parse_sp_impl(sp_impl, w);
     if (given("--ep")) s.ep = ep;
     if (given("--moe-imbalance")) s.moe_imbalance = moe_imbalance;

@@ -20,7 +20,9 @@ public:
     // Validated. Without `with_deepspeed` DeepSpeed's engine options (--reduce-bucket-size,
     // --overlap-comm) are left out (max-seq's strategies template, whose stages the search picks:
     // take_deepspeed() gives them to those DeepSpeed runs).
-    TrainingSetup build(const ModelSpec& model, bool with_deepspeed = true) const;
+    // gpus: those the command plans (max-seq's --gpus); without --dp or a setup file the data-parallel
+    // degree fills them (gpus / sp).
+    TrainingSetup build(const ModelSpec& model, bool with_deepspeed = true, std::int64_t gpus = 1) const;
     // DeepSpeed's engine options given here (unvalidated), over `s`'s
     void take_deepspeed(TrainingSetup& s) const;
     const std::string& file() const { return setup_file; }  // --setup's ("" when none)
