@@ -153,6 +153,14 @@ ZERO3_CASES = {
                        lm_chunks=2, **PERSISTENT),
                   dict(DS_CONFIG, zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 100}),
                   2, str(REPO / "tests" / "data" / "tiny_qwen3_moe.json")),
+    # gpt-oss: no leaf, its router and experts modules hooked per chunk; q, k, v, o and router biases, the
+    # experts' biases and the attention's sinks gathered with their modules (nothing persistent); the
+    # chunked router's weight and bias gradients summed anew
+    "gpt-oss": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[1], mlp_chunks=2, grad_accum=2,
+                     param_persistence_threshold=0),
+                dict(DS_CONFIG, gradient_accumulation_steps=2,
+                     zero_optimization={"stage": 3, "reduce_bucket_size": BUCKET, "stage3_param_persistence_threshold": 0}),
+                1, str(REPO / "tests" / "data" / "tiny_gpt_oss.json")),
 }
 # python/mst_hf's tiled MLP under ZeRO-3 (ALST's way: its gradients accumulate chunk by chunk, reduced
 # after the last): DeepSpeed runs it alike on fake and real tensors.
@@ -454,7 +462,7 @@ def test_the_hf_runtime_predicts_deepspeeds_zero_3_step_event_for_event(runs, ca
     step, with nothing persistent and a 4096-element bucket; with the norms persistent, every layer
     checkpointed (the recompute's fetches) and two micro-steps; with flash attention; with python/mst_hf's
     MLP and LM head mini-sequences (the loss inside lm_head's forward); with offloaded checkpoints; Qwen2 and Qwen3;
-    tied embeddings; Phi-3; Gemma-2; Gemma-3; Mixtral and Qwen3-MoE."""
+    tied embeddings; Phi-3; Gemma-2; Gemma-3; Mixtral, Qwen3-MoE and gpt-oss."""
     binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
     if not binary.exists():
         pytest.skip("mst-plan is not built (set MST_PLAN or build/)")

@@ -156,7 +156,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                              rq.base.runtime != Runtime::Hf ? ""
                              : deepspeed ? " (ZeRO 1 and 2 leave every GPU the whole bf16 weights; the hf runtime's ZeRO-3 "
                                            "shards them with bf16-master for Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, "
-                                           "Mixtral and Qwen3-MoE; --runtime kernels plans it for others)"
+                                           "Mixtral, Qwen3-MoE and gpt-oss; --runtime kernels plans it for others)"
                                          : " (--runtime kernels)"));
         fail(rq.model.name, "no setup fits",
              fmt::format("expected one for {} tokens on {} x {} within {} (try {}--allow offload=yes, a shorter "
@@ -171,7 +171,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                          r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
                          rq.gpus == 1 || rq.base.runtime != Runtime::Hf ? ""
                          : deepspeed ? "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for "
-                                       "Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, Mixtral and Qwen3-MoE with bf16-master: --runtime kernels "
+                                       "Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, Mixtral, Qwen3-MoE and gpt-oss with bf16-master: --runtime kernels "
                                        "plans more, and sequence parallelism"
                                      : "; the hf runtime plans several GPUs as DDP, each holding the whole model, its gradients "
                                        "and optimizer states (--for deepspeed or axolotl: DeepSpeed's ZeRO 1 to 3): --runtime "

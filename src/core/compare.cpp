@@ -29,15 +29,18 @@ namespace {
 // Frees with no allocation between them leave the same memory whatever their order (the
 // caching allocator merges the same free blocks), and PyTorch frees some in no fixed order: the
 // autocast cache is a hash map, and DeepSpeed's ZeRO-3 releases a module's parameters in the order
-// of a Python set of them (hashed by object address: docs/deepspeed-zero3-model.md, 5.1). In a run
-// of frees, those frees (the simulator names them) may trade places among themselves, compared as a
-// set in tensor order; every other free keeps its place.
+// of a Python set of them (hashed by object address: docs/deepspeed-zero3-model.md, 5.1), at a hook
+// or among the leftovers after backward. In a run of frees, those frees (the simulator names them)
+// may trade places among themselves, compared as a set in tensor order; every other free keeps its
+// place.
 std::size_t free_run_end(const std::vector<Event>& events, std::size_t i) {
     while (i < events.size() && !events[i].alloc) ++i;
     return i;
 }
 
-bool unordered_free(const Event& e) { return e.name == "autocast_weight" || e.op == "zero3.release"; }
+bool unordered_free(const Event& e) {
+    return e.name == "autocast_weight" || e.op == "zero3.release" || e.op == "deepspeed.epilogue";
+}
 
 // A side from the referee names no free; a simulator side must name the free at the same place.
 bool same_free_runs(const Timeline& p, const Timeline& m, std::size_t from, std::size_t to, bool names) {

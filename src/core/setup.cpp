@@ -387,20 +387,24 @@ void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char
     const bool qwen2 = m.family == Family::Qwen2;
     // (Mixtral's and Qwen3-MoE's sparse blocks: DeepSpeed's default ZeRO-3 leaf modules, one set of hooks for
     // the router and the experts; gpt-oss's block is not one, and its biases and sinks are not modelled)
-    const bool leaf_moe = m.family == Family::Mixtral || m.family == Family::Qwen3Moe;
-    const bool llama_shaped = (m.family == Family::Llama || m.family == Family::Mistral || m.family == Family::Qwen3 || qwen2 ||
-                               m.family == Family::Phi3 || m.family == Family::Gemma2 || m.family == Family::Gemma3 || leaf_moe) &&
-                              (!m.moe || leaf_moe) && (!m.qkv_bias || qwen2) && !m.o_bias && !m.mlp_bias;
-    if (!llama_shaped)
+    // (Mixtral's and Qwen3-MoE's sparse blocks: DeepSpeed's default ZeRO-3 leaf modules, one set of hooks for
+    // the router and the experts; gpt-oss's block is none: its router and experts have their own, and its
+    // attention's q, k, v and o biases and sinks are parameters of their modules)
+    const bool gpt_oss = m.family == Family::GptOss;
+    const bool moe = m.family == Family::Mixtral || m.family == Family::Qwen3Moe || gpt_oss;
+    const bool modelled = (m.family == Family::Llama || m.family == Family::Mistral || m.family == Family::Qwen3 || qwen2 ||
+                           m.family == Family::Phi3 || m.family == Family::Gemma2 || m.family == Family::Gemma3 || moe) &&
+                          (!m.moe || moe) && (!m.qkv_bias || qwen2 || gpt_oss) && (!m.o_bias || gpt_oss) && !m.mlp_bias;
+    if (!modelled)
         fail(w, "zero_stage", fmt::format("expected 0, 1 or 2 for {} {} (its modules' hooks are modelled for Llama, Mistral, "
-                                          "Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, Mixtral and Qwen3-MoE, with no biases but "
-                                          "Qwen2's){}, got 3",
+                                          "Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, Mixtral, Qwen3-MoE and gpt-oss, with no "
+                                          "biases but Qwen2's and gpt-oss's){}, got 3",
                                           m.name, z3, hint));
-    // python/mst_hf's tiled MLP under ZeRO-3 holds each parameter's reduction back chunk by chunk
-    // (ds_grad_is_ready); a leaf block's parameters are reduced by the block's own backward hook instead
-    if (leaf_moe && s.mlp_chunks > 1 && s.mlp_impl == MlpImpl::Tiled)
-        fail(w, "mlp_impl", fmt::format("expected loop for {} {} (its sparse block is a ZeRO-3 leaf module, whose gradients "
-                                        "DeepSpeed reduces in the block's backward hook){}, got tiled",
+    // python/mst_hf's tiled MLP under ZeRO-3 is modelled for the dense MLP (its chunks' replays call each
+    // projection's module; ds_grad_is_ready holds each reduction back), not for a sparse block's
+    if (moe && s.mlp_chunks > 1 && s.mlp_impl == MlpImpl::Tiled)
+        fail(w, "mlp_impl", fmt::format("expected loop for {} {} (python/mst_hf's tiled MLP under ZeRO-3 is modelled for "
+                                        "dense MLPs){}, got tiled",
                                         m.name, z3, hint));
     // python/mst_hf refuses it (patch.py _check_lm_head): its chunked loss runs inside lm_head's forward
     // under ZeRO-3, and a soft-capping model's forward changes lm_head's output after it

@@ -379,6 +379,7 @@ T StepBuilder::hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save
         T out = fp32_in ? hold(o) : act("norm_out", bf16(rows, d), false);
         drop(o);
         drop(n), drop(v);  // the locals, at return
+        z3_release_of(p);
         return out;
     }
     T c = fp32_in ? hold(n) : act("norm.normed", bf16(rows, d), false);  // weight * n.to(bf16)
@@ -1056,6 +1057,7 @@ T StepBuilder::hf_layer_forward(int l, T x, LayerSaved& sv, bool stop_after_last
     T h1 = hf_norm_forward(lp.norm1, x, sv.hf.n1);
     T y, weights;
     hf_attention_forward(sv.hf, h1, y, weights);
+    if (z3_on_ && m_.attention_sinks) z3_release(z3_.layers[static_cast<std::size_t>(l)].attn);  // (gpt-oss: its sinks)
     drop(h1);  // hidden_states = the attention's output
     if (z3_on_ && z3_.layers[static_cast<std::size_t>(l)].attn_dropout >= 0) {  // Phi-3's resid_attn_dropout (p = 0: itself)
         at("attn.residual");

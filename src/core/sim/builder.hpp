@@ -103,8 +103,8 @@ struct HfMoe {
     T x_sorted;                  // the gathered hidden states [S, d], saved by gate_up's grouped_mm
     T w_sorted;                  // the gathered routing weights [S], saved by the weighting product
     T offs_up, offs_down;        // cumsum of tokens per expert [E] i32, saved by each grouped_mm
-    // ZeRO-3: each grouped_mm saves its weight's transpose, a view of the gathered storage, which
-    // it keeps whatever DeepSpeed releases meanwhile (the Parameter's .data is swapped, not freed)
+    // ZeRO-3: what each grouped_mm keeps of the gathered storage of its weight whatever DeepSpeed
+    // releases meanwhile (the Parameter's .data is swapped, not freed): z3_saved_weight
     T w_up, w_down;
     T gate_view, up_view;        // gate_up's output [S, 2I] as saved by the activation and the product
     T s;                         // silu(gate) [S, I], saved by the product
@@ -501,8 +501,10 @@ private:
     // last_use: the weight's last gradient of the step's backward (MLP mini-sequences: the first chunk's),
     // which lets its AccumulateGrad node run.
     // b: its bias (or -1), whose gradient the node makes last (the output's gradient summed over the tokens).
+    // fetched: the module's pre-backward hook has run already (gpt-oss's router: F.linear inside a module
+    // whose output is the softmax's).
     T z3_linear_backward(int w, const char* input_name, bytes_t input_bytes, std::initializer_list<T*> saved, T& grad_in,
-                         const std::function<void(T&)>& pass_input, bool last_use = true, int b = -1);
+                         const std::function<void(T&)>& pass_input, bool last_use = true, int b = -1, bool fetched = false);
     // ---- hf runtime under autocast (precision amp: fp32 weights and residual stream) -----------
     // F.linear's parameters under autocast: the bias's bf16 copy (b >= 0; the cache its only holder),
     // then the weight's (saved by the GEMM): autocast casts the arguments last first.
@@ -751,10 +753,14 @@ private:
     // A checkpointed layer's recompute saves a linear's weight as checkpointing's pack hook does, a
     // detached alias of the gathered storage current then (torch/utils/checkpoint.py): it holds that
     // storage until the linear's backward has run, whatever DeepSpeed releases meanwhile.
-    // What a grouped_mm saves of a stacked expert weight under ZeRO-3 (HfMoe::w_up): a view of the
-    // gathered storage, in any pass autograd records (not a checkpointed layer's first).
-    T z3_saved_view(int p) {
-        return z3_on_ && grad_ ? hold(z3_.gathered[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])]) : T{};
+    // What a grouped_mm saves of a stacked expert weight under ZeRO-3 (HfMoe::w_up): Mixtral's and
+    // Qwen3-MoE's transpose is a view of the gathered storage, in any pass autograd records (not a
+    // checkpointed layer's first); gpt-oss's weight, used as stored, is the Parameter itself, which holds
+    // nothing DeepSpeed releases, but a recompute saves a detached alias of it (as z3_alias).
+    T z3_saved_weight(int p) {
+        const bool view = !m_.moe->gpt_oss;
+        if (!z3_on_ || !grad_ || (!view && phase_ != Phase::Recompute)) return T{};
+        return hold(z3_.gathered[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])]);
     }
     void z3_alias(int p) {
         if (z3_on_ && phase_ == Phase::Recompute && grad_ && !hf_leaf_input_)  // (not the tiled MLP's replay)
@@ -768,6 +774,7 @@ private:
     void z3_flush();                      // __reduce_and_partition_ipg_grads
     void z3_after_backward(T& root);      // the epilogue's flush, release_backward_leftovers
     void z3_leaf_backward_end();          // an MoE block's input has its gradient: its backward hook, its release
+    bool z3_leaf_block() const { return z3_on_ && m_.moe && !m_.moe->gpt_oss; }  // Mixtral's, Qwen3-MoE's: a leaf module
     void z3_optimizer_step();
     bool z3_on_ = false;  // s_.deepspeed_zero3()
     struct Z3Layer {
@@ -776,6 +783,7 @@ private:
         // Phi-3's residual dropouts (no parameters; p = 0 returns its input): their hooks count
         int attn_dropout = -1, mlp_dropout = -1;
         int post_attn_ln = -1, post_ff_ln = -1;  // Gemma's norms of each branch's output (post_ln: pre-feedforward)
+        int router = -1, experts = -1;            // gpt-oss's MoE block (no leaf): its router and experts modules
         std::array<int, 3> leaf_params{-1, -1, -1};  // an MoE block's (leaf `mlp`): its parameters in model.parameters() order
     };
     struct Zero3State {

@@ -371,7 +371,7 @@ T StepBuilder::hf_mlp_forward(const LayerParams& lp, T h2, HfLayer& sv, bool sto
         y = act("y", elems(tokens_, d, hf_mlp_out_bytes()), false);
         for (auto it = outs.rbegin(); it != outs.rend(); ++it) drop(*it);  // the list dies, last item first
     }
-    if (z3_on_ && m_.moe) z3_release(z3_.layers[static_cast<std::size_t>(layer_)].mlp);  // (a leaf: its post-forward hook)
+    if (z3_leaf_block()) z3_release(z3_.layers[static_cast<std::size_t>(layer_)].mlp);  // (a leaf: its post-forward hook)
     return y;
 }
 
@@ -418,7 +418,7 @@ T StepBuilder::hf_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
         else dx = full;
     }
     sv.mlp.clear(), sv.moe.clear();
-    if (z3_on_ && m_.moe) z3_leaf_backward_end();
+    if (z3_leaf_block()) z3_leaf_backward_end();
     return dx;
 }
 

@@ -184,7 +184,11 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
     const int wb = e.fp32_routing_weights ? 4 : 2, xb = rb_, ob = std::max(wb, xb);
     c.tokens = n;
 
+    // ZeRO-3: gpt-oss's router and experts are modules with hooks (Mixtral's and Qwen3-MoE's blocks are
+    // leaves: the block's hooks, hf_mlp_forward's)
+    const Z3Layer* z3 = z3_on_ && e.gpt_oss ? &z3_.layers[static_cast<std::size_t>(layer_)] : nullptr;
     at("moe.router");
+    if (z3) z3_fetch(z3->router);
     T in = hf_linear_input(lp.router, lp.router_bias, x, n, d);
     T logits = act("router_logits", bf16(n, E), false);  // the block's `_` until it returns
     c.x_router = saved(in);
@@ -199,6 +203,7 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
         weights = act("top_k_weights", bf16(n, k), false);
         c.probs = saved(weights);
         drop(top);
+        if (z3) z3_release(z3->router);
     } else {
         T logits32 = act("router_logits_fp32", f32(n, E), false);
         T probs = act("router_probs", f32(n, E), false);
@@ -228,6 +233,7 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
     }
 
     at("moe.experts");
+    if (z3) z3_fetch(z3->experts);
     T ids_sorted = act("expert_ids_sorted", elems(S, 1, 8), false);
     T perm = act("perm", elems(S, 1, 8), false);
     T token_idx = act("token_idx", elems(S, 1, 8), false);  // perm // k, a temporary the gather saves
@@ -243,7 +249,7 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
     // (saved) and added to the GEMM's output in place.
     T bias_rows = e.gpt_oss ? act("gate_up_bias_rows", elems(S, 2 * I, xb), false) : T{};
     if (e.gpt_oss) c.ids_up = saved(ids_sorted);
-    c.x_sorted = saved(xs), c.offs_up = saved(offsets), c.w_up = z3_saved_view(lp.gate);
+    c.x_sorted = saved(xs), c.offs_up = saved(offsets), c.w_up = z3_saved_weight(lp.gate);
     T gate_up = act("gate_up", elems(S, 2 * I, xb), false);
     at("moe.act");
     T prod;
@@ -282,7 +288,7 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
         drop(bias_rows);  // selected_biases rebinds
         bias_rows = down_rows;
     }
-    c.prod = saved(prod), c.offs_down = saved(offsets), c.w_down = z3_saved_view(lp.down);
+    c.prod = saved(prod), c.offs_down = saved(offsets), c.w_down = z3_saved_weight(lp.down);
     T down = act("down_out", elems(S, d, xb), false);
     drop(prod);  // proj_out rebinds
     c.down_out = saved(down), c.w_sorted = saved(ws);
@@ -294,6 +300,7 @@ T StepBuilder::hf_moe_forward(const LayerParams& lp, T x, std::int64_t n, HfMoe&
     auto experts_return = [&](T restored, T sum, bool returns) {
         drop(ids_sorted), drop(perm), drop(xs), drop(ws), drop(hist_in), drop(hist), drop(offsets), drop(bias_rows), drop(down);
         drop(restored), drop(inv_perm), drop(sum);
+        if (z3 && returns) z3_release(z3->experts);
         // GptOssMLP returns the router's weights with its output (the caller holds them); the
         // stopped recomputation unwinds them with the rest.
         if (e.gpt_oss && returns) hf_mlp_aux_ = hold(weights);
@@ -365,7 +372,9 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, bool last_
     const int wb = e.fp32_routing_weights ? 4 : 2, xb = rb_, ob = std::max(wb, xb);  // as hf_moe_forward's
     const bool fp32 = e.fp32_routing_weights;
 
+    const Z3Layer* z3 = z3_on_ && e.gpt_oss ? &z3_.layers[static_cast<std::size_t>(layer_)] : nullptr;
     at("moe.experts");
+    if (z3) z3_fetch(z3->experts, false);
     T g = dy;
     if (fp32 && ob != xb) {  // ToCopyBackward0
         g = alloc("d_expert_sum", f32(n, d), Category::Transient);
@@ -448,6 +457,10 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, bool last_
     T dx = alloc("d_x_moe", elems(n, d, xb), Category::Transient);
     drop(zeros);
     node_end({&c.token_idx}, &gxs);
+    if (z3) {  // both inputs' gradients: the experts' post-backward; the router's output's gradient: its pre-backward
+        z3_release(z3->experts, false);
+        z3_fetch(z3->router, false);
+    }
 
     at("moe.router");
     if (e.gpt_oss) {
@@ -461,6 +474,14 @@ T StepBuilder::hf_moe_backward(const LayerParams& lp, HfMoe& c, T dy, bool last_
         T glog = alloc("d_router_logits", bf16(n, E), Category::Transient);
         drop(zeros_r);
         node_end({&c.top_idx}, &gtop);
+        if (z3) {
+            // DeepSpeed's linear with its bias (zero3.cpp), its module's pre-backward already run. Both input
+            // gradients come out of DeepSpeed's post-backward Functions (Python nodes), which autograd
+            // never adds into in place: their sum is a new tensor.
+            z3_linear_backward(lp.router, "d_x_router", bf16(n, d), {&c.x_router}, glog,
+                               [&](T& gx) { accumulate(dx, gx, true); }, last_use, lp.router_bias, true);
+            return dx;
+        }
         T gxr = alloc("d_x_router", bf16(n, d), Category::Transient);
         if (amp_) {
             // Under autocast the GEMM's gradients are bf16. The bias's reaches its copy's cast node

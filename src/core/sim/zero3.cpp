@@ -26,6 +26,7 @@
 // * Mixtral's and Qwen3-MoE's sparse blocks are DeepSpeed's default leaf modules: one module for the
 //   router's and the experts' parameters, whose backward hook reduces their gradients together; the
 //   experts' grouped_mm saves views of the gathered weights, which outlive DeepSpeed's release.
+//   gpt-oss's block is none: its router and experts are modules of their own, called per chunk.
 // * After backward: the bucket reduce-scatters what it holds, and the modules whose post-backward
 //   hook never ran (the embedding's; with mini-sequences every MLP projection's) release their parameters.
 // * Step. The persistent parameters are released, the norm taken in fp64 (a copy of each partition
@@ -70,8 +71,10 @@ void StepBuilder::z3_build() {
     z3_.leaf.assign(params_.size(), 0);
     // (every weight's gradient comes from DeepSpeed's linear but an MoE block's experts', from grouped_mm)
     for (Param& P : params_) P.pending.python = true;
+    // (and gpt-oss's experts' biases, from their gathers, and its sinks, from an expand)
     for (const LayerParams& lp : layer_params_)
-        if (m_.moe) params_[static_cast<std::size_t>(lp.gate)].pending.python = params_[static_cast<std::size_t>(lp.down)].pending.python = false;
+        for (int p : {lp.gate, lp.down, lp.gate_bias, lp.down_bias, lp.sinks})
+            if (m_.moe && p >= 0) params_[static_cast<std::size_t>(p)].pending.python = false;
     for (std::size_t i = 0; i < order_.size(); ++i) z3_.ds_id[static_cast<std::size_t>(order_[i])] = static_cast<int>(i);
     z3_.root = module({});
     z3_.model = module({});
@@ -80,16 +83,22 @@ void StepBuilder::z3_build() {
     for (const LayerParams& lp : layer_params_) {
         Z3Layer L{};
         L.layer = module({});
-        L.attn = module({});
+        L.attn = module({lp.sinks});  // (gpt-oss's sinks: the attention's own parameter)
         if (m_.fused_projections()) {  // Phi-3: o_proj before qkv_proj; gate_up_proj (L.gate), down_proj
             L.o = module({lp.o}), L.q = module({lp.q});
             L.k = L.v = L.up = -1;
             L.mlp = module({});
             L.gate = module({lp.gate}), L.down = module({lp.down});
         } else {
-            L.q = module({lp.q, lp.q_bias}), L.k = module({lp.k, lp.k_bias}), L.v = module({lp.v, lp.v_bias}), L.o = module({lp.o});
+            L.q = module({lp.q, lp.q_bias}), L.k = module({lp.k, lp.k_bias}), L.v = module({lp.v, lp.v_bias}),
+            L.o = module({lp.o, lp.o_bias});
             if (lp.q_norm >= 0) L.q_norm = module({lp.q_norm}), L.k_norm = module({lp.k_norm});  // (Qwen3: after o_proj)
-            if (m_.moe) {
+            if (m_.moe && m_.moe->gpt_oss) {  // GptOssMLP: no leaf; its router, then its experts (each with biases)
+                L.mlp = module({});
+                L.router = module({lp.router, lp.router_bias});
+                L.experts = module({lp.gate, lp.gate_bias, lp.down, lp.down_bias});
+                L.gate = L.up = L.down = -1;
+            } else if (m_.moe) {
                 // Mixtral's and Qwen3-MoE's sparse block: a leaf module (zero_optimization.leaf_module's
                 // default classes), whose hooks fetch and release the router's and the experts' parameters
                 // together; its children have none
@@ -148,11 +157,18 @@ void StepBuilder::z3_build() {
         } else {  // (Qwen3: each head norm after its projection)
             leaf(L.q), leaf(L.q_norm), leaf(L.k), leaf(L.k_norm), leaf(L.v), leaf(L.o);
         }
+        if (m_.attention_sinks) release(L.attn, true);  // (gpt-oss: its sinks, the attention's own)
         if (L.attn_dropout >= 0) fetch(L.attn_dropout, true);
         leaf(L.post_attn_ln);
         leaf(L.post_ln);
         fetch(L.mlp, true);
-        if (m_.moe) {  // (a leaf: its post-forward hook releases; a recompute stops in its experts)
+        if (L.experts >= 0) {  // gpt-oss: per chunk the router, then the experts (a recompute stops in the last's)
+            for (std::int64_t c = 0; c < chunks; ++c) {
+                leaf(L.router);
+                fetch(L.experts, true);
+                if (!(recompute && c + 1 == chunks)) release(L.experts, true);
+            }
+        } else if (m_.moe) {  // (a leaf: its post-forward hook releases; a recompute stops in its experts)
             if (!recompute) release(L.mlp, true);
         } else {
             for (std::int64_t c = 0; c < chunks; ++c) chunk_forward(L, recompute && !gemma && !tiled && c + 1 == chunks);
@@ -202,7 +218,16 @@ void StepBuilder::z3_build() {
         }
         if (L.mlp_dropout >= 0) fetch(L.mlp_dropout, false);
         fetch(L.mlp, false);
-        if (m_.moe) {
+        if (L.experts >= 0) {
+            // per chunk, the last first: the experts' pre-backward (its first unpack runs the recompute); both
+            // inputs' gradients (the routing weights', then the hidden states') release them; then the router's
+            for (std::int64_t c = chunks; c-- > 0;) {
+                fetch(L.experts, false);
+                if (recompute && c + 1 == chunks) layer_inside(L, true);
+                release(L.experts, false);
+                back(L.router);
+            }
+        } else if (m_.moe) {
             // the leaf's first node to unpack a saved tensor runs the recompute; its post-backward hook
             // releases once the block's input has its gradient (and the block's hook has reduced its parameters')
             if (recompute) layer_inside(L, true);
@@ -238,7 +263,7 @@ void StepBuilder::z3_build() {
     // subtree (the model's: all but an untied lm_head's; a layer's, its attention's, a dense MLP's)
     std::vector<std::vector<int>> subtrees;
     std::vector<char> leaves;
-    if (m_.moe) {
+    if (z3_leaf_block()) {
         subtrees = modules;
         leaves.assign(modules.size(), 0);
         auto ids = [&](std::initializer_list<int> params) {
@@ -343,8 +368,8 @@ void StepBuilder::z3_init_state() {
 }
 
 T StepBuilder::z3_linear_backward(int w, const char* input_name, bytes_t input_bytes, std::initializer_list<T*> saved,
-                                  T& grad_in, const std::function<void(T&)>& pass_input, bool last_use, int b) {
-    z3_fetch_of(w, false);
+                                  T& grad_in, const std::function<void(T&)>& pass_input, bool last_use, int b, bool fetched) {
+    if (!fetched) z3_fetch_of(w, false);
     unpack();
     T input = alloc(input_name, input_bytes, Category::Transient);
     T weight = grad_out(w);
@@ -356,10 +381,18 @@ T StepBuilder::z3_linear_backward(int w, const char* input_name, bytes_t input_b
     std::vector<T*> all(saved);
     all.push_back(&alias);
     py_node_end(all, &grad_in);
-    // A chunk's joins the next one's into a new sum; the tied LM head's takes the embedding's in
-    // place, a whole backward later (the referee: autograd's InputBuffer adds into it).
-    add_grad(w, weight, !(w == lm_head_ && m_.tie_word_embeddings), last_use);
-    if (b >= 0) add_grad(b, bias, false, last_use);
+    // A chunk's joins the next one's into a new sum (the bias's too: gpt-oss's chunked router); the tied
+    // LM head's takes the embedding's in place, a whole backward later (the referee: autograd's InputBuffer
+    // adds into it). The node's outputs reach their buffers in order and die together after the last;
+    // then the AccumulateGrad nodes run, the weight's first.
+    const T outputs[] = {hold(weight), hold(bias)};
+    add_grad(w, weight, !(w == lm_head_ && m_.tie_word_embeddings), false);
+    if (b >= 0) add_grad(b, bias, true, false);
+    for (T t : outputs) drop(t);
+    if (last_use) {
+        accumulate_grad_run(w);
+        if (b >= 0) accumulate_grad_run(b);
+    }
     z3_release_of(w, false);
     pass_input(input);
     return input;
