@@ -58,6 +58,8 @@ expect_run(0 "your setup" max-seq --model tiny-llama --gpu rtx-4090-24gb --check
 # Without --dp, the user's setup spreads data parallelism over --gpus (here DeepSpeed's ZeRO-3 over 4)
 expect_run(0 "\"dp\": 4,[^}]*\"zero_stage\": 3[ \n]*},[ \n]*\"strategy\": \"your setup\"" --json max-seq --model tiny-llama --gpu rtx-4090-24gb --gpus 4 --zero 3 --precision bf16-master --for deepspeed)
 expect_run(2 "^error: command line: sp: expected a divisor of --gpus 8, got 3" max-seq --model tiny-llama --gpus 8 --sp 3 --runtime kernels)
+# ... without --gpus, the GPUs --dp spans (the strategies' too)
+expect_run(0 "\"gpus\": 4," --json max-seq --model tiny-llama --gpu rtx-4090-24gb --dp 4 --zero 3 --precision bf16-master)
 # ... and under DeepSpeed's engine the strategies too (bf16-master: DDP, without --for, would refuse it)
 expect_run(0 "checkpointing \\+ MsT \\+ offload +[0-9]+" max-seq --model tiny-llama --gpu rtx-4090-24gb --gpus 4 --zero 3 --precision bf16-master)
 # Flags take a value: --padded=no is off, --padded alone and --padded=yes are on.

@@ -254,10 +254,11 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     fmt::print("\nsearched with {} simulations in {:.0f} ms{}\n", r.simulations, ms, a.out.empty() ? "" : "; plan written to " + a.out);
 }
 
-void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions& knobs, bool user_knobs) {
+void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions& knobs, bool user_knobs, bool gpus_given) {
     TuneRequest rq = a.request();
     std::optional<TrainingSetup> user;
     if (user_knobs) user = knobs.build(rq.model, true, rq.gpus);  // the user's own setup, as given (--dp: all the GPUs)
+    if (user && !gpus_given) rq.gpus = checked_mul(user->dp, user->sp, "dp x sp");  // (--gpus: what --dp and --sp span)
     // precision, optimizer, attention, micro-batch ...; DeepSpeed's bucket goes to the strategies its engine runs
     rq.base = user ? *user : knobs.build(rq.model, false);
     if (!user) knobs.take_deepspeed(rq.base);
@@ -409,7 +410,7 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
         for (const char* k : {"--setup", "--mlp-chunks", "--lm-chunks", "--mlp-chunk-tokens", "--lm-chunk-tokens",
                               "--checkpoint", "--offload", "--sp", "--zero", "--dp", "--ep", "--moe-imbalance"})
             user = user || mcmd->count(k) > 0;
-        run_max_seq(global, *ms, *knobs, user);
+        run_max_seq(global, *ms, *knobs, user, mcmd->count("--gpus") > 0);
     });
 
 }

@@ -373,8 +373,8 @@ T StepBuilder::hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save
         z3_release_of(p);
         return out;
     }
-    if (m_.norm_scales_fp32()) {  // (weight * n).to(x's dtype): the product saves n
-        sv.n = saved(n);
+    if (m_.norm_scales_fp32()) {  // (weight * n).to(x's dtype): the product saves n (and the weight)
+        sv.n = saved(n), sv.w = z3_recompute_alias(p);
         T o = act("norm.out_fp32", f32(rows, d), false);
         T out = fp32_in ? hold(o) : act("norm_out", bf16(rows, d), false);
         drop(o);
@@ -384,7 +384,7 @@ T StepBuilder::hf_norm_forward(int p, T x, HfNorm& sv, bool stop_after_last_save
     }
     T c = fp32_in ? hold(n) : act("norm.normed", bf16(rows, d), false);  // weight * n.to(bf16)
     T out = act("norm_out", amp_ ? f32(rows, d) : bf16(rows, d), false);  // (autocast: an fp32 weight)
-    sv.c = saved(c);
+    sv.c = saved(c), sv.w = z3_recompute_alias(p);
     drop(c);
     drop(n), drop(v);  // the locals, at return
     z3_release_of(p);
@@ -436,7 +436,7 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
         gn = alloc("d_normed_fp32", f32(rows, d), Category::Transient);
         T gw_full = alloc("d_norm_weight_full", f32(rows, d), Category::Transient);
         T gw;
-        node_end({&sv.n}, &g32, [&] {
+        node_end({&sv.n, &sv.w}, &g32, [&] {
             gw = amp_ ? grad_out(p) : alloc("d_norm_weight_fp32", elems(d, 1, 4), Category::Transient);
             drop(gw_full);
             if (amp_) return;
@@ -452,7 +452,7 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
         T gc = alloc("d_normed", amp_ || fp32_in ? f32(rows, d) : bf16(rows, d), Category::Transient);
         T gw_full = alloc("d_norm_weight_full", amp_ ? f32(rows, d) : bf16(rows, d), Category::Transient);
         T gw;
-        node_end({&sv.c}, &g, [&] {
+        node_end({&sv.c, &sv.w}, &g, [&] {
             gw = grad_out(p);
             drop(gw_full);
             if (amp_ && !fp32_in) {

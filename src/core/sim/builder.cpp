@@ -380,6 +380,7 @@ void StepBuilder::hf_linear_weights(int w, int b) {
     if (b >= 0) use_weight(b, false);
     use_weight(w);
     z3_alias(w);
+    if (b >= 0) z3_alias(b);  // (DeepSpeed's linear saves its bias too)
 }
 
 T StepBuilder::hf_linear_input(int w, int b, T x, std::int64_t rows, std::int64_t cols) {

@@ -78,6 +78,7 @@ struct HfNorm {
     T r_rsqrt, r_mul;  // rsqrt of the variance, saved by rsqrt (its result) and by that mul
     T c;               // Llama: the normalised bf16 copy, saved by the weight mul
     T n, w1;           // Gemma-2: the normalised fp32 tensor and 1 + weight (fp32), saved by their mul
+    T w;               // ZeRO-3: the weight as a recompute saves it for the weight's mul (z3_recompute_alias)
     bool fp32_in = false;  // under autocast: the input was the fp32 residual stream (its upcast is itself)
 };
 
@@ -762,10 +763,13 @@ private:
         if (!z3_on_ || !grad_ || (!view && phase_ != Phase::Recompute)) return T{};
         return hold(z3_.gathered[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])]);
     }
+    T z3_recompute_alias(int p) {
+        if (!z3_on_ || phase_ != Phase::Recompute || !grad_ || hf_leaf_input_) return T{};  // (not the tiled MLP's replay)
+        return hold(z3_.gathered[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])]);
+    }
     void z3_alias(int p) {
-        if (z3_on_ && phase_ == Phase::Recompute && grad_ && !hf_leaf_input_)  // (not the tiled MLP's replay)
-            z3_.aliases[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])].push_back(
-                hold(z3_.gathered[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])]));
+        if (T alias = z3_recompute_alias(p); alias.valid())
+            z3_.aliases[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])].push_back(alias);
     }
     T z3_mlp_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool last_use);  // one chunk's backward: its input's gradient
     T z3_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);  // python/mst_hf's tiled MLP (ALST's way)
@@ -793,6 +797,7 @@ private:
         std::vector<int> module_of;       // per parameter (params_ index): the module that owns it
         std::vector<int> ds_id;           // per parameter: its place in model.parameters()
         std::vector<char> leaf;           // per parameter: owned by a leaf module (an MoE block), reduced by its hook
+        std::vector<char> layer_child;    // per module: a decoder layer's direct child
         std::vector<T> gathered;          // per ds_id: the gathered parameter (its own buffer, or its copy)
         std::vector<T> flats;             // per gather of the micro-step: a coalesced gather's flat buffer
         std::vector<std::vector<T>> aliases;  // per ds_id: the recompute's saved aliases (z3_alias), the last used first

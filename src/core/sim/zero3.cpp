@@ -127,6 +127,10 @@ void StepBuilder::z3_build() {
     z3_.norm = module({final_norm_});
     z3_.rotary = module({});
     z3_.lm_head = module({lm_head_});
+    z3_.layer_child.assign(modules.size(), 0);
+    for (const Z3Layer& L : z3_.layers)
+        for (int child : {L.input_ln, L.attn, L.post_attn_ln, L.post_ln, L.post_ff_ln, L.mlp, L.attn_dropout, L.mlp_dropout})
+            if (child >= 0) z3_.layer_child[static_cast<std::size_t>(child)] = 1;
 
     std::vector<Z3Hook> hooks;
     auto fetch = [&](int m, bool forward) { hooks.push_back(Z3Hook{Z3Hook::Fetch, m, forward}); };
@@ -298,8 +302,15 @@ void StepBuilder::z3_build() {
 void StepBuilder::z3_hook(Z3Hook::Kind kind, int module, bool forward) {
     const char* op = op_;
     const std::int32_t layer = layer_;
+    const Phase phase = phase_;
+    // (The referee counts what a recompute's post-forward hook of a layer's direct child frees as
+    // backward's: checkpointing calls the layer's forward, not the module, and the hook runs without
+    // grad outside any module of the layer.)
+    if (kind == Z3Hook::Release && forward && phase_ == Phase::Recompute && z3_.layer_child[static_cast<std::size_t>(module)])
+        phase_ = Phase::Backward;
     at(kind == Z3Hook::Fetch ? "zero3.fetch" : "zero3.release");
     z3_apply(z3_.coordinator->hook(Z3Hook{kind, module, forward}));
+    phase_ = phase;
     layer_ = layer;
     at(op);
 }
@@ -374,12 +385,19 @@ T StepBuilder::z3_linear_backward(int w, const char* input_name, bytes_t input_b
     T input = alloc(input_name, input_bytes, Category::Transient);
     T weight = grad_out(w);
     T bias = b >= 0 ? grad_out(b) : T{};
-    // the node's saved input, then its weight (a recompute's alias of it; else the parameter itself)
-    std::vector<T>& aliases = z3_.aliases[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(w)])];
-    T alias = recomputed_ && !aliases.empty() ? aliases.back() : T{};
-    if (alias.valid()) aliases.pop_back();
+    // the node's saved input, then its weight and bias (a recompute's aliases of them; else the parameters)
+    auto alias_of = [&](int p) {
+        if (p < 0 || !recomputed_) return T{};
+        std::vector<T>& aliases = z3_.aliases[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])];
+        if (aliases.empty()) return T{};
+        T alias = aliases.back();
+        aliases.pop_back();
+        return alias;
+    };
+    T alias = alias_of(w), bias_alias = alias_of(b);
     std::vector<T*> all(saved);
     all.push_back(&alias);
+    all.push_back(&bias_alias);
     py_node_end(all, &grad_in);
     // A chunk's joins the next one's into a new sum (the bias's too: gpt-oss's chunked router); the tied
     // LM head's takes the embedding's in place, a whole backward later (the referee: autograd's InputBuffer
