@@ -371,11 +371,11 @@ void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
                                        m.hidden_size, m.moe->intermediate, align));
 }
 
-// ZeRO-3 in the hf runtime (src/core/sim/zero3.cpp) is proven on the referee for the dense
-// Llama-shaped decoder (Llama, Mistral, Qwen2 with its q/k/v biases, Qwen3 with its head norms, Phi-3
-// with its fused projections, Gemma-2 and -3 with their four norms; tied embeddings or not) with fp32 master
-// weights, python/mst_hf's MLP (loop or tiled) and LM head mini-sequences and checkpoints on the GPU
-// or offloaded.
+// ZeRO-3 in the hf runtime (src/core/sim/zero3.cpp) is proven on the referee for the Llama-shaped
+// decoder (Llama, Mistral, Qwen2 with its q/k/v biases, Qwen3 with its head norms, Phi-3 with its fused
+// projections, Gemma-2 and -3 with their four norms; tied embeddings or not) and the Mixture-of-Experts
+// blocks of Mixtral, Qwen3-MoE and gpt-oss, with fp32 master weights, python/mst_hf's MLP (loop, or tiled
+// for dense MLPs) and LM head mini-sequences and checkpoints on the GPU or offloaded.
 // What else its hooks and gathers would meet is refused until it is proven the same way.
 namespace {
 void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char* hint) {
@@ -385,8 +385,6 @@ void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char
         fail(w, "dp", fmt::format("expected 2 or more ranks {} (on one GPU it shards nothing: zero_stage 0), got {}", z3, s.dp));
     // (Qwen2's q, k and v biases: a second parameter of their modules)
     const bool qwen2 = m.family == Family::Qwen2;
-    // (Mixtral's and Qwen3-MoE's sparse blocks: DeepSpeed's default ZeRO-3 leaf modules, one set of hooks for
-    // the router and the experts; gpt-oss's block is not one, and its biases and sinks are not modelled)
     // (Mixtral's and Qwen3-MoE's sparse blocks: DeepSpeed's default ZeRO-3 leaf modules, one set of hooks for
     // the router and the experts; gpt-oss's block is none: its router and experts have their own, and its
     // attention's q, k, v and o biases and sinks are parameters of their modules)
