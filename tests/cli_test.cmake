@@ -55,13 +55,14 @@ expect_run(2 "^error: setup: ep: expected 1 with runtime hf" estimate --model qw
 expect_run(2 "^error: --allow: offload: expected yes or no" recommend --model tiny-llama --seq 1024 --allow offload=maybe)
 expect_run(0 "checkpointing \\+ MsT" max-seq --model tiny-llama --gpu rtx-4090-24gb)
 expect_run(0 "your setup" max-seq --model tiny-llama --gpu rtx-4090-24gb --checkpoint all --mlp-chunks 2)
-# Without --dp, the user's setup spreads data parallelism over --gpus (here DeepSpeed's ZeRO-3 over 4)
-expect_run(0 "\"dp\": 4,[^}]*\"zero_stage\": 3[ \n]*},[ \n]*\"strategy\": \"your setup\"" --json max-seq --model tiny-llama --gpu rtx-4090-24gb --gpus 4 --zero 3 --precision bf16-master --for deepspeed)
+# Without --dp, the user's setup spreads data parallelism over --gpus (here DeepSpeed's ZeRO-3 over 2; a model whose
+# lengths stay short: these searches run under the sanitizers too)
+expect_run(0 "\"dp\": 2,[^}]*\"zero_stage\": 3[ \n]*},[ \n]*\"strategy\": \"your setup\"" --json max-seq --model llama-3.2-1b --gpu rtx-4090-24gb --gpus 2 --zero 3 --precision bf16-master --for deepspeed)
 expect_run(2 "^error: command line: sp: expected a divisor of --gpus 8, got 3" max-seq --model tiny-llama --gpus 8 --sp 3 --runtime kernels)
 # ... without --gpus, the GPUs --dp spans (the strategies' too)
-expect_run(0 "\"gpus\": 4," --json max-seq --model tiny-llama --gpu rtx-4090-24gb --dp 4 --zero 3 --precision bf16-master)
+expect_run(0 "\"gpus\": 2," --json max-seq --model llama-3.2-1b --gpu rtx-4090-24gb --dp 2 --zero 3 --precision bf16-master)
 # ... and under DeepSpeed's engine the strategies too (bf16-master: DDP, without --for, would refuse it)
-expect_run(0 "checkpointing \\+ MsT \\+ offload +[0-9]+" max-seq --model tiny-llama --gpu rtx-4090-24gb --gpus 4 --zero 3 --precision bf16-master)
+expect_run(0 "checkpointing \\+ MsT \\+ offload +[0-9]+" max-seq --model llama-3.2-1b --gpu rtx-4090-24gb --gpus 2 --zero 3 --precision bf16-master)
 # Flags take a value: --padded=no is off, --padded alone and --padded=yes are on.
 expect_run(0 "\"padded\": false" --json estimate --model tiny-llama --seq 64 --padded=no)
 expect_run(0 "\"padded\": true" --json estimate --model tiny-llama --seq 64 --runtime kernels --padded)
