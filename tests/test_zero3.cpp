@@ -35,6 +35,28 @@ TrainingSetup zero3(std::int64_t seq, std::int64_t dp) {
     return s;
 }
 
+// The step's forward allocations of `bytes` (a gathered expert weight's copy): all of them, those made
+// inside the layers, and of each how many live into backward.
+struct ForwardCopies {
+    int all = 0, in_layers = 0, held = 0, held_in_layers = 0;
+};
+ForwardCopies forward_copies(const Timeline& t, bytes_t bytes) {
+    std::map<std::int64_t, const Event*> live;
+    ForwardCopies c;
+    for (const Event& e : t.events) {
+        if (e.alloc) {
+            live[e.tensor] = &e;
+            const bool copy = e.bytes == bytes && e.phase == Phase::Forward;
+            c.all += copy, c.in_layers += copy && e.layer >= 0;
+            continue;
+        }
+        const Event* a = live[e.tensor];
+        const bool held = a->bytes == bytes && a->phase == Phase::Forward && e.phase == Phase::Backward;
+        c.held += held, c.held_in_layers += held && a->layer >= 0;
+    }
+    return c;
+}
+
 std::vector<bytes_t> elements(std::initializer_list<std::int64_t> n, int bytes = 2) {
     std::vector<bytes_t> out;
     for (std::int64_t x : n) out.push_back(x * bytes);
@@ -137,18 +159,8 @@ TEST_CASE("ZeRO-3 for Qwen3-MoE: a leaf block whose experts stay gathered until 
         TrainingSetup s = zero3(4096, 8);
         if (checkpointed) s.checkpoint.assign(48, true);
         const Timeline t = simulate_rank(m, s, test::test_gpu(), 0);
-        std::map<std::int64_t, const Event*> live;
-        int held = 0;
-        for (const Event& e : t.events) {
-            if (e.alloc) {
-                live[e.tensor] = &e;
-                continue;
-            }
-            const Event* a = live[e.tensor];
-            held += a->bytes == 2 * 402653184 && a->phase == Phase::Forward && e.phase == Phase::Backward;
-        }
         CHECK(bytes_of(allocs(t, "lp_param_buffer", Phase::Init)) == elements({30532122624 / 8}));
-        return held;
+        return forward_copies(t, 2 * 402653184).held;
     };
     CHECK(held_experts(false) == 48);
     CHECK(held_experts(true) == 1);
@@ -165,22 +177,10 @@ TEST_CASE("ZeRO-3 for gpt-oss: its experts' modules release their weights after 
     const ModelSpec m = find_model("gpt-oss-20b");
     TrainingSetup s = zero3(4096, 8);
     s.attention = Attention::Eager;
-    const Timeline t = simulate_rank(m, s, test::test_gpu(), 0);
-    std::map<std::int64_t, const Event*> live;
-    int gathered = 0, in_layers = 0, held = 0;
-    for (const Event& e : t.events) {
-        const bool copy = e.bytes == 2 * 530841600 && e.phase == Phase::Forward;
-        if (e.alloc) {
-            live[e.tensor] = &e;
-            gathered += copy, in_layers += copy && e.layer >= 0;
-            continue;
-        }
-        const Event* a = live[e.tensor];
-        held += a->bytes == 2 * 530841600 && a->phase == Phase::Forward && a->layer >= 0 && e.phase == Phase::Backward;
-    }
-    CHECK(in_layers == 24);
-    CHECK(gathered == 25);
-    CHECK(held == 0);
+    const ForwardCopies gate_up = forward_copies(simulate_rank(m, s, test::test_gpu(), 0), 2 * 530841600);
+    CHECK(gate_up.in_layers == 24);
+    CHECK(gate_up.all == 25);
+    CHECK(gate_up.held_in_layers == 0);
 }
 
 // Llama-3.2-1B ties lm_head to the embedding: one Parameter in both modules, fetched by each. A layer

@@ -973,7 +973,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                 if (run.mst) t.mlp_chunks = mst_mlp ? 2 : 1, t.lm_chunks = 2;
                 std::string why = refusal_of(rq.for_format, t, m);
                 // (and the hf runtime's ZeRO-3 scope: no chunked loss for a model that soft-caps lm_head's output)
-                if (why.empty() && t.runtime == Runtime::Hf && t.deepspeed_zero3()) {
+                if (why.empty() && t.deepspeed_zero3()) {
                     try {
                         validate(t, m);
                     } catch (const UserError& e) {

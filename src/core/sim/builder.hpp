@@ -751,25 +751,27 @@ private:
         if (z3_on_ && !z3_.leaf[static_cast<std::size_t>(p)]) z3_hook(Z3Hook::Release, z3_.module_of[static_cast<std::size_t>(p)], forward);
     }
     void z3_apply(std::span<const Z3Event> events);
-    // A checkpointed layer's recompute saves a linear's weight as checkpointing's pack hook does, a
-    // detached alias of the gathered storage current then (torch/utils/checkpoint.py): it holds that
-    // storage until the linear's backward has run, whatever DeepSpeed releases meanwhile.
-    // What a grouped_mm saves of a stacked expert weight under ZeRO-3 (HfMoe::w_up): Mixtral's and
-    // Qwen3-MoE's transpose is a view of the gathered storage, in any pass autograd records (not a
-    // checkpointed layer's first); gpt-oss's weight, used as stored, is the Parameter itself, which holds
-    // nothing DeepSpeed releases, but a recompute saves a detached alias of it (as z3_alias).
-    T z3_saved_weight(int p) {
-        const bool view = !m_.moe->gpt_oss;
-        if (!z3_on_ || !grad_ || (!view && phase_ != Phase::Recompute)) return T{};
-        return hold(z3_.gathered[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])]);
-    }
+    // The gathered copy of parameter p (its own buffer, or its copy out of a coalesced gather), one holder more.
+    T z3_hold_gathered(int p) { return hold(z3_.gathered[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])]); }
+    // A checkpointed layer's recompute saves a parameter (a linear's weight and bias, a norm's weight) as
+    // checkpointing's pack hook does, a detached alias of the gathered storage current then
+    // (torch/utils/checkpoint.py): it holds that storage until the node's backward has run, whatever
+    // DeepSpeed releases meanwhile.
     T z3_recompute_alias(int p) {
         if (!z3_on_ || phase_ != Phase::Recompute || !grad_ || hf_leaf_input_) return T{};  // (not the tiled MLP's replay)
-        return hold(z3_.gathered[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])]);
+        return z3_hold_gathered(p);
     }
     void z3_alias(int p) {
         if (T alias = z3_recompute_alias(p); alias.valid())
             z3_.aliases[static_cast<std::size_t>(z3_.ds_id[static_cast<std::size_t>(p)])].push_back(alias);
+    }
+    // What a grouped_mm saves of a stacked expert weight under ZeRO-3 (HfMoe::w_up): Mixtral's and
+    // Qwen3-MoE's transpose is a view of the gathered storage, in any pass autograd records (not a
+    // checkpointed layer's first); gpt-oss's weight, used as stored, is the Parameter itself, which holds
+    // nothing DeepSpeed releases, but a recompute saves a detached alias of it.
+    T z3_saved_weight(int p) {
+        if (m_.moe->gpt_oss) return z3_recompute_alias(p);
+        return z3_on_ && grad_ ? z3_hold_gathered(p) : T{};
     }
     T z3_mlp_backward(const LayerParams& lp, HfMlpChunk& c, T& dy, bool last_use);  // one chunk's backward: its input's gradient
     T z3_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy);  // python/mst_hf's tiled MLP (ALST's way)

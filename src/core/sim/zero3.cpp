@@ -282,12 +282,12 @@ void StepBuilder::z3_build() {
         for (int id : all)
             if (m_.tie_word_embeddings || order_[static_cast<std::size_t>(id)] != lm_head_)
                 subtrees[static_cast<std::size_t>(z3_.model)].push_back(id);
+        for (int id : all)
+            if (const std::int32_t l = params_[static_cast<std::size_t>(order_[static_cast<std::size_t>(id)])].layer; l >= 0)
+                subtrees[static_cast<std::size_t>(z3_.layers[static_cast<std::size_t>(l)].layer)].push_back(id);
         for (std::size_t l = 0; l < z3_.layers.size(); ++l) {
             const Z3Layer& L = z3_.layers[l];
             const LayerParams& lp = layer_params_[l];
-            for (std::size_t id = 0; id < order_.size(); ++id)
-                if (params_[static_cast<std::size_t>(order_[id])].layer == static_cast<std::int32_t>(l))
-                    subtrees[static_cast<std::size_t>(L.layer)].push_back(static_cast<int>(id));
             subtrees[static_cast<std::size_t>(L.attn)] = ids({lp.q, lp.q_bias, lp.k, lp.k_bias, lp.v, lp.v_bias, lp.o, lp.o_bias, lp.q_norm, lp.k_norm});
             leaves[static_cast<std::size_t>(L.mlp)] = 1;
         }
