@@ -1,12 +1,16 @@
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <limits>
+#include <stdexcept>
+#include <vector>
 
 #include "mst/catalog.hpp"
 #include "mst/emit.hpp"
 #include "mst/tune.hpp"
 #include "least_fitting.hpp"
+#include "parallel_for.hpp"
 #include "sim_test_support.hpp"
 #include "test_support.hpp"
 
@@ -59,6 +63,22 @@ TEST_CASE("least_fitting finds the least fitting index of a monotone predicate f
                 }
             }
     CHECK(cases > 1000);
+}
+
+TEST_CASE("parallel_for runs every job once, then raises the error of the lowest index that raised one") {
+    for (const std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{64}}) {
+        CAPTURE(n);
+        std::vector<int> runs(n, 0);  // (each job writes its own element)
+        detail::parallel_for(n, [&](std::size_t i) { ++runs[i]; });
+        CHECK(std::count(runs.begin(), runs.end(), 1) == static_cast<std::ptrdiff_t>(n));
+    }
+    std::vector<int> runs(40, 0);
+    const auto failing = [&](std::size_t i) {
+        ++runs[i];
+        if (i == 31 || i == 17 || i == 23) throw std::runtime_error(fmt::format("job {}", i));
+    };
+    CHECK_THROWS_WITH(detail::parallel_for(runs.size(), failing), "job 17");
+    CHECK(std::count(runs.begin(), runs.end(), 1) == 40);  // the others all ran
 }
 
 TEST_CASE("the hf runtime plans several GPUs as DDP: every GPU holds the whole model, its gradients and DDP's buckets") {

@@ -14,6 +14,7 @@
 #include "mst/error.hpp"
 #include "mst/limits.hpp"
 #include "least_fitting.hpp"
+#include "parallel_for.hpp"
 
 namespace mst {
 
@@ -960,8 +961,13 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     for (Strategy& st : strategies) take_deepspeed(st.setup, rq.base);
     if (user) strategies.push_back({.name = "your setup", .setup = *user});
 
-    for (const auto& st : strategies) {
-        MaxSeqRow row;
+    // Each strategy's search is its own (a simulator of its own): they run side by side, each row
+    // what it is alone.
+    std::vector<MaxSeqRow> rows(strategies.size());
+    std::vector<std::optional<Strategy>> searches(strategies.size());
+    for (std::size_t i = 0; i < strategies.size(); ++i) {
+        const Strategy& st = strategies[i];
+        MaxSeqRow& row = rows[i];
         row.strategy = st.name;
         row.setup = st.setup;  // what the strategy is, also when nothing fits
         Strategy run = st;
@@ -1016,17 +1022,19 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                 take_deepspeed(z1, rq.base);
                 if (refusal(z1, run.mst_mlp).empty()) run.setup = z1, row.setup = z1, row.refused.clear();
             }
-            if (!row.refused.empty()) {
-                out.rows.push_back(row);
-                continue;
-            }
+            if (!row.refused.empty()) continue;
         }
-        const std::int64_t granule = 1024 * run.setup.sp;
-        longest_fitting(m, rq.gpu, run, out.budget_bytes, rq.host_bytes_per_gpu, granule, &row);
+        searches[i] = run;
+    }
+    detail::parallel_for(strategies.size(), [&](std::size_t i) {
+        if (!searches[i]) return;
+        MaxSeqRow& row = rows[i];
+        const std::int64_t granule = 1024 * searches[i]->setup.sp;
+        longest_fitting(m, rq.gpu, *searches[i], out.budget_bytes, rq.host_bytes_per_gpu, granule, &row);
         // found on the budget's device; reported as the GPU holds it
         if (row.max_seq > 0) row.memory = simulate_peaks(m, row.setup, rq.gpu, true, rq.gpu.usable_bytes());
-        out.rows.push_back(row);
-    }
+    });
+    out.rows = std::move(rows);
 
     // The floor: persistent state, and the length at which one checkpoint per layer fills the rest.
     out.persistent_bytes = persistent_state_bytes(m, ckpt, rq.gpu);

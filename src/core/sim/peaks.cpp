@@ -15,11 +15,8 @@
 #include <system_error>
 #include <thread>
 
-#if defined(__linux__)
-#include <sched.h>
-#endif
-
 #include "../caching_allocator.hpp"
+#include "../parallel_for.hpp"
 #include "builder.hpp"
 #include "loop_replay.hpp"
 #include "mst/simulate.hpp"
@@ -47,17 +44,10 @@ struct PeakSimulator::Scratch {
 
 namespace {
 
-// The threads this process may run on (its CPU affinity: a container's or taskset's cores, not the
-// machine's), at most 16: each worker's tables take tens of MiB on a large step.
+// The threads this process may run on, at most 16: each worker's tables take tens of MiB on a large step.
 int default_workers() {
     constexpr int kMostWorkers = 16;
-    int n = static_cast<int>(std::thread::hardware_concurrency());
-#if defined(__linux__)
-    cpu_set_t cpus;
-    CPU_ZERO(&cpus);
-    if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) n = CPU_COUNT(&cpus);
-#endif
-    return std::clamp(n, 1, kMostWorkers);
+    return std::min(detail::usable_cpus(), kMostWorkers);
 }
 
 }  // namespace
