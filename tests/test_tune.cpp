@@ -462,6 +462,61 @@ TEST_CASE("a safety margin below 0, at 1 or more, or NaN is refused: the budget 
     }
 }
 
+TEST_CASE("when nothing fits, recommend names the search's leanest setup and where its step still peaks") {
+    // gpt-oss-20b over 8 H100s in DeepSpeed's ZeRO-3 at 32k tokens: transformers runs gpt-oss's sinks in
+    // eager attention, whose scores [64 heads, S, S] bf16 (128 GiB), the logits with the sink column
+    // and their softmax are alive together in every layer's forward: 3 x 128 GiB, whatever the knobs.
+    TuneRequest oss = request("gpt-oss-20b", "h100-sxm-80gb", 8, 32768);
+    oss.base.runtime = Runtime::Hf;
+    oss.base.precision = Precision::Bf16Master;
+    oss.base.attention = Attention::Eager;  // (what the CLI picks for gpt-oss in the hf runtime)
+    oss.for_format = "deepspeed";
+    const Recommendation r = recommend(oss);
+    REQUIRE_FALSE(r.found);
+    REQUIRE(r.leanest);
+    const TrainingSetup& s = r.leanest->setup;
+    CHECK(s.zero_stage == 3);
+    CHECK(s.checkpointed_count() == 24);  // every layer,
+    CHECK(s.offload_checkpoints);         // offloaded,
+    CHECK(s.mlp_chunks == 32);            // chunks of 1024 tokens,
+    CHECK(s.lm_chunks == 32);
+    CHECK(s.mlp_impl == MlpImpl::Loop);   // (python/mst_hf's tiled MLP is refused for MoE under ZeRO-3)
+    CHECK(r.leanest->op == "attn.eager");
+    const bytes_t scores = std::int64_t{64} * 32768 * 32768 * 2;
+    CHECK(r.leanest->transient_bytes >= 3 * scores);
+    CHECK(r.leanest->transient_bytes < 3 * scores + kGiB);
+    CHECK(r.leanest->peak_reserved_bytes > r.budget_bytes);
+    // Llama-3.2-1B on one RTX 4090 at 512k tokens: the search found nothing, so its leanest corner
+    // does not fit either (the same budget); without offloading allowed it keeps its checkpoints.
+    TuneRequest l1 = request("llama-3.2-1b", "rtx-4090-24gb", 1, 524288);
+    for (const bool offload : {true, false}) {
+        CAPTURE(offload);
+        l1.allow_offload = offload;
+        const Recommendation q = recommend(l1);
+        REQUIRE_FALSE(q.found);
+        REQUIRE(q.leanest);
+        CHECK(q.leanest->setup.offload_checkpoints == offload);
+        CHECK(q.leanest->setup.mlp_impl == MlpImpl::Tiled);
+        CHECK(q.leanest->setup.mlp_chunks == 512);
+        CHECK(q.leanest->peak_reserved_bytes > q.budget_bytes);
+    }
+    // Within the pins: a pinned chunk count and checkpointing stand.
+    l1.pins.mlp_chunks = 4;
+    l1.pins.checkpoint_count = 8;
+    const Recommendation pinned = recommend(l1);
+    REQUIRE(pinned.leanest);
+    CHECK(pinned.leanest->setup.mlp_chunks == 4);
+    CHECK(pinned.leanest->setup.checkpointed_count() == 8);
+    // Where the persistent state alone passes the budget, that is the answer: no leanest setup.
+    CHECK_FALSE(recommend(request("llama-3-8b", "a100-40gb", 1, 8192)).leanest);
+    // Nor where its sizes pass 64 bits (eager scores of 2^30 tokens): nothing fits, and no more is said.
+    TuneRequest huge = request("llama-3-8b", "h100-sxm-80gb", 1, std::int64_t{1} << 30);
+    huge.base.attention = Attention::Eager;
+    const Recommendation none = recommend(huge);
+    CHECK_FALSE(none.found);
+    CHECK_FALSE(none.leanest);
+}
+
 TEST_CASE("when one GPU cannot hold the model's persistent state, recommend says how much it is") {
     // Pure bf16 AdamW with bf16 states: 2 + 2 + 2 x 2 = 8 bytes per parameter; fused AdamW's step
     // counter, 4 bytes per parameter tensor (embedding, 9 per layer, final norm, LM head: 291); the

@@ -77,6 +77,18 @@ struct Recommendation {
     // When nothing fits on one GPU or under DDP (one layout): its weights, master weights, gradients,
     // optimizer states and workspace (0 otherwise).
     bytes_t persistent_bytes = 0;
+    // When nothing fits and the persistent state does: the search's leanest setup (each memory-saving
+    // knob at its most within the pins) and where its step peaks, which says what no knob shrank enough.
+    struct Leanest {
+        TrainingSetup setup;
+        bytes_t peak_reserved_bytes = 0;
+        // Where its requested bytes peak, and what saved activations and transients hold there.
+        Phase phase = Phase::Init;
+        std::string op;
+        std::int64_t layer = -1;
+        bytes_t saved_bytes = 0, transient_bytes = 0;
+    };
+    std::optional<Leanest> leanest;
 };
 
 Recommendation recommend(const TuneRequest& request);

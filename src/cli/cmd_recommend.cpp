@@ -158,9 +158,23 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                            "shards them with bf16-master for Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, "
                                            "Mixtral, Qwen3-MoE and gpt-oss; --runtime kernels plans it for others)"
                                          : " (--runtime kernels)"));
+        // What the leanest setup searched still holds at its peak: what no knob shrank enough.
+        std::string leanest;
+        if (r.leanest) {
+            const TrainingSetup& s = r.leanest->setup;
+            const std::int64_t k = s.checkpointed_count();
+            leanest = fmt::format(
+                "; the leanest setup searched ({}{}, {}, ZeRO {}{}{}) peaks at {} reserved in {}",
+                k == 0 ? "no checkpointing" : k == rq.model.num_layers ? "every layer checkpointed" : fmt::format("{} layers checkpointed", k),
+                s.offload_checkpoints ? " and offloaded" : "", describe_chunks(s), s.zero_stage,
+                s.sp > 1 ? fmt::format(", sp {}", s.sp) : "", s.ep > 1 ? fmt::format(", ep {}", s.ep) : "",
+                format_bytes(r.leanest->peak_reserved_bytes),
+                fmt::format("{} at {}{}, where saved activations hold {} and transients {}", to_string(r.leanest->phase),
+                            r.leanest->op, r.leanest->layer >= 0 ? fmt::format(" of layer {}", r.leanest->layer) : "",
+                            format_bytes(r.leanest->saved_bytes), format_bytes(r.leanest->transient_bytes)));
+        }
         fail(rq.model.name, "no setup fits",
-             fmt::format("expected one for {} tokens on {} x {} within {} (try {}--allow offload=yes, a shorter "
-                         "--seq or fewer pins){}{}",
+             fmt::format("expected one for {} tokens on {} x {} within {} (try {}{}a shorter --seq or fewer pins){}{}{}",
                          rq.seq_len, rq.gpus, rq.gpu.name,
                          r.trainer_extra_bytes > 0
                              ? fmt::format("{} ({} of {} kept free for {}'s RoPE tables)",
@@ -168,11 +182,14 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                            format_bytes(r.trainer_extra_bytes), format_bytes(r.budget_bytes), rq.for_format)
                              : format_bytes(r.budget_bytes),
                          rq.gpus > 1 && rq.base.runtime == Runtime::Hf && !deepspeed ? "" : "more GPUs, ",  // DDP: each holds it all
+                         rq.allow_offload ? "" : "--allow offload=yes, ", leanest,
                          r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
                          rq.gpus == 1 || rq.base.runtime != Runtime::Hf ? ""
-                         : deepspeed ? "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for "
-                                       "Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, Mixtral, Qwen3-MoE and gpt-oss with bf16-master: --runtime kernels "
-                                       "plans more, and sequence parallelism"
+                         : deepspeed ? (r.leanest && r.leanest->setup.zero_stage == 3
+                                            ? "; --runtime kernels plans sequence parallelism"  // (ZeRO-3 was searched)
+                                            : "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for "
+                                              "Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, Mixtral, Qwen3-MoE and gpt-oss "
+                                              "with bf16-master: --runtime kernels plans more, and sequence parallelism")
                                      : "; the hf runtime plans several GPUs as DDP, each holding the whole model, its gradients "
                                        "and optimizer states (--for deepspeed or axolotl: DeepSpeed's ZeRO 1 to 3): --runtime "
                                        "kernels plans ZeRO-3 with chunked blocks, and sequence parallelism"));

@@ -655,6 +655,54 @@ const char* deepspeed_field(const TrainingSetup& s) {
 }
 }  // namespace
 
+namespace {
+
+// The setup of the search that saves the most memory, within the pins: the widest sequence- and
+// expert-parallel degrees searched, the highest ZeRO stage, every layer checkpointed and offloaded (as
+// allowed), the most chunks of both blocks, the tiled MLP where it runs (its chunks keep nothing);
+// where its step peaks. None when the knobs or --for refuse it, or its sizes pass 64 bits (then
+// nothing is said).
+std::optional<Recommendation::Leanest> leanest(const TuneRequest& rq, std::int64_t sp, std::int64_t ep) {
+    const ModelSpec& m = rq.model;
+    TrainingSetup s = rq.base;
+    s.seq_len = rq.seq_len;
+    s.sp = sp, s.dp = rq.gpus / sp, s.ep = ep;
+    s.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
+    s.zero_stage = rq.pins.zero_stage ? *rq.pins.zero_stage : zero_stages(rq).back();
+    take_deepspeed(s, rq.base);
+    s.overlap_comm = s.deepspeed_zero() && rq.pins.overlap_comm.value_or(false);
+    s.micro_batch = rq.pins.micro_batch.value_or(rq.base.micro_batch);
+    s.checkpoint = rq.pins.checkpoint ? *rq.pins.checkpoint : first_layers(rq.pins.checkpoint_count.value_or(m.num_layers), m.num_layers);
+    s.offload_checkpoints = rq.allow_offload && rq.pins.offload.value_or(true) && s.checkpointed_count() > 0;
+    s.mlp_chunks = chunk_options(s.local_tokens(), rq.pins.mlp_chunks, max_mlp_chunks(m)).back();
+    s.lm_chunks = chunk_options(s.local_tokens(), rq.pins.lm_chunks, limits::kChunks).back();
+    if (rq.pins.lm_impl) s.lm_impl = *rq.pins.lm_impl;
+    const auto runs = [&](const TrainingSetup& t) {
+        return valid(t, m) && (rq.for_format.empty() || refusal_of(rq.for_format, t, m).empty());
+    };
+    s.mlp_impl = rq.pins.mlp_impl.value_or(MlpImpl::Tiled);
+    if (!runs(s) && !rq.pins.mlp_impl) s.mlp_impl = MlpImpl::Loop;
+    if (!runs(s)) return std::nullopt;
+    Estimate e;
+    try {
+        e = estimate(m, s, rq.gpu);
+    } catch (const UserError&) {  // (a size past 64 bits, such as eager scores at 2^30 tokens: "no setup fits" stands)
+        return std::nullopt;
+    }
+    const Summary& sum = e.summary;
+    const Event& at = e.timeline.events[static_cast<std::size_t>(sum.peak.event)];
+    const auto cat = [&](Category c) { return sum.peak.by_category[static_cast<std::size_t>(c)]; };
+    return Recommendation::Leanest{.setup = s,
+                                   .peak_reserved_bytes = e.allocator.peak_reserved,
+                                   .phase = at.phase,
+                                   .op = at.op,
+                                   .layer = at.layer,
+                                   .saved_bytes = cat(Category::SavedActivation),
+                                   .transient_bytes = cat(Category::Transient)};
+}
+
+}  // namespace
+
 Recommendation recommend(const TuneRequest& rq) {
     const ModelSpec& m = rq.model;
     Recommendation out;
@@ -832,6 +880,7 @@ Recommendation recommend(const TuneRequest& rq) {
                 out.persistent_bytes = 0;  // (a probe the knobs refuse: nothing to say)
             }
         }
+        if (out.persistent_bytes <= out.budget_bytes - trainer_extra) out.leanest = leanest(rq, sps.back(), eps.back());
         return out;
     }
     out.found = true;
