@@ -638,8 +638,9 @@ T StepBuilder::hf_rope_slices_backward(T pass, T rotated, std::int64_t heads) {
     return g;
 }
 
-// LlamaAttention.forward with SDPA (the plan's flash: PyTorch's flash kernel on a GPU; GQA
-// without repeat_kv, as transformers passes enable_gqa when there is no mask).
+// LlamaAttention.forward with the plan's attention: flash is transformers' flash_attention_2
+// (flash-attn's kernels on [B, S, H, D] views, no repeat_kv: hf_flash_forward), eager its
+// eager_attention_forward (hf_eager_forward).
 // weights: what the attention returns besides its output (eager: the probabilities), which the
 // decoder layer's `_` holds until it returns.
 void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weights) {
