@@ -8,6 +8,7 @@
 #include "mst/catalog.hpp"
 #include "mst/simulate.hpp"
 #include "sim_test_support.hpp"
+#include "test_support.hpp"
 
 using namespace mst;
 using namespace mst::test;
@@ -222,4 +223,61 @@ TEST_CASE("Gemma-2: the embedding's scatter-add reads d_embeddings, so it lives 
         scaled_live = e.alloc;
     }
     CHECK(checked);
+}
+
+TEST_CASE("hf runtime: sdpa is PyTorch's flash kernel, and a concatenated q's output is copied before o_proj") {
+    // Phi-4-mini (Phi-3's code: q is the cat of its rotated and passed shares, [B, H, S, D] in memory):
+    // both kernels make their output empty_like(q), which transformers copies before o_proj, [T,
+    // q_dim] bf16 per layer; aten's backward (sdpa) copies the saved output once more. Llama's q keeps
+    // the projection's memory order: no copy.
+    const auto copies = [](const char* model, Attention a, Phase phase) {
+        TrainingSetup s;
+        s.runtime = Runtime::Hf;
+        s.seq_len = 1024;
+        s.attention = a;
+        const ModelSpec m = find_model(model);
+        const Estimate e = estimate(m, s, find_gpu("h100-sxm-80gb"));
+        std::int64_t n = 0;
+        for (const Event& ev : e.timeline.events)
+            if (ev.alloc && ev.name == "o_contiguous" && ev.phase == phase) {
+                CHECK(ev.bytes == 1024 * m.q_dim() * 2);
+                ++n;
+            }
+        return n;
+    };
+    CHECK(copies("phi-4-mini", Attention::Flash, Phase::Forward) == 32);
+    CHECK(copies("phi-4-mini", Attention::Sdpa, Phase::Forward) == 32);
+    CHECK(copies("phi-4-mini", Attention::Flash, Phase::Backward) == 0);
+    CHECK(copies("phi-4-mini", Attention::Sdpa, Phase::Backward) == 32);
+    CHECK(copies("llama-3-8b", Attention::Sdpa, Phase::Forward) == 0);
+    CHECK(copies("llama-3-8b", Attention::Sdpa, Phase::Backward) == 0);
+    // Against flash_attention_2, sdpa saves no 16-byte RNG state per layer and asks no packed-sequence
+    // question: Llama-3-8B's peak is the same bytes less the RNG states alive at it.
+    TrainingSetup s;
+    s.runtime = Runtime::Hf;
+    s.seq_len = 4096;
+    const ModelSpec m = find_model("llama-3-8b");
+    const GpuProfile g = find_gpu("h100-sxm-80gb");
+    const bytes_t flash = estimate(m, s, g).summary.peak.bytes;
+    s.attention = Attention::Sdpa;
+    const bytes_t sdpa = estimate(m, s, g).summary.peak.bytes;
+    CHECK(flash - sdpa == 16 * 32);  // the peak is in backward's first layer: every layer's state still saved
+}
+
+TEST_CASE("sdpa is refused where it is not PyTorch's flash kernel on unmasked causal attention") {
+    TrainingSetup s;
+    s.runtime = Runtime::Hf;
+    s.attention = Attention::Sdpa;
+    for (const char* model : {"mistral-7b-v0.1", "gemma-2-9b", "gemma-3-1b", "phi-3-mini-4k"}) {
+        CAPTURE(model);
+        CHECK(test::expect_user_error([&] { validate(s, find_model(model)); }).find("attention: expected flash or eager") !=
+              std::string::npos);
+    }
+    CHECK(test::expect_user_error([&] { validate(s, find_model("gpt-oss-20b")); }).find("got sdpa") != std::string::npos);
+    s.runtime = Runtime::Kernels;
+    CHECK(test::expect_user_error([&] { validate(s, find_model("llama-3-8b")); }).find("with runtime kernels") !=
+          std::string::npos);
+    s.runtime = Runtime::Hf;
+    validate(s, find_model("llama-3-8b"));  // (no throw)
+    validate(s, find_model("phi-4-mini"));
 }

@@ -39,9 +39,12 @@ enum class OptimizerImpl {
 };
 
 enum class Attention {
-    Flash,  // FlashAttention-2 / SDPA flash: saves output and logsumexp, O(S) memory
+    Flash,  // FlashAttention-2 (hf runtime: transformers' flash_attention_2): saves output and logsumexp, O(S) memory
+    Sdpa,   // hf runtime: transformers' default sdpa, PyTorch's own FlashAttention-2 kernel on a GPU
     Eager,  // materialises S x S scores and probabilities (Hugging Face "eager")
 };
+// What transformers calls it (attn_implementation).
+const char* hf_attn_implementation(Attention a);
 
 // How attention runs when the sequence is split over sp ranks.
 enum class SpImpl {

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Tuple, Union
 FORMAT = "hf-mst/1"
 
 PRECISIONS = ("pure-bf16", "bf16-master", "amp")
-ATTENTIONS = ("flash", "eager")
+ATTENTIONS = ("flash", "sdpa", "eager")
 MLP_IMPLS = ("loop", "tiled")
 LM_HEAD_IMPLS = ("recompute", "fused")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")

@@ -232,6 +232,9 @@ def _check_attention(model: nn.Module, config: MstConfig) -> None:
         warnings.warn('mst_hf: the config plans "flash" attention but the model uses "eager", which holds '
                       "[B, heads, S, S] scores: load it with attn_implementation=\"flash_attention_2\" "
                       "(or \"sdpa\")", stacklevel=3)
+    if config.attention == "sdpa" and impl != "sdpa":
+        warnings.warn(f'mst_hf: the config plans "sdpa" attention (transformers\' default, PyTorch\'s flash kernel) '
+                      f'but the model uses "{impl}": load it with attn_implementation="sdpa"', stacklevel=3)
 
 
 def apply(model: nn.Module, config: ConfigLike) -> nn.Module:

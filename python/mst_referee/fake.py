@@ -34,7 +34,7 @@ from typing import Any, Iterator, Tuple
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from . import flash
+from . import flash, sdpa
 from .recorder import host_memory
 
 
@@ -76,7 +76,7 @@ def session() -> Iterator[FakeTensorMode]:
     masking.find_packed_sequence_indices = _single_sequence_per_row
     torch.autograd.graph.save_on_cpu = _SaveOnDevicesHost  # type: ignore[misc]
     try:
-        with flash.stand_in(), FakeTensorMode() as mode:
+        with flash.stand_in(), sdpa.stand_in(), FakeTensorMode() as mode:
             yield mode
     finally:
         masking.find_packed_sequence_indices, torch.autograd.graph.save_on_cpu = saved

@@ -9,7 +9,9 @@ arguments and allocate, in the same order, exactly what flash-attn 2.8 allocates
 ``mha_fwd`` / ``mha_bwd``, non-deterministic backward, no dropout), through ordinary torch
 ops so that a dispatch mode or the profiler sees them:
 
-* forward: the output [B, S, H, Dv] in q's dtype, the softmax logsumexp [B, H, S] fp32 and
+* forward: the output [B, S, H, Dv] in q's dtype (``empty_like(q)``: in q's memory order, so a q
+  that is [B, H, S, D] in memory, as Phi-3's concatenated one, makes an output transformers'
+  reshape then copies), the softmax logsumexp [B, H, S] fp32 and
   the dropout RNG state int64[2]; the autograd node saves q, k, v, the output, the logsumexp
   and the RNG state.
 * backward: dq, dk, dv like q, k, v (``empty_like``: q's and k's keep the strides of the
@@ -45,7 +47,9 @@ def _round(x: int, m: int) -> int:
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mha_fwd's allocations: (out, softmax_lse, rng_state)."""
     batch, seq_q, heads, _ = q.shape
-    out = torch.empty((batch, seq_q, heads, v.shape[3]), dtype=q.dtype, device=q.device)
+    # empty_like(q): q's memory order (Phi-3's joined q is [B, H, S, D] in memory, its transpose too)
+    out = torch.empty_like(q) if v.shape[3] == q.shape[3] else \
+        torch.empty((batch, seq_q, heads, v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     rng_state = torch.empty((2,), dtype=torch.int64, device=q.device)
     return out, lse, rng_state

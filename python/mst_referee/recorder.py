@@ -79,6 +79,11 @@ CATEGORIES = ("weights", "master_weights", "gradients", "optimizer_state", "save
 
 _ADD = torch.ops.aten.add.Tensor
 _LIFT_FRESH = torch.ops.aten.lift_fresh.default
+# PyTorch's FlashAttention-2 SDPA kernel (mst_referee.sdpa sends transformers' sdpa there): on a GPU
+# its RNG seeds (outputs 6 and 7) are host tensors, and its backward's mha_bwd allocates scratch
+# the fake kernel does not (added by _sdpa_flash_scratch).
+_SDPA_FLASH = torch.ops.aten._scaled_dot_product_flash_attention.default
+_SDPA_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_backward.default
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.int64: "i64",
            torch.int32: "i32", torch.bool: "bool", torch.uint8: "u8"}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -507,6 +512,7 @@ class StorageRecorder(TorchDispatchMode):
             entry = self._live.get(id(args[0].untyped_storage()))
             old = entry[1] if entry is not None else None
         previous_op, self._op = self._op, name
+        copies = self._sdpa_flash_copies(*args[:5]) if func is _SDPA_FLASH_BACKWARD and self.recording else ()
         try:
             out = func(*args, **kwargs)
         finally:
@@ -514,10 +520,13 @@ class StorageRecorder(TorchDispatchMode):
         if not self.recording:
             return out
         inputs = None
+        host = {id(t.untyped_storage()) for t in out[6:8]} if func is _SDPA_FLASH else set()
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
             st = t.untyped_storage()
+            if id(st) in host:
+                continue  # the RNG seeds: host tensors on a GPU
             entry = self._live.get(id(st))
             if entry is not None and entry[0]() is st:
                 if st.nbytes() != entry[1].nbytes:
@@ -540,7 +549,47 @@ class StorageRecorder(TorchDispatchMode):
                 self._pending = _PendingSum(id(st), s, old, e)
             else:
                 self._write(e)
+        if func is _SDPA_FLASH_BACKWARD:
+            self._sdpa_flash_scratch(*args[:3])
+            del copies  # _flash_attention_backward's contiguous output and gradient, at its return
         return out
+
+    def _device_scratch(self, shape: Tuple[int, ...], dtype: Any, name: str) -> torch.Tensor:
+        """A buffer a kernel allocates that the fake kernel does not: recorded, its free when it dies."""
+        t = torch.empty(shape, dtype=dtype)
+        s = self._track(t.untyped_storage(), self._phase(), "gpu")
+        self._write(self._event(True, s, f"{name} {_DTYPES.get(dtype, str(dtype))}{list(shape)}"))
+        return t
+
+    def _sdpa_flash_copies(self, grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           out: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """aten's _flash_attention_backward makes the output's gradient and the output contiguous as
+        [B, S, H, D] before mha_bwd: a copy of each that is not (the output of a q that is [B, H, S, D]
+        in memory, as Phi-3's joined one)."""
+        made = []
+        for t, name in ((grad_out, "grad_out_contiguous"), (out, "out_contiguous")):
+            if not t.transpose(1, 2).is_contiguous():
+                made.append(self._device_scratch(tuple(t.transpose(1, 2).shape), t.dtype, name))
+        return tuple(made)
+
+    def _sdpa_flash_scratch(self, grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
+        """mha_bwd's scratch inside aten's FlashAttention-2 backward, after dq, dk, dv (its outputs):
+        the row sums [B, H, S128] fp32, the dQ accumulator [B, S128, H, D32] fp32 and, with
+        grouped-query attention, dK and dV for every query head, which die at its return (dV's, dK's,
+        the accumulator), then the row sums its caller drops (csrc/flash_attn/flash_api.cpp, as
+        mst_referee.flash._backward)."""
+        batch, heads, seq_q, head_dim = query.shape
+        rounded = (head_dim + 31) // 32 * 32 if head_dim <= 192 else 256
+        s128 = (seq_q + 127) // 128 * 128
+        scratch = self._device_scratch
+        softmax_d = scratch((batch, heads, s128), torch.float32, "softmax_d")
+        dq_accum = scratch((batch, s128, heads, rounded), torch.float32, "dq_accum")
+        if key.shape[1] != heads:
+            dk_expanded = scratch((batch, key.shape[2], heads, head_dim), query.dtype, "dk_expanded")
+            dv_expanded = scratch((batch, key.shape[2], heads, head_dim), query.dtype, "dv_expanded")
+            del dv_expanded, dk_expanded
+        del dq_accum
+        del softmax_d
 
     # ---- the result ----------------------------------------------------------------------
 

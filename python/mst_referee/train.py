@@ -33,10 +33,12 @@ def pick_attn_implementation(planned: str, device_type: str) -> Tuple[str, Optio
     """transformers' attn_implementation for the plan's attention, and a note when it is a fallback.
 
     "flash" is FlashAttention-2 where the flash_attn package works (CUDA), else PyTorch's SDPA
-    (whose flash / memory-efficient kernels also keep O(S) memory); "eager" is eager.
+    (whose flash / memory-efficient kernels also keep O(S) memory); "sdpa" is SDPA, "eager" eager.
     """
     if planned == "eager":
         return "eager", None
+    if planned == "sdpa":  # transformers' default: PyTorch's scaled_dot_product_attention
+        return "sdpa", None
     torch, transformers = import_torch()
     if device_type == "cuda":
         try:

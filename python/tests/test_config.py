@@ -125,7 +125,7 @@ BAD_FIELDS = [
     ("micro_batch", True, "expected a positive integer, got true"),
     ("grad_accum", 0, "expected a positive integer"),
     ("precision", "fp16", 'expected one of "pure-bf16", "bf16-master", "amp", got "fp16"'),
-    ("attention", "sdpa", 'expected one of "flash", "eager"'),
+    ("attention", "math", 'expected one of "flash", "sdpa", "eager", got "math"'),
     ("mlp", 8, "expected a JSON object, got 8"),
     ("mlp.chunks", 0, "expected a positive integer, got 0"),
     ("mlp.chunks", 32769, "expected at most the tokens per rank"),

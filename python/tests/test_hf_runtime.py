@@ -54,6 +54,13 @@ CASES = [
     (LLAMA, {"attention": "eager", "checkpoint": "all", "micro_batch": 2, "mlp_chunks": 2}),
     (LLAMA, {"checkpoint": "all", "offload_checkpoints": True}),
     (LLAMA, {"checkpoint": [0], "offload_checkpoints": True, "grad_accum": 2, "mlp_chunks": 2, "lm_chunks": 2}),
+    # sdpa (transformers' default): PyTorch's own FlashAttention-2 kernel, aten's node saving key,
+    # query, value, logsumexp and output (released in that order), no packed-sequence check, host RNG
+    # seeds; autocast casting q and k; micro-batches, checkpointing and offload around it.
+    (LLAMA, {"attention": "sdpa"}),
+    (LLAMA, {"attention": "sdpa", "checkpoint": "all"}),
+    (LLAMA, {"attention": "sdpa", "precision": "amp", "checkpoint": [1], "grad_accum": 2}),
+    (LLAMA, {"attention": "sdpa", "micro_batch": 2, "mlp_chunks": 2, "checkpoint": [0], "offload_checkpoints": True}),
     # MsT: loop and tiled MLP, recompute and fused LM head, with accumulation and micro-batches.
     (LLAMA, {"mlp_chunks": 3, "checkpoint": "all"}),
     (LLAMA, {"mlp_chunks": 3, "mlp_impl": "tiled", "checkpoint": "all", "grad_accum": 2}),
@@ -138,6 +145,9 @@ CASES = [
     (GEMMA3_GLOBAL, {"attention": "eager", "checkpoint": "all", "micro_batch": 2}),
     # No KV head shared (Llama-2-7B's attention): with micro-batches, matmul copies q, k and v.
     (MHA, {"attention": "eager", "micro_batch": 2}),
+    (MHA, {"attention": "sdpa", "micro_batch": 2}),
+    (MQA, {"attention": "sdpa", "checkpoint": "all"}),
+    (QWEN3, {"attention": "sdpa", "precision": "bf16-master", "mlp_chunks": 3, "mlp_impl": "tiled", "checkpoint": "all"}),
     (MHA, {"precision": "amp", "attention": "eager", "checkpoint": "all", "micro_batch": 2, "grad_accum": 2}),
     # Phi-3: fused qkv_proj and gate_up_proj (views of one output each), a rotated share of each
     # head concatenated with the rest (partial: 3/4 of the dimensions, tied embeddings, GQA).
@@ -151,6 +161,10 @@ CASES = [
     (PHI3, {"precision": "amp", "checkpoint": "all", "mlp_chunks": 2, "lm_chunks": 2, "lm_impl": "fused"}),
     # Phi-3-mini's shape: every dimension rotated (the first share is an alias), no KV sharing, a
     # sliding window in every layer; and longrope's frequency choice in every forward.
+    # The joined q is [B, H, S, D] in memory, and so is the kernels' output (empty_like(q)): transformers
+    # copies it before o_proj; aten's backward (sdpa) makes it contiguous again.
+    (PHI3, {"attention": "sdpa", "checkpoint": [0], "lm_chunks": 2}),
+    (PHI3, {"attention": "sdpa", "precision": "amp", "checkpoint": "all", "mlp_chunks": 2}),
     (PHI3_SLIDING, {"attention": "eager", "checkpoint": "all", "micro_batch": 2, "mlp_chunks": 2}),
     (PHI3_SLIDING, {"checkpoint": [1], "offload_checkpoints": True, "optimizer_impl": "foreach", "lm_chunks": 2,
                     "mlp_chunks": 3, "mlp_impl": "tiled", "grad_accum": 2}),

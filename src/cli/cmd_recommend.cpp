@@ -49,8 +49,8 @@ struct TunerArgs {
         cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
         cmd.add_option("--optimizer-state-dtype", state_dtype, "fp32 | bf16");
         attention_option = cmd.add_option("--attention", attention,
-                                          "flash | eager (default: flash; with runtime hf, what transformers runs unasked: "
-                                          "eager for gpt-oss, which SDPA cannot run)");
+                                          "flash | sdpa | eager (default: flash; sdpa: transformers' default, PyTorch's flash "
+                                          "kernel, runtime hf; with runtime hf, gpt-oss's default is eager, which SDPA cannot run)");
         cmd.add_option("--optimizer-impl", optimizer_impl, "fused (the HF Trainer's default) | foreach | for-loop")
             ->capture_default_str();
         cmd.add_option("--runtime", runtime, "hf (transformers + PyTorch: what users run) | kernels (mst-plan's executor)")

@@ -28,7 +28,7 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
         ->capture_default_str();
     cmd.add_option("--runtime", runtime, "hf (transformers + PyTorch: what users run) | kernels (mst-plan's executor)")
         ->capture_default_str();
-    cmd.add_option("--attention", attention, "flash | eager (default: flash; with runtime hf, what transformers runs unasked: eager for gpt-oss, which SDPA cannot run)");
+    cmd.add_option("--attention", attention, "flash | sdpa | eager (default: flash; sdpa: transformers' default, PyTorch's flash kernel, runtime hf; with runtime hf, gpt-oss's default is eager, which SDPA cannot run)");
     cmd.add_option("--mlp-chunks", mlp_chunks, "MsT mini-sequences for the MLP (M_mlp; 1 = unchunked)")->capture_default_str()->check(decimal());
     cmd.add_option("--mlp-chunk-tokens", mlp_chunk_tokens, "Alternatively: MLP chunk size in tokens")->check(decimal());
     cmd.add_option("--mlp-impl", mlp_impl, "loop (MsT reference) | tiled (ALST TiledMLP)")->capture_default_str();

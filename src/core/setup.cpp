@@ -43,7 +43,8 @@ constexpr std::pair<const char*, StateDtype> kStateDtypes[] = {{"fp32", StateDty
 constexpr std::pair<const char*, Runtime> kRuntimes[] = {{"hf", Runtime::Hf}, {"kernels", Runtime::Kernels}};
 constexpr std::pair<const char*, OptimizerImpl> kOptimizerImpls[] = {
     {"foreach", OptimizerImpl::Foreach}, {"fused", OptimizerImpl::Fused}, {"for-loop", OptimizerImpl::ForLoop}};
-constexpr std::pair<const char*, Attention> kAttentions[] = {{"flash", Attention::Flash}, {"eager", Attention::Eager}};
+constexpr std::pair<const char*, Attention> kAttentions[] = {
+    {"flash", Attention::Flash}, {"sdpa", Attention::Sdpa}, {"eager", Attention::Eager}};
 constexpr std::pair<const char*, SpImpl> kSpImpls[] = {{"ulysses", SpImpl::Ulysses}, {"ring", SpImpl::Ring}};
 constexpr std::pair<const char*, MlpImpl> kMlpImpls[] = {{"loop", MlpImpl::Loop}, {"tiled", MlpImpl::Tiled}};
 constexpr std::pair<const char*, LmHeadImpl> kLmImpls[] = {{"recompute", LmHeadImpl::Recompute},
@@ -71,6 +72,9 @@ OptimizerImpl parse_optimizer_impl(const std::string& s, const std::string& w) {
     return parse_enum(s, w, "optimizer_impl", kOptimizerImpls);
 }
 Attention parse_attention(const std::string& s, const std::string& w) { return parse_enum(s, w, "attention", kAttentions); }
+const char* hf_attn_implementation(Attention a) {
+    return a == Attention::Flash ? "flash_attention_2" : a == Attention::Sdpa ? "sdpa" : "eager";
+}
 
 Attention default_attention(const ModelSpec& m, Runtime runtime) {
     return m.attention_sinks && runtime == Runtime::Hf ? Attention::Eager : Attention::Flash;
@@ -333,7 +337,8 @@ void validate_ring_scope(const TrainingSetup& s, const ModelSpec& m) {
     if (s.runtime != Runtime::Kernels)
         fail(w, "sp_impl", "expected ulysses with runtime hf (sequence parallelism is not modelled in it; runtime kernels "
                            "plans ring attention), got ring");
-    if (s.attention != Attention::Flash) fail(w, "attention", fmt::format("expected flash with sp_impl ring ({}), got eager", why));
+    if (s.attention != Attention::Flash)
+        fail(w, "attention", fmt::format("expected flash with sp_impl ring ({}), got {}", why, to_string(s.attention)));
     if (m.attention_sinks || m.attn_logit_softcapping)
         fail(w, "sp_impl", fmt::format("expected ulysses for {} ({}, which takes no {}), got ring", m.name, why,
                                        m.attention_sinks ? "attention sinks" : "logit soft-capping"));
@@ -350,9 +355,30 @@ void validate_model_scope(const TrainingSetup& s, const ModelSpec& m) {
     // (flash_attention_2 falls back to it), whose allocations are not modelled yet; SDPA refuses sinks.
     // mst-plan's own executor runs them in its flash kernel only.
     if (m.attention_sinks && s.runtime == Runtime::Hf && s.attention != Attention::Eager)
-        fail(w, "attention", "expected eager for a model with attention sinks in the hf runtime (gpt-oss: its flash path is "
-                             "the kernels hub's vllm-flash-attn3, not modelled yet; the kernels runtime runs sinks in flash), "
-                             "got flash");
+        fail(w, "attention", fmt::format("expected eager for a model with attention sinks in the hf runtime (gpt-oss: its "
+                                         "flash path is the kernels hub's vllm-flash-attn3, not modelled yet, and SDPA "
+                                         "refuses sinks; the kernels runtime runs sinks in flash), got {}",
+                                         to_string(s.attention)));
+    // sdpa is transformers' attention implementation: PyTorch's FlashAttention-2 kernel, which SDPA
+    // picks for causal attention without a mask (a sliding window as long as the sequence or shorter
+    // passes one: masking_utils skips it only below the window, and another kernel runs with the
+    // [S, S] mask; Gemma-2's soft-capping SDPA refuses), head dimensions a multiple of 8 up to 256.
+    if (s.attention == Attention::Sdpa) {
+        if (s.runtime != Runtime::Hf)
+            fail(w, "attention", "expected flash or eager with runtime kernels (sdpa is transformers' attention "
+                                 "implementation: runtime hf), got sdpa");
+        const bool sliding = std::find(m.sliding_layers.begin(), m.sliding_layers.end(), true) != m.sliding_layers.end() &&
+                             m.sliding_window && s.seq_len >= *m.sliding_window;
+        if (sliding || m.attn_logit_softcapping || m.head_dim > 256 || m.head_dim % 8 != 0)
+            fail(w, "attention",
+                 fmt::format("expected flash or eager for {} (sdpa is modelled as PyTorch's flash kernel: causal "
+                             "attention without a mask, {}), got sdpa",
+                             m.name, sliding ? fmt::format("but its sliding window of {} tokens passes one at {}, and SDPA "
+                                                           "then runs another kernel with an [S, S] mask", m.sliding_window.value_or(0),
+                                                           s.seq_len)
+                                     : m.attn_logit_softcapping ? "but its logit soft-capping SDPA cannot run"
+                                                                : "which takes head dimensions a multiple of 8 up to 256"));
+    }
     if (m.attention_sinks && s.runtime == Runtime::Kernels && s.attention != Attention::Flash)
         fail(w, "attention", "expected flash for a model with attention sinks in the kernels runtime (mst-plan's executor "
                              "runs gpt-oss's sinks in its flash kernel; runtime hf models transformers' eager path), got eager");

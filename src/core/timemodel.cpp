@@ -186,7 +186,7 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         t += g.gemm("attn.qkv" + sfx, T, qd + 2 * kvd, d);
         t += g.memory("attn.rope" + sfx, 2 * T * (qd + kvd) * 2);
         const double attn_flops = 4 * B * heads_local * static_cast<double>(m.head_dim) * pairs;
-        if (s.attention == Attention::Flash) {
+        if (s.attention != Attention::Eager) {  // (sdpa: the same flash kernel)
             const double a = g.add("attention" + sfx, attn_flops, 2 * T * (2 * qd + 2 * kvd), cal.attention_efficiency);
             attention_forward = a, t += a;
             // Ring attention: every block's output to fp32 and merged, about 42 bytes per element of
@@ -210,7 +210,7 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         t += g.gemm("attn.qkv (bwd)", T, d, qd + 2 * kvd) + g.gemm("attn.qkv (bwd)", qd + 2 * kvd, d, T);
         t += g.memory("attn.rope (bwd)", 2 * T * (qd + kvd) * 2);
         const double attn_flops = 2.5 * 4 * B * heads_local * static_cast<double>(m.head_dim) * pairs;  // FA2: 5 GEMMs vs 2
-        if (s.attention == Attention::Flash) {
+        if (s.attention != Attention::Eager) {  // (sdpa: the same flash kernel)
             const double a = g.add("attention (bwd)", attn_flops, 2 * T * (4 * qd + 4 * kvd) + T * qd * 4, cal.attention_efficiency);
             attention_backward = a, t += a;
             // Ring attention, per block: the output made contiguous, dq accumulated in fp32, dK and dV

@@ -79,10 +79,17 @@ void check(const TrainingSetup& s, const ModelSpec& model, bool deepspeed) {
     if (s.optimizer_in_backward)
         fail(kWhere, "setup.optimizer_in_backward",
              "expected false (the Hugging Face Trainer steps the optimizer after backward), got true");
-    if (s.sp > 1 && s.attention == Attention::Eager)
+    if (s.sp > 1 && s.attention != Attention::Flash)
         fail(kWhere, "setup.attention",
-             "expected flash with sp > 1 (Axolotl runs context_parallel_size as DeepSpeed Ulysses, which needs "
-             "flash attention), got eager");
+             fmt::format("expected flash with sp > 1 (Axolotl runs context_parallel_size as DeepSpeed Ulysses, which needs "
+                         "flash attention), got {}",
+                         to_string(s.attention)));
+    // Packed samples reach sdpa with a mask that keeps them apart, which sends it to another kernel
+    // (and an [S, S] mask): the plan's sdpa is PyTorch's flash kernel on unmasked causal attention.
+    if (s.attention == Attention::Sdpa && !s.padded)
+        fail(kWhere, "setup.attention",
+             "expected flash or eager with packed samples (sample_packing keeps the sequences of a row apart with a "
+             "mask, and sdpa then runs another kernel than the flash one planned), got sdpa");
     // patch_tiled_mlp (monkeypatch/tiled_mlp/patch.py) replaces the model's dense {Prefix}MLP
     // class: Mixtral has none (model load fails), Qwen3-MoE's experts never use it.
     if (s.mlp_chunks > 1 && model.moe)
@@ -184,7 +191,7 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
                 "(bf16 in ds_config.json).");
     e << YAML::Key << "bf16" << YAML::Value << true;
     e << YAML::Key << "attn_implementation" << YAML::Value
-      << (s.attention == Attention::Flash ? "flash_attention_2" : "eager");
+      << hf_attn_implementation(s.attention);
 
     const std::int64_t checkpointed = s.checkpointed_count();
     if (checkpointed > 0 && checkpointed < model.num_layers)

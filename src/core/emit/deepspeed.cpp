@@ -220,8 +220,7 @@ std::vector<EmittedFile> emit_deepspeed(const Plan& plan, const ModelSpec& model
     if (s.mlp_chunks > 1) notes.push_back(mlp_note(s));
     if (s.lm_chunks > 1) notes.push_back(lm_note(s));
     notes.push_back(fmt::format("attention: {}; set it when loading the model (attn_implementation=\"{}\").",
-                                to_string(s.attention),
-                                s.attention == Attention::Flash ? "flash_attention_2" : "eager"));
+                                to_string(s.attention), hf_attn_implementation(s.attention)));
 
     j["mst_plan_notes"] = notes;
     return {{"ds_config.json", j.dump(2) + "\n"}};

@@ -700,6 +700,14 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
     }
     T o;
     hf_flash_forward(sv, qe, ke, v, o);
+    if (hf_q_heads_first()) {
+        // The output is empty_like(q) in both kernels: [B, H, S, D] in memory like a joined q, so
+        // transformers' reshape (flash_attention_2) or transpose(1, 2).contiguous() (sdpa) before
+        // o_proj copies it; the kernel's node keeps the original, o_proj saves the copy.
+        T copy = act("o_contiguous", bf16(tokens_, qd), false);
+        drop(o);
+        o = copy;
+    }
     at("attn.o_proj");
     z3_fetch_of(lp.o);
     hf_linear_weights(lp.o, lp.o_bias);
@@ -817,32 +825,45 @@ void StepBuilder::hf_packed_check() {
 // the logsumexp and the RNG state (csrc/flash_attn/flash_api.cpp, flash_attn_interface.py).
 // Under autocast the rotated q and k are fp32: transformers casts them to bf16 first (v is bf16),
 // and the node saves the copies.
+// sdpa (transformers' sdpa_attention_forward, causal without a mask): PyTorch's own FlashAttention-2,
+// aten._scaled_dot_product_flash_attention on the [B, H, S, D] transposes, runs the same mha_fwd on
+// [B, S, H, D] views; it asks no packed-sequence question, its RNG seeds are host tensors, and
+// autocast (not transformers) casts the fp32 q and k in AMP.
 void StepBuilder::hf_flash_forward(HfLayer& sv, T qe, T ke, T v, T& out) {
     const std::int64_t qd = m_.q_dim(), kvd = m_.kv_dim(), heads = m_.num_heads / s_.sp;
     if (amp_) {
         qe = act("q_bf16", bf16(tokens_, qd), false);
         ke = act("k_bf16", bf16(tokens_, kvd), false);
     }
-    hf_packed_check();
+    const bool sdpa = s_.attention == Attention::Sdpa;
+    if (!sdpa) hf_packed_check();
     at("attn.flash");
     out = act("o", bf16(tokens_, qd), false);
     T lse = act("lse", elems(s_.micro_batch * heads, s_.seq_len, 4), false);
-    T rng = act("rng_state", 16, false);
+    T rng = sdpa ? T{} : act("rng_state", 16, false);
     sv.q_fa = saved(qe), sv.k_fa = saved(ke), sv.v_fa = saved(v);
-    sv.o_fa = saved(out), sv.lse_fa = saved(lse), sv.rng_fa = saved(rng);
-    drop(lse), drop(rng);  // FlashAttnFunc.forward returns only the output
+    sv.o_fa = saved(out), sv.lse_fa = saved(lse);
+    if (!sdpa) sv.rng_fa = saved(rng);
+    drop(lse), drop(rng);  // the call returns only the output
     if (amp_) drop(qe), drop(ke);  // the casts, at return
 }
 
 // Its backward: dq, dk, dv like q, k, v; inside mha_bwd the row sums softmax_d [B, H, S128] fp32,
 // the dQ accumulator [B, S128, H, D32] fp32 (S rounded to 128, D to 32) and, with grouped-query
 // attention, dK and dV for every query head, which die at its return (dV's, dK's, the
-// accumulator), then the returned softmax_d.
+// accumulator), then the returned softmax_d. flash-attn's node is a Python Function's; sdpa's is
+// aten's ScaledDotProductFlashAttentionBackward0, whose saved inputs and outputs go in name order
+// (key, query, value; logsumexp, output).
 void StepBuilder::hf_flash_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
     const std::int64_t qd = m_.q_dim(), kvd = m_.kv_dim(), heads = m_.num_heads / s_.sp;
     const std::int64_t hd = m_.head_dim, hd_rounded = hd <= 192 ? round_up(hd, 32) : 256;
     const std::int64_t s128 = round_up(s_.seq_len, 128), rows = s_.micro_batch * heads;
     at("attn.flash");
+    // aten's _flash_attention_backward (sdpa) makes the saved output contiguous first: a copy when it
+    // is [B, H, S, D] in memory (a joined q's), freed after mha_bwd's row sums. (flash-attn only
+    // needs a contiguous last dimension.)
+    const bool out_copy = s_.attention == Attention::Sdpa && hf_q_heads_first();
+    T o_contiguous = out_copy ? alloc("o_contiguous", bf16(tokens_, qd), Category::Transient) : T{};
     dq = alloc("dq", bf16(tokens_, qd), Category::Transient);
     dk = alloc("dk", bf16(tokens_, kvd), Category::Transient);
     dv = alloc("dv", bf16(tokens_, kvd), Category::Transient);
@@ -854,7 +875,9 @@ void StepBuilder::hf_flash_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
         drop(dv_expanded), drop(dk_expanded);
     }
     drop(dq_accum), drop(softmax_d);
-    py_node_end({&sv.q_fa, &sv.k_fa, &sv.v_fa, &sv.o_fa, &sv.lse_fa, &sv.rng_fa}, &d_o);
+    if (out_copy) drop(o_contiguous);
+    if (s_.attention == Attention::Sdpa) node_end({&sv.k_fa, &sv.q_fa, &sv.v_fa, &sv.lse_fa, &sv.o_fa}, &d_o);
+    else py_node_end({&sv.q_fa, &sv.k_fa, &sv.v_fa, &sv.o_fa, &sv.lse_fa, &sv.rng_fa}, &d_o);
     dk = hf_uncast(dk);  // autocast: the casts' nodes, k's (the later) first
     dq = hf_uncast(dq);
 }

@@ -567,6 +567,9 @@ private:
     bool hf_one_row() const { return m_.num_heads / s_.sp == 1 || s_.seq_len == 1; }
     // Under autocast Qwen3's head norms leave q and k fp32 (their fp32 weight times the bf16 value).
     bool hf_fp32_heads() const { return amp_ && m_.qk_norm && !m_.gemma(); }
+    // Whether the rotated q is [B, heads, S, D] in memory: a cat's output (Phi-3's rotated and passed
+    // shares, gpt-oss's halves); else it keeps the projection's [B, S, heads, D] order.
+    bool hf_q_heads_first() const { return m_.rotary_concatenates() || m_.rotary_half_tables(); }
     T hf_rope_forward(T x, std::int64_t heads, T& cos_saved, T& sin_saved, T& cos2, T& sin2);
     T hf_rope_backward(T d, std::int64_t heads, T& cos_saved, T& sin_saved, T& cos2, T& sin2, T* pass = nullptr);
     T hf_rope_slices_backward(T pass, T rotated, std::int64_t heads);  // Phi-3's partial rotary
