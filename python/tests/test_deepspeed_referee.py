@@ -86,6 +86,10 @@ ZERO3_CASES = {
     "flash": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", attention="flash", checkpoint=[1],
                    reduce_bucket_size=DEFAULT_BUCKET, **PERSISTENT),
               dict(DS_CONFIG, zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 100}), 0),
+    # transformers' default sdpa: PyTorch's flash kernel, aten's node
+    "sdpa": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", attention="sdpa", checkpoint=[0], mlp_chunks=2,
+                  reduce_bucket_size=DEFAULT_BUCKET, **PERSISTENT),
+             dict(DS_CONFIG, zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 100}), 1),
     # python/mst_hf's chunked loss inside lm_head's forward: recomputed with MLP chunks and two
     # micro-steps; fused with nothing checkpointed
     "lm chunks": (dict(SETUP, dp=W3, zero_stage=3, runtime="hf", checkpoint=[0, 1], grad_accum=2, mlp_chunks=2,
