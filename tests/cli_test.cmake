@@ -38,6 +38,11 @@ expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*within 37.65 GiB: weights
 # suggested only where it was not allowed.
 expect_run(2 "^error: llama-3.2-1b: no setup fits: [^\n]*\\(try more GPUs, a shorter --seq or fewer pins\\); the leanest setup searched \\(every layer checkpointed and offloaded, MLP 512 \\(tiled\\), LM head 512 \\(recompute\\), ZeRO 0\\) peaks at [0-9.]+ GiB reserved in backward at [^\n]* where saved activations hold" recommend --model llama-3.2-1b --gpu rtx-4090-24gb --seq 524288)
 expect_run(2 "^error: llama-3.2-1b: no setup fits: [^\n]*\\(try more GPUs, --allow offload=yes, a shorter --seq or fewer pins\\); the leanest setup searched \\(every layer checkpointed, MLP" recommend --model llama-3.2-1b --gpu rtx-4090-24gb --seq 524288 --allow offload=no)
+# sdpa (transformers' default) is PyTorch's flash kernel on causal attention without a mask: a sliding
+# window at least as long as the sequence passes one, and the error names the length asked for.
+expect_run(0 "peak, requested bytes" estimate --model llama-3-8b --seq 8192 --attention sdpa)
+expect_run(2 "^error: setup: attention: expected flash or eager for mistral-7b-v0.1 [^\n]*sliding window of 4096 tokens passes one at 8192" recommend --model mistral-7b-v0.1 --seq 8192 --attention sdpa)
+expect_run(2 "^error: setup: attention: expected flash or eager with runtime kernels" estimate --model llama-3-8b --runtime kernels --attention sdpa)
 # Several GPUs with the hf runtime are DDP ranks; what does not fit says where ZeRO is planned.
 expect_run(0 "dp 8 \\(ZeRO 0\\), Ulysses sp 1" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 8 --seq 8192)
 expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*plans several GPUs as DDP[^\n]*--runtime kernels plans ZeRO" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 8192)

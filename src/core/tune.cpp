@@ -597,6 +597,8 @@ void check_request(const TuneRequest& rq, const char* command) {
                                          *rq.pins.zero_stage, fmt::join(zeros, " or "),
                                          rq.for_format.empty() ? "" : " and --for " + rq.for_format));
     as_planned.zero_stage = rq.pins.zero_stage.value_or(zeros.front());  // (the hf runtime: DDP's or DeepSpeed's rules)
+    // (at the length asked for, which an error names: sdpa under a sliding window; max-seq: the setup's)
+    if (rq.seq_len >= 1 && rq.seq_len <= limits::kSeqLen) as_planned.seq_len = rq.seq_len;
     take_deepspeed(as_planned, rq.base);
     validate_model_scope(as_planned, rq.model);
     validate_hf_scope(as_planned, rq.model);
