@@ -34,10 +34,10 @@ expect_run(0 "\"format\": \"mst-plan/1\"" --json recommend --model tiny-llama --
 expect_run(2 "^error: llama-3.1-70b: no setup fits" recommend --model llama-3.1-70b --gpu rtx-4090-24gb --seq 4096)
 # ... and why, where the persistent state alone is more than one GPU's budget (8 bytes per parameter: pure bf16 AdamW)
 expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*within 37.65 GiB: weights, gradients, optimizer states and cuBLAS's workspace alone take 59.84 GiB per GPU; more GPUs with ZeRO" recommend --model llama-3-8b --gpu a100-40gb --seq 8192)
-# ... and, where that state fits, what the leanest setup searched still holds at its peak; offloading is
-# suggested only where it was not allowed.
-expect_run(2 "^error: llama-3.2-1b: no setup fits: [^\n]*\\(try more GPUs, a shorter --seq or fewer pins\\); the leanest setup searched \\(every layer checkpointed and offloaded, MLP 512 \\(tiled\\), LM head 512 \\(recompute\\), ZeRO 0\\) peaks at [0-9.]+ GiB reserved in backward at [^\n]* where saved activations hold" recommend --model llama-3.2-1b --gpu rtx-4090-24gb --seq 524288)
-expect_run(2 "^error: llama-3.2-1b: no setup fits: [^\n]*\\(try more GPUs, --allow offload=yes, a shorter --seq or fewer pins\\); the leanest setup searched \\(every layer checkpointed, MLP" recommend --model llama-3.2-1b --gpu rtx-4090-24gb --seq 524288 --allow offload=no)
+# ... and, where that state fits, what a setup with every memory-saving knob at its most still holds;
+# offloading is suggested only where it was not allowed.
+expect_run(2 "^error: llama-3.2-1b: no setup fits: [^\n]*\\(try more GPUs, a shorter --seq or fewer pins\\); with every memory-saving knob at its most \\(every layer checkpointed and offloaded, MLP 512 \\(tiled\\), LM head 512 \\(recompute\\), ZeRO 0\\) the step reserves [0-9.]+ GiB; its requested bytes peak in backward at [^\n]* where saved activations hold" recommend --model llama-3.2-1b --gpu rtx-4090-24gb --seq 524288)
+expect_run(2 "^error: llama-3.2-1b: no setup fits: [^\n]*\\(try more GPUs, --allow offload=yes, a shorter --seq or fewer pins\\); with every memory-saving knob at its most \\(every layer checkpointed, MLP" recommend --model llama-3.2-1b --gpu rtx-4090-24gb --seq 524288 --allow offload=no)
 # sdpa (transformers' default) is PyTorch's flash kernel on causal attention without a mask: a sliding
 # window at least as long as the sequence passes one, and the error names the length asked for.
 expect_run(0 "peak, requested bytes" estimate --model llama-3-8b --seq 8192 --attention sdpa)

@@ -462,7 +462,7 @@ TEST_CASE("a safety margin below 0, at 1 or more, or NaN is refused: the budget 
     }
 }
 
-TEST_CASE("when nothing fits, recommend names the search's leanest setup and where its step still peaks") {
+TEST_CASE("when nothing fits, recommend names a setup with every memory-saving knob at its most and where it peaks") {
     // gpt-oss-20b over 8 H100s in DeepSpeed's ZeRO-3 at 32k tokens: transformers runs gpt-oss's sinks in
     // eager attention, whose scores [64 heads, S, S] bf16 (128 GiB), the logits with the sink column
     // and their softmax are alive together in every layer's forward: 3 x 128 GiB, whatever the knobs.
@@ -486,8 +486,8 @@ TEST_CASE("when nothing fits, recommend names the search's leanest setup and whe
     CHECK(r.leanest->transient_bytes >= 3 * scores);
     CHECK(r.leanest->transient_bytes < 3 * scores + kGiB);
     CHECK(r.leanest->peak_reserved_bytes > r.budget_bytes);
-    // Llama-3.2-1B on one RTX 4090 at 512k tokens: the search found nothing, so its leanest corner
-    // does not fit either (the same budget); without offloading allowed it keeps its checkpoints.
+    // Llama-3.2-1B on one RTX 4090 at 512k tokens: the search found nothing, so this setup of it does
+    // not fit either (the same budget); without offloading allowed it keeps its checkpoints.
     TuneRequest l1 = request("llama-3.2-1b", "rtx-4090-24gb", 1, 524288);
     for (const bool offload : {true, false}) {
         CAPTURE(offload);
@@ -606,4 +606,38 @@ TEST_CASE("max-seq: each technique fits at least as long a sequence, and the ans
         const MemoryPeaks over = simulate_peaks(rq.model, s, rq.gpu, true, r.budget_bytes);
         CHECK((over.peak_reserved_bytes > r.budget_bytes || over.host_peak_bytes > rq.host_bytes_per_gpu));
     }
+}
+
+TEST_CASE("the no-fit diagnosis is a setup the search met: host budget, accumulation, one rank's stage, step in backward") {
+    // Qwen3-8B at 4M tokens over 8 H100s (kernels runtime, sp 8): every layer's checkpoint offloaded
+    // is 36 layers x 4194304 / 8 tokens x 4096 x 2 bytes = 144 GiB of host memory per GPU, over the
+    // default 128 GiB: the setup "fits" the GPU but not the host, and the error says so.
+    TuneRequest q = request("qwen3-8b", "h100-sxm-80gb", 8, 4194304);
+    const Recommendation r = recommend(q);
+    REQUIRE_FALSE(r.found);
+    REQUIRE(r.leanest);
+    CHECK(r.leanest->host_bytes == std::int64_t{36} * (4194304 / 8) * 4096 * 2);
+    CHECK(r.leanest->host_bytes > q.host_bytes_per_gpu);
+    CHECK(r.leanest->peak_reserved_bytes <= r.budget_bytes);
+    // --tokens-per-step: the accumulation the search paired with micro-batch 1 (286720 / 143360 = 2).
+    TuneRequest t = request("llama-3.2-1b", "rtx-4090-24gb", 1, 143360);
+    t.tokens_per_step = 286720;
+    const Recommendation rt = recommend(t);
+    REQUIRE_FALSE(rt.found);
+    REQUIRE(rt.leanest);
+    CHECK(rt.leanest->setup.micro_batch == 1);
+    CHECK(rt.leanest->setup.grad_accum == 2);
+    CHECK(rt.leanest->peak_reserved_bytes > rt.budget_bytes);
+    // One GPU with Axolotl: the lowest stage (a higher one shards nothing); the step in backward where allowed.
+    TuneRequest a = request("llama-3.2-1b", "rtx-4090-24gb", 1, 524288);
+    a.for_format = "axolotl";
+    const Recommendation ra = recommend(a);
+    REQUIRE(ra.leanest);
+    CHECK(ra.leanest->setup.zero_stage == 0);
+    a.for_format.clear();
+    a.allow_optimizer_in_backward = true;
+    const Recommendation rb = recommend(a);
+    REQUIRE(rb.leanest);
+    CHECK(rb.leanest->setup.optimizer_in_backward);
+    CHECK(rb.leanest->peak_reserved_bytes < ra.leanest->peak_reserved_bytes);  // (its gradients die as they step)
 }

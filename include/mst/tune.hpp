@@ -77,11 +77,15 @@ struct Recommendation {
     // When nothing fits on one GPU or under DDP (one layout): its weights, master weights, gradients,
     // optimizer states and workspace (0 otherwise).
     bytes_t persistent_bytes = 0;
-    // When nothing fits and the persistent state does: the search's leanest setup (each memory-saving
-    // knob at its most within the pins) and where its step peaks, which says what no knob shrank enough.
+    // When nothing fits and the persistent state does not pass the budget alone: a setup of the
+    // search with each memory-saving knob at its most (tune.cpp's leanest()), what it reserves and
+    // offloads, and where its requested bytes peak (on `rank`, -1: the ranks are alike): what no knob
+    // shrank enough. Absent where the trainer refuses it, or it fits.
     struct Leanest {
         TrainingSetup setup;
         bytes_t peak_reserved_bytes = 0;
+        bytes_t host_bytes = 0;  // offloaded checkpoints (the budget: --host-gib)
+        std::int64_t rank = -1;
         // Where its requested bytes peak, and what saved activations and transients hold there.
         Phase phase = Phase::Init;
         std::string op;
@@ -89,6 +93,7 @@ struct Recommendation {
         bytes_t saved_bytes = 0, transient_bytes = 0;
     };
     std::optional<Leanest> leanest;
+    bool zero3_searched = false;  // the hf runtime: whether DeepSpeed's ZeRO-3 was among the stages searched
 };
 
 Recommendation recommend(const TuneRequest& request);
@@ -130,8 +135,10 @@ struct MaxSeqResult {
 // + sequence parallelism (when gpus > 1). `user` adds a row under the user's own knobs.
 MaxSeqResult max_seq(const TuneRequest& request, const std::optional<TrainingSetup>& user);
 
-// Longest multiple of `granule` tokens that fits `budget` under `strategy` (0 when none).
+// Longest multiple of `granule` tokens that fits `budget` under `strategy` (0 when none). `workers`:
+// the threads its simulator may walk ranks on (0: PeakSimulator's default).
 std::int64_t longest_fitting(const ModelSpec& model, const GpuProfile& gpu, const Strategy& strategy,
-                             bytes_t budget, bytes_t host_budget, std::int64_t granule, MaxSeqRow* row = nullptr);
+                             bytes_t budget, bytes_t host_budget, std::int64_t granule, MaxSeqRow* row = nullptr,
+                             int workers = 0);
 
 }  // namespace mst

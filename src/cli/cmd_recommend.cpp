@@ -158,20 +158,33 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                            "shards them with bf16-master for Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, "
                                            "Mixtral, Qwen3-MoE and gpt-oss; --runtime kernels plans it for others)"
                                          : " (--runtime kernels)"));
-        // What the leanest setup searched still holds at its peak: what no knob shrank enough.
+        // What a setup with every memory-saving knob at its most still holds: what no knob shrank enough.
         std::string leanest;
         if (r.leanest) {
-            const TrainingSetup& s = r.leanest->setup;
+            const Recommendation::Leanest& l = *r.leanest;
+            const TrainingSetup& s = l.setup;
             const std::int64_t k = s.checkpointed_count();
+            std::string knobs = fmt::format("{}{}, {}, ZeRO {}",
+                                            k == 0 ? "no checkpointing"
+                                            : k == rq.model.num_layers ? "every layer checkpointed"
+                                                                       : fmt::format("{} layers checkpointed", k),
+                                            s.offload_checkpoints ? " and offloaded" : "", describe_chunks(s), s.zero_stage);
+            if (s.sp > 1) knobs += fmt::format(", sp {} ({})", s.sp, to_string(s.sp_impl));
+            if (s.ep > 1) knobs += fmt::format(", ep {}", s.ep);
+            if (s.micro_batch > 1 || s.grad_accum > 1)
+                knobs += fmt::format(", micro-batch {} x {} accumulation", s.micro_batch, s.grad_accum);
+            if (s.optimizer_in_backward) knobs += ", the optimizer stepped in backward";
             leanest = fmt::format(
-                "; the leanest setup searched ({}{}, {}, ZeRO {}{}{}) peaks at {} reserved in {}",
-                k == 0 ? "no checkpointing" : k == rq.model.num_layers ? "every layer checkpointed" : fmt::format("{} layers checkpointed", k),
-                s.offload_checkpoints ? " and offloaded" : "", describe_chunks(s), s.zero_stage,
-                s.sp > 1 ? fmt::format(", sp {}", s.sp) : "", s.ep > 1 ? fmt::format(", ep {}", s.ep) : "",
-                format_bytes(r.leanest->peak_reserved_bytes),
-                fmt::format("{} at {}{}, where saved activations hold {} and transients {}", to_string(r.leanest->phase),
-                            r.leanest->op, r.leanest->layer >= 0 ? fmt::format(" of layer {}", r.leanest->layer) : "",
-                            format_bytes(r.leanest->saved_bytes), format_bytes(r.leanest->transient_bytes)));
+                "; with every memory-saving knob at its most ({}) the step reserves {}{}; its requested bytes peak in {} at "
+                "{}{}{}, where saved activations hold {} and transients {}",
+                knobs, format_bytes(l.peak_reserved_bytes),
+                l.host_bytes > rq.host_bytes_per_gpu
+                    ? fmt::format(" and offloads {} to the host, over --host-gib's {}", format_bytes(l.host_bytes),
+                                  format_bytes(rq.host_bytes_per_gpu))
+                    : "",
+                to_string(l.phase), l.op, l.layer >= 0 ? fmt::format(" of layer {}", l.layer) : "",
+                l.rank >= 0 ? fmt::format(" (rank {})", l.rank) : "", format_bytes(l.saved_bytes),
+                format_bytes(l.transient_bytes));
         }
         fail(rq.model.name, "no setup fits",
              fmt::format("expected one for {} tokens on {} x {} within {} (try {}{}a shorter --seq or fewer pins){}{}{}",
@@ -182,10 +195,10 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                            format_bytes(r.trainer_extra_bytes), format_bytes(r.budget_bytes), rq.for_format)
                              : format_bytes(r.budget_bytes),
                          rq.gpus > 1 && rq.base.runtime == Runtime::Hf && !deepspeed ? "" : "more GPUs, ",  // DDP: each holds it all
-                         rq.allow_offload ? "" : "--allow offload=yes, ", leanest,
+                         rq.allow_offload || rq.for_format == "torchtitan" ? "" : "--allow offload=yes, ", leanest,
                          r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
                          rq.gpus == 1 || rq.base.runtime != Runtime::Hf ? ""
-                         : deepspeed ? (r.leanest && r.leanest->setup.zero_stage == 3
+                         : deepspeed ? (r.zero3_searched
                                             ? "; --runtime kernels plans sequence parallelism"  // (ZeRO-3 was searched)
                                             : "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for "
                                               "Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, Mixtral, Qwen3-MoE and gpt-oss "

@@ -659,48 +659,72 @@ const char* deepspeed_field(const TrainingSetup& s) {
 
 namespace {
 
-// The setup of the search that saves the most memory, within the pins: the widest sequence- and
-// expert-parallel degrees searched, the highest ZeRO stage, every layer checkpointed and offloaded (as
-// allowed), the most chunks of both blocks, the tiled MLP where it runs (its chunks keep nothing);
-// where its step peaks. None when the knobs or --for refuse it, or its sizes pass 64 bits (then
-// nothing is said).
-std::optional<Recommendation::Leanest> leanest(const TuneRequest& rq, std::int64_t sp, std::int64_t ep) {
+// When nothing fits: a setup of the search with each memory-saving knob at its most, within the pins
+// and what --for's trainer runs (the widest sequence- and expert-parallel degrees searched, the
+// highest ZeRO stage over several ranks and the lowest on one, where a higher one shards nothing and
+// adds DeepSpeed's buffers; the smallest micro-batch; every layer checkpointed and offloaded, as
+// allowed; the most chunks of both blocks; the tiled MLP where it runs; the optimizer stepped in
+// backward where allowed), and where its step peaks, on the first rank its step walks. It is a guide
+// to what no knob shrank enough, not always the least memory of all searched (the LM head's
+// implementation is the one asked for). None when the knobs or the trainer refuse it, its sizes pass
+// 64 bits, or it fits (then it explains nothing).
+std::optional<Recommendation::Leanest> leanest(const TuneRequest& rq, std::int64_t sp, std::int64_t ep, bytes_t budget,
+                                               PeakSimulator& sim) {
     const ModelSpec& m = rq.model;
     TrainingSetup s = rq.base;
     s.seq_len = rq.seq_len;
     s.sp = sp, s.dp = rq.gpus / sp, s.ep = ep;
     s.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
-    s.zero_stage = rq.pins.zero_stage ? *rq.pins.zero_stage : zero_stages(rq).back();
+    const std::vector<int> zeros = zero_stages(rq);
+    s.zero_stage = rq.pins.zero_stage ? *rq.pins.zero_stage : rq.gpus == 1 ? zeros.front() : zeros.back();
     take_deepspeed(s, rq.base);
     s.overlap_comm = s.deepspeed_zero() && rq.pins.overlap_comm.value_or(false);
-    s.micro_batch = rq.pins.micro_batch.value_or(rq.base.micro_batch);
+    s.micro_batch = rq.pins.micro_batch.value_or(rq.tokens_per_step ? 1 : rq.base.micro_batch);
+    if (rq.tokens_per_step)  // (the accumulation that reaches the tokens per step, as the search pairs them)
+        s.grad_accum = ceil_div(std::max<std::int64_t>(1, ceil_div(*rq.tokens_per_step, checked_mul(rq.seq_len, s.dp))),
+                                s.micro_batch);
+    s.optimizer_in_backward = rq.base.optimizer_in_backward || searches_step_in_backward(rq, s.grad_accum, s.zero_stage);
     s.checkpoint = rq.pins.checkpoint ? *rq.pins.checkpoint : first_layers(rq.pins.checkpoint_count.value_or(m.num_layers), m.num_layers);
     s.offload_checkpoints = rq.allow_offload && rq.pins.offload.value_or(true) && s.checkpointed_count() > 0;
     s.mlp_chunks = chunk_options(s.local_tokens(), rq.pins.mlp_chunks, max_mlp_chunks(m)).back();
     s.lm_chunks = chunk_options(s.local_tokens(), rq.pins.lm_chunks, limits::kChunks).back();
     if (rq.pins.lm_impl) s.lm_impl = *rq.pins.lm_impl;
+    s.mlp_impl = rq.pins.mlp_impl.value_or(MlpImpl::Tiled);
     const auto runs = [&](const TrainingSetup& t) {
         return valid(t, m) && (rq.for_format.empty() || refusal_of(rq.for_format, t, m).empty());
     };
-    s.mlp_impl = rq.pins.mlp_impl.value_or(MlpImpl::Tiled);
-    if (!runs(s) && !rq.pins.mlp_impl) s.mlp_impl = MlpImpl::Loop;
+    // What the runtime or the trainer refuses gives way, one knob after the other (those not pinned):
+    // the tiled MLP, offload, MLP chunks, expert and sequence parallelism, the LM head's implementation.
+    for (int step = 0; step < 6 && !runs(s); ++step) {
+        if (step == 0 && !rq.pins.mlp_impl) s.mlp_impl = MlpImpl::Loop;
+        if (step == 1 && !rq.pins.offload) s.offload_checkpoints = false;
+        if (step == 2 && !rq.pins.mlp_chunks) s.mlp_chunks = 1;
+        if (step == 3 && !rq.pins.ep) s.ep = 1, s.moe_imbalance = 1.0;
+        if (step == 4 && !rq.pins.sp) s.sp = 1, s.dp = rq.gpus;
+        if (step == 5 && !rq.pins.lm_impl) s.lm_impl = s.lm_impl == LmHeadImpl::Recompute ? LmHeadImpl::FusedForward : LmHeadImpl::Recompute;
+    }
     if (!runs(s)) return std::nullopt;
-    Estimate e;
     try {
-        e = estimate(m, s, rq.gpu);
+        const MemoryPeaks p = sim.peaks(s, true, budget);
+        if (p.peak_reserved_bytes <= budget && p.host_peak_bytes <= rq.host_bytes_per_gpu) return std::nullopt;
+        const std::vector<std::int64_t> ranks = walked_ranks(s);
+        const std::optional<std::int64_t> rank = ranks.empty() ? std::nullopt : std::optional(ranks.front());
+        const Estimate e = estimate(m, s, rq.gpu, budget, rank);
+        const Summary& sum = e.summary;
+        const Event& at = e.timeline.events[static_cast<std::size_t>(sum.peak.event)];
+        const auto cat = [&](Category c) { return sum.peak.by_category[static_cast<std::size_t>(c)]; };
+        return Recommendation::Leanest{.setup = s,
+                                       .peak_reserved_bytes = p.peak_reserved_bytes,
+                                       .host_bytes = p.host_peak_bytes,
+                                       .rank = rank.value_or(-1),
+                                       .phase = at.phase,
+                                       .op = at.op,
+                                       .layer = at.layer,
+                                       .saved_bytes = cat(Category::SavedActivation),
+                                       .transient_bytes = cat(Category::Transient)};
     } catch (const UserError&) {  // (a size past 64 bits, such as eager scores at 2^30 tokens: "no setup fits" stands)
         return std::nullopt;
     }
-    const Summary& sum = e.summary;
-    const Event& at = e.timeline.events[static_cast<std::size_t>(sum.peak.event)];
-    const auto cat = [&](Category c) { return sum.peak.by_category[static_cast<std::size_t>(c)]; };
-    return Recommendation::Leanest{.setup = s,
-                                   .peak_reserved_bytes = e.allocator.peak_reserved,
-                                   .phase = at.phase,
-                                   .op = at.op,
-                                   .layer = at.layer,
-                                   .saved_bytes = cat(Category::SavedActivation),
-                                   .transient_bytes = cat(Category::Transient)};
 }
 
 }  // namespace
@@ -843,6 +867,10 @@ Recommendation recommend(const TuneRequest& rq) {
                 }
     }
     out.simulations = search.sims_;
+    if (rq.base.runtime == Runtime::Hf) {
+        const std::vector<int> zeros = zero_stages(rq);
+        out.zero3_searched = rq.pins.zero_stage ? *rq.pins.zero_stage == 3 : std::find(zeros.begin(), zeros.end(), 3) != zeros.end();
+    }
     // Nothing searched: every outer choice, or every chunk or checkpoint count left with one, refused.
     if (!rq.for_format.empty() && (expressible_setups == 0 || search.searched_ == 0))
         fail("recommend", "for",
@@ -882,7 +910,8 @@ Recommendation recommend(const TuneRequest& rq) {
                 out.persistent_bytes = 0;  // (a probe the knobs refuse: nothing to say)
             }
         }
-        if (out.persistent_bytes <= out.budget_bytes - trainer_extra) out.leanest = leanest(rq, sps.back(), eps.back());
+        if (out.persistent_bytes <= out.budget_bytes)
+            out.leanest = leanest(rq, sps.back(), eps.back(), out.budget_bytes - trainer_extra, search.simulator());
         return out;
     }
     out.found = true;
@@ -918,8 +947,8 @@ Plan to_plan(const Recommendation& r, const TuneRequest& rq, const std::string& 
 // ---- max-seq ---------------------------------------------------------------------------
 
 std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const Strategy& st, bytes_t budget,
-                             bytes_t host_budget, std::int64_t granule, MaxSeqRow* row) {
-    PeakSimulator sim(m, gpu);
+                             bytes_t host_budget, std::int64_t granule, MaxSeqRow* row, int workers) {
+    PeakSimulator sim(m, gpu, workers);
     auto at = [&](std::int64_t S, MaxSeqRow* r) {
         TrainingSetup t = st.setup;
         t.seq_len = S;
@@ -1077,11 +1106,14 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         }
         searches[i] = run;
     }
+    // (the CPUs shared among the searches: each simulator's tables are its own)
+    const auto searched = std::count_if(searches.begin(), searches.end(), [](const auto& x) { return x.has_value(); });
+    const int workers = std::max(1, detail::usable_cpus() / static_cast<int>(std::max<std::ptrdiff_t>(1, searched)));
     detail::parallel_for(strategies.size(), [&](std::size_t i) {
         if (!searches[i]) return;
         MaxSeqRow& row = rows[i];
         const std::int64_t granule = 1024 * searches[i]->setup.sp;
-        longest_fitting(m, rq.gpu, *searches[i], out.budget_bytes, rq.host_bytes_per_gpu, granule, &row);
+        longest_fitting(m, rq.gpu, *searches[i], out.budget_bytes, rq.host_bytes_per_gpu, granule, &row, workers);
         // found on the budget's device; reported as the GPU holds it
         if (row.max_seq > 0) row.memory = simulate_peaks(m, row.setup, rq.gpu, true, rq.gpu.usable_bytes());
     });
