@@ -412,7 +412,8 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
     cmd->add_option("--tokens-per-step", rec->tokens_per_step, "Global tokens per optimizer step (micro-batch x accumulation x dp)")
         ->check(decimal(1, limits::kTokensPerStep));
     cmd->add_option("--pin", rec->pins, "Fix a knob: M_mlp=8, M_lm=32, mlp_impl=tiled, lm_impl=fused, checkpoint=16|all|0-7, "
-                                        "offload=no, sp=4, zero=3, micro_batch=2, overlap_comm=yes|no (DeepSpeed's; searched unless pinned)");
+                                        "offload=no, sp=4, ep=8 (Mixture-of-Experts, runtime kernels), zero=3, micro_batch=2, "
+                                        "overlap_comm=yes|no (DeepSpeed's; searched unless pinned)");
     cmd->add_option("--out", rec->out, "Write the plan as JSON (input of `mst-plan emit`)");
     cmd->add_option("--for", rec->for_format,
                     "Search only setups this trainer format can train as planned (emit's formats: hf-mst, deepspeed, "
