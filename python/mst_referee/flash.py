@@ -33,7 +33,7 @@ single sequences, so :func:`stand_in` answers "no" after the same ops.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -55,17 +55,23 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.T
     return out, lse, rng_state
 
 
-def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              softmax_lse: torch.Tensor, rng_state: torch.Tensor) -> torch.Tensor:
-    """mha_bwd's allocations (its dq, dk, dv are the caller's): returns softmax_d."""
+def _backward(dout: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              out: Optional[torch.Tensor], softmax_lse: Optional[torch.Tensor], rng_state: Optional[torch.Tensor],
+              empty: Optional[Callable[[Tuple[int, ...], torch.dtype, str], torch.Tensor]] = None) -> torch.Tensor:
+    """mha_bwd's allocations (its dq, dk, dv are the caller's): returns softmax_d. ``empty(shape,
+    dtype, name)`` makes each buffer: torch.empty on q's device, unless the caller records them
+    itself (the recorder, for aten's own copy of this kernel, whose fake kernel makes none)."""
+    if empty is None:
+        def empty(shape: Tuple[int, ...], dtype: torch.dtype, name: str) -> torch.Tensor:
+            return torch.empty(shape, dtype=dtype, device=q.device)
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     head_rounded = _round(head_dim, 32) if head_dim <= 192 else 256
-    softmax_d = torch.empty((batch, heads, _round(seq_q, 128)), dtype=torch.float32, device=q.device)
-    dq_accum = torch.empty((batch, _round(seq_q, 128), heads, head_rounded), dtype=torch.float32, device=q.device)
+    softmax_d = empty((batch, heads, _round(seq_q, 128)), torch.float32, "softmax_d")
+    dq_accum = empty((batch, _round(seq_q, 128), heads, head_rounded), torch.float32, "dq_accum")
     if kv_heads != heads:
-        dk_expanded = torch.empty((batch, seq_k, heads, head_dim), dtype=q.dtype, device=q.device)
-        dv_expanded = torch.empty((batch, seq_k, heads, v.shape[3]), dtype=q.dtype, device=q.device)
+        dk_expanded = empty((batch, seq_k, heads, head_dim), q.dtype, "dk_expanded")
+        dv_expanded = empty((batch, seq_k, heads, v.shape[3]), q.dtype, "dv_expanded")
         del dv_expanded, dk_expanded
     del dq_accum
     return softmax_d

@@ -73,6 +73,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from . import flash
+
 PHASES = ("init", "forward", "recompute", "backward", "optimizer")
 CATEGORIES = ("weights", "master_weights", "gradients", "optimizer_state", "saved_activation", "transient",
               "checkpoint", "offloaded", "workspace")
@@ -550,7 +552,7 @@ class StorageRecorder(TorchDispatchMode):
             else:
                 self._write(e)
         if func is _SDPA_FLASH_BACKWARD:
-            self._sdpa_flash_scratch(*args[:3])
+            self._sdpa_flash_scratch(*args[1:4])
             del copies  # _flash_attention_backward's contiguous output and gradient, at its return
         return out
 
@@ -572,23 +574,12 @@ class StorageRecorder(TorchDispatchMode):
                 made.append(self._device_scratch(tuple(t.transpose(1, 2).shape), t.dtype, name))
         return tuple(made)
 
-    def _sdpa_flash_scratch(self, grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
+    def _sdpa_flash_scratch(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """mha_bwd's scratch inside aten's FlashAttention-2 backward, after dq, dk, dv (its outputs):
-        the row sums [B, H, S128] fp32, the dQ accumulator [B, S128, H, D32] fp32 and, with
-        grouped-query attention, dK and dV for every query head, which die at its return (dV's, dK's,
-        the accumulator), then the row sums its caller drops (csrc/flash_attn/flash_api.cpp, as
-        mst_referee.flash._backward)."""
-        batch, heads, seq_q, head_dim = query.shape
-        rounded = (head_dim + 31) // 32 * 32 if head_dim <= 192 else 256
-        s128 = (seq_q + 127) // 128 * 128
-        scratch = self._device_scratch
-        softmax_d = scratch((batch, heads, s128), torch.float32, "softmax_d")
-        dq_accum = scratch((batch, s128, heads, rounded), torch.float32, "dq_accum")
-        if key.shape[1] != heads:
-            dk_expanded = scratch((batch, key.shape[2], heads, head_dim), query.dtype, "dk_expanded")
-            dv_expanded = scratch((batch, key.shape[2], heads, head_dim), query.dtype, "dv_expanded")
-            del dv_expanded, dk_expanded
-        del dq_accum
+        flash-attn's, as mst_referee.flash._backward allocates it on the [B, S, H, D] views, recorded
+        here; the row sums it returns die at its caller's return."""
+        softmax_d = flash._backward(None, *(x.transpose(1, 2) for x in (query, key, value)), None, None, None,
+                                    empty=self._device_scratch)
         del softmax_d
 
     # ---- the result ----------------------------------------------------------------------
