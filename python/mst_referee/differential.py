@@ -84,8 +84,26 @@ def random_config(rng: random.Random, family: str) -> Dict[str, Any]:
     return cfg
 
 
-def random_knobs(rng: random.Random, layers: int, tokens: int, eager_only: bool = False) -> Dict[str, Any]:
-    """A setup of the knobs the hf runtime models (one GPU); eager_only: attention sinks (gpt-oss)."""
+def sdpa_runs_flash(cfg: Dict[str, Any], seq: int) -> bool:
+    """Whether SDPA runs PyTorch's flash kernel for `cfg` at `seq` tokens (what mst-plan models as
+    `attention sdpa`): no attention sinks (gpt-oss), no layer whose sliding window the sequence
+    reaches (transformers then passes a mask), no logit soft-capping, a head size that is a multiple
+    of 8 up to 256."""
+    if cfg["model_type"] == "gpt_oss":
+        return False
+    window = cfg.get("sliding_window")
+    sliding = window is not None  # (Qwen: only the layers from max_window_layers on, and only when it is used)
+    if cfg["model_type"] in ("qwen2", "qwen3"):
+        sliding = sliding and bool(cfg.get("use_sliding_window")) and cfg["max_window_layers"] < cfg["num_hidden_layers"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return (not (sliding and seq >= window) and cfg.get("attn_logit_softcapping") is None and head_dim % 8 == 0
+            and head_dim <= 256)
+
+
+def random_knobs(rng: random.Random, layers: int, tokens: int, eager_only: bool = False,
+                 sdpa: bool = False) -> Dict[str, Any]:
+    """A setup of the knobs the hf runtime models (one GPU); eager_only: attention sinks (gpt-oss);
+    sdpa: SDPA would run its flash kernel (sdpa_runs_flash), so `attention sdpa` may be drawn."""
     knobs: Dict[str, Any] = {}
     if rng.random() < 0.6:
         knobs["checkpoint"] = rng.choice(["all", "0", str(layers - 1)])
@@ -98,8 +116,11 @@ def random_knobs(rng: random.Random, layers: int, tokens: int, eager_only: bool 
         knobs.update(lm_chunks=rng.choice([c for c in (2, 3) if c <= tokens] or [1]), lm_impl=rng.choice(["recompute", "fused"]))
     if rng.random() < 0.3:
         knobs["grad_accum"] = 2
-    if rng.random() < 0.3 or eager_only:
+    r = rng.random()
+    if r < 0.3 or eager_only:
         knobs["attention"] = "eager"
+    elif r < 0.55 and sdpa:
+        knobs["attention"] = "sdpa"
     if rng.random() < 0.3:
         knobs["precision"] = "bf16-master"
     r = rng.random()
@@ -116,7 +137,8 @@ def random_case(rng: random.Random, family: str) -> Case:
     cfg = random_config(rng, family)
     batch = 2 if rng.random() < 0.3 else 1
     seq = rng.choice([5, 9, 16, 23])
-    knobs = random_knobs(rng, cfg["num_hidden_layers"], batch * seq, eager_only=family == "gpt_oss")
+    knobs = random_knobs(rng, cfg["num_hidden_layers"], batch * seq, eager_only=family == "gpt_oss",
+                         sdpa=sdpa_runs_flash(cfg, seq))
     if batch > 1:
         knobs["micro_batch"] = batch
     return Case(family, cfg, knobs, seq)

@@ -40,6 +40,27 @@ def test_every_generated_config_is_one_mst_plan_accepts(tmp_path):
 
 
 @pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
+def test_sdpa_is_drawn_exactly_where_mst_plan_models_it(tmp_path):
+    # The generator's own rule (sdpa_runs_flash) against mst-plan's validation of `--attention sdpa`,
+    # over every family and the lengths it draws, around the windows too: they must agree both ways.
+    rng = random.Random(9)
+    drawn = 0
+    for i in range(40):
+        family = differential.FAMILIES[i % len(differential.FAMILIES)]
+        case = differential.random_case(rng, family)
+        path = tmp_path / f"c{i}_{family}.json"
+        path.write_text(json.dumps(case.config))
+        for seq in sorted({case.seq, 3, 4, 15, 16, 17}):
+            run = subprocess.run([str(_binary()), "estimate", "--model", str(path), "--seq", str(seq), "--attention", "sdpa"],
+                                 capture_output=True, text=True, timeout=60)
+            assert (run.returncode == 0) == differential.sdpa_runs_flash(case.config, seq), (case.config, seq, run.stderr)
+            if run.returncode != 0:
+                assert run.returncode == 2 and "attention" in run.stderr, run.stderr
+        drawn += case.knobs.get("attention") == "sdpa"
+    assert drawn > 0  # (some case of the seed draws it)
+
+
+@pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe", "gpt_oss"])
 def test_a_seeded_case_runs_through_the_referee_and_compares(tmp_path, family):
     pytest.importorskip("torch")
