@@ -708,13 +708,20 @@ void StepBuilder::hf_attention_forward(HfLayer& sv, T h1, T& attn_out, T& weight
         drop(o);
         o = copy;
     }
+    hf_o_proj_forward(sv, o, qe, ke, v, attn_out);
+}
+
+// o_proj on the attention's output o (the kernels' and eager's alike), which it saves; then the
+// attention's locals (o, the rotated q and k, v) die as the call returns.
+void StepBuilder::hf_o_proj_forward(HfLayer& sv, T o, T qe, T ke, T v, T& attn_out) {
+    const LayerParams& lp = layer_params_[static_cast<std::size_t>(layer_)];
     at("attn.o_proj");
     z3_fetch_of(lp.o);
     hf_linear_weights(lp.o, lp.o_bias);
-    attn_out = act("attn_out", bf16(tokens_, d), false);
+    attn_out = act("attn_out", bf16(tokens_, m_.hidden_size), false);
     z3_release_of(lp.o);
     sv.o_oproj = saved(o);
-    drop(o), drop(qe), drop(ke), drop(v);  // the attention's locals, at return
+    drop(o), drop(qe), drop(ke), drop(v);
 }
 
 T StepBuilder::hf_attention_backward(int l, HfLayer& sv, T d_out) {
@@ -891,8 +898,7 @@ void StepBuilder::hf_flash_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv) {
 // to [B*H, S, D] must copy it (and the copy is what the GEMM saves); likewise the gradient of the
 // output in backward.
 void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T& weights) {
-    const LayerParams& lp = layer_params_[static_cast<std::size_t>(layer_)];
-    const std::int64_t d = m_.hidden_size, qd = m_.q_dim();
+    const std::int64_t qd = m_.q_dim();
     const std::int64_t rows = s_.micro_batch * (m_.num_heads / s_.sp), cols = checked_mul(s_.seq_len, s_.seq_len);
     // repeat_kv copies k and v to every query head when a KV head serves several (and more than one
     // KV head exists); with one KV head its reshape is a view, without grouping it returns k and v.
@@ -979,13 +985,7 @@ void StepBuilder::hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T&
     drop(k_rep), drop(v_rep);  // eager_attention_forward returns (the probabilities with the output)
     drop(shifted), drop(probs);
     weights = p;
-    at("attn.o_proj");
-    z3_fetch_of(lp.o);
-    hf_linear_weights(lp.o, lp.o_bias);
-    attn_out = act("attn_out", bf16(tokens_, d), false);
-    z3_release_of(lp.o);
-    sv.o_oproj = saved(o);
-    drop(o), drop(qe), drop(ke), drop(v);  // the attention's locals, at return
+    hf_o_proj_forward(sv, o, qe, ke, v, attn_out);
 }
 
 // d_o: the o_proj input's gradient (consumed); out: the rotated q's and k's and v's gradients.

@@ -561,6 +561,7 @@ private:
     // weight's; the bias's gradient (bf16, summed over the tokens) is returned.
     T hf_addmm_node_end(int w, int b, std::initializer_list<T*> saved, T* grad_in);
     void hf_eager_forward(HfLayer& sv, T qe, T ke, T v, T& attn_out, T& weights);
+    void hf_o_proj_forward(HfLayer& sv, T o, T qe, T ke, T v, T& attn_out);
     void hf_eager_backward(HfLayer& sv, T d_o, T& dq, T& dk, T& dv);
     T hf_sinks_backward(HfLayer& sv, T gp);  // gpt-oss: attn_weights' gradient (consumed) -> the masked scores
     // Eager attention's [B, S, H, D] and [B, H, S, D] memory orders coincide: one head per rank or one position.
