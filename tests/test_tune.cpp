@@ -65,7 +65,7 @@ TEST_CASE("least_fitting finds the least fitting index of a monotone predicate f
     CHECK(cases > 1000);
 }
 
-TEST_CASE("parallel_for runs every job once, then raises the error of the lowest index that raised one") {
+TEST_CASE("parallel_for runs every job once, on a worker below its thread count, then raises the error of the lowest index that raised one") {
     for (const std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{64}}) {
         CAPTURE(n);
         std::vector<int> runs(n, 0);  // (each job writes its own element)
@@ -79,6 +79,14 @@ TEST_CASE("parallel_for runs every job once, then raises the error of the lowest
     };
     CHECK_THROWS_WITH(detail::parallel_for(runs.size(), failing), "job 17");
     CHECK(std::count(runs.begin(), runs.end(), 1) == 40);  // the others all ran
+    // With a thread count: each job once, on a worker below it (one thread: all on this one).
+    for (const std::size_t threads : {std::size_t{1}, std::size_t{3}}) {
+        CAPTURE(threads);
+        std::vector<std::size_t> worker(25, threads);
+        detail::parallel_for(worker.size(), threads, [&](std::size_t i, std::size_t w) { worker[i] = w; });
+        CHECK(std::all_of(worker.begin(), worker.end(), [&](std::size_t w) { return w < threads; }));
+        if (threads == 1) CHECK(std::count(worker.begin(), worker.end(), 0) == 25);
+    }
 }
 
 TEST_CASE("the hf runtime plans several GPUs as DDP: every GPU holds the whole model, its gradients and DDP's buckets") {

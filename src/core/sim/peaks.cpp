@@ -10,10 +10,6 @@
 // iterations that repeat (loop_replay.hpp).
 #include <algorithm>
 #include <atomic>
-#include <exception>
-#include <limits>
-#include <system_error>
-#include <thread>
 
 #include "../caching_allocator.hpp"
 #include "../parallel_for.hpp"
@@ -194,44 +190,27 @@ bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budg
     // The first alone: a setup over budget is usually over on every rank.
     MemoryPeaks first;
     if (!walk(*scratch_.front(), setup, ranks.front(), allocator, budget_bytes, host_budget_bytes, capacity, first)) return false;
-    // The rest: worker w walks ranks 1 + w, 1 + w + n, ... with tables of its own (a replay resumes
-    // from its own last one); a rank over budget stops them all. Each walk is the step one walk alone
-    // makes, and the highest of each peak is the same in any order: the numbers do not depend on n.
-    // (An error, a bug or an overflow, is raised; which one, when several ranks would raise one, or
-    // whether a rank over budget stopped the walks first, may depend on n.)
-    const std::size_t rest = ranks.size() - 1, n = std::min(scratch_.size(), rest);
+    // The rest side by side, each worker with tables of its own (a replay resumes from its own last
+    // one); a rank over budget stops them all. Each walk is the step one walk alone makes, and the
+    // highest of each peak is the same in any order: the numbers do not depend on the workers. (An
+    // error, a bug or an overflow, is raised; which one, when several ranks would raise one, or
+    // whether a rank over budget stopped the walks first, may depend on them.)
     std::atomic<bool> over{false};
-    std::vector<MemoryPeaks> highest(n);
-    std::vector<std::exception_ptr> errors(n);
-    auto work = [&](std::size_t w) {
+    std::vector<MemoryPeaks> highest(scratch_.size());
+    detail::parallel_for(ranks.size() - 1, scratch_.size(), [&](std::size_t i, std::size_t w) {
+        if (over.load(std::memory_order_relaxed)) return;
         try {
-            for (std::size_t i = 1 + w; i < ranks.size() && !over.load(std::memory_order_relaxed); i += n) {
-                MemoryPeaks p;
-                if (!walk(*scratch_[w], setup, ranks[i], allocator, budget_bytes, host_budget_bytes, capacity, p)) {
-                    over = true;
-                    return;
-                }
-                take_highest(highest[w], p);
+            MemoryPeaks p;
+            if (!walk(*scratch_[w], setup, ranks[1 + i], allocator, budget_bytes, host_budget_bytes, capacity, p)) {
+                over = true;
+                return;
             }
+            take_highest(highest[w], p);
         } catch (...) {
-            errors[w] = std::current_exception();
             over = true;
+            throw;
         }
-    };
-    {
-        std::vector<std::jthread> threads;
-        std::vector<std::size_t> here = {0};  // the workers this thread runs (those no thread could be made for too)
-        for (std::size_t w = 1; w < n; ++w) {
-            try {
-                threads.emplace_back(work, w);
-            } catch (const std::system_error&) {  // (a limit on threads or processes)
-                here.push_back(w);
-            }
-        }
-        for (const std::size_t w : here) work(w);
-    }  // (joined)
-    for (const std::exception_ptr& e : errors)
-        if (e) std::rethrow_exception(e);
+    });
     if (over) return false;
     out = first;
     for (const MemoryPeaks& p : highest) take_highest(out, p);
