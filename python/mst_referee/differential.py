@@ -8,6 +8,12 @@ tensors and re-simulated; a case whose timelines differ is kept (config, knobs, 
 developer. Nothing is compared against a number written here: both sides are computed.
 
     scripts/referee_differential.py --families mixtral,qwen3_moe --cases 40 --seed 3 --out-dir /tmp/diff
+
+With ``--zero``, each case is DeepSpeed's ZeRO 1, 2 or 3 engine instead: one of the repository's tiny
+models of every family on 2 to 5 ranks (one rank recorded), with random buckets, persistence
+thresholds, overlap_comm, accumulation and the mini-sequence and checkpoint knobs; the DeepSpeed
+config is the one ``mst-plan emit --format deepspeed`` writes for the plan, and the step is
+DeepSpeed's own (:mod:`mst_referee.deepspeed_zero`, DeepSpeed from ``MST_CLIENTS_PATH``).
 """
 
 from __future__ import annotations
@@ -144,6 +150,81 @@ def random_case(rng: random.Random, family: str) -> Case:
     return Case(family, cfg, knobs, seq)
 
 
+# The tiny models the ZeRO cases draw from (one per family), with their layer counts read from the files.
+ZERO_MODELS = ("models/tiny-llama.json", "tests/data/tiny_qwen2_untied.json", "tests/data/tiny_qwen3.json",
+               "tests/data/tiny_phi3_longrope.json", "tests/data/tiny_gemma2.json", "tests/data/tiny_gemma3.json",
+               "tests/data/tiny_mixtral.json", "tests/data/tiny_qwen3_moe.json", "tests/data/tiny_gpt_oss.json")
+
+
+@dataclass
+class ZeroCase:
+    model: str  # relative to the repository's root
+    setup: Dict[str, Any]  # a plan's setup (every key, as recommend --out writes it)
+    rank: int
+
+    @property
+    def family(self) -> str:
+        return json.loads((REPO_ROOT / self.model).read_text())["model_type"]
+
+
+def random_zero_case(rng: random.Random) -> ZeroCase:
+    """A plan for DeepSpeed's engine that mst-plan may accept (emit and compare say whether it does)."""
+    model = rng.choice(ZERO_MODELS)
+    cfg = json.loads((REPO_ROOT / model).read_text())
+    layers = cfg["num_hidden_layers"]
+    stage = rng.choice([1, 2, 3])
+    dp = rng.randint(2, 5)
+    seq = rng.choice([64, 128, 256])
+    pure = stage < 3 and rng.random() < 0.25  # (DeepSpeed's bf16 master flags)
+    checkpoint = sorted(rng.sample(range(layers), rng.randint(0, layers)))
+    setup: Dict[str, Any] = {
+        "attention": "flash", "checkpoint": checkpoint, "dp": dp, "ep": 1, "grad_accum": rng.choice([1, 1, 2, 3]),
+        "lm_chunks": rng.choice([1, 2, 3]), "lm_impl": rng.choice(["recompute", "fused"]), "micro_batch": rng.choice([1, 1, 2]),
+        "mlp_chunks": rng.choice([1, 2, 3]), "mlp_impl": rng.choice(["loop", "tiled"]), "moe_imbalance": 1.0,
+        "offload_checkpoints": bool(checkpoint) and rng.random() < 0.3, "optimizer": "adamw", "optimizer_impl": "fused",
+        "optimizer_in_backward": False, "optimizer_state_dtype": "bf16" if pure else "fp32", "overlap_comm": False,
+        "padded": False, "precision": "pure-bf16" if pure else "bf16-master",
+        "reduce_bucket_size": rng.choice([500_000_000, 4096, 1000]), "runtime": "hf", "seq_len": seq, "sp": 1,
+        "sp_impl": "ulysses", "zero3_prefetch": 1, "zero_stage": stage,
+    }
+    if stage < 3:
+        setup["overlap_comm"] = rng.random() < 0.3
+    else:
+        setup["param_persistence_threshold"] = rng.choice([0, 100, 100_000])
+    r = rng.random()
+    if r < 0.3 or cfg["model_type"] == "gpt_oss":
+        setup["attention"] = "eager"
+    elif r < 0.6 and sdpa_runs_flash(cfg, seq):
+        setup["attention"] = "sdpa"
+    return ZeroCase(model, setup, rng.randrange(dp))
+
+
+def run_zero_case(case: ZeroCase, where: Path, mst_plan: Path = DEFAULT_MST_PLAN) -> Tuple[Optional[bool], str]:
+    """DeepSpeed's step of the case and its re-simulation: (identical, the compare output's tail or the
+    error); identical None when mst-plan refuses the plan (emit says why)."""
+    where.mkdir(parents=True, exist_ok=True)
+    plan = where / "plan.json"
+    plan.write_text(json.dumps({"format": "mst-plan/1", "gpu": "h100-sxm-80gb", "gpus": case.setup["dp"], "model": case.model,
+                                "setup": case.setup}, indent=1))
+    emit = subprocess.run([str(mst_plan), "emit", "--plan", str(plan), "--format", "deepspeed"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO_ROOT)
+    if emit.returncode != 0:
+        return None, emit.stderr.strip()
+    ds = where / "ds_config.json"
+    ds.write_text(emit.stdout)
+    record = where / "run.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("MST_CLIENTS_PATH", ""), str(REPO_ROOT / "python")) if p),
+               PYTHONHASHSEED="0")
+    ref = subprocess.run([sys.executable, "-m", "mst_referee.deepspeed_zero", str(plan), str(ds), "--rank", str(case.rank),
+                          "--out", str(record)], capture_output=True, text=True, timeout=900, cwd=REPO_ROOT, env=env)
+    if ref.returncode != 0:
+        return False, "referee failed: " + (ref.stderr or ref.stdout)[-1500:]
+    cmp = subprocess.run([str(mst_plan), "compare", "--run", str(record)], capture_output=True, text=True, timeout=600,
+                         cwd=REPO_ROOT)
+    identical = cmp.returncode == 0 and "timelines identical" in cmp.stdout
+    return identical, (cmp.stdout + cmp.stderr)[-1500:]
+
+
 def run_case(case: Case, where: Path, mst_plan: Path = DEFAULT_MST_PLAN) -> Tuple[bool, str]:
     """The referee's step and its re-simulation; (identical, the compare output's tail or the error)."""
     where.mkdir(parents=True, exist_ok=True)
@@ -170,7 +251,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the configs and setups (default 0)")
     p.add_argument("--out-dir", type=Path, required=True, help="one folder per case (kept for the ones that differ)")
     p.add_argument("--mst-plan", type=Path, default=DEFAULT_MST_PLAN, help="mst-plan binary (default build/src/mst-plan)")
+    p.add_argument("--zero", action="store_true",
+                   help="DeepSpeed ZeRO 1-3 cases on the tiny models (--families does not apply; needs MST_CLIENTS_PATH)")
     args = p.parse_args(argv)
+    if args.zero:
+        return _main_zero(args)
     families = [f for f in args.families.split(",") if f]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or args.cases < 1:
@@ -188,6 +273,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("   " + detail.strip().replace("\n", "\n   "), flush=True)
     print(f"{args.cases - len(failed)} of {args.cases} identical" + (f"; differ: {failed}" if failed else ""))
     return 1 if failed else 0
+
+
+def _main_zero(args: argparse.Namespace) -> int:
+    if args.cases < 1 or not os.environ.get("MST_CLIENTS_PATH"):
+        print(f"error: --zero: expected --cases >= 1 and MST_CLIENTS_PATH set to DeepSpeed's environment, got "
+              f"{args.cases}, {os.environ.get('MST_CLIENTS_PATH')!r}", file=sys.stderr)
+        return 2
+    rng = random.Random(args.seed)
+    failed: List[int] = []
+    refused = 0
+    for i in range(args.cases):
+        case = random_zero_case(rng)
+        ok, detail = run_zero_case(case, args.out_dir / f"case{i}", args.mst_plan)
+        verdict = "refused" if ok is None else "identical" if ok else "DIFFERS"
+        print(f"{i} {verdict} {case.family} ZeRO-{case.setup['zero_stage']} dp {case.setup['dp']} rank {case.rank} "
+              f"{json.dumps({k: v for k, v in case.setup.items() if k not in _PLAN_DEFAULTS or _PLAN_DEFAULTS[k] != v})}",
+              flush=True)
+        if ok is None:
+            refused += 1
+        elif not ok:
+            failed.append(i)
+        if ok is not True:
+            print("   " + detail.strip().replace("\n", "\n   "), flush=True)
+    ran = args.cases - refused
+    print(f"{ran - len(failed)} of {ran} identical ({refused} refused by mst-plan)" + (f"; differ: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+# (what a ZeRO case's line leaves out: the setup keys at the values every case starts from)
+_PLAN_DEFAULTS = {"ep": 1, "moe_imbalance": 1.0, "optimizer": "adamw", "optimizer_impl": "fused", "optimizer_in_backward": False,
+                  "padded": False, "runtime": "hf", "sp": 1, "sp_impl": "ulysses", "zero3_prefetch": 1, "overlap_comm": False}
 
 
 if __name__ == "__main__":  # pragma: no cover

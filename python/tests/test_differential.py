@@ -68,3 +68,14 @@ def test_a_seeded_case_runs_through_the_referee_and_compares(tmp_path, family):
     case = differential.random_case(random.Random(7), family)
     identical, detail = differential.run_case(case, tmp_path / family, _binary())
     assert identical, detail
+
+
+@pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
+@pytest.mark.skipif(not os.environ.get("MST_CLIENTS_PATH"), reason="MST_CLIENTS_PATH is not set (scripts/test sets it)")
+def test_a_seeded_zero_case_runs_through_deepspeed_and_compares(tmp_path):
+    pytest.importorskip("torch")
+    case = differential.random_zero_case(random.Random(1))
+    # (seed 1: ZeRO-3 on the tiny Qwen3, two ranks, three micro-steps, MLP and fused LM-head chunks)
+    assert (case.family, case.setup["zero_stage"], case.setup["dp"], case.setup["grad_accum"]) == ("qwen3", 3, 2, 3)
+    identical, detail = differential.run_zero_case(case, tmp_path / "zero", _binary())
+    assert identical, detail
