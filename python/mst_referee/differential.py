@@ -150,7 +150,7 @@ def random_case(rng: random.Random, family: str) -> Case:
     return Case(family, cfg, knobs, seq)
 
 
-# The tiny models the ZeRO cases draw from (one per family), with their layer counts read from the files.
+# The tiny models the ZeRO cases draw from: one per family (a case reads its layer count from the file).
 ZERO_MODELS = ("models/tiny-llama.json", "tests/data/tiny_qwen2_untied.json", "tests/data/tiny_qwen3.json",
                "tests/data/tiny_phi3_longrope.json", "tests/data/tiny_gemma2.json", "tests/data/tiny_gemma3.json",
                "tests/data/tiny_mixtral.json", "tests/data/tiny_qwen3_moe.json", "tests/data/tiny_gpt_oss.json")
