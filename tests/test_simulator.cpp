@@ -4,6 +4,9 @@
 #include <doctest/doctest.h>
 
 #include <functional>
+#include <tuple>
+
+#include <fmt/format.h>
 
 #include "mst/catalog.hpp"
 #include "mst/simulate.hpp"
@@ -280,4 +283,35 @@ TEST_CASE("sdpa is refused where it is not PyTorch's flash kernel on unmasked ca
     s.runtime = Runtime::Hf;
     validate(s, find_model("llama-3-8b"));  // (no throw)
     validate(s, find_model("phi-4-mini"));
+}
+
+TEST_CASE("the hf runtime keeps optimizer states in the dtype of what the optimizer steps, as torch does") {
+    // torch's AdamW and SGD make their states like the tensors they update (zeros_like): bf16 for
+    // pure-bf16 weights, fp32 for python/mst_hf's fp32 masters (bf16-master) and for amp's fp32
+    // weights. python/mst_hf's make_optimizer refuses any other, and so does the hf runtime; the
+    // kernels runtime's own optimizer keeps either.
+    const ModelSpec m = find_model("qwen3-4b");
+    TrainingSetup s;
+    s.runtime = Runtime::Hf;
+    for (const auto& [precision, states, other] : {std::tuple{Precision::PureBf16, StateDtype::Bf16, StateDtype::Fp32},
+                                                   std::tuple{Precision::Bf16Master, StateDtype::Fp32, StateDtype::Bf16},
+                                                   std::tuple{Precision::AmpFp32, StateDtype::Fp32, StateDtype::Bf16}}) {
+        CAPTURE(to_string(precision));
+        s.precision = precision;
+        for (const Optimizer o : {Optimizer::AdamW, Optimizer::SgdMomentum}) {
+            s.optimizer = o;
+            s.state_dtype.reset();
+            validate(s, m);  // (the default: the precision's)
+            s.state_dtype = states;
+            validate(s, m);
+            s.state_dtype = other;
+            CHECK(test::expect_user_error([&] { validate(s, m); })
+                      .rfind(fmt::format("setup: optimizer_state_dtype: expected {} with precision {} with runtime hf (torch keeps",
+                                         to_string(states), to_string(precision)),
+                             0) == 0);
+            s.runtime = Runtime::Kernels;
+            validate(s, m);
+            s.runtime = Runtime::Hf;
+        }
+    }
 }

@@ -455,6 +455,17 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     if (s.sp > 1) fail(w, "sp", fmt::format("expected 1 with runtime hf (sequence parallelism is not modelled in it){}, got {}", hint, s.sp));
     if (s.ep > 1) fail(w, "ep", fmt::format("expected 1 with runtime hf (expert parallelism is not modelled in it){}, got {}", hint, s.ep));
     if (s.deepspeed_zero3()) validate_zero3_scope(s, m, hint);
+    // The optimizer's states are in the dtype of what it steps: bf16 for pure bf16, fp32 for fp32
+    // masters (bf16-master) or fp32 weights (amp). torch's optimizers keep them like the tensors they
+    // update (python/mst_hf's make_optimizer refuses any other), DeepSpeed's engine like its master
+    // weights (its bf16 master flags under pure bf16).
+    const StateDtype states = s.precision == Precision::PureBf16 ? StateDtype::Bf16 : StateDtype::Fp32;
+    const auto wrong_states = [&](const std::string& engine, const char* why) {
+        fail(w, "optimizer_state_dtype", fmt::format("expected {} with precision {} {} ({}), got {}", to_string(states),
+                                                     to_string(s.precision), engine, why, to_string(s.effective_state_dtype())));
+    };
+    if (!s.deepspeed_engine() && s.optimizer != Optimizer::AdamW8bit && s.effective_state_dtype() != states)
+        wrong_states("with runtime hf", "torch keeps optimizer states in the dtype of the tensors it updates");
     if (s.deepspeed_engine()) {
         // DeepSpeed's bf16 engine: fp32 master weights and states (bf16-master), or its bf16 master
         // flags with bf16 states (pure-bf16), and its FusedAdam.
@@ -465,11 +476,7 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
                                       ds, hint, s.dp));
         if (s.precision == Precision::AmpFp32)
             fail(w, "precision", fmt::format("expected bf16-master or pure-bf16 {} (its torch_autocast is not modelled){}, got amp", ds, hint));
-        const StateDtype states = s.precision == Precision::PureBf16 ? StateDtype::Bf16 : StateDtype::Fp32;
-        if (s.effective_state_dtype() != states)
-            fail(w, "optimizer_state_dtype", fmt::format("expected {} with precision {} {} (its optimizer states are its master "
-                                                         "weights' dtype), got {}",
-                                                         to_string(states), to_string(s.precision), ds, to_string(s.effective_state_dtype())));
+        if (s.effective_state_dtype() != states) wrong_states(ds, "its optimizer states are its master weights' dtype");
         if (s.optimizer != Optimizer::AdamW || s.optimizer_impl != OptimizerImpl::Fused)
             fail(w, "optimizer", fmt::format("expected adamw with optimizer_impl fused {} (DeepSpeed's FusedAdam){}, got {} ({})", ds,
                                              hint, to_string(s.optimizer), to_string(s.optimizer_impl)));
