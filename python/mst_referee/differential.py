@@ -26,7 +26,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .jobs import DEFAULT_MST_PLAN, REPO_ROOT
 
@@ -167,6 +167,11 @@ class ZeroCase:
         return json.loads((REPO_ROOT / self.model).read_text())["model_type"]
 
 
+# The keys of every ZeRO case's setup at the one value the generator gives them (a case's line leaves them out).
+_ZERO_FIXED = {"ep": 1, "moe_imbalance": 1.0, "optimizer": "adamw", "optimizer_impl": "fused", "optimizer_in_backward": False,
+               "padded": False, "runtime": "hf", "sp": 1, "sp_impl": "ulysses", "zero3_prefetch": 1}
+
+
 def random_zero_case(rng: random.Random) -> ZeroCase:
     """A plan for DeepSpeed's engine that mst-plan may accept (emit and compare say whether it does)."""
     model = rng.choice(ZERO_MODELS)
@@ -177,16 +182,13 @@ def random_zero_case(rng: random.Random) -> ZeroCase:
     seq = rng.choice([64, 128, 256])
     pure = stage < 3 and rng.random() < 0.25  # (DeepSpeed's bf16 master flags)
     checkpoint = sorted(rng.sample(range(layers), rng.randint(0, layers)))
-    setup: Dict[str, Any] = {
-        "attention": "flash", "checkpoint": checkpoint, "dp": dp, "ep": 1, "grad_accum": rng.choice([1, 1, 2, 3]),
-        "lm_chunks": rng.choice([1, 2, 3]), "lm_impl": rng.choice(["recompute", "fused"]), "micro_batch": rng.choice([1, 1, 2]),
-        "mlp_chunks": rng.choice([1, 2, 3]), "mlp_impl": rng.choice(["loop", "tiled"]), "moe_imbalance": 1.0,
-        "offload_checkpoints": bool(checkpoint) and rng.random() < 0.3, "optimizer": "adamw", "optimizer_impl": "fused",
-        "optimizer_in_backward": False, "optimizer_state_dtype": "bf16" if pure else "fp32", "overlap_comm": False,
-        "padded": False, "precision": "pure-bf16" if pure else "bf16-master",
-        "reduce_bucket_size": rng.choice([500_000_000, 4096, 1000]), "runtime": "hf", "seq_len": seq, "sp": 1,
-        "sp_impl": "ulysses", "zero3_prefetch": 1, "zero_stage": stage,
-    }
+    setup: Dict[str, Any] = dict(
+        _ZERO_FIXED, attention="flash", checkpoint=checkpoint, dp=dp, grad_accum=rng.choice([1, 1, 2, 3]),
+        lm_chunks=rng.choice([1, 2, 3]), lm_impl=rng.choice(["recompute", "fused"]), micro_batch=rng.choice([1, 1, 2]),
+        mlp_chunks=rng.choice([1, 2, 3]), mlp_impl=rng.choice(["loop", "tiled"]),
+        offload_checkpoints=bool(checkpoint) and rng.random() < 0.3, optimizer_state_dtype="bf16" if pure else "fp32",
+        overlap_comm=False, precision="pure-bf16" if pure else "bf16-master",
+        reduce_bucket_size=rng.choice([500_000_000, 4096, 1000]), seq_len=seq, zero_stage=stage)
     if stage < 3:
         setup["overlap_comm"] = rng.random() < 0.3
     else:
@@ -217,12 +219,7 @@ def run_zero_case(case: ZeroCase, where: Path, mst_plan: Path = DEFAULT_MST_PLAN
                PYTHONHASHSEED="0")
     ref = subprocess.run([sys.executable, "-m", "mst_referee.deepspeed_zero", str(plan), str(ds), "--rank", str(case.rank),
                           "--out", str(record)], capture_output=True, text=True, timeout=900, cwd=REPO_ROOT, env=env)
-    if ref.returncode != 0:
-        return False, "referee failed: " + (ref.stderr or ref.stdout)[-1500:]
-    cmp = subprocess.run([str(mst_plan), "compare", "--run", str(record)], capture_output=True, text=True, timeout=600,
-                         cwd=REPO_ROOT)
-    identical = cmp.returncode == 0 and "timelines identical" in cmp.stdout
-    return identical, (cmp.stdout + cmp.stderr)[-1500:]
+    return _compared(ref, record, mst_plan)
 
 
 def run_case(case: Case, where: Path, mst_plan: Path = DEFAULT_MST_PLAN) -> Tuple[bool, str]:
@@ -237,9 +234,17 @@ def run_case(case: Case, where: Path, mst_plan: Path = DEFAULT_MST_PLAN) -> Tupl
     script = REPO_ROOT / "scripts" / "torch_crosscheck.py"
     ref = subprocess.run([sys.executable, str(script), str(config), "--setup", str(knobs), "--seq", str(case.seq),
                           "--device", "fake", "--out", str(record)], capture_output=True, text=True, timeout=600)
+    return _compared(ref, record, mst_plan)
+
+
+def _compared(ref: "subprocess.CompletedProcess[str]", record: Path, mst_plan: Path) -> Tuple[bool, str]:
+    """The referee's run `ref` (which wrote `record`) against mst-plan's re-simulation: (identical, the
+    compare output's tail or the referee's error). From the repository's root: a test model's path is
+    relative to it."""
     if ref.returncode != 0:
         return False, "referee failed: " + (ref.stderr or ref.stdout)[-1500:]
-    cmp = subprocess.run([str(mst_plan), "compare", "--run", str(record)], capture_output=True, text=True, timeout=600)
+    cmp = subprocess.run([str(mst_plan), "compare", "--run", str(record)], capture_output=True, text=True, timeout=600,
+                         cwd=REPO_ROOT)
     identical = cmp.returncode == 0 and "timelines identical" in cmp.stdout
     return identical, (cmp.stdout + cmp.stderr)[-1500:]
 
@@ -263,16 +268,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{args.cases}", file=sys.stderr)
         return 2
     rng = random.Random(args.seed)
-    failed: List[int] = []
-    for i in range(args.cases):
+
+    def one(i: int) -> Tuple[Optional[bool], str, str]:
         case = random_case(rng, rng.choice(families))
         ok, detail = run_case(case, args.out_dir / f"case{i}", args.mst_plan)
-        print(f"{i} {'identical' if ok else 'DIFFERS'} {case.family} seq {case.seq} {json.dumps(case.knobs)}", flush=True)
-        if not ok:
-            failed.append(i)
-            print("   " + detail.strip().replace("\n", "\n   "), flush=True)
-    print(f"{args.cases - len(failed)} of {args.cases} identical" + (f"; differ: {failed}" if failed else ""))
-    return 1 if failed else 0
+        return ok, detail, f"{case.family} seq {case.seq} {json.dumps(case.knobs)}"
+
+    return _run_cases(args.cases, one)
 
 
 def _main_zero(args: argparse.Namespace) -> int:
@@ -281,29 +283,35 @@ def _main_zero(args: argparse.Namespace) -> int:
               f"{args.cases}, {os.environ.get('MST_CLIENTS_PATH')!r}", file=sys.stderr)
         return 2
     rng = random.Random(args.seed)
-    failed: List[int] = []
-    refused = 0
-    for i in range(args.cases):
+
+    def one(i: int) -> Tuple[Optional[bool], str, str]:
         case = random_zero_case(rng)
         ok, detail = run_zero_case(case, args.out_dir / f"case{i}", args.mst_plan)
-        verdict = "refused" if ok is None else "identical" if ok else "DIFFERS"
-        print(f"{i} {verdict} {case.family} ZeRO-{case.setup['zero_stage']} dp {case.setup['dp']} rank {case.rank} "
-              f"{json.dumps({k: v for k, v in case.setup.items() if k not in _PLAN_DEFAULTS or _PLAN_DEFAULTS[k] != v})}",
-              flush=True)
+        drawn = {k: v for k, v in case.setup.items() if k not in _ZERO_FIXED}
+        return ok, detail, (f"{case.family} ZeRO-{case.setup['zero_stage']} dp {case.setup['dp']} rank {case.rank} "
+                            f"{json.dumps(drawn)}")
+
+    return _run_cases(args.cases, one)
+
+
+def _run_cases(cases: int, one: Callable[[int], Tuple[Optional[bool], str, str]]) -> int:
+    """Case i = 0 .. cases - 1 by one(i): (identical, or None when mst-plan refused it; the detail; what
+    it was), a line each, the detail under every case that was not identical; 1 when any differed."""
+    failed: List[int] = []
+    refused = 0
+    for i in range(cases):
+        ok, detail, what = one(i)
+        print(f"{i} {'refused' if ok is None else 'identical' if ok else 'DIFFERS'} {what}", flush=True)
         if ok is None:
             refused += 1
         elif not ok:
             failed.append(i)
         if ok is not True:
             print("   " + detail.strip().replace("\n", "\n   "), flush=True)
-    ran = args.cases - refused
-    print(f"{ran - len(failed)} of {ran} identical ({refused} refused by mst-plan)" + (f"; differ: {failed}" if failed else ""))
+    ran = cases - refused
+    print(f"{ran - len(failed)} of {ran} identical" + (f" ({refused} refused by mst-plan)" if refused else "")
+          + (f"; differ: {failed}" if failed else ""))
     return 1 if failed else 0
-
-
-# (what a ZeRO case's line leaves out: the setup keys at the values every case starts from)
-_PLAN_DEFAULTS = {"ep": 1, "moe_imbalance": 1.0, "optimizer": "adamw", "optimizer_impl": "fused", "optimizer_in_backward": False,
-                  "padded": False, "runtime": "hf", "sp": 1, "sp_impl": "ulysses", "zero3_prefetch": 1, "overlap_comm": False}
 
 
 if __name__ == "__main__":  # pragma: no cover
