@@ -1,6 +1,7 @@
 // mst-plan: plan memory and mini-sequence settings for long-context LLM training.
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <optional>
@@ -9,6 +10,8 @@
 #include <exception>
 #if defined(__GLIBC__)
 #include <malloc.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 #include <fmt/format.h>
@@ -81,6 +84,18 @@ void tune_malloc(int argc, char** argv) {
     mallopt(M_MMAP_THRESHOLD, 512 << 20);
     mallopt(M_TRIM_THRESHOLD, 1 << 30);
     mallopt(M_TOP_PAD, 32 << 20);
+    // The heap grows into one range that the tables fill from the bottom: backed by 2 MiB pages where the
+    // kernel's transparent huge pages are on for ranges that ask (its "madvise" mode), it takes one page
+    // fault per 2 MiB instead of 512. (A recommend faults about 2100 pages in otherwise: a tenth of its
+    // time on a VM. Resident memory rounds up to whole 2 MiB pages: a few MiB more.)
+    constexpr std::size_t kHeapAhead = std::size_t{24} << 20, kHugePage = std::size_t{2} << 20;
+    if (void* ahead = malloc(kHeapAhead)) {
+        const auto from = (reinterpret_cast<std::uintptr_t>(ahead) + kHugePage - 1) & ~(kHugePage - 1);
+        free(ahead);  // back to the top of the heap, which M_TRIM_THRESHOLD keeps
+        const auto top = reinterpret_cast<std::uintptr_t>(sbrk(0));
+        if (top > from && top - from <= (std::uintptr_t{1} << 30))  // (the heap's range: not mapped apart)
+            madvise(reinterpret_cast<void*>(from), top - from, MADV_HUGEPAGE);  // (advice: a kernel may ignore it)
+    }
 #else
     (void)argc, (void)argv;
 #endif
