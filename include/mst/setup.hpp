@@ -123,6 +123,11 @@ struct TrainingSetup {
     // multiple of a uniform routing's (1: uniform, the default assumption; at most ep).
     std::int64_t ep = 1;
     double moe_imbalance = 1.0;
+    // The hf runtime's ZeRO-3 as torch's FSDP2 (torch.distributed.fsdp.fully_shard on every decoder
+    // layer, then on the model), not DeepSpeed's stage-3 engine: each rank holds a dim-0 shard of every
+    // parameter, a layer's are all-gathered for its forward and again for its backward, and its
+    // gradients leave it reduce-scattered (src/core/sim/fsdp2.cpp).
+    bool fsdp2 = false;
 
     StateDtype effective_state_dtype() const {
         return state_dtype.value_or(precision == Precision::PureBf16 ? StateDtype::Bf16 : StateDtype::Fp32);
@@ -152,7 +157,9 @@ struct TrainingSetup {
     bool deepspeed_zero() const { return runtime == Runtime::Hf && (zero_stage == 1 || zero_stage == 2); }
     // ZeRO-3 in the hf runtime: DeepSpeed's stage-3 engine (runtime/zero/stage3.py and its parameter
     // coordinator), over dp > 1 ranks.
-    bool deepspeed_zero3() const { return runtime == Runtime::Hf && zero_stage == 3; }
+    bool deepspeed_zero3() const { return runtime == Runtime::Hf && zero_stage == 3 && !fsdp2; }
+    // FSDP2 in the hf runtime (fsdp2 above): zero_stage 3 over dp > 1 ranks.
+    bool fsdp2_shards() const { return runtime == Runtime::Hf && fsdp2 && zero_stage == 3; }
     bool deepspeed_engine() const { return deepspeed_zero() || deepspeed_zero3(); }
     // DeepSpeed's engine options as DeepSpeed's defaults (the only values a setup without its engine has)
     bool deepspeed_defaults() const {

@@ -86,6 +86,15 @@ class MstConfig:
     zero_stage: int
     predicted: Predicted
     format: str = FORMAT
+    # ZeRO-3 as torch's FSDP2 (fully_shard) rather than DeepSpeed's engine: its parameters are plain
+    # ones while a layer runs, so the patches take their one-GPU forms (optional key, false by default).
+    fsdp2: bool = False
+
+    @property
+    def deepspeed_zero3(self) -> bool:
+        """DeepSpeed's stage-3 engine runs the step: its parameters are gathered only inside their
+        modules' forward, which the tiled MLP and the chunked loss must respect."""
+        return self.zero_stage == 3 and not self.fsdp2
 
     @property
     def tokens_per_rank(self) -> int:
@@ -111,6 +120,7 @@ class MstConfig:
             "sequence_parallel": self.sequence_parallel,
             "zero_stage": self.zero_stage,
             "predicted": dataclasses.asdict(self.predicted),
+            **({"fsdp2": True} if self.fsdp2 else {}),
         }
 
     def to_json(self) -> str:
@@ -267,6 +277,10 @@ def _parse(data: Any, where: str) -> MstConfig:
     if seq_len % sequence_parallel != 0:
         r.fail("sequence_parallel", f"expected a divisor of seq_len ({seq_len}), got {sequence_parallel}")
     zero_stage = r.int_range("zero_stage", 0, 3)
+    fsdp2 = r.boolean("fsdp2") if "fsdp2" in r.obj else False
+    if fsdp2 and not (zero_stage == 3 and data_parallel > 1):
+        r.fail("fsdp2", f"expected false unless zero_stage is 3 over data_parallel > 1 ranks, got true with zero_stage "
+                        f"{zero_stage} and data_parallel {data_parallel}")
     tokens = micro_batch * seq_len // sequence_parallel
 
     def chunks(reader: _Reader) -> int:
@@ -311,6 +325,10 @@ def _parse(data: Any, where: str) -> MstConfig:
         o.fail("in_backward", "expected false with zero_stage 2 or 3 (DeepSpeed reduce-scatters the gradients per "
                               "bucket), got true")
 
+    if fsdp2 and optimizer.name == "sgd" and optimizer.impl == "fused":
+        o.fail("impl", "expected foreach or for-loop for sgd with fsdp2 (torch's sharded parameters have no fused SGD), "
+                       "got \"fused\"")
+
     p = r.child("predicted")
     predicted = Predicted(
         peak_allocated_bytes=p.int_range("peak_allocated_bytes", 0),
@@ -334,4 +352,5 @@ def _parse(data: Any, where: str) -> MstConfig:
         sequence_parallel=sequence_parallel,
         zero_stage=zero_stage,
         predicted=predicted,
+        fsdp2=fsdp2,
     )

@@ -214,7 +214,7 @@ def _check_lm_head(model: nn.Module, config: MstConfig) -> nn.Linear:
     # ZeRO-3: the loss runs inside lm_head's forward and is returned as its output (see the module's
     # doc), so nothing may change that output on its way out of the model's forward.
     softcap = getattr(model_config, "final_logit_softcapping", None)
-    if config.zero_stage == 3 and softcap is not None:
+    if config.deepspeed_zero3 and softcap is not None:
         raise ValueError("mst_hf.apply: zero_stage: with ZeRO-3 the chunked loss runs inside lm_head's forward "
                          f"and the model's forward then soft-caps its output (final_logit_softcapping {softcap}); "
                          "use lm_head.chunks 1 or zero_stage <= 2")
@@ -273,7 +273,7 @@ def apply(model: nn.Module, config: ConfigLike) -> nn.Module:
 
     for i, layer in enumerate(layers):
         if cfg.mlp.chunks > 1:
-            ChunkedMlpForward(layer.mlp, cfg.mlp.chunks, cfg.mlp.impl, cfg.zero_stage == 3).install()
+            ChunkedMlpForward(layer.mlp, cfg.mlp.chunks, cfg.mlp.impl, cfg.deepspeed_zero3).install()
         if i in cfg.checkpoint_layers:
             CheckpointedForward(layer, cfg.offload_checkpoints).install()
     capture = None
@@ -282,7 +282,7 @@ def apply(model: nn.Module, config: ConfigLike) -> nn.Module:
         capture.install()
     if capture is not None or cfg.checkpoint_layers:
         _TrainingForward(model, capture, cfg.lm_head.chunks, cfg.lm_head.impl, bool(cfg.checkpoint_layers),
-                         cfg.zero_stage == 3).install()
+                         cfg.deepspeed_zero3).install()
     setattr(model, _APPLIED, cfg)
     return model
 

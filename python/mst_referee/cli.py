@@ -36,6 +36,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="measured steps after the warm-up (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps before the peaks are reset (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens (default 0)")
+    p.add_argument("--rank", type=int, default=0, help="the data-parallel rank recorded (FSDP2 plans; default 0)")
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate (default 1e-5)")
     p.add_argument("--trainer", choices=TRAINERS, default="loop",
                    help="how the forward is called: a loop of one's own (default), or the Hugging Face Trainer "
@@ -161,7 +162,7 @@ def run_single(args: argparse.Namespace) -> int:
     job = make_job(args.model, plan=plan, plan_where=where, knobs=knobs, seq=args.seq,
                    hf_config_file=args.hf_config, layers=args.layers, derived_dir=args.out.parent,
                    convert=args.convert, mst_plan=args.mst_plan, seed=args.seed, steps=args.steps,
-                   warmup=args.warmup, lr=args.lr, loss_check=args.loss_check, trainer=args.trainer)
+                   warmup=args.warmup, lr=args.lr, loss_check=args.loss_check, trainer=args.trainer, rank=args.rank)
     device = _device(args.device)
     records, ok = run_job(job, device)
     for record in records:

@@ -39,6 +39,7 @@ class Case:
     config: Dict[str, Any]
     knobs: Dict[str, Any]
     seq: int
+    rank: int = 0  # the data-parallel rank recorded (FSDP2's)
 
 
 def random_config(rng: random.Random, family: str) -> Dict[str, Any]:
@@ -150,6 +151,23 @@ def random_case(rng: random.Random, family: str) -> Case:
     return Case(family, cfg, knobs, seq)
 
 
+# The families FSDP2's cases draw from (mst-plan models it for dense models).
+FSDP2_FAMILIES = tuple(f for f in FAMILIES if f not in ("mixtral", "qwen3_moe", "gpt_oss"))
+
+
+def random_fsdp2_case(rng: random.Random, family: str) -> Case:
+    """A random case of `family` sharded by FSDP2 over 2 to 5 ranks (a random one recorded), with the knobs
+    mst-plan models with it (bf16 parameters, the optimizer stepped after backward)."""
+    case = random_case(rng, family)
+    for key in ("precision", "optimizer_in_backward"):
+        case.knobs.pop(key, None)
+    case.knobs.update(dp=rng.randint(2, 5), zero_stage=3, fsdp2=True)
+    case.rank = rng.randrange(case.knobs["dp"])
+    if case.knobs.get("optimizer") == "sgd" and case.knobs.get("optimizer_impl", "fused") == "fused":
+        case.knobs["optimizer_impl"] = "foreach"  # (torch's DTensor has no fused SGD: mst-plan refuses it)
+    return case
+
+
 # The tiny models the ZeRO cases draw from: one per family (a case reads its layer count from the file).
 ZERO_MODELS = ("models/tiny-llama.json", "tests/data/tiny_qwen2_untied.json", "tests/data/tiny_qwen3.json",
                "tests/data/tiny_phi3_longrope.json", "tests/data/tiny_gemma2.json", "tests/data/tiny_gemma3.json",
@@ -233,7 +251,8 @@ def run_case(case: Case, where: Path, mst_plan: Path = DEFAULT_MST_PLAN) -> Tupl
     record = where / "run.json"
     script = REPO_ROOT / "scripts" / "torch_crosscheck.py"
     ref = subprocess.run([sys.executable, str(script), str(config), "--setup", str(knobs), "--seq", str(case.seq),
-                          "--device", "fake", "--out", str(record)], capture_output=True, text=True, timeout=600)
+                          "--rank", str(case.rank), "--device", "fake", "--out", str(record)], capture_output=True, text=True,
+                         timeout=600)
     return _compared(ref, record, mst_plan)
 
 
@@ -258,10 +277,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--mst-plan", type=Path, default=DEFAULT_MST_PLAN, help="mst-plan binary (default build/src/mst-plan)")
     p.add_argument("--zero", action="store_true",
                    help="DeepSpeed ZeRO 1-3 cases on the tiny models (--families does not apply; needs MST_CLIENTS_PATH)")
+    p.add_argument("--fsdp2", action="store_true", help="cases sharded by torch's FSDP2 (dense families)")
     args = p.parse_args(argv)
     if args.zero:
         return _main_zero(args)
-    families = [f for f in args.families.split(",") if f]
+    allowed = FSDP2_FAMILIES if args.fsdp2 else FAMILIES
+    families = [f for f in args.families.split(",") if f and (f in allowed or f not in FAMILIES)]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or args.cases < 1:
         print(f"error: --families: expected some of {', '.join(FAMILIES)} and --cases >= 1, got {args.families!r}, "
@@ -269,10 +290,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     rng = random.Random(args.seed)
 
+    draw = random_fsdp2_case if args.fsdp2 else random_case
+
     def one(i: int) -> Tuple[Optional[bool], str, str]:
-        case = random_case(rng, rng.choice(families))
+        case = draw(rng, rng.choice(families))
         ok, detail = run_case(case, args.out_dir / f"case{i}", args.mst_plan)
-        return ok, detail, f"{case.family} seq {case.seq} {json.dumps(case.knobs)}"
+        rank = f" rank {case.rank}" if args.fsdp2 else ""
+        return ok, detail, f"{case.family} seq {case.seq}{rank} {json.dumps(case.knobs)}"
 
     return _run_cases(args.cases, one)
 

@@ -57,7 +57,7 @@ SETUP_DEFAULTS: Dict[str, Any] = {
     "attention": "flash", "mlp_chunks": 1, "mlp_impl": "loop", "lm_chunks": 1, "lm_impl": "recompute",
     "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1, "reduce_bucket_size": 500_000_000,
     "overlap_comm": False, "param_persistence_threshold": 100_000, "prefetch_bucket_size": 50_000_000,
-    "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0,
+    "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0, "fsdp2": False,
 }
 SETUP_KEYS = tuple(SETUP_DEFAULTS) + ("optimizer_state_dtype", "mlp_chunk_tokens", "lm_chunk_tokens", "checkpoint")
 
@@ -311,7 +311,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     integer("reduce_bucket_size", 1, big)
     integer("param_persistence_threshold", 0, big)
     integer("prefetch_bucket_size", 0, big)
-    for key in ("padded", "optimizer_in_backward", "offload_checkpoints", "overlap_comm"):
+    for key in ("padded", "optimizer_in_backward", "offload_checkpoints", "overlap_comm", "fsdp2"):
         boolean(key)
     choice("precision", PRECISIONS)
     choice("optimizer", OPTIMIZERS)
@@ -322,7 +322,10 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     choice("lm_impl", LM_IMPLS)
     choice("sp_impl", SP_IMPLS)
     deepspeed = s["runtime"] == "hf" and s["zero_stage"] in (1, 2)
-    zero3 = s["runtime"] == "hf" and s["zero_stage"] == 3
+    zero3 = s["runtime"] == "hf" and s["zero_stage"] == 3 and not s["fsdp2"]  # (DeepSpeed's ZeRO-3 engine)
+    if s["fsdp2"] and not (s["runtime"] == "hf" and s["zero_stage"] == 3 and s["dp"] > 1):
+        fail(where, "fsdp2", f"expected false unless runtime hf shards over dp > 1 ranks with zero_stage 3 (torch's "
+                             f"fully_shard), got true with runtime {s['runtime']}, zero_stage {s['zero_stage']}, dp {s['dp']}")
     if s["reduce_bucket_size"] != SETUP_DEFAULTS["reduce_bucket_size"] and not (deepspeed or zero3):
         fail(where, "reduce_bucket_size", f"expected DeepSpeed's default {SETUP_DEFAULTS['reduce_bucket_size']} unless "
                                           f"DeepSpeed's ZeRO engine runs the step (runtime hf, zero_stage 1, 2 or 3), "
@@ -364,15 +367,16 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     order = ("micro_batch", "seq_len", "grad_accum", "padded", "precision", "optimizer", "optimizer_state_dtype",
              "optimizer_in_backward", "optimizer_impl", "runtime", "attention", "mlp_chunks", "mlp_impl", "lm_chunks", "lm_impl",
              "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "reduce_bucket_size", "overlap_comm", "sp",
-             "sp_impl", "ep", "moe_imbalance") + (("param_persistence_threshold", "prefetch_bucket_size") if zero3 else ())
+             "sp_impl", "ep", "moe_imbalance") + (("param_persistence_threshold", "prefetch_bucket_size") if zero3 else ()) + (
+                 ("fsdp2",) if s["fsdp2"] else ())
     return {k: s[k] for k in order}
 
 
 def check_runnable(setup: Mapping[str, Any], where: str = "setup") -> None:
-    """The cross-check is one process with plain PyTorch (no ZeRO or Ulysses; data parallelism is
-    one rank of DistributedDataParallel, which only the referee runs: check_device), training
-    packed random tokens (no padding)."""
-    for key, expected in (("sp", 1), ("zero_stage", 0), ("ep", 1)):
+    """The cross-check is one process with plain PyTorch (no DeepSpeed or Ulysses; data parallelism is
+    one rank of DistributedDataParallel or of FSDP2, which only the referee runs: check_device),
+    training packed random tokens (no padding)."""
+    for key, expected in (("sp", 1), ("zero_stage", 3 if setup.get("fsdp2") else 0), ("ep", 1)):
         if setup.get(key, expected) != expected:
             fail(where, key, f"expected {expected}: the cross-check runs plain PyTorch on one GPU, "
                              f"got {json.dumps(setup.get(key))}")
@@ -392,7 +396,7 @@ def check_device(job: "Job", device: str) -> None:
     """A data-parallel job runs on the referee's fake process group only (one rank of DDP)."""
     if job.setup.get("dp", 1) > 1 and device != "fake":
         fail(job.name, "dp", f"expected 1 on --device {device} (the cross-check runs one process); "
-                             "--device fake runs one rank of DistributedDataParallel")
+                             "--device fake runs one rank of DistributedDataParallel or FSDP2")
 
 
 def hf_mst_config(model: str, setup: Mapping[str, Any], num_layers: int,
@@ -421,6 +425,7 @@ def hf_mst_config(model: str, setup: Mapping[str, Any], num_layers: int,
         "predicted": {"peak_allocated_bytes": int(p.get("peak_allocated_bytes", 0)),
                       "peak_reserved_bytes": int(p.get("peak_reserved_bytes", 0)),
                       "tokens_per_second": p.get("tokens_per_second", 0)},
+        **({"fsdp2": True} if s.get("fsdp2") else {}),
     }
 
 
@@ -435,7 +440,7 @@ def setup_from_hf_mst(cfg: "mst_hf.MstConfig") -> Dict[str, Any]:
         "attention": cfg.attention, "mlp_chunks": cfg.mlp.chunks, "mlp_impl": cfg.mlp.impl,
         "lm_chunks": cfg.lm_head.chunks, "lm_impl": cfg.lm_head.impl,
         "checkpoint": list(cfg.checkpoint_layers), "offload_checkpoints": cfg.offload_checkpoints,
-        "dp": cfg.data_parallel, "zero_stage": cfg.zero_stage, "sp": cfg.sequence_parallel,
+        "dp": cfg.data_parallel, "zero_stage": cfg.zero_stage, "sp": cfg.sequence_parallel, "fsdp2": cfg.fsdp2,
     })
     if setup["zero_stage"] != 3:  # (ZeRO-3's own options are written where it runs only, as to_json writes them)
         for key in ("param_persistence_threshold", "prefetch_bucket_size"):
@@ -527,6 +532,7 @@ class Job:
     prediction: Optional[Dict[str, Any]] = None
     notes: List[str] = field(default_factory=list)
     derived_config: Optional[Dict[str, Any]] = None  # the cut config.json to write at model_path
+    rank: int = 0                  # the data-parallel rank recorded (FSDP2: the last ranks' shards are shorter)
 
 
 def make_job(model_ref: Optional[str], *, plan: Optional[Mapping[str, Any]] = None, plan_where: str = "plan",
@@ -534,7 +540,7 @@ def make_job(model_ref: Optional[str], *, plan: Optional[Mapping[str, Any]] = No
              hf_config_file: Optional[Path] = None, layers: Optional[int] = None,
              derived_dir: Optional[Path] = None, name: Optional[str] = None, convert: str = "auto",
              mst_plan: Path = DEFAULT_MST_PLAN, seed: int = 0, steps: int = 3, warmup: int = 1, lr: float = 1e-5,
-             loss_check: bool = False, trainer: str = "loop") -> Job:
+             loss_check: bool = False, trainer: str = "loop", rank: int = 0) -> Job:
     """Resolve a model and exactly one of a plan, setup knobs or an hf-mst config into a Job."""
     sources = [x is not None for x in (plan, knobs, hf_config_file)]
     if sum(sources) != 1:
@@ -593,6 +599,9 @@ def make_job(model_ref: Optional[str], *, plan: Optional[Mapping[str, Any]] = No
         if seq is not None and seq != setup["seq_len"]:
             fail(str(hf_config_file), "seq_len", f"the config is for seq_len {setup['seq_len']}, the run asks for {seq}")
     check_runnable(setup, plan_where)
+    if not (_is_int(rank) and 0 <= rank < (setup.get("dp", 1) if setup.get("fsdp2") else 1)):
+        fail(plan_where, "rank", f"expected 0{' .. ' + str(setup['dp'] - 1) if setup.get('fsdp2') else ''} (the recorded "
+                                 f"rank: one of FSDP2's dp ranks, else the only one), got {rank}")
     normalized = normalize_setup({k: v for k, v in setup.items() if k in SETUP_KEYS}, n_layers, plan_where)
 
     if hf_cfg is not None and not cut:
@@ -616,13 +625,13 @@ def make_job(model_ref: Optional[str], *, plan: Optional[Mapping[str, Any]] = No
                model_path=model_path, hf_config=hf_config_dict(raw, n_layers if cut else None), layers=n_layers,
                full_layers=full, setup=setup, mst_config=mst_config, hf_config_source=source, seed=seed,
                steps=steps, warmup=warmup, lr=lr, loss_check=loss_check, trainer=trainer, prediction=prediction, notes=notes,
-               derived_config=derived)
+               derived_config=derived, rank=rank)
 
 
 # ---- the matrix file ----------------------------------------------------------------------
 
 MATRIX_ENTRY_KEYS = ("name", "model", "seq", "layers", "setup", "plan", "steps", "warmup", "seed", "lr",
-                     "loss_check", "why")
+                     "loss_check", "rank", "why")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -708,7 +717,7 @@ def load_matrix(path: Path, derived_dir: Optional[Path] = None, convert: str = "
             fail(at, "model", "missing (required with \"setup\")")
         jobs.append(make_job(model_ref, plan=plan, plan_where=plan_where, knobs=knobs, seq=seq, layers=layers,
                              derived_dir=derived_dir, name=name, convert=convert, mst_plan=mst_plan, seed=seed,
-                             steps=steps, warmup=warmup, lr=float(lr), loss_check=loss_check))
+                             steps=steps, warmup=warmup, lr=float(lr), loss_check=loss_check, rank=value("rank", 0)))
     return jobs
 
 

@@ -526,6 +526,9 @@ class StorageRecorder(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
+            # A DTensor (FSDP2's parameters, their gradients and states) is a wrapper without memory of
+            # its own: what it holds is its local tensor's, allocated by the op the wrapper dispatched.
+            t = _local(t)
             st = t.untyped_storage()
             if id(st) in host:
                 continue  # the RNG seeds: host tensors on a GPU
@@ -538,7 +541,7 @@ class StorageRecorder(TorchDispatchMode):
             if st.nbytes() == 0 or t.device.type == "meta":
                 continue  # no memory: a caching allocator hands out nothing for 0 bytes, nor for a meta tensor
             if inputs is None:
-                inputs = {id(a.untyped_storage()) for a in tree_flatten((args, kwargs))[0]
+                inputs = {id(_local(a).untyped_storage()) for a in tree_flatten((args, kwargs))[0]
                           if isinstance(a, torch.Tensor)}
             if id(st) in inputs:
                 continue  # an in-place op on a storage that is not tracked (host memory): no allocation
@@ -616,6 +619,12 @@ class StorageRecorder(TorchDispatchMode):
                 raise AssertionError(f"referee: event names unknown tensor {e.tensor}")
             e.category = _category(s)
         return self.events
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor (the memory it holds on this rank); any other tensor itself."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t
 
 
 def _category(s: _Storage) -> str:

@@ -49,7 +49,8 @@ def _state_tensors(optimizer: Any, names: Dict[int, str]) -> Iterator[Tuple[str,
                 for key, value in opt.state.get(p, {}).items():
                     if not isinstance(value, torch.Tensor) or (key == "step" and not fused):
                         continue
-                    yield f"{names.get(id(p), 'param')}.{key}", value
+                    local = getattr(value, "_local_tensor", None)  # a DTensor's (FSDP2's states): this rank's part
+                    yield f"{names.get(id(p), 'param')}.{key}", value if local is None else local
 
 
 class _Recording(Observer):
@@ -126,16 +127,27 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         raise ValueError("referee: optimizer: adamw-8bit (bitsandbytes) has no fake-tensor implementation; "
                          "the referee runs adamw and sgd")
     marking: Dict[str, Any] = {"recorder": None}  # the gradient marks reach the recorder once it records
-    with session(), cuda_autocast_policies(), contextlib.ExitStack() as cleanup:
+    with contextlib.ExitStack() as cleanup:
+        fsdp = None
+        if job.setup.get("fsdp2"):  # one rank of FSDP2 (mst_referee.fsdp2): its world is made outside the fake tensors
+            from .fsdp2 import Fsdp2
+            fsdp = Fsdp2(job.setup["dp"], job.rank)
+            cleanup.callback(fsdp.close)
+            cleanup.enter_context(fsdp.marking())
+        cleanup.enter_context(session())
+        cleanup.enter_context(cuda_autocast_policies())
         model, attn = patched_model(job, cfg)
-        ddp = Ddp(model) if job.setup.get("dp", 1) > 1 else None  # one rank's view (mst_referee.ddp)
+        if fsdp is not None:
+            fsdp.shard(model)
+        ddp = Ddp(model) if job.setup.get("dp", 1) > 1 and fsdp is None else None  # one rank's view (mst_referee.ddp)
         if ddp is not None:
             cleanup.callback(ddp.close)  # its process group goes, also when the step raises
         trained = ddp.module if ddp else model
         # Registered before make_optimizer's: a hook that steps the optimizer in backward frees the
-        # gradient, so this one must see it first.
+        # gradient, so this one must see it first. (FSDP2 sets its sharded gradients itself: they are
+        # marked as they are made.)
         hooks = [p.register_post_accumulate_grad_hook(mark_gradient(marking)) for p in model.parameters()
-                 if p.requires_grad]
+                 if p.requires_grad and fsdp is None]
         optimizer = mst_hf.make_optimizer(model, cfg, lr=job.lr)
         next_step = step_batches(job)
         warm_up(job, model, optimizer, cfg, next_step, "fake", ddp)
@@ -149,7 +161,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
                        if opt.param_groups[0]["params"][0] is not p}
         names.update({id(m): names[pid] + ".master" for pid, m in masters.items()})
         recorder = StorageRecorder(correct_buffer_sums)
-        recorder.register(model.named_parameters(), "weights", "init.weights")
+        recorder.register(fsdp.sharded_tensors(model) if fsdp else model.named_parameters(), "weights", "init.weights")
         recorder.register(model.named_buffers(), "weights", "init.buffers")
         recorder.register(tensor_attributes(model), "weights", "init.buffers")
         recorder.register(((names[id(m)], m) for m in masters.values()), "master_weights", "init.master_weights")
@@ -159,6 +171,8 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
 
         hooks += mark_checkpoints(recorder, model, cfg)
         marking["recorder"] = recorder
+        if fsdp is not None:
+            fsdp.recorder = recorder
         batches = next_step()  # host memory: made before recording starts
         try:
             with recorder.tracking(model), recorder:
@@ -170,9 +184,12 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
                 h.remove()
         events = recorder.timeline()
         del model, optimizer, trained
-    return {"events": [e.to_list() for e in events], "corrected_sums": recorder.corrected_sums,
-            "attn_implementation": attn, "seconds": time.monotonic() - t0,
-            "micro_steps": cfg.grad_accum, "micro_steps_recorded": min(cfg.grad_accum, 2)}
+    out = {"events": [e.to_list() for e in events], "corrected_sums": recorder.corrected_sums,
+           "attn_implementation": attn, "seconds": time.monotonic() - t0,
+           "micro_steps": cfg.grad_accum, "micro_steps_recorded": min(cfg.grad_accum, 2)}
+    if job.setup.get("fsdp2"):
+        out["rank"] = job.rank
+    return out
 
 
 def mark_checkpoints(recorder: Any, model: Any, cfg: Any) -> List[Any]:
@@ -233,10 +250,13 @@ def summarize_events(events: List[List[Any]]) -> Dict[str, Any]:
 def timeline(job: Job, result: Dict[str, Any]) -> Dict[str, Any]:
     """The recorded step as an mst-timeline/1 object (what ``mst-plan compare`` reads)."""
     # mst-plan names a model by its config file's stem (the catalog name, or a cut copy's name).
-    return {"format": "mst-timeline/1", "source": "referee", "model": Path(job.model_path).stem,
-            "micro_steps": result["micro_steps"], "micro_steps_recorded": result["micro_steps_recorded"],
-            "columns": ["kind", "tensor", "bytes", "category", "device", "phase", "layer", "micro_step", "op", "name"],
-            "events": result["events"]}
+    out = {"format": "mst-timeline/1", "source": "referee", "model": Path(job.model_path).stem,
+           "micro_steps": result["micro_steps"], "micro_steps_recorded": result["micro_steps_recorded"],
+           "columns": ["kind", "tensor", "bytes", "category", "device", "phase", "layer", "micro_step", "op", "name"],
+           "events": result["events"]}
+    if "rank" in result:  # (a sharded step: whose it is)
+        out["rank"] = result["rank"]
+    return out
 
 
 def describe_versions() -> Dict[str, Optional[str]]:

@@ -87,6 +87,20 @@ def test_plain_ddp_refuses_what_would_step_on_unreduced_gradients():
     assert load_config(dict(ddp, precision="bf16-master", zero_stage=2)).precision == "bf16-master"
 
 
+def test_fsdp2_is_read_where_zero_3_shards_and_drops_deepspeeds_zero_3_paths():
+    sharded = dict(copy.deepcopy(GOOD), data_parallel=4, zero_stage=3, optimizer=dict(GOOD["optimizer"], in_backward=False))
+    assert load_config(sharded).deepspeed_zero3 and not load_config(sharded).fsdp2  # (files without the key)
+    c = load_config(dict(sharded, fsdp2=True))
+    assert c.fsdp2 and not c.deepspeed_zero3
+    assert c.to_dict()["fsdp2"] is True and "fsdp2" not in load_config(sharded).to_dict()
+    with pytest.raises(ConfigError, match="config: fsdp2: expected false unless zero_stage is 3 over data_parallel > 1"):
+        load_config(dict(sharded, fsdp2=True, zero_stage=2))
+    with pytest.raises(ConfigError, match="config: fsdp2: expected true or false"):
+        load_config(dict(sharded, fsdp2="yes"))
+    with pytest.raises(ConfigError, match="config: optimizer.impl: expected foreach or for-loop for sgd with fsdp2"):
+        load_config(dict(sharded, fsdp2=True, optimizer=dict(sharded["optimizer"], name="sgd", impl="fused")))
+
+
 def test_the_config_is_frozen():
     c = load_config(GOOD)
     with pytest.raises(AttributeError):

@@ -79,3 +79,25 @@ def test_a_seeded_zero_case_runs_through_deepspeed_and_compares(tmp_path):
     assert (case.family, case.setup["zero_stage"], case.setup["dp"], case.setup["grad_accum"]) == ("qwen3", 3, 2, 3)
     identical, detail = differential.run_zero_case(case, tmp_path / "zero", _binary())
     assert identical, detail
+
+
+@pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
+def test_a_seeded_fsdp2_case_runs_through_fully_shard_and_compares(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    case = differential.random_fsdp2_case(random.Random(8), "llama")
+    # (seed 8: rank 3 of 5, tied embeddings, two micro-steps, the tiled MLP in 7 chunks, the foreach step)
+    assert (case.rank, case.knobs["dp"], case.knobs["grad_accum"], case.knobs["mlp_chunks"],
+            case.config["tie_word_embeddings"]) == (3, 5, 2, 7, True)
+    identical, detail = differential.run_case(case, tmp_path / "fsdp2", _binary())
+    assert identical, detail
+
+
+def test_fsdp2_cases_draw_only_what_mst_plan_models_with_it():
+    rng = random.Random(3)
+    for i in range(80):
+        case = differential.random_fsdp2_case(rng, differential.FSDP2_FAMILIES[i % len(differential.FSDP2_FAMILIES)])
+        k = case.knobs
+        assert k["fsdp2"] and k["zero_stage"] == 3 and 2 <= k["dp"] <= 5 and 0 <= case.rank < k["dp"]
+        assert "precision" not in k and "optimizer_in_backward" not in k
+        assert not (k.get("optimizer") == "sgd" and k.get("optimizer_impl", "fused") == "fused")

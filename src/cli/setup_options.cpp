@@ -42,6 +42,8 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     const auto an_int = decimal(std::numeric_limits<int>::min(), std::numeric_limits<int>::max());
     cmd.add_option("--zero", zero, "ZeRO stage 0-3 (3 = FSDP full shard)")->capture_default_str()->check(an_int);
     cmd.add_option("--zero3-prefetch", zero3_prefetch, "Layers all-gathered ahead under ZeRO-3")->capture_default_str()->check(an_int);
+    cmd.add_flag("--fsdp2", fsdp2, "ZeRO-3 (runtime hf) as torch's FSDP2, fully_shard on every decoder layer and the model, "
+                                   "not DeepSpeed's stage-3 engine");
     cmd.add_option("--reduce-bucket-size", reduce_bucket_size_,
                    "DeepSpeed's gradient bucket in elements (ZeRO 1-3, runtime hf: its reduce_bucket_size; the Hugging Face "
                    "Trainer's \"auto\" is hidden_size^2)")
@@ -102,6 +104,7 @@ TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed, s
     if (given("--dp")) s.dp = dp;
     if (given("--zero")) s.zero_stage = zero;
     if (given("--zero3-prefetch")) s.zero3_prefetch = zero3_prefetch;
+    if (given("--fsdp2")) s.fsdp2 = fsdp2;
     if (with_deepspeed) take_deepspeed(s);
     if (given("--sp")) s.sp = sp;
     if (gpus > 1 && !given("--dp") && setup_file.empty()) {

@@ -202,7 +202,8 @@ std::vector<std::int64_t> ring_ranks(const TrainingSetup& s) {
 }
 
 std::vector<std::int64_t> walked_ranks(const TrainingSetup& s) {
-    if (!s.deepspeed_zero()) return ring_ranks(s);
+    // (FSDP2's ranks hold shards of other lengths where a dimension does not divide by the ranks)
+    if (!s.deepspeed_zero() && !s.fsdp2_shards()) return ring_ranks(s);
     std::vector<std::int64_t> ranks;
     for (std::int64_t r = 0; s.dp > 1 && r < s.dp; ++r) ranks.push_back(r);
     return ranks;
@@ -278,6 +279,9 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
                                           "every chunk of every layer is simulated), got {}",
                                           max_mlp_chunks(m), m.num_layers, limits::kLayerChunks, s.mlp_chunks));
     if (s.zero_stage < 0 || s.zero_stage > 3) fail(w, "zero_stage", fmt::format("expected 0, 1, 2 or 3, got {}", s.zero_stage));
+    if (s.fsdp2 && s.runtime != Runtime::Hf)
+        fail(w, "fsdp2", "expected false with runtime kernels (its ZeRO-3 is its own; fsdp2 runs torch's fully_shard on Hugging "
+                         "Face's model: runtime hf), got true");
     if (s.zero3_prefetch < 0 || s.zero3_prefetch > limits::kZero3Prefetch)
         fail(w, "zero3_prefetch", fmt::format("expected 0..{} layers, got {}", limits::kZero3Prefetch, s.zero3_prefetch));
     if (s.zero3_prefetch != 1 && s.runtime == Runtime::Hf)
@@ -441,6 +445,35 @@ void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char
 }
 }  // namespace
 
+// FSDP2 in the hf runtime (src/core/sim/fsdp2.cpp) is proven on the referee (python/mst_referee/fsdp2.py)
+// for dense models with parameters stored in bf16; what else its hooks would meet is refused until it
+// is proven the same way.
+namespace {
+void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m, const char* hint) {
+    const std::string w = "setup";
+    const char* fsdp = "with fsdp2 (torch's fully_shard)";
+    if (s.zero_stage != 3)
+        fail(w, "zero_stage", fmt::format("expected 3 {} (every layer resharded after its forward), got {}", fsdp, s.zero_stage));
+    if (s.dp < 2) fail(w, "dp", fmt::format("expected 2 or more ranks {} (on one GPU it shards nothing), got {}", fsdp, s.dp));
+    if (s.dp > limits::kDeepSpeedRanks)
+        fail(w, "dp", fmt::format("expected at most {} ranks {} (every rank's step is walked), got {}", limits::kDeepSpeedRanks,
+                                  fsdp, s.dp));
+    if (m.moe)
+        fail(w, "fsdp2", fmt::format("expected false for {} (FSDP2 is modelled for dense models; DeepSpeed's ZeRO-3 shards "
+                                     "Mixture-of-Experts models: fsdp2 false){}, got true",
+                                     m.name, hint));
+    if (s.precision != Precision::PureBf16)
+        fail(w, "precision", fmt::format("expected pure-bf16 {} (parameters stored and gathered in bf16; its mixed-precision "
+                                         "policy is not modelled yet), got {}",
+                                         fsdp, to_string(s.precision)));
+    // torch's DTensor has no sharding rule for _fused_sgd_ (NotImplementedError at the first step)
+    if (s.optimizer == Optimizer::SgdMomentum && s.optimizer_impl == OptimizerImpl::Fused)
+        fail(w, "optimizer_impl", fmt::format("expected foreach or for-loop for sgd {} (torch's sharded parameters have no fused "
+                                              "SGD), got fused",
+                                              fsdp));
+}
+}  // namespace
+
 // The hf runtime walks transformers + PyTorch's own step, each rule proven event by event
 // against the referee (python/mst_referee), which runs one process, DDP's Reducer or DeepSpeed's
 // ZeRO engine. What is not proven that way yet (ZeRO-3 and sequence parallelism; padded batches;
@@ -455,6 +488,7 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     if (s.sp > 1) fail(w, "sp", fmt::format("expected 1 with runtime hf (sequence parallelism is not modelled in it){}, got {}", hint, s.sp));
     if (s.ep > 1) fail(w, "ep", fmt::format("expected 1 with runtime hf (expert parallelism is not modelled in it){}, got {}", hint, s.ep));
     if (s.deepspeed_zero3()) validate_zero3_scope(s, m, hint);
+    if (s.fsdp2) validate_fsdp2_scope(s, m, hint);
     // The optimizer's states are in the dtype of what it steps: bf16 for pure bf16, fp32 for fp32
     // masters (bf16-master) or fp32 weights (amp). torch's optimizers keep them like the tensors they
     // update (python/mst_hf's make_optimizer refuses any other), DeepSpeed's engine like its master
@@ -538,6 +572,7 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     s.param_persistence_threshold =
         r.opt_integer("param_persistence_threshold", 0, limits::kReduceBucket).value_or(kDeepSpeedPersistence);
     s.prefetch_bucket_size = r.opt_integer("prefetch_bucket_size", 0, limits::kReduceBucket).value_or(kDeepSpeedPrefetchBucket);
+    s.fsdp2 = r.opt_boolean("fsdp2").value_or(false);
 
     auto chunks = [&](const char* count_key, const char* tokens_key) -> std::int64_t {
         if (r.has(count_key) && r.has(tokens_key))
@@ -612,6 +647,7 @@ nlohmann::json to_json(const TrainingSetup& s) {
         j["param_persistence_threshold"] = s.param_persistence_threshold;
         j["prefetch_bucket_size"] = s.prefetch_bucket_size;
     }
+    if (s.fsdp2) j["fsdp2"] = true;  // (only where it is asked for: setups without it read as before)
     return j;
 }
 

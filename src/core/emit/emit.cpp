@@ -64,6 +64,11 @@ void check_executor_only(const Format& f, const TrainingSetup& s, const ModelSpe
                          "deepspeed or axolotl does), got true",
                          f.name));
     if (s.ep > 1) fail(f.name, "setup.ep", fmt::format("expected 1 ({}), got {}", f.no_expert_parallelism, s.ep));
+    if (f.deepspeed && s.fsdp2)
+        fail(f.name, "setup.fsdp2",
+             fmt::format("expected false ({} trains in DeepSpeed's engine, whose ZeRO-3 is its own; torch's fully_shard is "
+                         "applied by the script python/mst_hf's users write: emit --format hf-mst), got true",
+                         f.name));
     if (s.ring())
         fail(f.name, "setup.sp_impl",
              "expected ulysses (no emitter writes PyTorch's context parallelism yet: accelerate's cp_backend \"torch\" "

@@ -24,7 +24,7 @@ void check_hf_mst(const TrainingSetup& s, const ModelSpec& model) {
     // mst_hf/patch.py _check_lm_head: under ZeRO-3 the chunked loss runs inside lm_head's forward (where
     // DeepSpeed has its weight gathered) and is returned as lm_head's output, which a soft-capping
     // model's forward would then change.
-    if (s.zero_stage == 3 && s.lm_chunks > 1 && model.final_logit_softcapping)
+    if (s.zero_stage == 3 && !s.fsdp2 && s.lm_chunks > 1 && model.final_logit_softcapping)
         fail("hf-mst", "setup.lm_chunks",
              fmt::format("expected 1 with zero_stage 3 for {} (python/mst_hf runs the chunked loss inside lm_head's "
                          "forward under ZeRO-3, and this model's forward soft-caps that output: "
@@ -37,7 +37,7 @@ std::vector<EmittedFile> emit_hf_mst(const Plan& plan, const ModelSpec& model) {
     check_hf_mst(s, model);
     // ordered_json keeps the schema's field order, so a person reads the file top-down
     // in the same order as the documentation.
-    const nlohmann::ordered_json j = {
+    nlohmann::ordered_json j = {
         {"format", "hf-mst/1"},
         {"model", plan.model},
         {"seq_len", s.seq_len},
@@ -62,6 +62,9 @@ std::vector<EmittedFile> emit_hf_mst(const Plan& plan, const ModelSpec& model) {
           {"peak_reserved_bytes", plan.prediction.peak_reserved_bytes},
           {"tokens_per_second", plan.prediction.tokens_per_second}}},
     };
+    // ZeRO-3 as torch's FSDP2: python/mst_hf patches as for one GPU (its parameters are plain ones while a
+    // layer runs), and the user's script applies fully_shard to every decoder layer and the model.
+    if (s.fsdp2) j["fsdp2"] = true;
     return {{"mst_config.json", j.dump(2) + "\n"}};
 }
 

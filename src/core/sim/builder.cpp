@@ -37,6 +37,7 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
     amp_ = hf_ && s_.precision == Precision::AmpFp32;
     ds_on_ = s_.deepspeed_engine();
     z3_on_ = s_.deepspeed_zero3();
+    fsdp2_on_ = s_.fsdp2_shards();
     if (hf_) pg_ = pw_;  // autograd's gradients are in the parameters' dtype; fp32 masters keep their own
     tl_.source = "simulator";
     tl_.model = m_.name;
@@ -88,13 +89,15 @@ std::vector<std::int64_t> StepBuilder::transient_chunks(std::int64_t chunks) con
 
 void StepBuilder::build_params() {
     const std::int64_t d = m_.hidden_size, I = m_.intermediate_size;
-    auto add = [&](const char* name, std::int32_t layer, std::int64_t numel) {
+    // rows: the parameter's first dimension as torch stores it (a linear's weight is [out, in]); a
+    // vector's is its length
+    auto add = [&](const char* name, std::int32_t layer, std::int64_t numel, std::int64_t rows = 0) {
         Param p;
-        p.name = name, p.layer = layer, p.numel = numel;
+        p.name = name, p.layer = layer, p.numel = numel, p.rows = rows > 0 ? rows : numel;
         params_.push_back(std::move(p));
         return static_cast<int>(params_.size() - 1);
     };
-    embed_ = add("embed_tokens", -1, m_.vocab_size * d);
+    embed_ = add("embed_tokens", -1, m_.vocab_size * d, m_.vocab_size);
     for (std::int32_t l = 0; l < m_.num_layers; ++l) {
         LayerParams lp{};
         lp.norm1 = add("input_norm", l, d);
@@ -104,14 +107,14 @@ void StepBuilder::build_params() {
         // slot `q`; gate and up in gate_up_proj's slot `gate`); its attention registers o_proj first.
         const bool fused = hf_ && m_.fused_projections();
         if (fused) {
-            lp.o = add("o_proj", l, m_.q_dim() * d);
-            lp.q = add("qkv_proj", l, d * (m_.q_dim() + 2 * m_.kv_dim()));
+            lp.o = add("o_proj", l, m_.q_dim() * d, d);
+            lp.q = add("qkv_proj", l, d * (m_.q_dim() + 2 * m_.kv_dim()), m_.q_dim() + 2 * m_.kv_dim());
             lp.k = lp.v = -1;
         } else {
-            lp.q = add("q_proj", l, d * m_.q_dim() + (fold && m_.qkv_bias ? m_.q_dim() : 0));
-            lp.k = add("k_proj", l, d * m_.kv_dim() + (fold && m_.qkv_bias ? m_.kv_dim() : 0));
-            lp.v = add("v_proj", l, d * m_.kv_dim() + (fold && m_.qkv_bias ? m_.kv_dim() : 0));
-            lp.o = add("o_proj", l, m_.q_dim() * d + (fold && m_.o_bias ? d : 0));
+            lp.q = add("q_proj", l, d * m_.q_dim() + (fold && m_.qkv_bias ? m_.q_dim() : 0), m_.q_dim());
+            lp.k = add("k_proj", l, d * m_.kv_dim() + (fold && m_.qkv_bias ? m_.kv_dim() : 0), m_.kv_dim());
+            lp.v = add("v_proj", l, d * m_.kv_dim() + (fold && m_.qkv_bias ? m_.kv_dim() : 0), m_.kv_dim());
+            lp.o = add("o_proj", l, m_.q_dim() * d + (fold && m_.o_bias ? d : 0), d);
         }
         if (hf_ && m_.qkv_bias) {
             lp.q_bias = add("q_proj.bias", l, m_.q_dim());
@@ -131,33 +134,33 @@ void StepBuilder::build_params() {
             const std::int64_t E = m_.moe->experts, Ie = m_.moe->intermediate;
             // gpt-oss's biases: parameters of their own in the hf runtime, folded in the kernels runtime
             const bool biases = hf_ && m_.moe->gpt_oss, folded = fold && m_.moe->gpt_oss;
-            lp.router = add("router", l, E * d + (folded ? E : 0));
+            lp.router = add("router", l, E * d + (folded ? E : 0), E);
             if (biases) lp.router_bias = add("router.bias", l, E);
             if (hf_) {
-                lp.gate = add("experts.gate_up_proj", l, E * 2 * Ie * d);
+                lp.gate = add("experts.gate_up_proj", l, E * 2 * Ie * d, E);
                 lp.up = -1;
             } else {
-                lp.gate = add("experts.gate_proj", l, E * Ie * d + (folded ? E * Ie : 0));
-                lp.up = add("experts.up_proj", l, E * Ie * d + (folded ? E * Ie : 0));
+                lp.gate = add("experts.gate_proj", l, E * Ie * d + (folded ? E * Ie : 0), E);
+                lp.up = add("experts.up_proj", l, E * Ie * d + (folded ? E * Ie : 0), E);
             }
-            if (biases) lp.gate_bias = add("experts.gate_up_proj_bias", l, E * 2 * Ie);
-            lp.down = add("experts.down_proj", l, E * d * Ie + (folded ? E * d : 0));
-            if (biases) lp.down_bias = add("experts.down_proj_bias", l, E * d);
+            if (biases) lp.gate_bias = add("experts.gate_up_proj_bias", l, E * 2 * Ie, E);
+            lp.down = add("experts.down_proj", l, E * d * Ie + (folded ? E * d : 0), E);
+            if (biases) lp.down_bias = add("experts.down_proj_bias", l, E * d, E);
             layer_params_.push_back(lp);
             continue;
         }
         if (fused) {
-            lp.gate = add("gate_up_proj", l, d * 2 * I);
+            lp.gate = add("gate_up_proj", l, d * 2 * I, 2 * I);
             lp.up = -1;
         } else {
-            lp.gate = add("gate_proj", l, d * I + (m_.mlp_bias ? I : 0));
-            lp.up = add("up_proj", l, d * I + (m_.mlp_bias ? I : 0));
+            lp.gate = add("gate_proj", l, d * I + (m_.mlp_bias ? I : 0), I);
+            lp.up = add("up_proj", l, d * I + (m_.mlp_bias ? I : 0), I);
         }
-        lp.down = add("down_proj", l, I * d + (m_.mlp_bias ? d : 0));
+        lp.down = add("down_proj", l, I * d + (m_.mlp_bias ? d : 0), d);
         layer_params_.push_back(lp);
     }
     final_norm_ = add("final_norm", -1, d);
-    lm_head_ = m_.tie_word_embeddings ? embed_ : add("lm_head", -1, m_.vocab_size * d);
+    lm_head_ = m_.tie_word_embeddings ? embed_ : add("lm_head", -1, m_.vocab_size * d, m_.vocab_size);
     // Expert parallelism: each rank holds E / ep of every stacked expert parameter, which ZeRO
     // shards over the ranks holding the same experts; everything else over all dp x sp ranks.
     for (Param& p : params_) p.shard_ranks = s_.zero_ranks();
@@ -165,7 +168,7 @@ void StepBuilder::build_params() {
         for (int p : {lp.gate, lp.up, lp.down, lp.gate_bias, lp.down_bias})
             if (m_.moe && p >= 0) {
                 Param& P = params_[static_cast<std::size_t>(p)];
-                P.numel /= s_.ep;
+                P.numel /= s_.ep, P.rows /= s_.ep;
                 P.shard_ranks = s_.expert_data_ranks();
             }
     gathered_.assign(static_cast<std::size_t>(m_.num_layers + 2), T{});
@@ -221,14 +224,24 @@ void StepBuilder::init_state() {
         return;
     }
     const bool shard_params = zero_stage() >= 3, shard_optim = zero_stage() >= 1, shard_grads = zero_stage() >= 2;
+    // (FSDP2: each rank stores its padded dim-0 shard, and its optimizer steps the rows it uses)
+    if (fsdp2_on_) fsdp2_build();
     auto part = [&](const Param& p, bool sharded) { return sharded ? ceil_div(p.numel, p.shard_ranks) : p.numel; };
+    auto stored = [&](int i) {  // the weight's elements this rank stores
+        const Param& p = params_[static_cast<std::size_t>(i)];
+        return fsdp2_on_ ? checked_mul(fsdp2_shard_rows(i), p.numel / p.rows) : part(p, shard_params);
+    };
+    auto stepped = [&](int i) {  // the elements its optimizer steps on this rank
+        const Param& p = params_[static_cast<std::size_t>(i)];
+        return fsdp2_on_ ? checked_mul(fsdp2_local_rows(i), p.numel / p.rows) : part(p, shard_optim);
+    };
     const int sd = s_.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
 
     at("init.weights");
     for (int i : order_) {
         Param& p = params_[static_cast<std::size_t>(i)];
         layer_ = p.layer;
-        p.weight = alloc(p.name, checked_mul(part(p, shard_params), pw_), Category::Weights);
+        p.weight = alloc(p.name, checked_mul(stored(i), pw_), Category::Weights);
     }
     if (hf_) init_hf_buffers();
     if (s_.precision == Precision::Bf16Master) {
@@ -243,13 +256,14 @@ void StepBuilder::init_state() {
     for (int i : order_) {
         const Param& p = params_[static_cast<std::size_t>(i)];
         layer_ = p.layer;
-        const std::int64_t n = part(p, shard_optim);
+        const std::int64_t n = stepped(i);
         // torch's fused implementations keep the step counter on the device (a 0-dim fp32 tensor);
         // the others keep it on the host.
         const bool step_on_device = hf_ && s_.optimizer_impl == OptimizerImpl::Fused && s_.optimizer == Optimizer::AdamW;
         switch (s_.optimizer) {
             case Optimizer::AdamW:
                 if (step_on_device) alloc("step", 4, Category::OptimizerState);
+                if (n == 0) break;  // (FSDP2: a rank past a short parameter's rows; torch allocates no empty tensor)
                 alloc("exp_avg", checked_mul(n, sd), Category::OptimizerState);
                 alloc("exp_avg_sq", checked_mul(n, sd), Category::OptimizerState);
                 break;
@@ -267,7 +281,7 @@ void StepBuilder::init_state() {
                 }
                 break;
             case Optimizer::SgdMomentum:
-                alloc("momentum", checked_mul(n, sd), Category::OptimizerState);
+                if (n > 0) alloc("momentum", checked_mul(n, sd), Category::OptimizerState);
                 break;
         }
     }
@@ -312,8 +326,9 @@ std::vector<StepBuilder::HfBuffer> StepBuilder::hf_buffers() const {
     return out;
 }
 
-// (DeepSpeed's engine in the hf runtime shards by its own rules: deepspeed.cpp, zero3.cpp)
-int StepBuilder::zero_stage() const { return s_.zero_ranks() > 1 && !ds_on_ ? s_.zero_stage : 0; }
+// (DeepSpeed's engine in the hf runtime shards by its own rules: deepspeed.cpp, zero3.cpp,
+// and FSDP2 by its own: fsdp2.cpp)
+int StepBuilder::zero_stage() const { return s_.zero_ranks() > 1 && !ds_on_ && !fsdp2_on_ ? s_.zero_stage : 0; }
 
 void StepBuilder::grad_write(int p) {
     Param& P = params_[static_cast<std::size_t>(p)];

@@ -48,6 +48,7 @@ struct Param {
     const char* name = "";
     std::int32_t layer = -1;
     std::int64_t numel = 0;   // on this rank (expert parallelism: its E / ep experts)
+    std::int64_t rows = 0;    // its first dimension (FSDP2 shards it)
     // The ranks ZeRO shards it over (experts: the expert-data-parallel ones); with one, ZeRO leaves
     // it whole (no gather, no gradient shard: its gradient lives to the step, as without ZeRO).
     std::int64_t shard_ranks = 1;
@@ -682,7 +683,7 @@ private:
     // The tensors the hf model holds from step to step besides its parameters: its buffers, then
     // the plain attributes a forward computes and keeps (longrope's long_inv_freq).
     void init_hf_buffers();
-    bool hf_ddp() const { return hf_ && s_.dp > 1 && !ds_on_; }
+    bool hf_ddp() const { return hf_ && s_.dp > 1 && !ds_on_ && !fsdp2_on_; }
     static constexpr bytes_t kDdpFirstBucketBytes = bytes_t{1} << 20;  // torch's _DEFAULT_FIRST_BUCKET_BYTES
     static constexpr bytes_t kDdpBucketBytes = 25 * (bytes_t{1} << 20);  // bucket_cap_mb's default
     // ---- DeepSpeed's ZeRO-1/2 engine in the hf runtime (deepspeed.cpp) ----
@@ -812,6 +813,36 @@ private:
         std::vector<int> in_bucket;       // its parameters (params_ indices), in hook order
         T global_norm;                    // the engine's gradient norm of the last step (fp64)
     } z3_;
+    // ---- torch's FSDP2 in the hf runtime (fsdp2.cpp) ----
+    // fully_shard on every decoder layer, then on the model: one parameter group per layer (group
+    // 1 + l) and the root's (group 0: the embedding, the final norm, the LM head). What each hook
+    // allocates and frees, in torch's order; the tensors between them are the plain step's.
+    bool fsdp2_on_ = false;  // s_.fsdp2_shards()
+    struct Fsdp2Group {
+        std::vector<int> params;  // in model.parameters() order
+        std::int64_t shard = 0;   // elements per rank: the sum of its parameters' padded shards
+        T gathered;               // backward: its prefetched all-gather's output, until its copy-out
+    };
+    struct Fsdp2State {
+        std::vector<Fsdp2Group> groups;
+        std::vector<T> whole;  // per parameter (params_ index): its unsharded copy while the group is unsharded
+        std::vector<T> sharded_grads;  // per parameter: its sharded gradient (a view of its group's reduce-scatter output)
+        T held_gather;         // forward: the last all-gather's output, kept until the next all-gather
+        T reduce_input;        // the last reduce-scatter's input, kept until the next one or backward's end
+    } fsdp2_;
+    std::int64_t fsdp2_shard_rows(int p) const;  // its padded shard's rows: ceil(rows / dp)
+    std::int64_t fsdp2_local_rows(int p) const;  // this rank's rows of it (fewer on the last ranks, or none)
+    bytes_t fsdp2_bytes(int p, std::int64_t rows) const;  // `rows` of parameter p in its dtype
+    void fsdp2_build();
+    void fsdp2_copy_out(int group);        // the whole parameters, out of the all-gather's buffer
+    void fsdp2_pre_forward(int group);     // all-gather, free the held one, copy out; hold this one
+    void fsdp2_reshard(int group);         // free the whole parameters
+    void fsdp2_root_post_forward();        // the model's forward returns: the held all-gather goes
+    void fsdp2_prefetch(int group);        // backward: the next group's all-gather
+    void fsdp2_pre_backward(int group);    // copy out, free the all-gather, prefetch the group before
+    void fsdp2_post_backward(int group);   // reshard, reduce-scatter the gradients
+    void fsdp2_after_backward();           // the root's post-backward, then the final callback
+    static int fsdp2_layer_group(int l) { return 1 + l; }
     // Set on the run that finds DDP's bucket order: each parameter as its gradient becomes ready
     // in the first micro-step's backward (AccumulateGrad's hooks run).
     std::vector<int>* grad_ready_ = nullptr;

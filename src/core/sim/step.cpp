@@ -42,6 +42,7 @@ void StepBuilder::micro_step(int micro) {
         z3_.flats.clear();
         z3_fetch(z3_.root), z3_fetch(z3_.model);
     }
+    if (fsdp2_on_) fsdp2_pre_forward(0);  // the root's pre-forward hook: the embedding, final norm and LM head
     enter_unit(-1, +1);
     T x = embedding_forward(input_category(0));
     release_unit(-1);
@@ -59,11 +60,16 @@ void StepBuilder::micro_step(int micro) {
         enter_unit(l, +1);
         const Category out = l + 1 < L ? input_category(l + 1) : Category::SavedActivation;
         if (hf_) {
-            if (z3_on_) {  // (the layer's own hooks run outside its checkpoint)
+            if (z3_on_ || fsdp2_on_) {  // (the layer's own hooks run outside its checkpoint)
                 layer_ = l;
-                z3_fetch(z3_.layers[i].layer);
+                if (fsdp2_on_) fsdp2_pre_forward(fsdp2_layer_group(l));
+                else z3_fetch(z3_.layers[i].layer);
                 layer_ = -1;
             }
+            // its post-forward hook, as the call returns (before the loop variable is rebound)
+            const auto post_forward = [&] {
+                if (fsdp2_on_) fsdp2_reshard(fsdp2_layer_group(l));
+            };
             // The model's loop variable holds x while the layer runs; a checkpointed layer's frame
             // (torch.utils.checkpoint, non-reentrant) also keeps its inputs: the hidden states and the
             // shared keyword tensors (the rotary tables, cache_position) until its backward is done.
@@ -91,11 +97,13 @@ void StepBuilder::micro_step(int micro) {
                 NoGrad no_grad(*this, true);  // the forward runs, its saved tensors are not kept
                 T y = hf_layer_forward(l, x, saved[i], false);
                 layer_ = -1;
+                post_forward();
                 drop(x);
                 x = y;
             } else {
                 T y = hf_layer_forward(l, x, saved[i], false);
                 layer_ = -1;
+                post_forward();
                 drop(x);  // the loop variable takes the layer's output
                 x = y;
             }
@@ -121,6 +129,7 @@ void StepBuilder::micro_step(int micro) {
     else head_forward(x, head);
     release_unit(static_cast<int>(L));
     layer_ = -1;
+    if (fsdp2_on_) fsdp2_root_post_forward();  // the model's forward returns
     at("forward.end");
     clear_autocast_cache();  // the autocast region ends with the forward
     drop(head.hf_logits);    // the trainer keeps only the loss of the model's output
@@ -142,6 +151,7 @@ void StepBuilder::micro_step(int micro) {
         enter_unit(l, -1);
         layer_ = l;
         if (hf_) {
+            if (fsdp2_on_) fsdp2_pre_backward(fsdp2_layer_group(l));  // its output's gradient is there
             if (s_.checkpointed(l)) {
                 // The first node that unpacks a saved tensor recomputes the layer up to its last saved
                 // tensor; the recomputed tensors die with the nodes that unpack them.
@@ -165,6 +175,7 @@ void StepBuilder::micro_step(int micro) {
             } else {
                 hf_layer_backward(l, saved[i], dres);
             }
+            if (fsdp2_on_) fsdp2_post_backward(fsdp2_layer_group(l));  // its input's gradient is complete
         } else if (s_.checkpointed(l)) {
             if (s_.offload_checkpoints) {
                 at("checkpoint.reload");
@@ -190,6 +201,7 @@ void StepBuilder::micro_step(int micro) {
     at("backward.end");
     if (hf_) {
         // backward() returns (its grad_tensors go), then the trainer drops the loss and the batch
+        if (fsdp2_on_) fsdp2_after_backward();
         if (z3_on_) z3_after_backward(head.hf_root);
         else if (ds_on_) ds_after_backward(head.hf_root);
         else drop(head.hf_root);
@@ -386,18 +398,26 @@ void StepBuilder::hf_optimizer_step() {
     at("optimizer.step");
     const int sd = s_.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
     const bool sharded = zero_stage() >= 1;
-    auto state_bytes = [&](const Param& p) { return checked_mul(sharded ? ceil_div(p.numel, p.shard_ranks) : p.numel, sd); };
+    auto state_bytes = [&](const Param& p) {
+        if (fsdp2_on_) return checked_mul(checked_mul(fsdp2_local_rows(static_cast<int>(&p - params_.data())), p.numel / p.rows), sd);
+        return checked_mul(sharded ? ceil_div(p.numel, p.shard_ranks) : p.numel, sd);
+    };
     if (s_.optimizer == Optimizer::AdamW && s_.optimizer_impl == OptimizerImpl::Foreach) {
         std::vector<T> sqrt;
         for (int i : order_) {
             layer_ = -1;
-            sqrt.push_back(alloc("exp_avg_sq_sqrt", state_bytes(params_[static_cast<std::size_t>(i)]), Category::Transient));
+            const bytes_t b = state_bytes(params_[static_cast<std::size_t>(i)]);
+            if (b > 0) sqrt.push_back(alloc("exp_avg_sq_sqrt", b, Category::Transient));  // (none for an empty shard)
         }
         for (auto it = sqrt.rbegin(); it != sqrt.rend(); ++it) drop(*it);
     } else if (s_.optimizer == Optimizer::AdamW && s_.optimizer_impl == OptimizerImpl::ForLoop) {
         T denom;
         for (int i : order_) {
             const bytes_t b = state_bytes(params_[static_cast<std::size_t>(i)]);
+            if (b == 0) {  // an empty shard: its tensors are empty (no memory); the name's rebinding frees the last denom
+                drop(denom);
+                continue;
+            }
             T root = alloc("exp_avg_sq_sqrt", b, Category::Transient);
             T next = alloc("denom", b, Category::Transient);
             drop(root), drop(denom);
@@ -407,6 +427,8 @@ void StepBuilder::hf_optimizer_step() {
     }
     at("optimizer.zero_grad");  // the masters' gradients with bf16-master
     for (int i : order_) drop(params_[static_cast<std::size_t>(i)].grad);
+    if (fsdp2_on_)
+        for (int i : order_) drop(fsdp2_.sharded_grads[static_cast<std::size_t>(i)]);
     for (int i : order_) drop(params_[static_cast<std::size_t>(i)].master_grad);
 }
 

@@ -1,0 +1,127 @@
+"""torch's FSDP2 (``fully_shard``) on fake tensors: one rank's step of a sharded model, its own code.
+
+A plan with ``fsdp2`` (runtime hf, ZeRO stage 3, ``dp`` ranks) trains the Hugging Face model, patched
+by ``mst_hf.apply``, with ``fully_shard`` applied to every decoder layer and then to the model (the
+root, which owns the embedding, the final norm and the LM head), as torchtitan, accelerate's FSDP2
+and a hand-written loop apply it: one parameter group per decoder layer, the root's own. Each rank
+keeps a dim-0 shard of every parameter (padded to a multiple of the ranks); a group's forward
+all-gathers its parameters into one buffer and copies them out into whole ones, freed again after
+the layer's forward (the root keeps its own to the backward) and gathered again in backward; each
+group's gradients leave it reduce-scattered into this rank's shard. All of that is torch's code
+here, run for rank ``rank`` of ``ranks`` on torch's ``fake`` process group (collectives move
+nothing, every tensor has its real shape) with a device mesh over it.
+
+The optimizer is ``mst_hf.make_optimizer``'s over the sharded parameters (DTensors; its states are
+shard-sized). What the recorder cannot tell by itself is marked as the step shows it: the gathered
+buffers and whole parameters are weights; the whole gradients, the reduce-scatter buffers and the
+sharded gradients are gradients. The sharded parameters are registered as the ``init`` weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Tuple
+
+
+class Fsdp2:
+    """FSDP2's world for one rank: made before the fake tensors' session (the device mesh is real),
+    used by :meth:`shard` inside it, and closed after the step."""
+
+    def __init__(self, ranks: int, rank: int = 0) -> None:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        if not 0 <= rank < ranks:
+            raise ValueError(f"fsdp2: rank: expected 0 .. {ranks - 1}, got {rank}")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=ranks)
+        self.ranks, self.rank = ranks, rank
+        self.mesh = init_device_mesh("cpu", (ranks,))
+        self.recorder: Any = None  # set once the step is recorded: marking() tells it the categories
+
+    def shard(self, model: Any) -> Any:
+        """``fully_shard`` on every decoder layer, then on the model (parameters as they are stored:
+        no mixed-precision policy). Returns the model (now an FSDP module)."""
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=self.mesh)
+        fully_shard(model, mesh=self.mesh)
+        return model
+
+    @staticmethod
+    def sharded_tensors(model: Any) -> Iterator[Tuple[str, Any]]:
+        """Each parameter's local shard (its padded storage), by name: the weights every step holds."""
+        for name, p in model.named_parameters():
+            yield name, p.to_local()
+
+    @contextlib.contextmanager
+    def marking(self) -> Iterator[None]:
+        """FSDP2's buffers get their categories as the step makes them (while a recorder is set)."""
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+        saved = (FSDPParamGroup.unshard, FSDPParamGroup.wait_for_unshard, FSDPParamGroup.post_backward)
+        world = self
+
+        def unshard(group: Any, *args: Any, **kwargs: Any) -> Any:
+            out = saved[0](group, *args, **kwargs)
+            result = group._all_gather_result
+            if world.recorder is not None and result is not None:
+                world.recorder.mark([result.all_gather_output], "weights")
+            return out
+
+        def wait_for_unshard(group: Any, *args: Any, **kwargs: Any) -> Any:
+            out = saved[1](group, *args, **kwargs)
+            if world.recorder is not None:
+                world.recorder.mark([fp.unsharded_param for fp in group.fsdp_params], "weights")
+            return out
+
+        def post_backward(group: Any, *args: Any, **kwargs: Any) -> Any:
+            if world.recorder is not None:
+                world.recorder.mark(_unsharded_grads(group), "gradients")
+            out = saved[2](group, *args, **kwargs)
+            if world.recorder is not None:
+                world.recorder.mark(_reduce_scatter_buffers(group), "gradients")
+            return out
+
+        FSDPParamGroup.unshard, FSDPParamGroup.wait_for_unshard, FSDPParamGroup.post_backward = (
+            unshard, wait_for_unshard, post_backward)
+        try:
+            yield
+        finally:
+            FSDPParamGroup.unshard, FSDPParamGroup.wait_for_unshard, FSDPParamGroup.post_backward = saved
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        self.recorder = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _unsharded_grads(group: Any) -> List[Any]:
+    out = []
+    for fp in group.fsdp_params:
+        for name in ("unsharded_accumulated_grad", "_unsharded_param"):
+            t = getattr(fp, name, None)
+            out.append(getattr(t, "grad", None) if name == "_unsharded_param" else t)
+    return out
+
+
+def _reduce_scatter_buffers(group: Any) -> List[Any]:
+    """The reduce-scatter's input buffers FSDP2 holds on to, and the sharded gradients (views of its output)."""
+    out: List[Any] = []
+    for state in getattr(group.comm_ctx, "reduce_scatter_states", []) or []:
+        out.append(getattr(state, "reduce_scatter_input", None))
+    for fp in group.fsdp_params:
+        grad = fp.sharded_param.grad
+        out.append(grad.to_local() if grad is not None else None)
+    return out
+
+
+def describe(world: Fsdp2) -> Dict[str, Any]:
+    import torch
+
+    return {"ranks": world.ranks, "rank": world.rank, "torch": torch.__version__}

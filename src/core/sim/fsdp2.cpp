@@ -1,0 +1,122 @@
+// torch's FSDP2 in the hf runtime (torch 2.15, torch/distributed/fsdp/_fully_shard/): fully_shard on
+// every decoder layer, then on the model, parameters stored in bf16 (no mixed-precision policy), as
+// python/mst_referee/fsdp2.py runs it. docs/fsdp2-model.md is the specification.
+//
+// * Each parameter is sharded on its first dimension: every rank stores ceil(rows / ranks) rows (the
+//   padded shard, _sharded_param_data), of which the last ranks use fewer, or none; the optimizer's
+//   states are the size of the rows a rank uses.
+// * A group's unshard all-gathers every shard into one buffer (ranks x the group's padded shards,
+//   all_gather_copy_in), then copies each parameter out into its own whole storage (ranks x its
+//   padded shard: init_unsharded_param's resize_). In forward the buffer is kept until the next
+//   group's all-gather (all_gather_state), in backward it goes after the copy-out.
+// * After its forward a layer frees its whole parameters (reshard); the root keeps them until its
+//   post-backward. Backward prefetches: the root's pre-backward hook all-gathers the last layer, each
+//   layer's pre-backward the one before it.
+// * A group's post-backward reshards, frees the previous reduce-scatter's input, fills a new one
+//   (ranks x its padded shards), frees the whole gradients (in reverse parameter order), and makes the
+//   reduce-scatter's output (its padded shards), whose views are the sharded gradients until
+//   zero_grad (a later micro-step's output is added into them and goes). Backward's final callback
+//   frees the last input.
+#include "builder.hpp"
+
+namespace mst::sim {
+
+std::int64_t StepBuilder::fsdp2_shard_rows(int p) const { return ceil_div(params_[static_cast<std::size_t>(p)].rows, s_.dp); }
+
+std::int64_t StepBuilder::fsdp2_local_rows(int p) const {
+    const std::int64_t rows = params_[static_cast<std::size_t>(p)].rows, c = fsdp2_shard_rows(p);
+    return std::clamp<std::int64_t>(rows - rank_ * c, 0, c);
+}
+
+bytes_t StepBuilder::fsdp2_bytes(int p, std::int64_t rows) const {
+    const Param& P = params_[static_cast<std::size_t>(p)];
+    return checked_mul(checked_mul(rows, P.numel / P.rows), pw_);
+}
+
+void StepBuilder::fsdp2_build() {
+    fsdp2_.groups.assign(static_cast<std::size_t>(m_.num_layers + 1), Fsdp2Group{});
+    for (int p : order_) {
+        const Param& P = params_[static_cast<std::size_t>(p)];
+        Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(P.layer + 1)];  // (the root's: layer -1)
+        g.params.push_back(p);
+        g.shard = checked_add(g.shard, checked_mul(fsdp2_shard_rows(p), P.numel / P.rows), "FSDP2 shard");
+    }
+    fsdp2_.whole.assign(params_.size(), T{});
+    fsdp2_.sharded_grads.assign(params_.size(), T{});
+    fsdp2_.held_gather = fsdp2_.reduce_input = T{};
+}
+
+void StepBuilder::fsdp2_copy_out(int group) {
+    for (int p : fsdp2_.groups[static_cast<std::size_t>(group)].params)
+        fsdp2_.whole[static_cast<std::size_t>(p)] =
+            alloc(params_[static_cast<std::size_t>(p)].name, fsdp2_bytes(p, checked_mul(fsdp2_shard_rows(p), s_.dp)), Category::Weights);
+}
+
+// pre_forward: unshard (foreach_all_gather), then wait_for_unshard, which first releases the all-gather
+// the forward holds (release_all_gather_state_for_comm_reuse), copies out and holds this one.
+void StepBuilder::fsdp2_pre_forward(int group) {
+    const char* op = op_;
+    at("fsdp2.all_gather");
+    const Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];
+    T out = alloc("all_gather_output", elems(s_.dp, g.shard, pw_), Category::Weights);
+    drop(fsdp2_.held_gather);
+    fsdp2_copy_out(group);
+    fsdp2_.held_gather = out;
+    at(op);
+}
+
+void StepBuilder::fsdp2_reshard(int group) {
+    for (int p : fsdp2_.groups[static_cast<std::size_t>(group)].params) drop(fsdp2_.whole[static_cast<std::size_t>(p)]);
+}
+
+void StepBuilder::fsdp2_root_post_forward() {
+    const char* op = op_;
+    at("fsdp2.post_forward");
+    drop(fsdp2_.held_gather);
+    at(op);
+}
+
+void StepBuilder::fsdp2_prefetch(int group) {
+    const char* op = op_;
+    at("fsdp2.all_gather");
+    Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];
+    g.gathered = alloc("all_gather_output", elems(s_.dp, g.shard, pw_), Category::Weights);
+    at(op);
+}
+
+void StepBuilder::fsdp2_pre_backward(int group) {
+    const char* op = op_;
+    at("fsdp2.all_gather");
+    Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];
+    if (!g.gathered.valid()) fsdp2_prefetch(group);  // (not prefetched: its own unshard)
+    fsdp2_copy_out(group);
+    drop(g.gathered);
+    if (group > 1) fsdp2_prefetch(group - 1);  // the layer before (the root's are whole already)
+    at(op);
+}
+
+void StepBuilder::fsdp2_post_backward(int group) {
+    const char* op = op_;
+    at("fsdp2.reduce_scatter");
+    const Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];
+    fsdp2_reshard(group);
+    drop(fsdp2_.reduce_input);
+    fsdp2_.reduce_input = alloc("reduce_scatter_input", elems(s_.dp, g.shard, pg_), Category::Gradients);
+    for (auto it = g.params.rbegin(); it != g.params.rend(); ++it) drop(params_[static_cast<std::size_t>(*it)].grad);
+    // The sharded gradients: views of its output, or (a later micro-step) what that output is added into,
+    // in place, before it goes
+    const bool accumulated = fsdp2_.sharded_grads[static_cast<std::size_t>(g.params.front())].valid();
+    T out = alloc("reduce_scatter_output", elems(1, g.shard, pg_), accumulated ? Category::Transient : Category::Gradients);
+    if (!accumulated)
+        for (int p : g.params) fsdp2_.sharded_grads[static_cast<std::size_t>(p)] = hold(out);
+    drop(out);
+    at(op);
+}
+
+void StepBuilder::fsdp2_after_backward() {
+    fsdp2_post_backward(0);
+    at("fsdp2.final_callback");
+    drop(fsdp2_.reduce_input);
+}
+
+}  // namespace mst::sim

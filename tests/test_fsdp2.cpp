@@ -1,0 +1,154 @@
+// torch's FSDP2 in the hf runtime (src/core/sim/fsdp2.cpp). The referee runs fully_shard on fake tensors
+// and every event is compared (python/tests/test_differential.py, scripts/referee_differential.py
+// --fsdp2, results/referee/*.fsdp2.*); these pin the sizes that follow by hand from torch's sharding
+// rule (dim 0 cut into ranks chunks of ceil(rows / ranks) rows, each rank storing a padded one) for the
+// tiny Llama (hidden 64, intermediate 176, 4 heads of 16, 2 KV heads, vocabulary 256, 2 layers).
+#include <doctest/doctest.h>
+
+#include "mst/catalog.hpp"
+#include "mst/emit.hpp"
+#include "mst/error.hpp"
+#include "mst/plan.hpp"
+#include "mst/setup.hpp"
+#include "mst/simulate.hpp"
+#include "sim_test_support.hpp"
+#include "test_support.hpp"
+
+using namespace mst;
+using test::allocs;
+using test::bytes_of;
+
+namespace {
+
+TrainingSetup fsdp2(std::int64_t dp) {
+    TrainingSetup s;  // the hf runtime, pure bf16
+    s.seq_len = 64;
+    s.zero_stage = 3;
+    s.dp = dp;
+    s.fsdp2 = true;
+    return s;
+}
+
+}  // namespace
+
+TEST_CASE("FSDP2 stores each parameter's padded dim-0 shard, and steps the rows its rank uses") {
+    const ModelSpec m = find_model("tiny-llama");
+    const TrainingSetup s = fsdp2(3);
+    // 3 ranks: embedding and LM head ceil(256 / 3) = 86 rows of 64; q and o 22 rows of 64; k and v
+    // ceil(32 / 3) = 11 rows; gate and up ceil(176 / 3) = 59 rows of 64; down 22 rows of 176; norms 22.
+    const std::vector<bytes_t> layer = {22 * 64 * 2, 11 * 64 * 2, 11 * 64 * 2, 22 * 64 * 2, 59 * 64 * 2, 59 * 64 * 2,
+                                        22 * 176 * 2, 22 * 2, 22 * 2};
+    std::vector<bytes_t> weights = {86 * 64 * 2};
+    for (int l = 0; l < 2; ++l) weights.insert(weights.end(), layer.begin(), layer.end());
+    weights.push_back(22 * 2);
+    weights.push_back(86 * 64 * 2);
+    for (std::int64_t rank : {0, 1, 2}) {
+        const Timeline t = simulate_rank(m, s, test::test_gpu(), rank);
+        std::vector<bytes_t> stored;
+        for (const Event& e : t.events)
+            if (e.alloc && e.op == "init.weights") stored.push_back(e.bytes);
+        CHECK(stored == weights);  // the same padded shard on every rank
+    }
+    // The last rank uses what is left: 256 - 2 x 86 = 84 rows of the embedding, 64 - 44 = 20 of q, 32 - 22 =
+    // 10 of k, 176 - 118 = 58 of gate; two bf16 AdamW states each.
+    const Timeline last = simulate_rank(m, s, test::test_gpu(), 2);
+    const auto states = bytes_of(allocs(last, "exp_avg_sq"));
+    REQUIRE(states.size() == 21);
+    CHECK(states[0] == 84 * 64 * 2);
+    CHECK(states[1] == 20 * 64 * 2);
+    CHECK(states[2] == 10 * 64 * 2);
+    CHECK(states[5] == 58 * 64 * 2);
+    CHECK(states[7] == 20 * 176 * 2);
+    CHECK(states[8] == 20 * 2);
+    const Timeline first = simulate_rank(m, s, test::test_gpu(), 0);
+    CHECK(bytes_of(allocs(first, "exp_avg_sq"))[0] == 86 * 64 * 2);
+}
+
+TEST_CASE("FSDP2 gathers a layer into one buffer of every rank's padded shards, copies it out, and reduce-scatters") {
+    const ModelSpec m = find_model("tiny-llama");
+    const Timeline t = simulate(m, fsdp2(3), test::test_gpu());
+    // A layer's padded shards: 1408 + 704 + 704 + 1408 + 3776 + 3776 + 3872 + 22 + 22 = 15692 elements; the
+    // root's 5504 + 22 + 5504 = 11030 (measured by the referee: empty bf16[47076] and bf16[33090]).
+    const bytes_t layer = 15692 * 2, root = 11030 * 2;
+    const auto gathers = allocs(t, "all_gather_output");
+    // forward: the root, the two layers; backward: layer 1 (the root's pre-backward prefetch), layer 0
+    REQUIRE(bytes_of(gathers) == std::vector<bytes_t>{3 * root, 3 * layer, 3 * layer, 3 * layer, 3 * layer});
+    CHECK(gathers[3]->phase == Phase::Backward);
+    CHECK(gathers[3]->layer == -1);  // the root's hook
+    // the whole parameters: ranks x padded shard, every time a layer is gathered
+    const auto q = allocs(t, "q_proj");
+    REQUIRE(q.size() == 2 + 4);  // the two shards, then layer 0 and 1 in forward and in backward
+    CHECK(q[2]->bytes == 66 * 64 * 2);
+    CHECK(q[2]->category == Category::Weights);
+    // reduce-scatter: ranks x padded shards in, one padded shard out (the sharded gradients), per group
+    CHECK(bytes_of(allocs(t, "reduce_scatter_input")) == std::vector<bytes_t>{3 * layer, 3 * layer, 3 * root});
+    const auto outputs = allocs(t, "reduce_scatter_output");
+    CHECK(bytes_of(outputs) == std::vector<bytes_t>{layer, layer, root});
+    for (const Event* e : outputs) CHECK(test::freed_in(t, e) == Phase::Optimizer);  // zero_grad
+    // Nothing of FSDP2's outlives the step but the shards and the states: every gather, whole copy and
+    // reduce-scatter input is freed in it (the last input by backward's final callback).
+    for (const char* name : {"all_gather_output", "reduce_scatter_input", "q_proj"})
+        for (const Event* e : allocs(t, name))
+            if (e->phase != Phase::Init) CHECK(test::freed_in(t, e).has_value());
+    CHECK(test::freed_in(t, allocs(t, "reduce_scatter_input").back()) == Phase::Backward);
+}
+
+TEST_CASE("FSDP2 with accumulation adds each later micro-step's reduce-scatter output into the first's and frees it") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = fsdp2(2);
+    s.grad_accum = 3;
+    const Timeline t = simulate(m, s, test::test_gpu());
+    const auto outputs = allocs(t, "reduce_scatter_output");
+    REQUIRE(outputs.size() == 6);  // three groups, in the two recorded micro-steps
+    for (std::size_t i = 0; i < 3; ++i) {
+        CHECK(outputs[i]->category == Category::Gradients);
+        CHECK(test::freed_in(t, outputs[i]) == Phase::Optimizer);
+        CHECK(outputs[3 + i]->category == Category::Transient);
+        CHECK(test::freed_in(t, outputs[3 + i]) == Phase::Backward);
+    }
+}
+
+TEST_CASE("FSDP2 is refused where it is not modelled, each with one line naming the knob") {
+    const auto refused = [](const TrainingSetup& s, const char* model, const char* field) {
+        try {
+            validate(s, find_model(model));
+        } catch (const UserError& e) {
+            CHECK(std::string(e.what()).find(field) != std::string::npos);
+            return;
+        }
+        FAIL("accepted");
+    };
+    TrainingSetup s = fsdp2(4);
+    s.runtime = Runtime::Kernels;
+    refused(s, "tiny-llama", "fsdp2");
+    s = fsdp2(4), s.zero_stage = 2;
+    refused(s, "tiny-llama", "zero_stage");
+    s = fsdp2(1);
+    refused(s, "tiny-llama", "dp");
+    s = fsdp2(4), s.precision = Precision::Bf16Master;
+    refused(s, "tiny-llama", "precision");
+    s = fsdp2(4), s.optimizer = Optimizer::SgdMomentum;
+    refused(s, "tiny-llama", "optimizer_impl");
+    refused(fsdp2(4), "mixtral-8x7b", "fsdp2");
+    s = fsdp2(4), s.optimizer = Optimizer::SgdMomentum, s.optimizer_impl = OptimizerImpl::Foreach;
+    CHECK_NOTHROW(validate(s, find_model("tiny-llama")));
+}
+
+TEST_CASE("An FSDP2 plan is written for python/mst_hf, not for DeepSpeed's engine") {
+    const ModelSpec m = find_model("tiny-llama");
+    Plan plan;
+    plan.model = "tiny-llama";
+    plan.gpu = "h100-sxm-80gb";
+    plan.gpus = 4;
+    plan.setup = fsdp2(4);
+    const auto files = emit(plan, m, "hf-mst");
+    REQUIRE(files.size() == 1);
+    const auto j = nlohmann::json::parse(files[0].content);
+    CHECK(j.at("fsdp2") == true);
+    CHECK(j.at("zero_stage") == 3);
+    for (const char* format : {"deepspeed", "axolotl"}) CHECK_THROWS_AS(emit(plan, m, format), UserError);
+    // and the setup's JSON names it only where it is set
+    CHECK(to_json(plan.setup).at("fsdp2") == true);
+    CHECK_FALSE(to_json(TrainingSetup{}).contains("fsdp2"));
+    CHECK(parse_setup(to_json(plan.setup), m, "setup.json", Runtime::Hf).fsdp2);
+}
