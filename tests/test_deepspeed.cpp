@@ -207,7 +207,7 @@ TEST_CASE("DeepSpeed ZeRO-2 on Llama-3-8B: a rank's gradients in partition, and 
 TEST_CASE("DeepSpeed in the hf runtime: every rank is walked, the busiest is shown, and --rank picks one") {
     const ModelSpec m = find_model("tiny-llama");
     const TrainingSetup s = zero(m, 2, 3);
-    CHECK(walked_ranks(s) == std::vector<std::int64_t>{0, 1, 2});
+    CHECK(walked_ranks(s, m) == std::vector<std::int64_t>{0, 1, 2});
     const Estimate e = estimate(m, s, test::test_gpu());
     CHECK(e.ranks_walked == 3);
     bytes_t highest = 0;
@@ -218,7 +218,7 @@ TEST_CASE("DeepSpeed in the hf runtime: every rank is walked, the busiest is sho
     TrainingSetup ddp = s;
     ddp.zero_stage = 0;
     ddp.precision = Precision::PureBf16;
-    CHECK(walked_ranks(ddp).empty());
+    CHECK(walked_ranks(ddp, m).empty());
 }
 
 TEST_CASE("the tuner's simulator walks DeepSpeed's ranks on several threads with the numbers of one") {
@@ -386,7 +386,7 @@ TEST_CASE("Axolotl on one GPU: the plain Trainer with pure bf16, DeepSpeed's eng
     REQUIRE(ds.found);
     CHECK(ds.best.setup.deepspeed_zero());
     // One DeepSpeed rank: nothing differs between ranks, one step is walked.
-    CHECK(walked_ranks(ds.best.setup).empty());
+    CHECK(walked_ranks(ds.best.setup, rq.model).empty());
     CHECK(simulate_rank(rq.model, ds.best.setup, test::test_gpu(), 0).rank == 0);
 }
 

@@ -64,6 +64,21 @@ TEST_CASE("FSDP2 stores each parameter's padded dim-0 shard, and steps the rows 
     CHECK(bytes_of(allocs(first, "exp_avg_sq"))[0] == 86 * 64 * 2);
 }
 
+TEST_CASE("FSDP2's ranks are walked where their shards differ: the first of each set of alike ones") {
+    // tiny-llama over 3 ranks: 256 rows as 86, 86, 84; 64 as 22, 22, 20; 32 as 11, 11, 10; 176 as 59, 59, 58;
+    // 352 (Phi-3's fused gate and up, in the superset of dimensions) as 118, 118, 116: ranks 0 and 1 alike
+    const ModelSpec m = find_model("tiny-llama");
+    CHECK(walked_ranks(fsdp2(3), m) == std::vector<std::int64_t>{0, 2});
+    // over 4 ranks every dimension divides (256, 64, 32, 176, 352, 128, 16, 4 heads): one walk
+    CHECK(walked_ranks(fsdp2(4), m).empty());
+    // Llama-3-8B over 8 (128256, 4096, 1024, 14336, ...): alike; over 6: 128256 = 6 x 21376, but 1024 is not
+    const ModelSpec big = find_model("llama-3-8b");
+    CHECK(walked_ranks(fsdp2(8), big).empty());
+    CHECK(walked_ranks(fsdp2(6), big) == std::vector<std::int64_t>{0, 5});
+    for (std::int64_t r = 0; r < 3; ++r) CHECK(walks_rank(fsdp2(3), m, r));  // any rank alone (a referee's)
+    CHECK_FALSE(walks_rank(fsdp2(3), m, 3));
+}
+
 TEST_CASE("FSDP2 gathers a layer into one buffer of every rank's padded shards, copies it out, and reduce-scatters") {
     const ModelSpec m = find_model("tiny-llama");
     const Timeline t = simulate(m, fsdp2(3), test::test_gpu());
@@ -91,6 +106,33 @@ TEST_CASE("FSDP2 gathers a layer into one buffer of every rank's padded shards, 
         for (const Event* e : allocs(t, name))
             if (e->phase != Phase::Init) CHECK(test::freed_in(t, e).has_value());
     CHECK(test::freed_in(t, allocs(t, "reduce_scatter_input").back()) == Phase::Backward);
+}
+
+TEST_CASE("FSDP2 under its bf16 policy: fp32 shards are the masters, gathered through a bf16 cast, reduced in fp32") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = fsdp2(3);
+    s.precision = Precision::Bf16Master;  // fp32 parameters, MixedPrecisionPolicy(bfloat16, float32)
+    const Timeline t = simulate_rank(m, s, test::test_gpu(), 0);
+    const bytes_t layer = 15692, root = 11030;  // elements of the padded shards, as above
+    std::vector<bytes_t> stored;
+    for (const Event& e : t.events) {
+        if (e.alloc && e.op == "init.weights") stored.push_back(e.bytes);
+        CHECK(e.category != Category::MasterWeights);  // no copies of their own: the shards are fp32
+    }
+    CHECK(stored.front() == 86 * 64 * 4);
+    CHECK(stored[1] == 22 * 64 * 4);
+    CHECK(bytes_of(allocs(t, "exp_avg_sq"))[0] == 86 * 64 * 4);  // fp32 states of the rank's rows
+    // each gather first casts this rank's shards to bf16 (a transient buffer), then gathers in bf16
+    const auto casts = allocs(t, "all_gather_input");
+    REQUIRE(casts.size() == 5);
+    CHECK(casts[0]->bytes == root * 2);
+    CHECK(casts[1]->bytes == layer * 2);
+    CHECK(casts[1]->category == Category::Transient);
+    CHECK(bytes_of(allocs(t, "all_gather_output"))[1] == 3 * layer * 2);
+    CHECK(allocs(t, "q_proj")[2]->bytes == 66 * 64 * 2);  // the whole parameter in bf16
+    // the gradients leave the layer in bf16 and are reduce-scattered in fp32
+    CHECK(bytes_of(allocs(t, "reduce_scatter_input")) == std::vector<bytes_t>{3 * layer * 4, 3 * layer * 4, 3 * root * 4});
+    CHECK(bytes_of(allocs(t, "reduce_scatter_output")) == std::vector<bytes_t>{layer * 4, layer * 4, root * 4});
 }
 
 TEST_CASE("FSDP2 with accumulation adds each later micro-step's reduce-scatter output into the first's and frees it") {
@@ -125,7 +167,7 @@ TEST_CASE("FSDP2 is refused where it is not modelled, each with one line naming 
     refused(s, "tiny-llama", "zero_stage");
     s = fsdp2(1);
     refused(s, "tiny-llama", "dp");
-    s = fsdp2(4), s.precision = Precision::Bf16Master;
+    s = fsdp2(4), s.precision = Precision::AmpFp32;
     refused(s, "tiny-llama", "precision");
     s = fsdp2(4), s.optimizer = Optimizer::SgdMomentum;
     refused(s, "tiny-llama", "optimizer_impl");

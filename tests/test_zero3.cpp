@@ -431,7 +431,7 @@ TEST_CASE("ZeRO-3's ds_config.json names every option the plan depends on") {
 TEST_CASE("a ZeRO-3 measurement of any rank is compared with the step every rank runs") {
     const ModelSpec m = find_model("tiny-llama");
     const TrainingSetup s = zero3(256, 3);
-    CHECK(walked_ranks(s).empty());
+    CHECK(walked_ranks(s, m).empty());
     StepFile measured = test::measured_rank(s, "tiny-llama", 2);
     CHECK(predict_measured(measured).rank == 2);
     measured.timeline.rank = 3;

@@ -177,12 +177,13 @@ struct TrainingSetup {
 std::vector<std::int64_t> ring_ranks(const TrainingSetup& setup);
 // The ranks whose steps differ, each walked by the simulator: ring attention's (ring_ranks), or
 // with DeepSpeed's ZeRO in the hf runtime the dp ranks (each owns another partition of the flat
-// parameters: other gradients, reduced at other times, and another step); empty when all ranks
-// are alike (or there is one).
-std::vector<std::int64_t> walked_ranks(const TrainingSetup& setup);
+// parameters: other gradients, reduced at other times, and another step), or with FSDP2 the first
+// rank of each set whose shards are alike (a dimension that the ranks do not divide leaves the last
+// ones shorter shards, or none); empty when all ranks are alike (or there is one).
+std::vector<std::int64_t> walked_ranks(const TrainingSetup& setup, const ModelSpec& model);
 // Whether `rank`'s step can be walked alone (estimate --rank, a measured rank): one of walked_ranks,
-// or DeepSpeed's one rank on one GPU.
-bool walks_rank(const TrainingSetup& setup, std::int64_t rank);
+// DeepSpeed's one rank on one GPU, or any of DeepSpeed's ZeRO-3 or FSDP2's ranks.
+bool walks_rank(const TrainingSetup& setup, const ModelSpec& model, std::int64_t rank);
 
 // Checkpoint placement from a user's words: "none", "all", "every:K", "first:K",
 // "last:K", "spread:K" (K layers evenly spaced) or a list "0,2,5-9".
@@ -192,6 +193,8 @@ std::string describe_checkpoints(const std::vector<bool>& checkpoint);
 std::string describe_expert_parallelism(const TrainingSetup& setup);
 // ", reduce_bucket_size 4096, overlap_comm" with DeepSpeed's engine options other than its defaults, else "".
 std::string describe_deepspeed(const TrainingSetup& setup);
+// What follows "ZeRO N" in a summary: " as FSDP2" for torch's fully_shard, else describe_deepspeed.
+std::string describe_sharding(const TrainingSetup& setup);
 
 // Why `sp` ranks cannot split a sequence of seq_len tokens of `model` with this implementation:
 // the knob and what it expects (part of validate(); the tuner asks it of each degree it might

@@ -42,9 +42,10 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return dtype if enabled and weight.is_floating_point() else weight.dtype
 
 
-def check_param_dtypes(model: nn.Module, precision: str, where: str) -> None:
-    """Raise ValueError unless every trainable floating parameter has ``precision``'s dtype."""
-    expected = PARAM_DTYPES[precision]
+def check_param_dtypes(model: nn.Module, precision: str, where: str, fsdp2: bool = False) -> None:
+    """Raise ValueError unless every trainable floating parameter has ``precision``'s dtype (with ``fsdp2``,
+    bf16-master's weights are stored fp32: FSDP2's mixed-precision policy gathers them in bf16)."""
+    expected = torch.float32 if fsdp2 and precision == "bf16-master" else PARAM_DTYPES[precision]
     found = sorted({str(p.dtype) for p in model.parameters()
                     if p.requires_grad and p.is_floating_point() and p.dtype != expected})
     if found:

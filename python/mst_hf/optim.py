@@ -241,13 +241,14 @@ def make_optimizer(model: nn.Module, config: MstConfig, *, lr: float, weight_dec
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("make_optimizer: the model has no parameter that requires grad")
-    check_param_dtypes(model, config.precision, "make_optimizer")
+    check_param_dtypes(model, config.precision, "make_optimizer", config.fsdp2)
     _check_state_dtype(config)
     if config.optimizer.in_backward and config.grad_accum != 1:
         raise ValueError(f"make_optimizer: grad_accum: optimizer.in_backward steps in every backward, "
                          f"so gradients cannot be accumulated; expected 1, got {config.grad_accum}")
     factory = _factory(config, lr, weight_decay, betas, eps, momentum)
-    master = config.precision == "bf16-master"
+    # (FSDP2's fp32 parameters are the master weights: its policy computes with bf16 copies of them)
+    master = config.precision == "bf16-master" and not config.fsdp2
     if config.optimizer.in_backward:
         return _in_backward(params, factory, master)
     if master:

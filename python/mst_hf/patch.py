@@ -249,7 +249,7 @@ def apply(model: nn.Module, config: ConfigLike) -> nn.Module:
         raise RuntimeError("mst_hf.apply: this model is already patched (apply runs once per model; "
                            "load a fresh model to use another config)")
     layers = _decoder_layers(model)
-    check_param_dtypes(model, cfg.precision, "mst_hf.apply")
+    check_param_dtypes(model, cfg.precision, "mst_hf.apply", cfg.fsdp2)
     bad = [i for i in cfg.checkpoint_layers if i >= len(layers)]
     if bad:
         raise ValueError(f"mst_hf.apply: checkpoint_layers: expected layer indices below {len(layers)} "

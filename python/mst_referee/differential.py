@@ -157,12 +157,15 @@ FSDP2_FAMILIES = tuple(f for f in FAMILIES if f not in ("mixtral", "qwen3_moe", 
 
 def random_fsdp2_case(rng: random.Random, family: str) -> Case:
     """A random case of `family` sharded by FSDP2 over 2 to 5 ranks (a random one recorded), with the knobs
-    mst-plan models with it (bf16 parameters, the optimizer stepped after backward)."""
+    mst-plan models with it (bf16 parameters, or fp32 ones under its bf16 policy; the optimizer stepped
+    after backward)."""
     case = random_case(rng, family)
     for key in ("precision", "optimizer_in_backward"):
         case.knobs.pop(key, None)
     case.knobs.update(dp=rng.randint(2, 5), zero_stage=3, fsdp2=True)
     case.rank = rng.randrange(case.knobs["dp"])
+    if rng.random() < 0.5:
+        case.knobs["precision"] = "bf16-master"  # (fp32 parameters under its bf16 mixed-precision policy)
     if case.knobs.get("optimizer") == "sgd" and case.knobs.get("optimizer_impl", "fused") == "fused":
         case.knobs["optimizer_impl"] = "foreach"  # (torch's DTensor has no fused SGD: mst-plan refuses it)
     return case

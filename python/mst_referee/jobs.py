@@ -380,7 +380,7 @@ def check_runnable(setup: Mapping[str, Any], where: str = "setup") -> None:
         if setup.get(key, expected) != expected:
             fail(where, key, f"expected {expected}: the cross-check runs plain PyTorch on one GPU, "
                              f"got {json.dumps(setup.get(key))}")
-    if setup.get("dp", 1) > 1 and setup.get("precision") == "bf16-master":
+    if setup.get("dp", 1) > 1 and setup.get("precision") == "bf16-master" and not setup.get("fsdp2"):
         fail(where, "precision", "expected pure-bf16 or amp with dp > 1 (mst_hf's fp32 master weights would step on "
                                  "gradients DDP has not reduced), got \"bf16-master\"")
     if setup.get("dp", 1) > 1 and setup.get("optimizer_in_backward", False):

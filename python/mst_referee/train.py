@@ -59,7 +59,10 @@ def _version_tuple(text: str) -> Tuple[int, ...]:
 def build_model(job: Job, attn: str, device: str) -> Any:
     """The causal LM of job.hf_config with random weights (seeded), in the precision's dtype, on device."""
     torch, transformers = import_torch()
-    dtype = torch.float32 if job.mst_config["precision"] == "amp" else torch.bfloat16
+    # fp32 weights: amp's, and bf16-master's under FSDP2 (its mixed-precision policy computes in bf16)
+    precision = job.mst_config["precision"]
+    fp32 = precision == "amp" or (precision == "bf16-master" and job.mst_config.get("fsdp2", False))
+    dtype = torch.float32 if fp32 else torch.bfloat16
     cfg = dict(job.hf_config)
     cfg.pop("torch_dtype", None)  # the dtype is the plan's precision, passed below (and renamed in 4.56)
     cfg.pop("dtype", None)

@@ -99,5 +99,5 @@ def test_fsdp2_cases_draw_only_what_mst_plan_models_with_it():
         case = differential.random_fsdp2_case(rng, differential.FSDP2_FAMILIES[i % len(differential.FSDP2_FAMILIES)])
         k = case.knobs
         assert k["fsdp2"] and k["zero_stage"] == 3 and 2 <= k["dp"] <= 5 and 0 <= case.rank < k["dp"]
-        assert "precision" not in k and "optimizer_in_backward" not in k
+        assert k.get("precision", "pure-bf16") in ("pure-bf16", "bf16-master") and "optimizer_in_backward" not in k
         assert not (k.get("optimizer") == "sgd" and k.get("optimizer_impl", "fused") == "fused")

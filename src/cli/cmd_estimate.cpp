@@ -32,7 +32,7 @@ std::string describe_setup(const TrainingSetup& s) {
         "MsT: {}; checkpoint: {}{}; dp {}, ZeRO {}{}, sp {}{}{}",
         s.seq_len, s.micro_batch, s.grad_accum, to_string(s.precision), to_string(s.optimizer),
         to_string(s.effective_state_dtype()), s.optimizer_in_backward ? " stepped in backward" : "", to_string(s.attention),
-        mst, describe_checkpoints(s.checkpoint), s.offload_checkpoints ? " (offloaded to host)" : "", s.dp, s.zero_stage, describe_deepspeed(s), s.sp,
+        mst, describe_checkpoints(s.checkpoint), s.offload_checkpoints ? " (offloaded to host)" : "", s.dp, s.zero_stage, describe_sharding(s), s.sp,
         s.ring() ? " (ring attention)" : "", describe_expert_parallelism(s));
 }
 

@@ -234,7 +234,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                                          : fmt::format("{} of {} layers ({}){}", s.checkpointed_count(),
                                                                        rq.model.num_layers, describe_checkpoints(s.checkpoint),
                                                                        s.offload_checkpoints ? ", offloaded to host" : "")});
-    t.row({"parallelism", fmt::format("dp {} (ZeRO {}{}), {} sp {}{}", s.dp, s.zero_stage, describe_deepspeed(s),
+    t.row({"parallelism", fmt::format("dp {} (ZeRO {}{}), {} sp {}{}", s.dp, s.zero_stage, describe_sharding(s),
                                       s.ring() ? "ring attention" : "Ulysses", s.sp, describe_expert_parallelism(s))});
     t.row({"batch", fmt::format("micro-batch {} x {} accumulation x dp {} = {} tokens per step", s.micro_batch, s.grad_accum,
                                 s.dp, checked_product({s.micro_batch, s.grad_accum, s.dp, s.seq_len}, "tokens per step"))});

@@ -334,11 +334,12 @@ Timeline predict_measured(const StepFile& measured) {
                                                          "differ: python -m mst_referee.deepspeed_zero writes it)",
                                                          setup.dp));
     if (measured.timeline.rank >= 0) {
-        const std::vector<std::int64_t> ranks = walked_ranks(setup);
-        if (!walks_rank(setup, measured.timeline.rank))
+        const std::vector<std::int64_t> ranks = walked_ranks(setup, model);
+        if (!walks_rank(setup, model, measured.timeline.rank))
             fail(measured.path, "timeline.rank",
                  fmt::format("expected one of the setup's ranks whose steps differ ({}), got {}",
                              setup.deepspeed_zero3() ? fmt::format("0 .. {}: alike", setup.zero_ranks() - 1)
+                             : setup.fsdp2_shards()  ? fmt::format("0 .. {}", setup.zero_ranks() - 1)
                              : ranks.empty()         ? std::string("none: its ranks are alike")
                                                      : fmt::format("0 .. {}", ranks.size() - 1),
                              measured.timeline.rank));

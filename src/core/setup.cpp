@@ -178,6 +178,8 @@ std::string describe_expert_parallelism(const TrainingSetup& s) {
     return s.moe_imbalance == 1.0 ? fmt::format(", ep {}", s.ep) : fmt::format(", ep {}, imbalance {}", s.ep, s.moe_imbalance);
 }
 
+std::string describe_sharding(const TrainingSetup& s) { return s.fsdp2 ? " as FSDP2" : describe_deepspeed(s); }
+
 std::string describe_deepspeed(const TrainingSetup& s) {
     std::string out;
     if (s.reduce_bucket_size != kDeepSpeedReduceBucket) out += fmt::format(", reduce_bucket_size {}", s.reduce_bucket_size);
@@ -201,18 +203,44 @@ std::vector<std::int64_t> ring_ranks(const TrainingSetup& s) {
     return ranks;
 }
 
-std::vector<std::int64_t> walked_ranks(const TrainingSetup& s) {
-    // (FSDP2's ranks hold shards of other lengths where a dimension does not divide by the ranks)
-    if (!s.deepspeed_zero() && !s.fsdp2_shards()) return ring_ranks(s);
+namespace {
+// FSDP2's ranks whose shards differ: rank r holds clamp(rows - r c, 0, c) rows of a parameter of `rows`
+// (c = ceil(rows / dp)); ranks alike in every first dimension the model's parameters have are alike.
+// (A superset of the dimensions only splits the ranks finer: more walks, the same peaks.)
+std::vector<std::int64_t> fsdp2_ranks(const TrainingSetup& s, const ModelSpec& m) {
+    const std::int64_t d = m.hidden_size, I = m.intermediate_size;
+    const std::vector<std::int64_t> dims = {m.vocab_size, d, m.q_dim(), m.kv_dim(), I, 2 * I, m.q_dim() + 2 * m.kv_dim(),
+                                            m.head_dim, m.num_heads};
+    std::vector<std::int64_t> ranks;
+    std::vector<std::vector<std::int64_t>> seen;
+    for (std::int64_t r = 0; r < s.dp; ++r) {
+        std::vector<std::int64_t> rows;
+        for (std::int64_t n : dims) {
+            const std::int64_t c = ceil_div(n, s.dp);
+            rows.push_back(std::clamp<std::int64_t>(n - r * c, 0, c));
+        }
+        if (std::find(seen.begin(), seen.end(), rows) != seen.end()) continue;
+        seen.push_back(std::move(rows));
+        ranks.push_back(r);
+    }
+    if (ranks.size() == 1) ranks.clear();  // (every rank alike: one walk)
+    return ranks;
+}
+}  // namespace
+
+std::vector<std::int64_t> walked_ranks(const TrainingSetup& s, const ModelSpec& m) {
+    if (s.fsdp2_shards()) return fsdp2_ranks(s, m);
+    if (!s.deepspeed_zero()) return ring_ranks(s);
     std::vector<std::int64_t> ranks;
     for (std::int64_t r = 0; s.dp > 1 && r < s.dp; ++r) ranks.push_back(r);
     return ranks;
 }
 
-bool walks_rank(const TrainingSetup& s, std::int64_t rank) {
+bool walks_rank(const TrainingSetup& s, const ModelSpec& m, std::int64_t rank) {
     if (s.deepspeed_zero() && s.dp == 1) return rank == 0;
-    if (s.deepspeed_zero3()) return rank >= 0 && rank < s.zero_ranks();  // (alike: any one of them)
-    const std::vector<std::int64_t> all = walked_ranks(s);
+    // (ZeRO-3's ranks are alike: any one of them; FSDP2's are each like one walked)
+    if (s.deepspeed_zero3() || s.fsdp2_shards()) return rank >= 0 && rank < s.zero_ranks();
+    const std::vector<std::int64_t> all = walked_ranks(s, m);
     return std::find(all.begin(), all.end(), rank) != all.end();
 }
 
@@ -446,8 +474,8 @@ void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char
 }  // namespace
 
 // FSDP2 in the hf runtime (src/core/sim/fsdp2.cpp) is proven on the referee (python/mst_referee/fsdp2.py)
-// for dense models with parameters stored in bf16; what else its hooks would meet is refused until it
-// is proven the same way.
+// for dense models, parameters stored in bf16 or in fp32 under its bf16 mixed-precision policy; what else
+// its hooks would meet is refused until it is proven the same way.
 namespace {
 void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m, const char* hint) {
     const std::string w = "setup";
@@ -462,10 +490,10 @@ void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m, const char
         fail(w, "fsdp2", fmt::format("expected false for {} (FSDP2 is modelled for dense models; DeepSpeed's ZeRO-3 shards "
                                      "Mixture-of-Experts models: fsdp2 false){}, got true",
                                      m.name, hint));
-    if (s.precision != Precision::PureBf16)
-        fail(w, "precision", fmt::format("expected pure-bf16 {} (parameters stored and gathered in bf16; its mixed-precision "
-                                         "policy is not modelled yet), got {}",
-                                         fsdp, to_string(s.precision)));
+    if (s.precision == Precision::AmpFp32)
+        fail(w, "precision", fmt::format("expected pure-bf16 (bf16 parameters) or bf16-master (fp32 parameters gathered in bf16 "
+                                         "by its mixed-precision policy) {} (autocast over it is not modelled), got amp",
+                                         fsdp));
     // torch's DTensor has no sharding rule for _fused_sgd_ (NotImplementedError at the first step)
     if (s.optimizer == Optimizer::SgdMomentum && s.optimizer_impl == OptimizerImpl::Fused)
         fail(w, "optimizer_impl", fmt::format("expected foreach or for-loop for sgd {} (torch's sharded parameters have no fused "

@@ -707,7 +707,7 @@ std::optional<Recommendation::Leanest> leanest(const TuneRequest& rq, std::int64
     try {
         const MemoryPeaks p = sim.peaks(s, true, budget);
         if (p.peak_reserved_bytes <= budget && p.host_peak_bytes <= rq.host_bytes_per_gpu) return std::nullopt;
-        const std::vector<std::int64_t> ranks = walked_ranks(s);
+        const std::vector<std::int64_t> ranks = walked_ranks(s, m);
         const std::optional<std::int64_t> rank = ranks.empty() ? std::nullopt : std::optional(ranks.front());
         const Estimate e = estimate(m, s, rq.gpu, budget, rank);
         const Summary& sum = e.summary;

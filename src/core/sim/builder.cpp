@@ -38,6 +38,7 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
     ds_on_ = s_.deepspeed_engine();
     z3_on_ = s_.deepspeed_zero3();
     fsdp2_on_ = s_.fsdp2_shards();
+    if (fsdp2_on_ && s_.precision == Precision::Bf16Master) fsdp2_store_ = fsdp2_reduce_ = 4;
     if (hf_) pg_ = pw_;  // autograd's gradients are in the parameters' dtype; fp32 masters keep their own
     tl_.source = "simulator";
     tl_.model = m_.name;
@@ -241,10 +242,10 @@ void StepBuilder::init_state() {
     for (int i : order_) {
         Param& p = params_[static_cast<std::size_t>(i)];
         layer_ = p.layer;
-        p.weight = alloc(p.name, checked_mul(stored(i), pw_), Category::Weights);
+        p.weight = alloc(p.name, checked_mul(stored(i), fsdp2_on_ ? fsdp2_store_ : pw_), Category::Weights);
     }
     if (hf_) init_hf_buffers();
-    if (s_.precision == Precision::Bf16Master) {
+    if (s_.precision == Precision::Bf16Master && !fsdp2_on_) {  // (FSDP2's stored fp32 shards are the masters)
         at("init.master_weights");
         for (int i : order_) {
             const Param& p = params_[static_cast<std::size_t>(i)];
@@ -318,7 +319,8 @@ void StepBuilder::init_hf_buffers() {
 // original_inv_freq ([rotary_dim / 2] fp32 each; Gemma-3: one table per layer type, sorted).
 std::vector<StepBuilder::HfBuffer> StepBuilder::hf_buffers() const {
     std::vector<HfBuffer> out;
-    if (m_.gemma()) out.push_back(HfBuffer{"embed_scale", pw_, pw_});
+    const int built = fsdp2_on_ ? fsdp2_store_ : pw_;  // (the dtype the model was built in)
+    if (m_.gemma()) out.push_back(HfBuffer{"embed_scale", built, built});
     for (std::size_t table = 0; table < hf_rope_.size(); ++table)
         if (rope_table_used(table))
             for (const char* name : {"inv_freq", "original_inv_freq"})
@@ -554,7 +556,7 @@ void StepBuilder::hf_grad_hooks(int p) {
         return;
     }
     const char* op = op_;
-    const bool master = s_.precision == Precision::Bf16Master;
+    const bool master = s_.precision == Precision::Bf16Master && !fsdp2_on_;
     if (s_.optimizer_in_backward) {
         at("optimizer.step_in_backward");
         // the master's fp32 gradient lives only while this one parameter steps

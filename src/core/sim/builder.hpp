@@ -818,6 +818,10 @@ private:
     // 1 + l) and the root's (group 0: the embedding, the final norm, the LM head). What each hook
     // allocates and frees, in torch's order; the tensors between them are the plain step's.
     bool fsdp2_on_ = false;  // s_.fsdp2_shards()
+    // Bytes per element of the stored shards and of the reduce-scatter (its reduce dtype): bf16 for pure
+    // bf16, fp32 for bf16-master (fp32 parameters, gathered in bf16 by its mixed-precision policy; the
+    // whole parameters and their gradients are pw_'s and pg_'s, bf16)
+    int fsdp2_store_ = 2, fsdp2_reduce_ = 2;
     struct Fsdp2Group {
         std::vector<int> params;  // in model.parameters() order
         std::int64_t shard = 0;   // elements per rank: the sum of its parameters' padded shards
@@ -834,6 +838,7 @@ private:
     std::int64_t fsdp2_local_rows(int p) const;  // this rank's rows of it (fewer on the last ranks, or none)
     bytes_t fsdp2_bytes(int p, std::int64_t rows) const;  // `rows` of parameter p in its dtype
     void fsdp2_build();
+    T fsdp2_all_gather(int group);         // its output buffer
     void fsdp2_copy_out(int group);        // the whole parameters, out of the all-gather's buffer
     void fsdp2_pre_forward(int group);     // all-gather, free the held one, copy out; hold this one
     void fsdp2_reshard(int group);         // free the whole parameters
@@ -910,6 +915,7 @@ private:
         return hf_rope_[m_.rotary_per_layer_type() && m_.sliding_layers[static_cast<std::size_t>(l)] ? 1 : 0];
     }
     T hf_positions_, hf_embeddings_;  // hf: cache_position and the embeddings, held by the model's forward
+    T hf_embed_scale_;  // hf Gemma: the embedding scale's bf16 copy its product saves (FSDP2 over an fp32 model)
     // hf eager: the 4-D additive masks [B, 1, S, S] bf16 the model builds, full and sliding-window
     // (the mapping's order), and which one a layer reads.
     std::array<T, 2> hf_masks_;

@@ -1,6 +1,8 @@
 // torch's FSDP2 in the hf runtime (torch 2.15, torch/distributed/fsdp/_fully_shard/): fully_shard on
-// every decoder layer, then on the model, parameters stored in bf16 (no mixed-precision policy), as
-// python/mst_referee/fsdp2.py runs it. docs/fsdp2-model.md is the specification.
+// every decoder layer, then on the model, as python/mst_referee/fsdp2.py runs it: parameters stored in
+// bf16 without a mixed-precision policy (pure-bf16), or stored in fp32 and gathered in bf16, gradients
+// reduced in fp32 (bf16-master: MixedPrecisionPolicy(bfloat16, float32), torchtitan's default).
+// docs/fsdp2-model.md is the specification.
 //
 // * Each parameter is sharded on its first dimension: every rank stores ceil(rows / ranks) rows (the
 //   padded shard, _sharded_param_data), of which the last ranks use fewer, or none; the optimizer's
@@ -46,6 +48,16 @@ void StepBuilder::fsdp2_build() {
     fsdp2_.held_gather = fsdp2_.reduce_input = T{};
 }
 
+// foreach_all_gather: the output buffer, this rank's part of it copied in; under a mixed-precision
+// policy the shards are first cast into a buffer of their own, which goes as the all-gather is issued.
+T StepBuilder::fsdp2_all_gather(int group) {
+    const Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];
+    T cast = fsdp2_store_ != pw_ ? alloc("all_gather_input", elems(1, g.shard, pw_), Category::Transient) : T{};
+    T out = alloc("all_gather_output", elems(s_.dp, g.shard, pw_), Category::Weights);
+    drop(cast);
+    return out;
+}
+
 void StepBuilder::fsdp2_copy_out(int group) {
     for (int p : fsdp2_.groups[static_cast<std::size_t>(group)].params)
         fsdp2_.whole[static_cast<std::size_t>(p)] =
@@ -57,8 +69,7 @@ void StepBuilder::fsdp2_copy_out(int group) {
 void StepBuilder::fsdp2_pre_forward(int group) {
     const char* op = op_;
     at("fsdp2.all_gather");
-    const Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];
-    T out = alloc("all_gather_output", elems(s_.dp, g.shard, pw_), Category::Weights);
+    T out = fsdp2_all_gather(group);
     drop(fsdp2_.held_gather);
     fsdp2_copy_out(group);
     fsdp2_.held_gather = out;
@@ -79,8 +90,7 @@ void StepBuilder::fsdp2_root_post_forward() {
 void StepBuilder::fsdp2_prefetch(int group) {
     const char* op = op_;
     at("fsdp2.all_gather");
-    Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];
-    g.gathered = alloc("all_gather_output", elems(s_.dp, g.shard, pw_), Category::Weights);
+    fsdp2_.groups[static_cast<std::size_t>(group)].gathered = fsdp2_all_gather(group);
     at(op);
 }
 
@@ -101,12 +111,12 @@ void StepBuilder::fsdp2_post_backward(int group) {
     const Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];
     fsdp2_reshard(group);
     drop(fsdp2_.reduce_input);
-    fsdp2_.reduce_input = alloc("reduce_scatter_input", elems(s_.dp, g.shard, pg_), Category::Gradients);
+    fsdp2_.reduce_input = alloc("reduce_scatter_input", elems(s_.dp, g.shard, fsdp2_reduce_), Category::Gradients);
     for (auto it = g.params.rbegin(); it != g.params.rend(); ++it) drop(params_[static_cast<std::size_t>(*it)].grad);
     // The sharded gradients: views of its output, or (a later micro-step) what that output is added into,
     // in place, before it goes
     const bool accumulated = fsdp2_.sharded_grads[static_cast<std::size_t>(g.params.front())].valid();
-    T out = alloc("reduce_scatter_output", elems(1, g.shard, pg_), accumulated ? Category::Transient : Category::Gradients);
+    T out = alloc("reduce_scatter_output", elems(1, g.shard, fsdp2_reduce_), accumulated ? Category::Transient : Category::Gradients);
     if (!accumulated)
         for (int p : g.params) fsdp2_.sharded_grads[static_cast<std::size_t>(p)] = hold(out);
     drop(out);

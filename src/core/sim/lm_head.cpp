@@ -43,6 +43,9 @@ T StepBuilder::embedding_forward(Category out_category) {
         T x = act("embeddings", res(tokens_, m_.hidden_size), false);
         if (gemma) {  // Gemma2ScaledWordEmbedding: times embed_scale, a new tensor (inside the module's forward)
             at("embedding.scale");
+            // embed_scale.to(weight.dtype): a bf16 copy of the fp32 buffer of a model built in fp32 (FSDP2's
+            // bf16 policy gathers the weight in bf16), which the product saves
+            if (fsdp2_on_ && fsdp2_store_ != pw_) hf_embed_scale_ = act("embed_scale", pw_, true);
             T scaled = act("embeddings_scaled", res(tokens_, m_.hidden_size), false);
             drop(x);
             x = scaled;
@@ -70,7 +73,7 @@ void StepBuilder::embedding_backward(T& dres) {
         if (m_.gemma()) {  // MulBackward0 of the scale first
             at("embedding.scale");
             T scaled = alloc("d_embeddings", res(tokens_, m_.hidden_size), Category::Transient);
-            node_end({}, &dres);
+            node_end({&hf_embed_scale_}, &dres);
             dres = scaled;
             at("embedding");
         }

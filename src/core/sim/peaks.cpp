@@ -184,7 +184,7 @@ bool PeakSimulator::run(const TrainingSetup& setup, bool allocator, bytes_t budg
     // Ranks that differ (ring attention, DeepSpeed's ZeRO): every rank's step must fit; each peak is the
     // highest of any rank's. Ring attention's rank 1 (a whole-q merge and the half-size ones) first: a
     // setup over budget usually stops there.
-    std::vector<std::int64_t> ranks = walked_ranks(setup);  // (empty when the ranks are alike: one walk)
+    std::vector<std::int64_t> ranks = walked_ranks(setup, model_);  // (empty when the ranks are alike: one walk)
     if (ranks.empty()) return walk(*scratch_.front(), setup, -1, allocator, budget_bytes, host_budget_bytes, capacity, out);
     if (setup.ring() && ranks.size() > 1) std::swap(ranks[0], ranks[1]);
     // The first alone: a setup over budget is usually over on every rank.

@@ -257,8 +257,8 @@ struct Walked {
 Walked walk(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile& gpu, bytes_t capacity, bool allocator,
             std::optional<std::int64_t> rank = std::nullopt) {
     validate(setup, model);
-    const std::vector<std::int64_t> all = walked_ranks(setup);
-    if (rank && !walks_rank(setup, *rank))
+    const std::vector<std::int64_t> all = walked_ranks(setup, model);
+    if (rank && !walks_rank(setup, model, *rank))
         fail("setup", "rank", fmt::format("expected a rank whose step differs: of ring attention's sp ranks (0 .. sp - 1, with "
                                           "sp_impl ring and sp > 1) or DeepSpeed's dp ranks (0 .. dp - 1, runtime hf with ZeRO 1, "
                                           "2 or 3), got {} (sp {}, {}, dp {}, ZeRO {}, runtime {})",
