@@ -43,10 +43,11 @@ expect_run(2 "^error: llama-3.2-1b: no setup fits: [^\n]*\\(try more GPUs, --all
 expect_run(0 "peak, requested bytes" estimate --model llama-3-8b --seq 8192 --attention sdpa)
 expect_run(2 "^error: setup: attention: expected flash or eager for mistral-7b-v0.1 [^\n]*sliding window of 4096 tokens passes one at 8192" recommend --model mistral-7b-v0.1 --seq 8192 --attention sdpa)
 expect_run(2 "^error: setup: attention: expected flash or eager with runtime kernels" estimate --model llama-3-8b --runtime kernels --attention sdpa)
-# Several GPUs with the hf runtime are DDP ranks; what does not fit says where ZeRO is planned.
-expect_run(0 "dp 8 \\(ZeRO 0\\), Ulysses sp 1" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 8 --seq 8192)
-expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*plans several GPUs as DDP[^\n]*--runtime kernels plans ZeRO" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 8192)
-expect_run(2 "^error: setup: precision: expected pure-bf16 or amp with runtime hf, dp > 1 and ZeRO 0" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 2 --seq 8192 --precision bf16-master)
+# Several GPUs with the hf runtime are DDP ranks or FSDP2's (ZeRO 3); what does not fit says where else ZeRO is planned.
+expect_run(0 "dp 8 \\(ZeRO 0\\), Ulysses sp 1" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 8 --seq 8192 --pin zero=0)
+expect_run(0 "dp 8 \\(ZeRO 3 as FSDP2\\), Ulysses sp 1" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 8192)
+expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*plans several GPUs as torch's DDP[^\n]*--runtime kernels plans ZeRO" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 8192 --pin zero=0)
+expect_run(2 "^error: recommend: pin: zero=0: expected 3 with runtime hf" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 2 --seq 8192 --precision bf16-master --pin zero=0)
 expect_run(2 "^error: --pin: colour: expected one of" recommend --model tiny-llama --seq 1024 --pin colour=blue)
 # gpt-oss: eager attention unasked (transformers' own choice); what it cannot plan is named before any search.
 expect_run(0 "eager attention" estimate --model gpt-oss-20b --gpu b200-180gb --seq 1024)

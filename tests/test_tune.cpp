@@ -89,31 +89,47 @@ TEST_CASE("parallel_for runs every job once, on a worker below its thread count,
     }
 }
 
-TEST_CASE("the hf runtime plans several GPUs as DDP: every GPU holds the whole model, its gradients and DDP's buckets") {
-    // Llama-3.2-1B (1.24 B parameters): bf16 weights, gradients and DDP's buckets (2 bytes each)
-    // and two bf16 AdamW states: 12.4 GB per GPU, the rest for activations.
+TEST_CASE("the hf runtime plans several GPUs as DDP (every GPU holds the whole model) or FSDP2 (ZeRO-3 by fully_shard)") {
+    // Llama-3.2-1B (1.24 B parameters): under DDP bf16 weights, gradients and DDP's buckets (2 bytes each)
+    // and two bf16 AdamW states: 12.4 GB per GPU, the rest for activations; FSDP2 shards them 8 ways.
     TuneRequest rq = request("llama-3.2-1b", "h100-sxm-80gb", 8, 32768);
     rq.base.runtime = Runtime::Hf;
     const Recommendation r = recommend(rq);
     REQUIRE(r.found);
-    CHECK(r.best.setup.dp == 8);
-    CHECK(r.best.setup.zero_stage == 0);
-    CHECK(r.best.setup.sp == 1);
-    for (const Candidate& c : r.pareto) CHECK((c.setup.dp == 8 && c.setup.zero_stage == 0 && c.setup.sp == 1));
+    const auto ddp_or_fsdp2 = [](const TrainingSetup& s) {
+        return s.dp == 8 && s.sp == 1 && ((s.zero_stage == 0 && !s.fsdp2) || (s.zero_stage == 3 && s.fsdp2));
+    };
+    CHECK(ddp_or_fsdp2(r.best.setup));
+    for (const Candidate& c : r.pareto) CHECK(ddp_or_fsdp2(c.setup));
     const MaxSeqResult ms = max_seq(rq, std::nullopt);
     for (const MaxSeqRow& row : ms.rows) {
         CAPTURE(row.strategy);
         CHECK(row.strategy.find("sequence parallel") == std::string::npos);  // not in this runtime
-        CHECK((row.setup.dp == 8 && row.setup.zero_stage == 0));
+        CHECK(ddp_or_fsdp2(row.setup));
     }
-    // Llama-3-8B: 8.03 B parameters x (2 + 2 + 2 + 4) bytes = 80.3 GB of state on every GPU
-    // under DDP, more than an 80 GB GPU: nothing fits (ZeRO is the kernels runtime's).
+    rq.pins.zero_stage = 0;  // DDP alone
+    const Recommendation ddp = recommend(rq);
+    REQUIRE(ddp.found);
+    CHECK((ddp.best.setup.zero_stage == 0 && !ddp.best.setup.fsdp2));
+    // Llama-3-8B: 8.03 B parameters x (2 + 2 + 2 + 4) bytes = 80.3 GB of state on every GPU under DDP, more
+    // than an 80 GB GPU; FSDP2 keeps an eighth of the weights and states (8.03 B x 6 / 8 bytes = 6.0 GB).
     rq = request("llama-3-8b", "h100-sxm-80gb", 8, 8192);
     rq.base.runtime = Runtime::Hf;
+    rq.pins.zero_stage = 0;
     CHECK_FALSE(recommend(rq).found);
-    // What DDP cannot run in this runtime is refused as asked for.
+    rq.pins.zero_stage.reset();
+    const Recommendation sharded = recommend(rq);
+    REQUIRE(sharded.found);
+    CHECK(sharded.best.setup.fsdp2);
+    // bf16-master: DDP would step the fp32 masters on gradients it has not reduced; FSDP2's fp32 shards
+    // are the masters, so it is searched alone.
     rq.base.precision = Precision::Bf16Master;
-    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("setup: precision: expected pure-bf16 or amp with runtime hf, dp > 1 and ZeRO 0", 0) == 0);
+    rq.base.state_dtype = StateDtype::Fp32;
+    const Recommendation master = recommend(rq);
+    REQUIRE(master.found);
+    for (const Candidate& c : master.pareto) CHECK(c.setup.fsdp2);
+    rq.pins.zero_stage = 0;
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: pin: zero=0: expected 3 with runtime hf", 0) == 0);
 }
 
 TEST_CASE("pins the hf runtime cannot honour are named, not searched for") {

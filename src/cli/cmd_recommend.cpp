@@ -203,9 +203,10 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                             : "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for "
                                               "Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, Mixtral, Qwen3-MoE and gpt-oss "
                                               "with bf16-master: --runtime kernels plans more, and sequence parallelism")
-                                     : "; the hf runtime plans several GPUs as DDP, each holding the whole model, its gradients "
-                                       "and optimizer states (--for deepspeed or axolotl: DeepSpeed's ZeRO 1 to 3): --runtime "
-                                       "kernels plans ZeRO-3 with chunked blocks, and sequence parallelism"));
+                                     : "; the hf runtime plans several GPUs as torch's DDP, each holding the whole model, its "
+                                       "gradients and optimizer states, or for dense models with bf16 or fp32 weights as torch's "
+                                       "FSDP2 (ZeRO 3; --for deepspeed or axolotl: DeepSpeed's ZeRO 1 to 3): --runtime kernels "
+                                       "plans ZeRO-3 with chunked blocks, and sequence parallelism"));
     }
     const Plan plan = to_plan(r, rq, a.model, a.gpu);
     OutputFiles outputs;

@@ -307,13 +307,16 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
                                      : P_dense + P_expert;
     const double pw = s.precision == Precision::AmpFp32 ? 4 : 2, pg = s.precision == Precision::PureBf16 ? 2 : 4;
     const double sd = s.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
+    // FSDP2 under its bf16 policy steps its fp32 shards and fp32 gradients (no master copy of its own)
+    const bool fp32_shards = s.fsdp2_shards() && s.precision == Precision::Bf16Master;
+    const double stepped = fp32_shards ? 4 : pw;
     double per_param = 0;  // bytes read + written per parameter by the update
     switch (s.optimizer) {
-        case Optimizer::AdamW: per_param = pw + pg + 2 * sd + pw + 2 * sd; break;
-        case Optimizer::AdamW8bit: per_param = pw + pg + 2 + pw + 2; break;
-        case Optimizer::SgdMomentum: per_param = pw + pg + sd + pw + sd; break;
+        case Optimizer::AdamW: per_param = stepped + pg + 2 * sd + stepped + 2 * sd; break;
+        case Optimizer::AdamW8bit: per_param = stepped + pg + 2 + stepped + 2; break;
+        case Optimizer::SgdMomentum: per_param = stepped + pg + sd + stepped + sd; break;
     }
-    if (s.precision == Precision::Bf16Master) per_param += 8;
+    if (s.precision == Precision::Bf16Master && !fp32_shards) per_param += 8;
     out.optimizer_seconds = p_local * per_param / (gpu.hbm_gbps * 1e9 * cal.memory_bound_efficiency);
 
     // ---- offload: each checkpoint goes to the host after its layer and comes back before its
@@ -380,6 +383,21 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         const double flushed = ring * std::min(P, embedding + static_cast<double>(s.reduce_bucket_size)) * 2 / bw;
         exposed += ga * (first + flushed);
         overlapped += ga * (gathers - first + scatters - flushed);
+    } else if (s.fsdp2_shards() && s.zero_ranks() > 1) {
+        // torch's FSDP2 (fully_shard per decoder layer and the model): a layer's parameters all-gathered in
+        // bf16 for its forward and again for its backward (a checkpointed layer recomputes on those: no
+        // third gather), its gradients reduce-scattered in the reduce dtype (fp32 under the bf16 policy),
+        // behind the compute (the next layer's gather is issued while one runs; backward prefetches one
+        // ahead), but for each micro-step's first gather, the root's (embedding, final norm, LM head: kept
+        // whole through backward), which the forward waits for, and the root's reduce-scatter in
+        // backward's final callback, which the step waits for.
+        const double ring = ring_share(s.zero_ranks()), bw = link_gbps(gpu, cluster, s.zero_ranks(), 1) * 1e9;
+        const double root = embedding * (m.tie_word_embeddings ? 1 : 2) + static_cast<double>(m.hidden_size);
+        const double reduce_bytes = fp32_shards ? 4 : 2;
+        const double gathers = ring * (2 * P - root) * 2 / bw, scatters = ring * P * reduce_bytes / bw;
+        const double first = ring * root * 2 / bw, last = ring * root * reduce_bytes / bw;
+        exposed += ga * (first + last);
+        overlapped += ga * (gathers - first + scatters - last);
     } else if (s.runtime == Runtime::Hf && s.zero_stage == 0 && s.dp > 1) {
         // torch's DDP as the Hugging Face Trainer runs it (accelerate's accumulate: no_sync but in the
         // last micro-step): each bucket of gradients, in the parameters' dtype, all-reduced on NCCL's

@@ -122,10 +122,21 @@ std::int64_t widest_expert_parallel(const TuneRequest& rq) {
     return 1;
 }
 
-// DeepSpeed's engine options as asked where its engine runs `s` (the bucket; overlap_comm under ZeRO 1/2,
-// the gathering options under ZeRO-3), DeepSpeed's defaults elsewhere: the searches move setups between
-// stages, and only that engine has them (validate()).
-void take_deepspeed(TrainingSetup& s, const TrainingSetup& asked) {
+// Whether the hf runtime's ZeRO-3 for `rq` is torch's FSDP2: the plan's trainer is no DeepSpeed format
+// (a script of python/mst_hf's users, which shards with fully_shard), and FSDP2 is modelled for the
+// model and precision (validate_fsdp2_scope: dense models, bf16 or fp32 parameters).
+bool fsdp2_is_zero3(const TuneRequest& rq) {
+    return rq.base.runtime == Runtime::Hf && (rq.for_format.empty() || rq.for_format == "hf-mst") && !rq.model.moe &&
+           rq.base.precision != Precision::AmpFp32;
+}
+
+// The engine of `s`'s stage as `rq` trains it: FSDP2 for the hf runtime's ZeRO-3 where fsdp2_is_zero3,
+// else DeepSpeed's; DeepSpeed's engine options as asked where its engine runs `s` (the bucket;
+// overlap_comm under ZeRO 1/2, the gathering options under ZeRO-3), DeepSpeed's defaults elsewhere: the
+// searches move setups between stages, and only that engine has them (validate()).
+void take_deepspeed(TrainingSetup& s, const TuneRequest& rq) {
+    const TrainingSetup& asked = rq.base;
+    s.fsdp2 = s.zero_stage == 3 && fsdp2_is_zero3(rq);
     s.reduce_bucket_size = s.deepspeed_engine() ? asked.reduce_bucket_size : kDeepSpeedReduceBucket;
     s.overlap_comm = s.deepspeed_zero() && asked.overlap_comm;
     const bool zero3 = s.deepspeed_zero3();
@@ -396,8 +407,9 @@ bool deepspeed_runs(TrainingSetup base, const ModelSpec& m, int stage = 2) {
 
 // The ZeRO stages a search tries. The kernels runtime: 0, 2 and 3 over several ranks; on one, 0 (and
 // 1 for a format, whose trainer may need it: DeepSpeed keeps bf16 master weights only under ZeRO 1-3).
-// The hf runtime: with ZeRO 0 its data parallelism is torch's DDP (python/mst_hf's), with 1 and 2
-// DeepSpeed's engine, which the deepspeed and axolotl formats train in (its ZeRO-0 engine and
+// The hf runtime: with ZeRO 0 its data parallelism is torch's DDP (python/mst_hf's), with 3 over
+// several GPUs torch's FSDP2 where it is modelled (fsdp2_is_zero3; the only one for bf16-master), and
+// for the deepspeed and axolotl formats, with 1 and 2 DeepSpeed's engine (its ZeRO-0 engine and
 // Axolotl's DDP are not modelled). On one GPU Axolotl runs the plain Trainer too (ZeRO 0, when it
 // needs no DeepSpeed: pure bf16), and DeepSpeed's engine when the knobs are its. Over several GPUs its
 // ZeRO-3 too, where it is modelled for the model and the precision (validate_hf_scope).
@@ -406,7 +418,12 @@ std::vector<int> zero_stages(const TuneRequest& rq) {
         if (rq.gpus > 1) return {0, 2, 3};
         return rq.for_format.empty() ? std::vector<int>{0} : std::vector<int>{0, 1};
     }
-    if (!trains_in_deepspeed(rq.for_format)) return {0};
+    // (over several ranks its ZeRO-3 is FSDP2's fully_shard, for a script of python/mst_hf's users; DDP
+    // cannot step bf16-master's fp32 masters on gradients it has not reduced: FSDP2's fp32 shards can)
+    if (!trains_in_deepspeed(rq.for_format)) {
+        if (rq.gpus == 1 || !fsdp2_is_zero3(rq)) return {0};
+        return rq.base.precision == Precision::Bf16Master ? std::vector<int>{3} : std::vector<int>{0, 3};
+    }
     if (rq.gpus == 1 && rq.for_format == "axolotl" && rq.base.precision == Precision::PureBf16)
         return deepspeed_runs(rq.base, rq.model) ? std::vector<int>{0, 1, 2} : std::vector<int>{0};
     TrainingSetup many = rq.base;  // (max-seq: the user's own setup may be the base; its blocks are not the search's)
@@ -523,6 +540,14 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
                                           : (s.zero_stage == 2 ? "waited for in backward's hooks, without overlap_comm"
                                                                : "after the last micro-step's backward, without overlap_comm"),
                            1e3 * best.time.comm_exposed_seconds);
+    if (s.fsdp2_shards() && s.zero_ranks() > 1)
+        why += fmt::format("torch's FSDP2 (fully_shard on every decoder layer and the model) all-gathers a layer's "
+                           "parameters{} for its forward and again for its backward and reduce-scatters its gradients{}; "
+                           "the model's own (embedding, final norm, LM head) stay gathered from its forward to the end "
+                           "of backward, whose first gather and last reduce-scatter leave {:.1f} ms per step not hidden "
+                           "behind compute. ",
+                           s.precision == Precision::Bf16Master ? " in bf16 (its fp32 shards are the master weights)" : "",
+                           s.precision == Precision::Bf16Master ? " in fp32" : "", 1e3 * best.time.comm_exposed_seconds);
     if (s.deepspeed_zero3() && s.zero_ranks() > 1)
         why += fmt::format("DeepSpeed's stage-3 engine gathers each module's parameters as its trace comes to them, up "
                            "to {} elements ahead, keeps those of at most {} elements gathered, and reduce-scatters the "
@@ -557,13 +582,13 @@ void check_request(const TuneRequest& rq, const char* command) {
     if (const auto formats = emit_formats();
         !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
         fail(command, "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
-    // The hf runtime's data parallelism is torch's DDP as python/mst_hf's users run it, or DeepSpeed's
-    // ZeRO 1/2 engine (deepspeed, axolotl); torchtitan reduces gradients its own way, not modelled.
+    // The hf runtime's data parallelism is torch's DDP or FSDP2 as python/mst_hf's users run them, or
+    // DeepSpeed's ZeRO engine (deepspeed, axolotl); torchtitan reduces gradients its own way, not modelled.
     if (rq.base.runtime == Runtime::Hf && rq.gpus > 1 && !rq.for_format.empty() && rq.for_format != "hf-mst" &&
         !trains_in_deepspeed(rq.for_format))
         fail(command, "for",
-             fmt::format("expected hf-mst, deepspeed or axolotl with runtime hf and {} GPUs (its data parallelism is torch "
-                         "DDP or DeepSpeed's ZeRO 1/2 engine; {}'s gradient reduction is not modelled in it; --runtime "
+             fmt::format("expected hf-mst, deepspeed or axolotl with runtime hf and {} GPUs (its data parallelism is torch's "
+                         "DDP or FSDP2, or DeepSpeed's ZeRO engine; {}'s gradient reduction is not modelled in it; --runtime "
                          "kernels plans {} GPUs for it with mst-plan's own kernels' memory, which Hugging Face's model "
                          "exceeds), got {}",
                          rq.gpus, rq.for_format, rq.gpus, rq.for_format));
@@ -578,7 +603,7 @@ void check_request(const TuneRequest& rq, const char* command) {
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && trains_in_deepspeed(rq.for_format) && *rq.pins.zero_stage >= 1) {
         TrainingSetup pinned = as_planned;
         pinned.zero_stage = *rq.pins.zero_stage;
-        take_deepspeed(pinned, rq.base);
+        take_deepspeed(pinned, rq);
         validate_hf_scope(pinned, rq.model);
         // with the other pins it has to run with (a checkpoint to offload, where offload is pinned)
         pinned.seq_len = rq.seq_len;
@@ -592,14 +617,15 @@ void check_request(const TuneRequest& rq, const char* command) {
     }
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage &&
         std::find(zeros.begin(), zeros.end(), *rq.pins.zero_stage) == zeros.end())
-        fail(command, "pin", fmt::format("zero={}: expected {} with runtime hf{} (ZeRO 0 is torch's DDP, 1 to 3 DeepSpeed's "
-                                         "engine, which --for deepspeed and axolotl train in)",
+        fail(command, "pin", fmt::format("zero={}: expected {} with runtime hf{} (ZeRO 0 is torch's DDP, 3 torch's FSDP2 for a "
+                                         "dense model with bf16 or fp32 weights, 1 to 3 DeepSpeed's engine, which --for "
+                                         "deepspeed and axolotl train in)",
                                          *rq.pins.zero_stage, fmt::join(zeros, " or "),
                                          rq.for_format.empty() ? "" : " and --for " + rq.for_format));
     as_planned.zero_stage = rq.pins.zero_stage.value_or(zeros.front());  // (the hf runtime: DDP's or DeepSpeed's rules)
     // (at the length asked for, which an error names: sdpa under a sliding window; max-seq: the setup's)
     if (rq.seq_len >= 1 && rq.seq_len <= limits::kSeqLen) as_planned.seq_len = rq.seq_len;
-    take_deepspeed(as_planned, rq.base);
+    take_deepspeed(as_planned, rq);
     validate_model_scope(as_planned, rq.model);
     validate_hf_scope(as_planned, rq.model);
     // (asked for, and some layout can use it)
@@ -677,7 +703,7 @@ std::optional<Recommendation::Leanest> leanest(const TuneRequest& rq, std::int64
     s.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
     const std::vector<int> zeros = zero_stages(rq);
     s.zero_stage = rq.pins.zero_stage ? *rq.pins.zero_stage : rq.gpus == 1 ? zeros.front() : zeros.back();
-    take_deepspeed(s, rq.base);
+    take_deepspeed(s, rq);
     s.overlap_comm = s.deepspeed_zero() && rq.pins.overlap_comm.value_or(false);
     s.micro_batch = rq.pins.micro_batch.value_or(rq.tokens_per_step ? 1 : rq.base.micro_batch);
     if (rq.tokens_per_step)  // (the accumulation that reaches the tokens per step, as the search pairs them)
@@ -846,7 +872,7 @@ Recommendation recommend(const TuneRequest& rq) {
                                 TrainingSetup s = rq.base;
                                 s.seq_len = rq.seq_len;
                                 s.sp = sp, s.dp = dp, s.zero_stage = zero, s.ep = ep;
-                                take_deepspeed(s, rq.base);
+                                take_deepspeed(s, rq);
                                 // DeepSpeed's overlap_comm: a second bucket for its reductions hidden behind backward
                                 // (one rank reduces nothing: unpinned, the second bucket is not tried)
                                 if (overlap && (!s.deepspeed_zero() || (s.zero_ranks() == 1 && !rq.pins.overlap_comm))) continue;
@@ -898,7 +924,7 @@ Recommendation recommend(const TuneRequest& rq) {
                 out.persistent_bytes = std::numeric_limits<bytes_t>::max();
                 for (int zero : zeros) {
                     one.zero_stage = zero, one.optimizer_in_backward = rq.base.optimizer_in_backward;
-                    take_deepspeed(one, rq.base);
+                    take_deepspeed(one, rq);
                     one.overlap_comm = one.deepspeed_zero() && rq.pins.overlap_comm.value_or(false);  // (pinned: two buckets)
                     out.persistent_bytes = std::min(out.persistent_bytes, persistent_state_bytes(m, one, rq.gpu));
                     if (!one.optimizer_in_backward && searches_step_in_backward(rq, one.grad_accum, one.zero_stage)) {
@@ -1000,7 +1026,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     // (the hf runtime: DDP or the plain step where searched, else DeepSpeed's ZeRO-2, its most sharded)
     const std::vector<int> zeros = zero_stages(rq);
     base.zero_stage = !hf ? (rq.gpus > 1 ? 3 : 0) : zeros.front() == 0 ? 0 : zeros.back();
-    take_deepspeed(base, rq.base);
+    take_deepspeed(base, rq);
     base.sp = 1;
     base.ep = 1, base.moe_imbalance = 1.0;  // (the expert-parallel row sets its own)
     base.mlp_chunks = base.lm_chunks = 1;
@@ -1038,7 +1064,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         widest.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
         strategies.push_back({.name = fmt::format("+ expert parallel (ep {})", ep), .setup = widest, .mst = true});
     }
-    for (Strategy& st : strategies) take_deepspeed(st.setup, rq.base);
+    for (Strategy& st : strategies) take_deepspeed(st.setup, rq);
     if (user) strategies.push_back({.name = "your setup", .setup = *user});
 
     // Each strategy's search is its own (a simulator of its own): they run side by side, each row
@@ -1091,7 +1117,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
             if (ours && !row.refused.empty() && run.setup.zero_stage == 3) {
                 TrainingSetup z2 = run.setup;
                 z2.zero_stage = 2;
-                take_deepspeed(z2, rq.base);
+                take_deepspeed(z2, rq);
                 if (refusal(z2, run.mst_mlp).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
             }
             // One rank: ZeRO 1 shards nothing and is what DeepSpeed needs for bf16 master weights.
@@ -1099,7 +1125,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                 run.setup.runtime == Runtime::Kernels) {
                 TrainingSetup z1 = run.setup;
                 z1.zero_stage = 1;
-                take_deepspeed(z1, rq.base);
+                take_deepspeed(z1, rq);
                 if (refusal(z1, run.mst_mlp).empty()) run.setup = z1, row.setup = z1, row.refused.clear();
             }
             if (!row.refused.empty()) continue;
