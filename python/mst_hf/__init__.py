@@ -6,6 +6,7 @@ turns it into a patched model and an optimizer::
     import mst_hf
     config = mst_hf.load_config("mst_config.json")
     model = mst_hf.apply(model, config)
+    mst_hf.shard(model, config)  # an fsdp2 plan only: torch's fully_shard, as planned
     optimizer = mst_hf.make_optimizer(model, config, lr=1e-5)
 
 The config layer (:mod:`mst_hf.config`) is pure Python; ``apply``,
@@ -38,6 +39,7 @@ _TORCH_NAMES = {
     "InBackwardOptimizer": "optim",
     "MasterWeightOptimizer": "optim",
     "causal_lm_loss": "loss",
+    "shard": "fsdp",
 }
 
 __all__ = [

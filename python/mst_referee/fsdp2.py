@@ -41,20 +41,12 @@ class Fsdp2:
         self.mesh = init_device_mesh("cpu", (ranks,))
         self.recorder: Any = None  # set once the step is recorded: marking() tells it the categories
 
-    def shard(self, model: Any, precision: str) -> Any:
-        """``fully_shard`` on every decoder layer, then on the model. Precision pure-bf16: the bf16
-        parameters as they are stored (no mixed-precision policy); bf16-master: fp32 parameters gathered
-        in bf16, gradients reduced in fp32 (torchtitan's default policy). Returns the model (now an FSDP
-        module)."""
-        import torch
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    def shard(self, model: Any, config: Any) -> Any:
+        """The model sharded as the plan's users shard it: ``mst_hf.shard`` (fully_shard on every decoder
+        layer, then the model; bf16-master under its bf16 mixed-precision policy) over this world's mesh."""
+        import mst_hf
 
-        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                  if precision == "bf16-master" else MixedPrecisionPolicy())
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=self.mesh, mp_policy=policy)
-        fully_shard(model, mesh=self.mesh, mp_policy=policy)
-        return model
+        return mst_hf.shard(model, config, self.mesh)
 
     @staticmethod
     def sharded_tensors(model: Any) -> Iterator[Tuple[str, Any]]:

@@ -138,7 +138,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         cleanup.enter_context(cuda_autocast_policies())
         model, attn = patched_model(job, cfg)
         if fsdp is not None:
-            fsdp.shard(model, cfg.precision)
+            fsdp.shard(model, cfg)
         ddp = Ddp(model) if job.setup.get("dp", 1) > 1 and fsdp is None else None  # one rank's view (mst_referee.ddp)
         if ddp is not None:
             cleanup.callback(ddp.close)  # its process group goes, also when the step raises

@@ -460,3 +460,40 @@ def test_optimizer_in_backward_on_a_patched_model_matches_a_normal_adamw_step(fa
     assert all(p.grad is None for p in stepped.parameters())
     for (name, a), b in zip(stepped.named_parameters(), normal.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_shard_lays_fsdp2_out_as_planned_and_refuses_what_was_not():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    planned = dict(data_parallel=2, zero_stage=3, precision="bf16-master",
+                   optimizer={"name": "adamw", "state_dtype": "fp32", "in_backward": False})
+    model = tiny_llama()  # fp32 parameters: bf16-master's under FSDP2's bf16 policy
+    with pytest.raises(ValueError, match="mst_hf.shard: fsdp2: expected a config planned for torch's FSDP2"):
+        mst_hf.shard(model, mst_config(**planned))
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)  # (collectives move nothing)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        with pytest.raises(ValueError, match="mst_hf.shard: data_parallel: expected a mesh of 4 ranks"):
+            mst_hf.shard(model, mst_config(fsdp2=True, **dict(planned, data_parallel=4)), mesh)
+        config = mst_config(fsdp2=True, mlp=(2, "tiled"), lm_head=(2, "recompute"), checkpoint=(1,), **planned)
+        mst_hf.apply(model, config)
+        mst_hf.shard(model, config, mesh)
+        # one group per decoder layer and the model's own, fp32 shards gathered in bf16, reduced in fp32
+        assert isinstance(model, FSDPModule) and all(isinstance(layer, FSDPModule) for layer in model.model.layers)
+        for module in (model, *model.model.layers):
+            policy = module._get_fsdp_state()._mp_policy
+            assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+        shards = [p.to_local() for p in model.parameters()]
+        assert all(p.dtype == torch.float32 for p in shards)
+        assert shards[0].shape == (VOCAB // 2, 64)  # the embedding's rows, halved
+        optimizer = mst_hf.make_optimizer(model, config, lr=1e-5)
+        assert not isinstance(optimizer, mst_hf.MasterWeightOptimizer)  # (the fp32 shards are the masters)
+        ids, labels = batch()
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        assert all(p.grad is not None and p.grad.to_local().dtype == torch.float32 for p in model.parameters())
+    finally:
+        dist.destroy_process_group()

@@ -1023,9 +1023,11 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     const bool hf = rq.base.runtime == Runtime::Hf;  // the hf runtime: DDP or DeepSpeed's engine, no sp
     TrainingSetup base = rq.base;
     base.dp = rq.gpus;
-    // (the hf runtime: DDP or the plain step where searched, else DeepSpeed's ZeRO-2, its most sharded)
+    // (the hf runtime: over several GPUs FSDP2 where it is searched, the most sharded; else DDP or the plain
+    // step where searched, else DeepSpeed's most sharded stage)
     const std::vector<int> zeros = zero_stages(rq);
-    base.zero_stage = !hf ? (rq.gpus > 1 ? 3 : 0) : zeros.front() == 0 ? 0 : zeros.back();
+    const bool fsdp2 = hf && zeros.back() == 3 && fsdp2_is_zero3(rq);
+    base.zero_stage = !hf ? (rq.gpus > 1 ? 3 : 0) : fsdp2 || zeros.front() != 0 ? zeros.back() : 0;
     take_deepspeed(base, rq);
     base.sp = 1;
     base.ep = 1, base.moe_imbalance = 1.0;  // (the expert-parallel row sets its own)
