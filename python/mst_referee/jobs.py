@@ -442,9 +442,11 @@ def setup_from_hf_mst(cfg: "mst_hf.MstConfig") -> Dict[str, Any]:
         "checkpoint": list(cfg.checkpoint_layers), "offload_checkpoints": cfg.offload_checkpoints,
         "dp": cfg.data_parallel, "zero_stage": cfg.zero_stage, "sp": cfg.sequence_parallel, "fsdp2": cfg.fsdp2,
     })
-    if setup["zero_stage"] != 3:  # (ZeRO-3's own options are written where it runs only, as to_json writes them)
+    if setup["zero_stage"] != 3 or cfg.fsdp2:  # (DeepSpeed ZeRO-3's options are written where it runs only, as to_json writes them)
         for key in ("param_persistence_threshold", "prefetch_bucket_size"):
             del setup[key]
+    if not cfg.fsdp2:  # (and fsdp2 where it is set)
+        del setup["fsdp2"]
     return setup
 
 

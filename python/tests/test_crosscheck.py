@@ -312,6 +312,9 @@ def test_hf_mst_back_to_a_setup():
                                 "optimizer": "sgd", "precision": "amp", "grad_accum": 4}, 4)
     back = jobs.setup_from_hf_mst(mst_hf.load_config(jobs.hf_mst_config("m", setup, 4)))
     assert back == setup
+    sharded = jobs.normalize_setup({"seq_len": 4096, "dp": 4, "zero_stage": 3, "fsdp2": True, "precision": "bf16-master"}, 4)
+    assert sharded["fsdp2"] and "param_persistence_threshold" not in sharded
+    assert jobs.setup_from_hf_mst(mst_hf.load_config(jobs.hf_mst_config("m", sharded, 4))) == sharded
 
 
 def test_a_plan_cut_to_fewer_layers_keeps_the_first_layers_checkpoints():
