@@ -77,6 +77,12 @@ TEST_CASE("FSDP2's ranks are walked where their shards differ: the first of each
     CHECK(walked_ranks(fsdp2(6), big) == std::vector<std::int64_t>{0, 5});
     for (std::int64_t r = 0; r < 3; ++r) CHECK(walks_rank(fsdp2(3), m, r));  // any rank alone (a referee's)
     CHECK_FALSE(walks_rank(fsdp2(3), m, 3));
+    // a measurement of ranks that differ must say whose step it is; of alike ones it need not
+    StepFile measured = test::measured_rank(fsdp2(3), "tiny-llama", -1);
+    CHECK(test::expect_user_error([&] { (void)predict_measured(measured); })
+              .rfind("m.json: timeline.rank: expected the rank whose step was measured (FSDP2's 3 ranks", 0) == 0);
+    measured = test::measured_rank(fsdp2(4), "tiny-llama", -1);
+    CHECK(predict_measured(measured).events.size() > 0);
 }
 
 TEST_CASE("FSDP2 gathers a layer into one buffer of every rank's padded shards, copies it out, and reduce-scatters") {

@@ -93,7 +93,10 @@ struct Recommendation {
         bytes_t saved_bytes = 0, transient_bytes = 0;
     };
     std::optional<Leanest> leanest;
-    bool zero3_searched = false;  // the hf runtime: whether DeepSpeed's ZeRO-3 was among the stages searched
+    bool zero3_searched = false;  // the hf runtime: whether ZeRO-3 (DeepSpeed's, or FSDP2's) was among the stages searched
+    // The hf runtime without a DeepSpeed format: whether FSDP2 shards this model and precision over
+    // several GPUs (what more of them would buy)
+    bool fsdp2_shards = false;
 };
 
 Recommendation recommend(const TuneRequest& request);

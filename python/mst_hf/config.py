@@ -278,9 +278,10 @@ def _parse(data: Any, where: str) -> MstConfig:
         r.fail("sequence_parallel", f"expected a divisor of seq_len ({seq_len}), got {sequence_parallel}")
     zero_stage = r.int_range("zero_stage", 0, 3)
     fsdp2 = r.boolean("fsdp2") if "fsdp2" in r.obj else False
-    if fsdp2 and not (zero_stage == 3 and data_parallel > 1):
-        r.fail("fsdp2", f"expected false unless zero_stage is 3 over data_parallel > 1 ranks, got true with zero_stage "
-                        f"{zero_stage} and data_parallel {data_parallel}")
+    if fsdp2 and not (zero_stage == 3 and data_parallel > 1 and sequence_parallel == 1 and precision != "amp"):
+        r.fail("fsdp2", f"expected false unless zero_stage is 3 over data_parallel > 1 ranks, without sequence parallelism "
+                        f"or amp (as mst-plan plans FSDP2), got true with zero_stage {zero_stage}, data_parallel "
+                        f"{data_parallel}, sequence_parallel {sequence_parallel} and precision {precision}")
     tokens = micro_batch * seq_len // sequence_parallel
 
     def chunks(reader: _Reader) -> int:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .config import MstConfig
+from .config import MstConfig, load_config
 
 
 def _layers(model: nn.Module) -> Any:
@@ -35,11 +35,16 @@ def _layers(model: nn.Module) -> Any:
     return layers
 
 
-def shard(model: nn.Module, config: MstConfig, mesh: Optional[Any] = None) -> nn.Module:
-    """``fully_shard`` every decoder layer and then ``model`` as ``config`` (an ``fsdp2`` plan) was planned,
-    over ``mesh`` (default: a 1-D mesh of the default process group's ranks on the current accelerator).
-    Returns ``model``, now an FSDP module. Raises ValueError for a config that is not FSDP2's, or a process
-    group of another size than ``config.data_parallel``."""
+def shard(model: nn.Module, config: Any, mesh: Optional[Any] = None) -> nn.Module:
+    """``fully_shard`` every decoder layer and then ``model`` as ``config`` (an ``fsdp2`` plan: an MstConfig, a
+    path or a mapping) was planned, over ``mesh`` (default: a 1-D mesh of the default process group's ranks on
+    the current accelerator). ``model`` must have been patched by :func:`mst_hf.apply` with the same plan.
+    Returns ``model``, now an FSDP module. Raises ValueError for a config that is not FSDP2's, a model not
+    patched for it, or a mesh that is not one dimension of ``config.data_parallel`` ranks (HSDP's 2-D meshes
+    are not what the plan predicts)."""
+    from .patch import applied_config
+
+    config = config if isinstance(config, MstConfig) else load_config(config)
     if not config.fsdp2:
         raise ValueError("mst_hf.shard: fsdp2: expected a config planned for torch's FSDP2 (fsdp2: true), got false")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -49,12 +54,15 @@ def shard(model: nn.Module, config: MstConfig, mesh: Optional[Any] = None) -> nn
         from torch.distributed.device_mesh import init_device_mesh
 
         if not dist.is_initialized():
-            raise ValueError("mst_hf.shard: expected an initialized process group (torchrun) or a mesh")
+            raise ValueError("mst_hf.shard: mesh: expected one, or an initialized process group (torchrun) to make it")
         device = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cpu"
         mesh = init_device_mesh(device, (dist.get_world_size(),))
-    if mesh.size() != config.data_parallel:
-        raise ValueError(f"mst_hf.shard: data_parallel: expected a mesh of {config.data_parallel} ranks (the plan's), "
-                         f"got {mesh.size()}")
+    if mesh.ndim != 1 or mesh.size() != config.data_parallel:
+        raise ValueError(f"mst_hf.shard: data_parallel: expected a one-dimensional mesh of {config.data_parallel} ranks "
+                         f"(the plan's), got {mesh.ndim} dimension(s) of {mesh.size()} ranks")
+    if applied_config(model) != config:
+        raise ValueError("mst_hf.shard: model: expected a model patched by mst_hf.apply with this config first "
+                         "(apply, then shard, then make_optimizer)")
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if config.precision == "bf16-master" else MixedPrecisionPolicy())
     for layer in _layers(model):

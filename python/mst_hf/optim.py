@@ -246,6 +246,9 @@ def make_optimizer(model: nn.Module, config: MstConfig, *, lr: float, weight_dec
     if config.optimizer.in_backward and config.grad_accum != 1:
         raise ValueError(f"make_optimizer: grad_accum: optimizer.in_backward steps in every backward, "
                          f"so gradients cannot be accumulated; expected 1, got {config.grad_accum}")
+    if config.fsdp2 and not all(hasattr(p, "to_local") for p in params):
+        raise ValueError("make_optimizer: fsdp2: expected the model sharded by mst_hf.shard first (its parameters are "
+                         "then DTensors: the optimizer steps this rank's shards)")
     factory = _factory(config, lr, weight_decay, betas, eps, momentum)
     # (FSDP2's fp32 parameters are the master weights: its policy computes with bf16 copies of them)
     master = config.precision == "bf16-master" and not config.fsdp2

@@ -286,10 +286,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _main_zero(args)
     allowed = FSDP2_FAMILIES if args.fsdp2 else FAMILIES
     families = [f for f in args.families.split(",") if f and (f in allowed or f not in FAMILIES)]
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown or args.cases < 1:
-        print(f"error: --families: expected some of {', '.join(FAMILIES)} and --cases >= 1, got {args.families!r}, "
-              f"{args.cases}", file=sys.stderr)
+    unknown = [f for f in families if f not in allowed]
+    if unknown or not families or args.cases < 1:
+        print(f"error: --families: expected some of {', '.join(allowed)}{' (--fsdp2: dense families)' if args.fsdp2 else ''} "
+              f"and --cases >= 1, got {args.families!r}, {args.cases}", file=sys.stderr)
         return 2
     rng = random.Random(args.seed)
 

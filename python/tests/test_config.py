@@ -95,6 +95,9 @@ def test_fsdp2_is_read_where_zero_3_shards_and_drops_deepspeeds_zero_3_paths():
     assert c.to_dict()["fsdp2"] is True and "fsdp2" not in load_config(sharded).to_dict()
     with pytest.raises(ConfigError, match="config: fsdp2: expected false unless zero_stage is 3 over data_parallel > 1"):
         load_config(dict(sharded, fsdp2=True, zero_stage=2))
+    for other in ({"precision": "amp"}, {"sequence_parallel": 2}):
+        with pytest.raises(ConfigError, match="config: fsdp2: expected false unless zero_stage is 3"):
+            load_config(dict(sharded, fsdp2=True, **other))
     with pytest.raises(ConfigError, match="config: fsdp2: expected true or false"):
         load_config(dict(sharded, fsdp2="yes"))
     with pytest.raises(ConfigError, match="config: optimizer.impl: expected foreach or for-loop for sgd with fsdp2"):

@@ -476,11 +476,17 @@ def test_shard_lays_fsdp2_out_as_planned_and_refuses_what_was_not():
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)  # (collectives move nothing)
     try:
         mesh = init_device_mesh("cpu", (2,))
-        with pytest.raises(ValueError, match="mst_hf.shard: data_parallel: expected a mesh of 4 ranks"):
-            mst_hf.shard(model, mst_config(fsdp2=True, **dict(planned, data_parallel=4)), mesh)
         config = mst_config(fsdp2=True, mlp=(2, "tiled"), lm_head=(2, "recompute"), checkpoint=(1,), **planned)
+        with pytest.raises(ValueError, match="mst_hf.shard: model: expected a model patched by mst_hf.apply with this config"):
+            mst_hf.shard(model, config, mesh)
+        with pytest.raises(ValueError, match="make_optimizer: fsdp2: expected the model sharded by mst_hf.shard first"):
+            mst_hf.make_optimizer(model, config, lr=1e-5)
         mst_hf.apply(model, config)
-        mst_hf.shard(model, config, mesh)
+        with pytest.raises(ValueError, match="mst_hf.shard: data_parallel: expected a one-dimensional mesh of 4 ranks"):
+            mst_hf.shard(model, mst_config(fsdp2=True, **dict(planned, data_parallel=4)), mesh)
+        with pytest.raises(ValueError, match="got 2 dimension"):  # (HSDP's replicate x shard: not what was planned)
+            mst_hf.shard(model, config, init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard")))
+        mst_hf.shard(model, config.to_dict(), mesh)  # (a mapping: loaded as load_config does)
         # one group per decoder layer and the model's own, fp32 shards gathered in bf16, reduced in fp32
         assert isinstance(model, FSDPModule) and all(isinstance(layer, FSDPModule) for layer in model.model.layers)
         for module in (model, *model.model.layers):

@@ -95,7 +95,9 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
     if (e.timeline.rank >= 0) {
         const bool ring = setup.ring();
         const std::int64_t ranks = ring ? setup.sp : setup.dp;
-        fmt::print("{}: {}\n", ring ? "ring attention" : "DeepSpeed ZeRO (each rank owns another partition)",
+        fmt::print("{}: {}\n", ring ? "ring attention"
+                              : setup.fsdp2 ? "FSDP2 (the last ranks' shards are shorter where a dimension does not divide)"
+                                            : "DeepSpeed ZeRO (each rank owns another partition)",
                    a.rank ? fmt::format("the step of rank {} of {} alone (--rank; the plan fits when every rank's does)",
                                         e.timeline.rank, ranks)
                           : fmt::format("every rank's step walked (they differ); the allocated and reserved peaks and the "
@@ -127,7 +129,7 @@ void add_estimate_command(CLI::App& app, const GlobalOptions& global) {
     cmd->add_option("--gpu", args->gpu, "GPU profile name or path")->capture_default_str();
     cmd->add_option("--timeline", args->timeline_file, "Write the full event list as JSON");
     cmd->add_option("--rank,--ring-rank", args->rank,
-                    "Ranks whose steps differ (ring attention's sp, DeepSpeed ZeRO's dp): walk only this rank's step (default: "
+                    "Ranks whose steps differ (ring attention's sp, DeepSpeed ZeRO's or FSDP2's dp): walk only this rank's step (default: "
                     "every rank's, showing the highest requested peak)")
         ->check(decimal());
     cmd->add_option("--svg", args->svg_file, "Write a plot of memory over the step");

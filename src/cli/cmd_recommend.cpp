@@ -136,6 +136,9 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     if (!r.found) {
         // (against the whole budget: what --for keeps free for a trainer's tables shrinks with the length)
         const bool deepspeed = rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format);
+        // (the hf runtime's torch data parallelism: DDP, and for a dense model FSDP2, which more GPUs shard further)
+        const bool fsdp2 = rq.base.runtime == Runtime::Hf && !deepspeed && r.fsdp2_shards;
+        const bool fsdp2_searched = fsdp2 && rq.gpus > 1 && r.zero3_searched;
         const bool two_buckets = rq.pins.overlap_comm.value_or(false);  // (recommend searches overlap_comm)
         const std::string options = two_buckets ? fmt::format("{}--pin overlap_comm=yes", rq.base.deepspeed_defaults()
                                                                                                 ? ""
@@ -147,7 +150,8 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                              "cuBLAS's workspace alone take {} per GPU; {}more GPUs with ZeRO sharding them{}, a GPU with "
                              "more memory or a lighter optimizer state can help",
                              rq.seq_len, rq.gpus, rq.gpu.name, format_bytes(r.budget_bytes),
-                             rq.gpus > 1 && !deepspeed ? " (and DDP's buckets of them)" : "", format_bytes(r.persistent_bytes),
+                             rq.gpus > 1 && !deepspeed && !fsdp2_searched ? " (and DDP's buckets of them)" : "",
+                             format_bytes(r.persistent_bytes),
                              !rq.base.deepspeed_defaults() || two_buckets
                                  ? fmt::format("DeepSpeed's {} ({}) take{} {} on every GPU, whatever the GPUs; ",
                                                two_buckets ? "two buckets" : "bucket", options, two_buckets ? "" : "s",
@@ -157,6 +161,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                              : deepspeed ? " (ZeRO 1 and 2 leave every GPU the whole bf16 weights; the hf runtime's ZeRO-3 "
                                            "shards them with bf16-master for Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, "
                                            "Mixtral, Qwen3-MoE and gpt-oss; --runtime kernels plans it for others)"
+                             : fsdp2     ? " (torch's FSDP2 in this runtime, as ZeRO 3)"
                                          : " (--runtime kernels)"));
         // What a setup with every memory-saving knob at its most still holds: what no knob shrank enough.
         std::string leanest;
@@ -194,19 +199,24 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                            format_bytes(r.budget_bytes - r.trainer_extra_bytes),
                                            format_bytes(r.trainer_extra_bytes), format_bytes(r.budget_bytes), rq.for_format)
                              : format_bytes(r.budget_bytes),
-                         rq.gpus > 1 && rq.base.runtime == Runtime::Hf && !deepspeed ? "" : "more GPUs, ",  // DDP: each holds it all
+                         // (DDP: each holds it all; FSDP2 shards it further)
+                         rq.gpus > 1 && rq.base.runtime == Runtime::Hf && !deepspeed && !fsdp2 ? "" : "more GPUs, ",
                          rq.allow_offload || rq.for_format == "torchtitan" ? "" : "--allow offload=yes, ", leanest,
-                         r.refusal.empty() ? "" : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
+                         r.refusal.empty()         ? ""
+                         : rq.for_format.empty()   ? fmt::format("; the runtime also refused setups, e.g. {}", r.refusal)
+                                                   : fmt::format("; --for {} also excluded setups, e.g. {}", rq.for_format, r.refusal),
                          rq.gpus == 1 || rq.base.runtime != Runtime::Hf ? ""
                          : deepspeed ? (r.zero3_searched
                                             ? "; --runtime kernels plans sequence parallelism"  // (ZeRO-3 was searched)
                                             : "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for "
                                               "Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, Mixtral, Qwen3-MoE and gpt-oss "
                                               "with bf16-master: --runtime kernels plans more, and sequence parallelism")
+                         : fsdp2_searched ? "; the hf runtime plans several GPUs as torch's DDP or FSDP2 (ZeRO 3; --for deepspeed or "
+                                            "axolotl: DeepSpeed's ZeRO 1 to 3): --runtime kernels plans sequence parallelism"
                                      : "; the hf runtime plans several GPUs as torch's DDP, each holding the whole model, its "
-                                       "gradients and optimizer states, or for dense models with bf16 or fp32 weights as torch's "
-                                       "FSDP2 (ZeRO 3; --for deepspeed or axolotl: DeepSpeed's ZeRO 1 to 3): --runtime kernels "
-                                       "plans ZeRO-3 with chunked blocks, and sequence parallelism"));
+                                       "gradients and optimizer states, or for dense models with bf16 weights or fp32 ones under "
+                                       "its bf16 policy as torch's FSDP2 (ZeRO 3; --for deepspeed or axolotl: DeepSpeed's ZeRO 1 "
+                                       "to 3): --runtime kernels plans ZeRO-3 with chunked blocks, and sequence parallelism"));
     }
     const Plan plan = to_plan(r, rq, a.model, a.gpu);
     OutputFiles outputs;

@@ -333,6 +333,10 @@ Timeline predict_measured(const StepFile& measured) {
         fail(measured.path, "timeline.rank", fmt::format("expected the rank whose step was measured (DeepSpeed's {} ranks "
                                                          "differ: python -m mst_referee.deepspeed_zero writes it)",
                                                          setup.dp));
+    if (measured.timeline.rank < 0 && setup.fsdp2_shards() && !walked_ranks(setup, model).empty())
+        fail(measured.path, "timeline.rank", fmt::format("expected the rank whose step was measured (FSDP2's {} ranks hold "
+                                                         "shards of other lengths for {}: the referee writes it)",
+                                                         setup.dp, model.name));
     if (measured.timeline.rank >= 0) {
         const std::vector<std::int64_t> ranks = walked_ranks(setup, model);
         if (!walks_rank(setup, model, measured.timeline.rank))

@@ -477,19 +477,17 @@ void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char
 // for dense models, parameters stored in bf16 or in fp32 under its bf16 mixed-precision policy; what else
 // its hooks would meet is refused until it is proven the same way.
 namespace {
-void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m, const char* hint) {
+void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
     const char* fsdp = "with fsdp2 (torch's fully_shard)";
     if (s.zero_stage != 3)
         fail(w, "zero_stage", fmt::format("expected 3 {} (every layer resharded after its forward), got {}", fsdp, s.zero_stage));
     if (s.dp < 2) fail(w, "dp", fmt::format("expected 2 or more ranks {} (on one GPU it shards nothing), got {}", fsdp, s.dp));
-    if (s.dp > limits::kDeepSpeedRanks)
-        fail(w, "dp", fmt::format("expected at most {} ranks {} (every rank's step is walked), got {}", limits::kDeepSpeedRanks,
-                                  fsdp, s.dp));
+    // (its ranks alike in their shards are walked once: walked_ranks)
     if (m.moe)
         fail(w, "fsdp2", fmt::format("expected false for {} (FSDP2 is modelled for dense models; DeepSpeed's ZeRO-3 shards "
-                                     "Mixture-of-Experts models: fsdp2 false){}, got true",
-                                     m.name, hint));
+                                     "Mixture-of-Experts models in this runtime: fsdp2 false), got true",
+                                     m.name));
     if (s.precision == Precision::AmpFp32)
         fail(w, "precision", fmt::format("expected pure-bf16 (bf16 parameters) or bf16-master (fp32 parameters gathered in bf16 "
                                          "by its mixed-precision policy) {} (autocast over it is not modelled), got amp",
@@ -516,7 +514,7 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     if (s.sp > 1) fail(w, "sp", fmt::format("expected 1 with runtime hf (sequence parallelism is not modelled in it){}, got {}", hint, s.sp));
     if (s.ep > 1) fail(w, "ep", fmt::format("expected 1 with runtime hf (expert parallelism is not modelled in it){}, got {}", hint, s.ep));
     if (s.deepspeed_zero3()) validate_zero3_scope(s, m, hint);
-    if (s.fsdp2) validate_fsdp2_scope(s, m, hint);
+    if (s.fsdp2) validate_fsdp2_scope(s, m);
     // The optimizer's states are in the dtype of what it steps: bf16 for pure bf16, fp32 for fp32
     // masters (bf16-master) or fp32 weights (amp). torch's optimizers keep them like the tensors they
     // update (python/mst_hf's make_optimizer refuses any other), DeepSpeed's engine like its master

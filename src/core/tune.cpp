@@ -125,9 +125,11 @@ std::int64_t widest_expert_parallel(const TuneRequest& rq) {
 // Whether the hf runtime's ZeRO-3 for `rq` is torch's FSDP2: the plan's trainer is no DeepSpeed format
 // (a script of python/mst_hf's users, which shards with fully_shard), and FSDP2 is modelled for the
 // model and precision (validate_fsdp2_scope: dense models, bf16 or fp32 parameters).
+// (dense models, bf16 or fp32 parameters under its bf16 policy, no fused SGD: validate_fsdp2_scope)
 bool fsdp2_is_zero3(const TuneRequest& rq) {
     return rq.base.runtime == Runtime::Hf && (rq.for_format.empty() || rq.for_format == "hf-mst") && !rq.model.moe &&
-           rq.base.precision != Precision::AmpFp32;
+           rq.base.precision != Precision::AmpFp32 &&
+           !(rq.base.optimizer == Optimizer::SgdMomentum && rq.base.optimizer_impl == OptimizerImpl::Fused);
 }
 
 // The engine of `s`'s stage as `rq` trains it: FSDP2 for the hf runtime's ZeRO-3 where fsdp2_is_zero3,
@@ -397,6 +399,7 @@ void on_the_gpu(Candidate& c, PeakSimulator& gpu_sim, const GpuProfile& gpu, byt
 // Whether DeepSpeed's ZeRO 1/2 engine, as the hf runtime models it, runs the knobs of `base`.
 bool deepspeed_runs(TrainingSetup base, const ModelSpec& m, int stage = 2) {
     base.zero_stage = stage;
+    base.fsdp2 = false;  // (DeepSpeed's engine: whatever a setup file asked of torch's)
     try {
         validate_hf_scope(base, m);
         return true;
@@ -618,8 +621,8 @@ void check_request(const TuneRequest& rq, const char* command) {
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage &&
         std::find(zeros.begin(), zeros.end(), *rq.pins.zero_stage) == zeros.end())
         fail(command, "pin", fmt::format("zero={}: expected {} with runtime hf{} (ZeRO 0 is torch's DDP, 3 torch's FSDP2 for a "
-                                         "dense model with bf16 or fp32 weights, 1 to 3 DeepSpeed's engine, which --for "
-                                         "deepspeed and axolotl train in)",
+                                         "dense model with bf16 weights or fp32 ones under its bf16 policy, 1 to 3 DeepSpeed's "
+                                         "engine, which --for deepspeed and axolotl train in)",
                                          *rq.pins.zero_stage, fmt::join(zeros, " or "),
                                          rq.for_format.empty() ? "" : " and --for " + rq.for_format));
     as_planned.zero_stage = rq.pins.zero_stage.value_or(zeros.front());  // (the hf runtime: DDP's or DeepSpeed's rules)
@@ -893,6 +896,7 @@ Recommendation recommend(const TuneRequest& rq) {
                 }
     }
     out.simulations = search.sims_;
+    out.fsdp2_shards = fsdp2_is_zero3(rq);
     if (rq.base.runtime == Runtime::Hf) {
         const std::vector<int> zeros = zero_stages(rq);
         out.zero3_searched = rq.pins.zero_stage ? *rq.pins.zero_stage == 3 : std::find(zeros.begin(), zeros.end(), 3) != zeros.end();

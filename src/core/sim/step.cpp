@@ -260,8 +260,8 @@ Walked walk(const ModelSpec& model, const TrainingSetup& setup, const GpuProfile
     const std::vector<std::int64_t> all = walked_ranks(setup, model);
     if (rank && !walks_rank(setup, model, *rank))
         fail("setup", "rank", fmt::format("expected a rank whose step differs: of ring attention's sp ranks (0 .. sp - 1, with "
-                                          "sp_impl ring and sp > 1) or DeepSpeed's dp ranks (0 .. dp - 1, runtime hf with ZeRO 1, "
-                                          "2 or 3), got {} (sp {}, {}, dp {}, ZeRO {}, runtime {})",
+                                          "sp_impl ring and sp > 1) or DeepSpeed's or FSDP2's dp ranks (0 .. dp - 1, runtime hf "
+                                          "with ZeRO 1, 2 or 3), got {} (sp {}, {}, dp {}, ZeRO {}, runtime {})",
                                           *rank, setup.sp, to_string(setup.sp_impl), setup.dp, setup.zero_stage,
                                           to_string(setup.runtime)));
     const std::vector<std::int64_t> ranks = rank ? std::vector<std::int64_t>{*rank} : all;  // (DeepSpeed on one GPU: {0})
