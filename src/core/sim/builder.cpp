@@ -229,12 +229,10 @@ void StepBuilder::init_state() {
     if (fsdp2_on_) fsdp2_build();
     auto part = [&](const Param& p, bool sharded) { return sharded ? ceil_div(p.numel, p.shard_ranks) : p.numel; };
     auto stored = [&](int i) {  // the weight's elements this rank stores
-        const Param& p = params_[static_cast<std::size_t>(i)];
-        return fsdp2_on_ ? checked_mul(fsdp2_shard_rows(i), p.numel / p.rows) : part(p, shard_params);
+        return fsdp2_on_ ? fsdp2_elements(i, fsdp2_shard_rows(i)) : part(params_[static_cast<std::size_t>(i)], shard_params);
     };
     auto stepped = [&](int i) {  // the elements its optimizer steps on this rank
-        const Param& p = params_[static_cast<std::size_t>(i)];
-        return fsdp2_on_ ? checked_mul(fsdp2_local_rows(i), p.numel / p.rows) : part(p, shard_optim);
+        return fsdp2_on_ ? fsdp2_elements(i, fsdp2_local_rows(i)) : part(params_[static_cast<std::size_t>(i)], shard_optim);
     };
     const int sd = s_.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
 

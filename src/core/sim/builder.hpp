@@ -836,7 +836,7 @@ private:
     } fsdp2_;
     std::int64_t fsdp2_shard_rows(int p) const;  // its padded shard's rows: ceil(rows / dp)
     std::int64_t fsdp2_local_rows(int p) const;  // this rank's rows of it (fewer on the last ranks, or none)
-    bytes_t fsdp2_bytes(int p, std::int64_t rows) const;  // `rows` of parameter p in its dtype
+    std::int64_t fsdp2_elements(int p, std::int64_t rows) const;  // the elements of `rows` of parameter p
     void fsdp2_build();
     T fsdp2_all_gather(int group);         // its output buffer
     void fsdp2_copy_out(int group);        // the whole parameters, out of the all-gather's buffer

@@ -30,9 +30,9 @@ std::int64_t StepBuilder::fsdp2_local_rows(int p) const {
     return std::clamp<std::int64_t>(rows - rank_ * c, 0, c);
 }
 
-bytes_t StepBuilder::fsdp2_bytes(int p, std::int64_t rows) const {
+std::int64_t StepBuilder::fsdp2_elements(int p, std::int64_t rows) const {
     const Param& P = params_[static_cast<std::size_t>(p)];
-    return checked_mul(checked_mul(rows, P.numel / P.rows), pw_);
+    return checked_mul(rows, P.numel / P.rows);
 }
 
 void StepBuilder::fsdp2_build() {
@@ -41,7 +41,7 @@ void StepBuilder::fsdp2_build() {
         const Param& P = params_[static_cast<std::size_t>(p)];
         Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(P.layer + 1)];  // (the root's: layer -1)
         g.params.push_back(p);
-        g.shard = checked_add(g.shard, checked_mul(fsdp2_shard_rows(p), P.numel / P.rows), "FSDP2 shard");
+        g.shard = checked_add(g.shard, fsdp2_elements(p, fsdp2_shard_rows(p)), "FSDP2 shard");
     }
     fsdp2_.whole.assign(params_.size(), T{});
     fsdp2_.sharded_grads.assign(params_.size(), T{});
@@ -61,7 +61,8 @@ T StepBuilder::fsdp2_all_gather(int group) {
 void StepBuilder::fsdp2_copy_out(int group) {
     for (int p : fsdp2_.groups[static_cast<std::size_t>(group)].params)
         fsdp2_.whole[static_cast<std::size_t>(p)] =
-            alloc(params_[static_cast<std::size_t>(p)].name, fsdp2_bytes(p, checked_mul(fsdp2_shard_rows(p), s_.dp)), Category::Weights);
+            alloc(params_[static_cast<std::size_t>(p)].name,
+                  checked_mul(fsdp2_elements(p, checked_mul(fsdp2_shard_rows(p), s_.dp)), pw_), Category::Weights);
 }
 
 // pre_forward: unshard (foreach_all_gather), then wait_for_unshard, which first releases the all-gather

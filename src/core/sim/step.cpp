@@ -398,22 +398,23 @@ void StepBuilder::hf_optimizer_step() {
     at("optimizer.step");
     const int sd = s_.effective_state_dtype() == StateDtype::Fp32 ? 4 : 2;
     const bool sharded = zero_stage() >= 1;
-    auto state_bytes = [&](const Param& p) {
-        if (fsdp2_on_) return checked_mul(checked_mul(fsdp2_local_rows(static_cast<int>(&p - params_.data())), p.numel / p.rows), sd);
+    auto state_bytes = [&](int i) {  // (FSDP2: the rows this rank steps)
+        const Param& p = params_[static_cast<std::size_t>(i)];
+        if (fsdp2_on_) return checked_mul(fsdp2_elements(i, fsdp2_local_rows(i)), sd);
         return checked_mul(sharded ? ceil_div(p.numel, p.shard_ranks) : p.numel, sd);
     };
     if (s_.optimizer == Optimizer::AdamW && s_.optimizer_impl == OptimizerImpl::Foreach) {
         std::vector<T> sqrt;
         for (int i : order_) {
             layer_ = -1;
-            const bytes_t b = state_bytes(params_[static_cast<std::size_t>(i)]);
+            const bytes_t b = state_bytes(i);
             if (b > 0) sqrt.push_back(alloc("exp_avg_sq_sqrt", b, Category::Transient));  // (none for an empty shard)
         }
         for (auto it = sqrt.rbegin(); it != sqrt.rend(); ++it) drop(*it);
     } else if (s_.optimizer == Optimizer::AdamW && s_.optimizer_impl == OptimizerImpl::ForLoop) {
         T denom;
         for (int i : order_) {
-            const bytes_t b = state_bytes(params_[static_cast<std::size_t>(i)]);
+            const bytes_t b = state_bytes(i);
             if (b == 0) {  // an empty shard: its tensors are empty (no memory); the name's rebinding frees the last denom
                 drop(denom);
                 continue;
