@@ -2,8 +2,8 @@
 
 A plan with ``fsdp2`` (runtime hf, ZeRO stage 3, ``dp`` ranks) trains the Hugging Face model, patched
 by ``mst_hf.apply``, with ``fully_shard`` applied to every decoder layer and then to the model (the
-root, which owns the embedding, the final norm and the LM head), as torchtitan, accelerate's FSDP2
-and a hand-written loop apply it: one parameter group per decoder layer, the root's own. Each rank
+root, which owns the embedding, the final norm and the LM head) by ``mst_hf.shard``, the layout
+torchtitan's and accelerate's FSDP2 wrap too: one parameter group per decoder layer, the root's own. Each rank
 keeps a dim-0 shard of every parameter (padded to a multiple of the ranks); a group's forward
 all-gathers its parameters into one buffer and copies them out into whole ones, freed again after
 the layer's forward (the root keeps its own to the backward) and gathered again in backward; each
@@ -20,7 +20,7 @@ sharded gradients are gradients. The sharded parameters are registered as the ``
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 
 class Fsdp2:
@@ -99,11 +99,12 @@ class Fsdp2:
 
 
 def _unsharded_grads(group: Any) -> List[Any]:
-    out = []
+    """The whole gradients a group's post-backward is about to reduce: each unsharded parameter's ``.grad``
+    (and an accumulated one, where FSDP2 keeps its own)."""
+    out: List[Any] = []
     for fp in group.fsdp_params:
-        for name in ("unsharded_accumulated_grad", "_unsharded_param"):
-            t = getattr(fp, name, None)
-            out.append(getattr(t, "grad", None) if name == "_unsharded_param" else t)
+        whole = getattr(fp, "_unsharded_param", None)
+        out += [getattr(fp, "unsharded_accumulated_grad", None), whole.grad if whole is not None else None]
     return out
 
 
@@ -116,9 +117,3 @@ def _reduce_scatter_buffers(group: Any) -> List[Any]:
         grad = fp.sharded_param.grad
         out.append(grad.to_local() if grad is not None else None)
     return out
-
-
-def describe(world: Fsdp2) -> Dict[str, Any]:
-    import torch
-
-    return {"ranks": world.ranks, "rank": world.rank, "torch": torch.__version__}
