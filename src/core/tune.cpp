@@ -124,8 +124,8 @@ std::int64_t widest_expert_parallel(const TuneRequest& rq) {
 
 // Whether the hf runtime's ZeRO-3 for `rq` is torch's FSDP2: the plan's trainer is no DeepSpeed format
 // (a script of python/mst_hf's users, which shards with fully_shard), and FSDP2 is modelled for the
-// model and precision (validate_fsdp2_scope: dense models, bf16 or fp32 parameters).
-// (dense models, bf16 or fp32 parameters under its bf16 policy, no fused SGD: validate_fsdp2_scope)
+// model and precision (validate_fsdp2_scope: dense models, bf16 or fp32 parameters under its bf16
+// policy, no fused SGD).
 bool fsdp2_is_zero3(const TuneRequest& rq) {
     return rq.base.runtime == Runtime::Hf && (rq.for_format.empty() || rq.for_format == "hf-mst") && !rq.model.moe &&
            rq.base.precision != Precision::AmpFp32 &&
