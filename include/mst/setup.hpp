@@ -213,6 +213,9 @@ void validate(const TrainingSetup& setup, const ModelSpec& model);
 void validate_ring_scope(const TrainingSetup& s, const ModelSpec& m);
 // What the hf runtime does not model yet (part of validate).
 void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m);
+// What torch's FSDP2 is modelled for (part of validate_hf_scope when fsdp2): ZeRO 3 over 2 or more
+// ranks, a dense model, bf16 or fp32 parameters (no amp), no fused SGD. The tuner probes it.
+void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m);
 // What a model can be planned with whatever the knobs' bounds (gpt-oss's runtime and attention,
 // grouped_mm's row alignment); part of validate(), and checked before a search.
 void validate_model_scope(const TrainingSetup& s, const ModelSpec& m);

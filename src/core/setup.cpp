@@ -476,7 +476,6 @@ void validate_zero3_scope(const TrainingSetup& s, const ModelSpec& m, const char
 // FSDP2 in the hf runtime (src/core/sim/fsdp2.cpp) is proven on the referee (python/mst_referee/fsdp2.py)
 // for dense models, parameters stored in bf16 or in fp32 under its bf16 mixed-precision policy; what else
 // its hooks would meet is refused until it is proven the same way.
-namespace {
 void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
     const char* fsdp = "with fsdp2 (torch's fully_shard)";
@@ -498,7 +497,6 @@ void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m) {
                                               "SGD), got fused",
                                               fsdp));
 }
-}  // namespace
 
 // The hf runtime walks transformers + PyTorch's own step, each rule proven event by event
 // against the referee (python/mst_referee), which runs one process, DDP's Reducer or DeepSpeed's

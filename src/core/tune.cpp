@@ -124,19 +124,25 @@ std::int64_t widest_expert_parallel(const TuneRequest& rq) {
 
 // Whether the hf runtime's ZeRO-3 for `rq` is torch's FSDP2: the plan's trainer is no DeepSpeed format
 // (a script of python/mst_hf's users, which shards with fully_shard), and FSDP2 is modelled for the
-// model and precision (validate_fsdp2_scope: dense models, bf16 or fp32 parameters under its bf16
-// policy, no fused SGD).
+// model and the knobs (validate_fsdp2_scope, probed at ZeRO 3 over two ranks: the stage and the ranks
+// are the search's).
 bool fsdp2_is_zero3(const TuneRequest& rq) {
-    return rq.base.runtime == Runtime::Hf && (rq.for_format.empty() || rq.for_format == "hf-mst") && !rq.model.moe &&
-           rq.base.precision != Precision::AmpFp32 &&
-           !(rq.base.optimizer == Optimizer::SgdMomentum && rq.base.optimizer_impl == OptimizerImpl::Fused);
+    if (rq.base.runtime != Runtime::Hf || !(rq.for_format.empty() || rq.for_format == "hf-mst")) return false;
+    TrainingSetup probe = rq.base;
+    probe.zero_stage = 3, probe.dp = 2, probe.fsdp2 = true;
+    try {
+        validate_fsdp2_scope(probe, rq.model);
+        return true;
+    } catch (const UserError&) {
+        return false;
+    }
 }
 
 // The engine of `s`'s stage as `rq` trains it: FSDP2 for the hf runtime's ZeRO-3 where fsdp2_is_zero3,
 // else DeepSpeed's; DeepSpeed's engine options as asked where its engine runs `s` (the bucket;
 // overlap_comm under ZeRO 1/2, the gathering options under ZeRO-3), DeepSpeed's defaults elsewhere: the
 // searches move setups between stages, and only that engine has them (validate()).
-void take_deepspeed(TrainingSetup& s, const TuneRequest& rq) {
+void take_engine(TrainingSetup& s, const TuneRequest& rq) {
     const TrainingSetup& asked = rq.base;
     s.fsdp2 = s.zero_stage == 3 && fsdp2_is_zero3(rq);
     s.reduce_bucket_size = s.deepspeed_engine() ? asked.reduce_bucket_size : kDeepSpeedReduceBucket;
@@ -606,7 +612,7 @@ void check_request(const TuneRequest& rq, const char* command) {
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage && trains_in_deepspeed(rq.for_format) && *rq.pins.zero_stage >= 1) {
         TrainingSetup pinned = as_planned;
         pinned.zero_stage = *rq.pins.zero_stage;
-        take_deepspeed(pinned, rq);
+        take_engine(pinned, rq);
         validate_hf_scope(pinned, rq.model);
         // with the other pins it has to run with (a checkpoint to offload, where offload is pinned)
         pinned.seq_len = rq.seq_len;
@@ -628,7 +634,7 @@ void check_request(const TuneRequest& rq, const char* command) {
     as_planned.zero_stage = rq.pins.zero_stage.value_or(zeros.front());  // (the hf runtime: DDP's or DeepSpeed's rules)
     // (at the length asked for, which an error names: sdpa under a sliding window; max-seq: the setup's)
     if (rq.seq_len >= 1 && rq.seq_len <= limits::kSeqLen) as_planned.seq_len = rq.seq_len;
-    take_deepspeed(as_planned, rq);
+    take_engine(as_planned, rq);
     validate_model_scope(as_planned, rq.model);
     validate_hf_scope(as_planned, rq.model);
     // (asked for, and some layout can use it)
@@ -706,7 +712,7 @@ std::optional<Recommendation::Leanest> leanest(const TuneRequest& rq, std::int64
     s.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
     const std::vector<int> zeros = zero_stages(rq);
     s.zero_stage = rq.pins.zero_stage ? *rq.pins.zero_stage : rq.gpus == 1 ? zeros.front() : zeros.back();
-    take_deepspeed(s, rq);
+    take_engine(s, rq);
     s.overlap_comm = s.deepspeed_zero() && rq.pins.overlap_comm.value_or(false);
     s.micro_batch = rq.pins.micro_batch.value_or(rq.tokens_per_step ? 1 : rq.base.micro_batch);
     if (rq.tokens_per_step)  // (the accumulation that reaches the tokens per step, as the search pairs them)
@@ -875,7 +881,7 @@ Recommendation recommend(const TuneRequest& rq) {
                                 TrainingSetup s = rq.base;
                                 s.seq_len = rq.seq_len;
                                 s.sp = sp, s.dp = dp, s.zero_stage = zero, s.ep = ep;
-                                take_deepspeed(s, rq);
+                                take_engine(s, rq);
                                 // DeepSpeed's overlap_comm: a second bucket for its reductions hidden behind backward
                                 // (one rank reduces nothing: unpinned, the second bucket is not tried)
                                 if (overlap && (!s.deepspeed_zero() || (s.zero_ranks() == 1 && !rq.pins.overlap_comm))) continue;
@@ -928,7 +934,7 @@ Recommendation recommend(const TuneRequest& rq) {
                 out.persistent_bytes = std::numeric_limits<bytes_t>::max();
                 for (int zero : zeros) {
                     one.zero_stage = zero, one.optimizer_in_backward = rq.base.optimizer_in_backward;
-                    take_deepspeed(one, rq);
+                    take_engine(one, rq);
                     one.overlap_comm = one.deepspeed_zero() && rq.pins.overlap_comm.value_or(false);  // (pinned: two buckets)
                     out.persistent_bytes = std::min(out.persistent_bytes, persistent_state_bytes(m, one, rq.gpu));
                     if (!one.optimizer_in_backward && searches_step_in_backward(rq, one.grad_accum, one.zero_stage)) {
@@ -1032,7 +1038,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     const std::vector<int> zeros = zero_stages(rq);
     const bool fsdp2 = hf && zeros.back() == 3 && fsdp2_is_zero3(rq);
     base.zero_stage = !hf ? (rq.gpus > 1 ? 3 : 0) : fsdp2 || zeros.front() != 0 ? zeros.back() : 0;
-    take_deepspeed(base, rq);
+    take_engine(base, rq);
     base.sp = 1;
     base.ep = 1, base.moe_imbalance = 1.0;  // (the expert-parallel row sets its own)
     base.mlp_chunks = base.lm_chunks = 1;
@@ -1070,7 +1076,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         widest.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
         strategies.push_back({.name = fmt::format("+ expert parallel (ep {})", ep), .setup = widest, .mst = true});
     }
-    for (Strategy& st : strategies) take_deepspeed(st.setup, rq);
+    for (Strategy& st : strategies) take_engine(st.setup, rq);
     if (user) strategies.push_back({.name = "your setup", .setup = *user});
 
     // Each strategy's search is its own (a simulator of its own): they run side by side, each row
@@ -1123,7 +1129,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
             if (ours && !row.refused.empty() && run.setup.zero_stage == 3) {
                 TrainingSetup z2 = run.setup;
                 z2.zero_stage = 2;
-                take_deepspeed(z2, rq);
+                take_engine(z2, rq);
                 if (refusal(z2, run.mst_mlp).empty()) run.setup = z2, row.setup = z2, row.refused.clear();
             }
             // One rank: ZeRO 1 shards nothing and is what DeepSpeed needs for bf16 master weights.
@@ -1131,7 +1137,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                 run.setup.runtime == Runtime::Kernels) {
                 TrainingSetup z1 = run.setup;
                 z1.zero_stage = 1;
-                take_deepspeed(z1, rq);
+                take_engine(z1, rq);
                 if (refusal(z1, run.mst_mlp).empty()) run.setup = z1, row.setup = z1, row.refused.clear();
             }
             if (!row.refused.empty()) continue;
