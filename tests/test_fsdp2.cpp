@@ -156,6 +156,51 @@ TEST_CASE("FSDP2 with accumulation adds each later micro-step's reduce-scatter o
     }
 }
 
+TEST_CASE("FSDP2 accumulating unsynced keeps the whole gradients until the last micro-step reduce-scatters them") {
+    // set_requires_gradient_sync(False) before every micro-step but the last (the Hugging Face Trainer's
+    // accumulation through accelerate's no_sync): the middle micro-step differs from both ends, so three
+    // are recorded: the first, one in the middle, the last.
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = fsdp2(2);
+    s.grad_accum = 4;
+    s.fsdp2_no_sync = true;
+    const Timeline t = simulate(m, s, test::test_gpu());
+    REQUIRE(t.micro_steps_recorded == 3);
+    // Only the last reduce-scatters: its outputs are the sharded gradients, kept to zero_grad.
+    const auto inputs = allocs(t, "reduce_scatter_input"), outputs = allocs(t, "reduce_scatter_output");
+    REQUIRE(inputs.size() == 3);
+    REQUIRE(outputs.size() == 3);
+    for (const Event* e : inputs) CHECK(e->micro_step == 2);
+    for (const Event* e : outputs) {
+        CHECK(e->micro_step == 2);
+        CHECK(e->category == Category::Gradients);
+        CHECK(test::freed_in(t, e) == Phase::Optimizer);
+    }
+    // The whole gradients, made in the first micro-step's backward, stay: through the middle one's forward
+    // every parameter's is held, the model in bf16. Embedding and LM head 256 x 64 each, the final norm
+    // 64; a layer q, o 64 x 64, k, v 32 x 64, gate, up, down 176 x 64, two norms of 64: 46208 elements.
+    const bytes_t whole = (2 * 256 * 64 + 64 + 2 * 46208) * 2;
+    CHECK(test::max_live_during(t, Category::Gradients,
+                                [](const Event& e) { return e.micro_step == 1 && e.phase == Phase::Forward; }) == whole);
+    // (synced every micro-step, the same point holds the reduce-scatter outputs instead: padded shards)
+    s.fsdp2_no_sync = false;
+    const Timeline synced = simulate(m, s, test::test_gpu());
+    CHECK(test::max_live_during(synced, Category::Gradients,
+                                [](const Event& e) { return e.micro_step == 1 && e.phase == Phase::Forward; }) ==
+          (2 * 23104 + 16416) * 2);  // 2 ranks: a layer's padded shards 23104 elements, the root's 8192 + 32 + 8192
+    // The time (Llama-3.2-1B over 2 H100s, 450 GB/s): exposed are the root's gathers before each forward and
+    // its reduce-scatter in backward's final callback, each half of its bf16 bytes over the link (the tied
+    // embedding 128256 x 2048, the final norm 2048): synced 4 + 4 of them, unsynced 4 + 1.
+    const ModelSpec one_b = find_model("llama-3.2-1b");
+    const GpuProfile gpu = find_gpu("h100-sxm-80gb");
+    TrainingSetup big = fsdp2(2);
+    big.seq_len = 8192, big.grad_accum = 4;
+    const double root = 0.5 * (128256.0 * 2048 + 2048) * 2 / 450e9;
+    CHECK(predict_time(one_b, big, gpu).comm_exposed_seconds == doctest::Approx(8 * root).epsilon(1e-9));
+    big.fsdp2_no_sync = true;
+    CHECK(predict_time(one_b, big, gpu).comm_exposed_seconds == doctest::Approx(5 * root).epsilon(1e-9));
+}
+
 TEST_CASE("FSDP2 is refused where it is not modelled, each with one line naming the knob") {
     const auto refused = [](const TrainingSetup& s, const char* model, const char* field) {
         try {
@@ -178,6 +223,10 @@ TEST_CASE("FSDP2 is refused where it is not modelled, each with one line naming 
     s = fsdp2(4), s.optimizer = Optimizer::SgdMomentum;
     refused(s, "tiny-llama", "optimizer_impl");
     refused(fsdp2(4), "mixtral-8x7b", "fsdp2");
+    s = fsdp2(4), s.grad_accum = 2, s.fsdp2_no_sync = true, s.precision = Precision::Bf16Master;
+    refused(s, "tiny-llama", "fsdp2_no_sync");  // (unsynced fp32 gradients: not modelled yet)
+    s = TrainingSetup{}, s.fsdp2_no_sync = true;
+    refused(s, "tiny-llama", "fsdp2_no_sync");  // (without fsdp2)
     s = fsdp2(4), s.optimizer = Optimizer::SgdMomentum, s.optimizer_impl = OptimizerImpl::Foreach;
     CHECK_NOTHROW(validate(s, find_model("tiny-llama")));
 }
@@ -198,5 +247,11 @@ TEST_CASE("An FSDP2 plan is written for python/mst_hf, not for DeepSpeed's engin
     // and the setup's JSON names it only where it is set
     CHECK(to_json(plan.setup).at("fsdp2") == true);
     CHECK_FALSE(to_json(TrainingSetup{}).contains("fsdp2"));
+    CHECK_FALSE(j.contains("fsdp2_no_sync"));
+    // the user's loop accumulating unsynced: the config says so (the referee runs it so), as the setup does
+    plan.setup.grad_accum = 2, plan.setup.fsdp2_no_sync = true;
+    CHECK(nlohmann::json::parse(emit(plan, m, "hf-mst")[0].content).at("fsdp2_no_sync") == true);
+    CHECK(to_json(plan.setup).at("fsdp2_no_sync") == true);
+    CHECK(parse_setup(to_json(plan.setup), m, "setup").fsdp2_no_sync);
     CHECK(parse_setup(to_json(plan.setup), m, "setup.json", Runtime::Hf).fsdp2);
 }

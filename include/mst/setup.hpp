@@ -128,6 +128,12 @@ struct TrainingSetup {
     // parameter, a layer's are all-gathered for its forward and again for its backward, and its
     // gradients leave it reduce-scattered (src/core/sim/fsdp2.cpp).
     bool fsdp2 = false;
+    // FSDP2 under accumulation as the Hugging Face Trainer and accelerate's accumulate() run it:
+    // set_requires_gradient_sync(False) before every micro-step but the last, so each layer's whole
+    // gradients stay (accumulated in place) until the last micro-step's backward reduce-scatters them.
+    // false: every micro-step reduce-scatters (a loop that leaves the sync on, or accelerate's
+    // sync_each_batch).
+    bool fsdp2_no_sync = false;
 
     StateDtype effective_state_dtype() const {
         return state_dtype.value_or(precision == Precision::PureBf16 ? StateDtype::Bf16 : StateDtype::Fp32);

@@ -89,6 +89,10 @@ class MstConfig:
     # ZeRO-3 as torch's FSDP2 (fully_shard) rather than DeepSpeed's engine: its parameters are plain
     # ones while a layer runs, so the patches take their one-GPU forms (optional key, false by default).
     fsdp2: bool = False
+    # FSDP2 accumulating unsynced, as the Hugging Face Trainer and accelerate's accumulate() do:
+    # set_requires_gradient_sync(False) before every micro-step but the last (the loop's choice, which
+    # the plan predicts; optional key, false by default).
+    fsdp2_no_sync: bool = False
 
     @property
     def deepspeed_zero3(self) -> bool:
@@ -121,6 +125,7 @@ class MstConfig:
             "zero_stage": self.zero_stage,
             "predicted": dataclasses.asdict(self.predicted),
             **({"fsdp2": True} if self.fsdp2 else {}),
+            **({"fsdp2_no_sync": True} if self.fsdp2_no_sync else {}),
         }
 
     def to_json(self) -> str:
@@ -282,6 +287,13 @@ def _parse(data: Any, where: str) -> MstConfig:
         r.fail("fsdp2", f"expected false unless zero_stage is 3 over data_parallel > 1 ranks, without sequence parallelism "
                         f"or amp (as mst-plan plans FSDP2), got true with zero_stage {zero_stage}, data_parallel "
                         f"{data_parallel}, sequence_parallel {sequence_parallel} and precision {precision}")
+    fsdp2_no_sync = r.boolean("fsdp2_no_sync") if "fsdp2_no_sync" in r.obj else False
+    if fsdp2_no_sync and not fsdp2:
+        r.fail("fsdp2_no_sync", "expected false without fsdp2 (it is FSDP2's set_requires_gradient_sync(False) under "
+                                "accumulation), got true")
+    if fsdp2_no_sync and grad_accum > 1 and precision == "bf16-master":
+        r.fail("fsdp2_no_sync", f"expected false with bf16-master and grad_accum {grad_accum} (as mst-plan plans FSDP2: "
+                                "unsynced fp32 gradients are not modelled yet), got true")
     tokens = micro_batch * seq_len // sequence_parallel
 
     def chunks(reader: _Reader) -> int:
@@ -354,4 +366,5 @@ def _parse(data: Any, where: str) -> MstConfig:
         zero_stage=zero_stage,
         predicted=predicted,
         fsdp2=fsdp2,
+        fsdp2_no_sync=fsdp2_no_sync,
     )

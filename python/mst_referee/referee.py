@@ -53,16 +53,25 @@ def _state_tensors(optimizer: Any, names: Dict[int, str]) -> Iterator[Tuple[str,
                     yield f"{names.get(id(p), 'param')}.{key}", value if local is None else local
 
 
-class _Recording(Observer):
-    """Sets the recorder's phase and micro-step; micro-steps after the second are not recorded
-    (they repeat the second, as in mst-plan's timelines)."""
+def micro_steps_recorded(cfg: "mst_hf.MstConfig") -> int:
+    """Micro-steps after the second repeat it, as in mst-plan's timelines, and are not recorded; but
+    FSDP2 accumulating unsynced reduce-scatters in its last only, recorded as the third."""
+    return min(cfg.grad_accum, 3 if cfg.fsdp2_no_sync else 2)
 
-    def __init__(self, recorder: Any, model: Any, masters: Dict[int, Any]) -> None:
+
+class _Recording(Observer):
+    """Sets the recorder's phase and micro-step; records the micro-steps micro_steps_recorded says (a
+    last one recorded after skipped ones is recorded as the last recorded)."""
+
+    def __init__(self, recorder: Any, model: Any, masters: Dict[int, Any], cfg: "mst_hf.MstConfig") -> None:
         self.r, self.model, self.masters = recorder, model, masters
+        recorded = micro_steps_recorded(cfg)
+        self.last = (cfg.grad_accum - 1, recorded - 1) if recorded > 2 else None  # (its index, its recorded index)
 
     def phase(self, name: str, micro_step: int) -> None:
-        self.r.recording = micro_step < 2 or name == "optimizer"
-        self.r.micro_step = min(micro_step, 1)
+        last = self.last is not None and micro_step == self.last[0]
+        self.r.recording = micro_step < 2 or last or name == "optimizer"
+        self.r.micro_step = self.last[1] if last else min(micro_step, 1)
         self.r.phase = name
         if name == "optimizer":
             self.r.mark(self._grads(), "gradients")
@@ -176,7 +185,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         batches = next_step()  # host memory: made before recording starts
         try:
             with recorder.tracking(model), recorder:
-                run_step(trained, optimizer, cfg, batches, "fake", _Recording(recorder, model, masters),
+                run_step(trained, optimizer, cfg, batches, "fake", _Recording(recorder, model, masters, cfg),
                          keep_loss=False, trainer=job.trainer)
             recorder.close()
         finally:
@@ -186,7 +195,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         del model, optimizer, trained
     out = {"events": [e.to_list() for e in events], "corrected_sums": recorder.corrected_sums,
            "attn_implementation": attn, "seconds": time.monotonic() - t0,
-           "micro_steps": cfg.grad_accum, "micro_steps_recorded": min(cfg.grad_accum, 2)}
+           "micro_steps": cfg.grad_accum, "micro_steps_recorded": micro_steps_recorded(cfg)}
     if job.setup.get("fsdp2"):
         out["rank"] = job.rank
     return out

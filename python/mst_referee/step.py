@@ -69,7 +69,12 @@ def run_step(model: Any, optimizer: Any, cfg: "mst_hf.MstConfig", batches: Seque
     observer = observer or Observer()
     device_type = "cpu" if device in ("cpu", "fake") else "cuda"
     total = None
+    # FSDP2 accumulating unsynced: accelerate's no_sync (the Hugging Face Trainer's accumulation) turns the
+    # gradient sync off for every micro-step but the last
+    unsynced = cfg.fsdp2_no_sync and len(batches) > 1
     for micro, batch in enumerate(batches):
+        if unsynced:
+            model.set_requires_gradient_sync(micro == len(batches) - 1)
         observer.phase("forward", micro)
         ids, labels = to_device(batch, device), to_device(batch, device)
         loss = forward(model, cfg, device_type, trainer, input_ids=ids, labels=labels, use_cache=False).loss

@@ -44,6 +44,9 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_option("--zero3-prefetch", zero3_prefetch, "Layers all-gathered ahead under ZeRO-3")->capture_default_str()->check(an_int);
     cmd.add_flag("--fsdp2", fsdp2, "ZeRO-3 (runtime hf) as torch's FSDP2, fully_shard on every decoder layer and the model, "
                                    "not DeepSpeed's stage-3 engine");
+    cmd.add_flag("--fsdp2-no-sync", fsdp2_no_sync,
+                 "With --fsdp2 and accumulation: set_requires_gradient_sync(False) before every micro-step but the last, as the "
+                 "Hugging Face Trainer and accelerate's accumulate() do (whole gradients stay until the last micro-step)");
     cmd.add_option("--reduce-bucket-size", reduce_bucket_size_,
                    "DeepSpeed's gradient bucket in elements (ZeRO 1-3, runtime hf: its reduce_bucket_size; the Hugging Face "
                    "Trainer's \"auto\" is hidden_size^2)")
@@ -105,6 +108,7 @@ TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed, s
     if (given("--zero")) s.zero_stage = zero;
     if (given("--zero3-prefetch")) s.zero3_prefetch = zero3_prefetch;
     if (given("--fsdp2")) s.fsdp2 = fsdp2;
+    if (given("--fsdp2-no-sync")) s.fsdp2_no_sync = fsdp2_no_sync;
     if (with_deepspeed) take_deepspeed(s);
     if (given("--sp")) s.sp = sp;
     if (gpus > 1 && !given("--dp") && setup_file.empty()) {

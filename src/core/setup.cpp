@@ -178,7 +178,10 @@ std::string describe_expert_parallelism(const TrainingSetup& s) {
     return s.moe_imbalance == 1.0 ? fmt::format(", ep {}", s.ep) : fmt::format(", ep {}, imbalance {}", s.ep, s.moe_imbalance);
 }
 
-std::string describe_sharding(const TrainingSetup& s) { return s.fsdp2 ? " as FSDP2" : describe_deepspeed(s); }
+std::string describe_sharding(const TrainingSetup& s) {
+    if (!s.fsdp2) return describe_deepspeed(s);
+    return s.fsdp2_no_sync && s.grad_accum > 1 ? " as FSDP2, synced in the last micro-step" : " as FSDP2";
+}
 
 std::string describe_deepspeed(const TrainingSetup& s) {
     std::string out;
@@ -310,6 +313,9 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     if (s.fsdp2 && s.runtime != Runtime::Hf)
         fail(w, "fsdp2", "expected false with runtime kernels (its ZeRO-3 is its own; fsdp2 runs torch's fully_shard on Hugging "
                          "Face's model: runtime hf), got true");
+    if (s.fsdp2_no_sync && !s.fsdp2)
+        fail(w, "fsdp2_no_sync", "expected false without fsdp2 (it is FSDP2's set_requires_gradient_sync(False) under "
+                                 "accumulation), got true");
     if (s.zero3_prefetch < 0 || s.zero3_prefetch > limits::kZero3Prefetch)
         fail(w, "zero3_prefetch", fmt::format("expected 0..{} layers, got {}", limits::kZero3Prefetch, s.zero3_prefetch));
     if (s.zero3_prefetch != 1 && s.runtime == Runtime::Hf)
@@ -496,6 +502,13 @@ void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m) {
         fail(w, "optimizer_impl", fmt::format("expected foreach or for-loop for sgd {} (torch's sharded parameters have no fused "
                                               "SGD), got fused",
                                               fsdp));
+    // Under its bf16 policy an unsynced micro-step keeps fp32 gradients: the first one's each contribution
+    // is cast to the parameter's grad_dtype as its node returns (torch 2.15 defers that cast only where
+    // the gradients are reduced), which is not modelled yet.
+    if (s.fsdp2_no_sync && s.grad_accum > 1 && s.precision == Precision::Bf16Master)
+        fail(w, "fsdp2_no_sync", fmt::format("expected false with bf16-master and grad_accum {} {} (unsynced micro-steps "
+                                             "accumulate fp32 gradients cast per contribution: not modelled yet), got true",
+                                             s.grad_accum, fsdp));
 }
 
 // The hf runtime walks transformers + PyTorch's own step, each rule proven event by event
@@ -597,6 +610,7 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
         r.opt_integer("param_persistence_threshold", 0, limits::kReduceBucket).value_or(kDeepSpeedPersistence);
     s.prefetch_bucket_size = r.opt_integer("prefetch_bucket_size", 0, limits::kReduceBucket).value_or(kDeepSpeedPrefetchBucket);
     s.fsdp2 = r.opt_boolean("fsdp2").value_or(false);
+    s.fsdp2_no_sync = r.opt_boolean("fsdp2_no_sync").value_or(false);
 
     auto chunks = [&](const char* count_key, const char* tokens_key) -> std::int64_t {
         if (r.has(count_key) && r.has(tokens_key))
@@ -672,6 +686,7 @@ nlohmann::json to_json(const TrainingSetup& s) {
         j["prefetch_bucket_size"] = s.prefetch_bucket_size;
     }
     if (s.fsdp2) j["fsdp2"] = true;  // (only where it is asked for: setups without it read as before)
+    if (s.fsdp2_no_sync) j["fsdp2_no_sync"] = true;
     return j;
 }
 

@@ -396,8 +396,10 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         const double reduce_bytes = fp32_shards ? 4 : 2;
         const double gathers = ring * (2 * P - root) * 2 / bw, scatters = ring * P * reduce_bytes / bw;
         const double first = ring * root * 2 / bw, last = ring * root * reduce_bytes / bw;
-        exposed += ga * (first + last);
-        overlapped += ga * (gathers - first + scatters - last);
+        // (unsynced accumulation, fsdp2_no_sync: the last micro-step's reduce-scatters only)
+        const double scattering = s.fsdp2_no_sync ? 1 : ga;
+        exposed += ga * first + scattering * last;
+        overlapped += ga * (gathers - first) + scattering * (scatters - last);
     } else if (s.runtime == Runtime::Hf && s.zero_stage == 0 && s.dp > 1) {
         // torch's DDP as the Hugging Face Trainer runs it (accelerate's accumulate: no_sync but in the
         // last micro-step): each bucket of gradients, in the parameters' dtype, all-reduced on NCCL's

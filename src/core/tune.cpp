@@ -145,6 +145,7 @@ bool fsdp2_is_zero3(const TuneRequest& rq) {
 void take_engine(TrainingSetup& s, const TuneRequest& rq) {
     const TrainingSetup& asked = rq.base;
     s.fsdp2 = s.zero_stage == 3 && fsdp2_is_zero3(rq);
+    s.fsdp2_no_sync = s.fsdp2 && asked.fsdp2_no_sync;  // (the user's loop, where FSDP2 runs it)
     s.reduce_bucket_size = s.deepspeed_engine() ? asked.reduce_bucket_size : kDeepSpeedReduceBucket;
     s.overlap_comm = s.deepspeed_zero() && asked.overlap_comm;
     const bool zero3 = s.deepspeed_zero3();
@@ -557,6 +558,9 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
                            "behind compute. ",
                            s.precision == Precision::Bf16Master ? " in bf16 (its fp32 shards are the master weights)" : "",
                            s.precision == Precision::Bf16Master ? " in fp32" : "", 1e3 * best.time.comm_exposed_seconds);
+    if (s.fsdp2_shards() && s.fsdp2_no_sync && s.grad_accum > 1)
+        why += "Its gradients are synced in the last micro-step only (set_requires_gradient_sync(False) before the "
+               "others, as the Hugging Face Trainer accumulates): every layer's whole gradients stay until then. ";
     if (s.deepspeed_zero3() && s.zero_ranks() > 1)
         why += fmt::format("DeepSpeed's stage-3 engine gathers each module's parameters as its trace comes to them, up "
                            "to {} elements ahead, keeps those of at most {} elements gathered, and reduce-scatters the "

@@ -65,6 +65,7 @@ std::vector<EmittedFile> emit_hf_mst(const Plan& plan, const ModelSpec& model) {
     // ZeRO-3 as torch's FSDP2: python/mst_hf patches as for one GPU (its parameters are plain ones while a
     // layer runs), and the user's script applies fully_shard to every decoder layer and the model.
     if (s.fsdp2) j["fsdp2"] = true;
+    if (s.fsdp2_no_sync) j["fsdp2_no_sync"] = true;  // (what the user's loop does: the referee runs it so)
     return {{"mst_config.json", j.dump(2) + "\n"}};
 }
 

@@ -43,7 +43,9 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
     tl_.source = "simulator";
     tl_.model = m_.name;
     tl_.micro_steps = static_cast<std::int32_t>(s_.grad_accum);
-    tl_.micro_steps_recorded = static_cast<std::int32_t>(std::min<std::int64_t>(s_.grad_accum, 2));
+    // Micro-steps after the second repeat it; unsynced FSDP2's last does not (it reduce-scatters): 0, 1, last.
+    fsdp2_no_sync_ = fsdp2_on_ && s_.fsdp2_no_sync;
+    tl_.micro_steps_recorded = static_cast<std::int32_t>(std::min<std::int64_t>(s_.grad_accum, fsdp2_no_sync_ ? 3 : 2));
     build_params();
 }
 

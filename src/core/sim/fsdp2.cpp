@@ -19,6 +19,10 @@
 //   reduce-scatter's output (its padded shards), whose views are the sharded gradients until
 //   zero_grad (a later micro-step's output is added into them and goes). Backward's final callback
 //   frees the last input.
+// * Unsynced accumulation (fsdp2_no_sync: set_requires_gradient_sync(False) before every micro-step
+//   but the last, as the Hugging Face Trainer runs it): a group's post-backward only reshards; the
+//   whole gradients stay on the parameters, later micro-steps add into them in place, and the last
+//   micro-step's post-backward reduce-scatters them as above.
 #include "builder.hpp"
 
 namespace mst::sim {
@@ -108,9 +112,14 @@ void StepBuilder::fsdp2_pre_backward(int group) {
 
 void StepBuilder::fsdp2_post_backward(int group) {
     const char* op = op_;
-    at("fsdp2.reduce_scatter");
+    const bool sync = !fsdp2_no_sync_ || micro_ == tl_.micro_steps_recorded - 1;
+    at(sync ? "fsdp2.reduce_scatter" : "fsdp2.reshard");
     const Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];
     fsdp2_reshard(group);
+    if (!sync) {  // (reduce_grads false: the whole gradients stay on the parameters, added into in place)
+        at(op);
+        return;
+    }
     drop(fsdp2_.reduce_input);
     fsdp2_.reduce_input = alloc("reduce_scatter_input", elems(s_.dp, g.shard, fsdp2_reduce_), Category::Gradients);
     for (auto it = g.params.rbegin(); it != g.params.rend(); ++it) drop(params_[static_cast<std::size_t>(*it)].grad);
