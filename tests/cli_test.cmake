@@ -46,6 +46,9 @@ expect_run(2 "^error: setup: attention: expected flash or eager with runtime ker
 # Several GPUs with the hf runtime are DDP ranks or FSDP2's (ZeRO 3); what does not fit says where else ZeRO is planned.
 expect_run(0 "dp 8 \\(ZeRO 0\\), Ulysses sp 1" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 8 --seq 8192 --pin zero=0)
 expect_run(0 "dp 8 \\(ZeRO 3 as FSDP2\\), Ulysses sp 1" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 8192)
+# ... accumulating as the Hugging Face Trainer does (the gradients synced in the last micro-step only)
+expect_run(0 "dp 8 \\(ZeRO 3 as FSDP2, synced in the last micro-step\\)" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 16384 --tokens-per-step 524288 --pin micro_batch=1 --fsdp2-no-sync)
+expect_run(2 "error: setup: fsdp2_no_sync: expected false without fsdp2" estimate --model tiny-llama --seq 64 --fsdp2-no-sync)
 expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*plans several GPUs as torch's DDP[^\n]*--runtime kernels plans ZeRO" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 8192 --pin zero=0)
 expect_run(2 "^error: recommend: pin: zero=0: expected 3 with runtime hf" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 2 --seq 8192 --precision bf16-master --pin zero=0)
 expect_run(2 "^error: --pin: colour: expected one of" recommend --model tiny-llama --seq 1024 --pin colour=blue)

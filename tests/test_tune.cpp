@@ -132,6 +132,32 @@ TEST_CASE("the hf runtime plans several GPUs as DDP (every GPU holds the whole m
     CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: pin: zero=0: expected 3 with runtime hf", 0) == 0);
 }
 
+TEST_CASE("recommend plans FSDP2 for the user's accumulation: synced in the last micro-step, whole gradients held") {
+    // Llama-3-8B over 8 H100s, 16k tokens, 512k per step: micro-steps of one sequence, 4 of them.
+    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 16384);
+    rq.base.runtime = Runtime::Hf;
+    rq.tokens_per_step = 524288;
+    rq.pins.micro_batch = 1;
+    const Recommendation synced = recommend(rq);
+    rq.base.fsdp2_no_sync = true;  // the Hugging Face Trainer's accumulation
+    const Recommendation unsynced = recommend(rq);
+    REQUIRE(synced.found);
+    REQUIRE(unsynced.found);
+    REQUIRE(synced.best.setup.grad_accum == 4);
+    CHECK(synced.best.setup.fsdp2);
+    CHECK_FALSE(synced.best.setup.fsdp2_no_sync);
+    for (const Candidate& c : unsynced.pareto) CHECK(c.setup.fsdp2_no_sync == c.setup.fsdp2);
+    // Every layer's whole bf16 gradients stay through the micro-steps: 8.03 B x 2 bytes = 16.1 GB on every
+    // rank, where synced ones hold an eighth of them. The plan for a synced loop does not fit the Trainer's.
+    TrainingSetup trainer = synced.best.setup;
+    trainer.fsdp2_no_sync = true;
+    CHECK(simulate_peaks(rq.model, trainer, rq.gpu).peak_bytes > synced.budget_bytes);
+    CHECK(test::max_live_during(simulate(rq.model, trainer, rq.gpu), Category::Gradients, [](const Event& e) {
+              return e.micro_step == 1 && e.phase == Phase::Forward;
+          }) == 8030261248LL * 2);
+    CHECK(unsynced.best.memory.peak_reserved_bytes <= unsynced.budget_bytes);
+}
+
 TEST_CASE("pins the hf runtime cannot honour are named, not searched for") {
     TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 1, 8192);
     rq.pins.zero_stage = 1;
