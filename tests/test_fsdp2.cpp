@@ -201,6 +201,31 @@ TEST_CASE("FSDP2 accumulating unsynced keeps the whole gradients until the last 
     CHECK(predict_time(one_b, big, gpu).comm_exposed_seconds == doctest::Approx(5 * root).epsilon(1e-9));
 }
 
+TEST_CASE("FSDP2 accumulating unsynced under its bf16 policy keeps fp32 gradients, each cast as it reaches a parameter") {
+    // The first micro-step's parameters have no gradient and their grad_dtype is fp32 (torch 2.15 defers
+    // the cast only where the gradients are reduced): the engine casts every bf16 gradient reaching a
+    // parameter. Later micro-steps add their bf16 gradients into the fp32 ones in place.
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = fsdp2(2);
+    s.precision = Precision::Bf16Master;
+    s.grad_accum = 3;
+    s.fsdp2_no_sync = true;
+    const Timeline t = simulate(m, s, test::test_gpu());
+    const auto casts = allocs(t, "weight_grad_fp32");
+    REQUIRE(casts.size() == 21);  // every parameter once: 9 a layer, the embedding, final norm and LM head
+    for (const Event* e : casts) CHECK(e->micro_step == 0);
+    CHECK(casts.front()->bytes == 256 * 64 * 4);  // the LM head's, first in backward
+    // The tiled MLP's nested torch.autograd.grad casts every chunk's: with 2 chunks, each of the 3 MLP
+    // weights of the 2 layers is cast twice, 6 more; its sums are fp32 then, and leave its node uncast.
+    TrainingSetup tiled = s;
+    tiled.mlp_chunks = 2, tiled.mlp_impl = MlpImpl::Tiled;
+    CHECK(allocs(simulate(m, tiled, test::test_gpu()), "weight_grad_fp32").size() == 21 + 2 * 3);
+    // through the middle micro-step every parameter's whole gradient is held in fp32
+    CHECK(test::max_live_during(t, Category::Gradients,
+                                [](const Event& e) { return e.micro_step == 1 && e.phase == Phase::Forward; }) ==
+          (2 * 256 * 64 + 64 + 2 * 46208) * 4);
+}
+
 TEST_CASE("FSDP2 is refused where it is not modelled, each with one line naming the knob") {
     const auto refused = [](const TrainingSetup& s, const char* model, const char* field) {
         try {
@@ -223,8 +248,6 @@ TEST_CASE("FSDP2 is refused where it is not modelled, each with one line naming 
     s = fsdp2(4), s.optimizer = Optimizer::SgdMomentum;
     refused(s, "tiny-llama", "optimizer_impl");
     refused(fsdp2(4), "mixtral-8x7b", "fsdp2");
-    s = fsdp2(4), s.grad_accum = 2, s.fsdp2_no_sync = true, s.precision = Precision::Bf16Master;
-    refused(s, "tiny-llama", "fsdp2_no_sync");  // (unsynced fp32 gradients: not modelled yet)
     s = TrainingSetup{}, s.fsdp2_no_sync = true;
     refused(s, "tiny-llama", "fsdp2_no_sync");  // (without fsdp2)
     s = fsdp2(4), s.optimizer = Optimizer::SgdMomentum, s.optimizer_impl = OptimizerImpl::Foreach;

@@ -291,9 +291,6 @@ def _parse(data: Any, where: str) -> MstConfig:
     if fsdp2_no_sync and not fsdp2:
         r.fail("fsdp2_no_sync", "expected false without fsdp2 (it is FSDP2's set_requires_gradient_sync(False) under "
                                 "accumulation), got true")
-    if fsdp2_no_sync and grad_accum > 1 and precision == "bf16-master":
-        r.fail("fsdp2_no_sync", f"expected false with bf16-master and grad_accum {grad_accum} (as mst-plan plans FSDP2: "
-                                "unsynced fp32 gradients are not modelled yet), got true")
     tokens = micro_batch * seq_len // sequence_parallel
 
     def chunks(reader: _Reader) -> int:

@@ -169,8 +169,8 @@ def random_fsdp2_case(rng: random.Random, family: str) -> Case:
     if case.knobs.get("optimizer") == "sgd" and case.knobs.get("optimizer_impl", "fused") == "fused":
         case.knobs["optimizer_impl"] = "foreach"  # (torch's DTensor has no fused SGD: mst-plan refuses it)
     # Accumulating as the Hugging Face Trainer does (set_requires_gradient_sync(False) but in the last
-    # micro-step; three: the middle one adds into the whole gradients): modelled with bf16 parameters
-    if case.knobs.get("grad_accum", 1) > 1 and case.knobs.get("precision", "pure-bf16") == "pure-bf16" and rng.random() < 0.5:
+    # micro-step; three: the middle one adds into the whole gradients)
+    if case.knobs.get("grad_accum", 1) > 1 and rng.random() < 0.5:
         case.knobs.update(fsdp2_no_sync=True, grad_accum=rng.choice([2, 3]))
     return case
 

@@ -502,13 +502,6 @@ void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m) {
         fail(w, "optimizer_impl", fmt::format("expected foreach or for-loop for sgd {} (torch's sharded parameters have no fused "
                                               "SGD), got fused",
                                               fsdp));
-    // Under its bf16 policy an unsynced micro-step keeps fp32 gradients: the first one's each contribution
-    // is cast to the parameter's grad_dtype as its node returns (torch 2.15 defers that cast only where
-    // the gradients are reduced), which is not modelled yet.
-    if (s.fsdp2_no_sync && s.grad_accum > 1 && s.precision == Precision::Bf16Master)
-        fail(w, "fsdp2_no_sync", fmt::format("expected false with bf16-master and grad_accum {} {} (unsynced micro-steps "
-                                             "accumulate fp32 gradients cast per contribution: not modelled yet), got true",
-                                             s.grad_accum, fsdp));
 }
 
 // The hf runtime walks transformers + PyTorch's own step, each rule proven event by event

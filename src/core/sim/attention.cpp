@@ -421,7 +421,7 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
         T gw = gw1;
         if (!amp_) {
             gw = grad_out(p);
-            node_end({}, &gw1);
+            node_end({}, &gw1, [&] { fsdp2_upcast_output(p, gw); });
         }
         add_grad(p, gw, false, true);
     } else if (m_.norm_scales_fp32()) {
@@ -439,7 +439,7 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
         node_end({&sv.n, &sv.w}, &g32, [&] {
             gw = amp_ ? grad_out(p) : alloc("d_norm_weight_fp32", elems(d, 1, 4), Category::Transient);
             drop(gw_full);
-            if (amp_) return;
+            if (amp_ || fsdp2_upcasts(p)) return;  // (FSDP2's fp32 grad_dtype: no cast)
             T cast = grad_out(p);
             drop(gw);
             gw = cast;
@@ -455,6 +455,7 @@ T StepBuilder::hf_norm_backward(int p, HfNorm& sv, T g, bool last_unpack, std::i
         node_end({&sv.c, &sv.w}, &g, [&] {
             gw = grad_out(p);
             drop(gw_full);
+            fsdp2_upcast_output(p, gw);
             if (amp_ && !fp32_in) {
                 T cast = alloc("d_normed_bf16", bf16(rows, d), Category::Transient);
                 drop(gc);

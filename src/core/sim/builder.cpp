@@ -516,6 +516,7 @@ void StepBuilder::buffer_add(GradBuffer& b, T g, bool view) {
 }
 
 void StepBuilder::add_grad(int p, T g, bool view, bool last) {
+    if (fsdp2_upcasts(p)) g = fsdp2_upcast(p, g), view = false;  // (not a view: a cast, or the cast's sum)
     buffer_add(params_[static_cast<std::size_t>(p)].pending, g, view);
     if (last) accumulate_grad_run(p);
 }

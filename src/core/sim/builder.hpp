@@ -476,7 +476,10 @@ private:
         } else if (!amp_) {
             input = alloc(input_name, input_bytes, Category::Transient);
             weight = grad_out(w);
-            node_end(saved, &grad_in, [&] { bias = grad_out(b); });
+            node_end(saved, &grad_in, [&] {
+                bias = grad_out(b);
+                fsdp2_upcast_output(b, bias);
+            });
             add_grad(b, bias, false, true);
             add_grad(w, weight, true, true);
             pass_input(input);
@@ -649,12 +652,21 @@ private:
     void node_end(std::initializer_list<T*> saved, T* grad_in) { node_end(saved, grad_in, [] {}); }
     // The same for a custom autograd.Function (a PyNode): recomputed saved tensors are the locals
     // its backward unpacked ctx.saved_tensors into, which die in order when it returns.
-    void py_node_end(std::span<T* const> saved, T* grad_in) {
+    // Its input gradient goes as its apply returns, before validate_outputs (`validate`), its saved
+    // tensors after.
+    template <class Validate>
+    void py_node_end(std::span<T* const> saved, T* grad_in, Validate validate) {
         if (recomputed_)
             for (T* t : saved) drop(*t);
         if (grad_in) drop(*grad_in);
+        validate();
         if (!recomputed_)
             for (T* t : saved) drop(*t);
+    }
+    void py_node_end(std::span<T* const> saved, T* grad_in) { py_node_end(saved, grad_in, [] {}); }
+    template <class Validate>
+    void py_node_end(std::initializer_list<T*> saved, T* grad_in, Validate validate) {
+        py_node_end(std::span<T* const>(saved.begin(), saved.size()), grad_in, validate);
     }
     void py_node_end(std::initializer_list<T*> saved, T* grad_in) {
         py_node_end(std::span<T* const>(saved.begin(), saved.size()), grad_in);
@@ -849,6 +861,18 @@ private:
     void fsdp2_post_backward(int group);   // reshard, reduce-scatter the gradients
     void fsdp2_after_backward();           // the root's post-backward, then the final callback
     static int fsdp2_layer_group(int l) { return 1 + l; }
+    // Whether a gradient of p reaches it cast to the reduce dtype: under the bf16 policy, in an unsynced
+    // micro-step, while p has no gradient yet (its grad_dtype is fp32 then: the engine's validate_outputs
+    // casts each contribution); and the cast (+ fp32, - the bf16 gradient).
+    bool fsdp2_upcasts(int p) const {
+        return fsdp2_no_sync_ && fsdp2_reduce_ != pg_ && micro_ < tl_.micro_steps_recorded - 1 &&
+               !params_[static_cast<std::size_t>(p)].grad.valid();
+    }
+    T fsdp2_upcast(int p, T g);  // (g itself where it is fp32 already)
+    // The same in the validate_outputs of the node whose output reaches p's AccumulateGrad directly.
+    void fsdp2_upcast_output(int p, T& g) {
+        if (fsdp2_upcasts(p)) g = fsdp2_upcast(p, g);
+    }
     // Set on the run that finds DDP's bucket order: each parameter as its gradient becomes ready
     // in the first micro-step's backward (AccumulateGrad's hooks run).
     std::vector<int>* grad_ready_ = nullptr;

@@ -133,6 +133,15 @@ void StepBuilder::fsdp2_post_backward(int group) {
     at(op);
 }
 
+// validate_outputs: a gradient whose dtype is not the parameter's grad_dtype is cast to it.
+T StepBuilder::fsdp2_upcast(int p, T g) {
+    const bytes_t bytes = checked_mul(params_[static_cast<std::size_t>(p)].numel, fsdp2_reduce_);
+    if (table_[static_cast<std::size_t>(g.id)].bytes == bytes) return g;  // (fp32 already)
+    T f = alloc("weight_grad_fp32", bytes, Category::Transient);
+    drop(g);
+    return f;
+}
+
 void StepBuilder::fsdp2_after_backward() {
     fsdp2_post_backward(0);
     at("fsdp2.final_callback");

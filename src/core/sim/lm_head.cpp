@@ -78,7 +78,7 @@ void StepBuilder::embedding_backward(T& dres) {
             at("embedding");
         }
         T g = grad_out(embed_);
-        node_end({}, &dres);
+        node_end({}, &dres, [&] { fsdp2_upcast_output(embed_, g); });
         add_grad(embed_, g, false, true);
         return;
     }
@@ -591,7 +591,7 @@ T StepBuilder::hf_chunked_loss_backward(HeadSaved& hs, T grad_in) {
             dw = dw32;
         }
         drop(scale), drop(w);
-        node_end({&hs.hf_logits_in, &hs.hf_targets, &hs.hf_denominator}, &grad_in);
+        py_node_end({&hs.hf_logits_in, &hs.hf_targets, &hs.hf_denominator}, &grad_in, [&] { fsdp2_upcast_output(lm_head_, dw); });
     }
     add_grad(lm_head_, dw, false, !m_.tie_word_embeddings);
     return dh;

@@ -468,6 +468,9 @@ T StepBuilder::hf_tiled_mlp_backward(const LayerParams& lp, HfLayer& sv, T dy) {
         std::array<T, 6> grads;
         auto grad_of = [&](int p, T g, bool) {
             if (!g.valid()) return;
+            // (torch.autograd.grad's engine casts it to the weight's grad_dtype all the same: fp32 in
+            // FSDP2's first unsynced micro-step under its bf16 policy; the sums are fp32 then)
+            fsdp2_upcast_output(p, g);
             grads[static_cast<std::size_t>(std::find(params.begin(), params.begin() + count, p) - params.begin())] = g;
         };
         T dxc = m_.moe ? hf_moe_backward(lp, e, dyc, true, grad_of) : hf_mlp_chunk_backward(lp, c, dyc, false, true, grad_of);
