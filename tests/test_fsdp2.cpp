@@ -226,6 +226,34 @@ TEST_CASE("FSDP2 accumulating unsynced under its bf16 policy keeps fp32 gradient
           (2 * 256 * 64 + 64 + 2 * 46208) * 4);
 }
 
+TEST_CASE("FSDP2 with reshard_after_forward=False keeps each layer whole from its forward to its post-backward") {
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = fsdp2(3);
+    s.fsdp2_reshard_after_forward = false;
+    const Timeline t = simulate(m, s, test::test_gpu());
+    // Gathered in forward only: the root, then the two layers (backward's unshard and prefetch are no-ops).
+    const bytes_t layer = 15692 * 2, root = 11030 * 2;
+    CHECK(bytes_of(allocs(t, "all_gather_output")) == std::vector<bytes_t>{3 * root, 3 * layer, 3 * layer});
+    const auto q = allocs(t, "q_proj");
+    REQUIRE(q.size() == 2 + 2);  // the two shards, then each layer's whole copy once
+    for (std::size_t i = 2; i < 4; ++i) {
+        CHECK(q[i]->phase == Phase::Forward);
+        CHECK(test::freed_in(t, q[i]) == Phase::Backward);  // its post-backward reshards
+    }
+    // the reduce-scatters are as with resharding
+    CHECK(bytes_of(allocs(t, "reduce_scatter_input")) == std::vector<bytes_t>{3 * layer, 3 * layer, 3 * root});
+    // Time (Llama-3.2-1B over 2 H100s, 450 GB/s): half of each gathered and reduced bf16 byte crosses the link;
+    // resharding gathers the layers twice (2 P - root), not resharding once (P); the reductions P either way.
+    const ModelSpec one_b = find_model("llama-3.2-1b");
+    const GpuProfile gpu = find_gpu("h100-sxm-80gb");
+    TrainingSetup big = fsdp2(2);
+    big.seq_len = 8192;
+    const double P = 1235814400.0, root_elems = 128256.0 * 2048 + 2048;
+    CHECK(predict_time(one_b, big, gpu).comm_seconds == doctest::Approx(0.5 * (2 * P - root_elems + P) * 2 / 450e9));
+    big.fsdp2_reshard_after_forward = false;
+    CHECK(predict_time(one_b, big, gpu).comm_seconds == doctest::Approx(0.5 * (P + P) * 2 / 450e9));
+}
+
 TEST_CASE("FSDP2 is refused where it is not modelled, each with one line naming the knob") {
     const auto refused = [](const TrainingSetup& s, const char* model, const char* field) {
         try {
@@ -250,6 +278,8 @@ TEST_CASE("FSDP2 is refused where it is not modelled, each with one line naming 
     refused(fsdp2(4), "mixtral-8x7b", "fsdp2");
     s = TrainingSetup{}, s.fsdp2_no_sync = true;
     refused(s, "tiny-llama", "fsdp2_no_sync");  // (without fsdp2)
+    s = TrainingSetup{}, s.fsdp2_reshard_after_forward = false;
+    refused(s, "tiny-llama", "fsdp2_reshard_after_forward");  // (without fsdp2)
     s = fsdp2(4), s.optimizer = Optimizer::SgdMomentum, s.optimizer_impl = OptimizerImpl::Foreach;
     CHECK_NOTHROW(validate(s, find_model("tiny-llama")));
 }
@@ -276,5 +306,9 @@ TEST_CASE("An FSDP2 plan is written for python/mst_hf, not for DeepSpeed's engin
     CHECK(nlohmann::json::parse(emit(plan, m, "hf-mst")[0].content).at("fsdp2_no_sync") == true);
     CHECK(to_json(plan.setup).at("fsdp2_no_sync") == true);
     CHECK(parse_setup(to_json(plan.setup), m, "setup").fsdp2_no_sync);
+    CHECK_FALSE(to_json(plan.setup).contains("fsdp2_reshard_after_forward"));
+    plan.setup.fsdp2_reshard_after_forward = false;  // (fully_shard's, for mst_hf.shard's layers)
+    CHECK(nlohmann::json::parse(emit(plan, m, "hf-mst")[0].content).at("fsdp2_reshard_after_forward") == false);
+    CHECK_FALSE(parse_setup(to_json(plan.setup), m, "setup").fsdp2_reshard_after_forward);
     CHECK(parse_setup(to_json(plan.setup), m, "setup.json", Runtime::Hf).fsdp2);
 }

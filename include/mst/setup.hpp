@@ -134,6 +134,9 @@ struct TrainingSetup {
     // false: every micro-step reduce-scatters (a loop that leaves the sync on, or accelerate's
     // sync_each_batch).
     bool fsdp2_no_sync = false;
+    // fully_shard(layer, reshard_after_forward=...) (accelerate's fsdp_reshard_after_forward): false keeps
+    // each layer's parameters whole from its forward to its post-backward (no gathers in backward).
+    bool fsdp2_reshard_after_forward = true;
 
     StateDtype effective_state_dtype() const {
         return state_dtype.value_or(precision == Precision::PureBf16 ? StateDtype::Bf16 : StateDtype::Fp32);

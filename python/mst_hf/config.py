@@ -93,6 +93,9 @@ class MstConfig:
     # set_requires_gradient_sync(False) before every micro-step but the last (the loop's choice, which
     # the plan predicts; optional key, false by default).
     fsdp2_no_sync: bool = False
+    # fully_shard's reshard_after_forward for the decoder layers (mst_hf.shard); false keeps each whole from its
+    # forward to its backward (optional key, true by default).
+    fsdp2_reshard_after_forward: bool = True
 
     @property
     def deepspeed_zero3(self) -> bool:
@@ -126,6 +129,7 @@ class MstConfig:
             "predicted": dataclasses.asdict(self.predicted),
             **({"fsdp2": True} if self.fsdp2 else {}),
             **({"fsdp2_no_sync": True} if self.fsdp2_no_sync else {}),
+            **({} if self.fsdp2_reshard_after_forward else {"fsdp2_reshard_after_forward": False}),
         }
 
     def to_json(self) -> str:
@@ -291,6 +295,10 @@ def _parse(data: Any, where: str) -> MstConfig:
     if fsdp2_no_sync and not fsdp2:
         r.fail("fsdp2_no_sync", "expected false without fsdp2 (it is FSDP2's set_requires_gradient_sync(False) under "
                                 "accumulation), got true")
+    reshard = r.boolean("fsdp2_reshard_after_forward") if "fsdp2_reshard_after_forward" in r.obj else True
+    if not reshard and not fsdp2:
+        r.fail("fsdp2_reshard_after_forward", "expected true without fsdp2 (it is fully_shard's reshard_after_forward), "
+                                              "got false")
     tokens = micro_batch * seq_len // sequence_parallel
 
     def chunks(reader: _Reader) -> int:
@@ -364,4 +372,5 @@ def _parse(data: Any, where: str) -> MstConfig:
         predicted=predicted,
         fsdp2=fsdp2,
         fsdp2_no_sync=fsdp2_no_sync,
+        fsdp2_reshard_after_forward=reshard,
     )

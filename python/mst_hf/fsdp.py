@@ -66,6 +66,6 @@ def shard(model: nn.Module, config: Any, mesh: Optional[Any] = None) -> nn.Modul
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if config.precision == "bf16-master" else MixedPrecisionPolicy())
     for layer in _layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=config.fsdp2_reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model

@@ -172,6 +172,8 @@ def random_fsdp2_case(rng: random.Random, family: str) -> Case:
     # micro-step; three: the middle one adds into the whole gradients)
     if case.knobs.get("grad_accum", 1) > 1 and rng.random() < 0.5:
         case.knobs.update(fsdp2_no_sync=True, grad_accum=rng.choice([2, 3]))
+    if rng.random() < 0.25:  # (fully_shard(layer, reshard_after_forward=False): gathered from forward to backward)
+        case.knobs["fsdp2_reshard_after_forward"] = False
     return case
 
 

@@ -58,7 +58,7 @@ SETUP_DEFAULTS: Dict[str, Any] = {
     "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1, "reduce_bucket_size": 500_000_000,
     "overlap_comm": False, "param_persistence_threshold": 100_000, "prefetch_bucket_size": 50_000_000,
     "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0, "fsdp2": False,
-    "fsdp2_no_sync": False,
+    "fsdp2_no_sync": False, "fsdp2_reshard_after_forward": True,
 }
 SETUP_KEYS = tuple(SETUP_DEFAULTS) + ("optimizer_state_dtype", "mlp_chunk_tokens", "lm_chunk_tokens", "checkpoint")
 
@@ -312,7 +312,8 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     integer("reduce_bucket_size", 1, big)
     integer("param_persistence_threshold", 0, big)
     integer("prefetch_bucket_size", 0, big)
-    for key in ("padded", "optimizer_in_backward", "offload_checkpoints", "overlap_comm", "fsdp2", "fsdp2_no_sync"):
+    for key in ("padded", "optimizer_in_backward", "offload_checkpoints", "overlap_comm", "fsdp2", "fsdp2_no_sync",
+                "fsdp2_reshard_after_forward"):
         boolean(key)
     choice("precision", PRECISIONS)
     choice("optimizer", OPTIMIZERS)
@@ -330,6 +331,9 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     if s["fsdp2_no_sync"] and not s["fsdp2"]:
         fail(where, "fsdp2_no_sync", "expected false without fsdp2 (it is FSDP2's set_requires_gradient_sync(False) under "
                                      "accumulation), got true")
+    if not s["fsdp2_reshard_after_forward"] and not s["fsdp2"]:
+        fail(where, "fsdp2_reshard_after_forward", "expected true without fsdp2 (it is fully_shard's reshard_after_forward), "
+                                                   "got false")
     if s["reduce_bucket_size"] != SETUP_DEFAULTS["reduce_bucket_size"] and not (deepspeed or zero3):
         fail(where, "reduce_bucket_size", f"expected DeepSpeed's default {SETUP_DEFAULTS['reduce_bucket_size']} unless "
                                           f"DeepSpeed's ZeRO engine runs the step (runtime hf, zero_stage 1, 2 or 3), "
@@ -372,7 +376,8 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
              "optimizer_in_backward", "optimizer_impl", "runtime", "attention", "mlp_chunks", "mlp_impl", "lm_chunks", "lm_impl",
              "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "reduce_bucket_size", "overlap_comm", "sp",
              "sp_impl", "ep", "moe_imbalance") + (("param_persistence_threshold", "prefetch_bucket_size") if zero3 else ()) + (
-                 ("fsdp2",) if s["fsdp2"] else ()) + (("fsdp2_no_sync",) if s["fsdp2_no_sync"] else ())
+                 ("fsdp2",) if s["fsdp2"] else ()) + (("fsdp2_no_sync",) if s["fsdp2_no_sync"] else ()) + (
+                 () if s["fsdp2_reshard_after_forward"] else ("fsdp2_reshard_after_forward",))
     return {k: s[k] for k in order}
 
 
@@ -431,6 +436,7 @@ def hf_mst_config(model: str, setup: Mapping[str, Any], num_layers: int,
                       "tokens_per_second": p.get("tokens_per_second", 0)},
         **({"fsdp2": True} if s.get("fsdp2") else {}),
         **({"fsdp2_no_sync": True} if s.get("fsdp2_no_sync") else {}),
+        **({} if s.get("fsdp2_reshard_after_forward", True) else {"fsdp2_reshard_after_forward": False}),
     }
 
 
@@ -446,7 +452,7 @@ def setup_from_hf_mst(cfg: "mst_hf.MstConfig") -> Dict[str, Any]:
         "lm_chunks": cfg.lm_head.chunks, "lm_impl": cfg.lm_head.impl,
         "checkpoint": list(cfg.checkpoint_layers), "offload_checkpoints": cfg.offload_checkpoints,
         "dp": cfg.data_parallel, "zero_stage": cfg.zero_stage, "sp": cfg.sequence_parallel, "fsdp2": cfg.fsdp2,
-        "fsdp2_no_sync": cfg.fsdp2_no_sync,
+        "fsdp2_no_sync": cfg.fsdp2_no_sync, "fsdp2_reshard_after_forward": cfg.fsdp2_reshard_after_forward,
     })
     if setup["zero_stage"] != 3 or cfg.fsdp2:  # (DeepSpeed ZeRO-3's options are written where it runs only, as to_json writes them)
         for key in ("param_persistence_threshold", "prefetch_bucket_size"):
@@ -455,6 +461,8 @@ def setup_from_hf_mst(cfg: "mst_hf.MstConfig") -> Dict[str, Any]:
         del setup["fsdp2"]
     if not cfg.fsdp2_no_sync:
         del setup["fsdp2_no_sync"]
+    if cfg.fsdp2_reshard_after_forward:
+        del setup["fsdp2_reshard_after_forward"]
     return setup
 
 

@@ -117,6 +117,16 @@ def test_fsdp2_no_sync_is_read_with_fsdp2_only():
         load_config(dict(sharded, fsdp2_no_sync=1))
 
 
+def test_fsdp2_reshard_after_forward_is_read_with_fsdp2_only():
+    sharded = dict(copy.deepcopy(GOOD), data_parallel=4, zero_stage=3, fsdp2=True,
+                   optimizer=dict(GOOD["optimizer"], in_backward=False))
+    assert load_config(sharded).fsdp2_reshard_after_forward and "fsdp2_reshard_after_forward" not in load_config(sharded).to_dict()
+    c = load_config(dict(sharded, fsdp2_reshard_after_forward=False))
+    assert not c.fsdp2_reshard_after_forward and c.to_dict()["fsdp2_reshard_after_forward"] is False
+    with pytest.raises(ConfigError, match="config: fsdp2_reshard_after_forward: expected true without fsdp2"):
+        load_config(dict(sharded, fsdp2=False, fsdp2_reshard_after_forward=False))
+
+
 def test_the_config_is_frozen():
     c = load_config(GOOD)
     with pytest.raises(AttributeError):

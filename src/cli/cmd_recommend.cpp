@@ -25,7 +25,7 @@ struct TunerArgs {
     std::int64_t gpus = 1, seq = TuneRequest{}.seq_len, tokens_per_step = 0;
     std::vector<std::string> pins, allows;
     double margin = 0.03, host_gib = 128, moe_imbalance = 1.0;
-    bool fsdp2_no_sync = false;
+    bool fsdp2_no_sync = false, fsdp2_reshard_after_forward = true;
     std::int64_t reduce_bucket_size = kDeepSpeedReduceBucket;
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention, sp_impl = "ulysses";
     std::string optimizer_impl = "fused", runtime = "hf";
@@ -71,6 +71,10 @@ struct TunerArgs {
         cmd.add_flag("--fsdp2-no-sync", fsdp2_no_sync,
                      "Where the search plans FSDP2 with accumulation: for a loop that syncs the gradients in the last micro-step "
                      "only (set_requires_gradient_sync(False) before the others, as the Hugging Face Trainer accumulates)");
+        cmd.add_option("--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
+                       "Where the search plans FSDP2: fully_shard's reshard_after_forward for the decoder layers (false: each "
+                       "stays gathered from its forward to its backward)")
+            ->capture_default_str();
     }
 
     TuneRequest request() const {
@@ -92,7 +96,8 @@ struct TunerArgs {
         rq.base.moe_imbalance = moe_imbalance;
         rq.base.reduce_bucket_size = reduce_bucket_size;
         rq.base.sp_impl = parse_sp_impl(sp_impl, "command line");
-        rq.base.fsdp2_no_sync = fsdp2_no_sync;  // (the search's FSDP2 setups take it: take_engine)
+        rq.base.fsdp2_no_sync = fsdp2_no_sync;  // (the search's FSDP2 setups take these: take_engine)
+        rq.base.fsdp2_reshard_after_forward = fsdp2_reshard_after_forward;
         rq.seq_len = seq;
         rq.for_format = for_format;
         if (tokens_per_step > 0) rq.tokens_per_step = tokens_per_step;  // the option's check: >= 1 when given

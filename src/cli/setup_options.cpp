@@ -47,6 +47,10 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_flag("--fsdp2-no-sync", fsdp2_no_sync,
                  "With --fsdp2 and accumulation: set_requires_gradient_sync(False) before every micro-step but the last, as the "
                  "Hugging Face Trainer and accelerate's accumulate() do (whole gradients stay until the last micro-step)");
+    cmd.add_option("--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
+                   "With --fsdp2: fully_shard's reshard_after_forward for the decoder layers (false: each layer stays gathered "
+                   "from its forward to its backward, no gathers in backward)")
+        ->capture_default_str();
     cmd.add_option("--reduce-bucket-size", reduce_bucket_size_,
                    "DeepSpeed's gradient bucket in elements (ZeRO 1-3, runtime hf: its reduce_bucket_size; the Hugging Face "
                    "Trainer's \"auto\" is hidden_size^2)")
@@ -109,6 +113,7 @@ TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed, s
     if (given("--zero3-prefetch")) s.zero3_prefetch = zero3_prefetch;
     if (given("--fsdp2")) s.fsdp2 = fsdp2;
     if (given("--fsdp2-no-sync")) s.fsdp2_no_sync = fsdp2_no_sync;
+    if (given("--fsdp2-reshard-after-forward")) s.fsdp2_reshard_after_forward = fsdp2_reshard_after_forward;
     if (with_deepspeed) take_deepspeed(s);
     if (given("--sp")) s.sp = sp;
     if (gpus > 1 && !given("--dp") && setup_file.empty()) {

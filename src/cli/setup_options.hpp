@@ -35,7 +35,7 @@ private:
     double moe_imbalance = 1.0;
     std::int64_t mlp_chunks = 1, lm_chunks = 1, mlp_chunk_tokens = 0, lm_chunk_tokens = 0;
     int zero = 0, zero3_prefetch = 1;
-    bool fsdp2 = false, fsdp2_no_sync = false;
+    bool fsdp2 = false, fsdp2_no_sync = false, fsdp2_reshard_after_forward = true;
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, optimizer_impl = "fused", runtime = "hf",
                 attention;
     std::string mlp_impl = "loop", lm_impl = "recompute", checkpoint = "none", sp_impl = "ulysses";

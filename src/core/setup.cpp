@@ -180,7 +180,10 @@ std::string describe_expert_parallelism(const TrainingSetup& s) {
 
 std::string describe_sharding(const TrainingSetup& s) {
     if (!s.fsdp2) return describe_deepspeed(s);
-    return s.fsdp2_no_sync && s.grad_accum > 1 ? " as FSDP2, synced in the last micro-step" : " as FSDP2";
+    std::string out = " as FSDP2";
+    if (!s.fsdp2_reshard_after_forward) out += ", layers gathered from forward to backward";
+    if (s.fsdp2_no_sync && s.grad_accum > 1) out += ", synced in the last micro-step";
+    return out;
 }
 
 std::string describe_deepspeed(const TrainingSetup& s) {
@@ -316,6 +319,8 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     if (s.fsdp2_no_sync && !s.fsdp2)
         fail(w, "fsdp2_no_sync", "expected false without fsdp2 (it is FSDP2's set_requires_gradient_sync(False) under "
                                  "accumulation), got true");
+    if (!s.fsdp2_reshard_after_forward && !s.fsdp2)
+        fail(w, "fsdp2_reshard_after_forward", "expected true without fsdp2 (it is fully_shard's reshard_after_forward), got false");
     if (s.zero3_prefetch < 0 || s.zero3_prefetch > limits::kZero3Prefetch)
         fail(w, "zero3_prefetch", fmt::format("expected 0..{} layers, got {}", limits::kZero3Prefetch, s.zero3_prefetch));
     if (s.zero3_prefetch != 1 && s.runtime == Runtime::Hf)
@@ -604,6 +609,7 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     s.prefetch_bucket_size = r.opt_integer("prefetch_bucket_size", 0, limits::kReduceBucket).value_or(kDeepSpeedPrefetchBucket);
     s.fsdp2 = r.opt_boolean("fsdp2").value_or(false);
     s.fsdp2_no_sync = r.opt_boolean("fsdp2_no_sync").value_or(false);
+    s.fsdp2_reshard_after_forward = r.opt_boolean("fsdp2_reshard_after_forward").value_or(true);
 
     auto chunks = [&](const char* count_key, const char* tokens_key) -> std::int64_t {
         if (r.has(count_key) && r.has(tokens_key))
@@ -680,6 +686,7 @@ nlohmann::json to_json(const TrainingSetup& s) {
     }
     if (s.fsdp2) j["fsdp2"] = true;  // (only where it is asked for: setups without it read as before)
     if (s.fsdp2_no_sync) j["fsdp2_no_sync"] = true;
+    if (!s.fsdp2_reshard_after_forward) j["fsdp2_reshard_after_forward"] = false;
     return j;
 }
 

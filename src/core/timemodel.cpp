@@ -394,7 +394,9 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         const double ring = ring_share(s.zero_ranks()), bw = link_gbps(gpu, cluster, s.zero_ranks(), 1) * 1e9;
         const double root = embedding * (m.tie_word_embeddings ? 1 : 2) + static_cast<double>(m.hidden_size);
         const double reduce_bytes = fp32_shards ? 4 : 2;
-        const double gathers = ring * (2 * P - root) * 2 / bw, scatters = ring * P * reduce_bytes / bw;
+        // (reshard_after_forward false: a layer's forward gather serves its backward too)
+        const double gathered = s.fsdp2_reshard_after_forward ? 2 * P - root : P;
+        const double gathers = ring * gathered * 2 / bw, scatters = ring * P * reduce_bytes / bw;
         const double first = ring * root * 2 / bw, last = ring * root * reduce_bytes / bw;
         // (unsynced accumulation, fsdp2_no_sync: the last micro-step's reduce-scatters only)
         const double scattering = s.fsdp2_no_sync ? 1 : ga;

@@ -145,7 +145,8 @@ bool fsdp2_is_zero3(const TuneRequest& rq) {
 void take_engine(TrainingSetup& s, const TuneRequest& rq) {
     const TrainingSetup& asked = rq.base;
     s.fsdp2 = s.zero_stage == 3 && fsdp2_is_zero3(rq);
-    s.fsdp2_no_sync = s.fsdp2 && asked.fsdp2_no_sync;  // (the user's loop, where FSDP2 runs it)
+    s.fsdp2_no_sync = s.fsdp2 && asked.fsdp2_no_sync;  // (the user's loop and layout, where FSDP2 runs it)
+    s.fsdp2_reshard_after_forward = !s.fsdp2 || asked.fsdp2_reshard_after_forward;
     s.reduce_bucket_size = s.deepspeed_engine() ? asked.reduce_bucket_size : kDeepSpeedReduceBucket;
     s.overlap_comm = s.deepspeed_zero() && asked.overlap_comm;
     const bool zero3 = s.deepspeed_zero3();

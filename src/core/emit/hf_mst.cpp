@@ -66,6 +66,7 @@ std::vector<EmittedFile> emit_hf_mst(const Plan& plan, const ModelSpec& model) {
     // layer runs), and the user's script applies fully_shard to every decoder layer and the model.
     if (s.fsdp2) j["fsdp2"] = true;
     if (s.fsdp2_no_sync) j["fsdp2_no_sync"] = true;  // (what the user's loop does: the referee runs it so)
+    if (!s.fsdp2_reshard_after_forward) j["fsdp2_reshard_after_forward"] = false;  // (mst_hf.shard's layers)
     return {{"mst_config.json", j.dump(2) + "\n"}};
 }
 

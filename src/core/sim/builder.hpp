@@ -831,6 +831,7 @@ private:
     // allocates and frees, in torch's order; the tensors between them are the plain step's.
     bool fsdp2_on_ = false;  // s_.fsdp2_shards()
     bool fsdp2_no_sync_ = false;  // s_.fsdp2_no_sync: only the last micro-step reduce-scatters
+    bool fsdp2_keep_gathered_ = false;  // !s_.fsdp2_reshard_after_forward: layers whole from forward to post-backward
     // Bytes per element of the stored shards and of the reduce-scatter (its reduce dtype): bf16 for pure
     // bf16, fp32 for bf16-master (fp32 parameters, gathered in bf16 by its mixed-precision policy; the
     // whole parameters and their gradients are pw_'s and pg_'s, bf16)

@@ -19,6 +19,8 @@
 //   reduce-scatter's output (its padded shards), whose views are the sharded gradients until
 //   zero_grad (a later micro-step's output is added into them and goes). Backward's final callback
 //   frees the last input.
+// * reshard_after_forward=False on the layers (fsdp2_reshard_after_forward false): a layer's whole
+//   parameters stay from its forward to its post-backward; backward gathers nothing.
 // * Unsynced accumulation (fsdp2_no_sync: set_requires_gradient_sync(False) before every micro-step
 //   but the last, as the Hugging Face Trainer runs it): a group's post-backward only reshards; the
 //   whole gradients stay on the parameters, later micro-steps add into them in place, and the last
@@ -100,6 +102,7 @@ void StepBuilder::fsdp2_prefetch(int group) {
 }
 
 void StepBuilder::fsdp2_pre_backward(int group) {
+    if (fsdp2_keep_gathered_) return;  // (whole since its forward: unshard and the prefetch are no-ops)
     const char* op = op_;
     at("fsdp2.all_gather");
     Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];

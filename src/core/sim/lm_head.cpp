@@ -401,7 +401,7 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
         root = g;
     }
     if (z3_on_) z3_fetch(z3_.root, false);  // the loss's pre-backward hook (the model's output)
-    if (fsdp2_on_) fsdp2_prefetch(fsdp2_layer_group(static_cast<int>(m_.num_layers) - 1));  // (the root's: whole already)
+    if (fsdp2_on_ && !fsdp2_keep_gathered_) fsdp2_prefetch(fsdp2_layer_group(static_cast<int>(m_.num_layers) - 1));  // (the root's: whole already)
     if (s_.lm_chunks > 1) {
         z3_fetch_of(lm_head_, false);  // ZeRO-3: the loss is lm_head's output
         T dh = hf_chunked_loss_backward(hs, root);

@@ -68,7 +68,7 @@ void StepBuilder::micro_step(int micro) {
             }
             // its post-forward hook, as the call returns (before the loop variable is rebound)
             const auto post_forward = [&] {
-                if (fsdp2_on_) fsdp2_reshard(fsdp2_layer_group(l));
+                if (fsdp2_on_ && !fsdp2_keep_gathered_) fsdp2_reshard(fsdp2_layer_group(l));
             };
             // The model's loop variable holds x while the layer runs; a checkpointed layer's frame
             // (torch.utils.checkpoint, non-reentrant) also keeps its inputs: the hidden states and the
