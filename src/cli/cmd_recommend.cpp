@@ -312,7 +312,7 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     if (user && !gpus_given) rq.gpus = checked_mul(user->dp, user->sp, "dp x sp");  // (--gpus: what --dp and --sp span)
     // precision, optimizer, attention, micro-batch ...; DeepSpeed's bucket goes to the strategies its engine runs
     rq.base = user ? *user : knobs.build(rq.model, false);
-    if (!user) knobs.take_deepspeed(rq.base);
+    if (!user) knobs.take_deepspeed(rq.base), knobs.take_fsdp2(rq.base);
     // Your setup under DeepSpeed's engine (hf runtime, ZeRO 1-3): the strategies too, as --for deepspeed plans them
     // (the hf runtime's other multi-GPU step, DDP, keeps no fp32 master weights nor shards anything)
     if (user && user->deepspeed_engine() && rq.for_format.empty()) rq.for_format = "deepspeed";

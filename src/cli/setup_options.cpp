@@ -77,6 +77,11 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
 
 bool SetupOptions::given(const char* name) const { return cmd_->count(name) > 0; }
 
+void SetupOptions::take_fsdp2(TrainingSetup& s) const {
+    if (given("--fsdp2-no-sync")) s.fsdp2_no_sync = fsdp2_no_sync;
+    if (given("--fsdp2-reshard-after-forward")) s.fsdp2_reshard_after_forward = fsdp2_reshard_after_forward;
+}
+
 void SetupOptions::take_deepspeed(TrainingSetup& s) const {
     if (given("--reduce-bucket-size")) s.reduce_bucket_size = reduce_bucket_size_;
     if (given("--overlap-comm")) s.overlap_comm = overlap_comm;
@@ -112,9 +117,7 @@ TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed, s
     if (given("--zero")) s.zero_stage = zero;
     if (given("--zero3-prefetch")) s.zero3_prefetch = zero3_prefetch;
     if (given("--fsdp2")) s.fsdp2 = fsdp2;
-    if (given("--fsdp2-no-sync")) s.fsdp2_no_sync = fsdp2_no_sync;
-    if (given("--fsdp2-reshard-after-forward")) s.fsdp2_reshard_after_forward = fsdp2_reshard_after_forward;
-    if (with_deepspeed) take_deepspeed(s);
+    if (with_deepspeed) take_deepspeed(s), take_fsdp2(s);
     if (given("--sp")) s.sp = sp;
     if (gpus > 1 && !given("--dp") && setup_file.empty()) {
         if (s.sp < 1 || gpus % s.sp != 0) fail(w, "sp", fmt::format("expected a divisor of --gpus {}, got {}", gpus, s.sp));

@@ -18,13 +18,16 @@ public:
     void add_to(CLI::App& cmd, const char* default_runtime = "hf");
     std::string default_runtime_ = "hf";
     // Validated. Without `with_deepspeed` DeepSpeed's engine options (--reduce-bucket-size,
-    // --overlap-comm) are left out (max-seq's strategies template, whose stages the search picks:
-    // take_deepspeed() gives them to those DeepSpeed runs).
+    // --overlap-comm) and FSDP2's loop and layout (--fsdp2-no-sync, --fsdp2-reshard-after-forward) are
+    // left out (max-seq's strategies template, whose stages the search picks: take_deepspeed() and
+    // take_fsdp2() give them to the strategies those engines run).
     // gpus: those the command plans (max-seq's --gpus); without --dp or a setup file the data-parallel
     // degree fills them (gpus / sp).
     TrainingSetup build(const ModelSpec& model, bool with_deepspeed = true, std::int64_t gpus = 1) const;
     // DeepSpeed's engine options given here (unvalidated), over `s`'s
     void take_deepspeed(TrainingSetup& s) const;
+    // FSDP2's loop and layout options given here (unvalidated), over `s`'s
+    void take_fsdp2(TrainingSetup& s) const;
     const std::string& file() const { return setup_file; }  // --setup's ("" when none)
 
 private:
