@@ -56,7 +56,8 @@ struct Timeline {
     std::string model;   // model name
     std::vector<Event> events;
     std::int32_t micro_steps = 1;            // micro-steps in the real step
-    std::int32_t micro_steps_recorded = 1;   // the ones in `events` (later ones repeat the last)
+    std::int32_t micro_steps_recorded = 1;   // the ones in `events`: the first two, later ones repeating the second;
+                                             // FSDP2 accumulating unsynced: the first, one of the middle ones, the last
     std::int64_t rank = -1;  // the sequence-parallel rank walked where ranks differ (ring attention), else -1
 };
 

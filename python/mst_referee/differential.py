@@ -171,7 +171,7 @@ def random_fsdp2_case(rng: random.Random, family: str) -> Case:
     # Accumulating as the Hugging Face Trainer does (set_requires_gradient_sync(False) but in the last
     # micro-step; three: the middle one adds into the whole gradients)
     if case.knobs.get("grad_accum", 1) > 1 and rng.random() < 0.5:
-        case.knobs.update(fsdp2_no_sync=True, grad_accum=rng.choice([2, 3]))
+        case.knobs.update(fsdp2_no_sync=True, grad_accum=rng.choice([2, 3, 4]))  # (4: one middle one not recorded)
     if rng.random() < 0.25:  # (fully_shard(layer, reshard_after_forward=False): gathered from forward to backward)
         case.knobs["fsdp2_reshard_after_forward"] = False
     return case

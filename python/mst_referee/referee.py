@@ -3,7 +3,8 @@
 The model of the job is built from its ``config.json`` under :func:`mst_referee.fake.session`,
 patched by ``mst_hf.apply`` and given ``mst_hf.make_optimizer``'s optimizer exactly as a GPU
 run is; warm-up steps create the optimizer's states, then one optimizer step (its first two
-micro-steps, as mst-plan's timelines hold) is recorded by :class:`StorageRecorder`.
+micro-steps, as mst-plan's timelines hold; FSDP2 accumulating unsynced: the first, the second and the
+last, :func:`micro_steps_recorded`) is recorded by :class:`StorageRecorder`.
 
 What exists before the recorded step is registered as its ``init`` allocations, in this order:
 the parameters and buffers (``model.named_parameters()``, then ``named_buffers()``, then tensors

@@ -81,9 +81,14 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
     t.print();
     if (s.peak.event >= 0) {
         const Event& ev = e.timeline.events[static_cast<std::size_t>(s.peak.event)];
+        // (FSDP2 accumulating unsynced records the first, one of the middle ones, which are alike, and the last)
+        const std::int32_t n = e.timeline.micro_steps, r = ev.micro_step;
+        const std::string micro = e.timeline.micro_steps_recorded == 3 && n > 3
+                                      ? (r == 2 ? fmt::format("{} (the last)", n - 1) : r == 1 ? fmt::format("1-{} (alike)", n - 2) : "0")
+                                      : std::to_string(r);
         fmt::print("\npeak at {} ({}), {}{}, micro-step {}, allocating '{}'\n", ev.op, to_string(ev.phase),
-                   ev.layer >= 0 ? "layer " : "outside the layers", ev.layer >= 0 ? std::to_string(ev.layer) : "",
-                   ev.micro_step, ev.name);
+                   ev.layer >= 0 ? "layer " : "outside the layers", ev.layer >= 0 ? std::to_string(ev.layer) : "", micro,
+                   ev.name);
     }
     std::string phases;
     for (Phase p : {Phase::Forward, Phase::Recompute, Phase::Backward, Phase::Optimizer}) {

@@ -287,6 +287,19 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     "bucket: {} does not apply to it (--pin zero=1 or zero=2 plans DeepSpeed's).",
                                     s.zero_stage, deepspeed_options(rq.base)),
                         100));
+    // FSDP2 under accumulation: the plan is for one way of syncing the gradients; the Trainer's is the other
+    if (s.fsdp2_shards() && s.grad_accum > 1 && !s.fsdp2_no_sync)
+        fmt::print("\ncaution: {}",
+                   wrap("this FSDP2 plan reduce-scatters the gradients in every micro-step; the Hugging Face Trainer (and "
+                        "accelerate's accumulate()) syncs them in the last one only, every layer's whole gradients held until "
+                        "then: for that loop plan with --fsdp2-no-sync.",
+                        100));
+    if (rq.base.fsdp2_no_sync && !(s.fsdp2_shards() && s.grad_accum > 1))
+        fmt::print("\nnote: {}",
+                   wrap(fmt::format("--fsdp2-no-sync does not apply to the recommended setup ({}): it is for FSDP2 plans with "
+                                    "accumulation.",
+                                    s.fsdp2_shards() ? "no accumulation" : "not FSDP2"),
+                        100));
     fmt::print("\nwhy: {}\n", wrap(r.why, 100));
     if (r.pareto.size() > 1) {
         // (a Mixture-of-Experts plan in the kernels runtime may differ in its expert-parallel degree too)

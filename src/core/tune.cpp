@@ -571,8 +571,11 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
                            format_bytes(checked_mul(s.reduce_bucket_size, 2)), 1e3 * best.time.comm_exposed_seconds);
     if (s.zero_stage > 0 && s.zero_ranks() > 1)
         why += fmt::format("ZeRO stage {} shards {} over all {} ranks{}. ", s.zero_stage,
-                           s.zero_stage == 1 ? "the optimizer states" : s.zero_stage == 2 ? "optimizer states and gradients"
-                                                                                           : "parameters, gradients and optimizer states",
+                           s.zero_stage == 1   ? "the optimizer states"
+                           : s.zero_stage == 2 ? "optimizer states and gradients"
+                           : s.fsdp2_shards() && s.fsdp2_no_sync && s.grad_accum > 1
+                               ? "parameters, optimizer states and the gradients once reduce-scattered"
+                               : "parameters, gradients and optimizer states",
                            s.zero_ranks(),
                            s.ep == 1 ? "" : s.expert_data_ranks() == 1 ? " (the experts' not at all: one rank holds each)"
                                                                         : fmt::format(" (the experts' over the {} holding each)", s.expert_data_ranks()));
