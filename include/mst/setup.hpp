@@ -169,6 +169,8 @@ struct TrainingSetup {
     bool deepspeed_zero3() const { return runtime == Runtime::Hf && zero_stage == 3 && !fsdp2; }
     // FSDP2 in the hf runtime (fsdp2 above): zero_stage 3 over dp > 1 ranks.
     bool fsdp2_shards() const { return runtime == Runtime::Hf && fsdp2 && zero_stage == 3; }
+    // ... accumulating with its gradient sync off but in the last micro-step (fsdp2_no_sync, several of them).
+    bool fsdp2_unsynced() const { return fsdp2_shards() && fsdp2_no_sync && grad_accum > 1; }
     bool deepspeed_engine() const { return deepspeed_zero() || deepspeed_zero3(); }
     // DeepSpeed's engine options as DeepSpeed's defaults (the only values a setup without its engine has)
     bool deepspeed_defaults() const {

@@ -182,7 +182,7 @@ std::string describe_sharding(const TrainingSetup& s) {
     if (!s.fsdp2) return describe_deepspeed(s);
     std::string out = " as FSDP2";
     if (!s.fsdp2_reshard_after_forward) out += ", layers gathered from forward to backward";
-    if (s.fsdp2_no_sync && s.grad_accum > 1) out += ", synced in the last micro-step";
+    if (s.fsdp2_unsynced()) out += ", synced in the last micro-step";
     return out;
 }
 

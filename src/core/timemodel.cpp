@@ -399,7 +399,7 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         const double gathers = ring * gathered * 2 / bw, scatters = ring * P * reduce_bytes / bw;
         const double first = ring * root * 2 / bw, last = ring * root * reduce_bytes / bw;
         // (unsynced accumulation, fsdp2_no_sync: the last micro-step's reduce-scatters only)
-        const double scattering = s.fsdp2_no_sync ? 1 : ga;
+        const double scattering = s.fsdp2_unsynced() ? 1 : ga;
         exposed += ga * first + scattering * last;
         overlapped += ga * (gathers - first) + scattering * (scatters - last);
     } else if (s.runtime == Runtime::Hf && s.zero_stage == 0 && s.dp > 1) {

@@ -559,7 +559,7 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
                            "behind compute. ",
                            s.precision == Precision::Bf16Master ? " in bf16 (its fp32 shards are the master weights)" : "",
                            s.precision == Precision::Bf16Master ? " in fp32" : "", 1e3 * best.time.comm_exposed_seconds);
-    if (s.fsdp2_shards() && s.fsdp2_no_sync && s.grad_accum > 1)
+    if (s.fsdp2_unsynced())
         why += "Its gradients are synced in the last micro-step only (set_requires_gradient_sync(False) before the "
                "others, as the Hugging Face Trainer accumulates): every layer's whole gradients stay until then. ";
     if (s.deepspeed_zero3() && s.zero_ranks() > 1)
@@ -573,7 +573,7 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
         why += fmt::format("ZeRO stage {} shards {} over all {} ranks{}. ", s.zero_stage,
                            s.zero_stage == 1   ? "the optimizer states"
                            : s.zero_stage == 2 ? "optimizer states and gradients"
-                           : s.fsdp2_shards() && s.fsdp2_no_sync && s.grad_accum > 1
+                           : s.fsdp2_unsynced()
                                ? "parameters, optimizer states and the gradients once reduce-scattered"
                                : "parameters, gradients and optimizer states",
                            s.zero_ranks(),
