@@ -55,6 +55,7 @@ expect_run(0 "micro-step 1-3 \\(alike\\)" estimate --model tiny-llama --seq 64 -
 # (max-seq: the loop's sync goes to the strategies FSDP2 runs, as DeepSpeed's options to DeepSpeed's)
 expect_run(0 "checkpointing \\+ MsT +[0-9]+" max-seq --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --grad-accum 4 --fsdp2-no-sync)
 expect_run(2 "error: setup: fsdp2_reshard_after_forward: expected true without fsdp2" estimate --model tiny-llama --seq 64 --fsdp2-reshard-after-forward false)
+expect_run(2 "^error: --fsdp2-reshard-after-forward: '2': expected true or false" estimate --model tiny-llama --seq 64 --dp 2 --zero 3 --fsdp2 --fsdp2-reshard-after-forward 2)
 expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*plans several GPUs as torch's DDP[^\n]*--runtime kernels plans ZeRO" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 8192 --pin zero=0)
 expect_run(2 "^error: recommend: pin: zero=0: expected 3 with runtime hf" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 2 --seq 8192 --precision bf16-master --pin zero=0)
 expect_run(2 "^error: --pin: colour: expected one of" recommend --model tiny-llama --seq 1024 --pin colour=blue)

@@ -74,7 +74,8 @@ struct TunerArgs {
         cmd.add_option("--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
                        "Where the search plans FSDP2: fully_shard's reshard_after_forward for the decoder layers (false: each "
                        "stays gathered from its forward to its backward)")
-            ->capture_default_str();
+            ->capture_default_str()
+            ->check(true_or_false());
     }
 
     TuneRequest request() const {

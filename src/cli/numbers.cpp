@@ -44,4 +44,13 @@ CLI::Validator finite(double lo, double hi) {
         "");
 }
 
+CLI::Validator true_or_false() {
+    return CLI::Validator(
+        [](std::string& text) -> std::string {
+            if (text == "true" || text == "false") return "";
+            return fmt::format("{}: expected true or false", in_quotes(text));
+        },
+        "");
+}
+
 }  // namespace mst::cli

@@ -18,5 +18,7 @@ CLI::Validator decimal(std::int64_t lo = std::numeric_limits<std::int64_t>::min(
 CLI::Validator unsigned_decimal();
 // A finite decimal number within [lo, hi].
 CLI::Validator finite(double lo, double hi);
+// "true" or "false" (CLI11 would read any integer as a boolean).
+CLI::Validator true_or_false();
 
 }  // namespace mst::cli

@@ -50,7 +50,8 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_option("--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
                    "With --fsdp2: fully_shard's reshard_after_forward for the decoder layers (false: each layer stays gathered "
                    "from its forward to its backward, no gathers in backward)")
-        ->capture_default_str();
+        ->capture_default_str()
+        ->check(true_or_false());
     cmd.add_option("--reduce-bucket-size", reduce_bucket_size_,
                    "DeepSpeed's gradient bucket in elements (ZeRO 1-3, runtime hf: its reduce_bucket_size; the Hugging Face "
                    "Trainer's \"auto\" is hidden_size^2)")
