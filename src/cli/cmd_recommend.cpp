@@ -71,11 +71,9 @@ struct TunerArgs {
         cmd.add_flag("--fsdp2-no-sync", fsdp2_no_sync,
                      "Where the search plans FSDP2 with accumulation: for a loop that syncs the gradients in the last micro-step "
                      "only (set_requires_gradient_sync(False) before the others, as the Hugging Face Trainer accumulates)");
-        cmd.add_option("--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
-                       "Where the search plans FSDP2: fully_shard's reshard_after_forward for the decoder layers (false: each "
-                       "stays gathered from its forward to its backward)")
-            ->capture_default_str()
-            ->check(true_or_false());
+        add_true_or_false(cmd, "--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
+                          "Where the search plans FSDP2: fully_shard's reshard_after_forward for the decoder layers (false: "
+                          "each stays gathered from its forward to its backward)");
     }
 
     TuneRequest request() const {

@@ -53,4 +53,8 @@ CLI::Validator true_or_false() {
         "");
 }
 
+CLI::Option* add_true_or_false(CLI::App& cmd, const std::string& name, bool& value, const std::string& help) {
+    return cmd.add_option(name, value, help)->default_str(value ? "true" : "false")->check(true_or_false());
+}
+
 }  // namespace mst::cli

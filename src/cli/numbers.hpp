@@ -20,5 +20,7 @@ CLI::Validator unsigned_decimal();
 CLI::Validator finite(double lo, double hi);
 // "true" or "false" (CLI11 would read any integer as a boolean).
 CLI::Validator true_or_false();
+// An option `name` of `cmd` that sets `value` to true or false (true_or_false), its default shown.
+CLI::Option* add_true_or_false(CLI::App& cmd, const std::string& name, bool& value, const std::string& help);
 
 }  // namespace mst::cli

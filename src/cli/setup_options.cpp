@@ -47,11 +47,9 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_flag("--fsdp2-no-sync", fsdp2_no_sync,
                  "With --fsdp2 and accumulation: set_requires_gradient_sync(False) before every micro-step but the last, as the "
                  "Hugging Face Trainer and accelerate's accumulate() do (whole gradients stay until the last micro-step)");
-    cmd.add_option("--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
-                   "With --fsdp2: fully_shard's reshard_after_forward for the decoder layers (false: each layer stays gathered "
-                   "from its forward to its backward, no gathers in backward)")
-        ->capture_default_str()
-        ->check(true_or_false());
+    add_true_or_false(cmd, "--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
+                      "With --fsdp2: fully_shard's reshard_after_forward for the decoder layers (false: each layer stays "
+                      "gathered from its forward to its backward, no gathers in backward)");
     cmd.add_option("--reduce-bucket-size", reduce_bucket_size_,
                    "DeepSpeed's gradient bucket in elements (ZeRO 1-3, runtime hf: its reduce_bucket_size; the Hugging Face "
                    "Trainer's \"auto\" is hidden_size^2)")
