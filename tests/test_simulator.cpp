@@ -9,6 +9,8 @@
 #include <fmt/format.h>
 
 #include "mst/catalog.hpp"
+#include "mst/error.hpp"
+#include "mst/setup.hpp"
 #include "mst/simulate.hpp"
 #include "sim_test_support.hpp"
 #include "test_support.hpp"
@@ -314,4 +316,65 @@ TEST_CASE("the hf runtime keeps optimizer states in the dtype of what the optimi
             s.runtime = Runtime::Hf;
         }
     }
+}
+
+TEST_CASE("hf runtime: the Hugging Face Trainer's bf16=True copies an unchunked head's logits to fp32 as the forward returns") {
+    // accelerate's convert_outputs_to_fp32 (the referee's --trainer hf-trainer showed it): a new output whose
+    // bf16 logits are an fp32 copy, [B S, V] x 4 bytes, made after the model's forward returns and gone with
+    // the output once the Trainer takes its loss; the model's bf16 logits go in between. A chunked head
+    // returns no logits: nothing.
+    const ModelSpec m = find_model("tiny-llama");  // V = 256
+    const auto copies = [&](std::int64_t lm_chunks, bool trainer) {
+        TrainingSetup s = tiny_setup(128);
+        s.runtime = Runtime::Hf;
+        s.micro_batch = 2, s.grad_accum = 2;
+        s.lm_chunks = lm_chunks;
+        s.hf_trainer_bf16 = trainer;
+        const Timeline t = simulate(m, s, test_gpu());
+        std::vector<std::pair<bool, std::string>> around;  // the forward's end: the copy and the logits it replaces
+        for (std::size_t i = 0; i < t.events.size(); ++i) {
+            const Event& e = t.events[i];
+            if (e.name != "logits_fp32_output") continue;
+            CHECK(e.bytes == 2 * 128 * 256 * 4);
+            CHECK(e.op == std::string("forward.end"));
+            CHECK(e.category == Category::Transient);
+            if (e.alloc) {
+                REQUIRE(i + 2 < t.events.size());
+                around.push_back({t.events[i + 1].alloc, t.events[i + 1].name});  // the model's logits go
+                CHECK(t.events[i + 1].bytes == 2 * 128 * 256 * 2);
+                CHECK((!t.events[i + 2].alloc && t.events[i + 2].tensor == e.tensor));  // then the copy
+            }
+        }
+        return around;
+    };
+    const auto two = copies(1, true);
+    CHECK(two.size() == 2);  // one per micro-step recorded
+    for (const auto& [alloc, name] : two) CHECK((!alloc && name == "logits"));
+    CHECK(copies(1, false).empty());
+    CHECK(copies(2, true).empty());
+    // The copy is transient: the step's peak is the same where the forward's end is not its peak (the loss's
+    // own fp32 logits and log-probabilities, [B S, V] x 4 bytes each, came before it)
+    TrainingSetup s = tiny_setup(128);
+    s.runtime = Runtime::Hf;
+    const bytes_t plain = summarize(simulate(m, s, test_gpu()), m.num_layers).peak.bytes;
+    s.hf_trainer_bf16 = true;
+    CHECK(summarize(simulate(m, s, test_gpu()), m.num_layers).peak.bytes == plain);
+    CHECK(to_json(s).at("hf_trainer_bf16") == true);  // (a setup file and a plan carry it)
+    CHECK(parse_setup(to_json(s), m, "setup").hf_trainer_bf16);
+    CHECK_FALSE(to_json(tiny_setup(128)).contains("hf_trainer_bf16"));
+    // Refused where it does not apply: the kernels runtime, DeepSpeed's engine (accelerate leaves bf16 to
+    // it), and the Mixture-of-Experts models whose experts' combine CUDA's autocast sums in fp32
+    s.runtime = Runtime::Kernels;
+    CHECK_THROWS_WITH_AS(validate(s, m), doctest::Contains("hf_trainer_bf16"), UserError);
+    s.runtime = Runtime::Hf, s.zero_stage = 2, s.dp = 2;
+    CHECK_THROWS_WITH_AS(validate(s, m), doctest::Contains("DeepSpeed's engine"), UserError);
+    TrainingSetup moe;
+    moe.runtime = Runtime::Hf, moe.hf_trainer_bf16 = true;
+    CHECK_THROWS_WITH_AS(validate(moe, find_model("qwen3-30b-a3b")), doctest::Contains("experts' combine"), UserError);
+    moe.precision = Precision::AmpFp32;  // (fp32 experts: the referee records gpt-oss under amp)
+    CHECK_NOTHROW(validate(moe, find_model("mixtral-8x7b")));
+    moe.attention = Attention::Eager;  // (gpt-oss's sinks: eager in this runtime)
+    CHECK_NOTHROW(validate(moe, find_model("gpt-oss-20b")));
+    moe.precision = Precision::PureBf16;
+    CHECK_THROWS_WITH_AS(validate(moe, find_model("gpt-oss-20b")), doctest::Contains("experts' combine"), UserError);
 }

@@ -137,6 +137,10 @@ struct TrainingSetup {
     // fully_shard(layer, reshard_after_forward=...) (accelerate's fsdp_reshard_after_forward): false keeps
     // each layer's parameters whole from its forward to its post-backward (no gathers in backward).
     bool fsdp2_reshard_after_forward = true;
+    // The forward called as the Hugging Face Trainer with bf16=True calls it (runtime hf): accelerate wraps
+    // it in bf16 autocast and converts its bf16 outputs to fp32 after it (convert_outputs_to_fp32). With an
+    // unchunked LM head that is an fp32 copy of the logits as the forward returns.
+    bool hf_trainer_bf16 = false;
 
     StateDtype effective_state_dtype() const {
         return state_dtype.value_or(precision == Precision::PureBf16 ? StateDtype::Bf16 : StateDtype::Fp32);

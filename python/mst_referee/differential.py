@@ -140,7 +140,10 @@ def random_knobs(rng: random.Random, layers: int, tokens: int, eager_only: bool 
     return knobs
 
 
-def random_case(rng: random.Random, family: str) -> Case:
+def random_case(rng: random.Random, family: str, trainer: bool = True) -> Case:
+    """A random case of `family`: its config, knobs and length; with `trainer`, sometimes the forward as the
+    Hugging Face Trainer with bf16=True calls it (hf_trainer_bf16, drawn last; not for the Mixture-of-Experts
+    families mst-plan refuses it for)."""
     cfg = random_config(rng, family)
     batch = 2 if rng.random() < 0.3 else 1
     seq = rng.choice([5, 9, 16, 23])
@@ -148,6 +151,9 @@ def random_case(rng: random.Random, family: str) -> Case:
                          sdpa=sdpa_runs_flash(cfg, seq))
     if batch > 1:
         knobs["micro_batch"] = batch
+    # (not for the families whose experts' combine CUDA's autocast sums in fp32: mst-plan refuses them)
+    if trainer and rng.random() < 0.3 and family not in ("qwen3_moe", "gpt_oss"):
+        knobs["hf_trainer_bf16"] = True
     return Case(family, cfg, knobs, seq)
 
 
@@ -159,7 +165,7 @@ def random_fsdp2_case(rng: random.Random, family: str) -> Case:
     """A random case of `family` sharded by FSDP2 over 2 to 5 ranks (a random one recorded), with the knobs
     mst-plan models with it (bf16 parameters, or fp32 ones under its bf16 policy; the optimizer stepped
     after backward)."""
-    case = random_case(rng, family)
+    case = random_case(rng, family, trainer=False)
     for key in ("precision", "optimizer_in_backward"):
         case.knobs.pop(key, None)
     case.knobs.update(dp=rng.randint(2, 5), zero_stage=3, fsdp2=True)
@@ -174,6 +180,8 @@ def random_fsdp2_case(rng: random.Random, family: str) -> Case:
         case.knobs.update(fsdp2_no_sync=True, grad_accum=rng.choice([2, 3, 4]))  # (4: one middle one not recorded)
     if rng.random() < 0.25:  # (fully_shard(layer, reshard_after_forward=False): gathered from forward to backward)
         case.knobs["fsdp2_reshard_after_forward"] = False
+    if rng.random() < 0.3:  # (the Trainer with bf16=True over the model mst_hf.shard sharded, which accelerate keeps)
+        case.knobs["hf_trainer_bf16"] = True
     return case
 
 

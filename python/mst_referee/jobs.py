@@ -58,7 +58,7 @@ SETUP_DEFAULTS: Dict[str, Any] = {
     "offload_checkpoints": False, "dp": 1, "zero_stage": 0, "zero3_prefetch": 1, "reduce_bucket_size": 500_000_000,
     "overlap_comm": False, "param_persistence_threshold": 100_000, "prefetch_bucket_size": 50_000_000,
     "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0, "fsdp2": False,
-    "fsdp2_no_sync": False, "fsdp2_reshard_after_forward": True,
+    "fsdp2_no_sync": False, "fsdp2_reshard_after_forward": True, "hf_trainer_bf16": False,
 }
 SETUP_KEYS = tuple(SETUP_DEFAULTS) + ("optimizer_state_dtype", "mlp_chunk_tokens", "lm_chunk_tokens", "checkpoint")
 
@@ -313,7 +313,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     integer("param_persistence_threshold", 0, big)
     integer("prefetch_bucket_size", 0, big)
     for key in ("padded", "optimizer_in_backward", "offload_checkpoints", "overlap_comm", "fsdp2", "fsdp2_no_sync",
-                "fsdp2_reshard_after_forward"):
+                "fsdp2_reshard_after_forward", "hf_trainer_bf16"):
         boolean(key)
     choice("precision", PRECISIONS)
     choice("optimizer", OPTIMIZERS)
@@ -331,6 +331,9 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     if s["fsdp2_no_sync"] and not s["fsdp2"]:
         fail(where, "fsdp2_no_sync", "expected false without fsdp2 (it is FSDP2's set_requires_gradient_sync(False) under "
                                      "accumulation), got true")
+    if s["hf_trainer_bf16"] and s["runtime"] != "hf":
+        fail(where, "hf_trainer_bf16", "expected false with runtime kernels (it is how the Hugging Face Trainer calls Hugging "
+                                       "Face's model: runtime hf), got true")
     if not s["fsdp2_reshard_after_forward"] and not s["fsdp2"]:
         fail(where, "fsdp2_reshard_after_forward", "expected true without fsdp2 (it is fully_shard's reshard_after_forward), "
                                                    "got false")
@@ -377,7 +380,8 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
              "checkpoint", "offload_checkpoints", "dp", "zero_stage", "zero3_prefetch", "reduce_bucket_size", "overlap_comm", "sp",
              "sp_impl", "ep", "moe_imbalance") + (("param_persistence_threshold", "prefetch_bucket_size") if zero3 else ()) + (
                  ("fsdp2",) if s["fsdp2"] else ()) + (("fsdp2_no_sync",) if s["fsdp2_no_sync"] else ()) + (
-                 () if s["fsdp2_reshard_after_forward"] else ("fsdp2_reshard_after_forward",))
+                 () if s["fsdp2_reshard_after_forward"] else ("fsdp2_reshard_after_forward",)) + (
+                 ("hf_trainer_bf16",) if s["hf_trainer_bf16"] else ())
     return {k: s[k] for k in order}
 
 
@@ -582,9 +586,6 @@ def make_job(model_ref: Optional[str], *, plan: Optional[Mapping[str, Any]] = No
     cut = layers is not None and layers < full
     n_layers = layers if cut else full
     notes: List[str] = []
-    if trainer == "hf-trainer":
-        notes.append("trainer: the Hugging Face Trainer with bf16=True (accelerate's bf16 autocast around the forward "
-                     "and the fp32 copy of its outputs)")
     derived = None
     model_path = repo_relative(model_file)
     model_for_plan = model_name if model_file == MODELS_DIR / f"{model_name}.json" else str(model_file.resolve())
@@ -616,6 +617,17 @@ def make_job(model_ref: Optional[str], *, plan: Optional[Mapping[str, Any]] = No
             notes += cut_notes
         if seq is not None and seq != setup["seq_len"]:
             fail(str(hf_config_file), "seq_len", f"the config is for seq_len {setup['seq_len']}, the run asks for {seq}")
+    # The Hugging Face Trainer's bf16=True: --trainer hf-trainer and the setup's hf_trainer_bf16 are one choice, which
+    # the recorded setup states (mst-plan re-simulates the record's setup; a plan's prediction was for its own)
+    if trainer == "hf-trainer" and not setup.get("hf_trainer_bf16"):
+        setup = dict(setup, hf_trainer_bf16=True)
+        if prediction is not None:
+            prediction = None
+            notes.append("prediction: the plan's prediction is for its own forward, not the Trainer's; not carried over")
+    trainer = "hf-trainer" if setup.get("hf_trainer_bf16") else trainer
+    if trainer == "hf-trainer":
+        notes.append("trainer: the Hugging Face Trainer with bf16=True (accelerate's bf16 autocast around the forward "
+                     "and the fp32 copy of its outputs)")
     check_runnable(setup, plan_where)
     if not (_is_int(rank) and 0 <= rank < (setup.get("dp", 1) if setup.get("fsdp2") else 1)):
         fail(plan_where, "rank", f"expected 0{' .. ' + str(setup['dp'] - 1) if setup.get('fsdp2') else ''} (the recorded "

@@ -104,3 +104,15 @@ def test_fsdp2_cases_draw_only_what_mst_plan_models_with_it():
         assert not (k.get("optimizer") == "sgd" and k.get("optimizer_impl", "fused") == "fused")
         if k.get("fsdp2_no_sync"):  # (two to four micro-steps)
             assert k["grad_accum"] in (2, 3, 4)
+
+
+def test_the_hf_trainers_forward_is_drawn_only_where_mst_plan_models_it():
+    # (not for Qwen3-MoE and gpt-oss, whose experts' combine CUDA's autocast sums in fp32: refused)
+    rng = random.Random(4)
+    drawn = set()
+    for i in range(90):
+        family = differential.FAMILIES[i % len(differential.FAMILIES)]
+        if differential.random_case(rng, family).knobs.get("hf_trainer_bf16"):
+            drawn.add(family)
+    assert drawn and not drawn & {"qwen3_moe", "gpt_oss"}
+    assert any(differential.random_fsdp2_case(rng, "llama").knobs.get("hf_trainer_bf16") for _ in range(20))

@@ -450,3 +450,16 @@ def test_the_hf_trainers_bf16_forward_adds_only_an_fp32_copy_of_the_logits_and_n
     micro = knobs.get("grad_accum", 1)
     assert len(trainer) - len(plain) == (0 if chunked else 2 * min(micro, 2))
     assert len(extra) - len([e for e in plain if e[2] == copy and e[5] == "forward"]) == len(trainer) - len(plain)
+
+
+def test_the_trainers_forward_and_the_setups_hf_trainer_bf16_are_one_choice():
+    # --trainer hf-trainer is recorded as the setup's hf_trainer_bf16 (mst-plan re-simulates the record's
+    # setup, the fp32 copy of the logits included), and a setup that says it runs the Trainer's forward.
+    by_flag = jobs.make_job(TINY, knobs={}, seq=16, convert="python", trainer="hf-trainer")
+    assert by_flag.setup["hf_trainer_bf16"] is True and by_flag.trainer == "hf-trainer"
+    by_setup = jobs.make_job(TINY, knobs={"hf_trainer_bf16": True}, seq=16, convert="python")
+    assert by_setup.trainer == "hf-trainer" and by_setup.setup["hf_trainer_bf16"] is True
+    plain = jobs.make_job(TINY, knobs={}, seq=16, convert="python")
+    assert plain.trainer == "loop" and "hf_trainer_bf16" not in plain.setup
+    with pytest.raises(jobs.CrosscheckError, match="hf_trainer_bf16: expected false with runtime kernels"):
+        jobs.make_job(TINY, knobs={"hf_trainer_bf16": True, "runtime": "kernels"}, seq=16, convert="python")

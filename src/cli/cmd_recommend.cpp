@@ -25,7 +25,7 @@ struct TunerArgs {
     std::int64_t gpus = 1, seq = TuneRequest{}.seq_len, tokens_per_step = 0;
     std::vector<std::string> pins, allows;
     double margin = 0.03, host_gib = 128, moe_imbalance = 1.0;
-    bool fsdp2_no_sync = false, fsdp2_reshard_after_forward = true;
+    bool fsdp2_no_sync = false, fsdp2_reshard_after_forward = true, hf_trainer_bf16 = false;
     std::int64_t reduce_bucket_size = kDeepSpeedReduceBucket;
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention, sp_impl = "ulysses";
     std::string optimizer_impl = "fused", runtime = "hf";
@@ -47,6 +47,9 @@ struct TunerArgs {
         if (!training_knobs) return;
         cmd.add_option("--seq", seq, "Sequence length in tokens")->capture_default_str()->check(decimal(1, limits::kSeqLen));
         cmd.add_option("--precision", precision, "pure-bf16 | bf16-master | amp")->capture_default_str();
+        cmd.add_flag("--hf-trainer-bf16", hf_trainer_bf16,
+                     "The forward as the Hugging Face Trainer with bf16=True calls it (runtime hf): accelerate's bf16 autocast around it "
+                     "and an fp32 copy of its bf16 outputs after it (the logits of an unchunked LM head)");
         cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
         cmd.add_option("--optimizer-state-dtype", state_dtype, "fp32 | bf16");
         attention_option = cmd.add_option("--attention", attention,
@@ -89,6 +92,9 @@ struct TunerArgs {
         rq.base.optimizer = parse_optimizer(optimizer, "command line");
         if (!state_dtype.empty()) rq.base.state_dtype = parse_state_dtype(state_dtype, "command line");
         rq.base.runtime = parse_runtime(runtime, "command line");
+        rq.base.hf_trainer_bf16 = hf_trainer_bf16;
+        if (hf_trainer_bf16 && rq.base.runtime != Runtime::Hf)
+            fail("command line", "hf-trainer-bf16", "expected runtime hf (it is how the Hugging Face Trainer calls Hugging Face's model)");
         const bool given = attention_option && attention_option->count() > 0;
         rq.base.attention = given ? parse_attention(attention, "command line") : default_attention(rq.model, rq.base.runtime);
         rq.base.optimizer_impl = parse_optimizer_impl(optimizer_impl, "command line");
@@ -258,8 +264,9 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                       s.ring() ? "ring attention" : "Ulysses", s.sp, describe_expert_parallelism(s))});
     t.row({"batch", fmt::format("micro-batch {} x {} accumulation x dp {} = {} tokens per step", s.micro_batch, s.grad_accum,
                                 s.dp, checked_product({s.micro_batch, s.grad_accum, s.dp, s.seq_len}, "tokens per step"))});
-    t.row({"optimizer", fmt::format("{} ({} states){}, {}", to_string(s.optimizer), to_string(s.effective_state_dtype()),
-                                    s.optimizer_in_backward ? ", stepped in backward" : "", to_string(s.precision))});
+    t.row({"optimizer", fmt::format("{} ({} states){}, {}{}", to_string(s.optimizer), to_string(s.effective_state_dtype()),
+                                    s.optimizer_in_backward ? ", stepped in backward" : "", to_string(s.precision),
+                                    s.hf_trainer_bf16 ? " under the Trainer's bf16=True" : "")});
     t.row({"memory", fmt::format("{} allocated, {} reserved of {} budget", format_bytes(r.best.memory.peak_allocated_bytes),
                                  format_bytes(r.best.memory.peak_reserved_bytes), format_bytes(r.budget_bytes))});
     if (r.trainer_extra_bytes > 0)

@@ -42,7 +42,7 @@ private:
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, optimizer_impl = "fused", runtime = "hf",
                 attention;
     std::string mlp_impl = "loop", lm_impl = "recompute", checkpoint = "none", sp_impl = "ulysses";
-    bool padded = false, offload = false, opt_in_backward = false, overlap_comm = false;
+    bool padded = false, offload = false, opt_in_backward = false, overlap_comm = false, hf_trainer_bf16 = false;
 
     bool given(const char* name) const;
 };

@@ -319,6 +319,18 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     if (s.fsdp2_no_sync && !s.fsdp2)
         fail(w, "fsdp2_no_sync", "expected false without fsdp2 (it is FSDP2's set_requires_gradient_sync(False) under "
                                  "accumulation), got true");
+    if (s.hf_trainer_bf16 && s.runtime != Runtime::Hf)
+        fail(w, "hf_trainer_bf16", "expected false with runtime kernels (it is how the Hugging Face Trainer calls Hugging Face's "
+                                   "model: runtime hf), got true");
+    if (s.hf_trainer_bf16 && s.deepspeed_engine())
+        fail(w, "hf_trainer_bf16", "expected false under DeepSpeed's engine (ZeRO 1-3 in runtime hf: accelerate leaves bf16 to "
+                                   "DeepSpeed, no autocast and no fp32 outputs), got true");
+    // transformers' grouped_mm experts sum their weighted outputs in the parameters' dtype: CUDA's autocast runs
+    // that sum in fp32 (the CPU's, the referee's, does not), so under it the step holds fp32 tensors not modelled
+    if (s.hf_trainer_bf16 && s.precision != Precision::AmpFp32 && (m.family == Family::Qwen3Moe || m.family == Family::GptOss))
+        fail(w, "hf_trainer_bf16", fmt::format("expected false for {} with bf16 parameters (under the Trainer's bf16 autocast, "
+                                               "CUDA runs the experts' combine, a sum, in fp32: not modelled), got true",
+                                               m.name));
     if (!s.fsdp2_reshard_after_forward && !s.fsdp2)
         fail(w, "fsdp2_reshard_after_forward", "expected true without fsdp2 (it is fully_shard's reshard_after_forward), got false");
     if (s.zero3_prefetch < 0 || s.zero3_prefetch > limits::kZero3Prefetch)
@@ -610,6 +622,7 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     s.fsdp2 = r.opt_boolean("fsdp2").value_or(false);
     s.fsdp2_no_sync = r.opt_boolean("fsdp2_no_sync").value_or(false);
     s.fsdp2_reshard_after_forward = r.opt_boolean("fsdp2_reshard_after_forward").value_or(true);
+    s.hf_trainer_bf16 = r.opt_boolean("hf_trainer_bf16").value_or(false);
 
     auto chunks = [&](const char* count_key, const char* tokens_key) -> std::int64_t {
         if (r.has(count_key) && r.has(tokens_key))
@@ -687,6 +700,7 @@ nlohmann::json to_json(const TrainingSetup& s) {
     if (s.fsdp2) j["fsdp2"] = true;  // (only where it is asked for: setups without it read as before)
     if (s.fsdp2_no_sync) j["fsdp2_no_sync"] = true;
     if (!s.fsdp2_reshard_after_forward) j["fsdp2_reshard_after_forward"] = false;
+    if (s.hf_trainer_bf16) j["hf_trainer_bf16"] = true;
     return j;
 }
 

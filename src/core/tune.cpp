@@ -152,6 +152,9 @@ void take_engine(TrainingSetup& s, const TuneRequest& rq) {
     const bool zero3 = s.deepspeed_zero3();
     s.param_persistence_threshold = zero3 ? asked.param_persistence_threshold : kDeepSpeedPersistence;
     s.prefetch_bucket_size = zero3 ? asked.prefetch_bucket_size : kDeepSpeedPrefetchBucket;
+    // The Hugging Face Trainer's bf16=True as asked, and always for Axolotl, which runs the Trainer with bf16: true:
+    // accelerate's native amp wraps the forward wherever DeepSpeed's engine does not train it (it leaves bf16 to DeepSpeed)
+    s.hf_trainer_bf16 = s.runtime == Runtime::Hf && !s.deepspeed_engine() && (asked.hf_trainer_bf16 || rq.for_format == "axolotl");
 }
 
 // --for: why the format's trainer cannot train `s` as planned, in its emitter's words ("" when it can).

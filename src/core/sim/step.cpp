@@ -132,7 +132,12 @@ void StepBuilder::micro_step(int micro) {
     if (fsdp2_on_) fsdp2_root_post_forward();  // the model's forward returns
     at("forward.end");
     clear_autocast_cache();  // the autocast region ends with the forward
-    drop(head.hf_logits);    // the trainer keeps only the loss of the model's output
+    // The Hugging Face Trainer's bf16=True: accelerate's convert_outputs_to_fp32 makes an output whose bf16
+    // tensors (the logits of an unchunked head; the loss is fp32) are fp32 copies, and the model's goes.
+    T fp32_outputs = s_.hf_trainer_bf16 && head.hf_logits.valid() ? act("logits_fp32_output", f32(tokens_, m_.vocab_size), false)
+                                                                   : T{};
+    drop(head.hf_logits);  // the trainer keeps only the loss of the model's output
+    drop(fp32_outputs);
     if (hf_ && s_.grad_accum > 1 && !ds_on_) {  // loss / grad_accum (DeepSpeed's engine divides in its backward)
         T scaled = act("loss_scaled", 4, false);
         drop(head.hf_loss);
