@@ -362,12 +362,15 @@ TEST_CASE("hf runtime: the Hugging Face Trainer's bf16=True copies an unchunked 
     CHECK(to_json(s).at("hf_trainer_bf16") == true);  // (a setup file and a plan carry it)
     CHECK(parse_setup(to_json(s), m, "setup").hf_trainer_bf16);
     CHECK_FALSE(to_json(tiny_setup(128)).contains("hf_trainer_bf16"));
-    // Refused where it does not apply: the kernels runtime, DeepSpeed's engine (accelerate leaves bf16 to
-    // it), and the Mixture-of-Experts models whose experts' combine CUDA's autocast sums in fp32
+    // Refused where it does not apply: the kernels runtime, DeepSpeed's engine and FSDP2 (accelerate prepares
+    // them without its native amp), and the Mixture-of-Experts models whose experts' combine CUDA's autocast
+    // sums in fp32
     s.runtime = Runtime::Kernels;
     CHECK_THROWS_WITH_AS(validate(s, m), doctest::Contains("hf_trainer_bf16"), UserError);
     s.runtime = Runtime::Hf, s.zero_stage = 2, s.dp = 2;
     CHECK_THROWS_WITH_AS(validate(s, m), doctest::Contains("DeepSpeed's engine"), UserError);
+    s.zero_stage = 3, s.fsdp2 = true;  // (accelerate's FSDP2 preparation adds no native amp either)
+    CHECK_THROWS_WITH_AS(validate(s, m), doctest::Contains("with fsdp2"), UserError);
     TrainingSetup moe;
     moe.runtime = Runtime::Hf, moe.hf_trainer_bf16 = true;
     CHECK_THROWS_WITH_AS(validate(moe, find_model("qwen3-30b-a3b")), doctest::Contains("experts' combine"), UserError);

@@ -231,6 +231,9 @@ void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m);
 // What torch's FSDP2 is modelled for (part of validate_hf_scope when fsdp2): ZeRO 3 over 2 or more
 // ranks, a dense model, bf16 or fp32 parameters (no amp), no fused SGD. The tuner probes it.
 void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m);
+// Why `s` cannot have hf_trainer_bf16 on `m` ("" when it can): not the hf runtime; DeepSpeed's engine or
+// FSDP2, where accelerate prepares the model without its native amp; Qwen3-MoE and gpt-oss in bf16.
+std::string hf_trainer_bf16_refusal(const TrainingSetup& s, const ModelSpec& m);
 // What a model can be planned with whatever the knobs' bounds (gpt-oss's runtime and attention,
 // grouped_mm's row alignment); part of validate(), and checked before a search.
 void validate_model_scope(const TrainingSetup& s, const ModelSpec& m);

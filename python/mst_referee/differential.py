@@ -180,8 +180,6 @@ def random_fsdp2_case(rng: random.Random, family: str) -> Case:
         case.knobs.update(fsdp2_no_sync=True, grad_accum=rng.choice([2, 3, 4]))  # (4: one middle one not recorded)
     if rng.random() < 0.25:  # (fully_shard(layer, reshard_after_forward=False): gathered from forward to backward)
         case.knobs["fsdp2_reshard_after_forward"] = False
-    if rng.random() < 0.3:  # (the Trainer with bf16=True over the model mst_hf.shard sharded, which accelerate keeps)
-        case.knobs["hf_trainer_bf16"] = True
     return case
 
 

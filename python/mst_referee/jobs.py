@@ -334,6 +334,9 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     if s["hf_trainer_bf16"] and s["runtime"] != "hf":
         fail(where, "hf_trainer_bf16", "expected false with runtime kernels (it is how the Hugging Face Trainer calls Hugging "
                                        "Face's model: runtime hf), got true")
+    if s["hf_trainer_bf16"] and s["fsdp2"]:
+        fail(where, "hf_trainer_bf16", "expected false with fsdp2 (accelerate prepares an FSDP2 model without its native amp: "
+                                       "bf16=True adds no autocast and no fp32 outputs there), got true")
     if not s["fsdp2_reshard_after_forward"] and not s["fsdp2"]:
         fail(where, "fsdp2_reshard_after_forward", "expected true without fsdp2 (it is fully_shard's reshard_after_forward), "
                                                    "got false")
@@ -467,6 +470,7 @@ def setup_from_hf_mst(cfg: "mst_hf.MstConfig") -> Dict[str, Any]:
         del setup["fsdp2_no_sync"]
     if cfg.fsdp2_reshard_after_forward:
         del setup["fsdp2_reshard_after_forward"]
+    del setup["hf_trainer_bf16"]  # (how the Trainer calls the model is not mst_hf's: --trainer hf-trainer says it)
     return setup
 
 
@@ -619,12 +623,17 @@ def make_job(model_ref: Optional[str], *, plan: Optional[Mapping[str, Any]] = No
             fail(str(hf_config_file), "seq_len", f"the config is for seq_len {setup['seq_len']}, the run asks for {seq}")
     # The Hugging Face Trainer's bf16=True: --trainer hf-trainer and the setup's hf_trainer_bf16 are one choice, which
     # the recorded setup states (mst-plan re-simulates the record's setup; a plan's prediction was for its own)
-    if trainer == "hf-trainer" and not setup.get("hf_trainer_bf16"):
+    trainer_added = trainer == "hf-trainer" and not setup.get("hf_trainer_bf16")
+    if trainer_added:
         setup = dict(setup, hf_trainer_bf16=True)
-        if prediction is not None:
+        if prediction is not None or (hf_cfg is not None and hf_cfg.predicted.peak_allocated_bytes):
             prediction = None
             notes.append("prediction: the plan's prediction is for its own forward, not the Trainer's; not carried over")
     trainer = "hf-trainer" if setup.get("hf_trainer_bf16") else trainer
+    if trainer == "hf-trainer" and raw.get("model_type") in ("qwen3_moe", "gpt_oss") and setup.get("precision") != "amp":
+        fail(plan_where, "hf_trainer_bf16", f"expected false for a {raw['model_type']} model with bf16 parameters (under the "
+                                            f"Trainer's bf16 autocast, CUDA runs the experts' combine, a sum, in fp32: a CPU "
+                                            f"step cannot stand for it), got true")
     if trainer == "hf-trainer":
         notes.append("trainer: the Hugging Face Trainer with bf16=True (accelerate's bf16 autocast around the forward "
                      "and the fp32 copy of its outputs)")
@@ -636,7 +645,7 @@ def make_job(model_ref: Optional[str], *, plan: Optional[Mapping[str, Any]] = No
 
     if hf_cfg is not None and not cut:
         mst_config, source = hf_cfg.to_dict(), "hf-config"
-        if hf_cfg.predicted.peak_allocated_bytes:
+        if hf_cfg.predicted.peak_allocated_bytes and not trainer_added:
             prediction = dataclasses.asdict(hf_cfg.predicted)
     elif plan is not None and convert != "python" and (convert == "binary" or Path(mst_plan).is_file()):
         if not Path(mst_plan).is_file():

@@ -115,4 +115,5 @@ def test_the_hf_trainers_forward_is_drawn_only_where_mst_plan_models_it():
         if differential.random_case(rng, family).knobs.get("hf_trainer_bf16"):
             drawn.add(family)
     assert drawn and not drawn & {"qwen3_moe", "gpt_oss"}
-    assert any(differential.random_fsdp2_case(rng, "llama").knobs.get("hf_trainer_bf16") for _ in range(20))
+    # (nor for FSDP2: accelerate prepares an FSDP2 model without its native amp)
+    assert not any(differential.random_fsdp2_case(rng, "llama").knobs.get("hf_trainer_bf16") for _ in range(20))

@@ -92,9 +92,7 @@ struct TunerArgs {
         rq.base.optimizer = parse_optimizer(optimizer, "command line");
         if (!state_dtype.empty()) rq.base.state_dtype = parse_state_dtype(state_dtype, "command line");
         rq.base.runtime = parse_runtime(runtime, "command line");
-        rq.base.hf_trainer_bf16 = hf_trainer_bf16;
-        if (hf_trainer_bf16 && rq.base.runtime != Runtime::Hf)
-            fail("command line", "hf-trainer-bf16", "expected runtime hf (it is how the Hugging Face Trainer calls Hugging Face's model)");
+        rq.base.hf_trainer_bf16 = hf_trainer_bf16;  // (check_request refuses it where it is not modelled)
         const bool given = attention_option && attention_option->count() > 0;
         rq.base.attention = given ? parse_attention(attention, "command line") : default_attention(rq.model, rq.base.runtime);
         rq.base.optimizer_impl = parse_optimizer_impl(optimizer_impl, "command line");
@@ -305,6 +303,12 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                    wrap(fmt::format("--fsdp2-no-sync does not apply to the recommended setup ({}): it is for FSDP2 plans with "
                                     "accumulation.",
                                     s.fsdp2_shards() ? "no accumulation" : "not FSDP2"),
+                        100));
+    if (rq.base.hf_trainer_bf16 && !s.hf_trainer_bf16)
+        fmt::print("\nnote: {}",
+                   wrap(fmt::format("--hf-trainer-bf16 does not apply to the recommended setup ({}): accelerate prepares it "
+                                    "without its native amp, so the Trainer's bf16=True adds no autocast and no fp32 outputs.",
+                                    s.fsdp2_shards() ? "FSDP2" : "DeepSpeed's engine"),
                         100));
     fmt::print("\nwhy: {}\n", wrap(r.why, 100));
     if (r.pareto.size() > 1) {

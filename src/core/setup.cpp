@@ -271,6 +271,26 @@ std::optional<SpRefusal> sp_refusal(const ModelSpec& m, SpImpl impl, std::int64_
     return std::nullopt;
 }
 
+std::string hf_trainer_bf16_refusal(const TrainingSetup& s, const ModelSpec& m) {
+    if (s.runtime != Runtime::Hf)
+        return "expected false with runtime kernels (it is how the Hugging Face Trainer calls Hugging Face's model: runtime hf)";
+    // accelerate 1.15 wraps the forward in prepare_model only (accelerator.py:1824-1835), which neither
+    // _prepare_deepspeed nor _prepare_fsdp2 calls on the model (accelerator.py:1549-1554)
+    if (s.deepspeed_engine())
+        return "expected false under DeepSpeed's engine (ZeRO 1-3 in runtime hf: accelerate leaves bf16 to DeepSpeed, no "
+               "autocast and no fp32 outputs)";
+    if (s.fsdp2)
+        return "expected false with fsdp2 (accelerate prepares an FSDP2 model without its native amp: bf16=True adds no "
+               "autocast and no fp32 outputs there)";
+    // transformers' grouped_mm experts sum their weighted outputs in the parameters' dtype: CUDA's autocast runs
+    // that sum in fp32 (the CPU's, the referee's, does not), so under it the step holds fp32 tensors not modelled
+    if (s.precision != Precision::AmpFp32 && (m.family == Family::Qwen3Moe || m.family == Family::GptOss))
+        return fmt::format("expected false for {} with bf16 parameters (under the Trainer's bf16 autocast, CUDA runs the "
+                           "experts' combine, a sum, in fp32: not modelled)",
+                           m.name);
+    return "";
+}
+
 void validate(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
     auto in_range = [&](const char* field, std::int64_t v, std::int64_t lo, std::int64_t hi) {
@@ -319,18 +339,8 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
     if (s.fsdp2_no_sync && !s.fsdp2)
         fail(w, "fsdp2_no_sync", "expected false without fsdp2 (it is FSDP2's set_requires_gradient_sync(False) under "
                                  "accumulation), got true");
-    if (s.hf_trainer_bf16 && s.runtime != Runtime::Hf)
-        fail(w, "hf_trainer_bf16", "expected false with runtime kernels (it is how the Hugging Face Trainer calls Hugging Face's "
-                                   "model: runtime hf), got true");
-    if (s.hf_trainer_bf16 && s.deepspeed_engine())
-        fail(w, "hf_trainer_bf16", "expected false under DeepSpeed's engine (ZeRO 1-3 in runtime hf: accelerate leaves bf16 to "
-                                   "DeepSpeed, no autocast and no fp32 outputs), got true");
-    // transformers' grouped_mm experts sum their weighted outputs in the parameters' dtype: CUDA's autocast runs
-    // that sum in fp32 (the CPU's, the referee's, does not), so under it the step holds fp32 tensors not modelled
-    if (s.hf_trainer_bf16 && s.precision != Precision::AmpFp32 && (m.family == Family::Qwen3Moe || m.family == Family::GptOss))
-        fail(w, "hf_trainer_bf16", fmt::format("expected false for {} with bf16 parameters (under the Trainer's bf16 autocast, "
-                                               "CUDA runs the experts' combine, a sum, in fp32: not modelled), got true",
-                                               m.name));
+    if (s.hf_trainer_bf16)
+        if (const std::string why = hf_trainer_bf16_refusal(s, m); !why.empty()) fail(w, "hf_trainer_bf16", why + ", got true");
     if (!s.fsdp2_reshard_after_forward && !s.fsdp2)
         fail(w, "fsdp2_reshard_after_forward", "expected true without fsdp2 (it is fully_shard's reshard_after_forward), got false");
     if (s.zero3_prefetch < 0 || s.zero3_prefetch > limits::kZero3Prefetch)

@@ -153,8 +153,11 @@ void take_engine(TrainingSetup& s, const TuneRequest& rq) {
     s.param_persistence_threshold = zero3 ? asked.param_persistence_threshold : kDeepSpeedPersistence;
     s.prefetch_bucket_size = zero3 ? asked.prefetch_bucket_size : kDeepSpeedPrefetchBucket;
     // The Hugging Face Trainer's bf16=True as asked, and always for Axolotl, which runs the Trainer with bf16: true:
-    // accelerate's native amp wraps the forward wherever DeepSpeed's engine does not train it (it leaves bf16 to DeepSpeed)
-    s.hf_trainer_bf16 = s.runtime == Runtime::Hf && !s.deepspeed_engine() && (asked.hf_trainer_bf16 || rq.for_format == "axolotl");
+    // accelerate's native amp around the forward, where it has one (not under DeepSpeed's engine or FSDP2, whose
+    // preparation adds none). Axolotl's Qwen3-MoE and gpt-oss in bf16, where it is not modelled, are planned
+    // without it (check_request refuses it asked for them).
+    s.hf_trainer_bf16 = asked.hf_trainer_bf16 || rq.for_format == "axolotl";
+    if (s.hf_trainer_bf16 && !hf_trainer_bf16_refusal(s, rq.model).empty()) s.hf_trainer_bf16 = false;
 }
 
 // --for: why the format's trainer cannot train `s` as planned, in its emitter's words ("" when it can).
@@ -598,6 +601,12 @@ void check_request(const TuneRequest& rq, const char* command) {
         fail(command, "margin", fmt::format("expected a fraction in [0, 1), got {}", rq.safety_margin));
     if (rq.gpus < 1 || rq.gpus > limits::kGpus)
         fail(command, "gpus", fmt::format("expected a count in [1, {}], got {}", limits::kGpus, rq.gpus));
+    // --hf-trainer-bf16 for a runtime or model it is not modelled for (the engines without native amp drop it: take_engine)
+    if (rq.base.hf_trainer_bf16) {
+        TrainingSetup plain = rq.base;
+        plain.zero_stage = 0, plain.fsdp2 = false;
+        if (const std::string why = hf_trainer_bf16_refusal(plain, rq.model); !why.empty()) fail(command, "hf_trainer_bf16", why);
+    }
     // What the runtime cannot plan for the format, the GPUs or the pins is named here, not searched for.
     if (const auto formats = emit_formats();
         !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
