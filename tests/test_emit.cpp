@@ -700,3 +700,20 @@ TEST_CASE("emit: a plan relabelled to another model or edited is refused, naming
     CHECK_NOTHROW((void)load_plan_file((dir / "plan.json").string()));  // nothing recorded, nothing to check
     fs::remove_all(dir);
 }
+
+TEST_CASE("emit axolotl: a plan without the Trainer's bf16 forward says what its numbers leave out") {
+    // Axolotl's bf16: true is the Trainer's bf16=True: without DeepSpeed, accelerate's native amp copies an
+    // unchunked head's logits to fp32 (hf_trainer_bf16, which recommend --for axolotl sets)
+    const ModelSpec m = find_model("llama-3.2-1b");
+    Plan plan;
+    plan.model = "llama-3.2-1b", plan.gpu = "h100-sxm-80gb";
+    plan.setup.runtime = Runtime::Hf, plan.setup.seq_len = 8192;
+    const auto noted = [&] {
+        return named(emit(plan, m, "axolotl"), "axolotl.yaml").content.find("made without hf_trainer_bf16") != std::string::npos;
+    };
+    CHECK(noted());
+    plan.setup.hf_trainer_bf16 = true;
+    CHECK_FALSE(noted());
+    plan.setup.hf_trainer_bf16 = false, plan.setup.runtime = Runtime::Kernels;  // (mst-plan's own kernels: no Trainer)
+    CHECK_FALSE(noted());
+}
