@@ -47,9 +47,7 @@ struct TunerArgs {
         if (!training_knobs) return;
         cmd.add_option("--seq", seq, "Sequence length in tokens")->capture_default_str()->check(decimal(1, limits::kSeqLen));
         cmd.add_option("--precision", precision, "pure-bf16 | bf16-master | amp")->capture_default_str();
-        cmd.add_flag("--hf-trainer-bf16", hf_trainer_bf16,
-                     "The forward as the Hugging Face Trainer with bf16=True calls it (runtime hf): accelerate's bf16 autocast around it "
-                     "and an fp32 copy of its bf16 outputs after it (the logits of an unchunked LM head)");
+        add_hf_trainer_bf16(cmd, hf_trainer_bf16);
         cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
         cmd.add_option("--optimizer-state-dtype", state_dtype, "fp32 | bf16");
         attention_option = cmd.add_option("--attention", attention,

@@ -24,9 +24,7 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
     cmd.add_option("--optimizer-state-dtype", state_dtype, "fp32 | bf16 (default: bf16 for pure-bf16, else fp32)");
     cmd.add_flag("--optimizer-in-backward", opt_in_backward, "Step each parameter in its gradient hook");
-    cmd.add_flag("--hf-trainer-bf16", hf_trainer_bf16,
-                 "The forward as the Hugging Face Trainer with bf16=True calls it (runtime hf): accelerate's bf16 autocast "
-                 "around it and an fp32 copy of its bf16 outputs after it (the logits of an unchunked LM head)");
+    add_hf_trainer_bf16(cmd, hf_trainer_bf16);
     cmd.add_option("--optimizer-impl", optimizer_impl, "fused (the HF Trainer's and torchtitan's default) | foreach (torch.optim's default on GPUs) | for-loop")
         ->capture_default_str();
     cmd.add_option("--runtime", runtime, "hf (transformers + PyTorch: what users run) | kernels (mst-plan's executor)")
