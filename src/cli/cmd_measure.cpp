@@ -102,7 +102,7 @@ void add_measure_command(CLI::App& app, const GlobalOptions& global) {
                     "cuda: exact (one cudaMallocAsync per tensor, recorded by CUPTI) or caching (PyTorch's caching "
                     "allocator: allocated and reserved)")
         ->capture_default_str();
-    cmd->add_flag("--no-cupti", args->no_cupti, "cuda: take the timeline from the allocator's own log, without CUPTI");
+    add_switch(*cmd, "--no-cupti", args->no_cupti, "cuda: take the timeline from the allocator's own log, without CUPTI");
     cmd->add_option("--model", args->model, "Catalog name or path to a config.json")->required();
     cmd->add_option("--out", args->out_dir, "Write DIR/measured.json (setup, timeline and summary)");
     cmd->add_option("--seed", args->seed, "Seed of the random weights and tokens")->capture_default_str()->check(unsigned_decimal());

@@ -69,7 +69,7 @@ struct TunerArgs {
                        "Expert parallelism: pairs the busiest rank's experts receive over a uniform routing's (capped at ep)")
             ->capture_default_str()
             ->check(finite(1, limits::kGpus));
-        cmd.add_flag("--fsdp2-no-sync", fsdp2_no_sync,
+        add_switch(cmd, "--fsdp2-no-sync", fsdp2_no_sync,
                      "Where the search plans FSDP2 with accumulation: for a loop that syncs the gradients in the last micro-step "
                      "only (set_requires_gradient_sync(False) before the others, as the Hugging Face Trainer accumulates)");
         add_true_or_false(cmd, "--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,

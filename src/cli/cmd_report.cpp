@@ -92,7 +92,7 @@ void add_report_command(CLI::App& app, const GlobalOptions& global) {
     cmd->add_option("--out", args->out_file, "Write the Markdown table to FILE");
     cmd->add_option("--gpu", args->gpu, "GPU profile of trainers' peaks-only runs (their cuBLAS workspace and allocator)")
         ->capture_default_str();
-    cmd->add_flag("--check", args->check, "Exit 2 when a measurement is off by more than the limits below");
+    add_switch(*cmd, "--check", args->check, "Exit 2 when a measurement is off by more than the limits below");
     const auto percent = finite(0, limits::kErrorPercent);
     cmd->add_option("--max-peak-error", args->max_peak_percent, "Limit on the peak's relative error, percent")
         ->capture_default_str()

@@ -19,6 +19,7 @@
 #include "commands.hpp"
 #include "mst/error.hpp"
 #include "mst/execute.hpp"
+#include "numbers.hpp"
 
 namespace {
 
@@ -121,9 +122,9 @@ int main(int argc, char** argv) {
     app.require_subcommand(1);
     app.fallthrough();
     GlobalOptions global;
-    app.add_flag("--json", global.json, "Print JSON instead of tables");
+    add_switch(app, "--json", global.json, "Print JSON instead of tables");
     bool assume_llama = false;
-    app.add_flag("--assume-llama", assume_llama,
+    add_switch(app, "--assume-llama", assume_llama,
                  "Read a config.json of a model_type mst-plan does not model as Llama-shaped (with a warning) "
                  "instead of refusing it");
     app.parse_complete_callback([&assume_llama] { mst::set_assume_llama(assume_llama); });

@@ -57,7 +57,7 @@ CLI::Option* add_true_or_false(CLI::App& cmd, const std::string& name, bool& val
     return cmd.add_option(name, value, help)->default_str(value ? "true" : "false")->check(true_or_false());
 }
 
-CLI::Option* add_hf_trainer_bf16(CLI::App& cmd, bool& value) {
+CLI::Option* add_switch(CLI::App& cmd, const std::string& name, bool& value, const std::string& help) {
     const CLI::Validator boolean_word(
         [](std::string& text) -> std::string {
             for (const char* word : {"true", "false", "yes", "no", "on", "off", "1", "0"})
@@ -65,11 +65,13 @@ CLI::Option* add_hf_trainer_bf16(CLI::App& cmd, bool& value) {
             return fmt::format("{}: expected true or false", in_quotes(text));
         },
         "");
-    return cmd
-        .add_flag("--hf-trainer-bf16", value,
-                  "The forward as the Hugging Face Trainer with bf16=True calls it (runtime hf): accelerate's bf16 autocast "
-                  "around it and an fp32 copy of its bf16 outputs after it (the logits of an unchunked LM head)")
-        ->check(boolean_word);
+    return cmd.add_flag(name, value, help)->check(boolean_word);
+}
+
+CLI::Option* add_hf_trainer_bf16(CLI::App& cmd, bool& value) {
+    return add_switch(cmd, "--hf-trainer-bf16", value,
+                      "The forward as the Hugging Face Trainer with bf16=True calls it (runtime hf): accelerate's bf16 autocast "
+                      "around it and an fp32 copy of its bf16 outputs after it (the logits of an unchunked LM head)");
 }
 
 }  // namespace mst::cli

@@ -22,8 +22,10 @@ CLI::Validator finite(double lo, double hi);
 CLI::Validator true_or_false();
 // An option `name` of `cmd` that sets `value` to true or false (true_or_false), its default shown.
 CLI::Option* add_true_or_false(CLI::App& cmd, const std::string& name, bool& value, const std::string& help);
-// --hf-trainer-bf16, one registration for the setup knobs and recommend's: a flag whose value, when one is
-// given, is a boolean word (--hf-trainer-bf16=no), not any integer CLI11 would read as one (=2, =-1).
+// A flag `name` of `cmd` (--name sets `value`) whose value, when one is given, is a boolean word
+// (--padded=no, =true, =0), not any integer CLI11 would read as one (=2 as true, =-1 as false).
+CLI::Option* add_switch(CLI::App& cmd, const std::string& name, bool& value, const std::string& help);
+// --hf-trainer-bf16, one registration for the setup knobs and recommend's.
 CLI::Option* add_hf_trainer_bf16(CLI::App& cmd, bool& value);
 
 }  // namespace mst::cli

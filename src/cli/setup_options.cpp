@@ -19,11 +19,11 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_option("--seq", seq, "Sequence length in tokens")->capture_default_str()->check(decimal());
     cmd.add_option("--batch", batch, "Micro-batch size (sequences per micro-step)")->capture_default_str()->check(decimal());
     cmd.add_option("--grad-accum", grad_accum, "Gradient-accumulation micro-steps")->capture_default_str()->check(decimal());
-    cmd.add_flag("--padded", padded, "Padded batches (default: packed)");
+    add_switch(cmd, "--padded", padded, "Padded batches (default: packed)");
     cmd.add_option("--precision", precision, "pure-bf16 | bf16-master | amp")->capture_default_str();
     cmd.add_option("--optimizer", optimizer, "adamw | adamw-8bit | sgd")->capture_default_str();
     cmd.add_option("--optimizer-state-dtype", state_dtype, "fp32 | bf16 (default: bf16 for pure-bf16, else fp32)");
-    cmd.add_flag("--optimizer-in-backward", opt_in_backward, "Step each parameter in its gradient hook");
+    add_switch(cmd, "--optimizer-in-backward", opt_in_backward, "Step each parameter in its gradient hook");
     add_hf_trainer_bf16(cmd, hf_trainer_bf16);
     cmd.add_option("--optimizer-impl", optimizer_impl, "fused (the HF Trainer's and torchtitan's default) | foreach (torch.optim's default on GPUs) | for-loop")
         ->capture_default_str();
@@ -38,14 +38,14 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_option("--lm-impl", lm_impl, "recompute (MsT reference) | fused (Liger/ALST: gradient in forward)")->capture_default_str();
     cmd.add_option("--checkpoint", checkpoint, "Checkpointed layers: none | all | every:K | first:K | last:K | spread:K | 0,2,5-9")
         ->capture_default_str();
-    cmd.add_flag("--offload", offload, "Offload checkpoints to host memory");
+    add_switch(cmd, "--offload", offload, "Offload checkpoints to host memory");
     cmd.add_option("--dp", dp, "Data-parallel degree")->capture_default_str()->check(decimal());
     const auto an_int = decimal(std::numeric_limits<int>::min(), std::numeric_limits<int>::max());
     cmd.add_option("--zero", zero, "ZeRO stage 0-3 (3 = FSDP full shard)")->capture_default_str()->check(an_int);
     cmd.add_option("--zero3-prefetch", zero3_prefetch, "Layers all-gathered ahead under ZeRO-3")->capture_default_str()->check(an_int);
-    cmd.add_flag("--fsdp2", fsdp2, "ZeRO-3 (runtime hf) as torch's FSDP2, fully_shard on every decoder layer and the model, "
+    add_switch(cmd, "--fsdp2", fsdp2, "ZeRO-3 (runtime hf) as torch's FSDP2, fully_shard on every decoder layer and the model, "
                                    "not DeepSpeed's stage-3 engine");
-    cmd.add_flag("--fsdp2-no-sync", fsdp2_no_sync,
+    add_switch(cmd, "--fsdp2-no-sync", fsdp2_no_sync,
                  "With --fsdp2 and accumulation: set_requires_gradient_sync(False) before every micro-step but the last, as the "
                  "Hugging Face Trainer and accelerate's accumulate() do (whole gradients stay until the last micro-step)");
     add_true_or_false(cmd, "--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
@@ -63,7 +63,7 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
                    "DeepSpeed's ZeRO-3 (runtime hf): elements gathered ahead at each module (stage3_prefetch_bucket_size; "
                    "the Hugging Face Trainer's \"auto\" is 0.9 x hidden_size^2)")
         ->capture_default_str()->check(decimal(0));
-    cmd.add_flag("--overlap-comm", overlap_comm,
+    add_switch(cmd, "--overlap-comm", overlap_comm,
                  "DeepSpeed's overlap_comm (ZeRO 1/2, runtime hf): a second gradient bucket, the reductions overlapping backward");
     cmd.add_option("--sp", sp, "Sequence-parallel degree (runtime kernels)")->capture_default_str()->check(decimal());
     cmd.add_option("--sp-impl", sp_impl, "ulysses (DeepSpeed: all-to-all, heads split) | ring (PyTorch's context-parallel ring "
