@@ -62,7 +62,6 @@ expect_run(2 "^error: --hf-trainer-bf16: '-1': expected true or false" recommend
 expect_run(2 "^error: --padded: '-1': expected true or false" estimate --model tiny-llama --seq 64 --padded=-1)
 expect_run(2 "^error: --fsdp2: '2': expected true or false" estimate --model tiny-llama --seq 64 --dp 2 --zero 3 --fsdp2=2)
 expect_run(2 "^error: --json: '9223372036854775808': expected true or false" --json=9223372036854775808 estimate --model tiny-llama --seq 64)
-expect_run(0 "^Tiny Llama" estimate --model tiny-llama --seq 64 --padded=no)
 expect_run(2 "^error: setup: hf_trainer_bf16: expected false with runtime kernels" estimate --model tiny-llama --seq 64 --runtime kernels --hf-trainer-bf16)
 expect_run(2 "^error: llama-3-8b: no setup fits: [^\n]*plans several GPUs as torch's DDP[^\n]*--runtime kernels plans ZeRO" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 8192 --pin zero=0)
 expect_run(2 "^error: recommend: pin: zero=0: expected 3 with runtime hf" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --gpus 2 --seq 8192 --precision bf16-master --pin zero=0)
