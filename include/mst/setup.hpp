@@ -55,6 +55,15 @@ enum class SpImpl {
               // its sequence shard and every head
 };
 
+// Whose fully_shard calls group an FSDP2 model's parameters (docs/fsdp2-model.md).
+enum class Fsdp2Groups {
+    MstHf,       // python/mst_hf's shard: every decoder layer, then the model (the embedding, the final norm
+                 // and the LM head: gathered from the forward's start to the end of backward)
+    Accelerate,  // the Hugging Face Trainer's accelerate 1.15 (fsdp2_prepare_model, an unsharded model):
+                 // the decoder layers, the embedding (untied), then a tail of the final norm, the tied
+                 // embedding and the LM head, kept whole from its forward to its backward
+};
+
 // How the MLP is split into mini-sequences when mlp_chunks > 1.
 enum class MlpImpl {
     Loop,   // MsT reference: a loop over chunks under autograd; every chunk's saved tensors live until backward
@@ -137,6 +146,8 @@ struct TrainingSetup {
     // fully_shard(layer, reshard_after_forward=...) (accelerate's fsdp_reshard_after_forward): false keeps
     // each layer's parameters whole from its forward to its post-backward (no gathers in backward).
     bool fsdp2_reshard_after_forward = true;
+    // Whose grouping (above); accelerate's applies reshard_after_forward to the embedding's group too.
+    Fsdp2Groups fsdp2_groups = Fsdp2Groups::MstHf;
     // The forward called as the Hugging Face Trainer with bf16=True calls it (runtime hf): accelerate wraps
     // it in bf16 autocast and converts its bf16 outputs to fp32 after it (convert_outputs_to_fp32). With an
     // unchunked LM head that is an fp32 copy of the logits as the forward returns.
@@ -273,6 +284,7 @@ std::string to_string(Attention a);
 std::string to_string(MlpImpl i);
 std::string to_string(LmHeadImpl i);
 std::string to_string(SpImpl i);
+std::string to_string(Fsdp2Groups g);
 Precision parse_precision(const std::string& s, const std::string& where);
 Optimizer parse_optimizer(const std::string& s, const std::string& where);
 StateDtype parse_state_dtype(const std::string& s, const std::string& where);
@@ -285,5 +297,6 @@ Attention default_attention(const ModelSpec& m, Runtime runtime);
 MlpImpl parse_mlp_impl(const std::string& s, const std::string& where);
 LmHeadImpl parse_lm_impl(const std::string& s, const std::string& where);
 SpImpl parse_sp_impl(const std::string& s, const std::string& where);
+Fsdp2Groups parse_fsdp2_groups(const std::string& s, const std::string& where);
 
 }  // namespace mst

@@ -18,6 +18,7 @@ FORMAT = "hf-mst/1"
 
 PRECISIONS = ("pure-bf16", "bf16-master", "amp")
 ATTENTIONS = ("flash", "sdpa", "eager")
+FSDP2_GROUPS = ("mst_hf", "accelerate")  # whose fully_shard calls group an fsdp2 plan's parameters
 MLP_IMPLS = ("loop", "tiled")
 LM_HEAD_IMPLS = ("recompute", "fused")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
@@ -96,6 +97,12 @@ class MstConfig:
     # fully_shard's reshard_after_forward for the decoder layers (mst_hf.shard); false keeps each whole from its
     # forward to its backward (optional key, true by default).
     fsdp2_reshard_after_forward: bool = True
+    # Whose fully_shard calls group the parameters: "mst_hf" (mst_hf.shard: every decoder layer, then the
+    # model, which holds the embedding, the final norm and the LM head) or "accelerate" (the Hugging Face
+    # Trainer's accelerate 1.15 shards the unsharded model itself, fsdp2_prepare_model: the decoder layers,
+    # the embedding, a tail of the final norm and the LM head kept whole from its forward to its backward,
+    # then the model). Optional key, "mst_hf" by default.
+    fsdp2_groups: str = "mst_hf"
 
     @property
     def deepspeed_zero3(self) -> bool:
@@ -130,6 +137,7 @@ class MstConfig:
             **({"fsdp2": True} if self.fsdp2 else {}),
             **({"fsdp2_no_sync": True} if self.fsdp2_no_sync else {}),
             **({} if self.fsdp2_reshard_after_forward else {"fsdp2_reshard_after_forward": False}),
+            **({"fsdp2_groups": self.fsdp2_groups} if self.fsdp2_groups != "mst_hf" else {}),
         }
 
     def to_json(self) -> str:
@@ -299,6 +307,10 @@ def _parse(data: Any, where: str) -> MstConfig:
     if not reshard and not fsdp2:
         r.fail("fsdp2_reshard_after_forward", "expected true without fsdp2 (it is fully_shard's reshard_after_forward), "
                                               "got false")
+    fsdp2_groups = r.choice("fsdp2_groups", FSDP2_GROUPS) if "fsdp2_groups" in r.obj else "mst_hf"
+    if fsdp2_groups != "mst_hf" and not (fsdp2 and precision == "pure-bf16"):
+        r.fail("fsdp2_groups", "expected mst_hf unless fsdp2 shards pure-bf16 parameters (accelerate with bf16=True "
+                               f"upcasts them to fp32 and reduces in bf16, not modelled), got {fsdp2_groups!r}")
     tokens = micro_batch * seq_len // sequence_parallel
 
     def chunks(reader: _Reader) -> int:
@@ -373,4 +385,5 @@ def _parse(data: Any, where: str) -> MstConfig:
         fsdp2=fsdp2,
         fsdp2_no_sync=fsdp2_no_sync,
         fsdp2_reshard_after_forward=reshard,
+        fsdp2_groups=fsdp2_groups,
     )

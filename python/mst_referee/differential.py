@@ -180,6 +180,9 @@ def random_fsdp2_case(rng: random.Random, family: str) -> Case:
         case.knobs.update(fsdp2_no_sync=True, grad_accum=rng.choice([2, 3, 4]))  # (4: one middle one not recorded)
     if rng.random() < 0.25:  # (fully_shard(layer, reshard_after_forward=False): gathered from forward to backward)
         case.knobs["fsdp2_reshard_after_forward"] = False
+    # Sharded by accelerate's own fsdp2_prepare_model (the Trainer's, bf16=False), bf16 parameters only
+    if "precision" not in case.knobs and rng.random() < 0.4:
+        case.knobs["fsdp2_groups"] = "accelerate"
     return case
 
 
@@ -265,9 +268,12 @@ def run_case(case: Case, where: Path, mst_plan: Path = DEFAULT_MST_PLAN) -> Tupl
     knobs.write_text(json.dumps(case.knobs))
     record = where / "run.json"
     script = REPO_ROOT / "scripts" / "torch_crosscheck.py"
+    env = dict(os.environ)
+    if case.knobs.get("fsdp2_groups") == "accelerate":  # (accelerate's fsdp2_prepare_model, from MST_CLIENTS_PATH)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("MST_CLIENTS_PATH", ""), env.get("PYTHONPATH", "")) if p)
     ref = subprocess.run([sys.executable, str(script), str(config), "--setup", str(knobs), "--seq", str(case.seq),
                           "--rank", str(case.rank), "--device", "fake", "--out", str(record)], capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, env=env)
     return _compared(ref, record, mst_plan)
 
 

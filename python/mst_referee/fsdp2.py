@@ -2,8 +2,10 @@
 
 A plan with ``fsdp2`` (runtime hf, ZeRO stage 3, ``dp`` ranks) trains the Hugging Face model, patched
 by ``mst_hf.apply``, with ``fully_shard`` applied to every decoder layer and then to the model (the
-root, which owns the embedding, the final norm and the LM head) by ``mst_hf.shard``, the layout
-torchtitan's and accelerate's FSDP2 wrap too: one parameter group per decoder layer, the root's own. Each rank
+root, which owns the embedding, the final norm and the LM head) by ``mst_hf.shard``: one parameter group
+per decoder layer, the root's own; or (``fsdp2_groups: accelerate``) as the Hugging Face Trainer's
+accelerate shards an unsharded model, by accelerate's own ``fsdp2_prepare_model``: the layers, the
+embedding, a tail of the final norm and the LM head, an empty root (:func:`accelerate_shard`). Each rank
 keeps a dim-0 shard of every parameter (padded to a multiple of the ranks); a group's forward
 all-gathers its parameters into one buffer and copies them out into whole ones, freed again after
 the layer's forward (the root keeps its own to the backward) and gathered again in backward; each
@@ -38,14 +40,17 @@ class Fsdp2:
             dist.destroy_process_group()
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=ranks)
         self.ranks, self.rank = ranks, rank
-        self.mesh = init_device_mesh("cpu", (ranks,))
+        self.mesh = init_device_mesh("cpu", (ranks,), mesh_dim_names=("dp_shard",))
         self.recorder: Any = None  # set once the step is recorded: marking() tells it the categories
 
     def shard(self, model: Any, config: Any) -> Any:
-        """The model sharded as the plan's users shard it: ``mst_hf.shard`` (fully_shard on every decoder
-        layer, then the model; bf16-master under its bf16 mixed-precision policy) over this world's mesh."""
+        """The model sharded as the plan's users shard it, over this world's mesh: ``mst_hf.shard`` (fully_shard
+        on every decoder layer, then the model; bf16-master under its bf16 mixed-precision policy), or, for
+        ``fsdp2_groups: accelerate``, accelerate's own ``fsdp2_prepare_model`` (:func:`accelerate_shard`)."""
         import mst_hf
 
+        if config.fsdp2_groups == "accelerate":
+            return accelerate_shard(model, config, self.mesh)
         return mst_hf.shard(model, config, self.mesh)
 
     @staticmethod
@@ -96,6 +101,35 @@ class Fsdp2:
         self.recorder = None
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def accelerate_shard(model: Any, config: Any, mesh: Any) -> Any:
+    """accelerate's ``fsdp2_prepare_model`` run on ``model`` (patched by mst_hf.apply), as the Hugging Face Trainer's
+    ``prepare`` runs it with ``fsdp_version: 2`` and ``bf16=False`` (``mixed_precision`` "no": no upcast, no
+    policy; the plan's parameters are bf16): its transformer auto-wrap policy over the model's
+    ``_no_split_modules``, the plugin's ``reshard_after_forward`` (the plan's), this world's mesh. The
+    accelerator is a stand-in that carries just what ``fsdp2_prepare_model`` reads of it; the sharding is
+    accelerate's code. accelerate comes from ``MST_CLIENTS_PATH`` (scripts/test installs it there)."""
+    from types import SimpleNamespace
+
+    try:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    except ImportError as e:
+        raise ValueError("fsdp2: fsdp2_groups: accelerate: expected accelerate importable (put MST_CLIENTS_PATH, "
+                         f"which scripts/test installs, on PYTHONPATH): {e}") from None
+    if config.precision != "pure-bf16":
+        raise ValueError(f"fsdp2: fsdp2_groups: accelerate: expected pure-bf16, got {config.precision}")
+    # (the plugin the Trainer's TrainingArguments builds for fsdp_config {"version": 2}: its default transformer-based
+    # wrap, no CPU-RAM-efficient loading; transformers 5.24 training_args.py:2825-2861)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            cpu_ram_efficient_loading=False,
+                                            reshard_after_forward=config.fsdp2_reshard_after_forward)
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no", is_main_process=True, device=mesh.device_type,
+        torch_device_mesh=mesh, parallelism_config=SimpleNamespace(fsdp_dim_names=mesh.mesh_dim_names))
+    plugin.set_auto_wrap_policy(model)
+    return fsdp2_prepare_model(accelerator, model)
 
 
 def _unsharded_grads(group: Any) -> List[Any]:

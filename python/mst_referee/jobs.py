@@ -48,6 +48,7 @@ ATTENTIONS = ("flash", "sdpa", "eager")
 MLP_IMPLS = ("loop", "tiled")
 LM_IMPLS = ("recompute", "fused")
 SP_IMPLS = ("ulysses", "ring")
+FSDP2_GROUPS = ("mst_hf", "accelerate")  # whose fully_shard calls group an fsdp2 plan's parameters
 
 # Keys of mst-plan's setup JSON (src/core/setup.cpp parse_setup), with their defaults.
 SETUP_DEFAULTS: Dict[str, Any] = {
@@ -59,6 +60,7 @@ SETUP_DEFAULTS: Dict[str, Any] = {
     "overlap_comm": False, "param_persistence_threshold": 100_000, "prefetch_bucket_size": 50_000_000,
     "sp": 1, "sp_impl": "ulysses", "ep": 1, "moe_imbalance": 1.0, "fsdp2": False,
     "fsdp2_no_sync": False, "fsdp2_reshard_after_forward": True, "hf_trainer_bf16": False,
+    "fsdp2_groups": "mst_hf",
 }
 SETUP_KEYS = tuple(SETUP_DEFAULTS) + ("optimizer_state_dtype", "mlp_chunk_tokens", "lm_chunk_tokens", "checkpoint")
 
@@ -323,6 +325,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     choice("mlp_impl", MLP_IMPLS)
     choice("lm_impl", LM_IMPLS)
     choice("sp_impl", SP_IMPLS)
+    choice("fsdp2_groups", FSDP2_GROUPS)
     deepspeed = s["runtime"] == "hf" and s["zero_stage"] in (1, 2)
     zero3 = s["runtime"] == "hf" and s["zero_stage"] == 3 and not s["fsdp2"]  # (DeepSpeed's ZeRO-3 engine)
     if s["fsdp2"] and not (s["runtime"] == "hf" and s["zero_stage"] == 3 and s["dp"] > 1):
@@ -340,6 +343,9 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     if not s["fsdp2_reshard_after_forward"] and not s["fsdp2"]:
         fail(where, "fsdp2_reshard_after_forward", "expected true without fsdp2 (it is fully_shard's reshard_after_forward), "
                                                    "got false")
+    if s["fsdp2_groups"] != "mst_hf" and not (s["fsdp2"] and s["precision"] == "pure-bf16"):
+        fail(where, "fsdp2_groups", "expected mst_hf unless fsdp2 shards pure-bf16 parameters (accelerate with bf16=True "
+                                    f"upcasts them to fp32 and reduces in bf16, not modelled), got {json.dumps(s['fsdp2_groups'])}")
     if s["reduce_bucket_size"] != SETUP_DEFAULTS["reduce_bucket_size"] and not (deepspeed or zero3):
         fail(where, "reduce_bucket_size", f"expected DeepSpeed's default {SETUP_DEFAULTS['reduce_bucket_size']} unless "
                                           f"DeepSpeed's ZeRO engine runs the step (runtime hf, zero_stage 1, 2 or 3), "
@@ -384,6 +390,7 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
              "sp_impl", "ep", "moe_imbalance") + (("param_persistence_threshold", "prefetch_bucket_size") if zero3 else ()) + (
                  ("fsdp2",) if s["fsdp2"] else ()) + (("fsdp2_no_sync",) if s["fsdp2_no_sync"] else ()) + (
                  () if s["fsdp2_reshard_after_forward"] else ("fsdp2_reshard_after_forward",)) + (
+                 ("fsdp2_groups",) if s["fsdp2_groups"] != "mst_hf" else ()) + (
                  ("hf_trainer_bf16",) if s["hf_trainer_bf16"] else ())
     return {k: s[k] for k in order}
 
@@ -444,6 +451,7 @@ def hf_mst_config(model: str, setup: Mapping[str, Any], num_layers: int,
         **({"fsdp2": True} if s.get("fsdp2") else {}),
         **({"fsdp2_no_sync": True} if s.get("fsdp2_no_sync") else {}),
         **({} if s.get("fsdp2_reshard_after_forward", True) else {"fsdp2_reshard_after_forward": False}),
+        **({"fsdp2_groups": s["fsdp2_groups"]} if s.get("fsdp2_groups", "mst_hf") != "mst_hf" else {}),
     }
 
 
@@ -460,6 +468,7 @@ def setup_from_hf_mst(cfg: "mst_hf.MstConfig") -> Dict[str, Any]:
         "checkpoint": list(cfg.checkpoint_layers), "offload_checkpoints": cfg.offload_checkpoints,
         "dp": cfg.data_parallel, "zero_stage": cfg.zero_stage, "sp": cfg.sequence_parallel, "fsdp2": cfg.fsdp2,
         "fsdp2_no_sync": cfg.fsdp2_no_sync, "fsdp2_reshard_after_forward": cfg.fsdp2_reshard_after_forward,
+        "fsdp2_groups": cfg.fsdp2_groups,
     })
     if setup["zero_stage"] != 3 or cfg.fsdp2:  # (DeepSpeed ZeRO-3's options are written where it runs only, as to_json writes them)
         for key in ("param_persistence_threshold", "prefetch_bucket_size"):
@@ -470,6 +479,8 @@ def setup_from_hf_mst(cfg: "mst_hf.MstConfig") -> Dict[str, Any]:
         del setup["fsdp2_no_sync"]
     if cfg.fsdp2_reshard_after_forward:
         del setup["fsdp2_reshard_after_forward"]
+    if cfg.fsdp2_groups == "mst_hf":
+        del setup["fsdp2_groups"]
     del setup["hf_trainer_bf16"]  # (how the Trainer calls the model is not mst_hf's: --trainer hf-trainer says it)
     return setup
 

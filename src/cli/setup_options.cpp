@@ -51,6 +51,11 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     add_true_or_false(cmd, "--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
                       "With --fsdp2: fully_shard's reshard_after_forward for the decoder layers (false: each layer stays "
                       "gathered from its forward to its backward, no gathers in backward)");
+    cmd.add_option("--fsdp2-groups", fsdp2_groups,
+                   "With --fsdp2: whose fully_shard calls group the parameters: mst_hf (mst_hf.shard: the layers, then the "
+                   "model) | accelerate (the Hugging Face Trainer shards the unsharded model: the layers, the embedding, "
+                   "a tail of the final norm and the LM head; pure-bf16)")
+        ->capture_default_str();
     cmd.add_option("--reduce-bucket-size", reduce_bucket_size_,
                    "DeepSpeed's gradient bucket in elements (ZeRO 1-3, runtime hf: its reduce_bucket_size; the Hugging Face "
                    "Trainer's \"auto\" is hidden_size^2)")
@@ -80,6 +85,7 @@ bool SetupOptions::given(const char* name) const { return cmd_->count(name) > 0;
 void SetupOptions::take_fsdp2(TrainingSetup& s) const {
     if (given("--fsdp2-no-sync")) s.fsdp2_no_sync = fsdp2_no_sync;
     if (given("--fsdp2-reshard-after-forward")) s.fsdp2_reshard_after_forward = fsdp2_reshard_after_forward;
+    if (given("--fsdp2-groups")) s.fsdp2_groups = parse_fsdp2_groups(fsdp2_groups, "command line");
 }
 
 void SetupOptions::take_deepspeed(TrainingSetup& s) const {

@@ -18,7 +18,7 @@ public:
     void add_to(CLI::App& cmd, const char* default_runtime = "hf");
     std::string default_runtime_ = "hf";
     // Validated. Without `with_deepspeed` DeepSpeed's engine options (--reduce-bucket-size,
-    // --overlap-comm) and FSDP2's loop and layout (--fsdp2-no-sync, --fsdp2-reshard-after-forward) are
+    // --overlap-comm) and FSDP2's loop and layout (--fsdp2-no-sync, --fsdp2-reshard-after-forward, --fsdp2-groups) are
     // left out (max-seq's strategies template, whose stages the search picks: take_deepspeed() and
     // take_fsdp2() give them to the strategies those engines run).
     // gpus: those the command plans (max-seq's --gpus); without --dp or a setup file the data-parallel
@@ -39,6 +39,7 @@ private:
     std::int64_t mlp_chunks = 1, lm_chunks = 1, mlp_chunk_tokens = 0, lm_chunk_tokens = 0;
     int zero = 0, zero3_prefetch = 1;
     bool fsdp2 = false, fsdp2_no_sync = false, fsdp2_reshard_after_forward = true;
+    std::string fsdp2_groups = "mst_hf";
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, optimizer_impl = "fused", runtime = "hf",
                 attention;
     std::string mlp_impl = "loop", lm_impl = "recompute", checkpoint = "none", sp_impl = "ulysses";

@@ -46,6 +46,8 @@ constexpr std::pair<const char*, OptimizerImpl> kOptimizerImpls[] = {
 constexpr std::pair<const char*, Attention> kAttentions[] = {
     {"flash", Attention::Flash}, {"sdpa", Attention::Sdpa}, {"eager", Attention::Eager}};
 constexpr std::pair<const char*, SpImpl> kSpImpls[] = {{"ulysses", SpImpl::Ulysses}, {"ring", SpImpl::Ring}};
+constexpr std::pair<const char*, Fsdp2Groups> kFsdp2Groups[] = {{"mst_hf", Fsdp2Groups::MstHf},
+                                                                 {"accelerate", Fsdp2Groups::Accelerate}};
 constexpr std::pair<const char*, MlpImpl> kMlpImpls[] = {{"loop", MlpImpl::Loop}, {"tiled", MlpImpl::Tiled}};
 constexpr std::pair<const char*, LmHeadImpl> kLmImpls[] = {{"recompute", LmHeadImpl::Recompute},
                                                            {"fused", LmHeadImpl::FusedForward}};
@@ -63,6 +65,10 @@ std::string to_string(MlpImpl i) { return enum_name(i, kMlpImpls); }
 std::string to_string(LmHeadImpl i) { return enum_name(i, kLmImpls); }
 std::string to_string(SpImpl i) { return enum_name(i, kSpImpls); }
 SpImpl parse_sp_impl(const std::string& s, const std::string& w) { return parse_enum(s, w, "sp_impl", kSpImpls); }
+std::string to_string(Fsdp2Groups g) { return enum_name(g, kFsdp2Groups); }
+Fsdp2Groups parse_fsdp2_groups(const std::string& s, const std::string& w) {
+    return parse_enum(s, w, "fsdp2_groups", kFsdp2Groups);
+}
 Precision parse_precision(const std::string& s, const std::string& w) { return parse_enum(s, w, "precision", kPrecisions); }
 Optimizer parse_optimizer(const std::string& s, const std::string& w) { return parse_enum(s, w, "optimizer", kOptimizers); }
 StateDtype parse_state_dtype(const std::string& s, const std::string& w) {
@@ -181,6 +187,7 @@ std::string describe_expert_parallelism(const TrainingSetup& s) {
 std::string describe_sharding(const TrainingSetup& s) {
     if (!s.fsdp2) return describe_deepspeed(s);
     std::string out = " as FSDP2";
+    if (s.fsdp2_groups == Fsdp2Groups::Accelerate) out += " in accelerate's groups";
     if (!s.fsdp2_reshard_after_forward) out += ", layers gathered from forward to backward";
     if (s.fsdp2_unsynced()) out += ", synced in the last micro-step";
     return out;
@@ -343,6 +350,10 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
         if (const std::string why = hf_trainer_bf16_refusal(s, m); !why.empty()) fail(w, "hf_trainer_bf16", why + ", got true");
     if (!s.fsdp2_reshard_after_forward && !s.fsdp2)
         fail(w, "fsdp2_reshard_after_forward", "expected true without fsdp2 (it is fully_shard's reshard_after_forward), got false");
+    if (s.fsdp2_groups != Fsdp2Groups::MstHf && !(s.fsdp2 && s.precision == Precision::PureBf16))
+        fail(w, "fsdp2_groups", fmt::format("expected mst_hf unless fsdp2 shards pure-bf16 parameters (accelerate with "
+                                            "bf16=True upcasts them to fp32 and reduces in bf16: not modelled), got {}",
+                                            to_string(s.fsdp2_groups)));
     if (s.zero3_prefetch < 0 || s.zero3_prefetch > limits::kZero3Prefetch)
         fail(w, "zero3_prefetch", fmt::format("expected 0..{} layers, got {}", limits::kZero3Prefetch, s.zero3_prefetch));
     if (s.zero3_prefetch != 1 && s.runtime == Runtime::Hf)
@@ -632,6 +643,7 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     s.fsdp2 = r.opt_boolean("fsdp2").value_or(false);
     s.fsdp2_no_sync = r.opt_boolean("fsdp2_no_sync").value_or(false);
     s.fsdp2_reshard_after_forward = r.opt_boolean("fsdp2_reshard_after_forward").value_or(true);
+    if (auto v = r.opt_string("fsdp2_groups")) s.fsdp2_groups = parse_fsdp2_groups(*v, where);
     s.hf_trainer_bf16 = r.opt_boolean("hf_trainer_bf16").value_or(false);
 
     auto chunks = [&](const char* count_key, const char* tokens_key) -> std::int64_t {
@@ -710,6 +722,7 @@ nlohmann::json to_json(const TrainingSetup& s) {
     if (s.fsdp2) j["fsdp2"] = true;  // (only where it is asked for: setups without it read as before)
     if (s.fsdp2_no_sync) j["fsdp2_no_sync"] = true;
     if (!s.fsdp2_reshard_after_forward) j["fsdp2_reshard_after_forward"] = false;
+    if (s.fsdp2_groups != Fsdp2Groups::MstHf) j["fsdp2_groups"] = to_string(s.fsdp2_groups);
     if (s.hf_trainer_bf16) j["hf_trainer_bf16"] = true;
     return j;
 }

@@ -392,12 +392,17 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         // whole through backward), which the forward waits for, and the root's reduce-scatter in
         // backward's final callback, which the step waits for.
         const double ring = ring_share(s.zero_ranks()), bw = link_gbps(gpu, cluster, s.zero_ranks(), 1) * 1e9;
+        // accelerate's groups (fsdp2_groups): an untied embedding is a group of its own, gathered for its forward
+        // and again for its backward (as the layers are), and first and last; its tail (final norm, LM head) is
+        // kept whole from its forward to its backward
+        const bool own_embedding = s.fsdp2_groups == Fsdp2Groups::Accelerate && !m.tie_word_embeddings;
         const double root = embedding * (m.tie_word_embeddings ? 1 : 2) + static_cast<double>(m.hidden_size);
+        const double kept = own_embedding ? root - embedding : root, ends = own_embedding ? embedding : root;
         const double reduce_bytes = fp32_shards ? 4 : 2;
         // (reshard_after_forward false: a layer's forward gather serves its backward too)
-        const double gathered = s.fsdp2_reshard_after_forward ? 2 * P - root : P;
+        const double gathered = s.fsdp2_reshard_after_forward ? 2 * P - kept : P;
         const double gathers = ring * gathered * 2 / bw, scatters = ring * P * reduce_bytes / bw;
-        const double first = ring * root * 2 / bw, last = ring * root * reduce_bytes / bw;
+        const double first = ring * ends * 2 / bw, last = ring * ends * reduce_bytes / bw;
         // (unsynced accumulation, fsdp2_no_sync: the last micro-step's reduce-scatters only)
         const double scattering = s.fsdp2_unsynced() ? 1 : ga;
         exposed += ga * first + scattering * last;

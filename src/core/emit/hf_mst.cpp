@@ -67,6 +67,7 @@ std::vector<EmittedFile> emit_hf_mst(const Plan& plan, const ModelSpec& model) {
     if (s.fsdp2) j["fsdp2"] = true;
     if (s.fsdp2_no_sync) j["fsdp2_no_sync"] = true;  // (what the user's loop does: the referee runs it so)
     if (!s.fsdp2_reshard_after_forward) j["fsdp2_reshard_after_forward"] = false;  // (mst_hf.shard's layers)
+    if (s.fsdp2_groups != Fsdp2Groups::MstHf) j["fsdp2_groups"] = to_string(s.fsdp2_groups);  // (mst_hf.shard refuses it)
     return {{"mst_config.json", j.dump(2) + "\n"}};
 }
 

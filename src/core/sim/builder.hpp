@@ -832,6 +832,9 @@ private:
     bool fsdp2_on_ = false;  // s_.fsdp2_shards()
     bool fsdp2_no_sync_ = false;  // s_.fsdp2_no_sync: only the last micro-step reduce-scatters
     bool fsdp2_keep_gathered_ = false;  // !s_.fsdp2_reshard_after_forward: layers whole from forward to post-backward
+    // accelerate's groups (s_.fsdp2_groups): group 0 is the tail (final norm, tied embedding, LM head), and an
+    // untied embedding has a group of its own, the last (fsdp2_embedding_group)
+    bool fsdp2_accelerate_ = false;
     // Bytes per element of the stored shards and of the reduce-scatter (its reduce dtype): bf16 for pure
     // bf16, fp32 for bf16-master (fp32 parameters, gathered in bf16 by its mixed-precision policy; the
     // whole parameters and their gradients are pw_'s and pg_'s, bf16)
@@ -862,6 +865,14 @@ private:
     void fsdp2_post_backward(int group);   // reshard, reduce-scatter the gradients
     void fsdp2_after_backward();           // the root's post-backward, then the final callback
     static int fsdp2_layer_group(int l) { return 1 + l; }
+    // Group 0: the root's (mst_hf) or accelerate's tail; 1 + l: layer l; accelerate's untied embedding: after them.
+    bool fsdp2_own_embedding_group() const { return fsdp2_accelerate_ && !m_.tie_word_embeddings; }
+    int fsdp2_embedding_group() const { return fsdp2_own_embedding_group() ? static_cast<int>(m_.num_layers) + 1 : 0; }
+    // The embedding's post-forward (accelerate's own group: resharded as the layers are) and pre-backward
+    void fsdp2_embedding_post_forward();
+    void fsdp2_embedding_pre_backward();
+    // The pre-backward hook that prefetches the last layer: the root's (mst_hf), accelerate's tail's (on the logits)
+    void fsdp2_tail_pre_backward();
     // Whether a gradient of p reaches it cast to the reduce dtype: under the bf16 policy, in an unsynced
     // micro-step, while p has no gradient yet (its grad_dtype is fp32 then: the engine's validate_outputs
     // casts each contribution); and the cast (+ fp32, - the bf16 gradient).

@@ -21,6 +21,11 @@
 //   frees the last input.
 // * reshard_after_forward=False on the layers (fsdp2_reshard_after_forward false): a layer's whole
 //   parameters stay from its forward to its post-backward; backward gathers nothing.
+// * accelerate's groups (fsdp2_groups, the Hugging Face Trainer's fsdp2_prepare_model): the layers, an untied
+//   embedding alone (gathered for its forward and its backward, as a layer), then a tail of the final norm, the
+//   tied embedding and the LM head, whole from its forward (at its first module) to its post-backward; the
+//   root holds nothing. The tail's pre-backward hook is on lm_head's output: the logits' gradient prefetches
+//   the last layer (the chunked loss's placeholder output gets none). docs/fsdp2-model.md has the table.
 // * Unsynced accumulation (fsdp2_no_sync: set_requires_gradient_sync(False) before every micro-step
 //   but the last, as the Hugging Face Trainer runs it): a group's post-backward only reshards; the
 //   whole gradients stay on the parameters, later micro-steps add into them in place, and the last
@@ -42,12 +47,20 @@ std::int64_t StepBuilder::fsdp2_elements(int p, std::int64_t rows) const {
 }
 
 void StepBuilder::fsdp2_build() {
-    fsdp2_.groups.assign(static_cast<std::size_t>(m_.num_layers + 1), Fsdp2Group{});
-    for (int p : order_) {
-        const Param& P = params_[static_cast<std::size_t>(p)];
-        Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(P.layer + 1)];  // (the root's: layer -1)
+    fsdp2_.groups.assign(static_cast<std::size_t>(m_.num_layers + (fsdp2_own_embedding_group() ? 2 : 1)), Fsdp2Group{});
+    const auto add = [&](int group, int p) {
+        Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];
         g.params.push_back(p);
         g.shard = checked_add(g.shard, fsdp2_elements(p, fsdp2_shard_rows(p)), "FSDP2 shard");
+    };
+    for (int p : order_) {
+        const int layer = params_[static_cast<std::size_t>(p)].layer;
+        if (layer >= 0 || !fsdp2_accelerate_) add(layer + 1, p);  // (the root's: layer -1)
+    }
+    if (fsdp2_accelerate_) {  // fully_shard(embedding), then fully_shard([final norm, (tied) embedding, LM head])
+        if (fsdp2_own_embedding_group()) add(fsdp2_embedding_group(), embed_);
+        add(0, final_norm_);
+        add(0, lm_head_);
     }
     fsdp2_.whole.assign(params_.size(), T{});
     fsdp2_.sharded_grads.assign(params_.size(), T{});
@@ -109,8 +122,27 @@ void StepBuilder::fsdp2_pre_backward(int group) {
     if (!g.gathered.valid()) fsdp2_prefetch(group);  // (not prefetched: its own unshard)
     fsdp2_copy_out(group);
     drop(g.gathered);
-    if (group > 1) fsdp2_prefetch(group - 1);  // the layer before (the root's are whole already)
+    // the group before in forward order: the layer before; layer 0's, accelerate's own embedding group (the
+    // root's are whole already)
+    if (group > 1 && group != fsdp2_embedding_group()) fsdp2_prefetch(group - 1);
+    else if (group == 1 && fsdp2_own_embedding_group()) fsdp2_prefetch(fsdp2_embedding_group());
     at(op);
+}
+
+void StepBuilder::fsdp2_embedding_post_forward() {
+    if (!fsdp2_own_embedding_group() || fsdp2_keep_gathered_) return;
+    const char* op = op_;
+    at("fsdp2.post_forward");
+    fsdp2_reshard(fsdp2_embedding_group());
+    at(op);
+}
+
+void StepBuilder::fsdp2_embedding_pre_backward() {
+    if (fsdp2_own_embedding_group()) fsdp2_pre_backward(fsdp2_embedding_group());
+}
+
+void StepBuilder::fsdp2_tail_pre_backward() {
+    if (!fsdp2_keep_gathered_) fsdp2_prefetch(fsdp2_layer_group(static_cast<int>(m_.num_layers) - 1));
 }
 
 void StepBuilder::fsdp2_post_backward(int group) {
@@ -146,7 +178,7 @@ T StepBuilder::fsdp2_upcast(int p, T g) {
 }
 
 void StepBuilder::fsdp2_after_backward() {
-    fsdp2_post_backward(0);
+    fsdp2_post_backward(fsdp2_embedding_group());  // (the root's; accelerate's tied tail, or its own embedding group)
     at("fsdp2.final_callback");
     drop(fsdp2_.reduce_input);
 }

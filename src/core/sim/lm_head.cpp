@@ -51,6 +51,7 @@ T StepBuilder::embedding_forward(Category out_category) {
             x = scaled;
         }
         z3_release(z3_.embed);
+        if (fsdp2_on_) fsdp2_embedding_post_forward();  // (as its module returns)
         return x;
     }
     T x = alloc("embeddings", res(tokens_, m_.hidden_size), gemma ? Category::Transient : out_category);
@@ -70,6 +71,7 @@ void StepBuilder::embedding_backward(T& dres) {
         // backward); its post-backward never runs (the ids need no gradient)
         at("embedding");
         z3_fetch(z3_.embed, false);
+        if (fsdp2_on_) fsdp2_embedding_pre_backward();  // (FSDP2's on its output, as ZeRO-3's)
         if (m_.gemma()) {  // MulBackward0 of the scale first
             at("embedding.scale");
             T scaled = alloc("d_embeddings", res(tokens_, m_.hidden_size), Category::Transient);
@@ -341,6 +343,7 @@ void StepBuilder::hf_head_forward(T x_last, HeadSaved& hs) {
     layer_ = -1;
     const std::int64_t V = m_.vocab_size;
     at("final_norm");
+    if (fsdp2_own_embedding_group()) fsdp2_pre_forward(0);  // accelerate's tail, at its first module (untied)
     T h = hf_norm_forward(final_norm_, x_last, hs.hf_norm);
     drop(x_last);
     // The model's forward returns: its frame's variables go in their order, the position ids and
@@ -401,14 +404,24 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
         root = g;
     }
     if (z3_on_) z3_fetch(z3_.root, false);  // the loss's pre-backward hook (the model's output)
-    if (fsdp2_on_ && !fsdp2_keep_gathered_) fsdp2_prefetch(fsdp2_layer_group(static_cast<int>(m_.num_layers) - 1));  // (the root's: whole already)
+    // FSDP2's pre-backward that prefetches the last layer: the root's, on the model's output (mst_hf's groups);
+    // accelerate's tail's, on lm_head's output: the logits' gradient below. (python/mst_hf's chunked loss has
+    // lm_head's forward return an empty placeholder that no gradient reaches: no prefetch, the last layer
+    // gathers its own.)
+    if (fsdp2_on_ && !fsdp2_accelerate_) fsdp2_tail_pre_backward();
+    // accelerate's untied tail: its post-backward, on its first module's input (the final norm's)
+    const auto norm_backward = [&](T dh) {
+        T dx = hf_norm_backward(final_norm_, hs.hf_norm, dh);
+        if (fsdp2_own_embedding_group()) fsdp2_post_backward(0);
+        return dx;
+    };
     if (s_.lm_chunks > 1) {
         z3_fetch_of(lm_head_, false);  // ZeRO-3: the loss is lm_head's output
         T dh = hf_chunked_loss_backward(hs, root);
         z3_release_of(lm_head_, false);  // as d_hidden reaches its input
         at("final_norm");
         if (z3_on_) z3_fetch(z3_.model, false);  // the inner model's output
-        return hf_norm_backward(final_norm_, hs.hf_norm, dh);
+        return norm_backward(dh);
     }
     T glp = alloc("d_log_probs", f32(tokens_, V), Category::Transient);  // NllLossBackward0
     node_end({&hs.hf_lp_nll, &hs.hf_pad, &hs.hf_weight}, &root);
@@ -422,6 +435,7 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
         gl = softcap_backward(gl, bf16(tokens_, V), {"d_logits_capped", "d_logits_tanh", "d_logits_div"}, hs.logits_tanh);
         at("lm_head");
     }
+    if (fsdp2_accelerate_) fsdp2_tail_pre_backward();  // (on lm_head's output, the logits)
     if (z3_on_) {
         // (tied: the embedding's gradient joins the weight's before AccumulateGrad runs)
         T dh = z3_linear_backward(lm_head_, "d_hidden", bf16(tokens_, d), {&hs.hf_logits_in}, gl, [](T&) {},
@@ -437,7 +451,7 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
     hf_mm_outputs(lm_head_, gw, dh, amp_, true, [&](int p, T g) { add_grad(p, g, !amp_, !m_.tie_word_embeddings); },
                   [](T&) {});
     at("final_norm");
-    return hf_norm_backward(final_norm_, hs.hf_norm, dh);
+    return norm_backward(dh);
 }
 
 }  // namespace mst::sim

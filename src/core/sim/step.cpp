@@ -42,7 +42,8 @@ void StepBuilder::micro_step(int micro) {
         z3_.flats.clear();
         z3_fetch(z3_.root), z3_fetch(z3_.model);
     }
-    if (fsdp2_on_) fsdp2_pre_forward(0);  // the root's pre-forward hook: the embedding, final norm and LM head
+    // the root's pre-forward hook (the embedding, final norm and LM head); accelerate's: the embedding's group
+    if (fsdp2_on_) fsdp2_pre_forward(fsdp2_embedding_group());
     enter_unit(-1, +1);
     T x = embedding_forward(input_category(0));
     release_unit(-1);
