@@ -58,11 +58,13 @@ expect_run(2 "error: setup: fsdp2_reshard_after_forward: expected true without f
 expect_run(2 "^error: --fsdp2-reshard-after-forward: '2': expected true or false" estimate --model tiny-llama --seq 64 --dp 2 --zero 3 --fsdp2 --fsdp2-reshard-after-forward 2)
 expect_run(2 "^error: --hf-trainer-bf16: '2': expected true or false" estimate --model tiny-llama --seq 64 --hf-trainer-bf16=2)
 expect_run(2 "^error: --hf-trainer-bf16: '-1': expected true or false" recommend --model tiny-llama --seq 64 --hf-trainer-bf16=-1)
-# accelerate's FSDP2 groups (the Trainer shards the unsharded model): bf16 parameters under FSDP2 only
+# accelerate's FSDP2 groups (the Trainer shards the unsharded model), under FSDP2 only
 expect_run(0 "ZeRO 3 as FSDP2 in accelerate's groups" estimate --model tiny-llama --seq 64 --dp 2 --zero 3 --fsdp2 --fsdp2-groups accelerate)
-expect_run(2 "^error: setup: fsdp2_groups: expected mst_hf unless fsdp2 shards pure-bf16 parameters" estimate --model tiny-llama --seq 64 --fsdp2-groups accelerate)
+expect_run(2 "^error: setup: fsdp2_groups: expected mst_hf without fsdp2" estimate --model tiny-llama --seq 64 --fsdp2-groups accelerate)
 expect_run(2 "^error: command line: fsdp2_groups: expected one of mst_hf, accelerate, got 'torchtitan'" estimate --model tiny-llama --seq 64 --fsdp2-groups torchtitan)
-expect_run(2 "^error: max-seq: fsdp2_groups: expected mst_hf with precision bf16-master" max-seq --model llama-3-8b --gpus 8 --fsdp2-groups accelerate --precision bf16-master)
+expect_run(0 "checkpointing \\+ MsT +[0-9]+" max-seq --model llama-3-8b --gpus 8 --fsdp2-groups accelerate --precision bf16-master)
+expect_run(0 "dp 8 \\(ZeRO 3 as FSDP2 in accelerate's groups, synced in the last micro-step\\)" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 16384 --tokens-per-step 524288 --pin micro_batch=1 --fsdp2-no-sync --fsdp2-groups accelerate --precision bf16-master)
+expect_run(0 "note: --fsdp2-groups does not apply to the recommended setup \\(not FSDP2\\)" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --seq 8192 --fsdp2-groups accelerate)
 # (every switch: a value given to it is a boolean word; CLI11 alone read =-1 as false and =2 as true)
 expect_run(2 "^error: --padded: '-1': expected true or false" estimate --model tiny-llama --seq 64 --padded=-1)
 expect_run(2 "^error: --fsdp2: '2': expected true or false" estimate --model tiny-llama --seq 64 --dp 2 --zero 3 --fsdp2=2)

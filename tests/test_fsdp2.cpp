@@ -311,6 +311,37 @@ TEST_CASE("FSDP2 in accelerate's groups: the embedding alone, and a tail of the 
           doctest::Approx(0.5 * (2 * P - (E + 4096) + P) * 2 / 450e9));
 }
 
+TEST_CASE("FSDP2 in accelerate's groups under bf16=True: fp32 shards reduced in bf16, the root's fp32 loss cast to bf16") {
+    // accelerate's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16, output_dtype=bf16) over fp32 parameters
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = fsdp2(3);
+    s.precision = Precision::Bf16Master;
+    s.fsdp2_groups = Fsdp2Groups::Accelerate;
+    const bytes_t layer = 15692, embedding = 5504, tail = 22 + 5504;  // (elements of padded shards, as above)
+    const Timeline t = simulate(m, s, test::test_gpu());
+    // reduce-scatter in bf16; its output cast into one fp32 buffer the sharded gradients view, and freed
+    CHECK(bytes_of(allocs(t, "reduce_scatter_input")) ==
+          std::vector<bytes_t>{3 * tail * 2, 3 * layer * 2, 3 * layer * 2, 3 * embedding * 2});
+    CHECK(bytes_of(allocs(t, "reduce_scatter_output")) == std::vector<bytes_t>{tail * 2, layer * 2, layer * 2, embedding * 2});
+    const auto sharded = allocs(t, "sharded_grads_fp32");
+    CHECK(bytes_of(sharded) == std::vector<bytes_t>{tail * 4, layer * 4, layer * 4, embedding * 4});
+    for (const Event* e : sharded) CHECK(test::freed_in(t, e) == Phase::Optimizer);  // (zero_grad)
+    for (const Event* e : allocs(t, "reduce_scatter_output")) CHECK(test::freed_in(t, e) == Phase::Backward);
+    // the root's output cast: a 2-byte bf16 loss replaces the fp32 one; backward starts from a bf16 gradient
+    // and casts it back (ToCopyBackward0)
+    CHECK(bytes_of(allocs(t, "loss_bf16")) == std::vector<bytes_t>{2});
+    CHECK(bytes_of(allocs(t, "d_loss")) == std::vector<bytes_t>{2, 4});  // (d_loss, then d_loss_fp32)
+    CHECK(bytes_of(allocs(t, "d_loss_fp32")) == std::vector<bytes_t>{4});
+    // unsynced accumulation keeps the whole gradients in bf16 (the reduce dtype: no fp32 grad_dtype, no upcast)
+    s.grad_accum = 3, s.fsdp2_no_sync = true;
+    CHECK(allocs(simulate(m, s, test::test_gpu()), "weight_grad_fp32").empty());
+    // mst_hf.shard's policy of the same parameters reduces in fp32 and casts no output
+    s.fsdp2_groups = Fsdp2Groups::MstHf;
+    const Timeline own = simulate(m, s, test::test_gpu());
+    CHECK(allocs(own, "sharded_grads_fp32").empty());
+    CHECK(allocs(own, "loss_bf16").empty());
+}
+
 TEST_CASE("FSDP2 is refused where it is not modelled, each with one line naming the knob") {
     const auto refused = [](const TrainingSetup& s, const char* model, const char* field) {
         try {
@@ -339,8 +370,6 @@ TEST_CASE("FSDP2 is refused where it is not modelled, each with one line naming 
     refused(s, "tiny-llama", "fsdp2_reshard_after_forward");  // (without fsdp2)
     s = TrainingSetup{}, s.fsdp2_groups = Fsdp2Groups::Accelerate;
     refused(s, "tiny-llama", "fsdp2_groups");  // (without fsdp2)
-    s = fsdp2(4), s.fsdp2_groups = Fsdp2Groups::Accelerate, s.precision = Precision::Bf16Master;
-    refused(s, "tiny-llama", "fsdp2_groups");  // (accelerate's bf16=True policy: not modelled)
     s = fsdp2(4), s.optimizer = Optimizer::SgdMomentum, s.optimizer_impl = OptimizerImpl::Foreach;
     CHECK_NOTHROW(validate(s, find_model("tiny-llama")));
 }

@@ -146,7 +146,8 @@ struct TrainingSetup {
     // fully_shard(layer, reshard_after_forward=...) (accelerate's fsdp_reshard_after_forward): false keeps
     // each layer's parameters whole from its forward to its post-backward (no gathers in backward).
     bool fsdp2_reshard_after_forward = true;
-    // Whose grouping (above); accelerate's applies reshard_after_forward to the embedding's group too.
+    // Whose grouping (above); accelerate's applies reshard_after_forward to the embedding's group too, and its
+    // bf16-master is the Trainer's bf16=True: accelerate's MixedPrecisionPolicy(bf16, bf16, output bf16).
     Fsdp2Groups fsdp2_groups = Fsdp2Groups::MstHf;
     // The forward called as the Hugging Face Trainer with bf16=True calls it (runtime hf): accelerate wraps
     // it in bf16 autocast and converts its bf16 outputs to fp32 after it (convert_outputs_to_fp32). With an

@@ -101,7 +101,8 @@ class MstConfig:
     # model, which holds the embedding, the final norm and the LM head) or "accelerate" (the Hugging Face
     # Trainer's accelerate 1.15 shards the unsharded model itself, fsdp2_prepare_model: the decoder layers,
     # the embedding, a tail of the final norm and the LM head kept whole from its forward to its backward,
-    # then the model). Optional key, "mst_hf" by default.
+    # then the model; pure-bf16 as the Trainer's bf16=False trains it, bf16-master as its bf16=True does: fp32
+    # parameters under accelerate's MixedPrecisionPolicy(bf16, bf16, output bf16)). Optional key, "mst_hf" by default.
     fsdp2_groups: str = "mst_hf"
 
     @property
@@ -308,9 +309,8 @@ def _parse(data: Any, where: str) -> MstConfig:
         r.fail("fsdp2_reshard_after_forward", "expected true without fsdp2 (it is fully_shard's reshard_after_forward), "
                                               "got false")
     fsdp2_groups = r.choice("fsdp2_groups", FSDP2_GROUPS) if "fsdp2_groups" in r.obj else "mst_hf"
-    if fsdp2_groups != "mst_hf" and not (fsdp2 and precision == "pure-bf16"):
-        r.fail("fsdp2_groups", "expected mst_hf unless fsdp2 shards pure-bf16 parameters (accelerate with bf16=True "
-                               f"upcasts them to fp32 and reduces in bf16, not modelled), got {fsdp2_groups!r}")
+    if fsdp2_groups != "mst_hf" and not fsdp2:
+        r.fail("fsdp2_groups", f"expected mst_hf without fsdp2 (it is whose fully_shard calls group it), got {fsdp2_groups!r}")
     tokens = micro_batch * seq_len // sequence_parallel
 
     def chunks(reader: _Reader) -> int:

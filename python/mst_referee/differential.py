@@ -180,8 +180,9 @@ def random_fsdp2_case(rng: random.Random, family: str) -> Case:
         case.knobs.update(fsdp2_no_sync=True, grad_accum=rng.choice([2, 3, 4]))  # (4: one middle one not recorded)
     if rng.random() < 0.25:  # (fully_shard(layer, reshard_after_forward=False): gathered from forward to backward)
         case.knobs["fsdp2_reshard_after_forward"] = False
-    # Sharded by accelerate's own fsdp2_prepare_model (the Trainer's, bf16=False), bf16 parameters only
-    if "precision" not in case.knobs and rng.random() < 0.4:
+    # Sharded by accelerate's own fsdp2_prepare_model, as the Trainer does (bf16 parameters: bf16=False; fp32 ones
+    # under its bf16 policy: bf16=True)
+    if rng.random() < 0.4:
         case.knobs["fsdp2_groups"] = "accelerate"
     return case
 

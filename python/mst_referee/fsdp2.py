@@ -105,8 +105,9 @@ class Fsdp2:
 
 def accelerate_shard(model: Any, config: Any, mesh: Any) -> Any:
     """accelerate's ``fsdp2_prepare_model`` run on ``model`` (patched by mst_hf.apply), as the Hugging Face Trainer's
-    ``prepare`` runs it with ``fsdp_version: 2`` and ``bf16=False`` (``mixed_precision`` "no": no upcast, no
-    policy; the plan's parameters are bf16): its transformer auto-wrap policy over the model's
+    ``prepare`` runs it with ``fsdp_version: 2``: ``bf16=False`` for pure-bf16 (``mixed_precision`` "no": no
+    upcast, no policy), ``bf16=True`` for bf16-master (fp32 parameters under the plugin's
+    ``MixedPrecisionPolicy(bf16, bf16, output bf16)``); its transformer auto-wrap policy over the model's
     ``_no_split_modules``, the plugin's ``reshard_after_forward`` (the plan's), this world's mesh. The
     accelerator is a stand-in that carries just what ``fsdp2_prepare_model`` reads of it; the sharding is
     accelerate's code. accelerate comes from ``MST_CLIENTS_PATH`` (scripts/test installs it there)."""
@@ -118,15 +119,18 @@ def accelerate_shard(model: Any, config: Any, mesh: Any) -> Any:
     except ImportError as e:
         raise ValueError("fsdp2: fsdp2_groups: accelerate: expected accelerate importable (put MST_CLIENTS_PATH, "
                          f"which scripts/test installs, on PYTHONPATH): {e}") from None
-    if config.precision != "pure-bf16":
-        raise ValueError(f"fsdp2: fsdp2_groups: accelerate: expected pure-bf16, got {config.precision}")
     # (the plugin the Trainer's TrainingArguments builds for fsdp_config {"version": 2}: its default transformer-based
     # wrap, no CPU-RAM-efficient loading; transformers 5.24 training_args.py:2825-2861)
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                             cpu_ram_efficient_loading=False,
                                             reshard_after_forward=config.fsdp2_reshard_after_forward)
+    # bf16-master is the Trainer's bf16=True: AcceleratorState sets the plugin's policy (state.py:1014-1015), and
+    # fsdp2_prepare_model upcasts any bf16 parameter to fp32 (the referee's are fp32 already)
+    mixed_precision = "bf16" if config.precision == "bf16-master" else "no"
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
     accelerator = SimpleNamespace(
-        state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no", is_main_process=True, device=mesh.device_type,
+        state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision=mixed_precision, is_main_process=True, device=mesh.device_type,
         torch_device_mesh=mesh, parallelism_config=SimpleNamespace(fsdp_dim_names=mesh.mesh_dim_names))
     plugin.set_auto_wrap_policy(model)
     return fsdp2_prepare_model(accelerator, model)

@@ -343,9 +343,9 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     if not s["fsdp2_reshard_after_forward"] and not s["fsdp2"]:
         fail(where, "fsdp2_reshard_after_forward", "expected true without fsdp2 (it is fully_shard's reshard_after_forward), "
                                                    "got false")
-    if s["fsdp2_groups"] != "mst_hf" and not (s["fsdp2"] and s["precision"] == "pure-bf16"):
-        fail(where, "fsdp2_groups", "expected mst_hf unless fsdp2 shards pure-bf16 parameters (accelerate with bf16=True "
-                                    f"upcasts them to fp32 and reduces in bf16, not modelled), got {json.dumps(s['fsdp2_groups'])}")
+    if s["fsdp2_groups"] != "mst_hf" and not s["fsdp2"]:
+        fail(where, "fsdp2_groups", "expected mst_hf without fsdp2 (it is whose fully_shard calls group it), got "
+                                    f"{json.dumps(s['fsdp2_groups'])}")
     if s["reduce_bucket_size"] != SETUP_DEFAULTS["reduce_bucket_size"] and not (deepspeed or zero3):
         fail(where, "reduce_bucket_size", f"expected DeepSpeed's default {SETUP_DEFAULTS['reduce_bucket_size']} unless "
                                           f"DeepSpeed's ZeRO engine runs the step (runtime hf, zero_stage 1, 2 or 3), "

@@ -85,28 +85,32 @@ def test_a_seeded_zero_case_runs_through_deepspeed_and_compares(tmp_path):
 def test_a_seeded_fsdp2_case_runs_through_fully_shard_and_compares(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    case = differential.random_fsdp2_case(random.Random(31), "llama")
-    # (seed 31: rank 1 of 4, tied embeddings, fp32 parameters under the bf16 policy, four micro-steps synced in
-    # the last only (the Hugging Face Trainer's accumulation), checkpoint offloaded, the tiled MLP in 3 chunks)
+    case = differential.random_fsdp2_case(random.Random(48), "llama")
+    # (seed 48: rank 1 of 3, tied embeddings, fp32 parameters under the bf16 policy, four micro-steps synced in
+    # the last only (the Hugging Face Trainer's accumulation), checkpoints offloaded, the loop MLP in 7 chunks)
     assert (case.rank, case.knobs["dp"], case.knobs["grad_accum"], case.knobs["mlp_chunks"], case.knobs["precision"],
             case.config["tie_word_embeddings"], case.knobs.get("fsdp2_no_sync"), case.knobs.get("fsdp2_groups")) == (
-                1, 4, 4, 3, "bf16-master", True, True, None)
+                1, 3, 4, 7, "bf16-master", True, True, None)
     identical, detail = differential.run_case(case, tmp_path / "fsdp2", _binary())
     assert identical, detail
 
 
 @pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
 @pytest.mark.skipif(not os.environ.get("MST_CLIENTS_PATH"), reason="MST_CLIENTS_PATH is not set (scripts/test sets it)")
-@pytest.mark.parametrize("seed, tied", [(8, True), (13, False)])
-def test_seeded_cases_in_accelerates_fsdp2_groups_run_through_its_own_sharding_and_compare(tmp_path, seed, tied):
-    # (accelerate 1.15's fsdp2_prepare_model shards the model: seed 8 is rank 3 of 5, tied embeddings (one tail
-    # group of the final norm and the embedding), two micro-steps synced in the last only, the tiled MLP in 7
-    # chunks; seed 13 rank 3 of 5, untied (the embedding's own group, the tail of the final norm and LM head),
-    # the loop MLP in 3 chunks)
+@pytest.mark.parametrize("seed, tied, precision, rank, dp", [(8, True, None, 3, 5), (13, False, None, 3, 5),
+                                                             (31, True, "bf16-master", 1, 4), (11, False, "bf16-master", 2, 3)])
+def test_seeded_cases_in_accelerates_fsdp2_groups_run_through_its_own_sharding_and_compare(tmp_path, seed, tied, precision,
+                                                                                             rank, dp):
+    # (accelerate 1.15's fsdp2_prepare_model shards the model, as the Trainer with bf16=False (bf16 parameters) or
+    # bf16=True (fp32 ones under its MixedPrecisionPolicy(bf16, bf16, output bf16)): seed 8 tied (one tail group of
+    # the final norm and the embedding), two micro-steps synced in the last only, the tiled MLP in 7 chunks; 13
+    # untied (the embedding's own group, a tail of the final norm and LM head), the loop MLP in 3 chunks; 31 tied,
+    # four unsynced micro-steps, checkpoints offloaded; 11 untied, two micro-steps each reduce-scattered (the bf16
+    # output cast and added into the fp32 sharded gradients), layers kept gathered)
     pytest.importorskip("torch")
     case = differential.random_fsdp2_case(random.Random(seed), "llama")
     assert case.knobs.get("fsdp2_groups") == "accelerate" and case.config["tie_word_embeddings"] is tied
-    assert (case.rank, case.knobs["dp"]) == (3, 5)
+    assert (case.knobs.get("precision"), case.rank, case.knobs["dp"]) == (precision, rank, dp)
     identical, detail = differential.run_case(case, tmp_path / f"fsdp2_accelerate_{seed}", _binary())
     assert identical, detail
 
@@ -121,8 +125,8 @@ def test_fsdp2_cases_draw_only_what_mst_plan_models_with_it():
         assert not (k.get("optimizer") == "sgd" and k.get("optimizer_impl", "fused") == "fused")
         if k.get("fsdp2_no_sync"):  # (two to four micro-steps)
             assert k["grad_accum"] in (2, 3, 4)
-        if "fsdp2_groups" in k:  # (accelerate's, bf16 parameters only)
-            assert k["fsdp2_groups"] == "accelerate" and "precision" not in k
+        if "fsdp2_groups" in k:  # (accelerate's)
+            assert k["fsdp2_groups"] == "accelerate"
 
 
 def test_the_hf_trainers_forward_is_drawn_only_where_mst_plan_models_it():

@@ -29,6 +29,7 @@ struct TunerArgs {
     std::int64_t reduce_bucket_size = kDeepSpeedReduceBucket;
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention, sp_impl = "ulysses";
     std::string optimizer_impl = "fused", runtime = "hf";
+    std::string fsdp2_groups = "mst_hf";
     std::string for_format;  // recommend --for
     const CLI::Option* attention_option = nullptr;  // given: parsed (an empty value is an error), else the model's default
 
@@ -75,6 +76,10 @@ struct TunerArgs {
         add_true_or_false(cmd, "--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
                           "Where the search plans FSDP2: fully_shard's reshard_after_forward for the decoder layers (false: "
                           "each stays gathered from its forward to its backward)");
+        cmd.add_option("--fsdp2-groups", fsdp2_groups,
+                       "Where the search plans FSDP2: whose fully_shard calls group the parameters: mst_hf (mst_hf.shard) | "
+                       "accelerate (the Hugging Face Trainer shards the unsharded model; bf16-master is its bf16=True)")
+            ->capture_default_str();
     }
 
     TuneRequest request() const {
@@ -99,6 +104,7 @@ struct TunerArgs {
         rq.base.sp_impl = parse_sp_impl(sp_impl, "command line");
         rq.base.fsdp2_no_sync = fsdp2_no_sync;  // (the search's FSDP2 setups take these: take_engine)
         rq.base.fsdp2_reshard_after_forward = fsdp2_reshard_after_forward;
+        rq.base.fsdp2_groups = parse_fsdp2_groups(fsdp2_groups, "command line");
         rq.seq_len = seq;
         rq.for_format = for_format;
         if (tokens_per_step > 0) rq.tokens_per_step = tokens_per_step;  // the option's check: >= 1 when given
@@ -302,6 +308,8 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     "accumulation.",
                                     s.fsdp2_shards() ? "no accumulation" : "not FSDP2"),
                         100));
+    if (rq.base.fsdp2_groups != Fsdp2Groups::MstHf && !s.fsdp2_shards())
+        fmt::print("\nnote: {}", wrap("--fsdp2-groups does not apply to the recommended setup (not FSDP2).", 100));
     if (rq.base.hf_trainer_bf16 && !s.hf_trainer_bf16)
         fmt::print("\nnote: {}",
                    wrap(fmt::format("--hf-trainer-bf16 does not apply to the recommended setup ({}): accelerate prepares it "

@@ -350,9 +350,8 @@ void validate(const TrainingSetup& s, const ModelSpec& m) {
         if (const std::string why = hf_trainer_bf16_refusal(s, m); !why.empty()) fail(w, "hf_trainer_bf16", why + ", got true");
     if (!s.fsdp2_reshard_after_forward && !s.fsdp2)
         fail(w, "fsdp2_reshard_after_forward", "expected true without fsdp2 (it is fully_shard's reshard_after_forward), got false");
-    if (s.fsdp2_groups != Fsdp2Groups::MstHf && !(s.fsdp2 && s.precision == Precision::PureBf16))
-        fail(w, "fsdp2_groups", fmt::format("expected mst_hf unless fsdp2 shards pure-bf16 parameters (accelerate with "
-                                            "bf16=True upcasts them to fp32 and reduces in bf16: not modelled), got {}",
+    if (s.fsdp2_groups != Fsdp2Groups::MstHf && !s.fsdp2)
+        fail(w, "fsdp2_groups", fmt::format("expected mst_hf without fsdp2 (it is whose fully_shard calls group it), got {}",
                                             to_string(s.fsdp2_groups)));
     if (s.zero3_prefetch < 0 || s.zero3_prefetch > limits::kZero3Prefetch)
         fail(w, "zero3_prefetch", fmt::format("expected 0..{} layers, got {}", limits::kZero3Prefetch, s.zero3_prefetch));

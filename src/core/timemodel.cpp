@@ -398,7 +398,7 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         const bool own_embedding = s.fsdp2_groups == Fsdp2Groups::Accelerate && !m.tie_word_embeddings;
         const double root = embedding * (m.tie_word_embeddings ? 1 : 2) + static_cast<double>(m.hidden_size);
         const double kept = own_embedding ? root - embedding : root, ends = own_embedding ? embedding : root;
-        const double reduce_bytes = fp32_shards ? 4 : 2;
+        const double reduce_bytes = fp32_shards && s.fsdp2_groups != Fsdp2Groups::Accelerate ? 4 : 2;  // (accelerate's: bf16)
         // (reshard_after_forward false: a layer's forward gather serves its backward too)
         const double gathered = s.fsdp2_reshard_after_forward ? 2 * P - kept : P;
         const double gathers = ring * gathered * 2 / bw, scatters = ring * P * reduce_bytes / bw;

@@ -608,11 +608,6 @@ void check_request(const TuneRequest& rq, const char* command) {
         plain.zero_stage = 0, plain.fsdp2 = false;
         if (const std::string why = hf_trainer_bf16_refusal(plain, rq.model); !why.empty()) fail(command, "hf_trainer_bf16", why);
     }
-    // accelerate's FSDP2 groups, where the search plans FSDP2: pure-bf16 only (validate's rule)
-    if (rq.base.fsdp2_groups != Fsdp2Groups::MstHf && rq.base.precision != Precision::PureBf16)
-        fail(command, "fsdp2_groups", fmt::format("expected mst_hf with precision {} (accelerate with bf16=True upcasts the "
-                                                  "parameters to fp32 and reduces in bf16: not modelled)",
-                                                  to_string(rq.base.precision)));
     // What the runtime cannot plan for the format, the GPUs or the pins is named here, not searched for.
     if (const auto formats = emit_formats();
         !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())

@@ -866,6 +866,9 @@ private:
     void fsdp2_after_backward();           // the root's post-backward, then the final callback
     static int fsdp2_layer_group(int l) { return 1 + l; }
     // Group 0: the root's (mst_hf) or accelerate's tail; 1 + l: layer l; accelerate's untied embedding: after them.
+    // accelerate's policy under bf16=True (bf16-master: MixedPrecisionPolicy(bf16, bf16, output_dtype=bf16)) casts the
+    // root's floating outputs to bf16: the fp32 loss becomes a bf16 copy, and its gradient comes back through a cast
+    bool fsdp2_casts_outputs() const { return fsdp2_accelerate_ && fsdp2_store_ != pw_; }
     bool fsdp2_own_embedding_group() const { return fsdp2_accelerate_ && !m_.tie_word_embeddings; }
     int fsdp2_embedding_group() const { return fsdp2_own_embedding_group() ? static_cast<int>(m_.num_layers) + 1 : 0; }
     // The embedding's post-forward (accelerate's own group: resharded as the layers are) and pre-backward

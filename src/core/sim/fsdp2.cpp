@@ -161,7 +161,16 @@ void StepBuilder::fsdp2_post_backward(int group) {
     // The sharded gradients: views of its output, or (a later micro-step) what that output is added into,
     // in place, before it goes
     const bool accumulated = fsdp2_.sharded_grads[static_cast<std::size_t>(g.params.front())].valid();
-    T out = alloc("reduce_scatter_output", elems(1, g.shard, fsdp2_reduce_), accumulated ? Category::Transient : Category::Gradients);
+    // (fp32 shards reduced in bf16, accelerate's policy: the output is cast into one fp32 buffer, which the
+    // sharded gradients view, and goes)
+    const bool cast = fsdp2_reduce_ != fsdp2_store_;
+    const Category grads = accumulated ? Category::Transient : Category::Gradients;
+    T out = alloc("reduce_scatter_output", elems(1, g.shard, fsdp2_reduce_), cast ? Category::Transient : grads);
+    if (cast) {
+        T sharded = alloc("sharded_grads_fp32", elems(1, g.shard, fsdp2_store_), grads);
+        drop(out);
+        out = sharded;
+    }
     if (!accumulated)
         for (int p : g.params) fsdp2_.sharded_grads[static_cast<std::size_t>(p)] = hold(out);
     drop(out);

@@ -391,7 +391,8 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
     const std::int64_t d = m_.hidden_size, V = m_.vocab_size;
     if (ds_on_) ds_loss_scaling();
     at("loss");
-    hs.hf_root = alloc("d_loss", 4, Category::Transient);  // backward()'s grad_tensors, held until it returns
+    const bytes_t loss_bytes = fsdp2_casts_outputs() ? 2 : 4;  // (FSDP2's bf16 output cast: a bf16 loss)
+    hs.hf_root = alloc("d_loss", loss_bytes, Category::Transient);  // backward()'s grad_tensors, held until it returns
     T root = hold(hs.hf_root);
     if (ds_on_) {  // DeepSpeed's MulBackward0 (the loss scale), DivBackward0 (the accumulation steps)
         T g = alloc("d_loss_scaled", 4, Category::Transient);
@@ -399,7 +400,12 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
         root = alloc("d_loss_unscaled", 4, Category::Transient);
         node_end({}, &g);
     } else if (s_.grad_accum > 1) {  // DivBackward0
-        T g = alloc("d_loss_unscaled", 4, Category::Transient);
+        T g = alloc("d_loss_unscaled", loss_bytes, Category::Transient);
+        node_end({}, &root);
+        root = g;
+    }
+    if (fsdp2_casts_outputs()) {  // ToCopyBackward0 of the root's output cast
+        T g = alloc("d_loss_fp32", 4, Category::Transient);
         node_end({}, &root);
         root = g;
     }

@@ -131,6 +131,11 @@ void StepBuilder::micro_step(int micro) {
     release_unit(static_cast<int>(L));
     layer_ = -1;
     if (fsdp2_on_) fsdp2_root_post_forward();  // the model's forward returns
+    if (fsdp2_casts_outputs()) {  // (its post-forward's last step: the fp32 loss goes as its bf16 copy replaces it)
+        T cast = act("loss_bf16", 2, false);
+        drop(head.hf_loss);
+        head.hf_loss = cast;
+    }
     at("forward.end");
     clear_autocast_cache();  // the autocast region ends with the forward
     // The Hugging Face Trainer's bf16=True: accelerate's convert_outputs_to_fp32 makes an output whose bf16
@@ -140,7 +145,7 @@ void StepBuilder::micro_step(int micro) {
     drop(head.hf_logits);  // the trainer keeps only the loss of the model's output
     drop(fp32_outputs);
     if (hf_ && s_.grad_accum > 1 && !ds_on_) {  // loss / grad_accum (DeepSpeed's engine divides in its backward)
-        T scaled = act("loss_scaled", 4, false);
+        T scaled = act("loss_scaled", fsdp2_casts_outputs() ? 2 : 4, false);
         drop(head.hf_loss);
         head.hf_loss = scaled;
     }
