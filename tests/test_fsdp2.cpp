@@ -307,8 +307,18 @@ TEST_CASE("FSDP2 in accelerate's groups: the embedding alone, and a tail of the 
     big.seq_len = 8192;
     big.fsdp2_groups = Fsdp2Groups::Accelerate;
     const double P = 8030261248.0, E = 128256.0 * 4096;
-    CHECK(predict_time(eight_b, big, find_gpu("h100-sxm-80gb")).comm_seconds ==
-          doctest::Approx(0.5 * (2 * P - (E + 4096) + P) * 2 / 450e9));
+    const GpuProfile h100 = find_gpu("h100-sxm-80gb");
+    CHECK(predict_time(eight_b, big, h100).comm_seconds == doctest::Approx(0.5 * (2 * P - (E + 4096) + P) * 2 / 450e9));
+    // the embedding's group is the first gathered and the last reduce-scattered: the exposed part
+    CHECK(predict_time(eight_b, big, h100).comm_exposed_seconds == doctest::Approx(0.5 * E * 2 / 450e9 * 2));
+    // bf16=True (bf16-master): fp32 shards, but gathered and reduced in bf16 as above (mst_hf's policy reduces in fp32)
+    big.precision = Precision::Bf16Master;
+    CHECK(predict_time(eight_b, big, h100).comm_seconds == doctest::Approx(0.5 * (2 * P - (E + 4096) + P) * 2 / 450e9));
+    big.fsdp2_groups = Fsdp2Groups::MstHf;
+    CHECK(predict_time(eight_b, big, h100).comm_seconds == doctest::Approx(0.5 * ((2 * P - (2 * E + 4096)) * 2 + P * 4) / 450e9));
+    // every group gathered once without resharding
+    big.fsdp2_groups = Fsdp2Groups::Accelerate, big.fsdp2_reshard_after_forward = false;
+    CHECK(predict_time(eight_b, big, h100).comm_seconds == doctest::Approx(0.5 * (P + P) * 2 / 450e9));
 }
 
 TEST_CASE("FSDP2 in accelerate's groups under bf16=True: fp32 shards reduced in bf16, the root's fp32 loss cast to bf16") {

@@ -97,6 +97,23 @@ TEST_CASE("the Hugging Face loss moves about 18 bytes per logit in forward and 2
     CHECK(op(t, "loss (fwd)").seconds == doctest::Approx(18 * logits / (3350e9 * g.calibration.memory_bound_efficiency)).epsilon(1e-9));
 }
 
+TEST_CASE("the Trainer's bf16=True copies the unchunked head's bf16 logits to fp32: 6 bytes per logit, one kernel") {
+    const ModelSpec m = find_model("llama-3-8b");
+    const GpuProfile g = find_gpu("h100-sxm-80gb");
+    TrainingSetup s;  // (the hf runtime)
+    s.seq_len = 8192;
+    const StepTime plain = predict_time(m, s, g);
+    s.hf_trainer_bf16 = true;
+    const std::vector<OpTime> t = predict_op_times(m, s, g);
+    const double logits = 8192.0 * 128256, seconds = 6 * logits / (3350e9 * g.calibration.memory_bound_efficiency);
+    CHECK(op(t, "logits fp32 copy (fwd)").bytes == doctest::Approx(6 * logits).epsilon(1e-12));
+    CHECK(op(t, "logits fp32 copy (fwd)").kernels == 1);
+    CHECK(predict_time(m, s, g).forward_seconds - plain.forward_seconds == doctest::Approx(seconds).epsilon(1e-9));
+    s.lm_chunks = 8;  // (a chunked head returns no logits: nothing to copy)
+    const auto chunked = predict_op_times(m, s, g);
+    CHECK(std::none_of(chunked.begin(), chunked.end(), [](const OpTime& o) { return o.name == "logits fp32 copy (fwd)"; }));
+}
+
 TEST_CASE("eager attention does the same FLOPs as flash, plus about 30 bytes per score element") {
     const ModelSpec m = find_model("tiny-llama");
     const GpuProfile g = find_gpu("a100-80gb");

@@ -222,6 +222,8 @@ std::string describe_expert_parallelism(const TrainingSetup& setup);
 std::string describe_deepspeed(const TrainingSetup& setup);
 // What follows "ZeRO N" in a summary: " as FSDP2" for torch's fully_shard, else describe_deepspeed.
 std::string describe_sharding(const TrainingSetup& setup);
+// The precision in a summary: "bf16-master", "pure-bf16 under the Trainer's bf16=True" (hf_trainer_bf16).
+std::string describe_precision(const TrainingSetup& setup);
 
 // Why `sp` ranks cannot split a sequence of seq_len tokens of `model` with this implementation:
 // the knob and what it expects (part of validate(); the tuner asks it of each degree it might

@@ -503,8 +503,9 @@ def job_for_deepspeed(plan: Any, where: str = "plan") -> Job:
     from .jobs import make_job
 
     setup = dict(check_plan(plan, where), runtime="hf")  # (Hugging Face's model code, whichever runtime planned it)
-    single = dict(setup, dp=1, zero_stage=0, precision="pure-bf16", reduce_bucket_size=DEEPSPEED_BUCKET, overlap_comm=False,
-                  **ZERO3_DEFAULTS)
+    # (DeepSpeed's engine keeps the optimizer states as its masters; the one-GPU job's are its bf16 tensors')
+    single = dict(setup, dp=1, zero_stage=0, precision="pure-bf16", optimizer_state_dtype="bf16",
+                  reduce_bucket_size=DEEPSPEED_BUCKET, overlap_comm=False, **ZERO3_DEFAULTS)
     job = make_job(None, plan=dict(plan, setup=single), plan_where=where, convert="python")
     job.setup = setup
     return job

@@ -310,6 +310,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --families: expected some of {', '.join(allowed)}{' (--fsdp2: dense families)' if args.fsdp2 else ''} "
               f"and --cases >= 1, got {args.families!r}, {args.cases}", file=sys.stderr)
         return 2
+    if args.fsdp2 and not os.environ.get("MST_CLIENTS_PATH"):  # (accelerate's own sharding: 40 % of the cases)
+        print(f"error: --fsdp2: expected MST_CLIENTS_PATH set to the environment with accelerate, got "
+              f"{os.environ.get('MST_CLIENTS_PATH')!r}", file=sys.stderr)
+        return 2
     rng = random.Random(args.seed)
 
     draw = random_fsdp2_case if args.fsdp2 else random_case

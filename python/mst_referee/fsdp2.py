@@ -113,12 +113,14 @@ def accelerate_shard(model: Any, config: Any, mesh: Any) -> Any:
     accelerate's code. accelerate comes from ``MST_CLIENTS_PATH`` (scripts/test installs it there)."""
     from types import SimpleNamespace
 
+    from .jobs import CrosscheckError
+
     try:
         from accelerate.utils import FullyShardedDataParallelPlugin
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     except ImportError as e:
-        raise ValueError("fsdp2: fsdp2_groups: accelerate: expected accelerate importable (put MST_CLIENTS_PATH, "
-                         f"which scripts/test installs, on PYTHONPATH): {e}") from None
+        raise CrosscheckError("setup: fsdp2_groups: expected accelerate importable for \"accelerate\" (put "
+                              f"MST_CLIENTS_PATH, which scripts/test installs, on PYTHONPATH): {e}") from None
     # (the plugin the Trainer's TrainingArguments builds for fsdp_config {"version": 2}: its default transformer-based
     # wrap, no CPU-RAM-efficient loading; transformers 5.24 training_args.py:2825-2861)
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",

@@ -362,6 +362,11 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     elif state not in STATE_DTYPES:
         fail(where, "optimizer_state_dtype", f"expected one of {', '.join(STATE_DTYPES)}, got {json.dumps(state)}")
     s["optimizer_state_dtype"] = state
+    # (src/core/setup.cpp validate_hf_scope: torch keeps optimizer states in the dtype of the tensors it updates)
+    stepped = "bf16" if s["precision"] == "pure-bf16" else "fp32"
+    if s["runtime"] == "hf" and not (deepspeed or zero3) and s["optimizer"] != "adamw-8bit" and state != stepped:
+        fail(where, "optimizer_state_dtype", f"expected {stepped} with precision {s['precision']} with runtime hf (torch "
+                                             f"keeps optimizer states in the dtype of the tensors it updates), got {state}")
 
     if s["seq_len"] % s["sp"] != 0:
         fail(where, "sp", f"expected a divisor of seq_len ({s['seq_len']}), got {s['sp']}")

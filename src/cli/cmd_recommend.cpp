@@ -266,9 +266,8 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                       s.ring() ? "ring attention" : "Ulysses", s.sp, describe_expert_parallelism(s))});
     t.row({"batch", fmt::format("micro-batch {} x {} accumulation x dp {} = {} tokens per step", s.micro_batch, s.grad_accum,
                                 s.dp, checked_product({s.micro_batch, s.grad_accum, s.dp, s.seq_len}, "tokens per step"))});
-    t.row({"optimizer", fmt::format("{} ({} states){}, {}{}", to_string(s.optimizer), to_string(s.effective_state_dtype()),
-                                    s.optimizer_in_backward ? ", stepped in backward" : "", to_string(s.precision),
-                                    s.hf_trainer_bf16 ? " under the Trainer's bf16=True" : "")});
+    t.row({"optimizer", fmt::format("{} ({} states){}, {}", to_string(s.optimizer), to_string(s.effective_state_dtype()),
+                                    s.optimizer_in_backward ? ", stepped in backward" : "", describe_precision(s))});
     t.row({"memory", fmt::format("{} allocated, {} reserved of {} budget", format_bytes(r.best.memory.peak_allocated_bytes),
                                  format_bytes(r.best.memory.peak_reserved_bytes), format_bytes(r.budget_bytes))});
     if (r.trainer_extra_bytes > 0)

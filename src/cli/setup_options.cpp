@@ -53,8 +53,9 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
                       "gathered from its forward to its backward, no gathers in backward)");
     cmd.add_option("--fsdp2-groups", fsdp2_groups,
                    "With --fsdp2: whose fully_shard calls group the parameters: mst_hf (mst_hf.shard: the layers, then the "
-                   "model) | accelerate (the Hugging Face Trainer shards the unsharded model: the layers, the embedding, "
-                   "a tail of the final norm and the LM head; pure-bf16 is its bf16=False, bf16-master its bf16=True)")
+                   "model) | accelerate (the Hugging Face Trainer shards the unsharded model: the layers, an untied "
+                   "embedding, a tail of the final norm, tied embedding and LM head; pure-bf16 is its bf16=False, "
+                   "bf16-master its bf16=True)")
         ->capture_default_str();
     cmd.add_option("--reduce-bucket-size", reduce_bucket_size_,
                    "DeepSpeed's gradient bucket in elements (ZeRO 1-3, runtime hf: its reduce_bucket_size; the Hugging Face "

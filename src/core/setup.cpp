@@ -184,6 +184,10 @@ std::string describe_expert_parallelism(const TrainingSetup& s) {
     return s.moe_imbalance == 1.0 ? fmt::format(", ep {}", s.ep) : fmt::format(", ep {}, imbalance {}", s.ep, s.moe_imbalance);
 }
 
+std::string describe_precision(const TrainingSetup& s) {
+    return to_string(s.precision) + (s.hf_trainer_bf16 ? " under the Trainer's bf16=True" : "");
+}
+
 std::string describe_sharding(const TrainingSetup& s) {
     if (!s.fsdp2) return describe_deepspeed(s);
     std::string out = " as FSDP2";

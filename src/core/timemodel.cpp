@@ -259,6 +259,8 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         head_fwd += head.gemm("lm_head (fwd)", T, V, d);
         // upcast (2 -> 4), log-softmax (read twice, write), NLL: about 18 bytes per logit
         head_fwd += head.split("loss (fwd)", 0, 18 * T * V, 1, 3);
+        // the Trainer's bf16=True (hf_trainer_bf16): accelerate's convert_outputs_to_fp32 copies the bf16 logits to fp32
+        if (s.hf_trainer_bf16) head_fwd += head.memory("logits fp32 copy (fwd)", 6 * T * V);
         // NLL grad (4), log-softmax grad (8 -> 4), cast (4 -> 2): about 22 bytes per logit
         head_bwd += head.split("loss (bwd)", 0, 22 * T * V, 1, 3);
         head_bwd += head.gemm("lm_head (bwd)", T, d, V) + head.gemm("lm_head (bwd)", V, d, T);

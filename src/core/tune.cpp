@@ -558,14 +558,25 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
                                           : (s.zero_stage == 2 ? "waited for in backward's hooks, without overlap_comm"
                                                                : "after the last micro-step's backward, without overlap_comm"),
                            1e3 * best.time.comm_exposed_seconds);
-    if (s.fsdp2_shards() && s.zero_ranks() > 1)
-        why += fmt::format("torch's FSDP2 (fully_shard on every decoder layer and the model) all-gathers a layer's "
-                           "parameters{} for its forward and again for its backward and reduce-scatters its gradients{}; "
-                           "the model's own (embedding, final norm, LM head) stay gathered from its forward to the end "
-                           "of backward, whose first gather and last reduce-scatter leave {:.1f} ms per step not hidden "
-                           "behind compute. ",
-                           s.precision == Precision::Bf16Master ? " in bf16 (its fp32 shards are the master weights)" : "",
-                           s.precision == Precision::Bf16Master ? " in fp32" : "", 1e3 * best.time.comm_exposed_seconds);
+    if (s.fsdp2_shards() && s.zero_ranks() > 1) {
+        // (accelerate's groups: an untied embedding is gathered as a layer is; the tail keeps the rest; its bf16 policy
+        // reduces in bf16)
+        const bool accelerate = s.fsdp2_groups == Fsdp2Groups::Accelerate, master = s.precision == Precision::Bf16Master;
+        const bool own_embedding = accelerate && !rq.model.tie_word_embeddings;
+        why += fmt::format("torch's FSDP2 ({}) all-gathers a layer's parameters{} for its forward and again for its "
+                           "backward and reduce-scatters its gradients{}; {} stay gathered from its forward to {}, whose first "
+                           "gather and last reduce-scatter leave {:.1f} ms per step not hidden behind compute. ",
+                           accelerate ? "accelerate's fully_shard groups, as the Hugging Face Trainer shards the model"
+                                      : "fully_shard on every decoder layer and the model",
+                           master ? " in bf16 (its fp32 shards are the master weights)" : "",
+                           master ? (accelerate ? " in bf16, cast into fp32 shards" : " in fp32") : "",
+                           own_embedding ? "the tail's (final norm, LM head)"
+                           : accelerate  ? "the tail's (final norm, tied embedding and LM head)"
+                                         : "the model's own (embedding, final norm, LM head)",
+                           own_embedding ? "its backward (the embedding, a group of its own, is gathered as a layer is)"
+                                         : "the end of backward",
+                           1e3 * best.time.comm_exposed_seconds);
+    }
     if (s.fsdp2_unsynced())
         why += "Its gradients are synced in the last micro-step only (set_requires_gradient_sync(False) before the "
                "others, as the Hugging Face Trainer accumulates): every layer's whole gradients stay until then. ";

@@ -191,7 +191,7 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
                 "(bf16 in ds_config.json).");
     // bf16: true is the Trainer's bf16=True: accelerate's native amp wraps the forward where DeepSpeed does not
     // train the step (hf_trainer_bf16, which recommend --for axolotl sets wherever it is modelled)
-    if (!deepspeed && s.runtime == Runtime::Hf && !s.hf_trainer_bf16 && hf_trainer_bf16_refusal(s, model).empty())
+    if (!deepspeed && !s.hf_trainer_bf16 && hf_trainer_bf16_refusal(s, model).empty())  // (refused: kernels runtime too)
         note(e, "The plan was made without hf_trainer_bf16 (recommend --for axolotl sets it): with bf16: true and no "
                 "DeepSpeed, accelerate wraps the forward in bf16 autocast and copies its bf16 outputs to fp32, a "
                 "copy of an unchunked head's logits the plan's numbers leave out.");

@@ -67,9 +67,12 @@ void check_executor_only(const Format& f, const TrainingSetup& s, const ModelSpe
     if (s.ep > 1) fail(f.name, "setup.ep", fmt::format("expected 1 ({}), got {}", f.no_expert_parallelism, s.ep));
     if (s.fsdp2 && std::string_view(f.name) != "hf-mst")
         fail(f.name, "setup.fsdp2",
-             fmt::format("expected false ({} shards the model its own way; the plan is for torch's fully_shard as python/mst_hf's "
-                         "users apply it, mst_hf.shard: emit --format hf-mst), got true",
-                         f.name));
+             fmt::format("expected false ({} shards the model its own way; the plan is for torch's fully_shard {}: emit --format "
+                         "hf-mst), got true",
+                         f.name,
+                         s.fsdp2_groups == Fsdp2Groups::Accelerate
+                             ? "as the Hugging Face Trainer's accelerate applies it to a model python/mst_hf patched"
+                             : "as python/mst_hf's users apply it, mst_hf.shard"));
     if (s.ring())
         fail(f.name, "setup.sp_impl",
              "expected ulysses (no emitter writes PyTorch's context parallelism yet: accelerate's cp_backend \"torch\" "

@@ -837,7 +837,8 @@ private:
     bool fsdp2_accelerate_ = false;
     // Bytes per element of the stored shards and of the reduce-scatter (its reduce dtype): bf16 for pure
     // bf16, fp32 for bf16-master (fp32 parameters, gathered in bf16 by its mixed-precision policy; the
-    // whole parameters and their gradients are pw_'s and pg_'s, bf16)
+    // whole parameters and their gradients are pw_'s and pg_'s, bf16), whose reduce dtype is bf16 under
+    // accelerate's policy (fsdp2_accelerate_)
     int fsdp2_store_ = 2, fsdp2_reduce_ = 2;
     struct Fsdp2Group {
         std::vector<int> params;  // in model.parameters() order
