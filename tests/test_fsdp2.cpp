@@ -285,7 +285,8 @@ TEST_CASE("FSDP2 in accelerate's groups: the embedding alone, and a tail of the 
     // The chunked loss (python/mst_hf) has lm_head's forward return a placeholder no gradient reaches: the
     // tail's pre-backward never runs and layer 1 gathers itself, at its own pre-backward.
     s.lm_chunks = 2;
-    const auto chunked = allocs(simulate(m, s, test::test_gpu()), "all_gather_output");
+    const Timeline chunked_step = simulate(m, s, test::test_gpu());  // (allocs points into it)
+    const auto chunked = allocs(chunked_step, "all_gather_output");
     REQUIRE(chunked.size() == 7);
     CHECK(chunked[4]->layer == 1);
     // Tied embeddings: no group of its own; the tail [final norm, embedding] is gathered at the embedding,
