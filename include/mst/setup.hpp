@@ -187,6 +187,15 @@ struct TrainingSetup {
     bool fsdp2_shards() const { return runtime == Runtime::Hf && fsdp2 && zero_stage == 3; }
     // ... accumulating with its gradient sync off but in the last micro-step (fsdp2_no_sync, several of them).
     bool fsdp2_unsynced() const { return fsdp2_shards() && fsdp2_no_sync && grad_accum > 1; }
+    // FSDP2's reduce-scatter, bytes per element: fp32 under mst_hf.shard's bf16 policy (bf16-master), else bf16
+    // (bf16 parameters without a policy; accelerate's policy reduces in bf16)
+    int fsdp2_reduce_bytes() const {
+        return precision == Precision::Bf16Master && fsdp2_groups == Fsdp2Groups::MstHf ? 4 : 2;
+    }
+    // accelerate's grouping gives an untied embedding a group of its own (a tied one is in its tail)
+    bool fsdp2_embedding_alone(const ModelSpec& m) const {
+        return fsdp2_groups == Fsdp2Groups::Accelerate && !m.tie_word_embeddings;
+    }
     bool deepspeed_engine() const { return deepspeed_zero() || deepspeed_zero3(); }
     // DeepSpeed's engine options as DeepSpeed's defaults (the only values a setup without its engine has)
     bool deepspeed_defaults() const {

@@ -397,10 +397,10 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         // accelerate's groups (fsdp2_groups): an untied embedding is a group of its own, gathered for its forward
         // and again for its backward (as the layers are), and first and last; its tail (final norm, LM head) is
         // kept whole from its forward to its backward
-        const bool own_embedding = s.fsdp2_groups == Fsdp2Groups::Accelerate && !m.tie_word_embeddings;
+        const bool own_embedding = s.fsdp2_embedding_alone(m);
         const double root = embedding * (m.tie_word_embeddings ? 1 : 2) + static_cast<double>(m.hidden_size);
         const double kept = own_embedding ? root - embedding : root, ends = own_embedding ? embedding : root;
-        const double reduce_bytes = fp32_shards && s.fsdp2_groups != Fsdp2Groups::Accelerate ? 4 : 2;  // (accelerate's: bf16)
+        const double reduce_bytes = s.fsdp2_reduce_bytes();
         // (reshard_after_forward false: a layer's forward gather serves its backward too)
         const double gathered = s.fsdp2_reshard_after_forward ? 2 * P - kept : P;
         const double gathers = ring * gathered * 2 / bw, scatters = ring * P * reduce_bytes / bw;

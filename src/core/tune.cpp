@@ -562,7 +562,7 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
         // (accelerate's groups: an untied embedding is gathered as a layer is; the tail keeps the rest; its bf16 policy
         // reduces in bf16)
         const bool accelerate = s.fsdp2_groups == Fsdp2Groups::Accelerate, master = s.precision == Precision::Bf16Master;
-        const bool own_embedding = accelerate && !rq.model.tie_word_embeddings;
+        const bool own_embedding = s.fsdp2_embedding_alone(rq.model);
         why += fmt::format("torch's FSDP2 ({}) all-gathers a layer's parameters{} for its forward and again for its "
                            "backward and reduce-scatters its gradients{}; {} stay gathered from its forward to {}, whose first "
                            "gather and last reduce-scatter leave {:.1f} ms per step not hidden behind compute. ",

@@ -38,9 +38,8 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
     ds_on_ = s_.deepspeed_engine();
     z3_on_ = s_.deepspeed_zero3();
     fsdp2_on_ = s_.fsdp2_shards();
-    // bf16-master: fp32 shards; reduced in fp32 (mst_hf.shard's policy) or in bf16 (accelerate's, bf16=True's)
-    if (fsdp2_on_ && s_.precision == Precision::Bf16Master)
-        fsdp2_store_ = 4, fsdp2_reduce_ = s_.fsdp2_groups == Fsdp2Groups::Accelerate ? 2 : 4;
+    if (fsdp2_on_ && s_.precision == Precision::Bf16Master) fsdp2_store_ = 4;  // (fp32 shards)
+    if (fsdp2_on_) fsdp2_reduce_ = s_.fsdp2_reduce_bytes();
     if (hf_) pg_ = pw_;  // autograd's gradients are in the parameters' dtype; fp32 masters keep their own
     tl_.source = "simulator";
     tl_.model = m_.name;

@@ -838,7 +838,7 @@ private:
     // Bytes per element of the stored shards and of the reduce-scatter (its reduce dtype): bf16 for pure
     // bf16, fp32 for bf16-master (fp32 parameters, gathered in bf16 by its mixed-precision policy; the
     // whole parameters and their gradients are pw_'s and pg_'s, bf16), whose reduce dtype is bf16 under
-    // accelerate's policy (fsdp2_accelerate_)
+    // accelerate's policy (TrainingSetup::fsdp2_reduce_bytes)
     int fsdp2_store_ = 2, fsdp2_reduce_ = 2;
     struct Fsdp2Group {
         std::vector<int> params;  // in model.parameters() order
@@ -870,13 +870,14 @@ private:
     // accelerate's policy under bf16=True (bf16-master: MixedPrecisionPolicy(bf16, bf16, output_dtype=bf16)) casts the
     // root's floating outputs to bf16: the fp32 loss becomes a bf16 copy, and its gradient comes back through a cast
     bool fsdp2_casts_outputs() const { return fsdp2_accelerate_ && fsdp2_store_ != pw_; }
-    bool fsdp2_own_embedding_group() const { return fsdp2_accelerate_ && !m_.tie_word_embeddings; }
+    bytes_t hf_loss_bytes() const { return fsdp2_casts_outputs() ? 2 : 4; }  // the model's loss: fp32, or that cast
+    bool fsdp2_own_embedding_group() const { return fsdp2_on_ && s_.fsdp2_embedding_alone(m_); }
     int fsdp2_embedding_group() const { return fsdp2_own_embedding_group() ? static_cast<int>(m_.num_layers) + 1 : 0; }
     // The embedding's post-forward (accelerate's own group: resharded as the layers are) and pre-backward
     void fsdp2_embedding_post_forward();
     void fsdp2_embedding_pre_backward();
     // The pre-backward hook that prefetches the last layer: the root's (mst_hf), accelerate's tail's (on the logits)
-    void fsdp2_tail_pre_backward();
+    void fsdp2_prefetch_last_layer();
     // Whether a gradient of p reaches it cast to the reduce dtype: under the bf16 policy, in an unsynced
     // micro-step, while p has no gradient yet (its grad_dtype is fp32 then: the engine's validate_outputs
     // casts each contribution); and the cast (+ fp32, - the bf16 gradient).

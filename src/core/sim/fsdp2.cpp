@@ -141,7 +141,7 @@ void StepBuilder::fsdp2_embedding_pre_backward() {
     if (fsdp2_own_embedding_group()) fsdp2_pre_backward(fsdp2_embedding_group());
 }
 
-void StepBuilder::fsdp2_tail_pre_backward() {
+void StepBuilder::fsdp2_prefetch_last_layer() {
     if (!fsdp2_keep_gathered_) fsdp2_prefetch(fsdp2_layer_group(static_cast<int>(m_.num_layers) - 1));
 }
 

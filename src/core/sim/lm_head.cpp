@@ -391,8 +391,7 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
     const std::int64_t d = m_.hidden_size, V = m_.vocab_size;
     if (ds_on_) ds_loss_scaling();
     at("loss");
-    const bytes_t loss_bytes = fsdp2_casts_outputs() ? 2 : 4;  // (FSDP2's bf16 output cast: a bf16 loss)
-    hs.hf_root = alloc("d_loss", loss_bytes, Category::Transient);  // backward()'s grad_tensors, held until it returns
+    hs.hf_root = alloc("d_loss", hf_loss_bytes(), Category::Transient);  // backward()'s grad_tensors, held until it returns
     T root = hold(hs.hf_root);
     if (ds_on_) {  // DeepSpeed's MulBackward0 (the loss scale), DivBackward0 (the accumulation steps)
         T g = alloc("d_loss_scaled", 4, Category::Transient);
@@ -400,7 +399,7 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
         root = alloc("d_loss_unscaled", 4, Category::Transient);
         node_end({}, &g);
     } else if (s_.grad_accum > 1) {  // DivBackward0
-        T g = alloc("d_loss_unscaled", loss_bytes, Category::Transient);
+        T g = alloc("d_loss_unscaled", hf_loss_bytes(), Category::Transient);
         node_end({}, &root);
         root = g;
     }
@@ -414,7 +413,7 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
     // accelerate's tail's, on lm_head's output: the logits' gradient below. (python/mst_hf's chunked loss has
     // lm_head's forward return an empty placeholder that no gradient reaches: no prefetch, the last layer
     // gathers its own.)
-    if (fsdp2_on_ && !fsdp2_accelerate_) fsdp2_tail_pre_backward();
+    if (fsdp2_on_ && !fsdp2_accelerate_) fsdp2_prefetch_last_layer();
     // accelerate's untied tail: its post-backward, on its first module's input (the final norm's)
     const auto norm_backward = [&](T dh) {
         T dx = hf_norm_backward(final_norm_, hs.hf_norm, dh);
@@ -441,7 +440,7 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
         gl = softcap_backward(gl, bf16(tokens_, V), {"d_logits_capped", "d_logits_tanh", "d_logits_div"}, hs.logits_tanh);
         at("lm_head");
     }
-    if (fsdp2_accelerate_) fsdp2_tail_pre_backward();  // (on lm_head's output, the logits)
+    if (fsdp2_accelerate_) fsdp2_prefetch_last_layer();  // (on lm_head's output, the logits)
     if (z3_on_) {
         // (tied: the embedding's gradient joins the weight's before AccumulateGrad runs)
         T dh = z3_linear_backward(lm_head_, "d_hidden", bf16(tokens_, d), {&hs.hf_logits_in}, gl, [](T&) {},

@@ -145,7 +145,7 @@ void StepBuilder::micro_step(int micro) {
     drop(head.hf_logits);  // the trainer keeps only the loss of the model's output
     drop(fp32_outputs);
     if (hf_ && s_.grad_accum > 1 && !ds_on_) {  // loss / grad_accum (DeepSpeed's engine divides in its backward)
-        T scaled = act("loss_scaled", fsdp2_casts_outputs() ? 2 : 4, false);
+        T scaled = act("loss_scaled", hf_loss_bytes(), false);
         drop(head.hf_loss);
         head.hf_loss = scaled;
     }
