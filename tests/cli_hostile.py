@@ -219,7 +219,7 @@ CASES = [
     ("offload flag given a number word", E + ["--offload=sometimes"], r"--offload: 'sometimes': expected true or false"),
     ("flag given a negative number", E + ["--padded=-1"], r"--padded: '-1': expected true or false"),
     ("fsdp2 groups of an unknown trainer", E + ["--dp", "2", "--zero", "3", "--fsdp2", "--fsdp2-groups", "deepspeed"],
-     r"command line: fsdp2_groups: expected one of mst_hf, accelerate, got 'deepspeed'"),
+     r"command line: fsdp2_groups: expected one of mst_hf, accelerate, axolotl, got 'deepspeed'"),
     ("recommend seq 0", R + ["--seq", "0"], r"--seq: '0': expected a decimal integer in \[1, 1073741824\]"),
     ("recommend for an unknown trainer", R + ["--for", "megatron"], r"recommend: for: expected one of hf-mst, deepspeed, axolotl, torchtitan, got 'megatron'"),
     ("max-seq for an unknown trainer", ["max-seq", "--model", "tiny-llama", "--for", "megatron"], r"max-seq: for: expected one of hf-mst, deepspeed, axolotl, torchtitan, got 'megatron'"),

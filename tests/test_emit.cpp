@@ -16,6 +16,7 @@
 #include <random>
 #include <set>
 #include <sstream>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 #include <yaml-cpp/yaml.h>
@@ -516,7 +517,12 @@ TEST_CASE("emit: precision maps to each trainer's own mechanism") {
     const auto files = emit(plan, model, "axolotl");
     CHECK(files.size() == 1);
     CHECK_FALSE(YAML::Load(files.front().content)["deepspeed"]);
-    CHECK(files.front().content.find("pip install \"axolotl==0.21.0\"") != std::string::npos);
+    // (its tiled_mlp imports DeepSpeed's TiledMLP, ds_config.json or not)
+    REQUIRE(plan.setup.mlp_chunks > 1);
+    CHECK(files.front().content.find("pip install \"axolotl[deepspeed]==0.21.0\"") != std::string::npos);
+    const std::int64_t mlp_chunks = std::exchange(plan.setup.mlp_chunks, 1);
+    CHECK(emit(plan, model, "axolotl").front().content.find("pip install \"axolotl==0.21.0\"") != std::string::npos);
+    plan.setup.mlp_chunks = mlp_chunks;
 
     plan.setup.precision = Precision::AmpFp32;
     plan.setup.state_dtype = StateDtype::Fp32;

@@ -353,6 +353,71 @@ TEST_CASE("FSDP2 in accelerate's groups under bf16=True: fp32 shards reduced in 
     CHECK(allocs(own, "loss_bf16").empty());
 }
 
+TEST_CASE("FSDP2 in Axolotl's groups: the root resharded after forward, gathered again at the loss, torch 2.14's order") {
+    // Axolotl 0.21's fsdp2_prepare_model (the referee runs it in Axolotl's environment: python/mst_referee/fsdp2.py):
+    // fully_shard on the layers, then on the model, all with reshard_after_forward; bf16 weights under accelerate's
+    // bf16 policy (output bf16); torch 2.14's FSDP2.
+    const ModelSpec m = find_model("tiny-llama");
+    TrainingSetup s = fsdp2(3);
+    s.fsdp2_groups = Fsdp2Groups::Axolotl;
+    const bytes_t layer = 15692 * 2, root = (5504 + 22 + 5504) * 2;  // (padded shards, as above)
+    const Timeline t = simulate(m, s, test::test_gpu());
+    const auto at = [&](const Event* e) { return e - t.events.data(); };
+    const auto free_of = [&](const Event* a) {
+        for (const Event& e : t.events)
+            if (!e.alloc && e.tensor == a->tensor) return &e;
+        return static_cast<const Event*>(nullptr);
+    };
+    // forward: the root, the layers; backward: the root again (its pre-backward on the loss), which prefetches
+    // layer 1; layer 1's pre-backward layer 0
+    const auto gathers = allocs(t, "all_gather_output");
+    REQUIRE(bytes_of(gathers) == std::vector<bytes_t>{3 * root, 3 * layer, 3 * layer, 3 * root, 3 * layer, 3 * layer});
+    CHECK(gathers[3]->phase == Phase::Backward);
+    CHECK(gathers[3]->layer == -1);
+    // the LM head and the embedding are whole twice: freed as the model's forward returns, then to the final callback
+    for (const char* name : {"lm_head", "embed_tokens"}) {
+        const auto whole = allocs(t, name);
+        REQUIRE(whole.size() == 3);  // its shard, then the two whole copies
+        CHECK(test::freed_in(t, whole[1]) == Phase::Forward);
+        CHECK(test::freed_in(t, whole[2]) == Phase::Backward);
+    }
+    // torch 2.14 frees the held all-gather buffer through a local: after the next group's copy-out (its 9 whole
+    // parameters), and after the output cast (a 2-byte bf16 loss, then its fp32 one)
+    CHECK(at(free_of(gathers[0])) == at(gathers[1]) + 10);
+    const auto cast = allocs(t, "loss_bf16");
+    REQUIRE(cast.size() == 1);
+    CHECK(at(free_of(gathers[2])) == at(cast[0]) + 1);
+    CHECK(t.events[static_cast<std::size_t>(at(cast[0]) + 2)].bytes == 4);  // (the fp32 loss)
+    // and foreach_reduce's loop variable keeps the last parameter's whole gradient (the layer's second norm, 64
+    // elements) until it returns, after the reduce-scatter's output
+    const auto outputs = allocs(t, "reduce_scatter_output");
+    REQUIRE(outputs.size() == 3);
+    const Event& next = t.events[static_cast<std::size_t>(at(outputs[0]) + 1)];
+    CHECK((!next.alloc && next.bytes == 64 * 2 && next.category == Category::Gradients));
+    // mst_hf's groups (torch 2.15): the held buffer goes before the copy-out, the root stays whole, no cast
+    s.fsdp2_groups = Fsdp2Groups::MstHf;
+    const Timeline own = simulate(m, s, test::test_gpu());
+    const auto own_gathers = allocs(own, "all_gather_output");
+    CHECK(bytes_of(own_gathers) == std::vector<bytes_t>{3 * root, 3 * layer, 3 * layer, 3 * layer, 3 * layer});
+    CHECK(allocs(own, "loss_bf16").empty());
+    // reshard_after_forward false: nothing resharded, nothing gathered again
+    s.fsdp2_groups = Fsdp2Groups::Axolotl, s.fsdp2_reshard_after_forward = false;
+    CHECK(bytes_of(allocs(simulate(m, s, test::test_gpu()), "all_gather_output")) ==
+          std::vector<bytes_t>{3 * root, 3 * layer, 3 * layer});
+    // Time (Llama-3.1-8B over 2 H100s): every group gathered twice; the root's two gathers and its reduce-scatter
+    // exposed
+    const ModelSpec eight_b = find_model("llama-3.1-8b");
+    TrainingSetup big = fsdp2(2);
+    big.seq_len = 8192;
+    big.fsdp2_groups = Fsdp2Groups::Axolotl;
+    const double P = 8030261248.0, R = 2 * 128256.0 * 4096 + 4096;
+    const GpuProfile h100 = find_gpu("h100-sxm-80gb");
+    CHECK(predict_time(eight_b, big, h100).comm_seconds == doctest::Approx(0.5 * (2 * P + P) * 2 / 450e9));
+    CHECK(predict_time(eight_b, big, h100).comm_exposed_seconds == doctest::Approx(0.5 * R * 2 / 450e9 * 3));
+    big.fsdp2_reshard_after_forward = false;
+    CHECK(predict_time(eight_b, big, h100).comm_exposed_seconds == doctest::Approx(0.5 * R * 2 / 450e9 * 2));
+}
+
 TEST_CASE("FSDP2 is refused where it is not modelled, each with one line naming the knob") {
     const auto refused = [](const TrainingSetup& s, const char* model, const char* field) {
         try {
@@ -381,11 +446,13 @@ TEST_CASE("FSDP2 is refused where it is not modelled, each with one line naming 
     refused(s, "tiny-llama", "fsdp2_reshard_after_forward");  // (without fsdp2)
     s = TrainingSetup{}, s.fsdp2_groups = Fsdp2Groups::Accelerate;
     refused(s, "tiny-llama", "fsdp2_groups");  // (without fsdp2)
+    s = fsdp2(4), s.fsdp2_groups = Fsdp2Groups::Axolotl, s.precision = Precision::Bf16Master;
+    refused(s, "tiny-llama", "fsdp2_groups");  // (Axolotl keeps the bf16 weights it loads)
     s = fsdp2(4), s.optimizer = Optimizer::SgdMomentum, s.optimizer_impl = OptimizerImpl::Foreach;
     CHECK_NOTHROW(validate(s, find_model("tiny-llama")));
 }
 
-TEST_CASE("An FSDP2 plan is written for python/mst_hf, not for DeepSpeed's engine") {
+TEST_CASE("An FSDP2 plan is written for python/mst_hf or Axolotl, not for DeepSpeed's engine") {
     const ModelSpec m = find_model("tiny-llama");
     Plan plan;
     plan.model = "tiny-llama";
@@ -417,4 +484,15 @@ TEST_CASE("An FSDP2 plan is written for python/mst_hf, not for DeepSpeed's engin
     plan.setup.fsdp2_groups = Fsdp2Groups::Accelerate;
     CHECK(nlohmann::json::parse(emit(plan, m, "hf-mst")[0].content).at("fsdp2_groups") == "accelerate");
     CHECK(parse_setup(to_json(plan.setup), m, "setup").fsdp2_groups == Fsdp2Groups::Accelerate);
+    CHECK_THROWS_AS(emit(plan, m, "axolotl"), UserError);  // (Axolotl shards with its own function)
+    // Axolotl's groups: its own fsdp_config, not hf-mst's config nor DeepSpeed's
+    plan.setup.fsdp2_groups = Fsdp2Groups::Axolotl, plan.setup.fsdp2_no_sync = false, plan.setup.grad_accum = 1;
+    CHECK_THROWS_AS(emit(plan, m, "hf-mst"), UserError);
+    CHECK_THROWS_AS(emit(plan, m, "deepspeed"), UserError);
+    const auto axolotl = emit(plan, m, "axolotl");
+    REQUIRE(axolotl.size() == 1);  // (no ds_config.json)
+    for (const char* key : {"fsdp_config:\n", "  fsdp_version: 2\n", "  reshard_after_forward: false\n",
+                            "  auto_wrap_policy: TRANSFORMER_BASED_WRAP\n", "optimizer: adamw_torch_fused\n"})
+        CHECK(axolotl[0].content.find(key) != std::string::npos);
+    CHECK(axolotl[0].content.find("deepspeed:") == std::string::npos);
 }

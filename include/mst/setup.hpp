@@ -62,6 +62,10 @@ enum class Fsdp2Groups {
     Accelerate,  // the Hugging Face Trainer's accelerate 1.15 (fsdp2_prepare_model, an unsharded model):
                  // the decoder layers, the embedding (untied), then a tail of the final norm, the tied
                  // embedding and the LM head, kept whole from its forward to its backward
+    Axolotl,     // Axolotl 0.21's own fsdp2_prepare_model (it replaces accelerate's): the decoder layers, then the
+                 // model, whose group (the embedding, the final norm, the LM head) reshards after its forward as
+                 // the layers do; the bf16 weights it loads under accelerate's bf16 policy (output bf16), and
+                 // torch 2.14's FSDP2 (Axolotl 0.21 requires torch < 2.15)
 };
 
 // How the MLP is split into mini-sequences when mlp_chunks > 1.
@@ -191,6 +195,12 @@ struct TrainingSetup {
     // (bf16 parameters without a policy; accelerate's policy reduces in bf16)
     int fsdp2_reduce_bytes() const {
         return precision == Precision::Bf16Master && fsdp2_groups == Fsdp2Groups::MstHf ? 4 : 2;
+    }
+    // The policy's output_dtype casts the model's outputs (its fp32 loss) to bf16: accelerate's policy under the
+    // Trainer's bf16=True (accelerate's bf16-master; Axolotl's bf16: true)
+    bool fsdp2_output_bf16() const {
+        return (fsdp2_groups == Fsdp2Groups::Accelerate && precision == Precision::Bf16Master) ||
+               fsdp2_groups == Fsdp2Groups::Axolotl;
     }
     // accelerate's grouping gives an untied embedding a group of its own (a tied one is in its tail)
     bool fsdp2_embedding_alone(const ModelSpec& m) const {

@@ -177,6 +177,26 @@ def meaning(cfg, plan: Mapping[str, Any], ds_config: Optional[Mapping[str, Any]]
                                            "sgd": "sgd"}[s["optimizer"]])
     # DeepSpeed: the file Axolotl loaded (normalize_config reads cfg.deepspeed) is the emitted one.
     want("deepspeed", cfg.deepspeed, ds_config)
+    # FSDP2 (fsdp2_groups axolotl): any fsdp_config makes Axolotl put its own fsdp2_prepare_model in accelerate's
+    # place (PatchManager); the Trainer builds accelerate's plugin from it as Axolotl's builder hands it over
+    # (TrainingArguments(fsdp=True, fsdp_config=...)), which must shard as the plan does.
+    fsdp2 = bool(s.get("fsdp2"))
+    want("fsdp_config", bool(cfg.fsdp_config), fsdp2)
+    if fsdp2 and cfg.fsdp_config:
+        want("fsdp2_groups", s.get("fsdp2_groups", "mst_hf"), "axolotl")
+        plugin = fsdp_plugin(cfg)
+        want("fsdp plugin: fsdp_version", plugin.fsdp_version, 2)
+        want("fsdp plugin: reshard_after_forward", plugin.reshard_after_forward, s.get("fsdp2_reshard_after_forward", True))
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+        want("fsdp plugin: auto_wrap_policy", plugin.auto_wrap_policy, transformer_auto_wrap_policy)
+        want("fsdp plugin: activation_checkpointing", bool(plugin.activation_checkpointing), False)  # (HF's: above)
+        from torch.distributed.fsdp import CPUOffloadPolicy
+        want("fsdp plugin: cpu_offload", isinstance(plugin.cpu_offload, CPUOffloadPolicy), False)  # (Axolotl's test)
+        # The Trainer accumulates under accelerate's no_sync (set_requires_gradient_sync(False) but in the last
+        # micro-step) unless the config asks it to sync each one
+        sync_each = bool(((cfg.accelerator_config or {}).get("gradient_accumulation_kwargs") or {}).get("sync_each_batch"))
+        want("gradient sync in the last micro-step only (fsdp2_no_sync)", bool(s.get("fsdp2_no_sync")) and s["grad_accum"] > 1,
+             s["grad_accum"] > 1 and not sync_each)
     # The mesh Axolotl hands accelerate: Ulysses over sp ranks (DeepSpeed's), replicas over the rest.
     if s["sp"] > 1:
         kwargs = _get_parallel_config_kwargs(plan["gpus"], cfg.tensor_parallel_size, cfg.context_parallel_size,
@@ -189,6 +209,28 @@ def meaning(cfg, plan: Mapping[str, Any], ds_config: Optional[Mapping[str, Any]]
             expected["dp_replicate_size"] = s["dp"]
         want("parallelism", kwargs, expected)
     return problems
+
+
+def fsdp_plugin(cfg):
+    """accelerate's FSDP plugin as the Hugging Face Trainer builds it from Axolotl's fsdp_config (Axolotl's
+    builder passes ``fsdp=True, fsdp_config=cfg.fsdp_config``; ``_process_fsdp_args`` makes its arguments).
+    In one CPU process (the arguments' device setup would otherwise start the plan's process group), whose
+    accelerate state is reset after."""
+    import tempfile
+
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import TrainingArguments
+
+    world = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "LOCAL_RANK", "RANK") if k in os.environ}
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            args = TrainingArguments(output_dir=out, fsdp=True, fsdp_config=dict(cfg.fsdp_config), use_cpu=True,
+                                     report_to=[])
+        return FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    finally:
+        AcceleratorState._reset_state(True)
+        os.environ.update(world)
 
 
 def check(em: "matrix.Emitted", work: Path) -> List[str]:
@@ -219,7 +261,7 @@ def main(argv=None) -> int:
     def check_one(em: "matrix.Emitted") -> Tuple[str, List[str]]:
         s = em.plan["setup"]
         layout = (f"dp {s['dp']} sp {s['sp']} ZeRO {s['zero_stage']} mb {s['micro_batch']} ga {s['grad_accum']}"
-                  f"{' deepspeed' if 'ds_config.json' in em.files else ''}")
+                  f"{' deepspeed' if 'ds_config.json' in em.files else ''}{' fsdp2' if s.get('fsdp2') else ''}")
         return layout, check(em, em.files["axolotl.yaml"].parent / "user")
 
     entries = [e for e in matrix.default_matrix() if a.only in e.name and "axolotl" in e.formats]

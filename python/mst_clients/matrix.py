@@ -50,7 +50,7 @@ class Entry:
 
 
 def default_matrix() -> List[Entry]:
-    """47 plans, each one mst-plan can make: every file emitted for them must be accepted."""
+    """51 plans, each one mst-plan can make: every file emitted for them must be accepted."""
     out: List[Entry] = []
     # One GPU: the models whose fp32 masters and states fit one (DeepSpeed keeps fp32 masters for
     # bf16-master; pure bf16 needs ZeRO 1, which the kernels runtime plans).
@@ -88,6 +88,13 @@ def default_matrix() -> List[Entry]:
         Entry("llama-3-8b", 8, 16384, runtime="hf", options=("--tokens-per-step", str(32 * 16384))),
         # the Trainer's "auto" bucket (hidden_size^2), overlap_comm pinned off (searched, it is on where it fits)
         Entry("llama-3-8b", 8, 16384, runtime="hf", pins=("overlap_comm=no",), options=("--reduce-bucket-size", "16777216")),
+        # Axolotl's own FSDP2 (fsdp_config): pure bf16, resharded after forward or kept gathered; tied embeddings
+        Entry("llama-3-8b", 8, 65536, "pure-bf16", runtime="hf", options=("--fsdp2-groups", "axolotl"), formats=("axolotl",)),
+        Entry("qwen3-8b", 8, 32768, "pure-bf16", runtime="hf",
+              options=("--fsdp2-groups", "axolotl", "--fsdp2-reshard-after-forward", "false"), formats=("axolotl",)),
+        Entry("llama-3.2-1b", 4, 65536, "pure-bf16", runtime="hf", options=("--fsdp2-groups", "axolotl"), formats=("axolotl",)),
+        Entry("llama-3.2-1b", 4, 16384, "pure-bf16", runtime="hf", pins=("micro_batch=1",),
+              options=("--fsdp2-groups", "axolotl", "--tokens-per-step", str(16 * 16384)), formats=("axolotl",)),  # accumulation
     ]
     return out
 

@@ -18,7 +18,7 @@ FORMAT = "hf-mst/1"
 
 PRECISIONS = ("pure-bf16", "bf16-master", "amp")
 ATTENTIONS = ("flash", "sdpa", "eager")
-FSDP2_GROUPS = ("mst_hf", "accelerate")  # whose fully_shard calls group an fsdp2 plan's parameters
+FSDP2_GROUPS = ("mst_hf", "accelerate", "axolotl")  # whose fully_shard calls group an fsdp2 plan's parameters
 MLP_IMPLS = ("loop", "tiled")
 LM_HEAD_IMPLS = ("recompute", "fused")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
@@ -311,6 +311,9 @@ def _parse(data: Any, where: str) -> MstConfig:
     fsdp2_groups = r.choice("fsdp2_groups", FSDP2_GROUPS) if "fsdp2_groups" in r.obj else "mst_hf"
     if fsdp2_groups != "mst_hf" and not fsdp2:
         r.fail("fsdp2_groups", f"expected mst_hf without fsdp2 (it is whose fully_shard calls group it), got {fsdp2_groups!r}")
+    if fsdp2_groups == "axolotl" and precision != "pure-bf16":
+        r.fail("fsdp2_groups", f"expected pure-bf16 with axolotl (Axolotl trains the bf16 weights it loads: no fp32 master), "
+                               f"got precision {precision}")
     tokens = micro_batch * seq_len // sequence_parallel
 
     def chunks(reader: _Reader) -> int:

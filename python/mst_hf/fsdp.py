@@ -48,9 +48,10 @@ def shard(model: nn.Module, config: Any, mesh: Optional[Any] = None) -> nn.Modul
     if not config.fsdp2:
         raise ValueError("mst_hf.shard: fsdp2: expected a config planned for torch's FSDP2 (fsdp2: true), got false")
     if config.fsdp2_groups != "mst_hf":
+        who = ("hand the model unsharded to the Hugging Face Trainer with accelerate's fsdp_version 2"
+               if config.fsdp2_groups == "accelerate" else "train it with Axolotl's fsdp_config: emit --format axolotl")
         raise ValueError(f"mst_hf.shard: fsdp2_groups: expected mst_hf (this plan's groups are {config.fsdp2_groups}'s: "
-                         "hand the model unsharded to the Hugging Face Trainer with accelerate's fsdp_version 2), "
-                         f"got {config.fsdp2_groups!r}")
+                         f"{who}), got {config.fsdp2_groups!r}")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if mesh is None:

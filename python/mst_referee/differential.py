@@ -187,6 +187,20 @@ def random_fsdp2_case(rng: random.Random, family: str) -> Case:
     return case
 
 
+def random_axolotl_case(rng: random.Random, family: str) -> Case:
+    """A random FSDP2 case (:func:`random_fsdp2_case`) sharded as Axolotl shards it (its own fsdp2_prepare_model,
+    bf16 weights under its bf16: true): run in Axolotl's environment, whose torch (2.14) and transformers it
+    requires."""
+    case = random_fsdp2_case(rng, family)
+    case.knobs.pop("precision", None)  # (pure-bf16: Axolotl keeps the bf16 weights it loads)
+    # (not eager: the referee records one 2-byte scalar fewer for the eager mask of transformers 5.20.1, Axolotl's,
+    # which makes its zero with torch.tensor, than for 5.24's torch.zeros, which mst-plan models)
+    if case.knobs.get("attention") == "eager":
+        case.knobs["attention"] = "sdpa" if sdpa_runs_flash(case.config, case.seq) else "flash"
+    case.knobs["fsdp2_groups"] = "axolotl"
+    return case
+
+
 # The tiny models the ZeRO cases draw from: one per family (a case reads its layer count from the file).
 ZERO_MODELS = ("models/tiny-llama.json", "tests/data/tiny_qwen2_untied.json", "tests/data/tiny_qwen3.json",
                "tests/data/tiny_phi3_longrope.json", "tests/data/tiny_gemma2.json", "tests/data/tiny_gemma3.json",
@@ -300,14 +314,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--zero", action="store_true",
                    help="DeepSpeed ZeRO 1-3 cases on the tiny models (--families does not apply; needs MST_CLIENTS_PATH)")
     p.add_argument("--fsdp2", action="store_true", help="cases sharded by torch's FSDP2 (dense families)")
+    p.add_argument("--axolotl", action="store_true",
+                   help="cases sharded by Axolotl's FSDP2 (dense families; run with Axolotl's Python, .venv/clients-axolotl)")
     args = p.parse_args(argv)
     if args.zero:
         return _main_zero(args)
-    allowed = FSDP2_FAMILIES if args.fsdp2 else FAMILIES
+    if args.axolotl:
+        try:
+            import axolotl  # noqa: F401
+        except ImportError:
+            print(f"error: --axolotl: expected Axolotl importable (run with .venv/clients-axolotl/bin/python), got "
+                  f"{sys.executable}", file=sys.stderr)
+            return 2
+    args.fsdp2 = args.fsdp2 and not args.axolotl
+    sharded = args.fsdp2 or args.axolotl
+    allowed = FSDP2_FAMILIES if sharded else FAMILIES
     families = [f for f in args.families.split(",") if f and (f in allowed or f not in FAMILIES)]
     unknown = [f for f in families if f not in allowed]
     if unknown or not families or args.cases < 1:
-        print(f"error: --families: expected some of {', '.join(allowed)}{' (--fsdp2: dense families)' if args.fsdp2 else ''} "
+        print(f"error: --families: expected some of {', '.join(allowed)}{' (FSDP2: dense families)' if sharded else ''} "
               f"and --cases >= 1, got {args.families!r}, {args.cases}", file=sys.stderr)
         return 2
     if args.fsdp2 and not os.environ.get("MST_CLIENTS_PATH"):  # (accelerate's own sharding: 40 % of the cases)
@@ -316,12 +341,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     rng = random.Random(args.seed)
 
-    draw = random_fsdp2_case if args.fsdp2 else random_case
+    draw = random_axolotl_case if args.axolotl else random_fsdp2_case if args.fsdp2 else random_case
 
     def one(i: int) -> Tuple[Optional[bool], str, str]:
         case = draw(rng, rng.choice(families))
         ok, detail = run_case(case, args.out_dir / f"case{i}", args.mst_plan)
-        rank = f" rank {case.rank}" if args.fsdp2 else ""
+        rank = f" rank {case.rank}" if sharded else ""
         return ok, detail, f"{case.family} seq {case.seq}{rank} {json.dumps(case.knobs)}"
 
     return _run_cases(args.cases, one)

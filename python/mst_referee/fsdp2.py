@@ -5,7 +5,9 @@ by ``mst_hf.apply``, with ``fully_shard`` applied to every decoder layer and the
 root, which owns the embedding, the final norm and the LM head) by ``mst_hf.shard``: one parameter group
 per decoder layer, the root's own; or (``fsdp2_groups: accelerate``) as the Hugging Face Trainer's
 accelerate shards an unsharded model, by accelerate's own ``fsdp2_prepare_model``: the layers, the
-embedding, a tail of the final norm and the LM head, an empty root (:func:`accelerate_shard`). Each rank
+embedding, a tail of the final norm and the LM head, an empty root (:func:`accelerate_shard`); or
+(``fsdp2_groups: axolotl``) by Axolotl's own replacement of it: the layers and a root that holds the rest,
+resharded after its forward as the layers are (:func:`axolotl_shard`). Each rank
 keeps a dim-0 shard of every parameter (padded to a multiple of the ranks); a group's forward
 all-gathers its parameters into one buffer and copies them out into whole ones, freed again after
 the layer's forward (the root keeps its own to the backward) and gathered again in backward; each
@@ -51,6 +53,8 @@ class Fsdp2:
 
         if config.fsdp2_groups == "accelerate":
             return accelerate_shard(model, config, self.mesh)
+        if config.fsdp2_groups == "axolotl":
+            return axolotl_shard(model, config, self.mesh)
         return mst_hf.shard(model, config, self.mesh)
 
     @staticmethod
@@ -135,6 +139,38 @@ def accelerate_shard(model: Any, config: Any, mesh: Any) -> Any:
         state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision=mixed_precision, is_main_process=True, device=mesh.device_type,
         torch_device_mesh=mesh, parallelism_config=SimpleNamespace(fsdp_dim_names=mesh.mesh_dim_names))
     plugin.set_auto_wrap_policy(model)
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def axolotl_shard(model: Any, config: Any, mesh: Any) -> Any:
+    """Axolotl's own ``fsdp2_prepare_model`` (``axolotl/monkeypatch/accelerate/fsdp2.py``, which Axolotl puts in
+    accelerate's place for any ``fsdp_config``) run on ``model`` (bf16, patched by mst_hf.apply) as an Axolotl
+    config with ``bf16: true`` and ``fsdp_config: {fsdp_version: 2, reshard_after_forward: <the plan's>}`` has
+    accelerate call it: the plugin's transformer auto-wrap over the model's ``_no_split_modules``, its bf16
+    policy (``MixedPrecisionPolicy(bf16, bf16, output bf16)``: accelerate's ``set_mixed_precision``), no
+    CPU-RAM-efficient loading (the emitted config's ``cpu_ram_efficient_loading: true`` moves the model to the meta
+    device first, which fake tensors cannot: the step's shards are the same, its loading path is not run), this
+    world's mesh. The accelerator is a stand-in carrying what the function reads
+    of it; the sharding is Axolotl's code. It runs in Axolotl's environment (its torch, 2.14, and transformers),
+    where Axolotl is importable."""
+    from types import SimpleNamespace
+
+    from .jobs import CrosscheckError
+
+    try:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        from axolotl.monkeypatch.accelerate.fsdp2 import fsdp2_prepare_model
+    except ImportError as e:
+        raise CrosscheckError("setup: fsdp2_groups: expected Axolotl importable for \"axolotl\" (run the referee with "
+                              f"Axolotl's Python, .venv/clients-axolotl, which scripts/test installs): {e}") from None
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            cpu_ram_efficient_loading=False,
+                                            reshard_after_forward=config.fsdp2_reshard_after_forward)
+    plugin.set_mixed_precision("bf16")  # (Axolotl's bf16: true: ACCELERATE_MIXED_PRECISION=bf16)
+    parallelism = SimpleNamespace(fsdp_dim_names=mesh.mesh_dim_names)
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin, device_mesh=mesh, parallelism_config=parallelism), mixed_precision="bf16",
+        is_main_process=True, device=mesh.device_type, torch_device_mesh=mesh, parallelism_config=parallelism)
     return fsdp2_prepare_model(accelerator, model)
 
 

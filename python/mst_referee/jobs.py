@@ -48,7 +48,7 @@ ATTENTIONS = ("flash", "sdpa", "eager")
 MLP_IMPLS = ("loop", "tiled")
 LM_IMPLS = ("recompute", "fused")
 SP_IMPLS = ("ulysses", "ring")
-FSDP2_GROUPS = ("mst_hf", "accelerate")  # whose fully_shard calls group an fsdp2 plan's parameters
+FSDP2_GROUPS = mst_hf.config.FSDP2_GROUPS  # whose fully_shard calls group an fsdp2 plan's parameters
 
 # Keys of mst-plan's setup JSON (src/core/setup.cpp parse_setup), with their defaults.
 SETUP_DEFAULTS: Dict[str, Any] = {
@@ -346,6 +346,9 @@ def normalize_setup(knobs: Mapping[str, Any], num_layers: int, where: str = "set
     if s["fsdp2_groups"] != "mst_hf" and not s["fsdp2"]:
         fail(where, "fsdp2_groups", "expected mst_hf without fsdp2 (it is whose fully_shard calls group it), got "
                                     f"{json.dumps(s['fsdp2_groups'])}")
+    if s["fsdp2_groups"] == "axolotl" and s["precision"] != "pure-bf16":
+        fail(where, "fsdp2_groups", "expected pure-bf16 with axolotl (Axolotl trains the bf16 weights it loads: no fp32 "
+                                    f"master), got precision {s['precision']}")
     if s["reduce_bucket_size"] != SETUP_DEFAULTS["reduce_bucket_size"] and not (deepspeed or zero3):
         fail(where, "reduce_bucket_size", f"expected DeepSpeed's default {SETUP_DEFAULTS['reduce_bucket_size']} unless "
                                           f"DeepSpeed's ZeRO engine runs the step (runtime hf, zero_stage 1, 2 or 3), "

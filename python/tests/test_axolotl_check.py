@@ -159,3 +159,44 @@ def test_the_capabilities_are_the_plan_gpus():
     assert axolotl_check.capabilities("h100-sxm-80gb", 8, "2.14.1")[0]["fp8"]
     with pytest.raises(ValueError, match="gpu: expected one of"):
         axolotl_check.capabilities("mi300x", 8, "2.14.1")
+
+
+def _fsdp2_plan(tmp_path: Path):
+    """recommend --for axolotl --fsdp2-groups axolotl's plan (Llama-3.2-1B on 4 GPUs, 2 micro-steps) and its
+    emitted fragment, made by the mst-plan under test."""
+    import subprocess
+
+    binary = os.environ.get("MST_PLAN", str(GOLDEN.parents[1] / "build" / "src" / "mst-plan"))
+    if not Path(binary).is_file():
+        pytest.skip("mst-plan is not built (set MST_PLAN or build/)")
+    path = tmp_path / "plan.json"
+    subprocess.run([binary, "recommend", "--model", "llama-3.2-1b", "--gpu", "h100-sxm-80gb", "--gpus", "4", "--seq",
+                    "16384", "--tokens-per-step", "131072", "--pin", "micro_batch=1", "--for", "axolotl",
+                    "--fsdp2-groups", "axolotl", "--precision", "pure-bf16", "--out", str(path)],
+                   check=True, capture_output=True, cwd=GOLDEN.parents[1])
+    fragment = subprocess.run([binary, "emit", "--plan", str(path), "--format", "axolotl"], check=True,
+                              capture_output=True, text=True, cwd=GOLDEN.parents[1]).stdout
+    return json.loads(path.read_text()), fragment
+
+
+def test_axolotls_fsdp2_fragment_shards_and_syncs_as_planned(tmp_path):
+    plan, fragment = _fsdp2_plan(tmp_path)
+    s = plan["setup"]
+    assert (s["fsdp2"], s["fsdp2_groups"], s["grad_accum"], s["fsdp2_no_sync"]) == (True, "axolotl", 2, True)
+    assert "fsdp_config:\n  fsdp_version: 2\n" in fragment and "deepspeed" not in fragment.split("fsdp_config:")[1]
+    assert verdict(tmp_path / "a", fragment, plan, ds=None) == []
+    # The Trainer syncs in the last micro-step only: a plan synced every micro-step is not what it runs, unless
+    # the config asks for sync_each_batch
+    synced = copy.deepcopy(plan)
+    synced["setup"]["fsdp2_no_sync"] = False
+    sync_each = fragment + "accelerator_config:\n  gradient_accumulation_kwargs:\n    sync_each_batch: true\n"
+    assert verdict(tmp_path / "b", fragment, synced, ds=None) == [
+        "gradient sync in the last micro-step only (fsdp2_no_sync): Axolotl has False, the plan True"]
+    assert verdict(tmp_path / "c", sync_each, synced, ds=None) == []
+    # The plugin the Trainer builds from the block: its reshard_after_forward is the root's too
+    kept = fragment.replace("reshard_after_forward: true", "reshard_after_forward: false")
+    assert verdict(tmp_path / "d", kept, plan, ds=None) == [
+        "fsdp plugin: reshard_after_forward: Axolotl has False, the plan True"]
+    # Without the block Axolotl trains without FSDP (an empty fsdp_config is falsy too)
+    assert "fsdp_config: Axolotl has False, the plan True" in verdict(
+        tmp_path / "e", fragment.split("fsdp_config:")[0] + "fsdp_config: {}\n", plan, ds=None)

@@ -137,8 +137,12 @@ def test_fsdp2_groups_are_read_with_fsdp2_only():
         load_config(dict(sharded, fsdp2=False, fsdp2_groups="accelerate"))
     # (fp32 parameters: the Trainer's bf16=True, under accelerate's own policy)
     assert load_config(dict(sharded, precision="bf16-master", fsdp2_groups="accelerate")).fsdp2_groups == "accelerate"
-    with pytest.raises(ConfigError, match='config: fsdp2_groups: expected one of "mst_hf", "accelerate"'):
+    with pytest.raises(ConfigError, match='config: fsdp2_groups: expected one of "mst_hf", "accelerate", "axolotl"'):
         load_config(dict(sharded, fsdp2_groups="torchtitan"))
+    # Axolotl's: bf16 weights only (it trains the bf16 weights it loads)
+    assert load_config(dict(sharded, precision="pure-bf16", fsdp2_groups="axolotl")).fsdp2_groups == "axolotl"
+    with pytest.raises(ConfigError, match="config: fsdp2_groups: expected pure-bf16 with axolotl .* got precision bf16-master"):
+        load_config(dict(sharded, precision="bf16-master", fsdp2_groups="axolotl"))
 
 
 def test_the_config_is_frozen():

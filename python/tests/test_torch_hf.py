@@ -486,6 +486,8 @@ def test_shard_lays_fsdp2_out_as_planned_and_refuses_what_was_not():
             mst_hf.shard(model, mst_config(fsdp2=True, **dict(planned, data_parallel=4)), mesh)
         with pytest.raises(ValueError, match="mst_hf.shard: fsdp2_groups: expected mst_hf .this plan's groups are accelerate's"):
             mst_hf.shard(model, mst_config(fsdp2=True, fsdp2_groups="accelerate", **dict(planned, precision="pure-bf16")), mesh)
+        with pytest.raises(ValueError, match="mst_hf.shard: fsdp2_groups: expected mst_hf .* emit --format axolotl.* got 'axolotl'"):
+            mst_hf.shard(model, mst_config(fsdp2=True, fsdp2_groups="axolotl", **dict(planned, precision="pure-bf16")), mesh)
         with pytest.raises(ValueError, match="got 2 dimension"):  # (HSDP's replicate x shard: not what was planned)
             mst_hf.shard(model, config, init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard")))
         mst_hf.shard(model, config.to_dict(), mesh)  # (a mapping: loaded as load_config does)

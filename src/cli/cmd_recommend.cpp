@@ -74,11 +74,12 @@ struct TunerArgs {
                      "Where the search plans FSDP2 with accumulation: for a loop that syncs the gradients in the last micro-step "
                      "only (set_requires_gradient_sync(False) before the others, as the Hugging Face Trainer accumulates)");
         add_true_or_false(cmd, "--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
-                          "Where the search plans FSDP2: fully_shard's reshard_after_forward for the decoder layers (false: "
-                          "each stays gathered from its forward to its backward)");
+                          "Where the search plans FSDP2: fully_shard's reshard_after_forward for the decoder layers, and in "
+                          "Axolotl's groups the model's own (false: each stays gathered from its forward to its backward)");
         cmd.add_option("--fsdp2-groups", fsdp2_groups,
                        "Where the search plans FSDP2: whose fully_shard calls group the parameters: mst_hf (mst_hf.shard) | "
-                       "accelerate (the Hugging Face Trainer shards the unsharded model; bf16-master is its bf16=True)")
+                       "accelerate (the Hugging Face Trainer shards the unsharded model; bf16-master is its bf16=True) | axolotl "
+                       "(Axolotl 0.21's own, pure-bf16; with --for axolotl its ZeRO-3 is then FSDP2)")
             ->capture_default_str();
     }
 

@@ -49,13 +49,14 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
                  "With --fsdp2 and accumulation: set_requires_gradient_sync(False) before every micro-step but the last, as the "
                  "Hugging Face Trainer and accelerate's accumulate() do (whole gradients stay until the last micro-step)");
     add_true_or_false(cmd, "--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
-                      "With --fsdp2: fully_shard's reshard_after_forward for the decoder layers (false: each layer stays "
-                      "gathered from its forward to its backward, no gathers in backward)");
+                      "With --fsdp2: fully_shard's reshard_after_forward for the decoder layers, and in Axolotl's groups the "
+                      "model's own (false: each stays gathered from its forward to its backward, no gathers in backward)");
     cmd.add_option("--fsdp2-groups", fsdp2_groups,
                    "With --fsdp2: whose fully_shard calls group the parameters: mst_hf (mst_hf.shard: the layers, then the "
                    "model) | accelerate (the Hugging Face Trainer shards the unsharded model: the layers, an untied "
                    "embedding, a tail of the final norm, tied embedding and LM head; pure-bf16 is its bf16=False, "
-                   "bf16-master its bf16=True)")
+                   "bf16-master its bf16=True) | axolotl (Axolotl 0.21's own: mst_hf's groups, the model's resharded after "
+                   "forward; pure-bf16 under its bf16: true; torch 2.14)")
         ->capture_default_str();
     cmd.add_option("--reduce-bucket-size", reduce_bucket_size_,
                    "DeepSpeed's gradient bucket in elements (ZeRO 1-3, runtime hf: its reduce_bucket_size; the Hugging Face "

@@ -28,7 +28,9 @@ std::string describe(const TrainingSetup& s, std::int64_t layers) {
     if (s.dp > 1 || s.zero_stage > 0 || s.sp > 1)
         text += fmt::format(", dp {} ZeRO {}{} sp {}", s.dp, s.zero_stage,
                             s.deepspeed_engine() ? " (DeepSpeed" + describe_deepspeed(s) + ")"
-                            : s.fsdp2 ? (s.fsdp2_groups == Fsdp2Groups::Accelerate ? " (FSDP2, accelerate's groups)" : " (FSDP2)")
+                            : s.fsdp2 ? (s.fsdp2_groups == Fsdp2Groups::Accelerate ? " (FSDP2, accelerate's groups)"
+                                         : s.fsdp2_groups == Fsdp2Groups::Axolotl  ? " (FSDP2, Axolotl's groups)"
+                                                                                   : " (FSDP2)")
                                       : "",
                             s.sp);
     text += fmt::format(", MLP {}, LM head {}, checkpoint {}/{}{}", chunks(s.mlp_chunks, to_string(s.mlp_impl)),

@@ -47,7 +47,8 @@ constexpr std::pair<const char*, Attention> kAttentions[] = {
     {"flash", Attention::Flash}, {"sdpa", Attention::Sdpa}, {"eager", Attention::Eager}};
 constexpr std::pair<const char*, SpImpl> kSpImpls[] = {{"ulysses", SpImpl::Ulysses}, {"ring", SpImpl::Ring}};
 constexpr std::pair<const char*, Fsdp2Groups> kFsdp2Groups[] = {{"mst_hf", Fsdp2Groups::MstHf},
-                                                                 {"accelerate", Fsdp2Groups::Accelerate}};
+                                                                 {"accelerate", Fsdp2Groups::Accelerate},
+                                                                 {"axolotl", Fsdp2Groups::Axolotl}};
 constexpr std::pair<const char*, MlpImpl> kMlpImpls[] = {{"loop", MlpImpl::Loop}, {"tiled", MlpImpl::Tiled}};
 constexpr std::pair<const char*, LmHeadImpl> kLmImpls[] = {{"recompute", LmHeadImpl::Recompute},
                                                            {"fused", LmHeadImpl::FusedForward}};
@@ -192,6 +193,7 @@ std::string describe_sharding(const TrainingSetup& s) {
     if (!s.fsdp2) return describe_deepspeed(s);
     std::string out = " as FSDP2";
     if (s.fsdp2_groups == Fsdp2Groups::Accelerate) out += " in accelerate's groups";
+    if (s.fsdp2_groups == Fsdp2Groups::Axolotl) out += " in Axolotl's groups";
     if (!s.fsdp2_reshard_after_forward) out += ", layers gathered from forward to backward";
     if (s.fsdp2_unsynced()) out += ", synced in the last micro-step";
     return out;
@@ -534,6 +536,9 @@ void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m) {
         fail(w, "fsdp2", fmt::format("expected false for {} (FSDP2 is modelled for dense models; DeepSpeed's ZeRO-3 shards "
                                      "Mixture-of-Experts models in this runtime: fsdp2 false), got true",
                                      m.name));
+    if (s.fsdp2_groups == Fsdp2Groups::Axolotl && s.precision != Precision::PureBf16)
+        fail(w, "fsdp2_groups", fmt::format("expected pure-bf16 with axolotl (Axolotl trains the bf16 weights it loads: no "
+                                            "fp32 master), got precision {}", to_string(s.precision)));
     if (s.precision == Precision::AmpFp32)
         fail(w, "precision", fmt::format("expected pure-bf16 (bf16 parameters) or bf16-master (fp32 parameters gathered in bf16 "
                                          "by its mixed-precision policy) {} (autocast over it is not modelled), got amp",

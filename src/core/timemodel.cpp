@@ -396,10 +396,13 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         const double ring = ring_share(s.zero_ranks()), bw = link_gbps(gpu, cluster, s.zero_ranks(), 1) * 1e9;
         // accelerate's groups (fsdp2_groups): an untied embedding is a group of its own, gathered for its forward
         // and again for its backward (as the layers are), and first and last; its tail (final norm, LM head) is
-        // kept whole from its forward to its backward
+        // kept whole from its forward to its backward. Axolotl's: the root reshards after its forward as the
+        // layers do, and its pre-backward, which nothing hides either, gathers it again.
         const bool own_embedding = s.fsdp2_embedding_alone(m);
+        const bool root_regathered = s.fsdp2_groups == Fsdp2Groups::Axolotl && s.fsdp2_reshard_after_forward;
         const double root = embedding * (m.tie_word_embeddings ? 1 : 2) + static_cast<double>(m.hidden_size);
-        const double kept = own_embedding ? root - embedding : root, ends = own_embedding ? embedding : root;
+        const double kept = own_embedding ? root - embedding : root_regathered ? 0 : root;
+        const double ends = own_embedding ? embedding : root;
         const double reduce_bytes = s.fsdp2_reduce_bytes();
         // (reshard_after_forward false: a layer's forward gather serves its backward too)
         const double gathered = s.fsdp2_reshard_after_forward ? 2 * P - kept : P;
@@ -407,8 +410,9 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         const double first = ring * ends * 2 / bw, last = ring * ends * reduce_bytes / bw;
         // (unsynced accumulation, fsdp2_no_sync: the last micro-step's reduce-scatters only)
         const double scattering = s.fsdp2_unsynced() ? 1 : ga;
-        exposed += ga * first + scattering * last;
-        overlapped += ga * (gathers - first) + scattering * (scatters - last);
+        const double waited = first * (root_regathered ? 2 : 1);
+        exposed += ga * waited + scattering * last;
+        overlapped += ga * (gathers - waited) + scattering * (scatters - last);
     } else if (s.runtime == Runtime::Hf && s.zero_stage == 0 && s.dp > 1) {
         // torch's DDP as the Hugging Face Trainer runs it (accelerate's accumulate: no_sync but in the
         // last micro-step): each bucket of gradients, in the parameters' dtype, all-reduced on NCCL's

@@ -123,11 +123,14 @@ std::int64_t widest_expert_parallel(const TuneRequest& rq) {
 }
 
 // Whether the hf runtime's ZeRO-3 for `rq` is torch's FSDP2: the plan's trainer is no DeepSpeed format
-// (a script of python/mst_hf's users, which shards with fully_shard), and FSDP2 is modelled for the
-// model and the knobs (validate_fsdp2_scope, probed at ZeRO 3 over two ranks: the stage and the ranks
-// are the search's).
+// (a script of python/mst_hf's users, which shards with fully_shard), or Axolotl asked to shard with its own
+// FSDP2 (--fsdp2-groups axolotl), and FSDP2 is modelled for the model and the knobs (validate_fsdp2_scope,
+// probed at ZeRO 3 over two ranks: the stage and the ranks are the search's).
 bool fsdp2_is_zero3(const TuneRequest& rq) {
-    if (rq.base.runtime != Runtime::Hf || !(rq.for_format.empty() || rq.for_format == "hf-mst")) return false;
+    const bool axolotl = rq.base.fsdp2_groups == Fsdp2Groups::Axolotl;
+    if (rq.base.runtime != Runtime::Hf) return false;
+    if (rq.for_format == "axolotl" ? !axolotl : !(rq.for_format.empty() || (rq.for_format == "hf-mst" && !axolotl)))
+        return false;
     TrainingSetup probe = rq.base;
     probe.zero_stage = 3, probe.dp = 2, probe.fsdp2 = true;
     try {
@@ -145,7 +148,8 @@ bool fsdp2_is_zero3(const TuneRequest& rq) {
 void take_engine(TrainingSetup& s, const TuneRequest& rq) {
     const TrainingSetup& asked = rq.base;
     s.fsdp2 = s.zero_stage == 3 && fsdp2_is_zero3(rq);
-    s.fsdp2_no_sync = s.fsdp2 && asked.fsdp2_no_sync;  // (the user's loop and layout, where FSDP2 runs it)
+    // (the user's loop and layout, where FSDP2 runs it; Axolotl's is the Hugging Face Trainer's: no_sync)
+    s.fsdp2_no_sync = s.fsdp2 && (asked.fsdp2_no_sync || rq.for_format == "axolotl");
     s.fsdp2_reshard_after_forward = !s.fsdp2 || asked.fsdp2_reshard_after_forward;
     s.fsdp2_groups = s.fsdp2 ? asked.fsdp2_groups : Fsdp2Groups::MstHf;
     s.reduce_bucket_size = s.deepspeed_engine() ? asked.reduce_bucket_size : kDeepSpeedReduceBucket;
@@ -430,7 +434,8 @@ bool deepspeed_runs(TrainingSetup base, const ModelSpec& m, int stage = 2) {
 // for the deepspeed and axolotl formats, with 1 and 2 DeepSpeed's engine (its ZeRO-0 engine and
 // Axolotl's DDP are not modelled). On one GPU Axolotl runs the plain Trainer too (ZeRO 0, when it
 // needs no DeepSpeed: pure bf16), and DeepSpeed's engine when the knobs are its. Over several GPUs its
-// ZeRO-3 too, where it is modelled for the model and the precision (validate_hf_scope).
+// ZeRO-3 too, where it is modelled for the model and the precision (validate_hf_scope); or, asked for
+// with --fsdp2-groups axolotl, Axolotl's own FSDP2 alone.
 std::vector<int> zero_stages(const TuneRequest& rq) {
     if (rq.base.runtime == Runtime::Kernels) {
         if (rq.gpus > 1) return {0, 2, 3};
@@ -442,6 +447,8 @@ std::vector<int> zero_stages(const TuneRequest& rq) {
         if (rq.gpus == 1 || !fsdp2_is_zero3(rq)) return {0};
         return rq.base.precision == Precision::Bf16Master ? std::vector<int>{3} : std::vector<int>{0, 3};
     }
+    // (Axolotl's own FSDP2, asked for: its ZeRO-3 over several GPUs; its DDP is not modelled)
+    if (rq.gpus > 1 && rq.for_format == "axolotl" && fsdp2_is_zero3(rq)) return {3};
     if (rq.gpus == 1 && rq.for_format == "axolotl" && rq.base.precision == Precision::PureBf16)
         return deepspeed_runs(rq.base, rq.model) ? std::vector<int>{0, 1, 2} : std::vector<int>{0};
     TrainingSetup many = rq.base;  // (max-seq: the user's own setup may be the base; its blocks are not the search's)
@@ -561,21 +568,28 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
     if (s.fsdp2_shards() && s.zero_ranks() > 1) {
         // (accelerate's groups: an untied embedding is gathered as a layer is; the tail keeps the rest; its bf16 policy
         // reduces in bf16)
+        // (Axolotl's: the model's own group reshards after its forward as the layers do)
         const bool accelerate = s.fsdp2_groups == Fsdp2Groups::Accelerate, master = s.precision == Precision::Bf16Master;
+        const bool axolotl = s.fsdp2_groups == Fsdp2Groups::Axolotl;
         const bool own_embedding = s.fsdp2_embedding_alone(rq.model);
         why += fmt::format("torch's FSDP2 ({}) all-gathers a layer's parameters{} for its forward and again for its "
-                           "backward and reduce-scatters its gradients{}; {} stay gathered from its forward to {}, whose first "
-                           "gather and last reduce-scatter leave {:.1f} ms per step not hidden behind compute. ",
+                           "backward and reduce-scatters its gradients{}; {} {}, whose first gather{} and last "
+                           "reduce-scatter leave {:.1f} ms per step not hidden behind compute. ",
                            accelerate ? "accelerate's fully_shard groups, as the Hugging Face Trainer shards the model"
+                           : axolotl  ? "Axolotl's fsdp2_prepare_model: fully_shard on every decoder layer and the model, in "
+                                        "torch 2.14"
                                       : "fully_shard on every decoder layer and the model",
                            master ? " in bf16 (its fp32 shards are the master weights)" : "",
                            master ? (accelerate ? " in bf16, cast into fp32 shards" : " in fp32") : "",
                            own_embedding ? "the tail's (final norm, LM head)"
                            : accelerate  ? "the tail's (final norm, tied embedding and LM head)"
                                          : "the model's own (embedding, final norm, LM head)",
-                           own_embedding ? "its backward (the embedding, a group of its own, is gathered as a layer is)"
-                                         : "the end of backward",
-                           1e3 * best.time.comm_exposed_seconds);
+                           own_embedding ? "stay gathered from its forward to its backward (the embedding, a group of its "
+                                           "own, is gathered as a layer is)"
+                           : axolotl && s.fsdp2_reshard_after_forward
+                               ? "are gathered for the forward and again as backward starts, and stay to the end of backward"
+                               : "stay gathered from its forward to the end of backward",
+                           axolotl && s.fsdp2_reshard_after_forward ? "s" : "", 1e3 * best.time.comm_exposed_seconds);
     }
     if (s.fsdp2_unsynced())
         why += "Its gradients are synced in the last micro-step only (set_requires_gradient_sync(False) before the "
@@ -623,6 +637,45 @@ void check_request(const TuneRequest& rq, const char* command) {
     if (const auto formats = emit_formats();
         !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
         fail(command, "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
+    // FSDP2's groups are one trainer's: Axolotl's its own (bf16 weights only), the others python/mst_hf's users'
+    if (rq.base.fsdp2_groups == Fsdp2Groups::Axolotl && !(rq.for_format.empty() || rq.for_format == "axolotl"))
+        fail(command, "fsdp2_groups",
+             fmt::format("expected mst_hf or accelerate with --for {} (Axolotl shards with its own fsdp2_prepare_model: "
+                         "--for axolotl), got axolotl",
+                         rq.for_format));
+    if (rq.base.fsdp2_groups != Fsdp2Groups::Axolotl && rq.base.fsdp2_groups != Fsdp2Groups::MstHf && rq.for_format == "axolotl")
+        fail(command, "fsdp2_groups",
+             fmt::format("expected axolotl with --for axolotl (Axolotl shards with its own fsdp2_prepare_model), got {}",
+                         to_string(rq.base.fsdp2_groups)));
+    if (rq.base.fsdp2_groups != Fsdp2Groups::MstHf && rq.base.runtime != Runtime::Hf)
+        fail(command, "fsdp2_groups",
+             fmt::format("expected mst_hf with runtime kernels (FSDP2 is the hf runtime's), got {}", to_string(rq.base.fsdp2_groups)));
+    if (rq.base.fsdp2_groups == Fsdp2Groups::Axolotl && rq.base.precision != Precision::PureBf16)
+        fail(command, "fsdp2_groups",
+             fmt::format("expected --precision pure-bf16 with axolotl (Axolotl trains the bf16 weights it loads: no fp32 "
+                         "master), got {}",
+                         to_string(rq.base.precision)));
+    // Axolotl's own FSDP2 over several GPUs is its ZeRO-3, without DeepSpeed's engine: for a model FSDP2 is modelled
+    // for, no DeepSpeed stage, bucket or overlap
+    if (rq.base.fsdp2_groups == Fsdp2Groups::Axolotl && rq.gpus > 1) {
+        TrainingSetup probe = rq.base;
+        probe.zero_stage = 3, probe.dp = 2, probe.fsdp2 = true;
+        try {
+            validate_fsdp2_scope(probe, rq.model);
+        } catch (const UserError& e) {
+            fail(command, "fsdp2_groups", fmt::format("expected mst_hf where FSDP2 is not modelled, got axolotl ({})", e.what()));
+        }
+        if (rq.pins.zero_stage && *rq.pins.zero_stage != 3)
+            fail(command, "pin", fmt::format("zero={}: expected 3 with --fsdp2-groups axolotl (Axolotl's FSDP2 is its ZeRO-3; "
+                                             "without the option --for axolotl plans DeepSpeed's ZeRO 1 to 3)",
+                                             *rq.pins.zero_stage));
+        if (rq.pins.overlap_comm.value_or(false))
+            fail(command, "pin", "overlap_comm=yes: expected no with --fsdp2-groups axolotl (FSDP2 has no DeepSpeed bucket)");
+        if (!rq.base.deepspeed_defaults())
+            fail(command, "fsdp2_groups",
+                 fmt::format("expected DeepSpeed's defaults with axolotl (Axolotl's FSDP2 runs no DeepSpeed engine), got {}",
+                             deepspeed_options(rq.base)));
+    }
     // The hf runtime's data parallelism is torch's DDP or FSDP2 as python/mst_hf's users run them, or
     // DeepSpeed's ZeRO engine (deepspeed, axolotl); torchtitan reduces gradients its own way, not modelled.
     if (rq.base.runtime == Runtime::Hf && rq.gpus > 1 && !rq.for_format.empty() && rq.for_format != "hf-mst" &&

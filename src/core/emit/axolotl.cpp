@@ -105,6 +105,18 @@ void check(const TrainingSetup& s, const ModelSpec& model, bool deepspeed) {
              fmt::format("expected all {} layers with offload_checkpoints (Axolotl checkpoints every layer and "
                          "offloads each one's input), got {}",
                          model.num_layers, checkpointed));
+    // Axolotl's own FSDP2 (fsdp2_groups axolotl): its TiledMLP ends its tile loop with reshard() on the decoder
+    // layer's FSDP module (monkeypatch/tiled_mlp/base.py _defer_fsdp2_reshard), in the middle of the layer's
+    // backward; and its Trainer syncs the gradients in the last micro-step only (accelerate's no_sync).
+    if (s.fsdp2 && s.mlp_chunks > 1)
+        fail(kWhere, "setup.mlp_chunks",
+             fmt::format("expected 1 with fsdp2 (Axolotl 0.21's tiled_mlp reshards the whole decoder layer as its tile "
+                         "loop ends, before attention's backward reads the layer's weights), got {}",
+                         s.mlp_chunks));
+    if (s.fsdp2 && s.grad_accum > 1 && !s.fsdp2_no_sync)
+        fail(kWhere, "setup.fsdp2_no_sync",
+             "expected true with fsdp2 and grad_accum > 1 (Axolotl's Trainer syncs FSDP2's gradients in the last "
+             "micro-step only, accelerate's no_sync: plan with --fsdp2-no-sync), got false");
     if (deepspeed) return;  // ds_config.json holds the optimizer; the deepspeed emitter checks it
     if (s.optimizer == Optimizer::SgdMomentum)
         fail(kWhere, "setup.optimizer",
@@ -130,10 +142,11 @@ std::string optimizer_name(Optimizer o) {
     return "";
 }
 
-// Only DeepSpeed gives an Axolotl run ZeRO sharding, fp32 master weights next to bf16 ones, or
-// Ulysses sequence parallelism (without it, context_parallel_size is the ringmaster plugin's).
+// Only DeepSpeed gives an Axolotl run fp32 master weights next to bf16 ones, Ulysses sequence parallelism
+// (without it, context_parallel_size is the ringmaster plugin's), or ZeRO sharding but FSDP2's (fsdp_config:
+// Axolotl's own fsdp2_prepare_model, fsdp2_groups axolotl).
 bool needs_deepspeed(const TrainingSetup& s) {
-    return s.zero_stage > 0 || s.precision == Precision::Bf16Master || s.sp > 1;
+    return (s.zero_stage > 0 && !s.fsdp2) || s.precision == Precision::Bf16Master || s.sp > 1;
 }
 
 // DeepSpeed's refusal of the plan; where only sp > 1 made it DeepSpeed's, said as the sp knob's.
@@ -147,6 +160,29 @@ void check_with_deepspeed(const TrainingSetup& s, const ModelSpec& model) {
              fmt::format("expected 1, or a setup DeepSpeed accepts (Axolotl runs sp > 1 as DeepSpeed Ulysses), got {}; {}",
                          s.sp, e.what()));
     }
+}
+
+// FSDP2 as Axolotl runs it (fsdp2_groups axolotl): its fsdp2_prepare_model shards every decoder layer (the
+// transformer auto-wrap over the model's _no_split_modules, accelerate's fallback without
+// transformer_layer_cls_to_wrap) and the model, all with reshard_after_forward, the bf16 weights it loads under
+// accelerate's bf16 policy. An empty fsdp_config is falsy to Axolotl: FSDP off.
+void emit_fsdp_config(YAML::Emitter& e, const TrainingSetup& s) {
+    note(e, fmt::format("torch's FSDP2 over {} ranks as Axolotl's own fsdp2_prepare_model applies it: every decoder layer "
+                        "and the model (embedding, final norm, LM head){}. One process per rank: axolotl train "
+                        "axolotl.yaml --launcher torchrun -- --nproc_per_node {}. cpu_ram_efficient_loading: rank 0 reads the weights into "
+                        "host memory and each rank receives its shards (without it every rank first puts the whole "
+                        "model on its GPU).",
+                        s.dp,
+                        s.fsdp2_reshard_after_forward ? ", each resharded after its forward"
+                                                      : ", all kept gathered from forward to backward",
+                        s.dp));
+    e << YAML::Key << "fsdp_config" << YAML::Value << YAML::BeginMap;
+    e << YAML::Key << "fsdp_version" << YAML::Value << 2;
+    e << YAML::Key << "auto_wrap_policy" << YAML::Value << "TRANSFORMER_BASED_WRAP";
+    e << YAML::Key << "reshard_after_forward" << YAML::Value << s.fsdp2_reshard_after_forward;
+    e << YAML::Key << "state_dict_type" << YAML::Value << "FULL_STATE_DICT";
+    e << YAML::Key << "cpu_ram_efficient_loading" << YAML::Value << true;
+    e << YAML::EndMap;
 }
 
 }  // namespace
@@ -167,8 +203,9 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
     YAML::Emitter e;
     std::vector<std::string> header;
     for (const auto& line : plan_header(plan)) header.push_back(comment_line(line));
+    // (Axolotl's tiled_mlp imports DeepSpeed's TiledMLP, with or without a ds_config.json)
     header.push_back(fmt::format("For Axolotl {} (pip install \"axolotl{}=={}\"). Fragment of an Axolotl config: merge",
-                                 kVersion, deepspeed ? "[deepspeed]" : "", kVersion));
+                                 kVersion, deepspeed || s.mlp_chunks > 1 ? "[deepspeed]" : "", kVersion));
     header.push_back("these keys into yours, which keeps base_model, datasets, learning rate... Keys:");
     header.push_back("https://docs.axolotl.ai/docs/config-reference.html; remove flash_attention / sdp_attention /");
     header.push_back("eager_attention from yours (attn_implementation replaces them). Train with: axolotl train axolotl.yaml");
@@ -250,7 +287,7 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
                                "\n" + kCceInstall);
         // Under ZeRO-3 DeepSpeed gathers a weight read outside its module's forward for the module running
         // then (parameter_offload.py's parameter getter): the root, for its whole forward and backward.
-        if (s.zero_stage == 3)
+        if (s.zero_stage == 3 && !s.fsdp2)  // (DeepSpeed's; FSDP2's root group holds the LM head through both)
             note(e, "Under ZeRO-3 these losses read lm_head's weight in the model's forward, outside lm_head's: "
                     "DeepSpeed then gathers it for the whole model's forward and backward, up to one gathered "
                     "lm_head weight more than the plan counts (it counts python/mst_hf's loss, computed inside "
@@ -267,6 +304,7 @@ std::vector<EmittedFile> emit_axolotl(const Plan& plan, const ModelSpec& model) 
         note(e, "Written next to this file by mst-plan emit --out; the path is relative to where axolotl is launched.");
         e << YAML::Key << "deepspeed" << YAML::Value << "ds_config.json";
     }
+    if (s.fsdp2) emit_fsdp_config(e, s);
     e << YAML::EndMap;
     if (!e.good()) throw std::logic_error("axolotl emitter: " + e.GetLastError());
 

@@ -65,14 +65,28 @@ void check_executor_only(const Format& f, const TrainingSetup& s, const ModelSpe
                          "deepspeed or axolotl does), got true",
                          f.name));
     if (s.ep > 1) fail(f.name, "setup.ep", fmt::format("expected 1 ({}), got {}", f.no_expert_parallelism, s.ep));
-    if (s.fsdp2 && std::string_view(f.name) != "hf-mst")
+    // FSDP2: hf-mst's model is sharded by mst_hf.shard or the Trainer's accelerate, Axolotl's by Axolotl's own
+    const std::string_view name = f.name;
+    const bool axolotl_groups = s.fsdp2_groups == Fsdp2Groups::Axolotl;
+    if (s.fsdp2 && name == "hf-mst" && axolotl_groups)
+        fail(f.name, "setup.fsdp2_groups",
+             "expected mst_hf or accelerate (hf-mst's model is sharded by mst_hf.shard or the Hugging Face Trainer's "
+             "accelerate; Axolotl shards with its own fsdp2_prepare_model: emit --format axolotl), got axolotl");
+    if (s.fsdp2 && name == "axolotl" && !axolotl_groups)
+        fail(f.name, "setup.fsdp2_groups",
+             fmt::format("expected axolotl (Axolotl shards with its own fsdp2_prepare_model: plan with --fsdp2-groups "
+                         "axolotl), got {}",
+                         to_string(s.fsdp2_groups)));
+    if (s.fsdp2 && name != "hf-mst" && name != "axolotl")
         fail(f.name, "setup.fsdp2",
              fmt::format("expected false ({} shards the model its own way; the plan is for torch's fully_shard {}: emit --format "
-                         "hf-mst), got true",
+                         "{}), got true",
                          f.name,
                          s.fsdp2_groups == Fsdp2Groups::Accelerate
                              ? "as the Hugging Face Trainer's accelerate applies it to a model python/mst_hf patched"
-                             : "as python/mst_hf's users apply it, mst_hf.shard"));
+                         : axolotl_groups ? "as Axolotl's fsdp2_prepare_model applies it"
+                                          : "as python/mst_hf's users apply it, mst_hf.shard",
+                         axolotl_groups ? "axolotl" : "hf-mst"));
     if (s.ring())
         fail(f.name, "setup.sp_impl",
              "expected ulysses (no emitter writes PyTorch's context parallelism yet: accelerate's cp_backend \"torch\" "

@@ -835,6 +835,14 @@ private:
     // accelerate's groups (s_.fsdp2_groups): group 0 is the tail (final norm, tied embedding, LM head), and an
     // untied embedding has a group of its own, the last (fsdp2_embedding_group)
     bool fsdp2_accelerate_ = false;
+    // Axolotl's groups: the root (group 0, as mst_hf's) reshards after its forward as the layers do, and is
+    // gathered again by its pre-backward (reshard_after_forward, which its fully_shard(model) is given)
+    bool fsdp2_root_reshards_ = false;
+    // torch 2.14's FSDP2 (Axolotl's: it requires torch < 2.15). It frees the forward's held all-gather buffer
+    // where torch 2.15 does, but through a local (`if prev := comm_ctx.all_gather_state`) that keeps it until
+    // the function returns: a layer's after its copy-out (wait_for_unshard), the last one after the output
+    // cast (_post_forward). torch 2.15 releases it in a method of its own, before both.
+    bool fsdp2_torch_2_14_ = false;
     // Bytes per element of the stored shards and of the reduce-scatter (its reduce dtype): bf16 for pure
     // bf16, fp32 for bf16-master (fp32 parameters, gathered in bf16 by its mixed-precision policy; the
     // whole parameters and their gradients are pw_'s and pg_'s, bf16), whose reduce dtype is bf16 under
@@ -860,7 +868,10 @@ private:
     void fsdp2_copy_out(int group);        // the whole parameters, out of the all-gather's buffer
     void fsdp2_pre_forward(int group);     // all-gather, free the held one, copy out; hold this one
     void fsdp2_reshard(int group);         // free the whole parameters
-    void fsdp2_root_post_forward();        // the model's forward returns: the held all-gather goes
+    // the model's forward returns: the root reshards (Axolotl's), the held all-gather goes, the output cast
+    // replaces the loss (fsdp2_casts_outputs)
+    void fsdp2_root_post_forward(T& loss);
+    void fsdp2_root_pre_backward();        // the model's output's gradient: the root's unshard, the last layer's prefetch
     void fsdp2_prefetch(int group);        // backward: the next group's all-gather
     void fsdp2_pre_backward(int group);    // copy out, free the all-gather, prefetch the group before
     void fsdp2_post_backward(int group);   // reshard, reduce-scatter the gradients
@@ -869,7 +880,7 @@ private:
     // Group 0: the root's (mst_hf) or accelerate's tail; 1 + l: layer l; accelerate's untied embedding: after them.
     // accelerate's policy under bf16=True (bf16-master: MixedPrecisionPolicy(bf16, bf16, output_dtype=bf16)) casts the
     // root's floating outputs to bf16: the fp32 loss becomes a bf16 copy, and its gradient comes back through a cast
-    bool fsdp2_casts_outputs() const { return fsdp2_accelerate_ && fsdp2_store_ != pw_; }
+    bool fsdp2_casts_outputs() const { return fsdp2_on_ && s_.fsdp2_output_bf16(); }
     bytes_t hf_loss_bytes() const { return fsdp2_casts_outputs() ? 2 : 4; }  // the model's loss: fp32, or that cast
     bool fsdp2_own_embedding_group() const { return fsdp2_on_ && s_.fsdp2_embedding_alone(m_); }
     int fsdp2_embedding_group() const { return fsdp2_own_embedding_group() ? static_cast<int>(m_.num_layers) + 1 : 0; }

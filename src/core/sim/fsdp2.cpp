@@ -30,6 +30,8 @@
 //   but the last, as the Hugging Face Trainer runs it): a group's post-backward only reshards; the
 //   whole gradients stay on the parameters, later micro-steps add into them in place, and the last
 //   micro-step's post-backward reduce-scatters them as above.
+#include <utility>
+
 #include "builder.hpp"
 
 namespace mst::sim {
@@ -86,13 +88,15 @@ void StepBuilder::fsdp2_copy_out(int group) {
 
 // pre_forward: unshard (foreach_all_gather), then wait_for_unshard, which first releases the all-gather
 // the forward holds (release_all_gather_state_for_comm_reuse), copies out and holds this one.
+// (torch 2.14: the held one goes after the copy-out, fsdp2_torch_2_14_)
 void StepBuilder::fsdp2_pre_forward(int group) {
     const char* op = op_;
     at("fsdp2.all_gather");
     T out = fsdp2_all_gather(group);
-    drop(fsdp2_.held_gather);
+    T held = std::exchange(fsdp2_.held_gather, out);
+    if (!fsdp2_torch_2_14_) drop(held);
     fsdp2_copy_out(group);
-    fsdp2_.held_gather = out;
+    drop(held);
     at(op);
 }
 
@@ -100,11 +104,29 @@ void StepBuilder::fsdp2_reshard(int group) {
     for (int p : fsdp2_.groups[static_cast<std::size_t>(group)].params) drop(fsdp2_.whole[static_cast<std::size_t>(p)]);
 }
 
-void StepBuilder::fsdp2_root_post_forward() {
+// _post_forward: the groups' post-forward (Axolotl's root reshards), then the held all-gather goes, then
+// output_dtype casts the outputs: the fp32 loss goes as its bf16 copy replaces it (torch 2.14: the
+// all-gather, then the fp32 loss, after the cast: fsdp2_torch_2_14_).
+void StepBuilder::fsdp2_root_post_forward(T& loss) {
     const char* op = op_;
     at("fsdp2.post_forward");
-    drop(fsdp2_.held_gather);
+    if (fsdp2_root_reshards_) fsdp2_reshard(0);
+    if (!fsdp2_torch_2_14_) drop(fsdp2_.held_gather);
     at(op);
+    T cast = fsdp2_casts_outputs() ? act("loss_bf16", 2, false) : T{};
+    if (cast.valid() && !fsdp2_torch_2_14_) drop(loss);
+    drop(fsdp2_.held_gather);  // (torch 2.14: its local goes as _post_forward returns, then the outputs it cast)
+    if (cast.valid()) {
+        drop(loss);
+        loss = cast;
+    }
+}
+
+// The root's pre-backward, on the model's output (mst_hf's and Axolotl's groups): Axolotl's resharded root is
+// gathered again (its pre-backward, as a layer's), then the last layer prefetched.
+void StepBuilder::fsdp2_root_pre_backward() {
+    if (fsdp2_root_reshards_) fsdp2_pre_backward(0);
+    fsdp2_prefetch_last_layer();
 }
 
 void StepBuilder::fsdp2_prefetch(int group) {
@@ -157,6 +179,9 @@ void StepBuilder::fsdp2_post_backward(int group) {
     }
     drop(fsdp2_.reduce_input);
     fsdp2_.reduce_input = alloc("reduce_scatter_input", elems(s_.dp, g.shard, fsdp2_reduce_), Category::Gradients);
+    // (torch 2.14: foreach_reduce's loop variable keeps the last parameter's until it returns)
+    T& last = params_[static_cast<std::size_t>(g.params.back())].grad;
+    T kept = fsdp2_torch_2_14_ ? std::exchange(last, T{}) : T{};
     for (auto it = g.params.rbegin(); it != g.params.rend(); ++it) drop(params_[static_cast<std::size_t>(*it)].grad);
     // The sharded gradients: views of its output, or (a later micro-step) what that output is added into,
     // in place, before it goes
@@ -173,6 +198,7 @@ void StepBuilder::fsdp2_post_backward(int group) {
     }
     if (!accumulated)
         for (int p : g.params) fsdp2_.sharded_grads[static_cast<std::size_t>(p)] = hold(out);
+    drop(kept);
     drop(out);
     at(op);
 }

@@ -409,11 +409,12 @@ T StepBuilder::hf_head_backward(HeadSaved& hs) {
         root = g;
     }
     if (z3_on_) z3_fetch(z3_.root, false);  // the loss's pre-backward hook (the model's output)
-    // FSDP2's pre-backward that prefetches the last layer: the root's, on the model's output (mst_hf's groups);
+    // FSDP2's pre-backward that prefetches the last layer: the root's, on the model's output (mst_hf's and
+    // Axolotl's groups; Axolotl's root gathers itself again first);
     // accelerate's tail's, on lm_head's output: the logits' gradient below. (python/mst_hf's chunked loss has
     // lm_head's forward return an empty placeholder that no gradient reaches: no prefetch, the last layer
     // gathers its own.)
-    if (fsdp2_on_ && !fsdp2_accelerate_) fsdp2_prefetch_last_layer();
+    if (fsdp2_on_ && !fsdp2_accelerate_) fsdp2_root_pre_backward();
     // accelerate's untied tail: its post-backward, on its first module's input (the final norm's)
     const auto norm_backward = [&](T dh) {
         T dx = hf_norm_backward(final_norm_, hs.hf_norm, dh);

@@ -130,12 +130,7 @@ void StepBuilder::micro_step(int micro) {
     else head_forward(x, head);
     release_unit(static_cast<int>(L));
     layer_ = -1;
-    if (fsdp2_on_) fsdp2_root_post_forward();  // the model's forward returns
-    if (fsdp2_casts_outputs()) {  // (its post-forward's last step: the fp32 loss goes as its bf16 copy replaces it)
-        T cast = act("loss_bf16", 2, false);
-        drop(head.hf_loss);
-        head.hf_loss = cast;
-    }
+    if (fsdp2_on_) fsdp2_root_post_forward(head.hf_loss);  // the model's forward returns
     at("forward.end");
     clear_autocast_cache();  // the autocast region ends with the forward
     // The Hugging Face Trainer's bf16=True: accelerate's convert_outputs_to_fp32 makes an output whose bf16
