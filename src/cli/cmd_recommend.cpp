@@ -392,6 +392,11 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         }))
         fmt::print("caution: no row trains with DeepSpeed's engine (ZeRO 1 to 3): {} does not apply to them\n",
                    deepspeed_options(rq.base));
+    // --fsdp2-groups given, and no row shards with FSDP2 (one GPU; a model or knobs FSDP2 is not modelled for)
+    if (rq.base.fsdp2_groups != Fsdp2Groups::MstHf && std::none_of(r.rows.begin(), r.rows.end(), [](const MaxSeqRow& row) {
+            return row.refused.empty() && row.setup.fsdp2_shards();
+        }))
+        fmt::print("note: no row shards with FSDP2: --fsdp2-groups does not apply to them\n");
     // --for: the trainer's own allocations beyond the prediction, kept free at each length
     for (const auto& row : r.rows)
         if (row.trainer_extra_bytes > 0)
