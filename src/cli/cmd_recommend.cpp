@@ -25,11 +25,11 @@ struct TunerArgs {
     std::int64_t gpus = 1, seq = TuneRequest{}.seq_len, tokens_per_step = 0;
     std::vector<std::string> pins, allows;
     double margin = 0.03, host_gib = 128, moe_imbalance = 1.0;
-    bool fsdp2_no_sync = false, fsdp2_reshard_after_forward = true, hf_trainer_bf16 = false;
+    bool hf_trainer_bf16 = false;
+    Fsdp2Knobs fsdp2;
     std::int64_t reduce_bucket_size = kDeepSpeedReduceBucket;
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, attention, sp_impl = "ulysses";
     std::string optimizer_impl = "fused", runtime = "hf";
-    std::string fsdp2_groups = "mst_hf";
     std::string for_format;  // recommend --for
     const CLI::Option* attention_option = nullptr;  // given: parsed (an empty value is an error), else the model's default
 
@@ -70,17 +70,7 @@ struct TunerArgs {
                        "Expert parallelism: pairs the busiest rank's experts receive over a uniform routing's (capped at ep)")
             ->capture_default_str()
             ->check(finite(1, limits::kGpus));
-        add_switch(cmd, "--fsdp2-no-sync", fsdp2_no_sync,
-                     "Where the search plans FSDP2 with accumulation: for a loop that syncs the gradients in the last micro-step "
-                     "only (set_requires_gradient_sync(False) before the others, as the Hugging Face Trainer accumulates)");
-        add_true_or_false(cmd, "--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
-                          "Where the search plans FSDP2: fully_shard's reshard_after_forward for the decoder layers, and in "
-                          "Axolotl's groups the model's own (false: each stays gathered from its forward to its backward)");
-        cmd.add_option("--fsdp2-groups", fsdp2_groups,
-                       "Where the search plans FSDP2: whose fully_shard calls group the parameters: mst_hf (mst_hf.shard) | "
-                       "accelerate (the Hugging Face Trainer shards the unsharded model; bf16-master is its bf16=True) | axolotl "
-                       "(Axolotl 0.21's own, pure-bf16; with --for axolotl its ZeRO-3 is then FSDP2)")
-            ->capture_default_str();
+        add_fsdp2_knobs(cmd, fsdp2, "Where the search plans FSDP2");
     }
 
     TuneRequest request() const {
@@ -103,9 +93,9 @@ struct TunerArgs {
         rq.base.moe_imbalance = moe_imbalance;
         rq.base.reduce_bucket_size = reduce_bucket_size;
         rq.base.sp_impl = parse_sp_impl(sp_impl, "command line");
-        rq.base.fsdp2_no_sync = fsdp2_no_sync;  // (the search's FSDP2 setups take these: take_engine)
-        rq.base.fsdp2_reshard_after_forward = fsdp2_reshard_after_forward;
-        rq.base.fsdp2_groups = parse_fsdp2_groups(fsdp2_groups, "command line");
+        rq.base.fsdp2_no_sync = fsdp2.no_sync;  // (the search's FSDP2 setups take these: take_engine)
+        rq.base.fsdp2_reshard_after_forward = fsdp2.reshard_after_forward;
+        rq.base.fsdp2_groups = parse_fsdp2_groups(fsdp2.groups, "command line");
         rq.seq_len = seq;
         rq.for_format = for_format;
         if (tokens_per_step > 0) rq.tokens_per_step = tokens_per_step;  // the option's check: >= 1 when given

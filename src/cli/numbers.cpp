@@ -68,6 +68,24 @@ CLI::Option* add_switch(CLI::App& cmd, const std::string& name, bool& value, con
     return cmd.add_flag(name, value, help)->check(boolean_word);
 }
 
+void add_fsdp2_knobs(CLI::App& cmd, Fsdp2Knobs& knobs, const std::string& scope) {
+    add_switch(cmd, "--fsdp2-no-sync", knobs.no_sync,
+               scope + ", with accumulation: set_requires_gradient_sync(False) before every micro-step but the last, as "
+                       "the Hugging Face Trainer and accelerate's accumulate() do (whole gradients stay until the last micro-step)");
+    add_true_or_false(cmd, "--fsdp2-reshard-after-forward", knobs.reshard_after_forward,
+                      scope + ": fully_shard's reshard_after_forward for the decoder layers, and in Axolotl's groups the "
+                              "model's own (false: each stays gathered from its forward to its backward, no gathers in "
+                              "backward)");
+    cmd.add_option("--fsdp2-groups", knobs.groups,
+                   scope + ": whose fully_shard calls group the parameters: mst_hf (mst_hf.shard: the layers, then the "
+                           "model) | accelerate (the Hugging Face Trainer shards the unsharded model: the layers, an untied "
+                           "embedding, a tail of the final norm, tied embedding and LM head; pure-bf16 is its bf16=False, "
+                           "bf16-master its bf16=True) | axolotl (Axolotl 0.21's own: mst_hf's groups, the model's "
+                           "resharded after forward; pure-bf16 under its bf16: true; torch 2.14; with --for axolotl its "
+                           "ZeRO-3 is then FSDP2)")
+        ->capture_default_str();
+}
+
 CLI::Option* add_hf_trainer_bf16(CLI::App& cmd, bool& value) {
     return add_switch(cmd, "--hf-trainer-bf16", value,
                       "The forward as the Hugging Face Trainer with bf16=True calls it (runtime hf): accelerate's bf16 autocast "

@@ -5,6 +5,7 @@
 // "error: --seq: 0100: expected a decimal integer in [...]".
 #include <cstdint>
 #include <limits>
+#include <string>
 
 #include <CLI/CLI.hpp>
 
@@ -27,5 +28,13 @@ CLI::Option* add_true_or_false(CLI::App& cmd, const std::string& name, bool& val
 CLI::Option* add_switch(CLI::App& cmd, const std::string& name, bool& value, const std::string& help);
 // --hf-trainer-bf16, one registration for the setup knobs and recommend's.
 CLI::Option* add_hf_trainer_bf16(CLI::App& cmd, bool& value);
+
+// FSDP2's loop and layout as given on the command line (unparsed), and their one registration for a
+// setup's knobs (`scope` "With --fsdp2") and a search's ("Where the search plans FSDP2").
+struct Fsdp2Knobs {
+    bool no_sync = false, reshard_after_forward = true;
+    std::string groups = "mst_hf";
+};
+void add_fsdp2_knobs(CLI::App& cmd, Fsdp2Knobs& knobs, const std::string& scope);
 
 }  // namespace mst::cli

@@ -45,19 +45,7 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_option("--zero3-prefetch", zero3_prefetch, "Layers all-gathered ahead under ZeRO-3")->capture_default_str()->check(an_int);
     add_switch(cmd, "--fsdp2", fsdp2, "ZeRO-3 (runtime hf) as torch's FSDP2, fully_shard on every decoder layer and the model, "
                                    "not DeepSpeed's stage-3 engine");
-    add_switch(cmd, "--fsdp2-no-sync", fsdp2_no_sync,
-                 "With --fsdp2 and accumulation: set_requires_gradient_sync(False) before every micro-step but the last, as the "
-                 "Hugging Face Trainer and accelerate's accumulate() do (whole gradients stay until the last micro-step)");
-    add_true_or_false(cmd, "--fsdp2-reshard-after-forward", fsdp2_reshard_after_forward,
-                      "With --fsdp2: fully_shard's reshard_after_forward for the decoder layers, and in Axolotl's groups the "
-                      "model's own (false: each stays gathered from its forward to its backward, no gathers in backward)");
-    cmd.add_option("--fsdp2-groups", fsdp2_groups,
-                   "With --fsdp2: whose fully_shard calls group the parameters: mst_hf (mst_hf.shard: the layers, then the "
-                   "model) | accelerate (the Hugging Face Trainer shards the unsharded model: the layers, an untied "
-                   "embedding, a tail of the final norm, tied embedding and LM head; pure-bf16 is its bf16=False, "
-                   "bf16-master its bf16=True) | axolotl (Axolotl 0.21's own: mst_hf's groups, the model's resharded after "
-                   "forward; pure-bf16 under its bf16: true; torch 2.14)")
-        ->capture_default_str();
+    add_fsdp2_knobs(cmd, fsdp2_knobs, "With --fsdp2");
     cmd.add_option("--reduce-bucket-size", reduce_bucket_size_,
                    "DeepSpeed's gradient bucket in elements (ZeRO 1-3, runtime hf: its reduce_bucket_size; the Hugging Face "
                    "Trainer's \"auto\" is hidden_size^2)")
@@ -85,9 +73,9 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
 bool SetupOptions::given(const char* name) const { return cmd_->count(name) > 0; }
 
 void SetupOptions::take_fsdp2(TrainingSetup& s) const {
-    if (given("--fsdp2-no-sync")) s.fsdp2_no_sync = fsdp2_no_sync;
-    if (given("--fsdp2-reshard-after-forward")) s.fsdp2_reshard_after_forward = fsdp2_reshard_after_forward;
-    if (given("--fsdp2-groups")) s.fsdp2_groups = parse_fsdp2_groups(fsdp2_groups, "command line");
+    if (given("--fsdp2-no-sync")) s.fsdp2_no_sync = fsdp2_knobs.no_sync;
+    if (given("--fsdp2-reshard-after-forward")) s.fsdp2_reshard_after_forward = fsdp2_knobs.reshard_after_forward;
+    if (given("--fsdp2-groups")) s.fsdp2_groups = parse_fsdp2_groups(fsdp2_knobs.groups, "command line");
 }
 
 void SetupOptions::take_deepspeed(TrainingSetup& s) const {

@@ -9,6 +9,7 @@
 
 #include "mst/model.hpp"
 #include "mst/setup.hpp"
+#include "numbers.hpp"
 
 namespace mst::cli {
 
@@ -38,8 +39,8 @@ private:
     double moe_imbalance = 1.0;
     std::int64_t mlp_chunks = 1, lm_chunks = 1, mlp_chunk_tokens = 0, lm_chunk_tokens = 0;
     int zero = 0, zero3_prefetch = 1;
-    bool fsdp2 = false, fsdp2_no_sync = false, fsdp2_reshard_after_forward = true;
-    std::string fsdp2_groups = "mst_hf";
+    bool fsdp2 = false;
+    Fsdp2Knobs fsdp2_knobs;
     std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, optimizer_impl = "fused", runtime = "hf",
                 attention;
     std::string mlp_impl = "loop", lm_impl = "recompute", checkpoint = "none", sp_impl = "ulysses";
