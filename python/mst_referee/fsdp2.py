@@ -115,8 +115,6 @@ def accelerate_shard(model: Any, config: Any, mesh: Any) -> Any:
     ``_no_split_modules``, the plugin's ``reshard_after_forward`` (the plan's), this world's mesh. The
     accelerator is a stand-in that carries just what ``fsdp2_prepare_model`` reads of it; the sharding is
     accelerate's code. accelerate comes from ``MST_CLIENTS_PATH`` (scripts/test installs it there)."""
-    from types import SimpleNamespace
-
     from .jobs import CrosscheckError
 
     try:
@@ -125,20 +123,10 @@ def accelerate_shard(model: Any, config: Any, mesh: Any) -> Any:
     except ImportError as e:
         raise CrosscheckError("setup: fsdp2_groups: expected accelerate importable for \"accelerate\" (put "
                               f"MST_CLIENTS_PATH, which scripts/test installs, on PYTHONPATH): {e}") from None
-    # (the plugin the Trainer's TrainingArguments builds for fsdp_config {"version": 2}: its default transformer-based
-    # wrap, no CPU-RAM-efficient loading; transformers 5.24 training_args.py:2825-2861)
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                            cpu_ram_efficient_loading=False,
-                                            reshard_after_forward=config.fsdp2_reshard_after_forward)
     # bf16-master is the Trainer's bf16=True: AcceleratorState sets the plugin's policy (state.py:1014-1015), and
     # fsdp2_prepare_model upcasts any bf16 parameter to fp32 (the referee's are fp32 already)
-    mixed_precision = "bf16" if config.precision == "bf16-master" else "no"
-    if mixed_precision != "no":
-        plugin.set_mixed_precision(mixed_precision)
-    accelerator = SimpleNamespace(
-        state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision=mixed_precision, is_main_process=True, device=mesh.device_type,
-        torch_device_mesh=mesh, parallelism_config=SimpleNamespace(fsdp_dim_names=mesh.mesh_dim_names))
-    plugin.set_auto_wrap_policy(model)
+    accelerator = _stand_in(FullyShardedDataParallelPlugin, config, mesh, "bf16" if config.precision == "bf16-master" else "no")
+    accelerator.state.fsdp_plugin.set_auto_wrap_policy(model)
     return fsdp2_prepare_model(accelerator, model)
 
 
@@ -153,8 +141,6 @@ def axolotl_shard(model: Any, config: Any, mesh: Any) -> Any:
     world's mesh. The accelerator is a stand-in carrying what the function reads
     of it; the sharding is Axolotl's code. It runs in Axolotl's environment (its torch, 2.14, and transformers),
     where Axolotl is importable."""
-    from types import SimpleNamespace
-
     from .jobs import CrosscheckError
 
     try:
@@ -163,15 +149,27 @@ def axolotl_shard(model: Any, config: Any, mesh: Any) -> Any:
     except ImportError as e:
         raise CrosscheckError("setup: fsdp2_groups: expected Axolotl importable for \"axolotl\" (run the referee with "
                               f"Axolotl's Python, .venv/clients-axolotl, which scripts/test installs): {e}") from None
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                            cpu_ram_efficient_loading=False,
-                                            reshard_after_forward=config.fsdp2_reshard_after_forward)
-    plugin.set_mixed_precision("bf16")  # (Axolotl's bf16: true: ACCELERATE_MIXED_PRECISION=bf16)
+    # (Axolotl's bf16: true: ACCELERATE_MIXED_PRECISION=bf16; its function sets the wrap policy itself)
+    return fsdp2_prepare_model(_stand_in(FullyShardedDataParallelPlugin, config, mesh, "bf16"), model)
+
+
+def _stand_in(plugin_class: Any, config: Any, mesh: Any, mixed_precision: str) -> Any:
+    """The accelerator a ``fsdp2_prepare_model`` reads, as a stand-in: the plugin the Trainer's TrainingArguments
+    builds for ``fsdp_config {"version": 2}`` (its default transformer-based wrap, no CPU-RAM-efficient loading, the
+    plan's ``reshard_after_forward``; transformers 5.24 ``training_args.py:2825-2861``) with accelerate's policy for
+    ``mixed_precision`` ("bf16": ``set_mixed_precision``), and this world's mesh (where accelerate reads it and where
+    Axolotl does: ``state.device_mesh``)."""
+    from types import SimpleNamespace
+
+    plugin = plugin_class(fsdp_version=2, auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False,
+                          reshard_after_forward=config.fsdp2_reshard_after_forward)
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
     parallelism = SimpleNamespace(fsdp_dim_names=mesh.mesh_dim_names)
-    accelerator = SimpleNamespace(
-        state=SimpleNamespace(fsdp_plugin=plugin, device_mesh=mesh, parallelism_config=parallelism), mixed_precision="bf16",
-        is_main_process=True, device=mesh.device_type, torch_device_mesh=mesh, parallelism_config=parallelism)
-    return fsdp2_prepare_model(accelerator, model)
+    return SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin, device_mesh=mesh, parallelism_config=parallelism),
+        mixed_precision=mixed_precision, is_main_process=True, device=mesh.device_type, torch_device_mesh=mesh,
+        parallelism_config=parallelism)
 
 
 def _unsharded_grads(group: Any) -> List[Any]:
