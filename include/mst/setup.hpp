@@ -202,6 +202,9 @@ struct TrainingSetup {
         return (fsdp2_groups == Fsdp2Groups::Accelerate && precision == Precision::Bf16Master) ||
                fsdp2_groups == Fsdp2Groups::Axolotl;
     }
+    // Axolotl's grouping reshards the model's own group after its forward (it passes reshard_after_forward to
+    // fully_shard(model) too), so the loss's pre-backward gathers it again
+    bool fsdp2_root_reshards() const { return fsdp2_groups == Fsdp2Groups::Axolotl && fsdp2_reshard_after_forward; }
     // accelerate's grouping gives an untied embedding a group of its own (a tied one is in its tail)
     bool fsdp2_embedding_alone(const ModelSpec& m) const {
         return fsdp2_groups == Fsdp2Groups::Accelerate && !m.tie_word_embeddings;

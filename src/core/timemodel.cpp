@@ -399,7 +399,7 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
         // kept whole from its forward to its backward. Axolotl's: the root reshards after its forward as the
         // layers do, and its pre-backward, which nothing hides either, gathers it again.
         const bool own_embedding = s.fsdp2_embedding_alone(m);
-        const bool root_regathered = s.fsdp2_groups == Fsdp2Groups::Axolotl && s.fsdp2_reshard_after_forward;
+        const bool root_regathered = s.fsdp2_root_reshards();
         const double root = embedding * (m.tie_word_embeddings ? 1 : 2) + static_cast<double>(m.hidden_size);
         const double kept = own_embedding ? root - embedding : root_regathered ? 0 : root;
         const double ends = own_embedding ? embedding : root;

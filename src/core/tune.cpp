@@ -586,10 +586,10 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
                                          : "the model's own (embedding, final norm, LM head)",
                            own_embedding ? "stay gathered from its forward to its backward (the embedding, a group of its "
                                            "own, is gathered as a layer is)"
-                           : axolotl && s.fsdp2_reshard_after_forward
+                           : s.fsdp2_root_reshards()
                                ? "are gathered for the forward and again as backward starts, and stay to the end of backward"
                                : "stay gathered from its forward to the end of backward",
-                           axolotl && s.fsdp2_reshard_after_forward ? "s" : "", 1e3 * best.time.comm_exposed_seconds);
+                           s.fsdp2_root_reshards() ? "s" : "", 1e3 * best.time.comm_exposed_seconds);
     }
     if (s.fsdp2_unsynced())
         why += "Its gradients are synced in the last micro-step only (set_requires_gradient_sync(False) before the "

@@ -48,7 +48,7 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
     fsdp2_no_sync_ = fsdp2_on_ && s_.fsdp2_no_sync;
     fsdp2_keep_gathered_ = fsdp2_on_ && !s_.fsdp2_reshard_after_forward;
     fsdp2_accelerate_ = fsdp2_on_ && s_.fsdp2_groups == Fsdp2Groups::Accelerate;
-    fsdp2_root_reshards_ = fsdp2_on_ && s_.fsdp2_groups == Fsdp2Groups::Axolotl && !fsdp2_keep_gathered_;
+    fsdp2_root_reshards_ = fsdp2_on_ && s_.fsdp2_root_reshards();
     fsdp2_torch_2_14_ = fsdp2_on_ && s_.fsdp2_groups == Fsdp2Groups::Axolotl;
     tl_.micro_steps_recorded = static_cast<std::int32_t>(std::min<std::int64_t>(s_.grad_accum, fsdp2_no_sync_ ? 3 : 2));
     build_params();
