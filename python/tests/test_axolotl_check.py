@@ -161,14 +161,11 @@ def test_the_capabilities_are_the_plan_gpus():
         axolotl_check.capabilities("mi300x", 8, "2.14.1")
 
 
-def _fsdp2_plan(tmp_path: Path):
+def _fsdp2_plan(tmp_path: Path, binary: Path):
     """recommend --for axolotl --fsdp2-groups axolotl's plan (Llama-3.2-1B on 4 GPUs, 2 micro-steps) and its
-    emitted fragment, made by the mst-plan under test."""
+    emitted fragment, made by `binary`, the mst-plan under test."""
     import subprocess
 
-    binary = os.environ.get("MST_PLAN", str(GOLDEN.parents[1] / "build" / "src" / "mst-plan"))
-    if not Path(binary).is_file():
-        pytest.skip("mst-plan is not built (set MST_PLAN or build/)")
     path = tmp_path / "plan.json"
     subprocess.run([binary, "recommend", "--model", "llama-3.2-1b", "--gpu", "h100-sxm-80gb", "--gpus", "4", "--seq",
                     "16384", "--tokens-per-step", "131072", "--pin", "micro_batch=1", "--for", "axolotl",
@@ -179,8 +176,8 @@ def _fsdp2_plan(tmp_path: Path):
     return json.loads(path.read_text()), fragment
 
 
-def test_axolotls_fsdp2_fragment_shards_and_syncs_as_planned(tmp_path):
-    plan, fragment = _fsdp2_plan(tmp_path)
+def test_axolotls_fsdp2_fragment_shards_and_syncs_as_planned(tmp_path, mst_plan):
+    plan, fragment = _fsdp2_plan(tmp_path, mst_plan)
     s = plan["setup"]
     assert (s["fsdp2"], s["fsdp2_groups"], s["grad_accum"], s["fsdp2_no_sync"]) == (True, "axolotl", 2, True)
     assert "fsdp_config:\n  fsdp_version: 2\n" in fragment and "deepspeed" not in fragment.split("fsdp_config:")[1]

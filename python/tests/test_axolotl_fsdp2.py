@@ -6,7 +6,6 @@ says that environment was meant to be there).
 
 import os
 import random
-from pathlib import Path
 
 import pytest
 
@@ -15,17 +14,12 @@ if os.environ.get("MST_REQUIRE_AXOLOTL") == "1":
 else:
     pytest.importorskip("axolotl")
 
-from mst_referee import differential, jobs  # noqa: E402
+from mst_referee import differential  # noqa: E402
 
 
-def _binary():
-    path = Path(os.environ.get("MST_PLAN", jobs.REPO_ROOT / "build" / "src" / "mst-plan"))
-    return path if path.is_file() else None
-
-
-@pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
 @pytest.mark.parametrize("seed, tied, rank, dp", [(3, False, 0, 4), (8, True, 3, 5), (9, False, 1, 2), (11, False, 2, 3)])
-def test_seeded_cases_in_axolotls_fsdp2_groups_run_through_its_own_sharding_and_compare(tmp_path, seed, tied, rank, dp):
+def test_seeded_cases_in_axolotls_fsdp2_groups_run_through_its_own_sharding_and_compare(tmp_path, seed, tied, rank, dp,
+                                                                                        mst_plan):
     # (bf16 weights under Axolotl's bf16: true policy, the root holding the embedding, final norm and LM head:
     # seed 3 untied, resharded after forward and gathered again as backward starts, a layer checkpointed, the
     # fused LM head in 2 chunks, two rows; 8 tied, two micro-steps synced in the last only, the tiled MLP in 7
@@ -34,7 +28,7 @@ def test_seeded_cases_in_axolotls_fsdp2_groups_run_through_its_own_sharding_and_
     case = differential.random_axolotl_case(random.Random(seed), "llama")
     assert case.knobs["fsdp2_groups"] == "axolotl" and "precision" not in case.knobs
     assert (case.config["tie_word_embeddings"], case.rank, case.knobs["dp"]) == (tied, rank, dp)
-    identical, detail = differential.run_case(case, tmp_path / f"fsdp2_axolotl_{seed}", _binary())
+    identical, detail = differential.run_case(case, tmp_path / f"fsdp2_axolotl_{seed}", mst_plan)
     assert identical, detail
 
 

@@ -10,7 +10,6 @@ tiny Llama on the CPU (no CUDA memory statistics there: the peaks are null).
 import copy
 import json
 import math
-import os
 import subprocess
 from pathlib import Path
 
@@ -24,14 +23,6 @@ MATRIX = REPO / "scripts" / "torch_matrix.json"
 
 
 from mst_referee import cli, jobs, records, train
-
-
-def _binary():
-    path = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
-    return path if path.is_file() else None
-
-
-needs_binary = pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
 
 
 def llama_plan(**setup):
@@ -203,14 +194,13 @@ def test_the_bucket_is_deepspeeds_only_as_mst_plan_validates_it():
         jobs.normalize_setup({"dp": 8, "zero_stage": 2, "overlap_comm": 1}, 32)
 
 
-@needs_binary
-def test_integral_numbers_and_nulls_read_as_mst_plan_reads_them(tmp_path):
+def test_integral_numbers_and_nulls_read_as_mst_plan_reads_them(tmp_path, mst_plan):
     """5e8 and 8.0 are integers, null is the default: the mirror and the binary read one setup alike."""
     knobs = {"dp": 8.0, "zero_stage": 2, "precision": "bf16-master", "reduce_bucket_size": 5e8, "sp": None,
              "seq_len": 4096.0, "grad_accum": None, "overlap_comm": True}
     path = tmp_path / "setup.json"
     path.write_text(json.dumps(knobs))
-    out = subprocess.run([str(_binary()), "--json", "estimate", "--model", "llama-3-8b", "--gpu", "h100-sxm-80gb",
+    out = subprocess.run([str(mst_plan), "--json", "estimate", "--model", "llama-3-8b", "--gpu", "h100-sxm-80gb",
                           "--setup", str(path)], capture_output=True, text=True, check=True)
     binary = json.loads(out.stdout)["setup"]
     mirror = jobs.normalize_setup(knobs, 32)
@@ -362,13 +352,12 @@ def test_an_hf_mst_config_runs_as_it_is(tmp_path):
     assert job.setup["lm_chunks"] == 4 and job.setup["seq_len"] == 2048
 
 
-@needs_binary
-def simulated_prediction(plan, tmp_path):
+def simulated_prediction(plan, tmp_path, mst_plan):
     """The plan with the prediction mst-plan makes for its setup: emit refuses a plan whose recorded
     memory numbers are not the simulator's (an edited or relabelled plan)."""
     knobs = tmp_path / "prediction_setup.json"
     knobs.write_text(json.dumps(plan["setup"]))
-    out = subprocess.run([str(_binary()), "--json", "estimate", "--model", plan["model"], "--gpu", plan["gpu"],
+    out = subprocess.run([str(mst_plan), "--json", "estimate", "--model", plan["model"], "--gpu", plan["gpu"],
                           "--setup", str(knobs)], capture_output=True, text=True, check=True)
     estimate = json.loads(out.stdout)
     prediction = dict(plan["prediction"], peak_allocated_bytes=estimate["peak"]["allocated_bytes"],
@@ -376,12 +365,12 @@ def simulated_prediction(plan, tmp_path):
     return dict(plan, prediction=prediction)
 
 
-def test_plans_convert_through_the_binary_as_through_python(tmp_path):
+def test_plans_convert_through_the_binary_as_through_python(tmp_path, mst_plan):
     for plan in (llama_plan(), llama_plan(checkpoint=[0, 3], lm_impl="fused", precision="bf16-master",
                                           optimizer_state_dtype="fp32", offload_checkpoints=True)):
-        plan = simulated_prediction(plan, tmp_path)
+        plan = simulated_prediction(plan, tmp_path, mst_plan)
         for layers in (None, 8):
-            with_binary = jobs.make_job(None, plan=plan, layers=layers, convert="binary", mst_plan=_binary(),
+            with_binary = jobs.make_job(None, plan=plan, layers=layers, convert="binary", mst_plan=mst_plan,
                                       derived_dir=tmp_path)
             in_python = jobs.make_job(None, plan=plan, layers=layers, convert="python", derived_dir=tmp_path)
             assert with_binary.hf_config_source == "mst-plan emit"
@@ -536,10 +525,8 @@ def test_a_matrix_run_may_reference_a_plan_file(tmp_path):
     assert job.model == "llama-3-8b" and job.layers == 4 and job.setup["checkpoint"] == [0, 1, 2, 3]
 
 
-@needs_binary
-def test_the_matrix_setups_are_what_mst_plan_reads(tmp_path):
+def test_the_matrix_setups_are_what_mst_plan_reads(tmp_path, mst_plan):
     """The Python mirror of parse_setup and of the hf-mst emitter agrees with the binary on every run."""
-    binary = _binary()
     for job in jobs.load_matrix(MATRIX, derived_dir=tmp_path):
         model = job.model
         if job.derived_config is not None:
@@ -547,23 +534,22 @@ def test_the_matrix_setups_are_what_mst_plan_reads(tmp_path):
             Path(model).write_text(json.dumps(job.derived_config))
         knobs = tmp_path / f"{job.name}.setup.json"
         knobs.write_text(json.dumps(job.setup))
-        out = subprocess.run([str(binary), "--json", "estimate", "--model", model, "--gpu", "h100-sxm-80gb",
+        out = subprocess.run([str(mst_plan), "--json", "estimate", "--model", model, "--gpu", "h100-sxm-80gb",
                               "--setup", str(knobs)], capture_output=True, text=True, check=True)
         assert json.loads(out.stdout)["setup"] == job.setup, job.name
         plan = {"format": "mst-plan/1", "model": model, "gpu": "h100-sxm-80gb", "gpus": 1, "setup": job.setup}
         if job.prediction:
             plan["prediction"] = job.prediction
-        emitted = jobs.emit_hf_mst_with_binary(binary, plan)
+        emitted = jobs.emit_hf_mst_with_binary(mst_plan, plan)
         assert emitted == dict(job.mst_config, model=model), job.name
 
 
-@needs_binary
-def test_the_committed_plans_are_plans_mst_plan_reads():
+def test_the_committed_plans_are_plans_mst_plan_reads(mst_plan):
     plans = sorted((MATRIX.parent / "torch_plans").glob("*.json"))
     referenced = {run.get("plan") for run in json.loads(MATRIX.read_text())["runs"]}
     assert plans and {f"torch_plans/{p.name}" for p in plans} <= referenced
     for path in plans:
-        out = subprocess.run([str(_binary()), "emit", "--plan", str(path), "--format", "hf-mst"],
+        out = subprocess.run([str(mst_plan), "emit", "--plan", str(path), "--format", "hf-mst"],
                              capture_output=True, text=True, check=True)
         job = jobs.make_job(None, plan=json.loads(path.read_text()), convert="python")
         assert json.loads(out.stdout) == job.mst_config, path.name

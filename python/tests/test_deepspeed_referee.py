@@ -438,13 +438,10 @@ def test_overlap_comm_makes_a_second_bucket_with_the_first(runs, stage):
 
 @pytest.mark.parametrize("case", sorted(DEFAULTS) + ["zero2 bucket 4096", "zero1 bucket 4096", "zero2 overlap_comm",
                                   "zero1 overlap_comm"])
-def test_the_hf_runtime_predicts_deepspeeds_step_event_for_event(runs, case, tmp_path):
+def test_the_hf_runtime_predicts_deepspeeds_step_event_for_event(runs, case, tmp_path, mst_plan):
     """With the emitted defaults, with the bucket cut to 4096 elements (the plan's reduce_bucket_size:
     several reductions per backward, the groups of allreduce_and_scatter), and with overlap_comm on it
     (two buckets taking turns; ZeRO-1 reducing in the last micro-step's hooks)."""
-    binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
-    if not binary.exists():
-        pytest.skip("mst-plan is not built (set MST_PLAN or build/)")
     measured = tmp_path / "measured.json"
     stage, kind = (case, "") if case in DEFAULTS else case.split(" ", 1)
     record = runs["defaults"][case] if case in DEFAULTS else runs["overlap" if kind == "overlap_comm" else "small_bucket"][stage]
@@ -453,7 +450,7 @@ def test_the_hf_runtime_predicts_deepspeeds_step_event_for_event(runs, case, tmp
     assert record["setup"]["reduce_bucket_size"] == (BUCKET if case not in DEFAULTS else DEFAULT_BUCKET)
     assert record["setup"]["overlap_comm"] is (kind == "overlap_comm")
     assert f"overlap_comm {kind == 'overlap_comm'}" in record["notes"][1]  # (the engine's own value)
-    r = subprocess.run([str(binary), "--json", "compare", "--run", str(measured)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([str(mst_plan), "--json", "compare", "--run", str(measured)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["first_divergence"] is None and out["identical"] is True, out["first_divergence"]
@@ -461,22 +458,19 @@ def test_the_hf_runtime_predicts_deepspeeds_step_event_for_event(runs, case, tmp
 
 
 @pytest.mark.parametrize("case", ["bucket 4096"] + sorted(ZERO3_CASES))
-def test_the_hf_runtime_predicts_deepspeeds_zero_3_step_event_for_event(runs, case, tmp_path):
+def test_the_hf_runtime_predicts_deepspeeds_zero_3_step_event_for_event(runs, case, tmp_path, mst_plan):
     """ZeRO-3: every gather, copy and release of DeepSpeed's coordinator, the bucket's reduce-scatters and the
     step, with nothing persistent and a 4096-element bucket; with the norms persistent, every layer
     checkpointed (the recompute's fetches) and two micro-steps; with flash attention; with python/mst_hf's
     MLP and LM head mini-sequences (the loss inside lm_head's forward); with offloaded checkpoints; Qwen2 and Qwen3;
     tied embeddings; Phi-3; Gemma-2; Gemma-3; Mixtral, Qwen3-MoE and gpt-oss."""
-    binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
-    if not binary.exists():
-        pytest.skip("mst-plan is not built (set MST_PLAN or build/)")
     record = runs["zero3_files"][case]
     assert record["setup"]["zero_stage"] == 3 and record["setup"]["runtime"] == "hf"
     assert "ZeRO-3 engine" in record["notes"][0]
     measured = tmp_path / "measured.json"
     measured.write_text(json.dumps(record))
     # (from the checkout's root: a test model's model_path is relative to it)
-    r = subprocess.run([str(binary), "--json", "compare", "--run", str(measured)], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([str(mst_plan), "--json", "compare", "--run", str(measured)], capture_output=True, text=True, timeout=120,
                        cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)

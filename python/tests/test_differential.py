@@ -9,29 +9,20 @@ import json
 import os
 import random
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from mst_referee import differential, jobs
-
-REPO = jobs.REPO_ROOT
+from mst_referee import differential
 
 
-def _binary():
-    path = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
-    return path if path.is_file() else None
-
-
-@pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
-def test_every_generated_config_is_one_mst_plan_accepts(tmp_path):
+def test_every_generated_config_is_one_mst_plan_accepts(tmp_path, mst_plan):
     rng = random.Random(5)
     for i in range(60):
         family = differential.FAMILIES[i % len(differential.FAMILIES)]
         case = differential.random_case(rng, family)
         path = tmp_path / f"c{i}_{family}.json"
         path.write_text(json.dumps(case.config))
-        run = subprocess.run([str(_binary()), "--json", "show", str(path)], capture_output=True, text=True, timeout=60)
+        run = subprocess.run([str(mst_plan), "--json", "show", str(path)], capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, (case.config, run.stderr)
         shown = json.loads(run.stdout)
         assert shown["num_hidden_layers"] == case.config["num_hidden_layers"]
@@ -39,8 +30,7 @@ def test_every_generated_config_is_one_mst_plan_accepts(tmp_path):
         assert case.seq * case.knobs.get("micro_batch", 1) >= case.knobs.get("mlp_chunks", 1)
 
 
-@pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
-def test_sdpa_is_drawn_exactly_where_mst_plan_models_it(tmp_path):
+def test_sdpa_is_drawn_exactly_where_mst_plan_models_it(tmp_path, mst_plan):
     # The generator's own rule (sdpa_runs_flash) against mst-plan's validation of `--attention sdpa`,
     # over every family and the lengths it draws, around the windows too: they must agree both ways.
     rng = random.Random(9)
@@ -51,7 +41,7 @@ def test_sdpa_is_drawn_exactly_where_mst_plan_models_it(tmp_path):
         path = tmp_path / f"c{i}_{family}.json"
         path.write_text(json.dumps(case.config))
         for seq in sorted({case.seq, 3, 4, 15, 16, 17}):
-            run = subprocess.run([str(_binary()), "estimate", "--model", str(path), "--seq", str(seq), "--attention", "sdpa"],
+            run = subprocess.run([str(mst_plan), "estimate", "--model", str(path), "--seq", str(seq), "--attention", "sdpa"],
                                  capture_output=True, text=True, timeout=60)
             assert (run.returncode == 0) == differential.sdpa_runs_flash(case.config, seq), (case.config, seq, run.stderr)
             if run.returncode != 0:
@@ -60,29 +50,26 @@ def test_sdpa_is_drawn_exactly_where_mst_plan_models_it(tmp_path):
     assert drawn > 0  # (some case of the seed draws it)
 
 
-@pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe", "gpt_oss"])
-def test_a_seeded_case_runs_through_the_referee_and_compares(tmp_path, family):
+def test_a_seeded_case_runs_through_the_referee_and_compares(tmp_path, family, mst_plan):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     case = differential.random_case(random.Random(7), family)
-    identical, detail = differential.run_case(case, tmp_path / family, _binary())
+    identical, detail = differential.run_case(case, tmp_path / family, mst_plan)
     assert identical, detail
 
 
-@pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
 @pytest.mark.skipif(not os.environ.get("MST_CLIENTS_PATH"), reason="MST_CLIENTS_PATH is not set (scripts/test sets it)")
-def test_a_seeded_zero_case_runs_through_deepspeed_and_compares(tmp_path):
+def test_a_seeded_zero_case_runs_through_deepspeed_and_compares(tmp_path, mst_plan):
     pytest.importorskip("torch")
     case = differential.random_zero_case(random.Random(1))
     # (seed 1: ZeRO-3 on the tiny Qwen3, two ranks, three micro-steps, MLP and fused LM-head chunks)
     assert (case.family, case.setup["zero_stage"], case.setup["dp"], case.setup["grad_accum"]) == ("qwen3", 3, 2, 3)
-    identical, detail = differential.run_zero_case(case, tmp_path / "zero", _binary())
+    identical, detail = differential.run_zero_case(case, tmp_path / "zero", mst_plan)
     assert identical, detail
 
 
-@pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
-def test_a_seeded_fsdp2_case_runs_through_fully_shard_and_compares(tmp_path):
+def test_a_seeded_fsdp2_case_runs_through_fully_shard_and_compares(tmp_path, mst_plan):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     case = differential.random_fsdp2_case(random.Random(48), "llama")
@@ -91,16 +78,15 @@ def test_a_seeded_fsdp2_case_runs_through_fully_shard_and_compares(tmp_path):
     assert (case.rank, case.knobs["dp"], case.knobs["grad_accum"], case.knobs["mlp_chunks"], case.knobs["precision"],
             case.config["tie_word_embeddings"], case.knobs.get("fsdp2_no_sync"), case.knobs.get("fsdp2_groups")) == (
                 1, 3, 4, 7, "bf16-master", True, True, None)
-    identical, detail = differential.run_case(case, tmp_path / "fsdp2", _binary())
+    identical, detail = differential.run_case(case, tmp_path / "fsdp2", mst_plan)
     assert identical, detail
 
 
-@pytest.mark.skipif(_binary() is None, reason="mst-plan is not built (set MST_PLAN or build/)")
 @pytest.mark.skipif(not os.environ.get("MST_CLIENTS_PATH"), reason="MST_CLIENTS_PATH is not set (scripts/test sets it)")
 @pytest.mark.parametrize("seed, tied, precision, rank, dp", [(8, True, None, 3, 5), (13, False, None, 3, 5),
                                                              (31, True, "bf16-master", 1, 4), (11, False, "bf16-master", 2, 3)])
 def test_seeded_cases_in_accelerates_fsdp2_groups_run_through_its_own_sharding_and_compare(tmp_path, seed, tied, precision,
-                                                                                             rank, dp):
+                                                                                             rank, dp, mst_plan):
     # (accelerate 1.15's fsdp2_prepare_model shards the model, as the Trainer with bf16=False (bf16 parameters) or
     # bf16=True (fp32 ones under its MixedPrecisionPolicy(bf16, bf16, output bf16)): seed 8 tied (one tail group of
     # the final norm and the embedding), two micro-steps synced in the last only, the tiled MLP in 7 chunks; 13
@@ -111,7 +97,7 @@ def test_seeded_cases_in_accelerates_fsdp2_groups_run_through_its_own_sharding_a
     case = differential.random_fsdp2_case(random.Random(seed), "llama")
     assert case.knobs.get("fsdp2_groups") == "accelerate" and case.config["tie_word_embeddings"] is tied
     assert (case.knobs.get("precision"), case.rank, case.knobs["dp"]) == (precision, rank, dp)
-    identical, detail = differential.run_case(case, tmp_path / f"fsdp2_accelerate_{seed}", _binary())
+    identical, detail = differential.run_case(case, tmp_path / f"fsdp2_accelerate_{seed}", mst_plan)
     assert identical, detail
 
 
