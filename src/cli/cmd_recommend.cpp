@@ -259,14 +259,21 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                 s.dp, checked_product({s.micro_batch, s.grad_accum, s.dp, s.seq_len}, "tokens per step"))});
     t.row({"optimizer", fmt::format("{} ({} states){}, {}", to_string(s.optimizer), to_string(s.effective_state_dtype()),
                                     s.optimizer_in_backward ? ", stepped in backward" : "", describe_precision(s))});
-    t.row({"memory", fmt::format("{} allocated, {} reserved of {} budget", format_bytes(r.best.memory.peak_allocated_bytes),
-                                 format_bytes(r.best.memory.peak_reserved_bytes), format_bytes(r.budget_bytes))});
+    // The memory is the GPU's own (it releases its cache only when full); the plan fits on a device of the
+    // budget's size, where it may release earlier: then the GPU's reserved bytes can pass the budget.
+    const MemoryPeaks& mem = r.best.memory;
+    const bool cached_past_budget = mem.peak_reserved_bytes > r.budget_bytes;
+    t.row({"memory", fmt::format(fmt::runtime(cached_past_budget ? "{} allocated, {} reserved on the GPU (budget {})"
+                                                                 : "{} allocated, {} reserved of {} budget"),
+                                 format_bytes(mem.peak_allocated_bytes), format_bytes(mem.peak_reserved_bytes),
+                                 format_bytes(r.budget_bytes))});
     if (r.trainer_extra_bytes > 0)
         t.row({"kept free", fmt::format("{} of the budget for what {} allocates beyond the prediction (its RoPE tables)",
                                         format_bytes(r.trainer_extra_bytes), rq.for_format)});
     // Within the budget only by PyTorch's retry after cudaMalloc fails (it synchronises and frees its cache).
     if (r.best.releases_at_budget > 0)
-        t.row({"allocator", fmt::format("fits the budget by releasing {} cached segments", r.best.releases_at_budget)});
+        t.row({"allocator", fmt::format("fits the budget by releasing {} cached segments{}", r.best.releases_at_budget,
+                                        cached_past_budget ? " (held until a cudaMalloc fails)" : "")});
     t.row({"throughput", fmt::format("{:.0f} tokens/s per GPU, MFU {:.1f} %, {:.2f} s per step", r.best.time.tokens_per_second,
                                      100 * r.best.time.mfu, r.best.time.step_seconds)});
     t.print();
