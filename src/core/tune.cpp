@@ -637,7 +637,14 @@ void check_request(const TuneRequest& rq, const char* command) {
     if (const auto formats = emit_formats();
         !rq.for_format.empty() && std::find(formats.begin(), formats.end(), rq.for_format) == formats.end())
         fail(command, "for", fmt::format("expected one of {}, got '{}'", fmt::join(formats, ", "), rq.for_format));
-    // FSDP2's groups are one trainer's: Axolotl's its own (bf16 weights only), the others python/mst_hf's users'
+    // FSDP2's groups are one trainer's: Axolotl's its own (bf16 weights only), the others python/mst_hf's users'.
+    // The deepspeed and torchtitan formats' trainers never run the hf runtime's FSDP2 (fsdp2_is_zero3).
+    if (rq.base.fsdp2_groups != Fsdp2Groups::MstHf && (rq.for_format == "deepspeed" || rq.for_format == "torchtitan"))
+        fail(command, "fsdp2_groups",
+             fmt::format("expected mst_hf, the default, with --for {} (its trainer shards with {}, not the hf runtime's "
+                         "FSDP2), got {}",
+                         rq.for_format, rq.for_format == "deepspeed" ? "DeepSpeed's ZeRO engine" : "torchtitan's own FSDP",
+                         to_string(rq.base.fsdp2_groups)));
     if (rq.base.fsdp2_groups == Fsdp2Groups::Axolotl && !(rq.for_format.empty() || rq.for_format == "axolotl"))
         fail(command, "fsdp2_groups",
              fmt::format("expected mst_hf or accelerate with --for {} (Axolotl shards with its own fsdp2_prepare_model: "
