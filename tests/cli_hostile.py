@@ -95,6 +95,13 @@ largest = max(range(len(MEASURED["timeline"]["events"])), key=lambda i: MEASURED
 big = measured_event(largest, 2, MEASURED["timeline"]["events"][largest][2] * 4)
 write_json("off/measured.json", big)
 shutil.copy(IN / "tiny.json", IN / "off" / "tiny-llama.json")
+# A folder whose good measurement stands beside a mislabelled one and one cut short: --check vouches for neither.
+write_json("mislabelled/good.json", MEASURED)
+write_json("mislabelled/odd.json", changed(MEASURED, ["format"], "mst-measure/1 "))
+write("cut/m.json", json.dumps(MEASURED)[:1000])
+write_json("cut/good.json", MEASURED)
+for folder in ("mislabelled", "cut"):
+    shutil.copy(IN / "tiny.json", IN / folder / "tiny-llama.json")
 
 # ---- the table -----------------------------------------------------------------------------------
 # (name, arguments, pattern the error line must match after "error: "). Paths under OUT are the
@@ -112,7 +119,7 @@ CASES = [
     ("deep plan", ["emit", "--plan", write("deep_plan.json", deep(100000)), "--format", "hf-mst"], r"deep_plan.json: json: "),
     ("deep measurement", ["compare", "--run", write("deep_measure.json", '{"format": "mst-measure/1", "setup": ' + deep(100000, "{}") + "}")], r"deep_measure.json: json: "),
     ("deep object nesting", ["show", write("deep_objects.json", '{"a":' * 70 + "1" + "}" * 70)], r"deep_objects.json: json: "),
-    ("deep report file", ["report", write("deep_report/m.json", deep(100000))], r"report: measurements: expected at least one mst-measure/1 file under the given paths; 1 \*.json file is not valid JSON or not readable: "),
+    ("deep report file", ["report", write("deep_report/m.json", deep(100000))], r"report: measurements: expected at least one mst-measure/1 file under the given paths; 1 \*.json file left out: .*m.json \(not valid JSON or not readable\)"),
     ("deep compare pair", ["compare", measured_file, write("deep_pair.json", deep(1000))], r"deep_pair.json: json: "),
     ("tokens per step overflow", R + ["--seq", "1", "--tokens-per-step", "4611686018427387904"], r"--tokens-per-step: '4611686018427387904': expected a decimal integer in \[1, "),
     ("tokens per step beyond the bounds", R + ["--seq", "1", "--tokens-per-step", "1099511627776"], r"recommend: tokens_per_step: expected \[1, [0-9]+\] tokens"),
@@ -142,7 +149,7 @@ CASES = [
     ("1e309 in a profile", E + ["--gpu", write("huge_gpu.json", '{"hbm_gbps": 1e309}')], r"huge_gpu.json: json: "),
     ("1e309 in a plan", ["emit", "--plan", write("huge_plan.json", '{"gpus": 1e309}'), "--format", "hf-mst"], r"huge_plan.json: json: "),
     ("1e309 in a measurement", ["compare", "--run", write("huge_measure.json", '{"workspace_bytes": -1e309}')], r"huge_measure.json: json: "),
-    ("1e309 in a report", ["report", write("huge_report/m.json", '{"format": "mst-measure/1", "x": 1e309}')], r"report: measurements: expected at least one .*1 \*.json file is not valid JSON"),
+    ("1e309 in a report", ["report", write("huge_report/m.json", '{"format": "mst-measure/1", "x": 1e309}')], r"report: measurements: expected at least one .*1 \*.json file left out: .*\(not valid JSON or not readable\)"),
     ("not UTF-8", ["show", write("latin1.json", b'{"model_type": "ll\xe9ma"}')], r"latin1.json: json: expected valid JSON, parse error at byte"),
     ("NUL bytes", ["show", write("nul.json", b'{"hidden_size": 64\x00}')], r"nul.json: json: expected valid JSON, parse error"),
     ("empty file", ["show", write("empty.json", "")], r"empty.json: json: expected valid JSON"),
@@ -337,6 +344,8 @@ CASES = [
     ("recommend with an empty attention", ["recommend", "--model", "tiny-llama", "--seq", "1024", "--attention", ""], r"command line: argument 7: expected a value, got an empty one after '--attention'"),
     ("estimate with an empty attention", ["estimate", "--model", "tiny-llama", "--seq", "1024", "--attention", ""], r"command line: argument 7: expected a value, got an empty one after '--attention'"),
     ("recommend that fits nothing", ["recommend", "--model", "llama-3.1-70b", "--gpu", "rtx-4090-24gb", "--seq", "4096", "--out", o("plan.json")], r"llama-3.1-70b: no setup fits: expected one for 4096 tokens on 1 x rtx-4090-24gb within "),
+    ("report check beside a mislabelled measurement", ["report", str(IN / "mislabelled"), "--check"], r"report: check: expected every measurement under the paths readable as mst-measure/1; 1 \*.json file left out: .*odd.json \(format 'mst-measure/1 ', not mst-measure/1\)"),
+    ("report check beside a measurement cut short", ["report", str(IN / "cut"), "--check"], r"report: check: expected every measurement under the paths readable as mst-measure/1; 1 \*.json file left out: .*m.json \(not valid JSON or not readable\)"),
     ("report whose check fails", ["report", str(IN / "off"), "--check", "--out", o("README.md")], r"report: check: expected every measurement within 1 % of the predicted peak"),
     ("compare svg into a missing folder", ["compare", "--run", measured_file, "--svg", o("no/overlay.svg")], r"overlay.svg: file: expected a writable path"),
     ("bench output with no device", ["bench", "kernels", "--model", "tiny-llama", "--seq", "256", "--chunks", "2", "--reps", "1", "--out", o("bench.json")], r"bench kernels: "),

@@ -1,6 +1,7 @@
 // compare_timelines: the views and the first divergence, on timelines altered by hand.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 
@@ -137,13 +138,19 @@ TEST_CASE("report: committed measurements re-simulate to their own rows, a measu
     std::ofstream(dir / "doubled" / "measured.json") << j.dump();
     std::ofstream(dir / "not_a_measurement.json") << R"({"format": "something else"})";
     std::ofstream(dir / "killed_while_writing.json") << R"({"format": "mst-measure/1", "timel)";
+    j["format"] = "mst-measure/1 ";  // a measurement under a format name report does not read
+    std::ofstream(dir / "mislabelled.json") << j.dump();
 
-    std::vector<std::string> unreadable;
+    std::vector<SkippedFile> skipped;
     const std::vector<ReportRow> rows =
-        build_report({dir.string(), (dir / "good" / "measured.json").string()}, find_gpu("h100-sxm-80gb"), &unreadable);
+        build_report({dir.string(), (dir / "good" / "measured.json").string()}, find_gpu("h100-sxm-80gb"), &skipped);
     REQUIRE(rows.size() == 2);  // path order: doubled, good (given twice, reported once)
-    REQUIRE(unreadable.size() == 1);
-    CHECK(unreadable[0].ends_with("killed_while_writing.json"));
+    REQUIRE(skipped.size() == 2);  // in the order met: not the other JSON
+    std::sort(skipped.begin(), skipped.end(), [](const SkippedFile& a, const SkippedFile& b) { return a.path < b.path; });
+    CHECK(skipped[0].path.ends_with("killed_while_writing.json"));
+    CHECK(skipped[0].reason == "not valid JSON or not readable");
+    CHECK(skipped[1].path.ends_with("mislabelled.json"));
+    CHECK(skipped[1].reason == "format 'mst-measure/1 ', not mst-measure/1");
     const ReportRow& doubled = rows[0];
     const ReportRow& good = rows[1];
     CHECK(good.identical == std::optional<bool>(true));

@@ -24,12 +24,19 @@ struct ReportRow {
     std::optional<bool> identical;       // timelines: equal event by event
 };
 
+// A *.json file a report leaves out although it may be a measurement: one that does not parse (a
+// run killed while writing), or one whose format names another measurement format ("mst-measure/1 ",
+// "mst-measure/2"), with why.
+struct SkippedFile {
+    std::string path, reason;
+};
+
 // Every *.json of format mst-measure/1 under `roots` (files or folders, recursively), once each, in
 // path order. Peaks-only runs are simulated on `trainer_gpu` (its cuBLAS workspace and allocator).
-// *.json files that do not parse (a run killed while writing) are left out and listed in
-// `unreadable` when given.
+// The files left out that may be measurements are listed in `skipped` when given (other JSON, such
+// as a plan, is not).
 std::vector<ReportRow> build_report(const std::vector<std::string>& roots, const GpuProfile& trainer_gpu,
-                                    std::vector<std::string>* unreadable = nullptr);
+                                    std::vector<SkippedFile>* skipped = nullptr);
 
 // The Markdown page: a title, how it was made (`command`), the table, and the legend.
 std::string report_markdown(const std::vector<ReportRow>& rows, const std::string& command);

@@ -24,15 +24,20 @@ struct ReportArgs {
 };
 
 void run_report(const GlobalOptions& g, const ReportArgs& a) {
-    std::vector<std::string> unreadable;
-    const std::vector<ReportRow> rows = build_report(a.roots, find_gpu(a.gpu), &unreadable);
+    std::vector<SkippedFile> skipped;
+    const std::vector<ReportRow> rows = build_report(a.roots, find_gpu(a.gpu), &skipped);
+    const auto first_skipped = [&] {
+        return fmt::format("{} *.json file{} left out: {} ({})", skipped.size(), skipped.size() > 1 ? "s" : "",
+                           skipped.front().path, skipped.front().reason);
+    };
     if (rows.empty())
         fail("report", "measurements",
              fmt::format("expected at least one mst-measure/1 file under the given paths{}",
-                         unreadable.empty() ? ""
-                                            : fmt::format("; {} *.json file{} not valid JSON or not readable: {}",
-                                                          unreadable.size(), unreadable.size() > 1 ? "s are" : " is",
-                                                          unreadable.front())));
+                         skipped.empty() ? "" : "; " + first_skipped()));
+    // The check vouches for every measurement under the paths: one it cannot read is not one that passed.
+    if (a.check && !skipped.empty())
+        fail("report", "check", fmt::format("expected every measurement under the paths readable as mst-measure/1; {}",
+                                            first_skipped()));
     std::string command = "mst-plan report";
     for (const std::string& r : a.roots) command += " " + r;
     if (a.gpu != ReportArgs{}.gpu) command += " --gpu " + a.gpu;
@@ -52,7 +57,7 @@ void run_report(const GlobalOptions& g, const ReportArgs& a) {
     }
     outputs.commit();
     // Warnings only for a report that stands: a failing command says one line.
-    for (const std::string& f : unreadable) warn(f + ": not valid JSON or not readable: left out of the report");
+    for (const SkippedFile& f : skipped) warn(f.path + ": " + f.reason + ": left out of the report");
     if (!a.out_file.empty()) {
         fmt::print("wrote {} ({} measurements)\n", a.out_file, rows.size());
     } else if (g.json) {

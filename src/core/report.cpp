@@ -39,17 +39,20 @@ std::string describe(const TrainingSetup& s, std::int64_t layers) {
     return text;
 }
 
-std::vector<std::string> measurement_files(const std::vector<std::string>& roots, std::vector<std::string>* unreadable) {
+std::vector<std::string> measurement_files(const std::vector<std::string>& roots, std::vector<SkippedFile>* skipped) {
     namespace fs = std::filesystem;
     std::vector<std::string> files;
     auto consider = [&](const fs::path& p) {
         if (p.extension() != ".json") return;
         try {
             const nlohmann::json j = detail::read_json_file(p);
-            if (j.is_object() && j.contains("format") && j.at("format") == kMeasureFormat)
-                files.push_back(p.lexically_normal().string());
+            if (!j.is_object() || !j.contains("format") || !j.at("format").is_string()) return;
+            const std::string format = j.at("format").get<std::string>();
+            if (format == kMeasureFormat) files.push_back(p.lexically_normal().string());
+            else if (format.starts_with("mst-measure") && skipped)
+                skipped->push_back({p.string(), fmt::format("format '{}', not {}", format, kMeasureFormat)});
         } catch (const UserError&) {
-            if (unreadable) unreadable->push_back(p.string());
+            if (skipped) skipped->push_back({p.string(), "not valid JSON or not readable"});
         }
     };
     for (const std::string& root : roots) {
@@ -82,9 +85,9 @@ std::string compare_cell(const CompareRow& r) {
 }  // namespace
 
 std::vector<ReportRow> build_report(const std::vector<std::string>& roots, const GpuProfile& trainer_gpu,
-                                    std::vector<std::string>* unreadable) {
+                                    std::vector<SkippedFile>* skipped) {
     std::vector<ReportRow> rows;
-    for (const std::string& path : measurement_files(roots, unreadable)) {
+    for (const std::string& path : measurement_files(roots, skipped)) {
         const StepFile f = load_step_file(path);
         const auto [model, setup] = measured_step(f);
         ReportRow row;
