@@ -1,7 +1,7 @@
 // emit: trainer configs written from a plan.
 //
 // Golden files: tests/golden/plan_llama3_8b.json is the input (written by hand; its
-// prediction is what `estimate` prints for that setup; torchtitan's is
+// prediction is what `estimate` and the time model give for that setup, as emit checks; torchtitan's is
 // plan_llama3_8b_torchtitan.json, recommend --for torchtitan's), tests/golden/<format>/<file>
 // the expected output, compared byte for byte. After an intended change to an
 // emitter, regenerate them and review the diff before committing:
@@ -24,6 +24,7 @@
 #include "mst/catalog.hpp"
 #include "mst/emit.hpp"
 #include "mst/plan.hpp"
+#include "mst/timemodel.hpp"
 #include "test_support.hpp"
 
 using namespace mst;
@@ -173,7 +174,8 @@ TEST_CASE("emit hf-mst: mst_config.json carries every knob of the plan") {
     CHECK(j["zero_stage"] == 2);
     CHECK(j["predicted"]["peak_allocated_bytes"] == std::int64_t{73216442368});
     CHECK(j["predicted"]["peak_reserved_bytes"] == std::int64_t{75942068224});
-    CHECK(j["predicted"]["tokens_per_second"] == doctest::Approx(3150.0));
+    // the time model's for the setup, whatever a plan would say (emit derives it: the relabelling test)
+    CHECK(j["predicted"]["tokens_per_second"] == predict_time(model, plan.setup, find_gpu("h100-sxm-80gb")).tokens_per_second);
 }
 
 TEST_CASE("emit deepspeed: ds_config.json has DeepSpeed's keys and the plan's numbers") {
@@ -698,12 +700,34 @@ TEST_CASE("emit: a plan relabelled to another model or edited is refused, naming
     j["setup"]["sequence_length"] = 4096;
     CHECK(error_for(j).find(": setup: sequence_length: unknown key; expected one of the keys this file takes (the "
                             "closest is seq_len)") != std::string::npos);
+    // The time model's numbers are checked as the simulator's are (an edited throughput went into the files).
     j = good;
-    j["prediction"].erase("peak_allocated_bytes");
-    j["prediction"].erase("peak_reserved_bytes");
-    j["prediction"].erase("host_bytes");
-    std::ofstream(dir / "plan.json", std::ios::binary) << j.dump();
-    CHECK_NOTHROW((void)load_plan_file((dir / "plan.json").string()));  // nothing recorded, nothing to check
+    j["prediction"]["tokens_per_second"] = 1e15;
+    CHECK(error_for(j).find(": prediction.tokens_per_second: expected 3912.928774315865 (the time model's for model "
+                            "llama-3-8b, GPU h100-sxm-80gb and this setup), got 1000000000000000") != std::string::npos);
+    j = good;
+    j["prediction"]["mfu"] = 0.5;
+    CHECK(error_for(j).find(": prediction.mfu: expected ") != std::string::npos);
+    j = good;
+    j["prediction"]["usable_bytes"] = 1;
+    CHECK(error_for(j).find(": prediction.usable_bytes: expected 83922780160 (the GPU profile's") != std::string::npos);
+    // Fields left out, or the whole prediction: nothing recorded to check, and the numbers emitters print
+    // are still the simulator's and the time model's, not zeros.
+    for (const bool whole : {false, true}) {
+        j = good;
+        if (whole) {
+            j.erase("prediction");
+        } else {
+            for (const char* key : {"peak_allocated_bytes", "peak_reserved_bytes", "host_bytes", "tokens_per_second"})
+                j["prediction"].erase(key);
+        }
+        std::ofstream(dir / "plan.json", std::ios::binary) << j.dump();
+        Plan p;
+        CHECK_NOTHROW(p = load_plan_file((dir / "plan.json").string()));
+        CHECK(p.prediction.peak_allocated_bytes == good["prediction"]["peak_allocated_bytes"].get<std::int64_t>());
+        CHECK(p.prediction.peak_reserved_bytes == good["prediction"]["peak_reserved_bytes"].get<std::int64_t>());
+        CHECK(p.prediction.tokens_per_second == good["prediction"]["tokens_per_second"].get<double>());
+    }
     fs::remove_all(dir);
 }
 

@@ -22,7 +22,6 @@ struct Prediction {
     double step_seconds = 0;           // one optimizer step (all micro-steps)
     double tokens_per_second = 0;      // per GPU
     double mfu = 0;                    // model FLOPs utilisation, 0..1
-    std::string peak_at;               // "loss (backward)", ...
 };
 
 struct Plan {

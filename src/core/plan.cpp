@@ -8,6 +8,7 @@
 #include "mst/error.hpp"
 #include "mst/limits.hpp"
 #include "mst/simulate.hpp"
+#include "mst/timemodel.hpp"
 
 namespace mst {
 
@@ -30,8 +31,7 @@ nlohmann::json to_json(const Plan& p) {
               {"host_bytes", r.host_bytes},
               {"step_seconds", r.step_seconds},
               {"tokens_per_second", r.tokens_per_second},
-              {"mfu", r.mfu},
-              {"peak_at", r.peak_at}}},
+              {"mfu", r.mfu}}},
             {"why", p.why}};
 }
 
@@ -59,7 +59,7 @@ Plan plan_from_json(const nlohmann::json& j, const ModelSpec& model, const std::
         x.step_seconds = q.opt_number("step_seconds", 0, 1e12).value_or(0);
         x.tokens_per_second = q.opt_number("tokens_per_second", 0, 1e15).value_or(0);
         x.mfu = q.opt_number("mfu", 0, 1).value_or(0);
-        x.peak_at = q.opt_string("peak_at").value_or("");
+        (void)q.opt_string("peak_at");  // (written by older versions, never filled in: read and dropped)
         q.reject_unknown();
     }
     p.why = r.opt_string("why").value_or("");
@@ -75,24 +75,43 @@ Plan load_plan_file(const std::string& path, ModelSpec* model_out) {
     const ModelSpec model = find_model(r.string("model"));
     const GpuProfile gpu = find_gpu(r.string("gpu"));
     Plan p = plan_from_json(j, model, path);
-    // The numbers emitters print must be the simulator's for this model, GPU and setup: a plan
-    // relabelled to another model or GPU, edited, or written by another version is refused.
+    // The numbers emitters print are the simulator's and the time model's for this model, GPU and
+    // setup, whatever the file holds; a prediction it records must be theirs: a plan relabelled to
+    // another model or GPU, edited, or written by another version is refused. (The headroom is the
+    // search's, under its margin and --for: not derived here, and printed by no emitter.)
+    // Memory as the GPU holds it: the allocator model releases its cache at the usable memory (estimate's).
+    const MemoryPeaks memory = simulate_peaks(model, p.setup, gpu, true, gpu.usable_bytes());
+    const StepTime time = predict_time(model, p.setup, gpu);
+    Prediction derived = p.prediction;
+    derived.peak_allocated_bytes = memory.peak_allocated_bytes;
+    derived.peak_reserved_bytes = memory.peak_reserved_bytes;
+    derived.host_bytes = memory.host_peak_bytes;
+    derived.usable_bytes = gpu.usable_bytes();
+    derived.step_seconds = time.step_seconds;
+    derived.tokens_per_second = time.tokens_per_second;
+    derived.mfu = time.mfu;
     if (r.has("prediction")) {
-        // as the GPU holds it: the allocator model releases its cache at the usable memory (estimate's)
-        const MemoryPeaks memory = simulate_peaks(model, p.setup, gpu, true, gpu.usable_bytes());
         const Prediction& x = p.prediction;
         const auto recorded_fields = r.object("prediction");
-        auto check = [&](const char* field, bytes_t recorded, bytes_t simulated) {
-            if (recorded_fields.has(field) && recorded != simulated)
+        // (a recorded number is what recommend wrote: JSON gives the same double back)
+        auto check = [&](const char* field, auto recorded, auto derived_value, const char* by) {
+            if (recorded_fields.has(field) && recorded != derived_value)
                 mst::fail(path, fmt::format("prediction.{}", field),
-                          fmt::format("expected {} (the simulator's for model {}, GPU {} and this setup), got {}: the plan "
-                                      "was edited or written by another version; run recommend again",
-                                      simulated, p.model, p.gpu, recorded));
+                          fmt::format("expected {} ({} for model {}, GPU {} and this setup), got {}: the plan was edited "
+                                      "or written by another version; run recommend again",
+                                      derived_value, by, p.model, p.gpu, recorded));
         };
-        check("peak_allocated_bytes", x.peak_allocated_bytes, memory.peak_allocated_bytes);
-        check("peak_reserved_bytes", x.peak_reserved_bytes, memory.peak_reserved_bytes);
-        check("host_bytes", x.host_bytes, memory.host_peak_bytes);
+        constexpr const char* kSimulator = "the simulator's";
+        constexpr const char* kTimeModel = "the time model's";
+        check("peak_allocated_bytes", x.peak_allocated_bytes, derived.peak_allocated_bytes, kSimulator);
+        check("peak_reserved_bytes", x.peak_reserved_bytes, derived.peak_reserved_bytes, kSimulator);
+        check("host_bytes", x.host_bytes, derived.host_bytes, kSimulator);
+        check("usable_bytes", x.usable_bytes, derived.usable_bytes, "the GPU profile's");
+        check("step_seconds", x.step_seconds, derived.step_seconds, kTimeModel);
+        check("tokens_per_second", x.tokens_per_second, derived.tokens_per_second, kTimeModel);
+        check("mfu", x.mfu, derived.mfu, kTimeModel);
     }
+    p.prediction = derived;
     if (model_out) *model_out = model;
     return p;
 }
