@@ -126,6 +126,8 @@ endforeach()
 # 10M tokens x 256k vocabulary: sizes stay exact in 64 bits (4 x 10^7 x 2.56 x 10^5 = 10^13 bytes of fp32 logits).
 expect_run(0 "DOES NOT FIT" estimate --model gemma-2-2b --gpu h100-sxm-80gb --seq 10000000)
 expect_run(0 "\"format\": \"hf-mst/1\"" emit --plan ${DATA}/../golden/plan_llama3_8b.json --format hf-mst)
+# (a plan of mst-plan's own kernels written for a Hugging Face trainer: said, as recommend says it)
+expect_run(0 "warning: [^\n]*plan_llama3_8b.json: setup.runtime: the numbers are mst-plan's own kernels' \\(runtime kernels\\), not those of the Hugging Face model deepspeed trains" emit --plan ${DATA}/../golden/plan_llama3_8b.json --format deepspeed)
 expect_run(2 "^error: [^\n]*nope.json: file: " emit --plan ${DATA}/nope.json --format hf-mst)
 expect_run(2 "^error: [^\n]*truncated.json: json: " emit --plan ${DATA}/broken/truncated.json --format deepspeed)
 expect_run(2 "^error: [^\n]*format: expected one of" emit --plan ${DATA}/../golden/plan_llama3_8b.json --format megatron)

@@ -22,6 +22,12 @@ void run_emit(const GlobalOptions& g, const EmitArgs& a) {
     const Plan plan = load_plan_file(a.plan_file, &model);
     for (const auto& w : model.warnings) warn(fmt::format("{}: {}", model.source, w));
     const std::vector<EmittedFile> files = emit(plan, model, a.format);
+    // The Hugging Face trainers run transformers' model, which the hf runtime predicts; a plan of mst-plan's
+    // own kernels (--runtime kernels) carries their smaller numbers into the files (recommend says it too).
+    if (plan.setup.runtime == Runtime::Kernels && a.format != "torchtitan")
+        warn(fmt::format("{}: setup.runtime: the numbers are mst-plan's own kernels' (runtime kernels), not those of the "
+                         "Hugging Face model {} trains, which allocates more: plan with --runtime hf (the default) for them",
+                         a.plan_file, a.format == "hf-mst" ? "python/mst_hf" : a.format));
 
     if (a.out_dir.empty()) {
         if (files.size() != 1) {
