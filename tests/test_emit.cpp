@@ -595,6 +595,25 @@ TEST_CASE("emit: what a trainer cannot train as planned is a one-line error nami
     CHECK(notes.find("Liger") == std::string::npos);
     // Invalid setups are caught before any emitter sees them.
     CHECK(refused("hf-mst", [](TrainingSetup& s) { s.sp = 3; }).rfind("setup: sp: ", 0) == 0);
+    // DeepSpeed's ZeRO-3 gathering options live in a ds_config.json: hf-mst and torchtitan write none
+    // (review finding: hf-mst dropped them, and the plan's numbers depend on them).
+    const auto deepspeed_zero3 = [](bytes_t persistence, bytes_t prefetch) {
+        return [=](TrainingSetup& s) {
+            s.runtime = Runtime::Hf, s.sp = 1, s.dp = 8, s.zero_stage = 3;
+            s.param_persistence_threshold = persistence, s.prefetch_bucket_size = prefetch;
+        };
+    };
+    for (const std::string format : {"hf-mst", "torchtitan"}) {
+        CHECK(refused(format, deepspeed_zero3(0, kDeepSpeedPrefetchBucket))
+                  .rfind(format + ": setup.param_persistence_threshold: expected DeepSpeed's default 100000 (" + format +
+                             " writes no ds_config.json to hold it",
+                         0) == 0);
+        CHECK(refused(format, deepspeed_zero3(kDeepSpeedPersistence, 4096))
+                  .rfind(format + ": setup.prefetch_bucket_size: expected DeepSpeed's default 50000000 (", 0) == 0);
+    }
+    Plan ds = golden;
+    deepspeed_zero3(0, 4096)(ds.setup);
+    CHECK_NOTHROW(emit(ds, model, "deepspeed"));  // (its file holds them)
 }
 
 TEST_CASE("emit: an unknown format is a one-line error listing the formats") {

@@ -59,6 +59,17 @@ void check_executor_only(const Format& f, const TrainingSetup& s, const ModelSpe
              fmt::format("expected DeepSpeed's default {} ({} writes no ds_config.json to hold DeepSpeed's bucket: emit "
                          "--format deepspeed or axolotl does), got {}",
                          kDeepSpeedReduceBucket, f.name, s.reduce_bucket_size));
+    // (ZeRO-3's gathering options too: the kernels runtime's ZeRO-3 has none, the hf runtime's is DeepSpeed's engine)
+    if (!f.deepspeed && s.param_persistence_threshold != kDeepSpeedPersistence)
+        fail(f.name, "setup.param_persistence_threshold",
+             fmt::format("expected DeepSpeed's default {} ({} writes no ds_config.json to hold it: emit --format deepspeed "
+                         "or axolotl does), got {}",
+                         kDeepSpeedPersistence, f.name, s.param_persistence_threshold));
+    if (!f.deepspeed && s.prefetch_bucket_size != kDeepSpeedPrefetchBucket)
+        fail(f.name, "setup.prefetch_bucket_size",
+             fmt::format("expected DeepSpeed's default {} ({} writes no ds_config.json to hold it: emit --format deepspeed "
+                         "or axolotl does), got {}",
+                         kDeepSpeedPrefetchBucket, f.name, s.prefetch_bucket_size));
     if (!f.deepspeed && s.overlap_comm)
         fail(f.name, "setup.overlap_comm",
              fmt::format("expected false, DeepSpeed's default ({} writes no ds_config.json to hold it: emit --format "
