@@ -147,6 +147,7 @@ CASES = [
     ("1e309 in a model", ["show", write("huge_model.json", json.dumps(TINY)[:-1] + ', "rope_theta": 1e309}')], r"huge_model.json: json: expected valid JSON with numbers a double can hold, got number overflow"),
     ("1e309 in a setup", E + ["--setup", write("huge_setup.json", '{"seq_len": 1e309}')], r"huge_setup.json: json: expected valid JSON with numbers"),
     ("1e309 in a profile", E + ["--gpu", write("huge_gpu.json", '{"hbm_gbps": 1e309}')], r"huge_gpu.json: json: "),
+    ("plan whose setup does not validate", ["emit", "--plan", write_json("offload_none.json", changed(changed(PLAN, ["setup", "checkpoint"], []), ["setup", "offload_checkpoints"], True)), "--format", "hf-mst"], r"offload_none.json: setup: offload_checkpoints: expected some checkpointed layers"),
     ("1e309 in a plan", ["emit", "--plan", write("huge_plan.json", '{"gpus": 1e309}'), "--format", "hf-mst"], r"huge_plan.json: json: "),
     ("1e309 in a measurement", ["compare", "--run", write("huge_measure.json", '{"workspace_bytes": -1e309}')], r"huge_measure.json: json: "),
     ("1e309 in a report", ["report", write("huge_report/m.json", '{"format": "mst-measure/1", "x": 1e309}')], r"report: measurements: expected at least one .*1 \*.json file left out: .*\(not valid JSON or not readable\)"),

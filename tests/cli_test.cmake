@@ -29,6 +29,10 @@ expect_run(2 "^error: setup: sp: " estimate --model llama-3-8b --seq 4096 --sp 3
 expect_run(2 "^error: setup: seq_len: expected a positive integer" estimate --model llama-3-8b --seq -5)
 expect_run(2 "^error: command line: precision: expected one of" estimate --model llama-3-8b --precision fp8)
 expect_run(2 "^error: [^\n]*nope.json: file: " estimate --model llama-3-8b --setup ${DATA}/nope.json)
+# A file's chunk sizes in tokens hold at the length, batch and sp given on the command line
+# (4 x 8192 tokens in chunks of 64: 512 chunks, of 100: 328; they were converted at the file's 256 tokens: 4 and 3).
+file(WRITE "${CMAKE_CURRENT_BINARY_DIR}/chunk_tokens_setup.json" "{\"lm_chunk_tokens\": 64, \"mlp_chunk_tokens\": 100, \"seq_len\": 256}")
+expect_run(0 "\"lm_chunks\": 512,[^\n]*\n[^}]*\"mlp_chunks\": 328," --json estimate --model tiny-llama --setup ${CMAKE_CURRENT_BINARY_DIR}/chunk_tokens_setup.json --seq 8192 --batch 4)
 expect_run(0 "recommended.*mini-sequences" recommend --model tiny-llama --gpu a100-80gb --seq 1024)
 expect_run(0 "\"format\": \"mst-plan/1\"" --json recommend --model tiny-llama --gpu a100-80gb --seq 1024)
 expect_run(2 "^error: llama-3.1-70b: no setup fits" recommend --model llama-3.1-70b --gpu rtx-4090-24gb --seq 4096)

@@ -16,6 +16,16 @@ public:
 // "<where>: <field>: <expected>", the one-line shape every input error takes.
 [[noreturn]] void fail(const std::string& where, const std::string& field, const std::string& expected);
 
+// `run()`, its input errors said in the name of the file that holds what it checks: "<path>: <error>".
+template <class Run>
+auto in_file(const std::string& path, Run&& run) {
+    try {
+        return run();
+    } catch (const UserError& e) {
+        throw UserError(path + ": " + e.what());
+    }
+}
+
 // The entry of `known` nearest to `word` (fewest single-character edits, the first on a tie):
 // what "did you mean" names for a misspelled key or subcommand. "" when `known` is empty.
 std::string closest(const std::string& word, const std::vector<std::string>& known);

@@ -293,11 +293,18 @@ std::int64_t chunks_for_tokens(const TrainingSetup& setup, std::int64_t chunk_to
 // limits::kLayerChunks chunks over all layers (the loop MLP keeps every chunk of every layer).
 std::int64_t max_mlp_chunks(const ModelSpec& model);
 
+// Chunk sizes a setup file gives in tokens (mlp_chunk_tokens, lm_chunk_tokens): the file's counts are
+// converted with its own length and batch; a caller that changes those converts them again.
+struct ChunkTokens {
+    std::optional<std::int64_t> mlp, lm;
+};
+
 // Setup files (--setup FILE.json); the schema is in README.md.
 // default_runtime: the runtime of a setup that names none (measure's executor: kernels).
 TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const std::string& where,
-                          Runtime default_runtime = Runtime::Hf);
-TrainingSetup load_setup_file(const std::string& path, const ModelSpec& model, Runtime default_runtime = Runtime::Hf);
+                          Runtime default_runtime = Runtime::Hf, ChunkTokens* chunk_tokens = nullptr);
+TrainingSetup load_setup_file(const std::string& path, const ModelSpec& model, Runtime default_runtime = Runtime::Hf,
+                              ChunkTokens* chunk_tokens = nullptr);
 nlohmann::json to_json(const TrainingSetup& s);
 
 std::string to_string(Precision p);

@@ -24,10 +24,14 @@ void run_emit(const GlobalOptions& g, const EmitArgs& a) {
     const std::vector<EmittedFile> files = emit(plan, model, a.format);
     // The Hugging Face trainers run transformers' model, which the hf runtime predicts; a plan of mst-plan's
     // own kernels (--runtime kernels) carries their smaller numbers into the files (recommend says it too).
-    if (plan.setup.runtime == Runtime::Kernels && a.format != "torchtitan")
-        warn(fmt::format("{}: setup.runtime: the numbers are mst-plan's own kernels' (runtime kernels), not those of the "
-                         "Hugging Face model {} trains, which allocates more: plan with --runtime hf (the default) for them",
-                         a.plan_file, a.format == "hf-mst" ? "python/mst_hf" : a.format));
+    // Said once the files stand: a failing command says one line.
+    const auto caution = [&] {
+        if (plan.setup.runtime == Runtime::Kernels && a.format != "torchtitan")
+            warn(fmt::format("{}: setup.runtime: the numbers are mst-plan's own kernels' (runtime kernels), not those of "
+                             "the Hugging Face model {} trains, which allocates more: plan with --runtime hf (the default) "
+                             "for them",
+                             a.plan_file, a.format == "hf-mst" ? "python/mst_hf" : a.format));
+    };
 
     if (a.out_dir.empty()) {
         if (files.size() != 1) {
@@ -38,7 +42,7 @@ void run_emit(const GlobalOptions& g, const EmitArgs& a) {
                              files.size(), fmt::join(names, ", ")));
         }
         fmt::print("{}", files.front().content);
-        return;
+        return caution();
     }
 
     OutputFiles outputs;
@@ -51,6 +55,7 @@ void run_emit(const GlobalOptions& g, const EmitArgs& a) {
         written.push_back(path);
     }
     outputs.commit();
+    caution();
     if (g.json) return print_json({{"files", written}});
     for (const auto& p : written) fmt::print("{}\n", p);
 }

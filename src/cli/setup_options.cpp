@@ -87,7 +87,8 @@ void SetupOptions::take_deepspeed(TrainingSetup& s) const {
 
 TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed, std::int64_t gpus) const {
     TrainingSetup s;
-    if (!setup_file.empty()) s = load_setup_file(setup_file, model, parse_runtime(default_runtime_, "command line"));
+    ChunkTokens file_tokens;
+    if (!setup_file.empty()) s = load_setup_file(setup_file, model, parse_runtime(default_runtime_, "command line"), &file_tokens);
     const std::string w = "command line";
     if (!setup_file.empty() ? given("--seq") : true) s.seq_len = seq;
     if (!setup_file.empty() ? given("--batch") : true) s.micro_batch = batch;
@@ -126,6 +127,9 @@ TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed, s
     // Chunk counts: a token size converts with the tokens each rank holds (validate() bounds them).
     if (given("--mlp-chunks") && given("--mlp-chunk-tokens")) fail(w, "mlp-chunk-tokens", "expected --mlp-chunks or --mlp-chunk-tokens, not both");
     if (given("--lm-chunks") && given("--lm-chunk-tokens")) fail(w, "lm-chunk-tokens", "expected --lm-chunks or --lm-chunk-tokens, not both");
+    // (a file's sizes in tokens, converted again with the length, batch and sp given here)
+    if (file_tokens.mlp) s.mlp_chunks = chunks_for_tokens(s, *file_tokens.mlp);
+    if (file_tokens.lm) s.lm_chunks = chunks_for_tokens(s, *file_tokens.lm);
     if (given("--mlp-chunks")) s.mlp_chunks = mlp_chunks;
     if (given("--lm-chunks")) s.lm_chunks = lm_chunks;
     auto chunks_of = [&](const char* knob, std::int64_t chunk_tokens) {

@@ -279,16 +279,6 @@ void check_same_step(const StepFile& predicted, const StepFile& measured) {
 
 namespace {
 
-// `run()`, a setup the measurement in `path` names refused in the file's name: "<path>: setup: <field>: ...".
-template <class Run>
-auto in_file(const std::string& path, Run&& run) {
-    try {
-        return run();
-    } catch (const UserError& e) {
-        throw UserError(path + ": " + e.what());
-    }
-}
-
 // The config a measurement ran, looked up where this checkout has it first: a file of that name
 // beside the measurement or in a folder above it (a config committed with results measured
 // elsewhere), then the catalog's models folder, then model_path as recorded (a file on the machine

@@ -43,7 +43,7 @@ Plan plan_from_json(const nlohmann::json& j, const ModelSpec& model, const std::
     p.gpu = r.string("gpu");
     p.gpus = r.integer("gpus", 1, limits::kGpus);
     p.setup = parse_setup(r.raw("setup"), model, where + ": setup");
-    validate(p.setup, model);
+    in_file(where, [&] { validate(p.setup, model); });
     if (p.gpus != p.setup.dp * p.setup.sp)
         r.fail("gpus", fmt::format("expected dp x sp = {} x {} = {}, got {}", p.setup.dp, p.setup.sp,
                                    p.setup.dp * p.setup.sp, p.gpus));

@@ -620,7 +620,8 @@ std::int64_t max_mlp_chunks(const ModelSpec& m) {
 
 // ---- JSON ---------------------------------------------------------------------
 
-TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const std::string& where, Runtime default_runtime) {
+TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const std::string& where, Runtime default_runtime,
+                          ChunkTokens* chunk_tokens) {
     detail::JsonReader r(j, where);
     TrainingSetup s;
     s.runtime = default_runtime;
@@ -654,14 +655,17 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     if (auto v = r.opt_string("fsdp2_groups")) s.fsdp2_groups = parse_fsdp2_groups(*v, where);
     s.hf_trainer_bf16 = r.opt_boolean("hf_trainer_bf16").value_or(false);
 
-    auto chunks = [&](const char* count_key, const char* tokens_key) -> std::int64_t {
+    auto chunks = [&](const char* count_key, const char* tokens_key, std::optional<std::int64_t>* tokens) -> std::int64_t {
         if (r.has(count_key) && r.has(tokens_key))
             r.fail(tokens_key, fmt::format("expected either {} or {}, not both", count_key, tokens_key));
-        if (auto t = r.opt_integer(tokens_key, 1, limits::kMicroStepTokens)) return chunks_for_tokens(s, *t);
+        if (auto t = r.opt_integer(tokens_key, 1, limits::kMicroStepTokens)) {
+            if (tokens) *tokens = *t;
+            return chunks_for_tokens(s, *t);
+        }
         return r.opt_integer(count_key, 1, limits::kChunks).value_or(1);
     };
-    s.mlp_chunks = chunks("mlp_chunks", "mlp_chunk_tokens");
-    s.lm_chunks = chunks("lm_chunks", "lm_chunk_tokens");
+    s.mlp_chunks = chunks("mlp_chunks", "mlp_chunk_tokens", chunk_tokens ? &chunk_tokens->mlp : nullptr);
+    s.lm_chunks = chunks("lm_chunks", "lm_chunk_tokens", chunk_tokens ? &chunk_tokens->lm : nullptr);
     if (auto v = r.opt_string("mlp_impl")) s.mlp_impl = parse_mlp_impl(*v, where);
     if (auto v = r.opt_string("lm_impl")) s.lm_impl = parse_lm_impl(*v, where);
 
@@ -687,8 +691,8 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     return s;
 }
 
-TrainingSetup load_setup_file(const std::string& path, const ModelSpec& model, Runtime default_runtime) {
-    return parse_setup(detail::read_json_file(path), model, path, default_runtime);
+TrainingSetup load_setup_file(const std::string& path, const ModelSpec& model, Runtime default_runtime, ChunkTokens* chunk_tokens) {
+    return parse_setup(detail::read_json_file(path), model, path, default_runtime, chunk_tokens);
 }
 
 nlohmann::json to_json(const TrainingSetup& s) {
