@@ -1,6 +1,10 @@
 // Peaks-only measurements (a trainer's run: scripts/torch_crosscheck.py) against the simulator.
 #include <doctest/doctest.h>
 
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
 #include "mst/catalog.hpp"
 #include "mst/compare.hpp"
 #include "mst/simulate.hpp"
@@ -34,8 +38,26 @@ TEST_CASE("a peaks-only measurement compares its allocated and reserved peaks wi
                                                 static_cast<double>(p.peak_allocated_bytes)));
 }
 
-TEST_CASE("a run that ran out of memory has no peaks to compare: one error naming the summary") {
+TEST_CASE("a run that ran out of memory has no peaks to compare: one error naming its error") {
     const std::string path = test::data("torch_measure_oom.json");
     const auto msg = test::expect_user_error([&] { (void)load_step_file(path); });
-    CHECK(msg.rfind(path + ": summary: ", 0) == 0);
+    CHECK(msg == path + ": error: expected none: this run failed (oom) and recorded no step");
+    // Its error left out, the missing peaks are named.
+    nlohmann::json j = nlohmann::json::parse(std::ifstream(path));
+    j.erase("error");
+    const auto no_error = test::expect_user_error([&] { (void)parse_step_file(j, path); });
+    CHECK(no_error.rfind(path + ": summary: expected the run's peaks", 0) == 0);
+}
+
+TEST_CASE("a measurement's setup with runtime null is its backend's default runtime, as one without the key") {
+    // (null reads as absent everywhere; the cpu executor runs mst-plan's kernels)
+    const std::string path = std::string(MST_SOURCE_DATA_DIR) + "/results/cpu/tiny-default/measured.json";
+    nlohmann::json j = nlohmann::json::parse(std::ifstream(path));
+    REQUIRE(j.at("backend") == "cpu");
+    for (const bool null : {false, true}) {
+        if (null) j["setup"]["runtime"] = nullptr;
+        else j["setup"].erase("runtime");
+        const StepFile f = parse_step_file(j, path);
+        CHECK(measured_step(f).second.runtime == Runtime::Kernels);
+    }
 }

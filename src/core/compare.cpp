@@ -219,6 +219,9 @@ StepFile parse_step_file(const nlohmann::json& j, const std::string& path) {
     // the run's name, its hf-mst config, notes, the plan's prediction, an error and its detail) and
     // the referee's (a full timeline).
     r.known({"seed", "run", "hf_mst", "hf_config_source", "notes", "prediction", "error", "error_detail"});
+    // (a run that failed recorded no step to compare: its error is what it holds)
+    if (auto error = r.opt_string("error"))
+        r.fail("error", fmt::format("expected none: this run failed ({}) and recorded no step", printable(*error)));
     const std::string backend = r.one_of("backend", {"cpu", "cuda", "torch", "referee"});
     f.backend = backend;
     if (!r.has("timeline")) {
@@ -239,7 +242,7 @@ StepFile parse_step_file(const nlohmann::json& j, const std::string& path) {
     if (!setup.is_object()) r.fail("setup", fmt::format("expected the setup object measure wrote, got {}", detail::shown(setup)));
     // Measurements written before the runtime knob existed: the executors (cpu, cuda) run
     // mst-plan's kernels, a trainer's run (torch) and the referee run Hugging Face's code.
-    if (!setup.contains("runtime"))
+    if (!setup.contains("runtime") || setup.at("runtime").is_null())  // (null reads as absent, as every key's)
         setup["runtime"] = to_string(backend == "cpu" || backend == "cuda" ? Runtime::Kernels : Runtime::Hf);
     f.setup_json = setup.dump();
     f.model_path = r.string("model_path");

@@ -195,7 +195,7 @@ Timeline timeline_from_json(const nlohmann::json& j, const std::string& where) {
         if (kind != "alloc" && kind != "free") bad("kind", fmt::format("expected alloc or free, got {}", detail::shown(a[0])));
         e.alloc = kind == "alloc";
         e.tensor = integer(1, "tensor", 0, INT64_MAX);
-        e.bytes = integer(2, "bytes", 0, INT64_MAX);
+        e.bytes = integer(2, "bytes", 0, limits::kBytes);  // (as every byte count a file records)
         e.category = parse_category(text(3, "category"), where + ": " + field);
         const std::string device = text(4, "device");
         if (device != "gpu" && device != "host") bad("device", fmt::format("expected gpu or host, got {}", detail::shown(a[4])));
