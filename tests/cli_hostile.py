@@ -295,6 +295,7 @@ CASES = [
     ("profile key misspelled", E + ["--gpu", write_json("gpu_key.json", changed(PROFILE, ["hbm_gbs"], 1))], r"gpu_key.json: hbm_gbs: unknown key; .*closest is hbm_gbps"),
     ("profile calibration key", E + ["--gpu", write_json("cal_key.json", changed(PROFILE, ["calibration", "gemm_eff"], 0.5))], r"cal_key.json: calibration.gemm_eff: unknown key"),
     ("profile efficiency nan-like", E + ["--gpu", write_json("cal_big.json", changed(PROFILE, ["calibration", "gemm_efficiency"], 2.0))], r"cal_big.json: calibration.gemm_efficiency: expected a number in \[0.001, 1\], got 2.0"),
+    ("profile without a host link", E + ["--gpu", write_json("gpu_nolink.json", changed(PROFILE, ["host_link_gbps"], 0))], r"gpu_nolink.json: host_link_gbps: expected a number in \[0.001, 1000000\], got 0"),
     ("profile without usable memory", E + ["--gpu", write_json("gpu_small.json", changed(PROFILE, ["reserved_overhead_bytes"], PROFILE["memory_total_bytes"]))], r"gpu_small.json: reserved_overhead_bytes: expected cuda_context_bytes \+ reserved_overhead_bytes below"),
     ("plan key misspelled", ["emit", "--plan", write_json("plan_key.json", changed(PLAN, ["gpus_"], 8)), "--format", "hf-mst"], r"plan_key.json: gpus_: unknown key; .*closest is gpus\)"),
     ("plan prediction key", ["emit", "--plan", write_json("pred_key.json", changed(PLAN, ["prediction", "peak_bytes"], 1)), "--format", "hf-mst"], r"pred_key.json: prediction.peak_bytes: unknown key"),

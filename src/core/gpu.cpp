@@ -24,7 +24,7 @@ GpuProfile parse_gpu(const nlohmann::json& profile, const std::string& where, co
         r.fail("reserved_overhead_bytes", "expected cuda_context_bytes + reserved_overhead_bytes below memory_total_bytes");
     g.bf16_dense_tflops = r.number("bf16_dense_tflops", 1e-3, 1e6);
     g.hbm_gbps = r.number("hbm_gbps", 1e-3, 1e6);
-    g.host_link_gbps = r.number("host_link_gbps", 0.0, 1e6);
+    g.host_link_gbps = r.number("host_link_gbps", 1e-3, 1e6);  // (every GPU has one; nvlink 0 means none: over the host link)
     g.nvlink_gbps = r.number("nvlink_gbps", 0.0, 1e6);
 
     auto c = r.object("calibration");

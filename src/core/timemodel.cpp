@@ -323,7 +323,7 @@ StepTime predict(const ModelSpec& m, const TrainingSetup& s, const GpuProfile& g
 
     // ---- offload: each checkpoint goes to the host after its layer and comes back before its
     // recompute; a transfer hides behind one layer's compute.
-    if (s.offload_checkpoints && gpu.host_link_gbps > 0) {
+    if (s.offload_checkpoints) {
         const double transfer = T * d * rb / (gpu.host_link_gbps * 1e9 * cal.memory_bound_efficiency);
         const double layer_fwd = fwd / L, layer_bwd = (bwd + out.recompute_seconds) / L;
         out.offload_exposed_seconds = ckpt * (std::max(0.0, transfer - layer_fwd) + std::max(0.0, transfer - layer_bwd));
