@@ -19,6 +19,16 @@ namespace mst::cli {
 
 namespace {
 
+// FSDP2's layout options asked for away from their defaults, as the note where no plan shards with FSDP2
+// says them: "<options> do(es) not apply" ("" when none). (--fsdp2-no-sync is the loop's: its own note says more.)
+std::string fsdp2_layout_unused(const TrainingSetup& asked) {
+    const bool groups = asked.fsdp2_groups != Fsdp2Groups::MstHf, reshard = !asked.fsdp2_reshard_after_forward;
+    if (groups && reshard) return "--fsdp2-groups and --fsdp2-reshard-after-forward false do not apply";
+    if (groups) return "--fsdp2-groups does not apply";
+    if (reshard) return "--fsdp2-reshard-after-forward false does not apply";
+    return "";
+}
+
 // Options every tuner command shares: the cluster, the fixed training choices, pins.
 struct TunerArgs {
     std::string model, gpu = "h100-sxm-80gb", out;
@@ -305,8 +315,8 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     "accumulation.",
                                     s.fsdp2_shards() ? "no accumulation" : "not FSDP2"),
                         100));
-    if (rq.base.fsdp2_groups != Fsdp2Groups::MstHf && !s.fsdp2_shards())
-        fmt::print("\nnote: {}", wrap("--fsdp2-groups does not apply to the recommended setup (not FSDP2).", 100));
+    if (const std::string unused = fsdp2_layout_unused(rq.base); !unused.empty() && !s.fsdp2_shards())
+        fmt::print("\nnote: {}", wrap(unused + " to the recommended setup (not FSDP2).", 100));
     if (rq.base.hf_trainer_bf16 && !s.hf_trainer_bf16)
         fmt::print("\nnote: {}",
                    wrap(fmt::format("--hf-trainer-bf16 does not apply to the recommended setup ({}): accelerate prepares it "
@@ -389,11 +399,12 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         }))
         fmt::print("caution: no row trains with DeepSpeed's engine (ZeRO 1 to 3): {} does not apply to them\n",
                    deepspeed_options(rq.base));
-    // --fsdp2-groups given, and no row shards with FSDP2 (one GPU; a model or knobs FSDP2 is not modelled for)
-    if (rq.base.fsdp2_groups != Fsdp2Groups::MstHf && std::none_of(r.rows.begin(), r.rows.end(), [](const MaxSeqRow& row) {
+    // FSDP2's layout options given, and no row shards with FSDP2 (one GPU; a model or knobs FSDP2 is not modelled for)
+    if (const std::string unused = fsdp2_layout_unused(rq.base);
+        !unused.empty() && std::none_of(r.rows.begin(), r.rows.end(), [](const MaxSeqRow& row) {
             return row.refused.empty() && row.setup.fsdp2_shards();
         }))
-        fmt::print("note: no row shards with FSDP2: --fsdp2-groups does not apply to them\n");
+        fmt::print("note: no row shards with FSDP2: {} to them\n", unused);
     // --for: the trainer's own allocations beyond the prediction, kept free at each length
     for (const auto& row : r.rows)
         if (row.trainer_extra_bytes > 0)
@@ -401,13 +412,13 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                        row.strategy, format_bytes(row.trainer_extra_bytes), row.max_seq, rq.for_format);
     const std::string margin = fmt::format("{:.0f} %", 100 * rq.safety_margin);
     if (r.persistent_bytes >= r.budget_bytes)
-        fmt::print("\nbudget {} ({} safety margin); weights, gradients and optimizer states alone take {}, {} more: no "
-                   "sequence fits (more GPUs with ZeRO, or a GPU with more memory).\n",
+        fmt::print("\nbudget {} ({} safety margin); weights, gradients, optimizer states and cuBLAS's workspace alone "
+                   "take {}, {} more: no sequence fits (more GPUs with ZeRO, or a GPU with more memory).\n",
                    format_bytes(r.budget_bytes), margin, format_bytes(r.persistent_bytes),
                    format_bytes(r.persistent_bytes - r.budget_bytes));
     else
-        fmt::print("\nbudget {} ({} safety margin); weights, gradients and optimizer states take {}, leaving {}.\n"
-                   "One checkpoint per layer fills what is left at {} tokens: beyond that only offload or sequence "
+        fmt::print("\nbudget {} ({} safety margin); weights, gradients, optimizer states and cuBLAS's workspace take "
+                   "{}, leaving {}.\nOne checkpoint per layer fills what is left at {} tokens: beyond that only offload or sequence "
                    "parallelism help{}.\n",
                    format_bytes(r.budget_bytes), margin, format_bytes(r.persistent_bytes),
                    format_bytes(r.budget_bytes - r.persistent_bytes), r.checkpoint_floor_seq,

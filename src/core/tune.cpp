@@ -69,6 +69,8 @@ void parse_pin(const std::string& text, const ModelSpec& model, Pins& pins) {
     else if (key == "offload") pins.offload = parse_yes_no("--pin", key, value);
     else if (key == "overlap_comm") pins.overlap_comm = parse_yes_no("--pin", key, value);
     else if (key == "checkpoint") {
+        // (an empty value, an unset shell variable, is an error as every empty argument is: not "none")
+        if (value.empty()) fail("--pin", key, "expected a count, a placement (all, none, 0-15, every:2), got ''");
         // A plain number is a count (the tuner places them); anything else is a placement.
         const bool count = !value.empty() && std::all_of(value.begin(), value.end(), [](char ch) {
             return std::isdigit(static_cast<unsigned char>(ch)) != 0;
