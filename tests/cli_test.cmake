@@ -78,6 +78,9 @@ expect_run(2 "^error: recommend: fsdp2_groups: expected mst_hf where FSDP2 is no
 expect_run(0 "checkpointing \\+ MsT +[0-9]+" max-seq --model llama-3-8b --gpus 8 --fsdp2-groups accelerate --precision bf16-master)
 expect_run(0 "note: no row shards with FSDP2: --fsdp2-groups does not apply to them" max-seq --model llama-3.2-1b --gpus 1 --fsdp2-groups axolotl --precision pure-bf16)
 expect_run(0 "dp 8 \\(ZeRO 3 as FSDP2 in accelerate's groups, synced in the last micro-step\\)" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 16384 --tokens-per-step 524288 --pin micro_batch=1 --fsdp2-no-sync --fsdp2-groups accelerate --precision bf16-master)
+# --allow optimizer-in-backward: max-seq's rows step in backward where recommend's search would (one GPU:
+# every row; gradients stepped away leave room for 66560 tokens where 52224 fit otherwise)
+expect_run(0 "\\(pure-bf16, adamw stepped in backward\\): longest sequence per strategy[^\n]*\n.*\ncheckpointing \\+ MsT +66560 " max-seq --model llama-3-8b --allow optimizer-in-backward=yes)
 expect_run(0 "note: --fsdp2-reshard-after-forward false does not apply to the recommended setup \\(not FSDP2\\)" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --seq 8192 --fsdp2-reshard-after-forward false)
 expect_run(0 "note: no row shards with FSDP2: --fsdp2-groups and --fsdp2-reshard-after-forward false do not apply to them" max-seq --model llama-3.2-1b --gpus 1 --fsdp2-groups accelerate --fsdp2-reshard-after-forward false)
 expect_run(0 "note: --fsdp2-groups does not apply to the recommended setup \\(not FSDP2\\)" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --seq 8192 --fsdp2-groups accelerate)

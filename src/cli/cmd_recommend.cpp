@@ -373,8 +373,14 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                            {"checkpoint_floor_seq", r.checkpoint_floor_seq},
                            {"rows", rows}});
     }
-    fmt::print("{} on {} x {} ({}, {}): longest sequence per strategy (micro-batch {})\n\n", rq.model.display_name, rq.gpus,
-               rq.gpu.display_name, to_string(rq.base.precision), to_string(rq.base.optimizer), rq.base.micro_batch);
+    // (--allow optimizer-in-backward: the rows that step in backward)
+    std::size_t in_backward = 0, strategies = 0;
+    for (const auto& row : r.rows)
+        if (row.strategy != "your setup") ++strategies, in_backward += row.setup.optimizer_in_backward ? 1 : 0;
+    fmt::print("{} on {} x {} ({}, {}{}): longest sequence per strategy (micro-batch {})\n\n", rq.model.display_name, rq.gpus,
+               rq.gpu.display_name, to_string(rq.base.precision), to_string(rq.base.optimizer),
+               in_backward == 0 ? "" : in_backward == strategies ? " stepped in backward" : " stepped in backward where it runs",
+               rq.base.micro_batch);
     const std::int64_t base = r.rows.empty() ? 0 : r.rows.front().max_seq;
     Table t({"strategy", "max seq", "vs none", "reserved at max", "host"});
     for (const auto& row : r.rows)

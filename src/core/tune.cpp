@@ -1170,7 +1170,16 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         widest.moe_imbalance = std::min(rq.base.moe_imbalance, static_cast<double>(ep));
         strategies.push_back({.name = fmt::format("+ expert parallel (ep {})", ep), .setup = widest, .mst = true});
     }
-    for (Strategy& st : strategies) take_engine(st.setup, rq);
+    for (Strategy& st : strategies) {
+        take_engine(st.setup, rq);
+        // --allow optimizer-in-backward: a row steps in backward where recommend's search would try it (and
+        // --for's trainer runs it)
+        if (searches_step_in_backward(rq, st.setup.grad_accum, st.setup.zero_stage)) {
+            TrainingSetup t = st.setup;
+            t.optimizer_in_backward = true;
+            if (rq.for_format.empty() || refusal_of(rq.for_format, t, m).empty()) st.setup = t;
+        }
+    }
     if (user) strategies.push_back({.name = "your setup", .setup = *user});
 
     // Each strategy's search is its own (a simulator of its own): they run side by side, each row
@@ -1252,7 +1261,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     out.rows = std::move(rows);
 
     // The floor: persistent state, and the length at which one checkpoint per layer fills the rest.
-    out.persistent_bytes = persistent_state_bytes(m, ckpt, rq.gpu);
+    out.persistent_bytes = persistent_state_bytes(m, strategies[1].setup, rq.gpu);  // (full checkpointing, as the rows run it)
     const bytes_t left = out.budget_bytes - out.persistent_bytes;
     const std::int64_t bytes_per_token = checked_product(
         {L, m.hidden_size, base.precision == Precision::AmpFp32 ? 4 : 2, base.micro_batch}, "checkpoint bytes per token");
