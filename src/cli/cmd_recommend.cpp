@@ -346,6 +346,11 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     std::optional<TrainingSetup> user;
     if (user_knobs) user = knobs.build(rq.model, true, rq.gpus);  // the user's own setup, as given (--dp: all the GPUs)
     if (user && !gpus_given) rq.gpus = checked_mul(user->dp, user->sp, "dp x sp");  // (--gpus: what --dp and --sp span)
+    // (your setup is a row of the same table: on the GPUs the others plan)
+    if (user && gpus_given && checked_mul(user->dp, user->sp, "dp x sp") != rq.gpus)
+        fail("command line", "dp", fmt::format("expected --dp x --sp = --gpus {} (your setup's row is on the GPUs the others "
+                                               "plan), got {} x {}",
+                                               rq.gpus, user->dp, user->sp));
     // precision, optimizer, attention, micro-batch ...; DeepSpeed's bucket goes to the strategies its engine runs
     rq.base = user ? *user : knobs.build(rq.model, false);
     if (!user) knobs.take_deepspeed(rq.base), knobs.take_fsdp2(rq.base);
