@@ -67,7 +67,7 @@ void run_bench_kernels(const GlobalOptions& g, const BenchKernelsArgs& a) {
     rq.peak_tflops = gpu.bf16_dense_tflops;
     const KernelBenchResult r = run_kernel_bench(rq);
     const nlohmann::json j = to_json(r, gpu);
-    OutputFiles outputs;
+    OutputFiles outputs(g.json);  // (--json: the document on stdout is this command's own)
     for (const std::string& in : {a.model, a.gpu}) outputs.input(in);
     if (!a.out.empty()) outputs.add(a.out, json_text(j, 2) + "\n");
     outputs.commit();

@@ -70,7 +70,7 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
         for (const Event& e : t->events) layers = std::max<std::int64_t>(layers, e.layer + 1);
     const Comparison c = compare_timelines(predicted.timeline, measured.timeline, layers);
 
-    OutputFiles outputs;
+    OutputFiles outputs(g.json);  // (--json: the document on stdout is this command's own)
     for (const std::string& in : a.files) outputs.input(in);
     outputs.input(a.run_file);
     if (!a.svg_file.empty())

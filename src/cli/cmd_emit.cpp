@@ -45,7 +45,7 @@ void run_emit(const GlobalOptions& g, const EmitArgs& a) {
         return caution();
     }
 
-    OutputFiles outputs;
+    OutputFiles outputs(g.json);  // (--json: the document on stdout is this command's own)
     outputs.input(a.plan_file);
     outputs.make_directory(a.out_dir);
     std::vector<std::string> written;

@@ -56,7 +56,7 @@ void run_estimate(const GlobalOptions& g, const EstimateArgs& a) {
     const TrainingSetup setup = a.setup.build(model);
     const Estimate e = estimate(model, setup, gpu, std::nullopt, a.rank);
 
-    OutputFiles outputs;
+    OutputFiles outputs(g.json);  // (--json: the document on stdout is this command's own)
     for (const std::string& in : {a.model, a.gpu, a.setup.file()}) outputs.input(in);
     if (!a.timeline_file.empty()) outputs.add(a.timeline_file, json_text(to_json(e.timeline)) + "\n");
     if (!a.svg_file.empty())

@@ -42,7 +42,7 @@ void run_measure(const GlobalOptions& g, const MeasureArgs& a) {
     const nlohmann::json j = measurement_json(step, a.backend, model, setup, a.seed, a.workspace_bytes);
 
     std::string written;
-    OutputFiles outputs;
+    OutputFiles outputs(g.json);  // (--json: the document on stdout is this command's own)
     for (const std::string& in : {a.model, a.setup.file()}) outputs.input(in);
     if (!a.out_dir.empty()) {
         outputs.make_directory(a.out_dir);

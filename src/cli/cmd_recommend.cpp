@@ -237,7 +237,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                        "to 3): --runtime kernels plans ZeRO-3 with chunked blocks, and sequence parallelism"));
     }
     const Plan plan = to_plan(r, rq, a.model, a.gpu);
-    OutputFiles outputs;
+    OutputFiles outputs(g.json);  // (--json: the document on stdout is this command's own)
     for (const std::string& in : {a.model, a.gpu}) outputs.input(in);
     if (!a.out.empty()) outputs.add(a.out, json_text(to_json(plan), 2) + "\n");
     outputs.commit();

@@ -138,6 +138,8 @@ void OutputFiles::add(const std::string& path, const std::string& text) {
     // written through the stream, in order with what the command prints; a device or a FIFO: written
     // into at commit(), never replaced.
     if (const int fd = standard_stream(path); fd >= 0) {
+        if (fd == 1 && stdout_document_)
+            fail(path, "file", "expected a path other than standard output (--json prints its document there)");
         pending_.push_back({{}, target, text, fd});
         return;
     }

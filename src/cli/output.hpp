@@ -43,7 +43,9 @@ void warn(const std::string& message);  // "warning: ..." on stderr, on one line
 // an error.
 class OutputFiles {
 public:
-    OutputFiles() = default;
+    // stdout_document: the command prints a document of its own on stdout (--json), which no output
+    // may share.
+    explicit OutputFiles(bool stdout_document = false) : stdout_document_(stdout_document) {}
     OutputFiles(const OutputFiles&) = delete;
     OutputFiles& operator=(const OutputFiles&) = delete;
     ~OutputFiles();
@@ -64,6 +66,7 @@ private:
     std::vector<Pending> pending_;
     std::vector<std::filesystem::path> inputs_;  // where links lead
     std::vector<std::filesystem::path> created_;  // folders made here, parents first
+    bool stdout_document_ = false;
 };
 
 // The end of the process's outputs: every file commit() left ready renamed into place (`keep`: the
