@@ -1051,6 +1051,8 @@ Recommendation recommend(const TuneRequest& rq) {
     PeakSimulator& sim = search.simulator();  // its tables have grown to these steps' size already
     on_the_gpu(out.best, sim, rq.gpu, out.budget_bytes - trainer_extra);
     for (Candidate& c : out.pareto) on_the_gpu(c, sim, rq.gpu, out.budget_bytes - trainer_extra);
+    // (a front of what is shown: two setups apart on the budget's device may hold the same on the GPU)
+    out.pareto = pareto_front(std::move(out.pareto));
     out.why = explain(rq, out.best, out.budget_bytes, sim);
     return out;
 }
