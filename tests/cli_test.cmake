@@ -81,6 +81,10 @@ expect_run(0 "dp 8 \\(ZeRO 3 as FSDP2 in accelerate's groups, synced in the last
 # --allow optimizer-in-backward: max-seq's rows step in backward where recommend's search would (one GPU:
 # every row; gradients stepped away leave room for 66560 tokens where 52224 fit otherwise)
 expect_run(0 "\\(pure-bf16, adamw stepped in backward\\): longest sequence per strategy[^\n]*\n.*\ncheckpointing \\+ MsT +66560 " max-seq --model llama-3-8b --allow optimizer-in-backward=yes)
+# --tokens-per-step with a pinned micro-batch that is no power of two: its accumulation reaches the tokens
+# (it was planned at accumulation 1, 12288 tokens); a target that no whole number of sequences meets is said
+expect_run(0 "batch +micro-batch 3 x 2 accumulation x dp 1 = 24576 tokens per step" recommend --model llama-3.2-1b --seq 4096 --tokens-per-step 24576 --pin micro_batch=3)
+expect_run(0 "note: --tokens-per-step 12288: the plan trains 16384 tokens per step, in whole sequences of 8192 tokens" recommend --model llama-3.2-1b --tokens-per-step 12288)
 expect_run(0 "note: --fsdp2-reshard-after-forward false does not apply to the recommended setup \\(not FSDP2\\)" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --seq 8192 --fsdp2-reshard-after-forward false)
 expect_run(0 "note: no row shards with FSDP2: --fsdp2-groups and --fsdp2-reshard-after-forward false do not apply to them" max-seq --model llama-3.2-1b --gpus 1 --fsdp2-groups accelerate --fsdp2-reshard-after-forward false)
 expect_run(0 "note: --fsdp2-groups does not apply to the recommended setup \\(not FSDP2\\)" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --seq 8192 --fsdp2-groups accelerate)

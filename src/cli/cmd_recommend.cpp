@@ -315,6 +315,15 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     "accumulation.",
                                     s.fsdp2_shards() ? "no accumulation" : "not FSDP2"),
                         100));
+    // --tokens-per-step: whole sequences on every data-parallel rank, at least the tokens asked for
+    if (const std::int64_t planned = checked_product({s.micro_batch, s.grad_accum, s.dp, s.seq_len}, "tokens per step");
+        rq.tokens_per_step && planned != *rq.tokens_per_step)
+        fmt::print("\nnote: {}",
+                   wrap(fmt::format("--tokens-per-step {}: the plan trains {} tokens per step, in whole sequences of {} tokens "
+                                    "(micro-batch {} x accumulation {} x dp {}{}).",
+                                    *rq.tokens_per_step, planned, s.seq_len, s.micro_batch, s.grad_accum, s.dp,
+                                    rq.pins.micro_batch ? ", the micro-batch pinned" : ""),
+                        100));
     if (const std::string unused = fsdp2_layout_unused(rq.base); !unused.empty() && !s.fsdp2_shards())
         fmt::print("\nnote: {}", wrap(unused + " to the recommended setup (not FSDP2).", 100));
     if (rq.base.hf_trainer_bf16 && !s.hf_trainer_bf16)

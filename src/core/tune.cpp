@@ -953,11 +953,10 @@ Recommendation recommend(const TuneRequest& rq) {
         std::vector<std::pair<std::int64_t, std::int64_t>> batches;  // (micro_batch, grad_accum)
         if (rq.tokens_per_step) {
             const std::int64_t per_rank_seqs = std::max<std::int64_t>(1, ceil_div(*rq.tokens_per_step, checked_mul(rq.seq_len, dp)));
-            for (std::int64_t b = 1; b <= per_rank_seqs && b <= limits::kMicroBatch; b *= 2) {
-                if (rq.pins.micro_batch && b != *rq.pins.micro_batch) continue;
+            // (a pinned micro-batch of any size takes the accumulation that reaches the tokens; unpinned, powers of two)
+            if (rq.pins.micro_batch) batches.push_back({*rq.pins.micro_batch, ceil_div(per_rank_seqs, *rq.pins.micro_batch)});
+            for (std::int64_t b = 1; !rq.pins.micro_batch && b <= per_rank_seqs && b <= limits::kMicroBatch; b *= 2)
                 batches.push_back({b, ceil_div(per_rank_seqs, b)});
-            }
-            if (batches.empty() && rq.pins.micro_batch) batches.push_back({*rq.pins.micro_batch, 1});
         } else {
             batches.push_back({rq.pins.micro_batch.value_or(rq.base.micro_batch), rq.base.grad_accum});
         }
