@@ -85,6 +85,10 @@ expect_run(0 "\\(pure-bf16, adamw stepped in backward\\): longest sequence per s
 # (it was planned at accumulation 1, 12288 tokens); a target that no whole number of sequences meets is said
 expect_run(0 "batch +micro-batch 3 x 2 accumulation x dp 1 = 24576 tokens per step" recommend --model llama-3.2-1b --seq 4096 --tokens-per-step 24576 --pin micro_batch=3)
 expect_run(0 "note: --tokens-per-step 12288: the plan trains 16384 tokens per step, in whole sequences of 8192 tokens" recommend --model llama-3.2-1b --tokens-per-step 12288)
+# max-seq's own setup row: more LM-head chunks than its first length has tokens (it said "does not fit"), and chunk
+# sizes in tokens kept at the length found (they were counts at the default --seq)
+expect_run(0 "your setup +52224 " max-seq --model llama-3-8b --checkpoint all --lm-chunks 2048)
+expect_run(0 "\"max_seq\": 51200,[^}]*\"setup\": {[^}]*\"lm_chunks\": 50,[^}]*\"mlp_chunks\": 25,[^}]*}[^}]*\"strategy\": \"your setup\"" --json max-seq --model llama-3-8b --checkpoint all --lm-chunk-tokens 1024 --mlp-chunk-tokens 2048)
 expect_run(0 "note: --fsdp2-reshard-after-forward false does not apply to the recommended setup \\(not FSDP2\\)" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --seq 8192 --fsdp2-reshard-after-forward false)
 expect_run(0 "note: no row shards with FSDP2: --fsdp2-groups and --fsdp2-reshard-after-forward false do not apply to them" max-seq --model llama-3.2-1b --gpus 1 --fsdp2-groups accelerate --fsdp2-reshard-after-forward false)
 expect_run(0 "note: --fsdp2-groups does not apply to the recommended setup \\(not FSDP2\\)" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --seq 8192 --fsdp2-groups accelerate)

@@ -691,3 +691,36 @@ TEST_CASE("the no-fit diagnosis is a setup the search met: host budget, accumula
     CHECK(rb.leanest->setup.optimizer_in_backward);
     CHECK(rb.leanest->peak_reserved_bytes < ra.leanest->peak_reserved_bytes);  // (its gradients die as they step)
 }
+
+TEST_CASE("longest_fitting: a setup whose chunks need more tokens than the shortest length starts where they fit; chunk sizes in tokens hold at every length") {
+    using namespace mst;
+    const ModelSpec m = find_model("llama-3-8b");
+    const GpuProfile gpu = find_gpu("h100-sxm-80gb");
+    const bytes_t budget = static_cast<bytes_t>(static_cast<double>(gpu.usable_bytes()) * 0.97);
+    constexpr std::int64_t granule = 1024;
+    Strategy st;
+    st.name = "your setup";
+    st.setup.runtime = Runtime::Kernels;
+    st.setup.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
+    st.setup.lm_chunks = 2048;  // invalid at 1024 tokens (a chunk per token at most): the search starts at 2048
+    MaxSeqRow row;
+    const std::int64_t longest = longest_fitting(m, gpu, st, budget, kNoCapacity, granule, &row, 1);
+    REQUIRE(longest >= 2048);  // (it returned 0 when the first length was invalid)
+    CHECK(longest % granule == 0);
+    CHECK(row.max_seq == longest);
+    // The answer by its definition: it fits, a granule more does not.
+    TrainingSetup at = st.setup;
+    at.seq_len = longest;
+    CHECK(simulate_peaks(m, at, gpu, true, budget).peak_reserved_bytes <= budget);
+    at.seq_len = longest + granule;
+    CHECK(simulate_peaks(m, at, gpu, true, budget).peak_reserved_bytes > budget);
+    // Chunk sizes given in tokens: the counts follow the length found.
+    Strategy sized = st;
+    sized.setup.lm_chunks = 1;
+    sized.chunk_tokens.lm = 1024, sized.chunk_tokens.mlp = 2048;
+    MaxSeqRow sized_row;
+    const std::int64_t sized_longest = longest_fitting(m, gpu, sized, budget, kNoCapacity, granule, &sized_row, 1);
+    REQUIRE(sized_longest > 0);
+    CHECK(sized_row.setup.lm_chunks == ceil_div(sized_longest, 1024));
+    CHECK(sized_row.setup.mlp_chunks == ceil_div(sized_longest, 2048));
+}

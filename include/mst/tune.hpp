@@ -116,6 +116,7 @@ struct Strategy {
     bool mst = false;     // MsT chunks of hidden_size tokens (the ALST / HF heuristic)
     bool mst_mlp = true;  // MsT chunks the MLP too (false: the LM head only, for a trainer without MLP chunks)
     std::string trainer{};  // --for: the format whose extra allocations (trainer_extra_bytes) stay free
+    ChunkTokens chunk_tokens{};  // chunk sizes in tokens, kept at every length (the user's, when given so)
 };
 
 struct MaxSeqRow {
@@ -135,11 +136,13 @@ struct MaxSeqResult {
 };
 
 // The strategies side by side: no checkpointing, full checkpointing, + MsT, + offload,
-// + sequence parallelism (when gpus > 1). `user` adds a row under the user's own knobs.
-MaxSeqResult max_seq(const TuneRequest& request, const std::optional<TrainingSetup>& user);
+// + sequence parallelism (when gpus > 1). `user` adds a row under the user's own knobs (its chunk sizes
+// in tokens, where given so, kept at every length).
+MaxSeqResult max_seq(const TuneRequest& request, const std::optional<TrainingSetup>& user, const ChunkTokens& user_chunk_tokens = {});
 
-// Longest multiple of `granule` tokens that fits `budget` under `strategy` (0 when none). `workers`:
-// the threads its simulator may walk ranks on (0: PeakSimulator's default).
+// Longest multiple of `granule` tokens that fits `budget` under `strategy`, from the shortest at which
+// its knobs are valid (a setup's chunks need as many tokens) up to limits::kSeqLen, --seq's bound (0
+// when none fits). `workers`: the threads its simulator may walk ranks on (0: PeakSimulator's default).
 std::int64_t longest_fitting(const ModelSpec& model, const GpuProfile& gpu, const Strategy& strategy,
                              bytes_t budget, bytes_t host_budget, std::int64_t granule, MaxSeqRow* row = nullptr,
                              int workers = 0);

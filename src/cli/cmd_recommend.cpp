@@ -353,7 +353,8 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
 void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions& knobs, bool user_knobs, bool gpus_given) {
     TuneRequest rq = a.request();
     std::optional<TrainingSetup> user;
-    if (user_knobs) user = knobs.build(rq.model, true, rq.gpus);  // the user's own setup, as given (--dp: all the GPUs)
+    ChunkTokens user_chunk_tokens;  // (chunk sizes given in tokens: kept at every length)
+    if (user_knobs) user = knobs.build(rq.model, true, rq.gpus, &user_chunk_tokens);  // the user's own setup, as given (--dp: all the GPUs)
     if (user && !gpus_given) rq.gpus = checked_mul(user->dp, user->sp, "dp x sp");  // (--gpus: what --dp and --sp span)
     // (your setup is a row of the same table: on the GPUs the others plan)
     if (user && gpus_given && checked_mul(user->dp, user->sp, "dp x sp") != rq.gpus)
@@ -366,7 +367,7 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     // Your setup under DeepSpeed's engine (hf runtime, ZeRO 1-3): the strategies too, as --for deepspeed plans them
     // (the hf runtime's other multi-GPU step, DDP, keeps no fp32 master weights nor shards anything)
     if (user && user->deepspeed_engine() && rq.for_format.empty()) rq.for_format = "deepspeed";
-    const MaxSeqResult r = max_seq(rq, user);
+    const MaxSeqResult r = max_seq(rq, user, user_chunk_tokens);
     if (g.json) {
         nlohmann::json rows = nlohmann::json::array();
         for (const auto& row : r.rows) {
@@ -419,6 +420,14 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         }))
         fmt::print("caution: no row trains with DeepSpeed's engine (ZeRO 1 to 3): {} does not apply to them\n",
                    deepspeed_options(rq.base));
+    // A row whose next length would pass --seq's bound: its maximum is the bound's, not the budget's
+    for (const auto& row : r.rows)
+        if (row.max_seq > 0 && row.max_seq + 1024 * row.setup.sp > limits::kSeqLen) {
+            fmt::print("note: rows at {} tokens reach the longest sequence mst-plan plans (--seq's bound), not the "
+                       "budget\n",
+                       row.max_seq);
+            break;
+        }
     // FSDP2's layout options given, and no row shards with FSDP2 (one GPU; a model or knobs FSDP2 is not modelled for)
     if (const std::string unused = fsdp2_layout_unused(rq.base);
         !unused.empty() && std::none_of(r.rows.begin(), r.rows.end(), [](const MaxSeqRow& row) {

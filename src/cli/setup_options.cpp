@@ -85,7 +85,7 @@ void SetupOptions::take_deepspeed(TrainingSetup& s) const {
     if (given("--prefetch-bucket-size")) s.prefetch_bucket_size = prefetch_bucket_;
 }
 
-TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed, std::int64_t gpus) const {
+TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed, std::int64_t gpus, ChunkTokens* chunk_tokens) const {
     TrainingSetup s;
     ChunkTokens file_tokens;
     if (!setup_file.empty()) s = load_setup_file(setup_file, model, parse_runtime(default_runtime_, "command line"), &file_tokens);
@@ -132,12 +132,19 @@ TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed, s
     if (file_tokens.lm) s.lm_chunks = chunks_for_tokens(s, *file_tokens.lm);
     if (given("--mlp-chunks")) s.mlp_chunks = mlp_chunks;
     if (given("--lm-chunks")) s.lm_chunks = lm_chunks;
-    auto chunks_of = [&](const char* knob, std::int64_t chunk_tokens) {
-        if (chunk_tokens < 1) fail(w, knob, fmt::format("expected a positive token count, got {}", chunk_tokens));
-        return chunks_for_tokens(s, chunk_tokens);
+    auto chunks_of = [&](const char* knob, std::int64_t tokens) {
+        if (tokens < 1) fail(w, knob, fmt::format("expected a positive token count, got {}", tokens));
+        return chunks_for_tokens(s, tokens);
     };
     if (given("--mlp-chunk-tokens")) s.mlp_chunks = chunks_of("mlp-chunk-tokens", mlp_chunk_tokens);
     if (given("--lm-chunk-tokens")) s.lm_chunks = chunks_of("lm-chunk-tokens", lm_chunk_tokens);
+    if (chunk_tokens) {
+        *chunk_tokens = {};
+        if (given("--mlp-chunk-tokens")) chunk_tokens->mlp = mlp_chunk_tokens;
+        else if (!given("--mlp-chunks")) chunk_tokens->mlp = file_tokens.mlp;
+        if (given("--lm-chunk-tokens")) chunk_tokens->lm = lm_chunk_tokens;
+        else if (!given("--lm-chunks")) chunk_tokens->lm = file_tokens.lm;
+    }
     validate(s, model);
     return s;
 }

@@ -24,7 +24,10 @@ public:
     // take_fsdp2() give them to the strategies those engines run).
     // gpus: those the command plans (max-seq's --gpus); without --dp or a setup file the data-parallel
     // degree fills them (gpus / sp).
-    TrainingSetup build(const ModelSpec& model, bool with_deepspeed = true, std::int64_t gpus = 1) const;
+    // chunk_tokens: the chunk sizes given in tokens (on the command line, or in the file unless a count
+    // was given here), for a caller that plans other lengths (max-seq).
+    TrainingSetup build(const ModelSpec& model, bool with_deepspeed = true, std::int64_t gpus = 1,
+                        ChunkTokens* chunk_tokens = nullptr) const;
     // DeepSpeed's engine options given here (unvalidated), over `s`'s
     void take_deepspeed(TrainingSetup& s) const;
     // FSDP2's loop and layout options given here (unvalidated), over `s`'s

@@ -1080,7 +1080,7 @@ Plan to_plan(const Recommendation& r, const TuneRequest& rq, const std::string& 
 std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const Strategy& st, bytes_t budget,
                              bytes_t host_budget, std::int64_t granule, MaxSeqRow* row, int workers) {
     PeakSimulator sim(m, gpu, workers);
-    auto at = [&](std::int64_t S, MaxSeqRow* r) {
+    auto setup_at = [&](std::int64_t S) {
         TrainingSetup t = st.setup;
         t.seq_len = S;
         if (st.mst) {
@@ -1090,6 +1090,12 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
             t.mlp_chunks = st.mst_mlp ? std::min(chunks, max_mlp_chunks(m)) : 1;
             t.lm_chunks = chunks;
         }
+        if (st.chunk_tokens.mlp) t.mlp_chunks = chunks_for_tokens(t, *st.chunk_tokens.mlp);
+        if (st.chunk_tokens.lm) t.lm_chunks = chunks_for_tokens(t, *st.chunk_tokens.lm);
+        return t;
+    };
+    auto at = [&](std::int64_t S, MaxSeqRow* r) {
+        const TrainingSetup t = setup_at(S);
         if (!valid(t, m)) return false;
         const bytes_t extra = st.trainer.empty() ? 0 : trainer_extra_bytes(st.trainer, t, m);
         MemoryPeaks p;
@@ -1097,11 +1103,15 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
         if (ok && r) r->memory = p, r->setup = t, r->max_seq = S, r->trainer_extra_bytes = extra;
         return ok;
     };
-    if (!at(granule, row)) return 0;
-    constexpr std::int64_t kLimit = std::int64_t{1} << 26;  // 64M tokens
-    std::int64_t lo = granule, hi = granule;
-    while (hi < kLimit && at(hi * 2, row)) hi *= 2;
-    lo = hi, hi = std::min(hi * 2, kLimit + granule);  // lo fits, hi does not (or the limit)
+    constexpr std::int64_t kLimit = limits::kSeqLen;
+    // The shortest length the knobs are valid at: a setup's chunk counts need as many tokens per rank
+    // (more tokens never make them invalid).
+    std::int64_t lo = granule;
+    while (lo <= kLimit / 2 && !valid(setup_at(lo), m)) lo *= 2;
+    if (!at(lo, row)) return 0;
+    std::int64_t hi = lo;
+    while (hi <= kLimit / 2 && at(hi * 2, row)) hi *= 2;
+    lo = hi, hi = std::min(hi * 2, kLimit + granule);  // lo fits, hi does not (or past the limit)
     while (hi - lo > granule) {
         const std::int64_t mid = (lo + hi) / 2 / granule * granule;
         if (mid <= lo) break;
@@ -1111,7 +1121,7 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
     return lo;
 }
 
-MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& user) {
+MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& user, const ChunkTokens& user_chunk_tokens) {
     const ModelSpec& m = rq.model;
     const std::int64_t L = m.num_layers;
     MaxSeqResult out;
@@ -1181,7 +1191,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
             if (rq.for_format.empty() || refusal_of(rq.for_format, t, m).empty()) st.setup = t;
         }
     }
-    if (user) strategies.push_back({.name = "your setup", .setup = *user});
+    if (user) strategies.push_back({.name = "your setup", .setup = *user, .chunk_tokens = user_chunk_tokens});
 
     // Each strategy's search is its own (a simulator of its own): they run side by side, each row
     // what it is alone.
