@@ -218,7 +218,15 @@ StepFile parse_step_file(const nlohmann::json& j, const std::string& path) {
     // Every key a measurement may hold: measure's (cpu, cuda), a trainer's (scripts/torch_crosscheck.py:
     // the run's name, its hf-mst config, notes, the plan's prediction, an error and its detail) and
     // the referee's (a full timeline).
-    r.known({"seed", "run", "hf_mst", "hf_config_source", "notes", "prediction", "error", "error_detail"});
+    // (not read here, but of their writers' types: a field of another kind is a file something else wrote)
+    (void)r.opt_integer("seed", 0, INT64_MAX);
+    (void)r.opt_string("run"), (void)r.opt_string("hf_config_source");
+    for (const char* key : {"hf_mst", "prediction", "error_detail"})
+        if (r.has(key)) (void)r.object(key);
+    if (r.has("notes") && !(r.raw("notes").is_array() &&
+                            std::all_of(r.raw("notes").begin(), r.raw("notes").end(), [](const auto& n) { return n.is_string(); })))
+        r.fail("notes", fmt::format("expected a list of strings, got {}", detail::shown(r.raw("notes"))));
+    r.known({"hf_mst", "prediction", "error_detail"});
     // (a run that failed recorded no step to compare: its error is what it holds)
     if (auto error = r.opt_string("error"))
         r.fail("error", fmt::format("expected none: this run failed ({}) and recorded no step", printable(*error)));
