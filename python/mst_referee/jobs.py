@@ -433,7 +433,8 @@ def check_device(job: "Job", device: str) -> None:
 def hf_mst_config(model: str, setup: Mapping[str, Any], num_layers: int,
                   prediction: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The hf-mst/1 config of a setup: what ``mst-plan emit --format hf-mst`` writes
-    (src/core/emit/hf_mst.cpp), field for field, for runs without the binary."""
+    (src/core/emit/hf_mst.cpp), field for field, for runs without the binary. ``predicted`` is the plan's
+    prediction as given (zeros without one, where the binary derives the simulator's: it has one)."""
     s = normalize_setup({k: v for k, v in setup.items() if k in SETUP_KEYS}, num_layers)
     p = prediction or {}
     return {

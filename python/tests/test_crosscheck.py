@@ -354,14 +354,16 @@ def test_an_hf_mst_config_runs_as_it_is(tmp_path):
 
 def simulated_prediction(plan, tmp_path, mst_plan):
     """The plan with the prediction mst-plan makes for its setup: emit refuses a plan whose recorded
-    memory numbers are not the simulator's (an edited or relabelled plan)."""
+    numbers are not the simulator's and the time model's (an edited or relabelled plan)."""
     knobs = tmp_path / "prediction_setup.json"
     knobs.write_text(json.dumps(plan["setup"]))
     out = subprocess.run([str(mst_plan), "--json", "estimate", "--model", plan["model"], "--gpu", plan["gpu"],
                           "--setup", str(knobs)], capture_output=True, text=True, check=True)
     estimate = json.loads(out.stdout)
     prediction = dict(plan["prediction"], peak_allocated_bytes=estimate["peak"]["allocated_bytes"],
-                      peak_reserved_bytes=estimate["peak"]["reserved_bytes"])
+                      peak_reserved_bytes=estimate["peak"]["reserved_bytes"],
+                      step_seconds=estimate["time"]["step_seconds"],
+                      tokens_per_second=estimate["time"]["tokens_per_second"])
     return dict(plan, prediction=prediction)
 
 
@@ -374,6 +376,15 @@ def test_plans_convert_through_the_binary_as_through_python(tmp_path, mst_plan):
                                       derived_dir=tmp_path)
             in_python = jobs.make_job(None, plan=plan, layers=layers, convert="python", derived_dir=tmp_path)
             assert with_binary.hf_config_source == "mst-plan emit"
+            if layers is None:
+                assert with_binary.mst_config == in_python.mst_config
+                continue
+            # A cut model's run carries no plan prediction (it was the full model's): the binary derives the
+            # cut model's own, which the mirror, without a simulator, cannot (zeros); the rest is the same.
+            binary_predicted = with_binary.mst_config.pop("predicted")
+            assert in_python.mst_config.pop("predicted") == {"peak_allocated_bytes": 0, "peak_reserved_bytes": 0,
+                                                             "tokens_per_second": 0}
+            assert binary_predicted["peak_allocated_bytes"] > 0 and binary_predicted["tokens_per_second"] > 0
             assert with_binary.mst_config == in_python.mst_config
 
 
@@ -536,12 +547,19 @@ def test_the_matrix_setups_are_what_mst_plan_reads(tmp_path, mst_plan):
         knobs.write_text(json.dumps(job.setup))
         out = subprocess.run([str(mst_plan), "--json", "estimate", "--model", model, "--gpu", "h100-sxm-80gb",
                               "--setup", str(knobs)], capture_output=True, text=True, check=True)
-        assert json.loads(out.stdout)["setup"] == job.setup, job.name
+        estimate = json.loads(out.stdout)
+        assert estimate["setup"] == job.setup, job.name
         plan = {"format": "mst-plan/1", "model": model, "gpu": "h100-sxm-80gb", "gpus": 1, "setup": job.setup}
         if job.prediction:
             plan["prediction"] = job.prediction
         emitted = jobs.emit_hf_mst_with_binary(mst_plan, plan)
-        assert emitted == dict(job.mst_config, model=model), job.name
+        expected = dict(job.mst_config, model=model)
+        if not job.prediction:  # (the binary derives what the mirror, without a simulator, leaves at zero)
+            assert expected.pop("predicted") == {"peak_allocated_bytes": 0, "peak_reserved_bytes": 0, "tokens_per_second": 0}
+            assert emitted.pop("predicted") == {"peak_allocated_bytes": estimate["peak"]["allocated_bytes"],
+                                                "peak_reserved_bytes": estimate["peak"]["reserved_bytes"],
+                                                "tokens_per_second": estimate["time"]["tokens_per_second"]}, job.name
+        assert emitted == expected, job.name
 
 
 def test_the_committed_plans_are_plans_mst_plan_reads(mst_plan):

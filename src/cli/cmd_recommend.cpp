@@ -354,7 +354,8 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     TuneRequest rq = a.request();
     std::optional<TrainingSetup> user;
     ChunkTokens user_chunk_tokens;  // (chunk sizes given in tokens: kept at every length)
-    if (user_knobs) user = knobs.build(rq.model, true, rq.gpus, &user_chunk_tokens);  // the user's own setup, as given (--dp: all the GPUs)
+    // the user's own setup, as given (--dp: all the GPUs)
+    if (user_knobs) user = knobs.build(rq.model, true, rq.gpus, &user_chunk_tokens);
     if (user && !gpus_given) rq.gpus = checked_mul(user->dp, user->sp, "dp x sp");  // (--gpus: what --dp and --sp span)
     // (your setup is a row of the same table: on the GPUs the others plan)
     if (user && gpus_given && checked_mul(user->dp, user->sp, "dp x sp") != rq.gpus)
@@ -447,8 +448,8 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                    format_bytes(r.persistent_bytes - r.budget_bytes));
     else
         fmt::print("\nbudget {} ({} safety margin); weights, gradients, optimizer states and cuBLAS's workspace take "
-                   "{}, leaving {}.\nOne checkpoint per layer fills what is left at {} tokens: beyond that only offload or sequence "
-                   "parallelism help{}.\n",
+                   "{}, leaving {}.\nOne checkpoint per layer fills what is left at {} tokens: beyond that only offload "
+                   "or sequence parallelism help{}.\n",
                    format_bytes(r.budget_bytes), margin, format_bytes(r.persistent_bytes),
                    format_bytes(r.budget_bytes - r.persistent_bytes), r.checkpoint_floor_seq,
                    rq.base.runtime == Runtime::Hf ? " (sequence parallelism: --runtime kernels)" : "");

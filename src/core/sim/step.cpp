@@ -9,6 +9,7 @@
 #include "builder.hpp"
 #include "mst/error.hpp"
 #include "mst/simulate.hpp"
+#include "mst/timemodel.hpp"
 
 namespace mst::sim {
 
@@ -371,6 +372,9 @@ nlohmann::json to_json(const Estimate& e, const ModelSpec& model, const Training
                           {"headroom_bytes", e.headroom_bytes},
                           {"fits", e.fits},
                           {"events", e.timeline.events.size()}};
+    // The time model's step (what recommend's plans record for the setup: emit checks a plan's against it)
+    const StepTime t = predict_time(model, setup, gpu);
+    out["time"] = {{"step_seconds", t.step_seconds}, {"tokens_per_second", t.tokens_per_second}, {"mfu", t.mfu}};
     if (e.timeline.rank >= 0) {  // the rank whose step the timeline is, and how many were walked
         const char* kind = setup.ring() ? "ring" : "dp";
         out[fmt::format("{}_rank", kind)] = e.timeline.rank;
