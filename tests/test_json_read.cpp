@@ -117,3 +117,14 @@ TEST_CASE("unknown keys are refused with the closest known one, keys named known
     (void)cal.opt_number("gemm_efficiency", 0, 1);
     CHECK(test::expect_user_error([&] { cal.reject_unknown(); }).rfind("g.json: calibration.gemm_eff: unknown key", 0) == 0);
 }
+
+TEST_CASE("a key given twice in one object is refused, naming it; the same key in two objects is not") {
+    CHECK(parse_error("{\"seq_len\": 8192, \"seq_len\": 16}") ==
+          "t.json: json: expected each key once in an object, got \"seq_len\" twice");
+    CHECK(parse_error("{\"a\": {\"b\": 1, \"c\": [{\"d\": 1, \"d\": 2}]}}") ==
+          "t.json: json: expected each key once in an object, got \"d\" twice");
+    const nlohmann::json ok = detail::parse_json_text("{\"a\": {\"b\": 1}, \"c\": {\"b\": 2}, \"d\": [{\"b\": 3}, {\"b\": 4}]}", "t.json");
+    CHECK(ok["d"][1]["b"] == 4);
+    // (the name is printed as a message prints user text: on its line)
+    CHECK(parse_error("{\"a\\nb\": 1, \"a\\nb\": 2}") == "t.json: json: expected each key once in an object, got \"a\\nb\" twice");
+}

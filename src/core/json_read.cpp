@@ -1,6 +1,7 @@
 #include "json_read.hpp"
 
 #include <algorithm>
+#include <unordered_set>
 #include <cmath>
 #include <fstream>
 #include <sstream>
@@ -43,8 +44,27 @@ nlohmann::json parse_json_text(const std::string& text, const std::string& where
     if (auto at = too_deep(text))
         mst::fail(where, "json", fmt::format("expected arrays and objects nested at most {} deep, got deeper at byte {}",
                                              limits::kJsonDepth, *at + 1));
+    // A key given twice in one object is refused, not read as its last value (nlohmann's way): which one the
+    // writer meant is not ours to guess.
+    std::vector<std::unordered_set<std::string>> open_objects;  // the keys of each object being read, innermost last
+    std::string duplicate;
+    const auto each = [&](int, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+        using Event = nlohmann::json::parse_event_t;
+        if (event == Event::object_start) {
+            open_objects.emplace_back();
+        } else if (event == Event::object_end) {
+            open_objects.pop_back();
+        } else if (event == Event::key && duplicate.empty()) {
+            const std::string& key = parsed.get_ref<const std::string&>();
+            if (!open_objects.back().insert(key).second) duplicate = key;
+        }
+        return true;
+    };
     try {
-        return nlohmann::json::parse(text);
+        nlohmann::json j = nlohmann::json::parse(text, each);
+        if (!duplicate.empty())
+            mst::fail(where, "json", fmt::format("expected each key once in an object, got \"{}\" twice", printable(duplicate)));
+        return j;
     } catch (const nlohmann::json::parse_error& e) {
         // e.byte is the position where parsing stopped: enough for a person to find it.
         mst::fail(where, "json", fmt::format("expected valid JSON, parse error at byte {}", e.byte));
