@@ -140,17 +140,25 @@ TEST_CASE("report: committed measurements re-simulate to their own rows, a measu
     std::ofstream(dir / "killed_while_writing.json") << R"({"format": "mst-measure/1", "timel)";
     j["format"] = "mst-measure/1 ";  // a measurement under a format name report does not read
     std::ofstream(dir / "mislabelled.json") << j.dump();
+    j["format"] = " MST-Measure/1";
+    std::ofstream(dir / "mislabelled_capitals.json") << j.dump();
+    j["format"] = "mst-measure/1";
+    j["error"] = "oom";  // a trainer's run that failed: no peaks to compare
+    std::ofstream(dir / "out_of_memory.json") << j.dump();
 
     std::vector<SkippedFile> skipped;
     const std::vector<ReportRow> rows =
         build_report({dir.string(), (dir / "good" / "measured.json").string()}, find_gpu("h100-sxm-80gb"), &skipped);
     REQUIRE(rows.size() == 2);  // path order: doubled, good (given twice, reported once)
-    REQUIRE(skipped.size() == 2);  // in the order met: not the other JSON
+    REQUIRE(skipped.size() == 4);  // in the order met: not the other JSON
     std::sort(skipped.begin(), skipped.end(), [](const SkippedFile& a, const SkippedFile& b) { return a.path < b.path; });
     CHECK(skipped[0].path.ends_with("killed_while_writing.json"));
-    CHECK(skipped[0].reason == "not valid JSON or not readable");
+    CHECK(skipped[0].reason.rfind("json: expected valid JSON, parse error at byte ", 0) == 0);  // (the reader's words)
     CHECK(skipped[1].path.ends_with("mislabelled.json"));
     CHECK(skipped[1].reason == "format 'mst-measure/1 ', not mst-measure/1");
+    CHECK(skipped[2].path.ends_with("mislabelled_capitals.json"));
+    CHECK(skipped[3].path.ends_with("out_of_memory.json"));
+    CHECK(skipped[3].reason == "a run that failed, with no peaks to compare");
     const ReportRow& doubled = rows[0];
     const ReportRow& good = rows[1];
     CHECK(good.identical == std::optional<bool>(true));

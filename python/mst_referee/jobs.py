@@ -671,7 +671,7 @@ def make_job(model_ref: Optional[str], *, plan: Optional[Mapping[str, Any]] = No
         if not Path(mst_plan).is_file():
             fail(str(mst_plan), "", "no mst-plan binary there (build it, pass --mst-plan, or use --convert python)")
         emitted_plan = dict(plan, setup=setup, model=model_for_plan)
-        if cut:
+        if prediction is None:  # (not carried over: a cut model's run, or the Trainer's forward added)
             emitted_plan.pop("prediction", None)
         mst_config, source = emit_hf_mst_with_binary(Path(mst_plan), emitted_plan, derived), "mst-plan emit"
         mst_config["model"] = model_for_plan

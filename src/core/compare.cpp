@@ -219,7 +219,9 @@ StepFile parse_step_file(const nlohmann::json& j, const std::string& path) {
     // the run's name, its hf-mst config, notes, the plan's prediction, an error and its detail) and
     // the referee's (a full timeline).
     // (not read here, but of their writers' types: a field of another kind is a file something else wrote)
-    (void)r.opt_integer("seed", 0, INT64_MAX);
+    // (measure's --seed is unsigned: up to 2^64 - 1)
+    if (r.has("seed") && !r.raw("seed").is_number_unsigned())
+        r.fail("seed", fmt::format("expected an integer in [0, 2^64 - 1], got {}", detail::shown(r.raw("seed"))));
     (void)r.opt_string("run"), (void)r.opt_string("hf_config_source");
     for (const char* key : {"hf_mst", "prediction", "error_detail"})
         if (r.has(key)) (void)r.object(key);

@@ -2,6 +2,7 @@
 #include "mst/report.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 
@@ -48,11 +49,20 @@ std::vector<std::string> measurement_files(const std::vector<std::string>& roots
             const nlohmann::json j = detail::read_json_file(p);
             if (!j.is_object() || !j.contains("format") || !j.at("format").is_string()) return;
             const std::string format = j.at("format").get<std::string>();
-            if (format == kMeasureFormat) files.push_back(p.lexically_normal().string());
-            else if (format.starts_with("mst-measure") && skipped)
-                skipped->push_back({p.string(), fmt::format("format '{}', not {}", format, kMeasureFormat)});
-        } catch (const UserError&) {
-            if (skipped) skipped->push_back({p.string(), "not valid JSON or not readable"});
+            // (a format name a measurement's might be: spaced, in capitals, another version)
+            std::string name;
+            for (const char c : format)
+                if (!std::isspace(static_cast<unsigned char>(c))) name += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+            const bool failed_run = j.contains("error") && !j.at("error").is_null();
+            if (format == kMeasureFormat && !failed_run) files.push_back(p.lexically_normal().string());
+            else if (format == kMeasureFormat && skipped)  // a trainer's run that failed (out of memory): no peaks
+                skipped->push_back({p.string(), "a run that failed, with no peaks to compare"});
+            else if (name.starts_with("mst-measure") && skipped)
+                skipped->push_back({p.string(), fmt::format("format '{}', not {}", printable(format), kMeasureFormat)});
+        } catch (const UserError& e) {  // (the reader's reason: not JSON, nested too deep, too large)
+            std::string why = e.what();
+            if (const std::string prefix = p.string() + ": "; why.starts_with(prefix)) why = why.substr(prefix.size());
+            if (skipped) skipped->push_back({p.string(), why});
         }
     };
     for (const std::string& root : roots) {
