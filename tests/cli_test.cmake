@@ -80,13 +80,15 @@ expect_run(0 "note: no row shards with FSDP2: --fsdp2-groups does not apply to t
 expect_run(0 "dp 8 \\(ZeRO 3 as FSDP2 in accelerate's groups, synced in the last micro-step\\)" recommend --model llama-3-8b --gpu h100-sxm-80gb --gpus 8 --seq 16384 --tokens-per-step 524288 --pin micro_batch=1 --fsdp2-no-sync --fsdp2-groups accelerate --precision bf16-master)
 # --allow optimizer-in-backward: max-seq's rows step in backward where recommend's search would (one GPU:
 # every row; gradients stepped away leave room for 66560 tokens where 52224 fit otherwise)
-expect_run(0 "\\(pure-bf16, adamw stepped in backward\\): longest sequence per strategy[^\n]*\n.*\ncheckpointing \\+ MsT +66560 " max-seq --model llama-3-8b --allow optimizer-in-backward=yes)
+expect_run(0 "\\(pure-bf16, adamw; the strategies step it in backward\\): longest sequence per strategy[^\n]*\n.*\ncheckpointing \\+ MsT +66560 " max-seq --model llama-3-8b --allow optimizer-in-backward=yes)
 # --tokens-per-step with a pinned micro-batch that is no power of two: its accumulation reaches the tokens
 # (it was planned at accumulation 1, 12288 tokens); a target that no whole number of sequences meets is said
 expect_run(0 "batch +micro-batch 3 x 2 accumulation x dp 1 = 24576 tokens per step" recommend --model llama-3.2-1b --seq 4096 --tokens-per-step 24576 --pin micro_batch=3)
 expect_run(0 "note: --tokens-per-step 12288: the plan trains 16384 tokens per step, in whole sequences of 8192 tokens" recommend --model llama-3.2-1b --tokens-per-step 12288)
 # max-seq's own setup row: more LM-head chunks than its first length has tokens (it said "does not fit"), and chunk
 # sizes in tokens kept at the length found (they were counts at the default --seq)
+expect_run(0 "note: your setup ends at 65536 tokens because a longer sequence makes its setup invalid, not the budget: setup: mlp_chunks: expected at most 512" max-seq --model llama-3-8b --gpu h200-141gb --checkpoint all --offload --mlp-chunk-tokens 128 --lm-chunk-tokens 1024)
+expect_run(0 "caution: this is the memory of mst-plan's own kernels \\(--runtime kernels\\), not of the Hugging Face model" recommend --model llama-3.2-1b --seq 8192 --runtime kernels --for hf-mst)
 expect_run(0 "your setup +52224 " max-seq --model llama-3-8b --checkpoint all --lm-chunks 2048)
 expect_run(0 "\"max_seq\": 51200,[^}]*\"setup\": {[^}]*\"lm_chunks\": 50,[^}]*\"mlp_chunks\": 25,[^}]*}[^}]*\"strategy\": \"your setup\"" --json max-seq --model llama-3-8b --checkpoint all --lm-chunk-tokens 1024 --mlp-chunk-tokens 2048)
 expect_run(0 "note: --fsdp2-reshard-after-forward false does not apply to the recommended setup \\(not FSDP2\\)" recommend --model llama-3.2-1b --gpu h100-sxm-80gb --seq 8192 --fsdp2-reshard-after-forward false)

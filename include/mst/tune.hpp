@@ -126,6 +126,7 @@ struct MaxSeqRow {
     TrainingSetup setup;       // at max_seq
     std::string refused;       // --for: why that format's trainer cannot train the strategy (then not searched)
     bytes_t trainer_extra_bytes = 0;  // --for: kept free of the budget at max_seq for the trainer's own allocations
+    std::string invalid_beyond;       // why the next length's setup is invalid, where that, not the budget, ends the row
 };
 
 struct MaxSeqResult {

@@ -23,7 +23,7 @@ void run_emit(const GlobalOptions& g, const EmitArgs& a) {
     for (const auto& w : model.warnings) warn(fmt::format("{}: {}", model.source, w));
     const std::vector<EmittedFile> files = emit(plan, model, a.format);
     // The Hugging Face trainers run transformers' model, which the hf runtime predicts; a plan of mst-plan's
-    // own kernels (--runtime kernels) carries their smaller numbers into the files (recommend says it too).
+    // own kernels (--runtime kernels) carries their smaller numbers into the files (recommend --for says it too).
     // Said once the files stand: a failing command says one line.
     const auto caution = [&] {
         if (plan.setup.runtime == Runtime::Kernels && a.format != "torchtitan")

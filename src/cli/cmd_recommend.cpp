@@ -288,12 +288,13 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                      100 * r.best.time.mfu, r.best.time.step_seconds)});
     t.print();
     // (measured: the referee running DeepSpeed's engine on the emitted file, README "DeepSpeed's ZeRO engine")
-    if (rq.base.runtime == Runtime::Kernels && trains_in_deepspeed(rq.for_format))
+    if (rq.base.runtime == Runtime::Kernels && (trains_in_deepspeed(rq.for_format) || rq.for_format == "hf-mst"))
         fmt::print("\ncaution: {}",
                    wrap(fmt::format("this is the memory of mst-plan's own kernels (--runtime kernels), not of the Hugging "
-                                    "Face model {} trains, which allocates more; the default runtime (hf) plans it as "
-                                    "DeepSpeed's ZeRO 1/2 engine runs it, which the referee measures event for event "
-                                    "(README).", rq.for_format),
+                                    "Face model {} trains, which allocates more; the default runtime (hf) plans it{}, which "
+                                    "the referee measures event for event (README).",
+                                    rq.for_format == "hf-mst" ? "python/mst_hf" : rq.for_format,
+                                    rq.for_format == "hf-mst" ? " as python/mst_hf patches it" : " as DeepSpeed's ZeRO 1/2 engine runs it"),
                         100));
     // (--for axolotl on one GPU: the plain Trainer, without DeepSpeed, may be the pick)
     if (!rq.base.deepspeed_defaults() && !s.deepspeed_engine())
@@ -395,7 +396,9 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         if (row.strategy != "your setup") ++strategies, in_backward += row.setup.optimizer_in_backward ? 1 : 0;
     fmt::print("{} on {} x {} ({}, {}{}): longest sequence per strategy (micro-batch {})\n\n", rq.model.display_name, rq.gpus,
                rq.gpu.display_name, to_string(rq.base.precision), to_string(rq.base.optimizer),
-               in_backward == 0 ? "" : in_backward == strategies ? " stepped in backward" : " stepped in backward where it runs",
+               in_backward == 0               ? ""
+               : in_backward == strategies    ? "; the strategies step it in backward"
+                                              : "; strategies step it in backward where it runs",
                rq.base.micro_batch);
     const std::int64_t base = r.rows.empty() ? 0 : r.rows.front().max_seq;
     Table t({"strategy", "max seq", "vs none", "reserved at max", "host"});
@@ -421,6 +424,11 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         }))
         fmt::print("caution: no row trains with DeepSpeed's engine (ZeRO 1 to 3): {} does not apply to them\n",
                    deepspeed_options(rq.base));
+    // A row ended by its own knobs, not the budget: the next length's setup is invalid
+    for (const auto& row : r.rows)
+        if (row.max_seq > 0 && !row.invalid_beyond.empty())
+            fmt::print("note: {} ends at {} tokens because a longer sequence makes its setup invalid, not the budget: {}\n",
+                       row.strategy, row.max_seq, row.invalid_beyond);
     // A row whose next length would pass --seq's bound: its maximum is the bound's, not the budget's
     for (const auto& row : r.rows)
         if (row.max_seq > 0 && row.max_seq + 1024 * row.setup.sp > limits::kSeqLen) {

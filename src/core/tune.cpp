@@ -1118,6 +1118,14 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
         if (at(mid, row)) lo = mid;
         else hi = mid;
     }
+    // (a setup's chunk counts may pass their bound first: chunk sizes in tokens, a long sequence)
+    if (row && lo + granule <= kLimit) {
+        try {
+            validate(setup_at(lo + granule), m);
+        } catch (const UserError& e) {
+            row->invalid_beyond = e.what();
+        }
+    }
     return lo;
 }
 
