@@ -361,8 +361,9 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     // (your setup is a row of the same table: on the GPUs the others plan)
     if (user && gpus_given && checked_mul(user->dp, user->sp, "dp x sp") != rq.gpus)
         fail("command line", "dp", fmt::format("expected --dp x --sp = --gpus {} (your setup's row is on the GPUs the others "
-                                               "plan), got {} x {}",
-                                               rq.gpus, user->dp, user->sp));
+                                               "plan{}), got {} x {}",
+                                               rq.gpus, knobs.file().empty() ? "" : "; a setup file's dp stands unless --dp is given",
+                                               user->dp, user->sp));
     // precision, optimizer, attention, micro-batch ...; DeepSpeed's bucket goes to the strategies its engine runs
     rq.base = user ? *user : knobs.build(rq.model, false);
     if (!user) knobs.take_deepspeed(rq.base), knobs.take_fsdp2(rq.base);
@@ -424,6 +425,12 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         }))
         fmt::print("caution: no row trains with DeepSpeed's engine (ZeRO 1 to 3): {} does not apply to them\n",
                    deepspeed_options(rq.base));
+    // Reserved bytes past the budget: the GPU's own, which fit the budget's device by releasing (as recommend says)
+    if (std::any_of(r.rows.begin(), r.rows.end(), [&](const MaxSeqRow& row) {
+            return row.max_seq > 0 && row.memory.peak_reserved_bytes > r.budget_bytes;
+        }))
+        fmt::print("note: \"reserved at max\" is what the GPU holds, which keeps its cached segments until a cudaMalloc "
+                   "fails: rows over the budget fit it by releasing them\n");
     // A row ended by its own knobs, not the budget: the next length's setup is invalid
     for (const auto& row : r.rows)
         if (row.max_seq > 0 && !row.invalid_beyond.empty())
