@@ -118,7 +118,7 @@ TEST_CASE("unknown keys are refused with the closest known one, keys named known
     CHECK(test::expect_user_error([&] { cal.reject_unknown(); }).rfind("g.json: calibration.gemm_eff: unknown key", 0) == 0);
 }
 
-TEST_CASE("a key given twice in one object is refused, naming it; the same key in two objects is not") {
+TEST_CASE("a key given twice in one object is refused, naming it, and the same key in two objects is not") {
     CHECK(parse_error("{\"seq_len\": 8192, \"seq_len\": 16}") ==
           "t.json: json: expected each key once in an object, got \"seq_len\" twice");
     CHECK(parse_error("{\"a\": {\"b\": 1, \"c\": [{\"d\": 1, \"d\": 2}]}}") ==

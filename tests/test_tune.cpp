@@ -692,7 +692,7 @@ TEST_CASE("the no-fit diagnosis is a setup the search met: host budget, accumula
     CHECK(rb.leanest->peak_reserved_bytes < ra.leanest->peak_reserved_bytes);  // (its gradients die as they step)
 }
 
-TEST_CASE("longest_fitting: a setup whose chunks need more tokens than the shortest length starts where they fit; chunk sizes in tokens hold at every length") {
+TEST_CASE("longest_fitting: a setup whose chunks need more tokens than the shortest length starts where they fit, and chunk sizes in tokens hold at every length") {
     using namespace mst;
     const ModelSpec m = find_model("llama-3-8b");
     const GpuProfile gpu = find_gpu("h100-sxm-80gb");
