@@ -431,19 +431,11 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         }))
         fmt::print("note: \"reserved at max\" is what the GPU holds, which keeps its cached segments until a cudaMalloc "
                    "fails: rows over the budget fit it by releasing them\n");
-    // A row ended by its own knobs, not the budget: the next length's setup is invalid
+    // A row ended by its own knobs or --seq's bound, not the budget: the next length's setup is invalid
     for (const auto& row : r.rows)
         if (row.max_seq > 0 && !row.invalid_beyond.empty())
             fmt::print("note: {} ends at {} tokens because a longer sequence makes its setup invalid, not the budget: {}\n",
                        row.strategy, row.max_seq, row.invalid_beyond);
-    // A row whose next length would pass --seq's bound: its maximum is the bound's, not the budget's
-    for (const auto& row : r.rows)
-        if (row.max_seq > 0 && row.max_seq + 1024 * row.setup.sp > limits::kSeqLen) {
-            fmt::print("note: rows at {} tokens reach the longest sequence mst-plan plans (--seq's bound), not the "
-                       "budget\n",
-                       row.max_seq);
-            break;
-        }
     // FSDP2's layout options given, and no row shards with FSDP2 (one GPU; a model or knobs FSDP2 is not modelled for)
     if (const std::string unused = fsdp2_layout_unused(rq.base);
         !unused.empty() && std::none_of(r.rows.begin(), r.rows.end(), [](const MaxSeqRow& row) {

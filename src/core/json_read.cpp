@@ -1,10 +1,10 @@
 #include "json_read.hpp"
 
 #include <algorithm>
-#include <unordered_set>
 #include <cmath>
 #include <fstream>
 #include <sstream>
+#include <unordered_set>
 
 #include <fmt/format.h>
 

@@ -1118,8 +1118,9 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
         if (at(mid, row)) lo = mid;
         else hi = mid;
     }
-    // (a setup's chunk counts may pass their bound first: chunk sizes in tokens, a long sequence)
-    if (row && lo + granule <= kLimit) {
+    // (a setup's chunk counts may pass their bound first: chunk sizes in tokens, a long sequence; or the
+    // length its own: --seq's bound)
+    if (row) {
         try {
             validate(setup_at(lo + granule), m);
         } catch (const UserError& e) {
