@@ -1,0 +1,147 @@
+"""What torchtitan's step runs on a GPU that the CPU runs differently, with a GPU's allocations.
+
+torchtitan 0.3.0's language models reach three code paths whose CUDA and CPU versions allocate
+differently, or which cannot run on fake tensors at all. :func:`stand_in` replaces each, for the
+referee's fake-tensor step (:mod:`mst_referee.titan`), with one that allocates what the GPU run does
+(the outputs and the saved tensors; the internal scratch of a fused kernel is not seen by a dispatch
+mode on a GPU either, and is not recorded here):
+
+* ``torch.nn.RMSNorm`` calls ``aten._fused_rms_norm`` on every device (torch 2.15,
+  ``aten/src/ATen/native/layer_norm.cpp``, ``rms_norm_symint``). On CUDA that op has its own kernel and
+  autograd formula (``derivatives.yaml``: it saves the input, the weight and ``result1``, the fp32
+  reciprocal RMS of each row; its backward ``_fused_rms_norm_backward`` returns the input's and the
+  weight's gradients). On the CPU it has none and decomposes into an fp32 upcast, a product, a mean
+  and casts, each saved for backward. :class:`FusedRmsNorm` is the CUDA op's allocations.
+* ``FlexAttention`` calls ``torch.compile(flex_attention)``, which inductor lowers to Triton kernels on
+  a GPU; compiled for the CPU on fake tensors it crashes (it reads their storage). Its allocations
+  are the lowering's (``torch/_inductor/kernel/flex/flex_attention.py``, torch 2.15): in forward the
+  fp32 ``logsumexp`` and ``max_scores`` [B, Hq, S] and the output [B, Hq, S, Dv] in the query's fill
+  order (here [B, S, Hq, Dv], the transpose of the query's layout); ``max_scores`` is no output of
+  the compiled graph (torchtitan asks for no auxiliary output) and dies with it; AOT autograd saves
+  q, k, v, the output and ``logsumexp`` for backward. Backward: ``delta`` (fp32 [B, Hq, S], the
+  row sums of ``out * grad_out``, dead after the kernel), then ``grad_query`` in the query's order and
+  the value's and the key's gradients in their own ([B, Hkv, S, D]: GQA broadcasts only the batch
+  dimension in 2.15, whose ``sum`` is not taken when the batches are equal). :class:`FlexAttention`
+  is that. The attention's values are not computed (fake tensors have none).
+* The block mask: ``torch.compile(create_block_mask)`` likewise. What survives the compiled call is
+  the ``BlockMask``'s eight int32 tensors (``kv_num_blocks`` [B, H, Q/128], ``kv_indices`` [B, H,
+  Q/128, KV/128], the ``full_`` pair, and the ``q_`` pair and its ``full_`` pair with the block
+  counts swapped: ``_create_sparse_block_from_block_mask``), made before the first layer and held to
+  the step's end. :func:`block_mask` makes them (the compiled call's transient tensors, each at most
+  the size of these, die before the forward begins, and are not recorded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional, Sequence, Tuple
+
+import torch
+
+
+class FusedRmsNorm(torch.autograd.Function):
+    """``aten._fused_rms_norm`` as CUDA runs it: the output, the fp32 reciprocal RMS per row; backward
+    the input's and the weight's gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], shape: Tuple[int, ...],
+                eps: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        rows = tuple(x.shape[:x.dim() - len(shape)])
+        rstd = torch.empty(rows + (1,) * len(shape), dtype=torch.float32, device=x.device)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.mark_non_differentiable(rstd)
+        ctx.set_materialize_grads(False)  # (the C++ formula takes an undefined gradient of rstd as it is)
+        return y, rstd
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor, _grad_rstd: Any) -> Tuple[Any, ...]:
+        x, weight, _rstd = ctx.saved_tensors
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(weight) if weight is not None and ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None, None
+
+
+def rms_norm(input: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor] = None,
+             eps: Optional[float] = None) -> torch.Tensor:
+    """``torch.nn.functional.rms_norm`` as it runs on a GPU: the fused op's output."""
+    return FusedRmsNorm.apply(input, weight, tuple(normalized_shape), eps)[0]
+
+
+def _like_transposed(t: torch.Tensor, last: int, dtype: torch.dtype) -> torch.Tensor:
+    """A new [B, H, S, last] tensor stored as [B, S, H, last], the fill order of ``t`` (a transposed view
+    of a [B, S, H, D] projection), as inductor's ``infer_dense_strides`` lays it out."""
+    b, h, s, _ = t.shape
+    return torch.empty(b, s, h, last, dtype=dtype, device=t.device).transpose(1, 2)
+
+
+class FlexAttention(torch.autograd.Function):
+    """The compiled ``flex_attention``'s forward and backward graphs: their allocations, no values."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, hq, s, _ = q.shape
+        logsumexp = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
+        max_scores = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
+        out = _like_transposed(q, v.shape[-1], q.dtype)
+        del max_scores  # (not an output of the compiled graph)
+        ctx.save_for_backward(q, k, v, out, logsumexp)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v, _out, _logsumexp = ctx.saved_tensors
+        b, hq, s, _ = q.shape
+        delta = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
+        grad_query = _like_transposed(q, q.shape[-1], q.dtype)
+        grad_value = _like_transposed(v, v.shape[-1], v.dtype)
+        grad_key = _like_transposed(k, k.shape[-1], k.dtype)
+        del delta  # (dead after the backward kernel)
+        return grad_query, grad_key, grad_value
+
+
+def compiled_flex_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, score_mod: Any = None, block_mask: Any = None,
+                       scale: Any = None, enable_gqa: bool = False, return_aux: Any = None,
+                       kernel_options: Any = None) -> Tuple[torch.Tensor, Any]:
+    """torchtitan's ``FlexAttention.compiled_flex_attn``: the output, no auxiliary outputs (torchtitan's
+    language models ask for none: ``out_transform`` is None)."""
+    if score_mod is not None or (return_aux is not None and (getattr(return_aux, "lse", False)
+                                                             or getattr(return_aux, "max_scores", False))):
+        raise NotImplementedError("referee: flex attention with a score_mod or auxiliary outputs is not stood in for")
+    return FlexAttention.apply(q, k, v), None
+
+
+def block_mask(mask_mod: Any, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int, device: Any = None,
+               BLOCK_SIZE: Any = 128, **_kwargs: Any) -> Any:
+    """The ``BlockMask`` the compiled ``create_block_mask`` returns: its eight int32 tensors (no values)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, h = B or 1, H or 1
+    bq, bk = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else BLOCK_SIZE
+    nq, nk = -(-Q_LEN // bq), -(-KV_LEN // bk)
+
+    def i32(*shape: int) -> torch.Tensor:
+        return torch.empty(*shape, dtype=torch.int32, device=device)
+    kv = [i32(b, h, nq), i32(b, h, nq, nk), i32(b, h, nq), i32(b, h, nq, nk)]
+    q = [i32(b, h, nk), i32(b, h, nk, nq), i32(b, h, nk), i32(b, h, nk, nq)]
+    return BlockMask((Q_LEN, KV_LEN), *kv, *q, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod)
+
+
+@contextlib.contextmanager
+def stand_in() -> Iterator[None]:
+    """torchtitan's step with a GPU's RMSNorm, flex attention and block mask (this module's docstring)."""
+    import torch.nn.functional as F
+    import torchtitan.models.common.attention as attention
+    import torchtitan.models.common.decoder as decoder
+
+    saved = (F.rms_norm, attention.FlexAttention.__dict__["compiled_flex_attn"], attention.create_attention_mask,
+             decoder.create_attention_mask)
+    F.rms_norm = rms_norm
+    attention.FlexAttention.compiled_flex_attn = staticmethod(compiled_flex_attn)
+    attention.create_attention_mask = decoder.create_attention_mask = block_mask
+    try:
+        yield
+    finally:
+        F.rms_norm = saved[0]
+        attention.FlexAttention.compiled_flex_attn = saved[1]
+        attention.create_attention_mask, decoder.create_attention_mask = saved[2], saved[3]
