@@ -51,4 +51,9 @@ void check_expressible(const std::string& format, const TrainingSetup& setup, co
 // recommend --for keeps them free of the budget.
 bytes_t trainer_extra_bytes(const std::string& format, const TrainingSetup& setup, const ModelSpec& model);
 
+// What `format`'s trainer does that the runtime's prediction does not model, as the referee measured it
+// (torchtitan's own step: python/mst_referee/titan.py); "" where the runtime models the trainer. recommend
+// and max-seq --for print it as a caution, the emitted files carry it.
+std::string unmodelled_trainer(const std::string& format);
+
 }  // namespace mst

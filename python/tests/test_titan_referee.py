@@ -168,14 +168,15 @@ def _peak_row(compared):
 
 
 def test_llama_3_8b_at_8k_holds_what_the_docs_say_torchtitan_holds_beyond_the_prediction(tmp_path):
-    # The numbers README.md, python/README.md and the emitted module's docstring quote: recommend's plan
+    # The numbers README.md, python/README.md, recommend's caution and the emitted module's docstring quote: the plan
     # (every layer checkpointed, the loss in 2 chunks), torchtitan's step on the referee and the plan's
     # runtime re-simulated by compare. The gap is what mst-plan does not model of torchtitan yet.
     record, compared, module = _record_titan(tmp_path, _one_h100("llama-3-8b"))
     assert record["setup"]["checkpoint"] == list(range(32)) and record["setup"]["lm_chunks"] == 2
     assert record["summary"]["peak_bytes"] == 68_579_330_460
     assert _peak_row(compared) == ["65126287012", "68579330460", "+3453043448", "+5.302%"]
-    assert "63.87 GiB at the peak against 60.65 GiB predicted" in " ".join(module.split())
+    assert "measured -31 % to +89 % against such predictions (14 plans; Llama-3-8B at 8192 tokens on one H100: +5.3 %)" \
+        in " ".join(module.split())
 
 
 # The ends of the range `recommend --for torchtitan` cautions with (python/README.md's table of the torchtitan

@@ -9,6 +9,7 @@
 #include "bench.hpp"
 #include "commands.hpp"
 #include "mst/catalog.hpp"
+#include "mst/emit.hpp"
 #include "mst/error.hpp"
 #include "mst/limits.hpp"
 #include "mst/tune.hpp"
@@ -18,16 +19,6 @@
 namespace mst::cli {
 
 namespace {
-
-// --for torchtitan: how far the plan's memory is from torchtitan's own step, as the referee measured it
-// (python/mst_referee/titan.py; python/tests/test_titan_referee.py holds the numbers quoted, python/README.md
-// the table of the torchtitan client matrix's plans).
-std::string torchtitan_caution() {
-    return "mst-plan does not model torchtitan's own step yet: this is the memory of the runtime's model. The referee, "
-           "running torchtitan's step from emitted modules, measured -31 % to +89 % against such predictions (14 plans; "
-           "Llama-3-8B at 8192 tokens on one H100: +5.3 %): FSDP2 even on one GPU, gradients reduced in fp32, the chunked "
-           "loss's fp32 logits. `python -m mst_referee.titan` records your plan's step (python/README.md).";
-}
 
 // FSDP2's layout options asked for away from their defaults, as the note where no plan shards with FSDP2
 // says them: "<options> do(es) not apply" ("" when none). (--fsdp2-no-sync is the loop's: its own note says more.)
@@ -306,7 +297,8 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     rq.for_format == "hf-mst" ? "python/mst_hf" : rq.for_format,
                                     rq.for_format == "hf-mst" ? " as python/mst_hf patches it" : " as DeepSpeed's ZeRO 1/2 engine runs it"),
                         100));
-    if (rq.for_format == "torchtitan") fmt::print("\ncaution: {}", wrap(torchtitan_caution(), 100));
+    if (const std::string unmodelled = unmodelled_trainer(rq.for_format); !unmodelled.empty())
+        fmt::print("\ncaution: {}", wrap(unmodelled, 100));
     // (--for axolotl on one GPU: the plain Trainer, without DeepSpeed, may be the pick)
     if (!rq.base.deepspeed_defaults() && !s.deepspeed_engine())
         fmt::print("\ncaution: {}",
@@ -458,7 +450,8 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         if (row.trainer_extra_bytes > 0)
             fmt::print("{}: {} kept free at {} tokens for what {} allocates beyond the prediction (its RoPE tables)\n",
                        row.strategy, format_bytes(row.trainer_extra_bytes), row.max_seq, rq.for_format);
-    if (rq.for_format == "torchtitan") fmt::print("caution: {}\n", wrap(torchtitan_caution(), 100));
+    if (const std::string unmodelled = unmodelled_trainer(rq.for_format); !unmodelled.empty())
+        fmt::print("caution: {}\n", wrap(unmodelled, 100));
     const std::string margin = fmt::format("{:.0f} %", 100 * rq.safety_margin);
     if (r.persistent_bytes >= r.budget_bytes)
         fmt::print("\nbudget {} ({} safety margin); weights, gradients, optimizer states and cuBLAS's workspace alone "

@@ -263,13 +263,7 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
         notes.push_back(fmt::format("{} has no torchtitan model of its own: it runs through torchtitan's transformers "
                                     "backend (an experiment), which builds it from its Hugging Face config.",
                                     model.model_type));
-    // (measured by python/mst_referee/titan.py, python/README.md: torchtitan's step is not modelled yet)
-    notes.push_back("The memory prediction is mst-plan's runtime's, not torchtitan's own step, which holds more: FSDP2 "
-                    "even on one GPU (each layer's parameters gathered into a second copy, gradients reduced in fp32), "
-                    "a fused QKV projection, RoPE in fp32, the chunked loss's fp32 logits (Llama-3-8B at 8192 tokens on "
-                    "one H100: 68.58 GB at the peak against 65.13 GB predicted). `python -m mst_referee.titan PLAN.json "
-                    "DIR --out m.json` records this plan's step on fake tensors; `mst-plan compare --run m.json` shows "
-                    "where.");
+    notes.push_back(unmodelled_trainer("torchtitan"));
 
     std::ostringstream py;
     py << "\"\"\"";
