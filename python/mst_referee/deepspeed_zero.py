@@ -533,10 +533,10 @@ def measurement_file(job: Job, result: Mapping[str, Any]) -> Dict[str, Any]:
 
 def main(argv: Any = None) -> int:
     import argparse
-    import json
     from pathlib import Path
 
-    from .jobs import read_json, write_json
+    from .jobs import read_json
+    from .records import write_record
 
     p = argparse.ArgumentParser(prog="python -m mst_referee.deepspeed_zero", description=__doc__.splitlines()[0])
     p.add_argument("plan", type=Path, help="an mst-plan plan (recommend/estimate --out)")
@@ -551,13 +551,7 @@ def main(argv: Any = None) -> int:
     except CrosscheckError as e:
         print(f"error: {e}")
         return 2
-    try:
-        write_json(args.out, measurement_file(job, result))
-    except OSError as e:
-        print(f"error: {args.out}: cannot write the measurement: {e.strerror or e}")
-        return 2
-    print(json.dumps({"out": str(args.out), "events": len(result["events"]), "seconds": round(result["seconds"], 1)}))
-    return 0
+    return write_record(args.out, measurement_file(job, result), result)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,22 @@ def loss_agreement(patched: Sequence[float], unpatched: Sequence[float]) -> floa
 
 
 
+def write_record(out: Path, record: Mapping[str, Any], result: Mapping[str, Any]) -> int:
+    """A referee's record written to ``out`` and one JSON line said about it (its events and seconds, from the run's
+    ``result``): 0, or 2 with one error line when it cannot be written (a command's exit status)."""
+    import json
+
+    from .jobs import write_json
+
+    try:
+        write_json(out, record)
+    except OSError as e:
+        print(f"error: {out}: cannot write the measurement: {e.strerror or e}")
+        return 2
+    print(json.dumps({"out": str(out), "events": len(result["events"]), "seconds": round(result["seconds"], 1)}))
+    return 0
+
+
 def record_path(out: Path, record: Mapping[str, Any], main_name: str) -> Path:
     """Where a record goes: ``out`` for the job's own, ``<stem>.unpatched.json`` beside it for the twin."""
     if record["run"] == main_name:

@@ -40,10 +40,12 @@ def _optimizers(optimizer: Any) -> List[Any]:
     return [optimizer]
 
 
-def _state_tensors(optimizer: Any, names: Dict[int, str]) -> Iterator[Tuple[str, Any]]:
+def state_tensors(optimizers: Iterable[Any], names: Dict[int, str]) -> Iterator[Tuple[str, Any]]:
+    """The states of torch optimizers, named by parameter (``names``: id -> name): a DTensor's local part; the step
+    counter only where it is a device tensor (torch's fused implementation)."""
     import torch
 
-    for opt in _optimizers(optimizer):
+    for opt in optimizers:
         fused = any(g.get("fused") for g in opt.param_groups)
         for group in opt.param_groups:
             for p in group["params"]:
@@ -175,7 +177,7 @@ def referee_step(job: Job, correct_buffer_sums: bool = True) -> Dict[str, Any]:
         recorder.register(model.named_buffers(), "weights", "init.buffers")
         recorder.register(tensor_attributes(model), "weights", "init.buffers")
         recorder.register(((names[id(m)], m) for m in masters.values()), "master_weights", "init.master_weights")
-        recorder.register(_state_tensors(optimizer, names), "optimizer_state", "init.optimizer_state")
+        recorder.register(state_tensors(_optimizers(optimizer), names), "optimizer_state", "init.optimizer_state")
         if ddp is not None:
             recorder.register(ddp.bucket_tensors(), "gradients", "init.ddp_buckets")
 

@@ -227,18 +227,9 @@ class Titan:
 
     def state_tensors(self) -> Iterator[Tuple[str, Any]]:
         """The optimizers' states (each rank's shard), named by parameter."""
-        import torch
+        from .referee import state_tensors
 
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        for opt in self.optimizers.optimizers:
-            fused = any(g.get("fused") for g in opt.param_groups)
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    for key, value in opt.state.get(p, {}).items():
-                        if not isinstance(value, torch.Tensor) or (key == "step" and not fused):
-                            continue
-                        local = getattr(value, "_local_tensor", None)
-                        yield f"{names.get(id(p), 'param')}.{key}", value if local is None else local
+        return state_tensors(self.optimizers.optimizers, {id(p): n for n, p in self.model.named_parameters()})
 
 
 def parallel_dims(ranks: int) -> Any:
@@ -366,9 +357,9 @@ def measurement_file(plan: Mapping[str, Any], result: Mapping[str, Any], run: st
 
 def main(argv: Any = None) -> int:
     import argparse
-    import json
 
-    from .jobs import read_json, write_json
+    from .jobs import read_json
+    from .records import write_record
 
     p = argparse.ArgumentParser(prog="python -m mst_referee.titan", description=__doc__.splitlines()[0])
     p.add_argument("plan", type=Path, help="an mst-plan plan (recommend --for torchtitan --out)")
@@ -384,13 +375,7 @@ def main(argv: Any = None) -> int:
     except CrosscheckError as e:
         print(f"error: {e}")
         return 2
-    try:
-        write_json(args.out, measurement_file(plan, result, args.out.stem))
-    except OSError as e:
-        print(f"error: {args.out}: cannot write the measurement: {e.strerror or e}")
-        return 2
-    print(json.dumps({"out": str(args.out), "events": len(result["events"]), "seconds": round(result["seconds"], 1)}))
-    return 0
+    return write_record(args.out, measurement_file(plan, result, args.out.stem), result)
 
 
 if __name__ == "__main__":
