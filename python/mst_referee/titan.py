@@ -28,19 +28,26 @@ run answers them:
   documents sees it.
 
 What exists before the recorded step is registered as ``init``: this rank's parameter shards
-(weights), the model's buffers (weights), the optimizer's states (their shards). FSDP2's buffers are
+(weights), the model's buffers (weights), the optimizer's states (their shards) and the previous step's
+gradients (torchtitan sets them to None as the next step begins). FSDP2's buffers are
 marked as it makes them (:class:`mst_referee.fsdp2.Fsdp2`), each checkpointed block's input as a
 checkpoint.
 
-Recorded are the first two micro-steps (the second stands for the others) and the optimizer step.
-Refused by name: torchtitan's transformers backend (an experiment, which other models than its own
-run through), data-parallel replication (DDP), tensor, pipeline, context and expert parallelism, and
-compile (none of which mst-plan emits), CPU offload and CUDA graphs.
+Recorded are the first two micro-steps (the second stands for the others: with more, the inputs the
+step keeps of the later ones, two int64 [B, S] tensors each, are not recorded) and the optimizer step;
+a step that logs (its loss's copies, a few scalars) is not run. The module must be the plan's: every
+knob mst-plan's emitter writes is compared with the plan (model dimensions, batch, ranks, dtypes,
+resharding, checkpoints, the loss's chunks, the optimizer, flex attention), and a difference is one
+line naming the field. Refused by name: torchtitan's transformers backend (an experiment, which other
+models than its own run through) and data-parallel replication (DDP: mst-plan emits it for ZeRO 0
+on several GPUs; not run here yet); tensor, pipeline, context and expert parallelism, compile, CPU
+offload and CUDA graphs, none of which mst-plan emits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from pathlib import Path
@@ -65,17 +72,53 @@ def load_config(module_dir: Path) -> Any:
     sys.path.insert(0, str(module_dir))
     try:
         return ConfigManager().parse_args(["--module", MODULE, "--config", FUNCTION])
-    except Exception as e:  # (torchtitan's own refusal of the module, in one line)
-        fail(str(module_dir / f"{MODULE}.py"), FUNCTION, f"a config torchtitan loads; it raised {type(e).__name__}: {e}")
+    except (Exception, SystemExit) as e:  # (torchtitan's own refusal of the module, or the module's, in one line)
+        cause = f" (from {type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
+        fail(str(module_dir / f"{MODULE}.py"), FUNCTION,
+             f"a config torchtitan loads; it raised {type(e).__name__}: {e}{cause}")
     finally:
         sys.path.remove(str(module_dir))
 
 
-def check_config(config: Any, setup: Mapping[str, Any], gpus: int, where: str) -> None:
-    """The layouts this referee runs, and the file is the plan's (its batch, ranks and checkpoints)."""
-    from torchtitan.distributed.activation_checkpoint import FullAC
+def plan_facts(plan: Any, where: str) -> Dict[str, Any]:
+    """What the referee reads of a plan, each of its writer's type: its GPUs, its model (catalog name or config
+    path, with the config) and its setup's knobs (mst-plan's defaults where the setup leaves one out)."""
+    from .jobs import read_json
 
-    par, training = config.parallelism, config.training
+    setup = check_plan(plan, where)["setup"]
+    facts: Dict[str, Any] = {"model": plan["model"], "setup": setup}
+    for key, default in (("gpus", None), ("dp", 1), ("sp", 1), ("micro_batch", 1), ("grad_accum", 1), ("seq_len", None),
+                         ("zero_stage", 0), ("lm_chunks", 1)):
+        value = (plan if key == "gpus" else setup).get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "zero_stage" else 1):
+            fail(where, key if key == "gpus" else f"setup.{key}", f"expected a positive integer, got {value!r}")
+        facts[key] = value
+    for key, default in (("precision", "pure-bf16"), ("optimizer", "adamw"), ("optimizer_impl", "fused")):
+        value = setup.get(key, default)
+        if not isinstance(value, str):
+            fail(where, f"setup.{key}", f"expected a string, got {value!r}")
+        facts[key] = value
+    if facts["gpus"] != facts["dp"] * facts["sp"]:
+        fail(where, "gpus", f"expected the setup's dp x sp ({facts['dp']} x {facts['sp']}), got {facts['gpus']}")
+    try:
+        name, path = resolve_model(plan["model"])
+    except CrosscheckError as e:  # (named in the plan's file)
+        raise CrosscheckError(f"{where}: {e}") from None
+    facts["model_name"], facts["model_path"] = name, str(path)
+    facts["hf_config"] = read_json(path, "the plan's model config")
+    facts["checkpoint"] = setup.get("checkpoint", [])
+    return facts
+
+
+def check_config(config: Any, plan: Mapping[str, Any], where: str) -> None:
+    """The layouts this referee runs, and the module is the plan's: every knob mst-plan's emitter writes (model,
+    batch, ranks, dtypes, resharding, checkpoints, the loss's chunks, the optimizer, the attention) as the plan
+    has it (``plan``: :func:`plan_facts`)."""
+    from torchtitan.components.loss import ChunkedLossWrapper
+    from torchtitan.distributed.activation_checkpoint import FullAC
+    from torchtitan.models.common.attention import FlexAttention
+
+    par, training, gpus = config.parallelism, config.training, plan["gpus"]
     if config.model_spec.name == "transformers_modeling_backend":
         fail(where, "model_spec", "one of torchtitan's own models (the referee does not run its transformers backend, "
              f"an experiment), got {config.hf_model}")
@@ -90,19 +133,41 @@ def check_config(config: Any, setup: Mapping[str, Any], gpus: int, where: str) -
                            ("training.disable_cuda_graphs", not training.disable_cuda_graphs)):
         if on:
             fail(where, field_name, "expected eager PyTorch without CPU offload or CUDA graphs, as mst-plan emits it")
-    shard, dp = par.data_parallel_shard_degree, setup.get("dp", 1)
-    if shard not in (-1, gpus) or gpus != dp:
+    if par.data_parallel_shard_degree not in (-1, gpus):
         fail(where, "parallelism.data_parallel_shard_degree",
-             f"expected the plan's {dp} data-parallel ranks on its {gpus} GPUs, got {shard}")
-    micro_batch = setup.get("micro_batch", 1)
-    want = {"training.seq_len": (training.seq_len, setup.get("seq_len")),
-            "training.local_batch_size": (training.local_batch_size, micro_batch),
-            "training.global_batch_size": (training.global_batch_size, micro_batch * dp * setup.get("grad_accum", 1))}
+             f"expected the plan's {gpus} data-parallel ranks (or -1: every GPU), got {par.data_parallel_shard_degree}")
+    model, hf = config.model_spec.model, plan["hf_config"]
+    attention = model.layers[0].attention
+    loss = config.loss
+    chunks = loss.num_chunks if isinstance(loss, ChunkedLossWrapper.Config) else 1
+    resharding = "never" if plan["zero_stage"] in (1, 2) and gpus > 1 else "default"
+    want = {  # field: (the module's, the plan's)
+        "model.dim": (model.dim, hf.get("hidden_size")),
+        "model.layers": (len(model.layers), hf.get("num_hidden_layers")),
+        "model.vocab_size": (model.vocab_size, hf.get("vocab_size")),
+        "model.layers[0].attention.n_heads": (attention.n_heads, hf.get("num_attention_heads")),
+        "model.layers[0].attention.n_kv_heads": (attention.n_kv_heads or attention.n_heads,
+                                                 hf.get("num_key_value_heads", hf.get("num_attention_heads"))),
+        "training.seq_len": (training.seq_len, plan["seq_len"]),
+        "training.local_batch_size": (training.local_batch_size, plan["micro_batch"]),
+        "training.global_batch_size": (training.global_batch_size, plan["micro_batch"] * gpus * plan["grad_accum"]),
+        "training.dtype": (training.dtype, "bfloat16" if plan["precision"] == "pure-bf16" else "float32"),
+        "training.mixed_precision_param": (training.mixed_precision_param, "bfloat16"),
+        "training.mixed_precision_reduce": (training.mixed_precision_reduce, "float32"),
+        "parallelism.fsdp_reshard_after_forward": (par.fsdp_reshard_after_forward, resharding),
+        "loss.num_chunks": (chunks, plan["lm_chunks"]),
+        "optimizer": ([g.optimizer_name for g in config.optimizer.param_groups],
+                      ["AdamW"] if plan["optimizer"] == "adamw" else [plan["optimizer"]]),
+        "optimizer.implementation": (config.optimizer.implementation, plan["optimizer_impl"]),
+        "model.layers[0].attention.inner_attention": (
+            type(attention.inner_attention).__qualname__ + (" with kernel_options" if getattr(
+                attention.inner_attention, "kernel_options", None) else ""), FlexAttention.Config.__qualname__),
+    }
     for field_name, (got, expected) in want.items():
         if got != expected:
             fail(where, field_name, f"expected the plan's {expected}, got {got}")
-    layers = len(config.model_spec.model.layers)
-    checkpointed = len(checkpoint_layers_from_spec(setup.get("checkpoint", []), layers))
+    layers = len(model.layers)
+    checkpointed = len(checkpoint_layers_from_spec(plan["checkpoint"], layers))
     ac = config.activation_checkpoint
     if not ((isinstance(ac, FullAC.Config) and checkpointed == layers) or (ac is None and checkpointed == 0)):
         fail(where, "activation_checkpoint", f"expected the plan's {checkpointed} of {layers} layers checkpointed "
@@ -143,6 +208,7 @@ class Titan:
         import torch
         from torchtitan.components.loss import ChunkedLossWrapper
         from torchtitan.config import TORCH_DTYPE_MAP
+        from torchtitan.distributed import utils as dist_utils
         from torchtitan.tools import utils
 
         self.config, self.dims = config, dims
@@ -165,6 +231,10 @@ class Titan:
             self.loss_fn.set_lm_head(model.lm_head)
             model._skip_lm_head = True
         self.optimizers = config.optimizer.build(model_parts=[model])
+        if spec.post_optimizer_build_fn is not None:  # (MoE models: the load-balancing hook)
+            spec.post_optimizer_build_fn(self.optimizers, [model], dims)
+        self.train_context = dist_utils.get_spmd_context(
+            parallel_dims=dims, spmd_typechecking=par.spmd_backend == "spmd_types" and config.debug.spmd_typechecking)
         self.lr_schedulers = config.lr_scheduler.build(optimizers=self.optimizers, training_steps=config.training.steps)
         self.accumulation = config.training.global_batch_size // (config.training.local_batch_size * dims.world_size)
 
@@ -193,30 +263,42 @@ class Titan:
         return count
 
     def train_step(self, batches: List[Tuple[Dict[str, Any], Any]], local_valid_tokens: Any, observer: Observer) -> None:
-        """``Trainer.train_step`` (torchtitan 0.3.0, trainer.py) without its logging: the same device tensors
-        (``local_valid_tokens``: :meth:`valid_tokens`, host memory, made before)."""
+        """``Trainer.train_step`` (torchtitan 0.3.0, trainer.py) on a step that does not log, with its tensors'
+        lifetimes: each micro-batch's inputs and positions are written back into its (host) batch dict, which the
+        step holds to its end; its labels and loss stay until the next micro-batch's replace them; the attention
+        masks are forward_backward_step's own (``local_valid_tokens``: :meth:`valid_tokens`, host memory)."""
         from torchtitan.distributed import utils as dist_utils
 
         self.optimizers.zero_grad(set_to_none=True)  # (disable_cuda_graphs: set_to_none)
         global_valid_tokens = to_device(local_valid_tokens, "fake")
+        if self.dims.dp_enabled:  # summed over the batch mesh, on the device
+            global_valid_tokens = dist_utils.dist_sum_tensor(global_valid_tokens, self.dims.get_mesh("batch"))
         model = self.model
-        for micro, (input_dict, labels) in enumerate(batches):
+        groups = [(dict(input_dict), host_labels) for input_dict, host_labels in batches]  # (the step's own)
+        for micro, (input_dict, host_labels) in enumerate(groups):
             observer.phase("forward", micro)
-            inputs = to_device(input_dict["input"], "fake")
-            positions = to_device(input_dict["positions"], "fake")
-            labels = to_device(labels, "fake")
-            masks = model.get_attention_masks(positions=positions)  # post_dataloading_process (flex, varlen)
-            pred = model(inputs, positions=positions, attention_masks=masks)
-            loss, _ = self.loss_fn(pred, labels, global_valid_tokens, positions=positions)
-            del pred
-            observer.phase("backward", micro)
-            loss.backward()
-            del loss, inputs, positions, labels, masks
-        observer.phase("optimizer", len(batches) - 1)
+            for key, value in input_dict.items():
+                input_dict[key] = to_device(value, "fake")
+            labels = to_device(host_labels, "fake")
+            loss = self._forward_backward(input_dict, labels, global_valid_tokens, observer, micro)
+        observer.phase("optimizer", len(groups) - 1)
         dist_utils.clip_grad_norm_([p for p in model.parameters()], self.config.training.max_norm, foreach=True,
                                    pp_mesh=None, ep_enabled=False)
         self.optimizers.step()
         self.lr_schedulers.step()
+
+    def _forward_backward(self, input_dict: Dict[str, Any], labels: Any, global_valid_tokens: Any, observer: Observer,
+                          micro: int) -> Any:
+        """``forward_backward_step`` and ``_forward_backward_body``: the masks made (flex, varlen), forward, loss, backward."""
+        inputs, positions = input_dict["input"], input_dict["positions"]
+        masks = self.model.get_attention_masks(positions=positions)  # post_dataloading_process
+        with self.train_context():
+            pred = self.model(inputs, positions=positions, attention_masks=masks)
+            loss, _ = self.loss_fn(pred, labels, global_valid_tokens, positions=positions)
+            del pred
+            observer.phase("backward", micro)
+            loss.backward()
+        return loss
 
     def gradients(self) -> Iterator[Tuple[str, Any]]:
         """Each parameter's gradient (this rank's shard), by parameter."""
@@ -232,12 +314,12 @@ class Titan:
         return state_tensors(self.optimizers.optimizers, {id(p): n for n, p in self.model.named_parameters()})
 
 
-def parallel_dims(ranks: int) -> Any:
-    """torchtitan's ParallelDims of ``ranks`` FSDP2 ranks, its device mesh built on the CPU over the process
-    group already made (before the fake tensors' session: a mesh is real)."""
+def parallel_dims(config: Any, ranks: int) -> Any:
+    """torchtitan's ParallelDims of the config over ``ranks`` GPUs (``Trainer.init_distributed``), its device mesh
+    built on the CPU over the process group already made (before the fake tensors' session: a mesh is real)."""
     from torchtitan.distributed.parallel_dims import ParallelDims
 
-    dims = ParallelDims(dp_replicate=1, dp_shard=ranks, cp=1, tp=1, pp=1, ep=1, world_size=ranks)
+    dims = ParallelDims.from_config(config.parallelism, ranks)
     with _cpu_mesh():
         dims.build_mesh()
     return dims
@@ -266,20 +348,18 @@ def titan_step(plan: Mapping[str, Any], module_dir: Path, rank: int = 0, where: 
     from .recorder import StorageRecorder
     from .titan_kernels import stand_in
 
-    setup = check_plan(plan, where)["setup"]
-    gpus = plan.get("gpus")
-    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
-        fail(where, "gpus", "expected a positive integer")
+    facts = plan_facts(plan, where)
+    gpus = facts["gpus"]
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < gpus:
         fail("command line", "rank", f"expected 0 to {gpus - 1} (the plan's ranks), got {rank!r}")
     t0 = time.monotonic()
     config = load_config(module_dir)
-    check_config(config, setup, gpus, str(module_dir / f"{MODULE}.py"))
+    check_config(config, facts, str(module_dir / f"{MODULE}.py"))
     world = Fsdp2(gpus, rank)  # torch's fake process group; FSDP2's buffers marked as it makes them
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(world.close)
         cleanup.enter_context(world.marking())
-        dims = parallel_dims(gpus)
+        dims = parallel_dims(config, gpus)
         cleanup.enter_context(session())
         cleanup.enter_context(stand_in())
         titan = Titan(config, dims)
@@ -292,7 +372,7 @@ def titan_step(plan: Mapping[str, Any], module_dir: Path, rank: int = 0, where: 
         recorder.register(titan.state_tensors(), "optimizer_state", "init.optimizer_state")
         # the previous step's gradients: torchtitan zeroes them (set to None) as a step begins, not as it ends
         recorder.register(titan.gradients(), "gradients", "init.gradients")
-        hooks = _mark_checkpoints(recorder, model, setup)
+        hooks = _mark_checkpoints(recorder, model, facts["checkpoint"])
         world.recorder = recorder
         batches = titan.batches()  # host memory: made before recording starts
         valid = titan.valid_tokens(batches)
@@ -308,6 +388,7 @@ def titan_step(plan: Mapping[str, Any], module_dir: Path, rank: int = 0, where: 
         layers, titan_accumulation = len(model.layers), titan.accumulation
         del model, titan
     return {"events": [e.to_list() for e in events], "seconds": time.monotonic() - t0, "rank": rank, "world": gpus,
+            "model": facts["model_name"], "model_path": facts["model_path"],
             "layers": layers, "corrected_sums": recorder.corrected_sums, "micro_steps": titan_accumulation,
             "micro_steps_recorded": min(titan_accumulation, 2),
             "torch": torch.__version__, "torchtitan": getattr(torchtitan, "__version__", _version("torchtitan")),
@@ -323,7 +404,7 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-def _mark_checkpoints(recorder: Any, model: Any, setup: Mapping[str, Any]) -> List[Any]:
+def _mark_checkpoints(recorder: Any, model: Any, checkpoint: Any) -> List[Any]:
     """Each checkpointed block's input (the hidden states it receives in forward) is a checkpoint."""
     def hook(module: Any, args: Tuple[Any, ...]) -> None:
         if recorder.phase == "forward" and args:
@@ -331,7 +412,7 @@ def _mark_checkpoints(recorder: Any, model: Any, setup: Mapping[str, Any]) -> Li
 
     layers = list(model.layers.values())
     return [layers[i].register_forward_pre_hook(hook)
-            for i in checkpoint_layers_from_spec(setup.get("checkpoint", []), len(layers))]
+            for i in checkpoint_layers_from_spec(checkpoint, len(layers))]
 
 
 def measurement_file(plan: Mapping[str, Any], result: Mapping[str, Any], run: str) -> Dict[str, Any]:
@@ -339,7 +420,7 @@ def measurement_file(plan: Mapping[str, Any], result: Mapping[str, Any], run: st
     among its notes."""
     from .referee import summarize_events
 
-    name, path = resolve_model(plan["model"])
+    name, path = result["model"], result["model_path"]
     setup = dict(plan["setup"])
     summary = dict(summarize_events(result["events"]), seconds=result["seconds"], device="fake",
                    attn_implementation=result["attention"], layers=result["layers"], events=len(result["events"]),
@@ -369,6 +450,7 @@ def main(argv: Any = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="the recorded step (mst-measure/1, backend referee: "
                    "mst-plan compare --run reads it)")
     args = p.parse_args(argv)
+    logging.getLogger().setLevel(logging.ERROR)  # (torchtitan's warnings about the run it is not: no assets, no checkpoint)
     try:
         plan = read_json(args.plan, "the plan")
         result = titan_step(plan, args.module_dir, args.rank, str(args.plan))

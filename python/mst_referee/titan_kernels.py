@@ -11,7 +11,10 @@ mode on a GPU either, and is not recorded here):
   autograd formula (``derivatives.yaml``: it saves the input, the weight and ``result1``, the fp32
   reciprocal RMS of each row; its backward ``_fused_rms_norm_backward`` returns the input's and the
   weight's gradients). On the CPU it has none and decomposes into an fp32 upcast, a product, a mean
-  and casts, each saved for backward. :class:`FusedRmsNorm` is the CUDA op's allocations.
+  and casts, each saved for backward. :class:`FusedRmsNorm` is the CUDA op's allocations: ATen's own
+  kernel, which a torch wheel runs. (torch 2.15 also has a CuTe-DSL override of the op, in
+  ``torch/_native/ops/norm``, active only where the ``nvidia-cutlass-dsl`` package is installed; its
+  backward allocates an fp32 partial buffer of its own, which is not stood in for.)
 * ``FlexAttention`` calls ``torch.compile(flex_attention)``, which inductor lowers to Triton kernels on
   a GPU; compiled for the CPU on fake tensors it crashes (it reads their storage). Its allocations
   are the lowering's (``torch/_inductor/kernel/flex/flex_attention.py``, torch 2.15): in forward the
@@ -27,8 +30,9 @@ mode on a GPU either, and is not recorded here):
   the ``BlockMask``'s eight int32 tensors (``kv_num_blocks`` [B, H, Q/128], ``kv_indices`` [B, H,
   Q/128, KV/128], the ``full_`` pair, and the ``q_`` pair and its ``full_`` pair with the block
   counts swapped: ``_create_sparse_block_from_block_mask``), made before the first layer and held to
-  the step's end. :func:`block_mask` makes them (the compiled call's transient tensors, each at most
-  the size of these, die before the forward begins, and are not recorded).
+  the step's end; without ``separate_full_blocks`` the ``full_`` ones are None. :func:`block_mask`
+  makes them (the compiled call's transient tensors die before the forward begins, and are not
+  recorded).
 """
 
 from __future__ import annotations
@@ -105,14 +109,15 @@ def compiled_flex_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sco
                        kernel_options: Any = None) -> Tuple[torch.Tensor, Any]:
     """torchtitan's ``FlexAttention.compiled_flex_attn``: the output, no auxiliary outputs (torchtitan's
     language models ask for none: ``out_transform`` is None)."""
-    if score_mod is not None or (return_aux is not None and (getattr(return_aux, "lse", False)
-                                                             or getattr(return_aux, "max_scores", False))):
-        raise NotImplementedError("referee: flex attention with a score_mod or auxiliary outputs is not stood in for")
+    if score_mod is not None or kernel_options or (return_aux is not None and (
+            getattr(return_aux, "lse", False) or getattr(return_aux, "max_scores", False))):
+        raise NotImplementedError("referee: flex attention with a score_mod, kernel options (another backend) or "
+                                  "auxiliary outputs is not stood in for")
     return FlexAttention.apply(q, k, v), None
 
 
 def block_mask(mask_mod: Any, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int, device: Any = None,
-               BLOCK_SIZE: Any = 128, **_kwargs: Any) -> Any:
+               BLOCK_SIZE: Any = 128, _compile: bool = False, separate_full_blocks: bool = True, **_kwargs: Any) -> Any:
     """The ``BlockMask`` the compiled ``create_block_mask`` returns: its eight int32 tensors (no values)."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -122,8 +127,11 @@ def block_mask(mask_mod: Any, B: Optional[int], H: Optional[int], Q_LEN: int, KV
 
     def i32(*shape: int) -> torch.Tensor:
         return torch.empty(*shape, dtype=torch.int32, device=device)
-    kv = [i32(b, h, nq), i32(b, h, nq, nk), i32(b, h, nq), i32(b, h, nq, nk)]
-    q = [i32(b, h, nk), i32(b, h, nk, nq), i32(b, h, nk), i32(b, h, nk, nq)]
+
+    def full(*shape: int) -> Optional[torch.Tensor]:
+        return i32(*shape) if separate_full_blocks else None
+    kv = [i32(b, h, nq), i32(b, h, nq, nk), full(b, h, nq), full(b, h, nq, nk)]
+    q = [i32(b, h, nk), i32(b, h, nk, nq), full(b, h, nk), full(b, h, nk, nq)]
     return BlockMask((Q_LEN, KV_LEN), *kv, *q, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod)
 
 

@@ -175,8 +175,8 @@ def test_llama_3_8b_at_8k_holds_what_the_docs_say_torchtitan_holds_beyond_the_pr
     assert record["setup"]["checkpoint"] == list(range(32)) and record["setup"]["lm_chunks"] == 2
     assert record["summary"]["peak_bytes"] == 68_579_330_460
     assert _peak_row(compared) == ["65126287012", "68579330460", "+3453043448", "+5.302%"]
-    assert "measured -31 % to +89 % against such predictions (14 plans; Llama-3-8B at 8192 tokens on one H100: +5.3 %)" \
-        in " ".join(module.split())
+    assert ("measured -31 % to +89 % against such predictions (14 plans of its own models under FSDP2; Llama-3-8B at "
+            "8192 tokens on one H100: +5.3 %;") in " ".join(module.split())
 
 
 # The ends of the range `recommend --for torchtitan` cautions with (python/README.md's table of the torchtitan
@@ -192,3 +192,58 @@ def test_the_ends_of_the_range_the_caution_quotes(tmp_path, model, seq, precisio
 
     _, compared, _ = _record_titan(tmp_path, Entry(model, 8, seq, precision).recommend_args("torchtitan"))
     assert _peak_row(compared) == row
+
+
+# ---- a module or plan the referee must refuse, in one line (exit 2) -------------------------------------------
+
+@pytest.fixture(scope="module")
+def emitted_1b(tmp_path_factory):
+    """Llama-3.2-1B's plan for torchtitan at 4096 tokens and its module, as mst-plan writes them."""
+    if not TITAN:
+        pytest.skip("MST_TITAN_PATH is not set (scripts/test sets it)")
+    binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
+    if not binary.is_file():
+        pytest.skip("mst-plan is not built (set MST_PLAN or build/)")
+    d = tmp_path_factory.mktemp("emitted")
+    subprocess.run([str(binary), "recommend", "--model", "llama-3.2-1b", "--gpu", "h100-sxm-80gb", "--seq", "4096",
+                    "--for", "torchtitan", "--out", str(d / "plan.json")], check=True, capture_output=True)
+    subprocess.run([str(binary), "emit", "--plan", str(d / "plan.json"), "--format", "torchtitan", "--out", str(d)],
+                   check=True, capture_output=True)
+    return d
+
+
+def _module_edit(old, new):
+    return lambda text: text.replace(old, new) if old in text else pytest.fail(f"the emitted module has no {old!r}")
+
+
+@pytest.mark.parametrize("plan_edit, module_edit, error", [
+    # a module emitted for another model (torchtitan's 3B flavor) is not the plan's
+    (None, _module_edit('model_registry("1B")', 'model_registry("3B")'),
+     "mst_torchtitan.py: model.dim: expected the plan's 2048, got 3072"),
+    (None, _module_edit("num_chunks=2", "num_chunks=16"), "mst_torchtitan.py: loss.num_chunks: expected the plan's 2, got 16"),
+    (None, _module_edit('config.training.dtype = "bfloat16"', 'config.training.dtype = "float32"'),
+     "mst_torchtitan.py: training.dtype: expected the plan's bfloat16, got float32"),
+    (None, _module_edit("def mst_plan():", "def mst_plan():\n    raise ValueError('no')\n\ndef unused():"),
+     "mst_torchtitan.py: mst_plan: a config torchtitan loads; it raised"),
+    (None, _module_edit("def mst_plan():", "import sys\nsys.exit(3)\n\ndef mst_plan():"),
+     "mst_torchtitan.py: mst_plan: a config torchtitan loads; it raised SystemExit: 3"),
+    (lambda plan: plan.update(model="no-such-model"), None, "plan.json: model: expected"),
+    (lambda plan: plan["setup"].update(micro_batch=None), None,
+     "plan.json: setup.micro_batch: expected a positive integer, got None"),
+    (lambda plan: plan.update(gpus=2), None, "plan.json: gpus: expected the setup's dp x sp (1 x 1), got 2"),
+])
+def test_a_plan_or_module_that_is_not_what_mst_plan_wrote_is_one_line_and_exit_2(emitted_1b, tmp_path, plan_edit,
+                                                                                   module_edit, error):
+    plan = json.loads((emitted_1b / "plan.json").read_text())
+    if plan_edit:
+        plan_edit(plan)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    module = (emitted_1b / "mst_torchtitan.py").read_text()
+    (tmp_path / "mst_torchtitan.py").write_text(module_edit(module) if module_edit else module)
+    env = dict(os.environ, PYTHONPATH=f"{TITAN}:{REPO / 'python'}")
+    r = subprocess.run([sys.executable, "-m", "mst_referee.titan", "plan.json", ".", "--out", "m.json"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr[-2000:]
+    (line,) = r.stdout.splitlines()
+    assert line.startswith("error: ") and error in line, line
+    assert not (tmp_path / "m.json").exists()
