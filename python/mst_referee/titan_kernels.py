@@ -66,9 +66,15 @@ class FusedRmsNorm(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+_COMPOSITE_RMS_NORM = torch.nn.functional.rms_norm  # (torch's own, before stand_in replaces it)
+
+
 def rms_norm(input: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor] = None,
              eps: Optional[float] = None) -> torch.Tensor:
-    """``torch.nn.functional.rms_norm`` as it runs on a GPU: the fused op's output."""
+    """``torch.nn.functional.rms_norm`` as it runs on a GPU: the fused op's output; where the weight's dtype is
+    not the input's, ATen's composite on every device (``rms_norm_symint``), torch's own code here too."""
+    if weight is not None and weight.dtype != input.dtype:
+        return _COMPOSITE_RMS_NORM(input, normalized_shape, weight, eps)
     return FusedRmsNorm.apply(input, weight, tuple(normalized_shape), eps)[0]
 
 

@@ -69,6 +69,17 @@ def test_the_fused_rms_norm_saves_the_input_and_an_fp32_rstd_per_row_and_makes_t
                       (2048, "bf16[2, 8, 64]"), (2048, "bf16[2, 8, 64]"), (128, "bf16[64]")]
 
 
+def test_a_weight_of_another_dtype_than_the_input_takes_atens_composite_as_on_a_gpu():
+    # layer_norm.cpp, rms_norm_symint: a weight dtype other than the input's falls back to rms_norm_composite
+    with FakeTensorMode():
+        x = torch.empty(2, 8, 64, dtype=torch.bfloat16, requires_grad=True)
+        fused = rms_norm(x, [64], torch.empty(64, dtype=torch.bfloat16), 1e-5)
+        with pytest.warns(UserWarning, match="Cannot dispatch to fused implementation"):  # (torch says so itself)
+            composite = rms_norm(x, [64], torch.empty(64, dtype=torch.float32), 1e-5)
+    assert fused.grad_fn.name() == "FusedRmsNormBackward"
+    assert composite.grad_fn.name() != "FusedRmsNormBackward"
+
+
 def test_flex_attention_allocates_what_inductors_lowering_allocates():
     # B 1, 4 query heads, 2 key/value heads (GQA), S 256, head 32: q [1, 4, 256, 32] bf16 = 65536 bytes,
     # k and v 32768; lse and max fp32 [1, 4, 256] = 4096 each; out like q
