@@ -528,7 +528,7 @@ def measurement_file(job: Job, result: Mapping[str, Any]) -> Dict[str, Any]:
              f"overlap_comm {engine['overlap_comm']}, contiguous_gradients {engine['contiguous_gradients']}"]
     return {"format": "mst-measure/1", "backend": "referee", "model": Path(job.model_path).stem,
             "model_path": job.model_path, "seed": job.seed, "workspace_bytes": 0, "setup": job.setup,
-            "timeline": dict(timeline(job, result), rank=result["rank"]), "summary": summary, "run": job.name, "notes": notes}
+            "timeline": dict(timeline(job.model_path, result), rank=result["rank"]), "summary": summary, "run": job.name, "notes": notes}
 
 
 def main(argv: Any = None) -> int:

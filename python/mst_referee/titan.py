@@ -48,36 +48,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
+from mst_clients.titan import FUNCTION, MODULE
+
 from .jobs import CrosscheckError, check_plan, checkpoint_layers_from_spec, fail, resolve_model
 from .step import Observer, to_device
 
-MODULE, FUNCTION = "mst_torchtitan", "mst_plan"
 IGNORE_INDEX = -100  # torchtitan.components.loss.IGNORE_INDEX
 
 
 def load_config(module_dir: Path) -> Any:
-    """torchtitan's ``ConfigManager`` on the emitted module, as ``torchrun -m torchtitan.train --module
-    mst_torchtitan --config mst_plan`` reads it from ``module_dir``."""
-    from torchtitan.config import ConfigManager
+    """The emitted module as ``torchrun -m torchtitan.train --module mst_torchtitan --config mst_plan`` reads it from
+    ``module_dir`` (torchtitan's ConfigManager: :func:`mst_clients.titan.load`); one that does not load is one line."""
+    from mst_clients.titan import load
 
     if not (module_dir / f"{MODULE}.py").is_file():
         fail(str(module_dir), MODULE, f"expected {MODULE}.py (mst-plan emit --format torchtitan --out {module_dir})")
-    for name in [m for m in sys.modules if m == MODULE or m.startswith(MODULE + ".")]:
-        del sys.modules[name]  # a previous plan's module of the same name
-    sys.path.insert(0, str(module_dir))
     try:
-        return ConfigManager().parse_args(["--module", MODULE, "--config", FUNCTION])
+        return load(module_dir)
     except (Exception, SystemExit) as e:  # (torchtitan's own refusal of the module, or the module's, in one line)
         cause = f" (from {type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
         fail(str(module_dir / f"{MODULE}.py"), FUNCTION,
              f"a config torchtitan loads; it raised {type(e).__name__}: {e}{cause}")
-    finally:
-        sys.path.remove(str(module_dir))
 
 
 def plan_facts(plan: Any, where: str) -> Dict[str, Any]:
@@ -86,7 +81,7 @@ def plan_facts(plan: Any, where: str) -> Dict[str, Any]:
     from .jobs import read_json
 
     setup = check_plan(plan, where)["setup"]
-    facts: Dict[str, Any] = {"model": plan["model"], "setup": setup}
+    facts: Dict[str, Any] = {}
     for key, default in (("gpus", None), ("dp", 1), ("sp", 1), ("micro_batch", 1), ("grad_accum", 1), ("seq_len", None),
                          ("zero_stage", 0), ("lm_chunks", 1)):
         value = (plan if key == "gpus" else setup).get(key, default)
@@ -387,7 +382,7 @@ def titan_step(plan: Mapping[str, Any], module_dir: Path, rank: int = 0, where: 
         flavor = f"{config.model_spec.name} {config.model_spec.flavor}"
         layers, titan_accumulation = len(model.layers), titan.accumulation
         del model, titan
-    return {"events": [e.to_list() for e in events], "seconds": time.monotonic() - t0, "rank": rank, "world": gpus,
+    return {"events": [e.to_list() for e in events], "seconds": time.monotonic() - t0, "of": f"rank {rank} of {gpus}",
             "model": facts["model_name"], "model_path": facts["model_path"],
             "layers": layers, "corrected_sums": recorder.corrected_sums, "micro_steps": titan_accumulation,
             "micro_steps_recorded": min(titan_accumulation, 2),
@@ -418,22 +413,20 @@ def _mark_checkpoints(recorder: Any, model: Any, checkpoint: Any) -> List[Any]:
 def measurement_file(plan: Mapping[str, Any], result: Mapping[str, Any], run: str) -> Dict[str, Any]:
     """The recorded step as a referee measurement (``mst-measure/1``, backend referee), torchtitan's facts
     among its notes."""
-    from .referee import summarize_events
+    from .referee import summarize_events, timeline
 
     name, path = result["model"], result["model_path"]
     setup = dict(plan["setup"])
     summary = dict(summarize_events(result["events"]), seconds=result["seconds"], device="fake",
                    attn_implementation=result["attention"], layers=result["layers"], events=len(result["events"]),
                    corrected_sums=result["corrected_sums"], torch=result["torch"], torchtitan=result["torchtitan"])
-    timeline = {"format": "mst-timeline/1", "source": "referee", "model": Path(path).stem,
-                "micro_steps": result["micro_steps"], "micro_steps_recorded": result["micro_steps_recorded"],
-                "columns": ["kind", "tensor", "bytes", "category", "device", "phase", "layer", "micro_step", "op", "name"],
-                "events": result["events"]}  # (no rank: the plan's runtime walks its ranks alike; the notes say whose)
-    notes = [f"trainer: torchtitan {result['torchtitan']} ({result['flavor']}, {result['attention']}), rank "
-             f"{result['rank']} of {result['world']} (torch's fake process group, fake tensors; "
+    notes = [f"trainer: torchtitan {result['torchtitan']} ({result['flavor']}, {result['attention']}), "
+             f"{result['of']} (torch's fake process group, fake tensors; "
              "the fused RMSNorm, flex attention and its block mask stood in for: mst_referee.titan_kernels)"]
     return {"format": "mst-measure/1", "backend": "referee", "model": name, "model_path": str(path), "seed": 0,
-            "workspace_bytes": 0, "setup": setup, "timeline": timeline, "summary": summary, "run": run, "notes": notes}
+            "workspace_bytes": 0, "setup": setup, "run": run, "notes": notes, "summary": summary,
+            # (no rank in the timeline: the plan's runtime walks its ranks alike; the notes say whose)
+            "timeline": timeline(path, result)}
 
 
 def main(argv: Any = None) -> int:

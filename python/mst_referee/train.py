@@ -314,7 +314,7 @@ def referee_record(job: Job) -> Dict[str, Any]:
     summary.update(corrected_sums=result["corrected_sums"], seconds=result["seconds"],
                    attn_implementation=result["attn_implementation"], layers=job.layers, device="fake",
                    events=len(result["events"]), **describe_versions())
-    return measurement(job, summary, timeline=timeline(job, result))
+    return measurement(job, summary, timeline=timeline(job.model_path, result))
 
 
 def run_job(job: Job, device: str) -> Tuple[List[Dict[str, Any]], bool]:
