@@ -5,8 +5,10 @@ Each plan of matrix.titan_matrix() is made by ``recommend --for torchtitan`` and
 --config mst_plan`` loads it: torchtitan 0.3.0's ``ConfigManager.parse_args`` (its registry lookup,
 tyro's parsing and torchtitan's validation). What torchtitan makes of the result must be the plan:
 ``ParallelDims`` of the plan's GPU count (torchtitan's own check of the degrees), the batch and
-gradient accumulation as ``Trainer.__init__`` derives them, the sequence length, dtypes,
-activation checkpointing, the LM head's chunks, the optimizer, and the model: torchtitan's model
+gradient accumulation as ``Trainer.__init__`` derives them, and the knobs the module states on its
+own (plan_rows, which the referee's check_config refuses as well: the sequence length, dtypes,
+resharding, activation checkpointing, the LM head's chunks, the optimizer, the attention, the
+degrees torchtitan is not asked for), and the model: torchtitan's model
 built on the meta device has the plan model's parameter count, or the transformers backend
 loads the plan model's Hugging Face repository. Prints a row per file; exits 1 when any is
 refused or a plan could not be made, 2 on a usage error. Runs in a process of its own:
@@ -16,7 +18,7 @@ torchtitan's pins shadow transformers' (python/requirements/clients-torchtitan.t
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Tuple
 
 from . import matrix
 
@@ -36,11 +38,59 @@ def load(module_dir: Path):
         sys.path.remove(str(module_dir))
 
 
-def plan_problems(config, plan: Mapping[str, Any], model: Mapping[str, Any]) -> List[str]:
-    """Where torchtitan's reading of the config differs from the plan."""
-    import torch
+def plan_rows(config, setup: Mapping[str, Any], layers: int) -> List[Tuple[str, str, Any, Any]]:
+    """The knobs mst-plan's emitter writes that a loaded config states on its own, as (the config's field, what it
+    is, torchtitan's value, the plan's): the client check lists those that differ, the referee
+    (mst_referee.titan.check_config) refuses the first. ``setup``: the plan's setup, ``layers``: its model's."""
     from torchtitan.components.loss import ChunkedLossWrapper
     from torchtitan.distributed.activation_checkpoint import FullAC
+
+    from mst_referee.jobs import checkpoint_layers_from_spec
+
+    training, par, ac = config.training, config.parallelism, config.activation_checkpoint
+    checkpointed = len(checkpoint_layers_from_spec(setup.get("checkpoint", []), layers))
+    optimizer = setup.get("optimizer", "adamw")
+    rows = [
+        ("training.seq_len", "sequence length", training.seq_len, setup["seq_len"]),
+        ("training.local_batch_size", "micro-batch", training.local_batch_size, setup.get("micro_batch", 1)),
+        ("training.dtype", "training dtype", training.dtype,
+         "bfloat16" if setup.get("precision", "pure-bf16") == "pure-bf16" else "float32"),
+        ("training.mixed_precision_param", "compute dtype", training.mixed_precision_param, "bfloat16"),
+        ("training.mixed_precision_reduce", "gradient reduction dtype", training.mixed_precision_reduce, "float32"),
+        # (resharding as the emitter writes it: ZeRO-2's "never" only where FSDP2 shards over several ranks)
+        ("parallelism.fsdp_reshard_after_forward", "resharding after forward", par.fsdp_reshard_after_forward,
+         "never" if setup.get("zero_stage", 0) in (1, 2) and setup.get("dp", 1) > 1 else "default"),
+        ("activation_checkpoint", "checkpointed layers",
+         "all" if isinstance(ac, FullAC.Config) else "none" if ac is None else type(ac).__qualname__,
+         "none" if checkpointed == 0 else "all" if checkpointed == layers else f"{checkpointed} of {layers}"),
+        ("loss.num_chunks", "LM-head chunks",
+         config.loss.num_chunks if isinstance(config.loss, ChunkedLossWrapper.Config) else 1, setup.get("lm_chunks", 1)),
+        ("optimizer", "optimizer", [g.optimizer_name for g in config.optimizer.param_groups],
+         ["AdamW"] if optimizer == "adamw" else [optimizer]),
+        ("optimizer.implementation", "optimizer implementation", config.optimizer.implementation,
+         setup.get("optimizer_impl", "fused")),
+        ("parallelism.tensor_parallel_degree", "tensor-parallel degree", par.tensor_parallel_degree, 1),
+        ("parallelism.pipeline_parallel_degree", "pipeline-parallel degree", par.pipeline_parallel_degree, 1),
+        ("parallelism.context_parallel_degree", "context-parallel degree", par.context_parallel_degree, 1),
+        ("parallelism.expert_parallel_degree", "expert-parallel degree", par.expert_parallel_degree, 1),
+        ("compile.enable", "compile", config.compile.enable, False),
+        ("training.disable_cuda_graphs", "CUDA graphs", not training.disable_cuda_graphs, False),
+        ("training.enable_cpu_offload", "CPU offload", training.enable_cpu_offload, False),
+    ]
+    if config.model_spec.name != "transformers_modeling_backend":
+        from torchtitan.models.common.attention import FlexAttention
+
+        inner = config.model_spec.model.layers[0].attention.inner_attention
+        rows.append(("model.layers[0].attention.inner_attention", "attention",
+                     type(inner).__qualname__ + (" with kernel_options" if getattr(inner, "kernel_options", None) else ""),
+                     FlexAttention.Config.__qualname__))
+    return rows
+
+
+def plan_problems(config, plan: Mapping[str, Any], model: Mapping[str, Any]) -> List[str]:
+    """Where torchtitan's reading of the config differs from the plan: plan_rows, and what torchtitan derives
+    from the config (its ParallelDims, the batch arithmetic of Trainer.__init__, the model it builds)."""
+    import torch
     from torchtitan.distributed.parallel_dims import ParallelDims
 
     setup, training, par = plan["setup"], config.training, config.parallelism
@@ -55,32 +105,12 @@ def plan_problems(config, plan: Mapping[str, Any], model: Mapping[str, Any]) -> 
         return [f"torchtitan: global batch {global_batch} is not a multiple of local {training.local_batch_size} "
                 f"x data-parallel degree {batch_degree}"]
     accumulation = global_batch // (training.local_batch_size * batch_degree)
-    checkpointed = len(setup["checkpoint"])  # the checkpointed layers' indices
-    want = {
+    want = {what: (got, expected) for _, what, got, expected in plan_rows(config, setup, model["layers"])}
+    want.update({
         "data-parallel degree": (batch_degree, setup["dp"]),
         "sharded (FSDP2)": (dims.dp_shard > 1, setup["zero_stage"] > 0 and setup["dp"] > 1),
-        "sequence length": (training.seq_len, setup["seq_len"]),
-        "micro-batch": (training.local_batch_size, setup["micro_batch"]),
         "gradient accumulation": (accumulation, setup["grad_accum"]),
-        "training dtype": (training.dtype, "bfloat16" if setup["precision"] == "pure-bf16" else "float32"),
-        "compute dtype": (training.mixed_precision_param, "bfloat16"),
-        "checkpointed layers": ("all" if isinstance(config.activation_checkpoint, FullAC.Config)
-                                else "none" if config.activation_checkpoint is None
-                                else type(config.activation_checkpoint).__qualname__,
-                                "none" if checkpointed == 0 else "all" if checkpointed == model["layers"]
-                                else f"{checkpointed} of {model['layers']}"),
-        "LM-head chunks": (config.loss.num_chunks if isinstance(config.loss, ChunkedLossWrapper.Config) else 1,
-                           setup["lm_chunks"]),
-        "optimizer": ([g.optimizer_name for g in config.optimizer.param_groups], ["AdamW"]),
-        "optimizer implementation": (config.optimizer.implementation, setup["optimizer_impl"]),
-        "tensor/pipeline/expert/context degrees": ((dims.tp, dims.pp, dims.ep, dims.cp), (1, 1, 1, 1)),
-        "compile": (config.compile.enable, False),
-        "CUDA graphs": (not training.disable_cuda_graphs, False),
-        "CPU offload": (training.enable_cpu_offload, False),
-    }
-    if setup["zero_stage"] > 0 and setup["dp"] > 1:
-        want["resharding after forward"] = (par.fsdp_reshard_after_forward,
-                                            "default" if setup["zero_stage"] == 3 else "never")
+    })
     if config.model_spec.name == "transformers_modeling_backend":
         want["Hugging Face model"] = (config.hf_model, model["hf_repo"])
     else:

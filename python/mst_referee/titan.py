@@ -106,67 +106,37 @@ def plan_facts(plan: Any, where: str) -> Dict[str, Any]:
 
 
 def check_config(config: Any, plan: Mapping[str, Any], where: str) -> None:
-    """The layouts this referee runs, and the module is the plan's: every knob mst-plan's emitter writes (model,
-    batch, ranks, dtypes, resharding, checkpoints, the loss's chunks, the optimizer, the attention) as the plan
-    has it (``plan``: :func:`plan_facts`)."""
-    from torchtitan.components.loss import ChunkedLossWrapper
-    from torchtitan.distributed.activation_checkpoint import FullAC
-    from torchtitan.models.common.attention import FlexAttention
+    """The layouts this referee runs, and the module is the plan's: every knob mst-plan's emitter writes
+    (:func:`mst_clients.titan.plan_rows`: batch, dtypes, resharding, checkpoints, the loss's chunks, the
+    optimizer, the attention), the model's dimensions and the ranks as the plan has them (``plan``:
+    :func:`plan_facts`)."""
+    from mst_clients.titan import plan_rows
 
     par, training, gpus = config.parallelism, config.training, plan["gpus"]
     if config.model_spec.name == "transformers_modeling_backend":
         fail(where, "model_spec", "one of torchtitan's own models (the referee does not run its transformers backend, "
              f"an experiment), got {config.hf_model}")
-    for field_name, degree in (("data_parallel_replicate_degree", par.data_parallel_replicate_degree),
-                               ("tensor_parallel_degree", par.tensor_parallel_degree),
-                               ("pipeline_parallel_degree", par.pipeline_parallel_degree),
-                               ("context_parallel_degree", par.context_parallel_degree),
-                               ("expert_parallel_degree", par.expert_parallel_degree)):
-        if degree != 1:
-            fail(where, f"parallelism.{field_name}", f"expected 1 (the referee runs FSDP2 alone), got {degree}")
-    for field_name, on in (("compile.enable", config.compile.enable), ("training.enable_cpu_offload", training.enable_cpu_offload),
-                           ("training.disable_cuda_graphs", not training.disable_cuda_graphs)):
-        if on:
-            fail(where, field_name, "expected eager PyTorch without CPU offload or CUDA graphs, as mst-plan emits it")
+    if par.data_parallel_replicate_degree != 1:
+        fail(where, "parallelism.data_parallel_replicate_degree",
+             f"expected 1 (the referee runs FSDP2 alone), got {par.data_parallel_replicate_degree}")
     if par.data_parallel_shard_degree not in (-1, gpus):
         fail(where, "parallelism.data_parallel_shard_degree",
              f"expected the plan's {gpus} data-parallel ranks (or -1: every GPU), got {par.data_parallel_shard_degree}")
     model, hf = config.model_spec.model, plan["hf_config"]
     attention = model.layers[0].attention
-    loss = config.loss
-    chunks = loss.num_chunks if isinstance(loss, ChunkedLossWrapper.Config) else 1
-    resharding = "never" if plan["zero_stage"] in (1, 2) and gpus > 1 else "default"
-    want = {  # field: (the module's, the plan's)
-        "model.dim": (model.dim, hf.get("hidden_size")),
-        "model.layers": (len(model.layers), hf.get("num_hidden_layers")),
-        "model.vocab_size": (model.vocab_size, hf.get("vocab_size")),
-        "model.layers[0].attention.n_heads": (attention.n_heads, hf.get("num_attention_heads")),
-        "model.layers[0].attention.n_kv_heads": (attention.n_kv_heads or attention.n_heads,
-                                                 hf.get("num_key_value_heads", hf.get("num_attention_heads"))),
-        "training.seq_len": (training.seq_len, plan["seq_len"]),
-        "training.local_batch_size": (training.local_batch_size, plan["micro_batch"]),
-        "training.global_batch_size": (training.global_batch_size, plan["micro_batch"] * gpus * plan["grad_accum"]),
-        "training.dtype": (training.dtype, "bfloat16" if plan["precision"] == "pure-bf16" else "float32"),
-        "training.mixed_precision_param": (training.mixed_precision_param, "bfloat16"),
-        "training.mixed_precision_reduce": (training.mixed_precision_reduce, "float32"),
-        "parallelism.fsdp_reshard_after_forward": (par.fsdp_reshard_after_forward, resharding),
-        "loss.num_chunks": (chunks, plan["lm_chunks"]),
-        "optimizer": ([g.optimizer_name for g in config.optimizer.param_groups],
-                      ["AdamW"] if plan["optimizer"] == "adamw" else [plan["optimizer"]]),
-        "optimizer.implementation": (config.optimizer.implementation, plan["optimizer_impl"]),
-        "model.layers[0].attention.inner_attention": (
-            type(attention.inner_attention).__qualname__ + (" with kernel_options" if getattr(
-                attention.inner_attention, "kernel_options", None) else ""), FlexAttention.Config.__qualname__),
-    }
-    for field_name, (got, expected) in want.items():
+    rows = [
+        ("model.dim", "hidden size", model.dim, hf.get("hidden_size")),
+        ("model.layers", "layers", len(model.layers), hf.get("num_hidden_layers")),
+        ("model.vocab_size", "vocabulary", model.vocab_size, hf.get("vocab_size")),
+        ("model.layers[0].attention.n_heads", "attention heads", attention.n_heads, hf.get("num_attention_heads")),
+        ("model.layers[0].attention.n_kv_heads", "key/value heads", attention.n_kv_heads or attention.n_heads,
+         hf.get("num_key_value_heads", hf.get("num_attention_heads"))),
+        ("training.global_batch_size", "global batch", training.global_batch_size,
+         plan["micro_batch"] * gpus * plan["grad_accum"]),
+    ] + plan_rows(config, plan, len(model.layers))
+    for field_name, _, got, expected in rows:
         if got != expected:
             fail(where, field_name, f"expected the plan's {expected}, got {got}")
-    layers = len(model.layers)
-    checkpointed = len(checkpoint_layers_from_spec(plan["checkpoint"], layers))
-    ac = config.activation_checkpoint
-    if not ((isinstance(ac, FullAC.Config) and checkpointed == layers) or (ac is None and checkpointed == 0)):
-        fail(where, "activation_checkpoint", f"expected the plan's {checkpointed} of {layers} layers checkpointed "
-             f"(FullAC or None), got {type(ac).__name__}")
 
 
 @contextlib.contextmanager

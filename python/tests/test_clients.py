@@ -254,6 +254,7 @@ def mst_plan():
     config.parallelism.fsdp_reshard_after_forward = "default"
     config.activation_checkpoint = FullAC.Config()
     config.loss = ChunkedLossWrapper.Config(num_chunks=4, loss_fn=CrossEntropyLoss.Config(global_vocab_size=128256))
+    {extra}
     return config
 '''
 
@@ -263,13 +264,14 @@ def titan_verdicts(tmp_path_factory):
     """titan.check on hand-written modules, in one interpreter with torchtitan's pins first."""
     if not TITAN:
         pytest.skip("MST_TITAN_PATH is not set (scripts/test sets it)")
-    right = dict(flavor="1B", global_batch=64, tp=1, seq=8192, rope_factor=32.0)
+    right = dict(flavor="1B", global_batch=64, tp=1, seq=8192, rope_factor=32.0, extra="")
     cases = {"right": right,
              "8B": dict(right, flavor="8B"),
              "uneven": dict(right, global_batch=60),
              "tp": dict(right, tp=8),
              "long": dict(right, seq=262144),
-             "flavor's rope": dict(right, rope_factor=8.0)}
+             "flavor's rope": dict(right, rope_factor=8.0),
+             "bf16 reduce": dict(right, extra='config.training.mixed_precision_reduce = "bfloat16"')}
     runs = []
     for name, fields in cases.items():
         d = tmp_path_factory.mktemp(name)
@@ -303,6 +305,11 @@ def test_the_flavors_rope_scaling_is_not_the_plan_models(titan_verdicts):
     # torchtitan's 1B flavor scales by 8; Llama-3.2-1B's config.json by 32
     (problem,) = titan_verdicts["flavor's rope"]
     assert problem.startswith("plan: torchtitan's RoPE is {'theta': 500000.0, 'scaling': 'llama', 'factor': 8.0")
+
+
+def test_gradients_reduced_in_bf16_are_not_the_plans_fp32_reduction(titan_verdicts):
+    # (a row of plan_rows, which the referee's check_config refuses too)
+    assert titan_verdicts["bf16 reduce"] == ["plan: torchtitan's gradient reduction dtype is bfloat16, the plan's float32"]
 
 
 def test_a_global_batch_that_is_no_multiple_of_local_times_dp_is_refused_as_torchtitan_asserts(titan_verdicts):

@@ -234,6 +234,11 @@ def _module_edit(old, new):
     (None, _module_edit("num_chunks=2", "num_chunks=16"), "mst_torchtitan.py: loss.num_chunks: expected the plan's 2, got 16"),
     (None, _module_edit('config.training.dtype = "bfloat16"', 'config.training.dtype = "float32"'),
      "mst_torchtitan.py: training.dtype: expected the plan's bfloat16, got float32"),
+    # (rows of mst_clients.titan.plan_rows, which the client check lists too)
+    (None, _module_edit("config.compile.enable = False", "config.compile.enable = True"),
+     "mst_torchtitan.py: compile.enable: expected the plan's False, got True"),
+    (None, _module_edit('config.optimizer.implementation = "fused"', 'config.optimizer.implementation = "foreach"'),
+     "mst_torchtitan.py: optimizer.implementation: expected the plan's fused, got foreach"),
     (None, _module_edit("def mst_plan():", "def mst_plan():\n    raise ValueError('no')\n\ndef unused():"),
      "mst_torchtitan.py: mst_plan: a config torchtitan loads; it raised"),
     (None, _module_edit("def mst_plan():", "import sys\nsys.exit(3)\n\ndef mst_plan():"),
