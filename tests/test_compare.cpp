@@ -2,6 +2,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -46,6 +47,25 @@ TEST_CASE("compare: one event 512 bytes larger is found, and so is the peak it r
     CHECK(c.measured_event->bytes == c.predicted_event->bytes + 512);
     CHECK(c.peak_error() == 512);
     CHECK(c.rows.front().relative() == doctest::Approx(512.0 / double(s.peak.bytes)));
+}
+
+TEST_CASE("compare: a row predicted as 0 and measured otherwise has no finite relative error, and says so") {
+    // 0 -> 3 MiB is not "+100 %" (what an older rule printed: it read as off by two): the relative error is
+    // infinite, printed "n/a", null in JSON; a 2 MiB prediction measured 3 MiB is +50 %.
+    const CompareRow zero{"category host", 0, 3 << 20}, both{"category host", 0, 0}, half{"peak", 2 << 20, 3 << 20};
+    CHECK(std::isinf(zero.relative()));
+    CHECK(zero.relative() > 0);
+    CHECK(zero.relative_text() == "n/a (predicted 0)");
+    CHECK(zero.relative_json().is_null());
+    CHECK(both.relative() == 0);
+    CHECK(both.relative_text() == "+0.000%");
+    CHECK(half.relative_text(" %") == "+50.000 %");
+    CHECK(half.relative_json() == 0.5);
+    // report: its outliers hold such a row over any limit.
+    ReportRow r;
+    r.file = "m.json", r.peak = zero;
+    const std::vector<ReportRow> rows{r};
+    CHECK(report_outliers(rows, ReportLimits{}).size() == 1);
 }
 
 TEST_CASE("compare: the frees that empty the autocast cache match in any order, other frees and allocations do not") {

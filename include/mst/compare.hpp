@@ -33,7 +33,11 @@ struct CompareRow {
     std::string label;  // "peak", "phase forward", "category gradients", "host peak"
     bytes_t predicted = 0, measured = 0;
     bytes_t error() const { return measured - predicted; }  // absolute, bytes
-    double relative() const;                                // error / predicted (0 when both are 0)
+    // error / predicted: 0 when both are 0, infinite (of the error's sign) when only the prediction
+    // is 0 (no finite relative error: relative_text() says so, relative_json() is null).
+    double relative() const;
+    std::string relative_text(const char* unit = "%") const;  // "+1.234%", or "n/a (predicted 0)"
+    nlohmann::json relative_json() const;
 };
 
 struct Comparison {

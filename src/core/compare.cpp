@@ -1,6 +1,8 @@
 #include "mst/compare.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <filesystem>
 
 #include <fmt/format.h>
@@ -84,8 +86,18 @@ std::optional<std::int64_t> first_divergence(const Timeline& predicted, const Ti
 }
 
 double CompareRow::relative() const {
-    if (predicted == 0) return measured == 0 ? 0.0 : 1.0;
+    if (predicted == 0) return measured == 0 ? 0.0 : std::copysign(std::numeric_limits<double>::infinity(), static_cast<double>(measured));
     return static_cast<double>(error()) / static_cast<double>(predicted);
+}
+
+std::string CompareRow::relative_text(const char* unit) const {
+    const double r = relative();
+    return std::isfinite(r) ? fmt::format("{:+.3f}{}", 100.0 * r, unit) : std::string("n/a (predicted 0)");
+}
+
+nlohmann::json CompareRow::relative_json() const {
+    const double r = relative();
+    return std::isfinite(r) ? nlohmann::json(r) : nlohmann::json(nullptr);
 }
 
 Comparison compare_timelines(const Timeline& predicted, const Timeline& measured, std::int64_t num_layers) {
@@ -132,7 +144,7 @@ nlohmann::json to_json(const Comparison& c) {
                         {"predicted_bytes", r.predicted},
                         {"measured_bytes", r.measured},
                         {"error_bytes", r.error()},
-                        {"relative_error", r.relative()}});
+                        {"relative_error", r.relative_json()}});
     nlohmann::json j = {{"rows", rows},
                         {"predicted_events", c.predicted_events},
                         {"measured_events", c.measured_events},
@@ -239,6 +251,10 @@ StepFile parse_step_file(const nlohmann::json& j, const std::string& path) {
         auto s = r.object("summary");
         f.peaks = MeasuredPeaks{s.integer("peak_allocated_bytes", 0, limits::kBytes),
                                 s.integer("peak_reserved_bytes", 0, limits::kBytes)};
+        // (the caching allocator's segments hold every block it hands out)
+        if (f.peaks->reserved < f.peaks->allocated)
+            s.fail("peak_reserved_bytes", fmt::format("expected at least peak_allocated_bytes ({}), got {}", f.peaks->allocated,
+                                                      f.peaks->reserved));
         f.timeline.source = backend;
         f.timeline.model = r.string("model");
     } else {

@@ -86,7 +86,10 @@ std::vector<std::string> measurement_files(const std::vector<std::string>& roots
     return files;
 }
 
-std::string percent(double relative) { return fmt::format("{:+.3f} %", 100.0 * relative); }
+// (an error with no finite relative value, where only the prediction is 0: CompareRow::relative)
+std::string percent(double relative) {
+    return std::isfinite(relative) ? fmt::format("{:+.3f} %", 100.0 * relative) : std::string("n/a (predicted 0)");
+}
 
 std::string compare_cell(const CompareRow& r) {
     return fmt::format("{} / {} / {}", format_bytes(r.predicted), format_bytes(r.measured), percent(r.relative()));

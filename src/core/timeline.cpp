@@ -19,6 +19,11 @@ constexpr const char* kCategoryNames[kCategoryCount] = {"weights", "master_weigh
                                                         "optimizer_state", "saved_activation", "transient",
                                                         "checkpoint", "offloaded", "workspace"};
 constexpr const char* kTimelineFormat = "mst-timeline/1";
+// Each event's columns, in the order a timeline file writes them.
+const nlohmann::json& event_columns() {
+    static const nlohmann::json columns = {"kind", "tensor", "bytes", "category", "device", "phase", "layer", "micro_step", "op", "name"};
+    return columns;
+}
 // Live bytes are a sum over events: checked, so a timeline whose tensors add up past 2^63 (a
 // tampered file, an absurd setup) is a user error, never a negative peak.
 constexpr const char* kLiveBytes = "live bytes";
@@ -153,7 +158,7 @@ nlohmann::json to_json(const Timeline& t) {
                         {"model", t.model},
                         {"micro_steps", t.micro_steps},
                         {"micro_steps_recorded", t.micro_steps_recorded},
-                        {"columns", {"kind", "tensor", "bytes", "category", "device", "phase", "layer", "micro_step", "op", "name"}},
+                        {"columns", event_columns()},
                         {"events", events}};
     if (t.rank >= 0) j["rank"] = t.rank;
     return j;
@@ -168,12 +173,16 @@ Timeline timeline_from_json(const nlohmann::json& j, const std::string& where) {
     t.micro_steps = static_cast<std::int32_t>(r.integer("micro_steps", 1, limits::kGradAccum));
     t.micro_steps_recorded = static_cast<std::int32_t>(r.integer("micro_steps_recorded", 1, t.micro_steps));
     t.rank = r.opt_integer("rank", 0, limits::kGpus - 1).value_or(-1);
-    r.known({"columns"});  // the names of the event columns, for a person reading the file
+    constexpr const char* kColumns = "[kind, tensor, bytes, category, device, phase, layer, micro_step, op, name]";
+    // (the names of the event columns, for a person reading the file: the order every reader assumes)
+    if (r.has("columns") && r.raw("columns") != event_columns())
+        r.fail("columns", fmt::format("expected {} (the order of each event's columns), got {}", kColumns,
+                                      detail::shown(r.raw("columns"))));
     const auto& events = r.raw("events");
     if (!events.is_array()) r.fail("events", "expected an array");
+    if (events.empty()) r.fail("events", "expected the step's allocations and frees, got none");
     r.reject_unknown();
     t.events.reserve(events.size());
-    constexpr const char* kColumns = "[kind, tensor, bytes, category, device, phase, layer, micro_step, op, name]";
     for (std::size_t i = 0; i < events.size(); ++i) {
         const auto& a = events[i];
         const std::string field = fmt::format("events[{}]", i);
