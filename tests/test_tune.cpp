@@ -658,6 +658,26 @@ TEST_CASE("max-seq: each technique fits at least as long a sequence, and the ans
     }
 }
 
+TEST_CASE("max-seq: an offload row that the host's memory ends says so (host_bound), the rows the GPU ends do not") {
+    // Llama-3-8B offloads 32 layers x S tokens x 4096 x 2 bytes of checkpoints: 1 GiB of host memory holds
+    // S = 2^30 / (32 x 4096 x 2) = 4096 tokens, far below what checkpointing + MsT reaches on the GPU alone.
+    TuneRequest rq = request("llama-3-8b", "a100-80gb", 1, 4096);
+    rq.host_bytes_per_gpu = kGiB;
+    const MaxSeqResult r = max_seq(rq, std::nullopt);
+    REQUIRE(r.rows.size() == 4);
+    const MaxSeqRow &mst = r.rows[2], &offload = r.rows[3];
+    CHECK(offload.max_seq == 4096);
+    CHECK(offload.host_bound);
+    CHECK(offload.memory.host_peak_bytes == kGiB);
+    CHECK(mst.max_seq > 4 * offload.max_seq);
+    for (std::size_t i = 0; i < 3; ++i) CHECK_FALSE(r.rows[i].host_bound);
+    // No host memory at all: the offload row fits no length, and says why.
+    rq.host_bytes_per_gpu = 0;
+    const MaxSeqRow none = max_seq(rq, std::nullopt).rows[3];
+    CHECK(none.max_seq == 0);
+    CHECK(none.host_bound);
+}
+
 TEST_CASE("the no-fit diagnosis is a setup the search met: host budget, accumulation, one rank's stage, step in backward") {
     // Qwen3-8B at 4M tokens over 8 H100s (kernels runtime, sp 8): every layer's checkpoint offloaded
     // is 36 layers x 4194304 / 8 tokens x 4096 x 2 bytes = 144 GiB of host memory per GPU, over the

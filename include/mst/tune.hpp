@@ -127,6 +127,9 @@ struct MaxSeqRow {
     std::string refused;       // --for: why that format's trainer cannot train the strategy (then not searched)
     bytes_t trainer_extra_bytes = 0;  // --for: kept free of the budget at max_seq for the trainer's own allocations
     std::string invalid_beyond;       // why the next length's setup is invalid, where that, not the budget, ends the row
+    // The host's memory for offloaded checkpoints (--host-gib), not the GPU's, ends the row: the next length
+    // (or, when nothing fits, the shortest) fits the GPU's budget with more host memory.
+    bool host_bound = false;
 };
 
 struct MaxSeqResult {

@@ -383,7 +383,8 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                             {"peak_reserved_bytes", row.memory.peak_reserved_bytes},
                             {"host_bytes", row.memory.host_peak_bytes},
                             {"setup", to_json(row.setup)},
-                            {"trainer_extra_bytes", row.trainer_extra_bytes}});
+                            {"trainer_extra_bytes", row.trainer_extra_bytes},
+                            {"host_bound", row.host_bound}});
             if (!row.refused.empty()) rows.back()["refused"] = row.refused;  // --for: not searched, and why
         }
         return print_json({{"model", rq.model.name},
@@ -439,6 +440,13 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         if (row.max_seq > 0 && !row.invalid_beyond.empty())
             fmt::print("note: {} ends at {} tokens because a longer sequence makes its setup invalid, not the budget: {}\n",
                        row.strategy, row.max_seq, row.invalid_beyond);
+    // A row that offloads every checkpoint, ended by the host's memory for them (less than the rows before it may reach)
+    for (const auto& row : r.rows)
+        if (row.refused.empty() && row.host_bound)
+            fmt::print("note: {} {} because its offloaded checkpoints need more host memory than --host-gib's {} per GPU "
+                       "(every checkpointed layer is offloaded), not because of the GPU's\n",
+                       row.strategy, row.max_seq > 0 ? fmt::format("ends at {} tokens", row.max_seq) : std::string("fits no length"),
+                       format_bytes(rq.host_bytes_per_gpu));
     // FSDP2's layout options given, and no row shards with FSDP2 (one GPU; a model or knobs FSDP2 is not modelled for)
     if (const std::string unused = fsdp2_layout_unused(rq.base);
         !unused.empty() && std::none_of(r.rows.begin(), r.rows.end(), [](const MaxSeqRow& row) {

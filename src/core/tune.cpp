@@ -1094,21 +1094,28 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
         if (st.chunk_tokens.lm) t.lm_chunks = chunks_for_tokens(t, *st.chunk_tokens.lm);
         return t;
     };
-    auto at = [&](std::int64_t S, MaxSeqRow* r) {
+    auto at = [&](std::int64_t S, MaxSeqRow* r, bytes_t host = -1) {
         const TrainingSetup t = setup_at(S);
         if (!valid(t, m)) return false;
         const bytes_t extra = st.trainer.empty() ? 0 : trainer_extra_bytes(st.trainer, t, m);
         MemoryPeaks p;
-        const bool ok = sim.fits(t, budget - extra, host_budget, &p);
+        const bool ok = sim.fits(t, budget - extra, host < 0 ? host_budget : host, &p);
         if (ok && r) r->memory = p, r->setup = t, r->max_seq = S, r->trainer_extra_bytes = extra;
         return ok;
+    };
+    // Whether the host's budget, not the GPU's, is what `S` does not fit.
+    auto host_bound = [&](std::int64_t S) {
+        return st.setup.offload_checkpoints && at(S, nullptr, std::numeric_limits<bytes_t>::max());
     };
     constexpr std::int64_t kLimit = limits::kSeqLen;
     // The shortest length the knobs are valid at: a setup's chunk counts need as many tokens per rank
     // (more tokens never make them invalid).
     std::int64_t lo = granule;
     while (lo <= kLimit / 2 && !valid(setup_at(lo), m)) lo *= 2;
-    if (!at(lo, row)) return 0;
+    if (!at(lo, row)) {
+        if (row) row->host_bound = host_bound(lo);
+        return 0;
+    }
     std::int64_t hi = lo;
     while (hi <= kLimit / 2 && at(hi * 2, row)) hi *= 2;
     lo = hi, hi = std::min(hi * 2, kLimit + granule);  // lo fits, hi does not (or past the limit)
@@ -1123,6 +1130,7 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
     if (row) {
         try {
             validate(setup_at(lo + granule), m);
+            row->host_bound = lo + granule <= kLimit && host_bound(lo + granule);
         } catch (const UserError& e) {
             row->invalid_beyond = e.what();
         }
