@@ -397,6 +397,17 @@ TEST_CASE("catalog names are case-insensitive and paths are accepted") {
     CHECK(msg.find("llama-3-8b") != std::string::npos);  // the message lists what exists
 }
 
+TEST_CASE("a plan names a model or GPU file by its absolute path, a catalog entry by its name") {
+    // (emit reads a plan recommend wrote, from whatever directory it runs in)
+    namespace fs = std::filesystem;
+    const fs::path here = fs::current_path();
+    CHECK(portable_ref("llama-3-8b") == "llama-3-8b");
+    CHECK(portable_ref("configs/my-model.json") == (here / "configs" / "my-model.json").string());
+    CHECK(portable_ref("./a/../gpu.json") == (here / "gpu.json").string());
+    CHECK(portable_ref("/srv/models/x.json") == "/srv/models/x.json");
+    CHECK(portable_ref("models/llama") == (here / "models" / "llama").string());  // (a path: it has a '/')
+}
+
 TEST_CASE("tiny test model: parameter count by hand") {
     const auto p = find_model("tiny-llama").parameters();
     // d 64, I 176, L 2, 4 heads x 16, 2 KV heads, V 256, untied.

@@ -21,5 +21,8 @@ std::vector<std::string> gpu_names();
 // A catalog name (case-insensitive) or a path to a .json file.
 ModelSpec find_model(const std::string& name_or_path);
 GpuProfile find_gpu(const std::string& name_or_path);
+// A model or GPU as a file written here names it, to be found from any directory: a path (a file,
+// or a name ending in .json) made absolute, a catalog name as it is.
+std::string portable_ref(const std::string& name_or_path);
 
 }  // namespace mst

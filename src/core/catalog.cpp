@@ -53,9 +53,13 @@ std::string lower(std::string s) {
 }
 
 // A path when it names a file or ends in .json; otherwise a catalog entry.
+bool is_path(const std::string& name_or_path) {
+    return fs::path(name_or_path).extension() == ".json" || name_or_path.find('/') != std::string::npos;
+}
+
 fs::path resolve(const std::string& name_or_path, const char* folder, const char* what) {
     const fs::path as_path(name_or_path);
-    if (as_path.extension() == ".json" || name_or_path.find('/') != std::string::npos) return as_path;
+    if (is_path(name_or_path)) return as_path;
     const fs::path dir = data_dir() / folder;
     const auto names = names_in(dir);
     const std::string wanted = lower(name_or_path);
@@ -66,6 +70,13 @@ fs::path resolve(const std::string& name_or_path, const char* folder, const char
 }
 
 }  // namespace
+
+std::string portable_ref(const std::string& name_or_path) {
+    if (!is_path(name_or_path)) return name_or_path;
+    std::error_code ec;
+    const fs::path absolute = fs::absolute(name_or_path, ec);
+    return ec ? name_or_path : absolute.lexically_normal().string();
+}
 
 std::vector<std::string> model_names() { return names_in(data_dir() / "models"); }
 std::vector<std::string> gpu_names() { return names_in(data_dir() / "profiles"); }

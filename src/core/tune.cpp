@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>  // fmt::join
 
+#include "mst/catalog.hpp"
 #include "mst/emit.hpp"
 #include "mst/error.hpp"
 #include "mst/limits.hpp"
@@ -1058,8 +1059,8 @@ Recommendation recommend(const TuneRequest& rq) {
 
 Plan to_plan(const Recommendation& r, const TuneRequest& rq, const std::string& model_ref, const std::string& gpu_ref) {
     Plan p;
-    p.model = model_ref;
-    p.gpu = gpu_ref;
+    p.model = portable_ref(model_ref);  // (emit may run elsewhere)
+    p.gpu = portable_ref(gpu_ref);
     p.gpus = rq.gpus;
     p.setup = r.best.setup;
     Prediction& x = p.prediction;
