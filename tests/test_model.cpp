@@ -395,6 +395,9 @@ TEST_CASE("catalog names are case-insensitive and paths are accepted") {
     CHECK(find_model(path).hidden_size == 64);
     const auto msg = test::expect_user_error([] { (void)find_model("llama-9-1t"); });
     CHECK(msg.find("llama-3-8b") != std::string::npos);  // the message lists what exists
+    // A name cut short is pointed to the entries it begins (not "a100-40gb", two edits from "h100").
+    CHECK(test::expect_user_error([] { (void)find_gpu("H100"); }).ends_with("; h100-pcie-80gb and h100-sxm-80gb begin with it"));
+    CHECK(test::expect_user_error([] { (void)find_gpu("b200"); }).ends_with("; b200-180gb begins with it"));
 }
 
 TEST_CASE("a plan names a model or GPU file by its absolute path, a catalog entry by its name") {

@@ -65,8 +65,14 @@ fs::path resolve(const std::string& name_or_path, const char* folder, const char
     const std::string wanted = lower(name_or_path);
     for (const auto& n : names)
         if (lower(n) == wanted) return dir / (n + ".json");
-    fail(name_or_path, what, fmt::format("expected a catalog name ({}) or a path to a .json file; the closest is {}",
-                                                 fmt::join(names, ", "), closest(wanted, names)));
+    // (a name cut short, "h100": the entries it begins, rather than the one a few edits away)
+    std::vector<std::string> begun;
+    for (const auto& n : names)
+        if (!wanted.empty() && lower(n).starts_with(wanted)) begun.push_back(n);
+    fail(name_or_path, what,
+         fmt::format("expected a catalog name ({}) or a path to a .json file; {}", fmt::join(names, ", "),
+                     begun.empty() ? fmt::format("the closest is {}", closest(wanted, names))
+                                   : fmt::format("{} begin{} with it", fmt::join(begun, " and "), begun.size() == 1 ? "s" : "")));
 }
 
 }  // namespace
