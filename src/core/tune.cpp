@@ -59,6 +59,14 @@ void parse_pin(const std::string& text, const ModelSpec& model, Pins& pins) {
              "expected KEY=VALUE (keys: M_mlp, M_lm, mlp_impl, lm_impl, checkpoint, offload, sp, ep, zero, micro_batch, "
              "overlap_comm)");
     const std::string key = text.substr(0, eq), value = text.substr(eq + 1);
+    // One value per knob: a second --pin of it (or of its other name) would silently replace the first.
+    const bool pinned = ((key == "M_mlp" || key == "mlp_chunks") && pins.mlp_chunks) ||
+                        ((key == "M_lm" || key == "lm_chunks") && pins.lm_chunks) || (key == "mlp_impl" && pins.mlp_impl) ||
+                        (key == "lm_impl" && pins.lm_impl) || (key == "sp" && pins.sp) || (key == "ep" && pins.ep) ||
+                        (key == "zero" && pins.zero_stage) || (key == "micro_batch" && pins.micro_batch) ||
+                        (key == "offload" && pins.offload) || (key == "overlap_comm" && pins.overlap_comm) ||
+                        (key == "checkpoint" && (pins.checkpoint || pins.checkpoint_count));
+    if (pinned) fail("--pin", key, fmt::format("expected one value (it is pinned twice; the second is '{}')", value));
     if (key == "M_mlp" || key == "mlp_chunks") pins.mlp_chunks = pin_int(key, value, 1, max_mlp_chunks(model));
     else if (key == "M_lm" || key == "lm_chunks") pins.lm_chunks = pin_int(key, value, 1, limits::kChunks);
     else if (key == "mlp_impl") pins.mlp_impl = parse_mlp_impl(value, "--pin");
