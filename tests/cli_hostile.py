@@ -335,6 +335,8 @@ CASES = [
     ("name with a newline", ["show", "tiny\nllama"], r"tiny\\nllama: model: expected a catalog name"),
     ("unknown emit format", ["emit", "--plan", plan_file, "--format", "megatron"], r"emit: format: expected one of hf-mst, deepspeed, axolotl, torchtitan, got 'megatron'"),
     ("unknown backend", ["measure", "--backend", "tpu", "--model", "tiny-llama"], r"--backend: tpu: expected cpu or cuda"),
+    ("caching allocator on the cpu", ["measure", "--model", "tiny-llama", "--seq", "16", "--allocator", "caching"], r"--allocator: caching: expected exact with --backend cpu \(the caching allocator is the CUDA backend's\)$"),
+    ("no cupti on the cpu", ["measure", "--model", "tiny-llama", "--seq", "16", "--no-cupti"], r"--no-cupti: backend: expected --backend cuda \(CUPTI records a GPU's timeline\)$"),
     ("cpu backend out of its kernels", ["measure", "--model", write_json("gelu.json", {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 64, "hidden_act": "gelu"}), "--seq", "16"], r"gelu: hidden_act: expected silu or gelu_pytorch_tanh \(the cpu executor implements those\), got 'gelu'"),
     # 7. partial output: the first output written, a later one fails, nothing is left
     ("timeline then a missing folder", E + ["--timeline", o("a.json"), "--svg", o("missing-dir/x.svg")], r"missing-dir/x.svg: file: expected a writable path \(its folder does not exist\)"),

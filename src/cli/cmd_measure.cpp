@@ -28,6 +28,10 @@ struct MeasureArgs {
 void run_measure(const GlobalOptions& g, const MeasureArgs& a) {
     if (a.backend != "cpu" && a.backend != "cuda") fail("--backend", a.backend, "expected cpu or cuda");
     if (a.allocator != "exact" && a.allocator != "caching") fail("--allocator", a.allocator, "expected exact or caching");
+    // (the CUDA backend's options: on the CPU they would be taken and do nothing)
+    if (a.backend == "cpu" && a.allocator != "exact")
+        fail("--allocator", a.allocator, "expected exact with --backend cpu (the caching allocator is the CUDA backend's)");
+    if (a.backend == "cpu" && a.no_cupti) fail("--no-cupti", "backend", "expected --backend cuda (CUPTI records a GPU's timeline)");
     if (a.workspace_bytes < 0) fail("--workspace-bytes", "value", "expected a non-negative byte count");
     const ModelSpec model = find_model(a.model);
     for (const auto& w : model.warnings) warn(fmt::format("{}: {}", model.source, w));
