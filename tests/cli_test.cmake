@@ -147,6 +147,8 @@ expect_run(0 "DOES NOT FIT" estimate --model gemma-2-2b --gpu h100-sxm-80gb --se
 expect_run(0 "\"format\": \"hf-mst/1\"" emit --plan ${DATA}/../golden/plan_llama3_8b.json --format hf-mst)
 # (a plan of mst-plan's own kernels written for a Hugging Face trainer: said, as recommend says it)
 expect_run(0 "warning: [^\n]*plan_llama3_8b.json: setup.runtime: the numbers are mst-plan's own kernels' \\(runtime kernels\\), not those of the Hugging Face model deepspeed trains" emit --plan ${DATA}/../golden/plan_llama3_8b.json --format deepspeed)
+# (a setup edited to 1M tokens, its prediction removed: the files are written, and what they would do is said)
+expect_run(0 "warning: [^\n]*plan_over_gpu.json: setup: this step does not fit the GPU: the simulator predicts [0-9.]+ [GT]iB reserved of the 78.16 GiB a process can use on h100-sxm-80gb; the trainer will run out of memory" emit --plan ${DATA}/plan_over_gpu.json --format hf-mst)
 expect_run(2 "^error: [^\n]*nope.json: file: " emit --plan ${DATA}/nope.json --format hf-mst)
 expect_run(2 "^error: [^\n]*truncated.json: json: " emit --plan ${DATA}/broken/truncated.json --format deepspeed)
 expect_run(2 "^error: [^\n]*format: expected one of" emit --plan ${DATA}/../golden/plan_llama3_8b.json --format megatron)

@@ -730,13 +730,6 @@ TEST_CASE("emit: a plan relabelled to another model or edited is refused, naming
     j = good;
     j["prediction"]["usable_bytes"] = 1;
     CHECK(error_for(j).find(": prediction.usable_bytes: expected 83922780160 (the GPU profile's") != std::string::npos);
-    // A setup edited without the prediction that would name the edit: a step over the GPU is no plan. (Llama-3-8B's
-    // checkpoints alone, one [S, 4096] bf16 tensor per layer, are 32 x 2^20 x 4096 x 2 bytes = 256 GiB at 1M tokens.)
-    j = good;
-    j.erase("prediction");
-    j["setup"]["seq_len"] = 1048576;
-    CHECK(error_for(j).find(": setup: expected a step that fits the GPU (78.16 GiB usable on NVIDIA H100 SXM5 80GB), got "
-                            "one the simulator predicts needs ") != std::string::npos);
     // Fields left out, or the whole prediction: nothing recorded to check, and the numbers emitters print
     // are still the simulator's and the time model's, not zeros.
     for (const bool whole : {false, true}) {

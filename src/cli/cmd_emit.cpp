@@ -26,6 +26,12 @@ void run_emit(const GlobalOptions& g, const EmitArgs& a) {
     // own kernels (--runtime kernels) carries their smaller numbers into the files (recommend --for says it too).
     // Said once the files stand: a failing command says one line.
     const auto caution = [&] {
+        // A step over the GPU (a setup written or edited by hand, with no prediction to name the edit; or one
+        // kept over the budget on purpose, as the validation matrices do): its files would not train.
+        if (const Prediction& x = plan.prediction; x.peak_reserved_bytes > x.usable_bytes)
+            warn(fmt::format("{}: setup: this step does not fit the GPU: the simulator predicts {} reserved of the {} a "
+                             "process can use on {}; the trainer will run out of memory (recommend writes setups that fit)",
+                             a.plan_file, format_bytes(x.peak_reserved_bytes), format_bytes(x.usable_bytes), plan.gpu));
         if (plan.setup.runtime == Runtime::Kernels && a.format != "torchtitan")
             warn(fmt::format("{}: setup.runtime: the numbers are mst-plan's own kernels' (runtime kernels), not those of "
                              "the Hugging Face model {} trains, which allocates more: plan with --runtime hf (the default) "

@@ -111,13 +111,6 @@ Plan load_plan_file(const std::string& path, ModelSpec* model_out) {
         check("tokens_per_second", x.tokens_per_second, derived.tokens_per_second, kTimeModel);
         check("mfu", x.mfu, derived.mfu, kTimeModel);
     }
-    // A plan is a step to train: one that does not fit the GPU (a setup written or edited by hand, without the
-    // prediction recommend records, whose numbers are checked above) is refused: recommend never writes one.
-    if (memory.peak_reserved_bytes > gpu.usable_bytes())
-        mst::fail(path, "setup",
-                  fmt::format("expected a step that fits the GPU ({} usable on {}), got one the simulator predicts needs {} "
-                              "reserved (mst-plan recommend finds setups that fit)",
-                              format_bytes(gpu.usable_bytes()), gpu.display_name, format_bytes(memory.peak_reserved_bytes)));
     p.prediction = derived;
     if (model_out) *model_out = model;
     return p;
