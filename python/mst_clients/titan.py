@@ -57,9 +57,9 @@ def plan_rows(config, setup: Mapping[str, Any], layers: int) -> List[Tuple[str, 
          "bfloat16" if setup.get("precision", "pure-bf16") == "pure-bf16" else "float32"),
         ("training.mixed_precision_param", "compute dtype", training.mixed_precision_param, "bfloat16"),
         ("training.mixed_precision_reduce", "gradient reduction dtype", training.mixed_precision_reduce, "float32"),
-        # (resharding as the emitter writes it: ZeRO-2's "never" only where FSDP2 shards over several ranks)
+        # (as the emitter writes it: "never" for ZeRO 1/2 on any ranks, torchtitan's "default" for ZeRO 3 and 0)
         ("parallelism.fsdp_reshard_after_forward", "resharding after forward", par.fsdp_reshard_after_forward,
-         "never" if setup.get("zero_stage", 0) in (1, 2) and setup.get("dp", 1) > 1 else "default"),
+         "never" if setup.get("zero_stage", 0) in (1, 2) else "default"),
         ("activation_checkpoint", "checkpointed layers",
          "all" if isinstance(ac, FullAC.Config) else "none" if ac is None else type(ac).__qualname__,
          "none" if checkpointed == 0 else "all" if checkpointed == layers else f"{checkpointed} of {layers}"),
@@ -74,7 +74,7 @@ def plan_rows(config, setup: Mapping[str, Any], layers: int) -> List[Tuple[str, 
         ("parallelism.context_parallel_degree", "context-parallel degree", par.context_parallel_degree, 1),
         ("parallelism.expert_parallel_degree", "expert-parallel degree", par.expert_parallel_degree, 1),
         ("compile.enable", "compile", config.compile.enable, False),
-        ("training.disable_cuda_graphs", "CUDA graphs", not training.disable_cuda_graphs, False),
+        ("training.disable_cuda_graphs", "CUDA graphs disabled", training.disable_cuda_graphs, True),
         ("training.enable_cpu_offload", "CPU offload", training.enable_cpu_offload, False),
     ]
     if config.model_spec.name != "transformers_modeling_backend":

@@ -312,6 +312,30 @@ def test_gradients_reduced_in_bf16_are_not_the_plans_fp32_reduction(titan_verdic
     assert titan_verdicts["bf16 reduce"] == ["plan: torchtitan's gradient reduction dtype is bfloat16, the plan's float32"]
 
 
+def test_a_zero2_plan_on_one_gpu_is_the_module_torchtitan_reads(tmp_path):
+    # The emitter writes fsdp_reshard_after_forward = "never" for ZeRO 1/2 on any ranks (torchtitan shards on one
+    # GPU too; the kernels runtime plans ZeRO 2 there): the client check expects what it writes, also where dp is 1.
+    binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
+    if not TITAN or not binary.is_file():
+        pytest.skip("MST_TITAN_PATH is not set or mst-plan is not built")
+    plan_file = tmp_path / "plan.json"
+    subprocess.run([str(binary), "recommend", "--model", "llama-3.2-1b", "--gpu", "h100-sxm-80gb", "--seq", "4096",
+                    "--for", "torchtitan", "--runtime", "kernels", "--pin", "zero=2", "--out", str(plan_file)],
+                   check=True, capture_output=True)
+    subprocess.run([str(binary), "emit", "--plan", str(plan_file), "--format", "torchtitan", "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    assert 'fsdp_reshard_after_forward = "never"' in (tmp_path / "mst_torchtitan.py").read_text()
+    plan = json.loads(plan_file.read_text())
+    assert plan["gpus"] == 1 and plan["setup"]["zero_stage"] == 2
+    code = ("import json, sys; from pathlib import Path; from mst_clients import titan; a = json.loads(sys.argv[1]); "
+            "print(json.dumps(titan.check(Path(a['dir']), a['plan'], a['model'])))")
+    env = dict(os.environ, PYTHONPATH=f"{TITAN}:{REPO / 'python'}")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps({"dir": str(tmp_path), "plan": plan, "model": TITAN_MODEL})],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+
+
 def test_a_global_batch_that_is_no_multiple_of_local_times_dp_is_refused_as_torchtitan_asserts(titan_verdicts):
     assert titan_verdicts["uneven"] == ["torchtitan: global batch 60 is not a multiple of local 2 x data-parallel degree 8"]
 

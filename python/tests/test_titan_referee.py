@@ -239,6 +239,8 @@ def _module_edit(old, new):
      "mst_torchtitan.py: compile.enable: expected the plan's False, got True"),
     (None, _module_edit('config.optimizer.implementation = "fused"', 'config.optimizer.implementation = "foreach"'),
      "mst_torchtitan.py: optimizer.implementation: expected the plan's fused, got foreach"),
+    (None, _module_edit("config.training.disable_cuda_graphs = True", "config.training.disable_cuda_graphs = False"),
+     "mst_torchtitan.py: training.disable_cuda_graphs: expected the plan's True, got False"),
     (None, _module_edit("def mst_plan():", "def mst_plan():\n    raise ValueError('no')\n\ndef unused():"),
      "mst_torchtitan.py: mst_plan: a config torchtitan loads; it raised"),
     (None, _module_edit("def mst_plan():", "import sys\nsys.exit(3)\n\ndef mst_plan():"),
