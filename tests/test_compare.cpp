@@ -55,12 +55,12 @@ TEST_CASE("compare: a row predicted as 0 and measured otherwise has no finite re
     const CompareRow zero{"category host", 0, 3 << 20}, both{"category host", 0, 0}, half{"peak", 2 << 20, 3 << 20};
     CHECK(std::isinf(zero.relative()));
     CHECK(zero.relative() > 0);
-    CHECK(zero.relative_text() == "n/a (predicted 0)");
-    CHECK(zero.relative_json().is_null());
+    CHECK(relative_text(zero.relative()) == "n/a (predicted 0)");
+    CHECK(relative_json(zero.relative()).is_null());
     CHECK(both.relative() == 0);
-    CHECK(both.relative_text() == "+0.000%");
-    CHECK(half.relative_text(" %") == "+50.000 %");
-    CHECK(half.relative_json() == 0.5);
+    CHECK(relative_text(both.relative()) == "+0.000%");
+    CHECK(relative_text(half.relative(), " %") == "+50.000 %");
+    CHECK(relative_json(half.relative()) == 0.5);
     // report: its outliers hold such a row over any limit.
     ReportRow r;
     r.file = "m.json", r.peak = zero;

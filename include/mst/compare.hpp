@@ -36,9 +36,11 @@ struct CompareRow {
     // error / predicted: 0 when both are 0, infinite (of the error's sign) when only the prediction
     // is 0 (no finite relative error: relative_text() says so, relative_json() is null).
     double relative() const;
-    std::string relative_text(const char* unit = "%") const;  // "+1.234%", or "n/a (predicted 0)"
-    nlohmann::json relative_json() const;
 };
+
+// A relative error as text ("+1.234%", or "n/a (predicted 0)" where it is not finite) and as JSON (null there).
+std::string relative_text(double relative, const char* unit = "%");
+nlohmann::json relative_json(double relative);
 
 struct Comparison {
     std::vector<CompareRow> rows;  // peak first, then phases, categories, host

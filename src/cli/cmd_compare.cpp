@@ -26,7 +26,7 @@ void run_compare_peaks(const GlobalOptions& g, const CompareArgs& a, const StepF
         nlohmann::json out = nlohmann::json::array();
         for (const CompareRow& r : rows)
             out.push_back({{"label", r.label}, {"predicted", r.predicted}, {"measured", r.measured},
-                           {"error", r.error()}, {"relative", r.relative_json()}});
+                           {"error", r.error()}, {"relative", relative_json(r.relative())}});
         return print_json({{"model", measured.timeline.model}, {"gpu", gpu.name}, {"rows", out}});
     }
     fmt::print("{}: predicted (simulator, {}) vs measured ({}, peaks only)\n\n", measured.timeline.model, gpu.name,
@@ -34,7 +34,7 @@ void run_compare_peaks(const GlobalOptions& g, const CompareArgs& a, const StepF
     Table t({"", "predicted", "measured", "error", "relative"});
     for (const CompareRow& r : rows)
         t.row({r.label, std::to_string(r.predicted), std::to_string(r.measured), fmt::format("{:+d}", r.error()),
-               r.relative_text()});
+               relative_text(r.relative())});
     t.print();
 }
 
@@ -85,7 +85,7 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
     Table t({"", "predicted", "measured", "error", "relative"});
     for (const CompareRow& r : c.rows)
         t.row({r.label, std::to_string(r.predicted), std::to_string(r.measured), fmt::format("{:+d}", r.error()),
-               r.relative_text()});
+               relative_text(r.relative())});
     t.print();
     if (c.identical()) {
         fmt::print("\ntimelines identical: every allocation and free matches\n");

@@ -1,7 +1,5 @@
 // report: the validation table of every committed measurement (results/README.md), and the
 // check CI runs on it.
-#include <cmath>
-
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
@@ -72,10 +70,9 @@ void run_report(const GlobalOptions& g, const ReportArgs& a) {
                            {"setup", r.setup},
                            {"peak_predicted_bytes", r.peak.predicted},
                            {"peak_measured_bytes", r.peak.measured},
-                           {"peak_relative_error", r.peak.relative_json()},
+                           {"peak_relative_error", relative_json(r.peak.relative())},
                            {"worst_phase", r.worst_phase},
-                           {"worst_phase_relative_error",
-                            std::isfinite(r.worst_phase_error) ? nlohmann::json(r.worst_phase_error) : nullptr},
+                           {"worst_phase_relative_error", relative_json(r.worst_phase_error)},
                            {"reserved_predicted_bytes", r.reserved ? nlohmann::json(r.reserved->predicted) : nullptr},
                            {"reserved_measured_bytes", r.reserved ? nlohmann::json(r.reserved->measured) : nullptr},
                            {"identical", r.identical ? nlohmann::json(*r.identical) : nullptr}});

@@ -90,14 +90,12 @@ double CompareRow::relative() const {
     return static_cast<double>(error()) / static_cast<double>(predicted);
 }
 
-std::string CompareRow::relative_text(const char* unit) const {
-    const double r = relative();
-    return std::isfinite(r) ? fmt::format("{:+.3f}{}", 100.0 * r, unit) : std::string("n/a (predicted 0)");
+std::string relative_text(double relative, const char* unit) {
+    return std::isfinite(relative) ? fmt::format("{:+.3f}{}", 100.0 * relative, unit) : std::string("n/a (predicted 0)");
 }
 
-nlohmann::json CompareRow::relative_json() const {
-    const double r = relative();
-    return std::isfinite(r) ? nlohmann::json(r) : nlohmann::json(nullptr);
+nlohmann::json relative_json(double relative) {
+    return std::isfinite(relative) ? nlohmann::json(relative) : nlohmann::json(nullptr);
 }
 
 Comparison compare_timelines(const Timeline& predicted, const Timeline& measured, std::int64_t num_layers) {
@@ -144,7 +142,7 @@ nlohmann::json to_json(const Comparison& c) {
                         {"predicted_bytes", r.predicted},
                         {"measured_bytes", r.measured},
                         {"error_bytes", r.error()},
-                        {"relative_error", r.relative_json()}});
+                        {"relative_error", relative_json(r.relative())}});
     nlohmann::json j = {{"rows", rows},
                         {"predicted_events", c.predicted_events},
                         {"measured_events", c.measured_events},

@@ -86,13 +86,8 @@ std::vector<std::string> measurement_files(const std::vector<std::string>& roots
     return files;
 }
 
-// (an error with no finite relative value, where only the prediction is 0: CompareRow::relative)
-std::string percent(double relative) {
-    return std::isfinite(relative) ? fmt::format("{:+.3f} %", 100.0 * relative) : std::string("n/a (predicted 0)");
-}
-
 std::string compare_cell(const CompareRow& r) {
-    return fmt::format("{} / {} / {}", format_bytes(r.predicted), format_bytes(r.measured), percent(r.relative()));
+    return fmt::format("{} / {} / {}", format_bytes(r.predicted), format_bytes(r.measured), relative_text(r.relative(), " %"));
 }
 
 }  // namespace
@@ -175,7 +170,7 @@ std::string report_markdown(const std::vector<ReportRow>& rows, const std::strin
         const std::string backend = r.device.empty() ? r.backend : fmt::format("{} ({})", r.backend, r.device);
         const std::string phase = r.worst_phase.empty() || r.worst_phase_error == 0
                                       ? "-"
-                                      : fmt::format("{} {}", r.worst_phase, percent(r.worst_phase_error));
+                                      : fmt::format("{} {}", r.worst_phase, relative_text(r.worst_phase_error, " %"));
         const std::string events = !r.identical ? "peaks only" : *r.identical ? "identical" : "differ";
         md += fmt::format("| `{}` | {} | {} | {} | {} | {} | {} | {} |\n", md_cell(r.file), md_cell(r.model), md_cell(backend), r.setup,
                           compare_cell(r.peak), phase, r.reserved ? compare_cell(*r.reserved) : "-", events);
