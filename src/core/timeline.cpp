@@ -1,9 +1,11 @@
 #include "mst/timeline.hpp"
 
+#include <array>
 #include <cassert>
 #include <unordered_map>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>  // fmt::join
 #include <nlohmann/json.hpp>
 
 #include "caching_allocator.hpp"
@@ -19,9 +21,11 @@ constexpr const char* kCategoryNames[kCategoryCount] = {"weights", "master_weigh
                                                         "optimizer_state", "saved_activation", "transient",
                                                         "checkpoint", "offloaded", "workspace"};
 constexpr const char* kTimelineFormat = "mst-timeline/1";
-// Each event's columns, in the order a timeline file writes them.
+// Each event's columns, in the order a timeline file writes them; and as its messages name them.
+constexpr std::array<const char*, 10> kEventColumns = {"kind",  "tensor", "bytes",      "category", "device",
+                                                       "phase", "layer",  "micro_step", "op",       "name"};
 const nlohmann::json& event_columns() {
-    static const nlohmann::json columns = {"kind", "tensor", "bytes", "category", "device", "phase", "layer", "micro_step", "op", "name"};
+    static const nlohmann::json columns = kEventColumns;
     return columns;
 }
 // Live bytes are a sum over events: checked, so a timeline whose tensors add up past 2^63 (a
@@ -173,10 +177,10 @@ Timeline timeline_from_json(const nlohmann::json& j, const std::string& where) {
     t.micro_steps = static_cast<std::int32_t>(r.integer("micro_steps", 1, limits::kGradAccum));
     t.micro_steps_recorded = static_cast<std::int32_t>(r.integer("micro_steps_recorded", 1, t.micro_steps));
     t.rank = r.opt_integer("rank", 0, limits::kGpus - 1).value_or(-1);
-    constexpr const char* kColumns = "[kind, tensor, bytes, category, device, phase, layer, micro_step, op, name]";
+    const std::string named_columns = fmt::format("[{}]", fmt::join(kEventColumns, ", "));
     // (the names of the event columns, for a person reading the file: the order every reader assumes)
     if (r.has("columns") && r.raw("columns") != event_columns())
-        r.fail("columns", fmt::format("expected {} (the order of each event's columns), got {}", kColumns,
+        r.fail("columns", fmt::format("expected {} (the order of each event's columns), got {}", named_columns,
                                       detail::shown(r.raw("columns"))));
     const auto& events = r.raw("events");
     if (!events.is_array()) r.fail("events", "expected an array");
@@ -189,7 +193,8 @@ Timeline timeline_from_json(const nlohmann::json& j, const std::string& where) {
         auto bad = [&](const char* column, const std::string& expected) {
             fail(where, fmt::format("{}.{}", field, column), expected);
         };
-        if (!a.is_array() || a.size() != 10) fail(where, field, fmt::format("expected an array of 10 columns {}", kColumns));
+        if (!a.is_array() || a.size() != kEventColumns.size())
+            fail(where, field, fmt::format("expected an array of {} columns {}", kEventColumns.size(), named_columns));
         auto text = [&](std::size_t c, const char* column) {
             if (!a[c].is_string()) bad(column, fmt::format("expected a string, got {}", detail::shown(a[c])));
             return a[c].get<std::string>();
