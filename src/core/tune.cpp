@@ -60,30 +60,29 @@ void parse_pin(const std::string& text, const ModelSpec& model, Pins& pins) {
              "overlap_comm)");
     const std::string key = text.substr(0, eq), value = text.substr(eq + 1);
     // One value per knob: a second --pin of it (or of its other name) would silently replace the first.
-    const bool pinned = ((key == "M_mlp" || key == "mlp_chunks") && pins.mlp_chunks) ||
-                        ((key == "M_lm" || key == "lm_chunks") && pins.lm_chunks) || (key == "mlp_impl" && pins.mlp_impl) ||
-                        (key == "lm_impl" && pins.lm_impl) || (key == "sp" && pins.sp) || (key == "ep" && pins.ep) ||
-                        (key == "zero" && pins.zero_stage) || (key == "micro_batch" && pins.micro_batch) ||
-                        (key == "offload" && pins.offload) || (key == "overlap_comm" && pins.overlap_comm) ||
-                        (key == "checkpoint" && (pins.checkpoint || pins.checkpoint_count));
-    if (pinned) fail("--pin", key, fmt::format("expected one value (it is pinned twice; the second is '{}')", value));
-    if (key == "M_mlp" || key == "mlp_chunks") pins.mlp_chunks = pin_int(key, value, 1, max_mlp_chunks(model));
-    else if (key == "M_lm" || key == "lm_chunks") pins.lm_chunks = pin_int(key, value, 1, limits::kChunks);
-    else if (key == "mlp_impl") pins.mlp_impl = parse_mlp_impl(value, "--pin");
-    else if (key == "lm_impl") pins.lm_impl = parse_lm_impl(value, "--pin");
-    else if (key == "sp") pins.sp = pin_int(key, value, 1, limits::kGpus);
-    else if (key == "ep") pins.ep = pin_int(key, value, 1, limits::kGpus);
-    else if (key == "zero") pins.zero_stage = static_cast<int>(pin_int(key, value, 0, 3));
-    else if (key == "micro_batch") pins.micro_batch = pin_int(key, value, 1, limits::kMicroBatch);
-    else if (key == "offload") pins.offload = parse_yes_no("--pin", key, value);
-    else if (key == "overlap_comm") pins.overlap_comm = parse_yes_no("--pin", key, value);
+    const auto twice = [&] { fail("--pin", key, fmt::format("expected one value (it is pinned twice; the second is '{}')", value)); };
+    const auto set = [&](auto& field, auto parsed) {
+        if (field) twice();
+        field = parsed;
+    };
+    if (key == "M_mlp" || key == "mlp_chunks") set(pins.mlp_chunks, pin_int(key, value, 1, max_mlp_chunks(model)));
+    else if (key == "M_lm" || key == "lm_chunks") set(pins.lm_chunks, pin_int(key, value, 1, limits::kChunks));
+    else if (key == "mlp_impl") set(pins.mlp_impl, parse_mlp_impl(value, "--pin"));
+    else if (key == "lm_impl") set(pins.lm_impl, parse_lm_impl(value, "--pin"));
+    else if (key == "sp") set(pins.sp, pin_int(key, value, 1, limits::kGpus));
+    else if (key == "ep") set(pins.ep, pin_int(key, value, 1, limits::kGpus));
+    else if (key == "zero") set(pins.zero_stage, static_cast<int>(pin_int(key, value, 0, 3)));
+    else if (key == "micro_batch") set(pins.micro_batch, pin_int(key, value, 1, limits::kMicroBatch));
+    else if (key == "offload") set(pins.offload, parse_yes_no("--pin", key, value));
+    else if (key == "overlap_comm") set(pins.overlap_comm, parse_yes_no("--pin", key, value));
     else if (key == "checkpoint") {
         // (an empty value, an unset shell variable, is an error as every empty argument is: not "none")
         if (value.empty()) fail("--pin", key, "expected a count, a placement (all, none, 0-15, every:2), got ''");
-        // A plain number is a count (the tuner places them); anything else is a placement.
+        // A plain number is a count (the tuner places them); anything else is a placement: one of the two.
         const bool count = !value.empty() && std::all_of(value.begin(), value.end(), [](char ch) {
             return std::isdigit(static_cast<unsigned char>(ch)) != 0;
         });
+        if (pins.checkpoint || pins.checkpoint_count) twice();
         if (count) pins.checkpoint_count = pin_int(key, value, 0, model.num_layers);
         else pins.checkpoint = parse_checkpoint_spec(value, model.num_layers, "--pin");
     } else {
