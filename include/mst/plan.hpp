@@ -17,7 +17,11 @@ struct Prediction {
     bytes_t peak_allocated_bytes = 0;  // torch.cuda.max_memory_allocated
     bytes_t peak_reserved_bytes = 0;   // torch.cuda.max_memory_reserved
     bytes_t usable_bytes = 0;          // what the GPU profile leaves a process
-    bytes_t headroom_bytes = 0;        // usable - reserved - safety margin - the trainer's own extra (recommend --for)
+    // usable - reserved - safety margin - the trainer's own extra (recommend --for). Negative where the step fits the
+    // budget only as PyTorch's allocator frees its cached segments and retries (releases_at_budget > 0): the reserved
+    // peak is the GPU's, whose allocator holds its cache until a cudaMalloc fails.
+    bytes_t headroom_bytes = 0;
+    std::int64_t releases_at_budget = 0;  // cached segments the allocator frees to stay within the budget
     bytes_t host_bytes = 0;            // pinned host memory for offloaded checkpoints
     double step_seconds = 0;           // one optimizer step (all micro-steps)
     double tokens_per_second = 0;      // per GPU

@@ -28,6 +28,7 @@ nlohmann::json to_json(const Plan& p) {
               {"peak_reserved_bytes", r.peak_reserved_bytes},
               {"usable_bytes", r.usable_bytes},
               {"headroom_bytes", r.headroom_bytes},
+              {"releases_at_budget", r.releases_at_budget},
               {"host_bytes", r.host_bytes},
               {"step_seconds", r.step_seconds},
               {"tokens_per_second", r.tokens_per_second},
@@ -55,6 +56,7 @@ Plan plan_from_json(const nlohmann::json& j, const ModelSpec& model, const std::
         x.peak_reserved_bytes = q.opt_integer("peak_reserved_bytes", 0, kMax).value_or(0);
         x.usable_bytes = q.opt_integer("usable_bytes", 0, kMax).value_or(0);
         x.headroom_bytes = q.opt_integer("headroom_bytes", -kMax, kMax).value_or(0);
+        x.releases_at_budget = q.opt_integer("releases_at_budget", 0, limits::kBytes).value_or(0);
         x.host_bytes = q.opt_integer("host_bytes", 0, kMax).value_or(0);
         x.step_seconds = q.opt_number("step_seconds", 0, 1e12).value_or(0);
         x.tokens_per_second = q.opt_number("tokens_per_second", 0, 1e15).value_or(0);

@@ -1075,6 +1075,7 @@ Plan to_plan(const Recommendation& r, const TuneRequest& rq, const std::string& 
     x.peak_reserved_bytes = r.best.memory.peak_reserved_bytes;
     x.usable_bytes = rq.gpu.usable_bytes();
     x.headroom_bytes = r.budget_bytes - r.trainer_extra_bytes - r.best.memory.peak_reserved_bytes;  // (--for: kept free)
+    x.releases_at_budget = r.best.releases_at_budget;
     x.host_bytes = r.best.memory.host_peak_bytes;
     x.step_seconds = r.best.time.step_seconds;
     x.tokens_per_second = r.best.time.tokens_per_second;
