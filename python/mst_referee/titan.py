@@ -38,10 +38,12 @@ step keeps of the later ones, two int64 [B, S] tensors each, are not recorded) a
 a step that logs (its loss's copies, a few scalars) is not run. The module must be the plan's: every
 knob mst-plan's emitter writes is compared with the plan (model dimensions, batch, ranks, dtypes,
 resharding, checkpoints, the loss's chunks, the optimizer, flex attention), and a difference is one
-line naming the field. Refused by name: torchtitan's transformers backend (an experiment, which other
-models than its own run through) and data-parallel replication (DDP: mst-plan emits it for ZeRO 0
-on several GPUs; not run here yet); tensor, pipeline, context and expert parallelism, compile, CPU
-offload and CUDA graphs, none of which mst-plan emits.
+line naming the field. Data parallelism without ZeRO (mst-plan emits it for ZeRO 0 on several
+GPUs) is torchtitan's replicate degree over shards of one rank: FSDP2 on a (replicate, shard) mesh
+whose shards are whole, each rank's tensors a one-GPU run's (the mesh's own bookkeeping is made outside
+the fake tensors, as on a GPU: :func:`_real_meshes`). Refused by name: torchtitan's transformers
+backend (an experiment, which other models than its own run through); tensor, pipeline, context and
+expert parallelism, compile, CPU offload and CUDA graphs, none of which mst-plan emits.
 """
 
 from __future__ import annotations
@@ -116,12 +118,13 @@ def check_config(config: Any, plan: Mapping[str, Any], where: str) -> None:
     if config.model_spec.name == "transformers_modeling_backend":
         fail(where, "model_spec", "one of torchtitan's own models (the referee does not run its transformers backend, "
              f"an experiment), got {config.hf_model}")
-    if par.data_parallel_replicate_degree != 1:
+    # The plan's ranks either shard (FSDP2 over all of them) or replicate (its data parallelism without ZeRO:
+    # torchtitan's replicate degree over whole shards, FSDP2 on a (replicate, shard 1) mesh)
+    replicate, shard = par.data_parallel_replicate_degree, par.data_parallel_shard_degree
+    if (replicate, shard) not in ((1, -1), (1, gpus), (gpus, 1)):
         fail(where, "parallelism.data_parallel_replicate_degree",
-             f"expected 1 (the referee runs FSDP2 alone), got {par.data_parallel_replicate_degree}")
-    if par.data_parallel_shard_degree not in (-1, gpus):
-        fail(where, "parallelism.data_parallel_shard_degree",
-             f"expected the plan's {gpus} data-parallel ranks (or -1: every GPU), got {par.data_parallel_shard_degree}")
+             f"expected the plan's {gpus} ranks sharding (replicate degree 1, data_parallel_shard_degree {gpus} or -1) "
+             f"or replicating (replicate degree {gpus}, shard degree 1), got replicate {replicate} and shard {shard}")
     model, hf = config.model_spec.model, plan["hf_config"]
     attention = model.layers[0].attention
     rows = [
@@ -150,6 +153,27 @@ def _cpu_mesh() -> Iterator[None]:
         yield
     finally:
         parallel_dims.device_type = saved
+
+
+@contextlib.contextmanager
+def _real_meshes() -> Iterator[None]:
+    """A device mesh is host-side bookkeeping (its ranks as a small int tensor), real on a GPU run too: FSDP2 joins
+    the replicate and shard meshes of torchtitan's replicated data parallelism (``DeviceMesh._concatenate``) inside
+    ``fully_shard``, where the fake tensors' session would make that tensor fake; it is made outside it."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import DeviceMesh
+
+    saved = DeviceMesh.__dict__["_concatenate"]
+
+    def concatenate(meshes: Any) -> Any:
+        with unset_fake_temporarily():
+            return saved.__func__(meshes)
+
+    DeviceMesh._concatenate = staticmethod(concatenate)
+    try:
+        yield
+    finally:
+        DeviceMesh._concatenate = saved
 
 
 @contextlib.contextmanager
@@ -327,6 +351,7 @@ def titan_step(plan: Mapping[str, Any], module_dir: Path, rank: int = 0, where: 
         dims = parallel_dims(config, gpus)
         cleanup.enter_context(session())
         cleanup.enter_context(stand_in())
+        cleanup.enter_context(_real_meshes())
         titan = Titan(config, dims)
         warm_up = titan.batches()
         titan.train_step(warm_up, titan.valid_tokens(warm_up), Observer())  # the optimizer's states

@@ -186,8 +186,8 @@ def test_llama_3_8b_at_8k_holds_what_the_docs_say_torchtitan_holds_beyond_the_pr
     assert record["setup"]["checkpoint"] == list(range(32)) and record["setup"]["lm_chunks"] == 2
     assert record["summary"]["peak_bytes"] == 68_579_330_460
     assert _peak_row(compared) == ["65126287012", "68579330460", "+3453043448", "+5.302%"]
-    assert ("measured -31 % to +89 % against such predictions (14 plans of its own models under FSDP2; Llama-3-8B at "
-            "8192 tokens on one H100: +5.3 %;") in " ".join(module.split())
+    assert ("measured -31 % to +89 % against such predictions (15 plans of its own models under FSDP2 or DDP; "
+            "Llama-3-8B at 8192 tokens on one H100: +5.3 %;") in " ".join(module.split())
 
 
 # The ends of the range `recommend --for torchtitan` cautions with (python/README.md's table of the torchtitan
@@ -203,6 +203,19 @@ def test_the_ends_of_the_range_the_caution_quotes(tmp_path, model, seq, precisio
 
     _, compared, _ = _record_titan(tmp_path, Entry(model, 8, seq, precision).recommend_args("torchtitan"))
     assert _peak_row(compared) == row
+
+
+def test_ddp_replicates_whole_parameters_and_states_on_every_rank(tmp_path):
+    # ZeRO 0 on 8 GPUs is torchtitan's replicate degree over shards of one rank: every rank holds the whole fp32
+    # parameters (bf16-master: torchtitan's fp32 parameters, cast for compute) and the RoPE tables, AdamW's two fp32
+    # states and its 114 step counters, by hand as in this module's docstring; the step is a one-GPU step's.
+    from mst_clients.matrix import Entry
+
+    record, compared, module = _record_titan(tmp_path, Entry("llama-3.2-1b", 8, SEQ, pins=("zero=0",)).recommend_args("torchtitan"))
+    assert "data_parallel_replicate_degree = 8" in module and "data_parallel_shard_degree = 1" in module
+    assert _init_bytes(record, "weights") == 4 * PARAMETERS + ROPE_TABLE_BYTES
+    assert _init_bytes(record, "optimizer_state") == 8 * PARAMETERS + 114 * 4
+    assert _peak_row(compared) == ["29453512704", "36584945628", "+7131432924", "+24.213%"]  # python/README.md's row
 
 
 # ---- a module or plan the referee must refuse, in one line (exit 2) -------------------------------------------
@@ -245,6 +258,10 @@ def _module_edit(old, new):
      "mst_torchtitan.py: mst_plan: a config torchtitan loads; it raised"),
     (None, _module_edit("def mst_plan():", "import sys\nsys.exit(3)\n\ndef mst_plan():"),
      "mst_torchtitan.py: mst_plan: a config torchtitan loads; it raised SystemExit: 3"),
+    (None, _module_edit("data_parallel_replicate_degree = 1", "data_parallel_replicate_degree = 2"),
+     "mst_torchtitan.py: parallelism.data_parallel_replicate_degree: expected the plan's 1 ranks sharding (replicate "
+     "degree 1, data_parallel_shard_degree 1 or -1) or replicating (replicate degree 1, shard degree 1), got replicate 2 "
+     "and shard 1"),
     (lambda plan: plan.update(model="no-such-model"), None, "plan.json: model: expected"),
     (lambda plan: plan["setup"].update(micro_batch=None), None,
      "plan.json: setup.micro_batch: expected a positive integer, got None"),
