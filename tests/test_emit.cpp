@@ -401,6 +401,18 @@ TEST_CASE("emit torchtitan: what torchtitan 0.3.0 cannot train as planned is ref
     Plan p = plan;
     p.model = "mistral-7b-v0.1";
     CHECK(error_of(p, find_model("mistral-7b-v0.1"), "torchtitan").rfind("torchtitan: setup.lm_chunks: expected 1 for mistral", 0) == 0);
+    // what the backend cannot build, as torchtitan's parallelize_hf_transformers raises it on the referee: Gemma's
+    // scaled embedding, Phi-3's fused qkv_proj (Phi-4 is a phi3 model too)
+    p.setup.lm_chunks = 1;
+    p.setup.checkpoint.clear();  // (valid for any depth)
+    for (const char* name : {"gemma-2-9b", "gemma-3-1b"})
+        CHECK(error_of(p, find_model(name), "torchtitan").find("ScaledWordEmbedding: local_map is set but in_dst_shardings "
+                                                              "is missing entries for: ['input_ids']") != std::string::npos);
+    for (const char* name : {"phi-3-mini-4k", "phi-4"})
+        CHECK(error_of(p, find_model(name), "torchtitan")
+                  .rfind("torchtitan: model: expected a model torchtitan 0.3.0 can parallelize; its transformers backend "
+                         "cannot build phi3 (ValueError: Phi3Attention: no recognized query projection",
+                         0) == 0);
 }
 
 TEST_CASE("emit: checkpoint placement is exact where the trainer can say it, all layers where it cannot") {

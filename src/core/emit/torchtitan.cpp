@@ -181,6 +181,20 @@ void check(const TrainingSetup& s, const ModelSpec& model) {
                          "\"https://huggingface.co/ORG/NAME/...\"}}): torchtitan's transformers backend loads {} by "
                          "that name",
                          model.model_type));
+    // What torchtitan 0.3.0's transformers backend cannot build, by its own exceptions in
+    // parallelize_hf_transformers (run by the referee: python/mst_referee/titan.py): Gemma's scaled embedding takes
+    // `input_ids` where the sharding config it is given names `input`; Phi-3's fused qkv_proj is no projection
+    // hf_sharding.py recognises.
+    if (model.family == Family::Gemma2 || model.family == Family::Gemma3)
+        fail(kWhere, "model",
+             fmt::format("expected a model torchtitan 0.3.0 can parallelize; its transformers backend cannot build {} "
+                         "(AssertionError: {}ScaledWordEmbedding: local_map is set but in_dst_shardings is missing "
+                         "entries for: ['input_ids'])",
+                         model.model_type, model.family == Family::Gemma2 ? "Gemma2Text" : "Gemma3Text"));
+    if (model.family == Family::Phi3)
+        fail(kWhere, "model",
+             "expected a model torchtitan 0.3.0 can parallelize; its transformers backend cannot build phi3 (ValueError: "
+             "Phi3Attention: no recognized query projection: the fused qkv_proj)");
     if (s.optimizer != Optimizer::AdamW)
         fail(kWhere, "setup.optimizer",
              fmt::format("expected adamw (mst-plan emits torchtitan's AdamW param group only), got {}", to_string(s.optimizer)));
