@@ -172,11 +172,16 @@ def model_facts(binary: Path, name: str) -> Dict[str, Any]:
     shown = json.loads(r.stdout) if r.returncode == 0 else {}
     from mst_referee import jobs
     raw = jobs.load_model_config(jobs.resolve_model(name)[1])
-    source = (raw.get("_mst") or {}).get("source", "")
-    prefix = "https://huggingface.co/"
-    repo = "/".join(source[len(prefix):].split("/")[:2]) if source.startswith(prefix) else ""
     return {"parameters": (shown.get("parameters") or {}).get("total"), "layers": shown.get("num_hidden_layers"),
-            "hf_repo": repo, "rope": rope_of_config(raw)}
+            "hf_repo": hf_repo(raw), "rope": rope_of_config(raw)}
+
+
+def hf_repo(config: Mapping[str, Any]) -> str:
+    """"org/name" of the Hugging Face repository a model's config.json was downloaded from (its ``_mst.source``, as
+    the emitter's hf_repo reads it), or "" for a config from elsewhere."""
+    source = (config.get("_mst") or {}).get("source", "")
+    prefix = "https://huggingface.co/"
+    return "/".join(source[len(prefix):].split("/")[:2]) if source.startswith(prefix) else ""
 
 
 def main(argv=None) -> int:

@@ -18,12 +18,13 @@ The world is torch's ``fake`` process group of the plan's ranks (this rank's sha
 shapes, collectives move nothing); the tensors are fake (:mod:`mst_referee.fake`), on the CPU, where
 torchtitan's device mesh is built. Where the CPU would run another code path than a GPU, a stand-in
 allocates what the GPU's does (:mod:`mst_referee.titan_kernels`: the fused RMSNorm, compiled flex
-attention and block masks). These places need values fake tensors do not have, and are answered as a
-run answers them:
+attention and block masks, and transformers' flex attention as the transformers backend calls it).
+These places need values fake tensors do not have, and are answered as a run answers them:
 
-* weight initialization (``_init_self_parameters``: truncated normal draws) is skipped: it writes
-  values into the materialized weights and allocates nothing that outlives it; the buffers (the RoPE
-  tables) are initialized by torchtitan's own code;
+* weight initialization (``_init_self_parameters``, and the transformers backend's ``_init_weights``
+  through ``torch.nn.init``: truncated normal and uniform draws) is skipped: it writes values into the
+  materialized weights and allocates nothing that outlives it; the buffers (the RoPE tables, the
+  backend's rotary frequencies) are initialized by torchtitan's own code;
 * the batch is one document per sequence (positions 0 .. S-1, labels all valid), as a run on long
   documents sees it.
 
@@ -41,9 +42,12 @@ resharding, checkpoints, the loss's chunks, the optimizer, flex attention), and 
 line naming the field. Data parallelism without ZeRO (mst-plan emits it for ZeRO 0 on several
 GPUs) is torchtitan's replicate degree over shards of one rank: FSDP2 on a (replicate, shard) mesh
 whose shards are whole, each rank's tensors a one-GPU run's (the mesh's own bookkeeping is made outside
-the fake tensors, as on a GPU: :func:`_real_meshes`). Refused by name: torchtitan's transformers
-backend (an experiment, which other models than its own run through); tensor, pipeline, context and
-expert parallelism, compile, CPU offload and CUDA graphs, none of which mst-plan emits.
+the fake tensors, as on a GPU: :func:`_real_meshes`). Models other than torchtitan's own train through
+its transformers backend (``hf_model``, held to the plan model's repository): the Hugging Face model
+built from the plan's own config.json (the repository's, which a run fetches: :func:`_hf_assets`),
+the masks made inside its forward, not by the step. Refused by name: the backend's Mixture-of-Experts
+models (its swap to torchtitan's MoE fails on fake tensors); tensor, pipeline, context and expert
+parallelism, compile, CPU offload and CUDA graphs, none of which mst-plan emits.
 """
 
 from __future__ import annotations
@@ -112,12 +116,9 @@ def check_config(config: Any, plan: Mapping[str, Any], where: str) -> None:
     (:func:`mst_clients.titan.plan_rows`: batch, dtypes, resharding, checkpoints, the loss's chunks, the
     optimizer, the attention), the model's dimensions and the ranks as the plan has them (``plan``:
     :func:`plan_facts`)."""
-    from mst_clients.titan import plan_rows
+    from mst_clients.titan import hf_repo, plan_rows
 
     par, training, gpus = config.parallelism, config.training, plan["gpus"]
-    if config.model_spec.name == "transformers_modeling_backend":
-        fail(where, "model_spec", "one of torchtitan's own models (the referee does not run its transformers backend, "
-             f"an experiment), got {config.hf_model}")
     # The plan's ranks either shard (FSDP2 over all of them) or replicate (its data parallelism without ZeRO:
     # torchtitan's replicate degree over whole shards, FSDP2 on a (replicate, shard 1) mesh)
     replicate, shard = par.data_parallel_replicate_degree, par.data_parallel_shard_degree
@@ -126,17 +127,26 @@ def check_config(config: Any, plan: Mapping[str, Any], where: str) -> None:
              f"expected the plan's {gpus} ranks sharding (replicate degree 1, data_parallel_shard_degree {gpus} or -1) "
              f"or replicating (replicate degree {gpus}, shard degree 1), got replicate {replicate} and shard {shard}")
     model, hf = config.model_spec.model, plan["hf_config"]
-    attention = model.layers[0].attention
-    rows = [
-        ("model.dim", "hidden size", model.dim, hf.get("hidden_size")),
-        ("model.layers", "layers", len(model.layers), hf.get("num_hidden_layers")),
-        ("model.vocab_size", "vocabulary", model.vocab_size, hf.get("vocab_size")),
-        ("model.layers[0].attention.n_heads", "attention heads", attention.n_heads, hf.get("num_attention_heads")),
-        ("model.layers[0].attention.n_kv_heads", "key/value heads", attention.n_kv_heads or attention.n_heads,
-         hf.get("num_key_value_heads", hf.get("num_attention_heads"))),
-        ("training.global_batch_size", "global batch", training.global_batch_size,
-         plan["micro_batch"] * gpus * plan["grad_accum"]),
-    ] + plan_rows(config, plan, len(model.layers))
+    if _backend(config):  # (the model is built from the plan's own config.json: _hf_assets)
+        if any(key in hf for key in ("num_local_experts", "num_experts")):
+            fail(where, "model_spec", "a dense model through the transformers backend (its Mixture-of-Experts swap, "
+                 "torchtitan's MoE materialized by to_empty inside parallelize, fails on the referee's fake tensors: not "
+                 f"run here), got {config.hf_model}")
+        rows = [("hf_model", "Hugging Face model", config.hf_model, hf_repo(hf))]
+        layers = hf.get("num_hidden_layers")
+    else:
+        attention = model.layers[0].attention
+        rows = [
+            ("model.dim", "hidden size", model.dim, hf.get("hidden_size")),
+            ("model.layers", "layers", len(model.layers), hf.get("num_hidden_layers")),
+            ("model.vocab_size", "vocabulary", model.vocab_size, hf.get("vocab_size")),
+            ("model.layers[0].attention.n_heads", "attention heads", attention.n_heads, hf.get("num_attention_heads")),
+            ("model.layers[0].attention.n_kv_heads", "key/value heads", attention.n_kv_heads or attention.n_heads,
+             hf.get("num_key_value_heads", hf.get("num_attention_heads"))),
+        ]
+        layers = len(model.layers)
+    rows += [("training.global_batch_size", "global batch", training.global_batch_size,
+              plan["micro_batch"] * gpus * plan["grad_accum"])] + plan_rows(config, plan, layers)
     for field_name, _, got, expected in rows:
         if got != expected:
             fail(where, field_name, f"expected the plan's {expected}, got {got}")
@@ -153,6 +163,20 @@ def _cpu_mesh() -> Iterator[None]:
         yield
     finally:
         parallel_dims.device_type = saved
+
+
+@contextlib.contextmanager
+def _hf_assets(hf_config: Mapping[str, Any]) -> Iterator[str]:
+    """A folder holding the plan model's config.json, for the transformers backend, which reads the Hugging Face
+    config of its ``hf_model`` (``AutoConfig.from_pretrained``: the repository's own file, fetched from the Hub in a
+    run; here the one mst-plan's model file holds, its ``_mst`` facts left out). The backend builds the model from
+    it; check_config has held ``hf_model`` to the plan model's repository."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mst-titan-assets-") as folder:
+        (Path(folder) / "config.json").write_text(json.dumps({k: v for k, v in hf_config.items() if k != "_mst"}))
+        yield folder
 
 
 @contextlib.contextmanager
@@ -179,14 +203,20 @@ def _real_meshes() -> Iterator[None]:
 @contextlib.contextmanager
 def _weights_uninitialized() -> Iterator[None]:
     """``init_weights`` without the weights' random draws (values fake tensors do not hold); buffers as torchtitan makes them."""
+    import torch.nn.init as init
     from torchtitan.protocols.module import Module
 
     saved = Module._init_self_parameters
+    draws = {name: getattr(init, name) for name in ("trunc_normal_", "normal_", "uniform_")}
     Module._init_self_parameters = lambda self: None
+    for name in draws:  # (the transformers backend's _init_weights draws through torch.nn.init)
+        setattr(init, name, lambda tensor, *args, **kwargs: tensor)
     try:
         yield
     finally:
         Module._init_self_parameters = saved
+        for name, fn in draws.items():
+            setattr(init, name, fn)
 
 
 class Titan:
@@ -279,10 +309,16 @@ class Titan:
     def _forward_backward(self, input_dict: Dict[str, Any], labels: Any, global_valid_tokens: Any, observer: Observer,
                           micro: int) -> Any:
         """``forward_backward_step`` and ``_forward_backward_body``: the masks made (flex, varlen), forward, loss, backward."""
+        from torchtitan.models.common.decoder import Decoder
+
         inputs, positions = input_dict["input"], input_dict["positions"]
-        masks = self.model.get_attention_masks(positions=positions)  # post_dataloading_process
+        # post_dataloading_process builds the masks of torchtitan's own models (flex attention: check_config); the
+        # transformers backend's forward builds its own, and lets go of them as it returns
+        masks = {}
+        if isinstance(self.model_config, Decoder.Config):
+            masks["attention_masks"] = self.model.get_attention_masks(positions=positions)
         with self.train_context():
-            pred = self.model(inputs, positions=positions, attention_masks=masks)
+            pred = self.model(inputs, positions=positions, **masks)
             loss, _ = self.loss_fn(pred, labels, global_valid_tokens, positions=positions)
             del pred
             observer.phase("backward", micro)
@@ -352,6 +388,8 @@ def titan_step(plan: Mapping[str, Any], module_dir: Path, rank: int = 0, where: 
         cleanup.enter_context(session())
         cleanup.enter_context(stand_in())
         cleanup.enter_context(_real_meshes())
+        if _backend(config):
+            config.hf_model = cleanup.enter_context(_hf_assets(facts["hf_config"]))
         titan = Titan(config, dims)
         warm_up = titan.batches()
         titan.train_step(warm_up, titan.valid_tokens(warm_up), Observer())  # the optimizer's states
@@ -382,7 +420,20 @@ def titan_step(plan: Mapping[str, Any], module_dir: Path, rank: int = 0, where: 
             "layers": layers, "corrected_sums": recorder.corrected_sums, "micro_steps": titan_accumulation,
             "micro_steps_recorded": min(titan_accumulation, 2),
             "torch": torch.__version__, "torchtitan": getattr(torchtitan, "__version__", _version("torchtitan")),
-            "flavor": flavor, "attention": type(config.model_spec.model.layers[0].attention.inner_attention).__qualname__}
+            "flavor": flavor, "attention": _attention_of(config)}
+
+
+def _attention_of(config: Any) -> str:
+    """The attention a run used: torchtitan's own module's class, or the transformers backend's implementation."""
+    model = config.model_spec.model
+    if _backend(config):
+        return f"transformers {model.attn_implementation}"
+    return type(model.layers[0].attention.inner_attention).__qualname__
+
+
+def _backend(config: Any) -> bool:
+    """Whether the config trains through torchtitan's transformers backend (a Hugging Face model, not its own)."""
+    return config.model_spec.name == "transformers_modeling_backend"
 
 
 def _version(package: str) -> str:

@@ -1,6 +1,6 @@
 """What torchtitan's step runs on a GPU that the CPU runs differently, with a GPU's allocations.
 
-torchtitan 0.3.0's language models reach three code paths whose CUDA and CPU versions allocate
+torchtitan 0.3.0's language models reach four code paths whose CUDA and CPU versions allocate
 differently, or which cannot run on fake tensors at all. :func:`stand_in` replaces each, for the
 referee's fake-tensor step (:mod:`mst_referee.titan`), with one that allocates what the GPU run does
 (the outputs and the saved tensors; the internal scratch of a fused kernel is not seen by a dispatch
@@ -26,6 +26,10 @@ mode on a GPU either, and is not recorded here):
   the value's and the key's gradients in their own ([B, Hkv, S, D]: GQA broadcasts only the batch
   dimension in 2.15, whose ``sum`` is not taken when the batches are equal). :class:`FlexAttention`
   is that. The attention's values are not computed (fake tensors have none).
+* transformers' ``flex_attention_forward`` (the transformers backend's attention) asks the compiled
+  kernel for its logsumexp on a GPU and not on the CPU: :func:`hf_flex_attention_forward` is the GPU's
+  branch (the kernel above with the fp32 logsumexp as an output, its bf16 cast returned beside the
+  output; transformers' own ``repeat_kv`` first where the head count is no power of two).
 * The block mask: ``torch.compile(create_block_mask)`` likewise. What survives the compiled call is
   the ``BlockMask``'s eight int32 tensors (``kv_num_blocks`` [B, H, Q/128], ``kv_indices`` [B, H,
   Q/128, KV/128], the ``full_`` pair, and the ``q_`` pair and its ``full_`` pair with the block
@@ -38,6 +42,7 @@ mode on a GPU either, and is not recorded here):
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -79,9 +84,12 @@ def rms_norm(input: torch.Tensor, normalized_shape: Sequence[int], weight: Optio
 
 
 def _like_transposed(t: torch.Tensor, last: int, dtype: torch.dtype) -> torch.Tensor:
-    """A new [B, H, S, last] tensor stored as [B, S, H, last], the fill order of ``t`` (a transposed view
-    of a [B, S, H, D] projection), as inductor's ``infer_dense_strides`` lays it out."""
+    """A new [B, H, S, last] tensor in the fill order of ``t``, as inductor's ``infer_dense_strides`` lays it out:
+    stored as [B, S, H, last] where ``t`` is a transposed view of a [B, S, H, D] projection (torchtitan's and
+    transformers' queries), else as [B, H, S, last]."""
     b, h, s, _ = t.shape
+    if h > 1 and s > 1 and t.stride(1) > t.stride(2):
+        return torch.empty(b, h, s, last, dtype=dtype, device=t.device)
     return torch.empty(b, s, h, last, dtype=dtype, device=t.device).transpose(1, 2)
 
 
@@ -89,17 +97,23 @@ class FlexAttention(torch.autograd.Function):
     """The compiled ``flex_attention``'s forward and backward graphs: their allocations, no values."""
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: bool = False) -> Any:
+        """The output; with ``lse`` (an ``AuxRequest(lse=True)``) the output and the logsumexp, which is then an output
+        of the compiled graph too (not differentiated: no gradient is made for it)."""
         b, hq, s, _ = q.shape
         logsumexp = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
         max_scores = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
         out = _like_transposed(q, v.shape[-1], q.dtype)
         del max_scores  # (not an output of the compiled graph)
         ctx.save_for_backward(q, k, v, out, logsumexp)
-        return out
+        if not lse:
+            return out
+        ctx.mark_non_differentiable(logsumexp)
+        ctx.set_materialize_grads(False)
+        return out, logsumexp
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(ctx: Any, grad_out: torch.Tensor, *_grad_lse: Any) -> Tuple[Any, ...]:
         q, k, v, _out, _logsumexp = ctx.saved_tensors
         b, hq, s, _ = q.shape
         delta = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
@@ -107,7 +121,7 @@ class FlexAttention(torch.autograd.Function):
         grad_value = _like_transposed(v, v.shape[-1], v.dtype)
         grad_key = _like_transposed(k, k.shape[-1], k.dtype)
         del delta  # (dead after the backward kernel)
-        return grad_query, grad_key, grad_value
+        return grad_query, grad_key, grad_value, None
 
 
 def compiled_flex_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, score_mod: Any = None, block_mask: Any = None,
@@ -120,6 +134,30 @@ def compiled_flex_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sco
         raise NotImplementedError("referee: flex attention with a score_mod, kernel options (another backend) or "
                                   "auxiliary outputs is not stood in for")
     return FlexAttention.apply(q, k, v), None
+
+
+def hf_flex_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+                              scaling: Any = None, softcap: Any = None, s_aux: Any = None, position_bias: Any = None,
+                              **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``flex_attention_forward`` (transformers 5.24, integrations/flex_attention.py) as a GPU runs it,
+    which torchtitan's transformers backend calls: on the CPU it asks for no logsumexp, on a GPU it does. A head
+    count that is no power of two has its key and value heads repeated (transformers' own ``repeat_kv``); the
+    compiled kernel returns the output and the fp32 logsumexp (a soft-capping ``score_mod`` is fused into it: the
+    same allocations), the logsumexp is cast to the value's dtype and returned beside the output, which is
+    transposed back to [B, S, H, D] (its fill order already: no copy)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers.integrations.flex_attention import repeat_kv
+
+    if (not isinstance(attention_mask, BlockMask) or s_aux is not None or position_bias is not None
+            or kwargs.get("kernel_options") or kwargs.get("dropout", 0.0) > 0):
+        raise NotImplementedError("referee: transformers' flex attention with a score mask, attention sinks, a position "
+                                  "bias, kernel options or dropout is not stood in for")
+    heads = query.shape[1]
+    if heads & (heads - 1):
+        key = repeat_kv(key, heads // key.shape[1])
+        value = repeat_kv(value, heads // value.shape[1])
+    out, lse = FlexAttention.apply(query, key, value, True)
+    return out.transpose(1, 2).contiguous(), lse.to(value.dtype)
 
 
 def block_mask(mask_mod: Any, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int, device: Any = None,
@@ -153,9 +191,17 @@ def stand_in() -> Iterator[None]:
     F.rms_norm = rms_norm
     attention.FlexAttention.compiled_flex_attn = staticmethod(compiled_flex_attn)
     attention.create_attention_mask = decoder.create_attention_mask = block_mask
+    # the transformers backend (where a config has loaded it): its own imports of the block mask and of
+    # transformers' flex attention
+    backend = sys.modules.get("torchtitan.experiments.transformers_modeling_backend.model")
+    backend_saved = (backend.create_attention_mask, backend.flex_attention_forward) if backend else None
+    if backend:
+        backend.create_attention_mask, backend.flex_attention_forward = block_mask, hf_flex_attention_forward
     try:
         yield
     finally:
         F.rms_norm = saved[0]
         attention.FlexAttention.compiled_flex_attn = saved[1]
         attention.create_attention_mask, decoder.create_attention_mask = saved[2], saved[3]
+        if backend:
+            backend.create_attention_mask, backend.flex_attention_forward = backend_saved

@@ -32,7 +32,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mst_referee.recorder import StorageRecorder  # noqa: E402
-from mst_referee.titan_kernels import FlexAttention, rms_norm  # noqa: E402
+from mst_referee.titan_kernels import FlexAttention, hf_flex_attention_forward, rms_norm  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,9 +98,51 @@ def test_flex_attention_allocates_what_inductors_lowering_allocates():
     assert allocs == inputs + forward + backward
 
 
-def _record_titan(d, recommend):
-    """``mst-plan recommend ... --for torchtitan``, emit, the referee's record of the step, and compare's verdict
-    on it; or skip where torchtitan or the binary is missing."""
+def _hf_flex_events(heads, kv_heads):
+    """(bytes, name) of what transformers' flex attention, as the stand-in runs it on a GPU, allocates for a [1, 256,
+    heads, 32] query (a transposed view, as transformers projects it) and [1, 256, kv_heads, 32] keys and values."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def step():
+        q = torch.empty(1, 256, heads, 32, dtype=torch.bfloat16, requires_grad=True).transpose(1, 2)
+        k = torch.empty(1, 256, kv_heads, 32, dtype=torch.bfloat16, requires_grad=True).transpose(1, 2)
+        v = torch.empty(1, 256, kv_heads, 32, dtype=torch.bfloat16, requires_grad=True).transpose(1, 2)
+        mask = BlockMask.__new__(BlockMask)  # (only its type is read)
+        out, lse = hf_flex_attention_forward(None, q, k, v, mask, scaling=None)
+        assert out.shape == (1, 256, heads, 32) and lse.dtype == torch.bfloat16
+        del lse
+        out.backward(torch.empty_like(out))
+    return [(b, name) for alloc, b, name in _events(step) if alloc]
+
+
+def test_transformers_flex_attention_returns_the_logsumexp_as_on_a_gpu_and_copies_no_output():
+    # 4 query heads (a power of two: GQA in the kernel) and 2 key/value heads: the kernel's allocations as
+    # torchtitan's (the flex test above); then the logsumexp cast to bf16 [1, 4, 256] (2048 bytes), which transformers
+    # returns; the output is already [B, S, H, D] in memory, so its transpose back is no copy
+    allocs = _hf_flex_events(4, 2)
+    inputs = [(65536, "bf16[1, 256, 4, 32]"), (32768, "bf16[1, 256, 2, 32]"), (32768, "bf16[1, 256, 2, 32]")]
+    forward = [(4096, "f32[1, 4, 256]"), (4096, "f32[1, 4, 256]"), (65536, "bf16[1, 256, 4, 32]"),
+               (2048, "bf16[1, 4, 256]")]
+    backward = [(65536, "bf16[1, 256, 4, 32]"), (4096, "f32[1, 4, 256]"), (65536, "bf16[1, 256, 4, 32]"),
+                (32768, "bf16[1, 256, 2, 32]"), (32768, "bf16[1, 256, 2, 32]")]
+    assert allocs == inputs + forward + backward
+
+
+def test_transformers_flex_attention_repeats_the_key_value_heads_for_a_head_count_that_is_no_power_of_two():
+    # 6 query heads, 2 key/value heads: transformers' repeat_kv copies keys and values to 6 heads first (the reshape
+    # of their [1, 2, 3, 256, 32] expansion: 98304 bytes each, heads first), so the kernel runs without GQA on them,
+    # and backward makes the gradients of those copies ([1, 6, 256, 32], their own layout) before summing them back
+    allocs = _hf_flex_events(6, 2)
+    assert allocs[3:9] == [(98304, "bf16[1, 2, 3, 256, 32]"), (98304, "bf16[1, 2, 3, 256, 32]"),
+                           (6144, "f32[1, 6, 256]"), (6144, "f32[1, 6, 256]"), (98304, "bf16[1, 256, 6, 32]"),
+                           (3072, "bf16[1, 6, 256]")]
+    assert allocs[12:16] == [(98304, "bf16[1, 6, 256, 32]"), (98304, "bf16[1, 6, 256, 32]"),
+                             (32768, "bf16[1, 2, 1, 256, 32]"), (32768, "bf16[1, 2, 1, 256, 32]")]
+
+
+def _run_titan(d, recommend):
+    """``mst-plan recommend ... --for torchtitan``, emit and the referee on them (its process, and the binary); or
+    skip where torchtitan or the binary is missing."""
     if not TITAN:
         pytest.skip("MST_TITAN_PATH is not set (scripts/test sets it)")
     binary = Path(os.environ.get("MST_PLAN", REPO / "build" / "src" / "mst-plan"))
@@ -110,11 +152,17 @@ def _record_titan(d, recommend):
     subprocess.run([str(binary), *recommend, "--out", str(plan)], check=True, capture_output=True, text=True)
     subprocess.run([str(binary), "emit", "--plan", str(plan), "--format", "torchtitan", "--out", str(d)],
                    check=True, capture_output=True, text=True)
-    out = d / "measured.json"
     env = dict(os.environ, PYTHONPATH=f"{TITAN}:{REPO / 'python'}")
-    r = subprocess.run([sys.executable, "-m", "mst_referee.titan", str(plan), str(d), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "mst_referee.titan", str(plan), str(d), "--out", str(d / "measured.json")],
                        capture_output=True, text=True, env=env, timeout=900)
+    return r, binary
+
+
+def _record_titan(d, recommend):
+    """The referee's record of the plan's step (_run_titan), and compare's verdict on it."""
+    r, binary = _run_titan(d, recommend)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    out = d / "measured.json"
     compared = subprocess.run([str(binary), "compare", "--run", str(out)], capture_output=True, text=True)
     return json.loads(out.read_text()), compared, (d / "mst_torchtitan.py").read_text()
 
@@ -186,8 +234,8 @@ def test_llama_3_8b_at_8k_holds_what_the_docs_say_torchtitan_holds_beyond_the_pr
     assert record["setup"]["checkpoint"] == list(range(32)) and record["setup"]["lm_chunks"] == 2
     assert record["summary"]["peak_bytes"] == 68_579_330_460
     assert _peak_row(compared) == ["65126287012", "68579330460", "+3453043448", "+5.302%"]
-    assert ("measured -31 % to +89 % against such predictions (15 plans of its own models under FSDP2 or DDP; "
-            "Llama-3-8B at 8192 tokens on one H100: +5.3 %;") in " ".join(module.split())
+    assert ("measured -31 % to +89 % against such predictions (17 plans under FSDP2 or DDP; Llama-3-8B "
+            "at 8192 tokens on one H100: +5.3 %;") in " ".join(module.split())
 
 
 # The ends of the range `recommend --for torchtitan` cautions with (python/README.md's table of the torchtitan
@@ -216,6 +264,33 @@ def test_ddp_replicates_whole_parameters_and_states_on_every_rank(tmp_path):
     assert _init_bytes(record, "weights") == 4 * PARAMETERS + ROPE_TABLE_BYTES
     assert _init_bytes(record, "optimizer_state") == 8 * PARAMETERS + 114 * 4
     assert _peak_row(compared) == ["29453512704", "36584945628", "+7131432924", "+24.213%"]  # python/README.md's row
+
+
+def test_the_transformers_backend_trains_the_plans_model_in_fp32_shards(tmp_path):
+    # Mistral-7B through torchtitan's transformers backend on 8 GPUs (bf16-master: FSDP2 over fp32 parameters):
+    # 7,241,732,096 parameters (the published total), an eighth of them on each rank (every first dimension divides
+    # by 8): fp32 weights 3,620,866,048 bytes plus the rotary embedding's inv_freq and original_inv_freq (fp32 [64]
+    # each, 512 bytes); AdamW's two fp32 states and a step counter for each of 291 tensors (9 per layer x 32, the
+    # embedding, the final norm and the LM head); the model built from the plan's own config.json
+    from mst_clients.matrix import Entry
+
+    params, shard = 7_241_732_096, 8
+    record, compared, module = _record_titan(tmp_path, Entry("mistral-7b-v0.1", 8, SEQ).recommend_args("torchtitan"))
+    assert 'config.hf_model = "mistralai/Mistral-7B-v0.1"' in module
+    assert _init_bytes(record, "weights") == 4 * params // shard + 512
+    assert _init_bytes(record, "optimizer_state") == 8 * params // shard + 291 * 4
+    assert record["summary"]["attn_implementation"] == "transformers flex_torchtitan"
+    assert _peak_row(compared) == ["68789911552", "81413652124", "+12623740572", "+18.351%"]  # python/README.md's row
+
+
+def test_the_transformers_backends_mixture_of_experts_is_refused_by_name(tmp_path):
+    from mst_clients.matrix import Entry
+
+    r, _ = _run_titan(tmp_path, Entry("mixtral-8x7b", 8, 4096, "pure-bf16").recommend_args("torchtitan"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr[-2000:]
+    (line,) = r.stdout.splitlines()
+    assert line.startswith(f"error: {tmp_path / 'mst_torchtitan.py'}: model_spec: a dense model through the "
+                           "transformers backend") and line.endswith("got mistralai/Mixtral-8x7B-v0.1"), line
 
 
 # ---- a module or plan the referee must refuse, in one line (exit 2) -------------------------------------------
