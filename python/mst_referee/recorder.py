@@ -149,6 +149,9 @@ class Event:
     name: str
     category: str = ""
 
+    # to_list's fields, as an mst-timeline/1 file's "columns" names them (mst-plan's reader refuses another order)
+    COLUMNS = ("kind", "tensor", "bytes", "category", "device", "phase", "layer", "micro_step", "op", "name")
+
     def to_list(self) -> List[Any]:
         return ["alloc" if self.alloc else "free", self.tensor, self.bytes, self.category, self.device, self.phase,
                 self.layer, self.micro_step, self.op, self.name]

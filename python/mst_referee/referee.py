@@ -262,11 +262,12 @@ def summarize_events(events: List[List[Any]]) -> Dict[str, Any]:
 def timeline(model_path: str, result: Dict[str, Any]) -> Dict[str, Any]:
     """The recorded step of the model whose config is ``model_path`` as an mst-timeline/1 object (what ``mst-plan
     compare`` reads)."""
+    from .recorder import Event
+
     # mst-plan names a model by its config file's stem (the catalog name, or a cut copy's name).
     out = {"format": "mst-timeline/1", "source": "referee", "model": Path(model_path).stem,
            "micro_steps": result["micro_steps"], "micro_steps_recorded": result["micro_steps_recorded"],
-           "columns": ["kind", "tensor", "bytes", "category", "device", "phase", "layer", "micro_step", "op", "name"],
-           "events": result["events"]}
+           "columns": list(Event.COLUMNS), "events": result["events"]}
     if "rank" in result:  # (a sharded step: whose it is)
         out["rank"] = result["rank"]
     return out

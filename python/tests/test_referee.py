@@ -463,3 +463,12 @@ def test_the_trainers_forward_and_the_setups_hf_trainer_bf16_are_one_choice():
     assert plain.trainer == "loop" and "hf_trainer_bf16" not in plain.setup
     with pytest.raises(jobs.CrosscheckError, match="hf_trainer_bf16: expected false with runtime kernels"):
         jobs.make_job(TINY, knobs={"hf_trainer_bf16": True, "runtime": "kernels"}, seq=16, convert="python")
+
+
+def test_a_timelines_columns_name_each_event_field_where_to_list_puts_it():
+    e = recorder_module.Event(alloc=True, tensor=7, bytes=512, device="gpu", phase="forward", layer=3, micro_step=1,
+                              op="mlp.up", name="up_proj bf16[1, 4, 8]", category="transient")
+    row = dict(zip(referee.timeline("llama-3-8b.json", {"events": [e.to_list()], "micro_steps": 1,
+                                                         "micro_steps_recorded": 1})["columns"], e.to_list()))
+    assert row == {"kind": "alloc", "tensor": 7, "bytes": 512, "category": "transient", "device": "gpu",
+                   "phase": "forward", "layer": 3, "micro_step": 1, "op": "mlp.up", "name": "up_proj bf16[1, 4, 8]"}
