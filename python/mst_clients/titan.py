@@ -113,6 +113,8 @@ def plan_problems(config, plan: Mapping[str, Any], model: Mapping[str, Any]) -> 
     })
     if config.model_spec.name == "transformers_modeling_backend":
         want["Hugging Face model"] = (config.hf_model, model["hf_repo"])
+        # (the emitter's: another flavor sets sizes of its own)
+        want["backend flavor"] = (config.model_spec.flavor, "full_moe" if model.get("moe") else "full")
     else:
         # as Trainer.__init__ does before building: fits the model to the run (the RoPE table to
         # seq_len, which it refuses beyond the flavor's), then the model on the meta device
@@ -167,13 +169,15 @@ def check(module_dir: Path, plan: Mapping[str, Any], model: Mapping[str, Any]) -
 
 
 def model_facts(binary: Path, name: str) -> Dict[str, Any]:
-    """The plan model's parameter count (mst-plan show) and Hugging Face repository (its _mst.source)."""
+    """The plan model's parameter count (mst-plan show), Hugging Face repository (its _mst.source), and whether it is a
+    Mixture-of-Experts model."""
     r = matrix.run_mst(binary, ["--json", "show", name])
     shown = json.loads(r.stdout) if r.returncode == 0 else {}
     from mst_referee import jobs
     raw = jobs.load_model_config(jobs.resolve_model(name)[1])
     return {"parameters": (shown.get("parameters") or {}).get("total"), "layers": shown.get("num_hidden_layers"),
-            "hf_repo": hf_repo(raw), "rope": rope_of_config(raw)}
+            "hf_repo": hf_repo(raw), "rope": rope_of_config(raw),
+            "moe": any(key in raw for key in ("num_local_experts", "num_experts"))}
 
 
 def hf_repo(config: Mapping[str, Any]) -> str:

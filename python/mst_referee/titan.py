@@ -45,8 +45,12 @@ whose shards are whole, each rank's tensors a one-GPU run's (the mesh's own book
 the fake tensors, as on a GPU: :func:`_real_meshes`). Models other than torchtitan's own train through
 its transformers backend (``hf_model``, held to the plan model's repository): the Hugging Face model
 built from the plan's own config.json (the repository's, which a run fetches: :func:`_hf_assets`),
-the masks made inside its forward, not by the step. Refused by name: the backend's Mixture-of-Experts
-models (its swap to torchtitan's MoE fails on fake tensors); tensor, pipeline, context and expert
+the masks made inside its forward, not by the step; the module's flavor must be the one mst-plan writes
+(``full``), the model built must have the plan model's sizes (:func:`check_built`), and a model
+torchtitan trains with its own code is refused through the backend (:func:`_native_flavor`). The ranks
+replicate exactly where the plan has ZeRO 0 on several GPUs. Refused by name: the backend's Mixture-of-Experts
+models (its swap to torchtitan's MoE fails on fake tensors), Gemma-2/3 and Phi-3 (which it cannot build:
+mst-plan does not emit them); tensor, pipeline, context and expert
 parallelism, compile, CPU offload and CUDA graphs, none of which mst-plan emits.
 """
 
@@ -119,20 +123,33 @@ def check_config(config: Any, plan: Mapping[str, Any], where: str) -> None:
     from mst_clients.titan import hf_repo, plan_rows
 
     par, training, gpus = config.parallelism, config.training, plan["gpus"]
-    # The plan's ranks either shard (FSDP2 over all of them) or replicate (its data parallelism without ZeRO:
-    # torchtitan's replicate degree over whole shards, FSDP2 on a (replicate, shard 1) mesh)
+    # The plan's ranks replicate where it has data parallelism without ZeRO (torchtitan's replicate degree over whole
+    # shards: FSDP2 on a (replicate, shard 1) mesh), else shard (FSDP2 over all of them; -1: every GPU)
     replicate, shard = par.data_parallel_replicate_degree, par.data_parallel_shard_degree
-    if (replicate, shard) not in ((1, -1), (1, gpus), (gpus, 1)):
+    replicated = gpus > 1 and plan["zero_stage"] == 0
+    if replicated and (replicate, shard) != (gpus, 1):
         fail(where, "parallelism.data_parallel_replicate_degree",
-             f"expected the plan's {gpus} ranks sharding (replicate degree 1, data_parallel_shard_degree {gpus} or -1) "
-             f"or replicating (replicate degree {gpus}, shard degree 1), got replicate {replicate} and shard {shard}")
+             f"expected the plan's {gpus} ranks replicating whole shards (ZeRO 0: replicate degree {gpus}, shard degree "
+             f"1), got replicate {replicate} and shard {shard}")
+    if not replicated and (replicate, shard) not in ((1, -1), (1, gpus)):
+        fail(where, "parallelism.data_parallel_shard_degree",
+             f"expected the plan's {gpus} rank{'s' if gpus > 1 else ''} sharding (ZeRO {plan['zero_stage']}: replicate "
+             f"degree 1, shard degree {gpus} or -1), got replicate {replicate} and shard {shard}")
     model, hf = config.model_spec.model, plan["hf_config"]
-    if _backend(config):  # (the model is built from the plan's own config.json: _hf_assets)
+    if _backend(config):  # (the model is built from the plan's own config.json: _hf_assets; its dimensions: check_built)
+        native = _native_flavor(hf)
+        if native:
+            fail(where, "model_spec", f"torchtitan's own {native} (what mst-plan emits for {hf.get('model_type')} of "
+                 f"these dimensions), got the transformers backend")
+        if hf.get("model_type") in _UNBUILDABLE:
+            fail(where, "model_spec", f"a model torchtitan 0.3.0's transformers backend can build (mst-plan's emitter "
+                 f"refuses {hf.get('model_type')}: {_UNBUILDABLE[hf.get('model_type')]}), got {config.hf_model}")
         if any(key in hf for key in ("num_local_experts", "num_experts")):
             fail(where, "model_spec", "a dense model through the transformers backend (its Mixture-of-Experts swap, "
                  "torchtitan's MoE materialized by to_empty inside parallelize, fails on the referee's fake tensors: not "
                  f"run here), got {config.hf_model}")
-        rows = [("hf_model", "Hugging Face model", config.hf_model, hf_repo(hf))]
+        rows = [("hf_model", "Hugging Face model", config.hf_model, hf_repo(hf)),
+                ("model_spec.flavor", "the backend's flavor", config.model_spec.flavor, "full")]
         layers = hf.get("num_hidden_layers")
     else:
         attention = model.layers[0].attention
@@ -150,6 +167,60 @@ def check_config(config: Any, plan: Mapping[str, Any], where: str) -> None:
     for field_name, _, got, expected in rows:
         if got != expected:
             fail(where, field_name, f"expected the plan's {expected}, got {got}")
+
+
+# What torchtitan 0.3.0's transformers backend cannot build, by its own errors (src/core/emit/torchtitan.cpp refuses
+# to emit them)
+_UNBUILDABLE = {
+    "gemma2": "its scaled embedding's forward takes input_ids, where the sharding config names input",
+    "gemma3_text": "its scaled embedding's forward takes input_ids, where the sharding config names input",
+    "phi3": "its fused qkv_proj is no query projection hf_sharding.py recognises",
+}
+
+
+def _native_flavor(hf: Mapping[str, Any]) -> str:
+    """The flavor of torchtitan's own code that mst-plan's emitter writes for a dense model of this config.json
+    (src/core/emit/torchtitan.cpp, titan_model: a Llama or Qwen3 without biases or a rotary scaling torchtitan's RoPE
+    cannot restate, every dimension a flavor's, as torchtitan's registry builds them), or "" (the transformers
+    backend's)."""
+    from torchtitan.models.llama3 import llama3_configs, model_registry as llama3
+    from torchtitan.models.qwen3 import model_registry as qwen3, qwen3_configs
+
+    families = {"llama": ("torchtitan.models.llama3", llama3, llama3_configs),
+                "qwen3": ("torchtitan.models.qwen3", qwen3, qwen3_configs)}
+    scaling = (hf.get("rope_scaling") or {}).get("rope_type", "default")
+    if hf.get("model_type") not in families or hf.get("attention_bias") or hf.get("mlp_bias") or \
+            scaling not in ("default", "llama3"):
+        return ""
+    package, registry, flavors = families[hf["model_type"]]
+    heads = hf.get("num_attention_heads")
+    wanted = (hf.get("hidden_size"), hf.get("num_hidden_layers"), hf.get("vocab_size"), heads,
+              hf.get("num_key_value_heads", heads), hf.get("head_dim") or hf.get("hidden_size", 0) // (heads or 1),
+              hf.get("intermediate_size"), bool(hf.get("tie_word_embeddings", False)))
+    for flavor in flavors:
+        c = registry(flavor).model
+        layer = c.layers[0]
+        if layer.moe is not None:  # (a Mixture-of-Experts config is refused through the backend by name)
+            continue
+        a = layer.attention
+        head_dim = a.qkv_linear.head_dim if getattr(a, "qkv_linear", None) is not None else a.head_dim
+        if (c.dim, len(c.layers), c.vocab_size, a.n_heads, a.n_kv_heads or a.n_heads, head_dim,
+                layer.feed_forward.w1.out_features, c.enable_weight_tying) == wanted:
+            return f"{package} {flavor}"
+    return ""
+
+
+def check_built(titan: "Titan", hf: Mapping[str, Any], where: str) -> None:
+    """The transformers backend's model as built (its config after update_from_config, where a flavor or the module
+    could still have set other sizes than the plan's config.json) has the plan model's dimensions."""
+    if not _backend(titan.config):
+        return
+    built = titan.model_config
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size"):
+        if key in hf and getattr(built, key, None) != hf[key]:
+            fail(where, "model_spec.model", f"the plan model's {key} {hf[key]} in the model the backend builds, got "
+                 f"{getattr(built, key, None)}")
 
 
 @contextlib.contextmanager
@@ -391,6 +462,7 @@ def titan_step(plan: Mapping[str, Any], module_dir: Path, rank: int = 0, where: 
         if _backend(config):
             config.hf_model = cleanup.enter_context(_hf_assets(facts["hf_config"]))
         titan = Titan(config, dims)
+        check_built(titan, facts["hf_config"], str(module_dir / f"{MODULE}.py"))
         warm_up = titan.batches()
         titan.train_step(warm_up, titan.valid_tokens(warm_up), Observer())  # the optimizer's states
         recorder = StorageRecorder()

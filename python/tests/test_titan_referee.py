@@ -266,16 +266,24 @@ def test_ddp_replicates_whole_parameters_and_states_on_every_rank(tmp_path):
     assert _peak_row(compared) == ["29453512704", "36584945628", "+7131432924", "+24.213%"]  # python/README.md's row
 
 
-def test_the_transformers_backend_trains_the_plans_model_in_fp32_shards(tmp_path):
+@pytest.fixture(scope="module")
+def mistral_record(tmp_path_factory):
+    """Mistral-7B's step through torchtitan's transformers backend on 8 GPUs at 8192 tokens (ZeRO 2, bf16-master), and
+    the folder holding its plan and module."""
+    from mst_clients.matrix import Entry
+
+    d = tmp_path_factory.mktemp("mistral")
+    return d, _record_titan(d, Entry("mistral-7b-v0.1", 8, SEQ).recommend_args("torchtitan"))
+
+
+def test_the_transformers_backend_trains_the_plans_model_in_fp32_shards(mistral_record):
     # Mistral-7B through torchtitan's transformers backend on 8 GPUs (bf16-master: FSDP2 over fp32 parameters):
     # 7,241,732,096 parameters (the published total), an eighth of them on each rank (every first dimension divides
     # by 8): fp32 weights 3,620,866,048 bytes plus the rotary embedding's inv_freq and original_inv_freq (fp32 [64]
     # each, 512 bytes); AdamW's two fp32 states and a step counter for each of 291 tensors (9 per layer x 32, the
     # embedding, the final norm and the LM head); the model built from the plan's own config.json
-    from mst_clients.matrix import Entry
-
     params, shard = 7_241_732_096, 8
-    record, compared, module = _record_titan(tmp_path, Entry("mistral-7b-v0.1", 8, SEQ).recommend_args("torchtitan"))
+    record, compared, module = mistral_record[1]
     assert 'config.hf_model = "mistralai/Mistral-7B-v0.1"' in module
     assert _init_bytes(record, "weights") == 4 * params // shard + 512
     assert _init_bytes(record, "optimizer_state") == 8 * params // shard + 291 * 4
@@ -334,9 +342,8 @@ def _module_edit(old, new):
     (None, _module_edit("def mst_plan():", "import sys\nsys.exit(3)\n\ndef mst_plan():"),
      "mst_torchtitan.py: mst_plan: a config torchtitan loads; it raised SystemExit: 3"),
     (None, _module_edit("data_parallel_replicate_degree = 1", "data_parallel_replicate_degree = 2"),
-     "mst_torchtitan.py: parallelism.data_parallel_replicate_degree: expected the plan's 1 ranks sharding (replicate "
-     "degree 1, data_parallel_shard_degree 1 or -1) or replicating (replicate degree 1, shard degree 1), got replicate 2 "
-     "and shard 1"),
+     "mst_torchtitan.py: parallelism.data_parallel_shard_degree: expected the plan's 1 rank sharding (ZeRO 0: replicate "
+     "degree 1, shard degree 1 or -1), got replicate 2 and shard 1"),
     (lambda plan: plan.update(model="no-such-model"), None, "plan.json: model: expected"),
     (lambda plan: plan["setup"].update(micro_batch=None), None,
      "plan.json: setup.micro_batch: expected a positive integer, got None"),
@@ -344,11 +351,44 @@ def _module_edit(old, new):
 ])
 def test_a_plan_or_module_that_is_not_what_mst_plan_wrote_is_one_line_and_exit_2(emitted_1b, tmp_path, plan_edit,
                                                                                    module_edit, error):
-    plan = json.loads((emitted_1b / "plan.json").read_text())
+    _refused(emitted_1b, tmp_path, plan_edit, module_edit, error)
+
+
+@pytest.mark.parametrize("plan_edit, module_edit, error", [
+    # a flavor other than the one mst-plan writes (torchtitan's debugmodel: 2 layers of 256)
+    (None, _module_edit('model_registry("full")', 'model_registry("debugmodel")'),
+     "mst_torchtitan.py: model_spec.flavor: expected the plan's full, got debugmodel"),
+    # a plan of ZeRO 2 over 8 ranks run as replicas
+    (None, lambda text: text.replace("data_parallel_replicate_degree = 1", "data_parallel_replicate_degree = 8")
+                            .replace("data_parallel_shard_degree = 8", "data_parallel_shard_degree = 1"),
+     "mst_torchtitan.py: parallelism.data_parallel_shard_degree: expected the plan's 8 ranks sharding (ZeRO 2: replicate "
+     "degree 1, shard degree 8 or -1), got replicate 8 and shard 1"),
+    # a model torchtitan trains with its own code, which mst-plan emits for it, run through the backend
+    (lambda plan: plan.update(model="llama-3.2-1b"), _module_edit("mistralai/Mistral-7B-v0.1", "meta-llama/Llama-3.2-1B"),
+     "mst_torchtitan.py: model_spec: torchtitan's own torchtitan.models.llama3 1B (what mst-plan emits for llama of these "
+     "dimensions), got the transformers backend"),
+    # sizes set over the plan's config.json (as a flavor sets them): refused once the backend has built the model
+    (None, _module_edit('    config.hf_model = "mistralai/Mistral-7B-v0.1"\n',
+                        '    config.hf_model = "mistralai/Mistral-7B-v0.1"\n'
+                        '    config.model_spec.model._titan_injected_model_args["n_layers"] = 2\n'),
+     "mst_torchtitan.py: model_spec.model: the plan model's num_hidden_layers 32 in the model the backend builds, got 2"),
+    # a model the backend cannot build, which mst-plan does not emit
+    (lambda plan: plan.update(model="gemma-2-2b"), _module_edit("mistralai/Mistral-7B-v0.1", "google/gemma-2-2b"),
+     "mst_torchtitan.py: model_spec: a model torchtitan 0.3.0's transformers backend can build (mst-plan's emitter refuses "
+     "gemma2: its scaled embedding's forward takes input_ids"),
+])
+def test_a_backend_module_that_is_not_what_mst_plan_wrote_is_one_line_and_exit_2(mistral_record, tmp_path, plan_edit,
+                                                                                  module_edit, error):
+    _refused(mistral_record[0], tmp_path, plan_edit, module_edit, error)
+
+
+def _refused(emitted, tmp_path, plan_edit, module_edit, error):
+    """The referee on an emitted plan and module, either edited: one line naming what is not the plan's, exit 2."""
+    plan = json.loads((emitted / "plan.json").read_text())
     if plan_edit:
         plan_edit(plan)
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    module = (emitted_1b / "mst_torchtitan.py").read_text()
+    module = (emitted / "mst_torchtitan.py").read_text()
     (tmp_path / "mst_torchtitan.py").write_text(module_edit(module) if module_edit else module)
     env = dict(os.environ, PYTHONPATH=f"{TITAN}:{REPO / 'python'}")
     r = subprocess.run([sys.executable, "-m", "mst_referee.titan", "plan.json", ".", "--out", "m.json"], cwd=tmp_path,
