@@ -45,13 +45,13 @@ whose shards are whole, each rank's tensors a one-GPU run's (the mesh's own book
 the fake tensors, as on a GPU: :func:`_real_meshes`). Models other than torchtitan's own train through
 its transformers backend (``hf_model``, held to the plan model's repository): the Hugging Face model
 built from the plan's own config.json (the repository's, which a run fetches: :func:`_hf_assets`),
-the masks made inside its forward, not by the step; the module's flavor must be the one mst-plan writes
-(``full``), the model built must have the plan model's sizes (:func:`check_built`), and a model
+the masks made inside its forward, not by the step; the module's flavor must be the one mst-plan
+writes (``full``), the model built must have the plan model's sizes (:func:`check_built`), and a model
 torchtitan trains with its own code is refused through the backend (:func:`_native_flavor`). The ranks
-replicate exactly where the plan has ZeRO 0 on several GPUs. Refused by name: the backend's Mixture-of-Experts
-models (its swap to torchtitan's MoE fails on fake tensors), Gemma-2/3 and Phi-3 (which it cannot build:
-mst-plan does not emit them); tensor, pipeline, context and expert
-parallelism, compile, CPU offload and CUDA graphs, none of which mst-plan emits.
+replicate exactly where the plan has ZeRO 0 on several GPUs. Refused by name: the backend's
+Mixture-of-Experts models (its swap to torchtitan's MoE fails on fake tensors), Gemma-2/3 and Phi-3
+(which it cannot build: mst-plan does not emit them); tensor, pipeline, context and expert parallelism,
+compile, CPU offload and CUDA graphs, none of which mst-plan emits.
 """
 
 from __future__ import annotations
@@ -188,7 +188,8 @@ def _native_flavor(hf: Mapping[str, Any]) -> str:
 
     families = {"llama": ("torchtitan.models.llama3", llama3, llama3_configs),
                 "qwen3": ("torchtitan.models.qwen3", qwen3, qwen3_configs)}
-    scaling = (hf.get("rope_scaling") or {}).get("rope_type", "default")
+    rope = hf.get("rope_scaling") or {}
+    scaling = rope.get("rope_type") or rope.get("type") or "default"  # (transformers' two spellings)
     if hf.get("model_type") not in families or hf.get("attention_bias") or hf.get("mlp_bias") or \
             scaling not in ("default", "llama3"):
         return ""
