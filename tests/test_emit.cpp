@@ -408,6 +408,13 @@ TEST_CASE("emit torchtitan: what torchtitan 0.3.0 cannot train as planned is ref
     for (const char* name : {"gemma-2-9b", "gemma-3-1b"})
         CHECK(error_of(p, find_model(name), "torchtitan").find("ScaledWordEmbedding: local_map is set but in_dst_shardings "
                                                               "is missing entries for: ['input_ids']") != std::string::npos);
+    // torchtitan's MoE, which the backend builds in fp32 inside parallelize, beside a pure-bf16 model's layers
+    Plan moe = p;
+    moe.setup.precision = Precision::PureBf16, moe.setup.state_dtype = StateDtype::Bf16;
+    CHECK(error_of(moe, find_model("mixtral-8x7b"), "torchtitan")
+              .rfind("torchtitan: setup.precision: expected fp32 parameters (bf16-master or amp) for mixtral-8x7b", 0) == 0);
+    moe.setup.precision = Precision::Bf16Master, moe.setup.state_dtype = StateDtype::Fp32;
+    CHECK(titan_module(moe, find_model("mixtral-8x7b")).find("model_registry(\"full_moe\")") != std::string::npos);
     for (const char* name : {"phi-3-mini-4k", "phi-4"})
         CHECK(error_of(p, find_model(name), "torchtitan")
                   .rfind("torchtitan: model: expected a model torchtitan 0.3.0 can parallelize; its transformers backend "

@@ -48,10 +48,11 @@ built from the plan's own config.json (the repository's, which a run fetches: :f
 the masks made inside its forward, not by the step; the module's flavor must be the one mst-plan
 writes (``full``), the model built must have the plan model's sizes (:func:`check_built`), and a model
 torchtitan trains with its own code is refused through the backend (:func:`_native_flavor`). The ranks
-replicate exactly where the plan has ZeRO 0 on several GPUs. Refused by name: the backend's
-Mixture-of-Experts models (its swap to torchtitan's MoE fails on fake tensors), Gemma-2/3 and Phi-3
-(which it cannot build: mst-plan does not emit them); tensor, pipeline, context and expert parallelism,
-compile, CPU offload and CUDA graphs, none of which mst-plan emits.
+replicate exactly where the plan has ZeRO 0 on several GPUs. Its Mixture-of-Experts models swap in
+torchtitan's MoE, materialized on the CPU inside ``parallelize`` (:func:`_moe_materialized`). Refused by
+name: what the backend cannot build, and mst-plan does not emit (Gemma-2/3, Phi-3, a MoE model in pure
+bf16); tensor, pipeline, context and expert parallelism, compile, CPU offload and CUDA graphs, none of
+which mst-plan emits.
 """
 
 from __future__ import annotations
@@ -141,15 +142,16 @@ def check_config(config: Any, plan: Mapping[str, Any], where: str) -> None:
         if native:
             fail(where, "model_spec", f"torchtitan's own {native} (what mst-plan emits for {hf.get('model_type')} of "
                  f"these dimensions), got the transformers backend")
+        moe = any(key in hf for key in ("num_local_experts", "num_experts"))
+        if moe and plan["precision"] == "pure-bf16":
+            fail(where, "training.dtype", "float32 parameters for a Mixture-of-Experts model through the transformers "
+                 "backend (it builds torchtitan's MoE in fp32 beside the bf16 layers, which FSDP2 refuses; mst-plan's "
+                 "emitter refuses pure-bf16 here), got bfloat16")
         if hf.get("model_type") in _UNBUILDABLE:
             fail(where, "model_spec", f"a model torchtitan 0.3.0's transformers backend can build (mst-plan's emitter "
                  f"refuses {hf.get('model_type')}: {_UNBUILDABLE[hf.get('model_type')]}), got {config.hf_model}")
-        if any(key in hf for key in ("num_local_experts", "num_experts")):
-            fail(where, "model_spec", "a dense model through the transformers backend (its Mixture-of-Experts swap, "
-                 "torchtitan's MoE materialized by to_empty inside parallelize, fails on the referee's fake tensors: not "
-                 f"run here), got {config.hf_model}")
         rows = [("hf_model", "Hugging Face model", config.hf_model, hf_repo(hf)),
-                ("model_spec.flavor", "the backend's flavor", config.model_spec.flavor, "full")]
+                ("model_spec.flavor", "the backend's flavor", config.model_spec.flavor, "full_moe" if moe else "full")]
         layers = hf.get("num_hidden_layers")
     else:
         attention = model.layers[0].attention
@@ -249,6 +251,44 @@ def _hf_assets(hf_config: Mapping[str, Any]) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="mst-titan-assets-") as folder:
         (Path(folder) / "config.json").write_text(json.dumps({k: v for k, v in hf_config.items() if k != "_mst"}))
         yield folder
+
+
+@contextlib.contextmanager
+def _moe_materialized() -> Iterator[None]:
+    """The transformers backend swaps each Hugging Face MoE block for torchtitan's, built on the meta device and
+    materialized on the CPU with ``to_empty`` inside ``parallelize`` (host memory in a run, replaced by the device's
+    as the trainer materializes the whole model). ``to_empty`` swaps a fake parameter in place, which fake tensors
+    refuse (torch keeps a weak reference to each); here each parameter and buffer is replaced by a new empty one of
+    its shape on that device instead: the same tensors, made another way."""
+    import torch
+
+    from torchtitan.experiments.transformers_modeling_backend import moe_replacement
+
+    cls = moe_replacement._HFContiguousMoE
+    saved = {name: cls.__dict__.get(name) for name in ("to_empty", "init_states")}
+    init_states = cls.init_states
+
+    def to_empty(module: Any, *, device: Any, recurse: bool = True) -> Any:
+        for m in module.modules():
+            for name, p in list(m.named_parameters(recurse=False)):
+                setattr(m, name, torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad))
+            for name, b in list(m.named_buffers(recurse=False)):
+                m._buffers[name] = torch.empty_like(b, device=device)
+        return module
+
+    def init_states_without_draws(module: Any, *args: Any, **kwargs: Any) -> Any:
+        with _weights_uninitialized():  # (as the model's own init_weights: values only)
+            return init_states(module, *args, **kwargs)
+
+    cls.to_empty, cls.init_states = to_empty, init_states_without_draws
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            if fn is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, fn)
 
 
 @contextlib.contextmanager
@@ -462,6 +502,7 @@ def titan_step(plan: Mapping[str, Any], module_dir: Path, rank: int = 0, where: 
         cleanup.enter_context(_real_meshes())
         if _backend(config):
             config.hf_model = cleanup.enter_context(_hf_assets(facts["hf_config"]))
+            cleanup.enter_context(_moe_materialized())
         titan = Titan(config, dims)
         check_built(titan, facts["hf_config"], str(module_dir / f"{MODULE}.py"))
         warm_up = titan.batches()

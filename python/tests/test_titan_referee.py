@@ -234,8 +234,8 @@ def test_llama_3_8b_at_8k_holds_what_the_docs_say_torchtitan_holds_beyond_the_pr
     assert record["setup"]["checkpoint"] == list(range(32)) and record["setup"]["lm_chunks"] == 2
     assert record["summary"]["peak_bytes"] == 68_579_330_460
     assert _peak_row(compared) == ["65126287012", "68579330460", "+3453043448", "+5.302%"]
-    assert ("measured -31 % to +89 % against such predictions (17 plans under FSDP2 or DDP; Llama-3-8B "
-            "at 8192 tokens on one H100: +5.3 %;") in " ".join(module.split())
+    assert ("measured -31 % to +89 % against such predictions (18 plans under FSDP2 or DDP; Llama-3-8B "
+            "at 8192 tokens on one H100: +5.3 %)") in " ".join(module.split())
 
 
 # The ends of the range `recommend --for torchtitan` cautions with (python/README.md's table of the torchtitan
@@ -291,14 +291,20 @@ def test_the_transformers_backend_trains_the_plans_model_in_fp32_shards(mistral_
     assert _peak_row(compared) == ["68789911552", "81413652124", "+12623740572", "+18.351%"]  # python/README.md's row
 
 
-def test_the_transformers_backends_mixture_of_experts_is_refused_by_name(tmp_path):
+def test_the_transformers_backends_mixture_of_experts_trains_torchtitans_moe_in_fp32_shards(tmp_path):
+    # Mixtral-8x7B through the backend on 16 GPUs at 4096 tokens (bf16-master): torchtitan's MoE swapped in for each
+    # block, FSDP2 over 16 ranks of fp32 shards of each parameter's rows (ceil(rows / 16) per rank, padded): per layer
+    # q and o 256 x 4096, k and v 64 x 4096, each of the three experts' weights one of its 8 experts' rows (14336 x
+    # 4096), the router 1 x 4096, two norms 256; the embedding and the LM head 2000 x 4096, the final norm 256; fp32
+    # buffers: the rotary frequencies (2 x 64) and torchtitan's MoE's expert bias and token counts (2 x 8 a layer)
     from mst_clients.matrix import Entry
 
-    r, _ = _run_titan(tmp_path, Entry("mixtral-8x7b", 8, 4096, "pure-bf16").recommend_args("torchtitan"))
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr[-2000:]
-    (line,) = r.stdout.splitlines()
-    assert line.startswith(f"error: {tmp_path / 'mst_torchtitan.py'}: model_spec: a dense model through the "
-                           "transformers backend") and line.endswith("got mistralai/Mixtral-8x7B-v0.1"), line
+    per_layer = 2 * 256 * 4096 + 2 * 64 * 4096 + 3 * 14336 * 4096 + 4096 + 2 * 256
+    elements = 32 * per_layer + 2 * 2000 * 4096 + 256 + 2 * 64 + 32 * 2 * 8
+    record, compared, module = _record_titan(tmp_path, Entry("mixtral-8x7b", 16, 4096).recommend_args("torchtitan"))
+    assert 'model_registry("full_moe")' in module
+    assert _init_bytes(record, "weights") == 4 * elements
+    assert _peak_row(compared) == ["65913131520", "116933464380", "+51020332860", "+77.405%"]  # python/README.md's row
 
 
 # ---- a module or plan the referee must refuse, in one line (exit 2) -------------------------------------------
@@ -372,6 +378,12 @@ def test_a_plan_or_module_that_is_not_what_mst_plan_wrote_is_one_line_and_exit_2
                         '    config.hf_model = "mistralai/Mistral-7B-v0.1"\n'
                         '    config.model_spec.model._titan_injected_model_args["n_layers"] = 2\n'),
      "mst_torchtitan.py: model_spec.model: the plan model's num_hidden_layers 32 in the model the backend builds, got 2"),
+    # a Mixture-of-Experts model in pure bf16, whose MoE the backend builds in fp32 (mst-plan does not emit it)
+    (lambda plan: plan.update(model="mixtral-8x7b") or plan["setup"].update(precision="pure-bf16",
+                                                                            optimizer_state_dtype="bf16"),
+     lambda text: text.replace("mistralai/Mistral-7B-v0.1", "mistralai/Mixtral-8x7B-v0.1"),
+     "mst_torchtitan.py: training.dtype: float32 parameters for a Mixture-of-Experts model through the transformers "
+     "backend"),
     # a model the backend cannot build, which mst-plan does not emit
     (lambda plan: plan.update(model="gemma-2-2b"), _module_edit("mistralai/Mistral-7B-v0.1", "google/gemma-2-2b"),
      "mst_torchtitan.py: model_spec: a model torchtitan 0.3.0's transformers backend can build (mst-plan's emitter refuses "

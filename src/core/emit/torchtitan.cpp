@@ -195,6 +195,15 @@ void check(const TrainingSetup& s, const ModelSpec& model) {
         fail(kWhere, "model",
              "expected a model torchtitan 0.3.0 can parallelize; its transformers backend cannot build phi3 (ValueError: "
              "Phi3Attention: no recognized query projection: the fused qkv_proj)");
+    // The backend swaps in torchtitan's MoE inside parallelize, outside the trainer's training.dtype default: its
+    // experts are fp32 beside the layer's bf16 weights, and FSDP2 refuses the layer on the first forward.
+    if (!native && model.moe && s.precision == Precision::PureBf16)
+        fail(kWhere, "setup.precision",
+             fmt::format("expected fp32 parameters (bf16-master or amp) for {} through torchtitan 0.3.0's transformers "
+                         "backend: it builds its MoE in fp32 beside the bf16 layers of training.dtype bfloat16, and "
+                         "FSDP2 refuses the mix (AssertionError: FSDP expects uniform original parameter dtype), got "
+                         "pure-bf16",
+                         model.name));
     if (s.optimizer != Optimizer::AdamW)
         fail(kWhere, "setup.optimizer",
              fmt::format("expected adamw (mst-plan emits torchtitan's AdamW param group only), got {}", to_string(s.optimizer)));

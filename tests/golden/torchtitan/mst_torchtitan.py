@@ -18,11 +18,10 @@ that much of the budget free; the prediction above is without it.
 
 mst-plan does not model torchtitan's own step yet: this is the memory of the runtime's model.
 The referee, running torchtitan's step from emitted modules, measured -31 % to +89 % against
-such predictions (17 plans under FSDP2 or DDP; Llama-3-8B at 8192 tokens on one H100: +5.3 %;
-its transformers backend's MoE plans unmeasured): FSDP2 even on one GPU, gradients reduced in
-fp32, the chunked loss's fp32 logits. `python -m mst_referee.titan PLAN.json DIR --out m.json`
-records a plan's step (python/README.md), `mst-plan compare --run m.json` shows where it
-differs.
+such predictions (18 plans under FSDP2 or DDP; Llama-3-8B at 8192 tokens on one H100: +5.3 %):
+FSDP2 even on one GPU, gradients reduced in fp32, the chunked loss's fp32 logits. `python -m
+mst_referee.titan PLAN.json DIR --out m.json` records a plan's step (python/README.md),
+`mst-plan compare --run m.json` shows where it differs.
 """
 
 import dataclasses
