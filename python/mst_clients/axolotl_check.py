@@ -122,9 +122,7 @@ def load(path: Path, plan: Mapping[str, Any]):
 
 def is_moe(model: str) -> bool:
     """Whether the catalog model's MLPs are Mixture-of-Experts blocks (its config.json's expert count)."""
-    raw = catalog_config(model)
-    raw = raw.get("text_config", raw)
-    return any(int(raw.get(key) or 0) > 1 for key in ("num_local_experts", "num_experts"))
+    return matrix.moe_config(catalog_config(model))
 
 
 def meaning(cfg, plan: Mapping[str, Any], ds_config: Optional[Mapping[str, Any]]) -> List[str]:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,13 @@ def titan_matrix() -> List[Entry]:
         Entry("mixtral-8x7b", 16, 4096, formats=t),  # (fp32 parameters: the backend builds its MoE in fp32)
         Entry("llama-3.1-70b", 16, 8192, "pure-bf16", formats=t),
     ]
+
+
+def moe_config(config: Mapping[str, Any]) -> bool:
+    """Whether a model's config.json has Mixture-of-Experts MLPs: an expert count above 1 (``num_local_experts``:
+    Mixtral, gpt-oss; ``num_experts``: Qwen3-MoE), a multimodal config's in its ``text_config``."""
+    config = config.get("text_config", config)
+    return any(isinstance(config.get(key), int) and config.get(key) > 1 for key in ("num_local_experts", "num_experts"))
 
 
 @dataclass

@@ -177,7 +177,7 @@ def model_facts(binary: Path, name: str) -> Dict[str, Any]:
     raw = jobs.load_model_config(jobs.resolve_model(name)[1])
     return {"parameters": (shown.get("parameters") or {}).get("total"), "layers": shown.get("num_hidden_layers"),
             "hf_repo": hf_repo(raw), "rope": rope_of_config(raw),
-            "moe": any(key in raw for key in ("num_local_experts", "num_experts"))}
+            "moe": matrix.moe_config(raw)}
 
 
 def hf_repo(config: Mapping[str, Any]) -> str:

@@ -65,7 +65,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 from mst_clients.titan import FUNCTION, MODULE
 
-from .jobs import CrosscheckError, check_plan, checkpoint_layers_from_spec, fail, resolve_model
+from .jobs import CrosscheckError, check_plan, checkpoint_layers_from_spec, fail, hf_config_dict, resolve_model
 from .step import Observer, to_device
 
 IGNORE_INDEX = -100  # torchtitan.components.loss.IGNORE_INDEX
@@ -121,6 +121,7 @@ def check_config(config: Any, plan: Mapping[str, Any], where: str) -> None:
     (:func:`mst_clients.titan.plan_rows`: batch, dtypes, resharding, checkpoints, the loss's chunks, the
     optimizer, the attention), the model's dimensions and the ranks as the plan has them (``plan``:
     :func:`plan_facts`)."""
+    from mst_clients.matrix import moe_config
     from mst_clients.titan import hf_repo, plan_rows
 
     par, training, gpus = config.parallelism, config.training, plan["gpus"]
@@ -142,7 +143,7 @@ def check_config(config: Any, plan: Mapping[str, Any], where: str) -> None:
         if native:
             fail(where, "model_spec", f"torchtitan's own {native} (what mst-plan emits for {hf.get('model_type')} of "
                  f"these dimensions), got the transformers backend")
-        moe = any(key in hf for key in ("num_local_experts", "num_experts"))
+        moe = moe_config(hf)
         if moe and plan["precision"] == "pure-bf16":
             fail(where, "training.dtype", "float32 parameters for a Mixture-of-Experts model through the transformers "
                  "backend (it builds torchtitan's MoE in fp32 beside the bf16 layers, which FSDP2 refuses; mst-plan's "
@@ -249,7 +250,7 @@ def _hf_assets(hf_config: Mapping[str, Any]) -> Iterator[str]:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mst-titan-assets-") as folder:
-        (Path(folder) / "config.json").write_text(json.dumps({k: v for k, v in hf_config.items() if k != "_mst"}))
+        (Path(folder) / "config.json").write_text(json.dumps(hf_config_dict(hf_config)))
         yield folder
 
 
