@@ -338,6 +338,15 @@ TEST_CASE("emit torchtitan: the model is torchtitan's own where a flavor has its
     CHECK(has_line(llama2, "from torchtitan.experiments.transformers_modeling_backend import model_registry"));
     CHECK(has_line(llama2, "    config.hf_model = \"meta-llama/Llama-2-7b-hf\""));
     CHECK(has_line(module_for("mistral-7b-v0.1"), "    config.hf_model = \"mistralai/Mistral-7B-v0.1\""));
+    // expert parallelism: torchtitan takes its ep ranks from the FSDP ones
+    Plan ep = plan;
+    ep.model = "qwen3-30b-a3b";
+    ep.setup.checkpoint = parse_checkpoint_spec("all", 48, "t");
+    ep.setup.ep = 8;
+    const std::string qwen_ep = titan_module(ep, find_model("qwen3-30b-a3b"));
+    CHECK(has_line(qwen_ep, "    config.parallelism.data_parallel_shard_degree = 8"));
+    CHECK(has_line(qwen_ep, "    config.parallelism.expert_parallel_degree = 8"));
+    CHECK(has_line(qwen, "    config.parallelism.expert_parallel_degree = 1"));
     const std::string mixtral = module_for("mixtral-8x7b");
     CHECK(has_line(mixtral, "    config.model_spec.model = HFTransformerModel.Config(model_config=TitanMoeModelConfig())"));
     CHECK(has_line(mixtral, "    config.loss = CrossEntropyLoss.Config()"));

@@ -239,7 +239,7 @@ TEST_CASE("expert parallelism with one holder per expert (ep = dp x sp): ZeRO le
     CHECK(expert_grad_frees == 3 * L);
 }
 
-TEST_CASE("expert parallelism: recommend's reasons name it, the emitters refuse it and gpt-oss on flash") {
+TEST_CASE("expert parallelism: recommend's reasons name it, torchtitan alone trains it, gpt-oss on flash is refused") {
     TuneRequest rq;
     rq.model = find_model("qwen3-30b-a3b");
     rq.gpu = find_gpu("h100-sxm-80gb");
@@ -253,8 +253,24 @@ TEST_CASE("expert parallelism: recommend's reasons name it, the emitters refuse 
           std::string::npos);
     CHECK(r.best.time.expert_parallel_seconds > 0);
     CHECK(r.best.time.ulysses_seconds == 0);
-    for (const std::string& format : emit_formats())
+    // torchtitan's experts are sharded over ep ranks of its FSDP ones (expert_parallel_degree); the Hugging Face
+    // trainers run transformers' MoE blocks, which have no expert parallelism
+    for (const std::string& format : emit_formats()) {
+        if (format == "torchtitan") {
+            TuneRequest titan = rq;
+            titan.for_format = format;
+            const Recommendation t = recommend(titan);
+            REQUIRE(t.found);
+            CHECK(t.best.setup.ep == 8);
+            check_expressible(format, t.best.setup, rq.model);
+            TrainingSetup ddp = t.best.setup;
+            ddp.zero_stage = 0;
+            CHECK(expect_user_error([&] { check_expressible(format, ddp, rq.model); })
+                      .starts_with("torchtitan: setup.ep: expected 1 without FSDP"));
+            continue;
+        }
         CHECK(expect_user_error([&] { check_expressible(format, r.best.setup, rq.model); }).starts_with(format + ": setup.ep: expected 1"));
+    }
     // A kernels-runtime plan of gpt-oss runs its sinks in mst-plan's flash kernel; the trainers run
     // transformers' gpt-oss, whose modelled path is eager attention.
     const ModelSpec oss = find_model("gpt-oss-20b");

@@ -100,9 +100,9 @@ def default_matrix() -> List[Entry]:
 
 
 def titan_matrix() -> List[Entry]:
-    """17 plans made by recommend --for torchtitan: torchtitan's own Llama-3 and Qwen3 code (dense and
+    """19 plans made by recommend --for torchtitan: torchtitan's own Llama-3 and Qwen3 code (dense and
     MoE) and its transformers backend, 1 to 16 GPUs, DDP and FSDP2 (ZeRO 0, 2, 3 pinned and
-    searched), every precision it keeps, accumulation, checkpointing and LM-head chunks."""
+    searched), expert parallelism, every precision it keeps, accumulation, checkpointing and LM-head chunks."""
     t = ("torchtitan",)
     return [
         Entry("llama-3.2-1b", 1, 8192, runtime="kernels", formats=t),
@@ -120,7 +120,10 @@ def titan_matrix() -> List[Entry]:
         Entry("qwen3-30b-a3b", 8, 8192, formats=t),
         Entry("mistral-7b-v0.1", 8, 8192, formats=t),
         Entry("qwen2-7b", 8, 8192, formats=t),  # (Gemma and Phi-3 the backend cannot build: the emitter refuses them)
-        Entry("mixtral-8x7b", 16, 4096, formats=t),  # (fp32 parameters: the backend builds its MoE in fp32)
+        # (fp32 parameters: the backend builds its MoE in fp32); recommend's own plan has expert parallelism
+        # (torchtitan's all-to-all dispatcher, ep 8), the pinned one none
+        Entry("mixtral-8x7b", 16, 4096, formats=t), Entry("mixtral-8x7b", 16, 4096, pins=("ep=1",), formats=t),
+        Entry("qwen3-30b-a3b", 8, 8192, pins=("ep=8",), formats=t),  # torchtitan's own Qwen3-MoE, expert-parallel
         Entry("llama-3.1-70b", 16, 8192, "pure-bf16", formats=t),
     ]
 

@@ -72,7 +72,7 @@ def plan_rows(config, setup: Mapping[str, Any], layers: int) -> List[Tuple[str, 
         ("parallelism.tensor_parallel_degree", "tensor-parallel degree", par.tensor_parallel_degree, 1),
         ("parallelism.pipeline_parallel_degree", "pipeline-parallel degree", par.pipeline_parallel_degree, 1),
         ("parallelism.context_parallel_degree", "context-parallel degree", par.context_parallel_degree, 1),
-        ("parallelism.expert_parallel_degree", "expert-parallel degree", par.expert_parallel_degree, 1),
+        ("parallelism.expert_parallel_degree", "expert-parallel degree", par.expert_parallel_degree, setup.get("ep", 1)),
         ("compile.enable", "compile", config.compile.enable, False),
         ("training.disable_cuda_graphs", "CUDA graphs disabled", training.disable_cuda_graphs, True),
         ("training.enable_cpu_offload", "CPU offload", training.enable_cpu_offload, False),
@@ -198,7 +198,8 @@ def main(argv=None) -> int:
     def check_one(em: "matrix.Emitted"):
         s = em.plan["setup"]
         facts = model_facts(a.mst_plan, em.plan["model"])
-        layout = (f"dp {s['dp']} ZeRO {s['zero_stage']} mb {s['micro_batch']} ga {s['grad_accum']} "
+        layout = (f"dp {s['dp']} ZeRO {s['zero_stage']}{' ep ' + str(s['ep']) if s.get('ep', 1) > 1 else ''} "
+                  f"mb {s['micro_batch']} ga {s['grad_accum']} "
                   f"ckpt {len(s['checkpoint'])}/{facts['layers']} LM {s['lm_chunks']} {s['precision']}")
         return layout, check(em.files["mst_torchtitan.py"].parent, em.plan, facts)
 

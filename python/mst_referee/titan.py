@@ -26,7 +26,10 @@ These places need values fake tensors do not have, and are answered as a run ans
   materialized weights and allocates nothing that outlives it; the buffers (the RoPE tables, the
   backend's rotary frequencies) are initialized by torchtitan's own code;
 * the batch is one document per sequence (positions 0 .. S-1, labels all valid), as a run on long
-  documents sees it.
+  documents sees it;
+* expert parallelism's token counts, which its all-to-all dispatcher brings to the host to size its
+  exchanges, are the routing mst-plan plans: uniform, or ``moe_imbalance`` times as many pairs received
+  by this rank's experts (:func:`mst_referee.titan_kernels.token_counts`).
 
 What exists before the recorded step is registered as ``init``: this rank's parameter shards
 (weights), the model's buffers (weights), the optimizer's states (their shards) and the previous step's
@@ -51,8 +54,9 @@ torchtitan trains with its own code is refused through the backend (:func:`_nati
 replicate exactly where the plan has ZeRO 0 on several GPUs. Its Mixture-of-Experts models swap in
 torchtitan's MoE, materialized on the CPU inside ``parallelize`` (:func:`_moe_materialized`). Refused by
 name: what the backend cannot build, and mst-plan does not emit (Gemma-2/3, Phi-3, a MoE model in pure
-bf16); tensor, pipeline, context and expert parallelism, compile, CPU offload and CUDA graphs, none of
-which mst-plan emits.
+bf16); tensor, pipeline and context parallelism, compile, CPU offload and CUDA graphs, none of which
+mst-plan emits. Expert parallelism runs as the plan has it (``expert_parallel_degree``, the plan's ``ep``):
+torchtitan's experts sharded over ep of the FSDP ranks, their tokens exchanged by all-to-all.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def plan_facts(plan: Any, where: str) -> Dict[str, Any]:
     setup = check_plan(plan, where)["setup"]
     facts: Dict[str, Any] = {}
     for key, default in (("gpus", None), ("dp", 1), ("sp", 1), ("micro_batch", 1), ("grad_accum", 1), ("seq_len", None),
-                         ("zero_stage", 0), ("lm_chunks", 1)):
+                         ("zero_stage", 0), ("lm_chunks", 1), ("ep", 1)):
         value = (plan if key == "gpus" else setup).get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "zero_stage" else 1):
             fail(where, key if key == "gpus" else f"setup.{key}", f"expected a positive integer, got {value!r}")
@@ -104,6 +108,10 @@ def plan_facts(plan: Any, where: str) -> Dict[str, Any]:
         if not isinstance(value, str):
             fail(where, f"setup.{key}", f"expected a string, got {value!r}")
         facts[key] = value
+    imbalance = setup.get("moe_imbalance", 1.0)
+    if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or not 1.0 <= imbalance <= facts["ep"]:
+        fail(where, "setup.moe_imbalance", f"expected a number from 1 to the setup's ep ({facts['ep']}), got {imbalance!r}")
+    facts["moe_imbalance"] = float(imbalance)
     if facts["gpus"] != facts["dp"] * facts["sp"]:
         fail(where, "gpus", f"expected the setup's dp x sp ({facts['dp']} x {facts['sp']}), got {facts['gpus']}")
     try:
@@ -415,7 +423,7 @@ class Titan:
             loss = self._forward_backward(input_dict, labels, global_valid_tokens, observer, micro)
         observer.phase("optimizer", len(groups) - 1)
         dist_utils.clip_grad_norm_([p for p in model.parameters()], self.config.training.max_norm, foreach=True,
-                                   pp_mesh=None, ep_enabled=False)
+                                   pp_mesh=None, ep_enabled=self.dims.ep_enabled)
         self.optimizers.step()
         self.lr_schedulers.step()
 
@@ -499,7 +507,7 @@ def titan_step(plan: Mapping[str, Any], module_dir: Path, rank: int = 0, where: 
         cleanup.enter_context(world.marking())
         dims = parallel_dims(config, gpus)
         cleanup.enter_context(session())
-        cleanup.enter_context(stand_in())
+        cleanup.enter_context(stand_in(facts["moe_imbalance"]))
         cleanup.enter_context(_real_meshes())
         if _backend(config):
             config.hf_model = cleanup.enter_context(_hf_assets(facts["hf_config"]))

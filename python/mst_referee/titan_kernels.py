@@ -37,11 +37,19 @@ mode on a GPU either, and is not recorded here):
   the step's end; without ``separate_full_blocks`` the ``full_`` ones are None. :func:`block_mask`
   makes them (the compiled call's transient tensors die before the forward begins, and are not
   recorded).
+* Expert parallelism's token counts: ``AllToAllTokenDispatcher`` exchanges each expert's count of
+  routed pairs and brings the sums per rank to the host (``tolist``) to size its all-to-alls: values,
+  which fake tensors do not have. :func:`token_counts` stands in with routing as mst-plan plans it:
+  this rank's N = T x top_k pairs sent evenly to the ep ranks, and the pairs its experts receive
+  (N under uniform routing, ``moe_imbalance`` x N on the rank the plan calls busiest, at most ep x N,
+  as ``TrainingSetup::expert_rows``) received evenly from them. Every buffer the dispatcher makes
+  from those sizes is its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from typing import Any, Iterator, Optional, Sequence, Tuple
 
@@ -179,16 +187,55 @@ def block_mask(mask_mod: Any, B: Optional[int], H: Optional[int], Q_LEN: int, KV
     return BlockMask((Q_LEN, KV_LEN), *kv, *q, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod)
 
 
+def even_splits(total: int, parts: int) -> list:
+    """``total`` in ``parts`` sizes that differ by at most one, the larger first."""
+    return [total // parts + (1 if r < total % parts else 0) for r in range(parts)]
+
+
+def received_pairs(pairs: int, ep: int, imbalance: float) -> int:
+    """The pairs a rank's experts receive (mst-plan's ``TrainingSetup::expert_rows``): ``pairs`` under uniform
+    routing, ``imbalance`` times as many on the busiest rank, at most every rank's."""
+    if ep == 1:
+        return pairs
+    return min(pairs * ep, max(pairs, math.ceil(imbalance * pairs * (1.0 - 1e-12))))
+
+
+def token_counts(imbalance: float) -> Any:
+    """``AllToAllTokenDispatcher._sync_token_count_exchange`` without values: the splits of this module's
+    docstring (the counts themselves stay fake tensors, whose sizes are the real ones)."""
+    def sync(self: Any, local_counts: torch.Tensor, global_counts: torch.Tensor, ep_size: int) -> Tuple[Any, list, list]:
+        global_counts = torch.ops._c10d_functional.wait_tensor(global_counts).reshape(-1)
+        pairs = self.mst_pairs  # (token_reorder's N, as dispatch made it)
+        return (global_counts, even_splits(pairs, ep_size),
+                even_splits(received_pairs(pairs, ep_size, imbalance), ep_size))
+    return sync
+
+
+def token_reorder(original: Any) -> Any:
+    """``_local_reorder``, noting the count of pairs it sorted (N = T x top_k) for :func:`token_counts`."""
+    def reorder(self: Any, x: torch.Tensor, scores: torch.Tensor, expert_ids: torch.Tensor) -> Any:
+        self.mst_pairs = expert_ids.numel()
+        return original(self, x, scores, expert_ids)
+    return reorder
+
+
 @contextlib.contextmanager
-def stand_in() -> Iterator[None]:
-    """torchtitan's step with a GPU's RMSNorm, flex attention and block mask (this module's docstring)."""
+def stand_in(imbalance: float = 1.0) -> Iterator[None]:
+    """torchtitan's step with a GPU's RMSNorm, flex attention and block mask, and expert parallelism's token
+    counts by routing as planned (``imbalance``: the plan's ``moe_imbalance``, this rank the busiest; this
+    module's docstring)."""
     import torch.nn.functional as F
     import torchtitan.models.common.attention as attention
     import torchtitan.models.common.decoder as decoder
+    from torchtitan.models.common.token_dispatcher import AllToAllTokenDispatcher, LocalTokenDispatcher
 
     saved = (F.rms_norm, attention.FlexAttention.__dict__["compiled_flex_attn"], attention.create_attention_mask,
              decoder.create_attention_mask)
     F.rms_norm = rms_norm
+    dispatcher_saved = (AllToAllTokenDispatcher.__dict__["_sync_token_count_exchange"],
+                        LocalTokenDispatcher.__dict__["_local_reorder"])
+    AllToAllTokenDispatcher._sync_token_count_exchange = token_counts(imbalance)
+    LocalTokenDispatcher._local_reorder = token_reorder(dispatcher_saved[1])
     attention.FlexAttention.compiled_flex_attn = staticmethod(compiled_flex_attn)
     attention.create_attention_mask = decoder.create_attention_mask = block_mask
     # the transformers backend (where a config has loaded it): its own imports of the block mask and of
@@ -201,6 +248,7 @@ def stand_in() -> Iterator[None]:
         yield
     finally:
         F.rms_norm = saved[0]
+        AllToAllTokenDispatcher._sync_token_count_exchange, LocalTokenDispatcher._local_reorder = dispatcher_saved
         attention.FlexAttention.compiled_flex_attn = saved[1]
         attention.create_attention_mask, decoder.create_attention_mask = saved[2], saved[3]
         if backend:

@@ -214,6 +214,8 @@ def test_the_torchtitan_matrix_covers_its_own_models_and_the_transformers_backen
     models = {e.model for e in entries}
     assert {"llama-3-8b", "qwen3-30b-a3b"} <= models  # torchtitan's own Llama-3 and Qwen3-MoE
     assert {"mistral-7b-v0.1", "mixtral-8x7b"} <= models  # its transformers backend, dense and MoE
+    # expert parallelism pinned on and off (recommend's own Mixtral plan has it: the backend's swapped-in MoE)
+    assert {"ep=8", "ep=1"} <= {pin for e in entries for pin in e.pins}
 
 
 # Llama-3.2-1B as torchtitan's "1B" flavor on 8 GPUs: FSDP2 over 8 ranks, micro-batch 2, 4

@@ -234,8 +234,8 @@ def test_llama_3_8b_at_8k_holds_what_the_docs_say_torchtitan_holds_beyond_the_pr
     assert record["setup"]["checkpoint"] == list(range(32)) and record["setup"]["lm_chunks"] == 2
     assert record["summary"]["peak_bytes"] == 68_579_330_460
     assert _peak_row(compared) == ["65126287012", "68579330460", "+3453043448", "+5.302%"]
-    assert ("measured -31 % to +89 % against such predictions (18 plans under FSDP2 or DDP; Llama-3-8B "
-            "at 8192 tokens on one H100: +5.3 %)") in " ".join(module.split())
+    assert ("measured -31 % to +89 % against such predictions (20 plans under FSDP2 or DDP, expert parallelism among "
+            "them; Llama-3-8B at 8192 tokens on one H100: +5.3 %)") in " ".join(module.split())
 
 
 # The ends of the range `recommend --for torchtitan` cautions with (python/README.md's table of the torchtitan
@@ -301,10 +301,45 @@ def test_the_transformers_backends_mixture_of_experts_trains_torchtitans_moe_in_
 
     per_layer = 2 * 256 * 4096 + 2 * 64 * 4096 + 3 * 14336 * 4096 + 4096 + 2 * 256
     elements = 32 * per_layer + 2 * 2000 * 4096 + 256 + 2 * 64 + 32 * 2 * 8
-    record, compared, module = _record_titan(tmp_path, Entry("mixtral-8x7b", 16, 4096).recommend_args("torchtitan"))
+    record, compared, module = _record_titan(tmp_path, Entry("mixtral-8x7b", 16, 4096, pins=("ep=1",)).recommend_args("torchtitan"))
     assert 'model_registry("full_moe")' in module
     assert _init_bytes(record, "weights") == 4 * elements
     assert _peak_row(compared) == ["65913131520", "116933464380", "+51020332860", "+77.405%"]  # python/README.md's row
+
+
+def test_expert_parallelism_splits_the_routed_pairs_evenly_as_mst_plan_routes_them():
+    from mst_referee.titan_kernels import even_splits, received_pairs
+
+    assert even_splits(10, 4) == [3, 3, 2, 2] and even_splits(65536, 8) == [8192] * 8
+    assert received_pairs(65536, 8, 1.0) == 65536  # uniform routing: as many as this rank sends
+    assert received_pairs(1000, 8, 1.5) == 1500  # the busiest rank's experts
+    assert received_pairs(10, 8, 1.1) == 11  # (1.1 x 10 is 11.000000000000002 in binary: TrainingSetup::expert_rows)
+    assert received_pairs(1000, 4, 4.0) == 4000 and received_pairs(1000, 1, 3.0) == 1000
+
+
+def test_expert_parallelism_holds_each_ranks_experts_whole_and_exchanges_the_routed_tokens(tmp_path):
+    # Qwen3-30B-A3B (torchtitan's own "30B-A3B") on 8 GPUs at 8192 tokens, ep 8, bf16-master (fp32 shards): 128
+    # experts / 8 = 16 whole experts a layer on each rank (ParallelDims' efsdp = 8 / 8 = 1), w1, w2 and w3 768 x 2048
+    # each; every other parameter FSDP2's ceil(rows / 8): the fused wqkv's (32 + 2 x 4 heads) x 128 = 5120 rows ->
+    # 640, wo's 2048 -> 256 rows of 4096, the q and k norms' 128 -> 16, the router's 128 -> 16 rows of 2048, two norms'
+    # 2048 -> 256; the embedding's and the LM head's 151936 -> 18992 rows of 2048, the final norm's 256. fp32 buffers
+    # a layer: the RoPE table (8192 positions x cos|sin 2 x 128) and the MoE's expert bias and token counts (128 each).
+    from mst_clients.matrix import Entry
+
+    per_layer = 640 * 2048 + 256 * 4096 + 2 * 16 + 3 * 16 * 768 * 2048 + 16 * 2048 + 2 * 256
+    elements = 48 * per_layer + 2 * 18992 * 2048 + 256
+    buffers = 48 * (8192 * 2 * 128 * 4 + 2 * 128 * 4)
+    entry = Entry("qwen3-30b-a3b", 8, 8192, pins=("ep=8",))
+    record, compared, module = _record_titan(tmp_path, entry.recommend_args("torchtitan"))
+    assert "config.parallelism.expert_parallel_degree = 8" in module
+    assert _init_bytes(record, "weights") == 4 * elements + buffers
+    # the dispatch's all-to-all (spmd_types' uneven all_to_all): this rank's 8192 x 8 routed pairs of 2048 bf16, one
+    # chunk received from each of the 8 ranks (8192 pairs under uniform routing), then concatenated
+    first = [e for e in record["timeline"]["events"] if e[0] == "alloc" and e[5] == "forward" and e[6] == 0]
+    ops = [(e[2], e[9]) for e in first]
+    at = ops.index((8192 * 2048 * 2, "empty bf16[8192, 2048]"))
+    assert ops[at:at + 9] == [(8192 * 2048 * 2, "empty bf16[8192, 2048]")] * 8 + [(65536 * 2048 * 2, "cat bf16[65536, 2048]")]
+    assert _peak_row(compared) == ["72672468992", "68233302432", "-4439166560", "-6.108%"]  # python/README.md's row
 
 
 # ---- a module or plan the referee must refuse, in one line (exit 2) -------------------------------------------
@@ -354,6 +389,10 @@ def _module_edit(old, new):
     (lambda plan: plan["setup"].update(micro_batch=None), None,
      "plan.json: setup.micro_batch: expected a positive integer, got None"),
     (lambda plan: plan.update(gpus=2), None, "plan.json: gpus: expected the setup's dp x sp (1 x 1), got 2"),
+    (None, _module_edit("expert_parallel_degree = 1", "expert_parallel_degree = 8"),
+     "mst_torchtitan.py: parallelism.expert_parallel_degree: expected the plan's 1, got 8"),
+    (lambda plan: plan["setup"].update(moe_imbalance=0.5), None,
+     "plan.json: setup.moe_imbalance: expected a number from 1 to the setup's ep (1), got 0.5"),
 ])
 def test_a_plan_or_module_that_is_not_what_mst_plan_wrote_is_one_line_and_exit_2(emitted_1b, tmp_path, plan_edit,
                                                                                    module_edit, error):

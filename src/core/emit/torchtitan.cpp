@@ -13,7 +13,9 @@
 //                         gradients and optimizer states in bf16; "float32" with
 //                         mixed_precision_param "bfloat16": fp32 parameters, bf16 compute)
 //   parallelism           data_parallel_replicate_degree (DDP), data_parallel_shard_degree (FSDP2),
-//                         fsdp_reshard_after_forward, context_parallel_degree
+//                         fsdp_reshard_after_forward, context_parallel_degree, expert_parallel_degree
+//                         (the experts sharded over ep of the FSDP ranks, the rest of them sharding each
+//                         expert: ParallelDims' efsdp = dp_shard / ep; tokens exchanged by all-to-all)
 //   activation_checkpoint FullAC.Config() (every layer) or None: 0.3.0 wraps all blocks or none
 //   loss                  ChunkedLossWrapper(num_chunks): LM head + loss per sequence chunk, each
 //                         chunk's backward run in the forward (the plan's fused LM head)
@@ -240,6 +242,12 @@ void check(const TrainingSetup& s, const ModelSpec& model) {
                          "all-gathered keys and values, which mst-plan does not simulate yet: neither Ulysses nor "
                          "sp_impl ring, PyTorch's SDPA ring), got {}",
                          s.sp));
+    // torchtitan's experts are sharded over ep ranks taken from the FSDP ones (ParallelDims: efsdp = dp_shard / ep)
+    if (s.ep > 1 && (s.zero_stage == 0 || s.dp % s.ep != 0))
+        fail(kWhere, "setup.ep",
+             fmt::format("expected 1 without FSDP (torchtitan takes its expert-parallel ranks from the sharding ones, "
+                         "data_parallel_shard_degree, which ZeRO 0 leaves at 1), got {}",
+                         s.ep));
     if (s.zero_stage == 1 && s.zero_ranks() > 1)
         fail(kWhere, "setup.zero_stage",
              "expected 0, 2 or 3 (FSDP2 shards gradients with the optimizer states: there is no ZeRO-1), got 1");
@@ -338,10 +346,10 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
        << "    config.parallelism.data_parallel_replicate_degree = " << (s.zero_stage == 0 ? s.dp : 1) << "\n"
        << "    config.parallelism.data_parallel_shard_degree = " << (s.zero_stage == 0 ? 1 : s.dp) << "\n"
        << "    config.parallelism.context_parallel_degree = 1\n"
+       << "    config.parallelism.expert_parallel_degree = " << s.ep << "\n"
        << "    # every degree the plan has none of (llama3_70b's base config sets tensor parallel 8)\n"
        << "    config.parallelism.tensor_parallel_degree = 1\n"
        << "    config.parallelism.pipeline_parallel_degree = 1\n"
-       << "    config.parallelism.expert_parallel_degree = 1\n"
        << "    config.training.enable_cpu_offload = False\n"
        << "    config.compile.enable = False  # the prediction is of eager PyTorch\n"
        << "    config.training.disable_cuda_graphs = True  # (a captured step keeps its own memory pool)\n";

@@ -18,10 +18,10 @@ that much of the budget free; the prediction above is without it.
 
 mst-plan does not model torchtitan's own step yet: this is the memory of the runtime's model.
 The referee, running torchtitan's step from emitted modules, measured -31 % to +89 % against
-such predictions (18 plans under FSDP2 or DDP; Llama-3-8B at 8192 tokens on one H100: +5.3 %):
-FSDP2 even on one GPU, gradients reduced in fp32, the chunked loss's fp32 logits. `python -m
-mst_referee.titan PLAN.json DIR --out m.json` records a plan's step (python/README.md),
-`mst-plan compare --run m.json` shows where it differs.
+such predictions (20 plans under FSDP2 or DDP, expert parallelism among them; Llama-3-8B at 8192
+tokens on one H100: +5.3 %): FSDP2 even on one GPU, gradients reduced in fp32, the chunked
+loss's fp32 logits. `python -m mst_referee.titan PLAN.json DIR --out m.json` records a plan's
+step (python/README.md), `mst-plan compare --run m.json` shows where it differs.
 """
 
 import dataclasses
@@ -49,10 +49,10 @@ def mst_plan():
     config.parallelism.data_parallel_replicate_degree = 1
     config.parallelism.data_parallel_shard_degree = 8
     config.parallelism.context_parallel_degree = 1
+    config.parallelism.expert_parallel_degree = 1
     # every degree the plan has none of (llama3_70b's base config sets tensor parallel 8)
     config.parallelism.tensor_parallel_degree = 1
     config.parallelism.pipeline_parallel_degree = 1
-    config.parallelism.expert_parallel_degree = 1
     config.training.enable_cpu_offload = False
     config.compile.enable = False  # the prediction is of eager PyTorch
     config.training.disable_cuda_graphs = True  # (a captured step keeps its own memory pool)
