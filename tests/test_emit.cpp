@@ -346,6 +346,9 @@ TEST_CASE("emit torchtitan: the model is torchtitan's own where a flavor has its
     const std::string qwen_ep = titan_module(ep, find_model("qwen3-30b-a3b"));
     CHECK(has_line(qwen_ep, "    config.parallelism.data_parallel_shard_degree = 8"));
     CHECK(has_line(qwen_ep, "    config.parallelism.expert_parallel_degree = 8"));
+    CHECK(qwen_ep.find("on 8 x h100-sxm-80gb (dp 8 x sp 1, ep 8), seq") != std::string::npos);  // (the header says it)
+    ep.setup.moe_imbalance = 1.5;  // (and the routing it assumes, where not uniform)
+    CHECK(titan_module(ep, find_model("qwen3-30b-a3b")).find("(dp 8 x sp 1, ep 8, imbalance 1.5)") != std::string::npos);
     CHECK(has_line(qwen, "    config.parallelism.expert_parallel_degree = 1"));
     const std::string mixtral = module_for("mixtral-8x7b");
     CHECK(has_line(mixtral, "    config.model_spec.model = HFTransformerModel.Config(model_config=TitanMoeModelConfig())"));

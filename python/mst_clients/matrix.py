@@ -100,7 +100,7 @@ def default_matrix() -> List[Entry]:
 
 
 def titan_matrix() -> List[Entry]:
-    """19 plans made by recommend --for torchtitan: torchtitan's own Llama-3 and Qwen3 code (dense and
+    """20 plans made by recommend --for torchtitan: torchtitan's own Llama-3 and Qwen3 code (dense and
     MoE) and its transformers backend, 1 to 16 GPUs, DDP and FSDP2 (ZeRO 0, 2, 3 pinned and
     searched), expert parallelism, every precision it keeps, accumulation, checkpointing and LM-head chunks."""
     t = ("torchtitan",)
@@ -124,6 +124,7 @@ def titan_matrix() -> List[Entry]:
         # (torchtitan's all-to-all dispatcher, ep 8), the pinned one none
         Entry("mixtral-8x7b", 16, 4096, formats=t), Entry("mixtral-8x7b", 16, 4096, pins=("ep=1",), formats=t),
         Entry("qwen3-30b-a3b", 8, 8192, pins=("ep=8",), formats=t),  # torchtitan's own Qwen3-MoE, expert-parallel
+        Entry("qwen3-30b-a3b", 8, 32768, "pure-bf16", pins=("ep=8",), formats=t),  # (ZeRO 2: experts kept gathered)
         Entry("llama-3.1-70b", 16, 8192, "pure-bf16", formats=t),
     ]
 

@@ -31,7 +31,7 @@ struct Format {
 // the table; python/tests/test_titan_referee.py re-runs the numbers quoted)
 constexpr const char* kTorchtitanUnmodelled =
     "mst-plan does not model torchtitan's own step yet: this is the memory of the runtime's model. The referee, running "
-    "torchtitan's step from emitted modules, measured -31 % to +89 % against such predictions (20 plans under FSDP2 or DDP, expert parallelism among them; "
+    "torchtitan's step from emitted modules, measured -31 % to +99 % against such predictions (21 plans under FSDP2 or DDP, expert parallelism among them; "
     "Llama-3-8B at 8192 tokens on one H100: +5.3 %): "
     "FSDP2 even on one GPU, gradients reduced in fp32, the chunked loss's fp32 logits. "
     "`python -m mst_referee.titan PLAN.json DIR --out m.json` records a plan's step (python/README.md), `mst-plan "
@@ -170,8 +170,9 @@ std::vector<std::string> plan_header(const Plan& plan) {
     const TrainingSetup& s = plan.setup;
     const Prediction& p = plan.prediction;
     return {
-        fmt::format("mst-plan: {} on {} x {} (dp {} x sp {}), seq {}, micro-batch {}, grad-accum {}", plan.model,
-                    plan.gpus, plan.gpu, s.dp, s.sp, s.seq_len, s.micro_batch, s.grad_accum),
+        // (expert parallelism: its degree, and the busiest rank's share of the routed pairs where it is not uniform)
+        fmt::format("mst-plan: {} on {} x {} (dp {} x sp {}{}), seq {}, micro-batch {}, grad-accum {}", plan.model,
+                    plan.gpus, plan.gpu, s.dp, s.sp, describe_expert_parallelism(s), s.seq_len, s.micro_batch, s.grad_accum),
         fmt::format("predicted per GPU: peak {} allocated, {} reserved; {:.0f} tokens/s",
                     format_bytes(p.peak_allocated_bytes), format_bytes(p.peak_reserved_bytes), p.tokens_per_second),
     };
