@@ -97,10 +97,12 @@ void check_same_step(const StepFile& predicted, const StepFile& measured);
 // measurement or in a folder above it (a config committed with results measured elsewhere), else
 // in the catalog's models folder, else model_path as recorded, else the catalog entry of the
 // model's name.
-std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured);
+// A torchtitan run (model_code torchtitan) whose setup torchtitan's step is not modelled for is re-simulated
+// with transformers' model code, the plan's own prediction: `note` (when given) says so, else stays empty.
+std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured, std::string* note = nullptr);
 
 // The simulator's prediction for the model and setup a measurement recorded.
-Timeline predict_measured(const StepFile& measured);
+Timeline predict_measured(const StepFile& measured, std::string* note = nullptr);
 
 // A peaks-only measurement against the simulator's allocated and reserved peaks for the
 // same model and setup on `gpu` (whose cuBLAS workspace a real trainer allocates too).

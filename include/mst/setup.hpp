@@ -55,6 +55,11 @@ enum class SpImpl {
               // its sequence shard and every head
 };
 
+// Whose model code the hf runtime's PyTorch step runs: transformers' modeling code (python/mst_hf, the
+// Hugging Face Trainer, Axolotl, DeepSpeed), or torchtitan 0.3.0's own (its Llama-3: FSDP2 on every
+// layout, a fused wqkv, complex RoPE, flex attention, fused RMSNorm; docs/torchtitan-model.md).
+enum class ModelCode { Transformers, Torchtitan };
+
 // Whose fully_shard calls group an FSDP2 model's parameters (docs/fsdp2-model.md).
 enum class Fsdp2Groups {
     MstHf,       // python/mst_hf's shard: every decoder layer, then the model (the embedding, the final norm
@@ -157,6 +162,8 @@ struct TrainingSetup {
     // it in bf16 autocast and converts its bf16 outputs to fp32 after it (convert_outputs_to_fp32). With an
     // unchunked LM head that is an fp32 copy of the logits as the forward returns.
     bool hf_trainer_bf16 = false;
+    // runtime hf: whose model code (above)
+    ModelCode model_code = ModelCode::Transformers;
 
     StateDtype effective_state_dtype() const {
         return state_dtype.value_or(precision == Precision::PureBf16 ? StateDtype::Bf16 : StateDtype::Fp32);
@@ -205,10 +212,12 @@ struct TrainingSetup {
     // Axolotl's grouping reshards the model's own group after its forward (it passes reshard_after_forward to
     // fully_shard(model) too), so the loss's pre-backward gathers it again
     bool fsdp2_root_reshards() const { return fsdp2_groups == Fsdp2Groups::Axolotl && fsdp2_reshard_after_forward; }
-    // accelerate's grouping gives an untied embedding a group of its own (a tied one is in its tail)
+    // accelerate's and torchtitan's groupings give an untied embedding a group of its own (a tied one is in the tail)
     bool fsdp2_embedding_alone(const ModelSpec& m) const {
-        return fsdp2_groups == Fsdp2Groups::Accelerate && !m.tie_word_embeddings;
+        return (fsdp2_groups == Fsdp2Groups::Accelerate || titan()) && !m.tie_word_embeddings;
     }
+    // torchtitan's own step (model_code torchtitan, runtime hf)
+    bool titan() const { return runtime == Runtime::Hf && model_code == ModelCode::Torchtitan; }
     bool deepspeed_engine() const { return deepspeed_zero() || deepspeed_zero3(); }
     // DeepSpeed's engine options as DeepSpeed's defaults (the only values a setup without its engine has)
     bool deepspeed_defaults() const {
@@ -264,6 +273,8 @@ void validate(const TrainingSetup& setup, const ModelSpec& model);
 void validate_ring_scope(const TrainingSetup& s, const ModelSpec& m);
 // What the hf runtime does not model yet (part of validate).
 void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m);
+// What torchtitan's own step (model_code torchtitan) is modelled for (part of validate_hf_scope).
+void validate_titan_scope(const TrainingSetup& s, const ModelSpec& m);
 // What torch's FSDP2 is modelled for (part of validate_hf_scope when fsdp2): ZeRO 3 over 2 or more
 // ranks, a dense model, bf16 or fp32 parameters (no amp), no fused SGD. The tuner probes it.
 void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m);
@@ -317,6 +328,7 @@ std::string to_string(MlpImpl i);
 std::string to_string(LmHeadImpl i);
 std::string to_string(SpImpl i);
 std::string to_string(Fsdp2Groups g);
+std::string to_string(ModelCode c);
 Precision parse_precision(const std::string& s, const std::string& where);
 Optimizer parse_optimizer(const std::string& s, const std::string& where);
 StateDtype parse_state_dtype(const std::string& s, const std::string& where);
@@ -330,5 +342,6 @@ MlpImpl parse_mlp_impl(const std::string& s, const std::string& where);
 LmHeadImpl parse_lm_impl(const std::string& s, const std::string& where);
 SpImpl parse_sp_impl(const std::string& s, const std::string& where);
 Fsdp2Groups parse_fsdp2_groups(const std::string& s, const std::string& where);
+ModelCode parse_model_code(const std::string& s, const std::string& where);
 
 }  // namespace mst

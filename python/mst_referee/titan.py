@@ -593,6 +593,8 @@ def measurement_file(plan: Mapping[str, Any], result: Mapping[str, Any], run: st
 
     name, path = result["model"], result["model_path"]
     setup = dict(plan["setup"])
+    if not result["flavor"].startswith("transformers_modeling_backend"):  # (the backend runs transformers' code)
+        setup["model_code"] = "torchtitan"  # compare --run re-simulates torchtitan's step where it is modelled
     summary = dict(summarize_events(result["events"]), seconds=result["seconds"], device="fake",
                    attn_implementation=result["attention"], layers=result["layers"], events=len(result["events"]),
                    corrected_sums=result["corrected_sums"], torch=result["torch"], torchtitan=result["torchtitan"])

@@ -218,8 +218,25 @@ def test_each_recomputed_layer_runs_the_stood_in_flex_attention_and_fused_norms(
 def test_compare_re_simulates_the_record(titan_record):
     record, compared, _ = titan_record
     assert record["backend"] == "referee" and record["setup"]["seq_len"] == SEQ
+    assert record["setup"]["model_code"] == "torchtitan"  # (torchtitan's own llama3 code ran)
     assert compared.returncode == 0, compared.stderr
     assert compared.stdout.startswith("llama-3.2-1b: predicted (simulator")
+    # (every layer checkpointed: beyond what torchtitan's own step is modelled for, the plan's prediction)
+    assert "note: torchtitan's own step is not modelled for this run (setup: checkpoint: expected none" in compared.stdout
+
+
+@pytest.mark.parametrize("model, seq", [("llama-3.2-1b", 256), ("llama-3-8b", 1024)])
+def test_torchtitans_own_step_is_the_simulators_event_for_event(tmp_path, model, seq):
+    # One GPU, pure bf16, no activation checkpointing, the unchunked loss: what model_code torchtitan models
+    # (docs/torchtitan-model.md), with tied embeddings (Llama-3.2-1B: one FSDP2 group of the embedding, the final
+    # norm and torchtitan's own LM-head parameter) and untied (Llama-3-8B: the embedding's group resharded after
+    # its forward, the final norm's and the LM head's kept). Every allocation and free is compared.
+    recommend = ["recommend", "--model", model, "--gpu", "h100-sxm-80gb", "--seq", str(seq), "--for", "torchtitan",
+                 "--pin", "lm_chunks=1", "--pin", "checkpoint=0"]
+    record, compared, _ = _record_titan(tmp_path, recommend)
+    assert record["setup"]["model_code"] == "torchtitan"
+    assert compared.returncode == 0, compared.stderr
+    assert "timelines identical: every allocation and free matches" in compared.stdout, compared.stdout[-1500:]
 
 
 def _peak_row(compared):

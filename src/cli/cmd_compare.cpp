@@ -48,13 +48,14 @@ std::string describe(const std::optional<Event>& e) {
 
 void run_compare(const GlobalOptions& g, const CompareArgs& a) {
     StepFile predicted, measured;
+    std::string note;  // --run: a torchtitan run re-simulated with transformers' model code, and why
     if (!a.run_file.empty()) {
         if (!a.files.empty()) fail("compare", "--run", "expected either --run MEASURED.json or two files, not both");
         measured = load_step_file(a.run_file);
         if (measured.peaks) return run_compare_peaks(g, a, measured);
         predicted.path = "simulator";
         predicted.format = "mst-timeline/1";
-        predicted.timeline = predict_measured(measured);
+        predicted.timeline = predict_measured(measured, &note);
         predicted.setup_json = measured.setup_json;
     } else {
         if (a.files.size() != 2) fail("compare", "files", "expected PREDICTED.json MEASURED.json, or --run MEASURED.json");
@@ -93,6 +94,7 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
         fmt::print("\nfirst divergence at event {}:\n  predicted: {}\n  measured:  {}\n", *c.divergence,
                    describe(c.predicted_event), describe(c.measured_event));
     }
+    if (!note.empty()) fmt::print("\nnote: {}\n", note);
 }
 
 }  // namespace

@@ -370,6 +370,9 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     // precision, optimizer, attention, micro-batch ...; DeepSpeed's bucket goes to the strategies its engine runs
     rq.base = user ? *user : knobs.build(rq.model, false);
     if (!user) knobs.take_deepspeed(rq.base), knobs.take_fsdp2(rq.base);
+    if (rq.base.titan())  // (its strategies checkpoint, chunk and shard: torchtitan's step is modelled without them)
+        fail("command line", "model_code", "expected transformers with max-seq (torchtitan's own step is modelled without "
+                                           "checkpointing or chunking so far: estimate --model-code torchtitan), got torchtitan");
     // Your setup under DeepSpeed's engine (hf runtime, ZeRO 1-3): the strategies too, as --for deepspeed plans them
     // (the hf runtime's other multi-GPU step, DDP, keeps no fp32 master weights nor shards anything)
     if (user && user->deepspeed_engine() && rq.for_format.empty()) rq.for_format = "deepspeed";

@@ -29,6 +29,10 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
         ->capture_default_str();
     cmd.add_option("--runtime", runtime, "hf (transformers + PyTorch: what users run) | kernels (mst-plan's executor)")
         ->capture_default_str();
+    cmd.add_option("--model-code", model_code, "transformers | torchtitan (runtime hf: whose model code the PyTorch step runs; "
+                                               "torchtitan's own Llama-3 step on one GPU, pure bf16, without activation "
+                                               "checkpointing or a chunked loss: docs/torchtitan-model.md)")
+        ->capture_default_str();
     cmd.add_option("--attention", attention, "flash | sdpa | eager (default: flash; sdpa: transformers' default, PyTorch's flash kernel, runtime hf; with runtime hf, gpt-oss's default is eager, which SDPA cannot run)");
     cmd.add_option("--mlp-chunks", mlp_chunks, "MsT mini-sequences for the MLP (M_mlp; 1 = unchunked)")->capture_default_str()->check(decimal());
     cmd.add_option("--mlp-chunk-tokens", mlp_chunk_tokens, "Alternatively: MLP chunk size in tokens")->check(decimal());
@@ -105,6 +109,7 @@ TrainingSetup SetupOptions::build(const ModelSpec& model, bool with_deepspeed, s
     // the runtime given here (gpt-oss: eager in hf, flash in kernels).
     const bool default_attention_before = s.attention == default_attention(model, s.runtime);
     if (given("--runtime") || setup_file.empty()) s.runtime = parse_runtime(runtime, w);
+    if (given("--model-code") || setup_file.empty()) s.model_code = parse_model_code(model_code, w);
     if (given("--attention")) s.attention = parse_attention(attention, w);
     else if (setup_file.empty() || default_attention_before) s.attention = default_attention(model, s.runtime);
     if (given("--mlp-impl")) s.mlp_impl = parse_mlp_impl(mlp_impl, w);

@@ -325,7 +325,7 @@ std::string resolve_model_path(const StepFile& measured) {
 
 }  // namespace
 
-std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured) {
+std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured, std::string* note) {
     if (measured.setup_json.empty()) fail(measured.path, "format", "expected a measurement (mst-measure/1) to re-simulate");
     const std::string path = resolve_model_path(measured);
     ModelSpec model = find_model(path.empty() ? measured.timeline.model : path);
@@ -335,12 +335,29 @@ std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured) {
         fail(measured.path, "model", fmt::format("expected the model its model_path holds ('{}'), got {}", model.name,
                                                  in_quotes(measured.timeline.model)));
     TrainingSetup setup = parse_setup(nlohmann::json::parse(measured.setup_json), model, measured.path + ": setup");
+    if (setup.model_code == ModelCode::Torchtitan) {  // (the titan referee's record of torchtitan's own model code)
+        std::string why = setup.runtime == Runtime::Hf ? "" : "the plan's runtime is kernels";
+        if (why.empty()) {
+            try {
+                validate_titan_scope(setup, model);
+            } catch (const UserError& e) {
+                why = e.what();
+            }
+        }
+        if (!why.empty()) {
+            setup.model_code = ModelCode::Transformers;
+            if (note)
+                *note = fmt::format("torchtitan's own step is not modelled for this run ({}): re-simulated as the plan "
+                                    "predicts it",
+                                    why);
+        }
+    }
     in_file(measured.path, [&] { validate(setup, model); });
     return {std::move(model), std::move(setup)};
 }
 
-Timeline predict_measured(const StepFile& measured) {
-    const auto [model, setup] = measured_step(measured);
+Timeline predict_measured(const StepFile& measured, std::string* note) {
+    const auto [model, setup] = measured_step(measured, note);
     GpuProfile gpu;  // only the fixed workspace shapes the timeline
     gpu.name = "measured";
     gpu.calibration.cublas_workspace_bytes = measured.workspace_bytes;

@@ -66,6 +66,10 @@ std::string to_string(MlpImpl i) { return enum_name(i, kMlpImpls); }
 std::string to_string(LmHeadImpl i) { return enum_name(i, kLmImpls); }
 std::string to_string(SpImpl i) { return enum_name(i, kSpImpls); }
 SpImpl parse_sp_impl(const std::string& s, const std::string& w) { return parse_enum(s, w, "sp_impl", kSpImpls); }
+constexpr std::pair<const char*, ModelCode> kModelCodes[] = {{"transformers", ModelCode::Transformers},
+                                                             {"torchtitan", ModelCode::Torchtitan}};
+std::string to_string(ModelCode c) { return enum_name(c, kModelCodes); }
+ModelCode parse_model_code(const std::string& s, const std::string& w) { return parse_enum(s, w, "model_code", kModelCodes); }
 std::string to_string(Fsdp2Groups g) { return enum_name(g, kFsdp2Groups); }
 Fsdp2Groups parse_fsdp2_groups(const std::string& s, const std::string& w) {
     return parse_enum(s, w, "fsdp2_groups", kFsdp2Groups);
@@ -554,9 +558,42 @@ void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m) {
 // against the referee (python/mst_referee), which runs one process, DDP's Reducer or DeepSpeed's
 // ZeRO engine. What is not proven that way yet (ZeRO-3 and sequence parallelism; padded batches;
 // bitsandbytes; MLP biases) is refused, not guessed: the kernels runtime models those.
+// torchtitan's own step (docs/torchtitan-model.md), proven event by event against mst_referee.titan for what
+// is modelled so far: its Llama-3 code on one GPU, bf16, one micro-batch of one sequence, no activation
+// checkpointing, the unchunked loss.
+void validate_titan_scope(const TrainingSetup& s, const ModelSpec& m) {
+    const std::string w = "setup";
+    const auto refuse = [&](const char* field, const std::string& expected, const std::string& got) {
+        fail(w, field, fmt::format("expected {} with model_code torchtitan (torchtitan's step is modelled so far for its "
+                                   "Llama-3 code on one GPU, pure bf16, no activation checkpointing, the unchunked loss), got {}",
+                                   expected, got));
+    };
+    if (m.family != Family::Llama || m.qkv_bias || m.o_bias || m.mlp_bias || m.sliding_window || m.moe ||
+        (m.rope_scaling.type != "default" && m.rope_scaling.type != "llama3"))
+        refuse("model_code", "a Llama-3-shaped model (torchtitan's own llama3 code)", m.name);
+    if (s.dp != 1 || s.sp != 1 || s.ep != 1) refuse("dp", "one GPU", fmt::format("dp {} sp {} ep {}", s.dp, s.sp, s.ep));
+    if (s.zero_stage != 0 || s.fsdp2) refuse("zero_stage", "0 (torchtitan's own FSDP2)", std::to_string(s.zero_stage));
+    if (s.precision != Precision::PureBf16) refuse("precision", "pure-bf16", to_string(s.precision));
+    if (s.micro_batch != 1 || s.grad_accum != 1)
+        refuse("micro_batch", "1 sequence in 1 micro-step", fmt::format("{} x {}", s.micro_batch, s.grad_accum));
+    if (s.checkpointed_count() > 0 || s.offload_checkpoints) refuse("checkpoint", "none", std::to_string(s.checkpointed_count()));
+    if (s.mlp_chunks != 1 || s.lm_chunks != 1)
+        refuse("lm_chunks", "1 (and mlp_chunks 1)", fmt::format("mlp_chunks {}, lm_chunks {}", s.mlp_chunks, s.lm_chunks));
+    if (s.attention != Attention::Flash) refuse("attention", "flash (torchtitan's flex attention)", to_string(s.attention));
+    if (s.optimizer != Optimizer::AdamW || s.optimizer_impl != OptimizerImpl::Fused || s.optimizer_in_backward)
+        refuse("optimizer", "adamw, fused, after backward", to_string(s.optimizer));
+    if (s.hf_trainer_bf16) refuse("hf_trainer_bf16", "false", "true");
+}
+
 void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {
     const std::string w = "setup";
-    if (s.runtime != Runtime::Hf) return;
+    if (s.runtime != Runtime::Hf) {
+        if (s.model_code != ModelCode::Transformers)
+            fail(w, "model_code", fmt::format("expected transformers with runtime kernels (its model code is its own), got {}",
+                                              to_string(s.model_code)));
+        return;
+    }
+    if (s.titan()) validate_titan_scope(s, m);
     const char* hint = "; the kernels runtime models it (runtime kernels)";
     // Data parallelism is DistributedDataParallel (src/core/sim/ddp.cpp) with ZeRO 0 and DeepSpeed's
     // engine with ZeRO 1 or 2 (src/core/sim/deepspeed.cpp); ZeRO-3 and sequence parallelism are not
@@ -654,6 +691,7 @@ TrainingSetup parse_setup(const nlohmann::json& j, const ModelSpec& model, const
     s.fsdp2_reshard_after_forward = r.opt_boolean("fsdp2_reshard_after_forward").value_or(true);
     if (auto v = r.opt_string("fsdp2_groups")) s.fsdp2_groups = parse_fsdp2_groups(*v, where);
     s.hf_trainer_bf16 = r.opt_boolean("hf_trainer_bf16").value_or(false);
+    if (auto v = r.opt_string("model_code")) s.model_code = parse_model_code(*v, where);
 
     auto chunks = [&](const char* count_key, const char* tokens_key, std::optional<std::int64_t>* tokens) -> std::int64_t {
         if (r.has(count_key) && r.has(tokens_key))
@@ -736,6 +774,7 @@ nlohmann::json to_json(const TrainingSetup& s) {
     if (!s.fsdp2_reshard_after_forward) j["fsdp2_reshard_after_forward"] = false;
     if (s.fsdp2_groups != Fsdp2Groups::MstHf) j["fsdp2_groups"] = to_string(s.fsdp2_groups);
     if (s.hf_trainer_bf16) j["hf_trainer_bf16"] = true;
+    if (s.model_code != ModelCode::Transformers) j["model_code"] = to_string(s.model_code);
     return j;
 }
 

@@ -30,7 +30,9 @@ struct Format {
 // torchtitan's own step, as python/mst_referee/titan.py records it from emitted modules (python/README.md has
 // the table; python/tests/test_titan_referee.py re-runs the numbers quoted)
 constexpr const char* kTorchtitanUnmodelled =
-    "mst-plan does not model torchtitan's own step yet: this is the memory of the runtime's model. The referee, running "
+    "mst-plan models torchtitan's own step for one GPU in pure bf16 without activation checkpointing or a chunked loss "
+    "so far (estimate --model-code torchtitan, equal to it event for event); beyond those this is the memory of the "
+    "runtime's model. The referee, running "
     "torchtitan's step from emitted modules, measured -31 % to +99 % against such predictions (21 plans under FSDP2 or DDP, expert parallelism among them; "
     "Llama-3-8B at 8192 tokens on one H100: +5.3 %): "
     "FSDP2 even on one GPU, gradients reduced in fp32, the chunked loss's fp32 logits. "
@@ -87,8 +89,14 @@ void check_executor_only(const Format& f, const TrainingSetup& s, const ModelSpe
                          "deepspeed or axolotl does), got true",
                          f.name));
     if (s.ep > 1 && f.no_expert_parallelism) fail(f.name, "setup.ep", fmt::format("expected 1 ({}), got {}", f.no_expert_parallelism, s.ep));
-    // FSDP2: hf-mst's model is sharded by mst_hf.shard or the Trainer's accelerate, Axolotl's by Axolotl's own
     const std::string_view name = f.name;
+    // torchtitan's own model code is torchtitan's: the other formats train transformers' model
+    if (s.model_code == ModelCode::Torchtitan && name != "torchtitan")
+        fail(f.name, "setup.model_code",
+             fmt::format("expected transformers ({} trains transformers' model code; this plan is torchtitan's own: emit "
+                         "--format torchtitan), got torchtitan",
+                         f.name));
+    // FSDP2: hf-mst's model is sharded by mst_hf.shard or the Trainer's accelerate, Axolotl's by Axolotl's own
     const bool axolotl_groups = s.fsdp2_groups == Fsdp2Groups::Axolotl;
     if (s.fsdp2 && name == "hf-mst" && axolotl_groups)
         fail(f.name, "setup.fsdp2_groups",

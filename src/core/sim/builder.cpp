@@ -37,9 +37,11 @@ StepBuilder::StepBuilder(const ModelSpec& model, const TrainingSetup& setup, con
     amp_ = hf_ && s_.precision == Precision::AmpFp32;
     ds_on_ = s_.deepspeed_engine();
     z3_on_ = s_.deepspeed_zero3();
-    fsdp2_on_ = s_.fsdp2_shards();
+    titan_ = s_.titan();
+    // (torchtitan shards with FSDP2 on any ranks, one included: bf16 parameters, gradients reduced in fp32)
+    fsdp2_on_ = s_.fsdp2_shards() || titan_;
     if (fsdp2_on_ && s_.precision == Precision::Bf16Master) fsdp2_store_ = 4;  // (fp32 shards)
-    if (fsdp2_on_) fsdp2_reduce_ = s_.fsdp2_reduce_bytes();
+    if (fsdp2_on_) fsdp2_reduce_ = titan_ ? 4 : s_.fsdp2_reduce_bytes();
     if (hf_) pg_ = pw_;  // autograd's gradients are in the parameters' dtype; fp32 masters keep their own
     tl_.source = "simulator";
     tl_.model = m_.name;
@@ -106,7 +108,22 @@ void StepBuilder::build_params() {
         return static_cast<int>(params_.size() - 1);
     };
     embed_ = add("embed_tokens", -1, m_.vocab_size * d, m_.vocab_size);
-    for (std::int32_t l = 0; l < m_.num_layers; ++l) {
+    for (std::int32_t l = 0; titan_ && l < m_.num_layers; ++l) {
+        // torchtitan's Llama-3 block: attention (the fused wqkv, wo), feed_forward (w1 = gate, w2 = down,
+        // w3 = up), attention_norm, ffn_norm
+        LayerParams lp{};
+        const std::int64_t qkv = m_.q_dim() + 2 * m_.kv_dim();
+        lp.q = add("wqkv", l, d * qkv, qkv);
+        lp.k = lp.v = -1;
+        lp.o = add("wo", l, m_.q_dim() * d, d);
+        lp.gate = add("w1", l, d * I, I);
+        lp.down = add("w2", l, I * d, d);
+        lp.up = add("w3", l, d * I, I);
+        lp.norm1 = add("attention_norm", l, d);
+        lp.norm2 = add("ffn_norm", l, d);
+        layer_params_.push_back(lp);
+    }
+    for (std::int32_t l = 0; !titan_ && l < m_.num_layers; ++l) {
         LayerParams lp{};
         lp.norm1 = add("input_norm", l, d);
         // The kernels runtime folds a bias into its weight; in the hf runtime it is its own parameter.
@@ -168,7 +185,9 @@ void StepBuilder::build_params() {
         layer_params_.push_back(lp);
     }
     final_norm_ = add("final_norm", -1, d);
-    lm_head_ = m_.tie_word_embeddings ? embed_ : add("lm_head", -1, m_.vocab_size * d, m_.vocab_size);
+    // (torchtitan ties the weights after fully_shard: its FSDP2 keeps a parameter of the LM head's own, gathered
+    // and given a gradient of its own, whose shard is the embedding's: titan_zero_grad)
+    lm_head_ = m_.tie_word_embeddings && !titan_ ? embed_ : add("lm_head", -1, m_.vocab_size * d, m_.vocab_size);
     // Expert parallelism: each rank holds E / ep of every stacked expert parameter, which ZeRO
     // shards over the ranks holding the same experts; everything else over all dp x sp ranks.
     for (Param& p : params_) p.shard_ranks = s_.zero_ranks();
@@ -199,6 +218,10 @@ void StepBuilder::build_params() {
     }
     order_.push_back(embed_);
     for (const LayerParams& lp : layer_params_) {
+        if (titan_) {
+            for (int p : {lp.q, lp.o, lp.gate, lp.down, lp.up, lp.norm1, lp.norm2}) order_.push_back(p);
+            continue;
+        }
         if (m_.fused_projections()) {
             for (int p : {lp.o, lp.q, lp.gate, lp.down, lp.norm1, lp.norm2}) order_.push_back(p);
             continue;
@@ -249,7 +272,15 @@ void StepBuilder::init_state() {
         layer_ = p.layer;
         p.weight = alloc(p.name, checked_mul(stored(i), fsdp2_on_ ? fsdp2_store_ : pw_), Category::Weights);
     }
-    if (hf_) init_hf_buffers();
+    if (titan_) {  // every layer's RoPE table: complex64 [seq_len, head_dim / 2]
+        at("init.buffers");
+        for (std::int32_t l = 0; l < m_.num_layers; ++l) {
+            layer_ = l;
+            alloc("rope_cache", elems(s_.seq_len, m_.head_dim, 4), Category::Weights);
+        }
+    } else if (hf_) {
+        init_hf_buffers();
+    }
     if (s_.precision == Precision::Bf16Master && !fsdp2_on_) {  // (FSDP2's stored fp32 shards are the masters)
         at("init.master_weights");
         for (int i : order_) {
@@ -299,6 +330,23 @@ void StepBuilder::init_state() {
             if (p.shard_ranks == 1) continue;  // (its gradient is never reduce-scattered: it is the whole one)
             layer_ = p.layer;
             alloc(p.name, checked_mul(part(p, true), pg_), Category::Gradients);
+        }
+    }
+    if (titan_) {  // the previous step's sharded gradients, one bf16 buffer per group: torchtitan zeroes them as a step begins
+        at("init.gradients");
+        std::vector<int> group_of(params_.size(), -1);
+        for (std::size_t g = 0; g < fsdp2_.groups.size(); ++g)
+            for (int p : fsdp2_.groups[g].params) group_of[static_cast<std::size_t>(p)] = static_cast<int>(g);
+        std::vector<bool> made(fsdp2_.groups.size(), false);
+        for (int i : order_) {  // (in the order of the parameters that view them)
+            const int g = group_of[static_cast<std::size_t>(i)];
+            if (made[static_cast<std::size_t>(g)]) continue;
+            made[static_cast<std::size_t>(g)] = true;
+            const Fsdp2Group& group = fsdp2_.groups[static_cast<std::size_t>(g)];
+            layer_ = params_[static_cast<std::size_t>(group.params.front())].layer;
+            T buffer = alloc("sharded_grads", elems(1, group.shard, fsdp2_store_), Category::Gradients);
+            for (int p : group.params) fsdp2_.sharded_grads[static_cast<std::size_t>(p)] = hold(buffer);
+            drop(buffer);
         }
     }
     init_workspace();

@@ -138,6 +138,19 @@ struct HfLayer {
     HfNorm nq, nk;                             // Qwen3: the query and key heads' norms
 };
 
+// torchtitan's model code (titan.cpp, docs/torchtitan-model.md): a fused RMSNorm's holders (its input and
+// reciprocal RMS, saved by its node) and one layer's saved tensors beside the MLP's (HfLayer::mlp).
+struct TitanNorm {
+    T x, rstd;
+};
+struct TitanLayer {
+    TitanNorm n1, n2;
+    T x_qkv;            // the attention norm's output, saved by wqkv
+    T cache;            // the RoPE table's rows for these positions (complex64), saved by both products
+    T q, k, v, o, lse;  // saved by flex attention (o by wo too: o_wo)
+    T o_wo;
+};
+
 // What one layer's forward left for its backward.
 struct MlpChunk {
     T g, u, m;                   // MoE: the experts' [R, Ie] on the pairs they received (ep 1: n*k, sorted by expert)
@@ -148,6 +161,7 @@ struct MlpChunk {
 };
 struct LayerSaved {
     HfLayer hf;  // the hf runtime's holders; the fields below are the kernels runtime's
+    TitanLayer titan;  // the hf runtime's with torchtitan's model code
     T x, h1, rstd1;
     T q, k, v, o, lse;                       // flash
     T k_rep, v_rep, probs32, probs, scores_tanh;  // eager
@@ -161,6 +175,7 @@ struct LayerSaved {
 
 struct HeadSaved {
     HfNorm hf_norm;        // hf: the final norm's holders
+    TitanNorm titan_norm;  // torchtitan's fused final norm
     T hf_logits_in;        // hf: the final norm output saved by lm_head (unchunked head)
     T hf_pad, hf_weight;   // hf: padded labels (nll_loss's target) and nll_loss's total_weight
     T hf_lp_nll;           // hf: the log-probabilities, saved by nll_loss (log_softmax's own hold is logp)
@@ -954,6 +969,25 @@ private:
     // first forward, whose pack hook only lets go of what the nodes save (NoGrad's `graph`).
     bool graph_ = true;
     bool hf_ = false;          // s_.runtime == Runtime::Hf
+    // ---- torchtitan's model code in the hf runtime (titan.cpp, docs/torchtitan-model.md) ----
+    bool titan_ = false;       // s_.titan()
+    // the step's own tensors: the valid-token count and the batch (input, positions, labels), held to its end;
+    // the flex block mask's document ids and offsets and its eight int32 block tensors, held through backward
+    T titan_valid_, titan_input_, titan_positions_, titan_labels_, titan_loss_;
+    std::vector<T> titan_mask_;
+    void titan_micro_step(int micro);
+    void titan_zero_grad();
+    void titan_block_mask();
+    T titan_norm_forward(int p, T x, TitanNorm& sv);
+    T titan_norm_backward(int p, TitanNorm& sv, T g);  // returns d(input); the weight's gradient to p
+    T titan_layer_forward(int l, T x, LayerSaved& sv);
+    void titan_layer_backward(int l, LayerSaved& sv, T& dres);
+    void titan_attention_forward(const LayerParams& lp, TitanLayer& t, T h1, T& out);
+    T titan_attention_backward(const LayerParams& lp, TitanLayer& t, T d_out);
+    T titan_mm_backward(int p, T& g, T& x_saved, bytes_t input_grad_bytes);  // a linear's weight and input gradients
+    void titan_head_forward(T x_last, HeadSaved& hs);
+    T titan_head_backward(HeadSaved& hs);
+    void titan_optimizer_step();
     bool amp_ = false;         // hf under autocast (precision amp): fp32 weights, residual stream and norms
     bool recomputed_ = false;  // hf backward of a checkpointed layer: its saved tensors were recomputed
     // hf: the rotary tables of this micro-step, cos and sin [1, S, head_dim] bf16: one pair, or for

@@ -55,11 +55,14 @@ void StepBuilder::fsdp2_build() {
         g.params.push_back(p);
         g.shard = checked_add(g.shard, fsdp2_elements(p, fsdp2_shard_rows(p)), "FSDP2 shard");
     };
+    // accelerate's and untied torchtitan's: a tail group of the final norm and the LM head (tied: and the embedding)
+    const bool tail = fsdp2_accelerate_ || fsdp2_own_embedding_group();
     for (int p : order_) {
         const int layer = params_[static_cast<std::size_t>(p)].layer;
-        if (layer >= 0 || !fsdp2_accelerate_) add(layer + 1, p);  // (the root's: layer -1)
+        if (layer >= 0 || !tail) add(layer + 1, p);  // (the root's: layer -1)
     }
-    if (fsdp2_accelerate_) {  // fully_shard(embedding), then fully_shard([final norm, (tied) embedding, LM head])
+    if (titan_ && m_.tie_word_embeddings) add(0, lm_head_);  // (torchtitan's tied: [embedding, final norm, LM head])
+    if (tail) {  // fully_shard(embedding), then fully_shard([final norm, (tied) embedding, LM head])
         if (fsdp2_own_embedding_group()) add(fsdp2_embedding_group(), embed_);
         add(0, final_norm_);
         add(0, lm_head_);
@@ -72,6 +75,7 @@ void StepBuilder::fsdp2_build() {
 // foreach_all_gather: the output buffer, this rank's part of it copied in; under a mixed-precision
 // policy the shards are first cast into a buffer of their own, which goes as the all-gather is issued.
 T StepBuilder::fsdp2_all_gather(int group) {
+    if (s_.dp == 1) return T{};  // (one rank: no all-gather; the copy-out copies each shard)
     const Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];
     T cast = fsdp2_store_ != pw_ ? alloc("all_gather_input", elems(1, g.shard, pw_), Category::Transient) : T{};
     T out = alloc("all_gather_output", elems(s_.dp, g.shard, pw_), Category::Weights);

@@ -14,6 +14,7 @@
 namespace mst::sim {
 
 void StepBuilder::micro_step(int micro) {
+    if (titan_) return titan_micro_step(micro);
     micro_ = micro;
     phase_ = Phase::Forward;
     layer_ = -1;
@@ -229,6 +230,7 @@ void StepBuilder::optimizer_step() {
         else ds_optimizer_step();
         return;
     }
+    if (titan_) return titan_optimizer_step();
     if (hf_) {
         hf_optimizer_step();
         return;
