@@ -62,14 +62,19 @@ TEST_CASE("torchtitan's model code is refused in one line outside the setups it 
     CHECK_NOTHROW(validate(titan_setup(kS), m));
     CHECK(refused([](TrainingSetup& s) { s.checkpoint.assign(16, true); }).starts_with("setup: checkpoint: expected none with model_code torchtitan"));
     CHECK(refused([](TrainingSetup& s) { s.lm_chunks = 2; }).starts_with("setup: lm_chunks: expected 1"));
-    CHECK(refused([](TrainingSetup& s) { s.dp = 2; }).starts_with("setup: dp: expected one GPU"));
+    CHECK(refused([](TrainingSetup& s) { s.dp = 2; }).starts_with("setup: dp: expected 1 (one GPU)"));
+    CHECK(refused([](TrainingSetup& s) { s.grad_accum = 2; }).starts_with("setup: grad_accum: expected 1"));
+    CHECK(refused([](TrainingSetup& s) { s.optimizer_impl = OptimizerImpl::Foreach; }).starts_with("setup: optimizer_impl: expected fused"));
     CHECK(refused([](TrainingSetup& s) { s.precision = Precision::Bf16Master, s.state_dtype = StateDtype::Fp32; })
               .starts_with("setup: precision: expected pure-bf16"));
     CHECK(refused([](TrainingSetup& s) { s.runtime = Runtime::Kernels; })
               .starts_with("setup: model_code: expected transformers with runtime kernels"));
-    TrainingSetup qwen = titan_setup(kS);
-    CHECK(test::expect_user_error([&] { validate(qwen, find_model("qwen3-8b")); })
-              .starts_with("setup: model_code: expected a Llama-3-shaped model"));
+    // a model torchtitan builds with its own Llama-3 code only: Qwen3 is its qwen3 code's, Llama-2 (vocabulary
+    // 32000) goes through its transformers backend
+    for (const char* other : {"qwen3-8b", "llama-2-7b", "tiny-llama"})
+        CHECK(test::expect_user_error([&] { validate(titan_setup(kS), find_model(other)); })
+                  .starts_with("setup: model_code: expected a model torchtitan trains with its own Llama-3 code"));
+    CHECK_NOTHROW(validate(titan_setup(kS), find_model("llama-3-8b")));
     // a setup file says it, and says it back
     const TrainingSetup read = parse_setup(to_json(titan_setup(kS)), m, "setup");
     CHECK(read.model_code == ModelCode::Torchtitan);

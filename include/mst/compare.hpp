@@ -106,6 +106,6 @@ Timeline predict_measured(const StepFile& measured, std::string* note = nullptr)
 
 // A peaks-only measurement against the simulator's allocated and reserved peaks for the
 // same model and setup on `gpu` (whose cuBLAS workspace a real trainer allocates too).
-std::vector<CompareRow> compare_peaks(const StepFile& measured, const GpuProfile& gpu);
+std::vector<CompareRow> compare_peaks(const StepFile& measured, const GpuProfile& gpu, std::string* note = nullptr);
 
 }  // namespace mst

@@ -46,6 +46,10 @@ std::vector<EmittedFile> emit(const Plan& plan, const ModelSpec& model, const st
 // emitter would ("<format>: setup.<knob>: expected ..."). recommend --for searches only such setups.
 void check_expressible(const std::string& format, const TrainingSetup& setup, const ModelSpec& model);
 
+// Whether torchtitan 0.3.0 trains `model` with its own Llama-3 code (one of its llama3 flavors has every
+// dimension of it), not through its transformers backend: what model_code torchtitan simulates.
+bool torchtitan_llama3(const ModelSpec& model);
+
 // Bytes per GPU `format`'s trainer allocates for `setup` beyond what the runtime predicts, where
 // its code is known to (torchtitan: its own model's per-layer RoPE tables); 0 otherwise.
 // recommend --for keeps them free of the budget.

@@ -593,8 +593,10 @@ def measurement_file(plan: Mapping[str, Any], result: Mapping[str, Any], run: st
 
     name, path = result["model"], result["model_path"]
     setup = dict(plan["setup"])
-    if not result["flavor"].startswith("transformers_modeling_backend"):  # (the backend runs transformers' code)
-        setup["model_code"] = "torchtitan"  # compare --run re-simulates torchtitan's step where it is modelled
+    # whose model code ran: torchtitan's own (compare --run re-simulates it where it is modelled), or transformers'
+    # through the backend (whatever a plan said)
+    backend = result["flavor"].startswith("transformers_modeling_backend")
+    setup["model_code"] = "transformers" if backend else "torchtitan"
     summary = dict(summarize_events(result["events"]), seconds=result["seconds"], device="fake",
                    attn_implementation=result["attention"], layers=result["layers"], events=len(result["events"]),
                    corrected_sums=result["corrected_sums"], torch=result["torch"], torchtitan=result["torchtitan"])

@@ -21,13 +21,16 @@ struct CompareArgs {
 // A trainer's run recorded only its peaks: compare them with the simulator's allocator peaks.
 void run_compare_peaks(const GlobalOptions& g, const CompareArgs& a, const StepFile& measured) {
     const GpuProfile gpu = find_gpu(a.gpu);
-    const auto rows = compare_peaks(measured, gpu);
+    std::string note;  // a torchtitan run re-simulated as its plan predicts it, and why
+    const auto rows = compare_peaks(measured, gpu, &note);
     if (g.json) {
         nlohmann::json out = nlohmann::json::array();
         for (const CompareRow& r : rows)
             out.push_back({{"label", r.label}, {"predicted", r.predicted}, {"measured", r.measured},
                            {"error", r.error()}, {"relative", relative_json(r.relative())}});
-        return print_json({{"model", measured.timeline.model}, {"gpu", gpu.name}, {"rows", out}});
+        nlohmann::json doc = {{"model", measured.timeline.model}, {"gpu", gpu.name}, {"rows", out}};
+        if (!note.empty()) doc["note"] = note;
+        return print_json(doc);
     }
     fmt::print("{}: predicted (simulator, {}) vs measured ({}, peaks only)\n\n", measured.timeline.model, gpu.name,
                measured.timeline.source);
@@ -36,6 +39,7 @@ void run_compare_peaks(const GlobalOptions& g, const CompareArgs& a, const StepF
         t.row({r.label, std::to_string(r.predicted), std::to_string(r.measured), fmt::format("{:+d}", r.error()),
                relative_text(r.relative())});
     t.print();
+    if (!note.empty()) fmt::print("\nnote: {}\n", note);
 }
 
 std::string describe(const std::optional<Event>& e) {
@@ -79,7 +83,11 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
                                         fmt::format("{}: predicted ({}) vs measured ({})", measured.timeline.model,
                                                     predicted.timeline.source, measured.timeline.source)));
     outputs.commit();
-    if (g.json) return print_json(to_json(c));
+    if (g.json) {
+        nlohmann::json doc = to_json(c);
+        if (!note.empty()) doc["note"] = note;
+        return print_json(doc);
+    }
 
     fmt::print("{}: predicted ({}, {} events) vs measured ({}, {} events)\n\n", measured.timeline.model,
                predicted.timeline.source, c.predicted_events, measured.timeline.source, c.measured_events);

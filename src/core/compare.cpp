@@ -385,9 +385,9 @@ Timeline predict_measured(const StepFile& measured, std::string* note) {
     return simulate(model, setup, gpu);
 }
 
-std::vector<CompareRow> compare_peaks(const StepFile& measured, const GpuProfile& gpu) {
+std::vector<CompareRow> compare_peaks(const StepFile& measured, const GpuProfile& gpu, std::string* note) {
     if (!measured.peaks) fail(measured.path, "timeline", "expected a peaks-only measurement (\"timeline\": null)");
-    const auto [model, setup] = measured_step(measured);
+    const auto [model, setup] = measured_step(measured, note);
     const MemoryPeaks p = simulate_peaks(model, setup, gpu, true, gpu.usable_bytes());  // as the GPU holds it
     return {CompareRow{"peak allocated", p.peak_allocated_bytes, measured.peaks->allocated},
             CompareRow{"peak reserved", p.peak_reserved_bytes, measured.peaks->reserved}};

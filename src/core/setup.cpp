@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "json_read.hpp"
+#include "mst/emit.hpp"  // (torchtitan_llama3: which models torchtitan's own code trains)
 #include "mst/error.hpp"
 #include "mst/limits.hpp"
 #include "mst/units.hpp"
@@ -568,20 +569,26 @@ void validate_titan_scope(const TrainingSetup& s, const ModelSpec& m) {
                                    "Llama-3 code on one GPU, pure bf16, no activation checkpointing, the unchunked loss), got {}",
                                    expected, got));
     };
-    if (m.family != Family::Llama || m.qkv_bias || m.o_bias || m.mlp_bias || m.sliding_window || m.moe ||
-        (m.rope_scaling.type != "default" && m.rope_scaling.type != "llama3"))
-        refuse("model_code", "a Llama-3-shaped model (torchtitan's own llama3 code)", m.name);
-    if (s.dp != 1 || s.sp != 1 || s.ep != 1) refuse("dp", "one GPU", fmt::format("dp {} sp {} ep {}", s.dp, s.sp, s.ep));
-    if (s.zero_stage != 0 || s.fsdp2) refuse("zero_stage", "0 (torchtitan's own FSDP2)", std::to_string(s.zero_stage));
+    // (a model torchtitan builds with its own Llama-3 code: the emitter's flavor match, emit/torchtitan.cpp)
+    if (!torchtitan_llama3(m))
+        refuse("model_code", "a model torchtitan trains with its own Llama-3 code (one of its llama3 flavors' shapes; "
+                             "another runs through its transformers backend, transformers' code)", m.name);
+    if (s.dp != 1) refuse("dp", "1 (one GPU)", std::to_string(s.dp));
+    if (s.sp != 1) refuse("sp", "1", std::to_string(s.sp));
+    if (s.ep != 1) refuse("ep", "1", std::to_string(s.ep));
+    if (s.zero_stage != 0) refuse("zero_stage", "0 (torchtitan's own FSDP2)", std::to_string(s.zero_stage));
+    if (s.fsdp2) refuse("fsdp2", "false (torchtitan's own FSDP2)", "true");
     if (s.precision != Precision::PureBf16) refuse("precision", "pure-bf16", to_string(s.precision));
-    if (s.micro_batch != 1 || s.grad_accum != 1)
-        refuse("micro_batch", "1 sequence in 1 micro-step", fmt::format("{} x {}", s.micro_batch, s.grad_accum));
-    if (s.checkpointed_count() > 0 || s.offload_checkpoints) refuse("checkpoint", "none", std::to_string(s.checkpointed_count()));
-    if (s.mlp_chunks != 1 || s.lm_chunks != 1)
-        refuse("lm_chunks", "1 (and mlp_chunks 1)", fmt::format("mlp_chunks {}, lm_chunks {}", s.mlp_chunks, s.lm_chunks));
+    if (s.micro_batch != 1) refuse("micro_batch", "1", std::to_string(s.micro_batch));
+    if (s.grad_accum != 1) refuse("grad_accum", "1", std::to_string(s.grad_accum));
+    if (s.checkpointed_count() > 0) refuse("checkpoint", "none", std::to_string(s.checkpointed_count()));
+    if (s.offload_checkpoints) refuse("offload_checkpoints", "false", "true");
+    if (s.mlp_chunks != 1) refuse("mlp_chunks", "1", std::to_string(s.mlp_chunks));
+    if (s.lm_chunks != 1) refuse("lm_chunks", "1", std::to_string(s.lm_chunks));
     if (s.attention != Attention::Flash) refuse("attention", "flash (torchtitan's flex attention)", to_string(s.attention));
-    if (s.optimizer != Optimizer::AdamW || s.optimizer_impl != OptimizerImpl::Fused || s.optimizer_in_backward)
-        refuse("optimizer", "adamw, fused, after backward", to_string(s.optimizer));
+    if (s.optimizer != Optimizer::AdamW) refuse("optimizer", "adamw", to_string(s.optimizer));
+    if (s.optimizer_impl != OptimizerImpl::Fused) refuse("optimizer_impl", "fused", to_string(s.optimizer_impl));
+    if (s.optimizer_in_backward) refuse("optimizer_in_backward", "false", "true");
     if (s.hf_trainer_bf16) refuse("hf_trainer_bf16", "false", "true");
 }
 

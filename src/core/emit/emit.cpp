@@ -30,9 +30,9 @@ struct Format {
 // torchtitan's own step, as python/mst_referee/titan.py records it from emitted modules (python/README.md has
 // the table; python/tests/test_titan_referee.py re-runs the numbers quoted)
 constexpr const char* kTorchtitanUnmodelled =
-    "mst-plan models torchtitan's own step for one GPU in pure bf16 without activation checkpointing or a chunked loss "
-    "so far (estimate --model-code torchtitan, equal to it event for event); beyond those this is the memory of the "
-    "runtime's model. The referee, running "
+    "mst-plan's search does not use torchtitan's own step yet: this is the memory of the runtime's model (torchtitan's "
+    "own step is modelled for one GPU in pure bf16 without activation checkpointing or a chunked loss: estimate "
+    "--model-code torchtitan, equal to it event for event). The referee, running "
     "torchtitan's step from emitted modules, measured -31 % to +99 % against such predictions (21 plans under FSDP2 or DDP, expert parallelism among them; "
     "Llama-3-8B at 8192 tokens on one H100: +5.3 %): "
     "FSDP2 even on one GPU, gradients reduced in fp32, the chunked loss's fp32 logits. "

@@ -369,3 +369,12 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
 }
 
 }  // namespace mst::emit_detail
+
+namespace mst {
+
+bool torchtitan_llama3(const ModelSpec& model) {
+    const emit_detail::TitanModel tm = emit_detail::titan_model(model);
+    return tm.native && tm.package == "torchtitan.models.llama3";
+}
+
+}  // namespace mst
