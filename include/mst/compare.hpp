@@ -98,7 +98,7 @@ void check_same_step(const StepFile& predicted, const StepFile& measured);
 // in the catalog's models folder, else model_path as recorded, else the catalog entry of the
 // model's name.
 // A torchtitan run (model_code torchtitan) whose setup torchtitan's step is not modelled for is re-simulated
-// with transformers' model code, the plan's own prediction: `note` (when given) says so, else stays empty.
+// as its plan predicted it (its runtime, transformers' model code): `note` (when given) says so and why.
 std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured, std::string* note = nullptr);
 
 // The simulator's prediction for the model and setup a measurement recorded.

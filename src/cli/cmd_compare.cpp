@@ -52,7 +52,7 @@ std::string describe(const std::optional<Event>& e) {
 
 void run_compare(const GlobalOptions& g, const CompareArgs& a) {
     StepFile predicted, measured;
-    std::string note;  // --run: a torchtitan run re-simulated with transformers' model code, and why
+    std::string note;  // --run: a torchtitan run re-simulated as its plan predicted it, and why
     if (!a.run_file.empty()) {
         if (!a.files.empty()) fail("compare", "--run", "expected either --run MEASURED.json or two files, not both");
         measured = load_step_file(a.run_file);

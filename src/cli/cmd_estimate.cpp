@@ -28,11 +28,12 @@ std::string describe_setup(const TrainingSetup& s) {
                                   s.mlp_chunks > 1 ? " (" + to_string(s.mlp_impl) + ")" : "", s.lm_chunks,
                                   s.lm_chunks > 1 ? "s" : "", s.lm_chunks > 1 ? " (" + to_string(s.lm_impl) + ")" : "");
     return fmt::format(
-        "seq {} x micro-batch {} (x{} accumulation), {}, {} ({} states){}, {} attention\n"
+        "seq {} x micro-batch {} (x{} accumulation), {}, {} ({} states){}, {}\n"
         "MsT: {}; checkpoint: {}{}; dp {}, ZeRO {}{}, sp {}{}{}",
         s.seq_len, s.micro_batch, s.grad_accum, describe_precision(s),
         to_string(s.optimizer),
-        to_string(s.effective_state_dtype()), s.optimizer_in_backward ? " stepped in backward" : "", to_string(s.attention),
+        to_string(s.effective_state_dtype()), s.optimizer_in_backward ? " stepped in backward" : "",
+        s.titan() ? "torchtitan's model code (flex attention, FSDP2 on one GPU)" : to_string(s.attention) + " attention",
         mst, describe_checkpoints(s.checkpoint), s.offload_checkpoints ? " (offloaded to host)" : "", s.dp, s.zero_stage, describe_sharding(s), s.sp,
         s.ring() ? " (ring attention)" : "", describe_expert_parallelism(s));
 }

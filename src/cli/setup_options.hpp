@@ -44,8 +44,8 @@ private:
     int zero = 0, zero3_prefetch = 1;
     bool fsdp2 = false;
     Fsdp2Knobs fsdp2_knobs;
-    std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, optimizer_impl = "fused", runtime = "hf", model_code = "transformers",
-                attention;
+    std::string precision = "pure-bf16", optimizer = "adamw", state_dtype, optimizer_impl = "fused", runtime = "hf",
+                model_code = "transformers", attention;
     std::string mlp_impl = "loop", lm_impl = "recompute", checkpoint = "none", sp_impl = "ulysses";
     bool padded = false, offload = false, opt_in_backward = false, overlap_comm = false, hf_trainer_bf16 = false;
 

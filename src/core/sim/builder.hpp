@@ -978,11 +978,11 @@ private:
     void titan_micro_step(int micro);
     void titan_zero_grad();
     void titan_block_mask();
-    T titan_norm_forward(int p, T x, TitanNorm& sv);
+    T titan_norm_forward(T x, TitanNorm& sv);
     T titan_norm_backward(int p, TitanNorm& sv, T g);  // returns d(input); the weight's gradient to p
     T titan_layer_forward(int l, T x, LayerSaved& sv);
     void titan_layer_backward(int l, LayerSaved& sv, T& dres);
-    void titan_attention_forward(const LayerParams& lp, TitanLayer& t, T h1, T& out);
+    void titan_attention_forward(TitanLayer& t, T h1, T& out);
     T titan_attention_backward(const LayerParams& lp, TitanLayer& t, T d_out);
     T titan_mm_backward(int p, T& g, T& x_saved, bytes_t input_grad_bytes);  // a linear's weight and input gradients
     void titan_head_forward(T x_last, HeadSaved& hs);

@@ -54,8 +54,7 @@ void StepBuilder::titan_block_mask() {
 
 // nn.RMSNorm -> aten._fused_rms_norm (CUDA): the output and the fp32 reciprocal RMS of each row; its node
 // saves the input, the weight and rstd.
-T StepBuilder::titan_norm_forward(int p, T x, TitanNorm& sv) {
-    (void)p;
+T StepBuilder::titan_norm_forward(T x, TitanNorm& sv) {
     T y = act("norm_out", bf16(tokens_, m_.hidden_size), false);
     T rstd = act("rstd", elems(tokens_, 1, 4), true);
     sv.x = saved(x);
@@ -84,7 +83,7 @@ T StepBuilder::titan_mm_backward(int p, T& g, T& x_saved, bytes_t input_grad_byt
 
 // Attention.forward: the fused wqkv GEMM, q, k, v copied apart (reshape(...).contiguous()), complex RoPE
 // in fp32 on q and k with this step's rows of the layer's table, flex attention, wo.
-void StepBuilder::titan_attention_forward(const LayerParams& lp, TitanLayer& t, T h1, T& out) {
+void StepBuilder::titan_attention_forward(TitanLayer& t, T h1, T& out) {
     const std::int64_t H = m_.num_heads, Hkv = m_.num_kv_heads, hd = m_.head_dim, S = s_.seq_len;
     at("attn.qkv");
     T qkv = act("qkv", bf16(tokens_, (H + 2 * Hkv) * hd), false);
@@ -119,7 +118,6 @@ void StepBuilder::titan_attention_forward(const LayerParams& lp, TitanLayer& t, 
     out = act("wo_out", bf16(tokens_, m_.hidden_size), false);
     t.o_wo = saved(o);
     drop(o);
-    (void)lp;
 }
 
 T StepBuilder::titan_attention_backward(const LayerParams& lp, TitanLayer& t, T d_out) {
@@ -161,15 +159,15 @@ T StepBuilder::titan_layer_forward(int l, T x, LayerSaved& sv) {
     const LayerParams& lp = layer_params_[static_cast<std::size_t>(l)];
     TitanLayer& t = sv.titan;
     at("attn.norm");
-    T h1 = titan_norm_forward(lp.norm1, x, t.n1);
+    T h1 = titan_norm_forward(x, t.n1);
     T a;
-    titan_attention_forward(lp, t, h1, a);
+    titan_attention_forward(t, h1, a);
     drop(h1);
     at("attn.residual");
     T h = act("h", bf16(tokens_, m_.hidden_size), false);
     drop(a);
     at("mlp.norm");
-    T h2 = titan_norm_forward(lp.norm2, h, t.n2);
+    T h2 = titan_norm_forward(h, t.n2);
     T y = hf_mlp_forward(lp, h2, sv.hf, false);
     drop(h2);
     at("mlp.residual");
@@ -206,7 +204,7 @@ void StepBuilder::titan_head_forward(T x_last, HeadSaved& hs) {
     const std::int64_t V = m_.vocab_size;
     at("final_norm");
     if (fsdp2_own_embedding_group()) fsdp2_pre_forward(0);  // (untied: [final norm, LM head], at its first module)
-    T h = titan_norm_forward(final_norm_, x_last, hs.titan_norm);
+    T h = titan_norm_forward(x_last, hs.titan_norm);
     drop(x_last);
     at("lm_head");
     T logits = act("logits", bf16(tokens_, V), false);
