@@ -129,11 +129,18 @@ def titan_matrix() -> List[Entry]:
     ]
 
 
-def moe_config(config: Mapping[str, Any]) -> bool:
-    """Whether a model's config.json has Mixture-of-Experts MLPs: an expert count above 1 (``num_local_experts``:
-    Mixtral, gpt-oss; ``num_experts``: Qwen3-MoE), a multimodal config's in its ``text_config``."""
+def expert_count(config: Mapping[str, Any]) -> int:
+    """A model's config.json's experts per MoE layer (``num_local_experts``: Mixtral, gpt-oss; ``num_experts``:
+    Qwen3-MoE, the larger where both are there; a multimodal config's in its ``text_config``); 0 where it names none."""
     config = config.get("text_config", config)
-    return any(isinstance(config.get(key), int) and config.get(key) > 1 for key in ("num_local_experts", "num_experts"))
+    counts = [config[key] for key in ("num_local_experts", "num_experts")
+              if isinstance(config.get(key), int) and not isinstance(config.get(key), bool)]
+    return max(counts, default=0)
+
+
+def moe_config(config: Mapping[str, Any]) -> bool:
+    """Whether a model's config.json has Mixture-of-Experts MLPs: an expert count above 1 (:func:`expert_count`)."""
+    return expert_count(config) > 1
 
 
 @dataclass

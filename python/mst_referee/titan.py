@@ -122,8 +122,9 @@ def plan_facts(plan: Any, where: str) -> Dict[str, Any]:
     facts["hf_config"] = read_json(path, "the plan's model config")
     facts["checkpoint"] = setup.get("checkpoint", [])
     if facts["ep"] > 1:  # (mst-plan's validate and torchtitan emitter: the experts over ep of the FSDP ranks)
-        text = facts["hf_config"].get("text_config", facts["hf_config"])
-        experts = next((text[k] for k in ("num_local_experts", "num_experts") if isinstance(text.get(k), int)), 0)
+        from mst_clients.matrix import expert_count
+
+        experts = expert_count(facts["hf_config"])
         if facts["zero_stage"] == 0 or facts["dp"] % facts["ep"] or experts % facts["ep"]:
             fail(where, "setup.ep", f"expected a divisor of dp ({facts['dp']}) and of the model's experts ({experts}) "
                  f"with ZeRO 2 or 3 (torchtitan takes its expert-parallel ranks from the FSDP ones), got {facts['ep']} "

@@ -262,10 +262,7 @@ void StepBuilder::titan_micro_step(int micro) {
     titan_block_mask();
     // the root group (tied: the embedding, the final norm, the LM head), or an untied embedding's own
     fsdp2_pre_forward(fsdp2_embedding_group());
-    layer_ = -1;
-    at("embedding");
-    T x = act("embeddings", bf16(tokens_, m_.hidden_size), false);
-    fsdp2_embedding_post_forward();
+    T x = embedding_forward(Category::SavedActivation);
     std::vector<LayerSaved> saved(static_cast<std::size_t>(L));
     for (std::int32_t l = 0; l < L; ++l) {
         layer_ = l;
@@ -287,12 +284,7 @@ void StepBuilder::titan_micro_step(int micro) {
         titan_layer_backward(l, saved[static_cast<std::size_t>(l)], dres);
         fsdp2_post_backward(fsdp2_layer_group(l));
     }
-    layer_ = -1;
-    fsdp2_embedding_pre_backward();
-    at("embedding");
-    T g = grad_out(embed_);
-    drop(dres);
-    add_grad(embed_, g, false, true);
+    embedding_backward(dres);
     at("backward.end");
     fsdp2_after_backward();
     drop(head.hf_root);
