@@ -399,6 +399,9 @@ TEST_CASE("emit torchtitan: what torchtitan 0.3.0 cannot train as planned is ref
     CHECK(refused([](TrainingSetup& s) { s.mlp_chunks = 4; }).rfind("torchtitan: setup.mlp_chunks: expected 1", 0) == 0);
     CHECK(refused([](TrainingSetup& s) { s.lm_impl = LmHeadImpl::Recompute; })
               .rfind("torchtitan: setup.lm_impl: expected fused with lm_chunks > 1", 0) == 0);
+    // ChunkedLossWrapper's torch._check: each rank's sequence a multiple of the chunks
+    CHECK(refused([](TrainingSetup& s) { s.seq_len = 1000, s.lm_chunks = 16; })
+              .rfind("torchtitan: setup.lm_chunks: expected a divisor of each rank's sequence (1000 tokens", 0) == 0);
     CHECK(refused([](TrainingSetup& s) { s.checkpoint = parse_checkpoint_spec("first:8", 32, "t"); })
               .rfind("torchtitan: setup.checkpoint: expected none or all 32 layers", 0) == 0);
     CHECK(refused([](TrainingSetup& s) { s.offload_checkpoints = true; })

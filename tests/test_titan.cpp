@@ -25,6 +25,21 @@ TrainingSetup titan_setup(std::int64_t seq) {
     return s;
 }
 
+// torchtitan's ChunkedLossWrapper (loss.num_chunks): each chunk's backward runs in the forward (lm_impl fused)
+TrainingSetup chunked_setup(std::int64_t seq, std::int64_t chunks) {
+    TrainingSetup s = titan_setup(seq);
+    s.lm_chunks = chunks;
+    s.lm_impl = LmHeadImpl::FusedForward;
+    return s;
+}
+
+// FullAC (activation_checkpoint full): every block wrapped in torch's non-reentrant checkpoint
+TrainingSetup full_ac_setup(std::int64_t seq) {
+    TrainingSetup s = titan_setup(seq);
+    s.checkpoint.assign(16, true);
+    return s;
+}
+
 constexpr std::int64_t kV = 128256, kD = 2048, kL = 16, kHd = 64, kS = 256;
 // a layer's parameters: the fused wqkv (32 + 2 x 8 heads of 64), wo, w1, w2, w3, two norms
 constexpr std::int64_t kLayer = (32 + 16) * kHd * kD + kD * kD + 3 * 8192 * kD + 2 * kD;
@@ -52,6 +67,52 @@ TEST_CASE("torchtitan's step holds its FSDP2 groups' gradients from the last ste
     CHECK(sum.peak.bytes == 14'615'618'616);  // the referee's record of torchtitan's step (docs/torchtitan-model.md)
 }
 
+TEST_CASE("torchtitan's chunked loss reduces its LM head's gradient alone and keeps a second root buffer") {
+    const ModelSpec m = find_model("llama-3.2-1b");
+    const Summary sum = summarize(simulate(m, chunked_setup(kS, 2), test::test_gpu()), m.num_layers);
+    const std::int64_t params = kV * kD + kL * kLayer + kD, Vd = kV * kD;
+    const bytes_t weights = 2 * params + kL * 4 * kS * kHd;
+    const bytes_t optimizer = 4 * params + 114 * 4;
+    // The LM head's gradient is reduce-scattered alone with the last chunk (its bf16 shard, 2 V d, is the tied
+    // embedding's too), the embedding's and the final norm's at the end of backward into a buffer of their own
+    // (2 (V d + d)), which the norm's sharded gradient views: both stay to the next step's zero_grad.
+    const bytes_t grads = kL * 2 * kLayer + 2 * Vd + 2 * (Vd + kD);
+    CHECK(sum.end_bytes == weights + optimizer + grads);
+    // The peak is that last reduction: fp32 input and output (4 (V d + d) each) and the bf16 cast, beside the
+    // layers' new gradients, the LM head's shard and the step's tensors (as unchunked: the loss is the chunks' sum)
+    const bytes_t step = 3 * 8 * kS + 8 + 96 + 4 * kS + 4 * 384 + 4 + 4;
+    CHECK(sum.peak.bytes == weights + optimizer + kL * 2 * kLayer + 2 * Vd + 10 * (Vd + kD) + step);
+    CHECK(sum.peak.bytes == 12'514'272'312);  // the referee's record (docs/torchtitan-model.md, section 6)
+}
+
+TEST_CASE("torchtitan with every layer checkpointed keeps each layer's input and recomputes the layer before its backward") {
+    const ModelSpec m = find_model("llama-3.2-1b");
+    const Summary sum = summarize(simulate(m, full_ac_setup(kS), test::test_gpu()), m.num_layers);
+    const std::int64_t params = kV * kD + kL * kLayer + kD, Vd = kV * kD, T = kS, R = 2 * Vd + kD;
+    const bytes_t weights = 2 * params + kL * 4 * kS * kHd, optimizer = 4 * params + 114 * 4;
+    const bytes_t step = 3 * 8 * kS + 8 + 96 + 4 * kS + 4 * 384 + 4 + 4;
+    // Forward keeps the layers' inputs alone (the embedding's output and layers 0-14's: the last one's output is
+    // the final norm's saved input)
+    CHECK(sum.category_max[static_cast<std::size_t>(Category::Checkpoint)] == kL * 2 * T * kD);
+    // The step still peaks at the root's reduction, every activation gone by then: the unchecked step's peak
+    CHECK(sum.peak.bytes == weights + optimizer + kL * 2 * kLayer + 10 * R + step);
+    // The recompute peaks at layer 0's, as its output is made: the persistent state and the step's tensors (the
+    // backward's ones among them), the
+    // root group's two whole V x d weights and the LM head's and final norm's whole gradients, layer 0's input, the
+    // final norm's input gradient (2 T d) and the residual stream's, the 15 later layers' sharded gradients and
+    // layer 1's reduce-scatter input (4 P), layer 0's gathered weights, what its backward will unpack (the norms'
+    // outputs and rstd, v, the RoPE rows, roped q and k, the logsumexp, flex's output, h, the MLP's four), then w2's
+    // output and the layer's output
+    const std::int64_t H = 32, Hkv = 8, I = 8192;
+    const bytes_t unpacked = 3 * 2 * T * kD + 2 * 4 * T + 2 * T * Hkv * kHd + 4 * kS * kHd + 2 * T * H * kHd +
+                             2 * T * Hkv * kHd + 4 * T * H + 2 * T * H * kHd + 4 * 2 * T * I;
+    const bytes_t root = 2 * 2 * Vd + 2 * kD, head_grads = 2 * Vd + 2 * kD;
+    const bytes_t recompute_peak = weights + optimizer + step + root + head_grads + 2 * 2 * T * kD +
+                                   15 * 2 * kLayer + 4 * kLayer + 2 * kLayer + unpacked + 2 * 2 * T * kD;
+    CHECK(sum.phase_peak[static_cast<std::size_t>(Phase::Recompute)] == recompute_peak);
+    CHECK(recompute_peak == 11'208'375'352);  // the referee's record (docs/torchtitan-fullac.md)
+}
+
 TEST_CASE("torchtitan's model code is refused in one line outside the setups it is proven for") {
     const ModelSpec m = find_model("llama-3.2-1b");
     auto refused = [&](auto edit) {
@@ -60,8 +121,13 @@ TEST_CASE("torchtitan's model code is refused in one line outside the setups it 
         return test::expect_user_error([&] { validate(s, m); });
     };
     CHECK_NOTHROW(validate(titan_setup(kS), m));
-    CHECK(refused([](TrainingSetup& s) { s.checkpoint.assign(16, true); }).starts_with("setup: checkpoint: expected none with model_code torchtitan"));
-    CHECK(refused([](TrainingSetup& s) { s.lm_chunks = 2; }).starts_with("setup: lm_chunks: expected 1"));
+    CHECK_NOTHROW(validate(full_ac_setup(kS), m));
+    CHECK(refused([](TrainingSetup& s) { s.checkpoint.assign(16, false), s.checkpoint[0] = true; })
+              .starts_with("setup: checkpoint: expected none or all 16 layers with model_code torchtitan"));
+    CHECK_NOTHROW(validate(chunked_setup(kS, 2), m));
+    CHECK(refused([](TrainingSetup& s) { s.lm_chunks = 2; }).starts_with("setup: lm_impl: expected fused with lm_chunks > 1"));
+    CHECK(refused([](TrainingSetup& s) { s.lm_chunks = 3, s.lm_impl = LmHeadImpl::FusedForward; })
+              .starts_with("setup: lm_chunks: expected a divisor of seq_len 256"));
     CHECK(refused([](TrainingSetup& s) { s.dp = 2; }).starts_with("setup: dp: expected 1 (one GPU)"));
     CHECK(refused([](TrainingSetup& s) { s.grad_accum = 2; }).starts_with("setup: grad_accum: expected 1"));
     CHECK(refused([](TrainingSetup& s) { s.optimizer_impl = OptimizerImpl::Foreach; }).starts_with("setup: optimizer_impl: expected fused"));

@@ -56,8 +56,10 @@ bool torchtitan_llama3(const ModelSpec& model);
 bytes_t trainer_extra_bytes(const std::string& format, const TrainingSetup& setup, const ModelSpec& model);
 
 // What `format`'s trainer does that the runtime's prediction does not model, as the referee measured it
-// (torchtitan's own step: python/mst_referee/titan.py); "" where the runtime models the trainer. recommend
-// and max-seq --for print it as a caution, the emitted files carry it.
+// (torchtitan's own step: python/mst_referee/titan.py); "" where the runtime models the trainer. max-seq
+// --for prints it as a caution; recommend --for and the emitted files say it of their plan (`planned`: ""
+// where its prediction is torchtitan's own step).
 std::string unmodelled_trainer(const std::string& format);
+std::string unmodelled_trainer(const std::string& format, const TrainingSetup& planned, const ModelSpec& model);
 
 }  // namespace mst

@@ -255,16 +255,20 @@ std::string describe_deepspeed(const TrainingSetup& setup);
 std::string describe_sharding(const TrainingSetup& setup);
 // The precision in a summary: "bf16-master", "pure-bf16 under the Trainer's bf16=True" (hf_trainer_bf16).
 std::string describe_precision(const TrainingSetup& setup);
+// Whose model code the step runs, in a summary: "torchtitan's model code (flex attention, FSDP2 on one GPU)"
+// for model_code torchtitan, else the attention ("flash attention").
+std::string describe_model_code(const TrainingSetup& setup);
 
-// Why `sp` ranks cannot split a sequence of seq_len tokens of `model` with this implementation:
-// the knob and what it expects (part of validate(); the tuner asks it of each degree it might
-// search). A degree must be positive and divide the sequence; Ulysses' must divide the query and
-// key heads; ring attention's at most limits::kRingRanks ranks cut it into 2 sp equal chunks.
-struct SpRefusal {
+// A knob a check refuses and what it expects (its UserError's field and message).
+struct FieldRefusal {
     const char* field;
     std::string expected;
 };
-std::optional<SpRefusal> sp_refusal(const ModelSpec& model, SpImpl impl, std::int64_t sp, std::int64_t seq_len);
+// Why `sp` ranks cannot split a sequence of seq_len tokens of `model` with this implementation
+// (part of validate(); the tuner asks it of each degree it might search). A degree must be
+// positive and divide the sequence; Ulysses' must divide the query and key heads; ring
+// attention's at most limits::kRingRanks ranks cut it into 2 sp equal chunks.
+std::optional<FieldRefusal> sp_refusal(const ModelSpec& model, SpImpl impl, std::int64_t sp, std::int64_t seq_len);
 
 // Checks the setup against the model: one UserError naming the knob when it is impossible.
 void validate(const TrainingSetup& setup, const ModelSpec& model);
@@ -273,7 +277,9 @@ void validate(const TrainingSetup& setup, const ModelSpec& model);
 void validate_ring_scope(const TrainingSetup& s, const ModelSpec& m);
 // What the hf runtime does not model yet (part of validate).
 void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m);
-// What torchtitan's own step (model_code torchtitan) is modelled for (part of validate_hf_scope).
+// What torchtitan's own step (model_code torchtitan) is modelled for (part of validate_hf_scope): the
+// first knob outside it, or nothing (recommend --for torchtitan plans with torchtitan's code where it is).
+std::optional<FieldRefusal> titan_scope_refusal(const TrainingSetup& s, const ModelSpec& m);
 void validate_titan_scope(const TrainingSetup& s, const ModelSpec& m);
 // What torch's FSDP2 is modelled for (part of validate_hf_scope when fsdp2): ZeRO 3 over 2 or more
 // ranks, a dense model, bf16 or fp32 parameters (no amp), no fused SGD. The tuner probes it.

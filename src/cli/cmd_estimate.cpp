@@ -33,7 +33,7 @@ std::string describe_setup(const TrainingSetup& s) {
         s.seq_len, s.micro_batch, s.grad_accum, describe_precision(s),
         to_string(s.optimizer),
         to_string(s.effective_state_dtype()), s.optimizer_in_backward ? " stepped in backward" : "",
-        s.titan() ? "torchtitan's model code (flex attention, FSDP2 on one GPU)" : to_string(s.attention) + " attention",
+        describe_model_code(s),
         mst, describe_checkpoints(s.checkpoint), s.offload_checkpoints ? " (offloaded to host)" : "", s.dp, s.zero_stage, describe_sharding(s), s.sp,
         s.ring() ? " (ring attention)" : "", describe_expert_parallelism(s));
 }

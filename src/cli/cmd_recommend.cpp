@@ -259,6 +259,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
     const TrainingSetup& s = r.best.setup;
     fmt::print("{} on {} x {}, sequence {} tokens\n\n", rq.model.display_name, rq.gpus, rq.gpu.display_name, rq.seq_len);
     Table t({"recommended", ""});
+    if (s.titan()) t.row({"model code", describe_model_code(s)});  // (--for torchtitan: its own step, where modelled)
     t.row({"mini-sequences", describe_chunks(s)});
     t.row({"checkpointing", s.checkpointed_count() == 0 ? "none"
                                                          : fmt::format("{} of {} layers ({}){}", s.checkpointed_count(),
@@ -297,7 +298,7 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     rq.for_format == "hf-mst" ? "python/mst_hf" : rq.for_format,
                                     rq.for_format == "hf-mst" ? " as python/mst_hf patches it" : " as DeepSpeed's ZeRO 1/2 engine runs it"),
                         100));
-    if (const std::string unmodelled = unmodelled_trainer(rq.for_format); !unmodelled.empty())
+    if (const std::string unmodelled = unmodelled_trainer(rq.for_format, s, rq.model); !unmodelled.empty())
         fmt::print("\ncaution: {}", wrap(unmodelled, 100));
     // (--for axolotl on one GPU: the plain Trainer, without DeepSpeed, may be the pick)
     if (!rq.base.deepspeed_defaults() && !s.deepspeed_engine())
@@ -370,9 +371,9 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     // precision, optimizer, attention, micro-batch ...; DeepSpeed's bucket goes to the strategies its engine runs
     rq.base = user ? *user : knobs.build(rq.model, false);
     if (!user) knobs.take_deepspeed(rq.base), knobs.take_fsdp2(rq.base);
-    if (rq.base.titan())  // (its strategies checkpoint, chunk and shard: torchtitan's step is modelled without them)
-        fail("command line", "model_code", "expected transformers with max-seq (torchtitan's own step is modelled without "
-                                           "checkpointing or chunking so far: estimate --model-code torchtitan), got torchtitan");
+    if (rq.base.titan())  // (a row's code follows its strategy: --for torchtitan takes torchtitan's where it is modelled)
+        fail("command line", "model_code", "expected transformers with max-seq (--for torchtitan plans each row with "
+                                           "torchtitan's own step where it is modelled), got torchtitan");
     // Your setup under DeepSpeed's engine (hf runtime, ZeRO 1-3): the strategies too, as --for deepspeed plans them
     // (the hf runtime's other multi-GPU step, DDP, keeps no fp32 master weights nor shards anything)
     if (user && user->deepspeed_engine() && rq.for_format.empty()) rq.for_format = "deepspeed";
@@ -438,6 +439,14 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         }))
         fmt::print("note: \"reserved at max\" is what the GPU holds, which keeps its cached segments until a cudaMalloc "
                    "fails: rows over the budget fit it by releasing them\n");
+    // --for torchtitan: the rows planned with torchtitan's own step (the caution below is of the others)
+    std::vector<std::string> titan_rows;
+    for (const auto& row : r.rows)
+        if (row.max_seq > 0 && row.setup.titan()) titan_rows.push_back(row.strategy);
+    if (!titan_rows.empty())
+        fmt::print("note: predicted as torchtitan's own step at their longest (its model code: flex attention, FSDP2 on "
+                   "one GPU): {}\n",
+                   fmt::join(titan_rows, "; "));
     // A row ended by its own knobs or --seq's bound, not the budget: the next length's setup is invalid
     for (const auto& row : r.rows)
         if (row.max_seq > 0 && !row.invalid_beyond.empty())

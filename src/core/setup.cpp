@@ -194,6 +194,10 @@ std::string describe_precision(const TrainingSetup& s) {
     return to_string(s.precision) + (s.hf_trainer_bf16 ? " under the Trainer's bf16=True" : "");
 }
 
+std::string describe_model_code(const TrainingSetup& s) {
+    return s.titan() ? "torchtitan's model code (flex attention, FSDP2 on one GPU)" : to_string(s.attention) + " attention";
+}
+
 std::string describe_sharding(const TrainingSetup& s) {
     if (!s.fsdp2) return describe_deepspeed(s);
     std::string out = " as FSDP2";
@@ -268,22 +272,22 @@ bool walks_rank(const TrainingSetup& s, const ModelSpec& m, std::int64_t rank) {
     return std::find(all.begin(), all.end(), rank) != all.end();
 }
 
-std::optional<SpRefusal> sp_refusal(const ModelSpec& m, SpImpl impl, std::int64_t sp, std::int64_t seq_len) {
-    if (sp < 1 || seq_len % sp != 0) return SpRefusal{"sp", fmt::format("expected a divisor of seq_len ({}), got {}", seq_len, sp)};
+std::optional<FieldRefusal> sp_refusal(const ModelSpec& m, SpImpl impl, std::int64_t sp, std::int64_t seq_len) {
+    if (sp < 1 || seq_len % sp != 0) return FieldRefusal{"sp", fmt::format("expected a divisor of seq_len ({}), got {}", seq_len, sp)};
     if (sp == 1) return std::nullopt;
     if (impl == SpImpl::Ring) {  // (else Ulysses)
         if (sp > limits::kRingRanks)
-            return SpRefusal{"sp", fmt::format("expected at most {} ranks with ring attention (every rank's step is walked, "
+            return FieldRefusal{"sp", fmt::format("expected at most {} ranks with ring attention (every rank's step is walked, "
                                                "each layer's ring over all of them), got {}",
                                                limits::kRingRanks, sp)};
         if (seq_len % (2 * sp) != 0)
-            return SpRefusal{"seq_len", fmt::format("expected a multiple of 2 x sp = {} with ring attention (head-tail "
+            return FieldRefusal{"seq_len", fmt::format("expected a multiple of 2 x sp = {} with ring attention (head-tail "
                                                     "sharding cuts each sequence into 2 sp equal chunks), got {}",
                                                     2 * sp, seq_len)};
         return std::nullopt;
     }
     if (m.num_heads % sp != 0 || m.num_kv_heads % sp != 0)
-        return SpRefusal{"sp", fmt::format("expected a divisor of both num_attention_heads ({}) and num_key_value_heads ({}) "
+        return FieldRefusal{"sp", fmt::format("expected a divisor of both num_attention_heads ({}) and num_key_value_heads ({}) "
                                            "(Ulysses splits heads across ranks), got {}",
                                            m.num_heads, m.num_kv_heads, sp)};
     return std::nullopt;
@@ -560,36 +564,49 @@ void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m) {
 // ZeRO engine. What is not proven that way yet (ZeRO-3 and sequence parallelism; padded batches;
 // bitsandbytes; MLP biases) is refused, not guessed: the kernels runtime models those.
 // torchtitan's own step (docs/torchtitan-model.md), proven event by event against mst_referee.titan for what
-// is modelled so far: its Llama-3 code on one GPU, bf16, one micro-batch of one sequence, no activation
-// checkpointing, the unchunked loss.
-void validate_titan_scope(const TrainingSetup& s, const ModelSpec& m) {
-    const std::string w = "setup";
-    const auto refuse = [&](const char* field, const std::string& expected, const std::string& got) {
-        fail(w, field, fmt::format("expected {} with model_code torchtitan (torchtitan's step is modelled so far for its "
-                                   "Llama-3 code on one GPU, pure bf16, no activation checkpointing, the unchunked loss), got {}",
-                                   expected, got));
+// is modelled so far: its Llama-3 code on one GPU, pure bf16, one micro-batch of one sequence, every layer
+// checkpointed (FullAC) or none, the loss whole or in ChunkedLossWrapper's chunks.
+std::optional<FieldRefusal> titan_scope_refusal(const TrainingSetup& s, const ModelSpec& m) {
+    const auto refuse = [](const char* field, const std::string& expected, const std::string& got) {
+        return FieldRefusal{field, fmt::format("expected {} with model_code torchtitan (torchtitan's step is modelled so far "
+                                               "for its Llama-3 code on one GPU in pure bf16), got {}",
+                                               expected, got)};
     };
     // (a model torchtitan builds with its own Llama-3 code: the emitter's flavor match, emit/torchtitan.cpp)
     if (!torchtitan_llama3(m))
-        refuse("model_code", "a model torchtitan trains with its own Llama-3 code (one of its llama3 flavors' shapes; "
-                             "another runs through its transformers backend, transformers' code)", m.name);
-    if (s.dp != 1) refuse("dp", "1 (one GPU)", std::to_string(s.dp));
-    if (s.sp != 1) refuse("sp", "1", std::to_string(s.sp));
-    if (s.ep != 1) refuse("ep", "1", std::to_string(s.ep));
-    if (s.zero_stage != 0) refuse("zero_stage", "0 (torchtitan's own FSDP2)", std::to_string(s.zero_stage));
-    if (s.fsdp2) refuse("fsdp2", "false (torchtitan's own FSDP2)", "true");
-    if (s.precision != Precision::PureBf16) refuse("precision", "pure-bf16", to_string(s.precision));
-    if (s.micro_batch != 1) refuse("micro_batch", "1", std::to_string(s.micro_batch));
-    if (s.grad_accum != 1) refuse("grad_accum", "1", std::to_string(s.grad_accum));
-    if (s.checkpointed_count() > 0) refuse("checkpoint", "none", std::to_string(s.checkpointed_count()));
-    if (s.offload_checkpoints) refuse("offload_checkpoints", "false", "true");
-    if (s.mlp_chunks != 1) refuse("mlp_chunks", "1", std::to_string(s.mlp_chunks));
-    if (s.lm_chunks != 1) refuse("lm_chunks", "1", std::to_string(s.lm_chunks));
-    if (s.attention != Attention::Flash) refuse("attention", "flash (torchtitan's flex attention)", to_string(s.attention));
-    if (s.optimizer != Optimizer::AdamW) refuse("optimizer", "adamw", to_string(s.optimizer));
-    if (s.optimizer_impl != OptimizerImpl::Fused) refuse("optimizer_impl", "fused", to_string(s.optimizer_impl));
-    if (s.optimizer_in_backward) refuse("optimizer_in_backward", "false", "true");
-    if (s.hf_trainer_bf16) refuse("hf_trainer_bf16", "false", "true");
+        return refuse("model_code", "a model torchtitan trains with its own Llama-3 code (one of its llama3 flavors' shapes; "
+                                    "another runs through its transformers backend, transformers' code)", m.name);
+    if (s.dp != 1) return refuse("dp", "1 (one GPU)", std::to_string(s.dp));
+    if (s.sp != 1) return refuse("sp", "1", std::to_string(s.sp));
+    if (s.ep != 1) return refuse("ep", "1", std::to_string(s.ep));
+    if (s.zero_stage != 0) return refuse("zero_stage", "0 (torchtitan's own FSDP2)", std::to_string(s.zero_stage));
+    if (s.fsdp2) return refuse("fsdp2", "false (torchtitan's own FSDP2)", "true");
+    if (s.precision != Precision::PureBf16) return refuse("precision", "pure-bf16", to_string(s.precision));
+    if (s.micro_batch != 1) return refuse("micro_batch", "1", std::to_string(s.micro_batch));
+    if (s.grad_accum != 1) return refuse("grad_accum", "1", std::to_string(s.grad_accum));
+    // (FullAC: torchtitan 0.3.0 checkpoints every block or none)
+    if (const std::int64_t k = s.checkpointed_count(); k != 0 && k != m.num_layers)
+        return refuse("checkpoint", fmt::format("none or all {} layers", m.num_layers), std::to_string(k));
+    if (s.offload_checkpoints) return refuse("offload_checkpoints", "false", "true");
+    if (s.mlp_chunks != 1) return refuse("mlp_chunks", "1", std::to_string(s.mlp_chunks));
+    // (ChunkedLossWrapper: each chunk's backward inside the forward, torch._check(seq_len % num_chunks == 0))
+    if (s.lm_chunks > 1 && s.lm_impl != LmHeadImpl::FusedForward)
+        return refuse("lm_impl", "fused with lm_chunks > 1 (torchtitan's chunked loss runs each chunk's backward in the forward)",
+                      to_string(s.lm_impl));
+    if (s.lm_chunks < 1 || s.seq_len % s.lm_chunks != 0)
+        return refuse("lm_chunks",
+                      fmt::format("a divisor of seq_len {} (torchtitan's chunked loss splits the sequence evenly)", s.seq_len),
+                      std::to_string(s.lm_chunks));
+    if (s.attention != Attention::Flash) return refuse("attention", "flash (torchtitan's flex attention)", to_string(s.attention));
+    if (s.optimizer != Optimizer::AdamW) return refuse("optimizer", "adamw", to_string(s.optimizer));
+    if (s.optimizer_impl != OptimizerImpl::Fused) return refuse("optimizer_impl", "fused", to_string(s.optimizer_impl));
+    if (s.optimizer_in_backward) return refuse("optimizer_in_backward", "false", "true");
+    if (s.hf_trainer_bf16) return refuse("hf_trainer_bf16", "false", "true");
+    return std::nullopt;
+}
+
+void validate_titan_scope(const TrainingSetup& s, const ModelSpec& m) {
+    if (const auto r = titan_scope_refusal(s, m)) fail("setup", r->field, r->expected);
 }
 
 void validate_hf_scope(const TrainingSetup& s, const ModelSpec& m) {

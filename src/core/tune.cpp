@@ -175,12 +175,29 @@ void take_engine(TrainingSetup& s, const TuneRequest& rq) {
     if (s.hf_trainer_bf16 && !hf_trainer_bf16_refusal(s, rq.model).empty()) s.hf_trainer_bf16 = false;
 }
 
+// --for torchtitan with the hf runtime: torchtitan's own model code where its step is modelled (one GPU, its
+// Llama-3 code, pure bf16, no activation checkpointing: titan_scope_refusal), else transformers' (the runtime's
+// model, which the recommendation's caution says).
+void take_model_code(TrainingSetup& s, const std::string& format, const ModelSpec& m) {
+    s.model_code = ModelCode::Transformers;
+    if (format != "torchtitan" || s.runtime != Runtime::Hf) return;
+    s.model_code = ModelCode::Torchtitan;
+    if (titan_scope_refusal(s, m)) s.model_code = ModelCode::Transformers;
+}
+void take_model_code(TrainingSetup& s, const TuneRequest& rq) { take_model_code(s, rq.for_format, rq.model); }
+
 // --for: why the format's trainer cannot train `s` as planned, in its emitter's words ("" when it can).
 std::string refusal_of(const std::string& format, const TrainingSetup& s, const ModelSpec& m);
 
 class Search {
 public:
-    Search(const TuneRequest& rq, bytes_t budget) : rq_(rq), budget_(budget), sim_(rq.model, rq.gpu) {}
+    // `trainer_extra`: kept free for what the --for trainer allocates beyond the runtime's prediction (none of
+    // it beyond torchtitan's own step, which holds its RoPE tables)
+    Search(const TuneRequest& rq, bytes_t budget, bytes_t trainer_extra)
+        : rq_(rq), budget_(budget), trainer_extra_(trainer_extra), sim_(rq.model, rq.gpu) {}
+
+    // The budget the search fits `s` in.
+    bytes_t budget_for(const TrainingSetup& s) const { return s.titan() ? budget_ : budget_ - trainer_extra_; }
 
     // Within one outer choice a setup is known by its checkpoints and chunk counts: the
     // binary searches probe the same ones more than once.
@@ -200,7 +217,7 @@ public:
     bool simulate_fits(const TrainingSetup& s, MemoryPeaks* out) {
         if (!valid(s, rq_.model)) return false;
         ++sims_;
-        return sim_.fits(s, budget_, rq_.host_bytes_per_gpu, out);
+        return sim_.fits(s, budget_for(s), rq_.host_bytes_per_gpu, out);
     }
     double seconds(const TrainingSetup& s) const { return per_token(predict_time(rq_.model, s, rq_.gpu, rq_.cluster), s); }
 
@@ -257,6 +274,7 @@ public:
             t.offload_checkpoints = outer.offload_checkpoints && t.checkpointed_count() > 0;
             t.mlp_chunks = mm;
             t.lm_chunks = ml;
+            take_model_code(t, rq_);
             return t;
         };
         // The time model is asked about the same setups again and again (the bounds below, then
@@ -385,7 +403,7 @@ public:
 
 private:
     const TuneRequest& rq_;
-    bytes_t budget_;
+    bytes_t budget_, trainer_extra_;
     PeakSimulator sim_;
     // Where the one-dimensional searches start (detail::least_fitting): the answers of the last
     // outer choice searched, whose neighbour in the loops is usually alike.
@@ -518,6 +536,7 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
     auto without = [&](auto change) {
         TrainingSetup t = s;
         change(t);
+        take_model_code(t, rq);  // (--for torchtitan: its own step where that plan is inside what is modelled of it)
         return sim.peaks(t, true, budget).peak_reserved_bytes;
     };
     if (s.mlp_chunks > 1 || s.lm_chunks > 1) {
@@ -908,7 +927,7 @@ Recommendation recommend(const TuneRequest& rq) {
              fmt::format("expected a length at which {}'s own allocations beyond the prediction fit the {} budget (its "
                          "RoPE tables take {} at {} tokens), got {}",
                          rq.for_format, format_bytes(out.budget_bytes), format_bytes(trainer_extra), rq.seq_len, rq.seq_len));
-    Search search(rq, out.budget_bytes - trainer_extra);
+    Search search(rq, out.budget_bytes, trainer_extra);
     // --for: only what the format's trainer can train as planned; the first refusal is kept to say
     // why nothing was searched, when nothing was.
     std::string refusal;
@@ -1056,8 +1075,9 @@ Recommendation recommend(const TuneRequest& rq) {
     out.pareto = pareto_front(search.evaluated_);
     // Chosen on the budget's device; reported as the GPU holds them (releasing only at its end).
     PeakSimulator& sim = search.simulator();  // its tables have grown to these steps' size already
-    on_the_gpu(out.best, sim, rq.gpu, out.budget_bytes - trainer_extra);
-    for (Candidate& c : out.pareto) on_the_gpu(c, sim, rq.gpu, out.budget_bytes - trainer_extra);
+    on_the_gpu(out.best, sim, rq.gpu, search.budget_for(out.best.setup));
+    for (Candidate& c : out.pareto) on_the_gpu(c, sim, rq.gpu, search.budget_for(c.setup));
+    if (out.best.setup.titan()) out.trainer_extra_bytes = 0;  // (nothing kept free: its prediction holds it)
     // (a front of what is shown: two setups apart on the budget's device may hold the same on the GPU)
     out.pareto = pareto_front(std::move(out.pareto));
     out.why = explain(rq, out.best, out.budget_bytes, sim);
@@ -1101,6 +1121,7 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
         }
         if (st.chunk_tokens.mlp) t.mlp_chunks = chunks_for_tokens(t, *st.chunk_tokens.mlp);
         if (st.chunk_tokens.lm) t.lm_chunks = chunks_for_tokens(t, *st.chunk_tokens.lm);
+        take_model_code(t, st.trainer, m);  // (--for torchtitan: its own step where it is modelled)
         return t;
     };
     auto at = [&](std::int64_t S, MaxSeqRow* r, bytes_t host = -1) {

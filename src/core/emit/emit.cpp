@@ -24,31 +24,30 @@ struct Format {
     Extra extra;  // what its trainer allocates beyond the runtime's prediction; nullptr: nothing known
     const char* no_expert_parallelism;  // why its trainer cannot run the plan's expert parallelism (nullptr: it can)
     bool deepspeed;  // its files hold a ds_config.json (DeepSpeed's engine options: reduce_bucket_size, overlap_comm)
-    const char* unmodelled;  // what its trainer runs that the runtime's prediction does not model (unmodelled_trainer)
 };
 
 // torchtitan's own step, as python/mst_referee/titan.py records it from emitted modules (python/README.md has
-// the table; python/tests/test_titan_referee.py re-runs the numbers quoted)
-constexpr const char* kTorchtitanUnmodelled =
-    "mst-plan's search does not use torchtitan's own step yet: this is the memory of the runtime's model (torchtitan's "
-    "own step is modelled for one GPU in pure bf16 without activation checkpointing or a chunked loss: estimate "
-    "--model-code torchtitan, equal to it event for event). The referee, running "
-    "torchtitan's step from emitted modules, measured -31 % to +99 % against such predictions (21 plans under FSDP2 or DDP, expert parallelism among them; "
-    "Llama-3-8B at 8192 tokens on one H100: +5.3 %): "
+// the table; python/tests/test_titan_referee.py re-runs the numbers quoted): where mst-plan models it
+// (model_code torchtitan, src/core/sim/titan.cpp) and what the referee measured elsewhere.
+constexpr const char* kTorchtitanScope =
+    "its Llama-3 code on one GPU in pure bf16, every layer checkpointed or none, the loss whole or in chunks, which "
+    "recommend --for torchtitan plans with that step, equal to the referee event for event";
+constexpr const char* kTorchtitanMeasured =
+    "The referee, running torchtitan's step from emitted modules, measured -31 % to +99 % against such predictions "
+    "(20 plans under FSDP2 or DDP, expert parallelism among them; Llama-3-8B at 8192 tokens on 8 H100s: +14.1 %): "
     "FSDP2 even on one GPU, gradients reduced in fp32, the chunked loss's fp32 logits. "
     "`python -m mst_referee.titan PLAN.json DIR --out m.json` records a plan's step (python/README.md), `mst-plan "
     "compare --run m.json` shows where it differs.";
-
 constexpr Format kFormats[] = {
     {"hf-mst", emit_detail::emit_hf_mst, emit_detail::check_hf_mst, nullptr,
-     "it trains transformers' MoE blocks, which have no expert parallelism", false, nullptr},
+     "it trains transformers' MoE blocks, which have no expert parallelism", false},
     {"deepspeed", emit_detail::emit_deepspeed, emit_detail::check_deepspeed, nullptr,
      "DeepSpeed's expert parallelism is deepspeed.moe.layer.MoE in the model's code, which transformers' MoE blocks are not",
-     true, nullptr},
+     true},
     {"axolotl", emit_detail::emit_axolotl, emit_detail::check_axolotl, nullptr,
-     "it trains transformers' MoE blocks, which have no expert parallelism", true, nullptr},
+     "it trains transformers' MoE blocks, which have no expert parallelism", true},
     {"torchtitan", emit_detail::emit_torchtitan, emit_detail::check_torchtitan, emit_detail::torchtitan_extra_bytes,
-     nullptr, false, kTorchtitanUnmodelled},
+     nullptr, false},
 };
 
 const Format& find_format(const std::string& format) {
@@ -156,9 +155,22 @@ bytes_t trainer_extra_bytes(const std::string& format, const TrainingSetup& setu
 }
 
 std::string unmodelled_trainer(const std::string& format) {
-    for (const Format& f : kFormats)
-        if (format == f.name) return f.unmodelled ? f.unmodelled : "";
-    return "";
+    if (format != "torchtitan") return "";  // (the hf runtime models the Hugging Face trainers' step)
+    return fmt::format("mst-plan models torchtitan's own step for {}; the other plans are the memory of the runtime's "
+                       "model. {}",
+                       kTorchtitanScope, kTorchtitanMeasured);
+}
+
+std::string unmodelled_trainer(const std::string& format, const TrainingSetup& planned, const ModelSpec& model) {
+    if (format != "torchtitan") return unmodelled_trainer(format);
+    if (planned.titan()) return "";  // (torchtitan's own step predicted it)
+    TrainingSetup own = planned;
+    own.model_code = ModelCode::Torchtitan;
+    const auto outside = titan_scope_refusal(own, model);
+    const char* field = planned.runtime != Runtime::Hf ? "runtime" : outside ? outside->field : "model_code";
+    return fmt::format("mst-plan predicts this plan with the runtime's model, not torchtitan's own step: its {} is "
+                       "outside what mst-plan models that step for ({}). {}",
+                       field, kTorchtitanScope, kTorchtitanMeasured);
 }
 
 namespace emit_detail {

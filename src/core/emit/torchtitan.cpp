@@ -224,6 +224,12 @@ void check(const TrainingSetup& s, const ModelSpec& model) {
         fail(kWhere, "setup.lm_impl",
              "expected fused with lm_chunks > 1 (torchtitan's ChunkedLossWrapper runs each chunk's backward in the "
              "forward), got recompute");
+    // (ChunkedLossWrapper splits each rank's sequence evenly: torch._check(seq_len % num_chunks == 0))
+    if (s.lm_chunks > 1 && (s.seq_len / s.sp) % s.lm_chunks != 0)
+        fail(kWhere, "setup.lm_chunks",
+             fmt::format("expected a divisor of each rank's sequence ({} tokens; torchtitan's chunked loss splits it "
+                         "evenly), got {}",
+                         s.seq_len / s.sp, s.lm_chunks));
     if (s.lm_chunks > 1 && !native)
         fail(kWhere, "setup.lm_chunks",
              fmt::format("expected 1 for {} (torchtitan chunks the loss of its own Llama-3 and Qwen3 code only; this "
@@ -258,6 +264,7 @@ void check(const TrainingSetup& s, const ModelSpec& model) {
 void check_torchtitan(const TrainingSetup& s, const ModelSpec& model) { check(s, model); }
 
 bytes_t torchtitan_extra_bytes(const TrainingSetup& s, const ModelSpec& model) {
+    if (s.titan()) return 0;  // (torchtitan's own step holds them: its prediction counts them)
     return rope_table_bytes(titan_model(model), model, s.seq_len);  // positions, whatever the micro-batch
 }
 
@@ -285,7 +292,11 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
                                     "refuses: mst_plan() lengthens the table, the frequencies stay the model's.",
                                     s.seq_len, tm.rope_max));
     const bytes_t rope_bytes = rope_table_bytes(tm, model, s.seq_len);
-    if (rope_bytes > 0)
+    if (rope_bytes > 0 && s.titan())
+        notes.push_back(fmt::format("torchtitan keeps a RoPE table of seq_len positions in every layer ({} per GPU, "
+                                    "ROPE_TABLE_BYTES below): the prediction above, torchtitan's own step, holds them.",
+                                    format_bytes(rope_bytes)));
+    else if (rope_bytes > 0)
         notes.push_back(fmt::format("torchtitan keeps a RoPE table of seq_len positions in every layer ({} per GPU, "
                                     "ROPE_TABLE_BYTES below), which mst-plan's runtime does not: recommend --for "
                                     "torchtitan keeps that much of the budget free; the prediction above is without it.",
@@ -294,7 +305,8 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
         notes.push_back(fmt::format("{} has no torchtitan model of its own: it runs through torchtitan's transformers "
                                     "backend (an experiment), which builds it from its Hugging Face config.",
                                     model.model_type));
-    notes.push_back(unmodelled_trainer("torchtitan"));
+    if (const std::string unmodelled = unmodelled_trainer("torchtitan", s, model); !unmodelled.empty())
+        notes.push_back(unmodelled);
 
     std::ostringstream py;
     py << "\"\"\"";
@@ -317,7 +329,8 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
         py << "from torchtitan.experiments.transformers_modeling_backend import HFTransformerModel, TitanMoeModelConfig\n";
     py << "from " << tm.package << " import model_registry\n"
        << "from " << tm.package << ".config_registry import " << tm.base_config << " as base_config\n\n";
-    if (rope_bytes > 0) py << "ROPE_TABLE_BYTES = " << rope_bytes << "  # per GPU, beyond the prediction\n";
+    if (rope_bytes > 0)
+        py << "ROPE_TABLE_BYTES = " << rope_bytes << "  # per GPU, " << (s.titan() ? "within" : "beyond") << " the prediction\n";
     py << "\n"
        << "def mst_plan():\n"
        << "    config = base_config()\n";

@@ -332,20 +332,40 @@ void StepBuilder::init_state() {
             alloc(p.name, checked_mul(part(p, true), pg_), Category::Gradients);
         }
     }
-    if (titan_) {  // the previous step's sharded gradients, one bf16 buffer per group: torchtitan zeroes them as a step begins
+    if (titan_) {
+        // The previous step's sharded gradients, which torchtitan zeroes as a step begins: the bf16 output of each
+        // reduce-scatter, one a group (the chunked loss reduces its LM head alone, in forward, then the rest of its
+        // group), viewed by the parameters it reduced that had no sharded gradient yet (the tied LM head's is the
+        // embedding's); made in the order of the parameters that view them.
         at("init.gradients");
-        std::vector<int> group_of(params_.size(), -1);
-        for (std::size_t g = 0; g < fsdp2_.groups.size(); ++g)
-            for (int p : fsdp2_.groups[g].params) group_of[static_cast<std::size_t>(p)] = static_cast<int>(g);
-        std::vector<bool> made(fsdp2_.groups.size(), false);
-        for (int i : order_) {  // (in the order of the parameters that view them)
-            const int g = group_of[static_cast<std::size_t>(i)];
-            if (made[static_cast<std::size_t>(g)]) continue;
-            made[static_cast<std::size_t>(g)] = true;
-            const Fsdp2Group& group = fsdp2_.groups[static_cast<std::size_t>(g)];
-            layer_ = params_[static_cast<std::size_t>(group.params.front())].layer;
-            T buffer = alloc("sharded_grads", elems(1, group.shard, fsdp2_store_), Category::Gradients);
-            for (int p : group.params) fsdp2_.sharded_grads[static_cast<std::size_t>(p)] = hold(buffer);
+        std::vector<std::vector<int>> parts;  // in the order they are reduced within a group
+        for (std::size_t g = 0; g < fsdp2_.groups.size(); ++g) {
+            const std::vector<int>& params = fsdp2_.groups[g].params;
+            if (g != 0 || !titan_chunked_loss()) {
+                parts.push_back(params);
+                continue;
+            }
+            parts.push_back({lm_head_});
+            parts.emplace_back();
+            for (int p : params)
+                if (p != lm_head_) parts.back().push_back(p);
+        }
+        std::vector<int> part_of(params_.size(), -1);
+        for (std::size_t k = 0; k < parts.size(); ++k)
+            for (int p : parts[k])
+                for (int q : {p, fsdp2_same_shard(p)})
+                    if (q >= 0 && part_of[static_cast<std::size_t>(q)] < 0) part_of[static_cast<std::size_t>(q)] = static_cast<int>(k);
+        std::vector<bool> made(parts.size(), false);
+        for (int i : order_) {
+            const auto k = static_cast<std::size_t>(part_of[static_cast<std::size_t>(i)]);
+            if (made[k]) continue;
+            made[k] = true;
+            std::int64_t elements = 0;
+            for (int p : parts[k]) elements = checked_add(elements, fsdp2_elements(p, fsdp2_shard_rows(p)), "FSDP2 shard");
+            layer_ = params_[static_cast<std::size_t>(parts[k].front())].layer;
+            T buffer = alloc("sharded_grads", elems(1, elements, fsdp2_store_), Category::Gradients);
+            for (std::size_t p = 0; p < params_.size(); ++p)
+                if (part_of[p] == static_cast<int>(k)) fsdp2_.sharded_grads[p] = hold(buffer);
             drop(buffer);
         }
     }

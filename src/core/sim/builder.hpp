@@ -149,6 +149,7 @@ struct TitanLayer {
     T cache;            // the RoPE table's rows for these positions (complex64), saved by both products
     T q, k, v, o, lse;  // saved by flex attention (o by wo too: o_wo)
     T o_wo;
+    T frame;            // checkpointed (FullAC): the layer's input, which its checkpoint's frame keeps
 };
 
 // What one layer's forward left for its backward.
@@ -874,6 +875,7 @@ private:
         std::vector<T> sharded_grads;  // per parameter: its sharded gradient (a view of its group's reduce-scatter output)
         T held_gather;         // forward: the last all-gather's output, kept until the next all-gather
         T reduce_input;        // the last reduce-scatter's input, kept until the next one or backward's end
+        std::vector<int> reduced;  // fsdp2_reduce's scratch: the parameters with a gradient
     } fsdp2_;
     std::int64_t fsdp2_shard_rows(int p) const;  // its padded shard's rows: ceil(rows / dp)
     std::int64_t fsdp2_local_rows(int p) const;  // this rank's rows of it (fewer on the last ranks, or none)
@@ -890,6 +892,9 @@ private:
     void fsdp2_prefetch(int group);        // backward: the next group's all-gather
     void fsdp2_pre_backward(int group);    // copy out, free the all-gather, prefetch the group before
     void fsdp2_post_backward(int group);   // reshard, reduce-scatter the gradients
+    void fsdp2_reduce(int group);          // reduce-scatter the gradients its parameters have
+    // The parameter whose shard p's is (torchtitan's tied LM head: the embedding), or -1.
+    int fsdp2_same_shard(int p) const { return titan_ && m_.tie_word_embeddings && p == lm_head_ ? embed_ : -1; }
     void fsdp2_after_backward();           // the root's post-backward, then the final callback
     static int fsdp2_layer_group(int l) { return 1 + l; }
     // Group 0: the root's (mst_hf) or accelerate's tail; 1 + l: layer l; accelerate's untied embedding: after them.
@@ -971,6 +976,7 @@ private:
     bool hf_ = false;          // s_.runtime == Runtime::Hf
     // ---- torchtitan's model code in the hf runtime (titan.cpp, docs/torchtitan-model.md) ----
     bool titan_ = false;       // s_.titan()
+    bool titan_chunked_loss() const { return titan_ && s_.lm_chunks > 1; }  // torchtitan's ChunkedLossWrapper
     // the step's own tensors: the valid-token count and the batch (input, positions, labels), held to its end;
     // the flex block mask's document ids and offsets and its eight int32 block tensors, held through backward
     T titan_valid_, titan_input_, titan_positions_, titan_labels_, titan_loss_;
@@ -987,6 +993,10 @@ private:
     T titan_mm_backward(int p, T& g, T& x_saved, bytes_t input_grad_bytes);  // a linear's weight and input gradients
     void titan_head_forward(T x_last, HeadSaved& hs);
     T titan_head_backward(HeadSaved& hs);
+    void titan_chunked_head_forward(T x_last, HeadSaved& hs);
+    T titan_chunked_head_backward(HeadSaved& hs);
+    T titan_cross_entropy(std::int64_t rows, bool saved, T& logp, T& weight);  // returns the loss
+    T titan_cross_entropy_backward(std::int64_t rows, T root, T& weight, T& logp);  // returns the logits' gradient
     void titan_optimizer_step();
     bool amp_ = false;         // hf under autocast (precision amp): fp32 weights, residual stream and norms
     bool recomputed_ = false;  // hf backward of a checkpointed layer: its saved tensors were recomputed

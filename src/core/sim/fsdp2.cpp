@@ -30,6 +30,7 @@
 //   but the last, as the Hugging Face Trainer runs it): a group's post-backward only reshards; the
 //   whole gradients stay on the parameters, later micro-steps add into them in place, and the last
 //   micro-step's post-backward reduce-scatters them as above.
+#include <algorithm>
 #include <utility>
 
 #include "builder.hpp"
@@ -175,36 +176,49 @@ void StepBuilder::fsdp2_post_backward(int group) {
     const char* op = op_;
     const bool sync = !fsdp2_no_sync_ || micro_ == tl_.micro_steps_recorded - 1;
     at(sync ? "fsdp2.reduce_scatter" : "fsdp2.reshard");
-    const Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];
     fsdp2_reshard(group);
-    if (!sync) {  // (reduce_grads false: the whole gradients stay on the parameters, added into in place)
-        at(op);
-        return;
-    }
+    if (sync) fsdp2_reduce(group);  // (else reduce_grads false: the whole gradients stay on the parameters, added into in place)
+    at(op);
+}
+
+// foreach_reduce over the group's parameters that have a gradient (torchtitan's chunked loss reduces its LM
+// head's alone, early, and the rest of its group at the end of backward).
+void StepBuilder::fsdp2_reduce(int group) {
+    const Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];
+    std::vector<int>& reduced = fsdp2_.reduced;
+    reduced.clear();
+    std::int64_t elements = 0;
+    for (int p : g.params)
+        if (params_[static_cast<std::size_t>(p)].grad.valid()) {
+            reduced.push_back(p);
+            elements = checked_add(elements, fsdp2_elements(p, fsdp2_shard_rows(p)), "FSDP2 reduce-scatter");
+        }
     drop(fsdp2_.reduce_input);
-    fsdp2_.reduce_input = alloc("reduce_scatter_input", elems(s_.dp, g.shard, fsdp2_reduce_), Category::Gradients);
+    fsdp2_.reduce_input = alloc("reduce_scatter_input", elems(s_.dp, elements, fsdp2_reduce_), Category::Gradients);
     // (torch 2.14: foreach_reduce's loop variable keeps the last parameter's until it returns)
     T& last = params_[static_cast<std::size_t>(g.params.back())].grad;
     T kept = fsdp2_torch_2_14_ ? std::exchange(last, T{}) : T{};
     for (auto it = g.params.rbegin(); it != g.params.rend(); ++it) drop(params_[static_cast<std::size_t>(*it)].grad);
     // The sharded gradients: views of its output, or (a later micro-step) what that output is added into,
-    // in place, before it goes
-    const bool accumulated = fsdp2_.sharded_grads[static_cast<std::size_t>(g.params.front())].valid();
+    // in place, before it goes. (torchtitan's tied LM head shares the embedding's shard: a gradient of
+    // either is the other's.)
+    const auto sharded = [&](int p) -> T& { return fsdp2_.sharded_grads[static_cast<std::size_t>(p)]; };
+    const bool viewed = std::any_of(reduced.begin(), reduced.end(), [&](int p) { return !sharded(p).valid(); });
     // (fp32 shards reduced in bf16, accelerate's policy: the output is cast into one fp32 buffer, which the
     // sharded gradients view, and goes)
     const bool cast = fsdp2_reduce_ != fsdp2_store_;
-    const Category grads = accumulated ? Category::Transient : Category::Gradients;
-    T out = alloc("reduce_scatter_output", elems(1, g.shard, fsdp2_reduce_), cast ? Category::Transient : grads);
+    const Category grads = viewed ? Category::Gradients : Category::Transient;
+    T out = alloc("reduce_scatter_output", elems(1, elements, fsdp2_reduce_), cast ? Category::Transient : grads);
     if (cast) {
-        T sharded = alloc("sharded_grads_fp32", elems(1, g.shard, fsdp2_store_), grads);
+        T sharded_out = alloc("sharded_grads_fp32", elems(1, elements, fsdp2_store_), grads);
         drop(out);
-        out = sharded;
+        out = sharded_out;
     }
-    if (!accumulated)
-        for (int p : g.params) fsdp2_.sharded_grads[static_cast<std::size_t>(p)] = hold(out);
+    for (int p : reduced)
+        for (int q : {p, fsdp2_same_shard(p)})
+            if (q >= 0 && !sharded(q).valid()) sharded(q) = hold(out);
     drop(kept);
     drop(out);
-    at(op);
 }
 
 // validate_outputs: a gradient whose dtype is not the parameter's grad_dtype is cast to it.

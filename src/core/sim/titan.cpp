@@ -64,11 +64,12 @@ T StepBuilder::titan_norm_forward(T x, TitanNorm& sv) {
 }
 
 // _fused_rms_norm_backward: the input's gradient, then the weight's (its whole gradient, held to the
-// group's post-backward); then the node lets go of the incoming gradient and its saved tensors.
+// group's post-backward); then the node lets go of the incoming gradient and its saved tensors (an
+// autograd.Function on the referee: recomputed ones go first, as its backward's locals).
 T StepBuilder::titan_norm_backward(int p, TitanNorm& sv, T g) {
     T dx = alloc("d_norm_in", bf16(tokens_, m_.hidden_size), Category::Transient);
     T gw = grad_out(p);
-    node_end({&sv.x, &sv.rstd}, &g, [&] { add_grad(p, gw, false, true); });
+    py_node_end({&sv.x, &sv.rstd}, &g, [&] { add_grad(p, gw, false, true); });
     return dx;
 }
 
@@ -102,22 +103,21 @@ void StepBuilder::titan_attention_forward(TitanLayer& t, T h1, T& out) {
     T qc = act("q_rotated", f32(tokens_, H * hd), false);  // complex64 [.., hd / 2]
     T kc = act("k_rotated", f32(tokens_, Hkv * hd), false);
     t.cache = saved(cache);
-    drop(cache);
     T qr = act("q_rope", bf16(tokens_, H * hd), false);
     T kr = act("k_rope", bf16(tokens_, Hkv * hd), false);
     drop(qf), drop(kf), drop(qc), drop(kc);
-    drop(q), drop(k);
+    drop(cache), drop(q), drop(k);
     at("attn.flex");
     T lse = act("logsumexp", f32(s_.micro_batch * H, S), false);
     T max_scores = act("max_scores", f32(s_.micro_batch * H, S), false);
     T o = act("attn_out", bf16(tokens_, H * hd), false);
     drop(max_scores);
     t.q = saved(qr), t.k = saved(kr), t.v = saved(v), t.o = saved(o), t.lse = saved(lse);
-    drop(qr), drop(kr), drop(v), drop(lse);
+    drop(lse);  // (its forward returns the output alone)
     at("attn.wo");
     out = act("wo_out", bf16(tokens_, m_.hidden_size), false);
     t.o_wo = saved(o);
-    drop(o);
+    drop(qr), drop(kr), drop(v), drop(o);  // Attention.forward's locals, as it returns
 }
 
 T StepBuilder::titan_attention_backward(const LayerParams& lp, TitanLayer& t, T d_out) {
@@ -130,7 +130,7 @@ T StepBuilder::titan_attention_backward(const LayerParams& lp, TitanLayer& t, T 
     T dv = alloc("d_v", bf16(tokens_, Hkv * hd), Category::Transient);
     T dk = alloc("d_k", bf16(tokens_, Hkv * hd), Category::Transient);
     drop(delta);
-    node_end({&t.q, &t.k, &t.v, &t.o, &t.lse}, &dattn);
+    py_node_end({&t.q, &t.k, &t.v, &t.o, &t.lse}, &dattn);  // (an autograd.Function)
     at("attn.rope");  // type_as's backward (k, then q), the complex products' (the table's conj() copied), back to bf16
     T dkf = alloc("d_k_fp32", f32(tokens_, Hkv * hd), Category::Transient);
     drop(dk);
@@ -141,8 +141,8 @@ T StepBuilder::titan_attention_backward(const LayerParams& lp, TitanLayer& t, T 
     drop(conj), drop(dkf);
     conj = alloc("rope_conj", f32(tokens_, hd), Category::Transient);
     T dqc = alloc("d_q_rotated", f32(tokens_, H * hd), Category::Transient);
-    drop(conj), drop(dqf);
-    drop(t.cache);
+    drop(conj);
+    node_end({&t.cache}, &dqf);  // (the table's last holder: q's product)
     dk = alloc("d_k_bf16", bf16(tokens_, Hkv * hd), Category::Transient);
     drop(dkc);
     dq = alloc("d_q_bf16", bf16(tokens_, H * hd), Category::Transient);
@@ -191,56 +191,142 @@ void StepBuilder::titan_layer_backward(int l, LayerSaved& sv, T& dres) {
     T dh1 = titan_attention_backward(lp, t, hold(dres));
     at("attn.norm");
     gx = titan_norm_backward(lp.norm1, t.n1, dh1);
+    drop(t.frame);  // (checkpointed: the frame dies with the last node holding its hooks, the block's first)
     at("attn.residual");
     sum = alloc("d_residual", bf16(tokens_, m_.hidden_size), Category::Transient);
     drop(dres), drop(gx);
     dres = sum;
 }
 
+// torchtitan's CrossEntropyLoss over `rows` rows of logits: the fp32 copy, log_softmax (kept for backward),
+// nll_loss's sum and its total weight (kept), divided by the step's valid tokens: the loss it returns. Kept to
+// backward (`saved`), or for the backward the chunked loss runs inside the forward.
+T StepBuilder::titan_cross_entropy(std::int64_t rows, bool saved_, T& logp, T& weight) {
+    const std::int64_t V = m_.vocab_size;
+    T up = act("logits_fp32", f32(rows, V), false);
+    T lp = act("log_probs", f32(rows, V), false);
+    logp = saved(lp);
+    T nll = act("nll", 4, false);
+    weight = act("total_weight", 4, saved_);
+    drop(up);
+    T loss = act("loss", 4, false);
+    drop(nll), drop(lp);
+    return loss;
+}
+
+// Its backward from `root` (a holder of backward()'s ones): the division's, nll_loss's, log_softmax's, the cast
+// back to bf16: the logits' gradient.
+T StepBuilder::titan_cross_entropy_backward(std::int64_t rows, T root, T& weight, T& logp) {
+    const std::int64_t V = m_.vocab_size;
+    T div = alloc("d_loss_sum", 4, Category::Transient);  // DivBackward0
+    node_end({}, &root);
+    T glp = alloc("d_log_probs", f32(rows, V), Category::Transient);  // NllLossBackward0
+    node_end({&weight}, &div);
+    T glf = alloc("d_logits_fp32", f32(rows, V), Category::Transient);  // LogSoftmaxBackward0
+    node_end({&logp}, &glp);
+    at("lm_head");
+    T gl = alloc("d_logits", bf16(rows, V), Category::Transient);  // ToCopyBackward0
+    node_end({}, &glf);
+    return gl;
+}
+
 // Decoder.forward's final norm and LM head, then torchtitan's CrossEntropyLoss (sum over the tokens, divided
 // by the step's valid tokens); the trainer deletes the logits before backward.
 void StepBuilder::titan_head_forward(T x_last, HeadSaved& hs) {
+    if (titan_chunked_loss()) return titan_chunked_head_forward(x_last, hs);
     layer_ = -1;
-    const std::int64_t V = m_.vocab_size;
     at("final_norm");
     if (fsdp2_own_embedding_group()) fsdp2_pre_forward(0);  // (untied: [final norm, LM head], at its first module)
     T h = titan_norm_forward(x_last, hs.titan_norm);
     drop(x_last);
     at("lm_head");
-    T logits = act("logits", bf16(tokens_, V), false);
+    T logits = act("logits", bf16(tokens_, m_.vocab_size), false);
     hs.hf_logits_in = saved(h);
     drop(h);
     at("loss");
-    T up = act("logits_fp32", f32(tokens_, V), false);
-    T lp = act("log_probs", f32(tokens_, V), false);
-    hs.logp = saved(lp);
-    T nll = act("nll", 4, false);
-    hs.hf_weight = act("total_weight", 4, true);
-    drop(up);
-    hs.hf_loss = act("loss", 4, false);  // / global_valid_tokens: held by the trainer to the step's end
-    drop(nll), drop(lp);
+    hs.hf_loss = titan_cross_entropy(tokens_, true, hs.logp, hs.hf_weight);  // held by the trainer to the step's end
     drop(logits);  // del pred
 }
 
 T StepBuilder::titan_head_backward(HeadSaved& hs) {
+    if (titan_chunked_loss()) return titan_chunked_head_backward(hs);
     layer_ = -1;
-    const std::int64_t d = m_.hidden_size, V = m_.vocab_size;
     at("loss");
     hs.hf_root = alloc("d_loss", 4, Category::Transient);  // backward()'s grad_tensors, held until it returns
-    T root = hold(hs.hf_root);
-    T div = alloc("d_loss_sum", 4, Category::Transient);  // DivBackward0
-    node_end({}, &root);
-    T glp = alloc("d_log_probs", f32(tokens_, V), Category::Transient);  // NllLossBackward0
-    node_end({&hs.hf_weight}, &div);
-    T glf = alloc("d_logits_fp32", f32(tokens_, V), Category::Transient);  // LogSoftmaxBackward0
-    node_end({&hs.logp}, &glp);
-    at("lm_head");
-    T gl = alloc("d_logits", bf16(tokens_, V), Category::Transient);  // ToCopyBackward0
-    node_end({}, &glf);
-    T dh = titan_mm_backward(lm_head_, gl, hs.hf_logits_in, bf16(tokens_, d));
+    T gl = titan_cross_entropy_backward(tokens_, hold(hs.hf_root), hs.hf_weight, hs.logp);
+    T dh = titan_mm_backward(lm_head_, gl, hs.hf_logits_in, bf16(tokens_, m_.hidden_size));
     at("final_norm");
     T dx = titan_norm_backward(final_norm_, hs.titan_norm, dh);
     if (fsdp2_own_embedding_group()) fsdp2_post_backward(0);  // (untied: its first module's input gradient)
+    return dx;
+}
+
+// ChunkedLossWrapper (loss.num_chunks N, docs/torchtitan-model.md section 6): the decoder stops at the final norm
+// (the LM head never runs, so its group's post-forward reshards it), and the wrapper runs each sequence chunk's LM
+// head, loss and backward inside the forward: the LM head's group gathered once for every chunk, its gradient
+// kept whole in fp32 (the group does not reduce) and reduce-scattered alone with the last chunk's; each chunk's
+// input gradient summed into an fp32 buffer, whose bf16 copy backward starts from.
+void StepBuilder::titan_chunked_head_forward(T x_last, HeadSaved& hs) {
+    layer_ = -1;
+    const std::int64_t d = m_.hidden_size, V = m_.vocab_size, N = s_.lm_chunks, rows = tokens_ / N;
+    at("final_norm");
+    if (fsdp2_own_embedding_group()) fsdp2_pre_forward(0);
+    T h = titan_norm_forward(x_last, hs.titan_norm);
+    drop(x_last);
+    at("fsdp2.post_forward");
+    fsdp2_reshard(0);
+    at("loss");
+    T sum = act("grad_accumulator", f32(tokens_, d), false);  // GradAccumulator
+    T total = act("total_loss", 4, false);
+    at("fsdp2.all_gather");
+    fsdp2_copy_out(0);  // lm_head.unshard(), resharded after the loop
+    T logits, loss;
+    for (std::int64_t i = 0; i < N; ++i) {
+        at("lm_head");
+        T next = act("logits", bf16(rows, V), false);  // the previous chunk's go as the name is rebound
+        drop(logits);
+        logits = next;
+        at("loss");
+        T logp, weight;
+        T chunk_loss = titan_cross_entropy(rows, false, logp, weight);
+        drop(loss);
+        loss = chunk_loss;
+        T added = act("total_loss", 4, i == N - 1);  // total_loss + chunk_loss.detach(): the step's loss at the end
+        drop(total);
+        total = added;
+        T root = alloc("d_loss", 4, Category::Transient);  // chunk_loss.backward()
+        T gl = titan_cross_entropy_backward(rows, hold(root), weight, logp);
+        T gw = grad_out(lm_head_);
+        T dh = alloc("d_linear_in", bf16(rows, d), Category::Transient);  // h_chunk.grad
+        node_end({}, &gl);
+        // (the whole weight's gradient dtype is fp32 while its group does not reduce: cast, then kept or added)
+        add_grad(lm_head_, fsdp2_upcast(lm_head_, gw), false, true);
+        if (i == N - 1) {  // gradient sync on for the last chunk: the group's post-backward reduces the LM head's alone
+            at("fsdp2.reduce_scatter");
+            fsdp2_reduce(0);
+        }
+        drop(root);
+        at("loss");
+        T part = alloc("d_hidden_fp32", f32(rows, d), Category::Transient);  // grad_accumulator.add
+        drop(part), drop(dh);
+    }
+    at("fsdp2.reshard");
+    fsdp2_reshard(0);
+    at("loss");
+    hs.dhf = act("d_hidden", bf16(tokens_, d), true);  // accumulated_grad, saved by _DecoderOutputGradientBackProp
+    drop(sum), drop(logits), drop(loss), drop(h);
+    hs.hf_loss = total;
+}
+
+// _DecoderOutputGradientBackProp hands the saved gradient to the final norm, whose group is gathered again.
+T StepBuilder::titan_chunked_head_backward(HeadSaved& hs) {
+    layer_ = -1;
+    at("loss");
+    hs.hf_root = alloc("d_loss", 4, Category::Transient);
+    at("final_norm");
+    fsdp2_pre_backward(0);
+    T dx = titan_norm_backward(final_norm_, hs.titan_norm, hs.dhf);
+    if (fsdp2_own_embedding_group()) fsdp2_post_backward(0);
     return dx;
 }
 
@@ -265,9 +351,18 @@ void StepBuilder::titan_micro_step(int micro) {
     T x = embedding_forward(Category::SavedActivation);
     std::vector<LayerSaved> saved(static_cast<std::size_t>(L));
     for (std::int32_t l = 0; l < L; ++l) {
+        const auto i = static_cast<std::size_t>(l);
         layer_ = l;
-        fsdp2_pre_forward(fsdp2_layer_group(l));
-        T y = titan_layer_forward(l, x, saved[static_cast<std::size_t>(l)]);
+        fsdp2_pre_forward(fsdp2_layer_group(l));  // (FSDP2's hooks are on the checkpoint wrapper)
+        T y;
+        if (s_.checkpointed(l)) {  // FullAC: torch.utils.checkpoint, non-reentrant; nothing inside is kept
+            table_[static_cast<std::size_t>(x.id)].category = Category::Checkpoint;
+            saved[i].titan.frame = hold(x);
+            NoGrad no_grad(*this, true);
+            y = titan_layer_forward(l, x, saved[i]);
+        } else {
+            y = titan_layer_forward(l, x, saved[i]);
+        }
         layer_ = -1;
         fsdp2_reshard(fsdp2_layer_group(l));
         drop(x);
@@ -279,9 +374,23 @@ void StepBuilder::titan_micro_step(int micro) {
     phase_ = Phase::Backward;
     T dres = titan_head_backward(head);
     for (std::int32_t l = static_cast<std::int32_t>(L) - 1; l >= 0; --l) {
+        const auto i = static_cast<std::size_t>(l);
         layer_ = l;
         fsdp2_pre_backward(fsdp2_layer_group(l));
-        titan_layer_backward(l, saved[static_cast<std::size_t>(l)], dres);
+        if (s_.checkpointed(l)) {
+            // Its first node that unpacks (w2's, after the residual add's) recomputes the whole layer with the
+            // weights just gathered (early_stop off: its output too, which goes); each recomputed tensor dies in
+            // its last user's backward, before that node's incoming gradient; the input with the frame, after.
+            phase_ = Phase::Recompute;
+            T out = titan_layer_forward(l, saved[i].titan.frame, saved[i]);
+            drop(out);
+            phase_ = Phase::Backward;
+            recomputed_ = true;
+            titan_layer_backward(l, saved[i], dres);
+            recomputed_ = false;
+        } else {
+            titan_layer_backward(l, saved[i], dres);
+        }
         fsdp2_post_backward(fsdp2_layer_group(l));
     }
     embedding_backward(dres);
