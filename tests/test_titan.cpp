@@ -113,6 +113,23 @@ TEST_CASE("torchtitan with every layer checkpointed keeps each layer's input and
     CHECK(recompute_peak == 11'208'375'352);  // the referee's record (docs/torchtitan-fullac.md)
 }
 
+TEST_CASE("torchtitan in bf16-master keeps fp32 parameters, states and gradients and casts each shard for its unshard") {
+    const ModelSpec m = find_model("llama-3.2-1b");
+    TrainingSetup s = titan_setup(kS);
+    s.precision = Precision::Bf16Master, s.state_dtype = StateDtype::Fp32;
+    const Summary sum = summarize(simulate(m, s, test::test_gpu()), m.num_layers);
+    const std::int64_t params = kV * kD + kL * kLayer + kD, R = 2 * kV * kD + kD;
+    const bytes_t weights = 4 * params + kL * 4 * kS * kHd, optimizer = 8 * params + 114 * 4;
+    const bytes_t step = 3 * 8 * kS + 8 + 96 + 4 * kS + 4 * 384 + 4 + 4;
+    CHECK(sum.end_bytes == weights + optimizer + kL * 4 * kLayer + 4 * R);
+    // The root's post-backward: its fp32 reduce-scatter input and output (the gradients themselves: no cast)
+    CHECK(sum.peak.bytes == weights + optimizer + kL * 4 * kLayer + 4 * R + 4 * R + step);
+    CHECK(sum.peak.bytes == 22'926'115'896);  // the referee's record (docs/torchtitan-model.md, section 0b)
+    // The largest transient: the embedding's shard cast to bf16, kept while the next parameter's (the final norm's)
+    // is cast
+    CHECK(sum.category_max[static_cast<std::size_t>(Category::Transient)] == 2 * kV * kD + 2 * kD);
+}
+
 TEST_CASE("torchtitan's model code is refused in one line outside the setups it is proven for") {
     const ModelSpec m = find_model("llama-3.2-1b");
     auto refused = [&](auto edit) {
@@ -131,8 +148,8 @@ TEST_CASE("torchtitan's model code is refused in one line outside the setups it 
     CHECK(refused([](TrainingSetup& s) { s.dp = 2; }).starts_with("setup: dp: expected 1 (one GPU)"));
     CHECK(refused([](TrainingSetup& s) { s.grad_accum = 2; }).starts_with("setup: grad_accum: expected 1"));
     CHECK(refused([](TrainingSetup& s) { s.optimizer_impl = OptimizerImpl::Foreach; }).starts_with("setup: optimizer_impl: expected fused"));
-    CHECK(refused([](TrainingSetup& s) { s.precision = Precision::Bf16Master, s.state_dtype = StateDtype::Fp32; })
-              .starts_with("setup: precision: expected pure-bf16"));
+    CHECK(refused([](TrainingSetup& s) { s.precision = Precision::AmpFp32, s.state_dtype = StateDtype::Fp32; })
+              .starts_with("setup: precision: expected pure-bf16 or bf16-master"));
     CHECK(refused([](TrainingSetup& s) { s.runtime = Runtime::Kernels; })
               .starts_with("setup: model_code: expected transformers with runtime kernels"));
     // a model torchtitan builds with its own Llama-3 code only: Qwen3 is its qwen3 code's, Llama-2 (vocabulary

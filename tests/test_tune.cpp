@@ -743,3 +743,39 @@ TEST_CASE("longest_fitting: a setup whose chunks need more tokens than the short
     CHECK(sized_row.setup.lm_chunks == ceil_div(sized_longest, 1024));
     CHECK(sized_row.setup.mlp_chunks == ceil_div(sized_longest, 2048));
 }
+
+TEST_CASE("recommend and max-seq --for torchtitan plan with torchtitan's own step, its loss in chunks that split the sequence") {
+    // Llama-3-8B on one H100, pure bf16: inside what torchtitan's step is modelled for, so planned with it
+    // (model_code torchtitan), and nothing kept free for its RoPE tables (its step holds them).
+    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 1, 8192);
+    rq.base.precision = Precision::PureBf16, rq.base.state_dtype = StateDtype::Bf16;
+    rq.for_format = "torchtitan";
+    const Recommendation at_8k = recommend(rq);
+    REQUIRE(at_8k.found);
+    CHECK(at_8k.best.setup.titan());
+    CHECK(at_8k.trainer_extra_bytes == 0);
+    CHECK_NOTHROW((void)emit(to_plan(at_8k, rq, "llama-3-8b", "h100-sxm-80gb"), rq.model, "torchtitan"));
+    // ChunkedLossWrapper checks that its chunks split the sequence: at 32769 = 3^2 x 11 x 331 tokens no power of two
+    // does, and the search takes the divisors instead (9 chunks fit)
+    rq.seq_len = 32769;
+    const Recommendation odd = recommend(rq);
+    REQUIRE(odd.found);
+    CHECK(odd.best.setup.titan());
+    CHECK(odd.best.setup.lm_chunks > 1);
+    CHECK(32769 % odd.best.setup.lm_chunks == 0);
+    CHECK_NOTHROW((void)emit(to_plan(odd, rq, "llama-3-8b", "h100-sxm-80gb"), rq.model, "torchtitan"));
+    // max-seq's rows: each longest length with a chunk count that splits it, predicted with torchtitan's step
+    for (const char* model : {"llama-3.2-1b", "llama-3.2-3b"}) {
+        TuneRequest ms = request(model, "l40s-48gb", 1, 8192);
+        ms.base.precision = Precision::PureBf16, ms.base.state_dtype = StateDtype::Bf16;
+        ms.for_format = "torchtitan";
+        int rows = 0;
+        for (const MaxSeqRow& row : max_seq(ms, std::nullopt).rows) {
+            if (row.max_seq == 0) continue;
+            ++rows;
+            CHECK(row.setup.titan());
+            CHECK(row.max_seq % row.setup.lm_chunks == 0);
+        }
+        CHECK(rows == 3);  // (the offloading row is refused: torchtitan has no activation offload)
+    }
+}

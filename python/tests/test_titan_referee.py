@@ -225,21 +225,24 @@ def test_compare_re_simulates_the_record(titan_record):
     assert "timelines identical: every allocation and free matches" in compared.stdout, compared.stdout[-1500:]
 
 
-@pytest.mark.parametrize("model, seq, chunks, checkpoint", [
-    ("llama-3.2-1b", 256, 1, "0"), ("llama-3-8b", 1024, 1, "0"), ("llama-3.2-1b", 1024, 4, "0"), ("llama-3-8b", 1024, 2, "0"),
-    ("llama-3-8b", 512, 1, "all"), ("llama-3.2-1b", 1024, 4, "all"),
+@pytest.mark.parametrize("model, seq, chunks, checkpoint, precision", [
+    ("llama-3.2-1b", 256, 1, "0", "pure-bf16"), ("llama-3-8b", 1024, 1, "0", "pure-bf16"),
+    ("llama-3.2-1b", 1024, 4, "0", "pure-bf16"), ("llama-3-8b", 1024, 2, "0", "pure-bf16"),
+    ("llama-3-8b", 512, 1, "all", "pure-bf16"), ("llama-3.2-1b", 1024, 4, "all", "pure-bf16"),
+    ("llama-3.2-1b", 1024, 4, "all", "bf16-master"),
 ])
-def test_torchtitans_own_step_is_the_simulators_event_for_event(tmp_path, model, seq, chunks, checkpoint):
+def test_torchtitans_own_step_is_the_simulators_event_for_event(tmp_path, model, seq, chunks, checkpoint, precision):
     # One GPU, pure bf16: what model_code torchtitan models (docs/torchtitan-model.md), with tied embeddings
     # (Llama-3.2-1B: one FSDP2 group of the embedding, the final norm and torchtitan's own LM-head parameter) and
     # untied (Llama-3-8B: the embedding's group resharded after its forward, the final norm's and the LM head's
     # kept), the loss whole or in ChunkedLossWrapper's chunks (the LM head's backward in the forward, its gradient
-    # reduced alone), no layer checkpointed or every one (FullAC: docs/torchtitan-fullac.md). Every allocation and
-    # free is compared.
+    # reduced alone), no layer checkpointed or every one (FullAC: docs/torchtitan-fullac.md), in pure bf16 or
+    # bf16-master (fp32 parameters, each shard cast for its unshard). Every allocation and free is compared.
     recommend = ["recommend", "--model", model, "--gpu", "h100-sxm-80gb", "--seq", str(seq), "--for", "torchtitan",
-                 "--pin", f"lm_chunks={chunks}", "--pin", f"checkpoint={checkpoint}"]
+                 "--precision", precision, "--pin", f"lm_chunks={chunks}", "--pin", f"checkpoint={checkpoint}"]
     record, compared, _ = _record_titan(tmp_path, recommend)
     assert record["setup"]["model_code"] == "torchtitan" and record["setup"]["lm_chunks"] == chunks
+    assert record["setup"]["precision"] == precision
     layers = {"llama-3.2-1b": 16, "llama-3-8b": 32}[model]
     assert len(record["setup"]["checkpoint"]) == (0 if checkpoint == "0" else layers)
     assert compared.returncode == 0, compared.stderr

@@ -470,7 +470,11 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
         if (row.trainer_extra_bytes > 0)
             fmt::print("{}: {} kept free at {} tokens for what {} allocates beyond the prediction (its RoPE tables)\n",
                        row.strategy, format_bytes(row.trainer_extra_bytes), row.max_seq, rq.for_format);
-    if (const std::string unmodelled = unmodelled_trainer(rq.for_format); !unmodelled.empty())
+    // (of the rows predicted with a runtime's model: none where torchtitan's own step predicts them all)
+    if (const std::string unmodelled = unmodelled_trainer(rq.for_format);
+        !unmodelled.empty() && std::any_of(r.rows.begin(), r.rows.end(), [](const MaxSeqRow& row) {
+            return row.refused.empty() && !row.setup.titan();
+        }))
         fmt::print("caution: {}\n", wrap(unmodelled, 100));
     const std::string margin = fmt::format("{:.0f} %", 100 * rq.safety_margin);
     if (r.persistent_bytes >= r.budget_bytes)

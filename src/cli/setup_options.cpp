@@ -30,8 +30,9 @@ void SetupOptions::add_to(CLI::App& cmd, const char* default_runtime) {
     cmd.add_option("--runtime", runtime, "hf (transformers + PyTorch: what users run) | kernels (mst-plan's executor)")
         ->capture_default_str();
     cmd.add_option("--model-code", model_code, "transformers | torchtitan (runtime hf: whose model code the PyTorch step runs; "
-                                               "torchtitan's own Llama-3 step on one GPU, pure bf16, without activation "
-                                               "checkpointing or a chunked loss: docs/torchtitan-model.md)")
+                                               "torchtitan's own Llama-3 step on one GPU, pure bf16 or bf16-master, every "
+                                               "layer checkpointed or none, the loss whole or chunked: "
+                                               "docs/torchtitan-model.md)")
         ->capture_default_str();
     cmd.add_option("--attention", attention, "flash | sdpa | eager (default: flash; sdpa: transformers' default, PyTorch's flash kernel, runtime hf; with runtime hf, gpt-oss's default is eager, which SDPA cannot run)");
     cmd.add_option("--mlp-chunks", mlp_chunks, "MsT mini-sequences for the MLP (M_mlp; 1 = unchunked)")->capture_default_str()->check(decimal());

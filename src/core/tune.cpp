@@ -109,6 +109,15 @@ std::vector<std::int64_t> chunk_options(std::int64_t tokens, std::optional<std::
     return out;
 }
 
+// torchtitan's ChunkedLossWrapper splits each rank's sequence evenly (its emitter refuses another count): the
+// smallest divisor of `seq` of at least `at_least`, at most `most` (else at_least, which the emitter refuses).
+bool even_lm_chunks(const std::string& format) { return format == "torchtitan"; }
+std::int64_t dividing_chunks(std::int64_t seq, std::int64_t at_least, std::int64_t most) {
+    for (std::int64_t c = std::max<std::int64_t>(at_least, 1); c <= most; ++c)
+        if (seq % c == 0) return c;
+    return at_least;
+}
+
 // Checkpoint the first k layers: they are differentiated last, when the other layers'
 // saved activations are already gone, so their recompute adds least to the peak.
 std::vector<bool> first_layers(std::int64_t k, std::int64_t layers) {
@@ -176,7 +185,7 @@ void take_engine(TrainingSetup& s, const TuneRequest& rq) {
 }
 
 // --for torchtitan with the hf runtime: torchtitan's own model code where its step is modelled (one GPU, its
-// Llama-3 code, pure bf16, no activation checkpointing: titan_scope_refusal), else transformers' (the runtime's
+// Llama-3 code, pure bf16 or bf16-master, every layer checkpointed or none: titan_scope_refusal), else transformers' (the runtime's
 // model, which the recommendation's caution says).
 void take_model_code(TrainingSetup& s, const std::string& format, const ModelSpec& m) {
     s.model_code = ModelCode::Transformers;
@@ -227,6 +236,10 @@ public:
         const std::int64_t L = rq_.model.num_layers, tokens = outer.local_tokens();
         auto mlp_opts = chunk_options(tokens, rq_.pins.mlp_chunks, max_mlp_chunks(rq_.model));
         auto lm_opts = chunk_options(tokens, rq_.pins.lm_chunks, limits::kChunks);
+        if (even_lm_chunks(rq_.for_format) && !rq_.pins.lm_chunks) {  // (each count the next that splits a rank's sequence)
+            for (std::int64_t& c : lm_opts) c = dividing_chunks(outer.seq_len / outer.sp, c, limits::kChunks);
+            lm_opts.erase(std::unique(lm_opts.begin(), lm_opts.end()), lm_opts.end());
+        }
         // --for: chunk counts the format's trainer cannot run with these outer knobs are not searched
         // (python/mst_hf's chunked loss under ZeRO-3 for a soft-capping model; torchtitan has no MLP
         // mini-sequences).
@@ -825,7 +838,7 @@ namespace {
 // implementation is the one asked for). None when the knobs or the trainer refuse it, its sizes pass
 // 64 bits, or it fits (then it explains nothing).
 std::optional<Recommendation::Leanest> leanest(const TuneRequest& rq, std::int64_t sp, std::int64_t ep, bytes_t budget,
-                                               PeakSimulator& sim) {
+                                               bytes_t trainer_extra, PeakSimulator& sim) {
     const ModelSpec& m = rq.model;
     TrainingSetup s = rq.base;
     s.seq_len = rq.seq_len;
@@ -844,6 +857,8 @@ std::optional<Recommendation::Leanest> leanest(const TuneRequest& rq, std::int64
     s.offload_checkpoints = rq.allow_offload && rq.pins.offload.value_or(true) && s.checkpointed_count() > 0;
     s.mlp_chunks = chunk_options(s.local_tokens(), rq.pins.mlp_chunks, max_mlp_chunks(m)).back();
     s.lm_chunks = chunk_options(s.local_tokens(), rq.pins.lm_chunks, limits::kChunks).back();
+    if (even_lm_chunks(rq.for_format) && !rq.pins.lm_chunks)
+        s.lm_chunks = dividing_chunks(s.seq_len / s.sp, s.lm_chunks, limits::kChunks);
     if (rq.pins.lm_impl) s.lm_impl = *rq.pins.lm_impl;
     s.mlp_impl = rq.pins.mlp_impl.value_or(MlpImpl::Tiled);
     const auto runs = [&](const TrainingSetup& t) {
@@ -860,6 +875,8 @@ std::optional<Recommendation::Leanest> leanest(const TuneRequest& rq, std::int64
         if (step == 5 && !rq.pins.lm_impl) s.lm_impl = s.lm_impl == LmHeadImpl::Recompute ? LmHeadImpl::FusedForward : LmHeadImpl::Recompute;
     }
     if (!runs(s)) return std::nullopt;
+    take_model_code(s, rq);  // (--for torchtitan: its own step where it is modelled, with the whole budget)
+    if (!s.titan()) budget -= trainer_extra;
     try {
         const MemoryPeaks p = sim.peaks(s, true, budget);
         if (p.peak_reserved_bytes <= budget && p.host_peak_bytes <= rq.host_bytes_per_gpu) return std::nullopt;
@@ -1055,6 +1072,7 @@ Recommendation recommend(const TuneRequest& rq) {
                 for (int zero : zeros) {
                     one.zero_stage = zero, one.optimizer_in_backward = rq.base.optimizer_in_backward;
                     take_engine(one, rq);
+                    take_model_code(one, rq);
                     one.overlap_comm = one.deepspeed_zero() && rq.pins.overlap_comm.value_or(false);  // (pinned: two buckets)
                     out.persistent_bytes = std::min(out.persistent_bytes, persistent_state_bytes(m, one, rq.gpu));
                     if (!one.optimizer_in_backward && searches_step_in_backward(rq, one.grad_accum, one.zero_stage)) {
@@ -1067,7 +1085,8 @@ Recommendation recommend(const TuneRequest& rq) {
             }
         }
         if (out.persistent_bytes <= out.budget_bytes)
-            out.leanest = leanest(rq, sps.back(), eps.back(), out.budget_bytes - trainer_extra, search.simulator());
+            out.leanest = leanest(rq, sps.back(), eps.back(), out.budget_bytes, trainer_extra, search.simulator());
+        if (out.leanest && out.leanest->setup.titan()) out.trainer_extra_bytes = 0;  // (its step holds the RoPE tables)
         return out;
     }
     out.found = true;
@@ -1117,7 +1136,7 @@ std::int64_t longest_fitting(const ModelSpec& m, const GpuProfile& gpu, const St
             // at most kMaxChunks of them.
             const std::int64_t chunks = std::clamp<std::int64_t>(ceil_div(t.local_tokens(), m.hidden_size), 1, kMaxChunks);
             t.mlp_chunks = st.mst_mlp ? std::min(chunks, max_mlp_chunks(m)) : 1;
-            t.lm_chunks = chunks;
+            t.lm_chunks = even_lm_chunks(st.trainer) ? dividing_chunks(t.seq_len / t.sp, chunks, kMaxChunks) : chunks;
         }
         if (st.chunk_tokens.mlp) t.mlp_chunks = chunks_for_tokens(t, *st.chunk_tokens.mlp);
         if (st.chunk_tokens.lm) t.lm_chunks = chunks_for_tokens(t, *st.chunk_tokens.lm);
@@ -1319,7 +1338,9 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     out.rows = std::move(rows);
 
     // The floor: persistent state, and the length at which one checkpoint per layer fills the rest.
-    out.persistent_bytes = persistent_state_bytes(m, strategies[1].setup, rq.gpu);  // (full checkpointing, as the rows run it)
+    TrainingSetup full = strategies[1].setup;  // (full checkpointing, as the rows run it: --for torchtitan, its own step)
+    take_model_code(full, rq.for_format, m);
+    out.persistent_bytes = persistent_state_bytes(m, full, rq.gpu);
     const bytes_t left = out.budget_bytes - out.persistent_bytes;
     const std::int64_t bytes_per_token = checked_product(
         {L, m.hidden_size, base.precision == Precision::AmpFp32 ? 4 : 2, base.micro_batch}, "checkpoint bytes per token");

@@ -30,7 +30,8 @@ struct Format {
 // the table; python/tests/test_titan_referee.py re-runs the numbers quoted): where mst-plan models it
 // (model_code torchtitan, src/core/sim/titan.cpp) and what the referee measured elsewhere.
 constexpr const char* kTorchtitanScope =
-    "its Llama-3 code on one GPU in pure bf16, every layer checkpointed or none, the loss whole or in chunks, which "
+    "its Llama-3 code on one GPU in pure bf16 or bf16-master, every layer checkpointed or none, the loss whole or in "
+    "chunks, which "
     "recommend --for torchtitan plans with that step, equal to the referee event for event";
 constexpr const char* kTorchtitanMeasured =
     "The referee, running torchtitan's step from emitted modules, measured -31 % to +99 % against such predictions "

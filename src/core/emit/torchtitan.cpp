@@ -276,7 +276,7 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
     const std::string assets = "./assets/hf/" + (repo.empty() ? model.name : repo.substr(repo.find('/') + 1));
 
     std::vector<std::string> notes;
-    if (s.precision == Precision::Bf16Master)
+    if (s.precision == Precision::Bf16Master && !s.titan())  // (torchtitan's own step is predicted as it runs)
         notes.push_back("The plan keeps bf16 weights next to fp32 masters; torchtitan keeps only the fp32 parameters "
                         "and casts them to bf16 for compute (FSDP2's mixed precision, or autocast without FSDP): "
                         "memory at or below the prediction.");

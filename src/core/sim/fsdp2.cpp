@@ -84,11 +84,20 @@ T StepBuilder::fsdp2_all_gather(int group) {
     return out;
 }
 
+// (one rank under a mixed-precision policy, torchtitan's bf16-master: no all-gather; each shard is cast to the
+// compute dtype and copied into its whole parameter, the cast kept until the next one's is made)
 void StepBuilder::fsdp2_copy_out(int group) {
-    for (int p : fsdp2_.groups[static_cast<std::size_t>(group)].params)
+    const bool cast = s_.dp == 1 && fsdp2_store_ != pw_;
+    T previous;
+    for (int p : fsdp2_.groups[static_cast<std::size_t>(group)].params) {
+        T shard = cast ? alloc("shard_cast", elems(1, fsdp2_elements(p, fsdp2_shard_rows(p)), pw_), Category::Transient) : T{};
+        drop(previous);
+        previous = shard;
         fsdp2_.whole[static_cast<std::size_t>(p)] =
             alloc(params_[static_cast<std::size_t>(p)].name,
                   checked_mul(fsdp2_elements(p, checked_mul(fsdp2_shard_rows(p), s_.dp)), pw_), Category::Weights);
+    }
+    drop(previous);
 }
 
 // pre_forward: unshard (foreach_all_gather), then wait_for_unshard, which first releases the all-gather

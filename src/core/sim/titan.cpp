@@ -406,17 +406,18 @@ void StepBuilder::titan_micro_step(int micro) {
 // gradients stay to the next step's zero_grad).
 void StepBuilder::titan_optimizer_step() {
     at("optimizer.clip");
+    const int g = fsdp2_store_;  // (the scalars are in the sharded gradients' dtype: bf16, fp32 under bf16-master)
     std::vector<T> norms;
-    for (std::size_t i = 0; i < order_.size(); ++i) norms.push_back(act("grad_norm", 2, false));
-    T stacked = act("grad_norms", elems(static_cast<std::int64_t>(norms.size()), 1, 2), false);
-    T total = act("total_norm", 2, false);
+    for (std::size_t i = 0; i < order_.size(); ++i) norms.push_back(act("grad_norm", g, false));
+    T stacked = act("grad_norms", elems(static_cast<std::int64_t>(norms.size()), 1, g), false);
+    T total = act("total_norm", g, false);
     drop(stacked);
     for (auto it = norms.rbegin(); it != norms.rend(); ++it) drop(*it);
-    T add = act("total_norm_eps", 2, false);
-    T rec = act("reciprocal", 2, false);
-    T coef = act("clip_coef", 2, false);
+    T add = act("total_norm_eps", g, false);
+    T rec = act("reciprocal", g, false);
+    T coef = act("clip_coef", g, false);
     drop(rec), drop(add);
-    T clamped = act("clip_coef_clamped", 2, false);
+    T clamped = act("clip_coef_clamped", g, false);
     drop(coef), drop(clamped), drop(total);
     at("optimizer.step");
     drop(titan_valid_), drop(titan_input_), drop(titan_positions_), drop(titan_labels_), drop(titan_loss_);
