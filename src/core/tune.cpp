@@ -185,8 +185,8 @@ void take_engine(TrainingSetup& s, const TuneRequest& rq) {
 }
 
 // --for torchtitan with the hf runtime: torchtitan's own model code where its step is modelled (one GPU, its
-// Llama-3 code, pure bf16 or bf16-master, every layer checkpointed or none: titan_scope_refusal), else transformers' (the runtime's
-// model, which the recommendation's caution says).
+// Llama-3 code, pure bf16 or bf16-master, every layer checkpointed or none: titan_scope_refusal), else
+// transformers' (the runtime's model, which the recommendation's caution says).
 void take_model_code(TrainingSetup& s, const std::string& format, const ModelSpec& m) {
     s.model_code = ModelCode::Transformers;
     if (format != "torchtitan" || s.runtime != Runtime::Hf) return;

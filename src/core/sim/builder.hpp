@@ -995,7 +995,7 @@ private:
     T titan_head_backward(HeadSaved& hs);
     void titan_chunked_head_forward(T x_last, HeadSaved& hs);
     T titan_chunked_head_backward(HeadSaved& hs);
-    T titan_cross_entropy(std::int64_t rows, bool saved, T& logp, T& weight);  // returns the loss
+    T titan_cross_entropy(std::int64_t rows, bool to_backward, T& logp, T& weight);  // returns the loss
     T titan_cross_entropy_backward(std::int64_t rows, T root, T& weight, T& logp);  // returns the logits' gradient
     void titan_optimizer_step();
     bool amp_ = false;         // hf under autocast (precision amp): fp32 weights, residual stream and norms

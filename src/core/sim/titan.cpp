@@ -200,14 +200,14 @@ void StepBuilder::titan_layer_backward(int l, LayerSaved& sv, T& dres) {
 
 // torchtitan's CrossEntropyLoss over `rows` rows of logits: the fp32 copy, log_softmax (kept for backward),
 // nll_loss's sum and its total weight (kept), divided by the step's valid tokens: the loss it returns. Kept to
-// backward (`saved`), or for the backward the chunked loss runs inside the forward.
-T StepBuilder::titan_cross_entropy(std::int64_t rows, bool saved_, T& logp, T& weight) {
+// backward (`to_backward`), or for the backward the chunked loss runs inside the forward.
+T StepBuilder::titan_cross_entropy(std::int64_t rows, bool to_backward, T& logp, T& weight) {
     const std::int64_t V = m_.vocab_size;
     T up = act("logits_fp32", f32(rows, V), false);
     T lp = act("log_probs", f32(rows, V), false);
     logp = saved(lp);
     T nll = act("nll", 4, false);
-    weight = act("total_weight", 4, saved_);
+    weight = act("total_weight", 4, to_backward);
     drop(up);
     T loss = act("loss", 4, false);
     drop(nll), drop(lp);
