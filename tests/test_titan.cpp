@@ -65,6 +65,15 @@ TEST_CASE("torchtitan's step holds its FSDP2 groups' gradients from the last ste
     const bytes_t step = 3 * 8 * kS + 8 + 96 + 4 * kS + 4 * 384 + 4 + 4;
     CHECK(sum.peak.bytes == weights + optimizer + kL * 2 * kLayer + 4 * R + 4 * R + 2 * R + step);
     CHECK(sum.peak.bytes == 14'615'618'616);  // the referee's record of torchtitan's step (docs/torchtitan-model.md)
+    // Two sequences a micro-batch: the same state, the step's own tensors for T = 2 S tokens, the mask mod's other
+    // branch holding doc_end_by_token (4 T) instead of the document ids and offsets, the block tensors per row
+    TrainingSetup two = titan_setup(kS);
+    two.micro_batch = 2;
+    const std::int64_t T = 2 * kS, nb = 2;
+    const bytes_t step2 = 3 * 8 * T + 8 + 4 * (4 * 2 * nb + 4 * 2 * nb * nb) + 4 * T + 4 + 4;
+    const Summary batched = summarize(simulate(m, two, test::test_gpu()), m.num_layers);
+    CHECK(batched.peak.bytes == weights + optimizer + kL * 2 * kLayer + 4 * R + 4 * R + 2 * R + step2);
+    CHECK(batched.peak.bytes == 14'615'624'344);  // the referee's record (micro-batch 2: docs/torchtitan-model.md, section 1)
 }
 
 TEST_CASE("torchtitan's chunked loss reduces its LM head's gradient alone and keeps a second root buffer") {

@@ -764,6 +764,14 @@ TEST_CASE("recommend and max-seq --for torchtitan plan with torchtitan's own ste
     CHECK(odd.best.setup.lm_chunks > 1);
     CHECK(32769 % odd.best.setup.lm_chunks == 0);
     CHECK_NOTHROW((void)emit(to_plan(odd, rq, "llama-3-8b", "h100-sxm-80gb"), rq.model, "torchtitan"));
+    // A prime length no count of chunks splits: the loss whole, which does not fit, and the reason said
+    rq.seq_len = 65537;
+    const Recommendation prime = recommend(rq);
+    CHECK_FALSE(prime.found);
+    CHECK(prime.refusal.starts_with("torchtitan: setup.lm_chunks: expected a divisor of each rank's sequence (65537 tokens"));
+    REQUIRE(prime.leanest);
+    CHECK(prime.leanest->setup.titan());
+    CHECK(prime.leanest->setup.lm_chunks == 1);
     // max-seq's rows: each longest length with a chunk count that splits it, predicted with torchtitan's step
     for (const char* model : {"llama-3.2-1b", "llama-3.2-3b"}) {
         TuneRequest ms = request(model, "l40s-48gb", 1, 8192);

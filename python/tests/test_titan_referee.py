@@ -249,6 +249,16 @@ def test_torchtitans_own_step_is_the_simulators_event_for_event(tmp_path, model,
     assert "timelines identical: every allocation and free matches" in compared.stdout, compared.stdout[-1500:]
 
 
+def test_several_sequences_a_micro_batch_are_the_simulators_event_for_event(tmp_path):
+    # Micro-batch 2 (the block mask's other branch, the RoPE rows gathered per row, the chunked loss's copies of each
+    # row's chunks), with FullAC and 4 loss chunks: every allocation and free compared.
+    recommend = ["recommend", "--model", "llama-3.2-1b", "--gpu", "h100-sxm-80gb", "--seq", "512", "--for", "torchtitan",
+                 "--tokens-per-step", "1024", "--pin", "micro_batch=2", "--pin", "lm_chunks=4", "--pin", "checkpoint=all"]
+    record, compared, _ = _record_titan(tmp_path, recommend)
+    assert record["setup"]["model_code"] == "torchtitan" and record["setup"]["micro_batch"] == 2
+    assert "timelines identical: every allocation and free matches" in compared.stdout, compared.stdout[-1500:]
+
+
 @pytest.mark.parametrize("model, checkpoint, peak", [("llama-3.2-1b", [], 29_170_059_228),
                                                      ("llama-3-8b", list(range(32)), 68_579_330_460)])
 def test_recommend_plans_with_torchtitans_own_step_where_it_is_modelled(tmp_path, model, checkpoint, peak):

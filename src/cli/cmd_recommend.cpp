@@ -473,7 +473,7 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
     // (of the rows predicted with a runtime's model: none where torchtitan's own step predicts them all)
     if (const std::string unmodelled = unmodelled_trainer(rq.for_format);
         !unmodelled.empty() && std::any_of(r.rows.begin(), r.rows.end(), [](const MaxSeqRow& row) {
-            return row.refused.empty() && !row.setup.titan();
+            return row.max_seq > 0 && !row.setup.titan();
         }))
         fmt::print("caution: {}\n", wrap(unmodelled, 100));
     const std::string margin = fmt::format("{:.0f} %", 100 * rq.safety_margin);
@@ -490,7 +490,10 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                    format_bytes(r.budget_bytes - r.persistent_bytes), r.checkpoint_floor_seq,
                    rq.base.runtime == Runtime::Hf ? " (sequence parallelism: --runtime kernels)" : "");
     fmt::print("MsT rows chunk the MLP (not in rows marked \"LM head only\") and LM head in mini-sequences of hidden_size "
-               "tokens (1024 at most); lengths are multiples of 1024 tokens (x sp).\n");
+               "tokens (1024 at most); lengths are multiples of 1024 tokens (x sp){}.\n",
+               rq.for_format == "torchtitan" ? ", an MsT row's of hidden_size tokens too (torchtitan's chunks split the "
+                                               "sequence evenly)"
+                                             : "");
     std::string stages;
     for (const auto& row : r.rows)
         if (row.strategy != "your setup") stages += fmt::format("{}{}: ZeRO {}", stages.empty() ? "" : "; ", row.strategy, row.setup.zero_stage);

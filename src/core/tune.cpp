@@ -5,6 +5,7 @@
 #include <cctype>
 #include <cmath>
 #include <map>
+#include <numeric>
 #include <tuple>
 
 #include <fmt/format.h>
@@ -110,12 +111,14 @@ std::vector<std::int64_t> chunk_options(std::int64_t tokens, std::optional<std::
 }
 
 // torchtitan's ChunkedLossWrapper splits each rank's sequence evenly (its emitter refuses another count): the
-// smallest divisor of `seq` of at least `at_least`, at most `most` (else at_least, which the emitter refuses).
+// smallest divisor of `seq` of at least `at_least`, at most `most`, else the largest below it (1 for a prime).
 bool even_lm_chunks(const std::string& format) { return format == "torchtitan"; }
 std::int64_t dividing_chunks(std::int64_t seq, std::int64_t at_least, std::int64_t most) {
     for (std::int64_t c = std::max<std::int64_t>(at_least, 1); c <= most; ++c)
         if (seq % c == 0) return c;
-    return at_least;
+    for (std::int64_t c = std::min(at_least, most); c > 1; --c)
+        if (seq % c == 0) return c;
+    return 1;
 }
 
 // Checkpoint the first k layers: they are differentiated last, when the other layers'
@@ -237,8 +240,15 @@ public:
         auto mlp_opts = chunk_options(tokens, rq_.pins.mlp_chunks, max_mlp_chunks(rq_.model));
         auto lm_opts = chunk_options(tokens, rq_.pins.lm_chunks, limits::kChunks);
         if (even_lm_chunks(rq_.for_format) && !rq_.pins.lm_chunks) {  // (each count the next that splits a rank's sequence)
-            for (std::int64_t& c : lm_opts) c = dividing_chunks(outer.seq_len / outer.sp, c, limits::kChunks);
+            const std::int64_t seq = outer.seq_len / outer.sp;
+            const bool chunked = lm_opts.size() > 1;
+            for (std::int64_t& c : lm_opts) c = dividing_chunks(seq, c, limits::kChunks);
+            std::sort(lm_opts.begin(), lm_opts.end());
             lm_opts.erase(std::unique(lm_opts.begin(), lm_opts.end()), lm_opts.end());
+            if (chunked && lm_opts.size() == 1 && refusal_.empty())  // (what --for excluded: every chunked loss)
+                refusal_ = fmt::format("{}: setup.lm_chunks: expected a divisor of each rank's sequence ({} tokens: torchtitan's "
+                                       "chunked loss splits it evenly), and none of 2 to {} is",
+                                       rq_.for_format, seq, limits::kChunks);
         }
         // --for: chunk counts the format's trainer cannot run with these outer knobs are not searched
         // (python/mst_hf's chunked loss under ZeRO-3 for a soft-capping model; torchtitan has no MLP
@@ -1330,7 +1340,11 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     detail::parallel_for(strategies.size(), [&](std::size_t i) {
         if (!searches[i]) return;
         MaxSeqRow& row = rows[i];
-        const std::int64_t granule = 1024 * searches[i]->setup.sp;
+        // (torchtitan's chunks split each rank's sequence evenly: an MsT row's lengths are multiples of its chunk,
+        // hidden_size tokens, so that its count of chunks does not jump from one length to the next)
+        const std::int64_t sp = searches[i]->setup.sp;
+        const std::int64_t granule =
+            searches[i]->mst && even_lm_chunks(rq.for_format) ? std::lcm(1024 * sp, m.hidden_size * sp) : 1024 * sp;
         longest_fitting(m, rq.gpu, *searches[i], out.budget_bytes, rq.host_bytes_per_gpu, granule, &row, workers);
         // found on the budget's device; reported as the GPU holds it
         if (row.max_seq > 0) row.memory = simulate_peaks(m, row.setup, rq.gpu, true, rq.gpu.usable_bytes());

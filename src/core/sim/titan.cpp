@@ -25,6 +25,7 @@ void StepBuilder::titan_zero_grad() {
 void StepBuilder::titan_block_mask() {
     at("attn.mask");
     const std::int64_t S = s_.seq_len, B = s_.micro_batch, nb = ceil_div(S, 128);
+    if (B > 1) return titan_block_mask_batched();
     T eq = act("eos", S, false);                       // (tokens == eos) bool [S]
     T cnt = act("eos_i32", elems(S, 1, 4), false);     // .int()
     T cum = act("cumsum", elems(S, 1, 8), false);      // cumsum (i64)
@@ -50,6 +51,47 @@ void StepBuilder::titan_block_mask() {
     }
     // (they go in this order after backward: the block mask's tensors, then the mask_mod's closure)
     titan_mask_.push_back(offsets), titan_mask_.push_back(doc);
+}
+
+// The same for several rows (the mask mod's other branch): each row's document ends, the next document's start
+// scattered per row and gathered back per token (doc_end_by_token, which the mask_mod closes over), then
+// create_block_mask's eight tensors.
+void StepBuilder::titan_block_mask_batched() {
+    const std::int64_t S = s_.seq_len, B = s_.micro_batch, n = checked_mul(B, S), nb = ceil_div(S, 128);
+    T starts = act("eos", n, false);                    // positions == 0, bool [B, S]
+    T cnt = act("eos_i32", elems(n, 1, 4), false);      // .int()
+    T cum = act("cumsum", elems(n, 1, 8), false);       // cumsum (i64)
+    drop(cnt);
+    T cum32 = act("cumsum_i32", elems(n, 1, 4), false);
+    drop(cum);
+    T doc = act("document_id", elems(n, 1, 4), false);  // - 1
+    drop(cum32);
+    T ar = act("arange", elems(S, 1, 4), false);        // token_idx, expanded to [B, S]
+    T next_start = act("next_doc_start", elems(n, 1, 4), false);
+    T gt = act("gt", n, false);
+    T next_doc = act("next_doc", n, false);
+    drop(gt);
+    T prev = act("document_id_minus_1", elems(n, 1, 4), false);
+    T like = act("full_like", elems(n, 1, 4), false);
+    T w1 = act("where", elems(n, 1, 4), false);
+    drop(prev), drop(like);
+    T idx = act("where_i64", elems(n, 1, 8), false);
+    drop(w1);
+    T like2 = act("full_like", elems(n, 1, 4), false);
+    T w2 = act("where", elems(n, 1, 4), false);
+    drop(like2), drop(idx), drop(w2);  // (scatter_ in place)
+    T doc64 = act("document_id_i64", elems(n, 1, 8), false);
+    T gathered = act("gather", elems(n, 1, 4), false);
+    drop(doc64);
+    T doc_end = act("doc_end_by_token", elems(n, 1, 4), true);  // held by the mask_mod
+    drop(gathered);
+    drop(starts), drop(ar), drop(next_start), drop(next_doc), drop(doc);
+    titan_mask_.clear();
+    for (int pair = 0; pair < 4; ++pair) {
+        titan_mask_.push_back(act("block_counts", elems(B, nb, 4), true));
+        titan_mask_.push_back(act("block_indices", elems(B, checked_mul(nb, nb), 4), true));
+    }
+    titan_mask_.push_back(doc_end);
 }
 
 // nn.RMSNorm -> aten._fused_rms_norm (CUDA): the output and the fp32 reciprocal RMS of each row; its node
@@ -97,7 +139,7 @@ void StepBuilder::titan_attention_forward(TitanLayer& t, T h1, T& out) {
     T le = act("position_check", tokens_, false);  // positions <= max_seq_len, then .all()
     T all = act("position_check_all", 1, false);
     drop(le), drop(all);
-    T cache = act("rope_rows", elems(S, hd, 4), false);  // rope_cache[positions] complex64 [S, hd / 2]
+    T cache = act("rope_rows", elems(tokens_, hd, 4), false);  // rope_cache[positions]: complex64 [S, hd / 2] (B > 1: gathered, [B, S, 1, hd / 2])
     T qf = act("q_fp32", f32(tokens_, H * hd), false);
     T kf = act("k_fp32", f32(tokens_, Hkv * hd), false);
     T qc = act("q_rotated", f32(tokens_, H * hd), false);  // complex64 [.., hd / 2]
@@ -276,6 +318,11 @@ void StepBuilder::titan_chunked_head_forward(T x_last, HeadSaved& hs) {
     at("fsdp2.post_forward");
     fsdp2_reshard(0);
     at("loss");
+    // split(...).contiguous() of the hidden states, the labels and the loss's other per-token input: copies where a
+    // chunk of each row is not contiguous (micro-batch above 1), kept to the wrapper's end
+    std::vector<T> hidden, labels, inputs;
+    for (auto [chunks, bytes] : {std::pair{&hidden, bf16(rows, d)}, {&labels, elems(rows, 1, 8)}, {&inputs, elems(rows, 1, 8)}})
+        for (std::int64_t i = 0; s_.micro_batch > 1 && i < N; ++i) chunks->push_back(act("chunk_copy", bytes, false));
     T sum = act("grad_accumulator", f32(tokens_, d), false);  // GradAccumulator
     T total = act("total_loss", 4, false);
     at("fsdp2.all_gather");
@@ -314,7 +361,15 @@ void StepBuilder::titan_chunked_head_forward(T x_last, HeadSaved& hs) {
     fsdp2_reshard(0);
     at("loss");
     hs.dhf = act("d_hidden", bf16(tokens_, d), true);  // accumulated_grad, saved by _DecoderOutputGradientBackProp
-    drop(sum), drop(logits), drop(loss), drop(h);
+    // The wrapper's locals as it returns: the chunk lists (each from its end) but their last chunks, which the loop's
+    // variables hold, the accumulator, then those variables
+    for (std::vector<T>* chunks : {&hidden, &labels, &inputs})
+        for (std::size_t i = chunks->size(); i-- > 1;) drop((*chunks)[i - 1]);
+    drop(sum);
+    if (!labels.empty()) drop(labels.back());
+    drop(logits);
+    if (!inputs.empty()) drop(inputs.back()), drop(hidden.back());
+    drop(loss), drop(h);
     hs.hf_loss = total;
 }
 
