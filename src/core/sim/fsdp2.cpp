@@ -15,8 +15,9 @@
 //   post-backward. Backward prefetches: the root's pre-backward hook all-gathers the last layer, each
 //   layer's pre-backward the one before it.
 // * A group's post-backward reshards, frees the previous reduce-scatter's input, fills a new one
-//   (ranks x its padded shards), frees the whole gradients (in reverse parameter order), and makes the
-//   reduce-scatter's output (its padded shards), whose views are the sharded gradients until
+//   (ranks x the padded shards of its parameters that have a gradient), frees the whole gradients (in
+//   reverse parameter order), and makes the reduce-scatter's output (those padded shards), whose views
+//   are the sharded gradients until
 //   zero_grad (a later micro-step's output is added into them and goes). Backward's final callback
 //   frees the last input.
 // * reshard_after_forward=False on the layers (fsdp2_reshard_after_forward false): a layer's whole
