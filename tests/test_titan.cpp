@@ -33,6 +33,13 @@ TrainingSetup chunked_setup(std::int64_t seq, std::int64_t chunks) {
     return s;
 }
 
+// torchtitan's FSDP2 over `dp` GPUs (data_parallel_shard_degree): the plan's fsdp2 with ZeRO 3
+TrainingSetup sharded_setup(std::int64_t seq, std::int64_t dp) {
+    TrainingSetup s = titan_setup(seq);
+    s.dp = dp, s.zero_stage = 3, s.fsdp2 = true;
+    return s;
+}
+
 // FullAC (activation_checkpoint full): every block wrapped in torch's non-reentrant checkpoint
 TrainingSetup full_ac_setup(std::int64_t seq) {
     TrainingSetup s = titan_setup(seq);
@@ -139,6 +146,19 @@ TEST_CASE("torchtitan in bf16-master keeps fp32 parameters, states and gradients
     CHECK(sum.category_max[static_cast<std::size_t>(Category::Transient)] == 2 * kV * kD + 2 * kD);
 }
 
+TEST_CASE("torchtitan's FSDP2 over two GPUs shards the state and peaks at the root's reduction of both ranks' gradients") {
+    const ModelSpec m = find_model("llama-3.2-1b");
+    const Summary sum = summarize(simulate(m, sharded_setup(kS, 2), test::test_gpu()), m.num_layers);
+    const std::int64_t params = kV * kD + kL * kLayer + kD, R = 2 * kV * kD + kD;  // (every row count even: halves)
+    const bytes_t weights = 2 * params / 2 + kL * 4 * kS * kHd, optimizer = 4 * params / 2 + 114 * 4;
+    const bytes_t step = 3 * 8 * kS + 8 + 96 + 4 * kS + 4 * 384 + 4 + 4;
+    // Each rank's half of the layers' bf16 gradient buffers; the root's reduce-scatter input of both ranks' fp32
+    // gradients (4 R), its output (this rank's half, fp32) and the bf16 cast of that
+    CHECK(sum.peak.bytes == weights + optimizer + kL * 2 * kLayer / 2 + 4 * R + 4 * R / 2 + 2 * R / 2 + step);
+    CHECK(sum.peak.bytes == 8'359'015'480);  // the referee's record (python/tests/test_titan_referee.py)
+    CHECK(sum.end_bytes == weights + optimizer + kL * 2 * kLayer / 2 + 2 * R / 2);
+}
+
 TEST_CASE("torchtitan's model code is refused in one line outside the setups it is proven for") {
     const ModelSpec m = find_model("llama-3.2-1b");
     auto refused = [&](auto edit) {
@@ -154,7 +174,12 @@ TEST_CASE("torchtitan's model code is refused in one line outside the setups it 
     CHECK(refused([](TrainingSetup& s) { s.lm_chunks = 2; }).starts_with("setup: lm_impl: expected fused with lm_chunks > 1"));
     CHECK(refused([](TrainingSetup& s) { s.lm_chunks = 3, s.lm_impl = LmHeadImpl::FusedForward; })
               .starts_with("setup: lm_chunks: expected a divisor of seq_len 256"));
-    CHECK(refused([](TrainingSetup& s) { s.dp = 2; }).starts_with("setup: dp: expected 1 (one GPU)"));
+    CHECK(refused([](TrainingSetup& s) { s.dp = 2; }).starts_with("setup: dp: expected 1, or several with fsdp2 and zero_stage 3"));
+    // several GPUs: torchtitan's FSDP2 fully sharding, in its own layout
+    CHECK_NOTHROW(validate(sharded_setup(kS, 2), m));
+    CHECK(refused([](TrainingSetup& s) { s = sharded_setup(kS, 2), s.fsdp2_reshard_after_forward = false; })
+              .starts_with("setup: fsdp2_groups: expected torchtitan's own FSDP2 layout"));
+    CHECK(refused([](TrainingSetup& s) { s.fsdp2 = true; }).starts_with("setup: zero_stage: expected 0 without fsdp2 on one GPU"));
     CHECK(refused([](TrainingSetup& s) { s.grad_accum = 2; }).starts_with("setup: grad_accum: expected 1"));
     CHECK(refused([](TrainingSetup& s) { s.optimizer_impl = OptimizerImpl::Foreach; }).starts_with("setup: optimizer_impl: expected fused"));
     CHECK(refused([](TrainingSetup& s) { s.precision = Precision::AmpFp32, s.state_dtype = StateDtype::Fp32; })
@@ -182,4 +207,6 @@ TEST_CASE("a plan of torchtitan's own model code is emitted for torchtitan alone
     for (const std::string format : {"hf-mst", "deepspeed", "axolotl"})
         CHECK(test::expect_user_error([&] { check_expressible(format, s, m); })
                   .starts_with(format + ": setup.model_code: expected transformers"));
+    // over several GPUs its FSDP2 is the plan's fsdp2 (zero_stage 3): torchtitan's own sharding, not refused as torch's
+    check_expressible("torchtitan", sharded_setup(kS, 2), m);
 }

@@ -256,7 +256,7 @@ std::string describe_sharding(const TrainingSetup& setup);
 // The precision in a summary: "bf16-master", "pure-bf16 under the Trainer's bf16=True" (hf_trainer_bf16).
 std::string describe_precision(const TrainingSetup& setup);
 // Whose model code the step runs, in a summary: "torchtitan's model code (flex attention, FSDP2 on one GPU)"
-// for model_code torchtitan, else the attention ("flash attention").
+// (or over dp GPUs) for model_code torchtitan, else the attention ("flash attention").
 std::string describe_model_code(const TrainingSetup& setup);
 
 // A knob a check refuses and what it expects (its UserError's field and message).

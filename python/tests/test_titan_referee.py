@@ -249,6 +249,31 @@ def test_torchtitans_own_step_is_the_simulators_event_for_event(tmp_path, model,
     assert "timelines identical: every allocation and free matches" in compared.stdout, compared.stdout[-1500:]
 
 
+@pytest.mark.parametrize("model, gpus, seq, chunks, checkpoint, precision", [
+    ("llama-3.2-1b", 2, 256, 1, "0", "pure-bf16"), ("llama-3.2-1b", 2, 1024, 4, "all", "pure-bf16"),
+    ("llama-3.2-1b", 2, 512, 1, "0", "bf16-master"), ("llama-3-8b", 8, 1024, 2, "all", "pure-bf16"),
+])
+def test_torchtitans_step_over_several_gpus_is_the_simulators_event_for_event(tmp_path, model, gpus, seq, chunks,
+                                                                              checkpoint, precision):
+    # torchtitan's FSDP2 fully sharding over the ranks (data_parallel_shard_degree): the plan, made with the kernels
+    # runtime (recommend --for torchtitan does not plan several GPUs with torchtitan's step yet), recorded by the
+    # referee on one rank, then re-simulated as torchtitan's own step (model_code torchtitan: runtime hf, fsdp2 with
+    # ZeRO 3): the all-gather buffers, the valid-token all-reduce, the root's post-forward and pre-backward hooks.
+    recommend = ["recommend", "--model", model, "--gpu", "h100-sxm-80gb", "--gpus", str(gpus), "--seq", str(seq),
+                 "--for", "torchtitan", "--runtime", "kernels", "--precision", precision, "--pin", "zero=3",
+                 "--pin", f"lm_chunks={chunks}", "--pin", f"checkpoint={checkpoint}"]
+    r, binary = _run_titan(tmp_path, recommend)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    record = json.loads((tmp_path / "measured.json").read_text())
+    assert record["setup"]["model_code"] == "torchtitan" and record["setup"]["dp"] == gpus
+    record["setup"].update(runtime="hf", fsdp2=True)
+    (tmp_path / "as_titan.json").write_text(json.dumps(record))
+    compared = subprocess.run([str(binary), "compare", "--run", str(tmp_path / "as_titan.json")], capture_output=True,
+                              text=True)
+    assert compared.returncode == 0, compared.stderr
+    assert "timelines identical: every allocation and free matches" in compared.stdout, compared.stdout[-1500:]
+
+
 def test_several_sequences_a_micro_batch_are_the_simulators_event_for_event(tmp_path):
     # Micro-batch 2 (the block mask's other branch, the RoPE rows gathered per row, the chunked loss's copies of each
     # row's chunks), with FullAC and 4 loss chunks: every allocation and free compared.

@@ -195,7 +195,9 @@ std::string describe_precision(const TrainingSetup& s) {
 }
 
 std::string describe_model_code(const TrainingSetup& s) {
-    return s.titan() ? "torchtitan's model code (flex attention, FSDP2 on one GPU)" : to_string(s.attention) + " attention";
+    if (!s.titan()) return to_string(s.attention) + " attention";
+    return s.dp == 1 ? "torchtitan's model code (flex attention, FSDP2 on one GPU)"
+                     : fmt::format("torchtitan's model code (flex attention, FSDP2 over {} GPUs)", s.dp);
 }
 
 std::string describe_sharding(const TrainingSetup& s) {
@@ -564,24 +566,31 @@ void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m) {
 // ZeRO engine. What is not proven that way yet (ZeRO-3 and sequence parallelism; padded batches;
 // bitsandbytes; MLP biases) is refused, not guessed: the kernels runtime models those.
 // torchtitan's own step (docs/torchtitan-model.md), proven event by event against mst_referee.titan for what
-// is modelled so far: its Llama-3 code on one GPU, pure bf16 or bf16-master (fp32 parameters cast to bf16 by
-// FSDP2's mixed-precision policy), one micro-batch a step (of any size), every layer
+// is modelled so far: its Llama-3 code on one GPU or fully sharded by FSDP2 over several, pure bf16 or bf16-master
+// (fp32 parameters cast to bf16 by FSDP2's mixed-precision policy), one micro-batch a step (of any size), every layer
 // checkpointed (FullAC) or none, the loss whole or in ChunkedLossWrapper's chunks.
 std::optional<FieldRefusal> titan_scope_refusal(const TrainingSetup& s, const ModelSpec& m) {
     const auto refuse = [](const char* field, const std::string& expected, const std::string& got) {
         return FieldRefusal{field, fmt::format("expected {} with model_code torchtitan (torchtitan's step is modelled so far "
-                                               "for its Llama-3 code on one GPU in pure bf16 or bf16-master), got {}",
+                                               "for its Llama-3 code in pure bf16 or bf16-master), got {}",
                                                expected, got)};
     };
     // (a model torchtitan builds with its own Llama-3 code: the emitter's flavor match, emit/torchtitan.cpp)
     if (!torchtitan_llama3(m))
         return refuse("model_code", "a model torchtitan trains with its own Llama-3 code (one of its llama3 flavors' shapes; "
                                     "another runs through its transformers backend, transformers' code)", m.name);
-    if (s.dp != 1) return refuse("dp", "1 (one GPU)", std::to_string(s.dp));
+    // (one GPU: torchtitan's FSDP2 on a mesh of one, zero_stage 0 and no fsdp2; several: its FSDP2 fully sharding,
+    // zero_stage 3 with fsdp2 in its default layout)
+    if (s.dp != 1 && !(s.fsdp2 && s.zero_stage == 3))
+        return refuse("dp", "1, or several with fsdp2 and zero_stage 3 (torchtitan's FSDP2 sharding over them)", std::to_string(s.dp));
     if (s.sp != 1) return refuse("sp", "1", std::to_string(s.sp));
     if (s.ep != 1) return refuse("ep", "1", std::to_string(s.ep));
-    if (s.zero_stage != 0) return refuse("zero_stage", "0 (torchtitan's own FSDP2)", std::to_string(s.zero_stage));
-    if (s.fsdp2) return refuse("fsdp2", "false (torchtitan's own FSDP2)", "true");
+    if (s.dp == 1 && (s.zero_stage != 0 || s.fsdp2))
+        return refuse("zero_stage", "0 without fsdp2 on one GPU (torchtitan's own FSDP2)",
+                      fmt::format("{}{}", s.zero_stage, s.fsdp2 ? " with fsdp2" : ""));
+    if (s.fsdp2 && (s.fsdp2_groups != Fsdp2Groups::MstHf || !s.fsdp2_reshard_after_forward || s.fsdp2_no_sync))
+        return refuse("fsdp2_groups", "torchtitan's own FSDP2 layout (fsdp2_groups mst_hf, resharded after forward, synced)",
+                      to_string(s.fsdp2_groups));
     if (s.precision == Precision::AmpFp32) return refuse("precision", "pure-bf16 or bf16-master", to_string(s.precision));
     if (s.grad_accum != 1) return refuse("grad_accum", "1", std::to_string(s.grad_accum));
     // (FullAC: torchtitan 0.3.0 checkpoints every block or none)

@@ -107,7 +107,8 @@ void check_executor_only(const Format& f, const TrainingSetup& s, const ModelSpe
              fmt::format("expected axolotl (Axolotl shards with its own fsdp2_prepare_model: plan with --fsdp2-groups "
                          "axolotl), got {}",
                          to_string(s.fsdp2_groups)));
-    if (s.fsdp2 && name != "hf-mst" && name != "axolotl")
+    // (torchtitan's own model code over several GPUs: its own FSDP2, the plan's fsdp2 with zero_stage 3)
+    if (s.fsdp2 && name != "hf-mst" && name != "axolotl" && !(name == "torchtitan" && s.titan()))
         fail(f.name, "setup.fsdp2",
              fmt::format("expected false ({} shards the model its own way; the plan is for torch's fully_shard {}: emit --format "
                          "{}), got true",

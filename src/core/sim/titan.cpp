@@ -285,6 +285,8 @@ void StepBuilder::titan_head_forward(T x_last, HeadSaved& hs) {
     T logits = act("logits", bf16(tokens_, m_.vocab_size), false);
     hs.hf_logits_in = saved(h);
     drop(h);
+    at("fsdp2.post_forward");
+    drop(fsdp2_.held_gather);  // (the model's forward returns: the root's post-forward lets go of the last all-gather)
     at("loss");
     hs.hf_loss = titan_cross_entropy(tokens_, true, hs.logp, hs.hf_weight);  // held by the trainer to the step's end
     drop(logits);  // del pred
@@ -296,6 +298,8 @@ T StepBuilder::titan_head_backward(HeadSaved& hs) {
     at("loss");
     hs.hf_root = alloc("d_loss", 4, Category::Transient);  // backward()'s grad_tensors, held until it returns
     T gl = titan_cross_entropy_backward(tokens_, hold(hs.hf_root), hs.hf_weight, hs.logp);
+    fsdp2_prefetch_last_layer();  // (the root's pre-backward hook, on the model's output: several ranks gather)
+    at("lm_head");
     T dh = titan_mm_backward(lm_head_, gl, hs.hf_logits_in, bf16(tokens_, m_.hidden_size));
     at("final_norm");
     T dx = titan_norm_backward(final_norm_, hs.titan_norm, dh);
@@ -317,6 +321,7 @@ void StepBuilder::titan_chunked_head_forward(T x_last, HeadSaved& hs) {
     drop(x_last);
     at("fsdp2.post_forward");
     fsdp2_reshard(0);
+    drop(fsdp2_.held_gather);  // (the model's forward returns: the root's post-forward lets go of the last all-gather)
     at("loss");
     // split(...).contiguous() of the hidden states, the labels and the loss's other per-token input: copies where a
     // chunk of each row is not contiguous (micro-batch above 1), kept to the wrapper's end
@@ -326,7 +331,9 @@ void StepBuilder::titan_chunked_head_forward(T x_last, HeadSaved& hs) {
     T sum = act("grad_accumulator", f32(tokens_, d), false);  // GradAccumulator
     T total = act("total_loss", 4, false);
     at("fsdp2.all_gather");
-    fsdp2_copy_out(0);  // lm_head.unshard(), resharded after the loop
+    T gathered = fsdp2_all_gather(0);  // lm_head.unshard() outside the hooks: copied out, its buffer goes at once
+    fsdp2_copy_out(0);  // (resharded after the loop)
+    drop(gathered);
     T logits, loss;
     for (std::int64_t i = 0; i < N; ++i) {
         at("lm_head");
@@ -380,6 +387,7 @@ T StepBuilder::titan_chunked_head_backward(HeadSaved& hs) {
     hs.hf_root = alloc("d_loss", 4, Category::Transient);
     at("final_norm");
     fsdp2_pre_backward(0);
+    fsdp2_prefetch_last_layer();  // (its pre-backward hook: several ranks gather the last layer)
     T dx = titan_norm_backward(final_norm_, hs.titan_norm, hs.dhf);
     if (fsdp2_own_embedding_group()) fsdp2_post_backward(0);
     return dx;
@@ -396,7 +404,16 @@ void StepBuilder::titan_micro_step(int micro) {
     const std::int64_t L = m_.num_layers;
     titan_zero_grad();
     at("inputs");
-    titan_valid_ = alloc("valid_tokens", 8, Category::SavedActivation);
+    if (s_.dp > 1) {  // (the valid tokens all-reduced over the data-parallel ranks: a functional collective and its wait)
+        T local = act("valid_tokens_local", 8, false);
+        T reduced = act("all_reduce", 8, false);
+        T waited = act("wait_tensor", 8, false);
+        drop(reduced);
+        titan_valid_ = alloc("valid_tokens", 8, Category::SavedActivation);
+        drop(waited), drop(local);
+    } else {
+        titan_valid_ = alloc("valid_tokens", 8, Category::SavedActivation);
+    }
     titan_input_ = alloc("input", elems(tokens_, 1, 8), Category::SavedActivation);
     titan_positions_ = alloc("positions", elems(tokens_, 1, 8), Category::SavedActivation);
     titan_labels_ = alloc("labels", elems(tokens_, 1, 8), Category::SavedActivation);
