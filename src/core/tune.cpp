@@ -1342,9 +1342,10 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         MaxSeqRow& row = rows[i];
         // (torchtitan's chunks split each rank's sequence evenly: an MsT row's lengths are multiples of its chunk,
         // hidden_size tokens, so that its count of chunks does not jump from one length to the next)
-        const std::int64_t sp = searches[i]->setup.sp;
-        const std::int64_t granule =
-            searches[i]->mst && even_lm_chunks(rq.for_format) ? std::lcm(1024 * sp, m.hidden_size * sp) : 1024 * sp;
+        const std::int64_t ranks = searches[i]->setup.sp;
+        const std::int64_t granule = searches[i]->mst && even_lm_chunks(rq.for_format)
+                                         ? std::lcm(1024 * ranks, m.hidden_size * ranks)
+                                         : 1024 * ranks;
         longest_fitting(m, rq.gpu, *searches[i], out.budget_bytes, rq.host_bytes_per_gpu, granule, &row, workers);
         // found on the budget's device; reported as the GPU holds it
         if (row.max_seq > 0) row.memory = simulate_peaks(m, row.setup, rq.gpu, true, rq.gpu.usable_bytes());
