@@ -232,7 +232,7 @@ def test_compare_re_simulates_the_record(titan_record):
     ("llama-3.2-1b", 1024, 4, "all", "bf16-master"),
 ])
 def test_torchtitans_own_step_is_the_simulators_event_for_event(tmp_path, model, seq, chunks, checkpoint, precision):
-    # One GPU, pure bf16: what model_code torchtitan models (docs/torchtitan-model.md), with tied embeddings
+    # One GPU: what model_code torchtitan models (docs/torchtitan-model.md), with tied embeddings
     # (Llama-3.2-1B: one FSDP2 group of the embedding, the final norm and torchtitan's own LM-head parameter) and
     # untied (Llama-3-8B: the embedding's group resharded after its forward, the final norm's and the LM head's
     # kept), the loss whole or in ChunkedLossWrapper's chunks (the LM head's backward in the forward, its gradient
@@ -309,8 +309,8 @@ def _peak_row(compared):
 
 def test_llama_3_8b_on_8_gpus_holds_what_the_caution_quotes(tmp_path):
     # The example recommend's caution and the emitted module's docstring quote (python/README.md's table): Llama-3-8B
-    # at 8k on 8 H100s, planned with the kernels runtime (torchtitan's own step is modelled for one GPU), and
-    # torchtitan's step on the referee: what mst-plan does not model of torchtitan's multi-GPU step yet.
+    # at 8k on 8 H100s, planned with the kernels runtime (recommend plans torchtitan's own step for one GPU so far),
+    # and torchtitan's step on the referee: what that plan's prediction leaves out.
     from mst_clients.matrix import Entry
 
     _, compared, module = _record_titan(tmp_path, Entry("llama-3-8b", 8, SEQ).recommend_args("torchtitan"))
