@@ -984,7 +984,8 @@ private:
     void titan_micro_step(int micro);
     void titan_zero_grad();
     void titan_block_mask();
-    void titan_block_mask_batched();  // (micro-batch above 1)
+    std::vector<T> titan_mask_mod();          // the tensors the mask_mod closes over: one row
+    std::vector<T> titan_mask_mod_batched();  // (micro-batch above 1)
     T titan_norm_forward(T x, TitanNorm& sv);
     T titan_norm_backward(int p, TitanNorm& sv, T g);  // returns d(input); the weight's gradient to p
     T titan_layer_forward(int l, T x, LayerSaved& sv);

@@ -19,13 +19,25 @@ void StepBuilder::titan_zero_grad() {
     }
 }
 
-// The flex block mask (torchtitan's get_attention_masks for one packed document a row, micro-batch 1):
-// the document ids and the offsets its mask_mod closes over, then create_block_mask's eight int32 tensors
-// (kv_num_blocks [B, 1, nb], kv_indices [B, 1, nb, nb], their full_ pair, the q pair and its full_ pair).
+// The flex block mask (torchtitan's get_attention_masks for one packed document a row): the tensors its mask_mod
+// closes over (titan_mask_mod), then create_block_mask's eight int32 tensors (kv_num_blocks [B, 1, nb], kv_indices
+// [B, 1, nb, nb], their full_ pair, the q pair and its full_ pair), all held to the end of backward.
 void StepBuilder::titan_block_mask() {
     at("attn.mask");
-    const std::int64_t S = s_.seq_len, B = s_.micro_batch, nb = ceil_div(S, 128);
-    if (B > 1) return titan_block_mask_batched();
+    const std::int64_t B = s_.micro_batch, nb = ceil_div(s_.seq_len, 128);
+    const std::vector<T> closure = B > 1 ? titan_mask_mod_batched() : titan_mask_mod();
+    titan_mask_.clear();
+    for (int pair = 0; pair < 4; ++pair) {
+        titan_mask_.push_back(act("block_counts", elems(B, nb, 4), true));
+        titan_mask_.push_back(act("block_indices", elems(B, checked_mul(nb, nb), 4), true));
+    }
+    // (they go in this order after backward: the block mask's tensors, then the mask_mod's closure)
+    titan_mask_.insert(titan_mask_.end(), closure.begin(), closure.end());
+}
+
+// One row (get_efficient_causal_mask_mod_for_packed_document's batch-1 branch): the offsets and the document ids.
+std::vector<T> StepBuilder::titan_mask_mod() {
+    const std::int64_t S = s_.seq_len;
     T eq = act("eos", S, false);                       // (tokens == eos) bool [S]
     T cnt = act("eos_i32", elems(S, 1, 4), false);     // .int()
     T cum = act("cumsum", elems(S, 1, 8), false);      // cumsum (i64)
@@ -44,20 +56,13 @@ void StepBuilder::titan_block_mask() {
     T like2 = act("full_like", elems(S, 1, 4), false);
     T w2 = act("where", elems(S, 1, 4), false);
     drop(like2), drop(idx), drop(w2), drop(eq), drop(ar);
-    titan_mask_.clear();
-    for (int pair = 0; pair < 4; ++pair) {
-        titan_mask_.push_back(act("block_counts", elems(B, nb, 4), true));
-        titan_mask_.push_back(act("block_indices", elems(B, checked_mul(nb, nb), 4), true));
-    }
-    // (they go in this order after backward: the block mask's tensors, then the mask_mod's closure)
-    titan_mask_.push_back(offsets), titan_mask_.push_back(doc);
+    return {offsets, doc};
 }
 
-// The same for several rows (the mask mod's other branch): each row's document ends, the next document's start
-// scattered per row and gathered back per token (doc_end_by_token, which the mask_mod closes over), then
-// create_block_mask's eight tensors.
-void StepBuilder::titan_block_mask_batched() {
-    const std::int64_t S = s_.seq_len, B = s_.micro_batch, n = checked_mul(B, S), nb = ceil_div(S, 128);
+// Several rows (its other branch): each row's document ends, the next document's start scattered per row and
+// gathered back per token: doc_end_by_token.
+std::vector<T> StepBuilder::titan_mask_mod_batched() {
+    const std::int64_t S = s_.seq_len, n = checked_mul(s_.micro_batch, S);
     T starts = act("eos", n, false);                    // positions == 0, bool [B, S]
     T cnt = act("eos_i32", elems(n, 1, 4), false);      // .int()
     T cum = act("cumsum", elems(n, 1, 8), false);       // cumsum (i64)
@@ -86,12 +91,7 @@ void StepBuilder::titan_block_mask_batched() {
     T doc_end = act("doc_end_by_token", elems(n, 1, 4), true);  // held by the mask_mod
     drop(gathered);
     drop(starts), drop(ar), drop(next_start), drop(next_doc), drop(doc);
-    titan_mask_.clear();
-    for (int pair = 0; pair < 4; ++pair) {
-        titan_mask_.push_back(act("block_counts", elems(B, nb, 4), true));
-        titan_mask_.push_back(act("block_indices", elems(B, checked_mul(nb, nb), 4), true));
-    }
-    titan_mask_.push_back(doc_end);
+    return {doc_end};
 }
 
 // nn.RMSNorm -> aten._fused_rms_norm (CUDA): the output and the fp32 reciprocal RMS of each row; its node
@@ -326,8 +326,9 @@ void StepBuilder::titan_chunked_head_forward(T x_last, HeadSaved& hs) {
     // split(...).contiguous() of the hidden states, the labels and the loss's other per-token input: copies where a
     // chunk of each row is not contiguous (micro-batch above 1), kept to the wrapper's end
     std::vector<T> hidden, labels, inputs;
-    for (auto [chunks, bytes] : {std::pair{&hidden, bf16(rows, d)}, {&labels, elems(rows, 1, 8)}, {&inputs, elems(rows, 1, 8)}})
-        for (std::int64_t i = 0; s_.micro_batch > 1 && i < N; ++i) chunks->push_back(act("chunk_copy", bytes, false));
+    if (s_.micro_batch > 1)
+        for (auto [chunks, bytes] : {std::pair{&hidden, bf16(rows, d)}, {&labels, elems(rows, 1, 8)}, {&inputs, elems(rows, 1, 8)}})
+            for (std::int64_t i = 0; i < N; ++i) chunks->push_back(act("chunk_copy", bytes, false));
     T sum = act("grad_accumulator", f32(tokens_, d), false);  // GradAccumulator
     T total = act("total_loss", 4, false);
     at("fsdp2.all_gather");
@@ -404,16 +405,15 @@ void StepBuilder::titan_micro_step(int micro) {
     const std::int64_t L = m_.num_layers;
     titan_zero_grad();
     at("inputs");
+    T local, waited;
     if (s_.dp > 1) {  // (the valid tokens all-reduced over the data-parallel ranks: a functional collective and its wait)
-        T local = act("valid_tokens_local", 8, false);
+        local = act("valid_tokens_local", 8, false);
         T reduced = act("all_reduce", 8, false);
-        T waited = act("wait_tensor", 8, false);
+        waited = act("wait_tensor", 8, false);
         drop(reduced);
-        titan_valid_ = alloc("valid_tokens", 8, Category::SavedActivation);
-        drop(waited), drop(local);
-    } else {
-        titan_valid_ = alloc("valid_tokens", 8, Category::SavedActivation);
     }
+    titan_valid_ = alloc("valid_tokens", 8, Category::SavedActivation);
+    drop(waited), drop(local);
     titan_input_ = alloc("input", elems(tokens_, 1, 8), Category::SavedActivation);
     titan_positions_ = alloc("positions", elems(tokens_, 1, 8), Category::SavedActivation);
     titan_labels_ = alloc("labels", elems(tokens_, 1, 8), Category::SavedActivation);
