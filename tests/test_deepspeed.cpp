@@ -397,11 +397,11 @@ TEST_CASE("DeepSpeed formats in the hf runtime: what the search cannot plan is n
     rq.for_format = "deepspeed";
     CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: gpus: expected at most 128 with runtime hf and --for deepspeed", 0) == 0);
     CHECK(test::expect_user_error([&] { (void)max_seq(rq, std::nullopt); }).rfind("max-seq: gpus: expected at most 128", 0) == 0);
-    // The format is judged before the pins.
+    // torchtitan over several GPUs in the hf runtime: its FSDP2 fully sharding alone (no ZeRO 1 in torchtitan)
     rq.gpus = 8;
     rq.for_format = "torchtitan";
     rq.pins.zero_stage = 1;
-    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: for: expected hf-mst, deepspeed or axolotl", 0) == 0);
+    CHECK(test::expect_user_error([&] { (void)recommend(rq); }).rfind("recommend: pin: zero=1: expected 3 with runtime hf and --for torchtitan", 0) == 0);
     // Axolotl without DeepSpeed names the Trainer's fused AdamW: another implementation is not its plan.
     TuneRequest one = test::hf_request("llama-3.2-1b", "h100-sxm-80gb", 1, 8192);
     one.for_format = "axolotl";

@@ -787,3 +787,58 @@ TEST_CASE("recommend and max-seq --for torchtitan plan with torchtitan's own ste
         CHECK(rows == 3);  // (the offloading row is refused: torchtitan has no activation offload)
     }
 }
+
+TEST_CASE("recommend and max-seq --for torchtitan over several GPUs plan torchtitan's FSDP2 with its own step") {
+    // Llama-3-8B at 8k on 8 H100s, pure bf16 (the CLI's default): torchtitan's default FSDP2 fully sharding, its own
+    // model code. The pick's requested peak is the titan referee's, event for event (docs/torchtitan-model.md section 3:
+    // recommend ... --gpus 8 --for torchtitan --out plan.json; emit --format torchtitan; python -m mst_referee.titan;
+    // compare --run: 61125735840 both, "timelines identical"), and cuBLAS's workspace, which the CPU referee has not.
+    TuneRequest rq = request("llama-3-8b", "h100-sxm-80gb", 8, 8192);
+    rq.base.runtime = Runtime::Hf;
+    rq.base.precision = Precision::PureBf16, rq.base.state_dtype = StateDtype::Bf16;
+    rq.for_format = "torchtitan";
+    const Recommendation r = recommend(rq);
+    REQUIRE(r.found);
+    const TrainingSetup& s = r.best.setup;
+    CHECK(s.titan());
+    CHECK((s.fsdp2 && s.zero_stage == 3 && s.dp == 8 && s.sp == 1));
+    CHECK(s.checkpointed_count() == 0);
+    CHECK(s.lm_chunks == 2);
+    CHECK(r.best.memory.peak_bytes == 61'125'735'840 + rq.gpu.calibration.cublas_workspace_bytes);
+    CHECK(r.trainer_extra_bytes == 0);  // (its step holds the RoPE tables)
+    for (const Candidate& c : r.pareto) CHECK((c.setup.titan() && c.setup.fsdp2 && c.setup.zero_stage == 3));
+    CHECK_NOTHROW((void)emit(to_plan(r, rq, "llama-3-8b", "h100-sxm-80gb"), rq.model, "torchtitan"));
+    // max-seq's rows too (the offloading row refused: torchtitan has no activation offload)
+    int rows = 0;
+    for (const MaxSeqRow& row : max_seq(rq, std::nullopt).rows) {
+        if (row.max_seq == 0) continue;
+        ++rows;
+        CHECK((row.setup.titan() && row.setup.fsdp2 && row.setup.zero_stage == 3));
+    }
+    CHECK(rows == 3);
+    // What its own step does not model over several GPUs is refused before the search, naming the field
+    const auto refusal = [&](TuneRequest q) { return test::expect_user_error([&] { (void)recommend(q); }); };
+    TuneRequest other = rq;
+    other.model = find_model("mistral-7b-v0.1");
+    CHECK(refusal(other).starts_with("recommend: for: torchtitan over 8 GPUs is planned with its own step (runtime hf; "
+                                     "--runtime kernels plans others with mst-plan's own kernels' memory), whose model_code: "
+                                     "expected a model torchtitan trains with its own Llama-3 code"));
+    other = rq;
+    other.base.precision = Precision::AmpFp32, other.base.state_dtype = StateDtype::Fp32;
+    CHECK(refusal(other).find("whose precision: expected pure-bf16 or bf16-master") != std::string::npos);
+    other = rq;
+    other.base.fsdp2_no_sync = true;
+    CHECK(refusal(other).starts_with("recommend: fsdp2_no_sync: expected false with --for torchtitan"));
+    other = rq;
+    other.pins.zero_stage = 2;
+    CHECK(refusal(other).starts_with("recommend: pin: zero=2: expected 3 with runtime hf and --for torchtitan"));
+    // A hand-made plan of transformers' code under the hf runtime's FSDP2 is python/mst_hf's sharding, not torchtitan's
+    TrainingSetup theirs = s;
+    theirs.model_code = ModelCode::Transformers;
+    CHECK(test::expect_user_error([&] { check_expressible("torchtitan", theirs, rq.model); })
+              .starts_with("torchtitan: setup.model_code: expected torchtitan with fsdp2"));
+    theirs.checkpoint.assign(32, false);
+    theirs.checkpoint[0] = theirs.checkpoint[1] = theirs.checkpoint[2] = true;
+    CHECK(test::expect_user_error([&] { check_expressible("torchtitan", theirs, rq.model); })
+              .starts_with("torchtitan: setup.checkpoint: expected none or all 32 layers"));
+}

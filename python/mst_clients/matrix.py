@@ -100,9 +100,11 @@ def default_matrix() -> List[Entry]:
 
 
 def titan_matrix() -> List[Entry]:
-    """20 plans made by recommend --for torchtitan: torchtitan's own Llama-3 and Qwen3 code (dense and
+    """22 plans made by recommend --for torchtitan: torchtitan's own Llama-3 and Qwen3 code (dense and
     MoE) and its transformers backend, 1 to 16 GPUs, DDP and FSDP2 (ZeRO 0, 2, 3 pinned and
-    searched), expert parallelism, every precision it keeps, accumulation, checkpointing and LM-head chunks."""
+    searched), expert parallelism, every precision it keeps, accumulation, checkpointing and LM-head chunks.
+    The last two are planned with torchtitan's own step over several GPUs (runtime hf: its FSDP2 fully sharding);
+    the others with the runtimes' models, which the caution's measurements are of."""
     t = ("torchtitan",)
     return [
         Entry("llama-3.2-1b", 1, 8192, runtime="kernels", formats=t),
@@ -126,6 +128,8 @@ def titan_matrix() -> List[Entry]:
         Entry("qwen3-30b-a3b", 8, 8192, pins=("ep=8",), formats=t),  # torchtitan's own Qwen3-MoE, expert-parallel
         Entry("qwen3-30b-a3b", 8, 32768, "pure-bf16", pins=("ep=8",), formats=t),  # (ZeRO 2: experts kept gathered)
         Entry("llama-3.1-70b", 16, 8192, "pure-bf16", formats=t),
+        Entry("llama-3-8b", 8, 8192, "pure-bf16", runtime="hf", formats=t),
+        Entry("llama-3.2-1b", 2, 32768, runtime="hf", formats=t),
     ]
 
 

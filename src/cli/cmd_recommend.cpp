@@ -230,6 +230,9 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                             : "; the hf runtime plans DeepSpeed's ZeRO 1 and 2 for it, and its ZeRO-3 for "
                                               "Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma-2, Gemma-3, Mixtral, Qwen3-MoE and gpt-oss "
                                               "with bf16-master: --runtime kernels plans more, and sequence parallelism")
+                         : fsdp2_searched && rq.for_format == "torchtitan"
+                             ? "; the hf runtime plans torchtitan over several GPUs as its FSDP2 fully sharding (ZeRO 3): "
+                               "its context parallelism is not modelled yet"
                          : fsdp2_searched ? "; the hf runtime plans several GPUs as torch's DDP or FSDP2 (ZeRO 3; --for deepspeed or "
                                             "axolotl: DeepSpeed's ZeRO 1 to 3): --runtime kernels plans sequence parallelism"
                                      : "; the hf runtime plans several GPUs as torch's DDP, each holding the whole model, its "
@@ -441,12 +444,11 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                    "fails: rows over the budget fit it by releasing them\n");
     // --for torchtitan: the rows planned with torchtitan's own step (the caution below is of the others)
     std::vector<std::string> titan_rows;
+    std::string titan_code;
     for (const auto& row : r.rows)
-        if (row.max_seq > 0 && row.setup.titan()) titan_rows.push_back(row.strategy);
+        if (row.max_seq > 0 && row.setup.titan()) titan_rows.push_back(row.strategy), titan_code = describe_model_code(row.setup);
     if (!titan_rows.empty())
-        fmt::print("note: predicted as torchtitan's own step at their longest (its model code: flex attention, FSDP2 on "
-                   "one GPU): {}\n",
-                   fmt::join(titan_rows, "; "));
+        fmt::print("note: predicted as torchtitan's own step at their longest, with {}: {}\n", titan_code, fmt::join(titan_rows, "; "));
     // A row ended by its own knobs or --seq's bound, not the budget: the next length's setup is invalid
     for (const auto& row : r.rows)
         if (row.max_seq > 0 && !row.invalid_beyond.empty())

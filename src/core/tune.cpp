@@ -113,6 +113,8 @@ std::vector<std::int64_t> chunk_options(std::int64_t tokens, std::optional<std::
 // torchtitan's ChunkedLossWrapper splits each rank's sequence evenly (its emitter refuses another count): the
 // smallest divisor of `seq` of at least `at_least`, at most `most`, else the largest below it (1 for a prime).
 bool even_lm_chunks(const std::string& format) { return format == "torchtitan"; }
+// torchtitan 0.3.0 checkpoints every block or none (its emitter refuses a count between).
+bool every_layer_or_none(const std::string& format) { return format == "torchtitan"; }
 std::int64_t dividing_chunks(std::int64_t seq, std::int64_t at_least, std::int64_t most) {
     for (std::int64_t c = std::max<std::int64_t>(at_least, 1); c <= most; ++c)
         if (seq % c == 0) return c;
@@ -145,14 +147,15 @@ std::int64_t widest_expert_parallel(const TuneRequest& rq) {
 }
 
 // Whether the hf runtime's ZeRO-3 for `rq` is torch's FSDP2: the plan's trainer is no DeepSpeed format
-// (a script of python/mst_hf's users, which shards with fully_shard), or Axolotl asked to shard with its own
-// FSDP2 (--fsdp2-groups axolotl), and FSDP2 is modelled for the model and the knobs (validate_fsdp2_scope,
-// probed at ZeRO 3 over two ranks: the stage and the ranks are the search's).
+// (a script of python/mst_hf's users, which shards with fully_shard; torchtitan, whose FSDP2 fully shards by
+// default), or Axolotl asked to shard with its own FSDP2 (--fsdp2-groups axolotl), and FSDP2 is modelled for
+// the model and the knobs (validate_fsdp2_scope, probed at ZeRO 3 over two ranks: the stage and the ranks are
+// the search's).
 bool fsdp2_is_zero3(const TuneRequest& rq) {
     const bool axolotl = rq.base.fsdp2_groups == Fsdp2Groups::Axolotl;
+    const bool torch_trainer = rq.for_format.empty() || rq.for_format == "hf-mst" || rq.for_format == "torchtitan";
     if (rq.base.runtime != Runtime::Hf) return false;
-    if (rq.for_format == "axolotl" ? !axolotl : !(rq.for_format.empty() || (rq.for_format == "hf-mst" && !axolotl)))
-        return false;
+    if (rq.for_format == "axolotl" ? !axolotl : !(torch_trainer && !axolotl)) return false;
     TrainingSetup probe = rq.base;
     probe.zero_stage = 3, probe.dp = 2, probe.fsdp2 = true;
     try {
@@ -326,15 +329,21 @@ public:
             // Offloading checkpoints (pinned: offload=yes) needs at least one checkpointed layer.
             const std::int64_t k_min = outer.offload_checkpoints ? 1 : 0;
             if (fastest_ && !can_beat(k_min, nullptr, *fastest_ * kRunnerUpSlack)) return;  // cannot compete
-            // Fewest checkpointed layers that fit with the most chunks (the previous outer choice's
-            // count is where the search starts).
-            const auto least_k = detail::least_fitting(k_min, L, hints_.k, [&](std::int64_t k) {
-                return fits(with(k, mlp_opts.back(), lm_opts.back()));
-            });
-            if (!least_k) return;
-            hints_.k = *least_k;
-            for (std::int64_t k = *least_k, step = 1; k <= L; k = (k == L ? L + 1 : std::min(L, k + step)), step *= 2)
-                ks.push_back({k, nullptr});
+            if (every_layer_or_none(rq_.for_format)) {
+                // (no count between: none where it fits with the most chunks, then every layer)
+                if (k_min == 0 && fits(with(0, mlp_opts.back(), lm_opts.back()))) ks.push_back({0, nullptr});
+                ks.push_back({L, nullptr});
+            } else {
+                // Fewest checkpointed layers that fit with the most chunks (the previous outer choice's
+                // count is where the search starts).
+                const auto least_k = detail::least_fitting(k_min, L, hints_.k, [&](std::int64_t k) {
+                    return fits(with(k, mlp_opts.back(), lm_opts.back()));
+                });
+                if (!least_k) return;
+                hints_.k = *least_k;
+                for (std::int64_t k = *least_k, step = 1; k <= L; k = (k == L ? L + 1 : std::min(L, k + step)), step *= 2)
+                    ks.push_back({k, nullptr});
+            }
             // --for: checkpoint counts the format cannot place (torchtitan: every layer or none)
             std::erase_if(ks, [&](const auto& c) { return refused(with(c.first, mlp_opts.back(), lm_opts.back())); });
             if (ks.empty()) return unsearched();
@@ -494,9 +503,11 @@ std::vector<int> zero_stages(const TuneRequest& rq) {
     }
     // (over several ranks its ZeRO-3 is FSDP2's fully_shard, for a script of python/mst_hf's users; DDP
     // cannot step bf16-master's fp32 masters on gradients it has not reduced: FSDP2's fp32 shards can)
+    // (torchtitan over several: its default, FSDP2 fully sharding; its replicate degree, DDP, is not modelled)
     if (!trains_in_deepspeed(rq.for_format)) {
         if (rq.gpus == 1 || !fsdp2_is_zero3(rq)) return {0};
-        return rq.base.precision == Precision::Bf16Master ? std::vector<int>{3} : std::vector<int>{0, 3};
+        return rq.base.precision == Precision::Bf16Master || rq.for_format == "torchtitan" ? std::vector<int>{3}
+                                                                                            : std::vector<int>{0, 3};
     }
     // (Axolotl's own FSDP2, asked for: its ZeRO-3 over several GPUs; its DDP is not modelled)
     if (rq.gpus > 1 && rq.for_format == "axolotl" && fsdp2_is_zero3(rq)) return {3};
@@ -617,7 +628,24 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
                                           : (s.zero_stage == 2 ? "waited for in backward's hooks, without overlap_comm"
                                                                : "after the last micro-step's backward, without overlap_comm"),
                            1e3 * best.time.comm_exposed_seconds);
-    if (s.fsdp2_shards() && s.zero_ranks() > 1) {
+    if (s.fsdp2_shards() && s.zero_ranks() > 1 && s.titan()) {
+        // (torchtitan's apply_fsdp, docs/torchtitan-model.md sections 0 and 3: its tail kept after the forward; a tied
+        // model's embedding in the tail's group; gradients reduced in fp32 whatever the parameters)
+        const bool tied = rq.model.tie_word_embeddings;
+        why += fmt::format("torchtitan's FSDP2 (fully_shard on {}, every decoder layer and the model) all-gathers a layer's "
+                           "parameters{} for its forward and again for its backward and reduce-scatters its gradients in "
+                           "fp32; {}{} {}, whose first gather and last reduce-scatter leave {:.1f} ms per step not hidden "
+                           "behind compute. ",
+                           tied ? "the embedding with the final norm and the LM head" : "the embedding, the final norm with the LM head",
+                           s.precision == Precision::Bf16Master ? " in bf16 (its fp32 shards are the master weights)" : "",
+                           tied ? "" : "the embedding's group is resharded after its forward as a layer's is; ",
+                           tied ? "the tail's group (embedding, final norm, LM head)" : "the tail's (final norm, LM head)",
+                           s.lm_chunks > 1 ? "is resharded after the final norm and gathered again for the loss's chunks and for "
+                                             "its backward"
+                           : tied          ? "stays gathered from the forward to the end of backward"
+                                           : "stays gathered from its forward to its backward",
+                           1e3 * best.time.comm_exposed_seconds);
+    } else if (s.fsdp2_shards() && s.zero_ranks() > 1) {
         // (accelerate's groups: an untied embedding is gathered as a layer is; the tail keeps the rest; its bf16 policy
         // reduces in bf16)
         // (Axolotl's: the model's own group reshards after its forward as the layers do)
@@ -735,16 +763,29 @@ void check_request(const TuneRequest& rq, const char* command) {
                  fmt::format("expected DeepSpeed's defaults with axolotl (Axolotl's FSDP2 runs no DeepSpeed engine), got {}",
                              deepspeed_options(rq.base)));
     }
-    // The hf runtime's data parallelism is torch's DDP or FSDP2 as python/mst_hf's users run them, or
-    // DeepSpeed's ZeRO engine (deepspeed, axolotl); torchtitan reduces gradients its own way, not modelled.
-    if (rq.base.runtime == Runtime::Hf && rq.gpus > 1 && !rq.for_format.empty() && rq.for_format != "hf-mst" &&
-        !trains_in_deepspeed(rq.for_format))
-        fail(command, "for",
-             fmt::format("expected hf-mst, deepspeed or axolotl with runtime hf and {} GPUs (its data parallelism is torch's "
-                         "DDP or FSDP2, or DeepSpeed's ZeRO engine; {}'s gradient reduction is not modelled in it; --runtime "
-                         "kernels plans {} GPUs for it with mst-plan's own kernels' memory, which Hugging Face's model "
-                         "exceeds), got {}",
-                         rq.gpus, rq.for_format, rq.gpus, rq.for_format));
+    // The hf runtime's data parallelism is torch's DDP or FSDP2 as python/mst_hf's users run them, DeepSpeed's
+    // ZeRO engine (deepspeed, axolotl), or torchtitan's default: FSDP2 fully sharding (zero_stages), in its own
+    // layout (resharded after each forward, gradients reduce-scattered every micro-batch: its loop never skips the
+    // sync), inside what its own step models (titan_scope_refusal: its Llama-3 code in pure bf16 or bf16-master).
+    if (rq.base.runtime == Runtime::Hf && rq.gpus > 1 && rq.for_format == "torchtitan") {
+        if (rq.base.fsdp2_no_sync)
+            fail(command, "fsdp2_no_sync", "expected false with --for torchtitan (its loop reduce-scatters every micro-batch's "
+                                           "gradients), got true");
+        if (!rq.base.fsdp2_reshard_after_forward)
+            fail(command, "fsdp2_reshard_after_forward",
+                 "expected true with runtime hf and --for torchtitan (its default; fsdp_reshard_after_forward never, ZeRO 2, is "
+                 "planned by --runtime kernels), got false");
+        // (the asked-for knobs the search keeps: a step of one micro-batch with no layer checkpointed is its start)
+        TrainingSetup probe = rq.base;
+        probe.zero_stage = 3, probe.dp = rq.gpus, probe.fsdp2 = true, probe.model_code = ModelCode::Torchtitan;
+        probe.micro_batch = probe.grad_accum = probe.mlp_chunks = probe.lm_chunks = 1;
+        probe.checkpoint.clear(), probe.offload_checkpoints = false;
+        if (const auto outside = titan_scope_refusal(probe, rq.model))
+            fail(command, "for",
+                 fmt::format("torchtitan over {} GPUs is planned with its own step (runtime hf; --runtime kernels plans "
+                             "others with mst-plan's own kernels' memory), whose {}: {}",
+                             rq.gpus, outside->field, outside->expected));
+    }
     if (rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format) && rq.gpus > limits::kDeepSpeedRanks)
         fail(command, "gpus", fmt::format("expected at most {} with runtime hf and --for {} (every rank of DeepSpeed's engine "
                                           "is walked; --runtime kernels plans more), got {}",
@@ -770,11 +811,14 @@ void check_request(const TuneRequest& rq, const char* command) {
     }
     if (rq.base.runtime == Runtime::Hf && rq.pins.zero_stage &&
         std::find(zeros.begin(), zeros.end(), *rq.pins.zero_stage) == zeros.end())
-        fail(command, "pin", fmt::format("zero={}: expected {} with runtime hf{} (ZeRO 0 is torch's DDP, 3 torch's FSDP2 for a "
-                                         "dense model with bf16 weights or fp32 ones under its bf16 policy, 1 to 3 DeepSpeed's "
-                                         "engine, which --for deepspeed and axolotl train in)",
-                                         *rq.pins.zero_stage, fmt::join(zeros, " or "),
-                                         rq.for_format.empty() ? "" : " and --for " + rq.for_format));
+        fail(command, "pin", fmt::format("zero={}: expected {} with runtime hf{} ({})", *rq.pins.zero_stage, fmt::join(zeros, " or "),
+                                         rq.for_format.empty() ? "" : " and --for " + rq.for_format,
+                                         rq.for_format == "torchtitan" && rq.gpus > 1
+                                             ? "torchtitan's default, FSDP2 fully sharding, is what it plans over several GPUs; "
+                                               "--runtime kernels plans its ZeRO 2, reshard never, and its replicate degree"
+                                             : "ZeRO 0 is torch's DDP, 3 torch's FSDP2 for a dense model with bf16 weights or fp32 "
+                                               "ones under its bf16 policy, 1 to 3 DeepSpeed's engine, which --for deepspeed and "
+                                               "axolotl train in"));
     as_planned.zero_stage = rq.pins.zero_stage.value_or(zeros.front());  // (the hf runtime: DDP's or DeepSpeed's rules)
     // (at the length asked for, which an error names: sdpa under a sliding window; max-seq: the setup's)
     if (rq.seq_len >= 1 && rq.seq_len <= limits::kSeqLen) as_planned.seq_len = rq.seq_len;
@@ -871,7 +915,8 @@ std::optional<Recommendation::Leanest> leanest(const TuneRequest& rq, std::int64
         s.lm_chunks = dividing_chunks(s.seq_len / s.sp, s.lm_chunks, limits::kChunks);
     if (rq.pins.lm_impl) s.lm_impl = *rq.pins.lm_impl;
     s.mlp_impl = rq.pins.mlp_impl.value_or(MlpImpl::Tiled);
-    const auto runs = [&](const TrainingSetup& t) {
+    const auto runs = [&](TrainingSetup t) {
+        take_model_code(t, rq);
         return valid(t, m) && (rq.for_format.empty() || refusal_of(rq.for_format, t, m).empty());
     };
     // What the runtime or the trainer refuses gives way, one knob after the other (those not pinned):
@@ -1041,6 +1086,7 @@ Recommendation recommend(const TuneRequest& rq) {
                                 s.mlp_impl = mi, s.lm_impl = li;
                                 s.optimizer_in_backward = in_bwd || rq.base.optimizer_in_backward;
                                 if (s.optimizer_in_backward && (s.grad_accum > 1 || (rq.gpus > 1 && zero >= 2))) continue;
+                                take_model_code(s, rq);  // (--for torchtitan: its FSDP2 runs its own model code only)
                                 if (!expressible(s)) continue;
                                 search.inner(s);
                             }
@@ -1285,6 +1331,7 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
             // chunks, as it runs.
             auto refusal = [&](TrainingSetup t, bool mst_mlp) {
                 if (run.mst) t.mlp_chunks = mst_mlp ? 2 : 1, t.lm_chunks = 2;
+                take_model_code(t, rq);  // (--for torchtitan: its FSDP2 runs its own model code only)
                 std::string why = refusal_of(rq.for_format, t, m);
                 // (and the hf runtime's ZeRO-3 scope: no chunked loss for a model that soft-caps lm_head's output)
                 if (why.empty() && t.deepspeed_zero3()) {
@@ -1315,8 +1362,8 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
                     break;
                 }
             // A row the trainer refuses at ZeRO-3 (python/mst_hf's chunked loss for a model that soft-caps
-            // lm_head's output) shards at ZeRO 2 there.
-            if (ours && !row.refused.empty() && run.setup.zero_stage == 3) {
+            // lm_head's output) shards at ZeRO 2 there (not torchtitan's: the hf runtime plans its FSDP2 alone).
+            if (ours && !row.refused.empty() && run.setup.zero_stage == 3 && !(hf && rq.for_format == "torchtitan")) {
                 TrainingSetup z2 = run.setup;
                 z2.zero_stage = 2;
                 take_engine(z2, rq);

@@ -257,6 +257,16 @@ void check(const TrainingSetup& s, const ModelSpec& model) {
     if (s.zero_stage == 1 && s.zero_ranks() > 1)
         fail(kWhere, "setup.zero_stage",
              "expected 0, 2 or 3 (FSDP2 shards gradients with the optimizer states: there is no ZeRO-1), got 1");
+    // The hf runtime's fsdp2 is torchtitan's FSDP2 with torchtitan's own model code (its step, titan.cpp) only; with
+    // transformers' it is python/mst_hf's fully_shard, not torchtitan's.
+    if (s.fsdp2 && !s.titan()) {
+        TrainingSetup own = s;
+        own.model_code = ModelCode::Torchtitan;
+        if (const auto outside = titan_scope_refusal(own, model)) fail(kWhere, std::string("setup.") + outside->field, outside->expected);
+        fail(kWhere, "setup.model_code",
+             "expected torchtitan with fsdp2 (torchtitan's FSDP2 is modelled with its own model code; transformers' with "
+             "fsdp2 is python/mst_hf's fully_shard: emit --format hf-mst), got transformers");
+    }
 }
 
 }  // namespace
