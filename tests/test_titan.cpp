@@ -5,7 +5,10 @@
 // 16 layers, tied) on one GPU at S 256, and the scope the model is proven for.
 #include <doctest/doctest.h>
 
+#include <nlohmann/json.hpp>
+
 #include "mst/catalog.hpp"
+#include "mst/compare.hpp"
 #include "mst/emit.hpp"
 #include "mst/error.hpp"
 #include "mst/setup.hpp"
@@ -81,6 +84,26 @@ TEST_CASE("torchtitan's step holds its FSDP2 groups' gradients from the last ste
     const Summary batched = summarize(simulate(m, two, test::test_gpu()), m.num_layers);
     CHECK(batched.peak.bytes == weights + optimizer + kL * 2 * kLayer + 4 * R + 4 * R + 2 * R + step2);
     CHECK(batched.peak.bytes == 14'615'624'344);  // the referee's record (micro-batch 2: docs/torchtitan-model.md, section 1)
+}
+
+TEST_CASE("torchtitan accumulating micro-batches adds each later one's gradients into the sharded ones and keeps their inputs") {
+    // Trainer.train_step: gradients zeroed and valid tokens counted once; FSDP2 reduce-scatters every micro-batch,
+    // a later one's bf16 cast added into the sharded gradients; each micro-batch's input and positions (2 x 8 S)
+    // written back into the step's batch dicts, held to its end; the previous micro-batch's loss (4) held to the
+    // end of the next one's backward. The peak, the root's post-backward of the last micro-batch, holds the root's
+    // sharded gradient from the ones before (2 R) beside what one micro-batch's holds.
+    const ModelSpec m = find_model("llama-3.2-1b");
+    const std::int64_t R = 2 * kV * kD + kD;
+    const Summary one = summarize(simulate(m, titan_setup(kS), test::test_gpu()), m.num_layers);
+    for (const auto& [accumulation, referee] : {std::pair<std::int64_t, bytes_t>{2, 15'666'299'964}, {3, 15'666'304'060}}) {
+        CAPTURE(accumulation);
+        TrainingSetup s = titan_setup(kS);
+        s.grad_accum = accumulation;
+        const Summary sum = summarize(simulate(m, s, test::test_gpu()), m.num_layers);
+        CHECK(sum.end_bytes == one.end_bytes);
+        CHECK(sum.peak.bytes == one.peak.bytes + 2 * R + 2 * 8 * kS * (accumulation - 1) + 4);
+        CHECK(sum.peak.bytes == referee);  // the referee's records (python/tests/test_titan_referee.py)
+    }
 }
 
 TEST_CASE("torchtitan's chunked loss reduces its LM head's gradient alone and keeps a second root buffer") {
@@ -180,7 +203,7 @@ TEST_CASE("torchtitan's model code is refused in one line outside the setups it 
     CHECK(refused([](TrainingSetup& s) { s = sharded_setup(kS, 2), s.fsdp2_reshard_after_forward = false; })
               .starts_with("setup: fsdp2_groups: expected torchtitan's own FSDP2 layout"));
     CHECK(refused([](TrainingSetup& s) { s.fsdp2 = true; }).starts_with("setup: zero_stage: expected 0 without fsdp2 on one GPU"));
-    CHECK(refused([](TrainingSetup& s) { s.grad_accum = 2; }).starts_with("setup: grad_accum: expected 1"));
+    CHECK_NOTHROW(validate([] { TrainingSetup s = titan_setup(kS); s.grad_accum = 3; return s; }(), m));
     CHECK(refused([](TrainingSetup& s) { s.optimizer_impl = OptimizerImpl::Foreach; }).starts_with("setup: optimizer_impl: expected fused"));
     CHECK(refused([](TrainingSetup& s) { s.precision = Precision::AmpFp32, s.state_dtype = StateDtype::Fp32; })
               .starts_with("setup: precision: expected pure-bf16 or bf16-master"));
@@ -209,4 +232,29 @@ TEST_CASE("a plan of torchtitan's own model code is emitted for torchtitan alone
                   .starts_with(format + ": setup.model_code: expected transformers"));
     // over several GPUs its FSDP2 is the plan's fsdp2 (zero_stage 3): torchtitan's own sharding, not refused as torch's
     check_expressible("torchtitan", sharded_setup(kS, 2), m);
+}
+
+TEST_CASE("compare takes a kernels-runtime plan's torchtitan run as torchtitan's own step too, where that is modelled") {
+    // The titan referee records torchtitan's own code whatever runtime planned it: a kernels-runtime plan of ZeRO 3
+    // over two ranks is, as torchtitan runs it, the hf runtime's fsdp2 with model_code torchtitan.
+    const ModelSpec m = find_model("llama-3.2-1b");
+    TrainingSetup planned = sharded_setup(kS, 2);
+    planned.runtime = Runtime::Kernels, planned.fsdp2 = false;  // (the kernels runtime's ZeRO 3)
+    StepFile run = test::measured_rank(planned, "llama-3.2-1b", -1);
+    run.timeline = simulate(m, sharded_setup(kS, 2), test::test_gpu());  // (what the referee records: section 3)
+    run.timeline.model = "llama-3.2-1b";
+    const auto titan = as_torchtitan_step(run);
+    REQUIRE(titan);
+    const TrainingSetup s = parse_setup(nlohmann::json::parse(titan->setup_json), m, "setup");
+    CHECK((s.runtime == Runtime::Hf && s.titan() && s.fsdp2 && s.zero_stage == 3 && s.dp == 2));
+    CHECK(compare_timelines(predict_measured(*titan), run.timeline, m.num_layers).identical());
+    // ZeRO 2 (fsdp_reshard_after_forward never) is not modelled for its step; a run of transformers' code, or one
+    // the hf runtime planned (compare re-simulates it as it is), has nothing more to show
+    for (const auto& edit : std::vector<void (*)(TrainingSetup&)>{[](TrainingSetup& t) { t.zero_stage = 2; },
+                                                                  [](TrainingSetup& t) { t.model_code = ModelCode::Transformers; },
+                                                                  [](TrainingSetup& t) { t.runtime = Runtime::Hf, t.fsdp2 = true; }}) {
+        TrainingSetup other = planned;
+        edit(other);
+        CHECK_FALSE(as_torchtitan_step(test::measured_rank(other, "llama-3.2-1b", -1)));
+    }
 }

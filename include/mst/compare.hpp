@@ -104,6 +104,11 @@ std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured, std:
 // The simulator's prediction for the model and setup a measurement recorded.
 Timeline predict_measured(const StepFile& measured, std::string* note = nullptr);
 
+// A torchtitan run of a kernels-runtime plan (model_code torchtitan, runtime kernels) as torchtitan's own step
+// would predict it: the measurement with its setup's runtime hf (and fsdp2 for ZeRO 3 over several ranks), as
+// recommend --for torchtitan plans it; none where that step is not modelled for the setup or the run is another.
+std::optional<StepFile> as_torchtitan_step(const StepFile& measured);
+
 // A peaks-only measurement against the simulator's allocated and reserved peaks for the
 // same model and setup on `gpu` (whose cuBLAS workspace a real trainer allocates too).
 std::vector<CompareRow> compare_peaks(const StepFile& measured, const GpuProfile& gpu, std::string* note = nullptr);

@@ -422,6 +422,16 @@ class StorageRecorder(TorchDispatchMode):
             s = self._track(st, "init", "gpu", category)
             self.events.append(Event(True, s.tensor, s.nbytes, "gpu", "init", layer_of(name), 0, op, name))
 
+    def adopt(self, t: torch.Tensor, name: str) -> None:
+        """A storage made while recording was off (an unrecorded micro-step's), tracked from here: its allocation
+        is written now, in the current phase, and its free when it goes."""
+        st = t.untyped_storage()
+        if id(st) in self._live or st.nbytes() == 0:
+            return
+        self._flush()
+        s = self._track(st, self._phase())
+        self._write(self._event(True, s, name))
+
     def _track(self, st: Any, phase: str, device: str = "gpu", category: Optional[str] = None) -> _Storage:
         s = _Storage(len(self._all), st.nbytes(), phase, device, category)
         self._all.append(s)

@@ -22,6 +22,12 @@ class Observer:
     def phase(self, name: str, micro_step: int) -> None:
         """``forward`` (the batch's copy included), ``backward`` or ``optimizer``."""
 
+    def held_inputs(self, copying: bool) -> None:
+        """Around the copy of a micro-batch's inputs that the step keeps to its end (torchtitan's)."""
+
+    def kept(self, tensor: Any, name: str) -> None:
+        """A micro-step's tensor the next one keeps (torchtitan's loss, until the next micro-step's replaces it)."""
+
 
 def to_device(batch: Any, device: str) -> Any:
     """The copy of a host batch on the device. Without a GPU (the CPU, fake tensors) the copy

@@ -37,8 +37,10 @@ gradients (torchtitan sets them to None as the next step begins). FSDP2's buffer
 marked as it makes them (:class:`mst_referee.fsdp2.Fsdp2`), each checkpointed block's input as a
 checkpoint.
 
-Recorded are the first two micro-steps (the second stands for the others: with more, the inputs the
-step keeps of the later ones, two int64 [B, S] tensors each, are not recorded) and the optimizer step;
+Recorded are the first micro-step, the last (as micro-step 1: it stands for the others) and the optimizer
+step; of the micro-steps between only the inputs and positions the step keeps to its end (two int64 [B, S]
+tensors each, so that the last holds them all, as it does), the loss of the one before the last (which the
+last holds to its end: registered as its backward returns) and the frees of recorded tensors;
 a step that logs (its loss's copies, a few scalars) is not run. The module must be the plan's: every
 knob mst-plan's emitter writes is compared with the plan (model dimensions, batch, ranks, dtypes,
 resharding, checkpoints, the loss's chunks, the optimizer, flex attention), and a difference is one
@@ -425,10 +427,14 @@ class Titan:
         groups = [(dict(input_dict), host_labels) for input_dict, host_labels in batches]  # (the step's own)
         for micro, (input_dict, host_labels) in enumerate(groups):
             observer.phase("forward", micro)
+            observer.held_inputs(True)
             for key, value in input_dict.items():
                 input_dict[key] = to_device(value, "fake")
+            observer.held_inputs(False)
             labels = to_device(host_labels, "fake")
             loss = self._forward_backward(input_dict, labels, global_valid_tokens, observer, micro)
+            if micro == len(groups) - 2:
+                observer.kept(loss, "loss")
         observer.phase("optimizer", len(groups) - 1)
         dist_utils.clip_grad_norm_([p for p in model.parameters()], self.config.training.max_norm, foreach=True,
                                    pp_mesh=None, ep_enabled=self.dims.ep_enabled)
@@ -480,15 +486,27 @@ def parallel_dims(config: Any, ranks: int) -> Any:
 
 
 class _Recording(Observer):
-    """Phase and micro-step for the recorder: the first two micro-steps and the optimizer step."""
+    """Phase and micro-step for the recorder: the first micro-step, the last (as micro-step 1: it stands for the
+    others) and the optimizer step; of the micro-steps between, the inputs and positions the step keeps to its end
+    (and every free of a recorded tensor, such as the first micro-step's labels and loss)."""
 
-    def __init__(self, recorder: Any) -> None:
+    def __init__(self, recorder: Any, micro_steps: int) -> None:
         self.r = recorder
+        self.last = micro_steps - 1
+        self.whole = True
 
     def phase(self, name: str, micro_step: int) -> None:
-        self.r.recording = micro_step < 2 or name == "optimizer"
+        self.whole = micro_step in (0, self.last) or name == "optimizer"
+        self.r.recording = self.whole
         self.r.micro_step = min(micro_step, 1)
         self.r.phase = name
+
+    def held_inputs(self, copying: bool) -> None:
+        self.r.recording = self.whole or copying
+
+    def kept(self, tensor: Any, name: str) -> None:
+        if not self.whole:  # (the micro-step before the last's loss: the last holds it to its end, as each does)
+            self.r.adopt(tensor, name)
 
 
 def titan_step(plan: Mapping[str, Any], module_dir: Path, rank: int = 0, where: str = "plan") -> Dict[str, Any]:
@@ -537,7 +555,7 @@ def titan_step(plan: Mapping[str, Any], module_dir: Path, rank: int = 0, where: 
         valid = titan.valid_tokens(batches)
         try:
             with recorder.tracking(model), recorder:
-                titan.train_step(batches, valid, _Recording(recorder))
+                titan.train_step(batches, valid, _Recording(recorder, titan.accumulation))
             recorder.close()
         finally:
             for h in hooks:

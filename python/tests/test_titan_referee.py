@@ -268,6 +268,21 @@ def test_torchtitans_step_over_several_gpus_is_the_simulators_event_for_event(tm
     assert "timelines identical: every allocation and free matches" in compared.stdout, compared.stdout[-1500:]
 
 
+@pytest.mark.parametrize("gpus, tokens, chunks, checkpoint", [(1, 768, 1, "0"), (2, 2048, 2, "all")])
+def test_accumulated_micro_batches_are_the_simulators_event_for_event(tmp_path, gpus, tokens, chunks, checkpoint):
+    # Gradient accumulation (docs/torchtitan-model.md, section 12): 3 micro-batches on one GPU, 4 over two ranks with
+    # FullAC and 2 loss chunks. The referee records the first, the last and what the ones between leave (their inputs,
+    # the loss before the last); every allocation and free compared.
+    recommend = ["recommend", "--model", "llama-3.2-1b", "--gpu", "h100-sxm-80gb", "--gpus", str(gpus), "--seq", "256",
+                 "--for", "torchtitan", "--tokens-per-step", str(tokens), "--pin", "micro_batch=1",
+                 "--pin", f"lm_chunks={chunks}", "--pin", f"checkpoint={checkpoint}"]
+    record, compared, _ = _record_titan(tmp_path, recommend)
+    accumulation = tokens // (256 * gpus)
+    assert record["setup"]["model_code"] == "torchtitan" and record["setup"]["grad_accum"] == accumulation
+    assert (record["timeline"]["micro_steps"], record["timeline"]["micro_steps_recorded"]) == (accumulation, 2)
+    assert "timelines identical: every allocation and free matches" in compared.stdout, compared.stdout[-1500:]
+
+
 def test_several_sequences_a_micro_batch_are_the_simulators_event_for_event(tmp_path):
     # Micro-batch 2 (the block mask's other branch, the RoPE rows gathered per row, the chunked loss's copies of each
     # row's chunks), with FullAC and 4 loss chunks: every allocation and free compared.
@@ -278,17 +293,20 @@ def test_several_sequences_a_micro_batch_are_the_simulators_event_for_event(tmp_
     assert "timelines identical: every allocation and free matches" in compared.stdout, compared.stdout[-1500:]
 
 
-@pytest.mark.parametrize("model, gpus, checkpoint, peak", [("llama-3.2-1b", 1, [], 29_170_059_228),
-                                                           ("llama-3-8b", 1, list(range(32)), 68_579_330_460),
-                                                           ("llama-3-8b", 8, [], 61_125_735_840)])
-def test_recommend_plans_with_torchtitans_own_step_where_it_is_modelled(tmp_path, model, gpus, checkpoint, peak):
+@pytest.mark.parametrize("model, gpus, options, checkpoint, peak", [
+    ("llama-3.2-1b", 1, (), [], 29_170_059_228), ("llama-3-8b", 1, (), list(range(32)), 68_579_330_460),
+    ("llama-3-8b", 8, (), [], 61_125_735_840),
+    ("llama-3-8b", 8, ("--tokens-per-step", "524288"), [], 63_134_218_660),  # (8 micro-batches a step)
+])
+def test_recommend_plans_with_torchtitans_own_step_where_it_is_modelled(tmp_path, model, gpus, options, checkpoint, peak):
     # recommend --for torchtitan's own picks at 8k on one H100 (the loss in 2 chunks; Llama-3-8B, untied, with every
     # layer checkpointed: README's example) and on 8 (its FSDP2 fully sharding: no layer checkpointed) are inside what
     # torchtitan's step is modelled for, so they are planned with that step: the plan's prediction is the referee's
     # peak, event for event, and neither recommend nor the module cautions. (Predicted with transformers' code, the
-    # one-GPU Llama-3-8B's was 65,126,287,012 bytes: -5.0 %; the kernels runtime's plan on 8, +14.1 % below.)
+    # one-GPU Llama-3-8B's was 65,126,287,012 bytes: -5.0 %; the kernels runtime's plan on 8, +14.1 % below.) With a
+    # global batch of 64 sequences on 8 GPUs the pick accumulates 8 micro-batches (torchtitan's own loop).
     recommend = ["recommend", "--model", model, "--gpu", "h100-sxm-80gb", "--gpus", str(gpus), "--seq", "8192",
-                 "--for", "torchtitan"]
+                 "--for", "torchtitan", *options]
     record, compared, module = _record_titan(tmp_path, recommend)
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["setup"]["model_code"] == "torchtitan" and plan["setup"]["lm_chunks"] == 2
@@ -315,6 +333,20 @@ def test_llama_3_8b_on_8_gpus_holds_what_the_caution_quotes(tmp_path):
     assert "note: torchtitan's own step is not modelled for this run (the plan's runtime is kernels)" in compared.stdout
     assert ("measured -31 % to +99 % against such predictions (20 plans under FSDP2 or DDP, expert parallelism among "
             "them; Llama-3-8B at 8192 tokens on 8 H100s: +14.1 %)") in " ".join(module.split())
+
+
+def test_compare_shows_a_kernels_plans_run_as_torchtitans_own_step(tmp_path):
+    # A kernels-runtime plan (Llama-3-8B at 8k on 8 H100s, ZeRO 3: python/README.md's table) that torchtitan's own step
+    # is modelled for: compare --run shows the plan's error, then the run re-simulated as that step, event for event.
+    from mst_clients.matrix import Entry
+
+    _, compared, _ = _record_titan(tmp_path, Entry("llama-3-8b", 8, SEQ, pins=("zero=3",)).recommend_args("torchtitan"))
+    assert _peak_row(compared) == ["59015152640", "67148431776", "+8133279136", "+13.782%"]
+    titan = compared.stdout.split("as torchtitan's own step (model_code torchtitan: the same setup with runtime hf and "
+                                  "fsdp2")[1]
+    assert next(line.split() for line in titan.splitlines() if line.startswith("peak "))[1:5] == \
+        ["67148431776"] * 2 + ["+0", "+0.000%"]
+    assert "timelines identical: every allocation and free matches" in titan
 
 
 # The ends of the range `recommend --for torchtitan` cautions with (python/README.md's table of the torchtitan

@@ -50,6 +50,21 @@ std::string describe(const std::optional<Event>& e) {
                        e->micro_step, e->op);
 }
 
+// The rows of a comparison, then where its timelines first part (or that they do not).
+void print_comparison(const Comparison& c) {
+    Table t({"", "predicted", "measured", "error", "relative"});
+    for (const CompareRow& r : c.rows)
+        t.row({r.label, std::to_string(r.predicted), std::to_string(r.measured), fmt::format("{:+d}", r.error()),
+               relative_text(r.relative())});
+    t.print();
+    if (c.identical()) {
+        fmt::print("\ntimelines identical: every allocation and free matches\n");
+    } else {
+        fmt::print("\nfirst divergence at event {}:\n  predicted: {}\n  measured:  {}\n", *c.divergence,
+                   describe(c.predicted_event), describe(c.measured_event));
+    }
+}
+
 void run_compare(const GlobalOptions& g, const CompareArgs& a) {
     StepFile predicted, measured;
     std::string note;  // --run: a torchtitan run re-simulated as its plan predicted it, and why
@@ -74,6 +89,14 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
     for (const Timeline* t : {&predicted.timeline, &measured.timeline})
         for (const Event& e : t->events) layers = std::max<std::int64_t>(layers, e.layer + 1);
     const Comparison c = compare_timelines(predicted.timeline, measured.timeline, layers);
+    // --run of a torchtitan run a kernels-runtime plan made: also torchtitan's own step, where it is modelled
+    std::optional<Comparison> titan;
+    bool titan_fsdp2 = false;
+    if (!a.run_file.empty())
+        if (const auto as_titan = as_torchtitan_step(measured)) {
+            titan = compare_timelines(predict_measured(*as_titan), measured.timeline, layers);
+            titan_fsdp2 = nlohmann::json::parse(as_titan->setup_json).value("fsdp2", false);
+        }
 
     OutputFiles outputs(g.json);  // (--json: the document on stdout is this command's own)
     for (const std::string& in : a.files) outputs.input(in);
@@ -86,23 +109,20 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
     if (g.json) {
         nlohmann::json doc = to_json(c);
         if (!note.empty()) doc["note"] = note;
+        if (titan) doc["as_torchtitan_step"] = to_json(*titan);
         return print_json(doc);
     }
 
     fmt::print("{}: predicted ({}, {} events) vs measured ({}, {} events)\n\n", measured.timeline.model,
                predicted.timeline.source, c.predicted_events, measured.timeline.source, c.measured_events);
-    Table t({"", "predicted", "measured", "error", "relative"});
-    for (const CompareRow& r : c.rows)
-        t.row({r.label, std::to_string(r.predicted), std::to_string(r.measured), fmt::format("{:+d}", r.error()),
-               relative_text(r.relative())});
-    t.print();
-    if (c.identical()) {
-        fmt::print("\ntimelines identical: every allocation and free matches\n");
-    } else {
-        fmt::print("\nfirst divergence at event {}:\n  predicted: {}\n  measured:  {}\n", *c.divergence,
-                   describe(c.predicted_event), describe(c.measured_event));
-    }
+    print_comparison(c);
     if (!note.empty()) fmt::print("\nnote: {}\n", note);
+    if (titan) {
+        fmt::print("\nas torchtitan's own step (model_code torchtitan: the same setup with runtime hf{}, as recommend --for "
+                   "torchtitan plans it):\n\n",
+                   titan_fsdp2 ? " and fsdp2" : "");
+        print_comparison(*titan);
+    }
 }
 
 }  // namespace

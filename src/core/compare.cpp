@@ -356,6 +356,25 @@ std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured, std:
     return {std::move(model), std::move(setup)};
 }
 
+std::optional<StepFile> as_torchtitan_step(const StepFile& measured) {
+    if (measured.setup_json.empty() || measured.peaks) return std::nullopt;
+    const std::string path = resolve_model_path(measured);
+    const ModelSpec model = find_model(path.empty() ? measured.timeline.model : path);
+    TrainingSetup setup = parse_setup(nlohmann::json::parse(measured.setup_json), model, measured.path + ": setup");
+    if (setup.model_code != ModelCode::Torchtitan || setup.runtime != Runtime::Kernels) return std::nullopt;
+    setup.runtime = Runtime::Hf;
+    setup.fsdp2 = setup.dp > 1 && setup.zero_stage == 3;  // (torchtitan's FSDP2 fully sharding)
+    if (titan_scope_refusal(setup, model)) return std::nullopt;
+    try {
+        validate(setup, model);
+    } catch (const UserError&) {
+        return std::nullopt;
+    }
+    StepFile titan = measured;
+    titan.setup_json = to_json(setup).dump();
+    return titan;
+}
+
 Timeline predict_measured(const StepFile& measured, std::string* note) {
     const auto [model, setup] = measured_step(measured, note);
     GpuProfile gpu;  // only the fixed workspace shapes the timeline

@@ -567,7 +567,7 @@ void validate_fsdp2_scope(const TrainingSetup& s, const ModelSpec& m) {
 // bitsandbytes; MLP biases) is refused, not guessed: the kernels runtime models those.
 // torchtitan's own step (docs/torchtitan-model.md), proven event by event against mst_referee.titan for what
 // is modelled so far: its Llama-3 code on one GPU or fully sharded by FSDP2 over several, pure bf16 or bf16-master
-// (fp32 parameters cast to bf16 by FSDP2's mixed-precision policy), one micro-batch a step (of any size), every layer
+// (fp32 parameters cast to bf16 by FSDP2's mixed-precision policy), micro-batches of any size accumulated or not, every layer
 // checkpointed (FullAC) or none, the loss whole or in ChunkedLossWrapper's chunks.
 std::optional<FieldRefusal> titan_scope_refusal(const TrainingSetup& s, const ModelSpec& m) {
     const auto refuse = [](const char* field, const std::string& expected, const std::string& got) {
@@ -592,7 +592,6 @@ std::optional<FieldRefusal> titan_scope_refusal(const TrainingSetup& s, const Mo
         return refuse("fsdp2_groups", "torchtitan's own FSDP2 layout (fsdp2_groups mst_hf, resharded after forward, synced)",
                       to_string(s.fsdp2_groups));
     if (s.precision == Precision::AmpFp32) return refuse("precision", "pure-bf16 or bf16-master", to_string(s.precision));
-    if (s.grad_accum != 1) return refuse("grad_accum", "1", std::to_string(s.grad_accum));
     // (FullAC: torchtitan 0.3.0 checkpoints every block or none)
     if (const std::int64_t k = s.checkpointed_count(); k != 0 && k != m.num_layers)
         return refuse("checkpoint", fmt::format("none or all {} layers", m.num_layers), std::to_string(k));

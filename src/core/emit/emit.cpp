@@ -30,9 +30,9 @@ struct Format {
 // the table; python/tests/test_titan_referee.py re-runs the numbers quoted): where mst-plan models it
 // (model_code torchtitan, src/core/sim/titan.cpp) and what the referee measured elsewhere.
 constexpr const char* kTorchtitanScope =
-    "its Llama-3 code on one GPU or fully sharded by FSDP2 over several, in pure bf16 or bf16-master, one micro-batch a "
-    "step, every layer checkpointed or none, the loss whole or in chunks, which recommend --for torchtitan plans with "
-    "that step (runtime hf), equal to the referee event for event";
+    "its Llama-3 code on one GPU or fully sharded by FSDP2 over several, in pure bf16 or bf16-master, every layer "
+    "checkpointed or none, the loss whole or in chunks, which recommend --for torchtitan plans with that step (runtime "
+    "hf), equal to the referee event for event";
 constexpr const char* kTorchtitanMeasured =
     "The referee, running torchtitan's step from emitted modules, measured -31 % to +99 % against such predictions "
     "(20 plans under FSDP2 or DDP, expert parallelism among them; Llama-3-8B at 8192 tokens on 8 H100s: +14.1 %): "

@@ -977,11 +977,14 @@ private:
     // ---- torchtitan's model code in the hf runtime (titan.cpp, docs/torchtitan-model.md) ----
     bool titan_ = false;       // s_.titan()
     bool titan_chunked_loss() const { return titan_ && s_.lm_chunks > 1; }  // torchtitan's ChunkedLossWrapper
-    // the step's own tensors: the valid-token count and the batch (input, positions, labels), held to its end;
+    // the step's own tensors: its valid-token count; each micro-batch's input and positions (written back into the
+    // step's batch dicts: held to its end); the last micro-batch's labels and loss (each replaced by the next's)
+    T titan_valid_, titan_labels_, titan_loss_;
+    std::vector<T> titan_inputs_;
     // the flex block mask's document ids and offsets and its eight int32 block tensors, held through backward
-    T titan_valid_, titan_input_, titan_positions_, titan_labels_, titan_loss_;
     std::vector<T> titan_mask_;
     void titan_micro_step(int micro);
+    void titan_middle_micro_steps();
     void titan_zero_grad();
     void titan_block_mask();
     std::vector<T> titan_mask_mod();          // the tensors the mask_mod closes over: one row

@@ -394,29 +394,39 @@ T StepBuilder::titan_chunked_head_backward(HeadSaved& hs) {
     return dx;
 }
 
-// Trainer.train_step for one micro-batch (docs/torchtitan-model.md): zero_grad, the batch to the device,
-// the block mask, forward under FSDP2's hooks (the root group gathered from the embedding's forward to
-// the final callback, each layer around its forward and again its backward), the loss, backward, the
-// root's post-backward in the final callback; the batch and loss stay to the step's end.
+// Trainer.train_step for one micro-batch (docs/torchtitan-model.md): the first zeroes the gradients and
+// counts the step's valid tokens (all its micro-batches', on the host: all-reduced over the data-parallel
+// ranks); each takes its batch to the device, makes the block mask, runs forward under FSDP2's hooks (the
+// root group gathered from the embedding's forward to the final callback, each layer around its forward and
+// again its backward), the loss, backward (FSDP2 reduce-scatters every micro-batch's gradients, a later one's
+// added into the sharded gradients: fsdp2_reduce), the root's post-backward in the final callback. The
+// micro-batches' inputs and positions stay to the step's end (written back into its batch dicts), its labels
+// and loss until the next micro-batch's replace them.
 void StepBuilder::titan_micro_step(int micro) {
     micro_ = micro;
     phase_ = Phase::Forward;
     layer_ = -1;
     const std::int64_t L = m_.num_layers;
-    titan_zero_grad();
-    at("inputs");
-    T local, waited;
-    if (s_.dp > 1) {  // (the valid tokens all-reduced over the data-parallel ranks: a functional collective and its wait)
-        local = act("valid_tokens_local", 8, false);
-        T reduced = act("all_reduce", 8, false);
-        waited = act("wait_tensor", 8, false);
-        drop(reduced);
+    if (micro == 0) {
+        titan_zero_grad();
+        at("inputs");
+        T local, waited;
+        if (s_.dp > 1) {  // (the valid tokens all-reduced over the data-parallel ranks: a functional collective and its wait)
+            local = act("valid_tokens_local", 8, false);
+            T reduced = act("all_reduce", 8, false);
+            waited = act("wait_tensor", 8, false);
+            drop(reduced);
+        }
+        titan_valid_ = alloc("valid_tokens", 8, Category::SavedActivation);
+        drop(waited), drop(local);
     }
-    titan_valid_ = alloc("valid_tokens", 8, Category::SavedActivation);
-    drop(waited), drop(local);
-    titan_input_ = alloc("input", elems(tokens_, 1, 8), Category::SavedActivation);
-    titan_positions_ = alloc("positions", elems(tokens_, 1, 8), Category::SavedActivation);
-    titan_labels_ = alloc("labels", elems(tokens_, 1, 8), Category::SavedActivation);
+    at("inputs");
+    if (micro == 1) titan_middle_micro_steps();
+    titan_inputs_.push_back(alloc("input", elems(tokens_, 1, 8), Category::SavedActivation));
+    titan_inputs_.push_back(alloc("positions", elems(tokens_, 1, 8), Category::SavedActivation));
+    T labels = alloc("labels", elems(tokens_, 1, 8), Category::SavedActivation);
+    drop(titan_labels_);  // (the previous micro-batch's)
+    titan_labels_ = labels;
     titan_block_mask();
     // the root group (tied: the embedding, the final norm, the LM head), or an untied embedding's own
     fsdp2_pre_forward(fsdp2_embedding_group());
@@ -470,7 +480,26 @@ void StepBuilder::titan_micro_step(int micro) {
     fsdp2_after_backward();
     drop(head.hf_root);
     for (T& t : titan_mask_) drop(t);
+    drop(titan_loss_);  // (the previous micro-batch's, as the next one's returns)
     titan_loss_ = head.hf_loss;
+}
+
+// The micro-steps between the first and the last (the second recorded stands for the last, as the referee
+// records it): each keeps its input and positions to the step's end, so that the last holds every micro-batch's;
+// the first's labels go as the next's are copied, its loss as the next one's backward returns; the loss of the
+// one before the last (an fp32 scalar) stays into the last, to its end. Their other tensors come and go within
+// them (each later micro-batch's gradients added into the sharded ones).
+void StepBuilder::titan_middle_micro_steps() {
+    for (std::int64_t k = 1; k + 1 < s_.grad_accum; ++k) {
+        phase_ = Phase::Forward;
+        titan_inputs_.push_back(alloc("input", elems(tokens_, 1, 8), Category::SavedActivation));
+        titan_inputs_.push_back(alloc("positions", elems(tokens_, 1, 8), Category::SavedActivation));
+        if (k == 1) drop(titan_labels_);
+        phase_ = Phase::Backward;
+        if (k == 1) drop(titan_loss_);
+        if (k + 2 == s_.grad_accum) titan_loss_ = alloc("loss", 4, Category::SavedActivation);
+    }
+    phase_ = Phase::Forward;
 }
 
 // clip_grad_norm_(foreach) over the sharded gradients: each tensor's norm, their stack and its norm, the
@@ -492,7 +521,13 @@ void StepBuilder::titan_optimizer_step() {
     T clamped = act("clip_coef_clamped", g, false);
     drop(coef), drop(clamped), drop(total);
     at("optimizer.step");
-    drop(titan_valid_), drop(titan_input_), drop(titan_positions_), drop(titan_labels_), drop(titan_loss_);
+    // (the step's locals as its frame goes: the count, then its list of batch dicts, which Python frees last to
+    // first, but for the last micro-batch's, which its loop variable still holds: that one after them)
+    drop(titan_valid_);
+    const std::size_t pairs = titan_inputs_.size() / 2;
+    for (std::size_t k = pairs - 1; k-- > 0;) drop(titan_inputs_[2 * k]), drop(titan_inputs_[2 * k + 1]);
+    drop(titan_inputs_[2 * pairs - 2]), drop(titan_inputs_[2 * pairs - 1]);
+    drop(titan_labels_), drop(titan_loss_);
 }
 
 }  // namespace mst::sim

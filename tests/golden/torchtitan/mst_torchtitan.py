@@ -18,14 +18,14 @@ that much of the budget free; the prediction above is without it.
 
 mst-plan predicts this plan with the runtime's model, not torchtitan's own step: its runtime is
 outside what mst-plan models that step for (its Llama-3 code on one GPU or fully sharded by
-FSDP2 over several, in pure bf16 or bf16-master, one micro-batch a step, every layer
-checkpointed or none, the loss whole or in chunks, which recommend --for torchtitan plans with
-that step (runtime hf), equal to the referee event for event). The referee, running torchtitan's
-step from emitted modules, measured -31 % to +99 % against such predictions (20 plans under
-FSDP2 or DDP, expert parallelism among them; Llama-3-8B at 8192 tokens on 8 H100s: +14.1 %):
-FSDP2 even on one GPU, gradients reduced in fp32, the chunked loss's fp32 logits. `python -m
-mst_referee.titan PLAN.json DIR --out m.json` records a plan's step (python/README.md),
-`mst-plan compare --run m.json` shows where it differs.
+FSDP2 over several, in pure bf16 or bf16-master, every layer checkpointed or none, the loss
+whole or in chunks, which recommend --for torchtitan plans with that step (runtime hf), equal to
+the referee event for event). The referee, running torchtitan's step from emitted modules,
+measured -31 % to +99 % against such predictions (20 plans under FSDP2 or DDP, expert
+parallelism among them; Llama-3-8B at 8192 tokens on 8 H100s: +14.1 %): FSDP2 even on one GPU,
+gradients reduced in fp32, the chunked loss's fp32 logits. `python -m mst_referee.titan
+PLAN.json DIR --out m.json` records a plan's step (python/README.md), `mst-plan compare --run
+m.json` shows where it differs.
 """
 
 import dataclasses
