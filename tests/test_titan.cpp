@@ -106,6 +106,31 @@ TEST_CASE("torchtitan accumulating micro-batches adds each later one's gradients
     }
 }
 
+TEST_CASE("torchtitan's FSDP2 kept gathered from forward to backward (fsdp_reshard_after_forward never) is its referee's step") {
+    // Each layer's group stays gathered from its forward to its post-backward; the tail's, resharded by the chunked
+    // loss after the final norm, is gathered again for its backward. The titan referee's records of the plans
+    // `recommend --model M --gpu h100-sxm-80gb --gpus N --seq S --for torchtitan --fsdp2-reshard-after-forward false
+    // --pin lm_chunks=C --pin checkpoint=all` (python/tests/test_titan_referee.py), event for event:
+    struct Case {
+        const char* model;
+        std::int64_t dp, seq, chunks;
+        bytes_t referee;
+    };
+    for (const Case& c : {Case{"llama-3.2-1b", 2, 1024, 4, 9'485'926'492}, Case{"llama-3-8b", 4, 1024, 1, 30'500'913'692}}) {
+        CAPTURE(c.model);
+        const ModelSpec m = find_model(c.model);
+        TrainingSetup s = c.chunks > 1 ? chunked_setup(c.seq, c.chunks) : titan_setup(c.seq);
+        s.dp = c.dp, s.zero_stage = 3, s.fsdp2 = true, s.fsdp2_reshard_after_forward = false;
+        s.checkpoint.assign(static_cast<std::size_t>(m.num_layers), true);
+        const Summary kept = summarize(simulate(m, s, test::test_gpu()), m.num_layers);
+        CHECK(kept.peak.bytes == c.referee);
+        // every layer's parameters gathered at once at the end of forward: more than resharding after each holds
+        TrainingSetup resharded = s;
+        resharded.fsdp2_reshard_after_forward = true;
+        CHECK(kept.peak.bytes > summarize(simulate(m, resharded, test::test_gpu()), m.num_layers).peak.bytes);
+    }
+}
+
 TEST_CASE("torchtitan's chunked loss reduces its LM head's gradient alone and keeps a second root buffer") {
     const ModelSpec m = find_model("llama-3.2-1b");
     const Summary sum = summarize(simulate(m, chunked_setup(kS, 2), test::test_gpu()), m.num_layers);
@@ -200,8 +225,8 @@ TEST_CASE("torchtitan's model code is refused in one line outside the setups it 
     CHECK(refused([](TrainingSetup& s) { s.dp = 2; }).starts_with("setup: dp: expected 1, or several with fsdp2 and zero_stage 3"));
     // several GPUs: torchtitan's FSDP2 fully sharding, in its own layout
     CHECK_NOTHROW(validate(sharded_setup(kS, 2), m));
-    CHECK(refused([](TrainingSetup& s) { s = sharded_setup(kS, 2), s.fsdp2_reshard_after_forward = false; })
-              .starts_with("setup: fsdp2_groups: expected torchtitan's own FSDP2 layout"));
+    CHECK(refused([](TrainingSetup& s) { s = sharded_setup(kS, 2), s.fsdp2_no_sync = true; })
+              .starts_with("setup: fsdp2_no_sync: expected false (torchtitan's loop reduce-scatters"));
     CHECK(refused([](TrainingSetup& s) { s.fsdp2 = true; }).starts_with("setup: zero_stage: expected 0 without fsdp2 on one GPU"));
     CHECK_NOTHROW(validate([] { TrainingSetup s = titan_setup(kS); s.grad_accum = 3; return s; }(), m));
     CHECK(refused([](TrainingSetup& s) { s.optimizer_impl = OptimizerImpl::Foreach; }).starts_with("setup: optimizer_impl: expected fused"));
@@ -248,9 +273,16 @@ TEST_CASE("compare takes a kernels-runtime plan's torchtitan run as torchtitan's
     const TrainingSetup s = parse_setup(nlohmann::json::parse(titan->setup_json), m, "setup");
     CHECK((s.runtime == Runtime::Hf && s.titan() && s.fsdp2 && s.zero_stage == 3 && s.dp == 2));
     CHECK(compare_timelines(predict_measured(*titan), run.timeline, m.num_layers).identical());
-    // ZeRO 2 (fsdp_reshard_after_forward never) is not modelled for its step; a run of transformers' code, or one
-    // the hf runtime planned (compare re-simulates it as it is), has nothing more to show
-    for (const auto& edit : std::vector<void (*)(TrainingSetup&)>{[](TrainingSetup& t) { t.zero_stage = 2; },
+    // ZeRO 2 is its fsdp_reshard_after_forward never: the hf runtime's fsdp2 kept gathered from forward to backward
+    TrainingSetup zero2 = planned;
+    zero2.zero_stage = 2;
+    const auto never = as_torchtitan_step(test::measured_rank(zero2, "llama-3.2-1b", -1));
+    REQUIRE(never);
+    const TrainingSetup kept = parse_setup(nlohmann::json::parse(never->setup_json), m, "setup");
+    CHECK((kept.fsdp2 && kept.zero_stage == 3 && !kept.fsdp2_reshard_after_forward));
+    // Its replicate degree (ZeRO 0 over several ranks) is not modelled for its step; a run of transformers' code, or
+    // one the hf runtime planned (compare re-simulates it as it is), has nothing more to show
+    for (const auto& edit : std::vector<void (*)(TrainingSetup&)>{[](TrainingSetup& t) { t.zero_stage = 0; },
                                                                   [](TrainingSetup& t) { t.model_code = ModelCode::Transformers; },
                                                                   [](TrainingSetup& t) { t.runtime = Runtime::Hf, t.fsdp2 = true; }}) {
         TrainingSetup other = planned;

@@ -820,15 +820,15 @@ TEST_CASE("recommend and max-seq --for torchtitan over several GPUs plan torchti
     const auto refusal = [&](TuneRequest q) { return test::expect_user_error([&] { (void)recommend(q); }); };
     TuneRequest other = rq;
     other.model = find_model("mistral-7b-v0.1");
-    CHECK(refusal(other).starts_with("recommend: for: torchtitan over 8 GPUs is planned with its own step (runtime hf; "
-                                     "--runtime kernels plans others with mst-plan's own kernels' memory), whose model_code: "
-                                     "expected a model torchtitan trains with its own Llama-3 code"));
+    CHECK(refusal(other).starts_with("recommend: model: expected a model torchtitan trains with its own Llama-3 code"));
+    CHECK(refusal(other).ends_with("(torchtitan over 8 GPUs is planned with its own step in runtime hf; --runtime kernels "
+                                   "plans others with mst-plan's own kernels' memory)"));
     other = rq;
     other.base.precision = Precision::AmpFp32, other.base.state_dtype = StateDtype::Fp32;
-    CHECK(refusal(other).find("whose precision: expected pure-bf16 or bf16-master") != std::string::npos);
+    CHECK(refusal(other).starts_with("recommend: precision: expected pure-bf16 or bf16-master"));
     other = rq;
     other.base.fsdp2_no_sync = true;
-    CHECK(refusal(other).starts_with("recommend: fsdp2_no_sync: expected false with --for torchtitan"));
+    CHECK(refusal(other).starts_with("recommend: fsdp2_no_sync: expected false (torchtitan's loop reduce-scatters"));
     other = rq;
     other.pins.zero_stage = 2;
     CHECK(refusal(other).starts_with("recommend: pin: zero=2: expected 3 with runtime hf and --for torchtitan"));
@@ -836,7 +836,11 @@ TEST_CASE("recommend and max-seq --for torchtitan over several GPUs plan torchti
     TrainingSetup theirs = s;
     theirs.model_code = ModelCode::Transformers;
     CHECK(test::expect_user_error([&] { check_expressible("torchtitan", theirs, rq.model); })
-              .starts_with("torchtitan: setup.model_code: expected torchtitan with fsdp2"));
+              .starts_with("torchtitan: setup.model_code: expected torchtitan with runtime hf over several GPUs"));
+    theirs.fsdp2 = false, theirs.zero_stage = 0;  // (torch's DDP in this runtime, not torchtitan's replicate degree)
+    CHECK(test::expect_user_error([&] { check_expressible("torchtitan", theirs, rq.model); })
+              .starts_with("torchtitan: setup.dp: expected 1, or several with fsdp2 and zero_stage 3"));
+    theirs.fsdp2 = true, theirs.zero_stage = 3;
     theirs.checkpoint.assign(32, false);
     theirs.checkpoint[0] = theirs.checkpoint[1] = theirs.checkpoint[2] = true;
     CHECK(test::expect_user_error([&] { check_expressible("torchtitan", theirs, rq.model); })

@@ -105,8 +105,9 @@ std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured, std:
 Timeline predict_measured(const StepFile& measured, std::string* note = nullptr);
 
 // A torchtitan run of a kernels-runtime plan (model_code torchtitan, runtime kernels) as torchtitan's own step
-// would predict it: the measurement with its setup's runtime hf (and fsdp2 for ZeRO 3 over several ranks), as
-// recommend --for torchtitan plans it; none where that step is not modelled for the setup or the run is another.
+// would predict it: the measurement with its setup's runtime hf (over several ranks ZeRO 3 as fsdp2, ZeRO 2 as
+// fsdp2 kept gathered from forward to backward: torchtitan's fsdp_reshard_after_forward never), as recommend
+// --for torchtitan plans it; none where that step is not modelled for the setup or the run is another.
 std::optional<StepFile> as_torchtitan_step(const StepFile& measured);
 
 // A peaks-only measurement against the simulator's allocated and reserved peaks for the

@@ -31,6 +31,8 @@ inline constexpr std::int64_t kZero3Prefetch = 8;  // layers all-gathered ahead
 inline constexpr std::int64_t kRingRanks = 32;
 // DeepSpeed's ZeRO in the hf runtime: every dp rank's step is walked (each owns another partition).
 inline constexpr std::int64_t kDeepSpeedRanks = 128;
+// torchtitan's own step holds every micro-batch's inputs to the step's end, each walked as an allocation
+inline constexpr std::int64_t kTitanMicroSteps = 4096;
 inline constexpr std::int64_t kReduceBucket = std::int64_t{1} << 40;  // reduce_bucket_size, elements
 
 // ---- model config.json --------------------------------------------------------------

@@ -24,7 +24,7 @@ class Entry:
     seq: int
     precision: str = "bf16-master"
     pins: Tuple[str, ...] = ()
-    runtime: str = ""  # "" : hf on one GPU, kernels on several; "hf" on several: DeepSpeed's ZeRO 1/2 as it runs
+    runtime: str = ""  # "" : hf on one GPU, kernels on several; "hf" on several: DeepSpeed's ZeRO 1/2 or torchtitan's FSDP2 as they run
     gpu: str = "h100-sxm-80gb"
     options: Tuple[str, ...] = ()  # further recommend options, e.g. ("--optimizer", "sgd")
     formats: Tuple[str, ...] = ("deepspeed", "axolotl")  # the formats that can train the plan

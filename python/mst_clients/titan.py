@@ -57,9 +57,11 @@ def plan_rows(config, setup: Mapping[str, Any], layers: int) -> List[Tuple[str, 
          "bfloat16" if setup.get("precision", "pure-bf16") == "pure-bf16" else "float32"),
         ("training.mixed_precision_param", "compute dtype", training.mixed_precision_param, "bfloat16"),
         ("training.mixed_precision_reduce", "gradient reduction dtype", training.mixed_precision_reduce, "float32"),
-        # (as the emitter writes it: "never" for ZeRO 1/2 on any ranks, torchtitan's "default" for ZeRO 3 and 0)
+        # (as the emitter writes it: "never" for ZeRO 1/2 on any ranks and for the hf runtime's FSDP2 kept gathered
+        # from forward to backward, torchtitan's "default" for ZeRO 3 and 0)
         ("parallelism.fsdp_reshard_after_forward", "resharding after forward", par.fsdp_reshard_after_forward,
-         "never" if setup.get("zero_stage", 0) in (1, 2) else "default"),
+         "never" if setup.get("zero_stage", 0) in (1, 2) or not setup.get("fsdp2_reshard_after_forward", True)
+         else "default"),
         ("activation_checkpoint", "checkpointed layers",
          "all" if isinstance(ac, FullAC.Config) else "none" if ac is None else type(ac).__qualname__,
          "none" if checkpointed == 0 else "all" if checkpointed == layers else f"{checkpointed} of {layers}"),

@@ -114,6 +114,10 @@ def plan_facts(plan: Any, where: str) -> Dict[str, Any]:
     if isinstance(imbalance, bool) or not isinstance(imbalance, (int, float)) or not 1.0 <= imbalance <= facts["ep"]:
         fail(where, "setup.moe_imbalance", f"expected a number from 1 to the setup's ep ({facts['ep']}), got {imbalance!r}")
     facts["moe_imbalance"] = float(imbalance)
+    reshard = setup.get("fsdp2_reshard_after_forward", True)  # (false: torchtitan's fsdp_reshard_after_forward never)
+    if not isinstance(reshard, bool):
+        fail(where, "setup.fsdp2_reshard_after_forward", f"expected true or false, got {reshard!r}")
+    facts["fsdp2_reshard_after_forward"] = reshard
     if facts["gpus"] != facts["dp"] * facts["sp"]:
         fail(where, "gpus", f"expected the setup's dp x sp ({facts['dp']} x {facts['sp']}), got {facts['gpus']}")
     try:
@@ -564,7 +568,9 @@ def titan_step(plan: Mapping[str, Any], module_dir: Path, rank: int = 0, where: 
         flavor = f"{config.model_spec.name} {config.model_spec.flavor}"
         layers, titan_accumulation = len(model.layers), titan.accumulation
         del model, titan
-    return {"events": [e.to_list() for e in events], "seconds": time.monotonic() - t0, "of": f"rank {rank} of {gpus}",
+    # (a step sharded over several ranks names its rank: FSDP2's shards may differ in length between them)
+    sharded = {"rank": rank} if gpus > 1 and facts["zero_stage"] >= 2 else {}
+    return {**sharded, "events": [e.to_list() for e in events], "seconds": time.monotonic() - t0, "of": f"rank {rank} of {gpus}",
             "model": facts["model_name"], "model_path": facts["model_path"],
             "layers": layers, "corrected_sums": recorder.corrected_sums, "micro_steps": titan_accumulation,
             "micro_steps_recorded": min(titan_accumulation, 2),
@@ -624,7 +630,7 @@ def measurement_file(plan: Mapping[str, Any], result: Mapping[str, Any], run: st
              "the fused RMSNorm, flex attention and its block mask stood in for: mst_referee.titan_kernels)"]
     return {"format": "mst-measure/1", "backend": "referee", "model": name, "model_path": str(path), "seed": 0,
             "workspace_bytes": 0, "setup": setup, "run": run, "notes": notes, "summary": summary,
-            # (no rank in the timeline: the plan's runtime walks its ranks alike; the notes say whose)
+            # (a sharded step names its rank in the timeline; the notes say whose in any case)
             "timeline": timeline(path, result)}
 
 

@@ -249,21 +249,28 @@ def test_torchtitans_own_step_is_the_simulators_event_for_event(tmp_path, model,
     assert "timelines identical: every allocation and free matches" in compared.stdout, compared.stdout[-1500:]
 
 
-@pytest.mark.parametrize("model, gpus, seq, chunks, checkpoint, precision", [
-    ("llama-3.2-1b", 2, 256, 1, "0", "pure-bf16"), ("llama-3.2-1b", 2, 1024, 4, "all", "pure-bf16"),
-    ("llama-3.2-1b", 2, 512, 1, "0", "bf16-master"), ("llama-3-8b", 8, 1024, 2, "all", "pure-bf16"),
+@pytest.mark.parametrize("model, gpus, seq, chunks, checkpoint, precision, kept", [
+    ("llama-3.2-1b", 2, 256, 1, "0", "pure-bf16", False), ("llama-3.2-1b", 2, 1024, 4, "all", "pure-bf16", False),
+    ("llama-3.2-1b", 2, 512, 1, "0", "bf16-master", False), ("llama-3-8b", 8, 1024, 2, "all", "pure-bf16", False),
+    ("llama-3.2-1b", 2, 1024, 4, "all", "pure-bf16", True), ("llama-3-8b", 4, 1024, 1, "all", "pure-bf16", True),
+    ("llama-3.2-1b", 3, 768, 1, "0", "pure-bf16", False),  # (shards of other lengths on each rank: the record names it)
 ])
 def test_torchtitans_step_over_several_gpus_is_the_simulators_event_for_event(tmp_path, model, gpus, seq, chunks,
-                                                                              checkpoint, precision):
+                                                                              checkpoint, precision, kept):
     # torchtitan's FSDP2 fully sharding over the ranks (data_parallel_shard_degree), as recommend --for torchtitan plans
     # it over several GPUs (runtime hf: model_code torchtitan, fsdp2 with ZeRO 3), recorded by the referee on one rank:
-    # the all-gather buffers, the valid-token all-reduce, the root's post-forward and pre-backward hooks.
+    # the all-gather buffers, the valid-token all-reduce, the root's post-forward and pre-backward hooks; `kept`: each
+    # group gathered from its forward to its backward (--fsdp2-reshard-after-forward false: fsdp_reshard_after_forward
+    # never, the tail gathered again after the chunked loss reshards it).
     recommend = ["recommend", "--model", model, "--gpu", "h100-sxm-80gb", "--gpus", str(gpus), "--seq", str(seq),
                  "--for", "torchtitan", "--precision", precision, "--pin", f"lm_chunks={chunks}",
-                 "--pin", f"checkpoint={checkpoint}"]
-    record, compared, _ = _record_titan(tmp_path, recommend)
+                 "--pin", f"checkpoint={checkpoint}"] + (["--fsdp2-reshard-after-forward", "false"] if kept else [])
+    record, compared, module = _record_titan(tmp_path, recommend)
     setup = record["setup"]
     assert setup["model_code"] == "torchtitan" and setup["dp"] == gpus and setup["fsdp2"] and setup["zero_stage"] == 3
+    assert setup.get("fsdp2_reshard_after_forward", True) is not kept
+    assert record["timeline"]["rank"] == 0
+    assert f'fsdp_reshard_after_forward = "{"never" if kept else "default"}"' in module
     assert compared.returncode == 0, compared.stderr
     assert "timelines identical: every allocation and free matches" in compared.stdout, compared.stdout[-1500:]
 
@@ -318,8 +325,17 @@ def test_recommend_plans_with_torchtitans_own_step_where_it_is_modelled(tmp_path
     assert "ROPE_TABLE_BYTES = " in module and "within the prediction" in module
 
 
-def _peak_row(compared):
-    return next(line.split() for line in compared.stdout.splitlines() if line.startswith("peak "))[1:5]
+def _peak_row(compared, text=None):
+    return next(line.split() for line in (text or compared.stdout).splitlines() if line.startswith("peak "))[1:5]
+
+
+def _as_titan(compared, layout):
+    """compare --run's second table (a kernels-runtime plan's run as torchtitan's own step, its FSDP2 `layout`): its
+    peak row, and whether its timelines are identical."""
+    head = f"as torchtitan's own step (model_code torchtitan: the same setup with runtime hf and {layout}"
+    assert head in compared.stdout, compared.stdout[-2000:]
+    titan = compared.stdout.split(head)[1]
+    return _peak_row(compared, titan), "timelines identical: every allocation and free matches" in titan
 
 
 def test_llama_3_8b_on_8_gpus_holds_what_the_caution_quotes(tmp_path):
@@ -330,7 +346,10 @@ def test_llama_3_8b_on_8_gpus_holds_what_the_caution_quotes(tmp_path):
 
     _, compared, module = _record_titan(tmp_path, Entry("llama-3-8b", 8, SEQ).recommend_args("torchtitan"))
     assert _peak_row(compared) == ["72017428480", "82158272928", "+10140844448", "+14.081%"]
-    assert "note: torchtitan's own step is not modelled for this run (the plan's runtime is kernels)" in compared.stdout
+    assert "note: the plan's runtime is kernels: its prediction is the first comparison" in compared.stdout
+    # (its ZeRO 2 is torchtitan's fsdp_reshard_after_forward never: as torchtitan's own step, the run is predicted)
+    assert _as_titan(compared, "fsdp2 kept gathered from forward to backward") == \
+        (["82158272928"] * 2 + ["+0", "+0.000%"], True)
     assert ("measured -31 % to +99 % against such predictions (20 plans under FSDP2 or DDP, expert parallelism among "
             "them; Llama-3-8B at 8192 tokens on 8 H100s: +14.1 %)") in " ".join(module.split())
 
@@ -342,11 +361,7 @@ def test_compare_shows_a_kernels_plans_run_as_torchtitans_own_step(tmp_path):
 
     _, compared, _ = _record_titan(tmp_path, Entry("llama-3-8b", 8, SEQ, pins=("zero=3",)).recommend_args("torchtitan"))
     assert _peak_row(compared) == ["59015152640", "67148431776", "+8133279136", "+13.782%"]
-    titan = compared.stdout.split("as torchtitan's own step (model_code torchtitan: the same setup with runtime hf and "
-                                  "fsdp2")[1]
-    assert next(line.split() for line in titan.splitlines() if line.startswith("peak "))[1:5] == \
-        ["67148431776"] * 2 + ["+0", "+0.000%"]
-    assert "timelines identical: every allocation and free matches" in titan
+    assert _as_titan(compared, "fsdp2,") == (["67148431776"] * 2 + ["+0", "+0.000%"], True)
 
 
 # The ends of the range `recommend --for torchtitan` cautions with (python/README.md's table of the torchtitan

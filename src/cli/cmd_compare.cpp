@@ -50,6 +50,10 @@ std::string describe(const std::optional<Event>& e) {
                        e->micro_step, e->op);
 }
 
+// A torchtitan run of a kernels-runtime plan, compared twice: with the plan's prediction, then as torchtitan's step.
+constexpr const char* kKernelsPlanNote =
+    "the plan's runtime is kernels: its prediction is the first comparison, the run as torchtitan's own step the second";
+
 // The rows of a comparison, then where its timelines first part (or that they do not).
 void print_comparison(const Comparison& c) {
     Table t({"", "predicted", "measured", "error", "relative"});
@@ -91,11 +95,19 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
     const Comparison c = compare_timelines(predicted.timeline, measured.timeline, layers);
     // --run of a torchtitan run a kernels-runtime plan made: also torchtitan's own step, where it is modelled
     std::optional<Comparison> titan;
-    bool titan_fsdp2 = false;
+    std::string titan_layout;  // (its FSDP2 over several ranks)
     if (!a.run_file.empty())
         if (const auto as_titan = as_torchtitan_step(measured)) {
-            titan = compare_timelines(predict_measured(*as_titan), measured.timeline, layers);
-            titan_fsdp2 = nlohmann::json::parse(as_titan->setup_json).value("fsdp2", false);
+            try {
+                titan = compare_timelines(predict_measured(*as_titan), measured.timeline, layers);
+            } catch (const UserError& e) {  // (the plan's own comparison stands; this one is said not to)
+                note += fmt::format("; as torchtitan's own step it is not compared: {}", e.what());
+            }
+            const nlohmann::json s = nlohmann::json::parse(as_titan->setup_json);
+            if (s.value("fsdp2", false))
+                titan_layout = s.value("fsdp2_reshard_after_forward", true)
+                                   ? " and fsdp2"
+                                   : " and fsdp2 kept gathered from forward to backward (fsdp_reshard_after_forward never)";
         }
 
     OutputFiles outputs(g.json);  // (--json: the document on stdout is this command's own)
@@ -108,7 +120,7 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
     outputs.commit();
     if (g.json) {
         nlohmann::json doc = to_json(c);
-        if (!note.empty()) doc["note"] = note;
+        if (!note.empty()) doc["note"] = titan ? std::string(kKernelsPlanNote) : note;
         if (titan) doc["as_torchtitan_step"] = to_json(*titan);
         return print_json(doc);
     }
@@ -116,12 +128,14 @@ void run_compare(const GlobalOptions& g, const CompareArgs& a) {
     fmt::print("{}: predicted ({}, {} events) vs measured ({}, {} events)\n\n", measured.timeline.model,
                predicted.timeline.source, c.predicted_events, measured.timeline.source, c.measured_events);
     print_comparison(c);
-    if (!note.empty()) fmt::print("\nnote: {}\n", note);
-    if (titan) {
+    if (titan) {  // (the plan's prediction above; the run as the step mst-plan models below)
+        fmt::print("\nnote: {}\n", kKernelsPlanNote);
         fmt::print("\nas torchtitan's own step (model_code torchtitan: the same setup with runtime hf{}, as recommend --for "
                    "torchtitan plans it):\n\n",
-                   titan_fsdp2 ? " and fsdp2" : "");
+                   titan_layout);
         print_comparison(*titan);
+    } else if (!note.empty()) {
+        fmt::print("\nnote: {}\n", note);
     }
 }
 

@@ -311,7 +311,8 @@ void run_recommend(const GlobalOptions& g, const TunerArgs& a) {
                                     s.zero_stage, deepspeed_options(rq.base)),
                         100));
     // FSDP2 under accumulation: the plan is for one way of syncing the gradients; the Trainer's is the other
-    if (s.fsdp2_shards() && s.grad_accum > 1 && !s.fsdp2_no_sync)
+    // (torchtitan's loop syncs every micro-step, as its plan does)
+    if (s.fsdp2_shards() && s.grad_accum > 1 && !s.fsdp2_no_sync && !s.titan())
         fmt::print("\ncaution: {}",
                    wrap("this FSDP2 plan reduce-scatters the gradients in every micro-step; the Hugging Face Trainer (and "
                         "accelerate's accumulate()) syncs them in the last one only, every layer's whole gradients held until "
@@ -490,7 +491,10 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                    "or sequence parallelism help{}.\n",
                    format_bytes(r.budget_bytes), margin, format_bytes(r.persistent_bytes),
                    format_bytes(r.budget_bytes - r.persistent_bytes), r.checkpoint_floor_seq,
-                   rq.base.runtime == Runtime::Hf ? " (sequence parallelism: --runtime kernels)" : "");
+                   rq.for_format == "torchtitan" ? " (torchtitan has no activation offload; its context parallelism is not "
+                                                   "modelled yet)"
+                   : rq.base.runtime == Runtime::Hf ? " (sequence parallelism: --runtime kernels)"
+                                                    : "");
     fmt::print("MsT rows chunk the MLP (not in rows marked \"LM head only\") and LM head in mini-sequences of hidden_size "
                "tokens (1024 at most); lengths are multiples of 1024 tokens (x sp){}.\n",
                rq.for_format == "torchtitan" ? ", an MsT row's of hidden_size tokens too (torchtitan's chunks split the "

@@ -363,7 +363,12 @@ std::optional<StepFile> as_torchtitan_step(const StepFile& measured) {
     TrainingSetup setup = parse_setup(nlohmann::json::parse(measured.setup_json), model, measured.path + ": setup");
     if (setup.model_code != ModelCode::Torchtitan || setup.runtime != Runtime::Kernels) return std::nullopt;
     setup.runtime = Runtime::Hf;
-    setup.fsdp2 = setup.dp > 1 && setup.zero_stage == 3;  // (torchtitan's FSDP2 fully sharding)
+    // (torchtitan's FSDP2 fully sharding over several ranks: ZeRO 2 is its fsdp_reshard_after_forward never)
+    if (setup.dp > 1 && (setup.zero_stage == 2 || setup.zero_stage == 3)) {
+        setup.fsdp2 = true;
+        setup.fsdp2_reshard_after_forward = setup.zero_stage == 3;
+        setup.zero_stage = 3;
+    }
     if (titan_scope_refusal(setup, model)) return std::nullopt;
     try {
         validate(setup, model);
@@ -391,12 +396,17 @@ Timeline predict_measured(const StepFile& measured, std::string* note) {
                                                          setup.dp, model.name));
     if (measured.timeline.rank >= 0) {
         const std::vector<std::int64_t> ranks = walked_ranks(setup, model);
+        // (ranks the setup's runtime holds alike, such as a torchtitan run's FSDP ranks that the kernels runtime
+        // planned: any one's step)
+        const bool alike = ranks.empty() && !setup.deepspeed_engine() && !setup.fsdp2_shards();
+        const std::int64_t all = checked_mul(setup.dp, setup.sp, "dp x sp");
+        if (alike && measured.timeline.rank < all) return simulate(model, setup, gpu);
         if (!walks_rank(setup, model, measured.timeline.rank))
             fail(measured.path, "timeline.rank",
-                 fmt::format("expected one of the setup's ranks whose steps differ ({}), got {}",
+                 fmt::format("expected one of the setup's ranks ({}), got {}",
                              setup.deepspeed_zero3() ? fmt::format("0 .. {}: alike", setup.zero_ranks() - 1)
                              : setup.fsdp2_shards()  ? fmt::format("0 .. {}", setup.zero_ranks() - 1)
-                             : ranks.empty()         ? std::string("none: its ranks are alike")
+                             : ranks.empty()         ? fmt::format("0 .. {}: alike", all - 1)
                                                      : fmt::format("0 .. {}", ranks.size() - 1),
                              measured.timeline.rank));
         return simulate_rank(model, setup, gpu, measured.timeline.rank);

@@ -588,10 +588,17 @@ std::optional<FieldRefusal> titan_scope_refusal(const TrainingSetup& s, const Mo
     if (s.dp == 1 && (s.zero_stage != 0 || s.fsdp2))
         return refuse("zero_stage", "0 without fsdp2 on one GPU (torchtitan's own FSDP2)",
                       fmt::format("{}{}", s.zero_stage, s.fsdp2 ? " with fsdp2" : ""));
-    if (s.fsdp2 && (s.fsdp2_groups != Fsdp2Groups::MstHf || !s.fsdp2_reshard_after_forward || s.fsdp2_no_sync))
-        return refuse("fsdp2_groups", "torchtitan's own FSDP2 layout (fsdp2_groups mst_hf, resharded after forward, synced)",
-                      to_string(s.fsdp2_groups));
+    // (fsdp2_reshard_after_forward false: its fsdp_reshard_after_forward "never", every group whole from its forward)
+    if (s.fsdp2 && s.fsdp2_groups != Fsdp2Groups::MstHf)
+        return refuse("fsdp2_groups", "mst_hf (torchtitan's own FSDP2 groups)", to_string(s.fsdp2_groups));
+    if (s.fsdp2 && s.fsdp2_no_sync)
+        return refuse("fsdp2_no_sync", "false (torchtitan's loop reduce-scatters every micro-batch's gradients)", "true");
     if (s.precision == Precision::AmpFp32) return refuse("precision", "pure-bf16 or bf16-master", to_string(s.precision));
+    if (s.grad_accum > limits::kTitanMicroSteps)
+        return refuse("grad_accum",
+                      fmt::format("at most {} (each micro-batch's inputs are held to the step's end, each walked)",
+                                  limits::kTitanMicroSteps),
+                      std::to_string(s.grad_accum));
     // (FullAC: torchtitan 0.3.0 checkpoints every block or none)
     if (const std::int64_t k = s.checkpointed_count(); k != 0 && k != m.num_layers)
         return refuse("checkpoint", fmt::format("none or all {} layers", m.num_layers), std::to_string(k));

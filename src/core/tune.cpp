@@ -146,6 +146,18 @@ std::int64_t widest_expert_parallel(const TuneRequest& rq) {
     return 1;
 }
 
+// torchtitan over several GPUs in the hf runtime: why its own step (its FSDP2 fully sharding, which is what this
+// runtime plans for it) is not modelled for the knobs asked (none: it is). A step of one micro-batch with no layer
+// checkpointed is the search's start; the rest of the setup is the user's.
+std::optional<FieldRefusal> titan_fsdp2_refusal(const TuneRequest& rq) {
+    TrainingSetup probe = rq.base;
+    probe.zero_stage = 3, probe.dp = std::max<std::int64_t>(rq.gpus, 2), probe.fsdp2 = true;
+    probe.model_code = ModelCode::Torchtitan;
+    probe.micro_batch = probe.grad_accum = probe.mlp_chunks = probe.lm_chunks = 1;
+    probe.checkpoint.clear(), probe.offload_checkpoints = false;
+    return titan_scope_refusal(probe, rq.model);
+}
+
 // Whether the hf runtime's ZeRO-3 for `rq` is torch's FSDP2: the plan's trainer is no DeepSpeed format
 // (a script of python/mst_hf's users, which shards with fully_shard; torchtitan, whose FSDP2 fully shards by
 // default), or Axolotl asked to shard with its own FSDP2 (--fsdp2-groups axolotl), and FSDP2 is modelled for
@@ -156,6 +168,7 @@ bool fsdp2_is_zero3(const TuneRequest& rq) {
     const bool torch_trainer = rq.for_format.empty() || rq.for_format == "hf-mst" || rq.for_format == "torchtitan";
     if (rq.base.runtime != Runtime::Hf) return false;
     if (rq.for_format == "axolotl" ? !axolotl : !(torch_trainer && !axolotl)) return false;
+    if (rq.for_format == "torchtitan") return !titan_fsdp2_refusal(rq);  // (its own step's FSDP2 alone)
     TrainingSetup probe = rq.base;
     probe.zero_stage = 3, probe.dp = 2, probe.fsdp2 = true;
     try {
@@ -190,9 +203,10 @@ void take_engine(TrainingSetup& s, const TuneRequest& rq) {
     if (s.hf_trainer_bf16 && !hf_trainer_bf16_refusal(s, rq.model).empty()) s.hf_trainer_bf16 = false;
 }
 
-// --for torchtitan with the hf runtime: torchtitan's own model code where its step is modelled (one GPU, its
-// Llama-3 code, pure bf16 or bf16-master, every layer checkpointed or none: titan_scope_refusal), else
-// transformers' (the runtime's model, which the recommendation's caution says).
+// --for torchtitan with the hf runtime: torchtitan's own model code where its step is modelled (its Llama-3 code
+// on one GPU or its FSDP2 over several, pure bf16 or bf16-master, every layer checkpointed or none:
+// titan_scope_refusal), else transformers' (one GPU: the runtime's model, which the recommendation's caution says;
+// over several the format's emitter refuses it).
 void take_model_code(TrainingSetup& s, const std::string& format, const ModelSpec& m) {
     s.model_code = ModelCode::Transformers;
     if (format != "torchtitan" || s.runtime != Runtime::Hf) return;
@@ -632,13 +646,17 @@ std::string explain(const TuneRequest& rq, const Candidate& best, bytes_t budget
         // (torchtitan's apply_fsdp, docs/torchtitan-model.md sections 0 and 3: its tail kept after the forward; a tied
         // model's embedding in the tail's group; gradients reduced in fp32 whatever the parameters)
         const bool tied = rq.model.tie_word_embeddings;
+        const bool kept = !s.fsdp2_reshard_after_forward;  // (fsdp_reshard_after_forward never)
         why += fmt::format("torchtitan's FSDP2 (fully_shard on {}, every decoder layer and the model) all-gathers a layer's "
-                           "parameters{} for its forward and again for its backward and reduce-scatters its gradients in "
+                           "parameters{} for its forward and {} and reduce-scatters its gradients in "
                            "fp32; {}{} {}, whose first gather and last reduce-scatter leave {:.1f} ms per step not hidden "
                            "behind compute. ",
                            tied ? "the embedding with the final norm and the LM head" : "the embedding, the final norm with the LM head",
                            s.precision == Precision::Bf16Master ? " in bf16 (its fp32 shards are the master weights)" : "",
-                           tied ? "" : "the embedding's group is resharded after its forward as a layer's is; ",
+                           kept ? "keeps them to its backward (fsdp_reshard_after_forward never)" : "again for its backward",
+                           tied ? ""
+                           : kept ? "the embedding's group is kept gathered as a layer's is; "
+                                  : "the embedding's group is resharded after its forward as a layer's is; ",
                            tied ? "the tail's group (embedding, final norm, LM head)" : "the tail's (final norm, LM head)",
                            s.lm_chunks > 1 ? "is resharded after the final norm and gathered again for the loss's chunks and for "
                                              "its backward"
@@ -765,26 +783,16 @@ void check_request(const TuneRequest& rq, const char* command) {
     }
     // The hf runtime's data parallelism is torch's DDP or FSDP2 as python/mst_hf's users run them, DeepSpeed's
     // ZeRO engine (deepspeed, axolotl), or torchtitan's default: FSDP2 fully sharding (zero_stages), in its own
-    // layout (resharded after each forward, gradients reduce-scattered every micro-batch: its loop never skips the
+    // layout (resharded after each forward, or with --fsdp2-reshard-after-forward false kept gathered to backward:
+    // its fsdp_reshard_after_forward never; gradients reduce-scattered every micro-batch: its loop never skips the
     // sync), inside what its own step models (titan_scope_refusal: its Llama-3 code in pure bf16 or bf16-master).
     if (rq.base.runtime == Runtime::Hf && rq.gpus > 1 && rq.for_format == "torchtitan") {
-        if (rq.base.fsdp2_no_sync)
-            fail(command, "fsdp2_no_sync", "expected false with --for torchtitan (its loop reduce-scatters every micro-batch's "
-                                           "gradients), got true");
-        if (!rq.base.fsdp2_reshard_after_forward)
-            fail(command, "fsdp2_reshard_after_forward",
-                 "expected true with runtime hf and --for torchtitan (its default; fsdp_reshard_after_forward never, ZeRO 2, is "
-                 "planned by --runtime kernels), got false");
-        // (the asked-for knobs the search keeps: a step of one micro-batch with no layer checkpointed is its start)
-        TrainingSetup probe = rq.base;
-        probe.zero_stage = 3, probe.dp = rq.gpus, probe.fsdp2 = true, probe.model_code = ModelCode::Torchtitan;
-        probe.micro_batch = probe.grad_accum = probe.mlp_chunks = probe.lm_chunks = 1;
-        probe.checkpoint.clear(), probe.offload_checkpoints = false;
-        if (const auto outside = titan_scope_refusal(probe, rq.model))
-            fail(command, "for",
-                 fmt::format("torchtitan over {} GPUs is planned with its own step (runtime hf; --runtime kernels plans "
-                             "others with mst-plan's own kernels' memory), whose {}: {}",
-                             rq.gpus, outside->field, outside->expected));
+        // (named by the option asked for: the model, not its model code)
+        if (const auto outside = titan_fsdp2_refusal(rq))
+            fail(command, std::string_view(outside->field) == "model_code" ? "model" : outside->field,
+                 fmt::format("{} (torchtitan over {} GPUs is planned with its own step in runtime hf; --runtime kernels plans "
+                             "others with mst-plan's own kernels' memory)",
+                             outside->expected, rq.gpus));
     }
     if (rq.base.runtime == Runtime::Hf && trains_in_deepspeed(rq.for_format) && rq.gpus > limits::kDeepSpeedRanks)
         fail(command, "gpus", fmt::format("expected at most {} with runtime hf and --for {} (every rank of DeepSpeed's engine "

@@ -257,15 +257,17 @@ void check(const TrainingSetup& s, const ModelSpec& model) {
     if (s.zero_stage == 1 && s.zero_ranks() > 1)
         fail(kWhere, "setup.zero_stage",
              "expected 0, 2 or 3 (FSDP2 shards gradients with the optimizer states: there is no ZeRO-1), got 1");
-    // The hf runtime's fsdp2 is torchtitan's FSDP2 with torchtitan's own model code (its step, titan.cpp) only; with
-    // transformers' it is python/mst_hf's fully_shard, not torchtitan's.
-    if (s.fsdp2 && !s.titan()) {
+    // The hf runtime plans torchtitan's data parallelism with torchtitan's own model code (its step, titan.cpp)
+    // only: with transformers' code its several ranks are torch's DDP, DeepSpeed's engine or python/mst_hf's
+    // fully_shard, not torchtitan's FSDP2 (the kernels runtime's ranks are mst-plan's own, which a caution says).
+    if (s.runtime == Runtime::Hf && !s.titan() && (s.fsdp2 || s.dp > 1)) {
         TrainingSetup own = s;
         own.model_code = ModelCode::Torchtitan;
         if (const auto outside = titan_scope_refusal(own, model)) fail(kWhere, std::string("setup.") + outside->field, outside->expected);
         fail(kWhere, "setup.model_code",
-             "expected torchtitan with fsdp2 (torchtitan's FSDP2 is modelled with its own model code; transformers' with "
-             "fsdp2 is python/mst_hf's fully_shard: emit --format hf-mst), got transformers");
+             "expected torchtitan with runtime hf over several GPUs (torchtitan's FSDP2 is modelled with its own model "
+             "code; transformers' there is torch's DDP, DeepSpeed's engine or python/mst_hf's fully_shard: emit --format "
+             "hf-mst or deepspeed), got transformers");
     }
 }
 
@@ -376,9 +378,10 @@ std::vector<EmittedFile> emit_torchtitan(const Plan& plan, const ModelSpec& mode
        << "    config.training.enable_cpu_offload = False\n"
        << "    config.compile.enable = False  # the prediction is of eager PyTorch\n"
        << "    config.training.disable_cuda_graphs = True  # (a captured step keeps its own memory pool)\n";
+    // ("never": ZeRO 2's layout, or the hf runtime's fsdp2 kept gathered from forward to backward)
     if (s.zero_stage > 0)
-        py << "    config.parallelism.fsdp_reshard_after_forward = " << (s.zero_stage == 3 ? "\"default\"" : "\"never\"")
-           << "\n";
+        py << "    config.parallelism.fsdp_reshard_after_forward = "
+           << (s.zero_stage == 3 && s.fsdp2_reshard_after_forward ? "\"default\"" : "\"never\"") << "\n";
     py << "    config.activation_checkpoint = " << (s.checkpointed_count() > 0 ? "FullAC.Config()" : "None") << "\n";
     const std::string loss_fn = tm.native ? "CrossEntropyLoss.Config(global_vocab_size=" + std::to_string(model.vocab_size) + ")"
                                           : "CrossEntropyLoss.Config()";

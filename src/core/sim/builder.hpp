@@ -890,7 +890,9 @@ private:
     void fsdp2_root_post_forward(T& loss);
     void fsdp2_root_pre_backward();        // the model's output's gradient: the root's unshard, the last layer's prefetch
     void fsdp2_prefetch(int group);        // backward: the next group's all-gather
-    void fsdp2_pre_backward(int group);    // copy out, free the all-gather, prefetch the group before
+    // copy out, free the all-gather, prefetch the group before (`resharded`: a group resharded since its forward,
+    // gathered again even where the layers are kept gathered)
+    void fsdp2_pre_backward(int group, bool resharded = false);
     void fsdp2_post_backward(int group);   // reshard, reduce-scatter the gradients
     void fsdp2_reduce(int group);          // reduce-scatter the gradients its parameters have
     // The parameter whose shard p's is (torchtitan's tied LM head: the embedding), or -1.

@@ -151,8 +151,8 @@ void StepBuilder::fsdp2_prefetch(int group) {
     at(op);
 }
 
-void StepBuilder::fsdp2_pre_backward(int group) {
-    if (fsdp2_keep_gathered_) return;  // (whole since its forward: unshard and the prefetch are no-ops)
+void StepBuilder::fsdp2_pre_backward(int group, bool resharded) {
+    if (fsdp2_keep_gathered_ && !resharded) return;  // (whole since its forward: unshard and the prefetch are no-ops)
     const char* op = op_;
     at("fsdp2.all_gather");
     Fsdp2Group& g = fsdp2_.groups[static_cast<std::size_t>(group)];

@@ -387,7 +387,7 @@ T StepBuilder::titan_chunked_head_backward(HeadSaved& hs) {
     at("loss");
     hs.hf_root = alloc("d_loss", 4, Category::Transient);
     at("final_norm");
-    fsdp2_pre_backward(0);
+    fsdp2_pre_backward(0, true);  // (resharded after the chunks, whatever the layers' resharding)
     fsdp2_prefetch_last_layer();  // (its pre-backward hook: several ranks gather the last layer)
     T dx = titan_norm_backward(final_norm_, hs.titan_norm, hs.dhf);
     if (fsdp2_own_embedding_group()) fsdp2_post_backward(0);
@@ -446,7 +446,7 @@ void StepBuilder::titan_micro_step(int micro) {
             y = titan_layer_forward(l, x, saved[i]);
         }
         layer_ = -1;
-        fsdp2_reshard(fsdp2_layer_group(l));
+        if (!fsdp2_keep_gathered_) fsdp2_reshard(fsdp2_layer_group(l));  // (fsdp_reshard_after_forward "never": kept)
         drop(x);
         x = y;
     }
