@@ -323,10 +323,8 @@ std::string resolve_model_path(const StepFile& measured) {
     return "";
 }
 
-}  // namespace
-
-std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured, std::string* note) {
-    if (measured.setup_json.empty()) fail(measured.path, "format", "expected a measurement (mst-measure/1) to re-simulate");
+// The model a measurement names and the setup it recorded, as written (not yet validated).
+std::pair<ModelSpec, TrainingSetup> recorded_step(const StepFile& measured) {
     const std::string path = resolve_model_path(measured);
     ModelSpec model = find_model(path.empty() ? measured.timeline.model : path);
     // The config found by its model_path must be the model the measurement names (compare holds both
@@ -335,6 +333,16 @@ std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured, std:
         fail(measured.path, "model", fmt::format("expected the model its model_path holds ('{}'), got {}", model.name,
                                                  in_quotes(measured.timeline.model)));
     TrainingSetup setup = parse_setup(nlohmann::json::parse(measured.setup_json), model, measured.path + ": setup");
+    return {std::move(model), std::move(setup)};
+}
+
+}  // namespace
+
+std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured, std::string* note) {
+    if (measured.setup_json.empty()) fail(measured.path, "format", "expected a measurement (mst-measure/1) to re-simulate");
+    auto recorded = recorded_step(measured);  // (named references: a lambda below captures them)
+    ModelSpec& model = recorded.first;
+    TrainingSetup& setup = recorded.second;
     if (setup.model_code == ModelCode::Torchtitan) {  // (the titan referee's record of torchtitan's own model code)
         std::string why = setup.runtime == Runtime::Hf ? "" : "the plan's runtime is kernels";
         if (why.empty()) {
@@ -353,14 +361,14 @@ std::pair<ModelSpec, TrainingSetup> measured_step(const StepFile& measured, std:
         }
     }
     in_file(measured.path, [&] { validate(setup, model); });
-    return {std::move(model), std::move(setup)};
+    return recorded;
 }
 
 std::optional<StepFile> as_torchtitan_step(const StepFile& measured) {
     if (measured.setup_json.empty() || measured.peaks) return std::nullopt;
-    const std::string path = resolve_model_path(measured);
-    const ModelSpec model = find_model(path.empty() ? measured.timeline.model : path);
-    TrainingSetup setup = parse_setup(nlohmann::json::parse(measured.setup_json), model, measured.path + ": setup");
+    auto recorded = recorded_step(measured);
+    const ModelSpec& model = recorded.first;
+    TrainingSetup& setup = recorded.second;
     if (setup.model_code != ModelCode::Torchtitan || setup.runtime != Runtime::Kernels) return std::nullopt;
     setup.runtime = Runtime::Hf;
     // (torchtitan's FSDP2 fully sharding over several ranks: ZeRO 2 is its fsdp_reshard_after_forward never)

@@ -987,6 +987,7 @@ private:
     std::vector<T> titan_mask_;
     void titan_micro_step(int micro);
     void titan_middle_micro_steps();
+    void titan_held_inputs();
     void titan_zero_grad();
     void titan_block_mask();
     std::vector<T> titan_mask_mod();          // the tensors the mask_mod closes over: one row

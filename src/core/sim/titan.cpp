@@ -422,8 +422,7 @@ void StepBuilder::titan_micro_step(int micro) {
     }
     at("inputs");
     if (micro == 1) titan_middle_micro_steps();
-    titan_inputs_.push_back(alloc("input", elems(tokens_, 1, 8), Category::SavedActivation));
-    titan_inputs_.push_back(alloc("positions", elems(tokens_, 1, 8), Category::SavedActivation));
+    titan_held_inputs();
     T labels = alloc("labels", elems(tokens_, 1, 8), Category::SavedActivation);
     drop(titan_labels_);  // (the previous micro-batch's)
     titan_labels_ = labels;
@@ -484,6 +483,12 @@ void StepBuilder::titan_micro_step(int micro) {
     titan_loss_ = head.hf_loss;
 }
 
+// A micro-batch's input and positions on the device, written back into the step's batch dict: held to its end.
+void StepBuilder::titan_held_inputs() {
+    titan_inputs_.push_back(alloc("input", elems(tokens_, 1, 8), Category::SavedActivation));
+    titan_inputs_.push_back(alloc("positions", elems(tokens_, 1, 8), Category::SavedActivation));
+}
+
 // The micro-steps between the first and the last (the second recorded stands for the last, as the referee
 // records it): each keeps its input and positions to the step's end, so that the last holds every micro-batch's;
 // the first's labels go as the next's are copied, its loss as the next one's backward returns; the loss of the
@@ -492,8 +497,7 @@ void StepBuilder::titan_micro_step(int micro) {
 void StepBuilder::titan_middle_micro_steps() {
     for (std::int64_t k = 1; k + 1 < s_.grad_accum; ++k) {
         phase_ = Phase::Forward;
-        titan_inputs_.push_back(alloc("input", elems(tokens_, 1, 8), Category::SavedActivation));
-        titan_inputs_.push_back(alloc("positions", elems(tokens_, 1, 8), Category::SavedActivation));
+        titan_held_inputs();
         if (k == 1) drop(titan_labels_);
         phase_ = Phase::Backward;
         if (k == 1) drop(titan_loss_);
