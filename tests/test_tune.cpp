@@ -181,6 +181,45 @@ TEST_CASE("a Mixture-of-Experts model on several GPUs: DDP cannot hold it, the k
     CHECK(r.best.memory.peak_reserved_bytes <= r.budget_bytes);
 }
 
+TEST_CASE("recommend's search on several threads recommends what it does on one, with the same count of simulations") {
+    // The workers of Search::search_all search blocks of the outer choices ahead, each from hints and a
+    // bound of its own block; the search proper takes their results for the setups they simulated.
+    // Every number, text and count must be that of the search on one thread.
+    const auto render = [](const Recommendation& r) {
+        std::string out = fmt::format("found {} simulations {} refusal '{}' why '{}' extra {} persistent {}\n", r.found,
+                                      r.simulations, r.refusal, r.why, r.trainer_extra_bytes, r.persistent_bytes);
+        auto candidate = [&](const Candidate& c) {
+            out += fmt::format("{} | {} {} {} {} {} | {} {}\n", to_json(c.setup).dump(), c.memory.peak_bytes,
+                               c.memory.peak_allocated_bytes, c.memory.peak_reserved_bytes, c.memory.host_peak_bytes,
+                               c.memory.segments_released, c.time.step_seconds, c.releases_at_budget);
+        };
+        if (r.found) candidate(r.best);
+        for (const Candidate& c : r.pareto) candidate(c);
+        if (r.leanest)
+            out += fmt::format("leanest {} {} {} {}\n", to_json(r.leanest->setup).dump(), r.leanest->peak_reserved_bytes,
+                               r.leanest->op, r.leanest->saved_bytes);
+        return out;
+    };
+    std::vector<TuneRequest> requests;
+    requests.push_back(request("llama-3-8b", "a100-80gb", 1, 32768));  // the hf runtime's 8 outer choices
+    requests.push_back(request("llama-3-8b", "h100-sxm-80gb", 2, 32768));  // the kernels runtime: sp, ZeRO, offload
+    TuneRequest ds = request("llama-3.2-1b", "h100-sxm-80gb", 2, 16384);
+    ds.base.runtime = Runtime::Hf;
+    ds.for_format = "deepspeed";  // DeepSpeed's ZeRO 1/2 and its buckets, with --for's filters
+    requests.push_back(ds);
+    requests.push_back(request("llama-3.2-1b", "rtx-4090-24gb", 1, 524288));  // nothing fits: the leanest setup
+    for (TuneRequest rq : requests) {
+        rq.search_threads = 1;
+        const std::string alone = render(recommend(rq));
+        CAPTURE(alone);
+        for (int threads : {2, 3, 8}) {
+            CAPTURE(threads);
+            rq.search_threads = threads;
+            CHECK(render(recommend(rq)) == alone);
+        }
+    }
+}
+
 TEST_CASE("recommend maximises tokens per second: a layout with more data-parallel ranks trains more tokens per step") {
     // Llama-3-8B at 8k on 8 H100s, no global batch asked: dp 8 trains 8 sequences per step, sp 8
     // one, in less time per step but far more per token. The search used to compare step times.

@@ -45,6 +45,9 @@ struct TuneRequest {
     // A trainer format (emit's: hf-mst, deepspeed, axolotl, torchtitan) whose trainer must be able to
     // train the plan as it is: setups its emitter would refuse are not searched. Empty: any.
     std::string for_format;
+    // Threads recommend's search runs on (0: one per CPU this process may run on, at most 8). The
+    // recommendation is the same on any number: more only answer sooner.
+    int search_threads = 0;
 };
 
 // Seconds per trained token of a step: step_seconds / (micro-batch x seq x accumulation x dp).

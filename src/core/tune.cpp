@@ -1,11 +1,17 @@
 #include "mst/tune.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <cctype>
 #include <cmath>
 #include <map>
+#include <memory>
 #include <numeric>
+#include <optional>
+#include <stop_token>
+#include <system_error>
+#include <thread>
 #include <tuple>
 
 #include <fmt/format.h>
@@ -22,6 +28,9 @@ namespace mst {
 
 namespace {
 constexpr std::int64_t kMaxChunks = 1024;  // mini-sequences per block, at most
+// Threads searching the outer choices side by side by default, at most (Search::search_all): each
+// block of them starts without the hints of the one before it.
+constexpr std::size_t kSearchThreads = 8;
 
 // Whether validate() accepts the setup: the tuner evaluates only setups a user could give it (a
 // pin or a batch beyond the bounds of include/mst/limits.hpp is a setup that does not fit).
@@ -222,8 +231,9 @@ class Search {
 public:
     // `trainer_extra`: kept free for what the --for trainer allocates beyond the runtime's prediction (none of
     // it beyond torchtitan's own step, which holds its RoPE tables)
-    Search(const TuneRequest& rq, bytes_t budget, bytes_t trainer_extra)
-        : rq_(rq), budget_(budget), trainer_extra_(trainer_extra), sim_(rq.model, rq.gpu) {}
+    // `workers`: the simulator's, for the ranks of one setup (0: as many as the CPUs allow).
+    Search(const TuneRequest& rq, bytes_t budget, bytes_t trainer_extra, int workers = 0)
+        : rq_(rq), budget_(budget), trainer_extra_(trainer_extra), sim_(rq.model, rq.gpu, workers) {}
 
     // The budget the search fits `s` in.
     bytes_t budget_for(const TrainingSetup& s) const { return s.titan() ? budget_ : budget_ - trainer_extra_; }
@@ -231,16 +241,73 @@ public:
     // Within one outer choice a setup is known by its checkpoints and chunk counts: the
     // binary searches probe the same ones more than once.
     bool fits(const TrainingSetup& s, MemoryPeaks* out = nullptr) {
-        const auto key = std::make_tuple(s.checkpoint, s.mlp_chunks, s.lm_chunks);
+        Key key{s.checkpoint, s.mlp_chunks, s.lm_chunks};
         if (auto it = memo_.find(key); it != memo_.end()) {
             if (out) *out = it->second.second;
             return it->second.first;
         }
-        MemoryPeaks p;
-        const bool ok = simulate_fits(s, &p);
-        memo_.emplace(key, std::make_pair(ok, p));
-        if (out) *out = p;
-        return ok;
+        std::pair<bool, MemoryPeaks> found;
+        if (const auto* ahead = simulated_ahead(key)) {  // (counted as this search's own simulation)
+            found = *ahead;
+            if (valid(s, rq_.model)) ++sims_;
+        } else {
+            found.first = simulate_fits(s, &found.second);
+        }
+        memo_.emplace(std::move(key), found);
+        if (out) *out = found.second;
+        return found.first;
+    }
+
+    // Searches every choice of the outer knobs, in order (inner()). Where the CPUs allow, workers
+    // search ahead: the choices fall into contiguous blocks, one per worker; this thread searches
+    // the first, and each other worker searches its own with a Search of its own (its own
+    // simulator, and hints and a fastest setup from its block alone), keeping what each of its
+    // simulations found. Coming to a worker's block, this thread searches it in order too, taking a
+    // setup's result from the worker's where it simulated that setup: whether a setup fits, and its
+    // peaks, depend on the setup alone, so the picks, the front and the count of simulations are
+    // those of this thread's search alone. (Where the worker's hints and bound led it elsewhere,
+    // this thread simulates what it lacks; a worker not yet done with the choice this thread comes
+    // to stops after it; a simulation that raised an error left nothing: this thread raises it
+    // again, in order.)
+    void search_all(const std::vector<TrainingSetup>& outers) {
+        const std::size_t n = outers.size();
+        const std::size_t threads = rq_.search_threads > 0 ? static_cast<std::size_t>(rq_.search_threads)
+                                                            : std::min(static_cast<std::size_t>(detail::usable_cpus()), kSearchThreads);
+        const std::size_t blocks = std::max<std::size_t>(1, std::min(threads, n));
+        const auto start = [&](std::size_t b) { return b * n / blocks; };
+        ahead_by_outer_.assign(n, Memo{});
+        std::vector<std::atomic<std::size_t>> done(blocks);  // block b's worker: the choices before it are searched
+        std::vector<std::jthread> workers;  // (stopped and joined on the way out, an error's too)
+        for (std::size_t b = 1; b < blocks; ++b) {
+            done[b] = start(b);
+            try {
+                workers.emplace_back([&, b](std::stop_token stop) {
+                    Search ahead(rq_, budget_, trainer_extra_, 1);
+                    for (std::size_t i = start(b); i < start(b + 1) && !stop.stop_requested(); ++i) {
+                        try {
+                            ahead.inner(outers[i]);
+                        } catch (...) {  // (what it simulated before the error stands)
+                        }
+                        ahead_by_outer_[i] = std::move(ahead.memo_);
+                        done[b].store(i + 1, std::memory_order_release);
+                    }
+                });
+            } catch (const std::system_error&) {  // (a limit on threads: the blocks from here on are this thread's)
+                break;
+            }
+        }
+        for (std::size_t i = 0, b = 0; i < n; ++i) {
+            if (b + 1 <= workers.size() && i == start(b + 1)) ++b;  // (block b's worker is workers[b - 1])
+            bool ahead = false;
+            if (b > 0) {
+                if (done[b].load(std::memory_order_acquire) <= i && workers[b - 1].joinable()) {
+                    workers[b - 1].request_stop();
+                    workers[b - 1].join();
+                }
+                ahead = done[b].load(std::memory_order_acquire) > i;
+            }
+            inner(outers[i], ahead ? std::optional<std::size_t>{i} : std::nullopt);
+        }
     }
 
     bool simulate_fits(const TrainingSetup& s, MemoryPeaks* out) {
@@ -250,9 +317,11 @@ public:
     }
     double seconds(const TrainingSetup& s) const { return per_token(predict_time(rq_.model, s, rq_.gpu, rq_.cluster), s); }
 
-    // Searches checkpoint count and chunk counts for one choice of the outer knobs.
-    void inner(const TrainingSetup& outer) {
+    // Searches checkpoint count and chunk counts for one choice of the outer knobs (with what a
+    // worker of search_all's found for the `index`-th choice, if given).
+    void inner(const TrainingSetup& outer, std::optional<std::size_t> index = std::nullopt) {
         memo_.clear();
+        ahead_ = index && *index < ahead_by_outer_.size() ? &ahead_by_outer_[*index] : nullptr;
         const std::int64_t L = rq_.model.num_layers, tokens = outer.local_tokens();
         auto mlp_opts = chunk_options(tokens, rq_.pins.mlp_chunks, max_mlp_chunks(rq_.model));
         auto lm_opts = chunk_options(tokens, rq_.pins.lm_chunks, limits::kChunks);
@@ -457,7 +526,18 @@ private:
         std::optional<std::int64_t> k, lm_chunks, mlp_chunks;
     } hints_;
     std::map<std::tuple<std::int64_t, const std::vector<bool>*, std::int64_t, std::int64_t>, double> times_;
-    std::map<std::tuple<std::vector<bool>, std::int64_t, std::int64_t>, std::pair<bool, MemoryPeaks>> memo_;
+    // What fits() found for a setup of the outer choice searched, known by its checkpoints and chunk counts.
+    using Key = std::tuple<std::vector<bool>, std::int64_t, std::int64_t>;
+    using Memo = std::map<Key, std::pair<bool, MemoryPeaks>>;
+    Memo memo_;
+    std::vector<Memo> ahead_by_outer_;  // search_all's workers', by outer choice
+    const Memo* ahead_ = nullptr;       // the outer choice's of them, while it is searched
+    // What a worker of search_all's found for the setup known by `key` (null: it did not simulate it).
+    const std::pair<bool, MemoryPeaks>* simulated_ahead(const Key& key) const {
+        if (!ahead_) return nullptr;
+        const auto it = ahead_->find(key);
+        return it == ahead_->end() ? nullptr : &it->second;
+    }
 };
 
 std::vector<Candidate> pareto_front(std::vector<Candidate> all) {
@@ -1052,6 +1132,7 @@ Recommendation recommend(const TuneRequest& rq) {
     std::vector<std::pair<std::int64_t, std::int64_t>> layouts;  // (sp, ep)
     for (std::int64_t sp : sps)
         for (std::int64_t ep : eps) layouts.push_back({sp, ep});
+    std::vector<TrainingSetup> outers;  // every choice of the outer knobs, in the order searched
     for (const auto& [sp, ep] : layouts) {
         const std::int64_t dp = rq.gpus / sp;
         std::vector<int> zeros = zero_stages(rq);  // over dp x sp ranks
@@ -1096,12 +1177,13 @@ Recommendation recommend(const TuneRequest& rq) {
                                 if (s.optimizer_in_backward && (s.grad_accum > 1 || (rq.gpus > 1 && zero >= 2))) continue;
                                 take_model_code(s, rq);  // (--for torchtitan: its FSDP2 runs its own model code only)
                                 if (!expressible(s)) continue;
-                                search.inner(s);
+                                outers.push_back(std::move(s));
                             }
                         }
                     }
                 }
     }
+    search.search_all(outers);
     out.simulations = search.sims_;
     out.fsdp2_shards = fsdp2_is_zero3(rq);
     if (rq.base.runtime == Runtime::Hf) {
