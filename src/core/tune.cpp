@@ -1474,7 +1474,9 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     // (the CPUs shared among the searches: each simulator's tables are its own)
     const auto searched = std::count_if(searches.begin(), searches.end(), [](const auto& x) { return x.has_value(); });
     const int workers = std::max(1, detail::usable_cpus() / static_cast<int>(std::max<std::ptrdiff_t>(1, searched)));
-    detail::parallel_for(strategies.size(), [&](std::size_t i) {
+    // (the last first: the rows further down fit longer sequences, whose searches take longest)
+    detail::parallel_for(strategies.size(), [&](std::size_t job) {
+        const std::size_t i = strategies.size() - 1 - job;
         if (!searches[i]) return;
         MaxSeqRow& row = rows[i];
         // (torchtitan's chunks split each rank's sequence evenly: an MsT row's lengths are multiples of its chunk,
