@@ -34,6 +34,15 @@ expect_run(2 "^error: [^\n]*nope.json: file: " estimate --model llama-3-8b --set
 file(WRITE "${CMAKE_CURRENT_BINARY_DIR}/chunk_tokens_setup.json" "{\"lm_chunk_tokens\": 64, \"mlp_chunk_tokens\": 100, \"seq_len\": 256}")
 expect_run(0 "\"lm_chunks\": 512,[^\n]*\n[^}]*\"mlp_chunks\": 328," --json estimate --model tiny-llama --setup ${CMAKE_CURRENT_BINARY_DIR}/chunk_tokens_setup.json --seq 8192 --batch 4)
 expect_run(0 "recommended.*mini-sequences" recommend --model tiny-llama --gpu a100-80gb --seq 1024)
+# The search on one thread and on several answers alike, to the count of simulations.
+foreach(threads 1 3)
+  execute_process(COMMAND ${MST} recommend --model llama-3.2-1b --gpu a100-40gb --seq 65536 --threads ${threads}
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE out_${threads})
+  string(REGEX REPLACE "simulations in [0-9]+ ms" "simulations" out_${threads} "${out_${threads}}")
+endforeach()
+if(NOT out_1 STREQUAL out_3 OR NOT out_1 MATCHES "searched with [0-9]+ simulations")
+  message(FATAL_ERROR "recommend --threads 1 and --threads 3 differ:\n${out_1}\n---\n${out_3}")
+endif()
 expect_run(0 "\"format\": \"mst-plan/1\"" --json recommend --model tiny-llama --gpu a100-80gb --seq 1024)
 expect_run(2 "^error: llama-3.1-70b: no setup fits" recommend --model llama-3.1-70b --gpu rtx-4090-24gb --seq 4096)
 # ... and why, where the persistent state alone is more than one GPU's budget (8 bytes per parameter: pure bf16 AdamW)

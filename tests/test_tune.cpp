@@ -181,7 +181,7 @@ TEST_CASE("a Mixture-of-Experts model on several GPUs: DDP cannot hold it, the k
     CHECK(r.best.memory.peak_reserved_bytes <= r.budget_bytes);
 }
 
-TEST_CASE("recommend's search on several threads recommends what it does on one, with the same count of simulations") {
+TEST_CASE("recommend and max-seq on several threads answer what they do on one, with the same count of simulations") {
     // The workers of Search::search_all search blocks of the outer choices ahead, each from hints and a
     // bound of its own block; the search proper takes their results for the setups they simulated.
     // Every number, text and count must be that of the search on one thread.
@@ -218,6 +218,19 @@ TEST_CASE("recommend's search on several threads recommends what it does on one,
             CHECK(render(recommend(rq)) == alone);
         }
     }
+    // max-seq's strategies, each a search of its own, on one thread and on several.
+    const auto rows = [](const MaxSeqResult& r) {
+        std::string out;
+        for (const MaxSeqRow& row : r.rows)
+            out += fmt::format("{} {} {} {} {} '{}'\n", row.strategy, row.max_seq, row.memory.peak_reserved_bytes,
+                               row.memory.host_peak_bytes, to_json(row.setup).dump(), row.invalid_beyond);
+        return out;
+    };
+    TuneRequest ms = request("llama-3.2-1b", "a100-40gb", 1, 8192);
+    ms.search_threads = 1;
+    const std::string alone = rows(max_seq(ms, std::nullopt));
+    ms.search_threads = 3;
+    CHECK(rows(max_seq(ms, std::nullopt)) == alone);
 }
 
 TEST_CASE("recommend maximises tokens per second: a layout with more data-parallel ranks trains more tokens per step") {

@@ -59,9 +59,9 @@ inline constexpr double kEstimateTargetMs = 10, kEstimateTargetRssMib = 20;
 // Times `run` `reps` times in this process (wall clock and this process's CPU time).
 std::vector<Timing> time_in_process(int reps, const std::function<void()>& run);
 
-// Registers `bench NAME [--reps N]`, which calls run(N).
-void add_timed_bench(CLI::App& bench, const std::string& name, const std::string& help, int default_reps,
-                     std::function<void(int)> run);
+// Registers `bench NAME [--reps N]`, which calls run(N); returns it, for options of its own.
+CLI::App& add_timed_bench(CLI::App& bench, const std::string& name, const std::string& help, int default_reps,
+                          std::function<void(int)> run);
 
 // The table (or JSON) of the cases: medians of wall, CPU and resident memory, and each median
 // over its target (<= 1 meets it). On a shared machine wall time includes waiting for a core;

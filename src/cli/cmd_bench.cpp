@@ -50,8 +50,8 @@ std::vector<Timing> time_in_process(int reps, const std::function<void()>& run) 
     return out;
 }
 
-void add_timed_bench(CLI::App& bench, const std::string& name, const std::string& help, int default_reps,
-                     std::function<void(int)> run) {
+CLI::App& add_timed_bench(CLI::App& bench, const std::string& name, const std::string& help, int default_reps,
+                          std::function<void(int)> run) {
     auto reps = std::make_shared<int>(default_reps);
     auto* cmd = bench.add_subcommand(name, help);
     cmd->add_option("--reps", *reps, "Timed runs per case (median reported)")->capture_default_str();
@@ -59,6 +59,7 @@ void add_timed_bench(CLI::App& bench, const std::string& name, const std::string
         if (*reps < 1) fail("command line", "reps", "expected a positive count");
         run(*reps);
     });
+    return *cmd;
 }
 
 void print_bench(const GlobalOptions& g, const std::string& title, const std::vector<BenchCase>& cases) {

@@ -30,12 +30,22 @@ std::string fsdp2_layout_unused(const TrainingSetup& asked) {
     return "";
 }
 
+// --threads: what recommend's search and max-seq's strategies run on (TuneRequest::search_threads).
+void add_threads_option(CLI::App& cmd, int& threads) {
+    cmd.add_option("--threads", threads,
+                   "Threads the search runs on (0: one per CPU this process may run on, at most 8 for recommend's); the "
+                   "answer is the same on any number")
+        ->capture_default_str()
+        ->check(decimal(0, limits::kThreads));
+}
+
 // Options every tuner command shares: the cluster, the fixed training choices, pins.
 struct TunerArgs {
     std::string model, gpu = "h100-sxm-80gb", out;
     std::int64_t gpus = 1, seq = TuneRequest{}.seq_len, tokens_per_step = 0;
     std::vector<std::string> pins, allows;
     double margin = 0.03, host_gib = 128, moe_imbalance = 1.0;
+    int threads = 0;
     bool hf_trainer_bf16 = false;
     Fsdp2Knobs fsdp2;
     std::int64_t reduce_bucket_size = kDeepSpeedReduceBucket;
@@ -56,6 +66,7 @@ struct TunerArgs {
             ->capture_default_str()
             ->check(finite(0, limits::kHostGiB));
         cmd.add_option("--allow", allows, "offload=yes|no, optimizer-in-backward=yes|no (default: offload yes, the other no)");
+        add_threads_option(cmd, threads);
         if (!training_knobs) return;
         cmd.add_option("--seq", seq, "Sequence length in tokens")->capture_default_str()->check(decimal(1, limits::kSeqLen));
         cmd.add_option("--precision", precision, "pure-bf16 | bf16-master | amp")->capture_default_str();
@@ -90,6 +101,7 @@ struct TunerArgs {
         for (const auto& w : rq.model.warnings) warn(fmt::format("{}: {}", rq.model.source, w));
         rq.gpu = find_gpu(gpu);
         rq.gpus = gpus;
+        rq.search_threads = threads;
         if (margin >= 1) fail("--margin", fmt::format("{}", margin), "expected a fraction in [0, 1)");
         rq.safety_margin = margin;
         rq.host_bytes_per_gpu = static_cast<bytes_t>(host_gib * static_cast<double>(kGiB));
@@ -510,7 +522,7 @@ void run_max_seq(const GlobalOptions& g, const TunerArgs& a, const SetupOptions&
                                 100));
 }
 
-void run_bench_tuner(const GlobalOptions& g, int reps) {
+void run_bench_tuner(const GlobalOptions& g, int reps, int threads) {
     std::vector<BenchCase> cases;
     for (const RecommendCase& rc : kRecommendCases) {
         TuneRequest rq;
@@ -519,6 +531,7 @@ void run_bench_tuner(const GlobalOptions& g, int reps) {
         rq.gpus = rc.gpus;
         rq.seq_len = rc.seq;
         rq.base.runtime = rc.runtime;
+        rq.search_threads = threads;
         std::int64_t simulations = 0;
         BenchCase c{fmt::format("recommend {} {} x{} {}k", rc.model, rc.gpu, rc.gpus, rc.seq / 1024), "", rc.target_ms,
                     std::nullopt, {}};
@@ -529,10 +542,14 @@ void run_bench_tuner(const GlobalOptions& g, int reps) {
     TuneRequest rq;
     rq.model = find_model(kMaxSeqModel);
     rq.gpu = find_gpu(kMaxSeqGpu);
+    rq.search_threads = threads;
     BenchCase c{fmt::format("max-seq {} {}", kMaxSeqModel, kMaxSeqGpu), "5 strategies", kMaxSeqTargetMs, std::nullopt, {}};
     c.runs = time_in_process(reps, [&] { max_seq(rq, std::nullopt); });
     cases.push_back(std::move(c));
-    print_bench(g, "bench tuner: the search in this process", cases);
+    print_bench(g,
+                fmt::format("bench tuner: the search in this process, on {}",
+                            threads > 0 ? fmt::format("{} thread{}", threads, threads > 1 ? "s" : "") : "one thread per CPU"),
+                cases);
 }
 
 }  // namespace
@@ -585,10 +602,12 @@ void add_tuner_commands(CLI::App& app, const GlobalOptions& global) {
 }
 
 void add_bench_tuner_command(CLI::App& bench, const GlobalOptions& global) {
-    add_timed_bench(bench, "tuner",
-                    "Time `recommend` and `max-seq` in this process against their targets: <= 40 ms on one GPU (8k-128k "
-                    "tokens),\n<= 250 ms on 8 GPUs at 256k, <= 150 ms for 70B on 64 GPUs, max-seq <= 30 ms",
-                    5, [&global](int reps) { run_bench_tuner(global, reps); });
+    auto threads = std::make_shared<int>(0);
+    CLI::App& cmd = add_timed_bench(bench, "tuner",
+                                    "Time `recommend` and `max-seq` in this process against their targets: <= 40 ms on one GPU "
+                                    "(8k-128k tokens),\n<= 250 ms on 8 GPUs at 256k, <= 150 ms for 70B on 64 GPUs, max-seq <= 30 ms",
+                                    5, [&global, threads](int reps) { run_bench_tuner(global, reps, *threads); });
+    add_threads_option(cmd, *threads);
 }
 
 }  // namespace mst::cli

@@ -1471,11 +1471,12 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         }
         searches[i] = run;
     }
-    // (the CPUs shared among the searches: each simulator's tables are its own)
+    // (the threads shared among the searches: each simulator's tables are its own)
+    const int threads = rq.search_threads > 0 ? rq.search_threads : detail::usable_cpus();
     const auto searched = std::count_if(searches.begin(), searches.end(), [](const auto& x) { return x.has_value(); });
-    const int workers = std::max(1, detail::usable_cpus() / static_cast<int>(std::max<std::ptrdiff_t>(1, searched)));
+    const int workers = std::max(1, threads / static_cast<int>(std::max<std::ptrdiff_t>(1, searched)));
     // (the last first: the rows further down fit longer sequences, whose searches take longest)
-    detail::parallel_for(strategies.size(), [&](std::size_t job) {
+    detail::parallel_for(strategies.size(), static_cast<std::size_t>(threads), [&](std::size_t job, std::size_t) {
         const std::size_t i = strategies.size() - 1 - job;
         if (!searches[i]) return;
         MaxSeqRow& row = rows[i];
