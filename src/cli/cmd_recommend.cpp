@@ -33,7 +33,7 @@ std::string fsdp2_layout_unused(const TrainingSetup& asked) {
 // --threads: what recommend's search and max-seq's strategies run on (TuneRequest::search_threads).
 void add_threads_option(CLI::App& cmd, int& threads) {
     cmd.add_option("--threads", threads,
-                   "Threads the search runs on (0: one per CPU this process may run on, at most 8 for recommend's); the "
+                   "Threads the search runs on (0: one per CPU this process may run on; recommend: at most 8); the "
                    "answer is the same on any number")
         ->capture_default_str()
         ->check(decimal(0, limits::kThreads));

@@ -231,7 +231,7 @@ class Search {
 public:
     // `trainer_extra`: kept free for what the --for trainer allocates beyond the runtime's prediction (none of
     // it beyond torchtitan's own step, which holds its RoPE tables)
-    // `workers`: the simulator's, for the ranks of one setup (0: as many as the CPUs allow).
+    // `workers`: the simulator's, for the ranks of one setup (0: one per CPU, at most 16).
     Search(const TuneRequest& rq, bytes_t budget, bytes_t trainer_extra, int workers = 0)
         : rq_(rq), budget_(budget), trainer_extra_(trainer_extra), sim_(rq.model, rq.gpu, workers) {}
 
@@ -258,17 +258,17 @@ public:
         return found.first;
     }
 
-    // Searches every choice of the outer knobs, in order (inner()). Where the CPUs allow, workers
-    // search ahead: the choices fall into contiguous blocks, one per worker; this thread searches
-    // the first, and each other worker searches its own with a Search of its own (its own
-    // simulator, and hints and a fastest setup from its block alone), keeping what each of its
-    // simulations found. Coming to a worker's block, this thread searches it in order too, taking a
-    // setup's result from the worker's where it simulated that setup: whether a setup fits, and its
-    // peaks, depend on the setup alone, so the picks, the front and the count of simulations are
-    // those of this thread's search alone. (Where the worker's hints and bound led it elsewhere,
-    // this thread simulates what it lacks; a worker not yet done with the choice this thread comes
-    // to stops after it; a simulation that raised an error left nothing: this thread raises it
-    // again, in order.)
+    // Searches every choice of the outer knobs, in order (inner()). On several threads
+    // (TuneRequest::search_threads; by default one per CPU, at most 8), workers search ahead: the
+    // choices fall into contiguous blocks, one per thread; this thread searches the first, and a
+    // worker each other block, with a Search of its own (its own simulator, and hints and a fastest
+    // setup from its block alone), keeping what each of its simulations found. Coming to a worker's
+    // block, this thread searches it in order too, taking a setup's result from the worker's where
+    // the worker simulated that setup: whether a setup fits, and its peaks, depend on the setup
+    // alone, so the picks, the front and the count of simulations are those of this thread's search
+    // alone. (Where the worker's hints and bound led it elsewhere, this thread simulates what it
+    // lacks; a worker not yet done with the choice this thread comes to stops after it; a
+    // simulation that raised an error left nothing: this thread raises it again, in order.)
     void search_all(const std::vector<TrainingSetup>& outers) {
         const std::size_t n = outers.size();
         const std::size_t threads = rq_.search_threads > 0 ? static_cast<std::size_t>(rq_.search_threads)
@@ -1087,7 +1087,7 @@ Recommendation recommend(const TuneRequest& rq) {
              fmt::format("expected a length at which {}'s own allocations beyond the prediction fit the {} budget (its "
                          "RoPE tables take {} at {} tokens), got {}",
                          rq.for_format, format_bytes(out.budget_bytes), format_bytes(trainer_extra), rq.seq_len, rq.seq_len));
-    Search search(rq, out.budget_bytes, trainer_extra);
+    Search search(rq, out.budget_bytes, trainer_extra, rq.search_threads);  // (--threads 1: the ranks' walks too)
     // --for: only what the format's trainer can train as planned; the first refusal is kept to say
     // why nothing was searched, when nothing was.
     std::string refusal;
