@@ -50,7 +50,7 @@ inline constexpr double kHostGiB = 1 << 20;                           // --host-
 inline constexpr std::int64_t kWorkspaceBytes = std::int64_t{1} << 40;  // measure --workspace-bytes
 inline constexpr double kErrorPercent = 1e6;                          // report --max-*-error
 inline constexpr std::int64_t kBenchReps = 1000;                      // bench kernels --reps, --warmup
-inline constexpr std::int64_t kThreads = 1024;                        // recommend, max-seq, bench tuner --threads
+inline constexpr std::int64_t kThreads = 64;  // recommend, max-seq, bench tuner --threads (each a simulator's tables)
 
 // ---- files ------------------------------------------------------------------------------
 inline constexpr std::int64_t kJsonBytes = std::int64_t{512} << 20;  // any JSON file read

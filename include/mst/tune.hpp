@@ -45,8 +45,9 @@ struct TuneRequest {
     // A trainer format (emit's: hf-mst, deepspeed, axolotl, torchtitan) whose trainer must be able to
     // train the plan as it is: setups its emitter would refuse are not searched. Empty: any.
     std::string for_format;
-    // Threads recommend's search and max-seq's strategies run on (0: one per CPU this process may run
-    // on; recommend's at most 8). The answers are the same on any number: more only come sooner.
+    // Threads recommend's search and max-seq's strategies run on: 0, one per CPU this process may run
+    // on (recommend's at most 8), or the number given (each thread holds a simulator's tables, tens of
+    // MiB on a large step; more threads than CPUs only wait). The answers are the same on any number.
     int search_threads = 0;
 };
 

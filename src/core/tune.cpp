@@ -5,6 +5,7 @@
 #include <limits>
 #include <cctype>
 #include <cmath>
+#include <exception>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -1239,7 +1240,7 @@ Recommendation recommend(const TuneRequest& rq) {
     out.best = *best;
     out.pareto = pareto_front(search.evaluated_);
     // Chosen on the budget's device; reported as the GPU holds them (releasing only at its end).
-    PeakSimulator& sim = search.simulator();  // its tables have grown to these steps' size already
+    PeakSimulator& sim = search.simulator();  // (its tables have grown in the search, for the choices it simulated itself)
     on_the_gpu(out.best, sim, rq.gpu, search.budget_for(out.best.setup));
     for (Candidate& c : out.pareto) on_the_gpu(c, sim, rq.gpu, search.budget_for(c.setup));
     if (out.best.setup.titan()) out.trainer_extra_bytes = 0;  // (nothing kept free: its prediction holds it)
@@ -1475,7 +1476,9 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
     const int threads = rq.search_threads > 0 ? rq.search_threads : detail::usable_cpus();
     const auto searched = std::count_if(searches.begin(), searches.end(), [](const auto& x) { return x.has_value(); });
     const int workers = std::max(1, threads / static_cast<int>(std::max<std::ptrdiff_t>(1, searched)));
-    // (the last first: the rows further down fit longer sequences, whose searches take longest)
+    // (the last first: the rows further down fit longer sequences, whose searches take longest; an error
+    // is the first row's that raised one, as in a loop over the rows)
+    std::vector<std::exception_ptr> errors(strategies.size());
     detail::parallel_for(strategies.size(), static_cast<std::size_t>(threads), [&](std::size_t job, std::size_t) {
         const std::size_t i = strategies.size() - 1 - job;
         if (!searches[i]) return;
@@ -1486,10 +1489,16 @@ MaxSeqResult max_seq(const TuneRequest& rq, const std::optional<TrainingSetup>& 
         const std::int64_t granule = searches[i]->mst && even_lm_chunks(rq.for_format)
                                          ? std::lcm(1024 * ranks, m.hidden_size * ranks)
                                          : 1024 * ranks;
-        longest_fitting(m, rq.gpu, *searches[i], out.budget_bytes, rq.host_bytes_per_gpu, granule, &row, workers);
-        // found on the budget's device; reported as the GPU holds it
-        if (row.max_seq > 0) row.memory = simulate_peaks(m, row.setup, rq.gpu, true, rq.gpu.usable_bytes());
+        try {
+            longest_fitting(m, rq.gpu, *searches[i], out.budget_bytes, rq.host_bytes_per_gpu, granule, &row, workers);
+            // found on the budget's device; reported as the GPU holds it
+            if (row.max_seq > 0) row.memory = simulate_peaks(m, row.setup, rq.gpu, true, rq.gpu.usable_bytes());
+        } catch (...) {
+            errors[i] = std::current_exception();
+        }
     });
+    for (const std::exception_ptr& e : errors)
+        if (e) std::rethrow_exception(e);
     out.rows = std::move(rows);
 
     // The floor: persistent state, and the length at which one checkpoint per layer fills the rest.
